@@ -1,0 +1,283 @@
+//! Procedural macros of charmrs.
+//!
+//! [`chare`] turns an `impl` block into a chare type: it implements `charmrs::Chare` (from the
+//! block's `new`), one `charmrs::Entry` marker per `#[entry]` method (with a compile-time id
+//! registered in the entry table), and a `<Type>Proxy` trait that gives every proxy of the type
+//! (element, group, array, single chare) one method per entry. No interface file, no translator.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{parse_macro_input, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl, Pat, ReturnType, Type};
+
+/// Makes the `impl` block of a type a chare.
+///
+/// The block must have `fn new([ctx: &Ctx<Self>,] args…) -> Self` (the constructor) and marks
+/// entry methods with `#[entry]`: `fn name(&mut self, [ctx: &Ctx<Self>,] args…)`. Argument types
+/// must be `charmrs::Payload` (`Clone + Send + Serialize + DeserializeOwned + 'static`).
+/// Generated: `impl Chare for Type`, an `Entry` marker per entry, and a trait `TypeProxy` with one
+/// method per entry, implemented for every proxy to `Type` (calling it on a collection broadcasts).
+#[proc_macro_attribute]
+pub fn chare(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(Span::call_site(), "#[chare] takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let mut block = parse_macro_input!(item as ItemImpl);
+    match expand(&mut block) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// A parsed method signature: does it take `ctx`, and its message arguments.
+struct Signature {
+    has_ctx: bool,
+    names: Vec<Ident>,
+    types: Vec<Type>,
+}
+
+fn is_ctx_type(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => match &*r.elem {
+            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "Ctx"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signature> {
+    let mut sig = Signature {
+        has_ctx: false,
+        names: Vec::new(),
+        types: Vec::new(),
+    };
+    for (k, arg) in inputs.enumerate() {
+        let FnArg::Typed(pt) = arg else {
+            return Err(syn::Error::new(arg.span(), "unexpected `self` here"));
+        };
+        if k == 0 && is_ctx_type(&pt.ty) {
+            sig.has_ctx = true;
+            continue;
+        }
+        if let Type::Reference(_) = &*pt.ty {
+            return Err(syn::Error::new(
+                pt.ty.span(),
+                "entry and constructor arguments are moved to the receiver: take them by value \
+                 (a reference cannot travel in a message)",
+            ));
+        }
+        let name = match &*pt.pat {
+            Pat::Ident(pi) => pi.ident.clone(),
+            _ => format_ident!("arg{}", k),
+        };
+        sig.names.push(name);
+        sig.types.push((*pt.ty).clone());
+    }
+    Ok(sig)
+}
+
+fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<bool> {
+    let Some(pos) = f.attrs.iter().position(|a| a.path().is_ident("entry")) else {
+        return Ok(false);
+    };
+    let attr = f.attrs.remove(pos);
+    if !matches!(attr.meta, syn::Meta::Path(_)) {
+        return Err(syn::Error::new(
+            attr.span(),
+            "#[entry] takes no arguments (`when` conditions are not supported yet)",
+        ));
+    }
+    Ok(true)
+}
+
+fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
+    if let Some((_, path, _)) = &block.trait_ {
+        return Err(syn::Error::new(
+            path.span(),
+            "#[chare] goes on an inherent impl block",
+        ));
+    }
+    if !block.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            block.generics.span(),
+            "generic chare types are not supported",
+        ));
+    }
+    let ty = (*block.self_ty).clone();
+    let Type::Path(tp) = &ty else {
+        return Err(syn::Error::new(ty.span(), "#[chare] needs a named type"));
+    };
+    let type_ident = tp
+        .path
+        .segments
+        .last()
+        .expect("a path has a segment")
+        .ident
+        .clone();
+    let type_name = type_ident.to_string();
+    let proxy_trait = format_ident!("{}Proxy", type_ident);
+
+    let mut ctor: Option<(Signature, Span)> = None;
+    let mut entries = Vec::new();
+    for item in &mut block.items {
+        let ImplItem::Fn(f) = item else { continue };
+        let is_entry = take_entry_attr(f)?;
+        if !is_entry && f.sig.ident == "new" {
+            if f.sig.receiver().is_some() {
+                return Err(syn::Error::new(
+                    f.sig.span(),
+                    "the constructor `new` takes no `self`",
+                ));
+            }
+            if matches!(f.sig.output, ReturnType::Default) {
+                return Err(syn::Error::new(
+                    f.sig.span(),
+                    "the constructor `new` must return Self",
+                ));
+            }
+            ctor = Some((parse_args(f.sig.inputs.iter())?, f.sig.span()));
+        } else if is_entry {
+            if f.sig.asyncness.is_some() {
+                return Err(syn::Error::new(
+                    f.sig.asyncness.span(),
+                    "async (suspendable) entry methods are not supported yet",
+                ));
+            }
+            if !f.sig.generics.params.is_empty() {
+                return Err(syn::Error::new(
+                    f.sig.generics.span(),
+                    "entry methods cannot be generic",
+                ));
+            }
+            match f.sig.inputs.first() {
+                Some(FnArg::Receiver(r)) if r.reference.is_some() => {}
+                _ => {
+                    return Err(syn::Error::new(
+                        f.sig.span(),
+                        "an entry method takes `&mut self` (or `&self`) first",
+                    ))
+                }
+            }
+            let sig = parse_args(f.sig.inputs.iter().skip(1))?;
+            let output = match &f.sig.output {
+                ReturnType::Default => quote!(()),
+                ReturnType::Type(_, t) => quote!(#t),
+            };
+            entries.push((f.sig.ident.clone(), sig, output, f.attrs.clone()));
+        }
+    }
+    let Some((ctor, _)) = ctor else {
+        return Err(syn::Error::new(
+            block.self_ty.span(),
+            format!("a #[chare] impl needs a constructor `fn new([ctx: &Ctx<Self>,] args...) -> {type_name}`"),
+        ));
+    };
+
+    let ctor_names = &ctor.names;
+    let ctor_types = &ctor.types;
+    let ctor_ctx = if ctor.has_ctx { quote!(ctx,) } else { quote!() };
+    let ctor_ctx_param = if ctor.has_ctx {
+        quote!(ctx)
+    } else {
+        quote!(_ctx)
+    };
+    let ctor_name = format!("{type_name}::new");
+
+    let mut markers = Vec::new();
+    let mut trait_methods = Vec::new();
+    let mut impl_methods = Vec::new();
+    for (method, sig, output, attrs) in &entries {
+        let marker = format_ident!("__charmrs_entry_{}_{}", type_ident, method);
+        let names = &sig.names;
+        let types = &sig.types;
+        let ctx_arg = if sig.has_ctx { quote!(ctx,) } else { quote!() };
+        let ctx_param = if sig.has_ctx {
+            quote!(ctx)
+        } else {
+            quote!(_ctx)
+        };
+        let entry_name = format!("{type_name}::{method}");
+        let doc = format!(
+            "Invokes entry method `{entry_name}` (asynchronously; on a collection proxy, on every element)."
+        );
+        let user_docs: Vec<_> = attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+        markers.push(quote! {
+            #[doc = concat!("Marker of entry method `", #entry_name, "` (generated by #[chare]).")]
+            #[doc(hidden)]
+            #[allow(non_camel_case_types, unreachable_pub)]
+            pub struct #marker;
+
+            impl ::charmrs::Entry<#ty> for #marker {
+                type Args = (#(#types,)*);
+                type Output = #output;
+                const NAME: &'static str = #entry_name;
+                const ID: u64 = ::charmrs::__private::entry_id(
+                    concat!(module_path!(), "::", #entry_name));
+                #[inline]
+                fn invoke(chare: &mut #ty, #ctx_param: &::charmrs::Ctx<#ty>, args: Self::Args) -> #output {
+                    let (#(#names,)*) = args;
+                    chare.#method(#ctx_arg #(#names),*)
+                }
+            }
+
+            ::charmrs::__private::inventory::submit! {
+                ::charmrs::__private::EntryInfo {
+                    id: <#marker as ::charmrs::Entry<#ty>>::ID,
+                    name: #entry_name,
+                    path: concat!(module_path!(), "::", #entry_name),
+                }
+            }
+        });
+        trait_methods.push(quote! {
+            #[doc = #doc]
+            #(#user_docs)*
+            fn #method(&self, #(#names: #types),*);
+        });
+        impl_methods.push(quote! {
+            #[inline]
+            fn #method(&self, #(#names: #types),*) {
+                ::charmrs::ProxyTarget::<#ty>::send_entry::<#marker>(self, (#(#names,)*))
+            }
+        });
+    }
+    let trait_doc = format!(
+        "Entry methods of `{type_name}`, callable on any proxy to it (generated by #[chare])."
+    );
+
+    Ok(quote! {
+        #block
+
+        impl ::charmrs::Chare for #ty {
+            type Init = (#(#ctor_types,)*);
+            const NAME: &'static str = #type_name;
+            fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> Self {
+                let (#(#ctor_names,)*) = init;
+                <#ty>::new(#ctor_ctx #(#ctor_names),*)
+            }
+        }
+
+        ::charmrs::__private::inventory::submit! {
+            ::charmrs::__private::EntryInfo {
+                id: ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name)),
+                name: #ctor_name,
+                path: concat!(module_path!(), "::", #ctor_name),
+            }
+        }
+
+        #(#markers)*
+
+        #[doc = #trait_doc]
+        #[allow(private_bounds, private_interfaces, unreachable_pub)]
+        pub trait #proxy_trait {
+            #(#trait_methods)*
+        }
+
+        impl<P: ::charmrs::ProxyTarget<#ty>> #proxy_trait for P {
+            #(#impl_methods)*
+        }
+    })
+}

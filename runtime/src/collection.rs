@@ -1,0 +1,162 @@
+//! Collections: their ids, their [`Shape`] (single chare, group, dense N-d array) and the default
+//! placement of elements on PEs.
+//!
+//! Every chare lives in a collection (a single chare is a collection of one), addressed by
+//! `(CollectionId, Index)`. Ids are made without coordination: the creating PE in the top bits, a
+//! per-PE counter below, so no two collections of a job share an id. Placement is a pure function of
+//! the shape and the index (the element's *home*), so any PE finds any element without a lookup.
+
+use crate::error::{Error, Result};
+use crate::index::Index;
+use serde::{Deserialize, Serialize};
+
+/// Job-wide unique id of a collection.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct CollectionId(pub(crate) u64);
+
+impl CollectionId {
+    pub(crate) fn new(creator_pe: usize, serial: u64) -> CollectionId {
+        CollectionId(((creator_pe as u64) << 40) | (serial & ((1 << 40) - 1)))
+    }
+}
+
+/// What kind of collection, with what it needs for placement.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Shape {
+    /// A single chare living on `pe`.
+    Single {
+        /// Where it lives.
+        pe: u32,
+    },
+    /// One element per PE; element `i` lives on PE `i`.
+    Group,
+    /// A dense array with these extents, block-placed in row-major order.
+    Array {
+        /// Extent of every dimension.
+        dims: Index,
+    },
+}
+
+impl Shape {
+    /// Human-readable kind, for diagnostics ("single chare", "group", "3-d array").
+    pub fn describe(&self) -> String {
+        match self {
+            Shape::Single { .. } => "single chare".into(),
+            Shape::Group => "group".into(),
+            Shape::Array { dims } => format!("{}-d array of dimensions {dims}", dims.dims()),
+        }
+    }
+
+    /// Checks that `index` names an element of a collection of this shape in a job of `num_pes`.
+    pub fn check(&self, index: &Index, num_pes: usize) -> Result<()> {
+        match self {
+            Shape::Single { .. } if index.dims() == 0 => Ok(()),
+            Shape::Group if index.dims() == 1 => {
+                let pe = index.get(0);
+                if pe < num_pes {
+                    Ok(())
+                } else {
+                    Err(Error::PeOutOfRange { pe, num_pes })
+                }
+            }
+            Shape::Array { dims } if index.dims() == dims.dims() => {
+                if index.within(dims) {
+                    Ok(())
+                } else {
+                    Err(Error::IndexOutOfRange {
+                        index: *index,
+                        dims: *dims,
+                    })
+                }
+            }
+            _ => Err(Error::IndexDimensions {
+                index: *index,
+                got: index.dims(),
+                expected: match self {
+                    Shape::Single { .. } => 0,
+                    Shape::Group => 1,
+                    Shape::Array { dims } => dims.dims(),
+                },
+                collection: self.describe(),
+            }),
+        }
+    }
+
+    /// Home PE of a (valid) element.
+    pub fn home_pe(&self, index: &Index, num_pes: usize) -> usize {
+        match self {
+            Shape::Single { pe } => *pe as usize,
+            Shape::Group => index.get(0),
+            Shape::Array { dims } => block_owner(index.linear(dims), dims.volume(), num_pes),
+        }
+    }
+
+    /// The elements whose home is `pe`, in row-major order.
+    pub fn local_elements(&self, pe: usize, num_pes: usize) -> Vec<Index> {
+        match self {
+            Shape::Single { pe: home } => {
+                if *home as usize == pe {
+                    vec![Index::SCALAR]
+                } else {
+                    vec![]
+                }
+            }
+            Shape::Group => vec![Index::new(&[pe]).expect("PE numbers fit an index")],
+            Shape::Array { dims } => {
+                let (lo, hi) = block_range(pe, dims.volume(), num_pes);
+                (lo..hi).map(|pos| Index::from_linear(pos, dims)).collect()
+            }
+        }
+    }
+}
+
+/// Block placement: position `pos` of `total` goes to PE `pos * P / total`.
+fn block_owner(pos: u64, total: u64, num_pes: usize) -> usize {
+    ((pos as u128 * num_pes as u128) / total.max(1) as u128) as usize
+}
+
+/// Positions owned by `pe` under [`block_owner`]: `[ceil(pe*T/P), ceil((pe+1)*T/P))`.
+fn block_range(pe: usize, total: u64, num_pes: usize) -> (u64, u64) {
+    let p = num_pes as u128;
+    let t = total as u128;
+    let lo = (pe as u128 * t).div_ceil(p);
+    let hi = ((pe as u128 + 1) * t).div_ceil(p);
+    (lo as u64, hi as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_range_matches_owner() {
+        for total in [0u64, 1, 3, 7, 8, 100, 1001] {
+            for p in 1..=9usize {
+                let mut seen = 0;
+                for pe in 0..p {
+                    let (lo, hi) = block_range(pe, total, p);
+                    for pos in lo..hi {
+                        assert_eq!(block_owner(pos, total, p), pe, "total {total} P {p}");
+                        seen += 1;
+                    }
+                }
+                assert_eq!(seen, total);
+            }
+        }
+    }
+
+    #[test]
+    fn check_names_the_problem() {
+        let dims = Index::new(&[2, 3]).unwrap();
+        let s = Shape::Array { dims };
+        let e = s.check(&Index::new(&[2, 0]).unwrap(), 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "index (2, 0) is out of range for an array of dimensions (2, 3)"
+        );
+        let e = s.check(&Index::one(1).unwrap(), 4).unwrap_err();
+        assert!(e.to_string().contains("2-d array"), "{e}");
+        let e = Shape::Group.check(&Index::one(9).unwrap(), 4).unwrap_err();
+        assert!(e.to_string().contains("unknown PE 9"), "{e}");
+    }
+}

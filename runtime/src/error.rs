@@ -1,0 +1,62 @@
+//! [`Error`]: everything the runtime can refuse, each variant naming the bad value and the valid range.
+
+use crate::index::Index;
+
+/// An error reported by charmrs. The message always names what was wrong and what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A PE number that does not exist in this job.
+    #[error("unknown PE {pe}: this job has {num_pes} PEs (valid PEs are 0..={max})", max = num_pes.saturating_sub(1))]
+    PeOutOfRange {
+        /// The PE that was asked for.
+        pe: usize,
+        /// Number of PEs in the job.
+        num_pes: usize,
+    },
+    /// An array element index outside the array's dimensions.
+    #[error("index {index} is out of range for an array of dimensions {dims}")]
+    IndexOutOfRange {
+        /// The index that was asked for.
+        index: Index,
+        /// The array's extent in every dimension.
+        dims: Index,
+    },
+    /// An index with the wrong number of dimensions for its collection.
+    #[error("index {index} has {got} dimension(s) but the {collection} expects {expected}")]
+    IndexDimensions {
+        /// The index that was given.
+        index: Index,
+        /// Its number of dimensions.
+        got: usize,
+        /// The number the collection uses.
+        expected: usize,
+        /// What kind of collection it is ("3-d array", "group", ...).
+        collection: String,
+    },
+    /// An array dimension that charmrs cannot represent.
+    #[error("array dimension {extent} is too large (the maximum extent is {max})")]
+    DimensionTooLarge {
+        /// The extent that was asked for.
+        extent: usize,
+        /// The largest extent supported.
+        max: usize,
+    },
+    /// A runtime call made on a thread that is not a running PE.
+    #[error("`{what}` was called outside a running PE: call it from the entry point given to charmrs::start or from an entry method")]
+    NotInRuntime {
+        /// The call that was made.
+        what: &'static str,
+    },
+    /// A bad command-line option or environment setting.
+    #[error("{0}")]
+    Options(String),
+    /// The entry-method table is inconsistent (two entries hash to the same id).
+    #[error("entry table: {0}")]
+    EntryTable(String),
+    /// The job was aborted; the message says by whom and why.
+    #[error("{0}")]
+    Aborted(String),
+}
+
+/// Result type of fallible charmrs calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

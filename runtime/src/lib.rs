@@ -1,0 +1,79 @@
+//! # charmrs — distributed migratable objects for Rust
+//!
+//! charmrs implements the programming model of CharmPy / Charm++: a program is a set of *chares*
+//! (distributed objects) that interact only through asynchronous remote method invocation on
+//! *proxies*. Chares live in collections — single chares, [`Group`]s (one per PE) and N-d
+//! [`Array`]s — and a chare type is usable in any of them. Each PE is an OS thread with its own
+//! message-driven scheduler; a chare's entry methods always run on the PE that holds it, one at a
+//! time, so chare state needs no locks.
+//!
+//! ```no_run
+//! use charmrs::prelude::*;
+//!
+//! struct Hello;
+//!
+//! #[chare]
+//! impl Hello {
+//!     fn new() -> Self {
+//!         Hello
+//!     }
+//!
+//!     #[entry]
+//!     fn say_hi(&mut self, ctx: &Ctx<Self>, msg: String) {
+//!         println!("{msg} from PE {}", ctx.my_pe());
+//!         charmrs::exit(0);
+//!     }
+//! }
+//!
+//! fn main() {
+//!     charmrs::start(|_args| async move {
+//!         let proxy = Single::<Hello>::new((), None); // created on a PE the runtime picks
+//!         proxy.say_hi("Hello".to_string());          // asynchronous remote invocation
+//!     })
+//! }
+//! ```
+//!
+//! Coming from charm4py: `Chare(C, onPE=p)` is [`Single::new`], `Group(C)` is [`Group::new`],
+//! `Array(C, dims)` is [`Array::new`], `proxy[i]` is `proxy.at(i)`, `self.thisIndex` is
+//! [`Ctx::index`], `self.thisProxy` is [`Ctx::this_proxy`], `charm.myPe()` is [`my_pe`],
+//! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
+//! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
+
+mod chare;
+mod collection;
+mod ctx;
+mod envelope;
+mod error;
+mod index;
+mod options;
+mod panic;
+mod proxy;
+pub mod registry;
+mod runtime;
+mod scheduler;
+
+pub use chare::{Chare, Entry, Payload};
+pub use charmrs_macros::chare;
+pub use collection::{CollectionId, Shape};
+pub use ctx::Ctx;
+pub use error::{Error, Result};
+pub use index::{ArrayIndex, Index, MAX_DIMS};
+pub use options::{Options, OPTIONS};
+pub use proxy::{Array, ElementProxy, Group, Proxy, ProxyTarget, Single};
+pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
+
+/// The names most programs need: `use charmrs::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        chare, Array, ArrayIndex, Chare, Ctx, ElementProxy, Group, Index, Proxy, ProxyTarget,
+        Single,
+    };
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Items used by code that `#[chare]` generates. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{entry_id, EntryInfo};
+    pub use inventory;
+}

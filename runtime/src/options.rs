@@ -1,0 +1,162 @@
+//! Command-line and environment options of the runtime (Charm++ conventions: `+pN`, …).
+//!
+//! The runtime takes its own `+`/`++` options out of the argument list and hands the rest to the
+//! program (argument 0, the program name, stays first). A literal `--` ends option parsing: what
+//! follows goes to the program untouched. Invariant: any `+` option not in [`OPTIONS`] is an error
+//! that lists the valid ones — never silently passed on or ignored.
+
+use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// The runtime's options, with one line of help each.
+pub const OPTIONS: &[(&str, &str)] = &[
+    (
+        "+pN, +p N",
+        "number of PEs (worker threads); default: $CHARMRS_PES, else the number of cores",
+    ),
+    (
+        "+noaffinity",
+        "do not pin PE threads to cores (pinning is on when PEs <= cores)",
+    ),
+    (
+        "+idlespin US",
+        "microseconds an idle PE polls before it sleeps (default 100)",
+    ),
+];
+
+/// Parsed runtime options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Number of PEs, if given.
+    pub pes: Option<usize>,
+    /// Pin PE threads to cores when there are enough cores.
+    pub affinity: bool,
+    /// How long an idle PE polls before parking.
+    pub idle_spin: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pes: None,
+            affinity: true,
+            idle_spin: Duration::from_micros(100),
+        }
+    }
+}
+
+fn usage() -> String {
+    let mut s = String::from("valid runtime options are:\n");
+    for (opt, help) in OPTIONS {
+        s.push_str(&format!("  {opt:<16} {help}\n"));
+    }
+    s.push_str("  --               end of runtime options; the rest goes to the program");
+    s
+}
+
+fn bad(msg: String) -> Error {
+    Error::Options(format!("{msg}\n{}", usage()))
+}
+
+fn parse_pes(text: &str, origin: &str) -> Result<usize> {
+    match text.parse::<usize>() {
+        Ok(0) => Err(bad(format!(
+            "{origin}: the number of PEs must be at least 1"
+        ))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(bad(format!("{origin}: `{text}` is not a number of PEs"))),
+    }
+}
+
+impl Options {
+    /// Splits `args` (including the program name) into runtime options and program arguments;
+    /// `env_pes` is the value of `CHARMRS_PES`, if set.
+    ///
+    /// # Errors
+    /// An unknown `+` option, `+p0`, or a value that is not a number; the message lists the valid
+    /// options.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env_pes: Option<String>,
+    ) -> Result<(Options, Vec<String>)> {
+        let mut opts = Options::default();
+        if let Some(v) = env_pes {
+            opts.pes = Some(parse_pes(v.trim(), "CHARMRS_PES")?);
+        }
+        let mut rest = Vec::new();
+        let mut args = args.into_iter();
+        if let Some(program) = args.next() {
+            rest.push(program);
+        }
+        while let Some(arg) = args.next() {
+            if arg == "--" {
+                rest.extend(args.by_ref());
+                break;
+            }
+            if !arg.starts_with('+') {
+                rest.push(arg);
+                continue;
+            }
+            let mut value_of = |name: &str| {
+                args.next()
+                    .ok_or_else(|| bad(format!("{name} needs a value")))
+            };
+            match arg.as_str() {
+                "+p" => opts.pes = Some(parse_pes(&value_of("+p")?, "+p")?),
+                "+noaffinity" => opts.affinity = false,
+                "+idlespin" => {
+                    let v = value_of("+idlespin")?;
+                    let us = v.parse::<u64>().map_err(|_| {
+                        bad(format!("+idlespin: `{v}` is not a number of microseconds"))
+                    })?;
+                    opts.idle_spin = Duration::from_micros(us);
+                }
+                a if a.starts_with("+p") && a[2..].chars().all(|c| c.is_ascii_digit()) => {
+                    opts.pes = Some(parse_pes(&a[2..], a)?)
+                }
+                a if a.starts_with("+p") => {
+                    return Err(bad(format!("{a}: `{}` is not a number of PEs", &a[2..])));
+                }
+                a => return Err(bad(format!("unknown runtime option `{a}`"))),
+            }
+        }
+        Ok((opts, rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(Options, Vec<String>)> {
+        Options::parse(args.iter().map(|s| s.to_string()), None)
+    }
+
+    #[test]
+    fn strips_runtime_options() {
+        let (o, rest) = parse(&["app", "+p4", "3", "x", "+noaffinity"]).unwrap();
+        assert_eq!(o.pes, Some(4));
+        assert!(!o.affinity);
+        assert_eq!(rest, vec!["app", "3", "x"]);
+        let (o, _) = parse(&["app", "+p", "2"]).unwrap();
+        assert_eq!(o.pes, Some(2));
+        let (_, rest) = parse(&["app", "--", "+p9", "y"]).unwrap();
+        assert_eq!(rest, vec!["app", "+p9", "y"]);
+    }
+
+    #[test]
+    fn errors_name_the_option_and_list_valid_ones() {
+        for (args, needle) in [
+            (&["app", "+p0"][..], "at least 1"),
+            (&["app", "+pfoo"][..], "`foo` is not a number"),
+            (&["app", "+bogus"][..], "unknown runtime option `+bogus`"),
+            (&["app", "+p"][..], "+p needs a value"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(e.contains("+noaffinity"), "lists valid options: {e}");
+        }
+        let e = Options::parse(["app".to_string()], Some("zero".into())).unwrap_err();
+        assert!(e.to_string().contains("CHARMRS_PES"), "{e}");
+    }
+}

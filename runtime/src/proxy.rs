@@ -1,0 +1,467 @@
+//! Proxies: handles through which entry methods are invoked, and the creation of collections.
+//!
+//! - [`ElementProxy`] names one element (of any collection): calls are point-to-point.
+//! - [`Proxy`] names a whole collection: calls broadcast to every element; [`Proxy::at`] reaches one.
+//! - [`Group`], [`Array`] and [`Single`] are the typed faces of the same thing, with the creation
+//!   functions (charm4py's `Group(C)`, `Array(C, dims)`, `Chare(C, onPE=…)`).
+//!
+//! All proxies are small `Copy` values that can be sent inside messages. The methods a proxy offers
+//! come from the `<Type>Proxy` trait that `#[chare]` generates, implemented for every
+//! [`ProxyTarget`]. Invariant: a proxy only ever holds a valid PE and an in-range index (checked when
+//! it is made), so sending never fails later for a bad address.
+
+use crate::chare::{Chare, Entry};
+use crate::collection::{CollectionId, Shape};
+use crate::envelope::{Body, Call, Construct, Envelope};
+use crate::error::{Error, Result};
+use crate::index::{ArrayIndex, Index};
+use crate::scheduler::with_pe;
+use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
+use std::ops::Deref;
+
+/// Something entry methods of `C` can be invoked on: an element or a whole collection.
+pub trait ProxyTarget<C: Chare> {
+    /// Sends a call of entry `E` with `args` (moved, never serialized within a process).
+    ///
+    /// # Panics
+    /// When called on a thread that is not a running PE (see [`Error::NotInRuntime`]).
+    fn send_entry<E: Entry<C>>(&self, args: E::Args);
+}
+
+fn or_panic<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A proxy to one element of a collection (or to a single chare).
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct ElementProxy<C> {
+    coll: CollectionId,
+    index: Index,
+    pe: u32,
+    priority: i32,
+    #[serde(skip)]
+    _chare: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for ElementProxy<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C> Copy for ElementProxy<C> {}
+
+impl<C> std::fmt::Debug for ElementProxy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ElementProxy({:?}{} on PE {})",
+            self.coll, self.index, self.pe
+        )
+    }
+}
+
+impl<C: Chare> ElementProxy<C> {
+    pub(crate) fn from_parts(coll: CollectionId, index: Index, pe: usize) -> Self {
+        ElementProxy {
+            coll,
+            index,
+            pe: pe as u32,
+            priority: 0,
+            _chare: PhantomData,
+        }
+    }
+
+    /// The element's index.
+    pub fn index(&self) -> Index {
+        self.index
+    }
+
+    /// The PE the element lives on.
+    pub fn pe(&self) -> usize {
+        self.pe as usize
+    }
+
+    /// The same proxy, but messages sent through it carry `priority` (lower runs first; 0 is the
+    /// default, as in Charm++).
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+impl<C: Chare> ProxyTarget<C> for ElementProxy<C> {
+    #[inline]
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        or_panic(with_pe(E::NAME, |pe| {
+            let env = Envelope::new(
+                self.priority,
+                Body::Point {
+                    coll: self.coll,
+                    index: self.index,
+                    call: Call::<C, E>::boxed(args),
+                },
+            );
+            pe.send(self.pe as usize, env);
+        }))
+    }
+}
+
+/// A proxy to a whole collection: calls broadcast to every element.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct Proxy<C> {
+    coll: CollectionId,
+    shape: Shape,
+    priority: i32,
+    #[serde(skip)]
+    _chare: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for Proxy<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C> Copy for Proxy<C> {}
+
+impl<C> std::fmt::Debug for Proxy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Proxy({:?}, {})", self.coll, self.shape.describe())
+    }
+}
+
+impl<C: Chare> Proxy<C> {
+    pub(crate) fn from_parts(coll: CollectionId, shape: Shape) -> Self {
+        Proxy {
+            coll,
+            shape,
+            priority: 0,
+            _chare: PhantomData,
+        }
+    }
+
+    /// The collection's shape (single chare, group, or array with its dimensions).
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The collection's id.
+    pub fn id(&self) -> CollectionId {
+        self.coll
+    }
+
+    /// The same proxy with messages carrying `priority` (lower runs first).
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// A proxy to the element at `index`.
+    ///
+    /// # Errors
+    /// An index of the wrong dimension or out of range, or a PE that does not exist (groups).
+    pub fn try_at(&self, index: impl ArrayIndex) -> Result<ElementProxy<C>> {
+        let index = index.to_index()?;
+        with_pe("Proxy::at", |pe| {
+            self.shape.check(&index, pe.num_pes())?;
+            let home = self.shape.home_pe(&index, pe.num_pes());
+            Ok(ElementProxy::from_parts(self.coll, index, home).with_priority(self.priority))
+        })?
+    }
+
+    /// A proxy to the element at `index` (charm4py's `proxy[index]`).
+    ///
+    /// # Panics
+    /// On a bad index; the message names it and the valid range. See [`try_at`](Self::try_at).
+    pub fn at(&self, index: impl ArrayIndex) -> ElementProxy<C> {
+        or_panic(self.try_at(index))
+    }
+}
+
+impl<C: Chare> ProxyTarget<C> for Proxy<C> {
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        or_panic(with_pe(E::NAME, |pe| {
+            if let Shape::Single { pe: home } = self.shape {
+                let call = Call::<C, E>::boxed(args);
+                let body = Body::Point {
+                    coll: self.coll,
+                    index: Index::SCALAR,
+                    call,
+                };
+                pe.send(home as usize, Envelope::new(self.priority, body));
+                return;
+            }
+            let call = Call::<C, E>::boxed(args);
+            let last = pe.num_pes() - 1;
+            for dst in 0..last {
+                let body = Body::Broadcast {
+                    coll: self.coll,
+                    call: call.clone_box(),
+                };
+                pe.send(dst, Envelope::new(self.priority, body));
+            }
+            pe.send(
+                last,
+                Envelope::new(
+                    self.priority,
+                    Body::Broadcast {
+                        coll: self.coll,
+                        call,
+                    },
+                ),
+            );
+        }))
+    }
+}
+
+/// Creates a collection of `C` with `shape`: posts its construction to `targets`.
+fn create<C: Chare>(
+    what: &'static str,
+    shape: impl FnOnce(&crate::scheduler::PeState) -> Result<Shape>,
+    init: C::Init,
+) -> Result<Proxy<C>> {
+    with_pe(what, |pe| {
+        let shape = shape(pe)?;
+        let coll = pe.new_collection_id();
+        let build = Construct::<C>::boxed(init);
+        match shape {
+            Shape::Single { pe: home } => {
+                pe.send(
+                    home as usize,
+                    Envelope::new(0, Body::Create { coll, shape, build }),
+                );
+            }
+            Shape::Group | Shape::Array { .. } => {
+                // Every PE learns of the collection, even one without elements, so that a
+                // broadcast finds it everywhere.
+                for dst in 0..pe.num_pes() {
+                    let build = build.clone_box();
+                    pe.send(dst, Envelope::new(0, Body::Create { coll, shape, build }));
+                }
+            }
+        }
+        Ok(Proxy::from_parts(coll, shape))
+    })?
+}
+
+/// A group: one element of `C` on every PE (charm4py's `Group(C)`).
+///
+/// ```no_run
+/// # use charmrs::prelude::*;
+/// # #[derive(Clone)] struct Hello;
+/// # #[chare] impl Hello { fn new() -> Self { Hello } #[entry] fn hi(&mut self) {} }
+/// # fn main() { charmrs::start(|_args| async move {
+/// let group = Group::<Hello>::new(());
+/// group.hi();          // broadcast to every PE
+/// group.at(0).hi();    // the element on PE 0
+/// # }); }
+/// ```
+pub struct Group<C>(Proxy<C>);
+
+impl<C: Chare> Group<C> {
+    /// Creates the group; every element is built with a clone of `init`.
+    ///
+    /// # Panics
+    /// Outside a running PE.
+    pub fn new(init: C::Init) -> Self {
+        or_panic(Self::try_new(init))
+    }
+
+    /// Like [`new`](Self::new), reporting errors instead of panicking.
+    pub fn try_new(init: C::Init) -> Result<Self> {
+        create::<C>("Group::new", |_| Ok(Shape::Group), init).map(Group)
+    }
+
+    pub(crate) fn from_proxy(p: Proxy<C>) -> Self {
+        Group(p)
+    }
+
+    /// The element on PE `pe`.
+    ///
+    /// # Errors
+    /// `pe` ≥ number of PEs.
+    pub fn try_at(&self, pe: usize) -> Result<ElementProxy<C>> {
+        self.0.try_at(pe)
+    }
+
+    /// The element on PE `pe`.
+    ///
+    /// # Panics
+    /// If `pe` does not exist; the message names it and the valid range.
+    pub fn at(&self, pe: usize) -> ElementProxy<C> {
+        self.0.at(pe)
+    }
+}
+
+/// A dense array of `C` indexed by `I` (`usize` or tuples up to 6-d), block-placed in row-major
+/// order (charm4py's `Array(C, dims)`).
+pub struct Array<C, I> {
+    proxy: Proxy<C>,
+    _index: PhantomData<fn() -> I>,
+}
+
+impl<C: Chare, I: ArrayIndex> Array<C, I> {
+    /// Creates an array of extents `dims`; every element is built with a clone of `init`.
+    ///
+    /// # Panics
+    /// Outside a running PE, or if an extent is too large.
+    pub fn new(dims: I, init: C::Init) -> Self {
+        or_panic(Self::try_new(dims, init))
+    }
+
+    /// Like [`new`](Self::new), reporting errors instead of panicking.
+    pub fn try_new(dims: I, init: C::Init) -> Result<Self> {
+        let dims = dims.to_index()?;
+        if dims.dims() == 0 {
+            return Err(Error::Options(
+                "an array needs at least one dimension".into(),
+            ));
+        }
+        let proxy = create::<C>("Array::new", |_| Ok(Shape::Array { dims }), init)?;
+        Ok(Array {
+            proxy,
+            _index: PhantomData,
+        })
+    }
+
+    /// Types a collection proxy as an array indexed by `I`.
+    ///
+    /// # Errors
+    /// The collection is not an array, or has a different number of dimensions than `I`.
+    pub fn from_proxy(proxy: Proxy<C>) -> Result<Self> {
+        match proxy.shape {
+            Shape::Array { dims } if I::fixed_dims().is_none_or(|d| d == dims.dims()) => {
+                Ok(Array {
+                    proxy,
+                    _index: PhantomData,
+                })
+            }
+            other => Err(Error::Options(format!(
+                "a {} cannot be used as an array indexed by {}",
+                other.describe(),
+                std::any::type_name::<I>()
+            ))),
+        }
+    }
+
+    /// The extents of the array.
+    pub fn dims(&self) -> I {
+        match self.proxy.shape {
+            Shape::Array { dims } => I::from_index(&dims).expect("checked at construction"),
+            _ => unreachable!("an Array always has an array shape"),
+        }
+    }
+
+    /// The element at `index`.
+    ///
+    /// # Errors
+    /// `index` out of range (the error names it and the dimensions).
+    pub fn try_at(&self, index: I) -> Result<ElementProxy<C>> {
+        self.proxy.try_at(index)
+    }
+
+    /// The element at `index` (charm4py's `proxy[index]`).
+    ///
+    /// # Panics
+    /// If `index` is out of range; the message names it and the dimensions.
+    pub fn at(&self, index: I) -> ElementProxy<C> {
+        self.proxy.at(index)
+    }
+}
+
+/// A single chare (charm4py's `Chare(C, onPE=…)`): a proxy to its one element.
+pub struct Single<C>(ElementProxy<C>);
+
+impl<C: Chare> Single<C> {
+    /// Creates a chare on PE `on_pe`, or on a PE the runtime picks if `None`.
+    ///
+    /// # Panics
+    /// If `on_pe` does not exist (the message names it and the valid range), or outside a PE.
+    pub fn new(init: C::Init, on_pe: Option<usize>) -> Self {
+        or_panic(Self::try_new(init, on_pe))
+    }
+
+    /// Like [`new`](Self::new), reporting errors instead of panicking.
+    pub fn try_new(init: C::Init, on_pe: Option<usize>) -> Result<Self> {
+        let proxy = create::<C>(
+            "Single::new",
+            |pe| {
+                let home = match on_pe {
+                    Some(p) => {
+                        pe.check_pe(p)?;
+                        p
+                    }
+                    None => pe.pick_pe(),
+                };
+                Ok(Shape::Single { pe: home as u32 })
+            },
+            init,
+        )?;
+        let Shape::Single { pe } = proxy.shape else {
+            unreachable!("created as a single chare")
+        };
+        Ok(Single(ElementProxy::from_parts(
+            proxy.coll,
+            Index::SCALAR,
+            pe as usize,
+        )))
+    }
+}
+
+impl<C> Deref for Group<C> {
+    type Target = Proxy<C>;
+    fn deref(&self) -> &Proxy<C> {
+        &self.0
+    }
+}
+
+impl<C, I> Deref for Array<C, I> {
+    type Target = Proxy<C>;
+    fn deref(&self) -> &Proxy<C> {
+        &self.proxy
+    }
+}
+
+impl<C> Deref for Single<C> {
+    type Target = ElementProxy<C>;
+    fn deref(&self) -> &ElementProxy<C> {
+        &self.0
+    }
+}
+
+impl<C> Clone for Group<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C> Copy for Group<C> {}
+impl<C, I> Clone for Array<C, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C, I> Copy for Array<C, I> {}
+impl<C> Clone for Single<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C> Copy for Single<C> {}
+
+impl<C: Chare> ProxyTarget<C> for Group<C> {
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        self.0.send_entry::<E>(args)
+    }
+}
+impl<C: Chare, I> ProxyTarget<C> for Array<C, I> {
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        self.proxy.send_entry::<E>(args)
+    }
+}
+impl<C: Chare> ProxyTarget<C> for Single<C> {
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        self.0.send_entry::<E>(args)
+    }
+}

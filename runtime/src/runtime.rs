@@ -1,0 +1,251 @@
+//! Starting and ending a job: [`start`], [`Runtime`], and the calls every PE can make
+//! ([`my_pe`], [`num_pes`], [`exit`], [`abort`], …).
+//!
+//! A job in one process is P PE threads (pinned to cores when there are enough) sharing a
+//! [`Shared`] block. The program's entry point runs as a task on PE 0. The job ends when some PE
+//! calls [`exit`] or the job aborts (a panic in user code, or [`abort`]); the first outcome wins.
+
+use crate::envelope::{Body, Envelope, LocalTask};
+use crate::error::{Error, Result};
+use crate::options::Options;
+use crate::registry::EntryTable;
+use crate::scheduler::{on_pe, run_pe, with_pe, AbortUnwind, Outcome, Shared};
+use charmrs_local::LocalLayer;
+use charmrs_transport::Topology;
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Configures and runs a job inside the calling process. [`start`] is the usual front door; this
+/// is for embedding a job (tests, benchmarks) and getting its exit code back instead of exiting.
+///
+/// ```
+/// use charmrs::Runtime;
+/// let code = Runtime::new(2)
+///     .run(|_args| async move {
+///         assert_eq!(charmrs::num_pes(), 2);
+///         charmrs::exit(7);
+///     })
+///     .unwrap();
+/// assert_eq!(code, 7);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    options: Options,
+    args: Vec<String>,
+    /// How long `run` waits for PE threads to finish after the job ended.
+    join_grace: Duration,
+}
+
+impl Runtime {
+    /// A job of `pes` PEs (at least 1) with default options.
+    pub fn new(pes: usize) -> Runtime {
+        let options = Options {
+            pes: Some(pes.max(1)),
+            ..Options::default()
+        };
+        Runtime {
+            options,
+            args: vec!["charmrs".into()],
+            join_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Takes runtime options (`+pN`, …) from `args` and `CHARMRS_PES`; the rest become the
+    /// program's arguments.
+    ///
+    /// # Errors
+    /// A bad option; the message names it and lists the valid ones.
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Runtime> {
+        let (options, args) = Options::parse(args, std::env::var("CHARMRS_PES").ok())?;
+        Ok(Runtime {
+            options,
+            args,
+            join_grace: Duration::from_secs(10),
+        })
+    }
+
+    /// Sets whether PE threads are pinned to cores (when there are at least as many cores).
+    pub fn affinity(mut self, pin: bool) -> Runtime {
+        self.options.affinity = pin;
+        self
+    }
+
+    /// Sets how long an idle PE polls before it parks.
+    pub fn idle_spin(mut self, spin: Duration) -> Runtime {
+        self.options.idle_spin = spin;
+        self
+    }
+
+    /// Sets the arguments handed to the entry point.
+    pub fn args(mut self, args: Vec<String>) -> Runtime {
+        self.args = args;
+        self
+    }
+
+    /// Number of PEs this job will run.
+    pub fn pes(&self) -> usize {
+        self.options
+            .pes
+            .unwrap_or_else(|| Topology::detect().num_cores().max(1))
+    }
+
+    /// Runs the job: `main(args)` runs as a task on PE 0; returns the code passed to [`exit`].
+    ///
+    /// # Errors
+    /// [`Error::Aborted`] with the cause if the job aborted (a panic in an entry method names
+    /// chare, index, entry and PE), or a start-up error.
+    pub fn run<F, Fut>(self, main: F) -> Result<i32>
+    where
+        F: FnOnce(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        crate::panic::install_hook();
+        let pes = self.pes();
+        // Fails on an id collision, before any PE starts.
+        EntryTable::get()?;
+        let shared = Arc::new(Shared::new(
+            pes,
+            self.options.idle_spin,
+            Box::new(LocalLayer::new()),
+        ));
+        let topology = Topology::detect();
+        let pin = self.options.affinity && topology.pes_fit(pes);
+        let args = self.args;
+        let mut first = Some(Envelope::new(
+            0,
+            Body::Spawn(Box::new(move || -> LocalTask { Box::pin(main(args)) })),
+        ));
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        for pe in 0..pes {
+            let shared = shared.clone();
+            let core = if pin { topology.core_for_pe(pe) } else { None };
+            let topology = topology.clone();
+            let first = if pe == 0 { first.take() } else { None };
+            let done = done_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("pe-{pe}"))
+                .stack_size(8 << 20)
+                .spawn(move || {
+                    if let Some(core) = core {
+                        topology.pin_current_thread(core);
+                    }
+                    run_pe(shared, pe, first);
+                    drop(done);
+                })
+                .map_err(|e| Error::Options(format!("cannot start the thread of PE {pe}: {e}")))?;
+        }
+        drop(done_tx);
+        let outcome = shared.wait_outcome();
+        // Nothing is ever sent on `done`: every PE thread drops its sender when it leaves, so the
+        // receive returns `Disconnected` once all have left, or times out after the grace period.
+        let _ = done_rx.recv_timeout(self.join_grace);
+        match outcome {
+            Outcome::Exit(code) => Ok(code),
+            Outcome::Abort(msg) => Err(Error::Aborted(msg)),
+        }
+    }
+}
+
+/// Runs the program: parses runtime options from the command line, starts the PEs, runs `main`
+/// on PE 0, and exits the process with the status passed to [`exit`] (1 after an abort, 2 for a
+/// bad command line).
+///
+/// ```no_run
+/// fn main() {
+///     charmrs::start(|args| async move {
+///         println!("{} PEs, arguments {:?}", charmrs::num_pes(), &args[1..]);
+///         charmrs::exit(0);
+///     })
+/// }
+/// ```
+pub fn start<F, Fut>(main: F) -> !
+where
+    F: FnOnce(Vec<String>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let runtime = match Runtime::from_args(std::env::args()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("charmrs: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut runtime = runtime;
+    runtime.join_grace = Duration::from_secs(1);
+    let code = match runtime.run(main) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("{e}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
+}
+
+fn in_pe<R>(what: &'static str, f: impl FnOnce(&crate::scheduler::PeState) -> R) -> R {
+    with_pe(what, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The PE the caller runs on.
+///
+/// # Panics
+/// Outside a running PE (before [`start`], or on a thread the runtime did not create).
+pub fn my_pe() -> usize {
+    in_pe("my_pe", |pe| pe.pe)
+}
+
+/// Number of PEs in the job.
+///
+/// # Panics
+/// Outside a running PE.
+pub fn num_pes() -> usize {
+    in_pe("num_pes", |pe| pe.num_pes())
+}
+
+/// The process (Charm++ "node") the caller runs in.
+///
+/// # Panics
+/// Outside a running PE.
+pub fn my_node() -> usize {
+    in_pe("my_node", |pe| pe.shared.layer.rank() as usize)
+}
+
+/// Number of processes in the job.
+///
+/// # Panics
+/// Outside a running PE.
+pub fn num_nodes() -> usize {
+    in_pe("num_nodes", |pe| pe.shared.layer.size() as usize)
+}
+
+/// Whether the calling thread is a running PE (so runtime calls are allowed).
+pub fn in_runtime() -> bool {
+    on_pe()
+}
+
+/// Ends the job on every PE with status `code` once the calling entry returns; no further
+/// messages are delivered.
+///
+/// # Panics
+/// Outside a running PE.
+pub fn exit(code: i32) {
+    in_pe("exit", |pe| pe.shared.finish(Outcome::Exit(code)))
+}
+
+/// Aborts the whole job: prints `msg` (with the calling PE) and exits with a non-zero status. The
+/// calling entry method stops here.
+pub fn abort(msg: &str) -> ! {
+    if on_pe() {
+        in_pe("abort", |pe| {
+            pe.abort_job(format!("charmrs: abort on PE {}: {msg}", pe.pe))
+        });
+        std::panic::resume_unwind(Box::new(AbortUnwind));
+    }
+    let _ = std::io::stdout().flush();
+    eprintln!("charmrs: abort: {msg}");
+    std::process::exit(1)
+}

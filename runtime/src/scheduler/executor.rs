@@ -1,0 +1,119 @@
+//! The PE-local executor: futures that run on one PE (the program's entry point now, suspendable
+//! entry methods later) and are resumed by messages.
+//!
+//! A task's waker does not poll anything itself: it posts a `Resume` envelope to the owning PE's
+//! mailbox, so a task only ever runs on its PE's thread, between other messages. Invariants: a
+//! slot's `generation` changes when its task ends, so a stale waker's `Resume` is ignored; at most
+//! one `Resume` per task is in flight (`queued` flag); the slab is never borrowed across a poll, so
+//! a task may spawn tasks.
+
+use super::shared::Shared;
+use crate::envelope::{Body, Envelope, LocalTask};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
+
+struct TaskWaker {
+    shared: Arc<Shared>,
+    pe: usize,
+    slot: u32,
+    generation: u32,
+    queued: AtomicBool,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            let env = Envelope::new(
+                0,
+                Body::Resume {
+                    slot: self.slot,
+                    generation: self.generation,
+                },
+            );
+            self.shared.mailboxes[self.pe].push(env);
+        }
+    }
+}
+
+struct Slot {
+    generation: u32,
+    task: Option<LocalTask>,
+    waker: Option<Arc<TaskWaker>>,
+}
+
+/// The task slab of one PE.
+#[derive(Default)]
+pub(crate) struct Executor {
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+}
+
+impl Executor {
+    /// Stores `task` and polls it once right away.
+    pub(crate) fn spawn(&self, shared: &Arc<Shared>, pe: usize, task: LocalTask) {
+        let slot = {
+            let mut slots = self.slots.borrow_mut();
+            let index = match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot {
+                        generation: 0,
+                        task: None,
+                        waker: None,
+                    });
+                    (slots.len() - 1) as u32
+                }
+            };
+            let s = &mut slots[index as usize];
+            s.task = Some(task);
+            s.waker = Some(Arc::new(TaskWaker {
+                shared: shared.clone(),
+                pe,
+                slot: index,
+                generation: s.generation,
+                queued: AtomicBool::new(false),
+            }));
+            (index, s.generation)
+        };
+        self.resume(slot.0, slot.1);
+    }
+
+    /// Polls task `slot` if it still is the task of `generation`.
+    pub(crate) fn resume(&self, slot: u32, generation: u32) {
+        let taken = {
+            let mut slots = self.slots.borrow_mut();
+            match slots.get_mut(slot as usize) {
+                Some(s) if s.generation == generation => s.task.take().zip(s.waker.clone()),
+                _ => None,
+            }
+        };
+        let Some((mut task, waker)) = taken else {
+            return;
+        };
+        waker.queued.store(false, Ordering::Release);
+        let std_waker = Waker::from(waker);
+        let mut cx = Context::from_waker(&std_waker);
+        let done = task.as_mut().poll(&mut cx).is_ready();
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[slot as usize];
+        if done {
+            s.generation = s.generation.wrapping_add(1);
+            s.waker = None;
+            drop(slots);
+            self.free.borrow_mut().push(slot);
+        } else {
+            s.task = Some(task);
+        }
+    }
+
+    /// Drops every task (at shutdown).
+    pub(crate) fn clear(&self) {
+        let tasks: Vec<_> = self.slots.borrow_mut().drain(..).collect();
+        drop(tasks);
+    }
+}

@@ -1,0 +1,339 @@
+//! One PE: its thread-local state and its Converse-style dispatch loop.
+//!
+//! The loop moves a bounded batch of arrived messages from the mailbox into the local queue, runs
+//! the most urgent message, and when there is nothing to do spins briefly and then parks on the
+//! mailbox (no CPU burnt while idle). A chare's entries only ever run on the PE that holds it.
+//!
+//! Invariants:
+//! - `CURRENT` points at this thread's `PeState` exactly while `run_pe` is on the stack;
+//! - no `RefCell` of the state is borrowed while user code (an entry, a constructor, a task) runs,
+//!   so user code may send, create chares and spawn tasks freely;
+//! - a message whose collection is not yet known here is buffered, and delivered when the
+//!   collection's creation message arrives — never dropped.
+
+use super::executor::Executor;
+use super::queue::LocalQueue;
+use super::shared::{Outcome, Shared};
+use crate::collection::{CollectionId, Shape};
+use crate::envelope::{Body, Construction, CtxParts, Envelope, Invocation};
+use crate::error::{Error, Result};
+use crate::index::Index;
+use rustc_hash::FxHashMap;
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How many arrived messages are moved to the local queue per loop turn.
+const INBOX_BATCH: usize = 64;
+
+/// The elements of one collection that live on this PE.
+struct LocalCollection {
+    chare: &'static str,
+    /// In creation order (row-major for dense arrays): broadcasts visit them in this order.
+    elements: Vec<(Index, Rc<dyn Any>)>,
+    position: FxHashMap<Index, usize>,
+}
+
+impl LocalCollection {
+    fn find(&self, index: &Index) -> Option<Rc<dyn Any>> {
+        self.position
+            .get(index)
+            .map(|&i| self.elements[i].1.clone())
+    }
+}
+
+/// Thrown (with `resume_unwind`) by [`crate::abort`] to leave the running entry; not a panic.
+pub(crate) struct AbortUnwind;
+
+/// Everything a PE owns.
+pub(crate) struct PeState {
+    pub(crate) pe: usize,
+    pub(crate) shared: Arc<Shared>,
+    queue: RefCell<LocalQueue>,
+    collections: RefCell<FxHashMap<CollectionId, LocalCollection>>,
+    /// Messages for collections whose creation has not arrived yet.
+    pending: RefCell<FxHashMap<CollectionId, Vec<Envelope>>>,
+    next_collection: Cell<u64>,
+    next_placement: Cell<usize>,
+    executor: Executor,
+}
+
+thread_local! {
+    static CURRENT: Cell<*const PeState> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Runs `f` with this thread's PE, or reports that the thread is not a running PE.
+#[inline]
+pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> Result<R> {
+    let p = CURRENT.with(Cell::get);
+    if p.is_null() {
+        return Err(Error::NotInRuntime { what });
+    }
+    // SAFETY: `run_pe` sets `CURRENT` to a `PeState` on its own stack frame and resets it to null
+    // before that frame ends; `CURRENT` is thread-local, so `p` is valid here and only this thread
+    // can reach it. Only shared references are handed out (mutation goes through `RefCell`/`Cell`).
+    Ok(f(unsafe { &*p }))
+}
+
+/// Whether the calling thread is a running PE.
+pub(crate) fn on_pe() -> bool {
+    !CURRENT.with(Cell::get).is_null()
+}
+
+impl PeState {
+    fn new(pe: usize, shared: Arc<Shared>) -> PeState {
+        PeState {
+            pe,
+            shared,
+            queue: RefCell::default(),
+            collections: RefCell::default(),
+            pending: RefCell::default(),
+            next_collection: Cell::new(0),
+            next_placement: Cell::new(pe),
+            executor: Executor::default(),
+        }
+    }
+
+    /// Number of PEs in the job.
+    #[inline]
+    pub(crate) fn num_pes(&self) -> usize {
+        self.shared.num_pes
+    }
+
+    /// Checks a PE number.
+    pub(crate) fn check_pe(&self, pe: usize) -> Result<()> {
+        if pe < self.num_pes() {
+            Ok(())
+        } else {
+            Err(Error::PeOutOfRange {
+                pe,
+                num_pes: self.num_pes(),
+            })
+        }
+    }
+
+    /// Posts `env` to PE `dst` (which must be valid): the local queue for self-sends, the
+    /// destination's mailbox otherwise.
+    #[inline]
+    pub(crate) fn send(&self, dst: usize, env: Envelope) {
+        if dst == self.pe {
+            self.queue.borrow_mut().push(env);
+        } else {
+            self.shared.mailboxes[dst].push(env);
+        }
+    }
+
+    /// A fresh job-wide collection id.
+    pub(crate) fn new_collection_id(&self) -> CollectionId {
+        let serial = self.next_collection.get();
+        self.next_collection.set(serial + 1);
+        CollectionId::new(self.pe, serial)
+    }
+
+    /// A PE for a chare whose placement the program left to the runtime (round robin).
+    pub(crate) fn pick_pe(&self) -> usize {
+        let pe = self.next_placement.get() % self.num_pes();
+        self.next_placement.set(pe + 1);
+        pe
+    }
+
+    /// Ends the job with an abort (first cause wins).
+    pub(crate) fn abort_job(&self, msg: String) {
+        self.shared.finish(Outcome::Abort(msg));
+    }
+
+    fn deliver(&self, env: Envelope) {
+        let priority = env.priority;
+        match env.body {
+            Body::Point { coll, index, call } => {
+                let found = self
+                    .collections
+                    .borrow()
+                    .get(&coll)
+                    .map(|c| (c.chare, c.find(&index)));
+                match found {
+                    None => self.buffer(coll, Envelope::new(priority, Body::Point { coll, index, call })),
+                    Some((chare, Some(element))) => self.invoke(chare, &index, &*element, call),
+                    Some((chare, None)) => self.abort_job(format!(
+                        "charmrs: a message for entry `{}` reached PE {} for element {index} of {chare} \
+                         collection {coll:?}, which is not on this PE",
+                        call.entry_name(),
+                        self.pe
+                    )),
+                }
+            }
+            Body::Broadcast { coll, call } => {
+                let found = self
+                    .collections
+                    .borrow()
+                    .get(&coll)
+                    .map(|c| (c.chare, c.elements.clone()));
+                match found {
+                    None => self.buffer(
+                        coll,
+                        Envelope::new(priority, Body::Broadcast { coll, call }),
+                    ),
+                    Some((chare, elements)) => {
+                        if let Some(((last_index, last), rest)) = elements.split_last() {
+                            for (index, element) in rest {
+                                let name = call.entry_name();
+                                self.guarded(chare, index, name, || call.invoke_cloned(&**element));
+                            }
+                            self.invoke(chare, last_index, &**last, call);
+                        }
+                    }
+                }
+            }
+            Body::Create { coll, shape, build } => self.create(coll, shape, build),
+            Body::Resume { slot, generation } => {
+                self.guarded("entry point", &Index::SCALAR, "main", || {
+                    self.executor.resume(slot, generation);
+                    Ok(())
+                });
+            }
+            Body::Spawn(make) => {
+                self.guarded("entry point", &Index::SCALAR, "main", || {
+                    self.executor.spawn(&self.shared, self.pe, make());
+                    Ok(())
+                });
+            }
+        }
+    }
+
+    fn invoke(
+        &self,
+        chare: &'static str,
+        index: &Index,
+        element: &dyn Any,
+        call: Box<dyn Invocation>,
+    ) {
+        let name = call.entry_name();
+        self.guarded(chare, index, name, move || call.invoke(element));
+    }
+
+    fn buffer(&self, coll: CollectionId, env: Envelope) {
+        self.pending.borrow_mut().entry(coll).or_default().push(env);
+    }
+
+    fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
+        let chare = build.chare_name();
+        let mut local = LocalCollection {
+            chare,
+            elements: Vec::new(),
+            position: FxHashMap::default(),
+        };
+        for index in shape.local_elements(self.pe, self.num_pes()) {
+            let parts = CtxParts {
+                coll,
+                index,
+                shape,
+                pe: self.pe,
+            };
+            let mut made = None;
+            self.guarded(chare, &index, "new", || {
+                made = Some(build.construct(parts));
+                Ok(())
+            });
+            let Some(element) = made else { return };
+            local.position.insert(index, local.elements.len());
+            local.elements.push((index, Rc::from(element)));
+        }
+        self.collections.borrow_mut().insert(coll, local);
+        let waiting = self.pending.borrow_mut().remove(&coll);
+        for env in waiting.into_iter().flatten() {
+            self.deliver(env);
+        }
+    }
+
+    /// Runs user code; a panic or a delivery error aborts the job naming chare, index, entry, PE.
+    fn guarded(
+        &self,
+        chare: &str,
+        index: &Index,
+        entry: &str,
+        f: impl FnOnce() -> std::result::Result<(), String>,
+    ) {
+        let outcome = catch_unwind(AssertUnwindSafe(f));
+        let msg = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(problem)) => format!(
+                "charmrs: {problem} (chare {chare}, index {index}, PE {})",
+                self.pe
+            ),
+            Err(payload) if payload.is::<AbortUnwind>() => return,
+            Err(payload) => {
+                let what = crate::panic::describe(payload);
+                let place = if chare == "entry point" {
+                    format!("the entry point on PE {}", self.pe)
+                } else {
+                    format!(
+                        "entry method `{entry}` of chare {chare} index {index} on PE {}",
+                        self.pe
+                    )
+                };
+                format!("charmrs: job aborted: panic in {place}: {what}")
+            }
+        };
+        self.abort_job(msg);
+    }
+
+    /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
+    fn idle(&self) {
+        let mailbox = &self.shared.mailboxes[self.pe];
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while mailbox.is_empty() && !self.shared.stopping() {
+            if start.elapsed() >= self.shared.idle_spin {
+                mailbox.park(None, || !self.shared.stopping());
+                return;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                // Oversubscribed PEs (more PEs than cores) must let the others run.
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// The body of a PE thread: dispatch until the job stops.
+pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
+    let mailbox = &shared.mailboxes[pe];
+    mailbox.bind_owner();
+    let state = PeState::new(pe, shared.clone());
+    CURRENT.with(|c| c.set(&state));
+    crate::panic::enter_pe();
+    if let Some(env) = first {
+        state.send(pe, env);
+    }
+    while !shared.stopping() {
+        let next = {
+            let mut queue = state.queue.borrow_mut();
+            for _ in 0..INBOX_BATCH {
+                match mailbox.pop() {
+                    Some(env) => queue.push(env),
+                    None => break,
+                }
+            }
+            queue.pop()
+        };
+        match next {
+            Some(env) => state.deliver(env),
+            None => state.idle(),
+        }
+    }
+    // Tear down while `CURRENT` is still valid: destructors of chares and tasks may call the runtime.
+    let collections = std::mem::take(&mut *state.collections.borrow_mut());
+    let pending = std::mem::take(&mut *state.pending.borrow_mut());
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        drop(collections);
+        drop(pending);
+        state.executor.clear();
+    }));
+    CURRENT.with(|c| c.set(std::ptr::null()));
+}

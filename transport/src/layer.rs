@@ -1,0 +1,202 @@
+//! The machine-layer contract: what the runtime needs from whatever moves
+//! bytes between *processes* (the LRTS role in Converse).
+//!
+//! # What this module owns
+//!
+//! * [`ProcessId`]: a process rank, `0..size`.
+//! * [`MachineLayer`]: the trait every transport (local, TCP, UCX, OFI)
+//!   implements.
+//!
+//! # Invariants every implementation upholds
+//!
+//! * Messages between one ordered pair of processes are delivered in the
+//!   order they were sent, exactly once, while both processes live.
+//! * [`MachineLayer::send`] takes ownership and never blocks indefinitely:
+//!   the layer queues what it cannot put on the wire yet.
+//! * Delivery happens only inside [`MachineLayer::progress`], on the calling
+//!   thread; the sink is never called re-entrantly.
+//! * A lost peer surfaces as [`TransportError::PeerLost`] from `send` or
+//!   `progress`, never as a silent drop.
+//! * Sending to a rank `>= size()` fails with
+//!   [`TransportError::UnknownProcess`]. Sending to one's own rank is allowed
+//!   and loops back through `progress`.
+//! * All methods take `&self`: a layer is shared by the runtime's threads and
+//!   does its own locking.
+
+use bytes::Bytes;
+
+use crate::error::TransportError;
+use crate::memory::{MemRegion, RemoteKey};
+use crate::message::Message;
+
+/// Rank of a process in the job, in `0..size`.
+pub type ProcessId = u32;
+
+/// Process-level transport used by the runtime. PEs inside one process never
+/// talk through it; see the crate docs.
+pub trait MachineLayer: Send + Sync {
+    /// This process's rank in the job.
+    fn rank(&self) -> ProcessId;
+
+    /// Number of processes in the job.
+    fn size(&self) -> u32;
+
+    /// Queue `msg` for delivery to process `dst`; never blocks indefinitely
+    /// (back-pressure is the layer's business).
+    fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError>;
+
+    /// Make progress; hand every message that arrived to `sink` (source
+    /// process, message). Returns how many were delivered.
+    fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError>;
+
+    /// Register memory for RDMA; returns a region whose [`RemoteKey`] can be
+    /// shipped to peers. The registration lasts until the region is dropped.
+    fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError>;
+
+    /// RDMA-read the `key.len` bytes described by `key` from process `src`
+    /// into a fresh buffer; completion is reported through
+    /// [`progress`](MachineLayer::progress) as a message from `src` whose
+    /// `header.kind` is `completion_kind`, whose `header.tag` is
+    /// `completion_tag` and whose single segment holds the bytes read.
+    fn get(
+        &self,
+        src: ProcessId,
+        key: &RemoteKey,
+        completion_kind: u8,
+        completion_tag: u64,
+    ) -> Result<(), TransportError>;
+
+    /// Block until every process reached the barrier.
+    fn barrier(&self) -> Result<(), TransportError>;
+
+    /// Bring the whole job down with `reason` (best effort) — used when a PE
+    /// aborts.
+    fn abort(&self, reason: &str);
+
+    /// Short name for diagnostics ("local", "tcp", "ucx", "ofi").
+    fn name(&self) -> &'static str;
+}
+
+#[cfg(test)]
+mod tests {
+    //! A one-process loopback layer exercising the contract end to end.
+
+    use super::*;
+    use crate::message::Header;
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Loopback {
+        inbox: Mutex<VecDeque<Message>>,
+        regions: Arc<Mutex<HashMap<u64, Bytes>>>,
+        next_region: Mutex<u64>,
+    }
+
+    impl MachineLayer for Loopback {
+        fn rank(&self) -> ProcessId {
+            0
+        }
+        fn size(&self) -> u32 {
+            1
+        }
+        fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
+            if dst >= self.size() {
+                return Err(TransportError::UnknownProcess {
+                    dst,
+                    size: self.size(),
+                });
+            }
+            self.inbox.lock().unwrap().push_back(msg);
+            Ok(())
+        }
+        fn progress(
+            &self,
+            sink: &mut dyn FnMut(ProcessId, Message),
+        ) -> Result<usize, TransportError> {
+            let batch: Vec<Message> = self.inbox.lock().unwrap().drain(..).collect();
+            let n = batch.len();
+            for m in batch {
+                sink(0, m);
+            }
+            Ok(n)
+        }
+        fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
+            let id = {
+                let mut next = self.next_region.lock().unwrap();
+                *next += 1;
+                *next
+            };
+            self.regions.lock().unwrap().insert(id, buf.clone());
+            let key = RemoteKey {
+                addr: id,
+                len: buf.len() as u64,
+                rkey: Vec::new(),
+            };
+            let regions = Arc::clone(&self.regions);
+            Ok(MemRegion::with_release(buf, key, move || {
+                regions.lock().unwrap().remove(&id);
+            }))
+        }
+        fn get(
+            &self,
+            src: ProcessId,
+            key: &RemoteKey,
+            completion_kind: u8,
+            completion_tag: u64,
+        ) -> Result<(), TransportError> {
+            let bytes = self
+                .regions
+                .lock()
+                .unwrap()
+                .get(&key.addr)
+                .cloned()
+                .ok_or_else(|| TransportError::Malformed("unknown remote key".into()))?;
+            let mut msg = Message::new(Header::new(completion_kind, 0, 0, completion_tag));
+            msg.push_segment(bytes)?;
+            self.send(src, msg)
+        }
+        fn barrier(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        fn abort(&self, _reason: &str) {}
+        fn name(&self) -> &'static str {
+            "loopback-test"
+        }
+    }
+
+    #[test]
+    fn trait_is_object_safe_and_loops_back() {
+        let layer: Arc<dyn MachineLayer> = Arc::new(Loopback::default());
+        assert_eq!(layer.name(), "loopback-test");
+        let mut msg = Message::new(Header::new(3, 0, 0, 11));
+        msg.push_segment(Bytes::from_static(b"payload")).unwrap();
+        layer.send(0, msg.clone()).unwrap();
+        assert!(matches!(
+            layer.send(1, msg.clone()),
+            Err(TransportError::UnknownProcess { dst: 1, size: 1 })
+        ));
+        let mut got = Vec::new();
+        let n = layer.progress(&mut |src, m| got.push((src, m))).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(got, vec![(0, msg)]);
+        layer.barrier().unwrap();
+    }
+
+    #[test]
+    fn get_completes_through_progress_while_region_lives() {
+        let layer = Loopback::default();
+        let region = layer.register(Bytes::from_static(b"rdma!")).unwrap();
+        layer.get(0, region.key(), 9, 77).unwrap();
+        let mut got = Vec::new();
+        layer.progress(&mut |_, m| got.push(m)).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].header().kind, 9);
+        assert_eq!(got[0].header().tag, 77);
+        assert_eq!(got[0].segments()[0].as_ref(), b"rdma!");
+
+        let key = region.key().clone();
+        drop(region);
+        assert!(layer.get(0, &key, 9, 78).is_err());
+    }
+}

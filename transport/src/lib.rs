@@ -1,0 +1,48 @@
+//! Machine-layer interface of charmrs: the small contract between the
+//! message-driven runtime and whatever moves bytes between processes, in the
+//! spirit of Converse's LRTS.
+//!
+//! # Layer model
+//!
+//! A charmrs job is a set of *processes* (ranks `0..size`), each running one
+//! or more *PEs* (processing elements, one worker thread each). This crate
+//! deals only with processes:
+//!
+//! * A [`MachineLayer`] delivers [`Message`]s from one process to another,
+//!   offers one-sided reads of registered memory ([`MachineLayer::register`],
+//!   [`MachineLayer::get`]), a barrier and job abort. Implementations live in
+//!   their own crates (`machine-layers/local`, future TCP/UCX/OFI layers).
+//! * PEs inside one process never talk through this trait: the runtime owns
+//!   in-memory mailboxes for them. A message crosses a machine layer only
+//!   when its destination PE lives in another process; the header's
+//!   `src_pe`/`dst_pe` then tell the receiving runtime which mailbox gets it.
+//! * A [`Bootstrap`] wires the job up before the layer exists (rank, size,
+//!   exchange of addresses), like PMI.
+//! * [`Topology`] tells the runtime which cores its PEs may be pinned to.
+//!
+//! Messages are a fixed [`Header`] plus zero-copy [`bytes::Bytes`]
+//! segments; stream transports frame them with [`encode_frame_prefix`] and
+//! [`decode_frame`], which treat input as hostile. Every fallible operation
+//! reports a [`TransportError`].
+//!
+//! # Cargo features
+//!
+//! * `hwloc` (off by default): use the hwloc system library for
+//!   [`Topology::detect`] so physical cores are preferred over hyperthreads.
+
+pub mod bootstrap;
+pub mod error;
+pub mod layer;
+pub mod memory;
+pub mod message;
+pub mod topology;
+
+pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
+pub use error::TransportError;
+pub use layer::{MachineLayer, ProcessId};
+pub use memory::{MemRegion, RemoteKey};
+pub use message::{
+    decode_frame, decode_frame_bytes, encode_frame_prefix, Header, Message, MAGIC, MAX_SEGMENTS,
+    WIRE_VERSION,
+};
+pub use topology::{CoreId, Topology};

@@ -1,0 +1,168 @@
+//! Which cores this process may run on, in the order PEs should be pinned.
+//!
+//! # What this module owns
+//!
+//! * [`CoreId`]: an OS processor number (the id `sched_setaffinity` takes).
+//! * [`Topology`]: the ordered list of usable cores and thread pinning.
+//!
+//! # Invariants
+//!
+//! * [`Topology::cores`] lists distinct ids, never empty after
+//!   [`Topology::detect`] (at worst a single core 0).
+//! * Order is pinning preference: with the `hwloc` feature, one processing
+//!   unit of every physical core comes first, then the second hardware
+//!   thread of every core, and so on; PE `i` goes on `cores()[i]`.
+//!   Without hwloc the order is whatever the OS affinity mask lists
+//!   (ascending ids), with no knowledge of hyperthreads.
+//! * Only cores in the process's affinity mask are listed when the
+//!   detection source knows the mask (hwloc, `core_affinity`).
+//!
+//! # Detection sources, in order
+//!
+//! 1. hwloc, only when built with the non-default `hwloc` cargo feature. It
+//!    links the system library (Debian: `libhwloc-dev` and `pkg-config`); the
+//!    default build needs no system library.
+//! 2. `core_affinity::get_core_ids()` (the OS affinity mask).
+//! 3. `std::thread::available_parallelism()`, giving cores `0..n`.
+
+use std::collections::HashSet;
+
+/// An OS processor number, as used by thread affinity calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CoreId(pub usize);
+
+/// The cores available to this process, in pinning order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    cores: Vec<CoreId>,
+}
+
+impl Topology {
+    /// Detects the usable cores (see the module docs for sources and
+    /// order). Never fails: falls back to a single core 0.
+    pub fn detect() -> Topology {
+        #[cfg(feature = "hwloc")]
+        if let Some(cores) = detect_hwloc() {
+            return Topology::from_cores(cores);
+        }
+        if let Some(ids) = core_affinity::get_core_ids() {
+            if !ids.is_empty() {
+                return Topology::from_cores(ids.into_iter().map(|c| CoreId(c.id)).collect());
+            }
+        }
+        let n = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Topology::from_cores((0..n).map(CoreId).collect())
+    }
+
+    /// A topology with the given cores in pinning order; duplicates are
+    /// dropped, keeping the first occurrence.
+    pub fn from_cores(cores: Vec<CoreId>) -> Topology {
+        let mut seen = HashSet::with_capacity(cores.len());
+        let cores = cores.into_iter().filter(|c| seen.insert(*c)).collect();
+        Topology { cores }
+    }
+
+    /// The cores, in pinning order.
+    pub fn cores(&self) -> &[CoreId] {
+        &self.cores
+    }
+
+    /// Number of usable cores.
+    pub fn num_cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Whether `pes` PEs fit one per core; the runtime pins only if so
+    /// (oversubscribed PEs are left to the OS scheduler).
+    pub fn pes_fit(&self, pes: usize) -> bool {
+        pes <= self.cores.len()
+    }
+
+    /// The core PE `pe` (process-local index) should be pinned to, if the
+    /// topology has that many cores.
+    pub fn core_for_pe(&self, pe: usize) -> Option<CoreId> {
+        self.cores.get(pe).copied()
+    }
+
+    /// Pins the calling thread to `core`. Returns `false` if `core` is not in
+    /// this topology or the OS refused.
+    pub fn pin_current_thread(&self, core: CoreId) -> bool {
+        self.cores.contains(&core)
+            && core_affinity::set_for_current(core_affinity::CoreId { id: core.0 })
+    }
+}
+
+/// Lists processing units with hwloc: the first PU of each physical core,
+/// then the second of each, and so on. `None` if hwloc is unusable.
+#[cfg(feature = "hwloc")]
+fn detect_hwloc() -> Option<Vec<CoreId>> {
+    use hwloc2::{ObjectType, TopologyObject};
+    use std::collections::HashMap;
+
+    fn core_of(pu: &TopologyObject) -> Option<u32> {
+        let mut obj = pu.parent();
+        while let Some(o) = obj {
+            if matches!(o.object_type(), ObjectType::Core) {
+                return Some(o.logical_index());
+            }
+            obj = o.parent();
+        }
+        None
+    }
+
+    let topo = hwloc2::Topology::new()?;
+    let pus = topo.objects_with_type(&ObjectType::PU).ok()?;
+    // (hardware-thread rank within its core, PU logical order, OS index)
+    let mut ranked = Vec::with_capacity(pus.len());
+    let mut per_core: HashMap<u32, usize> = HashMap::new();
+    for (order, pu) in pus.iter().enumerate() {
+        let smt_rank = match core_of(pu) {
+            Some(core) => {
+                let n = per_core.entry(core).or_insert(0);
+                *n += 1;
+                *n - 1
+            }
+            None => 0,
+        };
+        ranked.push((smt_rank, order, CoreId(pu.os_index() as usize)));
+    }
+    ranked.sort_unstable();
+    let cores: Vec<CoreId> = ranked.into_iter().map(|(_, _, id)| id).collect();
+    (!cores.is_empty()).then_some(cores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detect_finds_at_least_one_core() {
+        let t = Topology::detect();
+        assert!(t.num_cores() >= 1);
+        assert!(t.pes_fit(1));
+        assert!(t.pes_fit(t.num_cores()));
+        assert!(!t.pes_fit(t.num_cores() + 1));
+        let unique: HashSet<_> = t.cores().iter().collect();
+        assert_eq!(unique.len(), t.num_cores());
+    }
+
+    #[test]
+    fn from_cores_dedups_and_maps_pes() {
+        let t = Topology::from_cores(vec![CoreId(2), CoreId(0), CoreId(2), CoreId(1)]);
+        assert_eq!(t.cores(), &[CoreId(2), CoreId(0), CoreId(1)]);
+        assert_eq!(t.core_for_pe(0), Some(CoreId(2)));
+        assert_eq!(t.core_for_pe(3), None);
+    }
+
+    #[test]
+    fn pinning_to_a_detected_core_succeeds() {
+        let t = Topology::detect();
+        let core = t.cores()[0];
+        // Pin a scratch thread so the test runner's threads are unaffected.
+        let ok = std::thread::spawn(move || Topology::detect().pin_current_thread(core))
+            .join()
+            .unwrap();
+        assert!(ok, "could not pin to {core:?}");
+        assert!(!t.pin_current_thread(CoreId(usize::MAX)));
+    }
+}
