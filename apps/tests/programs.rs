@@ -1,0 +1,104 @@
+//! The paper's programs behave as documented with 1, 2 and 4 (oversubscribed) PEs.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs program `bin` with `args`, failing if it takes longer than 60 s.
+fn run(bin: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env_remove("CHARMRS_PES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("{bin} {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn lines_ok(bin: &str, args: &[&str]) -> Vec<String> {
+    let out = run(bin, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{bin} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const PES: [usize; 3] = [1, 2, 4];
+
+#[test]
+fn hello_says_hello() {
+    for p in PES {
+        assert_eq!(
+            lines_ok(env!("CARGO_BIN_EXE_hello"), &[&format!("+p{p}")]),
+            vec!["Hello"]
+        );
+    }
+}
+
+#[test]
+fn group_hello_rings_the_group() {
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_group_hello"), &[&format!("+p{p}")]);
+        let mut want: Vec<String> = (0..p)
+            .map(|i| format!("Hi[{}] from element {i}", 17 + i))
+            .collect();
+        want.push("All done".into());
+        assert_eq!(got, want);
+    }
+}
+
+/// Block placement of row-major position `pos` among `total` elements on `p` PEs.
+fn home(pos: usize, total: usize, p: usize) -> usize {
+    pos * p / total
+}
+
+#[test]
+fn array_hello_rings_the_array_in_row_major_order() {
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_array_hello"), &[&format!("+p{p}")]);
+        let mut want = Vec::new();
+        for pos in 0..8 {
+            let (i, j, k) = (pos / 4, (pos / 2) % 2, pos % 2);
+            want.push(format!(
+                "Hi[{}] from element ({i}, {j}, {k}) on PE {}",
+                17 + pos,
+                home(pos, 8, p)
+            ));
+        }
+        want.push("All done".into());
+        assert_eq!(got, want, "+p{p}");
+    }
+    let got = lines_ok(env!("CARGO_BIN_EXE_array_hello"), &["+p4", "3", "5"]);
+    assert_eq!(got.len(), 16);
+    assert_eq!(
+        got[14],
+        format!("Hi[31] from element (2, 4) on PE {}", home(14, 15, 4))
+    );
+    let got = lines_ok(env!("CARGO_BIN_EXE_array_hello"), &["+p2", "7"]);
+    assert_eq!(got[6], "Hi[23] from element (6,) on PE 1");
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let out = run(env!("CARGO_BIN_EXE_array_hello"), &["+p2", "0"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`0` is not a dimension"));
+    let out = run(env!("CARGO_BIN_EXE_hello"), &["+q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown runtime option `+q`"));
+}

@@ -1,0 +1,169 @@
+//! Bad input and failures: every error names the bad value and the valid range; a panic in user
+//! code aborts the job naming chare, index, entry method and PE.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Error;
+use common::run_job;
+
+/// A chare whose entries misbehave on request.
+struct Faulty;
+
+#[chare]
+impl Faulty {
+    fn new(ctx: &Ctx<Self>, explode_in_constructor: bool) -> Self {
+        if explode_in_constructor && ctx.raw_index() == Index::new(&[1, 2]).unwrap() {
+            panic!("constructor refused");
+        }
+        Faulty
+    }
+
+    #[entry]
+    fn explode(&mut self, ctx: &Ctx<Self>, why: String) {
+        if ctx.raw_index() == Index::new(&[2, 1]).unwrap() {
+            panic!("{why}");
+        }
+    }
+
+    #[entry]
+    fn bad_send(&mut self, ctx: &Ctx<Self>) {
+        // Out of range: the abort message must name the index and the dimensions.
+        ctx.this_array::<(usize, usize)>()
+            .at((7, 0))
+            .explode(String::new());
+    }
+
+    #[entry]
+    fn give_up(&mut self) {
+        charmrs::abort("giving up on purpose");
+    }
+}
+
+fn aborted(r: charmrs::Result<i32>) -> String {
+    match r {
+        Err(Error::Aborted(msg)) => msg,
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn panic_in_entry_names_chare_index_entry_and_pe() {
+    let msg = aborted(run_job(4, |_| async {
+        let a = Array::<Faulty, (usize, usize)>::new((3, 3), (false,));
+        a.explode("boom at 2,1".into());
+    }));
+    for needle in [
+        "Faulty::explode",
+        "Faulty",
+        "(2, 1)",
+        "PE 3",
+        "boom at 2,1",
+        "errors.rs",
+    ] {
+        assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+    }
+}
+
+#[test]
+fn panic_in_constructor_is_named() {
+    let msg = aborted(run_job(2, |_| async {
+        Array::<Faulty, (usize, usize)>::new((3, 3), (true,));
+    }));
+    for needle in ["`new`", "Faulty", "(1, 2)", "PE 1", "constructor refused"] {
+        assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+    }
+}
+
+#[test]
+fn panic_in_entry_point_is_named() {
+    let msg = aborted(run_job(2, |_| async {
+        panic!("main failed");
+    }));
+    assert!(
+        msg.contains("entry point on PE 0") && msg.contains("main failed"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn out_of_range_send_inside_entry_aborts_with_the_index() {
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Faulty, (usize, usize)>::new((3, 3), (false,));
+        a.at((0, 0)).bad_send();
+    }));
+    assert!(
+        msg.contains("index (7, 0) is out of range for an array of dimensions (3, 3)"),
+        "{msg}"
+    );
+    assert!(msg.contains("Faulty::bad_send"), "{msg}");
+}
+
+#[test]
+fn abort_call_ends_the_job_with_its_message() {
+    let msg = aborted(run_job(2, |_| async {
+        Single::<Faulty>::new((false,), Some(1)).give_up();
+    }));
+    assert!(msg.contains("abort on PE 1: giving up on purpose"), "{msg}");
+}
+
+#[test]
+fn bad_pe_and_bad_index_are_errors_naming_the_range() {
+    run_job(3, |_| async {
+        let e = Single::<Faulty>::try_new((false,), Some(3)).err().unwrap();
+        assert_eq!(e, Error::PeOutOfRange { pe: 3, num_pes: 3 });
+        assert!(
+            e.to_string().contains("unknown PE 3") && e.to_string().contains("0..=2"),
+            "{e}"
+        );
+        let g = Group::<Faulty>::new((false,));
+        let e = g.try_at(5).unwrap_err();
+        assert!(e.to_string().contains("unknown PE 5"), "{e}");
+        let a = Array::<Faulty, usize>::new(4, (false,));
+        let e = a.try_at(4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "index (4,) is out of range for an array of dimensions (4,)"
+        );
+        let e = a
+            .try_at((1usize, 1usize).to_index().map(|_| 9).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("(9,)"), "{e}");
+        let e = a.try_at_dims_mismatch();
+        assert!(e.contains("2 dimension(s) but the 1-d array"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// Helper: reach a 1-d array through its untyped proxy with a 2-d index.
+trait DimsMismatch {
+    fn try_at_dims_mismatch(&self) -> String;
+}
+impl DimsMismatch for Array<Faulty, usize> {
+    fn try_at_dims_mismatch(&self) -> String {
+        (**self).try_at((1usize, 1usize)).unwrap_err().to_string()
+    }
+}
+
+#[test]
+fn runtime_calls_outside_a_pe_are_named_errors() {
+    let e = Single::<Faulty>::try_new((false,), None).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            Error::NotInRuntime {
+                what: "Single::new"
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("outside a running PE"), "{e}");
+    let p = std::panic::catch_unwind(charmrs::my_pe).unwrap_err();
+    let msg = p.downcast_ref::<String>().unwrap();
+    assert!(
+        msg.contains("`my_pe` was called outside a running PE"),
+        "{msg}"
+    );
+    assert!(!charmrs::in_runtime());
+}
