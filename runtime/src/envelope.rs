@@ -2,19 +2,27 @@
 //!
 //! Same-process sends never serialize: the arguments are moved into a boxed [`Invocation`] that
 //! the destination PE runs against the element. Invariant: an envelope is consumed exactly once
-//! — delivered, buffered until its target exists, or reported in an abort — never dropped silently.
+//! — delivered, buffered until its target exists, or reported in an abort — never dropped silently;
+//! a call that asked for a result always fulfils its future, with the value or with the error.
 
-use crate::chare::{Chare, Entry};
+use crate::chare::{Chare, Entry, Invoked, Payload};
 use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
+use crate::element::{Coro, Element, ElementObj};
+use crate::error::Error;
+use crate::future::Resolution;
 use crate::index::Index;
+use crate::scheduler::{AbortUnwind, PeState};
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
 
-/// A future run by a PE's local executor (the entry point, later suspendable entries).
+/// A future run by a PE's local executor (the entry point, suspended entry methods).
 pub(crate) type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
 
 /// A message between PEs of one process.
@@ -46,6 +54,10 @@ pub(crate) enum Body {
     Resume { slot: u32, generation: u32 },
     /// Start a local task on the receiving PE (the program's entry point).
     Spawn(Box<dyn FnOnce() -> LocalTask + Send>),
+    /// The value of future `id`, owned by the receiving PE.
+    Fulfil { id: u64, outcome: Resolution },
+    /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
+    Partial { id: u64, outcome: Resolution },
 }
 
 impl Envelope {
@@ -54,83 +66,298 @@ impl Envelope {
     }
 }
 
-/// One element as stored on its PE: the chare and its context.
-pub(crate) struct Element<C> {
-    pub(crate) chare: RefCell<C>,
-    pub(crate) ctx: Ctx<C>,
+/// Where user code runs, for abort messages.
+#[derive(Clone, Copy)]
+pub(crate) struct Site {
+    pub(crate) chare: &'static str,
+    pub(crate) index: Index,
+    pub(crate) entry: &'static str,
+}
+
+impl Site {
+    pub(crate) fn panic_message(&self, pe: usize, what: &str) -> String {
+        if self.chare == "entry point" {
+            format!("charmrs: job aborted: panic in the entry point on PE {pe}: {what}")
+        } else {
+            format!(
+                "charmrs: job aborted: panic in entry method `{}` of chare {} index {} on PE {pe}: {what}",
+                self.entry, self.chare, self.index
+            )
+        }
+    }
+}
+
+/// Who wants the result of a call.
+#[derive(Clone, Copy)]
+pub(crate) enum Reply {
+    /// Nobody: the result is dropped, a panic aborts the job.
+    None,
+    /// Future `id` of PE `pe` gets the value (or the error).
+    Future { pe: u32, id: u64 },
+    /// Gather future `id` of PE `pe` gets one partial per PE: the elements' values if `values`,
+    /// otherwise just their completion.
+    Gather { pe: u32, id: u64, values: bool },
 }
 
 /// A type-erased entry call with its moved arguments.
 pub(crate) trait Invocation: Send {
     fn entry_name(&self) -> &'static str;
-    /// Runs the entry on `element`, moving the arguments.
-    fn invoke(self: Box<Self>, element: &dyn Any) -> Result<(), String>;
-    /// Runs the entry on `element` with a clone of the arguments (broadcast to several elements).
-    fn invoke_cloned(&self, element: &dyn Any) -> Result<(), String>;
+    /// Runs the entry on one element, moving the arguments.
+    fn invoke(self: Box<Self>, pe: &PeState, element: &Rc<dyn ElementObj>, site: Site);
+    /// Runs the entry on every local element of a broadcast, in order (arguments cloned for all
+    /// but the last), then reports this PE's part of the result if one was asked for.
+    fn invoke_all(
+        self: Box<Self>,
+        pe: &PeState,
+        elements: &[(Index, Rc<dyn ElementObj>)],
+        chare: &'static str,
+    );
     /// A copy for another PE (broadcast fan-out).
     fn clone_box(&self) -> Box<dyn Invocation>;
 }
 
 /// The concrete invocation of entry `E` of chare `C`.
-pub(crate) struct Call<C, E: Entry<C>>
-where
-    C: Chare,
-{
+pub(crate) struct Call<C: Chare, E: Entry<C>> {
     args: E::Args,
+    reply: Reply,
     _marker: PhantomData<fn() -> (C, E)>,
 }
 
 impl<C: Chare, E: Entry<C>> Call<C, E> {
-    pub(crate) fn boxed(args: E::Args) -> Box<dyn Invocation> {
+    pub(crate) fn boxed(args: E::Args, reply: Reply) -> Box<dyn Invocation> {
         Box::new(Call::<C, E> {
             args,
+            reply,
             _marker: PhantomData,
         })
     }
 }
 
-fn element_of<'a, C: Chare>(element: &'a dyn Any, entry: &str) -> Result<&'a Element<C>, String> {
-    element.downcast_ref::<Element<C>>().ok_or_else(|| {
-        format!(
-            "message for entry `{entry}` reached an element that is not a `{}`",
-            C::NAME
-        )
-    })
+/// Collects a broadcast's results from the elements of one PE.
+struct PartialAcc<T> {
+    remaining: Cell<usize>,
+    values: RefCell<Vec<(Index, T)>>,
+    error: RefCell<Option<Error>>,
+    owner: u32,
+    id: u64,
+    keep_values: bool,
 }
 
-fn run<C: Chare, E: Entry<C>>(element: &dyn Any, args: E::Args) -> Result<(), String> {
-    let el = element_of::<C>(element, E::NAME)?;
-    let mut chare = el.chare.try_borrow_mut().map_err(|_| {
-        format!(
-            "entry `{}` re-entered element {} while it was running",
-            E::NAME,
-            el.ctx.raw_index()
-        )
-    })?;
-    let _output = E::invoke(&mut chare, &el.ctx, args);
-    Ok(())
+impl<T: Payload> PartialAcc<T> {
+    fn add(&self, pe: &PeState, index: Index, outcome: Result<T, Error>) {
+        match outcome {
+            Ok(v) if self.keep_values => self.values.borrow_mut().push((index, v)),
+            Ok(_) => {}
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+            }
+        }
+        self.remaining.set(self.remaining.get() - 1);
+        if self.remaining.get() == 0 {
+            self.send(pe);
+        }
+    }
+
+    fn send(&self, pe: &PeState) {
+        let outcome: Resolution = match self.error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(Box::new(std::mem::take(&mut *self.values.borrow_mut()))),
+        };
+        pe.partial(self.owner as usize, self.id, outcome);
+    }
+}
+
+/// Where one element's result goes.
+enum Sink<T> {
+    Discard,
+    Future {
+        pe: u32,
+        id: u64,
+    },
+    Partial {
+        acc: Rc<PartialAcc<T>>,
+        index: Index,
+    },
+}
+
+impl<T: Payload> Sink<T> {
+    fn ok(self, pe: &PeState, value: T) {
+        match self {
+            Sink::Discard => {}
+            Sink::Future { pe: owner, id } => pe.fulfil(owner as usize, id, Ok(Box::new(value))),
+            Sink::Partial { acc, index } => acc.add(pe, index, Ok(value)),
+        }
+    }
+
+    fn panicked(self, pe: &PeState, site: &Site, payload: Box<dyn Any + Send>) {
+        if payload.is::<AbortUnwind>() {
+            return; // `abort` was called: the job is ending already.
+        }
+        let what = crate::panic::describe(payload);
+        let remote = || Error::Remote {
+            pe: pe.pe,
+            entry: site.entry.to_string(),
+            message: what.clone(),
+        };
+        match self {
+            Sink::Discard => pe.abort_job(site.panic_message(pe.pe, &what)),
+            Sink::Future { pe: owner, id } => pe.fulfil(owner as usize, id, Err(remote())),
+            Sink::Partial { acc, index } => acc.add(pe, index, Err(remote())),
+        }
+    }
+}
+
+/// Runs one call of `E` on `element`, sending its result to `sink`; a suspended entry becomes a
+/// task of this PE.
+fn run_entry<C: Chare, E: Entry<C>>(
+    pe: &PeState,
+    element: Rc<Element<C>>,
+    args: E::Args,
+    sink: Sink<E::Output>,
+    site: Site,
+) {
+    let coro = Coro::new(element);
+    match catch_unwind(AssertUnwindSafe(|| E::call(&coro, args))) {
+        Ok(Invoked::Done(v)) => sink.ok(pe, v),
+        Ok(Invoked::Suspended(fut)) => pe.spawn(Box::pin(async move {
+            let outcome = CatchPanic { inner: fut }.await;
+            crate::scheduler::with_pe("entry completion", |pe| match outcome {
+                Ok(v) => sink.ok(pe, v),
+                Err(payload) => sink.panicked(pe, &site, payload),
+            })
+            .expect("tasks run on their PE");
+        })),
+        Err(payload) => sink.panicked(pe, &site, payload),
+    }
+}
+
+fn element_of<C: Chare>(element: &Rc<dyn ElementObj>) -> Option<Rc<Element<C>>> {
+    let any: Rc<dyn Any> = element.clone();
+    any.downcast::<Element<C>>().ok()
 }
 
 impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
     fn entry_name(&self) -> &'static str {
         E::NAME
     }
-    fn invoke(self: Box<Self>, element: &dyn Any) -> Result<(), String> {
-        run::<C, E>(element, self.args)
+
+    fn invoke(self: Box<Self>, pe: &PeState, element: &Rc<dyn ElementObj>, site: Site) {
+        let Some(el) = element_of::<C>(element) else {
+            return pe.abort_job(format!(
+                "charmrs: a message for `{}` reached element {} of a {}, not a {}",
+                E::NAME,
+                site.index,
+                site.chare,
+                C::NAME
+            ));
+        };
+        let sink = match self.reply {
+            Reply::None => Sink::Discard,
+            Reply::Future { pe, id } => Sink::Future { pe, id },
+            Reply::Gather {
+                pe: owner,
+                id,
+                values,
+            } => Sink::Partial {
+                acc: Rc::new(PartialAcc {
+                    remaining: Cell::new(1),
+                    values: RefCell::default(),
+                    error: RefCell::default(),
+                    owner,
+                    id,
+                    keep_values: values,
+                }),
+                index: site.index,
+            },
+        };
+        run_entry::<C, E>(pe, el, self.args, sink, site);
     }
-    fn invoke_cloned(&self, element: &dyn Any) -> Result<(), String> {
-        run::<C, E>(element, self.args.clone())
+
+    fn invoke_all(
+        self: Box<Self>,
+        pe: &PeState,
+        elements: &[(Index, Rc<dyn ElementObj>)],
+        chare: &'static str,
+    ) {
+        let acc = match self.reply {
+            Reply::Gather {
+                pe: owner,
+                id,
+                values,
+            } => Some(Rc::new(PartialAcc::<E::Output> {
+                remaining: Cell::new(elements.len()),
+                values: RefCell::default(),
+                error: RefCell::default(),
+                owner,
+                id,
+                keep_values: values,
+            })),
+            _ => None,
+        };
+        if elements.is_empty() {
+            if let Some(acc) = acc {
+                acc.send(pe);
+            }
+            return;
+        }
+        let mut args = Some(self.args);
+        for (k, (index, element)) in elements.iter().enumerate() {
+            let site = Site {
+                chare,
+                index: *index,
+                entry: E::NAME,
+            };
+            let Some(el) = element_of::<C>(element) else {
+                return pe.abort_job(format!(
+                    "charmrs: a broadcast of `{}` reached element {index} of a {chare}, not a {}",
+                    E::NAME,
+                    C::NAME
+                ));
+            };
+            let a = if k + 1 == elements.len() {
+                args.take().expect("moved once, for the last element")
+            } else {
+                args.as_ref()
+                    .expect("present until the last element")
+                    .clone()
+            };
+            let sink = match &acc {
+                Some(acc) => Sink::Partial {
+                    acc: acc.clone(),
+                    index: *index,
+                },
+                None => Sink::Discard,
+            };
+            run_entry::<C, E>(pe, el, a, sink, site);
+        }
     }
+
     fn clone_box(&self) -> Box<dyn Invocation> {
-        Call::<C, E>::boxed(self.args.clone())
+        Call::<C, E>::boxed(self.args.clone(), self.reply)
+    }
+}
+
+/// Polls a future, turning a panic into an `Err` with its payload.
+struct CatchPanic<T> {
+    inner: Pin<Box<dyn Future<Output = T>>>,
+}
+
+impl<T> Future for CatchPanic<T> {
+    type Output = Result<T, Box<dyn Any + Send>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match catch_unwind(AssertUnwindSafe(|| self.inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(payload)),
+        }
     }
 }
 
 /// A type-erased constructor call with its arguments.
 pub(crate) trait Construction: Send {
     fn chare_name(&self) -> &'static str;
-    /// Builds the element at `index` (cloning the constructor arguments).
-    fn construct(&self, ctx_parts: CtxParts) -> Box<dyn Any>;
+    /// Builds the element at `parts.index` (cloning the constructor arguments).
+    fn construct(&self, parts: CtxParts) -> Rc<dyn ElementObj>;
     fn clone_box(&self) -> Box<dyn Construction>;
 }
 
@@ -157,13 +384,10 @@ impl<C: Chare> Construction for Construct<C> {
     fn chare_name(&self) -> &'static str {
         C::NAME
     }
-    fn construct(&self, parts: CtxParts) -> Box<dyn Any> {
+    fn construct(&self, parts: CtxParts) -> Rc<dyn ElementObj> {
         let ctx = Ctx::<C>::from_parts(parts);
         let chare = C::construct(&ctx, self.init.clone());
-        Box::new(Element {
-            chare: RefCell::new(chare),
-            ctx,
-        })
+        Rc::new(Element::new(chare, ctx))
     }
     fn clone_box(&self) -> Box<dyn Construction> {
         Construct::<C>::boxed(self.init.clone())

@@ -53,6 +53,16 @@ pub enum Error {
     /// The entry-method table is inconsistent (two entries hash to the same id).
     #[error("entry table: {0}")]
     EntryTable(String),
+    /// A remote entry method failed (panicked) while computing a result someone asked for.
+    #[error("entry method `{entry}` failed on PE {pe}: {message}")]
+    Remote {
+        /// The PE it ran on.
+        pe: usize,
+        /// `Type::method`.
+        entry: String,
+        /// The panic message (with its source location when known).
+        message: String,
+    },
     /// The job was aborted; the message says by whom and why.
     #[error("{0}")]
     Aborted(String),

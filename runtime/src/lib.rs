@@ -42,8 +42,10 @@
 mod chare;
 mod collection;
 mod ctx;
+mod element;
 mod envelope;
 mod error;
+mod future;
 mod index;
 mod options;
 mod panic;
@@ -51,22 +53,26 @@ mod proxy;
 pub mod registry;
 mod runtime;
 mod scheduler;
+mod sleep;
 
-pub use chare::{Chare, Entry, Payload};
+pub use chare::{Chare, Entry, Invoked, Payload};
 pub use charmrs_macros::chare;
 pub use collection::{CollectionId, Shape};
 pub use ctx::Ctx;
+pub use element::{Coro, WaitFor};
 pub use error::{Error, Result};
+pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, MAX_DIMS};
 pub use options::{Options, OPTIONS};
-pub use proxy::{Array, ElementProxy, Group, Proxy, ProxyTarget, Single};
+pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
+pub use sleep::{sleep, Sleep};
 
 /// The names most programs need: `use charmrs::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        chare, Array, ArrayIndex, Chare, Ctx, ElementProxy, Group, Index, Proxy, ProxyTarget,
-        Single,
+        chare, wait_all, wait_any, Array, ArrayIndex, Chare, Coro, Ctx, ElementProxy, Future,
+        Group, Index, Proxy, ProxyTarget, Single,
     };
     pub use serde::{Deserialize, Serialize};
 }

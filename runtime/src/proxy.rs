@@ -10,23 +10,29 @@
 //! [`ProxyTarget`]. Invariant: a proxy only ever holds a valid PE and an in-range index (checked when
 //! it is made), so sending never fails later for a bad address.
 
-use crate::chare::{Chare, Entry};
+use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Body, Call, Construct, Envelope};
+use crate::envelope::{Body, Call, Construct, Envelope, Reply};
 use crate::error::{Error, Result};
+use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
 use crate::scheduler::with_pe;
 use serde::{Deserialize, Serialize};
 use std::marker::PhantomData;
 use std::ops::Deref;
 
-/// Something entry methods of `C` can be invoked on: an element or a whole collection.
+/// Something entry methods of `C` can be invoked on: an element or a whole collection, possibly
+/// asking for the result ([`ElementProxy::ret`], [`Proxy::ret`], [`Proxy::gather`]).
 pub trait ProxyTarget<C: Chare> {
+    /// What a call returns to the caller: `()` for a plain call, a [`Future`] when a result was
+    /// asked for.
+    type Reply<R: Payload>;
+
     /// Sends a call of entry `E` with `args` (moved, never serialized within a process).
     ///
     /// # Panics
     /// When called on a thread that is not a running PE (see [`Error::NotInRuntime`]).
-    fn send_entry<E: Entry<C>>(&self, args: E::Args);
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Self::Reply<E::Output>;
 }
 
 fn or_panic<T>(r: Result<T>) -> T {
@@ -91,20 +97,69 @@ impl<C: Chare> ElementProxy<C> {
     }
 }
 
+impl<C: Chare> ElementProxy<C> {
+    fn point<E: Entry<C>>(&self, args: E::Args, reply: Reply) {
+        or_panic(with_pe(E::NAME, |pe| {
+            let call = Call::<C, E>::boxed(args, reply);
+            let body = Body::Point {
+                coll: self.coll,
+                index: self.index,
+                call,
+            };
+            pe.send(self.pe as usize, Envelope::new(self.priority, body));
+        }))
+    }
+
+    /// This proxy, asking for results: each call returns a [`Future`] of the entry's return value
+    /// (charm4py's `ret=True`). If the entry panics, the future holds the error instead.
+    pub fn ret(&self) -> Ret<ElementProxy<C>> {
+        Ret(*self)
+    }
+}
+
 impl<C: Chare> ProxyTarget<C> for ElementProxy<C> {
+    type Reply<R: Payload> = ();
+
     #[inline]
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
-        or_panic(with_pe(E::NAME, |pe| {
-            let env = Envelope::new(
-                self.priority,
-                Body::Point {
-                    coll: self.coll,
-                    index: self.index,
-                    call: Call::<C, E>::boxed(args),
-                },
-            );
-            pe.send(self.pe as usize, env);
-        }))
+        self.point::<E>(args, Reply::None)
+    }
+}
+
+/// A proxy that asks for the results of the calls made through it (see [`ElementProxy::ret`],
+/// [`Proxy::ret`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Ret<P>(P);
+
+/// A collection proxy whose calls gather every element's return value, ordered by index
+/// (see [`Proxy::gather`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Gather<P>(P);
+
+impl<C: Chare> ProxyTarget<C> for Ret<ElementProxy<C>> {
+    type Reply<R: Payload> = Future<R>;
+
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<E::Output> {
+        let id = or_panic(with_pe(E::NAME, |pe| pe.futures.borrow_mut().create()));
+        self.0
+            .point::<E>(args, Reply::Future { pe: id.0, id: id.1 });
+        Future::from_id(id)
+    }
+}
+
+impl<C: Chare> ProxyTarget<C> for Ret<Proxy<C>> {
+    type Reply<R: Payload> = Future<()>;
+
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<()> {
+        Future::from_id(self.0.broadcast::<E>(args, false))
+    }
+}
+
+impl<C: Chare> ProxyTarget<C> for Gather<Proxy<C>> {
+    type Reply<R: Payload> = Future<Vec<R>>;
+
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<Vec<E::Output>> {
+        Future::from_id(self.0.broadcast::<E>(args, true))
     }
 }
 
@@ -180,38 +235,84 @@ impl<C: Chare> Proxy<C> {
     }
 }
 
+impl<C: Chare> Proxy<C> {
+    /// The PEs a broadcast goes to.
+    fn targets(&self, num_pes: usize) -> std::ops::Range<usize> {
+        match self.shape {
+            Shape::Single { pe: home } => home as usize..home as usize + 1,
+            _ => 0..num_pes,
+        }
+    }
+
+    /// Broadcasts `E` asking for its results; returns the gather future's id.
+    fn broadcast<E: Entry<C>>(&self, args: E::Args, values: bool) -> (u32, u64) {
+        or_panic(with_pe(E::NAME, |pe| {
+            let targets = self.targets(pe.num_pes());
+            let id = pe
+                .futures
+                .borrow_mut()
+                .create_gather::<E::Output>(targets.len(), values);
+            self.fan_out::<E>(
+                pe,
+                targets,
+                args,
+                Reply::Gather {
+                    pe: id.0,
+                    id: id.1,
+                    values,
+                },
+            );
+            id
+        }))
+    }
+
+    fn fan_out<E: Entry<C>>(
+        &self,
+        pe: &crate::scheduler::PeState,
+        targets: std::ops::Range<usize>,
+        args: E::Args,
+        reply: Reply,
+    ) {
+        let call = Call::<C, E>::boxed(args, reply);
+        let last = targets.end - 1;
+        for dst in targets.start..last {
+            let body = Body::Broadcast {
+                coll: self.coll,
+                call: call.clone_box(),
+            };
+            pe.send(dst, Envelope::new(self.priority, body));
+        }
+        pe.send(
+            last,
+            Envelope::new(
+                self.priority,
+                Body::Broadcast {
+                    coll: self.coll,
+                    call,
+                },
+            ),
+        );
+    }
+
+    /// This proxy, asking for completion: each broadcast through it returns a `Future<()>` that is
+    /// ready once every element has run the entry (charm4py's `ret=True` on a broadcast).
+    pub fn ret(&self) -> Ret<Proxy<C>> {
+        Ret(*self)
+    }
+
+    /// This proxy, asking for values: each broadcast returns a `Future<Vec<R>>` of every element's
+    /// return value, ordered by element index.
+    pub fn gather(&self) -> Gather<Proxy<C>> {
+        Gather(*self)
+    }
+}
+
 impl<C: Chare> ProxyTarget<C> for Proxy<C> {
+    type Reply<R: Payload> = ();
+
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         or_panic(with_pe(E::NAME, |pe| {
-            if let Shape::Single { pe: home } = self.shape {
-                let call = Call::<C, E>::boxed(args);
-                let body = Body::Point {
-                    coll: self.coll,
-                    index: Index::SCALAR,
-                    call,
-                };
-                pe.send(home as usize, Envelope::new(self.priority, body));
-                return;
-            }
-            let call = Call::<C, E>::boxed(args);
-            let last = pe.num_pes() - 1;
-            for dst in 0..last {
-                let body = Body::Broadcast {
-                    coll: self.coll,
-                    call: call.clone_box(),
-                };
-                pe.send(dst, Envelope::new(self.priority, body));
-            }
-            pe.send(
-                last,
-                Envelope::new(
-                    self.priority,
-                    Body::Broadcast {
-                        coll: self.coll,
-                        call,
-                    },
-                ),
-            );
+            self.fan_out::<E>(pe, self.targets(pe.num_pes()), args, Reply::None);
         }))
     }
 }
@@ -451,16 +552,19 @@ impl<C> Clone for Single<C> {
 impl<C> Copy for Single<C> {}
 
 impl<C: Chare> ProxyTarget<C> for Group<C> {
+    type Reply<R: Payload> = ();
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.0.send_entry::<E>(args)
     }
 }
 impl<C: Chare, I> ProxyTarget<C> for Array<C, I> {
+    type Reply<R: Payload> = ();
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.proxy.send_entry::<E>(args)
     }
 }
 impl<C: Chare> ProxyTarget<C> for Single<C> {
+    type Reply<R: Payload> = ();
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.0.send_entry::<E>(args)
     }

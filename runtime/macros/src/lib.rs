@@ -39,14 +39,27 @@ struct Signature {
     types: Vec<Type>,
 }
 
-fn is_ctx_type(ty: &Type) -> bool {
+fn is_named_type(ty: &Type, name: &str) -> bool {
     match ty {
-        Type::Reference(r) => match &*r.elem {
-            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "Ctx"),
-            _ => false,
-        },
+        Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == name),
         _ => false,
     }
+}
+
+fn is_ctx_type(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => is_named_type(&r.elem, "Ctx"),
+        _ => false,
+    }
+}
+
+/// One `#[entry]` method as parsed.
+struct EntrySig {
+    method: Ident,
+    sig: Signature,
+    output: TokenStream2,
+    docs: Vec<syn::Attribute>,
+    is_async: bool,
 }
 
 fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signature> {
@@ -141,33 +154,60 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
             }
             ctor = Some((parse_args(f.sig.inputs.iter())?, f.sig.span()));
         } else if is_entry {
-            if f.sig.asyncness.is_some() {
-                return Err(syn::Error::new(
-                    f.sig.asyncness.span(),
-                    "async (suspendable) entry methods are not supported yet",
-                ));
-            }
             if !f.sig.generics.params.is_empty() {
                 return Err(syn::Error::new(
                     f.sig.generics.span(),
                     "entry methods cannot be generic",
                 ));
             }
-            match f.sig.inputs.first() {
-                Some(FnArg::Receiver(r)) if r.reference.is_some() => {}
-                _ => {
+            let is_async = f.sig.asyncness.is_some();
+            let args = if is_async {
+                match f.sig.inputs.first() {
+                    Some(FnArg::Typed(pt)) if is_named_type(&pt.ty, "Coro") => {}
+                    _ => {
+                        return Err(syn::Error::new(
+                            f.sig.span(),
+                            "a suspendable (async) entry method takes `this: Coro<Self>` first",
+                        ))
+                    }
+                }
+                let sig = parse_args(f.sig.inputs.iter().skip(1))?;
+                if sig.has_ctx {
                     return Err(syn::Error::new(
                         f.sig.span(),
-                        "an entry method takes `&mut self` (or `&self`) first",
-                    ))
+                        "an async entry reaches its context through `this.ctx()`, not a `ctx` argument",
+                    ));
                 }
-            }
-            let sig = parse_args(f.sig.inputs.iter().skip(1))?;
+                sig
+            } else {
+                match f.sig.inputs.first() {
+                    Some(FnArg::Receiver(r)) if r.reference.is_some() => {}
+                    _ => {
+                        return Err(syn::Error::new(
+                            f.sig.span(),
+                            "an entry method takes `&mut self` (or `&self`) first; \
+                             a suspendable one is `async fn name(this: Coro<Self>, ...)`",
+                        ))
+                    }
+                }
+                parse_args(f.sig.inputs.iter().skip(1))?
+            };
             let output = match &f.sig.output {
                 ReturnType::Default => quote!(()),
                 ReturnType::Type(_, t) => quote!(#t),
             };
-            entries.push((f.sig.ident.clone(), sig, output, f.attrs.clone()));
+            entries.push(EntrySig {
+                method: f.sig.ident.clone(),
+                sig: args,
+                output,
+                docs: f
+                    .attrs
+                    .iter()
+                    .filter(|a| a.path().is_ident("doc"))
+                    .cloned()
+                    .collect(),
+                is_async,
+            });
         }
     }
     let Some((ctor, _)) = ctor else {
@@ -190,21 +230,34 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
     let mut markers = Vec::new();
     let mut trait_methods = Vec::new();
     let mut impl_methods = Vec::new();
-    for (method, sig, output, attrs) in &entries {
+    for EntrySig {
+        method,
+        sig,
+        output,
+        docs,
+        is_async,
+    } in &entries
+    {
         let marker = format_ident!("__charmrs_entry_{}_{}", type_ident, method);
         let names = &sig.names;
         let types = &sig.types;
-        let ctx_arg = if sig.has_ctx { quote!(ctx,) } else { quote!() };
-        let ctx_param = if sig.has_ctx {
-            quote!(ctx)
-        } else {
-            quote!(_ctx)
-        };
         let entry_name = format!("{type_name}::{method}");
         let doc = format!(
             "Invokes entry method `{entry_name}` (asynchronously; on a collection proxy, on every element)."
         );
-        let user_docs: Vec<_> = attrs.iter().filter(|a| a.path().is_ident("doc")).collect();
+        let body = if *is_async {
+            quote! {
+                ::charmrs::Invoked::Suspended(::std::boxed::Box::pin(<#ty>::#method(this.clone(), #(#names),*)))
+            }
+        } else {
+            let ctx_arg = if sig.has_ctx { quote!(ctx,) } else { quote!() };
+            quote! {
+                ::charmrs::Invoked::Done(this.with(|chare, ctx| {
+                    let _ = ctx;
+                    chare.#method(#ctx_arg #(#names),*)
+                }))
+            }
+        };
         markers.push(quote! {
             #[doc = concat!("Marker of entry method `", #entry_name, "` (generated by #[chare]).")]
             #[doc(hidden)]
@@ -218,9 +271,9 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                 const ID: u64 = ::charmrs::__private::entry_id(
                     concat!(module_path!(), "::", #entry_name));
                 #[inline]
-                fn invoke(chare: &mut #ty, #ctx_param: &::charmrs::Ctx<#ty>, args: Self::Args) -> #output {
+                fn call(this: &::charmrs::Coro<#ty>, args: Self::Args) -> ::charmrs::Invoked<#output> {
                     let (#(#names,)*) = args;
-                    chare.#method(#ctx_arg #(#names),*)
+                    #body
                 }
             }
 
@@ -234,12 +287,12 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
         });
         trait_methods.push(quote! {
             #[doc = #doc]
-            #(#user_docs)*
-            fn #method(&self, #(#names: #types),*);
+            #(#docs)*
+            fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output>;
         });
         impl_methods.push(quote! {
             #[inline]
-            fn #method(&self, #(#names: #types),*) {
+            fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output> {
                 ::charmrs::ProxyTarget::<#ty>::send_entry::<#marker>(self, (#(#names,)*))
             }
         });
@@ -272,7 +325,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
 
         #[doc = #trait_doc]
         #[allow(private_bounds, private_interfaces, unreachable_pub)]
-        pub trait #proxy_trait {
+        pub trait #proxy_trait: ::charmrs::ProxyTarget<#ty> {
             #(#trait_methods)*
         }
 

@@ -15,15 +15,18 @@ use super::executor::Executor;
 use super::queue::LocalQueue;
 use super::shared::{Outcome, Shared};
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Body, Construction, CtxParts, Envelope, Invocation};
+use crate::element::ElementObj;
+use crate::envelope::{Body, Construction, CtxParts, Envelope, LocalTask, Site};
 use crate::error::{Error, Result};
+use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
 use rustc_hash::FxHashMap;
-use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Instant;
 
 /// How many arrived messages are moved to the local queue per loop turn.
@@ -33,12 +36,12 @@ const INBOX_BATCH: usize = 64;
 struct LocalCollection {
     chare: &'static str,
     /// In creation order (row-major for dense arrays): broadcasts visit them in this order.
-    elements: Vec<(Index, Rc<dyn Any>)>,
+    elements: Vec<(Index, Rc<dyn ElementObj>)>,
     position: FxHashMap<Index, usize>,
 }
 
 impl LocalCollection {
-    fn find(&self, index: &Index) -> Option<Rc<dyn Any>> {
+    fn find(&self, index: &Index) -> Option<Rc<dyn ElementObj>> {
         self.position
             .get(index)
             .map(|&i| self.elements[i].1.clone())
@@ -59,7 +62,40 @@ pub(crate) struct PeState {
     next_collection: Cell<u64>,
     next_placement: Cell<usize>,
     executor: Executor,
+    pub(crate) futures: RefCell<FutureTable>,
+    timers: RefCell<BinaryHeap<Timer>>,
+    has_timers: Cell<bool>,
 }
+
+/// A sleeping task's wake-up time.
+struct Timer {
+    deadline: Instant,
+    waker: Waker,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.deadline == other.deadline
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timer {
+    // Earliest deadline on top of the max-heap.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.deadline.cmp(&self.deadline)
+    }
+}
+
+const MAIN_SITE: Site = Site {
+    chare: "entry point",
+    index: Index::SCALAR,
+    entry: "main",
+};
 
 thread_local! {
     static CURRENT: Cell<*const PeState> = const { Cell::new(std::ptr::null()) };
@@ -94,6 +130,9 @@ impl PeState {
             next_collection: Cell::new(0),
             next_placement: Cell::new(pe),
             executor: Executor::default(),
+            futures: RefCell::new(FutureTable::new(pe)),
+            timers: RefCell::default(),
+            has_timers: Cell::new(false),
         }
     }
 
@@ -145,6 +184,60 @@ impl PeState {
         self.shared.finish(Outcome::Abort(msg));
     }
 
+    /// Stores a task on this PE's executor and polls it once.
+    pub(crate) fn spawn(&self, task: LocalTask) {
+        self.executor.spawn(&self.shared, self.pe, task);
+    }
+
+    /// Sends `outcome` to future `id` of PE `owner` (directly if that is this PE).
+    pub(crate) fn fulfil(&self, owner: usize, id: u64, outcome: Resolution) {
+        if owner == self.pe {
+            let result = self.futures.borrow_mut().fulfil(id, outcome);
+            if let Err(problem) = result {
+                self.abort_job(format!("charmrs: {problem} (detected on PE {})", self.pe));
+            }
+        } else {
+            self.send(owner, Envelope::new(0, Body::Fulfil { id, outcome }));
+        }
+    }
+
+    /// Sends one PE's part of a broadcast result to gather future `id` of PE `owner`.
+    pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution) {
+        if owner != self.pe {
+            return self.send(owner, Envelope::new(0, Body::Partial { id, outcome }));
+        }
+        let done = self.futures.borrow_mut().add_partial(id, outcome);
+        match done {
+            Ok(Some(outcome)) => self.fulfil(self.pe, id, outcome),
+            Ok(None) => {}
+            Err(problem) => self.abort_job(format!("charmrs: {problem}")),
+        }
+    }
+
+    /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
+    pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) {
+        self.timers.borrow_mut().push(Timer { deadline, waker });
+        self.has_timers.set(true);
+    }
+
+    /// Wakes every timer that is due; returns the next deadline, if any.
+    fn fire_timers(&self) -> Option<Instant> {
+        let mut timers = self.timers.borrow_mut();
+        if timers.is_empty() {
+            self.has_timers.set(false);
+            return None;
+        }
+        let now = Instant::now();
+        while let Some(t) = timers.peek() {
+            if t.deadline > now {
+                return Some(t.deadline);
+            }
+            let t = timers.pop().expect("peeked");
+            t.waker.wake();
+        }
+        None
+    }
+
     fn deliver(&self, env: Envelope) {
         let priority = env.priority;
         match env.body {
@@ -156,7 +249,10 @@ impl PeState {
                     .map(|c| (c.chare, c.find(&index)));
                 match found {
                     None => self.buffer(coll, Envelope::new(priority, Body::Point { coll, index, call })),
-                    Some((chare, Some(element))) => self.invoke(chare, &index, &*element, call),
+                    Some((chare, Some(element))) => {
+                        let site = Site { chare, index, entry: call.entry_name() };
+                        call.invoke(self, &element, site);
+                    }
                     Some((chare, None)) => self.abort_job(format!(
                         "charmrs: a message for entry `{}` reached PE {} for element {index} of {chare} \
                          collection {coll:?}, which is not on this PE",
@@ -176,42 +272,25 @@ impl PeState {
                         coll,
                         Envelope::new(priority, Body::Broadcast { coll, call }),
                     ),
-                    Some((chare, elements)) => {
-                        if let Some(((last_index, last), rest)) = elements.split_last() {
-                            for (index, element) in rest {
-                                let name = call.entry_name();
-                                self.guarded(chare, index, name, || call.invoke_cloned(&**element));
-                            }
-                            self.invoke(chare, last_index, &**last, call);
-                        }
-                    }
+                    Some((chare, elements)) => call.invoke_all(self, &elements, chare),
                 }
             }
             Body::Create { coll, shape, build } => self.create(coll, shape, build),
             Body::Resume { slot, generation } => {
-                self.guarded("entry point", &Index::SCALAR, "main", || {
+                self.guarded(MAIN_SITE, || {
                     self.executor.resume(slot, generation);
                     Ok(())
                 });
             }
             Body::Spawn(make) => {
-                self.guarded("entry point", &Index::SCALAR, "main", || {
-                    self.executor.spawn(&self.shared, self.pe, make());
+                self.guarded(MAIN_SITE, || {
+                    self.spawn(make());
                     Ok(())
                 });
             }
+            Body::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
+            Body::Partial { id, outcome } => self.partial(self.pe, id, outcome),
         }
-    }
-
-    fn invoke(
-        &self,
-        chare: &'static str,
-        index: &Index,
-        element: &dyn Any,
-        call: Box<dyn Invocation>,
-    ) {
-        let name = call.entry_name();
-        self.guarded(chare, index, name, move || call.invoke(element));
     }
 
     fn buffer(&self, coll: CollectionId, env: Envelope) {
@@ -233,13 +312,20 @@ impl PeState {
                 pe: self.pe,
             };
             let mut made = None;
-            self.guarded(chare, &index, "new", || {
-                made = Some(build.construct(parts));
-                Ok(())
-            });
+            self.guarded(
+                Site {
+                    chare,
+                    index,
+                    entry: "new",
+                },
+                || {
+                    made = Some(build.construct(parts));
+                    Ok(())
+                },
+            );
             let Some(element) = made else { return };
             local.position.insert(index, local.elements.len());
-            local.elements.push((index, Rc::from(element)));
+            local.elements.push((index, element));
         }
         self.collections.borrow_mut().insert(coll, local);
         let waiting = self.pending.borrow_mut().remove(&coll);
@@ -249,45 +335,32 @@ impl PeState {
     }
 
     /// Runs user code; a panic or a delivery error aborts the job naming chare, index, entry, PE.
-    fn guarded(
-        &self,
-        chare: &str,
-        index: &Index,
-        entry: &str,
-        f: impl FnOnce() -> std::result::Result<(), String>,
-    ) {
-        let outcome = catch_unwind(AssertUnwindSafe(f));
-        let msg = match outcome {
+    fn guarded(&self, site: Site, f: impl FnOnce() -> std::result::Result<(), String>) {
+        let msg = match catch_unwind(AssertUnwindSafe(f)) {
             Ok(Ok(())) => return,
             Ok(Err(problem)) => format!(
-                "charmrs: {problem} (chare {chare}, index {index}, PE {})",
-                self.pe
+                "charmrs: {problem} (chare {}, index {}, PE {})",
+                site.chare, site.index, self.pe
             ),
             Err(payload) if payload.is::<AbortUnwind>() => return,
-            Err(payload) => {
-                let what = crate::panic::describe(payload);
-                let place = if chare == "entry point" {
-                    format!("the entry point on PE {}", self.pe)
-                } else {
-                    format!(
-                        "entry method `{entry}` of chare {chare} index {index} on PE {}",
-                        self.pe
-                    )
-                };
-                format!("charmrs: job aborted: panic in {place}: {what}")
-            }
+            Err(payload) => site.panic_message(self.pe, &crate::panic::describe(payload)),
         };
         self.abort_job(msg);
     }
 
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
-    fn idle(&self) {
+    fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = &self.shared.mailboxes[self.pe];
         let start = Instant::now();
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
-            if start.elapsed() >= self.shared.idle_spin {
-                mailbox.park(None, || !self.shared.stopping());
+            let now = Instant::now();
+            if next_timer.is_some_and(|t| now >= t) {
+                return;
+            }
+            if now - start >= self.shared.idle_spin {
+                let timeout = next_timer.map(|t| t.saturating_duration_since(now));
+                mailbox.park(timeout, || !self.shared.stopping());
                 return;
             }
             spins += 1;
@@ -323,8 +396,19 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
             queue.pop()
         };
         match next {
-            Some(env) => state.deliver(env),
-            None => state.idle(),
+            Some(env) => {
+                state.deliver(env);
+                if state.has_timers.get() {
+                    state.fire_timers();
+                }
+            }
+            None => {
+                let next_timer = state.fire_timers();
+                // Timers may have queued resumptions; only sleep if nothing is runnable.
+                if state.queue.borrow().is_empty() && mailbox.is_empty() {
+                    state.idle(next_timer);
+                }
+            }
         }
     }
     // Tear down while `CURRENT` is still valid: destructors of chares and tasks may call the runtime.

@@ -64,7 +64,6 @@ impl LocalQueue {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.fifo.is_empty() && self.heap.is_empty()
     }

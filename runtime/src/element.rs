@@ -1,0 +1,148 @@
+//! One element as stored on its PE, and [`Coro`], the handle a suspendable entry method holds.
+//!
+//! An element is the chare in a `RefCell` plus its [`Ctx`] and the wakers of coroutines waiting for
+//! a condition on its state. Invariants: the chare is mutably borrowed only for the length of one
+//! synchronous call (an entry method, or the closure given to [`Coro::with`]), never across an
+//! `.await` — `with` takes a non-async closure, so the compiler rules that out; after every such
+//! borrow ends, waiting coroutines are woken to re-check their conditions (charm4py's `wait`).
+
+use crate::chare::Chare;
+use crate::ctx::Ctx;
+use std::any::Any;
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// A chare with its context, as stored in its PE's collection table.
+pub(crate) struct Element<C> {
+    pub(crate) chare: RefCell<C>,
+    pub(crate) ctx: Ctx<C>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+/// Type-erased element: what the PE's tables hold.
+pub(crate) trait ElementObj: Any {
+    /// Wakes coroutines waiting on this element's state (its state may have changed).
+    fn state_changed(&self);
+}
+
+impl<C: Chare> Element<C> {
+    pub(crate) fn new(chare: C, ctx: Ctx<C>) -> Element<C> {
+        Element {
+            chare: RefCell::new(chare),
+            ctx,
+            waiters: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl<C: Chare> ElementObj for Element<C> {
+    fn state_changed(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+/// The handle of a suspendable (`async`) entry method on its own element (charm4py's `self` in a
+/// `@coro`/`@threaded` method).
+///
+/// The chare is reached only through [`with`](Coro::with), whose closure cannot await, so no
+/// borrow of the chare survives a suspension; meanwhile the PE runs other messages, including
+/// other entries of the same chare.
+///
+/// ```no_run
+/// use charmrs::prelude::*;
+/// struct Worker { got: usize }
+/// #[chare]
+/// impl Worker {
+///     fn new() -> Self { Worker { got: 0 } }
+///     #[entry]
+///     fn data(&mut self, _x: f64) { self.got += 1; }
+///     #[entry]
+///     async fn run(this: Coro<Self>, expected: usize) {
+///         this.wait(|s| s.got >= expected).await;      // other entries run meanwhile
+///         this.with(|s, ctx| println!("element {} got {}", ctx.raw_index(), s.got));
+///     }
+/// }
+/// # fn main() {}
+/// ```
+pub struct Coro<C> {
+    element: Rc<Element<C>>,
+}
+
+impl<C> Clone for Coro<C> {
+    fn clone(&self) -> Self {
+        Coro {
+            element: self.element.clone(),
+        }
+    }
+}
+
+impl<C: Chare> Coro<C> {
+    pub(crate) fn new(element: Rc<Element<C>>) -> Coro<C> {
+        Coro { element }
+    }
+
+    /// Runs `f` with the chare borrowed mutably; the borrow ends when `f` returns.
+    ///
+    /// # Panics
+    /// If the chare is already borrowed (a `with` nested inside another `with` of the same element).
+    pub fn with<R>(&self, f: impl FnOnce(&mut C, &Ctx<C>) -> R) -> R {
+        let result = {
+            let mut chare = self.element.chare.try_borrow_mut().unwrap_or_else(|_| {
+                panic!(
+                    "Coro::with: element {} of {} is already borrowed (nested `with`)",
+                    self.element.ctx.raw_index(),
+                    C::NAME
+                )
+            });
+            f(&mut chare, &self.element.ctx)
+        };
+        self.element.state_changed();
+        result
+    }
+
+    /// The element's context (index, proxies, PE).
+    pub fn ctx(&self) -> &Ctx<C> {
+        &self.element.ctx
+    }
+
+    /// Suspends until `condition` holds on the chare's state; re-checked after every entry method
+    /// (and every [`with`](Coro::with)) on this element. Returns at once if it already holds.
+    pub fn wait<F: Fn(&C) -> bool>(&self, condition: F) -> WaitFor<'_, C, F> {
+        WaitFor {
+            element: &self.element,
+            condition,
+        }
+    }
+}
+
+/// Future returned by [`Coro::wait`].
+#[must_use = "a condition wait does nothing unless awaited"]
+pub struct WaitFor<'a, C, F> {
+    element: &'a Element<C>,
+    condition: F,
+}
+
+impl<C: Chare, F: Fn(&C) -> bool> Future for WaitFor<'_, C, F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let holds = {
+            let chare = self.element.chare.borrow();
+            (self.condition)(&chare)
+        };
+        if holds {
+            Poll::Ready(())
+        } else {
+            let mut waiters = self.element.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Futures: [`Future<T>`] (charm4py's `charm.createFuture()` / `ret=True`), fulfilled once from any
+//! PE and awaited on the PE that created it; [`wait_any`] and [`wait_all`] over several.
+//!
+//! A future is a small copyable handle `(owner PE, id)` that can travel inside messages. The value
+//! lives in the owner PE's [`FutureTable`]: a fulfilment from another PE is a message to the owner;
+//! a local one goes straight to the table. Invariants: ids are never reused on a PE; a slot is
+//! fulfilled at most once (a second fulfilment aborts the job naming the future); a slot is removed
+//! when its value is taken by an `.await`, so a future is consumed once. Results of broadcasts
+//! (`ret`/`gather` on a collection) arrive as one partial per PE, merged in a gather slot, ordered
+//! by element index, and then fulfil the future.
+
+use crate::chare::Payload;
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::scheduler::with_pe;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::any::Any;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// A type-erased value (or the error that replaces it) on its way to a future.
+pub(crate) type Resolution = Result<Box<dyn Any + Send>, Error>;
+
+/// A value of type `T` that will be available later.
+///
+/// Created on a PE with [`Future::new`] (or by a `ret` call), fulfilled exactly once with
+/// [`send`](Future::send) from any PE, and awaited (`fut.await`) in a suspendable context on the PE
+/// that created it. `fut.await` yields `T`; if the value is a remote error (the entry that should
+/// produce it panicked) it panics in turn — use [`result`](Future::result) to get the `Error`.
+///
+/// ```
+/// use charmrs::{Future, Runtime};
+/// let code = Runtime::new(2).run(|_| async {
+///     let f = Future::<u32>::new();
+///     f.send(41);                        // from any PE, usually inside a message
+///     assert_eq!(f.await + 1, 42);
+///     charmrs::exit(0);
+/// }).unwrap();
+/// assert_eq!(code, 0);
+/// ```
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+#[must_use = "a future does nothing unless fulfilled and awaited"]
+pub struct Future<T> {
+    pe: u32,
+    id: u64,
+    #[serde(skip)]
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Future<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Future<T> {}
+
+impl<T> std::fmt::Debug for Future<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Future(#{} of PE {})", self.id, self.pe)
+    }
+}
+
+impl<T: Payload> Future<T> {
+    /// A new, empty future owned by the calling PE.
+    ///
+    /// # Panics
+    /// Outside a running PE.
+    pub fn new() -> Future<T> {
+        with_pe("Future::new", |pe| pe.futures.borrow_mut().create())
+            .map(Future::from_id)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub(crate) fn from_id((pe, id): (u32, u64)) -> Future<T> {
+        Future {
+            pe,
+            id,
+            _value: PhantomData,
+        }
+    }
+
+    /// The PE that owns (and may await) the future.
+    pub fn owner(&self) -> usize {
+        self.pe as usize
+    }
+
+    /// Fulfils the future with `value` (charm4py's `future.send(x)`), from any PE.
+    ///
+    /// A second fulfilment of the same future aborts the job with a message naming it.
+    ///
+    /// # Panics
+    /// Outside a running PE.
+    pub fn send(&self, value: T) {
+        self.deliver(Ok(Box::new(value)));
+    }
+
+    pub(crate) fn deliver(&self, outcome: Resolution) {
+        with_pe("Future::send", |pe| {
+            pe.fulfil(self.pe as usize, self.id, outcome)
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Whether the value has arrived (on the owner PE; `false` elsewhere).
+    pub fn is_ready(&self) -> bool {
+        with_pe("Future::is_ready", |pe| {
+            pe.pe == self.pe as usize && pe.futures.borrow().is_ready(self.id)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Awaits the value or the remote error that replaced it.
+    pub fn result(self) -> FutureResult<T> {
+        FutureResult { future: self }
+    }
+}
+
+impl<T: Payload> Default for Future<T> {
+    fn default() -> Self {
+        Future::new()
+    }
+}
+
+/// Awaiting a [`Future`] through [`Future::result`].
+#[must_use = "futures do nothing unless awaited"]
+pub struct FutureResult<T> {
+    future: Future<T>,
+}
+
+impl<T: Payload> std::future::Future for FutureResult<T> {
+    type Output = Result<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let f = self.future;
+        let polled = with_pe("Future.await", |pe| {
+            if pe.pe != f.pe as usize {
+                panic!(
+                    "{f:?} can only be awaited on PE {}, the PE that created it (awaited on PE {})",
+                    f.pe, pe.pe
+                );
+            }
+            pe.futures.borrow_mut().poll_take(f.id, cx.waker())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(v)) => Poll::Ready(Ok(*v.downcast::<T>().unwrap_or_else(|_| {
+                panic!(
+                    "{f:?} received a value of another type than {}",
+                    std::any::type_name::<T>()
+                )
+            }))),
+        }
+    }
+}
+
+/// Awaiting a [`Future`] directly yields its value.
+pub struct FutureValue<T> {
+    inner: FutureResult<T>,
+}
+
+impl<T: Payload> std::future::Future for FutureValue<T> {
+    type Output = T;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match Pin::new(&mut self.inner).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(v)) => Poll::Ready(v),
+            Poll::Ready(Err(e)) => panic!("awaited future failed: {e}"),
+        }
+    }
+}
+
+impl<T: Payload> std::future::IntoFuture for Future<T> {
+    type Output = T;
+    type IntoFuture = FutureValue<T>;
+    fn into_future(self) -> FutureValue<T> {
+        FutureValue {
+            inner: self.result(),
+        }
+    }
+}
+
+/// Waits until at least one of `futures` is ready; returns the position of a ready one
+/// (charm4py's `charm.iwait`, one step at a time). Awaiting that future then returns at once.
+///
+/// # Panics
+/// If `futures` is empty, or a future belongs to another PE.
+pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
+    assert!(!futures.is_empty(), "wait_any: no futures to wait for");
+    std::future::poll_fn(|cx| {
+        with_pe("wait_any", |pe| {
+            let mut table = pe.futures.borrow_mut();
+            for (i, f) in futures.iter().enumerate() {
+                assert_eq!(
+                    f.pe as usize, pe.pe,
+                    "wait_any: {f:?} belongs to another PE"
+                );
+                if table.is_ready(f.id) {
+                    return Poll::Ready(i);
+                }
+            }
+            for f in futures {
+                table.register(f.id, cx.waker());
+            }
+            Poll::Pending
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await
+}
+
+/// Waits for every future and returns their values in order (charm4py's `charm.wait`).
+pub async fn wait_all<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for f in futures {
+        out.push(f.await);
+    }
+    out
+}
+
+enum SlotState {
+    Empty(Vec<Waker>),
+    Ready(Resolution),
+}
+
+/// How the partials of a broadcast's result become one value.
+struct Gather {
+    remaining: usize,
+    merge: Box<dyn FnMut(Box<dyn Any + Send>)>,
+    finish: Box<dyn FnOnce() -> Box<dyn Any + Send>>,
+    error: Option<Error>,
+}
+
+/// The futures owned by one PE.
+#[derive(Default)]
+pub(crate) struct FutureTable {
+    next: u64,
+    me: u32,
+    slots: FxHashMap<u64, SlotState>,
+    gathers: FxHashMap<u64, Gather>,
+}
+
+impl FutureTable {
+    pub(crate) fn new(pe: usize) -> FutureTable {
+        FutureTable {
+            me: pe as u32,
+            ..FutureTable::default()
+        }
+    }
+
+    pub(crate) fn create(&mut self) -> (u32, u64) {
+        self.next += 1;
+        self.slots.insert(self.next, SlotState::Empty(Vec::new()));
+        (self.me, self.next)
+    }
+
+    /// A future that completes when `expected` partials of a broadcast result have arrived; with
+    /// `values`, its value is the `Vec<R>` of all elements' results ordered by index, else `()`.
+    pub(crate) fn create_gather<R: Payload>(
+        &mut self,
+        expected: usize,
+        values: bool,
+    ) -> (u32, u64) {
+        let id = self.create();
+        let acc: Rc<RefCell<Vec<(Index, R)>>> = Rc::default();
+        let merge_into = acc.clone();
+        let gather = Gather {
+            remaining: expected,
+            merge: Box::new(move |part| {
+                let part = part
+                    .downcast::<Vec<(Index, R)>>()
+                    .expect("partial of the gathered type");
+                merge_into.borrow_mut().extend(*part);
+            }),
+            finish: Box::new(move || {
+                if values {
+                    let mut all = std::mem::take(&mut *acc.borrow_mut());
+                    all.sort_by(|a, b| a.0.cmp(&b.0));
+                    Box::new(all.into_iter().map(|(_, v)| v).collect::<Vec<R>>())
+                } else {
+                    Box::new(())
+                }
+            }),
+            error: None,
+        };
+        self.gathers.insert(id.1, gather);
+        if expected == 0 {
+            let done = self.partial_done(id.1).expect("just created");
+            self.fulfil(id.1, done).expect("just created");
+        }
+        id
+    }
+
+    fn partial_done(&mut self, id: u64) -> Option<Resolution> {
+        let g = self.gathers.get(&id)?;
+        if g.remaining > 0 {
+            return None;
+        }
+        let g = self.gathers.remove(&id)?;
+        Some(match g.error {
+            Some(e) => Err(e),
+            None => Ok((g.finish)()),
+        })
+    }
+
+    /// Adds one PE's partial to gather `id`; returns the final outcome once all arrived.
+    pub(crate) fn add_partial(
+        &mut self,
+        id: u64,
+        part: Resolution,
+    ) -> Result<Option<Resolution>, String> {
+        let g = self.gathers.get_mut(&id).ok_or_else(|| {
+            format!(
+                "a broadcast result arrived for unknown future #{id} of PE {}",
+                self.me
+            )
+        })?;
+        g.remaining = g.remaining.saturating_sub(1);
+        match part {
+            Ok(p) => (g.merge)(p),
+            Err(e) => {
+                g.error.get_or_insert(e);
+            }
+        }
+        Ok(self.partial_done(id))
+    }
+
+    /// Stores the value of future `id` and wakes its awaiters.
+    pub(crate) fn fulfil(&mut self, id: u64, outcome: Resolution) -> Result<(), String> {
+        match self.slots.get_mut(&id) {
+            Some(slot @ SlotState::Empty(_)) => {
+                let SlotState::Empty(wakers) = std::mem::replace(slot, SlotState::Ready(outcome))
+                else {
+                    unreachable!()
+                };
+                wakers.into_iter().for_each(Waker::wake);
+                Ok(())
+            }
+            Some(SlotState::Ready(_)) => Err(format!(
+                "future #{id} of PE {} was fulfilled twice",
+                self.me
+            )),
+            None if id <= self.next => Err(format!(
+                "future #{id} of PE {} was fulfilled again after its value was consumed",
+                self.me
+            )),
+            None => Err(format!("future #{id} of PE {} does not exist", self.me)),
+        }
+    }
+
+    pub(crate) fn is_ready(&self, id: u64) -> bool {
+        matches!(self.slots.get(&id), Some(SlotState::Ready(_)))
+    }
+
+    pub(crate) fn register(&mut self, id: u64, waker: &Waker) {
+        if let Some(SlotState::Empty(wakers)) = self.slots.get_mut(&id) {
+            if !wakers.iter().any(|w| w.will_wake(waker)) {
+                wakers.push(waker.clone());
+            }
+        }
+    }
+
+    /// Takes the value if ready (removing the slot), else registers `waker`.
+    pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker) -> Poll<Resolution> {
+        match self.slots.get_mut(&id) {
+            Some(SlotState::Ready(_)) => match self.slots.remove(&id) {
+                Some(SlotState::Ready(v)) => Poll::Ready(v),
+                _ => unreachable!(),
+            },
+            Some(SlotState::Empty(_)) => {
+                self.register(id, waker);
+                Poll::Pending
+            }
+            None => panic!(
+                "future #{id} of PE {} was already consumed (a future is awaited once)",
+                self.me
+            ),
+        }
+    }
+}

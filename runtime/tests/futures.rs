@@ -1,0 +1,216 @@
+//! Results of calls (`ret`, `gather`), explicit futures, suspendable entries, `wait` and `sleep`.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Error;
+use common::run_job;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A worker with value-returning, failing and suspendable entries.
+struct Worker {
+    got: u32,
+    log: Vec<String>,
+}
+
+#[chare]
+impl Worker {
+    fn new() -> Self {
+        Worker {
+            got: 0,
+            log: Vec::new(),
+        }
+    }
+
+    #[entry]
+    fn square(&mut self, x: u64) -> u64 {
+        x * x
+    }
+
+    #[entry]
+    fn whoami(&mut self, ctx: &Ctx<Self>) -> (usize, usize) {
+        (ctx.raw_index().get(0), ctx.my_pe())
+    }
+
+    #[entry]
+    fn fail_on(&mut self, ctx: &Ctx<Self>, bad: usize) -> u32 {
+        if ctx.raw_index().get(0) == bad {
+            panic!("element {bad} refuses");
+        }
+        1
+    }
+
+    #[entry]
+    fn data(&mut self, tag: String) {
+        self.got += 1;
+        self.log.push(tag);
+    }
+
+    /// Suspends until `n` `data` messages arrived, then reports them.
+    #[entry]
+    async fn collect(this: Coro<Self>, n: u32) -> Vec<String> {
+        this.with(|s, _| s.log.push("collect started".into()));
+        this.wait(|s| s.got >= n).await;
+        this.with(|s, _| s.log.clone())
+    }
+
+    /// Fills the two futures from this PE.
+    #[entry]
+    fn fill(&mut self, ctx: &Ctx<Self>, f1: Future<u32>, f2: Future<String>) {
+        f1.send(1);
+        f2.send(format!("two from PE {}", ctx.my_pe()));
+    }
+
+    /// Sleeps without blocking the PE, then answers.
+    #[entry]
+    async fn nap(_this: Coro<Self>, ms: u64) -> u64 {
+        let t = Instant::now();
+        charmrs::sleep(Duration::from_millis(ms)).await;
+        t.elapsed().as_millis() as u64
+    }
+
+    #[entry]
+    fn ping(&mut self) -> String {
+        "pong".into()
+    }
+}
+
+#[test]
+fn ret_on_point_calls_and_broadcasts() {
+    run_job(3, |_| async {
+        let workers = Array::<Worker, usize>::new(7, ());
+        let f = workers.at(5).ret().square(12);
+        assert_eq!(f.await, 144);
+        // Broadcast completion, then values ordered by index.
+        workers.ret().data("hello".into()).await;
+        let who = workers.gather().whoami().await;
+        assert_eq!(who.len(), 7);
+        for (i, (idx, pe)) in who.iter().enumerate() {
+            assert_eq!(*idx, i);
+            assert_eq!(*pe, i * 3 / 7, "block placement");
+        }
+        let squares: Vec<u64> =
+            wait_all((0..7).map(|i| workers.at(i).ret().square(i as u64))).await;
+        assert_eq!(squares, vec![0, 1, 4, 9, 16, 25, 36]);
+        let g = Group::<Worker>::new(());
+        assert_eq!(g.gather().ping().await, vec!["pong"; 3]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_panicking_remote_entry_reaches_its_future() {
+    run_job(4, |_| async {
+        let workers = Array::<Worker, usize>::new(8, ());
+        let e = workers.at(6).ret().fail_on(6).result().await.unwrap_err();
+        match &e {
+            Error::Remote { pe, entry, message } => {
+                assert_eq!(*pe, 3);
+                assert_eq!(entry, "Worker::fail_on");
+                assert!(message.contains("element 6 refuses"), "{message}");
+            }
+            other => panic!("expected a remote error, got {other:?}"),
+        }
+        // On a broadcast, one failing element fails the gathered result…
+        let e = workers.gather().fail_on(2).result().await.unwrap_err();
+        assert!(e.to_string().contains("element 2 refuses"), "{e}");
+        // …and the job is still alive.
+        assert_eq!(workers.gather().fail_on(99).await, vec![1; 8]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn explicit_futures_fulfilled_before_and_after_waiting() {
+    run_job(2, |_| async {
+        let w = Single::<Worker>::new((), Some(1));
+        // After: the fill happens while we wait.
+        let (f1, f2) = (Future::<u32>::new(), Future::<String>::new());
+        w.fill(f1, f2);
+        assert_eq!(f1.await, 1);
+        assert_eq!(f2.await, "two from PE 1");
+        // Before: the value is there before the await starts.
+        let (g1, g2) = (Future::<u32>::new(), Future::<String>::new());
+        w.fill(g1, g2);
+        w.ret().ping().await; // the fill ran before this reply (FIFO between the two PEs)
+        assert!(g1.is_ready() && g2.is_ready());
+        assert_eq!(g1.await, 1);
+        assert_eq!(g2.await, "two from PE 1");
+        // Local fulfilment.
+        let h = Future::<u32>::new();
+        h.send(5);
+        assert_eq!(h.await, 5);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn wait_any_returns_the_first_ready() {
+    run_job(2, |_| async {
+        let w = Single::<Worker>::new((), Some(1));
+        let slow = w.ret().nap(200);
+        let fast = w.ret().nap(1);
+        let futs = [slow, fast];
+        assert_eq!(wait_any(&futs).await, 1);
+        assert!(fast.await < 200);
+        assert!(slow.await >= 200);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_condition_that_becomes_true_only_after_several_other_entries() {
+    run_job(2, |_| async {
+        let w = Single::<Worker>::new((), Some(1));
+        let result = w.ret().collect(3);
+        w.data("a".into());
+        w.data("b".into());
+        w.data("c".into());
+        let log = result.await;
+        assert_eq!(log, vec!["collect started", "a", "b", "c"]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn sleep_does_not_block_the_pe() {
+    run_job(1, |_| async {
+        let w = Single::<Worker>::new((), Some(0));
+        let t = Instant::now();
+        let nap = w.ret().nap(300);
+        // While the nap sleeps, the same PE (the only one) serves other calls.
+        for i in 0..100 {
+            assert_eq!(w.ret().square(i).await, i * i);
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "the PE was blocked"
+        );
+        assert!(nap.await >= 300);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+static DOUBLE: Mutex<()> = Mutex::new(());
+
+#[test]
+fn a_second_fulfilment_is_a_clear_error() {
+    let _g = DOUBLE.lock().unwrap();
+    let r = run_job(2, |_| async {
+        let f = Future::<u32>::new();
+        f.send(1);
+        f.send(2);
+        charmrs::sleep(Duration::from_secs(30)).await;
+    });
+    match r {
+        Err(Error::Aborted(msg)) => assert!(msg.contains("fulfilled twice"), "{msg}"),
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
