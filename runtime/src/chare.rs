@@ -49,4 +49,23 @@ pub trait Entry<C: Chare>: 'static {
     const ID: u64;
     /// Calls the method on the element behind `this`.
     fn call(this: &Coro<C>, args: Self::Args) -> Invoked<Self::Output>;
+
+    /// Whether the entry has a `when` condition (`#[entry(when = "...")]`).
+    const CONDITIONAL: bool = false;
+
+    /// The `when` condition: may the element receive a message with `args` now?
+    fn ready(_chare: &C, _args: &Self::Args) -> bool {
+        true
+    }
+
+    /// For an equality condition `self.field == arg`: the hash of `arg` (messages are indexed by
+    /// it, so matching is a lookup rather than a scan). `None` for other conditions.
+    fn arg_key(_args: &Self::Args) -> Option<u64> {
+        None
+    }
+
+    /// For an equality condition: the hash of `self.field` in the chare's current state.
+    fn state_key(_chare: &C) -> u64 {
+        0
+    }
 }

@@ -8,8 +8,10 @@
 
 use crate::chare::Chare;
 use crate::ctx::Ctx;
+use crate::scheduler::{with_pe, PeState};
+use crate::when::WhenBuffer;
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -20,12 +22,16 @@ pub(crate) struct Element<C> {
     pub(crate) chare: RefCell<C>,
     pub(crate) ctx: Ctx<C>,
     waiters: RefCell<Vec<Waker>>,
+    pub(crate) whens: RefCell<WhenBuffer<C>>,
+    /// Queued on the PE's list of elements whose `when` buffer needs a re-check.
+    dirty: Cell<bool>,
 }
 
 /// Type-erased element: what the PE's tables hold.
 pub(crate) trait ElementObj: Any {
-    /// Wakes coroutines waiting on this element's state (its state may have changed).
-    fn state_changed(&self);
+    /// Delivers the buffered `when` calls whose condition now holds, earliest first, until none
+    /// does.
+    fn recheck_whens(self: Rc<Self>, pe: &PeState);
 }
 
 impl<C: Chare> Element<C> {
@@ -34,15 +40,39 @@ impl<C: Chare> Element<C> {
             chare: RefCell::new(chare),
             ctx,
             waiters: RefCell::new(Vec::new()),
+            whens: RefCell::default(),
+            dirty: Cell::new(false),
         }
     }
 }
 
+/// The chare's state may have changed: wake `wait`ing coroutines and schedule a re-check of
+/// buffered `when` calls (run by the PE after the current message, never nested in it).
+pub(crate) fn state_changed<C: Chare>(element: &Rc<Element<C>>) {
+    let waiters = std::mem::take(&mut *element.waiters.borrow_mut());
+    for w in waiters {
+        w.wake();
+    }
+    if !element.dirty.get() && !element.whens.borrow().is_empty() {
+        element.dirty.set(true);
+        let el: Rc<dyn ElementObj> = element.clone();
+        // `with` only runs on PEs, so there always is one.
+        let _ = with_pe("when re-check", |pe| pe.mark_dirty(el));
+    }
+}
+
 impl<C: Chare> ElementObj for Element<C> {
-    fn state_changed(&self) {
-        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in waiters {
-            w.wake();
+    fn recheck_whens(self: Rc<Self>, pe: &PeState) {
+        self.dirty.set(false);
+        loop {
+            let ready = {
+                let chare = self.chare.borrow();
+                self.whens.borrow_mut().take_ready(&chare)
+            };
+            match ready {
+                Some(call) => call.run(pe, self.clone()),
+                None => break,
+            }
         }
     }
 }
@@ -102,7 +132,7 @@ impl<C: Chare> Coro<C> {
             });
             f(&mut chare, &self.element.ctx)
         };
-        self.element.state_changed();
+        state_changed(&self.element);
         result
     }
 

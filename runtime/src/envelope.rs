@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::future::Resolution;
 use crate::index::Index;
 use crate::scheduler::{AbortUnwind, PeState};
+use crate::when::PendingWhen;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -207,9 +208,62 @@ impl<T: Payload> Sink<T> {
     }
 }
 
+/// Runs one call of `E` on `element` — or buffers it there if its `when` condition does not hold.
+fn run_entry<C: Chare, E: Entry<C>>(
+    pe: &PeState,
+    element: Rc<Element<C>>,
+    args: E::Args,
+    sink: Sink<E::Output>,
+    site: Site,
+) {
+    if E::CONDITIONAL {
+        match catch_unwind(AssertUnwindSafe(|| {
+            E::ready(&element.chare.borrow(), &args)
+        })) {
+            Ok(true) => {}
+            Ok(false) => {
+                let key = E::arg_key(&args);
+                let call = Box::new(Buffered::<C, E> {
+                    args,
+                    sink,
+                    site,
+                    key,
+                });
+                element.whens.borrow_mut().push::<E>(key, call);
+                return;
+            }
+            Err(payload) => return sink.panicked(pe, &site, payload),
+        }
+    }
+    call_entry::<C, E>(pe, element, args, sink, site);
+}
+
+/// A call waiting at its element for its `when` condition.
+struct Buffered<C: Chare, E: Entry<C>> {
+    args: E::Args,
+    sink: Sink<E::Output>,
+    site: Site,
+    key: Option<u64>,
+}
+
+impl<C: Chare, E: Entry<C>> PendingWhen<C> for Buffered<C, E> {
+    fn entry_id(&self) -> u64 {
+        E::ID
+    }
+    fn key(&self) -> Option<u64> {
+        self.key
+    }
+    fn ready(&self, chare: &C) -> bool {
+        E::ready(chare, &self.args)
+    }
+    fn run(self: Box<Self>, pe: &PeState, element: Rc<Element<C>>) {
+        call_entry::<C, E>(pe, element, self.args, self.sink, self.site);
+    }
+}
+
 /// Runs one call of `E` on `element`, sending its result to `sink`; a suspended entry becomes a
 /// task of this PE.
-fn run_entry<C: Chare, E: Entry<C>>(
+fn call_entry<C: Chare, E: Entry<C>>(
     pe: &PeState,
     element: Rc<Element<C>>,
     args: E::Args,

@@ -54,6 +54,7 @@ pub mod registry;
 mod runtime;
 mod scheduler;
 mod sleep;
+mod when;
 
 pub use chare::{Chare, Entry, Invoked, Payload};
 pub use charmrs_macros::chare;
@@ -81,5 +82,6 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{entry_id, EntryInfo};
+    pub use crate::when::hash_key;
     pub use inventory;
 }

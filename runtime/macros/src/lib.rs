@@ -8,8 +8,13 @@
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote};
+use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{parse_macro_input, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl, Pat, ReturnType, Type};
+use syn::visit_mut::VisitMut;
+use syn::{
+    parse_macro_input, BinOp, Expr, FnArg, Ident, ImplItem, ImplItemFn, ItemImpl, Lit,
+    MetaNameValue, Pat, ReturnType, Token, Type,
+};
 
 /// Makes the `impl` block of a type a chare.
 ///
@@ -60,6 +65,7 @@ struct EntrySig {
     output: TokenStream2,
     docs: Vec<syn::Attribute>,
     is_async: bool,
+    when: Option<Expr>,
 }
 
 fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signature> {
@@ -93,18 +99,97 @@ fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signat
     Ok(sig)
 }
 
-fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<bool> {
+/// Removes `#[entry]` / `#[entry(when = "...")]`; returns whether it was there and the condition.
+fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<(bool, Option<Expr>)> {
     let Some(pos) = f.attrs.iter().position(|a| a.path().is_ident("entry")) else {
-        return Ok(false);
+        return Ok((false, None));
     };
     let attr = f.attrs.remove(pos);
-    if !matches!(attr.meta, syn::Meta::Path(_)) {
-        return Err(syn::Error::new(
-            attr.span(),
-            "#[entry] takes no arguments (`when` conditions are not supported yet)",
-        ));
+    if matches!(attr.meta, syn::Meta::Path(_)) {
+        return Ok((true, None));
     }
-    Ok(true)
+    let pairs = attr.parse_args_with(Punctuated::<MetaNameValue, Token![,]>::parse_terminated)?;
+    let mut when = None;
+    for pair in pairs {
+        if !pair.path.is_ident("when") {
+            return Err(syn::Error::new(
+                pair.path.span(),
+                "the only #[entry] option is `when = \"condition\"`",
+            ));
+        }
+        let Expr::Lit(syn::ExprLit {
+            lit: Lit::Str(text),
+            ..
+        }) = &pair.value
+        else {
+            return Err(syn::Error::new(
+                pair.value.span(),
+                "`when` takes a string: when = \"self.x == x\"",
+            ));
+        };
+        let expr: Expr = text.parse().map_err(|e| {
+            syn::Error::new(
+                text.span(),
+                format!("`when` condition is not an expression: {e}"),
+            )
+        })?;
+        when = Some(expr);
+    }
+    Ok((true, when))
+}
+
+/// Rewrites uses of argument `names` in a `when` condition to `(*name)`: the condition sees the
+/// buffered arguments by reference.
+struct DerefArgs<'a>(&'a [Ident]);
+
+impl VisitMut for DerefArgs<'_> {
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        if let Expr::Path(p) = e {
+            if p.qself.is_none() {
+                if let Some(id) = p.path.get_ident() {
+                    if self.0.contains(id) {
+                        let id = id.clone();
+                        *e = syn::parse_quote!((*#id));
+                        return;
+                    }
+                }
+            }
+        }
+        syn::visit_mut::visit_expr_mut(self, e);
+    }
+}
+
+/// If `cond` is `self.field == arg` (either order), the field expression and the argument's
+/// position: such conditions are matched by hash lookup.
+fn equality_key(cond: &Expr, names: &[Ident]) -> Option<(Expr, usize)> {
+    let Expr::Binary(b) = cond else { return None };
+    if !matches!(b.op, BinOp::Eq(_)) {
+        return None;
+    }
+    let on_self = |e: &Expr| {
+        let mut cur = e;
+        loop {
+            match cur {
+                Expr::Field(f) => cur = &f.base,
+                Expr::Path(p) => return p.path.is_ident("self") && !matches!(e, Expr::Path(_)),
+                _ => return false,
+            }
+        }
+    };
+    let arg_pos = |e: &Expr| match e {
+        Expr::Path(p) => p
+            .path
+            .get_ident()
+            .and_then(|id| names.iter().position(|n| n == id)),
+        _ => None,
+    };
+    if on_self(&b.left) {
+        arg_pos(&b.right).map(|k| ((*b.left).clone(), k))
+    } else if on_self(&b.right) {
+        arg_pos(&b.left).map(|k| ((*b.right).clone(), k))
+    } else {
+        None
+    }
 }
 
 fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
@@ -138,7 +223,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
     let mut entries = Vec::new();
     for item in &mut block.items {
         let ImplItem::Fn(f) = item else { continue };
-        let is_entry = take_entry_attr(f)?;
+        let (is_entry, when) = take_entry_attr(f)?;
         if !is_entry && f.sig.ident == "new" {
             if f.sig.receiver().is_some() {
                 return Err(syn::Error::new(
@@ -207,6 +292,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                     .cloned()
                     .collect(),
                 is_async,
+                when,
             });
         }
     }
@@ -230,12 +316,14 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
     let mut markers = Vec::new();
     let mut trait_methods = Vec::new();
     let mut impl_methods = Vec::new();
+    let mut when_helpers = Vec::new();
     for EntrySig {
         method,
         sig,
         output,
         docs,
         is_async,
+        when,
     } in &entries
     {
         let marker = format_ident!("__charmrs_entry_{}_{}", type_ident, method);
@@ -258,6 +346,47 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                 }))
             }
         };
+        let when_items = match when {
+            None => quote!(),
+            Some(cond) => {
+                let check = format_ident!("__charmrs_when_{}", method);
+                let mut rewritten = cond.clone();
+                DerefArgs(names).visit_expr_mut(&mut rewritten);
+                when_helpers.push(quote! {
+                    #[doc(hidden)]
+                    #[allow(unused_variables, clippy::all)]
+                    fn #check(&self, args: &(#(#types,)*)) -> bool {
+                        let (#(#names,)*) = args;
+                        #rewritten
+                    }
+                });
+                let keyed = equality_key(cond, names).map(|(field, k)| {
+                    let state = format_ident!("__charmrs_when_key_{}", method);
+                    let k = syn::Index::from(k);
+                    when_helpers.push(quote! {
+                        #[doc(hidden)]
+                        fn #state(&self) -> u64 {
+                            ::charmrs::__private::hash_key(&#field)
+                        }
+                    });
+                    quote! {
+                        fn arg_key(args: &Self::Args) -> ::std::option::Option<u64> {
+                            ::std::option::Option::Some(::charmrs::__private::hash_key(&args.#k))
+                        }
+                        fn state_key(chare: &#ty) -> u64 {
+                            chare.#state()
+                        }
+                    }
+                });
+                quote! {
+                    const CONDITIONAL: bool = true;
+                    fn ready(chare: &#ty, args: &Self::Args) -> bool {
+                        chare.#check(args)
+                    }
+                    #keyed
+                }
+            }
+        };
         markers.push(quote! {
             #[doc = concat!("Marker of entry method `", #entry_name, "` (generated by #[chare]).")]
             #[doc(hidden)]
@@ -275,6 +404,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                     let (#(#names,)*) = args;
                     #body
                 }
+                #when_items
             }
 
             ::charmrs::__private::inventory::submit! {
@@ -303,6 +433,10 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
 
     Ok(quote! {
         #block
+
+        impl #ty {
+            #(#when_helpers)*
+        }
 
         impl ::charmrs::Chare for #ty {
             type Init = (#(#ctor_types,)*);

@@ -63,6 +63,8 @@ pub(crate) struct PeState {
     next_placement: Cell<usize>,
     executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
+    /// Elements whose `when` buffers need a re-check after the current message.
+    dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
     timers: RefCell<BinaryHeap<Timer>>,
     has_timers: Cell<bool>,
 }
@@ -131,6 +133,7 @@ impl PeState {
             next_placement: Cell::new(pe),
             executor: Executor::default(),
             futures: RefCell::new(FutureTable::new(pe)),
+            dirty: RefCell::default(),
             timers: RefCell::default(),
             has_timers: Cell::new(false),
         }
@@ -182,6 +185,34 @@ impl PeState {
     /// Ends the job with an abort (first cause wins).
     pub(crate) fn abort_job(&self, msg: String) {
         self.shared.finish(Outcome::Abort(msg));
+    }
+
+    /// Queues `element` for a `when` re-check after the current message.
+    pub(crate) fn mark_dirty(&self, element: Rc<dyn ElementObj>) {
+        self.dirty.borrow_mut().push(element);
+    }
+
+    /// Delivers buffered `when` calls that became eligible, until none is.
+    fn recheck_dirty(&self) {
+        loop {
+            let batch = std::mem::take(&mut *self.dirty.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            for element in batch {
+                // A panic here comes from a `when` condition (entries catch their own).
+                if let Err(payload) = catch_unwind(AssertUnwindSafe(|| element.recheck_whens(self)))
+                {
+                    if !payload.is::<AbortUnwind>() {
+                        let what = crate::panic::describe(payload);
+                        self.abort_job(format!(
+                            "charmrs: job aborted: panic in a `when` condition on PE {}: {what}",
+                            self.pe
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Stores a task on this PE's executor and polls it once.
@@ -398,6 +429,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         match next {
             Some(env) => {
                 state.deliver(env);
+                state.recheck_dirty();
                 if state.has_timers.get() {
                     state.fire_timers();
                 }

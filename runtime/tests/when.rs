@@ -1,0 +1,137 @@
+//! `when`-buffered entries: out-of-order messages wait for their condition and are delivered in
+//! arrival order among the eligible ones.
+
+mod common;
+
+use charmrs::prelude::*;
+use common::run_job;
+
+/// Steps through iterations; each `step` must match the current one.
+struct Stepper {
+    iter: u32,
+    log: Vec<(u32, String)>,
+    budget: u32,
+}
+
+#[chare]
+impl Stepper {
+    fn new() -> Self {
+        Stepper {
+            iter: 0,
+            log: Vec::new(),
+            budget: 0,
+        }
+    }
+
+    #[entry(when = "self.iter == iter")]
+    fn step(&mut self, iter: u32, tag: String) {
+        assert_eq!(self.iter, iter);
+        self.log.push((iter, tag));
+    }
+
+    #[entry]
+    fn advance(&mut self) {
+        self.iter += 1;
+    }
+
+    /// Advances by itself once the step arrived: a chain of conditions.
+    #[entry(when = "self.iter == iter")]
+    fn step_and_advance(&mut self, iter: u32) {
+        self.log.push((iter, String::new()));
+        self.iter += 1;
+    }
+
+    /// A non-equality condition on state and argument.
+    #[entry(when = "self.budget >= cost && !label.is_empty()")]
+    fn spend(&mut self, cost: u32, label: String) {
+        self.budget -= cost;
+        self.log.push((cost, label));
+    }
+
+    #[entry]
+    fn fund(&mut self, amount: u32) {
+        self.budget += amount;
+    }
+
+    #[entry]
+    fn log(&mut self) -> Vec<(u32, String)> {
+        self.log.clone()
+    }
+
+    #[entry]
+    fn iteration(&mut self) -> u32 {
+        self.iter
+    }
+}
+
+#[test]
+fn out_of_order_messages_are_delivered_in_the_right_order() {
+    run_job(2, |_| async {
+        let s = Single::<Stepper>::new((), Some(1));
+        for i in [5u32, 3, 0, 4, 1, 2] {
+            s.step_and_advance(i);
+        }
+        assert_eq!(s.ret().iteration().await, 6);
+        let order: Vec<u32> = s.ret().log().await.into_iter().map(|(i, _)| i).collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn eligible_messages_keep_arrival_order_and_wait_for_other_entries() {
+    run_job(2, |_| async {
+        let s = Single::<Stepper>::new((), Some(1));
+        s.step(1, "first for 1".into());
+        s.step(0, "only for 0".into());
+        s.step(1, "second for 1".into());
+        s.step(2, "for 2".into());
+        // Only the step for iteration 0 can run so far.
+        assert_eq!(s.ret().log().await.len(), 1);
+        s.advance();
+        s.advance();
+        let log = s.ret().log().await;
+        let tags: Vec<&str> = log.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            tags,
+            vec!["only for 0", "first for 1", "second for 1", "for 2"]
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn general_conditions_on_state_and_arguments() {
+    run_job(1, |_| async {
+        let s = Single::<Stepper>::new((), Some(0));
+        s.spend(5, "five".into());
+        s.spend(1, String::new()); // never eligible: empty label
+        s.spend(2, "two".into());
+        s.fund(2); // only "two" fits
+        assert_eq!(s.ret().log().await, vec![(2, "two".to_string())]);
+        s.fund(6); // now "five"
+        let log = s.ret().log().await;
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[1], (5, "five".to_string()));
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn ten_thousand_reversed_messages_are_matched_by_lookup() {
+    const N: u32 = 10_000;
+    run_job(2, |_| async {
+        let s = Single::<Stepper>::new((), Some(1));
+        for i in (0..N).rev() {
+            s.step_and_advance(i);
+        }
+        assert_eq!(s.ret().iteration().await, N);
+        let log = s.ret().log().await;
+        assert!(log.iter().enumerate().all(|(k, (i, _))| k as u32 == *i));
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
