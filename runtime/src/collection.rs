@@ -110,6 +110,28 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// How many elements have their home on `pe`.
+    pub fn local_count(&self, pe: usize, num_pes: usize) -> usize {
+        match self {
+            Shape::Single { pe: home } => usize::from(*home as usize == pe),
+            Shape::Group => 1,
+            Shape::Array { dims } => {
+                let (lo, hi) = block_range(pe, dims.volume(), num_pes);
+                (hi - lo) as usize
+            }
+        }
+    }
+
+    /// The PEs that hold at least one element, in increasing order (the members of the
+    /// collection's reduction tree).
+    pub fn member_pes(&self, num_pes: usize) -> Vec<usize> {
+        (0..num_pes)
+            .filter(|&p| self.local_count(p, num_pes) > 0)
+            .collect()
+    }
+}
+
 /// Block placement: position `pos` of `total` goes to PE `pos * P / total`.
 fn block_owner(pos: u64, total: u64, num_pes: usize) -> usize {
     ((pos as u128 * num_pes as u128) / total.max(1) as u128) as usize

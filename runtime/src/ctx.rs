@@ -6,15 +6,22 @@
 //! name the mismatch if the program asks for the wrong one.
 
 use crate::chare::Chare;
+use crate::chare::Payload;
 use crate::collection::{CollectionId, Shape};
 use crate::envelope::CtxParts;
+use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
 use crate::proxy::{Array, ElementProxy, Group, Proxy};
+use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
+use crate::scheduler::with_pe;
+use std::cell::Cell;
 use std::marker::PhantomData;
 
 /// The context of one element of chare type `C`.
 pub struct Ctx<C> {
     parts: CtxParts,
+    /// Number of this element's next reduction contribution.
+    reductions: Cell<u64>,
     _chare: PhantomData<fn() -> C>,
 }
 
@@ -22,6 +29,7 @@ impl<C: Chare> Ctx<C> {
     pub(crate) fn from_parts(parts: CtxParts) -> Ctx<C> {
         Ctx {
             parts,
+            reductions: Cell::new(0),
             _chare: PhantomData,
         }
     }
@@ -93,6 +101,88 @@ impl<C: Chare> Ctx<C> {
                 other.describe()
             ),
         }
+    }
+
+    fn contribute_part(&self, what: &'static str, part: Part) {
+        let seq = self.reductions.get();
+        self.reductions.set(seq + 1);
+        with_pe(what, |pe| {
+            pe.reduce(self.parts.coll, seq, self.parts.shape, part)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Contributes `data` to the collection's next reduction with `reducer`; the result goes to
+    /// `target` (a [`Future`] or an entry callback such as `proxy.at(0).done_callback()`).
+    /// Every element of the collection must contribute, in the same order of reductions.
+    ///
+    /// # Panics
+    /// If `reducer` does not apply to `T` (e.g. a bitwise reducer on floats).
+    pub fn contribute<T: Reduce>(&self, data: T, reducer: Reducer, target: impl Into<Target<T>>) {
+        assert!(
+            T::supports(reducer),
+            "contribute: reducer {reducer:?} does not apply to {}",
+            std::any::type_name::<T>()
+        );
+        self.contribute_part(
+            "contribute",
+            Part::new(data, Kind::builtin::<T>(reducer), target),
+        );
+    }
+
+    /// Contributes `data` to a reduction with a user-defined reducer (see [`crate::reducer!`]).
+    pub fn contribute_with<T: Payload>(
+        &self,
+        data: T,
+        reducer: &CustomReducer<T>,
+        target: impl Into<Target<T>>,
+    ) {
+        self.contribute_part(
+            "contribute_with",
+            Part::new(data, Kind::custom(reducer), target),
+        );
+    }
+
+    /// Contributes `data` to a gather: the target receives every element's value, ordered by index.
+    pub fn gather<T: Payload>(&self, data: T, target: impl Into<Target<Vec<T>>>) {
+        let target: Target<Vec<T>> = target.into();
+        let part = Part::new(
+            vec![(self.parts.index, data)],
+            Kind::gather::<T>(),
+            Target::retype(target),
+        );
+        self.contribute_part("gather", part);
+    }
+
+    /// An empty reduction (a barrier): `target` is reached once every element called this.
+    pub fn barrier(&self, target: impl Into<Target<()>>) {
+        self.contribute_part(
+            "barrier",
+            Part::new((), Kind::builtin::<()>(Reducer::Sum), target),
+        );
+    }
+
+    /// Contributes to a reduction whose result every contributor receives: returns this element's
+    /// future of it (await it in a suspendable entry).
+    pub fn allreduce<T: Reduce>(&self, data: T, reducer: Reducer) -> Future<T> {
+        assert!(
+            T::supports(reducer),
+            "allreduce: reducer {reducer:?} does not apply to {}",
+            std::any::type_name::<T>()
+        );
+        let seq = self.reductions.get();
+        let fut = Future::<T>::new();
+        with_pe("allreduce", |pe| {
+            pe.reductions
+                .borrow_mut()
+                .add_allreduce_future(self.parts.coll, seq, fut.parts())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.contribute_part(
+            "allreduce",
+            Part::everyone(data, Kind::builtin::<T>(reducer)),
+        );
+        fut
     }
 
     /// Id of the collection this element belongs to.

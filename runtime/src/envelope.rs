@@ -12,6 +12,7 @@ use crate::element::{Coro, Element, ElementObj};
 use crate::error::Error;
 use crate::future::Resolution;
 use crate::index::Index;
+use crate::reduction::Part;
 use crate::scheduler::{AbortUnwind, PeState};
 use crate::when::PendingWhen;
 use std::any::Any;
@@ -59,6 +60,21 @@ pub(crate) enum Body {
     Fulfil { id: u64, outcome: Resolution },
     /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
     Partial { id: u64, outcome: Resolution },
+    /// A child PE's partial result of reduction `seq` over `coll`.
+    ReduceUp {
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        part: Part,
+    },
+    /// An allreduce result on its way down the tree.
+    ReduceDown {
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        value: Box<dyn Any + Send>,
+        clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
+    },
 }
 
 impl Envelope {

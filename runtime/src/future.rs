@@ -84,6 +84,10 @@ impl<T: Payload> Future<T> {
         }
     }
 
+    pub(crate) fn parts(&self) -> (u32, u64) {
+        (self.pe, self.id)
+    }
+
     /// The PE that owns (and may await) the future.
     pub fn owner(&self) -> usize {
         self.pe as usize

@@ -39,6 +39,7 @@
 //! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
 //! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
 
+mod callback;
 mod chare;
 mod collection;
 mod ctx;
@@ -50,12 +51,14 @@ mod index;
 mod options;
 mod panic;
 mod proxy;
+mod reduction;
 pub mod registry;
 mod runtime;
 mod scheduler;
 mod sleep;
 mod when;
 
+pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Entry, Invoked, Payload};
 pub use charmrs_macros::chare;
 pub use collection::{CollectionId, Shape};
@@ -66,14 +69,15 @@ pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, MAX_DIMS};
 pub use options::{Options, OPTIONS};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
+pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
 pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
 pub use sleep::{sleep, Sleep};
 
 /// The names most programs need: `use charmrs::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        chare, wait_all, wait_any, Array, ArrayIndex, Chare, Coro, Ctx, ElementProxy, Future,
-        Group, Index, Proxy, ProxyTarget, Single,
+        chare, reducer, wait_all, wait_any, Array, ArrayIndex, Callback, Chare, Coro, Ctx,
+        ElementProxy, Future, Group, Index, Proxy, ProxyTarget, Reducer, Single,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -81,6 +85,7 @@ pub mod prelude {
 /// Items used by code that `#[chare]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::reduction::combine_custom;
     pub use crate::registry::{entry_id, EntryInfo};
     pub use crate::when::hash_key;
     pub use inventory;

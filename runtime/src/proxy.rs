@@ -10,6 +10,7 @@
 //! [`ProxyTarget`]. Invariant: a proxy only ever holds a valid PE and an in-range index (checked when
 //! it is made), so sending never fails later for a bad address.
 
+use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
 use crate::envelope::{Body, Call, Construct, Envelope, Reply};
@@ -33,6 +34,10 @@ pub trait ProxyTarget<C: Chare> {
     /// # Panics
     /// When called on a thread that is not a running PE (see [`Error::NotInRuntime`]).
     fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Self::Reply<E::Output>;
+
+    /// Where a [`Callback`](crate::Callback) made from this proxy sends its calls.
+    #[doc(hidden)]
+    fn callback_dest(&self) -> CallbackDest;
 }
 
 fn or_panic<T>(r: Result<T>) -> T {
@@ -120,6 +125,15 @@ impl<C: Chare> ElementProxy<C> {
 impl<C: Chare> ProxyTarget<C> for ElementProxy<C> {
     type Reply<R: Payload> = ();
 
+    fn callback_dest(&self) -> CallbackDest {
+        CallbackDest::Point {
+            coll: self.coll,
+            index: self.index,
+            pe: self.pe,
+            priority: self.priority,
+        }
+    }
+
     #[inline]
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.point::<E>(args, Reply::None)
@@ -139,6 +153,10 @@ pub struct Gather<P>(P);
 impl<C: Chare> ProxyTarget<C> for Ret<ElementProxy<C>> {
     type Reply<R: Payload> = Future<R>;
 
+    fn callback_dest(&self) -> CallbackDest {
+        self.0.callback_dest()
+    }
+
     fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<E::Output> {
         let id = or_panic(with_pe(E::NAME, |pe| pe.futures.borrow_mut().create()));
         self.0
@@ -150,6 +168,10 @@ impl<C: Chare> ProxyTarget<C> for Ret<ElementProxy<C>> {
 impl<C: Chare> ProxyTarget<C> for Ret<Proxy<C>> {
     type Reply<R: Payload> = Future<()>;
 
+    fn callback_dest(&self) -> CallbackDest {
+        self.0.callback_dest()
+    }
+
     fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<()> {
         Future::from_id(self.0.broadcast::<E>(args, false))
     }
@@ -157,6 +179,10 @@ impl<C: Chare> ProxyTarget<C> for Ret<Proxy<C>> {
 
 impl<C: Chare> ProxyTarget<C> for Gather<Proxy<C>> {
     type Reply<R: Payload> = Future<Vec<R>>;
+
+    fn callback_dest(&self) -> CallbackDest {
+        self.0.callback_dest()
+    }
 
     fn send_entry<E: Entry<C>>(&self, args: E::Args) -> Future<Vec<E::Output>> {
         Future::from_id(self.0.broadcast::<E>(args, true))
@@ -309,6 +335,14 @@ impl<C: Chare> Proxy<C> {
 
 impl<C: Chare> ProxyTarget<C> for Proxy<C> {
     type Reply<R: Payload> = ();
+
+    fn callback_dest(&self) -> CallbackDest {
+        CallbackDest::Broadcast {
+            coll: self.coll,
+            shape: self.shape,
+            priority: self.priority,
+        }
+    }
 
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         or_panic(with_pe(E::NAME, |pe| {
@@ -553,18 +587,30 @@ impl<C> Copy for Single<C> {}
 
 impl<C: Chare> ProxyTarget<C> for Group<C> {
     type Reply<R: Payload> = ();
+
+    fn callback_dest(&self) -> CallbackDest {
+        self.0.callback_dest()
+    }
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.0.send_entry::<E>(args)
     }
 }
 impl<C: Chare, I> ProxyTarget<C> for Array<C, I> {
     type Reply<R: Payload> = ();
+
+    fn callback_dest(&self) -> CallbackDest {
+        self.proxy.callback_dest()
+    }
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.proxy.send_entry::<E>(args)
     }
 }
 impl<C: Chare> ProxyTarget<C> for Single<C> {
     type Reply<R: Payload> = ();
+
+    fn callback_dest(&self) -> CallbackDest {
+        self.0.callback_dest()
+    }
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         self.0.send_entry::<E>(args)
     }

@@ -420,6 +420,20 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
             #(#docs)*
             fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output>;
         });
+        let callback = format_ident!("{}_callback", method);
+        let callback_doc = format!(
+            "Entry method `{entry_name}` of this proxy's element(s) as a callback (for example a reduction target)."
+        );
+        trait_methods.push(quote! {
+            #[doc = #callback_doc]
+            fn #callback(&self) -> ::charmrs::Callback<(#(#types,)*)>;
+        });
+        impl_methods.push(quote! {
+            #[inline]
+            fn #callback(&self) -> ::charmrs::Callback<(#(#types,)*)> {
+                ::charmrs::Callback::new::<#ty, #marker>(::charmrs::ProxyTarget::<#ty>::callback_dest(self))
+            }
+        });
         impl_methods.push(quote! {
             #[inline]
             fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output> {

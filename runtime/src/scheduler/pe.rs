@@ -20,6 +20,7 @@ use crate::envelope::{Body, Construction, CtxParts, Envelope, LocalTask, Site};
 use crate::error::{Error, Result};
 use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
+use crate::reduction::ReductionTable;
 use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::collections::BinaryHeap;
@@ -63,6 +64,7 @@ pub(crate) struct PeState {
     next_placement: Cell<usize>,
     executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
+    pub(crate) reductions: RefCell<ReductionTable>,
     /// Elements whose `when` buffers need a re-check after the current message.
     dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
     timers: RefCell<BinaryHeap<Timer>>,
@@ -133,6 +135,7 @@ impl PeState {
             next_placement: Cell::new(pe),
             executor: Executor::default(),
             futures: RefCell::new(FutureTable::new(pe)),
+            reductions: RefCell::default(),
             dirty: RefCell::default(),
             timers: RefCell::default(),
             has_timers: Cell::new(false),
@@ -321,6 +324,19 @@ impl PeState {
             }
             Body::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
             Body::Partial { id, outcome } => self.partial(self.pe, id, outcome),
+            Body::ReduceUp {
+                coll,
+                seq,
+                shape,
+                part,
+            } => self.reduce(coll, seq, shape, part),
+            Body::ReduceDown {
+                coll,
+                seq,
+                shape,
+                value,
+                clone,
+            } => self.reduce_down(coll, seq, shape, value, clone),
         }
     }
 
