@@ -12,7 +12,7 @@ use crate::element::{Coro, Element, ElementObj};
 use crate::error::Error;
 use crate::future::Resolution;
 use crate::index::Index;
-use crate::reduction::Part;
+use crate::reduction::{Part, TargetSpec};
 use crate::scheduler::{AbortUnwind, PeState};
 use crate::when::PendingWhen;
 use std::any::Any;
@@ -60,6 +60,14 @@ pub(crate) enum Body {
     Fulfil { id: u64, outcome: Resolution },
     /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
     Partial { id: u64, outcome: Resolution },
+    /// Register a quiescence target (sent to PE 0).
+    QdStart(TargetSpec),
+    /// Start the next quiescence wave (PE 0, after a pause).
+    QdWave,
+    /// Report your message counters to PE 0.
+    QdProbe,
+    /// One PE's message counters.
+    QdCounts { sent: u64, processed: u64 },
     /// A child PE's partial result of reduction `seq` over `coll`.
     ReduceUp {
         coll: CollectionId,
@@ -80,6 +88,20 @@ pub(crate) enum Body {
 impl Envelope {
     pub(crate) fn new(priority: i32, body: Body) -> Envelope {
         Envelope { priority, body }
+    }
+
+    /// Whether quiescence detection counts this message (application traffic) — runtime control
+    /// messages (task wake-ups, quiescence probes) are not counted.
+    #[inline]
+    pub(crate) fn counted(&self) -> bool {
+        !matches!(
+            self.body,
+            Body::Resume { .. }
+                | Body::QdStart(_)
+                | Body::QdWave
+                | Body::QdProbe
+                | Body::QdCounts { .. }
+        )
     }
 }
 

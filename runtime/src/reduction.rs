@@ -312,7 +312,24 @@ impl<T: Payload> From<Callback<(T,)>> for Target<T> {
     }
 }
 
+impl From<Callback<()>> for Target<()> {
+    fn from(cb: Callback<()>) -> Self {
+        Target {
+            spec: TargetSpec::Entry {
+                dest: cb.dest,
+                make: cb.make,
+                wrap: |_| Box::new(()),
+            },
+            _t: PhantomData,
+        }
+    }
+}
+
 impl<T> Target<T> {
+    pub(crate) fn spec(self) -> TargetSpec {
+        self.spec
+    }
+
     /// The same destination for a value stored as another type (gather partials).
     pub(crate) fn retype<U>(t: Target<T>) -> Target<U> {
         Target {
@@ -523,16 +540,23 @@ impl PeState {
         let kind = part.kind;
         let value = (kind.finish)(part.data);
         match part.target {
+            TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind.clone),
+            target => self.reach(target, value),
+        }
+    }
+
+    /// Delivers `value` to a future or entry target.
+    pub(crate) fn reach(&self, target: TargetSpec, value: Box<dyn Any + Send>) {
+        match target {
             TargetSpec::Future { pe, id } => self.fulfil(pe as usize, id, Ok(value)),
             TargetSpec::Entry { dest, make, wrap } => match make(wrap(value)) {
                 Some(call) => deliver(self, dest, call),
-                None => self.abort_job(format!(
-                    "charmrs: {}: the target entry does not take a {}",
-                    describe(coll, seq, &shape),
-                    kind.type_name
-                )),
+                None => self.abort_job(
+                    "charmrs: a reduction or quiescence target entry takes another argument type"
+                        .into(),
+                ),
             },
-            TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind.clone),
+            TargetSpec::Everyone => unreachable!("allreduce results go down the tree"),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::envelope::{Body, Construction, CtxParts, Envelope, LocalTask, Site};
 use crate::error::{Error, Result};
 use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
+use crate::quiescence::QdState;
 use crate::reduction::ReductionTable;
 use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
@@ -65,6 +66,10 @@ pub(crate) struct PeState {
     executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
     pub(crate) reductions: RefCell<ReductionTable>,
+    pub(crate) qd: RefCell<QdState>,
+    /// Application messages sent / processed by this PE (for quiescence detection).
+    sent: Cell<u64>,
+    processed: Cell<u64>,
     /// Elements whose `when` buffers need a re-check after the current message.
     dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
     timers: RefCell<BinaryHeap<Timer>>,
@@ -136,6 +141,9 @@ impl PeState {
             executor: Executor::default(),
             futures: RefCell::new(FutureTable::new(pe)),
             reductions: RefCell::default(),
+            qd: RefCell::default(),
+            sent: Cell::new(0),
+            processed: Cell::new(0),
             dirty: RefCell::default(),
             timers: RefCell::default(),
             has_timers: Cell::new(false),
@@ -164,11 +172,19 @@ impl PeState {
     /// destination's mailbox otherwise.
     #[inline]
     pub(crate) fn send(&self, dst: usize, env: Envelope) {
+        if env.counted() {
+            self.sent.set(self.sent.get() + 1);
+        }
         if dst == self.pe {
             self.queue.borrow_mut().push(env);
         } else {
             self.shared.mailboxes[dst].push(env);
         }
+    }
+
+    /// (sent, processed) application messages of this PE.
+    pub(crate) fn message_counts(&self) -> (u64, u64) {
+        (self.sent.get(), self.processed.get())
     }
 
     /// A fresh job-wide collection id.
@@ -324,6 +340,9 @@ impl PeState {
             }
             Body::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
             Body::Partial { id, outcome } => self.partial(self.pe, id, outcome),
+            body @ (Body::QdStart(_) | Body::QdWave | Body::QdProbe | Body::QdCounts { .. }) => {
+                self.quiescence(body)
+            }
             Body::ReduceUp {
                 coll,
                 seq,
@@ -444,6 +463,9 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         };
         match next {
             Some(env) => {
+                if env.counted() {
+                    state.processed.set(state.processed.get() + 1);
+                }
                 state.deliver(env);
                 state.recheck_dirty();
                 if state.has_timers.get() {

@@ -1,0 +1,117 @@
+//! Quiescence detection: [`start_qd`] / [`wait_qd`] (charm4py's `charm.startQD` / `waitQD`).
+//!
+//! Every PE counts the application messages it sent and the ones it processed (runtime control
+//! traffic — task wake-ups and this module's own probes — is not counted). PE 0 runs waves: it asks
+//! every PE for its two counters and sums them. The job is quiescent when, in two consecutive waves,
+//! the sums are equal (nothing in flight) and unchanged (nothing happened in between) — the
+//! four-counter method. Then every registered target is reached once. Invariant: a wave is in
+//! progress exactly while targets are waiting; waves are spaced by [`WAVE_GAP`] so a busy job is
+//! not flooded with probes.
+
+use crate::envelope::{Body, Envelope};
+use crate::future::Future;
+use crate::reduction::{Target, TargetSpec};
+use crate::scheduler::{with_pe, PeState};
+use std::sync::Arc;
+use std::task::{Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// Pause between two waves that did not find quiescence.
+pub const WAVE_GAP: Duration = Duration::from_micros(50);
+
+/// The wave coordinator's state (meaningful on PE 0 only).
+#[derive(Default)]
+pub(crate) struct QdState {
+    waiting: Vec<TargetSpec>,
+    in_wave: bool,
+    replies: usize,
+    sums: (u64, u64),
+    previous: Option<(u64, u64)>,
+}
+
+/// Reaches `target` (a `Future<()>` or a callback) once the whole job is quiescent: no PE is
+/// processing an application message and none is in flight.
+///
+/// # Panics
+/// Outside a running PE.
+pub fn start_qd(target: impl Into<Target<()>>) {
+    let spec = target.into().spec();
+    with_pe("start_qd", |pe| {
+        pe.send(0, Envelope::new(0, Body::QdStart(spec)))
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Suspends until the job is quiescent (see [`start_qd`]).
+pub async fn wait_qd() {
+    let done = Future::<()>::new();
+    start_qd(done);
+    done.await
+}
+
+/// Posts a `QdWave` to PE 0 when a wave's pause is over.
+struct NextWave(Arc<crate::scheduler::Shared>);
+
+impl Wake for NextWave {
+    fn wake(self: Arc<Self>) {
+        self.0.mailboxes[0].push(Envelope::new(0, Body::QdWave));
+    }
+}
+
+impl PeState {
+    /// Handles the quiescence-detection control messages.
+    pub(crate) fn quiescence(&self, body: Body) {
+        match body {
+            Body::QdStart(target) => {
+                let mut qd = self.qd.borrow_mut();
+                qd.waiting.push(target);
+                if !qd.in_wave {
+                    qd.in_wave = true;
+                    drop(qd);
+                    self.qd_wave();
+                }
+            }
+            Body::QdWave => self.qd_wave(),
+            Body::QdProbe => {
+                let (sent, processed) = self.message_counts();
+                self.send(0, Envelope::new(0, Body::QdCounts { sent, processed }));
+            }
+            Body::QdCounts { sent, processed } => {
+                let mut qd = self.qd.borrow_mut();
+                qd.replies += 1;
+                qd.sums.0 += sent;
+                qd.sums.1 += processed;
+                if qd.replies < self.num_pes() {
+                    return;
+                }
+                let sums = qd.sums;
+                if sums.0 == sums.1 && qd.previous == Some(sums) {
+                    qd.in_wave = false;
+                    qd.previous = None;
+                    let targets = std::mem::take(&mut qd.waiting);
+                    drop(qd);
+                    for t in targets {
+                        self.reach(t, Box::new(()));
+                    }
+                } else {
+                    qd.previous = Some(sums);
+                    drop(qd);
+                    let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
+                    self.add_timer(Instant::now() + WAVE_GAP, waker);
+                }
+            }
+            _ => unreachable!("only quiescence messages come here"),
+        }
+    }
+
+    fn qd_wave(&self) {
+        {
+            let mut qd = self.qd.borrow_mut();
+            qd.replies = 0;
+            qd.sums = (0, 0);
+        }
+        for dst in 0..self.num_pes() {
+            self.send(dst, Envelope::new(0, Body::QdProbe));
+        }
+    }
+}
