@@ -12,6 +12,7 @@ use crate::element::{Coro, Element, ElementObj};
 use crate::error::Error;
 use crate::future::Resolution;
 use crate::index::Index;
+use crate::pool::{JobSpec, PoolMsg};
 use crate::reduction::{Part, TargetSpec};
 use crate::scheduler::{AbortUnwind, PeState};
 use crate::when::PendingWhen;
@@ -60,6 +61,10 @@ pub(crate) enum Body {
     Fulfil { id: u64, outcome: Resolution },
     /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
     Partial { id: u64, outcome: Resolution },
+    /// A new task-pool job (sent to PE 0, the pool's master).
+    PoolSubmit(Box<JobSpec>),
+    /// Task-pool traffic between the master and the workers.
+    Pool(PoolMsg),
     /// Register a quiescence target (sent to PE 0).
     QdStart(TargetSpec),
     /// Start the next quiescence wave (PE 0, after a pause).
@@ -427,6 +432,13 @@ impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
     fn clone_box(&self) -> Box<dyn Invocation> {
         Call::<C, E>::boxed(self.args.clone(), self.reply)
     }
+}
+
+/// Awaits `fut`, turning a panic inside it into an `Err` with its payload.
+pub(crate) fn catch_panic<T>(
+    fut: Pin<Box<dyn Future<Output = T>>>,
+) -> impl Future<Output = Result<T, Box<dyn Any + Send>>> {
+    CatchPanic { inner: fut }
 }
 
 /// Polls a future, turning a panic into an `Err` with its payload.

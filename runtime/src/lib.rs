@@ -50,6 +50,7 @@ mod future;
 mod index;
 mod options;
 mod panic;
+mod pool;
 mod proxy;
 mod quiescence;
 mod reduction;
@@ -61,7 +62,7 @@ mod when;
 
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Entry, Invoked, Payload};
-pub use charmrs_macros::chare;
+pub use charmrs_macros::{chare, task};
 pub use collection::{CollectionId, Shape};
 pub use ctx::Ctx;
 pub use element::{Coro, WaitFor};
@@ -69,6 +70,7 @@ pub use error::{Error, Result};
 pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, MAX_DIMS};
 pub use options::{Options, OPTIONS};
+pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
@@ -87,6 +89,7 @@ pub mod prelude {
 /// Items used by code that `#[chare]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::pool::{TaskInfo, TaskRun};
     pub use crate::reduction::combine_custom;
     pub use crate::registry::{entry_id, EntryInfo};
     pub use crate::when::hash_key;

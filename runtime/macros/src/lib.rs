@@ -482,3 +482,76 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
         }
     })
 }
+
+/// Registers a function of one argument as a task the pool can run on any PE
+/// (`charmrs::pool().map(f, items)`, `.task(f, arg)`, `.spawn(f, arg)`). The function may be
+/// `async` (then its tasks may await nested tasks). Argument and result must be
+/// `charmrs::Payload`.
+#[proc_macro_attribute]
+pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(Span::call_site(), "#[task] takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let f = parse_macro_input!(item as syn::ItemFn);
+    match expand_task(&f) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand_task(f: &syn::ItemFn) -> syn::Result<TokenStream2> {
+    if !f.sig.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            f.sig.generics.span(),
+            "task functions cannot be generic",
+        ));
+    }
+    if f.sig.inputs.len() != 1 {
+        return Err(syn::Error::new(
+            f.sig.inputs.span(),
+            "a task function takes exactly one argument (use a tuple for several)",
+        ));
+    }
+    let FnArg::Typed(arg) = &f.sig.inputs[0] else {
+        return Err(syn::Error::new(
+            f.sig.inputs.span(),
+            "a task function takes no `self`",
+        ));
+    };
+    let arg_ty = &arg.ty;
+    let name = &f.sig.ident;
+    let is_async = f.sig.asyncness.is_some();
+    let run = if is_async {
+        quote! {
+            ::charmrs::__private::TaskRun::Suspended(::std::boxed::Box::pin(async move {
+                ::std::boxed::Box::new(#name(arg).await)
+                    as ::std::boxed::Box<dyn ::std::any::Any + ::std::marker::Send>
+            }))
+        }
+    } else {
+        quote!(::charmrs::__private::TaskRun::Done(::std::boxed::Box::new(#name(arg))))
+    };
+    Ok(quote! {
+        #f
+
+        const _: () = {
+            fn run(
+                arg: ::std::boxed::Box<dyn ::std::any::Any + ::std::marker::Send>,
+            ) -> ::charmrs::__private::TaskRun {
+                let arg: #arg_ty = *arg
+                    .downcast::<#arg_ty>()
+                    .expect("the pool passes the argument type the function was registered with");
+                #run
+            }
+            ::charmrs::__private::inventory::submit! {
+                ::charmrs::__private::TaskInfo {
+                    name: concat!(module_path!(), "::", stringify!(#name)),
+                    run,
+                    is_async: #is_async,
+                }
+            }
+        };
+    })
+}

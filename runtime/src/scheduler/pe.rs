@@ -20,6 +20,7 @@ use crate::envelope::{Body, Construction, CtxParts, Envelope, LocalTask, Site};
 use crate::error::{Error, Result};
 use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
+use crate::pool::PoolState;
 use crate::quiescence::QdState;
 use crate::reduction::ReductionTable;
 use rustc_hash::FxHashMap;
@@ -67,6 +68,7 @@ pub(crate) struct PeState {
     pub(crate) futures: RefCell<FutureTable>,
     pub(crate) reductions: RefCell<ReductionTable>,
     pub(crate) qd: RefCell<QdState>,
+    pub(crate) pool: RefCell<PoolState>,
     /// Application messages sent / processed by this PE (for quiescence detection).
     sent: Cell<u64>,
     processed: Cell<u64>,
@@ -142,6 +144,7 @@ impl PeState {
             futures: RefCell::new(FutureTable::new(pe)),
             reductions: RefCell::default(),
             qd: RefCell::default(),
+            pool: RefCell::default(),
             sent: Cell::new(0),
             processed: Cell::new(0),
             dirty: RefCell::default(),
@@ -340,6 +343,8 @@ impl PeState {
             }
             Body::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
             Body::Partial { id, outcome } => self.partial(self.pe, id, outcome),
+            Body::PoolSubmit(spec) => self.pool_submit(*spec),
+            Body::Pool(msg) => self.pool_message(msg),
             body @ (Body::QdStart(_) | Body::QdWave | Body::QdProbe | Body::QdCounts { .. }) => {
                 self.quiescence(body)
             }

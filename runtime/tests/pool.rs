@@ -1,0 +1,144 @@
+//! The task pool: concurrent map jobs, chunks and PE caps, single and fire-and-forget tasks,
+//! nested tasks, failures.
+
+mod common;
+
+use charmrs::{pool, Error, MapOptions};
+use common::run_job;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[charmrs::task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[charmrs::task]
+fn which_pe(_x: u32) -> usize {
+    charmrs::my_pe()
+}
+
+#[charmrs::task]
+fn fragile(x: u32) -> u32 {
+    if x == 7 {
+        panic!("task 7 breaks");
+    }
+    x
+}
+
+/// Parallel Fibonacci with nested tasks.
+#[charmrs::task]
+async fn fib(n: u64) -> u64 {
+    if n < 2 {
+        return n;
+    }
+    let a = pool().task(fib, n - 1);
+    let b = pool().task(fib, n - 2);
+    a.await + b.await
+}
+
+static SPAWNED: AtomicU64 = AtomicU64::new(0);
+
+#[charmrs::task]
+fn count(by: u64) {
+    SPAWNED.fetch_add(by, Ordering::SeqCst);
+}
+
+fn not_a_task(x: u64) -> u64 {
+    x
+}
+
+#[test]
+fn two_concurrent_map_jobs_in_input_order() {
+    run_job(4, |_| async {
+        let opts = MapOptions {
+            chunk: 2,
+            max_pes: Some(2),
+        };
+        let f1 = pool().map_async(square, vec![1, 2, 3, 4, 5], opts);
+        let f2 = pool().map_async(square, vec![1, 3, 5, 7, 9], opts);
+        assert_eq!(f2.await, vec![1, 9, 25, 49, 81]);
+        assert_eq!(f1.await, vec![1, 4, 9, 16, 25]);
+        let many: Vec<u64> = (0..500).collect();
+        let want: Vec<u64> = many.iter().map(|x| x * x).collect();
+        assert_eq!(pool().map(square, many).await, want);
+        assert_eq!(pool().map(square, Vec::new()).await, Vec::<u64>::new());
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn the_pe_cap_limits_a_job() {
+    run_job(4, |_| async {
+        let opts = MapOptions {
+            chunk: 1,
+            max_pes: Some(1),
+        };
+        let pes = pool().map_async(which_pe, (0..40).collect(), opts).await;
+        let distinct: std::collections::BTreeSet<usize> = pes.iter().copied().collect();
+        assert_eq!(distinct.len(), 1, "one PE at a time: {distinct:?}");
+        let pes = pool().map(which_pe, (0..400).collect()).await;
+        let distinct: std::collections::BTreeSet<usize> = pes.iter().copied().collect();
+        assert!(distinct.len() > 1, "an uncapped job spreads: {distinct:?}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_panicking_task_fails_its_job_only() {
+    run_job(3, |_| async {
+        let e = pool()
+            .map_async(fragile, (0..20).collect(), MapOptions::default())
+            .result()
+            .await;
+        match e {
+            Err(Error::Remote { entry, message, .. }) => {
+                assert!(entry.ends_with("::fragile"), "{entry}");
+                assert!(message.contains("task 7 breaks"), "{message}");
+            }
+            other => panic!("expected the task's error, got {other:?}"),
+        }
+        assert_eq!(pool().map(fragile, vec![1, 2, 3]).await, vec![1, 2, 3]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn nested_tasks_from_inside_tasks() {
+    run_job(4, |_| async {
+        assert_eq!(pool().task(fib, 15).await, 610);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn fire_and_forget_spawns() {
+    run_job(2, |_| async {
+        for _ in 0..10 {
+            pool().spawn(count, 3);
+        }
+        charmrs::wait_qd().await;
+        assert_eq!(SPAWNED.load(Ordering::SeqCst), 30);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn an_unregistered_function_is_named() {
+    let r = run_job(1, |_| async {
+        let _ = pool().task(not_a_task, 1);
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            assert!(
+                msg.contains("not_a_task") && msg.contains("#[charmrs::task]"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
