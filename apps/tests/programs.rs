@@ -102,3 +102,51 @@ fn bad_arguments_are_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown runtime option `+q`"));
 }
+
+#[test]
+fn reduction_prints_the_sum() {
+    let want: Vec<String> = (0..20).map(|x| (x * 100).to_string()).collect();
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_reduction"), &[&format!("+p{p}")]);
+        assert_eq!(
+            got,
+            vec![format!("Reduction result is [{}]", want.join(", "))]
+        );
+    }
+}
+
+#[test]
+fn futures_prints_reduction_and_both_futures() {
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_futures"), &[&format!("+p{p}")]);
+        assert_eq!(
+            got,
+            vec![
+                "Reduction result is 4950",
+                "Value of future 1 is 1",
+                "Value of future 2 is 2"
+            ]
+        );
+    }
+}
+
+#[test]
+fn wait_loop_finishes_once() {
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_wait_loop"), &[&format!("+p{p}")]);
+        assert_eq!(got, vec!["Done after 10 iterations"]);
+    }
+    let got = lines_ok(env!("CARGO_BIN_EXE_wait_loop"), &["+p3", "50"]);
+    assert_eq!(got, vec!["Done after 10 iterations"]);
+}
+
+#[test]
+fn pmap_runs_two_jobs() {
+    for p in PES {
+        let got = lines_ok(env!("CARGO_BIN_EXE_pmap"), &[&format!("+p{p}")]);
+        assert_eq!(
+            got,
+            vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]"]
+        );
+    }
+}
