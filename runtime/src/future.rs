@@ -284,7 +284,7 @@ impl FutureTable {
             finish: Box::new(move || {
                 if values {
                     let mut all = std::mem::take(&mut *acc.borrow_mut());
-                    all.sort_by(|a, b| a.0.cmp(&b.0));
+                    all.sort_by_key(|e| e.0);
                     Box::new(all.into_iter().map(|(_, v)| v).collect::<Vec<R>>())
                 } else {
                     Box::new(())

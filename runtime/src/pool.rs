@@ -38,6 +38,10 @@ pub enum TaskRun {
 pub struct TaskInfo {
     /// Qualified name (`module::function`).
     pub name: &'static str,
+    /// The module it was declared in (`module_path!()`).
+    pub module: &'static str,
+    /// The function's own name.
+    pub function: &'static str,
     /// Runs the function on a boxed argument.
     pub run: fn(AnyBox) -> TaskRun,
     /// Whether the function is `async`.
@@ -46,18 +50,30 @@ pub struct TaskInfo {
 
 inventory::collect!(TaskInfo);
 
+/// Finds the registration of the function whose type name is `type_name`. A function declared
+/// inside another function's body has extra path segments in its type name, so a unique
+/// registration from the same module with the same function name also matches.
 fn lookup(type_name: &str) -> Option<&'static TaskInfo> {
     static BY_NAME: OnceLock<std::collections::HashMap<&'static str, &'static TaskInfo>> =
         OnceLock::new();
-    BY_NAME
-        .get_or_init(|| {
-            inventory::iter::<TaskInfo>
-                .into_iter()
-                .map(|t| (t.name, t))
-                .collect()
-        })
-        .get(type_name)
-        .copied()
+    let by_name = BY_NAME.get_or_init(|| {
+        inventory::iter::<TaskInfo>
+            .into_iter()
+            .map(|t| (t.name, t))
+            .collect()
+    });
+    if let Some(t) = by_name.get(type_name) {
+        return Some(t);
+    }
+    let mut candidates = by_name.values().filter(|t| {
+        type_name.starts_with(t.module)
+            && type_name[t.module.len()..].starts_with("::")
+            && type_name.rsplit("::").next() == Some(t.function)
+    });
+    match (candidates.next(), candidates.next()) {
+        (Some(t), None) => Some(t),
+        _ => None,
+    }
 }
 
 /// Marker for synchronous task functions (see [`TaskFn`]).

@@ -176,14 +176,11 @@ fn combine_builtin<T: Reduce>(
 
 /// Folds with a user function (used by [`reducer!`](crate::reducer)).
 #[doc(hidden)]
-pub fn combine_custom<T: 'static>(
+pub fn combine_custom<T: Send + 'static>(
     acc: &mut Box<dyn Any + Send>,
     next: Box<dyn Any + Send>,
     f: fn(T, T) -> T,
-) -> Result<(), String>
-where
-    T: Send,
-{
+) -> Result<(), String> {
     let next = next
         .downcast::<T>()
         .map_err(|_| "contribution of another type".to_string())?;
@@ -214,7 +211,7 @@ fn finish_gather<T: Payload>(v: Box<dyn Any + Send>) -> Box<dyn Any + Send> {
     let mut v = v
         .downcast::<Vec<(Index, T)>>()
         .expect("gather partials are checked");
-    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.sort_by_key(|e| e.0);
     Box::new(v.into_iter().map(|(_, t)| t).collect::<Vec<T>>())
 }
 

@@ -153,12 +153,10 @@ impl Runtime {
 /// bad command line).
 ///
 /// ```no_run
-/// fn main() {
-///     charmrs::start(|args| async move {
-///         println!("{} PEs, arguments {:?}", charmrs::num_pes(), &args[1..]);
-///         charmrs::exit(0);
-///     })
-/// }
+/// charmrs::start(|args| async move {
+///     println!("{} PEs, arguments {:?}", charmrs::num_pes(), &args[1..]);
+///     charmrs::exit(0);
+/// })
 /// ```
 pub fn start<F, Fut>(main: F) -> !
 where

@@ -27,6 +27,9 @@ pub(crate) trait PendingWhen<C> {
     );
 }
 
+/// Hashes the chare field an equality condition compares with.
+type StateKeyFn<C> = fn(&C) -> u64;
+
 /// The buffered calls of one element.
 pub(crate) struct WhenBuffer<C> {
     next_seq: u64,
@@ -34,7 +37,7 @@ pub(crate) struct WhenBuffer<C> {
     /// Equality-indexed calls: (entry id, argument hash) → arrival numbers.
     keyed: FxHashMap<(u64, u64), BTreeSet<u64>>,
     /// Entries with keyed calls pending, with how to hash the compared state, and how many.
-    keyed_entries: FxHashMap<u64, (fn(&C) -> u64, usize)>,
+    keyed_entries: FxHashMap<u64, (StateKeyFn<C>, usize)>,
     /// Arrival numbers of calls whose condition is not an indexed equality.
     scanned: BTreeSet<u64>,
 }

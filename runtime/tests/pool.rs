@@ -142,3 +142,16 @@ fn an_unregistered_function_is_named() {
         other => panic!("expected an abort, got {other:?}"),
     }
 }
+
+#[test]
+fn a_task_declared_inside_a_function_body() {
+    #[charmrs::task]
+    fn triple(x: u32) -> u32 {
+        3 * x
+    }
+    run_job(2, |_| async {
+        assert_eq!(pool().map(triple, vec![1, 2]).await, vec![3, 6]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -80,7 +80,7 @@ impl Elem {
 
     /// Result broadcast to every element.
     #[entry]
-    fn to_all(&mut self, ctx: &Ctx<Self>, done: Future<()>) {
+    fn for_all(&mut self, ctx: &Ctx<Self>, done: Future<()>) {
         ctx.contribute(1u32, Reducer::Sum, ctx.this_proxy().hear_callback());
         ctx.barrier(done);
     }
@@ -190,7 +190,10 @@ fn every_built_in_reducer_gather_barrier_and_custom() {
         assert!(fs.xor.await); // three `true`s
         assert_eq!(fs.bor.await, 0b11_1111);
         assert_eq!(fs.band.await, 0xff ^ 0b11_1111);
-        assert_eq!(fs.bxor.await, 1 ^ 2 ^ 3 ^ 4 ^ 5);
+        assert_eq!(
+            fs.bxor.await,
+            [1u16, 2, 3, 4, 5].iter().fold(0, |a, b| a ^ b)
+        );
         assert_eq!(fs.vsum.await, vec![15.0, 6.0, -15.0]);
         assert_eq!(fs.gather.await, vec!["e0", "e1", "e2", "e3", "e4", "e5"]);
         fs.barrier.await;
@@ -227,12 +230,12 @@ fn result_broadcast_to_every_element_including_sparse_member_pes() {
         // 3 elements on 4 PEs: PEs 0, 1, 2 hold one each, PE 3 none.
         let a = Array::<Elem, usize>::new(3, ());
         let done = Future::new();
-        a.to_all(done);
+        a.for_all(done);
         done.await;
         assert_eq!(a.gather().heard().await, vec![3, 3, 3]);
         let g = Group::<Elem>::new(());
         let done = Future::new();
-        g.to_all(done);
+        g.for_all(done);
         done.await;
         assert_eq!(g.gather().heard().await, vec![4; 4]);
         charmrs::exit(0);

@@ -548,6 +548,8 @@ fn expand_task(f: &syn::ItemFn) -> syn::Result<TokenStream2> {
             ::charmrs::__private::inventory::submit! {
                 ::charmrs::__private::TaskInfo {
                     name: concat!(module_path!(), "::", stringify!(#name)),
+                    module: module_path!(),
+                    function: stringify!(#name),
                     run,
                     is_async: #is_async,
                 }
