@@ -6,11 +6,13 @@
 //!   the time shown is one way (round trip / 2). The payload is a `Vec<u8>` built once and moved
 //!   back and forth (never copied: the benchmark checks that its buffer address never changes).
 //!   The floor is the same ping-pong over a pair of bare `crossbeam-channel` unbounded channels
-//!   between two plain threads whose receivers spin on `try_recv`.
+//!   between two plain threads whose receivers spin on `try_recv`. `charmrs_parked/empty` is the
+//!   empty ping-pong with `idle_spin` 0: the receiving PE is always parked (wake-up latency).
 //! - `entry_rate/...`: entry invocations per second (`thrpt`, in elements/s): on one PE a chain of
-//!   self-sends (`one_pe_self_chain`: every entry sends the next one) and bursts of self-sends
-//!   (`one_pe_self_burst`); across two PEs a producer on PE 0 streaming to a consumer on PE 1
-//!   (`two_pe_stream`), and the same stream over a bare channel (`two_pe_stream_crossbeam_floor`).
+//!   self-sends (`one_pe_self_chain`: every entry sends the next one; `..._u64arg`: the same with
+//!   a `u64` argument) and bursts of self-sends (`one_pe_self_burst`); across two PEs a producer
+//!   on PE 0 streaming to a consumer on PE 1 (`two_pe_stream`), and the same stream over a bare
+//!   channel (`two_pe_stream_crossbeam_floor`).
 //! - `group_broadcast_gather/charmrs/{P2,P4}`: main broadcasts an entry to a group; every element
 //!   replies to a collector on PE 0, which starts the next broadcast after P replies. The time is
 //!   per broadcast + gather.
@@ -19,7 +21,7 @@
 //! warm-up inside the job) with `Instant`; the result leaves the job through a `static`, because
 //! entry and constructor arguments must be serializable and cannot carry channels.
 //!
-//! Run: `cargo bench -p charmrs-bench` (about 2 minutes after the build).
+//! Run: `cargo bench -p charmrs-bench` (1.5–2 minutes on a 2-core VM, build included).
 
 use charmrs::prelude::*;
 use charmrs::Runtime;
@@ -62,9 +64,21 @@ fn run_job<Fut>(pes: usize, main: impl FnOnce() -> Fut + Send + 'static) -> Dura
 where
     Fut: std::future::Future<Output = ()> + 'static,
 {
+    run_job_spinning(pes, IDLE_SPIN, main)
+}
+
+/// [`run_job`] with PEs that poll for `idle_spin` when idle before parking.
+fn run_job_spinning<Fut>(
+    pes: usize,
+    idle_spin: Duration,
+    main: impl FnOnce() -> Fut + Send + 'static,
+) -> Duration
+where
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     *ELAPSED.lock().unwrap() = None;
     let code = Runtime::new(pes)
-        .idle_spin(IDLE_SPIN)
+        .idle_spin(idle_spin)
         .run(move |_args| main())
         .expect("benchmark job failed");
     assert_eq!(code, 0, "benchmark job exited with {code}");
@@ -174,9 +188,10 @@ impl Paddle {
     }
 }
 
-/// One-way latency of `iters` round trips between PE 0 and PE 1 (elapsed / 2).
-fn charmrs_ping_pong(iters: u64, size: Option<usize>) -> Duration {
-    run_job(2, move || async move {
+/// One-way latency of `iters` round trips between PE 0 and PE 1 (elapsed / 2), with PEs that
+/// poll for `idle_spin` before parking.
+fn charmrs_ping_pong(iters: u64, size: Option<usize>, idle_spin: Duration) -> Duration {
+    run_job_spinning(2, idle_spin, move || async move {
         let paddles = Group::<Paddle>::new((iters,));
         paddles.at(0).serve(size);
     }) / 2
@@ -226,7 +241,7 @@ fn one_way_latency(c: &mut Criterion) {
     let mut g = c.benchmark_group("one_way_latency");
     for (size, name) in PAYLOADS {
         g.bench_function(BenchmarkId::new("charmrs", name), |b| {
-            b.iter_custom(|iters| charmrs_ping_pong(iters, size))
+            b.iter_custom(|iters| charmrs_ping_pong(iters, size, IDLE_SPIN))
         });
         g.bench_function(BenchmarkId::new("crossbeam_floor", name), |b| {
             b.iter_custom(|iters| match size {
@@ -235,6 +250,11 @@ fn one_way_latency(c: &mut Criterion) {
             })
         });
     }
+    // The same with `idle_spin` 0: every message finds its receiver parked, so this is the cost of
+    // waking a sleeping PE (what a message pays after more than `idle_spin` of silence).
+    g.bench_function(BenchmarkId::new("charmrs_parked", "empty"), |b| {
+        b.iter_custom(|iters| charmrs_ping_pong(iters, None, Duration::ZERO))
+    });
     g.finish();
 }
 
@@ -284,6 +304,21 @@ impl SelfSender {
     fn chain(&mut self) {
         if !self.done() {
             self.me.chain();
+        }
+    }
+
+    /// Starts a chain of entries that carry a `u64` argument.
+    #[entry]
+    fn start_chain_u64(&mut self) {
+        self.start = Instant::now();
+        self.me.chain_u64(0);
+    }
+
+    /// One link of the `u64` chain (the argument is the link's number).
+    #[entry]
+    fn chain_u64(&mut self, link: u64) {
+        if !self.done() {
+            self.me.chain_u64(link + 1);
         }
     }
 
@@ -385,6 +420,13 @@ fn entry_rate(c: &mut Criterion) {
         b.iter_custom(|iters| {
             run_job(1, move || async move {
                 Single::<SelfSender>::new((iters,), Some(0)).start_chain();
+            })
+        })
+    });
+    g.bench_function("one_pe_self_chain_u64arg", |b| {
+        b.iter_custom(|iters| {
+            run_job(1, move || async move {
+                Single::<SelfSender>::new((iters,), Some(0)).start_chain_u64();
             })
         })
     });
