@@ -47,14 +47,20 @@ pub(crate) enum Body {
         coll: CollectionId,
         call: Box<dyn Invocation>,
     },
+    /// Poll local task `slot` again (sent by its waker).
+    Resume { slot: u32, generation: u32 },
+    /// Everything else: rarer messages, boxed so that an envelope stays one cache line.
+    Control(Box<Control>),
+}
+
+/// The rarer messages between PEs.
+pub(crate) enum Control {
     /// Construct this PE's elements of a new collection.
     Create {
         coll: CollectionId,
         shape: Shape,
         build: Box<dyn Construction>,
     },
-    /// Poll local task `slot` again (sent by its waker).
-    Resume { slot: u32, generation: u32 },
     /// Start a local task on the receiving PE (the program's entry point).
     Spawn(Box<dyn FnOnce() -> LocalTask + Send>),
     /// The value of future `id`, owned by the receiving PE.
@@ -90,23 +96,32 @@ pub(crate) enum Body {
     },
 }
 
+impl From<Control> for Body {
+    fn from(c: Control) -> Body {
+        Body::Control(Box::new(c))
+    }
+}
+
 impl Envelope {
-    pub(crate) fn new(priority: i32, body: Body) -> Envelope {
-        Envelope { priority, body }
+    pub(crate) fn new(priority: i32, body: impl Into<Body>) -> Envelope {
+        Envelope {
+            priority,
+            body: body.into(),
+        }
     }
 
     /// Whether quiescence detection counts this message (application traffic) — runtime control
     /// messages (task wake-ups, quiescence probes) are not counted.
     #[inline]
     pub(crate) fn counted(&self) -> bool {
-        !matches!(
-            self.body,
-            Body::Resume { .. }
-                | Body::QdStart(_)
-                | Body::QdWave
-                | Body::QdProbe
-                | Body::QdCounts { .. }
-        )
+        match &self.body {
+            Body::Point { .. } | Body::Broadcast { .. } => true,
+            Body::Resume { .. } => false,
+            Body::Control(c) => !matches!(
+                **c,
+                Control::QdStart(_) | Control::QdWave | Control::QdProbe | Control::QdCounts { .. }
+            ),
+        }
     }
 }
 
@@ -161,19 +176,50 @@ pub(crate) trait Invocation: Send {
 }
 
 /// The concrete invocation of entry `E` of chare `C`.
-pub(crate) struct Call<C: Chare, E: Entry<C>> {
+///
+/// `R` is [`Reply`] when a result was asked for and the zero-sized [`NoReply`] otherwise, so a
+/// call without arguments that asks for nothing is a zero-sized box: no allocation.
+pub(crate) struct Call<C: Chare, E: Entry<C>, R = NoReply> {
     args: E::Args,
-    reply: Reply,
+    reply: R,
     _marker: PhantomData<fn() -> (C, E)>,
+}
+
+/// Where a call's result goes, as stored in the call.
+pub(crate) trait ReplySlot: Copy + Send + 'static {
+    fn get(self) -> Reply;
+}
+
+/// Nobody asked for the result.
+#[derive(Clone, Copy)]
+pub(crate) struct NoReply;
+
+impl ReplySlot for NoReply {
+    fn get(self) -> Reply {
+        Reply::None
+    }
+}
+
+impl ReplySlot for Reply {
+    fn get(self) -> Reply {
+        self
+    }
 }
 
 impl<C: Chare, E: Entry<C>> Call<C, E> {
     pub(crate) fn boxed(args: E::Args, reply: Reply) -> Box<dyn Invocation> {
-        Box::new(Call::<C, E> {
-            args,
-            reply,
-            _marker: PhantomData,
-        })
+        match reply {
+            Reply::None => Box::new(Call::<C, E, NoReply> {
+                args,
+                reply: NoReply,
+                _marker: PhantomData,
+            }),
+            reply => Box::new(Call::<C, E, Reply> {
+                args,
+                reply,
+                _marker: PhantomData,
+            }),
+        }
     }
 }
 
@@ -333,7 +379,7 @@ fn element_of<C: Chare>(element: &Rc<dyn ElementObj>) -> Option<Rc<Element<C>>> 
     any.downcast::<Element<C>>().ok()
 }
 
-impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
+impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
     fn entry_name(&self) -> &'static str {
         E::NAME
     }
@@ -348,7 +394,7 @@ impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
                 C::NAME
             ));
         };
-        let sink = match self.reply {
+        let sink = match self.reply.get() {
             Reply::None => Sink::Discard,
             Reply::Future { pe, id } => Sink::Future { pe, id },
             Reply::Gather {
@@ -376,7 +422,7 @@ impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
         elements: &[(Index, Rc<dyn ElementObj>)],
         chare: &'static str,
     ) {
-        let acc = match self.reply {
+        let acc = match self.reply.get() {
             Reply::Gather {
                 pe: owner,
                 id,
@@ -430,7 +476,7 @@ impl<C: Chare, E: Entry<C>> Invocation for Call<C, E> {
     }
 
     fn clone_box(&self) -> Box<dyn Invocation> {
-        Call::<C, E>::boxed(self.args.clone(), self.reply)
+        Call::<C, E>::boxed(self.args.clone(), self.reply.get())
     }
 }
 
@@ -497,3 +543,6 @@ impl<C: Chare> Construction for Construct<C> {
         Construct::<C>::boxed(self.init.clone())
     }
 }
+
+// An envelope travels through mailboxes and queues by value: keep it within one cache line.
+const _: () = assert!(std::mem::size_of::<Envelope>() <= 64);

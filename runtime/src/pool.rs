@@ -12,7 +12,7 @@
 //! results in input order or with the first task's error (a panicking task fails its job).
 
 use crate::chare::Payload;
-use crate::envelope::{Body, Envelope};
+use crate::envelope::{Control, Envelope};
 use crate::error::Error;
 use crate::future::Future;
 use crate::scheduler::{with_pe, PeState};
@@ -214,7 +214,7 @@ impl Pool {
                 reply,
                 finish,
             };
-            pe.send(0, Envelope::new(0, Body::PoolSubmit(Box::new(spec))));
+            pe.send(0, Envelope::new(0, Control::PoolSubmit(Box::new(spec))));
             reply
         })
         .unwrap_or_else(|e| panic!("{e}"))
@@ -410,7 +410,7 @@ impl PeState {
             }
         }
         for (pe, run) in runs {
-            self.send(pe, Envelope::new(0, Body::Pool(run)));
+            self.send(pe, Envelope::new(0, Control::Pool(run)));
         }
     }
 
@@ -525,11 +525,11 @@ impl PeState {
                 results,
                 frees: true,
             };
-            return self.send(0, Envelope::new(0, Body::Pool(done)));
+            return self.send(0, Envelope::new(0, Control::Pool(done)));
         }
         self.send(
             0,
-            Envelope::new(0, Body::Pool(PoolMsg::Free { job, pe: me })),
+            Envelope::new(0, Control::Pool(PoolMsg::Free { job, pe: me })),
         );
         let failed_async = failed;
         self.spawn(Box::pin(async move {
@@ -557,8 +557,10 @@ impl PeState {
                 results,
                 frees: false,
             };
-            with_pe("pool", |pe| pe.send(0, Envelope::new(0, Body::Pool(done))))
-                .expect("tasks run on PEs");
+            with_pe("pool", |pe| {
+                pe.send(0, Envelope::new(0, Control::Pool(done)))
+            })
+            .expect("tasks run on PEs");
         }));
     }
 }

@@ -13,7 +13,7 @@
 use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Body, Call, Construct, Envelope, Reply};
+use crate::envelope::{Body, Call, Construct, Control, Envelope, Reply};
 use crate::error::{Error, Result};
 use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
@@ -365,7 +365,7 @@ fn create<C: Chare>(
             Shape::Single { pe: home } => {
                 pe.send(
                     home as usize,
-                    Envelope::new(0, Body::Create { coll, shape, build }),
+                    Envelope::new(0, Control::Create { coll, shape, build }),
                 );
             }
             Shape::Group | Shape::Array { .. } => {
@@ -373,7 +373,10 @@ fn create<C: Chare>(
                 // broadcast finds it everywhere.
                 for dst in 0..pe.num_pes() {
                     let build = build.clone_box();
-                    pe.send(dst, Envelope::new(0, Body::Create { coll, shape, build }));
+                    pe.send(
+                        dst,
+                        Envelope::new(0, Control::Create { coll, shape, build }),
+                    );
                 }
             }
         }

@@ -8,7 +8,7 @@
 //! progress exactly while targets are waiting; waves are spaced by [`WAVE_GAP`] so a busy job is
 //! not flooded with probes.
 
-use crate::envelope::{Body, Envelope};
+use crate::envelope::{Control, Envelope};
 use crate::future::Future;
 use crate::reduction::{Target, TargetSpec};
 use crate::scheduler::{with_pe, PeState};
@@ -37,7 +37,7 @@ pub(crate) struct QdState {
 pub fn start_qd(target: impl Into<Target<()>>) {
     let spec = target.into().spec();
     with_pe("start_qd", |pe| {
-        pe.send(0, Envelope::new(0, Body::QdStart(spec)))
+        pe.send(0, Envelope::new(0, Control::QdStart(spec)))
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -54,15 +54,15 @@ struct NextWave(Arc<crate::scheduler::Shared>);
 
 impl Wake for NextWave {
     fn wake(self: Arc<Self>) {
-        self.0.mailboxes[0].push(Envelope::new(0, Body::QdWave));
+        self.0.mailboxes[0].push(Envelope::new(0, Control::QdWave));
     }
 }
 
 impl PeState {
     /// Handles the quiescence-detection control messages.
-    pub(crate) fn quiescence(&self, body: Body) {
-        match body {
-            Body::QdStart(target) => {
+    pub(crate) fn quiescence(&self, msg: Control) {
+        match msg {
+            Control::QdStart(target) => {
                 let mut qd = self.qd.borrow_mut();
                 qd.waiting.push(target);
                 if !qd.in_wave {
@@ -71,12 +71,12 @@ impl PeState {
                     self.qd_wave();
                 }
             }
-            Body::QdWave => self.qd_wave(),
-            Body::QdProbe => {
+            Control::QdWave => self.qd_wave(),
+            Control::QdProbe => {
                 let (sent, processed) = self.message_counts();
-                self.send(0, Envelope::new(0, Body::QdCounts { sent, processed }));
+                self.send(0, Envelope::new(0, Control::QdCounts { sent, processed }));
             }
-            Body::QdCounts { sent, processed } => {
+            Control::QdCounts { sent, processed } => {
                 let mut qd = self.qd.borrow_mut();
                 qd.replies += 1;
                 qd.sums.0 += sent;
@@ -111,7 +111,7 @@ impl PeState {
             qd.sums = (0, 0);
         }
         for dst in 0..self.num_pes() {
-            self.send(dst, Envelope::new(0, Body::QdProbe));
+            self.send(dst, Envelope::new(0, Control::QdProbe));
         }
     }
 }

@@ -16,7 +16,7 @@
 use crate::callback::{deliver, Callback, CallbackDest, MakeCall};
 use crate::chare::Payload;
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Body, Envelope};
+use crate::envelope::{Control, Envelope};
 use crate::future::Future;
 use crate::index::Index;
 use crate::scheduler::PeState;
@@ -520,7 +520,7 @@ impl PeState {
                     parent,
                     Envelope::new(
                         0,
-                        Body::ReduceUp {
+                        Control::ReduceUp {
                             coll,
                             seq,
                             shape,
@@ -573,7 +573,7 @@ impl PeState {
                 child,
                 Envelope::new(
                     0,
-                    Body::ReduceDown {
+                    Control::ReduceDown {
                         coll,
                         seq,
                         shape,

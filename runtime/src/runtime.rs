@@ -5,7 +5,7 @@
 //! [`Shared`] block. The program's entry point runs as a task on PE 0. The job ends when some PE
 //! calls [`exit`] or the job aborts (a panic in user code, or [`abort`]); the first outcome wins.
 
-use crate::envelope::{Body, Envelope, LocalTask};
+use crate::envelope::{Control, Envelope, LocalTask};
 use crate::error::{Error, Result};
 use crate::options::Options;
 use crate::registry::EntryTable;
@@ -115,7 +115,7 @@ impl Runtime {
         let args = self.args;
         let mut first = Some(Envelope::new(
             0,
-            Body::Spawn(Box::new(move || -> LocalTask { Box::pin(main(args)) })),
+            Control::Spawn(Box::new(move || -> LocalTask { Box::pin(main(args)) })),
         ));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for pe in 0..pes {

@@ -1,7 +1,7 @@
 //! One PE: its thread-local state and its Converse-style dispatch loop.
 //!
-//! The loop moves a bounded batch of arrived messages from the mailbox into the local queue, runs
-//! the most urgent message, and when there is nothing to do spins briefly and then parks on the
+//! Each turn the loop takes one arrived message from the mailbox (through the local queue when that
+//! is not empty, so priorities order them), runs the most urgent message, and when there is nothing to do spins briefly and then parks on the
 //! mailbox (no CPU burnt while idle). A chare's entries only ever run on the PE that holds it.
 //!
 //! Invariants:
@@ -16,7 +16,7 @@ use super::queue::LocalQueue;
 use super::shared::{Outcome, Shared};
 use crate::collection::{CollectionId, Shape};
 use crate::element::ElementObj;
-use crate::envelope::{Body, Construction, CtxParts, Envelope, LocalTask, Site};
+use crate::envelope::{Body, Construction, Control, CtxParts, Envelope, LocalTask, Site};
 use crate::error::{Error, Result};
 use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
@@ -31,9 +31,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
-
-/// How many arrived messages are moved to the local queue per loop turn.
-const INBOX_BATCH: usize = 64;
 
 /// The elements of one collection that live on this PE.
 struct LocalCollection {
@@ -250,14 +247,14 @@ impl PeState {
                 self.abort_job(format!("charmrs: {problem} (detected on PE {})", self.pe));
             }
         } else {
-            self.send(owner, Envelope::new(0, Body::Fulfil { id, outcome }));
+            self.send(owner, Envelope::new(0, Control::Fulfil { id, outcome }));
         }
     }
 
     /// Sends one PE's part of a broadcast result to gather future `id` of PE `owner`.
     pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution) {
         if owner != self.pe {
-            return self.send(owner, Envelope::new(0, Body::Partial { id, outcome }));
+            return self.send(owner, Envelope::new(0, Control::Partial { id, outcome }));
         }
         let done = self.futures.borrow_mut().add_partial(id, outcome);
         match done {
@@ -328,33 +325,40 @@ impl PeState {
                     Some((chare, elements)) => call.invoke_all(self, &elements, chare),
                 }
             }
-            Body::Create { coll, shape, build } => self.create(coll, shape, build),
             Body::Resume { slot, generation } => {
                 self.guarded(MAIN_SITE, || {
                     self.executor.resume(slot, generation);
                     Ok(())
                 });
             }
-            Body::Spawn(make) => {
+            Body::Control(c) => self.control(*c),
+        }
+    }
+
+    fn control(&self, c: Control) {
+        match c {
+            Control::Create { coll, shape, build } => self.create(coll, shape, build),
+            Control::Spawn(make) => {
                 self.guarded(MAIN_SITE, || {
                     self.spawn(make());
                     Ok(())
                 });
             }
-            Body::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
-            Body::Partial { id, outcome } => self.partial(self.pe, id, outcome),
-            Body::PoolSubmit(spec) => self.pool_submit(*spec),
-            Body::Pool(msg) => self.pool_message(msg),
-            body @ (Body::QdStart(_) | Body::QdWave | Body::QdProbe | Body::QdCounts { .. }) => {
-                self.quiescence(body)
-            }
-            Body::ReduceUp {
+            Control::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
+            Control::Partial { id, outcome } => self.partial(self.pe, id, outcome),
+            Control::PoolSubmit(spec) => self.pool_submit(*spec),
+            Control::Pool(msg) => self.pool_message(msg),
+            c @ (Control::QdStart(_)
+            | Control::QdWave
+            | Control::QdProbe
+            | Control::QdCounts { .. }) => self.quiescence(c),
+            Control::ReduceUp {
                 coll,
                 seq,
                 shape,
                 part,
             } => self.reduce(coll, seq, shape, part),
-            Body::ReduceDown {
+            Control::ReduceDown {
                 coll,
                 seq,
                 shape,
@@ -456,15 +460,24 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         state.send(pe, env);
     }
     while !shared.stopping() {
+        // One arrival per turn, alternating with the local queue: neither starves the other and
+        // a backlog in the mailbox does not pile up in the local queue. (`is_empty` first: popping
+        // an empty `SegQueue` costs a full fence.)
+        let arrived = if mailbox.is_empty() {
+            None
+        } else {
+            mailbox.pop()
+        };
         let next = {
             let mut queue = state.queue.borrow_mut();
-            for _ in 0..INBOX_BATCH {
-                match mailbox.pop() {
-                    Some(env) => queue.push(env),
-                    None => break,
+            match arrived {
+                Some(env) if queue.is_empty() => Some(env),
+                Some(env) => {
+                    queue.push(env);
+                    queue.pop()
                 }
+                None => queue.pop(),
             }
-            queue.pop()
         };
         match next {
             Some(env) => {
