@@ -150,3 +150,25 @@ fn pmap_runs_two_jobs() {
         );
     }
 }
+
+/// Every program also runs with `+wirecheck`: all messages between PEs are encoded in the
+/// inter-process wire format and decoded again.
+#[test]
+fn every_program_survives_the_wire_format() {
+    let cases: [(&str, &str); 7] = [
+        (env!("CARGO_BIN_EXE_hello"), "Hello"),
+        (env!("CARGO_BIN_EXE_group_hello"), "All done"),
+        (env!("CARGO_BIN_EXE_array_hello"), "All done"),
+        (
+            env!("CARGO_BIN_EXE_reduction"),
+            "Reduction result is [0, 100,",
+        ),
+        (env!("CARGO_BIN_EXE_futures"), "Value of future 2 is 2"),
+        (env!("CARGO_BIN_EXE_wait_loop"), "Done after 10 iterations"),
+        (env!("CARGO_BIN_EXE_pmap"), "Final results are"),
+    ];
+    for (bin, needle) in cases {
+        let out = lines_ok(bin, &["+p3", "+wirecheck"]).join("\n");
+        assert!(out.contains(needle), "{bin}: {out}");
+    }
+}

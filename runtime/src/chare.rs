@@ -25,6 +25,8 @@ pub trait Chare: Sized + 'static {
     type Init: Payload;
     /// Type name used in diagnostics.
     const NAME: &'static str;
+    /// Entry-table id of the constructor (`Type::new`).
+    const CTOR_ID: u64;
     /// Runs the constructor on the element's PE.
     fn construct(ctx: &Ctx<Self>, init: Self::Init) -> Self;
 }

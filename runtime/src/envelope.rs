@@ -110,6 +110,15 @@ impl Envelope {
         }
     }
 
+    /// Whether this message has a wire format (entry calls and creations).
+    pub(crate) fn crosses_processes(&self) -> bool {
+        match &self.body {
+            Body::Point { .. } | Body::Broadcast { .. } => true,
+            Body::Control(c) => matches!(**c, Control::Create { .. }),
+            Body::Resume { .. } => false,
+        }
+    }
+
     /// Whether quiescence detection counts this message (application traffic) — runtime control
     /// messages (task wake-ups, quiescence probes) are not counted.
     #[inline]
@@ -147,15 +156,28 @@ impl Site {
 }
 
 /// Who wants the result of a call.
-#[derive(Clone, Copy)]
-pub(crate) enum Reply {
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Reply {
     /// Nobody: the result is dropped, a panic aborts the job.
     None,
     /// Future `id` of PE `pe` gets the value (or the error).
-    Future { pe: u32, id: u64 },
+    Future {
+        /// Owner PE of the future.
+        pe: u32,
+        /// The future's id on that PE.
+        id: u64,
+    },
     /// Gather future `id` of PE `pe` gets one partial per PE: the elements' values if `values`,
     /// otherwise just their completion.
-    Gather { pe: u32, id: u64, values: bool },
+    Gather {
+        /// Owner PE of the future.
+        pe: u32,
+        /// The future's id on that PE.
+        id: u64,
+        /// Whether the elements' values are gathered (else only completion).
+        values: bool,
+    },
 }
 
 /// A type-erased entry call with its moved arguments.
@@ -173,6 +195,12 @@ pub(crate) trait Invocation: Send {
     );
     /// A copy for another PE (broadcast fan-out).
     fn clone_box(&self) -> Box<dyn Invocation>;
+    /// Compile-time id of the entry.
+    fn entry_id(&self) -> u64;
+    /// Who wants the result.
+    fn reply(&self) -> Reply;
+    /// Appends the arguments, postcard-encoded (zero-copy buffers go out of band).
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String>;
 }
 
 /// The concrete invocation of entry `E` of chare `C`.
@@ -478,6 +506,18 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
     fn clone_box(&self) -> Box<dyn Invocation> {
         Call::<C, E>::boxed(self.args.clone(), self.reply.get())
     }
+    fn entry_id(&self) -> u64 {
+        E::ID
+    }
+    fn reply(&self) -> Reply {
+        self.reply.get()
+    }
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let buf = std::mem::take(out);
+        *out = postcard::to_extend(&self.args, buf)
+            .map_err(|e| format!("encoding `{}`: {e}", E::NAME))?;
+        Ok(())
+    }
 }
 
 /// Awaits `fut`, turning a panic inside it into an `Err` with its payload.
@@ -509,6 +549,10 @@ pub(crate) trait Construction: Send {
     /// Builds the element at `parts.index` (cloning the constructor arguments).
     fn construct(&self, parts: CtxParts) -> Rc<dyn ElementObj>;
     fn clone_box(&self) -> Box<dyn Construction>;
+    /// Compile-time id of the constructor (its entry-table id).
+    fn ctor_id(&self) -> u64;
+    /// Appends the constructor arguments, postcard-encoded.
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String>;
 }
 
 /// Where an element lives: everything its [`Ctx`] knows.
@@ -541,6 +585,15 @@ impl<C: Chare> Construction for Construct<C> {
     }
     fn clone_box(&self) -> Box<dyn Construction> {
         Construct::<C>::boxed(self.init.clone())
+    }
+    fn ctor_id(&self) -> u64 {
+        C::CTOR_ID
+    }
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let buf = std::mem::take(out);
+        *out = postcard::to_extend(&self.init, buf)
+            .map_err(|e| format!("encoding `{}::new`: {e}", C::NAME))?;
+        Ok(())
     }
 }
 

@@ -59,6 +59,7 @@ mod runtime;
 mod scheduler;
 mod sleep;
 mod when;
+mod wire;
 
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Entry, Invoked, Payload};
@@ -76,6 +77,7 @@ pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
 pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
 pub use sleep::{sleep, Sleep};
+pub use wire::{Buffer, Pod, PodVec};
 
 /// The names most programs need: `use charmrs::prelude::*;`.
 pub mod prelude {
@@ -89,9 +91,13 @@ pub mod prelude {
 /// Items used by code that `#[chare]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::envelope::Reply;
     pub use crate::pool::{TaskInfo, TaskRun};
     pub use crate::reduction::combine_custom;
-    pub use crate::registry::{entry_id, EntryInfo};
+    pub use crate::registry::{entry_id, Decoder, EntryInfo};
     pub use crate::when::hash_key;
+    pub use crate::wire::{
+        decode_call, decode_construct, decode_untrusted_frame, WireCall, WireConstruct,
+    };
     pub use inventory;
 }

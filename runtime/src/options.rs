@@ -22,6 +22,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "+idlespin US",
         "microseconds an idle PE polls before it sleeps (default 100)",
     ),
+    (
+        "+wirecheck",
+        "send messages between PEs through the inter-process wire format (a check)",
+    ),
 ];
 
 /// Parsed runtime options.
@@ -33,6 +37,8 @@ pub struct Options {
     pub affinity: bool,
     /// How long an idle PE polls before parking.
     pub idle_spin: Duration,
+    /// Encode and decode every message between PEs as if it crossed processes.
+    pub wire_check: bool,
 }
 
 impl Default for Options {
@@ -41,6 +47,7 @@ impl Default for Options {
             pes: None,
             affinity: true,
             idle_spin: Duration::from_micros(100),
+            wire_check: false,
         }
     }
 }
@@ -104,6 +111,7 @@ impl Options {
             match arg.as_str() {
                 "+p" => opts.pes = Some(parse_pes(&value_of("+p")?, "+p")?),
                 "+noaffinity" => opts.affinity = false,
+                "+wirecheck" => opts.wire_check = true,
                 "+idlespin" => {
                     let v = value_of("+idlespin")?;
                     let us = v.parse::<u64>().map_err(|_| {

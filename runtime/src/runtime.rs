@@ -78,6 +78,14 @@ impl Runtime {
         self
     }
 
+    /// Sends every entry call and creation between PEs through the inter-process wire format
+    /// (encode, then decode), to prove that a program's arguments survive a multi-process run
+    /// (`+wirecheck` on the command line).
+    pub fn wire_check(mut self, on: bool) -> Runtime {
+        self.options.wire_check = on;
+        self
+    }
+
     /// Sets the arguments handed to the entry point.
     pub fn args(mut self, args: Vec<String>) -> Runtime {
         self.args = args;
@@ -108,6 +116,7 @@ impl Runtime {
         let shared = Arc::new(Shared::new(
             pes,
             self.options.idle_spin,
+            self.options.wire_check,
             Box::new(LocalLayer::new()),
         ));
         let topology = Topology::detect();

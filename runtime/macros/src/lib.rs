@@ -412,6 +412,8 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                     id: <#marker as ::charmrs::Entry<#ty>>::ID,
                     name: #entry_name,
                     path: concat!(module_path!(), "::", #entry_name),
+                    decoder: ::charmrs::__private::Decoder::Entry(
+                        ::charmrs::__private::decode_call::<#ty, #marker>),
                 }
             }
         });
@@ -455,6 +457,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
         impl ::charmrs::Chare for #ty {
             type Init = (#(#ctor_types,)*);
             const NAME: &'static str = #type_name;
+            const CTOR_ID: u64 = ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name));
             fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> Self {
                 let (#(#ctor_names,)*) = init;
                 <#ty>::new(#ctor_ctx #(#ctor_names),*)
@@ -463,9 +466,11 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
 
         ::charmrs::__private::inventory::submit! {
             ::charmrs::__private::EntryInfo {
-                id: ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name)),
+                id: <#ty as ::charmrs::Chare>::CTOR_ID,
                 name: #ctor_name,
                 path: concat!(module_path!(), "::", #ctor_name),
+                decoder: ::charmrs::__private::Decoder::Constructor(
+                    ::charmrs::__private::decode_construct::<#ty>),
             }
         }
 

@@ -177,6 +177,8 @@ impl PeState {
         }
         if dst == self.pe {
             self.queue.borrow_mut().push(env);
+        } else if self.shared.wire_check && env.crosses_processes() {
+            self.send_through_wire(dst, env);
         } else {
             self.shared.mailboxes[dst].push(env);
         }
@@ -185,6 +187,22 @@ impl PeState {
     /// (sent, processed) application messages of this PE.
     pub(crate) fn message_counts(&self) -> (u64, u64) {
         (self.sent.get(), self.processed.get())
+    }
+
+    /// `+wirecheck`: encodes `env` as for another process and decodes it again, so that every
+    /// argument type is proven to survive the trip.
+    #[cold]
+    fn send_through_wire(&self, dst: usize, env: Envelope) {
+        let table = match crate::registry::EntryTable::get() {
+            Ok(t) => t,
+            Err(e) => return self.abort_job(format!("charmrs: {e}")),
+        };
+        let decoded = crate::wire::encode(&env, table, self.pe as u32, dst as u32)
+            .and_then(|msg| crate::wire::decode(msg, table));
+        match decoded {
+            Ok(env) => self.shared.mailboxes[dst].push(env),
+            Err(e) => self.abort_job(format!("charmrs: +wirecheck: a message from PE {} to PE {dst} does not survive the wire: {e}", self.pe)),
+        }
     }
 
     /// A fresh job-wide collection id.

@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) mailboxes: Box<[Mailbox<Envelope>]>,
     /// How long an idle PE polls before parking.
     pub(crate) idle_spin: Duration,
+    /// `+wirecheck`: messages between PEs go through the inter-process wire format.
+    pub(crate) wire_check: bool,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
     stop: AtomicBool,
@@ -33,11 +35,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(num_pes: usize, idle_spin: Duration, layer: Box<dyn MachineLayer>) -> Shared {
+    pub(crate) fn new(
+        num_pes: usize,
+        idle_spin: Duration,
+        wire_check: bool,
+        layer: Box<dyn MachineLayer>,
+    ) -> Shared {
         Shared {
             num_pes,
             mailboxes: (0..num_pes).map(|_| Mailbox::new()).collect(),
             idle_spin,
+            wire_check,
             layer,
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),

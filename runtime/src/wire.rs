@@ -1,0 +1,477 @@
+//! The wire format of messages between processes: an entry call (or a collection creation) as a
+//! transport [`Message`] — a fixed header, segment 0 holding the call's metadata and arguments
+//! encoded with postcard in one pass straight into the send buffer, and out-of-band segments for
+//! zero-copy buffers ([`PodVec`], [`Buffer`]) that travel without being copied into segment 0.
+//!
+//! Decoding treats every byte as hostile: unknown entry ids, truncated or trailing bytes, bad
+//! segment references and malformed values are errors, never panics. Within a process none of this
+//! runs: arguments are moved.
+
+use crate::chare::{Chare, Entry};
+use crate::collection::{CollectionId, Shape};
+use crate::envelope::{Body, Call, Construct, Construction, Control, Envelope, Invocation, Reply};
+use crate::index::Index;
+use crate::registry::{Decoder, EntryTable};
+use bytes::Bytes;
+use charmrs_transport::{Header, Message};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cell::RefCell;
+
+/// Message kind (in the transport header) of an entry call.
+pub(crate) const KIND_CALL: u8 = 1;
+/// Message kind of a collection creation.
+pub(crate) const KIND_CREATE: u8 = 2;
+
+/// Where a call goes, on the wire.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+enum WireDest {
+    Point(Index),
+    Broadcast,
+}
+
+/// The metadata that precedes a call's arguments in segment 0.
+#[derive(Serialize, Deserialize, Debug)]
+struct CallMeta {
+    /// Dense wire id of the entry (position in the sorted entry table).
+    entry: u32,
+    coll: CollectionId,
+    dest: WireDest,
+    reply: Reply,
+    priority: i32,
+}
+
+/// The metadata of a creation.
+#[derive(Serialize, Deserialize, Debug)]
+struct CreateMeta {
+    /// Dense wire id of the constructor.
+    ctor: u32,
+    coll: CollectionId,
+    shape: Shape,
+}
+
+/// A decoded call, ready to deliver (opaque; produced by generated decoders).
+#[doc(hidden)]
+pub struct WireCall(pub(crate) Box<dyn Invocation>);
+
+/// A decoded constructor call (opaque).
+#[doc(hidden)]
+pub struct WireConstruct(pub(crate) Box<dyn Construction>);
+
+/// Decodes the arguments of entry `E` (the decoder `#[chare]` registers).
+#[doc(hidden)]
+pub fn decode_call<C: Chare, E: Entry<C>>(bytes: &[u8], reply: Reply) -> Result<WireCall, String> {
+    let args: E::Args = decode_exact(bytes)?;
+    Ok(WireCall(Call::<C, E>::boxed(args, reply)))
+}
+
+/// Decodes the constructor arguments of `C`.
+#[doc(hidden)]
+pub fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String> {
+    let init: C::Init = decode_exact(bytes)?;
+    Ok(WireConstruct(Construct::<C>::boxed(init)))
+}
+
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(bytes).map_err(|e| format!("arguments: {e}"))?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{} unexpected trailing byte(s) after the arguments",
+            rest.len()
+        ))
+    }
+}
+
+thread_local! {
+    /// Out-of-band segments collected while encoding, or offered while decoding.
+    static SEGMENTS: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with an out-of-band segment collector; returns what `f` returned and the segments.
+fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
+    let outer = SEGMENTS.with(|s| s.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let segs = SEGMENTS
+        .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
+        .unwrap_or_default();
+    (r, segs)
+}
+
+/// Runs `f` with `segs` offered to [`PodVec`]/[`Buffer`] deserializers.
+fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
+    let outer = SEGMENTS.with(|s| s.borrow_mut().replace(segs));
+    let r = f();
+    SEGMENTS.with(|s| *s.borrow_mut() = outer);
+    r
+}
+
+/// How a zero-copy buffer is serialized: out of band when a message is being built, inline
+/// otherwise (any other serde use).
+#[derive(Serialize, Deserialize)]
+enum SegmentRef<'a> {
+    OutOfBand(u32),
+    #[serde(borrow)]
+    Inline(&'a [u8]),
+}
+
+fn serialize_segment<S: Serializer>(bytes: Bytes, s: S) -> Result<S::Ok, S::Error> {
+    let idx = SEGMENTS.with(|c| {
+        c.borrow_mut().as_mut().map(|segs| {
+            segs.push(bytes.clone());
+            (segs.len() - 1) as u32
+        })
+    });
+    match idx {
+        Some(i) => SegmentRef::OutOfBand(i).serialize(s),
+        None => SegmentRef::Inline(&bytes).serialize(s),
+    }
+}
+
+fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+    use serde::de::Error as _;
+    match SegmentRef::deserialize(d)? {
+        SegmentRef::Inline(b) => Ok(Bytes::copy_from_slice(b)),
+        SegmentRef::OutOfBand(i) => SEGMENTS.with(|c| {
+            let segs = c.borrow();
+            let segs = segs
+                .as_ref()
+                .ok_or_else(|| D::Error::custom("out-of-band segment outside a message"))?;
+            segs.get(i as usize).cloned().ok_or_else(|| {
+                D::Error::custom(format!(
+                    "segment {i} referenced but the message has {}",
+                    segs.len()
+                ))
+            })
+        }),
+    }
+}
+
+/// A byte buffer that crosses processes as its own message segment (no copy into the
+/// serialized arguments) and is moved within a process.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Buffer(pub Bytes);
+
+impl Serialize for Buffer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_segment(self.0.clone(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Buffer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_segment(d).map(Buffer)
+    }
+}
+
+/// A vector of plain-old-data numbers (`f64`, `u32`, …) that crosses processes as its own
+/// message segment, without being copied into the serialized arguments.
+///
+/// ```
+/// use charmrs::PodVec;
+/// let v = PodVec::from(vec![1.0f64, 2.0, 3.0]);
+/// assert_eq!(&v[..], &[1.0, 2.0, 3.0]);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodVec<T: Pod>(Vec<T>);
+
+/// Plain-old-data element types of a [`PodVec`].
+pub trait Pod: Copy + Send + Sync + 'static + PartialEq + std::fmt::Debug {
+    /// Decodes from little-endian bytes (`bytes.len() == size_of::<Self>()`).
+    fn from_le(bytes: &[u8]) -> Self;
+    /// Appends the little-endian encoding.
+    fn to_le(self, out: &mut Vec<u8>);
+}
+
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        impl Pod for $t {
+            fn from_le(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("caller passes exactly one element"))
+            }
+            fn to_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+pod!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
+
+impl<T: Pod> From<Vec<T>> for PodVec<T> {
+    fn from(v: Vec<T>) -> Self {
+        PodVec(v)
+    }
+}
+
+impl<T: Pod> PodVec<T> {
+    /// The vector.
+    pub fn into_vec(self) -> Vec<T> {
+        self.0
+    }
+}
+
+impl<T: Pod> std::ops::Deref for PodVec<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for PodVec<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.0
+    }
+}
+
+impl<T: Pod> Serialize for PodVec<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(self.0.len() * std::mem::size_of::<T>());
+        for &x in &self.0 {
+            x.to_le(&mut bytes);
+        }
+        serialize_segment(Bytes::from(bytes), s)
+    }
+}
+
+impl<'de, T: Pod> Deserialize<'de> for PodVec<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let bytes = deserialize_segment(d)?;
+        let size = std::mem::size_of::<T>();
+        if bytes.len() % size != 0 {
+            return Err(D::Error::custom(format!(
+                "a PodVec<{}> segment of {} bytes is not a whole number of elements",
+                std::any::type_name::<T>(),
+                bytes.len()
+            )));
+        }
+        Ok(PodVec(bytes.chunks_exact(size).map(T::from_le).collect()))
+    }
+}
+
+/// Encodes an envelope for another process. Only calls and creations travel this way (runtime
+/// control messages get their own formats with the multi-process layers).
+pub(crate) fn encode(
+    env: &Envelope,
+    table: &EntryTable,
+    src_pe: u32,
+    dst_pe: u32,
+) -> Result<Message, String> {
+    let (kind, (seg0, segs)) = match &env.body {
+        Body::Point { coll, index, call } => (
+            KIND_CALL,
+            encode_call(table, *coll, WireDest::Point(*index), &**call, env.priority)?,
+        ),
+        Body::Broadcast { coll, call } => (
+            KIND_CALL,
+            encode_call(table, *coll, WireDest::Broadcast, &**call, env.priority)?,
+        ),
+        Body::Control(c) => match &**c {
+            Control::Create { coll, shape, build } => {
+                let ctor = table
+                    .wire_id(build.ctor_id())
+                    .ok_or("constructor not in the entry table")?;
+                let mut buf = postcard::to_stdvec(&CreateMeta {
+                    ctor,
+                    coll: *coll,
+                    shape: *shape,
+                })
+                .map_err(|e| e.to_string())?;
+                let (r, segs) = collecting(|| build.encode(&mut buf));
+                r?;
+                (KIND_CREATE, (buf, segs))
+            }
+            _ => return Err("this runtime message does not travel between processes yet".into()),
+        },
+        Body::Resume { .. } => return Err("task wake-ups never leave their PE".into()),
+    };
+    let mut msg = Message::new(Header::new(kind, src_pe, dst_pe, 0));
+    msg.push_segment(Bytes::from(seg0))
+        .map_err(|e| e.to_string())?;
+    for s in segs {
+        msg.push_segment(s).map_err(|e| e.to_string())?;
+    }
+    Ok(msg)
+}
+
+fn encode_call(
+    table: &EntryTable,
+    coll: CollectionId,
+    dest: WireDest,
+    call: &dyn Invocation,
+    priority: i32,
+) -> Result<(Vec<u8>, Vec<Bytes>), String> {
+    let entry = table
+        .wire_id(call.entry_id())
+        .ok_or_else(|| format!("entry `{}` not in the entry table", call.entry_name()))?;
+    let meta = CallMeta {
+        entry,
+        coll,
+        dest,
+        reply: call.reply(),
+        priority,
+    };
+    let mut buf = postcard::to_stdvec(&meta).map_err(|e| e.to_string())?;
+    let (r, segs) = collecting(|| call.encode(&mut buf));
+    r?;
+    Ok((buf, segs))
+}
+
+/// Decodes a message from another process into an envelope.
+///
+/// # Errors
+/// Anything malformed, described (the caller adds which peer sent it).
+pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, String> {
+    let (header, mut segments) = msg.into_parts();
+    if segments.is_empty() {
+        return Err("a message without its metadata segment".into());
+    }
+    let seg0 = segments.remove(0);
+    match header.kind {
+        KIND_CALL => {
+            let (meta, args) = postcard::take_from_bytes::<CallMeta>(&seg0)
+                .map_err(|e| format!("call metadata: {e}"))?;
+            let info = table
+                .by_wire_id(meta.entry)
+                .ok_or_else(|| format!("unknown entry id {}", meta.entry))?;
+            let Decoder::Entry(decode_args) = info.decoder else {
+                return Err(format!(
+                    "entry id {} names a constructor, not an entry method",
+                    meta.entry
+                ));
+            };
+            let call = offering(segments, || decode_args(args, meta.reply))
+                .map_err(|e| format!("`{}`: {e}", info.name))?
+                .0;
+            let body = match meta.dest {
+                WireDest::Point(index) => Body::Point {
+                    coll: meta.coll,
+                    index,
+                    call,
+                },
+                WireDest::Broadcast => Body::Broadcast {
+                    coll: meta.coll,
+                    call,
+                },
+            };
+            Ok(Envelope::new(meta.priority, body))
+        }
+        KIND_CREATE => {
+            let (meta, args) = postcard::take_from_bytes::<CreateMeta>(&seg0)
+                .map_err(|e| format!("creation metadata: {e}"))?;
+            let info = table
+                .by_wire_id(meta.ctor)
+                .ok_or_else(|| format!("unknown constructor id {}", meta.ctor))?;
+            let Decoder::Constructor(decode_init) = info.decoder else {
+                return Err(format!(
+                    "id {} names an entry method, not a constructor",
+                    meta.ctor
+                ));
+            };
+            let build = offering(segments, || decode_init(args))
+                .map_err(|e| format!("`{}`: {e}", info.name))?
+                .0;
+            Ok(Envelope::new(
+                0,
+                Control::Create {
+                    coll: meta.coll,
+                    shape: meta.shape,
+                    build,
+                },
+            ))
+        }
+        other => Err(format!("unknown message kind {other}")),
+    }
+}
+
+/// Decodes a whole frame as if it had arrived from the network (for the fuzzer and tests): must
+/// never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn decode_untrusted_frame(bytes: &[u8]) -> Result<(), String> {
+    let table = EntryTable::get().map_err(|e| e.to_string())?;
+    let (msg, _) = charmrs_transport::decode_frame(bytes, 1 << 20).map_err(|e| e.to_string())?;
+    decode(msg, table).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, segs: &[&[u8]]) -> Vec<u8> {
+        let mut m = Message::new(Header::new(kind, 0, 1, 0));
+        for s in segs {
+            m.push_segment(Bytes::copy_from_slice(s)).unwrap();
+        }
+        let mut out = charmrs_transport::encode_frame_prefix(&m);
+        for s in m.segments() {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    #[test]
+    fn hostile_frames_are_errors_not_panics() {
+        // Unknown kind, empty message, garbage metadata, unknown entry id.
+        assert!(decode_untrusted_frame(&frame(9, &[b"x"]))
+            .unwrap_err()
+            .contains("unknown message kind"));
+        assert!(decode_untrusted_frame(&frame(KIND_CALL, &[]))
+            .unwrap_err()
+            .contains("metadata segment"));
+        assert!(decode_untrusted_frame(&frame(KIND_CALL, &[&[0xff; 3]])).is_err());
+        let meta = CallMeta {
+            entry: u32::MAX,
+            coll: CollectionId(1),
+            dest: WireDest::Broadcast,
+            reply: Reply::None,
+            priority: 0,
+        };
+        let bytes = postcard::to_stdvec(&meta).unwrap();
+        assert!(decode_untrusted_frame(&frame(KIND_CALL, &[&bytes]))
+            .unwrap_err()
+            .contains("unknown entry id"));
+        // Deterministic random bytes behind valid headers.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for round in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let junk: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
+            let kind = if round % 2 == 0 {
+                KIND_CALL
+            } else {
+                KIND_CREATE
+            };
+            let _ = decode_untrusted_frame(&frame(kind, &[&junk, &junk[..len / 2]]));
+            let _ = decode_untrusted_frame(&junk);
+        }
+    }
+
+    #[test]
+    fn pod_vec_and_buffer_go_out_of_band() {
+        let v = PodVec::from(vec![1.5f64, -2.0, 3.25]);
+        let b = Buffer(Bytes::from_static(b"hello"));
+        let ((bytes,), segs) =
+            collecting(|| (postcard::to_stdvec(&(v.clone(), b.clone())).unwrap(),));
+        assert_eq!(segs.len(), 2);
+        assert_eq!(segs[1], Bytes::from_static(b"hello"));
+        assert!(
+            bytes.len() < 8,
+            "only segment references in the arguments: {} bytes",
+            bytes.len()
+        );
+        let back: (PodVec<f64>, Buffer) = offering(segs, || postcard::from_bytes(&bytes).unwrap());
+        assert_eq!(back, (v.clone(), b.clone()));
+        // Outside a message they serialize inline.
+        let inline = postcard::to_stdvec(&v).unwrap();
+        assert_eq!(postcard::from_bytes::<PodVec<f64>>(&inline).unwrap(), v);
+        // A reference to a missing segment is an error.
+        let err = offering(Vec::new(), || {
+            postcard::from_bytes::<(PodVec<f64>, Buffer)>(&bytes)
+        });
+        assert!(err.is_err());
+    }
+}
