@@ -28,7 +28,16 @@ pub trait Chare: Sized + 'static {
     /// Entry-table id of the constructor (`Type::new`).
     const CTOR_ID: u64;
     /// Runs the constructor on the element's PE.
-    fn construct(ctx: &Ctx<Self>, init: Self::Init) -> Self;
+    fn construct(ctx: &Ctx<Self>, init: Self::Init) -> Constructed<Self>;
+}
+
+/// What running a constructor produced: the chare, or (for `async fn new`) the future of it.
+/// Messages for an element whose constructor is suspended wait until it is built.
+pub enum Constructed<C> {
+    /// The constructor returned.
+    Ready(C),
+    /// A suspendable constructor: the runtime runs it as a task of the element's PE.
+    Pending(std::pin::Pin<Box<dyn std::future::Future<Output = C>>>),
 }
 
 /// What calling an entry produced: its result, or (for an `async` entry) the suspended rest of it.

@@ -16,20 +16,33 @@ use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
 use crate::scheduler::with_pe;
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::rc::Rc;
 
 /// The context of one element of chare type `C`.
 pub struct Ctx<C> {
     parts: CtxParts,
     /// Number of this element's next reduction contribution.
-    reductions: Cell<u64>,
+    reductions: Rc<Cell<u64>>,
     _chare: PhantomData<fn() -> C>,
+}
+
+/// A copy names the same element (an `async fn new` receives one by value); they share the
+/// element's reduction counter.
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Ctx {
+            parts: self.parts,
+            reductions: self.reductions.clone(),
+            _chare: PhantomData,
+        }
+    }
 }
 
 impl<C: Chare> Ctx<C> {
     pub(crate) fn from_parts(parts: CtxParts) -> Ctx<C> {
         Ctx {
             parts,
-            reductions: Cell::new(0),
+            reductions: Rc::new(Cell::new(0)),
             _chare: PhantomData,
         }
     }

@@ -5,7 +5,7 @@
 //! — delivered, buffered until its target exists, or reported in an abort — never dropped silently;
 //! a call that asked for a result always fulfils its future, with the value or with the error.
 
-use crate::chare::{Chare, Entry, Invoked, Payload};
+use crate::chare::{Chare, Constructed, Entry, Invoked, Payload};
 use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
 use crate::element::{Coro, Element, ElementObj};
@@ -543,11 +543,17 @@ impl<T> Future for CatchPanic<T> {
     }
 }
 
+/// A built element, or the task that will build it (suspendable constructor).
+pub(crate) enum Built {
+    Ready(Rc<dyn ElementObj>),
+    Pending(Pin<Box<dyn Future<Output = Rc<dyn ElementObj>>>>),
+}
+
 /// A type-erased constructor call with its arguments.
 pub(crate) trait Construction: Send {
     fn chare_name(&self) -> &'static str;
     /// Builds the element at `parts.index` (cloning the constructor arguments).
-    fn construct(&self, parts: CtxParts) -> Rc<dyn ElementObj>;
+    fn construct(&self, parts: CtxParts) -> Built;
     fn clone_box(&self) -> Box<dyn Construction>;
     /// Compile-time id of the constructor (its entry-table id).
     fn ctor_id(&self) -> u64;
@@ -578,10 +584,15 @@ impl<C: Chare> Construction for Construct<C> {
     fn chare_name(&self) -> &'static str {
         C::NAME
     }
-    fn construct(&self, parts: CtxParts) -> Rc<dyn ElementObj> {
+    fn construct(&self, parts: CtxParts) -> Built {
         let ctx = Ctx::<C>::from_parts(parts);
-        let chare = C::construct(&ctx, self.init.clone());
-        Rc::new(Element::new(chare, ctx))
+        match C::construct(&ctx, self.init.clone()) {
+            Constructed::Ready(chare) => Built::Ready(Rc::new(Element::new(chare, ctx))),
+            Constructed::Pending(fut) => Built::Pending(Box::pin(async move {
+                let chare = fut.await;
+                Rc::new(Element::new(chare, ctx)) as Rc<dyn ElementObj>
+            })),
+        }
     }
     fn clone_box(&self) -> Box<dyn Construction> {
         Construct::<C>::boxed(self.init.clone())

@@ -62,7 +62,7 @@ mod when;
 mod wire;
 
 pub use callback::{Callback, CallbackDest};
-pub use chare::{Chare, Entry, Invoked, Payload};
+pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};
 pub use collection::{CollectionId, Shape};
 pub use ctx::Ctx;

@@ -219,7 +219,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
     let type_name = type_ident.to_string();
     let proxy_trait = format_ident!("{}Proxy", type_ident);
 
-    let mut ctor: Option<(Signature, Span)> = None;
+    let mut ctor: Option<(Signature, bool)> = None;
     let mut entries = Vec::new();
     for item in &mut block.items {
         let ImplItem::Fn(f) = item else { continue };
@@ -237,7 +237,22 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                     "the constructor `new` must return Self",
                 ));
             }
-            ctor = Some((parse_args(f.sig.inputs.iter())?, f.sig.span()));
+            let is_async = f.sig.asyncness.is_some();
+            let sig = match f.sig.inputs.first() {
+                Some(FnArg::Typed(pt)) if is_async && is_named_type(&pt.ty, "Ctx") => {
+                    let mut sig = parse_args(f.sig.inputs.iter().skip(1))?;
+                    sig.has_ctx = true;
+                    sig
+                }
+                Some(FnArg::Typed(pt)) if is_async && is_ctx_type(&pt.ty) => {
+                    return Err(syn::Error::new(
+                        pt.ty.span(),
+                        "an `async fn new` takes its context by value: `ctx: Ctx<Self>`",
+                    ))
+                }
+                _ => parse_args(f.sig.inputs.iter())?,
+            };
+            ctor = Some((sig, is_async));
         } else if is_entry {
             if !f.sig.generics.params.is_empty() {
                 return Err(syn::Error::new(
@@ -296,7 +311,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
             });
         }
     }
-    let Some((ctor, _)) = ctor else {
+    let Some((ctor, ctor_is_async)) = ctor else {
         return Err(syn::Error::new(
             block.self_ty.span(),
             format!("a #[chare] impl needs a constructor `fn new([ctx: &Ctx<Self>,] args...) -> {type_name}`"),
@@ -306,6 +321,16 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
     let ctor_names = &ctor.names;
     let ctor_types = &ctor.types;
     let ctor_ctx = if ctor.has_ctx { quote!(ctx,) } else { quote!() };
+    let construct_body = if ctor_is_async {
+        let ctx_arg = if ctor.has_ctx {
+            quote!(::std::clone::Clone::clone(ctx),)
+        } else {
+            quote!()
+        };
+        quote!(::charmrs::Constructed::Pending(::std::boxed::Box::pin(<#ty>::new(#ctx_arg #(#ctor_names),*))))
+    } else {
+        quote!(::charmrs::Constructed::Ready(<#ty>::new(#ctor_ctx #(#ctor_names),*)))
+    };
     let ctor_ctx_param = if ctor.has_ctx {
         quote!(ctx)
     } else {
@@ -458,9 +483,9 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
             type Init = (#(#ctor_types,)*);
             const NAME: &'static str = #type_name;
             const CTOR_ID: u64 = ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name));
-            fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> Self {
+            fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> ::charmrs::Constructed<Self> {
                 let (#(#ctor_names,)*) = init;
-                <#ty>::new(#ctor_ctx #(#ctor_names),*)
+                #construct_body
             }
         }
 

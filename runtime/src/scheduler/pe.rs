@@ -16,7 +16,9 @@ use super::queue::LocalQueue;
 use super::shared::{Outcome, Shared};
 use crate::collection::{CollectionId, Shape};
 use crate::element::ElementObj;
-use crate::envelope::{Body, Construction, Control, CtxParts, Envelope, LocalTask, Site};
+use crate::envelope::{
+    catch_panic, Body, Built, Construction, Control, CtxParts, Envelope, LocalTask, Site,
+};
 use crate::error::{Error, Result};
 use crate::future::{FutureTable, Resolution};
 use crate::index::Index;
@@ -38,6 +40,10 @@ struct LocalCollection {
     /// In creation order (row-major for dense arrays): broadcasts visit them in this order.
     elements: Vec<(Index, Rc<dyn ElementObj>)>,
     position: FxHashMap<Index, usize>,
+    /// Elements whose `async fn new` is still running, with the messages waiting for them.
+    constructing: FxHashMap<Index, Vec<Envelope>>,
+    /// Broadcasts that wait until no local element is under construction.
+    waiting_broadcasts: Vec<Envelope>,
 }
 
 impl LocalCollection {
@@ -321,6 +327,13 @@ impl PeState {
                         let site = Site { chare, index, entry: call.entry_name() };
                         call.invoke(self, &element, site);
                     }
+                    Some((_, None)) if self.under_construction(coll, index) => {
+                        // Its `async fn new` is still running: the message waits for it.
+                        let env = Envelope::new(priority, Body::Point { coll, index, call });
+                        let mut cols = self.collections.borrow_mut();
+                        let c = cols.get_mut(&coll).expect("looked up above");
+                        c.constructing.get_mut(&index).expect("checked above").push(env);
+                    }
                     Some((chare, None)) => self.abort_job(format!(
                         "charmrs: a message for entry `{}` reached PE {} for element {index} of {chare} \
                          collection {coll:?}, which is not on this PE",
@@ -340,6 +353,15 @@ impl PeState {
                         coll,
                         Envelope::new(priority, Body::Broadcast { coll, call }),
                     ),
+                    Some(_) if self.any_under_construction(coll) => {
+                        // Delivered once every local element is built, so each gets it once.
+                        let env = Envelope::new(priority, Body::Broadcast { coll, call });
+                        let mut cols = self.collections.borrow_mut();
+                        cols.get_mut(&coll)
+                            .expect("looked up above")
+                            .waiting_broadcasts
+                            .push(env);
+                    }
                     Some((chare, elements)) => call.invoke_all(self, &elements, chare),
                 }
             }
@@ -396,7 +418,10 @@ impl PeState {
             chare,
             elements: Vec::new(),
             position: FxHashMap::default(),
+            constructing: FxHashMap::default(),
+            waiting_broadcasts: Vec::new(),
         };
+        let mut suspended = Vec::new();
         for index in shape.local_elements(self.pe, self.num_pes()) {
             let parts = CtxParts {
                 coll,
@@ -416,13 +441,73 @@ impl PeState {
                     Ok(())
                 },
             );
-            let Some(element) = made else { return };
-            local.position.insert(index, local.elements.len());
-            local.elements.push((index, element));
+            match made {
+                None => return, // the constructor panicked: the job is aborting
+                Some(Built::Ready(element)) => {
+                    local.position.insert(index, local.elements.len());
+                    local.elements.push((index, element));
+                }
+                Some(Built::Pending(fut)) => {
+                    local.constructing.insert(index, Vec::new());
+                    suspended.push((index, fut));
+                }
+            }
         }
         self.collections.borrow_mut().insert(coll, local);
+        for (index, fut) in suspended {
+            self.spawn(Box::pin(async move {
+                let built = catch_panic(fut).await;
+                let _ = with_pe("constructor", |pe| match built {
+                    Ok(element) => pe.constructed(coll, index, element),
+                    Err(payload) => {
+                        let site = Site {
+                            chare,
+                            index,
+                            entry: "new",
+                        };
+                        pe.abort_job(site.panic_message(pe.pe, &crate::panic::describe(payload)))
+                    }
+                });
+            }));
+        }
         let waiting = self.pending.borrow_mut().remove(&coll);
         for env in waiting.into_iter().flatten() {
+            self.deliver(env);
+        }
+    }
+
+    fn under_construction(&self, coll: CollectionId, index: Index) -> bool {
+        self.collections
+            .borrow()
+            .get(&coll)
+            .is_some_and(|c| c.constructing.contains_key(&index))
+    }
+
+    fn any_under_construction(&self, coll: CollectionId) -> bool {
+        self.collections
+            .borrow()
+            .get(&coll)
+            .is_some_and(|c| !c.constructing.is_empty())
+    }
+
+    /// A suspendable constructor finished: install the element, then deliver what waited for it.
+    fn constructed(&self, coll: CollectionId, index: Index, element: Rc<dyn ElementObj>) {
+        let (points, broadcasts) = {
+            let mut cols = self.collections.borrow_mut();
+            let c = cols
+                .get_mut(&coll)
+                .expect("the collection exists while it is being built");
+            let points = c.constructing.remove(&index).unwrap_or_default();
+            c.position.insert(index, c.elements.len());
+            c.elements.push((index, element));
+            let broadcasts = if c.constructing.is_empty() {
+                std::mem::take(&mut c.waiting_broadcasts)
+            } else {
+                Vec::new()
+            };
+            (points, broadcasts)
+        };
+        for env in points.into_iter().chain(broadcasts) {
             self.deliver(env);
         }
     }

@@ -1,0 +1,92 @@
+//! Suspendable constructors: `async fn new` may await; messages for the element wait until it is
+//! built, and arrive once, in order.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Error;
+use common::run_job;
+use std::time::Duration;
+
+/// Built only after a nap and a value from a future.
+struct Slow {
+    log: Vec<String>,
+}
+
+#[chare]
+impl Slow {
+    async fn new(ctx: Ctx<Self>, base: Future<u32>, explode: bool) -> Self {
+        let me: usize = ctx.index();
+        charmrs::sleep(Duration::from_millis(5 * (me as u64 % 3))).await;
+        if explode && me == 2 {
+            panic!("constructor of 2 gives up");
+        }
+        // Only element 0 owns the future; the others start from 0.
+        let start = if ctx.my_pe() == base.owner() && me == 0 {
+            base.await
+        } else {
+            0
+        };
+        Slow {
+            log: vec![format!("built {me} from {start}")],
+        }
+    }
+
+    #[entry]
+    fn push(&mut self, what: String) {
+        self.log.push(what);
+    }
+
+    #[entry]
+    fn log(&mut self) -> Vec<String> {
+        self.log.clone()
+    }
+}
+
+#[test]
+fn messages_wait_for_suspended_constructors() {
+    run_job(2, |_| async {
+        let base = Future::<u32>::new();
+        let a = Array::<Slow, usize>::new(6, (base, false));
+        a.at(0).push("first".into());
+        a.push("everyone".into());
+        a.at(0).push("second".into());
+        base.send(41);
+        let logs = a.gather().log().await;
+        // Point messages keep their order; the broadcast waits until every element of this PE
+        // is built (Charm++ does not order a broadcast against point messages either).
+        assert_eq!(logs[0][0], "built 0 from 41");
+        let mut rest = logs[0][1..].to_vec();
+        assert_eq!(rest.iter().filter(|m| *m == "everyone").count(), 1);
+        rest.retain(|m| m != "everyone");
+        assert_eq!(rest, vec!["first", "second"]);
+        for (i, log) in logs.iter().enumerate().skip(1) {
+            assert_eq!(
+                log,
+                &vec![format!("built {i} from 0"), "everyone".to_string()]
+            );
+        }
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_panicking_async_constructor_aborts_naming_it() {
+    let r = run_job(2, |_| async {
+        let base = Future::<u32>::new();
+        let a = Array::<Slow, usize>::new(4, (base, true));
+        a.push("x".into());
+        charmrs::sleep(Duration::from_secs(30)).await;
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            assert!(
+                msg.contains("`new`") && msg.contains("Slow") && msg.contains("(2,)"),
+                "{msg}"
+            );
+            assert!(msg.contains("constructor of 2 gives up"), "{msg}");
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
