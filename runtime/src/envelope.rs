@@ -110,6 +110,27 @@ impl Envelope {
         }
     }
 
+    /// Short name of the message's kind, for diagnostics.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match &self.body {
+            Body::Point { .. } => "entry call",
+            Body::Broadcast { .. } => "broadcast",
+            Body::Resume { .. } => "task wake-up",
+            Body::Control(c) => match **c {
+                Control::Create { .. } => "creation",
+                Control::Spawn(_) => "entry point",
+                Control::Fulfil { .. } => "future value",
+                Control::Partial { .. } => "broadcast result",
+                Control::PoolSubmit(_) | Control::Pool(_) => "task pool",
+                Control::QdStart(_)
+                | Control::QdWave
+                | Control::QdProbe
+                | Control::QdCounts { .. } => "quiescence detection",
+                Control::ReduceUp { .. } | Control::ReduceDown { .. } => "reduction",
+            },
+        }
+    }
+
     /// Whether this message has a wire format (entry calls and creations).
     pub(crate) fn crosses_processes(&self) -> bool {
         match &self.body {

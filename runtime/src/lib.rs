@@ -48,6 +48,7 @@ mod envelope;
 mod error;
 mod future;
 mod index;
+mod machine;
 mod options;
 mod panic;
 mod pool;

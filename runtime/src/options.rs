@@ -39,6 +39,8 @@ pub struct Options {
     pub idle_spin: Duration,
     /// Encode and decode every message between PEs as if it crossed processes.
     pub wire_check: bool,
+    /// Run as a one-process job even if started by a launcher (embedded jobs: tests, benches).
+    pub local_only: bool,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             affinity: true,
             idle_spin: Duration::from_micros(100),
             wire_check: false,
+            local_only: false,
         }
     }
 }

@@ -54,7 +54,9 @@ struct NextWave(Arc<crate::scheduler::Shared>);
 
 impl Wake for NextWave {
     fn wake(self: Arc<Self>) {
-        self.0.mailboxes[0].push(Envelope::new(0, Control::QdWave));
+        if let Some(m) = self.0.mailbox(0) {
+            m.push(Envelope::new(0, Control::QdWave));
+        }
     }
 }
 

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::options::Options;
 use crate::registry::EntryTable;
 use crate::scheduler::{on_pe, run_pe, with_pe, AbortUnwind, Outcome, Shared};
-use charmrs_local::LocalLayer;
 use charmrs_transport::Topology;
 use std::future::Future;
 use std::io::Write;
@@ -41,8 +40,10 @@ pub struct Runtime {
 impl Runtime {
     /// A job of `pes` PEs (at least 1) with default options.
     pub fn new(pes: usize) -> Runtime {
+        // An embedded job (test, benchmark) is one process even under a launcher.
         let options = Options {
             pes: Some(pes.max(1)),
+            local_only: true,
             ..Options::default()
         };
         Runtime {
@@ -112,25 +113,49 @@ impl Runtime {
         crate::panic::install_hook();
         let pes = self.pes();
         // Fails on an id collision, before any PE starts.
-        EntryTable::get()?;
+        let table = EntryTable::get()?;
+        let layer = crate::machine::select(self.options.local_only)?;
         let shared = Arc::new(Shared::new(
             pes,
             self.options.idle_spin,
             self.options.wire_check,
-            Box::new(LocalLayer::new()),
+            layer,
         ));
         let topology = Topology::detect();
         let pin = self.options.affinity && topology.pes_fit(pes);
+        let first_pe = shared.first_pe;
+        if shared.layer.size() > 1 {
+            if shared.layer.rank() != 0 {
+                let hello = crate::wire::hello_message(table.checksum(), first_pe as u32);
+                shared
+                    .layer
+                    .send(0, hello)
+                    .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
+            }
+            let comm = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("comm-{}", shared.layer.rank()))
+                .spawn(move || crate::scheduler::run_comm(comm, table))
+                .map_err(|e| {
+                    Error::Options(format!("cannot start the communication thread: {e}"))
+                })?;
+        }
         let args = self.args;
         let mut first = Some(Envelope::new(
             0,
             Control::Spawn(Box::new(move || -> LocalTask { Box::pin(main(args)) })),
         ));
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        for pe in 0..pes {
+        for local in 0..pes {
+            let pe = first_pe + local;
             let shared = shared.clone();
-            let core = if pin { topology.core_for_pe(pe) } else { None };
+            let core = if pin {
+                topology.core_for_pe(local)
+            } else {
+                None
+            };
             let topology = topology.clone();
+            // The entry point runs on PE 0 of the job, in process 0.
             let first = if pe == 0 { first.take() } else { None };
             let done = done_tx.clone();
             std::thread::Builder::new()

@@ -22,6 +22,30 @@ use std::cell::RefCell;
 pub(crate) const KIND_CALL: u8 = 1;
 /// Message kind of a collection creation.
 pub(crate) const KIND_CREATE: u8 = 2;
+/// The job ended with `exit(tag)`.
+pub(crate) const KIND_EXIT: u8 = 3;
+/// The job aborted; segment 0 is the message (UTF-8).
+pub(crate) const KIND_ABORT: u8 = 4;
+/// A process's entry-table checksum (in the tag), sent to process 0 at start-up.
+pub(crate) const KIND_HELLO: u8 = 5;
+
+/// The message that tells another process how the job ended.
+pub(crate) fn end_message(outcome: &crate::scheduler::Outcome, src_pe: u32) -> Message {
+    use crate::scheduler::Outcome;
+    match outcome {
+        Outcome::Exit(code) => Message::new(Header::new(KIND_EXIT, src_pe, 0, *code as u32 as u64)),
+        Outcome::Abort(text) => {
+            let mut m = Message::new(Header::new(KIND_ABORT, src_pe, 0, 0));
+            let _ = m.push_segment(Bytes::from(text.clone()));
+            m
+        }
+    }
+}
+
+/// The start-up message carrying this binary's entry-table checksum.
+pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
+    Message::new(Header::new(KIND_HELLO, src_pe, 0, checksum))
+}
 
 /// Where a call goes, on the wire.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]

@@ -49,6 +49,24 @@ pub trait MachineLayer: Send + Sync {
     /// process, message). Returns how many were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError>;
 
+    /// Like [`progress`](MachineLayer::progress), but when nothing has arrived waits up to
+    /// `timeout` for something to. Layers that can sleep in the kernel override this; the default
+    /// polls every 50 µs.
+    fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: std::time::Duration,
+    ) -> Result<usize, TransportError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let n = self.progress(sink)?;
+            if n > 0 || std::time::Instant::now() >= deadline {
+                return Ok(n);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
     /// Register memory for RDMA; returns a region whose [`RemoteKey`] can be
     /// shipped to peers. The registration lasts until the region is dropped.
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError>;

@@ -35,7 +35,10 @@ impl Wake for TaskWaker {
                     generation: self.generation,
                 },
             );
-            self.shared.mailboxes[self.pe].push(env);
+            self.shared
+                .mailbox(self.pe)
+                .expect("tasks run on PEs of this process")
+                .push(env);
         }
     }
 }

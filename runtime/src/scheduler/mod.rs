@@ -1,10 +1,12 @@
 //! The per-PE scheduler: one pinned OS thread per PE, each with a mailbox fed by the other PEs, a
 //! local priority queue, a local executor for futures, and a dispatch loop that parks when idle.
 
+mod comm;
 mod executor;
 mod pe;
 mod queue;
 mod shared;
 
+pub(crate) use comm::run_comm;
 pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, PeState};
 pub(crate) use shared::{Outcome, Shared};

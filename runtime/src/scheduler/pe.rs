@@ -183,10 +183,14 @@ impl PeState {
         }
         if dst == self.pe {
             self.queue.borrow_mut().push(env);
-        } else if self.shared.wire_check && env.crosses_processes() {
-            self.send_through_wire(dst, env);
+        } else if let Some(mailbox) = self.shared.mailbox(dst) {
+            if self.shared.wire_check && env.crosses_processes() {
+                self.send_through_wire(dst, env);
+            } else {
+                mailbox.push(env);
+            }
         } else {
-            self.shared.mailboxes[dst].push(env);
+            self.send_remote(dst, env);
         }
     }
 
@@ -206,8 +210,38 @@ impl PeState {
         let decoded = crate::wire::encode(&env, table, self.pe as u32, dst as u32)
             .and_then(|msg| crate::wire::decode(msg, table));
         match decoded {
-            Ok(env) => self.shared.mailboxes[dst].push(env),
+            Ok(env) => self.shared.mailbox(dst).expect("a local PE").push(env),
             Err(e) => self.abort_job(format!("charmrs: +wirecheck: a message from PE {} to PE {dst} does not survive the wire: {e}", self.pe)),
+        }
+    }
+
+    /// Sends `env` to PE `dst` of another process through the machine layer.
+    #[cold]
+    fn send_remote(&self, dst: usize, env: Envelope) {
+        let process = self.shared.process_of(dst);
+        if !env.crosses_processes() {
+            return self.abort_job(format!(
+                "charmrs: PE {} tried to send a runtime message ({}) to PE {dst} in process {process}: \
+                 this kind of message does not cross processes yet (entry calls and creations do)",
+                self.pe,
+                env.kind_name()
+            ));
+        }
+        let table = match crate::registry::EntryTable::get() {
+            Ok(t) => t,
+            Err(e) => return self.abort_job(format!("charmrs: {e}")),
+        };
+        let sent = crate::wire::encode(&env, table, self.pe as u32, dst as u32).and_then(|msg| {
+            self.shared
+                .layer
+                .send(process, msg)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
+                self.pe
+            ));
         }
     }
 
@@ -528,7 +562,7 @@ impl PeState {
 
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
     fn idle(&self, next_timer: Option<Instant>) {
-        let mailbox = &self.shared.mailboxes[self.pe];
+        let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
         let start = Instant::now();
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
@@ -554,7 +588,7 @@ impl PeState {
 
 /// The body of a PE thread: dispatch until the job stops.
 pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
-    let mailbox = &shared.mailboxes[pe];
+    let mailbox = shared.mailbox(pe).expect("a PE runs in its own process");
     mailbox.bind_owner();
     let state = PeState::new(pe, shared.clone());
     CURRENT.with(|c| c.set(&state));

@@ -1,8 +1,10 @@
-//! [`Shared`]: the job state every PE thread of a process sees — mailboxes, the stop flag and the
-//! job's outcome.
+//! [`Shared`]: the job state every PE thread of a process sees — which PEs live here, their
+//! mailboxes, the machine layer to the other processes, the stop flag and the job's outcome.
 //!
-//! Invariant: the outcome is set once (the first `exit` or abort wins); setting it raises `stop`
-//! and wakes every PE, so no PE sleeps through the end of the job.
+//! PE numbers are job-wide: process `r` of a job of `n` processes with `k` PEs each holds PEs
+//! `r·k .. (r+1)·k` (Charm++'s SMP numbering). Invariant: the outcome is set once (the first
+//! `exit` or abort wins); setting it raises `stop`, wakes every PE, and — when it started in this
+//! process — tells the other processes, so no PE anywhere sleeps through the end of the job.
 
 use crate::envelope::Envelope;
 use charmrs_local::Mailbox;
@@ -21,8 +23,12 @@ pub(crate) enum Outcome {
 }
 
 pub(crate) struct Shared {
+    /// PEs in the whole job.
     pub(crate) num_pes: usize,
-    pub(crate) mailboxes: Box<[Mailbox<Envelope>]>,
+    /// Job-wide number of this process's first PE.
+    pub(crate) first_pe: usize,
+    /// The mailboxes of this process's PEs.
+    mailboxes: Box<[Mailbox<Envelope>]>,
     /// How long an idle PE polls before parking.
     pub(crate) idle_spin: Duration,
     /// `+wirecheck`: messages between PEs go through the inter-process wire format.
@@ -36,14 +42,17 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(
-        num_pes: usize,
+        local_pes: usize,
         idle_spin: Duration,
         wire_check: bool,
         layer: Box<dyn MachineLayer>,
     ) -> Shared {
+        let nprocs = layer.size() as usize;
+        let first_pe = layer.rank() as usize * local_pes;
         Shared {
-            num_pes,
-            mailboxes: (0..num_pes).map(|_| Mailbox::new()).collect(),
+            num_pes: local_pes * nprocs,
+            first_pe,
+            mailboxes: (0..local_pes).map(|_| Mailbox::new()).collect(),
             idle_spin,
             wire_check,
             layer,
@@ -53,16 +62,51 @@ impl Shared {
         }
     }
 
+    /// The mailbox of PE `pe` if it lives in this process.
+    #[inline]
+    pub(crate) fn mailbox(&self, pe: usize) -> Option<&Mailbox<Envelope>> {
+        self.mailboxes.get(pe.wrapping_sub(self.first_pe))
+    }
+
+    /// Number of PEs in this process.
+    pub(crate) fn local_pes(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    /// The process that holds PE `pe`.
+    pub(crate) fn process_of(&self, pe: usize) -> u32 {
+        (pe / self.local_pes()) as u32
+    }
+
     /// Whether the job is ending; PEs stop dispatching once this is true.
     #[inline]
     pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Ends the job with `outcome` unless it already ended; wakes everything.
+    /// Ends the job with `outcome` unless it already ended; wakes everything and tells the other
+    /// processes.
     pub(crate) fn finish(&self, outcome: Outcome) {
+        self.end(outcome, true)
+    }
+
+    /// Ends the job because another process said so (nothing is sent back).
+    pub(crate) fn finish_from_peer(&self, outcome: Outcome) {
+        self.end(outcome, false)
+    }
+
+    fn end(&self, outcome: Outcome, tell_peers: bool) {
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
+            if tell_peers {
+                let me = self.layer.rank();
+                for p in (0..self.layer.size()).filter(|&p| p != me) {
+                    // Best effort: a peer that is gone cannot be told.
+                    let _ = self
+                        .layer
+                        .send(p, crate::wire::end_message(&outcome, self.first_pe as u32));
+                }
+            }
             if let Outcome::Abort(msg) = &outcome {
                 self.layer.abort(msg);
             }

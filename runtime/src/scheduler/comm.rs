@@ -1,0 +1,77 @@
+//! The communication thread of a multi-process job: it drives the machine layer and turns what
+//! arrives from other processes into envelopes in the destination PEs' mailboxes (Charm++'s SMP
+//! communication thread).
+//!
+//! Invariants: every arrived message is decoded as hostile input — an undecodable message, a
+//! message for a PE of another process, or a lost peer ends the job with an abort naming the
+//! process it came from, never a panic or a silent drop; an end-of-job message from a peer ends
+//! this process's part of the job with the same outcome.
+
+use super::shared::{Outcome, Shared};
+use crate::registry::EntryTable;
+use crate::wire;
+use charmrs_transport::{Message, ProcessId};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the communication thread sleeps in the layer when nothing arrives.
+const WAIT: Duration = Duration::from_millis(20);
+
+/// The body of the communication thread.
+pub(crate) fn run_comm(shared: Arc<Shared>, table: &'static EntryTable) {
+    let me = shared.layer.rank();
+    while !shared.stopping() {
+        let result = shared
+            .layer
+            .progress_wait(&mut |src, msg| on_message(&shared, table, src, msg), WAIT);
+        if let Err(e) = result {
+            if !shared.stopping() {
+                shared.finish_from_peer(Outcome::Abort(format!("charmrs: process {me}: {e}")));
+            }
+        }
+    }
+}
+
+fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
+    let header = *msg.header();
+    let me = shared.layer.rank();
+    let abort =
+        |why: String| shared.finish(Outcome::Abort(format!("charmrs: process {me}: {why}")));
+    match header.kind {
+        wire::KIND_CALL | wire::KIND_CREATE => {
+            let dst = header.dst_pe as usize;
+            let Some(mailbox) = shared.mailbox(dst) else {
+                return abort(format!(
+                    "process {src} sent a message for PE {dst}, which is not in this process"
+                ));
+            };
+            match wire::decode(msg, table) {
+                Ok(env) => mailbox.push(env),
+                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+            }
+        }
+        wire::KIND_EXIT => shared.finish_from_peer(Outcome::Exit(header.tag as u32 as i32)),
+        wire::KIND_ABORT => {
+            let text = msg
+                .segments()
+                .first()
+                .map(|s| String::from_utf8_lossy(s).into_owned());
+            shared.finish_from_peer(Outcome::Abort(
+                text.unwrap_or_else(|| format!("charmrs: process {src} aborted")),
+            ));
+        }
+        wire::KIND_HELLO => {
+            if header.tag != table.checksum() {
+                abort(format!(
+                    "process {src} runs a different program: its entry table checksum is {:#x}, this \
+                     process's is {:#x} (every process of a job must run the same binary)",
+                    header.tag,
+                    table.checksum()
+                ));
+            }
+        }
+        other => abort(format!(
+            "process {src} sent a message of unknown kind {other}"
+        )),
+    }
+}
