@@ -10,7 +10,7 @@ use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
 use crate::element::{Coro, Element, ElementObj};
 use crate::error::Error;
-use crate::future::Resolution;
+use crate::future::{encode_value, Resolution};
 use crate::index::Index;
 use crate::pool::{JobSpec, PoolMsg};
 use crate::reduction::{Part, TargetSpec};
@@ -302,7 +302,12 @@ impl<T: Payload> PartialAcc<T> {
             Some(e) => Err(e),
             None => Ok(Box::new(std::mem::take(&mut *self.values.borrow_mut()))),
         };
-        pe.partial(self.owner as usize, self.id, outcome);
+        pe.partial(
+            self.owner as usize,
+            self.id,
+            outcome,
+            encode_value::<Vec<(Index, T)>>,
+        );
     }
 }
 
@@ -323,7 +328,9 @@ impl<T: Payload> Sink<T> {
     fn ok(self, pe: &PeState, value: T) {
         match self {
             Sink::Discard => {}
-            Sink::Future { pe: owner, id } => pe.fulfil(owner as usize, id, Ok(Box::new(value))),
+            Sink::Future { pe: owner, id } => {
+                pe.fulfil(owner as usize, id, Ok(Box::new(value)), encode_value::<T>)
+            }
             Sink::Partial { acc, index } => acc.add(pe, index, Ok(value)),
         }
     }
@@ -340,7 +347,9 @@ impl<T: Payload> Sink<T> {
         };
         match self {
             Sink::Discard => pe.abort_job(site.panic_message(pe.pe, &what)),
-            Sink::Future { pe: owner, id } => pe.fulfil(owner as usize, id, Err(remote())),
+            Sink::Future { pe: owner, id } => {
+                pe.fulfil(owner as usize, id, Err(remote()), encode_value::<T>)
+            }
             Sink::Partial { acc, index } => acc.add(pe, index, Err(remote())),
         }
     }

@@ -22,6 +22,40 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+/// Serializes a type-erased value of a known type (for a future owned by another process).
+pub(crate) type EncodeFn = fn(&(dyn Any + Send)) -> Result<Vec<u8>, String>;
+
+/// The [`EncodeFn`] of values of type `T`.
+pub(crate) fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
+    match v.downcast_ref::<T>() {
+        Some(t) => postcard::to_stdvec(t).map_err(|e| e.to_string()),
+        // A value that arrived from another process and is passed on unchanged.
+        None => v
+            .downcast_ref::<WireValue>()
+            .map(|w| w.0.to_vec())
+            .ok_or_else(|| format!("a value that is not a {}", std::any::type_name::<T>())),
+    }
+}
+
+/// A value that arrived from another process, still encoded: the awaiting side knows its type.
+pub(crate) struct WireValue(pub(crate) bytes::Bytes);
+
+/// Turns a delivered value back into a `T`, decoding it if it came from another process.
+pub(crate) fn take_value<T: Payload>(v: Box<dyn Any + Send>) -> Result<T, String> {
+    match v.downcast::<T>() {
+        Ok(t) => Ok(*t),
+        Err(v) => match v.downcast::<WireValue>() {
+            Ok(w) => {
+                postcard::from_bytes(&w.0).map_err(|e| format!("a value from another process: {e}"))
+            }
+            Err(_) => Err(format!(
+                "a value of another type than {}",
+                std::any::type_name::<T>()
+            )),
+        },
+    }
+}
+
 /// A type-erased value (or the error that replaces it) on its way to a future.
 pub(crate) type Resolution = Result<Box<dyn Any + Send>, Error>;
 
@@ -105,7 +139,7 @@ impl<T: Payload> Future<T> {
 
     pub(crate) fn deliver(&self, outcome: Resolution) {
         with_pe("Future::send", |pe| {
-            pe.fulfil(self.pe as usize, self.id, outcome)
+            pe.fulfil(self.pe as usize, self.id, outcome, encode_value::<T>)
         })
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -153,12 +187,9 @@ impl<T: Payload> std::future::Future for FutureResult<T> {
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(v)) => Poll::Ready(Ok(*v.downcast::<T>().unwrap_or_else(|_| {
-                panic!(
-                    "{f:?} received a value of another type than {}",
-                    std::any::type_name::<T>()
-                )
-            }))),
+            Poll::Ready(Ok(v)) => Poll::Ready(Ok(
+                take_value::<T>(v).unwrap_or_else(|e| panic!("{f:?} received {e}"))
+            )),
         }
     }
 }
@@ -235,7 +266,7 @@ enum SlotState {
 /// How the partials of a broadcast's result become one value.
 struct Gather {
     remaining: usize,
-    merge: Box<dyn FnMut(Box<dyn Any + Send>)>,
+    merge: Box<dyn FnMut(Box<dyn Any + Send>) -> Result<(), String>>,
     finish: Box<dyn FnOnce() -> Box<dyn Any + Send>>,
     error: Option<Error>,
 }
@@ -276,10 +307,9 @@ impl FutureTable {
         let gather = Gather {
             remaining: expected,
             merge: Box::new(move |part| {
-                let part = part
-                    .downcast::<Vec<(Index, R)>>()
-                    .expect("partial of the gathered type");
-                merge_into.borrow_mut().extend(*part);
+                let part = take_value::<Vec<(Index, R)>>(part)?;
+                merge_into.borrow_mut().extend(part);
+                Ok(())
             }),
             finish: Box::new(move || {
                 if values {
@@ -326,7 +356,9 @@ impl FutureTable {
         })?;
         g.remaining = g.remaining.saturating_sub(1);
         match part {
-            Ok(p) => (g.merge)(p),
+            Ok(p) => {
+                (g.merge)(p).map_err(|e| format!("a broadcast result for future #{id}: {e}"))?
+            }
             Err(e) => {
                 g.error.get_or_insert(e);
             }

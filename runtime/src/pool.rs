@@ -14,7 +14,7 @@
 use crate::chare::Payload;
 use crate::envelope::{Control, Envelope};
 use crate::error::Error;
-use crate::future::Future;
+use crate::future::{encode_value, EncodeFn, Future};
 use crate::scheduler::{with_pe, PeState};
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -154,6 +154,7 @@ pub(crate) struct JobSpec {
     options: MapOptions,
     reply: Option<(u32, u64)>,
     finish: fn(Vec<AnyBox>) -> AnyBox,
+    encode: EncodeFn,
 }
 
 fn collect_all<R: Payload>(results: Vec<AnyBox>) -> AnyBox {
@@ -183,7 +184,7 @@ impl Pool {
         items: Vec<A>,
         options: MapOptions,
         reply: bool,
-        finish: fn(Vec<AnyBox>) -> AnyBox,
+        (finish, encode): (fn(Vec<AnyBox>) -> AnyBox, EncodeFn),
     ) -> Option<(u32, u64)>
     where
         F: TaskFn<A, M>,
@@ -213,6 +214,7 @@ impl Pool {
                 options,
                 reply,
                 finish,
+                encode,
             };
             pe.send(0, Envelope::new(0, Control::PoolSubmit(Box::new(spec))));
             reply
@@ -241,7 +243,7 @@ impl Pool {
             items,
             options,
             true,
-            collect_all::<F::Output>,
+            (collect_all::<F::Output>, encode_value::<Vec<F::Output>>),
         );
         Future::from_id(id.expect("asked for a reply"))
     }
@@ -267,7 +269,7 @@ impl Pool {
             vec![arg],
             MapOptions::default(),
             true,
-            only_one::<F::Output>,
+            (only_one::<F::Output>, encode_value::<F::Output>),
         );
         Future::from_id(id.expect("asked for a reply"))
     }
@@ -285,7 +287,7 @@ impl Pool {
             vec![arg],
             MapOptions::default(),
             false,
-            only_one::<F::Output>,
+            (only_one::<F::Output>, encode_value::<F::Output>),
         );
     }
 }
@@ -301,6 +303,7 @@ struct Job {
     max_pes: usize,
     reply: Option<(u32, u64)>,
     finish: fn(Vec<AnyBox>) -> AnyBox,
+    encode: EncodeFn,
     error: Option<Error>,
 }
 
@@ -365,6 +368,7 @@ impl PeState {
                 max_pes: spec.options.max_pes.unwrap_or(usize::MAX),
                 reply: spec.reply,
                 finish: spec.finish,
+                encode: spec.encode,
                 error: None,
             },
         );
@@ -431,7 +435,7 @@ impl PeState {
             )),
         };
         match (job.reply, outcome) {
-            (Some((pe, fid)), outcome) => self.fulfil(pe as usize, fid, outcome),
+            (Some((pe, fid)), outcome) => self.fulfil(pe as usize, fid, outcome, job.encode),
             (None, Err(e)) => {
                 self.abort_job(format!("charmrs: job aborted: a spawned task failed: {e}"))
             }

@@ -9,7 +9,7 @@
 //! not flooded with probes.
 
 use crate::envelope::{Control, Envelope};
-use crate::future::Future;
+use crate::future::{encode_value, Future};
 use crate::reduction::{Target, TargetSpec};
 use crate::scheduler::{with_pe, PeState};
 use std::sync::Arc;
@@ -93,7 +93,7 @@ impl PeState {
                     let targets = std::mem::take(&mut qd.waiting);
                     drop(qd);
                     for t in targets {
-                        self.reach(t, Box::new(()));
+                        self.reach(t, Box::new(()), encode_value::<()>);
                     }
                 } else {
                     qd.previous = Some(sums);

@@ -17,7 +17,7 @@ use crate::callback::{deliver, Callback, CallbackDest, MakeCall};
 use crate::chare::Payload;
 use crate::collection::{CollectionId, Shape};
 use crate::envelope::{Control, Envelope};
-use crate::future::Future;
+use crate::future::{encode_value, EncodeFn, Future};
 use crate::index::Index;
 use crate::scheduler::PeState;
 use rustc_hash::FxHashMap;
@@ -360,6 +360,8 @@ pub(crate) struct Kind {
     combine: CombineFn,
     finish: fn(Box<dyn Any + Send>) -> Box<dyn Any + Send>,
     clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
+    /// Encodes the finished result for a future in another process.
+    encode: EncodeFn,
 }
 
 impl Kind {
@@ -371,6 +373,7 @@ impl Kind {
             combine: combine_builtin::<T>,
             finish: identity,
             clone: clone_any::<T>,
+            encode: encode_value::<T>,
         }
     }
 
@@ -382,6 +385,7 @@ impl Kind {
             combine: r.combine,
             finish: identity,
             clone: clone_any::<T>,
+            encode: encode_value::<T>,
         }
     }
 
@@ -393,6 +397,7 @@ impl Kind {
             combine: combine_gather::<T>,
             finish: finish_gather::<T>,
             clone: clone_any::<Vec<T>>,
+            encode: encode_value::<Vec<T>>,
         }
     }
 }
@@ -538,14 +543,14 @@ impl PeState {
         let value = (kind.finish)(part.data);
         match part.target {
             TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind.clone),
-            target => self.reach(target, value),
+            target => self.reach(target, value, kind.encode),
         }
     }
 
     /// Delivers `value` to a future or entry target.
-    pub(crate) fn reach(&self, target: TargetSpec, value: Box<dyn Any + Send>) {
+    pub(crate) fn reach(&self, target: TargetSpec, value: Box<dyn Any + Send>, encode: EncodeFn) {
         match target {
-            TargetSpec::Future { pe, id } => self.fulfil(pe as usize, id, Ok(value)),
+            TargetSpec::Future { pe, id } => self.fulfil(pe as usize, id, Ok(value), encode),
             TargetSpec::Entry { dest, make, wrap } => match make(wrap(value)) {
                 Some(call) => deliver(self, dest, call),
                 None => self.abort_job(
@@ -590,7 +595,11 @@ impl PeState {
             .remove(&(coll, seq))
             .unwrap_or_default();
         for (pe, id) in futures {
-            self.fulfil(pe as usize, id, Ok(clone(&*value)));
+            debug_assert_eq!(
+                pe as usize, self.pe,
+                "allreduce futures belong to their contributor"
+            );
+            self.fulfil_local(id, Ok(clone(&*value)));
         }
     }
 }

@@ -29,6 +29,80 @@ pub(crate) const KIND_ABORT: u8 = 4;
 /// A process's entry-table checksum (in the tag), sent to process 0 at start-up.
 pub(crate) const KIND_HELLO: u8 = 5;
 
+/// The value (or error) of a future, for its owner PE (tag: the future's id).
+pub(crate) const KIND_FULFIL: u8 = 6;
+/// One PE's part of a broadcast result, for the owner of the gather future (tag: its id).
+pub(crate) const KIND_PARTIAL: u8 = 7;
+
+/// A future's value as it travels: the encoded value, or the error that replaces it.
+#[derive(Serialize, Deserialize)]
+enum WireOutcome {
+    Value(Vec<u8>),
+    Remote {
+        pe: u64,
+        entry: String,
+        message: String,
+    },
+    Failed(String),
+}
+
+/// The message carrying a future's value (or error) to PE `dst`.
+pub(crate) fn value_message(
+    kind: u8,
+    id: u64,
+    src_pe: u32,
+    dst_pe: u32,
+    value: Result<Vec<u8>, crate::error::Error>,
+) -> Result<Message, String> {
+    use crate::error::Error;
+    let outcome = match value {
+        Ok(bytes) => WireOutcome::Value(bytes),
+        Err(Error::Remote { pe, entry, message }) => WireOutcome::Remote {
+            pe: pe as u64,
+            entry,
+            message,
+        },
+        Err(other) => WireOutcome::Failed(other.to_string()),
+    };
+    let mut m = Message::new(Header::new(kind, src_pe, dst_pe, id));
+    let seg = postcard::to_stdvec(&outcome).map_err(|e| e.to_string())?;
+    m.push_segment(Bytes::from(seg))
+        .map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
+/// Decodes a [`value_message`] into the envelope for the owner PE.
+pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
+    use crate::error::Error;
+    use crate::future::WireValue;
+    let header = msg.header();
+    let seg = msg
+        .segments()
+        .first()
+        .ok_or("a future's value without its segment")?;
+    let outcome: WireOutcome = decode_exact(seg).map_err(|e| format!("a future's value: {e}"))?;
+    let outcome = match outcome {
+        WireOutcome::Value(bytes) => {
+            Ok(Box::new(WireValue(Bytes::from(bytes))) as Box<dyn std::any::Any + Send>)
+        }
+        WireOutcome::Remote { pe, entry, message } => Err(Error::Remote {
+            pe: pe as usize,
+            entry,
+            message,
+        }),
+        WireOutcome::Failed(text) => Err(Error::Aborted(text)),
+    };
+    let id = header.tag;
+    Ok(Envelope::new(
+        0,
+        if header.kind == KIND_FULFIL {
+            Control::Fulfil { id, outcome }
+        } else {
+            Control::Partial { id, outcome }
+        },
+    ))
+}
+
 /// The message that tells another process how the job ended.
 pub(crate) fn end_message(outcome: &crate::scheduler::Outcome, src_pe: u32) -> Message {
     use crate::scheduler::Outcome;

@@ -50,6 +50,16 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }
         }
+        wire::KIND_FULFIL | wire::KIND_PARTIAL => {
+            let dst = header.dst_pe as usize;
+            let Some(mailbox) = shared.mailbox(dst) else {
+                return abort(format!("process {src} sent a future's value for PE {dst}, which is not in this process"));
+            };
+            match wire::decode_value(&msg) {
+                Ok(env) => mailbox.push(env),
+                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+            }
+        }
         wire::KIND_EXIT => shared.finish_from_peer(Outcome::Exit(header.tag as u32 as i32)),
         wire::KIND_ABORT => {
             let text = msg

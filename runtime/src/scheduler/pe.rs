@@ -20,7 +20,7 @@ use crate::envelope::{
     catch_panic, Body, Built, Construction, Control, CtxParts, Envelope, LocalTask, Site,
 };
 use crate::error::{Error, Result};
-use crate::future::{FutureTable, Resolution};
+use crate::future::{EncodeFn, FutureTable, Resolution};
 use crate::index::Index;
 use crate::pool::PoolState;
 use crate::quiescence::QdState;
@@ -297,28 +297,67 @@ impl PeState {
         self.executor.spawn(&self.shared, self.pe, task);
     }
 
-    /// Sends `outcome` to future `id` of PE `owner` (directly if that is this PE).
-    pub(crate) fn fulfil(&self, owner: usize, id: u64, outcome: Resolution) {
+    /// Sends `outcome` to future `id` of PE `owner`: directly if that is this PE, moved to another
+    /// PE of this process, or encoded with `encode` for a PE of another process.
+    pub(crate) fn fulfil(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
         if owner == self.pe {
-            let result = self.futures.borrow_mut().fulfil(id, outcome);
-            if let Err(problem) = result {
-                self.abort_job(format!("charmrs: {problem} (detected on PE {})", self.pe));
-            }
-        } else {
+            self.fulfil_local(id, outcome);
+        } else if self.shared.mailbox(owner).is_some() {
             self.send(owner, Envelope::new(0, Control::Fulfil { id, outcome }));
+        } else {
+            self.send_value(crate::wire::KIND_FULFIL, owner, id, outcome, encode);
+        }
+    }
+
+    /// Stores the value of this PE's future `id`.
+    pub(crate) fn fulfil_local(&self, id: u64, outcome: Resolution) {
+        let result = self.futures.borrow_mut().fulfil(id, outcome);
+        if let Err(problem) = result {
+            self.abort_job(format!("charmrs: {problem} (detected on PE {})", self.pe));
         }
     }
 
     /// Sends one PE's part of a broadcast result to gather future `id` of PE `owner`.
-    pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution) {
-        if owner != self.pe {
-            return self.send(owner, Envelope::new(0, Control::Partial { id, outcome }));
+    pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
+        if owner == self.pe {
+            self.partial_local(id, outcome);
+        } else if self.shared.mailbox(owner).is_some() {
+            self.send(owner, Envelope::new(0, Control::Partial { id, outcome }));
+        } else {
+            self.send_value(crate::wire::KIND_PARTIAL, owner, id, outcome, encode);
         }
+    }
+
+    /// Adds a partial to this PE's gather future `id`.
+    pub(crate) fn partial_local(&self, id: u64, outcome: Resolution) {
         let done = self.futures.borrow_mut().add_partial(id, outcome);
         match done {
-            Ok(Some(outcome)) => self.fulfil(self.pe, id, outcome),
+            Ok(Some(outcome)) => self.fulfil_local(id, outcome),
             Ok(None) => {}
             Err(problem) => self.abort_job(format!("charmrs: {problem}")),
+        }
+    }
+
+    /// Encodes a future's value (or error) for PE `owner` of another process and sends it.
+    #[cold]
+    fn send_value(&self, kind: u8, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
+        let encoded = match outcome {
+            Ok(v) => encode(&*v).map(Ok),
+            Err(e) => Ok(Err(e)),
+        };
+        let process = self.shared.process_of(owner);
+        let sent = encoded.and_then(|value| {
+            let msg = crate::wire::value_message(kind, id, self.pe as u32, owner as u32, value)?;
+            self.shared
+                .layer
+                .send(process, msg)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: PE {} could not send a future's value to PE {owner} in process {process}: {e}",
+                self.pe
+            ));
         }
     }
 
@@ -418,8 +457,8 @@ impl PeState {
                     Ok(())
                 });
             }
-            Control::Fulfil { id, outcome } => self.fulfil(self.pe, id, outcome),
-            Control::Partial { id, outcome } => self.partial(self.pe, id, outcome),
+            Control::Fulfil { id, outcome } => self.fulfil_local(id, outcome),
+            Control::Partial { id, outcome } => self.partial_local(id, outcome),
             Control::PoolSubmit(spec) => self.pool_submit(*spec),
             Control::Pool(msg) => self.pool_message(msg),
             c @ (Control::QdStart(_)
