@@ -263,10 +263,13 @@ enum SlotState {
     Ready(Resolution),
 }
 
+/// Adds one PE's partial (possibly still encoded) to a gather.
+type MergeFn = Box<dyn FnMut(Box<dyn Any + Send>) -> Result<(), String>>;
+
 /// How the partials of a broadcast's result become one value.
 struct Gather {
     remaining: usize,
-    merge: Box<dyn FnMut(Box<dyn Any + Send>) -> Result<(), String>>,
+    merge: MergeFn,
     finish: Box<dyn FnOnce() -> Box<dyn Any + Send>>,
     error: Option<Error>,
 }
