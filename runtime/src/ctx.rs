@@ -12,7 +12,7 @@ use crate::envelope::CtxParts;
 use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
 use crate::proxy::{Array, ElementProxy, Group, Proxy};
-use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
+use crate::reduction::{CustomReducer, Incoming, Kind, Part, Reduce, Reducer, Target};
 use crate::scheduler::with_pe;
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -120,7 +120,12 @@ impl<C: Chare> Ctx<C> {
         let seq = self.reductions.get();
         self.reductions.set(seq + 1);
         with_pe(what, |pe| {
-            pe.reduce(self.parts.coll, seq, self.parts.shape, part)
+            pe.reduce(
+                self.parts.coll,
+                seq,
+                self.parts.shape,
+                Incoming::Typed(part),
+            )
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -185,16 +190,14 @@ impl<C: Chare> Ctx<C> {
         );
         let seq = self.reductions.get();
         let fut = Future::<T>::new();
+        let kind = Kind::builtin::<T>(reducer);
         with_pe("allreduce", |pe| {
             pe.reductions
                 .borrow_mut()
-                .add_allreduce_future(self.parts.coll, seq, fut.parts())
+                .add_allreduce_future(self.parts.coll, seq, fut.parts(), kind)
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        self.contribute_part(
-            "allreduce",
-            Part::everyone(data, Kind::builtin::<T>(reducer)),
-        );
+        self.contribute_part("allreduce", Part::everyone(data, kind));
         fut
     }
 

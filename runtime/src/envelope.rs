@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::future::{encode_value, Resolution};
 use crate::index::Index;
 use crate::pool::{JobSpec, PoolMsg};
-use crate::reduction::{Part, TargetSpec};
+use crate::reduction::{Incoming, Kind, TargetSpec};
 use crate::scheduler::{AbortUnwind, PeState};
 use crate::when::PendingWhen;
 use std::any::Any;
@@ -84,7 +84,7 @@ pub(crate) enum Control {
         coll: CollectionId,
         seq: u64,
         shape: Shape,
-        part: Part,
+        incoming: Incoming,
     },
     /// An allreduce result on its way down the tree.
     ReduceDown {
@@ -92,7 +92,14 @@ pub(crate) enum Control {
         seq: u64,
         shape: Shape,
         value: Box<dyn Any + Send>,
-        clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
+        kind: Kind,
+    },
+    /// An allreduce result from the parent PE in another process, still encoded.
+    ReduceDownEncoded {
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        bytes: bytes::Bytes,
     },
 }
 
@@ -126,7 +133,9 @@ impl Envelope {
                 | Control::QdWave
                 | Control::QdProbe
                 | Control::QdCounts { .. } => "quiescence detection",
-                Control::ReduceUp { .. } | Control::ReduceDown { .. } => "reduction",
+                Control::ReduceUp { .. }
+                | Control::ReduceDown { .. }
+                | Control::ReduceDownEncoded { .. } => "reduction",
             },
         }
     }

@@ -37,6 +37,16 @@ pub(crate) fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, 
     }
 }
 
+/// Decodes a value of a known type from another process, boxed.
+pub(crate) type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, String>;
+
+/// The [`DecodeFn`] of values of type `T`.
+pub(crate) fn decode_any<T: Payload>(bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
+    postcard::from_bytes::<T>(bytes)
+        .map(|t| Box::new(t) as Box<dyn Any + Send>)
+        .map_err(|e| e.to_string())
+}
+
 /// A value that arrived from another process, still encoded: the awaiting side knows its type.
 pub(crate) struct WireValue(pub(crate) bytes::Bytes);
 

@@ -17,7 +17,7 @@ use crate::callback::{deliver, Callback, CallbackDest, MakeCall};
 use crate::chare::Payload;
 use crate::collection::{CollectionId, Shape};
 use crate::envelope::{Control, Envelope};
-use crate::future::{encode_value, EncodeFn, Future};
+use crate::future::{decode_any, encode_value, DecodeFn, EncodeFn, Future};
 use crate::index::Index;
 use crate::scheduler::PeState;
 use rustc_hash::FxHashMap;
@@ -362,6 +362,11 @@ pub(crate) struct Kind {
     clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
     /// Encodes the finished result for a future in another process.
     encode: EncodeFn,
+    /// Encodes / decodes a partial value for a parent PE in another process.
+    encode_part: EncodeFn,
+    decode_part: DecodeFn,
+    /// Decodes a finished result that arrived from another process (allreduce).
+    decode_result: DecodeFn,
 }
 
 impl Kind {
@@ -374,6 +379,9 @@ impl Kind {
             finish: identity,
             clone: clone_any::<T>,
             encode: encode_value::<T>,
+            encode_part: encode_value::<T>,
+            decode_part: decode_any::<T>,
+            decode_result: decode_any::<T>,
         }
     }
 
@@ -386,6 +394,9 @@ impl Kind {
             finish: identity,
             clone: clone_any::<T>,
             encode: encode_value::<T>,
+            encode_part: encode_value::<T>,
+            decode_part: decode_any::<T>,
+            decode_result: decode_any::<T>,
         }
     }
 
@@ -398,6 +409,9 @@ impl Kind {
             finish: finish_gather::<T>,
             clone: clone_any::<Vec<T>>,
             encode: encode_value::<Vec<T>>,
+            encode_part: encode_value::<Vec<(Index, T)>>,
+            decode_part: decode_any::<Vec<(Index, T)>>,
+            decode_result: decode_any::<Vec<T>>,
         }
     }
 }
@@ -449,14 +463,20 @@ struct Pending {
     expected: usize,
     place: TreePlace,
     part: Option<Part>,
+    /// Partials from child PEs of other processes, still encoded until a local contribution
+    /// says how to decode them (every PE of the tree has local elements).
+    raw: Vec<bytes::Bytes>,
 }
+
+/// This PE's allreduce contributors of one reduction: their futures and the reduction's kind.
+type AllreduceWaiters = (Vec<(u32, u64)>, Option<Kind>);
 
 /// The reductions in progress on one PE.
 #[derive(Default)]
 pub(crate) struct ReductionTable {
     pending: FxHashMap<(CollectionId, u64), Pending>,
-    /// Futures of this PE's allreduce contributors, by reduction.
-    everyone: FxHashMap<(CollectionId, u64), Vec<(u32, u64)>>,
+    /// Futures of this PE's allreduce contributors (and how to decode the result), by reduction.
+    everyone: FxHashMap<(CollectionId, u64), AllreduceWaiters>,
 }
 
 impl ReductionTable {
@@ -465,8 +485,11 @@ impl ReductionTable {
         coll: CollectionId,
         seq: u64,
         future: (u32, u64),
+        kind: Kind,
     ) {
-        self.everyone.entry((coll, seq)).or_default().push(future);
+        let slot = self.everyone.entry((coll, seq)).or_default();
+        slot.0.push(future);
+        slot.1 = Some(kind);
     }
 }
 
@@ -474,10 +497,18 @@ fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
     format!("reduction #{seq} over {} {coll:?}", shape.describe())
 }
 
+/// Where one more contribution to a reduction comes from.
+pub(crate) enum Incoming {
+    /// A local element's contribution or a child PE's partial from this process.
+    Typed(Part),
+    /// A child PE's partial from another process, still encoded.
+    Encoded(bytes::Bytes),
+}
+
 impl PeState {
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
     /// `coll`; forwards or delivers the result once complete.
-    pub(crate) fn reduce(&self, coll: CollectionId, seq: u64, shape: Shape, part: Part) {
+    pub(crate) fn reduce(&self, coll: CollectionId, seq: u64, shape: Shape, incoming: Incoming) {
         let complete = {
             let mut table = self.reductions.borrow_mut();
             let p = table.pending.entry((coll, seq)).or_insert_with(|| {
@@ -488,28 +519,21 @@ impl PeState {
                     expected,
                     place,
                     part: None,
+                    raw: Vec::new(),
                 }
             });
             p.got += 1;
-            match p.part.as_mut() {
-                None => p.part = Some(part),
-                Some(acc) => {
-                    if acc.kind.type_id != part.kind.type_id {
-                        let msg = format!(
-                            "charmrs: {}: a contribution of type {} does not match the earlier {}",
-                            describe(coll, seq, &shape),
-                            part.kind.type_name,
-                            acc.kind.type_name
-                        );
-                        drop(table);
-                        return self.abort_job(msg);
-                    }
-                    if let Err(e) = (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op) {
-                        let msg = format!("charmrs: {}: {e}", describe(coll, seq, &shape));
-                        drop(table);
-                        return self.abort_job(msg);
-                    }
+            let merged = match incoming {
+                Incoming::Typed(part) => merge(p, part),
+                Incoming::Encoded(bytes) => {
+                    p.raw.push(bytes);
+                    Ok(())
                 }
+            }
+            .and_then(|()| decode_raw(p));
+            if let Err(e) = merged {
+                drop(table);
+                return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)));
             }
             if p.got == p.expected {
                 table.pending.remove(&(coll, seq))
@@ -518,21 +542,45 @@ impl PeState {
             }
         };
         let Some(done) = complete else { return };
-        let part = done.part.expect("a complete reduction has a value");
+        let Some(part) = done.part else {
+            return self.abort_job(format!(
+                "charmrs: {}: PE {} completed without a contribution of its own",
+                describe(coll, seq, &shape),
+                self.pe
+            ));
+        };
         match done.place.parent {
+            Some(parent) if self.shared.mailbox(parent).is_some() => {
+                let body = Control::ReduceUp {
+                    coll,
+                    seq,
+                    shape,
+                    incoming: Incoming::Typed(part),
+                };
+                self.send(parent, Envelope::new(0, body));
+            }
             Some(parent) => {
-                self.send(
-                    parent,
-                    Envelope::new(
-                        0,
-                        Control::ReduceUp {
-                            coll,
-                            seq,
-                            shape,
-                            part,
-                        },
-                    ),
-                );
+                let sent = (part.kind.encode_part)(&*part.data).and_then(|bytes| {
+                    let msg = crate::wire::reduction_message(
+                        crate::wire::KIND_REDUCE_UP,
+                        coll,
+                        seq,
+                        shape,
+                        self.pe as u32,
+                        parent as u32,
+                        bytes,
+                    )?;
+                    self.shared
+                        .layer
+                        .send(self.shared.process_of(parent), msg)
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = sent {
+                    self.abort_job(format!(
+                        "charmrs: {}: sending to PE {parent}: {e}",
+                        describe(coll, seq, &shape)
+                    ));
+                }
             }
             None => self.deliver_result(coll, seq, shape, part),
         }
@@ -542,7 +590,7 @@ impl PeState {
         let kind = part.kind;
         let value = (kind.finish)(part.data);
         match part.target {
-            TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind.clone),
+            TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind),
             target => self.reach(target, value, kind.encode),
         }
     }
@@ -562,6 +610,29 @@ impl PeState {
         }
     }
 
+    /// An allreduce result that arrived encoded from the parent PE in another process.
+    pub(crate) fn reduce_down_encoded(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        bytes: bytes::Bytes,
+    ) {
+        let kind = self
+            .reductions
+            .borrow()
+            .everyone
+            .get(&(coll, seq))
+            .and_then(|e| e.1);
+        let decoded = kind
+            .ok_or_else(|| "an allreduce result for a PE without contributors".to_string())
+            .and_then(|k| (k.decode_result)(&bytes).map(|v| (v, k)));
+        match decoded {
+            Ok((value, kind)) => self.reduce_down(coll, seq, shape, value, kind),
+            Err(e) => self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape))),
+        }
+    }
+
     /// Hands an allreduce result to this PE's contributors and passes it down the tree.
     pub(crate) fn reduce_down(
         &self,
@@ -569,37 +640,90 @@ impl PeState {
         seq: u64,
         shape: Shape,
         value: Box<dyn Any + Send>,
-        clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
+        kind: Kind,
     ) {
         let place = tree_place(&shape, self.pe, self.num_pes());
         for &child in &place.children {
-            let value = clone(&*value);
-            self.send(
-                child,
-                Envelope::new(
-                    0,
-                    Control::ReduceDown {
-                        coll,
-                        seq,
-                        shape,
-                        value,
-                        clone,
-                    },
-                ),
-            );
+            if self.shared.mailbox(child).is_some() {
+                let value = (kind.clone)(&*value);
+                self.send(
+                    child,
+                    Envelope::new(
+                        0,
+                        Control::ReduceDown {
+                            coll,
+                            seq,
+                            shape,
+                            value,
+                            kind,
+                        },
+                    ),
+                );
+                continue;
+            }
+            let sent = (kind.encode)(&*value).and_then(|bytes| {
+                let msg = crate::wire::reduction_message(
+                    crate::wire::KIND_REDUCE_DOWN,
+                    coll,
+                    seq,
+                    shape,
+                    self.pe as u32,
+                    child as u32,
+                    bytes,
+                )?;
+                self.shared
+                    .layer
+                    .send(self.shared.process_of(child), msg)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = sent {
+                return self.abort_job(format!(
+                    "charmrs: {}: sending to PE {child}: {e}",
+                    describe(coll, seq, &shape)
+                ));
+            }
         }
         let futures = self
             .reductions
             .borrow_mut()
             .everyone
             .remove(&(coll, seq))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .0;
         for (pe, id) in futures {
             debug_assert_eq!(
                 pe as usize, self.pe,
                 "allreduce futures belong to their contributor"
             );
-            self.fulfil_local(id, Ok(clone(&*value)));
+            self.fulfil_local(id, Ok((kind.clone)(&*value)));
         }
     }
+}
+
+/// Folds a typed contribution into the pending reduction.
+fn merge(p: &mut Pending, part: Part) -> Result<(), String> {
+    match p.part.as_mut() {
+        None => {
+            p.part = Some(part);
+            Ok(())
+        }
+        Some(acc) if acc.kind.type_id != part.kind.type_id => Err(format!(
+            "a contribution of type {} does not match the earlier {}",
+            part.kind.type_name, acc.kind.type_name
+        )),
+        Some(acc) => (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op),
+    }
+}
+
+/// Decodes and folds the encoded partials once a typed contribution says how.
+fn decode_raw(p: &mut Pending) -> Result<(), String> {
+    let Some(acc) = p.part.as_mut() else {
+        return Ok(());
+    };
+    for bytes in p.raw.drain(..) {
+        let value = (acc.kind.decode_part)(&bytes)
+            .map_err(|e| format!("a partial from another process: {e}"))?;
+        (acc.kind.combine)(&mut acc.data, value, acc.kind.op)?;
+    }
+    Ok(())
 }

@@ -34,6 +34,70 @@ pub(crate) const KIND_FULFIL: u8 = 6;
 /// One PE's part of a broadcast result, for the owner of the gather future (tag: its id).
 pub(crate) const KIND_PARTIAL: u8 = 7;
 
+/// A child PE's encoded partial result, for its parent PE (tag: the reduction number).
+pub(crate) const KIND_REDUCE_UP: u8 = 8;
+/// An encoded allreduce result, for a child PE (tag: the reduction number).
+pub(crate) const KIND_REDUCE_DOWN: u8 = 9;
+
+/// Which reduction a [`reduction_message`] belongs to.
+#[derive(Serialize, Deserialize)]
+struct ReductionMeta {
+    coll: CollectionId,
+    shape: Shape,
+}
+
+/// A reduction partial (up) or allreduce result (down) for PE `dst` of another process: segment 0
+/// names the reduction, segment 1 is the encoded value.
+pub(crate) fn reduction_message(
+    kind: u8,
+    coll: CollectionId,
+    seq: u64,
+    shape: Shape,
+    src_pe: u32,
+    dst_pe: u32,
+    value: Vec<u8>,
+) -> Result<Message, String> {
+    let mut m = Message::new(Header::new(kind, src_pe, dst_pe, seq));
+    let meta = postcard::to_stdvec(&ReductionMeta { coll, shape }).map_err(|e| e.to_string())?;
+    m.push_segment(Bytes::from(meta))
+        .map_err(|e| e.to_string())?;
+    m.push_segment(Bytes::from(value))
+        .map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
+/// Decodes a [`reduction_message`] into the envelope for its PE.
+pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
+    use crate::reduction::Incoming;
+    let header = msg.header();
+    let [meta, value] = msg.segments() else {
+        return Err(format!(
+            "a reduction message with {} segments instead of 2",
+            msg.segments().len()
+        ));
+    };
+    let meta: ReductionMeta = decode_exact(meta).map_err(|e| format!("reduction metadata: {e}"))?;
+    let (coll, seq, shape, bytes) = (meta.coll, header.tag, meta.shape, value.clone());
+    Ok(Envelope::new(
+        0,
+        if header.kind == KIND_REDUCE_UP {
+            Control::ReduceUp {
+                coll,
+                seq,
+                shape,
+                incoming: Incoming::Encoded(bytes),
+            }
+        } else {
+            Control::ReduceDownEncoded {
+                coll,
+                seq,
+                shape,
+                bytes,
+            }
+        },
+    ))
+}
+
 /// A future's value as it travels: the encoded value, or the error that replaces it.
 #[derive(Serialize, Deserialize)]
 enum WireOutcome {

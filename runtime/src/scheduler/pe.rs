@@ -469,15 +469,21 @@ impl PeState {
                 coll,
                 seq,
                 shape,
-                part,
-            } => self.reduce(coll, seq, shape, part),
+                incoming,
+            } => self.reduce(coll, seq, shape, incoming),
             Control::ReduceDown {
                 coll,
                 seq,
                 shape,
                 value,
-                clone,
-            } => self.reduce_down(coll, seq, shape, value, clone),
+                kind,
+            } => self.reduce_down(coll, seq, shape, value, kind),
+            Control::ReduceDownEncoded {
+                coll,
+                seq,
+                shape,
+                bytes,
+            } => self.reduce_down_encoded(coll, seq, shape, bytes),
         }
     }
 
