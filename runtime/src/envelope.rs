@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::future::{encode_value, Resolution};
 use crate::index::Index;
 use crate::pool::{JobSpec, PoolMsg};
-use crate::reduction::{Incoming, Kind, TargetSpec};
+use crate::reduction::{Incoming, Kind};
 use crate::scheduler::{AbortUnwind, PeState};
 use crate::when::PendingWhen;
 use std::any::Any;
@@ -71,8 +71,10 @@ pub(crate) enum Control {
     PoolSubmit(Box<JobSpec>),
     /// Task-pool traffic between the master and the workers.
     Pool(PoolMsg),
-    /// Register a quiescence target (sent to PE 0).
-    QdStart(TargetSpec),
+    /// PE `from` waits for quiescence (request `token`; sent to PE 0).
+    QdStart { from: u32, token: u64 },
+    /// Quiescence was reached: reach the target of request `token` (sent to its PE).
+    QdDone { token: u64 },
     /// Start the next quiescence wave (PE 0, after a pause).
     QdWave,
     /// Report your message counters to PE 0.
@@ -129,7 +131,8 @@ impl Envelope {
                 Control::Fulfil { .. } => "future value",
                 Control::Partial { .. } => "broadcast result",
                 Control::PoolSubmit(_) | Control::Pool(_) => "task pool",
-                Control::QdStart(_)
+                Control::QdStart { .. }
+                | Control::QdDone { .. }
                 | Control::QdWave
                 | Control::QdProbe
                 | Control::QdCounts { .. } => "quiescence detection",
@@ -158,7 +161,11 @@ impl Envelope {
             Body::Resume { .. } => false,
             Body::Control(c) => !matches!(
                 **c,
-                Control::QdStart(_) | Control::QdWave | Control::QdProbe | Control::QdCounts { .. }
+                Control::QdStart { .. }
+                    | Control::QdDone { .. }
+                    | Control::QdWave
+                    | Control::QdProbe
+                    | Control::QdCounts { .. }
             ),
         }
     }

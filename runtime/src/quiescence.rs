@@ -4,14 +4,16 @@
 //! traffic — task wake-ups and this module's own probes — is not counted). PE 0 runs waves: it asks
 //! every PE for its two counters and sums them. The job is quiescent when, in two consecutive waves,
 //! the sums are equal (nothing in flight) and unchanged (nothing happened in between) — the
-//! four-counter method. Then every registered target is reached once. Invariant: a wave is in
-//! progress exactly while targets are waiting; waves are spaced by [`WAVE_GAP`] so a busy job is
+//! four-counter method. Then every requester is told, and reaches its own target (targets stay
+//! on the PE that registered them, so they never need to travel). Invariant: a wave is in
+//! progress exactly while requests are waiting; waves are spaced by [`WAVE_GAP`] so a busy job is
 //! not flooded with probes.
 
 use crate::envelope::{Control, Envelope};
 use crate::future::{encode_value, Future};
 use crate::reduction::{Target, TargetSpec};
 use crate::scheduler::{with_pe, PeState};
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
@@ -22,7 +24,11 @@ pub const WAVE_GAP: Duration = Duration::from_micros(50);
 /// The wave coordinator's state (meaningful on PE 0 only).
 #[derive(Default)]
 pub(crate) struct QdState {
-    waiting: Vec<TargetSpec>,
+    /// On every PE: this PE's own targets, by token.
+    targets: FxHashMap<u64, TargetSpec>,
+    next_token: u64,
+    /// On PE 0: who asked (PE, token).
+    waiting: Vec<(u32, u64)>,
     in_wave: bool,
     replies: usize,
     sums: (u64, u64),
@@ -37,7 +43,23 @@ pub(crate) struct QdState {
 pub fn start_qd(target: impl Into<Target<()>>) {
     let spec = target.into().spec();
     with_pe("start_qd", |pe| {
-        pe.send(0, Envelope::new(0, Control::QdStart(spec)))
+        let token = {
+            let mut qd = pe.qd.borrow_mut();
+            qd.next_token += 1;
+            let token = qd.next_token;
+            qd.targets.insert(token, spec);
+            token
+        };
+        pe.send(
+            0,
+            Envelope::new(
+                0,
+                Control::QdStart {
+                    from: pe.pe as u32,
+                    token,
+                },
+            ),
+        )
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -64,9 +86,9 @@ impl PeState {
     /// Handles the quiescence-detection control messages.
     pub(crate) fn quiescence(&self, msg: Control) {
         match msg {
-            Control::QdStart(target) => {
+            Control::QdStart { from, token } => {
                 let mut qd = self.qd.borrow_mut();
-                qd.waiting.push(target);
+                qd.waiting.push((from, token));
                 if !qd.in_wave {
                     qd.in_wave = true;
                     drop(qd);
@@ -90,16 +112,26 @@ impl PeState {
                 if sums.0 == sums.1 && qd.previous == Some(sums) {
                     qd.in_wave = false;
                     qd.previous = None;
-                    let targets = std::mem::take(&mut qd.waiting);
+                    let waiting = std::mem::take(&mut qd.waiting);
                     drop(qd);
-                    for t in targets {
-                        self.reach(t, Box::new(()), encode_value::<()>);
+                    for (from, token) in waiting {
+                        self.send(from as usize, Envelope::new(0, Control::QdDone { token }));
                     }
                 } else {
                     qd.previous = Some(sums);
                     drop(qd);
                     let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
                     self.add_timer(Instant::now() + WAVE_GAP, waker);
+                }
+            }
+            Control::QdDone { token } => {
+                let target = self.qd.borrow_mut().targets.remove(&token);
+                match target {
+                    Some(t) => self.reach(t, Box::new(()), encode_value::<()>),
+                    None => self.abort_job(format!(
+                        "charmrs: quiescence reported for an unknown request #{token} on PE {}",
+                        self.pe
+                    )),
                 }
             }
             _ => unreachable!("only quiescence messages come here"),

@@ -560,6 +560,7 @@ impl PeState {
                 self.send(parent, Envelope::new(0, body));
             }
             Some(parent) => {
+                self.count_sent();
                 let sent = (part.kind.encode_part)(&*part.data).and_then(|bytes| {
                     let msg = crate::wire::reduction_message(
                         crate::wire::KIND_REDUCE_UP,
@@ -661,6 +662,7 @@ impl PeState {
                 );
                 continue;
             }
+            self.count_sent();
             let sent = (kind.encode)(&*value).and_then(|bytes| {
                 let msg = crate::wire::reduction_message(
                     crate::wire::KIND_REDUCE_DOWN,

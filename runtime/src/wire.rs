@@ -98,6 +98,58 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
     ))
 }
 
+/// Quiescence-detection traffic (segment 0: the message).
+pub(crate) const KIND_QD: u8 = 10;
+
+#[derive(Serialize, Deserialize)]
+enum QdWire {
+    Start { from: u32, token: u64 },
+    Done { token: u64 },
+    Probe,
+    Counts { sent: u64, processed: u64 },
+}
+
+/// The wire form of a quiescence-detection message, if `env` is one.
+pub(crate) fn qd_message(
+    env: &Envelope,
+    src_pe: u32,
+    dst_pe: u32,
+) -> Option<Result<Message, String>> {
+    let Body::Control(c) = &env.body else {
+        return None;
+    };
+    let wire = match **c {
+        Control::QdStart { from, token } => QdWire::Start { from, token },
+        Control::QdDone { token } => QdWire::Done { token },
+        Control::QdProbe => QdWire::Probe,
+        Control::QdCounts { sent, processed } => QdWire::Counts { sent, processed },
+        _ => return None,
+    };
+    let mut m = Message::new(Header::new(KIND_QD, src_pe, dst_pe, 0));
+    Some(
+        postcard::to_stdvec(&wire)
+            .map_err(|e| e.to_string())
+            .and_then(|seg| m.push_segment(Bytes::from(seg)).map_err(|e| e.to_string()))
+            .map(|()| m),
+    )
+}
+
+/// Decodes a [`qd_message`].
+pub(crate) fn decode_qd(msg: &Message) -> Result<Envelope, String> {
+    let seg = msg
+        .segments()
+        .first()
+        .ok_or("a quiescence message without its segment")?;
+    let control =
+        match decode_exact::<QdWire>(seg).map_err(|e| format!("quiescence message: {e}"))? {
+            QdWire::Start { from, token } => Control::QdStart { from, token },
+            QdWire::Done { token } => Control::QdDone { token },
+            QdWire::Probe => Control::QdProbe,
+            QdWire::Counts { sent, processed } => Control::QdCounts { sent, processed },
+        };
+    Ok(Envelope::new(0, control))
+}
+
 /// A future's value as it travels: the encoded value, or the error that replaces it.
 #[derive(Serialize, Deserialize)]
 enum WireOutcome {

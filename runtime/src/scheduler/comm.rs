@@ -50,17 +50,21 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }
         }
-        wire::KIND_FULFIL | wire::KIND_PARTIAL | wire::KIND_REDUCE_UP | wire::KIND_REDUCE_DOWN => {
+        wire::KIND_FULFIL
+        | wire::KIND_PARTIAL
+        | wire::KIND_REDUCE_UP
+        | wire::KIND_REDUCE_DOWN
+        | wire::KIND_QD => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
                 return abort(format!(
                     "process {src} sent a message for PE {dst}, which is not in this process"
                 ));
             };
-            let decoded = if matches!(header.kind, wire::KIND_FULFIL | wire::KIND_PARTIAL) {
-                wire::decode_value(&msg)
-            } else {
-                wire::decode_reduction(&msg)
+            let decoded = match header.kind {
+                wire::KIND_FULFIL | wire::KIND_PARTIAL => wire::decode_value(&msg),
+                wire::KIND_QD => wire::decode_qd(&msg),
+                _ => wire::decode_reduction(&msg),
             };
             match decoded {
                 Ok(env) => mailbox.push(env),

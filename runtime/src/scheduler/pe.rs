@@ -219,6 +219,21 @@ impl PeState {
     #[cold]
     fn send_remote(&self, dst: usize, env: Envelope) {
         let process = self.shared.process_of(dst);
+        if let Some(msg) = crate::wire::qd_message(&env, self.pe as u32, dst as u32) {
+            let sent = msg.and_then(|m| {
+                self.shared
+                    .layer
+                    .send(process, m)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = sent {
+                self.abort_job(format!(
+                    "charmrs: PE {} could not reach PE {dst}: {e}",
+                    self.pe
+                ));
+            }
+            return;
+        }
         if !env.crosses_processes() {
             return self.abort_job(format!(
                 "charmrs: PE {} tried to send a runtime message ({}) to PE {dst} in process {process}: \
@@ -338,9 +353,15 @@ impl PeState {
         }
     }
 
+    /// Counts an application message sent around [`send`](Self::send) (quiescence detection).
+    pub(crate) fn count_sent(&self) {
+        self.sent.set(self.sent.get() + 1);
+    }
+
     /// Encodes a future's value (or error) for PE `owner` of another process and sends it.
     #[cold]
     fn send_value(&self, kind: u8, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
+        self.count_sent();
         let encoded = match outcome {
             Ok(v) => encode(&*v).map(Ok),
             Err(e) => Ok(Err(e)),
@@ -461,7 +482,8 @@ impl PeState {
             Control::Partial { id, outcome } => self.partial_local(id, outcome),
             Control::PoolSubmit(spec) => self.pool_submit(*spec),
             Control::Pool(msg) => self.pool_message(msg),
-            c @ (Control::QdStart(_)
+            c @ (Control::QdStart { .. }
+            | Control::QdDone { .. }
             | Control::QdWave
             | Control::QdProbe
             | Control::QdCounts { .. }) => self.quiescence(c),
