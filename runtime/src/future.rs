@@ -25,8 +25,9 @@ use std::task::{Context, Poll, Waker};
 /// Serializes a type-erased value of a known type (for a future owned by another process).
 pub(crate) type EncodeFn = fn(&(dyn Any + Send)) -> Result<Vec<u8>, String>;
 
-/// The [`EncodeFn`] of values of type `T`.
-pub(crate) fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
+/// The [`EncodeFn`] of values of type `T` (used by generated code).
+#[doc(hidden)]
+pub fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
     match v.downcast_ref::<T>() {
         Some(t) => postcard::to_stdvec(t).map_err(|e| e.to_string()),
         // A value that arrived from another process and is passed on unchanged.
@@ -40,8 +41,9 @@ pub(crate) fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, 
 /// Decodes a value of a known type from another process, boxed.
 pub(crate) type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, String>;
 
-/// The [`DecodeFn`] of values of type `T`.
-pub(crate) fn decode_any<T: Payload>(bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
+/// The [`DecodeFn`] of values of type `T` (used by generated code).
+#[doc(hidden)]
+pub fn decode_any<T: Payload>(bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
     postcard::from_bytes::<T>(bytes)
         .map(|t| Box::new(t) as Box<dyn Any + Send>)
         .map_err(|e| e.to_string())

@@ -93,6 +93,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::envelope::Reply;
+    pub use crate::future::{decode_any, encode_value};
     pub use crate::pool::{TaskInfo, TaskRun};
     pub use crate::reduction::combine_custom;
     pub use crate::registry::{entry_id, Decoder, EntryInfo};

@@ -14,7 +14,7 @@
 use crate::chare::Payload;
 use crate::envelope::{Control, Envelope};
 use crate::error::Error;
-use crate::future::{encode_value, EncodeFn, Future};
+use crate::future::{encode_value, take_value, EncodeFn, Future, WireValue};
 use crate::scheduler::{with_pe, PeState};
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -46,7 +46,16 @@ pub struct TaskInfo {
     pub run: fn(AnyBox) -> TaskRun,
     /// Whether the function is `async`.
     pub is_async: bool,
+    /// Encodes an argument for a PE of another process.
+    pub encode_arg: fn(&(dyn Any + Send)) -> Result<Vec<u8>, String>,
+    /// Decodes an argument that came from another process.
+    pub decode_arg: fn(&[u8]) -> Result<AnyBox, String>,
+    /// Encodes a result for a PE of another process.
+    pub encode_result: fn(&(dyn Any + Send)) -> Result<Vec<u8>, String>,
 }
+
+/// Turns a job's results (in input order) into the value of its future.
+pub(crate) type FinishFn = fn(&TaskInfo, Vec<AnyBox>) -> Result<AnyBox, String>;
 
 inventory::collect!(TaskInfo);
 
@@ -153,28 +162,45 @@ pub(crate) struct JobSpec {
     items: Vec<AnyBox>,
     options: MapOptions,
     reply: Option<(u32, u64)>,
-    finish: fn(Vec<AnyBox>) -> AnyBox,
+    /// One result (a single task) rather than a vector of them (a map).
+    single: bool,
+    finish: FinishFn,
     encode: EncodeFn,
 }
 
-fn collect_all<R: Payload>(results: Vec<AnyBox>) -> AnyBox {
-    Box::new(
-        results
-            .into_iter()
-            .map(|r| {
-                *r.downcast::<R>()
-                    .expect("task results have the function's type")
-            })
-            .collect::<Vec<R>>(),
-    )
+fn collect_all<R: Payload>(_: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> {
+    let all: Result<Vec<R>, String> = results.into_iter().map(take_value::<R>).collect();
+    Ok(Box::new(all?))
 }
 
-fn only_one<R: Payload>(mut results: Vec<AnyBox>) -> AnyBox {
-    let r = results.pop().expect("a single task has one result");
-    Box::new(
-        *r.downcast::<R>()
-            .expect("task results have the function's type"),
-    )
+fn only_one<R: Payload>(_: &TaskInfo, mut results: Vec<AnyBox>) -> Result<AnyBox, String> {
+    let r = results.pop().ok_or("a single task without its result")?;
+    Ok(Box::new(take_value::<R>(r)?))
+}
+
+/// For a job submitted from another process: the results stay encoded (the requester knows their
+/// type) as the postcard encoding of `Vec<R>` — a varint length, then the elements.
+fn encoded_all(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> {
+    let mut out = Vec::new();
+    let mut n = results.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    for r in &results {
+        out.extend((task.encode_result)(&**r)?);
+    }
+    Ok(Box::new(WireValue(out.into())))
+}
+
+fn encoded_one(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> {
+    let r = results.first().ok_or("a single task without its result")?;
+    Ok(Box::new(WireValue((task.encode_result)(&**r)?.into())))
 }
 
 impl Pool {
@@ -184,7 +210,7 @@ impl Pool {
         items: Vec<A>,
         options: MapOptions,
         reply: bool,
-        (finish, encode): (fn(Vec<AnyBox>) -> AnyBox, EncodeFn),
+        (finish, encode, single): (FinishFn, EncodeFn, bool),
     ) -> Option<(u32, u64)>
     where
         F: TaskFn<A, M>,
@@ -213,6 +239,7 @@ impl Pool {
                 items,
                 options,
                 reply,
+                single,
                 finish,
                 encode,
             };
@@ -243,7 +270,11 @@ impl Pool {
             items,
             options,
             true,
-            (collect_all::<F::Output>, encode_value::<Vec<F::Output>>),
+            (
+                collect_all::<F::Output>,
+                encode_value::<Vec<F::Output>>,
+                false,
+            ),
         );
         Future::from_id(id.expect("asked for a reply"))
     }
@@ -269,7 +300,7 @@ impl Pool {
             vec![arg],
             MapOptions::default(),
             true,
-            (only_one::<F::Output>, encode_value::<F::Output>),
+            (only_one::<F::Output>, encode_value::<F::Output>, true),
         );
         Future::from_id(id.expect("asked for a reply"))
     }
@@ -287,7 +318,7 @@ impl Pool {
             vec![arg],
             MapOptions::default(),
             false,
-            (only_one::<F::Output>, encode_value::<F::Output>),
+            (only_one::<F::Output>, encode_value::<F::Output>, true),
         );
     }
 }
@@ -302,7 +333,7 @@ struct Job {
     pes_in_use: usize,
     max_pes: usize,
     reply: Option<(u32, u64)>,
-    finish: fn(Vec<AnyBox>) -> AnyBox,
+    finish: FinishFn,
     encode: EncodeFn,
     error: Option<Error>,
 }
@@ -330,6 +361,7 @@ pub(crate) enum PoolMsg {
         job: u64,
         start: usize,
         pe: usize,
+        task: &'static TaskInfo,
         results: Result<Vec<AnyBox>, Error>,
         frees: bool,
     },
@@ -427,12 +459,22 @@ impl PeState {
             .expect("finishing a known job");
         let outcome = match job.error {
             Some(e) => Err(e),
-            None => Ok((job.finish)(
-                job.results
+            None => {
+                let results = job
+                    .results
                     .into_iter()
                     .map(|r| r.expect("every result arrived"))
-                    .collect(),
-            )),
+                    .collect();
+                match (job.finish)(job.task, results) {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        return self.abort_job(format!(
+                            "charmrs: the results of a `{}` job: {e}",
+                            job.task.name
+                        ))
+                    }
+                }
+            }
         };
         match (job.reply, outcome) {
             (Some((pe, fid)), outcome) => self.fulfil(pe as usize, fid, outcome, job.encode),
@@ -467,6 +509,7 @@ impl PeState {
                 pe,
                 results,
                 frees,
+                ..
             } => {
                 let finished = {
                     let mut st = self.pool.borrow_mut();
@@ -526,6 +569,7 @@ impl PeState {
                 job,
                 start,
                 pe: me,
+                task,
                 results,
                 frees: true,
             };
@@ -558,6 +602,7 @@ impl PeState {
                 job,
                 start,
                 pe: me,
+                task,
                 results,
                 frees: false,
             };
@@ -567,4 +612,194 @@ impl PeState {
             .expect("tasks run on PEs");
         }));
     }
+}
+
+/// The pool's messages between processes.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum PoolWire {
+    Submit {
+        task: String,
+        items: Vec<Vec<u8>>,
+        chunk: u64,
+        max_pes: Option<u64>,
+        reply: Option<(u32, u64)>,
+        single: bool,
+    },
+    Run {
+        job: u64,
+        start: u64,
+        task: String,
+        items: Vec<Vec<u8>>,
+    },
+    Done {
+        job: u64,
+        start: u64,
+        pe: u64,
+        task: String,
+        results: Result<Vec<Vec<u8>>, (u64, String, String)>,
+        frees: bool,
+    },
+    Free {
+        job: u64,
+        pe: u64,
+    },
+}
+
+fn encode_all(
+    f: fn(&(dyn Any + Send)) -> Result<Vec<u8>, String>,
+    items: &[AnyBox],
+) -> Result<Vec<Vec<u8>>, String> {
+    items.iter().map(|i| f(&**i)).collect()
+}
+
+fn task_named(name: &str) -> Result<&'static TaskInfo, String> {
+    lookup(name).ok_or_else(|| {
+        format!("unknown task function `{name}` (the processes run different programs?)")
+    })
+}
+
+/// The wire form of a pool message, if `control` is one.
+pub(crate) fn pool_wire(control: &crate::envelope::Control) -> Option<Result<Vec<u8>, String>> {
+    use crate::envelope::Control;
+    let wire = match control {
+        Control::PoolSubmit(spec) => {
+            encode_all(spec.task.encode_arg, &spec.items).map(|items| PoolWire::Submit {
+                task: spec.task.name.to_string(),
+                items,
+                chunk: spec.options.chunk as u64,
+                max_pes: spec.options.max_pes.map(|p| p as u64),
+                reply: spec.reply,
+                single: spec.single,
+            })
+        }
+        Control::Pool(PoolMsg::Run {
+            job,
+            start,
+            items,
+            task,
+        }) => encode_all(task.encode_arg, items).map(|items| PoolWire::Run {
+            job: *job,
+            start: *start as u64,
+            task: task.name.to_string(),
+            items,
+        }),
+        Control::Pool(PoolMsg::Done {
+            job,
+            start,
+            pe,
+            task,
+            results,
+            frees,
+        }) => {
+            let results = match results {
+                Ok(values) => encode_all(task.encode_result, values).map(Ok),
+                Err(Error::Remote { pe, entry, message }) => {
+                    Ok(Err((*pe as u64, entry.clone(), message.clone())))
+                }
+                Err(other) => Ok(Err((*pe as u64, task.name.to_string(), other.to_string()))),
+            };
+            results.map(|results| PoolWire::Done {
+                job: *job,
+                start: *start as u64,
+                pe: *pe as u64,
+                task: task.name.to_string(),
+                results,
+                frees: *frees,
+            })
+        }
+        Control::Pool(PoolMsg::Free { job, pe }) => Ok(PoolWire::Free {
+            job: *job,
+            pe: *pe as u64,
+        }),
+        _ => return None,
+    };
+    Some(wire.and_then(|w| postcard::to_stdvec(&w).map_err(|e| e.to_string())))
+}
+
+/// Decodes [`pool_wire`] bytes from another process.
+pub(crate) fn decode_pool_wire(bytes: &[u8]) -> Result<crate::envelope::Control, String> {
+    use crate::envelope::Control;
+    let (wire, rest) =
+        postcard::take_from_bytes::<PoolWire>(bytes).map_err(|e| format!("pool message: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after a pool message".into());
+    }
+    let decode_items =
+        |task: &'static TaskInfo, items: Vec<Vec<u8>>| -> Result<Vec<AnyBox>, String> {
+            items.iter().map(|b| (task.decode_arg)(b)).collect()
+        };
+    Ok(match wire {
+        PoolWire::Submit {
+            task,
+            items,
+            chunk,
+            max_pes,
+            reply,
+            single,
+        } => {
+            let task = task_named(&task)?;
+            let options = MapOptions {
+                chunk: (chunk as usize).max(1),
+                max_pes: max_pes.map(|p| (p as usize).max(1)),
+            };
+            let (finish, encode): (FinishFn, EncodeFn) = if single {
+                (encoded_one, encode_value::<()>)
+            } else {
+                (encoded_all, encode_value::<()>)
+            };
+            let items = decode_items(task, items)?;
+            Control::PoolSubmit(Box::new(JobSpec {
+                task,
+                items,
+                options,
+                reply,
+                single,
+                finish,
+                encode,
+            }))
+        }
+        PoolWire::Run {
+            job,
+            start,
+            task,
+            items,
+        } => {
+            let task = task_named(&task)?;
+            Control::Pool(PoolMsg::Run {
+                job,
+                start: start as usize,
+                items: decode_items(task, items)?,
+                task,
+            })
+        }
+        PoolWire::Done {
+            job,
+            start,
+            pe,
+            task,
+            results,
+            frees,
+        } => Control::Pool(PoolMsg::Done {
+            job,
+            start: start as usize,
+            pe: pe as usize,
+            task: task_named(&task)?,
+            results: match results {
+                Ok(values) => Ok(values
+                    .into_iter()
+                    .map(|v| Box::new(WireValue(v.into())) as AnyBox)
+                    .collect()),
+                Err((pe, entry, message)) => Err(Error::Remote {
+                    pe: pe as usize,
+                    entry,
+                    message,
+                }),
+            },
+            frees,
+        }),
+        PoolWire::Free { job, pe } => Control::Pool(PoolMsg::Free {
+            job,
+            pe: pe as usize,
+        }),
+    })
 }

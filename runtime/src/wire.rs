@@ -100,6 +100,34 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
 
 /// Quiescence-detection traffic (segment 0: the message).
 pub(crate) const KIND_QD: u8 = 10;
+/// Task-pool traffic (segment 0: the message).
+pub(crate) const KIND_POOL: u8 = 11;
+
+/// The wire form of a task-pool message, if `env` is one.
+pub(crate) fn pool_message(
+    env: &Envelope,
+    src_pe: u32,
+    dst_pe: u32,
+) -> Option<Result<Message, String>> {
+    let Body::Control(c) = &env.body else {
+        return None;
+    };
+    let bytes = crate::pool::pool_wire(c)?;
+    Some(bytes.and_then(|b| {
+        let mut m = Message::new(Header::new(KIND_POOL, src_pe, dst_pe, 0));
+        m.push_segment(Bytes::from(b)).map_err(|e| e.to_string())?;
+        Ok(m)
+    }))
+}
+
+/// Decodes a [`pool_message`].
+pub(crate) fn decode_pool(msg: &Message) -> Result<Envelope, String> {
+    let seg = msg
+        .segments()
+        .first()
+        .ok_or("a pool message without its segment")?;
+    crate::pool::decode_pool_wire(seg).map(|c| Envelope::new(0, c))
+}
 
 #[derive(Serialize, Deserialize)]
 enum QdWire {

@@ -551,6 +551,10 @@ fn expand_task(f: &syn::ItemFn) -> syn::Result<TokenStream2> {
         ));
     };
     let arg_ty = &arg.ty;
+    let ret_ty = match &f.sig.output {
+        ReturnType::Default => quote!(()),
+        ReturnType::Type(_, t) => quote!(#t),
+    };
     let name = &f.sig.ident;
     let is_async = f.sig.asyncness.is_some();
     let run = if is_async {
@@ -582,6 +586,9 @@ fn expand_task(f: &syn::ItemFn) -> syn::Result<TokenStream2> {
                     function: stringify!(#name),
                     run,
                     is_async: #is_async,
+                    encode_arg: ::charmrs::__private::encode_value::<#arg_ty>,
+                    decode_arg: ::charmrs::__private::decode_any::<#arg_ty>,
+                    encode_result: ::charmrs::__private::encode_value::<#ret_ty>,
                 }
             }
         };

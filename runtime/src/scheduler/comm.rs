@@ -54,7 +54,8 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
         | wire::KIND_PARTIAL
         | wire::KIND_REDUCE_UP
         | wire::KIND_REDUCE_DOWN
-        | wire::KIND_QD => {
+        | wire::KIND_QD
+        | wire::KIND_POOL => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
                 return abort(format!(
@@ -64,6 +65,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             let decoded = match header.kind {
                 wire::KIND_FULFIL | wire::KIND_PARTIAL => wire::decode_value(&msg),
                 wire::KIND_QD => wire::decode_qd(&msg),
+                wire::KIND_POOL => wire::decode_pool(&msg),
                 _ => wire::decode_reduction(&msg),
             };
             match decoded {

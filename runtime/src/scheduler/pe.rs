@@ -219,7 +219,9 @@ impl PeState {
     #[cold]
     fn send_remote(&self, dst: usize, env: Envelope) {
         let process = self.shared.process_of(dst);
-        if let Some(msg) = crate::wire::qd_message(&env, self.pe as u32, dst as u32) {
+        let control = crate::wire::qd_message(&env, self.pe as u32, dst as u32)
+            .or_else(|| crate::wire::pool_message(&env, self.pe as u32, dst as u32));
+        if let Some(msg) = control {
             let sent = msg.and_then(|m| {
                 self.shared
                     .layer
