@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use charmrs_local::LocalLayer;
+use charmrs_tcp::{TcpConfig, TcpLayer};
 use charmrs_transport::MachineLayer;
 
 /// The machine layer of this process (`local_only`: ignore any launcher environment).
@@ -10,11 +11,11 @@ pub(crate) fn select(local_only: bool) -> Result<Box<dyn MachineLayer>> {
     if local_only {
         return Ok(Box::new(LocalLayer::new()));
     }
-    launched().map(|l| l.unwrap_or_else(|| Box::new(LocalLayer::new())))
-}
-
-/// The layer of a process started by `charmrun`, if it was.
-fn launched() -> Result<Option<Box<dyn MachineLayer>>> {
-    let _ = Error::Options;
-    Ok(None)
+    match TcpLayer::from_env(TcpConfig::default()) {
+        Ok(Some(layer)) => Ok(Box::new(layer)),
+        Ok(None) => Ok(Box::new(LocalLayer::new())),
+        Err(e) => Err(Error::Options(format!(
+            "cannot join the job started by charmrun: {e}"
+        ))),
+    }
 }

@@ -124,6 +124,7 @@ impl Runtime {
         let topology = Topology::detect();
         let pin = self.options.affinity && topology.pes_fit(pes);
         let first_pe = shared.first_pe;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {
             if shared.layer.rank() != 0 {
                 let hello = crate::wire::hello_message(table.checksum(), first_pe as u32);
@@ -133,9 +134,13 @@ impl Runtime {
                     .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
             }
             let comm = shared.clone();
+            let done = done_tx.clone();
             std::thread::Builder::new()
                 .name(format!("comm-{}", shared.layer.rank()))
-                .spawn(move || crate::scheduler::run_comm(comm, table))
+                .spawn(move || {
+                    crate::scheduler::run_comm(comm, table);
+                    drop(done);
+                })
                 .map_err(|e| {
                     Error::Options(format!("cannot start the communication thread: {e}"))
                 })?;
@@ -145,7 +150,6 @@ impl Runtime {
             0,
             Control::Spawn(Box::new(move || -> LocalTask { Box::pin(main(args)) })),
         ));
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for local in 0..pes {
             let pe = first_pe + local;
             let shared = shared.clone();

@@ -34,6 +34,13 @@ pub trait Bootstrap: Send + Sync {
     /// Collective: returns once every process called it, after which all
     /// values put before the fence are readable everywhere.
     fn fence(&self) -> Result<(), TransportError>;
+    /// Best effort: tells whoever launched the job that this process is
+    /// bringing it down with `reason` (a launcher then stops the other
+    /// processes). Returns once the notice was sent or could not be; the
+    /// caller exits afterwards. The default does nothing (no launcher).
+    fn abort(&self, reason: &str) {
+        let _ = reason;
+    }
 }
 
 /// Bootstrap of a one-process job: rank 0, size 1, values kept in memory,

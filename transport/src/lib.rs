@@ -19,6 +19,9 @@
 //! * A [`Bootstrap`] wires the job up before the layer exists (rank, size,
 //!   exchange of addresses), like PMI.
 //! * [`Topology`] tells the runtime which cores its PEs may be pinned to.
+//! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
+//!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
+//!   with the environment-variable contract between them.
 //!
 //! Messages are a fixed [`Header`] plus zero-copy [`bytes::Bytes`]
 //! segments; stream transports frame them with [`encode_frame_prefix`] and
@@ -32,6 +35,7 @@
 
 pub mod bootstrap;
 pub mod error;
+pub mod kv;
 pub mod layer;
 pub mod memory;
 pub mod message;
@@ -39,10 +43,11 @@ pub mod topology;
 
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
 pub use error::TransportError;
+pub use kv::{KvBootstrap, KvEvent, KvServer};
 pub use layer::{MachineLayer, ProcessId};
 pub use memory::{MemRegion, RemoteKey};
 pub use message::{
-    decode_frame, decode_frame_bytes, encode_frame_prefix, Header, Message, MAGIC, MAX_SEGMENTS,
-    WIRE_VERSION,
+    decode_frame, decode_frame_bytes, encode_frame_prefix, peek_frame_len, Header, Message, MAGIC,
+    MAX_SEGMENTS, WIRE_VERSION,
 };
 pub use topology::{CoreId, Topology};

@@ -372,6 +372,21 @@ fn parse_frame(buf: &[u8], max_len: usize) -> Result<FrameLayout, TransportError
     })
 }
 
+/// Length of the frame at the start of `buf` (prefix plus payload), found
+/// by validating its prefix without decoding or copying the segments. Lets
+/// a stream transport split a complete frame off its receive buffer before
+/// decoding it with [`decode_frame_bytes`].
+///
+/// # Errors
+///
+/// Same as [`decode_frame`]; in particular
+/// [`TransportError::Truncated`]`{ needed, .. }` while the prefix or the
+/// payload is incomplete. Once the whole prefix is present, `needed` is the
+/// exact frame length.
+pub fn peek_frame_len(buf: &[u8], max_len: usize) -> Result<usize, TransportError> {
+    parse_frame(buf, max_len).map(|layout| layout.consumed)
+}
+
 /// Decodes one frame from the start of `buf`, copying the segments into
 /// fresh buffers. Returns the message and the number of bytes consumed.
 ///
@@ -584,6 +599,22 @@ mod tests {
         evil[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             decode_frame(&evil, usize::MAX),
+            Err(TransportError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn peek_reports_the_exact_length() {
+        let m = sample();
+        let buf = frame(&m);
+        assert_eq!(peek_frame_len(&buf, 1 << 20).unwrap(), buf.len());
+        // Once the prefix is complete, `needed` is exact.
+        match peek_frame_len(&buf[..60], 1 << 20) {
+            Err(TransportError::Truncated { needed, got: 60 }) => assert_eq!(needed, buf.len()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            peek_frame_len(&buf, 100),
             Err(TransportError::TooLarge { .. })
         ));
     }

@@ -1,0 +1,512 @@
+//! `charmrun`, the launcher of charmrs jobs on one host.
+//!
+//! `charmrun +p4 ++ppn 2 ./app args…` starts `4 / 2 = 2` processes of
+//! `./app`, runs the job's bootstrap key-value server
+//! ([`KvServer`]) on loopback, waits for the processes and exits with the
+//! job's status.
+//!
+//! # Command line
+//!
+//! ```text
+//! charmrun [+pN | +p N] [++ppn N] [++quiet] [++help] PROGRAM [ARGS…]
+//! ```
+//!
+//! * `+pN` / `+p N`: total PEs of the job (default 1).
+//! * `++ppn N` (or `++ppn=N`): PEs per process; `N` must divide the PE
+//!   count. Default: all PEs in one process.
+//! * `++quiet`: no informational messages from charmrun (errors are still
+//!   printed).
+//! * `++help`: usage.
+//!
+//! Charmrun options may also follow the program (Charm++ style:
+//! `charmrun ./app +p4`); they are removed from its arguments. Every other
+//! argument reaches the program unchanged and in order. An unknown `++`
+//! option is an error (exit status 2) listing the valid ones.
+//!
+//! # What each process gets
+//!
+//! The environment of charmrun plus the variables of
+//! [`charmrs_transport::kv`]: `CHARMRS_RANK`, `CHARMRS_NPROCS`,
+//! `CHARMRS_KV_ADDR`, `CHARMRS_JOB_SECRET` (32 bytes from `/dev/urandom`,
+//! hex), `CHARMRS_PPN` and `CHARMRS_PES` (= ppn) and `CHARMRS_TOTAL_PES`
+//! (= `+p`). Standard output and error are inherited (lines of different
+//! processes may interleave in any order); rank 0 inherits standard input,
+//! the others read from `/dev/null`.
+//!
+//! # Job status and failures
+//!
+//! * 0 when every process exits with 0.
+//! * Otherwise the status of the first failure: a process exiting with a
+//!   non-zero code `c` gives `c`; one killed by signal `s` gives `128 + s`;
+//!   a process that calls `abort` through its bootstrap gives its own exit
+//!   code (1 if it exits with 0). Charmrun prints the lost process (rank,
+//!   pid, status) on stderr, gives the others [`KILL_GRACE`] to notice and
+//!   exit, then kills the rest (SIGKILL): all are gone well within 5 s.
+//! * 2 for a usage error, 127 if a process cannot be started.
+//! * If charmrun itself dies, processes using
+//!   [`KvBootstrap::from_env`](charmrs_transport::KvBootstrap::from_env)
+//!   notice the closed connection and exit.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use charmrs_transport::kv::{
+    random_secret, secret_to_hex, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_PES, ENV_PPN,
+    ENV_RANK, ENV_TOTAL_PES,
+};
+use charmrs_transport::{KvEvent, KvServer};
+
+/// How long the surviving processes get to exit on their own after a
+/// failure before charmrun kills them.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How often charmrun checks its processes.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Exit status for usage errors.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status when a process cannot be started.
+pub const EXIT_SPAWN: i32 = 127;
+
+/// The `++` options charmrun knows, for error messages and `++help`.
+pub const VALID_OPTIONS: &str = "+pN | +p N, ++ppn N, ++quiet, ++help";
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Total PEs of the job (`+p`).
+    pub pes: u32,
+    /// PEs per process (`++ppn`); divides `pes`.
+    pub ppn: u32,
+    /// `++quiet`.
+    pub quiet: bool,
+    /// The program to start.
+    pub program: OsString,
+    /// Its arguments, charmrun options removed.
+    pub args: Vec<OsString>,
+}
+
+impl Options {
+    /// Number of processes: `pes / ppn`.
+    pub fn nprocs(&self) -> u32 {
+        self.pes / self.ppn
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    /// Run a job.
+    Run(Options),
+    /// Print usage and exit 0.
+    Help,
+}
+
+/// The usage text.
+pub fn usage() -> String {
+    format!(
+        "usage: charmrun [+pN] [++ppn N] [++quiet] PROGRAM [ARGS...]\n\
+         \x20 +pN, +p N   total PEs of the job (default 1)\n\
+         \x20 ++ppn N     PEs per process (must divide the PE count; default: one process)\n\
+         \x20 ++quiet     no informational messages\n\
+         \x20 ++help      this text\n\
+         valid options: {VALID_OPTIONS}"
+    )
+}
+
+fn parse_count(what: &str, s: Option<&str>) -> Result<u32, String> {
+    let s = s.ok_or_else(|| format!("{what} needs a number"))?;
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{what}: {s:?} is not a positive integer")),
+    }
+}
+
+/// Parses charmrun's arguments (without the program name `argv[0]`).
+///
+/// # Errors
+///
+/// A message for the user (exit with [`EXIT_USAGE`]): unknown `++` option
+/// (listing the valid ones), bad counts, `ppn` not dividing the PE count,
+/// missing program.
+pub fn parse_args<I>(args: I) -> Result<Invocation, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let mut it = args.into_iter().map(Into::into).peekable();
+    let mut pes: Option<u32> = None;
+    let mut ppn: Option<u32> = None;
+    let mut quiet = false;
+    let mut program: Option<OsString> = None;
+    let mut rest = Vec::new();
+    while let Some(arg) = it.next() {
+        let Some(s) = arg.to_str() else {
+            match program {
+                None => program = Some(arg),
+                Some(_) => rest.push(arg),
+            }
+            continue;
+        };
+        if let Some(opt) = s.strip_prefix("++") {
+            let (name, inline) = match opt.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (opt, None),
+            };
+            match name {
+                "ppn" => {
+                    let v = match inline {
+                        Some(v) => Some(v),
+                        None => it.next().map(|v| v.to_string_lossy().into_owned()),
+                    };
+                    ppn = Some(parse_count("++ppn", v.as_deref())?);
+                }
+                "quiet" if inline.is_none() => quiet = true,
+                "help" if inline.is_none() => return Ok(Invocation::Help),
+                _ => {
+                    return Err(format!(
+                        "unknown option {s:?}; valid options: {VALID_OPTIONS}"
+                    ))
+                }
+            }
+        } else if let Some(n) = s
+            .strip_prefix("+p")
+            .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
+        {
+            let v = if n.is_empty() {
+                it.next().map(|v| v.to_string_lossy().into_owned())
+            } else {
+                Some(n.to_owned())
+            };
+            pes = Some(parse_count("+p", v.as_deref())?);
+        } else if program.is_none() {
+            if matches!(s, "-h" | "--help") {
+                return Ok(Invocation::Help);
+            }
+            if s.starts_with('+') || s.starts_with('-') {
+                return Err(format!(
+                    "unknown option {s:?} before the program; valid options: {VALID_OPTIONS} \
+                     (options for the program go after it)"
+                ));
+            }
+            program = Some(arg);
+        } else {
+            rest.push(arg);
+        }
+    }
+    let program = program.ok_or_else(|| format!("no program given\n{}", usage()))?;
+    let pes = pes.unwrap_or(1);
+    let ppn = ppn.unwrap_or(pes);
+    if pes % ppn != 0 {
+        return Err(format!(
+            "++ppn {ppn} does not divide +p{pes}: the job needs a whole number of processes"
+        ));
+    }
+    Ok(Invocation::Run(Options {
+        pes,
+        ppn,
+        quiet,
+        program,
+        args: rest,
+    }))
+}
+
+/// How a process ended, for messages.
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}{}", signal_name(s)),
+        _ => format!("ended ({status})"),
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        1 => " (SIGHUP)",
+        2 => " (SIGINT)",
+        6 => " (SIGABRT)",
+        9 => " (SIGKILL)",
+        11 => " (SIGSEGV)",
+        13 => " (SIGPIPE)",
+        15 => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+/// The job status a process's end stands for (0: success).
+fn code_of(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    }
+}
+
+/// One started process.
+struct Proc {
+    rank: u32,
+    pid: u32,
+    child: Option<Child>,
+}
+
+/// Runs a job: starts the processes, serves the bootstrap, supervises, and
+/// returns the job's exit status (see the crate docs).
+pub fn run(opts: &Options) -> i32 {
+    let nprocs = opts.nprocs();
+    let secret = match random_secret() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("charmrun: cannot make the job secret: {e}");
+            return 1;
+        }
+    };
+    let (server, addr) = match KvServer::start(nprocs, secret) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("charmrun: cannot start the key-value server: {e}");
+            return 1;
+        }
+    };
+    let hex = secret_to_hex(&secret);
+    let prog = opts.program.to_string_lossy();
+    if !opts.quiet {
+        eprintln!(
+            "charmrun: {} PEs in {nprocs} process{} of {} PE{}: {prog}",
+            opts.pes,
+            if nprocs == 1 { "" } else { "es" },
+            opts.ppn,
+            if opts.ppn == 1 { "" } else { "s" },
+        );
+    }
+    let mut procs: Vec<Proc> = Vec::with_capacity(nprocs as usize);
+    for rank in 0..nprocs {
+        let mut cmd = Command::new(&opts.program);
+        cmd.args(&opts.args)
+            .env(ENV_RANK, rank.to_string())
+            .env(ENV_NPROCS, nprocs.to_string())
+            .env(ENV_KV_ADDR, addr.to_string())
+            .env(ENV_JOB_SECRET, &hex)
+            .env(ENV_PPN, opts.ppn.to_string())
+            .env(ENV_PES, opts.ppn.to_string())
+            .env(ENV_TOTAL_PES, opts.pes.to_string())
+            .stdin(if rank == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        match cmd.spawn() {
+            Ok(child) => procs.push(Proc {
+                rank,
+                pid: child.id(),
+                child: Some(child),
+            }),
+            Err(e) => {
+                eprintln!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
+                kill_all(&mut procs);
+                reap_all(&mut procs);
+                return EXIT_SPAWN;
+            }
+        }
+    }
+    supervise(opts, &server, &mut procs)
+}
+
+/// Kills every process still running (SIGKILL).
+fn kill_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        if let Some(c) = p.child.as_mut() {
+            let _ = c.kill();
+        }
+    }
+}
+
+/// Waits for every process (after `kill_all`).
+fn reap_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        if let Some(mut c) = p.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The supervision loop; returns the job status.
+fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
+    let mut status: Option<i32> = None;
+    let mut aborted_by: Option<u32> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
+    let begin_teardown = |why: String, kill_at: &mut Option<Instant>, others: usize| {
+        eprintln!(
+            "charmrun: {why}; stopping the other {others} process{}",
+            if others == 1 { "" } else { "es" }
+        );
+        *kill_at = Some(Instant::now() + KILL_GRACE);
+    };
+    loop {
+        let mut running = 0;
+        for i in 0..procs.len() {
+            let Some(child) = procs[i].child.as_mut() else {
+                continue;
+            };
+            let (rank, pid) = (procs[i].rank, procs[i].pid);
+            match child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(st)) => {
+                    procs[i].child = None;
+                    let code = code_of(st);
+                    if aborted_by == Some(rank) && code != 0 {
+                        // The aborting process's own status stands for the job.
+                        status = Some(code);
+                    }
+                    if code != 0 && status.is_none() && !killed {
+                        status = Some(code);
+                        let others = procs.iter().filter(|p| p.child.is_some()).count();
+                        begin_teardown(
+                            format!("process rank {rank} (pid {pid}) {}", describe(st)),
+                            &mut kill_at,
+                            others,
+                        );
+                    }
+                }
+                Err(e) => {
+                    procs[i].child = None;
+                    if status.is_none() {
+                        status = Some(1);
+                        let others = procs.iter().filter(|p| p.child.is_some()).count();
+                        begin_teardown(
+                            format!("lost track of process rank {rank} (pid {pid}): {e}"),
+                            &mut kill_at,
+                            others,
+                        );
+                    }
+                }
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        if let Some(t) = kill_at {
+            if Instant::now() >= t && !killed {
+                killed = true;
+                let left: Vec<String> = procs
+                    .iter()
+                    .filter(|p| p.child.is_some())
+                    .map(|p| format!("rank {} (pid {})", p.rank, p.pid))
+                    .collect();
+                if !opts.quiet && !left.is_empty() {
+                    eprintln!("charmrun: killing {}", left.join(", "));
+                }
+                kill_all(procs);
+            }
+        }
+        match server.next_event(POLL) {
+            Some(KvEvent::Abort { rank, reason }) if status.is_none() => {
+                status = Some(1);
+                aborted_by = Some(rank);
+                let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
+                let others = procs
+                    .iter()
+                    .filter(|p| p.child.is_some() && p.rank != rank)
+                    .count();
+                begin_teardown(
+                    format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
+                    &mut kill_at,
+                    others,
+                );
+            }
+            _ => {}
+        }
+    }
+    status.unwrap_or(0)
+}
+
+/// Entry point of the `charmrun` binary: parses `args` (without `argv[0]`),
+/// runs the job, returns the process exit status.
+pub fn main_with_args<I>(args: I) -> i32
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    match parse_args(args) {
+        Ok(Invocation::Help) => {
+            println!("{}", usage());
+            0
+        }
+        Ok(Invocation::Run(opts)) => run(&opts),
+        Err(msg) => {
+            eprintln!("charmrun: {msg}");
+            EXIT_USAGE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_opts(args: &[&str]) -> Options {
+        match parse_args(args.iter().copied()) {
+            Ok(Invocation::Run(o)) => o,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pes_and_ppn_forms() {
+        let o = run_opts(&["+p4", "++ppn", "2", "./app", "a", "b"]);
+        assert_eq!((o.pes, o.ppn, o.nprocs(), o.quiet), (4, 2, 2, false));
+        assert_eq!(o.program, "./app");
+        assert_eq!(o.args, vec![OsString::from("a"), OsString::from("b")]);
+        let o = run_opts(&["+p", "6", "++ppn=3", "++quiet", "./app"]);
+        assert_eq!((o.pes, o.ppn, o.nprocs(), o.quiet), (6, 3, 2, true));
+        // No ++ppn: one process with every PE; no +p: one PE.
+        let o = run_opts(&["+p8", "./app"]);
+        assert_eq!((o.pes, o.ppn, o.nprocs()), (8, 8, 1));
+        let o = run_opts(&["./app"]);
+        assert_eq!((o.pes, o.ppn, o.nprocs()), (1, 1, 1));
+    }
+
+    #[test]
+    fn options_after_the_program_are_charmruns_others_pass_unchanged() {
+        let o = run_opts(&[
+            "./app",
+            "+p4",
+            "x",
+            "+idlespin",
+            "50",
+            "++ppn",
+            "1",
+            "--flag",
+            "-v",
+        ]);
+        assert_eq!((o.pes, o.ppn), (4, 1));
+        let want: Vec<OsString> = ["x", "+idlespin", "50", "--flag", "-v"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(o.args, want);
+        // `+pe` is not `+p`: passed through.
+        let o = run_opts(&["./app", "+pemap", "0-3"]);
+        assert_eq!(o.args.len(), 2);
+    }
+
+    #[test]
+    fn usage_errors() {
+        let err = |args: &[&str]| parse_args(args.iter().copied()).unwrap_err();
+        let e = err(&["++nodelist", "f", "./app"]);
+        assert!(
+            e.contains("++nodelist") && e.contains("++ppn") && e.contains("++quiet"),
+            "{e}"
+        );
+        assert!(err(&["./app", "++bogus"]).contains("valid options"));
+        assert!(err(&["+p4", "++ppn", "3", "./app"]).contains("does not divide"));
+        assert!(err(&["+p0", "./app"]).contains("positive"));
+        assert!(err(&["+p", "x", "./app"]).contains("positive"));
+        assert!(err(&["++ppn"]).contains("number"));
+        assert!(err(&["+p2"]).contains("no program"));
+        assert!(err(&["-x", "./app"]).contains("before the program"));
+        assert_eq!(parse_args(["++help"]).unwrap(), Invocation::Help);
+    }
+}

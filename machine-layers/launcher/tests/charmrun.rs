@@ -1,0 +1,487 @@
+//! The real `charmrun` binary starting real processes of
+//! `charmrs-tcp-check` (and of `sh`), which talk over the TCP layer on
+//! loopback. Every job runs under a watchdog: a hang kills charmrun (its
+//! processes follow through their lifeline) and fails the test.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+const CHARMRUN: &str = env!("CARGO_BIN_EXE_charmrun");
+const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-tcp-check");
+
+/// Longest any job here may take.
+const WATCHDOG: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Out,
+    Err,
+}
+
+type Line = (Instant, Stream, String);
+
+/// A running charmrun whose output is read line by line, timestamped.
+struct Live {
+    child: Child,
+    rx: Receiver<Line>,
+    lines: Vec<Line>,
+    started: Instant,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+struct Done {
+    status: i32,
+    ended: Instant,
+    lines: Vec<Line>,
+}
+
+impl Done {
+    fn text(&self, which: Stream) -> String {
+        self.lines
+            .iter()
+            .filter(|l| l.1 == which)
+            .map(|l| format!("{}\n", l.2))
+            .collect()
+    }
+    fn out(&self) -> String {
+        self.text(Stream::Out)
+    }
+    fn err(&self) -> String {
+        self.text(Stream::Err)
+    }
+    /// Stdout lines starting with `prefix`.
+    fn count(&self, prefix: &str) -> usize {
+        self.lines
+            .iter()
+            .filter(|l| l.1 == Stream::Out && l.2.starts_with(prefix))
+            .count()
+    }
+}
+
+impl Live {
+    fn start(args: &[&str]) -> Live {
+        Live::start_cmd(CHARMRUN, args)
+    }
+
+    fn start_cmd(prog: &str, args: &[&str]) -> Live {
+        let mut child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start charmrun");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        for (pipe, which) in [
+            (Box::new(out) as Box<dyn std::io::Read + Send>, Stream::Out),
+            (Box::new(err), Stream::Err),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((Instant::now(), which, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Live {
+            child,
+            rx,
+            lines: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.started + WATCHDOG
+    }
+
+    /// Waits for a line matching `pred`; fails the test at the watchdog.
+    fn wait_line(&mut self, pred: impl Fn(&Line) -> bool) -> Line {
+        if let Some(l) = self.lines.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        loop {
+            let left = self.deadline().saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.lines.push(l.clone());
+                    if pred(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "watchdog: expected line never came; output so far:\n{}",
+                    self.dump()
+                ),
+            }
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.lines
+            .iter()
+            .map(|l| format!("{:?}: {}\n", l.1, l.2))
+            .collect()
+    }
+
+    /// Waits for charmrun to exit and its output to end.
+    fn finish(mut self) -> Done {
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() > self.deadline() {
+                let _ = self.child.kill();
+                panic!(
+                    "watchdog: charmrun did not finish; output:\n{}",
+                    self.dump()
+                );
+            }
+            while let Ok(l) = self.rx.try_recv() {
+                self.lines.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let ended = Instant::now();
+        loop {
+            let left = self.deadline().saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => self.lines.push(l),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("watchdog: output never closed:\n{}", self.dump())
+                }
+            }
+        }
+        Done {
+            status: status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            ended,
+            lines: std::mem::take(&mut self.lines),
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // On a failed test: take charmrun down (its processes follow).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Done {
+    Live::start(args).finish()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie waiting for its reaper counts as dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let mut it = line.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == key {
+            return it.next().unwrap_or("");
+        }
+    }
+    ""
+}
+
+// ---------------------------------------------------------------- usage
+
+#[test]
+fn unknown_option_is_a_usage_error_listing_the_valid_ones() {
+    let d = run(&["+p2", "++nodelist", "hosts", CHECK, "env"]);
+    assert_eq!(d.status, 2);
+    let err = d.err();
+    assert!(err.contains("++nodelist"), "{err}");
+    for opt in ["+p", "++ppn", "++quiet", "++help"] {
+        assert!(err.contains(opt), "valid option {opt} not listed: {err}");
+    }
+    assert!(d.out().is_empty());
+}
+
+#[test]
+fn ppn_must_divide_the_pe_count_and_a_program_is_required() {
+    let d = run(&["+p4", "++ppn", "3", CHECK, "env"]);
+    assert_eq!(d.status, 2);
+    assert!(d.err().contains("does not divide"), "{}", d.err());
+    let d = run(&["+p4"]);
+    assert_eq!(d.status, 2);
+    assert!(d.err().contains("no program"), "{}", d.err());
+    let d = run(&["++help"]);
+    assert_eq!(d.status, 0);
+    assert!(d.out().contains("usage: charmrun"));
+}
+
+#[test]
+fn a_program_that_cannot_start_is_reported() {
+    let d = run(&["+p2", "++ppn", "1", "/nonexistent/charmrs-program"]);
+    assert_eq!(d.status, 127);
+    assert!(d.err().contains("cannot start"), "{}", d.err());
+}
+
+// ------------------------------------------------------- env contract
+
+#[test]
+fn environment_contract_and_argument_passthrough() {
+    let d = run(&[
+        "+p4",
+        "++ppn",
+        "2",
+        CHECK,
+        "env",
+        "a",
+        "+idlespin",
+        "7",
+        "--flag",
+        "b c",
+    ]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert!(
+        d.err().contains("4 PEs in 2 processes of 2 PEs"),
+        "{}",
+        d.err()
+    );
+    let out = d.out();
+    let value = |rank: u32, var: &str| -> String {
+        let prefix = format!("ENV rank={rank} {var}=");
+        out.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {var} for rank {rank} in:\n{out}"))
+            .to_owned()
+    };
+    for r in 0..2 {
+        assert_eq!(value(r, "CHARMRS_RANK"), r.to_string());
+        assert_eq!(value(r, "CHARMRS_NPROCS"), "2");
+        assert_eq!(value(r, "CHARMRS_PPN"), "2");
+        assert_eq!(value(r, "CHARMRS_PES"), "2");
+        assert_eq!(value(r, "CHARMRS_TOTAL_PES"), "4");
+        assert!(value(r, "CHARMRS_KV_ADDR").starts_with("127.0.0.1:"));
+        let secret = value(r, "CHARMRS_JOB_SECRET");
+        assert_eq!(secret.len(), 64);
+        assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(secret, value(0, "CHARMRS_JOB_SECRET"));
+        // Program arguments reach it unchanged (the last one had a space).
+        assert!(
+            out.contains(&format!("ARGS rank={r} a +idlespin 7 --flag b c")),
+            "{out}"
+        );
+    }
+    // Charm++ style: charmrun options after the program are charmrun's.
+    let d = run(&["++quiet", CHECK, "env", "x", "+p3", "++ppn", "1", "y"]);
+    assert_eq!(d.status, 0);
+    assert!(d.err().is_empty(), "++quiet: {}", d.err());
+    assert_eq!(d.count("ARGS"), 3);
+    assert!(d.out().contains("ARGS rank=2 x y"), "{}", d.out());
+    // A fresh secret per job.
+    let d2 = run(&["++quiet", CHECK, "env"]);
+    let s = |d: &Done| {
+        d.out()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("ENV rank=0 CHARMRS_JOB_SECRET=")
+                    .map(str::to_owned)
+            })
+            .unwrap()
+    };
+    assert_ne!(s(&d), s(&d2));
+}
+
+// --------------------------------------------------------- messaging
+
+#[test]
+fn pingpong_between_two_processes() {
+    let d = run(&["+p2", "++ppn", "1", CHECK, "pingpong", "200"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK pingpong"), 2, "{}", d.out());
+    assert!(d.out().contains("segments 3"));
+}
+
+#[test]
+fn pingpong_among_four_processes() {
+    let d = run(&["+p4", "++ppn", "1", CHECK, "pingpong", "100"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK pingpong"), 4, "{}", d.out());
+}
+
+#[test]
+fn every_rank_to_all_among_four_processes() {
+    let d = run(&["+p4", "++ppn", "1", CHECK, "alltoall", "300"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK alltoall"), 4, "{}", d.out());
+    // Each process opened exactly one connection to each of the 3 others.
+    assert_eq!(d.out().matches("connections 3").count(), 4, "{}", d.out());
+}
+
+#[test]
+fn every_rank_to_all_with_two_pes_per_process() {
+    let d = run(&["+p4", "++ppn", "2", CHECK, "alltoall", "300"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK alltoall"), 2, "{}", d.out());
+}
+
+#[test]
+fn sixteen_processes_all_to_all() {
+    let d = run(&["+p16", "++ppn", "1", "++quiet", CHECK, "alltoall", "50"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK alltoall"), 16, "{}", d.out());
+    assert_eq!(d.out().matches("connections 15").count(), 16, "{}", d.out());
+}
+
+#[test]
+fn remote_reads_among_three_processes() {
+    let d = run(&["+p3", "++ppn", "1", CHECK, "get"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK get"), 3, "{}", d.out());
+}
+
+// ---------------------------------------------------------- failures
+
+#[test]
+fn exit_status_3_is_the_job_status_and_the_others_are_killed_fast() {
+    let d = run(&["+p4", "++ppn", "1", CHECK, "exit", "1", "3"]);
+    assert_eq!(d.status, 3, "{}", d.err());
+    assert_eq!(d.count("WAITING"), 3, "{}", d.out());
+    let (seen, _, line) = d
+        .lines
+        .iter()
+        .find(|l| l.1 == Stream::Err && l.2.contains("exited with status 3"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no failure message:\n{}", d.err()));
+    assert!(line.contains("rank 1") && line.contains("pid "), "{line}");
+    // The waiting processes would never exit: charmrun killed them.
+    assert!(
+        d.ended.duration_since(seen) < Duration::from_secs(5),
+        "took {:?} to stop the others",
+        d.ended.duration_since(seen)
+    );
+}
+
+#[test]
+fn plain_processes_are_killed_too() {
+    // Not charmrs programs (no lifeline): rank 1 fails, the others sleep.
+    let script = "if [ \"$CHARMRS_RANK\" = 1 ]; then sleep 0.2; exit 3; fi; exec sleep 60";
+    let t = Instant::now();
+    let d = run(&["+p3", "++ppn", "1", "sh", "-c", script]);
+    assert_eq!(d.status, 3, "{}", d.err());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(d.err().contains("rank 1"), "{}", d.err());
+}
+
+#[test]
+fn a_killed_process_is_reported_lost_by_the_survivors_within_5s() {
+    let mut live = Live::start(&["+p3", "++ppn", "1", CHECK, "peerlost", "1"]);
+    let (_, _, victim) = live.wait_line(|l| l.1 == Stream::Out && l.2.starts_with("VICTIM"));
+    let pid = field(&victim, "pid").to_owned();
+    let killed_at = Instant::now();
+    let st = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(st.success());
+    let mut reports = Vec::new();
+    for _ in 0..2 {
+        let seen = live.wait_line(|l| {
+            l.1 == Stream::Out
+                && l.2.starts_with("PEERLOST")
+                && !reports.iter().any(|r: &Line| r.2 == l.2)
+        });
+        reports.push(seen);
+    }
+    for (at, _, line) in &reports {
+        assert_eq!(field(line, "process"), "1", "{line}");
+        let after = at.duration_since(killed_at);
+        assert!(
+            after < Duration::from_secs(5),
+            "reported after {after:?}: {line}"
+        );
+    }
+    let d = live.finish();
+    assert_eq!(d.status, 128 + 9, "{}", d.err());
+    let err = d.err();
+    assert!(
+        err.contains(&format!("rank 1 (pid {pid}) was killed by signal 9")),
+        "{err}"
+    );
+}
+
+#[test]
+fn abort_reaches_peers_and_launcher() {
+    let d = run(&["+p3", "++ppn", "1", CHECK, "abort", "2"]);
+    assert_eq!(d.status, 5, "{}", d.err());
+    assert!(
+        d.err().contains("rank 2") && d.err().contains("aborted the job: check abort from rank 2"),
+        "{}",
+        d.err()
+    );
+    assert_eq!(d.count("ABORT-SEEN"), 2, "{}", d.out());
+}
+
+#[test]
+fn the_processes_do_not_outlive_a_killed_charmrun() {
+    let mut live = Live::start(&["+p2", "++ppn", "1", CHECK, "exit", "99", "0"]);
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let l = live.wait_line(|l| {
+            l.1 == Stream::Out
+                && l.2.starts_with("WAITING")
+                && !pids.iter().any(|p: &Line| p.2 == l.2)
+        });
+        pids.push(l);
+    }
+    let pids: Vec<u32> = pids
+        .iter()
+        .map(|l| field(&l.2, "pid").parse().expect("pid"))
+        .collect();
+    live.child.kill().unwrap();
+    let t = Instant::now();
+    while pids.iter().any(|&p| pid_alive(p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "orphans {pids:?} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------- security
+
+#[test]
+fn a_wrong_secret_is_refused_and_logged_and_the_job_goes_on() {
+    let d = run(&["+p2", "++ppn", "1", CHECK, "badsecret"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK badsecret"), 2, "{}", d.out());
+    let err = d.err();
+    assert!(
+        err.contains("refused connection from 127.0.0.1:") && err.contains("wrong job secret"),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_after_a_valid_handshake_is_rejected_and_the_job_goes_on() {
+    let d = run(&["+p2", "++ppn", "1", CHECK, "garbage"]);
+    assert_eq!(d.status, 0, "{}", d.err());
+    assert_eq!(d.count("OK garbage"), 2, "{}", d.out());
+    assert_eq!(d.count("MALFORMED rank 0: process 1"), 1, "{}", d.out());
+    assert!(d.err().contains("malformed frame"), "{}", d.err());
+}

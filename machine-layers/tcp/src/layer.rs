@@ -1,0 +1,533 @@
+//! [`TcpLayer`]: the TCP implementation of [`MachineLayer`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::kv::{random_secret, JobSecret, KvBootstrap};
+use charmrs_transport::{
+    Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
+};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use crate::shared::{lock, Counters, Event, Peer, Shared};
+use crate::wire;
+
+/// Tunables of a [`TcpLayer`]. Every process of a job should use the same
+/// `max_frame`.
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Address to listen on (port chosen by the OS) and to publish to the
+    /// peers. Must be a concrete address, not `0.0.0.0`. Default:
+    /// `127.0.0.1` (loopback: single-host jobs only).
+    pub bind: IpAddr,
+    /// Largest frame (header, length table and payload) sent or accepted;
+    /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
+    pub max_frame: usize,
+    /// Bound on the bytes of arrived but not yet delivered messages. Past
+    /// it, reader threads stop reading, TCP's window closes, and the
+    /// sender's `send` blocks until this process calls `progress` again
+    /// (end-to-end back-pressure, bounded memory on both sides). A single
+    /// message larger than the bound is still accepted when the queue is
+    /// under it. Default 256 MiB.
+    pub recv_queue_bytes: usize,
+    /// How long connecting to a peer may take before it is declared lost.
+    /// Default 5 s.
+    pub connect_timeout: Duration,
+    /// How long a handshake may take (either side). Default 5 s.
+    pub handshake_timeout: Duration,
+    /// How long dropping the layer waits for peers to acknowledge its
+    /// goodbye (so its last messages are not cut off). Default 1 s.
+    pub linger: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> TcpConfig {
+        TcpConfig {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            max_frame: 1 << 30,
+            recv_queue_bytes: 256 << 20,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            linger: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters of a layer's activity since it started
+/// ([`TcpLayer::stats`]). Byte counts include framing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Packets written to peers (messages, read requests and answers).
+    pub messages_sent: u64,
+    /// Bytes of those packets.
+    pub bytes_sent: u64,
+    /// Messages received from peers and queued for `progress` (read
+    /// completions included).
+    pub messages_received: u64,
+    /// Bytes of those messages' frames.
+    pub bytes_received: u64,
+    /// Outgoing connections established.
+    pub connections_opened: u64,
+    /// Incoming connections that passed the handshake.
+    pub connections_accepted: u64,
+    /// Incoming connections refused (bad handshake, wrong secret, ...).
+    pub connections_refused: u64,
+    /// Connections dropped because of a malformed frame.
+    pub frames_rejected: u64,
+}
+
+/// Process-to-process transport over TCP, needing no system library.
+///
+/// # Behaviour
+///
+/// * **Set-up** ([`TcpLayer::new`]): listens on `cfg.bind` (loopback by
+///   default) at an OS-chosen port, publishes `ip:port` under
+///   [`wire::ADDR_KEY`] through the bootstrap, fences, and reads every
+///   peer's address.
+/// * **Connections** are made lazily on the first send to a peer and carry
+///   data one way (see [`wire`]); each starts with a handshake proving the
+///   job secret both ways. Unauthenticated or malformed connections are
+///   refused and logged to stderr with the peer address; the layer keeps
+///   working.
+/// * **Send** writes the packet on the caller's thread, header and length
+///   table first, then each [`Bytes`] segment as its own buffer of one
+///   vectored write: no payload copy. It blocks while the socket buffer is
+///   full (back-pressure, see [`TcpConfig::recv_queue_bytes`]); there is no
+///   unbounded user-space queue.
+/// * **Receive**: one background thread per incoming connection reads
+///   frames (each into one buffer; segments are views of it), checks them
+///   as hostile input and queues them; [`progress`](MachineLayer::progress)
+///   hands them out on the caller's thread without blocking,
+///   [`TcpLayer::progress_wait`] sleeps until something arrives, and
+///   [`TcpLayer::set_wakeup`] lets a scheduler be woken instead.
+/// * **Failures**: a peer whose connection closes without goodbye, resets,
+///   or cannot be reached is reported once by `progress` as
+///   [`TransportError::PeerLost`] (on loopback within milliseconds of the
+///   process's death) and every later send to it fails with the same
+///   error. A malformed frame drops that connection and is reported as
+///   [`TransportError::Malformed`] naming the peer.
+/// * **Remote reads**: [`register`](MachineLayer::register) keeps the
+///   buffer in a table served by this process; [`get`](MachineLayer::get)
+///   sends a request over the connection to the owner, whose layer answers
+///   from a background thread (no involvement of its scheduler); the bytes
+///   arrive through `progress` as the completion message the trait
+///   describes.
+/// * **Shutdown**: dropping the layer says goodbye to every peer (so they
+///   do not report it lost), waits up to [`TcpConfig::linger`] for them to
+///   close, and stops all its threads.
+pub struct TcpLayer {
+    shared: Arc<Shared>,
+    rx: Receiver<Event>,
+    bootstrap: Arc<dyn Bootstrap>,
+    accept: Option<JoinHandle<()>>,
+}
+
+fn bootstrap_err(m: String) -> TransportError {
+    TransportError::Bootstrap(m)
+}
+
+impl TcpLayer {
+    /// A layer with the default [`TcpConfig`] (loopback). `bootstrap` is
+    /// kept for [`barrier`](MachineLayer::barrier) and
+    /// [`abort`](MachineLayer::abort); `secret` authenticates connections
+    /// and must be the same in every process of the job (with charmrun:
+    /// [`KvBootstrap::secret`]).
+    ///
+    /// Collective: every process of the job must call it.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Io`] if the listener cannot be set up,
+    /// [`TransportError::Bootstrap`] if the address exchange fails.
+    pub fn new(
+        bootstrap: Arc<dyn Bootstrap>,
+        secret: JobSecret,
+    ) -> Result<TcpLayer, TransportError> {
+        TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
+    }
+
+    /// The layer of a process started by `charmrun`: a
+    /// [`KvBootstrap::from_env`] bootstrap, its job secret, and `cfg`.
+    /// `Ok(None)` when the process was not started by charmrun.
+    ///
+    /// # Errors
+    ///
+    /// As [`KvBootstrap::from_env`] and [`TcpLayer::new`].
+    pub fn from_env(cfg: TcpConfig) -> Result<Option<TcpLayer>, TransportError> {
+        let Some(b) = KvBootstrap::from_env()? else {
+            return Ok(None);
+        };
+        let secret = *b.secret();
+        TcpLayer::with_config(Arc::new(b), secret, cfg).map(Some)
+    }
+
+    /// A layer with explicit tunables; see [`TcpLayer::new`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpLayer::new`]; [`TransportError::Bootstrap`] also for an
+    /// unspecified `cfg.bind` (`0.0.0.0`/`::`), which peers could not
+    /// connect to.
+    pub fn with_config(
+        bootstrap: Arc<dyn Bootstrap>,
+        secret: JobSecret,
+        cfg: TcpConfig,
+    ) -> Result<TcpLayer, TransportError> {
+        if cfg.bind.is_unspecified() {
+            return Err(bootstrap_err(format!(
+                "bind address {} cannot be published to peers; give a concrete address",
+                cfg.bind
+            )));
+        }
+        let rank = bootstrap.rank();
+        let size = bootstrap.size();
+        let listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))?;
+        let listen = listener.local_addr()?;
+        bootstrap.put(wire::ADDR_KEY, listen.to_string().as_bytes())?;
+        bootstrap.fence()?;
+        let mut peers = Vec::with_capacity(size as usize);
+        for r in 0..size {
+            let addr = if r == rank {
+                listen
+            } else {
+                let raw = bootstrap.get(r, wire::ADDR_KEY)?;
+                std::str::from_utf8(&raw)
+                    .ok()
+                    .and_then(|s| s.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| {
+                        bootstrap_err(format!(
+                            "process {r} published an invalid address {:?}",
+                            String::from_utf8_lossy(&raw)
+                        ))
+                    })?
+            };
+            peers.push(Peer {
+                addr,
+                out: Mutex::new(None),
+                out_ctl: Mutex::new(None),
+                lost: Mutex::new(None),
+                reported: AtomicBool::new(false),
+                departed: AtomicBool::new(false),
+                incoming: Mutex::new(None),
+            });
+        }
+        let nonce = random_secret()
+            .map(|s| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&s[..8]);
+                u64::from_le_bytes(w)
+            })
+            .unwrap_or_else(|_| {
+                u64::from(std::process::id()) << 32
+                    ^ std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64)
+            });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            rank,
+            size,
+            secret,
+            cfg,
+            listen,
+            peers,
+            tx,
+            queued: AtomicUsize::new(0),
+            space: Mutex::new(()),
+            space_cv: Condvar::new(),
+            regions: Mutex::new(HashMap::new()),
+            next_region: AtomicU64::new(1),
+            nonce,
+            closing: AtomicBool::new(false),
+            wakeup: OnceLock::new(),
+            responder: Mutex::new(None),
+            watchers: Mutex::new(0),
+            watchers_cv: Condvar::new(),
+            next_conn: AtomicU64::new(1),
+            pending: AtomicUsize::new(0),
+            counters: Counters::default(),
+        });
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name(format!("charmrs-tcp-accept-{rank}"))
+            .spawn(move || crate::conn::accept_loop(&s, &listener))?;
+        Ok(TcpLayer {
+            shared,
+            rx,
+            bootstrap,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address this process listens on (published to its peers).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    /// The published address of process `p`.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`] if `p >= size()`.
+    pub fn peer_addr(&self, p: ProcessId) -> Result<SocketAddr, TransportError> {
+        self.check(p)?;
+        Ok(self.shared.peers[p as usize].addr)
+    }
+
+    /// The tunables in force.
+    pub fn config(&self) -> &TcpConfig {
+        &self.shared.cfg
+    }
+
+    /// Activity counters.
+    pub fn stats(&self) -> TcpStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TcpStats {
+            messages_sent: get(&c.messages_sent),
+            bytes_sent: get(&c.bytes_sent),
+            messages_received: get(&c.messages_received),
+            bytes_received: get(&c.bytes_received),
+            connections_opened: get(&c.connections_opened),
+            connections_accepted: get(&c.connections_accepted),
+            connections_refused: get(&c.connections_refused),
+            frames_rejected: get(&c.frames_rejected),
+        }
+    }
+
+    /// Installs a hook called (from a background thread, or from `send`
+    /// for a message to oneself) every time something is queued for
+    /// `progress`: a message, a lost peer, a malformed frame. A scheduler
+    /// that parks idle threads uses it to unpark the one that polls this
+    /// layer. Keep it short and non-blocking. Can be set once.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Unsupported`] if a hook is already installed.
+    pub fn set_wakeup(
+        &self,
+        hook: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), TransportError> {
+        self.shared
+            .wakeup
+            .set(Box::new(hook))
+            .map_err(|_| TransportError::Unsupported("a second wake-up hook"))
+    }
+
+    /// Like [`progress`](MachineLayer::progress), but if nothing is queued
+    /// sleeps until something arrives or `timeout` passes (then returns
+    /// `Ok(0)`). Wakes as soon as a reader thread queues a message, with
+    /// no polling. For a dedicated communication thread or an idle PE.
+    ///
+    /// # Errors
+    ///
+    /// As [`progress`](MachineLayer::progress).
+    pub fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        let first = match self.rx.try_recv() {
+            Ok(ev) => ev,
+            Err(TryRecvError::Empty) => match self.rx.recv_timeout(timeout) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return Ok(0),
+            },
+            Err(TryRecvError::Disconnected) => return Ok(0),
+        };
+        let n = self.handle(first, sink)?;
+        Ok(n + self.progress(sink)?)
+    }
+
+    /// Delivers one queued event.
+    fn handle(
+        &self,
+        ev: Event,
+        sink: &mut dyn FnMut(ProcessId, Message),
+    ) -> Result<usize, TransportError> {
+        match ev {
+            Event::Msg(src, msg, bytes) => {
+                self.shared.delivered(bytes);
+                sink(src, msg);
+                Ok(1)
+            }
+            Event::Err(e) => Err(e),
+        }
+    }
+
+    fn check(&self, p: ProcessId) -> Result<(), TransportError> {
+        if p < self.shared.size {
+            Ok(())
+        } else {
+            Err(TransportError::UnknownProcess {
+                dst: p,
+                size: self.shared.size,
+            })
+        }
+    }
+}
+
+impl MachineLayer for TcpLayer {
+    fn rank(&self) -> ProcessId {
+        self.shared.rank
+    }
+
+    fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        TcpLayer::progress_wait(self, sink, timeout)
+    }
+
+    fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    /// Writes the message on the caller's thread (connecting first if this
+    /// is the first message to `dst`); blocks only while the peer's socket
+    /// buffer is full. A message to oneself is queued without a socket.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`], [`TransportError::TooLarge`] for
+    /// a frame over [`TcpConfig::max_frame`], [`TransportError::PeerLost`]
+    /// if the peer is gone (the message is dropped).
+    fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
+        self.check(dst)?;
+        let len = msg.frame_len();
+        if len > self.shared.cfg.max_frame {
+            return Err(TransportError::TooLarge {
+                len: len as u64,
+                max: self.shared.cfg.max_frame as u64,
+            });
+        }
+        if dst == self.shared.rank {
+            self.shared.push(Event::Msg(dst, msg, len));
+            return Ok(());
+        }
+        self.shared
+            .send_packet(dst, wire::PKT_DATA, &msg, true)
+            .map(|_| ())
+    }
+
+    /// Non-blocking: hands out what is queued now (not what arrives while
+    /// it runs), in arrival order. Returns at the first error event (lost
+    /// peer, malformed frame, failed remote read); each is reported once,
+    /// and the messages queued behind it stay for the next call.
+    fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
+        let mut n = 0;
+        for _ in 0..self.rx.len() {
+            match self.rx.try_recv() {
+                Ok(ev) => n += self.handle(ev, sink)?,
+                Err(_) => break,
+            }
+        }
+        Ok(n)
+    }
+
+    fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
+        let id = self.shared.next_region.fetch_add(1, Ordering::Relaxed);
+        lock(&self.shared.regions).insert(id, buf.clone());
+        let key = RemoteKey {
+            addr: id,
+            len: buf.len() as u64,
+            rkey: self.shared.nonce.to_le_bytes().to_vec(),
+        };
+        let shared = Arc::downgrade(&self.shared);
+        Ok(MemRegion::with_release(buf, key, move || {
+            if let Some(s) = shared.upgrade() {
+                lock(&s.regions).remove(&id);
+            }
+        }))
+    }
+
+    /// A real remote read: a request to `src`, answered by `src`'s layer
+    /// from its registration table. The completion arrives through
+    /// `progress`; a refused read (unknown or deregistered region, key of
+    /// another job) arrives as [`TransportError::Malformed`].
+    fn get(
+        &self,
+        src: ProcessId,
+        key: &RemoteKey,
+        completion_kind: u8,
+        completion_tag: u64,
+    ) -> Result<(), TransportError> {
+        self.check(src)?;
+        let nonce: [u8; 8] = key.rkey.as_slice().try_into().map_err(|_| {
+            TransportError::Malformed("remote key was not made by a tcp layer".to_owned())
+        })?;
+        let nonce = u64::from_le_bytes(nonce);
+        let header = Header::new(completion_kind, 0, 0, completion_tag);
+        if src == self.shared.rank {
+            let bytes = self
+                .shared
+                .region(key.addr, key.len, nonce)
+                .map_err(TransportError::Malformed)?;
+            let msg = Message::with_segments(header, vec![bytes])?;
+            let len = msg.frame_len();
+            self.shared.push(Event::Msg(src, msg, len));
+            return Ok(());
+        }
+        let mut req = Vec::with_capacity(24);
+        req.extend_from_slice(&key.addr.to_le_bytes());
+        req.extend_from_slice(&key.len.to_le_bytes());
+        req.extend_from_slice(&nonce.to_le_bytes());
+        let msg = Message::with_segments(header, vec![Bytes::from(req)])?;
+        self.shared
+            .send_packet(src, wire::PKT_GET_REQ, &msg, true)
+            .map(|_| ())
+    }
+
+    /// The bootstrap's fence (all processes).
+    fn barrier(&self) -> Result<(), TransportError> {
+        self.bootstrap.fence()
+    }
+
+    /// Best effort: sends an abort notice to every reachable peer (without
+    /// waiting for a busy connection), tells the launcher through the
+    /// bootstrap, and returns; the caller then exits.
+    fn abort(&self, reason: &str) {
+        let Ok(msg) = Message::with_segments(
+            Header::default(),
+            vec![Bytes::copy_from_slice(reason.as_bytes())],
+        ) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for p in 0..self.shared.size {
+            if p != self.shared.rank && Instant::now() < deadline {
+                let _ = self.shared.send_packet(p, wire::PKT_ABORT, &msg, false);
+            }
+        }
+        self.bootstrap.abort(reason);
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+impl std::fmt::Debug for TcpLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpLayer")
+            .field("rank", &self.shared.rank)
+            .field("size", &self.shared.size)
+            .field("listen", &self.shared.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TcpLayer {
+    fn drop(&mut self) {
+        self.shared.shutdown();
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The TCP machine layer of charmrs: [`TcpLayer`] moves
+//! [`Message`](charmrs_transport::Message)s between the processes of a job
+//! over TCP, with no system library.
+//!
+//! # Guarantees
+//!
+//! * **Authenticated**: every connection starts with a handshake carrying
+//!   the job secret (both ways); anything else is refused and logged to
+//!   stderr with the peer address, and never disturbs the job.
+//! * **Hostile-input safe**: frames are length-checked against
+//!   [`TcpConfig::max_frame`] before any allocation and decoded with the
+//!   transport's checked codec; a malformed frame drops that connection and
+//!   is reported through `progress` as
+//!   [`TransportError::Malformed`](charmrs_transport::TransportError::Malformed)
+//!   naming the peer.
+//! * **Zero-copy**: a send writes the frame prefix and then each `Bytes`
+//!   segment with vectored writes; a received frame is one buffer whose
+//!   segments are views of it.
+//! * **Bounded memory**: no user-space send queue (a send blocks while the
+//!   socket is full) and a bounded arrival queue
+//!   ([`TcpConfig::recv_queue_bytes`]) that pushes back on senders.
+//! * **Failure detection**: a peer that dies is reported by `progress` as
+//!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost)
+//!   (on loopback, within milliseconds); a peer that shuts its layer down
+//!   cleanly is not.
+//! * **Loopback by default**: it listens on `127.0.0.1` unless
+//!   [`TcpConfig::bind`] says otherwise.
+//!
+//! # Use
+//!
+//! ```no_run
+//! use charmrs_tcp::{TcpConfig, TcpLayer};
+//! use charmrs_transport::{Header, MachineLayer, Message};
+//! use std::time::Duration;
+//!
+//! // Started by `charmrun +p2 ./app`: bootstrap and secret come from the environment.
+//! let layer = TcpLayer::from_env(TcpConfig::default())?.expect("run me under charmrun");
+//! let peer = (layer.rank() + 1) % layer.size();
+//! layer.send(peer, Message::new(Header::new(1, 0, 0, 42)))?;
+//! layer.progress_wait(&mut |src, msg| println!("{src}: tag {}", msg.header().tag), Duration::from_secs(5))?;
+//! # Ok::<(), charmrs_transport::TransportError>(())
+//! ```
+//!
+//! [`wire`] documents the protocol.
+
+mod conn;
+mod layer;
+mod shared;
+pub mod wire;
+
+pub use layer::{TcpConfig, TcpLayer, TcpStats};

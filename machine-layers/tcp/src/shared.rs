@@ -1,0 +1,482 @@
+//! State shared by a [`TcpLayer`](crate::TcpLayer) and its background
+//! threads, and the operations they all use: writing packets (with lazy
+//! connection set-up), queueing arrivals, reporting lost peers.
+//!
+//! # Invariants
+//!
+//! * `peers[p].out` holds the only data stream to `p`; it is written under
+//!   its mutex only, whole packets at a time, so packets never interleave
+//!   and per-pair order is the order of `send` calls.
+//! * A peer's `lost` reason is set at most once and never cleared: every
+//!   later send to it fails with that reason. A `PeerLost` event is queued
+//!   for it at most once (`reported`), and never for a peer that said
+//!   goodbye (`departed`) or while this layer shuts down (`closing`).
+//! * `queued` counts the bytes of messages in the arrival queue; reader
+//!   threads wait while it exceeds `cfg.recv_queue_bytes`, which stops
+//!   reading their sockets and so pushes back, through TCP, on the sender.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use charmrs_transport::kv::{ct_eq, JobSecret};
+use charmrs_transport::{encode_frame_prefix, Header, Message, ProcessId, TransportError};
+use crossbeam_channel::Sender;
+
+use crate::wire::{self, ACK_MAGIC, HELLO_LEN, HELLO_MAGIC, PKT_GET_ERR, PKT_GET_RESP};
+use crate::TcpConfig;
+
+/// Locks a mutex, ignoring poisoning: everything behind these locks is
+/// plain data or a socket, valid whatever a panicking holder was doing.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the arrival queue carries to `progress`.
+pub(crate) enum Event {
+    /// A message from a process, with the bytes it counts in `queued`.
+    Msg(ProcessId, Message, usize),
+    /// An error to report once through `progress`.
+    Err(TransportError),
+}
+
+/// Per-peer connection state.
+pub(crate) struct Peer {
+    /// The peer's published listening address.
+    pub(crate) addr: SocketAddr,
+    /// Our data stream to the peer, made on first use.
+    pub(crate) out: Mutex<Option<TcpStream>>,
+    /// A clone of `out`'s socket, to shut it down without taking `out`
+    /// (which a blocked writer may hold).
+    pub(crate) out_ctl: Mutex<Option<TcpStream>>,
+    /// Why the peer is unusable, once it is.
+    pub(crate) lost: Mutex<Option<String>>,
+    /// A `PeerLost` event was queued.
+    pub(crate) reported: AtomicBool,
+    /// The peer shut its layer down cleanly.
+    pub(crate) departed: AtomicBool,
+    /// The live incoming connection from the peer: `(id, socket clone)`.
+    pub(crate) incoming: Mutex<Option<(u64, TcpStream)>>,
+}
+
+/// A remote read to serve (see `wire::PKT_GET_REQ`).
+pub(crate) struct GetJob {
+    pub(crate) from: ProcessId,
+    pub(crate) kind: u8,
+    pub(crate) tag: u64,
+    pub(crate) region: u64,
+    pub(crate) len: u64,
+    pub(crate) nonce: u64,
+}
+
+/// Counters behind [`TcpStats`](crate::TcpStats).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) messages_received: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) connections_opened: AtomicU64,
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) frames_rejected: AtomicU64,
+}
+
+/// Everything a layer's threads share.
+pub(crate) struct Shared {
+    pub(crate) rank: ProcessId,
+    pub(crate) size: u32,
+    pub(crate) secret: JobSecret,
+    pub(crate) cfg: TcpConfig,
+    pub(crate) listen: SocketAddr,
+    pub(crate) peers: Vec<Peer>,
+    pub(crate) tx: Sender<Event>,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) space: Mutex<()>,
+    pub(crate) space_cv: Condvar,
+    pub(crate) regions: Mutex<HashMap<u64, Bytes>>,
+    pub(crate) next_region: AtomicU64,
+    /// Random per-layer value in every remote key, so keys of another
+    /// layer instance (or job) are refused.
+    pub(crate) nonce: u64,
+    pub(crate) closing: AtomicBool,
+    pub(crate) wakeup: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    pub(crate) responder: Mutex<Option<Sender<GetJob>>>,
+    /// Live outgoing-connection watcher threads (Drop waits for them to
+    /// see the peer close, up to `cfg.linger`).
+    pub(crate) watchers: Mutex<usize>,
+    pub(crate) watchers_cv: Condvar,
+    pub(crate) next_conn: AtomicU64,
+    pub(crate) pending: AtomicUsize,
+    pub(crate) counters: Counters,
+}
+
+/// Largest number of buffers handed to one vectored write.
+const IOV_BATCH: usize = 64;
+
+/// Writes `bufs` completely with vectored writes (no concatenation),
+/// resuming after short writes.
+pub(crate) fn write_all_vectored(s: &mut TcpStream, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < bufs.len() {
+        let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+        let mut n_iov = 0;
+        for (k, b) in bufs[idx..].iter().take(IOV_BATCH).enumerate() {
+            iov[k] = IoSlice::new(if k == 0 { &b[off..] } else { b });
+            n_iov += 1;
+        }
+        let mut n = match s.write_vectored(&iov[..n_iov]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let rest = bufs[idx].len() - off;
+            if n >= rest {
+                n -= rest;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        // Skip empty buffers so the loop ends.
+        while idx < bufs.len() && bufs[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Writes one packet: type byte, frame prefix, then each segment as its own
+/// buffer (zero-copy).
+pub(crate) fn write_packet(s: &mut TcpStream, ty: u8, msg: &Message) -> io::Result<()> {
+    let prefix = encode_frame_prefix(msg);
+    let ty = [ty];
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + msg.segments().len());
+    bufs.push(&ty);
+    bufs.push(&prefix);
+    bufs.extend(msg.segments().iter().map(|b| &b[..]));
+    write_all_vectored(s, &bufs)
+}
+
+impl Shared {
+    /// Calls the wake-up hook, if any.
+    pub(crate) fn wake(&self) {
+        if let Some(w) = self.wakeup.get() {
+            w();
+        }
+    }
+
+    /// Queues an arrival for `progress`.
+    pub(crate) fn push(&self, ev: Event) {
+        if let Event::Msg(_, _, bytes) = &ev {
+            self.queued.fetch_add(*bytes, Ordering::SeqCst);
+        }
+        // The receiver lives in the layer; once it is gone nobody listens.
+        let _ = self.tx.send(ev);
+        self.wake();
+    }
+
+    /// Queues a message from `src`, counting it.
+    pub(crate) fn deliver(&self, src: ProcessId, msg: Message) {
+        let bytes = msg.frame_len();
+        self.counters
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.push(Event::Msg(src, msg, bytes));
+    }
+
+    /// Blocks a reader thread while the arrival queue is over its bound.
+    pub(crate) fn wait_for_space(&self) {
+        let limit = self.cfg.recv_queue_bytes;
+        if self.queued.load(Ordering::SeqCst) <= limit {
+            return;
+        }
+        let mut g = lock(&self.space);
+        while self.queued.load(Ordering::SeqCst) > limit && !self.closing.load(Ordering::SeqCst) {
+            g = self
+                .space_cv
+                .wait_timeout(g, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Accounts for `bytes` delivered by `progress`; wakes readers waiting
+    /// for space once the queue is back under its bound.
+    pub(crate) fn delivered(&self, bytes: usize) {
+        let before = self.queued.fetch_sub(bytes, Ordering::SeqCst);
+        let limit = self.cfg.recv_queue_bytes;
+        if before > limit && before - bytes <= limit {
+            let _g = lock(&self.space);
+            self.space_cv.notify_all();
+        }
+    }
+
+    /// The reason `p` is unusable, if it is.
+    pub(crate) fn lost_reason(&self, p: ProcessId) -> Option<String> {
+        lock(&self.peers[p as usize].lost).clone()
+    }
+
+    /// Marks `p` lost (first reason wins) and reports it once through
+    /// `progress`, unless it departed cleanly or we are shutting down.
+    pub(crate) fn lose(&self, p: ProcessId, reason: String) {
+        let peer = &self.peers[p as usize];
+        let reason = {
+            let mut l = lock(&peer.lost);
+            l.get_or_insert(reason).clone()
+        };
+        if self.closing.load(Ordering::SeqCst) || peer.departed.load(Ordering::SeqCst) {
+            return;
+        }
+        if !peer.reported.swap(true, Ordering::SeqCst) {
+            self.push(Event::Err(TransportError::PeerLost { process: p, reason }));
+        }
+    }
+
+    /// Records that `p` shut its layer down cleanly: later sends to it fail,
+    /// but nothing is reported.
+    pub(crate) fn depart(&self, p: ProcessId) {
+        let peer = &self.peers[p as usize];
+        peer.departed.store(true, Ordering::SeqCst);
+        lock(&peer.lost).get_or_insert_with(|| format!("process {p} shut its machine layer down"));
+    }
+
+    /// Sends one packet to `dst` (not ourselves), connecting first if
+    /// needed. With `wait == false` gives up (`Ok(false)`) instead of
+    /// waiting for a busy connection. Failures mark the peer lost.
+    pub(crate) fn send_packet(
+        self: &Arc<Self>,
+        dst: ProcessId,
+        ty: u8,
+        msg: &Message,
+        wait: bool,
+    ) -> Result<bool, TransportError> {
+        let peer = &self.peers[dst as usize];
+        let lost = |reason: String| TransportError::PeerLost {
+            process: dst,
+            reason,
+        };
+        if let Some(r) = self.lost_reason(dst) {
+            return Err(lost(r));
+        }
+        let mut out = if wait {
+            lock(&peer.out)
+        } else {
+            match peer.out.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            }
+        };
+        if out.is_none() {
+            if let Some(r) = self.lost_reason(dst) {
+                return Err(lost(r));
+            }
+            match self.connect(dst) {
+                Ok(s) => *out = Some(s),
+                Err(why) => {
+                    drop(out);
+                    self.lose(dst, why);
+                    return Err(lost(self.lost_reason(dst).unwrap_or_default()));
+                }
+            }
+        }
+        let Some(stream) = out.as_mut() else {
+            return Err(lost("not connected".to_owned()));
+        };
+        match write_packet(stream, ty, msg) {
+            Ok(()) => {
+                self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_sent
+                    .fetch_add(msg.frame_len() as u64 + 1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                *out = None;
+                drop(out);
+                self.lose(
+                    dst,
+                    format!("write to process {dst} ({}) failed: {e}", peer.addr),
+                );
+                Err(lost(self.lost_reason(dst).unwrap_or_default()))
+            }
+        }
+    }
+
+    /// Opens and authenticates our data stream to `dst`, and starts the
+    /// thread that watches it for the peer's death.
+    fn connect(self: &Arc<Self>, dst: ProcessId) -> Result<TcpStream, String> {
+        let addr = self.peers[dst as usize].addr;
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            format!("cannot connect to process {dst} at {addr}: {what}: {e}")
+        };
+        let mut s = TcpStream::connect_timeout(&addr, self.cfg.connect_timeout)
+            .map_err(|e| fail("connect", &e))?;
+        s.set_nodelay(true).map_err(|e| fail("nodelay", &e))?;
+        s.write_all(&wire::encode_hello(
+            HELLO_MAGIC,
+            self.rank,
+            self.size,
+            &self.secret,
+        ))
+        .map_err(|e| fail("hello", &e))?;
+        s.set_read_timeout(Some(self.cfg.handshake_timeout))
+            .map_err(|e| fail("timeout", &e))?;
+        let mut ack = [0u8; HELLO_LEN];
+        s.read_exact(&mut ack)
+            .map_err(|e| fail("handshake refused or timed out", &e))?;
+        let (rank, size, secret) =
+            wire::decode_hello(&ack, ACK_MAGIC).map_err(|e| fail("bad handshake answer", &e))?;
+        if rank != dst || size != self.size || !ct_eq(secret, &self.secret) {
+            return Err(fail(
+                "handshake answer",
+                &format!("answered as rank {rank} of {size} (or with another secret)"),
+            ));
+        }
+        s.set_read_timeout(None).map_err(|e| fail("timeout", &e))?;
+        let watch = s.try_clone().map_err(|e| fail("clone", &e))?;
+        *lock(&self.peers[dst as usize].out_ctl) = s.try_clone().ok();
+        *lock(&self.watchers) += 1;
+        let shared = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("charmrs-tcp-watch-{dst}"))
+            .spawn(move || {
+                crate::conn::watch_outgoing(&shared, dst, watch);
+                *lock(&shared.watchers) -= 1;
+                shared.watchers_cv.notify_all();
+            });
+        if let Err(e) = spawned {
+            *lock(&self.watchers) -= 1;
+            return Err(fail("spawn watcher", &e));
+        }
+        self.counters
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// Hands a remote read to the responder thread (started on first use),
+    /// so reader threads never block on writes.
+    pub(crate) fn enqueue_get(self: &Arc<Self>, job: GetJob) {
+        let mut slot = lock(&self.responder);
+        if slot.is_none() {
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let (tx, rx) = crossbeam_channel::unbounded::<GetJob>();
+            let shared = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("charmrs-tcp-get".to_owned())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        shared.serve_get(job);
+                    }
+                });
+            if spawned.is_err() {
+                return;
+            }
+            *slot = Some(tx);
+        }
+        if let Some(tx) = slot.as_ref() {
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Looks a registered region up for a read of `len` bytes under
+    /// `nonce`.
+    pub(crate) fn region(&self, region: u64, len: u64, nonce: u64) -> Result<Bytes, String> {
+        if nonce != self.nonce {
+            return Err("remote key from another layer instance".to_owned());
+        }
+        let regions = lock(&self.regions);
+        let buf = regions
+            .get(&region)
+            .ok_or_else(|| format!("no registered region {region} (deregistered?)"))?;
+        if len > buf.len() as u64 {
+            return Err(format!(
+                "read of {len} bytes from a region of {} bytes",
+                buf.len()
+            ));
+        }
+        Ok(buf.slice(..len as usize))
+    }
+
+    /// Answers one remote read on our stream to the requester.
+    fn serve_get(self: &Arc<Self>, job: GetJob) {
+        let header = Header::new(job.kind, 0, 0, job.tag);
+        let (ty, seg) = match self.region(job.region, job.len, job.nonce) {
+            Ok(bytes) => (PKT_GET_RESP, bytes),
+            Err(why) => (PKT_GET_ERR, Bytes::from(why.into_bytes())),
+        };
+        let Ok(msg) = Message::with_segments(header, vec![seg]) else {
+            return;
+        };
+        // Failures mark the requester lost, which `progress` reports.
+        let _ = self.send_packet(job.from, ty, &msg, true);
+    }
+
+    /// Stops everything: says goodbye to every connected peer, waits up to
+    /// `cfg.linger` for them to close our streams, then closes every
+    /// socket so all background threads end.
+    pub(crate) fn shutdown(&self) {
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for peer in &self.peers {
+            if let Ok(mut out) = peer.out.try_lock() {
+                if let Some(s) = out.as_mut() {
+                    let _ = s.write_all(&[wire::PKT_BYE]);
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+            }
+            if let Some((_, s)) = lock(&peer.incoming).as_ref() {
+                let _ = (&*s).write_all(&[wire::BYE_BYTE]);
+            }
+        }
+        {
+            let deadline = std::time::Instant::now() + self.cfg.linger;
+            let mut n = lock(&self.watchers);
+            while *n > 0 {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                n = self
+                    .watchers_cv
+                    .wait_timeout(n, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        for peer in &self.peers {
+            if let Some(s) = lock(&peer.out_ctl).take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            if let Some((_, s)) = lock(&peer.incoming).take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        {
+            let _g = lock(&self.space);
+            self.space_cv.notify_all();
+        }
+        lock(&self.responder).take();
+        // Wake the blocking accept so its thread sees `closing`.
+        let _ = TcpStream::connect_timeout(&self.listen, Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,456 @@
+//! TcpLayer over real loopback sockets, with the real key-value bootstrap;
+//! each "process" is a thread here (the cross-process tests, under
+//! charmrun, live in the launcher crate). Every test runs under a watchdog.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_tcp::wire::{self, ACK_MAGIC, HELLO_LEN, HELLO_MAGIC};
+use charmrs_tcp::{TcpConfig, TcpLayer};
+use charmrs_transport::kv::{random_secret, JobSecret, KvBootstrap, KvServer};
+use charmrs_transport::{
+    encode_frame_prefix, Bootstrap, Header, MachineLayer, Message, ProcessId, TransportError,
+};
+
+/// Runs `f` on a thread; fails if it takes longer than `secs`.
+fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .expect("test timed out (watchdog)")
+}
+
+/// A job of `n` layers (one per thread during the collective set-up).
+fn job(n: u32, cfg: TcpConfig) -> (KvServer, JobSecret, Vec<Arc<TcpLayer>>) {
+    let secret = random_secret().unwrap();
+    let (server, addr) = KvServer::start(n, secret).unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let b = Arc::new(KvBootstrap::connect(addr, r, n, secret).unwrap());
+                Arc::new(TcpLayer::with_config(b, secret, cfg).unwrap())
+            })
+        })
+        .collect();
+    let layers = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    (server, secret, layers)
+}
+
+/// Progress until `n` messages arrived or `secs` passed.
+fn collect(layer: &TcpLayer, n: usize, secs: u64) -> Vec<(ProcessId, Message)> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages arrived",
+            got.len()
+        );
+        layer
+            .progress_wait(&mut |s, m| got.push((s, m)), Duration::from_millis(100))
+            .unwrap();
+    }
+    got
+}
+
+/// Progress until an error is reported or `secs` passed.
+fn next_error(layer: &TcpLayer, secs: u64) -> TransportError {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        assert!(Instant::now() < deadline, "no error reported");
+        if let Err(e) = layer.progress_wait(&mut |_, _| {}, Duration::from_millis(100)) {
+            return e;
+        }
+    }
+}
+
+fn msg(tag: u64, segs: &[&[u8]]) -> Message {
+    let segs = segs.iter().map(|s| Bytes::copy_from_slice(s)).collect();
+    Message::with_segments(Header::new(7, 1, 2, tag), segs).unwrap()
+}
+
+#[test]
+fn two_processes_exchange_segmented_messages_zero_copy() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(2, TcpConfig::default());
+        assert_eq!(
+            (l[0].rank(), l[1].rank(), l[0].size(), l[0].name()),
+            (0, 1, 2, "tcp")
+        );
+        let big = vec![0xA5u8; 300_000];
+        for i in 0..50u64 {
+            l[0].send(1, msg(i, &[b"args", b"", &big[..(i as usize * 5000)]]))
+                .unwrap();
+        }
+        let got = collect(&l[1], 50, 20);
+        for (i, (src, m)) in got.iter().enumerate() {
+            assert_eq!(*src, 0);
+            assert_eq!(m.header().tag, i as u64);
+            assert_eq!(
+                (m.header().kind, m.header().src_pe, m.header().dst_pe),
+                (7, 1, 2)
+            );
+            assert_eq!(m.segments().len(), 3);
+            assert_eq!(&m.segments()[0][..], b"args");
+            assert!(m.segments()[1].is_empty());
+            assert_eq!(m.segments()[2].len(), i * 5000);
+            assert!(m.segments()[2].iter().all(|&b| b == 0xA5));
+            // Zero-copy receive: the segments are consecutive views of one
+            // frame buffer.
+            let a = &m.segments()[0];
+            let c = &m.segments()[2];
+            if !c.is_empty() {
+                assert_eq!(a.as_ptr() as usize + a.len(), c.as_ptr() as usize);
+            }
+        }
+        // And back.
+        l[1].send(0, msg(99, &[b"pong"])).unwrap();
+        let got = collect(&l[0], 1, 10);
+        assert_eq!((got[0].0, got[0].1.header().tag), (1, 99));
+        let st = l[0].stats();
+        assert_eq!(
+            (
+                st.messages_sent,
+                st.connections_opened,
+                st.messages_received
+            ),
+            (50, 1, 1)
+        );
+    });
+}
+
+#[test]
+fn all_to_all_among_four_keeps_per_pair_order() {
+    watchdog(30, || {
+        let (_srv, _s, layers) = job(4, TcpConfig::default());
+        let per_pair = 200u64;
+        let handles: Vec<_> = layers
+            .iter()
+            .cloned()
+            .map(|l| {
+                std::thread::spawn(move || {
+                    let me = l.rank();
+                    for i in 0..per_pair {
+                        for d in 0..4 {
+                            let body = format!("{me}->{d}#{i}");
+                            l.send(d, msg(i, &[body.as_bytes()])).unwrap();
+                        }
+                    }
+                    let got = collect(&l, 4 * per_pair as usize, 20);
+                    let mut next = [0u64; 4];
+                    for (src, m) in got {
+                        assert_eq!(m.header().tag, next[src as usize], "order from {src}");
+                        let want = format!("{src}->{me}#{}", next[src as usize]);
+                        assert_eq!(&m.segments()[0][..], want.as_bytes());
+                        next[src as usize] += 1;
+                    }
+                    l.barrier().unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+}
+
+#[test]
+fn unknown_process_and_oversized_frames_are_refused_locally() {
+    watchdog(30, || {
+        let cfg = TcpConfig {
+            max_frame: 4096,
+            ..TcpConfig::default()
+        };
+        let (_srv, _s, l) = job(2, cfg);
+        assert!(matches!(
+            l[0].send(2, msg(0, &[])),
+            Err(TransportError::UnknownProcess { dst: 2, size: 2 })
+        ));
+        assert!(matches!(
+            l[0].send(1, msg(0, &[&[0u8; 5000]])),
+            Err(TransportError::TooLarge { max: 4096, .. })
+        ));
+        l[0].send(1, msg(1, &[&[1u8; 1000]])).unwrap();
+        assert_eq!(collect(&l[1], 1, 10)[0].1.header().tag, 1);
+    });
+}
+
+#[test]
+fn wrong_secret_is_refused_and_the_layer_keeps_working() {
+    watchdog(30, || {
+        let (_srv, secret, l) = job(2, TcpConfig::default());
+        let addr = l[0].local_addr();
+        // A stranger with the wrong secret, claiming rank 1.
+        let mut bad = secret;
+        bad[31] ^= 0x80;
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&wire::encode_hello(HELLO_MAGIC, 1, 2, &bad))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; HELLO_LEN];
+        // Refused: closed without an answer.
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+        // Plain garbage and a silent connection are refused too.
+        let mut g = TcpStream::connect(addr).unwrap();
+        g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n......................")
+            .unwrap();
+        assert!(matches!(
+            {
+                g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                g.read(&mut buf)
+            },
+            Ok(0) | Err(_)
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while l[0].stats().connections_refused < 2 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // No error surfaced, and the real rank 1 still gets through.
+        assert_eq!(
+            l[0].progress(&mut |_, _| panic!("nothing was sent"))
+                .unwrap(),
+            0
+        );
+        l[1].send(0, msg(5, &[b"real"])).unwrap();
+        let got = collect(&l[0], 1, 10);
+        assert_eq!((got[0].0, &got[0].1.segments()[0][..]), (1, &b"real"[..]));
+        assert_eq!(l[0].stats().connections_accepted, 1);
+    });
+}
+
+/// Connects to `layer` as `rank` with the right secret; returns the stream
+/// after the handshake answer.
+fn impostor(layer: &TcpLayer, rank: ProcessId, secret: &JobSecret) -> TcpStream {
+    let mut s = TcpStream::connect(layer.local_addr()).unwrap();
+    s.write_all(&wire::encode_hello(HELLO_MAGIC, rank, layer.size(), secret))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ack = [0u8; HELLO_LEN];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack[..4], &ACK_MAGIC);
+    s
+}
+
+/// Waits until the layer closed `s`.
+fn closed_by_peer(mut s: TcpStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[test]
+fn garbage_after_a_valid_handshake_is_rejected_without_panic() {
+    watchdog(30, || {
+        let (_srv, secret, l) = job(2, TcpConfig::default());
+        let valid = msg(1, &[b"x"]);
+        let mut bad_magic = vec![wire::PKT_DATA];
+        bad_magic.extend_from_slice(&encode_frame_prefix(&valid));
+        bad_magic[1] = b'Z';
+        let mut huge = vec![wire::PKT_DATA];
+        huge.extend_from_slice(&encode_frame_prefix(&valid));
+        huge[1 + 32..1 + 40].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut bad_get = vec![wire::PKT_GET_REQ];
+        bad_get.extend_from_slice(&encode_frame_prefix(&valid));
+        bad_get.push(b'x');
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("bad magic", bad_magic),
+            ("too large", huge),
+            ("unknown packet type", vec![0xEE; 64]),
+            ("bad remote-read request", bad_get),
+        ];
+        for (i, (what, bytes)) in cases.into_iter().enumerate() {
+            let mut s = impostor(&l[0], 1, &secret);
+            s.write_all(&bytes).unwrap();
+            let err = next_error(&l[0], 10);
+            match &err {
+                TransportError::Malformed(m) => assert!(m.contains("process 1"), "{what}: {m}"),
+                other => panic!("{what}: expected Malformed, got {other:?}"),
+            }
+            closed_by_peer(s);
+            assert_eq!(l[0].stats().frames_rejected, i as u64 + 1);
+        }
+        // Still alive: the real process 1 connects and is heard.
+        l[1].send(0, msg(42, &[b"after"])).unwrap();
+        let got = collect(&l[0], 1, 10);
+        assert_eq!(got[0].1.header().tag, 42);
+    });
+}
+
+#[test]
+fn a_connection_that_dies_without_goodbye_is_reported_lost() {
+    watchdog(30, || {
+        let (_srv, secret, l) = job(3, TcpConfig::default());
+        // Process 2 "dies" right after connecting: EOF without goodbye.
+        let s = impostor(&l[0], 2, &secret);
+        let t = Instant::now();
+        drop(s);
+        match next_error(&l[0], 5) {
+            TransportError::PeerLost { process: 2, reason } => {
+                assert!(reason.contains("closed"), "{reason}")
+            }
+            other => panic!("expected PeerLost(2), got {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Reported once; sends to it now fail with the same error.
+        assert_eq!(l[0].progress(&mut |_, _| {}).unwrap(), 0);
+        assert!(matches!(
+            l[0].send(2, msg(0, &[])),
+            Err(TransportError::PeerLost { process: 2, .. })
+        ));
+        // Others unaffected.
+        l[0].send(1, msg(3, &[])).unwrap();
+        assert_eq!(collect(&l[1], 1, 10)[0].1.header().tag, 3);
+    });
+}
+
+#[test]
+fn clean_shutdown_is_not_a_lost_peer() {
+    watchdog(30, || {
+        let (_srv, _s, mut l) = job(2, TcpConfig::default());
+        l[0].send(1, msg(1, &[b"a"])).unwrap();
+        l[1].send(0, msg(2, &[b"b"])).unwrap();
+        collect(&l[0], 1, 10);
+        collect(&l[1], 1, 10);
+        let one = l.pop().unwrap();
+        drop(Arc::try_unwrap(one).expect("sole owner"));
+        // Give the goodbye time to arrive; nothing is reported.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(500) {
+            l[0].progress_wait(&mut |_, _| {}, Duration::from_millis(50))
+                .unwrap();
+        }
+        let err = l[0].send(1, msg(3, &[])).unwrap_err();
+        assert!(err.to_string().contains("shut"), "{err}");
+    });
+}
+
+#[test]
+fn remote_get_reads_registered_bytes() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(2, TcpConfig::default());
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let region = l[1].register(Bytes::from(data.clone())).unwrap();
+        let key = region.key().clone();
+        l[0].get(1, &key, 200, 0xFEED).unwrap();
+        let got = collect(&l[0], 1, 10);
+        let (src, m) = &got[0];
+        assert_eq!((*src, m.header().kind, m.header().tag), (1, 200, 0xFEED));
+        assert_eq!(m.segments().len(), 1);
+        assert_eq!(&m.segments()[0][..], &data[..]);
+        // Reading one's own region works without a socket.
+        let mine = l[0].register(Bytes::from_static(b"local")).unwrap();
+        l[0].get(0, mine.key(), 1, 2).unwrap();
+        assert_eq!(&collect(&l[0], 1, 10)[0].1.segments()[0][..], b"local");
+        // After deregistration the read is refused, reported via progress.
+        drop(region);
+        l[0].get(1, &key, 200, 0xBEEF).unwrap();
+        match next_error(&l[0], 10) {
+            TransportError::Malformed(m) => assert!(m.contains("process 1"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A key not made by a tcp layer is refused locally.
+        let mut foreign = key.clone();
+        foreign.rkey.clear();
+        assert!(l[0].get(1, &foreign, 0, 0).is_err());
+    });
+}
+
+#[test]
+fn a_slow_receiver_pushes_back_on_the_sender() {
+    watchdog(60, || {
+        let cfg = TcpConfig {
+            recv_queue_bytes: 1 << 20,
+            ..TcpConfig::default()
+        };
+        let (_srv, _s, l) = job(2, cfg);
+        let total = 256usize; // × 1 MiB = 256 MiB offered
+        let sent = Arc::new(AtomicUsize::new(0));
+        let sender = {
+            let (l0, sent) = (Arc::clone(&l[0]), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let payload = Bytes::from(vec![7u8; 1 << 20]);
+                for i in 0..total {
+                    let m = Message::with_segments(
+                        Header::new(1, 0, 0, i as u64),
+                        vec![payload.clone()],
+                    )
+                    .unwrap();
+                    l0.send(1, m).unwrap();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700));
+        let stalled_at = sent.load(Ordering::SeqCst);
+        // Bounded: the receiver's queue (1 MiB) plus socket buffers, far
+        // from the 256 MiB offered.
+        eprintln!("back-pressure: sender stalled after {stalled_at} MiB");
+        assert!(
+            stalled_at < 64,
+            "sender was not held back: {stalled_at} MiB sent"
+        );
+        let got = collect(&l[1], total, 40);
+        assert_eq!(got.len(), total);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, (_, m))| m.header().tag == i as u64));
+        sender.join().unwrap();
+    });
+}
+
+#[test]
+fn self_send_wakeup_and_timeouts() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(1, TcpConfig::default());
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = Arc::clone(&wakes);
+        l[0].set_wakeup(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        assert!(l[0].set_wakeup(|| {}).is_err());
+        let t = Instant::now();
+        assert_eq!(
+            l[0].progress_wait(&mut |_, _| {}, Duration::from_millis(100))
+                .unwrap(),
+            0
+        );
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2));
+        l[0].send(0, msg(9, &[b"me"])).unwrap();
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
+        let got = collect(&l[0], 1, 5);
+        assert_eq!((got[0].0, got[0].1.header().tag), (0, 9));
+        l[0].barrier().unwrap();
+    });
+}
+
+#[test]
+fn unspecified_bind_address_is_refused() {
+    watchdog(30, || {
+        let secret = random_secret().unwrap();
+        let (_srv, addr) = KvServer::start(1, secret).unwrap();
+        let b: Arc<dyn Bootstrap> = Arc::new(KvBootstrap::connect(addr, 0, 1, secret).unwrap());
+        let cfg = TcpConfig {
+            bind: "0.0.0.0".parse().unwrap(),
+            ..TcpConfig::default()
+        };
+        assert!(matches!(
+            TcpLayer::with_config(b, secret, cfg),
+            Err(TransportError::Bootstrap(_))
+        ));
+    });
+}

@@ -1,0 +1,349 @@
+//! Launcher bootstrap: the key-value rendezvous that `charmrun` runs on
+//! loopback, and the [`Bootstrap`](crate::Bootstrap) client its processes use
+//! to reach it.
+//!
+//! # What this module owns
+//!
+//! * [`KvServer`]: the launcher side. Started with the number of processes
+//!   and the job secret; one thread per connection; reports aborts to the
+//!   launcher as [`KvEvent`]s.
+//! * [`KvBootstrap`]: the process side, configured from the environment
+//!   `charmrun` sets ([`KvBootstrap::from_env`]).
+//! * The job secret ([`JobSecret`]) helpers: generation from the OS
+//!   ([`random_secret`]), hex encoding, constant-time comparison ([`ct_eq`]).
+//!
+//! # Environment contract (set by `charmrun` for every process)
+//!
+//! | variable             | meaning                                                    |
+//! |----------------------|------------------------------------------------------------|
+//! | [`ENV_RANK`]         | this process's rank, `0..nprocs`                           |
+//! | [`ENV_NPROCS`]       | number of processes in the job                             |
+//! | [`ENV_KV_ADDR`]      | `host:port` of the launcher's key-value server             |
+//! | [`ENV_JOB_SECRET`]   | the job secret, 64 hex digits (32 bytes)                   |
+//! | [`ENV_PPN`]          | PEs per process (passed through, not used by the bootstrap) |
+//! | [`ENV_PES`]          | PEs of this process (= `CHARMRS_PPN`), for the runtime     |
+//! | [`ENV_TOTAL_PES`]    | PEs of the whole job (`+p`), for the runtime               |
+//!
+//! # Invariants
+//!
+//! * Every request carries the job secret; the server drops (and logs, with
+//!   the peer address) any connection whose request is malformed or carries
+//!   another secret, and keeps serving the others.
+//! * A connection claims exactly one rank with its first request; a rank is
+//!   claimed at most once per job; a process can only `put` its own keys.
+//! * `fence` completes for everyone once all `nprocs` ranks called it; if a
+//!   rank's connection closes before it arrives, every pending and future
+//!   fence fails with [`TransportError::Bootstrap`] naming that rank (no
+//!   hang).
+//! * All lengths are bounded (key 1 KiB, value 1 MiB, store 64 MiB) and
+//!   checked before allocation.
+
+mod client;
+mod proto;
+mod server;
+
+pub use client::KvBootstrap;
+pub use server::{KvEvent, KvServer};
+
+use std::io::Read;
+
+use crate::error::TransportError;
+
+/// Environment variable: this process's rank.
+pub const ENV_RANK: &str = "CHARMRS_RANK";
+/// Environment variable: number of processes in the job.
+pub const ENV_NPROCS: &str = "CHARMRS_NPROCS";
+/// Environment variable: `host:port` of the launcher's key-value server.
+pub const ENV_KV_ADDR: &str = "CHARMRS_KV_ADDR";
+/// Environment variable: the job secret as 64 hex digits.
+pub const ENV_JOB_SECRET: &str = "CHARMRS_JOB_SECRET";
+/// Environment variable: PEs per process (`++ppn`).
+pub const ENV_PPN: &str = "CHARMRS_PPN";
+/// Environment variable: PEs of this process (equal to [`ENV_PPN`]); the
+/// runtime's usual PE-count variable.
+pub const ENV_PES: &str = "CHARMRS_PES";
+/// Environment variable: PEs of the whole job (`+p`).
+pub const ENV_TOTAL_PES: &str = "CHARMRS_TOTAL_PES";
+
+/// Length of a job secret in bytes.
+pub const SECRET_LEN: usize = 32;
+
+/// The per-job secret that authenticates every bootstrap request and every
+/// machine-layer connection.
+pub type JobSecret = [u8; SECRET_LEN];
+
+/// A fresh secret: [`SECRET_LEN`] bytes from `/dev/urandom`.
+///
+/// # Errors
+///
+/// [`TransportError::Io`] if `/dev/urandom` cannot be read.
+pub fn random_secret() -> Result<JobSecret, TransportError> {
+    let mut s = [0u8; SECRET_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut s)?;
+    Ok(s)
+}
+
+/// Lower-case hex encoding of a secret (64 characters).
+pub fn secret_to_hex(secret: &JobSecret) -> String {
+    use std::fmt::Write;
+    secret.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Parses a secret from exactly 64 hex digits (either case).
+///
+/// # Errors
+///
+/// [`TransportError::Bootstrap`] if `hex` is not 64 hex digits. The message
+/// never echoes the input, which may be a real secret.
+pub fn parse_secret_hex(hex: &str) -> Result<JobSecret, TransportError> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 2 * SECRET_LEN {
+        return Err(TransportError::Bootstrap(format!(
+            "job secret must be {} hex digits, got {} characters",
+            2 * SECRET_LEN,
+            bytes.len()
+        )));
+    }
+    let digit = |c: u8| -> Result<u8, TransportError> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(TransportError::Bootstrap(
+                "job secret contains a non-hex character".to_owned(),
+            )),
+        }
+    };
+    let mut out = [0u8; SECRET_LEN];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Ok(out)
+}
+
+/// Compares two byte strings in time independent of their contents (only
+/// of their lengths), for checking secrets.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // `black_box` keeps the optimiser from turning the fold into an early
+    // exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_hex_round_trips() {
+        let s = random_secret().unwrap();
+        let hex = secret_to_hex(&s);
+        assert_eq!(hex.len(), 64);
+        assert_eq!(parse_secret_hex(&hex).unwrap(), s);
+        assert_eq!(parse_secret_hex(&hex.to_uppercase()).unwrap(), s);
+        assert!(parse_secret_hex("abc").is_err());
+        let bad = format!("{}zz", &hex[..62]);
+        let err = parse_secret_hex(&bad).unwrap_err().to_string();
+        assert!(!err.contains(&hex[..62]), "error must not echo the secret");
+        assert_ne!(random_secret().unwrap(), s);
+    }
+
+    #[test]
+    fn ct_eq_compares() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+        assert!(ct_eq(b"", b""));
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    //! The server and client over real loopback sockets, one thread per
+    //! process.
+
+    use super::*;
+    use crate::Bootstrap;
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Runs `f` on a thread and fails the test if it takes longer than
+    /// `secs` (a hang fails fast instead of stalling the suite).
+    fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .expect("test timed out (watchdog)")
+    }
+
+    #[test]
+    fn put_fence_get_across_ranks() {
+        watchdog(20, || {
+            let secret = random_secret().unwrap();
+            let (server, addr) = KvServer::start(3, secret).unwrap();
+            let handles: Vec<_> = (0..3u32)
+                .map(|r| {
+                    std::thread::spawn(move || {
+                        let b = KvBootstrap::connect(addr, r, 3, secret).unwrap();
+                        assert_eq!((b.rank(), b.size()), (r, 3));
+                        b.put("addr", format!("value-of-{r}").as_bytes()).unwrap();
+                        b.fence().unwrap();
+                        for o in 0..3 {
+                            assert_eq!(
+                                b.get(o, "addr").unwrap(),
+                                format!("value-of-{o}").as_bytes()
+                            );
+                        }
+                        assert!(matches!(
+                            b.get(0, "missing"),
+                            Err(TransportError::Bootstrap(_))
+                        ));
+                        assert!(matches!(
+                            b.get(3, "addr"),
+                            Err(TransportError::UnknownProcess { dst: 3, size: 3 })
+                        ));
+                        // Fences are reusable.
+                        for _ in 0..5 {
+                            b.fence().unwrap();
+                        }
+                        b
+                    })
+                })
+                .collect();
+            let bs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            drop(bs);
+            drop(server);
+        });
+    }
+
+    #[test]
+    fn wrong_secret_garbage_and_duplicate_rank_are_refused() {
+        watchdog(20, || {
+            let secret = random_secret().unwrap();
+            let (server, addr) = KvServer::start(2, secret).unwrap();
+            // Wrong secret.
+            let mut other = secret;
+            other[0] ^= 1;
+            let err = KvBootstrap::connect(addr, 0, 2, other).unwrap_err();
+            assert!(matches!(err, TransportError::Bootstrap(_)), "{err}");
+            // Garbage and a hostile length prefix.
+            for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &u32::MAX.to_le_bytes()[..]] {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(junk).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 16];
+                // The server closes the connection without answering.
+                assert!(matches!(
+                    std::io::Read::read(&mut s, &mut buf),
+                    Ok(0) | Err(_)
+                ));
+            }
+            // Out-of-range rank.
+            assert!(KvBootstrap::connect(addr, 5, 6, secret).is_err());
+            // The server still works, and a rank is claimed once.
+            let b0 = KvBootstrap::connect(addr, 0, 2, secret).unwrap();
+            let err = KvBootstrap::connect(addr, 0, 2, secret).unwrap_err();
+            assert!(err.to_string().contains("already connected"), "{err}");
+            let b1 = KvBootstrap::connect(addr, 1, 2, secret).unwrap();
+            b1.put("k", b"v").unwrap();
+            assert_eq!(b0.get(1, "k").unwrap(), b"v");
+            drop((b0, b1, server));
+        });
+    }
+
+    #[test]
+    fn fence_fails_when_a_rank_leaves_instead_of_hanging() {
+        watchdog(20, || {
+            let secret = random_secret().unwrap();
+            let (server, addr) = KvServer::start(3, secret).unwrap();
+            let b0 = Arc::new(KvBootstrap::connect(addr, 0, 3, secret).unwrap());
+            let b1 = KvBootstrap::connect(addr, 1, 3, secret).unwrap();
+            let _b2 = KvBootstrap::connect(addr, 2, 3, secret).unwrap();
+            let waiter = {
+                let b0 = Arc::clone(&b0);
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    (b0.fence(), t.elapsed())
+                })
+            };
+            std::thread::sleep(Duration::from_millis(100));
+            drop(b1); // rank 1 leaves before arriving
+            let (res, took) = waiter.join().unwrap();
+            let err = res.unwrap_err().to_string();
+            assert!(err.contains("process 1 left"), "{err}");
+            assert!(took < Duration::from_secs(5));
+            assert_eq!(
+                server.next_event(Duration::from_secs(5)),
+                Some(KvEvent::Disconnected { rank: 1 })
+            );
+        });
+    }
+
+    #[test]
+    fn abort_reaches_the_launcher_even_during_a_fence() {
+        watchdog(20, || {
+            let secret = random_secret().unwrap();
+            let (server, addr) = KvServer::start(2, secret).unwrap();
+            let b0 = Arc::new(KvBootstrap::connect(addr, 0, 2, secret).unwrap());
+            let _b1 = KvBootstrap::connect(addr, 1, 2, secret).unwrap();
+            let fencer = {
+                let b0 = Arc::clone(&b0);
+                std::thread::spawn(move || b0.fence())
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            b0.abort("PE 3 panicked");
+            assert_eq!(
+                server.next_event(Duration::from_secs(5)),
+                Some(KvEvent::Abort {
+                    rank: 0,
+                    reason: "PE 3 panicked".into()
+                })
+            );
+            drop(server); // unblocks the fence with an error
+            assert!(fencer.join().unwrap().is_err());
+        });
+    }
+
+    #[test]
+    fn more_simultaneous_clients_than_the_pending_cap_all_get_in() {
+        watchdog(30, || {
+            let n = 80u32;
+            let secret = random_secret().unwrap();
+            let (_server, addr) = KvServer::start(n, secret).unwrap();
+            let handles: Vec<_> = (0..n)
+                .map(|r| {
+                    std::thread::spawn(move || {
+                        let b = KvBootstrap::connect(addr, r, n, secret).unwrap();
+                        b.put("k", &r.to_le_bytes()).unwrap();
+                        b.fence().unwrap();
+                        assert_eq!(
+                            b.get((r + 1) % n, "k").unwrap(),
+                            ((r + 1) % n).to_le_bytes()
+                        );
+                        b.fence().unwrap();
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn from_env_is_none_outside_charmrun() {
+        if std::env::var_os(ENV_KV_ADDR).is_none() {
+            assert!(KvBootstrap::from_env().unwrap().is_none());
+        }
+    }
+}
