@@ -1,0 +1,216 @@
+//! Every program across processes (`charmrun +pN ++ppn M`, the TCP machine layer), and the
+//! faults: a panic in one process, a process killed mid-run.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `charmrun` launcher next to this package's binaries (built on demand).
+fn charmrun() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_hello"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join("charmrun");
+    if !path.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "charmrs-launcher", "--bin", "charmrun"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "could not build charmrun");
+    }
+    path
+}
+
+fn run(args: &[&str], limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let mut child = Command::new(charmrun())
+        .args(args)
+        .env_remove("CHARMRS_PES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("charmrun {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = start.elapsed();
+    (child.wait_with_output().unwrap(), took)
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_program_prints_the_same_lines_across_processes() {
+    let programs: [(&str, Vec<String>); 7] = [
+        (env!("CARGO_BIN_EXE_hello"), vec!["Hello".into()]),
+        (
+            env!("CARGO_BIN_EXE_group_hello"),
+            (0..4)
+                .map(|i| format!("Hi[{}] from element {i}", 17 + i))
+                .chain(["All done".into()])
+                .collect(),
+        ),
+        (
+            env!("CARGO_BIN_EXE_array_hello"),
+            (0..8)
+                .map(|p| {
+                    format!(
+                        "Hi[{}] from element ({}, {}, {}) on PE {}",
+                        17 + p,
+                        p / 4,
+                        (p / 2) % 2,
+                        p % 2,
+                        p / 2
+                    )
+                })
+                .chain(["All done".into()])
+                .collect(),
+        ),
+        (
+            env!("CARGO_BIN_EXE_reduction"),
+            vec![format!(
+                "Reduction result is [{}]",
+                (0..20)
+                    .map(|x| (x * 100).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+        ),
+        (
+            env!("CARGO_BIN_EXE_futures"),
+            vec![
+                "Reduction result is 4950".into(),
+                "Value of future 1 is 1".into(),
+                "Value of future 2 is 2".into(),
+            ],
+        ),
+        (
+            env!("CARGO_BIN_EXE_wait_loop"),
+            vec!["Done after 10 iterations".into()],
+        ),
+        (
+            env!("CARGO_BIN_EXE_pmap"),
+            vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]".into()],
+        ),
+    ];
+    for (bin, want) in &programs {
+        let (out, _) = run(
+            &["++quiet", "+p4", "++ppn", "2", bin],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{bin}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&lines(&out), want, "{bin} with 2 processes");
+    }
+    // Four processes of one PE each (array_hello's placement is per PE, so unchanged).
+    for (bin, want) in &programs {
+        let (out, _) = run(
+            &["++quiet", "+p4", "++ppn", "1", bin],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{bin}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&lines(&out), want, "{bin} with 4 processes");
+    }
+}
+
+#[test]
+fn a_panic_in_one_process_aborts_the_job_naming_it() {
+    let (out, took) = run(
+        &[
+            "++quiet",
+            "+p4",
+            "++ppn",
+            "2",
+            env!("CARGO_BIN_EXE_faults"),
+            "panic",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    for needle in ["Victim::fail", "PE 3", "injected failure"] {
+        assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn a_killed_process_brings_the_job_down_within_5_seconds() {
+    let mut launcher = Command::new(charmrun())
+        .args([
+            "++quiet",
+            "+p4",
+            "++ppn",
+            "2",
+            env!("CARGO_BIN_EXE_faults"),
+            "hang",
+        ])
+        .env_remove("CHARMRS_PES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job runs, then kill process 1 (a child of charmrun).
+    let mut victim = None;
+    let start = Instant::now();
+    while victim.is_none() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        let children = std::fs::read_to_string(format!(
+            "/proc/{}/task/{}/children",
+            launcher.id(),
+            launcher.id()
+        ))
+        .unwrap_or_default();
+        let pids: Vec<u32> = children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        for pid in pids {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|kv| kv == b"CHARMRS_RANK=1") {
+                victim = Some(pid);
+            }
+        }
+    }
+    let victim = victim.expect("process 1 of the job did not start");
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    while launcher.try_wait().unwrap().is_none() {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "the job outlived a killed process"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = killed_at.elapsed();
+    let out = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    assert!(stderr.contains("1"), "names the lost process: {stderr}");
+}
