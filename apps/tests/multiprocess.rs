@@ -141,7 +141,7 @@ fn a_panic_in_one_process_aborts_the_job_naming_it() {
             "+p4",
             "++ppn",
             "2",
-            env!("CARGO_BIN_EXE_faults"),
+            env!("CARGO_BIN_EXE_mpcheck"),
             "panic",
         ],
         Duration::from_secs(60),
@@ -162,7 +162,7 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
             "+p4",
             "++ppn",
             "2",
-            env!("CARGO_BIN_EXE_faults"),
+            env!("CARGO_BIN_EXE_mpcheck"),
             "hang",
         ])
         .env_remove("CHARMRS_PES")
@@ -213,4 +213,34 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
     assert_ne!(out.status.code(), Some(0));
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
     assert!(stderr.contains("1"), "names the lost process: {stderr}");
+}
+
+#[test]
+fn results_reductions_when_quiescence_and_the_pool_work_across_processes() {
+    let want = [
+        "ok reduction",
+        "ok allreduce",
+        "ok when",
+        "ok quiescence",
+        "ok pool",
+    ];
+    for args in [
+        ["+p4", "++ppn", "2"],
+        ["+p6", "++ppn", "1"],
+        ["+p3", "++ppn", "3"],
+    ] {
+        let mut all = vec!["++quiet"];
+        all.extend(args);
+        all.extend([env!("CARGO_BIN_EXE_mpcheck"), "features"]);
+        let (out, _) = run(&all, Duration::from_secs(60));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = lines(&out);
+        assert!(got[0].starts_with("ok placement"), "{got:?}");
+        assert_eq!(&got[1..], &want, "{args:?}");
+    }
 }

@@ -113,23 +113,14 @@ pub(crate) fn deliver(pe: &PeState, dest: CallbackDest, call: Box<dyn Invocation
             coll,
             shape,
             priority,
-        } => {
-            let targets: Vec<usize> = match shape {
-                Shape::Single { pe: home } => vec![home as usize],
-                _ => (0..pe.num_pes()).collect(),
-            };
-            let (last, rest) = targets.split_last().expect("a collection has a PE");
-            for &dst in rest {
-                let body = Body::Broadcast {
-                    coll,
-                    call: call.clone_box(),
-                };
-                pe.send(dst, Envelope::new(priority, body));
+        } => match shape {
+            Shape::Single { pe: home } => {
+                pe.send(
+                    home as usize,
+                    Envelope::new(priority, Body::Broadcast { coll, call }),
+                );
             }
-            pe.send(
-                *last,
-                Envelope::new(priority, Body::Broadcast { coll, call }),
-            );
-        }
+            _ => pe.broadcast(coll, call, priority),
+        },
     }
 }

@@ -300,24 +300,16 @@ impl<C: Chare> Proxy<C> {
         reply: Reply,
     ) {
         let call = Call::<C, E>::boxed(args, reply);
-        let last = targets.end - 1;
-        for dst in targets.start..last {
+        if targets.len() == pe.num_pes() {
+            pe.broadcast(self.coll, call, self.priority);
+        } else {
+            // A single chare's "collection": one PE.
             let body = Body::Broadcast {
                 coll: self.coll,
-                call: call.clone_box(),
+                call,
             };
-            pe.send(dst, Envelope::new(self.priority, body));
+            pe.send(targets.start, Envelope::new(self.priority, body));
         }
-        pe.send(
-            last,
-            Envelope::new(
-                self.priority,
-                Body::Broadcast {
-                    coll: self.coll,
-                    call,
-                },
-            ),
-        );
     }
 
     /// This proxy, asking for completion: each broadcast through it returns a `Future<()>` that is

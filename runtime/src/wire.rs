@@ -270,6 +270,11 @@ pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
 enum WireDest {
     Point(Index),
     Broadcast,
+    /// A broadcast travelling down the spanning tree of processes rooted at process `root`: the
+    /// receiving process forwards it to its children, then delivers it to each of its PEs.
+    Tree {
+        root: u32,
+    },
 }
 
 /// The metadata that precedes a call's arguments in segment 0.
@@ -561,6 +566,52 @@ fn encode_call(
     Ok((buf, segs))
 }
 
+/// Encodes a broadcast of `call` for the spanning tree of processes rooted at `root`.
+pub(crate) fn encode_tree_broadcast(
+    table: &EntryTable,
+    coll: CollectionId,
+    call: &dyn Invocation,
+    priority: i32,
+    root: u32,
+    src_pe: u32,
+) -> Result<Message, String> {
+    let (seg0, segs) = encode_call(table, coll, WireDest::Tree { root }, call, priority)?;
+    let mut msg = Message::new(Header::new(KIND_CALL, src_pe, 0, 0));
+    msg.push_segment(Bytes::from(seg0))
+        .map_err(|e| e.to_string())?;
+    for s in segs {
+        msg.push_segment(s).map_err(|e| e.to_string())?;
+    }
+    Ok(msg)
+}
+
+/// The root of the process tree a call message travels down, if it is a tree broadcast.
+pub(crate) fn tree_root(msg: &Message) -> Option<u32> {
+    if msg.header().kind != KIND_CALL {
+        return None;
+    }
+    let seg0 = msg.segments().first()?;
+    match postcard::take_from_bytes::<CallMeta>(seg0) {
+        Ok((
+            CallMeta {
+                dest: WireDest::Tree { root },
+                ..
+            },
+            _,
+        )) => Some(root),
+        _ => None,
+    }
+}
+
+/// The children of process `me` in the 4-ary spanning tree of `n` processes rooted at `root`.
+pub(crate) fn tree_children(me: u32, root: u32, n: u32) -> impl Iterator<Item = u32> {
+    let rel = (me + n - root) % n;
+    (1..=4u32)
+        .map(move |c| 4 * rel + c)
+        .take_while(move |&c| c < n)
+        .map(move |c| (c + root) % n)
+}
+
 /// Decodes a message from another process into an envelope.
 ///
 /// # Errors
@@ -593,7 +644,7 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
                     index,
                     call,
                 },
-                WireDest::Broadcast => Body::Broadcast {
+                WireDest::Broadcast | WireDest::Tree { .. } => Body::Broadcast {
                     coll: meta.coll,
                     call,
                 },

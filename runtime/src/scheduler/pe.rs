@@ -17,7 +17,8 @@ use super::shared::{Outcome, Shared};
 use crate::collection::{CollectionId, Shape};
 use crate::element::ElementObj;
 use crate::envelope::{
-    catch_panic, Body, Built, Construction, Control, CtxParts, Envelope, LocalTask, Site,
+    catch_panic, Body, Built, Construction, Control, CtxParts, Envelope, Invocation, LocalTask,
+    Site,
 };
 use crate::error::{Error, Result};
 use crate::future::{EncodeFn, FutureTable, Resolution};
@@ -260,6 +261,64 @@ impl PeState {
                 self.pe
             ));
         }
+    }
+
+    /// Delivers `call` to every element of `coll`: down the spanning tree of processes (one
+    /// message per child process, encoded once), and to each PE of this process.
+    pub(crate) fn broadcast(&self, coll: CollectionId, call: Box<dyn Invocation>, priority: i32) {
+        let layer = &self.shared.layer;
+        let (me, n) = (layer.rank(), layer.size());
+        if n > 1 {
+            let table = match crate::registry::EntryTable::get() {
+                Ok(t) => t,
+                Err(e) => return self.abort_job(format!("charmrs: {e}")),
+            };
+            let sent = crate::wire::encode_tree_broadcast(
+                table,
+                coll,
+                &*call,
+                priority,
+                me,
+                self.pe as u32,
+            )
+            .and_then(|msg| {
+                for child in crate::wire::tree_children(me, me, n) {
+                    let mut m = msg.clone();
+                    let mut h = *m.header();
+                    h.dst_pe = child * self.shared.local_pes() as u32;
+                    m.set_header(h);
+                    layer
+                        .send(child, m)
+                        .map_err(|e| format!("to process {child}: {e}"))?;
+                }
+                Ok(())
+            });
+            if let Err(e) = sent {
+                return self.abort_job(format!("charmrs: PE {}: a broadcast failed: {e}", self.pe));
+            }
+            // Every PE of the other processes will process one delivery.
+            for _ in 0..self.num_pes() - self.shared.local_pes() {
+                self.count_sent();
+            }
+        }
+        let first = self.shared.first_pe;
+        let last = first + self.shared.local_pes() - 1;
+        for dst in first..last {
+            self.send(
+                dst,
+                Envelope::new(
+                    priority,
+                    Body::Broadcast {
+                        coll,
+                        call: call.clone_box(),
+                    },
+                ),
+            );
+        }
+        self.send(
+            last,
+            Envelope::new(priority, Body::Broadcast { coll, call }),
+        );
     }
 
     /// A fresh job-wide collection id.
