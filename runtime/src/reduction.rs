@@ -447,14 +447,48 @@ struct TreePlace {
     children: Vec<usize>,
 }
 
-fn tree_place(shape: &Shape, pe: usize, num_pes: usize) -> TreePlace {
+/// Where `pe` sits in the reduction tree of a collection: inside a process, every member PE
+/// reports to the process's lowest member PE (its leader); the leaders form a
+/// [`BRANCHING`]-ary tree over the member processes, rooted at the lowest one. So contributions
+/// are combined inside a process first and only one partial per process crosses the network.
+fn tree_place(shape: &Shape, pe: usize, num_pes: usize, pes_per_process: usize) -> TreePlace {
     let members = shape.member_pes(num_pes);
-    let pos = members.iter().position(|&p| p == pe).unwrap_or(0);
-    let parent = (pos > 0).then(|| members[(pos - 1) / BRANCHING]);
-    let children = (1..=BRANCHING)
-        .map(|c| BRANCHING * pos + c)
-        .filter_map(|i| members.get(i).copied())
+    let process = |p: usize| p / pes_per_process;
+    // Leaders in increasing order, one per member process.
+    let mut leaders: Vec<usize> = Vec::new();
+    for &m in &members {
+        if leaders.last().is_none_or(|&l| process(l) != process(m)) {
+            leaders.push(m);
+        }
+    }
+    let leader = |p: usize| leaders.iter().copied().find(|&l| process(l) == process(p));
+    let Some(my_leader) = leader(pe) else {
+        return TreePlace {
+            parent: None,
+            children: Vec::new(),
+        };
+    };
+    if my_leader != pe {
+        return TreePlace {
+            parent: Some(my_leader),
+            children: Vec::new(),
+        };
+    }
+    let pos = leaders
+        .iter()
+        .position(|&l| l == pe)
+        .expect("a leader is in the list");
+    let parent = (pos > 0).then(|| leaders[(pos - 1) / BRANCHING]);
+    let mut children: Vec<usize> = members
+        .iter()
+        .copied()
+        .filter(|&m| m != pe && process(m) == process(pe))
         .collect();
+    children.extend(
+        (1..=BRANCHING)
+            .map(|c| BRANCHING * pos + c)
+            .filter_map(|i| leaders.get(i).copied()),
+    );
     TreePlace { parent, children }
 }
 
@@ -512,7 +546,7 @@ impl PeState {
         let complete = {
             let mut table = self.reductions.borrow_mut();
             let p = table.pending.entry((coll, seq)).or_insert_with(|| {
-                let place = tree_place(&shape, self.pe, self.num_pes());
+                let place = tree_place(&shape, self.pe, self.num_pes(), self.shared.local_pes());
                 let expected = shape.local_count(self.pe, self.num_pes()) + place.children.len();
                 Pending {
                     got: 0,
@@ -643,7 +677,7 @@ impl PeState {
         value: Box<dyn Any + Send>,
         kind: Kind,
     ) {
-        let place = tree_place(&shape, self.pe, self.num_pes());
+        let place = tree_place(&shape, self.pe, self.num_pes(), self.shared.local_pes());
         for &child in &place.children {
             if self.shared.mailbox(child).is_some() {
                 let value = (kind.clone)(&*value);
@@ -728,4 +762,44 @@ fn decode_raw(p: &mut Pending) -> Result<(), String> {
         (acc.kind.combine)(&mut acc.data, value, acc.kind.op)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+    use crate::index::Index;
+
+    /// Every member reaches the root exactly once, and each process sends one partial up.
+    #[test]
+    fn the_tree_combines_inside_processes_first() {
+        for (num_pes, ppn, elements) in [(8, 2, 8), (12, 3, 5), (16, 1, 16), (6, 6, 4), (9, 3, 20)]
+        {
+            let shape = Shape::Array {
+                dims: Index::new(&[elements]).unwrap(),
+            };
+            let members = shape.member_pes(num_pes);
+            let places: Vec<(usize, TreePlace)> = members
+                .iter()
+                .map(|&m| (m, tree_place(&shape, m, num_pes, ppn)))
+                .collect();
+            let roots: Vec<usize> = places
+                .iter()
+                .filter(|(_, p)| p.parent.is_none())
+                .map(|(m, _)| *m)
+                .collect();
+            assert_eq!(roots, vec![members[0]]);
+            for (m, place) in &places {
+                if let Some(parent) = place.parent {
+                    let (_, pp) = places.iter().find(|(x, _)| *x == parent).unwrap();
+                    assert!(pp.children.contains(m), "{m} → {parent}");
+                    if parent / ppn != m / ppn {
+                        // Only leaders talk across processes.
+                        assert!(places.iter().all(|(o, _)| *o / ppn != m / ppn || *o >= *m));
+                    }
+                }
+            }
+            let edges: usize = places.iter().map(|(_, p)| p.children.len()).sum();
+            assert_eq!(edges, members.len() - 1, "a tree");
+        }
+    }
 }
