@@ -133,17 +133,30 @@ impl Runtime {
                     .send(0, hello)
                     .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
             }
-            let comm = shared.clone();
-            let done = done_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("comm-{}", shared.layer.rank()))
-                .spawn(move || {
-                    crate::scheduler::run_comm(comm, table);
-                    drop(done);
-                })
-                .map_err(|e| {
-                    Error::Options(format!("cannot start the communication thread: {e}"))
-                })?;
+            // Prefer polling from the first PE, woken by the layer; else a communication thread.
+            let weak = Arc::downgrade(&shared);
+            let hook = Box::new(move || {
+                if let Some(s) = weak.upgrade() {
+                    if let Some(m) = s.mailbox(s.first_pe) {
+                        m.wake();
+                    }
+                }
+            });
+            if shared.layer.set_wakeup(hook) {
+                let _ = shared.network_pe.set(first_pe);
+            } else {
+                let comm = shared.clone();
+                let done = done_tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("comm-{}", shared.layer.rank()))
+                    .spawn(move || {
+                        crate::scheduler::run_comm(comm, table);
+                        drop(done);
+                    })
+                    .map_err(|e| {
+                        Error::Options(format!("cannot start the communication thread: {e}"))
+                    })?;
+            }
         }
         let args = self.args;
         let mut first = Some(Envelope::new(

@@ -49,6 +49,15 @@ pub trait MachineLayer: Send + Sync {
     /// process, message). Returns how many were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError>;
 
+    /// Installs `hook`, called whenever something becomes available to
+    /// [`progress`](MachineLayer::progress) (from whatever thread noticed it), so that a scheduler
+    /// can sleep and still be woken by the network. Returns `false` if the layer cannot (then the
+    /// caller must poll or block in [`progress_wait`](MachineLayer::progress_wait)).
+    fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        let _ = hook;
+        false
+    }
+
     /// Like [`progress`](MachineLayer::progress), but when nothing has arrived waits up to
     /// `timeout` for something to. Layers that can sleep in the kernel override this; the default
     /// polls every 50 µs.

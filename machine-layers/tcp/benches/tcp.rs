@@ -15,7 +15,8 @@
 //!   to the peer, ended by a marker the peer acknowledges; throughput is
 //!   bytes of payload per second.
 //!
-//! `cargo bench -p charmrs-tcp --bench tcp`
+//! `cargo bench -p charmrs-tcp --bench tcp` (set `CHARMRS_TCP_BENCH_SPIN_US`
+//! to override `TcpConfig::wait_spin`).
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use charmrs_tcp::TcpLayer;
+use charmrs_tcp::{TcpConfig, TcpLayer};
 use charmrs_transport::kv::{
     random_secret, secret_to_hex, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_RANK,
 };
@@ -33,6 +34,8 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 
 /// Set in the peer's environment.
 const PEER_ENV: &str = "CHARMRS_TCP_BENCH_PEER";
+/// Overrides [`TcpConfig::wait_spin`] (µs) in both processes, for A/B runs.
+const SPIN_ENV: &str = "CHARMRS_TCP_BENCH_SPIN_US";
 /// Bootstrap key of the peer's raw TCP listener.
 const RAW_KEY: &str = "bench/raw-addr";
 
@@ -81,6 +84,15 @@ fn read_raw(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u64, usize)> {
     Some((h >> 56, len))
 }
 
+/// The layer configuration of both processes.
+fn config() -> TcpConfig {
+    let mut cfg = TcpConfig::default();
+    if let Some(us) = std::env::var(SPIN_ENV).ok().and_then(|v| v.parse().ok()) {
+        cfg.wait_spin = Duration::from_micros(us);
+    }
+    cfg
+}
+
 /// Rank 1: echo/sink for both transports until told to quit.
 fn peer() {
     let boot = Arc::new(
@@ -93,7 +105,7 @@ fn peer() {
     boot.put(RAW_KEY, raw.local_addr().unwrap().to_string().as_bytes())
         .unwrap();
     let dynboot: Arc<dyn Bootstrap> = boot.clone();
-    let layer = TcpLayer::new(dynboot, secret).expect("peer layer");
+    let layer = TcpLayer::with_config(dynboot, secret, config()).expect("peer layer");
     std::thread::spawn(move || {
         let (mut s, _) = raw.accept().expect("raw accept");
         s.set_nodelay(true).unwrap();
@@ -163,7 +175,7 @@ fn main() {
         .expect("start the peer process");
     let boot = Arc::new(KvBootstrap::connect(addr, 0, 2, secret).expect("bootstrap"));
     let dynboot: Arc<dyn Bootstrap> = boot.clone();
-    let layer = TcpLayer::new(dynboot, secret).expect("layer");
+    let layer = TcpLayer::with_config(dynboot, secret, config()).expect("layer");
     let raw_addr: std::net::SocketAddr = String::from_utf8(boot.get(1, RAW_KEY).unwrap())
         .unwrap()
         .parse()

@@ -454,3 +454,35 @@ fn unspecified_bind_address_is_refused() {
         ));
     });
 }
+
+#[test]
+fn large_frame_buffers_are_recycled_only_once_dropped() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(2, TcpConfig::default());
+        let big = |fill: u8| {
+            Message::with_segments(
+                Header::new(1, 0, 1, u64::from(fill)),
+                vec![Bytes::from(vec![fill; 1 << 20])],
+            )
+            .unwrap()
+        };
+        // Held by the application: the next frame must not reuse its memory.
+        l[0].send(1, big(1)).unwrap();
+        let held = collect(&l[1], 1, 10).remove(0).1;
+        l[0].send(1, big(2)).unwrap();
+        let second = collect(&l[1], 1, 10).remove(0).1;
+        assert!(
+            held.segments()[0].iter().all(|&b| b == 1),
+            "a held frame was overwritten"
+        );
+        assert!(second.segments()[0].iter().all(|&b| b == 2));
+        assert_ne!(held.segments()[0].as_ptr(), second.segments()[0].as_ptr());
+        // Dropped: the next frame lands in the same memory.
+        let ptr = second.segments()[0].as_ptr() as usize;
+        drop(second);
+        l[0].send(1, big(3)).unwrap();
+        let third = collect(&l[1], 1, 10).remove(0).1;
+        assert!(third.segments()[0].iter().all(|&b| b == 3));
+        assert_eq!(third.segments()[0].as_ptr() as usize, ptr);
+    });
+}

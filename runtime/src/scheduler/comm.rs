@@ -1,6 +1,9 @@
-//! The communication thread of a multi-process job: it drives the machine layer and turns what
-//! arrives from other processes into envelopes in the destination PEs' mailboxes (Charm++'s SMP
-//! communication thread).
+//! Network progress of a multi-process job: what arrives from other processes becomes envelopes
+//! in the destination PEs' mailboxes. When the machine layer can wake a sleeping PE, the lowest PE
+//! of each process polls it between messages and while idle ([`poll_network`], reconverse
+//! style: no extra thread hop on the latency path); otherwise a communication thread blocks in
+//! the layer ([`run_comm`], Charm++'s SMP communication thread). One of the two, never both, so
+//! messages from one process are handed on in the order they arrived.
 //!
 //! Invariants: every arrived message is decoded as hostile input — an undecodable message, a
 //! message for a PE of another process, or a lost peer ends the job with an abort naming the
@@ -28,6 +31,24 @@ pub(crate) fn run_comm(shared: Arc<Shared>, table: &'static EntryTable) {
             if !shared.stopping() {
                 shared.finish_from_peer(Outcome::Abort(format!("charmrs: process {me}: {e}")));
             }
+        }
+    }
+}
+
+/// Polls the machine layer once without blocking (from the network PE); returns whether anything
+/// arrived.
+pub(crate) fn poll_network(shared: &Shared, table: &EntryTable) -> bool {
+    match shared
+        .layer
+        .progress(&mut |src, msg| on_message(shared, table, src, msg))
+    {
+        Ok(n) => n > 0,
+        Err(e) => {
+            if !shared.stopping() {
+                let me = shared.layer.rank();
+                shared.finish_from_peer(Outcome::Abort(format!("charmrs: process {me}: {e}")));
+            }
+            false
         }
     }
 }

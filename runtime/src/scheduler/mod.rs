@@ -7,6 +7,6 @@ mod pe;
 mod queue;
 mod shared;
 
-pub(crate) use comm::run_comm;
+pub(crate) use comm::{poll_network, run_comm};
 pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, PeState};
 pub(crate) use shared::{Outcome, Shared};

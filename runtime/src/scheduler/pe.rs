@@ -691,9 +691,17 @@ impl PeState {
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
+        let network = (self.shared.network_pe.get() == Some(&self.pe))
+            .then(|| crate::registry::EntryTable::get().ok())
+            .flatten();
         let start = Instant::now();
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
+            if let Some(table) = network {
+                if crate::scheduler::poll_network(&self.shared, table) {
+                    continue;
+                }
+            }
             let now = Instant::now();
             if next_timer.is_some_and(|t| now >= t) {
                 return;
@@ -724,7 +732,13 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     if let Some(env) = first {
         state.send(pe, env);
     }
+    let network = (shared.network_pe.get() == Some(&pe))
+        .then(|| crate::registry::EntryTable::get().ok())
+        .flatten();
     while !shared.stopping() {
+        if let Some(table) = network {
+            crate::scheduler::poll_network(&shared, table);
+        }
         // One arrival per turn, alternating with the local queue: neither starves the other and
         // a backlog in the mailbox does not pile up in the local queue. (`is_empty` first: popping
         // an empty `SegQueue` costs a full fence.)

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) idle_spin: Duration,
     /// `+wirecheck`: messages between PEs go through the inter-process wire format.
     pub(crate) wire_check: bool,
+    /// The PE that polls the machine layer (`None`: a communication thread does, or no network).
+    pub(crate) network_pe: std::sync::OnceLock<usize>,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
     stop: AtomicBool,
@@ -55,6 +57,7 @@ impl Shared {
             mailboxes: (0..local_pes).map(|_| Mailbox::new()).collect(),
             idle_spin,
             wire_check,
+            network_pe: std::sync::OnceLock::new(),
             layer,
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),

@@ -1,0 +1,312 @@
+//! Cross-process comparison harness, run under the launcher:
+//!
+//! ```text
+//! cargo build --release -p charmrs-launcher -p charmrs-xproc-bench
+//! target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc
+//! ```
+//!
+//! In one job of two processes it measures, side by side:
+//! - one-way latency (ping-pong / 2) of an entry call carrying a [`Buffer`] of 8 B … 4 MiB, and of
+//!   a bare `TcpStream` ping-pong of the same sizes between the same two processes;
+//! - bandwidth: a window of 16 messages of each size streamed to the other process, then one
+//!   acknowledgement, for charmrs and for the bare socket;
+//! - a reduction (empty, to a callback, back to back) and a broadcast with completion, over the
+//!   PEs of all processes.
+//!
+//! Figures are medians of several repetitions; the machine is a shared VM, so compare columns of
+//! the same run, not runs.
+
+use bytes::Bytes;
+use charmrs::prelude::*;
+use charmrs::Buffer;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+const SIZES: [usize; 7] = [8, 1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
+const WINDOW: usize = 16;
+const REPEATS: usize = 5;
+
+fn iterations(size: usize) -> u32 {
+    match size {
+        s if s <= 1024 => 2000,
+        s if s <= 64 << 10 => 500,
+        s if s <= 1 << 20 => 60,
+        _ => 20,
+    }
+}
+
+/// The remote side: echoes buffers, counts streamed ones, runs the bare-socket echo server.
+struct Pong {
+    streamed: usize,
+}
+
+#[chare]
+impl Pong {
+    fn new() -> Self {
+        Pong { streamed: 0 }
+    }
+
+    /// Sends the buffer straight back.
+    #[entry]
+    fn echo(&mut self, data: Buffer, back: ElementProxy<Ping>) {
+        back.echoed(data);
+    }
+
+    /// Counts a streamed buffer; acknowledges every `window`-th.
+    #[entry]
+    fn stream(&mut self, _data: Buffer, window: usize, back: ElementProxy<Ping>) {
+        self.streamed += 1;
+        if self.streamed.is_multiple_of(window) {
+            back.acked();
+        }
+    }
+
+    /// Starts a bare TCP echo server on loopback in a thread of this process; returns its port.
+    #[entry]
+    fn listen(&mut self) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = listener.local_addr().expect("bound").port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_nodelay(true).expect("nodelay");
+            let mut header = [0u8; 9];
+            let mut buf = vec![0u8; 4 << 20];
+            // Each request: 8-byte length + 1 mode byte (0 echo, 1 stream-ack-after-window).
+            while s.read_exact(&mut header).is_ok() {
+                let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes")) as usize;
+                let mode = header[8];
+                if s.read_exact(&mut buf[..len]).is_err() {
+                    return;
+                }
+                match mode {
+                    0 => {
+                        s.write_all(&header).expect("echo header");
+                        s.write_all(&buf[..len]).expect("echo body");
+                    }
+                    m => {
+                        // Stream mode: `m` is how many more to read before acknowledging.
+                        for _ in 1..m {
+                            if s.read_exact(&mut header).is_err()
+                                || s.read_exact(&mut buf[..len]).is_err()
+                            {
+                                return;
+                            }
+                        }
+                        s.write_all(&[1]).expect("ack");
+                    }
+                }
+            }
+        });
+        port
+    }
+}
+
+/// The local side of the ping-pong.
+struct Ping {
+    left: u32,
+    pong: Option<ElementProxy<Pong>>,
+    done: Option<Future<f64>>,
+    start: Option<Instant>,
+    acks: usize,
+}
+
+#[chare]
+impl Ping {
+    fn new() -> Self {
+        Ping {
+            left: 0,
+            pong: None,
+            done: None,
+            start: None,
+            acks: 0,
+        }
+    }
+
+    /// `iters` round trips of a `size`-byte buffer; the future gets seconds per one-way trip.
+    #[entry]
+    fn pingpong(
+        &mut self,
+        ctx: &Ctx<Self>,
+        pong: ElementProxy<Pong>,
+        size: usize,
+        iters: u32,
+        done: Future<f64>,
+    ) {
+        self.left = iters;
+        self.pong = Some(pong);
+        self.done = Some(done);
+        self.start = Some(Instant::now());
+        pong.echo(Buffer(Bytes::from(vec![7u8; size])), ctx.this_element());
+    }
+
+    #[entry]
+    fn echoed(&mut self, ctx: &Ctx<Self>, data: Buffer) {
+        self.left -= 1;
+        if self.left == 0 {
+            let secs = self.start.take().expect("started").elapsed().as_secs_f64();
+            self.done.take().expect("a future").send(secs);
+        } else {
+            self.pong.expect("a peer").echo(data, ctx.this_element());
+        }
+    }
+
+    /// Streams `count` buffers (in windows of [`WINDOW`]); the future gets the seconds taken.
+    #[entry]
+    fn stream(
+        &mut self,
+        ctx: &Ctx<Self>,
+        pong: ElementProxy<Pong>,
+        size: usize,
+        count: usize,
+        done: Future<f64>,
+    ) {
+        self.acks = count / WINDOW;
+        self.done = Some(done);
+        self.start = Some(Instant::now());
+        let data = Buffer(Bytes::from(vec![9u8; size]));
+        for _ in 0..count {
+            pong.stream(data.clone(), WINDOW, ctx.this_element());
+        }
+    }
+
+    #[entry]
+    fn acked(&mut self) {
+        self.acks -= 1;
+        if self.acks == 0 {
+            let secs = self.start.take().expect("started").elapsed().as_secs_f64();
+            self.done.take().expect("a future").send(secs);
+        }
+    }
+}
+
+/// One element per PE, for the collective figures.
+struct Member;
+
+#[chare]
+impl Member {
+    fn new() -> Self {
+        Member
+    }
+
+    #[entry]
+    fn noop(&mut self) {}
+
+    #[entry]
+    fn reduce(&mut self, ctx: &Ctx<Self>, done: Future<()>) {
+        ctx.barrier(done);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn raw_pingpong(s: &mut TcpStream, size: usize, iters: u32) -> f64 {
+    let mut header = [0u8; 9];
+    header[..8].copy_from_slice(&(size as u64).to_le_bytes());
+    let body = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let start = Instant::now();
+    for _ in 0..iters {
+        s.write_all(&header).expect("send header");
+        s.write_all(&body).expect("send body");
+        let mut h = [0u8; 9];
+        s.read_exact(&mut h).expect("echo header");
+        s.read_exact(&mut back).expect("echo body");
+    }
+    start.elapsed().as_secs_f64() / iters as f64 / 2.0
+}
+
+fn raw_stream(s: &mut TcpStream, size: usize, count: usize) -> f64 {
+    let mut header = [0u8; 9];
+    header[..8].copy_from_slice(&(size as u64).to_le_bytes());
+    header[8] = WINDOW as u8;
+    let body = vec![9u8; size];
+    let start = Instant::now();
+    for _ in 0..count / WINDOW {
+        for _ in 0..WINDOW {
+            s.write_all(&header).expect("send header");
+            s.write_all(&body).expect("send body");
+        }
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).expect("ack");
+    }
+    start.elapsed().as_secs_f64()
+}
+
+async fn run() {
+    let p = charmrs::num_pes();
+    let far = p - 1;
+    println!(
+        "# charmrs cross-process harness: {p} PEs in {} processes; one-way = round trip / 2",
+        charmrs::num_nodes()
+    );
+    let ping = Single::<Ping>::new((), Some(0));
+    let pong = Single::<Pong>::new((), Some(far));
+    let port = pong.ret().listen().await;
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
+    raw.set_nodelay(true).expect("nodelay");
+    println!(
+        "{:>9} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}",
+        "size", "charmrs µs", "bare TCP µs", "ratio", "charmrs MB/s", "bare MB/s", "ratio"
+    );
+    for size in SIZES {
+        let iters = iterations(size);
+        let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
+        let (mut lat_c, mut lat_r, mut bw_c, mut bw_r) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..REPEATS {
+            let f = Future::new();
+            ping.pingpong(*pong, size, iters, f);
+            lat_c.push(f.await / iters as f64 / 2.0);
+            lat_r.push(raw_pingpong(&mut raw, size, iters));
+            let f = Future::new();
+            ping.stream(*pong, size, count, f);
+            bw_c.push((size * count) as f64 / f.await / 1e6);
+            bw_r.push((size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6);
+        }
+        let (lc, lr, bc, br) = (
+            median(lat_c) * 1e6,
+            median(lat_r) * 1e6,
+            median(bw_c),
+            median(bw_r),
+        );
+        println!(
+            "{size:>9} {lc:>14.2} {lr:>14.2} {:>7.2} {bc:>14.0} {br:>14.0} {:>7.2}",
+            lc / lr,
+            bc / br
+        );
+    }
+    let group = Group::<Member>::new(());
+    let rounds = 2000u32;
+    let mut red = vec![];
+    let mut bcast = vec![];
+    for _ in 0..REPEATS {
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let f = Future::new();
+            group.reduce(f);
+            f.await;
+        }
+        red.push(t.elapsed().as_secs_f64() / rounds as f64);
+        let t = Instant::now();
+        for _ in 0..rounds {
+            group.ret().noop().await;
+        }
+        bcast.push(t.elapsed().as_secs_f64() / rounds as f64);
+    }
+    println!(
+        "# empty reduction to a future (broadcast trigger + barrier), {p} PEs: {:.2} µs per round",
+        median(red) * 1e6
+    );
+    println!(
+        "# broadcast with completion (ret), {p} PEs: {:.2} µs per round",
+        median(bcast) * 1e6
+    );
+    charmrs::exit(0);
+}
+
+fn main() {
+    charmrs::start(|_| run())
+}
