@@ -1,0 +1,2 @@
+/* The one header charmrs-pmix-sys generates bindings for. */
+#include <pmix.h>

@@ -1,0 +1,710 @@
+//! PMIx bootstrap for charmrs: a process started by a PMIx launcher —
+//! OpenMPI's `mpirun`/`prterun`, Slurm's `srun --mpi=pmix`, Flux — learns
+//! its rank and the job size from PMIx and exchanges connection details
+//! (the TCP layer's listening addresses, the job secret) through the PMIx
+//! key-value store.
+//!
+//! # What this crate owns
+//!
+//! * [`PmixBootstrap`]: a [`Bootstrap`] over the PMIx client library
+//!   (`libpmix`, bound by `charmrs-pmix-sys`).
+//! * [`tcp_layer_from_env`]: the TCP machine layer over it in one call.
+//! * [`launched_by_pmix`]: the environment check that decides whether
+//!   PMIx is worth initialising at all.
+//! * The binary `pmix_check`, a self-test that sets up a [`TcpLayer`] over
+//!   this bootstrap and exchanges messages between all ranks (its
+//!   integration test runs it under `mpirun`).
+//!
+//! # Using it
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use charmrs_pmix::PmixBootstrap;
+//! use charmrs_tcp::{TcpConfig, TcpLayer};
+//! use charmrs_transport::Bootstrap;
+//!
+//! # fn main() -> Result<(), charmrs_transport::TransportError> {
+//! if let Some(boot) = PmixBootstrap::from_env()? {
+//!     let secret = boot.job_secret()?; // collective: every rank calls it
+//!     let boot: Arc<dyn Bootstrap> = Arc::new(boot);
+//!     let layer = TcpLayer::with_config(boot, secret, TcpConfig::default())?;
+//!     # drop(layer);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Run it with, for instance (as root, on one host, loopback only):
+//!
+//! ```text
+//! mpirun --allow-run-as-root --oversubscribe -n 2 \
+//!        --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo ./app
+//! ```
+//!
+//! # Invariants
+//!
+//! * `PMIx_Init` is called only when the environment shows a PMIx server
+//!   ([`launched_by_pmix`]); otherwise [`PmixBootstrap::from_env`] is
+//!   `Ok(None)` and no PMIx code runs.
+//! * Every successful `PMIx_Init` is paired with one `PMIx_Finalize`, when
+//!   the [`PmixBootstrap`] is dropped.
+//! * Keys are stored in PMIx under [`KEY_PREFIX`] (so `"addr"` becomes
+//!   `"charmrs.addr"`): they cannot collide with PMIx's reserved `pmix.*`
+//!   keys or with the MPI library's own keys.
+//! * A [`Bootstrap::get`] never waits for a value to appear: it asks with
+//!   `PMIX_IMMEDIATE`, so the local PMIx server answers from what it holds
+//!   (after a fence: everything put before it) and a missing key fails at
+//!   once with `PMIX_ERR_NOT_FOUND`, instead of the server asking the
+//!   launcher to fetch it from the peer and waiting until the peer puts
+//!   it. `PMIX_TIMEOUT` ([`PmixBootstrap::get_timeout`]) backs this up for
+//!   servers that ignore the flag.
+//! * Every error names the PMIx call, its arguments and the PMIx status
+//!   (name and number), e.g. `bootstrap failed: PMIx_Get(rank 1,
+//!   "charmrs.addr") failed: NOT-FOUND (-46)`.
+//!
+//! # Threads
+//!
+//! The PMIx client library is thread-safe (every call is handed to its own
+//! progress thread), so [`PmixBootstrap`] is `Send + Sync` and its methods
+//! may be called from any thread, concurrently.
+
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_char, c_int};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use charmrs_pmix_sys as sys;
+use charmrs_tcp::{TcpConfig, TcpLayer};
+use charmrs_transport::kv::{random_secret, JobSecret, ENV_PES, SECRET_LEN};
+use charmrs_transport::{Bootstrap, ProcessId, TransportError};
+
+/// Prefix of every key this bootstrap stores in PMIx.
+pub const KEY_PREFIX: &str = "charmrs.";
+
+/// Key (after [`KEY_PREFIX`]) under which rank 0 publishes the job secret.
+pub const SECRET_KEY: &str = "job-secret";
+
+/// Default of [`PmixBootstrap::get_timeout`].
+pub const DEFAULT_GET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment variables whose presence shows that a PMIx server launched
+/// this process. Variables whose name *starts* with `PMIX_SERVER_URI`
+/// (`PMIX_SERVER_URI2`, `PMIX_SERVER_URI41`, …) count too.
+pub const PMIX_ENV_VARS: &[&str] = &["PMIX_NAMESPACE", "PMIX_RANK"];
+
+/// True when the environment shows that this process was started by a
+/// PMIx launcher: one of [`PMIX_ENV_VARS`] or a `PMIX_SERVER_URI*`
+/// variable is set. Looks at the environment only; calls no PMIx code.
+pub fn launched_by_pmix() -> bool {
+    std::env::vars_os().any(|(k, _)| k.to_str().is_some_and(is_pmix_var))
+}
+
+/// Whether the variable `name` is one [`launched_by_pmix`] looks for.
+fn is_pmix_var(name: &str) -> bool {
+    PMIX_ENV_VARS.contains(&name) || name.starts_with("PMIX_SERVER_URI")
+}
+
+/// PMIx's name for a status and its number, e.g. `NOT-FOUND (-46)` for
+/// `PMIX_ERR_NOT_FOUND`.
+pub fn status_string(status: c_int) -> String {
+    // SAFETY: `PMIx_Error_string` only looks the status up in a static
+    // table (it is usable before `PMIx_Init`); it returns a pointer to a
+    // static NUL-terminated string, or NULL, which is checked.
+    let name = unsafe {
+        let p = sys::PMIx_Error_string(status);
+        if p.is_null() {
+            "unknown status".to_owned()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    format!("{name} ({status})")
+}
+
+/// The version string of the PMIx client library in use (e.g.
+/// `"OpenPMIx 4.2.2rc2, ..."`).
+pub fn library_version() -> String {
+    // SAFETY: `PMIx_Get_version` returns a pointer to a static
+    // NUL-terminated string (usable before `PMIx_Init`); NULL is checked.
+    unsafe {
+        let p = sys::PMIx_Get_version();
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn err(m: String) -> TransportError {
+    TransportError::Bootstrap(m)
+}
+
+/// `Ok(())` for `PMIX_SUCCESS`, otherwise an error naming `call`.
+fn check(status: c_int, call: impl FnOnce() -> String) -> Result<(), TransportError> {
+    if status == sys::PMIX_SUCCESS {
+        Ok(())
+    } else {
+        Err(err(format!("{} failed: {}", call(), status_string(status))))
+    }
+}
+
+/// An info entry carrying a boolean (`PMIX_BOOL`), or an int (`PMIX_INT`).
+/// Neither owns heap memory, so the entry needs no destructor.
+fn info(key: &[u8], value: InfoValue) -> sys::pmix_info_t {
+    let mut i = sys::pmix_info_t::default();
+    let key = CStr::from_bytes_with_nul(key).expect("PMIx attribute names are C strings");
+    // `key` fits: PMIx attribute names are far shorter than PMIX_MAX_KEYLEN.
+    for (dst, &src) in i.key.iter_mut().zip(key.to_bytes()) {
+        *dst = src as c_char;
+    }
+    match value {
+        InfoValue::Bool(b) => {
+            i.value.type_ = sys::PMIX_BOOL;
+            i.value.data.flag = b;
+        }
+        InfoValue::Int(n) => {
+            i.value.type_ = sys::PMIX_INT;
+            i.value.data.integer = n;
+        }
+    }
+    i
+}
+
+enum InfoValue {
+    Bool(bool),
+    Int(c_int),
+}
+
+/// A `pmix_value_t` returned by `PMIx_Get`: owned, released with the
+/// `PMIX_VALUE_RELEASE` recipe (destruct the contents, free the struct).
+struct OwnedValue(*mut sys::pmix_value_t);
+
+impl OwnedValue {
+    fn get(&self) -> &sys::pmix_value_t {
+        // SAFETY: the pointer came non-NULL from a successful `PMIx_Get`
+        // and stays valid until `drop`.
+        unsafe { &*self.0 }
+    }
+
+    /// The value as an unsigned integer, for the integer types PMIx uses
+    /// for sizes and ranks.
+    fn as_u32(&self) -> Option<u32> {
+        let v = self.get();
+        // SAFETY: each arm reads the union member that `type_` says is
+        // the active one.
+        unsafe {
+            match v.type_ {
+                sys::PMIX_UINT32 => Some(v.data.uint32),
+                sys::PMIX_PROC_RANK => Some(v.data.rank),
+                sys::PMIX_UINT16 => Some(u32::from(v.data.uint16)),
+                sys::PMIX_INT => u32::try_from(v.data.integer).ok(),
+                _ => None,
+            }
+        }
+    }
+
+    /// A copy of the bytes of a `PMIX_BYTE_OBJECT` value.
+    fn byte_object(&self) -> Option<Vec<u8>> {
+        let v = self.get();
+        if v.type_ != sys::PMIX_BYTE_OBJECT {
+            return None;
+        }
+        // SAFETY: `type_` is PMIX_BYTE_OBJECT, so `bo` is the active union
+        // member; PMIx guarantees `bytes` points to `size` readable bytes
+        // (or is NULL for an empty object, checked).
+        unsafe {
+            let bo = v.data.bo;
+            if bo.bytes.is_null() || bo.size == 0 {
+                Some(Vec::new())
+            } else {
+                Some(std::slice::from_raw_parts(bo.bytes.cast::<u8>(), bo.size).to_vec())
+            }
+        }
+    }
+}
+
+impl Drop for OwnedValue {
+    fn drop(&mut self) {
+        // SAFETY: the struct was allocated by libpmix with `malloc` (its
+        // `pmix_malloc`) and is owned by us; destructing releases what it
+        // points to, then `free` (what `pmix_free` calls) releases the
+        // struct itself. It is not used afterwards.
+        unsafe {
+            sys::PMIx_Value_destruct(self.0);
+            sys::free(self.0.cast());
+        }
+    }
+}
+
+/// The TCP machine layer of a process started by a PMIx launcher: a
+/// [`PmixBootstrap::from_env`] bootstrap, its
+/// [`job_secret`](PmixBootstrap::job_secret), and
+/// [`TcpLayer::with_config`] with `cfg`. `Ok(None)` when the process was
+/// not started by a PMIx launcher (the counterpart of
+/// [`TcpLayer::from_env`] for charmrun).
+///
+/// Collective: every process of the job must call it.
+///
+/// # Errors
+///
+/// As [`PmixBootstrap::from_env`], [`PmixBootstrap::job_secret`] and
+/// [`TcpLayer::with_config`].
+pub fn tcp_layer_from_env(cfg: TcpConfig) -> Result<Option<TcpLayer>, TransportError> {
+    let Some(boot) = PmixBootstrap::from_env()? else {
+        return Ok(None);
+    };
+    let secret = boot.job_secret()?;
+    TcpLayer::with_config(Arc::new(boot), secret, cfg).map(Some)
+}
+
+/// [`Bootstrap`] over PMIx, for processes started by `mpirun` (OpenMPI 4/5,
+/// PRRTE), `srun --mpi=pmix` (Slurm) or any other PMIx launcher.
+///
+/// * **Rank**: from `PMIx_Init`. **Size**: `PMIX_JOB_SIZE` of the job
+///   (a `PMIx_Get` on the wildcard rank).
+/// * **put**: `PMIx_Put` with `PMIX_GLOBAL` scope of a byte object, then
+///   `PMIx_Commit`. **get**: `PMIx_Get` from the given rank, with
+///   `PMIX_IMMEDIATE` (no waiting for a value that is not there) and a
+///   `PMIX_TIMEOUT` of [`get_timeout`](PmixBootstrap::get_timeout).
+///   **fence**: `PMIx_Fence` over the whole job with
+///   `PMIX_COLLECT_DATA`, so every value put before it is readable after
+///   it. **abort**: `PMIx_Abort` of the whole job.
+/// * **Job secret** ([`job_secret`](PmixBootstrap::job_secret)): drawn by
+///   rank 0 and shared through PMIx.
+/// * `PMIx_Finalize` when dropped.
+pub struct PmixBootstrap {
+    me: sys::pmix_proc_t,
+    rank: ProcessId,
+    size: u32,
+    namespace: String,
+    local_rank: Option<u32>,
+    local_size: Option<u32>,
+    ppn: Option<u32>,
+    get_timeout: Duration,
+    secret: Mutex<Option<JobSecret>>,
+}
+
+impl PmixBootstrap {
+    /// The bootstrap of a process started by a PMIx launcher:
+    /// `PMIx_Init`, then the job size. `Ok(None)`, without touching PMIx,
+    /// when the environment shows no PMIx server ([`launched_by_pmix`]).
+    ///
+    /// Not collective: each process may call it whenever it likes.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Bootstrap`] naming the PMIx call and its status if
+    /// `PMIx_Init` fails (e.g. the server is gone) or the job size cannot
+    /// be read; also if [`ENV_PES`] is set but is not a positive integer.
+    pub fn from_env() -> Result<Option<PmixBootstrap>, TransportError> {
+        if !launched_by_pmix() {
+            return Ok(None);
+        }
+        let ppn = match std::env::var(ENV_PES) {
+            Err(_) => None,
+            Ok(v) => match v.trim().parse::<u32>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(err(format!("{ENV_PES}={v:?} is not a positive integer"))),
+            },
+        };
+        PmixBootstrap::init(ppn).map(Some)
+    }
+
+    fn init(ppn: Option<u32>) -> Result<PmixBootstrap, TransportError> {
+        let mut me = sys::pmix_proc_t::default();
+        // SAFETY: `me` is a valid, writable pmix_proc_t that PMIx fills in;
+        // no info array is passed (NULL, 0), which the API allows.
+        let rc = unsafe { sys::PMIx_Init(&mut me, std::ptr::null_mut(), 0) };
+        check(rc, || "PMIx_Init".to_owned())?;
+        // From here on, a failure must finalize: build the value first so
+        // its `Drop` does.
+        // SAFETY: PMIx_Init NUL-terminated the namespace inside its
+        // fixed-size array (it is at most PMIX_MAX_NSLEN characters).
+        let namespace = unsafe { CStr::from_ptr(me.nspace.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let mut b = PmixBootstrap {
+            me,
+            rank: me.rank,
+            size: 0,
+            namespace,
+            local_rank: None,
+            local_size: None,
+            ppn,
+            get_timeout: DEFAULT_GET_TIMEOUT,
+            secret: Mutex::new(None),
+        };
+        let job = b.wildcard();
+        b.size = b
+            .get_raw(&job, sys::PMIX_JOB_SIZE, &[])?
+            .as_u32()
+            .ok_or_else(|| err("PMIx_Get(PMIX_JOB_SIZE) returned a non-integer".to_owned()))?;
+        if b.rank >= b.size {
+            return Err(err(format!(
+                "PMIx_Init gave rank {} but PMIX_JOB_SIZE is {}",
+                b.rank, b.size
+            )));
+        }
+        // Optional job information: launchers that do not provide it are
+        // still usable.
+        let me = b.me;
+        b.local_rank = b
+            .get_raw(&me, sys::PMIX_LOCAL_RANK, &[])
+            .ok()
+            .and_then(|v| v.as_u32());
+        b.local_size = b
+            .get_raw(&job, sys::PMIX_LOCAL_SIZE, &[])
+            .ok()
+            .and_then(|v| v.as_u32());
+        Ok(b)
+    }
+
+    /// This job's processes as a whole (the wildcard rank).
+    fn wildcard(&self) -> sys::pmix_proc_t {
+        sys::pmix_proc_t {
+            nspace: self.me.nspace,
+            rank: sys::PMIX_RANK_WILDCARD,
+        }
+    }
+
+    /// `PMIx_Get(proc, key, info)`.
+    fn get_raw(
+        &self,
+        proc_: &sys::pmix_proc_t,
+        key: &[u8],
+        info: &[sys::pmix_info_t],
+    ) -> Result<OwnedValue, TransportError> {
+        let ckey = CStr::from_bytes_with_nul(key).map_err(|_| {
+            err(format!(
+                "PMIx key {:?} is not a C string",
+                String::from_utf8_lossy(key)
+            ))
+        })?;
+        let mut out: *mut sys::pmix_value_t = std::ptr::null_mut();
+        // SAFETY: `proc_` and `ckey` are valid for the call; `info` points
+        // to `info.len()` initialised entries (or is empty, then NULL, 0 is
+        // passed); `out` is a valid location for the returned pointer.
+        let rc = unsafe {
+            sys::PMIx_Get(
+                proc_,
+                ckey.as_ptr(),
+                if info.is_empty() {
+                    std::ptr::null()
+                } else {
+                    info.as_ptr()
+                },
+                info.len(),
+                &mut out,
+            )
+        };
+        let who = || {
+            let rank = if proc_.rank == sys::PMIX_RANK_WILDCARD {
+                "wildcard".to_owned()
+            } else {
+                proc_.rank.to_string()
+            };
+            format!("PMIx_Get(rank {rank}, {:?})", ckey.to_string_lossy())
+        };
+        check(rc, who)?;
+        if out.is_null() {
+            return Err(err(format!("{} returned no value", who())));
+        }
+        Ok(OwnedValue(out))
+    }
+
+    /// The PMIx key for a bootstrap key: [`KEY_PREFIX`] + `key`, checked
+    /// for length and NUL bytes.
+    fn pmix_key(key: &str) -> Result<CString, TransportError> {
+        let full = format!("{KEY_PREFIX}{key}");
+        if full.len() > sys::PMIX_MAX_KEYLEN {
+            return Err(err(format!(
+                "key {key:?} is too long for PMIx ({} bytes with the prefix, limit {})",
+                full.len(),
+                sys::PMIX_MAX_KEYLEN
+            )));
+        }
+        CString::new(full).map_err(|_| err(format!("key {key:?} contains a NUL byte")))
+    }
+
+    /// The job's PMIx namespace (its id as the launcher knows it).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// This process's rank among the job's processes on this node
+    /// (`PMIX_LOCAL_RANK`), if the launcher provides it.
+    pub fn local_rank(&self) -> Option<u32> {
+        self.local_rank
+    }
+
+    /// Number of the job's processes on this node (`PMIX_LOCAL_SIZE`), if
+    /// the launcher provides it.
+    pub fn local_size(&self) -> Option<u32> {
+        self.local_size
+    }
+
+    /// PEs (worker threads) of this process, from [`ENV_PES`]
+    /// (`CHARMRS_PES`) when set; `None` otherwise.
+    ///
+    /// PMIx launchers know nothing of PEs: a program started by `mpirun`
+    /// picks its own count (`+pN` on its command line, or `CHARMRS_PES`
+    /// exported with `mpirun -x CHARMRS_PES=4`). Deciding it — and how
+    /// [`local_size`](PmixBootstrap::local_size) processes share a node's
+    /// cores — is the runtime's business; this is only what the
+    /// environment said.
+    pub fn ppn(&self) -> Option<u32> {
+        self.ppn
+    }
+
+    /// The `PMIX_TIMEOUT` of [`Bootstrap::get`]: the longest a get may
+    /// take, should the PMIx server ignore `PMIX_IMMEDIATE` and wait for a
+    /// missing value. Default [`DEFAULT_GET_TIMEOUT`].
+    pub fn get_timeout(&self) -> Duration {
+        self.get_timeout
+    }
+
+    /// Sets [`get_timeout`](PmixBootstrap::get_timeout) (rounded up to whole
+    /// seconds, at least 1: PMIx counts in seconds).
+    pub fn set_get_timeout(&mut self, timeout: Duration) {
+        self.get_timeout = timeout;
+    }
+
+    /// The job secret authenticating machine-layer connections (pass it to
+    /// [`TcpLayer::with_config`]).
+    ///
+    /// Collective the first time: every process must call it. Rank 0 draws
+    /// [`SECRET_LEN`] bytes from `/dev/urandom` and puts them under
+    /// [`SECRET_KEY`]; everyone fences and the others read rank 0's. Later
+    /// calls return the same secret without communicating.
+    ///
+    /// The secret is as confidential as the PMIx key-value store: readable
+    /// by the job's processes and by the launcher's PMIx servers, which
+    /// run as the job's user.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Io`] if rank 0 cannot read `/dev/urandom`;
+    /// [`TransportError::Bootstrap`] if the exchange fails or rank 0's
+    /// value is not [`SECRET_LEN`] bytes.
+    pub fn job_secret(&self) -> Result<JobSecret, TransportError> {
+        let mut cached = self.secret.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = *cached {
+            return Ok(s);
+        }
+        let secret = if self.rank == 0 {
+            let s = random_secret()?;
+            self.put(SECRET_KEY, &s)?;
+            self.fence()?;
+            s
+        } else {
+            self.fence()?;
+            let raw = self.get(0, SECRET_KEY)?;
+            raw.as_slice().try_into().map_err(|_| {
+                err(format!(
+                    "rank 0 published a job secret of {} bytes, expected {SECRET_LEN}",
+                    raw.len()
+                ))
+            })?
+        };
+        *cached = Some(secret);
+        Ok(secret)
+    }
+}
+
+impl Bootstrap for PmixBootstrap {
+    fn rank(&self) -> ProcessId {
+        self.rank
+    }
+
+    fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// `PMIx_Put(PMIX_GLOBAL, "charmrs.<key>", byte object)` then
+    /// `PMIx_Commit`. A second put of the same key replaces the value
+    /// (visible to others after the next fence).
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), TransportError> {
+        let ckey = PmixBootstrap::pmix_key(key)?;
+        let mut v = sys::pmix_value_t {
+            type_: sys::PMIX_BYTE_OBJECT,
+            ..Default::default()
+        };
+        v.data.bo = sys::pmix_byte_object_t {
+            // PMIx copies the bytes and never writes through this pointer
+            // (the API is not const-correct). An empty value is sent as
+            // PMIx's own empty byte object: NULL, 0.
+            bytes: if value.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                value.as_ptr().cast::<c_char>().cast_mut()
+            },
+            size: value.len(),
+        };
+        // SAFETY: `ckey` is a NUL-terminated key within PMIX_MAX_KEYLEN;
+        // `v` is a valid byte-object value whose `bytes`/`size` describe
+        // `value`, which outlives the call. PMIx_Put copies the value into
+        // its own cache before returning, so nothing is retained.
+        let rc = unsafe { sys::PMIx_Put(sys::PMIX_GLOBAL, ckey.as_ptr(), &mut v) };
+        check(rc, || {
+            format!(
+                "PMIx_Put(PMIX_GLOBAL, {:?}, {} bytes)",
+                ckey.to_string_lossy(),
+                value.len()
+            )
+        })?;
+        // SAFETY: no arguments; PMIx is initialised while `self` lives.
+        let rc = unsafe { sys::PMIx_Commit() };
+        check(rc, || {
+            format!("PMIx_Commit (after putting {:?})", ckey.to_string_lossy())
+        })
+    }
+
+    /// `PMIx_Get(rank, "charmrs.<key>")` with `PMIX_IMMEDIATE` and a
+    /// `PMIX_TIMEOUT` of [`PmixBootstrap::get_timeout`]: a key the local
+    /// PMIx server does not hold fails at once (before the fence that
+    /// follows the peer's put it may well not be there yet).
+    fn get(&self, rank: ProcessId, key: &str) -> Result<Vec<u8>, TransportError> {
+        if rank >= self.size {
+            return Err(TransportError::UnknownProcess {
+                dst: rank,
+                size: self.size,
+            });
+        }
+        let ckey = PmixBootstrap::pmix_key(key)?;
+        let peer = sys::pmix_proc_t {
+            nspace: self.me.nspace,
+            rank,
+        };
+        let secs = self.get_timeout.as_secs() + u64::from(self.get_timeout.subsec_nanos() > 0);
+        let secs = c_int::try_from(secs.max(1)).unwrap_or(c_int::MAX);
+        let opts = [
+            info(sys::PMIX_IMMEDIATE, InfoValue::Bool(true)),
+            info(sys::PMIX_TIMEOUT, InfoValue::Int(secs)),
+        ];
+        let v = self.get_raw(&peer, ckey.as_bytes_with_nul(), &opts)?;
+        v.byte_object().ok_or_else(|| {
+            err(format!(
+                "PMIx_Get(rank {rank}, {:?}) returned PMIx data type {}, not a byte object",
+                ckey.to_string_lossy(),
+                v.get().type_
+            ))
+        })
+    }
+
+    /// `PMIx_Fence` over every process of the job with
+    /// `PMIX_COLLECT_DATA`.
+    fn fence(&self) -> Result<(), TransportError> {
+        let opts = [info(sys::PMIX_COLLECT_DATA, InfoValue::Bool(true))];
+        // SAFETY: NULL procs with count 0 means "all processes of my
+        // namespace" (the documented default); `opts` holds one
+        // initialised entry owning no heap memory.
+        let rc = unsafe { sys::PMIx_Fence(std::ptr::null(), 0, opts.as_ptr(), opts.len()) };
+        check(rc, || "PMIx_Fence(all, PMIX_COLLECT_DATA)".to_owned())
+    }
+
+    /// `PMIx_Abort(1, reason)` of the whole job: the launcher prints the
+    /// reason and kills every process (possibly this one, before it
+    /// returns).
+    fn abort(&self, reason: &str) {
+        let msg = CString::new(reason.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: `msg` is a valid C string for the call; NULL procs with
+        // count 0 asks to abort every process of this namespace.
+        let rc = unsafe { sys::PMIx_Abort(1, msg.as_ptr(), std::ptr::null_mut(), 0) };
+        if rc != sys::PMIX_SUCCESS {
+            eprintln!(
+                "charmrs-pmix: rank {}: PMIx_Abort failed: {}",
+                self.rank,
+                status_string(rc)
+            );
+        }
+    }
+}
+
+impl Drop for PmixBootstrap {
+    fn drop(&mut self) {
+        // SAFETY: paired with the successful PMIx_Init of `init`; NULL
+        // info with count 0 is allowed.
+        let rc = unsafe { sys::PMIx_Finalize(std::ptr::null(), 0) };
+        if rc != sys::PMIX_SUCCESS {
+            eprintln!(
+                "charmrs-pmix: rank {}: PMIx_Finalize failed: {}",
+                self.rank,
+                status_string(rc)
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for PmixBootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("PmixBootstrap")
+            .field("namespace", &self.namespace)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("local_rank", &self.local_rank)
+            .field("local_size", &self.local_size)
+            .field("ppn", &self.ppn)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outside a PMIx launcher `from_env` is `Ok(None)` and calls no PMIx
+    /// code. (Skipped, with a note, if `cargo test` itself runs under one.)
+    #[test]
+    fn from_env_is_none_outside_pmix() {
+        if launched_by_pmix() {
+            eprintln!("skipped: this test process was started by a PMIx launcher");
+            return;
+        }
+        assert!(matches!(PmixBootstrap::from_env(), Ok(None)));
+        // SAFETY: a query of the library's state, valid at any time.
+        let initialised = unsafe { sys::PMIx_Initialized() };
+        assert_eq!(initialised, 0, "PMIx was initialised");
+    }
+
+    #[test]
+    fn pmix_variables_are_recognised() {
+        for v in [
+            "PMIX_NAMESPACE",
+            "PMIX_RANK",
+            "PMIX_SERVER_URI",
+            "PMIX_SERVER_URI2",
+            "PMIX_SERVER_URI41",
+        ] {
+            assert!(is_pmix_var(v), "{v}");
+        }
+        for v in [
+            "PMIX_VERSION",
+            "PMIX_RANKS",
+            "OMPI_COMM_WORLD_RANK",
+            "CHARMRS_RANK",
+            "",
+        ] {
+            assert!(!is_pmix_var(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn status_strings_name_the_status() {
+        assert_eq!(status_string(sys::PMIX_SUCCESS), "SUCCESS (0)");
+        let nf = status_string(sys::PMIX_ERR_NOT_FOUND);
+        assert_eq!(nf, "NOT-FOUND (-46)");
+        assert!(!library_version().is_empty());
+    }
+
+    #[test]
+    fn keys_are_prefixed_and_checked() {
+        assert_eq!(
+            PmixBootstrap::pmix_key("addr").unwrap().as_bytes(),
+            b"charmrs.addr"
+        );
+        assert!(PmixBootstrap::pmix_key("a\0b").is_err());
+        assert!(PmixBootstrap::pmix_key(&"k".repeat(600)).is_err());
+    }
+}
