@@ -21,7 +21,8 @@
 //! warm-up inside the job) with `Instant`; the result leaves the job through a `static`, because
 //! entry and constructor arguments must be serializable and cannot carry channels.
 //!
-//! Run: `cargo bench -p charmrs-bench` (1.5–2 minutes on a 2-core VM, build included).
+//! Run: `cargo bench -p charmrs-bench --bench local` (about 70 s on a 2-core VM, plus the build);
+//! `cargo bench -p charmrs-bench` also runs `benches/model.rs` (about 2 minutes more).
 
 use charmrs::prelude::*;
 use charmrs::Runtime;
