@@ -594,30 +594,56 @@ impl PeState {
                 self.send(parent, Envelope::new(0, body));
             }
             Some(parent) => {
-                self.count_sent();
-                let sent = (part.kind.encode_part)(&*part.data).and_then(|bytes| {
-                    let msg = crate::wire::reduction_message(
-                        crate::wire::KIND_REDUCE_UP,
-                        coll,
-                        seq,
-                        shape,
-                        self.pe as u32,
-                        parent as u32,
-                        bytes,
-                    )?;
-                    self.shared
-                        .layer
-                        .send(self.shared.process_of(parent), msg)
-                        .map_err(|e| e.to_string())
-                });
-                if let Err(e) = sent {
-                    self.abort_job(format!(
-                        "charmrs: {}: sending to PE {parent}: {e}",
-                        describe(coll, seq, &shape)
-                    ));
-                }
+                let encoded = (part.kind.encode_part)(&*part.data);
+                self.send_reduction_remote(
+                    crate::wire::KIND_REDUCE_UP,
+                    coll,
+                    seq,
+                    shape,
+                    parent,
+                    encoded,
+                );
             }
             None => self.deliver_result(coll, seq, shape, part),
+        }
+    }
+
+    /// Sends an encoded partial (up) or allreduce result (down) to PE `to` of another process;
+    /// on failure aborts the job and returns `false`.
+    fn send_reduction_remote(
+        &self,
+        kind: u8,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        to: usize,
+        encoded: Result<Vec<u8>, String>,
+    ) -> bool {
+        self.count_sent();
+        let sent = encoded.and_then(|bytes| {
+            let msg = crate::wire::reduction_message(
+                kind,
+                coll,
+                seq,
+                shape,
+                self.pe as u32,
+                to as u32,
+                bytes,
+            )?;
+            self.shared
+                .layer
+                .send(self.shared.process_of(to), msg)
+                .map_err(|e| e.to_string())
+        });
+        match sent {
+            Ok(()) => true,
+            Err(e) => {
+                self.abort_job(format!(
+                    "charmrs: {}: sending to PE {to}: {e}",
+                    describe(coll, seq, &shape)
+                ));
+                false
+            }
         }
     }
 
@@ -696,27 +722,16 @@ impl PeState {
                 );
                 continue;
             }
-            self.count_sent();
-            let sent = (kind.encode)(&*value).and_then(|bytes| {
-                let msg = crate::wire::reduction_message(
-                    crate::wire::KIND_REDUCE_DOWN,
-                    coll,
-                    seq,
-                    shape,
-                    self.pe as u32,
-                    child as u32,
-                    bytes,
-                )?;
-                self.shared
-                    .layer
-                    .send(self.shared.process_of(child), msg)
-                    .map_err(|e| e.to_string())
-            });
-            if let Err(e) = sent {
-                return self.abort_job(format!(
-                    "charmrs: {}: sending to PE {child}: {e}",
-                    describe(coll, seq, &shape)
-                ));
+            let encoded = (kind.encode)(&*value);
+            if !self.send_reduction_remote(
+                crate::wire::KIND_REDUCE_DOWN,
+                coll,
+                seq,
+                shape,
+                child,
+                encoded,
+            ) {
+                return;
             }
         }
         let futures = self

@@ -120,6 +120,7 @@ impl Runtime {
             self.options.idle_spin,
             self.options.wire_check,
             layer,
+            table,
         ));
         let topology = Topology::detect();
         let pin = self.options.affinity && topology.pes_fit(pes);

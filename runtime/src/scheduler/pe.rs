@@ -204,10 +204,7 @@ impl PeState {
     /// argument type is proven to survive the trip.
     #[cold]
     fn send_through_wire(&self, dst: usize, env: Envelope) {
-        let table = match crate::registry::EntryTable::get() {
-            Ok(t) => t,
-            Err(e) => return self.abort_job(format!("charmrs: {e}")),
-        };
+        let table = self.shared.entries;
         let decoded = crate::wire::encode(&env, table, self.pe as u32, dst as u32)
             .and_then(|msg| crate::wire::decode(msg, table));
         match decoded {
@@ -245,10 +242,7 @@ impl PeState {
                 env.kind_name()
             ));
         }
-        let table = match crate::registry::EntryTable::get() {
-            Ok(t) => t,
-            Err(e) => return self.abort_job(format!("charmrs: {e}")),
-        };
+        let table = self.shared.entries;
         let sent = crate::wire::encode(&env, table, self.pe as u32, dst as u32).and_then(|msg| {
             self.shared
                 .layer
@@ -269,10 +263,7 @@ impl PeState {
         let layer = &self.shared.layer;
         let (me, n) = (layer.rank(), layer.size());
         if n > 1 {
-            let table = match crate::registry::EntryTable::get() {
-                Ok(t) => t,
-                Err(e) => return self.abort_job(format!("charmrs: {e}")),
-            };
+            let table = self.shared.entries;
             let sent = crate::wire::encode_tree_broadcast(
                 table,
                 coll,
@@ -691,9 +682,8 @@ impl PeState {
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
-        let network = (self.shared.network_pe.get() == Some(&self.pe))
-            .then(|| crate::registry::EntryTable::get().ok())
-            .flatten();
+        let network =
+            (self.shared.network_pe.get() == Some(&self.pe)).then_some(self.shared.entries);
         let start = Instant::now();
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
@@ -732,9 +722,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     if let Some(env) = first {
         state.send(pe, env);
     }
-    let network = (shared.network_pe.get() == Some(&pe))
-        .then(|| crate::registry::EntryTable::get().ok())
-        .flatten();
+    let network = (shared.network_pe.get() == Some(&pe)).then_some(shared.entries);
     while !shared.stopping() {
         if let Some(table) = network {
             crate::scheduler::poll_network(&shared, table);

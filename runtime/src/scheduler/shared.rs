@@ -7,6 +7,7 @@
 //! process — tells the other processes, so no PE anywhere sleeps through the end of the job.
 
 use crate::envelope::Envelope;
+use crate::registry::EntryTable;
 use charmrs_local::Mailbox;
 use charmrs_transport::MachineLayer;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) idle_spin: Duration,
     /// `+wirecheck`: messages between PEs go through the inter-process wire format.
     pub(crate) wire_check: bool,
+    /// The entry table of this binary (checked at start-up).
+    pub(crate) entries: &'static EntryTable,
     /// The PE that polls the machine layer (`None`: a communication thread does, or no network).
     pub(crate) network_pe: std::sync::OnceLock<usize>,
     /// The process-level transport (a single-process job uses the local layer).
@@ -48,6 +51,7 @@ impl Shared {
         idle_spin: Duration,
         wire_check: bool,
         layer: Box<dyn MachineLayer>,
+        entries: &'static EntryTable,
     ) -> Shared {
         let nprocs = layer.size() as usize;
         let first_pe = layer.rank() as usize * local_pes;
@@ -57,6 +61,7 @@ impl Shared {
             mailboxes: (0..local_pes).map(|_| Mailbox::new()).collect(),
             idle_spin,
             wire_check,
+            entries,
             network_pe: std::sync::OnceLock::new(),
             layer,
             stop: AtomicBool::new(false),
