@@ -1,0 +1,2 @@
+/* The UCP API bound by charmrs-ucx-sys (see build.rs for the allowlist). */
+#include <ucp/api/ucp.h>
