@@ -12,7 +12,7 @@ use crate::envelope::CtxParts;
 use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
 use crate::proxy::{Array, ElementProxy, Group, Proxy};
-use crate::reduction::{CustomReducer, Incoming, Kind, Part, Reduce, Reducer, Target};
+use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
 use crate::scheduler::with_pe;
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -40,11 +40,20 @@ impl<C> Clone for Ctx<C> {
 
 impl<C: Chare> Ctx<C> {
     pub(crate) fn from_parts(parts: CtxParts) -> Ctx<C> {
+        Self::arrived(parts, 0)
+    }
+
+    /// The context of an element that migrated in, with its reduction count so far.
+    pub(crate) fn arrived(parts: CtxParts, reductions: u64) -> Ctx<C> {
         Ctx {
             parts,
-            reductions: Rc::new(Cell::new(0)),
+            reductions: Rc::new(Cell::new(reductions)),
             _chare: PhantomData,
         }
+    }
+
+    pub(crate) fn reduction_count(&self) -> u64 {
+        self.reductions.get()
     }
 
     /// The PE this element runs on.
@@ -120,14 +129,64 @@ impl<C: Chare> Ctx<C> {
         let seq = self.reductions.get();
         self.reductions.set(seq + 1);
         with_pe(what, |pe| {
-            pe.reduce(
+            pe.contribute(
                 self.parts.coll,
                 seq,
                 self.parts.shape,
-                Incoming::Typed(part),
+                &self.parts.index,
+                part,
             )
         })
         .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Moves this element to PE `to` once the current entry method returns (charm4py's
+    /// `migrate`). The state travels serialized; `migrated` runs on arrival; the constructor does
+    /// not run again. Messages sent to the element meanwhile follow it. If a suspended entry of
+    /// the element is still waiting, or `when` calls wait at it, the move waits until neither is
+    /// the case.
+    ///
+    /// # Errors
+    /// An unknown PE, or a chare type that is not `#[chare(migratable)]`, or an element that is
+    /// not in an array (single chares and group elements stay where they were placed).
+    pub fn migrate(&self, to: usize) -> crate::Result<()> {
+        if !C::MIGRATABLE {
+            return Err(crate::Error::NotMigratable { chare: C::NAME });
+        }
+        if !matches!(self.parts.shape, Shape::Array { .. }) {
+            return Err(crate::Error::Options(format!(
+                "element {} of {} is in a {}: only array elements migrate",
+                self.parts.index,
+                C::NAME,
+                self.parts.shape.describe()
+            )));
+        }
+        with_pe("migrate", |pe| {
+            pe.check_pe(to)?;
+            pe.request_migration(crate::migration::Request {
+                coll: self.parts.coll,
+                index: self.parts.index,
+                to,
+                balance: None,
+            });
+            Ok(())
+        })?
+    }
+
+    /// Ready for load balancing (Charm++'s `AtSync`): once every element of the collection called
+    /// it, the runtime balances the measured loads with the strategy chosen by `+balancer` (none:
+    /// no migration), migrates elements, and then reaches `resume` — typically a broadcast
+    /// callback to a `resume_from_sync` entry, or a future. Collective, like a reduction: every
+    /// element calls it, in the same order as its other contributions.
+    pub fn at_sync(&self, resume: impl Into<Target<()>>) {
+        let element = crate::balance::LbRecord {
+            index: self.parts.index,
+            pe: self.parts.pe as u32,
+            load: 0.0,
+            migratable: C::MIGRATABLE && matches!(self.parts.shape, Shape::Array { .. }),
+        };
+        let part = crate::balance::at_sync_part(self.parts.coll, element, resume.into().spec());
+        self.contribute_part("at_sync", part);
     }
 
     /// Contributes `data` to the collection's next reduction with `reducer`; the result goes to

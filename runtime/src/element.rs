@@ -25,6 +25,8 @@ pub(crate) struct Element<C> {
     pub(crate) whens: RefCell<WhenBuffer<C>>,
     /// Queued on the PE's list of elements whose `when` buffer needs a re-check.
     dirty: Cell<bool>,
+    /// Seconds spent in this element's entry methods since the last load-balancing step.
+    load: Cell<f64>,
 }
 
 /// Type-erased element: what the PE's tables hold.
@@ -32,6 +34,16 @@ pub(crate) trait ElementObj: Any {
     /// Delivers the buffered `when` calls whose condition now holds, earliest first, until none
     /// does.
     fn recheck_whens(self: Rc<Self>, pe: &PeState);
+    /// Whether the element must stay for now: a `when` message waits at it.
+    fn pinned(&self) -> bool;
+    /// The chare's state, serialized for a migration.
+    fn pack(&self) -> Result<Vec<u8>, String>;
+    /// Number of the element's next reduction contribution.
+    fn reduction_count(&self) -> u64;
+    /// Seconds of entry-method time measured since the last reset.
+    fn load(&self) -> f64;
+    /// Sets the measured load (reset after a balancing step; carried by a migration).
+    fn set_load(&self, secs: f64);
 }
 
 impl<C: Chare> Element<C> {
@@ -42,7 +54,14 @@ impl<C: Chare> Element<C> {
             waiters: RefCell::new(Vec::new()),
             whens: RefCell::default(),
             dirty: Cell::new(false),
+            load: Cell::new(0.0),
         }
+    }
+
+    /// Adds `secs` of entry-method time to the element's measured load.
+    #[inline]
+    pub(crate) fn add_load(&self, secs: f64) {
+        self.load.set(self.load.get() + secs);
     }
 }
 
@@ -74,6 +93,24 @@ impl<C: Chare> ElementObj for Element<C> {
                 None => break,
             }
         }
+    }
+    fn pinned(&self) -> bool {
+        !self.whens.borrow().is_empty()
+    }
+    fn pack(&self) -> Result<Vec<u8>, String> {
+        self.chare
+            .try_borrow()
+            .map_err(|_| "the chare is borrowed".to_string())
+            .and_then(|c| c.pack())
+    }
+    fn reduction_count(&self) -> u64 {
+        self.ctx.reduction_count()
+    }
+    fn load(&self) -> f64 {
+        self.load.get()
+    }
+    fn set_load(&self, secs: f64) {
+        self.load.set(secs);
     }
 }
 
@@ -139,6 +176,10 @@ impl<C: Chare> Coro<C> {
     /// The element's context (index, proxies, PE).
     pub fn ctx(&self) -> &Ctx<C> {
         &self.element.ctx
+    }
+
+    pub(crate) fn element(&self) -> &Rc<Element<C>> {
+        &self.element
     }
 
     /// Suspends until `condition` holds on the chare's state; re-checked after every entry method

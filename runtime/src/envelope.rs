@@ -32,7 +32,40 @@ pub(crate) type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
 pub(crate) struct Envelope {
     /// Lower runs earlier; 0 is the default (Charm++ convention).
     pub(crate) priority: i32,
+    /// For entry calls: the PE that first sent it and how often it was forwarded since (see
+    /// [`Route`]); lives in what would otherwise be padding.
+    pub(crate) route: Route,
     pub(crate) body: Body,
+}
+
+/// Origin PE (low 24 bits) and forwarding count (high 8 bits) of an entry call, so that the PE
+/// that finally delivers a forwarded call can correct the origin's location cache.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Route(u32);
+
+impl Route {
+    /// Not sent by any PE yet.
+    pub(crate) const UNSET: Route = Route(u32::MAX);
+
+    pub(crate) fn new(origin: usize, hops: u32) -> Route {
+        Route(((hops.min(0xfe)) << 24) | (origin as u32 & 0x00ff_ffff))
+    }
+
+    pub(crate) fn is_set(self) -> bool {
+        self != Route::UNSET
+    }
+
+    pub(crate) fn origin(self) -> usize {
+        (self.0 & 0x00ff_ffff) as usize
+    }
+
+    pub(crate) fn hops(self) -> u32 {
+        if self.is_set() {
+            self.0 >> 24
+        } else {
+            0
+        }
+    }
 }
 
 pub(crate) enum Body {
@@ -81,6 +114,18 @@ pub(crate) enum Control {
     QdProbe,
     /// One PE's message counters.
     QdCounts { sent: u64, processed: u64 },
+    /// An element moving in (its state and bookkeeping).
+    Migrate(Box<crate::migration::Migrant>),
+    /// Element `index` of `coll` lives on `pe` since its `epoch`-th migration: update the
+    /// location cache (or, at its home, the record of where it is).
+    Located {
+        coll: CollectionId,
+        index: Index,
+        pe: u32,
+        epoch: u32,
+    },
+    /// Load balancing traffic.
+    Balance(crate::balance::LbMsg),
     /// A child PE's partial result of reduction `seq` over `coll`.
     ReduceUp {
         coll: CollectionId,
@@ -115,6 +160,7 @@ impl Envelope {
     pub(crate) fn new(priority: i32, body: impl Into<Body>) -> Envelope {
         Envelope {
             priority,
+            route: Route::UNSET,
             body: body.into(),
         }
     }
@@ -139,6 +185,9 @@ impl Envelope {
                 Control::ReduceUp { .. }
                 | Control::ReduceDown { .. }
                 | Control::ReduceDownEncoded { .. } => "reduction",
+                Control::Migrate(_) => "migration",
+                Control::Located { .. } => "location update",
+                Control::Balance(_) => "load balancing",
             },
         }
     }
@@ -434,7 +483,11 @@ fn call_entry<C: Chare, E: Entry<C>>(
     site: Site,
 ) {
     let coro = Coro::new(element);
-    match catch_unwind(AssertUnwindSafe(|| E::call(&coro, args))) {
+    let start = std::time::Instant::now();
+    pe.entry_started.set(start);
+    let called = catch_unwind(AssertUnwindSafe(|| E::call(&coro, args)));
+    coro.element().add_load(start.elapsed().as_secs_f64());
+    match called {
         Ok(Invoked::Done(v)) => sink.ok(pe, v),
         Ok(Invoked::Suspended(fut)) => pe.spawn(Box::pin(async move {
             let outcome = CatchPanic { inner: fut }.await;
@@ -605,6 +658,8 @@ pub(crate) trait Construction: Send {
     fn ctor_id(&self) -> u64;
     /// Appends the constructor arguments, postcard-encoded.
     fn encode(&self, out: &mut Vec<u8>) -> Result<(), String>;
+    /// Whether the elements can migrate, and how to rebuild one that arrives.
+    fn mobility(&self) -> crate::scheduler::Mobility;
 }
 
 /// Where an element lives: everything its [`Ctx`] knows.
@@ -651,6 +706,12 @@ impl<C: Chare> Construction for Construct<C> {
         *out = postcard::to_extend(&self.init, buf)
             .map_err(|e| format!("encoding `{}::new`: {e}", C::NAME))?;
         Ok(())
+    }
+    fn mobility(&self) -> crate::scheduler::Mobility {
+        crate::scheduler::Mobility {
+            migratable: C::MIGRATABLE,
+            unpack: crate::migration::unpack_element::<C>,
+        }
     }
 }
 

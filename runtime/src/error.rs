@@ -63,6 +63,12 @@ pub enum Error {
         /// The panic message (with its source location when known).
         message: String,
     },
+    /// A chare that cannot migrate was asked to.
+    #[error("chare {chare} is not migratable: declare it with #[chare(migratable)] and derive Serialize and Deserialize")]
+    NotMigratable {
+        /// The chare type.
+        chare: &'static str,
+    },
     /// The job was aborted; the message says by whom and why.
     #[error("{0}")]
     Aborted(String),

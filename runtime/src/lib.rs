@@ -39,6 +39,7 @@
 //! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
 //! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
 
+mod balance;
 mod callback;
 mod chare;
 mod collection;
@@ -49,6 +50,7 @@ mod error;
 mod future;
 mod index;
 mod machine;
+mod migration;
 mod options;
 mod panic;
 mod pool;
@@ -92,6 +94,7 @@ pub mod prelude {
 /// Items used by code that `#[chare]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::chare::{pack_state, unpack_state};
     pub use crate::envelope::Reply;
     pub use crate::future::{decode_any, encode_value};
     pub use crate::pool::{TaskInfo, TaskRun};

@@ -26,6 +26,19 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "+wirecheck",
         "send messages between PEs through the inter-process wire format (a check)",
     ),
+    (
+        "+balancer NAME",
+        "load-balancing strategy for at_sync: GreedyRefine, Greedy, Refine, Hierarchical, \
+         Rotate, Random, Dummy (default: none, no migration)",
+    ),
+    (
+        "+LBDebug",
+        "print objects, migrations and max/avg load before and after each balancing step",
+    ),
+    (
+        "+LBDump FILE",
+        "write the load data of each balancing step to FILE.<step> (input for lbsim)",
+    ),
 ];
 
 /// Parsed runtime options.
@@ -41,6 +54,12 @@ pub struct Options {
     pub wire_check: bool,
     /// Run as a one-process job even if started by a launcher (embedded jobs: tests, benches).
     pub local_only: bool,
+    /// Load-balancing strategy (a name `charmrs_lb::strategy_by_name` knows); `None`: none.
+    pub balancer: Option<String>,
+    /// Print each balancing step.
+    pub lb_debug: bool,
+    /// Write each balancing step's load data to `<path>.<step>`.
+    pub lb_dump: Option<String>,
 }
 
 impl Default for Options {
@@ -51,6 +70,9 @@ impl Default for Options {
             idle_spin: Duration::from_micros(100),
             wire_check: false,
             local_only: false,
+            balancer: None,
+            lb_debug: false,
+            lb_dump: None,
         }
     }
 }
@@ -115,6 +137,14 @@ impl Options {
                 "+p" => opts.pes = Some(parse_pes(&value_of("+p")?, "+p")?),
                 "+noaffinity" => opts.affinity = false,
                 "+wirecheck" => opts.wire_check = true,
+                "+balancer" => {
+                    let name = value_of("+balancer")?;
+                    charmrs_lb::strategy_by_name(&name)
+                        .map_err(|e| bad(format!("+balancer: {e}")))?;
+                    opts.balancer = Some(name);
+                }
+                "+LBDebug" => opts.lb_debug = true,
+                "+LBDump" => opts.lb_dump = Some(value_of("+LBDump")?),
                 "+idlespin" => {
                     let v = value_of("+idlespin")?;
                     let us = v.parse::<u64>().map_err(|_| {

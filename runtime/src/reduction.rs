@@ -349,6 +349,8 @@ pub(crate) enum TargetSpec {
     },
     /// Every contributor has a future of the result (allreduce).
     Everyone,
+    /// The result feeds a load-balancing step ([`crate::Ctx::at_sync`]).
+    Balance,
 }
 
 /// How to combine and finish the values of one reduction.
@@ -397,6 +399,21 @@ impl Kind {
             encode_part: encode_value::<T>,
             decode_part: decode_any::<T>,
             decode_result: decode_any::<T>,
+        }
+    }
+
+    pub(crate) fn at_sync() -> Kind {
+        Kind {
+            type_id: TypeId::of::<crate::balance::AtSyncData>(),
+            type_name: "at_sync",
+            op: Reducer::Sum,
+            combine: crate::balance::combine,
+            finish: identity,
+            clone: crate::balance::clone,
+            encode: crate::balance::encode,
+            encode_part: crate::balance::encode,
+            decode_part: crate::balance::decode,
+            decode_result: crate::balance::decode,
         }
     }
 
@@ -540,6 +557,40 @@ pub(crate) enum Incoming {
 }
 
 impl PeState {
+    /// An element's contribution: counted at the element's home PE, wherever it lives now, so
+    /// every PE expects a fixed number of contributions however elements migrate.
+    pub(crate) fn contribute(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        index: &Index,
+        part: Part,
+    ) {
+        let home = shape.home_pe(index, self.num_pes());
+        if home == self.pe {
+            self.reduce(coll, seq, shape, Incoming::Typed(part));
+        } else if self.shared.mailbox(home).is_some() {
+            let body = Control::ReduceUp {
+                coll,
+                seq,
+                shape,
+                incoming: Incoming::Typed(part),
+            };
+            self.send(home, Envelope::new(0, body));
+        } else {
+            let encoded = (part.kind.encode_part)(&*part.data);
+            self.send_reduction_remote(
+                crate::wire::KIND_REDUCE_UP,
+                coll,
+                seq,
+                shape,
+                home,
+                encoded,
+            );
+        }
+    }
+
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
     /// `coll`; forwards or delivers the result once complete.
     pub(crate) fn reduce(&self, coll: CollectionId, seq: u64, shape: Shape, incoming: Incoming) {
@@ -652,6 +703,7 @@ impl PeState {
         let value = (kind.finish)(part.data);
         match part.target {
             TargetSpec::Everyone => self.reduce_down(coll, seq, shape, value, kind),
+            TargetSpec::Balance => self.start_balancing(coll, value),
             target => self.reach(target, value, kind.encode),
         }
     }
@@ -667,7 +719,9 @@ impl PeState {
                         .into(),
                 ),
             },
-            TargetSpec::Everyone => unreachable!("allreduce results go down the tree"),
+            TargetSpec::Everyone | TargetSpec::Balance => {
+                unreachable!("allreduce and at_sync results are handled at the root")
+            }
         }
     }
 

@@ -79,6 +79,20 @@ impl Runtime {
         self
     }
 
+    /// Load-balancing strategy used at [`Ctx::at_sync`](crate::Ctx::at_sync) (`+balancer NAME`:
+    /// `GreedyRefine`, `Greedy`, `Refine`, `Hierarchical`, `Rotate`, `Random`, `Dummy`). An
+    /// unknown name fails [`run`](Runtime::run) with the list of valid ones.
+    pub fn balancer(mut self, strategy: &str) -> Runtime {
+        self.options.balancer = Some(strategy.to_string());
+        self
+    }
+
+    /// Print every load-balancing step (`+LBDebug`).
+    pub fn lb_debug(mut self, on: bool) -> Runtime {
+        self.options.lb_debug = on;
+        self
+    }
+
     /// Sends every entry call and creation between PEs through the inter-process wire format
     /// (encode, then decode), to prove that a program's arguments survive a multi-process run
     /// (`+wirecheck` on the command line).
@@ -121,6 +135,7 @@ impl Runtime {
             self.options.wire_check,
             layer,
             table,
+            crate::balance::BalanceConfig::from_options(&self.options)?,
         ));
         let topology = Topology::detect();
         let pin = self.options.affinity && topology.pes_fit(pes);

@@ -129,6 +129,81 @@ pub(crate) fn decode_pool(msg: &Message) -> Result<Envelope, String> {
     crate::pool::decode_pool_wire(seg).map(|c| Envelope::new(0, c))
 }
 
+/// Migration, location and load-balancing traffic (segment 0: the message).
+pub(crate) const KIND_MOBILITY: u8 = 12;
+
+/// The wire form of migration, location-update and load-balancing messages.
+#[derive(Serialize, Deserialize)]
+enum MobilityWire {
+    Migrate(crate::migration::Migrant),
+    Located {
+        coll: CollectionId,
+        index: Index,
+        pe: u32,
+        epoch: u32,
+    },
+    Balance(crate::balance::LbMsg),
+}
+
+/// The wire form of a migration, location or load-balancing message, if `env` is one.
+pub(crate) fn mobility_message(
+    env: &Envelope,
+    src_pe: u32,
+    dst_pe: u32,
+) -> Option<Result<Message, String>> {
+    let Body::Control(c) = &env.body else {
+        return None;
+    };
+    let encoded = match &**c {
+        Control::Migrate(m) => postcard::to_stdvec(&MobilityWire::Migrate((**m).clone())),
+        Control::Located {
+            coll,
+            index,
+            pe,
+            epoch,
+        } => postcard::to_stdvec(&MobilityWire::Located {
+            coll: *coll,
+            index: *index,
+            pe: *pe,
+            epoch: *epoch,
+        }),
+        Control::Balance(b) => postcard::to_stdvec(&MobilityWire::Balance(b.clone())),
+        _ => return None,
+    };
+    Some(encoded.map_err(|e| e.to_string()).and_then(|seg| {
+        let mut m = Message::new(Header::new(KIND_MOBILITY, src_pe, dst_pe, 0));
+        m.push_segment(Bytes::from(seg))
+            .map_err(|e| e.to_string())?;
+        Ok(m)
+    }))
+}
+
+/// Decodes a [`mobility_message`].
+pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
+    let seg = msg
+        .segments()
+        .first()
+        .ok_or("a migration message without its segment")?;
+    let control = match decode_exact::<MobilityWire>(seg)
+        .map_err(|e| format!("migration or load-balancing message: {e}"))?
+    {
+        MobilityWire::Migrate(m) => Control::Migrate(Box::new(m)),
+        MobilityWire::Located {
+            coll,
+            index,
+            pe,
+            epoch,
+        } => Control::Located {
+            coll,
+            index,
+            pe,
+            epoch,
+        },
+        MobilityWire::Balance(b) => Control::Balance(b),
+    };
+    Ok(Envelope::new(0, control))
+}
+
 #[derive(Serialize, Deserialize)]
 enum QdWire {
     Start { from: u32, token: u64 },

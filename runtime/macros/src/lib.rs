@@ -25,13 +25,20 @@ use syn::{
 /// method per entry, implemented for every proxy to `Type` (calling it on a collection broadcasts).
 #[proc_macro_attribute]
 pub fn chare(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        return syn::Error::new(Span::call_site(), "#[chare] takes no arguments")
+    let migratable = match attr.to_string().trim() {
+        "" => false,
+        "migratable" => true,
+        other => {
+            return syn::Error::new(
+                Span::call_site(),
+                format!("#[chare] takes no argument or `migratable`, not `{other}`"),
+            )
             .to_compile_error()
-            .into();
-    }
+            .into()
+        }
+    };
     let mut block = parse_macro_input!(item as ItemImpl);
-    match expand(&mut block) {
+    match expand(&mut block, migratable) {
         Ok(ts) => ts.into(),
         Err(e) => e.to_compile_error().into(),
     }
@@ -192,7 +199,7 @@ fn equality_key(cond: &Expr, names: &[Ident]) -> Option<(Expr, usize)> {
     }
 }
 
-fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
+fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
     if let Some((_, path, _)) = &block.trait_ {
         return Err(syn::Error::new(
             path.span(),
@@ -221,9 +228,19 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
 
     let mut ctor: Option<(Signature, bool)> = None;
     let mut entries = Vec::new();
+    let mut has_migrated_hook = false;
     for item in &mut block.items {
         let ImplItem::Fn(f) = item else { continue };
         let (is_entry, when) = take_entry_attr(f)?;
+        if !is_entry && f.sig.ident == "migrated" {
+            if !migratable {
+                return Err(syn::Error::new(
+                    f.sig.span(),
+                    "a `migrated` hook needs `#[chare(migratable)]`",
+                ));
+            }
+            has_migrated_hook = true;
+        }
         if !is_entry && f.sig.ident == "new" {
             if f.sig.receiver().is_some() {
                 return Err(syn::Error::new(
@@ -318,6 +335,29 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
         ));
     };
 
+    let migration = if migratable {
+        let hook = if has_migrated_hook {
+            quote! {
+                fn migrated(&mut self, ctx: &::charmrs::Ctx<Self>) {
+                    <#ty>::migrated(self, ctx)
+                }
+            }
+        } else {
+            quote!()
+        };
+        quote! {
+            const MIGRATABLE: bool = true;
+            fn pack(&self) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                ::charmrs::__private::pack_state(self)
+            }
+            fn unpack(bytes: &[u8]) -> ::std::result::Result<Self, ::std::string::String> {
+                ::charmrs::__private::unpack_state(bytes)
+            }
+            #hook
+        }
+    } else {
+        quote!()
+    };
     let ctor_names = &ctor.names;
     let ctor_types = &ctor.types;
     let ctor_ctx = if ctor.has_ctx { quote!(ctx,) } else { quote!() };
@@ -487,6 +527,7 @@ fn expand(block: &mut ItemImpl) -> syn::Result<TokenStream2> {
                 let (#(#ctor_names,)*) = init;
                 #construct_body
             }
+            #migration
         }
 
         ::charmrs::__private::inventory::submit! {

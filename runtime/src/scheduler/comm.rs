@@ -116,7 +116,8 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
         | wire::KIND_REDUCE_UP
         | wire::KIND_REDUCE_DOWN
         | wire::KIND_QD
-        | wire::KIND_POOL => {
+        | wire::KIND_POOL
+        | wire::KIND_MOBILITY => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
                 return abort(format!(
@@ -127,6 +128,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 wire::KIND_FULFIL | wire::KIND_PARTIAL => wire::decode_value(&msg),
                 wire::KIND_QD => wire::decode_qd(&msg),
                 wire::KIND_POOL => wire::decode_pool(&msg),
+                wire::KIND_MOBILITY => wire::decode_mobility(&msg),
                 _ => wire::decode_reduction(&msg),
             };
             match decoded {

@@ -8,5 +8,5 @@ mod queue;
 mod shared;
 
 pub(crate) use comm::{poll_network, run_comm};
-pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, PeState};
+pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState};
 pub(crate) use shared::{Outcome, Shared};

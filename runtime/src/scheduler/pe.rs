@@ -36,22 +36,67 @@ use std::task::Waker;
 use std::time::Instant;
 
 /// The elements of one collection that live on this PE.
-struct LocalCollection {
-    chare: &'static str,
-    /// In creation order (row-major for dense arrays): broadcasts visit them in this order.
-    elements: Vec<(Index, Rc<dyn ElementObj>)>,
+pub(crate) struct LocalCollection {
+    pub(crate) chare: &'static str,
+    pub(crate) shape: Shape,
+    /// Whether the chare type can migrate, and how to rebuild a migrated element.
+    pub(crate) mobility: Mobility,
+    /// In creation (then arrival) order: broadcasts visit them in this order.
+    pub(crate) elements: Vec<(Index, Rc<dyn ElementObj>)>,
     position: FxHashMap<Index, usize>,
     /// Elements whose `async fn new` is still running, with the messages waiting for them.
     constructing: FxHashMap<Index, Vec<Envelope>>,
     /// Broadcasts that wait until no local element is under construction.
     waiting_broadcasts: Vec<Envelope>,
+    /// Elements whose home is this PE but which live elsewhere: last known PE and epoch.
+    pub(crate) away: FxHashMap<Index, (u32, u32)>,
+    /// Residents whose home is another PE.
+    pub(crate) guests: usize,
+    /// Migration count of each resident that has migrated at least once.
+    pub(crate) epochs: FxHashMap<Index, u32>,
+    /// At the home PE: messages for elements whose location is not known yet.
+    pub(crate) lost: FxHashMap<Index, Vec<Envelope>>,
+}
+
+/// What a PE needs to receive migrating elements of a collection.
+#[derive(Clone, Copy)]
+pub(crate) struct Mobility {
+    pub(crate) migratable: bool,
+    pub(crate) unpack: crate::migration::UnpackFn,
 }
 
 impl LocalCollection {
-    fn find(&self, index: &Index) -> Option<Rc<dyn ElementObj>> {
+    pub(crate) fn find(&self, index: &Index) -> Option<Rc<dyn ElementObj>> {
         self.position
             .get(index)
             .map(|&i| self.elements[i].1.clone())
+    }
+
+    /// Adds a resident element.
+    pub(crate) fn insert(&mut self, index: Index, element: Rc<dyn ElementObj>, home: bool) {
+        self.position.insert(index, self.elements.len());
+        self.elements.push((index, element));
+        if !home {
+            self.guests += 1;
+        }
+    }
+
+    /// Removes a resident element (the last one takes its place in broadcast order).
+    pub(crate) fn remove(&mut self, index: &Index, home: bool) -> Option<Rc<dyn ElementObj>> {
+        let pos = self.position.remove(index)?;
+        let (_, element) = self.elements.swap_remove(pos);
+        if let Some((moved, _)) = self.elements.get(pos) {
+            self.position.insert(*moved, pos);
+        }
+        if !home {
+            self.guests -= 1;
+        }
+        Some(element)
+    }
+
+    /// Whether every resident is at home and none is away (broadcasts take the fast path).
+    pub(crate) fn settled(&self) -> bool {
+        self.guests == 0 && self.away.is_empty()
     }
 }
 
@@ -63,7 +108,7 @@ pub(crate) struct PeState {
     pub(crate) pe: usize,
     pub(crate) shared: Arc<Shared>,
     queue: RefCell<LocalQueue>,
-    collections: RefCell<FxHashMap<CollectionId, LocalCollection>>,
+    pub(crate) collections: RefCell<FxHashMap<CollectionId, LocalCollection>>,
     /// Messages for collections whose creation has not arrived yet.
     pending: RefCell<FxHashMap<CollectionId, Vec<Envelope>>>,
     next_collection: Cell<u64>,
@@ -80,6 +125,15 @@ pub(crate) struct PeState {
     dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
     timers: RefCell<BinaryHeap<Timer>>,
     has_timers: Cell<bool>,
+    /// Last known PE and epoch of migrated elements whose home is another PE (forwarding
+    /// pointers left by departures, and the location cache for sends).
+    pub(crate) locations: RefCell<FxHashMap<(CollectionId, Index), (u32, u32)>>,
+    /// Migrations asked for during the current message, or waiting until their element is free.
+    pub(crate) migrations: RefCell<Vec<crate::migration::Request>>,
+    /// Load measurement and balancing state of this PE.
+    pub(crate) lb: RefCell<crate::balance::PeLb>,
+    /// When the running entry method started (its element's load is measured from there).
+    pub(crate) entry_started: Cell<Instant>,
 }
 
 /// A sleeping task's wake-up time.
@@ -154,6 +208,10 @@ impl PeState {
             dirty: RefCell::default(),
             timers: RefCell::default(),
             has_timers: Cell::new(false),
+            locations: RefCell::default(),
+            migrations: RefCell::default(),
+            lb: RefCell::default(),
+            entry_started: Cell::new(Instant::now()),
         }
     }
 
@@ -178,7 +236,21 @@ impl PeState {
     /// Posts `env` to PE `dst` (which must be valid): the local queue for self-sends, the
     /// destination's mailbox otherwise.
     #[inline]
-    pub(crate) fn send(&self, dst: usize, env: Envelope) {
+    pub(crate) fn send(&self, dst: usize, mut env: Envelope) {
+        let dst = if let Body::Point { coll, index, .. } = &env.body {
+            if !env.route.is_set() {
+                env.route = crate::envelope::Route::new(self.pe, 0);
+            }
+            self.cached_location(*coll, index).unwrap_or(dst)
+        } else {
+            dst
+        };
+        self.send_direct(dst, env);
+    }
+
+    /// Posts `env` to PE `dst` as addressed (no location-cache lookup).
+    #[inline]
+    pub(crate) fn send_direct(&self, dst: usize, env: Envelope) {
         if env.counted() {
             self.sent.set(self.sent.get() + 1);
         }
@@ -218,7 +290,8 @@ impl PeState {
     fn send_remote(&self, dst: usize, env: Envelope) {
         let process = self.shared.process_of(dst);
         let control = crate::wire::qd_message(&env, self.pe as u32, dst as u32)
-            .or_else(|| crate::wire::pool_message(&env, self.pe as u32, dst as u32));
+            .or_else(|| crate::wire::pool_message(&env, self.pe as u32, dst as u32))
+            .or_else(|| crate::wire::mobility_message(&env, self.pe as u32, dst as u32));
         if let Some(msg) = control {
             let sent = msg.and_then(|m| {
                 self.shared
@@ -460,6 +533,7 @@ impl PeState {
 
     fn deliver(&self, env: Envelope) {
         let priority = env.priority;
+        let route = env.route;
         match env.body {
             Body::Point { coll, index, call } => {
                 let found = self
@@ -468,9 +542,19 @@ impl PeState {
                     .get(&coll)
                     .map(|c| (c.chare, c.find(&index)));
                 match found {
-                    None => self.buffer(coll, Envelope::new(priority, Body::Point { coll, index, call })),
+                    None => self.buffer(
+                        coll,
+                        Envelope::new(priority, Body::Point { coll, index, call }),
+                    ),
                     Some((chare, Some(element))) => {
-                        let site = Site { chare, index, entry: call.entry_name() };
+                        if route.hops() > 0 {
+                            self.correct_origin(coll, index, route.origin());
+                        }
+                        let site = Site {
+                            chare,
+                            index,
+                            entry: call.entry_name(),
+                        };
                         call.invoke(self, &element, site);
                     }
                     Some((_, None)) if self.under_construction(coll, index) => {
@@ -478,22 +562,26 @@ impl PeState {
                         let env = Envelope::new(priority, Body::Point { coll, index, call });
                         let mut cols = self.collections.borrow_mut();
                         let c = cols.get_mut(&coll).expect("looked up above");
-                        c.constructing.get_mut(&index).expect("checked above").push(env);
+                        c.constructing
+                            .get_mut(&index)
+                            .expect("checked above")
+                            .push(env);
                     }
-                    Some((chare, None)) => self.abort_job(format!(
-                        "charmrs: a message for entry `{}` reached PE {} for element {index} of {chare} \
-                         collection {coll:?}, which is not on this PE",
-                        call.entry_name(),
-                        self.pe
-                    )),
+                    Some(_) => {
+                        let mut env = Envelope::new(priority, Body::Point { coll, index, call });
+                        env.route = route;
+                        self.not_here(coll, index, env);
+                    }
                 }
             }
             Body::Broadcast { coll, call } => {
-                let found = self
-                    .collections
-                    .borrow()
-                    .get(&coll)
-                    .map(|c| (c.chare, c.elements.clone()));
+                let found = self.collections.borrow().get(&coll).map(|c| {
+                    if c.settled() {
+                        (c.chare, c.elements.clone())
+                    } else {
+                        (c.chare, Vec::new())
+                    }
+                });
                 match found {
                     None => self.buffer(
                         coll,
@@ -507,6 +595,9 @@ impl PeState {
                             .expect("looked up above")
                             .waiting_broadcasts
                             .push(env);
+                    }
+                    Some((chare, elements)) if elements.is_empty() => {
+                        self.broadcast_unsettled(coll, chare, priority, call)
                     }
                     Some((chare, elements)) => call.invoke_all(self, &elements, chare),
                 }
@@ -531,6 +622,14 @@ impl PeState {
                 });
             }
             Control::Fulfil { id, outcome } => self.fulfil_local(id, outcome),
+            Control::Migrate(m) => self.arrive(*m),
+            Control::Located {
+                coll,
+                index,
+                pe,
+                epoch,
+            } => self.located(coll, index, pe, epoch),
+            Control::Balance(msg) => self.balance_message(msg),
             Control::Partial { id, outcome } => self.partial_local(id, outcome),
             Control::PoolSubmit(spec) => self.pool_submit(*spec),
             Control::Pool(msg) => self.pool_message(msg),
@@ -565,14 +664,30 @@ impl PeState {
         self.pending.borrow_mut().entry(coll).or_default().push(env);
     }
 
+    /// Keeps `env` until collection `coll` is created on this PE.
+    pub(crate) fn buffer_for(&self, coll: CollectionId, env: Envelope) {
+        self.buffer(coll, env);
+    }
+
+    /// Delivers `env` again from this PE (through the local queue, so after the current message).
+    pub(crate) fn redeliver(&self, env: Envelope) {
+        self.send_direct(self.pe, env);
+    }
+
     fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
         let chare = build.chare_name();
         let mut local = LocalCollection {
             chare,
+            shape,
+            mobility: build.mobility(),
             elements: Vec::new(),
             position: FxHashMap::default(),
             constructing: FxHashMap::default(),
             waiting_broadcasts: Vec::new(),
+            away: FxHashMap::default(),
+            guests: 0,
+            epochs: FxHashMap::default(),
+            lost: FxHashMap::default(),
         };
         let mut suspended = Vec::new();
         for index in shape.local_elements(self.pe, self.num_pes()) {
@@ -596,10 +711,7 @@ impl PeState {
             );
             match made {
                 None => return, // the constructor panicked: the job is aborting
-                Some(Built::Ready(element)) => {
-                    local.position.insert(index, local.elements.len());
-                    local.elements.push((index, element));
-                }
+                Some(Built::Ready(element)) => local.insert(index, element, true),
                 Some(Built::Pending(fut)) => {
                     local.constructing.insert(index, Vec::new());
                     suspended.push((index, fut));
@@ -651,8 +763,7 @@ impl PeState {
                 .get_mut(&coll)
                 .expect("the collection exists while it is being built");
             let points = c.constructing.remove(&index).unwrap_or_default();
-            c.position.insert(index, c.elements.len());
-            c.elements.push((index, element));
+            c.insert(index, element, true);
             let broadcasts = if c.constructing.is_empty() {
                 std::mem::take(&mut c.waiting_broadcasts)
             } else {
@@ -753,6 +864,9 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                 }
                 state.deliver(env);
                 state.recheck_dirty();
+                if !state.migrations.borrow().is_empty() {
+                    state.run_migrations();
+                }
                 if state.has_timers.get() {
                     state.fire_timers();
                 }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) wire_check: bool,
     /// The entry table of this binary (checked at start-up).
     pub(crate) entries: &'static EntryTable,
+    /// Load-balancing settings (`+balancer`, `+LBDebug`, `+LBDump`).
+    pub(crate) balance: crate::balance::BalanceConfig,
     /// The PE that polls the machine layer (`None`: a communication thread does, or no network).
     pub(crate) network_pe: std::sync::OnceLock<usize>,
     /// The process-level transport (a single-process job uses the local layer).
@@ -52,6 +54,7 @@ impl Shared {
         wire_check: bool,
         layer: Box<dyn MachineLayer>,
         entries: &'static EntryTable,
+        balance: crate::balance::BalanceConfig,
     ) -> Shared {
         let nprocs = layer.size() as usize;
         let first_pe = layer.rank() as usize * local_pes;
@@ -62,6 +65,7 @@ impl Shared {
             idle_spin,
             wire_check,
             entries,
+            balance,
             network_pe: std::sync::OnceLock::new(),
             layer,
             stop: AtomicBool::new(false),

@@ -1,0 +1,328 @@
+//! Measurement-based load balancing in AtSync mode (Charm++'s `AtSync` / `ResumeFromSync`).
+//!
+//! # What this module owns
+//!
+//! * [`BalanceConfig`]: the strategy and reporting chosen on the command line.
+//! * What [`Ctx::at_sync`](crate::Ctx::at_sync) contributes ([`LbRecord`], [`AtSyncData`]) and
+//!   the balancing step run at the collection's reduction root.
+//! * [`LbMsg`]: the orders and acknowledgements of a step.
+//!
+//! # How a step runs
+//!
+//! Every element calls `at_sync`; that is a reduction (counted at home PEs like every reduction,
+//! so it is exact even while elements move) whose value is one [`LbRecord`] per element: its
+//! measured entry-method time since the last step and the PE it is on. At the root the strategy
+//! turns the records into migrations; each source PE gets its list ([`LbMsg::Moves`]) and migrates
+//! the elements (a busy element moves when it is free); every arrival reports
+//! [`LbMsg::Arrived`] to the root, and when all have arrived the root reaches the `resume`
+//! target. Loads are reset when recorded, so each step sees the time since the previous one.
+//!
+//! Invariants: a step completes only after every ordered migration has arrived (or was found
+//! unnecessary), so `resume` never runs while an element of the step is in flight; elements that
+//! cannot migrate are passed to the strategy as non-migratable and stay.
+
+use crate::collection::CollectionId;
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::migration::Request;
+use crate::options::Options;
+use crate::reduction::{Kind, Part, TargetSpec};
+use crate::scheduler::{with_pe, PeState};
+use charmrs_lb::{LbStats, ObjStats, PeStats, Strategy};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::any::Any;
+use std::time::Instant;
+
+/// The load-balancing settings of a job.
+pub(crate) struct BalanceConfig {
+    strategy: Option<Box<dyn Strategy>>,
+    debug: bool,
+    dump: Option<String>,
+}
+
+impl BalanceConfig {
+    pub(crate) fn from_options(o: &Options) -> Result<BalanceConfig> {
+        let strategy = match &o.balancer {
+            Some(name) => Some(
+                charmrs_lb::strategy_by_name(name)
+                    .map_err(|e| Error::Options(format!("+balancer: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(BalanceConfig {
+            strategy,
+            debug: o.lb_debug,
+            dump: o.lb_dump.clone(),
+        })
+    }
+}
+
+/// One element's measurements, as the root sees them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) struct LbRecord {
+    pub(crate) index: Index,
+    /// The PE the element was on when it called `at_sync`.
+    pub(crate) pe: u32,
+    /// Seconds of entry-method time since the last step.
+    pub(crate) load: f64,
+    pub(crate) migratable: bool,
+}
+
+/// The value an `at_sync` reduction combines: every element's record, and (in the parts made on
+/// this process) where to resume.
+#[derive(Clone)]
+pub(crate) struct AtSyncData {
+    records: Vec<LbRecord>,
+    resume: Option<TargetSpec>,
+}
+
+/// The contribution of one element's `at_sync`: its record with the load measured so far (which
+/// restarts from zero).
+pub(crate) fn at_sync_part(coll: CollectionId, mut record: LbRecord, resume: TargetSpec) -> Part {
+    let _ = with_pe("at_sync", |pe| {
+        let cols = pe.collections.borrow();
+        if let Some(element) = cols.get(&coll).and_then(|c| c.find(&record.index)) {
+            // The running entry (which called `at_sync`) counts up to now; the rest of it counts
+            // towards the next step, when its end adds its whole duration.
+            let so_far = pe.entry_started.get().elapsed().as_secs_f64();
+            record.load = element.load() + so_far;
+            element.set_load(-so_far);
+        }
+    });
+    Part {
+        data: Box::new(AtSyncData {
+            records: vec![record],
+            resume: Some(resume),
+        }),
+        kind: Kind::at_sync(),
+        target: TargetSpec::Balance,
+    }
+}
+
+pub(crate) fn combine(
+    acc: &mut Box<dyn Any + Send>,
+    next: Box<dyn Any + Send>,
+    _op: crate::Reducer,
+) -> std::result::Result<(), String> {
+    let next = next
+        .downcast::<AtSyncData>()
+        .map_err(|_| "an at_sync part of another type".to_string())?;
+    let acc = acc
+        .downcast_mut::<AtSyncData>()
+        .ok_or("a contribution that is not an at_sync")?;
+    acc.records.extend(next.records);
+    if acc.resume.is_none() {
+        acc.resume = next.resume;
+    }
+    Ok(())
+}
+
+pub(crate) fn clone(v: &(dyn Any + Send)) -> Box<dyn Any + Send> {
+    Box::new(
+        v.downcast_ref::<AtSyncData>()
+            .expect("at_sync parts are checked")
+            .clone(),
+    )
+}
+
+pub(crate) fn encode(v: &(dyn Any + Send)) -> std::result::Result<Vec<u8>, String> {
+    let d = v
+        .downcast_ref::<AtSyncData>()
+        .ok_or("a value that is not an at_sync part")?;
+    postcard::to_stdvec(&d.records).map_err(|e| e.to_string())
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<Box<dyn Any + Send>, String> {
+    let records: Vec<LbRecord> = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+    Ok(Box::new(AtSyncData {
+        records,
+        resume: None,
+    }))
+}
+
+/// Load-balancing traffic between the root of a step and the PEs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum LbMsg {
+    /// Root → source PE: move these elements (index, destination PE).
+    Moves {
+        coll: CollectionId,
+        step: u64,
+        root: u32,
+        moves: Vec<(Index, u32)>,
+    },
+    /// Destination PE → root: one element of the step arrived (or needed no move).
+    Arrived { coll: CollectionId, step: u64 },
+}
+
+/// A step waiting at its root for the migrations it ordered.
+struct RootStep {
+    remaining: usize,
+    resume: TargetSpec,
+}
+
+/// One PE's load-balancing state.
+#[derive(Default)]
+pub(crate) struct PeLb {
+    steps: FxHashMap<(CollectionId, u64), RootStep>,
+    next_step: u64,
+}
+
+impl PeState {
+    /// At the root of an `at_sync` reduction: balance, order the migrations, resume when done.
+    pub(crate) fn start_balancing(&self, coll: CollectionId, data: Box<dyn Any + Send>) {
+        let Ok(data) = data.downcast::<AtSyncData>() else {
+            return self.abort_job("charmrs: at_sync: a reduction of another type".into());
+        };
+        let AtSyncData {
+            mut records,
+            resume,
+        } = *data;
+        let Some(resume) = resume else {
+            return self.abort_job(format!(
+                "charmrs: at_sync over {coll:?}: the root PE {} has no resume target",
+                self.pe
+            ));
+        };
+        records.sort_by_key(|r| r.index);
+        let step = {
+            let mut lb = self.lb.borrow_mut();
+            lb.next_step += 1;
+            lb.next_step
+        };
+        let config = &self.shared.balance;
+        let stats = LbStats {
+            pes: (0..self.num_pes()).map(|_| PeStats::new(0.0)).collect(),
+            objects: records
+                .iter()
+                .enumerate()
+                .map(|(k, r)| ObjStats {
+                    id: k as u64,
+                    pe: r.pe as usize,
+                    load: r.load,
+                    migratable: r.migratable,
+                })
+                .collect(),
+        };
+        if let Some(path) = &config.dump {
+            let file = format!("{path}.{step}");
+            if let Err(e) = charmrs_lb::dump::save_dump(&stats, &file) {
+                eprintln!("charmrs: +LBDump: cannot write {file}: {e}");
+            }
+        }
+        let Some(strategy) = &config.strategy else {
+            return self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
+        };
+        let started = Instant::now();
+        let migrations = strategy.balance(&stats);
+        let took = started.elapsed();
+        if config.debug {
+            match stats.evaluate(&migrations) {
+                Ok((before, after)) => println!(
+                    "[LB] step {step} ({}): {} objects on {} PEs, {} migrations, max/avg {:.3} -> {:.3} \
+                     (max {:.4} s -> {:.4} s), strategy took {:.2} ms",
+                    strategy.name(),
+                    records.len(),
+                    self.num_pes(),
+                    migrations.len(),
+                    before.max_over_avg,
+                    after.max_over_avg,
+                    before.max,
+                    after.max,
+                    took.as_secs_f64() * 1e3
+                ),
+                Err(e) => println!("[LB] step {step}: {e}"),
+            }
+        }
+        if migrations.is_empty() {
+            return self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
+        }
+        let mut by_source: FxHashMap<usize, Vec<(Index, u32)>> = FxHashMap::default();
+        for m in &migrations {
+            let r = &records[m.obj as usize];
+            by_source
+                .entry(m.from)
+                .or_default()
+                .push((r.index, m.to as u32));
+        }
+        self.lb.borrow_mut().steps.insert(
+            (coll, step),
+            RootStep {
+                remaining: migrations.len(),
+                resume,
+            },
+        );
+        let mut sources: Vec<_> = by_source.into_iter().collect();
+        sources.sort_by_key(|(pe, _)| *pe);
+        for (source, moves) in sources {
+            let msg = LbMsg::Moves {
+                coll,
+                step,
+                root: self.pe as u32,
+                moves,
+            };
+            self.send(
+                source,
+                crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(msg)),
+            );
+        }
+    }
+
+    /// Handles load-balancing traffic.
+    pub(crate) fn balance_message(&self, msg: LbMsg) {
+        match msg {
+            LbMsg::Moves {
+                coll,
+                step,
+                root,
+                moves,
+            } => {
+                for (index, to) in moves {
+                    self.request_migration(Request {
+                        coll,
+                        index,
+                        to: to as usize,
+                        balance: Some((root, step)),
+                    });
+                }
+                self.run_migrations();
+            }
+            LbMsg::Arrived { coll, step } => {
+                let done = {
+                    let mut lb = self.lb.borrow_mut();
+                    match lb.steps.get_mut(&(coll, step)) {
+                        Some(s) => {
+                            s.remaining -= 1;
+                            if s.remaining == 0 {
+                                lb.steps.remove(&(coll, step)).map(|s| s.resume)
+                            } else {
+                                None
+                            }
+                        }
+                        None => {
+                            drop(lb);
+                            return self.abort_job(format!(
+                                "charmrs: PE {}: an arrival for unknown balancing step {step} of {coll:?}",
+                                self.pe
+                            ));
+                        }
+                    }
+                };
+                if let Some(resume) = done {
+                    self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
+                }
+            }
+        }
+    }
+
+    /// Tells the root of step `step` that one of its migrations is done.
+    pub(crate) fn balance_arrived(&self, root: usize, coll: CollectionId, step: u64) {
+        self.send(
+            root,
+            crate::envelope::Envelope::new(
+                0,
+                crate::envelope::Control::Balance(LbMsg::Arrived { coll, step }),
+            ),
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! Migration and location management: elements move between PEs, messages find them.
+//!
+//! # What this module owns
+//!
+//! * [`Migrant`]: an element in flight — its serialized state and bookkeeping.
+//! * The PE's side of migration ([`PeState::run_migrations`], [`PeState::arrive`]) and of
+//!   location management ([`PeState::not_here`], [`PeState::located`], the location cache).
+//!
+//! # How a message finds a migrated element
+//!
+//! Every element has a *home* PE computed from its index ([`Shape::home_pe`]), so nobody needs a
+//! lookup to address it. The home always knows where its elements are, up to a message in flight:
+//! a departure from the home records the destination; an arrival anywhere else tells the home.
+//! A PE that left an element behind keeps a forwarding pointer. A call reaching a PE that does not
+//! hold its element is forwarded — along the forwarding pointer if there is one, otherwise to the
+//! home — and the PE that finally delivers a forwarded call tells the sender where the element is,
+//! so its next calls go there directly (the location cache).
+//!
+//! # Invariants
+//!
+//! * Exactly once: a call is delivered where the element is, or forwarded, or buffered at the home
+//!   until the element's location is known — never dropped or duplicated. Calls that reach a PE
+//!   the element is travelling to are ordered behind the migration message (both come from the
+//!   PE the element left, and PE-to-PE channels are FIFO).
+//! * No cycles: every location record carries the element's *epoch* (its migration count) and a
+//!   record is only ever replaced by a newer one, so following records always goes forward in the
+//!   element's history; a hop limit turns a broken invariant into an abort naming the element.
+//! * Reductions and broadcasts count elements at their home PE (see [`crate::reduction`] and
+//!   [`PeState::broadcast_unsettled`]), so migration never changes how many contributions or
+//!   deliveries a PE expects.
+//! * An element moves only between messages, never while one of its entry methods runs or is
+//!   suspended, and never while `when` calls wait at it: the migration waits until it is free.
+
+use crate::chare::Chare;
+use crate::collection::CollectionId;
+use crate::ctx::Ctx;
+use crate::element::{Element, ElementObj};
+use crate::envelope::{Body, Control, CtxParts, Envelope, Invocation, Route};
+use crate::index::Index;
+use crate::scheduler::PeState;
+use serde::{Deserialize, Serialize};
+use std::rc::Rc;
+
+/// Rebuilds a migrated element of a known chare type on its new PE.
+pub(crate) type UnpackFn = fn(&Migrant, CtxParts) -> Result<Rc<dyn ElementObj>, String>;
+
+/// A forwarded call that exceeds this many hops means a location invariant broke: abort.
+const MAX_HOPS: u32 = 64;
+
+/// An element on its way to another PE.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct Migrant {
+    pub(crate) coll: CollectionId,
+    pub(crate) index: Index,
+    /// The element's migration count, this migration included.
+    pub(crate) epoch: u32,
+    /// Number of the element's next reduction contribution.
+    pub(crate) reductions: u64,
+    /// Measured load carried along (seconds).
+    pub(crate) load: f64,
+    /// The chare's state, from [`Chare::pack`].
+    pub(crate) state: Vec<u8>,
+    /// If a load-balancing step ordered the move: (root PE, step), told on arrival.
+    pub(crate) balance: Option<(u32, u64)>,
+}
+
+/// A migration asked for, not done yet.
+pub(crate) struct Request {
+    pub(crate) coll: CollectionId,
+    pub(crate) index: Index,
+    pub(crate) to: usize,
+    pub(crate) balance: Option<(u32, u64)>,
+}
+
+/// The [`UnpackFn`] of chare type `C`.
+pub(crate) fn unpack_element<C: Chare>(
+    m: &Migrant,
+    parts: CtxParts,
+) -> Result<Rc<dyn ElementObj>, String> {
+    let mut chare = C::unpack(&m.state)?;
+    let ctx = Ctx::<C>::arrived(parts, m.reductions);
+    chare.migrated(&ctx);
+    let element = Element::new(chare, ctx);
+    element.add_load(m.load);
+    Ok(Rc::new(element))
+}
+
+impl PeState {
+    /// Where the location cache says element `index` of `coll` is, if it knows better than its
+    /// home.
+    #[inline]
+    pub(crate) fn cached_location(&self, coll: CollectionId, index: &Index) -> Option<usize> {
+        let locations = self.locations.borrow();
+        if locations.is_empty() {
+            return None;
+        }
+        locations.get(&(coll, *index)).map(|&(pe, _)| pe as usize)
+    }
+
+    /// Records that element `index` of `coll` is on `pe` since its `epoch`-th migration, unless
+    /// a newer record exists. Returns whether the record changed.
+    fn record_location(&self, coll: CollectionId, index: Index, pe: u32, epoch: u32) -> bool {
+        let home = {
+            let cols = self.collections.borrow();
+            match cols.get(&coll) {
+                Some(c) => c.shape.home_pe(&index, self.num_pes()) == self.pe,
+                None => false,
+            }
+        };
+        if home {
+            let mut cols = self.collections.borrow_mut();
+            let c = cols.get_mut(&coll).expect("checked above");
+            if c.find(&index).is_some() {
+                return false;
+            }
+            match c.away.get(&index) {
+                Some(&(_, e)) if e >= epoch => false,
+                _ => {
+                    c.away.insert(index, (pe, epoch));
+                    true
+                }
+            }
+        } else {
+            let mut locations = self.locations.borrow_mut();
+            match locations.get(&(coll, index)) {
+                Some(&(_, e)) if e >= epoch => false,
+                _ => {
+                    locations.insert((coll, index), (pe, epoch));
+                    true
+                }
+            }
+        }
+    }
+
+    /// A forwarded call reached its element here: tell the PE that sent it.
+    pub(crate) fn correct_origin(&self, coll: CollectionId, index: Index, origin: usize) {
+        if origin == self.pe || origin >= self.num_pes() {
+            return;
+        }
+        let epoch = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .and_then(|c| c.epochs.get(&index).copied())
+            .unwrap_or(0);
+        self.send(
+            origin,
+            Envelope::new(
+                0,
+                Control::Located {
+                    coll,
+                    index,
+                    pe: self.pe as u32,
+                    epoch,
+                },
+            ),
+        );
+    }
+
+    /// A call for an element this PE does not hold: forward it to where the element is, or buffer
+    /// it at the home until that is known.
+    pub(crate) fn not_here(&self, coll: CollectionId, index: Index, mut env: Envelope) {
+        let (home, next, chare, migratable) = {
+            let cols = self.collections.borrow();
+            let c = cols.get(&coll).expect("the caller found the collection");
+            let home = c.shape.home_pe(&index, self.num_pes());
+            let next = if home == self.pe {
+                c.away.get(&index).map(|&(pe, _)| pe as usize)
+            } else {
+                Some(
+                    self.locations
+                        .borrow()
+                        .get(&(coll, index))
+                        .map_or(home, |&(pe, _)| pe as usize),
+                )
+            };
+            (home, next, c.chare, c.mobility.migratable)
+        };
+        let entry = match &env.body {
+            Body::Point { call, .. } => call.entry_name(),
+            _ => "?",
+        };
+        if !migratable {
+            return self.abort_job(format!(
+                "charmrs: a message for entry `{entry}` reached PE {} for element {index} of {chare} \
+                 collection {coll:?}, which is not on this PE",
+                self.pe
+            ));
+        }
+        match next {
+            Some(to) if to != self.pe => {
+                let hops = env.route.hops() + 1;
+                if hops > MAX_HOPS {
+                    return self.abort_job(format!(
+                        "charmrs: a message for entry `{entry}` of element {index} of {chare} was \
+                         forwarded {MAX_HOPS} times without reaching it (PE {}, home PE {home})",
+                        self.pe
+                    ));
+                }
+                let origin = if env.route.is_set() {
+                    env.route.origin()
+                } else {
+                    self.pe
+                };
+                env.route = Route::new(origin, hops);
+                self.forward(to, env);
+            }
+            _ => {
+                // At the home, location unknown: the element is being inserted or is on its way.
+                let mut cols = self.collections.borrow_mut();
+                let c = cols.get_mut(&coll).expect("looked up above");
+                c.lost.entry(index).or_default().push(env);
+            }
+        }
+    }
+
+    /// Sends an already counted call on to PE `to` (forwarding is not a new message for
+    /// quiescence detection: it counts one more sent and, on arrival, one more processed).
+    fn forward(&self, to: usize, env: Envelope) {
+        self.send_direct(to, env);
+    }
+
+    /// A location record from the PE that holds (or last held) an element.
+    pub(crate) fn located(&self, coll: CollectionId, index: Index, pe: u32, epoch: u32) {
+        if !self.collections.borrow().contains_key(&coll) {
+            return; // not created here yet: the home learns again on the next arrival
+        }
+        if self.record_location(coll, index, pe, epoch) {
+            self.release_lost(coll, index);
+        }
+    }
+
+    /// Forwards the calls buffered at the home for `index`, now that its location is known.
+    fn release_lost(&self, coll: CollectionId, index: Index) {
+        let waiting = self
+            .collections
+            .borrow_mut()
+            .get_mut(&coll)
+            .and_then(|c| c.lost.remove(&index));
+        for env in waiting.into_iter().flatten() {
+            self.redeliver(env);
+        }
+    }
+
+    /// Delivers a broadcast on a PE where some elements are away from home or visiting: each
+    /// element gets it from its home PE — directly if it is here, forwarded if it is away — so
+    /// every element gets every broadcast exactly once, wherever it moves meanwhile.
+    pub(crate) fn broadcast_unsettled(
+        &self,
+        coll: CollectionId,
+        chare: &'static str,
+        priority: i32,
+        call: Box<dyn Invocation>,
+    ) {
+        let (residents, away): (Vec<(Index, Rc<dyn ElementObj>)>, Vec<Index>) = {
+            let cols = self.collections.borrow();
+            let c = cols.get(&coll).expect("the caller found the collection");
+            let n = self.num_pes();
+            let residents = c
+                .elements
+                .iter()
+                .filter(|(i, _)| c.shape.home_pe(i, n) == self.pe)
+                .cloned()
+                .collect();
+            let mut away: Vec<Index> = c.away.keys().copied().collect();
+            away.sort_unstable();
+            (residents, away)
+        };
+        if !away.is_empty() {
+            if !matches!(call.reply(), crate::envelope::Reply::None) {
+                return self.abort_job(format!(
+                    "charmrs: a broadcast of `{}` to {chare} collection {coll:?} asks for results \
+                     (ret/gather) while elements have migrated away from PE {}: not supported yet",
+                    call.entry_name(),
+                    self.pe
+                ));
+            }
+            for index in away {
+                let env = Envelope::new(
+                    priority,
+                    Body::Point {
+                        coll,
+                        index,
+                        call: call.clone_box(),
+                    },
+                );
+                self.redeliver(env);
+            }
+        }
+        call.invoke_all(self, &residents, chare);
+    }
+
+    /// Asks for element `index` of `coll` to move to PE `to` once the current message is done.
+    pub(crate) fn request_migration(&self, request: Request) {
+        self.migrations.borrow_mut().push(request);
+    }
+
+    /// Carries out the migrations asked for; those whose element is busy wait for a later turn.
+    pub(crate) fn run_migrations(&self) {
+        let requests = std::mem::take(&mut *self.migrations.borrow_mut());
+        let mut waiting = Vec::new();
+        for r in requests {
+            if let Some(r) = self.migrate_now(r) {
+                waiting.push(r);
+            }
+        }
+        if !waiting.is_empty() {
+            self.migrations.borrow_mut().extend(waiting);
+        }
+    }
+
+    /// Moves one element; gives the request back if the element cannot move yet.
+    fn migrate_now(&self, r: Request) -> Option<Request> {
+        let found = {
+            let cols = self.collections.borrow();
+            cols.get(&r.coll).and_then(|c| {
+                c.find(&r.index).map(|e| {
+                    let home = c.shape.home_pe(&r.index, self.num_pes()) == self.pe;
+                    let epoch = c.epochs.get(&r.index).copied().unwrap_or(0);
+                    (e, c.chare, home, epoch)
+                })
+            })
+        };
+        let Some((element, chare, home, epoch)) = found else {
+            // Not here (it moved already): an LB order still counts as done.
+            if let Some((root, step)) = r.balance {
+                self.balance_arrived(root as usize, r.coll, step);
+            }
+            return None;
+        };
+        if r.to == self.pe {
+            if let Some((root, step)) = r.balance {
+                self.balance_arrived(root as usize, r.coll, step);
+            }
+            return None;
+        }
+        // The table holds one reference; `element` another. More means a suspended entry (or
+        // a pending `when` re-check) still uses it.
+        if Rc::strong_count(&element) > 2 || element.pinned() {
+            return Some(r);
+        }
+        let state = match element.pack() {
+            Ok(s) => s,
+            Err(e) => {
+                self.abort_job(format!(
+                    "charmrs: migrating element {} of {chare} from PE {} to PE {}: {e}",
+                    r.index, self.pe, r.to
+                ));
+                return None;
+            }
+        };
+        let migrant = Migrant {
+            coll: r.coll,
+            index: r.index,
+            epoch: epoch + 1,
+            reductions: element.reduction_count(),
+            load: element.load(),
+            state,
+            balance: r.balance,
+        };
+        {
+            let mut cols = self.collections.borrow_mut();
+            let c = cols.get_mut(&r.coll).expect("found above");
+            c.remove(&r.index, home);
+            c.epochs.remove(&r.index);
+        }
+        drop(element);
+        self.record_location(r.coll, r.index, r.to as u32, epoch + 1);
+        self.send_direct(r.to, Envelope::new(0, Control::Migrate(Box::new(migrant))));
+        None
+    }
+
+    /// An element arrives: rebuild it, tell its home, deliver what waited for it.
+    pub(crate) fn arrive(&self, m: Migrant) {
+        let coll = m.coll;
+        let index = m.index;
+        let known = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .map(|c| (c.mobility, c.shape, c.chare));
+        let Some((mobility, shape, chare)) = known else {
+            // The collection's creation has not reached this PE yet: wait for it.
+            return self.buffer_for(coll, Envelope::new(0, Control::Migrate(Box::new(m))));
+        };
+        let parts = CtxParts {
+            coll,
+            index,
+            shape,
+            pe: self.pe,
+        };
+        let element = match (mobility.unpack)(&m, parts) {
+            Ok(e) => e,
+            Err(e) => {
+                return self.abort_job(format!(
+                    "charmrs: element {index} of {chare} arriving on PE {}: {e}",
+                    self.pe
+                ))
+            }
+        };
+        let home_pe = shape.home_pe(&index, self.num_pes());
+        {
+            let mut cols = self.collections.borrow_mut();
+            let c = cols.get_mut(&coll).expect("looked up above");
+            c.insert(index, element, home_pe == self.pe);
+            c.epochs.insert(index, m.epoch);
+            c.away.remove(&index);
+        }
+        self.locations.borrow_mut().remove(&(coll, index));
+        if home_pe != self.pe {
+            self.send(
+                home_pe,
+                Envelope::new(
+                    0,
+                    Control::Located {
+                        coll,
+                        index,
+                        pe: self.pe as u32,
+                        epoch: m.epoch,
+                    },
+                ),
+            );
+        }
+        if let Some((root, step)) = m.balance {
+            self.balance_arrived(root as usize, coll, step);
+        }
+        self.release_lost(coll, index);
+    }
+}

@@ -1,0 +1,247 @@
+//! Migration and location management: random migrations under heavy messaging (every message
+//! counted once at its receiver), broadcasts and reductions in flight during migrations, the
+//! `migrated` hook, AtSync load balancing, and the errors.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::{Error, Runtime};
+use common::{run_job, run_job_with};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// SplitMix64: deterministic pseudo-random numbers from a seed.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+const ELEMENTS: usize = 32;
+const PER_SENDER: u64 = 3125; // 32 x 3125 = 100 000 messages
+
+fn target_of(sender: usize, k: u64) -> usize {
+    (mix((sender as u64) << 32 | k) % ELEMENTS as u64) as usize
+}
+
+fn message_id(sender: usize, k: u64) -> u64 {
+    (sender as u64) << 32 | k
+}
+
+static CONSTRUCTED: AtomicUsize = AtomicUsize::new(0);
+static MIGRATED: AtomicUsize = AtomicUsize::new(0);
+
+/// An element that counts what it receives and wanders between PEs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wanderer {
+    received: u64,
+    id_sum: u64,
+    bumps: u32,
+    moves: u32,
+    resumed: u32,
+}
+
+#[chare(migratable)]
+impl Wanderer {
+    fn new() -> Self {
+        CONSTRUCTED.fetch_add(1, Ordering::Relaxed);
+        Wanderer {
+            received: 0,
+            id_sum: 0,
+            bumps: 0,
+            moves: 0,
+            resumed: 0,
+        }
+    }
+
+    fn migrated(&mut self, _ctx: &Ctx<Self>) {
+        self.moves += 1;
+        MIGRATED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends this element's share of the traffic.
+    #[entry]
+    fn start(&mut self, ctx: &Ctx<Self>) {
+        let me: usize = ctx.index();
+        let array = ctx.this_array::<usize>();
+        for k in 0..PER_SENDER {
+            array.at(target_of(me, k)).take(message_id(me, k));
+        }
+    }
+
+    /// One message; now and then the element moves to a pseudo-random PE.
+    #[entry]
+    fn take(&mut self, ctx: &Ctx<Self>, id: u64) {
+        self.received += 1;
+        self.id_sum = self.id_sum.wrapping_add(id);
+        let r = mix(id ^ 0x5eed);
+        if r % 97 == 0 {
+            ctx.migrate((r >> 8) as usize % ctx.num_pes()).unwrap();
+        }
+    }
+
+    #[entry]
+    fn report(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(u64, u64)>>) {
+        ctx.gather((self.received, self.id_sum), to);
+    }
+
+    /// Moves to the next PE and, in the same breath, contributes to a reduction.
+    #[entry]
+    fn hop(&mut self, ctx: &Ctx<Self>, total: Future<u32>) {
+        ctx.migrate((ctx.my_pe() + 1) % ctx.num_pes()).unwrap();
+        ctx.contribute(1u32, Reducer::Sum, total);
+    }
+
+    #[entry]
+    fn bump(&mut self) {
+        self.bumps += 1;
+    }
+
+    #[entry]
+    fn bumps_and_moves(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(u32, u32)>>) {
+        ctx.gather((self.bumps, self.moves), to);
+    }
+
+    /// Busy work proportional to where the element starts (heavy on PE 0), then AtSync.
+    #[entry]
+    fn work_then_sync(&mut self, ctx: &Ctx<Self>) {
+        if ctx.my_pe() == 0 {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(3);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        ctx.at_sync(ctx.this_proxy().resume_from_sync_callback());
+    }
+
+    #[entry]
+    fn resume_from_sync(&mut self, ctx: &Ctx<Self>) {
+        self.resumed += 1;
+        ctx.contribute(
+            vec![(ctx.my_pe() == 0) as u32, 1u32],
+            Reducer::Sum,
+            ctx.this_proxy().at(0usize).resumed_all_callback(),
+        );
+    }
+
+    #[entry]
+    fn resumed_all(&mut self, counts: Vec<u32>) {
+        // Four PEs, 16 elements: four started on PE 0 and all of them were heavy.
+        assert_eq!(counts[1], 16, "every element resumed once");
+        assert!(
+            counts[0] < 4,
+            "the balancer moved load off PE 0: {counts:?}"
+        );
+        charmrs::exit(0);
+    }
+}
+
+/// Not migratable.
+struct Fixed;
+
+#[chare]
+impl Fixed {
+    fn new() -> Self {
+        Fixed
+    }
+
+    #[entry]
+    fn try_move(&mut self, ctx: &Ctx<Self>, to: usize) -> String {
+        ctx.migrate(to).unwrap_err().to_string()
+    }
+}
+
+#[test]
+fn random_migrations_under_heavy_messaging_deliver_every_message_once() {
+    CONSTRUCTED.store(0, Ordering::Relaxed);
+    MIGRATED.store(0, Ordering::Relaxed);
+    run_job(4, |_| async {
+        let a = Array::<Wanderer, usize>::new(ELEMENTS, ());
+        a.start();
+        charmrs::wait_qd().await;
+        let got = Future::new();
+        a.report(got);
+        let got = got.await;
+        let mut want = vec![(0u64, 0u64); ELEMENTS];
+        for s in 0..ELEMENTS {
+            for k in 0..PER_SENDER {
+                let t = target_of(s, k);
+                want[t].0 += 1;
+                want[t].1 = want[t].1.wrapping_add(message_id(s, k));
+            }
+        }
+        assert_eq!(got, want);
+        charmrs::exit(0);
+    })
+    .unwrap();
+    assert_eq!(
+        CONSTRUCTED.load(Ordering::Relaxed),
+        ELEMENTS,
+        "constructors ran once"
+    );
+    assert!(
+        MIGRATED.load(Ordering::Relaxed) > 100,
+        "elements migrated: {}",
+        MIGRATED.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn broadcasts_and_a_reduction_in_flight_during_migrations() {
+    run_job(4, |_| async {
+        let a = Array::<Wanderer, usize>::new(16, ());
+        for round in 0..3 {
+            let total = Future::new();
+            a.hop(total);
+            for _ in 0..10 {
+                a.bump(); // races with the migrations
+            }
+            assert_eq!(total.await, 16, "round {round}");
+        }
+        charmrs::wait_qd().await;
+        let seen = Future::new();
+        a.bumps_and_moves(seen);
+        assert_eq!(seen.await, vec![(30u32, 3u32); 16]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn at_sync_balances_load_off_an_overloaded_pe_and_resumes_everyone() {
+    let rt = Runtime::new(4)
+        .affinity(false)
+        .balancer("Greedy")
+        .lb_debug(true);
+    let code = run_job_with(rt, |_| async {
+        Array::<Wanderer, usize>::new(16, ()).work_then_sync();
+    })
+    .unwrap();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn at_sync_without_a_balancer_just_resumes() {
+    let code = run_job(2, |_| async {
+        Array::<Wanderer, usize>::new(16, ()).work_then_sync();
+    });
+    // Without a strategy nobody moves: the four heavy elements of PE 0 (of 2 PEs: eight) stay,
+    // and `resumed_all` asserts that load moved — so it panics, which aborts the job.
+    let e = code.unwrap_err().to_string();
+    assert!(e.contains("the balancer moved load off PE 0"), "{e}");
+}
+
+#[test]
+fn migration_errors_name_the_problem() {
+    run_job(2, |_| async {
+        let f = Array::<Fixed, usize>::new(2, ());
+        let e = f.at(0usize).ret().try_move(1).await;
+        assert!(e.contains("not migratable"), "{e}");
+        let w = Array::<Wanderer, usize>::new(2, ());
+        let _ = w;
+        charmrs::exit(0);
+    })
+    .unwrap();
+    let e = Error::NotMigratable { chare: "X" }.to_string();
+    assert!(e.contains("#[chare(migratable)]"), "{e}");
+}
