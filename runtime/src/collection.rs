@@ -6,6 +6,7 @@
 //! per-PE counter below, so no two collections of a job share an id. Placement is a pure function of
 //! the shape and the index (the element's *home*), so any PE finds any element without a lookup.
 
+use crate::array_map::MapId;
 use crate::error::{Error, Result};
 use crate::index::Index;
 use serde::{Deserialize, Serialize};
@@ -30,10 +31,20 @@ pub enum Shape {
     },
     /// One element per PE; element `i` lives on PE `i`.
     Group,
-    /// A dense array with these extents, block-placed in row-major order.
+    /// A dense array with these extents, block-placed in row-major order unless a map places it.
     Array {
         /// Extent of every dimension.
         dims: Index,
+        /// The user placement ([`crate::ArrayMap`]), if any.
+        map: Option<MapId>,
+    },
+    /// A sparse array: elements are inserted one by one, at any index of `dims` dimensions.
+    /// Homes are given by the map, or by a hash of the index.
+    Sparse {
+        /// Number of dimensions of every index.
+        dims: u8,
+        /// The user placement ([`crate::ArrayMap`]), if any.
+        map: Option<MapId>,
     },
 }
 
@@ -43,7 +54,10 @@ impl Shape {
         match self {
             Shape::Single { .. } => "single chare".into(),
             Shape::Group => "group".into(),
-            Shape::Array { dims } => format!("{}-d array of dimensions {dims}", dims.dims()),
+            Shape::Array { dims, .. } => {
+                format!("{}-d array of dimensions {dims}", dims.dims())
+            }
+            Shape::Sparse { dims, .. } => format!("sparse {dims}-d array"),
         }
     }
 
@@ -59,7 +73,8 @@ impl Shape {
                     Err(Error::PeOutOfRange { pe, num_pes })
                 }
             }
-            Shape::Array { dims } if index.dims() == dims.dims() => {
+            Shape::Sparse { dims, .. } if index.dims() == *dims as usize => Ok(()),
+            Shape::Array { dims, .. } if index.dims() == dims.dims() => {
                 if index.within(dims) {
                     Ok(())
                 } else {
@@ -75,7 +90,8 @@ impl Shape {
                 expected: match self {
                     Shape::Single { .. } => 0,
                     Shape::Group => 1,
-                    Shape::Array { dims } => dims.dims(),
+                    Shape::Array { dims, .. } => dims.dims(),
+                    Shape::Sparse { dims, .. } => *dims as usize,
                 },
                 collection: self.describe(),
             }),
@@ -87,8 +103,24 @@ impl Shape {
         match self {
             Shape::Single { pe } => *pe as usize,
             Shape::Group => index.get(0),
-            Shape::Array { dims } => block_owner(index.linear(dims), dims.volume(), num_pes),
+            Shape::Array { map: Some(m), .. } | Shape::Sparse { map: Some(m), .. } => {
+                m.place(index, num_pes)
+            }
+            Shape::Array { dims, map: None } => {
+                block_owner(index.linear(dims), dims.volume(), num_pes)
+            }
+            Shape::Sparse { map: None, .. } => hashed_home(index, num_pes),
         }
+    }
+
+    /// Whether elements of this shape are placed by a function of the index that the runtime
+    /// cannot count cheaply (a map or a sparse array): their per-PE counts are computed once
+    /// (dense) or at `done_inserting` (sparse) and kept by each PE.
+    pub(crate) fn counted_by_pe(&self) -> bool {
+        matches!(
+            self,
+            Shape::Array { map: Some(_), .. } | Shape::Sparse { .. }
+        )
     }
 
     /// The elements whose home is `pe`, in row-major order.
@@ -102,10 +134,15 @@ impl Shape {
                 }
             }
             Shape::Group => vec![Index::new(&[pe]).expect("PE numbers fit an index")],
-            Shape::Array { dims } => {
+            Shape::Array { dims, map: None } => {
                 let (lo, hi) = block_range(pe, dims.volume(), num_pes);
                 (lo..hi).map(|pos| Index::from_linear(pos, dims)).collect()
             }
+            Shape::Array { dims, map: Some(m) } => (0..dims.volume())
+                .map(|pos| Index::from_linear(pos, dims))
+                .filter(|i| m.place(i, num_pes) == pe)
+                .collect(),
+            Shape::Sparse { .. } => Vec::new(),
         }
     }
 }
@@ -116,11 +153,25 @@ impl Shape {
         match self {
             Shape::Single { pe: home } => usize::from(*home as usize == pe),
             Shape::Group => 1,
-            Shape::Array { dims } => {
+            Shape::Array { dims, map: None } => {
                 let (lo, hi) = block_range(pe, dims.volume(), num_pes);
                 (hi - lo) as usize
             }
+            Shape::Array { .. } | Shape::Sparse { .. } => {
+                unreachable!("mapped and sparse arrays are counted per PE, not by shape")
+            }
         }
+    }
+
+    /// Elements per home PE of a dense mapped array (one pass over the index space).
+    pub(crate) fn home_counts(&self, num_pes: usize) -> Vec<u32> {
+        let mut counts = vec![0u32; num_pes];
+        if let Shape::Array { dims, .. } = self {
+            for pos in 0..dims.volume() {
+                counts[self.home_pe(&Index::from_linear(pos, dims), num_pes)] += 1;
+            }
+        }
+        counts
     }
 
     /// The PEs that hold at least one element, in increasing order (the members of the
@@ -130,6 +181,14 @@ impl Shape {
             .filter(|&p| self.local_count(p, num_pes) > 0)
             .collect()
     }
+}
+
+/// Home of a sparse element without a map: a hash of its coordinates (the same in every process).
+fn hashed_home(index: &Index, num_pes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    index.hash(&mut h);
+    (h.finish() % num_pes.max(1) as u64) as usize
 }
 
 /// Block placement: position `pos` of `total` goes to PE `pos * P / total`.

@@ -153,7 +153,7 @@ impl<C: Chare> Ctx<C> {
         if !C::MIGRATABLE {
             return Err(crate::Error::NotMigratable { chare: C::NAME });
         }
-        if !matches!(self.parts.shape, Shape::Array { .. }) {
+        if !matches!(self.parts.shape, Shape::Array { .. } | Shape::Sparse { .. }) {
             return Err(crate::Error::Options(format!(
                 "element {} of {} is in a {}: only array elements migrate",
                 self.parts.index,
@@ -183,7 +183,8 @@ impl<C: Chare> Ctx<C> {
             index: self.parts.index,
             pe: self.parts.pe as u32,
             load: 0.0,
-            migratable: C::MIGRATABLE && matches!(self.parts.shape, Shape::Array { .. }),
+            migratable: C::MIGRATABLE
+                && matches!(self.parts.shape, Shape::Array { .. } | Shape::Sparse { .. }),
         };
         let part = crate::balance::at_sync_part(self.parts.coll, element, resume.into().spec());
         self.contribute_part("at_sync", part);

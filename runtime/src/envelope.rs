@@ -114,6 +114,24 @@ pub(crate) enum Control {
     QdProbe,
     /// One PE's message counters.
     QdCounts { sent: u64, processed: u64 },
+    /// Build one element of a sparse array here.
+    Insert {
+        coll: CollectionId,
+        shape: Shape,
+        index: Index,
+        build: Box<dyn Construction>,
+    },
+    /// Report (inserts issued here, elements whose home is here) of sparse array `coll` to
+    /// future `reply` (`done_inserting`).
+    Census {
+        coll: CollectionId,
+        reply: (u32, u64),
+    },
+    /// Every insertion into `coll` is in place: elements per home PE.
+    Seal {
+        coll: CollectionId,
+        counts: Vec<u32>,
+    },
     /// An element moving in (its state and bookkeeping).
     Migrate(Box<crate::migration::Migrant>),
     /// Element `index` of `coll` lives on `pe` since its `epoch`-th migration: update the
@@ -186,6 +204,8 @@ impl Envelope {
                 | Control::ReduceDown { .. }
                 | Control::ReduceDownEncoded { .. } => "reduction",
                 Control::Migrate(_) => "migration",
+                Control::Insert { .. } => "insertion",
+                Control::Census { .. } | Control::Seal { .. } => "done_inserting",
                 Control::Located { .. } => "location update",
                 Control::Balance(_) => "load balancing",
             },
@@ -196,7 +216,7 @@ impl Envelope {
     pub(crate) fn crosses_processes(&self) -> bool {
         match &self.body {
             Body::Point { .. } | Body::Broadcast { .. } => true,
-            Body::Control(c) => matches!(**c, Control::Create { .. }),
+            Body::Control(c) => matches!(**c, Control::Create { .. } | Control::Insert { .. }),
             Body::Resume { .. } => false,
         }
     }
@@ -671,12 +691,23 @@ pub(crate) struct CtxParts {
     pub(crate) pe: usize,
 }
 
+/// The constructor call of chare `C` with its arguments — none for the creation of an empty
+/// sparse array, whose elements each come with their own.
 pub(crate) struct Construct<C: Chare> {
-    init: C::Init,
+    init: Option<C::Init>,
 }
 
 impl<C: Chare> Construct<C> {
     pub(crate) fn boxed(init: C::Init) -> Box<dyn Construction> {
+        Box::new(Construct::<C> { init: Some(init) })
+    }
+
+    /// For a collection created without elements (a sparse array).
+    pub(crate) fn empty() -> Box<dyn Construction> {
+        Box::new(Construct::<C> { init: None })
+    }
+
+    pub(crate) fn from_wire(init: Option<C::Init>) -> Box<dyn Construction> {
         Box::new(Construct::<C> { init })
     }
 }
@@ -687,7 +718,14 @@ impl<C: Chare> Construction for Construct<C> {
     }
     fn construct(&self, parts: CtxParts) -> Built {
         let ctx = Ctx::<C>::from_parts(parts);
-        match C::construct(&ctx, self.init.clone()) {
+        let init = self.init.clone().unwrap_or_else(|| {
+            panic!(
+                "element {} of {} has no constructor arguments (an empty sparse array builds none)",
+                parts.index,
+                C::NAME
+            )
+        });
+        match C::construct(&ctx, init) {
             Constructed::Ready(chare) => Built::Ready(Rc::new(Element::new(chare, ctx))),
             Constructed::Pending(fut) => Built::Pending(Box::pin(async move {
                 let chare = fut.await;
@@ -696,7 +734,9 @@ impl<C: Chare> Construction for Construct<C> {
         }
     }
     fn clone_box(&self) -> Box<dyn Construction> {
-        Construct::<C>::boxed(self.init.clone())
+        Box::new(Construct::<C> {
+            init: self.init.clone(),
+        })
     }
     fn ctor_id(&self) -> u64 {
         C::CTOR_ID

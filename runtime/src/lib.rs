@@ -39,6 +39,7 @@
 //! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
 //! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
 
+mod array_map;
 mod balance;
 mod callback;
 mod chare;
@@ -61,9 +62,11 @@ pub mod registry;
 mod runtime;
 mod scheduler;
 mod sleep;
+mod sparse;
 mod when;
 mod wire;
 
+pub use array_map::{ArrayMap, MapId, PlaceFn};
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};
@@ -94,6 +97,7 @@ pub mod prelude {
 /// Items used by code that `#[chare]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::array_map::MapRegistration;
     pub use crate::chare::{pack_state, unpack_state};
     pub use crate::envelope::Reply;
     pub use crate::future::{decode_any, encode_value};

@@ -231,7 +231,7 @@ impl PeState {
     }
 
     /// Forwards the calls buffered at the home for `index`, now that its location is known.
-    fn release_lost(&self, coll: CollectionId, index: Index) {
+    pub(crate) fn release_lost(&self, coll: CollectionId, index: Index) {
         let waiting = self
             .collections
             .borrow_mut()

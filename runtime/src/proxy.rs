@@ -10,6 +10,7 @@
 //! [`ProxyTarget`]. Invariant: a proxy only ever holds a valid PE and an in-range index (checked when
 //! it is made), so sending never fails later for a bad address.
 
+use crate::array_map::ArrayMap;
 use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
@@ -347,12 +348,11 @@ impl<C: Chare> ProxyTarget<C> for Proxy<C> {
 fn create<C: Chare>(
     what: &'static str,
     shape: impl FnOnce(&crate::scheduler::PeState) -> Result<Shape>,
-    init: C::Init,
+    build: Box<dyn crate::envelope::Construction>,
 ) -> Result<Proxy<C>> {
     with_pe(what, |pe| {
         let shape = shape(pe)?;
         let coll = pe.new_collection_id();
-        let build = Construct::<C>::boxed(init);
         match shape {
             Shape::Single { pe: home } => {
                 pe.send(
@@ -360,7 +360,7 @@ fn create<C: Chare>(
                     Envelope::new(0, Control::Create { coll, shape, build }),
                 );
             }
-            Shape::Group | Shape::Array { .. } => {
+            Shape::Group | Shape::Array { .. } | Shape::Sparse { .. } => {
                 // Every PE learns of the collection, even one without elements, so that a
                 // broadcast finds it everywhere.
                 for dst in 0..pe.num_pes() {
@@ -401,7 +401,12 @@ impl<C: Chare> Group<C> {
 
     /// Like [`new`](Self::new), reporting errors instead of panicking.
     pub fn try_new(init: C::Init) -> Result<Self> {
-        create::<C>("Group::new", |_| Ok(Shape::Group), init).map(Group)
+        create::<C>(
+            "Group::new",
+            |_| Ok(Shape::Group),
+            Construct::<C>::boxed(init),
+        )
+        .map(Group)
     }
 
     pub(crate) fn from_proxy(p: Proxy<C>) -> Self {
@@ -449,7 +454,94 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
                 "an array needs at least one dimension".into(),
             ));
         }
-        let proxy = create::<C>("Array::new", |_| Ok(Shape::Array { dims }), init)?;
+        let proxy = create::<C>(
+            "Array::new",
+            |_| Ok(Shape::Array { dims, map: None }),
+            Construct::<C>::boxed(init),
+        )?;
+        Ok(Array {
+            proxy,
+            _index: PhantomData,
+        })
+    }
+
+    /// Creates an array of extents `dims` whose elements are placed by `map` (Charm++'s
+    /// `CkArrayMap`) instead of in blocks.
+    ///
+    /// # Panics
+    /// Outside a running PE, if an extent is too large, or (when the collection is created) if
+    /// the map places an element on a PE that does not exist — the abort names the map.
+    pub fn new_mapped(dims: I, map: &ArrayMap, init: C::Init) -> Self {
+        or_panic(Self::try_new_mapped(dims, map, init))
+    }
+
+    /// Like [`new_mapped`](Self::new_mapped), reporting errors instead of panicking.
+    pub fn try_new_mapped(dims: I, map: &ArrayMap, init: C::Init) -> Result<Self> {
+        let dims = dims.to_index()?;
+        if dims.dims() == 0 {
+            return Err(Error::Options(
+                "an array needs at least one dimension".into(),
+            ));
+        }
+        let map = Some(map.id());
+        let proxy = create::<C>(
+            "Array::new_mapped",
+            |_| Ok(Shape::Array { dims, map }),
+            Construct::<C>::boxed(init),
+        )?;
+        Ok(Array {
+            proxy,
+            _index: PhantomData,
+        })
+    }
+
+    /// Creates an empty sparse array (charm4py's `Array(C, ndims=n)`): elements are added with
+    /// [`insert`](Self::insert) from any PE, then [`done_inserting`](Self::done_inserting) is
+    /// awaited once before reductions and broadcasts. Homes come from `map`, or from a hash of
+    /// the index. `I` fixes the number of dimensions (use
+    /// [`new_sparse_dims`](Self::new_sparse_dims) with [`Index`]).
+    ///
+    /// ```no_run
+    /// use charmrs::prelude::*;
+    /// # #[derive(Clone)] struct Leaf;
+    /// # #[chare] impl Leaf { fn new() -> Self { Leaf } #[entry] fn hi(&mut self) {} }
+    /// # fn main() { charmrs::start(|_| async move {
+    /// let tree = Array::<Leaf, (usize, usize, usize)>::new_sparse(None);
+    /// tree.insert((1, 20, 300), (), None);      // at its home PE
+    /// tree.insert((7, 0, 2), (), Some(1));      // on PE 1
+    /// tree.done_inserting().await;
+    /// tree.hi();                                // reaches both
+    /// # }); }
+    /// ```
+    ///
+    /// # Panics
+    /// Outside a running PE, or if `I` has no fixed number of dimensions.
+    pub fn new_sparse(map: Option<&ArrayMap>) -> Self {
+        let dims = I::fixed_dims().unwrap_or_else(|| {
+            panic!("Array::new_sparse: the index type does not fix the number of dimensions; use new_sparse_dims")
+        });
+        or_panic(Self::new_sparse_dims(dims, map))
+    }
+
+    /// A sparse array of `ndims` dimensions (1 to 6).
+    ///
+    /// # Errors
+    /// `ndims` out of range or not the dimension count of `I`, or outside a running PE.
+    pub fn new_sparse_dims(ndims: usize, map: Option<&ArrayMap>) -> Result<Self> {
+        if !(1..=crate::index::MAX_DIMS).contains(&ndims)
+            || I::fixed_dims().is_some_and(|d| d != ndims)
+        {
+            return Err(Error::Options(format!(
+                "a sparse array indexed by {} cannot have {ndims} dimensions",
+                std::any::type_name::<I>()
+            )));
+        }
+        let map = map.map(ArrayMap::id);
+        let shape = Shape::Sparse {
+            dims: ndims as u8,
+            map,
+        };
+        let proxy = create::<C>("Array::new_sparse", |_| Ok(shape), Construct::<C>::empty())?;
         Ok(Array {
             proxy,
             _index: PhantomData,
@@ -461,13 +553,16 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
     /// # Errors
     /// The collection is not an array, or has a different number of dimensions than `I`.
     pub fn from_proxy(proxy: Proxy<C>) -> Result<Self> {
+        let ndims = match proxy.shape {
+            Shape::Array { dims, .. } => Some(dims.dims()),
+            Shape::Sparse { dims, .. } => Some(dims as usize),
+            _ => None,
+        };
         match proxy.shape {
-            Shape::Array { dims } if I::fixed_dims().is_none_or(|d| d == dims.dims()) => {
-                Ok(Array {
-                    proxy,
-                    _index: PhantomData,
-                })
-            }
+            _ if ndims.is_some_and(|n| I::fixed_dims().is_none_or(|d| d == n)) => Ok(Array {
+                proxy,
+                _index: PhantomData,
+            }),
             other => Err(Error::Options(format!(
                 "a {} cannot be used as an array indexed by {}",
                 other.describe(),
@@ -477,10 +572,114 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
     }
 
     /// The extents of the array.
+    ///
+    /// # Panics
+    /// For a sparse array, which has no extents.
     pub fn dims(&self) -> I {
         match self.proxy.shape {
-            Shape::Array { dims } => I::from_index(&dims).expect("checked at construction"),
-            _ => unreachable!("an Array always has an array shape"),
+            Shape::Array { dims, .. } => I::from_index(&dims).expect("checked at construction"),
+            _ => panic!("Array::dims: a sparse array has no extents"),
+        }
+    }
+
+    /// Adds element `index` to a sparse array, built with `init` on PE `on_pe` or, if `None`, on
+    /// its home (the map's choice, or a hash of the index). Any PE may insert, in any order;
+    /// messages sent to the element before it exists wait at its home.
+    ///
+    /// # Panics
+    /// See [`try_insert`](Self::try_insert).
+    pub fn insert(&self, index: I, init: C::Init, on_pe: Option<usize>) {
+        or_panic(self.try_insert(index, init, on_pe))
+    }
+
+    /// Like [`insert`](Self::insert), reporting errors instead of panicking.
+    ///
+    /// # Errors
+    /// A dense array, an index of the wrong dimension, an unknown PE, a map that places the
+    /// element on a PE that does not exist, an insertion after
+    /// [`done_inserting`](Self::done_inserting), or outside a running PE.
+    pub fn try_insert(&self, index: I, init: C::Init, on_pe: Option<usize>) -> Result<()> {
+        let Shape::Sparse { map, .. } = self.proxy.shape else {
+            return Err(Error::Options(format!(
+                "insert: a {} is dense; only sparse arrays (Array::new_sparse) take insertions",
+                self.proxy.shape.describe()
+            )));
+        };
+        let index = index.to_index()?;
+        with_pe("Array::insert", |pe| {
+            let n = pe.num_pes();
+            self.proxy.shape.check(&index, n)?;
+            if let Some(m) = map {
+                m.check(&index, n)?;
+            }
+            let target = match on_pe {
+                Some(p) => {
+                    pe.check_pe(p)?;
+                    p
+                }
+                None => self.proxy.shape.home_pe(&index, n),
+            };
+            pe.count_insert(self.proxy.coll)?;
+            pe.send(
+                target,
+                Envelope::new(
+                    0,
+                    Control::Insert {
+                        coll: self.proxy.coll,
+                        shape: self.proxy.shape,
+                        index,
+                        build: Construct::<C>::boxed(init),
+                    },
+                ),
+            );
+            Ok(())
+        })?
+    }
+
+    /// Waits until every insertion issued so far (from any PE) is in place, and seals the sparse
+    /// array: reductions over it can complete and broadcasts reach every element from then on
+    /// (charm4py's `ckDoneInserting`). Call it once, after the last insertion.
+    ///
+    /// # Panics
+    /// Outside a running PE, or on a dense array.
+    pub async fn done_inserting(&self) {
+        assert!(
+            matches!(self.proxy.shape, Shape::Sparse { .. }),
+            "done_inserting: a {} is not a sparse array",
+            self.proxy.shape.describe()
+        );
+        let coll = self.proxy.coll;
+        loop {
+            let replies: Vec<Future<(u64, u64)>> =
+                (0..crate::num_pes()).map(|_| Future::new()).collect();
+            or_panic(with_pe("done_inserting", |pe| {
+                for (dst, f) in replies.iter().enumerate() {
+                    pe.send(
+                        dst,
+                        Envelope::new(
+                            0,
+                            Control::Census {
+                                coll,
+                                reply: f.parts(),
+                            },
+                        ),
+                    );
+                }
+            }));
+            let mut issued = 0u64;
+            let mut counts = Vec::with_capacity(replies.len());
+            for f in replies {
+                let (i, homed) = f.await;
+                issued += i;
+                counts.push(homed as u32);
+            }
+            if counts.iter().map(|&c| c as u64).sum::<u64>() == issued {
+                or_panic(with_pe("done_inserting", |pe| {
+                    pe.broadcast_seal(coll, counts)
+                }));
+                return;
+            }
+            crate::sleep(std::time::Duration::from_micros(200)).await;
         }
     }
 
@@ -527,7 +726,7 @@ impl<C: Chare> Single<C> {
                 };
                 Ok(Shape::Single { pe: home as u32 })
             },
-            init,
+            Construct::<C>::boxed(init),
         )?;
         let Shape::Single { pe } = proxy.shape else {
             unreachable!("created as a single chare")

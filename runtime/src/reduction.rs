@@ -468,12 +468,11 @@ struct TreePlace {
 /// reports to the process's lowest member PE (its leader); the leaders form a
 /// [`BRANCHING`]-ary tree over the member processes, rooted at the lowest one. So contributions
 /// are combined inside a process first and only one partial per process crosses the network.
-fn tree_place(shape: &Shape, pe: usize, num_pes: usize, pes_per_process: usize) -> TreePlace {
-    let members = shape.member_pes(num_pes);
+fn tree_place(members: &[usize], pe: usize, pes_per_process: usize) -> TreePlace {
     let process = |p: usize| p / pes_per_process;
     // Leaders in increasing order, one per member process.
     let mut leaders: Vec<usize> = Vec::new();
-    for &m in &members {
+    for &m in members {
         if leaders.last().is_none_or(|&l| process(l) != process(m)) {
             leaders.push(m);
         }
@@ -594,11 +593,24 @@ impl PeState {
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
     /// `coll`; forwards or delivers the result once complete.
     pub(crate) fn reduce(&self, coll: CollectionId, seq: u64, shape: Shape, incoming: Incoming) {
+        let started = self.reductions.borrow().pending.contains_key(&(coll, seq));
+        let membership = if started {
+            None
+        } else {
+            match self.membership(coll, &shape) {
+                Some(m) => Some(m),
+                None => {
+                    // A sparse array before `done_inserting`: counts are not known yet.
+                    return self.wait_for_seal(coll, seq, shape, incoming);
+                }
+            }
+        };
         let complete = {
             let mut table = self.reductions.borrow_mut();
             let p = table.pending.entry((coll, seq)).or_insert_with(|| {
-                let place = tree_place(&shape, self.pe, self.num_pes(), self.shared.local_pes());
-                let expected = shape.local_count(self.pe, self.num_pes()) + place.children.len();
+                let (local, members) = membership.expect("computed for a new reduction");
+                let place = tree_place(&members, self.pe, self.shared.local_pes());
+                let expected = local + place.children.len();
                 Pending {
                     got: 0,
                     expected,
@@ -757,7 +769,13 @@ impl PeState {
         value: Box<dyn Any + Send>,
         kind: Kind,
     ) {
-        let place = tree_place(&shape, self.pe, self.num_pes(), self.shared.local_pes());
+        let Some((_, members)) = self.membership(coll, &shape) else {
+            return self.abort_job(format!(
+                "charmrs: {}: a result came down before the array was sealed",
+                describe(coll, seq, &shape)
+            ));
+        };
+        let place = tree_place(&members, self.pe, self.shared.local_pes());
         for &child in &place.children {
             if self.shared.mailbox(child).is_some() {
                 let value = (kind.clone)(&*value);
@@ -845,11 +863,12 @@ mod tree_tests {
         {
             let shape = Shape::Array {
                 dims: Index::new(&[elements]).unwrap(),
+                map: None,
             };
             let members = shape.member_pes(num_pes);
             let places: Vec<(usize, TreePlace)> = members
                 .iter()
-                .map(|&m| (m, tree_place(&shape, m, num_pes, ppn)))
+                .map(|&m| (m, tree_place(&members, m, ppn)))
                 .collect();
             let roots: Vec<usize> = places
                 .iter()

@@ -143,6 +143,14 @@ enum MobilityWire {
         epoch: u32,
     },
     Balance(crate::balance::LbMsg),
+    Census {
+        coll: CollectionId,
+        reply: (u32, u64),
+    },
+    Seal {
+        coll: CollectionId,
+        counts: Vec<u32>,
+    },
 }
 
 /// The wire form of a migration, location or load-balancing message, if `env` is one.
@@ -168,6 +176,14 @@ pub(crate) fn mobility_message(
             epoch: *epoch,
         }),
         Control::Balance(b) => postcard::to_stdvec(&MobilityWire::Balance(b.clone())),
+        Control::Census { coll, reply } => postcard::to_stdvec(&MobilityWire::Census {
+            coll: *coll,
+            reply: *reply,
+        }),
+        Control::Seal { coll, counts } => postcard::to_stdvec(&MobilityWire::Seal {
+            coll: *coll,
+            counts: counts.clone(),
+        }),
         _ => return None,
     };
     Some(encoded.map_err(|e| e.to_string()).and_then(|seg| {
@@ -200,6 +216,8 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
             epoch,
         },
         MobilityWire::Balance(b) => Control::Balance(b),
+        MobilityWire::Census { coll, reply } => Control::Census { coll, reply },
+        MobilityWire::Seal { coll, counts } => Control::Seal { coll, counts },
     };
     Ok(Envelope::new(0, control))
 }
@@ -370,6 +388,8 @@ struct CreateMeta {
     ctor: u32,
     coll: CollectionId,
     shape: Shape,
+    /// For an insertion into a sparse array: the new element's index.
+    insert: Option<Index>,
 }
 
 /// A decoded call, ready to deliver (opaque; produced by generated decoders).
@@ -390,8 +410,8 @@ pub fn decode_call<C: Chare, E: Entry<C>>(bytes: &[u8], reply: Reply) -> Result<
 /// Decodes the constructor arguments of `C`.
 #[doc(hidden)]
 pub fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String> {
-    let init: C::Init = decode_exact(bytes)?;
-    Ok(WireConstruct(Construct::<C>::boxed(init)))
+    let init: Option<C::Init> = decode_exact(bytes)?;
+    Ok(WireConstruct(Construct::<C>::from_wire(init)))
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -591,14 +611,22 @@ pub(crate) fn encode(
             encode_call(table, *coll, WireDest::Broadcast, &**call, env.priority)?,
         ),
         Body::Control(c) => match &**c {
-            Control::Create { coll, shape, build } => {
+            Control::Create { coll, shape, build }
+            | Control::Insert {
+                coll, shape, build, ..
+            } => {
                 let ctor = table
                     .wire_id(build.ctor_id())
                     .ok_or("constructor not in the entry table")?;
+                let insert = match &**c {
+                    Control::Insert { index, .. } => Some(*index),
+                    _ => None,
+                };
                 let mut buf = postcard::to_stdvec(&CreateMeta {
                     ctor,
                     coll: *coll,
                     shape: *shape,
+                    insert,
                 })
                 .map_err(|e| e.to_string())?;
                 let (r, segs) = collecting(|| build.encode(&mut buf));
@@ -741,14 +769,20 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
             let build = offering(segments, || decode_init(args))
                 .map_err(|e| format!("`{}`: {e}", info.name))?
                 .0;
-            Ok(Envelope::new(
-                0,
-                Control::Create {
+            let control = match meta.insert {
+                Some(index) => Control::Insert {
+                    coll: meta.coll,
+                    shape: meta.shape,
+                    index,
+                    build,
+                },
+                None => Control::Create {
                     coll: meta.coll,
                     shape: meta.shape,
                     build,
                 },
-            ))
+            };
+            Ok(Envelope::new(0, control))
         }
         other => Err(format!("unknown message kind {other}")),
     }

@@ -94,6 +94,15 @@ impl LocalCollection {
         Some(element)
     }
 
+    /// Elements whose home is `pe`: residents at home, elements being built, and those known to
+    /// live elsewhere.
+    pub(crate) fn homed_count(&self, pe: usize, num_pes: usize) -> usize {
+        let at_home = |i: &Index| self.shape.home_pe(i, num_pes) == pe;
+        self.elements.iter().filter(|(i, _)| at_home(i)).count()
+            + self.constructing.keys().filter(|i| at_home(i)).count()
+            + self.away.len()
+    }
+
     /// Whether every resident is at home and none is away (broadcasts take the fast path).
     pub(crate) fn settled(&self) -> bool {
         self.guests == 0 && self.away.is_empty()
@@ -134,6 +143,12 @@ pub(crate) struct PeState {
     pub(crate) lb: RefCell<crate::balance::PeLb>,
     /// When the running entry method started (its element's load is measured from there).
     pub(crate) entry_started: Cell<Instant>,
+    /// Elements per home PE of mapped and (once sealed) sparse arrays.
+    pub(crate) home_counts: RefCell<FxHashMap<CollectionId, Rc<[u32]>>>,
+    /// Reduction traffic for sparse arrays that are not sealed yet on this PE.
+    pub(crate) unsealed: RefCell<FxHashMap<CollectionId, Vec<crate::sparse::Deferred>>>,
+    /// Insertions into sparse arrays issued by this PE.
+    pub(crate) inserts_issued: RefCell<FxHashMap<CollectionId, u64>>,
 }
 
 /// A sleeping task's wake-up time.
@@ -212,6 +227,9 @@ impl PeState {
             migrations: RefCell::default(),
             lb: RefCell::default(),
             entry_started: Cell::new(Instant::now()),
+            home_counts: RefCell::default(),
+            unsealed: RefCell::default(),
+            inserts_issued: RefCell::default(),
         }
     }
 
@@ -615,6 +633,14 @@ impl PeState {
     fn control(&self, c: Control) {
         match c {
             Control::Create { coll, shape, build } => self.create(coll, shape, build),
+            Control::Insert {
+                coll,
+                shape,
+                index,
+                build,
+            } => self.insert_element(coll, shape, index, build),
+            Control::Census { coll, reply } => self.census(coll, reply),
+            Control::Seal { coll, counts } => self.seal(coll, counts),
             Control::Spawn(make) => {
                 self.guarded(MAIN_SITE, || {
                     self.spawn(make());
@@ -690,26 +716,13 @@ impl PeState {
             lost: FxHashMap::default(),
         };
         let mut suspended = Vec::new();
+        if let Shape::Array { map: Some(m), .. } = shape {
+            if let Err(e) = crate::array_map::check_all(m, &shape, self.num_pes()) {
+                return self.abort_job(format!("charmrs: creating a {chare} array: {e}"));
+            }
+        }
         for index in shape.local_elements(self.pe, self.num_pes()) {
-            let parts = CtxParts {
-                coll,
-                index,
-                shape,
-                pe: self.pe,
-            };
-            let mut made = None;
-            self.guarded(
-                Site {
-                    chare,
-                    index,
-                    entry: "new",
-                },
-                || {
-                    made = Some(build.construct(parts));
-                    Ok(())
-                },
-            );
-            match made {
+            match self.construct_one(coll, index, shape, &*build) {
                 None => return, // the constructor panicked: the job is aborting
                 Some(Built::Ready(element)) => local.insert(index, element, true),
                 Some(Built::Pending(fut)) => {
@@ -720,24 +733,143 @@ impl PeState {
         }
         self.collections.borrow_mut().insert(coll, local);
         for (index, fut) in suspended {
-            self.spawn(Box::pin(async move {
-                let built = catch_panic(fut).await;
-                let _ = with_pe("constructor", |pe| match built {
-                    Ok(element) => pe.constructed(coll, index, element),
-                    Err(payload) => {
-                        let site = Site {
-                            chare,
-                            index,
-                            entry: "new",
-                        };
-                        pe.abort_job(site.panic_message(pe.pe, &crate::panic::describe(payload)))
-                    }
-                });
-            }));
+            self.finish_construction(coll, index, chare, fut);
         }
         let waiting = self.pending.borrow_mut().remove(&coll);
         for env in waiting.into_iter().flatten() {
             self.deliver(env);
+        }
+    }
+
+    /// Runs the constructor of element `index` (a panic aborts the job: `None`).
+    fn construct_one(
+        &self,
+        coll: CollectionId,
+        index: Index,
+        shape: Shape,
+        build: &dyn Construction,
+    ) -> Option<Built> {
+        let parts = CtxParts {
+            coll,
+            index,
+            shape,
+            pe: self.pe,
+        };
+        let mut made = None;
+        self.guarded(
+            Site {
+                chare: build.chare_name(),
+                index,
+                entry: "new",
+            },
+            || {
+                made = Some(build.construct(parts));
+                Ok(())
+            },
+        );
+        made
+    }
+
+    /// Runs a suspended (`async fn new`) constructor as a task; installs the element when done.
+    fn finish_construction(
+        &self,
+        coll: CollectionId,
+        index: Index,
+        chare: &'static str,
+        fut: std::pin::Pin<Box<dyn std::future::Future<Output = Rc<dyn ElementObj>>>>,
+    ) {
+        self.spawn(Box::pin(async move {
+            let built = catch_panic(fut).await;
+            let _ = with_pe("constructor", |pe| match built {
+                Ok(element) => pe.constructed(coll, index, element),
+                Err(payload) => {
+                    let site = Site {
+                        chare,
+                        index,
+                        entry: "new",
+                    };
+                    pe.abort_job(site.panic_message(pe.pe, &crate::panic::describe(payload)))
+                }
+            });
+        }));
+    }
+
+    /// Builds element `index` of sparse array `coll` on this PE (`Array::insert`).
+    fn insert_element(
+        &self,
+        coll: CollectionId,
+        shape: Shape,
+        index: Index,
+        build: Box<dyn Construction>,
+    ) {
+        let state = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .map(|c| c.find(&index).is_some() || c.constructing.contains_key(&index));
+        match state {
+            None => {
+                let env = Envelope::new(
+                    0,
+                    Control::Insert {
+                        coll,
+                        shape,
+                        index,
+                        build,
+                    },
+                );
+                return self.buffer(coll, env);
+            }
+            Some(true) => {
+                return self.abort_job(format!(
+                    "charmrs: element {index} of {} was inserted twice (PE {})",
+                    build.chare_name(),
+                    self.pe
+                ))
+            }
+            Some(false) => {}
+        }
+        let home = shape.home_pe(&index, self.num_pes()) == self.pe;
+        match self.construct_one(coll, index, shape, &*build) {
+            None => {}
+            Some(Built::Ready(element)) => {
+                self.collections
+                    .borrow_mut()
+                    .get_mut(&coll)
+                    .expect("checked above")
+                    .insert(index, element, home);
+                self.element_placed(coll, index, shape);
+            }
+            Some(Built::Pending(fut)) => {
+                self.collections
+                    .borrow_mut()
+                    .get_mut(&coll)
+                    .expect("checked above")
+                    .constructing
+                    .insert(index, Vec::new());
+                self.finish_construction(coll, index, build.chare_name(), fut);
+            }
+        }
+    }
+
+    /// A new element is in place here: its home learns where it is (or delivers what waited).
+    fn element_placed(&self, coll: CollectionId, index: Index, shape: Shape) {
+        let home = shape.home_pe(&index, self.num_pes());
+        if home == self.pe {
+            self.release_lost(coll, index);
+        } else {
+            self.send(
+                home,
+                Envelope::new(
+                    0,
+                    Control::Located {
+                        coll,
+                        index,
+                        pe: self.pe as u32,
+                        epoch: 0,
+                    },
+                ),
+            );
         }
     }
 
@@ -757,20 +889,22 @@ impl PeState {
 
     /// A suspendable constructor finished: install the element, then deliver what waited for it.
     fn constructed(&self, coll: CollectionId, index: Index, element: Rc<dyn ElementObj>) {
-        let (points, broadcasts) = {
+        let (points, broadcasts, shape) = {
             let mut cols = self.collections.borrow_mut();
             let c = cols
                 .get_mut(&coll)
                 .expect("the collection exists while it is being built");
             let points = c.constructing.remove(&index).unwrap_or_default();
-            c.insert(index, element, true);
+            let home = c.shape.home_pe(&index, self.num_pes()) == self.pe;
+            c.insert(index, element, home);
             let broadcasts = if c.constructing.is_empty() {
                 std::mem::take(&mut c.waiting_broadcasts)
             } else {
                 Vec::new()
             };
-            (points, broadcasts)
+            (points, broadcasts, c.shape)
         };
+        self.element_placed(coll, index, shape);
         for env in points.into_iter().chain(broadcasts) {
             self.deliver(env);
         }

@@ -1,0 +1,140 @@
+//! Sparse arrays: elements inserted one by one (`Array::insert`), then `done_inserting`.
+//!
+//! # What this module owns
+//!
+//! * How many elements have their home on each PE, for the collections whose placement the
+//!   runtime cannot count from the shape alone (mapped dense arrays: computed once; sparse
+//!   arrays: established by `done_inserting`) — reductions need it to know what to wait for.
+//! * The `done_inserting` census: the requesting PE asks every PE how many insertions it issued
+//!   and how many elements have their home there (built, being built, or known to live
+//!   elsewhere); when the two sums agree every insertion is in place and its home knows it, and
+//!   the per-PE counts are sealed on every PE. Otherwise it asks again a little later.
+//!
+//! Invariants: a reduction over a sparse array that reaches a PE before the seal waits there
+//! (never completes early or with a wrong count); an insertion issued by a PE that has seen the
+//! seal is an error naming the array.
+
+use crate::collection::{CollectionId, Shape};
+use crate::envelope::{Control, Envelope};
+use crate::reduction::Incoming;
+use crate::scheduler::PeState;
+use std::rc::Rc;
+
+/// Reduction traffic that waits for a sparse array's seal.
+pub(crate) struct Deferred {
+    seq: u64,
+    shape: Shape,
+    incoming: Incoming,
+}
+
+impl PeState {
+    /// (elements whose home is this PE, PEs with at least one) of `coll`, or `None` for a sparse
+    /// array that is not sealed here yet.
+    pub(crate) fn membership(
+        &self,
+        coll: CollectionId,
+        shape: &Shape,
+    ) -> Option<(usize, Vec<usize>)> {
+        let n = self.num_pes();
+        if !shape.counted_by_pe() {
+            return Some((shape.local_count(self.pe, n), shape.member_pes(n)));
+        }
+        let known = self.home_counts.borrow().get(&coll).cloned();
+        let counts = match known {
+            Some(c) => c,
+            None if matches!(shape, Shape::Array { .. }) => {
+                let c: Rc<[u32]> = shape.home_counts(n).into();
+                self.home_counts.borrow_mut().insert(coll, c.clone());
+                c
+            }
+            None => return None,
+        };
+        let members = (0..n).filter(|&p| counts[p] > 0).collect();
+        Some((counts[self.pe] as usize, members))
+    }
+
+    /// Keeps reduction traffic for sparse array `coll` until it is sealed here.
+    pub(crate) fn wait_for_seal(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        incoming: Incoming,
+    ) {
+        self.unsealed
+            .borrow_mut()
+            .entry(coll)
+            .or_default()
+            .push(Deferred {
+                seq,
+                shape,
+                incoming,
+            });
+    }
+
+    /// Counts an insertion issued by this PE; fails if the array is sealed already.
+    pub(crate) fn count_insert(&self, coll: CollectionId) -> crate::Result<()> {
+        if self.home_counts.borrow().contains_key(&coll) {
+            return Err(crate::Error::Options(format!(
+                "insert into sparse array {coll:?} after done_inserting"
+            )));
+        }
+        *self.inserts_issued.borrow_mut().entry(coll).or_default() += 1;
+        Ok(())
+    }
+
+    /// Answers a `done_inserting` census.
+    pub(crate) fn census(&self, coll: CollectionId, reply: (u32, u64)) {
+        let issued = self
+            .inserts_issued
+            .borrow()
+            .get(&coll)
+            .copied()
+            .unwrap_or(0);
+        let homed = {
+            let cols = self.collections.borrow();
+            cols.get(&coll)
+                .map_or(0, |c| c.homed_count(self.pe, self.num_pes()))
+        };
+        self.fulfil(
+            reply.0 as usize,
+            reply.1,
+            Ok(Box::new((issued, homed as u64))),
+            crate::future::encode_value::<(u64, u64)>,
+        );
+    }
+
+    /// Every insertion is in place: record the counts and run the reductions that waited.
+    pub(crate) fn seal(&self, coll: CollectionId, counts: Vec<u32>) {
+        if counts.len() != self.num_pes() {
+            return self.abort_job(format!(
+                "charmrs: done_inserting for {coll:?}: {} counts for {} PEs",
+                counts.len(),
+                self.num_pes()
+            ));
+        }
+        self.home_counts.borrow_mut().insert(coll, counts.into());
+        let waiting = self.unsealed.borrow_mut().remove(&coll);
+        for d in waiting.into_iter().flatten() {
+            self.reduce(coll, d.seq, d.shape, d.incoming);
+        }
+    }
+
+    /// Seals `coll` here at once (so the caller of `done_inserting` sees it sealed) and sends the
+    /// seal to every other PE.
+    pub(crate) fn broadcast_seal(&self, coll: CollectionId, counts: Vec<u32>) {
+        for dst in (0..self.num_pes()).filter(|&p| p != self.pe) {
+            self.send(
+                dst,
+                Envelope::new(
+                    0,
+                    Control::Seal {
+                        coll,
+                        counts: counts.clone(),
+                    },
+                ),
+            );
+        }
+        self.seal(coll, counts);
+    }
+}

@@ -1,0 +1,182 @@
+//! Sparse arrays, insertion from any PE, done_inserting, ArrayMap placement (dense and sparse),
+//! and the errors.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Index;
+use common::run_job;
+
+type I6 = (usize, usize, usize, usize, usize, usize);
+
+// Home PE: the sum of the coordinates, modulo the PEs.
+charmrs::array_map!(
+    BY_SUM = |index, pes| index.coords().iter().map(|&c| c as usize).sum::<usize>() % pes
+);
+// Always PE 7: out of range in a 3-PE job.
+charmrs::array_map!(TOO_FAR = |_index, _pes| 7);
+
+fn by_sum(i: &I6) -> usize {
+    i.0 + i.1 + i.2 + i.3 + i.4 + i.5
+}
+
+/// An element that knows where it was built.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Leaf {
+    built_on: usize,
+    early: u32,
+    pings: u32,
+}
+
+#[chare(migratable)]
+impl Leaf {
+    fn new(ctx: &Ctx<Self>, tag: u32) -> Self {
+        let _ = tag;
+        Leaf {
+            built_on: ctx.my_pe(),
+            early: 0,
+            pings: 0,
+        }
+    }
+
+    #[entry]
+    fn early(&mut self) {
+        self.early += 1;
+    }
+
+    #[entry]
+    fn ping(&mut self) {
+        self.pings += 1;
+    }
+
+    /// Reports (index, PE built on, PE now, early messages, pings) to a gather.
+    #[entry]
+    fn report(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(Index, usize, usize, u32, u32)>>) {
+        ctx.gather(
+            (
+                ctx.raw_index(),
+                self.built_on,
+                ctx.my_pe(),
+                self.early,
+                self.pings,
+            ),
+            to,
+        );
+    }
+
+    #[entry]
+    fn where_am_i(&mut self, ctx: &Ctx<Self>) -> usize {
+        ctx.my_pe()
+    }
+}
+
+/// Inserts elements into a sparse array from another PE.
+struct Inserter;
+
+#[chare]
+impl Inserter {
+    fn new() -> Self {
+        Inserter
+    }
+
+    #[entry]
+    fn insert_some(&mut self, ctx: &Ctx<Self>, array: Proxy<Leaf>, from: usize, count: usize) {
+        let array = Array::<Leaf, I6>::from_proxy(array).unwrap();
+        for k in from..from + count {
+            let i = (k % 3, k % 5, k % 7, k, 1, 2);
+            // Every third on an explicit PE; the rest at its home.
+            let on = (k % 3 == 0).then_some(k % ctx.num_pes());
+            array.insert(i, (k as u32,), on);
+        }
+    }
+}
+
+#[test]
+fn sparse_6d_array_with_a_map_inserted_from_several_pes() {
+    run_job(4, |_| async {
+        let leaves = Array::<Leaf, I6>::new_sparse(Some(&BY_SUM));
+        // Messages to elements that do not exist yet wait at their homes.
+        for k in 0..60usize {
+            leaves.at((k % 3, k % 5, k % 7, k, 1, 2)).early();
+        }
+        let inserters = Group::<Inserter>::new(());
+        for pe in 0..4 {
+            inserters.at(pe).insert_some(*leaves, pe * 15, 15);
+        }
+        charmrs::wait_qd().await; // the inserters ran
+        leaves.done_inserting().await;
+        leaves.ping();
+        leaves.ping();
+        charmrs::wait_qd().await;
+        let got = Future::new();
+        leaves.report(got);
+        let got = got.await;
+        assert_eq!(got.len(), 60, "every element reported once");
+        for (index, built_on, now, early, pings) in got {
+            let k = index.get(3);
+            let i: I6 = (k % 3, k % 5, k % 7, k, 1, 2);
+            let want = if k % 3 == 0 { k % 4 } else { by_sum(&i) % 4 };
+            assert_eq!(
+                built_on, want,
+                "element {index} built on the PE the map (or insert) chose"
+            );
+            assert_eq!(now, want);
+            assert_eq!((early, pings), (1, 2), "element {index}");
+        }
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn dense_array_placed_by_a_map() {
+    run_job(3, |_| async {
+        let a = Array::<Leaf, (usize, usize)>::new_mapped((4, 5), &BY_SUM, (0,));
+        for x in 0..4 {
+            for y in 0..5 {
+                let pe = a.at((x, y)).ret().where_am_i().await;
+                assert_eq!(pe, (x + y) % 3, "element ({x}, {y})");
+            }
+        }
+        let got = Future::new();
+        a.report(got);
+        assert_eq!(got.await.len(), 20);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn insertion_errors_name_the_problem() {
+    run_job(2, |_| async {
+        let dense = Array::<Leaf, usize>::new(4, (0,));
+        let e = dense.try_insert(9, (0,), None).unwrap_err().to_string();
+        assert!(e.contains("only sparse arrays"), "{e}");
+        let sparse = Array::<Leaf, (usize, usize)>::new_sparse(None);
+        let e = sparse
+            .try_insert((1, 2), (0,), Some(5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown PE 5"), "{e}");
+        sparse.insert((1, 2), (0,), None);
+        sparse.done_inserting().await;
+        let e = sparse
+            .try_insert((3, 4), (0,), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("after done_inserting"), "{e}");
+        let e = Array::<Leaf, usize>::new_sparse_dims(2, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot have 2 dimensions"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+    let e = run_job(3, |_| async {
+        let _ = Array::<Leaf, usize>::new_mapped(4, &TOO_FAR, (0,));
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("TOO_FAR") && e.contains("PE 7"), "{e}");
+}
