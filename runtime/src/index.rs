@@ -11,6 +11,16 @@ use std::fmt;
 /// Largest number of dimensions of an array index (as in Charm++).
 pub const MAX_DIMS: usize = 6;
 
+/// Longest postcard encoding of a user index key, in bytes.
+pub const MAX_KEY_BYTES: usize = 4 * MAX_DIMS;
+
+/// The dimension count of an index made from a user key (one more than any coordinate index,
+/// so the two kinds never mix in one array).
+pub const KEY_DIMS: usize = MAX_DIMS + 1;
+
+/// Marks `Index::dims` as "a key of this many bytes".
+const KEY_FLAG: u8 = 0x80;
+
 /// An array element index of 0 to 6 dimensions, each coordinate < 2^32.
 ///
 /// ```
@@ -63,9 +73,67 @@ impl Index {
         Index::new(&[i])
     }
 
-    /// Number of dimensions.
+    /// Number of dimensions ([`KEY_DIMS`] for a user key, see [`from_key`](Self::from_key)).
     pub fn dims(&self) -> usize {
-        self.dims as usize
+        if self.dims & KEY_FLAG != 0 {
+            KEY_DIMS
+        } else {
+            self.dims as usize
+        }
+    }
+
+    /// An index made from a user key (any `Serialize` type whose postcard encoding fits in
+    /// [`MAX_KEY_BYTES`] bytes): Charm++'s user-defined array indices. Equal keys give equal
+    /// indices in every process. Declare a key type with [`index_key!`](crate::index_key) to use
+    /// it directly as an array's index type.
+    ///
+    /// ```
+    /// use charmrs::Index;
+    /// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    /// struct Cell { level: u8, x: u32, y: u32 }
+    /// let i = Index::from_key(&Cell { level: 2, x: 5, y: 9 }).unwrap();
+    /// assert_eq!(i.key::<Cell>(), Some(Cell { level: 2, x: 5, y: 9 }));
+    /// ```
+    ///
+    /// # Errors
+    /// The key does not serialize, or its encoding is longer than [`MAX_KEY_BYTES`].
+    pub fn from_key<K: serde::Serialize>(key: &K) -> Result<Index> {
+        let mut buf = [0u8; MAX_KEY_BYTES];
+        let used = postcard::to_slice(key, &mut buf)
+            .map_err(|e| {
+                Error::Options(format!(
+                    "an index key of type {} does not fit in {MAX_KEY_BYTES} bytes: {e}",
+                    std::any::type_name::<K>()
+                ))
+            })?
+            .len();
+        let mut coords = [0u32; MAX_DIMS];
+        for (k, chunk) in buf.chunks(4).enumerate() {
+            coords[k] = u32::from_le_bytes(chunk.try_into().expect("24 bytes in chunks of 4"));
+        }
+        Ok(Index {
+            dims: KEY_FLAG | used as u8,
+            coords,
+        })
+    }
+
+    /// The user key this index was made from, if it was made from a key of type `K`.
+    pub fn key<K: serde::de::DeserializeOwned>(&self) -> Option<K> {
+        if self.dims & KEY_FLAG == 0 {
+            return None;
+        }
+        let len = (self.dims & !KEY_FLAG) as usize;
+        let mut buf = [0u8; MAX_KEY_BYTES];
+        for (k, c) in self.coords.iter().enumerate() {
+            buf[4 * k..4 * k + 4].copy_from_slice(&c.to_le_bytes());
+        }
+        let (value, rest) = postcard::take_from_bytes::<K>(buf.get(..len)?).ok()?;
+        rest.is_empty().then_some(value)
+    }
+
+    /// Whether this index was made from a user key.
+    pub fn is_key(&self) -> bool {
+        self.dims & KEY_FLAG != 0
     }
 
     /// Coordinate `d` (0 if `d ≥ dims`).
@@ -73,9 +141,13 @@ impl Index {
         self.coords.get(d).copied().unwrap_or(0) as usize
     }
 
-    /// The coordinates as a slice of `u32`.
+    /// The coordinates as a slice of `u32` (for a key: its encoding, in words).
     pub fn coords(&self) -> &[u32] {
-        &self.coords[..self.dims()]
+        if self.is_key() {
+            &self.coords
+        } else {
+            &self.coords[..self.dims()]
+        }
     }
 
     /// Number of elements of an array whose extents are `self` (1 for zero dimensions).
@@ -114,6 +186,14 @@ impl Index {
 impl fmt::Display for Index {
     /// Python tuple notation, as charm4py prints `thisIndex`: `(1, 2)`, `(5,)`, `()`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_key() {
+            let len = (self.dims & !KEY_FLAG) as usize;
+            f.write_str("key:")?;
+            for b in self.coords.iter().flat_map(|c| c.to_le_bytes()).take(len) {
+                write!(f, "{b:02x}")?;
+            }
+            return Ok(());
+        }
         f.write_str("(")?;
         for (k, c) in self.coords().iter().enumerate() {
             if k > 0 {
@@ -186,6 +266,35 @@ macro_rules! tuple_index {
         }
     };
 }
+/// Makes a user key type usable as an array index type (`Array<C, MyKey>`), through
+/// [`Index::from_key`]: the type must be `Copy + Debug + Serialize + DeserializeOwned`, and its
+/// postcard encoding fit in [`MAX_KEY_BYTES`] bytes. Use it with sparse arrays
+/// ([`Array::new_sparse`](crate::Array::new_sparse)).
+///
+/// ```
+/// #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+/// struct Octant { level: u8, code: u64 }
+/// charmrs::index_key!(Octant);
+/// use charmrs::ArrayIndex;
+/// assert_eq!(Octant::fixed_dims(), Some(charmrs::KEY_DIMS));
+/// ```
+#[macro_export]
+macro_rules! index_key {
+    ($t:ty) => {
+        impl $crate::ArrayIndex for $t {
+            fn to_index(&self) -> $crate::Result<$crate::Index> {
+                $crate::Index::from_key(self)
+            }
+            fn from_index(index: &$crate::Index) -> ::std::option::Option<Self> {
+                index.key::<$t>()
+            }
+            fn fixed_dims() -> ::std::option::Option<usize> {
+                ::std::option::Option::Some($crate::KEY_DIMS)
+            }
+        }
+    };
+}
+
 tuple_index!(1; usize 0);
 tuple_index!(2; usize 0, usize 1);
 tuple_index!(3; usize 0, usize 1, usize 2);

@@ -75,7 +75,7 @@ pub use ctx::Ctx;
 pub use element::{Coro, WaitFor};
 pub use error::{Error, Result};
 pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
-pub use index::{ArrayIndex, Index, MAX_DIMS};
+pub use index::{ArrayIndex, Index, KEY_DIMS, MAX_DIMS, MAX_KEY_BYTES};
 pub use options::{Options, OPTIONS};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};

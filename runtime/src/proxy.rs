@@ -523,12 +523,12 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
         or_panic(Self::new_sparse_dims(dims, map))
     }
 
-    /// A sparse array of `ndims` dimensions (1 to 6).
+    /// A sparse array of `ndims` dimensions (1 to 6, or [`KEY_DIMS`](crate::KEY_DIMS) for user keys).
     ///
     /// # Errors
     /// `ndims` out of range or not the dimension count of `I`, or outside a running PE.
     pub fn new_sparse_dims(ndims: usize, map: Option<&ArrayMap>) -> Result<Self> {
-        if !(1..=crate::index::MAX_DIMS).contains(&ndims)
+        if !(1..=crate::index::KEY_DIMS).contains(&ndims)
             || I::fixed_dims().is_some_and(|d| d != ndims)
         {
             return Err(Error::Options(format!(

@@ -180,3 +180,60 @@ fn insertion_errors_name_the_problem() {
     .to_string();
     assert!(e.contains("TOO_FAR") && e.contains("PE 7"), "{e}");
 }
+
+/// A user-defined index type.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Octant {
+    level: u8,
+    code: u64,
+}
+charmrs::index_key!(Octant);
+
+/// Knows its key.
+struct Node;
+
+#[chare]
+impl Node {
+    fn new() -> Self {
+        Node
+    }
+
+    #[entry]
+    fn echo(&mut self, ctx: &Ctx<Self>) -> (u8, u64) {
+        let k: Octant = ctx.index();
+        (k.level, k.code)
+    }
+
+    #[entry]
+    fn count(&mut self, ctx: &Ctx<Self>, total: Future<u64>) {
+        let k: Octant = ctx.index();
+        ctx.contribute(k.code, Reducer::Sum, total);
+    }
+}
+
+#[test]
+fn user_key_indices_in_a_sparse_array() {
+    run_job(3, |_| async {
+        let tree = Array::<Node, Octant>::new_sparse(None);
+        let keys: Vec<Octant> = (0..20u64)
+            .map(|c| Octant {
+                level: (c % 4) as u8,
+                code: c * 1_000_003,
+            })
+            .collect();
+        for k in &keys {
+            tree.insert(*k, (), None);
+        }
+        tree.done_inserting().await;
+        for k in &keys {
+            assert_eq!(tree.at(*k).ret().echo().await, (k.level, k.code));
+        }
+        let total = Future::new();
+        tree.count(total);
+        assert_eq!(total.await, keys.iter().map(|k| k.code).sum::<u64>());
+        let too_big = Index::from_key(&[u64::MAX; 4]).unwrap_err().to_string();
+        assert!(too_big.contains("does not fit"), "{too_big}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
