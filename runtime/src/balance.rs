@@ -21,7 +21,7 @@
 //! unnecessary), so `resume` never runs while an element of the step is in flight; elements that
 //! cannot migrate are passed to the strategy as non-migratable and stay.
 
-use crate::collection::CollectionId;
+use crate::collection::{CollectionId, Shape};
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::migration::Request;
@@ -39,6 +39,7 @@ pub(crate) struct BalanceConfig {
     strategy: Option<Box<dyn Strategy>>,
     debug: bool,
     dump: Option<String>,
+    period: Option<std::time::Duration>,
 }
 
 impl BalanceConfig {
@@ -50,12 +51,37 @@ impl BalanceConfig {
             ),
             None => None,
         };
+        let period = o.lb_period_ms.map(std::time::Duration::from_millis);
+        if period.is_some() && strategy.is_none() {
+            return Err(Error::Options(
+                "+LBPeriod needs a strategy: add +balancer NAME".into(),
+            ));
+        }
         Ok(BalanceConfig {
             strategy,
             debug: o.lb_debug,
             dump: o.lb_dump.clone(),
+            period,
         })
     }
+
+    /// The period of periodic balancing, if on.
+    pub(crate) fn period(&self) -> Option<std::time::Duration> {
+        self.period
+    }
+}
+
+/// The task (on PE 0) that starts a periodic balancing step every `period`.
+pub(crate) fn periodic(period: std::time::Duration) -> crate::envelope::LocalTask {
+    Box::pin(async move {
+        loop {
+            crate::sleep(period).await;
+            let started = with_pe("periodic load balancing", |pe| pe.collect_loads());
+            if started.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// One element's measurements, as the root sees them.
@@ -144,12 +170,22 @@ pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<Box<dyn Any + Send>, S
 /// Load-balancing traffic between the root of a step and the PEs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum LbMsg {
-    /// Root → source PE: move these elements (index, destination PE).
+    /// Root → source PE: move these elements (index, destination PE); arrivals are reported to
+    /// the root for an AtSync step (`step` is `Some`), not for a periodic one.
     Moves {
         coll: CollectionId,
-        step: u64,
+        step: Option<u64>,
         root: u32,
         moves: Vec<(Index, u32)>,
+    },
+    /// PE 0 → every PE: report your elements' loads (periodic mode).
+    Collect { root: u32 },
+    /// A PE's loads: its migratable residents `(collection, index, seconds)` and its background
+    /// seconds since the last report.
+    Report {
+        pe: u32,
+        objects: Vec<(CollectionId, Index, f64)>,
+        background: f64,
     },
     /// Destination PE → root: one element of the step arrived (or needed no move).
     Arrived { coll: CollectionId, step: u64 },
@@ -166,6 +202,10 @@ struct RootStep {
 pub(crate) struct PeLb {
     steps: FxHashMap<(CollectionId, u64), RootStep>,
     next_step: u64,
+    /// At PE 0: the periodic step being collected (reports so far), if any.
+    collecting: Option<Vec<LbMsg>>,
+    /// Background seconds already reported (periodic mode reports the increase).
+    reported_background: f64,
 }
 
 impl PeState {
@@ -257,7 +297,7 @@ impl PeState {
         for (source, moves) in sources {
             let msg = LbMsg::Moves {
                 coll,
-                step,
+                step: Some(step),
                 root: self.pe as u32,
                 moves,
             };
@@ -282,11 +322,19 @@ impl PeState {
                         coll,
                         index,
                         to: to as usize,
-                        balance: Some((root, step)),
+                        balance: step.map(|s| (root, s)),
                     });
                 }
                 self.run_migrations();
             }
+            LbMsg::Collect { root } => {
+                let report = self.load_report();
+                self.send(
+                    root as usize,
+                    crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(report)),
+                );
+            }
+            report @ LbMsg::Report { .. } => self.periodic_report(report),
             LbMsg::Arrived { coll, step } => {
                 let done = {
                     let mut lb = self.lb.borrow_mut();
@@ -312,6 +360,130 @@ impl PeState {
                     self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
                 }
             }
+        }
+    }
+
+    /// Starts a periodic step (PE 0): every PE reports its loads.
+    pub(crate) fn collect_loads(&self) {
+        if self.lb.borrow().collecting.is_some() {
+            return; // the previous step is still being collected
+        }
+        self.lb.borrow_mut().collecting = Some(Vec::new());
+        for dst in 0..self.num_pes() {
+            self.send(
+                dst,
+                crate::envelope::Envelope::new(
+                    0,
+                    crate::envelope::Control::Balance(LbMsg::Collect {
+                        root: self.pe as u32,
+                    }),
+                ),
+            );
+        }
+    }
+
+    /// This PE's loads since its last report (which restart from zero).
+    fn load_report(&self) -> LbMsg {
+        let mut objects = Vec::new();
+        for (coll, c) in self.collections.borrow().iter() {
+            if !c.mobility.migratable
+                || !matches!(c.shape, Shape::Array { .. } | Shape::Sparse { .. })
+            {
+                continue;
+            }
+            for (index, element) in &c.elements {
+                objects.push((*coll, *index, element.load()));
+                element.set_load(0.0);
+            }
+        }
+        let background = self.times().background;
+        let since = {
+            let mut lb = self.lb.borrow_mut();
+            let since = background - lb.reported_background;
+            lb.reported_background = background;
+            since
+        };
+        LbMsg::Report {
+            pe: self.pe as u32,
+            objects,
+            background: since.max(0.0),
+        }
+    }
+
+    /// A PE's report of a periodic step; balances once every PE reported.
+    fn periodic_report(&self, report: LbMsg) {
+        let complete = {
+            let mut lb = self.lb.borrow_mut();
+            let Some(reports) = lb.collecting.as_mut() else {
+                return;
+            };
+            reports.push(report);
+            if reports.len() == self.num_pes() {
+                lb.collecting.take()
+            } else {
+                None
+            }
+        };
+        let Some(reports) = complete else { return };
+        let Some(strategy) = &self.shared.balance.strategy else {
+            return;
+        };
+        let mut stats = LbStats {
+            pes: (0..self.num_pes()).map(|_| PeStats::new(0.0)).collect(),
+            objects: Vec::new(),
+        };
+        let mut names = Vec::new();
+        for r in reports {
+            if let LbMsg::Report {
+                pe,
+                objects,
+                background,
+            } = r
+            {
+                stats.pes[pe as usize].background_load = background;
+                for (coll, index, load) in objects {
+                    stats
+                        .objects
+                        .push(ObjStats::new(names.len() as u64, pe as usize, load));
+                    names.push((coll, index));
+                }
+            }
+        }
+        let migrations = strategy.balance(&stats);
+        if self.shared.balance.debug {
+            if let Ok((before, after)) = stats.evaluate(&migrations) {
+                println!(
+                    "[LB] periodic ({}): {} objects, {} migrations, max/avg {:.3} -> {:.3}",
+                    strategy.name(),
+                    stats.objects.len(),
+                    migrations.len(),
+                    before.max_over_avg,
+                    after.max_over_avg
+                );
+            }
+        }
+        let mut by_source: FxHashMap<(usize, CollectionId), Vec<(Index, u32)>> =
+            FxHashMap::default();
+        for m in &migrations {
+            let (coll, index) = names[m.obj as usize];
+            by_source
+                .entry((m.from, coll))
+                .or_default()
+                .push((index, m.to as u32));
+        }
+        let mut orders: Vec<_> = by_source.into_iter().collect();
+        orders.sort_by_key(|((pe, coll), _)| (*pe, *coll));
+        for ((source, coll), moves) in orders {
+            let msg = LbMsg::Moves {
+                coll,
+                step: None,
+                root: self.pe as u32,
+                moves,
+            };
+            self.send(
+                source,
+                crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(msg)),
+            );
         }
     }
 

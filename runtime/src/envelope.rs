@@ -235,6 +235,10 @@ impl Envelope {
                     | Control::QdWave
                     | Control::QdProbe
                     | Control::QdCounts { .. }
+                    | Control::Balance(
+                        crate::balance::LbMsg::Collect { .. }
+                            | crate::balance::LbMsg::Report { .. }
+                    )
             ),
         }
     }
@@ -506,7 +510,9 @@ fn call_entry<C: Chare, E: Entry<C>>(
     let start = std::time::Instant::now();
     pe.entry_started.set(start);
     let called = catch_unwind(AssertUnwindSafe(|| E::call(&coro, args)));
-    coro.element().add_load(start.elapsed().as_secs_f64());
+    let took = start.elapsed().as_secs_f64();
+    coro.element().add_load(took);
+    pe.entry_secs.set(pe.entry_secs.get() + took);
     match called {
         Ok(Invoked::Done(v)) => sink.ok(pe, v),
         Ok(Invoked::Suspended(fut)) => pe.spawn(Box::pin(async move {

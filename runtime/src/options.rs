@@ -36,6 +36,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "print objects, migrations and max/avg load before and after each balancing step",
     ),
     (
+        "+LBPeriod SECONDS",
+        "also balance periodically, every SECONDS, without waiting for at_sync (needs +balancer)",
+    ),
+    (
         "+LBDump FILE",
         "write the load data of each balancing step to FILE.<step> (input for lbsim)",
     ),
@@ -60,6 +64,8 @@ pub struct Options {
     pub lb_debug: bool,
     /// Write each balancing step's load data to `<path>.<step>`.
     pub lb_dump: Option<String>,
+    /// Balance every this many milliseconds as well (periodic mode).
+    pub lb_period_ms: Option<u64>,
 }
 
 impl Default for Options {
@@ -73,6 +79,7 @@ impl Default for Options {
             balancer: None,
             lb_debug: false,
             lb_dump: None,
+            lb_period_ms: None,
         }
     }
 }
@@ -145,6 +152,16 @@ impl Options {
                 }
                 "+LBDebug" => opts.lb_debug = true,
                 "+LBDump" => opts.lb_dump = Some(value_of("+LBDump")?),
+                "+LBPeriod" => {
+                    let v = value_of("+LBPeriod")?;
+                    let secs = v.parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());
+                    let secs = secs.ok_or_else(|| {
+                        bad(format!(
+                            "+LBPeriod: `{v}` is not a positive number of seconds"
+                        ))
+                    })?;
+                    opts.lb_period_ms = Some((secs * 1e3).ceil() as u64);
+                }
                 "+idlespin" => {
                     let v = value_of("+idlespin")?;
                     let us = v.parse::<u64>().map_err(|_| {

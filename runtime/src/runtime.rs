@@ -87,6 +87,13 @@ impl Runtime {
         self
     }
 
+    /// Also balance every `period` without waiting for `at_sync` (`+LBPeriod`; needs a
+    /// [`balancer`](Runtime::balancer)).
+    pub fn lb_period(mut self, period: Duration) -> Runtime {
+        self.options.lb_period_ms = Some(period.as_millis().max(1) as u64);
+        self
+    }
+
     /// Print every load-balancing step (`+LBDebug`).
     pub fn lb_debug(mut self, on: bool) -> Runtime {
         self.options.lb_debug = on;

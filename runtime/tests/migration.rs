@@ -245,3 +245,57 @@ fn migration_errors_name_the_problem() {
     let e = Error::NotMigratable { chare: "X" }.to_string();
     assert!(e.contains("#[chare(migratable)]"), "{e}");
 }
+
+/// Works in rounds of self-sends; heavy if it started on PE 0.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Spinner {
+    heavy: bool,
+}
+
+#[chare(migratable)]
+impl Spinner {
+    fn new(ctx: &Ctx<Self>) -> Self {
+        Spinner {
+            heavy: ctx.my_pe() == 0,
+        }
+    }
+
+    #[entry]
+    fn spin(&mut self, ctx: &Ctx<Self>, rounds: u32) {
+        let until = std::time::Instant::now()
+            + std::time::Duration::from_micros(if self.heavy { 1000 } else { 50 });
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        if rounds > 0 {
+            ctx.this_element().spin(rounds - 1);
+        }
+    }
+
+    #[entry]
+    fn place(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(bool, usize)>>) {
+        ctx.gather((self.heavy, ctx.my_pe()), to);
+    }
+}
+
+#[test]
+fn periodic_balancing_moves_load_without_at_sync() {
+    let rt = Runtime::new(2)
+        .affinity(false)
+        .balancer("Greedy")
+        .lb_period(std::time::Duration::from_millis(40));
+    run_job_with(rt, |_| async {
+        let a = Array::<Spinner, usize>::new(8, ());
+        a.spin(150);
+        charmrs::wait_qd().await;
+        let placed = Future::new();
+        a.place(placed);
+        let placed = placed.await;
+        let heavy_on_1 = placed.iter().filter(|(h, pe)| *h && *pe == 1).count();
+        assert!(heavy_on_1 >= 1, "a heavy element moved to PE 1: {placed:?}");
+        let t = charmrs::pe_times();
+        assert!(t.entry > 0.0 && t.wall >= t.entry + t.idle - 1e-6, "{t:?}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

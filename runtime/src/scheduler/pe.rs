@@ -143,6 +143,10 @@ pub(crate) struct PeState {
     pub(crate) lb: RefCell<crate::balance::PeLb>,
     /// When the running entry method started (its element's load is measured from there).
     pub(crate) entry_started: Cell<Instant>,
+    /// Seconds spent in entry methods, idle, and since the PE started (measurement).
+    pub(crate) entry_secs: Cell<f64>,
+    pub(crate) idle_secs: Cell<f64>,
+    pub(crate) started: Instant,
     /// Elements per home PE of mapped and (once sealed) sparse arrays.
     pub(crate) home_counts: RefCell<FxHashMap<CollectionId, Rc<[u32]>>>,
     /// Reduction traffic for sparse arrays that are not sealed yet on this PE.
@@ -227,6 +231,9 @@ impl PeState {
             migrations: RefCell::default(),
             lb: RefCell::default(),
             entry_started: Cell::new(Instant::now()),
+            entry_secs: Cell::new(0.0),
+            idle_secs: Cell::new(0.0),
+            started: Instant::now(),
             home_counts: RefCell::default(),
             unsealed: RefCell::default(),
             inserts_issued: RefCell::default(),
@@ -967,6 +974,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     if let Some(env) = first {
         state.send(pe, env);
     }
+    if pe == 0 {
+        if let Some(period) = shared.balance.period() {
+            state.spawn(crate::balance::periodic(period));
+        }
+    }
     let network = (shared.network_pe.get() == Some(&pe)).then_some(shared.entries);
     while !shared.stopping() {
         if let Some(table) = network {
@@ -1009,7 +1021,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                 let next_timer = state.fire_timers();
                 // Timers may have queued resumptions; only sleep if nothing is runnable.
                 if state.queue.borrow().is_empty() && mailbox.is_empty() {
+                    let since = Instant::now();
                     state.idle(next_timer);
+                    state
+                        .idle_secs
+                        .set(state.idle_secs.get() + since.elapsed().as_secs_f64());
                 }
             }
         }
