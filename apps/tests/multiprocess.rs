@@ -244,3 +244,29 @@ fn results_reductions_when_quiescence_and_the_pool_work_across_processes() {
         assert_eq!(&got[1..], &want, "{args:?}");
     }
 }
+
+#[test]
+fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
+    for args in [["+p4", "++ppn", "2"], ["+p3", "++ppn", "1"]] {
+        let mut all = vec!["++quiet"];
+        all.extend(args);
+        all.extend([
+            env!("CARGO_BIN_EXE_mpcheck"),
+            "mobility",
+            "+balancer",
+            "Rotate",
+        ]);
+        let (out, _) = run(&all, Duration::from_secs(60));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            lines(&out),
+            ["ok migration", "ok sparse", "ok load balancing"],
+            "{args:?}"
+        );
+    }
+}

@@ -151,6 +151,13 @@ pub(crate) enum Control {
         shape: Shape,
         incoming: Incoming,
     },
+    /// Partials nobody on the way up could decode, for the PE that encoded the first of them.
+    ReduceFinish {
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        raws: Vec<crate::reduction::Raw>,
+    },
     /// An allreduce result on its way down the tree.
     ReduceDown {
         coll: CollectionId,
@@ -201,6 +208,7 @@ impl Envelope {
                 | Control::QdProbe
                 | Control::QdCounts { .. } => "quiescence detection",
                 Control::ReduceUp { .. }
+                | Control::ReduceFinish { .. }
                 | Control::ReduceDown { .. }
                 | Control::ReduceDownEncoded { .. } => "reduction",
                 Control::Migrate(_) => "migration",

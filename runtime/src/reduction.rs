@@ -513,10 +513,21 @@ struct Pending {
     expected: usize,
     place: TreePlace,
     part: Option<Part>,
-    /// Partials from child PEs of other processes, still encoded until a local contribution
-    /// says how to decode them (every PE of the tree has local elements).
-    raw: Vec<bytes::Bytes>,
+    /// Partials from other processes, still encoded until a typed contribution here says how to
+    /// decode them. A PE that completes without one passes them on as they are.
+    raw: Vec<Raw>,
 }
+
+/// An encoded partial and the PE that encoded it. That PE keeps how to decode and deliver it
+/// (see [`ReductionTable::foreign`]) in case no PE on the way up can.
+#[derive(Clone)]
+pub(crate) struct Raw {
+    pub(crate) origin: u32,
+    pub(crate) bytes: bytes::Bytes,
+}
+
+/// How many reductions back a PE remembers how to finish a reduction it sent encoded data for.
+const FOREIGN_WINDOW: u64 = 1024;
 
 /// This PE's allreduce contributors of one reduction: their futures and the reduction's kind.
 type AllreduceWaiters = (Vec<(u32, u64)>, Option<Kind>);
@@ -527,6 +538,20 @@ pub(crate) struct ReductionTable {
     pending: FxHashMap<(CollectionId, u64), Pending>,
     /// Futures of this PE's allreduce contributors (and how to decode the result), by reduction.
     everyone: FxHashMap<(CollectionId, u64), AllreduceWaiters>,
+    /// Reductions this PE sent encoded data for to another process: how to decode and where to
+    /// deliver, should the root have no typed contribution (elements that all migrated away from
+    /// their home process). Kept for the last [`FOREIGN_WINDOW`] reductions of a collection.
+    foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec)>,
+}
+
+impl ReductionTable {
+    fn remember_foreign(&mut self, coll: CollectionId, seq: u64, kind: Kind, target: TargetSpec) {
+        self.foreign.insert((coll, seq), (kind, target));
+        if self.foreign.len() > 2 * FOREIGN_WINDOW as usize {
+            self.foreign
+                .retain(|&(c, s), _| c != coll || s + FOREIGN_WINDOW >= seq);
+        }
+    }
 }
 
 impl ReductionTable {
@@ -551,8 +576,8 @@ fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
 pub(crate) enum Incoming {
     /// A local element's contribution or a child PE's partial from this process.
     Typed(Part),
-    /// A child PE's partial from another process, still encoded.
-    Encoded(bytes::Bytes),
+    /// A child PE's partial from another process (or an element's contribution), still encoded.
+    Encoded(Vec<Raw>),
 }
 
 impl PeState {
@@ -578,16 +603,107 @@ impl PeState {
             };
             self.send(home, Envelope::new(0, body));
         } else {
-            let encoded = (part.kind.encode_part)(&*part.data);
-            self.send_reduction_remote(
-                crate::wire::KIND_REDUCE_UP,
+            self.send_up_encoded(coll, seq, shape, home, part);
+        }
+    }
+
+    /// Sends `part` encoded to PE `to` of another process, remembering how to finish the
+    /// reduction in case nobody there can decode it.
+    fn send_up_encoded(&self, coll: CollectionId, seq: u64, shape: Shape, to: usize, part: Part) {
+        self.reductions
+            .borrow_mut()
+            .remember_foreign(coll, seq, part.kind, part.target);
+        let raws = (part.kind.encode_part)(&*part.data).map(|bytes| {
+            vec![Raw {
+                origin: self.pe as u32,
+                bytes: bytes.into(),
+            }]
+        });
+        self.send_raws_remote(false, coll, seq, shape, to, raws);
+    }
+
+    /// Sends encoded partials up to PE `to` of another process (or, with `finish`, to the PE that
+    /// can decode them, to deliver the result).
+    fn send_raws_remote(
+        &self,
+        finish: bool,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        to: usize,
+        raws: Result<Vec<Raw>, String>,
+    ) {
+        self.count_sent();
+        let sent = raws.and_then(|raws| {
+            let msg = crate::wire::raw_reduction_message(
+                finish,
                 coll,
                 seq,
                 shape,
-                home,
-                encoded,
-            );
+                self.pe as u32,
+                to as u32,
+                raws,
+            )?;
+            self.shared
+                .layer
+                .send(self.shared.process_of(to), msg)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: {}: sending to PE {to}: {e}",
+                describe(coll, seq, &shape)
+            ));
         }
+    }
+
+    /// At the PE that encoded one of a reduction's partials: the root had nothing typed to decode
+    /// the partials with, so this PE combines them and delivers the result.
+    pub(crate) fn finish_foreign(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        raws: Vec<Raw>,
+    ) {
+        let found = self.reductions.borrow_mut().foreign.remove(&(coll, seq));
+        let Some((kind, target)) = found else {
+            return self.abort_job(format!(
+                "charmrs: {}: PE {} was asked to finish it but no longer knows how (more than {FOREIGN_WINDOW} reductions ago?)",
+                describe(coll, seq, &shape),
+                self.pe
+            ));
+        };
+        if matches!(target, TargetSpec::Everyone) {
+            return self.abort_job(format!(
+                "charmrs: {}: an allreduce whose root PE has no element left in its process is not supported yet",
+                describe(coll, seq, &shape)
+            ));
+        }
+        let mut data: Option<Box<dyn Any + Send>> = None;
+        for raw in raws {
+            let value = match (kind.decode_part)(&raw.bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    return self.abort_job(format!(
+                        "charmrs: {}: a partial from PE {}: {e}",
+                        describe(coll, seq, &shape),
+                        raw.origin
+                    ))
+                }
+            };
+            match data.as_mut() {
+                None => data = Some(value),
+                Some(acc) => {
+                    if let Err(e) = (kind.combine)(acc, value, kind.op) {
+                        return self
+                            .abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)));
+                    }
+                }
+            }
+        }
+        let Some(data) = data else { return };
+        self.deliver_result(coll, seq, shape, Part { data, kind, target });
     }
 
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
@@ -622,8 +738,8 @@ impl PeState {
             p.got += 1;
             let merged = match incoming {
                 Incoming::Typed(part) => merge(p, part),
-                Incoming::Encoded(bytes) => {
-                    p.raw.push(bytes);
+                Incoming::Encoded(raws) => {
+                    p.raw.extend(raws);
                     Ok(())
                 }
             }
@@ -640,11 +756,41 @@ impl PeState {
         };
         let Some(done) = complete else { return };
         let Some(part) = done.part else {
-            return self.abort_job(format!(
-                "charmrs: {}: PE {} completed without a contribution of its own",
-                describe(coll, seq, &shape),
-                self.pe
-            ));
+            // Everything here came encoded from other processes (this PE's elements all live
+            // elsewhere): pass it on as it is.
+            let raws = done.raw;
+            let Some(first) = raws.first().map(|r| r.origin as usize) else {
+                return self.abort_job(format!(
+                    "charmrs: {}: PE {} completed without any contribution",
+                    describe(coll, seq, &shape),
+                    self.pe
+                ));
+            };
+            let (to, finish) = match done.place.parent {
+                Some(parent) => (parent, false),
+                None => (first, true),
+            };
+            if self.shared.mailbox(to).is_some() {
+                let body = if finish {
+                    Control::ReduceFinish {
+                        coll,
+                        seq,
+                        shape,
+                        raws,
+                    }
+                } else {
+                    Control::ReduceUp {
+                        coll,
+                        seq,
+                        shape,
+                        incoming: Incoming::Encoded(raws),
+                    }
+                };
+                self.send(to, Envelope::new(0, body));
+            } else {
+                self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
+            }
+            return;
         };
         match done.place.parent {
             Some(parent) if self.shared.mailbox(parent).is_some() => {
@@ -656,17 +802,7 @@ impl PeState {
                 };
                 self.send(parent, Envelope::new(0, body));
             }
-            Some(parent) => {
-                let encoded = (part.kind.encode_part)(&*part.data);
-                self.send_reduction_remote(
-                    crate::wire::KIND_REDUCE_UP,
-                    coll,
-                    seq,
-                    shape,
-                    parent,
-                    encoded,
-                );
-            }
+            Some(parent) => self.send_up_encoded(coll, seq, shape, parent, part),
             None => self.deliver_result(coll, seq, shape, part),
         }
     }
@@ -843,9 +979,9 @@ fn decode_raw(p: &mut Pending) -> Result<(), String> {
     let Some(acc) = p.part.as_mut() else {
         return Ok(());
     };
-    for bytes in p.raw.drain(..) {
-        let value = (acc.kind.decode_part)(&bytes)
-            .map_err(|e| format!("a partial from another process: {e}"))?;
+    for raw in p.raw.drain(..) {
+        let value = (acc.kind.decode_part)(&raw.bytes)
+            .map_err(|e| format!("a partial from PE {}: {e}", raw.origin))?;
         (acc.kind.combine)(&mut acc.data, value, acc.kind.op)?;
     }
     Ok(())

@@ -44,6 +44,37 @@ pub(crate) const KIND_REDUCE_DOWN: u8 = 9;
 struct ReductionMeta {
     coll: CollectionId,
     shape: Shape,
+    /// Up: the PE that encoded each value (segments 1..), and whether this is a request to
+    /// finish the reduction (see [`crate::reduction::Raw`]). Down: empty.
+    origins: Vec<u32>,
+    finish: bool,
+}
+
+/// Encoded partials of a reduction for PE `dst` of another process: segment 0 names the
+/// reduction and the partials' origins, segments 1.. are the partials.
+pub(crate) fn raw_reduction_message(
+    finish: bool,
+    coll: CollectionId,
+    seq: u64,
+    shape: Shape,
+    src_pe: u32,
+    dst_pe: u32,
+    raws: Vec<crate::reduction::Raw>,
+) -> Result<Message, String> {
+    let mut m = Message::new(Header::new(KIND_REDUCE_UP, src_pe, dst_pe, seq));
+    let meta = ReductionMeta {
+        coll,
+        shape,
+        origins: raws.iter().map(|r| r.origin).collect(),
+        finish,
+    };
+    let meta = postcard::to_stdvec(&meta).map_err(|e| e.to_string())?;
+    m.push_segment(Bytes::from(meta))
+        .map_err(|e| e.to_string())?;
+    for r in raws {
+        m.push_segment(r.bytes).map_err(|e| e.to_string())?;
+    }
+    Ok(m)
 }
 
 /// A reduction partial (up) or allreduce result (down) for PE `dst` of another process: segment 0
@@ -58,7 +89,13 @@ pub(crate) fn reduction_message(
     value: Vec<u8>,
 ) -> Result<Message, String> {
     let mut m = Message::new(Header::new(kind, src_pe, dst_pe, seq));
-    let meta = postcard::to_stdvec(&ReductionMeta { coll, shape }).map_err(|e| e.to_string())?;
+    let meta = postcard::to_stdvec(&ReductionMeta {
+        coll,
+        shape,
+        origins: Vec::new(),
+        finish: false,
+    })
+    .map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(meta))
         .map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(value))
@@ -70,30 +107,59 @@ pub(crate) fn reduction_message(
 pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
     use crate::reduction::Incoming;
     let header = msg.header();
-    let [meta, value] = msg.segments() else {
-        return Err(format!(
-            "a reduction message with {} segments instead of 2",
-            msg.segments().len()
-        ));
+    let [meta, values @ ..] = msg.segments() else {
+        return Err("a reduction message without segments".into());
     };
     let meta: ReductionMeta = decode_exact(meta).map_err(|e| format!("reduction metadata: {e}"))?;
-    let (coll, seq, shape, bytes) = (meta.coll, header.tag, meta.shape, value.clone());
-    Ok(Envelope::new(
-        0,
-        if header.kind == KIND_REDUCE_UP {
+    let (coll, seq, shape) = (meta.coll, header.tag, meta.shape);
+    if header.kind == KIND_REDUCE_UP {
+        if values.is_empty() || values.len() != meta.origins.len() {
+            return Err(format!(
+                "a reduction partial with {} values and {} origins",
+                values.len(),
+                meta.origins.len()
+            ));
+        }
+        let raws: Vec<crate::reduction::Raw> = meta
+            .origins
+            .iter()
+            .zip(values)
+            .map(|(&origin, bytes)| crate::reduction::Raw {
+                origin,
+                bytes: bytes.clone(),
+            })
+            .collect();
+        let control = if meta.finish {
+            Control::ReduceFinish {
+                coll,
+                seq,
+                shape,
+                raws,
+            }
+        } else {
             Control::ReduceUp {
                 coll,
                 seq,
                 shape,
-                incoming: Incoming::Encoded(bytes),
+                incoming: Incoming::Encoded(raws),
             }
-        } else {
-            Control::ReduceDownEncoded {
-                coll,
-                seq,
-                shape,
-                bytes,
-            }
+        };
+        return Ok(Envelope::new(0, control));
+    }
+    let [bytes] = values else {
+        return Err(format!(
+            "an allreduce result with {} values instead of 1",
+            values.len()
+        ));
+    };
+    let bytes = bytes.clone();
+    Ok(Envelope::new(
+        0,
+        Control::ReduceDownEncoded {
+            coll,
+            seq,
+            shape,
+            bytes,
         },
     ))
 }

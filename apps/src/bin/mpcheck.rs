@@ -2,7 +2,10 @@
 //! - `panic`: an entry method panics on the last PE (the job must abort, naming it);
 //! - `hang`: every PE stays busy forever (a test kills one process and watches the rest);
 //! - `features`: exercises results, gathers, reductions, allreduce, `when`, quiescence detection
-//!   and nested pool tasks across processes, printing one `ok …` line per feature.
+//!   and nested pool tasks across processes, printing one `ok …` line per feature;
+//! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
+//!   array with a map inserted from every PE, and an AtSync step that moves every element to the
+//!   next PE — all across processes.
 
 use charmrs::prelude::*;
 use charmrs::{pool, Reducer};
@@ -129,6 +132,132 @@ async fn features() {
     charmrs::exit(0);
 }
 
+/// SplitMix64.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+const WANDERERS: usize = 24;
+const MESSAGES_EACH: u64 = 400;
+
+// Sparse homes: the last coordinate, modulo the PEs.
+charmrs::array_map!(BY_LAST = |index, pes| index.get(index.dims() - 1) % pes);
+
+/// A migratable element that counts what it receives and moves now and then.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wanderer {
+    received: u64,
+    id_sum: u64,
+    built_on: usize,
+    synced_on: usize,
+}
+
+#[chare(migratable)]
+impl Wanderer {
+    fn new(ctx: &Ctx<Self>) -> Self {
+        Wanderer {
+            received: 0,
+            id_sum: 0,
+            built_on: ctx.my_pe(),
+            synced_on: usize::MAX,
+        }
+    }
+
+    #[entry]
+    fn start(&mut self, ctx: &Ctx<Self>) {
+        let me = ctx.raw_index().get(0) as u64;
+        let array = ctx.this_proxy();
+        for k in 0..MESSAGES_EACH {
+            let id = me << 32 | k;
+            let to = (mix(id) % WANDERERS as u64) as usize;
+            array.at(to).take(id);
+        }
+    }
+
+    #[entry]
+    fn take(&mut self, ctx: &Ctx<Self>, id: u64) {
+        self.received += 1;
+        self.id_sum = self.id_sum.wrapping_add(id);
+        let r = mix(id ^ 0xabc);
+        if r % 53 == 0 {
+            ctx.migrate((r >> 8) as usize % ctx.num_pes()).unwrap();
+        }
+    }
+
+    #[entry]
+    fn report(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(u64, u64)>>) {
+        ctx.gather((self.received, self.id_sum), to);
+    }
+
+    #[entry]
+    fn sync(&mut self, ctx: &Ctx<Self>, resumed: Future<()>) {
+        self.synced_on = ctx.my_pe();
+        ctx.at_sync(resumed);
+    }
+
+    #[entry]
+    fn moved(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(usize, usize)>>) {
+        ctx.gather((self.synced_on, ctx.my_pe()), to);
+    }
+
+    #[entry]
+    fn built(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(usize, usize)>>) {
+        ctx.gather((self.built_on, ctx.raw_index().get(1)), to);
+    }
+}
+
+async fn mobility() {
+    let p = charmrs::num_pes();
+    let a = Array::<Wanderer, usize>::new(WANDERERS, ());
+    a.start();
+    charmrs::wait_qd().await;
+    let got = Future::new();
+    a.report(got);
+    let got = got.await;
+    let mut want = vec![(0u64, 0u64); WANDERERS];
+    for s in 0..WANDERERS as u64 {
+        for k in 0..MESSAGES_EACH {
+            let id = s << 32 | k;
+            let t = (mix(id) % WANDERERS as u64) as usize;
+            want[t].0 += 1;
+            want[t].1 = want[t].1.wrapping_add(id);
+        }
+    }
+    assert_eq!(got, want);
+    println!("ok migration");
+
+    let sparse = Array::<Wanderer, (usize, usize)>::new_sparse(Some(&BY_LAST));
+    for k in 0..40usize {
+        sparse.insert((k % 7, k), (), None);
+    }
+    sparse.done_inserting().await;
+    let built = Future::new();
+    sparse.built(built);
+    let built = built.await;
+    assert_eq!(built.len(), 40);
+    assert!(built.iter().all(|&(pe, last)| pe == last % p), "{built:?}");
+    println!("ok sparse");
+
+    let resumed = Future::new();
+    a.sync(resumed);
+    resumed.await;
+    let moved = Future::new();
+    a.moved(moved);
+    let moved = moved.await;
+    assert!(
+        moved.iter().all(|&(before, now)| now == (before + 1) % p),
+        "Rotate moves every element to the next PE: {moved:?}"
+    );
+    let got = Future::new();
+    a.report(got);
+    assert_eq!(got.await, want, "state survived the moves");
+    println!("ok load balancing");
+    charmrs::exit(0);
+}
+
 fn main() {
     charmrs::start(|args| async move {
         match args.get(1).map(String::as_str) {
@@ -138,7 +267,8 @@ fn main() {
                 Group::<Victim>::new(()).hang();
             }
             Some("features") => features().await,
-            _ => charmrs::abort("usage: mpcheck panic|hang|features"),
+            Some("mobility") => mobility().await,
+            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility"),
         }
     })
 }

@@ -677,6 +677,12 @@ impl PeState {
                 shape,
                 incoming,
             } => self.reduce(coll, seq, shape, incoming),
+            Control::ReduceFinish {
+                coll,
+                seq,
+                shape,
+                raws,
+            } => self.finish_foreign(coll, seq, shape, raws),
             Control::ReduceDown {
                 coll,
                 seq,
