@@ -36,6 +36,8 @@ usage: lbsim [options]
   --threads T            worker threads of HierarchicalLB (default: all cores)
   --stencil-run ITERS    simulate a whole stencil-imbalance run of ITERS iterations, balancing
                          every --lb-period iterations (default 30); reports time and speedup
+  --lb-first K           with --stencil-run: also balance after iteration K (stencil3d's
+                         --lb-warmup; default 0: no early step)
   -h, --help             this text";
 
 struct Options {
@@ -47,6 +49,7 @@ struct Options {
     threads: Option<usize>,
     stencil_run: Option<u32>,
     lb_period: u32,
+    lb_first: u32,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
@@ -59,6 +62,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         threads: None,
         stencil_run: None,
         lb_period: 30,
+        lb_first: 0,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -98,6 +102,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             "--threads" => o.threads = Some(num(name, value()?)?),
             "--stencil-run" => o.stencil_run = Some(num(name, value()?)?),
             "--lb-period" => o.lb_period = num(name, value()?)?,
+            "--lb-first" => o.lb_first = num(name, value()?)?,
             _ => return Err(format!("unknown option '{flag}'")),
         }
     }
@@ -154,11 +159,16 @@ fn stencil_run(o: &Options, iters: u32) -> Result<(), String> {
     first.validate()?;
     println!(
         "stencil-imbalance run: {} PEs, {} objects ({} per PE), {iters} iterations, balancing \
-         every {} iterations; time = sum over iterations of the max PE load",
+         every {} iterations{}; time = sum over iterations of the max PE load",
         first.pes.len(),
         first.objects.len(),
         first.objects.len() as f64 / first.pes.len() as f64,
-        o.lb_period
+        o.lb_period,
+        if o.lb_first > 0 {
+            format!(" and after iteration {}", o.lb_first)
+        } else {
+            String::new()
+        }
     );
     let run = |s: Option<&dyn Strategy>| -> Result<(f64, usize, f64), String> {
         let mut placement: Vec<usize> = first.objects.iter().map(|o| o.pe).collect();
@@ -173,7 +183,8 @@ fn stencil_run(o: &Options, iters: u32) -> Result<(), String> {
                 }
             }
             time += stats.summary().max;
-            if let Some(s) = s.filter(|_| t % o.lb_period == 0 && t < iters) {
+            let due = t % o.lb_period == 0 || (o.lb_first > 0 && t == o.lb_first);
+            if let Some(s) = s.filter(|_| due && t < iters) {
                 let clock = Instant::now();
                 let m = s.balance(&stats);
                 lb_secs += clock.elapsed().as_secs_f64();
