@@ -270,3 +270,36 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
         );
     }
 }
+
+#[test]
+fn stencil3d_balances_across_processes() {
+    let (out, _) = run(
+        &[
+            "++quiet",
+            "+p4",
+            "++ppn",
+            "2",
+            env!("CARGO_BIN_EXE_stencil3d"),
+            "--imbalance",
+            "--iters",
+            "12",
+            "--edge",
+            "6",
+            "--lb-period",
+            "5",
+            "+balancer",
+            "GreedyRefine",
+            "+LBDebug",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = lines(&out);
+    assert_eq!(got.iter().filter(|l| l.starts_with("[LB] step")).count(), 3, "{got:?}");
+    assert!(got.last().unwrap().starts_with("Total time: "), "{got:?}");
+}

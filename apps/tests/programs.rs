@@ -172,3 +172,46 @@ fn every_program_survives_the_wire_format() {
         assert!(out.contains(needle), "{bin}: {out}");
     }
 }
+
+#[test]
+fn stencil3d_balances_and_reports_its_total_time() {
+    for p in ["+p1", "+p4"] {
+        let got = lines_ok(
+            env!("CARGO_BIN_EXE_stencil3d"),
+            &[
+                p,
+                "--imbalance",
+                "--iters",
+                "12",
+                "--edge",
+                "6",
+                "--lb-period",
+                "5",
+                "--print-every",
+                "4",
+                "+balancer",
+                "GreedyRefine",
+                "+LBDebug",
+            ],
+        );
+        assert!(got[0].starts_with("stencil3d:"), "{got:?}");
+        let steps = got.iter().filter(|l| l.starts_with("[LB] step")).count();
+        assert_eq!(steps, 3, "after iterations 3, 5 and 10: {got:?}");
+        assert_eq!(
+            got.iter().filter(|l| l.contains("ms/step")).count(),
+            3,
+            "{got:?}"
+        );
+        assert!(got[got.len() - 2].starts_with("measured load per PE"), "{got:?}");
+        let last = got.last().unwrap();
+        let secs: f64 = last
+            .strip_prefix("Total time: ")
+            .and_then(|s| s.strip_suffix(" s"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("last line: {last}"));
+        assert!(secs > 0.0);
+    }
+    let out = run(env!("CARGO_BIN_EXE_stencil3d"), &["+p2", "--blocks-per-pe", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks-per-pe must be 1, 2, 4 or 8"));
+}
