@@ -111,7 +111,7 @@ pub(crate) fn at_sync_part(coll: CollectionId, mut record: LbRecord, resume: Tar
         if let Some(element) = cols.get(&coll).and_then(|c| c.find(&record.index)) {
             // The running entry (which called `at_sync`) counts up to now; the rest of it counts
             // towards the next step, when its end adds its whole duration.
-            let so_far = pe.entry_started.get().elapsed().as_secs_f64();
+            let so_far = pe.mark.get().elapsed().as_secs_f64();
             record.load = element.load() + so_far;
             element.set_load(-so_far);
         }

@@ -515,10 +515,11 @@ fn call_entry<C: Chare, E: Entry<C>>(
     site: Site,
 ) {
     let coro = Coro::new(element);
-    let start = std::time::Instant::now();
-    pe.entry_started.set(start);
     let called = catch_unwind(AssertUnwindSafe(|| E::call(&coro, args)));
-    let took = start.elapsed().as_secs_f64();
+    // One clock read per entry: it is charged the time since the previous mark (the end of the
+    // previous entry, or the PE waking up), so runtime work between two entries counts towards
+    // the second.
+    let took = pe.clock_mark();
     coro.element().add_load(took);
     pe.entry_secs.set(pe.entry_secs.get() + took);
     match called {

@@ -141,8 +141,9 @@ pub(crate) struct PeState {
     pub(crate) migrations: RefCell<Vec<crate::migration::Request>>,
     /// Load measurement and balancing state of this PE.
     pub(crate) lb: RefCell<crate::balance::PeLb>,
-    /// When the running entry method started (its element's load is measured from there).
-    pub(crate) entry_started: Cell<Instant>,
+    /// The last measurement boundary: the end of the previous entry, or the PE waking up (the
+    /// running entry is charged the time since).
+    pub(crate) mark: Cell<Instant>,
     /// Seconds spent in entry methods, idle, and since the PE started (measurement).
     pub(crate) entry_secs: Cell<f64>,
     pub(crate) idle_secs: Cell<f64>,
@@ -230,7 +231,7 @@ impl PeState {
             locations: RefCell::default(),
             migrations: RefCell::default(),
             lb: RefCell::default(),
-            entry_started: Cell::new(Instant::now()),
+            mark: Cell::new(Instant::now()),
             entry_secs: Cell::new(0.0),
             idle_secs: Cell::new(0.0),
             started: Instant::now(),
@@ -238,6 +239,15 @@ impl PeState {
             unsealed: RefCell::default(),
             inserts_issued: RefCell::default(),
         }
+    }
+
+    /// Reads the clock once: returns the seconds since the last mark and moves the mark here.
+    #[inline]
+    pub(crate) fn clock_mark(&self) -> f64 {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(self.mark.get());
+        self.mark.set(now);
+        took.as_secs_f64()
     }
 
     /// Number of PEs in the job.
@@ -1029,9 +1039,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                 if state.queue.borrow().is_empty() && mailbox.is_empty() {
                     let since = Instant::now();
                     state.idle(next_timer);
+                    let woke = Instant::now();
                     state
                         .idle_secs
-                        .set(state.idle_secs.get() + since.elapsed().as_secs_f64());
+                        .set(state.idle_secs.get() + (woke - since).as_secs_f64());
+                    state.mark.set(woke);
                 }
             }
         }
