@@ -159,6 +159,13 @@ impl Inbox {
         st.errors.push_back(TransportError::PeerLost { process: p, reason });
     }
 
+    /// Whether a message from `p` arrived.
+    pub(crate) fn heard_from(&self, p: ProcessId) -> bool {
+        let st = self.state.borrow();
+        let s = &st.sources[p as usize];
+        s.next > 0 || !s.waiting.is_empty()
+    }
+
     /// Whether `p` was reported lost.
     pub(crate) fn lost(&self, p: ProcessId) -> bool {
         self.state.borrow().sources[p as usize].lost

@@ -11,11 +11,16 @@ use charmrs_transport::{
 };
 use crossbeam_queue::SegQueue;
 
+use crate::liveness::Identity;
 use crate::wake::{wait_readable, EventFd, Watcher};
 use crate::worker::{Progressing, Worker, WorkerConfig};
 
 /// Bootstrap key under which each process publishes its UCX worker address.
 pub const ADDR_KEY: &str = "ucx-worker-address";
+
+/// Bootstrap key under which each process publishes where it runs (for the
+/// same-host liveness check).
+const IDENTITY_KEY: &str = "ucx-identity";
 
 /// Magic opening the `rkey` bytes of a [`RemoteKey`] made by this layer.
 const RKEY_MAGIC: &[u8; 4] = b"UCXK";
@@ -79,6 +84,10 @@ struct Locked {
     worker: Worker,
     /// Since when `progress` has found nothing (for arming with a hook).
     idle_since: Option<Instant>,
+    /// Same-host peers whose process can be checked (index = rank).
+    identities: Vec<Option<Identity>>,
+    /// When the peers' processes were last checked.
+    last_check: Instant,
 }
 
 /// A UCX memory handle, movable to the thread that drops a region.
@@ -217,8 +226,11 @@ impl UcxLayer {
             wakeup: cfg.wakeup,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
+        let me = Identity::current();
         bootstrap.put(ADDR_KEY, &address)?;
+        bootstrap.put(IDENTITY_KEY, &me.encode())?;
         bootstrap.fence()?;
+        let mut identities = Vec::with_capacity(size as usize);
         let mut addresses = Vec::with_capacity(size as usize);
         for r in 0..size {
             let a = if r == rank {
@@ -226,6 +238,15 @@ impl UcxLayer {
             } else {
                 bootstrap.get(r, ADDR_KEY)?
             };
+            identities.push(if r == rank {
+                None
+            } else {
+                bootstrap
+                    .get(r, IDENTITY_KEY)
+                    .ok()
+                    .and_then(|b| Identity::decode(&b))
+                    .filter(|i| me.comparable(i))
+            });
             if a.is_empty() {
                 return Err(TransportError::Bootstrap(format!(
                     "process {r} published an empty UCX worker address"
@@ -243,6 +264,8 @@ impl UcxLayer {
             locked: Mutex::new(Locked {
                 worker,
                 idle_since: None,
+                identities,
+                last_check: Instant::now(),
             }),
             queue: SegQueue::new(),
             loopback: SegQueue::new(),
@@ -343,6 +366,34 @@ impl UcxLayer {
         }
     }
 
+    /// Progresses (without delivering: arrivals stay queued for the next
+    /// `progress`) until every queued and in-flight operation of this
+    /// process completed, or `timeout` passes. Returns whether everything
+    /// completed.
+    ///
+    /// # Errors
+    ///
+    /// None today; reserved for failures of the worker.
+    pub fn flush(&self, timeout: Duration) -> Result<bool, TransportError> {
+        let s = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut l = lock(&s.locked);
+                s.run_queue(&mut l);
+                let _p = Progressing::enter(&l.worker);
+                l.worker.progress_once();
+                if l.worker.inbox.state.borrow().in_flight == 0 && s.queue.is_empty() {
+                    return Ok(true);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::yield_now();
+        }
+    }
+
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
         if p < self.shared.size {
             Ok(())
@@ -432,6 +483,24 @@ impl Shared {
         w.get(src, key.addr, len, &r[8..], header)
     }
 
+    /// Reports the same-host peers this process talked with whose process
+    /// is gone (see [`crate::liveness`]).
+    fn check_peers(&self, l: &mut Locked) {
+        l.last_check = Instant::now();
+        for p in 0..self.size {
+            let Some(id) = &l.identities[p as usize] else {
+                continue;
+            };
+            if l.worker.talked_with(p) && !l.worker.is_lost(p) && !id.alive() {
+                l.worker.inbox.peer_failed(
+                    p,
+                    format!("its process (pid {}) no longer exists", id.pid()),
+                );
+                l.identities[p as usize] = None;
+            }
+        }
+    }
+
     /// After releasing the worker: if another thread queued work meanwhile
     /// (and found the worker busy), run it now.
     fn after_unlock(&self) {
@@ -504,12 +573,18 @@ impl MachineLayer for UcxLayer {
         {
             let mut l = lock(&s.locked);
             s.run_queue(&mut l);
-            {
+            let busy = {
                 let _p = Progressing::enter(&l.worker);
                 let mut rounds = 0;
-                while l.worker.progress_once() && rounds < 8 {
+                let mut busy = l.worker.progress_once();
+                while busy && rounds < 8 {
+                    busy = l.worker.progress_once();
                     rounds += 1;
                 }
+                busy
+            };
+            if !busy && l.last_check.elapsed() >= s.cfg.keepalive {
+                s.check_peers(&mut l);
             }
             l.worker.close_failed();
             {
@@ -637,8 +712,11 @@ impl MachineLayer for UcxLayer {
         Ok(())
     }
 
-    /// The bootstrap's fence (all processes).
+    /// Completes this process's outstanding sends first (UCX may need this
+    /// process's progress for them, e.g. to finish endpoint wire-up), then
+    /// the bootstrap's fence (all processes).
     fn barrier(&self) -> Result<(), TransportError> {
+        self.flush(self.shared.cfg.linger)?;
         self.bootstrap.fence()
     }
 

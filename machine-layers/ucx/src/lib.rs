@@ -29,6 +29,10 @@
 //! * **Wake-up**: `progress_wait` sleeps on the worker's event fd after
 //!   `ucp_worker_arm`; `set_wakeup` is supported through a watcher thread
 //!   on the same fd.
+//! * **Lost peers**: endpoints use peer error handling; on one host the
+//!   layer also checks its peers' `/proc` entries once per keep-alive
+//!   interval ([`UcxConfig::keepalive`]), since UCX's shared-memory
+//!   transports do not reliably report a dead peer themselves.
 //! * **Remote reads**: `register` = `ucp_mem_map` + packed rkey;
 //!   `get` = `ucp_get_nbx`.
 //!
@@ -49,6 +53,7 @@
 
 mod inbox;
 mod layer;
+mod liveness;
 mod status;
 mod wake;
 pub mod wire;

@@ -316,6 +316,11 @@ impl Worker {
         }
     }
 
+    /// Whether this process sent to or received from `p`.
+    pub(crate) fn talked_with(&self, p: ProcessId) -> bool {
+        self.talked[p as usize] || self.inbox.heard_from(p)
+    }
+
     /// Whether `p` was lost (endpoint failed or reported lost).
     pub(crate) fn is_lost(&self, p: ProcessId) -> bool {
         matches!(self.eps[p as usize], Ep::Failed) || self.inbox.lost(p)
@@ -481,7 +486,7 @@ impl Worker {
     pub(crate) fn say_goodbye(&mut self) {
         let rank = self.rank.to_le_bytes();
         for p in 0..self.eps.len() as ProcessId {
-            if p == self.rank || !self.talked[p as usize] || self.is_lost(p) {
+            if p == self.rank || !self.talked_with(p) || self.is_lost(p) {
                 continue;
             }
             let Ok(ep) = self.ep(p) else { continue };

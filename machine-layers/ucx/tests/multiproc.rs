@@ -24,6 +24,8 @@ struct Job {
     _server: KvServer,
     children: Vec<Child>,
     lines: mpsc::Receiver<(usize, String)>,
+    /// Lines received but not yet matched.
+    seen: Vec<(usize, String)>,
 }
 
 impl Job {
@@ -60,17 +62,25 @@ impl Job {
             _server: server,
             children,
             lines,
+            seen: Vec::new(),
         }
     }
 
     /// Waits for a line from `rank` starting with `prefix`.
-    fn expect_line(&self, rank: usize, prefix: &str, within: Duration) -> String {
+    fn expect_line(&mut self, rank: usize, prefix: &str, within: Duration) -> String {
+        if let Some(i) = self
+            .seen
+            .iter()
+            .position(|(r, l)| *r == rank && l.starts_with(prefix))
+        {
+            return self.seen.remove(i).1;
+        }
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok((r, l)) if r == rank && l.starts_with(prefix) => return l,
-                Ok(_) => {}
+                Ok(other) => self.seen.push(other),
                 Err(_) => panic!("rank {rank} printed no {prefix:?} line within {within:?}"),
             }
         }

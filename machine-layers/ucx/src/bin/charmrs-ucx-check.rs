@@ -282,6 +282,7 @@ fn wake(layer: &UcxLayer) {
         fail("wake needs exactly 2 processes".into());
     }
     let delay = Duration::from_millis(300);
+    let early_done = Cell::new(false);
     let bar = |what: &str| {
         if let Err(e) = layer.barrier() {
             fail(format!("rank {me}: barrier before {what}: {e}"));
@@ -293,7 +294,16 @@ fn wake(layer: &UcxLayer) {
         std::thread::sleep(delay);
         send(layer, 0, Message::new(Header::new(KIND_DATA, 1, 0, 1)));
         let acked = Cell::new(false);
-        progress_until(layer, "ack 1", 20, |_, _| acked.set(true), || acked.get());
+        progress_until(
+            layer,
+            "ack 1",
+            20,
+            |_, m| match m.header().kind {
+                KIND_DONE => early_done.set(true),
+                _ => acked.set(true),
+            },
+            || acked.get(),
+        );
     } else {
         let (t, c) = (Instant::now(), cpu_time());
         let mut got = Vec::new();
@@ -317,7 +327,16 @@ fn wake(layer: &UcxLayer) {
         std::thread::sleep(delay);
         send(layer, 0, Message::new(Header::new(KIND_DATA, 1, 0, 2)));
         let acked = Cell::new(false);
-        progress_until(layer, "ack 2", 20, |_, _| acked.set(true), || acked.get());
+        progress_until(
+            layer,
+            "ack 2",
+            20,
+            |_, m| match m.header().kind {
+                KIND_DONE => early_done.set(true),
+                _ => acked.set(true),
+            },
+            || acked.get(),
+        );
     } else {
         let (tx, rx) = mpsc::sync_channel::<()>(16);
         if !MachineLayer::set_wakeup(layer, Box::new(move || {
@@ -343,7 +362,7 @@ fn wake(layer: &UcxLayer) {
         println!("hook woke the parked thread after {:?} ({woke} wake-ups)", t.elapsed());
         send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 2)));
     }
-    finish(layer, vec![false; 2], &mut |_, _| {});
+    finish(layer, vec![early_done.get(); 2], &mut |_, _| {});
     println!("OK wake rank {me}");
 }
 
