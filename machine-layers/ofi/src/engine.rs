@@ -251,7 +251,10 @@ impl Engine {
             })));
             let ret = e.post_recv(i);
             if ret < 0 {
-                return Err(ofi_error("fi_recv (pre-posting the receive pool)", ret as i64));
+                return Err(ofi_error(
+                    "fi_recv (pre-posting the receive pool)",
+                    ret as i64,
+                ));
             }
         }
         Ok(e)
@@ -481,7 +484,10 @@ impl Engine {
         if ret == -(sys::FI_EAGAIN as isize) {
             Ok(Some(back(op.kind)))
         } else {
-            Err(format!("posting to it failed: {} ({ret})", strerror(ret as i64)))
+            Err(format!(
+                "posting to it failed: {} ({ret})",
+                strerror(ret as i64)
+            ))
         }
     }
 
@@ -602,8 +608,7 @@ impl Engine {
                 self.read_error();
                 handled += 1;
             } else {
-                self.errors
-                    .push_back(ofi_error("fi_cq_read", ret as i64));
+                self.errors.push_back(ofi_error("fi_cq_read", ret as i64));
                 break;
             }
         }
@@ -643,8 +648,7 @@ impl Engine {
                 // SAFETY: the read of `capacity` bytes completed
                 // successfully, so the provider wrote all of them.
                 unsafe { buf.set_len(buf.capacity()) };
-                match Message::with_segments(Header::new(kind, 0, 0, tag), vec![Bytes::from(buf)])
-                {
+                match Message::with_segments(Header::new(kind, 0, 0, tag), vec![Bytes::from(buf)]) {
                     Ok(m) => self.ready.push((src, m)),
                     Err(e) => self.errors.push_back(e),
                 }
@@ -733,7 +737,8 @@ impl Engine {
         self.pending[p as usize].clear();
         self.urgent.retain(|(q, _)| *q != p);
         self.rndv_out.retain(|_, r| r.dst != p);
-        self.errors.push_back(TransportError::PeerLost { process: p, reason });
+        self.errors
+            .push_back(TransportError::PeerLost { process: p, reason });
     }
 
     /// Handles the packet in receive buffer `i` (`n` bytes).
@@ -924,7 +929,10 @@ impl Engine {
     pub(crate) fn shutdown(&mut self, linger: Duration) {
         for p in 0..self.addrs.len() as ProcessId {
             if p != self.rank && self.status[p as usize].load(Ordering::Relaxed) == ALIVE {
-                self.queue(p, Out::Ctl(wire::preamble(wire::PKT_BYE, self.rank).to_vec()));
+                self.queue(
+                    p,
+                    Out::Ctl(wire::preamble(wire::PKT_BYE, self.rank).to_vec()),
+                );
             }
         }
         let until = Instant::now() + linger;

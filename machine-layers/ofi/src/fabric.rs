@@ -281,7 +281,11 @@ impl Fabric {
             )?;
             check(
                 "fi_ep_bind (completion queue)",
-                sys::fi_ep_bind(self.ep, &mut (*self.cq).fid, sys::FI_TRANSMIT | sys::FI_RECV),
+                sys::fi_ep_bind(
+                    self.ep,
+                    &mut (*self.cq).fid,
+                    sys::FI_TRANSMIT | sys::FI_RECV,
+                ),
             )?;
             check(
                 "fi_ep_bind (address vector)",

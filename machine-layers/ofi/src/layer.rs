@@ -253,7 +253,10 @@ impl OfiLayer {
         let host = host_id();
         bootstrap.put(ADDR_KEY, &name)?;
         bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;
-        bootstrap.put(HOST_KEY, format!("{host} {}", std::process::id()).as_bytes())?;
+        bootstrap.put(
+            HOST_KEY,
+            format!("{host} {}", std::process::id()).as_bytes(),
+        )?;
         bootstrap.fence()?;
         let mut names = Vec::with_capacity(size as usize);
         let mut local_pids = Vec::with_capacity(size as usize);
@@ -282,7 +285,8 @@ impl OfiLayer {
         }
         let addrs = fab.insert_peers(&names)?;
         let wait_fd = fab.wait_fd;
-        let status: Arc<Vec<AtomicU8>> = Arc::new((0..size).map(|_| AtomicU8::new(ALIVE)).collect());
+        let status: Arc<Vec<AtomicU8>> =
+            Arc::new((0..size).map(|_| AtomicU8::new(ALIVE)).collect());
         let sizes = Sizes {
             packet_max: cfg.packet_max,
             recv_buffers: cfg.recv_buffers,
@@ -654,7 +658,7 @@ impl MachineLayer for OfiLayer {
                 })?;
                 let base = eng.fab.remote_addr(reg.buf.as_ptr());
                 let off = key.addr.checked_sub(base).unwrap_or(u64::MAX);
-                let end = off.checked_add(key.len).unwrap_or(u64::MAX);
+                let end = off.saturating_add(key.len);
                 if end > reg.buf.len() as u64 {
                     return Err(TransportError::Malformed(format!(
                         "get of {} bytes at {:#x} is outside registration {rkey}",
@@ -684,9 +688,39 @@ impl MachineLayer for OfiLayer {
         Ok(())
     }
 
-    /// The bootstrap's fence (all processes).
+    /// The bootstrap's fence (all processes). While it waits, the calling
+    /// thread keeps the provider progressing (posting queued sends, serving
+    /// peers' reads, completing operations) without delivering anything:
+    /// with manual-progress providers such as `tcp;ofi_rxm`, a process
+    /// blocked in a fence would otherwise stall the very messages its peers
+    /// need to reach the fence. Arrivals are delivered by the next
+    /// `progress`.
     fn barrier(&self) -> Result<(), TransportError> {
-        self.bootstrap.fence()
+        let b = Arc::clone(&self.bootstrap);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("charmrs-ofi-fence-{}", self.inner.rank))
+            .spawn(move || {
+                let _ = tx.send(b.fence());
+            })?;
+        loop {
+            match rx.recv_timeout(Duration::from_micros(200)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let mut eng = lock(&self.inner.engine);
+                    self.inner.absorb(&mut eng);
+                    eng.post_pending();
+                    if eng.poll_cq() > 0 {
+                        eng.post_pending();
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(bootstrap_err(
+                        "the fence thread ended without a result".into(),
+                    ))
+                }
+            }
+        }
     }
 
     /// Tells the launcher through the bootstrap (which brings the other

@@ -161,7 +161,12 @@ fn u64_at(buf: &[u8], at: usize) -> Option<u64> {
 /// Decodes a rendezvous descriptor; the total length must not exceed
 /// `max_total`.
 pub fn decode_rndv(buf: &[u8], max_total: u64) -> Result<Rndv, TransportError> {
-    let short = || TransportError::Malformed(format!("ofi rendezvous packet of {} bytes is truncated", buf.len()));
+    let short = || {
+        TransportError::Malformed(format!(
+            "ofi rendezvous packet of {} bytes is truncated",
+            buf.len()
+        ))
+    };
     let id = u64_at(buf, PREAMBLE).ok_or_else(short)?;
     let hdr_at = PREAMBLE + 8;
     let header = Header::from_bytes(buf.get(hdr_at..).ok_or_else(short)?)?;
@@ -221,7 +226,11 @@ mod tests {
     fn sample() -> Message {
         Message::with_segments(
             Header::new(3, 1, 2, 99),
-            vec![Bytes::from_static(b"args"), Bytes::new(), Bytes::from(vec![7u8; 1000])],
+            vec![
+                Bytes::from_static(b"args"),
+                Bytes::new(),
+                Bytes::from(vec![7u8; 1000]),
+            ],
         )
         .unwrap()
     }
@@ -247,8 +256,18 @@ mod tests {
         assert_eq!(parse_preamble(&pkt).unwrap(), (PKT_RNDV, 4));
         let r = decode_rndv(&pkt, 1 << 20).unwrap();
         assert_eq!((r.id, r.header, r.total()), (77, *m.header(), 1004));
-        assert_eq!(r.segs[2], RemoteSeg { len: 1000, addr: 0x2000, key: 3 });
-        assert!(matches!(decode_rndv(&pkt, 1000), Err(TransportError::TooLarge { .. })));
+        assert_eq!(
+            r.segs[2],
+            RemoteSeg {
+                len: 1000,
+                addr: 0x2000,
+                key: 3
+            }
+        );
+        assert!(matches!(
+            decode_rndv(&pkt, 1000),
+            Err(TransportError::TooLarge { .. })
+        ));
         assert!(decode_rndv(&pkt[..pkt.len() - 1], 1 << 20).is_err());
         let ack = encode_ack(4, 77);
         assert_eq!(parse_preamble(&ack).unwrap(), (PKT_ACK, 4));

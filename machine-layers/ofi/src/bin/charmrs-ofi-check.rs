@@ -79,13 +79,20 @@ impl Job {
     ) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while !pred(self) {
-            assert!(Instant::now() < deadline, "rank {}: timed out waiting for {what}", self.me);
+            assert!(
+                Instant::now() < deadline,
+                "rank {}: timed out waiting for {what}",
+                self.me
+            );
             let mut got = Vec::new();
             if let Err(e) = self
                 .layer
                 .progress_wait(&mut |s, m| got.push((s, m)), Duration::from_millis(50))
             {
-                fail(&format!("rank {} progress while waiting for {what}", self.me), e);
+                fail(
+                    &format!("rank {} progress while waiting for {what}", self.me),
+                    e,
+                );
             }
             for (s, m) in got {
                 if m.header().kind == K_DONE {
@@ -111,9 +118,7 @@ impl Job {
             &mut |_, s, m| panic!("unexpected message kind {} from {s}", m.header().kind),
             &mut |j| j.done_from.iter().all(|&d| d),
         );
-        self.layer
-            .barrier()
-            .unwrap_or_else(|e| fail("barrier", e));
+        self.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     }
 }
 
@@ -161,7 +166,11 @@ fn mixed(job: &mut Job) {
             assert_eq!(seq, *want, "order of messages from {src} thread {t}");
             *want += 1;
             let len = SIZES[((seq + t + me) as usize) % SIZES.len()];
-            let data: Vec<u8> = m.segments().iter().flat_map(|s| s.iter().copied()).collect();
+            let data: Vec<u8> = m
+                .segments()
+                .iter()
+                .flat_map(|s| s.iter().copied())
+                .collect();
             assert_eq!(data.len(), len, "length of {src}/{t}/{seq}");
             assert!(data == fill(src, t, seq, len), "content of {src}/{t}/{seq}");
             received.set(received.get() + 1);
@@ -184,7 +193,11 @@ fn mixed(job: &mut Job) {
         Err(TransportError::UnknownProcess { dst, size }) if dst == n && size == n => {}
         other => panic!("send to rank {n}: {other:?}"),
     }
-    let key = RemoteKey { addr: 0, len: 1, rkey: vec![0; 8] };
+    let key = RemoteKey {
+        addr: 0,
+        len: 1,
+        rkey: vec![0; 8],
+    };
     assert!(matches!(
         job.layer.get(n + 3, &key, 0, 0),
         Err(TransportError::UnknownProcess { .. })
@@ -203,35 +216,45 @@ fn mixed(job: &mut Job) {
     enc.extend_from_slice(&k.rkey);
     let to = (me + 1) % n;
     job.layer
-        .send(to, Message::with_segments(Header::new(K_KEY, me, to, 0), vec![Bytes::from(enc)]).unwrap())
+        .send(
+            to,
+            Message::with_segments(Header::new(K_KEY, me, to, 0), vec![Bytes::from(enc)]).unwrap(),
+        )
         .unwrap_or_else(|e| fail("send key", e));
-    job.layer.get(me, &k, K_READ, u64::from(me)).unwrap_or_else(|e| fail("self get", e));
+    job.layer
+        .get(me, &k, K_READ, u64::from(me))
+        .unwrap_or_else(|e| fail("self get", e));
     let reads = Cell::new(0);
     let acked = Cell::new(false);
     let from = (me + n - 1) % n;
     let on_read = |j: &Job, src: ProcessId, m: Message| match m.header().kind {
-            K_KEY => {
-                let b = &m.segments()[0];
-                let k = RemoteKey {
-                    addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-                    len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-                    rkey: b[16..].to_vec(),
-                };
-                j.layer.get(src, &k, K_READ, u64::from(src)).unwrap_or_else(|e| fail("get", e));
+        K_KEY => {
+            let b = &m.segments()[0];
+            let k = RemoteKey {
+                addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+                len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                rkey: b[16..].to_vec(),
+            };
+            j.layer
+                .get(src, &k, K_READ, u64::from(src))
+                .unwrap_or_else(|e| fail("get", e));
+        }
+        K_READ => {
+            let owner = m.header().tag as u32;
+            assert!(owner == from || owner == me);
+            assert!(
+                m.segments()[0] == fill(owner, 99, 0, 3 << 20)[..],
+                "content read from {owner}"
+            );
+            reads.set(reads.get() + 1);
+            if owner != me {
+                j.layer
+                    .send(owner, Message::new(Header::new(K_GOT, me, owner, 0)))
+                    .unwrap_or_else(|e| fail("send GOT", e));
             }
-            K_READ => {
-                let owner = m.header().tag as u32;
-                assert!(owner == from || owner == me);
-                assert!(m.segments()[0] == fill(owner, 99, 0, 3 << 20)[..], "content read from {owner}");
-                reads.set(reads.get() + 1);
-                if owner != me {
-                    j.layer
-                        .send(owner, Message::new(Header::new(K_GOT, me, owner, 0)))
-                        .unwrap_or_else(|e| fail("send GOT", e));
-                }
-            }
-            K_GOT => acked.set(true),
-            k => panic!("unexpected kind {k} from {src}"),
+        }
+        K_GOT => acked.set(true),
+        k => panic!("unexpected kind {k} from {src}"),
     };
     for (src, m) in early.take() {
         on_read(job, src, m);
@@ -259,7 +282,9 @@ fn flood(job: &mut Job) {
                 vec![Bytes::from(fill(0, 0, i, len))],
             )
             .unwrap();
-            job.layer.send(1, m).unwrap_or_else(|e| fail("flood send", e));
+            job.layer
+                .send(1, m)
+                .unwrap_or_else(|e| fail("flood send", e));
         }
         println!("rank 0 queued {COUNT} messages in {:?}", t0.elapsed());
     }
@@ -275,7 +300,10 @@ fn flood(job: &mut Job) {
                 let i = next.get();
                 assert_eq!(m.header().tag, u64::from(i), "flood order");
                 let len = if i % 1000 == 999 { 100_000 } else { 64 };
-                assert!(m.segments()[0] == fill(0, 0, i, len)[..], "flood content {i}");
+                assert!(
+                    m.segments()[0] == fill(0, 0, i, len)[..],
+                    "flood content {i}"
+                );
                 next.set(i + 1);
             },
             &mut |_| next.get() == COUNT,
@@ -309,7 +337,8 @@ fn wakeup(job: &mut Job) {
         if hooked {
             // Sleep until the hook fires, then progress.
             while got.borrow().is_none() {
-                rx.recv_timeout(Duration::from_secs(5)).expect("wake-up hook within 5 s");
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("wake-up hook within 5 s");
                 job.layer
                     .progress(&mut keep)
                     .unwrap_or_else(|e| fail("progress", e));
@@ -326,7 +355,10 @@ fn wakeup(job: &mut Job) {
         let waited = t0.elapsed();
         let (s, m) = got.expect("a message woke us");
         assert_eq!((s, m.header().tag), (0, 4242));
-        assert!(waited >= Duration::from_millis(250), "woke before the send: {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(250),
+            "woke before the send: {waited:?}"
+        );
         assert!(waited < Duration::from_secs(3), "woke late: {waited:?}");
         println!("rank 1 woken after {waited:?} (hook: {hooked})");
     } else if me == 0 {
@@ -358,12 +390,18 @@ fn lost(job: &mut Job) {
     let t0 = Instant::now();
     let mut i = 0u64;
     loop {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no PeerLost within 5 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no PeerLost within 5 s"
+        );
         if send_too {
             i += 1;
             let m = Message::with_segments(
                 Header::new(K_DATA, 0, 1, i),
-                vec![Bytes::from(vec![0u8; if i % 10 == 0 { 100_000 } else { 100 }])],
+                vec![Bytes::from(vec![
+                    0u8;
+                    if i % 10 == 0 { 100_000 } else { 100 }
+                ])],
             )
             .unwrap();
             match job.layer.send(1, m) {
@@ -375,7 +413,10 @@ fn lost(job: &mut Job) {
                 Err(e) => fail("send", e),
             }
         }
-        match job.layer.progress_wait(&mut |_, _| {}, Duration::from_millis(10)) {
+        match job
+            .layer
+            .progress_wait(&mut |_, _| {}, Duration::from_millis(10))
+        {
             Ok(_) => {}
             Err(TransportError::PeerLost { process: 1, reason }) => {
                 println!("rank 0: PeerLost after {:?}: {reason}", t0.elapsed());
@@ -393,7 +434,9 @@ fn lost(job: &mut Job) {
 }
 
 fn main() {
-    let scenario = std::env::args().nth(1).unwrap_or_else(|| "mixed".to_owned());
+    let scenario = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "mixed".to_owned());
     let layer = match OfiLayer::from_env(OfiConfig::default()) {
         Ok(Some(l)) => l,
         Ok(None) => {
