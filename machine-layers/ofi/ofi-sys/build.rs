@@ -77,8 +77,8 @@ fn main() {
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
     let wrappers = out.join("ofi_inline_wrappers");
-    let header = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"))
-        .join("wrapper.h");
+    let header =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("wrapper.h");
 
     // Generate code for the workspace's minimum Rust version (1.80: no
     // `unsafe extern` blocks).

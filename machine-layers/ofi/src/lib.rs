@@ -1,1 +1,47 @@
-//! Skeleton: being written.
+//! The libfabric machine layer of charmrs: [`OfiLayer`] moves
+//! [`Message`](charmrs_transport::Message)s between the processes of a job
+//! over libfabric (OpenFabrics Interfaces) reliable datagram endpoints —
+//! the `shm` provider within a node, `tcp;ofi_rxm` over TCP, and in
+//! principle any provider offering `FI_EP_RDM` with `FI_MSG | FI_RMA`
+//! without requiring local memory registration.
+//!
+//! # Guarantees
+//!
+//! * Per-pair send order, exactly-once delivery, while both processes live.
+//! * **Zero-copy large messages**: a message larger than a receive buffer
+//!   ([`OfiConfig::packet_max`]) is read by the receiver with `fi_read`
+//!   straight from the sender's registered segments into the buffer that
+//!   becomes the delivered message. Eager messages are sent from the
+//!   `Bytes` segments without a copy and copied once out of the receive
+//!   buffer.
+//! * **Bounded receive resources**: a fixed pool of pre-posted receive
+//!   buffers, re-posted as soon as a packet is decoded; a flood waits in
+//!   the provider (back-pressure), it never fails.
+//! * **Failure detection**: a peer that cannot be reached, or that exited
+//!   on this host without shutting down, is reported as
+//!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost).
+//!
+//! # Use
+//!
+//! ```no_run
+//! use charmrs_ofi::{OfiConfig, OfiLayer};
+//! use charmrs_transport::{Header, MachineLayer, Message};
+//! use std::time::Duration;
+//!
+//! // Started by `CHARMRS_OFI_PROVIDER=shm charmrun +p2 ./app`.
+//! let layer = OfiLayer::from_env(OfiConfig::default())?.expect("run me under charmrun");
+//! let peer = (layer.rank() + 1) % layer.size();
+//! layer.send(peer, Message::new(Header::new(1, 0, 0, 42)))?;
+//! layer.progress_wait(&mut |src, msg| println!("{src}: tag {}", msg.header().tag), Duration::from_secs(5))?;
+//! # Ok::<(), charmrs_transport::TransportError>(())
+//! ```
+//!
+//! [`wire`] documents the packets; the crate's `engine` module the
+//! protocol state and its invariants.
+
+mod engine;
+mod fabric;
+mod layer;
+pub mod wire;
+
+pub use layer::{OfiConfig, OfiLayer, ADDR_KEY, ENV_PROVIDER, HOST_KEY, PROVIDER_KEY};

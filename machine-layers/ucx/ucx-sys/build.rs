@@ -15,6 +15,7 @@ const FUNCTIONS: &[&str] = &[
     "ucp_cleanup",
     "ucp_config_read",
     "ucp_config_release",
+    "ucp_config_modify",
     "ucp_get_version_string",
     // worker
     "ucp_worker_create",
@@ -80,8 +81,13 @@ const TYPES: &[&str] = &[
     "ucp_mem_map_flags",
 ];
 
-/// Constants (`#define`s).
-const VARS: &[&str] = &["UCP_API_MAJOR", "UCP_API_MINOR"];
+/// Constants (`#define`s and anonymous enums).
+const VARS: &[&str] = &[
+    "UCP_API_MAJOR",
+    "UCP_API_MINOR",
+    // anonymous enum of ucp_mem_map protections
+    "UCP_MEM_MAP_PROT_.*",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");

@@ -3,7 +3,8 @@
 //! `ucx.pc`; Debian package `libucx-dev`).
 //!
 //! Only what charmrs needs is bound (the list is in `build.rs`): context
-//! (`ucp_init_version`, `ucp_cleanup`, `ucp_config_read`), worker (create,
+//! (`ucp_init_version`, `ucp_cleanup`, `ucp_config_read`,
+//! `ucp_config_modify`), worker (create,
 //! address, progress, event fd, arm, signal, active-message handler),
 //! endpoints (create, close, flush), active messages (`ucp_am_send_nbx`,
 //! `ucp_am_recv_data_nbx`, `ucp_am_data_release`), requests, memory

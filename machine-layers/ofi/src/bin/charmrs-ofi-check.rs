@@ -1,0 +1,469 @@
+//! A process of a multi-process check of the libfabric layer, started by
+//! the crate's tests (or `charmrun`) with the bootstrap variables set.
+//! `charmrs-ofi-check SCENARIO` runs one scenario and prints `OK ...` on
+//! success; any failure panics (non-zero exit status).
+//!
+//! Scenarios: `mixed` (many messages of 8 B to 4 MiB, multi-segment, from
+//! several threads, to every process including itself, content and order
+//! verified; remote reads through `register`/`get`; unknown ranks),
+//! `flood` (a receiver that does not progress for a while), `wakeup`
+//! (the wake-up hook or `progress_wait` wakes on an arrival), `lost`
+//! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_ofi::{OfiConfig, OfiLayer};
+use charmrs_transport::{Header, MachineLayer, Message, ProcessId, RemoteKey, TransportError};
+
+/// Message kinds of the checks.
+const K_DATA: u8 = 1;
+const K_DONE: u8 = 2;
+const K_KEY: u8 = 3;
+const K_GOT: u8 = 4;
+const K_READ: u8 = 5;
+
+/// Sizes cycled through by the `mixed` scenario (eager and rendezvous).
+const SIZES: &[usize] = &[8, 100, 4000, 16_000, 17_000, 70_000, 1 << 20, 4 << 20];
+
+fn fail(what: &str, e: TransportError) -> ! {
+    panic!("{what}: {e}")
+}
+
+/// Deterministic content: byte `i` of message (src, thread, seq).
+fn fill(src: u32, thread: u32, seq: u32, len: usize) -> Vec<u8> {
+    let seed = (u64::from(src) << 40) ^ (u64::from(thread) << 20) ^ u64::from(seq);
+    let mut v = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let w = x.to_le_bytes();
+        let n = (len - v.len()).min(8);
+        v.extend_from_slice(&w[..n]);
+    }
+    v
+}
+
+/// Splits `data` into 1..=3 segments (the split depends on `seq`).
+fn segments(data: Vec<u8>, seq: u32) -> Vec<Bytes> {
+    let b = Bytes::from(data);
+    let n = b.len();
+    match seq % 3 {
+        0 => vec![b],
+        1 => vec![b.slice(..n / 3), b.slice(n / 3..)],
+        _ => vec![b.slice(..n / 2), Bytes::new(), b.slice(n / 2..)],
+    }
+}
+
+struct Job {
+    layer: Arc<OfiLayer>,
+    me: ProcessId,
+    n: u32,
+    done_from: Vec<bool>,
+}
+
+impl Job {
+    /// Progress until `pred` holds, feeding every message to `on`; fails
+    /// after `secs`.
+    fn pump(
+        &mut self,
+        secs: u64,
+        what: &str,
+        on: &mut dyn FnMut(&Job, ProcessId, Message),
+        pred: &mut dyn FnMut(&Job) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !pred(self) {
+            assert!(
+                Instant::now() < deadline,
+                "rank {}: timed out waiting for {what}",
+                self.me
+            );
+            let mut got = Vec::new();
+            if let Err(e) = self
+                .layer
+                .progress_wait(&mut |s, m| got.push((s, m)), Duration::from_millis(50))
+            {
+                fail(
+                    &format!("rank {} progress while waiting for {what}", self.me),
+                    e,
+                );
+            }
+            for (s, m) in got {
+                if m.header().kind == K_DONE {
+                    self.done_from[s as usize] = true;
+                } else {
+                    on(self, s, m);
+                }
+            }
+        }
+    }
+
+    /// Tells everyone this process received all it expects, and keeps
+    /// progressing (serving their reads) until everyone said so.
+    fn finish(&mut self) {
+        for d in 0..self.n {
+            self.layer
+                .send(d, Message::new(Header::new(K_DONE, self.me, d, 0)))
+                .unwrap_or_else(|e| fail("send DONE", e));
+        }
+        self.pump(
+            60,
+            "everyone's DONE",
+            &mut |_, s, m| panic!("unexpected message kind {} from {s}", m.header().kind),
+            &mut |j| j.done_from.iter().all(|&d| d),
+        );
+        self.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    }
+}
+
+fn mixed(job: &mut Job) {
+    const THREADS: u32 = 3;
+    const PER_DST: u32 = 12;
+    let n = job.n;
+    let me = job.me;
+    let senders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let layer = Arc::clone(&job.layer);
+            std::thread::spawn(move || {
+                for seq in 0..PER_DST {
+                    for d in 0..n {
+                        let len = SIZES[((seq + t + d) as usize) % SIZES.len()];
+                        let h = Header::new(K_DATA, me, d, (u64::from(t) << 32) | u64::from(seq));
+                        let m = Message::with_segments(h, segments(fill(me, t, seq, len), seq))
+                            .expect("message");
+                        layer.send(d, m).unwrap_or_else(|e| fail("send", e));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next: HashMap<(ProcessId, u32), u32> = HashMap::new();
+    let received = Cell::new(0u32);
+    let early = std::cell::RefCell::new(Vec::new());
+    let bytes = Cell::new(0usize);
+    let expect = n * THREADS * PER_DST;
+    let t0 = Instant::now();
+    job.pump(
+        120,
+        "the mixed messages",
+        &mut |_, src, m| {
+            let h = *m.header();
+            if h.kind != K_DATA {
+                // A faster process is already in the next phase.
+                early.borrow_mut().push((src, m));
+                return;
+            }
+            assert_eq!(h.src_pe, src, "src_pe carries the sender's rank");
+            let t = (h.tag >> 32) as u32;
+            let seq = h.tag as u32;
+            let want = next.entry((src, t)).or_insert(0);
+            assert_eq!(seq, *want, "order of messages from {src} thread {t}");
+            *want += 1;
+            let len = SIZES[((seq + t + me) as usize) % SIZES.len()];
+            let data: Vec<u8> = m
+                .segments()
+                .iter()
+                .flat_map(|s| s.iter().copied())
+                .collect();
+            assert_eq!(data.len(), len, "length of {src}/{t}/{seq}");
+            assert!(data == fill(src, t, seq, len), "content of {src}/{t}/{seq}");
+            received.set(received.get() + 1);
+            bytes.set(bytes.get() + len);
+        },
+        &mut |_| received.get() == expect,
+    );
+    for s in senders {
+        s.join().expect("sender thread");
+    }
+    println!(
+        "rank {me}: {} messages, {} bytes from {n} processes x {THREADS} threads in {:?}",
+        received.get(),
+        bytes.get(),
+        t0.elapsed()
+    );
+
+    // Unknown ranks.
+    match job.layer.send(n, Message::new(Header::default())) {
+        Err(TransportError::UnknownProcess { dst, size }) if dst == n && size == n => {}
+        other => panic!("send to rank {n}: {other:?}"),
+    }
+    let key = RemoteKey {
+        addr: 0,
+        len: 1,
+        rkey: vec![0; 8],
+    };
+    assert!(matches!(
+        job.layer.get(n + 3, &key, 0, 0),
+        Err(TransportError::UnknownProcess { .. })
+    ));
+
+    // One-sided reads through register/get: a 3 MiB region read by the
+    // next process and by this process itself.
+    let region = job
+        .layer
+        .register(Bytes::from(fill(me, 99, 0, 3 << 20)))
+        .unwrap_or_else(|e| fail("register", e));
+    let k = region.key().clone();
+    let mut enc = Vec::new();
+    enc.extend_from_slice(&k.addr.to_le_bytes());
+    enc.extend_from_slice(&k.len.to_le_bytes());
+    enc.extend_from_slice(&k.rkey);
+    let to = (me + 1) % n;
+    job.layer
+        .send(
+            to,
+            Message::with_segments(Header::new(K_KEY, me, to, 0), vec![Bytes::from(enc)]).unwrap(),
+        )
+        .unwrap_or_else(|e| fail("send key", e));
+    job.layer
+        .get(me, &k, K_READ, u64::from(me))
+        .unwrap_or_else(|e| fail("self get", e));
+    let reads = Cell::new(0);
+    let acked = Cell::new(false);
+    let from = (me + n - 1) % n;
+    let on_read = |j: &Job, src: ProcessId, m: Message| match m.header().kind {
+        K_KEY => {
+            let b = &m.segments()[0];
+            let k = RemoteKey {
+                addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+                len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                rkey: b[16..].to_vec(),
+            };
+            j.layer
+                .get(src, &k, K_READ, u64::from(src))
+                .unwrap_or_else(|e| fail("get", e));
+        }
+        K_READ => {
+            let owner = m.header().tag as u32;
+            assert!(owner == from || owner == me);
+            assert!(
+                m.segments()[0] == fill(owner, 99, 0, 3 << 20)[..],
+                "content read from {owner}"
+            );
+            reads.set(reads.get() + 1);
+            if owner != me {
+                j.layer
+                    .send(owner, Message::new(Header::new(K_GOT, me, owner, 0)))
+                    .unwrap_or_else(|e| fail("send GOT", e));
+            }
+        }
+        K_GOT => acked.set(true),
+        k => panic!("unexpected kind {k} from {src}"),
+    };
+    for (src, m) in early.take() {
+        on_read(job, src, m);
+    }
+    job.pump(
+        60,
+        "remote reads",
+        &mut |j, src, m| on_read(j, src, m),
+        &mut |_| reads.get() == 2 && acked.get(),
+    );
+    drop(region);
+    job.finish();
+    println!("OK mixed rank {me}");
+}
+
+fn flood(job: &mut Job) {
+    const COUNT: u32 = 20_000;
+    let me = job.me;
+    if me == 0 {
+        let t0 = Instant::now();
+        for i in 0..COUNT {
+            let len = if i % 1000 == 999 { 100_000 } else { 64 };
+            let m = Message::with_segments(
+                Header::new(K_DATA, 0, 1, u64::from(i)),
+                vec![Bytes::from(fill(0, 0, i, len))],
+            )
+            .unwrap();
+            job.layer
+                .send(1, m)
+                .unwrap_or_else(|e| fail("flood send", e));
+        }
+        println!("rank 0 queued {COUNT} messages in {:?}", t0.elapsed());
+    }
+    if me == 1 {
+        // Do not progress while the sender floods us.
+        std::thread::sleep(Duration::from_millis(1500));
+        let next = Cell::new(0u32);
+        job.pump(
+            120,
+            "the flood",
+            &mut |_, src, m| {
+                assert_eq!(src, 0);
+                let i = next.get();
+                assert_eq!(m.header().tag, u64::from(i), "flood order");
+                let len = if i % 1000 == 999 { 100_000 } else { 64 };
+                assert!(
+                    m.segments()[0] == fill(0, 0, i, len)[..],
+                    "flood content {i}"
+                );
+                next.set(i + 1);
+            },
+            &mut |_| next.get() == COUNT,
+        );
+        println!("rank 1 received all {COUNT} flood messages in order");
+    }
+    job.finish();
+    println!("OK flood rank {me}");
+}
+
+fn wakeup(job: &mut Job) {
+    let me = job.me;
+    if me == 1 {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let tx = std::sync::Mutex::new(tx);
+        let hooked = job.layer.set_wakeup(Box::new(move || {
+            let _ = tx.lock().map(|t| t.send(()));
+        }));
+        println!("rank 1: set_wakeup -> {hooked}");
+        job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+        let t0 = Instant::now();
+        let got: std::cell::RefCell<Option<(ProcessId, Message)>> = Default::default();
+        let dones = std::cell::RefCell::new(Vec::new());
+        let mut keep = |s: ProcessId, m: Message| {
+            if m.header().kind == K_DONE {
+                dones.borrow_mut().push(s);
+            } else if got.borrow().is_none() {
+                *got.borrow_mut() = Some((s, m));
+            }
+        };
+        if hooked {
+            // Sleep until the hook fires, then progress.
+            while got.borrow().is_none() {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("wake-up hook within 5 s");
+                job.layer
+                    .progress(&mut keep)
+                    .unwrap_or_else(|e| fail("progress", e));
+            }
+        } else {
+            job.layer
+                .progress_wait(&mut keep, Duration::from_secs(10))
+                .unwrap_or_else(|e| fail("progress_wait", e));
+        }
+        for s in dones.take() {
+            job.done_from[s as usize] = true;
+        }
+        let got = got.take();
+        let waited = t0.elapsed();
+        let (s, m) = got.expect("a message woke us");
+        assert_eq!((s, m.header().tag), (0, 4242));
+        assert!(
+            waited >= Duration::from_millis(250),
+            "woke before the send: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(3), "woke late: {waited:?}");
+        println!("rank 1 woken after {waited:?} (hook: {hooked})");
+    } else if me == 0 {
+        job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+        std::thread::sleep(Duration::from_millis(300));
+        job.layer
+            .send(1, Message::new(Header::new(K_DATA, 0, 1, 4242)))
+            .unwrap_or_else(|e| fail("send", e));
+    }
+    job.finish();
+    println!("OK wakeup rank {me}");
+}
+
+fn lost(job: &mut Job) {
+    let me = job.me;
+    job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    if me == 1 {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: signalling our own process; never returns.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        unreachable!("SIGKILL");
+    }
+    if me != 0 {
+        return;
+    }
+    let send_too = std::env::args().nth(2).as_deref() == Some("send");
+    let t0 = Instant::now();
+    let mut i = 0u64;
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no PeerLost within 5 s"
+        );
+        if send_too {
+            i += 1;
+            let m = Message::with_segments(
+                Header::new(K_DATA, 0, 1, i),
+                vec![Bytes::from(vec![
+                    0u8;
+                    if i % 10 == 0 { 100_000 } else { 100 }
+                ])],
+            )
+            .unwrap();
+            match job.layer.send(1, m) {
+                Ok(()) => {}
+                Err(TransportError::PeerLost { process: 1, reason }) => {
+                    println!("rank 0: send refused after {:?}: {reason}", t0.elapsed());
+                    break;
+                }
+                Err(e) => fail("send", e),
+            }
+        }
+        match job
+            .layer
+            .progress_wait(&mut |_, _| {}, Duration::from_millis(10))
+        {
+            Ok(_) => {}
+            Err(TransportError::PeerLost { process: 1, reason }) => {
+                println!("rank 0: PeerLost after {:?}: {reason}", t0.elapsed());
+                break;
+            }
+            Err(e) => fail("progress", e),
+        }
+    }
+    let elapsed = t0.elapsed();
+    assert!(matches!(
+        job.layer.send(1, Message::new(Header::default())),
+        Err(TransportError::PeerLost { process: 1, .. })
+    ));
+    println!("OK lost rank 0 after {elapsed:?}");
+}
+
+fn main() {
+    let scenario = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "mixed".to_owned());
+    let layer = match OfiLayer::from_env(OfiConfig::default()) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            eprintln!("charmrs-ofi-check: not started by charmrun (CHARMRS_KV_ADDR unset)");
+            std::process::exit(2);
+        }
+        Err(e) => fail("OfiLayer::from_env", e),
+    };
+    let me = layer.rank();
+    let n = layer.size();
+    println!(
+        "rank {me}/{n}: provider {} (wait fd: {})",
+        layer.provider(),
+        layer.has_wait_fd()
+    );
+    assert_eq!(layer.name(), "ofi");
+    let mut job = Job {
+        layer: Arc::new(layer),
+        me,
+        n,
+        done_from: vec![false; n as usize],
+    };
+    match scenario.as_str() {
+        "mixed" => mixed(&mut job),
+        "flood" => flood(&mut job),
+        "wakeup" => wakeup(&mut job),
+        "lost" => lost(&mut job),
+        other => panic!("unknown scenario {other:?}"),
+    }
+}

@@ -1,0 +1,995 @@
+//! The protocol engine: everything that touches the libfabric objects,
+//! run under the layer's engine mutex (the domain is `FI_THREAD_DOMAIN`).
+//!
+//! # What this module owns
+//!
+//! * The pre-posted receive pool: `recv_buffers` buffers of `packet_max`
+//!   bytes, each with a permanent operation context. A completed receive is
+//!   decoded (an eager message is copied out once into a fresh buffer) and
+//!   the buffer is re-posted at once, so the pool never drains while the
+//!   progress thread runs; a flood beyond it waits in the provider (its
+//!   unexpected-message queue, then back-pressure: `-FI_EAGAIN` at the
+//!   sender), never fails.
+//! * Per-peer send queues of work not yet accepted by the provider
+//!   (`-FI_EAGAIN`), posted in FIFO order, so per-pair order holds.
+//! * Eager sends: one `fi_sendmsg` whose iovec is the packet prefix and
+//!   the message's `Bytes` segments (no copy), kept alive in the operation
+//!   context until the send completion; messages with more segments than
+//!   the provider's iovec limit are coalesced into one buffer.
+//! * Rendezvous for messages larger than a receive buffer: the sender
+//!   registers its segments (`fi_mr_reg`, `FI_REMOTE_READ`) and sends a
+//!   descriptor; the receiver `fi_read`s every segment into one freshly
+//!   allocated buffer whose slices become the message's segments (zero
+//!   copies), then sends an ACK, on which the sender drops registrations
+//!   and segments.
+//! * Per-source delivery order: a rendezvous message holds back later
+//!   messages from its source until its reads complete.
+//! * Failure bookkeeping: a failed operation towards a peer, or a local
+//!   peer process that died without saying goodbye, makes the peer lost:
+//!   reported once as [`TransportError::PeerLost`], its queue dropped, and
+//!   later sends to it refused.
+//!
+//! # Invariants
+//!
+//! * Every posted operation's context is a `Box<Op>` leaked with
+//!   `Box::into_raw` (receive contexts are permanent and owned by the
+//!   engine); it is reclaimed exactly once, from its completion or error
+//!   entry, so the buffers it holds outlive the provider's use of them.
+//! * A rendezvous receive buffer is written only by the provider, and only
+//!   exposed as a message once every read into it completed successfully.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_ofi_sys as sys;
+use charmrs_transport::{Header, Message, ProcessId, TransportError};
+
+use crate::fabric::{ofi_error, strerror, Fabric, Mr};
+use crate::wire;
+
+/// Peer status values shared with the layer's lock-free `send` check.
+pub(crate) const ALIVE: u8 = 0;
+/// The peer was lost (reported once).
+pub(crate) const LOST: u8 = 1;
+/// The peer said goodbye.
+pub(crate) const DEPARTED: u8 = 2;
+
+/// Work for the provider, queued per peer until it accepts it.
+pub(crate) enum Out {
+    /// An application message (eager or rendezvous decided when posted).
+    Msg(Message),
+    /// A control packet (rendezvous descriptor, ACK, BYE).
+    Ctl(Vec<u8>),
+    /// One chunk of a rendezvous read.
+    Read {
+        in_id: u64,
+        offset: usize,
+        len: usize,
+        addr: u64,
+        key: u64,
+    },
+    /// A one-sided read for [`MachineLayer::get`](charmrs_transport::MachineLayer::get).
+    Get {
+        addr: u64,
+        key: u64,
+        len: usize,
+        kind: u8,
+        tag: u64,
+    },
+}
+
+/// An operation context handed to libfabric.
+#[repr(C)]
+struct Op {
+    /// Provider scratch space (FI_CONTEXT/FI_CONTEXT2); first, so the
+    /// context pointer is the Op pointer.
+    ctx: sys::fi_context2,
+    kind: OpKind,
+}
+
+enum OpKind {
+    Recv(usize),
+    Send {
+        dst: ProcessId,
+        msg: Message,
+        _prefix: Vec<u8>,
+        _iov: Vec<sys::iovec>,
+    },
+    Ctl {
+        dst: ProcessId,
+        buf: Vec<u8>,
+    },
+    Read {
+        src: ProcessId,
+        in_id: u64,
+    },
+    Get {
+        src: ProcessId,
+        buf: Vec<u8>,
+        kind: u8,
+        tag: u64,
+    },
+}
+
+/// A registered large message waiting for the receiver's ACK.
+struct OutRndv {
+    dst: ProcessId,
+    _segs: Vec<Bytes>,
+    _mrs: Vec<Mr>,
+}
+
+/// A large message being read.
+struct InRndv {
+    src: ProcessId,
+    remote_id: u64,
+    header: Header,
+    lens: Vec<usize>,
+    buf: Vec<u8>,
+    remaining: usize,
+    failed: bool,
+}
+
+/// A message slot in a source's delivery order.
+enum Slot {
+    Ready(Message),
+    Waiting(u64),
+}
+
+/// A registration made through `MachineLayer::register`, kept until its
+/// region is dropped.
+pub(crate) struct Registered {
+    /// Closed when the entry is removed (`None` for an empty buffer).
+    pub(crate) _mr: Option<Mr>,
+    pub(crate) buf: Bytes,
+}
+
+/// Sizes the engine works with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    /// Size of one receive buffer = largest packet.
+    pub(crate) packet_max: usize,
+    /// Number of receive buffers.
+    pub(crate) recv_buffers: usize,
+    /// Largest message (or `get`) accepted.
+    pub(crate) max_message: u64,
+    /// How long a local peer found dead is given to deliver its goodbye.
+    pub(crate) grace: Duration,
+    /// How often local peers' liveness is checked.
+    pub(crate) liveness_interval: Duration,
+}
+
+/// See the module docs.
+pub(crate) struct Engine {
+    pub(crate) fab: ManuallyDrop<Fabric>,
+    rank: ProcessId,
+    addrs: Vec<sys::fi_addr_t>,
+    sizes: Sizes,
+    recv_bufs: Vec<Box<[u8]>>,
+    recv_ops: Vec<*mut Op>,
+    /// Receives that could not be re-posted yet.
+    repost: Vec<usize>,
+    pending: Vec<VecDeque<Out>>,
+    queued: usize,
+    /// Reads and ACKs, posted before the peer queues.
+    urgent: VecDeque<(ProcessId, Out)>,
+    next_out: u64,
+    rndv_out: HashMap<u64, OutRndv>,
+    next_in: u64,
+    rndv_in: HashMap<u64, InRndv>,
+    order: Vec<VecDeque<Slot>>,
+    /// Messages ready for the sink, in delivery order.
+    pub(crate) ready: Vec<(ProcessId, Message)>,
+    /// Errors to report from `progress`, oldest first.
+    pub(crate) errors: VecDeque<TransportError>,
+    /// Operations given to the provider and not completed yet (not
+    /// counting receives).
+    inflight: usize,
+    pub(crate) status: Arc<Vec<AtomicU8>>,
+    pub(crate) reasons: Vec<Option<String>>,
+    /// Process ids of the peers on this host (liveness checks).
+    local_pids: Vec<Option<i32>>,
+    last_liveness: Instant,
+    next_key: u64,
+    /// Registrations of `MachineLayer::register`, by key.
+    pub(crate) regions: HashMap<u64, Registered>,
+}
+
+// SAFETY: the raw pointers are operation contexts owned by the engine
+// (module invariants) and libfabric handles (see Fabric's Send impl); the
+// engine is only used behind the layer's mutex.
+unsafe impl Send for Engine {}
+
+impl Engine {
+    /// An engine over `fab`, whose address vector holds the peers at
+    /// `addrs` (index = rank); posts the receive pool.
+    pub(crate) fn new(
+        fab: Fabric,
+        rank: ProcessId,
+        addrs: Vec<sys::fi_addr_t>,
+        sizes: Sizes,
+        status: Arc<Vec<AtomicU8>>,
+        local_pids: Vec<Option<i32>>,
+    ) -> Result<Engine, TransportError> {
+        let n = addrs.len();
+        let mut e = Engine {
+            fab: ManuallyDrop::new(fab),
+            rank,
+            addrs,
+            sizes,
+            recv_bufs: Vec::with_capacity(sizes.recv_buffers),
+            recv_ops: Vec::with_capacity(sizes.recv_buffers),
+            repost: Vec::new(),
+            pending: (0..n).map(|_| VecDeque::new()).collect(),
+            queued: 0,
+            urgent: VecDeque::new(),
+            next_out: 1,
+            rndv_out: HashMap::new(),
+            next_in: 1,
+            rndv_in: HashMap::new(),
+            order: (0..n).map(|_| VecDeque::new()).collect(),
+            ready: Vec::new(),
+            errors: VecDeque::new(),
+            inflight: 0,
+            status,
+            reasons: vec![None; n],
+            local_pids,
+            last_liveness: Instant::now(),
+            next_key: 1,
+            regions: HashMap::new(),
+        };
+        for i in 0..sizes.recv_buffers {
+            e.recv_bufs
+                .push(vec![0u8; sizes.packet_max].into_boxed_slice());
+            e.recv_ops.push(Box::into_raw(Box::new(Op {
+                ctx: sys::fi_context2::default(),
+                kind: OpKind::Recv(i),
+            })));
+            let ret = e.post_recv(i);
+            if ret < 0 {
+                return Err(ofi_error(
+                    "fi_recv (pre-posting the receive pool)",
+                    ret as i64,
+                ));
+            }
+        }
+        Ok(e)
+    }
+
+    /// A fresh registration key (used when the provider does not choose).
+    pub(crate) fn next_key(&mut self) -> u64 {
+        let k = self.next_key;
+        self.next_key += 1;
+        k
+    }
+
+    fn post_recv(&mut self, i: usize) -> isize {
+        let buf = &mut self.recv_bufs[i];
+        // SAFETY: the endpoint is open; buffer i and its permanent context
+        // live in the engine until after the endpoint is closed (Drop), and
+        // buffer i is not posted twice (it is only re-posted after its
+        // completion was handled).
+        unsafe {
+            sys::fi_recv(
+                self.fab.ep,
+                buf.as_mut_ptr().cast::<c_void>(),
+                buf.len(),
+                std::ptr::null_mut(),
+                sys::FI_ADDR_UNSPEC,
+                self.recv_ops[i].cast::<c_void>(),
+            )
+        }
+    }
+
+    /// Queues `out` for peer `dst`.
+    pub(crate) fn queue(&mut self, dst: ProcessId, out: Out) {
+        if self.status[dst as usize].load(Ordering::Relaxed) == LOST {
+            return;
+        }
+        self.pending[dst as usize].push_back(out);
+        self.queued += 1;
+    }
+
+    /// A message sent to this very process: no network.
+    pub(crate) fn loopback(&mut self, msg: Message) {
+        self.arrived(self.rank, Slot::Ready(msg));
+    }
+
+    /// A completed read of this process's own registration.
+    pub(crate) fn deliver_now(&mut self, src: ProcessId, msg: Message) {
+        self.ready.push((src, msg));
+    }
+
+    /// Hands as much queued work to the provider as it accepts.
+    pub(crate) fn post_pending(&mut self) {
+        for r in self.repost.split_off(0) {
+            if self.post_recv(r) < 0 {
+                self.repost.push(r);
+            }
+        }
+        while let Some((p, out)) = self.urgent.pop_front() {
+            match self.post(p, out) {
+                Ok(None) => {}
+                Ok(Some(back)) => {
+                    self.urgent.push_front((p, back));
+                    break;
+                }
+                Err(e) => self.lose(p, e),
+            }
+        }
+        if self.queued == 0 {
+            return;
+        }
+        for p in 0..self.pending.len() {
+            while let Some(out) = self.pending[p].pop_front() {
+                self.queued -= 1;
+                match self.post(p as ProcessId, out) {
+                    Ok(None) => {}
+                    Ok(Some(back)) => {
+                        self.pending[p].push_front(back);
+                        self.queued += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        self.lose(p as ProcessId, e);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Posts one item; `Ok(Some(item))` if the provider is busy
+    /// (`-FI_EAGAIN`), `Err(reason)` if the peer cannot be reached.
+    fn post(&mut self, p: ProcessId, out: Out) -> Result<Option<Out>, String> {
+        let addr = self.addrs[p as usize];
+        match out {
+            Out::Msg(msg) => {
+                if wire::data_len(&msg) <= self.sizes.packet_max {
+                    self.post_eager(p, addr, msg)
+                } else {
+                    let desc = self.register_rndv(p, &msg)?;
+                    self.post(p, Out::Ctl(desc))
+                }
+            }
+            Out::Ctl(buf) => {
+                let op = Box::into_raw(Box::new(Op {
+                    ctx: sys::fi_context2::default(),
+                    kind: OpKind::Ctl { dst: p, buf },
+                }));
+                // SAFETY: `op` is a live Box pointer; its buffer stays alive
+                // (inside the op) until the completion reclaims the op.
+                let ret = unsafe {
+                    let OpKind::Ctl { buf, .. } = &(*op).kind else {
+                        unreachable!()
+                    };
+                    sys::fi_send(
+                        self.fab.ep,
+                        buf.as_ptr().cast::<c_void>(),
+                        buf.len(),
+                        std::ptr::null_mut(),
+                        addr,
+                        op.cast::<c_void>(),
+                    )
+                };
+                self.posted(ret, op, |kind| match kind {
+                    OpKind::Ctl { buf, .. } => Out::Ctl(buf),
+                    _ => unreachable!(),
+                })
+            }
+            Out::Read {
+                in_id,
+                offset,
+                len,
+                addr: raddr,
+                key,
+            } => {
+                let Some(inr) = self.rndv_in.get_mut(&in_id) else {
+                    return Ok(None);
+                };
+                // SAFETY: offset + len <= the buffer's capacity (chunks are
+                // cut from the descriptor's lengths, whose sum is the
+                // capacity), so the pointer stays inside the allocation.
+                let dst = unsafe { inr.buf.as_mut_ptr().add(offset) };
+                let op = Box::into_raw(Box::new(Op {
+                    ctx: sys::fi_context2::default(),
+                    kind: OpKind::Read { src: p, in_id },
+                }));
+                // SAFETY: `dst..dst+len` is owned by the InRndv entry, which
+                // is kept until all its reads completed; the op is a live Box.
+                let ret = unsafe {
+                    sys::fi_read(
+                        self.fab.ep,
+                        dst.cast::<c_void>(),
+                        len,
+                        std::ptr::null_mut(),
+                        addr,
+                        raddr,
+                        key,
+                        op.cast::<c_void>(),
+                    )
+                };
+                self.posted(ret, op, |_| Out::Read {
+                    in_id,
+                    offset,
+                    len,
+                    addr: raddr,
+                    key,
+                })
+            }
+            Out::Get {
+                addr: raddr,
+                key,
+                len,
+                kind,
+                tag,
+            } => {
+                let op = Box::into_raw(Box::new(Op {
+                    ctx: sys::fi_context2::default(),
+                    kind: OpKind::Get {
+                        src: p,
+                        buf: Vec::with_capacity(len),
+                        kind,
+                        tag,
+                    },
+                }));
+                // SAFETY: the op is a live Box owning a buffer of capacity
+                // `len`, kept until the completion reclaims the op.
+                let ret = unsafe {
+                    let OpKind::Get { buf, .. } = &mut (*op).kind else {
+                        unreachable!()
+                    };
+                    sys::fi_read(
+                        self.fab.ep,
+                        buf.as_mut_ptr().cast::<c_void>(),
+                        len,
+                        std::ptr::null_mut(),
+                        addr,
+                        raddr,
+                        key,
+                        op.cast::<c_void>(),
+                    )
+                };
+                self.posted(ret, op, |_| Out::Get {
+                    addr: raddr,
+                    key,
+                    len,
+                    kind,
+                    tag,
+                })
+            }
+        }
+    }
+
+    /// Outcome of posting `op`: counted in flight on success; reclaimed
+    /// and turned back into work with `back` on `-FI_EAGAIN`; an error
+    /// text otherwise.
+    fn posted(
+        &mut self,
+        ret: isize,
+        op: *mut Op,
+        back: impl FnOnce(OpKind) -> Out,
+    ) -> Result<Option<Out>, String> {
+        if ret == 0 {
+            self.inflight += 1;
+            return Ok(None);
+        }
+        // SAFETY: the provider refused the operation, so it holds no
+        // reference to the context: reclaim it (once).
+        let op = unsafe { Box::from_raw(op) };
+        if ret == -(sys::FI_EAGAIN as isize) {
+            Ok(Some(back(op.kind)))
+        } else {
+            Err(format!(
+                "posting to it failed: {} ({ret})",
+                strerror(ret as i64)
+            ))
+        }
+    }
+
+    fn post_eager(
+        &mut self,
+        p: ProcessId,
+        addr: sys::fi_addr_t,
+        msg: Message,
+    ) -> Result<Option<Out>, String> {
+        let mut prefix = wire::data_prefix(self.rank, &msg);
+        let nonempty = msg.segments().iter().filter(|s| !s.is_empty()).count();
+        let coalesce = 1 + nonempty > self.fab.limits.iov_limit;
+        if coalesce {
+            for s in msg.segments() {
+                prefix.extend_from_slice(s);
+            }
+        }
+        let mut iov = Vec::with_capacity(if coalesce { 1 } else { 1 + nonempty });
+        iov.push(sys::iovec {
+            iov_base: prefix.as_ptr() as *mut c_void,
+            iov_len: prefix.len(),
+        });
+        if !coalesce {
+            for s in msg.segments().iter().filter(|s| !s.is_empty()) {
+                iov.push(sys::iovec {
+                    iov_base: s.as_ptr() as *mut c_void,
+                    iov_len: s.len(),
+                });
+            }
+        }
+        let op = Box::into_raw(Box::new(Op {
+            ctx: sys::fi_context2::default(),
+            kind: OpKind::Send {
+                dst: p,
+                msg,
+                _prefix: prefix,
+                _iov: iov,
+            },
+        }));
+        // SAFETY: the iovec entries point into the prefix and the message's
+        // segments, all owned by the op (moving a Vec or Bytes into the Box
+        // does not move their heap data), which lives until the completion
+        // reclaims it; `fmsg` lives across the call.
+        let ret = unsafe {
+            let OpKind::Send { _iov: iov, .. } = &(*op).kind else {
+                unreachable!()
+            };
+            let fmsg = sys::fi_msg {
+                msg_iov: iov.as_ptr(),
+                desc: std::ptr::null_mut(),
+                iov_count: iov.len(),
+                addr,
+                context: op.cast::<c_void>(),
+                data: 0,
+            };
+            sys::fi_sendmsg(self.fab.ep, &fmsg, 0)
+        };
+        self.posted(ret, op, |kind| match kind {
+            OpKind::Send { msg, .. } => Out::Msg(msg),
+            _ => unreachable!(),
+        })
+    }
+
+    /// Registers the segments of a large message for `p` to read and
+    /// returns its descriptor.
+    fn register_rndv(&mut self, p: ProcessId, msg: &Message) -> Result<Vec<u8>, String> {
+        let id = self.next_out;
+        self.next_out += 1;
+        let mut remote = Vec::with_capacity(msg.segments().len());
+        let mut mrs = Vec::with_capacity(msg.segments().len());
+        for s in msg.segments() {
+            if s.is_empty() {
+                remote.push((0, 0));
+                continue;
+            }
+            let key = self.next_key();
+            let mr = self
+                .fab
+                .register(s.as_ptr(), s.len(), key)
+                .map_err(|e| format!("registering a {}-byte segment: {e}", s.len()))?;
+            remote.push((self.fab.remote_addr(s.as_ptr()), mr.key));
+            mrs.push(mr);
+        }
+        self.rndv_out.insert(
+            id,
+            OutRndv {
+                dst: p,
+                _segs: msg.segments().to_vec(),
+                _mrs: mrs,
+            },
+        );
+        Ok(wire::encode_rndv(self.rank, id, msg, &remote))
+    }
+
+    /// Reads and handles completions; returns how many were handled.
+    pub(crate) fn poll_cq(&mut self) -> usize {
+        const BATCH: usize = 32;
+        let mut entries = [sys::fi_cq_msg_entry::default(); BATCH];
+        let mut handled = 0;
+        for _ in 0..64 {
+            // SAFETY: the CQ is open and has FI_CQ_FORMAT_MSG; `entries`
+            // has room for BATCH such entries.
+            let ret = unsafe {
+                sys::fi_cq_read(self.fab.cq, entries.as_mut_ptr().cast::<c_void>(), BATCH)
+            };
+            if ret > 0 {
+                let n = ret as usize;
+                for e in &entries[..n] {
+                    self.completed(e.op_context.cast::<Op>(), e.len);
+                }
+                handled += n;
+                if n < BATCH {
+                    break;
+                }
+            } else if ret == -(sys::FI_EAGAIN as isize) {
+                break;
+            } else if ret == -(sys::FI_EAVAIL as isize) {
+                self.read_error();
+                handled += 1;
+            } else {
+                self.errors.push_back(ofi_error("fi_cq_read", ret as i64));
+                break;
+            }
+        }
+        handled
+    }
+
+    fn completed(&mut self, op: *mut Op, len: usize) {
+        if op.is_null() {
+            return;
+        }
+        // SAFETY: every context we post is an Op (module invariants); a
+        // receive's is permanent, so only look at it.
+        if let OpKind::Recv(i) = unsafe { &(*op).kind } {
+            let i = *i;
+            let n = len.min(self.recv_bufs[i].len());
+            if let Err(e) = self.packet(i, n) {
+                self.errors.push_back(e);
+            }
+            if self.post_recv(i) < 0 {
+                self.repost.push(i);
+            }
+            return;
+        }
+        self.inflight = self.inflight.saturating_sub(1);
+        // SAFETY: a non-receive context was leaked from a Box when posted
+        // and its completion is reported once: reclaim it.
+        let op = unsafe { Box::from_raw(op) };
+        match op.kind {
+            OpKind::Recv(_) | OpKind::Send { .. } | OpKind::Ctl { .. } => {}
+            OpKind::Read { in_id, .. } => self.read_done(in_id, false),
+            OpKind::Get {
+                src,
+                mut buf,
+                kind,
+                tag,
+            } => {
+                // SAFETY: the read of `capacity` bytes completed
+                // successfully, so the provider wrote all of them.
+                unsafe { buf.set_len(buf.capacity()) };
+                match Message::with_segments(Header::new(kind, 0, 0, tag), vec![Bytes::from(buf)]) {
+                    Ok(m) => self.ready.push((src, m)),
+                    Err(e) => self.errors.push_back(e),
+                }
+            }
+        }
+    }
+
+    fn read_error(&mut self) {
+        let mut err = sys::fi_cq_err_entry::default();
+        // SAFETY: the CQ is open and reported an error entry; `err` is a
+        // valid fi_cq_err_entry with err_data_size 0 (provider owns it).
+        let ret = unsafe { sys::fi_cq_readerr(self.fab.cq, &mut err, 0) };
+        if ret < 1 {
+            return;
+        }
+        let mut text = [0 as std::ffi::c_char; 256];
+        // SAFETY: fi_cq_strerror writes at most `len` bytes into `text` and
+        // returns a NUL-terminated string (ours or a static one).
+        let detail = unsafe {
+            let p = sys::fi_cq_strerror(
+                self.fab.cq,
+                err.prov_errno,
+                err.err_data,
+                text.as_mut_ptr(),
+                text.len(),
+            );
+            if p.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let reason = format!(
+            "libfabric reported {} ({}){}",
+            strerror(i64::from(err.err)),
+            err.err,
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            }
+        );
+        let op = err.op_context.cast::<Op>();
+        if op.is_null() {
+            self.errors
+                .push_back(TransportError::Io(std::io::Error::other(reason)));
+            return;
+        }
+        // SAFETY: as in `completed`: receive contexts are permanent.
+        if let OpKind::Recv(i) = unsafe { &(*op).kind } {
+            let i = *i;
+            if err.err != sys::FI_ECANCELED {
+                self.errors.push_back(TransportError::Malformed(format!(
+                    "a receive failed: {reason}"
+                )));
+                if self.post_recv(i) < 0 {
+                    self.repost.push(i);
+                }
+            }
+            return;
+        }
+        self.inflight = self.inflight.saturating_sub(1);
+        // SAFETY: as in `completed`: reclaimed once, from its error entry.
+        let op = unsafe { Box::from_raw(op) };
+        let peer = match op.kind {
+            OpKind::Recv(_) => return,
+            OpKind::Send { dst, .. } | OpKind::Ctl { dst, .. } => dst,
+            OpKind::Read { src, in_id } => {
+                self.read_done(in_id, true);
+                src
+            }
+            OpKind::Get { src, .. } => src,
+        };
+        self.lose(peer, reason);
+    }
+
+    /// Marks peer `p` lost (once) with `reason`.
+    pub(crate) fn lose(&mut self, p: ProcessId, reason: String) {
+        let st = &self.status[p as usize];
+        if st.load(Ordering::Relaxed) != ALIVE {
+            return;
+        }
+        st.store(LOST, Ordering::Release);
+        self.reasons[p as usize] = Some(reason.clone());
+        self.queued -= self.pending[p as usize].len();
+        self.pending[p as usize].clear();
+        self.urgent.retain(|(q, _)| *q != p);
+        self.rndv_out.retain(|_, r| r.dst != p);
+        self.errors
+            .push_back(TransportError::PeerLost { process: p, reason });
+    }
+
+    /// Handles the packet in receive buffer `i` (`n` bytes).
+    fn packet(&mut self, i: usize, n: usize) -> Result<(), TransportError> {
+        let buf = &self.recv_bufs[i][..n];
+        let (kind, src) = wire::parse_preamble(buf)?;
+        if src as usize >= self.addrs.len() {
+            return Err(TransportError::Malformed(format!(
+                "ofi packet claims to come from process {src} of {}",
+                self.addrs.len()
+            )));
+        }
+        match kind {
+            wire::PKT_DATA => {
+                let b = Bytes::copy_from_slice(buf);
+                let msg = wire::decode_data(&b)?;
+                self.arrived(src, Slot::Ready(msg));
+            }
+            wire::PKT_RNDV => {
+                let r = wire::decode_rndv(buf, self.sizes.max_message)?;
+                self.start_rndv(src, r);
+            }
+            wire::PKT_ACK => {
+                let id = wire::decode_ack(buf)?;
+                self.rndv_out.remove(&id);
+            }
+            wire::PKT_BYE => {
+                let st = &self.status[src as usize];
+                if st.load(Ordering::Relaxed) == ALIVE {
+                    st.store(DEPARTED, Ordering::Release);
+                    self.reasons[src as usize] =
+                        Some("the process shut its ofi layer down".to_owned());
+                }
+                self.rndv_out.retain(|_, r| r.dst != src);
+            }
+            other => {
+                return Err(TransportError::Malformed(format!(
+                    "ofi packet of unknown type {other} from process {src}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn arrived(&mut self, src: ProcessId, slot: Slot) {
+        let q = &mut self.order[src as usize];
+        match slot {
+            Slot::Ready(m) if q.is_empty() => self.ready.push((src, m)),
+            s => q.push_back(s),
+        }
+    }
+
+    fn start_rndv(&mut self, src: ProcessId, r: wire::Rndv) {
+        let total = r.total() as usize;
+        let in_id = self.next_in;
+        self.next_in += 1;
+        let chunk = self.fab.limits.max_msg_size.clamp(1, 1 << 30);
+        let mut offset = 0usize;
+        let mut reads = 0;
+        for s in &r.segs {
+            let mut done = 0usize;
+            let len = s.len as usize;
+            while done < len {
+                let n = chunk.min(len - done);
+                self.urgent.push_back((
+                    src,
+                    Out::Read {
+                        in_id,
+                        offset: offset + done,
+                        len: n,
+                        addr: s.addr + done as u64,
+                        key: s.key,
+                    },
+                ));
+                reads += 1;
+                done += n;
+            }
+            offset += len;
+        }
+        self.rndv_in.insert(
+            in_id,
+            InRndv {
+                src,
+                remote_id: r.id,
+                header: r.header,
+                lens: r.segs.iter().map(|s| s.len as usize).collect(),
+                buf: Vec::with_capacity(total),
+                remaining: reads,
+                failed: false,
+            },
+        );
+        self.order[src as usize].push_back(Slot::Waiting(in_id));
+        if reads == 0 {
+            self.read_done_final(in_id);
+        }
+    }
+
+    fn read_done(&mut self, in_id: u64, failed: bool) {
+        let Some(inr) = self.rndv_in.get_mut(&in_id) else {
+            return;
+        };
+        inr.failed |= failed;
+        inr.remaining -= 1;
+        if inr.remaining == 0 {
+            self.read_done_final(in_id);
+        }
+    }
+
+    fn read_done_final(&mut self, in_id: u64) {
+        let Some(mut inr) = self.rndv_in.remove(&in_id) else {
+            return;
+        };
+        let src = inr.src;
+        if inr.failed {
+            // The peer is lost (reported by the failing read); drop its
+            // held-back messages.
+            self.order[src as usize].clear();
+            return;
+        }
+        // SAFETY: every read into [0, capacity) completed successfully
+        // (the chunks tile the segments, whose lengths sum to capacity).
+        unsafe { inr.buf.set_len(inr.buf.capacity()) };
+        let whole = Bytes::from(inr.buf);
+        let mut segs = Vec::with_capacity(inr.lens.len());
+        let mut at = 0;
+        for len in inr.lens {
+            segs.push(whole.slice(at..at + len));
+            at += len;
+        }
+        match Message::with_segments(inr.header, segs) {
+            Ok(msg) => {
+                let q = &mut self.order[src as usize];
+                if let Some(slot) = q
+                    .iter_mut()
+                    .find(|s| matches!(s, Slot::Waiting(id) if *id == in_id))
+                {
+                    *slot = Slot::Ready(msg);
+                }
+                while matches!(q.front(), Some(Slot::Ready(_))) {
+                    if let Some(Slot::Ready(m)) = q.pop_front() {
+                        self.ready.push((src, m));
+                    }
+                }
+            }
+            Err(e) => self.errors.push_back(e),
+        }
+        self.urgent
+            .push_back((src, Out::Ctl(wire::encode_ack(self.rank, inr.remote_id))));
+    }
+
+    /// Checks, at most every `liveness_interval`, whether peers on this host
+    /// are still running; one that exited without saying goodbye is lost.
+    pub(crate) fn check_liveness(&mut self) {
+        if self.last_liveness.elapsed() < self.sizes.liveness_interval {
+            return;
+        }
+        self.last_liveness = Instant::now();
+        let dead: Vec<ProcessId> = (0..self.local_pids.len())
+            .filter(|&p| {
+                self.status[p].load(Ordering::Relaxed) == ALIVE
+                    && self.local_pids[p].is_some_and(process_gone)
+            })
+            .map(|p| p as ProcessId)
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        // Its goodbye may still be in flight: give it a moment.
+        let until = Instant::now() + self.sizes.grace;
+        while Instant::now() < until {
+            self.post_pending();
+            self.poll_cq();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for p in dead {
+            if let Some(pid) = self.local_pids[p as usize] {
+                self.lose(
+                    p,
+                    format!("its process (pid {pid} on this host) exited without shutting down"),
+                );
+            }
+        }
+    }
+
+    /// Clean shutdown: says goodbye to every live peer and waits up to
+    /// `linger` for queued sends to complete and peers to finish reading
+    /// this process's large messages.
+    pub(crate) fn shutdown(&mut self, linger: Duration) {
+        for p in 0..self.addrs.len() as ProcessId {
+            if p != self.rank && self.status[p as usize].load(Ordering::Relaxed) == ALIVE {
+                self.queue(
+                    p,
+                    Out::Ctl(wire::preamble(wire::PKT_BYE, self.rank).to_vec()),
+                );
+            }
+        }
+        let until = Instant::now() + linger;
+        loop {
+            self.post_pending();
+            self.poll_cq();
+            self.ready.clear();
+            self.errors.clear();
+            let idle = self.queued == 0
+                && self.urgent.is_empty()
+                && self.inflight == 0
+                && self.rndv_out.is_empty();
+            if idle || Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether nothing is queued, in flight or being read (for tests and
+    /// the wait logic).
+    pub(crate) fn quiet(&self) -> bool {
+        self.queued == 0 && self.urgent.is_empty() && self.repost.is_empty()
+    }
+}
+
+/// Whether the process `pid` of this host has exited (gone or zombie).
+fn process_gone(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+        Err(_) => r == -1,
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Registrations before the domain.
+        self.rndv_out.clear();
+        self.regions.clear();
+        // SAFETY: the fabric is dropped exactly once, here; afterwards the
+        // endpoint is closed, so the provider no longer uses any receive
+        // buffer or context, and they can be freed.
+        unsafe {
+            ManuallyDrop::drop(&mut self.fab);
+            for op in self.recv_ops.drain(..) {
+                drop(Box::from_raw(op));
+            }
+        }
+        // In-flight non-receive contexts (only if `linger` expired) are
+        // deliberately leaked: the provider may have held them to the end.
+    }
+}

@@ -1,0 +1,769 @@
+//! [`OfiLayer`]: the libfabric implementation of [`MachineLayer`].
+
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::kv::KvBootstrap;
+use charmrs_transport::{
+    Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
+};
+use crossbeam_queue::SegQueue;
+
+use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST};
+use crate::fabric::Fabric;
+use crate::wire;
+
+/// Bootstrap key of a process's endpoint address.
+pub const ADDR_KEY: &str = "ofi-addr";
+/// Bootstrap key of a process's provider name (must match everywhere).
+pub const PROVIDER_KEY: &str = "ofi-provider";
+/// Bootstrap key of a process's host identity and pid (liveness checks).
+pub const HOST_KEY: &str = "ofi-host";
+
+/// Environment variable naming the libfabric provider (then `FI_PROVIDER`).
+pub const ENV_PROVIDER: &str = "CHARMRS_OFI_PROVIDER";
+
+/// Tunables of an [`OfiLayer`]. Every process of a job must use the same
+/// `packet_max`.
+#[derive(Debug, Clone)]
+pub struct OfiConfig {
+    /// libfabric provider, e.g. `"shm"` or `"tcp;ofi_rxm"`. `None`: the
+    /// [`ENV_PROVIDER`] variable, else `FI_PROVIDER`, else the first
+    /// suitable provider libfabric lists (never `sockets` or UDP ones).
+    pub provider: Option<String>,
+    /// Size of one pre-posted receive buffer, hence of the largest eager
+    /// packet (preamble, header, segment lengths and payload); larger
+    /// messages use the rendezvous (`fi_read`) path. At least 8 KiB.
+    /// Default 16 KiB.
+    pub packet_max: usize,
+    /// Number of pre-posted receive buffers. Default 128.
+    pub recv_buffers: usize,
+    /// Largest message (and `get`) accepted from a peer. Default 1 GiB.
+    pub max_message: u64,
+    /// How long dropping the layer waits for its last sends to complete and
+    /// peers to finish reading its large messages. Default 1 s.
+    pub linger: Duration,
+    /// How long [`OfiLayer::progress_wait`] keeps polling before it sleeps
+    /// (on the completion queue's file descriptor when the provider has
+    /// one, else in short naps). Default 50 µs.
+    pub wait_spin: Duration,
+    /// How often peers on this host are checked for having exited without
+    /// shutting down (their lost-peer report). Default 100 ms.
+    pub liveness_interval: Duration,
+}
+
+impl Default for OfiConfig {
+    fn default() -> OfiConfig {
+        OfiConfig {
+            provider: None,
+            packet_max: 16 << 10,
+            recv_buffers: 128,
+            max_message: 1 << 30,
+            linger: Duration::from_secs(1),
+            wait_spin: Duration::from_micros(50),
+            liveness_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What a thread asks the progressing thread to do.
+enum Cmd {
+    Send(ProcessId, Message),
+    Get(ProcessId, Out),
+    /// Deregister the region with this key (its `MemRegion` was dropped).
+    Release(u64),
+}
+
+/// State shared by the layer, its regions' release actions and the
+/// wake-up watcher.
+struct Inner {
+    rank: ProcessId,
+    size: u32,
+    engine: Mutex<Engine>,
+    /// Work from threads that did not get the engine lock, in order.
+    cmds: SegQueue<Cmd>,
+    status: Arc<Vec<AtomicU8>>,
+    /// `eventfd` that wakes a thread sleeping in `progress_wait`.
+    event_fd: c_int,
+    /// Set while a thread sleeps in `progress_wait`.
+    sleeping: AtomicBool,
+    wakeup: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Bumped by every `progress` (the watcher waits for it).
+    progressed: AtomicU64,
+    closing: AtomicBool,
+    wait_fd: Option<c_int>,
+    provider: String,
+    cfg: OfiConfig,
+}
+
+fn lock(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    // A panic in the engine leaves libfabric objects in a state we cannot
+    // check; carrying on is still better than poisoning every thread.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Inner {
+    /// Moves queued commands into the engine (under its lock).
+    fn absorb(&self, eng: &mut Engine) {
+        while let Some(cmd) = self.cmds.pop() {
+            match cmd {
+                Cmd::Send(dst, msg) if dst == self.rank => eng.loopback(msg),
+                Cmd::Send(dst, msg) => eng.queue(dst, Out::Msg(msg)),
+                Cmd::Get(src, out) => eng.queue(src, out),
+                Cmd::Release(key) => {
+                    eng.regions.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Queues `cmd` and posts it now if no other thread holds the engine;
+    /// otherwise wakes whoever progresses the layer.
+    fn submit(&self, cmd: Cmd, needs_progress: bool) {
+        self.cmds.push(cmd);
+        if let Ok(mut eng) = self.engine.try_lock() {
+            self.absorb(&mut eng);
+            eng.post_pending();
+            if !needs_progress {
+                return;
+            }
+        }
+        self.notify();
+    }
+
+    /// Wakes a thread sleeping in `progress_wait` and calls the wake-up
+    /// hook.
+    fn notify(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: event_fd is an open eventfd; writing 8 bytes adds to
+            // its counter (a full counter only makes the write fail).
+            unsafe {
+                libc::write(self.event_fd, (&one as *const u64).cast(), 8);
+            }
+        }
+        if let Some(hook) = self.wakeup.get() {
+            hook();
+        }
+    }
+
+    fn drain_event_fd(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: event_fd is an open non-blocking eventfd; reading 8 bytes
+        // resets its counter (EAGAIN when it is zero).
+        unsafe {
+            libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8);
+        }
+    }
+}
+
+/// Process-to-process transport over libfabric reliable datagram
+/// endpoints (`FI_EP_RDM`), e.g. the `shm` provider within a node or
+/// `tcp;ofi_rxm` across nodes.
+///
+/// # Behaviour
+///
+/// * **Set-up** ([`OfiLayer::new`]): opens fabric, domain
+///   (`FI_THREAD_DOMAIN`), completion queue, address vector and endpoint,
+///   publishes the endpoint's name (and provider, host and pid) through
+///   the bootstrap, fences, and inserts every peer's name into the address
+///   vector.
+/// * **Sending** ([`send`](MachineLayer::send), any thread): the message
+///   goes into a lock-free queue; if no other thread holds the engine lock,
+///   the caller posts it at once, otherwise the thread that holds it (the
+///   one in `progress`) does. Small messages go eagerly (`fi_sendmsg` over
+///   the header and the `Bytes` segments, no copy); larger ones by
+///   rendezvous (the receiver `fi_read`s the registered segments straight
+///   into the buffer that becomes the message: no copy at all). `send`
+///   never blocks: what the provider cannot take yet stays queued.
+/// * **Receiving**: only in [`progress`](MachineLayer::progress), which
+///   drains the completion queue, re-posts receive buffers, drives
+///   rendezvous reads and hands arrived messages to the sink in per-source
+///   send order, after releasing the engine lock (so the sink may call
+///   `send`, `register` or `get`).
+/// * **Waiting**: [`OfiLayer::progress_wait`] polls briefly, then sleeps
+///   on the completion queue's wait object (`FI_WAIT_FD`) if the provider
+///   has one, else naps in short slices. [`set_wakeup`](MachineLayer::set_wakeup)
+///   is supported with a wait object (a watcher thread calls the hook).
+/// * **Failures**: a failed operation towards a peer (the provider's CQ
+///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) or a
+///   peer process on this host that exited without shutting its layer down
+///   (checked every [`OfiConfig::liveness_interval`]) is reported once by
+///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
+///   with the same error.
+/// * **Shutdown**: dropping the layer sends a goodbye to every peer (so
+///   they do not report it lost) and waits up to [`OfiConfig::linger`] for
+///   its last sends to complete.
+pub struct OfiLayer {
+    inner: Arc<Inner>,
+    bootstrap: Arc<dyn Bootstrap>,
+    watcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn bootstrap_err(m: String) -> TransportError {
+    TransportError::Bootstrap(m)
+}
+
+/// This host's identity for the liveness check: the kernel boot id (falls
+/// back to the host name).
+fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl OfiLayer {
+    /// A layer over `bootstrap` with tunables `cfg`.
+    ///
+    /// Collective: every process of the job must call it, with the same
+    /// provider.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Io`] naming the libfabric call and its error if
+    /// the provider is missing or an object cannot be opened;
+    /// [`TransportError::Bootstrap`] if the exchange fails, a peer uses
+    /// another provider, or `cfg` is unusable.
+    pub fn new(bootstrap: Arc<dyn Bootstrap>, cfg: OfiConfig) -> Result<OfiLayer, TransportError> {
+        if cfg.packet_max < wire::MAX_RNDV_LEN.max(8 << 10) || cfg.recv_buffers == 0 {
+            return Err(bootstrap_err(format!(
+                "ofi config: packet_max {} must be at least {} and recv_buffers {} at least 1",
+                cfg.packet_max,
+                wire::MAX_RNDV_LEN.max(8 << 10),
+                cfg.recv_buffers
+            )));
+        }
+        let rank = bootstrap.rank();
+        let size = bootstrap.size();
+        let provider = cfg
+            .provider
+            .clone()
+            .or_else(|| std::env::var(ENV_PROVIDER).ok())
+            .or_else(|| std::env::var("FI_PROVIDER").ok())
+            .filter(|p| !p.is_empty());
+        let mut fab = Fabric::open(provider.as_deref(), size as usize)?;
+        let name = fab.name()?;
+        let prov = fab.limits.provider.clone();
+        let host = host_id();
+        bootstrap.put(ADDR_KEY, &name)?;
+        bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;
+        bootstrap.put(
+            HOST_KEY,
+            format!("{host} {}", std::process::id()).as_bytes(),
+        )?;
+        bootstrap.fence()?;
+        let mut names = Vec::with_capacity(size as usize);
+        let mut local_pids = Vec::with_capacity(size as usize);
+        for r in 0..size {
+            if r == rank {
+                names.push(name.clone());
+                local_pids.push(None);
+                continue;
+            }
+            let their = bootstrap.get(r, PROVIDER_KEY)?;
+            if their != prov.as_bytes() {
+                return Err(bootstrap_err(format!(
+                    "process {r} uses libfabric provider {:?}, this process {prov:?}; set \
+                     {ENV_PROVIDER} the same everywhere",
+                    String::from_utf8_lossy(&their)
+                )));
+            }
+            names.push(bootstrap.get(r, ADDR_KEY)?);
+            let h = bootstrap.get(r, HOST_KEY)?;
+            let h = String::from_utf8_lossy(&h);
+            local_pids.push(h.rsplit_once(' ').and_then(|(their_host, pid)| {
+                (their_host == host && !host.is_empty())
+                    .then(|| pid.parse::<i32>().ok())
+                    .flatten()
+            }));
+        }
+        let addrs = fab.insert_peers(&names)?;
+        let wait_fd = fab.wait_fd;
+        let status: Arc<Vec<AtomicU8>> =
+            Arc::new((0..size).map(|_| AtomicU8::new(ALIVE)).collect());
+        let sizes = Sizes {
+            packet_max: cfg.packet_max,
+            recv_buffers: cfg.recv_buffers,
+            max_message: cfg.max_message,
+            grace: Duration::from_millis(20),
+            liveness_interval: cfg.liveness_interval,
+        };
+        let engine = Engine::new(fab, rank, addrs, sizes, Arc::clone(&status), local_pids)?;
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let event_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if event_fd < 0 {
+            return Err(TransportError::Io(std::io::Error::last_os_error()));
+        }
+        // Everyone's receive pool is posted before anyone sends.
+        bootstrap.fence()?;
+        Ok(OfiLayer {
+            inner: Arc::new(Inner {
+                rank,
+                size,
+                engine: Mutex::new(engine),
+                cmds: SegQueue::new(),
+                status,
+                event_fd,
+                sleeping: AtomicBool::new(false),
+                wakeup: OnceLock::new(),
+                progressed: AtomicU64::new(0),
+                closing: AtomicBool::new(false),
+                wait_fd,
+                provider: prov,
+                cfg,
+            }),
+            bootstrap,
+            watcher: Mutex::new(None),
+        })
+    }
+
+    /// The layer of a process started by `charmrun`: a
+    /// [`KvBootstrap::from_env`] bootstrap and `cfg` (provider from
+    /// [`ENV_PROVIDER`]/`FI_PROVIDER` unless `cfg` names one). `Ok(None)`
+    /// when the process was not started by charmrun.
+    ///
+    /// # Errors
+    ///
+    /// As [`KvBootstrap::from_env`] and [`OfiLayer::new`].
+    pub fn from_env(cfg: OfiConfig) -> Result<Option<OfiLayer>, TransportError> {
+        let Some(b) = KvBootstrap::from_env()? else {
+            return Ok(None);
+        };
+        OfiLayer::new(Arc::new(b), cfg).map(Some)
+    }
+
+    /// The libfabric provider in use (e.g. `"shm"`, `"tcp;ofi_rxm"`).
+    pub fn provider(&self) -> &str {
+        &self.inner.provider
+    }
+
+    /// The tunables in force.
+    pub fn config(&self) -> &OfiConfig {
+        &self.inner.cfg
+    }
+
+    /// Whether the provider gave the completion queue a file-descriptor
+    /// wait object (then idle waits sleep in the kernel and
+    /// [`set_wakeup`](MachineLayer::set_wakeup) is supported).
+    pub fn has_wait_fd(&self) -> bool {
+        self.inner.wait_fd.is_some()
+    }
+
+    fn check(&self, p: ProcessId) -> Result<(), TransportError> {
+        if p >= self.inner.size {
+            return Err(TransportError::UnknownProcess {
+                dst: p,
+                size: self.inner.size,
+            });
+        }
+        match self.inner.status[p as usize].load(Ordering::Acquire) {
+            LOST | DEPARTED => {
+                let reason = lock(&self.inner.engine).reasons[p as usize]
+                    .clone()
+                    .unwrap_or_else(|| "lost".to_owned());
+                Err(TransportError::PeerLost { process: p, reason })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Like [`progress`](MachineLayer::progress), but if nothing arrives
+    /// waits up to `timeout`: polls for [`OfiConfig::wait_spin`], then
+    /// sleeps on the completion queue's file descriptor (or, without one,
+    /// in naps of at most 100 µs), woken by the network, by `send` from
+    /// another thread, or after at most [`OfiConfig::liveness_interval`] to
+    /// check peers.
+    ///
+    /// # Errors
+    ///
+    /// As [`progress`](MachineLayer::progress).
+    pub fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.inner.cfg.wait_spin;
+        let mut nap = Duration::from_micros(5);
+        loop {
+            let n = self.progress(sink)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(0);
+            }
+            if now < spin_until {
+                std::thread::yield_now();
+                continue;
+            }
+            let slice = (deadline - now).min(self.inner.cfg.liveness_interval);
+            match self.inner.wait_fd {
+                Some(fd) => self.sleep_on(fd, slice),
+                None => {
+                    nap = (nap * 2).min(Duration::from_micros(100)).min(slice);
+                    self.sleep_on(-1, nap);
+                }
+            }
+        }
+    }
+
+    /// Sleeps up to `slice` until `fd` (if any) or the event fd is
+    /// readable; does not sleep if the CQ has events or work is queued.
+    fn sleep_on(&self, fd: c_int, slice: Duration) {
+        let inner = &self.inner;
+        if fd >= 0 {
+            let eng = lock(&inner.engine);
+            if !eng.quiet() || !eng.fab.trywait() {
+                return;
+            }
+        }
+        inner.sleeping.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if inner.cmds.is_empty() {
+            let mut fds = [
+                libc::pollfd {
+                    fd: inner.event_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let nfds = if fd >= 0 { 2 } else { 1 };
+            let ms = slice.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int;
+            if fd < 0 && slice < Duration::from_millis(1) {
+                // poll(2) has millisecond resolution: nap instead.
+                std::thread::sleep(slice);
+            } else {
+                // SAFETY: `fds` holds `nfds` valid pollfd entries.
+                unsafe {
+                    libc::poll(fds.as_mut_ptr(), nfds, ms);
+                }
+            }
+        }
+        inner.sleeping.store(false, Ordering::SeqCst);
+        inner.drain_event_fd();
+    }
+
+    /// The wake-up watcher: sleeps on the CQ's file descriptor and calls
+    /// the hook when it becomes readable, then waits for a `progress`
+    /// call before sleeping again.
+    fn watch(inner: &Inner, fd: c_int) {
+        while !inner.closing.load(Ordering::Acquire) {
+            let seen = inner.progressed.load(Ordering::Acquire);
+            let may_sleep = {
+                let eng = lock(&inner.engine);
+                eng.quiet() && eng.fab.trywait()
+            };
+            let mut ready = !may_sleep;
+            if may_sleep {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let r = unsafe { libc::poll(&mut pfd, 1, 50) };
+                ready = r > 0;
+            }
+            if ready && !inner.closing.load(Ordering::Acquire) {
+                if let Some(hook) = inner.wakeup.get() {
+                    hook();
+                }
+                // Wait (bounded) for the woken thread to progress.
+                let until = Instant::now() + Duration::from_millis(50);
+                while inner.progressed.load(Ordering::Acquire) == seen
+                    && Instant::now() < until
+                    && !inner.closing.load(Ordering::Acquire)
+                {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            }
+        }
+    }
+}
+
+impl MachineLayer for OfiLayer {
+    fn rank(&self) -> ProcessId {
+        self.inner.rank
+    }
+
+    fn size(&self) -> u32 {
+        self.inner.size
+    }
+
+    /// Queues the message and posts it at once if no other thread holds the
+    /// engine (see the type docs); never blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`], [`TransportError::TooLarge`]
+    /// over [`OfiConfig::max_message`], [`TransportError::PeerLost`] for a
+    /// peer known lost or shut down.
+    fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
+        self.check(dst)?;
+        let len = msg.total_len() as u64;
+        if len > self.inner.cfg.max_message {
+            return Err(TransportError::TooLarge {
+                len,
+                max: self.inner.cfg.max_message,
+            });
+        }
+        let local = dst == self.inner.rank;
+        self.inner.submit(Cmd::Send(dst, msg), local);
+        Ok(())
+    }
+
+    /// Non-blocking: posts queued work, drains the completion queue and
+    /// hands every message that became deliverable to `sink`, in
+    /// per-source order, outside the engine lock. An error (lost peer,
+    /// malformed packet) is returned after the messages were delivered;
+    /// each is reported once.
+    fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
+        let inner = &self.inner;
+        let (ready, err) = {
+            let mut eng = lock(&inner.engine);
+            inner.absorb(&mut eng);
+            eng.post_pending();
+            if eng.poll_cq() > 0 {
+                eng.post_pending();
+            }
+            eng.check_liveness();
+            (std::mem::take(&mut eng.ready), eng.errors.pop_front())
+        };
+        inner.progressed.fetch_add(1, Ordering::AcqRel);
+        let n = ready.len();
+        for (src, msg) in ready {
+            sink(src, msg);
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        OfiLayer::progress_wait(self, sink, timeout)
+    }
+
+    /// Supported when the provider's completion queue has a file-descriptor
+    /// wait object: a watcher thread calls `hook` when completions arrive;
+    /// `send` from another thread and sends to oneself call it too. Returns
+    /// `false` without a wait object, or if a hook is already set.
+    fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        let Some(fd) = self.inner.wait_fd else {
+            return false;
+        };
+        if self.inner.wakeup.set(hook).is_err() {
+            return false;
+        }
+        let inner = Arc::clone(&self.inner);
+        match std::thread::Builder::new()
+            .name(format!("charmrs-ofi-wake-{}", self.inner.rank))
+            .spawn(move || OfiLayer::watch(&inner, fd))
+        {
+            Ok(h) => {
+                *self
+                    .watcher
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// `fi_mr_reg` of the buffer for remote reads (`FI_REMOTE_READ`); the
+    /// key is the registration's address and key. Dropping the region
+    /// deregisters it (at the next `progress`, or at once if the engine is
+    /// free); the buffer is kept alive until then.
+    fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
+        let mut eng = lock(&self.inner.engine);
+        let wanted = eng.next_key();
+        let (mr, key, addr) = if buf.is_empty() {
+            (None, wanted, 0)
+        } else {
+            let mr = eng.fab.register(buf.as_ptr(), buf.len(), wanted)?;
+            let key = mr.key;
+            (Some(mr), key, eng.fab.remote_addr(buf.as_ptr()))
+        };
+        eng.regions.insert(
+            key,
+            Registered {
+                _mr: mr,
+                buf: buf.clone(),
+            },
+        );
+        drop(eng);
+        let rk = RemoteKey {
+            addr,
+            len: buf.len() as u64,
+            rkey: key.to_le_bytes().to_vec(),
+        };
+        let weak = Arc::downgrade(&self.inner);
+        Ok(MemRegion::with_release(buf, rk, move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.submit(Cmd::Release(key), false);
+            }
+        }))
+    }
+
+    /// `fi_read` of the remote region into a fresh buffer; the completion
+    /// arrives through `progress` (a failure makes `src` lost). A read of
+    /// one's own region is served from the registration table.
+    fn get(
+        &self,
+        src: ProcessId,
+        key: &RemoteKey,
+        completion_kind: u8,
+        completion_tag: u64,
+    ) -> Result<(), TransportError> {
+        self.check(src)?;
+        if key.len > self.inner.cfg.max_message {
+            return Err(TransportError::TooLarge {
+                len: key.len,
+                max: self.inner.cfg.max_message,
+            });
+        }
+        let rkey: [u8; 8] = key.rkey.as_slice().try_into().map_err(|_| {
+            TransportError::Malformed("remote key was not made by an ofi layer".to_owned())
+        })?;
+        let rkey = u64::from_le_bytes(rkey);
+        let header = Header::new(completion_kind, 0, 0, completion_tag);
+        if src == self.inner.rank || key.len == 0 {
+            let mut eng = lock(&self.inner.engine);
+            let bytes = if key.len == 0 {
+                Bytes::new()
+            } else {
+                let reg = eng.regions.get(&rkey).ok_or_else(|| {
+                    TransportError::Malformed(format!(
+                        "no live registration with key {rkey} in this process"
+                    ))
+                })?;
+                let base = eng.fab.remote_addr(reg.buf.as_ptr());
+                let off = key.addr.checked_sub(base).unwrap_or(u64::MAX);
+                let end = off.saturating_add(key.len);
+                if end > reg.buf.len() as u64 {
+                    return Err(TransportError::Malformed(format!(
+                        "get of {} bytes at {:#x} is outside registration {rkey}",
+                        key.len, key.addr
+                    )));
+                }
+                reg.buf.slice(off as usize..end as usize)
+            };
+            eng.deliver_now(src, Message::with_segments(header, vec![bytes])?);
+            drop(eng);
+            self.inner.notify();
+            return Ok(());
+        }
+        self.inner.submit(
+            Cmd::Get(
+                src,
+                Out::Get {
+                    addr: key.addr,
+                    key: rkey,
+                    len: key.len as usize,
+                    kind: completion_kind,
+                    tag: completion_tag,
+                },
+            ),
+            false,
+        );
+        Ok(())
+    }
+
+    /// The bootstrap's fence (all processes). While it waits, the calling
+    /// thread keeps the provider progressing (posting queued sends, serving
+    /// peers' reads, completing operations) without delivering anything:
+    /// with manual-progress providers such as `tcp;ofi_rxm`, a process
+    /// blocked in a fence would otherwise stall the very messages its peers
+    /// need to reach the fence. Arrivals are delivered by the next
+    /// `progress`.
+    fn barrier(&self) -> Result<(), TransportError> {
+        let b = Arc::clone(&self.bootstrap);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("charmrs-ofi-fence-{}", self.inner.rank))
+            .spawn(move || {
+                let _ = tx.send(b.fence());
+            })?;
+        loop {
+            match rx.recv_timeout(Duration::from_micros(200)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let mut eng = lock(&self.inner.engine);
+                    self.inner.absorb(&mut eng);
+                    eng.post_pending();
+                    if eng.poll_cq() > 0 {
+                        eng.post_pending();
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(bootstrap_err(
+                        "the fence thread ended without a result".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Tells the launcher through the bootstrap (which brings the other
+    /// processes down) and returns; the caller then exits.
+    fn abort(&self, reason: &str) {
+        self.bootstrap.abort(reason);
+    }
+
+    fn name(&self) -> &'static str {
+        "ofi"
+    }
+}
+
+impl std::fmt::Debug for OfiLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfiLayer")
+            .field("rank", &self.inner.rank)
+            .field("size", &self.inner.size)
+            .field("provider", &self.inner.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for OfiLayer {
+    fn drop(&mut self) {
+        self.inner.closing.store(true, Ordering::Release);
+        if let Some(h) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = h.join();
+        }
+        {
+            let mut eng = lock(&self.inner.engine);
+            self.inner.absorb(&mut eng);
+            eng.shutdown(self.inner.cfg.linger);
+        }
+        // SAFETY: the eventfd was opened in `new` and is closed once, here
+        // (the watcher, its only other user, has been joined).
+        unsafe {
+            libc::close(self.inner.event_fd);
+        }
+    }
+}

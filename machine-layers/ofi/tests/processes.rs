@@ -1,0 +1,162 @@
+//! Real processes of `charmrs-ofi-check` talking through `OfiLayer` over
+//! the `shm` and `tcp;ofi_rxm` providers (loopback only: `FI_TCP_IFACE=lo`),
+//! bootstrapped by a real key-value server started here, as `charmrun`
+//! does. Every job runs under a watchdog that kills its processes and fails
+//! the test.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use charmrs_transport::kv::{
+    random_secret, secret_to_hex, KvServer, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_RANK,
+};
+
+const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-ofi-check");
+
+/// How one process of a job ended.
+struct Ended {
+    code: Option<i32>,
+    out: String,
+    err: String,
+}
+
+/// Runs `n` processes of `charmrs-ofi-check args...` with `provider`;
+/// fails if they do not all end within `secs`.
+fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
+    let secret = random_secret().expect("secret");
+    let (server, addr) = KvServer::start(n, secret).expect("kv server");
+    let mut children: Vec<Child> = (0..n)
+        .map(|r| {
+            Command::new(CHECK)
+                .args(args)
+                .env(ENV_RANK, r.to_string())
+                .env(ENV_NPROCS, n.to_string())
+                .env(ENV_KV_ADDR, addr.to_string())
+                .env(ENV_JOB_SECRET, secret_to_hex(&secret))
+                .env("CHARMRS_OFI_PROVIDER", provider)
+                .env_remove("FI_PROVIDER")
+                .env("FI_TCP_IFACE", "lo")
+                .env("FI_SOCKETS_IFACE", "lo")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn charmrs-ofi-check")
+        })
+        .collect();
+    // Drain the pipes on threads so a chatty process cannot block.
+    let readers: Vec<_> = children
+        .iter_mut()
+        .map(|c| {
+            let mut o = c.stdout.take().expect("stdout");
+            let mut e = c.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                let (mut so, mut se) = (String::new(), String::new());
+                let _ = o.read_to_string(&mut so);
+                let _ = e.read_to_string(&mut se);
+                (so, se)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut codes: Vec<Option<Option<i32>>> = vec![None; n as usize];
+    while codes.iter().any(Option::is_none) {
+        if Instant::now() > deadline {
+            for c in &mut children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let logs: Vec<String> = readers
+                .into_iter()
+                .map(|r| {
+                    let (o, e) = r.join().unwrap_or_default();
+                    format!("--- stdout\n{o}--- stderr\n{e}")
+                })
+                .collect();
+            panic!(
+                "{provider} {args:?}: job did not end within {secs} s (watchdog)\n{}",
+                logs.join("\n")
+            );
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if codes[i].is_none() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    codes[i] = Some(st.code());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(server);
+    codes
+        .into_iter()
+        .zip(readers)
+        .map(|(code, r)| {
+            let (out, err) = r.join().expect("reader");
+            Ended {
+                code: code.flatten(),
+                out,
+                err,
+            }
+        })
+        .collect()
+}
+
+fn assert_ok(provider: &str, scenario: &str, ended: &[Ended]) {
+    for (r, e) in ended.iter().enumerate() {
+        assert!(
+            e.code == Some(0) && e.out.contains(&format!("OK {scenario}")),
+            "{provider} {scenario}: rank {r} failed (status {:?})\n--- stdout\n{}--- stderr\n{}",
+            e.code,
+            e.out,
+            e.err
+        );
+    }
+}
+
+const PROVIDERS: &[&str] = &["shm", "tcp;ofi_rxm"];
+
+#[test]
+fn mixed_sizes_threads_rendezvous_and_gets_among_three() {
+    for p in PROVIDERS {
+        let ended = job(p, 3, &["mixed"], 150);
+        assert_ok(p, "mixed", &ended);
+        eprintln!("{p}: {}", ended[0].out.trim());
+    }
+}
+
+#[test]
+fn flood_is_absorbed_without_loss() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["flood"], 150);
+        assert_ok(p, "flood", &ended);
+    }
+}
+
+#[test]
+fn arrival_wakes_a_sleeping_process() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["wakeup"], 60);
+        assert_ok(p, "wakeup", &ended);
+        eprintln!("{p}: {}", ended[1].out.trim());
+    }
+}
+
+#[test]
+fn killed_peer_is_reported_lost_within_five_seconds() {
+    for p in PROVIDERS {
+        for variant in [&["lost"][..], &["lost", "send"][..]] {
+            let ended = job(p, 2, variant, 30);
+            // Rank 1 killed itself.
+            assert_eq!(ended[1].code, None, "{p}: rank 1 should die by signal");
+            let e = &ended[0];
+            assert!(
+                e.code == Some(0) && e.out.contains("OK lost"),
+                "{p} {variant:?}: rank 0 did not report the loss\n--- stdout\n{}--- stderr\n{}",
+                e.out,
+                e.err
+            );
+            eprintln!("{p} {variant:?}: {}", e.out.trim());
+        }
+    }
+}

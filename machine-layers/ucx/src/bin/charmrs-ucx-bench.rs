@@ -1,0 +1,262 @@
+//! Latency and bandwidth of [`UcxLayer`] beside UCX's own `ucx_perftest`
+//! (`ucp_am_lat`, `ucp_am_bw`), measured in the same invocation on the same
+//! transports, printed side by side.
+//!
+//! ```text
+//! UCX_TLS=shm,self charmrs-ucx-bench [--reps R] [--sizes 8,4096,1048576]
+//! ```
+//!
+//! The driver (this program started by hand) runs, `R` times interleaved:
+//! a two-process job of itself (real processes, key-value bootstrap) that
+//! measures `UcxLayer` ping-pong (one-way = round trip / 2, per-iteration
+//! median) and streaming bandwidth (windows of messages, one small ack per
+//! window) through `send`/`progress`; then `ucx_perftest` server and client
+//! on 127.0.0.1 for the same sizes. It prints the median over the
+//! repetitions. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
+//! reports it. `UCX_TLS` is passed through (default `shm,self`).
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::kv::{
+    random_secret, secret_to_hex, KvServer, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_RANK,
+};
+use charmrs_transport::{Header, MachineLayer, Message, ProcessId};
+use charmrs_ucx::UcxLayer;
+
+const DEFAULT_SIZES: [usize; 9] = [8, 64, 512, 4096, 32 << 10, 256 << 10, 1 << 20, 2 << 20, 4 << 20];
+
+fn die(msg: String) -> ! {
+    eprintln!("charmrs-ucx-bench: {msg}");
+    std::process::exit(1);
+}
+
+fn lat_iters(size: usize) -> usize {
+    (256 << 20) / size.max(1) / 4
+}
+
+fn bw_msgs(size: usize) -> usize {
+    ((1usize << 30) / size.max(1)).clamp(64, 100_000)
+}
+
+/// Busy-polls `layer` until `n` messages arrived; returns the last one.
+fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
+    let mut got = 0;
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < n {
+        match layer.progress(&mut |s, m| {
+            got += 1;
+            last = Some((s, m));
+        }) {
+            Ok(_) => {}
+            Err(e) => die(format!("progress: {e}")),
+        }
+        if Instant::now() > deadline {
+            die(format!("timed out: {got} of {n} messages"));
+        }
+    }
+    last
+}
+
+fn send(layer: &UcxLayer, dst: ProcessId, payload: &Bytes, tag: u64) {
+    let segs = if payload.is_empty() { vec![] } else { vec![payload.clone()] };
+    let m = Message::with_segments(Header::new(1, 0, 0, tag), segs).expect("one segment");
+    if let Err(e) = layer.send(dst, m) {
+        die(format!("send: {e}"));
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One process of the measuring job.
+fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
+    let me = layer.rank();
+    let peer = 1 - me;
+    let ack = Bytes::new();
+    for &size in sizes {
+        let payload = Bytes::from(vec![0x5au8; size]);
+        // Latency: ping-pong.
+        let iters = lat_iters(size).clamp(100, 20_000);
+        let warm = iters / 10;
+        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        let mut rtts = Vec::with_capacity(iters);
+        for i in 0..warm + iters {
+            if me == 0 {
+                let t = Instant::now();
+                send(&layer, peer, &payload, i as u64);
+                recv_n(&layer, 1);
+                if i >= warm {
+                    rtts.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+                }
+            } else {
+                recv_n(&layer, 1);
+                send(&layer, peer, &payload, i as u64);
+            }
+        }
+        // Bandwidth: windows of messages, one ack each.
+        let total = bw_msgs(size);
+        let window = 32.min(total);
+        let rounds = total / window;
+        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        let t = Instant::now();
+        for r in 0..rounds + 1 {
+            if r == 1 && me == 0 {
+                // The first round warms up.
+                rtts.push(0.0);
+                rtts.pop();
+            }
+            let start = if r == 1 { Some(Instant::now()) } else { None };
+            if me == 0 {
+                for k in 0..window {
+                    send(&layer, peer, &payload, k as u64);
+                }
+                recv_n(&layer, 1);
+            } else {
+                recv_n(&layer, window);
+                send(&layer, peer, &ack, 0);
+            }
+            let _ = start;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if me == 0 {
+            let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
+            let med = median(&mut rtts);
+            let mbs = (size * window * (rounds + 1)) as f64 / secs / (1 << 20) as f64;
+            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1}");
+        }
+    }
+    layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+}
+
+/// Runs the two-process job; returns (size, median one-way µs, avg µs, MB/s).
+fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
+    let secret = random_secret().unwrap_or_else(|e| die(format!("secret: {e}")));
+    let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| die(format!("kv: {e}")));
+    let exe = std::env::current_exe().unwrap_or_else(|e| die(format!("current_exe: {e}")));
+    let list = sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(&exe)
+                .args(["--sizes", &list])
+                .env(ENV_RANK, r.to_string())
+                .env(ENV_NPROCS, "2")
+                .env(ENV_KV_ADDR, addr.to_string())
+                .env(ENV_JOB_SECRET, secret_to_hex(&secret))
+                .env("UCX_TLS", tls)
+                .env("UCX_NET_DEVICES", "lo")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| die(format!("spawn: {e}")))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap_or_else(|e| die(format!("wait: {e}")));
+        if !o.status.success() {
+            die(format!("a benchmark process failed: {}", o.status));
+        }
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() == 5 && f[0] == "RESULT" {
+                let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4])));
+            }
+        }
+    }
+    drop(server);
+    out
+}
+
+/// Runs one `ucx_perftest` test; returns (median latency µs, overall MB/s).
+fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16) -> (f64, f64) {
+    let common = |c: &mut Command| {
+        c.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()])
+            .env("UCX_TLS", tls)
+            .env("UCX_NET_DEVICES", "lo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+    };
+    let mut server = Command::new("ucx_perftest");
+    common(&mut server);
+    let server = server
+        .spawn()
+        .unwrap_or_else(|e| die(format!("cannot run ucx_perftest (apt-get install ucx-utils): {e}")));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = Command::new("ucx_perftest");
+    client.arg("127.0.0.1");
+    common(&mut client);
+    let o = client.output().unwrap_or_else(|e| die(format!("ucx_perftest client: {e}")));
+    let _ = server.wait_with_output();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let Some(line) = text.lines().find(|l| l.starts_with("Final:")) else {
+        die(format!("ucx_perftest {test} -s {size} printed no Final line:\n{text}"));
+    };
+    let f: Vec<f64> = line.split_whitespace().skip(1).map(|s| s.parse().unwrap_or(f64::NAN)).collect();
+    // iterations, lat 50%, lat avg, lat overall, bw avg, bw overall, ...
+    (f[1], f[5])
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let sizes: Vec<usize> = opt("--sizes")
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| DEFAULT_SIZES.to_vec());
+    if std::env::var_os(ENV_KV_ADDR).is_some() {
+        let layer = match UcxLayer::from_env() {
+            Ok(Some(l)) => Arc::new(l),
+            Ok(None) => die("no bootstrap".into()),
+            Err(e) => die(format!("UCX layer: {e}")),
+        };
+        worker(layer, &sizes);
+        return;
+    }
+    let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(3);
+    let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "shm,self".to_owned());
+    let n = sizes.len();
+    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new()); n];
+    let mut raw = vec![(Vec::new(), Vec::new()); n];
+    let mut port = 13_000 + (std::process::id() % 2000) as u16;
+    for rep in 0..reps {
+        eprintln!("repetition {}/{reps}: UcxLayer", rep + 1);
+        for (i, (size, med, avg, bw)) in run_layer(&sizes, &tls).into_iter().enumerate() {
+            if i < n && sizes[i] == size {
+                ours[i].0.push(med);
+                ours[i].1.push(avg);
+                ours[i].2.push(bw);
+            }
+        }
+        eprintln!("repetition {}/{reps}: ucx_perftest", rep + 1);
+        for (i, &size) in sizes.iter().enumerate() {
+            port += 1;
+            let (lat, _) = perftest("ucp_am_lat", size, lat_iters(size).clamp(100, 20_000), &tls, port);
+            port += 1;
+            let (_, bw) = perftest("ucp_am_bw", size, bw_msgs(size), &tls, port);
+            raw[i].0.push(lat);
+            raw[i].1.push(bw);
+        }
+    }
+    println!("UCX_TLS={tls}, {reps} repetitions interleaved, medians");
+    println!(
+        "{:>9} | {:>12} {:>12} {:>7} | {:>12} {:>12} {:>7}",
+        "size", "layer lat µs", "am_lat µs", "ratio", "layer MB/s", "am_bw MB/s", "ratio"
+    );
+    for (i, &size) in sizes.iter().enumerate() {
+        if ours[i].0.is_empty() {
+            continue;
+        }
+        let (l, b) = (median(&mut ours[i].0), median(&mut ours[i].2));
+        let (rl, rb) = (median(&mut raw[i].0), median(&mut raw[i].1));
+        println!(
+            "{size:>9} | {l:>12.3} {rl:>12.3} {:>7.2} | {b:>12.1} {rb:>12.1} {:>7.2}",
+            l / rl,
+            b / rb
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! Self-test of the UCX machine layer across real processes. Started as
+//! every process of a job with the launcher's environment contract
+//! (`CHARMRS_RANK`, `CHARMRS_NPROCS`, `CHARMRS_KV_ADDR`,
+//! `CHARMRS_JOB_SECRET`), by `charmrun` or by this crate's integration
+//! tests:
+//!
+//! ```text
+//! charmrs-ucx-check order <per-thread> <threads>   all-to-all, mixed sizes 8 B..4 MiB
+//! charmrs-ucx-check rma                            register + get between all pairs
+//! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
+//! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
+//! ```
+//!
+//! Prints `OK <mode>` on success; any failure exits non-zero with a
+//! message naming what was wrong.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::{Header, MachineLayer, Message, ProcessId, RemoteKey, TransportError};
+use charmrs_ucx::UcxLayer;
+
+const KIND_DATA: u8 = 1;
+const KIND_DONE: u8 = 2;
+const KIND_KEY: u8 = 3;
+const KIND_GOT: u8 = 4;
+const KIND_READ: u8 = 5;
+
+/// Segment sizes cycled through by `order`.
+const SIZES: [usize; 8] = [8, 64, 1000, 8192, 70_000, 1 << 20, 8, 4 << 20];
+
+fn fail(msg: String) -> ! {
+    eprintln!("charmrs-ucx-check: {msg}");
+    std::process::exit(1);
+}
+
+fn byte(src: u32, k: u64, seg: usize, i: usize) -> u8 {
+    (src as u64 * 31 + k * 7 + seg as u64 * 13 + i as u64) as u8
+}
+
+fn pattern(src: u32, k: u64, seg: usize, len: usize) -> Bytes {
+    (0..len).map(|i| byte(src, k, seg, i)).collect::<Vec<u8>>().into()
+}
+
+/// The segments of message `k` of a sender thread.
+fn segment_lens(k: u64) -> Vec<usize> {
+    let s = SIZES[(k % SIZES.len() as u64) as usize];
+    if k % 3 == 1 {
+        vec![s, 0, 100]
+    } else {
+        vec![s]
+    }
+}
+
+fn progress_until(
+    layer: &UcxLayer,
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut(ProcessId, Message),
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        if Instant::now() > deadline {
+            fail(format!("rank {}: timed out waiting for {what}", layer.rank()));
+        }
+        if let Err(e) = layer.progress_wait(&mut f, Duration::from_millis(50)) {
+            fail(format!("rank {}: progress failed while waiting for {what}: {e}", layer.rank()));
+        }
+    }
+}
+
+/// Everyone tells everyone it is done, and waits for the others (keeps
+/// progressing so their operations towards us can finish).
+fn finish(layer: &UcxLayer, mut done_from: Vec<bool>, on: &mut dyn FnMut(ProcessId, Message)) {
+    let me = layer.rank();
+    for p in 0..layer.size() {
+        if p != me {
+            send(layer, p, Message::new(Header::new(KIND_DONE, 0, 0, 0)));
+        }
+    }
+    done_from[me as usize] = true;
+    let done_from = RefCell::new(done_from);
+    progress_until(
+        layer,
+        "the others to finish",
+        60,
+        |s, m| {
+            if m.header().kind == KIND_DONE {
+                done_from.borrow_mut()[s as usize] = true;
+            } else {
+                on(s, m);
+            }
+        },
+        || done_from.borrow().iter().all(|&d| d),
+    );
+    if let Err(e) = layer.barrier() {
+        fail(format!("rank {me}: barrier: {e}"));
+    }
+}
+
+fn send(layer: &UcxLayer, p: ProcessId, m: Message) {
+    if let Err(e) = layer.send(p, m) {
+        fail(format!("rank {}: send to {p}: {e}", layer.rank()));
+    }
+}
+
+fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
+    let me = layer.rank();
+    let n = layer.size();
+    // Unknown ranks are refused synchronously.
+    match layer.send(n, Message::new(Header::new(KIND_DATA, 0, 0, 0))) {
+        Err(TransportError::UnknownProcess { dst, size }) if dst == n && size == n => {}
+        other => fail(format!("send to rank {n} of {n}: expected UnknownProcess, got {other:?}")),
+    }
+    let key = RemoteKey { addr: 0, len: 1, rkey: vec![] };
+    if !matches!(layer.get(n + 3, &key, 1, 1), Err(TransportError::UnknownProcess { .. })) {
+        fail("get from an unknown rank was not refused".into());
+    }
+    // Sender threads: each sends per_thread messages to every peer (self
+    // included), tag = thread << 32 | k.
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let layer = Arc::clone(&layer);
+            std::thread::spawn(move || {
+                for k in 0..per_thread {
+                    for d in 0..n {
+                        let dst = (me + 1 + d) % n;
+                        let segs = segment_lens(k)
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &l)| pattern(me, k, j, l))
+                            .collect();
+                        let h = Header::new(KIND_DATA, me, dst, t << 32 | k);
+                        let m = Message::with_segments(h, segs).expect("few segments");
+                        send(&layer, dst, m);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next: HashMap<(ProcessId, u64), u64> = HashMap::new();
+    let received = Cell::new(0u64);
+    let expected = per_thread * threads * n as u64;
+    let mut early_done = vec![false; n as usize];
+    let mut check = |src: ProcessId, m: Message| {
+        let h = *m.header();
+        if h.kind == KIND_DONE {
+            early_done[src as usize] = true;
+            return;
+        }
+        if h.kind != KIND_DATA || h.src_pe != src || h.dst_pe != me {
+            fail(format!("rank {me}: unexpected header {h:?} from {src}"));
+        }
+        let (t, k) = (h.tag >> 32, h.tag & 0xffff_ffff);
+        let e = next.entry((src, t)).or_insert(0);
+        if k != *e {
+            fail(format!(
+                "rank {me}: from rank {src} thread {t}: got message {k}, expected {} (order or duplicate)",
+                *e
+            ));
+        }
+        *e += 1;
+        let lens = segment_lens(k);
+        if m.segments().len() != lens.len() {
+            fail(format!("rank {me}: message {k} from {src}: {} segments", m.segments().len()));
+        }
+        for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
+            if seg.len() != l {
+                fail(format!("rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}", seg.len()));
+            }
+            if let Some(i) = (0..l).find(|&i| seg[i] != byte(src, k, j, i)) {
+                fail(format!("rank {me}: message {k} from {src} seg {j}: byte {i} differs"));
+            }
+        }
+        received.set(received.get() + 1);
+    };
+    let t0 = Instant::now();
+    {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while received.get() < expected {
+            if Instant::now() > deadline {
+                fail(format!("rank {me}: only {} of {expected} messages arrived", received.get()));
+            }
+            if let Err(e) = layer.progress_wait(&mut check, Duration::from_millis(50)) {
+                fail(format!("rank {me}: progress: {e}"));
+            }
+        }
+    }
+    for h in handles {
+        if h.join().is_err() {
+            fail(format!("rank {me}: a sender thread panicked"));
+        }
+    }
+    let elapsed = t0.elapsed();
+    finish(&layer, early_done, &mut |s, m| fail(format!("rank {me}: late message {:?} from {s}", m.header())));
+    println!("OK order rank {me}: {} messages in {elapsed:?}", received.get());
+}
+
+fn encode_key(k: &RemoteKey) -> Bytes {
+    let mut v = Vec::new();
+    v.extend_from_slice(&k.addr.to_le_bytes());
+    v.extend_from_slice(&k.len.to_le_bytes());
+    v.extend_from_slice(&k.rkey);
+    v.into()
+}
+
+fn decode_key(b: &[u8]) -> RemoteKey {
+    let addr = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+    RemoteKey { addr, len, rkey: b[16..].to_vec() }
+}
+
+fn rma(layer: &UcxLayer) {
+    let me = layer.rank();
+    let n = layer.size();
+    let len = (1 << 20) + 3 + me as usize;
+    let region = match layer.register(pattern(me, 99, 0, len)) {
+        Ok(r) => r,
+        Err(e) => fail(format!("rank {me}: register: {e}")),
+    };
+    for p in 0..n {
+        let m = Message::with_segments(Header::new(KIND_KEY, 0, 0, 0), vec![encode_key(region.key())])
+            .expect("one segment");
+        send(layer, p, m);
+    }
+    let read = RefCell::new(vec![false; n as usize]);
+    let acked = RefCell::new(vec![false; n as usize]);
+    let mut early_done = vec![false; n as usize];
+    let mut on = |src: ProcessId, m: Message| match m.header().kind {
+        KIND_KEY => {
+            let key = decode_key(&m.segments()[0]);
+            if let Err(e) = layer.get(src, &key, KIND_READ, u64::from(src)) {
+                fail(format!("rank {me}: get from {src}: {e}"));
+            }
+        }
+        KIND_READ => {
+            let from = m.header().tag as u32;
+            let want = pattern(from, 99, 0, (1 << 20) + 3 + from as usize);
+            if m.segments().len() != 1 || m.segments()[0] != want {
+                fail(format!("rank {me}: the bytes read from rank {from} differ"));
+            }
+            read.borrow_mut()[from as usize] = true;
+            send(layer, from, Message::new(Header::new(KIND_GOT, 0, 0, 0)));
+        }
+        KIND_GOT => acked.borrow_mut()[src as usize] = true,
+        KIND_DONE => early_done[src as usize] = true,
+        k => fail(format!("rank {me}: unexpected kind {k}")),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(read.borrow().iter().all(|&r| r) && acked.borrow().iter().all(|&a| a)) {
+        if Instant::now() > deadline {
+            fail(format!("rank {me}: reads {:?}, acks {:?}", read.borrow(), acked.borrow()));
+        }
+        if let Err(e) = layer.progress_wait(&mut on, Duration::from_millis(50)) {
+            fail(format!("rank {me}: progress: {e}"));
+        }
+    }
+    drop(region);
+    finish(layer, early_done, &mut |_, _| {});
+    println!("OK rma rank {me}");
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills a zeroed rusage struct for this thread.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn wake(layer: &UcxLayer) {
+    let me = layer.rank();
+    if layer.size() != 2 {
+        fail("wake needs exactly 2 processes".into());
+    }
+    let delay = Duration::from_millis(300);
+    let early_done = Cell::new(false);
+    let bar = |what: &str| {
+        if let Err(e) = layer.barrier() {
+            fail(format!("rank {me}: barrier before {what}: {e}"));
+        }
+    };
+    // 1: progress_wait sleeps in the kernel and wakes on arrival.
+    bar("progress_wait");
+    if me == 1 {
+        std::thread::sleep(delay);
+        send(layer, 0, Message::new(Header::new(KIND_DATA, 1, 0, 1)));
+        let acked = Cell::new(false);
+        progress_until(
+            layer,
+            "ack 1",
+            20,
+            |_, m| match m.header().kind {
+                KIND_DONE => early_done.set(true),
+                _ => acked.set(true),
+            },
+            || acked.get(),
+        );
+    } else {
+        let (t, c) = (Instant::now(), cpu_time());
+        let mut got = Vec::new();
+        let r = layer.progress_wait(&mut |s, m| got.push((s, m)), Duration::from_secs(10));
+        let (wall, cpu) = (t.elapsed(), cpu_time() - c);
+        if !matches!(r, Ok(1)) || got.len() != 1 {
+            fail(format!("progress_wait returned {r:?} with {} messages", got.len()));
+        }
+        if wall < delay / 2 || wall > Duration::from_secs(3) {
+            fail(format!("progress_wait returned after {wall:?} for a message sent after {delay:?}"));
+        }
+        if cpu > wall / 2 {
+            fail(format!("progress_wait used {cpu:?} of CPU in {wall:?}: it did not sleep"));
+        }
+        println!("progress_wait woke after {wall:?} using {cpu:?} CPU");
+        send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 1)));
+    }
+    // 2: a wake-up hook fires on arrival while the thread is parked.
+    bar("hook");
+    if me == 1 {
+        std::thread::sleep(delay);
+        send(layer, 0, Message::new(Header::new(KIND_DATA, 1, 0, 2)));
+        let acked = Cell::new(false);
+        progress_until(
+            layer,
+            "ack 2",
+            20,
+            |_, m| match m.header().kind {
+                KIND_DONE => early_done.set(true),
+                _ => acked.set(true),
+            },
+            || acked.get(),
+        );
+    } else {
+        let (tx, rx) = mpsc::sync_channel::<()>(16);
+        if !MachineLayer::set_wakeup(layer, Box::new(move || {
+            let _ = tx.try_send(());
+        })) {
+            fail("set_wakeup refused".into());
+        }
+        // Poll until the layer arms (nothing arrives during the delay).
+        let t = Instant::now();
+        let mut got = 0;
+        while t.elapsed() < Duration::from_millis(20) {
+            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+        }
+        while rx.try_recv().is_ok() {}
+        let mut woke = 0;
+        while got == 0 {
+            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                fail("the wake-up hook was not called within 10 s".into());
+            }
+            woke += 1;
+            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+        }
+        println!("hook woke the parked thread after {:?} ({woke} wake-ups)", t.elapsed());
+        send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 2)));
+    }
+    finish(layer, vec![early_done.get(); 2], &mut |_, _| {});
+    println!("OK wake rank {me}");
+}
+
+fn lost(layer: &UcxLayer) {
+    let me = layer.rank();
+    let peer = 1 - me;
+    send(layer, peer, Message::new(Header::new(KIND_DATA, me, peer, 0)));
+    let got = Cell::new(false);
+    progress_until(layer, "the peer's hello", 20, |_, _| got.set(true), || got.get());
+    if layer.barrier().is_err() {
+        fail(format!("rank {me}: barrier"));
+    }
+    println!("READY");
+    if me == 1 {
+        // Wait to be killed.
+        loop {
+            let _ = layer.progress_wait(&mut |_, _| {}, Duration::from_millis(100));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match layer.progress_wait(&mut |_, _| {}, Duration::from_millis(50)) {
+            Err(TransportError::PeerLost { process: 1, reason }) => {
+                println!("LOST 1: {reason}");
+                // Later sends fail at once.
+                match layer.send(1, Message::new(Header::new(KIND_DATA, 0, 1, 1))) {
+                    Err(TransportError::PeerLost { process: 1, .. }) => {}
+                    other => fail(format!("send to the lost peer: {other:?}")),
+                }
+                println!("OK lost");
+                std::process::exit(0);
+            }
+            Err(e) => fail(format!("unexpected error {e}")),
+            Ok(_) if Instant::now() > deadline => fail("peer loss not reported".into()),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let layer = match UcxLayer::from_env() {
+        Ok(Some(l)) => Arc::new(l),
+        Ok(None) => fail("not started by charmrun (CHARMRS_KV_ADDR unset)".into()),
+        Err(e) => fail(format!("UCX layer: {e}")),
+    };
+    assert_eq!(layer.name(), "ucx");
+    let num = |i: usize, d: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    match args.get(1).map(String::as_str) {
+        Some("order") => order(Arc::clone(&layer), num(2, 40), num(3, 2)),
+        Some("rma") => rma(&layer),
+        Some("wake") => wake(&layer),
+        Some("lost") => lost(&layer),
+        other => fail(format!("unknown mode {other:?}; see the source")),
+    }
+}

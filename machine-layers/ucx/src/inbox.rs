@@ -1,0 +1,237 @@
+//! What UCX's callbacks produce: arrived messages in per-sender order,
+//! failures, and the recycled send descriptors.
+//!
+//! # What this module owns
+//!
+//! [`Inbox`]: the state the active-message, completion and endpoint-error
+//! callbacks write into, and that `progress` drains.
+//!
+//! # Invariants
+//!
+//! * The inbox is touched only by the thread holding the layer's worker
+//!   lock (UCX calls the callbacks from inside `ucp_worker_progress` and
+//!   the other worker calls made under that lock), so a `RefCell` suffices;
+//!   no borrow is held across a call into UCX.
+//! * Messages from one sender become ready strictly in sequence order, each
+//!   sequence number exactly once: a rendezvous message reserves its place
+//!   when its header arrives and later messages wait behind it until its
+//!   data has landed.
+//! * A failure of a peer is reported once (a clean goodbye suppresses it).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+
+use charmrs_transport::{Message, ProcessId, TransportError};
+
+/// Per-sender reordering state.
+#[derive(Debug, Default)]
+struct Source {
+    /// Next sequence number to hand out.
+    next: u64,
+    /// Messages ahead of `next`: `None` while a rendezvous is in flight.
+    waiting: BTreeMap<u64, Option<Message>>,
+    /// The sender said goodbye.
+    departed: bool,
+    /// The sender was reported lost.
+    lost: bool,
+}
+
+/// The mutable part of the inbox.
+#[derive(Debug, Default)]
+pub(crate) struct InboxState {
+    sources: Vec<Source>,
+    /// Messages ready for the sink, in delivery order.
+    pub(crate) ready: VecDeque<(ProcessId, Message)>,
+    /// Failures to report from `progress`, oldest first.
+    pub(crate) errors: VecDeque<TransportError>,
+    /// Peers whose endpoint failed since the last `progress` (their
+    /// endpoints must be closed outside the callback).
+    pub(crate) failed_eps: Vec<ProcessId>,
+    /// Send and read operations UCX still holds buffers of.
+    pub(crate) in_flight: usize,
+    /// Send descriptors given back by completion callbacks, for reuse.
+    pub(crate) spare: Vec<Box<crate::worker::SendOp>>,
+}
+
+/// Callback-side state of a layer; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    pub(crate) size: u32,
+    pub(crate) state: RefCell<InboxState>,
+}
+
+impl Inbox {
+    pub(crate) fn new(size: u32) -> Inbox {
+        Inbox {
+            size,
+            state: RefCell::new(InboxState {
+                sources: (0..size).map(|_| Source::default()).collect(),
+                ..InboxState::default()
+            }),
+        }
+    }
+
+    /// Message `seq` from `src` arrived: complete (`Some`) or with its data
+    /// still in flight (`None`, to be [`complete`](Inbox::complete)d).
+    pub(crate) fn arrive(&self, src: ProcessId, seq: u64, msg: Option<Message>) {
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        let s = &mut st.sources[src as usize];
+        if seq == s.next && s.waiting.is_empty() {
+            if let Some(m) = msg {
+                s.next += 1;
+                st.ready.push_back((src, m));
+                return;
+            }
+        }
+        if seq < s.next || s.waiting.contains_key(&seq) {
+            st.errors.push_back(TransportError::Malformed(format!(
+                "process {src} sent message number {seq} twice"
+            )));
+            return;
+        }
+        s.waiting.insert(seq, msg);
+        Self::flush(&mut st.sources[src as usize], src, &mut st.ready);
+    }
+
+    /// The data of rendezvous message `seq` from `src` landed.
+    pub(crate) fn complete(&self, src: ProcessId, seq: u64, msg: Message) {
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        let s = &mut st.sources[src as usize];
+        match s.waiting.get_mut(&seq) {
+            Some(slot @ None) => *slot = Some(msg),
+            _ => {
+                st.errors.push_back(TransportError::Malformed(format!(
+                    "data of message {seq} from process {src} arrived unannounced"
+                )));
+                return;
+            }
+        }
+        Self::flush(s, src, &mut st.ready);
+    }
+
+    fn flush(s: &mut Source, src: ProcessId, ready: &mut VecDeque<(ProcessId, Message)>) {
+        while let Some(entry) = s.waiting.first_entry() {
+            if *entry.key() != s.next || entry.get().is_none() {
+                break;
+            }
+            if let Some(m) = entry.remove() {
+                ready.push_back((src, m));
+            }
+            s.next += 1;
+        }
+    }
+
+    /// A message that is not ordered with a sender's stream (a read
+    /// completion) is ready.
+    pub(crate) fn push_ready(&self, src: ProcessId, msg: Message) {
+        self.state.borrow_mut().ready.push_back((src, msg));
+    }
+
+    /// Records a failure to report from `progress`.
+    pub(crate) fn error(&self, e: TransportError) {
+        self.state.borrow_mut().errors.push_back(e);
+    }
+
+    /// `src` said goodbye: losing it from now on is not a failure.
+    pub(crate) fn depart(&self, src: ProcessId) {
+        if let Some(s) = self.state.borrow_mut().sources.get_mut(src as usize) {
+            s.departed = true;
+        }
+    }
+
+    /// Whether `p` said goodbye.
+    pub(crate) fn departed(&self, p: ProcessId) -> bool {
+        self.state.borrow().sources[p as usize].departed
+    }
+
+    /// The endpoint to `p` failed with `reason`: report [`TransportError::PeerLost`] once,
+    /// unless `p` said goodbye.
+    pub(crate) fn peer_failed(&self, p: ProcessId, reason: String) {
+        let mut st = self.state.borrow_mut();
+        st.failed_eps.push(p);
+        let s = &mut st.sources[p as usize];
+        if s.departed || s.lost {
+            return;
+        }
+        s.lost = true;
+        st.errors.push_back(TransportError::PeerLost { process: p, reason });
+    }
+
+    /// Whether a message from `p` arrived.
+    pub(crate) fn heard_from(&self, p: ProcessId) -> bool {
+        let st = self.state.borrow();
+        let s = &st.sources[p as usize];
+        s.next > 0 || !s.waiting.is_empty()
+    }
+
+    /// Whether `p` was reported lost.
+    pub(crate) fn lost(&self, p: ProcessId) -> bool {
+        self.state.borrow().sources[p as usize].lost
+    }
+
+    /// Adjusts the count of operations UCX holds buffers of.
+    pub(crate) fn in_flight(&self, delta: isize) {
+        let mut st = self.state.borrow_mut();
+        st.in_flight = st.in_flight.saturating_add_signed(delta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use charmrs_transport::Header;
+
+    fn m(tag: u64) -> Message {
+        Message::new(Header::new(1, 0, 0, tag))
+    }
+
+    fn ready_tags(i: &Inbox) -> Vec<(u32, u64)> {
+        i.state
+            .borrow_mut()
+            .ready
+            .drain(..)
+            .map(|(s, m)| (s, m.header().tag))
+            .collect()
+    }
+
+    #[test]
+    fn rendezvous_holds_later_messages_back() {
+        let i = Inbox::new(2);
+        i.arrive(1, 0, Some(m(0)));
+        i.arrive(1, 1, None);
+        i.arrive(1, 2, Some(m(2)));
+        i.arrive(0, 0, Some(m(100)));
+        assert_eq!(ready_tags(&i), vec![(1, 0), (0, 100)]);
+        i.complete(1, 1, m(1));
+        i.arrive(1, 3, Some(m(3)));
+        assert_eq!(ready_tags(&i), vec![(1, 1), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn out_of_order_and_duplicates() {
+        let i = Inbox::new(1);
+        i.arrive(0, 1, Some(m(1)));
+        assert!(ready_tags(&i).is_empty());
+        i.arrive(0, 0, Some(m(0)));
+        assert_eq!(ready_tags(&i), vec![(0, 0), (0, 1)]);
+        i.arrive(0, 1, Some(m(1)));
+        i.complete(0, 9, m(9));
+        assert_eq!(i.state.borrow().errors.len(), 2);
+    }
+
+    #[test]
+    fn loss_is_reported_once_and_not_after_goodbye() {
+        let i = Inbox::new(3);
+        i.peer_failed(1, "x".into());
+        i.peer_failed(1, "y".into());
+        i.depart(2);
+        i.peer_failed(2, "z".into());
+        let st = i.state.borrow();
+        assert_eq!(st.errors.len(), 1);
+        assert_eq!(st.failed_eps, vec![1, 1, 2]);
+        drop(st);
+        assert!(i.lost(1) && !i.lost(2) && i.departed(2));
+    }
+}

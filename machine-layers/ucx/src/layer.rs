@@ -1,0 +1,756 @@
+//! [`UcxLayer`]: the UCX implementation of [`MachineLayer`].
+
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::kv::KvBootstrap;
+use charmrs_transport::{
+    Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
+};
+use crossbeam_queue::SegQueue;
+
+use crate::liveness::Identity;
+use crate::wake::{wait_readable, EventFd, Watcher};
+use crate::worker::{Progressing, Worker, WorkerConfig};
+
+/// Bootstrap key under which each process publishes its UCX worker address.
+pub const ADDR_KEY: &str = "ucx-worker-address";
+
+/// Bootstrap key under which each process publishes where it runs (for the
+/// same-host liveness check).
+const IDENTITY_KEY: &str = "ucx-identity";
+
+/// Magic opening the `rkey` bytes of a [`RemoteKey`] made by this layer.
+const RKEY_MAGIC: &[u8; 4] = b"UCXK";
+
+/// Tunables of a [`UcxLayer`]. UCX's own settings (transports, devices,
+/// thresholds) come from the usual `UCX_*` environment variables
+/// (`UCX_TLS=shm,self`, `UCX_NET_DEVICES=lo`, ...).
+#[derive(Debug, Clone)]
+pub struct UcxConfig {
+    /// Messages of at least this many bytes are sent with UCX's rendezvous
+    /// protocol (`UCP_AM_SEND_FLAG_RNDV`: the receiver pulls the data
+    /// straight into the buffer that becomes the message segment). `None`
+    /// lets UCX choose (`UCX_RNDV_THRESH`). Default: `None`.
+    pub rndv_threshold: Option<usize>,
+    /// How long [`UcxLayer::progress_wait`] polls before it arms the worker
+    /// and sleeps in the kernel. Default 50 µs.
+    pub wait_spin: Duration,
+    /// With a wake-up hook installed, how long `progress` must have found
+    /// nothing before it arms the worker so that the next arrival calls
+    /// the hook. Default 20 µs.
+    pub arm_after: Duration,
+    /// UCX keep-alive interval (`UCX_KEEPALIVE_INTERVAL` unless set in the
+    /// environment): bounds how long a dead peer goes unnoticed on
+    /// transports without connection state (shared memory). Default 1 s.
+    pub keepalive: Duration,
+    /// Create the worker with `UCP_FEATURE_WAKEUP` (needed for sleeping in
+    /// [`UcxLayer::progress_wait`] and for [`UcxLayer::set_wakeup`]; without
+    /// it they poll). Default true.
+    pub wakeup: bool,
+    /// How long dropping the layer waits for its last sends to complete.
+    /// Default 1 s.
+    pub linger: Duration,
+}
+
+impl Default for UcxConfig {
+    fn default() -> UcxConfig {
+        UcxConfig {
+            rndv_threshold: None,
+            wait_spin: Duration::from_micros(50),
+            arm_after: Duration::from_micros(20),
+            keepalive: Duration::from_secs(1),
+            wakeup: true,
+            linger: Duration::from_secs(1),
+        }
+    }
+}
+
+/// An operation another thread asked for, executed by whichever thread
+/// holds the worker next (in queue order).
+enum Op {
+    Send(ProcessId, Message),
+    Get {
+        src: ProcessId,
+        key: RemoteKey,
+        header: Header,
+    },
+}
+
+/// The worker plus the progress-side bookkeeping, behind one mutex.
+struct Locked {
+    worker: Worker,
+    /// Since when `progress` has found nothing (for arming with a hook).
+    idle_since: Option<Instant>,
+    /// Same-host peers whose process can be checked (index = rank).
+    identities: Vec<Option<Identity>>,
+    /// When the peers' processes were last checked.
+    last_check: Instant,
+}
+
+/// A UCX memory handle, movable to the thread that drops a region.
+struct MemHandle(charmrs_ucx_sys::ucp_mem_h);
+
+// SAFETY: a ucp_mem_h is an opaque handle, used only under the worker lock.
+unsafe impl Send for MemHandle {}
+
+struct Shared {
+    /// First field: dropped (thread stopped) before the worker whose event
+    /// fd it polls.
+    watcher: OnceLock<Watcher>,
+    rank: ProcessId,
+    size: u32,
+    cfg: UcxConfig,
+    locked: Mutex<Locked>,
+    /// Operations queued by threads that found the worker busy.
+    queue: SegQueue<Op>,
+    /// Messages to this process itself.
+    loopback: SegQueue<Message>,
+    /// Peers reported lost (sends to them fail at once).
+    lost: Vec<AtomicBool>,
+    /// One thread delivers at a time (per-sender order).
+    deliver: Mutex<Vec<(ProcessId, Message)>>,
+    /// A thread sleeps in `progress_wait` (poke `wake` to interrupt it).
+    sleeping: AtomicBool,
+    wake: EventFd,
+    efd: Option<i32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Process-to-process transport over UCX's ucp API.
+///
+/// # Behaviour
+///
+/// * **Set-up** ([`UcxLayer::new`]): one `ucp_context` (features AM, RMA
+///   and WAKEUP) and one worker per process; the worker's address is
+///   published under [`ADDR_KEY`] through the bootstrap, which is fenced,
+///   and every peer's address is read.
+/// * **Endpoints** are created on the first send (or read) to a peer, with
+///   peer error handling.
+/// * **Send** ([`send`](MachineLayer::send), any thread): one active
+///   message per [`Message`]: the AM header carries the 32-byte header, a
+///   sequence number and the segment lengths; the data part is the
+///   segments themselves as a UCX iov (no copy into one buffer). The
+///   segments' `Bytes` are kept until UCX's completion callback. Large
+///   messages use UCX's rendezvous: the receiver allocates the message's
+///   buffer when the announcement arrives and UCX moves the bytes straight
+///   into it (`ucp_am_recv_data_nbx`), so the segment the runtime receives
+///   is where the data landed. Sends never block: a thread that finds the
+///   worker busy queues the message and the thread holding the worker
+///   sends it before letting go.
+/// * **Threads**: the worker runs in `UCS_THREAD_MODE_SERIALIZED` behind
+///   a mutex; any thread may send (taking the mutex if it is free),
+///   [`progress`](MachineLayer::progress) should be called from one
+///   thread (a concurrent second caller returns at once with nothing).
+///   Delivery to the sink happens with the worker unlocked, so the sink may
+///   send.
+/// * **Order**: per-sender sequence numbers restore send order whatever
+///   order eager and rendezvous messages complete in; each message is
+///   delivered exactly once.
+/// * **Waiting**: [`UcxLayer::progress_wait`] polls briefly, then arms the
+///   worker (`ucp_worker_arm`) and sleeps on its event fd;
+///   [`set_wakeup`](MachineLayer::set_wakeup) is supported with a watcher
+///   thread on that fd, armed by `progress` after
+///   [`UcxConfig::arm_after`] without arrivals.
+/// * **Failures**: a peer whose endpoint fails (process died: the TCP
+///   transport sees the connection reset, shared memory the keep-alive
+///   check) is reported once by `progress` as
+///   [`TransportError::PeerLost`]; later sends to it fail with the same
+///   error. A peer that dropped its layer cleanly said goodbye first and
+///   is not reported.
+/// * **Remote reads**: [`register`](MachineLayer::register) maps the
+///   buffer with `ucp_mem_map` and packs its rkey into the [`RemoteKey`];
+///   [`get`](MachineLayer::get) unpacks it on the endpoint and issues
+///   `ucp_get_nbx` into a fresh buffer, which arrives through `progress`
+///   as the completion message.
+pub struct UcxLayer {
+    shared: Arc<Shared>,
+    bootstrap: Arc<dyn Bootstrap>,
+}
+
+impl UcxLayer {
+    /// A layer with the default [`UcxConfig`]. Collective: every process of
+    /// the job calls it (it fences the bootstrap).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Io`] naming the UCX call and status if UCX cannot
+    /// be set up; [`TransportError::Bootstrap`] if the address exchange
+    /// fails.
+    pub fn new(bootstrap: Arc<dyn Bootstrap>) -> Result<UcxLayer, TransportError> {
+        UcxLayer::with_config(bootstrap, UcxConfig::default())
+    }
+
+    /// The layer of a process started by `charmrun` (a
+    /// [`KvBootstrap::from_env`] bootstrap) with the default configuration;
+    /// `Ok(None)` when the process was not started by charmrun.
+    ///
+    /// # Errors
+    ///
+    /// As [`KvBootstrap::from_env`] and [`UcxLayer::new`].
+    pub fn from_env() -> Result<Option<UcxLayer>, TransportError> {
+        UcxLayer::from_env_with_config(UcxConfig::default())
+    }
+
+    /// [`UcxLayer::from_env`] with explicit tunables.
+    ///
+    /// # Errors
+    ///
+    /// As [`UcxLayer::from_env`].
+    pub fn from_env_with_config(cfg: UcxConfig) -> Result<Option<UcxLayer>, TransportError> {
+        let Some(b) = KvBootstrap::from_env()? else {
+            return Ok(None);
+        };
+        UcxLayer::with_config(Arc::new(b), cfg).map(Some)
+    }
+
+    /// A layer with explicit tunables; see [`UcxLayer::new`].
+    ///
+    /// # Errors
+    ///
+    /// As [`UcxLayer::new`].
+    pub fn with_config(
+        bootstrap: Arc<dyn Bootstrap>,
+        cfg: UcxConfig,
+    ) -> Result<UcxLayer, TransportError> {
+        let rank = bootstrap.rank();
+        let size = bootstrap.size();
+        let wcfg = WorkerConfig {
+            rndv_threshold: cfg.rndv_threshold,
+            keepalive: cfg.keepalive,
+            wakeup: cfg.wakeup,
+        };
+        let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
+        let me = Identity::current();
+        bootstrap.put(ADDR_KEY, &address)?;
+        bootstrap.put(IDENTITY_KEY, &me.encode())?;
+        bootstrap.fence()?;
+        let mut identities = Vec::with_capacity(size as usize);
+        let mut addresses = Vec::with_capacity(size as usize);
+        for r in 0..size {
+            let a = if r == rank {
+                address.clone()
+            } else {
+                bootstrap.get(r, ADDR_KEY)?
+            };
+            identities.push(if r == rank {
+                None
+            } else {
+                bootstrap
+                    .get(r, IDENTITY_KEY)
+                    .ok()
+                    .and_then(|b| Identity::decode(&b))
+                    .filter(|i| me.comparable(i))
+            });
+            if a.is_empty() {
+                return Err(TransportError::Bootstrap(format!(
+                    "process {r} published an empty UCX worker address"
+                )));
+            }
+            addresses.push(a);
+        }
+        worker.set_addresses(addresses);
+        let efd = worker.efd();
+        let shared = Arc::new(Shared {
+            watcher: OnceLock::new(),
+            rank,
+            size,
+            cfg,
+            locked: Mutex::new(Locked {
+                worker,
+                idle_since: None,
+                identities,
+                last_check: Instant::now(),
+            }),
+            queue: SegQueue::new(),
+            loopback: SegQueue::new(),
+            lost: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            deliver: Mutex::new(Vec::new()),
+            sleeping: AtomicBool::new(false),
+            wake: EventFd::new()?,
+            efd,
+        });
+        Ok(UcxLayer { shared, bootstrap })
+    }
+
+    /// The tunables in force.
+    pub fn config(&self) -> &UcxConfig {
+        &self.shared.cfg
+    }
+
+    /// Installs `hook`, called from a watcher thread whenever the armed
+    /// worker's event fd fires (something arrived or completed), and from
+    /// `send` for a message to oneself. `progress` arms the worker after
+    /// [`UcxConfig::arm_after`] without arrivals. Can be set once.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Unsupported`] if the worker has no event fd
+    /// ([`UcxConfig::wakeup`] off) or a hook is already installed;
+    /// [`TransportError::Io`] if the thread cannot start.
+    pub fn set_wakeup(
+        &self,
+        hook: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), TransportError> {
+        let Some(efd) = self.shared.efd else {
+            return Err(TransportError::Unsupported(
+                "a wake-up hook without UCX wake-up support",
+            ));
+        };
+        if self.shared.watcher.get().is_some() {
+            return Err(TransportError::Unsupported("a second wake-up hook"));
+        }
+        let w = Watcher::start(efd, Box::new(hook), self.shared.rank)?;
+        self.shared
+            .watcher
+            .set(w)
+            .map_err(|_| TransportError::Unsupported("a second wake-up hook"))
+    }
+
+    /// Like [`progress`](MachineLayer::progress), but when nothing has
+    /// arrived polls for [`UcxConfig::wait_spin`], then arms the worker and
+    /// sleeps on its event fd (and this layer's own, poked by sends from
+    /// other threads) until something happens or `timeout` passes.
+    ///
+    /// # Errors
+    ///
+    /// As [`progress`](MachineLayer::progress).
+    pub fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.shared.cfg.wait_spin.min(timeout);
+        let mut round = 0u32;
+        loop {
+            let n = self.progress(sink)?;
+            let now = Instant::now();
+            if n > 0 || now >= deadline {
+                return Ok(n);
+            }
+            if now < spin_until || self.shared.efd.is_none() {
+                round += 1;
+                if round < 16 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            // Arm, then sleep unless something slipped in.
+            {
+                let mut l = lock(&self.shared.locked);
+                let _p = Progressing::enter(&l.worker);
+                if !l.worker.arm()? {
+                    continue;
+                }
+                self.shared.sleeping.store(true, Ordering::SeqCst);
+            }
+            fence(Ordering::SeqCst);
+            if self.shared.queue.is_empty() && self.shared.loopback.is_empty() {
+                let efd = self.shared.efd.unwrap_or(-1);
+                wait_readable(
+                    [efd, self.shared.wake.fd()],
+                    Some(deadline.saturating_duration_since(Instant::now())),
+                );
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            self.shared.wake.clear();
+        }
+    }
+
+    /// Progresses (without delivering: arrivals stay queued for the next
+    /// `progress`) until every queued and in-flight operation of this
+    /// process completed, or `timeout` passes. Returns whether everything
+    /// completed.
+    ///
+    /// # Errors
+    ///
+    /// None today; reserved for failures of the worker.
+    pub fn flush(&self, timeout: Duration) -> Result<bool, TransportError> {
+        let s = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut l = lock(&s.locked);
+                s.run_queue(&mut l);
+                let _p = Progressing::enter(&l.worker);
+                l.worker.progress_once();
+                if l.worker.inbox.state.borrow().in_flight == 0 && s.queue.is_empty() {
+                    return Ok(true);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn check(&self, p: ProcessId) -> Result<(), TransportError> {
+        if p < self.shared.size {
+            Ok(())
+        } else {
+            Err(TransportError::UnknownProcess {
+                dst: p,
+                size: self.shared.size,
+            })
+        }
+    }
+
+    fn lost_error(&self, p: ProcessId) -> Result<(), TransportError> {
+        if self.shared.lost[p as usize].load(Ordering::Acquire) {
+            Err(TransportError::PeerLost {
+                process: p,
+                reason: "reported lost earlier".to_owned(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues `op` and runs the queue if the worker is free; wakes a
+    /// sleeping progress thread if the work may need it.
+    fn submit(&self, op: Op) {
+        let s = &*self.shared;
+        s.queue.push(op);
+        fence(Ordering::SeqCst);
+        if let Ok(mut l) = s.locked.try_lock() {
+            let pending = s.run_queue(&mut l);
+            drop(l);
+            s.after_unlock();
+            if pending {
+                s.poke();
+            }
+        } else {
+            // The holder runs the queue before it lets go (after_unlock); if
+            // the holder is a sleeper about to sleep, wake it.
+            if s.sleeping.load(Ordering::SeqCst) {
+                s.wake.signal();
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Runs every queued operation on the locked worker. Returns whether UCX
+    /// now holds operations that need progress to finish.
+    fn run_queue(&self, l: &mut Locked) -> bool {
+        let _p = Progressing::enter(&l.worker);
+        while let Some(op) = self.queue.pop() {
+            let (peer, res) = match op {
+                Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
+                Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
+            };
+            if let Err(e) = res {
+                match e {
+                    TransportError::PeerLost { process, reason } => {
+                        l.worker.inbox.peer_failed(process, reason);
+                    }
+                    other => l.worker.inbox.error(TransportError::Io(std::io::Error::other(
+                        format!("operation towards process {peer}: {other}"),
+                    ))),
+                }
+            }
+        }
+        l.worker.inbox.state.borrow().in_flight > 0
+    }
+
+    fn run_get(
+        &self,
+        w: &mut Worker,
+        src: ProcessId,
+        key: &RemoteKey,
+        header: Header,
+    ) -> Result<(), TransportError> {
+        let bad = || TransportError::Malformed("remote key was not made by a ucx layer".to_owned());
+        let r = &key.rkey;
+        if r.len() < 8 || &r[..4] != RKEY_MAGIC {
+            return Err(bad());
+        }
+        let n = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as usize;
+        if r.len() != 8 + n || n == 0 {
+            return Err(bad());
+        }
+        let len = usize::try_from(key.len).map_err(|_| bad())?;
+        w.get(src, key.addr, len, &r[8..], header)
+    }
+
+    /// Reports the same-host peers this process talked with whose process
+    /// is gone (see [`crate::liveness`]).
+    fn check_peers(&self, l: &mut Locked) {
+        l.last_check = Instant::now();
+        for p in 0..self.size {
+            let Some(id) = &l.identities[p as usize] else {
+                continue;
+            };
+            if l.worker.talked_with(p) && !l.worker.is_lost(p) && !id.alive() {
+                l.worker.inbox.peer_failed(
+                    p,
+                    format!("its process (pid {}) no longer exists", id.pid()),
+                );
+                l.identities[p as usize] = None;
+            }
+        }
+    }
+
+    /// After releasing the worker: if another thread queued work meanwhile
+    /// (and found the worker busy), run it now.
+    fn after_unlock(&self) {
+        fence(Ordering::SeqCst);
+        while !self.queue.is_empty() {
+            let Ok(mut l) = self.locked.try_lock() else {
+                return; // the new holder runs it
+            };
+            let pending = self.run_queue(&mut l);
+            drop(l);
+            if pending {
+                self.poke();
+            }
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// Tells whoever progresses the layer that there is work: interrupts a
+    /// sleeping `progress_wait` and calls the wake-up hook.
+    fn poke(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake.signal();
+        }
+        if let Some(w) = self.watcher.get() {
+            (w.state.hook)();
+        }
+    }
+}
+
+impl MachineLayer for UcxLayer {
+    fn rank(&self) -> ProcessId {
+        self.shared.rank
+    }
+
+    fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    /// Never blocks: sends at once if the worker is free, else queues for
+    /// the thread holding it. A message to oneself loops back through
+    /// `progress`.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`]; [`TransportError::PeerLost`] if
+    /// `dst` was reported lost (failures found while sending are reported
+    /// by `progress`).
+    fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
+        self.check(dst)?;
+        if dst == self.shared.rank {
+            self.shared.loopback.push(msg);
+            self.shared.poke();
+            return Ok(());
+        }
+        self.lost_error(dst)?;
+        self.submit(Op::Send(dst, msg));
+        Ok(())
+    }
+
+    /// Runs queued sends, progresses the worker, and hands every message
+    /// that is ready (in per-sender order) to `sink`, with the worker
+    /// unlocked. Reports each failure once, after the messages that arrived
+    /// before it were delivered.
+    fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
+        let s = &*self.shared;
+        let Ok(mut batch) = s.deliver.try_lock() else {
+            return Ok(0);
+        };
+        let mut error = None;
+        {
+            let mut l = lock(&s.locked);
+            s.run_queue(&mut l);
+            let busy = {
+                let _p = Progressing::enter(&l.worker);
+                let mut rounds = 0;
+                let mut busy = l.worker.progress_once();
+                while busy && rounds < 8 {
+                    busy = l.worker.progress_once();
+                    rounds += 1;
+                }
+                busy
+            };
+            if !busy && l.last_check.elapsed() >= s.cfg.keepalive {
+                s.check_peers(&mut l);
+            }
+            l.worker.close_failed();
+            {
+                let mut st = l.worker.inbox.state.borrow_mut();
+                batch.extend(st.ready.drain(..));
+                error = st.errors.pop_front().or(error);
+            }
+            for p in 0..s.size {
+                if l.worker.is_lost(p) {
+                    s.lost[p as usize].store(true, Ordering::Release);
+                }
+            }
+            if let Some(w) = s.watcher.get() {
+                if batch.is_empty() && s.loopback.is_empty() && error.is_none() {
+                    let now = Instant::now();
+                    let since = *l.idle_since.get_or_insert(now);
+                    if now - since >= s.cfg.arm_after && !w.state.armed.load(Ordering::Acquire) {
+                        let _p = Progressing::enter(&l.worker);
+                        match l.worker.arm() {
+                            Ok(true) => {
+                                w.state.armed.store(true, Ordering::Release);
+                                w.state.armed_fd.signal();
+                            }
+                            Ok(false) => l.idle_since = None,
+                            Err(e) => error = error.or(Some(e)),
+                        }
+                    }
+                } else {
+                    l.idle_since = None;
+                }
+            }
+        }
+        s.after_unlock();
+        for _ in 0..s.loopback.len() {
+            match s.loopback.pop() {
+                Some(m) => batch.push((s.rank, m)),
+                None => break,
+            }
+        }
+        let n = batch.len();
+        for (src, m) in batch.drain(..) {
+            sink(src, m);
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        UcxLayer::set_wakeup(self, hook).is_ok()
+    }
+
+    fn progress_wait(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        timeout: Duration,
+    ) -> Result<usize, TransportError> {
+        UcxLayer::progress_wait(self, sink, timeout)
+    }
+
+    /// Maps the buffer with `ucp_mem_map` (read access) and ships its packed
+    /// rkey in the key; unmapped when the region is dropped.
+    fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
+        if buf.is_empty() {
+            let key = RemoteKey {
+                addr: 0,
+                len: 0,
+                rkey: Vec::new(),
+            };
+            return Ok(MemRegion::new(buf, key));
+        }
+        let (memh, packed) = lock(&self.shared.locked)
+            .worker
+            .mem_map(buf.as_ptr(), buf.len())?;
+        let mut rkey = Vec::with_capacity(8 + packed.len());
+        rkey.extend_from_slice(RKEY_MAGIC);
+        rkey.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+        rkey.extend_from_slice(&packed);
+        let key = RemoteKey {
+            addr: buf.as_ptr() as u64,
+            len: buf.len() as u64,
+            rkey,
+        };
+        let shared = Arc::downgrade(&self.shared);
+        let memh = MemHandle(memh);
+        Ok(MemRegion::with_release(buf, key, move || {
+            let memh = memh;
+            if let Some(s) = shared.upgrade() {
+                lock(&s.locked).worker.mem_unmap(memh.0);
+            }
+        }))
+    }
+
+    /// `ucp_get_nbx` through the key's rkey into a fresh buffer; the
+    /// completion message arrives through `progress`. A malformed key is
+    /// refused at once; a failed read arrives as an error from `progress`.
+    fn get(
+        &self,
+        src: ProcessId,
+        key: &RemoteKey,
+        completion_kind: u8,
+        completion_tag: u64,
+    ) -> Result<(), TransportError> {
+        self.check(src)?;
+        let header = Header::new(completion_kind, 0, 0, completion_tag);
+        if key.len == 0 {
+            let msg = Message::with_segments(header, vec![Bytes::new()])?;
+            self.shared.loopback.push(msg);
+            self.shared.poke();
+            return Ok(());
+        }
+        let r = &key.rkey;
+        if r.len() < 8 || &r[..4] != RKEY_MAGIC {
+            return Err(TransportError::Malformed(
+                "remote key was not made by a ucx layer".to_owned(),
+            ));
+        }
+        self.lost_error(src)?;
+        self.submit(Op::Get {
+            src,
+            key: key.clone(),
+            header,
+        });
+        Ok(())
+    }
+
+    /// Completes this process's outstanding sends first (UCX may need this
+    /// process's progress for them, e.g. to finish endpoint wire-up), then
+    /// the bootstrap's fence (all processes).
+    fn barrier(&self) -> Result<(), TransportError> {
+        self.flush(self.shared.cfg.linger)?;
+        self.bootstrap.fence()
+    }
+
+    /// Tells the launcher through the bootstrap, which brings the job down.
+    fn abort(&self, reason: &str) {
+        self.bootstrap.abort(reason);
+    }
+
+    fn name(&self) -> &'static str {
+        "ucx"
+    }
+}
+
+impl std::fmt::Debug for UcxLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UcxLayer")
+            .field("rank", &self.shared.rank)
+            .field("size", &self.shared.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for UcxLayer {
+    /// Finishes queued sends, says goodbye to the peers it talked to (so
+    /// they do not report it lost), waits up to [`UcxConfig::linger`] for
+    /// UCX to finish with every buffer, then closes the endpoints; the
+    /// worker and context are destroyed when the last reference goes.
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        let mut l = lock(&s.locked);
+        s.run_queue(&mut l);
+        let _p = Progressing::enter(&l.worker);
+        l.worker.drain(s.cfg.linger);
+        l.worker.say_goodbye();
+        l.worker.close_all(s.cfg.linger);
+    }
+}

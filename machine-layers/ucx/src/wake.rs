@@ -1,0 +1,184 @@
+//! Sleeping until the network has something: the worker's event fd, this
+//! layer's own wake-up eventfd, and the watcher thread behind
+//! [`set_wakeup`](charmrs_transport::MachineLayer::set_wakeup).
+//!
+//! # What this module owns
+//!
+//! * [`EventFd`]: a Linux eventfd used to interrupt a sleeping poller (a
+//!   send queued by another thread, a message to oneself, shutdown).
+//! * [`wait_readable`]: `ppoll` on a set of descriptors with a timeout.
+//! * [`Watcher`]: the thread that turns "the armed worker's event fd became
+//!   readable" into a call of the runtime's wake-up hook.
+//!
+//! # Invariants
+//!
+//! * The watcher never touches the UCX worker (not thread-safe): it only
+//!   polls file descriptors. Arming (`ucp_worker_arm`) is done by the
+//!   progressing thread, which then notifies the watcher through
+//!   [`EventFd::signal`]; the watcher calls the hook once per arming, so a
+//!   level-triggered event fd cannot make it spin.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A non-blocking Linux eventfd, closed on drop.
+#[derive(Debug)]
+pub(crate) struct EventFd(RawFd);
+
+impl EventFd {
+    pub(crate) fn new() -> std::io::Result<EventFd> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(EventFd(fd))
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.0
+    }
+
+    /// Makes the descriptor readable (wakes a poller).
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd; a full
+        // counter (EAGAIN) still leaves it readable, so the result is moot.
+        let _ = unsafe { libc::write(self.0, (&one as *const u64).cast(), 8) };
+    }
+
+    /// Consumes pending signals.
+    pub(crate) fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking
+        // eventfd; EAGAIN (nothing pending) is fine.
+        let _ = unsafe { libc::read(self.0, (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor and close it once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes (`None`:
+/// forever). Returns which were readable.
+pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> [bool; N] {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: pfds is a live array of N pollfd; tsp is null or points to a
+    // live timespec; no signal mask.
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), N as libc::nfds_t, tsp, std::ptr::null()) };
+    if n <= 0 {
+        return [false; N];
+    }
+    pfds.map(|p| p.revents != 0)
+}
+
+/// Shared between the layer and its watcher thread.
+pub(crate) struct WatchState {
+    /// Readable when the progressing thread armed the worker, or on
+    /// shutdown.
+    pub(crate) armed_fd: EventFd,
+    /// The worker is armed and the watcher has not fired since.
+    pub(crate) armed: AtomicBool,
+    pub(crate) closing: AtomicBool,
+    pub(crate) hook: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The watcher thread; stopped and joined on drop.
+pub(crate) struct Watcher {
+    pub(crate) state: Arc<WatchState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// Starts watching the worker's event fd `efd` for `hook`.
+    pub(crate) fn start(
+        efd: RawFd,
+        hook: Box<dyn Fn() + Send + Sync>,
+        rank: u32,
+    ) -> std::io::Result<Watcher> {
+        let state = Arc::new(WatchState {
+            armed_fd: EventFd::new()?,
+            armed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            hook,
+        });
+        let s = Arc::clone(&state);
+        let thread = std::thread::Builder::new()
+            .name(format!("charmrs-ucx-wake-{rank}"))
+            .spawn(move || watch(&s, efd))?;
+        Ok(Watcher {
+            state,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn watch(s: &WatchState, efd: RawFd) {
+    loop {
+        // Wait for an arming (or shutdown).
+        wait_readable([s.armed_fd.fd()], None);
+        s.armed_fd.clear();
+        if s.closing.load(Ordering::Acquire) {
+            return;
+        }
+        // Armed: wait for the worker's event fd.
+        loop {
+            let [ev, again] = wait_readable([efd, s.armed_fd.fd()], None);
+            if s.closing.load(Ordering::Acquire) {
+                return;
+            }
+            if ev {
+                s.armed.store(false, Ordering::Release);
+                (s.hook)();
+                break;
+            }
+            if again {
+                s.armed_fd.clear();
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.state.closing.store(true, Ordering::Release);
+        self.state.armed_fd.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn eventfd_wakes_a_poller_and_timeouts_expire() {
+        let e = EventFd::new().unwrap();
+        let t = Instant::now();
+        assert_eq!(wait_readable([e.fd()], Some(Duration::from_millis(20))), [false]);
+        assert!(t.elapsed() >= Duration::from_millis(15));
+        e.signal();
+        assert_eq!(wait_readable([e.fd()], Some(Duration::from_secs(5))), [true]);
+        e.clear();
+        assert_eq!(wait_readable([e.fd()], Some(Duration::ZERO)), [false]);
+    }
+}

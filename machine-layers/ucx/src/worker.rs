@@ -1,0 +1,923 @@
+//! The UCX context and worker of a process, and every call made on them.
+//!
+//! # What this module owns
+//!
+//! [`Worker`]: the `ucp_context`, the one `ucp_worker` of the process, the
+//! lazily created endpoints, the active-message handlers and the
+//! completion callbacks of sends, rendezvous receives and remote reads.
+//!
+//! # Invariants
+//!
+//! * A [`Worker`] lives behind the layer's mutex: every UCX call on it is
+//!   serialised (the worker is created in `UCS_THREAD_MODE_SERIALIZED`),
+//!   and the callbacks, which UCX runs only inside those calls, may use the
+//!   [`Inbox`] without further locking.
+//! * Every buffer UCX reads from or writes into stays alive and unmoved
+//!   until UCX reports the operation complete: send descriptors
+//!   ([`SendOp`]: header, iov table and the message's `Bytes`) and receive
+//!   buffers are heap objects whose ownership passes to UCX (as the
+//!   request's user data) and comes back in the completion callback. If
+//!   UCX never completes one (worker destroyed first), it is leaked, never
+//!   freed under UCX's feet.
+//! * An endpoint is created on the first operation towards a peer, with
+//!   `UCP_ERR_HANDLING_MODE_PEER`; its failure becomes one
+//!   [`TransportError::PeerLost`] and the endpoint is closed (forced) on
+//!   the next progress, outside the callback.
+
+use std::ffi::{c_void, CString};
+use std::mem::MaybeUninit;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use charmrs_transport::{Header, Message, ProcessId, TransportError};
+use charmrs_ucx_sys as sys;
+
+use crate::inbox::Inbox;
+use crate::status::{check, describe, is_peer_failure};
+use crate::wire;
+
+/// Zero-initialised parameter struct (every UCX parameter struct is plain
+/// data whose unused fields are ignored through its field mask).
+fn zeroed<T>() -> T {
+    // SAFETY: only used for UCX's C parameter structs, which are plain
+    // integers, pointers and optional function pointers, all valid as zero.
+    unsafe { MaybeUninit::<T>::zeroed().assume_init() }
+}
+
+/// State of the endpoint to one peer.
+#[derive(Debug, Clone, Copy)]
+enum Ep {
+    /// Not created yet.
+    None,
+    /// Open.
+    Open(sys::ucp_ep_h),
+    /// Failed and closed; the peer is lost.
+    Failed,
+}
+
+/// Argument of an endpoint's error callback.
+struct ErrArg {
+    inbox: *const Inbox,
+    peer: ProcessId,
+}
+
+/// A send UCX holds the buffers of: the AM header, the iov table and the
+/// segments, kept alive until the completion callback.
+pub(crate) struct SendOp {
+    header: Vec<u8>,
+    iov: Vec<sys::ucp_dt_iov_t>,
+    segments: Vec<Bytes>,
+    inbox: *const Inbox,
+}
+
+impl std::fmt::Debug for SendOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendOp")
+            .field("header_len", &self.header.len())
+            .field("segments", &self.segments.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A rendezvous receive in flight: the destination buffer and where its
+/// message goes.
+struct RecvOp {
+    inbox: *const Inbox,
+    src: ProcessId,
+    seq: u64,
+    header: Header,
+    lens: Vec<usize>,
+    buf: Vec<u8>,
+}
+
+/// A remote read in flight.
+struct GetOp {
+    inbox: *const Inbox,
+    src: ProcessId,
+    header: Header,
+    buf: Vec<u8>,
+    rkey: sys::ucp_rkey_h,
+}
+
+/// Tunables the worker needs (a subset of the layer's configuration).
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerConfig {
+    pub(crate) rndv_threshold: Option<usize>,
+    pub(crate) keepalive: Duration,
+    pub(crate) wakeup: bool,
+}
+
+/// The UCX context, worker and endpoints of the process; see the module
+/// docs.
+pub(crate) struct Worker {
+    context: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    rank: ProcessId,
+    addresses: Vec<Vec<u8>>,
+    eps: Vec<Ep>,
+    err_args: Vec<Box<ErrArg>>,
+    /// Next sequence number per destination.
+    seq: Vec<u64>,
+    /// Peers this process exchanged data with (they get a goodbye).
+    talked: Vec<bool>,
+    /// Recycled send descriptors.
+    spare: Vec<Box<SendOp>>,
+    rndv_threshold: Option<usize>,
+    efd: Option<i32>,
+    /// Callback state; boxed so its address, handed to UCX, never changes.
+    pub(crate) inbox: Box<Inbox>,
+}
+
+// SAFETY: the raw UCX handles and the pointers into `inbox` are only used
+// by the thread holding the layer's mutex around this value (the worker is
+// created SERIALIZED, which allows any one thread at a time); nothing here
+// is tied to the creating thread.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    /// Creates the context and worker, with the active-message handlers
+    /// installed. Returns it and the worker's address (to publish).
+    pub(crate) fn new(
+        rank: ProcessId,
+        size: u32,
+        cfg: &WorkerConfig,
+    ) -> Result<(Worker, Vec<u8>), TransportError> {
+        let mut config: *mut sys::ucp_config_t = ptr::null_mut();
+        // SAFETY: null prefix and file mean "environment only"; `config` is
+        // a valid out-pointer.
+        check(
+            unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) },
+            "ucp_config_read",
+        )?;
+        // Defaults this layer needs, unless the user chose otherwise:
+        // shared-memory transports that report peer failure (so a dead
+        // process becomes PeerLost instead of a hang) and a keep-alive short
+        // enough to notice it within seconds.
+        let mut defaults = vec![
+            ("MM_ERROR_HANDLING", "y".to_owned()),
+            (
+                "KEEPALIVE_INTERVAL",
+                format!("{}ms", cfg.keepalive.as_millis().max(1)),
+            ),
+        ];
+        defaults.retain(|(k, _)| std::env::var_os(format!("UCX_{k}")).is_none());
+        for (k, v) in defaults {
+            let (ck, cv) = (cstr(k)?, cstr(&v)?);
+            // SAFETY: `config` came from ucp_config_read; both strings are
+            // NUL-terminated and outlive the call.
+            let st = unsafe { sys::ucp_config_modify(config, ck.as_ptr(), cv.as_ptr()) };
+            if st != sys::UCS_OK {
+                eprintln!(
+                    "charmrs-ucx: rank {rank}: cannot set UCX_{k}={v}: {}",
+                    describe(st)
+                );
+            }
+        }
+        let name = cstr(&format!("charmrs-{rank}"))?;
+        let mut params: sys::ucp_params_t = zeroed();
+        params.field_mask = (sys::UCP_PARAM_FIELD_FEATURES
+            | sys::UCP_PARAM_FIELD_ESTIMATED_NUM_EPS
+            | sys::UCP_PARAM_FIELD_NAME) as u64;
+        params.features = (sys::UCP_FEATURE_AM | sys::UCP_FEATURE_RMA) as u64;
+        if cfg.wakeup {
+            params.features |= sys::UCP_FEATURE_WAKEUP as u64;
+        }
+        params.estimated_num_eps = size as usize;
+        params.name = name.as_ptr();
+        let mut context: sys::ucp_context_h = ptr::null_mut();
+        // SAFETY: params is initialised per its field mask; config is valid.
+        let st = unsafe { sys::ucp_init(&params, config, &mut context) };
+        // SAFETY: config came from ucp_config_read and is released once.
+        unsafe { sys::ucp_config_release(config) };
+        check(st, "ucp_init")?;
+
+        let mut wparams: sys::ucp_worker_params_t = zeroed();
+        wparams.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
+        wparams.thread_mode = sys::UCS_THREAD_MODE_SERIALIZED;
+        let mut worker: sys::ucp_worker_h = ptr::null_mut();
+        // SAFETY: context is live; wparams initialised per its mask.
+        let st = unsafe { sys::ucp_worker_create(context, &wparams, &mut worker) };
+        if let Err(e) = check(st, "ucp_worker_create") {
+            // SAFETY: context is live and unused elsewhere.
+            unsafe { sys::ucp_cleanup(context) };
+            return Err(e);
+        }
+        let mut w = Worker {
+            context,
+            worker,
+            rank,
+            addresses: Vec::new(),
+            eps: vec![Ep::None; size as usize],
+            err_args: Vec::new(),
+            seq: vec![0; size as usize],
+            talked: vec![false; size as usize],
+            spare: Vec::new(),
+            rndv_threshold: cfg.rndv_threshold,
+            efd: None,
+            inbox: Box::new(Inbox::new(size)),
+        };
+        let inbox: *const Inbox = &*w.inbox;
+        w.err_args = (0..size)
+            .map(|peer| Box::new(ErrArg { inbox, peer }))
+            .collect();
+        w.set_handler(wire::AM_DATA, Some(am_data_cb))?;
+        w.set_handler(wire::AM_BYE, Some(am_bye_cb))?;
+        if cfg.wakeup {
+            let mut fd = -1;
+            // SAFETY: worker is live (created with the WAKEUP feature).
+            check(
+                unsafe { sys::ucp_worker_get_efd(worker, &mut fd) },
+                "ucp_worker_get_efd",
+            )?;
+            w.efd = Some(fd);
+        }
+        let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: worker is live; out-pointers are valid.
+        check(
+            unsafe { sys::ucp_worker_get_address(worker, &mut addr, &mut len) },
+            "ucp_worker_get_address",
+        )?;
+        // SAFETY: UCX returned `len` readable bytes at `addr`, released
+        // right after the copy.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
+        // SAFETY: addr came from ucp_worker_get_address on this worker.
+        unsafe { sys::ucp_worker_release_address(worker, addr) };
+        Ok((w, bytes))
+    }
+
+    fn set_handler(&mut self, id: u32, cb: sys::ucp_am_recv_callback_t) -> Result<(), TransportError> {
+        let mut p: sys::ucp_am_handler_param_t = zeroed();
+        p.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+            | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+            | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
+            | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS) as u64;
+        p.id = id;
+        p.flags = sys::UCP_AM_FLAG_WHOLE_MSG;
+        p.cb = cb;
+        p.arg = &*self.inbox as *const Inbox as *mut c_void;
+        // SAFETY: worker is live; the inbox outlives the worker (dropped
+        // after it, see Drop).
+        check(
+            unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) },
+            "ucp_worker_set_am_recv_handler",
+        )
+    }
+
+    /// Stores the peers' published worker addresses (index = rank).
+    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>) {
+        self.addresses = addresses;
+    }
+
+    /// The worker's event file descriptor, when created with wake-up
+    /// support.
+    pub(crate) fn efd(&self) -> Option<i32> {
+        self.efd
+    }
+
+    /// One round of `ucp_worker_progress`; whether anything happened.
+    pub(crate) fn progress_once(&mut self) -> bool {
+        // SAFETY: worker is live; callbacks only touch the inbox.
+        unsafe { sys::ucp_worker_progress(self.worker) != 0 }
+    }
+
+    /// `ucp_worker_arm`: `Ok(true)` when armed (the event fd will signal the
+    /// next event), `Ok(false)` when events are pending (progress first).
+    pub(crate) fn arm(&mut self) -> Result<bool, TransportError> {
+        // SAFETY: worker is live and has the WAKEUP feature (callers check
+        // efd() first).
+        match unsafe { sys::ucp_worker_arm(self.worker) } {
+            sys::UCS_OK => Ok(true),
+            sys::UCS_ERR_BUSY => Ok(false),
+            st => check(st, "ucp_worker_arm").map(|()| false),
+        }
+    }
+
+    /// Closes the endpoints whose peers failed (reported by the error
+    /// callback since the last call).
+    pub(crate) fn close_failed(&mut self) {
+        let failed = std::mem::take(&mut self.inbox.state.borrow_mut().failed_eps);
+        for p in failed {
+            if let Ep::Open(ep) = self.eps[p as usize] {
+                self.eps[p as usize] = Ep::Failed;
+                let mut param: sys::ucp_request_param_t = zeroed();
+                param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+                param.flags = sys::UCP_EP_CLOSE_FLAG_FORCE;
+                // SAFETY: ep is open; a returned request is freed at once
+                // (UCX releases it when it completes).
+                unsafe {
+                    let req = sys::ucp_ep_close_nbx(ep, &param);
+                    if sys::UCS_PTR_IS_PTR(req) {
+                        sys::ucp_request_free(req);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether this process sent to or received from `p`.
+    pub(crate) fn talked_with(&self, p: ProcessId) -> bool {
+        self.talked[p as usize] || self.inbox.heard_from(p)
+    }
+
+    /// Whether `p` was lost (endpoint failed or reported lost).
+    pub(crate) fn is_lost(&self, p: ProcessId) -> bool {
+        matches!(self.eps[p as usize], Ep::Failed) || self.inbox.lost(p)
+    }
+
+    /// The endpoint to `p`, created on first use.
+    fn ep(&mut self, p: ProcessId) -> Result<sys::ucp_ep_h, TransportError> {
+        match self.eps[p as usize] {
+            Ep::Open(ep) => return Ok(ep),
+            Ep::Failed => {
+                return Err(TransportError::PeerLost {
+                    process: p,
+                    reason: if self.inbox.departed(p) {
+                        "it shut its UCX layer down".to_owned()
+                    } else {
+                        "its UCX endpoint failed".to_owned()
+                    },
+                })
+            }
+            Ep::None => {}
+        }
+        let addr = self.addresses.get(p as usize).ok_or_else(|| {
+            TransportError::Bootstrap(format!("no UCX worker address for process {p}"))
+        })?;
+        let mut params: sys::ucp_ep_params_t = zeroed();
+        params.field_mask = (sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+            | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+            | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+        params.address = addr.as_ptr() as *const sys::ucp_address_t;
+        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_handler.cb = Some(ep_error_cb);
+        params.err_handler.arg = &*self.err_args[p as usize] as *const ErrArg as *mut c_void;
+        let mut ep: sys::ucp_ep_h = ptr::null_mut();
+        // SAFETY: worker is live; the address bytes and the error argument
+        // outlive the call (the argument lives as long as the worker).
+        let st = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
+        if st != sys::UCS_OK {
+            self.eps[p as usize] = Ep::Failed;
+            let reason = format!("cannot create a UCX endpoint: {}", describe(st));
+            self.inbox.peer_failed(p, reason.clone());
+            return Err(TransportError::PeerLost { process: p, reason });
+        }
+        self.eps[p as usize] = Ep::Open(ep);
+        Ok(ep)
+    }
+
+    /// Sends `msg` to `dst` as one active message: header plus segment
+    /// lengths in the AM header, the segments as an iov (no copy).
+    pub(crate) fn send(&mut self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
+        let ep = self.ep(dst)?;
+        self.talked[dst as usize] = true;
+        let seq = self.seq[dst as usize];
+        self.seq[dst as usize] += 1;
+        let mut op = self.spare.pop().unwrap_or_else(|| {
+            Box::new(SendOp {
+                header: Vec::with_capacity(wire::header_len(4)),
+                iov: Vec::with_capacity(4),
+                segments: Vec::with_capacity(4),
+                inbox: &*self.inbox,
+            })
+        });
+        let (header, segments) = msg.into_parts();
+        let mut total = 0usize;
+        op.iov.clear();
+        let mut lens = [0usize; 8];
+        let lens_vec;
+        let lens: &[usize] = if segments.len() <= lens.len() {
+            for (l, s) in lens.iter_mut().zip(&segments) {
+                *l = s.len();
+            }
+            &lens[..segments.len()]
+        } else {
+            lens_vec = segments.iter().map(Bytes::len).collect::<Vec<_>>();
+            &lens_vec
+        };
+        wire::encode(&mut op.header, self.rank, seq, &header, lens);
+        for s in &segments {
+            total += s.len();
+            if !s.is_empty() {
+                op.iov.push(sys::ucp_dt_iov_t {
+                    buffer: s.as_ptr() as *mut c_void,
+                    length: s.len(),
+                });
+            }
+        }
+        op.segments = segments;
+        let mut param: sys::ucp_request_param_t = zeroed();
+        param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+            | sys::UCP_OP_ATTR_FIELD_USER_DATA
+            | sys::UCP_OP_ATTR_FIELD_DATATYPE
+            | sys::UCP_OP_ATTR_FIELD_FLAGS;
+        param.cb.send = Some(send_done_cb);
+        let (buffer, count) = match op.iov.len() {
+            0 => (ptr::null_mut(), 0),
+            1 => {
+                param.datatype = sys::ucp_dt_make_contig(1);
+                (op.iov[0].buffer, op.iov[0].length)
+            }
+            n => {
+                param.datatype = sys::ucp_dt_make_iov();
+                (op.iov.as_mut_ptr() as *mut c_void, n)
+            }
+        };
+        if op.iov.len() <= 1 {
+            param.datatype = sys::ucp_dt_make_contig(1);
+        }
+        param.flags = 0;
+        if self.rndv_threshold.is_some_and(|t| total >= t) {
+            param.flags |= sys::UCP_AM_SEND_FLAG_RNDV;
+        }
+        let raw = Box::into_raw(op);
+        param.user_data = raw as *mut c_void;
+        // SAFETY: `raw` owns the header, iov table and segments, which stay
+        // put until the callback (or the immediate completion below) takes
+        // the box back; ep is open.
+        let req = unsafe {
+            sys::ucp_am_send_nbx(
+                ep,
+                wire::AM_DATA,
+                (*raw).header.as_ptr() as *const c_void,
+                (*raw).header.len(),
+                buffer,
+                count,
+                &param,
+            )
+        };
+        if sys::UCS_PTR_IS_PTR(req) {
+            self.inbox.in_flight(1);
+            return Ok(());
+        }
+        // Completed (or failed) at once: UCX does not call the callback.
+        // SAFETY: UCX is done with the descriptor; take it back.
+        let op = unsafe { Box::from_raw(raw) };
+        self.recycle(op);
+        let st = sys::UCS_PTR_STATUS(req);
+        if st == sys::UCS_OK {
+            Ok(())
+        } else if is_peer_failure(st) {
+            Err(TransportError::PeerLost {
+                process: dst,
+                reason: describe(st),
+            })
+        } else {
+            check(st, &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"))
+        }
+    }
+
+    fn recycle(&mut self, mut op: Box<SendOp>) {
+        op.segments.clear();
+        if self.spare.len() < 64 {
+            self.spare.push(op);
+        }
+        let mut st = self.inbox.state.borrow_mut();
+        while self.spare.len() < 64 {
+            let Some(op) = st.spare.pop() else { break };
+            self.spare.push(op);
+        }
+        st.spare.clear();
+    }
+
+    /// Sends the goodbye notice to every peer this process exchanged data
+    /// with.
+    pub(crate) fn say_goodbye(&mut self) {
+        let rank = self.rank.to_le_bytes();
+        for p in 0..self.eps.len() as ProcessId {
+            if p == self.rank || !self.talked_with(p) || self.is_lost(p) {
+                continue;
+            }
+            let Ok(ep) = self.ep(p) else { continue };
+            let mut param: sys::ucp_request_param_t = zeroed();
+            param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+            param.flags = sys::UCP_AM_SEND_FLAG_EAGER;
+            // SAFETY: ep is open; the 4-byte header lives on this stack
+            // frame until the request completes, which we wait for below.
+            let req = unsafe {
+                sys::ucp_am_send_nbx(
+                    ep,
+                    wire::AM_BYE,
+                    rank.as_ptr() as *const c_void,
+                    rank.len(),
+                    ptr::null_mut(),
+                    0,
+                    &param,
+                )
+            };
+            self.wait_request(req, Duration::from_millis(500));
+        }
+    }
+
+    /// Progresses until `req` (a value returned by a `_nbx` call) completes
+    /// or `timeout` passes, then frees it.
+    fn wait_request(&mut self, req: sys::ucs_status_ptr_t, timeout: Duration) {
+        if !sys::UCS_PTR_IS_PTR(req) {
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        // SAFETY: req is a live request of this worker until freed below.
+        unsafe {
+            while sys::ucp_request_check_status(req) == sys::UCS_INPROGRESS
+                && Instant::now() < deadline
+            {
+                sys::ucp_worker_progress(self.worker);
+            }
+            if sys::ucp_request_check_status(req) == sys::UCS_INPROGRESS {
+                sys::ucp_request_cancel(self.worker, req);
+            }
+            sys::ucp_request_free(req);
+        }
+    }
+
+    /// Progresses until no operation holds buffers or `timeout` passes.
+    pub(crate) fn drain(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.inbox.state.borrow().in_flight > 0 && Instant::now() < deadline {
+            self.progress_once();
+        }
+    }
+
+    /// Closes every open endpoint, flushing it first (up to `timeout`).
+    pub(crate) fn close_all(&mut self, timeout: Duration) {
+        let mut reqs = Vec::new();
+        for e in &mut self.eps {
+            if let Ep::Open(ep) = *e {
+                *e = Ep::None;
+                let mut param: sys::ucp_request_param_t = zeroed();
+                param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+                param.flags = 0; // flush mode
+                // SAFETY: ep is open and not used after this.
+                let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
+                if sys::UCS_PTR_IS_PTR(req) {
+                    reqs.push(req);
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for req in reqs {
+            self.wait_request(req, deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// Registers `len` bytes at `addr` for remote reads; returns the memory
+    /// handle and the packed remote key.
+    pub(crate) fn mem_map(
+        &mut self,
+        addr: *const u8,
+        len: usize,
+    ) -> Result<(sys::ucp_mem_h, Vec<u8>), TransportError> {
+        let mut p: sys::ucp_mem_map_params_t = zeroed();
+        p.field_mask = (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+            | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | sys::UCP_MEM_MAP_PARAM_FIELD_PROT) as u64;
+        p.address = addr as *mut c_void;
+        p.length = len;
+        p.prot = sys::UCP_MEM_MAP_PROT_LOCAL_READ | sys::UCP_MEM_MAP_PROT_REMOTE_READ;
+        let mut memh: sys::ucp_mem_h = ptr::null_mut();
+        // SAFETY: context is live; addr..addr+len is memory the caller keeps
+        // alive while mapped.
+        check(
+            unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) },
+            &format!("ucp_mem_map of {len} bytes"),
+        )?;
+        let mut buf: *mut c_void = ptr::null_mut();
+        let mut size = 0usize;
+        // SAFETY: memh was just mapped on this context.
+        let st = unsafe { sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size) };
+        if let Err(e) = check(st, "ucp_rkey_pack") {
+            self.mem_unmap(memh);
+            return Err(e);
+        }
+        // SAFETY: UCX returned `size` readable bytes at `buf`, released right
+        // after the copy.
+        let packed = unsafe { std::slice::from_raw_parts(buf as *const u8, size) }.to_vec();
+        // SAFETY: buf came from ucp_rkey_pack.
+        unsafe { sys::ucp_rkey_buffer_release(buf) };
+        Ok((memh, packed))
+    }
+
+    /// Undoes a [`mem_map`](Worker::mem_map).
+    pub(crate) fn mem_unmap(&mut self, memh: sys::ucp_mem_h) {
+        // SAFETY: memh was mapped on this context and is unmapped once.
+        let st = unsafe { sys::ucp_mem_unmap(self.context, memh) };
+        if st != sys::UCS_OK {
+            eprintln!("charmrs-ucx: ucp_mem_unmap failed: {}", describe(st));
+        }
+    }
+
+    /// Reads `len` bytes at remote address `addr` of `src` through the packed
+    /// remote key `rkey`; the bytes arrive through the inbox as a message
+    /// with `header` and one segment.
+    pub(crate) fn get(
+        &mut self,
+        src: ProcessId,
+        addr: u64,
+        len: usize,
+        packed: &[u8],
+        header: Header,
+    ) -> Result<(), TransportError> {
+        let ep = self.ep(src)?;
+        let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
+        // SAFETY: ep is open; `packed` was length-checked by the caller and
+        // is only read.
+        check(
+            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) },
+            &format!("ucp_ep_rkey_unpack of a key from process {src}"),
+        )?;
+        let op = Box::new(GetOp {
+            inbox: &*self.inbox,
+            src,
+            header,
+            buf: Vec::with_capacity(len),
+            rkey,
+        });
+        let raw = Box::into_raw(op);
+        let mut param: sys::ucp_request_param_t = zeroed();
+        param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+            | sys::UCP_OP_ATTR_FIELD_USER_DATA
+            | sys::UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        param.cb.send = Some(get_done_cb);
+        param.user_data = raw as *mut c_void;
+        // SAFETY: the destination buffer (capacity len) is owned by the
+        // descriptor, which UCX gives back in the callback (NO_IMM_CMPL: the
+        // callback always runs unless the call fails outright).
+        let req = unsafe {
+            sys::ucp_get_nbx(
+                ep,
+                (*raw).buf.as_mut_ptr() as *mut c_void,
+                len,
+                addr,
+                rkey,
+                &param,
+            )
+        };
+        if sys::UCS_PTR_IS_ERR(req) {
+            // SAFETY: UCX did not keep the descriptor.
+            let op = unsafe { Box::from_raw(raw) };
+            // SAFETY: rkey was unpacked above and is destroyed once.
+            unsafe { sys::ucp_rkey_destroy(op.rkey) };
+            let st = sys::UCS_PTR_STATUS(req);
+            return check(st, &format!("ucp_get_nbx of {len} bytes from process {src}"));
+        }
+        self.inbox.in_flight(1);
+        Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.close_all(Duration::from_millis(500));
+        // SAFETY: the endpoints are closed; worker then context are
+        // destroyed once, in this order. The inbox (callback argument) is a
+        // field dropped after this body runs.
+        unsafe {
+            sys::ucp_worker_destroy(self.worker);
+            sys::ucp_cleanup(self.context);
+        }
+    }
+}
+
+fn cstr(s: &str) -> Result<CString, TransportError> {
+    CString::new(s).map_err(|_| TransportError::Malformed(format!("{s:?} contains NUL")))
+}
+
+/// Reads a message's segments out of one buffer (views, no copy).
+fn split(buf: Bytes, header: Header, lens: &[usize]) -> Result<Message, TransportError> {
+    let mut segs = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &l in lens {
+        segs.push(buf.slice(at..at + l));
+        at += l;
+    }
+    Message::with_segments(header, segs)
+}
+
+/// Active-message handler of data messages (UCX calls it inside progress).
+unsafe extern "C" fn am_data_cb(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: arg is the worker's boxed inbox, alive while the worker is.
+    let inbox = unsafe { &*(arg as *const Inbox) };
+    let hdr: &[u8] = if header_length == 0 {
+        &[]
+    } else {
+        // SAFETY: UCX passes header_length readable bytes.
+        unsafe { std::slice::from_raw_parts(header as *const u8, header_length) }
+    };
+    let d = match wire::decode(hdr, length, inbox.size) {
+        Ok(d) => d,
+        Err(e) => {
+            inbox.error(e);
+            return sys::UCS_OK;
+        }
+    };
+    // SAFETY: param is valid for the duration of the callback.
+    let attr = unsafe { (*param).recv_attr };
+    if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
+        inbox.arrive(d.src, d.seq, None);
+        let worker = RECV_WORKER.with(std::cell::Cell::get);
+        let op = Box::new(RecvOp {
+            inbox,
+            src: d.src,
+            seq: d.seq,
+            header: d.header,
+            lens: d.lens,
+            buf: Vec::with_capacity(length),
+        });
+        let raw = Box::into_raw(op);
+        let mut p: sys::ucp_request_param_t = zeroed();
+        p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+            | sys::UCP_OP_ATTR_FIELD_USER_DATA
+            | sys::UCP_OP_ATTR_FIELD_DATATYPE
+            | sys::UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        p.cb.recv_am = Some(rndv_done_cb);
+        p.datatype = sys::ucp_dt_make_contig(1);
+        p.user_data = raw as *mut c_void;
+        // SAFETY: `data` is the rendezvous descriptor UCX just handed us;
+        // the destination (capacity `length`) belongs to the descriptor box,
+        // returned to us in the callback (NO_IMM_CMPL).
+        let req = unsafe {
+            sys::ucp_am_recv_data_nbx(
+                worker,
+                data,
+                (*raw).buf.as_mut_ptr() as *mut c_void,
+                length,
+                &p,
+            )
+        };
+        if sys::UCS_PTR_IS_ERR(req) {
+            // SAFETY: UCX did not keep the descriptor.
+            let op = unsafe { Box::from_raw(raw) };
+            inbox.error(TransportError::Io(std::io::Error::other(format!(
+                "receiving {length} bytes from process {}: {}",
+                op.src,
+                describe(sys::UCS_PTR_STATUS(req))
+            ))));
+        } else {
+            inbox.in_flight(1);
+        }
+        return sys::UCS_OK;
+    }
+    let buf = if length == 0 {
+        Bytes::new()
+    } else {
+        // SAFETY: UCX passes `length` readable bytes (the whole message:
+        // the handler is registered with UCP_AM_FLAG_WHOLE_MSG).
+        Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data as *const u8, length) })
+    };
+    match split(buf, d.header, &d.lens) {
+        Ok(m) => inbox.arrive(d.src, d.seq, Some(m)),
+        Err(e) => inbox.error(e),
+    }
+    sys::UCS_OK
+}
+
+thread_local! {
+    /// The worker whose progress is running on this thread (the AM
+    /// callback needs it for `ucp_am_recv_data_nbx`; UCX does not pass it).
+    static RECV_WORKER: std::cell::Cell<sys::ucp_worker_h> = const { std::cell::Cell::new(ptr::null_mut()) };
+}
+
+/// Marks `w` as the worker being progressed on this thread for the
+/// lifetime of the guard.
+pub(crate) struct Progressing(sys::ucp_worker_h);
+
+impl Progressing {
+    pub(crate) fn enter(w: &Worker) -> Progressing {
+        let prev = RECV_WORKER.with(|c| c.replace(w.worker));
+        Progressing(prev)
+    }
+}
+
+impl Drop for Progressing {
+    fn drop(&mut self) {
+        RECV_WORKER.with(|c| c.set(self.0));
+    }
+}
+
+/// Active-message handler of goodbyes.
+unsafe extern "C" fn am_bye_cb(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    _data: *mut c_void,
+    _length: usize,
+    _param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: arg is the worker's boxed inbox.
+    let inbox = unsafe { &*(arg as *const Inbox) };
+    if header_length == 4 {
+        // SAFETY: UCX passes 4 readable bytes.
+        let b = unsafe { std::slice::from_raw_parts(header as *const u8, 4) };
+        let src = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if src < inbox.size {
+            inbox.depart(src);
+        }
+    }
+    sys::UCS_OK
+}
+
+/// Completion of a send: the descriptor comes back.
+unsafe extern "C" fn send_done_cb(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
+    // SAFETY: user is the descriptor box handed to ucp_am_send_nbx, given
+    // back exactly once.
+    let mut op = unsafe { Box::from_raw(user as *mut SendOp) };
+    // SAFETY: the descriptor's inbox is the worker's, alive while it is.
+    let inbox = unsafe { &*op.inbox };
+    if status != sys::UCS_OK && !is_peer_failure(status) {
+        inbox.error(TransportError::Io(std::io::Error::other(format!(
+            "active-message send failed: {}",
+            describe(status)
+        ))));
+    }
+    op.segments.clear();
+    inbox.in_flight(-1);
+    inbox.state.borrow_mut().spare.push(op);
+    // SAFETY: req is the completed request of this send.
+    unsafe { sys::ucp_request_free(req) };
+}
+
+/// Completion of a rendezvous receive: the bytes are in the buffer.
+unsafe extern "C" fn rndv_done_cb(
+    req: *mut c_void,
+    status: sys::ucs_status_t,
+    length: usize,
+    user: *mut c_void,
+) {
+    // SAFETY: user is the descriptor box handed to ucp_am_recv_data_nbx.
+    let mut op = unsafe { Box::from_raw(user as *mut RecvOp) };
+    // SAFETY: the inbox outlives the worker's requests.
+    let inbox = unsafe { &*op.inbox };
+    inbox.in_flight(-1);
+    if status == sys::UCS_OK && length == op.buf.capacity() {
+        // SAFETY: UCX wrote `length` bytes, the whole capacity.
+        unsafe { op.buf.set_len(length) };
+        let buf = Bytes::from(std::mem::take(&mut op.buf));
+        match split(buf, op.header, &op.lens) {
+            Ok(m) => inbox.complete(op.src, op.seq, m),
+            Err(e) => inbox.error(e),
+        }
+    } else if is_peer_failure(status) {
+        inbox.peer_failed(
+            op.src,
+            format!("rendezvous receive failed: {}", describe(status)),
+        );
+    } else {
+        inbox.error(TransportError::Io(std::io::Error::other(format!(
+            "receiving {} bytes from process {} failed ({length} arrived): {}",
+            op.buf.capacity(),
+            op.src,
+            describe(status)
+        ))));
+    }
+    // SAFETY: req is the completed request.
+    unsafe { sys::ucp_request_free(req) };
+}
+
+/// Completion of a remote read.
+unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
+    // SAFETY: user is the descriptor box handed to ucp_get_nbx.
+    let mut op = unsafe { Box::from_raw(user as *mut GetOp) };
+    // SAFETY: the inbox outlives the worker's requests.
+    let inbox = unsafe { &*op.inbox };
+    inbox.in_flight(-1);
+    // SAFETY: the rkey was unpacked for this read and is destroyed once.
+    unsafe { sys::ucp_rkey_destroy(op.rkey) };
+    if status == sys::UCS_OK {
+        let len = op.buf.capacity();
+        // SAFETY: a successful get wrote the whole `len` bytes.
+        unsafe { op.buf.set_len(len) };
+        let buf = Bytes::from(std::mem::take(&mut op.buf));
+        match Message::with_segments(op.header, vec![buf]) {
+            Ok(m) => inbox.push_ready(op.src, m),
+            Err(e) => inbox.error(e),
+        }
+    } else if is_peer_failure(status) {
+        inbox.peer_failed(op.src, format!("remote read failed: {}", describe(status)));
+    } else {
+        inbox.error(TransportError::Io(std::io::Error::other(format!(
+            "remote read of {} bytes from process {} failed: {}",
+            op.buf.capacity(),
+            op.src,
+            describe(status)
+        ))));
+    }
+    // SAFETY: req is the completed request.
+    unsafe { sys::ucp_request_free(req) };
+}
+
+/// Error callback of an endpoint (`UCP_ERR_HANDLING_MODE_PEER`).
+unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    // SAFETY: arg is the endpoint's ErrArg box, alive while the worker is.
+    let a = unsafe { &*(arg as *const ErrArg) };
+    // SAFETY: as above, for the inbox it points to.
+    let inbox = unsafe { &*a.inbox };
+    inbox.peer_failed(a.peer, describe(status));
+}

@@ -1,0 +1,168 @@
+//! UcxLayer across real processes: the `charmrs-ucx-check` binary started
+//! as every process of a job, with a real key-value bootstrap server (the
+//! one `charmrun` runs) and the launcher's environment contract, over UCX's
+//! shared-memory transports (`UCX_TLS=shm,self`) and its TCP transport on
+//! loopback (`UCX_TLS=tcp,self`, `UCX_NET_DEVICES=lo`). Every test has a
+//! deadline after which the processes are killed and the test fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use charmrs_transport::kv::{
+    random_secret, secret_to_hex, KvServer, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_RANK,
+};
+
+const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-ucx-check");
+
+/// UCX transport selections the tests run over (loopback only).
+const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self")];
+const TCP: &[(&str, &str)] = &[("UCX_TLS", "tcp,self"), ("UCX_NET_DEVICES", "lo")];
+
+struct Job {
+    _server: KvServer,
+    children: Vec<Child>,
+    lines: mpsc::Receiver<(usize, String)>,
+    /// Lines received but not yet matched.
+    seen: Vec<(usize, String)>,
+}
+
+impl Job {
+    fn start(n: u32, args: &[&str], env: &[(&str, &str)]) -> Job {
+        let secret = random_secret().unwrap();
+        let (server, addr) = KvServer::start(n, secret).unwrap();
+        let (tx, lines) = mpsc::channel();
+        let children = (0..n)
+            .map(|r| {
+                let mut c = Command::new(CHECK);
+                c.args(args)
+                    .env(ENV_RANK, r.to_string())
+                    .env(ENV_NPROCS, n.to_string())
+                    .env(ENV_KV_ADDR, addr.to_string())
+                    .env(ENV_JOB_SECRET, secret_to_hex(&secret))
+                    .env("UCX_WARN_UNUSED_ENV_VARS", "n")
+                    .stdout(Stdio::piped());
+                for (k, v) in env {
+                    c.env(k, v);
+                }
+                let mut child = c.spawn().unwrap();
+                let out = child.stdout.take().unwrap();
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(out).lines().map_while(Result::ok) {
+                        eprintln!("[rank {r}] {line}");
+                        let _ = tx.send((r as usize, line));
+                    }
+                });
+                child
+            })
+            .collect();
+        Job {
+            _server: server,
+            children,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line from `rank` starting with `prefix`.
+    fn expect_line(&mut self, rank: usize, prefix: &str, within: Duration) -> String {
+        if let Some(i) = self
+            .seen
+            .iter()
+            .position(|(r, l)| *r == rank && l.starts_with(prefix))
+        {
+            return self.seen.remove(i).1;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((r, l)) if r == rank && l.starts_with(prefix) => return l,
+                Ok(other) => self.seen.push(other),
+                Err(_) => panic!("rank {rank} printed no {prefix:?} line within {within:?}"),
+            }
+        }
+    }
+
+    /// Waits for every process to exit successfully within `secs`.
+    fn wait_all(mut self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut done = vec![false; self.children.len()];
+        while done.iter().any(|d| !d) {
+            for (r, c) in self.children.iter_mut().enumerate() {
+                if !done[r] {
+                    if let Some(st) = c.try_wait().unwrap() {
+                        assert!(st.success(), "rank {r} failed: {st}");
+                        done[r] = true;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("job did not finish within {secs} s (exited: {done:?})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn ordered_exactly_once_mixed_sizes_from_several_threads_shm() {
+    Job::start(3, &["order", "24", "3"], SHM).wait_all(120);
+}
+
+#[test]
+fn ordered_exactly_once_mixed_sizes_from_several_threads_tcp() {
+    Job::start(2, &["order", "16", "2"], TCP).wait_all(120);
+}
+
+#[test]
+fn remote_reads_through_registered_memory_shm() {
+    Job::start(3, &["rma"], SHM).wait_all(60);
+}
+
+#[test]
+fn remote_reads_through_registered_memory_tcp() {
+    Job::start(2, &["rma"], TCP).wait_all(60);
+}
+
+#[test]
+fn progress_wait_sleeps_and_the_hook_wakes_shm() {
+    Job::start(2, &["wake"], SHM).wait_all(60);
+}
+
+#[test]
+fn progress_wait_sleeps_and_the_hook_wakes_tcp() {
+    Job::start(2, &["wake"], TCP).wait_all(60);
+}
+
+fn lost_peer(env: &[(&str, &str)]) {
+    let mut job = Job::start(2, &["lost"], env);
+    job.expect_line(0, "READY", Duration::from_secs(30));
+    job.expect_line(1, "READY", Duration::from_secs(30));
+    let killed = Instant::now();
+    job.children[1].kill().unwrap();
+    let line = job.expect_line(0, "LOST 1", Duration::from_secs(5));
+    eprintln!("rank 0 reported the loss {:?} after the kill: {line}", killed.elapsed());
+    job.expect_line(0, "OK lost", Duration::from_secs(5));
+}
+
+#[test]
+fn a_killed_peer_is_reported_lost_within_5s_shm() {
+    lost_peer(SHM);
+}
+
+#[test]
+fn a_killed_peer_is_reported_lost_within_5s_tcp() {
+    lost_peer(TCP);
+}
