@@ -300,6 +300,10 @@ fn stencil3d_balances_across_processes() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got = lines(&out);
-    assert_eq!(got.iter().filter(|l| l.starts_with("[LB] step")).count(), 3, "{got:?}");
+    assert_eq!(
+        got.iter().filter(|l| l.starts_with("[LB] step")).count(),
+        3,
+        "{got:?}"
+    );
     assert!(got.last().unwrap().starts_with("Total time: "), "{got:?}");
 }

@@ -202,7 +202,10 @@ fn stencil3d_balances_and_reports_its_total_time() {
             3,
             "{got:?}"
         );
-        assert!(got[got.len() - 2].starts_with("measured load per PE"), "{got:?}");
+        assert!(
+            got[got.len() - 2].starts_with("measured load per PE"),
+            "{got:?}"
+        );
         let last = got.last().unwrap();
         let secs: f64 = last
             .strip_prefix("Total time: ")
@@ -211,7 +214,10 @@ fn stencil3d_balances_and_reports_its_total_time() {
             .unwrap_or_else(|| panic!("last line: {last}"));
         assert!(secs > 0.0);
     }
-    let out = run(env!("CARGO_BIN_EXE_stencil3d"), &["+p2", "--blocks-per-pe", "3"]);
+    let out = run(
+        env!("CARGO_BIN_EXE_stencil3d"),
+        &["+p2", "--blocks-per-pe", "3"],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks-per-pe must be 1, 2, 4 or 8"));
 }

@@ -1,32 +1,149 @@
-//! Which machine layer this process uses: the TCP layer when the process was started by the
-//! `charmrun` launcher or (with the `pmix` feature) by `mpirun`/`srun` through PMIx — their
-//! environments say so — otherwise a one-process job on the local layer.
+//! Which machine layer this process uses (`+machine ucx|ofi|tcp|local`).
+//!
+//! A process started by the `charmrun` launcher, or (with the `pmix` feature) by
+//! `mpirun`/`srun` through PMIx, belongs to a multi-process job: its bootstrap (rank, size, the
+//! key-value exchange and the job secret) comes from that launcher, and the layer named by
+//! `+machine` is built on it. Without `+machine` the choice is automatic and the same in every
+//! process of the job (they run one binary): UCX if the binary was built with the `ucx` feature,
+//! else libfabric if built with `ofi`, else TCP. A layer that fails to start is an error naming
+//! it — never a silent fallback, which could leave processes of one job on different layers.
+//! A process started on its own is a one-process job on the local layer.
 
 use crate::error::{Error, Result};
 use charmrs_local::LocalLayer;
 use charmrs_tcp::{TcpConfig, TcpLayer};
-use charmrs_transport::MachineLayer;
+use charmrs_transport::kv::JobSecret;
+use charmrs_transport::{Bootstrap, KvBootstrap, MachineLayer};
+use std::sync::Arc;
+
+/// The layers `+machine` can name.
+pub(crate) const MACHINES: &[&str] = &["ucx", "ofi", "tcp", "local"];
+
+/// How this process was started.
+enum Launch {
+    /// On its own.
+    Alone,
+    /// As a process of a job: its bootstrap and the job's secret.
+    Job {
+        bootstrap: Arc<dyn Bootstrap>,
+        secret: JobSecret,
+    },
+}
+
+fn launch() -> Result<Launch> {
+    let join = |e: charmrs_transport::TransportError, how: &str| {
+        Error::Options(format!("cannot join the job started by {how}: {e}"))
+    };
+    #[cfg(feature = "pmix")]
+    if charmrs_pmix::launched_by_pmix() {
+        if let Some(b) = charmrs_pmix::PmixBootstrap::from_env().map_err(|e| join(e, "PMIx"))? {
+            let secret = b.job_secret().map_err(|e| join(e, "PMIx"))?;
+            return Ok(Launch::Job {
+                bootstrap: Arc::new(b),
+                secret,
+            });
+        }
+    }
+    match KvBootstrap::from_env().map_err(|e| join(e, "charmrun"))? {
+        Some(b) => {
+            let secret = *b.secret();
+            Ok(Launch::Job {
+                bootstrap: Arc::new(b),
+                secret,
+            })
+        }
+        None => Ok(Launch::Alone),
+    }
+}
+
+/// The layer `+machine` asks for, or the automatic choice.
+fn wanted(machine: Option<&str>) -> Result<&'static str> {
+    match machine {
+        Some(name) => MACHINES
+            .iter()
+            .copied()
+            .find(|m| *m == name)
+            .ok_or_else(|| {
+                Error::Options(format!(
+                    "+machine: unknown machine layer `{name}`; valid: {}",
+                    MACHINES.join(", ")
+                ))
+            }),
+        None if cfg!(feature = "ucx") => Ok("ucx"),
+        None if cfg!(feature = "ofi") => Ok("ofi"),
+        None => Ok("tcp"),
+    }
+}
 
 /// The machine layer of this process (`local_only`: ignore any launcher environment).
-pub(crate) fn select(local_only: bool) -> Result<Box<dyn MachineLayer>> {
+pub(crate) fn select(local_only: bool, machine: Option<&str>) -> Result<Box<dyn MachineLayer>> {
+    let name = wanted(machine)?;
     if local_only {
         return Ok(Box::new(LocalLayer::new()));
     }
-    #[cfg(feature = "pmix")]
-    if charmrs_pmix::launched_by_pmix() {
-        return match charmrs_pmix::tcp_layer_from_env(TcpConfig::default()) {
-            Ok(Some(layer)) => Ok(Box::new(layer)),
-            Ok(None) => Ok(Box::new(LocalLayer::new())),
-            Err(e) => Err(Error::Options(format!(
-                "cannot join the job through PMIx: {e}"
-            ))),
-        };
-    }
-    match TcpLayer::from_env(TcpConfig::default()) {
-        Ok(Some(layer)) => Ok(Box::new(layer)),
-        Ok(None) => Ok(Box::new(LocalLayer::new())),
-        Err(e) => Err(Error::Options(format!(
-            "cannot join the job started by charmrun: {e}"
+    let Launch::Job { bootstrap, secret } = launch()? else {
+        return Ok(Box::new(LocalLayer::new()));
+    };
+    let failed = |e: charmrs_transport::TransportError| {
+        Error::Options(format!("the {name} machine layer cannot start: {e}"))
+    };
+    match name {
+        "local" if bootstrap.size() > 1 => Err(Error::Options(format!(
+            "+machine local: this process is one of {} processes of a job; the local layer cannot \
+             reach the others (use ucx, ofi or tcp)",
+            bootstrap.size()
         ))),
+        "local" => Ok(Box::new(LocalLayer::new())),
+        "tcp" => TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
+            .map(|l| Box::new(l) as Box<dyn MachineLayer>)
+            .map_err(failed),
+        "ucx" => ucx(bootstrap).map_err(|e| match e {
+            Some(e) => failed(e),
+            None => not_built("ucx"),
+        }),
+        _ => ofi(bootstrap).map_err(|e| match e {
+            Some(e) => failed(e),
+            None => not_built("ofi"),
+        }),
     }
+}
+
+fn not_built(name: &str) -> Error {
+    Error::Options(format!(
+        "+machine {name}: this binary was built without the `{name}` cargo feature (charmrs/{name}; \
+         it needs Debian's {})",
+        if name == "ucx" { "libucx-dev" } else { "libfabric-dev" }
+    ))
+}
+
+#[cfg(feature = "ucx")]
+fn ucx(
+    b: Arc<dyn Bootstrap>,
+) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
+    charmrs_ucx::UcxLayer::new(b)
+        .map(|l| Box::new(l) as Box<dyn MachineLayer>)
+        .map_err(Some)
+}
+
+#[cfg(not(feature = "ucx"))]
+fn ucx(
+    _b: Arc<dyn Bootstrap>,
+) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
+    Err(None)
+}
+
+#[cfg(feature = "ofi")]
+fn ofi(
+    b: Arc<dyn Bootstrap>,
+) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
+    charmrs_ofi::OfiLayer::new(b, charmrs_ofi::OfiConfig::default())
+        .map(|l| Box::new(l) as Box<dyn MachineLayer>)
+        .map_err(Some)
+}
+
+#[cfg(not(feature = "ofi"))]
+fn ofi(
+    _b: Arc<dyn Bootstrap>,
+) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
+    Err(None)
 }

@@ -27,6 +27,11 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "send messages between PEs through the inter-process wire format (a check)",
     ),
     (
+        "+machine NAME",
+        "machine layer of a multi-process job: ucx, ofi, tcp or local (default: ucx if built in, \
+         else ofi if built in, else tcp)",
+    ),
+    (
         "+balancer NAME",
         "load-balancing strategy for at_sync: GreedyRefine, Greedy, Refine, Hierarchical, \
          Rotate, Random, Dummy (default: none, no migration)",
@@ -58,6 +63,8 @@ pub struct Options {
     pub wire_check: bool,
     /// Run as a one-process job even if started by a launcher (embedded jobs: tests, benches).
     pub local_only: bool,
+    /// Machine layer named by `+machine`, if any.
+    pub machine: Option<String>,
     /// Load-balancing strategy (a name `charmrs_lb::strategy_by_name` knows); `None`: none.
     pub balancer: Option<String>,
     /// Print each balancing step.
@@ -76,6 +83,7 @@ impl Default for Options {
             idle_spin: Duration::from_micros(100),
             wire_check: false,
             local_only: false,
+            machine: None,
             balancer: None,
             lb_debug: false,
             lb_dump: None,
@@ -151,6 +159,16 @@ impl Options {
                     opts.balancer = Some(name);
                 }
                 "+LBDebug" => opts.lb_debug = true,
+                "+machine" => {
+                    let name = value_of("+machine")?;
+                    if !crate::machine::MACHINES.contains(&name.as_str()) {
+                        return Err(bad(format!(
+                            "+machine: unknown machine layer `{name}`; valid: {}",
+                            crate::machine::MACHINES.join(", ")
+                        )));
+                    }
+                    opts.machine = Some(name);
+                }
                 "+LBDump" => opts.lb_dump = Some(value_of("+LBDump")?),
                 "+LBPeriod" => {
                     let v = value_of("+LBPeriod")?;

@@ -135,7 +135,8 @@ impl Runtime {
         let pes = self.pes();
         // Fails on an id collision, before any PE starts.
         let table = EntryTable::get()?;
-        let layer = crate::machine::select(self.options.local_only)?;
+        let layer =
+            crate::machine::select(self.options.local_only, self.options.machine.as_deref())?;
         let shared = Arc::new(Shared::new(
             pes,
             self.options.idle_spin,
@@ -156,6 +157,12 @@ impl Runtime {
                     .send(0, hello)
                     .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
             }
+            // Every process is up before any PE runs, so no process can finish the job (and
+            // shut down) before another has even joined it.
+            shared
+                .layer
+                .barrier()
+                .map_err(|e| Error::Options(format!("start-up barrier: {e}")))?;
             // Prefer polling from the first PE, woken by the layer; else a communication thread.
             let weak = Arc::downgrade(&shared);
             let hook = Box::new(move || {
