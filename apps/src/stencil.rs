@@ -15,6 +15,8 @@ pub const FACES: usize = 6;
 pub struct Block {
     n: usize,
     cur: Vec<f64>,
+    /// Scratch for the sweep: not part of the state (a migration does not carry it).
+    #[serde(skip)]
     next: Vec<f64>,
 }
 
@@ -86,6 +88,9 @@ impl Block {
     pub fn kernel(&mut self) {
         let n = self.n;
         let m = n + 2;
+        if self.next.len() != self.cur.len() {
+            self.next = self.cur.clone();
+        }
         let (sx, sy, sz) = (1, m, m * m);
         for z in 1..=n {
             for y in 1..=n {

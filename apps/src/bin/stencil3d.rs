@@ -208,7 +208,7 @@ impl Chunk {
 fn usage() -> ! {
     eprintln!(
         "usage: stencil3d [+pN] [+balancer NAME] [+LBDebug] [--imbalance] [--iters N (100)] \
-         [--edge N (32)] [--blocks-per-pe 1|2|4|8 (4)] [--lb-warmup N (3)] [--lb-period N (30)] \
+         [--edge N (32)] [--blocks-per-pe 1|2|4|8 (4)] [--lb-warmup N (2)] [--lb-period N (30)] \
          [--print-every N (10)]"
     );
     std::process::exit(2)
@@ -220,7 +220,7 @@ fn main() {
         let mut iters = 100u64;
         let mut imbalance = false;
         let mut per_pe = 4usize;
-        let mut lb_warmup = 3u64;
+        let mut lb_warmup = 2u64;
         let mut lb_period = 30u64;
         let mut print_every = 10u64;
         let mut it = args.into_iter().skip(1);
