@@ -56,7 +56,11 @@ impl Block {
     /// Walks the `n × n` cells of `face` at layer `layer` (0 = ghost, 1 = first interior).
     fn face_cells(&self, face: usize, layer: usize) -> impl Iterator<Item = usize> + '_ {
         let n = self.n;
-        let fixed = if face % 2 == 0 { layer } else { n + 1 - layer };
+        let fixed = if face.is_multiple_of(2) {
+            layer
+        } else {
+            n + 1 - layer
+        };
         (1..=n).flat_map(move |b| {
             (1..=n).map(move |a| match face / 2 {
                 0 => self.at(fixed, a, b),

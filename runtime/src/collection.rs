@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn check_names_the_problem() {
         let dims = Index::new(&[2, 3]).unwrap();
-        let s = Shape::Array { dims };
+        let s = Shape::Array { dims, map: None };
         let e = s.check(&Index::new(&[2, 0]).unwrap(), 4).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -44,6 +44,9 @@ use std::rc::Rc;
 /// Rebuilds a migrated element of a known chare type on its new PE.
 pub(crate) type UnpackFn = fn(&Migrant, CtxParts) -> Result<Rc<dyn ElementObj>, String>;
 
+/// Elements of one collection on a PE, with their indices.
+type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
+
 /// A forwarded call that exceeds this many hops means a location invariant broke: abort.
 const MAX_HOPS: u32 = 64;
 
@@ -252,7 +255,7 @@ impl PeState {
         priority: i32,
         call: Box<dyn Invocation>,
     ) {
-        let (residents, away): (Vec<(Index, Rc<dyn ElementObj>)>, Vec<Index>) = {
+        let (residents, away): (Residents, Vec<Index>) = {
             let cols = self.collections.borrow();
             let c = cols.get(&coll).expect("the caller found the collection");
             let n = self.num_pes();

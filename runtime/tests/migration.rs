@@ -75,7 +75,7 @@ impl Wanderer {
         self.received += 1;
         self.id_sum = self.id_sum.wrapping_add(id);
         let r = mix(id ^ 0x5eed);
-        if r % 97 == 0 {
+        if r.is_multiple_of(97) {
             ctx.migrate((r >> 8) as usize % ctx.num_pes()).unwrap();
         }
     }

@@ -99,7 +99,7 @@ impl Elem {
     async fn allreduce_loop(this: Coro<Self>, rounds: u64, done: Future<u64>) {
         let n = this.ctx().this_proxy().shape();
         let size = match n {
-            charmrs::Shape::Array { dims } => dims.volume(),
+            charmrs::Shape::Array { dims, .. } => dims.volume(),
             _ => charmrs::num_pes() as u64,
         };
         let me = this.ctx().raw_index().get(0) as u64;

@@ -20,6 +20,9 @@ fn by_sum(i: &I6) -> usize {
     i.0 + i.1 + i.2 + i.3 + i.4 + i.5
 }
 
+/// (index, PE built on, PE now, early messages, pings).
+type Report = (Index, usize, usize, u32, u32);
+
 /// An element that knows where it was built.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Leaf {
@@ -51,7 +54,7 @@ impl Leaf {
 
     /// Reports (index, PE built on, PE now, early messages, pings) to a gather.
     #[entry]
-    fn report(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(Index, usize, usize, u32, u32)>>) {
+    fn report(&mut self, ctx: &Ctx<Self>, to: Future<Vec<Report>>) {
         ctx.gather(
             (
                 ctx.raw_index(),

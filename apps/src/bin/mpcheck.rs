@@ -182,7 +182,7 @@ impl Wanderer {
         self.received += 1;
         self.id_sum = self.id_sum.wrapping_add(id);
         let r = mix(id ^ 0xabc);
-        if r % 53 == 0 {
+        if r.is_multiple_of(53) {
             ctx.migrate((r >> 8) as usize % ctx.num_pes()).unwrap();
         }
     }

@@ -43,7 +43,7 @@ impl Config {
     fn balances_after(&self, iter: u64) -> bool {
         iter < self.iters
             && ((self.lb_warmup > 0 && iter == self.lb_warmup)
-                || (self.lb_period > 0 && iter % self.lb_period == 0))
+                || (self.lb_period > 0 && iter.is_multiple_of(self.lb_period)))
     }
 }
 
@@ -100,7 +100,7 @@ impl Chunk {
             [self.dims.0, self.dims.1, self.dims.2],
         );
         let axis = face / 2;
-        if face % 2 == 0 {
+        if face.is_multiple_of(2) {
             p[axis] = p[axis].checked_sub(1)?;
         } else {
             p[axis] += 1;
@@ -158,7 +158,7 @@ impl Chunk {
             }
             self.busy_by_pe[ctx.my_pe()] += start.elapsed().as_secs_f64();
             self.iter += 1;
-            if self.iter % self.cfg.print_every == 0 {
+            if self.iter.is_multiple_of(self.cfg.print_every) {
                 let k = (self.iter / self.cfg.print_every - 1) as usize;
                 if let Some(&f) = self.cfg.reports.get(k) {
                     ctx.barrier(f);
