@@ -225,6 +225,12 @@ impl PeState {
 
     /// A location record from the PE that holds (or last held) an element.
     pub(crate) fn located(&self, coll: CollectionId, index: Index, pe: u32, epoch: u32) {
+        if pe as usize >= self.num_pes() {
+            return self.abort_job(format!(
+                "charmrs: PE {}: a location update puts element {index} of {coll:?} on unknown PE {pe}",
+                self.pe
+            ));
+        }
         if !self.collections.borrow().contains_key(&coll) {
             return; // not created here yet: the home learns again on the next arrival
         }

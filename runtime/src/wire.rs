@@ -860,7 +860,14 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
 pub fn decode_untrusted_frame(bytes: &[u8]) -> Result<(), String> {
     let table = EntryTable::get().map_err(|e| e.to_string())?;
     let (msg, _) = charmrs_transport::decode_frame(bytes, 1 << 20).map_err(|e| e.to_string())?;
-    decode(msg, table).map(drop)
+    match msg.header().kind {
+        KIND_FULFIL | KIND_PARTIAL => decode_value(&msg).map(drop),
+        KIND_REDUCE_UP | KIND_REDUCE_DOWN => decode_reduction(&msg).map(drop),
+        KIND_QD => decode_qd(&msg).map(drop),
+        KIND_POOL => decode_pool(&msg).map(drop),
+        KIND_MOBILITY => decode_mobility(&msg).map(drop),
+        _ => decode(msg, table).map(drop),
+    }
 }
 
 #[cfg(test)]
@@ -882,7 +889,7 @@ mod tests {
     #[test]
     fn hostile_frames_are_errors_not_panics() {
         // Unknown kind, empty message, garbage metadata, unknown entry id.
-        assert!(decode_untrusted_frame(&frame(9, &[b"x"]))
+        assert!(decode_untrusted_frame(&frame(99, &[b"x"]))
             .unwrap_err()
             .contains("unknown message kind"));
         assert!(decode_untrusted_frame(&frame(KIND_CALL, &[]))
@@ -908,12 +915,19 @@ mod tests {
             x ^= x << 17;
             let len = (x % 64) as usize;
             let junk: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
-            let kind = if round % 2 == 0 {
-                KIND_CALL
-            } else {
-                KIND_CREATE
-            };
+            let kinds = [
+                KIND_CALL,
+                KIND_CREATE,
+                KIND_FULFIL,
+                KIND_REDUCE_UP,
+                KIND_REDUCE_DOWN,
+                KIND_QD,
+                KIND_POOL,
+                KIND_MOBILITY,
+            ];
+            let kind = kinds[round % kinds.len()];
             let _ = decode_untrusted_frame(&frame(kind, &[&junk, &junk[..len / 2]]));
+            let _ = decode_untrusted_frame(&frame(kind, &[&junk]));
             let _ = decode_untrusted_frame(&junk);
         }
     }
