@@ -232,7 +232,17 @@ impl PeState {
             ));
         }
         if !self.collections.borrow().contains_key(&coll) {
-            return; // not created here yet: the home learns again on the next arrival
+            // Not created here yet (the creation and this update took different paths).
+            let env = Envelope::new(
+                0,
+                Control::Located {
+                    coll,
+                    index,
+                    pe,
+                    epoch,
+                },
+            );
+            return self.buffer_for(coll, env);
         }
         if self.record_location(coll, index, pe, epoch) {
             self.release_lost(coll, index);
