@@ -29,7 +29,8 @@
 //!   [`PeState::broadcast_unsettled`]), so migration never changes how many contributions or
 //!   deliveries a PE expects.
 //! * An element moves only between messages, never while one of its entry methods runs or is
-//!   suspended, and never while `when` calls wait at it: the migration waits until it is free.
+//!   suspended, and never while `when` calls wait at it: a migration the program asked for waits
+//!   until it is free; one a balancing step ordered is dropped (the element stays).
 
 use crate::chare::Chare;
 use crate::collection::CollectionId;
@@ -356,6 +357,13 @@ impl PeState {
         // The table holds one reference; `element` another. More means a suspended entry (or
         // a pending `when` re-check) still uses it.
         if Rc::strong_count(&element) > 2 || element.pinned() {
+            // A balancing step does not wait for a busy element (it may wait for messages that
+            // only come after the step): it stays, and the step goes on. A move the program
+            // asked for waits until the element is free.
+            if let Some((root, step)) = r.balance {
+                self.balance_arrived(root as usize, r.coll, step);
+                return None;
+            }
             return Some(r);
         }
         let state = match element.pack() {
