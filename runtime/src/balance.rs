@@ -65,6 +65,11 @@ impl BalanceConfig {
         })
     }
 
+    /// Whether entries are timed: load balancing or load dumps are on.
+    pub(crate) fn measuring(&self) -> bool {
+        self.strategy.is_some() || self.dump.is_some() || self.period.is_some()
+    }
+
     /// The period of periodic balancing, if on.
     pub(crate) fn period(&self) -> Option<std::time::Duration> {
         self.period
@@ -111,7 +116,7 @@ pub(crate) fn at_sync_part(coll: CollectionId, mut record: LbRecord, resume: Tar
         if let Some(element) = cols.get(&coll).and_then(|c| c.find(&record.index)) {
             // The running entry (which called `at_sync`) counts up to now; the rest of it counts
             // towards the next step, when its end adds its whole duration.
-            let so_far = pe.mark.get().elapsed().as_secs_f64();
+            let so_far = pe.since_mark();
             record.load = element.load() + so_far;
             element.set_load(-so_far);
         }

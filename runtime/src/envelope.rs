@@ -519,9 +519,11 @@ fn call_entry<C: Chare, E: Entry<C>>(
     // One clock read per entry: it is charged the time since the previous mark (the end of the
     // previous entry, or the PE waking up), so runtime work between two entries counts towards
     // the second.
-    let took = pe.clock_mark();
-    coro.element().add_load(took);
-    pe.entry_secs.set(pe.entry_secs.get() + took);
+    if pe.measuring {
+        let took = pe.clock_mark();
+        coro.element().add_load(took);
+        pe.entry_secs.set(pe.entry_secs.get() + took);
+    }
     match called {
         Ok(Invoked::Done(v)) => sink.ok(pe, v),
         Ok(Invoked::Suspended(fut)) => pe.spawn(Box::pin(async move {

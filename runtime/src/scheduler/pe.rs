@@ -143,7 +143,10 @@ pub(crate) struct PeState {
     pub(crate) lb: RefCell<crate::balance::PeLb>,
     /// The last measurement boundary: the end of the previous entry, or the PE waking up (the
     /// running entry is charged the time since).
-    pub(crate) mark: Cell<Instant>,
+    pub(crate) mark: Cell<u64>,
+    /// Whether entries are timed (load balancing is on), and the timestamp unit.
+    pub(crate) measuring: bool,
+    pub(crate) secs_per_tick: f64,
     /// Seconds spent in entry methods, idle, and since the PE started (measurement).
     pub(crate) entry_secs: Cell<f64>,
     pub(crate) idle_secs: Cell<f64>,
@@ -210,6 +213,7 @@ pub(crate) fn on_pe() -> bool {
 
 impl PeState {
     fn new(pe: usize, shared: Arc<Shared>) -> PeState {
+        let measuring = shared.balance.measuring();
         PeState {
             pe,
             shared,
@@ -231,7 +235,9 @@ impl PeState {
             locations: RefCell::default(),
             migrations: RefCell::default(),
             lb: RefCell::default(),
-            mark: Cell::new(Instant::now()),
+            mark: Cell::new(crate::measure::ticks()),
+            measuring,
+            secs_per_tick: crate::measure::init_clock(),
             entry_secs: Cell::new(0.0),
             idle_secs: Cell::new(0.0),
             started: Instant::now(),
@@ -239,15 +245,6 @@ impl PeState {
             unsealed: RefCell::default(),
             inserts_issued: RefCell::default(),
         }
-    }
-
-    /// Reads the clock once: returns the seconds since the last mark and moves the mark here.
-    #[inline]
-    pub(crate) fn clock_mark(&self) -> f64 {
-        let now = Instant::now();
-        let took = now.saturating_duration_since(self.mark.get());
-        self.mark.set(now);
-        took.as_secs_f64()
     }
 
     /// Number of PEs in the job.
@@ -1043,7 +1040,9 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                     state
                         .idle_secs
                         .set(state.idle_secs.get() + (woke - since).as_secs_f64());
-                    state.mark.set(woke);
+                    if state.measuring {
+                        state.mark.set(crate::measure::ticks());
+                    }
                 }
             }
         }
