@@ -3,7 +3,8 @@
 //! A process started by the `charmrun` launcher, or (with the `pmix` feature) by
 //! `mpirun`/`srun` through PMIx, belongs to a multi-process job: its bootstrap (rank, size, the
 //! key-value exchange and the job secret) comes from that launcher, and the layer named by
-//! `+machine` is built on it. Without `+machine` the choice is automatic and the same in every
+//! `+machine` (or the `CHARMRS_MACHINE` environment variable) is built on it. Without either the
+//! choice is automatic and the same in every
 //! process of the job (they run one binary): UCX if the binary was built with the `ucx` feature,
 //! else libfabric if built with `ofi`, else TCP. A layer that fails to start is an error naming
 //! it — never a silent fallback, which could leave processes of one job on different layers.
@@ -56,9 +57,10 @@ fn launch() -> Result<Launch> {
     }
 }
 
-/// The layer `+machine` asks for, or the automatic choice.
+/// The layer `+machine` (else `CHARMRS_MACHINE`) asks for, or the automatic choice.
 fn wanted(machine: Option<&str>) -> Result<&'static str> {
-    match machine {
+    let env = std::env::var("CHARMRS_MACHINE").ok();
+    match machine.or(env.as_deref().filter(|s| !s.is_empty())) {
         Some(name) => MACHINES
             .iter()
             .copied()

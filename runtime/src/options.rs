@@ -28,8 +28,8 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     (
         "+machine NAME",
-        "machine layer of a multi-process job: ucx, ofi, tcp or local (default: ucx if built in, \
-         else ofi if built in, else tcp)",
+        "machine layer of a multi-process job: ucx, ofi, tcp or local (default: $CHARMRS_MACHINE, \
+         else ucx if built in, else ofi if built in, else tcp)",
     ),
     (
         "+balancer NAME",
