@@ -203,9 +203,10 @@ fn stencil3d_balances_and_reports_its_total_time() {
             "{got:?}"
         );
         assert!(
-            got[got.len() - 2].starts_with("measured load per PE"),
+            got[got.len() - 3].starts_with("measured load per PE"),
             "{got:?}"
         );
+        assert!(got[got.len() - 2].starts_with("idle per PE"), "{got:?}");
         let last = got.last().unwrap();
         let secs: f64 = last
             .strip_prefix("Total time: ")

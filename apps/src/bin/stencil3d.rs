@@ -205,6 +205,21 @@ impl Chunk {
     }
 }
 
+/// One per PE: reports how long its PE was idle.
+struct Probe;
+
+#[chare]
+impl Probe {
+    fn new() -> Self {
+        Probe
+    }
+
+    #[entry]
+    fn idle(&mut self) -> f64 {
+        charmrs::pe_times().idle
+    }
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: stencil3d [+pN] [+balancer NAME] [+LBDebug] [--imbalance] [--iters N (100)] \
@@ -303,6 +318,14 @@ fn main() {
         println!(
             "measured load per PE: max {max:.3} s, avg {avg:.3} s, max/avg {:.3}",
             if avg > 0.0 { max / avg } else { 1.0 }
+        );
+        let idle = Group::<Probe>::new(()).gather().idle().await;
+        println!(
+            "idle per PE (s): {}",
+            idle.iter()
+                .map(|s| format!("{s:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         println!("Total time: {:.3} s", total.as_secs_f64());
         charmrs::exit(0);

@@ -214,6 +214,8 @@ pub(crate) fn on_pe() -> bool {
 impl PeState {
     fn new(pe: usize, shared: Arc<Shared>) -> PeState {
         let measuring = shared.balance.measuring();
+        // Calibrates the timestamp source (once per process) before the first timestamp.
+        let secs_per_tick = crate::measure::init_clock();
         PeState {
             pe,
             shared,
@@ -237,7 +239,7 @@ impl PeState {
             lb: RefCell::default(),
             mark: Cell::new(crate::measure::ticks()),
             measuring,
-            secs_per_tick: crate::measure::init_clock(),
+            secs_per_tick,
             entry_secs: Cell::new(0.0),
             idle_secs: Cell::new(0.0),
             started: Instant::now(),
