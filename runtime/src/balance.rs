@@ -396,7 +396,7 @@ impl PeState {
             {
                 continue;
             }
-            for (index, element) in &c.elements {
+            for (index, element) in c.elements.iter() {
                 objects.push((*coll, *index, element.load()));
                 element.set_load(0.0);
             }

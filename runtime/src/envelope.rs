@@ -25,6 +25,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+/// A [`Resolution`] with the (rare, large) error boxed, so that it travels inline in an
+/// envelope.
+pub(crate) type InlineResolution = Result<Box<dyn Any + Send>, Box<Error>>;
+
 /// A future run by a PE's local executor (the entry point, suspended entry methods).
 pub(crate) type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
 
@@ -82,6 +86,10 @@ pub(crate) enum Body {
     },
     /// Poll local task `slot` again (sent by its waker).
     Resume { slot: u32, generation: u32 },
+    /// The value of future `id`, owned by the receiving PE (inline: every `ret` reply is one).
+    Fulfil { id: u64, outcome: InlineResolution },
+    /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
+    Partial { id: u64, outcome: InlineResolution },
     /// Everything else: rarer messages, boxed so that an envelope stays one cache line.
     Control(Box<Control>),
 }
@@ -96,10 +104,6 @@ pub(crate) enum Control {
     },
     /// Start a local task on the receiving PE (the program's entry point).
     Spawn(Box<dyn FnOnce() -> LocalTask + Send>),
-    /// The value of future `id`, owned by the receiving PE.
-    Fulfil { id: u64, outcome: Resolution },
-    /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
-    Partial { id: u64, outcome: Resolution },
     /// A new task-pool job (sent to PE 0, the pool's master).
     PoolSubmit(Box<JobSpec>),
     /// Task-pool traffic between the master and the workers.
@@ -196,11 +200,11 @@ impl Envelope {
             Body::Point { .. } => "entry call",
             Body::Broadcast { .. } => "broadcast",
             Body::Resume { .. } => "task wake-up",
+            Body::Fulfil { .. } => "future value",
+            Body::Partial { .. } => "broadcast result",
             Body::Control(c) => match **c {
                 Control::Create { .. } => "creation",
                 Control::Spawn(_) => "entry point",
-                Control::Fulfil { .. } => "future value",
-                Control::Partial { .. } => "broadcast result",
                 Control::PoolSubmit(_) | Control::Pool(_) => "task pool",
                 Control::QdStart { .. }
                 | Control::QdDone { .. }
@@ -225,7 +229,7 @@ impl Envelope {
         match &self.body {
             Body::Point { .. } | Body::Broadcast { .. } => true,
             Body::Control(c) => matches!(**c, Control::Create { .. } | Control::Insert { .. }),
-            Body::Resume { .. } => false,
+            Body::Resume { .. } | Body::Fulfil { .. } | Body::Partial { .. } => false,
         }
     }
 
@@ -235,6 +239,7 @@ impl Envelope {
     pub(crate) fn counted(&self) -> bool {
         match &self.body {
             Body::Point { .. } | Body::Broadcast { .. } => true,
+            Body::Fulfil { .. } | Body::Partial { .. } => true,
             Body::Resume { .. } => false,
             Body::Control(c) => !matches!(
                 **c,

@@ -396,12 +396,13 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
         WireOutcome::Failed(text) => Err(Error::Aborted(text)),
     };
     let id = header.tag;
+    let outcome = outcome.map_err(Box::new);
     Ok(Envelope::new(
         0,
         if header.kind == KIND_FULFIL {
-            Control::Fulfil { id, outcome }
+            Body::Fulfil { id, outcome }
         } else {
-            Control::Partial { id, outcome }
+            Body::Partial { id, outcome }
         },
     ))
 }
@@ -702,6 +703,9 @@ pub(crate) fn encode(
             _ => return Err("this runtime message does not travel between processes yet".into()),
         },
         Body::Resume { .. } => return Err("task wake-ups never leave their PE".into()),
+        Body::Fulfil { .. } | Body::Partial { .. } => {
+            return Err("future values travel as value messages (KIND_FULFIL/KIND_PARTIAL)".into())
+        }
     };
     let mut msg = Message::new(Header::new(kind, src_pe, dst_pe, 0));
     msg.push_segment(Bytes::from(seg0))

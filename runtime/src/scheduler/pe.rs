@@ -42,7 +42,9 @@ pub(crate) struct LocalCollection {
     /// Whether the chare type can migrate, and how to rebuild a migrated element.
     pub(crate) mobility: Mobility,
     /// In creation (then arrival) order: broadcasts visit them in this order.
-    pub(crate) elements: Vec<(Index, Rc<dyn ElementObj>)>,
+    /// Shared with the broadcasts being delivered (cloning the `Rc` costs no allocation; a
+    /// change while a broadcast holds it copies the list).
+    pub(crate) elements: Rc<Vec<(Index, Rc<dyn ElementObj>)>>,
     position: FxHashMap<Index, usize>,
     /// Elements whose `async fn new` is still running, with the messages waiting for them.
     constructing: FxHashMap<Index, Vec<Envelope>>,
@@ -75,7 +77,7 @@ impl LocalCollection {
     /// Adds a resident element.
     pub(crate) fn insert(&mut self, index: Index, element: Rc<dyn ElementObj>, home: bool) {
         self.position.insert(index, self.elements.len());
-        self.elements.push((index, element));
+        Rc::make_mut(&mut self.elements).push((index, element));
         if !home {
             self.guests += 1;
         }
@@ -84,7 +86,7 @@ impl LocalCollection {
     /// Removes a resident element (the last one takes its place in broadcast order).
     pub(crate) fn remove(&mut self, index: &Index, home: bool) -> Option<Rc<dyn ElementObj>> {
         let pos = self.position.remove(index)?;
-        let (_, element) = self.elements.swap_remove(pos);
+        let (_, element) = Rc::make_mut(&mut self.elements).swap_remove(pos);
         if let Some((moved, _)) = self.elements.get(pos) {
             self.position.insert(*moved, pos);
         }
@@ -477,7 +479,8 @@ impl PeState {
         if owner == self.pe {
             self.fulfil_local(id, outcome);
         } else if self.shared.mailbox(owner).is_some() {
-            self.send(owner, Envelope::new(0, Control::Fulfil { id, outcome }));
+            let outcome = outcome.map_err(Box::new);
+            self.send(owner, Envelope::new(0, Body::Fulfil { id, outcome }));
         } else {
             self.send_value(crate::wire::KIND_FULFIL, owner, id, outcome, encode);
         }
@@ -496,7 +499,8 @@ impl PeState {
         if owner == self.pe {
             self.partial_local(id, outcome);
         } else if self.shared.mailbox(owner).is_some() {
-            self.send(owner, Envelope::new(0, Control::Partial { id, outcome }));
+            let outcome = outcome.map_err(Box::new);
+            self.send(owner, Envelope::new(0, Body::Partial { id, outcome }));
         } else {
             self.send_value(crate::wire::KIND_PARTIAL, owner, id, outcome, encode);
         }
@@ -609,13 +613,11 @@ impl PeState {
                 }
             }
             Body::Broadcast { coll, call } => {
-                let found = self.collections.borrow().get(&coll).map(|c| {
-                    if c.settled() {
-                        (c.chare, c.elements.clone())
-                    } else {
-                        (c.chare, Vec::new())
-                    }
-                });
+                let found = self
+                    .collections
+                    .borrow()
+                    .get(&coll)
+                    .map(|c| (c.chare, c.settled().then(|| c.elements.clone())));
                 match found {
                     None => self.buffer(
                         coll,
@@ -630,10 +632,8 @@ impl PeState {
                             .waiting_broadcasts
                             .push(env);
                     }
-                    Some((chare, elements)) if elements.is_empty() => {
-                        self.broadcast_unsettled(coll, chare, priority, call)
-                    }
-                    Some((chare, elements)) => call.invoke_all(self, &elements, chare),
+                    Some((chare, None)) => self.broadcast_unsettled(coll, chare, priority, call),
+                    Some((chare, Some(elements))) => call.invoke_all(self, &elements, chare),
                 }
             }
             Body::Resume { slot, generation } => {
@@ -642,6 +642,8 @@ impl PeState {
                     Ok(())
                 });
             }
+            Body::Fulfil { id, outcome } => self.fulfil_local(id, outcome.map_err(|e| *e)),
+            Body::Partial { id, outcome } => self.partial_local(id, outcome.map_err(|e| *e)),
             Body::Control(c) => self.control(*c),
         }
     }
@@ -663,7 +665,6 @@ impl PeState {
                     Ok(())
                 });
             }
-            Control::Fulfil { id, outcome } => self.fulfil_local(id, outcome),
             Control::Migrate(m) => self.arrive(*m),
             Control::Located {
                 coll,
@@ -672,7 +673,6 @@ impl PeState {
                 epoch,
             } => self.located(coll, index, pe, epoch),
             Control::Balance(msg) => self.balance_message(msg),
-            Control::Partial { id, outcome } => self.partial_local(id, outcome),
             Control::PoolSubmit(spec) => self.pool_submit(*spec),
             Control::Pool(msg) => self.pool_message(msg),
             c @ (Control::QdStart { .. }
@@ -728,7 +728,7 @@ impl PeState {
             chare,
             shape,
             mobility: build.mobility(),
-            elements: Vec::new(),
+            elements: Rc::default(),
             position: FxHashMap::default(),
             constructing: FxHashMap::default(),
             waiting_broadcasts: Vec::new(),
