@@ -128,8 +128,11 @@ fn mixed_sizes_threads_rendezvous_and_gets_among_three() {
 #[test]
 fn flood_is_absorbed_without_loss() {
     for p in PROVIDERS {
-        let ended = job(p, 2, &["flood"], 150);
-        assert_ok(p, "flood", &ended);
+        // The default pool, and a pool of 4 buffers that the flood exhausts.
+        for args in [&["flood"][..], &["flood", "--recv-buffers", "4"][..]] {
+            let ended = job(p, 2, args, 150);
+            assert_ok(p, "flood", &ended);
+        }
     }
 }
 

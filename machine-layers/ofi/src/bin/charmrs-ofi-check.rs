@@ -8,7 +8,12 @@
 //! verified; remote reads through `register`/`get`; unknown ranks),
 //! `flood` (a receiver that does not progress for a while), `wakeup`
 //! (the wake-up hook or `progress_wait` wakes on an arrival), `lost`
-//! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s).
+//! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s; with
+//! `send`, rank 0 keeps sending to it meanwhile).
+//!
+//! Options: `--recv-buffers N` (size of the receive pool, to force its
+//! exhaustion), `--no-liveness` (no local process checks: only the
+//! provider's completion errors can reveal a lost peer).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -386,7 +391,7 @@ fn lost(job: &mut Job) {
     if me != 0 {
         return;
     }
-    let send_too = std::env::args().nth(2).as_deref() == Some("send");
+    let send_too = std::env::args().any(|a| a == "send");
     let t0 = Instant::now();
     let mut i = 0u64;
     loop {
@@ -437,7 +442,20 @@ fn main() {
     let scenario = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "mixed".to_owned());
-    let layer = match OfiLayer::from_env(OfiConfig::default()) {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let mut cfg = OfiConfig::default();
+    if let Some(i) = flag("--recv-buffers") {
+        cfg.recv_buffers = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--recv-buffers N");
+    }
+    if flag("--no-liveness").is_some() {
+        // Only the provider's own error reports can reveal a lost peer.
+        cfg.liveness_interval = Duration::from_secs(3600);
+    }
+    let layer = match OfiLayer::from_env(cfg) {
         Ok(Some(l)) => l,
         Ok(None) => {
             eprintln!("charmrs-ofi-check: not started by charmrun (CHARMRS_KV_ADDR unset)");
