@@ -12,6 +12,8 @@
 //!   sender), never fails.
 //! * Per-peer send queues of work not yet accepted by the provider
 //!   (`-FI_EAGAIN`), posted in FIFO order, so per-pair order holds.
+//! * Small packets (up to the provider's `inject_size`) go with
+//!   `fi_inject`, assembled in a reused buffer (no context, no completion).
 //! * Eager sends: one `fi_sendmsg` whose iovec is the packet prefix and
 //!   the message's `Bytes` segments (no copy), kept alive in the operation
 //!   context until the send completion; messages with more segments than
@@ -197,6 +199,8 @@ pub(crate) struct Engine {
     next_key: u64,
     /// Registrations of `MachineLayer::register`, by key.
     pub(crate) regions: HashMap<u64, Registered>,
+    /// Reused buffer for injected packets.
+    scratch: Vec<u8>,
 }
 
 // SAFETY: the raw pointers are operation contexts owned by the engine
@@ -241,6 +245,7 @@ impl Engine {
             last_liveness: Instant::now(),
             next_key: 1,
             regions: HashMap::new(),
+            scratch: Vec::new(),
         };
         for i in 0..sizes.recv_buffers {
             e.recv_bufs
@@ -497,6 +502,9 @@ impl Engine {
         addr: sys::fi_addr_t,
         msg: Message,
     ) -> Result<Option<Out>, String> {
+        if wire::data_len(&msg) <= self.fab.limits.inject_size {
+            return self.inject(addr, msg);
+        }
         let mut prefix = wire::data_prefix(self.rank, &msg);
         let nonempty = msg.segments().iter().filter(|s| !s.is_empty()).count();
         let coalesce = 1 + nonempty > self.fab.limits.iov_limit;
@@ -549,6 +557,40 @@ impl Engine {
             OpKind::Send { msg, .. } => Out::Msg(msg),
             _ => unreachable!(),
         })
+    }
+
+    /// Sends a small message with `fi_inject`: the packet is assembled in
+    /// a reused buffer, which the provider copies before returning, so no
+    /// context is kept and no completion is generated.
+    fn inject(&mut self, addr: sys::fi_addr_t, msg: Message) -> Result<Option<Out>, String> {
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&wire::preamble(wire::PKT_DATA, self.rank));
+        self.scratch
+            .extend_from_slice(&charmrs_transport::encode_frame_prefix(&msg));
+        for s in msg.segments() {
+            self.scratch.extend_from_slice(s);
+        }
+        // SAFETY: the endpoint is open; `scratch` holds `len` initialized
+        // bytes, which fi_inject copies before it returns.
+        let ret = unsafe {
+            sys::fi_inject(
+                self.fab.ep,
+                self.scratch.as_ptr().cast::<c_void>(),
+                self.scratch.len(),
+                addr,
+            )
+        };
+        if ret == 0 {
+            Ok(None)
+        } else if ret == -(sys::FI_EAGAIN as isize) {
+            Ok(Some(Out::Msg(msg)))
+        } else {
+            Err(format!(
+                "fi_inject to it failed: {} ({ret})",
+                strerror(ret as i64)
+            ))
+        }
     }
 
     /// Registers the segments of a large message for `p` to read and

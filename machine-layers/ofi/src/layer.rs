@@ -1,7 +1,7 @@
 //! [`OfiLayer`]: the libfabric implementation of [`MachineLayer`].
 
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,8 +89,8 @@ struct Inner {
     status: Arc<Vec<AtomicU8>>,
     /// `eventfd` that wakes a thread sleeping in `progress_wait`.
     event_fd: c_int,
-    /// Set while a thread sleeps in `progress_wait`.
-    sleeping: AtomicBool,
+    /// Number of threads sleeping in `progress_wait`.
+    sleeping: AtomicUsize,
     wakeup: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Bumped by every `progress` (the watcher waits for it).
     progressed: AtomicU64,
@@ -139,7 +139,7 @@ impl Inner {
     /// hook.
     fn notify(&self) {
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) {
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
             let one: u64 = 1;
             // SAFETY: event_fd is an open eventfd; writing 8 bytes adds to
             // its counter (a full counter only makes the write fail).
@@ -310,7 +310,7 @@ impl OfiLayer {
                 cmds: SegQueue::new(),
                 status,
                 event_fd,
-                sleeping: AtomicBool::new(false),
+                sleeping: AtomicUsize::new(0),
                 wakeup: OnceLock::new(),
                 progressed: AtomicU64::new(0),
                 closing: AtomicBool::new(false),
@@ -426,7 +426,7 @@ impl OfiLayer {
                 return;
             }
         }
-        inner.sleeping.store(true, Ordering::SeqCst);
+        inner.sleeping.fetch_add(1, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         if inner.cmds.is_empty() {
             let mut fds = [
@@ -453,7 +453,7 @@ impl OfiLayer {
                 }
             }
         }
-        inner.sleeping.store(false, Ordering::SeqCst);
+        inner.sleeping.fetch_sub(1, Ordering::SeqCst);
         inner.drain_event_fd();
     }
 
