@@ -70,6 +70,42 @@ impl Default for OfiConfig {
     }
 }
 
+/// Environment variable overriding [`OfiConfig::packet_max`] (bytes).
+pub const ENV_PACKET_MAX: &str = "CHARMRS_OFI_PACKET_MAX";
+/// Environment variable overriding [`OfiConfig::recv_buffers`].
+pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
+
+impl OfiConfig {
+    /// The defaults, with [`ENV_PACKET_MAX`] and [`ENV_RECV_BUFFERS`]
+    /// applied when set (the provider comes from the environment anyway,
+    /// see [`OfiConfig::provider`]).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Bootstrap`] naming the variable if one is set but
+    /// not a number.
+    pub fn from_env() -> Result<OfiConfig, TransportError> {
+        let mut cfg = OfiConfig::default();
+        let num = |name: &str| -> Result<Option<usize>, TransportError> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| bootstrap_err(format!("{name}={v:?} is not a number"))),
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(v) = num(ENV_PACKET_MAX)? {
+            cfg.packet_max = v;
+        }
+        if let Some(v) = num(ENV_RECV_BUFFERS)? {
+            cfg.recv_buffers = v;
+        }
+        Ok(cfg)
+    }
+}
+
 /// What a thread asks the progressing thread to do.
 enum Cmd {
     Send(ProcessId, Message),

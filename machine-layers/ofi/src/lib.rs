@@ -44,4 +44,7 @@ mod fabric;
 mod layer;
 pub mod wire;
 
-pub use layer::{OfiConfig, OfiLayer, ADDR_KEY, ENV_PROVIDER, HOST_KEY, PROVIDER_KEY};
+pub use layer::{
+    OfiConfig, OfiLayer, ADDR_KEY, ENV_PACKET_MAX, ENV_PROVIDER, ENV_RECV_BUFFERS, HOST_KEY,
+    PROVIDER_KEY,
+};

@@ -82,7 +82,7 @@ fn msg(size: usize, payload: &Bytes, tag: u64) -> Message {
 /// One process of the pair.
 fn child(sizes: &[usize]) {
     let layer = Arc::new(
-        OfiLayer::from_env(OfiConfig::default())
+        OfiLayer::from_env(OfiConfig::from_env().unwrap_or_else(|e| panic!("{e}")))
             .unwrap_or_else(|e| panic!("OfiLayer::from_env: {e}"))
             .unwrap_or_else(|| panic!("bench child without bootstrap")),
     );
