@@ -57,6 +57,8 @@ pub(crate) struct InboxState {
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) size: u32,
+    /// Receive buffers of rendezvous messages.
+    pub(crate) pool: std::sync::Arc<crate::pool::BufPool>,
     pub(crate) state: RefCell<InboxState>,
 }
 
@@ -64,6 +66,7 @@ impl Inbox {
     pub(crate) fn new(size: u32) -> Inbox {
         Inbox {
             size,
+            pool: crate::pool::BufPool::new(),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
                 ..InboxState::default()

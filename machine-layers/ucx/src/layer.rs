@@ -22,6 +22,25 @@ pub const ADDR_KEY: &str = "ucx-worker-address";
 /// same-host liveness check).
 const IDENTITY_KEY: &str = "ucx-identity";
 
+/// Idle `progress` calls between two readings of the clock (for the
+/// liveness check and arming).
+const IDLE_CLOCK_EVERY: u32 = 64;
+
+thread_local! {
+    /// Per-thread scratch list of the messages one `progress` delivers.
+    static SCRATCH: std::cell::RefCell<Vec<(ProcessId, Message)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Clears a flag when dropped (also on unwinding out of the sink).
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Magic opening the `rkey` bytes of a [`RemoteKey`] made by this layer.
 const RKEY_MAGIC: &[u8; 4] = b"UCXK";
 
@@ -84,6 +103,8 @@ struct Locked {
     worker: Worker,
     /// Since when `progress` has found nothing (for arming with a hook).
     idle_since: Option<Instant>,
+    /// Consecutive idle `progress` calls.
+    idle_calls: u32,
     /// Same-host peers whose process can be checked (index = rank).
     identities: Vec<Option<Identity>>,
     /// When the peers' processes were last checked.
@@ -111,7 +132,7 @@ struct Shared {
     /// Peers reported lost (sends to them fail at once).
     lost: Vec<AtomicBool>,
     /// One thread delivers at a time (per-sender order).
-    deliver: Mutex<Vec<(ProcessId, Message)>>,
+    delivering: AtomicBool,
     /// A thread sleeps in `progress_wait` (poke `wake` to interrupt it).
     sleeping: AtomicBool,
     wake: EventFd,
@@ -264,13 +285,14 @@ impl UcxLayer {
             locked: Mutex::new(Locked {
                 worker,
                 idle_since: None,
+                idle_calls: 0,
                 identities,
                 last_check: Instant::now(),
             }),
             queue: SegQueue::new(),
             loopback: SegQueue::new(),
             lost: (0..size).map(|_| AtomicBool::new(false)).collect(),
-            deliver: Mutex::new(Vec::new()),
+            delivering: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             wake: EventFd::new()?,
             efd,
@@ -416,25 +438,41 @@ impl UcxLayer {
         }
     }
 
-    /// Queues `op` and runs the queue if the worker is free; wakes a
-    /// sleeping progress thread if the work may need it.
+    /// Runs `op` now if the worker is free and nothing is queued before it,
+    /// else queues it for the thread holding the worker (which runs the
+    /// queue before it lets go); wakes a sleeping progress thread if the
+    /// work may need it.
     fn submit(&self, op: Op) {
         let s = &*self.shared;
+        if let Ok(mut l) = s.locked.try_lock() {
+            if s.queue.is_empty() {
+                // Nothing queued before it: send directly (per-pair order is
+                // the order of taking the worker).
+                s.run_op(&mut l, op);
+            } else {
+                s.queue.push(op);
+            }
+            let pending = s.run_queue(&mut l);
+            drop(l);
+            if pending {
+                s.poke();
+            }
+            return;
+        }
         s.queue.push(op);
         fence(Ordering::SeqCst);
+        // The holder may have let go meanwhile: then run the queue here.
         if let Ok(mut l) = s.locked.try_lock() {
             let pending = s.run_queue(&mut l);
             drop(l);
-            s.after_unlock();
             if pending {
                 s.poke();
             }
         } else {
-            // The holder runs the queue before it lets go (after_unlock); if
-            // the holder is a sleeper about to sleep, wake it.
-            if s.sleeping.load(Ordering::SeqCst) {
-                s.wake.signal();
-            }
+            // The holder is (or is about to be) the progressing thread, or a
+            // sender that will not look at the queue again: make sure the
+            // progressing thread comes back if it sleeps or is parked.
+            s.poke();
         }
     }
 }
@@ -443,24 +481,32 @@ impl Shared {
     /// Runs every queued operation on the locked worker. Returns whether UCX
     /// now holds operations that need progress to finish.
     fn run_queue(&self, l: &mut Locked) -> bool {
-        let _p = Progressing::enter(&l.worker);
-        while let Some(op) = self.queue.pop() {
-            let (peer, res) = match op {
-                Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
-                Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
-            };
-            if let Err(e) = res {
-                match e {
-                    TransportError::PeerLost { process, reason } => {
-                        l.worker.inbox.peer_failed(process, reason);
-                    }
-                    other => l.worker.inbox.error(TransportError::Io(std::io::Error::other(
-                        format!("operation towards process {peer}: {other}"),
-                    ))),
-                }
-            }
+        // `is_empty` first: popping an empty SegQueue costs a full fence.
+        while !self.queue.is_empty() {
+            let Some(op) = self.queue.pop() else { break };
+            self.run_op(l, op);
         }
         l.worker.inbox.state.borrow().in_flight > 0
+    }
+
+    /// Runs one operation on the locked worker; failures go to the inbox
+    /// (reported by `progress`).
+    fn run_op(&self, l: &mut Locked, op: Op) {
+        let _p = Progressing::enter(&l.worker);
+        let (peer, res) = match op {
+            Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
+            Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
+        };
+        if let Err(e) = res {
+            match e {
+                TransportError::PeerLost { process, reason } => {
+                    l.worker.inbox.peer_failed(process, reason);
+                }
+                other => l.worker.inbox.error(TransportError::Io(std::io::Error::other(format!(
+                    "operation towards process {peer}: {other}"
+                )))),
+            }
+        }
     }
 
     fn run_get(
@@ -483,6 +529,89 @@ impl Shared {
         w.get(src, key.addr, len, &r[8..], header)
     }
 
+    /// The part of `progress` done holding the worker: run queued
+    /// operations, progress UCX, collect what is ready into `batch`,
+    /// close failed endpoints, check peers, and arm the worker for the
+    /// wake-up hook when idle. Returns the first failure to report.
+    fn progress_locked(
+        &self,
+        l: &mut Locked,
+        batch: &mut Vec<(ProcessId, Message)>,
+    ) -> Option<TransportError> {
+        if !self.queue.is_empty() {
+            self.run_queue(l);
+        }
+        let busy = {
+            let _p = Progressing::enter(&l.worker);
+            let mut rounds = 0;
+            let mut busy = l.worker.progress_once();
+            // Deliver as soon as something is ready (latency); otherwise
+            // keep going while UCX reports progress, a bounded number of
+            // rounds.
+            while busy && rounds < 8 && l.worker.inbox.state.borrow().ready.is_empty() {
+                busy = l.worker.progress_once();
+                rounds += 1;
+            }
+            busy
+        };
+        let (mut error, failures) = {
+            let mut st = l.worker.inbox.state.borrow_mut();
+            batch.extend(st.ready.drain(..));
+            (st.errors.pop_front(), !st.failed_eps.is_empty())
+        };
+        if failures {
+            l.worker.close_failed();
+            for p in 0..self.size {
+                if l.worker.is_lost(p) {
+                    self.lost[p as usize].store(true, Ordering::Release);
+                }
+            }
+        }
+        let idle = !busy && batch.is_empty() && error.is_none() && self.loopback.is_empty();
+        if !idle {
+            l.idle_calls = 0;
+            l.idle_since = None;
+            return error;
+        }
+        // Idle: the clock is read only every IDLE_CLOCK_EVERY calls (reading
+        // it costs as much as an idle progress).
+        l.idle_calls = l.idle_calls.wrapping_add(1);
+        if l.idle_calls % IDLE_CLOCK_EVERY != 0 {
+            return error;
+        }
+        let now = Instant::now();
+        if now - l.last_check >= self.cfg.keepalive {
+            self.check_peers(l);
+        }
+        if let Some(w) = self.watcher.get() {
+            let since = *l.idle_since.get_or_insert(now);
+            if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
+                let _p = Progressing::enter(&l.worker);
+                match l.worker.arm() {
+                    Ok(true) => {
+                        w.state.armed.store(true, Ordering::SeqCst);
+                        w.state.armed_fd.signal();
+                        // An operation queued by a thread that saw the
+                        // worker busy and the flag still clear would wait
+                        // for the next event: come back for it.
+                        fence(Ordering::SeqCst);
+                        if !self.queue.is_empty() || !self.loopback.is_empty() {
+                            (w.state.hook)();
+                        }
+                    }
+                    // Events pending: make sure the progressing thread comes
+                    // back instead of parking.
+                    Ok(false) => {
+                        l.idle_since = None;
+                        (w.state.hook)();
+                    }
+                    Err(e) => error = Some(e),
+                }
+            }
+        }
+        error
+    }
+
     /// Reports the same-host peers this process talked with whose process
     /// is gone (see [`crate::liveness`]).
     fn check_peers(&self, l: &mut Locked) {
@@ -501,31 +630,26 @@ impl Shared {
         }
     }
 
-    /// After releasing the worker: if another thread queued work meanwhile
-    /// (and found the worker busy), run it now.
-    fn after_unlock(&self) {
-        fence(Ordering::SeqCst);
-        while !self.queue.is_empty() {
-            let Ok(mut l) = self.locked.try_lock() else {
-                return; // the new holder runs it
-            };
-            let pending = self.run_queue(&mut l);
-            drop(l);
-            if pending {
-                self.poke();
-            }
-            fence(Ordering::SeqCst);
-        }
-    }
-
-    /// Tells whoever progresses the layer that there is work: interrupts a
-    /// sleeping `progress_wait` and calls the wake-up hook.
-    fn poke(&self) {
+    /// Something is ready for `progress` without UCX (loopback): interrupt
+    /// a sleeper and call the hook.
+    fn announce(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
             self.wake.signal();
         }
         if let Some(w) = self.watcher.get() {
             (w.state.hook)();
+        }
+    }
+
+    fn poke(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake.signal();
+        }
+        if let Some(w) = self.watcher.get() {
+            // Not armed: the progressing thread is polling, no need.
+            if w.state.armed.load(Ordering::SeqCst) {
+                (w.state.hook)();
+            }
         }
     }
 }
@@ -552,7 +676,7 @@ impl MachineLayer for UcxLayer {
         self.check(dst)?;
         if dst == self.shared.rank {
             self.shared.loopback.push(msg);
-            self.shared.poke();
+            self.shared.announce();
             return Ok(());
         }
         self.lost_error(dst)?;
@@ -566,72 +690,33 @@ impl MachineLayer for UcxLayer {
     /// before it were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
         let s = &*self.shared;
-        let Ok(mut batch) = s.deliver.try_lock() else {
-            return Ok(0);
-        };
-        let mut error = None;
-        {
-            let mut l = lock(&s.locked);
-            s.run_queue(&mut l);
-            let busy = {
-                let _p = Progressing::enter(&l.worker);
-                let mut rounds = 0;
-                let mut busy = l.worker.progress_once();
-                while busy && rounds < 8 {
-                    busy = l.worker.progress_once();
-                    rounds += 1;
-                }
-                busy
+        if s.delivering.swap(true, Ordering::Acquire) {
+            return Ok(0); // another thread (or the sink) is delivering
+        }
+        let _delivering = ClearOnDrop(&s.delivering);
+        SCRATCH.with(|scratch| {
+            let mut batch = scratch.borrow_mut();
+            let error = {
+                let mut l = lock(&s.locked);
+                s.progress_locked(&mut l, &mut batch)
             };
-            if !busy && l.last_check.elapsed() >= s.cfg.keepalive {
-                s.check_peers(&mut l);
-            }
-            l.worker.close_failed();
-            {
-                let mut st = l.worker.inbox.state.borrow_mut();
-                batch.extend(st.ready.drain(..));
-                error = st.errors.pop_front().or(error);
-            }
-            for p in 0..s.size {
-                if l.worker.is_lost(p) {
-                    s.lost[p as usize].store(true, Ordering::Release);
-                }
-            }
-            if let Some(w) = s.watcher.get() {
-                if batch.is_empty() && s.loopback.is_empty() && error.is_none() {
-                    let now = Instant::now();
-                    let since = *l.idle_since.get_or_insert(now);
-                    if now - since >= s.cfg.arm_after && !w.state.armed.load(Ordering::Acquire) {
-                        let _p = Progressing::enter(&l.worker);
-                        match l.worker.arm() {
-                            Ok(true) => {
-                                w.state.armed.store(true, Ordering::Release);
-                                w.state.armed_fd.signal();
-                            }
-                            Ok(false) => l.idle_since = None,
-                            Err(e) => error = error.or(Some(e)),
-                        }
+            if !s.loopback.is_empty() {
+                for _ in 0..s.loopback.len() {
+                    match s.loopback.pop() {
+                        Some(m) => batch.push((s.rank, m)),
+                        None => break,
                     }
-                } else {
-                    l.idle_since = None;
                 }
             }
-        }
-        s.after_unlock();
-        for _ in 0..s.loopback.len() {
-            match s.loopback.pop() {
-                Some(m) => batch.push((s.rank, m)),
-                None => break,
+            let n = batch.len();
+            for (src, m) in batch.drain(..) {
+                sink(src, m);
             }
-        }
-        let n = batch.len();
-        for (src, m) in batch.drain(..) {
-            sink(src, m);
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(n),
-        }
+            match error {
+                Some(e) => Err(e),
+                None => Ok(n),
+            }
+        })
     }
 
     fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
@@ -694,7 +779,7 @@ impl MachineLayer for UcxLayer {
         if key.len == 0 {
             let msg = Message::with_segments(header, vec![Bytes::new()])?;
             self.shared.loopback.push(msg);
-            self.shared.poke();
+            self.shared.announce();
             return Ok(());
         }
         let r = &key.rkey;

@@ -54,6 +54,7 @@
 mod inbox;
 mod layer;
 mod liveness;
+mod pool;
 mod status;
 mod wake;
 pub mod wire;

@@ -55,17 +55,25 @@ pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u64, header: &Header, lens
     }
 }
 
-/// A decoded data-message header.
+/// A decoded data-message header (borrowing the segment-length table).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// Sending process.
     pub src: ProcessId,
     /// Sequence number of the message from `src`.
     pub seq: u64,
     /// The message header.
     pub header: Header,
-    /// Length of each segment.
-    pub lens: Vec<usize>,
+    /// The validated segment-length table (8 bytes per segment).
+    lens: &'a [u8],
+}
+
+impl Decoded<'_> {
+    /// The length of each segment, in order.
+    pub fn lens(&self) -> impl Iterator<Item = usize> + '_ {
+        // Each length was checked to fit a usize by `decode`.
+        self.lens.chunks_exact(8).map(|c| u64_at(c, 0) as usize)
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -81,7 +89,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 ///
 /// [`TransportError::Malformed`] (or the header's own errors) for anything
 /// inconsistent.
-pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, TransportError> {
+pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, TransportError> {
     if b.len() < FIXED {
         return Err(TransportError::Malformed(format!(
             "active-message header of {} bytes, expected at least {FIXED}",
@@ -109,7 +117,6 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, Transport
             header_len(n)
         )));
     }
-    let mut lens = Vec::with_capacity(n);
     let mut total: u64 = 0;
     for i in 0..n {
         let l = u64_at(b, FIXED + 8 * i);
@@ -118,9 +125,9 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, Transport
                 "active message from process {src}: segment lengths overflow"
             ))
         })?;
-        lens.push(usize::try_from(l).map_err(|_| {
+        usize::try_from(l).map_err(|_| {
             TransportError::Malformed(format!("segment of {l} bytes from process {src}"))
-        })?);
+        })?;
     }
     if total != data_len as u64 {
         return Err(TransportError::Malformed(format!(
@@ -131,7 +138,7 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, Transport
         src,
         seq,
         header,
-        lens,
+        lens: &b[FIXED..],
     })
 }
 
@@ -152,15 +159,8 @@ mod tests {
         encode(&mut b, 3, 77, &header(3), &[1, 0, 4096]);
         assert_eq!(b.len(), header_len(3));
         let d = decode(&b, 4097, 4).unwrap();
-        assert_eq!(
-            d,
-            Decoded {
-                src: 3,
-                seq: 77,
-                header: header(3),
-                lens: vec![1, 0, 4096]
-            }
-        );
+        assert_eq!((d.src, d.seq, d.header), (3, 77, header(3)));
+        assert_eq!(d.lens().collect::<Vec<_>>(), vec![1, 0, 4096]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use charmrs_transport::{Header, Message, ProcessId, TransportError};
 use charmrs_ucx_sys as sys;
 
 use crate::inbox::Inbox;
+use crate::pool::Loan;
 use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
 
@@ -88,7 +89,8 @@ struct RecvOp {
     seq: u64,
     header: Header,
     lens: Vec<usize>,
-    buf: Vec<u8>,
+    len: usize,
+    buf: Loan,
 }
 
 /// A remote read in flight.
@@ -728,8 +730,9 @@ unsafe extern "C" fn am_data_cb(
             src: d.src,
             seq: d.seq,
             header: d.header,
-            lens: d.lens,
-            buf: Vec::with_capacity(length),
+            lens: d.lens().collect(),
+            len: length,
+            buf: inbox.pool.take(length),
         });
         let raw = Box::into_raw(op);
         let mut p: sys::ucp_request_param_t = zeroed();
@@ -765,14 +768,21 @@ unsafe extern "C" fn am_data_cb(
         }
         return sys::UCS_OK;
     }
-    let buf = if length == 0 {
-        Bytes::new()
+    let bytes: &[u8] = if length == 0 {
+        &[]
     } else {
         // SAFETY: UCX passes `length` readable bytes (the whole message:
         // the handler is registered with UCP_AM_FLAG_WHOLE_MSG).
-        Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data as *const u8, length) })
+        unsafe { std::slice::from_raw_parts(data as *const u8, length) }
     };
-    match split(buf, d.header, &d.lens) {
+    let msg = if d.header.segment_count == 1 {
+        // One segment: its own buffer (no shared-buffer promotion).
+        Message::with_segments(d.header, vec![Bytes::copy_from_slice(bytes)])
+    } else {
+        let lens: Vec<usize> = d.lens().collect();
+        split(Bytes::copy_from_slice(bytes), d.header, &lens)
+    };
+    match msg {
         Ok(m) => inbox.arrive(d.src, d.seq, Some(m)),
         Err(e) => inbox.error(e),
     }
@@ -852,14 +862,13 @@ unsafe extern "C" fn rndv_done_cb(
     user: *mut c_void,
 ) {
     // SAFETY: user is the descriptor box handed to ucp_am_recv_data_nbx.
-    let mut op = unsafe { Box::from_raw(user as *mut RecvOp) };
+    let op = unsafe { Box::from_raw(user as *mut RecvOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
-    if status == sys::UCS_OK && length == op.buf.capacity() {
-        // SAFETY: UCX wrote `length` bytes, the whole capacity.
-        unsafe { op.buf.set_len(length) };
-        let buf = Bytes::from(std::mem::take(&mut op.buf));
+    if status == sys::UCS_OK && length == op.len {
+        let op = *op;
+        let buf = op.buf.into_bytes(length);
         match split(buf, op.header, &op.lens) {
             Ok(m) => inbox.complete(op.src, op.seq, m),
             Err(e) => inbox.error(e),
@@ -872,7 +881,7 @@ unsafe extern "C" fn rndv_done_cb(
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
             "receiving {} bytes from process {} failed ({length} arrived): {}",
-            op.buf.capacity(),
+            op.len,
             op.src,
             describe(status)
         ))));
