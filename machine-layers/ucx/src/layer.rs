@@ -61,10 +61,18 @@ pub struct UcxConfig {
     /// nothing before it arms the worker so that the next arrival calls
     /// the hook. Default 20 µs.
     pub arm_after: Duration,
-    /// UCX keep-alive interval (`UCX_KEEPALIVE_INTERVAL` unless set in the
-    /// environment): bounds how long a dead peer goes unnoticed on
-    /// transports without connection state (shared memory). Default 1 s.
-    pub keepalive: Duration,
+    /// How often `progress` checks that the same-host peers this process
+    /// exchanged messages with still exist (see the crate docs: UCX does
+    /// not report their death on shared memory). Bounds how long a dead
+    /// same-host peer goes unnoticed. Default 1 s.
+    pub liveness_interval: Duration,
+    /// Use UCX's peer error handling (`UCP_ERR_HANDLING_MODE_PEER`) also
+    /// for endpoints to processes on this host. UCX 1.13 then cannot use
+    /// its zero-copy shared-memory transport (CMA) and moves large messages
+    /// through bounce buffers, several times slower; same-host peers are
+    /// watched by the liveness check instead. Endpoints to other hosts
+    /// always use peer error handling. Default false.
+    pub same_host_error_handling: bool,
     /// Create the worker with `UCP_FEATURE_WAKEUP` (needed for sleeping in
     /// [`UcxLayer::progress_wait`] and for [`UcxLayer::set_wakeup`]; without
     /// it they poll). Default true.
@@ -80,7 +88,8 @@ impl Default for UcxConfig {
             rndv_threshold: None,
             wait_spin: Duration::from_micros(50),
             arm_after: Duration::from_micros(20),
-            keepalive: Duration::from_secs(1),
+            liveness_interval: Duration::from_secs(1),
+            same_host_error_handling: false,
             wakeup: true,
             linger: Duration::from_secs(1),
         }
@@ -243,7 +252,6 @@ impl UcxLayer {
         let size = bootstrap.size();
         let wcfg = WorkerConfig {
             rndv_threshold: cfg.rndv_threshold,
-            keepalive: cfg.keepalive,
             wakeup: cfg.wakeup,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
@@ -275,7 +283,12 @@ impl UcxLayer {
             }
             addresses.push(a);
         }
-        worker.set_addresses(addresses);
+        let peer_mode = identities
+            .iter()
+            .enumerate()
+            .map(|(r, id)| r as u32 != rank && (id.is_none() || cfg.same_host_error_handling))
+            .collect();
+        worker.set_addresses(addresses, peer_mode);
         let efd = worker.efd();
         let shared = Arc::new(Shared {
             watcher: OnceLock::new(),
@@ -580,7 +593,7 @@ impl Shared {
             return error;
         }
         let now = Instant::now();
-        if now - l.last_check >= self.cfg.keepalive {
+        if now - l.last_check >= self.cfg.liveness_interval {
             self.check_peers(l);
         }
         if let Some(w) = self.watcher.get() {

@@ -29,10 +29,13 @@
 //! * **Wake-up**: `progress_wait` sleeps on the worker's event fd after
 //!   `ucp_worker_arm`; `set_wakeup` is supported through a watcher thread
 //!   on the same fd.
-//! * **Lost peers**: endpoints use peer error handling; on one host the
-//!   layer also checks its peers' `/proc` entries once per keep-alive
-//!   interval ([`UcxConfig::keepalive`]), since UCX's shared-memory
-//!   transports do not reliably report a dead peer themselves.
+//! * **Lost peers**: endpoints to other hosts use UCX's peer error
+//!   handling. Endpoints to processes on the same host do not by default
+//!   (UCX 1.13 cannot use its zero-copy shared-memory transport, CMA, on
+//!   such endpoints: large messages would go through bounce buffers at a
+//!   fraction of the bandwidth); instead the layer checks those peers'
+//!   `/proc` entries every [`UcxConfig::liveness_interval`]. Either way a
+//!   dead peer becomes one `PeerLost`.
 //! * **Remote reads**: `register` = `ucp_mem_map` + packed rkey;
 //!   `get` = `ucp_get_nbx`.
 //!

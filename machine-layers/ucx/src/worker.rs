@@ -106,7 +106,6 @@ struct GetOp {
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerConfig {
     pub(crate) rndv_threshold: Option<usize>,
-    pub(crate) keepalive: Duration,
     pub(crate) wakeup: bool,
 }
 
@@ -126,6 +125,8 @@ pub(crate) struct Worker {
     /// Recycled send descriptors.
     spare: Vec<Box<SendOp>>,
     rndv_threshold: Option<usize>,
+    /// Per peer: endpoint with `UCP_ERR_HANDLING_MODE_PEER`.
+    peer_mode: Vec<bool>,
     efd: Option<i32>,
     /// Callback state; boxed so its address, handed to UCX, never changes.
     pub(crate) inbox: Box<Inbox>,
@@ -153,16 +154,9 @@ impl Worker {
             "ucp_config_read",
         )?;
         // Defaults this layer needs, unless the user chose otherwise:
-        // shared-memory transports that report peer failure (so a dead
-        // process becomes PeerLost instead of a hang) and a keep-alive short
-        // enough to notice it within seconds.
-        let mut defaults = vec![
-            ("MM_ERROR_HANDLING", "y".to_owned()),
-            (
-                "KEEPALIVE_INTERVAL",
-                format!("{}ms", cfg.keepalive.as_millis().max(1)),
-            ),
-        ];
+        // shared-memory transports that accept endpoints with peer error
+        // handling (used for same-host peers when configured so).
+        let mut defaults = vec![("MM_ERROR_HANDLING", "y".to_owned())];
         defaults.retain(|(k, _)| std::env::var_os(format!("UCX_{k}")).is_none());
         for (k, v) in defaults {
             let (ck, cv) = (cstr(k)?, cstr(&v)?);
@@ -216,6 +210,7 @@ impl Worker {
             talked: vec![false; size as usize],
             spare: Vec::new(),
             rndv_threshold: cfg.rndv_threshold,
+            peer_mode: Vec::new(),
             efd: None,
             inbox: Box::new(Inbox::new(size)),
         };
@@ -267,9 +262,11 @@ impl Worker {
         )
     }
 
-    /// Stores the peers' published worker addresses (index = rank).
-    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>) {
+    /// Stores the peers' published worker addresses (index = rank) and
+    /// whether each peer's endpoint uses peer error handling.
+    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>, peer_mode: Vec<bool>) {
         self.addresses = addresses;
+        self.peer_mode = peer_mode;
     }
 
     /// The worker's event file descriptor, when created with wake-up
@@ -352,7 +349,11 @@ impl Worker {
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
         params.address = addr.as_ptr() as *const sys::ucp_address_t;
-        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_mode = if self.peer_mode.get(p as usize).copied().unwrap_or(true) {
+            sys::UCP_ERR_HANDLING_MODE_PEER
+        } else {
+            sys::UCP_ERR_HANDLING_MODE_NONE
+        };
         params.err_handler.cb = Some(ep_error_cb);
         params.err_handler.arg = &*self.err_args[p as usize] as *const ErrArg as *mut c_void;
         let mut ep: sys::ucp_ep_h = ptr::null_mut();

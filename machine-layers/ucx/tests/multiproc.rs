@@ -19,6 +19,14 @@ const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-ucx-check");
 /// UCX transport selections the tests run over (loopback only).
 const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self")];
 const TCP: &[(&str, &str)] = &[("UCX_TLS", "tcp,self"), ("UCX_NET_DEVICES", "lo")];
+/// Same, with UCX's peer error handling on same-host endpoints (UCX itself
+/// reports the failure instead of the layer's liveness check).
+const TCP_PEER: &[(&str, &str)] = &[
+    ("UCX_TLS", "tcp,self"),
+    ("UCX_NET_DEVICES", "lo"),
+    ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
+];
+const SHM_PEER: &[(&str, &str)] = &[("UCX_TLS", "shm,self"), ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1")];
 
 struct Job {
     _server: KvServer,
@@ -165,4 +173,14 @@ fn a_killed_peer_is_reported_lost_within_5s_shm() {
 #[test]
 fn a_killed_peer_is_reported_lost_within_5s_tcp() {
     lost_peer(TCP);
+}
+
+#[test]
+fn a_killed_peer_is_reported_lost_by_ucx_error_handling_tcp() {
+    lost_peer(TCP_PEER);
+}
+
+#[test]
+fn ordered_exactly_once_with_peer_error_handling_shm() {
+    Job::start(2, &["order", "16", "2"], SHM_PEER).wait_all(120);
 }

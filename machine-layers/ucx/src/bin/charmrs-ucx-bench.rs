@@ -131,7 +131,7 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         }
         // Bandwidth: windows of messages, one ack each.
         let total = bw_msgs(size);
-        let window = 32.min(total);
+        let window = 64.min(total);
         let rounds = total / window;
         layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
         let t = Instant::now();

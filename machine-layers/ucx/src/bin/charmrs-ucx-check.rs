@@ -11,6 +11,9 @@
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
 //! ```
 //!
+//! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
+//! same-host endpoints too.
+//!
 //! Prints `OK <mode>` on success; any failure exits non-zero with a
 //! message naming what was wrong.
 
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_transport::{Header, MachineLayer, Message, ProcessId, RemoteKey, TransportError};
-use charmrs_ucx::UcxLayer;
+use charmrs_ucx::{UcxConfig, UcxLayer};
 
 const KIND_DATA: u8 = 1;
 const KIND_DONE: u8 = 2;
@@ -404,7 +407,13 @@ fn lost(layer: &UcxLayer) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let layer = match UcxLayer::from_env() {
+    // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
+    // endpoints too (exercises UCX's own failure reporting).
+    let cfg = UcxConfig {
+        same_host_error_handling: std::env::var_os("CHARMRS_UCX_CHECK_PEER_ERRORS").is_some(),
+        ..UcxConfig::default()
+    };
+    let layer = match UcxLayer::from_env_with_config(cfg) {
         Ok(Some(l)) => Arc::new(l),
         Ok(None) => fail("not started by charmrun (CHARMRS_KV_ADDR unset)".into()),
         Err(e) => fail(format!("UCX layer: {e}")),
