@@ -49,7 +49,9 @@ pub(crate) struct InboxState {
     pub(crate) failed_eps: Vec<ProcessId>,
     /// Send and read operations UCX still holds buffers of.
     pub(crate) in_flight: usize,
-    /// Send descriptors given back by completion callbacks, for reuse.
+    /// Send descriptors given back by completion callbacks, for reuse
+    /// (boxed: their address is handed to UCX).
+    #[allow(clippy::vec_box)]
     pub(crate) spare: Vec<Box<crate::worker::SendOp>>,
 }
 
@@ -159,7 +161,8 @@ impl Inbox {
             return;
         }
         s.lost = true;
-        st.errors.push_back(TransportError::PeerLost { process: p, reason });
+        st.errors
+            .push_back(TransportError::PeerLost { process: p, reason });
     }
 
     /// Whether a message from `p` arrived.

@@ -515,9 +515,12 @@ impl Shared {
                 TransportError::PeerLost { process, reason } => {
                     l.worker.inbox.peer_failed(process, reason);
                 }
-                other => l.worker.inbox.error(TransportError::Io(std::io::Error::other(format!(
-                    "operation towards process {peer}: {other}"
-                )))),
+                other => l
+                    .worker
+                    .inbox
+                    .error(TransportError::Io(std::io::Error::other(format!(
+                        "operation towards process {peer}: {other}"
+                    )))),
             }
         }
     }

@@ -87,7 +87,10 @@ impl BufPool {
 
     /// A buffer of at least `len` bytes (all initialised).
     pub(crate) fn take(self: &Arc<Self>, len: usize) -> Loan {
-        let class = len.max(MIN_CLASS).checked_next_power_of_two().unwrap_or(len);
+        let class = len
+            .max(MIN_CLASS)
+            .checked_next_power_of_two()
+            .unwrap_or(len);
         match self.class_of(class) {
             Some(q) => Loan {
                 buf: q.pop().unwrap_or_else(|| vec![0u8; class]),

@@ -68,7 +68,10 @@ impl Drop for EventFd {
 
 /// Waits until one of `fds` is readable or `timeout` passes (`None`:
 /// forever). Returns which were readable.
-pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> [bool; N] {
+pub(crate) fn wait_readable<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Option<Duration>,
+) -> [bool; N] {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -78,7 +81,9 @@ pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Dur
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
     });
-    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: pfds is a live array of N pollfd; tsp is null or points to a
     // live timespec; no signal mask.
     let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), N as libc::nfds_t, tsp, std::ptr::null()) };
@@ -174,10 +179,16 @@ mod tests {
     fn eventfd_wakes_a_poller_and_timeouts_expire() {
         let e = EventFd::new().unwrap();
         let t = Instant::now();
-        assert_eq!(wait_readable([e.fd()], Some(Duration::from_millis(20))), [false]);
+        assert_eq!(
+            wait_readable([e.fd()], Some(Duration::from_millis(20))),
+            [false]
+        );
         assert!(t.elapsed() >= Duration::from_millis(15));
         e.signal();
-        assert_eq!(wait_readable([e.fd()], Some(Duration::from_secs(5))), [true]);
+        assert_eq!(
+            wait_readable([e.fd()], Some(Duration::from_secs(5))),
+            [true]
+        );
         e.clear();
         assert_eq!(wait_readable([e.fd()], Some(Duration::ZERO)), [false]);
     }

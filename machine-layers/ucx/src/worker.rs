@@ -117,12 +117,16 @@ pub(crate) struct Worker {
     rank: ProcessId,
     addresses: Vec<Vec<u8>>,
     eps: Vec<Ep>,
+    /// Boxed: UCX keeps a pointer to each.
+    #[allow(clippy::vec_box)]
     err_args: Vec<Box<ErrArg>>,
     /// Next sequence number per destination.
     seq: Vec<u64>,
     /// Peers this process exchanged data with (they get a goodbye).
     talked: Vec<bool>,
-    /// Recycled send descriptors.
+    /// Recycled send descriptors (boxed: UCX holds a pointer to one in
+    /// flight, so it must not move).
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<SendOp>>,
     rndv_threshold: Option<usize>,
     /// Per peer: endpoint with `UCP_ERR_HANDLING_MODE_PEER`.
@@ -149,10 +153,8 @@ impl Worker {
         let mut config: *mut sys::ucp_config_t = ptr::null_mut();
         // SAFETY: null prefix and file mean "environment only"; `config` is
         // a valid out-pointer.
-        check(
-            unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) },
-            "ucp_config_read",
-        )?;
+        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) };
+        check(st, "ucp_config_read")?;
         // Defaults this layer needs, unless the user chose otherwise:
         // shared-memory transports that accept endpoints with peer error
         // handling (used for same-host peers when configured so).
@@ -223,19 +225,15 @@ impl Worker {
         if cfg.wakeup {
             let mut fd = -1;
             // SAFETY: worker is live (created with the WAKEUP feature).
-            check(
-                unsafe { sys::ucp_worker_get_efd(worker, &mut fd) },
-                "ucp_worker_get_efd",
-            )?;
+            let st = unsafe { sys::ucp_worker_get_efd(worker, &mut fd) };
+            check(st, "ucp_worker_get_efd")?;
             w.efd = Some(fd);
         }
         let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
         let mut len = 0usize;
         // SAFETY: worker is live; out-pointers are valid.
-        check(
-            unsafe { sys::ucp_worker_get_address(worker, &mut addr, &mut len) },
-            "ucp_worker_get_address",
-        )?;
+        let st = unsafe { sys::ucp_worker_get_address(worker, &mut addr, &mut len) };
+        check(st, "ucp_worker_get_address")?;
         // SAFETY: UCX returned `len` readable bytes at `addr`, released
         // right after the copy.
         let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
@@ -244,7 +242,11 @@ impl Worker {
         Ok((w, bytes))
     }
 
-    fn set_handler(&mut self, id: u32, cb: sys::ucp_am_recv_callback_t) -> Result<(), TransportError> {
+    fn set_handler(
+        &mut self,
+        id: u32,
+        cb: sys::ucp_am_recv_callback_t,
+    ) -> Result<(), TransportError> {
         let mut p: sys::ucp_am_handler_param_t = zeroed();
         p.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
             | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
@@ -256,10 +258,8 @@ impl Worker {
         p.arg = &*self.inbox as *const Inbox as *mut c_void;
         // SAFETY: worker is live; the inbox outlives the worker (dropped
         // after it, see Drop).
-        check(
-            unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) },
-            "ucp_worker_set_am_recv_handler",
-        )
+        let st = unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) };
+        check(st, "ucp_worker_set_am_recv_handler")
     }
 
     /// Stores the peers' published worker addresses (index = rank) and
@@ -467,7 +467,10 @@ impl Worker {
                 reason: describe(st),
             })
         } else {
-            check(st, &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"))
+            check(
+                st,
+                &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"),
+            )
         }
     }
 
@@ -551,7 +554,7 @@ impl Worker {
                 let mut param: sys::ucp_request_param_t = zeroed();
                 param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
                 param.flags = 0; // flush mode
-                // SAFETY: ep is open and not used after this.
+                                 // SAFETY: ep is open and not used after this.
                 let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
                 if sys::UCS_PTR_IS_PTR(req) {
                     reqs.push(req);
@@ -581,10 +584,8 @@ impl Worker {
         let mut memh: sys::ucp_mem_h = ptr::null_mut();
         // SAFETY: context is live; addr..addr+len is memory the caller keeps
         // alive while mapped.
-        check(
-            unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) },
-            &format!("ucp_mem_map of {len} bytes"),
-        )?;
+        let st = unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) };
+        check(st, &format!("ucp_mem_map of {len} bytes"))?;
         let mut buf: *mut c_void = ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: memh was just mapped on this context.
@@ -625,8 +626,10 @@ impl Worker {
         let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
         // SAFETY: ep is open; `packed` was length-checked by the caller and
         // is only read.
+        let st =
+            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) };
         check(
-            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) },
+            st,
             &format!("ucp_ep_rkey_unpack of a key from process {src}"),
         )?;
         let op = Box::new(GetOp {
@@ -662,7 +665,10 @@ impl Worker {
             // SAFETY: rkey was unpacked above and is destroyed once.
             unsafe { sys::ucp_rkey_destroy(op.rkey) };
             let st = sys::UCS_PTR_STATUS(req);
-            return check(st, &format!("ucp_get_nbx of {len} bytes from process {src}"));
+            return check(
+                st,
+                &format!("ucp_get_nbx of {len} bytes from process {src}"),
+            );
         }
         self.inbox.in_flight(1);
         Ok(())

@@ -26,7 +26,10 @@ const TCP_PEER: &[(&str, &str)] = &[
     ("UCX_NET_DEVICES", "lo"),
     ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
 ];
-const SHM_PEER: &[(&str, &str)] = &[("UCX_TLS", "shm,self"), ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1")];
+const SHM_PEER: &[(&str, &str)] = &[
+    ("UCX_TLS", "shm,self"),
+    ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
+];
 
 struct Job {
     _server: KvServer,
@@ -161,7 +164,10 @@ fn lost_peer(env: &[(&str, &str)]) {
     let killed = Instant::now();
     job.children[1].kill().unwrap();
     let line = job.expect_line(0, "LOST 1", Duration::from_secs(5));
-    eprintln!("rank 0 reported the loss {:?} after the kill: {line}", killed.elapsed());
+    eprintln!(
+        "rank 0 reported the loss {:?} after the kill: {line}",
+        killed.elapsed()
+    );
     job.expect_line(0, "OK lost", Duration::from_secs(5));
 }
 

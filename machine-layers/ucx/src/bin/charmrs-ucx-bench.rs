@@ -9,8 +9,8 @@
 //! The driver (this program started by hand) runs, `R` times interleaved:
 //! a two-process job of itself (real processes, key-value bootstrap) that
 //! measures `UcxLayer` ping-pong (one-way = round trip / 2, per-iteration
-//! median) and streaming bandwidth (windows of messages, one small ack per
-//! window) through `send`/`progress`; then `ucx_perftest` server and client
+//! median) and streaming bandwidth (windows of up to 64 messages and 64 MiB,
+//! one small ack per window) through `send`/`progress`; then `ucx_perftest` server and client
 //! on 127.0.0.1 for the same sizes. It prints the median over the
 //! repetitions. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
 //! reports it. `UCX_TLS` is passed through (default `shm,self`).
@@ -26,7 +26,17 @@ use charmrs_transport::kv::{
 use charmrs_transport::{Header, MachineLayer, Message, ProcessId};
 use charmrs_ucx::UcxLayer;
 
-const DEFAULT_SIZES: [usize; 9] = [8, 64, 512, 4096, 32 << 10, 256 << 10, 1 << 20, 2 << 20, 4 << 20];
+const DEFAULT_SIZES: [usize; 9] = [
+    8,
+    64,
+    512,
+    4096,
+    32 << 10,
+    256 << 10,
+    1 << 20,
+    2 << 20,
+    4 << 20,
+];
 
 fn die(msg: String) -> ! {
     eprintln!("charmrs-ucx-bench: {msg}");
@@ -65,7 +75,11 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
 }
 
 fn send(layer: &UcxLayer, dst: ProcessId, payload: &Bytes, tag: u64) {
-    let segs = if payload.is_empty() { vec![] } else { vec![payload.clone()] };
+    let segs = if payload.is_empty() {
+        vec![]
+    } else {
+        vec![payload.clone()]
+    };
     let m = Message::with_segments(Header::new(1, 0, 0, tag), segs).expect("one segment");
     if let Err(e) = layer.send(dst, m) {
         die(format!("send: {e}"));
@@ -113,7 +127,9 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         // Latency: ping-pong.
         let iters = lat_iters(size).clamp(100, 20_000);
         let warm = iters / 10;
-        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        layer
+            .barrier()
+            .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let mut rtts = Vec::with_capacity(iters);
         let iters = if size <= 64 { iters * 10 } else { iters };
         for i in 0..warm + iters {
@@ -131,9 +147,12 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         }
         // Bandwidth: windows of messages, one ack each.
         let total = bw_msgs(size);
-        let window = 64.min(total);
+        // At most 64 messages and 64 MiB in flight per window.
+        let window = ((64usize << 20) / size.max(1)).clamp(1, 64).min(total);
         let rounds = total / window;
-        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        layer
+            .barrier()
+            .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let t = Instant::now();
         for r in 0..rounds + 1 {
             if r == 1 && me == 0 {
@@ -164,7 +183,9 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
             println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1}");
         }
     }
-    layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+    layer
+        .barrier()
+        .unwrap_or_else(|e| die(format!("barrier: {e}")));
 }
 
 /// Runs the two-process job; returns (size, median one-way µs, avg µs, MB/s).
@@ -175,8 +196,14 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
     // with (a profiler, say), given this binary's arguments.
     let exe = std::env::var_os("CHARMRS_UCX_BENCH_WORKER")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::current_exe().unwrap_or_else(|e| die(format!("current_exe: {e}"))));
-    let list = sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        .unwrap_or_else(|| {
+            std::env::current_exe().unwrap_or_else(|e| die(format!("current_exe: {e}")))
+        });
+    let list = sizes
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let children: Vec<_> = (0..2)
         .map(|r| {
             Command::new(&exe)
@@ -194,7 +221,9 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
         .collect();
     let mut out = Vec::new();
     for c in children {
-        let o = c.wait_with_output().unwrap_or_else(|e| die(format!("wait: {e}")));
+        let o = c
+            .wait_with_output()
+            .unwrap_or_else(|e| die(format!("wait: {e}")));
         if !o.status.success() {
             die(format!("a benchmark process failed: {}", o.status));
         }
@@ -213,40 +242,69 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
 /// Runs one `ucx_perftest` test; returns (median latency µs, overall MB/s).
 fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16) -> (f64, f64) {
     let common = |c: &mut Command| {
-        c.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()])
-            .env("UCX_TLS", tls)
-            .env("UCX_NET_DEVICES", "lo")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        c.args([
+            "-t",
+            test,
+            "-s",
+            &size.to_string(),
+            "-n",
+            &iters.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .env("UCX_TLS", tls)
+        .env("UCX_NET_DEVICES", "lo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     };
     let mut server = Command::new("ucx_perftest");
     common(&mut server);
-    let server = server
-        .spawn()
-        .unwrap_or_else(|e| die(format!("cannot run ucx_perftest (apt-get install ucx-utils): {e}")));
+    let server = server.spawn().unwrap_or_else(|e| {
+        die(format!(
+            "cannot run ucx_perftest (apt-get install ucx-utils): {e}"
+        ))
+    });
     std::thread::sleep(Duration::from_millis(300));
     let mut client = Command::new("ucx_perftest");
     client.arg("127.0.0.1");
     common(&mut client);
-    let o = client.output().unwrap_or_else(|e| die(format!("ucx_perftest client: {e}")));
+    let o = client
+        .output()
+        .unwrap_or_else(|e| die(format!("ucx_perftest client: {e}")));
     let _ = server.wait_with_output();
     let text = String::from_utf8_lossy(&o.stdout);
     let Some(line) = text.lines().find(|l| l.starts_with("Final:")) else {
-        die(format!("ucx_perftest {test} -s {size} printed no Final line:\n{text}"));
+        die(format!(
+            "ucx_perftest {test} -s {size} printed no Final line:\n{text}"
+        ));
     };
-    let f: Vec<f64> = line.split_whitespace().skip(1).map(|s| s.parse().unwrap_or(f64::NAN)).collect();
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|s| s.parse().unwrap_or(f64::NAN))
+        .collect();
     // iterations, lat 50%, lat avg, lat overall, bw avg, bw overall, ...
     (f[1], f[5])
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let sizes: Vec<usize> = opt("--sizes")
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| DEFAULT_SIZES.to_vec());
     if std::env::var_os(ENV_KV_ADDR).is_some() {
-        let layer = match UcxLayer::from_env() {
+        // CHARMRS_UCX_BENCH_NO_WAKEUP: worker without UCP_FEATURE_WAKEUP.
+        let cfg = charmrs_ucx::UcxConfig {
+            wakeup: std::env::var_os("CHARMRS_UCX_BENCH_NO_WAKEUP").is_none(),
+            ..charmrs_ucx::UcxConfig::default()
+        };
+        let layer = match UcxLayer::from_env_with_config(cfg) {
             Ok(Some(l)) => Arc::new(l),
             Ok(None) => die("no bootstrap".into()),
             Err(e) => die(format!("UCX layer: {e}")),
@@ -272,7 +330,13 @@ fn main() {
         eprintln!("repetition {}/{reps}: ucx_perftest", rep + 1);
         for (i, &size) in sizes.iter().enumerate() {
             port += 1;
-            let (lat, _) = perftest("ucp_am_lat", size, lat_iters(size).clamp(100, 20_000), &tls, port);
+            let (lat, _) = perftest(
+                "ucp_am_lat",
+                size,
+                lat_iters(size).clamp(100, 20_000),
+                &tls,
+                port,
+            );
             port += 1;
             let (_, bw) = perftest("ucp_am_bw", size, bw_msgs(size), &tls, port);
             raw[i].0.push(lat);

@@ -46,7 +46,10 @@ fn byte(src: u32, k: u64, seg: usize, i: usize) -> u8 {
 }
 
 fn pattern(src: u32, k: u64, seg: usize, len: usize) -> Bytes {
-    (0..len).map(|i| byte(src, k, seg, i)).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| byte(src, k, seg, i))
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// The segments of message `k` of a sender thread.
@@ -69,10 +72,16 @@ fn progress_until(
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
         if Instant::now() > deadline {
-            fail(format!("rank {}: timed out waiting for {what}", layer.rank()));
+            fail(format!(
+                "rank {}: timed out waiting for {what}",
+                layer.rank()
+            ));
         }
         if let Err(e) = layer.progress_wait(&mut f, Duration::from_millis(50)) {
-            fail(format!("rank {}: progress failed while waiting for {what}: {e}", layer.rank()));
+            fail(format!(
+                "rank {}: progress failed while waiting for {what}: {e}",
+                layer.rank()
+            ));
         }
     }
 }
@@ -118,10 +127,19 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
     // Unknown ranks are refused synchronously.
     match layer.send(n, Message::new(Header::new(KIND_DATA, 0, 0, 0))) {
         Err(TransportError::UnknownProcess { dst, size }) if dst == n && size == n => {}
-        other => fail(format!("send to rank {n} of {n}: expected UnknownProcess, got {other:?}")),
+        other => fail(format!(
+            "send to rank {n} of {n}: expected UnknownProcess, got {other:?}"
+        )),
     }
-    let key = RemoteKey { addr: 0, len: 1, rkey: vec![] };
-    if !matches!(layer.get(n + 3, &key, 1, 1), Err(TransportError::UnknownProcess { .. })) {
+    let key = RemoteKey {
+        addr: 0,
+        len: 1,
+        rkey: vec![],
+    };
+    if !matches!(
+        layer.get(n + 3, &key, 1, 1),
+        Err(TransportError::UnknownProcess { .. })
+    ) {
         fail("get from an unknown rank was not refused".into());
     }
     // Sender threads: each sends per_thread messages to every peer (self
@@ -170,14 +188,22 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         *e += 1;
         let lens = segment_lens(k);
         if m.segments().len() != lens.len() {
-            fail(format!("rank {me}: message {k} from {src}: {} segments", m.segments().len()));
+            fail(format!(
+                "rank {me}: message {k} from {src}: {} segments",
+                m.segments().len()
+            ));
         }
         for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
             if seg.len() != l {
-                fail(format!("rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}", seg.len()));
+                fail(format!(
+                    "rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}",
+                    seg.len()
+                ));
             }
             if let Some(i) = (0..l).find(|&i| seg[i] != byte(src, k, j, i)) {
-                fail(format!("rank {me}: message {k} from {src} seg {j}: byte {i} differs"));
+                fail(format!(
+                    "rank {me}: message {k} from {src} seg {j}: byte {i} differs"
+                ));
             }
         }
         received.set(received.get() + 1);
@@ -187,7 +213,10 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while received.get() < expected {
             if Instant::now() > deadline {
-                fail(format!("rank {me}: only {} of {expected} messages arrived", received.get()));
+                fail(format!(
+                    "rank {me}: only {} of {expected} messages arrived",
+                    received.get()
+                ));
             }
             if let Err(e) = layer.progress_wait(&mut check, Duration::from_millis(50)) {
                 fail(format!("rank {me}: progress: {e}"));
@@ -200,8 +229,13 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         }
     }
     let elapsed = t0.elapsed();
-    finish(&layer, early_done, &mut |s, m| fail(format!("rank {me}: late message {:?} from {s}", m.header())));
-    println!("OK order rank {me}: {} messages in {elapsed:?}", received.get());
+    finish(&layer, early_done, &mut |s, m| {
+        fail(format!("rank {me}: late message {:?} from {s}", m.header()))
+    });
+    println!(
+        "OK order rank {me}: {} messages in {elapsed:?}",
+        received.get()
+    );
 }
 
 fn encode_key(k: &RemoteKey) -> Bytes {
@@ -215,7 +249,11 @@ fn encode_key(k: &RemoteKey) -> Bytes {
 fn decode_key(b: &[u8]) -> RemoteKey {
     let addr = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
     let len = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-    RemoteKey { addr, len, rkey: b[16..].to_vec() }
+    RemoteKey {
+        addr,
+        len,
+        rkey: b[16..].to_vec(),
+    }
 }
 
 fn rma(layer: &UcxLayer) {
@@ -227,8 +265,11 @@ fn rma(layer: &UcxLayer) {
         Err(e) => fail(format!("rank {me}: register: {e}")),
     };
     for p in 0..n {
-        let m = Message::with_segments(Header::new(KIND_KEY, 0, 0, 0), vec![encode_key(region.key())])
-            .expect("one segment");
+        let m = Message::with_segments(
+            Header::new(KIND_KEY, 0, 0, 0),
+            vec![encode_key(region.key())],
+        )
+        .expect("one segment");
         send(layer, p, m);
     }
     let read = RefCell::new(vec![false; n as usize]);
@@ -257,7 +298,11 @@ fn rma(layer: &UcxLayer) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(read.borrow().iter().all(|&r| r) && acked.borrow().iter().all(|&a| a)) {
         if Instant::now() > deadline {
-            fail(format!("rank {me}: reads {:?}, acks {:?}", read.borrow(), acked.borrow()));
+            fail(format!(
+                "rank {me}: reads {:?}, acks {:?}",
+                read.borrow(),
+                acked.borrow()
+            ));
         }
         if let Err(e) = layer.progress_wait(&mut on, Duration::from_millis(50)) {
             fail(format!("rank {me}: progress: {e}"));
@@ -313,13 +358,20 @@ fn wake(layer: &UcxLayer) {
         let r = layer.progress_wait(&mut |s, m| got.push((s, m)), Duration::from_secs(10));
         let (wall, cpu) = (t.elapsed(), cpu_time() - c);
         if !matches!(r, Ok(1)) || got.len() != 1 {
-            fail(format!("progress_wait returned {r:?} with {} messages", got.len()));
+            fail(format!(
+                "progress_wait returned {r:?} with {} messages",
+                got.len()
+            ));
         }
         if wall < delay / 2 || wall > Duration::from_secs(3) {
-            fail(format!("progress_wait returned after {wall:?} for a message sent after {delay:?}"));
+            fail(format!(
+                "progress_wait returned after {wall:?} for a message sent after {delay:?}"
+            ));
         }
         if cpu > wall / 2 {
-            fail(format!("progress_wait used {cpu:?} of CPU in {wall:?}: it did not sleep"));
+            fail(format!(
+                "progress_wait used {cpu:?} of CPU in {wall:?}: it did not sleep"
+            ));
         }
         println!("progress_wait woke after {wall:?} using {cpu:?} CPU");
         send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 1)));
@@ -342,16 +394,21 @@ fn wake(layer: &UcxLayer) {
         );
     } else {
         let (tx, rx) = mpsc::sync_channel::<()>(16);
-        if !MachineLayer::set_wakeup(layer, Box::new(move || {
-            let _ = tx.try_send(());
-        })) {
+        if !MachineLayer::set_wakeup(
+            layer,
+            Box::new(move || {
+                let _ = tx.try_send(());
+            }),
+        ) {
             fail("set_wakeup refused".into());
         }
         // Poll until the layer arms (nothing arrives during the delay).
         let t = Instant::now();
         let mut got = 0;
         while t.elapsed() < Duration::from_millis(20) {
-            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+            got += layer
+                .progress(&mut |_, _| {})
+                .unwrap_or_else(|e| fail(format!("progress: {e}")));
         }
         while rx.try_recv().is_ok() {}
         let mut woke = 0;
@@ -360,9 +417,14 @@ fn wake(layer: &UcxLayer) {
                 fail("the wake-up hook was not called within 10 s".into());
             }
             woke += 1;
-            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+            got += layer
+                .progress(&mut |_, _| {})
+                .unwrap_or_else(|e| fail(format!("progress: {e}")));
         }
-        println!("hook woke the parked thread after {:?} ({woke} wake-ups)", t.elapsed());
+        println!(
+            "hook woke the parked thread after {:?} ({woke} wake-ups)",
+            t.elapsed()
+        );
         send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 2)));
     }
     finish(layer, vec![early_done.get(); 2], &mut |_, _| {});
@@ -372,9 +434,19 @@ fn wake(layer: &UcxLayer) {
 fn lost(layer: &UcxLayer) {
     let me = layer.rank();
     let peer = 1 - me;
-    send(layer, peer, Message::new(Header::new(KIND_DATA, me, peer, 0)));
+    send(
+        layer,
+        peer,
+        Message::new(Header::new(KIND_DATA, me, peer, 0)),
+    );
     let got = Cell::new(false);
-    progress_until(layer, "the peer's hello", 20, |_, _| got.set(true), || got.get());
+    progress_until(
+        layer,
+        "the peer's hello",
+        20,
+        |_, _| got.set(true),
+        || got.get(),
+    );
     if layer.barrier().is_err() {
         fail(format!("rank {me}: barrier"));
     }
