@@ -51,6 +51,15 @@ pub struct OfiConfig {
     /// (on the completion queue's file descriptor when the provider has
     /// one, else in short naps). Default 50 µs.
     pub wait_spin: Duration,
+    /// Idle capacity kept for reuse by the pool of rendezvous receive
+    /// buffers (recycled when the delivered message is dropped, so large
+    /// messages do not pay page faults on fresh memory). Default 64 MiB.
+    pub pool_bytes: usize,
+    /// Bytes of large (rendezvous) messages this process reads at once;
+    /// further ones wait in arrival order (one is always read, whatever its
+    /// size). Bounds the memory a burst of large messages takes and keeps
+    /// recycled buffers in use. Default 32 MiB.
+    pub read_window: usize,
     /// How often peers on this host are checked for having exited without
     /// shutting down (their lost-peer report). Default 100 ms.
     pub liveness_interval: Duration,
@@ -66,6 +75,8 @@ impl Default for OfiConfig {
             linger: Duration::from_secs(1),
             wait_spin: Duration::from_micros(50),
             liveness_interval: Duration::from_millis(100),
+            pool_bytes: 64 << 20,
+            read_window: 32 << 20,
         }
     }
 }
@@ -74,10 +85,13 @@ impl Default for OfiConfig {
 pub const ENV_PACKET_MAX: &str = "CHARMRS_OFI_PACKET_MAX";
 /// Environment variable overriding [`OfiConfig::recv_buffers`].
 pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
+/// Environment variable overriding [`OfiConfig::pool_bytes`] (bytes; 0
+/// disables the recycling of rendezvous buffers).
+pub const ENV_POOL_BYTES: &str = "CHARMRS_OFI_POOL_BYTES";
 
 impl OfiConfig {
-    /// The defaults, with [`ENV_PACKET_MAX`] and [`ENV_RECV_BUFFERS`]
-    /// applied when set (the provider comes from the environment anyway,
+    /// The defaults, with [`ENV_PACKET_MAX`], [`ENV_RECV_BUFFERS`] and
+    /// [`ENV_POOL_BYTES`] applied when set (the provider comes from the environment anyway,
     /// see [`OfiConfig::provider`]).
     ///
     /// # Errors
@@ -101,6 +115,9 @@ impl OfiConfig {
         }
         if let Some(v) = num(ENV_RECV_BUFFERS)? {
             cfg.recv_buffers = v;
+        }
+        if let Some(v) = num(ENV_POOL_BYTES)? {
+            cfg.pool_bytes = v;
         }
         Ok(cfg)
     }
@@ -328,6 +345,8 @@ impl OfiLayer {
             recv_buffers: cfg.recv_buffers,
             max_message: cfg.max_message,
             grace: Duration::from_millis(20),
+            pool_bytes: cfg.pool_bytes,
+            read_window: cfg.read_window,
             liveness_interval: cfg.liveness_interval,
         };
         let engine = Engine::new(fab, rank, addrs, sizes, Arc::clone(&status), local_pids)?;

@@ -42,9 +42,10 @@
 mod engine;
 mod fabric;
 mod layer;
+mod pool;
 pub mod wire;
 
 pub use layer::{
-    OfiConfig, OfiLayer, ADDR_KEY, ENV_PACKET_MAX, ENV_PROVIDER, ENV_RECV_BUFFERS, HOST_KEY,
-    PROVIDER_KEY,
+    OfiConfig, OfiLayer, ADDR_KEY, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
+    HOST_KEY, PROVIDER_KEY,
 };

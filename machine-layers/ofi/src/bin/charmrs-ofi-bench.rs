@@ -21,7 +21,8 @@
 //! 2. runs `fi_pingpong -e rdm -p PROVIDER -S SIZE` (server and client)
 //!    for the same sizes.
 //!
-//! It prints, per cell, the median and the best value over the rounds
+//! The last column is the receiver's minor page faults per streamed
+//! message (a scheduling-independent cost figure). It prints, per cell, the median and the best value over the rounds
 //! (the machine may be shared: the best shows what the code can do, the
 //! median what a run typically sees). `FI_TCP_IFACE=lo` is forced, so
 //! nothing leaves the host.
@@ -77,6 +78,16 @@ fn recv_n(layer: &OfiLayer, n: usize) {
 fn msg(size: usize, payload: &Bytes, tag: u64) -> Message {
     Message::with_segments(Header::new(1, 0, 0, tag), vec![payload.slice(..size)])
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Minor page faults of this process so far.
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage fills the zero-initialized struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru.ru_minflt
+    }
 }
 
 /// One process of the pair.
@@ -149,10 +160,12 @@ fn child(sizes: &[usize]) {
         // Streaming bandwidth: WINDOW messages, then a small ack.
         layer.barrier().unwrap_or_else(|e| panic!("barrier: {e}"));
         let rounds = (iters / WINDOW).max(4);
+        let mut faults0 = minor_faults();
         let mut t0 = Instant::now();
         for r in 0..rounds + 1 {
             if r == 1 {
                 t0 = Instant::now();
+                faults0 = minor_faults();
             }
             if me == 0 {
                 for i in 0..WINDOW {
@@ -170,6 +183,10 @@ fn child(sizes: &[usize]) {
         }
         let secs = t0.elapsed().as_secs_f64();
         let bw = (rounds * WINDOW * size) as f64 / secs / 1e6;
+        if me == 1 {
+            let per_msg = (minor_faults() - faults0) as f64 / (rounds * WINDOW) as f64;
+            println!("FAULTS {size} {per_msg:.2}");
+        }
 
         // The same stream, sent by a second thread of rank 0 while its main
         // thread only progresses (sends cross the lock-free queue or take
@@ -221,7 +238,7 @@ fn child(sizes: &[usize]) {
 }
 
 /// Runs the two `OfiLayer` processes; returns size -> (lat, lat_mt, bw).
-fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, [f64; 4]> {
+fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, [f64; 5]> {
     let secret = random_secret().unwrap_or_else(|e| panic!("{e}"));
     let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| panic!("{e}"));
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
@@ -246,7 +263,8 @@ fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, [f64; 4]> {
                 .unwrap_or_else(|e| panic!("spawn bench child: {e}"))
         })
         .collect();
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<usize, [f64; 5]> = BTreeMap::new();
+    let mut faults = BTreeMap::new();
     for c in children {
         let o = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         assert!(o.status.success(), "bench child failed: {:?}", o.status);
@@ -256,12 +274,23 @@ fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, [f64; 4]> {
                 let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
                 out.insert(
                     f[1].parse().unwrap_or(0),
-                    [p(f[2]), p(f[3]), p(f[4]), p(f[5])],
+                    [p(f[2]), p(f[3]), p(f[4]), p(f[5]), f64::NAN],
+                );
+            }
+            if f.len() == 3 && f[0] == "FAULTS" {
+                faults.insert(
+                    f[1].parse::<usize>().unwrap_or(0),
+                    f[2].parse().unwrap_or(f64::NAN),
                 );
             }
         }
     }
     drop(server);
+    for (s, f) in faults {
+        if let Some(r) = out.get_mut(&s) {
+            r[4] = f;
+        }
+    }
     out
 }
 
@@ -366,7 +395,7 @@ fn main() {
     );
     let mut port = 47_700u16 + (std::process::id() % 200) as u16;
     for prov in &providers {
-        let mut ours: BTreeMap<usize, Vec<[f64; 4]>> = BTreeMap::new();
+        let mut ours: BTreeMap<usize, Vec<[f64; 5]>> = BTreeMap::new();
         let mut theirs: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
         for _ in 0..reps {
             for (s, r) in run_layer(prov, &sizes) {
@@ -383,7 +412,7 @@ fn main() {
         }
         println!("\nprovider {prov} (each cell: median/best of {reps})");
         println!(
-            "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17}",
+            "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17} | {:>9}",
             "size",
             "ofi lat us",
             "fi_pingpong us",
@@ -391,7 +420,8 @@ fn main() {
             "ofi pp MB/s",
             "fi_pingpong MB/s",
             "ofi stream MB/s",
-            "ofi stream-mt"
+            "ofi stream-mt",
+            "rx flt/msg"
         );
         for &s in &sizes {
             let o = ours.get(&s).cloned().unwrap_or_default();
@@ -401,7 +431,7 @@ fn main() {
             // Ping-pong bandwidth as fi_pingpong computes it: size / one-way time.
             let opp = stats(o.iter().map(|x| s as f64 / x[0]).collect(), false);
             println!(
-                "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17}",
+                "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17} | {:>9.1}",
                 human(s),
                 cell(lat, 2),
                 cell(stats(t.iter().map(|x| x.0).collect(), true), 2),
@@ -410,6 +440,7 @@ fn main() {
                 cell(stats(t.iter().map(|x| x.1).collect(), false), 0),
                 cell(col(2, false), 0),
                 cell(col(3, false), 0),
+                col(4, true).0,
             );
         }
     }
