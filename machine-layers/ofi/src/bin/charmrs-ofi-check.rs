@@ -54,14 +54,23 @@ fn fill(src: u32, thread: u32, seq: u32, len: usize) -> Vec<u8> {
     v
 }
 
-/// Splits `data` into 1..=3 segments (the split depends on `seq`).
+/// Splits `data` into 1, 2, 3 or 12 segments (some empty; the split
+/// depends on `seq`). Twelve is more than any provider's iovec limit, so
+/// eager sends must coalesce and rendezvous must read many segments.
 fn segments(data: Vec<u8>, seq: u32) -> Vec<Bytes> {
     let b = Bytes::from(data);
     let n = b.len();
-    match seq % 3 {
+    match seq % 4 {
         0 => vec![b],
         1 => vec![b.slice(..n / 3), b.slice(n / 3..)],
-        _ => vec![b.slice(..n / 2), Bytes::new(), b.slice(n / 2..)],
+        2 => vec![b.slice(..n / 2), Bytes::new(), b.slice(n / 2..)],
+        _ => {
+            let mut v: Vec<Bytes> = (0..11)
+                .map(|i| b.slice(n * i / 11..n * (i + 1) / 11))
+                .collect();
+            v.insert(5, Bytes::new());
+            v
+        }
     }
 }
 
@@ -171,6 +180,18 @@ fn mixed(job: &mut Job) {
             assert_eq!(seq, *want, "order of messages from {src} thread {t}");
             *want += 1;
             let len = SIZES[((seq + t + me) as usize) % SIZES.len()];
+            // Received segments are consecutive views of one buffer (eager:
+            // the copy out of the receive buffer; rendezvous: the buffer the
+            // reads landed in): no per-segment copies.
+            for w in m.segments().windows(2) {
+                if !w[0].is_empty() && !w[1].is_empty() {
+                    assert_eq!(
+                        w[0].as_ptr() as usize + w[0].len(),
+                        w[1].as_ptr() as usize,
+                        "segments of {src}/{t}/{seq} are not one buffer"
+                    );
+                }
+            }
             let data: Vec<u8> = m
                 .segments()
                 .iter()
