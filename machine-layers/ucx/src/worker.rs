@@ -98,7 +98,8 @@ struct GetOp {
     inbox: *const Inbox,
     src: ProcessId,
     header: Header,
-    buf: Vec<u8>,
+    len: usize,
+    buf: Loan,
     rkey: sys::ucp_rkey_h,
 }
 
@@ -636,7 +637,8 @@ impl Worker {
             inbox: &*self.inbox,
             src,
             header,
-            buf: Vec::with_capacity(len),
+            len,
+            buf: self.inbox.pool.take(len),
             rkey,
         });
         let raw = Box::into_raw(op);
@@ -900,19 +902,22 @@ unsafe extern "C" fn rndv_done_cb(
 /// Completion of a remote read.
 unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
     // SAFETY: user is the descriptor box handed to ucp_get_nbx.
-    let mut op = unsafe { Box::from_raw(user as *mut GetOp) };
+    let op = unsafe { Box::from_raw(user as *mut GetOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
     // SAFETY: the rkey was unpacked for this read and is destroyed once.
     unsafe { sys::ucp_rkey_destroy(op.rkey) };
     if status == sys::UCS_OK {
-        let len = op.buf.capacity();
-        // SAFETY: a successful get wrote the whole `len` bytes.
-        unsafe { op.buf.set_len(len) };
-        let buf = Bytes::from(std::mem::take(&mut op.buf));
-        match Message::with_segments(op.header, vec![buf]) {
-            Ok(m) => inbox.push_ready(op.src, m),
+        let GetOp {
+            src,
+            header,
+            len,
+            buf,
+            ..
+        } = *op;
+        match Message::with_segments(header, vec![buf.into_bytes(len)]) {
+            Ok(m) => inbox.push_ready(src, m),
             Err(e) => inbox.error(e),
         }
     } else if is_peer_failure(status) {
@@ -920,7 +925,7 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
             "remote read of {} bytes from process {} failed: {}",
-            op.buf.capacity(),
+            op.len,
             op.src,
             describe(status)
         ))));

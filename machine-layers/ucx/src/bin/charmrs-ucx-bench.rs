@@ -12,7 +12,9 @@
 //! median) and streaming bandwidth (windows of up to 64 messages and 64 MiB,
 //! one small ack per window) through `send`/`progress`; then `ucx_perftest` server and client
 //! on 127.0.0.1 for the same sizes. It prints the median over the
-//! repetitions. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
+//! repetitions. For sizes from 64 KiB it also measures the alternative
+//! large-message path: `register` on one side, `get` (`ucp_get_nbx` through
+//! the packed rkey) on the other, same window. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
 //! reports it. `UCX_TLS` is passed through (default `shm,self`).
 
 use std::process::{Command, Stdio};
@@ -43,8 +45,14 @@ fn die(msg: String) -> ! {
     std::process::exit(1);
 }
 
+/// Ping-pong iterations for `size` (both for the layer and ucx_perftest).
 fn lat_iters(size: usize) -> usize {
-    (256 << 20) / size.max(1) / 4
+    let n = ((64usize << 20) / size.max(1)).clamp(100, 20_000);
+    if size <= 64 {
+        n * 10
+    } else {
+        n
+    }
 }
 
 fn bw_msgs(size: usize) -> usize {
@@ -125,13 +133,12 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
     for &size in sizes {
         let payload = Bytes::from(vec![0x5au8; size]);
         // Latency: ping-pong.
-        let iters = lat_iters(size).clamp(100, 20_000);
+        let iters = lat_iters(size);
         let warm = iters / 10;
         layer
             .barrier()
             .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let mut rtts = Vec::with_capacity(iters);
-        let iters = if size <= 64 { iters * 10 } else { iters };
         for i in 0..warm + iters {
             if me == 0 {
                 let t = ticks();
@@ -155,11 +162,6 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
             .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let t = Instant::now();
         for r in 0..rounds + 1 {
-            if r == 1 && me == 0 {
-                // The first round warms up.
-                rtts.push(0.0);
-                rtts.pop();
-            }
             let start = Instant::now();
             if me == 0 {
                 for k in 0..window {
@@ -176,11 +178,20 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
             }
         }
         let secs = t.elapsed().as_secs_f64();
+        let get_mbs = if size >= 64 << 10 {
+            // Every message of the phase above is consumed before the key.
+            layer
+                .barrier()
+                .unwrap_or_else(|e| die(format!("barrier: {e}")));
+            get_bandwidth(&layer, &payload, window, rounds + 1)
+        } else {
+            f64::NAN
+        };
         if me == 0 {
             let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
             let med = median(&mut rtts);
             let mbs = (size * window * (rounds + 1)) as f64 / secs / (1 << 20) as f64;
-            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1}");
+            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1} {get_mbs:.1}");
         }
     }
     layer
@@ -188,8 +199,68 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         .unwrap_or_else(|e| die(format!("barrier: {e}")));
 }
 
-/// Runs the two-process job; returns (size, median one-way µs, avg µs, MB/s).
-fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
+/// The alternative large-message path: rank 1 registers the payload
+/// (`register`) and sends its key; rank 0 reads it with `get` (`window`
+/// reads in flight, `rounds` times). Returns rank 0's MB/s (NaN on rank 1).
+fn get_bandwidth(layer: &UcxLayer, payload: &Bytes, window: usize, rounds: usize) -> f64 {
+    const KIND_KEY: u8 = 7;
+    const KIND_READ: u8 = 8;
+    const KIND_DONE: u8 = 9;
+    let me = layer.rank();
+    if me == 1 {
+        let region = layer
+            .register(payload.clone())
+            .unwrap_or_else(|e| die(format!("register: {e}")));
+        let k = region.key();
+        let mut v = Vec::new();
+        v.extend_from_slice(&k.addr.to_le_bytes());
+        v.extend_from_slice(&k.len.to_le_bytes());
+        v.extend_from_slice(&k.rkey);
+        let m = Message::with_segments(Header::new(KIND_KEY, 0, 0, 0), vec![v.into()])
+            .expect("one segment");
+        layer
+            .send(0, m)
+            .unwrap_or_else(|e| die(format!("send key: {e}")));
+        // Serve reads (emulated ones need this side's progress) until done.
+        loop {
+            if let Some((_, m)) = recv_n(layer, 1) {
+                if m.header().kind == KIND_DONE {
+                    break;
+                }
+            }
+        }
+        drop(region);
+        return f64::NAN;
+    }
+    let Some((_, m)) = recv_n(layer, 1) else {
+        die("no key".into())
+    };
+    let b = &m.segments()[0];
+    let key = charmrs_transport::RemoteKey {
+        addr: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+        len: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        rkey: b[16..].to_vec(),
+    };
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for i in 0..window {
+            layer
+                .get(1, &key, KIND_READ, i as u64)
+                .unwrap_or_else(|e| die(format!("get: {e}")));
+        }
+        recv_n(layer, window);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let done = Message::new(Header::new(KIND_DONE, 0, 0, 0));
+    layer
+        .send(1, done)
+        .unwrap_or_else(|e| die(format!("send: {e}")));
+    (payload.len() * window * rounds) as f64 / secs / (1 << 20) as f64
+}
+
+/// Runs the two-process job; returns (size, median one-way µs, avg µs,
+/// MB/s, get MB/s).
+fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64, f64)> {
     let secret = random_secret().unwrap_or_else(|e| die(format!("secret: {e}")));
     let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| die(format!("kv: {e}")));
     // CHARMRS_UCX_BENCH_WORKER: a wrapper to start the measuring processes
@@ -229,9 +300,9 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
         }
         for line in String::from_utf8_lossy(&o.stdout).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() == 5 && f[0] == "RESULT" {
+            if f.len() == 6 && f[0] == "RESULT" {
                 let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
-                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4])));
+                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4]), p(f[5])));
             }
         }
     }
@@ -315,28 +386,23 @@ fn main() {
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(3);
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "shm,self".to_owned());
     let n = sizes.len();
-    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new()); n];
+    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); n];
     let mut raw = vec![(Vec::new(), Vec::new()); n];
     let mut port = 13_000 + (std::process::id() % 2000) as u16;
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}: UcxLayer", rep + 1);
-        for (i, (size, med, avg, bw)) in run_layer(&sizes, &tls).into_iter().enumerate() {
+        for (i, (size, med, avg, bw, get)) in run_layer(&sizes, &tls).into_iter().enumerate() {
             if i < n && sizes[i] == size {
                 ours[i].0.push(med);
                 ours[i].1.push(avg);
                 ours[i].2.push(bw);
+                ours[i].3.push(get);
             }
         }
         eprintln!("repetition {}/{reps}: ucx_perftest", rep + 1);
         for (i, &size) in sizes.iter().enumerate() {
             port += 1;
-            let (lat, _) = perftest(
-                "ucp_am_lat",
-                size,
-                lat_iters(size).clamp(100, 20_000),
-                &tls,
-                port,
-            );
+            let (lat, _) = perftest("ucp_am_lat", size, lat_iters(size), &tls, port);
             port += 1;
             let (_, bw) = perftest("ucp_am_bw", size, bw_msgs(size), &tls, port);
             raw[i].0.push(lat);
@@ -345,17 +411,25 @@ fn main() {
     }
     println!("UCX_TLS={tls}, {reps} repetitions interleaved, medians");
     println!(
-        "{:>9} | {:>12} {:>12} {:>7} | {:>12} {:>12} {:>7}",
-        "size", "layer lat µs", "am_lat µs", "ratio", "layer MB/s", "am_bw MB/s", "ratio"
+        "{:>9} | {:>12} {:>12} {:>6} | {:>11} {:>11} {:>6} | {:>11}",
+        "size",
+        "layer lat µs",
+        "am_lat µs",
+        "ratio",
+        "layer MB/s",
+        "am_bw MB/s",
+        "ratio",
+        "get MB/s"
     );
     for (i, &size) in sizes.iter().enumerate() {
         if ours[i].0.is_empty() {
             continue;
         }
         let (l, b) = (median(&mut ours[i].0), median(&mut ours[i].2));
+        let g = median(&mut ours[i].3);
         let (rl, rb) = (median(&mut raw[i].0), median(&mut raw[i].1));
         println!(
-            "{size:>9} | {l:>12.3} {rl:>12.3} {:>7.2} | {b:>12.1} {rb:>12.1} {:>7.2}",
+            "{size:>9} | {l:>12.3} {rl:>12.3} {:>6.2} | {b:>11.1} {rb:>11.1} {:>6.2} | {g:>11.1}",
             l / rl,
             b / rb
         );
