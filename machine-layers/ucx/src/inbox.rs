@@ -59,6 +59,9 @@ pub(crate) struct InboxState {
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) size: u32,
+    /// The worker the callbacks run on (they need it for
+    /// `ucp_am_recv_data_nbx`; UCX does not pass it). Set once created.
+    pub(crate) worker: std::cell::Cell<charmrs_ucx_sys::ucp_worker_h>,
     /// Receive buffers of rendezvous messages.
     pub(crate) pool: std::sync::Arc<crate::pool::BufPool>,
     pub(crate) state: RefCell<InboxState>,
@@ -68,6 +71,7 @@ impl Inbox {
     pub(crate) fn new(size: u32) -> Inbox {
         Inbox {
             size,
+            worker: std::cell::Cell::new(std::ptr::null_mut()),
             pool: crate::pool::BufPool::new(),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),

@@ -13,7 +13,7 @@ use crossbeam_queue::SegQueue;
 
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, EventFd, Watcher};
-use crate::worker::{Progressing, Worker, WorkerConfig};
+use crate::worker::{Worker, WorkerConfig};
 
 /// Bootstrap key under which each process publishes its UCX worker address.
 pub const ADDR_KEY: &str = "ucx-worker-address";
@@ -382,7 +382,6 @@ impl UcxLayer {
             // Arm, then sleep unless something slipped in.
             {
                 let mut l = lock(&self.shared.locked);
-                let _p = Progressing::enter(&l.worker);
                 if !l.worker.arm()? {
                     continue;
                 }
@@ -416,7 +415,6 @@ impl UcxLayer {
             {
                 let mut l = lock(&s.locked);
                 s.run_queue(&mut l);
-                let _p = Progressing::enter(&l.worker);
                 l.worker.progress_once();
                 if l.worker.inbox.state.borrow().in_flight == 0 && s.queue.is_empty() {
                     return Ok(true);
@@ -505,7 +503,6 @@ impl Shared {
     /// Runs one operation on the locked worker; failures go to the inbox
     /// (reported by `progress`).
     fn run_op(&self, l: &mut Locked, op: Op) {
-        let _p = Progressing::enter(&l.worker);
         let (peer, res) = match op {
             Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
             Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
@@ -558,7 +555,6 @@ impl Shared {
             self.run_queue(l);
         }
         let busy = {
-            let _p = Progressing::enter(&l.worker);
             let mut rounds = 0;
             let mut busy = l.worker.progress_once();
             // Deliver as soon as something is ready (latency); otherwise
@@ -602,7 +598,6 @@ impl Shared {
         if let Some(w) = self.watcher.get() {
             let since = *l.idle_since.get_or_insert(now);
             if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
-                let _p = Progressing::enter(&l.worker);
                 match l.worker.arm() {
                     Ok(true) => {
                         w.state.armed.store(true, Ordering::SeqCst);
@@ -849,7 +844,6 @@ impl Drop for UcxLayer {
         let s = &*self.shared;
         let mut l = lock(&s.locked);
         s.run_queue(&mut l);
-        let _p = Progressing::enter(&l.worker);
         l.worker.drain(s.cfg.linger);
         l.worker.say_goodbye();
         l.worker.close_all(s.cfg.linger);

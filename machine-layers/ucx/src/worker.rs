@@ -217,6 +217,7 @@ impl Worker {
             efd: None,
             inbox: Box::new(Inbox::new(size)),
         };
+        w.inbox.worker.set(worker);
         let inbox: *const Inbox = &*w.inbox;
         w.err_args = (0..size)
             .map(|peer| Box::new(ErrArg { inbox, peer }))
@@ -733,7 +734,7 @@ unsafe extern "C" fn am_data_cb(
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
         inbox.arrive(d.src, d.seq, None);
-        let worker = RECV_WORKER.with(std::cell::Cell::get);
+        let worker = inbox.worker.get();
         let op = Box::new(RecvOp {
             inbox,
             src: d.src,
@@ -796,29 +797,6 @@ unsafe extern "C" fn am_data_cb(
         Err(e) => inbox.error(e),
     }
     sys::UCS_OK
-}
-
-thread_local! {
-    /// The worker whose progress is running on this thread (the AM
-    /// callback needs it for `ucp_am_recv_data_nbx`; UCX does not pass it).
-    static RECV_WORKER: std::cell::Cell<sys::ucp_worker_h> = const { std::cell::Cell::new(ptr::null_mut()) };
-}
-
-/// Marks `w` as the worker being progressed on this thread for the
-/// lifetime of the guard.
-pub(crate) struct Progressing(sys::ucp_worker_h);
-
-impl Progressing {
-    pub(crate) fn enter(w: &Worker) -> Progressing {
-        let prev = RECV_WORKER.with(|c| c.replace(w.worker));
-        Progressing(prev)
-    }
-}
-
-impl Drop for Progressing {
-    fn drop(&mut self) {
-        RECV_WORKER.with(|c| c.set(self.0));
-    }
 }
 
 /// Active-message handler of goodbyes.
