@@ -160,22 +160,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   and WAKEUP) and one worker per process; the worker's address is
 ///   published under [`ADDR_KEY`] through the bootstrap, which is fenced,
 ///   and every peer's address is read.
-/// * **Endpoints** are created on the first send (or read) to a peer, with
-///   peer error handling.
+/// * **Endpoints** are created on the first send (or read) to a peer; with
+///   UCX's peer error handling for peers on other hosts (and on this host
+///   if [`UcxConfig::same_host_error_handling`]).
 /// * **Send** ([`send`](MachineLayer::send), any thread): one active
 ///   message per [`Message`]: the AM header carries the 32-byte header, a
 ///   sequence number and the segment lengths; the data part is the
 ///   segments themselves as a UCX iov (no copy into one buffer). The
 ///   segments' `Bytes` are kept until UCX's completion callback. Large
-///   messages use UCX's rendezvous: the receiver allocates the message's
-///   buffer when the announcement arrives and UCX moves the bytes straight
-///   into it (`ucp_am_recv_data_nbx`), so the segment the runtime receives
-///   is where the data landed. Sends never block: a thread that finds the
-///   worker busy queues the message and the thread holding the worker
-///   sends it before letting go.
+///   messages use UCX's rendezvous: the receiver takes the message's
+///   buffer from a pool of reusable buffers when the announcement arrives
+///   and UCX moves the bytes straight into it (`ucp_am_recv_data_nbx`), so
+///   the segment the runtime receives is where the data landed. Sends
+///   never block: a thread that finds the worker busy queues the message
+///   (lock-free), retries once, and otherwise leaves it to the progressing
+///   thread, which runs the queue at the start of every `progress` (and is
+///   woken for it if it sleeps or is parked).
 /// * **Threads**: the worker runs in `UCS_THREAD_MODE_SERIALIZED` behind
-///   a mutex; any thread may send (taking the mutex if it is free),
-///   [`progress`](MachineLayer::progress) should be called from one
+///   a mutex; any thread may send (taking the mutex if it is free, which
+///   measured faster than always handing sends to the progressing thread:
+///   no queue round trip on the latency path);
+///   [`progress`](MachineLayer::progress) is meant to be called from one
 ///   thread (a concurrent second caller returns at once with nothing).
 ///   Delivery to the sink happens with the worker unlocked, so the sink may
 ///   send.
@@ -187,12 +192,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   [`set_wakeup`](MachineLayer::set_wakeup) is supported with a watcher
 ///   thread on that fd, armed by `progress` after
 ///   [`UcxConfig::arm_after`] without arrivals.
-/// * **Failures**: a peer whose endpoint fails (process died: the TCP
-///   transport sees the connection reset, shared memory the keep-alive
-///   check) is reported once by `progress` as
-///   [`TransportError::PeerLost`]; later sends to it fail with the same
-///   error. A peer that dropped its layer cleanly said goodbye first and
-///   is not reported.
+/// * **Failures**: a peer whose endpoint fails (the TCP transport sees
+///   the connection reset) or, on this host, whose process no longer
+///   exists (checked every [`UcxConfig::liveness_interval`] among the
+///   peers this process exchanged messages with) is reported once by
+///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
+///   with the same error. A peer that dropped its layer cleanly said
+///   goodbye first and is not reported.
 /// * **Remote reads**: [`register`](MachineLayer::register) maps the
 ///   buffer with `ucp_mem_map` and packs its rkey into the [`RemoteKey`];
 ///   [`get`](MachineLayer::get) unpacks it on the endpoint and issues
@@ -450,9 +456,9 @@ impl UcxLayer {
     }
 
     /// Runs `op` now if the worker is free and nothing is queued before it,
-    /// else queues it for the thread holding the worker (which runs the
-    /// queue before it lets go); wakes a sleeping progress thread if the
-    /// work may need it.
+    /// else queues it for the progressing thread (which runs the queue at
+    /// the start of every `progress`); wakes that thread if it sleeps or is
+    /// parked.
     fn submit(&self, op: Op) {
         let s = &*self.shared;
         if let Ok(mut l) = s.locked.try_lock() {

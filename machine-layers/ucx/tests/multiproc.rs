@@ -17,7 +17,7 @@ use charmrs_transport::kv::{
 const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-ucx-check");
 
 /// UCX transport selections the tests run over (loopback only).
-const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self")];
+const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self"), ("UCX_NET_DEVICES", "lo")];
 const TCP: &[(&str, &str)] = &[("UCX_TLS", "tcp,self"), ("UCX_NET_DEVICES", "lo")];
 /// Same, with UCX's peer error handling on same-host endpoints (UCX itself
 /// reports the failure instead of the layer's liveness check).
