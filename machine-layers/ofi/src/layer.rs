@@ -356,7 +356,13 @@ impl OfiLayer {
             return Err(TransportError::Io(std::io::Error::last_os_error()));
         }
         // Everyone's receive pool is posted before anyone sends.
-        bootstrap.fence()?;
+        if let Err(e) = bootstrap.fence() {
+            // SAFETY: the eventfd was just opened and is not shared yet.
+            unsafe {
+                libc::close(event_fd);
+            }
+            return Err(e);
+        }
         Ok(OfiLayer {
             inner: Arc::new(Inner {
                 rank,
