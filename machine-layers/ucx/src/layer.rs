@@ -433,6 +433,12 @@ impl UcxLayer {
         }
     }
 
+    /// Number of UCX endpoints this process has open (they are created on
+    /// the first operation towards a peer).
+    pub fn open_endpoints(&self) -> usize {
+        lock(&self.shared.locked).worker.open_endpoints()
+    }
+
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
         if p < self.shared.size {
             Ok(())

@@ -317,6 +317,11 @@ impl Worker {
         }
     }
 
+    /// Number of open endpoints.
+    pub(crate) fn open_endpoints(&self) -> usize {
+        self.eps.iter().filter(|e| matches!(e, Ep::Open(_))).count()
+    }
+
     /// Whether this process sent to or received from `p`.
     pub(crate) fn talked_with(&self, p: ProcessId) -> bool {
         self.talked[p as usize] || self.inbox.heard_from(p)
@@ -401,7 +406,8 @@ impl Worker {
             lens_vec = segments.iter().map(Bytes::len).collect::<Vec<_>>();
             &lens_vec
         };
-        wire::encode(&mut op.header, self.rank, seq, &header, lens);
+        // The low 32 bits travel (see `wire`).
+        wire::encode(&mut op.header, self.rank, seq as u32, &header, lens);
         for s in &segments {
             total += s.len();
             if !s.is_empty() {
@@ -733,12 +739,12 @@ unsafe extern "C" fn am_data_cb(
     // SAFETY: param is valid for the duration of the callback.
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
-        inbox.arrive(d.src, d.seq, None);
+        let seq = inbox.arrive(d.src, d.seq, None);
         let worker = inbox.worker.get();
         let op = Box::new(RecvOp {
             inbox,
             src: d.src,
-            seq: d.seq,
+            seq,
             header: d.header,
             lens: d.lens().collect(),
             len: length,
@@ -793,7 +799,9 @@ unsafe extern "C" fn am_data_cb(
         split(Bytes::copy_from_slice(bytes), d.header, &lens)
     };
     match msg {
-        Ok(m) => inbox.arrive(d.src, d.seq, Some(m)),
+        Ok(m) => {
+            inbox.arrive(d.src, d.seq, Some(m));
+        }
         Err(e) => inbox.error(e),
     }
     sys::UCS_OK

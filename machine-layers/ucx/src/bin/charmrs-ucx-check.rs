@@ -142,6 +142,13 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
     ) {
         fail("get from an unknown rank was not refused".into());
     }
+    // Endpoints are lazy: none before the first send.
+    if layer.open_endpoints() != 0 {
+        fail(format!(
+            "rank {me}: {} endpoints open before any send",
+            layer.open_endpoints()
+        ));
+    }
     // Sender threads: each sends per_thread messages to every peer (self
     // included), tag = thread << 32 | k.
     let handles: Vec<_> = (0..threads)
@@ -229,6 +236,14 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         }
     }
     let elapsed = t0.elapsed();
+    // One per peer (a message to oneself needs none).
+    if layer.open_endpoints() != n as usize - 1 {
+        fail(format!(
+            "rank {me}: {} endpoints open after sending to {} peers",
+            layer.open_endpoints(),
+            n - 1
+        ));
+    }
     finish(&layer, early_done, &mut |s, m| {
         fail(format!("rank {me}: late message {:?} from {s}", m.header()))
     });
