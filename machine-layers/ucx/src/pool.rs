@@ -16,17 +16,18 @@
 //! # Invariants
 //!
 //! * Each class keeps at most [`CLASS_BYTES`] bytes of idle buffers; a
-//!   buffer that finds its class full is freed. Buffers outside the
+//!   buffer that finds its class full is freed. Classes are stacks: the
+//!   most recently returned buffer, likeliest still in cache, goes out
+//!   first. Buffers outside the
 //!   classes are plain allocations. The pool never blocks and never fails:
 //!   when a class is empty a new buffer is allocated.
 //! * A buffer is handed out to one message at a time; its contents are
 //!   whatever the previous user left until UCX overwrites the message's
 //!   length of it, and only that length is ever exposed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
 
 /// Smallest pooled class (smaller messages go eager, copied).
 pub(crate) const MIN_CLASS: usize = 64 << 10;
@@ -38,7 +39,8 @@ pub(crate) const CLASS_BYTES: usize = 64 << 20;
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct BufPool {
-    classes: Vec<ArrayQueue<Vec<u8>>>,
+    /// Idle buffers per class, with the class's capacity in buffers.
+    classes: Vec<(Mutex<Vec<Vec<u8>>>, usize)>,
 }
 
 /// A buffer on loan from the pool; returns to it on drop.
@@ -56,8 +58,11 @@ impl AsRef<[u8]> for Loan {
 impl Drop for Loan {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            if let Some(q) = pool.class_of(self.buf.len()) {
-                let _ = q.push(std::mem::take(&mut self.buf));
+            if let Some((stack, cap)) = pool.class_of(self.buf.len()) {
+                let mut stack = stack.lock().unwrap_or_else(PoisonError::into_inner);
+                if stack.len() < *cap {
+                    stack.push(std::mem::take(&mut self.buf));
+                }
             }
         }
     }
@@ -68,7 +73,8 @@ impl BufPool {
         let mut classes = Vec::new();
         let mut c = MIN_CLASS;
         while c <= MAX_CLASS {
-            classes.push(ArrayQueue::new((CLASS_BYTES / c).max(1)));
+            let cap = (CLASS_BYTES / c).max(1);
+            classes.push((Mutex::new(Vec::with_capacity(cap)), cap));
             c *= 2;
         }
         Arc::new(BufPool { classes })
@@ -81,7 +87,7 @@ impl BufPool {
         Some((len.trailing_zeros() - MIN_CLASS.trailing_zeros()) as usize)
     }
 
-    fn class_of(&self, len: usize) -> Option<&ArrayQueue<Vec<u8>>> {
+    fn class_of(&self, len: usize) -> Option<&(Mutex<Vec<Vec<u8>>>, usize)> {
         Self::index(len).and_then(|i| self.classes.get(i))
     }
 
@@ -92,10 +98,13 @@ impl BufPool {
             .checked_next_power_of_two()
             .unwrap_or(len);
         match self.class_of(class) {
-            Some(q) => Loan {
-                buf: q.pop().unwrap_or_else(|| vec![0u8; class]),
-                pool: Some(Arc::clone(self)),
-            },
+            Some((stack, _)) => {
+                let idle = stack.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                Loan {
+                    buf: idle.unwrap_or_else(|| vec![0u8; class]),
+                    pool: Some(Arc::clone(self)),
+                }
+            }
             None => Loan {
                 buf: vec![0u8; len],
                 pool: None,

@@ -3,18 +3,19 @@
 //! transports, printed side by side.
 //!
 //! ```text
-//! UCX_TLS=shm,self charmrs-ucx-bench [--reps R] [--sizes 8,4096,1048576]
+//! UCX_TLS=shm,self charmrs-ucx-bench [--reps R] [--sizes 8,4096,1048576] [--window-bytes B]
 //! ```
 //!
 //! The driver (this program started by hand) runs, `R` times interleaved:
 //! a two-process job of itself (real processes, key-value bootstrap) that
 //! measures `UcxLayer` ping-pong (one-way = round trip / 2, per-iteration
-//! median) and streaming bandwidth (windows of up to 64 messages and 64 MiB,
-//! one small ack per window) through `send`/`progress`; then `ucx_perftest` server and client
-//! on 127.0.0.1 for the same sizes. It prints the median over the
-//! repetitions. For sizes from 64 KiB it also measures the alternative
-//! large-message path: `register` on one side, `get` (`ucp_get_nbx` through
-//! the packed rkey) on the other, same window. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
+//! median) and streaming bandwidth (windows of at most 64 messages and
+//! `--window-bytes`, default 8 MiB, one small ack per window) through
+//! `send`/`progress`; then `ucx_perftest` server and client on 127.0.0.1 for
+//! the same sizes. It prints the median over the repetitions. For sizes from
+//! 64 KiB it also measures the alternative large-message path: `register` on
+//! one side, `get` (`ucp_get_nbx` through the packed rkey) on the other,
+//! same window. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
 //! reports it. `UCX_TLS` is passed through (default `shm,self`).
 
 use std::process::{Command, Stdio};
@@ -43,6 +44,16 @@ const DEFAULT_SIZES: [usize; 9] = [
 fn die(msg: String) -> ! {
     eprintln!("charmrs-ucx-bench: {msg}");
     std::process::exit(1);
+}
+
+/// Bytes in flight per bandwidth window (`--window-bytes`, passed to the
+/// measuring processes as CHARMRS_UCX_BENCH_WINDOW; default 8 MiB, at most
+/// 64 messages).
+fn window_bytes() -> usize {
+    std::env::var("CHARMRS_UCX_BENCH_WINDOW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8 << 20)
 }
 
 /// Ping-pong iterations for `size` (both for the layer and ucx_perftest).
@@ -154,8 +165,8 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         }
         // Bandwidth: windows of messages, one ack each.
         let total = bw_msgs(size);
-        // At most 64 messages and 64 MiB in flight per window.
-        let window = ((64usize << 20) / size.max(1)).clamp(1, 64).min(total);
+        // At most 64 messages and window_bytes() in flight per window.
+        let window = (window_bytes() / size.max(1)).clamp(1, 64).min(total);
         let rounds = total / window;
         layer
             .barrier()
@@ -384,6 +395,9 @@ fn main() {
         return;
     }
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(3);
+    if let Some(w) = opt("--window-bytes") {
+        std::env::set_var("CHARMRS_UCX_BENCH_WINDOW", w);
+    }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "shm,self".to_owned());
     let n = sizes.len();
     let mut ours = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); n];
