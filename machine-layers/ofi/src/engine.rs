@@ -27,8 +27,10 @@
 //!   and segments.
 //! * Per-source delivery order: a rendezvous message holds back later
 //!   messages from its source until its reads complete.
-//! * Failure bookkeeping: a failed operation towards a peer, or a local
-//!   peer process that died without saying goodbye, makes the peer lost:
+//! * Failure bookkeeping: a `get` the target refused (unknown key, range,
+//!   access) is reported as [`TransportError::Malformed`]. Any other failed
+//!   operation towards a peer, or a local peer process that died without
+//!   saying goodbye, makes the peer lost:
 //!   reported once as [`TransportError::PeerLost`], its queue dropped, and
 //!   later sends to it refused.
 //!
@@ -756,8 +758,13 @@ impl Engine {
         );
         let op = err.op_context.cast::<Op>();
         if op.is_null() {
+            // Not tied to one of our operations (`shm` 1.17 reports a read
+            // through an unknown key this way): reported as is; the
+            // operation it belonged to, if any, never completes.
             self.errors
-                .push_back(TransportError::Io(std::io::Error::other(reason)));
+                .push_back(TransportError::Io(std::io::Error::other(format!(
+                    "{reason} (not tied to an operation)"
+                ))));
             return;
         }
         // SAFETY: as in `completed`: receive contexts are permanent.
@@ -782,6 +789,15 @@ impl Engine {
             OpKind::Read { src, in_id } => {
                 self.read_done(in_id, true);
                 src
+            }
+            OpKind::Get { src, buf, .. } if refused(err.err) => {
+                // The peer answered: the key or range is not (or no longer)
+                // valid there. A failed `get`, not a lost peer.
+                self.errors.push_back(TransportError::Malformed(format!(
+                    "remote read of {} bytes from process {src} was refused: {reason}",
+                    buf.capacity()
+                )));
+                return;
             }
             OpKind::Get { src, .. } => src,
         };
@@ -1063,6 +1079,23 @@ impl Engine {
     pub(crate) fn quiet(&self) -> bool {
         self.queued == 0 && self.urgent.is_empty() && self.repost.is_empty()
     }
+}
+
+/// Whether a failed operation's error number means the target refused the
+/// access (bad key, range or permission) rather than being unreachable.
+/// `FI_ECANCELED` is how `tcp;ofi_rxm` 1.17 reports an unknown key
+/// (`prov_errno` `ENOENT`). Some providers (`shm` 1.17) report errors with
+/// a negative number: the sign is ignored.
+fn refused(err: i32) -> bool {
+    [
+        sys::FI_ECANCELED,
+        sys::FI_EINVAL,
+        sys::FI_EACCES,
+        sys::FI_EFAULT,
+        sys::FI_EPERM,
+        sys::FI_EKEYREJECTED,
+    ]
+    .contains(&err.saturating_abs())
 }
 
 /// Whether the process `pid` of this host has exited (gone or zombie).

@@ -686,8 +686,11 @@ impl MachineLayer for OfiLayer {
     }
 
     /// `fi_read` of the remote region into a fresh buffer; the completion
-    /// arrives through `progress` (a failure makes `src` lost). A read of
-    /// one's own region is served from the registration table.
+    /// arrives through `progress`. A read the owner refuses (region
+    /// dropped, key of another job) comes out of `progress` as
+    /// [`TransportError::Malformed`] (`shm` 1.17 reports it without naming
+    /// the read: [`TransportError::Io`]); other failures make `src` lost. A
+    /// read of one's own region is served from the registration table.
     fn get(
         &self,
         src: ProcessId,

@@ -146,6 +146,15 @@ fn arrival_wakes_a_sleeping_process() {
 }
 
 #[test]
+fn get_through_a_dropped_registration_fails_without_losing_the_owner() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["badkey"], 60);
+        assert_ok(p, "badkey", &ended);
+        eprintln!("{p}: {}", ended[1].out.trim());
+    }
+}
+
+#[test]
 fn killed_peer_is_reported_lost_within_five_seconds() {
     for p in PROVIDERS {
         for variant in [&["lost"][..], &["lost", "send"][..]] {

@@ -9,7 +9,9 @@
 //! `flood` (a receiver that does not progress for a while), `wakeup`
 //! (the wake-up hook or `progress_wait` wakes on an arrival), `lost`
 //! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s; with
-//! `send`, rank 0 keeps sending to it meanwhile).
+//! `send`, rank 0 keeps sending to it meanwhile), `badkey` (a `get` through
+//! the key of a dropped region fails as `Malformed`, the owner stays
+//! reachable).
 //!
 //! Options: `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
@@ -459,6 +461,100 @@ fn lost(job: &mut Job) {
     println!("OK lost rank 0 after {elapsed:?}");
 }
 
+/// A `get` through a key whose region was dropped fails (`Malformed`, or
+/// `Io` where the provider cannot tie the error to the read) without making
+/// the owner lost, and never returns data.
+fn badkey(job: &mut Job) {
+    let me = job.me;
+    if me == 0 {
+        let region = job
+            .layer
+            .register(Bytes::from(fill(0, 7, 7, 1 << 20)))
+            .unwrap_or_else(|e| fail("register", e));
+        let k = region.key().clone();
+        drop(region);
+        let mut enc = Vec::new();
+        enc.extend_from_slice(&k.addr.to_le_bytes());
+        enc.extend_from_slice(&k.len.to_le_bytes());
+        enc.extend_from_slice(&k.rkey);
+        job.layer
+            .send(
+                1,
+                Message::with_segments(Header::new(K_KEY, 0, 1, 0), vec![Bytes::from(enc)])
+                    .unwrap(),
+            )
+            .unwrap_or_else(|e| fail("send key", e));
+    }
+    if me == 1 {
+        let key: std::cell::RefCell<Option<RemoteKey>> = Default::default();
+        job.pump(
+            30,
+            "the stale key",
+            &mut |_, _, m| {
+                let b = &m.segments()[0];
+                *key.borrow_mut() = Some(RemoteKey {
+                    addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+                    len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                    rkey: b[16..].to_vec(),
+                });
+            },
+            &mut |_| key.borrow().is_some(),
+        );
+        let key = key.take().expect("key");
+        job.layer
+            .get(0, &key, K_READ, 0)
+            .unwrap_or_else(|e| fail("get", e));
+        let t0 = Instant::now();
+        let mut dones = Vec::new();
+        loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "stale get neither failed nor completed"
+            );
+            match job.layer.progress_wait(
+                &mut |s, m| {
+                    if m.header().kind == K_DONE {
+                        dones.push(s);
+                    } else {
+                        panic!("read through a dropped registration returned data");
+                    }
+                },
+                Duration::from_millis(50),
+            ) {
+                Ok(_) => {}
+                // tcp;ofi_rxm ties the refusal to the read (Malformed); shm
+                // 1.17 reports an error entry without an operation (Io).
+                Err(e @ (TransportError::Malformed(_) | TransportError::Io(_))) => {
+                    println!("rank 1: stale get refused after {:?}: {e}", t0.elapsed());
+                    break;
+                }
+                Err(e) => fail("stale get", e),
+            }
+        }
+        for s in dones {
+            job.done_from[s as usize] = true;
+        }
+        // The owner is still reachable.
+        job.layer
+            .send(0, Message::new(Header::new(K_GOT, 1, 0, 0)))
+            .unwrap_or_else(|e| fail("send after a refused get", e));
+    }
+    if me == 0 {
+        let got = Cell::new(false);
+        job.pump(
+            30,
+            "rank 1's message after its refused get",
+            &mut |_, s, m| {
+                assert_eq!((s, m.header().kind), (1, K_GOT));
+                got.set(true);
+            },
+            &mut |_| got.get(),
+        );
+    }
+    job.finish();
+    println!("OK badkey rank {me}");
+}
+
 fn main() {
     let scenario = std::env::args()
         .nth(1)
@@ -503,6 +599,7 @@ fn main() {
         "flood" => flood(&mut job),
         "wakeup" => wakeup(&mut job),
         "lost" => lost(&mut job),
+        "badkey" => badkey(&mut job),
         other => panic!("unknown scenario {other:?}"),
     }
 }
