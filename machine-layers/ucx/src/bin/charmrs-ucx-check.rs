@@ -55,6 +55,18 @@ fn pattern(src: u32, k: u64, seg: usize, len: usize) -> Bytes {
 /// The segments of message `k` of a sender thread.
 fn segment_lens(k: u64) -> Vec<usize> {
     let s = SIZES[(k % SIZES.len() as u64) as usize];
+    if k % 11 == 5 {
+        // The most segments a message may have, small and empty ones (eager).
+        return (0..usize::from(charmrs_transport::MAX_SEGMENTS))
+            .map(|j| j * 37 % 300)
+            .collect();
+    }
+    if k % 11 == 6 {
+        // As many, around one large one (rendezvous).
+        return (0..usize::from(charmrs_transport::MAX_SEGMENTS))
+            .map(|j| if j == 100 { 300_000 } else { j % 7 })
+            .collect();
+    }
     if k % 3 == 1 {
         vec![s, 0, 100]
     } else {
