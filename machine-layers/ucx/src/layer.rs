@@ -259,6 +259,7 @@ impl UcxLayer {
         let wcfg = WorkerConfig {
             rndv_threshold: cfg.rndv_threshold,
             wakeup: cfg.wakeup,
+            same_host_error_handling: cfg.same_host_error_handling,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
         let me = Identity::current();

@@ -108,6 +108,7 @@ struct GetOp {
 pub(crate) struct WorkerConfig {
     pub(crate) rndv_threshold: Option<usize>,
     pub(crate) wakeup: bool,
+    pub(crate) same_host_error_handling: bool,
 }
 
 /// The UCX context, worker and endpoints of the process; see the module
@@ -158,8 +159,19 @@ impl Worker {
         check(st, "ucp_config_read")?;
         // Defaults this layer needs, unless the user chose otherwise:
         // shared-memory transports that accept endpoints with peer error
-        // handling (used for same-host peers when configured so).
-        let mut defaults = vec![("MM_ERROR_HANDLING", "y".to_owned())];
+        // handling, when same-host endpoints use it and shared memory may be
+        // among the transports (UCX warns about a setting no transport
+        // consumed).
+        let tls = std::env::var("UCX_TLS").unwrap_or_default();
+        let shm_possible = tls.is_empty()
+            || tls.starts_with('^')
+            || ["all", "shm", "mm", "posix", "sysv"]
+                .iter()
+                .any(|t| tls.split(',').any(|x| x.trim() == *t));
+        let mut defaults = Vec::new();
+        if cfg.same_host_error_handling && shm_possible {
+            defaults.push(("MM_ERROR_HANDLING", "y".to_owned()));
+        }
         defaults.retain(|(k, _)| std::env::var_os(format!("UCX_{k}")).is_none());
         for (k, v) in defaults {
             let (ck, cv) = (cstr(k)?, cstr(&v)?);
