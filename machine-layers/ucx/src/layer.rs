@@ -12,7 +12,7 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::liveness::Identity;
-use crate::wake::{wait_readable, EventFd, Watcher};
+use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
 
 /// Bootstrap key under which each process publishes its UCX worker address.
@@ -114,6 +114,8 @@ struct Locked {
     idle_since: Option<Instant>,
     /// Consecutive idle `progress` calls.
     idle_calls: u32,
+    /// `progress` calls (published to the watcher).
+    calls: u64,
     /// Same-host peers whose process can be checked (index = rank).
     identities: Vec<Option<Identity>>,
     /// When the peers' processes were last checked.
@@ -306,6 +308,7 @@ impl UcxLayer {
                 worker,
                 idle_since: None,
                 idle_calls: 0,
+                calls: 0,
                 identities,
                 last_check: Instant::now(),
             }),
@@ -347,7 +350,17 @@ impl UcxLayer {
         if self.shared.watcher.get().is_some() {
             return Err(TransportError::Unsupported("a second wake-up hook"));
         }
-        let w = Watcher::start(efd, Box::new(hook), self.shared.rank)?;
+        let weak = Arc::downgrade(&self.shared);
+        let arm = Box::new(move || {
+            let Some(s) = weak.upgrade() else {
+                return Armed::Busy;
+            };
+            let Ok(mut l) = s.locked.try_lock() else {
+                return Armed::Busy;
+            };
+            s.arm_for_hook(&mut l).unwrap_or(Armed::Pending)
+        });
+        let w = Watcher::start(efd, Box::new(hook), arm, self.shared.rank)?;
         self.shared
             .watcher
             .set(w)
@@ -593,47 +606,63 @@ impl Shared {
             }
         }
         let idle = !busy && batch.is_empty() && error.is_none() && self.loopback.is_empty();
+        let watcher = self.watcher.get();
+        if let Some(w) = watcher {
+            l.calls = l.calls.wrapping_add(1);
+            w.state.progress_calls.store(l.calls, Ordering::Relaxed);
+        }
         if !idle {
             l.idle_calls = 0;
             l.idle_since = None;
             return error;
         }
-        // Idle: the clock is read only every IDLE_CLOCK_EVERY calls (reading
-        // it costs as much as an idle progress).
+        // Idle. Without a hook the clock is read only every IDLE_CLOCK_EVERY
+        // calls (reading it costs as much as an idle progress); with one,
+        // on every call, so that arming happens `arm_after` into idleness
+        // however slow the calls are.
         l.idle_calls = l.idle_calls.wrapping_add(1);
-        if l.idle_calls % IDLE_CLOCK_EVERY != 0 {
+        if watcher.is_none() && l.idle_calls % IDLE_CLOCK_EVERY != 0 {
             return error;
         }
         let now = Instant::now();
         if now - l.last_check >= self.cfg.liveness_interval {
             self.check_peers(l);
         }
-        if let Some(w) = self.watcher.get() {
+        if let Some(w) = watcher {
             let since = *l.idle_since.get_or_insert(now);
             if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
-                match l.worker.arm() {
-                    Ok(true) => {
-                        w.state.armed.store(true, Ordering::SeqCst);
-                        w.state.armed_fd.signal();
-                        // An operation queued by a thread that saw the
-                        // worker busy and the flag still clear would wait
-                        // for the next event: come back for it.
-                        fence(Ordering::SeqCst);
-                        if !self.queue.is_empty() || !self.loopback.is_empty() {
-                            (w.state.hook)();
-                        }
-                    }
-                    // Events pending: make sure the progressing thread comes
-                    // back instead of parking.
-                    Ok(false) => {
-                        l.idle_since = None;
-                        (w.state.hook)();
-                    }
+                match self.arm_for_hook(l) {
+                    Ok(Armed::Pending) => l.idle_since = None,
+                    Ok(_) => {}
                     Err(e) => error = Some(e),
                 }
             }
         }
         error
+    }
+
+    /// Arms the worker for the wake-up hook (with the worker held). On
+    /// success the watcher is told; if events are pending, or an operation
+    /// was queued meanwhile, the hook is called so the progressing thread
+    /// comes back instead of parking.
+    fn arm_for_hook(&self, l: &mut Locked) -> Result<Armed, TransportError> {
+        let Some(w) = self.watcher.get() else {
+            return Ok(Armed::Busy);
+        };
+        if l.worker.arm()? {
+            w.state.armed.store(true, Ordering::SeqCst);
+            w.state.armed_fd.signal();
+            // An operation queued by a thread that saw the worker busy and
+            // the flag still clear would wait for the next event.
+            fence(Ordering::SeqCst);
+            if !self.queue.is_empty() || !self.loopback.is_empty() {
+                (w.state.hook)();
+            }
+            Ok(Armed::Yes)
+        } else {
+            (w.state.hook)();
+            Ok(Armed::Pending)
+        }
     }
 
     /// Reports the same-host peers this process talked with whose process

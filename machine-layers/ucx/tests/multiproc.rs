@@ -190,3 +190,13 @@ fn a_killed_peer_is_reported_lost_by_ucx_error_handling_tcp() {
 fn ordered_exactly_once_with_peer_error_handling_shm() {
     Job::start(2, &["order", "16", "2"], SHM_PEER).wait_all(120);
 }
+
+#[test]
+fn a_parked_network_thread_is_woken_for_every_message_shm() {
+    Job::start(2, &["park", "1500"], SHM).wait_all(120);
+}
+
+#[test]
+fn a_parked_network_thread_is_woken_for_every_message_tcp() {
+    Job::start(2, &["park", "1000"], TCP).wait_all(120);
+}

@@ -9,6 +9,7 @@
 //! charmrs-ucx-check rma                            register + get between all pairs
 //! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
+//! charmrs-ucx-check park <rounds>                  the runtime's parking network PE
 //! ```
 //!
 //! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
@@ -504,6 +505,129 @@ fn lost(layer: &UcxLayer) {
     }
 }
 
+/// A parking spot with a wake-up token, like a runtime mailbox.
+#[derive(Default)]
+struct Spot {
+    token: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Spot {
+    fn wake(&self) {
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.cv.notify_one();
+    }
+
+    /// Parks until woken or `timeout`; returns whether it was woken.
+    fn park(&self, timeout: Duration) -> bool {
+        let g = self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |woken| !*woken)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *g, false)
+    }
+}
+
+/// The runtime's pattern with a wake-up hook: one "network PE" thread
+/// polls `progress`, spins 100 µs when idle, then parks until the hook
+/// wakes it; "worker PE" threads send. Rank 1 sends bursts with pauses
+/// from two threads; rank 0's network PE hands each message to a worker
+/// thread, which answers it. A park that outlasts 5 s while messages are
+/// due is a lost wake-up.
+fn park(layer: Arc<UcxLayer>, rounds: u64) {
+    let me = layer.rank();
+    if layer.size() != 2 {
+        fail("park needs exactly 2 processes".into());
+    }
+    let spot = Arc::new(Spot::default());
+    let hook_spot = Arc::clone(&spot);
+    if !MachineLayer::set_wakeup(&*layer, Box::new(move || hook_spot.wake())) {
+        fail("set_wakeup refused".into());
+    }
+    let threads = 2u64;
+    let expected = rounds * threads;
+    let (to_worker, worker_rx) = mpsc::channel::<Message>();
+    let mut senders = Vec::new();
+    if me == 1 {
+        for t in 0..threads {
+            let layer = Arc::clone(&layer);
+            senders.push(std::thread::spawn(move || {
+                for k in 0..rounds {
+                    let h = Header::new(KIND_DATA, 1, 0, t << 32 | k);
+                    send(&layer, 0, Message::new(h));
+                    // Pauses long enough for rank 0 to park, sometimes.
+                    let pause = (k * 7 + t * 3) % 5;
+                    if pause > 2 {
+                        std::thread::sleep(Duration::from_micros(300 * pause));
+                    }
+                }
+            }));
+        }
+    } else {
+        let layer = Arc::clone(&layer);
+        senders.push(std::thread::spawn(move || {
+            // The worker PE: answers from its own thread (sends while the
+            // network PE holds the worker or parks).
+            for m in worker_rx {
+                let h = Header::new(KIND_GOT, 0, 1, m.header().tag);
+                send(&layer, 1, Message::new(h));
+            }
+        }));
+    }
+    // The network PE (this thread).
+    let mut next: HashMap<u64, u64> = HashMap::new();
+    let mut got = 0u64;
+    let mut parks = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut idle_since = Instant::now();
+    while got < expected {
+        if Instant::now() > deadline {
+            fail(format!("rank {me}: {got} of {expected} after 120 s"));
+        }
+        let n = layer
+            .progress(&mut |_, m| {
+                let (t, k) = (m.header().tag >> 32, m.header().tag & 0xffff_ffff);
+                let e = next.entry(t).or_insert(0);
+                if k != *e {
+                    fail(format!("rank {me}: thread {t}: got {k}, expected {}", *e));
+                }
+                *e += 1;
+                got += 1;
+                if me == 0 {
+                    let _ = to_worker.send(m);
+                }
+            })
+            .unwrap_or_else(|e| fail(format!("rank {me}: progress: {e}")));
+        if n > 0 {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() > Duration::from_micros(100) {
+            parks += 1;
+            if !spot.park(Duration::from_secs(5)) {
+                fail(format!(
+                    "rank {me}: parked 5 s with {} of {expected} messages outstanding: lost wake-up",
+                    expected - got
+                ));
+            }
+            idle_since = Instant::now();
+        }
+    }
+    drop(to_worker);
+    for s in senders {
+        if s.join().is_err() {
+            fail(format!("rank {me}: a thread panicked"));
+        }
+    }
+    finish(&layer, vec![false; 2], &mut |_, _| {});
+    println!("OK park rank {me}: {got} messages, parked {parks} times");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
@@ -524,6 +648,7 @@ fn main() {
         Some("rma") => rma(&layer),
         Some("wake") => wake(&layer),
         Some("lost") => lost(&layer),
+        Some("park") => park(Arc::clone(&layer), num(2, 2000)),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }
