@@ -12,6 +12,8 @@
 //!   sender), never fails.
 //! * Per-peer send queues of work not yet accepted by the provider
 //!   (`-FI_EAGAIN`), posted in FIFO order, so per-pair order holds.
+//! * Small packets (up to the provider's `inject_size`) go with
+//!   `fi_inject`, assembled in a reused buffer (no context, no completion).
 //! * Eager sends: one `fi_sendmsg` whose iovec is the packet prefix and
 //!   the message's `Bytes` segments (no copy), kept alive in the operation
 //!   context until the send completion; messages with more segments than
@@ -20,12 +22,15 @@
 //!   registers its segments (`fi_mr_reg`, `FI_REMOTE_READ`) and sends a
 //!   descriptor; the receiver `fi_read`s every segment into one freshly
 //!   allocated buffer whose slices become the message's segments (zero
-//!   copies), then sends an ACK, on which the sender drops registrations
+//!   copies; the buffer comes from a recycling pool, see `pool`), then
+//!   sends an ACK, on which the sender drops registrations
 //!   and segments.
 //! * Per-source delivery order: a rendezvous message holds back later
 //!   messages from its source until its reads complete.
-//! * Failure bookkeeping: a failed operation towards a peer, or a local
-//!   peer process that died without saying goodbye, makes the peer lost:
+//! * Failure bookkeeping: a `get` the target refused (unknown key, range,
+//!   access) is reported as [`TransportError::Malformed`]. Any other failed
+//!   operation towards a peer, or a local peer process that died without
+//!   saying goodbye, makes the peer lost:
 //!   reported once as [`TransportError::PeerLost`], its queue dropped, and
 //!   later sends to it refused.
 //!
@@ -50,6 +55,7 @@ use charmrs_ofi_sys as sys;
 use charmrs_transport::{Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
+use crate::pool::BufPool;
 use crate::wire;
 
 /// Peer status values shared with the layer's lock-free `send` check.
@@ -129,7 +135,10 @@ struct InRndv {
     remote_id: u64,
     header: Header,
     lens: Vec<usize>,
-    buf: Vec<u8>,
+    segs: Vec<wire::RemoteSeg>,
+    /// Capacity >= `total`, filled by the reads; `None` until admitted.
+    buf: Option<Vec<u8>>,
+    total: usize,
     remaining: usize,
     failed: bool,
 }
@@ -161,6 +170,10 @@ pub(crate) struct Sizes {
     pub(crate) grace: Duration,
     /// How often local peers' liveness is checked.
     pub(crate) liveness_interval: Duration,
+    /// Idle capacity kept by the rendezvous buffer pool.
+    pub(crate) pool_bytes: usize,
+    /// Bytes of rendezvous messages read at once.
+    pub(crate) read_window: usize,
 }
 
 /// See the module docs.
@@ -181,6 +194,10 @@ pub(crate) struct Engine {
     rndv_out: HashMap<u64, OutRndv>,
     next_in: u64,
     rndv_in: HashMap<u64, InRndv>,
+    /// Rendezvous messages whose reads have not started, oldest first.
+    admit_queue: VecDeque<u64>,
+    /// Bytes of admitted rendezvous messages not yet completed.
+    reading: usize,
     order: Vec<VecDeque<Slot>>,
     /// Messages ready for the sink, in delivery order.
     pub(crate) ready: Vec<(ProcessId, Message)>,
@@ -197,6 +214,10 @@ pub(crate) struct Engine {
     next_key: u64,
     /// Registrations of `MachineLayer::register`, by key.
     pub(crate) regions: HashMap<u64, Registered>,
+    /// Reused buffer for injected packets.
+    scratch: Vec<u8>,
+    /// Recycled buffers for rendezvous reads.
+    pool: Arc<BufPool>,
 }
 
 // SAFETY: the raw pointers are operation contexts owned by the engine
@@ -231,6 +252,8 @@ impl Engine {
             rndv_out: HashMap::new(),
             next_in: 1,
             rndv_in: HashMap::new(),
+            admit_queue: VecDeque::new(),
+            reading: 0,
             order: (0..n).map(|_| VecDeque::new()).collect(),
             ready: Vec::new(),
             errors: VecDeque::new(),
@@ -241,6 +264,8 @@ impl Engine {
             last_liveness: Instant::now(),
             next_key: 1,
             regions: HashMap::new(),
+            scratch: Vec::new(),
+            pool: BufPool::new(sizes.pool_bytes),
         };
         for i in 0..sizes.recv_buffers {
             e.recv_bufs
@@ -391,10 +416,13 @@ impl Engine {
                 let Some(inr) = self.rndv_in.get_mut(&in_id) else {
                     return Ok(None);
                 };
-                // SAFETY: offset + len <= the buffer's capacity (chunks are
-                // cut from the descriptor's lengths, whose sum is the
-                // capacity), so the pointer stays inside the allocation.
-                let dst = unsafe { inr.buf.as_mut_ptr().add(offset) };
+                let Some(buf) = inr.buf.as_mut() else {
+                    return Ok(None);
+                };
+                // SAFETY: offset + len <= total <= the buffer's capacity
+                // (chunks are cut from the descriptor's lengths, whose sum
+                // is `total`), so the pointer stays inside the allocation.
+                let dst = unsafe { buf.as_mut_ptr().add(offset) };
                 let op = Box::into_raw(Box::new(Op {
                     ctx: sys::fi_context2::default(),
                     kind: OpKind::Read { src: p, in_id },
@@ -497,6 +525,9 @@ impl Engine {
         addr: sys::fi_addr_t,
         msg: Message,
     ) -> Result<Option<Out>, String> {
+        if wire::data_len(&msg) <= self.fab.limits.inject_size {
+            return self.inject(addr, msg);
+        }
         let mut prefix = wire::data_prefix(self.rank, &msg);
         let nonempty = msg.segments().iter().filter(|s| !s.is_empty()).count();
         let coalesce = 1 + nonempty > self.fab.limits.iov_limit;
@@ -549,6 +580,40 @@ impl Engine {
             OpKind::Send { msg, .. } => Out::Msg(msg),
             _ => unreachable!(),
         })
+    }
+
+    /// Sends a small message with `fi_inject`: the packet is assembled in
+    /// a reused buffer, which the provider copies before returning, so no
+    /// context is kept and no completion is generated.
+    fn inject(&mut self, addr: sys::fi_addr_t, msg: Message) -> Result<Option<Out>, String> {
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&wire::preamble(wire::PKT_DATA, self.rank));
+        self.scratch
+            .extend_from_slice(&charmrs_transport::encode_frame_prefix(&msg));
+        for s in msg.segments() {
+            self.scratch.extend_from_slice(s);
+        }
+        // SAFETY: the endpoint is open; `scratch` holds `len` initialized
+        // bytes, which fi_inject copies before it returns.
+        let ret = unsafe {
+            sys::fi_inject(
+                self.fab.ep,
+                self.scratch.as_ptr().cast::<c_void>(),
+                self.scratch.len(),
+                addr,
+            )
+        };
+        if ret == 0 {
+            Ok(None)
+        } else if ret == -(sys::FI_EAGAIN as isize) {
+            Ok(Some(Out::Msg(msg)))
+        } else {
+            Err(format!(
+                "fi_inject to it failed: {} ({ret})",
+                strerror(ret as i64)
+            ))
+        }
     }
 
     /// Registers the segments of a large message for `p` to read and
@@ -693,8 +758,13 @@ impl Engine {
         );
         let op = err.op_context.cast::<Op>();
         if op.is_null() {
+            // Not tied to one of our operations (`shm` 1.17 reports a read
+            // through an unknown key this way): reported as is; the
+            // operation it belonged to, if any, never completes.
             self.errors
-                .push_back(TransportError::Io(std::io::Error::other(reason)));
+                .push_back(TransportError::Io(std::io::Error::other(format!(
+                    "{reason} (not tied to an operation)"
+                ))));
             return;
         }
         // SAFETY: as in `completed`: receive contexts are permanent.
@@ -719,6 +789,15 @@ impl Engine {
             OpKind::Read { src, in_id } => {
                 self.read_done(in_id, true);
                 src
+            }
+            OpKind::Get { src, buf, .. } if refused(err.err) => {
+                // The peer answered: the key or range is not (or no longer)
+                // valid there. A failed `get`, not a lost peer.
+                self.errors.push_back(TransportError::Malformed(format!(
+                    "remote read of {} bytes from process {src} was refused: {reason}",
+                    buf.capacity()
+                )));
+                return;
             }
             OpKind::Get { src, .. } => src,
         };
@@ -795,29 +874,12 @@ impl Engine {
         let total = r.total() as usize;
         let in_id = self.next_in;
         self.next_in += 1;
-        let chunk = self.fab.limits.max_msg_size.clamp(1, 1 << 30);
-        let mut offset = 0usize;
-        let mut reads = 0;
-        for s in &r.segs {
-            let mut done = 0usize;
-            let len = s.len as usize;
-            while done < len {
-                let n = chunk.min(len - done);
-                self.urgent.push_back((
-                    src,
-                    Out::Read {
-                        in_id,
-                        offset: offset + done,
-                        len: n,
-                        addr: s.addr + done as u64,
-                        key: s.key,
-                    },
-                ));
-                reads += 1;
-                done += n;
-            }
-            offset += len;
-        }
+        let chunk = self.read_chunk();
+        let reads = r
+            .segs
+            .iter()
+            .map(|s| (s.len as usize).div_ceil(chunk))
+            .sum();
         self.rndv_in.insert(
             in_id,
             InRndv {
@@ -825,14 +887,68 @@ impl Engine {
                 remote_id: r.id,
                 header: r.header,
                 lens: r.segs.iter().map(|s| s.len as usize).collect(),
-                buf: Vec::with_capacity(total),
+                segs: r.segs,
+                total,
+                buf: None,
                 remaining: reads,
                 failed: false,
             },
         );
         self.order[src as usize].push_back(Slot::Waiting(in_id));
         if reads == 0 {
+            if let Some(inr) = self.rndv_in.get_mut(&in_id) {
+                inr.buf = Some(Vec::new());
+            }
             self.read_done_final(in_id);
+        } else {
+            self.admit_queue.push_back(in_id);
+            self.admit();
+        }
+    }
+
+    /// Largest single `fi_read`.
+    fn read_chunk(&self) -> usize {
+        self.fab.limits.max_msg_size.clamp(1, 1 << 30)
+    }
+
+    /// Starts the reads of waiting rendezvous messages, in arrival order,
+    /// while the bytes being read stay within `read_window` (one message
+    /// is always admitted when none is being read).
+    fn admit(&mut self) {
+        let chunk = self.read_chunk();
+        while let Some(&in_id) = self.admit_queue.front() {
+            let Some(inr) = self.rndv_in.get_mut(&in_id) else {
+                self.admit_queue.pop_front();
+                continue;
+            };
+            let total = inr.total;
+            if self.reading > 0 && self.reading + total > self.sizes.read_window {
+                return;
+            }
+            self.admit_queue.pop_front();
+            self.reading += total;
+            inr.buf = Some(self.pool.take(total));
+            let src = inr.src;
+            let mut offset = 0usize;
+            for s in &inr.segs {
+                let len = s.len as usize;
+                let mut done = 0usize;
+                while done < len {
+                    let n = chunk.min(len - done);
+                    self.urgent.push_back((
+                        src,
+                        Out::Read {
+                            in_id,
+                            offset: offset + done,
+                            len: n,
+                            addr: s.addr + done as u64,
+                            key: s.key,
+                        },
+                    ));
+                    done += n;
+                }
+                offset += len;
+            }
         }
     }
 
@@ -848,20 +964,26 @@ impl Engine {
     }
 
     fn read_done_final(&mut self, in_id: u64) {
-        let Some(mut inr) = self.rndv_in.remove(&in_id) else {
+        let Some(inr) = self.rndv_in.remove(&in_id) else {
             return;
         };
         let src = inr.src;
+        let Some(mut buf) = inr.buf else {
+            return;
+        };
+        self.reading = self.reading.saturating_sub(inr.total);
+        self.admit();
         if inr.failed {
             // The peer is lost (reported by the failing read); drop its
             // held-back messages.
             self.order[src as usize].clear();
             return;
         }
-        // SAFETY: every read into [0, capacity) completed successfully
-        // (the chunks tile the segments, whose lengths sum to capacity).
-        unsafe { inr.buf.set_len(inr.buf.capacity()) };
-        let whole = Bytes::from(inr.buf);
+        // SAFETY: every read into [0, total) completed successfully (the
+        // chunks tile the segments, whose lengths sum to `total`, and
+        // `total <= capacity`).
+        unsafe { buf.set_len(inr.total) };
+        let whole = self.pool.wrap(buf);
         let mut segs = Vec::with_capacity(inr.lens.len());
         let mut at = 0;
         for len in inr.lens {
@@ -957,6 +1079,23 @@ impl Engine {
     pub(crate) fn quiet(&self) -> bool {
         self.queued == 0 && self.urgent.is_empty() && self.repost.is_empty()
     }
+}
+
+/// Whether a failed operation's error number means the target refused the
+/// access (bad key, range or permission) rather than being unreachable.
+/// `FI_ECANCELED` is how `tcp;ofi_rxm` 1.17 reports an unknown key
+/// (`prov_errno` `ENOENT`). Some providers (`shm` 1.17) report errors with
+/// a negative number: the sign is ignored.
+fn refused(err: i32) -> bool {
+    [
+        sys::FI_ECANCELED,
+        sys::FI_EINVAL,
+        sys::FI_EACCES,
+        sys::FI_EFAULT,
+        sys::FI_EPERM,
+        sys::FI_EKEYREJECTED,
+    ]
+    .contains(&err.saturating_abs())
 }
 
 /// Whether the process `pid` of this host has exited (gone or zombie).

@@ -61,6 +61,9 @@ pub(crate) struct Limits {
     pub(crate) provider: String,
     /// Most iovec entries in one send.
     pub(crate) iov_limit: usize,
+    /// Largest packet `fi_inject` takes (copied by the provider, no
+    /// completion).
+    pub(crate) inject_size: usize,
     /// Largest single message or RMA transfer.
     pub(crate) max_msg_size: usize,
     /// Remote addresses of registered memory are virtual addresses
@@ -165,6 +168,7 @@ impl Fabric {
             limits: Limits {
                 provider: String::new(),
                 iov_limit: 1,
+                inject_size: 0,
                 max_msg_size: 0,
                 virt_addr: false,
                 tx_size: 0,
@@ -227,6 +231,7 @@ impl Fabric {
             self.limits = Limits {
                 provider: cstr((*info.fabric_attr).prov_name),
                 iov_limit: (*info.tx_attr).iov_limit.max(1),
+                inject_size: (*info.tx_attr).inject_size,
                 max_msg_size: (*info.ep_attr).max_msg_size,
                 virt_addr: (*info.domain_attr).mr_mode & sys::FI_MR_VIRT_ADDR != 0,
                 tx_size: (*info.tx_attr).size,

@@ -1,7 +1,7 @@
 //! [`OfiLayer`]: the libfabric implementation of [`MachineLayer`].
 
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +51,15 @@ pub struct OfiConfig {
     /// (on the completion queue's file descriptor when the provider has
     /// one, else in short naps). Default 50 µs.
     pub wait_spin: Duration,
+    /// Idle capacity kept for reuse by the pool of rendezvous receive
+    /// buffers (recycled when the delivered message is dropped, so large
+    /// messages do not pay page faults on fresh memory). Default 64 MiB.
+    pub pool_bytes: usize,
+    /// Bytes of large (rendezvous) messages this process reads at once;
+    /// further ones wait in arrival order (one is always read, whatever its
+    /// size). Bounds the memory a burst of large messages takes and keeps
+    /// recycled buffers in use. Default 32 MiB.
+    pub read_window: usize,
     /// How often peers on this host are checked for having exited without
     /// shutting down (their lost-peer report). Default 100 ms.
     pub liveness_interval: Duration,
@@ -66,7 +75,51 @@ impl Default for OfiConfig {
             linger: Duration::from_secs(1),
             wait_spin: Duration::from_micros(50),
             liveness_interval: Duration::from_millis(100),
+            pool_bytes: 64 << 20,
+            read_window: 32 << 20,
         }
+    }
+}
+
+/// Environment variable overriding [`OfiConfig::packet_max`] (bytes).
+pub const ENV_PACKET_MAX: &str = "CHARMRS_OFI_PACKET_MAX";
+/// Environment variable overriding [`OfiConfig::recv_buffers`].
+pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
+/// Environment variable overriding [`OfiConfig::pool_bytes`] (bytes; 0
+/// disables the recycling of rendezvous buffers).
+pub const ENV_POOL_BYTES: &str = "CHARMRS_OFI_POOL_BYTES";
+
+impl OfiConfig {
+    /// The defaults, with [`ENV_PACKET_MAX`], [`ENV_RECV_BUFFERS`] and
+    /// [`ENV_POOL_BYTES`] applied when set (the provider comes from the environment anyway,
+    /// see [`OfiConfig::provider`]).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Bootstrap`] naming the variable if one is set but
+    /// not a number.
+    pub fn from_env() -> Result<OfiConfig, TransportError> {
+        let mut cfg = OfiConfig::default();
+        let num = |name: &str| -> Result<Option<usize>, TransportError> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| bootstrap_err(format!("{name}={v:?} is not a number"))),
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(v) = num(ENV_PACKET_MAX)? {
+            cfg.packet_max = v;
+        }
+        if let Some(v) = num(ENV_RECV_BUFFERS)? {
+            cfg.recv_buffers = v;
+        }
+        if let Some(v) = num(ENV_POOL_BYTES)? {
+            cfg.pool_bytes = v;
+        }
+        Ok(cfg)
     }
 }
 
@@ -89,8 +142,8 @@ struct Inner {
     status: Arc<Vec<AtomicU8>>,
     /// `eventfd` that wakes a thread sleeping in `progress_wait`.
     event_fd: c_int,
-    /// Set while a thread sleeps in `progress_wait`.
-    sleeping: AtomicBool,
+    /// Number of threads sleeping in `progress_wait`.
+    sleeping: AtomicUsize,
     wakeup: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Bumped by every `progress` (the watcher waits for it).
     progressed: AtomicU64,
@@ -139,7 +192,7 @@ impl Inner {
     /// hook.
     fn notify(&self) {
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) {
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
             let one: u64 = 1;
             // SAFETY: event_fd is an open eventfd; writing 8 bytes adds to
             // its counter (a full counter only makes the write fail).
@@ -292,6 +345,8 @@ impl OfiLayer {
             recv_buffers: cfg.recv_buffers,
             max_message: cfg.max_message,
             grace: Duration::from_millis(20),
+            pool_bytes: cfg.pool_bytes,
+            read_window: cfg.read_window,
             liveness_interval: cfg.liveness_interval,
         };
         let engine = Engine::new(fab, rank, addrs, sizes, Arc::clone(&status), local_pids)?;
@@ -301,7 +356,13 @@ impl OfiLayer {
             return Err(TransportError::Io(std::io::Error::last_os_error()));
         }
         // Everyone's receive pool is posted before anyone sends.
-        bootstrap.fence()?;
+        if let Err(e) = bootstrap.fence() {
+            // SAFETY: the eventfd was just opened and is not shared yet.
+            unsafe {
+                libc::close(event_fd);
+            }
+            return Err(e);
+        }
         Ok(OfiLayer {
             inner: Arc::new(Inner {
                 rank,
@@ -310,7 +371,7 @@ impl OfiLayer {
                 cmds: SegQueue::new(),
                 status,
                 event_fd,
-                sleeping: AtomicBool::new(false),
+                sleeping: AtomicUsize::new(0),
                 wakeup: OnceLock::new(),
                 progressed: AtomicU64::new(0),
                 closing: AtomicBool::new(false),
@@ -426,7 +487,7 @@ impl OfiLayer {
                 return;
             }
         }
-        inner.sleeping.store(true, Ordering::SeqCst);
+        inner.sleeping.fetch_add(1, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         if inner.cmds.is_empty() {
             let mut fds = [
@@ -453,7 +514,7 @@ impl OfiLayer {
                 }
             }
         }
-        inner.sleeping.store(false, Ordering::SeqCst);
+        inner.sleeping.fetch_sub(1, Ordering::SeqCst);
         inner.drain_event_fd();
     }
 
@@ -625,8 +686,11 @@ impl MachineLayer for OfiLayer {
     }
 
     /// `fi_read` of the remote region into a fresh buffer; the completion
-    /// arrives through `progress` (a failure makes `src` lost). A read of
-    /// one's own region is served from the registration table.
+    /// arrives through `progress`. A read the owner refuses (region
+    /// dropped, key of another job) comes out of `progress` as
+    /// [`TransportError::Malformed`] (`shm` 1.17 reports it without naming
+    /// the read: [`TransportError::Io`]); other failures make `src` lost. A
+    /// read of one's own region is served from the registration table.
     fn get(
         &self,
         src: ProcessId,

@@ -21,6 +21,25 @@
 //!   on this host without shutting down, is reported as
 //!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost).
 //!
+//! # Using it from a runtime
+//!
+//! * Select it with [`OfiLayer::from_env`]`(`[`OfiConfig::from_env`]`()?)`:
+//!   `Ok(None)` outside `charmrun`. The provider comes from
+//!   `CHARMRS_OFI_PROVIDER` (else `FI_PROVIDER`, else the first suitable one).
+//! * `send`, `register` and `get` may be called from any thread. `progress`
+//!   should be called by one thread (it serializes on the engine mutex
+//!   anyway), and *regularly*: with manual-progress providers
+//!   (`tcp;ofi_rxm`) peers' reads of this process's large messages are
+//!   served only while some thread is in `progress`, `progress_wait` or
+//!   `barrier` (which keeps the provider progressing while it waits).
+//! * [`set_wakeup`](charmrs_transport::MachineLayer::set_wakeup) succeeds
+//!   only when the provider gives the completion queue a file descriptor
+//!   (`tcp;ofi_rxm` does, `shm` does not); otherwise use a thread in
+//!   [`OfiLayer::progress_wait`], which naps in slices of at most 100 µs.
+//! * Drop the layer before the process exits: dropping it says goodbye to
+//!   the peers; a process that exits with its layer alive is reported lost
+//!   by the peers on its host.
+//!
 //! # Use
 //!
 //! ```no_run
@@ -42,6 +61,10 @@
 mod engine;
 mod fabric;
 mod layer;
+mod pool;
 pub mod wire;
 
-pub use layer::{OfiConfig, OfiLayer, ADDR_KEY, ENV_PROVIDER, HOST_KEY, PROVIDER_KEY};
+pub use layer::{
+    OfiConfig, OfiLayer, ADDR_KEY, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
+    HOST_KEY, PROVIDER_KEY,
+};

@@ -65,6 +65,7 @@ fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
             for c in &mut children {
                 let _ = c.kill();
                 let _ = c.wait();
+                remove_shm_leftovers(c.id());
             }
             let logs: Vec<String> = readers
                 .into_iter()
@@ -88,6 +89,11 @@ fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(server);
+    for (c, code) in children.iter().zip(&codes) {
+        if code == &Some(None) {
+            remove_shm_leftovers(c.id());
+        }
+    }
     codes
         .into_iter()
         .zip(readers)
@@ -100,6 +106,19 @@ fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
             }
         })
         .collect()
+}
+
+/// A process killed by a signal cannot unlink its `shm` provider region
+/// (`/dev/shm/<pid>:<n>:<m>`, 16 MiB sparse): remove it for it.
+fn remove_shm_leftovers(pid: u32) {
+    let prefix = format!("{pid}:");
+    if let Ok(dir) = std::fs::read_dir("/dev/shm") {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn assert_ok(provider: &str, scenario: &str, ended: &[Ended]) {
@@ -128,8 +147,11 @@ fn mixed_sizes_threads_rendezvous_and_gets_among_three() {
 #[test]
 fn flood_is_absorbed_without_loss() {
     for p in PROVIDERS {
-        let ended = job(p, 2, &["flood"], 150);
-        assert_ok(p, "flood", &ended);
+        // The default pool, and a pool of 4 buffers that the flood exhausts.
+        for args in [&["flood"][..], &["flood", "--recv-buffers", "4"][..]] {
+            let ended = job(p, 2, args, 150);
+            assert_ok(p, "flood", &ended);
+        }
     }
 }
 
@@ -138,6 +160,15 @@ fn arrival_wakes_a_sleeping_process() {
     for p in PROVIDERS {
         let ended = job(p, 2, &["wakeup"], 60);
         assert_ok(p, "wakeup", &ended);
+        eprintln!("{p}: {}", ended[1].out.trim());
+    }
+}
+
+#[test]
+fn get_through_a_dropped_registration_fails_without_losing_the_owner() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["badkey"], 60);
+        assert_ok(p, "badkey", &ended);
         eprintln!("{p}: {}", ended[1].out.trim());
     }
 }

@@ -12,7 +12,7 @@ use charmrs_transport::kv::{random_secret, JobSecret, KvBootstrap};
 use charmrs_transport::{
     Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
 };
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::Receiver;
 
 use crate::shared::{lock, Counters, Event, Peer, Shared};
 use crate::wire;
@@ -28,11 +28,16 @@ pub struct TcpConfig {
     /// Largest frame (header, length table and payload) sent or accepted;
     /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
     pub max_frame: usize,
-    /// Bound on the bytes of arrived but not yet delivered messages. Past
-    /// it, reader threads stop reading, TCP's window closes, and the
-    /// sender's `send` blocks until this process calls `progress` again
-    /// (end-to-end back-pressure, bounded memory on both sides). A single
-    /// message larger than the bound is still accepted when the queue is
+    /// Bound on the bytes of arrived messages read from the sockets but not
+    /// yet handed out by `progress`. Normally `progress` reads the sockets
+    /// itself and hands each message straight to its sink, so nothing waits
+    /// in user space; input is read ahead (into a queue that `progress`
+    /// empties first) only while this process is blocked in a `send` to a
+    /// full socket, or when nobody polled for a millisecond after input
+    /// arrived. Past the bound, nothing more is read: TCP's window closes
+    /// and the sender's `send` blocks until this process calls `progress`
+    /// again (end-to-end back-pressure, bounded memory on both sides). A
+    /// single message larger than the bound is still read when the queue is
     /// under it. Default 256 MiB.
     pub recv_queue_bytes: usize,
     /// How long connecting to a peer may take before it is declared lost.
@@ -43,10 +48,11 @@ pub struct TcpConfig {
     /// How long dropping the layer waits for peers to acknowledge its
     /// goodbye (so its last messages are not cut off). Default 1 s.
     pub linger: Duration,
-    /// How long [`TcpLayer::progress_wait`] polls (spinning, then yielding
-    /// the CPU) before it blocks. Polling saves the wake-up of a blocked
-    /// thread on a message that arrives soon (lower latency); blocking
-    /// uses no CPU. `Duration::ZERO` blocks at once. Default 50 µs.
+    /// How long [`TcpLayer::progress_wait`] polls the sockets (spinning,
+    /// then yielding the CPU) before it sleeps in `epoll`. Polling saves the
+    /// wake-up of a sleeping thread on a message that arrives soon (lower
+    /// latency); sleeping uses no CPU. `Duration::ZERO` sleeps at once.
+    /// Default 50 µs.
     pub wait_spin: Duration,
 }
 
@@ -72,8 +78,8 @@ pub struct TcpStats {
     pub messages_sent: u64,
     /// Bytes of those packets.
     pub bytes_sent: u64,
-    /// Messages received from peers and queued for `progress` (read
-    /// completions included).
+    /// Messages received from peers' sockets and handed out by `progress`
+    /// (remote-read completions included).
     pub messages_received: u64,
     /// Bytes of those messages' frames.
     pub bytes_received: u64,
@@ -105,12 +111,15 @@ pub struct TcpStats {
 ///   vectored write: no payload copy. It blocks while the socket buffer is
 ///   full (back-pressure, see [`TcpConfig::recv_queue_bytes`]); there is no
 ///   unbounded user-space queue.
-/// * **Receive**: one background thread per incoming connection reads
-///   frames (each into one buffer; segments are views of it), checks them
-///   as hostile input and queues them; [`progress`](MachineLayer::progress)
-///   hands them out on the caller's thread without blocking,
-///   [`TcpLayer::progress_wait`] sleeps until something arrives, and
-///   [`TcpLayer::set_wakeup`] lets a scheduler be woken instead.
+/// * **Receive**: [`progress`](MachineLayer::progress) reads the
+///   non-blocking incoming sockets itself, on the caller's thread, checks
+///   each frame as hostile input (each frame is one buffer; segments are
+///   views of it) and hands it straight to the sink: no reader thread and
+///   no queue between the socket and the caller.
+///   [`TcpLayer::progress_wait`] sleeps in `epoll` until something arrives;
+///   [`TcpLayer::set_wakeup`] starts a watcher thread that sleeps in
+///   `epoll` and only calls the hook on input (it never reads), so a
+///   scheduler that parks its polling thread is woken by the network.
 /// * **Failures**: a peer whose connection closes without goodbye, resets,
 ///   or cannot be reached is reported once by `progress` as
 ///   [`TransportError::PeerLost`] (on loopback within milliseconds of the
@@ -119,10 +128,11 @@ pub struct TcpStats {
 ///   [`TransportError::Malformed`] naming the peer.
 /// * **Remote reads**: [`register`](MachineLayer::register) keeps the
 ///   buffer in a table served by this process; [`get`](MachineLayer::get)
-///   sends a request over the connection to the owner, whose layer answers
-///   from a background thread (no involvement of its scheduler); the bytes
-///   arrive through `progress` as the completion message the trait
-///   describes.
+///   sends a request over the connection to the owner; the owner's
+///   `progress` reads the request (its watcher wakes a parked poller for
+///   it) and a background thread answers, so the poller never blocks on the
+///   write; the bytes arrive through `progress` as the completion message
+///   the trait describes.
 /// * **Shutdown**: dropping the layer says goodbye to every peer (so they
 ///   do not report it lost), waits up to [`TcpConfig::linger`] for them to
 ///   close, and stops all its threads.
@@ -243,9 +253,7 @@ impl TcpLayer {
             listen,
             peers,
             tx,
-            queued: AtomicUsize::new(0),
-            space: Mutex::new(()),
-            space_cv: Condvar::new(),
+            recv: crate::recv::Receiver::new()?,
             regions: Mutex::new(HashMap::new()),
             next_region: AtomicU64::new(1),
             nonce,
@@ -254,14 +262,16 @@ impl TcpLayer {
             responder: Mutex::new(None),
             watchers: Mutex::new(0),
             watchers_cv: Condvar::new(),
-            next_conn: AtomicU64::new(1),
+            next_conn: AtomicU64::new(crate::recv::FIRST_CONN_ID),
             pending: AtomicUsize::new(0),
             counters: Counters::default(),
         });
+        crate::recv::start_watcher(&shared)?;
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name(format!("charmrs-tcp-accept-{rank}"))
-            .spawn(move || crate::conn::accept_loop(&s, &listener))?;
+            .spawn(move || crate::conn::accept_loop(&s, &listener))
+            .inspect_err(|_| crate::recv::close_all(&shared))?;
         Ok(TcpLayer {
             shared,
             rx,
@@ -306,11 +316,12 @@ impl TcpLayer {
         }
     }
 
-    /// Installs a hook called (from a background thread, or from `send`
-    /// for a message to oneself) every time something is queued for
-    /// `progress`: a message, a lost peer, a malformed frame. A scheduler
-    /// that parks idle threads uses it to unpark the one that polls this
-    /// layer. Keep it short and non-blocking. Can be set once.
+    /// Installs a hook called when there is something for `progress`: by
+    /// the layer's input watcher thread on every arrival of bytes or
+    /// hang-up on an incoming connection, and by whichever thread queues an
+    /// event (a message to oneself, a lost peer, a malformed frame). A
+    /// scheduler that parks the thread polling this layer uses it to unpark
+    /// that thread. Keep it short and non-blocking. Can be set once.
     ///
     /// # Errors
     ///
@@ -325,10 +336,10 @@ impl TcpLayer {
             .map_err(|_| TransportError::Unsupported("a second wake-up hook"))
     }
 
-    /// Like [`progress`](MachineLayer::progress), but if nothing is queued
-    /// sleeps until something arrives or `timeout` passes (then returns
-    /// `Ok(0)`). Wakes as soon as a reader thread queues a message, with
-    /// no polling. For a dedicated communication thread or an idle PE.
+    /// Like [`progress`](MachineLayer::progress), but if nothing is there
+    /// polls for up to [`TcpConfig::wait_spin`], then sleeps in `epoll`
+    /// until input or an event arrives or `timeout` passes (then returns
+    /// `Ok(0)`). For a dedicated communication thread or an idle PE.
     ///
     /// # Errors
     ///
@@ -338,59 +349,89 @@ impl TcpLayer {
         sink: &mut dyn FnMut(ProcessId, Message),
         timeout: Duration,
     ) -> Result<usize, TransportError> {
-        let first = match self.poll_briefly(timeout) {
-            Some(ev) => ev,
-            None => match self
-                .rx
-                .recv_timeout(timeout.saturating_sub(self.shared.cfg.wait_spin))
-            {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return Ok(0),
-            },
-        };
-        let n = self.handle(first, sink)?;
-        Ok(n + self.progress(sink)?)
-    }
-
-    /// Polls the arrival queue for up to `cfg.wait_spin` (bounded by
-    /// `timeout`): a few spins, then yielding the CPU so reader threads
-    /// can run on a busy machine.
-    fn poll_briefly(&self, timeout: Duration) -> Option<Event> {
-        let spin = self.shared.cfg.wait_spin.min(timeout);
         let start = Instant::now();
+        let deadline = start + timeout;
+        let n = self.progress_with(sink, true)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        // Poll briefly: a few spins, then yielding the CPU so the sender (on
+        // a busy machine) can run.
+        let spin = self.shared.cfg.wait_spin.min(timeout);
         let mut round = 0u32;
-        loop {
-            match self.rx.try_recv() {
-                Ok(ev) => return Some(ev),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) => {}
-            }
-            if start.elapsed() >= spin {
-                return None;
-            }
+        while start.elapsed() < spin {
             round += 1;
             if round < 16 {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
+            let n = self.progress_with(sink, true)?;
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+        let recv = &self.shared.recv;
+        let mut ready = Vec::new();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(0);
+            }
+            recv.waiting.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the fence in `Shared::ring`: an event queued from
+            // now on rings the doorbell, one queued before is seen here.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let slept = if self.rx.is_empty() {
+                recv.data.wait(&mut ready, Some(deadline - now))
+            } else {
+                Ok(())
+            };
+            recv.waiting.fetch_sub(1, Ordering::SeqCst);
+            recv.bell.drain();
+            slept?;
+            let n = self.progress_with(sink, true)?;
+            if n > 0 {
+                return Ok(n);
+            }
         }
     }
 
-    /// Delivers one queued event.
-    fn handle(
+    /// `progress`, with `force`: read the sockets even if nothing was seen
+    /// arriving (see [`crate::recv::poll`]).
+    fn progress_with(
         &self,
-        ev: Event,
+        sink: &mut dyn FnMut(ProcessId, Message),
+        force: bool,
+    ) -> Result<usize, TransportError> {
+        let mut n = self.drain_events(sink)?;
+        n += crate::recv::poll(&self.shared, sink, force);
+        // Errors found while reading (a lost peer, a malformed frame) were
+        // queued: report them now.
+        if !self.rx.is_empty() {
+            n += self.drain_events(sink)?;
+        }
+        Ok(n)
+    }
+
+    /// Hands out the queued events (not those queued meanwhile), in order;
+    /// returns at the first error.
+    fn drain_events(
+        &self,
         sink: &mut dyn FnMut(ProcessId, Message),
     ) -> Result<usize, TransportError> {
-        match ev {
-            Event::Msg(src, msg, bytes) => {
-                self.shared.delivered(bytes);
-                sink(src, msg);
-                Ok(1)
+        let mut n = 0;
+        for _ in 0..self.rx.len() {
+            match self.rx.try_recv() {
+                Ok(Event::Msg(src, msg)) => {
+                    sink(src, msg);
+                    n += 1;
+                }
+                Ok(Event::Err(e)) => return Err(e),
+                Err(_) => break,
             }
-            Event::Err(e) => Err(e),
         }
+        Ok(n)
     }
 
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
@@ -445,7 +486,7 @@ impl MachineLayer for TcpLayer {
             });
         }
         if dst == self.shared.rank {
-            self.shared.push(Event::Msg(dst, msg, len));
+            self.shared.push(Event::Msg(dst, msg));
             return Ok(());
         }
         self.shared
@@ -453,19 +494,16 @@ impl MachineLayer for TcpLayer {
             .map(|_| ())
     }
 
-    /// Non-blocking: hands out what is queued now (not what arrives while
-    /// it runs), in arrival order. Returns at the first error event (lost
-    /// peer, malformed frame, failed remote read); each is reported once,
-    /// and the messages queued behind it stay for the next call.
+    /// Non-blocking: hands out the queued events (messages to oneself,
+    /// errors), then reads the incoming sockets on the calling thread and
+    /// hands out every complete message read (up to 8 MiB per call; a
+    /// larger frame takes several calls), in arrival order per sender. Returns at the first error (lost peer, malformed frame,
+    /// failed remote read); each is reported once, and what is queued
+    /// behind it stays for the next call. With a wake-up hook installed
+    /// ([`TcpLayer::set_wakeup`]) a call may skip the sockets when nothing
+    /// was seen arriving.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
-        let mut n = 0;
-        for _ in 0..self.rx.len() {
-            match self.rx.try_recv() {
-                Ok(ev) => n += self.handle(ev, sink)?,
-                Err(_) => break,
-            }
-        }
-        Ok(n)
+        self.progress_with(sink, false)
     }
 
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
@@ -507,8 +545,7 @@ impl MachineLayer for TcpLayer {
                 .region(key.addr, key.len, nonce)
                 .map_err(TransportError::Malformed)?;
             let msg = Message::with_segments(header, vec![bytes])?;
-            let len = msg.frame_len();
-            self.shared.push(Event::Msg(src, msg, len));
+            self.shared.push(Event::Msg(src, msg));
             return Ok(());
         }
         let mut req = Vec::with_capacity(24);

@@ -16,9 +16,14 @@
 //! * **Zero-copy**: a send writes the frame prefix and then each `Bytes`
 //!   segment with vectored writes; a received frame is one buffer whose
 //!   segments are views of it.
-//! * **Bounded memory**: no user-space send queue (a send blocks while the
-//!   socket is full) and a bounded arrival queue
-//!   ([`TcpConfig::recv_queue_bytes`]) that pushes back on senders.
+//! * **Bounded memory**: no user-space send queue (a send waits while the
+//!   socket is full, reading its own input meanwhile so that two processes
+//!   sending to each other cannot deadlock) and a bounded read-ahead queue
+//!   ([`TcpConfig::recv_queue_bytes`]); past it, TCP pushes back on the
+//!   senders.
+//! * **No thread hop on the receive path**: `progress` reads the
+//!   non-blocking sockets on the calling thread; a watcher thread only
+//!   wakes a parked poller (see [`TcpLayer::set_wakeup`]).
 //! * **Failure detection**: a peer that dies is reported by `progress` as
 //!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost)
 //!   (on loopback, within milliseconds); a peer that shuts its layer down
@@ -45,6 +50,8 @@
 
 mod conn;
 mod layer;
+mod poll;
+mod recv;
 mod shared;
 pub mod wire;
 

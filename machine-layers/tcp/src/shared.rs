@@ -11,14 +11,19 @@
 //!   later send to it fails with that reason. A `PeerLost` event is queued
 //!   for it at most once (`reported`), and never for a peer that said
 //!   goodbye (`departed`) or while this layer shuts down (`closing`).
-//! * `queued` counts the bytes of messages in the arrival queue; reader
-//!   threads wait while it exceeds `cfg.recv_queue_bytes`, which stops
-//!   reading their sockets and so pushes back, through TCP, on the sender.
+//! * The event queue (`tx`) carries only what does not come off a socket
+//!   in order: messages to oneself, local remote-read completions, and
+//!   errors to report. Socket input is read and handed out by
+//!   [`crate::recv::poll`] on the polling thread.
+//! * `push` rings the receive side's doorbell whenever a `progress_wait`
+//!   may be sleeping (`recv.waiting`, checked after the push with a full
+//!   fence), so a sleeper never misses an event.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::AsFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -38,8 +43,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What the arrival queue carries to `progress`.
 pub(crate) enum Event {
-    /// A message from a process, with the bytes it counts in `queued`.
-    Msg(ProcessId, Message, usize),
+    /// A message from a process (oneself, or a local read completion).
+    Msg(ProcessId, Message),
     /// An error to report once through `progress`.
     Err(TransportError),
 }
@@ -95,9 +100,8 @@ pub(crate) struct Shared {
     pub(crate) listen: SocketAddr,
     pub(crate) peers: Vec<Peer>,
     pub(crate) tx: Sender<Event>,
-    pub(crate) queued: AtomicUsize,
-    pub(crate) space: Mutex<()>,
-    pub(crate) space_cv: Condvar,
+    /// The receive side: incoming connections and their readiness.
+    pub(crate) recv: crate::recv::Receiver,
     pub(crate) regions: Mutex<HashMap<u64, Bytes>>,
     pub(crate) next_region: AtomicU64,
     /// Random per-layer value in every remote key, so keys of another
@@ -118,9 +122,16 @@ pub(crate) struct Shared {
 /// Largest number of buffers handed to one vectored write.
 const IOV_BATCH: usize = 64;
 
-/// Writes `bufs` completely with vectored writes (no concatenation),
-/// resuming after short writes.
-pub(crate) fn write_all_vectored(s: &mut TcpStream, bufs: &[&[u8]]) -> io::Result<()> {
+/// Writes `bufs` completely to `s` with non-blocking vectored writes (no
+/// concatenation), resuming after short writes. While the socket is full it
+/// reads the incoming connections ([`crate::recv::relieve`]) so that two
+/// processes sending to each other at once always progress, then sleeps
+/// until the socket drains (or input arrives).
+pub(crate) fn write_all_vectored(
+    shared: &Arc<Shared>,
+    s: &TcpStream,
+    bufs: &[&[u8]],
+) -> io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
     while idx < bufs.len() {
@@ -130,10 +141,24 @@ pub(crate) fn write_all_vectored(s: &mut TcpStream, bufs: &[&[u8]]) -> io::Resul
             iov[k] = IoSlice::new(if k == 0 { &b[off..] } else { b });
             n_iov += 1;
         }
-        let mut n = match s.write_vectored(&iov[..n_iov]) {
+        let mut n = match crate::poll::send_nowait(s.as_fd(), &iov[..n_iov]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match crate::recv::relieve(shared) {
+                    // Could read: also wake when more input comes.
+                    Some(_) => crate::poll::wait_writable(
+                        s.as_fd(),
+                        Some(shared.recv.data.as_fd()),
+                        Duration::from_millis(10),
+                    )?,
+                    // Another thread reads, or the parked queue is full:
+                    // wait for room, looking again every millisecond.
+                    None => crate::poll::wait_writable(s.as_fd(), None, Duration::from_millis(1))?,
+                }
+                continue;
+            }
             Err(e) => return Err(e),
         };
         while n > 0 {
@@ -158,14 +183,19 @@ pub(crate) fn write_all_vectored(s: &mut TcpStream, bufs: &[&[u8]]) -> io::Resul
 
 /// Writes one packet: type byte, frame prefix, then each segment as its own
 /// buffer (zero-copy).
-pub(crate) fn write_packet(s: &mut TcpStream, ty: u8, msg: &Message) -> io::Result<()> {
+pub(crate) fn write_packet(
+    shared: &Arc<Shared>,
+    s: &TcpStream,
+    ty: u8,
+    msg: &Message,
+) -> io::Result<()> {
     let prefix = encode_frame_prefix(msg);
     let ty = [ty];
     let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + msg.segments().len());
     bufs.push(&ty);
     bufs.push(&prefix);
     bufs.extend(msg.segments().iter().map(|b| &b[..]));
-    write_all_vectored(s, &bufs)
+    write_all_vectored(shared, s, &bufs)
 }
 
 impl Shared {
@@ -176,53 +206,33 @@ impl Shared {
         }
     }
 
-    /// Queues an arrival for `progress`.
-    pub(crate) fn push(&self, ev: Event) {
-        if let Event::Msg(_, _, bytes) = &ev {
-            self.queued.fetch_add(*bytes, Ordering::SeqCst);
+    /// Tells whoever polls that there is something to pick up: rings the
+    /// doorbell if a `progress_wait` sleeps, and calls the wake-up hook.
+    pub(crate) fn ring(&self) {
+        // Pairs with the fence in `progress_wait` between raising `waiting`
+        // and checking the queue: one of the two sides sees the other.
+        fence(Ordering::SeqCst);
+        if self.recv.waiting.load(Ordering::SeqCst) > 0 {
+            self.recv.bell.ring();
         }
-        // The receiver lives in the layer; once it is gone nobody listens.
-        let _ = self.tx.send(ev);
         self.wake();
     }
 
-    /// Queues a message from `src`, counting it.
-    pub(crate) fn deliver(&self, src: ProcessId, msg: Message) {
-        let bytes = msg.frame_len();
+    /// Queues an event for `progress`.
+    pub(crate) fn push(&self, ev: Event) {
+        // The receiver lives in the layer; once it is gone nobody listens.
+        let _ = self.tx.send(ev);
+        self.ring();
+    }
+
+    /// Counts a message received from a socket.
+    pub(crate) fn count_received(&self, msg: &Message) {
         self.counters
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_received
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.push(Event::Msg(src, msg, bytes));
-    }
-
-    /// Blocks a reader thread while the arrival queue is over its bound.
-    pub(crate) fn wait_for_space(&self) {
-        let limit = self.cfg.recv_queue_bytes;
-        if self.queued.load(Ordering::SeqCst) <= limit {
-            return;
-        }
-        let mut g = lock(&self.space);
-        while self.queued.load(Ordering::SeqCst) > limit && !self.closing.load(Ordering::SeqCst) {
-            g = self
-                .space_cv
-                .wait_timeout(g, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    /// Accounts for `bytes` delivered by `progress`; wakes readers waiting
-    /// for space once the queue is back under its bound.
-    pub(crate) fn delivered(&self, bytes: usize) {
-        let before = self.queued.fetch_sub(bytes, Ordering::SeqCst);
-        let limit = self.cfg.recv_queue_bytes;
-        if before > limit && before - bytes <= limit {
-            let _g = lock(&self.space);
-            self.space_cv.notify_all();
-        }
+            .fetch_add(msg.frame_len() as u64, Ordering::Relaxed);
     }
 
     /// The reason `p` is unusable, if it is.
@@ -297,7 +307,7 @@ impl Shared {
         let Some(stream) = out.as_mut() else {
             return Err(lost("not connected".to_owned()));
         };
-        match write_packet(stream, ty, msg) {
+        match write_packet(self, stream, ty, msg) {
             Ok(()) => {
                 self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
                 self.counters
@@ -431,9 +441,10 @@ impl Shared {
     }
 
     /// Stops everything: says goodbye to every connected peer, waits up to
-    /// `cfg.linger` for them to close our streams, then closes every
-    /// socket so all background threads end.
-    pub(crate) fn shutdown(&self) {
+    /// `cfg.linger` for them to close our streams (reading their goodbyes
+    /// meanwhile), then closes every socket and stops the input watcher, so
+    /// all background threads end.
+    pub(crate) fn shutdown(self: &Arc<Self>) {
         if self.closing.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -448,19 +459,22 @@ impl Shared {
                 let _ = (&*s).write_all(&[wire::BYE_BYTE]);
             }
         }
+        // Linger: wait for the peers to close our streams, reading (and
+        // dropping) what they send meanwhile, so that a peer shutting down at
+        // the same time sees our goodbye too and neither waits out the
+        // linger.
         {
             let deadline = std::time::Instant::now() + self.cfg.linger;
-            let mut n = lock(&self.watchers);
-            while *n > 0 {
+            let mut ready = Vec::new();
+            while *lock(&self.watchers) > 0 {
+                crate::recv::poll(self, &mut |_, _| {}, true);
                 let now = std::time::Instant::now();
                 if now >= deadline {
                     break;
                 }
-                n = self
-                    .watchers_cv
-                    .wait_timeout(n, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                let nap = (deadline - now).min(Duration::from_millis(2));
+                let _ = self.recv.data.wait(&mut ready, Some(nap));
+                self.recv.bell.drain();
             }
         }
         for peer in &self.peers {
@@ -471,10 +485,7 @@ impl Shared {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
-        {
-            let _g = lock(&self.space);
-            self.space_cv.notify_all();
-        }
+        crate::recv::close_all(self);
         lock(&self.responder).take();
         // Wake the blocking accept so its thread sees `closing`.
         let _ = TcpStream::connect_timeout(&self.listen, Duration::from_secs(1));

@@ -49,7 +49,9 @@ pub(crate) struct InboxState {
     pub(crate) failed_eps: Vec<ProcessId>,
     /// Send and read operations UCX still holds buffers of.
     pub(crate) in_flight: usize,
-    /// Send descriptors given back by completion callbacks, for reuse.
+    /// Send descriptors given back by completion callbacks, for reuse
+    /// (boxed: their address is handed to UCX).
+    #[allow(clippy::vec_box)]
     pub(crate) spare: Vec<Box<crate::worker::SendOp>>,
 }
 
@@ -57,6 +59,11 @@ pub(crate) struct InboxState {
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) size: u32,
+    /// The worker the callbacks run on (they need it for
+    /// `ucp_am_recv_data_nbx`; UCX does not pass it). Set once created.
+    pub(crate) worker: std::cell::Cell<charmrs_ucx_sys::ucp_worker_h>,
+    /// Receive buffers of rendezvous messages.
+    pub(crate) pool: std::sync::Arc<crate::pool::BufPool>,
     pub(crate) state: RefCell<InboxState>,
 }
 
@@ -64,6 +71,8 @@ impl Inbox {
     pub(crate) fn new(size: u32) -> Inbox {
         Inbox {
             size,
+            worker: std::cell::Cell::new(std::ptr::null_mut()),
+            pool: crate::pool::BufPool::new(),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
                 ..InboxState::default()
@@ -71,27 +80,34 @@ impl Inbox {
         }
     }
 
-    /// Message `seq` from `src` arrived: complete (`Some`) or with its data
-    /// still in flight (`None`, to be [`complete`](Inbox::complete)d).
-    pub(crate) fn arrive(&self, src: ProcessId, seq: u64, msg: Option<Message>) {
+    /// Message `seq32` (the low 32 bits of its sequence number) from `src`
+    /// arrived: complete (`Some`) or with its data still in flight (`None`,
+    /// to be [`complete`](Inbox::complete)d with the full sequence number
+    /// returned here).
+    pub(crate) fn arrive(&self, src: ProcessId, seq32: u32, msg: Option<Message>) -> u64 {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
         let s = &mut st.sources[src as usize];
-        if seq == s.next && s.waiting.is_empty() {
+        // Fewer than 2^31 messages are ever ahead of `next`: anything
+        // "behind" it is a duplicate.
+        let ahead = seq32.wrapping_sub(s.next as u32);
+        let seq = s.next + u64::from(ahead);
+        if ahead == 0 && s.waiting.is_empty() {
             if let Some(m) = msg {
                 s.next += 1;
                 st.ready.push_back((src, m));
-                return;
+                return seq;
             }
         }
-        if seq < s.next || s.waiting.contains_key(&seq) {
+        if ahead >= 1 << 31 || s.waiting.contains_key(&seq) {
             st.errors.push_back(TransportError::Malformed(format!(
-                "process {src} sent message number {seq} twice"
+                "process {src} sent message number {seq32} twice"
             )));
-            return;
+            return seq;
         }
         s.waiting.insert(seq, msg);
         Self::flush(&mut st.sources[src as usize], src, &mut st.ready);
+        seq
     }
 
     /// The data of rendezvous message `seq` from `src` landed.
@@ -156,7 +172,8 @@ impl Inbox {
             return;
         }
         s.lost = true;
-        st.errors.push_back(TransportError::PeerLost { process: p, reason });
+        st.errors
+            .push_back(TransportError::PeerLost { process: p, reason });
     }
 
     /// Whether a message from `p` arrived.
@@ -219,6 +236,16 @@ mod tests {
         i.arrive(0, 1, Some(m(1)));
         i.complete(0, 9, m(9));
         assert_eq!(i.state.borrow().errors.len(), 2);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_at_32_bits() {
+        let i = Inbox::new(1);
+        i.state.borrow_mut().sources[0].next = u64::from(u32::MAX);
+        assert_eq!(i.arrive(0, 0, None), 1 << 32, "after the wrap");
+        assert_eq!(i.arrive(0, u32::MAX, Some(m(1))), u64::from(u32::MAX));
+        i.complete(0, 1 << 32, m(2));
+        assert_eq!(ready_tags(&i), vec![(0, 1), (0, 2)]);
     }
 
     #[test]

@@ -12,8 +12,8 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::liveness::Identity;
-use crate::wake::{wait_readable, EventFd, Watcher};
-use crate::worker::{Progressing, Worker, WorkerConfig};
+use crate::wake::{wait_readable, Armed, EventFd, Watcher};
+use crate::worker::{Worker, WorkerConfig};
 
 /// Bootstrap key under which each process publishes its UCX worker address.
 pub const ADDR_KEY: &str = "ucx-worker-address";
@@ -21,6 +21,25 @@ pub const ADDR_KEY: &str = "ucx-worker-address";
 /// Bootstrap key under which each process publishes where it runs (for the
 /// same-host liveness check).
 const IDENTITY_KEY: &str = "ucx-identity";
+
+/// Idle `progress` calls between two readings of the clock (for the
+/// liveness check and arming).
+const IDLE_CLOCK_EVERY: u32 = 64;
+
+thread_local! {
+    /// Per-thread scratch list of the messages one `progress` delivers.
+    static SCRATCH: std::cell::RefCell<Vec<(ProcessId, Message)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Clears a flag when dropped (also on unwinding out of the sink).
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// Magic opening the `rkey` bytes of a [`RemoteKey`] made by this layer.
 const RKEY_MAGIC: &[u8; 4] = b"UCXK";
@@ -42,10 +61,18 @@ pub struct UcxConfig {
     /// nothing before it arms the worker so that the next arrival calls
     /// the hook. Default 20 µs.
     pub arm_after: Duration,
-    /// UCX keep-alive interval (`UCX_KEEPALIVE_INTERVAL` unless set in the
-    /// environment): bounds how long a dead peer goes unnoticed on
-    /// transports without connection state (shared memory). Default 1 s.
-    pub keepalive: Duration,
+    /// How often `progress` checks that the same-host peers this process
+    /// exchanged messages with still exist (see the crate docs: UCX does
+    /// not report their death on shared memory). Bounds how long a dead
+    /// same-host peer goes unnoticed. Default 1 s.
+    pub liveness_interval: Duration,
+    /// Use UCX's peer error handling (`UCP_ERR_HANDLING_MODE_PEER`) also
+    /// for endpoints to processes on this host. UCX 1.13 then cannot use
+    /// its zero-copy shared-memory transport (CMA) and moves large messages
+    /// through bounce buffers, several times slower; same-host peers are
+    /// watched by the liveness check instead. Endpoints to other hosts
+    /// always use peer error handling. Default false.
+    pub same_host_error_handling: bool,
     /// Create the worker with `UCP_FEATURE_WAKEUP` (needed for sleeping in
     /// [`UcxLayer::progress_wait`] and for [`UcxLayer::set_wakeup`]; without
     /// it they poll). Default true.
@@ -61,7 +88,8 @@ impl Default for UcxConfig {
             rndv_threshold: None,
             wait_spin: Duration::from_micros(50),
             arm_after: Duration::from_micros(20),
-            keepalive: Duration::from_secs(1),
+            liveness_interval: Duration::from_secs(1),
+            same_host_error_handling: false,
             wakeup: true,
             linger: Duration::from_secs(1),
         }
@@ -84,6 +112,10 @@ struct Locked {
     worker: Worker,
     /// Since when `progress` has found nothing (for arming with a hook).
     idle_since: Option<Instant>,
+    /// Consecutive idle `progress` calls.
+    idle_calls: u32,
+    /// `progress` calls (published to the watcher).
+    calls: u64,
     /// Same-host peers whose process can be checked (index = rank).
     identities: Vec<Option<Identity>>,
     /// When the peers' processes were last checked.
@@ -111,7 +143,7 @@ struct Shared {
     /// Peers reported lost (sends to them fail at once).
     lost: Vec<AtomicBool>,
     /// One thread delivers at a time (per-sender order).
-    deliver: Mutex<Vec<(ProcessId, Message)>>,
+    delivering: AtomicBool,
     /// A thread sleeps in `progress_wait` (poke `wake` to interrupt it).
     sleeping: AtomicBool,
     wake: EventFd,
@@ -130,22 +162,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   and WAKEUP) and one worker per process; the worker's address is
 ///   published under [`ADDR_KEY`] through the bootstrap, which is fenced,
 ///   and every peer's address is read.
-/// * **Endpoints** are created on the first send (or read) to a peer, with
-///   peer error handling.
+/// * **Endpoints** are created on the first send (or read) to a peer; with
+///   UCX's peer error handling for peers on other hosts (and on this host
+///   if [`UcxConfig::same_host_error_handling`]).
 /// * **Send** ([`send`](MachineLayer::send), any thread): one active
 ///   message per [`Message`]: the AM header carries the 32-byte header, a
 ///   sequence number and the segment lengths; the data part is the
 ///   segments themselves as a UCX iov (no copy into one buffer). The
 ///   segments' `Bytes` are kept until UCX's completion callback. Large
-///   messages use UCX's rendezvous: the receiver allocates the message's
-///   buffer when the announcement arrives and UCX moves the bytes straight
-///   into it (`ucp_am_recv_data_nbx`), so the segment the runtime receives
-///   is where the data landed. Sends never block: a thread that finds the
-///   worker busy queues the message and the thread holding the worker
-///   sends it before letting go.
+///   messages use UCX's rendezvous: the receiver takes the message's
+///   buffer from a pool of reusable buffers when the announcement arrives
+///   and UCX moves the bytes straight into it (`ucp_am_recv_data_nbx`), so
+///   the segment the runtime receives is where the data landed. Sends
+///   never block: a thread that finds the worker busy queues the message
+///   (lock-free), retries once, and otherwise leaves it to the progressing
+///   thread, which runs the queue at the start of every `progress` (and is
+///   woken for it if it sleeps or is parked).
 /// * **Threads**: the worker runs in `UCS_THREAD_MODE_SERIALIZED` behind
-///   a mutex; any thread may send (taking the mutex if it is free),
-///   [`progress`](MachineLayer::progress) should be called from one
+///   a mutex; any thread may send (taking the mutex if it is free, which
+///   measured faster than always handing sends to the progressing thread:
+///   no queue round trip on the latency path);
+///   [`progress`](MachineLayer::progress) is meant to be called from one
 ///   thread (a concurrent second caller returns at once with nothing).
 ///   Delivery to the sink happens with the worker unlocked, so the sink may
 ///   send.
@@ -157,12 +194,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   [`set_wakeup`](MachineLayer::set_wakeup) is supported with a watcher
 ///   thread on that fd, armed by `progress` after
 ///   [`UcxConfig::arm_after`] without arrivals.
-/// * **Failures**: a peer whose endpoint fails (process died: the TCP
-///   transport sees the connection reset, shared memory the keep-alive
-///   check) is reported once by `progress` as
-///   [`TransportError::PeerLost`]; later sends to it fail with the same
-///   error. A peer that dropped its layer cleanly said goodbye first and
-///   is not reported.
+/// * **Failures**: a peer whose endpoint fails (the TCP transport sees
+///   the connection reset) or, on this host, whose process no longer
+///   exists (checked every [`UcxConfig::liveness_interval`] among the
+///   peers this process exchanged messages with) is reported once by
+///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
+///   with the same error. A peer that dropped its layer cleanly said
+///   goodbye first and is not reported.
 /// * **Remote reads**: [`register`](MachineLayer::register) maps the
 ///   buffer with `ucp_mem_map` and packs its rkey into the [`RemoteKey`];
 ///   [`get`](MachineLayer::get) unpacks it on the endpoint and issues
@@ -222,8 +260,8 @@ impl UcxLayer {
         let size = bootstrap.size();
         let wcfg = WorkerConfig {
             rndv_threshold: cfg.rndv_threshold,
-            keepalive: cfg.keepalive,
             wakeup: cfg.wakeup,
+            same_host_error_handling: cfg.same_host_error_handling,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
         let me = Identity::current();
@@ -254,7 +292,12 @@ impl UcxLayer {
             }
             addresses.push(a);
         }
-        worker.set_addresses(addresses);
+        let peer_mode = identities
+            .iter()
+            .enumerate()
+            .map(|(r, id)| r as u32 != rank && (id.is_none() || cfg.same_host_error_handling))
+            .collect();
+        worker.set_addresses(addresses, peer_mode);
         let efd = worker.efd();
         let shared = Arc::new(Shared {
             watcher: OnceLock::new(),
@@ -264,13 +307,15 @@ impl UcxLayer {
             locked: Mutex::new(Locked {
                 worker,
                 idle_since: None,
+                idle_calls: 0,
+                calls: 0,
                 identities,
                 last_check: Instant::now(),
             }),
             queue: SegQueue::new(),
             loopback: SegQueue::new(),
             lost: (0..size).map(|_| AtomicBool::new(false)).collect(),
-            deliver: Mutex::new(Vec::new()),
+            delivering: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             wake: EventFd::new()?,
             efd,
@@ -305,7 +350,17 @@ impl UcxLayer {
         if self.shared.watcher.get().is_some() {
             return Err(TransportError::Unsupported("a second wake-up hook"));
         }
-        let w = Watcher::start(efd, Box::new(hook), self.shared.rank)?;
+        let weak = Arc::downgrade(&self.shared);
+        let arm = Box::new(move || {
+            let Some(s) = weak.upgrade() else {
+                return Armed::Busy;
+            };
+            let Ok(mut l) = s.locked.try_lock() else {
+                return Armed::Busy;
+            };
+            s.arm_for_hook(&mut l).unwrap_or(Armed::Pending)
+        });
+        let w = Watcher::start(efd, Box::new(hook), arm, self.shared.rank)?;
         self.shared
             .watcher
             .set(w)
@@ -347,7 +402,6 @@ impl UcxLayer {
             // Arm, then sleep unless something slipped in.
             {
                 let mut l = lock(&self.shared.locked);
-                let _p = Progressing::enter(&l.worker);
                 if !l.worker.arm()? {
                     continue;
                 }
@@ -381,7 +435,6 @@ impl UcxLayer {
             {
                 let mut l = lock(&s.locked);
                 s.run_queue(&mut l);
-                let _p = Progressing::enter(&l.worker);
                 l.worker.progress_once();
                 if l.worker.inbox.state.borrow().in_flight == 0 && s.queue.is_empty() {
                     return Ok(true);
@@ -392,6 +445,12 @@ impl UcxLayer {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Number of UCX endpoints this process has open (they are created on
+    /// the first operation towards a peer).
+    pub fn open_endpoints(&self) -> usize {
+        lock(&self.shared.locked).worker.open_endpoints()
     }
 
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
@@ -416,25 +475,41 @@ impl UcxLayer {
         }
     }
 
-    /// Queues `op` and runs the queue if the worker is free; wakes a
-    /// sleeping progress thread if the work may need it.
+    /// Runs `op` now if the worker is free and nothing is queued before it,
+    /// else queues it for the progressing thread (which runs the queue at
+    /// the start of every `progress`); wakes that thread if it sleeps or is
+    /// parked.
     fn submit(&self, op: Op) {
         let s = &*self.shared;
+        if let Ok(mut l) = s.locked.try_lock() {
+            if s.queue.is_empty() {
+                // Nothing queued before it: send directly (per-pair order is
+                // the order of taking the worker).
+                s.run_op(&mut l, op);
+            } else {
+                s.queue.push(op);
+            }
+            let pending = s.run_queue(&mut l);
+            drop(l);
+            if pending {
+                s.poke();
+            }
+            return;
+        }
         s.queue.push(op);
         fence(Ordering::SeqCst);
+        // The holder may have let go meanwhile: then run the queue here.
         if let Ok(mut l) = s.locked.try_lock() {
             let pending = s.run_queue(&mut l);
             drop(l);
-            s.after_unlock();
             if pending {
                 s.poke();
             }
         } else {
-            // The holder runs the queue before it lets go (after_unlock); if
-            // the holder is a sleeper about to sleep, wake it.
-            if s.sleeping.load(Ordering::SeqCst) {
-                s.wake.signal();
-            }
+            // The holder is (or is about to be) the progressing thread, or a
+            // sender that will not look at the queue again: make sure the
+            // progressing thread comes back if it sleeps or is parked.
+            s.poke();
         }
     }
 }
@@ -443,24 +518,34 @@ impl Shared {
     /// Runs every queued operation on the locked worker. Returns whether UCX
     /// now holds operations that need progress to finish.
     fn run_queue(&self, l: &mut Locked) -> bool {
-        let _p = Progressing::enter(&l.worker);
-        while let Some(op) = self.queue.pop() {
-            let (peer, res) = match op {
-                Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
-                Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
-            };
-            if let Err(e) = res {
-                match e {
-                    TransportError::PeerLost { process, reason } => {
-                        l.worker.inbox.peer_failed(process, reason);
-                    }
-                    other => l.worker.inbox.error(TransportError::Io(std::io::Error::other(
-                        format!("operation towards process {peer}: {other}"),
-                    ))),
-                }
-            }
+        // `is_empty` first: popping an empty SegQueue costs a full fence.
+        while !self.queue.is_empty() {
+            let Some(op) = self.queue.pop() else { break };
+            self.run_op(l, op);
         }
         l.worker.inbox.state.borrow().in_flight > 0
+    }
+
+    /// Runs one operation on the locked worker; failures go to the inbox
+    /// (reported by `progress`).
+    fn run_op(&self, l: &mut Locked, op: Op) {
+        let (peer, res) = match op {
+            Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
+            Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
+        };
+        if let Err(e) = res {
+            match e {
+                TransportError::PeerLost { process, reason } => {
+                    l.worker.inbox.peer_failed(process, reason);
+                }
+                other => l
+                    .worker
+                    .inbox
+                    .error(TransportError::Io(std::io::Error::other(format!(
+                        "operation towards process {peer}: {other}"
+                    )))),
+            }
+        }
     }
 
     fn run_get(
@@ -483,6 +568,103 @@ impl Shared {
         w.get(src, key.addr, len, &r[8..], header)
     }
 
+    /// The part of `progress` done holding the worker: run queued
+    /// operations, progress UCX, collect what is ready into `batch`,
+    /// close failed endpoints, check peers, and arm the worker for the
+    /// wake-up hook when idle. Returns the first failure to report.
+    fn progress_locked(
+        &self,
+        l: &mut Locked,
+        batch: &mut Vec<(ProcessId, Message)>,
+    ) -> Option<TransportError> {
+        if !self.queue.is_empty() {
+            self.run_queue(l);
+        }
+        let busy = {
+            let mut rounds = 0;
+            let mut busy = l.worker.progress_once();
+            // Deliver as soon as something is ready (latency); otherwise
+            // keep going while UCX reports progress, a bounded number of
+            // rounds.
+            while busy && rounds < 8 && l.worker.inbox.state.borrow().ready.is_empty() {
+                busy = l.worker.progress_once();
+                rounds += 1;
+            }
+            busy
+        };
+        let (mut error, failures) = {
+            let mut st = l.worker.inbox.state.borrow_mut();
+            batch.extend(st.ready.drain(..));
+            (st.errors.pop_front(), !st.failed_eps.is_empty())
+        };
+        if failures {
+            l.worker.close_failed();
+            for p in 0..self.size {
+                if l.worker.is_lost(p) {
+                    self.lost[p as usize].store(true, Ordering::Release);
+                }
+            }
+        }
+        let idle = !busy && batch.is_empty() && error.is_none() && self.loopback.is_empty();
+        let watcher = self.watcher.get();
+        if let Some(w) = watcher {
+            l.calls = l.calls.wrapping_add(1);
+            w.state.progress_calls.store(l.calls, Ordering::Relaxed);
+        }
+        if !idle {
+            l.idle_calls = 0;
+            l.idle_since = None;
+            return error;
+        }
+        // Idle. Without a hook the clock is read only every IDLE_CLOCK_EVERY
+        // calls (reading it costs as much as an idle progress); with one,
+        // on every call, so that arming happens `arm_after` into idleness
+        // however slow the calls are.
+        l.idle_calls = l.idle_calls.wrapping_add(1);
+        if watcher.is_none() && l.idle_calls % IDLE_CLOCK_EVERY != 0 {
+            return error;
+        }
+        let now = Instant::now();
+        if now - l.last_check >= self.cfg.liveness_interval {
+            self.check_peers(l);
+        }
+        if let Some(w) = watcher {
+            let since = *l.idle_since.get_or_insert(now);
+            if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
+                match self.arm_for_hook(l) {
+                    Ok(Armed::Pending) => l.idle_since = None,
+                    Ok(_) => {}
+                    Err(e) => error = Some(e),
+                }
+            }
+        }
+        error
+    }
+
+    /// Arms the worker for the wake-up hook (with the worker held). On
+    /// success the watcher is told; if events are pending, or an operation
+    /// was queued meanwhile, the hook is called so the progressing thread
+    /// comes back instead of parking.
+    fn arm_for_hook(&self, l: &mut Locked) -> Result<Armed, TransportError> {
+        let Some(w) = self.watcher.get() else {
+            return Ok(Armed::Busy);
+        };
+        if l.worker.arm()? {
+            w.state.armed.store(true, Ordering::SeqCst);
+            w.state.armed_fd.signal();
+            // An operation queued by a thread that saw the worker busy and
+            // the flag still clear would wait for the next event.
+            fence(Ordering::SeqCst);
+            if !self.queue.is_empty() || !self.loopback.is_empty() {
+                (w.state.hook)();
+            }
+            Ok(Armed::Yes)
+        } else {
+            (w.state.hook)();
+            Ok(Armed::Pending)
+        }
+    }
+
     /// Reports the same-host peers this process talked with whose process
     /// is gone (see [`crate::liveness`]).
     fn check_peers(&self, l: &mut Locked) {
@@ -501,31 +683,26 @@ impl Shared {
         }
     }
 
-    /// After releasing the worker: if another thread queued work meanwhile
-    /// (and found the worker busy), run it now.
-    fn after_unlock(&self) {
-        fence(Ordering::SeqCst);
-        while !self.queue.is_empty() {
-            let Ok(mut l) = self.locked.try_lock() else {
-                return; // the new holder runs it
-            };
-            let pending = self.run_queue(&mut l);
-            drop(l);
-            if pending {
-                self.poke();
-            }
-            fence(Ordering::SeqCst);
-        }
-    }
-
-    /// Tells whoever progresses the layer that there is work: interrupts a
-    /// sleeping `progress_wait` and calls the wake-up hook.
-    fn poke(&self) {
+    /// Something is ready for `progress` without UCX (loopback): interrupt
+    /// a sleeper and call the hook.
+    fn announce(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
             self.wake.signal();
         }
         if let Some(w) = self.watcher.get() {
             (w.state.hook)();
+        }
+    }
+
+    fn poke(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake.signal();
+        }
+        if let Some(w) = self.watcher.get() {
+            // Not armed: the progressing thread is polling, no need.
+            if w.state.armed.load(Ordering::SeqCst) {
+                (w.state.hook)();
+            }
         }
     }
 }
@@ -552,7 +729,7 @@ impl MachineLayer for UcxLayer {
         self.check(dst)?;
         if dst == self.shared.rank {
             self.shared.loopback.push(msg);
-            self.shared.poke();
+            self.shared.announce();
             return Ok(());
         }
         self.lost_error(dst)?;
@@ -566,72 +743,33 @@ impl MachineLayer for UcxLayer {
     /// before it were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
         let s = &*self.shared;
-        let Ok(mut batch) = s.deliver.try_lock() else {
-            return Ok(0);
-        };
-        let mut error = None;
-        {
-            let mut l = lock(&s.locked);
-            s.run_queue(&mut l);
-            let busy = {
-                let _p = Progressing::enter(&l.worker);
-                let mut rounds = 0;
-                let mut busy = l.worker.progress_once();
-                while busy && rounds < 8 {
-                    busy = l.worker.progress_once();
-                    rounds += 1;
-                }
-                busy
+        if s.delivering.swap(true, Ordering::Acquire) {
+            return Ok(0); // another thread (or the sink) is delivering
+        }
+        let _delivering = ClearOnDrop(&s.delivering);
+        SCRATCH.with(|scratch| {
+            let mut batch = scratch.borrow_mut();
+            let error = {
+                let mut l = lock(&s.locked);
+                s.progress_locked(&mut l, &mut batch)
             };
-            if !busy && l.last_check.elapsed() >= s.cfg.keepalive {
-                s.check_peers(&mut l);
-            }
-            l.worker.close_failed();
-            {
-                let mut st = l.worker.inbox.state.borrow_mut();
-                batch.extend(st.ready.drain(..));
-                error = st.errors.pop_front().or(error);
-            }
-            for p in 0..s.size {
-                if l.worker.is_lost(p) {
-                    s.lost[p as usize].store(true, Ordering::Release);
-                }
-            }
-            if let Some(w) = s.watcher.get() {
-                if batch.is_empty() && s.loopback.is_empty() && error.is_none() {
-                    let now = Instant::now();
-                    let since = *l.idle_since.get_or_insert(now);
-                    if now - since >= s.cfg.arm_after && !w.state.armed.load(Ordering::Acquire) {
-                        let _p = Progressing::enter(&l.worker);
-                        match l.worker.arm() {
-                            Ok(true) => {
-                                w.state.armed.store(true, Ordering::Release);
-                                w.state.armed_fd.signal();
-                            }
-                            Ok(false) => l.idle_since = None,
-                            Err(e) => error = error.or(Some(e)),
-                        }
+            if !s.loopback.is_empty() {
+                for _ in 0..s.loopback.len() {
+                    match s.loopback.pop() {
+                        Some(m) => batch.push((s.rank, m)),
+                        None => break,
                     }
-                } else {
-                    l.idle_since = None;
                 }
             }
-        }
-        s.after_unlock();
-        for _ in 0..s.loopback.len() {
-            match s.loopback.pop() {
-                Some(m) => batch.push((s.rank, m)),
-                None => break,
+            let n = batch.len();
+            for (src, m) in batch.drain(..) {
+                sink(src, m);
             }
-        }
-        let n = batch.len();
-        for (src, m) in batch.drain(..) {
-            sink(src, m);
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(n),
-        }
+            match error {
+                Some(e) => Err(e),
+                None => Ok(n),
+            }
+        })
     }
 
     fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
@@ -694,7 +832,7 @@ impl MachineLayer for UcxLayer {
         if key.len == 0 {
             let msg = Message::with_segments(header, vec![Bytes::new()])?;
             self.shared.loopback.push(msg);
-            self.shared.poke();
+            self.shared.announce();
             return Ok(());
         }
         let r = &key.rkey;
@@ -748,7 +886,6 @@ impl Drop for UcxLayer {
         let s = &*self.shared;
         let mut l = lock(&s.locked);
         s.run_queue(&mut l);
-        let _p = Progressing::enter(&l.worker);
         l.worker.drain(s.cfg.linger);
         l.worker.say_goodbye();
         l.worker.close_all(s.cfg.linger);

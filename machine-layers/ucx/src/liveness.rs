@@ -103,7 +103,10 @@ mod tests {
         assert!(me.alive());
         assert_eq!(Identity::decode(&me.encode()), Some(me.clone()));
         assert_eq!(Identity::decode(b"garbage"), None);
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let them = Identity {
             pid: child.id() as i32,
             start: stat(child.id() as i32).unwrap().1,
@@ -119,7 +122,10 @@ mod tests {
         }
         child.wait().unwrap();
         assert!(!them.alive());
-        let reused = Identity { start: them.start + 1, ..Identity::current() };
+        let reused = Identity {
+            start: them.start + 1,
+            ..Identity::current()
+        };
         assert!(!reused.alive());
     }
 }

@@ -12,14 +12,19 @@
 //!
 //! # Invariants
 //!
-//! * The watcher never touches the UCX worker (not thread-safe): it only
-//!   polls file descriptors. Arming (`ucp_worker_arm`) is done by the
-//!   progressing thread, which then notifies the watcher through
-//!   [`EventFd::signal`]; the watcher calls the hook once per arming, so a
-//!   level-triggered event fd cannot make it spin.
+//! * Arming (`ucp_worker_arm`) is normally done by the progressing thread
+//!   when it has found nothing for a while; it then notifies the watcher
+//!   through [`EventFd::signal`]. The watcher calls the hook once per
+//!   arming, so a level-triggered event fd cannot make it spin.
+//! * Fallback: if the progressing thread stopped calling `progress` without
+//!   arming (it parked sooner than the layer's `arm_after`), the watcher
+//!   notices within [`FALLBACK`] that the call counter stands still and
+//!   arms the worker itself through [`WatchState::arm`] (which takes the
+//!   worker lock), or calls the hook at once if events are already
+//!   pending. A wake-up is thus never lost, at worst late by `FALLBACK`.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -68,7 +73,10 @@ impl Drop for EventFd {
 
 /// Waits until one of `fds` is readable or `timeout` passes (`None`:
 /// forever). Returns which were readable.
-pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> [bool; N] {
+pub(crate) fn wait_readable<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Option<Duration>,
+) -> [bool; N] {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -78,7 +86,9 @@ pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Dur
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
     });
-    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: pfds is a live array of N pollfd; tsp is null or points to a
     // live timespec; no signal mask.
     let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), N as libc::nfds_t, tsp, std::ptr::null()) };
@@ -86,6 +96,20 @@ pub(crate) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Dur
         return [false; N];
     }
     pfds.map(|p| p.revents != 0)
+}
+
+/// How often an unarmed watcher checks that `progress` is still being
+/// called.
+pub(crate) const FALLBACK: Duration = Duration::from_millis(1);
+
+/// Outcome of an arming attempt by the watcher.
+pub(crate) enum Armed {
+    /// Armed: the event fd will signal the next event.
+    Yes,
+    /// Events are pending: the progressing thread must come back.
+    Pending,
+    /// Could not try (worker busy: someone is using it).
+    Busy,
 }
 
 /// Shared between the layer and its watcher thread.
@@ -97,6 +121,10 @@ pub(crate) struct WatchState {
     pub(crate) armed: AtomicBool,
     pub(crate) closing: AtomicBool,
     pub(crate) hook: Box<dyn Fn() + Send + Sync>,
+    /// Count of `progress` calls (written by the progressing thread).
+    pub(crate) progress_calls: AtomicU64,
+    /// Arms the worker from the watcher thread (takes the worker lock).
+    pub(crate) arm: Box<dyn Fn() -> Armed + Send + Sync>,
 }
 
 /// The watcher thread; stopped and joined on drop.
@@ -110,6 +138,7 @@ impl Watcher {
     pub(crate) fn start(
         efd: RawFd,
         hook: Box<dyn Fn() + Send + Sync>,
+        arm: Box<dyn Fn() -> Armed + Send + Sync>,
         rank: u32,
     ) -> std::io::Result<Watcher> {
         let state = Arc::new(WatchState {
@@ -117,6 +146,8 @@ impl Watcher {
             armed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             hook,
+            progress_calls: AtomicU64::new(0),
+            arm,
         });
         let s = Arc::clone(&state);
         let thread = std::thread::Builder::new()
@@ -130,12 +161,30 @@ impl Watcher {
 }
 
 fn watch(s: &WatchState, efd: RawFd) {
+    let mut seen = u64::MAX;
     loop {
-        // Wait for an arming (or shutdown).
-        wait_readable([s.armed_fd.fd()], None);
-        s.armed_fd.clear();
+        // Wait for an arming (or shutdown); check now and then that the
+        // progressing thread did not stop without arming.
+        let [notified] = wait_readable([s.armed_fd.fd()], Some(FALLBACK));
         if s.closing.load(Ordering::Acquire) {
             return;
+        }
+        if notified {
+            s.armed_fd.clear();
+        } else if !s.armed.load(Ordering::SeqCst) {
+            let calls = s.progress_calls.load(Ordering::Relaxed);
+            if calls != seen {
+                seen = calls;
+                continue; // still progressing
+            }
+            match (s.arm)() {
+                Armed::Yes => {}
+                Armed::Pending => {
+                    (s.hook)();
+                    continue;
+                }
+                Armed::Busy => continue,
+            }
         }
         // Armed: wait for the worker's event fd.
         loop {
@@ -174,10 +223,16 @@ mod tests {
     fn eventfd_wakes_a_poller_and_timeouts_expire() {
         let e = EventFd::new().unwrap();
         let t = Instant::now();
-        assert_eq!(wait_readable([e.fd()], Some(Duration::from_millis(20))), [false]);
+        assert_eq!(
+            wait_readable([e.fd()], Some(Duration::from_millis(20))),
+            [false]
+        );
         assert!(t.elapsed() >= Duration::from_millis(15));
         e.signal();
-        assert_eq!(wait_readable([e.fd()], Some(Duration::from_secs(5))), [true]);
+        assert_eq!(
+            wait_readable([e.fd()], Some(Duration::from_secs(5))),
+            [true]
+        );
         e.clear();
         assert_eq!(wait_readable([e.fd()], Some(Duration::ZERO)), [false]);
     }

@@ -4,30 +4,39 @@
 //!
 //! The active-message ids and the layout of the UCX AM *header* of a data
 //! message (the *data* part of the active message is the message's
-//! segments, back to back). All integers are little-endian:
+//! segments, back to back). It is kept small on purpose: UCX sends header
+//! and data in one shared-memory slot with its fastest ("short") protocol
+//! only while both fit in about 90 bytes. All integers are little-endian:
 //!
-//! | offset | size    | field                                             |
-//! |-------:|--------:|---------------------------------------------------|
-//! | 0      | 4       | sending process rank                              |
-//! | 4      | 4       | reserved, 0                                       |
-//! | 8      | 8       | per (sender, receiver) sequence number, from 0    |
-//! | 16     | 32      | the [`Header`] in its wire format                 |
-//! | 48     | 8 × n   | the length of each of the header's n segments     |
+//! | offset | size        | field                                           |
+//! |-------:|------------:|-------------------------------------------------|
+//! | 0      | 4           | sending process rank                            |
+//! | 4      | 4           | sequence number (low 32 bits; per sender → receiver) |
+//! | 8      | 1           | [`Header::kind`]                                |
+//! | 9      | 1           | [`Header::flags`]                               |
+//! | 10     | 2           | [`Header::segment_count`] n                     |
+//! | 12     | 4           | [`Header::src_pe`]                              |
+//! | 16     | 4           | [`Header::dst_pe`]                              |
+//! | 20     | 8           | [`Header::tag`]                                 |
+//! | 28     | 8 × (n − 1) | lengths of all segments but the last            |
 //!
-//! A goodbye ([`AM_BYE`]) carries only the sender's rank (4 bytes of header,
-//! no data): the sender shut its layer down cleanly, so the loss of its
+//! The last segment's length is what remains of the data part. A goodbye
+//! ([`AM_BYE`]) carries only the sender's rank (4 bytes of header, no
+//! data): the sender shut its layer down cleanly, so the loss of its
 //! endpoint afterwards is not a failure.
 //!
 //! # Invariants
 //!
 //! * [`decode`] treats its input as hostile: it checks the rank against the
-//!   job size, the header with [`Header::from_bytes`], the header length
-//!   against the segment count, and that the segment lengths add up to the
-//!   data length without overflow, before anything is allocated.
+//!   job size, the segment count against [`MAX_SEGMENTS`], the header
+//!   length against the segment count, and that the given segment lengths
+//!   fit in the data part without overflow, before anything is allocated.
 //! * Sequence numbers let the receiver deliver in send order exactly once
-//!   whatever order UCX completes eager and rendezvous messages in.
+//!   whatever order UCX completes eager and rendezvous messages in; 32 bits
+//!   suffice because fewer than 2³¹ messages from one sender are ever in
+//!   flight.
 
-use charmrs_transport::{Header, ProcessId, TransportError};
+use charmrs_transport::{Header, ProcessId, TransportError, MAX_SEGMENTS};
 
 /// Active-message id of data messages.
 pub const AM_DATA: u32 = 0x6368;
@@ -35,37 +44,58 @@ pub const AM_DATA: u32 = 0x6368;
 pub const AM_BYE: u32 = 0x6369;
 
 /// Bytes of the fixed part of a data header (before the segment lengths).
-pub const FIXED: usize = 16 + Header::SIZE;
+pub const FIXED: usize = 28;
 
 /// Bytes of the header of a message with `segments` segments.
 pub fn header_len(segments: usize) -> usize {
-    FIXED + 8 * segments
+    FIXED + 8 * segments.saturating_sub(1)
 }
 
-/// Writes the AM header of a data message into `out` (cleared first).
-pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u64, header: &Header, lens: &[usize]) {
+/// Writes the AM header of a data message into `out` (cleared first);
+/// `lens` are the segment lengths (`header.segment_count` of them).
+pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens: &[usize]) {
     out.clear();
     out.reserve(header_len(lens.len()));
     out.extend_from_slice(&src.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&header.to_bytes());
-    for &l in lens {
-        out.extend_from_slice(&(l as u64).to_le_bytes());
+    out.push(header.kind);
+    out.push(header.flags);
+    out.extend_from_slice(&(lens.len() as u16).to_le_bytes());
+    out.extend_from_slice(&header.src_pe.to_le_bytes());
+    out.extend_from_slice(&header.dst_pe.to_le_bytes());
+    out.extend_from_slice(&header.tag.to_le_bytes());
+    if let Some((_, init)) = lens.split_last() {
+        for &l in init {
+            out.extend_from_slice(&(l as u64).to_le_bytes());
+        }
     }
 }
 
-/// A decoded data-message header.
+/// A decoded data-message header (borrowing the segment-length table).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// Sending process.
     pub src: ProcessId,
-    /// Sequence number of the message from `src`.
-    pub seq: u64,
+    /// Sequence number of the message from `src` (low 32 bits).
+    pub seq: u32,
     /// The message header.
     pub header: Header,
-    /// Length of each segment.
-    pub lens: Vec<usize>,
+    /// The validated lengths of all segments but the last (8 bytes each).
+    lens: &'a [u8],
+    /// Length of the last segment.
+    last: usize,
+}
+
+impl Decoded<'_> {
+    /// The length of each segment, in order.
+    pub fn lens(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = usize::from(self.header.segment_count);
+        // Each length was checked to fit in the data part by `decode`.
+        self.lens
+            .chunks_exact(8)
+            .map(|c| u64_at(c, 0) as usize)
+            .chain((n > 0).then_some(self.last))
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -74,34 +104,38 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 /// Decodes and validates the AM header `b` of a data message whose data
 /// part is `data_len` bytes, in a job of `size` processes.
 ///
 /// # Errors
 ///
-/// [`TransportError::Malformed`] (or the header's own errors) for anything
-/// inconsistent.
-pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, TransportError> {
+/// [`TransportError::Malformed`] or [`TransportError::TooLarge`] for
+/// anything inconsistent.
+pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, TransportError> {
     if b.len() < FIXED {
         return Err(TransportError::Malformed(format!(
             "active-message header of {} bytes, expected at least {FIXED}",
             b.len()
         )));
     }
-    let src = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let src = u32_at(b, 0);
     if src >= size {
         return Err(TransportError::Malformed(format!(
             "active message claims to come from process {src} of a job of {size}"
         )));
     }
-    if b[4..8] != [0; 4] {
-        return Err(TransportError::Malformed(format!(
-            "active message from process {src} has non-zero reserved bytes"
-        )));
+    let segment_count = u16::from_le_bytes([b[10], b[11]]);
+    if segment_count > MAX_SEGMENTS {
+        return Err(TransportError::TooLarge {
+            len: u64::from(segment_count),
+            max: u64::from(MAX_SEGMENTS),
+        });
     }
-    let seq = u64_at(b, 8);
-    let header = Header::from_bytes(&b[16..FIXED])?;
-    let n = usize::from(header.segment_count);
+    let n = usize::from(segment_count);
     if b.len() != header_len(n) {
         return Err(TransportError::Malformed(format!(
             "active message from process {src}: header of {} bytes for {n} segments (expected {})",
@@ -109,29 +143,33 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded, Transport
             header_len(n)
         )));
     }
-    let mut lens = Vec::with_capacity(n);
-    let mut total: u64 = 0;
-    for i in 0..n {
-        let l = u64_at(b, FIXED + 8 * i);
-        total = total.checked_add(l).ok_or_else(|| {
+    let mut used: u64 = 0;
+    for i in 0..n.saturating_sub(1) {
+        used = used.checked_add(u64_at(b, FIXED + 8 * i)).ok_or_else(|| {
             TransportError::Malformed(format!(
                 "active message from process {src}: segment lengths overflow"
             ))
         })?;
-        lens.push(usize::try_from(l).map_err(|_| {
-            TransportError::Malformed(format!("segment of {l} bytes from process {src}"))
-        })?);
     }
-    if total != data_len as u64 {
+    if used > data_len as u64 || (n == 0 && data_len != 0) {
         return Err(TransportError::Malformed(format!(
-            "active message from process {src}: segments add up to {total} bytes but {data_len} arrived"
+            "active message from process {src}: {n} segments of at least {used} bytes in {data_len} bytes of data"
         )));
     }
+    let header = Header {
+        kind: b[8],
+        flags: b[9],
+        segment_count,
+        src_pe: u32_at(b, 12),
+        dst_pe: u32_at(b, 16),
+        tag: u64_at(b, 20),
+    };
     Ok(Decoded {
         src,
-        seq,
+        seq: u32_at(b, 4),
         header,
-        lens,
+        lens: &b[FIXED..],
+        last: data_len - used as usize,
     })
 }
 
@@ -142,6 +180,7 @@ mod tests {
     fn header(segs: u16) -> Header {
         Header {
             segment_count: segs,
+            flags: 3,
             ..Header::new(5, 10, 20, 0xfeed)
         }
     }
@@ -152,33 +191,35 @@ mod tests {
         encode(&mut b, 3, 77, &header(3), &[1, 0, 4096]);
         assert_eq!(b.len(), header_len(3));
         let d = decode(&b, 4097, 4).unwrap();
-        assert_eq!(
-            d,
-            Decoded {
-                src: 3,
-                seq: 77,
-                header: header(3),
-                lens: vec![1, 0, 4096]
-            }
-        );
+        assert_eq!((d.src, d.seq, d.header), (3, 77, header(3)));
+        assert_eq!(d.lens().collect::<Vec<_>>(), vec![1, 0, 4096]);
+        // One segment: no length table at all.
+        encode(&mut b, 0, 1, &header(1), &[8]);
+        assert_eq!(b.len(), FIXED);
+        let d = decode(&b, 8, 1).unwrap();
+        assert_eq!(d.lens().collect::<Vec<_>>(), vec![8]);
+        // No segment.
+        encode(&mut b, 0, 2, &header(0), &[]);
+        let d = decode(&b, 0, 1).unwrap();
+        assert_eq!(d.lens().count(), 0);
     }
 
     #[test]
     fn hostile_headers_are_refused() {
         let mut b = Vec::new();
-        encode(&mut b, 3, 0, &header(2), &[10, 20]);
-        assert!(decode(&b, 30, 3).is_err(), "rank out of range");
-        assert!(decode(&b, 31, 4).is_err(), "length mismatch");
-        assert!(decode(&b[..b.len() - 1], 30, 4).is_err(), "short");
-        assert!(decode(&b[..10], 30, 4).is_err(), "truncated");
+        encode(&mut b, 3, 0, &header(3), &[10, 20, 5]);
+        assert!(decode(&b, 35, 4).is_ok());
+        assert!(decode(&b, 35, 3).is_err(), "rank out of range");
+        assert!(decode(&b, 29, 4).is_err(), "lengths exceed the data");
+        assert!(decode(&b[..b.len() - 1], 35, 4).is_err(), "short");
+        assert!(decode(&b[..10], 35, 4).is_err(), "truncated");
         let mut bad = b.clone();
-        bad[5] = 1;
-        assert!(decode(&bad, 30, 4).is_err(), "reserved");
-        let mut bad = b.clone();
-        bad[16] = b'X';
-        assert!(decode(&bad, 30, 4).is_err(), "magic");
+        bad[10..12].copy_from_slice(&(MAX_SEGMENTS + 1).to_le_bytes());
+        assert!(decode(&bad, 35, 4).is_err(), "too many segments");
         let mut huge = Vec::new();
-        encode(&mut huge, 0, 0, &header(2), &[usize::MAX, 2]);
+        encode(&mut huge, 0, 0, &header(3), &[usize::MAX, 2, 0]);
         assert!(decode(&huge, 1, 4).is_err(), "overflow");
+        encode(&mut b, 0, 0, &header(0), &[]);
+        assert!(decode(&b, 1, 4).is_err(), "data without segments");
     }
 }

@@ -34,6 +34,7 @@ use charmrs_transport::{Header, Message, ProcessId, TransportError};
 use charmrs_ucx_sys as sys;
 
 use crate::inbox::Inbox;
+use crate::pool::Loan;
 use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
 
@@ -88,7 +89,8 @@ struct RecvOp {
     seq: u64,
     header: Header,
     lens: Vec<usize>,
-    buf: Vec<u8>,
+    len: usize,
+    buf: Loan,
 }
 
 /// A remote read in flight.
@@ -96,7 +98,8 @@ struct GetOp {
     inbox: *const Inbox,
     src: ProcessId,
     header: Header,
-    buf: Vec<u8>,
+    len: usize,
+    buf: Loan,
     rkey: sys::ucp_rkey_h,
 }
 
@@ -104,8 +107,8 @@ struct GetOp {
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerConfig {
     pub(crate) rndv_threshold: Option<usize>,
-    pub(crate) keepalive: Duration,
     pub(crate) wakeup: bool,
+    pub(crate) same_host_error_handling: bool,
 }
 
 /// The UCX context, worker and endpoints of the process; see the module
@@ -116,14 +119,20 @@ pub(crate) struct Worker {
     rank: ProcessId,
     addresses: Vec<Vec<u8>>,
     eps: Vec<Ep>,
+    /// Boxed: UCX keeps a pointer to each.
+    #[allow(clippy::vec_box)]
     err_args: Vec<Box<ErrArg>>,
     /// Next sequence number per destination.
     seq: Vec<u64>,
     /// Peers this process exchanged data with (they get a goodbye).
     talked: Vec<bool>,
-    /// Recycled send descriptors.
+    /// Recycled send descriptors (boxed: UCX holds a pointer to one in
+    /// flight, so it must not move).
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<SendOp>>,
     rndv_threshold: Option<usize>,
+    /// Per peer: endpoint with `UCP_ERR_HANDLING_MODE_PEER`.
+    peer_mode: Vec<bool>,
     efd: Option<i32>,
     /// Callback state; boxed so its address, handed to UCX, never changes.
     pub(crate) inbox: Box<Inbox>,
@@ -146,21 +155,23 @@ impl Worker {
         let mut config: *mut sys::ucp_config_t = ptr::null_mut();
         // SAFETY: null prefix and file mean "environment only"; `config` is
         // a valid out-pointer.
-        check(
-            unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) },
-            "ucp_config_read",
-        )?;
+        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) };
+        check(st, "ucp_config_read")?;
         // Defaults this layer needs, unless the user chose otherwise:
-        // shared-memory transports that report peer failure (so a dead
-        // process becomes PeerLost instead of a hang) and a keep-alive short
-        // enough to notice it within seconds.
-        let mut defaults = vec![
-            ("MM_ERROR_HANDLING", "y".to_owned()),
-            (
-                "KEEPALIVE_INTERVAL",
-                format!("{}ms", cfg.keepalive.as_millis().max(1)),
-            ),
-        ];
+        // shared-memory transports that accept endpoints with peer error
+        // handling, when same-host endpoints use it and shared memory may be
+        // among the transports (UCX warns about a setting no transport
+        // consumed).
+        let tls = std::env::var("UCX_TLS").unwrap_or_default();
+        let shm_possible = tls.is_empty()
+            || tls.starts_with('^')
+            || ["all", "shm", "mm", "posix", "sysv"]
+                .iter()
+                .any(|t| tls.split(',').any(|x| x.trim() == *t));
+        let mut defaults = Vec::new();
+        if cfg.same_host_error_handling && shm_possible {
+            defaults.push(("MM_ERROR_HANDLING", "y".to_owned()));
+        }
         defaults.retain(|(k, _)| std::env::var_os(format!("UCX_{k}")).is_none());
         for (k, v) in defaults {
             let (ck, cv) = (cstr(k)?, cstr(&v)?);
@@ -214,9 +225,11 @@ impl Worker {
             talked: vec![false; size as usize],
             spare: Vec::new(),
             rndv_threshold: cfg.rndv_threshold,
+            peer_mode: Vec::new(),
             efd: None,
             inbox: Box::new(Inbox::new(size)),
         };
+        w.inbox.worker.set(worker);
         let inbox: *const Inbox = &*w.inbox;
         w.err_args = (0..size)
             .map(|peer| Box::new(ErrArg { inbox, peer }))
@@ -226,19 +239,15 @@ impl Worker {
         if cfg.wakeup {
             let mut fd = -1;
             // SAFETY: worker is live (created with the WAKEUP feature).
-            check(
-                unsafe { sys::ucp_worker_get_efd(worker, &mut fd) },
-                "ucp_worker_get_efd",
-            )?;
+            let st = unsafe { sys::ucp_worker_get_efd(worker, &mut fd) };
+            check(st, "ucp_worker_get_efd")?;
             w.efd = Some(fd);
         }
         let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
         let mut len = 0usize;
         // SAFETY: worker is live; out-pointers are valid.
-        check(
-            unsafe { sys::ucp_worker_get_address(worker, &mut addr, &mut len) },
-            "ucp_worker_get_address",
-        )?;
+        let st = unsafe { sys::ucp_worker_get_address(worker, &mut addr, &mut len) };
+        check(st, "ucp_worker_get_address")?;
         // SAFETY: UCX returned `len` readable bytes at `addr`, released
         // right after the copy.
         let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
@@ -247,7 +256,11 @@ impl Worker {
         Ok((w, bytes))
     }
 
-    fn set_handler(&mut self, id: u32, cb: sys::ucp_am_recv_callback_t) -> Result<(), TransportError> {
+    fn set_handler(
+        &mut self,
+        id: u32,
+        cb: sys::ucp_am_recv_callback_t,
+    ) -> Result<(), TransportError> {
         let mut p: sys::ucp_am_handler_param_t = zeroed();
         p.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
             | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
@@ -259,15 +272,15 @@ impl Worker {
         p.arg = &*self.inbox as *const Inbox as *mut c_void;
         // SAFETY: worker is live; the inbox outlives the worker (dropped
         // after it, see Drop).
-        check(
-            unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) },
-            "ucp_worker_set_am_recv_handler",
-        )
+        let st = unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) };
+        check(st, "ucp_worker_set_am_recv_handler")
     }
 
-    /// Stores the peers' published worker addresses (index = rank).
-    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>) {
+    /// Stores the peers' published worker addresses (index = rank) and
+    /// whether each peer's endpoint uses peer error handling.
+    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>, peer_mode: Vec<bool>) {
         self.addresses = addresses;
+        self.peer_mode = peer_mode;
     }
 
     /// The worker's event file descriptor, when created with wake-up
@@ -316,6 +329,11 @@ impl Worker {
         }
     }
 
+    /// Number of open endpoints.
+    pub(crate) fn open_endpoints(&self) -> usize {
+        self.eps.iter().filter(|e| matches!(e, Ep::Open(_))).count()
+    }
+
     /// Whether this process sent to or received from `p`.
     pub(crate) fn talked_with(&self, p: ProcessId) -> bool {
         self.talked[p as usize] || self.inbox.heard_from(p)
@@ -350,7 +368,11 @@ impl Worker {
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
         params.address = addr.as_ptr() as *const sys::ucp_address_t;
-        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_mode = if self.peer_mode.get(p as usize).copied().unwrap_or(true) {
+            sys::UCP_ERR_HANDLING_MODE_PEER
+        } else {
+            sys::UCP_ERR_HANDLING_MODE_NONE
+        };
         params.err_handler.cb = Some(ep_error_cb);
         params.err_handler.arg = &*self.err_args[p as usize] as *const ErrArg as *mut c_void;
         let mut ep: sys::ucp_ep_h = ptr::null_mut();
@@ -396,7 +418,8 @@ impl Worker {
             lens_vec = segments.iter().map(Bytes::len).collect::<Vec<_>>();
             &lens_vec
         };
-        wire::encode(&mut op.header, self.rank, seq, &header, lens);
+        // The low 32 bits travel (see `wire`).
+        wire::encode(&mut op.header, self.rank, seq as u32, &header, lens);
         for s in &segments {
             total += s.len();
             if !s.is_empty() {
@@ -464,7 +487,10 @@ impl Worker {
                 reason: describe(st),
             })
         } else {
-            check(st, &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"))
+            check(
+                st,
+                &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"),
+            )
         }
     }
 
@@ -548,7 +574,7 @@ impl Worker {
                 let mut param: sys::ucp_request_param_t = zeroed();
                 param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
                 param.flags = 0; // flush mode
-                // SAFETY: ep is open and not used after this.
+                                 // SAFETY: ep is open and not used after this.
                 let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
                 if sys::UCS_PTR_IS_PTR(req) {
                     reqs.push(req);
@@ -578,10 +604,8 @@ impl Worker {
         let mut memh: sys::ucp_mem_h = ptr::null_mut();
         // SAFETY: context is live; addr..addr+len is memory the caller keeps
         // alive while mapped.
-        check(
-            unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) },
-            &format!("ucp_mem_map of {len} bytes"),
-        )?;
+        let st = unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) };
+        check(st, &format!("ucp_mem_map of {len} bytes"))?;
         let mut buf: *mut c_void = ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: memh was just mapped on this context.
@@ -622,15 +646,18 @@ impl Worker {
         let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
         // SAFETY: ep is open; `packed` was length-checked by the caller and
         // is only read.
+        let st =
+            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) };
         check(
-            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) },
+            st,
             &format!("ucp_ep_rkey_unpack of a key from process {src}"),
         )?;
         let op = Box::new(GetOp {
             inbox: &*self.inbox,
             src,
             header,
-            buf: Vec::with_capacity(len),
+            len,
+            buf: self.inbox.pool.take(len),
             rkey,
         });
         let raw = Box::into_raw(op);
@@ -659,7 +686,10 @@ impl Worker {
             // SAFETY: rkey was unpacked above and is destroyed once.
             unsafe { sys::ucp_rkey_destroy(op.rkey) };
             let st = sys::UCS_PTR_STATUS(req);
-            return check(st, &format!("ucp_get_nbx of {len} bytes from process {src}"));
+            return check(
+                st,
+                &format!("ucp_get_nbx of {len} bytes from process {src}"),
+            );
         }
         self.inbox.in_flight(1);
         Ok(())
@@ -721,15 +751,16 @@ unsafe extern "C" fn am_data_cb(
     // SAFETY: param is valid for the duration of the callback.
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
-        inbox.arrive(d.src, d.seq, None);
-        let worker = RECV_WORKER.with(std::cell::Cell::get);
+        let seq = inbox.arrive(d.src, d.seq, None);
+        let worker = inbox.worker.get();
         let op = Box::new(RecvOp {
             inbox,
             src: d.src,
-            seq: d.seq,
+            seq,
             header: d.header,
-            lens: d.lens,
-            buf: Vec::with_capacity(length),
+            lens: d.lens().collect(),
+            len: length,
+            buf: inbox.pool.take(length),
         });
         let raw = Box::into_raw(op);
         let mut p: sys::ucp_request_param_t = zeroed();
@@ -765,41 +796,27 @@ unsafe extern "C" fn am_data_cb(
         }
         return sys::UCS_OK;
     }
-    let buf = if length == 0 {
-        Bytes::new()
+    let bytes: &[u8] = if length == 0 {
+        &[]
     } else {
         // SAFETY: UCX passes `length` readable bytes (the whole message:
         // the handler is registered with UCP_AM_FLAG_WHOLE_MSG).
-        Bytes::copy_from_slice(unsafe { std::slice::from_raw_parts(data as *const u8, length) })
+        unsafe { std::slice::from_raw_parts(data as *const u8, length) }
     };
-    match split(buf, d.header, &d.lens) {
-        Ok(m) => inbox.arrive(d.src, d.seq, Some(m)),
+    let msg = if d.header.segment_count == 1 {
+        // One segment: its own buffer (no shared-buffer promotion).
+        Message::with_segments(d.header, vec![Bytes::copy_from_slice(bytes)])
+    } else {
+        let lens: Vec<usize> = d.lens().collect();
+        split(Bytes::copy_from_slice(bytes), d.header, &lens)
+    };
+    match msg {
+        Ok(m) => {
+            inbox.arrive(d.src, d.seq, Some(m));
+        }
         Err(e) => inbox.error(e),
     }
     sys::UCS_OK
-}
-
-thread_local! {
-    /// The worker whose progress is running on this thread (the AM
-    /// callback needs it for `ucp_am_recv_data_nbx`; UCX does not pass it).
-    static RECV_WORKER: std::cell::Cell<sys::ucp_worker_h> = const { std::cell::Cell::new(ptr::null_mut()) };
-}
-
-/// Marks `w` as the worker being progressed on this thread for the
-/// lifetime of the guard.
-pub(crate) struct Progressing(sys::ucp_worker_h);
-
-impl Progressing {
-    pub(crate) fn enter(w: &Worker) -> Progressing {
-        let prev = RECV_WORKER.with(|c| c.replace(w.worker));
-        Progressing(prev)
-    }
-}
-
-impl Drop for Progressing {
-    fn drop(&mut self) {
-        RECV_WORKER.with(|c| c.set(self.0));
-    }
 }
 
 /// Active-message handler of goodbyes.
@@ -852,14 +869,13 @@ unsafe extern "C" fn rndv_done_cb(
     user: *mut c_void,
 ) {
     // SAFETY: user is the descriptor box handed to ucp_am_recv_data_nbx.
-    let mut op = unsafe { Box::from_raw(user as *mut RecvOp) };
+    let op = unsafe { Box::from_raw(user as *mut RecvOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
-    if status == sys::UCS_OK && length == op.buf.capacity() {
-        // SAFETY: UCX wrote `length` bytes, the whole capacity.
-        unsafe { op.buf.set_len(length) };
-        let buf = Bytes::from(std::mem::take(&mut op.buf));
+    if status == sys::UCS_OK && length == op.len {
+        let op = *op;
+        let buf = op.buf.into_bytes(length);
         match split(buf, op.header, &op.lens) {
             Ok(m) => inbox.complete(op.src, op.seq, m),
             Err(e) => inbox.error(e),
@@ -872,7 +888,7 @@ unsafe extern "C" fn rndv_done_cb(
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
             "receiving {} bytes from process {} failed ({length} arrived): {}",
-            op.buf.capacity(),
+            op.len,
             op.src,
             describe(status)
         ))));
@@ -884,19 +900,22 @@ unsafe extern "C" fn rndv_done_cb(
 /// Completion of a remote read.
 unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
     // SAFETY: user is the descriptor box handed to ucp_get_nbx.
-    let mut op = unsafe { Box::from_raw(user as *mut GetOp) };
+    let op = unsafe { Box::from_raw(user as *mut GetOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
     // SAFETY: the rkey was unpacked for this read and is destroyed once.
     unsafe { sys::ucp_rkey_destroy(op.rkey) };
     if status == sys::UCS_OK {
-        let len = op.buf.capacity();
-        // SAFETY: a successful get wrote the whole `len` bytes.
-        unsafe { op.buf.set_len(len) };
-        let buf = Bytes::from(std::mem::take(&mut op.buf));
-        match Message::with_segments(op.header, vec![buf]) {
-            Ok(m) => inbox.push_ready(op.src, m),
+        let GetOp {
+            src,
+            header,
+            len,
+            buf,
+            ..
+        } = *op;
+        match Message::with_segments(header, vec![buf.into_bytes(len)]) {
+            Ok(m) => inbox.push_ready(src, m),
             Err(e) => inbox.error(e),
         }
     } else if is_peer_failure(status) {
@@ -904,7 +923,7 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
             "remote read of {} bytes from process {} failed: {}",
-            op.buf.capacity(),
+            op.len,
             op.src,
             describe(status)
         ))));

@@ -17,8 +17,19 @@ use charmrs_transport::kv::{
 const CHECK: &str = env!("CARGO_BIN_EXE_charmrs-ucx-check");
 
 /// UCX transport selections the tests run over (loopback only).
-const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self")];
+const SHM: &[(&str, &str)] = &[("UCX_TLS", "shm,self"), ("UCX_NET_DEVICES", "lo")];
 const TCP: &[(&str, &str)] = &[("UCX_TLS", "tcp,self"), ("UCX_NET_DEVICES", "lo")];
+/// Same, with UCX's peer error handling on same-host endpoints (UCX itself
+/// reports the failure instead of the layer's liveness check).
+const TCP_PEER: &[(&str, &str)] = &[
+    ("UCX_TLS", "tcp,self"),
+    ("UCX_NET_DEVICES", "lo"),
+    ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
+];
+const SHM_PEER: &[(&str, &str)] = &[
+    ("UCX_TLS", "shm,self"),
+    ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
+];
 
 struct Job {
     _server: KvServer,
@@ -153,7 +164,10 @@ fn lost_peer(env: &[(&str, &str)]) {
     let killed = Instant::now();
     job.children[1].kill().unwrap();
     let line = job.expect_line(0, "LOST 1", Duration::from_secs(5));
-    eprintln!("rank 0 reported the loss {:?} after the kill: {line}", killed.elapsed());
+    eprintln!(
+        "rank 0 reported the loss {:?} after the kill: {line}",
+        killed.elapsed()
+    );
     job.expect_line(0, "OK lost", Duration::from_secs(5));
 }
 
@@ -165,4 +179,24 @@ fn a_killed_peer_is_reported_lost_within_5s_shm() {
 #[test]
 fn a_killed_peer_is_reported_lost_within_5s_tcp() {
     lost_peer(TCP);
+}
+
+#[test]
+fn a_killed_peer_is_reported_lost_by_ucx_error_handling_tcp() {
+    lost_peer(TCP_PEER);
+}
+
+#[test]
+fn ordered_exactly_once_with_peer_error_handling_shm() {
+    Job::start(2, &["order", "16", "2"], SHM_PEER).wait_all(120);
+}
+
+#[test]
+fn a_parked_network_thread_is_woken_for_every_message_shm() {
+    Job::start(2, &["park", "1500"], SHM).wait_all(120);
+}
+
+#[test]
+fn a_parked_network_thread_is_woken_for_every_message_tcp() {
+    Job::start(2, &["park", "1000"], TCP).wait_all(120);
 }

@@ -94,7 +94,10 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
 
-    let lib = match pkg_config::Config::new().atleast_version("1.10").probe("ucx") {
+    let lib = match pkg_config::Config::new()
+        .atleast_version("1.10")
+        .probe("ucx")
+    {
         Ok(lib) => lib,
         Err(e) => {
             eprintln!(

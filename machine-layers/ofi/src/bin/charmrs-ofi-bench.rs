@@ -14,12 +14,17 @@
 //!    `progress`), the same ping-pong with the reply sent from a second
 //!    thread of the receiving process (the runtime's "PE thread sends,
 //!    network thread progresses" case: the send goes through the lock-free
-//!    queue or the engine's `try_lock`), and the streaming bandwidth (a
-//!    window of 32 messages, then a small acknowledgement);
+//!    queue or the engine's `try_lock`; the figure includes waking that
+//!    thread through a channel), the streaming bandwidth (a window of 32
+//!    messages, then a small acknowledgement), and the same stream sent by a
+//!    second thread while the main thread only progresses;
 //! 2. runs `fi_pingpong -e rdm -p PROVIDER -S SIZE` (server and client)
 //!    for the same sizes.
 //!
-//! It prints the medians side by side. `FI_TCP_IFACE=lo` is forced, so
+//! The last column is the receiver's minor page faults per streamed
+//! message (a scheduling-independent cost figure). It prints, per cell, the median and the best value over the rounds
+//! (the machine may be shared: the best shows what the code can do, the
+//! median what a run typically sees). `FI_TCP_IFACE=lo` is forced, so
 //! nothing leaves the host.
 
 use std::collections::BTreeMap;
@@ -75,10 +80,20 @@ fn msg(size: usize, payload: &Bytes, tag: u64) -> Message {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Minor page faults of this process so far.
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage fills the zero-initialized struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru.ru_minflt
+    }
+}
+
 /// One process of the pair.
 fn child(sizes: &[usize]) {
     let layer = Arc::new(
-        OfiLayer::from_env(OfiConfig::default())
+        OfiLayer::from_env(OfiConfig::from_env().unwrap_or_else(|e| panic!("{e}")))
             .unwrap_or_else(|e| panic!("OfiLayer::from_env: {e}"))
             .unwrap_or_else(|| panic!("bench child without bootstrap")),
     );
@@ -145,10 +160,12 @@ fn child(sizes: &[usize]) {
         // Streaming bandwidth: WINDOW messages, then a small ack.
         layer.barrier().unwrap_or_else(|e| panic!("barrier: {e}"));
         let rounds = (iters / WINDOW).max(4);
+        let mut faults0 = minor_faults();
         let mut t0 = Instant::now();
         for r in 0..rounds + 1 {
             if r == 1 {
                 t0 = Instant::now();
+                faults0 = minor_faults();
             }
             if me == 0 {
                 for i in 0..WINDOW {
@@ -166,8 +183,50 @@ fn child(sizes: &[usize]) {
         }
         let secs = t0.elapsed().as_secs_f64();
         let bw = (rounds * WINDOW * size) as f64 / secs / 1e6;
+        if me == 1 {
+            let per_msg = (minor_faults() - faults0) as f64 / (rounds * WINDOW) as f64;
+            println!("FAULTS {size} {per_msg:.2}");
+        }
+
+        // The same stream, sent by a second thread of rank 0 while its main
+        // thread only progresses (sends cross the lock-free queue or take
+        // the engine with try_lock).
+        layer.barrier().unwrap_or_else(|e| panic!("barrier: {e}"));
+        let bw_mt = if me == 0 {
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
+            let l2 = Arc::clone(&layer);
+            let p2 = payload.clone();
+            let sender = std::thread::spawn(move || {
+                while let Ok(true) = go_rx.recv() {
+                    for i in 0..WINDOW {
+                        l2.send(peer, msg(size, &p2, i as u64))
+                            .unwrap_or_else(|e| panic!("{e}"));
+                    }
+                }
+            });
+            let mut t0 = Instant::now();
+            for r in 0..rounds + 1 {
+                if r == 1 {
+                    t0 = Instant::now();
+                }
+                go_tx.send(true).unwrap_or_else(|e| panic!("{e}"));
+                recv_one(&layer);
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let _ = go_tx.send(false);
+            sender.join().unwrap_or_else(|_| panic!("sender"));
+            (rounds * WINDOW * size) as f64 / secs / 1e6
+        } else {
+            for _ in 0..rounds + 1 {
+                recv_n(&layer, WINDOW);
+                layer
+                    .send(peer, msg(8, &payload, 0))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            0.0
+        };
         if me == 0 {
-            println!("RESULT {size} {lat:.3} {lat_mt:.3} {bw:.1}");
+            println!("RESULT {size} {lat:.3} {lat_mt:.3} {bw:.1} {bw_mt:.1}");
         }
     }
     layer.barrier().unwrap_or_else(|e| panic!("barrier: {e}"));
@@ -179,7 +238,7 @@ fn child(sizes: &[usize]) {
 }
 
 /// Runs the two `OfiLayer` processes; returns size -> (lat, lat_mt, bw).
-fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, (f64, f64, f64)> {
+fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, [f64; 5]> {
     let secret = random_secret().unwrap_or_else(|e| panic!("{e}"));
     let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| panic!("{e}"));
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
@@ -204,25 +263,40 @@ fn run_layer(provider: &str, sizes: &[usize]) -> BTreeMap<usize, (f64, f64, f64)
                 .unwrap_or_else(|e| panic!("spawn bench child: {e}"))
         })
         .collect();
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<usize, [f64; 5]> = BTreeMap::new();
+    let mut faults = BTreeMap::new();
     for c in children {
         let o = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         assert!(o.status.success(), "bench child failed: {:?}", o.status);
         for line in String::from_utf8_lossy(&o.stdout).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() == 5 && f[0] == "RESULT" {
+            if f.len() == 6 && f[0] == "RESULT" {
                 let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
-                out.insert(f[1].parse().unwrap_or(0), (p(f[2]), p(f[3]), p(f[4])));
+                out.insert(
+                    f[1].parse().unwrap_or(0),
+                    [p(f[2]), p(f[3]), p(f[4]), p(f[5]), f64::NAN],
+                );
+            }
+            if f.len() == 3 && f[0] == "FAULTS" {
+                faults.insert(
+                    f[1].parse::<usize>().unwrap_or(0),
+                    f[2].parse().unwrap_or(f64::NAN),
+                );
             }
         }
     }
     drop(server);
+    for (s, f) in faults {
+        if let Some(r) = out.get_mut(&s) {
+            r[4] = f;
+        }
+    }
     out
 }
 
 /// Runs `fi_pingpong` for one size; returns (usec/xfer, MB/sec).
 fn run_fi_pingpong(provider: &str, size: usize, port: u16) -> Option<(f64, f64)> {
-    let iters = iters_for(size).to_string();
+    let iters = (iters_for(size) * 4).to_string();
     let common = |c: &mut Command| {
         c.args([
             "-e",
@@ -259,13 +333,20 @@ fn run_fi_pingpong(provider: &str, size: usize, port: u16) -> Option<(f64, f64)>
     Some((f[6].parse().ok()?, f[5].parse().ok()?))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median and best (smallest if `low`, else largest) of the finite values.
+fn stats(mut v: Vec<f64>, low: bool) -> (f64, f64) {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let best = if low { v[0] } else { v[v.len() - 1] };
+    (v[v.len() / 2], best)
+}
+
+/// `median/best` with the given precision.
+fn cell(v: (f64, f64), prec: usize) -> String {
+    format!("{:.*}/{:.*}", prec, v.0, prec, v.1)
 }
 
 fn human(size: usize) -> String {
@@ -314,7 +395,7 @@ fn main() {
     );
     let mut port = 47_700u16 + (std::process::id() % 200) as u16;
     for prov in &providers {
-        let mut ours: BTreeMap<usize, Vec<(f64, f64, f64)>> = BTreeMap::new();
+        let mut ours: BTreeMap<usize, Vec<[f64; 5]>> = BTreeMap::new();
         let mut theirs: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
         for _ in 0..reps {
             for (s, r) in run_layer(prov, &sizes) {
@@ -329,31 +410,37 @@ fn main() {
                 }
             }
         }
-        println!("\nprovider {prov}");
+        println!("\nprovider {prov} (each cell: median/best of {reps})");
         println!(
-            "{:>6} | {:>12} {:>12} {:>14} | {:>12} {:>12} | {:>14} {:>14}",
+            "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17} | {:>9}",
             "size",
             "ofi lat us",
-            "ofi lat-mt",
             "fi_pingpong us",
+            "ofi lat-mt us",
             "ofi pp MB/s",
-            "fi_pp MB/s",
+            "fi_pingpong MB/s",
             "ofi stream MB/s",
-            ""
+            "ofi stream-mt",
+            "rx flt/msg"
         );
         for &s in &sizes {
             let o = ours.get(&s).cloned().unwrap_or_default();
             let t = theirs.get(&s).cloned().unwrap_or_default();
-            let lat = median(o.iter().map(|x| x.0).collect());
-            let lat_mt = median(o.iter().map(|x| x.1).collect());
-            let bw = median(o.iter().map(|x| x.2).collect());
-            let plat = median(t.iter().map(|x| x.0).collect());
-            let pbw = median(t.iter().map(|x| x.1).collect());
+            let col = |i: usize, low: bool| stats(o.iter().map(|x| x[i]).collect(), low);
+            let lat = col(0, true);
             // Ping-pong bandwidth as fi_pingpong computes it: size / one-way time.
-            let opp = s as f64 / lat;
+            let opp = stats(o.iter().map(|x| s as f64 / x[0]).collect(), false);
             println!(
-                "{:>6} | {lat:>12.2} {lat_mt:>12.2} {plat:>14.2} | {opp:>12.1} {pbw:>12.1} | {bw:>14.1}",
-                human(s)
+                "{:>5} | {:>15} {:>15} {:>15} | {:>17} {:>17} | {:>17} {:>17} | {:>9.1}",
+                human(s),
+                cell(lat, 2),
+                cell(stats(t.iter().map(|x| x.0).collect(), true), 2),
+                cell(col(1, true), 2),
+                cell(opp, 0),
+                cell(stats(t.iter().map(|x| x.1).collect(), false), 0),
+                cell(col(2, false), 0),
+                cell(col(3, false), 0),
+                col(4, true).0,
             );
         }
     }

@@ -8,7 +8,14 @@
 //! verified; remote reads through `register`/`get`; unknown ranks),
 //! `flood` (a receiver that does not progress for a while), `wakeup`
 //! (the wake-up hook or `progress_wait` wakes on an arrival), `lost`
-//! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s).
+//! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s; with
+//! `send`, rank 0 keeps sending to it meanwhile), `badkey` (a `get` through
+//! the key of a dropped region fails as `Malformed`, the owner stays
+//! reachable).
+//!
+//! Options: `--recv-buffers N` (size of the receive pool, to force its
+//! exhaustion), `--no-liveness` (no local process checks: only the
+//! provider's completion errors can reveal a lost peer).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -49,14 +56,23 @@ fn fill(src: u32, thread: u32, seq: u32, len: usize) -> Vec<u8> {
     v
 }
 
-/// Splits `data` into 1..=3 segments (the split depends on `seq`).
+/// Splits `data` into 1, 2, 3 or 12 segments (some empty; the split
+/// depends on `seq`). Twelve is more than any provider's iovec limit, so
+/// eager sends must coalesce and rendezvous must read many segments.
 fn segments(data: Vec<u8>, seq: u32) -> Vec<Bytes> {
     let b = Bytes::from(data);
     let n = b.len();
-    match seq % 3 {
+    match seq % 4 {
         0 => vec![b],
         1 => vec![b.slice(..n / 3), b.slice(n / 3..)],
-        _ => vec![b.slice(..n / 2), Bytes::new(), b.slice(n / 2..)],
+        2 => vec![b.slice(..n / 2), Bytes::new(), b.slice(n / 2..)],
+        _ => {
+            let mut v: Vec<Bytes> = (0..11)
+                .map(|i| b.slice(n * i / 11..n * (i + 1) / 11))
+                .collect();
+            v.insert(5, Bytes::new());
+            v
+        }
     }
 }
 
@@ -166,6 +182,18 @@ fn mixed(job: &mut Job) {
             assert_eq!(seq, *want, "order of messages from {src} thread {t}");
             *want += 1;
             let len = SIZES[((seq + t + me) as usize) % SIZES.len()];
+            // Received segments are consecutive views of one buffer (eager:
+            // the copy out of the receive buffer; rendezvous: the buffer the
+            // reads landed in): no per-segment copies.
+            for w in m.segments().windows(2) {
+                if !w[0].is_empty() && !w[1].is_empty() {
+                    assert_eq!(
+                        w[0].as_ptr() as usize + w[0].len(),
+                        w[1].as_ptr() as usize,
+                        "segments of {src}/{t}/{seq} are not one buffer"
+                    );
+                }
+            }
             let data: Vec<u8> = m
                 .segments()
                 .iter()
@@ -386,7 +414,7 @@ fn lost(job: &mut Job) {
     if me != 0 {
         return;
     }
-    let send_too = std::env::args().nth(2).as_deref() == Some("send");
+    let send_too = std::env::args().any(|a| a == "send");
     let t0 = Instant::now();
     let mut i = 0u64;
     loop {
@@ -433,11 +461,118 @@ fn lost(job: &mut Job) {
     println!("OK lost rank 0 after {elapsed:?}");
 }
 
+/// A `get` through a key whose region was dropped fails (`Malformed`, or
+/// `Io` where the provider cannot tie the error to the read) without making
+/// the owner lost, and never returns data.
+fn badkey(job: &mut Job) {
+    let me = job.me;
+    if me == 0 {
+        let region = job
+            .layer
+            .register(Bytes::from(fill(0, 7, 7, 1 << 20)))
+            .unwrap_or_else(|e| fail("register", e));
+        let k = region.key().clone();
+        drop(region);
+        let mut enc = Vec::new();
+        enc.extend_from_slice(&k.addr.to_le_bytes());
+        enc.extend_from_slice(&k.len.to_le_bytes());
+        enc.extend_from_slice(&k.rkey);
+        job.layer
+            .send(
+                1,
+                Message::with_segments(Header::new(K_KEY, 0, 1, 0), vec![Bytes::from(enc)])
+                    .unwrap(),
+            )
+            .unwrap_or_else(|e| fail("send key", e));
+    }
+    if me == 1 {
+        let key: std::cell::RefCell<Option<RemoteKey>> = Default::default();
+        job.pump(
+            30,
+            "the stale key",
+            &mut |_, _, m| {
+                let b = &m.segments()[0];
+                *key.borrow_mut() = Some(RemoteKey {
+                    addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+                    len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                    rkey: b[16..].to_vec(),
+                });
+            },
+            &mut |_| key.borrow().is_some(),
+        );
+        let key = key.take().expect("key");
+        job.layer
+            .get(0, &key, K_READ, 0)
+            .unwrap_or_else(|e| fail("get", e));
+        let t0 = Instant::now();
+        let mut dones = Vec::new();
+        loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "stale get neither failed nor completed"
+            );
+            match job.layer.progress_wait(
+                &mut |s, m| {
+                    if m.header().kind == K_DONE {
+                        dones.push(s);
+                    } else {
+                        panic!("read through a dropped registration returned data");
+                    }
+                },
+                Duration::from_millis(50),
+            ) {
+                Ok(_) => {}
+                // tcp;ofi_rxm ties the refusal to the read (Malformed); shm
+                // 1.17 reports an error entry without an operation (Io).
+                Err(e @ (TransportError::Malformed(_) | TransportError::Io(_))) => {
+                    println!("rank 1: stale get refused after {:?}: {e}", t0.elapsed());
+                    break;
+                }
+                Err(e) => fail("stale get", e),
+            }
+        }
+        for s in dones {
+            job.done_from[s as usize] = true;
+        }
+        // The owner is still reachable.
+        job.layer
+            .send(0, Message::new(Header::new(K_GOT, 1, 0, 0)))
+            .unwrap_or_else(|e| fail("send after a refused get", e));
+    }
+    if me == 0 {
+        let got = Cell::new(false);
+        job.pump(
+            30,
+            "rank 1's message after its refused get",
+            &mut |_, s, m| {
+                assert_eq!((s, m.header().kind), (1, K_GOT));
+                got.set(true);
+            },
+            &mut |_| got.get(),
+        );
+    }
+    job.finish();
+    println!("OK badkey rank {me}");
+}
+
 fn main() {
     let scenario = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "mixed".to_owned());
-    let layer = match OfiLayer::from_env(OfiConfig::default()) {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let mut cfg = OfiConfig::default();
+    if let Some(i) = flag("--recv-buffers") {
+        cfg.recv_buffers = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--recv-buffers N");
+    }
+    if flag("--no-liveness").is_some() {
+        // Only the provider's own error reports can reveal a lost peer.
+        cfg.liveness_interval = Duration::from_secs(3600);
+    }
+    let layer = match OfiLayer::from_env(cfg) {
         Ok(Some(l)) => l,
         Ok(None) => {
             eprintln!("charmrs-ofi-check: not started by charmrun (CHARMRS_KV_ADDR unset)");
@@ -464,6 +599,7 @@ fn main() {
         "flood" => flood(&mut job),
         "wakeup" => wakeup(&mut job),
         "lost" => lost(&mut job),
+        "badkey" => badkey(&mut job),
         other => panic!("unknown scenario {other:?}"),
     }
 }

@@ -3,16 +3,19 @@
 //! transports, printed side by side.
 //!
 //! ```text
-//! UCX_TLS=shm,self charmrs-ucx-bench [--reps R] [--sizes 8,4096,1048576]
+//! UCX_TLS=shm,self charmrs-ucx-bench [--reps R] [--sizes 8,4096,1048576] [--window-bytes B]
 //! ```
 //!
 //! The driver (this program started by hand) runs, `R` times interleaved:
 //! a two-process job of itself (real processes, key-value bootstrap) that
 //! measures `UcxLayer` ping-pong (one-way = round trip / 2, per-iteration
-//! median) and streaming bandwidth (windows of messages, one small ack per
-//! window) through `send`/`progress`; then `ucx_perftest` server and client
-//! on 127.0.0.1 for the same sizes. It prints the median over the
-//! repetitions. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
+//! median) and streaming bandwidth (windows of at most 64 messages and
+//! `--window-bytes`, default 8 MiB, one small ack per window) through
+//! `send`/`progress`; then `ucx_perftest` server and client on 127.0.0.1 for
+//! the same sizes. It prints the median over the repetitions. For sizes from
+//! 64 KiB it also measures the alternative large-message path: `register` on
+//! one side, `get` (`ucp_get_nbx` through the packed rkey) on the other,
+//! same window. Bandwidth is in MB/s of 2^20 bytes, as `ucx_perftest`
 //! reports it. `UCX_TLS` is passed through (default `shm,self`).
 
 use std::process::{Command, Stdio};
@@ -26,15 +29,41 @@ use charmrs_transport::kv::{
 use charmrs_transport::{Header, MachineLayer, Message, ProcessId};
 use charmrs_ucx::UcxLayer;
 
-const DEFAULT_SIZES: [usize; 9] = [8, 64, 512, 4096, 32 << 10, 256 << 10, 1 << 20, 2 << 20, 4 << 20];
+const DEFAULT_SIZES: [usize; 9] = [
+    8,
+    64,
+    512,
+    4096,
+    32 << 10,
+    256 << 10,
+    1 << 20,
+    2 << 20,
+    4 << 20,
+];
 
 fn die(msg: String) -> ! {
     eprintln!("charmrs-ucx-bench: {msg}");
     std::process::exit(1);
 }
 
+/// Bytes in flight per bandwidth window (`--window-bytes`, passed to the
+/// measuring processes as CHARMRS_UCX_BENCH_WINDOW; default 8 MiB, at most
+/// 64 messages).
+fn window_bytes() -> usize {
+    std::env::var("CHARMRS_UCX_BENCH_WINDOW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8 << 20)
+}
+
+/// Ping-pong iterations for `size` (both for the layer and ucx_perftest).
 fn lat_iters(size: usize) -> usize {
-    (256 << 20) / size.max(1) / 4
+    let n = ((64usize << 20) / size.max(1)).clamp(100, 20_000);
+    if size <= 64 {
+        n * 10
+    } else {
+        n
+    }
 }
 
 fn bw_msgs(size: usize) -> usize {
@@ -46,6 +75,7 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
     let mut got = 0;
     let mut last = None;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut spins = 0u32;
     while got < n {
         match layer.progress(&mut |s, m| {
             got += 1;
@@ -54,7 +84,9 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
             Ok(_) => {}
             Err(e) => die(format!("progress: {e}")),
         }
-        if Instant::now() > deadline {
+        // Reading the clock costs as much as an idle progress: rarely.
+        spins = spins.wrapping_add(1);
+        if spins % 4096 == 0 && Instant::now() > deadline {
             die(format!("timed out: {got} of {n} messages"));
         }
     }
@@ -62,11 +94,40 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
 }
 
 fn send(layer: &UcxLayer, dst: ProcessId, payload: &Bytes, tag: u64) {
-    let segs = if payload.is_empty() { vec![] } else { vec![payload.clone()] };
+    let segs = if payload.is_empty() {
+        vec![]
+    } else {
+        vec![payload.clone()]
+    };
     let m = Message::with_segments(Header::new(1, 0, 0, tag), segs).expect("one segment");
     if let Err(e) = layer.send(dst, m) {
         die(format!("send: {e}"));
     }
+}
+
+/// A cheap timestamp for per-iteration timing (the TSC on x86-64, like
+/// ucx_perftest's clock; `Instant` elsewhere), converted to µs with
+/// [`ticks_per_us`].
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: rdtsc has no preconditions on x86-64.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+/// Calibrates [`ticks`] against the monotonic clock (20 ms).
+fn ticks_per_us() -> f64 {
+    let (t0, c0) = (Instant::now(), ticks());
+    while t0.elapsed() < Duration::from_millis(20) {
+        std::hint::spin_loop();
+    }
+    (ticks() - c0) as f64 / (t0.elapsed().as_secs_f64() * 1e6)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -79,20 +140,23 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
     let me = layer.rank();
     let peer = 1 - me;
     let ack = Bytes::new();
+    let tpu = ticks_per_us();
     for &size in sizes {
         let payload = Bytes::from(vec![0x5au8; size]);
         // Latency: ping-pong.
-        let iters = lat_iters(size).clamp(100, 20_000);
+        let iters = lat_iters(size);
         let warm = iters / 10;
-        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        layer
+            .barrier()
+            .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let mut rtts = Vec::with_capacity(iters);
         for i in 0..warm + iters {
             if me == 0 {
-                let t = Instant::now();
+                let t = ticks();
                 send(&layer, peer, &payload, i as u64);
                 recv_n(&layer, 1);
                 if i >= warm {
-                    rtts.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+                    rtts.push((ticks() - t) as f64 / tpu / 2.0);
                 }
             } else {
                 recv_n(&layer, 1);
@@ -101,45 +165,127 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
         }
         // Bandwidth: windows of messages, one ack each.
         let total = bw_msgs(size);
-        let window = 32.min(total);
+        // At most 64 messages and window_bytes() in flight per window.
+        let window = (window_bytes() / size.max(1)).clamp(1, 64).min(total);
         let rounds = total / window;
-        layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+        layer
+            .barrier()
+            .unwrap_or_else(|e| die(format!("barrier: {e}")));
         let t = Instant::now();
         for r in 0..rounds + 1 {
-            if r == 1 && me == 0 {
-                // The first round warms up.
-                rtts.push(0.0);
-                rtts.pop();
-            }
-            let start = if r == 1 { Some(Instant::now()) } else { None };
+            let start = Instant::now();
             if me == 0 {
                 for k in 0..window {
                     send(&layer, peer, &payload, k as u64);
                 }
+                let t1 = start.elapsed();
                 recv_n(&layer, 1);
+                if std::env::var_os("BENCH_DEBUG").is_some() {
+                    eprintln!("round {r}: sends {t1:?} total {:?}", start.elapsed());
+                }
             } else {
                 recv_n(&layer, window);
                 send(&layer, peer, &ack, 0);
             }
-            let _ = start;
         }
         let secs = t.elapsed().as_secs_f64();
+        let get_mbs = if size >= 64 << 10 {
+            // Every message of the phase above is consumed before the key.
+            layer
+                .barrier()
+                .unwrap_or_else(|e| die(format!("barrier: {e}")));
+            get_bandwidth(&layer, &payload, window, rounds + 1)
+        } else {
+            f64::NAN
+        };
         if me == 0 {
             let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
             let med = median(&mut rtts);
             let mbs = (size * window * (rounds + 1)) as f64 / secs / (1 << 20) as f64;
-            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1}");
+            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1} {get_mbs:.1}");
         }
     }
-    layer.barrier().unwrap_or_else(|e| die(format!("barrier: {e}")));
+    layer
+        .barrier()
+        .unwrap_or_else(|e| die(format!("barrier: {e}")));
 }
 
-/// Runs the two-process job; returns (size, median one-way µs, avg µs, MB/s).
-fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
+/// The alternative large-message path: rank 1 registers the payload
+/// (`register`) and sends its key; rank 0 reads it with `get` (`window`
+/// reads in flight, `rounds` times). Returns rank 0's MB/s (NaN on rank 1).
+fn get_bandwidth(layer: &UcxLayer, payload: &Bytes, window: usize, rounds: usize) -> f64 {
+    const KIND_KEY: u8 = 7;
+    const KIND_READ: u8 = 8;
+    const KIND_DONE: u8 = 9;
+    let me = layer.rank();
+    if me == 1 {
+        let region = layer
+            .register(payload.clone())
+            .unwrap_or_else(|e| die(format!("register: {e}")));
+        let k = region.key();
+        let mut v = Vec::new();
+        v.extend_from_slice(&k.addr.to_le_bytes());
+        v.extend_from_slice(&k.len.to_le_bytes());
+        v.extend_from_slice(&k.rkey);
+        let m = Message::with_segments(Header::new(KIND_KEY, 0, 0, 0), vec![v.into()])
+            .expect("one segment");
+        layer
+            .send(0, m)
+            .unwrap_or_else(|e| die(format!("send key: {e}")));
+        // Serve reads (emulated ones need this side's progress) until done.
+        loop {
+            if let Some((_, m)) = recv_n(layer, 1) {
+                if m.header().kind == KIND_DONE {
+                    break;
+                }
+            }
+        }
+        drop(region);
+        return f64::NAN;
+    }
+    let Some((_, m)) = recv_n(layer, 1) else {
+        die("no key".into())
+    };
+    let b = &m.segments()[0];
+    let key = charmrs_transport::RemoteKey {
+        addr: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+        len: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        rkey: b[16..].to_vec(),
+    };
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for i in 0..window {
+            layer
+                .get(1, &key, KIND_READ, i as u64)
+                .unwrap_or_else(|e| die(format!("get: {e}")));
+        }
+        recv_n(layer, window);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let done = Message::new(Header::new(KIND_DONE, 0, 0, 0));
+    layer
+        .send(1, done)
+        .unwrap_or_else(|e| die(format!("send: {e}")));
+    (payload.len() * window * rounds) as f64 / secs / (1 << 20) as f64
+}
+
+/// Runs the two-process job; returns (size, median one-way µs, avg µs,
+/// MB/s, get MB/s).
+fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64, f64)> {
     let secret = random_secret().unwrap_or_else(|e| die(format!("secret: {e}")));
     let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| die(format!("kv: {e}")));
-    let exe = std::env::current_exe().unwrap_or_else(|e| die(format!("current_exe: {e}")));
-    let list = sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    // CHARMRS_UCX_BENCH_WORKER: a wrapper to start the measuring processes
+    // with (a profiler, say), given this binary's arguments.
+    let exe = std::env::var_os("CHARMRS_UCX_BENCH_WORKER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::current_exe().unwrap_or_else(|e| die(format!("current_exe: {e}")))
+        });
+    let list = sizes
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let children: Vec<_> = (0..2)
         .map(|r| {
             Command::new(&exe)
@@ -157,15 +303,17 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
         .collect();
     let mut out = Vec::new();
     for c in children {
-        let o = c.wait_with_output().unwrap_or_else(|e| die(format!("wait: {e}")));
+        let o = c
+            .wait_with_output()
+            .unwrap_or_else(|e| die(format!("wait: {e}")));
         if !o.status.success() {
             die(format!("a benchmark process failed: {}", o.status));
         }
         for line in String::from_utf8_lossy(&o.stdout).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() == 5 && f[0] == "RESULT" {
+            if f.len() == 6 && f[0] == "RESULT" {
                 let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
-                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4])));
+                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4]), p(f[5])));
             }
         }
     }
@@ -176,40 +324,69 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64)> {
 /// Runs one `ucx_perftest` test; returns (median latency µs, overall MB/s).
 fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16) -> (f64, f64) {
     let common = |c: &mut Command| {
-        c.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()])
-            .env("UCX_TLS", tls)
-            .env("UCX_NET_DEVICES", "lo")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        c.args([
+            "-t",
+            test,
+            "-s",
+            &size.to_string(),
+            "-n",
+            &iters.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .env("UCX_TLS", tls)
+        .env("UCX_NET_DEVICES", "lo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     };
     let mut server = Command::new("ucx_perftest");
     common(&mut server);
-    let server = server
-        .spawn()
-        .unwrap_or_else(|e| die(format!("cannot run ucx_perftest (apt-get install ucx-utils): {e}")));
+    let server = server.spawn().unwrap_or_else(|e| {
+        die(format!(
+            "cannot run ucx_perftest (apt-get install ucx-utils): {e}"
+        ))
+    });
     std::thread::sleep(Duration::from_millis(300));
     let mut client = Command::new("ucx_perftest");
     client.arg("127.0.0.1");
     common(&mut client);
-    let o = client.output().unwrap_or_else(|e| die(format!("ucx_perftest client: {e}")));
+    let o = client
+        .output()
+        .unwrap_or_else(|e| die(format!("ucx_perftest client: {e}")));
     let _ = server.wait_with_output();
     let text = String::from_utf8_lossy(&o.stdout);
     let Some(line) = text.lines().find(|l| l.starts_with("Final:")) else {
-        die(format!("ucx_perftest {test} -s {size} printed no Final line:\n{text}"));
+        die(format!(
+            "ucx_perftest {test} -s {size} printed no Final line:\n{text}"
+        ));
     };
-    let f: Vec<f64> = line.split_whitespace().skip(1).map(|s| s.parse().unwrap_or(f64::NAN)).collect();
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|s| s.parse().unwrap_or(f64::NAN))
+        .collect();
     // iterations, lat 50%, lat avg, lat overall, bw avg, bw overall, ...
     (f[1], f[5])
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let sizes: Vec<usize> = opt("--sizes")
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| DEFAULT_SIZES.to_vec());
     if std::env::var_os(ENV_KV_ADDR).is_some() {
-        let layer = match UcxLayer::from_env() {
+        // CHARMRS_UCX_BENCH_NO_WAKEUP: worker without UCP_FEATURE_WAKEUP.
+        let cfg = charmrs_ucx::UcxConfig {
+            wakeup: std::env::var_os("CHARMRS_UCX_BENCH_NO_WAKEUP").is_none(),
+            ..charmrs_ucx::UcxConfig::default()
+        };
+        let layer = match UcxLayer::from_env_with_config(cfg) {
             Ok(Some(l)) => Arc::new(l),
             Ok(None) => die("no bootstrap".into()),
             Err(e) => die(format!("UCX layer: {e}")),
@@ -218,24 +395,28 @@ fn main() {
         return;
     }
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(3);
+    if let Some(w) = opt("--window-bytes") {
+        std::env::set_var("CHARMRS_UCX_BENCH_WINDOW", w);
+    }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "shm,self".to_owned());
     let n = sizes.len();
-    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new()); n];
+    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); n];
     let mut raw = vec![(Vec::new(), Vec::new()); n];
     let mut port = 13_000 + (std::process::id() % 2000) as u16;
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}: UcxLayer", rep + 1);
-        for (i, (size, med, avg, bw)) in run_layer(&sizes, &tls).into_iter().enumerate() {
+        for (i, (size, med, avg, bw, get)) in run_layer(&sizes, &tls).into_iter().enumerate() {
             if i < n && sizes[i] == size {
                 ours[i].0.push(med);
                 ours[i].1.push(avg);
                 ours[i].2.push(bw);
+                ours[i].3.push(get);
             }
         }
         eprintln!("repetition {}/{reps}: ucx_perftest", rep + 1);
         for (i, &size) in sizes.iter().enumerate() {
             port += 1;
-            let (lat, _) = perftest("ucp_am_lat", size, lat_iters(size).clamp(100, 20_000), &tls, port);
+            let (lat, _) = perftest("ucp_am_lat", size, lat_iters(size), &tls, port);
             port += 1;
             let (_, bw) = perftest("ucp_am_bw", size, bw_msgs(size), &tls, port);
             raw[i].0.push(lat);
@@ -244,17 +425,25 @@ fn main() {
     }
     println!("UCX_TLS={tls}, {reps} repetitions interleaved, medians");
     println!(
-        "{:>9} | {:>12} {:>12} {:>7} | {:>12} {:>12} {:>7}",
-        "size", "layer lat µs", "am_lat µs", "ratio", "layer MB/s", "am_bw MB/s", "ratio"
+        "{:>9} | {:>12} {:>12} {:>6} | {:>11} {:>11} {:>6} | {:>11}",
+        "size",
+        "layer lat µs",
+        "am_lat µs",
+        "ratio",
+        "layer MB/s",
+        "am_bw MB/s",
+        "ratio",
+        "get MB/s"
     );
     for (i, &size) in sizes.iter().enumerate() {
         if ours[i].0.is_empty() {
             continue;
         }
         let (l, b) = (median(&mut ours[i].0), median(&mut ours[i].2));
+        let g = median(&mut ours[i].3);
         let (rl, rb) = (median(&mut raw[i].0), median(&mut raw[i].1));
         println!(
-            "{size:>9} | {l:>12.3} {rl:>12.3} {:>7.2} | {b:>12.1} {rb:>12.1} {:>7.2}",
+            "{size:>9} | {l:>12.3} {rl:>12.3} {:>6.2} | {b:>11.1} {rb:>11.1} {:>6.2} | {g:>11.1}",
             l / rl,
             b / rb
         );

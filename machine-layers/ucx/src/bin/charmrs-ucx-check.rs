@@ -9,7 +9,11 @@
 //! charmrs-ucx-check rma                            register + get between all pairs
 //! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
+//! charmrs-ucx-check park <rounds>                  the runtime's parking network PE
 //! ```
+//!
+//! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
+//! same-host endpoints too.
 //!
 //! Prints `OK <mode>` on success; any failure exits non-zero with a
 //! message naming what was wrong.
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_transport::{Header, MachineLayer, Message, ProcessId, RemoteKey, TransportError};
-use charmrs_ucx::UcxLayer;
+use charmrs_ucx::{UcxConfig, UcxLayer};
 
 const KIND_DATA: u8 = 1;
 const KIND_DONE: u8 = 2;
@@ -43,12 +47,27 @@ fn byte(src: u32, k: u64, seg: usize, i: usize) -> u8 {
 }
 
 fn pattern(src: u32, k: u64, seg: usize, len: usize) -> Bytes {
-    (0..len).map(|i| byte(src, k, seg, i)).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| byte(src, k, seg, i))
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// The segments of message `k` of a sender thread.
 fn segment_lens(k: u64) -> Vec<usize> {
     let s = SIZES[(k % SIZES.len() as u64) as usize];
+    if k % 11 == 5 {
+        // The most segments a message may have, small and empty ones (eager).
+        return (0..usize::from(charmrs_transport::MAX_SEGMENTS))
+            .map(|j| j * 37 % 300)
+            .collect();
+    }
+    if k % 11 == 6 {
+        // As many, around one large one (rendezvous).
+        return (0..usize::from(charmrs_transport::MAX_SEGMENTS))
+            .map(|j| if j == 100 { 300_000 } else { j % 7 })
+            .collect();
+    }
     if k % 3 == 1 {
         vec![s, 0, 100]
     } else {
@@ -66,10 +85,16 @@ fn progress_until(
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
         if Instant::now() > deadline {
-            fail(format!("rank {}: timed out waiting for {what}", layer.rank()));
+            fail(format!(
+                "rank {}: timed out waiting for {what}",
+                layer.rank()
+            ));
         }
         if let Err(e) = layer.progress_wait(&mut f, Duration::from_millis(50)) {
-            fail(format!("rank {}: progress failed while waiting for {what}: {e}", layer.rank()));
+            fail(format!(
+                "rank {}: progress failed while waiting for {what}: {e}",
+                layer.rank()
+            ));
         }
     }
 }
@@ -115,11 +140,27 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
     // Unknown ranks are refused synchronously.
     match layer.send(n, Message::new(Header::new(KIND_DATA, 0, 0, 0))) {
         Err(TransportError::UnknownProcess { dst, size }) if dst == n && size == n => {}
-        other => fail(format!("send to rank {n} of {n}: expected UnknownProcess, got {other:?}")),
+        other => fail(format!(
+            "send to rank {n} of {n}: expected UnknownProcess, got {other:?}"
+        )),
     }
-    let key = RemoteKey { addr: 0, len: 1, rkey: vec![] };
-    if !matches!(layer.get(n + 3, &key, 1, 1), Err(TransportError::UnknownProcess { .. })) {
+    let key = RemoteKey {
+        addr: 0,
+        len: 1,
+        rkey: vec![],
+    };
+    if !matches!(
+        layer.get(n + 3, &key, 1, 1),
+        Err(TransportError::UnknownProcess { .. })
+    ) {
         fail("get from an unknown rank was not refused".into());
+    }
+    // Endpoints are lazy: none before the first send.
+    if layer.open_endpoints() != 0 {
+        fail(format!(
+            "rank {me}: {} endpoints open before any send",
+            layer.open_endpoints()
+        ));
     }
     // Sender threads: each sends per_thread messages to every peer (self
     // included), tag = thread << 32 | k.
@@ -167,14 +208,22 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         *e += 1;
         let lens = segment_lens(k);
         if m.segments().len() != lens.len() {
-            fail(format!("rank {me}: message {k} from {src}: {} segments", m.segments().len()));
+            fail(format!(
+                "rank {me}: message {k} from {src}: {} segments",
+                m.segments().len()
+            ));
         }
         for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
             if seg.len() != l {
-                fail(format!("rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}", seg.len()));
+                fail(format!(
+                    "rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}",
+                    seg.len()
+                ));
             }
             if let Some(i) = (0..l).find(|&i| seg[i] != byte(src, k, j, i)) {
-                fail(format!("rank {me}: message {k} from {src} seg {j}: byte {i} differs"));
+                fail(format!(
+                    "rank {me}: message {k} from {src} seg {j}: byte {i} differs"
+                ));
             }
         }
         received.set(received.get() + 1);
@@ -184,7 +233,10 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while received.get() < expected {
             if Instant::now() > deadline {
-                fail(format!("rank {me}: only {} of {expected} messages arrived", received.get()));
+                fail(format!(
+                    "rank {me}: only {} of {expected} messages arrived",
+                    received.get()
+                ));
             }
             if let Err(e) = layer.progress_wait(&mut check, Duration::from_millis(50)) {
                 fail(format!("rank {me}: progress: {e}"));
@@ -197,8 +249,21 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
         }
     }
     let elapsed = t0.elapsed();
-    finish(&layer, early_done, &mut |s, m| fail(format!("rank {me}: late message {:?} from {s}", m.header())));
-    println!("OK order rank {me}: {} messages in {elapsed:?}", received.get());
+    // One per peer (a message to oneself needs none).
+    if layer.open_endpoints() != n as usize - 1 {
+        fail(format!(
+            "rank {me}: {} endpoints open after sending to {} peers",
+            layer.open_endpoints(),
+            n - 1
+        ));
+    }
+    finish(&layer, early_done, &mut |s, m| {
+        fail(format!("rank {me}: late message {:?} from {s}", m.header()))
+    });
+    println!(
+        "OK order rank {me}: {} messages in {elapsed:?}",
+        received.get()
+    );
 }
 
 fn encode_key(k: &RemoteKey) -> Bytes {
@@ -212,7 +277,11 @@ fn encode_key(k: &RemoteKey) -> Bytes {
 fn decode_key(b: &[u8]) -> RemoteKey {
     let addr = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
     let len = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-    RemoteKey { addr, len, rkey: b[16..].to_vec() }
+    RemoteKey {
+        addr,
+        len,
+        rkey: b[16..].to_vec(),
+    }
 }
 
 fn rma(layer: &UcxLayer) {
@@ -224,8 +293,11 @@ fn rma(layer: &UcxLayer) {
         Err(e) => fail(format!("rank {me}: register: {e}")),
     };
     for p in 0..n {
-        let m = Message::with_segments(Header::new(KIND_KEY, 0, 0, 0), vec![encode_key(region.key())])
-            .expect("one segment");
+        let m = Message::with_segments(
+            Header::new(KIND_KEY, 0, 0, 0),
+            vec![encode_key(region.key())],
+        )
+        .expect("one segment");
         send(layer, p, m);
     }
     let read = RefCell::new(vec![false; n as usize]);
@@ -254,7 +326,11 @@ fn rma(layer: &UcxLayer) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(read.borrow().iter().all(|&r| r) && acked.borrow().iter().all(|&a| a)) {
         if Instant::now() > deadline {
-            fail(format!("rank {me}: reads {:?}, acks {:?}", read.borrow(), acked.borrow()));
+            fail(format!(
+                "rank {me}: reads {:?}, acks {:?}",
+                read.borrow(),
+                acked.borrow()
+            ));
         }
         if let Err(e) = layer.progress_wait(&mut on, Duration::from_millis(50)) {
             fail(format!("rank {me}: progress: {e}"));
@@ -310,13 +386,20 @@ fn wake(layer: &UcxLayer) {
         let r = layer.progress_wait(&mut |s, m| got.push((s, m)), Duration::from_secs(10));
         let (wall, cpu) = (t.elapsed(), cpu_time() - c);
         if !matches!(r, Ok(1)) || got.len() != 1 {
-            fail(format!("progress_wait returned {r:?} with {} messages", got.len()));
+            fail(format!(
+                "progress_wait returned {r:?} with {} messages",
+                got.len()
+            ));
         }
         if wall < delay / 2 || wall > Duration::from_secs(3) {
-            fail(format!("progress_wait returned after {wall:?} for a message sent after {delay:?}"));
+            fail(format!(
+                "progress_wait returned after {wall:?} for a message sent after {delay:?}"
+            ));
         }
         if cpu > wall / 2 {
-            fail(format!("progress_wait used {cpu:?} of CPU in {wall:?}: it did not sleep"));
+            fail(format!(
+                "progress_wait used {cpu:?} of CPU in {wall:?}: it did not sleep"
+            ));
         }
         println!("progress_wait woke after {wall:?} using {cpu:?} CPU");
         send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 1)));
@@ -339,16 +422,21 @@ fn wake(layer: &UcxLayer) {
         );
     } else {
         let (tx, rx) = mpsc::sync_channel::<()>(16);
-        if !MachineLayer::set_wakeup(layer, Box::new(move || {
-            let _ = tx.try_send(());
-        })) {
+        if !MachineLayer::set_wakeup(
+            layer,
+            Box::new(move || {
+                let _ = tx.try_send(());
+            }),
+        ) {
             fail("set_wakeup refused".into());
         }
         // Poll until the layer arms (nothing arrives during the delay).
         let t = Instant::now();
         let mut got = 0;
         while t.elapsed() < Duration::from_millis(20) {
-            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+            got += layer
+                .progress(&mut |_, _| {})
+                .unwrap_or_else(|e| fail(format!("progress: {e}")));
         }
         while rx.try_recv().is_ok() {}
         let mut woke = 0;
@@ -357,9 +445,14 @@ fn wake(layer: &UcxLayer) {
                 fail("the wake-up hook was not called within 10 s".into());
             }
             woke += 1;
-            got += layer.progress(&mut |_, _| {}).unwrap_or_else(|e| fail(format!("progress: {e}")));
+            got += layer
+                .progress(&mut |_, _| {})
+                .unwrap_or_else(|e| fail(format!("progress: {e}")));
         }
-        println!("hook woke the parked thread after {:?} ({woke} wake-ups)", t.elapsed());
+        println!(
+            "hook woke the parked thread after {:?} ({woke} wake-ups)",
+            t.elapsed()
+        );
         send(layer, 1, Message::new(Header::new(KIND_GOT, 0, 1, 2)));
     }
     finish(layer, vec![early_done.get(); 2], &mut |_, _| {});
@@ -369,9 +462,19 @@ fn wake(layer: &UcxLayer) {
 fn lost(layer: &UcxLayer) {
     let me = layer.rank();
     let peer = 1 - me;
-    send(layer, peer, Message::new(Header::new(KIND_DATA, me, peer, 0)));
+    send(
+        layer,
+        peer,
+        Message::new(Header::new(KIND_DATA, me, peer, 0)),
+    );
     let got = Cell::new(false);
-    progress_until(layer, "the peer's hello", 20, |_, _| got.set(true), || got.get());
+    progress_until(
+        layer,
+        "the peer's hello",
+        20,
+        |_, _| got.set(true),
+        || got.get(),
+    );
     if layer.barrier().is_err() {
         fail(format!("rank {me}: barrier"));
     }
@@ -402,9 +505,138 @@ fn lost(layer: &UcxLayer) {
     }
 }
 
+/// A parking spot with a wake-up token, like a runtime mailbox.
+#[derive(Default)]
+struct Spot {
+    token: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Spot {
+    fn wake(&self) {
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.cv.notify_one();
+    }
+
+    /// Parks until woken or `timeout`; returns whether it was woken.
+    fn park(&self, timeout: Duration) -> bool {
+        let g = self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |woken| !*woken)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *g, false)
+    }
+}
+
+/// The runtime's pattern with a wake-up hook: one "network PE" thread
+/// polls `progress`, spins 100 µs when idle, then parks until the hook
+/// wakes it; "worker PE" threads send. Rank 1 sends bursts with pauses
+/// from two threads; rank 0's network PE hands each message to a worker
+/// thread, which answers it. A park that outlasts 5 s while messages are
+/// due is a lost wake-up.
+fn park(layer: Arc<UcxLayer>, rounds: u64) {
+    let me = layer.rank();
+    if layer.size() != 2 {
+        fail("park needs exactly 2 processes".into());
+    }
+    let spot = Arc::new(Spot::default());
+    let hook_spot = Arc::clone(&spot);
+    if !MachineLayer::set_wakeup(&*layer, Box::new(move || hook_spot.wake())) {
+        fail("set_wakeup refused".into());
+    }
+    let threads = 2u64;
+    let expected = rounds * threads;
+    let (to_worker, worker_rx) = mpsc::channel::<Message>();
+    let mut senders = Vec::new();
+    if me == 1 {
+        for t in 0..threads {
+            let layer = Arc::clone(&layer);
+            senders.push(std::thread::spawn(move || {
+                for k in 0..rounds {
+                    let h = Header::new(KIND_DATA, 1, 0, t << 32 | k);
+                    send(&layer, 0, Message::new(h));
+                    // Pauses long enough for rank 0 to park, sometimes.
+                    let pause = (k * 7 + t * 3) % 5;
+                    if pause > 2 {
+                        std::thread::sleep(Duration::from_micros(300 * pause));
+                    }
+                }
+            }));
+        }
+    } else {
+        let layer = Arc::clone(&layer);
+        senders.push(std::thread::spawn(move || {
+            // The worker PE: answers from its own thread (sends while the
+            // network PE holds the worker or parks).
+            for m in worker_rx {
+                let h = Header::new(KIND_GOT, 0, 1, m.header().tag);
+                send(&layer, 1, Message::new(h));
+            }
+        }));
+    }
+    // The network PE (this thread).
+    let mut next: HashMap<u64, u64> = HashMap::new();
+    let mut got = 0u64;
+    let mut parks = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut idle_since = Instant::now();
+    while got < expected {
+        if Instant::now() > deadline {
+            fail(format!("rank {me}: {got} of {expected} after 120 s"));
+        }
+        let n = layer
+            .progress(&mut |_, m| {
+                let (t, k) = (m.header().tag >> 32, m.header().tag & 0xffff_ffff);
+                let e = next.entry(t).or_insert(0);
+                if k != *e {
+                    fail(format!("rank {me}: thread {t}: got {k}, expected {}", *e));
+                }
+                *e += 1;
+                got += 1;
+                if me == 0 {
+                    let _ = to_worker.send(m);
+                }
+            })
+            .unwrap_or_else(|e| fail(format!("rank {me}: progress: {e}")));
+        if n > 0 {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() > Duration::from_micros(100) {
+            parks += 1;
+            if !spot.park(Duration::from_secs(5)) {
+                fail(format!(
+                    "rank {me}: parked 5 s with {} of {expected} messages outstanding: lost wake-up",
+                    expected - got
+                ));
+            }
+            idle_since = Instant::now();
+        }
+    }
+    drop(to_worker);
+    for s in senders {
+        if s.join().is_err() {
+            fail(format!("rank {me}: a thread panicked"));
+        }
+    }
+    finish(&layer, vec![false; 2], &mut |_, _| {});
+    println!("OK park rank {me}: {got} messages, parked {parks} times");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let layer = match UcxLayer::from_env() {
+    // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
+    // endpoints too (exercises UCX's own failure reporting).
+    let cfg = UcxConfig {
+        same_host_error_handling: std::env::var_os("CHARMRS_UCX_CHECK_PEER_ERRORS").is_some(),
+        ..UcxConfig::default()
+    };
+    let layer = match UcxLayer::from_env_with_config(cfg) {
         Ok(Some(l)) => Arc::new(l),
         Ok(None) => fail("not started by charmrun (CHARMRS_KV_ADDR unset)".into()),
         Err(e) => fail(format!("UCX layer: {e}")),
@@ -416,6 +648,7 @@ fn main() {
         Some("rma") => rma(&layer),
         Some("wake") => wake(&layer),
         Some("lost") => lost(&layer),
+        Some("park") => park(Arc::clone(&layer), num(2, 2000)),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }

@@ -1,0 +1,718 @@
+//! The receive side of a layer: incoming connections are read by the
+//! thread that calls `progress`, on that thread, with no hand-off.
+//!
+//! # How input is noticed
+//!
+//! * After its handshake an incoming socket is made non-blocking and
+//!   registered twice: level-triggered in the `data` epoll (what
+//!   `progress_wait` sleeps in, and what `progress` asks "which sockets have
+//!   input?" when there are many) and edge-triggered in the `watch` epoll.
+//! * [`poll`] (called by `progress`) reads the sockets itself: with at most
+//!   [`DIRECT_MAX`] connections it simply tries a non-blocking read on each
+//!   (one system call per idle poll, one per arrival), otherwise it asks the
+//!   `data` epoll first. A message reaches the caller's sink on the thread
+//!   that read it: no channel, no thread hop on the latency path.
+//! * A *watcher* thread blocks in the `watch` epoll and, on every arrival,
+//!   sets `arrived` and calls the wake-up hook (`TcpLayer::set_wakeup`).
+//!   It reads only as a fallback (see back-pressure below). So a parked
+//!   caller is woken by network input, and a busy one learns cheaply (one
+//!   atomic load) that a poll is worth a system call: [`poll`] reads the
+//!   sockets when `arrived` is set, and otherwise on every
+//!   [`HOT_EVERY`]-th call while input came recently ("hot": within the
+//!   last [`HOT_POLLS`] polls) and every [`COLD_EVERY`]-th call after that.
+//!
+//! # Invariants
+//!
+//! * Everything read is hostile: frames are length-checked against
+//!   `cfg.max_frame` before any allocation and decoded with the transport's
+//!   checked codec; a malformed one drops that connection (logged to stderr
+//!   with the peer, reported through `progress` as
+//!   [`TransportError::Malformed`] naming the peer). Nothing here panics on
+//!   input.
+//! * Resumable: a connection's partial input (an incomplete frame prefix in
+//!   `acc`, or a large frame's partly read payload in `big`) survives
+//!   between polls; every *complete* packet read is acted on before a poll
+//!   returns, so nothing complete waits in memory for socket readiness that
+//!   will not come.
+//! * One reader at a time: connection state lives behind `state`, taken with
+//!   `try_lock` (a concurrent or re-entrant poll skips the sockets rather
+//!   than block); so per-connection, and thus per-pair, order is arrival
+//!   order, each packet handed out once.
+//! * Bounded memory, back-pressure by TCP: a poll reads at most
+//!   [`POLL_BUDGET`] bytes and hands every message read to its sink. Input
+//!   is read ahead into `parked` (which the next poll hands out first) only
+//!   by [`relieve`]: from a send blocked on a full socket (so two processes
+//!   sending to each other cannot both block forever), or from the watcher
+//!   when nobody polled within [`GRACE`] of an arrival (so a busy process
+//!   does not hold its senders up, and remote reads are served); `parked`
+//!   stays under `cfg.recv_queue_bytes`. Past that, input stays in the
+//!   kernel, TCP's window closes and the sender's `send` waits.
+//! * A received frame is one buffer and its segments are [`Bytes`] views of
+//!   it. Small frames go through one 64 KiB read buffer (one copy per read,
+//!   amortised over the frames in it); the payload of a frame longer than
+//!   that is read straight into its final buffer, recycled from the
+//!   connection's previous large frame once the application dropped it.
+//! * A registration is removed from both epolls before its socket is closed.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use charmrs_transport::{decode_frame_bytes, peek_frame_len, Message, ProcessId, TransportError};
+
+use crate::poll::{Epoll, EventFd, Trigger};
+use crate::shared::{lock, Event, GetJob, Shared};
+use crate::wire;
+
+/// Size of a connection's read buffer, and the threshold above which a
+/// frame's payload is read straight into its own buffer.
+const CHUNK: usize = 64 * 1024;
+/// Largest frame whose buffer a connection keeps for reuse.
+const RECYCLE_MAX: usize = 64 << 20;
+/// Up to this many connections, a poll tries each socket instead of asking
+/// the `data` epoll which are readable.
+pub(crate) const DIRECT_MAX: usize = 2;
+/// With a watcher: after input, this many further polls read the sockets
+/// on every call (a reply is likely soon); then only when told.
+pub(crate) const HOT_POLLS: u32 = 4096;
+/// With a watcher and no recent input: every this many calls a poll reads
+/// the sockets anyway (a safety net should the watcher be slow to run).
+pub(crate) const COLD_EVERY: u32 = 64;
+/// Most bytes one [`poll`] reads (a larger frame is read over several).
+const POLL_BUDGET: usize = 8 << 20;
+/// How long after an arrival the watcher lets the poller pick it up before
+/// it reads the input itself.
+const GRACE: Duration = Duration::from_millis(1);
+fn hot_every() -> u32 {
+    static V: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("CHARMRS_TCP_HOT_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    })
+}
+/// Token of the doorbell in the `data` epoll.
+const BELL: u64 = 0;
+/// Token of the stop signal in the `watch` epoll.
+const STOP: u64 = 0;
+
+/// How a connection ended.
+pub(crate) enum End {
+    /// The peer said goodbye.
+    Bye,
+    /// The connection broke or closed without goodbye.
+    Lost(String),
+    /// The peer sent something that can never be valid.
+    Malformed(String),
+}
+
+/// One authenticated incoming connection and its partial input.
+pub(crate) struct Conn {
+    /// Unique id (also its epoll token and its `Peer::incoming` id).
+    id: u64,
+    /// The sending process.
+    peer: ProcessId,
+    addr: SocketAddr,
+    stream: TcpStream,
+    /// Bytes read but not yet a complete packet.
+    acc: BytesMut,
+    /// A large packet being read straight into its own buffer, and its
+    /// total length.
+    big: Option<(Vec<u8>, usize)>,
+    /// The previous large packet, reused once the application dropped it.
+    last_large: Option<Bytes>,
+}
+
+/// Connection state, owned by whichever thread polls.
+struct RecvState {
+    conns: Vec<Conn>,
+    /// Messages read by [`relieve`] (a blocked send), oldest first, for the
+    /// next [`poll`]; and their frame bytes.
+    parked: Vec<(ProcessId, Message)>,
+    parked_bytes: usize,
+    scratch: Vec<u8>,
+    ready: Vec<u64>,
+    /// Polls since one last found input (saturating).
+    idle_polls: u32,
+    /// Calls of [`poll`] (wrapping), for [`COLD_EVERY`].
+    calls: u32,
+}
+
+/// The receive side's shared part (lives in [`Shared`]).
+pub(crate) struct Receiver {
+    /// Level-triggered: connections and the doorbell.
+    pub(crate) data: Epoll,
+    /// Edge-triggered: connections and `stop`.
+    watch: Epoll,
+    /// Rung by `Shared::push` while a `progress_wait` sleeps in `data`.
+    pub(crate) bell: EventFd,
+    stop: EventFd,
+    /// Threads sleeping in `data` (see `Shared::push`).
+    pub(crate) waiting: AtomicUsize,
+    /// Set by the watcher on input, cleared by the poll that acts on it.
+    arrived: AtomicBool,
+    /// The watcher runs (it tells polls when input came).
+    watching: AtomicBool,
+    /// Polls that took the connection state (for the watcher's grace).
+    polls: AtomicU64,
+    /// Connections past their handshake, not yet taken over by a poll.
+    adopt: Mutex<Vec<Conn>>,
+    has_new: AtomicBool,
+    state: Mutex<RecvState>,
+    watcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Receiver {
+    /// Epolls and eventfds for a new layer.
+    pub(crate) fn new() -> io::Result<Receiver> {
+        let r = Receiver {
+            data: Epoll::new()?,
+            watch: Epoll::new()?,
+            bell: EventFd::new()?,
+            stop: EventFd::new()?,
+            waiting: AtomicUsize::new(0),
+            arrived: AtomicBool::new(false),
+            watching: AtomicBool::new(false),
+            polls: AtomicU64::new(0),
+            adopt: Mutex::new(Vec::new()),
+            has_new: AtomicBool::new(false),
+            state: Mutex::new(RecvState {
+                conns: Vec::new(),
+                parked: Vec::new(),
+                parked_bytes: 0,
+                scratch: vec![0u8; CHUNK],
+                ready: Vec::new(),
+                idle_polls: HOT_POLLS,
+                calls: 0,
+            }),
+            watcher: Mutex::new(None),
+        };
+        r.data.add(r.bell.as_fd(), BELL, Trigger::Level)?;
+        r.watch.add(r.stop.as_fd(), STOP, Trigger::Level)?;
+        Ok(r)
+    }
+}
+
+/// First token of a connection (0 is the doorbell / stop).
+pub(crate) const FIRST_CONN_ID: u64 = 1;
+
+/// Hands an authenticated connection from process `p` to the pollers:
+/// non-blocking, registered in both epolls, queued for adoption; then wakes
+/// whoever polls. On failure the caller refuses the connection.
+pub(crate) fn adopt(
+    shared: &Shared,
+    p: ProcessId,
+    id: u64,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<(), String> {
+    let r = &shared.recv;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| format!("non-blocking mode: {e}"))?;
+    r.data
+        .add(stream.as_fd(), id, Trigger::Level)
+        .map_err(|e| format!("epoll registration: {e}"))?;
+    if let Err(e) = r.watch.add(stream.as_fd(), id, Trigger::Edge) {
+        let _ = r.data.delete(stream.as_fd());
+        return Err(format!("epoll registration: {e}"));
+    }
+    lock(&r.adopt).push(Conn {
+        id,
+        peer: p,
+        addr,
+        stream,
+        acc: BytesMut::with_capacity(CHUNK),
+        big: None,
+        last_large: None,
+    });
+    r.has_new.store(true, Ordering::SeqCst);
+    r.arrived.store(true, Ordering::SeqCst);
+    shared.ring();
+    Ok(())
+}
+
+/// Starts the watcher thread (once, at layer set-up).
+pub(crate) fn start_watcher(shared: &Arc<Shared>) -> io::Result<()> {
+    let r = &shared.recv;
+    let mut slot = lock(&r.watcher);
+    if slot.is_some() || shared.closing.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let s = Arc::clone(shared);
+    *slot = Some(
+        std::thread::Builder::new()
+            .name(format!("charmrs-tcp-watch-in-{}", shared.rank))
+            .spawn(move || watch(&s))?,
+    );
+    r.watching.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// The watcher: on every arrival (or hang-up) on any incoming connection,
+/// sets `arrived` and calls the wake-up hook; it does not read. If nobody
+/// polls within [`GRACE`] of an arrival (the process is busy elsewhere, or
+/// does not poll at all), it reads the input into the parked queue itself
+/// ([`relieve`], bounded by `cfg.recv_queue_bytes`), so that senders are
+/// not held up by a process that polls rarely and remote reads are served.
+fn watch(shared: &Arc<Shared>) {
+    let r = &shared.recv;
+    let mut ready = Vec::new();
+    // An arrival not yet known to be picked up: when, and the poll count
+    // then.
+    let mut check: Option<(Instant, u64)> = None;
+    loop {
+        let timeout = check.map(|(t, _)| (t + GRACE).saturating_duration_since(Instant::now()));
+        if let Err(e) = r.watch.wait(&mut ready, timeout) {
+            // Cannot happen with a valid epoll; degrade to waking the
+            // poller every millisecond rather than let it sleep through
+            // input.
+            eprintln!(
+                "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
+                shared.rank
+            );
+            r.watching.store(false, Ordering::SeqCst);
+            while !shared.closing.load(Ordering::SeqCst) {
+                shared.wake();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        if ready.contains(&STOP) {
+            return;
+        }
+        if !ready.is_empty() {
+            r.arrived.store(true, Ordering::SeqCst);
+            shared.wake();
+            if check.is_none() {
+                check = Some((Instant::now(), r.polls.load(Ordering::SeqCst)));
+            }
+        }
+        if let Some((t, polls)) = check {
+            if t.elapsed() >= GRACE {
+                check = None;
+                if r.polls.load(Ordering::SeqCst) == polls {
+                    relieve(shared);
+                }
+            }
+        }
+    }
+}
+
+/// Stops the watcher and closes every connection (layer shutdown).
+pub(crate) fn close_all(shared: &Shared) {
+    let r = &shared.recv;
+    r.stop.ring();
+    let handle = lock(&r.watcher).take();
+    if let Some(h) = handle {
+        if h.thread().id() != std::thread::current().id() {
+            let _ = h.join();
+        }
+    }
+    let mut st = lock(&r.state);
+    let pending = std::mem::take(&mut *lock(&r.adopt));
+    for c in st.conns.drain(..).chain(pending) {
+        forget(shared, &c);
+    }
+}
+
+/// Deregisters and closes `c`, freeing its peer's incoming slot.
+fn forget(shared: &Shared, c: &Conn) {
+    let r = &shared.recv;
+    let _ = r.data.delete(c.stream.as_fd());
+    let _ = r.watch.delete(c.stream.as_fd());
+    {
+        let mut slot = lock(&shared.peers[c.peer as usize].incoming);
+        if matches!(&*slot, Some((id, _)) if *id == c.id) {
+            *slot = None;
+        }
+    }
+    let _ = c.stream.shutdown(Shutdown::Both);
+}
+
+/// Takes the connection state if no other thread holds it.
+fn try_state(r: &Receiver) -> Option<MutexGuard<'_, RecvState>> {
+    match r.state.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Reads the incoming connections on the calling thread and hands every
+/// complete message to `sink` (first those parked by [`relieve`]); returns
+/// how many. `force` reads even when the watcher saw nothing
+/// (`progress_wait`, shutdown). Skips the sockets if another thread is
+/// reading them. `sink` runs after the connection state is released, so it
+/// may send (and a send that blocks may read, see [`relieve`]).
+pub(crate) fn poll(
+    shared: &Arc<Shared>,
+    sink: &mut dyn FnMut(ProcessId, Message),
+    force: bool,
+) -> usize {
+    let r = &shared.recv;
+    let batch = {
+        let Some(mut st) = try_state(r) else {
+            return 0;
+        };
+        let st = &mut *st;
+        st.calls = st.calls.wrapping_add(1);
+        r.polls.store(u64::from(st.calls), Ordering::SeqCst);
+        if r.has_new.load(Ordering::Acquire) {
+            r.has_new.store(false, Ordering::SeqCst);
+            st.conns.append(&mut lock(&r.adopt));
+        }
+        if st.conns.is_empty() && st.parked.is_empty() {
+            return 0;
+        }
+        if !force && st.parked.is_empty() && r.watching.load(Ordering::Relaxed) {
+            // Load first: no read-modify-write of a line the watcher writes
+            // unless it did write.
+            let flagged =
+                r.arrived.load(Ordering::Acquire) && r.arrived.swap(false, Ordering::AcqRel);
+            let every = if st.idle_polls < HOT_POLLS {
+                hot_every()
+            } else {
+                COLD_EVERY
+            };
+            if !(flagged || st.calls % every == 0) {
+                return 0;
+            }
+        }
+        // Parked messages were read first: they go first.
+        let mut batch = std::mem::take(&mut st.parked);
+        st.parked_bytes = 0;
+        let read = read_all(shared, st, &mut |p, m| batch.push((p, m)), POLL_BUDGET);
+        if read {
+            st.idle_polls = 0;
+        } else {
+            st.idle_polls = st.idle_polls.saturating_add(1);
+        }
+        batch
+    };
+    let n = batch.len();
+    for (p, m) in batch {
+        sink(p, m);
+    }
+    n
+}
+
+/// Called by a send that found its socket full: reads what the incoming
+/// connections have into the parked queue (up to `cfg.recv_queue_bytes`
+/// parked), so two processes sending to each other at once cannot both
+/// block forever with full socket buffers. Returns whether it read
+/// anything; `None` if it could not read (another thread is reading, or
+/// the parked queue is full).
+pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
+    let r = &shared.recv;
+    let mut st = try_state(r)?;
+    let st = &mut *st;
+    if r.has_new.load(Ordering::Acquire) {
+        r.has_new.store(false, Ordering::SeqCst);
+        st.conns.append(&mut lock(&r.adopt));
+    }
+    let room = shared.cfg.recv_queue_bytes.saturating_sub(st.parked_bytes);
+    if room == 0 {
+        return None;
+    }
+    if st.conns.is_empty() {
+        return Some(false);
+    }
+    let mut parked = std::mem::take(&mut st.parked);
+    let mut bytes = 0;
+    let read = read_all(
+        shared,
+        st,
+        &mut |p, m| {
+            bytes += m.frame_len();
+            parked.push((p, m));
+        },
+        room,
+    );
+    let any = !parked.is_empty();
+    st.parked = parked;
+    st.parked_bytes += bytes;
+    if read {
+        st.idle_polls = 0;
+    }
+    if any {
+        // Whoever polls picks the parked messages up.
+        r.arrived.store(true, Ordering::SeqCst);
+        shared.ring();
+    }
+    Some(read)
+}
+
+/// Reads the readable connections (all of them when there are at most
+/// [`DIRECT_MAX`]), at most `budget` bytes, handing complete messages to
+/// `out`; closes and reports connections that ended. Returns whether any
+/// byte was read or any connection ended.
+fn read_all(
+    shared: &Arc<Shared>,
+    st: &mut RecvState,
+    out: &mut dyn FnMut(ProcessId, Message),
+    budget: usize,
+) -> bool {
+    let r = &shared.recv;
+    let mut left = budget.max(1);
+    let mut ended: Vec<(usize, End)> = Vec::new();
+    if st.conns.len() <= DIRECT_MAX {
+        for (i, c) in st.conns.iter_mut().enumerate() {
+            if let Err(end) = c.pump(shared, &mut st.scratch, &mut left, out) {
+                ended.push((i, end));
+            }
+        }
+    } else {
+        if let Err(e) = r.data.wait(&mut st.ready, Some(Duration::ZERO)) {
+            eprintln!("charmrs-tcp[rank {}]: epoll_wait: {e}", shared.rank);
+        }
+        for k in 0..st.ready.len() {
+            let token = st.ready[k];
+            let Some(i) = st.conns.iter().position(|c| c.id == token) else {
+                continue; // the doorbell, or a connection not adopted yet
+            };
+            if let Err(end) = st.conns[i].pump(shared, &mut st.scratch, &mut left, out) {
+                ended.push((i, end));
+            }
+        }
+    }
+    let any = left < budget.max(1) || !ended.is_empty();
+    if left == 0 {
+        // Stopped by the budget: input may be left in a socket, and no new
+        // arrival may come to say so (the sender may be waiting for room).
+        // The next poll must read.
+        r.arrived.store(true, Ordering::SeqCst);
+    }
+    // Remove the highest index first, so the lower ones stay valid.
+    ended.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+    for (i, end) in ended {
+        let c = st.conns.swap_remove(i);
+        // Report first, then close: whatever the peer does once it sees
+        // the close is queued after this report.
+        if !shared.closing.load(Ordering::SeqCst) {
+            report_end(shared, c.peer, c.addr, end);
+        }
+        forget(shared, &c);
+    }
+    any
+}
+
+/// Reports how an incoming connection ended.
+fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) {
+    match end {
+        End::Bye => shared.depart(p),
+        End::Lost(why) => shared.lose(p, format!("connection from process {p} ({addr}): {why}")),
+        End::Malformed(why) => {
+            shared
+                .counters
+                .frames_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "charmrs-tcp[rank {}]: dropped the connection from process {p} ({addr}): malformed frame: {why}",
+                shared.rank
+            );
+            shared.push(Event::Err(TransportError::Malformed(format!(
+                "process {p} ({addr}) sent a malformed frame ({why}); its connection was dropped"
+            ))));
+        }
+    }
+}
+
+impl Conn {
+    /// Reads what the socket has (while `budget` lasts) and acts on every
+    /// complete packet, handing messages to `out`. `Err` when the connection
+    /// ended (after the messages before the end were handed out).
+    fn pump(
+        &mut self,
+        shared: &Arc<Shared>,
+        scratch: &mut [u8],
+        budget: &mut usize,
+        out: &mut dyn FnMut(ProcessId, Message),
+    ) -> Result<(), End> {
+        let mut drained = false;
+        loop {
+            if let Some((mut buf, needed)) = self.big.take() {
+                // Payload of a large frame (its length is exact: the prefix
+                // was complete), read straight into the frame's own buffer;
+                // `read_to_end` fills spare capacity without zeroing it and
+                // keeps what it read when the socket runs dry.
+                let before = buf.len();
+                let want = ((needed - before).min(*budget)) as u64;
+                let res = (&self.stream).take(want).read_to_end(&mut buf);
+                *budget = budget.saturating_sub(buf.len() - before);
+                match res {
+                    Ok(_) if buf.len() == needed => {
+                        let packet = Bytes::from(buf);
+                        if needed <= RECYCLE_MAX {
+                            self.last_large = Some(packet.clone());
+                        }
+                        handle_packet(shared, self.peer, packet[0], &packet.slice(1..), out)?;
+                        continue;
+                    }
+                    Ok(_) if buf.len() - before < want as usize => {
+                        return Err(End::Lost(
+                            "connection closed in the middle of a frame".to_owned(),
+                        ));
+                    }
+                    Ok(_) => {
+                        // Budget spent mid-frame: resume on the next poll.
+                        self.big = Some((buf, needed));
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.big = Some((buf, needed));
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        self.big = Some((buf, needed));
+                        continue;
+                    }
+                    Err(e) => return Err(End::Lost(e.to_string())),
+                }
+            }
+            // Act on every complete packet in `acc`; learn how many bytes
+            // the next one needs.
+            let needed = self.act_on_complete(shared, out)?;
+            if needed > self.acc.len() + CHUNK {
+                // Start a large frame in the previous large frame's storage
+                // when the application dropped every view of it (`Vec::from`
+                // then hands the allocation back without copying).
+                let mut buf = match self.last_large.take() {
+                    Some(mut prev) => {
+                        prev.clear();
+                        Vec::from(prev)
+                    }
+                    None => Vec::new(),
+                };
+                buf.clear();
+                buf.reserve_exact(needed);
+                buf.extend_from_slice(&self.acc);
+                self.acc.clear();
+                self.big = Some((buf, needed));
+                continue;
+            }
+            if drained || *budget == 0 {
+                return Ok(());
+            }
+            let take = scratch.len().min(*budget);
+            match (&self.stream).read(&mut scratch[..take]) {
+                Ok(0) if self.acc.is_empty() => {
+                    return Err(End::Lost("connection closed by the peer".to_owned()))
+                }
+                Ok(0) => {
+                    return Err(End::Lost(
+                        "connection closed in the middle of a frame".to_owned(),
+                    ))
+                }
+                Ok(k) => {
+                    *budget -= k;
+                    self.acc.extend_from_slice(&scratch[..k]);
+                    // A short read has (most likely) drained the socket: act
+                    // on what came, then stop, saving the system call that
+                    // would only say "nothing more". Level-triggered
+                    // readiness and the next poll pick up anything that raced
+                    // in.
+                    drained = k < take;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Lost(e.to_string())),
+            }
+        }
+    }
+
+    /// Acts on every complete packet in `acc`, handing messages to `out`;
+    /// returns how many bytes the next packet needs (1 when `acc` is empty:
+    /// its type byte).
+    fn act_on_complete(
+        &mut self,
+        shared: &Arc<Shared>,
+        out: &mut dyn FnMut(ProcessId, Message),
+    ) -> Result<usize, End> {
+        loop {
+            let Some(&ty) = self.acc.first() else {
+                return Ok(1);
+            };
+            if ty == wire::PKT_BYE {
+                return Err(End::Bye);
+            }
+            if ty > wire::PKT_ABORT {
+                return Err(End::Malformed(format!("unknown packet type {ty}")));
+            }
+            match peek_frame_len(&self.acc[1..], shared.cfg.max_frame) {
+                Ok(len) => {
+                    let packet = self.acc.split_to(1 + len).freeze();
+                    handle_packet(shared, self.peer, ty, &packet.slice(1..), out)?;
+                }
+                Err(TransportError::Truncated { needed, .. }) => return Ok(1 + needed),
+                Err(e) => return Err(End::Malformed(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Decodes one complete packet (type `ty`, `frame` = its transport frame)
+/// and acts on it; a message goes to `out`.
+fn handle_packet(
+    shared: &Arc<Shared>,
+    p: ProcessId,
+    ty: u8,
+    frame: &Bytes,
+    out: &mut dyn FnMut(ProcessId, Message),
+) -> Result<(), End> {
+    let (msg, _) = decode_frame_bytes(frame, shared.cfg.max_frame)
+        .map_err(|e| End::Malformed(e.to_string()))?;
+    match ty {
+        wire::PKT_DATA | wire::PKT_GET_RESP => {
+            shared.count_received(&msg);
+            out(p, msg);
+        }
+        wire::PKT_GET_REQ => {
+            let seg = match msg.segments() {
+                [seg] if seg.len() == 24 => seg,
+                _ => return Err(End::Malformed("bad remote-read request".to_owned())),
+            };
+            let word = |i: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&seg[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(w)
+            };
+            shared.enqueue_get(GetJob {
+                from: p,
+                kind: msg.header().kind,
+                tag: msg.header().tag,
+                region: word(0),
+                len: word(1),
+                nonce: word(2),
+            });
+        }
+        wire::PKT_GET_ERR => {
+            let why = msg
+                .segments()
+                .first()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .unwrap_or_default();
+            shared.push(Event::Err(TransportError::Malformed(format!(
+                "remote read from process {p} (completion kind {}, tag {}) failed: {why}",
+                msg.header().kind,
+                msg.header().tag
+            ))));
+        }
+        wire::PKT_ABORT => {
+            let why = msg
+                .segments()
+                .first()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .unwrap_or_default();
+            shared.lose(p, format!("process {p} aborted the job: {why}"));
+        }
+        _ => return Err(End::Malformed(format!("unknown packet type {ty}"))),
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Reusable receive buffers for rendezvous messages.
+//!
+//! # What this module owns
+//!
+//! [`BufPool`]: size classes (powers of two from [`MIN_CLASS`] to
+//! [`MAX_CLASS`]) of byte buffers into which UCX's rendezvous protocol
+//! writes large messages. The buffer becomes the delivered message's
+//! segments through [`Bytes::from_owner`]; when the last view of it is
+//! dropped — on whatever thread — it goes back to its class.
+//!
+//! Why: a fresh multi-megabyte allocation per message is page-faulted (and
+//! zeroed by the kernel) on first touch, which costs more than moving the
+//! bytes; reused buffers are already mapped (and, on RDMA transports, stay
+//! registered in UCX's registration cache).
+//!
+//! # Invariants
+//!
+//! * Each class keeps at most [`CLASS_BYTES`] bytes of idle buffers; a
+//!   buffer that finds its class full is freed. Classes are stacks: the
+//!   most recently returned buffer, likeliest still in cache, goes out
+//!   first. Buffers outside the
+//!   classes are plain allocations. The pool never blocks and never fails:
+//!   when a class is empty a new buffer is allocated.
+//! * A buffer is handed out to one message at a time; its contents are
+//!   whatever the previous user left until UCX overwrites the message's
+//!   length of it, and only that length is ever exposed.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+/// Smallest pooled class (smaller messages go eager, copied).
+pub(crate) const MIN_CLASS: usize = 64 << 10;
+/// Largest pooled class.
+pub(crate) const MAX_CLASS: usize = 64 << 20;
+/// Bytes of idle buffers each class may keep.
+pub(crate) const CLASS_BYTES: usize = 64 << 20;
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    /// Idle buffers per class, with the class's capacity in buffers.
+    classes: Vec<(Mutex<Vec<Vec<u8>>>, usize)>,
+}
+
+/// A buffer on loan from the pool; returns to it on drop.
+pub(crate) struct Loan {
+    buf: Vec<u8>,
+    pool: Option<Arc<BufPool>>,
+}
+
+impl AsRef<[u8]> for Loan {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            if let Some((stack, cap)) = pool.class_of(self.buf.len()) {
+                let mut stack = stack.lock().unwrap_or_else(PoisonError::into_inner);
+                if stack.len() < *cap {
+                    stack.push(std::mem::take(&mut self.buf));
+                }
+            }
+        }
+    }
+}
+
+impl BufPool {
+    pub(crate) fn new() -> Arc<BufPool> {
+        let mut classes = Vec::new();
+        let mut c = MIN_CLASS;
+        while c <= MAX_CLASS {
+            let cap = (CLASS_BYTES / c).max(1);
+            classes.push((Mutex::new(Vec::with_capacity(cap)), cap));
+            c *= 2;
+        }
+        Arc::new(BufPool { classes })
+    }
+
+    fn index(len: usize) -> Option<usize> {
+        if !(MIN_CLASS..=MAX_CLASS).contains(&len) || !len.is_power_of_two() {
+            return None;
+        }
+        Some((len.trailing_zeros() - MIN_CLASS.trailing_zeros()) as usize)
+    }
+
+    fn class_of(&self, len: usize) -> Option<&(Mutex<Vec<Vec<u8>>>, usize)> {
+        Self::index(len).and_then(|i| self.classes.get(i))
+    }
+
+    /// A buffer of at least `len` bytes (all initialised).
+    pub(crate) fn take(self: &Arc<Self>, len: usize) -> Loan {
+        let class = len
+            .max(MIN_CLASS)
+            .checked_next_power_of_two()
+            .unwrap_or(len);
+        match self.class_of(class) {
+            Some((stack, _)) => {
+                let idle = stack.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                Loan {
+                    buf: idle.unwrap_or_else(|| vec![0u8; class]),
+                    pool: Some(Arc::clone(self)),
+                }
+            }
+            None => Loan {
+                buf: vec![0u8; len],
+                pool: None,
+            },
+        }
+    }
+}
+
+impl Loan {
+    /// Pointer UCX writes the message into.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr()
+    }
+
+    /// The buffer's capacity in bytes.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The first `len` bytes as shared [`Bytes`] (returned to the pool when
+    /// the last view drops).
+    pub(crate) fn into_bytes(self, len: usize) -> Bytes {
+        Bytes::from_owner(self).slice(..len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_and_are_reused() {
+        let pool = BufPool::new();
+        let mut a = pool.take(100_000);
+        assert_eq!(a.len(), 128 << 10);
+        let p = a.as_mut_ptr();
+        // SAFETY: the loan has 128 KiB of initialised bytes.
+        unsafe { p.write(7) };
+        let b = a.into_bytes(100_000);
+        assert_eq!(b.len(), 100_000);
+        assert_eq!(b[0], 7);
+        let tail = b.slice(10..);
+        drop(b);
+        let c = pool.take(90_000);
+        assert_ne!(c.buf.as_ptr(), p as *const u8, "still in use by `tail`");
+        drop(tail);
+        let mut d = pool.take(70_000);
+        assert_eq!(d.as_mut_ptr(), p, "reused once the last view dropped");
+        drop((c, d));
+        assert_eq!(pool.take(1 << 30).len(), 1 << 30);
+        assert_eq!(pool.take(10).len(), MIN_CLASS);
+    }
+}
