@@ -28,7 +28,7 @@ pub struct OfiConfig {
     /// How long dropping the layer waits for its last sends to complete and
     /// peers to finish reading its large messages. Default 1 s.
     pub linger: Duration,
-    /// How long [`OfiLayer::progress_wait`] keeps polling before it sleeps
+    /// How long [`OfiLayer::progress_wait`](crate::OfiLayer::progress_wait) keeps polling before it sleeps
     /// (on the completion queue's file descriptor when the provider has
     /// one, else in short naps). Default 50 µs.
     pub wait_spin: Duration,
