@@ -28,7 +28,9 @@
 //! * Per-source delivery order: a rendezvous message holds back later
 //!   messages from its source until its reads complete.
 //! * Failure bookkeeping: a `get` the target refused (unknown key, range,
-//!   access) is reported as [`TransportError::Malformed`]. Any other failed
+//!   access) is reported as [`TransportError::Malformed`] — except over the
+//!   `tcp` provider, which drops the connection over it, so the peer is
+//!   lost. Any other failed
 //!   operation towards a peer, or a local peer process that died without
 //!   saying goodbye, makes the peer lost:
 //!   reported once as [`TransportError::PeerLost`], its queue dropped, and
@@ -791,12 +793,24 @@ impl Engine {
                 src
             }
             OpKind::Get { src, buf, .. } if refused(err.err) => {
-                // The peer answered: the key or range is not (or no longer)
-                // valid there. A failed `get`, not a lost peer.
-                self.errors.push_back(TransportError::Malformed(format!(
+                let what = format!(
                     "remote read of {} bytes from process {src} was refused: {reason}",
                     buf.capacity()
-                )));
+                );
+                if self.fab.limits.provider.split(';').any(|p| p == "tcp") {
+                    // The tcp provider (1.17) closes the connection on an
+                    // invalid read request, and messages injected on it
+                    // afterwards vanish without an error: the pair can no
+                    // longer guarantee delivery.
+                    self.lose(
+                        src,
+                        format!("{what}; the tcp provider dropped the connection over it"),
+                    );
+                } else {
+                    // The peer answered that the key or range is not (or
+                    // no longer) valid: a failed `get`, not a lost peer.
+                    self.errors.push_back(TransportError::Malformed(what));
+                }
                 return;
             }
             OpKind::Get { src, .. } => src,

@@ -13,6 +13,7 @@ use charmrs_transport::{
 };
 use crossbeam_queue::SegQueue;
 
+use crate::config::{OfiConfig, ENV_PROVIDER};
 use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST};
 use crate::fabric::Fabric;
 use crate::wire;
@@ -23,105 +24,6 @@ pub const ADDR_KEY: &str = "ofi-addr";
 pub const PROVIDER_KEY: &str = "ofi-provider";
 /// Bootstrap key of a process's host identity and pid (liveness checks).
 pub const HOST_KEY: &str = "ofi-host";
-
-/// Environment variable naming the libfabric provider (then `FI_PROVIDER`).
-pub const ENV_PROVIDER: &str = "CHARMRS_OFI_PROVIDER";
-
-/// Tunables of an [`OfiLayer`]. Every process of a job must use the same
-/// `packet_max`.
-#[derive(Debug, Clone)]
-pub struct OfiConfig {
-    /// libfabric provider, e.g. `"shm"` or `"tcp;ofi_rxm"`. `None`: the
-    /// [`ENV_PROVIDER`] variable, else `FI_PROVIDER`, else the first
-    /// suitable provider libfabric lists (never `sockets` or UDP ones).
-    pub provider: Option<String>,
-    /// Size of one pre-posted receive buffer, hence of the largest eager
-    /// packet (preamble, header, segment lengths and payload); larger
-    /// messages use the rendezvous (`fi_read`) path. At least 8 KiB.
-    /// Default 16 KiB.
-    pub packet_max: usize,
-    /// Number of pre-posted receive buffers. Default 128.
-    pub recv_buffers: usize,
-    /// Largest message (and `get`) accepted from a peer. Default 1 GiB.
-    pub max_message: u64,
-    /// How long dropping the layer waits for its last sends to complete and
-    /// peers to finish reading its large messages. Default 1 s.
-    pub linger: Duration,
-    /// How long [`OfiLayer::progress_wait`] keeps polling before it sleeps
-    /// (on the completion queue's file descriptor when the provider has
-    /// one, else in short naps). Default 50 µs.
-    pub wait_spin: Duration,
-    /// Idle capacity kept for reuse by the pool of rendezvous receive
-    /// buffers (recycled when the delivered message is dropped, so large
-    /// messages do not pay page faults on fresh memory). Default 64 MiB.
-    pub pool_bytes: usize,
-    /// Bytes of large (rendezvous) messages this process reads at once;
-    /// further ones wait in arrival order (one is always read, whatever its
-    /// size). Bounds the memory a burst of large messages takes and keeps
-    /// recycled buffers in use. Default 32 MiB.
-    pub read_window: usize,
-    /// How often peers on this host are checked for having exited without
-    /// shutting down (their lost-peer report). Default 100 ms.
-    pub liveness_interval: Duration,
-}
-
-impl Default for OfiConfig {
-    fn default() -> OfiConfig {
-        OfiConfig {
-            provider: None,
-            packet_max: 16 << 10,
-            recv_buffers: 128,
-            max_message: 1 << 30,
-            linger: Duration::from_secs(1),
-            wait_spin: Duration::from_micros(50),
-            liveness_interval: Duration::from_millis(100),
-            pool_bytes: 64 << 20,
-            read_window: 32 << 20,
-        }
-    }
-}
-
-/// Environment variable overriding [`OfiConfig::packet_max`] (bytes).
-pub const ENV_PACKET_MAX: &str = "CHARMRS_OFI_PACKET_MAX";
-/// Environment variable overriding [`OfiConfig::recv_buffers`].
-pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
-/// Environment variable overriding [`OfiConfig::pool_bytes`] (bytes; 0
-/// disables the recycling of rendezvous buffers).
-pub const ENV_POOL_BYTES: &str = "CHARMRS_OFI_POOL_BYTES";
-
-impl OfiConfig {
-    /// The defaults, with [`ENV_PACKET_MAX`], [`ENV_RECV_BUFFERS`] and
-    /// [`ENV_POOL_BYTES`] applied when set (the provider comes from the environment anyway,
-    /// see [`OfiConfig::provider`]).
-    ///
-    /// # Errors
-    ///
-    /// [`TransportError::Bootstrap`] naming the variable if one is set but
-    /// not a number.
-    pub fn from_env() -> Result<OfiConfig, TransportError> {
-        let mut cfg = OfiConfig::default();
-        let num = |name: &str| -> Result<Option<usize>, TransportError> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| bootstrap_err(format!("{name}={v:?} is not a number"))),
-                Err(_) => Ok(None),
-            }
-        };
-        if let Some(v) = num(ENV_PACKET_MAX)? {
-            cfg.packet_max = v;
-        }
-        if let Some(v) = num(ENV_RECV_BUFFERS)? {
-            cfg.recv_buffers = v;
-        }
-        if let Some(v) = num(ENV_POOL_BYTES)? {
-            cfg.pool_bytes = v;
-        }
-        Ok(cfg)
-    }
-}
 
 /// What a thread asks the progressing thread to do.
 enum Cmd {
@@ -689,7 +591,9 @@ impl MachineLayer for OfiLayer {
     /// arrives through `progress`. A read the owner refuses (region
     /// dropped, key of another job) comes out of `progress` as
     /// [`TransportError::Malformed`] (`shm` 1.17 reports it without naming
-    /// the read: [`TransportError::Io`]); other failures make `src` lost. A
+    /// the read: [`TransportError::Io`]); over `tcp;ofi_rxm`, whose `tcp`
+    /// provider drops the connection over a refused read (losing messages
+    /// silently), and after any other failure, `src` is lost. A
     /// read of one's own region is served from the registration table.
     fn get(
         &self,

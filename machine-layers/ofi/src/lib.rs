@@ -58,13 +58,12 @@
 //! [`wire`] documents the packets; the crate's `engine` module the
 //! protocol state and its invariants.
 
+mod config;
 mod engine;
 mod fabric;
 mod layer;
 mod pool;
 pub mod wire;
 
-pub use layer::{
-    OfiConfig, OfiLayer, ADDR_KEY, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
-    HOST_KEY, PROVIDER_KEY,
-};
+pub use config::{OfiConfig, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS};
+pub use layer::{OfiLayer, ADDR_KEY, HOST_KEY, PROVIDER_KEY};

@@ -817,9 +817,13 @@ impl MachineLayer for UcxLayer {
         }))
     }
 
-    /// `ucp_get_nbx` through the key's rkey into a fresh buffer; the
+    /// `ucp_get_nbx` through the key's rkey into a pooled buffer; the
     /// completion message arrives through `progress`. A malformed key is
     /// refused at once; a failed read arrives as an error from `progress`.
+    /// Keys are trusted within the job: UCX checks them against the
+    /// registration on RDMA transports, but its shared-memory path (CMA)
+    /// reads whatever the key's address and length say in the owner's
+    /// address space (same user, same job).
     fn get(
         &self,
         src: ProcessId,

@@ -15,10 +15,10 @@
 //! * **Addresses** are exchanged through the job's
 //!   [`Bootstrap`](charmrs_transport::Bootstrap) (put, fence, get);
 //!   **endpoints** are created lazily, with peer failure detection.
-//! * **Eager messages** are one `ucp_am_send_nbx` each: the AM header
-//!   carries the 32-byte message header, a sequence number and the
-//!   segment lengths ([`wire`]), the data part the segments as an iov —
-//!   no gathering copy.
+//! * **Eager messages** are one `ucp_am_send_nbx` each: a compact 28-byte
+//!   AM header carries the message header's fields, the sender's rank, a
+//!   sequence number and all segment lengths but the last ([`wire`]); the
+//!   data part is the segments as an iov — no gathering copy.
 //! * **Large messages** use UCX's active-message rendezvous: the receive
 //!   callback takes a buffer from a pool of reusable ones (a fresh
 //!   multi-megabyte allocation per message costs more in page faults than
@@ -33,7 +33,10 @@
 //!   messages.
 //! * **Wake-up**: `progress_wait` sleeps on the worker's event fd after
 //!   `ucp_worker_arm`; `set_wakeup` is supported through a watcher thread
-//!   on the same fd.
+//!   on the same fd: `progress` arms the worker after
+//!   [`UcxConfig::arm_after`] without arrivals, and if the progressing
+//!   thread stops calling `progress` without having armed, the watcher arms
+//!   it within a millisecond, so no wake-up is lost.
 //! * **Lost peers**: endpoints to other hosts use UCX's peer error
 //!   handling. Endpoints to processes on the same host do not by default
 //!   (UCX 1.13 cannot use its zero-copy shared-memory transport, CMA, on

@@ -436,20 +436,17 @@ impl Worker {
             | sys::UCP_OP_ATTR_FIELD_DATATYPE
             | sys::UCP_OP_ATTR_FIELD_FLAGS;
         param.cb.send = Some(send_done_cb);
+        // One (non-empty) segment: a plain contiguous buffer, which lets UCX
+        // use its short protocol; several: the iov table.
+        param.datatype = sys::ucp_dt_make_contig(1);
         let (buffer, count) = match op.iov.len() {
             0 => (ptr::null_mut(), 0),
-            1 => {
-                param.datatype = sys::ucp_dt_make_contig(1);
-                (op.iov[0].buffer, op.iov[0].length)
-            }
+            1 => (op.iov[0].buffer, op.iov[0].length),
             n => {
                 param.datatype = sys::ucp_dt_make_iov();
                 (op.iov.as_mut_ptr() as *mut c_void, n)
             }
         };
-        if op.iov.len() <= 1 {
-            param.datatype = sys::ucp_dt_make_contig(1);
-        }
         param.flags = 0;
         if self.rndv_threshold.is_some_and(|t| total >= t) {
             param.flags |= sys::UCP_AM_SEND_FLAG_RNDV;
@@ -480,8 +477,12 @@ impl Worker {
         self.recycle(op);
         let st = sys::UCS_PTR_STATUS(req);
         if st == sys::UCS_OK {
-            Ok(())
-        } else if is_peer_failure(st) {
+            return Ok(());
+        }
+        // Not sent: give the sequence number back, or the receiver would
+        // wait for it forever.
+        self.seq[dst as usize] -= 1;
+        if is_peer_failure(st) {
             Err(TransportError::PeerLost {
                 process: dst,
                 reason: describe(st),

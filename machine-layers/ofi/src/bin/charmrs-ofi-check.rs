@@ -461,11 +461,15 @@ fn lost(job: &mut Job) {
     println!("OK lost rank 0 after {elapsed:?}");
 }
 
-/// A `get` through a key whose region was dropped fails (`Malformed`, or
-/// `Io` where the provider cannot tie the error to the read) without making
-/// the owner lost, and never returns data.
+/// A `get` through a key whose region was dropped never returns data and
+/// never hangs. Over `shm` it fails (`Malformed`, or `Io` where the provider
+/// cannot tie the error to the read) and the owner stays reachable; over
+/// `tcp;ofi_rxm`, whose `tcp` provider drops the connection over it, the
+/// owner is reported lost on the reader's side, and the reader (which then
+/// leaves without a goodbye to it) on the owner's side.
 fn badkey(job: &mut Job) {
     let me = job.me;
+    let tcp = job.layer.provider().split(';').any(|p| p == "tcp");
     if me == 0 {
         let region = job
             .layer
@@ -522,9 +526,15 @@ fn badkey(job: &mut Job) {
                 Duration::from_millis(50),
             ) {
                 Ok(_) => {}
-                // tcp;ofi_rxm ties the refusal to the read (Malformed); shm
-                // 1.17 reports an error entry without an operation (Io).
-                Err(e @ (TransportError::Malformed(_) | TransportError::Io(_))) => {
+                Err(e @ TransportError::PeerLost { process: 0, .. }) if tcp => {
+                    println!(
+                        "rank 1: stale get made the owner lost after {:?}: {e}",
+                        t0.elapsed()
+                    );
+                    println!("OK badkey rank 1");
+                    return;
+                }
+                Err(e @ (TransportError::Malformed(_) | TransportError::Io(_))) if !tcp => {
                     println!("rank 1: stale get refused after {:?}: {e}", t0.elapsed());
                     break;
                 }
@@ -540,6 +550,28 @@ fn badkey(job: &mut Job) {
             .unwrap_or_else(|e| fail("send after a refused get", e));
     }
     if me == 0 {
+        if tcp {
+            // Rank 1 leaves without a goodbye to us.
+            let t0 = Instant::now();
+            loop {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "rank 1 never reported lost"
+                );
+                match job
+                    .layer
+                    .progress_wait(&mut |_, _| {}, Duration::from_millis(50))
+                {
+                    Ok(_) => {}
+                    Err(TransportError::PeerLost { process: 1, reason }) => {
+                        println!("rank 0: reader lost after {:?}: {reason}", t0.elapsed());
+                        println!("OK badkey rank 0");
+                        return;
+                    }
+                    Err(e) => fail("waiting for the reader to go", e),
+                }
+            }
+        }
         let got = Cell::new(false);
         job.pump(
             30,
