@@ -138,7 +138,8 @@ fn ucx(
 fn ofi(
     b: Arc<dyn Bootstrap>,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
-    charmrs_ofi::OfiLayer::new(b, charmrs_ofi::OfiConfig::default())
+    let cfg = charmrs_ofi::OfiConfig::from_env().map_err(Some)?;
+    charmrs_ofi::OfiLayer::new(b, cfg)
         .map(|l| Box::new(l) as Box<dyn MachineLayer>)
         .map_err(Some)
 }
