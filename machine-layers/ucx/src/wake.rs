@@ -215,7 +215,12 @@ impl Drop for Watcher {
         self.state.closing.store(true, Ordering::Release);
         self.state.armed_fd.signal();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The watcher itself may hold the last reference to the layer
+            // (inside its arming call): then it must not join itself; it
+            // sees `closing` and ends on its own.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
