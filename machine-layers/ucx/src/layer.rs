@@ -605,7 +605,10 @@ impl Shared {
                 }
             }
         }
-        let idle = !busy && batch.is_empty() && error.is_none() && self.loopback.is_empty();
+        // Idle for arming = nothing for the caller (UCX may report internal
+        // progress, e.g. an outstanding rendezvous, for a long time: if it
+        // has events, arming says so and the hook brings the caller back).
+        let idle = batch.is_empty() && error.is_none() && self.loopback.is_empty();
         let watcher = self.watcher.get();
         if let Some(w) = watcher {
             l.calls = l.calls.wrapping_add(1);
@@ -625,7 +628,7 @@ impl Shared {
             return error;
         }
         let now = Instant::now();
-        if now - l.last_check >= self.cfg.liveness_interval {
+        if !busy && now - l.last_check >= self.cfg.liveness_interval {
             self.check_peers(l);
         }
         if let Some(w) = watcher {

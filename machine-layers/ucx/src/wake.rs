@@ -22,6 +22,9 @@
 //!   arms the worker itself through [`WatchState::arm`] (which takes the
 //!   worker lock), or calls the hook at once if events are already
 //!   pending. A wake-up is thus never lost, at worst late by `FALLBACK`.
+//!   With `CHARMRS_UCX_DEBUG_WAKE` set, each such arming is logged to
+//!   stderr (harmless while the thread is busy elsewhere; frequent ones
+//!   while it parks mean arming comes too late).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -177,6 +180,9 @@ fn watch(s: &WatchState, efd: RawFd) {
                 seen = calls;
                 continue; // still progressing
             }
+            if std::env::var_os("CHARMRS_UCX_DEBUG_WAKE").is_some() {
+                eprintln!("charmrs-ucx: watcher arms for a stalled progress loop");
+            }
             match (s.arm)() {
                 Armed::Yes => {}
                 Armed::Pending => {
@@ -209,7 +215,12 @@ impl Drop for Watcher {
         self.state.closing.store(true, Ordering::Release);
         self.state.armed_fd.signal();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The watcher itself may hold the last reference to the layer
+            // (inside its arming call): then it must not join itself; it
+            // sees `closing` and ends on its own.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

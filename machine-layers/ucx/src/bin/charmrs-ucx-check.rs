@@ -559,9 +559,23 @@ fn park(layer: Arc<UcxLayer>, rounds: u64) {
         for t in 0..threads {
             let layer = Arc::clone(&layer);
             senders.push(std::thread::spawn(move || {
+                let size: usize = std::env::var("CHARMRS_UCX_CHECK_PARK_SIZE")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let payload = Bytes::from(vec![7u8; size]);
                 for k in 0..rounds {
                     let h = Header::new(KIND_DATA, 1, 0, t << 32 | k);
-                    send(&layer, 0, Message::new(h));
+                    let segs = if size > 0 {
+                        vec![payload.clone()]
+                    } else {
+                        vec![]
+                    };
+                    send(
+                        &layer,
+                        0,
+                        Message::with_segments(h, segs).expect("one segment"),
+                    );
                     // Pauses long enough for rank 0 to park, sometimes.
                     let pause = (k * 7 + t * 3) % 5;
                     if pause > 2 {
