@@ -100,6 +100,11 @@ pub trait MachineLayer: Send + Sync {
     /// aborts.
     fn abort(&self, reason: &str);
 
+    /// The job is ending: from now on peers may go away at any moment, and
+    /// failures to reach them are expected (the runtime ignores them). A layer
+    /// may quieten its library's error reporting. The default does nothing.
+    fn stopping(&self) {}
+
     /// Short name for diagnostics ("local", "tcp", "ucx", "ofi").
     fn name(&self) -> &'static str;
 }

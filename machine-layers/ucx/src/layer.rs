@@ -870,6 +870,21 @@ impl MachineLayer for UcxLayer {
         self.bootstrap.abort(reason);
     }
 
+    /// Peers exiting at the end of a job make UCX log connection and flush
+    /// errors (on stdout, mixed with the program's output): from here on only
+    /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.
+    fn stopping(&self) {
+        if std::env::var_os("UCX_LOG_LEVEL").is_some() {
+            return;
+        }
+        // SAFETY: both arguments are NUL-terminated static strings; the call
+        // only parses them into UCX's global options (log level is read on
+        // every log call).
+        let _ = unsafe {
+            charmrs_ucx_sys::ucs_global_opts_set_value(c"LOG_LEVEL".as_ptr(), c"fatal".as_ptr())
+        };
+    }
+
     fn name(&self) -> &'static str {
         "ucx"
     }

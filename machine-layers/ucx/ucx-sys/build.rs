@@ -49,6 +49,7 @@ const FUNCTIONS: &[&str] = &[
     "ucp_get_nbx",
     // diagnostics
     "ucs_status_string",
+    "ucs_global_opts_set_value",
 ];
 
 /// Types (their dependencies follow).

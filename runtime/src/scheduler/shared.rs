@@ -110,6 +110,7 @@ impl Shared {
     fn end(&self, outcome: Outcome, tell_peers: bool) {
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
+            self.layer.stopping();
             if tell_peers {
                 let me = self.layer.rank();
                 for p in (0..self.layer.size()).filter(|&p| p != me) {
