@@ -191,10 +191,22 @@ pub(crate) fn write_packet(
 ) -> io::Result<()> {
     let prefix = encode_frame_prefix(msg);
     let ty = [ty];
-    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + msg.segments().len());
+    let segs = msg.segments();
+    // The usual few segments: the buffer list on the stack (no allocation).
+    const ON_STACK: usize = 16;
+    if segs.len() + 2 <= ON_STACK {
+        let mut bufs: [&[u8]; ON_STACK] = [&[]; ON_STACK];
+        bufs[0] = &ty;
+        bufs[1] = &prefix;
+        for (slot, seg) in bufs[2..].iter_mut().zip(segs) {
+            *slot = seg;
+        }
+        return write_all_vectored(shared, s, &bufs[..segs.len() + 2]);
+    }
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + segs.len());
     bufs.push(&ty);
     bufs.push(&prefix);
-    bufs.extend(msg.segments().iter().map(|b| &b[..]));
+    bufs.extend(segs.iter().map(|b| &b[..]));
     write_all_vectored(shared, s, &bufs)
 }
 

@@ -606,3 +606,36 @@ fn two_processes_sending_to_each_other_at_once_do_not_deadlock() {
         }
     });
 }
+
+#[test]
+fn messages_sent_before_a_peer_dies_are_handed_out_before_its_loss() {
+    watchdog(30, || {
+        let (_srv, secret, l) = job(2, TcpConfig::default());
+        let mut s = impostor(&l[0], 1, &secret);
+        let mut bytes = Vec::new();
+        for tag in 0..3u64 {
+            let m = msg(tag, &[b"last words"]);
+            bytes.push(wire::PKT_DATA);
+            bytes.extend_from_slice(&encode_frame_prefix(&m));
+            bytes.extend_from_slice(&m.segments()[0]);
+        }
+        s.write_all(&bytes).unwrap();
+        drop(s); // dies without goodbye
+                 // Let the watcher read ahead (messages parked, loss queued).
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = Vec::new();
+        let err = loop {
+            if let Err(e) = l[0].progress_wait(
+                &mut |_, m| got.push(m.header().tag),
+                Duration::from_millis(100),
+            ) {
+                break e;
+            }
+        };
+        assert_eq!(got, [0, 1, 2], "every message before the loss");
+        assert!(
+            matches!(err, TransportError::PeerLost { process: 1, .. }),
+            "{err:?}"
+        );
+    });
+}
