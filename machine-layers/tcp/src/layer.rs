@@ -398,13 +398,13 @@ impl TcpLayer {
         sink: &mut dyn FnMut(ProcessId, Message),
         force: bool,
     ) -> Result<usize, TransportError> {
-        // An error must not overtake the messages that arrived before it
-        // (a peer's last messages, then its connection closing): when
-        // events are queued, read the sockets first (parked messages and
-        // what is there now), and report events only after a poll that
-        // could look at the sockets.
+        // Errors found on a connection (malformed frame, closed without
+        // goodbye) come in line with its messages, from the receive side.
+        // Queued events (messages to oneself, a loss seen on our outgoing
+        // stream) come after a poll that could look at the sockets, so a
+        // peer's last messages are handed out before its loss.
         let pending = !self.rx.is_empty();
-        let polled = crate::recv::poll(&self.shared, sink, force || pending);
+        let polled = crate::recv::poll(&self.shared, sink, force || pending).transpose()?;
         let mut n = polled.unwrap_or(0);
         if pending || !self.rx.is_empty() {
             if polled.is_none() {

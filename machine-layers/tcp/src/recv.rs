@@ -64,6 +64,7 @@
 //!   connection's previous large frame once the application dropped it.
 //! * A registration is removed from both epolls before its socket is closed.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
@@ -132,7 +133,7 @@ struct RecvState {
     conns: Vec<Conn>,
     /// Messages read by [`relieve`] (a blocked send), oldest first, for the
     /// next [`poll`]; and their frame bytes.
-    parked: Vec<(ProcessId, Message)>,
+    parked: VecDeque<Event>,
     parked_bytes: usize,
     scratch: Vec<u8>,
     ready: Vec<u64>,
@@ -180,7 +181,7 @@ impl Receiver {
             has_parked: AtomicBool::new(false),
             state: Mutex::new(RecvState {
                 conns: Vec::new(),
-                parked: Vec::new(),
+                parked: VecDeque::new(),
                 parked_bytes: 0,
                 scratch: vec![0u8; CHUNK],
                 ready: Vec::new(),
@@ -333,18 +334,21 @@ fn try_state(r: &Receiver) -> Option<MutexGuard<'_, RecvState>> {
 }
 
 /// Reads the incoming connections on the calling thread and hands every
-/// complete message to `sink` (first those parked by [`relieve`]); returns
-/// how many, or `None` if another thread holds the connections. `force` reads even when the watcher saw nothing
-/// (`progress_wait`, shutdown). Skips the sockets if another thread is
-/// reading them. `sink` runs after the connection state is released, so it
-/// may send (and a send that blocks may read, see [`relieve`]).
+/// complete message to `sink`, in line with the errors found while reading
+/// (first what [`relieve`] parked); returns how many messages, the first
+/// error in line (what follows it stays parked for the next call), or
+/// `None` if another thread holds the connections.
+/// `force` reads even when the watcher saw nothing (`progress_wait`,
+/// shutdown, queued events). `sink` runs after the connection state is
+/// released, so it may send (and a send that blocks may read, see
+/// [`relieve`]).
 pub(crate) fn poll(
     shared: &Arc<Shared>,
     sink: &mut dyn FnMut(ProcessId, Message),
     force: bool,
-) -> Option<usize> {
+) -> Option<Result<usize, TransportError>> {
     let r = &shared.recv;
-    let batch = {
+    let mut batch = {
         let mut st = try_state(r)?;
         let st = &mut *st;
         st.calls = st.calls.wrapping_add(1);
@@ -353,7 +357,7 @@ pub(crate) fn poll(
             st.conns.append(&mut lock(&r.adopt));
         }
         if st.conns.is_empty() && st.parked.is_empty() {
-            return Some(0);
+            return Some(Ok(0));
         }
         if !force && st.parked.is_empty() && r.watching.load(Ordering::Relaxed) {
             // Load first: no read-modify-write of a line the watcher writes
@@ -361,21 +365,47 @@ pub(crate) fn poll(
             let flagged =
                 r.arrived.load(Ordering::Acquire) && r.arrived.swap(false, Ordering::AcqRel);
             if !(flagged || st.calls % SAFETY_EVERY == 0) {
-                return Some(0);
+                return Some(Ok(0));
             }
         }
-        // Parked messages were read first: they go first.
+        // Parked events were read first: they go first.
         let mut batch = std::mem::take(&mut st.parked);
         st.parked_bytes = 0;
         r.has_parked.store(false, Ordering::SeqCst);
-        read_all(shared, st, &mut |p, m| batch.push((p, m)), POLL_BUDGET);
+        read_all(shared, st, &mut |ev| batch.push_back(ev), POLL_BUDGET);
         batch
     };
-    let n = batch.len();
-    for (p, m) in batch {
-        sink(p, m);
+    let mut n = 0;
+    while let Some(ev) = batch.pop_front() {
+        match ev {
+            Event::Msg(p, m) => {
+                sink(p, m);
+                n += 1;
+            }
+            Event::Err(e) => {
+                if !batch.is_empty() {
+                    // What follows the error waits, ahead of anything
+                    // parked meanwhile.
+                    let mut st = lock(&r.state);
+                    st.parked_bytes += batch.iter().map(event_bytes).sum::<usize>();
+                    while let Some(ev) = batch.pop_back() {
+                        st.parked.push_front(ev);
+                    }
+                    r.has_parked.store(true, Ordering::SeqCst);
+                }
+                return Some(Err(e));
+            }
+        }
     }
-    Some(n)
+    Some(Ok(n))
+}
+
+/// Bytes an event counts against `cfg.recv_queue_bytes`.
+fn event_bytes(ev: &Event) -> usize {
+    match ev {
+        Event::Msg(_, m) => m.frame_len(),
+        Event::Err(_) => 0,
+    }
 }
 
 /// Called by a send that found its socket full: reads what the incoming
@@ -405,9 +435,9 @@ pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
         let read = read_all(
             shared,
             st,
-            &mut |p, m| {
-                bytes += m.frame_len();
-                parked.push((p, m));
+            &mut |ev| {
+                bytes += event_bytes(&ev);
+                parked.push_back(ev);
             },
             room,
         );
@@ -436,7 +466,7 @@ pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
 fn read_all(
     shared: &Arc<Shared>,
     st: &mut RecvState,
-    out: &mut dyn FnMut(ProcessId, Message),
+    out: &mut dyn FnMut(Event),
     budget: usize,
 ) -> bool {
     let r = &shared.recv;
@@ -476,18 +506,26 @@ fn read_all(
         // Report first, then close: whatever the peer does once it sees
         // the close is queued after this report.
         if !shared.closing.load(Ordering::SeqCst) {
-            report_end(shared, c.peer, c.addr, end);
+            if let Some(ev) = report_end(shared, c.peer, c.addr, end) {
+                out(ev);
+            }
         }
         forget(shared, &c);
     }
     any
 }
 
-/// Reports how an incoming connection ended.
-fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) {
+/// What to report about how an incoming connection ended (in line, after
+/// the messages read before the end).
+fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) -> Option<Event> {
     match end {
-        End::Bye => shared.depart(p),
-        End::Lost(why) => shared.lose(p, format!("connection from process {p} ({addr}): {why}")),
+        End::Bye => {
+            shared.depart(p);
+            None
+        }
+        End::Lost(why) => {
+            shared.lose_report(p, format!("connection from process {p} ({addr}): {why}"))
+        }
         End::Malformed(why) => {
             shared
                 .counters
@@ -497,9 +535,9 @@ fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) {
                 "charmrs-tcp[rank {}]: dropped the connection from process {p} ({addr}): malformed frame: {why}",
                 shared.rank
             );
-            shared.push(Event::Err(TransportError::Malformed(format!(
+            Some(Event::Err(TransportError::Malformed(format!(
                 "process {p} ({addr}) sent a malformed frame ({why}); its connection was dropped"
-            ))));
+            ))))
         }
     }
 }
@@ -513,7 +551,7 @@ impl Conn {
         shared: &Arc<Shared>,
         scratch: &mut [u8],
         budget: &mut usize,
-        out: &mut dyn FnMut(ProcessId, Message),
+        out: &mut dyn FnMut(Event),
     ) -> Result<(), End> {
         let mut drained = false;
         loop {
@@ -618,7 +656,7 @@ impl Conn {
     fn act_on_complete(
         &mut self,
         shared: &Arc<Shared>,
-        out: &mut dyn FnMut(ProcessId, Message),
+        out: &mut dyn FnMut(Event),
     ) -> Result<usize, End> {
         loop {
             let Some(&ty) = self.acc.first() else {
@@ -649,14 +687,14 @@ fn handle_packet(
     p: ProcessId,
     ty: u8,
     frame: &Bytes,
-    out: &mut dyn FnMut(ProcessId, Message),
+    out: &mut dyn FnMut(Event),
 ) -> Result<(), End> {
     let (msg, _) = decode_frame_bytes(frame, shared.cfg.max_frame)
         .map_err(|e| End::Malformed(e.to_string()))?;
     match ty {
         wire::PKT_DATA | wire::PKT_GET_RESP => {
             shared.count_received(&msg);
-            out(p, msg);
+            out(Event::Msg(p, msg));
         }
         wire::PKT_GET_REQ => {
             let seg = match msg.segments() {
@@ -683,7 +721,7 @@ fn handle_packet(
                 .first()
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .unwrap_or_default();
-            shared.push(Event::Err(TransportError::Malformed(format!(
+            out(Event::Err(TransportError::Malformed(format!(
                 "remote read from process {p} (completion kind {}, tag {}) failed: {why}",
                 msg.header().kind,
                 msg.header().tag
@@ -695,7 +733,9 @@ fn handle_packet(
                 .first()
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .unwrap_or_default();
-            shared.lose(p, format!("process {p} aborted the job: {why}"));
+            if let Some(ev) = shared.lose_report(p, format!("process {p} aborted the job: {why}")) {
+                out(ev);
+            }
         }
         _ => return Err(End::Malformed(format!("unknown packet type {ty}"))),
     }

@@ -41,7 +41,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What the arrival queue carries to `progress`.
+/// What the event queue (and the receive side's parked queue) carries to
+/// `progress`.
 pub(crate) enum Event {
     /// A message from a process (oneself, or a local read completion).
     Msg(ProcessId, Message),
@@ -255,17 +256,25 @@ impl Shared {
     /// Marks `p` lost (first reason wins) and reports it once through
     /// `progress`, unless it departed cleanly or we are shutting down.
     pub(crate) fn lose(&self, p: ProcessId, reason: String) {
+        if let Some(ev) = self.lose_report(p, reason) {
+            self.push(ev);
+        }
+    }
+
+    /// Marks `p` lost like [`Shared::lose`], but returns the report (if one
+    /// is due) instead of queueing it, for the receive side to put in line
+    /// behind the messages read before the loss.
+    pub(crate) fn lose_report(&self, p: ProcessId, reason: String) -> Option<Event> {
         let peer = &self.peers[p as usize];
         let reason = {
             let mut l = lock(&peer.lost);
             l.get_or_insert(reason).clone()
         };
         if self.closing.load(Ordering::SeqCst) || peer.departed.load(Ordering::SeqCst) {
-            return;
+            return None;
         }
-        if !peer.reported.swap(true, Ordering::SeqCst) {
-            self.push(Event::Err(TransportError::PeerLost { process: p, reason }));
-        }
+        (!peer.reported.swap(true, Ordering::SeqCst))
+            .then_some(Event::Err(TransportError::PeerLost { process: p, reason }))
     }
 
     /// Records that `p` shut its layer down cleanly: later sends to it fail,
