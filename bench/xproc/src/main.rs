@@ -15,6 +15,11 @@
 //!
 //! Figures are medians of several repetitions; the machine is a shared VM, so compare columns of
 //! the same run, not runs.
+//!
+//! Placement: the runtime pins process-local PE *i* to core *i* (unless `+noaffinity` is given
+//! after the program), so with `++ppn 1` both processes' PEs share core 0, and the bare echo
+//! thread, spawned from a PE, inherits that pin: the bare floor then runs both ends on one core
+//! with blocking hand-offs. Run once more with `+noaffinity` to see the unpinned case.
 
 use bytes::Bytes;
 use charmrs::prelude::*;

@@ -28,17 +28,13 @@ pub struct TcpConfig {
     /// Largest frame (header, length table and payload) sent or accepted;
     /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
     pub max_frame: usize,
-    /// Bound on the bytes of arrived messages read from the sockets but not
-    /// yet handed out by `progress`. Normally `progress` reads the sockets
-    /// itself and hands each message straight to its sink, so nothing waits
-    /// in user space; input is read ahead (into a queue that `progress`
-    /// empties first) only while this process is blocked in a `send` to a
-    /// full socket, or when nobody polled for a millisecond after input
-    /// arrived. Past the bound, nothing more is read: TCP's window closes
-    /// and the sender's `send` blocks until this process calls `progress`
-    /// again (end-to-end back-pressure, bounded memory on both sides). A
-    /// single message larger than the bound is still read when the queue is
-    /// under it. Default 256 MiB.
+    /// Bound on the bytes of messages read ahead from the sockets (by the
+    /// layer's watcher thread, or by a `send` waiting for room) and not yet
+    /// handed out by `progress`. Past it nothing more is read: TCP's window
+    /// closes and the sender's `send` blocks until this process calls
+    /// `progress` again (end-to-end back-pressure, bounded memory on both
+    /// sides). A single message larger than the bound is still read when
+    /// the queue is under it. Default 256 MiB.
     pub recv_queue_bytes: usize,
     /// How long connecting to a peer may take before it is declared lost.
     /// Default 5 s.
@@ -111,15 +107,14 @@ pub struct TcpStats {
 ///   vectored write: no payload copy. It blocks while the socket buffer is
 ///   full (back-pressure, see [`TcpConfig::recv_queue_bytes`]); there is no
 ///   unbounded user-space queue.
-/// * **Receive**: [`progress`](MachineLayer::progress) reads the
-///   non-blocking incoming sockets itself, on the caller's thread, checks
-///   each frame as hostile input (each frame is one buffer; segments are
-///   views of it) and hands it straight to the sink: no reader thread and
-///   no queue between the socket and the caller.
-///   [`TcpLayer::progress_wait`] sleeps in `epoll` until something arrives;
-///   [`TcpLayer::set_wakeup`] starts a watcher thread that sleeps in
-///   `epoll` and only calls the hook on input (it never reads), so a
-///   scheduler that parks its polling thread is woken by the network.
+/// * **Receive**: incoming sockets are non-blocking and read by whichever
+///   thread gets there first: [`progress`](MachineLayer::progress), on the
+///   caller's thread, straight to its sink, or the layer's watcher thread,
+///   which sleeps in `epoll`, calls the [`TcpLayer::set_wakeup`] hook on
+///   every arrival and reads what the poller has not taken into a bounded
+///   queue that `progress` hands out first. Every frame is checked as
+///   hostile input; each is one buffer, its segments views of it.
+///   [`TcpLayer::progress_wait`] sleeps in `epoll` until something arrives.
 /// * **Failures**: a peer whose connection closes without goodbye, resets,
 ///   or cannot be reached is reported once by `progress` as
 ///   [`TransportError::PeerLost`] (on loopback within milliseconds of the
@@ -128,11 +123,10 @@ pub struct TcpStats {
 ///   [`TransportError::Malformed`] naming the peer.
 /// * **Remote reads**: [`register`](MachineLayer::register) keeps the
 ///   buffer in a table served by this process; [`get`](MachineLayer::get)
-///   sends a request over the connection to the owner; the owner's
-///   `progress` reads the request (its watcher wakes a parked poller for
-///   it) and a background thread answers, so the poller never blocks on the
-///   write; the bytes arrive through `progress` as the completion message
-///   the trait describes.
+///   sends a request over the connection to the owner, whose layer reads
+///   it (watcher or poller) and answers from a background thread (no
+///   involvement of its scheduler); the bytes arrive through `progress` as
+///   the completion message the trait describes.
 /// * **Shutdown**: dropping the layer says goodbye to every peer (so they
 ///   do not report it lost), waits up to [`TcpConfig::linger`] for them to
 ///   close, and stops all its threads.
@@ -404,11 +398,20 @@ impl TcpLayer {
         sink: &mut dyn FnMut(ProcessId, Message),
         force: bool,
     ) -> Result<usize, TransportError> {
-        let mut n = self.drain_events(sink)?;
-        n += crate::recv::poll(&self.shared, sink, force);
-        // Errors found while reading (a lost peer, a malformed frame) were
-        // queued: report them now.
-        if !self.rx.is_empty() {
+        // Errors found on a connection (malformed frame, closed without
+        // goodbye) come in line with its messages, from the receive side.
+        // Queued events (messages to oneself, a loss seen on our outgoing
+        // stream) come after a poll that could look at the sockets, so a
+        // peer's last messages are handed out before its loss.
+        let pending = !self.rx.is_empty();
+        let polled = crate::recv::poll(&self.shared, sink, force || pending).transpose()?;
+        let mut n = polled.unwrap_or(0);
+        if pending || !self.rx.is_empty() {
+            if polled.is_none() {
+                // Another thread holds the connections (it may be parking
+                // messages older than the queued error): next call.
+                return Ok(n);
+            }
             n += self.drain_events(sink)?;
         }
         Ok(n)

@@ -21,9 +21,11 @@
 //!   sending to each other cannot deadlock) and a bounded read-ahead queue
 //!   ([`TcpConfig::recv_queue_bytes`]); past it, TCP pushes back on the
 //!   senders.
-//! * **No thread hop on the receive path**: `progress` reads the
-//!   non-blocking sockets on the calling thread; a watcher thread only
-//!   wakes a parked poller (see [`TcpLayer::set_wakeup`]).
+//! * **Input is read by whoever gets there first**: `progress` reads the
+//!   non-blocking sockets on the calling thread when input arrived; the
+//!   layer's watcher thread wakes a parked poller (see
+//!   [`TcpLayer::set_wakeup`]) and reads ahead what the poller has not
+//!   taken, so a busy or descheduled process does not hold its senders up.
 //! * **Failure detection**: a peer that dies is reported by `progress` as
 //!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost)
 //!   (on loopback, within milliseconds); a peer that shuts its layer down

@@ -1,25 +1,32 @@
-//! The receive side of a layer: incoming connections are read by the
-//! thread that calls `progress`, on that thread, with no hand-off.
+//! The receive side of a layer: incoming connections are read by whichever
+//! thread gets to them first — the thread calling `progress` (on that
+//! thread, straight to its sink) or the layer's watcher thread (into a
+//! parked queue that the next `progress` hands out first).
 //!
-//! # How input is noticed
+//! # How input is noticed and read
 //!
 //! * After its handshake an incoming socket is made non-blocking and
 //!   registered twice: level-triggered in the `data` epoll (what
-//!   `progress_wait` sleeps in, and what `progress` asks "which sockets have
-//!   input?" when there are many) and edge-triggered in the `watch` epoll.
-//! * [`poll`] (called by `progress`) reads the sockets itself: with at most
-//!   [`DIRECT_MAX`] connections it simply tries a non-blocking read on each
-//!   (one system call per idle poll, one per arrival), otherwise it asks the
-//!   `data` epoll first. A message reaches the caller's sink on the thread
-//!   that read it: no channel, no thread hop on the latency path.
-//! * A *watcher* thread blocks in the `watch` epoll and, on every arrival,
-//!   sets `arrived` and calls the wake-up hook (`TcpLayer::set_wakeup`).
-//!   It reads only as a fallback (see back-pressure below). So a parked
-//!   caller is woken by network input, and a busy one learns cheaply (one
-//!   atomic load) that a poll is worth a system call: [`poll`] reads the
-//!   sockets when `arrived` is set, and otherwise on every
-//!   [`HOT_EVERY`]-th call while input came recently ("hot": within the
-//!   last [`HOT_POLLS`] polls) and every [`COLD_EVERY`]-th call after that.
+//!   `progress_wait` sleeps in, and what [`poll`] asks "which sockets have
+//!   input?" when there are more than [`DIRECT_MAX`]) and edge-triggered in
+//!   the `watch` epoll.
+//! * The *watcher* thread blocks in the `watch` epoll. On every arrival (or
+//!   hang-up) it sets `arrived`, calls the wake-up hook
+//!   (`TcpLayer::set_wakeup`), then reads what is there into `parked`
+//!   ([`relieve`]) unless a poll holds the connections at that moment.
+//! * [`poll`] (called by `progress`) hands out `parked` first, then reads
+//!   the sockets itself when `arrived` is set (or on every
+//!   [`SAFETY_EVERY`]-th call); otherwise it costs no system call, so a
+//!   poller that is busy with other work pays one atomic load per call.
+//!
+//! Why both: a poller spinning on its own core sees `arrived` and reads on
+//! its own thread, before the watcher gets the connections; a poller that
+//! is descheduled (more runnable threads than cores), busy in a long
+//! computation, parked, or not polling at all finds its messages already
+//! read, and its senders are not held up. Measured on a shared 2-core VM,
+//! making the poller read the sockets on every call (a system call per
+//! spin) was slower than this: the spinning poller then hogs a core that
+//! the peer process's poller needs (see `docs/performance.md`).
 //!
 //! # Invariants
 //!
@@ -34,19 +41,22 @@
 //!   between polls; every *complete* packet read is acted on before a poll
 //!   returns, so nothing complete waits in memory for socket readiness that
 //!   will not come.
-//! * One reader at a time: connection state lives behind `state`, taken with
-//!   `try_lock` (a concurrent or re-entrant poll skips the sockets rather
-//!   than block); so per-connection, and thus per-pair, order is arrival
-//!   order, each packet handed out once.
+//! * One reader at a time: connection state and `parked` live behind
+//!   `state`, taken with `try_lock` (a concurrent poll, or the watcher,
+//!   skips the sockets rather than block); `parked` is handed out before
+//!   anything read later. So per-connection, and thus per-pair, order is
+//!   arrival order, each packet handed out once.
 //! * Bounded memory, back-pressure by TCP: a poll reads at most
-//!   [`POLL_BUDGET`] bytes and hands every message read to its sink. Input
-//!   is read ahead into `parked` (which the next poll hands out first) only
-//!   by [`relieve`]: from a send blocked on a full socket (so two processes
-//!   sending to each other cannot both block forever), or from the watcher
-//!   when nobody polled within [`GRACE`] of an arrival (so a busy process
-//!   does not hold its senders up, and remote reads are served); `parked`
-//!   stays under `cfg.recv_queue_bytes`. Past that, input stays in the
-//!   kernel, TCP's window closes and the sender's `send` waits.
+//!   [`POLL_BUDGET`] bytes and hands every message read to its sink; input
+//!   is read into `parked` only by [`relieve`] (the watcher, or a send
+//!   waiting for room in a full socket, so that two processes sending to
+//!   each other cannot both block forever), and only while `parked` is
+//!   under `cfg.recv_queue_bytes`. Past that, input stays in the kernel,
+//!   TCP's window closes and the sender's `send` waits.
+//! * No input is left unread without a reader being told: a read stops
+//!   only at "would block", after a short read (anything arriving later
+//!   raises a new edge, so `arrived`), or at the budget (which sets
+//!   `arrived` itself).
 //! * A received frame is one buffer and its segments are [`Bytes`] views of
 //!   it. Small frames go through one 64 KiB read buffer (one copy per read,
 //!   amortised over the frames in it); the payload of a frame longer than
@@ -54,13 +64,14 @@
 //!   connection's previous large frame once the application dropped it.
 //! * A registration is removed from both epolls before its socket is closed.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use charmrs_transport::{decode_frame_bytes, peek_frame_len, Message, ProcessId, TransportError};
@@ -77,26 +88,14 @@ const RECYCLE_MAX: usize = 64 << 20;
 /// Up to this many connections, a poll tries each socket instead of asking
 /// the `data` epoll which are readable.
 pub(crate) const DIRECT_MAX: usize = 2;
-/// With a watcher: after input, this many further polls read the sockets
-/// on every call (a reply is likely soon); then only when told.
-pub(crate) const HOT_POLLS: u32 = 4096;
-/// With a watcher and no recent input: every this many calls a poll reads
-/// the sockets anyway (a safety net should the watcher be slow to run).
-pub(crate) const COLD_EVERY: u32 = 64;
+/// Every this many calls a poll reads the sockets even if the watcher said
+/// nothing (a cheap safety net; normally `arrived` says when to read).
+pub(crate) const SAFETY_EVERY: u32 = 64;
 /// Most bytes one [`poll`] reads (a larger frame is read over several).
 const POLL_BUDGET: usize = 8 << 20;
-/// How long after an arrival the watcher lets the poller pick it up before
-/// it reads the input itself.
-const GRACE: Duration = Duration::from_millis(1);
-fn hot_every() -> u32 {
-    static V: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("CHARMRS_TCP_HOT_EVERY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
-    })
-}
+/// How often the watcher re-sends the wake-up while input waits untaken
+/// (a safety net against a lost wake-up; normally one per arrival).
+const SAFETY_WAKE: Duration = Duration::from_millis(5);
 /// Token of the doorbell in the `data` epoll.
 const BELL: u64 = 0;
 /// Token of the stop signal in the `watch` epoll.
@@ -134,13 +133,11 @@ struct RecvState {
     conns: Vec<Conn>,
     /// Messages read by [`relieve`] (a blocked send), oldest first, for the
     /// next [`poll`]; and their frame bytes.
-    parked: Vec<(ProcessId, Message)>,
+    parked: VecDeque<Event>,
     parked_bytes: usize,
     scratch: Vec<u8>,
     ready: Vec<u64>,
-    /// Polls since one last found input (saturating).
-    idle_polls: u32,
-    /// Calls of [`poll`] (wrapping), for [`COLD_EVERY`].
+    /// Calls of [`poll`] (wrapping), for [`SAFETY_EVERY`].
     calls: u32,
 }
 
@@ -159,11 +156,11 @@ pub(crate) struct Receiver {
     arrived: AtomicBool,
     /// The watcher runs (it tells polls when input came).
     watching: AtomicBool,
-    /// Polls that took the connection state (for the watcher's grace).
-    polls: AtomicU64,
     /// Connections past their handshake, not yet taken over by a poll.
     adopt: Mutex<Vec<Conn>>,
     has_new: AtomicBool,
+    /// `parked` is not empty (readable without the lock).
+    has_parked: AtomicBool,
     state: Mutex<RecvState>,
     watcher: Mutex<Option<JoinHandle<()>>>,
 }
@@ -179,16 +176,15 @@ impl Receiver {
             waiting: AtomicUsize::new(0),
             arrived: AtomicBool::new(false),
             watching: AtomicBool::new(false),
-            polls: AtomicU64::new(0),
             adopt: Mutex::new(Vec::new()),
             has_new: AtomicBool::new(false),
+            has_parked: AtomicBool::new(false),
             state: Mutex::new(RecvState {
                 conns: Vec::new(),
-                parked: Vec::new(),
+                parked: VecDeque::new(),
                 parked_bytes: 0,
                 scratch: vec![0u8; CHUNK],
                 ready: Vec::new(),
-                idle_polls: HOT_POLLS,
                 calls: 0,
             }),
             watcher: Mutex::new(None),
@@ -256,23 +252,21 @@ pub(crate) fn start_watcher(shared: &Arc<Shared>) -> io::Result<()> {
 }
 
 /// The watcher: on every arrival (or hang-up) on any incoming connection,
-/// sets `arrived` and calls the wake-up hook; it does not read. If nobody
-/// polls within [`GRACE`] of an arrival (the process is busy elsewhere, or
-/// does not poll at all), it reads the input into the parked queue itself
-/// ([`relieve`], bounded by `cfg.recv_queue_bytes`), so that senders are
-/// not held up by a process that polls rarely and remote reads are served.
+/// sets `arrived`, calls the wake-up hook, then reads what is there into the
+/// parked queue ([`relieve`]) unless a poll holds the connections at that
+/// moment (then that poll, or the next, which `arrived` forces to read,
+/// takes it). So input is read promptly whether or not the poller runs:
+/// a spinning poller that sees `arrived` first reads on its own thread; a
+/// busy, descheduled or parked one finds the messages parked, and a process
+/// that never polls does not hold its senders up, and serves remote reads.
 fn watch(shared: &Arc<Shared>) {
     let r = &shared.recv;
     let mut ready = Vec::new();
-    // An arrival not yet known to be picked up: when, and the poll count
-    // then.
-    let mut check: Option<(Instant, u64)> = None;
     loop {
-        let timeout = check.map(|(t, _)| (t + GRACE).saturating_duration_since(Instant::now()));
-        if let Err(e) = r.watch.wait(&mut ready, timeout) {
+        if let Err(e) = r.watch.wait(&mut ready, Some(SAFETY_WAKE)) {
             // Cannot happen with a valid epoll; degrade to waking the
-            // poller every millisecond rather than let it sleep through
-            // input.
+            // poller every millisecond (which then reads on every call)
+            // rather than let it sleep through input.
             eprintln!(
                 "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
                 shared.rank
@@ -290,17 +284,11 @@ fn watch(shared: &Arc<Shared>) {
         if !ready.is_empty() {
             r.arrived.store(true, Ordering::SeqCst);
             shared.wake();
-            if check.is_none() {
-                check = Some((Instant::now(), r.polls.load(Ordering::SeqCst)));
-            }
-        }
-        if let Some((t, polls)) = check {
-            if t.elapsed() >= GRACE {
-                check = None;
-                if r.polls.load(Ordering::SeqCst) == polls {
-                    relieve(shared);
-                }
-            }
+            relieve(shared);
+        } else if r.arrived.load(Ordering::SeqCst) || r.has_parked.load(Ordering::SeqCst) {
+            // Input untaken for a while: the poller is busy (then this is
+            // harmless) or slept through a wake-up (then this saves it).
+            shared.wake();
         }
     }
 }
@@ -346,61 +334,78 @@ fn try_state(r: &Receiver) -> Option<MutexGuard<'_, RecvState>> {
 }
 
 /// Reads the incoming connections on the calling thread and hands every
-/// complete message to `sink` (first those parked by [`relieve`]); returns
-/// how many. `force` reads even when the watcher saw nothing
-/// (`progress_wait`, shutdown). Skips the sockets if another thread is
-/// reading them. `sink` runs after the connection state is released, so it
-/// may send (and a send that blocks may read, see [`relieve`]).
+/// complete message to `sink`, in line with the errors found while reading
+/// (first what [`relieve`] parked); returns how many messages, the first
+/// error in line (what follows it stays parked for the next call), or
+/// `None` if another thread holds the connections.
+/// `force` reads even when the watcher saw nothing (`progress_wait`,
+/// shutdown, queued events). `sink` runs after the connection state is
+/// released, so it may send (and a send that blocks may read, see
+/// [`relieve`]).
 pub(crate) fn poll(
     shared: &Arc<Shared>,
     sink: &mut dyn FnMut(ProcessId, Message),
     force: bool,
-) -> usize {
+) -> Option<Result<usize, TransportError>> {
     let r = &shared.recv;
-    let batch = {
-        let Some(mut st) = try_state(r) else {
-            return 0;
-        };
+    let mut batch = {
+        let mut st = try_state(r)?;
         let st = &mut *st;
         st.calls = st.calls.wrapping_add(1);
-        r.polls.store(u64::from(st.calls), Ordering::SeqCst);
         if r.has_new.load(Ordering::Acquire) {
             r.has_new.store(false, Ordering::SeqCst);
             st.conns.append(&mut lock(&r.adopt));
         }
         if st.conns.is_empty() && st.parked.is_empty() {
-            return 0;
+            return Some(Ok(0));
         }
         if !force && st.parked.is_empty() && r.watching.load(Ordering::Relaxed) {
             // Load first: no read-modify-write of a line the watcher writes
             // unless it did write.
             let flagged =
                 r.arrived.load(Ordering::Acquire) && r.arrived.swap(false, Ordering::AcqRel);
-            let every = if st.idle_polls < HOT_POLLS {
-                hot_every()
-            } else {
-                COLD_EVERY
-            };
-            if !(flagged || st.calls % every == 0) {
-                return 0;
+            if !(flagged || st.calls % SAFETY_EVERY == 0) {
+                return Some(Ok(0));
             }
         }
-        // Parked messages were read first: they go first.
+        // Parked events were read first: they go first.
         let mut batch = std::mem::take(&mut st.parked);
         st.parked_bytes = 0;
-        let read = read_all(shared, st, &mut |p, m| batch.push((p, m)), POLL_BUDGET);
-        if read {
-            st.idle_polls = 0;
-        } else {
-            st.idle_polls = st.idle_polls.saturating_add(1);
-        }
+        r.has_parked.store(false, Ordering::SeqCst);
+        read_all(shared, st, &mut |ev| batch.push_back(ev), POLL_BUDGET);
         batch
     };
-    let n = batch.len();
-    for (p, m) in batch {
-        sink(p, m);
+    let mut n = 0;
+    while let Some(ev) = batch.pop_front() {
+        match ev {
+            Event::Msg(p, m) => {
+                sink(p, m);
+                n += 1;
+            }
+            Event::Err(e) => {
+                if !batch.is_empty() {
+                    // What follows the error waits, ahead of anything
+                    // parked meanwhile.
+                    let mut st = lock(&r.state);
+                    st.parked_bytes += batch.iter().map(event_bytes).sum::<usize>();
+                    while let Some(ev) = batch.pop_back() {
+                        st.parked.push_front(ev);
+                    }
+                    r.has_parked.store(true, Ordering::SeqCst);
+                }
+                return Some(Err(e));
+            }
+        }
     }
-    n
+    Some(Ok(n))
+}
+
+/// Bytes an event counts against `cfg.recv_queue_bytes`.
+fn event_bytes(ev: &Event) -> usize {
+    match ev {
+        Event::Msg(_, m) => m.frame_len(),
+        Event::Err(_) => 0,
+    }
 }
 
 /// Called by a send that found its socket full: reads what the incoming
@@ -411,39 +416,44 @@ pub(crate) fn poll(
 /// the parked queue is full).
 pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
     let r = &shared.recv;
-    let mut st = try_state(r)?;
-    let st = &mut *st;
-    if r.has_new.load(Ordering::Acquire) {
-        r.has_new.store(false, Ordering::SeqCst);
-        st.conns.append(&mut lock(&r.adopt));
-    }
-    let room = shared.cfg.recv_queue_bytes.saturating_sub(st.parked_bytes);
-    if room == 0 {
-        return None;
-    }
-    if st.conns.is_empty() {
-        return Some(false);
-    }
-    let mut parked = std::mem::take(&mut st.parked);
-    let mut bytes = 0;
-    let read = read_all(
-        shared,
-        st,
-        &mut |p, m| {
-            bytes += m.frame_len();
-            parked.push((p, m));
-        },
-        room,
-    );
-    let any = !parked.is_empty();
-    st.parked = parked;
-    st.parked_bytes += bytes;
-    if read {
-        st.idle_polls = 0;
-    }
+    let (read, any) = {
+        let mut st = try_state(r)?;
+        let st = &mut *st;
+        if r.has_new.load(Ordering::Acquire) {
+            r.has_new.store(false, Ordering::SeqCst);
+            st.conns.append(&mut lock(&r.adopt));
+        }
+        let room = shared.cfg.recv_queue_bytes.saturating_sub(st.parked_bytes);
+        if room == 0 {
+            return None;
+        }
+        if st.conns.is_empty() {
+            return Some(false);
+        }
+        let mut parked = std::mem::take(&mut st.parked);
+        let mut bytes = 0;
+        let read = read_all(
+            shared,
+            st,
+            &mut |ev| {
+                bytes += event_bytes(&ev);
+                parked.push_back(ev);
+            },
+            room,
+        );
+        let any = !parked.is_empty();
+        st.parked = parked;
+        st.parked_bytes += bytes;
+        if any {
+            r.has_parked.store(true, Ordering::SeqCst);
+            r.arrived.store(true, Ordering::SeqCst);
+        }
+        (read, any)
+    };
     if any {
-        // Whoever polls picks the parked messages up.
-        r.arrived.store(true, Ordering::SeqCst);
+        // Only now, with the state released: a poller woken earlier would
+        // find it locked, return empty-handed and might go back to sleep
+        // for good.
         shared.ring();
     }
     Some(read)
@@ -456,7 +466,7 @@ pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
 fn read_all(
     shared: &Arc<Shared>,
     st: &mut RecvState,
-    out: &mut dyn FnMut(ProcessId, Message),
+    out: &mut dyn FnMut(Event),
     budget: usize,
 ) -> bool {
     let r = &shared.recv;
@@ -496,18 +506,26 @@ fn read_all(
         // Report first, then close: whatever the peer does once it sees
         // the close is queued after this report.
         if !shared.closing.load(Ordering::SeqCst) {
-            report_end(shared, c.peer, c.addr, end);
+            if let Some(ev) = report_end(shared, c.peer, c.addr, end) {
+                out(ev);
+            }
         }
         forget(shared, &c);
     }
     any
 }
 
-/// Reports how an incoming connection ended.
-fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) {
+/// What to report about how an incoming connection ended (in line, after
+/// the messages read before the end).
+fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) -> Option<Event> {
     match end {
-        End::Bye => shared.depart(p),
-        End::Lost(why) => shared.lose(p, format!("connection from process {p} ({addr}): {why}")),
+        End::Bye => {
+            shared.depart(p);
+            None
+        }
+        End::Lost(why) => {
+            shared.lose_report(p, format!("connection from process {p} ({addr}): {why}"))
+        }
         End::Malformed(why) => {
             shared
                 .counters
@@ -517,9 +535,9 @@ fn report_end(shared: &Shared, p: ProcessId, addr: SocketAddr, end: End) {
                 "charmrs-tcp[rank {}]: dropped the connection from process {p} ({addr}): malformed frame: {why}",
                 shared.rank
             );
-            shared.push(Event::Err(TransportError::Malformed(format!(
+            Some(Event::Err(TransportError::Malformed(format!(
                 "process {p} ({addr}) sent a malformed frame ({why}); its connection was dropped"
-            ))));
+            ))))
         }
     }
 }
@@ -533,7 +551,7 @@ impl Conn {
         shared: &Arc<Shared>,
         scratch: &mut [u8],
         budget: &mut usize,
-        out: &mut dyn FnMut(ProcessId, Message),
+        out: &mut dyn FnMut(Event),
     ) -> Result<(), End> {
         let mut drained = false;
         loop {
@@ -553,6 +571,11 @@ impl Conn {
                             self.last_large = Some(packet.clone());
                         }
                         handle_packet(shared, self.peer, packet[0], &packet.slice(1..), out)?;
+                        // It stopped at the frame's end, not at "no more
+                        // input": whatever an earlier short read suggested,
+                        // the socket may hold more, and its arrival was
+                        // already signalled. Read on.
+                        drained = false;
                         continue;
                     }
                     Ok(_) if buf.len() - before < want as usize => {
@@ -633,7 +656,7 @@ impl Conn {
     fn act_on_complete(
         &mut self,
         shared: &Arc<Shared>,
-        out: &mut dyn FnMut(ProcessId, Message),
+        out: &mut dyn FnMut(Event),
     ) -> Result<usize, End> {
         loop {
             let Some(&ty) = self.acc.first() else {
@@ -664,14 +687,14 @@ fn handle_packet(
     p: ProcessId,
     ty: u8,
     frame: &Bytes,
-    out: &mut dyn FnMut(ProcessId, Message),
+    out: &mut dyn FnMut(Event),
 ) -> Result<(), End> {
     let (msg, _) = decode_frame_bytes(frame, shared.cfg.max_frame)
         .map_err(|e| End::Malformed(e.to_string()))?;
     match ty {
         wire::PKT_DATA | wire::PKT_GET_RESP => {
             shared.count_received(&msg);
-            out(p, msg);
+            out(Event::Msg(p, msg));
         }
         wire::PKT_GET_REQ => {
             let seg = match msg.segments() {
@@ -698,7 +721,7 @@ fn handle_packet(
                 .first()
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .unwrap_or_default();
-            shared.push(Event::Err(TransportError::Malformed(format!(
+            out(Event::Err(TransportError::Malformed(format!(
                 "remote read from process {p} (completion kind {}, tag {}) failed: {why}",
                 msg.header().kind,
                 msg.header().tag
@@ -710,7 +733,9 @@ fn handle_packet(
                 .first()
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .unwrap_or_default();
-            shared.lose(p, format!("process {p} aborted the job: {why}"));
+            if let Some(ev) = shared.lose_report(p, format!("process {p} aborted the job: {why}")) {
+                out(ev);
+            }
         }
         _ => return Err(End::Malformed(format!("unknown packet type {ty}"))),
     }

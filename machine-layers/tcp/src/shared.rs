@@ -41,7 +41,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What the arrival queue carries to `progress`.
+/// What the event queue (and the receive side's parked queue) carries to
+/// `progress`.
 pub(crate) enum Event {
     /// A message from a process (oneself, or a local read completion).
     Msg(ProcessId, Message),
@@ -191,10 +192,22 @@ pub(crate) fn write_packet(
 ) -> io::Result<()> {
     let prefix = encode_frame_prefix(msg);
     let ty = [ty];
-    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + msg.segments().len());
+    let segs = msg.segments();
+    // The usual few segments: the buffer list on the stack (no allocation).
+    const ON_STACK: usize = 16;
+    if segs.len() + 2 <= ON_STACK {
+        let mut bufs: [&[u8]; ON_STACK] = [&[]; ON_STACK];
+        bufs[0] = &ty;
+        bufs[1] = &prefix;
+        for (slot, seg) in bufs[2..].iter_mut().zip(segs) {
+            *slot = seg;
+        }
+        return write_all_vectored(shared, s, &bufs[..segs.len() + 2]);
+    }
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 + segs.len());
     bufs.push(&ty);
     bufs.push(&prefix);
-    bufs.extend(msg.segments().iter().map(|b| &b[..]));
+    bufs.extend(segs.iter().map(|b| &b[..]));
     write_all_vectored(shared, s, &bufs)
 }
 
@@ -243,17 +256,25 @@ impl Shared {
     /// Marks `p` lost (first reason wins) and reports it once through
     /// `progress`, unless it departed cleanly or we are shutting down.
     pub(crate) fn lose(&self, p: ProcessId, reason: String) {
+        if let Some(ev) = self.lose_report(p, reason) {
+            self.push(ev);
+        }
+    }
+
+    /// Marks `p` lost like [`Shared::lose`], but returns the report (if one
+    /// is due) instead of queueing it, for the receive side to put in line
+    /// behind the messages read before the loss.
+    pub(crate) fn lose_report(&self, p: ProcessId, reason: String) -> Option<Event> {
         let peer = &self.peers[p as usize];
         let reason = {
             let mut l = lock(&peer.lost);
             l.get_or_insert(reason).clone()
         };
         if self.closing.load(Ordering::SeqCst) || peer.departed.load(Ordering::SeqCst) {
-            return;
+            return None;
         }
-        if !peer.reported.swap(true, Ordering::SeqCst) {
-            self.push(Event::Err(TransportError::PeerLost { process: p, reason }));
-        }
+        (!peer.reported.swap(true, Ordering::SeqCst))
+            .then_some(Event::Err(TransportError::PeerLost { process: p, reason }))
     }
 
     /// Records that `p` shut its layer down cleanly: later sends to it fail,
