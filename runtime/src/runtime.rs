@@ -146,7 +146,11 @@ impl Runtime {
             crate::balance::BalanceConfig::from_options(&self.options)?,
         ));
         let topology = Topology::detect();
-        let pin = self.options.affinity && topology.pes_fit(pes);
+        // Processes of one job on one host share its cores: this process's PEs take the cores
+        // after those of the processes before it on the host, and pinning happens only if every
+        // PE of the host gets a core of its own.
+        let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
+        let pin = self.options.affinity && topology.pes_fit(pes * host_procs);
         let first_pe = shared.first_pe;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {
@@ -197,7 +201,7 @@ impl Runtime {
             let pe = first_pe + local;
             let shared = shared.clone();
             let core = if pin {
-                topology.core_for_pe(local)
+                topology.core_for_pe(host_rank * pes + local)
             } else {
                 None
             };
@@ -327,4 +331,30 @@ pub fn abort(msg: &str) -> ! {
     let _ = std::io::stdout().flush();
     eprintln!("charmrs: abort: {msg}");
     std::process::exit(1)
+}
+
+/// This process's rank among the job's processes on this host, and their number: from the
+/// launcher's environment (`CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE`, OpenMPI's
+/// `OMPI_COMM_WORLD_LOCAL_*`, Slurm's `SLURM_LOCALID`/`SLURM_NTASKS_PER_NODE`), else — as with
+/// `charmrun`, which starts every process on this host — the job rank and size.
+fn host_placement(rank: u32, size: u32) -> (usize, usize) {
+    let var = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok()?.trim().parse::<usize>().ok())
+    };
+    let local_rank = var(&[
+        "CHARMRS_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+    ]);
+    let local_size = var(&[
+        "CHARMRS_LOCAL_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "SLURM_NTASKS_PER_NODE",
+    ]);
+    match (local_rank, local_size) {
+        (Some(r), Some(n)) if r < n => (r, n),
+        _ => (rank as usize, size.max(1) as usize),
+    }
 }
