@@ -73,6 +73,7 @@ impl Pong {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let port = listener.local_addr().expect("bound").port();
         std::thread::spawn(move || {
+            unpin_current_thread();
             let (mut s, _) = listener.accept().expect("accept");
             s.set_nodelay(true).expect("nodelay");
             let mut header = [0u8; 9];
@@ -104,6 +105,20 @@ impl Pong {
             }
         });
         port
+    }
+}
+
+/// Lets the calling thread run on any CPU: a thread spawned by a pinned PE inherits its core, and
+/// the bare echo server must not share a core with the spinning PE it is compared against.
+fn unpin_current_thread() {
+    // SAFETY: `set` is a zeroed, then filled, cpu_set_t owned by this frame; sched_setaffinity
+    // only reads it (pid 0: the calling thread).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -251,6 +266,8 @@ async fn run() {
     let ping = Single::<Ping>::new((), Some(0));
     let pong = Single::<Pong>::new((), Some(far));
     let port = pong.ret().listen().await;
+    // The client side of the bare ping-pong runs on this PE's thread (pinned to this PE's core,
+    // like the charmrs side of the comparison).
     let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
     raw.set_nodelay(true).expect("nodelay");
     println!(
