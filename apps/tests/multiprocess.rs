@@ -35,7 +35,12 @@ fn run(args: &[&str], limit: Duration) -> (Output, Duration) {
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > limit {
             let _ = child.kill();
-            panic!("charmrun {args:?} hung");
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "charmrun {args:?} hung; its output so far:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
