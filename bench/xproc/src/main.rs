@@ -68,38 +68,40 @@ impl Pong {
     }
 
     /// Starts a bare TCP echo server on loopback in a thread of this process; returns its port.
+    /// With `spin` its socket is non-blocking and it busy-polls (as the PEs do), else it blocks.
     #[entry]
-    fn listen(&mut self) -> u16 {
+    fn listen(&mut self, spin: bool) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let port = listener.local_addr().expect("bound").port();
         std::thread::spawn(move || {
             unpin_current_thread();
             let (mut s, _) = listener.accept().expect("accept");
             s.set_nodelay(true).expect("nodelay");
+            s.set_nonblocking(spin).expect("blocking mode");
             let mut header = [0u8; 9];
             let mut buf = vec![0u8; 4 << 20];
             // Each request: 8-byte length + 1 mode byte (0 echo, 1 stream-ack-after-window).
-            while s.read_exact(&mut header).is_ok() {
+            while read_full(&mut s, &mut header).is_ok() {
                 let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes")) as usize;
                 let mode = header[8];
-                if s.read_exact(&mut buf[..len]).is_err() {
+                if read_full(&mut s, &mut buf[..len]).is_err() {
                     return;
                 }
                 match mode {
                     0 => {
-                        s.write_all(&header).expect("echo header");
-                        s.write_all(&buf[..len]).expect("echo body");
+                        write_full(&mut s, &header).expect("echo header");
+                        write_full(&mut s, &buf[..len]).expect("echo body");
                     }
                     m => {
                         // Stream mode: `m` is how many more to read before acknowledging.
                         for _ in 1..m {
-                            if s.read_exact(&mut header).is_err()
-                                || s.read_exact(&mut buf[..len]).is_err()
+                            if read_full(&mut s, &mut header).is_err()
+                                || read_full(&mut s, &mut buf[..len]).is_err()
                             {
                                 return;
                             }
                         }
-                        s.write_all(&[1]).expect("ack");
+                        write_full(&mut s, &[1]).expect("ack");
                     }
                 }
             }
@@ -223,6 +225,54 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `read_exact` that also works on a non-blocking socket: busy-polls on `WouldBlock`, and after
+/// a millisecond without data blocks for it (so an idle spinning server does not take a core
+/// from the other measurements).
+fn read_full(s: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    let mut since: Option<Instant> = None;
+    while !buf.is_empty() {
+        match s.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let start = *since.get_or_insert_with(Instant::now);
+                if start.elapsed() > std::time::Duration::from_millis(1) {
+                    s.set_nonblocking(false)?;
+                    let r = s.read(buf);
+                    s.set_nonblocking(true)?;
+                    match r? {
+                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        n => buf = &mut buf[n..],
+                    }
+                    since = None;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that also works on a non-blocking socket (busy-polls on `WouldBlock`).
+fn write_full(s: &mut TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn raw_pingpong(s: &mut TcpStream, size: usize, iters: u32) -> f64 {
     let mut header = [0u8; 9];
     header[..8].copy_from_slice(&(size as u64).to_le_bytes());
@@ -230,11 +280,11 @@ fn raw_pingpong(s: &mut TcpStream, size: usize, iters: u32) -> f64 {
     let mut back = vec![0u8; size];
     let start = Instant::now();
     for _ in 0..iters {
-        s.write_all(&header).expect("send header");
-        s.write_all(&body).expect("send body");
+        write_full(s, &header).expect("send header");
+        write_full(s, &body).expect("send body");
         let mut h = [0u8; 9];
-        s.read_exact(&mut h).expect("echo header");
-        s.read_exact(&mut back).expect("echo body");
+        read_full(s, &mut h).expect("echo header");
+        read_full(s, &mut back).expect("echo body");
     }
     start.elapsed().as_secs_f64() / iters as f64 / 2.0
 }
@@ -265,38 +315,55 @@ async fn run() {
     );
     let ping = Single::<Ping>::new((), Some(0));
     let pong = Single::<Pong>::new((), Some(far));
-    let port = pong.ret().listen().await;
-    // The client side of the bare ping-pong runs on this PE's thread (pinned to this PE's core,
-    // like the charmrs side of the comparison).
+    // Two bare baselines: blocking sockets (a sleeping reader is woken by the kernel), and
+    // busy-polling non-blocking ones (like the PEs, which never sleep while spinning). The client
+    // side runs on this PE's thread (pinned to this PE's core, like the charmrs side).
+    let port = pong.ret().listen(false).await;
     let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
     raw.set_nodelay(true).expect("nodelay");
+    let port = pong.ret().listen(true).await;
+    let mut spin = TcpStream::connect(("127.0.0.1", port)).expect("connect to the spinning server");
+    spin.set_nodelay(true).expect("nodelay");
+    spin.set_nonblocking(true).expect("non-blocking");
     println!(
-        "{:>9} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}",
-        "size", "charmrs µs", "bare TCP µs", "ratio", "charmrs MB/s", "bare MB/s", "ratio"
+        "{:>9} {:>12} {:>12} {:>7} {:>12} {:>7} {:>13} {:>13} {:>7}",
+        "size",
+        "charmrs µs",
+        "bare µs",
+        "ratio",
+        "bare spin µs",
+        "ratio",
+        "charmrs MB/s",
+        "bare MB/s",
+        "ratio"
     );
     for size in SIZES {
         let iters = iterations(size);
         let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
         let (mut lat_c, mut lat_r, mut bw_c, mut bw_r) = (vec![], vec![], vec![], vec![]);
+        let mut lat_s = vec![];
         for _ in 0..REPEATS {
             let f = Future::new();
             ping.pingpong(*pong, size, iters, f);
             lat_c.push(f.await / iters as f64 / 2.0);
             lat_r.push(raw_pingpong(&mut raw, size, iters));
+            lat_s.push(raw_pingpong(&mut spin, size, iters));
             let f = Future::new();
             ping.stream(*pong, size, count, f);
             bw_c.push((size * count) as f64 / f.await / 1e6);
             bw_r.push((size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6);
         }
-        let (lc, lr, bc, br) = (
+        let (lc, lr, ls, bc, br) = (
             median(lat_c) * 1e6,
             median(lat_r) * 1e6,
+            median(lat_s) * 1e6,
             median(bw_c),
             median(bw_r),
         );
         println!(
-            "{size:>9} {lc:>14.2} {lr:>14.2} {:>7.2} {bc:>14.0} {br:>14.0} {:>7.2}",
+            "{size:>9} {lc:>12.2} {lr:>12.2} {:>7.2} {ls:>12.2} {:>7.2} {bc:>13.0} {br:>13.0} {:>7.2}",
             lc / lr,
+            lc / ls,
             bc / br
         );
     }
