@@ -48,6 +48,18 @@ fn run(args: &[&str], limit: Duration) -> (Output, Duration) {
     (child.wait_with_output().unwrap(), took)
 }
 
+/// Runs charmrun with `args` (60 s limit), asserts a zero exit status, returns stdout's lines.
+fn lines_ok(args: &[&str]) -> Vec<String> {
+    let (out, _) = run(args, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines(&out)
+}
+
 fn lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -109,32 +121,13 @@ fn every_program_prints_the_same_lines_across_processes() {
             vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]".into()],
         ),
     ];
-    for (bin, want) in &programs {
-        let (out, _) = run(
-            &["++quiet", "+p4", "++ppn", "2", bin],
-            Duration::from_secs(60),
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{bin}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(&lines(&out), want, "{bin} with 2 processes");
-    }
-    // Four processes of one PE each (array_hello's placement is per PE, so unchanged).
-    for (bin, want) in &programs {
-        let (out, _) = run(
-            &["++quiet", "+p4", "++ppn", "1", bin],
-            Duration::from_secs(60),
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{bin}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(&lines(&out), want, "{bin} with 4 processes");
+    // Two processes of two PEs, then four of one (array_hello's placement is per PE, so
+    // unchanged).
+    for (ppn, processes) in [("2", 2), ("1", 4)] {
+        for (bin, want) in &programs {
+            let got = lines_ok(&["++quiet", "+p4", "++ppn", ppn, bin]);
+            assert_eq!(&got, want, "{bin} with {processes} processes");
+        }
     }
 }
 
@@ -237,14 +230,7 @@ fn results_reductions_when_quiescence_and_the_pool_work_across_processes() {
         let mut all = vec!["++quiet"];
         all.extend(args);
         all.extend([env!("CARGO_BIN_EXE_mpcheck"), "features"]);
-        let (out, _) = run(&all, Duration::from_secs(60));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got = lines(&out);
+        let got = lines_ok(&all);
         assert!(got[0].starts_with("ok placement"), "{got:?}");
         assert_eq!(&got[1..], &want, "{args:?}");
     }
@@ -261,15 +247,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
             "+balancer",
             "Rotate",
         ]);
-        let (out, _) = run(&all, Duration::from_secs(60));
         assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            lines(&out),
+            lines_ok(&all),
             ["ok migration", "ok sparse", "ok load balancing"],
             "{args:?}"
         );
@@ -278,33 +257,23 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
 
 #[test]
 fn stencil3d_balances_across_processes() {
-    let (out, _) = run(
-        &[
-            "++quiet",
-            "+p4",
-            "++ppn",
-            "2",
-            env!("CARGO_BIN_EXE_stencil3d"),
-            "--imbalance",
-            "--iters",
-            "12",
-            "--edge",
-            "6",
-            "--lb-period",
-            "5",
-            "+balancer",
-            "GreedyRefine",
-            "+LBDebug",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = lines(&out);
+    let got = lines_ok(&[
+        "++quiet",
+        "+p4",
+        "++ppn",
+        "2",
+        env!("CARGO_BIN_EXE_stencil3d"),
+        "--imbalance",
+        "--iters",
+        "12",
+        "--edge",
+        "6",
+        "--lb-period",
+        "5",
+        "+balancer",
+        "GreedyRefine",
+        "+LBDebug",
+    ]);
     assert_eq!(
         got.iter().filter(|l| l.starts_with("[LB] step")).count(),
         3,

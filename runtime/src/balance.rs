@@ -282,14 +282,6 @@ impl PeState {
         if migrations.is_empty() {
             return self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
         }
-        let mut by_source: FxHashMap<usize, Vec<(Index, u32)>> = FxHashMap::default();
-        for m in &migrations {
-            let r = &records[m.obj as usize];
-            by_source
-                .entry(m.from)
-                .or_default()
-                .push((r.index, m.to as u32));
-        }
         self.lb.borrow_mut().steps.insert(
             (coll, step),
             RootStep {
@@ -297,12 +289,35 @@ impl PeState {
                 resume,
             },
         );
-        let mut sources: Vec<_> = by_source.into_iter().collect();
-        sources.sort_by_key(|(pe, _)| *pe);
-        for (source, moves) in sources {
+        self.send_moves(
+            Some(step),
+            migrations
+                .iter()
+                .map(|m| (m.from, coll, records[m.obj as usize].index, m.to)),
+        );
+    }
+
+    /// Sends each source PE its moves `(from, collection, index, to)`, one message per source and
+    /// collection, in PE order; arrivals are reported for an AtSync `step`.
+    fn send_moves(
+        &self,
+        step: Option<u64>,
+        moves: impl Iterator<Item = (usize, CollectionId, Index, usize)>,
+    ) {
+        let mut by_source: FxHashMap<(usize, CollectionId), Vec<(Index, u32)>> =
+            FxHashMap::default();
+        for (from, coll, index, to) in moves {
+            by_source
+                .entry((from, coll))
+                .or_default()
+                .push((index, to as u32));
+        }
+        let mut orders: Vec<_> = by_source.into_iter().collect();
+        orders.sort_by_key(|((pe, coll), _)| (*pe, *coll));
+        for ((source, coll), moves) in orders {
             let msg = LbMsg::Moves {
                 coll,
-                step: Some(step),
+                step,
                 root: self.pe as u32,
                 moves,
             };
@@ -467,29 +482,13 @@ impl PeState {
                 );
             }
         }
-        let mut by_source: FxHashMap<(usize, CollectionId), Vec<(Index, u32)>> =
-            FxHashMap::default();
-        for m in &migrations {
-            let (coll, index) = names[m.obj as usize];
-            by_source
-                .entry((m.from, coll))
-                .or_default()
-                .push((index, m.to as u32));
-        }
-        let mut orders: Vec<_> = by_source.into_iter().collect();
-        orders.sort_by_key(|((pe, coll), _)| (*pe, *coll));
-        for ((source, coll), moves) in orders {
-            let msg = LbMsg::Moves {
-                coll,
-                step: None,
-                root: self.pe as u32,
-                moves,
-            };
-            self.send(
-                source,
-                crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(msg)),
-            );
-        }
+        self.send_moves(
+            None,
+            migrations.iter().map(|m| {
+                let (coll, index) = names[m.obj as usize];
+                (m.from, coll, index, m.to)
+            }),
+        );
     }
 
     /// Tells the root of step `step` that one of its migrations is done.

@@ -52,7 +52,7 @@ type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
 const MAX_HOPS: u32 = 64;
 
 /// An element on its way to another PE.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub(crate) struct Migrant {
     pub(crate) coll: CollectionId,
     pub(crate) index: Index,
@@ -207,7 +207,9 @@ impl PeState {
                     self.pe
                 };
                 env.route = Route::new(origin, hops);
-                self.forward(to, env);
+                // Not a new message for quiescence detection's purposes: the forwarding PE counts
+                // one more sent, the next PE one more processed.
+                self.send_direct(to, env);
             }
             _ => {
                 // At the home, location unknown: the element is being inserted or is on its way.
@@ -216,12 +218,6 @@ impl PeState {
                 c.lost.entry(index).or_default().push(env);
             }
         }
-    }
-
-    /// Sends an already counted call on to PE `to` (forwarding is not a new message for
-    /// quiescence detection: it counts one more sent and, on arrival, one more processed).
-    fn forward(&self, to: usize, env: Envelope) {
-        self.send_direct(to, env);
     }
 
     /// A location record from the PE that holds (or last held) an element.

@@ -448,6 +448,16 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
 
     /// Like [`new`](Self::new), reporting errors instead of panicking.
     pub fn try_new(dims: I, init: C::Init) -> Result<Self> {
+        Self::create_dense("Array::new", dims, None, init)
+    }
+
+    /// A dense array of extents `dims`, placed by `map` or in blocks.
+    fn create_dense(
+        what: &'static str,
+        dims: I,
+        map: Option<crate::MapId>,
+        init: C::Init,
+    ) -> Result<Self> {
         let dims = dims.to_index()?;
         if dims.dims() == 0 {
             return Err(Error::Options(
@@ -455,8 +465,8 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
             ));
         }
         let proxy = create::<C>(
-            "Array::new",
-            |_| Ok(Shape::Array { dims, map: None }),
+            what,
+            |_| Ok(Shape::Array { dims, map }),
             Construct::<C>::boxed(init),
         )?;
         Ok(Array {
@@ -477,22 +487,7 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
 
     /// Like [`new_mapped`](Self::new_mapped), reporting errors instead of panicking.
     pub fn try_new_mapped(dims: I, map: &ArrayMap, init: C::Init) -> Result<Self> {
-        let dims = dims.to_index()?;
-        if dims.dims() == 0 {
-            return Err(Error::Options(
-                "an array needs at least one dimension".into(),
-            ));
-        }
-        let map = Some(map.id());
-        let proxy = create::<C>(
-            "Array::new_mapped",
-            |_| Ok(Shape::Array { dims, map }),
-            Construct::<C>::boxed(init),
-        )?;
-        Ok(Array {
-            proxy,
-            _index: PhantomData,
-        })
+        Self::create_dense("Array::new_mapped", dims, Some(map.id()), init)
     }
 
     /// Creates an empty sparse array (charm4py's `Array(C, ndims=n)`): elements are added with

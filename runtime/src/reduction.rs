@@ -709,32 +709,27 @@ impl PeState {
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
     /// `coll`; forwards or delivers the result once complete.
     pub(crate) fn reduce(&self, coll: CollectionId, seq: u64, shape: Shape, incoming: Incoming) {
-        let started = self.reductions.borrow().pending.contains_key(&(coll, seq));
-        let membership = if started {
-            None
-        } else {
-            match self.membership(coll, &shape) {
-                Some(m) => Some(m),
-                None => {
-                    // A sparse array before `done_inserting`: counts are not known yet.
-                    return self.wait_for_seal(coll, seq, shape, incoming);
-                }
-            }
-        };
         let complete = {
             let mut table = self.reductions.borrow_mut();
-            let p = table.pending.entry((coll, seq)).or_insert_with(|| {
-                let (local, members) = membership.expect("computed for a new reduction");
-                let place = tree_place(&members, self.pe, self.shared.local_pes());
-                let expected = local + place.children.len();
-                Pending {
-                    got: 0,
-                    expected,
-                    place,
-                    part: None,
-                    raw: Vec::new(),
+            let p = match table.pending.entry((coll, seq)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    // `membership` reads other tables than this one.
+                    let Some((local, members)) = self.membership(coll, &shape) else {
+                        // A sparse array before `done_inserting`: counts are not known yet.
+                        return self.wait_for_seal(coll, seq, shape, incoming);
+                    };
+                    let place = tree_place(&members, self.pe, self.shared.local_pes());
+                    let expected = local + place.children.len();
+                    v.insert(Pending {
+                        got: 0,
+                        expected,
+                        place,
+                        part: None,
+                        raw: Vec::new(),
+                    })
                 }
-            });
+            };
             p.got += 1;
             let merged = match incoming {
                 Incoming::Typed(part) => merge(p, part),

@@ -198,7 +198,9 @@ pub(crate) fn decode_pool(msg: &Message) -> Result<Envelope, String> {
 /// Migration, location and load-balancing traffic (segment 0: the message).
 pub(crate) const KIND_MOBILITY: u8 = 12;
 
-/// The wire form of migration, location-update and load-balancing messages.
+/// The wire form of migration, location-update and load-balancing messages (decoding side; the
+/// encoding side is [`MobilityWireRef`], which has the same variants in the same order and so
+/// the same encoding, without copying a migrating element's state).
 #[derive(Serialize, Deserialize)]
 enum MobilityWire {
     Migrate(crate::migration::Migrant),
@@ -219,6 +221,27 @@ enum MobilityWire {
     },
 }
 
+/// [`MobilityWire`] borrowing from the envelope.
+#[derive(Serialize)]
+enum MobilityWireRef<'a> {
+    Migrate(&'a crate::migration::Migrant),
+    Located {
+        coll: CollectionId,
+        index: Index,
+        pe: u32,
+        epoch: u32,
+    },
+    Balance(&'a crate::balance::LbMsg),
+    Census {
+        coll: CollectionId,
+        reply: (u32, u64),
+    },
+    Seal {
+        coll: CollectionId,
+        counts: &'a [u32],
+    },
+}
+
 /// The wire form of a migration, location or load-balancing message, if `env` is one.
 pub(crate) fn mobility_message(
     env: &Envelope,
@@ -228,30 +251,31 @@ pub(crate) fn mobility_message(
     let Body::Control(c) = &env.body else {
         return None;
     };
-    let encoded = match &**c {
-        Control::Migrate(m) => postcard::to_stdvec(&MobilityWire::Migrate((**m).clone())),
+    let wire = match &**c {
+        Control::Migrate(m) => MobilityWireRef::Migrate(m),
         Control::Located {
             coll,
             index,
             pe,
             epoch,
-        } => postcard::to_stdvec(&MobilityWire::Located {
+        } => MobilityWireRef::Located {
             coll: *coll,
             index: *index,
             pe: *pe,
             epoch: *epoch,
-        }),
-        Control::Balance(b) => postcard::to_stdvec(&MobilityWire::Balance(b.clone())),
-        Control::Census { coll, reply } => postcard::to_stdvec(&MobilityWire::Census {
+        },
+        Control::Balance(b) => MobilityWireRef::Balance(b),
+        Control::Census { coll, reply } => MobilityWireRef::Census {
             coll: *coll,
             reply: *reply,
-        }),
-        Control::Seal { coll, counts } => postcard::to_stdvec(&MobilityWire::Seal {
+        },
+        Control::Seal { coll, counts } => MobilityWireRef::Seal {
             coll: *coll,
-            counts: counts.clone(),
-        }),
+            counts,
+        },
         _ => return None,
     };
+    let encoded = postcard::to_stdvec(&wire);
     Some(encoded.map_err(|e| e.to_string()).and_then(|seg| {
         let mut m = Message::new(Header::new(KIND_MOBILITY, src_pe, dst_pe, 0));
         m.push_segment(Bytes::from(seg))
@@ -933,6 +957,58 @@ mod tests {
             let _ = decode_untrusted_frame(&frame(kind, &[&junk, &junk[..len / 2]]));
             let _ = decode_untrusted_frame(&frame(kind, &[&junk]));
             let _ = decode_untrusted_frame(&junk);
+        }
+    }
+
+    #[test]
+    fn mobility_messages_round_trip() {
+        let coll = CollectionId::new(1, 2);
+        let index = Index::new(&[3, 4]).unwrap();
+        let migrant = crate::migration::Migrant {
+            coll,
+            index,
+            epoch: 5,
+            reductions: 6,
+            load: 0.25,
+            state: vec![1, 2, 3],
+            balance: Some((0, 9)),
+        };
+        let envs = [
+            Envelope::new(0, Control::Migrate(Box::new(migrant))),
+            Envelope::new(
+                0,
+                Control::Seal {
+                    coll,
+                    counts: vec![1, 0, 2],
+                },
+            ),
+        ];
+        for env in envs {
+            let msg = mobility_message(&env, 0, 1).unwrap().unwrap();
+            let Body::Control(back) = decode_mobility(&msg).unwrap().body else {
+                panic!("a control message")
+            };
+            match (&*back, env.body) {
+                (Control::Migrate(m), Body::Control(c)) => {
+                    let Control::Migrate(want) = *c else { panic!() };
+                    assert_eq!(
+                        (m.coll, m.index, m.epoch, m.reductions, m.load, &m.state, m.balance),
+                        (
+                            want.coll,
+                            want.index,
+                            want.epoch,
+                            want.reductions,
+                            want.load,
+                            &want.state,
+                            want.balance
+                        )
+                    );
+                }
+                (Control::Seal { coll: c, counts }, _) => {
+                    assert_eq!((*c, counts.as_slice()), (coll, &[1, 0, 2][..]));
+                }
+                _ => panic!("decoded another kind"),
+            }
         }
     }
 

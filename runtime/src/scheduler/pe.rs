@@ -476,13 +476,40 @@ impl PeState {
     /// Sends `outcome` to future `id` of PE `owner`: directly if that is this PE, moved to another
     /// PE of this process, or encoded with `encode` for a PE of another process.
     pub(crate) fn fulfil(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
+        self.route_value(false, owner, id, outcome, encode);
+    }
+
+    /// Sends a future's value (`partial`: one PE's part of a gather) to PE `owner`: applied here,
+    /// moved to another PE of this process, or encoded for another process.
+    fn route_value(
+        &self,
+        partial: bool,
+        owner: usize,
+        id: u64,
+        outcome: Resolution,
+        encode: EncodeFn,
+    ) {
         if owner == self.pe {
-            self.fulfil_local(id, outcome);
+            if partial {
+                self.partial_local(id, outcome)
+            } else {
+                self.fulfil_local(id, outcome)
+            }
         } else if self.shared.mailbox(owner).is_some() {
             let outcome = outcome.map_err(Box::new);
-            self.send(owner, Envelope::new(0, Body::Fulfil { id, outcome }));
+            let body = if partial {
+                Body::Partial { id, outcome }
+            } else {
+                Body::Fulfil { id, outcome }
+            };
+            self.send(owner, Envelope::new(0, body));
         } else {
-            self.send_value(crate::wire::KIND_FULFIL, owner, id, outcome, encode);
+            let kind = if partial {
+                crate::wire::KIND_PARTIAL
+            } else {
+                crate::wire::KIND_FULFIL
+            };
+            self.send_value(kind, owner, id, outcome, encode);
         }
     }
 
@@ -496,14 +523,7 @@ impl PeState {
 
     /// Sends one PE's part of a broadcast result to gather future `id` of PE `owner`.
     pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
-        if owner == self.pe {
-            self.partial_local(id, outcome);
-        } else if self.shared.mailbox(owner).is_some() {
-            let outcome = outcome.map_err(Box::new);
-            self.send(owner, Envelope::new(0, Body::Partial { id, outcome }));
-        } else {
-            self.send_value(crate::wire::KIND_PARTIAL, owner, id, outcome, encode);
-        }
+        self.route_value(true, owner, id, outcome, encode);
     }
 
     /// Adds a partial to this PE's gather future `id`.
