@@ -470,7 +470,20 @@ impl Shared {
             return;
         }
         for peer in &self.peers {
-            if let Ok(mut out) = peer.out.try_lock() {
+            // A send in progress holds the stream briefly: wait for it (bounded, since a send
+            // blocked by back-pressure may hold it for good) rather than skip the goodbye, which
+            // the peer would take for this process's death.
+            let deadline = std::time::Instant::now() + Duration::from_millis(200);
+            let out = loop {
+                match peer.out.try_lock() {
+                    Ok(out) => break Some(out),
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_micros(100))
+                    }
+                    Err(_) => break None,
+                }
+            };
+            if let Some(mut out) = out {
                 if let Some(s) = out.as_mut() {
                     let _ = s.write_all(&[wire::PKT_BYE]);
                     let _ = s.shutdown(Shutdown::Write);
