@@ -225,13 +225,7 @@ impl Runtime {
         let outcome = shared.wait_outcome();
         // Nothing is ever sent on `done`: every PE thread drops its sender when it leaves, so the
         // receive returns `Disconnected` once all have left, or times out after the grace period.
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            done_rx.recv_timeout(self.join_grace)
-        {
-            // A PE thread has not left (e.g. starved of CPU): the layer will not be dropped before
-            // the process exits, so say goodbye now — peers would take silence for a crash.
-            shared.layer.close();
-        }
+        let _ = done_rx.recv_timeout(self.join_grace);
         match outcome {
             Outcome::Exit(code) => Ok(code),
             Outcome::Abort(msg) => Err(Error::Aborted(msg)),

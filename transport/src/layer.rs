@@ -105,12 +105,6 @@ pub trait MachineLayer: Send + Sync {
     /// may quieten its library's error reporting. The default does nothing.
     fn stopping(&self) {}
 
-    /// Says goodbye to the peers and stops, as dropping the layer does — for a process that
-    /// must exit while a thread still holds the layer (the runtime, when a PE thread does not
-    /// leave in time). Later sends fail. The default does nothing (dropping is then the only
-    /// clean ending).
-    fn close(&self) {}
-
     /// Short name for diagnostics ("local", "tcp", "ucx", "ofi").
     fn name(&self) -> &'static str;
 }

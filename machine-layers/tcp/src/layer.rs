@@ -585,11 +585,6 @@ impl MachineLayer for TcpLayer {
         self.bootstrap.abort(reason);
     }
 
-    /// Says goodbye and stops (idempotent; dropping the layer later finishes the job).
-    fn close(&self) {
-        self.close_now();
-    }
-
     fn name(&self) -> &'static str {
         "tcp"
     }
@@ -602,12 +597,6 @@ impl std::fmt::Debug for TcpLayer {
             .field("size", &self.shared.size)
             .field("listen", &self.shared.listen)
             .finish_non_exhaustive()
-    }
-}
-
-impl TcpLayer {
-    fn close_now(&self) {
-        self.shared.shutdown();
     }
 }
 
