@@ -992,7 +992,15 @@ mod tests {
                 (Control::Migrate(m), Body::Control(c)) => {
                     let Control::Migrate(want) = *c else { panic!() };
                     assert_eq!(
-                        (m.coll, m.index, m.epoch, m.reductions, m.load, &m.state, m.balance),
+                        (
+                            m.coll,
+                            m.index,
+                            m.epoch,
+                            m.reductions,
+                            m.load,
+                            &m.state,
+                            m.balance
+                        ),
                         (
                             want.coll,
                             want.index,
