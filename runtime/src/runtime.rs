@@ -225,7 +225,16 @@ impl Runtime {
         let outcome = shared.wait_outcome();
         // Nothing is ever sent on `done`: every PE thread drops its sender when it leaves, so the
         // receive returns `Disconnected` once all have left, or times out after the grace period.
-        let _ = done_rx.recv_timeout(self.join_grace);
+        let joined = !matches!(
+            done_rx.recv_timeout(self.join_grace),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        // Every process must know the job ended before any leaves (else a departure looks like a
+        // crash to a process that has not read the end yet). Only with the PEs gone: this thread
+        // is then the layer's only poller.
+        if joined && shared.layer.size() > 1 && matches!(outcome, Outcome::Exit(_)) {
+            crate::scheduler::finish_job(&shared);
+        }
         match outcome {
             Outcome::Exit(code) => Ok(code),
             Outcome::Abort(msg) => Err(Error::Aborted(msg)),

@@ -197,6 +197,10 @@ pub(crate) fn decode_pool(msg: &Message) -> Result<Envelope, String> {
 
 /// Migration, location and load-balancing traffic (segment 0: the message).
 pub(crate) const KIND_MOBILITY: u8 = 12;
+/// End-of-job handshake: "your end-of-job message arrived here" (see `scheduler::ending`).
+pub(crate) const KIND_END_ACK: u8 = 13;
+/// End-of-job handshake: "every process knows: you may leave".
+pub(crate) const KIND_END_GO: u8 = 14;
 
 /// The wire form of migration, location-update and load-balancing messages (decoding side; the
 /// encoding side is [`MobilityWireRef`], which has the same variants in the same order and so

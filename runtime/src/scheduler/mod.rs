@@ -2,11 +2,13 @@
 //! local priority queue, a local executor for futures, and a dispatch loop that parks when idle.
 
 mod comm;
+mod ending;
 mod executor;
 mod pe;
 mod queue;
 mod shared;
 
 pub(crate) use comm::{poll_network, run_comm};
+pub(crate) use ending::finish_job;
 pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState};
 pub(crate) use shared::{Outcome, Shared};

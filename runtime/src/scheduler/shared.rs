@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
     stop: AtomicBool,
+    /// The end-of-job handshake (see `ending`).
+    end: Mutex<super::ending::EndState>,
     outcome: Mutex<Option<Outcome>>,
     outcome_set: Condvar,
 }
@@ -69,9 +71,15 @@ impl Shared {
             network_pe: std::sync::OnceLock::new(),
             layer,
             stop: AtomicBool::new(false),
+            end: Mutex::default(),
             outcome: Mutex::new(None),
             outcome_set: Condvar::new(),
         }
+    }
+
+    /// The end-of-job handshake state.
+    pub(crate) fn end_state(&self) -> std::sync::MutexGuard<'_, super::ending::EndState> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The mailbox of PE `pe` if it lives in this process.
@@ -112,6 +120,7 @@ impl Shared {
         if slot.is_none() {
             self.layer.stopping();
             if tell_peers {
+                self.end_state().initiated = true;
                 let me = self.layer.rank();
                 for p in (0..self.layer.size()).filter(|&p| p != me) {
                     // Best effort: a peer that is gone cannot be told.

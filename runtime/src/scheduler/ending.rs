@@ -1,0 +1,120 @@
+//! The end of a multi-process job: no process leaves before every process knows the job ended.
+//!
+//! A process that ends the job (`exit`) tells every peer; a peer that learns it stops its PEs.
+//! Without more, the first process to exit could vanish while another has not yet read the
+//! end-of-job message — which arrives on another connection than the one that closes, or is
+//! overtaken by the transport's own failure report (a UCX endpoint timeout) — and that process
+//! would take the departure for a crash and abort a job that succeeded. So after its PEs stopped,
+//! every process acknowledges each end-of-job message it received (`KIND_END_ACK`); a process
+//! that ended the job waits for the acknowledgements of all peers and then releases them
+//! (`KIND_END_GO`); a process leaves once released by every process whose end-of-job it received.
+//! Every wait is bounded ([`WAIT`]): a peer that is gone or silent only delays the exit.
+//!
+//! Invariant: this runs on the main thread after the PE threads left, so it is the layer's only
+//! poller; messages of these kinds that the network PE already read are recorded in [`EndState`].
+
+use super::shared::Shared;
+use crate::wire;
+use charmrs_transport::{Header, Message, ProcessId};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// How long each phase waits for peers.
+const WAIT: Duration = Duration::from_secs(2);
+
+/// What this process knows about the end of the job.
+#[derive(Default)]
+pub(crate) struct EndState {
+    /// This process ended the job (and told the peers).
+    pub(crate) initiated: bool,
+    /// Processes whose end-of-job message arrived here.
+    pub(crate) sources: BTreeSet<ProcessId>,
+    /// Processes that acknowledged this process's end-of-job message.
+    pub(crate) acks: BTreeSet<ProcessId>,
+    /// Processes that released this process.
+    pub(crate) released_by: BTreeSet<ProcessId>,
+}
+
+/// Records an end-of-job handshake message from `src` (wherever it was read).
+pub(crate) fn record(shared: &Shared, kind: u8, src: ProcessId) {
+    let mut end = shared.end_state();
+    match kind {
+        wire::KIND_EXIT => {
+            end.sources.insert(src);
+        }
+        wire::KIND_END_ACK => {
+            end.acks.insert(src);
+        }
+        wire::KIND_END_GO => {
+            end.released_by.insert(src);
+        }
+        _ => {}
+    }
+}
+
+fn signal(shared: &Shared, kind: u8, to: ProcessId) {
+    let me = shared.first_pe as u32;
+    // Best effort: a peer that is gone is not waited for.
+    let _ = shared
+        .layer
+        .send(to, Message::new(Header::new(kind, me, 0, 0)));
+}
+
+/// Polls the layer (recording handshake messages) until `done` holds or [`WAIT`] passes.
+fn wait_until(shared: &Shared, done: impl Fn(&EndState) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done(&shared.end_state()) && Instant::now() < deadline {
+        let polled = shared
+            .layer
+            .progress(&mut |src, msg| record(shared, msg.header().kind, src));
+        if polled.is_err() {
+            return; // a peer is gone: nothing more will come from it
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// The handshake, once this process's PEs have left a job that ended with `exit`.
+pub(crate) fn finish_job(shared: &Shared) {
+    let (me, n) = (shared.layer.rank(), shared.layer.size());
+    let peers: Vec<ProcessId> = (0..n).filter(|&p| p != me).collect();
+    let (initiated, sources) = {
+        let end = shared.end_state();
+        (end.initiated, end.sources.clone())
+    };
+    for &src in &sources {
+        signal(shared, wire::KIND_END_ACK, src);
+    }
+    if initiated {
+        wait_until(shared, |e| peers.iter().all(|p| e.acks.contains(p)));
+        for &p in &peers {
+            signal(shared, wire::KIND_END_GO, p);
+        }
+    }
+    // Peers whose end-of-job arrives while waiting are acknowledged too.
+    let deadline = Instant::now() + WAIT;
+    let mut acked = sources;
+    loop {
+        let (waiting, new): (bool, Vec<ProcessId>) = {
+            let end = shared.end_state();
+            (
+                !end.sources.iter().all(|s| end.released_by.contains(s)),
+                end.sources.difference(&acked).copied().collect(),
+            )
+        };
+        for src in new {
+            signal(shared, wire::KIND_END_ACK, src);
+            acked.insert(src);
+        }
+        if !waiting || Instant::now() >= deadline {
+            return;
+        }
+        let polled = shared
+            .layer
+            .progress(&mut |src, msg| record(shared, msg.header().kind, src));
+        if polled.is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
