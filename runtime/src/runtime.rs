@@ -150,7 +150,11 @@ impl Runtime {
         // after those of the processes before it on the host, and pinning happens only if every
         // PE of the host gets a core of its own.
         let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
-        let pin = self.options.affinity && topology.pes_fit(pes * host_procs);
+        let own_cores = topology.pes_fit(pes * host_procs);
+        shared
+            .own_cores
+            .store(own_cores, std::sync::atomic::Ordering::Relaxed);
+        let pin = self.options.affinity && own_cores;
         let first_pe = shared.first_pe;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {

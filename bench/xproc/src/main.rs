@@ -32,6 +32,14 @@ const SIZES: [usize; 7] = [8, 1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 
 const WINDOW: usize = 16;
 const REPEATS: usize = 5;
 
+/// Repetitions per size: [`REPEATS`], or `XPROC_REPEATS` (more for profiling).
+fn repeats() -> usize {
+    std::env::var("XPROC_REPEATS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(REPEATS)
+}
+
 fn iterations(size: usize) -> u32 {
     match size {
         s if s <= 1024 => 2000,
@@ -220,6 +228,22 @@ impl Member {
     }
 }
 
+/// The sizes to measure: [`SIZES`], or the comma-separated list in `XPROC_SIZES` (for profiling
+/// one size).
+fn sizes() -> Vec<usize> {
+    match std::env::var("XPROC_SIZES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("XPROC_SIZES: comma-separated byte counts")
+            })
+            .collect(),
+        Err(_) => SIZES.to_vec(),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -337,21 +361,30 @@ async fn run() {
         "bare MB/s",
         "ratio"
     );
-    for size in SIZES {
+    // `XPROC_CHARMRS_ONLY=1`: only the charmrs ping-pong (for profiling its path).
+    let charmrs_only = std::env::var_os("XPROC_CHARMRS_ONLY").is_some();
+    for size in sizes() {
         let iters = iterations(size);
         let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
         let (mut lat_c, mut lat_r, mut bw_c, mut bw_r) = (vec![], vec![], vec![], vec![]);
         let mut lat_s = vec![];
-        for _ in 0..REPEATS {
+        for _ in 0..repeats() {
             let f = Future::new();
             ping.pingpong(*pong, size, iters, f);
             lat_c.push(f.await / iters as f64 / 2.0);
+            if charmrs_only {
+                continue;
+            }
             lat_r.push(raw_pingpong(&mut raw, size, iters));
             lat_s.push(raw_pingpong(&mut spin, size, iters));
             let f = Future::new();
             ping.stream(*pong, size, count, f);
             bw_c.push((size * count) as f64 / f.await / 1e6);
             bw_r.push((size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6);
+        }
+        if charmrs_only {
+            println!("{size:>9} {:>12.2}", median(lat_c) * 1e6);
+            continue;
         }
         let (lc, lr, ls, bc, br) = (
             median(lat_c) * 1e6,
@@ -367,11 +400,15 @@ async fn run() {
             bc / br
         );
     }
+    if charmrs_only {
+        charmrs::exit(0);
+        return;
+    }
     let group = Group::<Member>::new(());
     let rounds = 2000u32;
     let mut red = vec![];
     let mut bcast = vec![];
-    for _ in 0..REPEATS {
+    for _ in 0..repeats() {
         let t = Instant::now();
         for _ in 0..rounds {
             let f = Future::new();

@@ -53,7 +53,19 @@ pub(crate) struct InboxState {
     /// (boxed: their address is handed to UCX).
     #[allow(clippy::vec_box)]
     pub(crate) spare: Vec<Box<crate::worker::SendOp>>,
+    /// Rendezvous receives whose data is being fetched.
+    pub(crate) rndv_active: usize,
+    /// Announced rendezvous messages waiting for a fetch slot, oldest first
+    /// (see [`MAX_RNDV_ACTIVE`]); their UCX descriptors are held.
+    pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
 }
+
+/// Rendezvous receives fetched at once. A sender streaming large messages
+/// announces them all at once; fetching every one concurrently spreads the
+/// copy over as many destination buffers (a working set far beyond the
+/// cache, fresh buffers page-faulted) and is ~5× slower than fetching them
+/// a few at a time into buffers the pool hands out again warm.
+pub(crate) const MAX_RNDV_ACTIVE: usize = 2;
 
 /// Callback-side state of a layer; see the module docs.
 #[derive(Debug)]

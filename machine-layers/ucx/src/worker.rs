@@ -292,7 +292,27 @@ impl Worker {
     /// One round of `ucp_worker_progress`; whether anything happened.
     pub(crate) fn progress_once(&mut self) -> bool {
         // SAFETY: worker is live; callbacks only touch the inbox.
-        unsafe { sys::ucp_worker_progress(self.worker) != 0 }
+        let busy = unsafe { sys::ucp_worker_progress(self.worker) != 0 };
+        busy | self.start_waiting_rndv()
+    }
+
+    /// Starts fetching announced rendezvous messages while slots are free;
+    /// whether any started.
+    fn start_waiting_rndv(&mut self) -> bool {
+        let mut started = false;
+        loop {
+            let next = {
+                let mut st = self.inbox.state.borrow_mut();
+                if st.rndv_active >= crate::inbox::MAX_RNDV_ACTIVE {
+                    break;
+                }
+                st.rndv_waiting.pop_front()
+            };
+            let Some(pending) = next else { break };
+            start_rndv(&self.inbox, pending);
+            started = true;
+        }
+        started
     }
 
     /// `ucp_worker_arm`: `Ok(true)` when armed (the event fd will signal the
@@ -699,6 +719,12 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // Announced messages nobody will fetch: give their descriptors back.
+        let waiting = std::mem::take(&mut self.inbox.state.borrow_mut().rndv_waiting);
+        for pending in waiting {
+            // SAFETY: a held, unused rendezvous descriptor of this worker.
+            unsafe { sys::ucp_am_data_release(self.worker, pending.desc) };
+        }
         self.close_all(Duration::from_millis(500));
         // SAFETY: the endpoints are closed; worker then context are
         // destroyed once, in this order. The inbox (callback argument) is a
@@ -752,50 +778,24 @@ unsafe extern "C" fn am_data_cb(
     // SAFETY: param is valid for the duration of the callback.
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
-        let seq = inbox.arrive(d.src, d.seq, None);
-        let worker = inbox.worker.get();
-        let op = Box::new(RecvOp {
-            inbox,
+        let pending = PendingRndv {
+            desc: data,
             src: d.src,
-            seq,
+            seq: inbox.arrive(d.src, d.seq, None),
             header: d.header,
             lens: d.lens().collect(),
             len: length,
-            buf: inbox.pool.take(length),
-        });
-        let raw = Box::into_raw(op);
-        let mut p: sys::ucp_request_param_t = zeroed();
-        p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
-            | sys::UCP_OP_ATTR_FIELD_USER_DATA
-            | sys::UCP_OP_ATTR_FIELD_DATATYPE
-            | sys::UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-        p.cb.recv_am = Some(rndv_done_cb);
-        p.datatype = sys::ucp_dt_make_contig(1);
-        p.user_data = raw as *mut c_void;
-        // SAFETY: `data` is the rendezvous descriptor UCX just handed us;
-        // the destination (capacity `length`) belongs to the descriptor box,
-        // returned to us in the callback (NO_IMM_CMPL).
-        let req = unsafe {
-            sys::ucp_am_recv_data_nbx(
-                worker,
-                data,
-                (*raw).buf.as_mut_ptr() as *mut c_void,
-                length,
-                &p,
-            )
         };
-        if sys::UCS_PTR_IS_ERR(req) {
-            // SAFETY: UCX did not keep the descriptor.
-            let op = unsafe { Box::from_raw(raw) };
-            inbox.error(TransportError::Io(std::io::Error::other(format!(
-                "receiving {length} bytes from process {}: {}",
-                op.src,
-                describe(sys::UCS_PTR_STATUS(req))
-            ))));
-        } else {
-            inbox.in_flight(1);
+        let mut st = inbox.state.borrow_mut();
+        if st.rndv_active < crate::inbox::MAX_RNDV_ACTIVE && st.rndv_waiting.is_empty() {
+            drop(st);
+            start_rndv(inbox, pending);
+            return sys::UCS_OK;
         }
-        return sys::UCS_OK;
+        // Keep the descriptor (UCS_INPROGRESS); fetched by `progress_once`
+        // when a slot frees.
+        st.rndv_waiting.push_back(pending);
+        return sys::UCS_INPROGRESS;
     }
     let bytes: &[u8] = if length == 0 {
         &[]
@@ -818,6 +818,75 @@ unsafe extern "C" fn am_data_cb(
         Err(e) => inbox.error(e),
     }
     sys::UCS_OK
+}
+
+/// An announced rendezvous message whose data is not fetched yet.
+#[derive(Debug)]
+pub(crate) struct PendingRndv {
+    /// UCX's data descriptor (held: the callback returned `UCS_INPROGRESS`
+    /// or is starting the fetch now).
+    desc: *mut c_void,
+    src: ProcessId,
+    /// Full sequence number, reserved in the inbox.
+    seq: u64,
+    header: Header,
+    lens: Vec<usize>,
+    len: usize,
+}
+
+/// Starts fetching a rendezvous message's data into a pooled buffer
+/// (inside progress, with the worker lock held).
+fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
+    let PendingRndv {
+        desc,
+        src,
+        seq,
+        header,
+        lens,
+        len,
+    } = pending;
+    let op = Box::new(RecvOp {
+        inbox,
+        src,
+        seq,
+        header,
+        lens,
+        len,
+        buf: inbox.pool.take(len),
+    });
+    let raw = Box::into_raw(op);
+    let mut p: sys::ucp_request_param_t = zeroed();
+    p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+        | sys::UCP_OP_ATTR_FIELD_USER_DATA
+        | sys::UCP_OP_ATTR_FIELD_DATATYPE
+        | sys::UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    p.cb.recv_am = Some(rndv_done_cb);
+    p.datatype = sys::ucp_dt_make_contig(1);
+    p.user_data = raw as *mut c_void;
+    // SAFETY: `desc` is a rendezvous descriptor UCX handed us and nobody
+    // has used yet; the destination (capacity `len`) belongs to the
+    // descriptor box, returned to us in the callback (NO_IMM_CMPL).
+    let req = unsafe {
+        sys::ucp_am_recv_data_nbx(
+            inbox.worker.get(),
+            desc,
+            (*raw).buf.as_mut_ptr() as *mut c_void,
+            len,
+            &p,
+        )
+    };
+    if sys::UCS_PTR_IS_ERR(req) {
+        // SAFETY: UCX did not keep the descriptor box.
+        let op = unsafe { Box::from_raw(raw) };
+        inbox.error(TransportError::Io(std::io::Error::other(format!(
+            "receiving {len} bytes from process {}: {}",
+            op.src,
+            describe(sys::UCS_PTR_STATUS(req))
+        ))));
+    } else {
+        inbox.in_flight(1);
+        inbox.state.borrow_mut().rndv_active += 1;
+    }
 }
 
 /// Active-message handler of goodbyes.
@@ -874,6 +943,7 @@ unsafe extern "C" fn rndv_done_cb(
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
+    inbox.state.borrow_mut().rndv_active -= 1;
     if status == sys::UCS_OK && length == op.len {
         let op = *op;
         let buf = op.buf.into_bytes(length);

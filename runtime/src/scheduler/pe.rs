@@ -31,6 +31,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
@@ -972,10 +973,20 @@ impl PeState {
         let network =
             (self.shared.network_pe.get() == Some(&self.pe)).then_some(self.shared.entries);
         let start = Instant::now();
+        let own_core = self.shared.own_cores.load(Ordering::Relaxed);
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
             if let Some(table) = network {
                 if crate::scheduler::poll_network(&self.shared, table) {
+                    continue;
+                }
+            }
+            spins = spins.wrapping_add(1);
+            if own_core {
+                // A PE with a core of its own only polls; the clock (for timers and the switch
+                // to parking) is read every 16 rounds.
+                std::hint::spin_loop();
+                if spins % 16 != 0 {
                     continue;
                 }
             }
@@ -988,8 +999,7 @@ impl PeState {
                 mailbox.park(timeout, || !self.shared.stopping());
                 return;
             }
-            spins += 1;
-            if spins < 64 {
+            if own_core || spins < 64 {
                 std::hint::spin_loop();
             } else {
                 // Oversubscribed PEs (more PEs than cores) must let the others run.

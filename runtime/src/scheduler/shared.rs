@@ -32,6 +32,11 @@ pub(crate) struct Shared {
     mailboxes: Box<[Mailbox<Envelope>]>,
     /// How long an idle PE polls before parking.
     pub(crate) idle_spin: Duration,
+    /// Every PE of this host has a core of its own: an idle PE polls without ever yielding its
+    /// core (a `sched_yield` costs about a microsecond, all of it added to the latency of a
+    /// message arriving meanwhile). Otherwise idle PEs yield between polls so that oversubscribed
+    /// PEs all run.
+    pub(crate) own_cores: AtomicBool,
     /// `+wirecheck`: messages between PEs go through the inter-process wire format.
     pub(crate) wire_check: bool,
     /// The entry table of this binary (checked at start-up).
@@ -65,6 +70,7 @@ impl Shared {
             first_pe,
             mailboxes: (0..local_pes).map(|_| Mailbox::new()).collect(),
             idle_spin,
+            own_cores: AtomicBool::new(false),
             wire_check,
             entries,
             balance,
