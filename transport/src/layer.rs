@@ -58,6 +58,27 @@ pub trait MachineLayer: Send + Sync {
         false
     }
 
+    /// [`progress`](MachineLayer::progress) for a caller that has nothing else to do (a PE
+    /// spinning while idle): the layer may spend a system call per call looking for input that
+    /// a plain `progress` (called between other work, where a system call per call would cost
+    /// too much) notices only later. The default is `progress`.
+    fn progress_idle(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+    ) -> Result<usize, TransportError> {
+        self.progress(sink)
+    }
+
+    /// The thread that polls this layer is about to sleep until the wake-up hook
+    /// ([`set_wakeup`](MachineLayer::set_wakeup)) is called: from now on the layer must call the
+    /// hook when anything arrives. Returns `false` if something already waits (the caller
+    /// polls again instead of sleeping). Layers whose hook is always live keep the default
+    /// (`true`); others arm it here only, so that while the caller polls, arrivals cost no
+    /// extra thread wake-up.
+    fn before_park(&self) -> bool {
+        true
+    }
+
     /// Like [`progress`](MachineLayer::progress), but when nothing has arrived waits up to
     /// `timeout` for something to. Layers that can sleep in the kernel override this; the default
     /// polls every 50 µs.

@@ -466,6 +466,21 @@ impl MachineLayer for TcpLayer {
         TcpLayer::set_wakeup(self, hook).is_ok()
     }
 
+    /// Reads the sockets on every call (a `recv` per connection, up to
+    /// two; else one `epoll_wait`), as a busy-polling socket program does.
+    fn progress_idle(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Message),
+    ) -> Result<usize, TransportError> {
+        self.progress_with(sink, true)
+    }
+
+    /// Arms the watcher thread, which otherwise sleeps while the poller
+    /// polls.
+    fn before_park(&self) -> bool {
+        crate::recv::before_park(&self.shared) && self.rx.is_empty()
+    }
+
     fn size(&self) -> u32 {
         self.shared.size
     }

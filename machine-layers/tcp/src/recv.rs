@@ -68,7 +68,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -98,8 +98,13 @@ const POLL_BUDGET: usize = 8 << 20;
 const SAFETY_WAKE: Duration = Duration::from_millis(5);
 /// Token of the doorbell in the `data` epoll.
 const BELL: u64 = 0;
-/// Token of the stop signal in the `watch` epoll.
+/// Token of the stop signal in the `watch` and `standby` epolls.
 const STOP: u64 = 0;
+/// Token of the arming bell in the `standby` epoll.
+const ARM: u64 = 1;
+/// While disarmed, how often the watcher checks that someone polls (if
+/// nobody did for a whole period, it reads ahead itself).
+const BUSY_CHECK: Duration = Duration::from_millis(1);
 
 /// How a connection ended.
 pub(crate) enum End {
@@ -147,6 +152,16 @@ pub(crate) struct Receiver {
     pub(crate) data: Epoll,
     /// Edge-triggered: connections and `stop`.
     watch: Epoll,
+    /// What a disarmed watcher sleeps in: `arm_bell` and `stop`.
+    standby: Epoll,
+    /// Rung by [`before_park`] to arm the watcher.
+    arm_bell: EventFd,
+    /// The watcher calls the wake-up hook on the next arrival (set by
+    /// [`before_park`], cleared when it fires).
+    armed: AtomicBool,
+    /// Copy of `RecvState::calls` readable without the lock: the watcher
+    /// sees whether anyone polls.
+    polls: AtomicU32,
     /// Rung by `Shared::push` while a `progress_wait` sleeps in `data`.
     pub(crate) bell: EventFd,
     stop: EventFd,
@@ -171,6 +186,10 @@ impl Receiver {
         let r = Receiver {
             data: Epoll::new()?,
             watch: Epoll::new()?,
+            standby: Epoll::new()?,
+            arm_bell: EventFd::new()?,
+            armed: AtomicBool::new(false),
+            polls: AtomicU32::new(0),
             bell: EventFd::new()?,
             stop: EventFd::new()?,
             waiting: AtomicUsize::new(0),
@@ -191,6 +210,8 @@ impl Receiver {
         };
         r.data.add(r.bell.as_fd(), BELL, Trigger::Level)?;
         r.watch.add(r.stop.as_fd(), STOP, Trigger::Level)?;
+        r.standby.add(r.stop.as_fd(), STOP, Trigger::Level)?;
+        r.standby.add(r.arm_bell.as_fd(), ARM, Trigger::Level)?;
         Ok(r)
     }
 }
@@ -251,18 +272,65 @@ pub(crate) fn start_watcher(shared: &Arc<Shared>) -> io::Result<()> {
     Ok(())
 }
 
-/// The watcher: on every arrival (or hang-up) on any incoming connection,
-/// sets `arrived`, calls the wake-up hook, then reads what is there into the
-/// parked queue ([`relieve`]) unless a poll holds the connections at that
-/// moment (then that poll, or the next, which `arrived` forces to read,
-/// takes it). So input is read promptly whether or not the poller runs:
-/// a spinning poller that sees `arrived` first reads on its own thread; a
-/// busy, descheduled or parked one finds the messages parked, and a process
-/// that never polls does not hold its senders up, and serves remote reads.
+/// The poller is about to sleep until the wake-up hook is called: arms the
+/// watcher. Returns `false` if input or events already wait (poll them
+/// instead of sleeping).
+pub(crate) fn before_park(shared: &Shared) -> bool {
+    let r = &shared.recv;
+    if !r.armed.swap(true, Ordering::SeqCst) {
+        r.arm_bell.ring();
+    }
+    !(r.arrived.load(Ordering::SeqCst)
+        || r.has_parked.load(Ordering::SeqCst)
+        || r.has_new.load(Ordering::SeqCst))
+}
+
+/// The watcher. *Disarmed* (while the poller polls) it sleeps in `standby`
+/// and costs nothing per arrival: a thread woken on every arrival would take
+/// a core from the spinning pollers, the very thing the poller's own reads
+/// avoid. Every [`BUSY_CHECK`] it looks whether anyone polled; if nobody did
+/// (the poller is busy in a long computation, or there is none), it reads
+/// ahead into the parked queue ([`relieve`]), so a process that does not
+/// poll for a while does not hold its senders up and serves remote reads.
+///
+/// *Armed* ([`before_park`]: the poller goes to sleep) it waits for input:
+/// on the first arrival (or hang-up) it sets `arrived`, disarms, calls the
+/// wake-up hook, then reads ahead what is there unless a poll holds the
+/// connections (then that poll, or the next, which `arrived` forces to
+/// read, takes it).
 fn watch(shared: &Arc<Shared>) {
     let r = &shared.recv;
     let mut ready = Vec::new();
+    let mut polls_seen = r.polls.load(Ordering::Relaxed);
     loop {
+        if !r.armed.load(Ordering::SeqCst) {
+            if let Err(e) = r.standby.wait(&mut ready, Some(BUSY_CHECK)) {
+                eprintln!(
+                    "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
+                    shared.rank
+                );
+                r.watching.store(false, Ordering::SeqCst);
+                while !shared.closing.load(Ordering::SeqCst) {
+                    shared.wake();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return;
+            }
+            if ready.contains(&STOP) {
+                return;
+            }
+            r.arm_bell.drain();
+            if !r.armed.load(Ordering::SeqCst) {
+                let polls = r.polls.load(Ordering::Relaxed);
+                if polls == polls_seen {
+                    // Nobody polled for a whole period (relieve wakes the
+                    // poller if it parked anything).
+                    relieve(shared);
+                }
+                polls_seen = polls;
+                continue;
+            }
+        }
         if let Err(e) = r.watch.wait(&mut ready, Some(SAFETY_WAKE)) {
             // Cannot happen with a valid epoll; degrade to waking the
             // poller every millisecond (which then reads on every call)
@@ -283,6 +351,7 @@ fn watch(shared: &Arc<Shared>) {
         }
         if !ready.is_empty() {
             r.arrived.store(true, Ordering::SeqCst);
+            r.armed.store(false, Ordering::SeqCst);
             shared.wake();
             relieve(shared);
         } else if r.arrived.load(Ordering::SeqCst) || r.has_parked.load(Ordering::SeqCst) {
@@ -352,6 +421,7 @@ pub(crate) fn poll(
         let mut st = try_state(r)?;
         let st = &mut *st;
         st.calls = st.calls.wrapping_add(1);
+        r.polls.store(st.calls, Ordering::Relaxed);
         if r.has_new.load(Ordering::Acquire) {
             r.has_new.store(false, Ordering::SeqCst);
             st.conns.append(&mut lock(&r.adopt));

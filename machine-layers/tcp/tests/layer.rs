@@ -570,6 +570,12 @@ fn a_parked_poller_is_woken_by_network_input() {
         for round in 0..3u64 {
             // "Parked": nobody polls l[1]; only the hook can tell it.
             while rx.try_recv().is_ok() {}
+            // Going to sleep: arm the hook (polling first whatever it says waits, e.g. the
+            // connection's adoption).
+            while !l[1].before_park() {
+                l[1].progress(&mut |_, m| panic!("unexpected message {m:?}"))
+                    .unwrap();
+            }
             let t = Instant::now();
             l[0].send(1, msg(round, &[b"wake up"])).unwrap();
             rx.recv_timeout(Duration::from_secs(5))

@@ -36,12 +36,16 @@ pub(crate) fn run_comm(shared: Arc<Shared>, table: &'static EntryTable) {
 }
 
 /// Polls the machine layer once without blocking (from the network PE); returns whether anything
-/// arrived.
-pub(crate) fn poll_network(shared: &Shared, table: &EntryTable) -> bool {
-    match shared
-        .layer
-        .progress(&mut |src, msg| on_message(shared, table, src, msg))
-    {
+/// arrived. `idle`: the PE has nothing else to do (the layer may look harder, see
+/// `MachineLayer::progress_idle`).
+pub(crate) fn poll_network(shared: &Shared, table: &EntryTable, idle: bool) -> bool {
+    let mut sink = |src, msg| on_message(shared, table, src, msg);
+    let result = if idle {
+        shared.layer.progress_idle(&mut sink)
+    } else {
+        shared.layer.progress(&mut sink)
+    };
+    match result {
         Ok(n) => n > 0,
         Err(e) => {
             if !shared.stopping() {

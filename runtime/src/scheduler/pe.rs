@@ -977,7 +977,7 @@ impl PeState {
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
             if let Some(table) = network {
-                if crate::scheduler::poll_network(&self.shared, table) {
+                if crate::scheduler::poll_network(&self.shared, table, true) {
                     continue;
                 }
             }
@@ -986,7 +986,7 @@ impl PeState {
                 // A PE with a core of its own only polls; the clock (for timers and the switch
                 // to parking) is read every 16 rounds.
                 std::hint::spin_loop();
-                if spins % 16 != 0 {
+                if !spins.is_multiple_of(16) {
                     continue;
                 }
             }
@@ -995,6 +995,10 @@ impl PeState {
                 return;
             }
             if now - start >= self.shared.idle_spin {
+                if network.is_some() && !self.shared.layer.before_park() {
+                    // Input came meanwhile: poll it instead of sleeping.
+                    continue;
+                }
                 let timeout = next_timer.map(|t| t.saturating_duration_since(now));
                 mailbox.park(timeout, || !self.shared.stopping());
                 return;
@@ -1027,7 +1031,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     let network = (shared.network_pe.get() == Some(&pe)).then_some(shared.entries);
     while !shared.stopping() {
         if let Some(table) = network {
-            crate::scheduler::poll_network(&shared, table);
+            crate::scheduler::poll_network(&shared, table, false);
         }
         // One arrival per turn, alternating with the local queue: neither starves the other and
         // a backlog in the mailbox does not pile up in the local queue. (`is_empty` first: popping
