@@ -1029,10 +1029,16 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         }
     }
     let network = (shared.network_pe.get() == Some(&pe)).then_some(shared.entries);
+    // Set when `idle` just polled the network (and returned because something arrived): the
+    // next turn runs it without polling again first.
+    let mut just_polled = false;
     while !shared.stopping() {
         if let Some(table) = network {
-            crate::scheduler::poll_network(&shared, table, false);
+            if !just_polled {
+                crate::scheduler::poll_network(&shared, table, false);
+            }
         }
+        just_polled = false;
         // One arrival per turn, alternating with the local queue: neither starves the other and
         // a backlog in the mailbox does not pile up in the local queue. (`is_empty` first: popping
         // an empty `SegQueue` costs a full fence.)
@@ -1072,6 +1078,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                 if state.queue.borrow().is_empty() && mailbox.is_empty() {
                     let since = Instant::now();
                     state.idle(next_timer);
+                    just_polled = true;
                     let woke = Instant::now();
                     state
                         .idle_secs
