@@ -69,6 +69,9 @@ pub(crate) struct SendOp {
     header: Vec<u8>,
     iov: Vec<sys::ucp_dt_iov_t>,
     segments: Vec<Bytes>,
+    /// A small message's segments copied into one buffer (see
+    /// [`GATHER_MAX`]).
+    gathered: Vec<u8>,
     inbox: *const Inbox,
 }
 
@@ -80,6 +83,13 @@ impl std::fmt::Debug for SendOp {
             .finish_non_exhaustive()
     }
 }
+
+/// Messages of several segments up to this many bytes are copied into one
+/// buffer: UCX's short protocol (the fastest on shared memory) takes a
+/// contiguous buffer only, and an iov sends through its slower copying
+/// protocol. A typical small entry call is two segments (arguments and a
+/// byte buffer).
+const GATHER_MAX: usize = 512;
 
 /// A rendezvous receive in flight: the destination buffer and where its
 /// message goes.
@@ -421,6 +431,7 @@ impl Worker {
                 header: Vec::with_capacity(wire::header_len(4)),
                 iov: Vec::with_capacity(4),
                 segments: Vec::with_capacity(4),
+                gathered: Vec::new(),
                 inbox: &*self.inbox,
             })
         });
@@ -462,6 +473,13 @@ impl Worker {
         let (buffer, count) = match op.iov.len() {
             0 => (ptr::null_mut(), 0),
             1 => (op.iov[0].buffer, op.iov[0].length),
+            _ if total <= GATHER_MAX => {
+                op.gathered.clear();
+                for s in &op.segments {
+                    op.gathered.extend_from_slice(s);
+                }
+                (op.gathered.as_mut_ptr() as *mut c_void, total)
+            }
             n => {
                 param.datatype = sys::ucp_dt_make_iov();
                 (op.iov.as_mut_ptr() as *mut c_void, n)
@@ -473,7 +491,8 @@ impl Worker {
         }
         let raw = Box::into_raw(op);
         param.user_data = raw as *mut c_void;
-        // SAFETY: `raw` owns the header, iov table and segments, which stay
+        // SAFETY: `raw` owns the header, iov table, segments and gathered
+        // copy, which stay
         // put until the callback (or the immediate completion below) takes
         // the box back; ep is open.
         let req = unsafe {
