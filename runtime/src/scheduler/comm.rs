@@ -57,6 +57,27 @@ pub(crate) fn poll_network(shared: &Shared, table: &EntryTable, idle: bool) -> b
     }
 }
 
+/// Queues `env`, arrived for PE `dst`: straight into the local queue when the calling thread is
+/// that PE (the network PE, polling), which saves the mailbox's atomics on the latency path;
+/// else into its mailbox. Either way it is delivered after what arrived before it from the same
+/// process (one poller hands arrivals on in order).
+fn post(
+    shared: &Shared,
+    dst: usize,
+    mailbox: &charmrs_local::Mailbox<crate::envelope::Envelope>,
+    env: crate::envelope::Envelope,
+) {
+    let env = if shared.network_pe.get() == Some(&dst) {
+        match super::pe::queue_if_current(dst, env) {
+            Some(env) => env,
+            None => return,
+        }
+    } else {
+        env
+    };
+    mailbox.push(env);
+}
+
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
     let header = *msg.header();
     let me = shared.layer.rank();
@@ -111,7 +132,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 ));
             };
             match wire::decode(msg, table) {
-                Ok(env) => mailbox.push(env),
+                Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }
         }
@@ -136,7 +157,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 _ => wire::decode_reduction(&msg),
             };
             match decoded {
-                Ok(env) => mailbox.push(env),
+                Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }
         }

@@ -209,6 +209,22 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
     Ok(f(unsafe { &*p }))
 }
 
+/// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
+/// back.
+pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
+    let p = CURRENT.with(Cell::get);
+    if p.is_null() {
+        return Some(env);
+    }
+    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
+    let state = unsafe { &*p };
+    if state.pe != dst {
+        return Some(env);
+    }
+    state.queue.borrow_mut().push(env);
+    None
+}
+
 /// Whether the calling thread is a running PE.
 pub(crate) fn on_pe() -> bool {
     !CURRENT.with(Cell::get).is_null()
@@ -978,7 +994,8 @@ impl PeState {
         while mailbox.is_empty() && !self.shared.stopping() {
             if let Some(table) = network {
                 if crate::scheduler::poll_network(&self.shared, table, true) {
-                    continue;
+                    // Arrivals for this PE went to its local queue.
+                    return;
                 }
             }
             spins = spins.wrapping_add(1);
