@@ -619,12 +619,12 @@ impl Shared {
             l.idle_since = None;
             return error;
         }
-        // Idle. Without a hook the clock is read only every IDLE_CLOCK_EVERY
-        // calls (reading it costs as much as an idle progress); with one,
-        // on every call, so that arming happens `arm_after` into idleness
-        // however slow the calls are.
+        // Idle. The clock is read only every IDLE_CLOCK_EVERY calls (reading
+        // it costs as much as an idle progress, and every cycle of the idle
+        // loop is latency added to the next arrival): arming here is a
+        // fallback for pollers that park without `before_park`.
         l.idle_calls = l.idle_calls.wrapping_add(1);
-        if watcher.is_none() && l.idle_calls % IDLE_CLOCK_EVERY != 0 {
+        if !l.idle_calls.is_multiple_of(IDLE_CLOCK_EVERY) {
             return error;
         }
         let now = Instant::now();
@@ -777,6 +777,29 @@ impl MachineLayer for UcxLayer {
 
     fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
         UcxLayer::set_wakeup(self, hook).is_ok()
+    }
+
+    /// Arms the worker now (`ucp_worker_arm`) for the wake-up hook, instead
+    /// of [`UcxConfig::arm_after`] into idleness.
+    fn before_park(&self) -> bool {
+        let s = &*self.shared;
+        let Some(w) = s.watcher.get() else {
+            return true;
+        };
+        let nothing_queued = || s.queue.is_empty() && s.loopback.is_empty();
+        if w.state.armed.load(Ordering::SeqCst) {
+            return nothing_queued();
+        }
+        let mut l = lock(&s.locked);
+        match s.arm_for_hook(&mut l) {
+            Ok(Armed::Yes) => nothing_queued() && l.worker.inbox.state.borrow().ready.is_empty(),
+            Ok(_) => false,
+            Err(e) => {
+                // Reported by the next progress, which the caller runs now.
+                l.worker.inbox.error(e);
+                false
+            }
+        }
     }
 
     fn progress_wait(
