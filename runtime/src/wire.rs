@@ -554,7 +554,15 @@ enum SegmentRef<'a> {
     Inline(&'a [u8]),
 }
 
+/// Byte buffers up to this size travel inside the serialized arguments rather than as segments of
+/// their own: for them the copy costs less than a segment (a small message of one segment is
+/// sent and received as one contiguous buffer).
+pub(crate) const INLINE_MAX: usize = 256;
+
 fn serialize_segment<S: Serializer>(bytes: Bytes, s: S) -> Result<S::Ok, S::Error> {
+    if bytes.len() <= INLINE_MAX {
+        return SegmentRef::Inline(&bytes).serialize(s);
+    }
     let idx = SEGMENTS.with(|c| {
         c.borrow_mut().as_mut().map(|segs| {
             segs.push(bytes.clone());
@@ -587,7 +595,8 @@ fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Erro
 }
 
 /// A byte buffer that crosses processes as its own message segment (no copy into the
-/// serialized arguments) and is moved within a process.
+/// serialized arguments; buffers of at most 256 bytes are copied inline, which is cheaper) and
+/// is moved within a process.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Buffer(pub Bytes);
 
@@ -604,7 +613,8 @@ impl<'de> Deserialize<'de> for Buffer {
 }
 
 /// A vector of plain-old-data numbers (`f64`, `u32`, …) that crosses processes as its own
-/// message segment, without being copied into the serialized arguments.
+/// message segment, without being copied into the serialized arguments (vectors of at most 256
+/// bytes are copied inline, which is cheaper).
 ///
 /// ```
 /// use charmrs::PodVec;
@@ -735,13 +745,10 @@ pub(crate) fn encode(
             return Err("future values travel as value messages (KIND_FULFIL/KIND_PARTIAL)".into())
         }
     };
-    let mut msg = Message::new(Header::new(kind, src_pe, dst_pe, 0));
-    msg.push_segment(Bytes::from(seg0))
-        .map_err(|e| e.to_string())?;
-    for s in segs {
-        msg.push_segment(s).map_err(|e| e.to_string())?;
-    }
-    Ok(msg)
+    let mut all = Vec::with_capacity(1 + segs.len());
+    all.push(Bytes::from(seg0));
+    all.extend(segs);
+    Message::with_segments(Header::new(kind, src_pe, dst_pe, 0), all).map_err(|e| e.to_string())
 }
 
 fn encode_call(
@@ -761,7 +768,9 @@ fn encode_call(
         reply: call.reply(),
         priority,
     };
-    let mut buf = postcard::to_stdvec(&meta).map_err(|e| e.to_string())?;
+    // Room for the metadata and small arguments: no reallocation on the common path.
+    let buf = Vec::with_capacity(128);
+    let mut buf = postcard::to_extend(&meta, buf).map_err(|e| e.to_string())?;
     let (r, segs) = collecting(|| call.encode(&mut buf));
     r?;
     Ok((buf, segs))
@@ -1026,12 +1035,13 @@ mod tests {
 
     #[test]
     fn pod_vec_and_buffer_go_out_of_band() {
-        let v = PodVec::from(vec![1.5f64, -2.0, 3.25]);
-        let b = Buffer(Bytes::from_static(b"hello"));
+        let v = PodVec::from((0..100).map(|i| i as f64 * 1.5).collect::<Vec<_>>());
+        let text = Bytes::from(vec![b'h'; INLINE_MAX + 1]);
+        let b = Buffer(text.clone());
         let ((bytes,), segs) =
             collecting(|| (postcard::to_stdvec(&(v.clone(), b.clone())).unwrap(),));
         assert_eq!(segs.len(), 2);
-        assert_eq!(segs[1], Bytes::from_static(b"hello"));
+        assert_eq!(segs[1], text);
         assert!(
             bytes.len() < 8,
             "only segment references in the arguments: {} bytes",
@@ -1047,5 +1057,17 @@ mod tests {
             postcard::from_bytes::<(PodVec<f64>, Buffer)>(&bytes)
         });
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn small_buffers_travel_inline() {
+        let v = PodVec::from(vec![1.5f64, -2.0, 3.25]);
+        let b = Buffer(Bytes::from(vec![7u8; INLINE_MAX]));
+        let ((bytes,), segs) =
+            collecting(|| (postcard::to_stdvec(&(v.clone(), b.clone())).unwrap(),));
+        assert!(segs.is_empty(), "no segments of their own");
+        assert!(bytes.len() > INLINE_MAX + 24, "both inside the arguments");
+        let back: (PodVec<f64>, Buffer) = offering(segs, || postcard::from_bytes(&bytes).unwrap());
+        assert_eq!(back, (v, b));
     }
 }
