@@ -1,7 +1,9 @@
 //! [`UcxLayer`]: the UCX implementation of [`MachineLayer`].
 
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
+
+use crate::spin::{SpinGuard, SpinMutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -135,7 +137,7 @@ struct Shared {
     rank: ProcessId,
     size: u32,
     cfg: UcxConfig,
-    locked: Mutex<Locked>,
+    locked: SpinMutex<Locked>,
     /// Operations queued by threads that found the worker busy.
     queue: SegQueue<Op>,
     /// Messages to this process itself.
@@ -150,8 +152,8 @@ struct Shared {
     efd: Option<i32>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(m: &SpinMutex<T>) -> SpinGuard<'_, T> {
+    m.lock()
 }
 
 /// Process-to-process transport over UCX's ucp API.
@@ -304,7 +306,7 @@ impl UcxLayer {
             rank,
             size,
             cfg,
-            locked: Mutex::new(Locked {
+            locked: SpinMutex::new(Locked {
                 worker,
                 idle_since: None,
                 idle_calls: 0,
@@ -355,7 +357,7 @@ impl UcxLayer {
             let Some(s) = weak.upgrade() else {
                 return Armed::Busy;
             };
-            let Ok(mut l) = s.locked.try_lock() else {
+            let Some(mut l) = s.locked.try_lock() else {
                 return Armed::Busy;
             };
             s.arm_for_hook(&mut l).unwrap_or(Armed::Pending)
@@ -481,7 +483,7 @@ impl UcxLayer {
     /// parked.
     fn submit(&self, op: Op) {
         let s = &*self.shared;
-        if let Ok(mut l) = s.locked.try_lock() {
+        if let Some(mut l) = s.locked.try_lock() {
             if s.queue.is_empty() {
                 // Nothing queued before it: send directly (per-pair order is
                 // the order of taking the worker).
@@ -499,7 +501,7 @@ impl UcxLayer {
         s.queue.push(op);
         fence(Ordering::SeqCst);
         // The holder may have let go meanwhile: then run the queue here.
-        if let Ok(mut l) = s.locked.try_lock() {
+        if let Some(mut l) = s.locked.try_lock() {
             let pending = s.run_queue(&mut l);
             drop(l);
             if pending {

@@ -66,6 +66,7 @@ mod inbox;
 mod layer;
 mod liveness;
 mod pool;
+mod spin;
 mod status;
 mod wake;
 pub mod wire;

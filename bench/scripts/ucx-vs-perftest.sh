@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# charmrs entry methods over UCX against UCX's own `ucx_perftest`, in one invocation.
+#
+#   bench/scripts/ucx-vs-perftest.sh [REPS]      (default 5; SIZES=8,1048576,... to change sizes)
+#
+# Each repetition runs, one after the other on the same two cores:
+#   1. the cross-process harness `xproc` under charmrun (`+p2 ++ppn 1 +machine ucx`): one-way
+#      latency of an entry call carrying a `Buffer` (ping-pong / 2) and the bandwidth of a stream
+#      of such calls (windows of 16, one acknowledgement per window);
+#   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
+#      same sizes.
+# It prints the median of each column over the repetitions. Bandwidth is in MB/s of 10^6 bytes
+# (ucx_perftest's 2^20-byte figures are converted). Both sides use UCX_TLS (default shm,self).
+# Needs the ucx-utils and libucx-dev packages (ci/test installs them).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+reps=${1:-5}
+sizes=${SIZES:-8,1048576,2097152,4194304}
+export UCX_TLS=${UCX_TLS:-shm,self} UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
+command -v ucx_perftest >/dev/null || { echo "ucx_perftest not found: apt-get install ucx-utils" >&2; exit 1; }
+cargo build --release -q -p charmrs-launcher -p charmrs-xproc-bench --features ucx
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+perftest() { # test size iterations -> prints "lat50_us bw_MBps(1e6)"
+    local port=$((20000 + RANDOM % 20000))
+    ucx_perftest -t "$1" -s "$2" -n "$3" -p "$port" >/dev/null 2>&1 &
+    local server=$!
+    sleep 0.3
+    ucx_perftest 127.0.0.1 -t "$1" -s "$2" -n "$3" -p "$port" 2>/dev/null |
+        awk '/^Final:/ {printf "%s %.1f\n", $3, $7 * 1.048576}'
+    wait "$server" || true
+}
+
+for rep in $(seq 1 "$reps"); do
+    echo "repetition $rep/$reps" >&2
+    XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc \
+        +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs"
+    for size in ${sizes//,/ }; do
+        iters=$((size <= 65536 ? 20000 : 2000))
+        lat=$(perftest ucp_am_lat "$size" "$iters" | awk '{print $1}')
+        bw=$(perftest ucp_am_bw "$size" "$iters" | awk '{print $2}')
+        echo "$size $lat $bw" >>"$out/perftest"
+    done
+done
+
+median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+printf '# UCX_TLS=%s, medians of %s repetitions\n' "$UCX_TLS" "$reps"
+printf '%9s %14s %16s %7s %16s %18s %7s\n' size "charmrs µs" "ucp_am_lat µs" ratio \
+    "charmrs MB/s" "ucp_am_bw MB/s" ratio
+for size in ${sizes//,/ }; do
+    cl=$(awk -v s="$size" '$1 == s {print $2}' "$out/charmrs" | median)
+    cb=$(awk -v s="$size" '$1 == s {print $3}' "$out/charmrs" | median)
+    pl=$(awk -v s="$size" '$1 == s {print $2}' "$out/perftest" | median)
+    pb=$(awk -v s="$size" '$1 == s {print $3}' "$out/perftest" | median)
+    awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" 'BEGIN {
+        printf "%9d %14.3f %16.3f %7.2f %16.0f %18.0f %7.2f\n", s, cl, pl, cl / pl, cb, pb, cb / pb }'
+done
