@@ -4,7 +4,8 @@
 #   bench/scripts/ucx-vs-perftest.sh [REPS]      (default 5; SIZES=8,1048576,... to change sizes)
 #
 # Each repetition runs, one after the other on the same two cores:
-#   1. the cross-process harness `xproc` under charmrun (`+p2 ++ppn 1 +machine ucx`): one-way
+#   1. the cross-process harness `xproc` under charmrun (`+p2 ++ppn 1 +machine ucx`, without its
+#      bare-socket columns): one-way
 #      latency of an entry call carrying a `Buffer` (ping-pong / 2) and the bandwidth of a stream
 #      of such calls (windows of 16, one acknowledgement per window);
 #   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
@@ -34,7 +35,7 @@ perftest() { # test size iterations -> prints "lat50_us bw_MBps(1e6)"
 
 for rep in $(seq 1 "$reps"); do
     echo "repetition $rep/$reps" >&2
-    XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc \
+    XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc \
         +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs"
     for size in ${sizes//,/ }; do
         iters=$((size <= 65536 ? 20000 : 2000))

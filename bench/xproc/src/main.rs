@@ -363,6 +363,9 @@ async fn run() {
     );
     // `XPROC_CHARMRS_ONLY=1`: only the charmrs ping-pong (for profiling its path).
     let charmrs_only = std::env::var_os("XPROC_CHARMRS_ONLY").is_some();
+    // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
+    // e.g. bench/scripts/ucx-vs-perftest.sh).
+    let bare = std::env::var_os("XPROC_NO_BARE").is_none();
     for size in sizes() {
         let iters = iterations(size);
         let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
@@ -375,12 +378,21 @@ async fn run() {
             if charmrs_only {
                 continue;
             }
-            lat_r.push(raw_pingpong(&mut raw, size, iters));
-            lat_s.push(raw_pingpong(&mut spin, size, iters));
+            if bare {
+                lat_r.push(raw_pingpong(&mut raw, size, iters));
+                lat_s.push(raw_pingpong(&mut spin, size, iters));
+            } else {
+                lat_r.push(f64::NAN);
+                lat_s.push(f64::NAN);
+            }
             let f = Future::new();
             ping.stream(*pong, size, count, f);
             bw_c.push((size * count) as f64 / f.await / 1e6);
-            bw_r.push((size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6);
+            bw_r.push(if bare {
+                (size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6
+            } else {
+                f64::NAN
+            });
         }
         if charmrs_only {
             println!("{size:>9} {:>12.2}", median(lat_c) * 1e6);

@@ -209,6 +209,10 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
     Ok(f(unsafe { &*p }))
 }
 
+/// Longest sleep of a parked network PE between looks at the network (a safety net: the layer's
+/// wake-up hook normally ends the sleep at once).
+const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
 /// back.
 pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
@@ -1016,8 +1020,27 @@ impl PeState {
                     // Input came meanwhile: poll it instead of sleeping.
                     continue;
                 }
-                let timeout = next_timer.map(|t| t.saturating_duration_since(now));
+                let mut timeout = next_timer.map(|t| t.saturating_duration_since(now));
+                if network.is_some() {
+                    // Never rely on the layer's wake-up alone: a lost one would otherwise hang
+                    // the job (a parked network PE looks at the network every few ms).
+                    timeout = Some(timeout.map_or(NETWORK_PARK_MAX, |t| t.min(NETWORK_PARK_MAX)));
+                }
                 mailbox.park(timeout, || !self.shared.stopping());
+                if let Some(table) = network {
+                    if mailbox.is_empty()
+                        && Instant::now() - now >= NETWORK_PARK_MAX
+                        && crate::scheduler::poll_network(&self.shared, table, true)
+                        && std::env::var_os("CHARMRS_DEBUG_WAKE").is_some()
+                    {
+                        eprintln!(
+                            "charmrs: PE {}: network input found after a {NETWORK_PARK_MAX:?} park \
+                             without a wake-up from the {} layer",
+                            self.pe,
+                            self.shared.layer.name()
+                        );
+                    }
+                }
                 return;
             }
             if own_core || spins < 64 {
