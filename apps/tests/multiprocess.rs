@@ -249,7 +249,12 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
         ]);
         assert_eq!(
             lines_ok(&all),
-            ["ok migration", "ok sparse", "ok load balancing"],
+            [
+                "ok migration",
+                "ok sparse",
+                "ok load balancing",
+                "ok load balancing from elsewhere"
+            ],
             "{args:?}"
         );
     }

@@ -131,6 +131,19 @@ pub(crate) fn at_sync_part(coll: CollectionId, mut record: LbRecord, resume: Tar
     }
 }
 
+/// Where an `at_sync` partial resumes, if `data` is one made in this process.
+pub(crate) fn resume_of(data: &(dyn Any + Send)) -> Option<TargetSpec> {
+    data.downcast_ref::<AtSyncData>().and_then(|d| d.resume)
+}
+
+/// Gives decoded `at_sync` data (which lost its resume target on the wire) the one this process
+/// remembered.
+pub(crate) fn set_resume(data: &mut (dyn Any + Send), resume: TargetSpec) {
+    if let Some(d) = data.downcast_mut::<AtSyncData>() {
+        d.resume.get_or_insert(resume);
+    }
+}
+
 pub(crate) fn combine(
     acc: &mut Box<dyn Any + Send>,
     next: Box<dyn Any + Send>,

@@ -541,12 +541,21 @@ pub(crate) struct ReductionTable {
     /// Reductions this PE sent encoded data for to another process: how to decode and where to
     /// deliver, should the root have no typed contribution (elements that all migrated away from
     /// their home process). Kept for the last [`FOREIGN_WINDOW`] reductions of a collection.
-    foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec)>,
+    /// For each: the kind, the target, and (an `at_sync`) where to resume, which does not travel
+    /// with the encoded records.
+    foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec, Option<TargetSpec>)>,
 }
 
 impl ReductionTable {
-    fn remember_foreign(&mut self, coll: CollectionId, seq: u64, kind: Kind, target: TargetSpec) {
-        self.foreign.insert((coll, seq), (kind, target));
+    fn remember_foreign(
+        &mut self,
+        coll: CollectionId,
+        seq: u64,
+        kind: Kind,
+        target: TargetSpec,
+        resume: Option<TargetSpec>,
+    ) {
+        self.foreign.insert((coll, seq), (kind, target, resume));
         if self.foreign.len() > 2 * FOREIGN_WINDOW as usize {
             self.foreign
                 .retain(|&(c, s), _| c != coll || s + FOREIGN_WINDOW >= seq);
@@ -610,9 +619,13 @@ impl PeState {
     /// Sends `part` encoded to PE `to` of another process, remembering how to finish the
     /// reduction in case nobody there can decode it.
     fn send_up_encoded(&self, coll: CollectionId, seq: u64, shape: Shape, to: usize, part: Part) {
-        self.reductions
-            .borrow_mut()
-            .remember_foreign(coll, seq, part.kind, part.target);
+        self.reductions.borrow_mut().remember_foreign(
+            coll,
+            seq,
+            part.kind,
+            part.target,
+            crate::balance::resume_of(&*part.data),
+        );
         let raws = (part.kind.encode_part)(&*part.data).map(|bytes| {
             vec![Raw {
                 origin: self.pe as u32,
@@ -667,7 +680,7 @@ impl PeState {
         raws: Vec<Raw>,
     ) {
         let found = self.reductions.borrow_mut().foreign.remove(&(coll, seq));
-        let Some((kind, target)) = found else {
+        let Some((kind, target, resume)) = found else {
             return self.abort_job(format!(
                 "charmrs: {}: PE {} was asked to finish it but no longer knows how (more than {FOREIGN_WINDOW} reductions ago?)",
                 describe(coll, seq, &shape),
@@ -702,7 +715,11 @@ impl PeState {
                 }
             }
         }
-        let Some(data) = data else { return };
+        let Some(mut data) = data else { return };
+        if let Some(resume) = resume {
+            // An `at_sync` finished here: its resume target stayed in this process.
+            crate::balance::set_resume(&mut *data, resume);
+        }
         self.deliver_result(coll, seq, shape, Part { data, kind, target });
     }
 

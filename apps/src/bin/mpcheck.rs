@@ -198,6 +198,12 @@ impl Wanderer {
         ctx.at_sync(resumed);
     }
 
+    /// Moves to PE `pe`.
+    #[entry]
+    fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
+        ctx.migrate(pe).unwrap();
+    }
+
     #[entry]
     fn moved(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(usize, usize)>>) {
         ctx.gather((self.synced_on, ctx.my_pe()), to);
@@ -255,6 +261,22 @@ async fn mobility() {
     a.report(got);
     assert_eq!(got.await, want, "state survived the moves");
     println!("ok load balancing");
+
+    // Every element leaves for the last PE: the processes of the reduction's root hold none of
+    // them, so the load-balancing step is finished where the contributions came from.
+    a.go_to(p - 1);
+    charmrs::wait_qd().await;
+    let resumed = Future::new();
+    a.sync(resumed);
+    resumed.await;
+    let moved = Future::new();
+    a.moved(moved);
+    let moved = moved.await;
+    assert!(
+        moved.iter().all(|&(before, now)| before == p - 1 && now == 0),
+        "Rotate moves every element from the last PE to PE 0: {moved:?}"
+    );
+    println!("ok load balancing from elsewhere");
     charmrs::exit(0);
 }
 
