@@ -786,7 +786,7 @@ pub(crate) fn encode_tree_broadcast(
     src_pe: u32,
 ) -> Result<Message, String> {
     let (seg0, segs) = encode_call(table, coll, WireDest::Tree { root }, call, priority)?;
-    let mut msg = Message::new(Header::new(KIND_CALL, src_pe, 0, 0));
+    let mut msg = Message::new(Header::new(KIND_CALL, src_pe, 0, TREE_TAG));
     msg.push_segment(Bytes::from(seg0))
         .map_err(|e| e.to_string())?;
     for s in segs {
@@ -795,9 +795,13 @@ pub(crate) fn encode_tree_broadcast(
     Ok(msg)
 }
 
+/// Header tag of a call message that travels down the tree of processes (other calls have 0):
+/// a receiver learns that it must forward a message without decoding it first.
+const TREE_TAG: u64 = 1;
+
 /// The root of the process tree a call message travels down, if it is a tree broadcast.
 pub(crate) fn tree_root(msg: &Message) -> Option<u32> {
-    if msg.header().kind != KIND_CALL {
+    if msg.header().kind != KIND_CALL || msg.header().tag != TREE_TAG {
         return None;
     }
     let seg0 = msg.segments().first()?;

@@ -273,7 +273,9 @@ async fn mobility() {
     a.moved(moved);
     let moved = moved.await;
     assert!(
-        moved.iter().all(|&(before, now)| before == p - 1 && now == 0),
+        moved
+            .iter()
+            .all(|&(before, now)| before == p - 1 && now == 0),
         "Rotate moves every element from the last PE to PE 0: {moved:?}"
     );
     println!("ok load balancing from elsewhere");
