@@ -13,13 +13,16 @@
 //! - a reduction (empty, to a callback, back to back) and a broadcast with completion, over the
 //!   PEs of all processes.
 //!
-//! Figures are medians of several repetitions; the machine is a shared VM, so compare columns of
-//! the same run, not runs.
+//! Figures are medians of several repetitions (per size: all latency repetitions, then all
+//! bandwidth ones); the machine is a shared VM, so compare columns of the same run, not runs.
 //!
-//! Placement: the runtime pins process-local PE *i* to core *i* (unless `+noaffinity` is given
-//! after the program), so with `++ppn 1` both processes' PEs share core 0, and the bare echo
-//! thread, spawned from a PE, inherits that pin: the bare floor then runs both ends on one core
-//! with blocking hand-offs. Run once more with `+noaffinity` to see the unpinned case.
+//! Placement: the processes of a host take distinct cores (`++ppn 1`: one PE per core); the bare
+//! echo threads are unpinned. Two bare baselines: blocking sockets (a cross-core wake-up per
+//! message, ~25 µs on this VM when the reader sleeps) and busy-polling ones (the floor for
+//! polling PEs).
+//!
+//! Environment: `XPROC_SIZES=8,1048576` (sizes), `XPROC_REPEATS=n`, `XPROC_NO_BARE=1` (no bare
+//! columns), `XPROC_CHARMRS_ONLY=1` (charmrs latency only, for profiling).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -384,6 +387,13 @@ async fn run() {
             } else {
                 lat_r.push(f64::NAN);
                 lat_s.push(f64::NAN);
+            }
+        }
+        // Bandwidth after all latency repetitions (a stream leaves the allocator and caches in
+        // another state than a ping-pong does).
+        for _ in 0..repeats() {
+            if charmrs_only {
+                break;
             }
             let f = Future::new();
             ping.stream(*pong, size, count, f);
