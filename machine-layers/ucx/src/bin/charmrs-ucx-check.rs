@@ -70,6 +70,9 @@ fn segment_lens(k: u64) -> Vec<usize> {
     }
     if k % 3 == 1 {
         vec![s, 0, 100]
+    } else if k % 3 == 2 {
+        // Small segments in front of a large one (a call's arguments and a buffer).
+        vec![100, 0, 7, s]
     } else {
         vec![s]
     }
