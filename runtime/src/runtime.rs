@@ -150,11 +150,10 @@ impl Runtime {
         // after those of the processes before it on the host, and pinning happens only if every
         // PE of the host gets a core of its own.
         let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
-        let own_cores = topology.pes_fit(pes * host_procs);
-        shared
-            .own_cores
-            .store(own_cores, std::sync::atomic::Ordering::Relaxed);
-        let pin = self.options.affinity && own_cores;
+        let pin = self.options.affinity && topology.pes_fit(pes * host_procs);
+        // Whether idle PEs may poll without ever yielding: only if each has a core of its own,
+        // communication threads included (set below, once it is known whether there is one).
+        let mut threads_per_process = pes;
         let first_pe = shared.first_pe;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {
@@ -183,6 +182,7 @@ impl Runtime {
             if shared.layer.set_wakeup(hook) {
                 let _ = shared.network_pe.set(first_pe);
             } else {
+                threads_per_process += 1;
                 let comm = shared.clone();
                 let done = done_tx.clone();
                 std::thread::Builder::new()
@@ -196,6 +196,10 @@ impl Runtime {
                     })?;
             }
         }
+        shared.own_cores.store(
+            topology.pes_fit(threads_per_process * host_procs),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let args = self.args;
         let mut first = Some(Envelope::new(
             0,
