@@ -10,23 +10,28 @@
 //!   `progress_wait` sleeps in, and what [`poll`] asks "which sockets have
 //!   input?" when there are more than [`DIRECT_MAX`]) and edge-triggered in
 //!   the `watch` epoll.
-//! * The *watcher* thread blocks in the `watch` epoll. On every arrival (or
-//!   hang-up) it sets `arrived`, calls the wake-up hook
-//!   (`TcpLayer::set_wakeup`), then reads what is there into `parked`
-//!   ([`relieve`]) unless a poll holds the connections at that moment.
+//! * The *watcher* thread: while the poller polls it sleeps (*disarmed*),
+//!   and every [`BUSY_CHECK`] reads ahead into `parked` ([`relieve`]) if
+//!   nobody polled meanwhile. When the poller is about to park
+//!   ([`before_park`]) it is *armed*: it blocks in the `watch` epoll, and
+//!   on the first arrival (or hang-up) sets `arrived`, disarms and calls
+//!   the wake-up hook (`TcpLayer::set_wakeup`).
 //! * [`poll`] (called by `progress`) hands out `parked` first, then reads
-//!   the sockets itself when `arrived` is set (or on every
-//!   [`SAFETY_EVERY`]-th call); otherwise it costs no system call, so a
+//!   the sockets itself when forced (`progress_idle`: the poller has
+//!   nothing else to do), when `arrived` is set, or on every
+//!   [`SAFETY_EVERY`]-th call; otherwise it costs no system call, so a
 //!   poller that is busy with other work pays one atomic load per call.
 //!
-//! Why both: a poller spinning on its own core sees `arrived` and reads on
-//! its own thread, before the watcher gets the connections; a poller that
-//! is descheduled (more runnable threads than cores), busy in a long
-//! computation, parked, or not polling at all finds its messages already
-//! read, and its senders are not held up. Measured on a shared 2-core VM,
-//! making the poller read the sockets on every call (a system call per
-//! spin) was slower than this: the spinning poller then hogs a core that
-//! the peer process's poller needs (see `docs/performance.md`).
+//! Why: a poller spinning on its own core reads on its own thread, as a
+//! busy-polling socket program does, and no other thread is woken per
+//! arrival (on a machine whose cores all run pollers such a wake-up
+//! preempts one of them: it tripled the small-message latency here); a
+//! poller that is parked is woken; one busy in a long computation, or not
+//! polling at all, finds its messages read ahead within a millisecond, and
+//! its senders are not held up. The watcher does not read ahead when it
+//! wakes a parked poller: it would only compete with the poller it woke
+//! (a 1 MiB stream ran at 0.3× the bare socket in most runs with it, at
+//! 1.0–1.7× without; see `docs/performance.md`).
 //!
 //! # Invariants
 //!
@@ -91,8 +96,11 @@ pub(crate) const DIRECT_MAX: usize = 2;
 /// Every this many calls a poll reads the sockets even if the watcher said
 /// nothing (a cheap safety net; normally `arrived` says when to read).
 pub(crate) const SAFETY_EVERY: u32 = 64;
-/// Most bytes one [`poll`] reads (a larger frame is read over several).
-const POLL_BUDGET: usize = 8 << 20;
+/// Most bytes one [`poll`] reads (a larger frame is read over several). Small
+/// enough that a stream of large frames is handed out (and its buffers
+/// dropped and recycled) frame by frame: with 8 MiB a 1 MiB stream ran at
+/// 0.5–1.2× the bare socket, with 2 MiB at 1.0–1.7×.
+const POLL_BUDGET: usize = 2 << 20;
 /// How often the watcher re-sends the wake-up while input waits untaken
 /// (a safety net against a lost wake-up; normally one per arrival).
 const SAFETY_WAKE: Duration = Duration::from_millis(5);
@@ -294,10 +302,8 @@ pub(crate) fn before_park(shared: &Shared) -> bool {
 /// poll for a while does not hold its senders up and serves remote reads.
 ///
 /// *Armed* ([`before_park`]: the poller goes to sleep) it waits for input:
-/// on the first arrival (or hang-up) it sets `arrived`, disarms, calls the
-/// wake-up hook, then reads ahead what is there unless a poll holds the
-/// connections (then that poll, or the next, which `arrived` forces to
-/// read, takes it).
+/// on the first arrival (or hang-up) it sets `arrived`, disarms and calls
+/// the wake-up hook; the woken poller reads.
 fn watch(shared: &Arc<Shared>) {
     let r = &shared.recv;
     let mut ready = Vec::new();
@@ -353,7 +359,6 @@ fn watch(shared: &Arc<Shared>) {
             r.arrived.store(true, Ordering::SeqCst);
             r.armed.store(false, Ordering::SeqCst);
             shared.wake();
-            relieve(shared);
         } else if r.arrived.load(Ordering::SeqCst) || r.has_parked.load(Ordering::SeqCst) {
             // Input untaken for a while: the poller is busy (then this is
             // harmless) or slept through a wake-up (then this saves it).
