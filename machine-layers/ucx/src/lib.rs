@@ -6,7 +6,8 @@
 //! # Design
 //!
 //! * **One context, one worker per process**, created in
-//!   `UCS_THREAD_MODE_SERIALIZED` behind a mutex. The runtime progresses the
+//!   `UCS_THREAD_MODE_SERIALIZED` behind a spin lock (one compare-and-swap
+//!   and one plain store per `progress`; see `spin.rs`). The runtime progresses the
 //!   layer from one thread (its network PE or communication thread); any
 //!   thread may send: it sends directly when the worker is free, otherwise
 //!   the message goes on a lock-free queue that the progressing thread
@@ -18,25 +19,31 @@
 //! * **Eager messages** are one `ucp_am_send_nbx` each: a compact 28-byte
 //!   AM header carries the message header's fields, the sender's rank, a
 //!   sequence number and all segment lengths but the last ([`wire`]); the
-//!   data part is the segments as an iov — no gathering copy.
+//!   data part is the segments as an iov, except that a message of several
+//!   segments totalling at most 512 bytes is gathered into one buffer, which
+//!   lets UCX use its fastest ("short") shared-memory protocol.
 //! * **Large messages** use UCX's active-message rendezvous: the receive
 //!   callback takes a buffer from a pool of reusable ones (a fresh
 //!   multi-megabyte allocation per message costs more in page faults than
 //!   the copy) and calls `ucp_am_recv_data_nbx`, so the bytes land
 //!   directly in the `Bytes` that becomes the delivered segment; the
 //!   buffer returns to the pool when the runtime drops the last view of
-//!   it. Measured against the alternative (`register` + `get` through a
-//!   packed rkey, see the benchmark), the rendezvous is kept: it needs no
-//!   extra round trip for the key and the completion.
+//!   it. At most two announced messages are fetched at once; the others
+//!   keep their UCX descriptor until a fetch completes (fetching a whole
+//!   stream at once spread the copies over as many cold buffers: 5× slower).
+//!   Measured against the alternative (`register` + `get` through a packed
+//!   rkey, see the benchmark), the rendezvous is kept: it needs no extra
+//!   round trip for the key and the completion.
 //! * **Order and exactly-once** delivery per sender come from the sequence
 //!   numbers, independent of how UCX completes eager and rendezvous
 //!   messages.
 //! * **Wake-up**: `progress_wait` sleeps on the worker's event fd after
 //!   `ucp_worker_arm`; `set_wakeup` is supported through a watcher thread
-//!   on the same fd: `progress` arms the worker after
+//!   on the same fd: the poller arms the worker when it is about to sleep
+//!   (`before_park`); as a fallback `progress` arms it after
 //!   [`UcxConfig::arm_after`] without arrivals, and if the progressing
 //!   thread stops calling `progress` without having armed, the watcher arms
-//!   it within a millisecond, so no wake-up is lost.
+//!   it within a millisecond.
 //! * **Lost peers**: endpoints to other hosts use UCX's peer error
 //!   handling. Endpoints to processes on the same host do not by default
 //!   (UCX 1.13 cannot use its zero-copy shared-memory transport, CMA, on
