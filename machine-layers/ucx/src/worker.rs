@@ -301,9 +301,13 @@ impl Worker {
 
     /// One round of `ucp_worker_progress`; whether anything happened.
     pub(crate) fn progress_once(&mut self) -> bool {
+        // Fetches freed by completions in the previous call start now, after their messages
+        // were delivered (and, typically, their buffers given back to the pool: the next fetch
+        // then lands in a buffer still in cache).
+        let started = self.start_waiting_rndv();
         // SAFETY: worker is live; callbacks only touch the inbox.
         let busy = unsafe { sys::ucp_worker_progress(self.worker) != 0 };
-        busy | self.start_waiting_rndv()
+        busy | started
     }
 
     /// Starts fetching announced rendezvous messages while slots are free;
