@@ -53,8 +53,8 @@ impl NativeLib {
     ///
     /// If pkg-config does not find the library at [`NativeLib::min_version`]
     /// or newer (after printing how to install [`NativeLib::debian_package`]),
-    /// or if Cargo's build-script environment (`OUT_DIR`,
-    /// `CARGO_MANIFEST_DIR`) is missing.
+    /// or if Cargo's build-script environment (`CARGO_PKG_NAME`,
+    /// `CARGO_MANIFEST_DIR`, `OUT_DIR`) is missing.
     pub fn probe(self) -> FoundLib {
         println!("cargo:rerun-if-changed={}", self.header);
         println!("cargo:rerun-if-changed=build.rs");
