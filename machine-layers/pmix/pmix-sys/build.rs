@@ -1,10 +1,20 @@
-//! Finds PMIx through pkg-config and generates the bindings with bindgen.
+//! Finds PMIx through pkg-config (`pmix.pc`, Debian package `libpmix-dev`)
+//! and generates the bindings with bindgen; the common steps are
+//! `charmrs-sys-build`'s.
 //!
 //! Only the client calls and types charmrs uses are allowlisted; see
 //! `src/lib.rs` for the list.
 
-use std::env;
-use std::path::PathBuf;
+use charmrs_sys_build::{bindgen, Allowlist, NativeLib};
+
+/// The library and the header the bindings are generated from.
+const PMIX: NativeLib = NativeLib {
+    name: "PMIx",
+    pkg_config_name: "pmix",
+    min_version: "3.0",
+    debian_package: "libpmix-dev",
+    header: "wrapper.h",
+};
 
 /// Functions of the PMIx client API that are bound.
 const FUNCTIONS: &[&str] = &[
@@ -75,6 +85,13 @@ const VARS: &[&str] = &[
     "PMIX_VERSION_RELEASE",
 ];
 
+/// What is bound.
+const ALLOWLIST: Allowlist = Allowlist {
+    functions: FUNCTIONS,
+    types: TYPES,
+    vars: VARS,
+};
+
 /// Gives each integer `#define` the Rust type of the C typedef it is used
 /// with, so no cast is needed at the call sites (bindgen would otherwise
 /// make them all `u32`/`i32`).
@@ -105,67 +122,9 @@ impl bindgen::callbacks::ParseCallbacks for TypedConstants {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=wrapper.h");
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
-
-    let lib = match pkg_config::Config::new()
-        .atleast_version("3.0")
-        .probe("pmix")
-    {
-        Ok(lib) => lib,
-        Err(e) => {
-            eprintln!(
-                "\ncharmrs-pmix-sys: the PMIx client library was not found through pkg-config \
-                 (`pkg-config --cflags --libs pmix`).\n\
-                 On Debian/Ubuntu install it with:   apt-get install libpmix-dev pkg-config\n\
-                 (bindgen also needs libclang:     apt-get install libclang-dev)\n\
-                 or point PKG_CONFIG_PATH at the directory holding pmix.pc.\n\
-                 pkg-config said: {e}\n"
-            );
-            panic!(
-                "PMIx not found by pkg-config; install the Debian package `libpmix-dev` \
-                 (see the message above)"
-            );
-        }
-    };
-
-    // Generate code for the workspace's minimum Rust version (1.80: no
-    // `unsafe extern` blocks).
-    let target = bindgen::RustTarget::stable(80, 0)
-        .unwrap_or_else(|e| panic!("bindgen does not know Rust 1.80: {e}"));
-    let mut builder = bindgen::Builder::default()
-        .header("wrapper.h")
-        .rust_target(target)
-        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
-        .clang_args(
-            lib.include_paths
-                .iter()
-                .map(|p| format!("-I{}", p.display())),
-        )
-        .allowlist_recursively(true)
-        .derive_default(true)
-        .derive_debug(true)
-        .layout_tests(true)
-        .parse_callbacks(Box::new(TypedConstants))
-        .generate_comments(false);
-    for f in FUNCTIONS {
-        builder = builder.allowlist_function(f);
-    }
-    for t in TYPES {
-        builder = builder.allowlist_type(t);
-    }
-    for v in VARS {
-        builder = builder.allowlist_var(v);
-    }
-    let bindings = builder.generate().unwrap_or_else(|e| {
-        panic!(
-            "bindgen could not generate the PMIx bindings from pmix.h ({e}); is libclang \
-             installed (Debian: `apt-get install libclang-dev`)?"
-        )
-    });
-    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    bindings
-        .write_to_file(out.join("bindings.rs"))
-        .expect("write bindings.rs");
+    let pmix = PMIX.probe();
+    let builder = pmix
+        .bindgen_builder(&ALLOWLIST)
+        .parse_callbacks(Box::new(TypedConstants));
+    pmix.write_bindings(builder);
 }

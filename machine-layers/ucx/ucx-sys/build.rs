@@ -1,12 +1,21 @@
 //! Finds UCX through pkg-config (`ucx.pc`, Debian package `libucx-dev`) and
-//! generates the bindings with bindgen.
+//! generates the bindings with bindgen; the common steps are
+//! `charmrs-sys-build`'s.
 //!
 //! Only the ucp calls and types charmrs uses are allowlisted; `src/lib.rs`
 //! lists them and re-implements the needed static inline helpers and macros
 //! in Rust.
 
-use std::env;
-use std::path::PathBuf;
+use charmrs_sys_build::{bindgen, Allowlist, NativeLib};
+
+/// The library and the header the bindings are generated from.
+const UCX: NativeLib = NativeLib {
+    name: "UCX",
+    pkg_config_name: "ucx",
+    min_version: "1.10",
+    debian_package: "libucx-dev",
+    header: "wrapper.h",
+};
 
 /// Functions of the ucp / ucs API that are bound.
 const FUNCTIONS: &[&str] = &[
@@ -90,71 +99,20 @@ const VARS: &[&str] = &[
     "UCP_MEM_MAP_PROT_.*",
 ];
 
+/// What is bound.
+const ALLOWLIST: Allowlist = Allowlist {
+    functions: FUNCTIONS,
+    types: TYPES,
+    vars: VARS,
+};
+
 fn main() {
-    println!("cargo:rerun-if-changed=wrapper.h");
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
-
-    let lib = match pkg_config::Config::new()
-        .atleast_version("1.10")
-        .probe("ucx")
-    {
-        Ok(lib) => lib,
-        Err(e) => {
-            eprintln!(
-                "\ncharmrs-ucx-sys: UCX was not found through pkg-config \
-                 (`pkg-config --cflags --libs ucx`).\n\
-                 On Debian/Ubuntu install it with:   apt-get install libucx-dev pkg-config\n\
-                 (bindgen also needs libclang:     apt-get install libclang-dev)\n\
-                 or point PKG_CONFIG_PATH at the directory holding ucx.pc.\n\
-                 pkg-config said: {e}\n"
-            );
-            panic!(
-                "UCX not found by pkg-config; install the Debian package `libucx-dev` \
-                 (apt-get install libucx-dev; see the message above)"
-            );
-        }
-    };
-
-    // Generate code for the workspace's minimum Rust version (1.80: no
-    // `unsafe extern` blocks).
-    let target = bindgen::RustTarget::stable(80, 0)
-        .unwrap_or_else(|e| panic!("bindgen does not know Rust 1.80: {e}"));
-    let mut builder = bindgen::Builder::default()
-        .header("wrapper.h")
-        .rust_target(target)
-        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
-        .clang_args(
-            lib.include_paths
-                .iter()
-                .map(|p| format!("-I{}", p.display())),
-        )
-        .allowlist_recursively(true)
+    let ucx = UCX.probe();
+    let builder = ucx
+        .bindgen_builder(&ALLOWLIST)
         // C enums become plain integer constants named as in C
         // (`UCP_FEATURE_AM`), so they combine into bit masks without casts.
         .default_enum_style(bindgen::EnumVariation::Consts)
-        .prepend_enum_name(false)
-        .derive_default(true)
-        .derive_debug(true)
-        .layout_tests(true)
-        .generate_comments(false);
-    for f in FUNCTIONS {
-        builder = builder.allowlist_function(f);
-    }
-    for t in TYPES {
-        builder = builder.allowlist_type(t);
-    }
-    for v in VARS {
-        builder = builder.allowlist_var(v);
-    }
-    let bindings = builder.generate().unwrap_or_else(|e| {
-        panic!(
-            "bindgen could not generate the UCX bindings from ucp/api/ucp.h ({e}); is libclang \
-             installed (Debian: `apt-get install libclang-dev`)?"
-        )
-    });
-    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    bindings
-        .write_to_file(out.join("bindings.rs"))
-        .expect("write bindings.rs");
+        .prepend_enum_name(false);
+    ucx.write_bindings(builder);
 }
