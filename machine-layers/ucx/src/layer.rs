@@ -789,10 +789,18 @@ impl MachineLayer for UcxLayer {
             return true;
         };
         let nothing_queued = || s.queue.is_empty() && s.loopback.is_empty();
+        let mut l = lock(&s.locked);
+        if l.worker.inbox.state.borrow().in_flight > 0 {
+            // UCX still holds operations of ours (a send that did not go out
+            // at once, e.g. into a full shared-memory FIFO; a rendezvous).
+            // Only our own progress moves them, and arming does not watch
+            // them: sleeping now could leave a message unsent while its
+            // receiver sleeps too. Keep polling.
+            return false;
+        }
         if w.state.armed.load(Ordering::SeqCst) {
             return nothing_queued();
         }
-        let mut l = lock(&s.locked);
         match s.arm_for_hook(&mut l) {
             Ok(Armed::Yes) => nothing_queued() && l.worker.inbox.state.borrow().ready.is_empty(),
             Ok(_) => false,

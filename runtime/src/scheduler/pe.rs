@@ -1037,8 +1037,8 @@ impl PeState {
                         && std::env::var_os("CHARMRS_DEBUG_WAKE").is_some()
                     {
                         eprintln!(
-                            "charmrs: PE {}: network input found after a {NETWORK_PARK_MAX:?} park \
-                             without a wake-up from the {} layer",
+                            "charmrs: PE {}: network input found after a {NETWORK_PARK_MAX:?} park: \
+                             the {} layer's wake-up came late or not at all",
                             self.pe,
                             self.shared.layer.name()
                         );
