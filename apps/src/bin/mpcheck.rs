@@ -215,6 +215,16 @@ impl Wanderer {
     }
 }
 
+/// One AtSync step of every element of `a`; returns each element's (PE before, PE after).
+async fn balance_step(a: &Array<Wanderer, usize>) -> Vec<(usize, usize)> {
+    let resumed = Future::new();
+    a.sync(resumed);
+    resumed.await;
+    let moved = Future::new();
+    a.moved(moved);
+    moved.await
+}
+
 async fn mobility() {
     let p = charmrs::num_pes();
     let a = Array::<Wanderer, usize>::new(WANDERERS, ());
@@ -247,12 +257,7 @@ async fn mobility() {
     assert!(built.iter().all(|&(pe, last)| pe == last % p), "{built:?}");
     println!("ok sparse");
 
-    let resumed = Future::new();
-    a.sync(resumed);
-    resumed.await;
-    let moved = Future::new();
-    a.moved(moved);
-    let moved = moved.await;
+    let moved = balance_step(&a).await;
     assert!(
         moved.iter().all(|&(before, now)| now == (before + 1) % p),
         "Rotate moves every element to the next PE: {moved:?}"
@@ -266,12 +271,7 @@ async fn mobility() {
     // them, so the load-balancing step is finished where the contributions came from.
     a.go_to(p - 1);
     charmrs::wait_qd().await;
-    let resumed = Future::new();
-    a.sync(resumed);
-    resumed.await;
-    let moved = Future::new();
-    a.moved(moved);
-    let moved = moved.await;
+    let moved = balance_step(&a).await;
     assert!(
         moved
             .iter()

@@ -311,16 +311,7 @@ fn watch(shared: &Arc<Shared>) {
     loop {
         if !r.armed.load(Ordering::SeqCst) {
             if let Err(e) = r.standby.wait(&mut ready, Some(BUSY_CHECK)) {
-                eprintln!(
-                    "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
-                    shared.rank
-                );
-                r.watching.store(false, Ordering::SeqCst);
-                while !shared.closing.load(Ordering::SeqCst) {
-                    shared.wake();
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                return;
+                return watcher_failed(shared, &e);
             }
             if ready.contains(&STOP) {
                 return;
@@ -338,19 +329,7 @@ fn watch(shared: &Arc<Shared>) {
             }
         }
         if let Err(e) = r.watch.wait(&mut ready, Some(SAFETY_WAKE)) {
-            // Cannot happen with a valid epoll; degrade to waking the
-            // poller every millisecond (which then reads on every call)
-            // rather than let it sleep through input.
-            eprintln!(
-                "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
-                shared.rank
-            );
-            r.watching.store(false, Ordering::SeqCst);
-            while !shared.closing.load(Ordering::SeqCst) {
-                shared.wake();
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            return;
+            return watcher_failed(shared, &e);
         }
         if ready.contains(&STOP) {
             return;
@@ -364,6 +343,21 @@ fn watch(shared: &Arc<Shared>) {
             // harmless) or slept through a wake-up (then this saves it).
             shared.wake();
         }
+    }
+}
+
+/// An epoll wait of the watcher failed (cannot happen with a valid epoll):
+/// degrade to waking the poller every millisecond (which then reads on every
+/// call) rather than let it sleep through input, until the layer closes.
+fn watcher_failed(shared: &Shared, e: &io::Error) {
+    eprintln!(
+        "charmrs-tcp[rank {}]: input watcher failed ({e}); polling every millisecond",
+        shared.rank
+    );
+    shared.recv.watching.store(false, Ordering::SeqCst);
+    while !shared.closing.load(Ordering::SeqCst) {
+        shared.wake();
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
