@@ -687,12 +687,6 @@ impl PeState {
                 self.pe
             ));
         };
-        if matches!(target, TargetSpec::Everyone) {
-            return self.abort_job(format!(
-                "charmrs: {}: an allreduce whose root PE has no element left in its process is not supported yet",
-                describe(coll, seq, &shape)
-            ));
-        }
         let mut data: Option<Box<dyn Any + Send>> = None;
         for raw in raws {
             let value = match (kind.decode_part)(&raw.bytes) {
@@ -720,7 +714,54 @@ impl PeState {
             // An `at_sync` finished here: its resume target stayed in this process.
             crate::balance::set_resume(&mut *data, resume);
         }
+        if matches!(target, TargetSpec::Everyone) {
+            // An allreduce: the result goes down the tree from its root, which could not decode
+            // it (no contributor of its own) but can pass it on as bytes.
+            return self.send_down_from_root(coll, seq, shape, (kind.finish)(data), kind);
+        }
         self.deliver_result(coll, seq, shape, Part { data, kind, target });
+    }
+
+    /// Sends an allreduce result finished away from the tree's root to the root.
+    fn send_down_from_root(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        value: Box<dyn Any + Send>,
+        kind: Kind,
+    ) {
+        let root = self
+            .membership(coll, &shape)
+            .and_then(|(_, members)| members.first().copied());
+        let Some(root) = root else {
+            return self.abort_job(format!(
+                "charmrs: {}: an allreduce result without a tree to go down",
+                describe(coll, seq, &shape)
+            ));
+        };
+        if root == self.pe {
+            self.reduce_down(coll, seq, shape, value, kind);
+        } else if self.shared.mailbox(root).is_some() {
+            let body = Control::ReduceDown {
+                coll,
+                seq,
+                shape,
+                value,
+                kind,
+            };
+            self.send(root, Envelope::new(0, body));
+        } else {
+            let encoded = (kind.encode)(&*value);
+            self.send_reduction_remote(
+                crate::wire::KIND_REDUCE_DOWN,
+                coll,
+                seq,
+                shape,
+                root,
+                encoded,
+            );
+        }
     }
 
     /// Adds a contribution (from a local element, or a child PE's partial) to reduction `seq` of
@@ -899,12 +940,46 @@ impl PeState {
             .everyone
             .get(&(coll, seq))
             .and_then(|e| e.1);
-        let decoded = kind
-            .ok_or_else(|| "an allreduce result for a PE without contributors".to_string())
-            .and_then(|k| (k.decode_result)(&bytes).map(|v| (v, k)));
+        let Some(kind) = kind else {
+            // No contributor here (the tree's root when every element of its process left):
+            // pass the result on as it came.
+            return self.pass_down_encoded(coll, seq, shape, bytes);
+        };
+        let decoded = (kind.decode_result)(&bytes).map(|v| (v, kind));
         match decoded {
             Ok((value, kind)) => self.reduce_down(coll, seq, shape, value, kind),
             Err(e) => self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape))),
+        }
+    }
+
+    /// Passes an encoded allreduce result down the tree from a PE that has no contributors.
+    fn pass_down_encoded(&self, coll: CollectionId, seq: u64, shape: Shape, bytes: bytes::Bytes) {
+        let Some((_, members)) = self.membership(coll, &shape) else {
+            return self.abort_job(format!(
+                "charmrs: {}: a result came down before the array was sealed",
+                describe(coll, seq, &shape)
+            ));
+        };
+        let place = tree_place(&members, self.pe, self.shared.local_pes());
+        for &child in &place.children {
+            if self.shared.mailbox(child).is_some() {
+                let body = Control::ReduceDownEncoded {
+                    coll,
+                    seq,
+                    shape,
+                    bytes: bytes.clone(),
+                };
+                self.send(child, Envelope::new(0, body));
+            } else if !self.send_reduction_remote(
+                crate::wire::KIND_REDUCE_DOWN,
+                coll,
+                seq,
+                shape,
+                child,
+                Ok(bytes.to_vec()),
+            ) {
+                return;
+            }
         }
     }
 

@@ -198,6 +198,13 @@ impl Wanderer {
         ctx.at_sync(resumed);
     }
 
+    /// Counts the elements with an allreduce; gathers what each element got.
+    #[entry]
+    async fn count_everyone(this: Coro<Self>, to: Future<Vec<u64>>) {
+        let n = this.ctx().allreduce(1u64, Reducer::Sum).await;
+        this.ctx().gather(n, to);
+    }
+
     /// Moves to PE `pe`.
     #[entry]
     fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
@@ -271,6 +278,12 @@ async fn mobility() {
     // them, so the load-balancing step is finished where the contributions came from.
     a.go_to(p - 1);
     charmrs::wait_qd().await;
+    // An allreduce whose tree root (PE 0's process) has no contributor left: finished where the
+    // contributions came from, passed down from the root as bytes.
+    let counts = Future::new();
+    a.count_everyone(counts);
+    assert_eq!(counts.await, vec![WANDERERS as u64; WANDERERS]);
+    println!("ok allreduce from elsewhere");
     let moved = balance_step(&a).await;
     assert!(
         moved
