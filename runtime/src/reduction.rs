@@ -526,6 +526,32 @@ pub(crate) struct Raw {
     pub(crate) bytes: bytes::Bytes,
 }
 
+/// The runtime message carrying encoded partials to a PE: up the tree (`finish == false`), or
+/// to the PE that encoded one of them, to finish the reduction there (`finish`).
+pub(crate) fn encoded_partials(
+    finish: bool,
+    coll: CollectionId,
+    seq: u64,
+    shape: Shape,
+    raws: Vec<Raw>,
+) -> Control {
+    if finish {
+        Control::ReduceFinish {
+            coll,
+            seq,
+            shape,
+            raws,
+        }
+    } else {
+        Control::ReduceUp {
+            coll,
+            seq,
+            shape,
+            incoming: Incoming::Encoded(raws),
+        }
+    }
+}
+
 /// How many reductions back a PE remembers how to finish a reduction it sent encoded data for.
 const FOREIGN_WINDOW: u64 = 1024;
 
@@ -824,21 +850,7 @@ impl PeState {
                 None => (first, true),
             };
             if self.shared.mailbox(to).is_some() {
-                let body = if finish {
-                    Control::ReduceFinish {
-                        coll,
-                        seq,
-                        shape,
-                        raws,
-                    }
-                } else {
-                    Control::ReduceUp {
-                        coll,
-                        seq,
-                        shape,
-                        incoming: Incoming::Encoded(raws),
-                    }
-                };
+                let body = encoded_partials(finish, coll, seq, shape, raws);
                 self.send(to, Envelope::new(0, body));
             } else {
                 self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
@@ -952,16 +964,25 @@ impl PeState {
         }
     }
 
+    /// This PE's children in the reduction tree, for a result on its way down (`None`, after
+    /// aborting the job, if the collection's membership is not known).
+    fn down_children(&self, coll: CollectionId, seq: u64, shape: &Shape) -> Option<Vec<usize>> {
+        let Some((_, members)) = self.membership(coll, shape) else {
+            self.abort_job(format!(
+                "charmrs: {}: a result came down before the array was sealed",
+                describe(coll, seq, shape)
+            ));
+            return None;
+        };
+        Some(tree_place(&members, self.pe, self.shared.local_pes()).children)
+    }
+
     /// Passes an encoded allreduce result down the tree from a PE that has no contributors.
     fn pass_down_encoded(&self, coll: CollectionId, seq: u64, shape: Shape, bytes: bytes::Bytes) {
-        let Some((_, members)) = self.membership(coll, &shape) else {
-            return self.abort_job(format!(
-                "charmrs: {}: a result came down before the array was sealed",
-                describe(coll, seq, &shape)
-            ));
+        let Some(children) = self.down_children(coll, seq, &shape) else {
+            return;
         };
-        let place = tree_place(&members, self.pe, self.shared.local_pes());
-        for &child in &place.children {
+        for child in children {
             if self.shared.mailbox(child).is_some() {
                 let body = Control::ReduceDownEncoded {
                     coll,
@@ -992,14 +1013,12 @@ impl PeState {
         value: Box<dyn Any + Send>,
         kind: Kind,
     ) {
-        let Some((_, members)) = self.membership(coll, &shape) else {
-            return self.abort_job(format!(
-                "charmrs: {}: a result came down before the array was sealed",
-                describe(coll, seq, &shape)
-            ));
+        let Some(children) = self.down_children(coll, seq, &shape) else {
+            return;
         };
-        let place = tree_place(&members, self.pe, self.shared.local_pes());
-        for &child in &place.children {
+        // Encoded once, for however many children in other processes.
+        let mut encoded: Option<Result<Vec<u8>, String>> = None;
+        for child in children {
             if self.shared.mailbox(child).is_some() {
                 let value = (kind.clone)(&*value);
                 self.send(
@@ -1017,14 +1036,16 @@ impl PeState {
                 );
                 continue;
             }
-            let encoded = (kind.encode)(&*value);
+            let bytes = encoded
+                .get_or_insert_with(|| (kind.encode)(&*value))
+                .clone();
             if !self.send_reduction_remote(
                 crate::wire::KIND_REDUCE_DOWN,
                 coll,
                 seq,
                 shape,
                 child,
-                encoded,
+                bytes,
             ) {
                 return;
             }

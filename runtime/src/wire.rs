@@ -105,7 +105,6 @@ pub(crate) fn reduction_message(
 
 /// Decodes a [`reduction_message`] into the envelope for its PE.
 pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
-    use crate::reduction::Incoming;
     let header = msg.header();
     let [meta, values @ ..] = msg.segments() else {
         return Err("a reduction message without segments".into());
@@ -129,21 +128,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
                 bytes: bytes.clone(),
             })
             .collect();
-        let control = if meta.finish {
-            Control::ReduceFinish {
-                coll,
-                seq,
-                shape,
-                raws,
-            }
-        } else {
-            Control::ReduceUp {
-                coll,
-                seq,
-                shape,
-                incoming: Incoming::Encoded(raws),
-            }
-        };
+        let control = crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws);
         return Ok(Envelope::new(0, control));
     }
     let [bytes] = values else {

@@ -78,52 +78,60 @@ fn post(
     mailbox.push(env);
 }
 
+/// A broadcast travelling down the tree of processes rooted at `root`: forwarded as it is to this
+/// process's children, then decoded once and delivered to every local PE.
+fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message, root: u32) {
+    let me = shared.layer.rank();
+    let abort =
+        |why: String| shared.finish(Outcome::Abort(format!("charmrs: process {me}: {why}")));
+    let n = shared.layer.size();
+    if root >= n {
+        return abort(format!(
+            "process {src} sent a broadcast rooted at unknown process {root}"
+        ));
+    }
+    for child in wire::tree_children(me, root, n) {
+        let mut m = msg.clone();
+        let mut h = *m.header();
+        h.dst_pe = child * shared.local_pes() as u32;
+        m.set_header(h);
+        if let Err(e) = shared.layer.send(child, m) {
+            return abort(format!("forwarding a broadcast to process {child}: {e}"));
+        }
+    }
+    match wire::decode(msg, table) {
+        Ok(env) => {
+            let priority = env.priority;
+            let crate::envelope::Body::Broadcast { coll, call } = env.body else {
+                return abort(format!(
+                    "process {src} sent a tree broadcast that is not one"
+                ));
+            };
+            let first = shared.first_pe;
+            for pe in first..first + shared.local_pes() {
+                let body = crate::envelope::Body::Broadcast {
+                    coll,
+                    call: call.clone_box(),
+                };
+                shared
+                    .mailbox(pe)
+                    .expect("a local PE")
+                    .push(crate::envelope::Envelope::new(priority, body));
+            }
+        }
+        Err(e) => abort(format!("malformed message from process {src}: {e}")),
+    }
+}
+
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
     let header = *msg.header();
     let me = shared.layer.rank();
     let abort =
         |why: String| shared.finish(Outcome::Abort(format!("charmrs: process {me}: {why}")));
+    if let Some(root) = wire::tree_root(&msg) {
+        return on_tree_broadcast(shared, table, src, msg, root);
+    }
     match header.kind {
-        wire::KIND_CALL if wire::tree_root(&msg).is_some() => {
-            let root = wire::tree_root(&msg).expect("checked");
-            let n = shared.layer.size();
-            if root >= n {
-                return abort(format!(
-                    "process {src} sent a broadcast rooted at unknown process {root}"
-                ));
-            }
-            for child in wire::tree_children(me, root, n) {
-                let mut m = msg.clone();
-                let mut h = *m.header();
-                h.dst_pe = child * shared.local_pes() as u32;
-                m.set_header(h);
-                if let Err(e) = shared.layer.send(child, m) {
-                    return abort(format!("forwarding a broadcast to process {child}: {e}"));
-                }
-            }
-            match wire::decode(msg, table) {
-                Ok(env) => {
-                    let priority = env.priority;
-                    let crate::envelope::Body::Broadcast { coll, call } = env.body else {
-                        return abort(format!(
-                            "process {src} sent a tree broadcast that is not one"
-                        ));
-                    };
-                    let first = shared.first_pe;
-                    for pe in first..first + shared.local_pes() {
-                        let body = crate::envelope::Body::Broadcast {
-                            coll,
-                            call: call.clone_box(),
-                        };
-                        shared
-                            .mailbox(pe)
-                            .expect("a local PE")
-                            .push(crate::envelope::Envelope::new(priority, body));
-                    }
-                }
-                Err(e) => abort(format!("malformed message from process {src}: {e}")),
-            }
-        }
         wire::KIND_CALL | wire::KIND_CREATE => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
