@@ -629,16 +629,23 @@ impl PeState {
         let home = shape.home_pe(index, self.num_pes());
         if home == self.pe {
             self.reduce(coll, seq, shape, Incoming::Typed(part));
-        } else if self.shared.mailbox(home).is_some() {
+        } else {
+            self.send_part_up(coll, seq, shape, home, part);
+        }
+    }
+
+    /// Sends a typed partial up to PE `to`: moved within this process, encoded to another.
+    fn send_part_up(&self, coll: CollectionId, seq: u64, shape: Shape, to: usize, part: Part) {
+        if self.shared.mailbox(to).is_some() {
             let body = Control::ReduceUp {
                 coll,
                 seq,
                 shape,
                 incoming: Incoming::Typed(part),
             };
-            self.send(home, Envelope::new(0, body));
+            self.send(to, Envelope::new(0, body));
         } else {
-            self.send_up_encoded(coll, seq, shape, home, part);
+            self.send_up_encoded(coll, seq, shape, to, part);
         }
     }
 
@@ -858,16 +865,7 @@ impl PeState {
             return;
         };
         match done.place.parent {
-            Some(parent) if self.shared.mailbox(parent).is_some() => {
-                let body = Control::ReduceUp {
-                    coll,
-                    seq,
-                    shape,
-                    incoming: Incoming::Typed(part),
-                };
-                self.send(parent, Envelope::new(0, body));
-            }
-            Some(parent) => self.send_up_encoded(coll, seq, shape, parent, part),
+            Some(parent) => self.send_part_up(coll, seq, shape, parent, part),
             None => self.deliver_result(coll, seq, shape, part),
         }
     }
