@@ -247,9 +247,10 @@ fn sizes() -> Vec<usize> {
     }
 }
 
+/// The median of `v` (NaN for none: a column the environment switched off).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// `read_exact` that also works on a non-blocking socket: busy-polls on `WouldBlock`, and after
@@ -369,12 +370,17 @@ async fn run() {
     // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
     // e.g. bench/scripts/ucx-vs-perftest.sh).
     let bare = std::env::var_os("XPROC_NO_BARE").is_none();
+    // `XPROC_BW_ONLY=1`: only the bandwidth repetitions (for profiling the streaming path).
+    let bw_only = std::env::var_os("XPROC_BW_ONLY").is_some();
     for size in sizes() {
         let iters = iterations(size);
         let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
         let (mut lat_c, mut lat_r, mut bw_c, mut bw_r) = (vec![], vec![], vec![], vec![]);
         let mut lat_s = vec![];
         for _ in 0..repeats() {
+            if bw_only {
+                break;
+            }
             let f = Future::new();
             ping.pingpong(*pong, size, iters, f);
             lat_c.push(f.await / iters as f64 / 2.0);

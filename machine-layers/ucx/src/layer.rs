@@ -633,7 +633,13 @@ impl Shared {
         if !busy && now - l.last_check >= self.cfg.liveness_interval {
             self.check_peers(l);
         }
-        if let Some(w) = watcher {
+        // Not while UCX holds operations of ours (a stream of sends, a
+        // rendezvous being fetched): only our own progress completes them,
+        // so the caller must keep polling (`before_park` refuses to park),
+        // and an armed worker would cost a wake-up of the watcher thread —
+        // on a busy core — and a signal from the peer per message.
+        let holding = l.worker.inbox.state.borrow().in_flight > 0;
+        if let Some(w) = watcher.filter(|_| !holding) {
             let since = *l.idle_since.get_or_insert(now);
             if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
                 match self.arm_for_hook(l) {
