@@ -3,9 +3,17 @@
 //!
 //! Invariant: an [`Index`] stores `dims` coordinates (≤ [`MAX_DIMS`]), each < 2^32; the unused
 //! coordinates are zero, so derived `Eq`/`Hash` compare exactly the meaningful part.
+//!
+//! Serialized form: the `dims` byte, then only the meaningful 32-bit words (the coordinates, or
+//! the words a user key's bytes occupy), as one tuple — an index travels in every call message,
+//! and the six fixed coordinates cost a scalar chare's call six useless varints each way.
+//! Deserialization checks the dimension count, the key length and that a key's unused bytes
+//! are zero (the invariant above), so a hostile message cannot make two equal-looking indices.
 
 use crate::error::{Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::de::{Error as _, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
 /// Largest number of dimensions of an array index (as in Charm++).
@@ -31,7 +39,7 @@ const KEY_FLAG: u8 = 0x80;
 /// assert_eq!(i.linear(&dims), 1 * 12 + 2 * 4 + 3);
 /// assert_eq!(Index::from_linear(i.linear(&dims), &dims), i);
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Index {
     dims: u8,
     coords: [u32; MAX_DIMS],
@@ -183,6 +191,70 @@ impl Index {
     }
 }
 
+/// The number of meaningful 32-bit words of an index whose `dims` byte is `dims`, or `None` for
+/// an invalid one.
+fn words_of(dims: u8) -> Option<usize> {
+    if dims & KEY_FLAG != 0 {
+        let len = usize::from(dims & !KEY_FLAG);
+        (len <= MAX_KEY_BYTES).then_some(len.div_ceil(4))
+    } else {
+        let d = usize::from(dims);
+        (d <= MAX_DIMS).then_some(d)
+    }
+}
+
+impl Serialize for Index {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let n = words_of(self.dims).expect("an Index keeps a valid dimension byte");
+        let mut t = s.serialize_tuple(1 + n)?;
+        t.serialize_element(&self.dims)?;
+        for c in &self.coords[..n] {
+            t.serialize_element(c)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Index {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Index, D::Error> {
+        struct IndexVisitor;
+        impl<'de> Visitor<'de> for IndexVisitor {
+            type Value = Index;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array index: a dimension byte, then its coordinates")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Index, A::Error> {
+                let dims: u8 = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let n = words_of(dims).ok_or_else(|| {
+                    A::Error::custom(format!("invalid index dimension byte {dims:#x}"))
+                })?;
+                let mut coords = [0u32; MAX_DIMS];
+                for (k, c) in coords[..n].iter_mut().enumerate() {
+                    *c = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(k + 1, &self))?;
+                }
+                if dims & KEY_FLAG != 0 {
+                    let len = usize::from(dims & !KEY_FLAG);
+                    let spare = 4 * n - len;
+                    if spare > 0 && coords[n - 1].to_le_bytes()[4 - spare..] != [0u8; 4][..spare] {
+                        return Err(A::Error::custom("an index key with bytes past its length"));
+                    }
+                }
+                Ok(Index { dims, coords })
+            }
+        }
+        // The tuple's length depends on its first element: announce the longest one (formats
+        // that need a length, like postcard, read elements only as they are asked for).
+        d.deserialize_tuple(1 + MAX_DIMS, IndexVisitor)
+    }
+}
+
 impl fmt::Display for Index {
     /// Python tuple notation, as charm4py prints `thisIndex`: `(1, 2)`, `(5,)`, `()`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -305,6 +377,37 @@ tuple_index!(6; usize 0, usize 1, usize 2, usize 3, usize 4, usize 5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_form_carries_only_the_meaningful_words() {
+        let scalar = postcard::to_stdvec(&Index::SCALAR).unwrap();
+        assert_eq!(scalar, [0], "a scalar index is its dimension byte");
+        let i = Index::new(&[1, 300, 5]).unwrap();
+        let b = postcard::to_stdvec(&i).unwrap();
+        assert_eq!(b.len(), 1 + 1 + 2 + 1);
+        assert_eq!(postcard::from_bytes::<Index>(&b).unwrap(), i);
+        let k = Index::from_key(&(7u8, 1_000_000u32)).unwrap();
+        let b = postcard::to_stdvec(&k).unwrap();
+        assert_eq!(postcard::from_bytes::<Index>(&b).unwrap(), k);
+        // Followed by other data, it stops at its own end.
+        let both = postcard::to_stdvec(&(i, 9u8)).unwrap();
+        assert_eq!(postcard::from_bytes::<(Index, u8)>(&both).unwrap(), (i, 9));
+    }
+
+    #[test]
+    fn hostile_wire_indices_are_refused() {
+        // Seven dimensions.
+        assert!(postcard::from_bytes::<Index>(&[7, 1, 1, 1, 1, 1, 1, 1]).is_err());
+        // A key longer than MAX_KEY_BYTES.
+        assert!(postcard::from_bytes::<Index>(&[KEY_FLAG | 25]).is_err());
+        // A 1-byte key whose word has bytes past the key.
+        let bad = postcard::to_stdvec(&(KEY_FLAG | 1, 0x0102u32)).unwrap();
+        assert!(postcard::from_bytes::<Index>(&bad).is_err());
+        let good = postcard::to_stdvec(&(KEY_FLAG | 1, 0x02u32)).unwrap();
+        assert!(postcard::from_bytes::<Index>(&good).is_ok());
+        // Truncated.
+        assert!(postcard::from_bytes::<Index>(&[2, 5]).is_err());
+    }
 
     #[test]
     fn display_like_python_tuples() {

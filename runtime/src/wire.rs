@@ -544,9 +544,11 @@ enum SegmentRef<'a> {
 /// sent and received as one contiguous buffer).
 pub(crate) const INLINE_MAX: usize = 256;
 
-fn serialize_segment<S: Serializer>(bytes: Bytes, s: S) -> Result<S::Ok, S::Error> {
+/// (`bytes` is cloned — a reference-count increment, or for a `Bytes` made from a `Vec` a
+/// one-time allocation — only when it goes out of band.)
+fn serialize_segment<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
     if bytes.len() <= INLINE_MAX {
-        return SegmentRef::Inline(&bytes).serialize(s);
+        return SegmentRef::Inline(bytes).serialize(s);
     }
     let idx = SEGMENTS.with(|c| {
         c.borrow_mut().as_mut().map(|segs| {
@@ -556,7 +558,7 @@ fn serialize_segment<S: Serializer>(bytes: Bytes, s: S) -> Result<S::Ok, S::Erro
     });
     match idx {
         Some(i) => SegmentRef::OutOfBand(i).serialize(s),
-        None => SegmentRef::Inline(&bytes).serialize(s),
+        None => SegmentRef::Inline(bytes).serialize(s),
     }
 }
 
@@ -587,7 +589,7 @@ pub struct Buffer(pub Bytes);
 
 impl Serialize for Buffer {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serialize_segment(self.0.clone(), s)
+        serialize_segment(&self.0, s)
     }
 }
 
@@ -663,7 +665,7 @@ impl<T: Pod> Serialize for PodVec<T> {
         for &x in &self.0 {
             x.to_le(&mut bytes);
         }
-        serialize_segment(Bytes::from(bytes), s)
+        serialize_segment(&Bytes::from(bytes), s)
     }
 }
 
@@ -721,7 +723,7 @@ pub(crate) fn encode(
                 .map_err(|e| e.to_string())?;
                 let (r, segs) = collecting(|| build.encode(&mut buf));
                 r?;
-                (KIND_CREATE, (buf, segs))
+                (KIND_CREATE, (Bytes::from(buf), segs))
             }
             _ => return Err("this runtime message does not travel between processes yet".into()),
         },
@@ -731,7 +733,7 @@ pub(crate) fn encode(
         }
     };
     let mut all = Vec::with_capacity(1 + segs.len());
-    all.push(Bytes::from(seg0));
+    all.push(seg0);
     all.extend(segs);
     Message::with_segments(Header::new(kind, src_pe, dst_pe, 0), all).map_err(|e| e.to_string())
 }
@@ -742,7 +744,7 @@ fn encode_call(
     dest: WireDest,
     call: &dyn Invocation,
     priority: i32,
-) -> Result<(Vec<u8>, Vec<Bytes>), String> {
+) -> Result<(Bytes, Vec<Bytes>), String> {
     let entry = table
         .wire_id(call.entry_id())
         .ok_or_else(|| format!("entry `{}` not in the entry table", call.entry_name()))?;
@@ -753,13 +755,34 @@ fn encode_call(
         reply: call.reply(),
         priority,
     };
-    // Room for the metadata and small arguments: no reallocation on the common path.
-    let buf = Vec::with_capacity(128);
-    let mut buf = postcard::to_extend(&meta, buf).map_err(|e| e.to_string())?;
-    let (r, segs) = collecting(|| call.encode(&mut buf));
-    r?;
-    Ok((buf, segs))
+    // Encoded into this thread's scratch buffer, then copied once into a buffer of exactly
+    // the right size: a `Bytes` made from a `Vec` with spare capacity would allocate a second
+    // time for its shared header, and the copy of a small segment costs less than that.
+    ENCODE_SCRATCH.with(|scratch| {
+        let mut buf = scratch.take();
+        buf.clear();
+        match postcard::to_extend(&meta, buf) {
+            Ok(mut buf) => {
+                let (r, segs) = collecting(|| call.encode(&mut buf));
+                let seg0 = Bytes::copy_from_slice(&buf);
+                if buf.capacity() <= ENCODE_SCRATCH_KEEP {
+                    scratch.set(buf);
+                }
+                r.map(|()| (seg0, segs))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    })
 }
+
+thread_local! {
+    /// Reused by [`encode_call`] for segment 0 of each call message.
+    static ENCODE_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Largest scratch buffer [`encode_call`] keeps for the next call (a rare huge inline argument
+/// is not kept alive).
+const ENCODE_SCRATCH_KEEP: usize = 64 << 10;
 
 /// Encodes a broadcast of `call` for the spanning tree of processes rooted at `root`.
 pub(crate) fn encode_tree_broadcast(
@@ -772,8 +795,7 @@ pub(crate) fn encode_tree_broadcast(
 ) -> Result<Message, String> {
     let (seg0, segs) = encode_call(table, coll, WireDest::Tree { root }, call, priority)?;
     let mut msg = Message::new(Header::new(KIND_CALL, src_pe, 0, TREE_TAG));
-    msg.push_segment(Bytes::from(seg0))
-        .map_err(|e| e.to_string())?;
+    msg.push_segment(seg0).map_err(|e| e.to_string())?;
     for s in segs {
         msg.push_segment(s).map_err(|e| e.to_string())?;
     }
