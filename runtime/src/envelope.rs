@@ -358,6 +358,27 @@ impl ReplySlot for Reply {
 }
 
 impl<C: Chare, E: Entry<C>> Call<C, E> {
+    /// Runs `f` on the call built in place (no box): for a call that is encoded for another
+    /// process at once and never runs here.
+    pub(crate) fn unboxed<T>(
+        args: E::Args,
+        reply: Reply,
+        f: impl FnOnce(&dyn Invocation) -> T,
+    ) -> T {
+        match reply {
+            Reply::None => f(&Call::<C, E, NoReply> {
+                args,
+                reply: NoReply,
+                _marker: PhantomData,
+            }),
+            reply => f(&Call::<C, E, Reply> {
+                args,
+                reply,
+                _marker: PhantomData,
+            }),
+        }
+    }
+
     pub(crate) fn boxed(args: E::Args, reply: Reply) -> Box<dyn Invocation> {
         match reply {
             Reply::None => Box::new(Call::<C, E, NoReply> {

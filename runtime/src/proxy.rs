@@ -106,6 +106,12 @@ impl<C: Chare> ElementProxy<C> {
 impl<C: Chare> ElementProxy<C> {
     fn point<E: Entry<C>>(&self, args: E::Args, reply: Reply) {
         or_panic(with_pe(E::NAME, |pe| {
+            if let Some(dst) = pe.remote_point_dest(self.coll, &self.index, self.pe as usize) {
+                // Another process: encoded straight from the arguments, never boxed.
+                return Call::<C, E>::unboxed(args, reply, |call| {
+                    pe.send_point_remote(dst, self.coll, self.index, call, self.priority)
+                });
+            }
             let call = Call::<C, E>::boxed(args, reply);
             let body = Body::Point {
                 coll: self.coll,

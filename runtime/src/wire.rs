@@ -694,10 +694,10 @@ pub(crate) fn encode(
     dst_pe: u32,
 ) -> Result<Message, String> {
     let (kind, (seg0, segs)) = match &env.body {
-        Body::Point { coll, index, call } => (
-            KIND_CALL,
-            encode_call(table, *coll, WireDest::Point(*index), &**call, env.priority)?,
-        ),
+        Body::Point { coll, index, call } => {
+            let (pe, dst) = (src_pe as usize, dst_pe as usize);
+            return encode_point(table, *coll, *index, &**call, env.priority, pe, dst);
+        }
         Body::Broadcast { coll, call } => (
             KIND_CALL,
             encode_call(table, *coll, WireDest::Broadcast, &**call, env.priority)?,
@@ -736,6 +736,24 @@ pub(crate) fn encode(
     all.push(seg0);
     all.extend(segs);
     Message::with_segments(Header::new(kind, src_pe, dst_pe, 0), all).map_err(|e| e.to_string())
+}
+
+/// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`.
+pub(crate) fn encode_point(
+    table: &EntryTable,
+    coll: CollectionId,
+    index: Index,
+    call: &dyn Invocation,
+    priority: i32,
+    src_pe: usize,
+    dst_pe: usize,
+) -> Result<Message, String> {
+    let (seg0, segs) = encode_call(table, coll, WireDest::Point(index), call, priority)?;
+    let mut all = Vec::with_capacity(1 + segs.len());
+    all.push(seg0);
+    all.extend(segs);
+    let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
+    Message::with_segments(header, all).map_err(|e| e.to_string())
 }
 
 fn encode_call(

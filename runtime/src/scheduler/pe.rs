@@ -342,6 +342,49 @@ impl PeState {
         }
     }
 
+    /// The PE of another process a point call to element `index` of `coll`, addressed to PE
+    /// `addressed`, goes to — `None` when it stays in this process (where [`send`](Self::send)
+    /// delivers it without encoding).
+    #[inline]
+    pub(crate) fn remote_point_dest(
+        &self,
+        coll: CollectionId,
+        index: &Index,
+        addressed: usize,
+    ) -> Option<usize> {
+        let dst = self.cached_location(coll, index).unwrap_or(addressed);
+        (dst != self.pe && self.shared.mailbox(dst).is_none()).then_some(dst)
+    }
+
+    /// Sends a point call to PE `dst` of another process (see
+    /// [`remote_point_dest`](Self::remote_point_dest)): what [`send`](Self::send) does with an
+    /// envelope for another process, without building one.
+    pub(crate) fn send_point_remote(
+        &self,
+        dst: usize,
+        coll: CollectionId,
+        index: Index,
+        call: &dyn Invocation,
+        priority: i32,
+    ) {
+        self.sent.set(self.sent.get() + 1);
+        let process = self.shared.process_of(dst);
+        let table = self.shared.entries;
+        let sent = crate::wire::encode_point(table, coll, index, call, priority, self.pe, dst)
+            .and_then(|msg| {
+                self.shared
+                    .layer
+                    .send(process, msg)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
+                self.pe
+            ));
+        }
+    }
+
     /// Sends `env` to PE `dst` of another process through the machine layer.
     #[cold]
     fn send_remote(&self, dst: usize, env: Envelope) {
