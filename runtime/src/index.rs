@@ -203,6 +203,47 @@ fn words_of(dims: u8) -> Option<usize> {
     }
 }
 
+impl Index {
+    /// Appends the wire form (the dimension byte, then the meaningful words, little-endian):
+    /// the same information as the serde form, for hand-written message headers.
+    pub(crate) fn write_le(&self, out: &mut Vec<u8>) {
+        let n = words_of(self.dims).expect("an Index keeps a valid dimension byte");
+        out.push(self.dims);
+        for c in &self.coords[..n] {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+    }
+
+    /// Reads what [`write_le`](Self::write_le) wrote at the start of `b`; returns the index and
+    /// the rest of `b`.
+    pub(crate) fn read_le(b: &[u8]) -> std::result::Result<(Index, &[u8]), String> {
+        let (&dims, rest) = b.split_first().ok_or("an index cut short")?;
+        let n = words_of(dims).ok_or_else(|| format!("invalid index dimension byte {dims:#x}"))?;
+        if rest.len() < 4 * n {
+            return Err("an index cut short".into());
+        }
+        let mut coords = [0u32; MAX_DIMS];
+        for (c, w) in coords.iter_mut().zip(rest.chunks_exact(4)).take(n) {
+            *c = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+        Ok((checked(dims, coords)?, &rest[4 * n..]))
+    }
+}
+
+/// `Index { dims, coords }` if it keeps the invariant (see the module docs): the key form's
+/// unused bytes are zero.
+fn checked(dims: u8, coords: [u32; MAX_DIMS]) -> std::result::Result<Index, &'static str> {
+    if dims & KEY_FLAG != 0 {
+        let len = usize::from(dims & !KEY_FLAG);
+        let n = len.div_ceil(4);
+        let spare = 4 * n - len;
+        if spare > 0 && coords[n - 1].to_le_bytes()[4 - spare..] != [0u8; 4][..spare] {
+            return Err("an index key with bytes past its length");
+        }
+    }
+    Ok(Index { dims, coords })
+}
+
 impl Serialize for Index {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let n = words_of(self.dims).expect("an Index keeps a valid dimension byte");
@@ -239,14 +280,7 @@ impl<'de> Deserialize<'de> for Index {
                         .next_element()?
                         .ok_or_else(|| A::Error::invalid_length(k + 1, &self))?;
                 }
-                if dims & KEY_FLAG != 0 {
-                    let len = usize::from(dims & !KEY_FLAG);
-                    let spare = 4 * n - len;
-                    if spare > 0 && coords[n - 1].to_le_bytes()[4 - spare..] != [0u8; 4][..spare] {
-                        return Err(A::Error::custom("an index key with bytes past its length"));
-                    }
-                }
-                Ok(Index { dims, coords })
+                checked(dims, coords).map_err(A::Error::custom)
             }
         }
         // The tuple's length depends on its first element: announce the longest one (formats
