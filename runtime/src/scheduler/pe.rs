@@ -1162,15 +1162,17 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                 let next_timer = state.fire_timers();
                 // Timers may have queued resumptions; only sleep if nothing is runnable.
                 if state.queue.borrow().is_empty() && mailbox.is_empty() {
-                    let since = Instant::now();
+                    // Timestamps of the measurement clock (the TSC where the kernel trusts
+                    // it: a third of `Instant::now`'s cost, and the read after waking is on the
+                    // latency path of the message that woke this PE).
+                    let since = crate::measure::ticks();
                     state.idle(next_timer);
                     just_polled = true;
-                    let woke = Instant::now();
-                    state
-                        .idle_secs
-                        .set(state.idle_secs.get() + (woke - since).as_secs_f64());
+                    let woke = crate::measure::ticks();
+                    let idle = woke.saturating_sub(since) as f64 * state.secs_per_tick;
+                    state.idle_secs.set(state.idle_secs.get() + idle);
                     if state.measuring {
-                        state.mark.set(crate::measure::ticks());
+                        state.mark.set(woke);
                     }
                 }
             }
