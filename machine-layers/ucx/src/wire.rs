@@ -56,14 +56,17 @@ pub fn header_len(segments: usize) -> usize {
 pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens: &[usize]) {
     out.clear();
     out.reserve(header_len(lens.len()));
-    out.extend_from_slice(&src.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.push(header.kind);
-    out.push(header.flags);
-    out.extend_from_slice(&(lens.len() as u16).to_le_bytes());
-    out.extend_from_slice(&header.src_pe.to_le_bytes());
-    out.extend_from_slice(&header.dst_pe.to_le_bytes());
-    out.extend_from_slice(&header.tag.to_le_bytes());
+    // The fixed part assembled in place, then appended at once.
+    let mut fixed = [0u8; FIXED];
+    fixed[0..4].copy_from_slice(&src.to_le_bytes());
+    fixed[4..8].copy_from_slice(&seq.to_le_bytes());
+    fixed[8] = header.kind;
+    fixed[9] = header.flags;
+    fixed[10..12].copy_from_slice(&(lens.len() as u16).to_le_bytes());
+    fixed[12..16].copy_from_slice(&header.src_pe.to_le_bytes());
+    fixed[16..20].copy_from_slice(&header.dst_pe.to_le_bytes());
+    fixed[20..28].copy_from_slice(&header.tag.to_le_bytes());
+    out.extend_from_slice(&fixed);
     if let Some((_, init)) = lens.split_last() {
         for &l in init {
             out.extend_from_slice(&(l as u64).to_le_bytes());
