@@ -507,29 +507,33 @@ impl CallMeta {
     /// Reads the wire form at the start of `b`; returns it and the rest (the arguments).
     fn read(b: &[u8]) -> Result<(CallMeta, &[u8]), String> {
         let mut r = Reader(b);
-        let entry = r.u32()?;
-        let coll = CollectionId(r.u64()?);
-        let priority = r.u32()? as i32;
-        let dest = match r.u8()? {
+        let short = || format!("call metadata cut short ({} bytes)", b.len());
+        let (entry, coll, priority) = match (r.u32(), r.u64(), r.u32()) {
+            (Some(e), Some(c), Some(p)) => (e, CollectionId(c), p as i32),
+            _ => return Err(short()),
+        };
+        let dest = match r.u8().ok_or_else(short)? {
             0 => {
                 let (index, rest) = Index::read_le(r.0)?;
                 r.0 = rest;
                 WireDest::Point(index)
             }
             1 => WireDest::Broadcast,
-            2 => WireDest::Tree { root: r.u32()? },
+            2 => WireDest::Tree {
+                root: r.u32().ok_or_else(short)?,
+            },
             d => return Err(format!("unknown call destination kind {d}")),
         };
-        let reply = match r.u8()? {
+        let reply = match r.u8().ok_or_else(short)? {
             0 => Reply::None,
             1 => Reply::Future {
-                pe: r.u32()?,
-                id: r.u64()?,
+                pe: r.u32().ok_or_else(short)?,
+                id: r.u64().ok_or_else(short)?,
             },
             2 => Reply::Gather {
-                pe: r.u32()?,
-                id: r.u64()?,
-                values: match r.u8()? {
+                pe: r.u32().ok_or_else(short)?,
+                id: r.u64().ok_or_else(short)?,
+                values: match r.u8().ok_or_else(short)? {
                     0 => false,
                     1 => true,
                     v => return Err(format!("gather flag {v}, expected 0 or 1")),
@@ -548,29 +552,26 @@ impl CallMeta {
     }
 }
 
-/// Little-endian fields off the front of a byte slice, with an error for running short.
+/// Little-endian fields off the front of a byte slice (`None` once it runs short).
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        match self.0.split_first_chunk::<N>() {
-            Some((head, rest)) => {
-                self.0 = rest;
-                Ok(*head)
-            }
-            None => Err(format!(
-                "call metadata cut short ({} bytes left, {N} needed)",
-                self.0.len()
-            )),
-        }
+    #[inline]
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    #[inline]
+    fn u8(&mut self) -> Option<u8> {
         self.take::<1>().map(|[b]| b)
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    #[inline]
+    fn u32(&mut self) -> Option<u32> {
         self.take().map(u32::from_le_bytes)
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    #[inline]
+    fn u64(&mut self) -> Option<u64> {
         self.take().map(u64::from_le_bytes)
     }
 }
