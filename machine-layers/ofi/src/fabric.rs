@@ -54,6 +54,9 @@ pub(crate) fn check(what: &str, ret: c_int) -> Result<(), TransportError> {
     }
 }
 
+/// Attempts after the first at enabling an endpoint whose name was taken.
+const ENABLE_RETRIES: usize = 2;
+
 /// What the chosen provider supports, read off its `fi_info`.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
@@ -280,6 +283,37 @@ impl Fabric {
                 "fi_av_open",
                 sys::fi_av_open(self.domain, &mut av_attr, &mut self.av, ptr::null_mut()),
             )?;
+        }
+        // libfabric 1.17's shm provider names its region after the process id
+        // and refuses (`EBUSY`) a region left behind by a dead process that had
+        // the same id — it then removes that file, so a second attempt works.
+        // Such leftovers come from processes killed before closing their
+        // endpoint; pid reuse makes them collide sooner or later.
+        for _ in 0..ENABLE_RETRIES {
+            if self.open_endpoint()? {
+                return Ok(());
+            }
+            // SAFETY: open_endpoint opened the endpoint; it is closed once
+            // here and forgotten.
+            unsafe { sys::fi_close(&mut (*self.ep).fid) };
+            self.ep = ptr::null_mut();
+        }
+        if self.open_endpoint()? {
+            return Ok(());
+        }
+        Err(ofi_error(
+            "fi_enable (the endpoint's shared-memory name stays in use)",
+            -i64::from(sys::FI_EBUSY),
+        ))
+    }
+
+    /// Opens the endpoint, binds it to the CQ and AV and enables it.
+    /// `Ok(false)`: the provider refused to enable it because its name is in
+    /// use (`EBUSY`; the endpoint is open but not enabled).
+    fn open_endpoint(&mut self) -> Result<bool, TransportError> {
+        // SAFETY: fabric, domain, CQ and AV are open (open_objects); `self.ep`
+        // is an out-pointer field, used only after fi_endpoint succeeded.
+        unsafe {
             check(
                 "fi_endpoint",
                 sys::fi_endpoint(self.domain, self.info, &mut self.ep, ptr::null_mut()),
@@ -296,9 +330,11 @@ impl Fabric {
                 "fi_ep_bind (address vector)",
                 sys::fi_ep_bind(self.ep, &mut (*self.av).fid, 0),
             )?;
-            check("fi_enable", sys::fi_enable(self.ep))?;
+            match sys::fi_enable(self.ep) {
+                ret if ret == -sys::FI_EBUSY => Ok(false),
+                ret => check("fi_enable", ret).map(|()| true),
+            }
         }
-        Ok(())
     }
 
     /// This endpoint's address, to publish to the peers.

@@ -15,7 +15,10 @@
 //!
 //! Options: `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
-//! provider's completion errors can reveal a lost peer).
+//! provider's completion errors can reveal a lost peer), `--stale-shm-name`
+//! (before starting, leave in `/dev/shm` what a killed process with this
+//! process's id would have left there under libfabric 1.17's `shm` naming:
+//! the start must get past it).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -587,6 +590,17 @@ fn badkey(job: &mut Job) {
     println!("OK badkey rank {me}");
 }
 
+/// Writes `/dev/shm/<pid>:<uid>:0` — the name libfabric 1.17's `shm`
+/// provider gives this process's first endpoint — as a region it cannot
+/// reuse (zeros: not its version), like one left by a killed process whose
+/// id this one got again.
+fn plant_stale_shm_region() {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+    let path = format!("/dev/shm/{}:{uid}:0", std::process::id());
+    std::fs::write(&path, vec![0u8; 64 << 10]).expect("write the stale region");
+}
+
 fn main() {
     let scenario = std::env::args()
         .nth(1)
@@ -603,6 +617,9 @@ fn main() {
     if flag("--no-liveness").is_some() {
         // Only the provider's own error reports can reveal a lost peer.
         cfg.liveness_interval = Duration::from_secs(3600);
+    }
+    if flag("--stale-shm-name").is_some() {
+        plant_stale_shm_region();
     }
     let layer = match OfiLayer::from_env(cfg) {
         Ok(Some(l)) => l,
