@@ -847,10 +847,11 @@ pub(crate) fn encode(
             return Err("future values travel as value messages (KIND_FULFIL/KIND_PARTIAL)".into())
         }
     };
-    let mut all = Vec::with_capacity(1 + segs.len());
-    all.push(seg0);
-    all.extend(segs);
-    Message::with_segments(Header::new(kind, src_pe, dst_pe, 0), all).map_err(|e| e.to_string())
+    let mut msg = Message::with_segment(Header::new(kind, src_pe, dst_pe, 0), seg0);
+    for s in segs {
+        msg.push_segment(s).map_err(|e| e.to_string())?;
+    }
+    Ok(msg)
 }
 
 /// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`.
@@ -864,11 +865,12 @@ pub(crate) fn encode_point(
     dst_pe: usize,
 ) -> Result<Message, String> {
     let (seg0, segs) = encode_call(table, coll, WireDest::Point(index), call, priority)?;
-    let mut all = Vec::with_capacity(1 + segs.len());
-    all.push(seg0);
-    all.extend(segs);
     let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
-    Message::with_segments(header, all).map_err(|e| e.to_string())
+    let mut msg = Message::with_segment(header, seg0);
+    for s in segs {
+        msg.push_segment(s).map_err(|e| e.to_string())?;
+    }
+    Ok(msg)
 }
 
 fn encode_call(
@@ -967,11 +969,10 @@ pub(crate) fn tree_children(me: u32, root: u32, n: u32) -> impl Iterator<Item = 
 /// # Errors
 /// Anything malformed, described (the caller adds which peer sent it).
 pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, String> {
-    let (header, mut segments) = msg.into_parts();
-    if segments.is_empty() {
+    let (header, segments) = msg.into_parts();
+    let Some((seg0, segments)) = segments.split_first() else {
         return Err("a message without its metadata segment".into());
-    }
-    let seg0 = segments.remove(0);
+    };
     match header.kind {
         KIND_CALL => {
             let (meta, args) = CallMeta::read(&seg0).map_err(|e| format!("call metadata: {e}"))?;

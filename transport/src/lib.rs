@@ -39,6 +39,7 @@ pub mod kv;
 pub mod layer;
 pub mod memory;
 pub mod message;
+pub mod segments;
 pub mod topology;
 
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
@@ -50,4 +51,5 @@ pub use message::{
     decode_frame, decode_frame_bytes, encode_frame_prefix, peek_frame_len, Header, Message, MAGIC,
     MAX_SEGMENTS, WIRE_VERSION,
 };
+pub use segments::Segments;
 pub use topology::{CoreId, Topology};

@@ -42,6 +42,7 @@
 //! A frame is the header, then one `u64` length per segment, then the
 //! segment bytes back to back.
 
+use crate::segments::Segments;
 use bytes::Bytes;
 
 use crate::error::TransportError;
@@ -172,7 +173,7 @@ impl Header {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     header: Header,
-    segments: Vec<Bytes>,
+    segments: Segments,
 }
 
 impl Message {
@@ -184,7 +185,7 @@ impl Message {
                 segment_count: 0,
                 ..header
             },
-            segments: Vec::new(),
+            segments: Segments::new(),
         }
     }
 
@@ -196,6 +197,7 @@ impl Message {
     /// [`TransportError::TooLarge`] if there are more than
     /// [`MAX_SEGMENTS`] segments.
     pub fn with_segments(header: Header, segments: Vec<Bytes>) -> Result<Message, TransportError> {
+        let segments = Segments::from(segments);
         let count = check_segment_count(segments.len())?;
         Ok(Message {
             header: Header {
@@ -204,6 +206,18 @@ impl Message {
             },
             segments,
         })
+    }
+
+    /// A message with `header` and one segment (`header.segment_count` is
+    /// set to 1); kept in place, no vector is allocated.
+    pub fn with_segment(header: Header, segment: Bytes) -> Message {
+        Message {
+            header: Header {
+                segment_count: 1,
+                ..header
+            },
+            segments: Segments::from(segment),
+        }
     }
 
     /// Appends a segment without copying it.
@@ -239,7 +253,7 @@ impl Message {
     }
 
     /// Splits the message into its header and segments.
-    pub fn into_parts(self) -> (Header, Vec<Bytes>) {
+    pub fn into_parts(self) -> (Header, Segments) {
         (self.header, self.segments)
     }
 

@@ -635,7 +635,7 @@ impl MachineLayer for OfiLayer {
                 }
                 reg.buf.slice(off as usize..end as usize)
             };
-            eng.deliver_now(src, Message::with_segments(header, vec![bytes])?);
+            eng.deliver_now(src, Message::with_segment(header, bytes));
             drop(eng);
             self.inner.notify();
             return Ok(());

@@ -562,7 +562,7 @@ impl MachineLayer for TcpLayer {
                 .shared
                 .region(key.addr, key.len, nonce)
                 .map_err(TransportError::Malformed)?;
-            let msg = Message::with_segments(header, vec![bytes])?;
+            let msg = Message::with_segment(header, bytes);
             self.shared.push(Event::Msg(src, msg));
             return Ok(());
         }

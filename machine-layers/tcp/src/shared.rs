@@ -454,9 +454,7 @@ impl Shared {
             Ok(bytes) => (PKT_GET_RESP, bytes),
             Err(why) => (PKT_GET_ERR, Bytes::from(why.into_bytes())),
         };
-        let Ok(msg) = Message::with_segments(header, vec![seg]) else {
-            return;
-        };
+        let msg = Message::with_segment(header, seg);
         // Failures mark the requester lost, which `progress` reports.
         let _ = self.send_packet(job.from, ty, &msg, true);
     }

@@ -68,7 +68,7 @@ struct ErrArg {
 pub(crate) struct SendOp {
     header: Vec<u8>,
     iov: Vec<sys::ucp_dt_iov_t>,
-    segments: Vec<Bytes>,
+    segments: charmrs_transport::Segments,
     /// A small message's segments copied into one buffer (see
     /// [`GATHER_MAX`]).
     gathered: Vec<u8>,
@@ -434,7 +434,7 @@ impl Worker {
             Box::new(SendOp {
                 header: Vec::with_capacity(wire::header_len(4)),
                 iov: Vec::with_capacity(4),
-                segments: Vec::with_capacity(4),
+                segments: charmrs_transport::Segments::new(),
                 gathered: Vec::new(),
                 inbox: &*self.inbox,
             })
@@ -829,7 +829,10 @@ unsafe extern "C" fn am_data_cb(
     };
     let msg = if d.header.segment_count == 1 {
         // One segment: its own buffer (no shared-buffer promotion).
-        Message::with_segments(d.header, vec![Bytes::copy_from_slice(bytes)])
+        Ok(Message::with_segment(
+            d.header,
+            Bytes::copy_from_slice(bytes),
+        ))
     } else {
         let lens: Vec<usize> = d.lens().collect();
         split(Bytes::copy_from_slice(bytes), d.header, &lens)
@@ -1008,10 +1011,7 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
             buf,
             ..
         } = *op;
-        match Message::with_segments(header, vec![buf.into_bytes(len)]) {
-            Ok(m) => inbox.push_ready(src, m),
-            Err(e) => inbox.error(e),
-        }
+        inbox.push_ready(src, Message::with_segment(header, buf.into_bytes(len)));
     } else if is_peer_failure(status) {
         inbox.peer_failed(op.src, format!("remote read failed: {}", describe(status)));
     } else {
