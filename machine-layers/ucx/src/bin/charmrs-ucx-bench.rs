@@ -94,12 +94,12 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
 }
 
 fn send(layer: &UcxLayer, dst: ProcessId, payload: &Bytes, tag: u64) {
-    let segs = if payload.is_empty() {
-        vec![]
+    let header = Header::new(1, 0, 0, tag);
+    let m = if payload.is_empty() {
+        Message::new(header)
     } else {
-        vec![payload.clone()]
+        Message::with_segment(header, payload.clone())
     };
-    let m = Message::with_segments(Header::new(1, 0, 0, tag), segs).expect("one segment");
     if let Err(e) = layer.send(dst, m) {
         die(format!("send: {e}"));
     }
