@@ -106,7 +106,8 @@ impl<C: Chare> ElementProxy<C> {
 impl<C: Chare> ElementProxy<C> {
     fn point<E: Entry<C>>(&self, args: E::Args, reply: Reply) {
         or_panic(with_pe(E::NAME, |pe| {
-            if let Some(dst) = pe.remote_point_dest(self.coll, &self.index, self.pe as usize) {
+            let dst = pe.point_dest(self.coll, &self.index, self.pe as usize);
+            if pe.is_remote(dst) {
                 // Another process: encoded straight from the arguments, never boxed.
                 return Call::<C, E>::unboxed(args, reply, |call| {
                     pe.send_point_remote(dst, self.coll, self.index, call, self.priority)
@@ -118,7 +119,7 @@ impl<C: Chare> ElementProxy<C> {
                 index: self.index,
                 call,
             };
-            pe.send(self.pe as usize, Envelope::new(self.priority, body));
+            pe.send_located(dst, Envelope::new(self.priority, body));
         }))
     }
 

@@ -847,11 +847,7 @@ pub(crate) fn encode(
             return Err("future values travel as value messages (KIND_FULFIL/KIND_PARTIAL)".into())
         }
     };
-    let mut msg = Message::with_segment(Header::new(kind, src_pe, dst_pe, 0), seg0);
-    for s in segs {
-        msg.push_segment(s).map_err(|e| e.to_string())?;
-    }
-    Ok(msg)
+    call_message(Header::new(kind, src_pe, dst_pe, 0), seg0, segs)
 }
 
 /// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`.
@@ -866,6 +862,11 @@ pub(crate) fn encode_point(
 ) -> Result<Message, String> {
     let (seg0, segs) = encode_call(table, coll, WireDest::Point(index), call, priority)?;
     let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
+    call_message(header, seg0, segs)
+}
+
+/// A message of segment 0 followed by the out-of-band segments `segs`.
+fn call_message(header: Header, seg0: Bytes, segs: Vec<Bytes>) -> Result<Message, String> {
     let mut msg = Message::with_segment(header, seg0);
     for s in segs {
         msg.push_segment(s).map_err(|e| e.to_string())?;
@@ -925,12 +926,7 @@ pub(crate) fn encode_tree_broadcast(
     src_pe: u32,
 ) -> Result<Message, String> {
     let (seg0, segs) = encode_call(table, coll, WireDest::Tree { root }, call, priority)?;
-    let mut msg = Message::new(Header::new(KIND_CALL, src_pe, 0, TREE_TAG));
-    msg.push_segment(seg0).map_err(|e| e.to_string())?;
-    for s in segs {
-        msg.push_segment(s).map_err(|e| e.to_string())?;
-    }
-    Ok(msg)
+    call_message(Header::new(KIND_CALL, src_pe, 0, TREE_TAG), seg0, segs)
 }
 
 /// Header tag of a call message that travels down the tree of processes (other calls have 0):

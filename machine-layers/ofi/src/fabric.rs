@@ -289,17 +289,16 @@ impl Fabric {
         // the same id — it then removes that file, so a second attempt works.
         // Such leftovers come from processes killed before closing their
         // endpoint; pid reuse makes them collide sooner or later.
-        for _ in 0..ENABLE_RETRIES {
+        for attempt in 0..=ENABLE_RETRIES {
             if self.open_endpoint()? {
                 return Ok(());
             }
-            // SAFETY: open_endpoint opened the endpoint; it is closed once
-            // here and forgotten.
-            unsafe { sys::fi_close(&mut (*self.ep).fid) };
-            self.ep = ptr::null_mut();
-        }
-        if self.open_endpoint()? {
-            return Ok(());
+            if attempt < ENABLE_RETRIES {
+                // SAFETY: open_endpoint opened the endpoint; it is closed
+                // once here and forgotten (the last one is closed by Drop).
+                unsafe { sys::fi_close(&mut (*self.ep).fid) };
+                self.ep = ptr::null_mut();
+            }
         }
         Err(ofi_error(
             "fi_enable (the endpoint's shared-memory name stays in use)",

@@ -293,15 +293,34 @@ impl PeState {
     /// Posts `env` to PE `dst` (which must be valid): the local queue for self-sends, the
     /// destination's mailbox otherwise.
     #[inline]
-    pub(crate) fn send(&self, dst: usize, mut env: Envelope) {
-        let dst = if let Body::Point { coll, index, .. } = &env.body {
-            if !env.route.is_set() {
-                env.route = crate::envelope::Route::new(self.pe, 0);
-            }
-            self.cached_location(*coll, index).unwrap_or(dst)
-        } else {
-            dst
+    pub(crate) fn send(&self, dst: usize, env: Envelope) {
+        let dst = match &env.body {
+            Body::Point { coll, index, .. } => self.point_dest(*coll, index, dst),
+            _ => dst,
         };
+        self.send_located(dst, env);
+    }
+
+    /// Where a point call to element `index` of `coll`, addressed to PE `addressed`, goes: the
+    /// element's cached location, else the address.
+    #[inline]
+    pub(crate) fn point_dest(&self, coll: CollectionId, index: &Index, addressed: usize) -> usize {
+        self.cached_location(coll, index).unwrap_or(addressed)
+    }
+
+    /// Whether PE `dst` is in another process (calls to it are encoded, see
+    /// [`send_point_remote`](Self::send_point_remote)).
+    #[inline]
+    pub(crate) fn is_remote(&self, dst: usize) -> bool {
+        dst != self.pe && self.shared.mailbox(dst).is_none()
+    }
+
+    /// [`send`](Self::send) of an envelope whose destination was already looked up
+    /// ([`point_dest`](Self::point_dest)).
+    pub(crate) fn send_located(&self, dst: usize, mut env: Envelope) {
+        if matches!(env.body, Body::Point { .. }) && !env.route.is_set() {
+            env.route = crate::envelope::Route::new(self.pe, 0);
+        }
         self.send_direct(dst, env);
     }
 
@@ -342,23 +361,8 @@ impl PeState {
         }
     }
 
-    /// The PE of another process a point call to element `index` of `coll`, addressed to PE
-    /// `addressed`, goes to — `None` when it stays in this process (where [`send`](Self::send)
-    /// delivers it without encoding).
-    #[inline]
-    pub(crate) fn remote_point_dest(
-        &self,
-        coll: CollectionId,
-        index: &Index,
-        addressed: usize,
-    ) -> Option<usize> {
-        let dst = self.cached_location(coll, index).unwrap_or(addressed);
-        (dst != self.pe && self.shared.mailbox(dst).is_none()).then_some(dst)
-    }
-
-    /// Sends a point call to PE `dst` of another process (see
-    /// [`remote_point_dest`](Self::remote_point_dest)): what [`send`](Self::send) does with an
-    /// envelope for another process, without building one.
+    /// Sends a point call to PE `dst` of another process ([`is_remote`](Self::is_remote)): what
+    /// [`send`](Self::send) does with an envelope for another process, without building one.
     pub(crate) fn send_point_remote(
         &self,
         dst: usize,
@@ -368,15 +372,25 @@ impl PeState {
         priority: i32,
     ) {
         self.sent.set(self.sent.get() + 1);
-        let process = self.shared.process_of(dst);
         let table = self.shared.entries;
-        let sent = crate::wire::encode_point(table, coll, index, call, priority, self.pe, dst)
-            .and_then(|msg| {
-                self.shared
-                    .layer
-                    .send(process, msg)
-                    .map_err(|e| e.to_string())
-            });
+        let encoded = crate::wire::encode_point(table, coll, index, call, priority, self.pe, dst);
+        self.send_encoded(dst, encoded);
+    }
+
+    /// Hands an encoded message for PE `dst` of another process to the machine layer; an
+    /// encoding or sending failure aborts the job.
+    fn send_encoded(
+        &self,
+        dst: usize,
+        encoded: std::result::Result<charmrs_transport::Message, String>,
+    ) {
+        let process = self.shared.process_of(dst);
+        let sent = encoded.and_then(|msg| {
+            self.shared
+                .layer
+                .send(process, msg)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = sent {
             self.abort_job(format!(
                 "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
@@ -416,18 +430,10 @@ impl PeState {
             ));
         }
         let table = self.shared.entries;
-        let sent = crate::wire::encode(&env, table, self.pe as u32, dst as u32).and_then(|msg| {
-            self.shared
-                .layer
-                .send(process, msg)
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
-                self.pe
-            ));
-        }
+        self.send_encoded(
+            dst,
+            crate::wire::encode(&env, table, self.pe as u32, dst as u32),
+        );
     }
 
     /// Delivers `call` to every element of `coll`: down the spanning tree of processes (one
