@@ -204,10 +204,15 @@ fn words_of(dims: u8) -> Option<usize> {
 }
 
 impl Index {
+    /// The number of meaningful 32-bit words (see the module docs).
+    fn words(&self) -> usize {
+        words_of(self.dims).expect("an Index keeps a valid dimension byte")
+    }
+
     /// Appends the wire form (the dimension byte, then the meaningful words, little-endian):
     /// the same information as the serde form, for hand-written message headers.
     pub(crate) fn write_le(&self, out: &mut Vec<u8>) {
-        let n = words_of(self.dims).expect("an Index keeps a valid dimension byte");
+        let n = self.words();
         out.push(self.dims);
         for c in &self.coords[..n] {
             out.extend_from_slice(&c.to_le_bytes());
@@ -246,7 +251,7 @@ fn checked(dims: u8, coords: [u32; MAX_DIMS]) -> std::result::Result<Index, &'st
 
 impl Serialize for Index {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let n = words_of(self.dims).expect("an Index keeps a valid dimension byte");
+        let n = self.words();
         let mut t = s.serialize_tuple(1 + n)?;
         t.serialize_element(&self.dims)?;
         for c in &self.coords[..n] {

@@ -205,6 +205,11 @@ impl Inbox {
         let mut st = self.state.borrow_mut();
         st.in_flight = st.in_flight.saturating_add_signed(delta);
     }
+
+    /// Whether UCX holds operations of ours (sends or reads not completed).
+    pub(crate) fn holds_operations(&self) -> bool {
+        self.state.borrow().in_flight > 0
+    }
 }
 
 #[cfg(test)]

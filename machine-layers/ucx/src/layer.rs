@@ -3,7 +3,7 @@
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::spin::{SpinGuard, SpinMutex};
+use crate::spin::SpinMutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -150,10 +150,6 @@ struct Shared {
     sleeping: AtomicBool,
     wake: EventFd,
     efd: Option<i32>,
-}
-
-fn lock<T>(m: &SpinMutex<T>) -> SpinGuard<'_, T> {
-    m.lock()
 }
 
 /// Process-to-process transport over UCX's ucp API.
@@ -403,7 +399,7 @@ impl UcxLayer {
             }
             // Arm, then sleep unless something slipped in.
             {
-                let mut l = lock(&self.shared.locked);
+                let mut l = self.shared.locked.lock();
                 if !l.worker.arm()? {
                     continue;
                 }
@@ -435,10 +431,10 @@ impl UcxLayer {
         let deadline = Instant::now() + timeout;
         loop {
             {
-                let mut l = lock(&s.locked);
+                let mut l = s.locked.lock();
                 s.run_queue(&mut l);
                 l.worker.progress_once();
-                if l.worker.inbox.state.borrow().in_flight == 0 && s.queue.is_empty() {
+                if !l.worker.inbox.holds_operations() && s.queue.is_empty() {
                     return Ok(true);
                 }
             }
@@ -452,7 +448,7 @@ impl UcxLayer {
     /// Number of UCX endpoints this process has open (they are created on
     /// the first operation towards a peer).
     pub fn open_endpoints(&self) -> usize {
-        lock(&self.shared.locked).worker.open_endpoints()
+        self.shared.locked.lock().worker.open_endpoints()
     }
 
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
@@ -525,7 +521,7 @@ impl Shared {
             let Some(op) = self.queue.pop() else { break };
             self.run_op(l, op);
         }
-        l.worker.inbox.state.borrow().in_flight > 0
+        l.worker.inbox.holds_operations()
     }
 
     /// Runs one operation on the locked worker; failures go to the inbox
@@ -638,7 +634,7 @@ impl Shared {
         // so the caller must keep polling (`before_park` refuses to park),
         // and an armed worker would cost a wake-up of the watcher thread —
         // on a busy core — and a signal from the peer per message.
-        let holding = l.worker.inbox.state.borrow().in_flight > 0;
+        let holding = l.worker.inbox.holds_operations();
         if let Some(w) = watcher.filter(|_| !holding) {
             let since = *l.idle_since.get_or_insert(now);
             if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
@@ -761,7 +757,7 @@ impl MachineLayer for UcxLayer {
         SCRATCH.with(|scratch| {
             let mut batch = scratch.borrow_mut();
             let error = {
-                let mut l = lock(&s.locked);
+                let mut l = s.locked.lock();
                 s.progress_locked(&mut l, &mut batch)
             };
             if !s.loopback.is_empty() {
@@ -795,8 +791,8 @@ impl MachineLayer for UcxLayer {
             return true;
         };
         let nothing_queued = || s.queue.is_empty() && s.loopback.is_empty();
-        let mut l = lock(&s.locked);
-        if l.worker.inbox.state.borrow().in_flight > 0 {
+        let mut l = s.locked.lock();
+        if l.worker.inbox.holds_operations() {
             // UCX still holds operations of ours (a send that did not go out
             // at once, e.g. into a full shared-memory FIFO; a rendezvous).
             // Only our own progress moves them, and arming does not watch
@@ -837,7 +833,10 @@ impl MachineLayer for UcxLayer {
             };
             return Ok(MemRegion::new(buf, key));
         }
-        let (memh, packed) = lock(&self.shared.locked)
+        let (memh, packed) = self
+            .shared
+            .locked
+            .lock()
             .worker
             .mem_map(buf.as_ptr(), buf.len())?;
         let mut rkey = Vec::with_capacity(8 + packed.len());
@@ -854,7 +853,7 @@ impl MachineLayer for UcxLayer {
         Ok(MemRegion::with_release(buf, key, move || {
             let memh = memh;
             if let Some(s) = shared.upgrade() {
-                lock(&s.locked).worker.mem_unmap(memh.0);
+                s.locked.lock().worker.mem_unmap(memh.0);
             }
         }))
     }
@@ -945,7 +944,7 @@ impl Drop for UcxLayer {
     /// worker and context are destroyed when the last reference goes.
     fn drop(&mut self) {
         let s = &*self.shared;
-        let mut l = lock(&s.locked);
+        let mut l = s.locked.lock();
         s.run_queue(&mut l);
         l.worker.drain(s.cfg.linger);
         l.worker.say_goodbye();

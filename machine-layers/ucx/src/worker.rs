@@ -604,7 +604,7 @@ impl Worker {
     /// Progresses until no operation holds buffers or `timeout` passes.
     pub(crate) fn drain(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.inbox.state.borrow().in_flight > 0 && Instant::now() < deadline {
+        while self.inbox.holds_operations() && Instant::now() < deadline {
             self.progress_once();
         }
     }
