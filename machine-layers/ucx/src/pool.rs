@@ -1,16 +1,18 @@
-//! Reusable receive buffers for rendezvous messages.
+//! Reusable receive buffers for rendezvous messages and larger eager ones.
 //!
 //! # What this module owns
 //!
 //! [`BufPool`]: size classes (powers of two from [`MIN_CLASS`] to
 //! [`MAX_CLASS`]) of byte buffers into which UCX's rendezvous protocol
-//! writes large messages. The buffer becomes the delivered message's
+//! writes large messages, and into which eager messages from
+//! [`MIN_CLASS`] bytes are copied out of UCX's receive descriptors. The buffer becomes the delivered message's
 //! segments through [`Bytes::from_owner`]; when the last view of it is
 //! dropped — on whatever thread — it goes back to its class.
 //!
 //! Why: a fresh multi-megabyte allocation per message is page-faulted (and
 //! zeroed by the kernel) on first touch, which costs more than moving the
-//! bytes; reused buffers are already mapped (and, on RDMA transports, stay
+//! bytes (so are smaller ones when the allocator gives a burst of them back
+//! to the kernel and takes them again for the next burst); reused buffers are already mapped (and, on RDMA transports, stay
 //! registered in UCX's registration cache).
 //!
 //! # Invariants
@@ -29,8 +31,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
-/// Smallest pooled class (smaller messages go eager, copied).
-pub(crate) const MIN_CLASS: usize = 64 << 10;
+/// Smallest pooled class (smaller messages are copied into exact-size
+/// allocations).
+pub(crate) const MIN_CLASS: usize = 4 << 10;
 /// Largest pooled class.
 pub(crate) const MAX_CLASS: usize = 64 << 20;
 /// Bytes of idle buffers each class may keep.
@@ -141,6 +144,7 @@ mod tests {
         let pool = BufPool::new();
         let mut a = pool.take(100_000);
         assert_eq!(a.len(), 128 << 10);
+        assert_eq!(pool.take(5000).len(), 8 << 10);
         let p = a.as_mut_ptr();
         // SAFETY: the loan has 128 KiB of initialised bytes.
         unsafe { p.write(7) };
