@@ -18,6 +18,13 @@ use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST};
 use crate::fabric::Fabric;
 use crate::wire;
 
+/// Least polling before a waiter without a file descriptor to sleep on takes naps. A nap cannot
+/// be cut short by an arrival, and a timed sleep here lasts ~50 µs longer than asked (the
+/// kernel's timer slack): with a spin shorter than a peer's longest nap, two processes in a
+/// ping-pong each napped while the other did, and a 16 KiB entry call over `shm` took ~210 µs
+/// one-way instead of ~11 µs (docs/performance.md, "Session 11").
+const NAP_SPIN: Duration = Duration::from_millis(1);
+
 /// Bootstrap key of a process's endpoint address.
 pub const ADDR_KEY: &str = "ofi-addr";
 /// Bootstrap key of a process's provider name (must match everywhere).
@@ -338,10 +345,11 @@ impl OfiLayer {
 
     /// Like [`progress`](MachineLayer::progress), but if nothing arrives
     /// waits up to `timeout`: polls for [`OfiConfig::wait_spin`], then
-    /// sleeps on the completion queue's file descriptor (or, without one,
-    /// in naps of at most 100 µs), woken by the network, by `send` from
-    /// another thread, or after at most [`OfiConfig::liveness_interval`] to
-    /// check peers.
+    /// sleeps on the completion queue's file descriptor, woken by the
+    /// network, by `send` from another thread, or after at most
+    /// [`OfiConfig::liveness_interval`] to check peers. A provider without
+    /// such a descriptor (`shm`) cannot wake the caller: it polls for at
+    /// least 1 ms, then sleeps in naps of at most 100 µs.
     ///
     /// # Errors
     ///
@@ -353,7 +361,11 @@ impl OfiLayer {
     ) -> Result<usize, TransportError> {
         let start = Instant::now();
         let deadline = start + timeout;
-        let spin_until = start + self.inner.cfg.wait_spin;
+        let spin = match self.inner.wait_fd {
+            Some(_) => self.inner.cfg.wait_spin,
+            None => self.inner.cfg.wait_spin.max(NAP_SPIN),
+        };
+        let spin_until = start + spin;
         let mut nap = Duration::from_micros(5);
         loop {
             let n = self.progress(sink)?;
