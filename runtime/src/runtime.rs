@@ -151,9 +151,6 @@ impl Runtime {
         // PE of the host gets a core of its own.
         let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
         let pin = self.options.affinity && topology.pes_fit(pes * host_procs);
-        // Whether idle PEs may poll without ever yielding: only if each has a core of its own,
-        // communication threads included (set below, once it is known whether there is one).
-        let mut threads_per_process = pes;
         let first_pe = shared.first_pe;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {
@@ -170,7 +167,7 @@ impl Runtime {
                 .layer
                 .barrier()
                 .map_err(|e| Error::Options(format!("start-up barrier: {e}")))?;
-            // Prefer polling from the first PE, woken by the layer; else a communication thread.
+            // The first PE polls the network, woken by the layer if it can (else it naps).
             let weak = Arc::downgrade(&shared);
             let hook = Box::new(move || {
                 if let Some(s) = weak.upgrade() {
@@ -179,25 +176,16 @@ impl Runtime {
                     }
                 }
             });
-            if shared.layer.set_wakeup(hook) {
-                let _ = shared.network_pe.set(first_pe);
-            } else {
-                threads_per_process += 1;
-                let comm = shared.clone();
-                let done = done_tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("comm-{}", shared.layer.rank()))
-                    .spawn(move || {
-                        crate::scheduler::run_comm(comm, table);
-                        drop(done);
-                    })
-                    .map_err(|e| {
-                        Error::Options(format!("cannot start the communication thread: {e}"))
-                    })?;
+            if !shared.layer.set_wakeup(hook) {
+                shared
+                    .network_wakes
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
             }
+            let _ = shared.network_pe.set(first_pe);
         }
+        // Whether idle PEs may poll without ever yielding: only if each has a core of its own.
         shared.own_cores.store(
-            topology.pes_fit(threads_per_process * host_procs),
+            topology.pes_fit(pes * host_procs),
             std::sync::atomic::Ordering::Relaxed,
         );
         let args = self.args;

@@ -1,9 +1,11 @@
 //! Network progress of a multi-process job: what arrives from other processes becomes envelopes
-//! in the destination PEs' mailboxes. When the machine layer can wake a sleeping PE, the lowest PE
-//! of each process polls it between messages and while idle ([`poll_network`], reconverse
-//! style: no extra thread hop on the latency path); otherwise a communication thread blocks in
-//! the layer ([`run_comm`], Charm++'s SMP communication thread). One of the two, never both, so
-//! messages from one process are handed on in the order they arrived.
+//! in the destination PEs' mailboxes. The lowest PE of each process polls the machine layer
+//! between messages and while idle ([`poll_network`], reconverse style: no extra thread hop on
+//! the latency path), so messages from one process are handed on in the order they arrived.
+//! When the layer can wake that PE it parks while idle; otherwise (libfabric's `shm`: nothing to
+//! wait on) it polls longer and then naps (see `PeState::idle`). A communication thread blocking
+//! in the layer (Charm++'s SMP design) was used for such layers until it measured 4× slower for
+//! an 8 B entry call over `shm` than the napping PE (docs/performance.md, "Session 11").
 //!
 //! Invariants: every arrived message is decoded as hostile input — an undecodable message, a
 //! message for a PE of another process, or a lost peer ends the job with an abort naming the
@@ -14,26 +16,6 @@ use super::shared::{Outcome, Shared};
 use crate::registry::EntryTable;
 use crate::wire;
 use charmrs_transport::{Message, ProcessId};
-use std::sync::Arc;
-use std::time::Duration;
-
-/// How long the communication thread sleeps in the layer when nothing arrives.
-const WAIT: Duration = Duration::from_millis(20);
-
-/// The body of the communication thread.
-pub(crate) fn run_comm(shared: Arc<Shared>, table: &'static EntryTable) {
-    let me = shared.layer.rank();
-    while !shared.stopping() {
-        let result = shared
-            .layer
-            .progress_wait(&mut |src, msg| on_message(&shared, table, src, msg), WAIT);
-        if let Err(e) = result {
-            if !shared.stopping() {
-                shared.finish_from_peer(Outcome::Abort(format!("charmrs: process {me}: {e}")));
-            }
-        }
-    }
-}
 
 /// Polls the machine layer once without blocking (from the network PE); returns whether anything
 /// arrived. `idle`: the PE has nothing else to do (the layer may look harder, see

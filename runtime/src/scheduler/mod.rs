@@ -8,7 +8,7 @@ mod pe;
 mod queue;
 mod shared;
 
-pub(crate) use comm::{poll_network, run_comm};
+pub(crate) use comm::poll_network;
 pub(crate) use ending::finish_job;
 pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState};
 pub(crate) use shared::{Outcome, Shared};

@@ -213,6 +213,15 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
 /// wake-up hook normally ends the sleep at once).
 const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Least polling before a network PE that the layer cannot wake (libfabric's `shm`: no file
+/// descriptor to wait on) naps. A nap is not cut short by an arrival and lasts ~50 µs longer than
+/// asked (timer slack): with a spin shorter than the other process's naps, two processes in a
+/// ping-pong nap in turn.
+const NAP_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Longest nap of a network PE that the layer cannot wake (local messages still wake it at once).
+const NAP_MAX: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
 /// back.
 pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
@@ -1067,7 +1076,15 @@ impl PeState {
             if next_timer.is_some_and(|t| now >= t) {
                 return;
             }
-            if now - start >= self.shared.idle_spin {
+            // A network PE that the layer cannot wake polls longer, then only naps (see
+            // NAP_SPIN).
+            let naps = network.is_some() && !self.shared.network_wakes.load(Ordering::Relaxed);
+            let spin = if naps {
+                self.shared.idle_spin.max(NAP_SPIN)
+            } else {
+                self.shared.idle_spin
+            };
+            if now - start >= spin {
                 if network.is_some() && !self.shared.layer.before_park() {
                     // Input came meanwhile: poll it instead of sleeping.
                     continue;
@@ -1076,10 +1093,11 @@ impl PeState {
                 if network.is_some() {
                     // Never rely on the layer's wake-up alone: a lost one would otherwise hang
                     // the job (a parked network PE looks at the network every few ms).
-                    timeout = Some(timeout.map_or(NETWORK_PARK_MAX, |t| t.min(NETWORK_PARK_MAX)));
+                    let max = if naps { NAP_MAX } else { NETWORK_PARK_MAX };
+                    timeout = Some(timeout.map_or(max, |t| t.min(max)));
                 }
                 mailbox.park(timeout, || !self.shared.stopping());
-                if let Some(table) = network {
+                if let Some(table) = network.filter(|_| !naps) {
                     if mailbox.is_empty()
                         && Instant::now() - now >= NETWORK_PARK_MAX
                         && crate::scheduler::poll_network(&self.shared, table, true)

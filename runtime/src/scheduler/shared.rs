@@ -43,8 +43,11 @@ pub(crate) struct Shared {
     pub(crate) entries: &'static EntryTable,
     /// Load-balancing settings (`+balancer`, `+LBDebug`, `+LBDump`).
     pub(crate) balance: crate::balance::BalanceConfig,
-    /// The PE that polls the machine layer (`None`: a communication thread does, or no network).
+    /// The PE that polls the machine layer (`None`: no network, a single-process job).
     pub(crate) network_pe: std::sync::OnceLock<usize>,
+    /// Whether the machine layer wakes the parked network PE when something arrives (else that
+    /// PE only naps: see `PeState::idle`).
+    pub(crate) network_wakes: AtomicBool,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
     stop: AtomicBool,
@@ -75,6 +78,7 @@ impl Shared {
             entries,
             balance,
             network_pe: std::sync::OnceLock::new(),
+            network_wakes: AtomicBool::new(true),
             layer,
             stop: AtomicBool::new(false),
             end: Mutex::default(),
