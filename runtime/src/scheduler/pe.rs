@@ -213,6 +213,10 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
 /// wake-up hook normally ends the sleep at once).
 const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Backlog of runnable envelopes from which the network PE polls the network only every this
+/// many turns (see `run_pe`).
+const NETWORK_BACKLOG: usize = 16;
+
 /// Least polling before a network PE that the layer cannot wake (libfabric's `shm`: no file
 /// descriptor to wait on) naps. A nap is not cut short by an arrival and lasts ~50 µs longer than
 /// asked (timer slack): with a spin shorter than the other process's naps, two processes in a
@@ -1142,10 +1146,22 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     // Set when `idle` just polled the network (and returned because something arrived): the
     // next turn runs it without polling again first.
     let mut just_polled = false;
+    // Turns since the network was last polled with a backlog queued.
+    let mut skipped = 0usize;
     while !shared.stopping() {
         if let Some(table) = network {
-            if !just_polled {
+            // Back-pressure: with NETWORK_BACKLOG envelopes or more waiting, the network is
+            // polled only every NETWORK_BACKLOG turns. A poll may deliver several messages and a
+            // turn runs one, so a fast sender could otherwise have this PE take in messages
+            // (and receive buffers) faster than it runs them: a burst of 1 MiB messages over
+            // libfabric held 70 receive buffers of 2 MiB, most of them freshly page-faulted.
+            if !just_polled
+                && (skipped >= NETWORK_BACKLOG || state.queue.borrow().len() < NETWORK_BACKLOG)
+            {
                 crate::scheduler::poll_network(&shared, table, false);
+                skipped = 0;
+            } else {
+                skipped += 1;
             }
         }
         just_polled = false;
