@@ -1,7 +1,7 @@
 //! [`OfiLayer`]: the libfabric implementation of [`MachineLayer`].
 
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,8 +54,13 @@ struct Inner {
     /// Number of threads sleeping in `progress_wait`.
     sleeping: AtomicUsize,
     wakeup: OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// Bumped by every `progress` (the watcher waits for it).
-    progressed: AtomicU64,
+    /// The progressing thread is about to park (`before_park`): the
+    /// watcher waits on the completion queue's descriptor only while this
+    /// is set, and calls the hook (once) when it becomes readable. While
+    /// the thread polls, arrivals wake nobody.
+    armed: AtomicBool,
+    /// The watcher thread (unparked when armed and when closing).
+    watcher_thread: OnceLock<std::thread::Thread>,
     closing: AtomicBool,
     wait_fd: Option<c_int>,
     provider: String,
@@ -151,7 +156,8 @@ impl Inner {
 /// * **Waiting**: [`OfiLayer::progress_wait`] polls briefly, then sleeps
 ///   on the completion queue's wait object (`FI_WAIT_FD`) if the provider
 ///   has one, else naps in short slices. [`set_wakeup`](MachineLayer::set_wakeup)
-///   is supported with a wait object (a watcher thread calls the hook).
+///   is supported with a wait object: a watcher thread, armed by
+///   [`before_park`](MachineLayer::before_park), calls the hook.
 /// * **Failures**: a failed operation towards a peer (the provider's CQ
 ///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) or a
 ///   peer process on this host that exited without shutting its layer down
@@ -282,7 +288,8 @@ impl OfiLayer {
                 event_fd,
                 sleeping: AtomicUsize::new(0),
                 wakeup: OnceLock::new(),
-                progressed: AtomicU64::new(0),
+                armed: AtomicBool::new(false),
+                watcher_thread: OnceLock::new(),
                 closing: AtomicBool::new(false),
                 wait_fd,
                 provider: prov,
@@ -432,15 +439,20 @@ impl OfiLayer {
         inner.drain_event_fd();
     }
 
-    /// The wake-up watcher: sleeps on the CQ's file descriptor and calls
-    /// the hook when it becomes readable, then waits for a `progress`
-    /// call before sleeping again.
+    /// The wake-up watcher: while the progressing thread is parked
+    /// (armed by `before_park`), sleeps on the CQ's file descriptor and
+    /// calls the hook when it becomes readable (or at once if completions
+    /// or queued work wait), disarming; otherwise sleeps until armed.
     fn watch(inner: &Inner, fd: c_int) {
         while !inner.closing.load(Ordering::Acquire) {
-            let seen = inner.progressed.load(Ordering::Acquire);
+            if !inner.armed.load(Ordering::SeqCst) {
+                // Unparked by `before_park` and by the layer's drop; the timeout is a safety net.
+                std::thread::park_timeout(Duration::from_millis(50));
+                continue;
+            }
             let may_sleep = {
                 let eng = lock(&inner.engine);
-                eng.quiet() && eng.fab.trywait()
+                eng.quiet() && inner.cmds.is_empty() && eng.fab.trywait()
             };
             let mut ready = !may_sleep;
             if may_sleep {
@@ -453,17 +465,12 @@ impl OfiLayer {
                 let r = unsafe { libc::poll(&mut pfd, 1, 50) };
                 ready = r > 0;
             }
-            if ready && !inner.closing.load(Ordering::Acquire) {
+            if ready
+                && !inner.closing.load(Ordering::Acquire)
+                && inner.armed.swap(false, Ordering::SeqCst)
+            {
                 if let Some(hook) = inner.wakeup.get() {
                     hook();
-                }
-                // Wait (bounded) for the woken thread to progress.
-                let until = Instant::now() + Duration::from_millis(50);
-                while inner.progressed.load(Ordering::Acquire) == seen
-                    && Instant::now() < until
-                    && !inner.closing.load(Ordering::Acquire)
-                {
-                    std::thread::sleep(Duration::from_micros(20));
                 }
             }
         }
@@ -508,6 +515,10 @@ impl MachineLayer for OfiLayer {
     /// each is reported once.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
         let inner = &self.inner;
+        if inner.armed.load(Ordering::Relaxed) {
+            // Polling again: arrivals need not wake anybody.
+            inner.armed.store(false, Ordering::Relaxed);
+        }
         let (ready, err) = {
             let mut eng = lock(&inner.engine);
             inner.absorb(&mut eng);
@@ -518,7 +529,6 @@ impl MachineLayer for OfiLayer {
             eng.check_liveness();
             (std::mem::take(&mut eng.ready), eng.errors.pop_front())
         };
-        inner.progressed.fetch_add(1, Ordering::AcqRel);
         let n = ready.len();
         for (src, msg) in ready {
             sink(src, msg);
@@ -538,9 +548,10 @@ impl MachineLayer for OfiLayer {
     }
 
     /// Supported when the provider's completion queue has a file-descriptor
-    /// wait object: a watcher thread calls `hook` when completions arrive;
-    /// `send` from another thread and sends to oneself call it too. Returns
-    /// `false` without a wait object, or if a hook is already set.
+    /// wait object: after [`before_park`](MachineLayer::before_park), a
+    /// watcher thread calls `hook` when completions arrive; `send` from
+    /// another thread and sends to oneself call it too. Returns `false`
+    /// without a wait object, or if a hook is already set.
     fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
         let Some(fd) = self.inner.wait_fd else {
             return false;
@@ -554,6 +565,7 @@ impl MachineLayer for OfiLayer {
             .spawn(move || OfiLayer::watch(&inner, fd))
         {
             Ok(h) => {
+                let _ = self.inner.watcher_thread.set(h.thread().clone());
                 *self
                     .watcher
                     .lock()
@@ -562,6 +574,23 @@ impl MachineLayer for OfiLayer {
             }
             Err(_) => false,
         }
+    }
+
+    /// Arms the watcher (see [`set_wakeup`](MachineLayer::set_wakeup)):
+    /// from now on an arrival calls the hook. Refuses (`false`: keep
+    /// polling) while work is queued or operations are in flight, which
+    /// only this process's progress moves on.
+    fn before_park(&self) -> bool {
+        let inner = &self.inner;
+        let Some(watcher) = inner.watcher_thread.get() else {
+            return true;
+        };
+        if !inner.cmds.is_empty() || !lock(&inner.engine).quiet() {
+            return false;
+        }
+        inner.armed.store(true, Ordering::SeqCst);
+        watcher.unpark();
+        true
     }
 
     /// `fi_mr_reg` of the buffer for remote reads (`FI_REMOTE_READ`); the
@@ -727,6 +756,9 @@ impl std::fmt::Debug for OfiLayer {
 impl Drop for OfiLayer {
     fn drop(&mut self) {
         self.inner.closing.store(true, Ordering::Release);
+        if let Some(t) = self.inner.watcher_thread.get() {
+            t.unpark();
+        }
         if let Some(h) = self
             .watcher
             .lock()

@@ -34,7 +34,9 @@
 //!   `barrier` (which keeps the provider progressing while it waits).
 //! * [`set_wakeup`](charmrs_transport::MachineLayer::set_wakeup) succeeds
 //!   only when the provider gives the completion queue a file descriptor
-//!   (`tcp;ofi_rxm` does, `shm` does not); otherwise use a thread in
+//!   (`tcp;ofi_rxm` does, `shm` does not), and calls the hook only after
+//!   [`before_park`](charmrs_transport::MachineLayer::before_park) (while
+//!   the caller polls, arrivals wake nobody); otherwise poll, or use
 //!   [`OfiLayer::progress_wait`], which naps in slices of at most 100 µs.
 //! * Drop the layer before the process exits: dropping it says goodbye to
 //!   the peers; a process that exits with its layer alive is reported lost

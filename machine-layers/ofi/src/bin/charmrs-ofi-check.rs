@@ -366,10 +366,12 @@ fn wakeup(job: &mut Job) {
             }
         };
         if hooked {
-            // Sleep until the hook fires, then progress.
+            // Arm, sleep until the hook fires, then progress.
             while got.borrow().is_none() {
-                rx.recv_timeout(Duration::from_secs(5))
-                    .expect("wake-up hook within 5 s");
+                if job.layer.before_park() {
+                    rx.recv_timeout(Duration::from_secs(5))
+                        .expect("wake-up hook within 5 s");
+                }
                 job.layer
                     .progress(&mut keep)
                     .unwrap_or_else(|e| fail("progress", e));
