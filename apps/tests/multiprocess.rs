@@ -224,6 +224,31 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
 }
 
 #[test]
+fn an_idle_job_across_processes_uses_almost_no_cpu() {
+    // 600 ms of nothing to do, measured in the last PE's process (100 clock ticks a second): a
+    // network PE spinning would use ~60 ticks. Over libfabric's shm, which cannot wake a PE,
+    // the network PE naps instead of parking: a few ticks.
+    let got = lines_ok(&[
+        "++quiet",
+        "+p2",
+        "++ppn",
+        "1",
+        env!("CARGO_BIN_EXE_mpcheck"),
+        "idle",
+    ]);
+    let ticks: u64 = got
+        .iter()
+        .find_map(|l| l.strip_prefix("idle cpu "))
+        .and_then(|l| l.strip_suffix(" ticks"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no `idle cpu` line in {got:?}"));
+    assert!(
+        ticks < 15,
+        "an idle process used {ticks} ticks of CPU in 0.6 s"
+    );
+}
+
+#[test]
 fn results_reductions_when_quiescence_and_the_pool_work_across_processes() {
     let want = [
         "ok reduction",

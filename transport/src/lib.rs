@@ -45,7 +45,7 @@ pub mod topology;
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
 pub use error::TransportError;
 pub use kv::{KvBootstrap, KvEvent, KvServer};
-pub use layer::{MachineLayer, ProcessId};
+pub use layer::{MachineLayer, ProcessId, NAP_MAX, NAP_SPIN};
 pub use memory::{MemRegion, RemoteKey};
 pub use message::{
     decode_frame, decode_frame_bytes, encode_frame_prefix, peek_frame_len, Header, Message, MAGIC,

@@ -5,7 +5,9 @@
 //!   and nested pool tasks across processes, printing one `ok …` line per feature;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
 //!   array with a map inserted from every PE, and an AtSync step that moves every element to the
-//!   next PE — all across processes.
+//!   next PE — all across processes;
+//! - `idle`: prints the CPU time (clock ticks) the last PE's process uses while every PE of the
+//!   job has nothing to do for 600 ms (the last PE awaits a timer).
 
 use charmrs::prelude::*;
 use charmrs::{pool, Reducer};
@@ -37,6 +39,14 @@ impl Victim {
         loop {
             charmrs::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// CPU time (clock ticks) this process uses while this PE awaits a timer for `ms`.
+    #[entry]
+    async fn idle_cpu(_this: Coro<Self>, ms: u64) -> u64 {
+        let before = process_cpu_ticks();
+        charmrs::sleep(Duration::from_millis(ms)).await;
+        process_cpu_ticks() - before
     }
 
     /// Where this element lives.
@@ -295,6 +305,16 @@ async fn mobility() {
     charmrs::exit(0);
 }
 
+/// User + system CPU time of this process, in clock ticks (`/proc/self/stat`).
+fn process_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    // utime and stime are fields 14 and 15, the 12th and 13th after the command name.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
 fn main() {
     charmrs::start(|args| async move {
         match args.get(1).map(String::as_str) {
@@ -305,7 +325,14 @@ fn main() {
             }
             Some("features") => features().await,
             Some("mobility") => mobility().await,
-            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility"),
+            Some("idle") => {
+                let last = charmrs::num_pes() - 1;
+                let group = Group::<Victim>::new(());
+                let ticks = group.at(last).ret().idle_cpu(600).await;
+                println!("idle cpu {ticks} ticks");
+                charmrs::exit(0);
+            }
+            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility|idle"),
         }
     })
 }

@@ -29,9 +29,9 @@ pub struct OfiConfig {
     /// peers to finish reading its large messages. Default 1 s.
     pub linger: Duration,
     /// How long [`OfiLayer::progress_wait`](crate::OfiLayer::progress_wait) keeps polling before it sleeps
-    /// (on the completion queue's file descriptor when the provider has
-    /// one, else in short naps, and then after at least 1 ms: see
-    /// `progress_wait`). Default 50 µs.
+    /// on the completion queue's file descriptor; without one (`shm`) it
+    /// polls for at least [`NAP_SPIN`](charmrs_transport::NAP_SPIN), then
+    /// naps. Default 50 µs.
     pub wait_spin: Duration,
     /// Idle capacity kept for reuse by the pool of rendezvous receive
     /// buffers (recycled when the delivered message is dropped, so large

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use charmrs_transport::kv::KvBootstrap;
 use charmrs_transport::{
     Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
+    NAP_MAX, NAP_SPIN,
 };
 use crossbeam_queue::SegQueue;
 
@@ -17,13 +18,6 @@ use crate::config::{OfiConfig, ENV_PROVIDER};
 use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST};
 use crate::fabric::Fabric;
 use crate::wire;
-
-/// Least polling before a waiter without a file descriptor to sleep on takes naps. A nap cannot
-/// be cut short by an arrival, and a timed sleep here lasts ~50 µs longer than asked (the
-/// kernel's timer slack): with a spin shorter than a peer's longest nap, two processes in a
-/// ping-pong each napped while the other did, and a 16 KiB entry call over `shm` took ~210 µs
-/// one-way instead of ~11 µs (docs/performance.md, "Session 11").
-const NAP_SPIN: Duration = Duration::from_millis(1);
 
 /// Bootstrap key of a process's endpoint address.
 pub const ADDR_KEY: &str = "ofi-addr";
@@ -95,7 +89,8 @@ impl Inner {
         if let Ok(mut eng) = self.engine.try_lock() {
             self.absorb(&mut eng);
             eng.post_pending();
-            if !needs_progress {
+            // Posted, nothing left for the progressing thread (the provider took it all).
+            if !needs_progress && eng.quiet() {
                 return;
             }
         }
@@ -356,7 +351,7 @@ impl OfiLayer {
     /// network, by `send` from another thread, or after at most
     /// [`OfiConfig::liveness_interval`] to check peers. A provider without
     /// such a descriptor (`shm`) cannot wake the caller: it polls for at
-    /// least 1 ms, then sleeps in naps of at most 100 µs.
+    /// least [`NAP_SPIN`], then sleeps in naps of at most [`NAP_MAX`].
     ///
     /// # Errors
     ///
@@ -391,7 +386,7 @@ impl OfiLayer {
             match self.inner.wait_fd {
                 Some(fd) => self.sleep_on(fd, slice),
                 None => {
-                    nap = (nap * 2).min(Duration::from_micros(100)).min(slice);
+                    nap = (nap * 2).min(NAP_MAX).min(slice);
                     self.sleep_on(-1, nap);
                 }
             }
@@ -582,12 +577,22 @@ impl MachineLayer for OfiLayer {
     /// only this process's progress moves on.
     fn before_park(&self) -> bool {
         let inner = &self.inner;
-        let Some(watcher) = inner.watcher_thread.get() else {
-            return true;
-        };
-        if !inner.cmds.is_empty() || !lock(&inner.engine).quiet() {
+        if !inner.cmds.is_empty() {
             return false;
         }
+        let eng = lock(&inner.engine);
+        if !eng.quiet() {
+            return false;
+        }
+        let Some(watcher) = inner.watcher_thread.get() else {
+            return true; // no wake-up: the caller only naps
+        };
+        // Completions waiting (say beyond one `progress` call's batch): poll them first. After a
+        // successful `fi_trywait` the descriptor signals every new completion.
+        if !eng.fab.trywait() {
+            return false;
+        }
+        drop(eng);
         inner.armed.store(true, Ordering::SeqCst);
         watcher.unpark();
         true

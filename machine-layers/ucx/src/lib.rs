@@ -8,7 +8,7 @@
 //! * **One context, one worker per process**, created in
 //!   `UCS_THREAD_MODE_SERIALIZED` behind a spin lock (one compare-and-swap
 //!   and one plain store per `progress`; see `spin.rs`). The runtime progresses the
-//!   layer from one thread (its network PE or communication thread); any
+//!   layer from one thread (its network PE); any
 //!   thread may send: it sends directly when the worker is free, otherwise
 //!   the message goes on a lock-free queue that the progressing thread
 //!   empties at the start of each `progress` (and is woken for, if it

@@ -17,8 +17,8 @@
 //!
 //! # Invariants
 //!
-//! * Each class keeps at most [`CLASS_BYTES`] bytes of idle buffers; a
-//!   buffer that finds its class full is freed. Classes are stacks: the
+//! * Each class keeps at most [`CLASS_BYTES`] bytes and [`CLASS_BUFFERS`]
+//!   buffers idle; a buffer that finds its class full is freed. Classes are stacks: the
 //!   most recently returned buffer, likeliest still in cache, goes out
 //!   first. Buffers outside the
 //!   classes are plain allocations. The pool never blocks and never fails:
@@ -38,6 +38,9 @@ pub(crate) const MIN_CLASS: usize = 4 << 10;
 pub(crate) const MAX_CLASS: usize = 64 << 20;
 /// Bytes of idle buffers each class may keep.
 pub(crate) const CLASS_BYTES: usize = 64 << 20;
+/// Idle buffers each class may keep (bounds the small classes: 4 MiB of
+/// 4 KiB buffers).
+pub(crate) const CLASS_BUFFERS: usize = 1024;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -76,7 +79,7 @@ impl BufPool {
         let mut classes = Vec::new();
         let mut c = MIN_CLASS;
         while c <= MAX_CLASS {
-            let cap = (CLASS_BYTES / c).max(1);
+            let cap = (CLASS_BYTES / c).clamp(1, CLASS_BUFFERS);
             classes.push((Mutex::new(Vec::with_capacity(cap)), cap));
             c *= 2;
         }
@@ -120,6 +123,11 @@ impl Loan {
     /// Pointer UCX writes the message into.
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.buf.as_mut_ptr()
+    }
+
+    /// The buffer's bytes (its whole capacity), to copy a message into.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf
     }
 
     /// The buffer's capacity in bytes.

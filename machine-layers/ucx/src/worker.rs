@@ -837,9 +837,7 @@ unsafe extern "C" fn am_data_cb(
     // a 16 KiB stream 2×), else into an exact-size allocation.
     let data = if length >= EAGER_POOL_MIN {
         let mut loan = inbox.pool.take(length);
-        // SAFETY: the loan holds at least `length` initialised bytes and is not shared yet;
-        // `bytes` is UCX's descriptor, a different buffer.
-        unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), loan.as_mut_ptr(), length) };
+        loan.as_mut_slice()[..length].copy_from_slice(bytes);
         loan.into_bytes(length)
     } else {
         Bytes::copy_from_slice(bytes)

@@ -1,8 +1,11 @@
 //! One PE: its thread-local state and its Converse-style dispatch loop.
 //!
 //! Each turn the loop takes one arrived message from the mailbox (through the local queue when that
-//! is not empty, so priorities order them), runs the most urgent message, and when there is nothing to do spins briefly and then parks on the
-//! mailbox (no CPU burnt while idle). A chare's entries only ever run on the PE that holds it.
+//! is not empty, so priorities order them), runs the most urgent message, and when there is
+//! nothing to do spins briefly and then parks on the mailbox (no CPU burnt while idle; a network
+//! PE whose layer cannot wake it naps instead). The network PE also polls the machine layer each
+//! turn, unless network arrivals pile up in its queue (back-pressure). A chare's entries only
+//! ever run on the PE that holds it.
 //!
 //! Invariants:
 //! - `CURRENT` points at this thread's `PeState` exactly while `run_pe` is on the stack;
@@ -34,7 +37,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use charmrs_transport::{NAP_MAX, NAP_SPIN};
 
 /// The elements of one collection that live on this PE.
 pub(crate) struct LocalCollection {
@@ -137,6 +142,11 @@ pub(crate) struct PeState {
     dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
     timers: RefCell<BinaryHeap<Timer>>,
     has_timers: Cell<bool>,
+    /// Network arrivals put in this PE's local queue and not yet matched by a turn (see
+    /// `run_pe`'s back-pressure; network PE only).
+    network_backlog: Cell<usize>,
+    /// Since when this PE (a network PE whose layer cannot wake it) has napped without input.
+    napping_since: Cell<Option<Instant>>,
     /// Last known PE and epoch of migrated elements whose home is another PE (forwarding
     /// pointers left by departures, and the location cache for sends).
     pub(crate) locations: RefCell<FxHashMap<(CollectionId, Index), (u32, u32)>>,
@@ -213,18 +223,16 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
 /// wake-up hook normally ends the sleep at once).
 const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Backlog of runnable envelopes from which the network PE polls the network only every this
-/// many turns (see `run_pe`).
+/// Backlog of network arrivals in its local queue from which the network PE skips polls of the
+/// network, at most this many turns in a row (see `run_pe`).
 const NETWORK_BACKLOG: usize = 16;
 
-/// Least polling before a network PE that the layer cannot wake (libfabric's `shm`: no file
-/// descriptor to wait on) naps. A nap is not cut short by an arrival and lasts ~50 µs longer than
-/// asked (timer slack): with a spin shorter than the other process's naps, two processes in a
-/// ping-pong nap in turn.
-const NAP_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
+/// After napping this long without input, a network PE that its layer cannot wake naps
+/// [`NAP_LONG`] at a time instead of [`NAP_MAX`] (local messages still wake it at once).
+const NAP_LONG_AFTER: Duration = Duration::from_millis(100);
 
-/// Longest nap of a network PE that the layer cannot wake (local messages still wake it at once).
-const NAP_MAX: std::time::Duration = std::time::Duration::from_micros(100);
+/// Nap of a network PE that its layer cannot wake, long without input.
+const NAP_LONG: Duration = Duration::from_millis(1);
 
 /// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
 /// back.
@@ -239,6 +247,7 @@ pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
         return Some(env);
     }
     state.queue.borrow_mut().push(env);
+    state.network_backlog.set(state.network_backlog.get() + 1);
     None
 }
 
@@ -270,6 +279,8 @@ impl PeState {
             dirty: RefCell::default(),
             timers: RefCell::default(),
             has_timers: Cell::new(false),
+            network_backlog: Cell::new(0),
+            napping_since: Cell::new(None),
             locations: RefCell::default(),
             migrations: RefCell::default(),
             lb: RefCell::default(),
@@ -1049,7 +1060,10 @@ impl PeState {
         self.abort_job(msg);
     }
 
-    /// Parks until a message arrives or the job stops, after polling for `idle_spin`.
+    /// Parks until a message arrives or the job stops, after polling for `idle_spin`. A network
+    /// PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its last input, then
+    /// naps (at most [`NAP_MAX`], 1 ms once it napped [`NAP_LONG_AFTER`] without input); every
+    /// nap ends with a poll.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
         let network =
@@ -1061,6 +1075,7 @@ impl PeState {
             if let Some(table) = network {
                 if crate::scheduler::poll_network(&self.shared, table, true) {
                     // Arrivals for this PE went to its local queue.
+                    self.napping_since.set(None);
                     return;
                 }
             }
@@ -1078,15 +1093,17 @@ impl PeState {
             }
             let now = Instant::now();
             if next_timer.is_some_and(|t| now >= t) {
+                self.napping_since.set(None);
                 return;
             }
-            // A network PE that the layer cannot wake polls longer, then only naps (see
-            // NAP_SPIN).
+            // A network PE that the layer cannot wake polls longer after input, then only naps
+            // (see NAP_SPIN); once napping, it naps at once (an idle job costs no core).
             let naps = network.is_some() && !self.shared.network_wakes.load(Ordering::Relaxed);
-            let spin = if naps {
-                self.shared.idle_spin.max(NAP_SPIN)
-            } else {
-                self.shared.idle_spin
+            let napping_since = self.napping_since.get().filter(|_| naps);
+            let spin = match (naps, napping_since) {
+                (false, _) => self.shared.idle_spin,
+                (true, None) => self.shared.idle_spin.max(NAP_SPIN),
+                (true, Some(_)) => Duration::ZERO,
             };
             if now - start >= spin {
                 if network.is_some() && !self.shared.layer.before_park() {
@@ -1097,10 +1114,21 @@ impl PeState {
                 if network.is_some() {
                     // Never rely on the layer's wake-up alone: a lost one would otherwise hang
                     // the job (a parked network PE looks at the network every few ms).
-                    let max = if naps { NAP_MAX } else { NETWORK_PARK_MAX };
+                    let max = match napping_since {
+                        _ if !naps => NETWORK_PARK_MAX,
+                        Some(t) if now - t >= NAP_LONG_AFTER => NAP_LONG,
+                        _ => NAP_MAX,
+                    };
                     timeout = Some(timeout.map_or(max, |t| t.min(max)));
                 }
                 mailbox.park(timeout, || !self.shared.stopping());
+                if naps {
+                    // Input from another PE ends napping; the network is polled next.
+                    let idle_on =
+                        mailbox.is_empty() && next_timer.is_none_or(|t| Instant::now() < t);
+                    self.napping_since
+                        .set(idle_on.then(|| napping_since.unwrap_or(now)));
+                }
                 if let Some(table) = network.filter(|_| !naps) {
                     if mailbox.is_empty()
                         && Instant::now() - now >= NETWORK_PARK_MAX
@@ -1124,6 +1152,8 @@ impl PeState {
                 std::thread::yield_now();
             }
         }
+        // A message from another PE came in (or the job stops).
+        self.napping_since.set(None);
     }
 }
 
@@ -1146,22 +1176,26 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     // Set when `idle` just polled the network (and returned because something arrived): the
     // next turn runs it without polling again first.
     let mut just_polled = false;
-    // Turns since the network was last polled with a backlog queued.
+    // Turns in a row without a poll of the network because of back-pressure.
     let mut skipped = 0usize;
     while !shared.stopping() {
         if let Some(table) = network {
-            // Back-pressure: with NETWORK_BACKLOG envelopes or more waiting, the network is
-            // polled only every NETWORK_BACKLOG turns. A poll may deliver several messages and a
-            // turn runs one, so a fast sender could otherwise have this PE take in messages
-            // (and receive buffers) faster than it runs them: a burst of 1 MiB messages over
-            // libfabric held 70 receive buffers of 2 MiB, most of them freshly page-faulted.
-            if !just_polled
-                && (skipped >= NETWORK_BACKLOG || state.queue.borrow().len() < NETWORK_BACKLOG)
-            {
+            // Back-pressure: while NETWORK_BACKLOG network arrivals or more wait in the local
+            // queue (counted: arrivals in, one out per turn), the network is polled only after
+            // NETWORK_BACKLOG turns without. A poll may deliver several messages and a turn runs
+            // one, so a fast sender could otherwise have this PE take in messages (and receive
+            // buffers) faster than it runs them: a burst of 1 MiB messages over libfabric held
+            // 70 receive buffers of 2 MiB, most of them freshly page-faulted. A backlog of local
+            // work does not hold the network back.
+            let throttled =
+                state.network_backlog.get() >= NETWORK_BACKLOG && skipped < NETWORK_BACKLOG;
+            if just_polled {
+                // `idle` just polled and found something: run it first.
+            } else if throttled {
+                skipped += 1;
+            } else {
                 crate::scheduler::poll_network(&shared, table, false);
                 skipped = 0;
-            } else {
-                skipped += 1;
             }
         }
         just_polled = false;
@@ -1186,6 +1220,9 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         };
         match next {
             Some(env) => {
+                state
+                    .network_backlog
+                    .set(state.network_backlog.get().saturating_sub(1));
                 if env.counted() {
                     state.processed.set(state.processed.get() + 1);
                 }

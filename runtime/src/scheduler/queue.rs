@@ -67,11 +67,6 @@ impl LocalQueue {
     pub(crate) fn is_empty(&self) -> bool {
         self.fifo.is_empty() && self.heap.is_empty()
     }
-
-    /// Envelopes waiting.
-    pub(crate) fn len(&self) -> usize {
-        self.fifo.len() + self.heap.len()
-    }
 }
 
 #[cfg(test)]
