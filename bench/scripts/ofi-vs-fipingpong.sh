@@ -10,10 +10,12 @@
 #      and the bandwidth of a burst of such calls;
 #   2. `fi_pingpong -e rdm -p <provider>` (server and client on 127.0.0.1) for the same sizes: its
 #      one-way latency (usec/xfer) and its ping-pong bandwidth (MB/sec).
-# It prints the median of each column over the repetitions; MB = 10^6 bytes. `fi_rma_bw` is not
-# packaged by Debian (libfabric-bin 1.17 holds fi_info, fi_pingpong and fi_strerror only), so the
-# bandwidth reference is fi_pingpong's. FI_TCP_IFACE=lo is forced. Needs libfabric-dev and
-# libfabric-bin (ci/test installs them).
+# It prints the median of each column over the repetitions; MB = 10^6 bytes. Ping-pong bandwidth
+# is size / one-way time for both (fi_pingpong's MB/sec); charmrs's stream (a burst of calls, no
+# equivalent in fi_pingpong) is printed beside it. `fi_rma_bw` is not packaged by Debian
+# (libfabric-bin 1.17 holds fi_info, fi_pingpong and fi_strerror only), so the bandwidth
+# reference is fi_pingpong's. FI_TCP_IFACE=lo is forced. Needs libfabric-dev and libfabric-bin
+# (ci/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 reps=${1:-5}
@@ -53,14 +55,15 @@ median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 for provider in $providers; do
     tag=${provider//;/_}
     printf '# FI_PROVIDER=%s, medians of %s repetitions\n' "$provider" "$reps"
-    printf '%9s %14s %16s %7s %16s %18s %7s\n' size "charmrs µs" "fi_pingpong µs" ratio \
-        "charmrs MB/s" "fi_pingpong MB/s" ratio
+    printf '%9s %12s %16s %7s %14s %18s %7s %16s\n' size "charmrs µs" "fi_pingpong µs" ratio \
+        "charmrs MB/s" "fi_pingpong MB/s" ratio "stream MB/s"
     for size in ${sizes//,/ }; do
         cl=$(awk -v s="$size" '$1 == s {print $2}' "$out/charmrs.$tag" | median)
         cb=$(awk -v s="$size" '$1 == s {print $3}' "$out/charmrs.$tag" | median)
         pl=$(awk -v s="$size" '$1 == s {print $2}' "$out/pingpong.$tag" | median)
         pb=$(awk -v s="$size" '$1 == s {print $3}' "$out/pingpong.$tag" | median)
         awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" 'BEGIN {
-            printf "%9d %14.3f %16.3f %7.2f %16.0f %18.0f %7.2f\n", s, cl, pl, cl / pl, cb, pb, cb / pb }'
+            printf "%9d %12.3f %16.3f %7.2f %14.0f %18.0f %7.2f %16.0f\n", s, cl, pl, cl / pl,
+                s / cl, pb, s / cl / pb, cb }'
     done
 done

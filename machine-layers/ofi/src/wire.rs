@@ -18,8 +18,12 @@
 //! * [`PKT_RNDV`] (rendezvous descriptor of a large message): `u64`
 //!   transfer id, the frame prefix (header and segment lengths), then per
 //!   segment its registered remote address and key (`u64` each; both 0 for
-//!   an empty segment). The receiver `fi_read`s the segments and answers
-//!   [`PKT_ACK`].
+//!   an empty segment; address [`INLINE_ADDR`] and key 0 for a segment
+//!   carried inline), then the bytes of the inline segments, in order (at
+//!   most [`INLINE_MAX`] in all: a small segment, such as an entry call's
+//!   arguments beside its large buffer, is not worth a registration and a
+//!   read of its own). The receiver `fi_read`s the other segments and
+//!   answers [`PKT_ACK`].
 //! * [`PKT_ACK`]: `u64` transfer id of a finished rendezvous; the sender
 //!   drops its registrations.
 //! * [`PKT_BYE`]: nothing; the sender is shutting down cleanly, so its
@@ -49,9 +53,16 @@ pub const PKT_BYE: u8 = 4;
 /// Size of the preamble.
 pub const PREAMBLE: usize = 8;
 
-/// Largest rendezvous descriptor ([`MAX_SEGMENTS`] segments): receive
-/// buffers are at least this large.
-pub const MAX_RNDV_LEN: usize = PREAMBLE + 8 + Header::SIZE + MAX_SEGMENTS as usize * 24;
+/// Most bytes of inline segments in one rendezvous descriptor.
+pub const INLINE_MAX: usize = 1024;
+
+/// Remote address that marks a segment carried inside its descriptor.
+pub const INLINE_ADDR: u64 = u64::MAX;
+
+/// Largest rendezvous descriptor ([`MAX_SEGMENTS`] segments, [`INLINE_MAX`]
+/// inline bytes): receive buffers are at least this large.
+pub const MAX_RNDV_LEN: usize =
+    PREAMBLE + 8 + Header::SIZE + MAX_SEGMENTS as usize * 24 + INLINE_MAX;
 
 /// The preamble of a packet of type `kind` from `rank`.
 pub fn preamble(kind: u8, rank: ProcessId) -> [u8; PREAMBLE] {
@@ -112,10 +123,18 @@ pub fn decode_data(buf: &Bytes) -> Result<Message, TransportError> {
 pub struct RemoteSeg {
     /// Length in bytes.
     pub len: u64,
-    /// Remote address of its first byte (as the provider wants it).
+    /// Remote address of its first byte (as the provider wants it);
+    /// [`INLINE_ADDR`] if the bytes came inside the descriptor.
     pub addr: u64,
     /// Registration key.
     pub key: u64,
+}
+
+impl RemoteSeg {
+    /// Whether the segment's bytes came inside the descriptor.
+    pub fn is_inline(&self) -> bool {
+        self.addr == INLINE_ADDR
+    }
 }
 
 /// A decoded rendezvous descriptor.
@@ -125,8 +144,10 @@ pub struct Rndv {
     pub id: u64,
     /// The message header (its `segment_count` is `segs.len()`).
     pub header: Header,
-    /// The segments to read.
+    /// The segments, to read unless inline.
     pub segs: Vec<RemoteSeg>,
+    /// The bytes of the inline segments, in segment order.
+    pub inline: Vec<u8>,
 }
 
 impl Rndv {
@@ -137,7 +158,9 @@ impl Rndv {
 }
 
 /// Encodes the descriptor of `msg` (transfer `id`), whose segments are
-/// registered at `remote` (`(addr, key)` per segment, in order).
+/// registered at `remote` (`(addr, key)` per segment, in order;
+/// `(INLINE_ADDR, 0)` for a segment to carry inline, at most [`INLINE_MAX`]
+/// bytes of them).
 pub fn encode_rndv(rank: ProcessId, id: u64, msg: &Message, remote: &[(u64, u64)]) -> Vec<u8> {
     let frame = encode_frame_prefix(msg);
     let mut out = Vec::with_capacity(PREAMBLE + 8 + frame.len() + remote.len() * 16);
@@ -147,6 +170,11 @@ pub fn encode_rndv(rank: ProcessId, id: u64, msg: &Message, remote: &[(u64, u64)
     for (addr, key) in remote {
         out.extend_from_slice(&addr.to_le_bytes());
         out.extend_from_slice(&key.to_le_bytes());
+    }
+    for (seg, (addr, _)) in msg.segments().iter().zip(remote) {
+        if *addr == INLINE_ADDR {
+            out.extend_from_slice(seg);
+        }
     }
     out
 }
@@ -173,14 +201,19 @@ pub fn decode_rndv(buf: &[u8], max_total: u64) -> Result<Rndv, TransportError> {
     let n = usize::from(header.segment_count);
     let lens_at = hdr_at + Header::SIZE;
     let keys_at = lens_at + 8 * n;
-    if buf.len() != keys_at + 16 * n {
-        return Err(TransportError::Malformed(format!(
+    let inline_at = keys_at + 16 * n;
+    let mismatch = || {
+        TransportError::Malformed(format!(
             "ofi rendezvous packet of {} bytes does not match its {n} segments",
             buf.len()
-        )));
+        ))
+    };
+    if buf.len() < inline_at || buf.len() - inline_at > INLINE_MAX {
+        return Err(mismatch());
     }
     let mut segs = Vec::with_capacity(n);
     let mut total = 0u64;
+    let mut inline_len = 0u64;
     for i in 0..n {
         let len = u64_at(buf, lens_at + 8 * i).ok_or_else(short)?;
         total = total.saturating_add(len);
@@ -190,13 +223,26 @@ pub fn decode_rndv(buf: &[u8], max_total: u64) -> Result<Rndv, TransportError> {
                 max: max_total,
             });
         }
-        segs.push(RemoteSeg {
+        let seg = RemoteSeg {
             len,
             addr: u64_at(buf, keys_at + 16 * i).ok_or_else(short)?,
             key: u64_at(buf, keys_at + 16 * i + 8).ok_or_else(short)?,
-        });
+        };
+        if seg.is_inline() {
+            inline_len = inline_len.saturating_add(len);
+        }
+        segs.push(seg);
     }
-    Ok(Rndv { id, header, segs })
+    if inline_len != (buf.len() - inline_at) as u64 {
+        return Err(mismatch());
+    }
+    let inline = buf[inline_at..].to_vec();
+    Ok(Rndv {
+        id,
+        header,
+        segs,
+        inline,
+    })
 }
 
 /// An ACK for transfer `id`.
@@ -269,6 +315,17 @@ mod tests {
             Err(TransportError::TooLarge { .. })
         ));
         assert!(decode_rndv(&pkt[..pkt.len() - 1], 1 << 20).is_err());
+        assert!(r.inline.is_empty());
+        // The arguments carried inline, the buffer read.
+        let pkt = encode_rndv(4, 78, &m, &[(INLINE_ADDR, 0), (0, 0), (0x2000, 3)]);
+        let r = decode_rndv(&pkt, 1 << 20).unwrap();
+        assert!(r.segs[0].is_inline() && !r.segs[2].is_inline());
+        assert_eq!((r.inline.as_slice(), r.total()), (&b"args"[..], 1004));
+        // Inline bytes must match the inline segments' lengths exactly.
+        assert!(decode_rndv(&pkt[..pkt.len() - 1], 1 << 20).is_err());
+        let mut longer = pkt.clone();
+        longer.push(0);
+        assert!(decode_rndv(&longer, 1 << 20).is_err());
         let ack = encode_ack(4, 77);
         assert_eq!(parse_preamble(&ack).unwrap(), (PKT_ACK, 4));
         assert_eq!(decode_ack(&ack).unwrap(), 77);
@@ -281,9 +338,15 @@ mod tests {
         let mut pkt = data_prefix(0, &sample());
         pkt.truncate(pkt.len() - 3);
         assert!(decode_data(&Bytes::from(pkt)).is_err());
-        for cut in 0..60 {
+        for cut in 0..200 {
             let pkt = encode_rndv(0, 1, &sample(), &[(1, 1), (0, 0), (2, 2)]);
             let _ = decode_rndv(&pkt[..cut.min(pkt.len())], u64::MAX);
+            let pkt = encode_rndv(0, 1, &sample(), &[(INLINE_ADDR, 0), (0, 0), (2, 2)]);
+            let _ = decode_rndv(&pkt[..cut.min(pkt.len())], u64::MAX);
         }
+        // Claimed inline bytes beyond the limit are refused before they are copied.
+        let mut big = encode_rndv(0, 1, &sample(), &[(INLINE_ADDR, 0), (0, 0), (2, 2)]);
+        big.resize(big.len() + INLINE_MAX + 1, 0);
+        assert!(decode_rndv(&big, u64::MAX).is_err());
     }
 }
