@@ -70,7 +70,9 @@ fn lock(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 impl Inner {
     /// Moves queued commands into the engine (under its lock).
     fn absorb(&self, eng: &mut Engine) {
-        while let Some(cmd) = self.cmds.pop() {
+        // `is_empty` first: popping an empty `SegQueue` costs a full fence, on every poll.
+        while !self.cmds.is_empty() {
+            let Some(cmd) = self.cmds.pop() else { break };
             match cmd {
                 Cmd::Send(dst, msg) if dst == self.rank => eng.loopback(msg),
                 Cmd::Send(dst, msg) => eng.queue(dst, Out::Msg(msg)),
