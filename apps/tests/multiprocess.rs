@@ -288,6 +288,7 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok migration",
                 "ok sparse",
                 "ok load balancing",
+                "ok results from away",
                 "ok allreduce from elsewhere",
                 "ok load balancing from elsewhere"
             ],

@@ -10,7 +10,7 @@ use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
 use crate::element::{Coro, Element, ElementObj};
 use crate::error::Error;
-use crate::future::{encode_value, Resolution};
+use crate::future::{encode_value, PartialCount, Resolution};
 use crate::index::Index;
 use crate::pool::{JobSpec, PoolMsg};
 use crate::reduction::{Incoming, Kind};
@@ -88,8 +88,13 @@ pub(crate) enum Body {
     Resume { slot: u32, generation: u32 },
     /// The value of future `id`, owned by the receiving PE (inline: every `ret` reply is one).
     Fulfil { id: u64, outcome: InlineResolution },
-    /// One PE's part of a broadcast's result, for gather future `id` of the receiving PE.
-    Partial { id: u64, outcome: InlineResolution },
+    /// One PE's (or one away element's) part of a broadcast's result, for gather future `id` of
+    /// the receiving PE.
+    Partial {
+        id: u64,
+        outcome: InlineResolution,
+        count: PartialCount,
+    },
     /// Everything else: rarer messages, boxed so that an envelope stays one cache line.
     Control(Box<Control>),
 }
@@ -309,12 +314,14 @@ pub(crate) trait Invocation: Send {
     /// Runs the entry on one element, moving the arguments.
     fn invoke(self: Box<Self>, pe: &PeState, element: &Rc<dyn ElementObj>, site: Site);
     /// Runs the entry on every local element of a broadcast, in order (arguments cloned for all
-    /// but the last), then reports this PE's part of the result if one was asked for.
+    /// but the last), then reports this PE's part of the result if one was asked for, announcing
+    /// `away` results more from its elements away from home (forwarded to them).
     fn invoke_all(
         self: Box<Self>,
         pe: &PeState,
         elements: &[(Index, Rc<dyn ElementObj>)],
         chare: &'static str,
+        away: u32,
     );
     /// A copy for another PE (broadcast fan-out).
     fn clone_box(&self) -> Box<dyn Invocation>;
@@ -395,8 +402,10 @@ impl<C: Chare, E: Entry<C>> Call<C, E> {
     }
 }
 
-/// Collects a broadcast's results from the elements of one PE.
+/// Collects a broadcast's results from the elements of one PE (or from one element away from its
+/// home PE).
 struct PartialAcc<T> {
+    count: PartialCount,
     remaining: Cell<usize>,
     values: RefCell<Vec<(Index, T)>>,
     error: RefCell<Option<Error>>,
@@ -430,6 +439,7 @@ impl<T: Payload> PartialAcc<T> {
             self.id,
             outcome,
             encode_value::<Vec<(Index, T)>>,
+            self.count,
         );
     }
 }
@@ -592,7 +602,9 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
                 id,
                 values,
             } => Sink::Partial {
+                // A broadcast forwarded to an element away from its home PE.
                 acc: Rc::new(PartialAcc {
+                    count: PartialCount::Element,
                     remaining: Cell::new(1),
                     values: RefCell::default(),
                     error: RefCell::default(),
@@ -611,6 +623,7 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
         pe: &PeState,
         elements: &[(Index, Rc<dyn ElementObj>)],
         chare: &'static str,
+        away: u32,
     ) {
         let acc = match self.reply.get() {
             Reply::Gather {
@@ -618,6 +631,7 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
                 id,
                 values,
             } => Some(Rc::new(PartialAcc::<E::Output> {
+                count: PartialCount::Pe { extras: away },
                 remaining: Cell::new(elements.len()),
                 values: RefCell::default(),
                 error: RefCell::default(),

@@ -278,9 +278,24 @@ enum SlotState {
 /// Adds one PE's partial (possibly still encoded) to a gather.
 type MergeFn = Box<dyn FnMut(Box<dyn Any + Send>) -> Result<(), String>>;
 
+/// How a partial of a broadcast's result counts towards its gather.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum PartialCount {
+    /// One PE's part (the results of the elements whose home it is and that it holds);
+    /// `extras` more of its elements were away from home: their results follow as
+    /// [`PartialCount::Element`] partials from wherever they are.
+    Pe { extras: u32 },
+    /// The result of one element that was away from its home PE.
+    Element,
+}
+
 /// How the partials of a broadcast's result become one value.
 struct Gather {
+    /// PE partials still to come.
     remaining: usize,
+    /// Element partials announced by PE partials, minus those arrived (may be negative for a
+    /// while: an element's partial can overtake its home PE's).
+    extras: i64,
     merge: MergeFn,
     finish: Box<dyn FnOnce() -> Box<dyn Any + Send>>,
     error: Option<Error>,
@@ -336,6 +351,7 @@ impl FutureTable {
                 }
             }),
             error: None,
+            extras: 0,
         };
         self.gathers.insert(id.1, gather);
         if expected == 0 {
@@ -347,7 +363,7 @@ impl FutureTable {
 
     fn partial_done(&mut self, id: u64) -> Option<Resolution> {
         let g = self.gathers.get(&id)?;
-        if g.remaining > 0 {
+        if g.remaining > 0 || g.extras != 0 {
             return None;
         }
         let g = self.gathers.remove(&id)?;
@@ -362,6 +378,7 @@ impl FutureTable {
         &mut self,
         id: u64,
         part: Resolution,
+        count: PartialCount,
     ) -> Result<Option<Resolution>, String> {
         let g = self.gathers.get_mut(&id).ok_or_else(|| {
             format!(
@@ -369,7 +386,13 @@ impl FutureTable {
                 self.me
             )
         })?;
-        g.remaining = g.remaining.saturating_sub(1);
+        match count {
+            PartialCount::Pe { extras } => {
+                g.remaining = g.remaining.saturating_sub(1);
+                g.extras += i64::from(extras);
+            }
+            PartialCount::Element => g.extras -= 1,
+        }
         match part {
             Ok(p) => {
                 (g.merge)(p).map_err(|e| format!("a broadcast result for future #{id}: {e}"))?

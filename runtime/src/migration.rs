@@ -260,7 +260,9 @@ impl PeState {
 
     /// Delivers a broadcast on a PE where some elements are away from home or visiting: each
     /// element gets it from its home PE — directly if it is here, forwarded if it is away — so
-    /// every element gets every broadcast exactly once, wherever it moves meanwhile.
+    /// every element gets every broadcast exactly once, wherever it moves meanwhile. A result
+    /// asked for (ret/gather) comes back from each away element on its own, announced by this
+    /// PE's part (`PartialCount::Pe { extras }`), so the gather waits for all of them.
     pub(crate) fn broadcast_unsettled(
         &self,
         coll: CollectionId,
@@ -282,15 +284,8 @@ impl PeState {
             away.sort_unstable();
             (residents, away)
         };
+        let extras = away.len() as u32;
         if !away.is_empty() {
-            if !matches!(call.reply(), crate::envelope::Reply::None) {
-                return self.abort_job(format!(
-                    "charmrs: a broadcast of `{}` to {chare} collection {coll:?} asks for results \
-                     (ret/gather) while elements have migrated away from PE {}: not supported yet",
-                    call.entry_name(),
-                    self.pe
-                ));
-            }
             for index in away {
                 let env = Envelope::new(
                     priority,
@@ -303,7 +298,7 @@ impl PeState {
                 self.redeliver(env);
             }
         }
-        call.invoke_all(self, &residents, chare);
+        call.invoke_all(self, &residents, chare, extras);
     }
 
     /// Asks for element `index` of `coll` to move to PE `to` once the current message is done.

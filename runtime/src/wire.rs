@@ -374,12 +374,17 @@ enum WireOutcome {
 
 /// The message carrying a future's value (or error) to PE `dst`.
 pub(crate) fn value_message(
-    kind: u8,
+    partial: Option<crate::future::PartialCount>,
     id: u64,
     src_pe: u32,
     dst_pe: u32,
     value: Result<Vec<u8>, crate::error::Error>,
 ) -> Result<Message, String> {
+    let kind = if partial.is_some() {
+        KIND_PARTIAL
+    } else {
+        KIND_FULFIL
+    };
     use crate::error::Error;
     let outcome = match value {
         Ok(bytes) => WireOutcome::Value(bytes),
@@ -394,6 +399,12 @@ pub(crate) fn value_message(
     let seg = postcard::to_stdvec(&outcome).map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(seg))
         .map_err(|e| e.to_string())?;
+    if let Some(count) = partial {
+        // A partial says how it counts towards its gather, in a second segment.
+        let seg = postcard::to_stdvec(&count).map_err(|e| e.to_string())?;
+        m.push_segment(Bytes::from(seg))
+            .map_err(|e| e.to_string())?;
+    }
     Ok(m)
 }
 
@@ -420,14 +431,19 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
     };
     let id = header.tag;
     let outcome = outcome.map_err(Box::new);
-    Ok(Envelope::new(
-        0,
-        if header.kind == KIND_FULFIL {
-            Body::Fulfil { id, outcome }
-        } else {
-            Body::Partial { id, outcome }
-        },
-    ))
+    let body = if header.kind == KIND_FULFIL {
+        if msg.segments().len() != 1 {
+            return Err("a future's value with extra segments".into());
+        }
+        Body::Fulfil { id, outcome }
+    } else {
+        let [_, count] = msg.segments() else {
+            return Err("a broadcast's partial result without its count".into());
+        };
+        let count = decode_exact(count).map_err(|e| format!("a partial result's count: {e}"))?;
+        Body::Partial { id, outcome, count }
+    };
+    Ok(Envelope::new(0, body))
 }
 
 /// The message that tells another process how the job ended.
@@ -1061,6 +1077,32 @@ mod tests {
             out.extend_from_slice(s);
         }
         out
+    }
+
+    #[test]
+    fn partial_results_carry_how_they_count() {
+        use crate::future::PartialCount;
+        for count in [PartialCount::Pe { extras: 3 }, PartialCount::Element] {
+            let m = value_message(Some(count), 9, 1, 2, Ok(vec![1, 2, 3])).unwrap();
+            assert_eq!(m.header().kind, KIND_PARTIAL);
+            let env = decode_value(&m).unwrap();
+            assert!(
+                matches!(env.body, Body::Partial { id: 9, count: c, .. } if c == count),
+                "{count:?}"
+            );
+        }
+        // A partial without its count, or a value with one, is malformed.
+        let value = value_message(None, 9, 1, 2, Ok(vec![1])).unwrap();
+        let mut partial = value.clone();
+        let mut h = *partial.header();
+        h.kind = KIND_PARTIAL;
+        partial.set_header(h);
+        assert!(decode_value(&partial).is_err());
+        let mut fulfil = value_message(Some(PartialCount::Element), 9, 1, 2, Ok(vec![1])).unwrap();
+        let mut h = *fulfil.header();
+        h.kind = KIND_FULFIL;
+        fulfil.set_header(h);
+        assert!(decode_value(&fulfil).is_err());
     }
 
     #[test]

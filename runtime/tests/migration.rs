@@ -97,6 +97,12 @@ impl Wanderer {
         self.bumps += 1;
     }
 
+    /// This element's bumps and the PE it runs on.
+    #[entry]
+    fn bumps_here(&mut self, ctx: &Ctx<Self>) -> (u32, usize) {
+        (self.bumps, ctx.my_pe())
+    }
+
     #[entry]
     fn bumps_and_moves(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(u32, u32)>>) {
         ctx.gather((self.bumps, self.moves), to);
@@ -202,6 +208,35 @@ fn broadcasts_and_a_reduction_in_flight_during_migrations() {
         let seen = Future::new();
         a.bumps_and_moves(seen);
         assert_eq!(seen.await, vec![(30u32, 3u32); 16]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn broadcast_results_come_back_from_elements_away_from_home() {
+    // `ret` and `gather` broadcasts raced against migrations (every element moves one PE on per
+    // round) and issued while every element is away from its home PE: each element's result
+    // arrives exactly once, from wherever it is.
+    run_job(4, |_| async {
+        let a = Array::<Wanderer, usize>::new(16, ());
+        let homes: Vec<usize> = a.gather().bumps_here().await.iter().map(|e| e.1).collect();
+        for round in 1..=3u32 {
+            let total = Future::new();
+            a.hop(total);
+            a.ret().bump().await;
+            let got = a.gather().bumps_here().await;
+            assert_eq!(got.len(), 16, "round {round}");
+            for (i, &(bumps, pe)) in got.iter().enumerate() {
+                assert_eq!(bumps, round, "round {round}, element {i}");
+                assert_eq!(
+                    pe,
+                    (homes[i] + round as usize) % 4,
+                    "round {round}: element {i} is {round} PEs from home"
+                );
+            }
+            assert_eq!(total.await, 16, "round {round}");
+        }
         charmrs::exit(0);
     })
     .unwrap();

@@ -4,8 +4,8 @@
 //! - `features`: exercises results, gathers, reductions, allreduce, `when`, quiescence detection
 //!   and nested pool tasks across processes, printing one `ok …` line per feature;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
-//!   array with a map inserted from every PE, and an AtSync step that moves every element to the
-//!   next PE — all across processes;
+//!   array with a map inserted from every PE, an AtSync step that moves every element to the
+//!   next PE, and broadcast results from elements away from home — all across processes;
 //! - `idle`: prints the CPU time (clock ticks) the last PE's process uses while every PE of the
 //!   job has nothing to do for 600 ms (the last PE awaits a timer).
 
@@ -221,6 +221,12 @@ impl Wanderer {
         ctx.migrate(pe).unwrap();
     }
 
+    /// The PE this element runs on (a broadcast's result).
+    #[entry]
+    fn pe_now(&mut self, ctx: &Ctx<Self>) -> usize {
+        ctx.my_pe()
+    }
+
     #[entry]
     fn moved(&mut self, ctx: &Ctx<Self>, to: Future<Vec<(usize, usize)>>) {
         ctx.gather((self.synced_on, ctx.my_pe()), to);
@@ -283,6 +289,13 @@ async fn mobility() {
     a.report(got);
     assert_eq!(got.await, want, "state survived the moves");
     println!("ok load balancing");
+    // Every element is away from its home PE now: a broadcast's results come back from where
+    // the elements are (through their homes' forwards, across processes).
+    let now = a.gather().pe_now().await;
+    let want_now: Vec<usize> = moved.iter().map(|&(_, now)| now).collect();
+    assert_eq!(now, want_now, "one result per element, from where it is");
+    a.ret().pe_now().await;
+    println!("ok results from away");
 
     // Every element leaves for the last PE: the processes of the reduction's root hold none of
     // them, so the load-balancing step is finished where the contributions came from.

@@ -24,7 +24,7 @@ use crate::envelope::{
     Site,
 };
 use crate::error::{Error, Result};
-use crate::future::{EncodeFn, FutureTable, Resolution};
+use crate::future::{EncodeFn, FutureTable, PartialCount, Resolution};
 use crate::index::Index;
 use crate::pool::PoolState;
 use crate::quiescence::QdState;
@@ -570,40 +570,33 @@ impl PeState {
     /// Sends `outcome` to future `id` of PE `owner`: directly if that is this PE, moved to another
     /// PE of this process, or encoded with `encode` for a PE of another process.
     pub(crate) fn fulfil(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
-        self.route_value(false, owner, id, outcome, encode);
+        self.route_value(None, owner, id, outcome, encode);
     }
 
     /// Sends a future's value (`partial`: one PE's part of a gather) to PE `owner`: applied here,
     /// moved to another PE of this process, or encoded for another process.
     fn route_value(
         &self,
-        partial: bool,
+        partial: Option<PartialCount>,
         owner: usize,
         id: u64,
         outcome: Resolution,
         encode: EncodeFn,
     ) {
         if owner == self.pe {
-            if partial {
-                self.partial_local(id, outcome)
-            } else {
-                self.fulfil_local(id, outcome)
+            match partial {
+                Some(count) => self.partial_local(id, outcome, count),
+                None => self.fulfil_local(id, outcome),
             }
         } else if self.shared.mailbox(owner).is_some() {
             let outcome = outcome.map_err(Box::new);
-            let body = if partial {
-                Body::Partial { id, outcome }
-            } else {
-                Body::Fulfil { id, outcome }
+            let body = match partial {
+                Some(count) => Body::Partial { id, outcome, count },
+                None => Body::Fulfil { id, outcome },
             };
             self.send(owner, Envelope::new(0, body));
         } else {
-            let kind = if partial {
-                crate::wire::KIND_PARTIAL
-            } else {
-                crate::wire::KIND_FULFIL
-            };
-            self.send_value(kind, owner, id, outcome, encode);
+            self.send_value(partial, owner, id, outcome, encode);
         }
     }
 
@@ -615,14 +608,22 @@ impl PeState {
         }
     }
 
-    /// Sends one PE's part of a broadcast result to gather future `id` of PE `owner`.
-    pub(crate) fn partial(&self, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
-        self.route_value(true, owner, id, outcome, encode);
+    /// Sends one PE's (or one away element's) part of a broadcast result to gather future `id`
+    /// of PE `owner`.
+    pub(crate) fn partial(
+        &self,
+        owner: usize,
+        id: u64,
+        outcome: Resolution,
+        encode: EncodeFn,
+        count: PartialCount,
+    ) {
+        self.route_value(Some(count), owner, id, outcome, encode);
     }
 
     /// Adds a partial to this PE's gather future `id`.
-    pub(crate) fn partial_local(&self, id: u64, outcome: Resolution) {
-        let done = self.futures.borrow_mut().add_partial(id, outcome);
+    pub(crate) fn partial_local(&self, id: u64, outcome: Resolution, count: PartialCount) {
+        let done = self.futures.borrow_mut().add_partial(id, outcome, count);
         match done {
             Ok(Some(outcome)) => self.fulfil_local(id, outcome),
             Ok(None) => {}
@@ -637,7 +638,14 @@ impl PeState {
 
     /// Encodes a future's value (or error) for PE `owner` of another process and sends it.
     #[cold]
-    fn send_value(&self, kind: u8, owner: usize, id: u64, outcome: Resolution, encode: EncodeFn) {
+    fn send_value(
+        &self,
+        partial: Option<PartialCount>,
+        owner: usize,
+        id: u64,
+        outcome: Resolution,
+        encode: EncodeFn,
+    ) {
         self.count_sent();
         let encoded = match outcome {
             Ok(v) => encode(&*v).map(Ok),
@@ -645,7 +653,7 @@ impl PeState {
         };
         let process = self.shared.process_of(owner);
         let sent = encoded.and_then(|value| {
-            let msg = crate::wire::value_message(kind, id, self.pe as u32, owner as u32, value)?;
+            let msg = crate::wire::value_message(partial, id, self.pe as u32, owner as u32, value)?;
             self.shared
                 .layer
                 .send(process, msg)
@@ -747,7 +755,7 @@ impl PeState {
                             .push(env);
                     }
                     Some((chare, None)) => self.broadcast_unsettled(coll, chare, priority, call),
-                    Some((chare, Some(elements))) => call.invoke_all(self, &elements, chare),
+                    Some((chare, Some(elements))) => call.invoke_all(self, &elements, chare, 0),
                 }
             }
             Body::Resume { slot, generation } => {
@@ -757,7 +765,9 @@ impl PeState {
                 });
             }
             Body::Fulfil { id, outcome } => self.fulfil_local(id, outcome.map_err(|e| *e)),
-            Body::Partial { id, outcome } => self.partial_local(id, outcome.map_err(|e| *e)),
+            Body::Partial { id, outcome, count } => {
+                self.partial_local(id, outcome.map_err(|e| *e), count)
+            }
             Body::Control(c) => self.control(*c),
         }
     }
