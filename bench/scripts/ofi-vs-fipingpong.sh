@@ -18,6 +18,7 @@
 # (ci/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/scripts/lib.sh
 reps=${1:-5}
 sizes=${SIZES:-8,4096,65536,1048576,4194304}
 providers=${PROVIDERS:-"shm tcp;ofi_rxm"}
@@ -51,17 +52,16 @@ for provider in $providers; do
     done
 done
 
-median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 for provider in $providers; do
     tag=${provider//;/_}
     printf '# FI_PROVIDER=%s, medians of %s repetitions\n' "$provider" "$reps"
     printf '%9s %12s %16s %7s %14s %18s %7s %16s\n' size "charmrs µs" "fi_pingpong µs" ratio \
         "charmrs MB/s" "fi_pingpong MB/s" ratio "stream MB/s"
     for size in ${sizes//,/ }; do
-        cl=$(awk -v s="$size" '$1 == s {print $2}' "$out/charmrs.$tag" | median)
-        cb=$(awk -v s="$size" '$1 == s {print $3}' "$out/charmrs.$tag" | median)
-        pl=$(awk -v s="$size" '$1 == s {print $2}' "$out/pingpong.$tag" | median)
-        pb=$(awk -v s="$size" '$1 == s {print $3}' "$out/pingpong.$tag" | median)
+        cl=$(median_of "$out/charmrs.$tag" "$size" 2)
+        cb=$(median_of "$out/charmrs.$tag" "$size" 3)
+        pl=$(median_of "$out/pingpong.$tag" "$size" 2)
+        pb=$(median_of "$out/pingpong.$tag" "$size" 3)
         awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" 'BEGIN {
             printf "%9d %12.3f %16.3f %7.2f %14.0f %18.0f %7.2f %16.0f\n", s, cl, pl, cl / pl,
                 s / cl, pb, s / cl / pb, cb }'

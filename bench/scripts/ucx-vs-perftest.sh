@@ -15,6 +15,7 @@
 # Needs the ucx-utils and libucx-dev packages (ci/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/scripts/lib.sh
 reps=${1:-5}
 sizes=${SIZES:-8,1048576,2097152,4194304}
 export UCX_TLS=${UCX_TLS:-shm,self} UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
@@ -45,15 +46,14 @@ for rep in $(seq 1 "$reps"); do
     done
 done
 
-median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 printf '# UCX_TLS=%s, medians of %s repetitions\n' "$UCX_TLS" "$reps"
 printf '%9s %14s %16s %7s %16s %18s %7s\n' size "charmrs µs" "ucp_am_lat µs" ratio \
     "charmrs MB/s" "ucp_am_bw MB/s" ratio
 for size in ${sizes//,/ }; do
-    cl=$(awk -v s="$size" '$1 == s {print $2}' "$out/charmrs" | median)
-    cb=$(awk -v s="$size" '$1 == s {print $3}' "$out/charmrs" | median)
-    pl=$(awk -v s="$size" '$1 == s {print $2}' "$out/perftest" | median)
-    pb=$(awk -v s="$size" '$1 == s {print $3}' "$out/perftest" | median)
+    cl=$(median_of "$out/charmrs" "$size" 2)
+    cb=$(median_of "$out/charmrs" "$size" 3)
+    pl=$(median_of "$out/perftest" "$size" 2)
+    pb=$(median_of "$out/perftest" "$size" 3)
     awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" 'BEGIN {
         printf "%9d %14.3f %16.3f %7.2f %16.0f %18.0f %7.2f\n", s, cl, pl, cl / pl, cb, pb, cb / pb }'
 done

@@ -147,6 +147,28 @@ struct InRndv {
     failed: bool,
 }
 
+impl InRndv {
+    /// Takes the message's buffer from `pool` and copies the inline segments' bytes to their
+    /// offsets (into its spare capacity: the reads fill the rest, then the length is set).
+    fn take_buffer(&mut self, pool: &BufPool) {
+        let mut buf = pool.take(self.total);
+        let spare = buf.spare_capacity_mut();
+        let (mut offset, mut from) = (0usize, 0usize);
+        for s in &self.segs {
+            let len = s.len as usize;
+            if s.is_inline() {
+                let bytes = &self.inline[from..from + len];
+                for (dst, src) in spare[offset..offset + len].iter_mut().zip(bytes) {
+                    dst.write(*src);
+                }
+                from += len;
+            }
+            offset += len;
+        }
+        self.buf = Some(buf);
+    }
+}
+
 /// A message slot in a source's delivery order.
 enum Slot {
     Ready(Message),
@@ -924,9 +946,7 @@ impl Engine {
         if reads == 0 {
             // Nothing to read (empty or inline segments only).
             if let Some(inr) = self.rndv_in.get_mut(&in_id) {
-                let mut buf = self.pool.take(total);
-                fill_inline(&mut buf, &inr.segs, &inr.inline);
-                inr.buf = Some(buf);
+                inr.take_buffer(&self.pool);
             }
             self.read_done_final(in_id);
         } else {
@@ -956,9 +976,7 @@ impl Engine {
             }
             self.admit_queue.pop_front();
             self.reading += total;
-            let mut buf = self.pool.take(total);
-            fill_inline(&mut buf, &inr.segs, &inr.inline);
-            inr.buf = Some(buf);
+            inr.take_buffer(&self.pool);
             let src = inr.src;
             let mut offset = 0usize;
             for s in &inr.segs {
@@ -1114,27 +1132,6 @@ impl Engine {
     /// the wait logic).
     pub(crate) fn quiet(&self) -> bool {
         self.queued == 0 && self.urgent.is_empty() && self.repost.is_empty()
-    }
-}
-
-/// Copies the inline segments' bytes (`inline`, in segment order) to their
-/// offsets in the message buffer `buf` (its spare capacity: the reads fill
-/// the rest, then the length is set).
-fn fill_inline(buf: &mut Vec<u8>, segs: &[wire::RemoteSeg], inline: &[u8]) {
-    let spare = buf.spare_capacity_mut();
-    let (mut offset, mut from) = (0usize, 0usize);
-    for s in segs {
-        let len = s.len as usize;
-        if s.is_inline() {
-            for (dst, src) in spare[offset..offset + len]
-                .iter_mut()
-                .zip(&inline[from..from + len])
-            {
-                dst.write(*src);
-            }
-            from += len;
-        }
-        offset += len;
     }
 }
 

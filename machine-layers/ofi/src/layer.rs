@@ -116,6 +116,13 @@ impl Inner {
         }
     }
 
+    /// Whether the progressing thread may sleep until the completion queue's descriptor says
+    /// otherwise: nothing queued or in flight that only its progress moves, and `fi_trywait`
+    /// succeeded (after which the descriptor signals every new completion).
+    fn may_sleep(&self, eng: &Engine) -> bool {
+        self.cmds.is_empty() && eng.quiet() && eng.fab.trywait()
+    }
+
     fn drain_event_fd(&self) {
         let mut v: u64 = 0;
         // SAFETY: event_fd is an open non-blocking eventfd; reading 8 bytes
@@ -447,10 +454,7 @@ impl OfiLayer {
                 std::thread::park_timeout(Duration::from_millis(50));
                 continue;
             }
-            let may_sleep = {
-                let eng = lock(&inner.engine);
-                eng.quiet() && inner.cmds.is_empty() && eng.fab.trywait()
-            };
+            let may_sleep = inner.may_sleep(&lock(&inner.engine));
             let mut ready = !may_sleep;
             if may_sleep {
                 let mut pfd = libc::pollfd {
@@ -579,22 +583,14 @@ impl MachineLayer for OfiLayer {
     /// only this process's progress moves on.
     fn before_park(&self) -> bool {
         let inner = &self.inner;
-        if !inner.cmds.is_empty() {
-            return false;
-        }
-        let eng = lock(&inner.engine);
-        if !eng.quiet() {
-            return false;
-        }
         let Some(watcher) = inner.watcher_thread.get() else {
-            return true; // no wake-up: the caller only naps
+            // No wake-up: the caller only naps, unless work waits for its progress.
+            return inner.cmds.is_empty() && lock(&inner.engine).quiet();
         };
-        // Completions waiting (say beyond one `progress` call's batch): poll them first. After a
-        // successful `fi_trywait` the descriptor signals every new completion.
-        if !eng.fab.trywait() {
+        // Completions waiting (say beyond one `progress` call's batch): poll them first.
+        if !inner.may_sleep(&lock(&inner.engine)) {
             return false;
         }
-        drop(eng);
         inner.armed.store(true, Ordering::SeqCst);
         watcher.unpark();
         true

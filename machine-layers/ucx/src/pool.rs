@@ -4,23 +4,24 @@
 //!
 //! [`BufPool`]: size classes (powers of two from [`MIN_CLASS`] to
 //! [`MAX_CLASS`]) of byte buffers into which UCX's rendezvous protocol
-//! writes large messages, and into which eager messages from
-//! [`MIN_CLASS`] bytes are copied out of UCX's receive descriptors. The buffer becomes the delivered message's
-//! segments through [`Bytes::from_owner`]; when the last view of it is
-//! dropped — on whatever thread — it goes back to its class.
+//! writes large messages, and into which eager messages from [`MIN_CLASS`]
+//! bytes are copied out of UCX's receive descriptors. The buffer becomes the
+//! delivered message's segments through [`Bytes::from_owner`]; when the last
+//! view of it is dropped — on whatever thread — it goes back to its class.
 //!
 //! Why: a fresh multi-megabyte allocation per message is page-faulted (and
 //! zeroed by the kernel) on first touch, which costs more than moving the
 //! bytes (so are smaller ones when the allocator gives a burst of them back
-//! to the kernel and takes them again for the next burst); reused buffers are already mapped (and, on RDMA transports, stay
-//! registered in UCX's registration cache).
+//! to the kernel and takes them again for the next burst); reused buffers
+//! are already mapped (and, on RDMA transports, stay registered in UCX's
+//! registration cache).
 //!
 //! # Invariants
 //!
 //! * Each class keeps at most [`CLASS_BYTES`] bytes and [`CLASS_BUFFERS`]
-//!   buffers idle; a buffer that finds its class full is freed. Classes are stacks: the
-//!   most recently returned buffer, likeliest still in cache, goes out
-//!   first. Buffers outside the
+//!   buffers idle; a buffer that finds its class full is freed. Classes are
+//!   stacks: the most recently returned buffer, likeliest still in cache,
+//!   goes out first. Buffers outside the
 //!   classes are plain allocations. The pool never blocks and never fails:
 //!   when a class is empty a new buffer is allocated.
 //! * A buffer is handed out to one message at a time; its contents are

@@ -431,19 +431,7 @@ impl PeState {
             .or_else(|| crate::wire::pool_message(&env, self.pe as u32, dst as u32))
             .or_else(|| crate::wire::mobility_message(&env, self.pe as u32, dst as u32));
         if let Some(msg) = control {
-            let sent = msg.and_then(|m| {
-                self.shared
-                    .layer
-                    .send(process, m)
-                    .map_err(|e| e.to_string())
-            });
-            if let Err(e) = sent {
-                self.abort_job(format!(
-                    "charmrs: PE {} could not reach PE {dst}: {e}",
-                    self.pe
-                ));
-            }
-            return;
+            return self.send_encoded(dst, msg);
         }
         if !env.crosses_processes() {
             return self.abort_job(format!(
@@ -651,20 +639,12 @@ impl PeState {
             Ok(v) => encode(&*v).map(Ok),
             Err(e) => Ok(Err(e)),
         };
-        let process = self.shared.process_of(owner);
-        let sent = encoded.and_then(|value| {
-            let msg = crate::wire::value_message(partial, id, self.pe as u32, owner as u32, value)?;
-            self.shared
-                .layer
-                .send(process, msg)
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: PE {} could not send a future's value to PE {owner} in process {process}: {e}",
-                self.pe
-            ));
-        }
+        let msg = encoded
+            .and_then(|value| {
+                crate::wire::value_message(partial, id, self.pe as u32, owner as u32, value)
+            })
+            .map_err(|e| format!("a future's value: {e}"));
+        self.send_encoded(owner, msg);
     }
 
     /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
@@ -1080,6 +1060,9 @@ impl PeState {
             (self.shared.network_pe.get() == Some(&self.pe)).then_some(self.shared.entries);
         let start = Instant::now();
         let own_core = self.shared.own_cores.load(Ordering::Relaxed);
+        // A network PE that the layer cannot wake polls longer after input, then only naps (see
+        // NAP_SPIN); once napping, it naps at once (an idle job costs no core).
+        let naps = network.is_some() && !self.shared.network_wakes.load(Ordering::Relaxed);
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
             if let Some(table) = network {
@@ -1106,9 +1089,6 @@ impl PeState {
                 self.napping_since.set(None);
                 return;
             }
-            // A network PE that the layer cannot wake polls longer after input, then only naps
-            // (see NAP_SPIN); once napping, it naps at once (an idle job costs no core).
-            let naps = network.is_some() && !self.shared.network_wakes.load(Ordering::Relaxed);
             let napping_since = self.napping_since.get().filter(|_| naps);
             let spin = match (naps, napping_since) {
                 (false, _) => self.shared.idle_spin,
