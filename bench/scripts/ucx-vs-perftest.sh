@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/scripts/lib.sh
 reps=${1:-5}
-sizes=${SIZES:-8,1048576,2097152,4194304}
+sizes=${SIZES:-8,4096,65536,262144,1048576,2097152,4194304}
 export UCX_TLS=${UCX_TLS:-shm,self} UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
 command -v ucx_perftest >/dev/null || { echo "ucx_perftest not found: apt-get install ucx-utils" >&2; exit 1; }
 cargo build --release -q -p charmrs-launcher -p charmrs-xproc-bench --features ucx

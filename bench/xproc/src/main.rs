@@ -6,8 +6,9 @@
 //! ```
 //!
 //! In one job of two processes it measures, side by side:
-//! - one-way latency (ping-pong / 2) of an entry call carrying a [`Buffer`] of 8 B … 4 MiB, and of
-//!   a bare `TcpStream` ping-pong of the same sizes between the same two processes;
+//! - one-way latency (ping-pong / 2) of an entry call carrying a [`Buffer`] of 8 B … 4 MiB (each
+//!   side sends a buffer of its own, like `ucp_am_lat` and `osu_latency`), and of a bare
+//!   `TcpStream` ping-pong of the same sizes between the same two processes;
 //! - bandwidth: a window of 16 messages of each size streamed to the other process, then one
 //!   acknowledgement, for charmrs and for the bare socket;
 //! - a reduction (empty, to a callback, back to back) and a broadcast with completion, over the
@@ -22,7 +23,9 @@
 //! polling PEs).
 //!
 //! Environment: `XPROC_SIZES=8,1048576` (sizes), `XPROC_REPEATS=n`, `XPROC_NO_BARE=1` (no bare
-//! columns), `XPROC_CHARMRS_ONLY=1` (charmrs latency only, for profiling).
+//! columns), `XPROC_CHARMRS_ONLY=1` (charmrs latency only, for profiling), `XPROC_ECHO_DATA=1`
+//! (the charmrs ping-pong sends back the buffer it received instead of its own; see
+//! `echo_data`).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -52,21 +55,50 @@ fn iterations(size: usize) -> u32 {
     }
 }
 
-/// The remote side: echoes buffers, counts streamed ones, runs the bare-socket echo server.
+/// Whether each side of the ping-pong sends back the buffer it received (`XPROC_ECHO_DATA=1`)
+/// rather than a buffer of its own of the same size, as `ucp_am_lat`, `fi_pingpong` and
+/// `osu_latency` do. Echoing the received buffer sends bytes just written on this core, which
+/// the peer then reads out of this core's cache: from 16 KiB on, that costs more than the
+/// transfer of a buffer at rest.
+fn echo_data() -> bool {
+    std::env::var_os("XPROC_ECHO_DATA").is_some_and(|v| v == "1")
+}
+
+/// A buffer of `size` bytes this side sends, kept across calls (allocated on a size change).
+fn own_buffer(own: &mut Buffer, size: usize, fill: u8) -> Buffer {
+    if own.0.len() != size {
+        *own = Buffer(Bytes::from(vec![fill; size]));
+    }
+    own.clone()
+}
+
+/// The remote side: answers ping-pong buffers, counts streamed ones, runs the bare-socket echo
+/// server.
 struct Pong {
     streamed: usize,
+    /// The buffer it answers with (see [`echo_data`]).
+    own: Buffer,
+    echo_data: bool,
 }
 
 #[chare]
 impl Pong {
     fn new() -> Self {
-        Pong { streamed: 0 }
+        Pong {
+            streamed: 0,
+            own: Buffer(Bytes::new()),
+            echo_data: echo_data(),
+        }
     }
 
-    /// Sends the buffer straight back.
+    /// Answers with a buffer of the same size: its own, or the one received.
     #[entry]
     fn echo(&mut self, data: Buffer, back: ElementProxy<Ping>) {
-        back.echoed(data);
+        if self.echo_data {
+            back.echoed(data);
+        } else {
+            back.echoed(own_buffer(&mut self.own, data.0.len(), 3));
+        }
     }
 
     /// Counts a streamed buffer; acknowledges every `window`-th.
@@ -142,6 +174,9 @@ struct Ping {
     done: Option<Future<f64>>,
     start: Option<Instant>,
     acks: usize,
+    /// The buffer it sends (see [`echo_data`]).
+    own: Buffer,
+    echo_data: bool,
 }
 
 #[chare]
@@ -153,6 +188,8 @@ impl Ping {
             done: None,
             start: None,
             acks: 0,
+            own: Buffer(Bytes::new()),
+            echo_data: echo_data(),
         }
     }
 
@@ -170,7 +207,7 @@ impl Ping {
         self.pong = Some(pong);
         self.done = Some(done);
         self.start = Some(Instant::now());
-        pong.echo(Buffer(Bytes::from(vec![7u8; size])), ctx.this_element());
+        pong.echo(own_buffer(&mut self.own, size, 7), ctx.this_element());
     }
 
     #[entry]
@@ -179,8 +216,12 @@ impl Ping {
         if self.left == 0 {
             let secs = self.start.take().expect("started").elapsed().as_secs_f64();
             self.done.take().expect("a future").send(secs);
-        } else {
+        } else if self.echo_data {
             self.pong.expect("a peer").echo(data, ctx.this_element());
+        } else {
+            let own = own_buffer(&mut self.own, data.0.len(), 7);
+            drop(data);
+            self.pong.expect("a peer").echo(own, ctx.this_element());
         }
     }
 

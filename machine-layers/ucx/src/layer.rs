@@ -166,7 +166,10 @@ struct Shared {
 /// * **Send** ([`send`](MachineLayer::send), any thread): one active
 ///   message per [`Message`]: the AM header carries the 32-byte header, a
 ///   sequence number and the segment lengths; the data part is the
-///   segments themselves as a UCX iov (no copy into one buffer). The
+///   segments themselves as a UCX iov (no copy into one buffer), or, for
+///   a large message whose segments but the last are small, those inside
+///   the AM header and the last as one contiguous buffer (see
+///   [`wire`](crate::wire)). The
 ///   segments' `Bytes` are kept until UCX's completion callback. Large
 ///   messages use UCX's rendezvous: the receiver takes the message's
 ///   buffer from a pool of reusable buffers when the announcement arrives

@@ -21,7 +21,15 @@
 //!   sequence number and all segment lengths but the last ([`wire`]); the
 //!   data part is the segments as an iov, except that a message of several
 //!   segments totalling at most 512 bytes is gathered into one buffer, which
-//!   lets UCX use its fastest ("short") shared-memory protocol.
+//!   lets UCX use its fastest ("short") shared-memory protocol, and that a
+//!   message of 16 KiB to 1.5 MiB whose segments but the last total at most
+//!   1 KiB (an entry call's arguments before its buffer) travels *split*:
+//!   the small segments inside the AM header, the last one as the whole,
+//!   contiguous data part, which UCX's rendezvous reads with one zero-copy
+//!   get (CMA on shared memory) instead of copying an iov through its
+//!   bounce buffers on both sides ([`wire`] has the layout;
+//!   `docs/performance.md`, session 12, the measurements behind the
+//!   bounds).
 //! * **Large messages** use UCX's active-message rendezvous: the receive
 //!   callback takes a buffer from a pool of reusable ones (a fresh
 //!   multi-megabyte allocation per message costs more in page faults than

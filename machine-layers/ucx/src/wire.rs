@@ -20,7 +20,19 @@
 //! | 20     | 8           | [`Header::tag`]                                 |
 //! | 28     | 8 × (n − 1) | lengths of all segments but the last            |
 //!
-//! The last segment's length is what remains of the data part. A goodbye
+//! The last segment's length is what remains of the data part.
+//!
+//! A *split* data message ([`AM_DATA_SPLIT`]) has the same header followed
+//! by the bytes of all segments but the last, back to back; its data part
+//! is the last segment alone. The sender uses it for a large message whose
+//! leading segments are small (an entry call's arguments before its
+//! buffer): the data part is then one contiguous buffer, which UCX's
+//! rendezvous protocol moves with a single zero-copy read (on shared
+//! memory, one kernel copy by CMA), where a list of buffers (an iov) goes
+//! through its copying pipeline (two copies through the shared-memory
+//! FIFO). The receiver fetches that data part straight into its own buffer.
+//!
+//! A goodbye
 //! ([`AM_BYE`]) carries only the sender's rank (4 bytes of header, no
 //! data): the sender shut its layer down cleanly, so the loss of its
 //! endpoint afterwards is not a failure.
@@ -42,6 +54,12 @@ use charmrs_transport::{Header, ProcessId, TransportError, MAX_SEGMENTS};
 pub const AM_DATA: u32 = 0x6368;
 /// Active-message id of the goodbye notice.
 pub const AM_BYE: u32 = 0x6369;
+/// Active-message id of split data messages (see the module docs).
+pub const AM_DATA_SPLIT: u32 = 0x636A;
+
+/// Largest total of leading segments a split message carries in its
+/// header.
+pub const SPLIT_LEADING_MAX: usize = 1024;
 
 /// Bytes of the fixed part of a data header (before the segment lengths).
 pub const FIXED: usize = 28;
@@ -74,6 +92,23 @@ pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens
     }
 }
 
+/// Writes the AM header of a split data message into `out` (cleared
+/// first): [`encode`]'s header, then the bytes of every segment but the
+/// last (whose lengths are `lens` without its last entry).
+pub fn encode_split<B: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    src: ProcessId,
+    seq: u32,
+    header: &Header,
+    lens: &[usize],
+    leading: &[B],
+) {
+    encode(out, src, seq, header, lens);
+    for s in leading {
+        out.extend_from_slice(s.as_ref());
+    }
+}
+
 /// A decoded data-message header (borrowing the segment-length table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded<'a> {
@@ -87,6 +122,9 @@ pub struct Decoded<'a> {
     lens: &'a [u8],
     /// Length of the last segment.
     last: usize,
+    /// A split message's leading segments (all but the last), back to
+    /// back; empty for a plain data message.
+    pub leading: &'a [u8],
 }
 
 impl Decoded<'_> {
@@ -119,6 +157,27 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 /// [`TransportError::Malformed`] or [`TransportError::TooLarge`] for
 /// anything inconsistent.
 pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, TransportError> {
+    decode_as(b, data_len, size, false)
+}
+
+/// [`decode`] for a split data message ([`AM_DATA_SPLIT`]): the leading
+/// segments follow the length table in `b`, the data part is the last
+/// segment.
+///
+/// # Errors
+///
+/// As [`decode`]; also when the header's bytes after the length table are
+/// not exactly the leading segments, or the message has no segment.
+pub fn decode_split(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, TransportError> {
+    decode_as(b, data_len, size, true)
+}
+
+fn decode_as(
+    b: &[u8],
+    data_len: usize,
+    size: u32,
+    split: bool,
+) -> Result<Decoded<'_>, TransportError> {
     if b.len() < FIXED {
         return Err(TransportError::Malformed(format!(
             "active-message header of {} bytes, expected at least {FIXED}",
@@ -139,7 +198,13 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, Trans
         });
     }
     let n = usize::from(segment_count);
-    if b.len() != header_len(n) {
+    if split && n == 0 {
+        return Err(TransportError::Malformed(format!(
+            "split active message from process {src} without segments"
+        )));
+    }
+    let table_end = header_len(n);
+    if b.len() < table_end || (!split && b.len() != table_end) {
         return Err(TransportError::Malformed(format!(
             "active message from process {src}: header of {} bytes for {n} segments (expected {})",
             b.len(),
@@ -154,7 +219,15 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, Trans
             ))
         })?;
     }
-    if used > data_len as u64 || (n == 0 && data_len != 0) {
+    let leading = &b[table_end..];
+    if split {
+        if used != leading.len() as u64 {
+            return Err(TransportError::Malformed(format!(
+                "split active message from process {src}: leading segments of {used} bytes, {} bytes carried",
+                leading.len()
+            )));
+        }
+    } else if used > data_len as u64 || (n == 0 && data_len != 0) {
         return Err(TransportError::Malformed(format!(
             "active message from process {src}: {n} segments of at least {used} bytes in {data_len} bytes of data"
         )));
@@ -171,8 +244,13 @@ pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, Trans
         src,
         seq: u32_at(b, 4),
         header,
-        lens: &b[FIXED..],
-        last: data_len - used as usize,
+        lens: &b[FIXED..table_end],
+        last: if split {
+            data_len
+        } else {
+            data_len - used as usize
+        },
+        leading,
     })
 }
 
@@ -224,5 +302,54 @@ mod tests {
         assert!(decode(&huge, 1, 4).is_err(), "overflow");
         encode(&mut b, 0, 0, &header(0), &[]);
         assert!(decode(&b, 1, 4).is_err(), "data without segments");
+    }
+
+    #[test]
+    fn split_messages_round_trip() {
+        let mut b = Vec::new();
+        encode_split(
+            &mut b,
+            2,
+            9,
+            &header(3),
+            &[3, 0, 1 << 20],
+            &[&b"abc"[..], &[]],
+        );
+        assert_eq!(b.len(), header_len(3) + 3);
+        let d = decode_split(&b, 1 << 20, 4).unwrap();
+        assert_eq!((d.src, d.seq, d.header), (2, 9, header(3)));
+        assert_eq!(d.lens().collect::<Vec<_>>(), vec![3, 0, 1 << 20]);
+        assert_eq!(d.leading, b"abc");
+        // One segment: nothing leads.
+        encode_split::<&[u8]>(&mut b, 0, 1, &header(1), &[5], &[]);
+        let d = decode_split(&b, 5, 1).unwrap();
+        assert_eq!(d.lens().collect::<Vec<_>>(), vec![5]);
+        assert!(d.leading.is_empty());
+    }
+
+    #[test]
+    fn hostile_split_headers_are_refused() {
+        let mut b = Vec::new();
+        encode_split(&mut b, 1, 0, &header(2), &[4, 100], &[&b"wxyz"[..]]);
+        assert!(decode_split(&b, 100, 2).is_ok());
+        assert!(
+            decode(&b, 104, 2).is_err(),
+            "a split header is not a plain one"
+        );
+        assert!(
+            decode_split(&b[..b.len() - 1], 100, 2).is_err(),
+            "leading bytes missing"
+        );
+        let mut long = b.clone();
+        long.push(0);
+        assert!(
+            decode_split(&long, 100, 2).is_err(),
+            "bytes beyond the leading segments"
+        );
+        encode(&mut b, 0, 0, &header(0), &[]);
+        assert!(decode_split(&b, 0, 2).is_err(), "no segment");
+        let mut huge = Vec::new();
+        encode(&mut huge, 0, 0, &header(3), &[usize::MAX, 2, 0]);
+        assert!(decode_split(&huge, 1, 4).is_err(), "overflow");
     }
 }

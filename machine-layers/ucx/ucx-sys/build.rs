@@ -36,6 +36,7 @@ const FUNCTIONS: &[&str] = &[
     "ucp_worker_arm",
     "ucp_worker_signal",
     "ucp_worker_set_am_recv_handler",
+    "ucp_worker_query",
     // endpoints
     "ucp_ep_create",
     "ucp_ep_close_nbx",
@@ -70,6 +71,8 @@ const TYPES: &[&str] = &[
     "ucp_feature",
     "ucp_worker_params_t",
     "ucp_worker_params_field",
+    "ucp_worker_attr_t",
+    "ucp_worker_attr_field",
     "ucp_ep_params_t",
     "ucp_ep_params_field",
     "ucp_ep_params_flags_field",
