@@ -11,8 +11,9 @@
 //!
 //! # Invariants
 //!
-//! * Buffers are kept in power-of-two capacity classes; a buffer taken for
-//!   `len` bytes has capacity `>= len` and length 0.
+//! * Buffers are kept in capacity classes of a power of two plus
+//!   [`SLACK`] bytes; a buffer taken for `len` bytes has capacity `>= len`
+//!   and length 0.
 //! * The pool keeps at most `max_bytes` of idle capacity; beyond that,
 //!   returned buffers are freed.
 //! * The pool never hands out a buffer that a live `Bytes` still views: a
@@ -24,6 +25,10 @@ use bytes::Bytes;
 
 /// Smallest class (smaller requests are rounded up to it).
 const MIN_CLASS: usize = 64 << 10;
+/// Bytes each class has beyond its power of two: a large buffer sent with
+/// a call's arguments beside it (1 MiB and 40 bytes, say) takes a class of
+/// 1 MiB + 4 KiB, not one of 2 MiB.
+const SLACK: usize = 4 << 10;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -34,14 +39,24 @@ pub(crate) struct BufPool {
 
 #[derive(Debug, Default)]
 struct Idle {
-    /// `classes[i]` holds buffers of capacity `MIN_CLASS << i`.
+    /// `classes[i]` holds buffers of capacity `(MIN_CLASS << i) + SLACK`.
     classes: Vec<Vec<Vec<u8>>>,
     bytes: usize,
 }
 
+/// The class of a buffer for `len` bytes, and that class's capacity.
 fn class_of(len: usize) -> (usize, usize) {
-    let cap = len.max(MIN_CLASS).next_power_of_two();
-    ((cap / MIN_CLASS).trailing_zeros() as usize, cap)
+    let mut pow = MIN_CLASS;
+    let mut class = 0;
+    while len > pow + SLACK {
+        match pow.checked_mul(2) {
+            Some(p) if p <= usize::MAX - SLACK => pow = p,
+            // Beyond any class (never reached: rendezvous lengths are bounded).
+            _ => return (usize::MAX, len),
+        }
+        class += 1;
+    }
+    (class, pow + SLACK)
 }
 
 impl BufPool {
@@ -72,11 +87,11 @@ impl BufPool {
 
     fn give_back(&self, mut buf: Vec<u8>) {
         let cap = buf.capacity();
-        if !cap.is_power_of_two() || cap < MIN_CLASS {
+        let (class, class_cap) = class_of(cap);
+        if cap != class_cap {
             return;
         }
         buf.clear();
-        let (class, _) = class_of(cap);
         let mut idle = self
             .idle
             .lock()
@@ -147,11 +162,26 @@ mod tests {
 
     #[test]
     fn idle_capacity_is_bounded() {
-        let pool = BufPool::new(MIN_CLASS);
+        let pool = BufPool::new(MIN_CLASS + SLACK);
         let a = pool.take(10);
         let b = pool.take(10);
         drop(pool.wrap(a));
         drop(pool.wrap(b));
-        assert_eq!(pool.idle.lock().unwrap().bytes, MIN_CLASS);
+        assert_eq!(pool.idle.lock().unwrap().bytes, MIN_CLASS + SLACK);
+    }
+
+    #[test]
+    fn a_power_of_two_and_a_few_bytes_take_the_class_just_above() {
+        let pool = BufPool::new(64 << 20);
+        assert_eq!(pool.take((1 << 20) + 40).capacity(), (1 << 20) + SLACK);
+        assert_eq!(
+            pool.take((1 << 20) + SLACK + 1).capacity(),
+            (2 << 20) + SLACK
+        );
+        assert_eq!(pool.take(MIN_CLASS).capacity(), MIN_CLASS + SLACK);
+        assert_eq!(class_of(usize::MAX).1, usize::MAX);
+        // A buffer of a foreign capacity is not kept.
+        drop(pool.wrap(Vec::with_capacity(3 << 20)));
+        assert_eq!(pool.idle.lock().unwrap().bytes, 0);
     }
 }

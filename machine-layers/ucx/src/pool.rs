@@ -3,7 +3,10 @@
 //! # What this module owns
 //!
 //! [`BufPool`]: size classes (powers of two from [`MIN_CLASS`] to
-//! [`MAX_CLASS`]) of byte buffers into which UCX's rendezvous protocol
+//! [`MAX_CLASS`], those from [`SLACK_FROM`] plus [`SLACK`] bytes: a large
+//! buffer sent with a call's arguments beside it, say 1 MiB and 40 bytes,
+//! takes a class of 1 MiB + 4 KiB rather than one of 2 MiB) of byte
+//! buffers into which UCX's rendezvous protocol
 //! writes large messages, and into which eager messages from [`MIN_CLASS`]
 //! bytes are copied out of UCX's receive descriptors. The buffer becomes the
 //! delivered message's segments through [`Bytes::from_owner`]; when the last
@@ -42,18 +45,34 @@ pub(crate) const CLASS_BYTES: usize = 64 << 20;
 /// Idle buffers each class may keep (bounds the small classes: 4 MiB of
 /// 4 KiB buffers).
 pub(crate) const CLASS_BUFFERS: usize = 1024;
+/// Classes of at least this many bytes have [`SLACK`] bytes more than
+/// their power of two.
+pub(crate) const SLACK_FROM: usize = 64 << 10;
+/// See [`SLACK_FROM`].
+pub(crate) const SLACK: usize = 4 << 10;
+
+/// Bytes of the buffers of the class whose power of two is `pow`.
+fn class_len(pow: usize) -> usize {
+    if pow >= SLACK_FROM {
+        pow + SLACK
+    } else {
+        pow
+    }
+}
 
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct BufPool {
-    /// Idle buffers per class, with the class's capacity in buffers.
+    /// Idle buffers per class (class `i` has power of two `MIN_CLASS << i`),
+    /// with the class's capacity in buffers.
     classes: Vec<(Mutex<Vec<Vec<u8>>>, usize)>,
 }
 
 /// A buffer on loan from the pool; returns to it on drop.
 pub(crate) struct Loan {
     buf: Vec<u8>,
-    pool: Option<Arc<BufPool>>,
+    /// The class it returns to (none for a plain allocation).
+    home: Option<(Arc<BufPool>, usize)>,
 }
 
 impl AsRef<[u8]> for Loan {
@@ -64,12 +83,11 @@ impl AsRef<[u8]> for Loan {
 
 impl Drop for Loan {
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            if let Some((stack, cap)) = pool.class_of(self.buf.len()) {
-                let mut stack = stack.lock().unwrap_or_else(PoisonError::into_inner);
-                if stack.len() < *cap {
-                    stack.push(std::mem::take(&mut self.buf));
-                }
+        if let Some((pool, class)) = self.home.take() {
+            let (stack, cap) = &pool.classes[class];
+            let mut stack = stack.lock().unwrap_or_else(PoisonError::into_inner);
+            if stack.len() < *cap {
+                stack.push(std::mem::take(&mut self.buf));
             }
         }
     }
@@ -78,43 +96,46 @@ impl Drop for Loan {
 impl BufPool {
     pub(crate) fn new() -> Arc<BufPool> {
         let mut classes = Vec::new();
-        let mut c = MIN_CLASS;
-        while c <= MAX_CLASS {
-            let cap = (CLASS_BYTES / c).clamp(1, CLASS_BUFFERS);
+        let mut pow = MIN_CLASS;
+        while pow <= MAX_CLASS {
+            let cap = (CLASS_BYTES / class_len(pow)).clamp(1, CLASS_BUFFERS);
             classes.push((Mutex::new(Vec::with_capacity(cap)), cap));
-            c *= 2;
+            pow *= 2;
         }
         Arc::new(BufPool { classes })
     }
 
-    fn index(len: usize) -> Option<usize> {
-        if !(MIN_CLASS..=MAX_CLASS).contains(&len) || !len.is_power_of_two() {
-            return None;
+    /// The smallest class whose buffers hold `len` bytes, with their size.
+    fn class_for(len: usize) -> Option<(usize, usize)> {
+        let mut pow = MIN_CLASS;
+        let mut class = 0;
+        while pow <= MAX_CLASS {
+            if len <= class_len(pow) {
+                return Some((class, class_len(pow)));
+            }
+            pow *= 2;
+            class += 1;
         }
-        Some((len.trailing_zeros() - MIN_CLASS.trailing_zeros()) as usize)
-    }
-
-    fn class_of(&self, len: usize) -> Option<&(Mutex<Vec<Vec<u8>>>, usize)> {
-        Self::index(len).and_then(|i| self.classes.get(i))
+        None
     }
 
     /// A buffer of at least `len` bytes (all initialised).
     pub(crate) fn take(self: &Arc<Self>, len: usize) -> Loan {
-        let class = len
-            .max(MIN_CLASS)
-            .checked_next_power_of_two()
-            .unwrap_or(len);
-        match self.class_of(class) {
-            Some((stack, _)) => {
-                let idle = stack.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match Self::class_for(len) {
+            Some((class, class_len)) => {
+                let idle = self.classes[class]
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop();
                 Loan {
-                    buf: idle.unwrap_or_else(|| vec![0u8; class]),
-                    pool: Some(Arc::clone(self)),
+                    buf: idle.unwrap_or_else(|| vec![0u8; class_len]),
+                    home: Some((Arc::clone(self), class)),
                 }
             }
             None => Loan {
                 buf: vec![0u8; len],
-                pool: None,
+                home: None,
             },
         }
     }
@@ -152,8 +173,13 @@ mod tests {
     fn buffers_come_back_and_are_reused() {
         let pool = BufPool::new();
         let mut a = pool.take(100_000);
-        assert_eq!(a.len(), 128 << 10);
+        assert_eq!(a.len(), (128 << 10) + SLACK);
         assert_eq!(pool.take(5000).len(), 8 << 10);
+        // A power of two and a few bytes: the class just above it.
+        assert_eq!(pool.take((1 << 20) + 40).len(), (1 << 20) + SLACK);
+        assert_eq!(pool.take((1 << 20) + SLACK + 1).len(), (2 << 20) + SLACK);
+        assert_eq!(pool.take(64 << 10).len(), (64 << 10) + SLACK);
+        assert_eq!(pool.take((32 << 10) + 1).len(), (64 << 10) + SLACK);
         let p = a.as_mut_ptr();
         // SAFETY: the loan has 128 KiB of initialised bytes.
         unsafe { p.write(7) };
@@ -169,6 +195,11 @@ mod tests {
         assert_eq!(d.as_mut_ptr(), p, "reused once the last view dropped");
         drop((c, d));
         assert_eq!(pool.take(1 << 30).len(), 1 << 30);
+        assert_eq!(pool.take(MAX_CLASS + SLACK).len(), MAX_CLASS + SLACK);
+        assert_eq!(
+            pool.take(MAX_CLASS + SLACK + 1).len(),
+            MAX_CLASS + SLACK + 1
+        );
         assert_eq!(pool.take(10).len(), MIN_CLASS);
     }
 }
