@@ -268,8 +268,8 @@ impl Worker {
         w.err_args = (0..size)
             .map(|peer| Box::new(ErrArg { inbox, peer }))
             .collect();
-        w.set_handler(wire::AM_DATA, Some(am_data_cb))?;
-        w.set_handler(wire::AM_DATA_SPLIT, Some(am_split_cb))?;
+        w.set_handler(wire::AM_DATA, Some(am_data_cb::<false>))?;
+        w.set_handler(wire::AM_DATA_SPLIT, Some(am_data_cb::<true>))?;
         w.set_handler(wire::AM_BYE, Some(am_bye_cb))?;
         let mut attr: sys::ucp_worker_attr_t = zeroed();
         attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
@@ -853,8 +853,10 @@ fn assemble(
     Message::with_segments(header, segs)
 }
 
-/// Active-message handler of data messages (UCX calls it inside progress).
-unsafe extern "C" fn am_data_cb(
+/// Active-message handler of data messages (UCX calls it inside progress):
+/// plain ones (`SPLIT` false, [`wire::AM_DATA`]) or split ones
+/// ([`wire::AM_DATA_SPLIT`]).
+unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     arg: *mut c_void,
     header: *const c_void,
     header_length: usize,
@@ -863,20 +865,7 @@ unsafe extern "C" fn am_data_cb(
     param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
     // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { on_data(arg, header, header_length, data, length, param, false) }
-}
-
-/// Active-message handler of split data messages (see `wire`).
-unsafe extern "C" fn am_split_cb(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const sys::ucp_am_recv_param_t,
-) -> sys::ucs_status_t {
-    // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { on_data(arg, header, header_length, data, length, param, true) }
+    unsafe { on_data(arg, header, header_length, data, length, param, SPLIT) }
 }
 
 /// A data message (split or not) arrives: delivered at once when eager,
