@@ -855,7 +855,8 @@ fn assemble(
 
 /// Active-message handler of data messages (UCX calls it inside progress):
 /// plain ones (`SPLIT` false, [`wire::AM_DATA`]) or split ones
-/// ([`wire::AM_DATA_SPLIT`]).
+/// ([`wire::AM_DATA_SPLIT`]). Delivers an eager message at once, and starts
+/// fetching (or queues) one announced by rendezvous.
 unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     arg: *mut c_void,
     header: *const c_void,
@@ -864,27 +865,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     length: usize,
     param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
-    // SAFETY: the caller's guarantees are passed on unchanged.
-    unsafe { on_data(arg, header, header_length, data, length, param, SPLIT) }
-}
-
-/// A data message (split or not) arrives: delivered at once when eager,
-/// fetched into a pooled buffer when announced by rendezvous.
-///
-/// # Safety
-///
-/// As an active-message callback: `arg` is the worker's inbox, `header`
-/// and `data` hold `header_length` and `length` readable bytes for the
-/// duration of the call, `param` is valid.
-unsafe fn on_data(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const sys::ucp_am_recv_param_t,
-    split: bool,
-) -> sys::ucs_status_t {
+    let split = SPLIT;
     // SAFETY: arg is the worker's boxed inbox, alive while the worker is.
     let inbox = unsafe { &*(arg as *const Inbox) };
     let hdr: &[u8] = if header_length == 0 {
