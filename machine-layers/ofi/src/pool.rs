@@ -14,8 +14,12 @@
 //! * Buffers are kept in capacity classes of a power of two plus
 //!   [`SLACK`] bytes; a buffer taken for `len` bytes has capacity `>= len`
 //!   and length 0.
-//! * The pool keeps at most `max_bytes` of idle capacity; beyond that,
-//!   returned buffers are freed.
+//! * The pool keeps at most `max_bytes` of idle capacity. A returned
+//!   buffer that would exceed it first evicts idle buffers of other classes
+//!   (largest first: a stream of one size must not find the budget held by
+//!   buffers of the sizes before it, or every buffer of its own would be
+//!   freed and faulted in anew); it is freed only when its own class fills
+//!   the budget.
 //! * The pool never hands out a buffer that a live `Bytes` still views: a
 //!   buffer returns only from the owner's `Drop`, i.e. after the last view.
 
@@ -88,22 +92,37 @@ impl BufPool {
     fn give_back(&self, mut buf: Vec<u8>) {
         let cap = buf.capacity();
         let (class, class_cap) = class_of(cap);
-        if cap != class_cap {
+        if cap != class_cap || cap > self.max_bytes {
             return;
         }
         buf.clear();
+        // Freed after the lock is released.
+        let mut evicted = Vec::new();
         let mut idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.bytes + cap > self.max_bytes {
-            return;
+        // The class of the buffer coming back is the one in use: idle buffers of other classes
+        // (left by an earlier phase of other sizes) make room for it, largest first.
+        while idle.bytes + cap > self.max_bytes {
+            let Some(other) = (0..idle.classes.len())
+                .rev()
+                .find(|&c| c != class && !idle.classes[c].is_empty())
+            else {
+                return; // its own class fills the budget
+            };
+            if let Some(b) = idle.classes[other].pop() {
+                idle.bytes -= b.capacity();
+                evicted.push(b);
+            }
         }
         if idle.classes.len() <= class {
             idle.classes.resize_with(class + 1, Vec::new);
         }
         idle.bytes += cap;
         idle.classes[class].push(buf);
+        drop(idle);
+        drop(evicted);
     }
 
     /// Wraps a filled buffer (taken from this pool) as `Bytes` that return
@@ -168,6 +187,24 @@ mod tests {
         drop(pool.wrap(a));
         drop(pool.wrap(b));
         assert_eq!(pool.idle.lock().unwrap().bytes, MIN_CLASS + SLACK);
+    }
+
+    #[test]
+    fn buffers_in_use_evict_idle_ones_of_other_sizes() {
+        let small = MIN_CLASS + SLACK;
+        let pool = BufPool::new(4 * small);
+        let bufs: Vec<_> = (0..4).map(|_| pool.take(10)).collect();
+        for b in bufs {
+            drop(pool.wrap(b));
+        }
+        assert_eq!(pool.idle.lock().unwrap().bytes, 4 * small);
+        // A buffer of the next class evicts two small ones to come back.
+        let big = pool.take(2 * MIN_CLASS);
+        let big_cap = big.capacity();
+        drop(pool.wrap(big));
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!(idle.bytes, 2 * small + big_cap);
+        assert_eq!((idle.classes[0].len(), idle.classes[1].len()), (2, 1));
     }
 
     #[test]
