@@ -176,11 +176,7 @@ impl Runtime {
                     }
                 }
             });
-            if !shared.layer.set_wakeup(hook) {
-                shared
-                    .network_wakes
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-            }
+            let _ = shared.network_wakes.set(shared.layer.set_wakeup(hook));
             let _ = shared.network_pe.set(first_pe);
         }
         // Whether idle PEs may poll without ever yielding: only if each has a core of its own.

@@ -1062,7 +1062,7 @@ impl PeState {
         let own_core = self.shared.own_cores.load(Ordering::Relaxed);
         // A network PE that the layer cannot wake polls longer after input, then only naps (see
         // NAP_SPIN); once napping, it naps at once (an idle job costs no core).
-        let naps = network.is_some() && !self.shared.network_wakes.load(Ordering::Relaxed);
+        let naps = network.is_some() && self.shared.network_wakes.get() == Some(&false);
         let mut spins = 0u32;
         while mailbox.is_empty() && !self.shared.stopping() {
             if let Some(table) = network {

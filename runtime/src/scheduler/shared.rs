@@ -46,8 +46,8 @@ pub(crate) struct Shared {
     /// The PE that polls the machine layer (`None`: no network, a single-process job).
     pub(crate) network_pe: std::sync::OnceLock<usize>,
     /// Whether the machine layer wakes the parked network PE when something arrives (else that
-    /// PE only naps: see `PeState::idle`).
-    pub(crate) network_wakes: AtomicBool,
+    /// PE only naps: see `PeState::idle`); set once, with `network_pe`, before the PEs start.
+    pub(crate) network_wakes: std::sync::OnceLock<bool>,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
     stop: AtomicBool,
@@ -78,7 +78,7 @@ impl Shared {
             entries,
             balance,
             network_pe: std::sync::OnceLock::new(),
-            network_wakes: AtomicBool::new(true),
+            network_wakes: std::sync::OnceLock::new(),
             layer,
             stop: AtomicBool::new(false),
             end: Mutex::default(),
