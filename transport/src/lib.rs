@@ -19,6 +19,8 @@
 //! * A [`Bootstrap`] wires the job up before the layer exists (rank, size,
 //!   exchange of addresses), like PMI.
 //! * [`Topology`] tells the runtime which cores its PEs may be pinned to.
+//! * [`pool`] lends machine layers reusable receive buffers for large
+//!   messages ([`RecvPool`]).
 //! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
 //!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
 //!   with the environment-variable contract between them.
@@ -39,6 +41,7 @@ pub mod kv;
 pub mod layer;
 pub mod memory;
 pub mod message;
+pub mod pool;
 pub mod segments;
 pub mod topology;
 
@@ -51,5 +54,6 @@ pub use message::{
     decode_frame, decode_frame_bytes, encode_frame_prefix, peek_frame_len, Header, Message, MAGIC,
     MAX_SEGMENTS, WIRE_VERSION,
 };
+pub use pool::{PoolBuf, RecvPool};
 pub use segments::Segments;
 pub use topology::{CoreId, Topology};

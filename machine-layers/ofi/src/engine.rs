@@ -22,7 +22,7 @@
 //!   registers its segments (`fi_mr_reg`, `FI_REMOTE_READ`) and sends a
 //!   descriptor; the receiver `fi_read`s every segment into one freshly
 //!   allocated buffer whose slices become the message's segments (zero
-//!   copies; the buffer comes from a recycling pool, see `pool`), then
+//!   copies; the buffer comes from a [`RecvPool`]), then
 //!   sends an ACK, on which the sender drops registrations
 //!   and segments.
 //! * Per-source delivery order: a rendezvous message holds back later
@@ -57,8 +57,8 @@ use charmrs_ofi_sys as sys;
 use charmrs_transport::{Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
-use crate::pool::BufPool;
 use crate::wire;
+use charmrs_transport::{PoolBuf, RecvPool};
 
 /// Peer status values shared with the layer's lock-free `send` check.
 pub(crate) const ALIVE: u8 = 0;
@@ -140,8 +140,8 @@ struct InRndv {
     segs: Vec<wire::RemoteSeg>,
     /// The inline segments' bytes (copied into `buf` when it is taken).
     inline: Vec<u8>,
-    /// Capacity >= `total`, filled by the reads; `None` until admitted.
-    buf: Option<Vec<u8>>,
+    /// At least `total` bytes, filled by the reads; `None` until admitted.
+    buf: Option<PoolBuf>,
     total: usize,
     remaining: usize,
     failed: bool,
@@ -149,18 +149,15 @@ struct InRndv {
 
 impl InRndv {
     /// Takes the message's buffer from `pool` and copies the inline segments' bytes to their
-    /// offsets (into its spare capacity: the reads fill the rest, then the length is set).
-    fn take_buffer(&mut self, pool: &BufPool) {
+    /// offsets (the reads fill the rest).
+    fn take_buffer(&mut self, pool: &Arc<RecvPool>) {
         let mut buf = pool.take(self.total);
-        let spare = buf.spare_capacity_mut();
+        let bytes = buf.as_mut_slice();
         let (mut offset, mut from) = (0usize, 0usize);
         for s in &self.segs {
             let len = s.len as usize;
             if s.is_inline() {
-                let bytes = &self.inline[from..from + len];
-                for (dst, src) in spare[offset..offset + len].iter_mut().zip(bytes) {
-                    dst.write(*src);
-                }
+                bytes[offset..offset + len].copy_from_slice(&self.inline[from..from + len]);
                 from += len;
             }
             offset += len;
@@ -182,6 +179,10 @@ pub(crate) struct Registered {
     pub(crate) _mr: Option<Mr>,
     pub(crate) buf: Bytes,
 }
+
+/// Smallest receive-pool class (rendezvous messages are larger than a packet, 16 KiB by
+/// default).
+const RNDV_POOL_MIN: usize = 64 << 10;
 
 /// Sizes the engine works with.
 #[derive(Debug, Clone, Copy)]
@@ -243,7 +244,7 @@ pub(crate) struct Engine {
     /// Reused buffer for injected packets.
     scratch: Vec<u8>,
     /// Recycled buffers for rendezvous reads.
-    pool: Arc<BufPool>,
+    pool: Arc<RecvPool>,
 }
 
 // SAFETY: the raw pointers are operation contexts owned by the engine
@@ -291,7 +292,7 @@ impl Engine {
             next_key: 1,
             regions: HashMap::new(),
             scratch: Vec::new(),
-            pool: BufPool::new(sizes.pool_bytes),
+            pool: RecvPool::new(RNDV_POOL_MIN, sizes.pool_bytes),
         };
         for i in 0..sizes.recv_buffers {
             e.recv_bufs
@@ -445,10 +446,9 @@ impl Engine {
                 let Some(buf) = inr.buf.as_mut() else {
                     return Ok(None);
                 };
-                // SAFETY: offset + len <= total <= the buffer's capacity
-                // (chunks are cut from the descriptor's lengths, whose sum
-                // is `total`), so the pointer stays inside the allocation.
-                let dst = unsafe { buf.as_mut_ptr().add(offset) };
+                // Chunks are cut from the descriptor's lengths, whose sum is
+                // `total` <= the buffer's length.
+                let dst = buf.as_mut_slice()[offset..offset + len].as_mut_ptr();
                 let op = Box::into_raw(Box::new(Op {
                     ctx: sys::fi_context2::default(),
                     kind: OpKind::Read { src: p, in_id },
@@ -1021,7 +1021,7 @@ impl Engine {
             return;
         };
         let src = inr.src;
-        let Some(mut buf) = inr.buf else {
+        let Some(buf) = inr.buf else {
             return;
         };
         self.reading = self.reading.saturating_sub(inr.total);
@@ -1032,12 +1032,8 @@ impl Engine {
             self.order[src as usize].clear();
             return;
         }
-        // SAFETY: [0, total) is initialised: every read completed
-        // successfully and the inline segments were copied in (reads and
-        // inline segments tile the segments, whose lengths sum to `total`,
-        // and `total <= capacity`).
-        unsafe { buf.set_len(inr.total) };
-        let whole = self.pool.wrap(buf);
+        // Every read completed and the inline segments were copied in: they tile [0, total).
+        let whole = buf.into_bytes(inr.total);
         let mut segs = Vec::with_capacity(inr.lens.len());
         let mut at = 0;
         for len in inr.lens {

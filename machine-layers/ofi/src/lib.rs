@@ -64,7 +64,6 @@ mod config;
 mod engine;
 mod fabric;
 mod layer;
-mod pool;
 pub mod wire;
 
 pub use config::{OfiConfig, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS};

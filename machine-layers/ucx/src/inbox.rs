@@ -75,16 +75,18 @@ pub(crate) struct Inbox {
     /// `ucp_am_recv_data_nbx`; UCX does not pass it). Set once created.
     pub(crate) worker: std::cell::Cell<charmrs_ucx_sys::ucp_worker_h>,
     /// Receive buffers of rendezvous messages.
-    pub(crate) pool: std::sync::Arc<crate::pool::BufPool>,
+    pub(crate) pool: std::sync::Arc<charmrs_transport::RecvPool>,
     pub(crate) state: RefCell<InboxState>,
 }
 
 impl Inbox {
-    pub(crate) fn new(size: u32) -> Inbox {
+    /// The inbox of a job of `size` processes, whose receive pool keeps at
+    /// most `pool_bytes` idle.
+    pub(crate) fn new(size: u32, pool_bytes: usize) -> Inbox {
         Inbox {
             size,
             worker: std::cell::Cell::new(std::ptr::null_mut()),
-            pool: crate::pool::BufPool::new(),
+            pool: charmrs_transport::RecvPool::new(crate::worker::EAGER_POOL_MIN, pool_bytes),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
                 ..InboxState::default()
@@ -232,7 +234,7 @@ mod tests {
 
     #[test]
     fn rendezvous_holds_later_messages_back() {
-        let i = Inbox::new(2);
+        let i = Inbox::new(2, 1 << 20);
         i.arrive(1, 0, Some(m(0)));
         i.arrive(1, 1, None);
         i.arrive(1, 2, Some(m(2)));
@@ -245,7 +247,7 @@ mod tests {
 
     #[test]
     fn out_of_order_and_duplicates() {
-        let i = Inbox::new(1);
+        let i = Inbox::new(1, 1 << 20);
         i.arrive(0, 1, Some(m(1)));
         assert!(ready_tags(&i).is_empty());
         i.arrive(0, 0, Some(m(0)));
@@ -257,7 +259,7 @@ mod tests {
 
     #[test]
     fn sequence_numbers_wrap_at_32_bits() {
-        let i = Inbox::new(1);
+        let i = Inbox::new(1, 1 << 20);
         i.state.borrow_mut().sources[0].next = u64::from(u32::MAX);
         assert_eq!(i.arrive(0, 0, None), 1 << 32, "after the wrap");
         assert_eq!(i.arrive(0, u32::MAX, Some(m(1))), u64::from(u32::MAX));
@@ -267,7 +269,7 @@ mod tests {
 
     #[test]
     fn loss_is_reported_once_and_not_after_goodbye() {
-        let i = Inbox::new(3);
+        let i = Inbox::new(3, 1 << 20);
         i.peer_failed(1, "x".into());
         i.peer_failed(1, "y".into());
         i.depart(2);

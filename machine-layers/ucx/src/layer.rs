@@ -82,6 +82,10 @@ pub struct UcxConfig {
     /// How long dropping the layer waits for its last sends to complete.
     /// Default 1 s.
     pub linger: Duration,
+    /// Bytes of idle receive buffers (rendezvous messages, eager ones from
+    /// 4 KiB) the layer keeps for reuse (see
+    /// [`RecvPool`](charmrs_transport::RecvPool)). Default 64 MiB.
+    pub pool_bytes: usize,
 }
 
 impl Default for UcxConfig {
@@ -94,6 +98,7 @@ impl Default for UcxConfig {
             same_host_error_handling: false,
             wakeup: true,
             linger: Duration::from_secs(1),
+            pool_bytes: 64 << 20,
         }
     }
 }
@@ -263,6 +268,7 @@ impl UcxLayer {
             rndv_threshold: cfg.rndv_threshold,
             wakeup: cfg.wakeup,
             same_host_error_handling: cfg.same_host_error_handling,
+            pool_bytes: cfg.pool_bytes,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
         let me = Identity::current();

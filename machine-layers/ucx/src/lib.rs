@@ -80,7 +80,6 @@
 mod inbox;
 mod layer;
 mod liveness;
-mod pool;
 mod spin;
 mod status;
 mod wake;

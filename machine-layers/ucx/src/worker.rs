@@ -34,9 +34,9 @@ use charmrs_transport::{Header, Message, ProcessId, TransportError};
 use charmrs_ucx_sys as sys;
 
 use crate::inbox::Inbox;
-use crate::pool::Loan;
 use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
+use charmrs_transport::PoolBuf;
 
 /// Zero-initialised parameter struct (every UCX parameter struct is plain
 /// data whose unused fields are ignored through its field mask).
@@ -120,7 +120,7 @@ struct RecvOp {
     /// A split message's leading segments (the buffer gets the last).
     leading: Option<Bytes>,
     len: usize,
-    buf: Loan,
+    buf: PoolBuf,
 }
 
 /// A remote read in flight.
@@ -129,7 +129,7 @@ struct GetOp {
     src: ProcessId,
     header: Header,
     len: usize,
-    buf: Loan,
+    buf: PoolBuf,
     rkey: sys::ucp_rkey_h,
 }
 
@@ -139,6 +139,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) rndv_threshold: Option<usize>,
     pub(crate) wakeup: bool,
     pub(crate) same_host_error_handling: bool,
+    pub(crate) pool_bytes: usize,
 }
 
 /// The UCX context, worker and endpoints of the process; see the module
@@ -261,7 +262,7 @@ impl Worker {
             max_am_header: 0,
             peer_mode: Vec::new(),
             efd: None,
-            inbox: Box::new(Inbox::new(size)),
+            inbox: Box::new(Inbox::new(size, cfg.pool_bytes)),
         };
         w.inbox.worker.set(worker);
         let inbox: *const Inbox = &*w.inbox;
@@ -774,7 +775,7 @@ impl Worker {
         let req = unsafe {
             sys::ucp_get_nbx(
                 ep,
-                (*raw).buf.as_mut_ptr() as *mut c_void,
+                (*raw).buf.as_mut_slice().as_mut_ptr() as *mut c_void,
                 len,
                 addr,
                 rkey,
@@ -817,7 +818,7 @@ impl Drop for Worker {
 }
 
 /// Eager messages from this size are received into pooled buffers.
-const EAGER_POOL_MIN: usize = crate::pool::MIN_CLASS;
+pub(crate) const EAGER_POOL_MIN: usize = 4 << 10;
 
 fn cstr(s: &str) -> Result<CString, TransportError> {
     CString::new(s).map_err(|_| TransportError::Malformed(format!("{s:?} contains NUL")))
@@ -1000,7 +1001,7 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         sys::ucp_am_recv_data_nbx(
             inbox.worker.get(),
             desc,
-            (*raw).buf.as_mut_ptr() as *mut c_void,
+            (*raw).buf.as_mut_slice().as_mut_ptr() as *mut c_void,
             len,
             &p,
         )

@@ -1,0 +1,310 @@
+//! Reusable receive buffers for the large messages of a machine layer.
+//!
+//! # What this module owns
+//!
+//! [`RecvPool`]: buffers that a layer receives large messages into (a
+//! rendezvous read, or a copy out of the transport's own receive buffer),
+//! handed to the runtime as [`Bytes`] that give the buffer back to the pool
+//! when the last view of it is dropped, on whatever thread.
+//!
+//! Why: a fresh multi-megabyte allocation is page-faulted (and zeroed by
+//! the kernel) on first touch, which costs more than moving the bytes; so
+//! do smaller ones when the allocator gives a burst of them back to the
+//! kernel and takes them again for the next burst. A reused buffer is
+//! mapped already, and stays registered in the transport's registration
+//! cache where there is one.
+//!
+//! # Invariants
+//!
+//! * Size classes are the powers of two from the pool's smallest class to
+//!   [`MAX_CLASS`]; classes from [`SLACK_FROM`] have [`SLACK`] bytes more,
+//!   so a large buffer sent beside a call's arguments (1 MiB and 40 bytes,
+//!   say) takes a buffer of 1 MiB + 4 KiB, not one of 2 MiB. Larger
+//!   requests are plain allocations, never kept.
+//! * A buffer is lent to one message at a time: it comes back only from
+//!   the drop of the last `Bytes` view, and only that message's length of
+//!   it is ever exposed; the rest holds whatever earlier messages left.
+//! * At most the pool's budget of idle bytes is kept, and at most
+//!   [`CLASS_BUFFERS`] idle buffers per class. A returned buffer that would
+//!   exceed the budget first evicts idle buffers of *other* classes,
+//!   largest first: the class coming back is the one in use, and a stream
+//!   of one size must not find the budget held by the sizes before it (every
+//!   buffer of its own would then be freed and faulted in anew). It is
+//!   freed only when its own class fills the budget.
+//! * The pool never blocks and never fails: an empty class allocates.
+
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use bytes::Bytes;
+
+/// Largest power of two with a class; larger buffers are not kept.
+pub const MAX_CLASS: usize = 64 << 20;
+/// Classes from this power of two have [`SLACK`] bytes more.
+pub const SLACK_FROM: usize = 64 << 10;
+/// See [`SLACK_FROM`].
+pub const SLACK: usize = 4 << 10;
+/// Idle buffers kept per class at most (bounds the small classes: 4 MiB of
+/// 4 KiB buffers).
+pub const CLASS_BUFFERS: usize = 1024;
+
+/// Bytes of the buffers of the class whose power of two is `pow`.
+fn class_len(pow: usize) -> usize {
+    if pow >= SLACK_FROM {
+        pow + SLACK
+    } else {
+        pow
+    }
+}
+
+/// See the module docs.
+///
+/// ```
+/// use charmrs_transport::pool::RecvPool;
+///
+/// let pool = RecvPool::new(4096, 64 << 20);
+/// let mut buf = pool.take(100_000);
+/// buf.as_mut_slice()[..5].copy_from_slice(b"hello");
+/// let message = buf.into_bytes(100_000);
+/// assert_eq!(&message[..5], b"hello");
+/// drop(message); // the buffer goes back to the pool
+/// assert!(pool.idle_bytes() >= 100_000);
+/// ```
+#[derive(Debug)]
+pub struct RecvPool {
+    min_class: usize,
+    max_idle: usize,
+    idle: Mutex<Idle>,
+}
+
+#[derive(Debug, Default)]
+struct Idle {
+    /// `classes[i]`: idle buffers of the class of power `min_class << i`.
+    classes: Vec<Vec<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// A buffer lent by a [`RecvPool`]: fill it, then turn it into the
+/// message's [`Bytes`] with [`into_bytes`](PoolBuf::into_bytes). Dropped
+/// unused, it goes back to the pool.
+#[derive(Debug)]
+pub struct PoolBuf {
+    buf: Vec<u8>,
+    /// The pool and class it returns to (none for a plain allocation).
+    home: Option<(Weak<RecvPool>, usize)>,
+}
+
+impl RecvPool {
+    /// A pool whose smallest class is `min_class` bytes (rounded up to a
+    /// power of two; smaller requests get a buffer of that size) and which
+    /// keeps at most `max_idle_bytes` of idle buffers.
+    pub fn new(min_class: usize, max_idle_bytes: usize) -> Arc<RecvPool> {
+        Arc::new(RecvPool {
+            min_class: min_class.max(1).next_power_of_two(),
+            max_idle: max_idle_bytes,
+            idle: Mutex::new(Idle::default()),
+        })
+    }
+
+    /// The class for `len` bytes and the size of its buffers.
+    fn class_for(&self, len: usize) -> Option<(usize, usize)> {
+        let mut pow = self.min_class;
+        let mut class = 0;
+        while pow <= MAX_CLASS {
+            if len <= class_len(pow) {
+                return Some((class, class_len(pow)));
+            }
+            pow *= 2;
+            class += 1;
+        }
+        None
+    }
+
+    /// A buffer of at least `len` bytes, all initialised.
+    pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
+        let Some((class, size)) = self.class_for(len) else {
+            return PoolBuf {
+                buf: vec![0u8; len],
+                home: None,
+            };
+        };
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let got = idle.classes.get_mut(class).and_then(Vec::pop);
+            if got.is_some() {
+                idle.bytes -= size;
+            }
+            got
+        };
+        PoolBuf {
+            buf: reused.unwrap_or_else(|| vec![0u8; size]),
+            home: Some((Arc::downgrade(self), class)),
+        }
+    }
+
+    /// Bytes of the idle buffers the pool keeps.
+    pub fn idle_bytes(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
+    }
+
+    fn give_back(&self, class: usize, buf: Vec<u8>) {
+        let size = buf.len();
+        if size > self.max_idle {
+            return;
+        }
+        // Freed once the lock is released.
+        let mut evicted = Vec::new();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.classes.len() <= class {
+            idle.classes.resize_with(class + 1, Vec::new);
+        }
+        if idle.classes[class].len() >= CLASS_BUFFERS {
+            return;
+        }
+        while idle.bytes + size > self.max_idle {
+            let Some(other) = (0..idle.classes.len())
+                .rev()
+                .find(|&c| c != class && !idle.classes[c].is_empty())
+            else {
+                return; // its own class fills the budget
+            };
+            if let Some(b) = idle.classes[other].pop() {
+                idle.bytes -= b.len();
+                evicted.push(b);
+            }
+        }
+        idle.bytes += size;
+        idle.classes[class].push(buf);
+        drop(idle);
+        drop(evicted);
+    }
+}
+
+impl PoolBuf {
+    /// The whole buffer (at least the length asked for), to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The buffer's size in bytes (at least the length asked for).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the buffer has no bytes (only when 0 bytes were asked for
+    /// and the pool has no class).
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The first `len` bytes as shared [`Bytes`]; the buffer returns to the
+    /// pool when the last view is dropped.
+    ///
+    /// # Panics
+    ///
+    /// If `len` exceeds [`len`](PoolBuf::len).
+    pub fn into_bytes(self, len: usize) -> Bytes {
+        Bytes::from_owner(self).slice(..len)
+    }
+}
+
+impl AsRef<[u8]> for PoolBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        if let Some((pool, class)) = self.home.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.give_back(class, std::mem::take(&mut self.buf));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_after_the_last_view_and_are_reused() {
+        let pool = RecvPool::new(4096, 64 << 20);
+        let mut a = pool.take(100_000);
+        assert_eq!(a.len(), (128 << 10) + SLACK);
+        let p = a.as_mut_slice().as_mut_ptr();
+        a.as_mut_slice()[0] = 7;
+        let b = a.into_bytes(100_000);
+        assert_eq!((b.len(), b[0]), (100_000, 7));
+        let tail = b.slice(10..);
+        drop(b);
+        let c = pool.take(90_000);
+        assert_ne!(c.buf.as_ptr(), p as *const u8, "still in use by `tail`");
+        drop(tail);
+        let mut d = pool.take(70_000);
+        assert_eq!(
+            d.as_mut_slice().as_mut_ptr(),
+            p,
+            "reused once the last view dropped"
+        );
+    }
+
+    #[test]
+    fn classes_are_powers_of_two_with_slack_from_64_kib() {
+        let pool = RecvPool::new(4096, 64 << 20);
+        assert_eq!(pool.take(10).len(), 4096);
+        assert_eq!(pool.take(5000).len(), 8 << 10);
+        assert_eq!(pool.take((32 << 10) + 1).len(), (64 << 10) + SLACK);
+        assert_eq!(pool.take((1 << 20) + 40).len(), (1 << 20) + SLACK);
+        assert_eq!(pool.take((1 << 20) + SLACK + 1).len(), (2 << 20) + SLACK);
+        assert_eq!(pool.take(MAX_CLASS + SLACK).len(), MAX_CLASS + SLACK);
+        // Beyond the classes: exact, and not kept.
+        let before = pool.idle_bytes();
+        drop(pool.take(MAX_CLASS + SLACK + 1));
+        assert_eq!(pool.idle_bytes(), before);
+        assert_eq!(
+            RecvPool::new(60_000, 1 << 20).take(1).len(),
+            (64 << 10) + SLACK
+        );
+    }
+
+    #[test]
+    fn buffers_in_use_evict_idle_ones_of_other_sizes() {
+        let small = (64 << 10) + SLACK;
+        let pool = RecvPool::new(64 << 10, 4 * small);
+        let bufs: Vec<_> = (0..4).map(|_| pool.take(10)).collect();
+        drop(bufs);
+        assert_eq!(pool.idle_bytes(), 4 * small);
+        // A buffer of the next class evicts two small ones to come back.
+        let big = pool.take(128 << 10);
+        let big_len = big.len();
+        drop(big);
+        assert_eq!(pool.idle_bytes(), 2 * small + big_len);
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!((idle.classes[0].len(), idle.classes[1].len()), (2, 1));
+    }
+
+    #[test]
+    fn idle_buffers_are_bounded_per_class_and_by_the_budget() {
+        let pool = RecvPool::new(4096, usize::MAX);
+        let bufs: Vec<_> = (0..CLASS_BUFFERS + 10).map(|_| pool.take(1)).collect();
+        drop(bufs);
+        assert_eq!(pool.idle_bytes(), CLASS_BUFFERS * 4096);
+        let pool = RecvPool::new(4096, 10_000);
+        let bufs: Vec<_> = (0..5).map(|_| pool.take(1)).collect();
+        drop(bufs);
+        assert_eq!(pool.idle_bytes(), 8192, "its own class fills the budget");
+    }
+
+    #[test]
+    fn a_buffer_outliving_its_pool_is_simply_freed() {
+        let pool = RecvPool::new(4096, 1 << 20);
+        let b = pool.take(5000).into_bytes(5000);
+        drop(pool);
+        assert_eq!(b.len(), 5000);
+        drop(b);
+    }
+}
