@@ -76,6 +76,8 @@ pub(crate) struct Inbox {
     pub(crate) worker: std::cell::Cell<charmrs_ucx_sys::ucp_worker_h>,
     /// Receive buffers of rendezvous messages.
     pub(crate) pool: std::sync::Arc<charmrs_transport::RecvPool>,
+    /// Eager messages delivered in UCX's own descriptors.
+    pub(crate) lender: std::sync::Arc<crate::held::Lender>,
     pub(crate) state: RefCell<InboxState>,
 }
 
@@ -87,6 +89,7 @@ impl Inbox {
             size,
             worker: std::cell::Cell::new(std::ptr::null_mut()),
             pool: charmrs_transport::RecvPool::new(crate::worker::EAGER_POOL_MIN, pool_bytes),
+            lender: std::sync::Arc::default(),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
                 ..InboxState::default()

@@ -77,6 +77,7 @@
 //! # Ok::<(), charmrs_transport::TransportError>(())
 //! ```
 
+mod held;
 mod inbox;
 mod layer;
 mod liveness;

@@ -138,6 +138,16 @@ fn ordered_exactly_once_mixed_sizes_from_several_threads_tcp() {
 }
 
 #[test]
+fn messages_kept_past_the_layer_stay_intact_shm() {
+    Job::start(2, &["outlive"], SHM).wait_all(60);
+}
+
+#[test]
+fn messages_kept_past_the_layer_stay_intact_tcp() {
+    Job::start(2, &["outlive"], TCP).wait_all(60);
+}
+
+#[test]
 fn remote_reads_through_registered_memory_shm() {
     Job::start(3, &["rma"], SHM).wait_all(60);
 }

@@ -10,6 +10,7 @@
 //! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
 //! charmrs-ucx-check park <rounds>                  the runtime's parking network PE
+//! charmrs-ucx-check outlive                        messages kept past the layer stay intact
 //! ```
 //!
 //! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
@@ -651,6 +652,52 @@ fn park(layer: Arc<UcxLayer>, rounds: u64) {
     println!("OK park rank {me}: {got} messages, parked {parks} times");
 }
 
+/// Every rank sends eager messages of 1–8 KiB (delivered in UCX's own
+/// descriptors) to every other; each keeps all it received, drops its layer
+/// (the last reference: the worker goes), churns the allocator, and checks
+/// every byte it kept.
+fn outlive(layer: Arc<UcxLayer>) {
+    const COUNT: u64 = 64;
+    let me = layer.rank();
+    let n = layer.size();
+    let len = |k: u64| 1024 + (k as usize * 997) % 7168;
+    for p in (0..n).filter(|&p| p != me) {
+        for k in 0..COUNT {
+            let h = Header::new(KIND_DATA, 0, 0, k);
+            send(
+                &layer,
+                p,
+                Message::with_segment(h, pattern(me, k, 0, len(k))),
+            );
+        }
+    }
+    let kept = RefCell::new(Vec::new());
+    let expected = (u64::from(n) - 1) * COUNT;
+    progress_until(
+        &layer,
+        "the messages to keep",
+        60,
+        |src, m| kept.borrow_mut().push((src, m)),
+        || kept.borrow().len() as u64 == expected,
+    );
+    finish(&layer, vec![false; n as usize], &mut |_, m| {
+        fail(format!("rank {me}: unexpected message {:?}", m.header()))
+    });
+    drop(layer);
+    // Reuse freed memory, so that bytes read from freed descriptors would differ.
+    let churn: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8; 8192]).collect();
+    drop(churn);
+    for (src, m) in kept.into_inner() {
+        let k = m.header().tag;
+        if m.segments().len() != 1 || m.segments()[0] != pattern(src, k, 0, len(k)) {
+            fail(format!(
+                "rank {me}: message {k} from {src} changed after the layer was dropped"
+            ));
+        }
+    }
+    println!("OK outlive rank {me}: {expected} messages intact");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
@@ -672,6 +719,7 @@ fn main() {
         Some("wake") => wake(&layer),
         Some("lost") => lost(&layer),
         Some("park") => park(Arc::clone(&layer), num(2, 2000)),
+        Some("outlive") => outlive(layer),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }
