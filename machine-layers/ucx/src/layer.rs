@@ -409,6 +409,14 @@ impl UcxLayer {
             // Arm, then sleep unless something slipped in.
             {
                 let mut l = self.shared.locked.lock();
+                if l.worker.inbox.holds_operations() {
+                    // UCX holds operations of ours (a send into a full shared-memory FIFO, a
+                    // rendezvous): only our own progress moves them, and arming does not watch
+                    // them; sleeping could leave a message unsent while its receiver sleeps too.
+                    drop(l);
+                    std::thread::yield_now();
+                    continue;
+                }
                 if !l.worker.arm()? {
                     continue;
                 }
