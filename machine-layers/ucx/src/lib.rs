@@ -30,6 +30,10 @@
 //!   bounce buffers on both sides ([`wire`] has the layout;
 //!   `docs/performance.md`, session 12, the measurements behind the
 //!   bounds).
+//! * **Eager messages from 1 KiB are delivered in place**: the receive
+//!   callback keeps UCX's descriptor and hands the runtime `Bytes` that
+//!   view it; the descriptor goes back to UCX after the last view is
+//!   dropped (`held`). Smaller ones are copied out.
 //! * **Large messages** use UCX's active-message rendezvous: the receive
 //!   callback takes a buffer from a pool of reusable ones (a fresh
 //!   multi-megabyte allocation per message costs more in page faults than
