@@ -160,15 +160,16 @@ impl RecvPool {
         if idle.classes.len() <= class {
             idle.classes.resize_with(class + 1, Vec::new);
         }
-        if idle.classes[class].len() >= CLASS_BUFFERS {
-            return;
+        let own = idle.classes[class].len();
+        if own >= CLASS_BUFFERS || (own + 1) * size > self.max_idle {
+            return; // its own class is full, or would fill the budget
         }
         while idle.bytes + size > self.max_idle {
             let Some(other) = (0..idle.classes.len())
                 .rev()
                 .find(|&c| c != class && !idle.classes[c].is_empty())
             else {
-                return; // its own class fills the budget
+                return; // not reached: its own class leaves room for it (checked above)
             };
             if let Some(b) = idle.classes[other].pop() {
                 idle.bytes -= b.len();
@@ -186,6 +187,13 @@ impl PoolBuf {
     /// The whole buffer (at least the length asked for), to fill.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.buf
+    }
+
+    /// The buffer's start, for a transport to write into (a remote read)
+    /// without forming a reference to its bytes; valid while the `PoolBuf`
+    /// lives and is not moved out of by [`into_bytes`](PoolBuf::into_bytes).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr()
     }
 
     /// The buffer's size in bytes (at least the length asked for).

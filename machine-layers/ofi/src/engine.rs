@@ -446,9 +446,10 @@ impl Engine {
                 let Some(buf) = inr.buf.as_mut() else {
                     return Ok(None);
                 };
-                // Chunks are cut from the descriptor's lengths, whose sum is
-                // `total` <= the buffer's length.
-                let dst = buf.as_mut_slice()[offset..offset + len].as_mut_ptr();
+                // Earlier reads may still be writing other ranges: no reference to the bytes.
+                // SAFETY: offset + len <= total <= the buffer's length (chunks are cut from the
+                // descriptor's lengths, whose sum is `total`), so the pointer stays inside it.
+                let dst = unsafe { buf.as_mut_ptr().add(offset) };
                 let op = Box::into_raw(Box::new(Op {
                     ctx: sys::fi_context2::default(),
                     kind: OpKind::Read { src: p, in_id },

@@ -162,6 +162,18 @@ impl Inbox {
         self.state.borrow_mut().ready.push_back((src, msg));
     }
 
+    /// Drops every arrived message nobody will take any more (the worker is
+    /// going): ready ones and those held back for order. Returns them,
+    /// to be dropped by the caller once the borrow is released.
+    pub(crate) fn discard_messages(&self) -> Vec<Message> {
+        let mut st = self.state.borrow_mut();
+        let mut gone: Vec<Message> = st.ready.drain(..).map(|(_, m)| m).collect();
+        for s in &mut st.sources {
+            gone.extend(std::mem::take(&mut s.waiting).into_values().flatten());
+        }
+        gone
+    }
+
     /// Records a failure to report from `progress`.
     pub(crate) fn error(&self, e: TransportError) {
         self.state.borrow_mut().errors.push_back(e);
@@ -246,6 +258,24 @@ mod tests {
         i.complete(1, 1, m(1));
         i.arrive(1, 3, Some(m(3)));
         assert_eq!(ready_tags(&i), vec![(1, 1), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn a_going_worker_discards_ready_and_held_back_messages() {
+        let i = Inbox::new(2, 1 << 20);
+        i.arrive(1, 0, Some(m(0)));
+        i.arrive(1, 1, None);
+        i.arrive(1, 2, Some(m(2)));
+        i.arrive(0, 1, Some(m(101)));
+        let mut gone: Vec<u64> = i
+            .discard_messages()
+            .iter()
+            .map(|m| m.header().tag)
+            .collect();
+        gone.sort_unstable();
+        assert_eq!(gone, vec![0, 2, 101]);
+        assert!(ready_tags(&i).is_empty());
+        assert!(i.discard_messages().is_empty());
     }
 
     #[test]

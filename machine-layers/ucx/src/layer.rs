@@ -82,9 +82,10 @@ pub struct UcxConfig {
     /// How long dropping the layer waits for its last sends to complete.
     /// Default 1 s.
     pub linger: Duration,
-    /// Bytes of idle receive buffers (rendezvous messages, eager ones from
-    /// 4 KiB) the layer keeps for reuse (see
-    /// [`RecvPool`](charmrs_transport::RecvPool)). Default 64 MiB.
+    /// Bytes of idle receive buffers the layer keeps for reuse (see
+    /// [`RecvPool`](charmrs_transport::RecvPool)): rendezvous messages, and
+    /// eager ones from 4 KiB that UCX does not let it keep in place.
+    /// Default 64 MiB.
     pub pool_bytes: usize,
 }
 

@@ -812,14 +812,18 @@ impl Drop for Worker {
             unsafe { sys::ucp_am_data_release(self.worker, pending.desc) };
         }
         self.close_all(Duration::from_millis(500));
-        // SAFETY: this thread owns the worker (dropping it); the descriptors are its own.
-        unsafe { self.inbox.lender.release_returned(self.worker) };
+        // Arrived messages never handed on hold lent descriptors too: they go first.
+        drop(self.inbox.discard_messages());
         if self.inbox.lender.out() > 0 {
             // Messages delivered in place are still viewed (the application kept them past the
             // layer): their bytes live in the worker's descriptors, so the worker and context
             // stay (the process's exit frees them). Nothing calls into it any more.
             return;
         }
+        // No view is left, so none can be returned concurrently: every lent descriptor is
+        // queued now.
+        // SAFETY: this thread owns the worker (dropping it); the descriptors are its own.
+        unsafe { self.inbox.lender.release_returned(self.worker) };
         // SAFETY: the endpoints are closed and no lent descriptor is viewed; worker then
         // context are destroyed once, in this order. The inbox (callback argument) is a field
         // dropped after this body runs.
