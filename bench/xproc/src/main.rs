@@ -411,7 +411,8 @@ async fn run() {
     // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
     // e.g. bench/scripts/ucx-vs-perftest.sh).
     let bare = std::env::var_os("XPROC_NO_BARE").is_none();
-    // `XPROC_BW_ONLY=1`: only the bandwidth repetitions (for profiling the streaming path).
+    // `XPROC_BW_ONLY=1`: only the bandwidth repetitions, no reduction or broadcast rounds (for
+    // profiling the streaming path).
     let bw_only = std::env::var_os("XPROC_BW_ONLY").is_some();
     for size in sizes() {
         let iters = iterations(size);
@@ -469,7 +470,7 @@ async fn run() {
             bc / br
         );
     }
-    if charmrs_only {
+    if charmrs_only || bw_only {
         charmrs::exit(0);
         return;
     }
