@@ -92,18 +92,10 @@ pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens
     }
 }
 
-/// Writes the AM header of a split data message into `out` (cleared
-/// first): [`encode`]'s header, then the bytes of every segment but the
-/// last (whose lengths are `lens` without its last entry).
-pub fn encode_split<B: AsRef<[u8]>>(
-    out: &mut Vec<u8>,
-    src: ProcessId,
-    seq: u32,
-    header: &Header,
-    lens: &[usize],
-    leading: &[B],
-) {
-    encode(out, src, seq, header, lens);
+/// Turns the header [`encode`] wrote into `out` into the header of a split
+/// data message: appends the bytes of every segment but the last
+/// (`leading`, whose lengths the header's table holds).
+pub fn push_leading<B: AsRef<[u8]>>(out: &mut Vec<u8>, leading: &[B]) {
     for s in leading {
         out.extend_from_slice(s.as_ref());
     }
@@ -307,21 +299,16 @@ mod tests {
     #[test]
     fn split_messages_round_trip() {
         let mut b = Vec::new();
-        encode_split(
-            &mut b,
-            2,
-            9,
-            &header(3),
-            &[3, 0, 1 << 20],
-            &[&b"abc"[..], &[]],
-        );
+        encode(&mut b, 2, 9, &header(3), &[3, 0, 1 << 20]);
+        push_leading(&mut b, &[&b"abc"[..], &[]]);
         assert_eq!(b.len(), header_len(3) + 3);
         let d = decode_split(&b, 1 << 20, 4).unwrap();
         assert_eq!((d.src, d.seq, d.header), (2, 9, header(3)));
         assert_eq!(d.lens().collect::<Vec<_>>(), vec![3, 0, 1 << 20]);
         assert_eq!(d.leading, b"abc");
         // One segment: nothing leads.
-        encode_split::<&[u8]>(&mut b, 0, 1, &header(1), &[5], &[]);
+        encode(&mut b, 0, 1, &header(1), &[5]);
+        push_leading::<&[u8]>(&mut b, &[]);
         let d = decode_split(&b, 5, 1).unwrap();
         assert_eq!(d.lens().collect::<Vec<_>>(), vec![5]);
         assert!(d.leading.is_empty());
@@ -330,7 +317,8 @@ mod tests {
     #[test]
     fn hostile_split_headers_are_refused() {
         let mut b = Vec::new();
-        encode_split(&mut b, 1, 0, &header(2), &[4, 100], &[&b"wxyz"[..]]);
+        encode(&mut b, 1, 0, &header(2), &[4, 100]);
+        push_leading(&mut b, &[&b"wxyz"[..]]);
         assert!(decode_split(&b, 100, 2).is_ok());
         assert!(
             decode(&b, 104, 2).is_err(),

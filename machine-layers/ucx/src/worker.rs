@@ -511,14 +511,7 @@ impl Worker {
                 && leading_len <= wire::SPLIT_LEADING_MAX
                 && op.header.len() + leading_len <= self.max_am_header
             {
-                wire::encode_split(
-                    &mut op.header,
-                    self.rank,
-                    seq as u32,
-                    &header,
-                    lens,
-                    &segments[..leading.len()],
-                );
+                wire::push_leading(&mut op.header, &segments[..leading.len()]);
                 op.iov.clear();
                 op.iov.push(sys::ucp_dt_iov_t {
                     buffer: segments[segments.len() - 1].as_ptr() as *mut c_void,
@@ -780,7 +773,7 @@ impl Worker {
         let req = unsafe {
             sys::ucp_get_nbx(
                 ep,
-                (*raw).buf.as_mut_slice().as_mut_ptr() as *mut c_void,
+                (*raw).buf.as_mut_ptr() as *mut c_void,
                 len,
                 addr,
                 rkey,
@@ -850,29 +843,30 @@ fn cstr(s: &str) -> Result<CString, TransportError> {
     CString::new(s).map_err(|_| TransportError::Malformed(format!("{s:?} contains NUL")))
 }
 
-/// Reads a message's segments out of one buffer (views, no copy).
-/// The message of segment lengths `lens` from its received bytes: `data`
-/// holds every segment back to back, or, for a split message (`leading`
-/// given), the last one while `leading` holds the others. The lengths were
-/// validated against both by `wire`'s decoder.
+/// The message of `header.segment_count` segments of lengths `lens` from
+/// its received bytes (views, no copy): `data` holds every segment back to
+/// back, or, for a split message (`leading` given), the last one while
+/// `leading` holds the others. The lengths were validated against both by
+/// `wire`'s decoder.
 fn assemble(
     leading: Option<Bytes>,
     data: Bytes,
     header: Header,
-    lens: &[usize],
+    lens: impl IntoIterator<Item = usize>,
 ) -> Result<Message, TransportError> {
-    let mut segs = Vec::with_capacity(lens.len());
+    let n = usize::from(header.segment_count);
+    let mut segs = Vec::with_capacity(n);
     let (buf, last) = match leading {
         Some(leading) => (leading, Some(data)),
         None => (data, None),
     };
-    let inline = if last.is_some() {
-        lens.len().saturating_sub(1)
+    let from_buf = if last.is_some() {
+        n.saturating_sub(1)
     } else {
-        lens.len()
+        n
     };
     let mut at = 0;
-    for &l in &lens[..inline] {
+    for l in lens.into_iter().take(from_buf) {
         segs.push(buf.slice(at..at + l));
         at += l;
     }
@@ -892,7 +886,6 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     length: usize,
     param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
-    let split = SPLIT;
     // SAFETY: arg is the worker's boxed inbox, alive while the worker is.
     let inbox = unsafe { &*(arg as *const Inbox) };
     let hdr: &[u8] = if header_length == 0 {
@@ -901,7 +894,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
         // SAFETY: UCX passes header_length readable bytes.
         unsafe { std::slice::from_raw_parts(header as *const u8, header_length) }
     };
-    let decoded = if split {
+    let decoded = if SPLIT {
         wire::decode_split(hdr, length, inbox.size)
     } else {
         wire::decode(hdr, length, inbox.size)
@@ -914,7 +907,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
         }
     };
     // The header lives only during this call: a split message's leading segments are copied.
-    let leading = split.then(|| Bytes::copy_from_slice(d.leading));
+    let leading = SPLIT.then(|| Bytes::copy_from_slice(d.leading));
     // SAFETY: param is valid for the duration of the callback.
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
@@ -967,8 +960,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
         // One segment: its own buffer (no shared-buffer promotion).
         Ok(Message::with_segment(d.header, data))
     } else {
-        let lens: Vec<usize> = d.lens().collect();
-        assemble(leading, data, d.header, &lens)
+        assemble(leading, data, d.header, d.lens())
     };
     match msg {
         Ok(m) => {
@@ -1033,7 +1025,7 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         sys::ucp_am_recv_data_nbx(
             inbox.worker.get(),
             desc,
-            (*raw).buf.as_mut_slice().as_mut_ptr() as *mut c_void,
+            (*raw).buf.as_mut_ptr() as *mut c_void,
             len,
             &p,
         )
@@ -1110,7 +1102,7 @@ unsafe extern "C" fn rndv_done_cb(
     if status == sys::UCS_OK && length == op.len {
         let op = *op;
         let buf = op.buf.into_bytes(length);
-        match assemble(op.leading, buf, op.header, &op.lens) {
+        match assemble(op.leading, buf, op.header, op.lens) {
             Ok(m) => inbox.complete(op.src, op.seq, m),
             Err(e) => inbox.error(e),
         }
