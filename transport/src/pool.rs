@@ -214,7 +214,18 @@ impl PoolBuf {
     ///
     /// If `len` exceeds [`len`](PoolBuf::len).
     pub fn into_bytes(self, len: usize) -> Bytes {
-        Bytes::from_owner(self).slice(..len)
+        self.into_bytes_at(0, len)
+    }
+
+    /// The `len` bytes from `offset` as shared [`Bytes`] (for data a
+    /// transport placed at an offset, e.g. aligned like its source); the
+    /// buffer returns to the pool when the last view is dropped.
+    ///
+    /// # Panics
+    ///
+    /// If `offset + len` exceeds [`len`](PoolBuf::len).
+    pub fn into_bytes_at(self, offset: usize, len: usize) -> Bytes {
+        Bytes::from_owner(self).slice(offset..offset + len)
     }
 }
 

@@ -64,7 +64,8 @@ pub(crate) struct InboxState {
 /// announces them all at once; fetching every one concurrently spreads the
 /// copy over as many destination buffers (a working set far beyond the
 /// cache, fresh buffers page-faulted) and is ~5× slower than fetching them
-/// a few at a time into buffers the pool hands out again warm.
+/// a few at a time into buffers the pool hands out again warm (split
+/// messages one at a time: `PendingRndv::fetch_limit`).
 pub(crate) const MAX_RNDV_ACTIVE: usize = 2;
 
 /// Callback-side state of a layer; see the module docs.

@@ -79,7 +79,11 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
     while got < n {
         match layer.progress(&mut |s, m| {
             got += 1;
-            last = Some((s, m));
+            // Each message is dropped as it arrives (its buffer back to the pool), as a
+            // consumer would; only the last is returned.
+            if got == n {
+                last = Some((s, m));
+            }
         }) {
             Ok(_) => {}
             Err(e) => die(format!("progress: {e}")),

@@ -47,11 +47,13 @@ fn byte(src: u32, k: u64, seg: usize, i: usize) -> u8 {
     (src as u64 * 31 + k * 7 + seg as u64 * 13 + i as u64) as u8
 }
 
+/// Segment `seg` of message `k` from `src`; it starts at a varying offset within a cache line
+/// (a split message's receiver places its data at the sender's offset).
 fn pattern(src: u32, k: u64, seg: usize, len: usize) -> Bytes {
-    (0..len)
-        .map(|i| byte(src, k, seg, i))
-        .collect::<Vec<u8>>()
-        .into()
+    let skew = ((k as usize).wrapping_mul(7) + seg) % 64;
+    let mut b = vec![0xee; skew];
+    b.extend((0..len).map(|i| byte(src, k, seg, i)));
+    Bytes::from(b).slice(skew..)
 }
 
 /// The segments of message `k` of a sender thread.
