@@ -140,8 +140,10 @@ struct InRndv {
     segs: Vec<wire::RemoteSeg>,
     /// The inline segments' bytes (copied into `buf` when it is taken).
     inline: Vec<u8>,
-    /// At least `total` bytes, filled by the reads; `None` until admitted.
+    /// Filled by the reads from `start` on (`total` bytes); `None` until admitted.
     buf: Option<PoolBuf>,
+    /// Where in `buf` the message begins (see [`InRndv::take_buffer`]).
+    start: usize,
     total: usize,
     remaining: usize,
     failed: bool,
@@ -149,10 +151,26 @@ struct InRndv {
 
 impl InRndv {
     /// Takes the message's buffer from `pool` and copies the inline segments' bytes to their
-    /// offsets (the reads fill the rest).
+    /// offsets (the reads fill the rest). The message starts where its largest read segment
+    /// lands at the same offset within a cache line as in the sender (when the provider
+    /// addresses memory by virtual address): the copy between co-aligned buffers is faster
+    /// (as in the UCX layer's split messages).
     fn take_buffer(&mut self, pool: &Arc<RecvPool>) {
-        let mut buf = pool.take(self.total);
-        let bytes = buf.as_mut_slice();
+        let mut buf = pool.take(self.total + ALIGN - 1);
+        let mut largest = None::<(u64, usize, u64)>; // (len, offset in the message, remote addr)
+        let mut offset = 0usize;
+        for s in &self.segs {
+            if !s.is_inline() && largest.map_or(true, |(len, _, _)| s.len > len) {
+                largest = Some((s.len, offset, s.addr));
+            }
+            offset += s.len as usize;
+        }
+        let base = buf.as_mut_ptr() as usize;
+        self.start = largest.map_or(0, |(_, at, addr)| {
+            let here = (base + at) % ALIGN;
+            (addr as usize % ALIGN + ALIGN - here) % ALIGN
+        });
+        let bytes = &mut buf.as_mut_slice()[self.start..];
         let (mut offset, mut from) = (0usize, 0usize);
         for s in &self.segs {
             let len = s.len as usize;
@@ -183,6 +201,9 @@ pub(crate) struct Registered {
 /// Smallest receive-pool class (rendezvous messages are larger than a packet, 16 KiB by
 /// default).
 const RNDV_POOL_MIN: usize = 64 << 10;
+
+/// The granule a rendezvous receive buffer is aligned to the sender's data by (a cache line).
+const ALIGN: usize = 64;
 
 /// Sizes the engine works with.
 #[derive(Debug, Clone, Copy)]
@@ -443,13 +464,15 @@ impl Engine {
                 let Some(inr) = self.rndv_in.get_mut(&in_id) else {
                     return Ok(None);
                 };
+                let start = inr.start;
                 let Some(buf) = inr.buf.as_mut() else {
                     return Ok(None);
                 };
                 // Earlier reads may still be writing other ranges: no reference to the bytes.
-                // SAFETY: offset + len <= total <= the buffer's length (chunks are cut from the
-                // descriptor's lengths, whose sum is `total`), so the pointer stays inside it.
-                let dst = unsafe { buf.as_mut_ptr().add(offset) };
+                // SAFETY: start + offset + len <= start + total <= the buffer's length (chunks
+                // are cut from the descriptor's lengths, whose sum is `total`; the buffer was
+                // taken with room for `start`), so the pointer stays inside it.
+                let dst = unsafe { buf.as_mut_ptr().add(start + offset) };
                 let op = Box::into_raw(Box::new(Op {
                     ctx: sys::fi_context2::default(),
                     kind: OpKind::Read { src: p, in_id },
@@ -939,6 +962,7 @@ impl Engine {
                 inline: r.inline,
                 total,
                 buf: None,
+                start: 0,
                 remaining: reads,
                 failed: false,
             },
@@ -1034,7 +1058,7 @@ impl Engine {
             return;
         }
         // Every read completed and the inline segments were copied in: they tile [0, total).
-        let whole = buf.into_bytes(inr.total);
+        let whole = buf.into_bytes_at(inr.start, inr.total);
         let mut segs = Vec::with_capacity(inr.lens.len());
         let mut at = 0;
         for len in inr.lens {

@@ -265,7 +265,11 @@ impl OfiLayer {
             max_message: cfg.max_message,
             grace: Duration::from_millis(20),
             pool_bytes: cfg.pool_bytes,
-            read_window: cfg.read_window,
+            read_window: cfg.read_window.unwrap_or(if prov == "shm" {
+                0
+            } else {
+                crate::config::DEFAULT_READ_WINDOW
+            }),
             liveness_interval: cfg.liveness_interval,
         };
         let engine = Engine::new(fab, rank, addrs, sizes, Arc::clone(&status), local_pids)?;

@@ -66,5 +66,7 @@ mod fabric;
 mod layer;
 pub mod wire;
 
-pub use config::{OfiConfig, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS};
+pub use config::{
+    OfiConfig, DEFAULT_READ_WINDOW, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
+};
 pub use layer::{OfiLayer, ADDR_KEY, HOST_KEY, PROVIDER_KEY};
