@@ -99,8 +99,12 @@ pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens
     }
 }
 
+/// Bytes a split header adds to a data header besides the leading
+/// segments (the alignment byte).
+pub const SPLIT_EXTRA: usize = 1;
+
 /// Turns the header [`encode`] wrote into `out` into the header of a split
-/// data message: appends the data part's alignment (its address in the
+/// data message: appends the data part's alignment ([`SPLIT_EXTRA`] byte: its address in the
 /// sender; only the offset modulo [`SPLIT_ALIGN`] is kept) and the bytes of
 /// every segment but the last (`leading`, whose lengths the header's table
 /// holds).
@@ -326,7 +330,7 @@ mod tests {
         let mut b = Vec::new();
         encode(&mut b, 2, 9, &header(3), &[3, 0, 1 << 20]);
         push_split(&mut b, 0x7f00_1230, &[&b"abc"[..], &[]]);
-        assert_eq!(b.len(), header_len(3) + 1 + 3);
+        assert_eq!(b.len(), header_len(3) + SPLIT_EXTRA + 3);
         let d = decode_split(&b, 1 << 20, 4).unwrap();
         assert_eq!((d.src, d.seq, d.header), (2, 9, header(3)));
         assert_eq!(d.lens().collect::<Vec<_>>(), vec![3, 0, 1 << 20]);

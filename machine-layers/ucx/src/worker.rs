@@ -511,7 +511,7 @@ impl Worker {
             let leading_len = total - last;
             if *last > 0
                 && leading_len <= wire::SPLIT_LEADING_MAX
-                && op.header.len() + leading_len <= self.max_am_header
+                && op.header.len() + wire::SPLIT_EXTRA + leading_len <= self.max_am_header
             {
                 let data = &segments[segments.len() - 1];
                 wire::push_split(
