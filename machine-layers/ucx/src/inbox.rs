@@ -58,6 +58,9 @@ pub(crate) struct InboxState {
     /// Announced rendezvous messages waiting for a fetch slot, oldest first
     /// (see [`MAX_RNDV_ACTIVE`]); their UCX descriptors are held.
     pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
+    /// Per peer: its rendezvous data may be copied by this core (same host,
+    /// CMA possible); set with the peers' addresses.
+    pub(crate) copied_here: Vec<bool>,
 }
 
 /// Rendezvous receives fetched at once. A sender streaming large messages

@@ -305,7 +305,8 @@ impl UcxLayer {
             .enumerate()
             .map(|(r, id)| r as u32 != rank && (id.is_none() || cfg.same_host_error_handling))
             .collect();
-        worker.set_addresses(addresses, peer_mode);
+        let same_host: Vec<bool> = identities.iter().map(Option::is_some).collect();
+        worker.set_addresses(addresses, peer_mode, &same_host);
         let efd = worker.efd();
         let shared = Arc::new(Shared {
             watcher: OnceLock::new(),

@@ -172,6 +172,8 @@ pub(crate) struct Worker {
     efd: Option<i32>,
     /// Callback state; boxed so its address, handed to UCX, never changes.
     pub(crate) inbox: Box<Inbox>,
+    /// Whether `UCX_TLS` lets UCX use CMA (see `PendingRndv::fetch_limit`).
+    cma_possible: bool,
 }
 
 // SAFETY: the raw UCX handles and the pointers into `inbox` are only used
@@ -202,6 +204,16 @@ impl Worker {
         let shm_possible = tls.is_empty()
             || tls.starts_with('^')
             || ["all", "shm", "mm", "posix", "sysv"]
+                .iter()
+                .any(|t| tls.split(',').any(|x| x.trim() == *t));
+        // Whether UCX may move a same-host rendezvous by CMA (a kernel copy on the receiving
+        // core; see `PendingRndv::fetch_limit`).
+        let cma_possible = tls.is_empty()
+            || (tls.starts_with('^')
+                && !["shm", "sm", "cma"]
+                    .iter()
+                    .any(|t| tls[1..].split(',').any(|x| x.trim() == *t)))
+            || ["all", "shm", "sm", "cma"]
                 .iter()
                 .any(|t| tls.split(',').any(|x| x.trim() == *t));
         let mut defaults = Vec::new();
@@ -265,6 +277,7 @@ impl Worker {
             peer_mode: Vec::new(),
             efd: None,
             inbox: Box::new(Inbox::new(size, cfg.pool_bytes)),
+            cma_possible,
         };
         w.inbox.worker.set(worker);
         let inbox: *const Inbox = &*w.inbox;
@@ -321,11 +334,21 @@ impl Worker {
         check(st, "ucp_worker_set_am_recv_handler")
     }
 
-    /// Stores the peers' published worker addresses (index = rank) and
-    /// whether each peer's endpoint uses peer error handling.
-    pub(crate) fn set_addresses(&mut self, addresses: Vec<Vec<u8>>, peer_mode: Vec<bool>) {
+    /// Stores the peers' published worker addresses (index = rank), whether
+    /// each peer's endpoint uses peer error handling, and whether each peer
+    /// runs on this host.
+    pub(crate) fn set_addresses(
+        &mut self,
+        addresses: Vec<Vec<u8>>,
+        peer_mode: Vec<bool>,
+        same_host: &[bool],
+    ) {
         self.addresses = addresses;
         self.peer_mode = peer_mode;
+        self.inbox.state.borrow_mut().copied_here = same_host
+            .iter()
+            .map(|&local| local && self.cma_possible)
+            .collect();
     }
 
     /// The worker's event file descriptor, when created with wake-up
@@ -357,7 +380,9 @@ impl Worker {
             let next = {
                 let mut st = self.inbox.state.borrow_mut();
                 match st.rndv_waiting.front() {
-                    Some(p) if st.rndv_active < p.fetch_limit() => st.rndv_waiting.pop_front(),
+                    Some(p) if st.rndv_active < p.fetch_limit(&st.copied_here) => {
+                        st.rndv_waiting.pop_front()
+                    }
                     _ => None,
                 }
             };
@@ -930,7 +955,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
             len: length,
         };
         let mut st = inbox.state.borrow_mut();
-        if st.rndv_active < pending.fetch_limit() && st.rndv_waiting.is_empty() {
+        if st.rndv_active < pending.fetch_limit(&st.copied_here) && st.rndv_waiting.is_empty() {
             drop(st);
             start_rndv(inbox, pending);
             return sys::UCS_OK;
@@ -1000,17 +1025,22 @@ pub(crate) struct PendingRndv {
 }
 
 impl PendingRndv {
-    /// How many rendezvous fetches may be active when this one starts. A
-    /// split message's data is one contiguous buffer, which UCX reads with
-    /// a single kernel copy on the receiving core (CMA): a second fetch at
-    /// the same time only spreads the copies over two destination buffers
-    /// (a 1 MiB stream 12.5–14.4 → 15.6–16.2 GB/s with one: the pool then
-    /// hands out the same, cached buffer each time). Other messages go
-    /// through UCX's pipeline, whose fragments the sender copies while the
-    /// receiver copies earlier ones: two at once keep both cores busy
-    /// (2–4 MiB streams 5–8 % faster than one).
-    fn fetch_limit(&self) -> usize {
-        if self.leading.is_some() {
+    /// How many rendezvous fetches may be active when this one starts;
+    /// `copied_here[p]`: whether rendezvous data from process `p` may be
+    /// copied by this core (a same-host peer, CMA among the transports).
+    /// A split message's data from such a peer is one contiguous buffer,
+    /// which UCX reads with a single kernel copy on the receiving core
+    /// (CMA): a second fetch at the same time only spreads the copies over
+    /// two destination buffers (a 1 MiB stream 12.5–14.4 → 15.6–16.2 GB/s
+    /// with one: the pool then hands out the same, cached buffer each
+    /// time). Other messages go through UCX's pipeline, whose fragments the
+    /// sender copies while the receiver copies earlier ones, or over a
+    /// network, whose latency fetches in flight overlap: two at once (over
+    /// shared memory 2–4 MiB streams 5–8 % faster than one; over UCX's
+    /// `tcp` 64 KiB 2.6–2.9 against 1.7 GB/s, 1 MiB 4.7–5.2 against
+    /// 4.0–4.3).
+    fn fetch_limit(&self, copied_here: &[bool]) -> usize {
+        if self.leading.is_some() && copied_here.get(self.src as usize) == Some(&true) {
             1
         } else {
             crate::inbox::MAX_RNDV_ACTIVE
