@@ -207,6 +207,20 @@ impl PoolBuf {
         self.buf.is_empty()
     }
 
+    /// Where in this buffer `len` bytes should start to sit at the same
+    /// address modulo `align` as `addr` (a transport's source: a kernel copy
+    /// between co-aligned buffers is faster), or 0 when they would not fit
+    /// there. `align` is a power of two.
+    pub fn aligned_offset(&self, len: usize, addr: usize, align: usize) -> usize {
+        debug_assert!(align.is_power_of_two());
+        let here = self.buf.as_ptr() as usize;
+        let offset = addr.wrapping_sub(here) & (align - 1);
+        match offset.checked_add(len) {
+            Some(end) if end <= self.buf.len() => offset,
+            _ => 0,
+        }
+    }
+
     /// The first `len` bytes as shared [`Bytes`]; the buffer returns to the
     /// pool when the last view is dropped.
     ///
@@ -269,6 +283,51 @@ mod tests {
             p,
             "reused once the last view dropped"
         );
+    }
+
+    #[test]
+    fn aligned_offsets_match_the_source_and_fit() {
+        let pool = RecvPool::new(4096, 64 << 20);
+        let buf = pool.take(100_000); // a class with 4 KiB of slack
+        let base = buf.buf.as_ptr() as usize;
+        for addr in 0..256usize {
+            for align in [1, 8, 64, 4096] {
+                let off = buf.aligned_offset(100_000, addr, align);
+                assert!(off < align && off + 100_000 <= buf.len());
+                assert_eq!(
+                    (base + off) % align,
+                    addr % align,
+                    "addr {addr} align {align}"
+                );
+            }
+        }
+        // No room: the start of the buffer.
+        let exact = pool.take(4096);
+        assert_eq!(exact.len(), 4096);
+        let base = exact.buf.as_ptr() as usize;
+        assert_eq!(exact.aligned_offset(4096, base + 1, 64), 0);
+        assert_eq!(exact.aligned_offset(4000, base + 1, 64), 1);
+        assert_eq!(exact.aligned_offset(usize::MAX, base + 1, 64), 0);
+        assert_eq!(exact.aligned_offset(0, base + 63, 64), 63);
+    }
+
+    #[test]
+    fn bytes_at_an_offset_view_the_right_range() {
+        let pool = RecvPool::new(4096, 64 << 20);
+        let mut buf = pool.take(4096);
+        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let p = buf.buf.as_ptr() as usize;
+        let b = buf.into_bytes_at(63, 100);
+        assert_eq!(
+            (b.as_ptr() as usize - p, b.len(), b[0], b[99]),
+            (63, 100, 63, 162)
+        );
+        let empty = pool.take(4096).into_bytes_at(4096, 0);
+        assert!(empty.is_empty());
+        let past = std::panic::catch_unwind(|| pool.take(4096).into_bytes_at(4000, 97));
+        assert!(past.is_err(), "a range past the buffer panics");
     }
 
     #[test]

@@ -71,9 +71,11 @@ impl Default for OfiConfig {
     }
 }
 
-/// [`OfiConfig::read_window`] for providers other than `shm`: 4 MiB. With
-/// 32 MiB, a burst of 4 MiB entry calls over `shm` streamed at 3 GB/s (every
-/// read into a fresh, page-faulting buffer), with 4 MiB at 9 GB/s.
+/// [`OfiConfig::read_window`] for providers other than `shm`: 4 MiB, which
+/// bounds the receive buffers a burst of large messages holds (measured over
+/// `shm` before it read one message at a time: with 32 MiB, a burst of 4 MiB
+/// entry calls streamed at 3 GB/s, every read into a fresh, page-faulting
+/// buffer; with 4 MiB at 9 GB/s).
 pub const DEFAULT_READ_WINDOW: usize = 4 << 20;
 
 /// Environment variable overriding [`OfiConfig::packet_max`] (bytes).

@@ -144,6 +144,9 @@ struct InRndv {
     buf: Option<PoolBuf>,
     /// Where in `buf` the message begins (see [`InRndv::take_buffer`]).
     start: usize,
+    /// Its bytes count in the read window (`Engine::reading`); a message
+    /// with nothing to read completes without.
+    admitted: bool,
     total: usize,
     remaining: usize,
     failed: bool,
@@ -156,7 +159,7 @@ impl InRndv {
     /// addresses memory by virtual address): the copy between co-aligned buffers is faster
     /// (as in the UCX layer's split messages).
     fn take_buffer(&mut self, pool: &Arc<RecvPool>) {
-        let mut buf = pool.take(self.total + ALIGN - 1);
+        let mut buf = pool.take(self.total);
         let mut largest = None::<(u64, usize, u64)>; // (len, offset in the message, remote addr)
         let mut offset = 0usize;
         for s in &self.segs {
@@ -165,10 +168,10 @@ impl InRndv {
             }
             offset += s.len as usize;
         }
-        let base = buf.as_mut_ptr() as usize;
+        // The message starts where its largest segment, `at` bytes in, lands at `addr`'s
+        // alignment.
         self.start = largest.map_or(0, |(_, at, addr)| {
-            let here = (base + at) % ALIGN;
-            (addr as usize % ALIGN + ALIGN - here) % ALIGN
+            buf.aligned_offset(self.total, (addr as usize).wrapping_sub(at), ALIGN)
         });
         let bytes = &mut buf.as_mut_slice()[self.start..];
         let (mut offset, mut from) = (0usize, 0usize);
@@ -963,6 +966,7 @@ impl Engine {
                 total,
                 buf: None,
                 start: 0,
+                admitted: false,
                 remaining: reads,
                 failed: false,
             },
@@ -1001,6 +1005,7 @@ impl Engine {
             }
             self.admit_queue.pop_front();
             self.reading += total;
+            inr.admitted = true;
             inr.take_buffer(&self.pool);
             let src = inr.src;
             let mut offset = 0usize;
@@ -1049,7 +1054,9 @@ impl Engine {
         let Some(buf) = inr.buf else {
             return;
         };
-        self.reading = self.reading.saturating_sub(inr.total);
+        if inr.admitted {
+            self.reading = self.reading.saturating_sub(inr.total);
+        }
         self.admit();
         if inr.failed {
             // The peer is lost (reported by the failing read); drop its

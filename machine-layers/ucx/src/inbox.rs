@@ -56,7 +56,7 @@ pub(crate) struct InboxState {
     /// Rendezvous receives whose data is being fetched.
     pub(crate) rndv_active: usize,
     /// Announced rendezvous messages waiting for a fetch slot, oldest first
-    /// (see [`MAX_RNDV_ACTIVE`]); their UCX descriptors are held.
+    /// (see `PendingRndv::fetch_limit`); their UCX descriptors are held.
     pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
     /// Per peer: its rendezvous data may be copied by this core (same host,
     /// CMA possible); set with the peers' addresses.
@@ -227,9 +227,12 @@ impl Inbox {
         st.in_flight = st.in_flight.saturating_add_signed(delta);
     }
 
-    /// Whether UCX holds operations of ours (sends or reads not completed).
+    /// Whether UCX holds operations of ours (sends or reads not completed),
+    /// or announced messages wait for a fetch slot (the next `progress`
+    /// starts them).
     pub(crate) fn holds_operations(&self) -> bool {
-        self.state.borrow().in_flight > 0
+        let st = self.state.borrow();
+        st.in_flight > 0 || !st.rndv_waiting.is_empty()
     }
 }
 

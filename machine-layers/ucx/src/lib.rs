@@ -40,9 +40,12 @@
 //!   the copy) and calls `ucp_am_recv_data_nbx`, so the bytes land
 //!   directly in the `Bytes` that becomes the delivered segment; the
 //!   buffer returns to the pool when the runtime drops the last view of
-//!   it. At most two announced messages are fetched at once; the others
-//!   keep their UCX descriptor until a fetch completes (fetching a whole
-//!   stream at once spread the copies over as many cold buffers: 5× slower).
+//!   it. At most two announced messages are fetched at once, one when its
+//!   data is a single buffer a same-host peer's CMA copies on this core;
+//!   the others keep their UCX descriptor until a fetch completes, in
+//!   arrival order (fetching a whole stream at once spread the copies over
+//!   as many cold buffers: 5× slower). A split message's data lands at the
+//!   sender's offset within a cache line.
 //!   Measured against the alternative (`register` + `get` through a packed
 //!   rkey, see the benchmark), the rendezvous is kept: it needs no extra
 //!   round trip for the key and the completion.

@@ -1062,16 +1062,15 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         len,
     } = pending;
     // A split message's data lands at the same offset within a cache line as it has in the
-    // sender (`wire::SPLIT_ALIGN`): the kernel's copy between co-aligned buffers is faster.
-    let (mut buf, offset) = if leading.is_some() {
-        let mut buf = inbox.pool.take(len + wire::SPLIT_ALIGN - 1);
-        let start = buf.as_mut_ptr() as usize % wire::SPLIT_ALIGN;
-        let offset = (data_align + wire::SPLIT_ALIGN - start) % wire::SPLIT_ALIGN;
-        (buf, offset)
+    // sender (`wire::SPLIT_ALIGN`), where the pooled buffer has room for that: the kernel's
+    // copy between co-aligned buffers is faster.
+    let mut buf = inbox.pool.take(len);
+    let offset = if leading.is_some() {
+        buf.aligned_offset(len, data_align, wire::SPLIT_ALIGN)
     } else {
-        (inbox.pool.take(len), 0)
+        0
     };
-    // SAFETY: `offset + len` is within the buffer (taken with room for the offset).
+    // SAFETY: `aligned_offset` keeps `offset + len` within the buffer.
     let dst = unsafe { buf.as_mut_ptr().add(offset) };
     let op = Box::new(RecvOp {
         inbox,
