@@ -10,7 +10,9 @@
 #      of such calls (windows of 16, one acknowledgement per window);
 #   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
 #      same sizes.
-# It prints the median of each column over the repetitions. Bandwidth is in MB/s of 10^6 bytes
+# It prints the median of each column over the repetitions. Latencies are averages over the
+# iterations on both sides (`xproc` times the whole ping-pong; `ucx_perftest`'s "average" column,
+# not its "typical" one, which is a median and leaves out the tail). Bandwidth is in MB/s of 10^6 bytes
 # (ucx_perftest's 2^20-byte figures are converted). Both sides use UCX_TLS (default shm,self).
 # Needs the ucx-utils and libucx-dev packages (ci/test installs them).
 set -euo pipefail
@@ -24,13 +26,13 @@ cargo build --release -q -p charmrs-launcher -p charmrs-xproc-bench --features u
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-perftest() { # test size iterations -> prints "lat50_us bw_MBps(1e6)"
+perftest() { # test size iterations -> prints "lat_avg_us bw_MBps(1e6)"
     local port=$((20000 + RANDOM % 20000))
     ucx_perftest -t "$1" -s "$2" -n "$3" -p "$port" >/dev/null 2>&1 &
     local server=$!
     sleep 0.3
     ucx_perftest 127.0.0.1 -t "$1" -s "$2" -n "$3" -p "$port" 2>/dev/null |
-        awk '/^Final:/ {printf "%s %.1f\n", $3, $7 * 1.048576}'
+        awk '/^Final:/ {printf "%s %.1f\n", $4, $7 * 1.048576}'
     wait "$server" || true
 }
 
