@@ -37,6 +37,11 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
 
+/// The granule a transport aligns a receive buffer to its source by
+/// ([`PoolBuf::aligned_offset`]): a cache line, within which the kernel's
+/// copy between co-aligned buffers is ~10 % faster than between others.
+pub const COPY_ALIGN: usize = 64;
+
 /// Largest power of two with a class; larger buffers are not kept.
 pub const MAX_CLASS: usize = 64 << 20;
 /// Classes from this power of two have [`SLACK`] bytes more.

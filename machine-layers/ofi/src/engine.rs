@@ -58,6 +58,7 @@ use charmrs_transport::{Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
 use crate::wire;
+use charmrs_transport::pool::COPY_ALIGN;
 use charmrs_transport::{PoolBuf, RecvPool};
 
 /// Peer status values shared with the layer's lock-free `send` check.
@@ -171,7 +172,7 @@ impl InRndv {
         // The message starts where its largest segment, `at` bytes in, lands at `addr`'s
         // alignment.
         self.start = largest.map_or(0, |(_, at, addr)| {
-            buf.aligned_offset(self.total, (addr as usize).wrapping_sub(at), ALIGN)
+            buf.aligned_offset(self.total, (addr as usize).wrapping_sub(at), COPY_ALIGN)
         });
         let bytes = &mut buf.as_mut_slice()[self.start..];
         let (mut offset, mut from) = (0usize, 0usize);
@@ -204,9 +205,6 @@ pub(crate) struct Registered {
 /// Smallest receive-pool class (rendezvous messages are larger than a packet, 16 KiB by
 /// default).
 const RNDV_POOL_MIN: usize = 64 << 10;
-
-/// The granule a rendezvous receive buffer is aligned to the sender's data by (a cache line).
-const ALIGN: usize = 64;
 
 /// Sizes the engine works with.
 #[derive(Debug, Clone, Copy)]
@@ -473,8 +471,8 @@ impl Engine {
                 };
                 // Earlier reads may still be writing other ranges: no reference to the bytes.
                 // SAFETY: start + offset + len <= start + total <= the buffer's length (chunks
-                // are cut from the descriptor's lengths, whose sum is `total`; the buffer was
-                // taken with room for `start`), so the pointer stays inside it.
+                // are cut from the descriptor's lengths, whose sum is `total`; `aligned_offset`
+                // chose `start` so that the message fits after it), so the pointer stays inside.
                 let dst = unsafe { buf.as_mut_ptr().add(start + offset) };
                 let op = Box::into_raw(Box::new(Op {
                     ctx: sys::fi_context2::default(),

@@ -65,8 +65,8 @@ pub const AM_DATA_SPLIT: u32 = 0x636A;
 pub const SPLIT_LEADING_MAX: usize = 1024;
 
 /// The granule a split message's receiver matches the sender's data
-/// alignment to (a cache line).
-pub const SPLIT_ALIGN: usize = 64;
+/// alignment to (a cache line; part of the wire format).
+pub const SPLIT_ALIGN: usize = charmrs_transport::pool::COPY_ALIGN;
 
 /// Bytes of the fixed part of a data header (before the segment lengths).
 pub const FIXED: usize = 28;

@@ -201,21 +201,10 @@ impl Worker {
         // among the transports (UCX warns about a setting no transport
         // consumed).
         let tls = std::env::var("UCX_TLS").unwrap_or_default();
-        let shm_possible = tls.is_empty()
-            || tls.starts_with('^')
-            || ["all", "shm", "mm", "posix", "sysv"]
-                .iter()
-                .any(|t| tls.split(',').any(|x| x.trim() == *t));
+        let shm_possible = tls_may_use(&tls, &["shm", "sm", "mm"], &["posix", "sysv"]);
         // Whether UCX may move a same-host rendezvous by CMA (a kernel copy on the receiving
         // core; see `PendingRndv::fetch_limit`).
-        let cma_possible = tls.is_empty()
-            || (tls.starts_with('^')
-                && !["shm", "sm", "cma"]
-                    .iter()
-                    .any(|t| tls[1..].split(',').any(|x| x.trim() == *t)))
-            || ["all", "shm", "sm", "cma"]
-                .iter()
-                .any(|t| tls.split(',').any(|x| x.trim() == *t));
+        let cma_possible = tls_may_use(&tls, &["shm", "sm", "cma"], &[]);
         let mut defaults = Vec::new();
         if cfg.same_host_error_handling && shm_possible {
             defaults.push(("MM_ERROR_HANDLING", "y".to_owned()));
@@ -538,15 +527,11 @@ impl Worker {
                 && leading_len <= wire::SPLIT_LEADING_MAX
                 && op.header.len() + wire::SPLIT_EXTRA + leading_len <= self.max_am_header
             {
-                let data = &segments[segments.len() - 1];
-                wire::push_split(
-                    &mut op.header,
-                    data.as_ptr() as usize,
-                    &segments[..leading.len()],
-                );
+                let data = segments[segments.len() - 1].as_ptr();
+                wire::push_split(&mut op.header, data as usize, &segments[..leading.len()]);
                 op.iov.clear();
                 op.iov.push(sys::ucp_dt_iov_t {
-                    buffer: segments[segments.len() - 1].as_ptr() as *mut c_void,
+                    buffer: data as *mut c_void,
                     length: *last,
                 });
                 am_id = wire::AM_DATA_SPLIT;
@@ -870,6 +855,24 @@ pub(crate) const EAGER_POOL_MIN: usize = 4 << 10;
 /// descriptor from its pool and we release it later, which costs more than
 /// copying a few cache lines).
 const LEND_MIN: usize = 1 << 10;
+
+/// Whether a `UCX_TLS` value lets UCX use a kind of transport: `group`, the
+/// names that stand for the whole kind (an alias such as `shm`, or the kind
+/// itself), and `members`, names of single transports of it. An empty value
+/// means every transport; an exclusion list (`^…`) allows the kind unless it
+/// names the whole of it; an inclusion list allows it when it names `all`, the
+/// kind or one of its members.
+fn tls_may_use(tls: &str, group: &[&str], members: &[&str]) -> bool {
+    let names = |list: &str, wanted: &[&str]| {
+        list.split(',')
+            .any(|x| wanted.iter().any(|w| x.trim() == *w))
+    };
+    match tls.strip_prefix('^') {
+        _ if tls.is_empty() => true,
+        Some(excluded) => !names(excluded, group),
+        None => names(tls, &["all"]) || names(tls, group) || names(tls, members),
+    }
+}
 
 fn cstr(s: &str) -> Result<CString, TransportError> {
     CString::new(s).map_err(|_| TransportError::Malformed(format!("{s:?} contains NUL")))
@@ -1229,4 +1232,25 @@ unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: s
     // SAFETY: as above, for the inbox it points to.
     let inbox = unsafe { &*a.inbox };
     inbox.peer_failed(a.peer, describe(status));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_may_use;
+
+    #[test]
+    fn ucx_tls_values_allow_or_exclude_a_kind_of_transport() {
+        let cma = |tls| tls_may_use(tls, &["shm", "sm", "cma"], &[]);
+        let mm = |tls| tls_may_use(tls, &["shm", "sm", "mm"], &["posix", "sysv"]);
+        assert!(cma("") && mm(""), "unset: every transport");
+        assert!(cma("shm,self") && mm("shm,self"));
+        assert!(cma("all") && mm("all"));
+        assert!(cma("cma,tcp") && !mm("cma,tcp"));
+        assert!(!cma("tcp,self") && !mm("tcp, self"));
+        assert!(!cma("posix,self") && mm("posix,self"));
+        assert!(cma("^tcp") && mm("^tcp"));
+        assert!(!cma("^shm") && !mm("^shm"));
+        assert!(!cma("^cma") && mm("^cma"));
+        assert!(cma("^posix") && mm("^posix"), "sysv is left");
+    }
 }
