@@ -41,6 +41,7 @@
 
 mod array_map;
 mod balance;
+mod buffer_mut;
 mod callback;
 mod chare;
 mod collection;
@@ -68,6 +69,7 @@ mod when;
 mod wire;
 
 pub use array_map::{ArrayMap, MapId, PlaceFn};
+pub use buffer_mut::{BufferMut, HUGE_FROM};
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};

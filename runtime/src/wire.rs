@@ -715,8 +715,22 @@ fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Erro
 /// A byte buffer that crosses processes as its own message segment (no copy into the
 /// serialized arguments; buffers of at most 256 bytes are copied inline, which is cheaper) and
 /// is moved within a process.
+///
+/// Large buffers are best made with [`BufferMut`](crate::BufferMut) (huge pages, which the
+/// shared-memory transports send from faster) and sent again rather than refilled per message.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Buffer(pub Bytes);
+
+impl Buffer {
+    /// The bytes in `range` as a buffer of their own, sharing this one's memory (no copy).
+    ///
+    /// # Panics
+    ///
+    /// If `range` is out of bounds, like slicing a `[u8]`.
+    pub fn slice(&self, range: impl std::ops::RangeBounds<usize>) -> Buffer {
+        Buffer(self.0.slice(range))
+    }
+}
 
 impl Serialize for Buffer {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -20,7 +20,8 @@
 //!   exchange of addresses), like PMI.
 //! * [`Topology`] tells the runtime which cores its PEs may be pinned to.
 //! * [`pool`] lends machine layers reusable receive buffers for large
-//!   messages ([`RecvPool`]).
+//!   messages ([`RecvPool`]); [`huge`] maps the huge-page memory that large
+//!   buffers are best sent from and received into ([`HugeRegion`]).
 //! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
 //!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
 //!   with the environment-variable contract between them.
@@ -37,6 +38,7 @@
 
 pub mod bootstrap;
 pub mod error;
+pub mod huge;
 pub mod kv;
 pub mod layer;
 pub mod memory;
@@ -47,6 +49,7 @@ pub mod topology;
 
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
 pub use error::TransportError;
+pub use huge::HugeRegion;
 pub use kv::{KvBootstrap, KvEvent, KvServer};
 pub use layer::{MachineLayer, ProcessId, NAP_MAX, NAP_SPIN};
 pub use memory::{MemRegion, RemoteKey};

@@ -7,7 +7,8 @@
 //!
 //! In one job of two processes it measures, side by side:
 //! - one-way latency (ping-pong / 2) of an entry call carrying a [`Buffer`] of 8 B … 4 MiB (each
-//!   side sends a buffer of its own, like `ucp_am_lat` and `osu_latency`), and of a bare
+//!   side sends a buffer of its own, like `ucp_am_lat` and `osu_latency`, made with
+//!   [`BufferMut`], i.e. on huge pages, unless `XPROC_HEAP_BUFFERS=1`), and of a bare
 //!   `TcpStream` ping-pong of the same sizes between the same two processes;
 //! - bandwidth: a window of 16 messages of each size streamed to the other process, then one
 //!   acknowledgement, for charmrs and for the bare socket;
@@ -29,7 +30,7 @@
 
 use bytes::Bytes;
 use charmrs::prelude::*;
-use charmrs::Buffer;
+use charmrs::{Buffer, BufferMut};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
@@ -67,9 +68,22 @@ fn echo_data() -> bool {
 /// A buffer of `size` bytes this side sends, kept across calls (allocated on a size change).
 fn own_buffer(own: &mut Buffer, size: usize, fill: u8) -> Buffer {
     if own.0.len() != size {
-        *own = Buffer(Bytes::from(vec![fill; size]));
+        *own = if heap_buffers() {
+            Buffer(Bytes::from(vec![fill; size]))
+        } else {
+            // As the user guide recommends: large buffers on huge pages, smaller ones cut out of
+            // a huge-page buffer (like `ucp_mem_map`-allocated buffers with UCX_ALLOC_PRIO=thp).
+            let mut buf = BufferMut::zeroed(size.max(charmrs::HUGE_FROM));
+            buf.fill(fill);
+            buf.freeze().slice(..size)
+        };
     }
     own.clone()
+}
+
+/// `XPROC_HEAP_BUFFERS=1`: the buffers sent are `Vec`s, not [`BufferMut`]s (huge pages).
+fn heap_buffers() -> bool {
+    std::env::var_os("XPROC_HEAP_BUFFERS").is_some()
 }
 
 /// The remote side: answers ping-pong buffers, counts streamed ones, runs the bare-socket echo
