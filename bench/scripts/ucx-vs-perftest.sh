@@ -10,6 +10,10 @@
 #      of such calls (windows of 16, one acknowledgement per window);
 #   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
 #      same sizes.
+#   3. the same stream again with huge-page buffers on both sides: `xproc` sending `BufferMut`s,
+#      `ucp_am_bw` with UCX_ALLOC_PRIO=thp (its default allocator puts its buffers in SysV shared
+#      memory, 4 KiB pages; `xproc` otherwise sends `Vec`s, XPROC_HEAP_BUFFERS=1). CMA pins the
+#      sender's pages one by one, so the page size moves both programs' 64 KiB – 4 MiB streams.
 # It prints the median of each column over the repetitions. Latencies are averages over the
 # iterations on both sides (`xproc` times the whole ping-pong; `ucx_perftest`'s "average" column,
 # not its "typical" one, which is a median and leaves out the tail). Bandwidth is in MB/s of 10^6 bytes
@@ -38,24 +42,31 @@ perftest() { # test size iterations -> prints "lat_avg_us bw_MBps(1e6)"
 
 for rep in $(seq 1 "$reps"); do
     echo "repetition $rep/$reps" >&2
-    XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc \
-        +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs"
+    XPROC_HEAP_BUFFERS=1 XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 \
+        ++ppn 1 target/release/xproc +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs"
+    XPROC_BW_ONLY=1 XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 \
+        target/release/xproc +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $7}' >>"$out/charmrs-huge"
     for size in ${sizes//,/ }; do
         iters=$((size <= 65536 ? 20000 : 2000))
         lat=$(perftest ucp_am_lat "$size" "$iters" | awk '{print $1}')
         bw=$(perftest ucp_am_bw "$size" "$iters" | awk '{print $2}')
-        echo "$size $lat $bw" >>"$out/perftest"
+        bw_huge=$(UCX_ALLOC_PRIO=thp,mmap,heap perftest ucp_am_bw "$size" "$iters" | awk '{print $2}')
+        echo "$size $lat $bw $bw_huge" >>"$out/perftest"
     done
 done
 
-printf '# UCX_TLS=%s, medians of %s repetitions\n' "$UCX_TLS" "$reps"
-printf '%9s %14s %16s %7s %16s %18s %7s\n' size "charmrs µs" "ucp_am_lat µs" ratio \
-    "charmrs MB/s" "ucp_am_bw MB/s" ratio
+printf '# UCX_TLS=%s, medians of %s repetitions; stream columns: 4 KiB pages (Vec / SysV), then huge pages\n' \
+    "$UCX_TLS" "$reps"
+printf '%9s %11s %14s %6s %13s %15s %6s %13s %15s %6s\n' size "charmrs µs" "ucp_am_lat µs" ratio \
+    "charmrs MB/s" "ucp_am_bw MB/s" ratio "huge MB/s" "am_bw thp MB/s" ratio
 for size in ${sizes//,/ }; do
     cl=$(median_of "$out/charmrs" "$size" 2)
     cb=$(median_of "$out/charmrs" "$size" 3)
+    ch=$(median_of "$out/charmrs-huge" "$size" 2)
     pl=$(median_of "$out/perftest" "$size" 2)
     pb=$(median_of "$out/perftest" "$size" 3)
-    awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" 'BEGIN {
-        printf "%9d %14.3f %16.3f %7.2f %16.0f %18.0f %7.2f\n", s, cl, pl, cl / pl, cb, pb, cb / pb }'
+    ph=$(median_of "$out/perftest" "$size" 4)
+    awk -v s="$size" -v cl="$cl" -v pl="$pl" -v cb="$cb" -v pb="$pb" -v ch="$ch" -v ph="$ph" 'BEGIN {
+        printf "%9d %11.3f %14.3f %6.2f %13.0f %15.0f %6.2f %13.0f %15.0f %6.2f\n",
+            s, cl, pl, cl / pl, cb, pb, cb / pb, ch, ph, ch / ph }'
 done
