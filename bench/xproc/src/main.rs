@@ -26,7 +26,9 @@
 //! Environment: `XPROC_SIZES=8,1048576` (sizes), `XPROC_REPEATS=n`, `XPROC_NO_BARE=1` (no bare
 //! columns), `XPROC_CHARMRS_ONLY=1` (charmrs latency only, for profiling), `XPROC_ECHO_DATA=1`
 //! (the charmrs ping-pong sends back the buffer it received instead of its own; see
-//! `echo_data`).
+//! `echo_data`), `XPROC_HEAP_BUFFERS=1` (send `Vec`s, not huge pages), `XPROC_CONSUME=1` (the
+//! stream's receiver reads every buffer through, as an application would; a transport that
+//! leaves the data in the sender's cache then pays for it).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -90,6 +92,8 @@ fn heap_buffers() -> bool {
 /// server.
 struct Pong {
     streamed: usize,
+    /// `XPROC_CONSUME=1`: streamed buffers are read through.
+    consume: bool,
     /// The buffer it answers with (see [`echo_data`]).
     own: Buffer,
     echo_data: bool,
@@ -100,6 +104,7 @@ impl Pong {
     fn new() -> Self {
         Pong {
             streamed: 0,
+            consume: std::env::var_os("XPROC_CONSUME").is_some(),
             own: Buffer(Bytes::new()),
             echo_data: echo_data(),
         }
@@ -115,9 +120,16 @@ impl Pong {
         }
     }
 
-    /// Counts a streamed buffer; acknowledges every `window`-th.
+    /// Counts a streamed buffer (with `XPROC_CONSUME=1` also reads all of it, as an application
+    /// would); acknowledges every `window`-th.
     #[entry]
-    fn stream(&mut self, _data: Buffer, window: usize, back: ElementProxy<Ping>) {
+    fn stream(&mut self, data: Buffer, window: usize, back: ElementProxy<Ping>) {
+        if self.consume {
+            let sum = data.0.chunks_exact(8).fold(0u64, |acc, w| {
+                acc.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")))
+            });
+            std::hint::black_box(sum);
+        }
         self.streamed += 1;
         if self.streamed.is_multiple_of(window) {
             back.acked();
