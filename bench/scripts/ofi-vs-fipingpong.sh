@@ -14,7 +14,8 @@
 # is size / one-way time for both (fi_pingpong's MB/sec); charmrs's stream (a burst of calls, no
 # equivalent in fi_pingpong) is printed beside it. `fi_rma_bw` is not packaged by Debian
 # (libfabric-bin 1.17 holds fi_info, fi_pingpong and fi_strerror only), so the bandwidth
-# reference is fi_pingpong's. FI_TCP_IFACE=lo is forced. Needs libfabric-dev and libfabric-bin
+# reference is fi_pingpong's. Both send from heap memory (4 KiB pages; `xproc` with
+# XPROC_HEAP_BUFFERS=1, not the huge-page `BufferMut`s it sends by default). FI_TCP_IFACE=lo is forced. Needs libfabric-dev and libfabric-bin
 # (ci/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,7 +44,7 @@ for provider in $providers; do
     tag=${provider//;/_}
     for rep in $(seq 1 "$reps"); do
         echo "$provider: repetition $rep/$reps" >&2
-        FI_PROVIDER=$provider XPROC_NO_BARE=1 XPROC_SIZES=$sizes timeout 300 \
+        FI_PROVIDER=$provider XPROC_HEAP_BUFFERS=1 XPROC_NO_BARE=1 XPROC_SIZES=$sizes timeout 300 \
             target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc +machine ofi |
             awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs.$tag"
         for size in ${sizes//,/ }; do
