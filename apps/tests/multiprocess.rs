@@ -249,13 +249,14 @@ fn an_idle_job_across_processes_uses_almost_no_cpu() {
 }
 
 #[test]
-fn results_reductions_when_quiescence_and_the_pool_work_across_processes() {
+fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_processes() {
     let want = [
         "ok reduction",
         "ok allreduce",
         "ok when",
         "ok quiescence",
         "ok pool",
+        "ok large buffers",
     ];
     for args in [
         ["+p4", "++ppn", "2"],

@@ -721,6 +721,19 @@ fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Erro
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Buffer(pub Bytes);
 
+impl From<Vec<u8>> for Buffer {
+    /// Takes the vector over (no copy).
+    fn from(v: Vec<u8>) -> Buffer {
+        Buffer(Bytes::from(v))
+    }
+}
+
+impl From<Bytes> for Buffer {
+    fn from(b: Bytes) -> Buffer {
+        Buffer(b)
+    }
+}
+
 impl Buffer {
     /// The bytes in `range` as a buffer of their own, sharing this one's memory (no copy).
     ///

@@ -1,8 +1,9 @@
 //! Checks used by the multi-process tests (not one of the paper's programs). Modes:
 //! - `panic`: an entry method panics on the last PE (the job must abort, naming it);
 //! - `hang`: every PE stays busy forever (a test kills one process and watches the rest);
-//! - `features`: exercises results, gathers, reductions, allreduce, `when`, quiescence detection
-//!   and nested pool tasks across processes, printing one `ok …` line per feature;
+//! - `features`: exercises results, gathers, reductions, allreduce, `when`, quiescence detection,
+//!   nested pool tasks and large buffers (heap and huge-page ones, sliced at odd offsets) across
+//!   processes, printing one `ok …` line per feature;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
 //!   array with a map inserted from every PE, an AtSync step that moves every element to the
 //!   next PE, and broadcast results from elements away from home — all across processes;
@@ -10,7 +11,7 @@
 //!   job has nothing to do for 600 ms (the last PE awaits a timer).
 
 use charmrs::prelude::*;
-use charmrs::{pool, Reducer};
+use charmrs::{pool, Buffer, BufferMut, Reducer};
 use std::time::Duration;
 
 /// One element per PE (or of an array).
@@ -97,6 +98,62 @@ impl Victim {
     fn hops(&mut self) -> u64 {
         self.hops
     }
+
+    /// Checks that `data` holds [`pattern`]`(seed, …)`; returns its length.
+    #[entry]
+    fn take_buffer(&mut self, ctx: &Ctx<Self>, data: Buffer, seed: u64) -> usize {
+        if let Some(i) = (0..data.0.len()).find(|&i| data.0[i] != pattern(seed, i)) {
+            panic!(
+                "PE {}: buffer {seed} of {} bytes differs at byte {i}",
+                ctx.my_pe(),
+                data.0.len()
+            );
+        }
+        data.0.len()
+    }
+}
+
+/// Byte `i` of test buffer `seed`.
+fn pattern(seed: u64, i: usize) -> u8 {
+    (mix(seed ^ (i as u64 / 8)) >> (8 * (i % 8))) as u8
+}
+
+/// Sends every PE buffers of sizes that take each path of the layers (inline, eager, split
+/// rendezvous, pipelined rendezvous), made on the heap and with `BufferMut` (huge pages from
+/// 1 MiB), each a slice starting at an odd offset; every PE checks every byte.
+async fn large_buffers(group: &Group<Victim>) {
+    let sizes = [300, 65_536 + 13, 1 << 20, (3 << 20) + 7];
+    let mut replies = Vec::new();
+    let mut expected = 0;
+    for pe in 0..charmrs::num_pes() {
+        for (k, &len) in sizes.iter().enumerate() {
+            for huge in [false, true] {
+                let seed = (pe * 100 + k * 10 + usize::from(huge)) as u64;
+                let fill = |bytes: &mut [u8]| {
+                    for (i, b) in bytes[5..].iter_mut().enumerate() {
+                        *b = pattern(seed, i);
+                    }
+                };
+                let whole = if huge {
+                    let mut buf = BufferMut::zeroed(len + 5);
+                    fill(&mut buf);
+                    buf.freeze()
+                } else {
+                    let mut v = vec![0; len + 5];
+                    fill(&mut v);
+                    Buffer::from(v)
+                };
+                let data = whole.slice(5..);
+                replies.push(group.at(pe).ret().take_buffer(data, seed));
+                expected += len;
+            }
+        }
+    }
+    let mut received = 0;
+    for r in replies {
+        received += r.await;
+    }
+    assert_eq!(received, expected);
 }
 
 /// Parallel Fibonacci with nested tasks.
@@ -139,6 +196,8 @@ async fn features() {
     println!("ok quiescence");
     assert_eq!(pool().task(fib, 12).await, 144);
     println!("ok pool");
+    large_buffers(&group).await;
+    println!("ok large buffers");
     charmrs::exit(0);
 }
 
