@@ -15,7 +15,8 @@
 # equivalent in fi_pingpong) is printed beside it. `fi_rma_bw` is not packaged by Debian
 # (libfabric-bin 1.17 holds fi_info, fi_pingpong and fi_strerror only), so the bandwidth
 # reference is fi_pingpong's. Both send from heap memory (4 KiB pages; `xproc` with
-# XPROC_HEAP_BUFFERS=1, not the huge-page `BufferMut`s it sends by default). FI_TCP_IFACE=lo is forced. Needs libfabric-dev and libfabric-bin
+# XPROC_HEAP_BUFFERS=1, not the huge-page `BufferMut`s it sends by default).
+# FI_TCP_IFACE=lo is forced. Needs libfabric-dev and libfabric-bin
 # (ci/test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -11,7 +11,8 @@
 #   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
 #      same sizes.
 #   3. the same stream again with huge-page buffers on both sides: `xproc` sending `BufferMut`s,
-#      `ucp_am_bw` with UCX_ALLOC_PRIO=thp (its default allocator puts its buffers in SysV shared
+#      `ucp_am_bw` with UCX_ALLOC_PRIO=thp,mmap,heap (4 KiB pages again if the kernel has no
+#      transparent huge pages; its default allocator puts its buffers in SysV shared
 #      memory, 4 KiB pages; `xproc` otherwise sends `Vec`s, XPROC_HEAP_BUFFERS=1). CMA pins the
 #      sender's pages one by one, so the page size moves both programs' 64 KiB – 4 MiB streams.
 # It prints the median of each column over the repetitions. Latencies are averages over the

@@ -3,15 +3,19 @@
 //!
 //! # What this module owns
 //!
-//! [`BufferMut`]: a zero-initialised byte buffer to fill, then to turn without a copy into the
-//! [`Buffer`] an entry call carries. From [`HUGE_FROM`] bytes its memory is a mapping of 2 MiB
-//! transparent huge pages ([`charmrs_transport::HugeRegion`]); smaller ones live on the heap.
+//! [`BufferMut`]: a byte buffer to fill, then to turn without a copy into the [`Buffer`] an entry
+//! call carries. From [`HUGE_FROM`] bytes its memory is a mapping of 2 MiB transparent huge pages
+//! ([`charmrs_transport::HugeRegion`]); smaller ones live on the heap. A mapping whose last
+//! `Buffer` view is dropped goes back to a per-process cache of idle mappings (at most
+//! [`IDLE_HUGE_BYTES`]), from which the next buffer of the same size in huge pages is made.
 //!
 //! Why: between processes of one host, UCX and libfabric copy a large argument with one kernel
 //! copy that pins the sender's pages one by one (CMA), and a 2 MiB page pins for about the price
 //! of a 4 KiB one. Streams of 64 KiB – 1 MiB buffers carved out of huge pages ran 20–45 % faster
 //! than from `Vec`s on our test machine (`docs/performance.md`, session 14). It is charmrs's
-//! `MPI_Alloc_mem`; UCX's own benchmarks get the same from `ucp_mem_map`'s allocator.
+//! `MPI_Alloc_mem` (UCX's `ucx_perftest` gets huge pages from its allocator when told to,
+//! `UCX_ALLOC_PRIO=thp`). The cache is why a program can make a fresh `BufferMut` every step:
+//! a new mapping costs a page fault of 2 MiB, ~80 µs; a reused one nothing.
 //!
 //! # Invariants
 //!
@@ -19,28 +23,88 @@
 //!   and it is freed (unmapped) when the last clone or slice of it is dropped, on any thread.
 //! * A huge-page buffer's footprint is its length rounded up to whole 2 MiB pages. Smaller
 //!   buffers that should sit on huge pages are slices of one larger buffer ([`Buffer::slice`]).
+//! * A mapping is reused only once nothing refers to it any more (no `Buffer`, slice or clone,
+//!   including the ones a machine layer holds until its send completed), so a reused buffer never
+//!   changes bytes someone can still read. The cache keeps the most recently returned mappings
+//!   within its budget and unmaps the oldest.
 //! * Huge pages are advice to the kernel: where it has none to give, the same code runs on
 //!   ordinary pages.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use charmrs_transport::HugeRegion;
 
 use crate::wire::Buffer;
 
-/// Buffers of at least this many bytes are mapped on huge pages (below it a huge page would more
-/// than double the footprint).
+/// Buffers of at least this many bytes are mapped on huge pages (below it a 2 MiB page would at
+/// least double the footprint).
 pub const HUGE_FROM: usize = 1 << 20;
 
-/// A zeroed byte buffer to fill and send as a [`Buffer`] (see the module docs).
+/// Bytes of idle huge-page mappings a process keeps for reuse.
+pub const IDLE_HUGE_BYTES: usize = 64 << 20;
+
+/// The idle mappings, oldest first.
+static IDLE: Mutex<Vec<HugeRegion>> = Mutex::new(Vec::new());
+
+/// An idle mapping of the capacity `len` bytes need, most recently returned first.
+fn reuse(len: usize) -> Option<HugeRegion> {
+    let capacity = len
+        .max(1)
+        .checked_next_multiple_of(charmrs_transport::huge::HUGE_PAGE)?;
+    let mut idle = IDLE.lock().unwrap_or_else(PoisonError::into_inner);
+    let at = idle.iter().rposition(|r| r.capacity() == capacity)?;
+    let mut region = idle.remove(at);
+    drop(idle);
+    region.set_len(len);
+    Some(region)
+}
+
+/// Keeps `region` for reuse, unmapping the oldest idle ones beyond the budget (outside the lock).
+fn give_back(region: HugeRegion) {
+    if region.capacity() > IDLE_HUGE_BYTES {
+        return;
+    }
+    let mut idle = IDLE.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut held: usize = idle.iter().map(HugeRegion::capacity).sum();
+    let mut evicted = Vec::new();
+    while held + region.capacity() > IDLE_HUGE_BYTES && !idle.is_empty() {
+        let old = idle.remove(0);
+        held -= old.capacity();
+        evicted.push(old);
+    }
+    idle.push(region);
+    drop(idle);
+    drop(evicted);
+}
+
+/// The owner of a frozen huge-page buffer's memory: gives the mapping back when the last view of
+/// it is dropped.
+struct Returning(Option<HugeRegion>);
+
+impl AsRef<[u8]> for Returning {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_ref().map_or(&[], HugeRegion::as_slice)
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if let Some(region) = self.0.take() {
+            give_back(region);
+        }
+    }
+}
+
+/// A byte buffer to fill and send as a [`Buffer`] (see the module docs).
 ///
 /// ```
 /// use charmrs::{Buffer, BufferMut};
 ///
 /// // One 4 MiB buffer on huge pages, filled in place, frozen without a copy...
-/// let mut field = BufferMut::zeroed(4 << 20);
+/// let mut field = BufferMut::for_overwrite(4 << 20);
 /// assert!(field.on_huge_pages());
 /// field[..4].copy_from_slice(&[1, 2, 3, 4]);
 /// let field: Buffer = field.freeze();
@@ -48,6 +112,10 @@ pub const HUGE_FROM: usize = 1 << 20;
 /// let halos: Vec<Buffer> = (0..4).map(|i| field.slice(i << 20..(i + 1) << 20)).collect();
 /// assert_eq!(&halos[0].0[..4], &[1, 2, 3, 4]);
 /// assert_eq!(halos[3].0.len(), 1 << 20);
+/// // Once every slice is dropped, the next 4 MiB buffer reuses the mapping.
+/// let at = halos[0].0.as_ptr();
+/// drop((field, halos));
+/// assert_eq!(BufferMut::for_overwrite(4 << 20).as_ptr(), at);
 /// ```
 pub struct BufferMut(Storage);
 
@@ -57,20 +125,34 @@ enum Storage {
 }
 
 impl BufferMut {
-    /// `len` zero bytes: on huge pages from [`HUGE_FROM`] bytes (on the heap if the system
-    /// refuses the mapping), on the heap below.
+    /// `len` zero bytes: on huge pages from [`HUGE_FROM`] bytes (an idle mapping zeroed, or a
+    /// new one; on the heap if the system refuses the mapping), on the heap below.
     pub fn zeroed(len: usize) -> BufferMut {
         if len >= HUGE_FROM {
-            if let Ok(region) = HugeRegion::zeroed(len) {
+            if let Some(mut region) = reuse(len) {
+                region.as_mut_slice().fill(0);
+                return BufferMut(Storage::Huge(region));
+            }
+        }
+        BufferMut::for_overwrite(len)
+    }
+
+    /// `len` bytes that the caller will overwrite: like [`zeroed`](BufferMut::zeroed), but an
+    /// idle huge-page mapping is reused as it is, holding an earlier buffer's bytes (initialised
+    /// memory, so reading it is safe, only meaningless). The fastest way to make a buffer every
+    /// step.
+    pub fn for_overwrite(len: usize) -> BufferMut {
+        if len >= HUGE_FROM {
+            if let Some(region) = reuse(len).or_else(|| HugeRegion::zeroed(len).ok()) {
                 return BufferMut(Storage::Huge(region));
             }
         }
         BufferMut(Storage::Heap(vec![0; len]))
     }
 
-    /// A copy of `data` in a new buffer (see [`zeroed`](BufferMut::zeroed)).
-    pub fn copy_from_slice(data: &[u8]) -> BufferMut {
-        let mut buf = BufferMut::zeroed(data.len());
+    /// A new buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> BufferMut {
+        let mut buf = BufferMut::for_overwrite(data.len());
         buf.copy_from_slice(data);
         buf
     }
@@ -85,7 +167,7 @@ impl BufferMut {
     pub fn freeze(self) -> Buffer {
         Buffer(match self.0 {
             Storage::Heap(v) => Bytes::from(v),
-            Storage::Huge(region) => Bytes::from_owner(region),
+            Storage::Huge(region) => Bytes::from_owner(Returning(Some(region))),
         })
     }
 }
@@ -162,8 +244,46 @@ mod tests {
     }
 
     #[test]
+    fn mappings_are_reused_only_once_every_view_is_gone() {
+        // A size no other test uses (the cache is per process).
+        let len = (7 << 20) + 3;
+        let mut a = BufferMut::for_overwrite(len);
+        a.fill(9);
+        let a = a.freeze();
+        let at = a.0.as_ptr();
+        let tail = a.slice(len - 1..);
+        drop(a);
+        let b = BufferMut::zeroed(len);
+        assert_ne!(b.as_ptr(), at, "a slice still refers to the first mapping");
+        assert!(b.iter().all(|&x| x == 0));
+        drop(tail);
+        let c = BufferMut::for_overwrite(len);
+        assert_eq!(c.as_ptr(), at, "the first mapping, back in the cache");
+        assert_eq!(c[len - 1], 9, "for_overwrite keeps the bytes");
+        drop(c);
+        let d = BufferMut::zeroed(len);
+        assert!(d.iter().all(|&x| x == 0), "zeroed clears a reused mapping");
+    }
+
+    #[test]
+    fn the_cache_keeps_its_budget() {
+        let len = (IDLE_HUGE_BYTES / 4) + 1; // more than a quarter of the budget each
+        let bufs: Vec<_> = (0..8)
+            .map(|_| BufferMut::for_overwrite(len).freeze())
+            .collect();
+        drop(bufs);
+        let held: usize = IDLE
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(HugeRegion::capacity)
+            .sum();
+        assert!((len..=IDLE_HUGE_BYTES).contains(&held), "{held} idle bytes");
+    }
+
+    #[test]
     fn slices_outlive_the_buffer_they_were_cut_from() {
-        let whole = BufferMut::copy_from_slice(&vec![7u8; 2 * HUGE_FROM]).freeze();
+        let whole = BufferMut::from_slice(&vec![7u8; 2 * HUGE_FROM]).freeze();
         let tail = whole.slice(HUGE_FROM..);
         drop(whole);
         let tail = std::thread::spawn(move || tail).join().unwrap();

@@ -69,7 +69,7 @@ mod when;
 mod wire;
 
 pub use array_map::{ArrayMap, MapId, PlaceFn};
-pub use buffer_mut::{BufferMut, HUGE_FROM};
+pub use buffer_mut::{BufferMut, HUGE_FROM, IDLE_HUGE_BYTES};
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};

@@ -30,8 +30,9 @@
 use std::io;
 use std::ptr::NonNull;
 
-/// The huge-page size regions are aligned and rounded to (x86-64 and
-/// aarch64 with 4 KiB base pages).
+/// The huge-page size regions are aligned and rounded to: x86-64's, and
+/// aarch64's with 4 KiB base pages (with 16 or 64 KiB base pages its huge
+/// pages are larger and regions simply get base pages).
 pub const HUGE_PAGE: usize = 2 << 20;
 
 /// See the module docs.
@@ -62,8 +63,10 @@ unsafe impl Sync for HugeRegion {}
 
 impl HugeRegion {
     /// Maps `len` zeroed bytes (at least one huge page), 2 MiB-aligned and
-    /// advised to huge pages. Fails only when the address space or memory
-    /// is exhausted (the `mmap` error).
+    /// advised to huge pages. Fails when the system refuses the mapping (the
+    /// `mmap` error: address space, or memory under strict overcommit);
+    /// under Linux's default overcommit a shortage shows only when the pages
+    /// are first touched, as for any large allocation.
     pub fn zeroed(len: usize) -> io::Result<HugeRegion> {
         let capacity = len
             .max(1)
@@ -80,7 +83,7 @@ impl HugeRegion {
                 std::ptr::null_mut(),
                 reserve,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
@@ -88,19 +91,24 @@ impl HugeRegion {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = base as usize;
-        let start = base.next_multiple_of(HUGE_PAGE);
-        let head = start - base;
+        let base = base.cast::<u8>();
+        let head = (base as usize).next_multiple_of(HUGE_PAGE) - base as usize;
         let tail = reserve - head - capacity;
-        // SAFETY: `[base, base + head)` and `[start + capacity, base +
-        // reserve)` lie inside the mapping just made and nothing refers to
-        // them; unmapping them leaves exactly `[start, start + capacity)`.
+        // SAFETY: `head < HUGE_PAGE` and `head + capacity <= reserve`, so both
+        // offsets stay inside the mapping just made.
+        let (start, end) = unsafe { (base.add(head), base.add(head + capacity)) };
+        // SAFETY: `[base, start)` and `[end, base + reserve)` lie inside the
+        // mapping just made and nothing refers to them; they are whole pages
+        // (`base` is page-aligned, `start` and `end` 2 MiB-aligned).
+        // Unmapping them leaves exactly `[start, end)`.
         unsafe {
             if head > 0 {
-                libc::munmap(base as *mut libc::c_void, head);
+                let r = libc::munmap(base.cast(), head);
+                debug_assert_eq!(r, 0, "munmap of the head");
             }
             if tail > 0 {
-                libc::munmap((start + capacity) as *mut libc::c_void, tail);
+                let r = libc::munmap(end.cast(), tail);
+                debug_assert_eq!(r, 0, "munmap of the tail");
             }
         }
         #[cfg(target_os = "linux")]
@@ -108,14 +116,28 @@ impl HugeRegion {
         // kernel backs the pages, never their contents. A failure (huge
         // pages compiled out) leaves ordinary pages, which is fine.
         unsafe {
-            libc::madvise(start as *mut libc::c_void, capacity, libc::MADV_HUGEPAGE);
+            libc::madvise(start.cast(), capacity, libc::MADV_HUGEPAGE);
         }
         Ok(HugeRegion {
-            // SAFETY: `start` is inside a successful mapping, so not null.
-            start: unsafe { NonNull::new_unchecked(start as *mut u8) },
+            start: NonNull::new(start).expect("a successful mapping is not at address 0"),
             len,
             capacity,
         })
+    }
+
+    /// Makes the content the first `len` bytes of the mapping (which keep
+    /// whatever was written there before, or zero).
+    ///
+    /// # Panics
+    ///
+    /// If `len` exceeds [`capacity`](HugeRegion::capacity).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity,
+            "length {len} beyond the capacity {}",
+            self.capacity
+        );
+        self.len = len;
     }
 
     /// Bytes of content (what [`zeroed`](HugeRegion::zeroed) was asked for).
@@ -164,9 +186,8 @@ impl Drop for HugeRegion {
     fn drop(&mut self) {
         // SAFETY: the region owns `[start, start + capacity)`, mapped in
         // `zeroed` and unmapped only here; no borrow outlives `self`.
-        unsafe {
-            libc::munmap(self.start.as_ptr() as *mut libc::c_void, self.capacity);
-        }
+        let r = unsafe { libc::munmap(self.start.as_ptr().cast(), self.capacity) };
+        debug_assert_eq!(r, 0, "munmap of a region");
     }
 }
 
@@ -187,6 +208,18 @@ mod tests {
             r.as_mut_slice().iter_mut().for_each(|b| *b = 0xa5);
             assert!(r.as_slice().iter().all(|&b| b == 0xa5));
         }
+    }
+
+    #[test]
+    fn the_length_moves_within_the_capacity_and_keeps_the_bytes() {
+        let mut r = HugeRegion::zeroed(100).unwrap();
+        r.as_mut_slice()[99] = 3;
+        r.set_len(HUGE_PAGE);
+        assert_eq!(r.as_slice()[99], 3);
+        assert_eq!(r.as_slice()[HUGE_PAGE - 1], 0);
+        r.set_len(10);
+        assert_eq!(r.len(), 10);
+        assert!(std::panic::catch_unwind(move || r.set_len(HUGE_PAGE + 1)).is_err());
     }
 
     #[test]

@@ -118,13 +118,12 @@ fn pattern(seed: u64, i: usize) -> u8 {
     (mix(seed ^ (i as u64 / 8)) >> (8 * (i % 8))) as u8
 }
 
-/// Sends every PE buffers of sizes that take each path of the layers (inline, eager, split
-/// rendezvous, pipelined rendezvous), made on the heap and with `BufferMut` (huge pages from
-/// 1 MiB), each a slice starting at an odd offset; every PE checks every byte.
+/// Sends every PE buffers of sizes that take each path of the layers (inline in the arguments,
+/// eager, split rendezvous, pipelined rendezvous), made on the heap and with `BufferMut` (huge
+/// pages from 1 MiB), each a slice starting at an odd offset; every PE checks every byte.
 async fn large_buffers(group: &Group<Victim>) {
-    let sizes = [300, 65_536 + 13, 1 << 20, (3 << 20) + 7];
+    let sizes = [200, 300, 65_536 + 13, 1 << 20, (3 << 20) + 7];
     let mut replies = Vec::new();
-    let mut expected = 0;
     for pe in 0..charmrs::num_pes() {
         for (k, &len) in sizes.iter().enumerate() {
             for huge in [false, true] {
@@ -135,7 +134,8 @@ async fn large_buffers(group: &Group<Victim>) {
                     }
                 };
                 let whole = if huge {
-                    let mut buf = BufferMut::zeroed(len + 5);
+                    let mut buf = BufferMut::for_overwrite(len + 5);
+                    assert_eq!(buf.on_huge_pages(), len + 5 >= charmrs::HUGE_FROM);
                     fill(&mut buf);
                     buf.freeze()
                 } else {
@@ -144,16 +144,13 @@ async fn large_buffers(group: &Group<Victim>) {
                     Buffer::from(v)
                 };
                 let data = whole.slice(5..);
-                replies.push(group.at(pe).ret().take_buffer(data, seed));
-                expected += len;
+                replies.push((len, group.at(pe).ret().take_buffer(data, seed)));
             }
         }
     }
-    let mut received = 0;
-    for r in replies {
-        received += r.await;
+    for (len, reply) in replies {
+        assert_eq!(reply.await, len);
     }
-    assert_eq!(received, expected);
 }
 
 /// Parallel Fibonacci with nested tasks.

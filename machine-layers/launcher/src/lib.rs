@@ -199,7 +199,7 @@ where
     let program = program.ok_or_else(|| format!("no program given\n{}", usage()))?;
     let pes = pes.unwrap_or(1);
     let ppn = ppn.unwrap_or(pes);
-    if pes % ppn != 0 {
+    if !pes.is_multiple_of(ppn) {
         return Err(format!(
             "++ppn {ppn} does not divide +p{pes}: the job needs a whole number of processes"
         ));

@@ -164,7 +164,7 @@ impl InRndv {
         let mut largest = None::<(u64, usize, u64)>; // (len, offset in the message, remote addr)
         let mut offset = 0usize;
         for s in &self.segs {
-            if !s.is_inline() && largest.map_or(true, |(len, _, _)| s.len > len) {
+            if !s.is_inline() && largest.is_none_or(|(len, _, _)| s.len > len) {
                 largest = Some((s.len, offset, s.addr));
             }
             offset += s.len as usize;

@@ -641,7 +641,7 @@ impl Shared {
         // loop is latency added to the next arrival): arming here is a
         // fallback for pollers that park without `before_park`.
         l.idle_calls = l.idle_calls.wrapping_add(1);
-        if l.idle_calls % IDLE_CLOCK_EVERY != 0 {
+        if !l.idle_calls.is_multiple_of(IDLE_CLOCK_EVERY) {
             return error;
         }
         let now = Instant::now();

@@ -111,7 +111,7 @@ fn pingpong(job: &Job, iters: u64) -> Res<()> {
     }
     let l = &job.layer;
     for i in 0..iters {
-        if me % 2 == 0 {
+        if me.is_multiple_of(2) {
             let len = (i as usize * 7919) % 200_000;
             let payload: Vec<u8> = (0..len).map(|k| pat(i, k)).collect();
             let segs = vec![

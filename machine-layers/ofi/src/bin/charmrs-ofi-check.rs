@@ -439,7 +439,11 @@ fn lost(job: &mut Job) {
                 Header::new(K_DATA, 0, 1, i),
                 vec![Bytes::from(vec![
                     0u8;
-                    if i % 10 == 0 { 100_000 } else { 100 }
+                    if i.is_multiple_of(10) {
+                        100_000
+                    } else {
+                        100
+                    }
                 ])],
             )
             .unwrap();

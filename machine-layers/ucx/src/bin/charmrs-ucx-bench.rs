@@ -90,7 +90,7 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
         }
         // Reading the clock costs as much as an idle progress: rarely.
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && Instant::now() > deadline {
+        if spins.is_multiple_of(4096) && Instant::now() > deadline {
             die(format!("timed out: {got} of {n} messages"));
         }
     }
