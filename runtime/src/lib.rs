@@ -56,6 +56,7 @@ mod measure;
 mod migration;
 mod options;
 mod panic;
+mod pod_vec;
 mod pool;
 mod proxy;
 mod quiescence;
@@ -81,13 +82,14 @@ pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, KEY_DIMS, MAX_DIMS, MAX_KEY_BYTES};
 pub use measure::{pe_times, PeTimes};
 pub use options::{Options, OPTIONS};
+pub use pod_vec::{Pod, PodVec};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
 pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
 pub use sleep::{sleep, Sleep};
-pub use wire::{Buffer, Pod, PodVec};
+pub use wire::Buffer;
 
 /// The names most programs need: `use charmrs::prelude::*;`.
 pub mod prelude {

@@ -1,6 +1,6 @@
 //! The wire format of messages between processes: an entry call (or a collection creation) as a
 //! transport [`Message`] — a fixed header, segment 0 holding the call's metadata and arguments,
-//! and out-of-band segments for zero-copy buffers ([`PodVec`], [`Buffer`]) that travel without
+//! and out-of-band segments for zero-copy buffers ([`PodVec`](crate::PodVec), [`Buffer`]) that travel without
 //! being copied into segment 0. The arguments are postcard-encoded; a call's metadata, which
 //! every call carries, is written by hand (postcard's serde path cost four times as many
 //! instructions), little-endian:
@@ -653,7 +653,7 @@ fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
     (r, segs)
 }
 
-/// Runs `f` with `segs` offered to [`PodVec`]/[`Buffer`] deserializers.
+/// Runs `f` with `segs` offered to [`PodVec`](crate::PodVec)/[`Buffer`] deserializers.
 fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
     let outer = SEGMENTS.with(|s| s.borrow_mut().replace(segs));
     let r = f();
@@ -677,7 +677,7 @@ pub(crate) const INLINE_MAX: usize = 256;
 
 /// (`bytes` is cloned — a reference-count increment, or for a `Bytes` made from a `Vec` a
 /// one-time allocation — only when it goes out of band.)
-fn serialize_segment<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_segment<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
     if bytes.len() <= INLINE_MAX {
         return SegmentRef::Inline(bytes).serialize(s);
     }
@@ -693,7 +693,7 @@ fn serialize_segment<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Err
     }
 }
 
-fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+pub(crate) fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
     use serde::de::Error as _;
     match SegmentRef::deserialize(d)? {
         SegmentRef::Inline(b) => Ok(Bytes::copy_from_slice(b)),
@@ -754,92 +754,6 @@ impl Serialize for Buffer {
 impl<'de> Deserialize<'de> for Buffer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         deserialize_segment(d).map(Buffer)
-    }
-}
-
-/// A vector of plain-old-data numbers (`f64`, `u32`, …) that crosses processes as its own
-/// message segment, without being copied into the serialized arguments (vectors of at most 256
-/// bytes are copied inline, which is cheaper).
-///
-/// ```
-/// use charmrs::PodVec;
-/// let v = PodVec::from(vec![1.0f64, 2.0, 3.0]);
-/// assert_eq!(&v[..], &[1.0, 2.0, 3.0]);
-/// ```
-#[derive(Clone, Debug, PartialEq)]
-pub struct PodVec<T: Pod>(Vec<T>);
-
-/// Plain-old-data element types of a [`PodVec`].
-pub trait Pod: Copy + Send + Sync + 'static + PartialEq + std::fmt::Debug {
-    /// Decodes from little-endian bytes (`bytes.len() == size_of::<Self>()`).
-    fn from_le(bytes: &[u8]) -> Self;
-    /// Appends the little-endian encoding.
-    fn to_le(self, out: &mut Vec<u8>);
-}
-
-macro_rules! pod {
-    ($($t:ty),*) => {$(
-        impl Pod for $t {
-            fn from_le(b: &[u8]) -> Self {
-                <$t>::from_le_bytes(b.try_into().expect("caller passes exactly one element"))
-            }
-            fn to_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-        }
-    )*};
-}
-pod!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
-
-impl<T: Pod> From<Vec<T>> for PodVec<T> {
-    fn from(v: Vec<T>) -> Self {
-        PodVec(v)
-    }
-}
-
-impl<T: Pod> PodVec<T> {
-    /// The vector.
-    pub fn into_vec(self) -> Vec<T> {
-        self.0
-    }
-}
-
-impl<T: Pod> std::ops::Deref for PodVec<T> {
-    type Target = Vec<T>;
-    fn deref(&self) -> &Vec<T> {
-        &self.0
-    }
-}
-
-impl<T: Pod> std::ops::DerefMut for PodVec<T> {
-    fn deref_mut(&mut self) -> &mut Vec<T> {
-        &mut self.0
-    }
-}
-
-impl<T: Pod> Serialize for PodVec<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = Vec::with_capacity(self.0.len() * std::mem::size_of::<T>());
-        for &x in &self.0 {
-            x.to_le(&mut bytes);
-        }
-        serialize_segment(&Bytes::from(bytes), s)
-    }
-}
-
-impl<'de, T: Pod> Deserialize<'de> for PodVec<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let bytes = deserialize_segment(d)?;
-        let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 {
-            return Err(D::Error::custom(format!(
-                "a PodVec<{}> segment of {} bytes is not a whole number of elements",
-                std::any::type_name::<T>(),
-                bytes.len()
-            )));
-        }
-        Ok(PodVec(bytes.chunks_exact(size).map(T::from_le).collect()))
     }
 }
 
@@ -1093,6 +1007,7 @@ pub fn decode_untrusted_frame(bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PodVec;
 
     fn frame(kind: u8, segs: &[&[u8]]) -> Vec<u8> {
         let mut m = Message::new(Header::new(kind, 0, 1, 0));

@@ -401,6 +401,26 @@ pub fn peek_frame_len(buf: &[u8], max_len: usize) -> Result<usize, TransportErro
     parse_frame(buf, max_len).map(|layout| layout.consumed)
 }
 
+/// Where the last segment of the frame at the start of `buf` begins, as an
+/// offset from the frame's start, once `buf` holds the frame's whole prefix
+/// (`None` before that, for a frame without segments, or on a bad header).
+/// A stream transport uses it to place a large frame so that its last,
+/// largest segment is aligned (numbers in it can then be read in place).
+pub fn peek_last_segment_start(buf: &[u8]) -> Option<usize> {
+    let header = Header::from_bytes(buf).ok()?;
+    let count = usize::from(header.segment_count);
+    if count == 0 {
+        return None;
+    }
+    let prefix = prefix_len(count);
+    let table = buf.get(Header::SIZE..prefix)?;
+    let mut start = prefix as u64;
+    for chunk in table.chunks_exact(LEN_SIZE).take(count - 1) {
+        start = start.checked_add(u64::from_le_bytes(chunk.try_into().ok()?))?;
+    }
+    usize::try_from(start).ok()
+}
+
 /// Decodes one frame from the start of `buf`, copying the segments into
 /// fresh buffers. Returns the message and the number of bytes consumed.
 ///
@@ -579,6 +599,23 @@ mod tests {
         let base = shared.as_ptr() as usize;
         let seg = got.segments()[2].as_ptr() as usize;
         assert!(seg >= base && seg < base + shared.len());
+    }
+
+    #[test]
+    fn the_last_segment_is_found_from_the_prefix_alone() {
+        let m = sample();
+        let buf = frame(&m);
+        let last = m.segments().last().unwrap();
+        let start = buf.len() - last.len();
+        let prefix = prefix_len(m.segments().len());
+        for cut in 0..prefix {
+            assert_eq!(peek_last_segment_start(&buf[..cut]), None, "cut {cut}");
+        }
+        for cut in prefix..=buf.len() {
+            assert_eq!(peek_last_segment_start(&buf[..cut]), Some(start));
+        }
+        let empty = frame(&Message::new(Header::new(1, 0, 1, 0)));
+        assert_eq!(peek_last_segment_start(&empty), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   job has nothing to do for 600 ms (the last PE awaits a timer).
 
 use charmrs::prelude::*;
-use charmrs::{pool, Buffer, BufferMut, Reducer};
+use charmrs::{pool, Buffer, BufferMut, PodVec, Reducer};
 use std::time::Duration;
 
 /// One element per PE (or of an array).
@@ -111,6 +111,24 @@ impl Victim {
         }
         data.0.len()
     }
+
+    /// Checks that `data` holds [`float_pattern`]`(seed, …)`; returns its length.
+    #[entry]
+    fn take_floats(&mut self, ctx: &Ctx<Self>, data: PodVec<f64>, seed: u64) -> usize {
+        if let Some(i) = (0..data.len()).find(|&i| data[i] != float_pattern(seed, i)) {
+            panic!(
+                "PE {}: vector {seed} of {} numbers differs at element {i}",
+                ctx.my_pe(),
+                data.len()
+            );
+        }
+        data.len()
+    }
+}
+
+/// Element `i` of test vector `seed`.
+fn float_pattern(seed: u64, i: usize) -> f64 {
+    (mix(seed ^ i as u64) >> 11) as f64 * 0.5
 }
 
 /// Byte `i` of test buffer `seed`.
@@ -120,7 +138,8 @@ fn pattern(seed: u64, i: usize) -> u8 {
 
 /// Sends every PE buffers of sizes that take each path of the layers (inline in the arguments,
 /// eager, split rendezvous, pipelined rendezvous), made on the heap and with `BufferMut` (huge
-/// pages from 1 MiB), each a slice starting at an odd offset; every PE checks every byte.
+/// pages from 1 MiB), each a slice starting at an odd offset, and `PodVec<f64>`s of such sizes;
+/// every PE checks every byte and number.
 async fn large_buffers(group: &Group<Victim>) {
     let sizes = [200, 300, 65_536 + 13, 1 << 20, (3 << 20) + 7];
     let mut replies = Vec::new();
@@ -146,6 +165,21 @@ async fn large_buffers(group: &Group<Victim>) {
                 let data = whole.slice(5..);
                 replies.push((len, group.at(pe).ret().take_buffer(data, seed)));
             }
+        }
+    }
+    for (len, reply) in replies {
+        assert_eq!(reply.await, len);
+    }
+    // Vectors of numbers: inline, eager, split and pipelined rendezvous sizes.
+    let mut replies = Vec::new();
+    for pe in 0..charmrs::num_pes() {
+        for (k, len) in [20, 8_193, (1 << 17) + 3, (3 << 17) + 1]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = (pe * 100 + k) as u64;
+            let v: Vec<f64> = (0..len).map(|i| float_pattern(seed, i)).collect();
+            replies.push((len, group.at(pe).ret().take_floats(PodVec::from(v), seed)));
         }
     }
     for (len, reply) in replies {

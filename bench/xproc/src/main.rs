@@ -28,11 +28,12 @@
 //! (the charmrs ping-pong sends back the buffer it received instead of its own; see
 //! `echo_data`), `XPROC_HEAP_BUFFERS=1` (send `Vec`s, not huge pages), `XPROC_CONSUME=1` (the
 //! stream's receiver reads every buffer through, as an application would; a transport that
-//! leaves the data in the sender's cache then pays for it).
+//! leaves the data in the sender's cache then pays for it), `XPROC_PODVEC=1` (the stream sends a
+//! `PodVec<f64>` of the same byte size instead of a `Buffer`).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
-use charmrs::{Buffer, BufferMut};
+use charmrs::{Buffer, BufferMut, PodVec};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
@@ -131,6 +132,18 @@ impl Pong {
                 acc.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")))
             });
             std::hint::black_box(sum);
+        }
+        self.streamed += 1;
+        if self.streamed.is_multiple_of(window) {
+            back.acked();
+        }
+    }
+
+    /// [`stream`](Pong::stream) for a vector of numbers (`XPROC_PODVEC=1`).
+    #[entry]
+    fn stream_floats(&mut self, data: PodVec<f64>, window: usize, back: ElementProxy<Ping>) {
+        if self.consume {
+            std::hint::black_box(data.iter().sum::<f64>());
         }
         self.streamed += 1;
         if self.streamed.is_multiple_of(window) {
@@ -266,11 +279,17 @@ impl Ping {
         // The buffer exists before the clock starts and is the same in every repetition, as
         // `ucp_am_bw`'s and `fi_rma_bw`'s are.
         let data = own_buffer(&mut self.own, size, 7);
+        let floats = std::env::var_os("XPROC_PODVEC")
+            .is_some()
+            .then(|| PodVec::from(vec![0.5f64; size / 8]));
         self.acks = count / WINDOW;
         self.done = Some(done);
         self.start = Some(Instant::now());
         for _ in 0..count {
-            pong.stream(data.clone(), WINDOW, ctx.this_element());
+            match &floats {
+                Some(v) => pong.stream_floats(v.clone(), WINDOW, ctx.this_element()),
+                None => pong.stream(data.clone(), WINDOW, ctx.this_element()),
+            }
         }
     }
 

@@ -79,7 +79,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use charmrs_transport::{decode_frame_bytes, peek_frame_len, Message, ProcessId, TransportError};
+use charmrs_transport::{
+    decode_frame_bytes, peek_frame_len, peek_last_segment_start, Message, ProcessId, TransportError,
+};
 
 use crate::poll::{Epoll, EventFd, Trigger};
 use crate::shared::{lock, Event, GetJob, Shared};
@@ -90,6 +92,10 @@ use crate::wire;
 const CHUNK: usize = 64 * 1024;
 /// Largest frame whose buffer a connection keeps for reuse.
 const RECYCLE_MAX: usize = 64 << 20;
+/// A large frame's last segment (its bulk: a buffer or a vector of numbers)
+/// starts at a multiple of this in memory, so that numbers in it can be read
+/// in place (`charmrs::PodVec`).
+const SEGMENT_ALIGN: usize = 64;
 /// Up to this many connections, a poll tries each socket instead of asking
 /// the `data` epoll which are readable.
 pub(crate) const DIRECT_MAX: usize = 2;
@@ -134,9 +140,10 @@ pub(crate) struct Conn {
     stream: TcpStream,
     /// Bytes read but not yet a complete packet.
     acc: BytesMut,
-    /// A large packet being read straight into its own buffer, and its
-    /// total length.
-    big: Option<(Vec<u8>, usize)>,
+    /// A large packet being read straight into its own buffer: the buffer,
+    /// the length it must reach, and the padding before the packet (which
+    /// puts the frame's last segment on a cache line).
+    big: Option<(Vec<u8>, usize, usize)>,
     /// The previous large packet, reused once the application dropped it.
     last_large: Option<Bytes>,
 }
@@ -624,7 +631,7 @@ impl Conn {
     ) -> Result<(), End> {
         let mut drained = false;
         loop {
-            if let Some((mut buf, needed)) = self.big.take() {
+            if let Some((mut buf, needed, pad)) = self.big.take() {
                 // Payload of a large frame (its length is exact: the prefix
                 // was complete), read straight into the frame's own buffer;
                 // `read_to_end` fills spare capacity without zeroing it and
@@ -635,10 +642,11 @@ impl Conn {
                 *budget = budget.saturating_sub(buf.len() - before);
                 match res {
                     Ok(_) if buf.len() == needed => {
-                        let packet = Bytes::from(buf);
+                        let whole = Bytes::from(buf);
                         if needed <= RECYCLE_MAX {
-                            self.last_large = Some(packet.clone());
+                            self.last_large = Some(whole.clone());
                         }
+                        let packet = whole.slice(pad..);
                         handle_packet(shared, self.peer, packet[0], &packet.slice(1..), out)?;
                         // It stopped at the frame's end, not at "no more
                         // input": whatever an earlier short read suggested,
@@ -654,15 +662,15 @@ impl Conn {
                     }
                     Ok(_) => {
                         // Budget spent mid-frame: resume on the next poll.
-                        self.big = Some((buf, needed));
+                        self.big = Some((buf, needed, pad));
                         return Ok(());
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.big = Some((buf, needed));
+                        self.big = Some((buf, needed, pad));
                         return Ok(());
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                        self.big = Some((buf, needed));
+                        self.big = Some((buf, needed, pad));
                         continue;
                     }
                     Err(e) => return Err(End::Lost(e.to_string())),
@@ -683,10 +691,17 @@ impl Conn {
                     None => Vec::new(),
                 };
                 buf.clear();
-                buf.reserve_exact(needed);
+                buf.reserve_exact(needed + SEGMENT_ALIGN);
+                // `acc` holds the frame's prefix: pad so that the last
+                // segment lands on a cache line (the packet type byte comes
+                // before the frame).
+                let pad = peek_last_segment_start(&self.acc[1..]).map_or(0, |start| {
+                    (buf.as_ptr() as usize + 1 + start).wrapping_neg() & (SEGMENT_ALIGN - 1)
+                });
+                buf.resize(pad, 0);
                 buf.extend_from_slice(&self.acc);
                 self.acc.clear();
-                self.big = Some((buf, needed));
+                self.big = Some((buf, pad + needed, pad));
                 continue;
             }
             if drained || *budget == 0 {

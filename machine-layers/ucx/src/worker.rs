@@ -1083,12 +1083,15 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     } = pending;
     // A split message's data lands at the same offset within a cache line as it has in the
     // sender (`wire::SPLIT_ALIGN`), where the pooled buffer has room for that: the kernel's
-    // copy between co-aligned buffers is faster.
+    // copy between co-aligned buffers is faster. Another one arrives as all its segments back
+    // to back; its last (the large one) starts on a cache line, so that numbers in it are
+    // aligned for reading in place (`PodVec`).
     let mut buf = inbox.pool.take(len);
     let offset = if leading.is_some() {
         buf.aligned_offset(len, data_align, wire::SPLIT_ALIGN)
     } else {
-        0
+        let last_start = len.saturating_sub(lens.last().copied().unwrap_or(0));
+        buf.aligned_offset(len, last_start.wrapping_neg(), wire::SPLIT_ALIGN)
     };
     // SAFETY: `aligned_offset` keeps `offset + len` within the buffer.
     let dst = unsafe { buf.as_mut_ptr().add(offset) };
