@@ -18,6 +18,7 @@
 //! PEs at the end, and as its last line `Total time: <seconds> s`.
 
 use charmrs::prelude::*;
+use charmrs::PodVec;
 use charmrs_apps::stencil::{load_factor, thread_cpu_seconds, Block, FACES};
 use std::time::Instant;
 
@@ -57,7 +58,7 @@ struct Chunk {
     /// Iterations completed.
     iter: u64,
     /// Ghost faces received for the next two iterations (by parity), not applied yet.
-    ghosts: [Vec<Option<Vec<f64>>>; 2],
+    ghosts: [Vec<Option<PodVec<f64>>>; 2],
     /// Waiting for `resume_from_sync`.
     in_sync: bool,
     /// Seconds spent computing (kernel + synthetic load), by the PE it was spent on.
@@ -125,7 +126,11 @@ impl Chunk {
                 array
                     .at(nb)
                     .with_priority(self.iter.min(i32::MAX as u64) as i32)
-                    .ghost(self.iter, (face ^ 1) as u8, self.block.face(face));
+                    .ghost(
+                        self.iter,
+                        (face ^ 1) as u8,
+                        PodVec::from(self.block.face(face)),
+                    );
             }
         }
     }
@@ -184,9 +189,10 @@ impl Chunk {
         self.advance(ctx);
     }
 
-    /// A neighbour's face for iteration `iter` (at most one iteration ahead of this block).
+    /// A neighbour's face for iteration `iter` (at most one iteration ahead of this block); a
+    /// `PodVec` crosses processes without copies.
     #[entry]
-    fn ghost(&mut self, ctx: &Ctx<Self>, iter: u64, face: u8, values: Vec<f64>) {
+    fn ghost(&mut self, ctx: &Ctx<Self>, iter: u64, face: u8, values: PodVec<f64>) {
         assert!(
             iter == self.iter || iter == self.iter + 1,
             "ghost for iteration {iter} at iteration {}",
