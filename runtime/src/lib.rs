@@ -82,7 +82,7 @@ pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, KEY_DIMS, MAX_DIMS, MAX_KEY_BYTES};
 pub use measure::{pe_times, PeTimes};
 pub use options::{Options, OPTIONS};
-pub use pod_vec::{Pod, PodVec};
+pub use pod_vec::{Pod, PodVec, IN_PLACE_MIN};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};

@@ -644,7 +644,7 @@ thread_local! {
 }
 
 /// Runs `f` with an out-of-band segment collector; returns what `f` returned and the segments.
-fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
+pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
     let outer = SEGMENTS.with(|s| s.borrow_mut().replace(Vec::new()));
     let r = f();
     let segs = SEGMENTS
@@ -654,7 +654,7 @@ fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
 }
 
 /// Runs `f` with `segs` offered to [`PodVec`](crate::PodVec)/[`Buffer`] deserializers.
-fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
+pub(crate) fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
     let outer = SEGMENTS.with(|s| s.borrow_mut().replace(segs));
     let r = f();
     SEGMENTS.with(|s| *s.borrow_mut() = outer);

@@ -401,24 +401,25 @@ pub fn peek_frame_len(buf: &[u8], max_len: usize) -> Result<usize, TransportErro
     parse_frame(buf, max_len).map(|layout| layout.consumed)
 }
 
-/// Where the last segment of the frame at the start of `buf` begins, as an
-/// offset from the frame's start, once `buf` holds the frame's whole prefix
-/// (`None` before that, for a frame without segments, or on a bad header).
-/// A stream transport uses it to place a large frame so that its last,
-/// largest segment is aligned (numbers in it can then be read in place).
-pub fn peek_last_segment_start(buf: &[u8]) -> Option<usize> {
+/// Where the largest segment of the frame at the start of `buf` begins, as
+/// an offset from the frame's start, once `buf` holds the frame's whole
+/// prefix (`None` before that, for a frame without segments, or on a bad
+/// header). A stream transport uses it to place a large frame so that its
+/// bulk is aligned (numbers in it can then be read in place).
+pub fn peek_largest_segment_start(buf: &[u8]) -> Option<usize> {
     let header = Header::from_bytes(buf).ok()?;
     let count = usize::from(header.segment_count);
-    if count == 0 {
-        return None;
-    }
     let prefix = prefix_len(count);
     let table = buf.get(Header::SIZE..prefix)?;
-    let mut start = prefix as u64;
-    for chunk in table.chunks_exact(LEN_SIZE).take(count - 1) {
-        start = start.checked_add(u64::from_le_bytes(chunk.try_into().ok()?))?;
+    let (mut at, mut best) = (prefix as u64, None::<(u64, u64)>);
+    for chunk in table.chunks_exact(LEN_SIZE) {
+        let len = u64::from_le_bytes(chunk.try_into().ok()?);
+        if best.is_none_or(|(_, l)| len > l) {
+            best = Some((at, len));
+        }
+        at = at.checked_add(len)?;
     }
-    usize::try_from(start).ok()
+    usize::try_from(best?.0).ok()
 }
 
 /// Decodes one frame from the start of `buf`, copying the segments into
@@ -602,20 +603,34 @@ mod tests {
     }
 
     #[test]
-    fn the_last_segment_is_found_from_the_prefix_alone() {
+    fn the_largest_segment_is_found_from_the_prefix_alone() {
         let m = sample();
         let buf = frame(&m);
-        let last = m.segments().last().unwrap();
-        let start = buf.len() - last.len();
-        let prefix = prefix_len(m.segments().len());
+        let segs = m.segments();
+        let (largest, _) = segs.iter().enumerate().fold((0, 0), |(bi, bl), (i, s)| {
+            if s.len() > bl {
+                (i, s.len())
+            } else {
+                (bi, bl)
+            }
+        });
+        let start = prefix_len(segs.len()) + segs[..largest].iter().map(|s| s.len()).sum::<usize>();
+        let prefix = prefix_len(segs.len());
         for cut in 0..prefix {
-            assert_eq!(peek_last_segment_start(&buf[..cut]), None, "cut {cut}");
+            assert_eq!(peek_largest_segment_start(&buf[..cut]), None, "cut {cut}");
         }
         for cut in prefix..=buf.len() {
-            assert_eq!(peek_last_segment_start(&buf[..cut]), Some(start));
+            assert_eq!(peek_largest_segment_start(&buf[..cut]), Some(start));
         }
         let empty = frame(&Message::new(Header::new(1, 0, 1, 0)));
-        assert_eq!(peek_last_segment_start(&empty), None);
+        assert_eq!(peek_largest_segment_start(&empty), None);
+        let mut first = Message::new(Header::new(1, 0, 1, 0));
+        first.push_segment(Bytes::from(vec![0u8; 1000])).unwrap();
+        first.push_segment(Bytes::from_static(b"tail")).unwrap();
+        assert_eq!(
+            peek_largest_segment_start(&frame(&first)),
+            Some(prefix_len(2))
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!   [`MAX_CLASS`]; classes from [`SLACK_FROM`] have [`SLACK`] bytes more,
 //!   so a large buffer sent beside a call's arguments (1 MiB and 40 bytes,
 //!   say) takes a buffer of 1 MiB + 4 KiB, not one of 2 MiB. Larger
-//!   requests are plain allocations, never kept.
+//!   requests are plain allocations (with [`COPY_ALIGN`] bytes of room), never kept.
 //! * A buffer is lent to one message at a time: it comes back only from
 //!   the drop of the last `Bytes` view, and only that message's length of
 //!   it is ever exposed; the rest holds whatever earlier messages left.
@@ -127,8 +127,10 @@ impl RecvPool {
     /// A buffer of at least `len` bytes, all initialised.
     pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
         let Some((class, size)) = self.class_for(len) else {
+            // Room to place the data at any offset within a cache line, as the classes
+            // from SLACK_FROM have (`aligned_offset`).
             return PoolBuf {
-                buf: vec![0u8; len],
+                buf: vec![0u8; len.saturating_add(COPY_ALIGN)],
                 home: None,
             };
         };
@@ -344,9 +346,11 @@ mod tests {
         assert_eq!(pool.take((1 << 20) + 40).len(), (1 << 20) + SLACK);
         assert_eq!(pool.take((1 << 20) + SLACK + 1).len(), (2 << 20) + SLACK);
         assert_eq!(pool.take(MAX_CLASS + SLACK).len(), MAX_CLASS + SLACK);
-        // Beyond the classes: exact, and not kept.
+        // Beyond the classes: room for an offset within a cache line, and not kept.
         let before = pool.idle_bytes();
-        drop(pool.take(MAX_CLASS + SLACK + 1));
+        let beyond = pool.take(MAX_CLASS + SLACK + 1);
+        assert_eq!(beyond.len(), MAX_CLASS + SLACK + 1 + COPY_ALIGN);
+        drop(beyond);
         assert_eq!(pool.idle_bytes(), before);
         assert_eq!(
             RecvPool::new(60_000, 1 << 20).take(1).len(),

@@ -112,9 +112,22 @@ impl Victim {
         data.0.len()
     }
 
-    /// Checks that `data` holds [`float_pattern`]`(seed, …)`; returns its length.
+    /// Checks that `data` holds [`float_pattern`]`(seed, …)`, and was read in place from the
+    /// received message if `in_place`; returns its length.
     #[entry]
-    fn take_floats(&mut self, ctx: &Ctx<Self>, data: PodVec<f64>, seed: u64) -> usize {
+    fn take_floats(
+        &mut self,
+        ctx: &Ctx<Self>,
+        data: PodVec<f64>,
+        seed: u64,
+        in_place: bool,
+    ) -> usize {
+        assert!(
+            !in_place || data.is_received_in_place(),
+            "PE {}: vector {seed} of {} numbers was copied on receipt",
+            ctx.my_pe(),
+            data.len()
+        );
         if let Some(i) = (0..data.len()).find(|&i| data[i] != float_pattern(seed, i)) {
             panic!(
                 "PE {}: vector {seed} of {} numbers differs at element {i}",
@@ -170,16 +183,24 @@ async fn large_buffers(group: &Group<Victim>) {
     for (len, reply) in replies {
         assert_eq!(reply.await, len);
     }
-    // Vectors of numbers: inline, eager, split and pipelined rendezvous sizes.
+    // Vectors of numbers: inline, eager, split and pipelined rendezvous sizes. From 1 MiB every
+    // layer lands them aligned, so a PE of another process reads them in place.
     let mut replies = Vec::new();
+    let per_process = charmrs::num_pes() / charmrs::num_nodes();
     for pe in 0..charmrs::num_pes() {
+        let remote = pe / per_process != charmrs::my_node();
         for (k, len) in [20, 8_193, (1 << 17) + 3, (3 << 17) + 1]
             .into_iter()
             .enumerate()
         {
             let seed = (pe * 100 + k) as u64;
             let v: Vec<f64> = (0..len).map(|i| float_pattern(seed, i)).collect();
-            replies.push((len, group.at(pe).ret().take_floats(PodVec::from(v), seed)));
+            let in_place = remote && len >= 1 << 17;
+            let reply = group
+                .at(pe)
+                .ret()
+                .take_floats(PodVec::from(v), seed, in_place);
+            replies.push((len, reply));
         }
     }
     for (len, reply) in replies {

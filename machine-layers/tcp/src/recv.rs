@@ -80,7 +80,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use charmrs_transport::{
-    decode_frame_bytes, peek_frame_len, peek_last_segment_start, Message, ProcessId, TransportError,
+    decode_frame_bytes, peek_frame_len, peek_largest_segment_start, Message, ProcessId,
+    TransportError,
 };
 
 use crate::poll::{Epoll, EventFd, Trigger};
@@ -92,8 +93,8 @@ use crate::wire;
 const CHUNK: usize = 64 * 1024;
 /// Largest frame whose buffer a connection keeps for reuse.
 const RECYCLE_MAX: usize = 64 << 20;
-/// A large frame's last segment (its bulk: a buffer or a vector of numbers)
-/// starts at a multiple of this in memory, so that numbers in it can be read
+/// A large frame's largest segment (its bulk: a buffer or a vector of
+/// numbers) starts at a multiple of this in memory, so that numbers in it can be read
 /// in place (`charmrs::PodVec`).
 const SEGMENT_ALIGN: usize = 64;
 /// Up to this many connections, a poll tries each socket instead of asking
@@ -142,7 +143,7 @@ pub(crate) struct Conn {
     acc: BytesMut,
     /// A large packet being read straight into its own buffer: the buffer,
     /// the length it must reach, and the padding before the packet (which
-    /// puts the frame's last segment on a cache line).
+    /// puts the frame's largest segment on a cache line).
     big: Option<(Vec<u8>, usize, usize)>,
     /// The previous large packet, reused once the application dropped it.
     last_large: Option<Bytes>,
@@ -681,21 +682,22 @@ impl Conn {
             let needed = self.act_on_complete(shared, out)?;
             if needed > self.acc.len() + CHUNK {
                 // Start a large frame in the previous large frame's storage
-                // when the application dropped every view of it (`Vec::from`
-                // then hands the allocation back without copying).
-                let mut buf = match self.last_large.take() {
-                    Some(mut prev) => {
+                // when the application dropped every view of it
+                // (`try_into_mut` succeeds only then, and hands the
+                // allocation back without copying).
+                let mut buf = match self.last_large.take().map(Bytes::try_into_mut) {
+                    Some(Ok(mut prev)) => {
                         prev.clear();
                         Vec::from(prev)
                     }
-                    None => Vec::new(),
+                    _ => Vec::new(),
                 };
                 buf.clear();
                 buf.reserve_exact(needed + SEGMENT_ALIGN);
-                // `acc` holds the frame's prefix: pad so that the last
+                // `acc` holds the frame's prefix: pad so that the largest
                 // segment lands on a cache line (the packet type byte comes
                 // before the frame).
-                let pad = peek_last_segment_start(&self.acc[1..]).map_or(0, |start| {
+                let pad = peek_largest_segment_start(&self.acc[1..]).map_or(0, |start| {
                     (buf.as_ptr() as usize + 1 + start).wrapping_neg() & (SEGMENT_ALIGN - 1)
                 });
                 buf.resize(pad, 0);

@@ -1084,14 +1084,13 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     // A split message's data lands at the same offset within a cache line as it has in the
     // sender (`wire::SPLIT_ALIGN`), where the pooled buffer has room for that: the kernel's
     // copy between co-aligned buffers is faster. Another one arrives as all its segments back
-    // to back; its last (the large one) starts on a cache line, so that numbers in it are
-    // aligned for reading in place (`PodVec`).
+    // to back; its largest starts on a cache line, so that numbers in it are aligned for
+    // reading in place (`PodVec`).
     let mut buf = inbox.pool.take(len);
     let offset = if leading.is_some() {
         buf.aligned_offset(len, data_align, wire::SPLIT_ALIGN)
     } else {
-        let last_start = len.saturating_sub(lens.last().copied().unwrap_or(0));
-        buf.aligned_offset(len, last_start.wrapping_neg(), wire::SPLIT_ALIGN)
+        buf.aligned_offset(len, largest_start(&lens).wrapping_neg(), wire::SPLIT_ALIGN)
     };
     // SAFETY: `aligned_offset` keeps `offset + len` within the buffer.
     let dst = unsafe { buf.as_mut_ptr().add(offset) };
@@ -1132,6 +1131,20 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         inbox.in_flight(1);
         inbox.state.borrow_mut().rndv_active += 1;
     }
+}
+
+/// Where the largest of segments of lengths `lens`, laid back to back, starts (the first of
+/// equals; 0 for none).
+fn largest_start(lens: &[usize]) -> usize {
+    let mut best = (0, 0);
+    let mut at = 0usize;
+    for &len in lens {
+        if len > best.1 {
+            best = (at, len);
+        }
+        at = at.saturating_add(len);
+    }
+    best.0
 }
 
 /// Active-message handler of goodbyes.
