@@ -91,8 +91,6 @@ use crate::wire;
 /// Size of a connection's read buffer, and the threshold above which a
 /// frame's payload is read straight into its own buffer.
 const CHUNK: usize = 64 * 1024;
-/// Largest frame whose buffer a connection keeps for reuse.
-const RECYCLE_MAX: usize = 64 << 20;
 /// A large frame's largest segment (its bulk: a buffer or a vector of
 /// numbers) starts at a multiple of this in memory, so that numbers in it can be read
 /// in place (`charmrs::PodVec`).
@@ -145,8 +143,6 @@ pub(crate) struct Conn {
     /// the length it must reach, and the padding before the packet (which
     /// puts the frame's largest segment on a cache line).
     big: Option<(Vec<u8>, usize, usize)>,
-    /// The previous large packet, reused once the application dropped it.
-    last_large: Option<Bytes>,
 }
 
 /// Connection state, owned by whichever thread polls.
@@ -263,7 +259,6 @@ pub(crate) fn adopt(
         stream,
         acc: BytesMut::with_capacity(CHUNK),
         big: None,
-        last_large: None,
     });
     r.has_new.store(true, Ordering::SeqCst);
     r.arrived.store(true, Ordering::SeqCst);
@@ -643,11 +638,7 @@ impl Conn {
                 *budget = budget.saturating_sub(buf.len() - before);
                 match res {
                     Ok(_) if buf.len() == needed => {
-                        let whole = Bytes::from(buf);
-                        if needed <= RECYCLE_MAX {
-                            self.last_large = Some(whole.clone());
-                        }
-                        let packet = whole.slice(pad..);
+                        let packet = Bytes::from(buf).slice(pad..);
                         handle_packet(shared, self.peer, packet[0], &packet.slice(1..), out)?;
                         // It stopped at the frame's end, not at "no more
                         // input": whatever an earlier short read suggested,
@@ -681,19 +672,11 @@ impl Conn {
             // the next one needs.
             let needed = self.act_on_complete(shared, out)?;
             if needed > self.acc.len() + CHUNK {
-                // Start a large frame in the previous large frame's storage
-                // when the application dropped every view of it
-                // (`try_into_mut` succeeds only then, and hands the
-                // allocation back without copying).
-                let mut buf = match self.last_large.take().map(Bytes::try_into_mut) {
-                    Some(Ok(mut prev)) => {
-                        prev.clear();
-                        Vec::from(prev)
-                    }
-                    _ => Vec::new(),
-                };
-                buf.clear();
-                buf.reserve_exact(needed + SEGMENT_ALIGN);
+                // A fresh buffer per large frame: reusing the previous
+                // frame's storage once the application dropped it streamed
+                // 1 MiB frames at half the speed (docs/performance.md,
+                // session 14); the allocator reuses freed memory anyway.
+                let mut buf = Vec::with_capacity(needed + SEGMENT_ALIGN);
                 // `acc` holds the frame's prefix: pad so that the largest
                 // segment lands on a cache line (the packet type byte comes
                 // before the frame).
