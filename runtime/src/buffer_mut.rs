@@ -15,12 +15,14 @@
 //! than from `Vec`s on our test machine (`docs/performance.md`, session 14). It is charmrs's
 //! `MPI_Alloc_mem` (UCX's `ucx_perftest` gets huge pages from its allocator when told to,
 //! `UCX_ALLOC_PRIO=thp`). The cache is why a program can make a fresh `BufferMut` every step:
-//! a new mapping costs a page fault of 2 MiB, ~80 µs; a reused one nothing.
+//! a new 1 MiB buffer costs a 2 MiB page fault (made, filled and dropped: 92 µs against 16 µs
+//! reused, `cargo bench -p charmrs-bench --bench buffers`).
 //!
 //! # Invariants
 //!
 //! * [`freeze`](BufferMut::freeze) never copies: the [`Buffer`]'s `Bytes` take the memory over,
-//!   and it is freed (unmapped) when the last clone or slice of it is dropped, on any thread.
+//!   and it goes back to the cache (or is unmapped, or freed for a heap buffer) when the last
+//!   clone or slice of it is dropped, on any thread.
 //! * A huge-page buffer's footprint is its length rounded up to whole 2 MiB pages. Smaller
 //!   buffers that should sit on huge pages are slices of one larger buffer ([`Buffer::slice`]).
 //! * A mapping is reused only once nothing refers to it any more (no `Buffer`, slice or clone,
