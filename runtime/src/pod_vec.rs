@@ -37,7 +37,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::wire::{deserialize_segment, serialize_segment};
+use crate::wire::{deserialize_segment, serialize_segment, serialize_segment_with};
 
 /// Received segments of at least this many bytes are read in place; smaller ones are copied
 /// into a vector (a copy that size costs little, and frees the transport's buffer at once).
@@ -103,6 +103,12 @@ pod!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
 
 /// The bytes of a shared vector of a castable type, as a segment's owner (no copy).
 struct VecBytes<T>(Arc<Vec<T>>);
+
+impl<T> Clone for VecBytes<T> {
+    fn clone(&self) -> Self {
+        VecBytes(Arc::clone(&self.0))
+    }
+}
 
 impl<T: Pod> AsRef<[u8]> for VecBytes<T> {
     fn as_ref(&self) -> &[u8] {
@@ -275,7 +281,8 @@ impl<T: Pod> Serialize for PodVec<T> {
         match &self.0 {
             Repr::Wire(b) => serialize_segment(b, s),
             Repr::Vec(v) if castable::<T>() => {
-                serialize_segment(&Bytes::from_owner(VecBytes(Arc::clone(v))), s)
+                let owner = VecBytes(Arc::clone(v));
+                serialize_segment_with(owner.as_ref(), || Bytes::from_owner(owner.clone()), s)
             }
             Repr::Vec(v) => {
                 let mut bytes = Vec::with_capacity(std::mem::size_of_val(&***v));

@@ -678,12 +678,22 @@ pub(crate) const INLINE_MAX: usize = 256;
 /// (`bytes` is cloned — a reference-count increment, or for a `Bytes` made from a `Vec` a
 /// one-time allocation — only when it goes out of band.)
 pub(crate) fn serialize_segment<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    serialize_segment_with(bytes, || bytes.clone(), s)
+}
+
+/// [`serialize_segment`] for bytes that are made into a [`Bytes`] (by `make`) only if they go
+/// out of band.
+pub(crate) fn serialize_segment_with<S: Serializer>(
+    bytes: &[u8],
+    make: impl FnOnce() -> Bytes,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     if bytes.len() <= INLINE_MAX {
         return SegmentRef::Inline(bytes).serialize(s);
     }
     let idx = SEGMENTS.with(|c| {
         c.borrow_mut().as_mut().map(|segs| {
-            segs.push(bytes.clone());
+            segs.push(make());
             (segs.len() - 1) as u32
         })
     });
