@@ -37,7 +37,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::wire::{deserialize_segment, serialize_segment, serialize_segment_with};
+use crate::wire::{deserialize_received, serialize_segment, serialize_segment_with, Received};
 
 /// Received segments of at least this many bytes are read in place; smaller ones are copied
 /// into a vector (a copy that size costs little, and frees the transport's buffer at once).
@@ -131,19 +131,30 @@ impl<T: Pod> PodVec<T> {
     /// docs), else copies or decodes them into a vector. `None` if the length is not a whole
     /// number of elements (or the element type has no size).
     fn from_wire(bytes: Bytes) -> Option<PodVec<T>> {
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
+        if castable::<T>()
+            && aligned
+            && bytes.len() >= IN_PLACE_MIN
+            && bytes.len().is_multiple_of(std::mem::size_of::<T>())
+        {
+            return Some(PodVec(Repr::Wire(bytes)));
+        }
+        PodVec::copied(&bytes)
+    }
+
+    /// The elements of `bytes` in a vector of their own: one `memcpy` for a built-in type,
+    /// element by element for another. `None` as for [`from_wire`](PodVec::from_wire).
+    fn copied(bytes: &[u8]) -> Option<PodVec<T>> {
         let size = std::mem::size_of::<T>();
         if size == 0 || !bytes.len().is_multiple_of(size) {
             return None;
         }
-        if !castable::<T>() {
-            let v = bytes.chunks_exact(size).map(T::from_le).collect();
-            return Some(PodVec(Repr::Vec(Arc::new(v))));
-        }
-        let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
-        if aligned && bytes.len() >= IN_PLACE_MIN {
-            return Some(PodVec(Repr::Wire(bytes)));
-        }
-        Some(PodVec(Repr::Vec(Arc::new(copy_out(&bytes)))))
+        let v = if castable::<T>() {
+            copy_out(bytes)
+        } else {
+            bytes.chunks_exact(size).map(T::from_le).collect()
+        };
+        Some(PodVec(Repr::Vec(Arc::new(v))))
     }
 
     /// The elements as a vector of this `PodVec`'s own, to change: copied first if they are
@@ -298,9 +309,14 @@ impl<T: Pod> Serialize for PodVec<T> {
 impl<'de, T: Pod> Deserialize<'de> for PodVec<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
-        let bytes = deserialize_segment(d)?;
-        let len = bytes.len();
-        PodVec::from_wire(bytes).ok_or_else(|| {
+        let (decoded, len) = match deserialize_received(d)? {
+            Received::Inline(b) => (PodVec::copied(b), b.len()),
+            Received::Segment(b) => {
+                let len = b.len();
+                (PodVec::from_wire(b), len)
+            }
+        };
+        decoded.ok_or_else(|| {
             D::Error::custom(format!(
                 "a PodVec<{}> segment of {len} bytes is not a whole number of {}-byte elements",
                 std::any::type_name::<T>(),

@@ -704,20 +704,40 @@ pub(crate) fn serialize_segment_with<S: Serializer>(
 }
 
 pub(crate) fn deserialize_segment<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+    Ok(match deserialize_received(d)? {
+        Received::Inline(b) => Bytes::copy_from_slice(b),
+        Received::Segment(b) => b,
+    })
+}
+
+/// Bytes a deserializer received: inside the serialized arguments (borrowed from them), or a
+/// segment of the message.
+pub(crate) enum Received<'a> {
+    Inline(&'a [u8]),
+    Segment(Bytes),
+}
+
+/// [`deserialize_segment`] without copying inline bytes (for a reader that copies them anyway).
+pub(crate) fn deserialize_received<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Received<'de>, D::Error> {
     use serde::de::Error as _;
     match SegmentRef::deserialize(d)? {
-        SegmentRef::Inline(b) => Ok(Bytes::copy_from_slice(b)),
+        SegmentRef::Inline(b) => Ok(Received::Inline(b)),
         SegmentRef::OutOfBand(i) => SEGMENTS.with(|c| {
             let segs = c.borrow();
             let segs = segs
                 .as_ref()
                 .ok_or_else(|| D::Error::custom("out-of-band segment outside a message"))?;
-            segs.get(i as usize).cloned().ok_or_else(|| {
-                D::Error::custom(format!(
-                    "segment {i} referenced but the message has {}",
-                    segs.len()
-                ))
-            })
+            segs.get(i as usize)
+                .cloned()
+                .map(Received::Segment)
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "segment {i} referenced but the message has {}",
+                        segs.len()
+                    ))
+                })
         }),
     }
 }

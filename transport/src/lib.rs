@@ -54,7 +54,7 @@ pub use kv::{KvBootstrap, KvEvent, KvServer};
 pub use layer::{MachineLayer, ProcessId, NAP_MAX, NAP_SPIN};
 pub use memory::{MemRegion, RemoteKey};
 pub use message::{
-    decode_frame, decode_frame_bytes, encode_frame_prefix, peek_frame_len,
+    decode_frame, decode_frame_bytes, encode_frame_prefix, largest_segment_start, peek_frame_len,
     peek_largest_segment_start, Header, Message, MAGIC, MAX_SEGMENTS, WIRE_VERSION,
 };
 pub use pool::{PoolBuf, RecvPool};

@@ -411,15 +411,26 @@ pub fn peek_largest_segment_start(buf: &[u8]) -> Option<usize> {
     let count = usize::from(header.segment_count);
     let prefix = prefix_len(count);
     let table = buf.get(Header::SIZE..prefix)?;
-    let (mut at, mut best) = (prefix as u64, None::<(u64, u64)>);
-    for chunk in table.chunks_exact(LEN_SIZE) {
-        let len = u64::from_le_bytes(chunk.try_into().ok()?);
-        if best.is_none_or(|(_, l)| len > l) {
-            best = Some((at, len));
+    let lens = table.chunks_exact(LEN_SIZE).map(|chunk| {
+        let mut raw = [0u8; LEN_SIZE];
+        raw.copy_from_slice(chunk);
+        usize::try_from(u64::from_le_bytes(raw)).unwrap_or(usize::MAX)
+    });
+    (count > 0).then(|| prefix.saturating_add(largest_segment_start(lens)))
+}
+
+/// Where the largest of segments of lengths `lens`, laid back to back,
+/// starts (the first of equals; 0 for none). Transports place a message's
+/// largest segment aligned with it.
+pub fn largest_segment_start(lens: impl IntoIterator<Item = usize>) -> usize {
+    let (mut best, mut best_len, mut at) = (0, 0, 0usize);
+    for len in lens {
+        if len > best_len {
+            (best, best_len) = (at, len);
         }
-        at = at.checked_add(len)?;
+        at = at.saturating_add(len);
     }
-    usize::try_from(best?.0).ok()
+    best
 }
 
 /// Decodes one frame from the start of `buf`, copying the segments into
@@ -631,6 +642,14 @@ mod tests {
             peek_largest_segment_start(&frame(&first)),
             Some(prefix_len(2))
         );
+    }
+
+    #[test]
+    fn the_largest_of_segment_lengths_is_found() {
+        assert_eq!(largest_segment_start([]), 0);
+        assert_eq!(largest_segment_start([3, 10, 4]), 3);
+        assert_eq!(largest_segment_start([10, 3, 10]), 0, "the first of equals");
+        assert_eq!(largest_segment_start([0, 0, 7]), 0);
     }
 
     #[test]

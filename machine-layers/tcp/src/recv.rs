@@ -79,6 +79,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use charmrs_transport::pool::COPY_ALIGN;
 use charmrs_transport::{
     decode_frame_bytes, peek_frame_len, peek_largest_segment_start, Message, ProcessId,
     TransportError,
@@ -91,10 +92,6 @@ use crate::wire;
 /// Size of a connection's read buffer, and the threshold above which a
 /// frame's payload is read straight into its own buffer.
 const CHUNK: usize = 64 * 1024;
-/// A large frame's largest segment (its bulk: a buffer or a vector of
-/// numbers) starts at a multiple of this in memory, so that numbers in it can be read
-/// in place (`charmrs::PodVec`).
-const SEGMENT_ALIGN: usize = 64;
 /// Up to this many connections, a poll tries each socket instead of asking
 /// the `data` epoll which are readable.
 pub(crate) const DIRECT_MAX: usize = 2;
@@ -676,12 +673,13 @@ impl Conn {
                 // frame's storage once the application dropped it streamed
                 // 1 MiB frames at half the speed (docs/performance.md,
                 // session 14); the allocator reuses freed memory anyway.
-                let mut buf = Vec::with_capacity(needed + SEGMENT_ALIGN);
+                let mut buf = Vec::with_capacity(needed + COPY_ALIGN);
                 // `acc` holds the frame's prefix: pad so that the largest
-                // segment lands on a cache line (the packet type byte comes
+                // segment lands on a cache line (`COPY_ALIGN`, so numbers in it
+                // can be read in place: `charmrs::PodVec`) (the packet type byte comes
                 // before the frame).
                 let pad = peek_largest_segment_start(&self.acc[1..]).map_or(0, |start| {
-                    (buf.as_ptr() as usize + 1 + start).wrapping_neg() & (SEGMENT_ALIGN - 1)
+                    (buf.as_ptr() as usize + 1 + start).wrapping_neg() & (COPY_ALIGN - 1)
                 });
                 buf.resize(pad, 0);
                 buf.extend_from_slice(&self.acc);

@@ -1090,7 +1090,8 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     let offset = if leading.is_some() {
         buf.aligned_offset(len, data_align, wire::SPLIT_ALIGN)
     } else {
-        buf.aligned_offset(len, largest_start(&lens).wrapping_neg(), wire::SPLIT_ALIGN)
+        let largest = charmrs_transport::largest_segment_start(lens.iter().copied());
+        buf.aligned_offset(len, largest.wrapping_neg(), wire::SPLIT_ALIGN)
     };
     // SAFETY: `aligned_offset` keeps `offset + len` within the buffer.
     let dst = unsafe { buf.as_mut_ptr().add(offset) };
@@ -1131,20 +1132,6 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         inbox.in_flight(1);
         inbox.state.borrow_mut().rndv_active += 1;
     }
-}
-
-/// Where the largest of segments of lengths `lens`, laid back to back, starts (the first of
-/// equals; 0 for none).
-fn largest_start(lens: &[usize]) -> usize {
-    let mut best = (0, 0);
-    let mut at = 0usize;
-    for &len in lens {
-        if len > best.1 {
-            best = (at, len);
-        }
-        at = at.saturating_add(len);
-    }
-    best.0
 }
 
 /// Active-message handler of goodbyes.
