@@ -92,6 +92,9 @@ use crate::wire;
 /// Size of a connection's read buffer, and the threshold above which a
 /// frame's payload is read straight into its own buffer.
 const CHUNK: usize = 64 * 1024;
+/// Largest frame whose storage a connection holds until the next large
+/// frame (see `Conn::last_large`).
+const RECYCLE_MAX: usize = 64 << 20;
 /// Up to this many connections, a poll tries each socket instead of asking
 /// the `data` epoll which are readable.
 pub(crate) const DIRECT_MAX: usize = 2;
@@ -140,6 +143,9 @@ pub(crate) struct Conn {
     /// the length it must reach, and the padding before the packet (which
     /// puts the frame's largest segment on a cache line).
     big: Option<(Vec<u8>, usize, usize)>,
+    /// The previous large packet's storage, released just before the next
+    /// large frame's buffer is allocated (see `pump`).
+    last_large: Option<Bytes>,
 }
 
 /// Connection state, owned by whichever thread polls.
@@ -256,6 +262,7 @@ pub(crate) fn adopt(
         stream,
         acc: BytesMut::with_capacity(CHUNK),
         big: None,
+        last_large: None,
     });
     r.has_new.store(true, Ordering::SeqCst);
     r.arrived.store(true, Ordering::SeqCst);
@@ -635,7 +642,11 @@ impl Conn {
                 *budget = budget.saturating_sub(buf.len() - before);
                 match res {
                     Ok(_) if buf.len() == needed => {
-                        let packet = Bytes::from(buf).slice(pad..);
+                        let whole = Bytes::from(buf);
+                        if needed <= RECYCLE_MAX {
+                            self.last_large = Some(whole.clone());
+                        }
+                        let packet = whole.slice(pad..);
                         handle_packet(shared, self.peer, packet[0], &packet.slice(1..), out)?;
                         // It stopped at the frame's end, not at "no more
                         // input": whatever an earlier short read suggested,
@@ -669,10 +680,13 @@ impl Conn {
             // the next one needs.
             let needed = self.act_on_complete(shared, out)?;
             if needed > self.acc.len() + CHUNK {
-                // A fresh buffer per large frame: reusing the previous
-                // frame's storage once the application dropped it streamed
-                // 1 MiB frames at half the speed (docs/performance.md,
-                // session 14); the allocator reuses freed memory anyway.
+                // Release the previous large frame's storage (freed if the
+                // application dropped every view of it) right before the
+                // allocation, on this thread: the allocator then hands the
+                // same memory back. (Taking the storage back explicitly,
+                // `Bytes::try_into_mut`, streamed 1 MiB frames at half the
+                // speed: docs/performance.md, session 14.)
+                drop(self.last_large.take());
                 let mut buf = Vec::with_capacity(needed + COPY_ALIGN);
                 // `acc` holds the frame's prefix: pad so that the largest
                 // segment lands on a cache line (`COPY_ALIGN`, so numbers in it
