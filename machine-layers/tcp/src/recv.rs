@@ -11,8 +11,8 @@
 //!   input?" when there are more than [`DIRECT_MAX`]) and edge-triggered in
 //!   the `watch` epoll.
 //! * The *watcher* thread: while the poller polls it sleeps (*disarmed*),
-//!   and every [`BUSY_CHECK`] reads ahead into `parked` ([`relieve`]) if
-//!   nobody polled meanwhile. When the poller is about to park
+//!   and every [`BUSY_CHECK`] to [`BUSY_CHECK_MAX`] reads ahead into
+//!   `parked` ([`relieve`]) if nobody polled meanwhile. When the poller is about to park
 //!   ([`before_park`]) it is *armed*: it blocks in the `watch` epoll, and
 //!   on the first arrival (or hang-up) sets `arrived`, disarms and calls
 //!   the wake-up hook (`TcpLayer::set_wakeup`).
@@ -115,9 +115,15 @@ const BELL: u64 = 0;
 const STOP: u64 = 0;
 /// Token of the arming bell in the `standby` epoll.
 const ARM: u64 = 1;
-/// While disarmed, how often the watcher checks that someone polls (if
-/// nobody did for a whole period, it reads ahead itself).
+/// While disarmed, how soon the watcher first checks that someone polls (if
+/// nobody did for a whole period, it reads ahead itself, and checks again
+/// after this long).
 const BUSY_CHECK: Duration = Duration::from_millis(1);
+/// The longest period between those checks: it doubles each time the
+/// poller was found polling. Each check wakes the watcher, on a core busy
+/// with a PE; at a fixed 1 ms that preempted a spinning PE ~1 000 times a
+/// second (8 B ping-pong, both processes).
+const BUSY_CHECK_MAX: Duration = Duration::from_millis(16);
 
 /// How a connection ended.
 pub(crate) enum End {
@@ -303,7 +309,8 @@ pub(crate) fn before_park(shared: &Shared) -> bool {
 /// The watcher. *Disarmed* (while the poller polls) it sleeps in `standby`
 /// and costs nothing per arrival: a thread woken on every arrival would take
 /// a core from the spinning pollers, the very thing the poller's own reads
-/// avoid. Every [`BUSY_CHECK`] it looks whether anyone polled; if nobody did
+/// avoid. Every [`BUSY_CHECK`] (backing off to [`BUSY_CHECK_MAX`] while the
+/// poller keeps polling) it looks whether anyone polled; if nobody did
 /// (the poller is busy in a long computation, or there is none), it reads
 /// ahead into the parked queue ([`relieve`]), so a process that does not
 /// poll for a while does not hold its senders up and serves remote reads.
@@ -315,9 +322,10 @@ fn watch(shared: &Arc<Shared>) {
     let r = &shared.recv;
     let mut ready = Vec::new();
     let mut polls_seen = r.polls.load(Ordering::Relaxed);
+    let mut busy_check = BUSY_CHECK;
     loop {
         if !r.armed.load(Ordering::SeqCst) {
-            if let Err(e) = r.standby.wait(&mut ready, Some(BUSY_CHECK)) {
+            if let Err(e) = r.standby.wait(&mut ready, Some(busy_check)) {
                 return watcher_failed(shared, &e);
             }
             if ready.contains(&STOP) {
@@ -330,11 +338,15 @@ fn watch(shared: &Arc<Shared>) {
                     // Nobody polled for a whole period (relieve wakes the
                     // poller if it parked anything).
                     relieve(shared);
+                    busy_check = BUSY_CHECK;
+                } else {
+                    busy_check = (busy_check * 2).min(BUSY_CHECK_MAX);
                 }
                 polls_seen = polls;
                 continue;
             }
         }
+        busy_check = BUSY_CHECK;
         if let Err(e) = r.watch.wait(&mut ready, Some(SAFETY_WAKE)) {
             return watcher_failed(shared, &e);
         }

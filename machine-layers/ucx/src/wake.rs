@@ -18,10 +18,13 @@
 //!   arming, so a level-triggered event fd cannot make it spin.
 //! * Fallback: if the progressing thread stopped calling `progress` without
 //!   arming (it parked sooner than the layer's `arm_after`), the watcher
-//!   notices within [`FALLBACK`] that the call counter stands still and
-//!   arms the worker itself through [`WatchState::arm`] (which takes the
-//!   worker lock), or calls the hook at once if events are already
-//!   pending. A wake-up is thus never lost, at worst late by `FALLBACK`.
+//!   notices that the call counter stands still and arms the worker itself
+//!   through [`WatchState::arm`] (which takes the worker lock), or calls
+//!   the hook at once if events are already pending. It looks every
+//!   [`FALLBACK`] at first and backs off to [`FALLBACK_MAX`] while the
+//!   counter keeps moving (each look is a wake-up of this thread, and on a
+//!   core busy with a PE a preemption of it). A wake-up is thus never lost,
+//!   at worst late by `FALLBACK_MAX`.
 //!   With `CHARMRS_UCX_DEBUG_WAKE` set, each such arming is logged to
 //!   stderr (harmless while the thread is busy elsewhere; frequent ones
 //!   while it parks mean arming comes too late).
@@ -101,9 +104,16 @@ pub(crate) fn wait_readable<const N: usize>(
     pfds.map(|p| p.revents != 0)
 }
 
-/// How often an unarmed watcher checks that `progress` is still being
-/// called.
+/// How soon an unarmed watcher first checks that `progress` is still being
+/// called (after each arming, or after a stall it noticed).
 pub(crate) const FALLBACK: Duration = Duration::from_millis(1);
+/// The longest interval between those checks: the interval doubles each
+/// time the progressing thread was found busy. The runtime's network PE
+/// arms before it parks (`before_park`) and never needs this fallback; at
+/// a fixed 1 ms the checks woke the watcher a thousand times a second on
+/// cores busy with PEs (each an involuntary switch of a PE: `xproc`'s
+/// 1 MiB stream, ~2 000 a second on the sending PE's core).
+pub(crate) const FALLBACK_MAX: Duration = Duration::from_millis(32);
 
 /// Outcome of an arming attempt by the watcher.
 pub(crate) enum Armed {
@@ -165,20 +175,24 @@ impl Watcher {
 
 fn watch(s: &WatchState, efd: RawFd) {
     let mut seen = u64::MAX;
+    let mut interval = FALLBACK;
     loop {
         // Wait for an arming (or shutdown); check now and then that the
         // progressing thread did not stop without arming.
-        let [notified] = wait_readable([s.armed_fd.fd()], Some(FALLBACK));
+        let [notified] = wait_readable([s.armed_fd.fd()], Some(interval));
         if s.closing.load(Ordering::Acquire) {
             return;
         }
+        let waited = std::mem::replace(&mut interval, FALLBACK);
         if notified {
             s.armed_fd.clear();
         } else if !s.armed.load(Ordering::SeqCst) {
             let calls = s.progress_calls.load(Ordering::Relaxed);
             if calls != seen {
                 seen = calls;
-                continue; // still progressing
+                // Still progressing: look again later, and later each time.
+                interval = (waited * 2).min(FALLBACK_MAX);
+                continue;
             }
             if std::env::var_os("CHARMRS_UCX_DEBUG_WAKE").is_some() {
                 eprintln!("charmrs-ucx: watcher arms for a stalled progress loop");
