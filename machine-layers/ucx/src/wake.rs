@@ -105,7 +105,7 @@ pub(crate) fn wait_readable<const N: usize>(
 }
 
 /// How soon an unarmed watcher first checks that `progress` is still being
-/// called (after each arming, or after a stall it noticed).
+/// called (at the start, and after a stall it noticed).
 pub(crate) const FALLBACK: Duration = Duration::from_millis(1);
 /// The longest interval between those checks: the interval doubles each
 /// time the progressing thread was found busy. The runtime's network PE
@@ -183,7 +183,6 @@ fn watch(s: &WatchState, efd: RawFd) {
         if s.closing.load(Ordering::Acquire) {
             return;
         }
-        let waited = std::mem::replace(&mut interval, FALLBACK);
         if notified {
             s.armed_fd.clear();
         } else if !s.armed.load(Ordering::SeqCst) {
@@ -191,9 +190,11 @@ fn watch(s: &WatchState, efd: RawFd) {
             if calls != seen {
                 seen = calls;
                 // Still progressing: look again later, and later each time.
-                interval = (waited * 2).min(FALLBACK_MAX);
+                interval = (interval * 2).min(FALLBACK_MAX);
                 continue;
             }
+            // A stall: look again soon after this one.
+            interval = FALLBACK;
             if std::env::var_os("CHARMRS_UCX_DEBUG_WAKE").is_some() {
                 eprintln!("charmrs-ucx: watcher arms for a stalled progress loop");
             }
