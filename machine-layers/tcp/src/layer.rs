@@ -110,9 +110,10 @@ pub struct TcpStats {
 /// * **Receive**: incoming sockets are non-blocking and read by whichever
 ///   thread gets there first: [`progress`](MachineLayer::progress), on the
 ///   caller's thread, straight to its sink, or the layer's watcher thread,
-///   which sleeps in `epoll`, calls the [`TcpLayer::set_wakeup`] hook on
-///   every arrival and reads what the poller has not taken into a bounded
-///   queue that `progress` hands out first. Every frame is checked as
+///   which, armed by `before_park`, sleeps in `epoll` and calls the
+///   [`TcpLayer::set_wakeup`] hook on the first arrival, and, while nobody
+///   polls, reads ahead into a bounded queue that `progress` hands out
+///   first. Every frame is checked as
 ///   hostile input; each is one buffer, its segments views of it.
 ///   [`TcpLayer::progress_wait`] sleeps in `epoll` until something arrives.
 /// * **Failures**: a peer whose connection closes without goodbye, resets,

@@ -11,8 +11,10 @@
 //!   input?" when there are more than [`DIRECT_MAX`]) and edge-triggered in
 //!   the `watch` epoll.
 //! * The *watcher* thread: while the poller polls it sleeps (*disarmed*),
-//!   and every [`BUSY_CHECK`] to [`BUSY_CHECK_MAX`] reads ahead into
-//!   `parked` ([`relieve`]) if nobody polled meanwhile. When the poller is about to park
+//!   and every [`BUSY_CHECK`] reads ahead into `parked` ([`relieve`]) if
+//!   nobody polled meanwhile; while the poller reads the sockets itself
+//!   (idle polling) it looks less often, up to every [`BUSY_CHECK_MAX`], so
+//!   a poller that stops polling then may wait up to about twice that. When the poller is about to park
 //!   ([`before_park`]) it is *armed*: it blocks in the `watch` epoll, and
 //!   on the first arrival (or hang-up) sets `arrived`, disarms and calls
 //!   the wake-up hook (`TcpLayer::set_wakeup`).
@@ -27,8 +29,9 @@
 //! arrival (on a machine whose cores all run pollers such a wake-up
 //! preempts one of them: it tripled the small-message latency here); a
 //! poller that is parked is woken; one busy in a long computation, or not
-//! polling at all, finds its messages read ahead within a millisecond, and
-//! its senders are not held up. The watcher does not read ahead when it
+//! polling at all, finds its messages read ahead within a millisecond (up
+//! to about twice [`BUSY_CHECK_MAX`] when it was idle-polling just
+//! before), and its senders are not held up. The watcher does not read ahead when it
 //! wakes a parked poller: it would only compete with the poller it woke
 //! (a 1 MiB stream ran at 0.3× the bare socket in most runs with it, at
 //! 1.0–1.7× without; see `docs/performance.md`).
@@ -120,7 +123,7 @@ const ARM: u64 = 1;
 /// after this long).
 const BUSY_CHECK: Duration = Duration::from_millis(1);
 /// The longest period between those checks: it doubles each time the
-/// poller was found polling. Each check wakes the watcher, on a core busy
+/// poller was found reading the sockets itself. Each check wakes the watcher, on a core busy
 /// with a PE; at a fixed 1 ms that preempted a spinning PE ~1 000 times a
 /// second (8 B ping-pong, both processes).
 const BUSY_CHECK_MAX: Duration = Duration::from_millis(16);
@@ -183,6 +186,11 @@ pub(crate) struct Receiver {
     /// Copy of `RecvState::calls` readable without the lock: the watcher
     /// sees whether anyone polls.
     polls: AtomicU32,
+    /// Polls that read the sockets (a poll without `arrived` returns
+    /// early, reading only every [`SAFETY_EVERY`]-th time): while this
+    /// moves the watcher's checks back off, as the poller takes its input
+    /// itself.
+    reads: AtomicU32,
     /// Rung by `Shared::push` while a `progress_wait` sleeps in `data`.
     pub(crate) bell: EventFd,
     stop: EventFd,
@@ -211,6 +219,7 @@ impl Receiver {
             arm_bell: EventFd::new()?,
             armed: AtomicBool::new(false),
             polls: AtomicU32::new(0),
+            reads: AtomicU32::new(0),
             bell: EventFd::new()?,
             stop: EventFd::new()?,
             waiting: AtomicUsize::new(0),
@@ -310,7 +319,7 @@ pub(crate) fn before_park(shared: &Shared) -> bool {
 /// and costs nothing per arrival: a thread woken on every arrival would take
 /// a core from the spinning pollers, the very thing the poller's own reads
 /// avoid. Every [`BUSY_CHECK`] (backing off to [`BUSY_CHECK_MAX`] while the
-/// poller keeps polling) it looks whether anyone polled; if nobody did
+/// poller reads the sockets itself) it looks whether anyone polled; if nobody did
 /// (the poller is busy in a long computation, or there is none), it reads
 /// ahead into the parked queue ([`relieve`]), so a process that does not
 /// poll for a while does not hold its senders up and serves remote reads.
@@ -322,6 +331,7 @@ fn watch(shared: &Arc<Shared>) {
     let r = &shared.recv;
     let mut ready = Vec::new();
     let mut polls_seen = r.polls.load(Ordering::Relaxed);
+    let mut reads_seen = r.reads.load(Ordering::Relaxed);
     let mut busy_check = BUSY_CHECK;
     loop {
         if !r.armed.load(Ordering::SeqCst) {
@@ -334,18 +344,31 @@ fn watch(shared: &Arc<Shared>) {
             r.arm_bell.drain();
             if !r.armed.load(Ordering::SeqCst) {
                 let polls = r.polls.load(Ordering::Relaxed);
+                let reads = r.reads.load(Ordering::Relaxed);
                 if polls == polls_seen {
                     // Nobody polled for a whole period (relieve wakes the
                     // poller if it parked anything).
                     relieve(shared);
                     busy_check = BUSY_CHECK;
-                } else {
+                } else if reads != reads_seen {
+                    // The poller reads the sockets itself: look less often.
                     busy_check = (busy_check * 2).min(BUSY_CHECK_MAX);
+                } else {
+                    // It polls but reads only every SAFETY_EVERY-th time (busy with local
+                    // work): keep looking every BUSY_CHECK, so that once its turns grow longer
+                    // than that, input is read ahead for it within about that long.
+                    busy_check = BUSY_CHECK;
                 }
                 polls_seen = polls;
+                reads_seen = reads;
                 continue;
             }
         }
+        // After an armed phase the checks start again at BUSY_CHECK: the woken
+        // poller may go straight into a long entry method, and its senders
+        // should not wait for the backed-off interval. (Keeping the interval
+        // across armings saved ~3 % of an 8 B ping-pong whose harness parks the
+        // PEs ~100 times a second between repetitions: not worth it.)
         busy_check = BUSY_CHECK;
         if let Err(e) = r.watch.wait(&mut ready, Some(SAFETY_WAKE)) {
             return watcher_failed(shared, &e);
@@ -456,6 +479,10 @@ pub(crate) fn poll(
                 return Some(Ok(0));
             }
         }
+        r.reads.store(
+            r.reads.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
         // Parked events were read first: they go first.
         let mut batch = std::mem::take(&mut st.parked);
         st.parked_bytes = 0;

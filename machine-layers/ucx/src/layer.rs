@@ -203,8 +203,9 @@ struct Shared {
 /// * **Waiting**: [`UcxLayer::progress_wait`] polls briefly, then arms the
 ///   worker (`ucp_worker_arm`) and sleeps on its event fd;
 ///   [`set_wakeup`](MachineLayer::set_wakeup) is supported with a watcher
-///   thread on that fd, armed by `progress` after
-///   [`UcxConfig::arm_after`] without arrivals.
+///   thread on that fd, armed by [`before_park`](MachineLayer::before_park)
+///   (or, as fallbacks, by `progress` after [`UcxConfig::arm_after`] without
+///   arrivals, or by the watcher when `progress` stops being called).
 /// * **Failures**: a peer whose endpoint fails (the TCP transport sees
 ///   the connection reset) or, on this host, whose process no longer
 ///   exists (checked every [`UcxConfig::liveness_interval`] among the
@@ -343,8 +344,11 @@ impl UcxLayer {
 
     /// Installs `hook`, called from a watcher thread whenever the armed
     /// worker's event fd fires (something arrived or completed), and from
-    /// `send` for a message to oneself. `progress` arms the worker after
-    /// [`UcxConfig::arm_after`] without arrivals. Can be set once.
+    /// `send` for a message to oneself. A poller arms the worker with
+    /// [`before_park`](MachineLayer::before_park) before it sleeps; as
+    /// fallbacks `progress` arms it after [`UcxConfig::arm_after`] without
+    /// arrivals, and the watcher when `progress` stops being called. Can be
+    /// set once.
     ///
     /// # Errors
     ///

@@ -58,7 +58,7 @@
 //!   (`before_park`); as a fallback `progress` arms it after
 //!   [`UcxConfig::arm_after`] without arrivals, and if the progressing
 //!   thread stops calling `progress` without having armed, the watcher arms
-//!   it within 1–32 ms (it checks every millisecond at first, less often
+//!   it within 1–64 ms (it checks every millisecond at first, less often
 //!   while the thread keeps progressing).
 //! * **Lost peers**: endpoints to other hosts use UCX's peer error
 //!   handling. Endpoints to processes on the same host do not by default

@@ -24,7 +24,8 @@
 //!   [`FALLBACK`] at first and backs off to [`FALLBACK_MAX`] while the
 //!   counter keeps moving (each look is a wake-up of this thread, and on a
 //!   core busy with a PE a preemption of it). A wake-up is thus never lost,
-//!   at worst late by `FALLBACK_MAX`.
+//!   at worst late by about twice `FALLBACK_MAX` (the first look after the
+//!   stall still sees the counter moved, and waits once more).
 //!   With `CHARMRS_UCX_DEBUG_WAKE` set, each such arming is logged to
 //!   stderr (harmless while the thread is busy elsewhere; frequent ones
 //!   while it parks mean arming comes too late).

@@ -207,6 +207,12 @@ fn a_parked_network_thread_is_woken_for_every_message_shm() {
 }
 
 #[test]
+fn a_network_thread_parked_without_arming_is_still_woken_shm() {
+    let env = [SHM, &[("CHARMRS_UCX_CHECK_PARK_UNARMED", "1")]].concat();
+    Job::start(2, &["park", "300"], &env).wait_all(120);
+}
+
+#[test]
 fn a_parked_network_thread_is_woken_for_every_message_tcp() {
     Job::start(2, &["park", "1000"], TCP).wait_all(120);
 }

@@ -10,6 +10,8 @@
 //! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
 //! charmrs-ucx-check park <rounds>                  the runtime's parking network PE
+//!                                                  (CHARMRS_UCX_CHECK_PARK_UNARMED=1: one
+//!                                                  that parks without `before_park`)
 //! charmrs-ucx-check outlive                        messages kept past the layer stay intact
 //! ```
 //!
@@ -542,8 +544,9 @@ impl Spot {
 }
 
 /// The runtime's pattern with a wake-up hook: one "network PE" thread
-/// polls `progress`, spins 100 µs when idle, then parks until the hook
-/// wakes it; "worker PE" threads send. Rank 1 sends bursts with pauses
+/// polls `progress`, spins 100 µs when idle, then (once `before_park`
+/// agrees, which arms the worker) parks until the hook wakes it; "worker
+/// PE" threads send. Rank 1 sends bursts with pauses
 /// from two threads; rank 0's network PE hands each message to a worker
 /// thread, which answers it. A park that outlasts 5 s while messages are
 /// due is a lost wake-up.
@@ -606,6 +609,10 @@ fn park(layer: Arc<UcxLayer>, rounds: u64) {
     let mut got = 0u64;
     let mut parks = 0u64;
     let mut early_done = false;
+    // CHARMRS_UCX_CHECK_PARK_UNARMED=1: park without `before_park`, as a poller unaware of it
+    // would; the layer's fallbacks (arming in `progress` after `arm_after`, the watcher's
+    // stall check) must still wake it.
+    let unarmed = std::env::var_os("CHARMRS_UCX_CHECK_PARK_UNARMED").is_some();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut idle_since = Instant::now();
     while got < expected {
@@ -634,6 +641,11 @@ fn park(layer: Arc<UcxLayer>, rounds: u64) {
         if n > 0 {
             idle_since = Instant::now();
         } else if idle_since.elapsed() > Duration::from_micros(100) {
+            // As the runtime's idle PE: arm before parking, or keep polling while the layer
+            // refuses (input pending, operations of ours in flight).
+            if !unarmed && !MachineLayer::before_park(&*layer) {
+                continue;
+            }
             parks += 1;
             if !spot.park(Duration::from_secs(5)) {
                 fail(format!(
