@@ -41,7 +41,7 @@ struct Source {
 pub(crate) struct InboxState {
     sources: Vec<Source>,
     /// Messages ready for the sink, in delivery order.
-    pub(crate) ready: VecDeque<(ProcessId, Message)>,
+    pub(crate) ready: Vec<(ProcessId, Message)>,
     /// Failures to report from `progress`, oldest first.
     pub(crate) errors: VecDeque<TransportError>,
     /// Peers whose endpoint failed since the last `progress` (their
@@ -116,7 +116,7 @@ impl Inbox {
         if ahead == 0 && s.waiting.is_empty() {
             if let Some(m) = msg {
                 s.next += 1;
-                st.ready.push_back((src, m));
+                st.ready.push((src, m));
                 return seq;
             }
         }
@@ -148,13 +148,13 @@ impl Inbox {
         Self::flush(s, src, &mut st.ready);
     }
 
-    fn flush(s: &mut Source, src: ProcessId, ready: &mut VecDeque<(ProcessId, Message)>) {
+    fn flush(s: &mut Source, src: ProcessId, ready: &mut Vec<(ProcessId, Message)>) {
         while let Some(entry) = s.waiting.first_entry() {
             if *entry.key() != s.next || entry.get().is_none() {
                 break;
             }
             if let Some(m) = entry.remove() {
-                ready.push_back((src, m));
+                ready.push((src, m));
             }
             s.next += 1;
         }
@@ -163,7 +163,7 @@ impl Inbox {
     /// A message that is not ordered with a sender's stream (a read
     /// completion) is ready.
     pub(crate) fn push_ready(&self, src: ProcessId, msg: Message) {
-        self.state.borrow_mut().ready.push_back((src, msg));
+        self.state.borrow_mut().ready.push((src, msg));
     }
 
     /// Drops every arrived message nobody will take any more (the worker is

@@ -619,7 +619,12 @@ impl Shared {
         };
         let (mut error, failures) = {
             let mut st = l.worker.inbox.state.borrow_mut();
-            batch.extend(st.ready.drain(..));
+            // Usually the batch is empty: swap the vectors instead of moving each message.
+            if batch.is_empty() {
+                std::mem::swap(batch, &mut st.ready);
+            } else {
+                batch.append(&mut st.ready);
+            }
             (st.errors.pop_front(), !st.failed_eps.is_empty())
         };
         if failures {
