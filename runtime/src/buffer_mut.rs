@@ -224,8 +224,17 @@ impl fmt::Debug for BufferMut {
 mod tests {
     use super::*;
 
+    /// The mapping cache is per process and tests run in parallel: a test that returns large
+    /// mappings evicts the ones another test expects back. Every test here holds this lock.
+    static CACHE: Mutex<()> = Mutex::new(());
+
+    fn cache_to_myself() -> std::sync::MutexGuard<'static, ()> {
+        CACHE.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     #[test]
     fn small_buffers_use_the_heap_and_large_ones_huge_pages() {
+        let _cache = cache_to_myself();
         assert!(!BufferMut::zeroed(HUGE_FROM - 1).on_huge_pages());
         assert!(BufferMut::zeroed(HUGE_FROM).on_huge_pages());
         assert!(!BufferMut::zeroed(0).on_huge_pages());
@@ -233,6 +242,7 @@ mod tests {
 
     #[test]
     fn freezing_keeps_the_bytes_in_place() {
+        let _cache = cache_to_myself();
         for len in [0, 100, HUGE_FROM, 3 * HUGE_FROM + 5] {
             let mut buf = BufferMut::zeroed(len);
             assert!(buf.iter().all(|&b| b == 0));
@@ -247,6 +257,7 @@ mod tests {
 
     #[test]
     fn mappings_are_reused_only_once_every_view_is_gone() {
+        let _cache = cache_to_myself();
         // A size no other test uses (the cache is per process).
         let len = (7 << 20) + 3;
         let mut a = BufferMut::for_overwrite(len);
@@ -269,6 +280,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_its_budget() {
+        let _cache = cache_to_myself();
         let len = (IDLE_HUGE_BYTES / 4) + 1; // more than a quarter of the budget each
         let bufs: Vec<_> = (0..8)
             .map(|_| BufferMut::for_overwrite(len).freeze())
@@ -285,6 +297,7 @@ mod tests {
 
     #[test]
     fn slices_outlive_the_buffer_they_were_cut_from() {
+        let _cache = cache_to_myself();
         let whole = BufferMut::from_slice(&vec![7u8; 2 * HUGE_FROM]).freeze();
         let tail = whole.slice(HUGE_FROM..);
         drop(whole);

@@ -183,8 +183,10 @@ impl<T: Pod> PodVec<T> {
             Repr::Vec(v) => v,
             // SAFETY: a view satisfies the module's invariant: `T` is a primitive number (any
             // bytes are a valid value), the bytes are a whole number of elements, aligned for
-            // `T`, never written (received segments are not reused while viewed), and live as
-            // long as `self`.
+            // `T`, and live as long as `self`; and they are never written while viewed: no
+            // owner of a `Bytes` this module views (a layer's pool buffer or lent descriptor, a
+            // received `Vec`, an in-process `VecBytes` or huge mapping under `+wirecheck`)
+            // writes its memory or hands it out again while any view of it exists.
             Repr::Wire(b) => unsafe {
                 std::slice::from_raw_parts(
                     b.as_ptr().cast::<T>(),

@@ -643,21 +643,48 @@ thread_local! {
     static SEGMENTS: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
 }
 
+/// Puts the thread's previous [`SEGMENTS`] back when dropped, so that a panic inside a user's
+/// `Serialize` or `Deserialize` (caught by the entry's `catch_unwind`; the PE goes on) does not
+/// leave this message's segments installed: later serializations on the thread would write
+/// their buffers out of band into a message that does not exist, and the segments (pool
+/// buffers, huge mappings, shared vectors) would stay referenced.
+struct Restore(Option<Option<Vec<Bytes>>>);
+
+impl Restore {
+    /// Installs `segs` as the thread's segments; the guard restores the previous ones.
+    fn install(segs: Vec<Bytes>) -> Restore {
+        Restore(Some(SEGMENTS.with(|s| s.borrow_mut().replace(segs))))
+    }
+
+    /// Restores the previous segments now; returns the installed ones.
+    fn finish(mut self) -> Option<Vec<Bytes>> {
+        let outer = self.0.take().expect("restored once");
+        SEGMENTS.with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Some(outer) = self.0.take() {
+            // `try_with`: during thread teardown the thread-local may be gone already.
+            let _ = SEGMENTS.try_with(|s| *s.borrow_mut() = outer);
+        }
+    }
+}
+
 /// Runs `f` with an out-of-band segment collector; returns what `f` returned and the segments.
 pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
-    let outer = SEGMENTS.with(|s| s.borrow_mut().replace(Vec::new()));
+    let guard = Restore::install(Vec::new());
     let r = f();
-    let segs = SEGMENTS
-        .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
-        .unwrap_or_default();
+    let segs = guard.finish().unwrap_or_default();
     (r, segs)
 }
 
 /// Runs `f` with `segs` offered to [`PodVec`](crate::PodVec)/[`Buffer`] deserializers.
 pub(crate) fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
-    let outer = SEGMENTS.with(|s| s.borrow_mut().replace(segs));
+    let guard = Restore::install(segs);
     let r = f();
-    SEGMENTS.with(|s| *s.borrow_mut() = outer);
+    drop(guard.finish());
     r
 }
 
@@ -1263,5 +1290,39 @@ mod tests {
         assert!(bytes.len() > INLINE_MAX + 24, "both inside the arguments");
         let back: (PodVec<f64>, Buffer) = offering(segs, || postcard::from_bytes(&bytes).unwrap());
         assert_eq!(back, (v, b));
+    }
+
+    /// A user's `Serialize` / `Deserialize` that panics inside a message's encoding or decoding
+    /// (the entry's `catch_unwind` catches it and the PE goes on) leaves no segments behind: the
+    /// thread serializes inline afterwards, and the vector it was sending is no longer shared.
+    #[test]
+    fn a_panic_inside_encoding_or_decoding_leaves_no_segments_installed() {
+        struct Bomb;
+        impl serde::Serialize for Bomb {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                panic!("user serializer panicked")
+            }
+        }
+        let v = PodVec::from(vec![0.25f64; 1000]);
+        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            collecting(|| postcard::to_stdvec(&(v.clone(), Bomb)).map(|_| ()))
+        }));
+        assert!(hit.is_err(), "the serializer panicked");
+        let inline = postcard::to_stdvec(&v).unwrap();
+        assert!(inline.len() > 8000, "inline again: {} bytes", inline.len());
+        let mut v = v;
+        let before = v.as_ptr();
+        v.as_mut_vec()[0] = 1.0;
+        assert_eq!(v.as_ptr(), before, "no stale segment shares the vector");
+
+        let hit = std::panic::catch_unwind(|| {
+            offering(vec![Bytes::from(vec![1u8; 64])], || {
+                panic!("user deserializer panicked")
+            })
+        });
+        assert!(hit.is_err());
+        let ((bytes,), segs) = collecting(|| (postcard::to_stdvec(&v).unwrap(),));
+        assert_eq!(segs.len(), 1, "a fresh collector, not the offered segments");
+        assert!(bytes.len() < 8);
     }
 }

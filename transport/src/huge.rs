@@ -73,8 +73,11 @@ impl HugeRegion {
             .checked_next_multiple_of(HUGE_PAGE)
             .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "region too large"))?;
         // One huge page more than needed, so an aligned start exists inside.
+        // A slice may span at most isize::MAX bytes (`as_slice`): refuse larger regions, which a
+        // 32-bit process could otherwise get mapped.
         let reserve = capacity
             .checked_add(HUGE_PAGE)
+            .filter(|&r| r <= isize::MAX as usize)
             .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "region too large"))?;
         // SAFETY: an anonymous private mapping at an address of the kernel's
         // choosing touches no existing memory; the result is checked.

@@ -100,11 +100,13 @@ pub struct PoolBuf {
 
 impl RecvPool {
     /// A pool whose smallest class is `min_class` bytes (rounded up to a
-    /// power of two; smaller requests get a buffer of that size) and which
-    /// keeps at most `max_idle_bytes` of idle buffers.
+    /// power of two, at most [`MAX_CLASS`]; smaller requests get a buffer of
+    /// that size) and which keeps at most `max_idle_bytes` of idle buffers.
     pub fn new(min_class: usize, max_idle_bytes: usize) -> Arc<RecvPool> {
         Arc::new(RecvPool {
-            min_class: min_class.max(1).next_power_of_two(),
+            // Clamped first: `next_power_of_two` of a value above 2^63 wraps to 0 in release
+            // builds, and a class of 0 bytes would never grow.
+            min_class: min_class.clamp(1, MAX_CLASS).next_power_of_two(),
             max_idle: max_idle_bytes,
             idle: Mutex::new(Idle::default()),
         })
@@ -269,6 +271,18 @@ impl Drop for PoolBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_smallest_classes_are_clamped() {
+        for min in [0, usize::MAX, (1 << 63) + 1, MAX_CLASS + 1] {
+            let pool = RecvPool::new(min, 64 << 20);
+            assert!(pool.take(10).len() >= 10, "min_class {min}");
+            assert!(
+                pool.take(MAX_CLASS + 1).len() > MAX_CLASS,
+                "min_class {min}"
+            );
+        }
+    }
 
     #[test]
     fn buffers_come_back_after_the_last_view_and_are_reused() {

@@ -1093,7 +1093,8 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         let largest = charmrs_transport::largest_segment_start(lens.iter().copied());
         buf.aligned_offset(len, largest.wrapping_neg(), wire::SPLIT_ALIGN)
     };
-    // SAFETY: `aligned_offset` keeps `offset + len` within the buffer.
+    // SAFETY: `take(len)` returns a buffer of at least `len` bytes, and `aligned_offset` returns
+    // an offset with `offset + len` within it (0 when there is no room to move the data).
     let dst = unsafe { buf.as_mut_ptr().add(offset) };
     let op = Box::new(RecvOp {
         inbox,
