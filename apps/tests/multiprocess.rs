@@ -153,6 +153,27 @@ fn a_panic_in_one_process_aborts_the_job_naming_it() {
 }
 
 #[test]
+fn an_argument_that_panics_when_decoded_aborts_the_job_naming_the_sender() {
+    let (out, took) = run(
+        &[
+            "++quiet",
+            "+p4",
+            "++ppn",
+            "2",
+            env!("CARGO_BIN_EXE_mpcheck"),
+            "baddecode",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    for needle in ["from process 0", "Fragile refuses to be deserialized"] {
+        assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
 fn a_killed_process_brings_the_job_down_within_5_seconds() {
     let mut launcher = Command::new(charmrun())
         .args([

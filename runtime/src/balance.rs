@@ -271,6 +271,11 @@ impl PeState {
         let Some(strategy) = &config.strategy else {
             return self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
         };
+        if let Err(e) = stats.validate() {
+            return self.abort_job(format!(
+                "charmrs: load balancing step {step}: bad measurements: {e}"
+            ));
+        }
         let started = Instant::now();
         let migrations = strategy.balance(&stats);
         let took = started.elapsed();
@@ -473,7 +478,14 @@ impl PeState {
                 background,
             } = r
             {
-                stats.pes[pe as usize].background_load = background;
+                // Reports may come from other processes: checked as hostile input.
+                let Some(slot) = stats.pes.get_mut(pe as usize) else {
+                    return self.abort_job(format!(
+                        "charmrs: a load-balancing report from unknown PE {pe} (the job has {} PEs)",
+                        self.num_pes()
+                    ));
+                };
+                slot.background_load = background;
                 for (coll, index, load) in objects {
                     stats
                         .objects
@@ -481,6 +493,11 @@ impl PeState {
                     names.push((coll, index));
                 }
             }
+        }
+        if let Err(e) = stats.validate() {
+            return self.abort_job(format!(
+                "charmrs: periodic load balancing: bad reports: {e}"
+            ));
         }
         let migrations = strategy.balance(&stats);
         if self.shared.balance.debug {

@@ -48,7 +48,28 @@ pub enum Shape {
     },
 }
 
+/// The most elements a dense array may have (2^32): placement and reduction counts walk a dense
+/// array's index space, and a shape received from another process is checked against this too.
+pub const MAX_DENSE_ELEMENTS: u64 = 1 << 32;
+
 impl Shape {
+    /// Checks that a dense array's extents multiply to at most [`MAX_DENSE_ELEMENTS`].
+    pub fn check_size(&self) -> Result<(), String> {
+        if let Shape::Array { dims, .. } = self {
+            let volume = dims
+                .coords()
+                .iter()
+                .try_fold(1u64, |acc, &x| acc.checked_mul(x as u64));
+            if volume.is_none_or(|v| v > MAX_DENSE_ELEMENTS) {
+                return Err(format!(
+                    "a dense array of extents {:?} has more than {MAX_DENSE_ELEMENTS} elements",
+                    dims.coords()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Human-readable kind, for diagnostics ("single chare", "group", "3-d array").
     pub fn describe(&self) -> String {
         match self {
@@ -208,6 +229,26 @@ fn block_range(pe: usize, total: u64, num_pes: usize) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_arrays_too_large_to_walk_are_refused() {
+        let shape = |dims: &[usize]| Shape::Array {
+            dims: Index::new(dims).unwrap(),
+            map: None,
+        };
+        assert!(shape(&[1 << 16, 1 << 16]).check_size().is_ok());
+        for dims in [
+            &[u32::MAX as usize, u32::MAX as usize][..],
+            &[1 << 16, 1 << 16, 2],
+            &[u32::MAX as usize; 6],
+        ] {
+            let e = shape(dims).check_size().unwrap_err();
+            assert!(e.contains("more than 4294967296 elements"), "{e}");
+            // No wrap to a small count meanwhile.
+            assert!(Index::new(dims).unwrap().volume() > MAX_DENSE_ELEMENTS);
+        }
+        assert!(Shape::Group.check_size().is_ok());
+    }
 
     #[test]
     fn block_range_matches_owner() {

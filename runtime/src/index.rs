@@ -160,7 +160,11 @@ impl Index {
 
     /// Number of elements of an array whose extents are `self` (1 for zero dimensions).
     pub fn volume(&self) -> u64 {
-        self.coords().iter().map(|&x| x as u64).product()
+        // Saturating: extents that do not fit a u64 are refused before any walk of the space
+        // (`Shape::check_size`), and must not wrap to a small count meanwhile.
+        self.coords()
+            .iter()
+            .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     /// Whether every coordinate is below the matching extent of `dims` (same dimension count).

@@ -74,7 +74,7 @@ pub use buffer_mut::{BufferMut, HUGE_FROM, IDLE_HUGE_BYTES};
 pub use callback::{Callback, CallbackDest};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};
-pub use collection::{CollectionId, Shape};
+pub use collection::{CollectionId, Shape, MAX_DENSE_ELEMENTS};
 pub use ctx::Ctx;
 pub use element::{Coro, WaitFor};
 pub use error::{Error, Result};

@@ -495,10 +495,16 @@ impl PeState {
                 task,
             } => self.pool_run(job, start, items, task),
             PoolMsg::Free { job, pe } => {
+                if pe >= self.shared.num_pes {
+                    return self.abort_job(format!(
+                        "charmrs: a task-pool message frees unknown PE {pe} (the job has {} PEs)",
+                        self.shared.num_pes
+                    ));
+                }
                 let mut st = self.pool.borrow_mut();
                 st.free.insert(pe);
                 if let Some(j) = st.jobs.get_mut(&job) {
-                    j.pes_in_use -= 1;
+                    j.pes_in_use = j.pes_in_use.saturating_sub(1);
                 }
                 drop(st);
                 self.pool_schedule();
@@ -513,14 +519,45 @@ impl PeState {
             } => {
                 let finished = {
                     let mut st = self.pool.borrow_mut();
+                    // Checked as hostile input: the message may come from another process.
+                    let bad = |why: String| {
+                        format!("charmrs: task-pool results from PE {pe} for job {job}: {why}")
+                    };
+                    if pe >= self.shared.num_pes {
+                        drop(st);
+                        return self.abort_job(bad("no such PE".into()));
+                    }
                     if frees {
                         st.free.insert(pe);
                     }
-                    let j = st.jobs.get_mut(&job).expect("results of a known job");
-                    if frees {
-                        j.pes_in_use -= 1;
+                    let Some(j) = st.jobs.get_mut(&job) else {
+                        drop(st);
+                        return self.abort_job(bad("no such job on this PE".into()));
+                    };
+                    let fits = |n: usize| {
+                        start
+                            .checked_add(n)
+                            .is_some_and(|end| end <= j.results.len())
+                    };
+                    if let Ok(values) = &results {
+                        if !fits(values.len()) {
+                            let why = format!(
+                                "items {start}.. ({} of them) outside the job's {}",
+                                values.len(),
+                                j.results.len()
+                            );
+                            drop(st);
+                            return self.abort_job(bad(why));
+                        }
                     }
-                    j.outstanding -= 1;
+                    let Some(left) = j.outstanding.checked_sub(1) else {
+                        drop(st);
+                        return self.abort_job(bad("more results than chunks handed out".into()));
+                    };
+                    j.outstanding = left;
+                    if frees {
+                        j.pes_in_use = j.pes_in_use.saturating_sub(1);
+                    }
                     match results {
                         Ok(values) => {
                             for (k, v) in values.into_iter().enumerate() {

@@ -471,6 +471,9 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
                 "an array needs at least one dimension".into(),
             ));
         }
+        Shape::Array { dims, map }
+            .check_size()
+            .map_err(Error::Options)?;
         let proxy = create::<C>(
             what,
             |_| Ok(Shape::Array { dims, map }),

@@ -208,7 +208,25 @@ impl Runtime {
                     if let Some(core) = core {
                         topology.pin_current_thread(core);
                     }
-                    run_pe(shared, pe, first);
+                    // A panic in the runtime itself (user code is caught where it runs) would
+                    // otherwise end this thread silently and leave the job waiting forever.
+                    let watch = Arc::clone(&shared);
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_pe(shared, pe, first)
+                    }));
+                    if let Err(payload) = ran.or_else(|p| {
+                        // `charmrs::abort` unwinds with this marker after ending the job itself.
+                        if p.is::<AbortUnwind>() {
+                            Ok(())
+                        } else {
+                            Err(p)
+                        }
+                    }) {
+                        watch.finish(Outcome::Abort(format!(
+                            "charmrs: PE {pe} failed outside any entry method: {}",
+                            crate::panic::describe(payload)
+                        )));
+                    }
                     drop(done);
                 })
                 .map_err(|e| Error::Options(format!("cannot start the thread of PE {pe}: {e}")))?;

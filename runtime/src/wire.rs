@@ -120,6 +120,9 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
         return Err("a reduction message without segments".into());
     };
     let meta: ReductionMeta = decode_exact(meta).map_err(|e| format!("reduction metadata: {e}"))?;
+    meta.shape
+        .check_size()
+        .map_err(|e| format!("reduction metadata: {e}"))?;
     let (coll, seq, shape) = (meta.coll, header.tag, meta.shape);
     if header.kind == KIND_REDUCE_UP {
         if values.is_empty() || values.len() != meta.origins.len() {
@@ -1013,6 +1016,9 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
         }
         KIND_CREATE => {
             let (meta, args) = postcard::take_from_bytes::<CreateMeta>(&seg0)
+                .map_err(|e| format!("creation metadata: {e}"))?;
+            meta.shape
+                .check_size()
                 .map_err(|e| format!("creation metadata: {e}"))?;
             let info = table
                 .by_wire_id(meta.ctor)

@@ -8,11 +8,30 @@
 //!   array with a map inserted from every PE, an AtSync step that moves every element to the
 //!   next PE, and broadcast results from elements away from home — all across processes;
 //! - `idle`: prints the CPU time (clock ticks) the last PE's process uses while every PE of the
-//!   job has nothing to do for 600 ms (the last PE awaits a timer).
+//!   job has nothing to do for 600 ms (the last PE awaits a timer);
+//! - `baddecode`: sends the last PE an argument whose `Deserialize` panics (it runs on the
+//!   receiving process's network PE, outside any entry method: the job must abort, naming the
+//!   sending process, not hang).
 
 use charmrs::prelude::*;
 use charmrs::{pool, Buffer, BufferMut, PodVec, Reducer};
 use std::time::Duration;
+
+/// An argument that serializes fine and panics when deserialized.
+#[derive(Clone)]
+struct Fragile;
+
+impl serde::Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("Fragile refuses to be deserialized")
+    }
+}
 
 /// One element per PE (or of an array).
 struct Victim {
@@ -97,6 +116,12 @@ impl Victim {
     #[entry]
     fn hops(&mut self) -> u64 {
         self.hops
+    }
+
+    /// Never runs: its argument cannot be deserialized (see `baddecode`).
+    #[entry]
+    fn take_fragile(&mut self, _data: Fragile) {
+        unreachable!("a Fragile was deserialized");
     }
 
     /// Checks that `data` holds [`pattern`]`(seed, …)`; returns its length.
@@ -448,6 +473,10 @@ fn main() {
                 Group::<Victim>::new(()).hang();
             }
             Some("features") => features().await,
+            Some("baddecode") => {
+                let group = Group::<Victim>::new(());
+                group.at(charmrs::num_pes() - 1).take_fragile(Fragile);
+            }
             Some("mobility") => mobility().await,
             Some("idle") => {
                 let last = charmrs::num_pes() - 1;
@@ -456,7 +485,7 @@ fn main() {
                 println!("idle cpu {ticks} ticks");
                 charmrs::exit(0);
             }
-            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility|idle"),
+            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility|idle|baddecode"),
         }
     })
 }

@@ -81,7 +81,7 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
             return abort(format!("forwarding a broadcast to process {child}: {e}"));
         }
     }
-    match wire::decode(msg, table) {
+    match decode_guarded(msg, table) {
         Ok(env) => {
             let priority = env.priority;
             let crate::envelope::Body::Broadcast { coll, call } = env.body else {
@@ -105,6 +105,19 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
     }
 }
 
+/// [`wire::decode`], with a panic inside it (a user's `Deserialize` of an argument type, run
+/// here on the network PE outside any entry method) turned into a decoding error, so the job
+/// aborts naming the sending process instead of losing this PE.
+fn decode_guarded(msg: Message, table: &EntryTable) -> Result<crate::envelope::Envelope, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wire::decode(msg, table)))
+        .unwrap_or_else(|payload| {
+            Err(format!(
+                "decoding its arguments panicked: {}",
+                crate::panic::describe(payload)
+            ))
+        })
+}
+
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
     let header = *msg.header();
     let me = shared.layer.rank();
@@ -121,7 +134,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                     "process {src} sent a message for PE {dst}, which is not in this process"
                 ));
             };
-            match wire::decode(msg, table) {
+            match decode_guarded(msg, table) {
                 Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }

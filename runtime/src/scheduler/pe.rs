@@ -1148,11 +1148,24 @@ impl PeState {
 }
 
 /// The body of a PE thread: dispatch until the job stops.
+/// Clears `CURRENT` when dropped (see `run_pe`).
+struct UnsetCurrent;
+
+impl Drop for UnsetCurrent {
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| c.set(std::ptr::null()));
+    }
+}
+
 pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     let mailbox = shared.mailbox(pe).expect("a PE runs in its own process");
     mailbox.bind_owner();
     let state = PeState::new(pe, shared.clone());
     CURRENT.with(|c| c.set(&state));
+    // Declared after `state`, so dropped before it: if the runtime panics (the thread's caller
+    // then aborts the job), `CURRENT` must not point at the dropped state while its chares'
+    // and tasks' destructors run.
+    let _unset = UnsetCurrent;
     crate::panic::enter_pe();
     if let Some(env) = first {
         state.send(pe, env);
