@@ -98,10 +98,20 @@ impl<C: Chare> ElementObj for Element<C> {
         !self.whens.borrow().is_empty()
     }
     fn pack(&self) -> Result<Vec<u8>, String> {
-        self.chare
+        let chare = self
+            .chare
             .try_borrow()
-            .map_err(|_| "the chare is borrowed".to_string())
-            .and_then(|c| c.pack())
+            .map_err(|_| "the chare is borrowed".to_string())?;
+        // The user's `Serialize` runs here, outside any entry method: a panic in it becomes an
+        // error the caller reports naming the element (not a PE lost to the unwind).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chare.pack())).unwrap_or_else(
+            |payload| {
+                Err(format!(
+                    "packing its state panicked: {}",
+                    crate::panic::describe(payload)
+                ))
+            },
+        )
     }
     fn reduction_count(&self) -> u64 {
         self.ctx.reduction_count()

@@ -33,7 +33,7 @@
 //!   until it is free; one a balancing step ordered is dropped (the element stays).
 
 use crate::chare::Chare;
-use crate::collection::CollectionId;
+use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
 use crate::element::{Element, ElementObj};
 use crate::envelope::{Body, Control, CtxParts, Envelope, Invocation, Route};
@@ -48,8 +48,18 @@ pub(crate) type UnpackFn = fn(&Migrant, CtxParts) -> Result<Rc<dyn ElementObj>, 
 /// Elements of one collection on a PE, with their indices.
 type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
 
-/// A forwarded call that exceeds this many hops means a location invariant broke: abort.
+/// A forwarded call that exceeds this many hops means a location invariant broke: abort. Hops
+/// from a PE the element itself left (following its departure) do not count: a call chasing an
+/// element that moves on every message makes one such hop per move, however many it takes.
 const MAX_HOPS: u32 = 64;
+
+/// The queue priority of an element's `Migrate` message (the most urgent there is). Calls that
+/// followed the element are forwarded behind its `Migrate` on the same channel; at the default
+/// priority they also leave the destination's queue behind it, but a call sent with a negative
+/// priority would overtake it there, find no element, and bounce between the PE and the
+/// element's home until the `Migrate` finally ran. Equal priorities keep their order, so a call
+/// at `i32::MIN` still runs after the `Migrate` it followed.
+pub(crate) const MIGRATE_PRIORITY: i32 = i32::MIN;
 
 /// An element on its way to another PE.
 #[derive(Serialize, Deserialize)]
@@ -81,9 +91,20 @@ pub(crate) fn unpack_element<C: Chare>(
     m: &Migrant,
     parts: CtxParts,
 ) -> Result<Rc<dyn ElementObj>, String> {
-    let mut chare = C::unpack(&m.state)?;
-    let ctx = Ctx::<C>::arrived(parts, m.reductions);
-    chare.migrated(&ctx);
+    // The user's `Deserialize` and `migrated` run here, outside any entry method: a panic in
+    // them becomes an error the caller reports naming the element.
+    let (chare, ctx) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut chare = C::unpack(&m.state)?;
+        let ctx = Ctx::<C>::arrived(parts, m.reductions);
+        chare.migrated(&ctx);
+        Ok::<_, String>((chare, ctx))
+    }))
+    .unwrap_or_else(|payload| {
+        Err(format!(
+            "unpacking it or its `migrated` hook panicked: {}",
+            crate::panic::describe(payload)
+        ))
+    })?;
     let element = Element::new(chare, ctx);
     element.add_load(m.load);
     Ok(Rc::new(element))
@@ -164,7 +185,7 @@ impl PeState {
     /// A call for an element this PE does not hold: forward it to where the element is, or buffer
     /// it at the home until that is known.
     pub(crate) fn not_here(&self, coll: CollectionId, index: Index, mut env: Envelope) {
-        let (home, next, chare, migratable) = {
+        let (home, next, chare, migratable, departed_here) = {
             let cols = self.collections.borrow();
             let c = cols.get(&coll).expect("the caller found the collection");
             let home = c.shape.home_pe(&index, self.num_pes());
@@ -178,7 +199,15 @@ impl PeState {
                         .map_or(home, |&(pe, _)| pe as usize),
                 )
             };
-            (home, next, c.chare, c.mobility.migratable)
+            (
+                home,
+                next,
+                c.chare,
+                // A sparse array's element may live away from its home without ever migrating
+                // (inserted on another PE): its calls are forwarded whatever the chare.
+                c.mobility.migratable || matches!(c.shape, Shape::Sparse { .. }),
+                c.departed.contains(&index),
+            )
         };
         let entry = match &env.body {
             Body::Point { call, .. } => call.entry_name(),
@@ -193,7 +222,12 @@ impl PeState {
         }
         match next {
             Some(to) if to != self.pe => {
-                let hops = env.route.hops() + 1;
+                // At least 1 once forwarded: the delivering PE then corrects the origin's cache.
+                let hops = if departed_here {
+                    env.route.hops().max(1)
+                } else {
+                    env.route.hops() + 1
+                };
                 if hops > MAX_HOPS {
                     return self.abort_job(format!(
                         "charmrs: a message for entry `{entry}` of element {index} of {chare} was \
@@ -381,10 +415,14 @@ impl PeState {
             let c = cols.get_mut(&r.coll).expect("found above");
             c.remove(&r.index, home);
             c.epochs.remove(&r.index);
+            c.departed.insert(r.index);
         }
         drop(element);
         self.record_location(r.coll, r.index, r.to as u32, epoch + 1);
-        self.send_direct(r.to, Envelope::new(0, Control::Migrate(Box::new(migrant))));
+        self.send_direct(
+            r.to,
+            Envelope::new(MIGRATE_PRIORITY, Control::Migrate(Box::new(migrant))),
+        );
         None
     }
 
@@ -399,7 +437,10 @@ impl PeState {
             .map(|c| (c.mobility, c.shape, c.chare));
         let Some((mobility, shape, chare)) = known else {
             // The collection's creation has not reached this PE yet: wait for it.
-            return self.buffer_for(coll, Envelope::new(0, Control::Migrate(Box::new(m))));
+            return self.buffer_for(
+                coll,
+                Envelope::new(MIGRATE_PRIORITY, Control::Migrate(Box::new(m))),
+            );
         };
         let parts = CtxParts {
             coll,
@@ -423,6 +464,7 @@ impl PeState {
             c.insert(index, element, home_pe == self.pe);
             c.epochs.insert(index, m.epoch);
             c.away.remove(&index);
+            c.departed.remove(&index);
         }
         self.locations.borrow_mut().remove(&(coll, index));
         if home_pe != self.pe {

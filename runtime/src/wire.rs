@@ -311,7 +311,11 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
         MobilityWire::Census { coll, reply } => Control::Census { coll, reply },
         MobilityWire::Seal { coll, counts } => Control::Seal { coll, counts },
     };
-    Ok(Envelope::new(0, control))
+    let priority = match control {
+        Control::Migrate(_) => crate::migration::MIGRATE_PRIORITY,
+        _ => 0,
+    };
+    Ok(Envelope::new(priority, control))
 }
 
 #[derive(Serialize, Deserialize)]

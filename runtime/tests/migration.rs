@@ -334,3 +334,89 @@ fn periodic_balancing_moves_load_without_at_sync() {
     })
     .unwrap();
 }
+
+/// Moves to the next PE on every call, as the user guide's `step` example does.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Hopper {
+    steps: u64,
+}
+
+#[chare(migratable)]
+impl Hopper {
+    fn new() -> Self {
+        Hopper { steps: 0 }
+    }
+
+    #[entry]
+    fn step(&mut self, ctx: &Ctx<Self>) {
+        self.steps += 1;
+        ctx.migrate((ctx.my_pe() + 1) % ctx.num_pes()).unwrap();
+    }
+
+    #[entry]
+    fn steps(&mut self) -> u64 {
+        self.steps
+    }
+}
+
+/// 1000 calls queued at once to an element that moves on every call: call k chases it through
+/// k - 1 moves (each a forward from the PE it just left, which is progress, not a loop), and
+/// calls sent at a negative priority must not overtake the element's own arrival and bounce.
+#[test]
+fn calls_chasing_an_element_that_moves_on_every_call_all_arrive() {
+    run_job(2, |_| async {
+        let a = Array::<Hopper, usize>::new(1, ());
+        for k in 0..1000 {
+            if k % 3 == 0 {
+                a.at(0usize).with_priority(-1).step();
+            } else {
+                a.at(0usize).step();
+            }
+        }
+        // Quiescence: every step ran (none is still being forwarded).
+        charmrs::wait_qd().await;
+        assert_eq!(a.at(0usize).ret().steps().await, 1000);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// Its `migrated` hook panics.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Grumpy;
+
+#[chare(migratable)]
+impl Grumpy {
+    fn new() -> Self {
+        Grumpy
+    }
+
+    fn migrated(&mut self, _ctx: &Ctx<Self>) {
+        panic!("Grumpy does not want to move");
+    }
+
+    #[entry]
+    fn go(&mut self, ctx: &Ctx<Self>) {
+        ctx.migrate((ctx.my_pe() + 1) % ctx.num_pes()).unwrap();
+    }
+}
+
+/// A panic in a `migrated` hook (user code outside any entry method) aborts the job naming the
+/// element and the panic, instead of losing the PE.
+#[test]
+fn a_panicking_migrated_hook_aborts_the_job_naming_the_element() {
+    let r = run_job(2, |_| async {
+        let a = Array::<Grumpy, usize>::new(1, ());
+        a.at(0usize).go();
+        charmrs::wait_qd().await;
+        charmrs::exit(0);
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            for needle in ["element (0,) of Grumpy", "Grumpy does not want to move"] {
+                assert!(msg.contains(needle), "`{needle}` missing: {msg}");
+            }
+        }
+        other => panic!("the job must abort: {other:?}"),
+    }
+}

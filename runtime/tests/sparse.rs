@@ -240,3 +240,51 @@ fn user_key_indices_in_a_sparse_array() {
     })
     .unwrap();
 }
+
+/// A chare that cannot migrate, in a sparse array.
+struct Pinned {
+    calls: u32,
+}
+
+#[chare]
+impl Pinned {
+    fn new() -> Self {
+        Pinned { calls: 0 }
+    }
+
+    #[entry]
+    fn call(&mut self) {
+        self.calls += 1;
+    }
+
+    #[entry]
+    fn calls(&mut self, ctx: &Ctx<Self>) -> (usize, u32) {
+        (ctx.my_pe(), self.calls)
+    }
+}
+
+/// Elements of a non-migratable chare inserted away from their homes are reached there (calls
+/// go through the home, which forwards them), before and after `done_inserting`, point calls
+/// and broadcasts alike.
+#[test]
+fn a_non_migratable_sparse_array_inserted_away_from_home() {
+    run_job(3, |_| async {
+        let a = Array::<Pinned, usize>::new_sparse(None);
+        for k in 0..12usize {
+            // A call sent before its element exists waits at the home.
+            a.at(k).call();
+            a.insert(k, (), Some(k % 3));
+        }
+        a.done_inserting().await;
+        a.call();
+        for k in 0..12usize {
+            a.at(k).call();
+        }
+        charmrs::wait_qd().await;
+        for k in 0..12usize {
+            assert_eq!(a.at(k).ret().calls().await, (k % 3, 3), "element {k}");
+        }
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -64,6 +64,10 @@ pub(crate) struct LocalCollection {
     pub(crate) epochs: FxHashMap<Index, u32>,
     /// At the home PE: messages for elements whose location is not known yet.
     pub(crate) lost: FxHashMap<Index, Vec<Envelope>>,
+    /// Elements that left this PE and have not come back: a call forwarded from here follows
+    /// the element's own departure, which is progress, and does not count as a hop (see
+    /// `migration::MAX_HOPS`). Cleared when the element returns.
+    pub(crate) departed: rustc_hash::FxHashSet<Index>,
 }
 
 /// What a PE needs to receive migrating elements of a collection.
@@ -840,6 +844,7 @@ impl PeState {
             guests: 0,
             epochs: FxHashMap::default(),
             lost: FxHashMap::default(),
+            departed: rustc_hash::FxHashSet::default(),
         };
         let mut suspended = Vec::new();
         if let Shape::Array { map: Some(m), .. } = shape {
