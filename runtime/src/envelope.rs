@@ -59,6 +59,17 @@ impl Route {
         self != Route::UNSET
     }
 
+    /// The wire form.
+    pub(crate) fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// From the wire form: `None` unless it is a set route (hops at most what `new` makes).
+    pub(crate) fn from_raw(raw: u32) -> Option<Route> {
+        let r = Route(raw);
+        (r.is_set() && raw >> 24 <= 0xfe).then_some(r)
+    }
+
     pub(crate) fn origin(self) -> usize {
         (self.0 & 0x00ff_ffff) as usize
     }

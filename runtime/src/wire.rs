@@ -10,7 +10,7 @@
 //! | 4 | entry's wire id |
 //! | 8 | collection id |
 //! | 4 | priority (signed) |
-//! | 1 + … | destination: 0 = element (then its [`Index`]: dimension byte + 4 per word), 1 = broadcast, 2 = tree broadcast (then the root process, 4) |
+//! | 1 + … | destination: 0 = element (then its [`Index`]: dimension byte + 4 per word), 1 = broadcast, 2 = tree broadcast (then the root process, 4), 3 = element, forwarded already (its [`Index`], then the route: hops in the top byte, origin PE below, 4) |
 //! | 1 + … | reply: 0 = none, 1 = future (owner PE 4, id 8), 2 = gather (owner PE 4, id 8, values 1) |
 //!
 //! Decoding treats every byte as hostile: unknown entry ids, truncated or trailing bytes, bad
@@ -19,7 +19,9 @@
 
 use crate::chare::{Chare, Entry};
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Body, Call, Construct, Construction, Control, Envelope, Invocation, Reply};
+use crate::envelope::{
+    Body, Call, Construct, Construction, Control, Envelope, Invocation, Reply, Route,
+};
 use crate::index::Index;
 use crate::registry::{Decoder, EntryTable};
 use bytes::Bytes;
@@ -475,6 +477,13 @@ pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum WireDest {
     Point(Index),
+    /// A point call already forwarded (chasing a migrated element): its route travels along, so
+    /// the PE that finally delivers it can correct the location cache of the PE that sent it
+    /// first, in whatever process (a fresh call's origin is the message's sending PE).
+    Chased {
+        index: Index,
+        route: Route,
+    },
     Broadcast,
     /// A broadcast travelling down the spanning tree of processes rooted at process `root`: the
     /// receiving process forwards it to its children, then delivers it to each of its PEs.
@@ -504,6 +513,11 @@ impl CallMeta {
             WireDest::Point(index) => {
                 out.push(0);
                 index.write_le(out);
+            }
+            WireDest::Chased { index, route } => {
+                out.push(3);
+                index.write_le(out);
+                out.extend_from_slice(&route.raw().to_le_bytes());
             }
             WireDest::Broadcast => out.push(1),
             WireDest::Tree { root } => {
@@ -545,6 +559,13 @@ impl CallMeta {
             2 => WireDest::Tree {
                 root: r.u32().ok_or_else(short)?,
             },
+            3 => {
+                let (index, rest) = Index::read_le(r.0)?;
+                r.0 = rest;
+                let route = Route::from_raw(r.u32().ok_or_else(short)?)
+                    .ok_or("a forwarded call without a valid route")?;
+                WireDest::Chased { index, route }
+            }
             d => return Err(format!("unknown call destination kind {d}")),
         };
         let reply = match r.u8().ok_or_else(short)? {
@@ -832,7 +853,16 @@ pub(crate) fn encode(
     let (kind, (seg0, segs)) = match &env.body {
         Body::Point { coll, index, call } => {
             let (pe, dst) = (src_pe as usize, dst_pe as usize);
-            return encode_point(table, *coll, *index, &**call, env.priority, pe, dst);
+            return encode_point(
+                table,
+                *coll,
+                *index,
+                &**call,
+                env.priority,
+                env.route,
+                pe,
+                dst,
+            );
         }
         Body::Broadcast { coll, call } => (
             KIND_CALL,
@@ -871,17 +901,25 @@ pub(crate) fn encode(
     call_message(Header::new(kind, src_pe, dst_pe, 0), seg0, segs)
 }
 
-/// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`.
+/// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`; `route`: how
+/// far it was forwarded already, and from where (unset or 0 hops for a fresh call).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_point(
     table: &EntryTable,
     coll: CollectionId,
     index: Index,
     call: &dyn Invocation,
     priority: i32,
+    route: Route,
     src_pe: usize,
     dst_pe: usize,
 ) -> Result<Message, String> {
-    let (seg0, segs) = encode_call(table, coll, WireDest::Point(index), call, priority)?;
+    let dest = if route.hops() > 0 {
+        WireDest::Chased { index, route }
+    } else {
+        WireDest::Point(index)
+    };
+    let (seg0, segs) = encode_call(table, coll, dest, call, priority)?;
     let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
     call_message(header, seg0, segs)
 }
@@ -1005,18 +1043,34 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
             let call = offering(segments, || decode_args(args, meta.reply))
                 .map_err(|e| format!("`{}`: {e}", info.name))?
                 .0;
-            let body = match meta.dest {
-                WireDest::Point(index) => Body::Point {
-                    coll: meta.coll,
-                    index,
-                    call,
-                },
-                WireDest::Broadcast | WireDest::Tree { .. } => Body::Broadcast {
-                    coll: meta.coll,
-                    call,
-                },
+            let (body, route) = match meta.dest {
+                WireDest::Point(index) => (
+                    Body::Point {
+                        coll: meta.coll,
+                        index,
+                        call,
+                    },
+                    Route::new(header.src_pe as usize, 0),
+                ),
+                WireDest::Chased { index, route } => (
+                    Body::Point {
+                        coll: meta.coll,
+                        index,
+                        call,
+                    },
+                    route,
+                ),
+                WireDest::Broadcast | WireDest::Tree { .. } => (
+                    Body::Broadcast {
+                        coll: meta.coll,
+                        call,
+                    },
+                    Route::UNSET,
+                ),
             };
-            Ok(Envelope::new(meta.priority, body))
+            let mut env = Envelope::new(meta.priority, body);
+            env.route = route;
+            Ok(env)
         }
         KIND_CREATE => {
             let (meta, args) = postcard::take_from_bytes::<CreateMeta>(&seg0)
@@ -1121,6 +1175,10 @@ mod tests {
             WireDest::Point(Index::new(&[3, 70_000]).unwrap()),
             WireDest::Broadcast,
             WireDest::Tree { root: 9 },
+            WireDest::Chased {
+                index: Index::new(&[5]).unwrap(),
+                route: Route::new(123_456, 3),
+            },
         ];
         let replies = [
             Reply::None,
@@ -1155,6 +1213,22 @@ mod tests {
                 }
             }
         }
+        // A forwarded call's route must be a set one.
+        let mut b = Vec::new();
+        CallMeta {
+            entry: 1,
+            coll: CollectionId(1),
+            dest: WireDest::Chased {
+                index: Index::SCALAR,
+                route: Route::new(1, 1),
+            },
+            reply: Reply::None,
+            priority: 0,
+        }
+        .write(&mut b);
+        let at = b.len() - 5;
+        b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(CallMeta::read(&b).is_err(), "an unset route refused");
     }
 
     #[test]

@@ -401,7 +401,16 @@ impl PeState {
     ) {
         self.sent.set(self.sent.get() + 1);
         let table = self.shared.entries;
-        let encoded = crate::wire::encode_point(table, coll, index, call, priority, self.pe, dst);
+        let encoded = crate::wire::encode_point(
+            table,
+            coll,
+            index,
+            call,
+            priority,
+            crate::envelope::Route::UNSET,
+            self.pe,
+            dst,
+        );
         self.send_encoded(dst, encoded);
     }
 
