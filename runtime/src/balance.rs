@@ -361,6 +361,7 @@ impl PeState {
                         index,
                         to: to as usize,
                         balance: step.map(|s| (root, s)),
+                        periodic: step.is_none(),
                     });
                 }
                 self.run_migrations();

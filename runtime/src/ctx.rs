@@ -168,6 +168,7 @@ impl<C: Chare> Ctx<C> {
                 index: self.parts.index,
                 to,
                 balance: None,
+                periodic: false,
             });
             Ok(())
         })?

@@ -84,6 +84,9 @@ pub(crate) struct Request {
     pub(crate) index: Index,
     pub(crate) to: usize,
     pub(crate) balance: Option<(u32, u64)>,
+    /// A periodic load-balancing decision: dropped if the element is busy, like an AtSync one
+    /// (a move the program asked for waits instead).
+    pub(crate) periodic: bool,
 }
 
 /// The [`UnpackFn`] of chare type `C`.
@@ -387,6 +390,9 @@ impl PeState {
             // asked for waits until the element is free.
             if let Some((root, step)) = r.balance {
                 self.balance_arrived(root as usize, r.coll, step);
+                return None;
+            }
+            if r.periodic {
                 return None;
             }
             return Some(r);
