@@ -902,19 +902,37 @@ impl Engine {
                 self.addrs.len()
             )));
         }
+        // The sender, named in every error about what it sent.
+        let from = |e: TransportError| match e {
+            TransportError::Malformed(m) => {
+                TransportError::Malformed(format!("from process {src}: {m}"))
+            }
+            other => other,
+        };
         match kind {
             wire::PKT_DATA => {
                 let b = Bytes::copy_from_slice(buf);
-                let msg = wire::decode_data(&b)?;
+                let msg = wire::decode_data(&b).map_err(from)?;
                 self.arrived(src, Slot::Ready(msg));
             }
             wire::PKT_RNDV => {
-                let r = wire::decode_rndv(buf, self.sizes.max_message)?;
+                let r = wire::decode_rndv(buf, self.sizes.max_message).map_err(from)?;
                 self.start_rndv(src, r);
             }
             wire::PKT_ACK => {
-                let id = wire::decode_ack(buf)?;
-                self.rndv_out.remove(&id);
+                let id = wire::decode_ack(buf).map_err(from)?;
+                // Only the destination of a transfer may end it.
+                match self.rndv_out.get(&id) {
+                    Some(out) if out.dst != src => {
+                        return Err(TransportError::Malformed(format!(
+                            "process {src} acknowledged transfer {id}, which went to process {}",
+                            out.dst
+                        )));
+                    }
+                    _ => {
+                        self.rndv_out.remove(&id);
+                    }
+                }
             }
             wire::PKT_BYE => {
                 let st = &self.status[src as usize];

@@ -75,6 +75,8 @@ pub(crate) const MAX_RNDV_ACTIVE: usize = 2;
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) size: u32,
+    /// The largest message accepted from a peer (`UcxConfig::max_message`).
+    pub(crate) max_message: usize,
     /// The worker the callbacks run on (they need it for
     /// `ucp_am_recv_data_nbx`; UCX does not pass it). Set once created.
     pub(crate) worker: std::cell::Cell<charmrs_ucx_sys::ucp_worker_h>,
@@ -91,6 +93,7 @@ impl Inbox {
     pub(crate) fn new(size: u32, pool_bytes: usize) -> Inbox {
         Inbox {
             size,
+            max_message: 1 << 30,
             worker: std::cell::Cell::new(std::ptr::null_mut()),
             pool: charmrs_transport::RecvPool::new(crate::worker::EAGER_POOL_MIN, pool_bytes),
             lender: std::sync::Arc::default(),

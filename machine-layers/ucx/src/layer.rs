@@ -91,6 +91,10 @@ pub struct UcxConfig {
     /// eager ones from 4 KiB that UCX does not let it keep in place.
     /// Default 64 MiB.
     pub pool_bytes: usize,
+    /// The largest message the layer accepts from a peer (what a rendezvous announces, or a
+    /// remote read asks for, is checked before any buffer is allocated for it): a larger one is
+    /// a [`TransportError::TooLarge`] naming the peer. Default 1 GiB, as the other layers'.
+    pub max_message: usize,
 }
 
 impl Default for UcxConfig {
@@ -104,6 +108,7 @@ impl Default for UcxConfig {
             wakeup: true,
             linger: Duration::from_secs(1),
             pool_bytes: 64 << 20,
+            max_message: 1 << 30,
         }
     }
 }
@@ -275,6 +280,7 @@ impl UcxLayer {
             wakeup: cfg.wakeup,
             same_host_error_handling: cfg.same_host_error_handling,
             pool_bytes: cfg.pool_bytes,
+            max_message: cfg.max_message,
         };
         let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
         let me = Identity::current();

@@ -149,6 +149,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) wakeup: bool,
     pub(crate) same_host_error_handling: bool,
     pub(crate) pool_bytes: usize,
+    pub(crate) max_message: usize,
 }
 
 /// The UCX context, worker and endpoints of the process; see the module
@@ -272,7 +273,10 @@ impl Worker {
             max_am_header: 0,
             peer_mode: Vec::new(),
             efd: None,
-            inbox: Box::new(Inbox::new(size, cfg.pool_bytes)),
+            inbox: Box::new(Inbox {
+                max_message: cfg.max_message,
+                ..Inbox::new(size, cfg.pool_bytes)
+            }),
             cma_possible,
         };
         w.inbox.worker.set(worker);
@@ -776,6 +780,12 @@ impl Worker {
         packed: &[u8],
         header: Header,
     ) -> Result<(), TransportError> {
+        if len > self.inbox.max_message {
+            return Err(TransportError::TooLarge {
+                len: len as u64,
+                max: self.inbox.max_message as u64,
+            });
+        }
         let ep = self.ep(src)?;
         let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
         // SAFETY: ep is open; `packed` was length-checked by the caller and
@@ -958,6 +968,15 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
             return sys::UCS_OK;
         }
     };
+    if length > inbox.max_message {
+        // Refused before a buffer is allocated for it (the length is the sender's word).
+        inbox.error(TransportError::Malformed(format!(
+            "process {} sent a message of {length} bytes, over the limit of {} \
+             (UcxConfig::max_message)",
+            d.src, inbox.max_message
+        )));
+        return sys::UCS_OK;
+    }
     // The header lives only during this call: a split message's leading segments are copied.
     let leading = SPLIT.then(|| Bytes::copy_from_slice(d.leading));
     let data_align = d.data_align;

@@ -213,6 +213,12 @@ fn a_network_thread_parked_without_arming_is_still_woken_shm() {
 }
 
 #[test]
+fn a_message_over_max_message_is_refused_naming_its_sender_shm() {
+    let env = [SHM, &[("CHARMRS_UCX_CHECK_MAX_MESSAGE", "1048576")]].concat();
+    Job::start(2, &["toolarge"], &env).wait_all(60);
+}
+
+#[test]
 fn a_parked_network_thread_is_woken_for_every_message_tcp() {
     Job::start(2, &["park", "1000"], TCP).wait_all(120);
 }

@@ -13,6 +13,9 @@
 //!                                                  (CHARMRS_UCX_CHECK_PARK_UNARMED=1: one
 //!                                                  that parks without `before_park`)
 //! charmrs-ucx-check outlive                        messages kept past the layer stay intact
+//! charmrs-ucx-check toolarge                       a message over max_message is refused,
+//!                                                  naming its sender (run with
+//!                                                  CHARMRS_UCX_CHECK_MAX_MESSAGE=1048576)
 //! ```
 //!
 //! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
@@ -717,13 +720,58 @@ fn outlive(layer: Arc<UcxLayer>) {
     println!("OK outlive rank {me}: {expected} messages intact");
 }
 
+/// Rank 1 sends rank 0 a 2 MiB message, over rank 0's `max_message`: rank 0's progress must
+/// fail naming process 1 and never deliver it.
+fn too_large(layer: &UcxLayer) {
+    if layer.size() != 2 {
+        fail("toolarge needs exactly 2 processes".into());
+    }
+    if layer.rank() == 1 {
+        let h = Header::new(KIND_DATA, 1, 0, 1);
+        let big = Bytes::from(vec![1u8; 2 << 20]);
+        send(
+            layer,
+            0,
+            Message::with_segments(h, vec![big]).expect("one segment"),
+        );
+        // The receiver refuses it; whatever becomes of the send here is fine.
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            let _ = layer.progress(&mut |_, _| {});
+        }
+        println!("OK toolarge");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got =
+            layer.progress(&mut |_, _| fail("rank 0: the oversized message was delivered".into()));
+        if let Err(e) = got {
+            let text = e.to_string();
+            if text.contains("process 1") && text.contains("over the limit") {
+                println!("OK toolarge");
+                return;
+            }
+            fail(format!("rank 0: unexpected error: {text}"));
+        }
+        if Instant::now() > deadline {
+            fail("rank 0: no error for an oversized message within 30 s".into());
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
     // endpoints too (exercises UCX's own failure reporting).
+    let defaults = UcxConfig::default();
     let cfg = UcxConfig {
         same_host_error_handling: std::env::var_os("CHARMRS_UCX_CHECK_PEER_ERRORS").is_some(),
-        ..UcxConfig::default()
+        max_message: std::env::var("CHARMRS_UCX_CHECK_MAX_MESSAGE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.max_message),
+        ..defaults
     };
     let layer = match UcxLayer::from_env_with_config(cfg) {
         Ok(Some(l)) => Arc::new(l),
@@ -739,6 +787,7 @@ fn main() {
         Some("lost") => lost(&layer),
         Some("park") => park(Arc::clone(&layer), num(2, 2000)),
         Some("outlive") => outlive(layer),
+        Some("toolarge") => too_large(&layer),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }
