@@ -191,6 +191,22 @@ impl PeState {
         let (home, next, chare, migratable, departed_here) = {
             let cols = self.collections.borrow();
             let c = cols.get(&coll).expect("the caller found the collection");
+            // An index the collection cannot have (out of a dense array's extents, the wrong
+            // dimension count; only a message from another process can name one, proxies check)
+            // would otherwise wait at the home forever.
+            if let Err(e) = c.shape.check(&index, self.num_pes()) {
+                let entry = match &env.body {
+                    Body::Point { call, .. } => call.entry_name(),
+                    _ => "?",
+                };
+                let chare = c.chare;
+                drop(cols);
+                return self.abort_job(format!(
+                    "charmrs: PE {}: a message for entry `{entry}` names element {index} of \
+                     {chare} collection {coll:?}, which it cannot have: {e}",
+                    self.pe
+                ));
+            }
             let home = c.shape.home_pe(&index, self.num_pes());
             let next = if home == self.pe {
                 c.away.get(&index).map(|&(pe, _)| pe as usize)
