@@ -120,6 +120,8 @@ enum OpKind {
     Get {
         src: ProcessId,
         buf: Vec<u8>,
+        /// Bytes read (the buffer's capacity may be larger).
+        len: usize,
         kind: u8,
         tag: u64,
     },
@@ -128,8 +130,10 @@ enum OpKind {
 /// A registered large message waiting for the receiver's ACK.
 struct OutRndv {
     dst: ProcessId,
-    _segs: Vec<Bytes>,
+    /// Declared before the segments, so closed before they are freed (fields drop in order): a
+    /// registration must not outlive its memory (`fabric::Mr`).
     _mrs: Vec<Mr>,
+    _segs: Vec<Bytes>,
 }
 
 /// A large message being read.
@@ -513,6 +517,7 @@ impl Engine {
                     kind: OpKind::Get {
                         src: p,
                         buf: Vec::with_capacity(len),
+                        len,
                         kind,
                         tag,
                     },
@@ -767,12 +772,13 @@ impl Engine {
             OpKind::Get {
                 src,
                 mut buf,
+                len,
                 kind,
                 tag,
             } => {
-                // SAFETY: the read of `capacity` bytes completed
+                // SAFETY: the read of `len` bytes (at most the capacity) completed
                 // successfully, so the provider wrote all of them.
-                unsafe { buf.set_len(buf.capacity()) };
+                unsafe { buf.set_len(len) };
                 match Message::with_segments(Header::new(kind, 0, 0, tag), vec![Bytes::from(buf)]) {
                     Ok(m) => self.ready.push((src, m)),
                     Err(e) => self.errors.push_back(e),
@@ -1229,7 +1235,14 @@ impl Drop for Engine {
             }
         }
         // In-flight non-receive contexts (only if `linger` expired) are
-        // deliberately leaked: the provider may have held them to the end.
+        // deliberately leaked: the provider may have held them to the end. So are the
+        // destinations of reads still posted then: a provider that serves a read by writing
+        // into this process (`shm` without its fast path) could still do so after the close.
+        if self.inflight > 0 {
+            for (_, r) in self.rndv_in.drain() {
+                std::mem::forget(r);
+            }
+        }
     }
 }
 

@@ -772,7 +772,11 @@ impl Drop for OfiLayer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
         {
-            let _ = h.join();
+            // The hook runs on the watcher thread and may drop the last reference to this
+            // layer: it must not join itself (it sees `closing` and ends on its own).
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
         {
             let mut eng = lock(&self.inner.engine);
@@ -780,7 +784,8 @@ impl Drop for OfiLayer {
             eng.shutdown(self.inner.cfg.linger);
         }
         // SAFETY: the eventfd was opened in `new` and is closed once, here
-        // (the watcher, its only other user, has been joined).
+        // (the watcher, its only other user, has been joined, or is this very
+        // thread, which checks `closing` before it waits again).
         unsafe {
             libc::close(self.inner.event_fd);
         }

@@ -381,7 +381,17 @@ impl UcxLayer {
             let Some(mut l) = s.locked.try_lock() else {
                 return Armed::Busy;
             };
-            s.arm_for_hook(&mut l).unwrap_or(Armed::Pending)
+            let armed = s.arm_for_hook(&mut l);
+            drop(l);
+            match armed {
+                Ok((armed, call)) => {
+                    if call {
+                        s.call_hook();
+                    }
+                    armed
+                }
+                Err(_) => Armed::Pending,
+            }
         });
         let w = Watcher::start(efd, Box::new(hook), arm, self.shared.rank)?;
         self.shared
@@ -607,6 +617,7 @@ impl Shared {
         &self,
         l: &mut Locked,
         batch: &mut Vec<(ProcessId, Message)>,
+        call_hook: &mut bool,
     ) -> Option<TransportError> {
         if !self.queue.is_empty() {
             self.run_queue(l);
@@ -677,8 +688,12 @@ impl Shared {
             let since = *l.idle_since.get_or_insert(now);
             if now - since >= self.cfg.arm_after && !w.state.armed.load(Ordering::SeqCst) {
                 match self.arm_for_hook(l) {
-                    Ok(Armed::Pending) => l.idle_since = None,
-                    Ok(_) => {}
+                    Ok((armed, call)) => {
+                        *call_hook |= call;
+                        if matches!(armed, Armed::Pending) {
+                            l.idle_since = None;
+                        }
+                    }
                     Err(e) => error = Some(e),
                 }
             }
@@ -687,26 +702,34 @@ impl Shared {
     }
 
     /// Arms the worker for the wake-up hook (with the worker held). On
-    /// success the watcher is told; if events are pending, or an operation
-    /// was queued meanwhile, the hook is called so the progressing thread
-    /// comes back instead of parking.
-    fn arm_for_hook(&self, l: &mut Locked) -> Result<Armed, TransportError> {
-        let Some(w) = self.watcher.get() else {
-            return Ok(Armed::Busy);
-        };
+    /// success the watcher is told. Also says whether the hook must be
+    /// called — events are pending, or an operation was queued meanwhile, so
+    /// the progressing thread must come back instead of parking — which the
+    /// caller does once it has let go of the worker: the hook is the
+    /// runtime's code, and may end up dropping this layer, which takes the
+    /// worker lock.
+    fn arm_for_hook(&self, l: &mut Locked) -> Result<(Armed, bool), TransportError> {
+        if self.watcher.get().is_none() {
+            return Ok((Armed::Busy, false));
+        }
+        let w = self.watcher.get().expect("checked above");
         if l.worker.arm()? {
             w.state.armed.store(true, Ordering::SeqCst);
             w.state.armed_fd.signal();
             // An operation queued by a thread that saw the worker busy and
             // the flag still clear would wait for the next event.
             fence(Ordering::SeqCst);
-            if !self.queue.is_empty() || !self.loopback.is_empty() {
-                (w.state.hook)();
-            }
-            Ok(Armed::Yes)
+            let queued = !self.queue.is_empty() || !self.loopback.is_empty();
+            Ok((Armed::Yes, queued))
         } else {
+            Ok((Armed::Pending, true))
+        }
+    }
+
+    /// Calls the wake-up hook, if one is installed (never with the worker held).
+    fn call_hook(&self) {
+        if let Some(w) = self.watcher.get() {
             (w.state.hook)();
-            Ok(Armed::Pending)
         }
     }
 
@@ -794,10 +817,14 @@ impl MachineLayer for UcxLayer {
         let _delivering = ClearOnDrop(&s.delivering);
         SCRATCH.with(|scratch| {
             let mut batch = scratch.borrow_mut();
+            let mut call_hook = false;
             let error = {
                 let mut l = s.locked.lock();
-                s.progress_locked(&mut l, &mut batch)
+                s.progress_locked(&mut l, &mut batch, &mut call_hook)
             };
+            if call_hook {
+                s.call_hook();
+            }
             if !s.loopback.is_empty() {
                 for _ in 0..s.loopback.len() {
                     match s.loopback.pop() {
@@ -841,15 +868,23 @@ impl MachineLayer for UcxLayer {
         if w.state.armed.load(Ordering::SeqCst) {
             return nothing_queued();
         }
-        match s.arm_for_hook(&mut l) {
-            Ok(Armed::Yes) => nothing_queued() && l.worker.inbox.state.borrow().ready.is_empty(),
-            Ok(_) => false,
+        let (park, call) = match s.arm_for_hook(&mut l) {
+            Ok((Armed::Yes, call)) => (
+                nothing_queued() && l.worker.inbox.state.borrow().ready.is_empty(),
+                call,
+            ),
+            Ok((_, call)) => (false, call),
             Err(e) => {
                 // Reported by the next progress, which the caller runs now.
                 l.worker.inbox.error(e);
-                false
+                (false, false)
             }
+        };
+        drop(l);
+        if call {
+            s.call_hook();
         }
+        park
     }
 
     fn progress_wait(

@@ -41,7 +41,14 @@ unsafe impl<T: Send> Send for SpinMutex<T> {}
 /// Access to the value of a held [`SpinMutex`]; unlocks on drop.
 pub(crate) struct SpinGuard<'a, T> {
     lock: &'a SpinMutex<T>,
+    /// Not `Send` and not automatically `Sync` (its `Sync` would otherwise follow from
+    /// `&SpinMutex<T>`'s, i.e. `T: Send`, while it hands out `&T`): see the impl below.
+    _not_auto: std::marker::PhantomData<*const ()>,
 }
+
+// SAFETY: sharing the guard shares `&T` only (`DerefMut` needs `&mut` guard), which is safe
+// across threads exactly when `T: Sync`, as for `std::sync::MutexGuard`.
+unsafe impl<T: Sync> Sync for SpinGuard<'_, T> {}
 
 impl<T> SpinMutex<T> {
     pub(crate) fn new(value: T) -> SpinMutex<T> {
@@ -60,7 +67,10 @@ impl<T> SpinMutex<T> {
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         {
-            Some(SpinGuard { lock: self })
+            Some(SpinGuard {
+                lock: self,
+                _not_auto: std::marker::PhantomData,
+            })
         } else {
             None
         }

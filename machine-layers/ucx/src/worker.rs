@@ -38,11 +38,33 @@ use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
 use charmrs_transport::PoolBuf;
 
-/// Zero-initialised parameter struct (every UCX parameter struct is plain
-/// data whose unused fields are ignored through its field mask).
-fn zeroed<T>() -> T {
-    // SAFETY: only used for UCX's C parameter structs, which are plain
-    // integers, pointers and optional function pointers, all valid as zero.
+/// UCX's C parameter structs: plain integers, pointers and optional function pointers, valid
+/// when all zero (unused fields are ignored through each struct's field mask).
+///
+/// # Safety
+///
+/// Only for types whose all-zero bit pattern is a valid value.
+unsafe trait ZeroedParam: Sized {}
+
+// SAFETY: each is a bindgen-generated C struct of integers, raw pointers and `Option`s of
+// function pointers (all valid as zero), or unions of such.
+unsafe impl ZeroedParam for sys::ucp_params_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_worker_params_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_worker_attr_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_am_handler_param_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_request_param_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_ep_params_t {}
+// SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_mem_map_params_t {}
+
+/// A zero-initialised UCX parameter struct.
+fn zeroed<T: ZeroedParam>() -> T {
+    // SAFETY: `ZeroedParam` is only implemented for types valid as all zeros.
     unsafe { MaybeUninit::<T>::zeroed().assume_init() }
 }
 
@@ -648,7 +670,10 @@ impl Worker {
     /// Sends the goodbye notice to every peer this process exchanged data
     /// with.
     pub(crate) fn say_goodbye(&mut self) {
-        let rank = self.rank.to_le_bytes();
+        // UCX reads the AM header until the send completes, which may be after a timed-out wait
+        // below (the request is then freed but can still go out with the final flush): the 4
+        // bytes live for the rest of the process (once per layer, at its end).
+        let rank: &'static [u8; 4] = Box::leak(Box::new(self.rank.to_le_bytes()));
         for p in 0..self.eps.len() as ProcessId {
             if p == self.rank || !self.talked_with(p) || self.is_lost(p) {
                 continue;
@@ -657,8 +682,7 @@ impl Worker {
             let mut param: sys::ucp_request_param_t = zeroed();
             param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
             param.flags = sys::UCP_AM_SEND_FLAG_EAGER;
-            // SAFETY: ep is open; the 4-byte header lives on this stack
-            // frame until the request completes, which we wait for below.
+            // SAFETY: ep is open; the 4-byte header is never freed.
             let req = unsafe {
                 sys::ucp_am_send_nbx(
                     ep,
@@ -811,9 +835,12 @@ impl Worker {
             | sys::UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
         param.cb.send = Some(get_done_cb);
         param.user_data = raw as *mut c_void;
+        // Counted before the call: the callback may run before it returns, and undoes this.
+        self.inbox.in_flight(1);
         // SAFETY: the destination buffer (capacity len) is owned by the
         // descriptor, which UCX gives back in the callback (NO_IMM_CMPL: the
-        // callback always runs unless the call fails outright).
+        // callback runs exactly once unless the call fails outright, possibly
+        // before the call returns).
         let req = unsafe {
             sys::ucp_get_nbx(
                 ep,
@@ -825,6 +852,7 @@ impl Worker {
             )
         };
         if sys::UCS_PTR_IS_ERR(req) {
+            self.inbox.in_flight(-1);
             // SAFETY: UCX did not keep the descriptor.
             let op = unsafe { Box::from_raw(raw) };
             // SAFETY: rkey was unpacked above and is destroyed once.
@@ -835,7 +863,6 @@ impl Worker {
                 &format!("ucp_get_nbx of {len} bytes from process {src}"),
             );
         }
-        self.inbox.in_flight(1);
         Ok(())
     }
 }
@@ -1135,12 +1162,20 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     p.cb.recv_am = Some(rndv_done_cb);
     p.datatype = sys::ucp_dt_make_contig(1);
     p.user_data = raw as *mut c_void;
+    // Counted before the call: with NO_IMM_CMPL the callback may still run before the call
+    // returns (an operation that completes at once), and it undoes these.
+    inbox.in_flight(1);
+    inbox.state.borrow_mut().rndv_active += 1;
     // SAFETY: `desc` is a rendezvous descriptor UCX handed us and nobody
     // has used yet; the destination (capacity `len`) belongs to the
-    // descriptor box, returned to us in the callback (NO_IMM_CMPL).
+    // descriptor box, returned to us in the callback (NO_IMM_CMPL: the
+    // callback runs exactly once unless the call fails outright, possibly
+    // before it returns).
     let req =
         unsafe { sys::ucp_am_recv_data_nbx(inbox.worker.get(), desc, dst as *mut c_void, len, &p) };
     if sys::UCS_PTR_IS_ERR(req) {
+        inbox.in_flight(-1);
+        inbox.state.borrow_mut().rndv_active -= 1;
         // SAFETY: UCX did not keep the descriptor box.
         let op = unsafe { Box::from_raw(raw) };
         inbox.error(TransportError::Io(std::io::Error::other(format!(
@@ -1148,9 +1183,6 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
             op.src,
             describe(sys::UCS_PTR_STATUS(req))
         ))));
-    } else {
-        inbox.in_flight(1);
-        inbox.state.borrow_mut().rndv_active += 1;
     }
 }
 
