@@ -312,7 +312,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok load balancing",
                 "ok results from away",
                 "ok allreduce from elsewhere",
-                "ok load balancing from elsewhere"
+                "ok load balancing from elsewhere",
+                "ok allreduce outside the tree"
             ],
             "{args:?}"
         );

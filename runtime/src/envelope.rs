@@ -193,6 +193,13 @@ pub(crate) enum Control {
         shape: Shape,
         bytes: bytes::Bytes,
     },
+    /// To an element's home: PE `pe`, which is not in the collection's reduction tree, has a
+    /// contributor waiting for allreduce `seq`; send it the result too.
+    AllreduceSubscribe {
+        coll: CollectionId,
+        seq: u64,
+        pe: u32,
+    },
 }
 
 impl From<Control> for Body {
@@ -230,7 +237,8 @@ impl Envelope {
                 Control::ReduceUp { .. }
                 | Control::ReduceFinish { .. }
                 | Control::ReduceDown { .. }
-                | Control::ReduceDownEncoded { .. } => "reduction",
+                | Control::ReduceDownEncoded { .. }
+                | Control::AllreduceSubscribe { .. } => "reduction",
                 Control::Migrate(_) => "migration",
                 Control::Insert { .. } => "insertion",
                 Control::Census { .. } | Control::Seal { .. } => "done_inserting",

@@ -556,7 +556,9 @@ pub(crate) fn encoded_partials(
 const FOREIGN_WINDOW: u64 = 1024;
 
 /// This PE's allreduce contributors of one reduction: their futures and the reduction's kind.
-type AllreduceWaiters = (Vec<(u32, u64)>, Option<Kind>);
+/// An allreduce's futures on this PE, their kind, and (at a home PE) the PEs outside the
+/// reduction tree that want the result too (`Control::AllreduceSubscribe`).
+type AllreduceWaiters = (Vec<(u32, u64)>, Option<Kind>, Vec<usize>);
 
 /// The reductions in progress on one PE.
 #[derive(Default)]
@@ -630,8 +632,49 @@ impl PeState {
         if home == self.pe {
             self.reduce(coll, seq, shape, Incoming::Typed(part));
         } else {
+            // An allreduce contributor away from home, on a PE outside the collection's
+            // reduction tree (home to none of its elements): the result comes down the tree
+            // only, so ask the home to send it here too — before the contribution, on the same
+            // channel, so the home knows by the time the result reaches it.
+            if matches!(part.target, TargetSpec::Everyone)
+                && self
+                    .membership(coll, &shape)
+                    .is_some_and(|(_, members)| !members.contains(&self.pe))
+            {
+                let body = Control::AllreduceSubscribe {
+                    coll,
+                    seq,
+                    pe: self.pe as u32,
+                };
+                self.send(home, Envelope::new(0, body));
+            }
             self.send_part_up(coll, seq, shape, home, part);
         }
+    }
+
+    /// At an element's home: PE `pe` wants allreduce `seq`'s result too.
+    pub(crate) fn allreduce_subscribe(&self, coll: CollectionId, seq: u64, pe: u32) {
+        if pe as usize >= self.num_pes() {
+            return self.abort_job(format!(
+                "charmrs: an allreduce subscription from unknown PE {pe} (the job has {} PEs)",
+                self.num_pes()
+            ));
+        }
+        let mut r = self.reductions.borrow_mut();
+        let extras = &mut r.everyone.entry((coll, seq)).or_default().2;
+        if !extras.contains(&(pe as usize)) {
+            extras.push(pe as usize);
+        }
+    }
+
+    /// The subscribers of allreduce `seq` at this PE (see `allreduce_subscribe`).
+    fn allreduce_extras(&self, coll: CollectionId, seq: u64) -> Vec<usize> {
+        self.reductions
+            .borrow()
+            .everyone
+            .get(&(coll, seq))
+            .map(|e| e.2.clone())
+            .unwrap_or_default()
     }
 
     /// Sends a typed partial up to PE `to`: moved within this process, encoded to another.
@@ -980,7 +1023,9 @@ impl PeState {
         let Some(children) = self.down_children(coll, seq, &shape) else {
             return;
         };
-        for child in children {
+        let extras = self.allreduce_extras(coll, seq);
+        self.reductions.borrow_mut().everyone.remove(&(coll, seq));
+        for child in children.into_iter().chain(extras) {
             if self.shared.mailbox(child).is_some() {
                 let body = Control::ReduceDownEncoded {
                     coll,
@@ -1014,9 +1059,10 @@ impl PeState {
         let Some(children) = self.down_children(coll, seq, &shape) else {
             return;
         };
+        let extras = self.allreduce_extras(coll, seq);
         // Encoded once, for however many children in other processes.
         let mut encoded: Option<Result<Vec<u8>, String>> = None;
-        for child in children {
+        for child in children.into_iter().chain(extras) {
             if self.shared.mailbox(child).is_some() {
                 let value = (kind.clone)(&*value);
                 self.send(

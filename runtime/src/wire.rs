@@ -223,6 +223,11 @@ enum MobilityWire {
         coll: CollectionId,
         counts: Vec<u32>,
     },
+    AllreduceSubscribe {
+        coll: CollectionId,
+        seq: u64,
+        pe: u32,
+    },
 }
 
 /// [`MobilityWire`] borrowing from the envelope.
@@ -243,6 +248,11 @@ enum MobilityWireRef<'a> {
     Seal {
         coll: CollectionId,
         counts: &'a [u32],
+    },
+    AllreduceSubscribe {
+        coll: CollectionId,
+        seq: u64,
+        pe: u32,
     },
 }
 
@@ -276,6 +286,11 @@ pub(crate) fn mobility_message(
         Control::Seal { coll, counts } => MobilityWireRef::Seal {
             coll: *coll,
             counts,
+        },
+        Control::AllreduceSubscribe { coll, seq, pe } => MobilityWireRef::AllreduceSubscribe {
+            coll: *coll,
+            seq: *seq,
+            pe: *pe,
         },
         _ => return None,
     };
@@ -312,6 +327,9 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
         MobilityWire::Balance(b) => Control::Balance(b),
         MobilityWire::Census { coll, reply } => Control::Census { coll, reply },
         MobilityWire::Seal { coll, counts } => Control::Seal { coll, counts },
+        MobilityWire::AllreduceSubscribe { coll, seq, pe } => {
+            Control::AllreduceSubscribe { coll, seq, pe }
+        }
     };
     let priority = match control {
         Control::Migrate(_) => crate::migration::MIGRATE_PRIORITY,

@@ -420,3 +420,48 @@ fn a_panicking_migrated_hook_aborts_the_job_naming_the_element() {
         other => panic!("the job must abort: {other:?}"),
     }
 }
+
+/// Sums with `allreduce` from wherever it is.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Summer;
+
+#[chare(migratable)]
+impl Summer {
+    fn new() -> Self {
+        Summer
+    }
+
+    #[entry]
+    fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
+        ctx.migrate(pe).unwrap();
+    }
+
+    #[entry]
+    fn pe_now(&mut self, ctx: &Ctx<Self>) -> usize {
+        ctx.my_pe()
+    }
+
+    #[entry]
+    async fn total(this: Coro<Self>) -> u64 {
+        let me: usize = this.ctx().index();
+        this.ctx().allreduce(me as u64 + 1, Reducer::Sum).await
+    }
+}
+
+/// An allreduce contributor on a PE that is home to none of the array's elements (outside its
+/// reduction tree) gets the result too.
+#[test]
+fn allreduce_reaches_a_contributor_on_a_pe_outside_the_reduction_tree() {
+    run_job(8, |_| async {
+        // 4 elements on 8 PEs: homes 0, 2, 4 and 6.
+        let a = Array::<Summer, usize>::new(4, ());
+        a.at(1usize).go_to(3);
+        a.at(2usize).go_to(7);
+        charmrs::wait_qd().await;
+        assert_eq!(a.at(1usize).ret().pe_now().await, 3);
+        let totals: Vec<u64> = a.gather().total().await;
+        assert_eq!(totals, vec![10; 4]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -451,6 +451,15 @@ async fn mobility() {
         "Rotate moves every element from the last PE to PE 0: {moved:?}"
     );
     println!("ok load balancing from elsewhere");
+    // An allreduce contributor on a PE that is home to none of the array's elements, in another
+    // process: outside the reduction tree, it gets the result through its home.
+    let lone = Array::<Wanderer, usize>::new(1, ());
+    lone.go_to(p - 1);
+    charmrs::wait_qd().await;
+    let counts = Future::new();
+    lone.count_everyone(counts);
+    assert_eq!(counts.await, vec![1u64]);
+    println!("ok allreduce outside the tree");
     charmrs::exit(0);
 }
 

@@ -822,6 +822,9 @@ impl PeState {
                 shape,
                 bytes,
             } => self.reduce_down_encoded(coll, seq, shape, bytes),
+            Control::AllreduceSubscribe { coll, seq, pe } => {
+                self.allreduce_subscribe(coll, seq, pe)
+            }
         }
     }
 
