@@ -9,7 +9,11 @@
 //!
 //! Invariants: a PE forwards its partial exactly once, after all its local elements and all its
 //! tree children contributed; partial results from one PE to its parent travel in order, so
-//! reductions complete in order; a contribution of another type than the first one of its
+//! reductions complete in order while the collection's elements stay put. (Not yet when an
+//! element migrates between two of its contributions: its earlier contribution, still on its
+//! way to the home, can be overtaken by the later one made after the move, and reduction k+1
+//! may then complete before k. Each still completes exactly once with every contribution.) A
+//! contribution of another type than the first one of its
 //! reduction, or a vector of another length, aborts the job naming the collection and the
 //! reduction number.
 
@@ -255,10 +259,13 @@ impl<T> CustomReducer<T> {
 }
 
 /// Declares a user-defined reducer: `reducer!(pub NAME: Type = |a, b| …);` (the function must be
-/// associative and commutative). Use it with [`Ctx::contribute_with`](crate::Ctx::contribute_with).
+/// associative and commutative: contributions are combined in no fixed order — the example
+/// breaks ties between equally long strings, or its result would depend on that order). Use it
+/// with [`Ctx::contribute_with`](crate::Ctx::contribute_with). A reducer that panics aborts the
+/// job, naming the reduction.
 ///
 /// ```
-/// charmrs::reducer!(pub LONGEST: String = |a, b| if b.len() > a.len() { b } else { a });
+/// charmrs::reducer!(pub LONGEST: String = |a, b| if (b.len(), &b) > (a.len(), &a) { b } else { a });
 /// assert!(LONGEST.name().ends_with("LONGEST"));
 /// ```
 #[macro_export]
@@ -865,14 +872,24 @@ impl PeState {
                 }
             };
             p.got += 1;
-            let merged = match incoming {
-                Incoming::Typed(part) => merge(p, part),
-                Incoming::Encoded(raws) => {
-                    p.raw.extend(raws);
-                    Ok(())
+            // A user's reducer, or `Deserialize` of a partial, that panics must end the job with
+            // a message (not unwind through this table and leave the reduction hanging).
+            let merged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match incoming {
+                    Incoming::Typed(part) => merge(p, part),
+                    Incoming::Encoded(raws) => {
+                        p.raw.extend(raws);
+                        Ok(())
+                    }
                 }
-            }
-            .and_then(|()| decode_raw(p));
+                .and_then(|()| decode_raw(p))
+            }))
+            .unwrap_or_else(|payload| {
+                Err(format!(
+                    "combining a contribution panicked: {}",
+                    crate::panic::describe(payload)
+                ))
+            });
             if let Err(e) = merged {
                 drop(table);
                 return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)));

@@ -8,6 +8,7 @@ use charmrs::Error;
 use common::run_job;
 use std::sync::Mutex;
 
+charmrs::reducer!(EXPLODES: u32 = |_a, _b| panic!("the reducer exploded"));
 charmrs::reducer!(LONGEST: String = |a, b| if b.len() > a.len() || (b.len() == a.len() && b > a) { b } else { a });
 
 static ORDER: Mutex<Vec<(u32, i64)>> = Mutex::new(Vec::new());
@@ -110,6 +111,12 @@ impl Elem {
             last = total;
         }
         this.ctx().contribute(last, Reducer::Max, done);
+    }
+
+    /// Contributes to a reduction whose reducer panics.
+    #[entry]
+    fn explode(&mut self, ctx: &Ctx<Self>, f: Future<u32>) {
+        ctx.contribute_with(1u32, &EXPLODES, f);
     }
 
     #[entry]
@@ -283,4 +290,15 @@ fn a_contribution_of_the_wrong_type_or_length_names_the_reduction() {
         msg.contains("reduction #0") && msg.contains("vector lengths differ"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_panicking_reducer_aborts_the_job_naming_the_reduction() {
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Elem, usize>::new(4, ());
+        a.explode(Future::new());
+        charmrs::sleep(std::time::Duration::from_secs(30)).await;
+    }));
+    assert!(msg.contains("reduction #0 over 1-d array"), "{msg}");
+    assert!(msg.contains("the reducer exploded"), "{msg}");
 }
