@@ -149,6 +149,16 @@ impl PeState {
                 }
             }
         } else {
+            // A late update about an element that is here now would send this PE's own calls
+            // to it round the PE it names (and nothing would correct that while it stays).
+            let resident = self
+                .collections
+                .borrow()
+                .get(&coll)
+                .is_some_and(|c| c.find(&index).is_some());
+            if resident {
+                return false;
+            }
             let mut locations = self.locations.borrow_mut();
             match locations.get(&(coll, index)) {
                 Some(&(_, e)) if e >= epoch => false,
