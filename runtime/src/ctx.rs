@@ -163,6 +163,16 @@ impl<C: Chare> Ctx<C> {
         }
         with_pe("migrate", |pe| {
             pe.check_pe(to)?;
+            if pe.under_construction(self.parts.coll, self.parts.index) {
+                // The element is not in the PE's table until `async fn new` returns: a request
+                // now would be taken for one of an element that left already, and dropped.
+                return Err(crate::Error::Options(format!(
+                    "element {} of {} cannot migrate from inside its constructor (call \
+                     `migrate` from an entry method once it is built)",
+                    self.parts.index,
+                    C::NAME
+                )));
+            }
             pe.request_migration(crate::migration::Request {
                 coll: self.parts.coll,
                 index: self.parts.index,

@@ -90,3 +90,42 @@ fn a_panicking_async_constructor_aborts_naming_it() {
         other => panic!("expected an abort, got {other:?}"),
     }
 }
+
+/// Tries to migrate from inside its suspendable constructor.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Restless {
+    refused: String,
+}
+
+#[chare(migratable)]
+impl Restless {
+    async fn new(ctx: Ctx<Self>) -> Self {
+        charmrs::sleep(Duration::from_millis(1)).await;
+        let refused = match ctx.migrate(1) {
+            Err(e) => e.to_string(),
+            Ok(()) => "accepted".into(),
+        };
+        Restless { refused }
+    }
+
+    #[entry]
+    fn refused(&mut self) -> String {
+        self.refused.clone()
+    }
+}
+
+/// `migrate` inside an `async fn new` is refused with an error (it used to be accepted and then
+/// silently dropped: the element is not in its PE's table until the constructor returns).
+#[test]
+fn migrating_from_inside_a_suspendable_constructor_is_an_error() {
+    run_job(2, |_| async {
+        let a = Array::<Restless, usize>::new(1, ());
+        let why = a.at(0usize).ret().refused().await;
+        assert!(
+            why.contains("cannot migrate from inside its constructor"),
+            "{why}"
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

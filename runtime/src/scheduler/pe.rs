@@ -1016,7 +1016,7 @@ impl PeState {
         }
     }
 
-    fn under_construction(&self, coll: CollectionId, index: Index) -> bool {
+    pub(crate) fn under_construction(&self, coll: CollectionId, index: Index) -> bool {
         self.collections
             .borrow()
             .get(&coll)
