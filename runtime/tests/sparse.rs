@@ -182,6 +182,23 @@ fn insertion_errors_name_the_problem() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("TOO_FAR") && e.contains("PE 7"), "{e}");
+    // Each inserted on one PE, then again on the other (for some, their home, which knows the
+    // element lives elsewhere): two elements of one index.
+    let e = run_job(2, |_| async {
+        let sparse = Array::<Pinned, usize>::new_sparse(None);
+        for k in 0..8usize {
+            sparse.insert(k, (), Some(k % 2));
+        }
+        charmrs::wait_qd().await;
+        for k in 0..8usize {
+            sparse.insert(k, (), Some((k + 1) % 2));
+        }
+        charmrs::wait_qd().await;
+        charmrs::exit(0);
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("was inserted twice"), "{e}");
 }
 
 /// A user-defined index type.

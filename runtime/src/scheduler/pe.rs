@@ -945,11 +945,14 @@ impl PeState {
         index: Index,
         build: Box<dyn Construction>,
     ) {
-        let state = self
-            .collections
-            .borrow()
-            .get(&coll)
-            .map(|c| c.find(&index).is_some() || c.constructing.contains_key(&index));
+        let state = self.collections.borrow().get(&coll).map(|c| {
+            // Here, being built here, or known to live elsewhere (away from this home, or
+            // gone from this PE): an insert of it again is a second element of one index.
+            c.find(&index).is_some()
+                || c.constructing.contains_key(&index)
+                || c.away.contains_key(&index)
+                || c.departed.contains(&index)
+        });
         match state {
             None => {
                 let env = Envelope::new(
