@@ -61,6 +61,10 @@ const MAX_HOPS: u32 = 64;
 /// at `i32::MIN` still runs after the `Migrate` it followed.
 pub(crate) const MIGRATE_PRIORITY: i32 = i32::MIN;
 
+/// Most elements a PE remembers as having left it, per collection (see
+/// `LocalCollection::departed`); beyond, it forgets them all and starts again.
+const DEPARTED_MAX: usize = 1 << 16;
+
 /// An element on its way to another PE.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Migrant {
@@ -447,6 +451,11 @@ impl PeState {
             let c = cols.get_mut(&r.coll).expect("found above");
             c.remove(&r.index, home);
             c.epochs.remove(&r.index);
+            // Only the hop count's loop check reads it, so forgetting is safe: bounded, lest a
+            // long run of balancing steps fill it with every element that ever passed by.
+            if c.departed.len() >= DEPARTED_MAX {
+                c.departed.clear();
+            }
             c.departed.insert(r.index);
         }
         drop(element);
