@@ -58,7 +58,10 @@ const MAX_HOPS: u32 = 64;
 /// priority they also leave the destination's queue behind it, but a call sent with a negative
 /// priority would overtake it there, find no element, and bounce between the PE and the
 /// element's home until the `Migrate` finally ran. Equal priorities keep their order, so a call
-/// at `i32::MIN` still runs after the `Migrate` it followed.
+/// at `i32::MIN` still runs after the `Migrate` it followed. Reduction contributions and
+/// partials travel at this priority too: an element's contribution sent to its home just
+/// before the element itself moves there must not be overtaken by the element (which could
+/// then contribute to the next reduction first).
 pub(crate) const MIGRATE_PRIORITY: i32 = i32::MIN;
 
 /// Most elements a PE remembers as having left it, per collection (see

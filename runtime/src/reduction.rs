@@ -9,10 +9,12 @@
 //!
 //! Invariants: a PE forwards its partial exactly once, after all its local elements and all its
 //! tree children contributed; partial results from one PE to its parent travel in order, so
-//! reductions complete in order while the collection's elements stay put. (Not yet when an
-//! element migrates between two of its contributions: its earlier contribution, still on its
-//! way to the home, can be overtaken by the later one made after the move, and reduction k+1
-//! may then complete before k. Each still completes exactly once with every contribution.) A
+//! reductions complete in order while the collection's elements stay put. An element's
+//! contribution travels at the migration message's priority, so one sent to the home just
+//! before the element moves there stays ahead of it. (Not yet across different channels: an
+//! element that contributes, then moves to a third PE and contributes again, sends the two on
+//! different channels, and reduction k+1 may then complete before k. Each still completes
+//! exactly once with every contribution.) A
 //! contribution of another type than the first one of its
 //! reduction, or a vector of another length, aborts the job naming the collection and the
 //! reduction number.
@@ -693,7 +695,7 @@ impl PeState {
                 shape,
                 incoming: Incoming::Typed(part),
             };
-            self.send(to, Envelope::new(0, body));
+            self.send(to, Envelope::new(crate::migration::MIGRATE_PRIORITY, body));
         } else {
             self.send_up_encoded(coll, seq, shape, to, part);
         }
@@ -918,7 +920,7 @@ impl PeState {
             };
             if self.shared.mailbox(to).is_some() {
                 let body = encoded_partials(finish, coll, seq, shape, raws);
-                self.send(to, Envelope::new(0, body));
+                self.send(to, Envelope::new(crate::migration::MIGRATE_PRIORITY, body));
             } else {
                 self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
             }

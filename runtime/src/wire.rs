@@ -144,7 +144,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
             })
             .collect();
         let control = crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws);
-        return Ok(Envelope::new(0, control));
+        return Ok(Envelope::new(crate::migration::MIGRATE_PRIORITY, control));
     }
     let [bytes] = values else {
         return Err(format!(
