@@ -655,7 +655,11 @@ impl PeState {
                     seq,
                     pe: self.pe as u32,
                 };
-                self.send(home, Envelope::new(0, body));
+                // At the contribution's priority, so that it stays ahead of it at the home.
+                self.send(
+                    home,
+                    Envelope::new(crate::migration::MIGRATE_PRIORITY, body),
+                );
             }
             self.send_part_up(coll, seq, shape, home, part);
         }

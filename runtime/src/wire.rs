@@ -332,7 +332,11 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
         }
     };
     let priority = match control {
-        Control::Migrate(_) => crate::migration::MIGRATE_PRIORITY,
+        // An allreduce subscription must stay ahead of the contribution that follows it, which
+        // travels at this priority too.
+        Control::Migrate(_) | Control::AllreduceSubscribe { .. } => {
+            crate::migration::MIGRATE_PRIORITY
+        }
         _ => 0,
     };
     Ok(Envelope::new(priority, control))

@@ -453,12 +453,14 @@ impl Summer {
 #[test]
 fn allreduce_reaches_a_contributor_on_a_pe_outside_the_reduction_tree() {
     run_job(8, |_| async {
-        // 4 elements on 8 PEs: homes 0, 2, 4 and 6.
+        // 4 elements on 8 PEs: homes 0 (the reduction tree's root), 2, 4 and 6.
         let a = Array::<Summer, usize>::new(4, ());
+        a.at(0usize).go_to(5);
         a.at(1usize).go_to(3);
         a.at(2usize).go_to(7);
         charmrs::wait_qd().await;
         assert_eq!(a.at(1usize).ret().pe_now().await, 3);
+        assert_eq!(a.at(0usize).ret().pe_now().await, 5);
         let totals: Vec<u64> = a.gather().total().await;
         assert_eq!(totals, vec![10; 4]);
         charmrs::exit(0);
