@@ -1177,6 +1177,34 @@ impl Drop for UnsetCurrent {
     }
 }
 
+/// If the runtime panics on a PE (see `run_pe`), drops the PE's chares and tasks while `CURRENT`
+/// is still valid and inside `catch_unwind`, as the normal teardown does: a destructor that
+/// calls the runtime, or panics, must not turn the unwind into a process abort before the job's
+/// abort message is out.
+struct TeardownOnPanic<'a>(&'a PeState);
+
+impl Drop for TeardownOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let state = self.0;
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            let collections = state
+                .collections
+                .try_borrow_mut()
+                .map(|mut c| std::mem::take(&mut *c));
+            let pending = state
+                .pending
+                .try_borrow_mut()
+                .map(|mut p| std::mem::take(&mut *p));
+            drop(collections);
+            drop(pending);
+            state.executor.clear();
+        }));
+    }
+}
+
 pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     let mailbox = shared.mailbox(pe).expect("a PE runs in its own process");
     mailbox.bind_owner();
@@ -1186,6 +1214,8 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     // then aborts the job), `CURRENT` must not point at the dropped state while its chares'
     // and tasks' destructors run.
     let _unset = UnsetCurrent;
+    // Dropped before `_unset` (declared after it).
+    let _teardown = TeardownOnPanic(&state);
     crate::panic::enter_pe();
     if let Some(env) = first {
         state.send(pe, env);
