@@ -131,8 +131,9 @@ fn every_program_prints_the_same_lines_across_processes() {
     }
 }
 
-#[test]
-fn a_panic_in_one_process_aborts_the_job_naming_it() {
+/// Runs `mpcheck MODE` on 4 PEs in 2 processes and checks that the job fails within 10 s with
+/// every one of `needles` in its error output.
+fn assert_mpcheck_aborts(mode: &str, needles: &[&str]) {
     let (out, took) = run(
         &[
             "++quiet",
@@ -140,37 +141,29 @@ fn a_panic_in_one_process_aborts_the_job_naming_it() {
             "++ppn",
             "2",
             env!("CARGO_BIN_EXE_mpcheck"),
-            "panic",
+            mode,
         ],
         Duration::from_secs(60),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
-    for needle in ["Victim::fail", "PE 3", "injected failure"] {
+    for needle in needles {
         assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
     }
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
 #[test]
+fn a_panic_in_one_process_aborts_the_job_naming_it() {
+    assert_mpcheck_aborts("panic", &["Victim::fail", "PE 3", "injected failure"]);
+}
+
+#[test]
 fn an_argument_that_panics_when_decoded_aborts_the_job_naming_the_sender() {
-    let (out, took) = run(
-        &[
-            "++quiet",
-            "+p4",
-            "++ppn",
-            "2",
-            env!("CARGO_BIN_EXE_mpcheck"),
-            "baddecode",
-        ],
-        Duration::from_secs(60),
+    assert_mpcheck_aborts(
+        "baddecode",
+        &["from process 0", "Fragile refuses to be deserialized"],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{stderr}");
-    for needle in ["from process 0", "Fragile refuses to be deserialized"] {
-        assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
-    }
-    assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
 #[test]

@@ -42,6 +42,20 @@ pub(crate) struct Envelope {
     pub(crate) body: Body,
 }
 
+/// The queue priority (the most urgent there is) of the runtime messages that must keep their
+/// order with an element's migration: the `Migrate` itself, reduction contributions and
+/// partials, and allreduce subscriptions.
+///
+/// Calls that followed an element are forwarded behind its `Migrate` on the same channel; at
+/// the default priority they also leave the destination's queue behind it, but a call sent with
+/// a negative priority would overtake it there, find no element, and bounce between the PE and
+/// the element's home until the `Migrate` finally ran. Equal priorities keep their order, so a
+/// call at `i32::MIN` still runs after the `Migrate` it followed. A contribution sent to the
+/// element's home just before the element moves there must stay ahead of it (the element could
+/// otherwise contribute to the next reduction first), and an allreduce subscription ahead of the
+/// contribution that follows it.
+pub(crate) const MIGRATION_ORDER: i32 = i32::MIN;
+
 /// Origin PE (low 24 bits) and forwarding count (high 8 bits) of an entry call, so that the PE
 /// that finally delivers a forwarded call can correct the origin's location cache.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

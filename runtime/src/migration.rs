@@ -53,17 +53,6 @@ type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
 /// element that moves on every message makes one such hop per move, however many it takes.
 const MAX_HOPS: u32 = 64;
 
-/// The queue priority of an element's `Migrate` message (the most urgent there is). Calls that
-/// followed the element are forwarded behind its `Migrate` on the same channel; at the default
-/// priority they also leave the destination's queue behind it, but a call sent with a negative
-/// priority would overtake it there, find no element, and bounce between the PE and the
-/// element's home until the `Migrate` finally ran. Equal priorities keep their order, so a call
-/// at `i32::MIN` still runs after the `Migrate` it followed. Reduction contributions and
-/// partials travel at this priority too: an element's contribution sent to its home just
-/// before the element itself moves there must not be overtaken by the element (which could
-/// then contribute to the next reduction first).
-pub(crate) const MIGRATE_PRIORITY: i32 = i32::MIN;
-
 /// Most elements a PE remembers as having left it, per collection (see
 /// `LocalCollection::departed`); beyond, it forgets them all and starts again.
 const DEPARTED_MAX: usize = 1 << 16;
@@ -465,7 +454,10 @@ impl PeState {
         self.record_location(r.coll, r.index, r.to as u32, epoch + 1);
         self.send_direct(
             r.to,
-            Envelope::new(MIGRATE_PRIORITY, Control::Migrate(Box::new(migrant))),
+            Envelope::new(
+                crate::envelope::MIGRATION_ORDER,
+                Control::Migrate(Box::new(migrant)),
+            ),
         );
         None
     }
@@ -483,7 +475,10 @@ impl PeState {
             // The collection's creation has not reached this PE yet: wait for it.
             return self.buffer_for(
                 coll,
-                Envelope::new(MIGRATE_PRIORITY, Control::Migrate(Box::new(m))),
+                Envelope::new(
+                    crate::envelope::MIGRATION_ORDER,
+                    Control::Migrate(Box::new(m)),
+                ),
             );
         };
         let parts = CtxParts {

@@ -517,16 +517,15 @@ impl PeState {
                 frees,
                 ..
             } => {
+                // Checked as hostile input: the message may come from another process.
+                let bad = |why: String| {
+                    format!("charmrs: task-pool results from PE {pe} for job {job}: {why}")
+                };
+                if pe >= self.shared.num_pes {
+                    return self.abort_job(bad("no such PE".into()));
+                }
                 let finished = {
                     let mut st = self.pool.borrow_mut();
-                    // Checked as hostile input: the message may come from another process.
-                    let bad = |why: String| {
-                        format!("charmrs: task-pool results from PE {pe} for job {job}: {why}")
-                    };
-                    if pe >= self.shared.num_pes {
-                        drop(st);
-                        return self.abort_job(bad("no such PE".into()));
-                    }
                     if frees {
                         st.free.insert(pe);
                     }
@@ -534,13 +533,9 @@ impl PeState {
                         drop(st);
                         return self.abort_job(bad("no such job on this PE".into()));
                     };
-                    let fits = |n: usize| {
-                        start
-                            .checked_add(n)
-                            .is_some_and(|end| end <= j.results.len())
-                    };
                     if let Ok(values) = &results {
-                        if !fits(values.len()) {
+                        let end = start.checked_add(values.len());
+                        if end.is_none_or(|end| end > j.results.len()) {
                             let why = format!(
                                 "items {start}.. ({} of them) outside the job's {}",
                                 values.len(),

@@ -646,9 +646,7 @@ impl PeState {
             // only, so ask the home to send it here too — before the contribution, on the same
             // channel, so the home knows by the time the result reaches it.
             if matches!(part.target, TargetSpec::Everyone)
-                && self
-                    .membership(coll, &shape)
-                    .is_some_and(|(_, members)| !members.contains(&self.pe))
+                && self.homes_here(coll, &shape) == Some(0)
             {
                 let body = Control::AllreduceSubscribe {
                     coll,
@@ -656,10 +654,7 @@ impl PeState {
                     pe: self.pe as u32,
                 };
                 // At the contribution's priority, so that it stays ahead of it at the home.
-                self.send(
-                    home,
-                    Envelope::new(crate::migration::MIGRATE_PRIORITY, body),
-                );
+                self.send(home, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
             }
             self.send_part_up(coll, seq, shape, home, part);
         }
@@ -699,7 +694,7 @@ impl PeState {
                 shape,
                 incoming: Incoming::Typed(part),
             };
-            self.send(to, Envelope::new(crate::migration::MIGRATE_PRIORITY, body));
+            self.send(to, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
         } else {
             self.send_up_encoded(coll, seq, shape, to, part);
         }
@@ -924,7 +919,7 @@ impl PeState {
             };
             if self.shared.mailbox(to).is_some() {
                 let body = encoded_partials(finish, coll, seq, shape, raws);
-                self.send(to, Envelope::new(crate::migration::MIGRATE_PRIORITY, body));
+                self.send(to, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
             } else {
                 self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
             }

@@ -214,14 +214,11 @@ impl Runtime {
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         run_pe(shared, pe, first)
                     }));
-                    if let Err(payload) = ran.or_else(|p| {
-                        // `charmrs::abort` unwinds with this marker after ending the job itself.
-                        if p.is::<AbortUnwind>() {
-                            Ok(())
-                        } else {
-                            Err(p)
+                    // `charmrs::abort` unwinds with `AbortUnwind` after ending the job itself.
+                    if let Err(payload) = ran {
+                        if payload.is::<AbortUnwind>() {
+                            return;
                         }
-                    }) {
                         watch.finish(Outcome::Abort(format!(
                             "charmrs: PE {pe} failed outside any entry method: {}",
                             crate::panic::describe(payload)

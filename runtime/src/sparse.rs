@@ -39,18 +39,33 @@ impl PeState {
         if !shape.counted_by_pe() {
             return Some((shape.local_count(self.pe, n), shape.member_pes(n)));
         }
-        let known = self.home_counts.borrow().get(&coll).cloned();
-        let counts = match known {
-            Some(c) => c,
-            None if matches!(shape, Shape::Array { .. }) => {
-                let c: Rc<[u32]> = shape.home_counts(n).into();
-                self.home_counts.borrow_mut().insert(coll, c.clone());
-                c
-            }
-            None => return None,
-        };
+        let counts = self.counts_by_home(coll, shape)?;
         let members = (0..n).filter(|&p| counts[p] > 0).collect();
         Some((counts[self.pe] as usize, members))
+    }
+
+    /// The first half of [`membership`](Self::membership) alone (no member list built): how many
+    /// elements of `coll` have their home on this PE.
+    pub(crate) fn homes_here(&self, coll: CollectionId, shape: &Shape) -> Option<usize> {
+        if !shape.counted_by_pe() {
+            return Some(shape.local_count(self.pe, self.num_pes()));
+        }
+        Some(self.counts_by_home(coll, shape)?[self.pe] as usize)
+    }
+
+    /// Elements per home PE of a mapped dense or sparse array (computed once for a dense one),
+    /// or `None` for a sparse array that is not sealed here yet.
+    fn counts_by_home(&self, coll: CollectionId, shape: &Shape) -> Option<Rc<[u32]>> {
+        let known = self.home_counts.borrow().get(&coll).cloned();
+        match known {
+            Some(c) => Some(c),
+            None if matches!(shape, Shape::Array { .. }) => {
+                let c: Rc<[u32]> = shape.home_counts(self.num_pes()).into();
+                self.home_counts.borrow_mut().insert(coll, c.clone());
+                Some(c)
+            }
+            None => None,
+        }
     }
 
     /// Keeps reduction traffic for sparse array `coll` until it is sealed here.

@@ -144,7 +144,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
             })
             .collect();
         let control = crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws);
-        return Ok(Envelope::new(crate::migration::MIGRATE_PRIORITY, control));
+        return Ok(Envelope::new(crate::envelope::MIGRATION_ORDER, control));
     }
     let [bytes] = values else {
         return Err(format!(
@@ -335,7 +335,7 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
         // An allreduce subscription must stay ahead of the contribution that follows it, which
         // travels at this priority too.
         Control::Migrate(_) | Control::AllreduceSubscribe { .. } => {
-            crate::migration::MIGRATE_PRIORITY
+            crate::envelope::MIGRATION_ORDER
         }
         _ => 0,
     };

@@ -709,10 +709,9 @@ impl Shared {
     /// runtime's code, and may end up dropping this layer, which takes the
     /// worker lock.
     fn arm_for_hook(&self, l: &mut Locked) -> Result<(Armed, bool), TransportError> {
-        if self.watcher.get().is_none() {
+        let Some(w) = self.watcher.get() else {
             return Ok((Armed::Busy, false));
-        }
-        let w = self.watcher.get().expect("checked above");
+        };
         if l.worker.arm()? {
             w.state.armed.store(true, Ordering::SeqCst);
             w.state.armed_fd.signal();
