@@ -192,13 +192,15 @@ pub(crate) enum Control {
         shape: Shape,
         raws: Vec<crate::reduction::Raw>,
     },
-    /// An allreduce result on its way down the tree.
+    /// An allreduce result on its way down the tree (or, `for_subscriber`, a copy for a PE
+    /// that subscribed: see [`Control::AllreduceSubscribe`]).
     ReduceDown {
         coll: CollectionId,
         seq: u64,
         shape: Shape,
         value: Box<dyn Any + Send>,
         kind: Kind,
+        for_subscriber: bool,
     },
     /// An allreduce result from the parent PE in another process, still encoded.
     ReduceDownEncoded {
@@ -206,9 +208,12 @@ pub(crate) enum Control {
         seq: u64,
         shape: Shape,
         bytes: bytes::Bytes,
+        for_subscriber: bool,
     },
-    /// To an element's home: PE `pe`, which is not in the collection's reduction tree, has a
-    /// contributor waiting for allreduce `seq`; send it the result too.
+    /// To an element's home: PE `pe`, which is not in the collection's reduction tree (or does
+    /// not know yet whether it is), has a contributor waiting for allreduce `seq`; send it a
+    /// copy of the result too. The copy only fulfils the contributors' futures there: it never
+    /// travels on down a tree.
     AllreduceSubscribe {
         coll: CollectionId,
         seq: u64,

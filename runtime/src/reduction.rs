@@ -642,11 +642,12 @@ impl PeState {
             self.reduce(coll, seq, shape, Incoming::Typed(part));
         } else {
             // An allreduce contributor away from home, on a PE outside the collection's
-            // reduction tree (home to none of its elements): the result comes down the tree
-            // only, so ask the home to send it here too — before the contribution, on the same
-            // channel, so the home knows by the time the result reaches it.
+            // reduction tree (home to none of its elements) or not knowing yet whether it is in
+            // it (a sparse array whose seal has not reached this PE): the result comes down the
+            // tree only, so ask the home to send a copy here too — before the contribution, on
+            // the same channel, so the home knows by the time the result reaches it.
             if matches!(part.target, TargetSpec::Everyone)
-                && self.homes_here(coll, &shape) == Some(0)
+                && matches!(self.homes_here(coll, &shape), None | Some(0))
             {
                 let body = Control::AllreduceSubscribe {
                     coll,
@@ -833,18 +834,12 @@ impl PeState {
                 shape,
                 value,
                 kind,
+                for_subscriber: false,
             };
             self.send(root, Envelope::new(0, body));
         } else {
             let encoded = (kind.encode)(&*value);
-            self.send_reduction_remote(
-                crate::wire::KIND_REDUCE_DOWN,
-                coll,
-                seq,
-                shape,
-                root,
-                encoded,
-            );
+            self.send_result_remote(false, coll, seq, shape, root, encoded);
         }
     }
 
@@ -931,11 +926,11 @@ impl PeState {
         }
     }
 
-    /// Sends an encoded partial (up) or allreduce result (down) to PE `to` of another process;
-    /// on failure aborts the job and returns `false`.
-    fn send_reduction_remote(
+    /// Sends an encoded allreduce result (`for_subscriber`: a subscriber's copy) to PE `to` of
+    /// another process; on failure aborts the job and returns `false`.
+    fn send_result_remote(
         &self,
-        kind: u8,
+        for_subscriber: bool,
         coll: CollectionId,
         seq: u64,
         shape: Shape,
@@ -944,8 +939,8 @@ impl PeState {
     ) -> bool {
         self.count_sent();
         let sent = encoded.and_then(|bytes| {
-            let msg = crate::wire::reduction_message(
-                kind,
+            let msg = crate::wire::allreduce_result_message(
+                for_subscriber,
                 coll,
                 seq,
                 shape,
@@ -1043,21 +1038,27 @@ impl PeState {
         };
         let extras = self.allreduce_extras(coll, seq);
         self.reductions.borrow_mut().everyone.remove(&(coll, seq));
-        for child in children.into_iter().chain(extras) {
-            if self.shared.mailbox(child).is_some() {
+        let subscribers = extras.into_iter().map(|pe| (pe, true));
+        for (to, for_subscriber) in children
+            .into_iter()
+            .map(|pe| (pe, false))
+            .chain(subscribers)
+        {
+            if self.shared.mailbox(to).is_some() {
                 let body = Control::ReduceDownEncoded {
                     coll,
                     seq,
                     shape,
                     bytes: bytes.clone(),
+                    for_subscriber,
                 };
-                self.send(child, Envelope::new(0, body));
-            } else if !self.send_reduction_remote(
-                crate::wire::KIND_REDUCE_DOWN,
+                self.send(to, Envelope::new(0, body));
+            } else if !self.send_result_remote(
+                for_subscriber,
                 coll,
                 seq,
                 shape,
-                child,
+                to,
                 Ok(bytes.to_vec()),
             ) {
                 return;
@@ -1065,7 +1066,8 @@ impl PeState {
         }
     }
 
-    /// Hands an allreduce result to this PE's contributors and passes it down the tree.
+    /// Hands an allreduce result to this PE's contributors and passes it down the tree (and to
+    /// the subscribers registered here).
     pub(crate) fn reduce_down(
         &self,
         coll: CollectionId,
@@ -1078,37 +1080,31 @@ impl PeState {
             return;
         };
         let extras = self.allreduce_extras(coll, seq);
+        let subscribers = extras.into_iter().map(|pe| (pe, true));
         // Encoded once, for however many children in other processes.
         let mut encoded: Option<Result<Vec<u8>, String>> = None;
-        for child in children.into_iter().chain(extras) {
-            if self.shared.mailbox(child).is_some() {
+        for (to, for_subscriber) in children
+            .into_iter()
+            .map(|pe| (pe, false))
+            .chain(subscribers)
+        {
+            if self.shared.mailbox(to).is_some() {
                 let value = (kind.clone)(&*value);
-                self.send(
-                    child,
-                    Envelope::new(
-                        0,
-                        Control::ReduceDown {
-                            coll,
-                            seq,
-                            shape,
-                            value,
-                            kind,
-                        },
-                    ),
-                );
+                let body = Control::ReduceDown {
+                    coll,
+                    seq,
+                    shape,
+                    value,
+                    kind,
+                    for_subscriber,
+                };
+                self.send(to, Envelope::new(0, body));
                 continue;
             }
             let bytes = encoded
                 .get_or_insert_with(|| (kind.encode)(&*value))
                 .clone();
-            if !self.send_reduction_remote(
-                crate::wire::KIND_REDUCE_DOWN,
-                coll,
-                seq,
-                shape,
-                child,
-                bytes,
-            ) {
+            if !self.send_result_remote(for_subscriber, coll, seq, shape, to, bytes) {
                 return;
             }
         }
@@ -1119,12 +1115,65 @@ impl PeState {
             .remove(&(coll, seq))
             .unwrap_or_default()
             .0;
+        self.fulfil_allreduce_futures(futures, &*value, kind);
+    }
+
+    /// A subscriber's copy of allreduce `seq`'s result (typed, or still encoded): fulfils this
+    /// PE's contributors' futures and goes no further.
+    ///
+    /// A PE that is in the reduction tree may get both this copy and the tree's (it subscribed
+    /// before it knew it was a member): whichever comes first fulfils the futures; this copy
+    /// leaves the tree's work (its children, the subscribers registered here) to the tree's. A
+    /// PE that does not know its membership yet is outside the tree: a member's partial cannot
+    /// have gone up, nor the result come down, before it knew.
+    pub(crate) fn subscribed_result(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        value: Result<(Box<dyn Any + Send>, Kind), bytes::Bytes>,
+    ) {
+        let member = matches!(self.homes_here(coll, &shape), Some(n) if n > 0);
+        let waiting = {
+            let mut r = self.reductions.borrow_mut();
+            if member {
+                r.everyone
+                    .get_mut(&(coll, seq))
+                    .map(|e| (std::mem::take(&mut e.0), e.1))
+            } else {
+                r.everyone.remove(&(coll, seq)).map(|e| (e.0, e.1))
+            }
+        };
+        let Some((futures, Some(kind))) = waiting else {
+            return; // the tree's copy came first, or this PE has no contributor
+        };
+        if futures.is_empty() {
+            return;
+        }
+        let (value, kind) = match value {
+            Ok(typed) => typed,
+            Err(bytes) => match (kind.decode_result)(&bytes) {
+                Ok(value) => (value, kind),
+                Err(e) => {
+                    return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)))
+                }
+            },
+        };
+        self.fulfil_allreduce_futures(futures, &*value, kind);
+    }
+
+    fn fulfil_allreduce_futures(
+        &self,
+        futures: Vec<(u32, u64)>,
+        value: &(dyn Any + Send),
+        kind: Kind,
+    ) {
         for (pe, id) in futures {
             debug_assert_eq!(
                 pe as usize, self.pe,
                 "allreduce futures belong to their contributor"
             );
-            self.fulfil_local(id, Ok((kind.clone)(&*value)));
+            self.fulfil_local(id, Ok((kind.clone)(value)));
         }
     }
 }

@@ -51,7 +51,7 @@ pub(crate) const KIND_REDUCE_UP: u8 = 8;
 /// An encoded allreduce result, for a child PE (tag: the reduction number).
 pub(crate) const KIND_REDUCE_DOWN: u8 = 9;
 
-/// Which reduction a [`reduction_message`] belongs to.
+/// Which reduction a [`raw_reduction_message`] or [`allreduce_result_message`] belongs to.
 #[derive(Serialize, Deserialize)]
 struct ReductionMeta {
     coll: CollectionId,
@@ -60,6 +60,9 @@ struct ReductionMeta {
     /// finish the reduction (see [`crate::reduction::Raw`]). Down: empty.
     origins: Vec<u32>,
     finish: bool,
+    /// Down: a subscriber's copy of an allreduce result (see
+    /// [`Control::AllreduceSubscribe`](crate::envelope::Control::AllreduceSubscribe)).
+    for_subscriber: bool,
 }
 
 /// Encoded partials of a reduction for PE `dst` of another process: segment 0 names the
@@ -79,6 +82,7 @@ pub(crate) fn raw_reduction_message(
         shape,
         origins: raws.iter().map(|r| r.origin).collect(),
         finish,
+        for_subscriber: false,
     };
     let meta = postcard::to_stdvec(&meta).map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(meta))
@@ -89,10 +93,10 @@ pub(crate) fn raw_reduction_message(
     Ok(m)
 }
 
-/// A reduction partial (up) or allreduce result (down) for PE `dst` of another process: segment 0
-/// names the reduction, segment 1 is the encoded value.
-pub(crate) fn reduction_message(
-    kind: u8,
+/// An encoded allreduce result (`for_subscriber`: a subscriber's copy) for PE `dst` of another
+/// process: segment 0 names the reduction, segment 1 is the encoded value.
+pub(crate) fn allreduce_result_message(
+    for_subscriber: bool,
     coll: CollectionId,
     seq: u64,
     shape: Shape,
@@ -100,12 +104,13 @@ pub(crate) fn reduction_message(
     dst_pe: u32,
     value: Vec<u8>,
 ) -> Result<Message, String> {
-    let mut m = Message::new(Header::new(kind, src_pe, dst_pe, seq));
+    let mut m = Message::new(Header::new(KIND_REDUCE_DOWN, src_pe, dst_pe, seq));
     let meta = postcard::to_stdvec(&ReductionMeta {
         coll,
         shape,
         origins: Vec::new(),
         finish: false,
+        for_subscriber,
     })
     .map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(meta))
@@ -115,7 +120,7 @@ pub(crate) fn reduction_message(
     Ok(m)
 }
 
-/// Decodes a [`reduction_message`] into the envelope for its PE.
+/// Decodes a [`raw_reduction_message`] or [`allreduce_result_message`] into the envelope for its PE.
 pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
     let header = msg.header();
     let [meta, values @ ..] = msg.segments() else {
@@ -160,6 +165,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
             seq,
             shape,
             bytes,
+            for_subscriber: meta.for_subscriber,
         },
     ))
 }

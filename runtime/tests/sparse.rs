@@ -305,3 +305,61 @@ fn a_non_migratable_sparse_array_inserted_away_from_home() {
     })
     .unwrap();
 }
+
+// Every element's home is PE 0.
+charmrs::array_map!(ALL_AT_ZERO = |_index, _pes| 0);
+
+/// A sparse array's element that sums its index over the array.
+struct Adder;
+
+#[chare]
+impl Adder {
+    fn new() -> Self {
+        Adder
+    }
+
+    #[entry]
+    async fn total(this: Coro<Self>) -> u64 {
+        let me: usize = this.ctx().index();
+        this.ctx().allreduce(me as u64, Reducer::Sum).await
+    }
+}
+
+/// Keeps its PE busy, with a message always waiting in its local queue.
+struct Ticker;
+
+#[chare]
+impl Ticker {
+    fn new() -> Self {
+        Ticker
+    }
+
+    /// Sleeps 1 ms and sends itself the next tick, `left` times.
+    #[entry]
+    fn tick(&mut self, ctx: &Ctx<Self>, left: u32) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        if left > 0 {
+            ctx.this_element().tick(left - 1);
+        }
+    }
+}
+
+/// An allreduce contributor on a PE that has not yet received the array's seal and is home to
+/// none of its elements gets the result: it cannot know whether it is in the reduction tree, so
+/// it subscribes. (PE 3 keeps a tick in its local queue; the seal waits behind it there, and the
+/// call, sent at a negative priority right after the seal, overtakes it.)
+#[test]
+fn allreduce_reaches_a_contributor_that_has_not_seen_the_seal() {
+    run_job(4, |_| async {
+        let sparse = Array::<Adder, usize>::new_sparse(Some(&ALL_AT_ZERO));
+        for k in 0..6usize {
+            sparse.insert(k, (), Some(1 + k % 3));
+        }
+        Group::<Ticker>::new(()).at(3).tick(200);
+        sparse.done_inserting().await;
+        let totals: Vec<u64> = sparse.with_priority(-100).gather().total().await;
+        assert_eq!(totals, vec![15; 6]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -815,13 +815,30 @@ impl PeState {
                 shape,
                 value,
                 kind,
+                for_subscriber: false,
             } => self.reduce_down(coll, seq, shape, value, kind),
+            Control::ReduceDown {
+                coll,
+                seq,
+                shape,
+                value,
+                kind,
+                for_subscriber: true,
+            } => self.subscribed_result(coll, seq, shape, Ok((value, kind))),
             Control::ReduceDownEncoded {
                 coll,
                 seq,
                 shape,
                 bytes,
+                for_subscriber: false,
             } => self.reduce_down_encoded(coll, seq, shape, bytes),
+            Control::ReduceDownEncoded {
+                coll,
+                seq,
+                shape,
+                bytes,
+                for_subscriber: true,
+            } => self.subscribed_result(coll, seq, shape, Err(bytes)),
             Control::AllreduceSubscribe { coll, seq, pe } => {
                 self.allreduce_subscribe(coll, seq, pe)
             }
