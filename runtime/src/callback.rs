@@ -95,32 +95,52 @@ impl<A: Payload> Callback<A> {
     }
 }
 
-/// Sends `call` to `dest` from PE `pe`.
-pub(crate) fn deliver(pe: &PeState, dest: CallbackDest, call: Box<dyn Invocation>) {
+/// A callback's call with where it goes: one PE (`to`), or every PE holding elements of the
+/// collection (`to == None`, a broadcast).
+pub(crate) struct Routed {
+    pub(crate) env: Envelope,
+    pub(crate) to: Option<u32>,
+}
+
+/// Where `call` goes for `dest`.
+pub(crate) fn route(dest: CallbackDest, call: Box<dyn Invocation>) -> Routed {
     match dest {
         CallbackDest::Point {
             coll,
             index,
-            pe: to,
+            pe,
             priority,
-        } => {
-            pe.send(
-                to as usize,
-                Envelope::new(priority, Body::Point { coll, index, call }),
-            );
-        }
+        } => Routed {
+            env: Envelope::new(priority, Body::Point { coll, index, call }),
+            to: Some(pe),
+        },
         CallbackDest::Broadcast {
             coll,
             shape,
             priority,
-        } => match shape {
-            Shape::Single { pe: home } => {
-                pe.send(
-                    home as usize,
-                    Envelope::new(priority, Body::Broadcast { coll, call }),
-                );
-            }
-            _ => pe.broadcast(coll, call, priority),
+        } => Routed {
+            env: Envelope::new(priority, Body::Broadcast { coll, call }),
+            to: match shape {
+                Shape::Single { pe: home } => Some(home),
+                _ => None,
+            },
         },
     }
+}
+
+/// Sends a routed call from PE `pe`.
+pub(crate) fn send_routed(pe: &PeState, routed: Routed) {
+    let priority = routed.env.priority;
+    match (routed.to, routed.env.body) {
+        (Some(to), body) => pe.send(to as usize, Envelope::new(priority, body)),
+        (None, Body::Broadcast { coll, call }) => pe.broadcast(coll, call, priority),
+        (None, _) => {
+            pe.abort_job("charmrs: a routed call for every PE that is no broadcast".into())
+        }
+    }
+}
+
+/// Sends `call` to `dest` from PE `pe`.
+pub(crate) fn deliver(pe: &PeState, dest: CallbackDest, call: Box<dyn Invocation>) {
+    send_routed(pe, route(dest, call));
 }

@@ -185,12 +185,22 @@ pub(crate) enum Control {
         shape: Shape,
         incoming: Incoming,
     },
-    /// Partials nobody on the way up could decode, for the PE that encoded the first of them.
+    /// Partials nobody on the way up could decode, for the PE that encoded the first of them;
+    /// `root`: the reduction tree's root, which waits for its [`Control::ReduceFinished`].
     ReduceFinish {
         coll: CollectionId,
         seq: u64,
         shape: Shape,
         raws: Vec<crate::reduction::Raw>,
+        root: u32,
+    },
+    /// To the reduction tree's root, from the PE that finished reduction `seq` for it
+    /// ([`Control::ReduceFinish`]): done, and, for an entry target, the call to send on — from
+    /// the root, so that the collection's results reach their target in reduction order.
+    ReduceFinished {
+        coll: CollectionId,
+        seq: u64,
+        call: Option<Box<crate::callback::Routed>>,
     },
     /// An allreduce result on its way down the tree (or, `for_subscriber`, a copy for a PE
     /// that subscribed: see [`Control::AllreduceSubscribe`]).
@@ -255,6 +265,7 @@ impl Envelope {
                 | Control::QdCounts { .. } => "quiescence detection",
                 Control::ReduceUp { .. }
                 | Control::ReduceFinish { .. }
+                | Control::ReduceFinished { .. }
                 | Control::ReduceDown { .. }
                 | Control::ReduceDownEncoded { .. }
                 | Control::AllreduceSubscribe { .. } => "reduction",

@@ -8,14 +8,15 @@
 //! back down the tree to a future of every contributor.
 //!
 //! Invariants: a PE forwards its partial exactly once, after all its local elements and all its
-//! tree children contributed; partial results from one PE to its parent travel in order, so
-//! reductions complete in order while the collection's elements stay put. An element's
-//! contribution travels at the migration message's priority, so one sent to the home just
-//! before the element moves there stays ahead of it. (Not yet across different channels: an
-//! element that contributes, then moves to a third PE and contributes again, sends the two on
-//! different channels, and reduction k+1 may then complete before k. Each still completes
-//! exactly once with every contribution.) A
-//! contribution of another type than the first one of its
+//! tree children contributed. The results of a collection's reductions leave the tree's root in
+//! reduction order: one that completes there before an earlier one (an element contributed,
+//! moved to a third PE and contributed again, so its two contributions travelled on different
+//! channels) waits for it. A reduction the root cannot decode (every contribution came encoded
+//! from other processes) is finished by the PE that encoded its first partial; the root waits for
+//! that PE's report, which carries the result's call for an entry target, and sends the call on
+//! itself, so even those results reach their target in order. An element's contribution
+//! travels at the migration message's priority, so one sent to the home just before the element
+//! moves there stays ahead of it. A contribution of another type than the first one of its
 //! reduction, or a vector of another length, aborts the job naming the collection and the
 //! reduction number.
 
@@ -536,13 +537,15 @@ pub(crate) struct Raw {
 }
 
 /// The runtime message carrying encoded partials to a PE: up the tree (`finish == false`), or
-/// to the PE that encoded one of them, to finish the reduction there (`finish`).
+/// from the tree's root `from` to the PE that encoded one of them, to finish the reduction there
+/// (`finish`).
 pub(crate) fn encoded_partials(
     finish: bool,
     coll: CollectionId,
     seq: u64,
     shape: Shape,
     raws: Vec<Raw>,
+    from: u32,
 ) -> Control {
     if finish {
         Control::ReduceFinish {
@@ -550,6 +553,7 @@ pub(crate) fn encoded_partials(
             seq,
             shape,
             raws,
+            root: from,
         }
     } else {
         Control::ReduceUp {
@@ -581,6 +585,13 @@ pub(crate) struct ReductionTable {
     /// For each: the kind, the target, and (an `at_sync`) where to resume, which does not travel
     /// with the encoded records.
     foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec, Option<TargetSpec>)>,
+    /// At the root of a collection's tree: the next reduction whose result may leave.
+    next_at_root: FxHashMap<CollectionId, u64>,
+    /// At the root: reductions complete before an earlier one, held until it has left.
+    early_at_root: std::collections::BTreeMap<(CollectionId, u64), (Shape, Pending)>,
+    /// At the root: the reduction another PE is finishing (`Control::ReduceFinish`), which later
+    /// ones wait for.
+    finishing_elsewhere: FxHashMap<CollectionId, u64>,
 }
 
 impl ReductionTable {
@@ -763,6 +774,7 @@ impl PeState {
         seq: u64,
         shape: Shape,
         raws: Vec<Raw>,
+        root: u32,
     ) {
         let found = self.reductions.borrow_mut().foreign.remove(&(coll, seq));
         let Some((kind, target, resume)) = found else {
@@ -794,17 +806,69 @@ impl PeState {
                 }
             }
         }
-        let Some(mut data) = data else { return };
+        let Some(mut data) = data else {
+            return self.abort_job(format!(
+                "charmrs: {}: PE {} was asked to finish it without any partial",
+                describe(coll, seq, &shape),
+                self.pe
+            ));
+        };
         if let Some(resume) = resume {
             // An `at_sync` finished here: its resume target stayed in this process.
             crate::balance::set_resume(&mut *data, resume);
         }
-        if matches!(target, TargetSpec::Everyone) {
-            // An allreduce: the result goes down the tree from its root, which could not decode
-            // it (no contributor of its own) but can pass it on as bytes.
-            return self.send_down_from_root(coll, seq, shape, (kind.finish)(data), kind);
+        let call = match target {
+            TargetSpec::Everyone => {
+                // An allreduce: the result goes down the tree from its root, which could not
+                // decode it (no contributor of its own) but can pass it on as bytes.
+                self.send_down_from_root(coll, seq, shape, (kind.finish)(data), kind);
+                None
+            }
+            TargetSpec::Entry { dest, make, wrap } => match make(wrap((kind.finish)(data))) {
+                // Sent on by the root, in order with the collection's other results.
+                Some(call) => Some(Box::new(crate::callback::route(dest, call))),
+                None => {
+                    return self.abort_job(
+                        "charmrs: a reduction target entry takes another argument type".into(),
+                    )
+                }
+            },
+            target => {
+                self.deliver_result(coll, seq, shape, Part { data, kind, target });
+                None
+            }
+        };
+        self.report_finished(root as usize, coll, seq, call);
+    }
+
+    /// Tells the tree's root that this PE finished reduction `seq` for it (with the result's call
+    /// for an entry target, for the root to send on).
+    fn report_finished(
+        &self,
+        root: usize,
+        coll: CollectionId,
+        seq: u64,
+        call: Option<Box<crate::callback::Routed>>,
+    ) {
+        if self.shared.mailbox(root).is_some() {
+            let body = Control::ReduceFinished { coll, seq, call };
+            return self.send(root, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
         }
-        self.deliver_result(coll, seq, shape, Part { data, kind, target });
+        self.count_sent();
+        let table = self.shared.entries;
+        let sent =
+            crate::wire::finished_message(table, coll, seq, call, self.pe as u32, root as u32)
+                .and_then(|msg| {
+                    self.shared
+                        .layer
+                        .send(self.shared.process_of(root), msg)
+                        .map_err(|e| e.to_string())
+                });
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: reduction #{seq} over {coll:?}: reporting to PE {root}: {e}"
+            ));
+        }
     }
 
     /// Sends an allreduce result finished away from the tree's root to the root.
@@ -897,33 +961,106 @@ impl PeState {
             }
         };
         let Some(done) = complete else { return };
+        if done.place.parent.is_some() {
+            self.finish_here(coll, seq, shape, done);
+            return;
+        }
+        // At the root: results leave in reduction order. (Reduction k + 1 can complete first
+        // when an element contributes, moves to a third PE and contributes again: its two
+        // contributions then travel on different channels.)
+        self.reductions
+            .borrow_mut()
+            .early_at_root
+            .insert((coll, seq), (shape, done));
+        self.release_at_root(coll);
+    }
+
+    /// At the root of `coll`'s tree: finishes the complete reductions that are next in order.
+    fn release_at_root(&self, coll: CollectionId) {
+        loop {
+            let (seq, shape, done) = {
+                let mut table = self.reductions.borrow_mut();
+                if table.finishing_elsewhere.contains_key(&coll) {
+                    return;
+                }
+                let next = *table.next_at_root.entry(coll).or_insert(0);
+                let Some((shape, done)) = table.early_at_root.remove(&(coll, next)) else {
+                    return;
+                };
+                (next, shape, done)
+            };
+            let mut table = if self.finish_here(coll, seq, shape, done) {
+                let mut table = self.reductions.borrow_mut();
+                table.finishing_elsewhere.insert(coll, seq);
+                return;
+            } else {
+                self.reductions.borrow_mut()
+            };
+            table.next_at_root.insert(coll, seq + 1);
+        }
+    }
+
+    /// At the root: PE `from` finished reduction `seq` (which this PE asked it to with
+    /// `Control::ReduceFinish`); `call`: its result's call for an entry target, sent from here so
+    /// that it stays in order with the collection's other results.
+    pub(crate) fn finished_elsewhere(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        call: Option<Box<crate::callback::Routed>>,
+    ) {
+        let asked = self.reductions.borrow().finishing_elsewhere.get(&coll) == Some(&seq);
+        if !asked {
+            return self.abort_job(format!(
+                "charmrs: PE {} was told that reduction #{seq} over {coll:?} was finished, which \
+                 it did not ask for",
+                self.pe
+            ));
+        }
+        if let Some(routed) = call {
+            crate::callback::send_routed(self, *routed);
+        }
+        {
+            let mut table = self.reductions.borrow_mut();
+            table.finishing_elsewhere.remove(&coll);
+            table.next_at_root.insert(coll, seq + 1);
+        }
+        self.release_at_root(coll);
+    }
+
+    /// A reduction complete on this PE: its partial goes up the tree, or (at the root) its result
+    /// is delivered. Returns `true` when, at the root, another PE was asked to finish it (the
+    /// root could not decode it), which reports back with `Control::ReduceFinished`.
+    fn finish_here(&self, coll: CollectionId, seq: u64, shape: Shape, done: Pending) -> bool {
         let Some(part) = done.part else {
             // Everything here came encoded from other processes (this PE's elements all live
             // elsewhere): pass it on as it is.
             let raws = done.raw;
             let Some(first) = raws.first().map(|r| r.origin as usize) else {
-                return self.abort_job(format!(
+                self.abort_job(format!(
                     "charmrs: {}: PE {} completed without any contribution",
                     describe(coll, seq, &shape),
                     self.pe
                 ));
+                return false;
             };
             let (to, finish) = match done.place.parent {
                 Some(parent) => (parent, false),
                 None => (first, true),
             };
             if self.shared.mailbox(to).is_some() {
-                let body = encoded_partials(finish, coll, seq, shape, raws);
+                let body = encoded_partials(finish, coll, seq, shape, raws, self.pe as u32);
                 self.send(to, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
             } else {
                 self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
             }
-            return;
+            return finish;
         };
         match done.place.parent {
             Some(parent) => self.send_part_up(coll, seq, shape, parent, part),
             None => self.deliver_result(coll, seq, shape, part),
         }
+        false
     }
 
     /// Sends an encoded allreduce result (`for_subscriber`: a subscriber's copy) to PE `to` of

@@ -148,7 +148,8 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
                 bytes: bytes.clone(),
             })
             .collect();
-        let control = crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws);
+        let control =
+            crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws, header.src_pe);
         return Ok(Envelope::new(crate::envelope::MIGRATION_ORDER, control));
     }
     let [bytes] = values else {
@@ -166,6 +167,83 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
             shape,
             bytes,
             for_subscriber: meta.for_subscriber,
+        },
+    ))
+}
+
+/// To a reduction tree's root: another PE finished reduction `tag` for it (segment 0:
+/// [`FinishedMeta`]; with a call, its segments follow).
+pub(crate) const KIND_REDUCE_FINISHED: u8 = 15;
+
+/// What a [`finished_message`] carries besides the reduction number.
+#[derive(Serialize, Deserialize)]
+struct FinishedMeta {
+    coll: CollectionId,
+    /// The result's call for an entry target: the PE to send it to (none: a broadcast to the
+    /// whole collection) and the header of the call's own message, whose segments follow.
+    call: Option<(Option<u32>, [u8; Header::SIZE])>,
+}
+
+/// Tells PE `dst`, the root of `coll`'s reduction tree, that PE `src` finished reduction `seq`,
+/// with the result's call for an entry target (see
+/// [`Control::ReduceFinished`](crate::envelope::Control::ReduceFinished)).
+pub(crate) fn finished_message(
+    table: &EntryTable,
+    coll: CollectionId,
+    seq: u64,
+    call: Option<Box<crate::callback::Routed>>,
+    src_pe: u32,
+    dst_pe: u32,
+) -> Result<Message, String> {
+    let (call, segments) = match call {
+        None => (None, Vec::new()),
+        Some(routed) => {
+            let inner = encode(&routed.env, table, src_pe, routed.to.unwrap_or(dst_pe))?;
+            let header = inner.header().to_bytes();
+            (Some((routed.to, header)), inner.segments().to_vec())
+        }
+    };
+    let meta = postcard::to_stdvec(&FinishedMeta { coll, call }).map_err(|e| e.to_string())?;
+    let mut m = Message::new(Header::new(KIND_REDUCE_FINISHED, src_pe, dst_pe, seq));
+    m.push_segment(Bytes::from(meta))
+        .map_err(|e| e.to_string())?;
+    for seg in segments {
+        m.push_segment(seg).map_err(|e| e.to_string())?;
+    }
+    Ok(m)
+}
+
+/// Decodes a [`finished_message`] into the envelope for its PE.
+pub(crate) fn decode_finished(msg: &Message, table: &EntryTable) -> Result<Envelope, String> {
+    let header = msg.header();
+    let [meta, rest @ ..] = msg.segments() else {
+        return Err("a finished-reduction message without segments".into());
+    };
+    let meta: FinishedMeta =
+        decode_exact(meta).map_err(|e| format!("finished-reduction metadata: {e}"))?;
+    let call = match meta.call {
+        None if rest.is_empty() => None,
+        None => return Err("a finished-reduction message with segments but no call".into()),
+        Some((to, inner)) => {
+            let inner = Header::from_bytes(&inner).map_err(|e| format!("its call: {e}"))?;
+            if inner.kind != KIND_CALL || usize::from(inner.segment_count) != rest.len() {
+                return Err("a finished-reduction message whose call does not add up".into());
+            }
+            let inner = Message::with_segments(inner, rest.to_vec()).map_err(|e| e.to_string())?;
+            let env = decode(inner, table).map_err(|e| format!("its call: {e}"))?;
+            let broadcast = matches!(env.body, Body::Broadcast { .. });
+            if to.is_none() != broadcast {
+                return Err("a finished-reduction message's call goes nowhere".into());
+            }
+            Some(Box::new(crate::callback::Routed { env, to }))
+        }
+    };
+    Ok(Envelope::new(
+        crate::envelope::MIGRATION_ORDER,
+        Control::ReduceFinished {
+            coll: meta.coll,
+            seq: header.tag,
+            call,
         },
     ))
 }
@@ -1149,6 +1227,7 @@ pub fn decode_untrusted_frame(bytes: &[u8]) -> Result<(), String> {
         KIND_QD => decode_qd(&msg).map(drop),
         KIND_POOL => decode_pool(&msg).map(drop),
         KIND_MOBILITY => decode_mobility(&msg).map(drop),
+        KIND_REDUCE_FINISHED => decode_finished(&msg, table).map(drop),
         _ => decode(msg, table).map(drop),
     }
 }
@@ -1295,6 +1374,7 @@ mod tests {
                 KIND_FULFIL,
                 KIND_REDUCE_UP,
                 KIND_REDUCE_DOWN,
+                KIND_REDUCE_FINISHED,
                 KIND_QD,
                 KIND_POOL,
                 KIND_MOBILITY,

@@ -292,6 +292,41 @@ const MESSAGES_EACH: u64 = 400;
 // Sparse homes: the last coordinate, modulo the PEs.
 charmrs::array_map!(BY_LAST = |index, pes| index.get(index.dims() - 1) % pes);
 
+/// Hears reduction results, which must come in reduction order.
+struct Tally {
+    next: u64,
+    rounds: u64,
+    elements: u64,
+    done: Option<Future<u64>>,
+}
+
+#[chare]
+impl Tally {
+    fn new(rounds: u64, elements: u64, done: Future<u64>) -> Self {
+        Tally {
+            next: 0,
+            rounds,
+            elements,
+            done: Some(done),
+        }
+    }
+
+    /// Result of reduction `self.next`: every element contributed its round number.
+    #[entry]
+    fn heard(&mut self, sum: u64) {
+        assert_eq!(
+            sum,
+            self.next * self.elements,
+            "reduction {} delivered out of order",
+            self.next
+        );
+        self.next += 1;
+        if self.next == self.rounds {
+            self.done.take().expect("one completion").send(self.next);
+        }
+    }
+}
+
 /// A migratable element that counts what it receives and moves now and then.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Wanderer {
@@ -355,6 +390,24 @@ impl Wanderer {
     #[entry]
     fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
         ctx.migrate(pe).unwrap();
+    }
+
+    /// Contributes `round` to `to.heard`, moves on to the next PE and contributes the next round from
+    /// there, `rounds` times: an element's consecutive contributions leave from different PEs,
+    /// over different channels, and may reach the reduction's root in either order.
+    #[entry]
+    fn contribute_and_hop(
+        &mut self,
+        ctx: &Ctx<Self>,
+        round: u64,
+        rounds: u64,
+        to: ElementProxy<Tally>,
+    ) {
+        ctx.contribute(round, Reducer::Sum, to.heard_callback());
+        if round + 1 < rounds {
+            ctx.this_element().contribute_and_hop(round + 1, rounds, to);
+            ctx.migrate((ctx.my_pe() + 1) % charmrs::num_pes()).unwrap();
+        }
     }
 
     /// The PE this element runs on (a broadcast's result).
@@ -460,6 +513,13 @@ async fn mobility() {
     lone.count_everyone(counts);
     assert_eq!(counts.await, vec![1u64]);
     println!("ok allreduce outside the tree");
+    // Reductions reach their target in order, however an element's contributions travel.
+    const ROUNDS: u64 = 60;
+    let done = Future::new();
+    let tally = Single::<Tally>::new((ROUNDS, WANDERERS as u64, done), Some(0));
+    a.contribute_and_hop(0, ROUNDS, *tally);
+    assert_eq!(done.await, ROUNDS);
+    println!("ok reductions in order");
     charmrs::exit(0);
 }
 

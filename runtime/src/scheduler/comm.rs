@@ -139,6 +139,27 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 Err(e) => abort(format!("malformed message from process {src}: {e}")),
             }
         }
+        wire::KIND_REDUCE_FINISHED => {
+            let dst = header.dst_pe as usize;
+            let Some(mailbox) = shared.mailbox(dst) else {
+                return abort(format!(
+                    "process {src} sent a message for PE {dst}, which is not in this process"
+                ));
+            };
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wire::decode_finished(&msg, table)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(format!(
+                    "decoding its call's arguments panicked: {}",
+                    crate::panic::describe(payload)
+                ))
+            });
+            match decoded {
+                Ok(env) => post(shared, dst, mailbox, env),
+                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+            }
+        }
         wire::KIND_FULFIL
         | wire::KIND_PARTIAL
         | wire::KIND_REDUCE_UP

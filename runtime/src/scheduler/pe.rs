@@ -808,7 +808,9 @@ impl PeState {
                 seq,
                 shape,
                 raws,
-            } => self.finish_foreign(coll, seq, shape, raws),
+                root,
+            } => self.finish_foreign(coll, seq, shape, raws, root),
+            Control::ReduceFinished { coll, seq, call } => self.finished_elsewhere(coll, seq, call),
             Control::ReduceDown {
                 coll,
                 seq,
