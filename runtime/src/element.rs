@@ -27,6 +27,8 @@ pub(crate) struct Element<C> {
     dirty: Cell<bool>,
     /// Seconds spent in this element's entry methods since the last load-balancing step.
     load: Cell<f64>,
+    /// The element's channel ends (shared with the [`Channel`](crate::Channel)s made from it).
+    pub(crate) channels: Rc<RefCell<crate::channel::ChannelTable>>,
 }
 
 /// Type-erased element: what the PE's tables hold.
@@ -34,8 +36,11 @@ pub(crate) trait ElementObj: Any {
     /// Delivers the buffered `when` calls whose condition now holds, earliest first, until none
     /// does.
     fn recheck_whens(self: Rc<Self>, pe: &PeState);
-    /// Whether the element must stay for now: a `when` message waits at it.
+    /// Whether the element must stay for now: a `when` message, or a channel value not received
+    /// yet, waits at it.
     fn pinned(&self) -> bool;
+    /// The sequence numbers of its channels, for a migration.
+    fn channel_counters(&self) -> Vec<crate::channel::ChannelCounters>;
     /// The chare's state, serialized for a migration.
     fn pack(&self) -> Result<Vec<u8>, String>;
     /// Number of the element's next reduction contribution.
@@ -55,6 +60,7 @@ impl<C: Chare> Element<C> {
             whens: RefCell::default(),
             dirty: Cell::new(false),
             load: Cell::new(0.0),
+            channels: Rc::default(),
         }
     }
 
@@ -95,7 +101,10 @@ impl<C: Chare> ElementObj for Element<C> {
         }
     }
     fn pinned(&self) -> bool {
-        !self.whens.borrow().is_empty()
+        !self.whens.borrow().is_empty() || self.channels.borrow().holds_values()
+    }
+    fn channel_counters(&self) -> Vec<crate::channel::ChannelCounters> {
+        self.channels.borrow().counters()
     }
     fn pack(&self) -> Result<Vec<u8>, String> {
         let chare = self

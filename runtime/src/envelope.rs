@@ -194,12 +194,13 @@ pub(crate) enum Control {
         raws: Vec<crate::reduction::Raw>,
         root: u32,
     },
-    /// To the reduction tree's root, from the PE that finished reduction `seq` for it
+    /// To the reduction tree's root, from PE `from`, which finished reduction `seq` for it
     /// ([`Control::ReduceFinish`]): done, and, for an entry target, the call to send on — from
     /// the root, so that the collection's results reach their target in reduction order.
     ReduceFinished {
         coll: CollectionId,
         seq: u64,
+        from: u32,
         call: Option<Box<crate::callback::Routed>>,
     },
     /// An allreduce result on its way down the tree (or, `for_subscriber`, a copy for a PE

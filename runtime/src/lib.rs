@@ -43,6 +43,7 @@ mod array_map;
 mod balance;
 mod buffer_mut;
 mod callback;
+mod channel;
 mod chare;
 mod collection;
 mod ctx;
@@ -72,6 +73,7 @@ mod wire;
 pub use array_map::{ArrayMap, MapId, PlaceFn};
 pub use buffer_mut::{BufferMut, HUGE_FROM, IDLE_HUGE_BYTES};
 pub use callback::{Callback, CallbackDest};
+pub use channel::{Channel, Recv};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};
 pub use collection::{CollectionId, Shape, MAX_DENSE_ELEMENTS};
@@ -94,7 +96,7 @@ pub use wire::Buffer;
 /// The names most programs need: `use charmrs::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        chare, reducer, wait_all, wait_any, Array, ArrayIndex, Callback, Chare, Coro, Ctx,
+        chare, reducer, wait_all, wait_any, Array, ArrayIndex, Callback, Channel, Chare, Coro, Ctx,
         ElementProxy, Future, Group, Index, Proxy, ProxyTarget, Reducer, Single,
     };
     pub use serde::{Deserialize, Serialize};
@@ -104,6 +106,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::array_map::MapRegistration;
+    pub use crate::channel::ChannelDeliver;
     pub use crate::chare::{pack_state, unpack_state};
     pub use crate::envelope::Reply;
     pub use crate::future::{decode_any, encode_value};

@@ -68,6 +68,8 @@ pub(crate) struct Migrant {
     pub(crate) reductions: u64,
     /// Measured load carried along (seconds).
     pub(crate) load: f64,
+    /// The sequence numbers of the element's channels.
+    pub(crate) channels: Vec<crate::channel::ChannelCounters>,
     /// The chare's state, from [`Chare::pack`].
     pub(crate) state: Vec<u8>,
     /// If a load-balancing step ordered the move: (root PE, step), told on arrival.
@@ -106,6 +108,7 @@ pub(crate) fn unpack_element<C: Chare>(
     })?;
     let element = Element::new(chare, ctx);
     element.add_load(m.load);
+    *element.channels.borrow_mut() = crate::channel::ChannelTable::from_counters(&m.channels);
     Ok(Rc::new(element))
 }
 
@@ -435,6 +438,7 @@ impl PeState {
             epoch: epoch + 1,
             reductions: element.reduction_count(),
             load: element.load(),
+            channels: element.channel_counters(),
             state,
             balance: r.balance,
         };

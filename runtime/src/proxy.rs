@@ -86,6 +86,11 @@ impl<C: Chare> ElementProxy<C> {
     }
 
     /// The element's index.
+    pub(crate) fn collection(&self) -> CollectionId {
+        self.coll
+    }
+
+    /// The element's index.
     pub fn index(&self) -> Index {
         self.index
     }

@@ -12,13 +12,14 @@
 //! reduction order: one that completes there before an earlier one (an element contributed,
 //! moved to a third PE and contributed again, so its two contributions travelled on different
 //! channels) waits for it. A reduction the root cannot decode (every contribution came encoded
-//! from other processes) is finished by the PE that encoded its first partial; the root waits for
-//! that PE's report, which carries the result's call for an entry target, and sends the call on
-//! itself, so even those results reach their target in order. An element's contribution
-//! travels at the migration message's priority, so one sent to the home just before the element
-//! moves there stays ahead of it. A contribution of another type than the first one of its
-//! reduction, or a vector of another length, aborts the job naming the collection and the
-//! reduction number.
+//! from other processes) is finished at once by the PE that encoded its first partial, which
+//! reports back to the root; for an entry target the report carries the result's call, which
+//! the root sends on in its turn, so results reach an entry target in reduction order. (A future
+//! or `at_sync` target of a reduction finished elsewhere is served from there directly: each
+//! has its own future, or waits for its step.) An element's contribution travels at the
+//! migration message's priority, so one sent to the home just before the element moves there
+//! stays ahead of it. A contribution of another type than the first one of its reduction, or a
+//! vector of another length, aborts the job naming the collection and the reduction number.
 
 use crate::callback::{deliver, Callback, CallbackDest, MakeCall};
 use crate::chare::Payload;
@@ -568,9 +569,9 @@ pub(crate) fn encoded_partials(
 /// How many reductions back a PE remembers how to finish a reduction it sent encoded data for.
 const FOREIGN_WINDOW: u64 = 1024;
 
-/// This PE's allreduce contributors of one reduction: their futures and the reduction's kind.
 /// An allreduce's futures on this PE, their kind, and (at a home PE) the PEs outside the
-/// reduction tree that want the result too (`Control::AllreduceSubscribe`).
+/// reduction tree, or not sure yet whether they are in it, that want a copy of the result
+/// (`Control::AllreduceSubscribe`).
 type AllreduceWaiters = (Vec<(u32, u64)>, Option<Kind>, Vec<usize>);
 
 /// The reductions in progress on one PE.
@@ -587,11 +588,19 @@ pub(crate) struct ReductionTable {
     foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec, Option<TargetSpec>)>,
     /// At the root of a collection's tree: the next reduction whose result may leave.
     next_at_root: FxHashMap<CollectionId, u64>,
-    /// At the root: reductions complete before an earlier one, held until it has left.
-    early_at_root: std::collections::BTreeMap<(CollectionId, u64), (Shape, Pending)>,
-    /// At the root: the reduction another PE is finishing (`Control::ReduceFinish`), which later
-    /// ones wait for.
-    finishing_elsewhere: FxHashMap<CollectionId, u64>,
+    /// At the root: results ready to leave, held until every earlier one has left.
+    ready_at_root: std::collections::BTreeMap<(CollectionId, u64), AtRoot>,
+    /// At the root: reductions another PE was asked to finish (`Control::ReduceFinish`), and
+    /// which PE.
+    finishing_elsewhere: FxHashMap<(CollectionId, u64), u32>,
+}
+
+/// A result ready to leave the root of its reduction tree.
+enum AtRoot {
+    /// Complete here, with a typed contribution to deliver it with.
+    Complete(Shape, Box<Pending>),
+    /// Finished by another PE, which sent back the result's call for an entry target.
+    FinishedElsewhere(Option<Box<crate::callback::Routed>>),
 }
 
 impl ReductionTable {
@@ -821,7 +830,14 @@ impl PeState {
             TargetSpec::Everyone => {
                 // An allreduce: the result goes down the tree from its root, which could not
                 // decode it (no contributor of its own) but can pass it on as bytes.
-                self.send_down_from_root(coll, seq, shape, (kind.finish)(data), kind);
+                self.send_down_from_root(
+                    root as usize,
+                    coll,
+                    seq,
+                    shape,
+                    (kind.finish)(data),
+                    kind,
+                );
                 None
             }
             TargetSpec::Entry { dest, make, wrap } => match make(wrap((kind.finish)(data))) {
@@ -850,20 +866,37 @@ impl PeState {
         seq: u64,
         call: Option<Box<crate::callback::Routed>>,
     ) {
+        // At priority 0, behind an allreduce result sent to the root just before.
         if self.shared.mailbox(root).is_some() {
-            let body = Control::ReduceFinished { coll, seq, call };
-            return self.send(root, Envelope::new(crate::envelope::MIGRATION_ORDER, body));
+            let from = self.pe as u32;
+            let body = Control::ReduceFinished {
+                coll,
+                seq,
+                from,
+                call,
+            };
+            return self.send(root, Envelope::new(0, body));
         }
         self.count_sent();
         let table = self.shared.entries;
-        let sent =
-            crate::wire::finished_message(table, coll, seq, call, self.pe as u32, root as u32)
-                .and_then(|msg| {
-                    self.shared
-                        .layer
-                        .send(self.shared.process_of(root), msg)
-                        .map_err(|e| e.to_string())
-                });
+        let (me, to) = (self.pe as u32, root as u32);
+        let message = match crate::wire::finished_message(table, coll, seq, call.as_deref(), me, to)
+        {
+            Ok(m) => Ok(m),
+            Err(_) if call.is_some() => {
+                // The call does not fit inside a report (a call with the most segments a
+                // message may have): it goes from here, the report without it.
+                crate::callback::send_routed(self, *call.expect("checked"));
+                crate::wire::finished_message(table, coll, seq, None, me, to)
+            }
+            Err(e) => Err(e),
+        };
+        let sent = message.and_then(|msg| {
+            self.shared
+                .layer
+                .send(self.shared.process_of(root), msg)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = sent {
             self.abort_job(format!(
                 "charmrs: reduction #{seq} over {coll:?}: reporting to PE {root}: {e}"
@@ -871,24 +904,17 @@ impl PeState {
         }
     }
 
-    /// Sends an allreduce result finished away from the tree's root to the root.
+    /// Sends an allreduce result finished away from the tree's root to the root (this PE need
+    /// not know the tree: it may not even have a sparse array's seal yet).
     fn send_down_from_root(
         &self,
+        root: usize,
         coll: CollectionId,
         seq: u64,
         shape: Shape,
         value: Box<dyn Any + Send>,
         kind: Kind,
     ) {
-        let root = self
-            .membership(coll, &shape)
-            .and_then(|(_, members)| members.first().copied());
-        let Some(root) = root else {
-            return self.abort_job(format!(
-                "charmrs: {}: an allreduce result without a tree to go down",
-                describe(coll, seq, &shape)
-            ));
-        };
         if root == self.pe {
             self.reduce_down(coll, seq, shape, value, kind);
         } else if self.shared.mailbox(root).is_some() {
@@ -967,71 +993,96 @@ impl PeState {
         }
         // At the root: results leave in reduction order. (Reduction k + 1 can complete first
         // when an element contributes, moves to a third PE and contributes again: its two
-        // contributions then travel on different channels.)
+        // contributions then travel on different channels.) One this PE cannot decode goes to
+        // be finished elsewhere at once; its report takes its place in the order.
+        if done.part.is_none() {
+            if let Some(asked) = self.finish_here(coll, seq, shape, done) {
+                self.reductions
+                    .borrow_mut()
+                    .finishing_elsewhere
+                    .insert((coll, seq), asked as u32);
+            }
+            return;
+        }
         self.reductions
             .borrow_mut()
-            .early_at_root
-            .insert((coll, seq), (shape, done));
+            .ready_at_root
+            .insert((coll, seq), AtRoot::Complete(shape, Box::new(done)));
         self.release_at_root(coll);
     }
 
-    /// At the root of `coll`'s tree: finishes the complete reductions that are next in order.
+    /// At the root of `coll`'s tree: delivers the results that are next in order.
     fn release_at_root(&self, coll: CollectionId) {
         loop {
-            let (seq, shape, done) = {
+            let (seq, ready) = {
                 let mut table = self.reductions.borrow_mut();
-                if table.finishing_elsewhere.contains_key(&coll) {
-                    return;
-                }
                 let next = *table.next_at_root.entry(coll).or_insert(0);
-                let Some((shape, done)) = table.early_at_root.remove(&(coll, next)) else {
+                let Some(ready) = table.ready_at_root.remove(&(coll, next)) else {
                     return;
                 };
-                (next, shape, done)
+                table.next_at_root.insert(coll, next + 1);
+                (next, ready)
             };
-            let mut table = if self.finish_here(coll, seq, shape, done) {
-                let mut table = self.reductions.borrow_mut();
-                table.finishing_elsewhere.insert(coll, seq);
-                return;
-            } else {
-                self.reductions.borrow_mut()
-            };
-            table.next_at_root.insert(coll, seq + 1);
+            match ready {
+                AtRoot::Complete(shape, done) => {
+                    self.finish_here(coll, seq, shape, *done);
+                }
+                AtRoot::FinishedElsewhere(Some(routed)) => {
+                    crate::callback::send_routed(self, *routed)
+                }
+                AtRoot::FinishedElsewhere(None) => {}
+            }
         }
     }
 
-    /// At the root: PE `from` finished reduction `seq` (which this PE asked it to with
-    /// `Control::ReduceFinish`); `call`: its result's call for an entry target, sent from here so
-    /// that it stays in order with the collection's other results.
+    /// At the root: PE `from` finished reduction `seq`, which this PE asked it to with
+    /// `Control::ReduceFinish`; `call`: its result's call for an entry target, sent from here
+    /// in order with the collection's other results.
     pub(crate) fn finished_elsewhere(
         &self,
         coll: CollectionId,
         seq: u64,
+        from: u32,
         call: Option<Box<crate::callback::Routed>>,
     ) {
-        let asked = self.reductions.borrow().finishing_elsewhere.get(&coll) == Some(&seq);
-        if !asked {
+        let asked = self
+            .reductions
+            .borrow_mut()
+            .finishing_elsewhere
+            .remove(&(coll, seq));
+        if asked != Some(from) {
             return self.abort_job(format!(
-                "charmrs: PE {} was told that reduction #{seq} over {coll:?} was finished, which \
-                 it did not ask for",
-                self.pe
+                "charmrs: PE {from} told PE {} that it finished reduction #{seq} over {coll:?}, \
+                 which PE {} had not asked it to",
+                self.pe, self.pe
             ));
         }
-        if let Some(routed) = call {
-            crate::callback::send_routed(self, *routed);
+        if let Some(to) = call.as_ref().and_then(|c| c.to) {
+            if to as usize >= self.num_pes() {
+                return self.abort_job(format!(
+                    "charmrs: PE {from} finished reduction #{seq} over {coll:?} with a call for \
+                     unknown PE {to} (the job has {} PEs)",
+                    self.num_pes()
+                ));
+            }
         }
-        {
-            let mut table = self.reductions.borrow_mut();
-            table.finishing_elsewhere.remove(&coll);
-            table.next_at_root.insert(coll, seq + 1);
-        }
+        self.reductions
+            .borrow_mut()
+            .ready_at_root
+            .insert((coll, seq), AtRoot::FinishedElsewhere(call));
         self.release_at_root(coll);
     }
 
     /// A reduction complete on this PE: its partial goes up the tree, or (at the root) its result
-    /// is delivered. Returns `true` when, at the root, another PE was asked to finish it (the
-    /// root could not decode it), which reports back with `Control::ReduceFinished`.
-    fn finish_here(&self, coll: CollectionId, seq: u64, shape: Shape, done: Pending) -> bool {
+    /// is delivered. Returns the PE asked to finish it when, at the root, this PE could not
+    /// decode it; that PE reports back with `Control::ReduceFinished`.
+    fn finish_here(
+        &self,
+        coll: CollectionId,
+        seq: u64,
+        shape: Shape,
+        done: Pending,
+    ) -> Option<usize> {
         let Some(part) = done.part else {
             // Everything here came encoded from other processes (this PE's elements all live
             // elsewhere): pass it on as it is.
@@ -1042,7 +1093,7 @@ impl PeState {
                     describe(coll, seq, &shape),
                     self.pe
                 ));
-                return false;
+                return None;
             };
             let (to, finish) = match done.place.parent {
                 Some(parent) => (parent, false),
@@ -1054,13 +1105,13 @@ impl PeState {
             } else {
                 self.send_raws_remote(finish, coll, seq, shape, to, Ok(raws));
             }
-            return finish;
+            return finish.then_some(to);
         };
         match done.place.parent {
             Some(parent) => self.send_part_up(coll, seq, shape, parent, part),
             None => self.deliver_result(coll, seq, shape, part),
         }
-        false
+        None
     }
 
     /// Sends an encoded allreduce result (`for_subscriber`: a subscriber's copy) to PE `to` of

@@ -191,7 +191,7 @@ pub(crate) fn finished_message(
     table: &EntryTable,
     coll: CollectionId,
     seq: u64,
-    call: Option<Box<crate::callback::Routed>>,
+    call: Option<&crate::callback::Routed>,
     src_pe: u32,
     dst_pe: u32,
 ) -> Result<Message, String> {
@@ -232,17 +232,18 @@ pub(crate) fn decode_finished(msg: &Message, table: &EntryTable) -> Result<Envel
             let inner = Message::with_segments(inner, rest.to_vec()).map_err(|e| e.to_string())?;
             let env = decode(inner, table).map_err(|e| format!("its call: {e}"))?;
             let broadcast = matches!(env.body, Body::Broadcast { .. });
-            if to.is_none() != broadcast {
+            if to.is_none() && !broadcast {
                 return Err("a finished-reduction message's call goes nowhere".into());
             }
             Some(Box::new(crate::callback::Routed { env, to }))
         }
     };
     Ok(Envelope::new(
-        crate::envelope::MIGRATION_ORDER,
+        0,
         Control::ReduceFinished {
             coll: meta.coll,
             seq: header.tag,
+            from: header.src_pe,
             call,
         },
     ))
@@ -1396,6 +1397,12 @@ mod tests {
             epoch: 5,
             reductions: 6,
             load: 0.25,
+            channels: vec![crate::channel::ChannelCounters {
+                remote: (CollectionId::new(1, 2), Index::new(&[3]).unwrap()),
+                port: 4,
+                next_send: 5,
+                next_receive: 6,
+            }],
             state: vec![1, 2, 3],
             balance: Some((0, 9)),
         };
@@ -1425,7 +1432,8 @@ mod tests {
                             m.reductions,
                             m.load,
                             &m.state,
-                            m.balance
+                            m.balance,
+                            &m.channels
                         ),
                         (
                             want.coll,
@@ -1434,7 +1442,8 @@ mod tests {
                             want.reductions,
                             want.load,
                             &want.state,
-                            want.balance
+                            want.balance,
+                            &want.channels
                         )
                     );
                 }

@@ -292,6 +292,65 @@ const MESSAGES_EACH: u64 = 400;
 // Sparse homes: the last coordinate, modulo the PEs.
 charmrs::array_map!(BY_LAST = |index, pes| index.get(index.dims() - 1) % pes);
 
+/// Talks to its neighbours through channels, across processes, moving as it goes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Relay;
+
+#[chare(migratable)]
+impl Relay {
+    fn new() -> Self {
+        Relay
+    }
+
+    /// Passes a counter around the ring of `n` elements `rounds` times; element 0 returns it.
+    #[entry]
+    async fn ring(this: Coro<Self>, n: usize, rounds: u64) -> u64 {
+        let me: usize = this.ctx().index();
+        let array = this.ctx().this_proxy();
+        let right = this.channel(&array.at((me + 1) % n));
+        let left = this.channel(&array.at((me + n - 1) % n));
+        let mut value = 0u64;
+        for _ in 0..rounds {
+            if me == 0 {
+                right.send(value + 1);
+                value = left.recv::<u64>().await;
+            } else {
+                value = left.recv::<u64>().await;
+                right.send(value + 1);
+            }
+        }
+        value
+    }
+
+    /// Sends values `from..count` to element `to`, then a vector of floats, moving to the next
+    /// PE (another process, every other time) after every 5 values.
+    #[entry]
+    async fn stream(this: Coro<Self>, to: usize, from: u64, count: u64) {
+        let out = this.channel(&this.ctx().this_proxy().at(to));
+        for k in from..count {
+            out.send(k);
+            if k % 5 == 4 && k + 1 < count {
+                let next = (this.ctx().my_pe() + 1) % charmrs::num_pes();
+                this.ctx().migrate(next).unwrap();
+                this.ctx().this_element().stream(to, k + 1, count);
+                return;
+            }
+        }
+        out.send(PodVec::from(vec![0.25f64; 100_000]));
+    }
+
+    /// Receives what [`stream`](Relay::stream) sends, checking the order; returns the sum of
+    /// the floats.
+    #[entry]
+    async fn drain(this: Coro<Self>, from: usize, count: u64) -> f64 {
+        let input = this.channel(&this.ctx().this_proxy().at(from));
+        for k in 0..count {
+            assert_eq!(input.recv::<u64>().await, k, "channel values in order");
+        }
+        input.recv::<PodVec<f64>>().await.iter().sum()
+    }
+}
+
 /// Hears reduction results, which must come in reduction order.
 struct Tally {
     next: u64,
@@ -520,6 +579,14 @@ async fn mobility() {
     a.contribute_and_hop(0, ROUNDS, *tally);
     assert_eq!(done.await, ROUNDS);
     println!("ok reductions in order");
+    // Channels between elements in different processes, one of them moving across processes.
+    let relays = Array::<Relay, usize>::new(p, ());
+    let counts = relays.gather().ring(p, 40).await;
+    assert_eq!(counts[0], 40 * p as u64);
+    let sum = relays.at(p - 1).ret().drain(0, 60);
+    relays.at(0usize).stream(p - 1, 0, 60);
+    assert_eq!(sum.await, 25_000.0);
+    println!("ok channels");
     charmrs::exit(0);
 }
 

@@ -523,6 +523,8 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
             type Init = (#(#ctor_types,)*);
             const NAME: &'static str = #type_name;
             const CTOR_ID: u64 = ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name));
+            const CHANNEL_ID: u64 = ::charmrs::__private::entry_id(
+                concat!(module_path!(), "::", #type_name, "::<channel>"));
             fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> ::charmrs::Constructed<Self> {
                 let (#(#ctor_names,)*) = init;
                 #construct_body
@@ -537,6 +539,16 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 path: concat!(module_path!(), "::", #ctor_name),
                 decoder: ::charmrs::__private::Decoder::Constructor(
                     ::charmrs::__private::decode_construct::<#ty>),
+            }
+        }
+
+        ::charmrs::__private::inventory::submit! {
+            ::charmrs::__private::EntryInfo {
+                id: <#ty as ::charmrs::Chare>::CHANNEL_ID,
+                name: concat!(#type_name, "::<channel>"),
+                path: concat!(module_path!(), "::", #type_name, "::<channel>"),
+                decoder: ::charmrs::__private::Decoder::Entry(
+                    ::charmrs::__private::decode_call::<#ty, ::charmrs::__private::ChannelDeliver>),
             }
         }
 

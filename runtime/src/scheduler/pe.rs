@@ -810,7 +810,12 @@ impl PeState {
                 raws,
                 root,
             } => self.finish_foreign(coll, seq, shape, raws, root),
-            Control::ReduceFinished { coll, seq, call } => self.finished_elsewhere(coll, seq, call),
+            Control::ReduceFinished {
+                coll,
+                seq,
+                from,
+                call,
+            } => self.finished_elsewhere(coll, seq, from, call),
             Control::ReduceDown {
                 coll,
                 seq,

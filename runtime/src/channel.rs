@@ -1,0 +1,498 @@
+//! Channels: ordered streams of values between two chares, used from suspendable entry methods
+//! (charm4py's `Channel(self, remote)`, `ch.send(x)`, `ch.recv()`).
+//!
+//! # What this module owns
+//!
+//! * [`Channel`], one end of a channel: sends to the remote element, receives what the remote
+//!   element sent on the same port.
+//! * The per-element channel table ([`ChannelTable`]): for every (remote element, port) the next
+//!   sequence number to send, the next one to receive, and the values that arrived ahead of it.
+//! * [`ChannelDeliver`], the hidden entry method every chare type has (registered by `#[chare]`):
+//!   a channel value travels as an ordinary entry call, so it follows its element wherever it
+//!   migrates, crosses processes in the wire format, and counts for quiescence like any call.
+//!
+//! # Invariants
+//!
+//! * Values of one channel direction are received in the order they were sent, each exactly
+//!   once, whatever order the calls carrying them arrive in (they may overtake each other when
+//!   an element migrates): each carries its sequence number, and the receiver hands them out in
+//!   sequence.
+//! * The sequence numbers travel with the element when it migrates. An element holding values
+//!   not yet received does not move (a move the program asked for waits; a balancing step leaves
+//!   it in place), so values never need to travel with it.
+
+use crate::chare::{Chare, Entry, Invoked, Payload};
+use crate::collection::CollectionId;
+use crate::element::Coro;
+use crate::index::Index;
+use crate::proxy::{ElementProxy, ProxyTarget};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// An element, as a channel end names it.
+type Endpoint = (CollectionId, Index);
+
+/// One end of a channel between the element that made it and a remote element (which may be
+/// itself). Made with [`Coro::channel`]; both ends must use the same port.
+///
+/// ```no_run
+/// use charmrs::prelude::*;
+///
+/// struct Cell { left: Option<ElementProxy<Cell>> }
+///
+/// #[chare]
+/// impl Cell {
+///     fn new() -> Self { Cell { left: None } }
+///
+///     /// Passes a value around a ring of `n` elements, `rounds` times.
+///     #[entry]
+///     async fn ring(this: Coro<Self>, n: usize, rounds: u32) -> u64 {
+///         let me: usize = this.ctx().index();
+///         let array = this.ctx().this_proxy();
+///         let to_right = this.channel(&array.at((me + 1) % n));
+///         let from_left = this.channel(&array.at((me + n - 1) % n));
+///         let mut value = 0u64;
+///         for _ in 0..rounds {
+///             if me == 0 {
+///                 to_right.send(value + 1);
+///                 value = from_left.recv::<u64>().await;
+///             } else {
+///                 value = from_left.recv::<u64>().await;
+///                 to_right.send(value + 1);
+///             }
+///         }
+///         value
+///     }
+/// }
+/// # fn main() {}
+/// ```
+pub struct Channel<R> {
+    table: Rc<RefCell<ChannelTable>>,
+    me: Endpoint,
+    remote: ElementProxy<R>,
+    remote_id: Endpoint,
+    port: u32,
+    _remote: PhantomData<fn() -> R>,
+}
+
+impl<C: Chare> Coro<C> {
+    /// A channel between this element and `remote` on port 0 (charm4py's `Channel(self,
+    /// remote)`); the remote element makes the other end with a proxy to this one.
+    pub fn channel<R: Chare>(&self, remote: &ElementProxy<R>) -> Channel<R> {
+        self.channel_on_port(remote, 0)
+    }
+
+    /// Like [`channel`](Self::channel), on another port: several channels between the same two
+    /// elements are told apart by their port numbers, which both ends choose alike.
+    pub fn channel_on_port<R: Chare>(&self, remote: &ElementProxy<R>, port: u32) -> Channel<R> {
+        let ctx = self.ctx();
+        Channel {
+            table: self.element().channels.clone(),
+            me: (ctx.collection(), ctx.raw_index()),
+            remote: *remote,
+            remote_id: (remote.collection(), remote.index()),
+            port,
+            _remote: PhantomData,
+        }
+    }
+}
+
+impl<R: Chare> Channel<R> {
+    /// Sends `value` to the remote end (charm4py's `ch.send(x)`); it arrives after everything
+    /// sent on this channel before.
+    ///
+    /// # Panics
+    /// Outside a running PE.
+    pub fn send<T: Payload>(&self, value: T) {
+        let seq = {
+            let mut table = self.table.borrow_mut();
+            let next = table.sent.entry((self.remote_id, self.port)).or_insert(0);
+            let seq = *next;
+            *next += 1;
+            seq
+        };
+        let message = ChannelMessage {
+            from: self.me,
+            port: self.port,
+            seq,
+            data: ChannelData::new(value),
+        };
+        ProxyTarget::<R>::send_entry::<ChannelDeliver>(&self.remote, (message,));
+    }
+
+    /// The next value the remote end sent on this channel (charm4py's `ch.recv()`). Await it in
+    /// a suspendable entry method; other messages, of this element too, run meanwhile.
+    ///
+    /// The value must be of the type it was sent as: anything else panics, naming both types
+    /// (within a process) or the decoding error (across processes), which aborts the job.
+    pub fn recv<T: Payload>(&self) -> Recv<'_, R, T> {
+        Recv {
+            channel: self,
+            _value: PhantomData,
+        }
+    }
+
+    /// The remote end's element.
+    pub fn remote(&self) -> ElementProxy<R> {
+        self.remote
+    }
+
+    /// This channel's port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "channel from element {} of {:?} on port {}",
+            self.remote_id.1, self.remote_id.0, self.port
+        )
+    }
+}
+
+/// Future returned by [`Channel::recv`].
+#[must_use = "a channel receive does nothing unless awaited"]
+pub struct Recv<'a, R, T> {
+    channel: &'a Channel<R>,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<R: Chare, T: Payload> std::future::Future for Recv<'_, R, T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let ch = self.channel;
+        let data = {
+            let mut table = ch.table.borrow_mut();
+            let inbound = table.received.entry((ch.remote_id, ch.port)).or_default();
+            match inbound.arrived.remove(&inbound.next) {
+                Some(data) => {
+                    inbound.next += 1;
+                    data
+                }
+                None => {
+                    if !inbound.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                        inbound.waiters.push(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+            }
+        };
+        match data.into_value::<T>() {
+            Ok(value) => Poll::Ready(value),
+            Err(e) => panic!("{}: {e}", ch.describe()),
+        }
+    }
+}
+
+/// The channel state of one element; see the module docs.
+#[derive(Default)]
+pub(crate) struct ChannelTable {
+    /// Next sequence number to send, per (remote element, port).
+    sent: FxHashMap<(Endpoint, u32), u64>,
+    /// Per (remote element, port): what arrived.
+    received: FxHashMap<(Endpoint, u32), Inbound>,
+}
+
+/// One incoming channel direction.
+#[derive(Default)]
+struct Inbound {
+    /// Sequence number of the next value to hand out.
+    next: u64,
+    /// Values that arrived and were not received yet, by sequence number.
+    arrived: BTreeMap<u64, ChannelData>,
+    /// Coroutines waiting for the next value.
+    waiters: Vec<Waker>,
+}
+
+/// The sequence numbers of one (remote element, port) of an element, carried by a migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ChannelCounters {
+    pub(crate) remote: Endpoint,
+    pub(crate) port: u32,
+    pub(crate) next_send: u64,
+    pub(crate) next_receive: u64,
+}
+
+impl ChannelTable {
+    /// Whether values arrived that were not received yet (the element must not migrate).
+    pub(crate) fn holds_values(&self) -> bool {
+        self.received.values().any(|i| !i.arrived.is_empty())
+    }
+
+    /// The sequence numbers, for a migration.
+    pub(crate) fn counters(&self) -> Vec<ChannelCounters> {
+        let mut all: BTreeMap<(Endpoint, u32), (u64, u64)> = BTreeMap::new();
+        for (&(remote, port), &next) in &self.sent {
+            all.entry((remote, port)).or_default().0 = next;
+        }
+        for (&(remote, port), inbound) in &self.received {
+            all.entry((remote, port)).or_default().1 = inbound.next;
+        }
+        all.into_iter()
+            .map(
+                |((remote, port), (next_send, next_receive))| ChannelCounters {
+                    remote,
+                    port,
+                    next_send,
+                    next_receive,
+                },
+            )
+            .collect()
+    }
+
+    /// The table of an element that migrated in.
+    pub(crate) fn from_counters(counters: &[ChannelCounters]) -> ChannelTable {
+        let mut table = ChannelTable::default();
+        for c in counters {
+            if c.next_send > 0 {
+                table.sent.insert((c.remote, c.port), c.next_send);
+            }
+            if c.next_receive > 0 {
+                let inbound = Inbound {
+                    next: c.next_receive,
+                    ..Inbound::default()
+                };
+                table.received.insert((c.remote, c.port), inbound);
+            }
+        }
+        table
+    }
+
+    /// A value arrived; wakes the receivers if it is the next one.
+    fn arrive(&mut self, message: ChannelMessage) -> Result<(), String> {
+        let inbound = self
+            .received
+            .entry((message.from, message.port))
+            .or_default();
+        if message.seq < inbound.next || inbound.arrived.contains_key(&message.seq) {
+            return Err(format!(
+                "value #{} of the channel from element {} of {:?} on port {} arrived twice",
+                message.seq, message.from.1, message.from.0, message.port
+            ));
+        }
+        let next = message.seq == inbound.next;
+        inbound.arrived.insert(message.seq, message.data);
+        if next {
+            for waker in inbound.waiters.drain(..) {
+                waker.wake();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value on its way through a channel: the call that [`ChannelDeliver`] runs.
+#[derive(Clone, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct ChannelMessage {
+    from: Endpoint,
+    port: u32,
+    seq: u64,
+    data: ChannelData,
+}
+
+/// A channel's value, of a type only the receiver names: the value itself within a process,
+/// encoded bytes (and the zero-copy segments of buffers inside it) across processes.
+struct ChannelData(Repr);
+
+enum Repr {
+    Value {
+        value: Box<dyn Any + Send>,
+        ops: &'static ValueOps,
+    },
+    Encoded {
+        bytes: Bytes,
+        segments: Vec<Bytes>,
+    },
+}
+
+/// A value's bytes and the zero-copy segments they refer to.
+type Encoded = (Vec<u8>, Vec<Bytes>);
+
+/// What a channel value of one type can do, type-erased.
+struct ValueOps {
+    type_name: fn() -> &'static str,
+    clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
+    /// Encodes the value with its own segment collector: the bytes refer to the segments by
+    /// their position in the returned list.
+    encode: fn(&(dyn Any + Send)) -> Result<Encoded, String>,
+}
+
+/// The [`ValueOps`] of `T`.
+struct OpsOf<T>(PhantomData<T>);
+
+impl<T: Payload> OpsOf<T> {
+    const OPS: ValueOps = ValueOps {
+        type_name: std::any::type_name::<T>,
+        clone: |v| Box::new(v.downcast_ref::<T>().expect("a T").clone()),
+        encode: |v| {
+            let value = v.downcast_ref::<T>().expect("a T");
+            let (bytes, segments) = crate::wire::collecting(|| postcard::to_stdvec(value));
+            Ok((bytes.map_err(|e| e.to_string())?, segments))
+        },
+    };
+}
+
+impl ChannelData {
+    fn new<T: Payload>(value: T) -> ChannelData {
+        ChannelData(Repr::Value {
+            value: Box::new(value),
+            ops: &OpsOf::<T>::OPS,
+        })
+    }
+
+    /// The value as a `T`, or why not.
+    fn into_value<T: Payload>(self) -> Result<T, String> {
+        match self.0 {
+            Repr::Value { value, ops } => value.downcast::<T>().map(|v| *v).map_err(|_| {
+                format!(
+                    "received a {} but the receiver asked for a {}",
+                    (ops.type_name)(),
+                    std::any::type_name::<T>()
+                )
+            }),
+            Repr::Encoded { bytes, segments } => {
+                crate::wire::offering(segments, || match postcard::take_from_bytes::<T>(&bytes) {
+                    Ok((value, [])) => Ok(value),
+                    Ok((_, rest)) => Err(format!(
+                        "decoding it as a {} left {} bytes over (sent as another type?)",
+                        std::any::type_name::<T>(),
+                        rest.len()
+                    )),
+                    Err(e) => Err(format!(
+                        "decoding it as a {}: {e} (sent as another type?)",
+                        std::any::type_name::<T>()
+                    )),
+                })
+            }
+        }
+    }
+}
+
+impl Clone for ChannelData {
+    fn clone(&self) -> Self {
+        ChannelData(match &self.0 {
+            Repr::Value { value, ops } => Repr::Value {
+                value: (ops.clone)(&**value),
+                ops,
+            },
+            Repr::Encoded { bytes, segments } => Repr::Encoded {
+                bytes: bytes.clone(),
+                segments: segments.clone(),
+            },
+        })
+    }
+}
+
+/// One zero-copy segment of an encoded value, as the enclosing message carries it.
+struct Segment(Bytes);
+
+impl Serialize for Segment {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::wire::serialize_segment(&self.0, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Segment {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::wire::deserialize_segment(d).map(Segment)
+    }
+}
+
+/// The most zero-copy segments one channel value may carry.
+const MAX_VALUE_SEGMENTS: usize = 1024;
+
+impl Serialize for ChannelData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let (bytes, segments) = match &self.0 {
+            Repr::Value { value, ops } => (ops.encode)(&**value).map_err(S::Error::custom)?,
+            Repr::Encoded { bytes, segments } => (bytes.to_vec(), segments.clone()),
+        };
+        if segments.len() > MAX_VALUE_SEGMENTS {
+            return Err(S::Error::custom(format!(
+                "a channel value with {} zero-copy buffers (at most {MAX_VALUE_SEGMENTS})",
+                segments.len()
+            )));
+        }
+        let segments: Vec<Segment> = segments.into_iter().map(Segment).collect();
+        (serde_bytes_ref(&bytes), segments).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChannelData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (bytes, segments): (ByteBuf, Vec<Segment>) = Deserialize::deserialize(d)?;
+        if segments.len() > MAX_VALUE_SEGMENTS {
+            return Err(D::Error::custom("a channel value with too many buffers"));
+        }
+        Ok(ChannelData(Repr::Encoded {
+            bytes: Bytes::from(bytes.0),
+            segments: segments.into_iter().map(|s| s.0).collect(),
+        }))
+    }
+}
+
+/// Serializes a byte slice as serde bytes (one length and the bytes, not a sequence of numbers).
+fn serde_bytes_ref(bytes: &[u8]) -> BytesRef<'_> {
+    BytesRef(bytes)
+}
+
+struct BytesRef<'a>(&'a [u8]);
+
+impl Serialize for BytesRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// Owned serde bytes.
+struct ByteBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ByteBuf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v))
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
+}
+
+/// The hidden entry method through which channel values reach an element of any chare type
+/// (registered for each type by `#[chare]`).
+#[doc(hidden)]
+pub struct ChannelDeliver;
+
+impl<C: Chare> Entry<C> for ChannelDeliver {
+    type Args = (ChannelMessage,);
+    type Output = ();
+    const NAME: &'static str = "<channel value>";
+    const ID: u64 = C::CHANNEL_ID;
+
+    fn call(this: &Coro<C>, (message,): Self::Args) -> Invoked<()> {
+        let arrived = this.element().channels.borrow_mut().arrive(message);
+        if let Err(e) = arrived {
+            panic!("{e}");
+        }
+        Invoked::Done(())
+    }
+}
