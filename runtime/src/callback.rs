@@ -3,19 +3,23 @@
 //!
 //! A callback is made by the `<entry>_callback()` methods that `#[chare]` adds to proxies; calling
 //! [`Callback::send`] invokes the entry with the given arguments (point-to-point for an element's
-//! callback, a broadcast for a collection's).
+//! callback, a broadcast for a collection's). A callback is a value like a proxy: it can be an
+//! argument of an entry method, in any process of the job (Charm++'s `CkCallback` parameter); it
+//! travels as its destination and the entry's id, and the receiving process checks that the
+//! entry takes the callback's argument types.
 
 use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
 use crate::envelope::{Body, Call, Envelope, Invocation, Reply};
 use crate::index::Index;
+use crate::registry::EntryTable;
 use crate::scheduler::{with_pe, PeState};
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 
 /// Where a callback's calls go.
 #[doc(hidden)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub enum CallbackDest {
     /// One element.
     Point {
@@ -47,12 +51,88 @@ fn make_call<C: Chare, E: Entry<C>>(args: Box<dyn Any + Send>) -> Option<Box<dyn
     Some(Call::<C, E>::boxed(*args, Reply::None))
 }
 
+/// How to call one entry method from a type-erased argument tuple, registered with the entry
+/// (see [`EntryInfo`](crate::registry::EntryInfo)) so that a callback that arrived from another
+/// process can be rebuilt.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct CallbackMaker {
+    make: MakeCall,
+    args: fn() -> TypeId,
+}
+
+impl CallbackMaker {
+    /// The maker of entry `E` of chare `C` (used by the code `#[chare]` generates).
+    pub const fn of<C: Chare, E: Entry<C>>() -> CallbackMaker {
+        CallbackMaker {
+            make: make_call::<C, E>,
+            args: TypeId::of::<E::Args>,
+        }
+    }
+}
+
 /// An entry method of a given element or collection, callable later with arguments `A` (a tuple).
+///
+/// Serializable: pass it to another element, in any process, as an entry argument.
 pub struct Callback<A> {
     pub(crate) dest: CallbackDest,
     pub(crate) make: MakeCall,
     pub(crate) entry: &'static str,
+    /// The entry's compile-time id (its identity on the wire).
+    id: u64,
     _args: PhantomData<fn(A)>,
+}
+
+/// A callback's wire form.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireCallback {
+    dest: CallbackDest,
+    entry: u64,
+}
+
+impl<A> serde::Serialize for Callback<A> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        WireCallback {
+            dest: self.dest,
+            entry: self.id,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, A: 'static> serde::Deserialize<'de> for Callback<A> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::wire::custom_error;
+        use serde::de::Error as _;
+        let wire = WireCallback::deserialize(d)?;
+        let table = EntryTable::get().map_err(D::Error::custom)?;
+        let info = table
+            .wire_id(wire.entry)
+            .and_then(|w| table.by_wire_id(w))
+            .ok_or_else(|| {
+                custom_error(format!("a callback to unknown entry id {:#x}", wire.entry))
+            })?;
+        let maker = info.callback.ok_or_else(|| {
+            custom_error(format!(
+                "a callback to `{}`, which is no entry method",
+                info.name
+            ))
+        })?;
+        if (maker.args)() != TypeId::of::<A>() {
+            return Err(custom_error(format!(
+                "a callback to `{}` received as one taking {}, which that entry does not",
+                info.name,
+                std::any::type_name::<A>()
+            )));
+        }
+        Ok(Callback {
+            dest: wire.dest,
+            make: maker.make,
+            entry: info.name,
+            id: wire.entry,
+            _args: PhantomData,
+        })
+    }
 }
 
 impl<A> Clone for Callback<A> {
@@ -77,6 +157,7 @@ impl<A: Payload> Callback<A> {
             dest,
             make: make_call::<C, E>,
             entry: E::NAME,
+            id: E::ID,
             _args: PhantomData,
         }
     }

@@ -369,8 +369,9 @@ impl ChannelData {
                         rest.len()
                     )),
                     Err(e) => Err(format!(
-                        "decoding it as a {}: {e} (sent as another type?)",
-                        std::any::type_name::<T>()
+                        "decoding it as a {}: {} (sent as another type?)",
+                        std::any::type_name::<T>(),
+                        crate::wire::describe_decode_error(e)
                     )),
                 })
             }

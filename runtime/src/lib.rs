@@ -106,6 +106,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::array_map::MapRegistration;
+    pub use crate::callback::CallbackMaker;
     pub use crate::channel::ChannelDeliver;
     pub use crate::chare::{pack_state, unpack_state};
     pub use crate::envelope::Reply;

@@ -22,6 +22,8 @@ pub struct EntryInfo {
     pub path: &'static str,
     /// Turns the entry's arguments, as received from another process, back into a call.
     pub decoder: Decoder,
+    /// Rebuilds a callback to this entry received from another process (entry methods only).
+    pub callback: Option<crate::callback::CallbackMaker>,
 }
 
 impl PartialEq for EntryInfo {
@@ -138,6 +140,7 @@ mod tests {
             name: path,
             path,
             decoder: Decoder::Constructor(no_decode),
+            callback: None,
         }
     }
 

@@ -761,8 +761,9 @@ pub fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String>
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let (value, rest) =
-        postcard::take_from_bytes::<T>(bytes).map_err(|e| format!("arguments: {e}"))?;
+    DETAIL.with(|d| d.borrow_mut().take());
+    let (value, rest) = postcard::take_from_bytes::<T>(bytes)
+        .map_err(|e| format!("arguments: {}", describe_decode_error(e)))?;
     if rest.is_empty() {
         Ok(value)
     } else {
@@ -770,6 +771,29 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
             "{} unexpected trailing byte(s) after the arguments",
             rest.len()
         ))
+    }
+}
+
+thread_local! {
+    /// The message of the last [`custom_error`] on this thread.
+    static DETAIL: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A deserialization error saying `message`, which [`describe_decode_error`] can report:
+/// postcard keeps only "Serde Deserialization Error" of a custom error.
+pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
+    let error = E::custom(&message);
+    DETAIL.with(|d| *d.borrow_mut() = Some(message));
+    error
+}
+
+/// Describes a postcard decoding error, with the message of the custom error behind it if there
+/// was one (see [`custom_error`]).
+pub(crate) fn describe_decode_error(e: postcard::Error) -> String {
+    let detail = DETAIL.with(|d| d.borrow_mut().take());
+    match (e, detail) {
+        (postcard::Error::SerdeDeCustom, Some(detail)) => detail,
+        (e, _) => e.to_string(),
     }
 }
 
@@ -883,19 +907,18 @@ pub(crate) enum Received<'a> {
 pub(crate) fn deserialize_received<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Received<'de>, D::Error> {
-    use serde::de::Error as _;
     match SegmentRef::deserialize(d)? {
         SegmentRef::Inline(b) => Ok(Received::Inline(b)),
         SegmentRef::OutOfBand(i) => SEGMENTS.with(|c| {
             let segs = c.borrow();
-            let segs = segs
-                .as_ref()
-                .ok_or_else(|| D::Error::custom("out-of-band segment outside a message"))?;
+            let segs = segs.as_ref().ok_or_else(|| {
+                custom_error::<D::Error>("out-of-band segment outside a message".into())
+            })?;
             segs.get(i as usize)
                 .cloned()
                 .map(Received::Segment)
                 .ok_or_else(|| {
-                    D::Error::custom(format!(
+                    custom_error::<D::Error>(format!(
                         "segment {i} referenced but the message has {}",
                         segs.len()
                     ))

@@ -451,7 +451,7 @@ impl Wanderer {
         ctx.migrate(pe).unwrap();
     }
 
-    /// Contributes `round` to `to.heard`, moves on to the next PE and contributes the next round from
+    /// Contributes `round` to `to` (a callback that came in the call), moves on to the next PE and contributes the next round from
     /// there, `rounds` times: an element's consecutive contributions leave from different PEs,
     /// over different channels, and may reach the reduction's root in either order.
     #[entry]
@@ -460,9 +460,9 @@ impl Wanderer {
         ctx: &Ctx<Self>,
         round: u64,
         rounds: u64,
-        to: ElementProxy<Tally>,
+        to: charmrs::Callback<(u64,)>,
     ) {
-        ctx.contribute(round, Reducer::Sum, to.heard_callback());
+        ctx.contribute(round, Reducer::Sum, to);
         if round + 1 < rounds {
             ctx.this_element().contribute_and_hop(round + 1, rounds, to);
             ctx.migrate((ctx.my_pe() + 1) % charmrs::num_pes()).unwrap();
@@ -576,7 +576,7 @@ async fn mobility() {
     const ROUNDS: u64 = 60;
     let done = Future::new();
     let tally = Single::<Tally>::new((ROUNDS, WANDERERS as u64, done), Some(0));
-    a.contribute_and_hop(0, ROUNDS, *tally);
+    a.contribute_and_hop(0, ROUNDS, tally.heard_callback());
     assert_eq!(done.await, ROUNDS);
     println!("ok reductions in order");
     // Channels between elements in different processes, one of them moving across processes.

@@ -479,6 +479,8 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                     path: concat!(module_path!(), "::", #entry_name),
                     decoder: ::charmrs::__private::Decoder::Entry(
                         ::charmrs::__private::decode_call::<#ty, #marker>),
+                    callback: ::core::option::Option::Some(
+                        ::charmrs::__private::CallbackMaker::of::<#ty, #marker>()),
                 }
             }
         });
@@ -539,6 +541,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 path: concat!(module_path!(), "::", #ctor_name),
                 decoder: ::charmrs::__private::Decoder::Constructor(
                     ::charmrs::__private::decode_construct::<#ty>),
+                callback: ::core::option::Option::None,
             }
         }
 
@@ -549,6 +552,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 path: concat!(module_path!(), "::", #type_name, "::<channel>"),
                 decoder: ::charmrs::__private::Decoder::Entry(
                     ::charmrs::__private::decode_call::<#ty, ::charmrs::__private::ChannelDeliver>),
+                callback: ::core::option::Option::None,
             }
         }
 
