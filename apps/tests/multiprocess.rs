@@ -308,7 +308,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok load balancing from elsewhere",
                 "ok allreduce outside the tree",
                 "ok reductions in order",
-                "ok channels"
+                "ok channels",
+                "ok sections"
             ],
             "{args:?}"
         );

@@ -17,9 +17,16 @@
 //!   once, whatever order the calls carrying them arrive in (they may overtake each other when
 //!   an element migrates): each carries its sequence number, and the receiver hands them out in
 //!   sequence.
-//! * The sequence numbers travel with the element when it migrates. An element holding values
-//!   not yet received does not move (a move the program asked for waits; a balancing step leaves
-//!   it in place), so values never need to travel with it.
+//! * The sequence numbers, and values that arrived but were not received yet, travel with the
+//!   element when it migrates. A [`Channel`] made before a move belongs to the element's old
+//!   place: using it afterwards panics, naming the channel (make channels again in the entry
+//!   that runs after the move).
+//! * A value received as a type other than the one it was sent as is an error, within a process
+//!   and across processes alike: encoded values carry a tag of the sent type's name.
+//!
+//! Limits: the table keeps one entry per (remote element, port) an element ever used, so ports
+//! are meant to name channels, not steps; a value sent to another process holds at most
+//! [`MAX_VALUE_SEGMENTS`] zero-copy buffers.
 
 use crate::chare::{Chare, Entry, Invoked, Payload};
 use crate::collection::CollectionId;
@@ -115,6 +122,9 @@ impl<R: Chare> Channel<R> {
     pub fn send<T: Payload>(&self, value: T) {
         let seq = {
             let mut table = self.table.borrow_mut();
+            if table.left {
+                panic!("{}: used after its element migrated", self.describe());
+            }
             let next = table.sent.entry((self.remote_id, self.port)).or_insert(0);
             let seq = *next;
             *next += 1;
@@ -172,6 +182,9 @@ impl<R: Chare, T: Payload> std::future::Future for Recv<'_, R, T> {
         let ch = self.channel;
         let data = {
             let mut table = ch.table.borrow_mut();
+            if table.left {
+                panic!("{}: used after its element migrated", ch.describe());
+            }
             let inbound = table.received.entry((ch.remote_id, ch.port)).or_default();
             match inbound.arrived.remove(&inbound.next) {
                 Some(data) => {
@@ -200,6 +213,8 @@ pub(crate) struct ChannelTable {
     sent: FxHashMap<(Endpoint, u32), u64>,
     /// Per (remote element, port): what arrived.
     received: FxHashMap<(Endpoint, u32), Inbound>,
+    /// The element migrated away: its state went with it ([`leave`](Self::leave)).
+    left: bool,
 }
 
 /// One incoming channel direction.
@@ -213,55 +228,63 @@ struct Inbound {
     waiters: Vec<Waker>,
 }
 
-/// The sequence numbers of one (remote element, port) of an element, carried by a migration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ChannelCounters {
+/// One (remote element, port) of an element, carried by a migration: its sequence numbers and
+/// the values that arrived but were not received yet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct ChannelEnd {
     pub(crate) remote: Endpoint,
     pub(crate) port: u32,
     pub(crate) next_send: u64,
     pub(crate) next_receive: u64,
+    pub(crate) arrived: Vec<(u64, ChannelData)>,
+}
+
+impl ChannelEnd {
+    fn empty(remote: Endpoint, port: u32) -> ChannelEnd {
+        ChannelEnd {
+            remote,
+            port,
+            next_send: 0,
+            next_receive: 0,
+            arrived: Vec::new(),
+        }
+    }
 }
 
 impl ChannelTable {
-    /// Whether values arrived that were not received yet (the element must not migrate).
-    pub(crate) fn holds_values(&self) -> bool {
-        self.received.values().any(|i| !i.arrived.is_empty())
-    }
-
-    /// The sequence numbers, for a migration.
-    pub(crate) fn counters(&self) -> Vec<ChannelCounters> {
-        let mut all: BTreeMap<(Endpoint, u32), (u64, u64)> = BTreeMap::new();
-        for (&(remote, port), &next) in &self.sent {
-            all.entry((remote, port)).or_default().0 = next;
+    /// The element is migrating: hands over its channel state (the table is unusable after).
+    pub(crate) fn leave(&mut self) -> Vec<ChannelEnd> {
+        self.left = true;
+        let mut all: BTreeMap<(Endpoint, u32), ChannelEnd> = BTreeMap::new();
+        for ((remote, port), next) in std::mem::take(&mut self.sent) {
+            all.entry((remote, port))
+                .or_insert_with(|| ChannelEnd::empty(remote, port))
+                .next_send = next;
         }
-        for (&(remote, port), inbound) in &self.received {
-            all.entry((remote, port)).or_default().1 = inbound.next;
+        for ((remote, port), inbound) in std::mem::take(&mut self.received) {
+            let end = all
+                .entry((remote, port))
+                .or_insert_with(|| ChannelEnd::empty(remote, port));
+            end.next_receive = inbound.next;
+            end.arrived = inbound.arrived.into_iter().collect();
         }
-        all.into_iter()
-            .map(
-                |((remote, port), (next_send, next_receive))| ChannelCounters {
-                    remote,
-                    port,
-                    next_send,
-                    next_receive,
-                },
-            )
-            .collect()
+        all.into_values().collect()
     }
 
     /// The table of an element that migrated in.
-    pub(crate) fn from_counters(counters: &[ChannelCounters]) -> ChannelTable {
+    pub(crate) fn arrived(ends: Vec<ChannelEnd>) -> ChannelTable {
         let mut table = ChannelTable::default();
-        for c in counters {
-            if c.next_send > 0 {
-                table.sent.insert((c.remote, c.port), c.next_send);
+        for end in ends {
+            if end.next_send > 0 {
+                table.sent.insert((end.remote, end.port), end.next_send);
             }
-            if c.next_receive > 0 {
+            if end.next_receive > 0 || !end.arrived.is_empty() {
                 let inbound = Inbound {
-                    next: c.next_receive,
-                    ..Inbound::default()
+                    next: end.next_receive,
+                    arrived: end.arrived.into_iter().collect(),
+                    waiters: Vec::new(),
                 };
-                table.received.insert((c.remote, c.port), inbound);
+                table.received.insert((end.remote, end.port), inbound);
             }
         }
         table
@@ -302,7 +325,7 @@ pub struct ChannelMessage {
 
 /// A channel's value, of a type only the receiver names: the value itself within a process,
 /// encoded bytes (and the zero-copy segments of buffers inside it) across processes.
-struct ChannelData(Repr);
+pub(crate) struct ChannelData(Repr);
 
 enum Repr {
     Value {
@@ -310,9 +333,33 @@ enum Repr {
         ops: &'static ValueOps,
     },
     Encoded {
+        /// [`type_tag`] of the type it was sent as.
+        tag: u64,
         bytes: Bytes,
         segments: Vec<Bytes>,
     },
+}
+
+/// A tag of type `T` for encoded values: the hash of its name (every process of a job runs the
+/// same binary).
+fn type_tag<T>() -> u64 {
+    crate::registry::entry_id(std::any::type_name::<T>())
+}
+
+impl std::fmt::Debug for ChannelData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Repr::Value { ops, .. } => write!(f, "ChannelData({})", (ops.type_name)()),
+            Repr::Encoded {
+                bytes, segments, ..
+            } => write!(
+                f,
+                "ChannelData({} bytes, {} segments)",
+                bytes.len(),
+                segments.len()
+            ),
+        }
+    }
 }
 
 /// A value's bytes and the zero-copy segments they refer to.
@@ -321,6 +368,7 @@ type Encoded = (Vec<u8>, Vec<Bytes>);
 /// What a channel value of one type can do, type-erased.
 struct ValueOps {
     type_name: fn() -> &'static str,
+    tag: fn() -> u64,
     clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
     /// Encodes the value with its own segment collector: the bytes refer to the segments by
     /// their position in the returned list.
@@ -333,6 +381,7 @@ struct OpsOf<T>(PhantomData<T>);
 impl<T: Payload> OpsOf<T> {
     const OPS: ValueOps = ValueOps {
         type_name: std::any::type_name::<T>,
+        tag: type_tag::<T>,
         clone: |v| Box::new(v.downcast_ref::<T>().expect("a T").clone()),
         encode: |v| {
             let value = v.downcast_ref::<T>().expect("a T");
@@ -360,21 +409,25 @@ impl ChannelData {
                     std::any::type_name::<T>()
                 )
             }),
-            Repr::Encoded { bytes, segments } => {
-                crate::wire::offering(segments, || match postcard::take_from_bytes::<T>(&bytes) {
-                    Ok((value, [])) => Ok(value),
-                    Ok((_, rest)) => Err(format!(
-                        "decoding it as a {} left {} bytes over (sent as another type?)",
-                        std::any::type_name::<T>(),
-                        rest.len()
-                    )),
-                    Err(e) => Err(format!(
-                        "decoding it as a {}: {} (sent as another type?)",
-                        std::any::type_name::<T>(),
-                        crate::wire::describe_decode_error(e)
-                    )),
-                })
-            }
+            Repr::Encoded { tag, .. } if tag != type_tag::<T>() => Err(format!(
+                "received a value sent as another type than the {} the receiver asked for",
+                std::any::type_name::<T>()
+            )),
+            Repr::Encoded {
+                bytes, segments, ..
+            } => crate::wire::offering(segments, || match postcard::take_from_bytes::<T>(&bytes) {
+                Ok((value, [])) => Ok(value),
+                Ok((_, rest)) => Err(format!(
+                    "decoding it as a {} left {} bytes over (sent as another type?)",
+                    std::any::type_name::<T>(),
+                    rest.len()
+                )),
+                Err(e) => Err(format!(
+                    "decoding it as a {}: {} (sent as another type?)",
+                    std::any::type_name::<T>(),
+                    crate::wire::describe_decode_error(e)
+                )),
+            }),
         }
     }
 }
@@ -386,7 +439,12 @@ impl Clone for ChannelData {
                 value: (ops.clone)(&**value),
                 ops,
             },
-            Repr::Encoded { bytes, segments } => Repr::Encoded {
+            Repr::Encoded {
+                tag,
+                bytes,
+                segments,
+            } => Repr::Encoded {
+                tag: *tag,
                 bytes: bytes.clone(),
                 segments: segments.clone(),
             },
@@ -409,15 +467,22 @@ impl<'de> Deserialize<'de> for Segment {
     }
 }
 
-/// The most zero-copy segments one channel value may carry.
-const MAX_VALUE_SEGMENTS: usize = 1024;
+/// The most zero-copy segments one channel value sent to another process may carry.
+pub(crate) const MAX_VALUE_SEGMENTS: usize = 1024;
 
 impl Serialize for ChannelData {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        let (bytes, segments) = match &self.0 {
-            Repr::Value { value, ops } => (ops.encode)(&**value).map_err(S::Error::custom)?,
-            Repr::Encoded { bytes, segments } => (bytes.to_vec(), segments.clone()),
+        let (tag, (bytes, segments)) = match &self.0 {
+            Repr::Value { value, ops } => (
+                (ops.tag)(),
+                (ops.encode)(&**value).map_err(S::Error::custom)?,
+            ),
+            Repr::Encoded {
+                tag,
+                bytes,
+                segments,
+            } => (*tag, (bytes.to_vec(), segments.clone())),
         };
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(S::Error::custom(format!(
@@ -426,17 +491,18 @@ impl Serialize for ChannelData {
             )));
         }
         let segments: Vec<Segment> = segments.into_iter().map(Segment).collect();
-        (serde_bytes_ref(&bytes), segments).serialize(s)
+        (tag, serde_bytes_ref(&bytes), segments).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for ChannelData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (bytes, segments): (ByteBuf, Vec<Segment>) = Deserialize::deserialize(d)?;
+        let (tag, bytes, segments): (u64, ByteBuf, Vec<Segment>) = Deserialize::deserialize(d)?;
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(D::Error::custom("a channel value with too many buffers"));
         }
         Ok(ChannelData(Repr::Encoded {
+            tag,
             bytes: Bytes::from(bytes.0),
             segments: segments.into_iter().map(|s| s.0).collect(),
         }))

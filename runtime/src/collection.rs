@@ -15,9 +15,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, PartialOrd, Ord)]
 pub struct CollectionId(pub(crate) u64);
 
+/// The bit of a [`CollectionId`] that marks a section's id (see `crate::section`).
+const SECTION_BIT: u64 = 1 << 39;
+
 impl CollectionId {
     pub(crate) fn new(creator_pe: usize, serial: u64) -> CollectionId {
-        CollectionId(((creator_pe as u64) << 40) | (serial & ((1 << 40) - 1)))
+        CollectionId(((creator_pe as u64) << 40) | (serial & (SECTION_BIT - 1)))
+    }
+
+    /// The id of a section made with this (fresh) id.
+    pub(crate) fn as_section(self) -> CollectionId {
+        CollectionId(self.0 | SECTION_BIT)
+    }
+
+    /// Whether this is a section's id: its reductions count members by the counts sealed when
+    /// it was made, never by a shape.
+    pub(crate) fn is_section(self) -> bool {
+        self.0 & SECTION_BIT != 0
     }
 }
 

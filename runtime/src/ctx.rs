@@ -14,7 +14,8 @@ use crate::index::{ArrayIndex, Index};
 use crate::proxy::{Array, ElementProxy, Group, Proxy};
 use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
 use crate::scheduler::with_pe;
-use std::cell::Cell;
+use rustc_hash::FxHashMap;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::rc::Rc;
 
@@ -23,6 +24,8 @@ pub struct Ctx<C> {
     parts: CtxParts,
     /// Number of this element's next reduction contribution.
     reductions: Rc<Cell<u64>>,
+    /// Number of this element's next contribution to each of its sections' reductions.
+    sections: Rc<RefCell<FxHashMap<CollectionId, u64>>>,
     _chare: PhantomData<fn() -> C>,
 }
 
@@ -33,6 +36,7 @@ impl<C> Clone for Ctx<C> {
         Ctx {
             parts: self.parts,
             reductions: self.reductions.clone(),
+            sections: self.sections.clone(),
             _chare: PhantomData,
         }
     }
@@ -40,20 +44,52 @@ impl<C> Clone for Ctx<C> {
 
 impl<C: Chare> Ctx<C> {
     pub(crate) fn from_parts(parts: CtxParts) -> Ctx<C> {
-        Self::arrived(parts, 0)
+        Self::arrived(parts, 0, &[])
     }
 
-    /// The context of an element that migrated in, with its reduction count so far.
-    pub(crate) fn arrived(parts: CtxParts, reductions: u64) -> Ctx<C> {
+    /// The context of an element that migrated in, with its reduction counts so far (of its
+    /// collection, and of each of its sections).
+    pub(crate) fn arrived(
+        parts: CtxParts,
+        reductions: u64,
+        sections: &[(CollectionId, u64)],
+    ) -> Ctx<C> {
         Ctx {
             parts,
             reductions: Rc::new(Cell::new(reductions)),
+            sections: Rc::new(RefCell::new(sections.iter().copied().collect())),
             _chare: PhantomData,
         }
     }
 
     pub(crate) fn reduction_count(&self) -> u64 {
         self.reductions.get()
+    }
+
+    /// The element's next contribution number for each of its sections, for a migration.
+    pub(crate) fn section_counts(&self) -> Vec<(CollectionId, u64)> {
+        let mut counts: Vec<_> = self
+            .sections
+            .borrow()
+            .iter()
+            .map(|(&c, &n)| (c, n))
+            .collect();
+        counts.sort_unstable();
+        counts
+    }
+
+    /// The number of this element's next contribution to section `section`.
+    pub(crate) fn peek_section_seq(&self, section: CollectionId) -> u64 {
+        self.sections.borrow().get(&section).copied().unwrap_or(0)
+    }
+
+    /// Takes the number of this element's next contribution to section `section`.
+    pub(crate) fn next_section_seq(&self, section: CollectionId) -> u64 {
+        let mut sections = self.sections.borrow_mut();
+        let next = sections.entry(section).or_insert(0);
+        let seq = *next;
+        *next += 1;
+        seq
     }
 
     /// The PE this element runs on.

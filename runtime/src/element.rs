@@ -36,11 +36,12 @@ pub(crate) trait ElementObj: Any {
     /// Delivers the buffered `when` calls whose condition now holds, earliest first, until none
     /// does.
     fn recheck_whens(self: Rc<Self>, pe: &PeState);
-    /// Whether the element must stay for now: a `when` message, or a channel value not received
-    /// yet, waits at it.
+    /// Whether the element must stay for now: a `when` message waits at it.
     fn pinned(&self) -> bool;
-    /// The sequence numbers of its channels, for a migration.
-    fn channel_counters(&self) -> Vec<crate::channel::ChannelCounters>;
+    /// Hands over its channels' state, for a migration (its channels here are unusable after).
+    fn leave_channels(&self) -> Vec<crate::channel::ChannelEnd>;
+    /// Its next contribution number for each of its sections, for a migration.
+    fn section_counts(&self) -> Vec<(crate::CollectionId, u64)>;
     /// The chare's state, serialized for a migration.
     fn pack(&self) -> Result<Vec<u8>, String>;
     /// Number of the element's next reduction contribution.
@@ -101,10 +102,13 @@ impl<C: Chare> ElementObj for Element<C> {
         }
     }
     fn pinned(&self) -> bool {
-        !self.whens.borrow().is_empty() || self.channels.borrow().holds_values()
+        !self.whens.borrow().is_empty()
     }
-    fn channel_counters(&self) -> Vec<crate::channel::ChannelCounters> {
-        self.channels.borrow().counters()
+    fn leave_channels(&self) -> Vec<crate::channel::ChannelEnd> {
+        self.channels.borrow_mut().leave()
+    }
+    fn section_counts(&self) -> Vec<(crate::CollectionId, u64)> {
+        self.ctx.section_counts()
     }
     fn pack(&self) -> Result<Vec<u8>, String> {
         let chare = self

@@ -65,6 +65,7 @@ mod reduction;
 pub mod registry;
 mod runtime;
 mod scheduler;
+mod section;
 mod sleep;
 mod sparse;
 mod when;
@@ -90,6 +91,7 @@ pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Sin
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
 pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
+pub use section::{Section, SectionCtx};
 pub use sleep::{sleep, Sleep};
 pub use wire::Buffer;
 
@@ -97,7 +99,7 @@ pub use wire::Buffer;
 pub mod prelude {
     pub use crate::{
         chare, reducer, wait_all, wait_any, Array, ArrayIndex, Callback, Channel, Chare, Coro, Ctx,
-        ElementProxy, Future, Group, Index, Proxy, ProxyTarget, Reducer, Single,
+        ElementProxy, Future, Group, Index, Proxy, ProxyTarget, Reducer, Section, Single,
     };
     pub use serde::{Deserialize, Serialize};
 }

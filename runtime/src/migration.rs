@@ -68,8 +68,10 @@ pub(crate) struct Migrant {
     pub(crate) reductions: u64,
     /// Measured load carried along (seconds).
     pub(crate) load: f64,
-    /// The sequence numbers of the element's channels.
-    pub(crate) channels: Vec<crate::channel::ChannelCounters>,
+    /// The element's channels: sequence numbers and values not received yet.
+    pub(crate) channels: Vec<crate::channel::ChannelEnd>,
+    /// Number of the element's next contribution to each of its sections.
+    pub(crate) sections: Vec<(CollectionId, u64)>,
     /// The chare's state, from [`Chare::pack`].
     pub(crate) state: Vec<u8>,
     /// If a load-balancing step ordered the move: (root PE, step), told on arrival.
@@ -96,7 +98,7 @@ pub(crate) fn unpack_element<C: Chare>(
     // them becomes an error the caller reports naming the element.
     let (chare, ctx) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut chare = C::unpack(&m.state)?;
-        let ctx = Ctx::<C>::arrived(parts, m.reductions);
+        let ctx = Ctx::<C>::arrived(parts, m.reductions, &m.sections);
         chare.migrated(&ctx);
         Ok::<_, String>((chare, ctx))
     }))
@@ -108,7 +110,7 @@ pub(crate) fn unpack_element<C: Chare>(
     })?;
     let element = Element::new(chare, ctx);
     element.add_load(m.load);
-    *element.channels.borrow_mut() = crate::channel::ChannelTable::from_counters(&m.channels);
+    *element.channels.borrow_mut() = crate::channel::ChannelTable::arrived(m.channels.clone());
     Ok(Rc::new(element))
 }
 
@@ -438,7 +440,8 @@ impl PeState {
             epoch: epoch + 1,
             reductions: element.reduction_count(),
             load: element.load(),
-            channels: element.channel_counters(),
+            channels: element.leave_channels(),
+            sections: element.section_counts(),
             state,
             balance: r.balance,
         };

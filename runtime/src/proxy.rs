@@ -85,7 +85,7 @@ impl<C: Chare> ElementProxy<C> {
         }
     }
 
-    /// The element's index.
+    /// The element's collection.
     pub(crate) fn collection(&self) -> CollectionId {
         self.coll
     }
@@ -239,6 +239,11 @@ impl<C: Chare> Proxy<C> {
     /// The collection's shape (single chare, group, or array with its dimensions).
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The priority calls through this proxy carry.
+    pub(crate) fn priority(&self) -> i32 {
+        self.priority
     }
 
     /// The collection's id.

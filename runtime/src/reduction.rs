@@ -14,7 +14,8 @@
 //! channels) waits for it. A reduction the root cannot decode (every contribution came encoded
 //! from other processes) is finished at once by the PE that encoded its first partial, which
 //! reports back to the root; for an entry target the report carries the result's call, which
-//! the root sends on in its turn, so results reach an entry target in reduction order. (A future
+//! the root sends on in its turn, so results reach an entry target in reduction order (except a
+//! call with so many zero-copy buffers that the report cannot nest it: it goes directly). (A future
 //! or `at_sync` target of a reduction finished elsewhere is served from there directly: each
 //! has its own future, or waits for its step.) An element's contribution travels at the
 //! migration message's priority, so one sent to the home just before the element moves there
@@ -882,12 +883,13 @@ impl PeState {
         let (me, to) = (self.pe as u32, root as u32);
         let message = match crate::wire::finished_message(table, coll, seq, call.as_deref(), me, to)
         {
-            Ok(m) => Ok(m),
-            Err(_) if call.is_some() => {
-                // The call does not fit inside a report (a call with the most segments a
-                // message may have): it goes from here, the report without it.
-                crate::callback::send_routed(self, *call.expect("checked"));
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => {
+                // The call does not fit inside a report (it has the most segments a message may
+                // have): it goes from here, out of the root's order, the report without it.
+                crate::callback::send_routed(self, *call.expect("only a call can be too large"));
                 crate::wire::finished_message(table, coll, seq, None, me, to)
+                    .map(|m| m.expect("a report without a call fits"))
             }
             Err(e) => Err(e),
         };

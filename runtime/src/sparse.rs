@@ -36,7 +36,7 @@ impl PeState {
         shape: &Shape,
     ) -> Option<(usize, Vec<usize>)> {
         let n = self.num_pes();
-        if !shape.counted_by_pe() {
+        if !shape.counted_by_pe() && !coll.is_section() {
             return Some((shape.local_count(self.pe, n), shape.member_pes(n)));
         }
         let counts = self.counts_by_home(coll, shape)?;
@@ -47,19 +47,19 @@ impl PeState {
     /// The first half of [`membership`](Self::membership) alone (no member list built): how many
     /// elements of `coll` have their home on this PE.
     pub(crate) fn homes_here(&self, coll: CollectionId, shape: &Shape) -> Option<usize> {
-        if !shape.counted_by_pe() {
+        if !shape.counted_by_pe() && !coll.is_section() {
             return Some(shape.local_count(self.pe, self.num_pes()));
         }
         Some(self.counts_by_home(coll, shape)?[self.pe] as usize)
     }
 
-    /// Elements per home PE of a mapped dense or sparse array (computed once for a dense one),
-    /// or `None` for a sparse array that is not sealed here yet.
+    /// Elements per home PE of a mapped dense or sparse array or a section (computed once for a
+    /// dense array), or `None` for a sparse array or section that is not sealed here yet.
     fn counts_by_home(&self, coll: CollectionId, shape: &Shape) -> Option<Rc<[u32]>> {
         let known = self.home_counts.borrow().get(&coll).cloned();
         match known {
             Some(c) => Some(c),
-            None if matches!(shape, Shape::Array { .. }) => {
+            None if matches!(shape, Shape::Array { .. }) && !coll.is_section() => {
                 let c: Rc<[u32]> = shape.home_counts(self.num_pes()).into();
                 self.home_counts.borrow_mut().insert(coll, c.clone());
                 Some(c)

@@ -186,7 +186,8 @@ struct FinishedMeta {
 
 /// Tells PE `dst`, the root of `coll`'s reduction tree, that PE `src` finished reduction `seq`,
 /// with the result's call for an entry target (see
-/// [`Control::ReduceFinished`](crate::envelope::Control::ReduceFinished)).
+/// [`Control::ReduceFinished`](crate::envelope::Control::ReduceFinished)); `None` if the call has
+/// so many segments that the report cannot carry it.
 pub(crate) fn finished_message(
     table: &EntryTable,
     coll: CollectionId,
@@ -194,11 +195,14 @@ pub(crate) fn finished_message(
     call: Option<&crate::callback::Routed>,
     src_pe: u32,
     dst_pe: u32,
-) -> Result<Message, String> {
+) -> Result<Option<Message>, String> {
     let (call, segments) = match call {
         None => (None, Vec::new()),
         Some(routed) => {
             let inner = encode(&routed.env, table, src_pe, routed.to.unwrap_or(dst_pe))?;
+            if inner.segments().len() >= usize::from(charmrs_transport::MAX_SEGMENTS) {
+                return Ok(None); // no room for the report's own segment
+            }
             let header = inner.header().to_bytes();
             (Some((routed.to, header)), inner.segments().to_vec())
         }
@@ -210,7 +214,7 @@ pub(crate) fn finished_message(
     for seg in segments {
         m.push_segment(seg).map_err(|e| e.to_string())?;
     }
-    Ok(m)
+    Ok(Some(m))
 }
 
 /// Decodes a [`finished_message`] into the envelope for its PE.
@@ -1420,12 +1424,14 @@ mod tests {
             epoch: 5,
             reductions: 6,
             load: 0.25,
-            channels: vec![crate::channel::ChannelCounters {
+            channels: vec![crate::channel::ChannelEnd {
                 remote: (CollectionId::new(1, 2), Index::new(&[3]).unwrap()),
                 port: 4,
                 next_send: 5,
                 next_receive: 6,
+                arrived: Vec::new(),
             }],
+            sections: vec![(CollectionId::new(2, 3).as_section(), 7)],
             state: vec![1, 2, 3],
             balance: Some((0, 9)),
         };
@@ -1456,7 +1462,8 @@ mod tests {
                             m.load,
                             &m.state,
                             m.balance,
-                            &m.channels
+                            format!("{:?}", m.channels),
+                            &m.sections
                         ),
                         (
                             want.coll,
@@ -1466,7 +1473,8 @@ mod tests {
                             want.load,
                             &want.state,
                             want.balance,
-                            &want.channels
+                            format!("{:?}", want.channels),
+                            &want.sections
                         )
                     );
                 }

@@ -97,6 +97,33 @@ impl Cell {
         self.moves
     }
 
+    /// Sends `count` numbered values to element `to` of this array.
+    #[entry]
+    async fn send_numbers(this: Coro<Self>, to: usize, count: u64) {
+        let out = this.channel(&this.ctx().this_proxy().at(to));
+        for k in 0..count {
+            out.send(k);
+        }
+    }
+
+    /// Receives `count` numbered values from element `from`, in order; returns their sum.
+    #[entry]
+    async fn receive_numbers(this: Coro<Self>, from: usize, count: u64) -> u64 {
+        let input = this.channel(&this.ctx().this_proxy().at(from));
+        let mut sum = 0;
+        for k in 0..count {
+            assert_eq!(input.recv::<u64>().await, k, "in order");
+            sum += k;
+        }
+        sum
+    }
+
+    #[entry]
+    fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
+        self.moves += 1;
+        ctx.migrate(pe).unwrap();
+    }
+
     /// Sends itself a value through a channel to itself and receives it.
     #[entry]
     async fn talk_to_self(this: Coro<Self>) -> String {
@@ -167,6 +194,12 @@ impl Sender {
     #[entry]
     async fn text(this: Coro<Self>, to: ElementProxy<Sink>) {
         this.channel(&to).send(String::from("not a number"));
+    }
+
+    /// A `u32`, which postcard encodes as a `u64` would be.
+    #[entry]
+    async fn small_number(this: Coro<Self>, to: ElementProxy<Sink>) {
+        this.channel(&to).send(5u32);
     }
 }
 
@@ -245,4 +278,41 @@ fn a_value_received_as_another_type_aborts_naming_the_channel() {
             assert!(e.contains("String"), "{e}");
         }
     }
+}
+
+/// The receiver migrates while values wait for it, unreceived: they travel with it, and a
+/// receive after the move gets them all, in order.
+#[test]
+fn unreceived_values_travel_with_a_migrating_receiver() {
+    for wire in [false, true] {
+        let rt = charmrs::Runtime::new(3).affinity(false).wire_check(wire);
+        run_job_with(rt, |_| async {
+            let cells = Array::<Cell, usize>::new(2, ());
+            cells.at(0usize).send_numbers(1, 40);
+            charmrs::wait_qd().await; // all 40 wait at element 1, unreceived
+            cells.at(1usize).go_to(2);
+            charmrs::wait_qd().await;
+            assert_eq!(cells.at(1usize).ret().moves().await, 1);
+            let sum = cells.at(1usize).ret().receive_numbers(0, 40).await;
+            assert_eq!(sum, 40 * 39 / 2);
+            charmrs::exit(0);
+        })
+        .unwrap();
+    }
+}
+
+/// A `u32` received as a `u64` decodes without error byte-wise; the type tag still catches it.
+#[test]
+fn a_value_of_a_compatible_encoding_but_another_type_is_caught() {
+    let rt = charmrs::Runtime::new(2).affinity(false).wire_check(true);
+    let e = run_job_with(rt, |_| async {
+        let sink = Single::<Sink>::new((), Some(1));
+        let sender = Single::<Sender>::new((), Some(0));
+        let got = sink.ret().wrong_type(*sender);
+        sender.small_number(*sink);
+        got.await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("another type") && e.contains("u64"), "{e}");
 }

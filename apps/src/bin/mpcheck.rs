@@ -451,6 +451,27 @@ impl Wanderer {
         ctx.migrate(pe).unwrap();
     }
 
+    /// Sums the members' indices over `section`, `rounds` times by allreduce, then once into
+    /// `sum`.
+    #[entry]
+    async fn sum_section(
+        this: Coro<Self>,
+        section: Section<Wanderer>,
+        rounds: u32,
+        sum: Future<u64>,
+    ) {
+        let me: usize = this.ctx().index();
+        for _ in 0..rounds {
+            this.ctx()
+                .section(&section)
+                .allreduce(me as u64, Reducer::Sum)
+                .await;
+        }
+        this.ctx()
+            .section(&section)
+            .contribute(me as u64, Reducer::Sum, sum);
+    }
+
     /// Contributes `round` to `to` (a callback that came in the call), moves on to the next PE and contributes the next round from
     /// there, `rounds` times: an element's consecutive contributions leave from different PEs,
     /// over different channels, and may reach the reduction's root in either order.
@@ -587,6 +608,14 @@ async fn mobility() {
     relays.at(0usize).stream(p - 1, 0, 60);
     assert_eq!(sum.await, 25_000.0);
     println!("ok channels");
+    // A section of the wanderers (spread over the processes by the moves above): a call reaches
+    // its members only; their reductions count them only.
+    let thirds = a.section((0..WANDERERS).step_by(3));
+    let sum = Future::new();
+    thirds.sum_section(thirds.clone(), 5, sum);
+    let want: u64 = (0..WANDERERS as u64).step_by(3).sum();
+    assert_eq!(sum.await, want);
+    println!("ok sections");
     charmrs::exit(0);
 }
 

@@ -1,0 +1,382 @@
+//! Sections: a subset of a collection's elements that can be called together and reduce
+//! together (charm4py's section proxies, `charm.split`; Charm++'s `CProxySection`).
+//!
+//! # What this module owns
+//!
+//! * [`Section`], the proxy to a subset: calls through it go to every member
+//!   ([`ProxyTarget`]); it is a value (serializable), so members can receive it and reduce over
+//!   it with [`Ctx::section`].
+//! * [`SectionCtx`], an element's reduction operations over one of its sections.
+//!
+//! # Invariants
+//!
+//! * A section has its own job-wide id (a collection id with the section bit set), under which
+//!   its reductions run in the ordinary reduction tree: its members counted at their home PEs.
+//!   Those counts are computed once when the section is made and sealed on every PE (as a sparse
+//!   array's are by `done_inserting`); a reduction that reaches a PE before them waits there.
+//! * Each element numbers its contributions to each of its sections separately (the k-th
+//!   contribution of every member is reduction k of the section); the numbers travel with the
+//!   element when it migrates.
+//! * Members are sorted and distinct; an element contributing to a section it is not in panics
+//!   naming both (its contribution could never complete a reduction).
+
+use crate::callback::CallbackDest;
+use crate::chare::{Chare, Entry, Payload};
+use crate::collection::CollectionId;
+use crate::ctx::Ctx;
+use crate::error::{Error, Result};
+use crate::future::Future;
+use crate::index::{ArrayIndex, Index};
+use crate::proxy::{ElementProxy, Proxy, ProxyTarget};
+use crate::reduction::{CustomReducer, Kind, Part, Reduce, Reducer, Target};
+use crate::scheduler::with_pe;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::sync::Arc;
+
+/// A subset of the elements of a collection: calls through it reach every member, and members
+/// reduce over it with [`Ctx::section`].
+///
+/// Made with [`Proxy::section`] (any collection: the members' indices) or
+/// [`Array::section`](crate::Array::section) / [`Group::section`](crate::Group::section).
+///
+/// ```no_run
+/// use charmrs::prelude::*;
+///
+/// struct Cell;
+///
+/// #[chare]
+/// impl Cell {
+///     fn new() -> Self { Cell }
+///
+///     #[entry]
+///     fn step(&mut self, ctx: &Ctx<Self>, evens: Section<Cell>, done: Future<f64>) {
+///         let me: usize = ctx.index();
+///         ctx.section(&evens).contribute(me as f64, Reducer::Sum, done);
+///     }
+/// }
+///
+/// fn main() {
+///     charmrs::start(|_| async {
+///         let cells = Array::<Cell, usize>::new(10, ());
+///         let evens = cells.section((0..10).step_by(2));
+///         let done = Future::new();
+///         evens.step(evens.clone(), done);      // a call to the 5 members only
+///         assert_eq!(done.await, 20.0);         // 0 + 2 + 4 + 6 + 8
+///         charmrs::exit(0);
+///     })
+/// }
+/// ```
+pub struct Section<C> {
+    id: CollectionId,
+    parent: Proxy<C>,
+    members: Arc<[Index]>,
+}
+
+impl<C> Clone for Section<C> {
+    fn clone(&self) -> Self {
+        Section {
+            id: self.id,
+            parent: self.parent,
+            members: self.members.clone(),
+        }
+    }
+}
+
+impl<C: Chare> std::fmt::Debug for Section<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Section({:?} of {:?}, {} members)",
+            self.id,
+            self.parent.id(),
+            self.members.len()
+        )
+    }
+}
+
+impl<C: Chare> Proxy<C> {
+    /// The section of this collection made of the elements at `members` (duplicates count once).
+    /// Elements reduce over it with [`Ctx::section`]; calls through it reach every member.
+    ///
+    /// # Errors
+    /// An index out of the collection's range, or no member at all.
+    pub fn try_section(&self, members: impl IntoIterator<Item = Index>) -> Result<Section<C>> {
+        let mut members: Vec<Index> = members.into_iter().collect();
+        members.sort_unstable();
+        members.dedup();
+        if members.is_empty() {
+            return Err(Error::Options(format!(
+                "a section of {} {:?} without members",
+                self.shape().describe(),
+                self.id()
+            )));
+        }
+        let shape = self.shape();
+        with_pe("Proxy::section", |pe| {
+            let n = pe.num_pes();
+            let mut counts = vec![0u32; n];
+            for index in &members {
+                shape.check(index, n)?;
+                counts[shape.home_pe(index, n)] += 1;
+            }
+            let id = pe.new_collection_id().as_section();
+            pe.broadcast_seal(id, counts);
+            Ok(Section {
+                id,
+                parent: *self,
+                members: members.into(),
+            })
+        })?
+    }
+
+    /// [`try_section`](Self::try_section), panicking on an error.
+    ///
+    /// # Panics
+    /// An index out of range, no member, or outside a running PE.
+    pub fn section(&self, members: impl IntoIterator<Item = Index>) -> Section<C> {
+        self.try_section(members).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl<C: Chare, I: ArrayIndex> crate::Array<C, I> {
+    /// The section made of the elements at `members` (charm4py's `charm.split` or a slice of
+    /// an array proxy).
+    ///
+    /// # Panics
+    /// An index out of range, no member, or outside a running PE.
+    pub fn section(&self, members: impl IntoIterator<Item = I>) -> Section<C> {
+        let members: Vec<Index> = members
+            .into_iter()
+            .map(|i| {
+                i.to_index()
+                    .unwrap_or_else(|e| panic!("Array::section: {e}"))
+            })
+            .collect();
+        (**self).section(members)
+    }
+}
+
+impl<C: Chare> crate::Group<C> {
+    /// The section made of the group's elements on PEs `pes`.
+    ///
+    /// # Panics
+    /// A PE that does not exist, no member, or outside a running PE.
+    pub fn section(&self, pes: impl IntoIterator<Item = usize>) -> Section<C> {
+        (**self).section(
+            pes.into_iter()
+                .map(|p| Index::new(&[p]).expect("one dimension")),
+        )
+    }
+}
+
+impl<C: Chare> Section<C> {
+    /// The members' indices, in increasing order.
+    pub fn members(&self) -> &[Index] {
+        &self.members
+    }
+
+    /// Whether the element at `index` is a member.
+    pub fn contains(&self, index: &Index) -> bool {
+        self.members.binary_search(index).is_ok()
+    }
+
+    /// The collection the section is part of.
+    pub fn collection(&self) -> &Proxy<C> {
+        &self.parent
+    }
+
+    /// The same section, with calls through it carrying `priority` (lower runs first).
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.parent = self.parent.with_priority(priority);
+        self
+    }
+}
+
+impl<C: Chare> ProxyTarget<C> for Section<C> {
+    type Reply<R: Payload> = ();
+
+    /// Not available: a callback names one element or a whole collection.
+    ///
+    /// # Panics
+    /// Always.
+    fn callback_dest(&self) -> CallbackDest {
+        panic!(
+            "a callback cannot go to a section ({self:?}): pass the section in a call and have \
+             the members reduce over it, or call back one element or the whole collection"
+        )
+    }
+
+    /// One call per member (the arguments cloned for all but the last).
+    ///
+    /// # Panics
+    /// Outside a running PE, or for a section received from another job's layout (a member
+    /// beyond this job's PEs).
+    fn send_entry<E: Entry<C>>(&self, args: E::Args) {
+        let shape = self.parent.shape();
+        let n = crate::num_pes();
+        let proxy = |index: &Index| {
+            if let Err(e) = shape.check(index, n) {
+                panic!("a call to {self:?}: {e}");
+            }
+            ElementProxy::<C>::from_parts(self.parent.id(), *index, shape.home_pe(index, n))
+                .with_priority(self.parent.priority())
+        };
+        let (last, rest) = self.members.split_last().expect("a section has members");
+        for index in rest {
+            proxy(index).send_entry::<E>(args.clone());
+        }
+        proxy(last).send_entry::<E>(args);
+    }
+}
+
+/// A section's wire form.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+struct WireSection<C> {
+    id: CollectionId,
+    parent: Proxy<C>,
+    members: Vec<Index>,
+}
+
+impl<C> Serialize for Section<C> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        (self.id, &self.parent, &*self.members).serialize(s)
+    }
+}
+
+impl<'de, C: Chare> Deserialize<'de> for Section<C> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let wire: WireSection<C> = {
+            let (id, parent, members) = <(CollectionId, Proxy<C>, Vec<Index>)>::deserialize(d)?;
+            WireSection {
+                id,
+                parent,
+                members,
+            }
+        };
+        let sorted = wire.members.windows(2).all(|w| w[0] < w[1]);
+        if !wire.id.is_section() || wire.members.is_empty() || !sorted {
+            return Err(crate::wire::custom_error(format!(
+                "a malformed section of {:?} ({} members)",
+                wire.parent.id(),
+                wire.members.len()
+            )));
+        }
+        if let Some(bad) = wire
+            .members
+            .iter()
+            .find(|i| wire.parent.shape().check(i, usize::MAX).is_err())
+        {
+            return Err(crate::wire::custom_error(format!(
+                "a section of {:?} with member {bad} out of its range",
+                wire.parent.id()
+            )));
+        }
+        Ok(Section {
+            id: wire.id,
+            parent: wire.parent,
+            members: wire.members.into(),
+        })
+    }
+}
+
+impl<C: Chare> Ctx<C> {
+    /// This element's reductions over `section` (charm4py's `contribute(..., section=s)`).
+    ///
+    /// # Panics
+    /// If this element is not a member of `section`, or the section is of another collection.
+    pub fn section<'a>(&'a self, section: &'a Section<C>) -> SectionCtx<'a, C> {
+        let index = self.raw_index();
+        assert!(
+            section.parent.id() == self.collection() && section.contains(&index),
+            "element {index} of {} {:?} is not a member of {section:?}",
+            C::NAME,
+            self.collection()
+        );
+        SectionCtx { ctx: self, section }
+    }
+}
+
+/// An element's reductions over one of its sections (see [`Ctx::section`]): the same
+/// operations as on [`Ctx`], over the section's members only. Every member must contribute to
+/// each of the section's reductions, in the same order.
+pub struct SectionCtx<'a, C> {
+    ctx: &'a Ctx<C>,
+    section: &'a Section<C>,
+}
+
+impl<C: Chare> SectionCtx<'_, C> {
+    fn contribute_part(&self, what: &'static str, part: Part) {
+        let seq = self.ctx.next_section_seq(self.section.id);
+        let shape = self.section.parent.shape();
+        with_pe(what, |pe| {
+            pe.contribute(self.section.id, seq, shape, &self.ctx.raw_index(), part)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Ctx::contribute`] over the section.
+    ///
+    /// # Panics
+    /// If `reducer` does not apply to `T`.
+    pub fn contribute<T: Reduce>(&self, data: T, reducer: Reducer, target: impl Into<Target<T>>) {
+        assert!(
+            T::supports(reducer),
+            "contribute: reducer {reducer:?} does not apply to {}",
+            std::any::type_name::<T>()
+        );
+        let part = Part::new(data, Kind::builtin::<T>(reducer), target);
+        self.contribute_part("contribute", part);
+    }
+
+    /// [`Ctx::contribute_with`] over the section.
+    pub fn contribute_with<T: Payload>(
+        &self,
+        data: T,
+        reducer: &CustomReducer<T>,
+        target: impl Into<Target<T>>,
+    ) {
+        let part = Part::new(data, Kind::custom(reducer), target);
+        self.contribute_part("contribute_with", part);
+    }
+
+    /// [`Ctx::gather`] over the section: the members' values, ordered by index.
+    pub fn gather<T: Payload>(&self, data: T, target: impl Into<Target<Vec<T>>>) {
+        let target: Target<Vec<T>> = target.into();
+        let part = Part::new(
+            vec![(self.ctx.raw_index(), data)],
+            Kind::gather::<T>(),
+            Target::retype(target),
+        );
+        self.contribute_part("gather", part);
+    }
+
+    /// [`Ctx::barrier`] over the section.
+    pub fn barrier(&self, target: impl Into<Target<()>>) {
+        let part = Part::new((), Kind::builtin::<()>(Reducer::Sum), target);
+        self.contribute_part("barrier", part);
+    }
+
+    /// [`Ctx::allreduce`] over the section: every member gets the result.
+    ///
+    /// # Panics
+    /// If `reducer` does not apply to `T`.
+    pub fn allreduce<T: Reduce>(&self, data: T, reducer: Reducer) -> Future<T> {
+        assert!(
+            T::supports(reducer),
+            "allreduce: reducer {reducer:?} does not apply to {}",
+            std::any::type_name::<T>()
+        );
+        let seq = self.ctx.peek_section_seq(self.section.id);
+        let fut = Future::<T>::new();
+        let kind = Kind::builtin::<T>(reducer);
+        with_pe("allreduce", |pe| {
+            pe.reductions
+                .borrow_mut()
+                .add_allreduce_future(self.section.id, seq, fut.parts(), kind)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.contribute_part("allreduce", Part::everyone(data, kind));
+        fut
+    }
+}

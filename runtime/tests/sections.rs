@@ -1,0 +1,207 @@
+//! Sections (charm4py's section proxies): calls reach the members only; reductions, gathers,
+//! barriers and allreduces over a section count its members only, overlapping sections keep
+//! separate reduction numbers, members may migrate between reductions, and misuse is an error
+//! naming the problem.
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Index;
+use common::{run_job, run_job_with};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cell {
+    calls: u32,
+}
+
+#[chare(migratable)]
+impl Cell {
+    fn new() -> Self {
+        Cell { calls: 0 }
+    }
+
+    /// Counts the call, then sums the index over `section` into `sum`, gathers it into
+    /// `all` and reaches the barrier `done`.
+    #[entry]
+    fn step(
+        &mut self,
+        ctx: &Ctx<Self>,
+        section: Section<Cell>,
+        sum: Future<u64>,
+        all: Future<Vec<u64>>,
+        done: Future<()>,
+    ) {
+        self.calls += 1;
+        let me: usize = ctx.index();
+        let s = ctx.section(&section);
+        s.contribute(me as u64, Reducer::Sum, sum);
+        s.gather(me as u64, all);
+        s.barrier(done);
+    }
+
+    /// `rounds` allreduces of 1 over `section`, each answered before the next.
+    #[entry]
+    async fn count(this: Coro<Self>, section: Section<Cell>, rounds: u32) -> u64 {
+        let mut last = 0;
+        for _ in 0..rounds {
+            last = this
+                .ctx()
+                .section(&section)
+                .allreduce(1u64, Reducer::Sum)
+                .await;
+        }
+        last
+    }
+
+    #[entry]
+    fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
+        ctx.migrate(pe).unwrap();
+    }
+
+    #[entry]
+    fn calls(&mut self) -> u32 {
+        self.calls
+    }
+
+    /// Contributes over a section it may not be in.
+    #[entry]
+    fn stray(&mut self, ctx: &Ctx<Self>, section: Section<Cell>, sum: Future<u64>) {
+        ctx.section(&section).contribute(1u64, Reducer::Sum, sum);
+    }
+}
+
+/// One section's round: multicast `step`, then its sum, gather and barrier.
+async fn round(section: &Section<Cell>) -> (u64, Vec<u64>) {
+    let (sum, all, done) = (Future::new(), Future::new(), Future::new());
+    section.step(section.clone(), sum, all, done);
+    done.await;
+    (sum.await, all.await)
+}
+
+#[test]
+fn calls_and_reductions_over_overlapping_sections_count_their_members_only() {
+    for wire in [false, true] {
+        let rt = charmrs::Runtime::new(4).affinity(false).wire_check(wire);
+        run_job_with(rt, |_| async {
+            let cells = Array::<Cell, usize>::new(12, ());
+            let evens = cells.section((0..12).step_by(2));
+            let threes = cells.section((0..12).step_by(3));
+            assert_eq!(evens.members().len(), 6);
+            for _ in 0..3 {
+                // The two sections' rounds interleave; elements 0 and 6 are in both.
+                let (e, t) = futures_both(round(&evens), round(&threes)).await;
+                assert_eq!(e, (30, vec![0, 2, 4, 6, 8, 10]));
+                assert_eq!(t, (18, vec![0, 3, 6, 9]));
+            }
+            let calls: Vec<u32> = cells.gather().calls().await;
+            for (k, c) in calls.iter().enumerate() {
+                let want = 3 * (u32::from(k % 2 == 0) + u32::from(k % 3 == 0));
+                assert_eq!(
+                    *c, want,
+                    "element {k} was called once per round of its sections"
+                );
+            }
+            charmrs::exit(0);
+        })
+        .unwrap();
+    }
+}
+
+/// Both futures, polled together.
+async fn futures_both<A, B>(
+    a: impl std::future::Future<Output = A>,
+    b: impl std::future::Future<Output = B>,
+) -> (A, B) {
+    let (mut a, mut b) = (Box::pin(a), Box::pin(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let std::task::Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    (ra.unwrap(), rb.unwrap())
+}
+
+/// Members migrate between a section's reductions: their reduction numbers go with them.
+#[test]
+fn members_keep_their_section_reductions_through_migrations() {
+    run_job(4, |_| async {
+        let cells = Array::<Cell, usize>::new(8, ());
+        let odds = cells.section((1..8).step_by(2));
+        let counts: Vec<u64> = odds_gather(&cells, &odds, 5).await;
+        assert_eq!(counts, vec![4; 4]);
+        for k in (1..8).step_by(2) {
+            cells.at(k).go_to((k + 1) % 4);
+        }
+        charmrs::wait_qd().await;
+        assert_eq!(round(&odds).await, (16, vec![1, 3, 5, 7]));
+        let counts = odds_gather(&cells, &odds, 5).await;
+        assert_eq!(counts, vec![4; 4]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// Every member of `section` runs `count` (`rounds` allreduces); their answers by index.
+async fn odds_gather(cells: &Array<Cell, usize>, section: &Section<Cell>, rounds: u32) -> Vec<u64> {
+    let mut out = Vec::new();
+    let pending: Vec<_> = section
+        .members()
+        .iter()
+        .map(|i| cells.at(i.get(0)).ret().count(section.clone(), rounds))
+        .collect();
+    for f in pending {
+        out.push(f.await);
+    }
+    out
+}
+
+#[test]
+fn a_group_section_reaches_its_pes() {
+    run_job(4, |_| async {
+        let group = Group::<Cell>::new(());
+        let section = group.section([1, 3]);
+        assert_eq!(round(&section).await, (4, vec![1, 3]));
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn section_misuse_is_an_error_naming_it() {
+    run_job(2, |_| async {
+        let cells = Array::<Cell, usize>::new(4, ());
+        let e = cells
+            .try_section([Index::new(&[9]).unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains('9'), "{e}");
+        let e = cells.try_section([]).unwrap_err().to_string();
+        assert!(e.contains("without members"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+    let e = run_job(2, |_| async {
+        let cells = Array::<Cell, usize>::new(4, ());
+        let low = cells.section([0, 1]);
+        let sum = Future::new();
+        cells.at(3usize).stray(low, sum);
+        sum.await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a member of Section"), "{e}");
+}
