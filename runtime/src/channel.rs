@@ -103,7 +103,7 @@ impl<C: Chare> Coro<C> {
     pub fn channel_on_port<R: Chare>(&self, remote: &ElementProxy<R>, port: u32) -> Channel<R> {
         let ctx = self.ctx();
         Channel {
-            table: self.element().channels.clone(),
+            table: self.element().channel_table().clone(),
             me: (ctx.collection(), ctx.raw_index()),
             remote: *remote,
             remote_id: (remote.collection(), remote.index()),
@@ -556,7 +556,7 @@ impl<C: Chare> Entry<C> for ChannelDeliver {
     const ID: u64 = C::CHANNEL_ID;
 
     fn call(this: &Coro<C>, (message,): Self::Args) -> Invoked<()> {
-        let arrived = this.element().channels.borrow_mut().arrive(message);
+        let arrived = this.element().channel_table().borrow_mut().arrive(message);
         if let Err(e) = arrived {
             panic!("{e}");
         }

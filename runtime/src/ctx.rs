@@ -22,11 +22,17 @@ use std::rc::Rc;
 /// The context of one element of chare type `C`.
 pub struct Ctx<C> {
     parts: CtxParts,
-    /// Number of this element's next reduction contribution.
-    reductions: Rc<Cell<u64>>,
-    /// Number of this element's next contribution to each of its sections' reductions.
-    sections: Rc<RefCell<FxHashMap<CollectionId, u64>>>,
+    /// Numbers of this element's next reduction contributions.
+    counts: Rc<Counts>,
     _chare: PhantomData<fn() -> C>,
+}
+
+/// Numbers of an element's next reduction contributions (shared by the copies of its `Ctx`).
+struct Counts {
+    /// To its collection's reductions.
+    reductions: Cell<u64>,
+    /// To each of its sections' reductions.
+    sections: RefCell<FxHashMap<CollectionId, u64>>,
 }
 
 /// A copy names the same element (an `async fn new` receives one by value); they share the
@@ -35,8 +41,7 @@ impl<C> Clone for Ctx<C> {
     fn clone(&self) -> Self {
         Ctx {
             parts: self.parts,
-            reductions: self.reductions.clone(),
-            sections: self.sections.clone(),
+            counts: self.counts.clone(),
             _chare: PhantomData,
         }
     }
@@ -56,19 +61,22 @@ impl<C: Chare> Ctx<C> {
     ) -> Ctx<C> {
         Ctx {
             parts,
-            reductions: Rc::new(Cell::new(reductions)),
-            sections: Rc::new(RefCell::new(sections.iter().copied().collect())),
+            counts: Rc::new(Counts {
+                reductions: Cell::new(reductions),
+                sections: RefCell::new(sections.iter().copied().collect()),
+            }),
             _chare: PhantomData,
         }
     }
 
     pub(crate) fn reduction_count(&self) -> u64 {
-        self.reductions.get()
+        self.counts.reductions.get()
     }
 
     /// The element's next contribution number for each of its sections, for a migration.
     pub(crate) fn section_counts(&self) -> Vec<(CollectionId, u64)> {
         let mut counts: Vec<_> = self
+            .counts
             .sections
             .borrow()
             .iter()
@@ -80,12 +88,17 @@ impl<C: Chare> Ctx<C> {
 
     /// The number of this element's next contribution to section `section`.
     pub(crate) fn peek_section_seq(&self, section: CollectionId) -> u64 {
-        self.sections.borrow().get(&section).copied().unwrap_or(0)
+        self.counts
+            .sections
+            .borrow()
+            .get(&section)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Takes the number of this element's next contribution to section `section`.
     pub(crate) fn next_section_seq(&self, section: CollectionId) -> u64 {
-        let mut sections = self.sections.borrow_mut();
+        let mut sections = self.counts.sections.borrow_mut();
         let next = sections.entry(section).or_insert(0);
         let seq = *next;
         *next += 1;
@@ -162,8 +175,8 @@ impl<C: Chare> Ctx<C> {
     }
 
     fn contribute_part(&self, what: &'static str, part: Part) {
-        let seq = self.reductions.get();
-        self.reductions.set(seq + 1);
+        let seq = self.counts.reductions.get();
+        self.counts.reductions.set(seq + 1);
         with_pe(what, |pe| {
             pe.contribute(
                 self.parts.coll,
@@ -295,7 +308,7 @@ impl<C: Chare> Ctx<C> {
             "allreduce: reducer {reducer:?} does not apply to {}",
             std::any::type_name::<T>()
         );
-        let seq = self.reductions.get();
+        let seq = self.counts.reductions.get();
         let fut = Future::<T>::new();
         let kind = Kind::builtin::<T>(reducer);
         with_pe("allreduce", |pe| {

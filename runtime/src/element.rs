@@ -28,7 +28,8 @@ pub(crate) struct Element<C> {
     /// Seconds spent in this element's entry methods since the last load-balancing step.
     load: Cell<f64>,
     /// The element's channel ends (shared with the [`Channel`](crate::Channel)s made from it).
-    pub(crate) channels: Rc<RefCell<crate::channel::ChannelTable>>,
+    /// Made on first use (most elements never use a channel).
+    channels: std::cell::OnceCell<Rc<RefCell<crate::channel::ChannelTable>>>,
 }
 
 /// Type-erased element: what the PE's tables hold.
@@ -61,7 +62,20 @@ impl<C: Chare> Element<C> {
             whens: RefCell::default(),
             dirty: Cell::new(false),
             load: Cell::new(0.0),
-            channels: Rc::default(),
+            channels: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The element's channel table (made on first use).
+    pub(crate) fn channel_table(&self) -> &Rc<RefCell<crate::channel::ChannelTable>> {
+        self.channels.get_or_init(Rc::default)
+    }
+
+    /// The channel state of an element that migrated in.
+    pub(crate) fn set_channels(&self, ends: Vec<crate::channel::ChannelEnd>) {
+        if !ends.is_empty() {
+            let table = Rc::new(RefCell::new(crate::channel::ChannelTable::arrived(ends)));
+            let _ = self.channels.set(table);
         }
     }
 
@@ -105,7 +119,10 @@ impl<C: Chare> ElementObj for Element<C> {
         !self.whens.borrow().is_empty()
     }
     fn leave_channels(&self) -> Vec<crate::channel::ChannelEnd> {
-        self.channels.borrow_mut().leave()
+        self.channels
+            .get()
+            .map(|table| table.borrow_mut().leave())
+            .unwrap_or_default()
     }
     fn section_counts(&self) -> Vec<(crate::CollectionId, u64)> {
         self.ctx.section_counts()

@@ -110,7 +110,7 @@ pub(crate) fn unpack_element<C: Chare>(
     })?;
     let element = Element::new(chare, ctx);
     element.add_load(m.load);
-    *element.channels.borrow_mut() = crate::channel::ChannelTable::arrived(m.channels.clone());
+    element.set_channels(m.channels.clone());
     Ok(Rc::new(element))
 }
 
