@@ -103,9 +103,8 @@ impl<A> serde::Serialize for Callback<A> {
 impl<'de, A: 'static> serde::Deserialize<'de> for Callback<A> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use crate::wire::custom_error;
-        use serde::de::Error as _;
         let wire = WireCallback::deserialize(d)?;
-        let table = EntryTable::get().map_err(D::Error::custom)?;
+        let table = EntryTable::get().map_err(|e| custom_error(e.to_string()))?;
         let info = table
             .wire_id(wire.entry)
             .and_then(|w| table.by_wire_id(w))

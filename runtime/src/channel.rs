@@ -415,17 +415,16 @@ impl ChannelData {
             )),
             Repr::Encoded {
                 bytes, segments, ..
-            } => crate::wire::offering(segments, || match postcard::take_from_bytes::<T>(&bytes) {
+            } => crate::wire::offering(segments, || match crate::wire::take_decoded::<T>(&bytes) {
                 Ok((value, [])) => Ok(value),
                 Ok((_, rest)) => Err(format!(
-                    "decoding it as a {} left {} bytes over (sent as another type?)",
+                    "decoding it as a {} left {} bytes over",
                     std::any::type_name::<T>(),
                     rest.len()
                 )),
                 Err(e) => Err(format!(
-                    "decoding it as a {}: {} (sent as another type?)",
-                    std::any::type_name::<T>(),
-                    crate::wire::describe_decode_error(e)
+                    "decoding it as a {}: {e}",
+                    std::any::type_name::<T>()
                 )),
             }),
         }
@@ -467,8 +466,9 @@ impl<'de> Deserialize<'de> for Segment {
     }
 }
 
-/// The most zero-copy segments one channel value sent to another process may carry.
-pub(crate) const MAX_VALUE_SEGMENTS: usize = 1024;
+/// The most zero-copy segments one channel value sent to another process may carry (a message
+/// has at most 256, shared with the call's other arguments).
+pub(crate) const MAX_VALUE_SEGMENTS: usize = 254;
 
 impl Serialize for ChannelData {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -70,7 +70,7 @@ pub fn pack_state<T: Serialize>(state: &T) -> Result<Vec<u8>, String> {
 /// Deserializes a migrated chare's state (used by `#[chare(migratable)]`).
 #[doc(hidden)]
 pub fn unpack_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    postcard::from_bytes(bytes).map_err(|e| format!("deserializing the chare's state: {e}"))
+    crate::wire::decoded(bytes).map_err(|e| format!("deserializing the chare's state: {e}"))
 }
 
 /// What running a constructor produced: the chare, or (for `async fn new`) the future of it.

@@ -69,6 +69,11 @@ impl<C: Chare> Ctx<C> {
         }
     }
 
+    /// The shape of the element's collection.
+    pub(crate) fn shape(&self) -> Shape {
+        self.parts.shape
+    }
+
     pub(crate) fn reduction_count(&self) -> u64 {
         self.counts.reductions.get()
     }

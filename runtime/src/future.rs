@@ -44,9 +44,7 @@ pub(crate) type DecodeFn = fn(&[u8]) -> Result<Box<dyn Any + Send>, String>;
 /// The [`DecodeFn`] of values of type `T` (used by generated code).
 #[doc(hidden)]
 pub fn decode_any<T: Payload>(bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
-    postcard::from_bytes::<T>(bytes)
-        .map(|t| Box::new(t) as Box<dyn Any + Send>)
-        .map_err(|e| e.to_string())
+    crate::wire::decoded::<T>(bytes).map(|t| Box::new(t) as Box<dyn Any + Send>)
 }
 
 /// A value that arrived from another process, still encoded: the awaiting side knows its type.
@@ -58,7 +56,7 @@ pub(crate) fn take_value<T: Payload>(v: Box<dyn Any + Send>) -> Result<T, String
         Ok(t) => Ok(*t),
         Err(v) => match v.downcast::<WireValue>() {
             Ok(w) => {
-                postcard::from_bytes(&w.0).map_err(|e| format!("a value from another process: {e}"))
+                crate::wire::decoded(&w.0).map_err(|e| format!("a value from another process: {e}"))
             }
             Err(_) => Err(format!(
                 "a value of another type than {}",

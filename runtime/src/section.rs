@@ -12,8 +12,12 @@
 //!
 //! * A section has its own job-wide id (a collection id with the section bit set), under which
 //!   its reductions run in the ordinary reduction tree: its members counted at their home PEs.
-//!   Those counts are computed once when the section is made and sealed on every PE (as a sparse
-//!   array's are by `done_inserting`); a reduction that reaches a PE before them waits there.
+//!   Those counts are computed once when the section is made and sealed on the PEs home to a
+//!   member (as a sparse array's are by `done_inserting`); a reduction that reaches such a PE
+//!   before them waits there. Other PEs never learn them, and treat the section as a collection
+//!   they are not in the tree of (an allreduce contributor there subscribes for the result).
+//! * Nothing of a section is freed: its counts and each member's counter stay for the job's
+//!   life (sections are meant to be made once and reused).
 //! * Each element numbers its contributions to each of its sections separately (the k-th
 //!   contribution of every member is reduction k of the section); the numbers travel with the
 //!   element when it migrates.
@@ -22,7 +26,7 @@
 
 use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
-use crate::collection::CollectionId;
+use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
 use crate::error::{Error, Result};
 use crate::future::Future;
@@ -117,10 +121,19 @@ impl<C: Chare> Proxy<C> {
             let mut counts = vec![0u32; n];
             for index in &members {
                 shape.check(index, n)?;
+                if let Shape::Array { map: Some(m), .. } | Shape::Sparse { map: Some(m), .. } =
+                    shape
+                {
+                    m.check(index, n)?;
+                }
                 counts[shape.home_pe(index, n)] += 1;
             }
             let id = pe.new_collection_id().as_section();
-            pe.broadcast_seal(id, counts);
+            // Only the PEs in the section's reduction tree need the counts: another PE that
+            // gets a contribution from an away member does not know them, which makes it
+            // subscribe for an allreduce's result, as a PE outside the tree does.
+            let to: Vec<usize> = (0..n).filter(|&p| counts[p] > 0).collect();
+            pe.seal_on(id, counts, &to);
             Ok(Section {
                 id,
                 parent: *self,
@@ -162,10 +175,16 @@ impl<C: Chare> crate::Group<C> {
     /// # Panics
     /// A PE that does not exist, no member, or outside a running PE.
     pub fn section(&self, pes: impl IntoIterator<Item = usize>) -> Section<C> {
-        (**self).section(
-            pes.into_iter()
-                .map(|p| Index::new(&[p]).expect("one dimension")),
-        )
+        let members: Vec<Index> = pes
+            .into_iter()
+            .map(|p| {
+                u32::try_from(p)
+                    .ok()
+                    .and_then(|p| Index::new(&[p as usize]).ok())
+                    .unwrap_or_else(|| panic!("Group::section: PE {p} does not exist"))
+            })
+            .collect();
+        (**self).section(members)
     }
 }
 
@@ -288,7 +307,9 @@ impl<C: Chare> Ctx<C> {
     pub fn section<'a>(&'a self, section: &'a Section<C>) -> SectionCtx<'a, C> {
         let index = self.raw_index();
         assert!(
-            section.parent.id() == self.collection() && section.contains(&index),
+            section.parent.id() == self.collection()
+                && section.parent.shape() == self.shape()
+                && section.contains(&index),
             "element {index} of {} {:?} is not a member of {section:?}",
             C::NAME,
             self.collection()
@@ -308,7 +329,7 @@ pub struct SectionCtx<'a, C> {
 impl<C: Chare> SectionCtx<'_, C> {
     fn contribute_part(&self, what: &'static str, part: Part) {
         let seq = self.ctx.next_section_seq(self.section.id);
-        let shape = self.section.parent.shape();
+        let shape = self.ctx.shape();
         with_pe(what, |pe| {
             pe.contribute(self.section.id, seq, shape, &self.ctx.raw_index(), part)
         })

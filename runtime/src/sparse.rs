@@ -138,7 +138,13 @@ impl PeState {
     /// Seals `coll` here at once (so the caller of `done_inserting` sees it sealed) and sends the
     /// seal to every other PE.
     pub(crate) fn broadcast_seal(&self, coll: CollectionId, counts: Vec<u32>) {
-        for dst in (0..self.num_pes()).filter(|&p| p != self.pe) {
+        let all: Vec<usize> = (0..self.num_pes()).collect();
+        self.seal_on(coll, counts, &all);
+    }
+
+    /// Seals `coll` on PEs `to`: here at once if this PE is one of them, by message elsewhere.
+    pub(crate) fn seal_on(&self, coll: CollectionId, counts: Vec<u32>, to: &[usize]) {
+        for &dst in to.iter().filter(|&&p| p != self.pe) {
             self.send(
                 dst,
                 Envelope::new(
@@ -150,6 +156,8 @@ impl PeState {
                 ),
             );
         }
-        self.seal(coll, counts);
+        if to.contains(&self.pe) {
+            self.seal(coll, counts);
+        }
     }
 }

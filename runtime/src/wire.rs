@@ -765,9 +765,7 @@ pub fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String>
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    DETAIL.with(|d| d.borrow_mut().take());
-    let (value, rest) = postcard::take_from_bytes::<T>(bytes)
-        .map_err(|e| format!("arguments: {}", describe_decode_error(e)))?;
+    let (value, rest) = take_decoded::<T>(bytes).map_err(|e| format!("arguments: {e}"))?;
     if rest.is_empty() {
         Ok(value)
     } else {
@@ -791,9 +789,24 @@ pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
     error
 }
 
+/// Decodes a `T` from the front of `bytes` (postcard), returning it and the bytes after it; an
+/// error says what went wrong, with the message of a custom error (see [`custom_error`]).
+pub(crate) fn take_decoded<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), String> {
+    DETAIL.with(|d| d.borrow_mut().take());
+    postcard::take_from_bytes::<T>(bytes).map_err(describe_decode_error)
+}
+
+/// [`take_decoded`] of exactly the whole of `bytes`.
+pub(crate) fn decoded<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match take_decoded::<T>(bytes)? {
+        (value, []) => Ok(value),
+        (_, rest) => Err(format!("{} unexpected trailing byte(s)", rest.len())),
+    }
+}
+
 /// Describes a postcard decoding error, with the message of the custom error behind it if there
 /// was one (see [`custom_error`]).
-pub(crate) fn describe_decode_error(e: postcard::Error) -> String {
+fn describe_decode_error(e: postcard::Error) -> String {
     let detail = DETAIL.with(|d| d.borrow_mut().take());
     match (e, detail) {
         (postcard::Error::SerdeDeCustom, Some(detail)) => detail,

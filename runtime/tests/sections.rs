@@ -205,3 +205,20 @@ fn section_misuse_is_an_error_naming_it() {
     .to_string();
     assert!(e.contains("not a member of Section"), "{e}");
 }
+
+/// A member away on a PE that is home to no member (which never gets the section's counts)
+/// still gets its allreduce result, and its contributions count.
+#[test]
+fn a_member_away_from_the_sections_pes_takes_part() {
+    run_job(4, |_| async {
+        let cells = Array::<Cell, usize>::new(8, ());
+        let first = cells.section([0, 1]); // both homed on PE 0
+        cells.at(1usize).go_to(3);
+        charmrs::wait_qd().await;
+        let counts = odds_gather(&cells, &first, 3).await;
+        assert_eq!(counts, vec![2, 2]);
+        assert_eq!(round(&first).await, (1, vec![0, 1]));
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
