@@ -26,6 +26,10 @@
 //!   matched later, by hash lookup). Every entry advances `iter`; after the 64th message of a
 //!   batch the sink asks the source for the next batch. `same_pe`: source and sink on one PE
 //!   (`Runtime::new(1)`); `cross_pe`: source on PE 0, sink on PE 1. Time per message.
+//! - `channel_round_trip/{channel,entry_future}/pe0_to_pe1`: two group elements on PEs 0 and 1
+//!   exchange a `u64` back and forth; `channel`: through a [`Channel`] in suspendable entries on
+//!   both sides (`send`, then `recv().await`); `entry_future`: the same exchange as the entry call
+//!   `element.ret().bounce(x).await` from a suspendable entry on PE 0. Time per round trip.
 //!
 //! Each `iter_custom` call starts a fresh job and times only the steady-state loop (after a
 //! warm-up inside the job) with `Instant`; the result leaves the job through a `static`, because
@@ -317,6 +321,84 @@ fn broadcast_and_futures(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2b. Channels against entry calls with a future.
+
+/// A group element that exchanges values with another, by channel or by entry call.
+struct Bouncer;
+
+#[chare]
+impl Bouncer {
+    fn new() -> Self {
+        Bouncer
+    }
+
+    /// Returns `x + 1` (the entry-call side of `entry_future`).
+    #[entry]
+    fn bounce(&mut self, x: u64) -> u64 {
+        x + 1
+    }
+
+    /// PE 0's side: `warmup + rounds` round trips with `other`, by channel or by entry call;
+    /// records the time of the last `rounds`, then ends the job.
+    #[entry]
+    async fn lead(
+        this: Coro<Self>,
+        other: ElementProxy<Bouncer>,
+        warmup: u64,
+        rounds: u64,
+        channel: bool,
+    ) {
+        let ch = this.channel(&other);
+        let mut x = 0u64;
+        let mut start = Instant::now();
+        for r in 0..warmup + rounds {
+            if r == warmup {
+                start = Instant::now();
+            }
+            x = if channel {
+                ch.send(x);
+                ch.recv::<u64>().await
+            } else {
+                other.ret().bounce(x).await
+            };
+        }
+        assert_eq!(x, warmup + rounds);
+        record(start.elapsed());
+        charmrs::exit(0);
+    }
+
+    /// PE 1's side of the channel exchange: answers `count` values with `x + 1`.
+    #[entry]
+    async fn follow(this: Coro<Self>, other: ElementProxy<Bouncer>, count: u64) {
+        let ch = this.channel(&other);
+        for _ in 0..count {
+            let x = ch.recv::<u64>().await;
+            ch.send(x + 1);
+        }
+    }
+}
+
+/// Benchmark group `channel_round_trip`.
+fn channels(c: &mut Criterion) {
+    let mut g = c.benchmark_group("channel_round_trip");
+    for (name, channel) in [("channel", true), ("entry_future", false)] {
+        g.bench_function(BenchmarkId::new(name, "pe0_to_pe1"), |b| {
+            b.iter_custom(|iters| {
+                run_job(2, move || async move {
+                    let group = Group::<Bouncer>::new(());
+                    let (lead, follow) = (group.at(0), group.at(1));
+                    if channel {
+                        follow.follow(lead, WARMUP_ROUNDS + iters);
+                    }
+                    lead.lead(follow, WARMUP_ROUNDS, iters, channel);
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // 3. `when`-buffered entries against plain entries.
 
 /// How the source sends its batches.
@@ -452,6 +534,7 @@ fn benches() {
     let mut c = config().configure_from_args();
     reduction(&mut c);
     broadcast_and_futures(&mut c);
+    channels(&mut c);
     when_delivery(&mut c);
 }
 
