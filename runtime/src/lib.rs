@@ -52,6 +52,7 @@ mod envelope;
 mod error;
 mod future;
 mod index;
+mod local_branch;
 mod machine;
 mod measure;
 mod migration;

@@ -794,6 +794,52 @@ impl<C> Clone for Single<C> {
 }
 impl<C> Copy for Single<C> {}
 
+// The typed faces travel as the proxy they wrap (a group's or an array's shape checked where
+// they arrive), so they can be entry arguments like any proxy.
+impl<C> Serialize for Group<C> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de, C> Deserialize<'de> for Group<C> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let proxy = Proxy::<C>::deserialize(d)?;
+        if proxy.shape != Shape::Group {
+            return Err(crate::wire::custom_error(format!(
+                "a group proxy that names a {}",
+                proxy.shape.describe()
+            )));
+        }
+        Ok(Group(proxy))
+    }
+}
+
+impl<C, I> Serialize for Array<C, I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.proxy.serialize(s)
+    }
+}
+
+impl<'de, C: Chare, I: ArrayIndex> Deserialize<'de> for Array<C, I> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let proxy = Proxy::<C>::deserialize(d)?;
+        Array::from_proxy(proxy).map_err(|e| crate::wire::custom_error(e.to_string()))
+    }
+}
+
+impl<C> Serialize for Single<C> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de, C> Deserialize<'de> for Single<C> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        ElementProxy::<C>::deserialize(d).map(Single)
+    }
+}
+
 impl<C: Chare> ProxyTarget<C> for Group<C> {
     type Reply<R: Payload> = ();
 
