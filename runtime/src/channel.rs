@@ -35,7 +35,6 @@ use crate::index::Index;
 use crate::proxy::{ElementProxy, ProxyTarget};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
-use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::any::Any;
 use std::cell::RefCell;
@@ -163,7 +162,7 @@ impl<R: Chare> Channel<R> {
 
     fn describe(&self) -> String {
         format!(
-            "channel from element {} of {:?} on port {}",
+            "channel with element {} of {:?} on port {}",
             self.remote_id.1, self.remote_id.0, self.port
         )
     }
@@ -239,6 +238,33 @@ pub(crate) struct ChannelEnd {
     pub(crate) arrived: Vec<(u64, ChannelData)>,
 }
 
+/// Encodes the values of `ends` that are still values (for a migration to another process),
+/// catching a panic in their `Serialize`.
+pub(crate) fn encode_values(ends: &mut [ChannelEnd]) -> Result<(), String> {
+    for end in ends {
+        for (seq, data) in &mut end.arrived {
+            let Repr::Value { value, ops } = &data.0 else {
+                continue;
+            };
+            let encoded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ops.encode)(&**value)))
+                    .unwrap_or_else(|payload| Err(crate::panic::describe(payload)));
+            let (bytes, segments) = encoded.map_err(|e| {
+                format!(
+                    "channel value #{seq} from element {} of {:?} on port {}: {e}",
+                    end.remote.1, end.remote.0, end.port
+                )
+            })?;
+            data.0 = Repr::Encoded {
+                tag: (ops.tag)(),
+                bytes: bytes.into(),
+                segments,
+            };
+        }
+    }
+    Ok(())
+}
+
 impl ChannelEnd {
     fn empty(remote: Endpoint, port: u32) -> ChannelEnd {
         ChannelEnd {
@@ -298,7 +324,7 @@ impl ChannelTable {
             .or_default();
         if message.seq < inbound.next || inbound.arrived.contains_key(&message.seq) {
             return Err(format!(
-                "value #{} of the channel from element {} of {:?} on port {} arrived twice",
+                "value #{} of the channel with element {} of {:?} on port {} arrived twice",
                 message.seq, message.from.1, message.from.0, message.port
             ));
         }
@@ -385,14 +411,15 @@ impl<T: Payload> OpsOf<T> {
         clone: |v| Box::new(v.downcast_ref::<T>().expect("a T").clone()),
         encode: |v| {
             let value = v.downcast_ref::<T>().expect("a T");
-            let (bytes, segments) = crate::wire::collecting(|| postcard::to_stdvec(value));
-            Ok((bytes.map_err(|e| e.to_string())?, segments))
+            let (bytes, segments) =
+                crate::wire::collecting(|| crate::wire::encode_onto(value, Vec::new()));
+            Ok((bytes?, segments))
         },
     };
 }
 
 impl ChannelData {
-    fn new<T: Payload>(value: T) -> ChannelData {
+    pub(crate) fn new<T: Payload>(value: T) -> ChannelData {
         ChannelData(Repr::Value {
             value: Box::new(value),
             ops: &OpsOf::<T>::OPS,
@@ -400,7 +427,7 @@ impl ChannelData {
     }
 
     /// The value as a `T`, or why not.
-    fn into_value<T: Payload>(self) -> Result<T, String> {
+    pub(crate) fn into_value<T: Payload>(self) -> Result<T, String> {
         match self.0 {
             Repr::Value { value, ops } => value.downcast::<T>().map(|v| *v).map_err(|_| {
                 format!(
@@ -415,18 +442,8 @@ impl ChannelData {
             )),
             Repr::Encoded {
                 bytes, segments, ..
-            } => crate::wire::offering(segments, || match crate::wire::take_decoded::<T>(&bytes) {
-                Ok((value, [])) => Ok(value),
-                Ok((_, rest)) => Err(format!(
-                    "decoding it as a {} left {} bytes over",
-                    std::any::type_name::<T>(),
-                    rest.len()
-                )),
-                Err(e) => Err(format!(
-                    "decoding it as a {}: {e}",
-                    std::any::type_name::<T>()
-                )),
-            }),
+            } => crate::wire::offering(segments, || crate::wire::decoded::<T>(&bytes))
+                .map_err(|e| format!("decoding it as a {}: {e}", std::any::type_name::<T>())),
         }
     }
 }
@@ -472,11 +489,10 @@ pub(crate) const MAX_VALUE_SEGMENTS: usize = 254;
 
 impl Serialize for ChannelData {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error as _;
         let (tag, (bytes, segments)) = match &self.0 {
             Repr::Value { value, ops } => (
                 (ops.tag)(),
-                (ops.encode)(&**value).map_err(S::Error::custom)?,
+                (ops.encode)(&**value).map_err(crate::wire::custom_encode_error::<S::Error>)?,
             ),
             Repr::Encoded {
                 tag,
@@ -485,7 +501,7 @@ impl Serialize for ChannelData {
             } => (*tag, (bytes.to_vec(), segments.clone())),
         };
         if segments.len() > MAX_VALUE_SEGMENTS {
-            return Err(S::Error::custom(format!(
+            return Err(crate::wire::custom_encode_error(format!(
                 "a channel value with {} zero-copy buffers (at most {MAX_VALUE_SEGMENTS})",
                 segments.len()
             )));
@@ -499,7 +515,9 @@ impl<'de> Deserialize<'de> for ChannelData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let (tag, bytes, segments): (u64, ByteBuf, Vec<Segment>) = Deserialize::deserialize(d)?;
         if segments.len() > MAX_VALUE_SEGMENTS {
-            return Err(D::Error::custom("a channel value with too many buffers"));
+            return Err(crate::wire::custom_error(
+                "a channel value with too many buffers".into(),
+            ));
         }
         Ok(ChannelData(Repr::Encoded {
             tag,
@@ -552,7 +570,7 @@ pub struct ChannelDeliver;
 impl<C: Chare> Entry<C> for ChannelDeliver {
     type Args = (ChannelMessage,);
     type Output = ();
-    const NAME: &'static str = "<channel value>";
+    const NAME: &'static str = "<channel>";
     const ID: u64 = C::CHANNEL_ID;
 
     fn call(this: &Coro<C>, (message,): Self::Args) -> Invoked<()> {

@@ -36,7 +36,7 @@ struct Counts {
 }
 
 /// A copy names the same element (an `async fn new` receives one by value); they share the
-/// element's reduction counter.
+/// element's reduction counters.
 impl<C> Clone for Ctx<C> {
     fn clone(&self) -> Self {
         Ctx {

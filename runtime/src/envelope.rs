@@ -740,7 +740,7 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
     }
     fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
         let buf = std::mem::take(out);
-        *out = postcard::to_extend(&self.args, buf)
+        *out = crate::wire::encode_onto(&self.args, buf)
             .map_err(|e| format!("encoding `{}`: {e}", E::NAME))?;
         Ok(())
     }
@@ -850,7 +850,7 @@ impl<C: Chare> Construction for Construct<C> {
     }
     fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
         let buf = std::mem::take(out);
-        *out = postcard::to_extend(&self.init, buf)
+        *out = crate::wire::encode_onto(&self.init, buf)
             .map_err(|e| format!("encoding `{}::new`: {e}", C::NAME))?;
         Ok(())
     }

@@ -281,7 +281,9 @@ impl<'de> Deserialize<'de> for Index {
                     .next_element()?
                     .ok_or_else(|| A::Error::invalid_length(0, &self))?;
                 let n = words_of(dims).ok_or_else(|| {
-                    A::Error::custom(format!("invalid index dimension byte {dims:#x}"))
+                    crate::wire::custom_error::<A::Error>(format!(
+                        "invalid index dimension byte {dims:#x}"
+                    ))
                 })?;
                 let mut coords = [0u32; MAX_DIMS];
                 for (k, c) in coords[..n].iter_mut().enumerate() {
@@ -289,7 +291,8 @@ impl<'de> Deserialize<'de> for Index {
                         .next_element()?
                         .ok_or_else(|| A::Error::invalid_length(k + 1, &self))?;
                 }
-                checked(dims, coords).map_err(A::Error::custom)
+                checked(dims, coords)
+                    .map_err(|e| crate::wire::custom_error::<A::Error>(e.to_string()))
             }
         }
         // The tuple's length depends on its first element: announce the longest one (formats

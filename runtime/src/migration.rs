@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 
 /// Rebuilds a migrated element of a known chare type on its new PE.
-pub(crate) type UnpackFn = fn(&Migrant, CtxParts) -> Result<Rc<dyn ElementObj>, String>;
+pub(crate) type UnpackFn = fn(&mut Migrant, CtxParts) -> Result<Rc<dyn ElementObj>, String>;
 
 /// Elements of one collection on a PE, with their indices.
 type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
@@ -91,7 +91,7 @@ pub(crate) struct Request {
 
 /// The [`UnpackFn`] of chare type `C`.
 pub(crate) fn unpack_element<C: Chare>(
-    m: &Migrant,
+    m: &mut Migrant,
     parts: CtxParts,
 ) -> Result<Rc<dyn ElementObj>, String> {
     // The user's `Deserialize` and `migrated` run here, outside any entry method: a panic in
@@ -110,7 +110,7 @@ pub(crate) fn unpack_element<C: Chare>(
     })?;
     let element = Element::new(chare, ctx);
     element.add_load(m.load);
-    element.set_channels(m.channels.clone());
+    element.set_channels(std::mem::take(&mut m.channels));
     Ok(Rc::new(element))
 }
 
@@ -434,13 +434,25 @@ impl PeState {
                 return None;
             }
         };
+        let mut channels = element.leave_channels();
+        if self.is_remote(r.to) {
+            // Values not received yet are encoded here, where a panic in their `Serialize` is
+            // caught and named, not later inside the migration message's encoding.
+            if let Err(e) = crate::channel::encode_values(&mut channels) {
+                self.abort_job(format!(
+                    "charmrs: migrating element {} of {chare} from PE {} to PE {}: {e}",
+                    r.index, self.pe, r.to
+                ));
+                return None;
+            }
+        }
         let migrant = Migrant {
             coll: r.coll,
             index: r.index,
             epoch: epoch + 1,
             reductions: element.reduction_count(),
             load: element.load(),
-            channels: element.leave_channels(),
+            channels,
             sections: element.section_counts(),
             state,
             balance: r.balance,
@@ -470,7 +482,7 @@ impl PeState {
     }
 
     /// An element arrives: rebuild it, tell its home, deliver what waited for it.
-    pub(crate) fn arrive(&self, m: Migrant) {
+    pub(crate) fn arrive(&self, mut m: Migrant) {
         let coll = m.coll;
         let index = m.index;
         let known = self
@@ -494,7 +506,7 @@ impl PeState {
             shape,
             pe: self.pe,
         };
-        let element = match (mobility.unpack)(&m, parts) {
+        let element = match (mobility.unpack)(&mut m, parts) {
             Ok(e) => e,
             Err(e) => {
                 return self.abort_job(format!(

@@ -310,7 +310,6 @@ impl<T: Pod> Serialize for PodVec<T> {
 
 impl<'de, T: Pod> Deserialize<'de> for PodVec<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
         let (decoded, len) = match deserialize_received(d)? {
             Received::Inline(b) => (PodVec::copied(b), b.len()),
             Received::Segment(b) => {
@@ -319,7 +318,7 @@ impl<'de, T: Pod> Deserialize<'de> for PodVec<T> {
             }
         };
         decoded.ok_or_else(|| {
-            D::Error::custom(format!(
+            crate::wire::custom_error::<D::Error>(format!(
                 "a PodVec<{}> segment of {len} bytes is not a whole number of {}-byte elements",
                 std::any::type_name::<T>(),
                 std::mem::size_of::<T>(),

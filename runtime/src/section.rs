@@ -248,15 +248,7 @@ impl<C: Chare> ProxyTarget<C> for Section<C> {
     }
 }
 
-/// A section's wire form.
-#[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
-struct WireSection<C> {
-    id: CollectionId,
-    parent: Proxy<C>,
-    members: Vec<Index>,
-}
-
+/// A section travels as (id, parent proxy, members); the members are checked where it arrives.
 impl<C> Serialize for Section<C> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         (self.id, &self.parent, &*self.members).serialize(s)
@@ -265,36 +257,28 @@ impl<C> Serialize for Section<C> {
 
 impl<'de, C: Chare> Deserialize<'de> for Section<C> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let wire: WireSection<C> = {
-            let (id, parent, members) = <(CollectionId, Proxy<C>, Vec<Index>)>::deserialize(d)?;
-            WireSection {
-                id,
-                parent,
-                members,
-            }
-        };
-        let sorted = wire.members.windows(2).all(|w| w[0] < w[1]);
-        if !wire.id.is_section() || wire.members.is_empty() || !sorted {
+        let (id, parent, members) = <(CollectionId, Proxy<C>, Vec<Index>)>::deserialize(d)?;
+        let sorted = members.windows(2).all(|w| w[0] < w[1]);
+        if !id.is_section() || members.is_empty() || !sorted {
             return Err(crate::wire::custom_error(format!(
                 "a malformed section of {:?} ({} members)",
-                wire.parent.id(),
-                wire.members.len()
+                parent.id(),
+                members.len()
             )));
         }
-        if let Some(bad) = wire
-            .members
+        if let Some(bad) = members
             .iter()
-            .find(|i| wire.parent.shape().check(i, usize::MAX).is_err())
+            .find(|i| parent.shape().check(i, usize::MAX).is_err())
         {
             return Err(crate::wire::custom_error(format!(
                 "a section of {:?} with member {bad} out of its range",
-                wire.parent.id()
+                parent.id()
             )));
         }
         Ok(Section {
-            id: wire.id,
-            parent: wire.parent,
-            members: wire.members.into(),
+            id,
+            parent,
+            members: members.into(),
         })
     }
 }

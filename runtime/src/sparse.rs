@@ -123,7 +123,7 @@ impl PeState {
     pub(crate) fn seal(&self, coll: CollectionId, counts: Vec<u32>) {
         if counts.len() != self.num_pes() {
             return self.abort_job(format!(
-                "charmrs: done_inserting for {coll:?}: {} counts for {} PEs",
+                "charmrs: sealing {coll:?} (done_inserting or a section): {} counts for {} PEs",
                 counts.len(),
                 self.num_pes()
             ));

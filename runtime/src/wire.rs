@@ -789,6 +789,30 @@ pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
     error
 }
 
+/// An encoding error saying `message`, which [`encode_onto`] reports (postcard keeps only "Serde
+/// Serialization Error" of a custom error).
+pub(crate) fn custom_encode_error<E: serde::ser::Error>(message: String) -> E {
+    let error = E::custom(&message);
+    DETAIL.with(|d| *d.borrow_mut() = Some(message));
+    error
+}
+
+/// Encodes `value` (postcard) after the bytes of `buf`; an error says what went wrong, with the
+/// message of a custom error (see [`custom_encode_error`]).
+pub(crate) fn encode_onto<T: Serialize + ?Sized>(
+    value: &T,
+    buf: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    DETAIL.with(|d| d.borrow_mut().take());
+    postcard::to_extend(value, buf).map_err(|e| {
+        let detail = DETAIL.with(|d| d.borrow_mut().take());
+        match (e, detail) {
+            (postcard::Error::SerdeSerCustom, Some(detail)) => detail,
+            (e, _) => e.to_string(),
+        }
+    })
+}
+
 /// Decodes a `T` from the front of `bytes` (postcard), returning it and the bytes after it; an
 /// error says what went wrong, with the message of a custom error (see [`custom_error`]).
 pub(crate) fn take_decoded<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), String> {
@@ -1425,6 +1449,55 @@ mod tests {
             let _ = decode_untrusted_frame(&frame(kind, &[&junk]));
             let _ = decode_untrusted_frame(&junk);
         }
+    }
+
+    /// A migrating element's unreceived channel values cross processes, zero-copy buffers
+    /// included (inline: a mobility message has no segment list of its own).
+    #[test]
+    fn unreceived_channel_values_survive_a_migration_message() {
+        use crate::channel::{ChannelData, ChannelEnd};
+        let floats = PodVec::from(vec![1.5f64; 1000]);
+        let mut ends = vec![ChannelEnd {
+            remote: (CollectionId::new(1, 2), Index::new(&[3]).unwrap()),
+            port: 4,
+            next_send: 0,
+            next_receive: 7,
+            arrived: vec![
+                (7, ChannelData::new(floats.clone())),
+                (9, ChannelData::new(2u8)),
+            ],
+        }];
+        crate::channel::encode_values(&mut ends).unwrap();
+        let migrant = crate::migration::Migrant {
+            coll: CollectionId::new(1, 2),
+            index: Index::new(&[5]).unwrap(),
+            epoch: 1,
+            reductions: 0,
+            load: 0.0,
+            channels: ends,
+            sections: Vec::new(),
+            state: Vec::new(),
+            balance: None,
+        };
+        let env = Envelope::new(0, Control::Migrate(Box::new(migrant)));
+        let msg = mobility_message(&env, 0, 1).unwrap().unwrap();
+        let Body::Control(back) = decode_mobility(&msg).unwrap().body else {
+            panic!("a control message")
+        };
+        let Control::Migrate(mut m) = *back else {
+            panic!("a migration")
+        };
+        let mut arrived = std::mem::take(&mut m.channels[0].arrived).into_iter();
+        let (seq, data) = arrived.next().unwrap();
+        assert_eq!(seq, 7);
+        let back: PodVec<f64> = data.into_value().unwrap();
+        assert_eq!(&back[..], &floats[..]);
+        let (seq, data) = arrived.next().unwrap();
+        assert_eq!(seq, 9);
+        assert!(
+            data.into_value::<u16>().is_err(),
+            "the type tag travels too"
+        );
     }
 
     #[test]

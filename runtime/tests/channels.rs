@@ -272,7 +272,7 @@ fn a_value_received_as_another_type_aborts_naming_the_channel() {
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("channel from element"), "{e}");
+        assert!(e.contains("channel with element"), "{e}");
         assert!(e.contains("u64"), "{e}");
         if !wire {
             assert!(e.contains("String"), "{e}");

@@ -339,6 +339,21 @@ impl Relay {
         out.send(PodVec::from(vec![0.25f64; 100_000]));
     }
 
+    /// Sends values `0..count` to element `to`, then a vector of floats, without moving.
+    #[entry]
+    async fn push(this: Coro<Self>, to: usize, count: u64) {
+        let out = this.channel(&this.ctx().this_proxy().at(to));
+        for k in 0..count {
+            out.send(k);
+        }
+        out.send(PodVec::from(vec![0.25f64; 100_000]));
+    }
+
+    #[entry]
+    fn go_to(&mut self, ctx: &Ctx<Self>, pe: usize) {
+        ctx.migrate(pe).unwrap();
+    }
+
     /// Receives what [`stream`](Relay::stream) sends, checking the order; returns the sum of
     /// the floats.
     #[entry]
@@ -607,6 +622,13 @@ async fn mobility() {
     let sum = relays.at(p - 1).ret().drain(0, 60);
     relays.at(0usize).stream(p - 1, 0, 60);
     assert_eq!(sum.await, 25_000.0);
+    // Values wait, unreceived, at an element that then moves to another process: they travel
+    // with it (the vector's buffer too) and are received there.
+    relays.at(1usize).push(p - 1, 30);
+    charmrs::wait_qd().await;
+    relays.at(p - 1).go_to(0);
+    charmrs::wait_qd().await;
+    assert_eq!(relays.at(p - 1).ret().drain(1, 30).await, 25_000.0);
     println!("ok channels");
     // A section of the wanderers (spread over the processes by the moves above): a call reaches
     // its members only; their reductions count them only.
