@@ -779,6 +779,8 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 thread_local! {
     /// The message of the last [`custom_error`] on this thread.
     static DETAIL: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether [`DETAIL`] holds a message (checked first: one load on the hot path).
+    static DETAIL_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A deserialization error saying `message`, which [`describe_decode_error`] can report:
@@ -786,7 +788,25 @@ thread_local! {
 pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
     let error = E::custom(&message);
     DETAIL.with(|d| *d.borrow_mut() = Some(message));
+    DETAIL_SET.with(|set| set.set(true));
     error
+}
+
+/// Forgets a custom error's message left from an earlier operation that succeeded anyway (one
+/// flag load when there is none: this runs before every encode and decode of a call).
+#[inline(always)]
+fn forget_detail() {
+    if DETAIL_SET.with(|set| set.get()) {
+        DETAIL_SET.with(|set| set.set(false));
+        DETAIL.with(|d| d.borrow_mut().take());
+    }
+}
+
+/// The message of the last custom error on this thread, if any; clears it.
+#[cold]
+fn take_detail() -> Option<String> {
+    DETAIL_SET.with(|set| set.set(false));
+    DETAIL.with(|d| d.borrow_mut().take())
 }
 
 /// An encoding error saying `message`, which [`encode_onto`] reports (postcard keeps only "Serde
@@ -794,29 +814,36 @@ pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
 pub(crate) fn custom_encode_error<E: serde::ser::Error>(message: String) -> E {
     let error = E::custom(&message);
     DETAIL.with(|d| *d.borrow_mut() = Some(message));
+    DETAIL_SET.with(|set| set.set(true));
     error
 }
 
 /// Encodes `value` (postcard) after the bytes of `buf`; an error says what went wrong, with the
 /// message of a custom error (see [`custom_encode_error`]).
+#[inline(always)]
 pub(crate) fn encode_onto<T: Serialize + ?Sized>(
     value: &T,
     buf: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
-    DETAIL.with(|d| d.borrow_mut().take());
-    postcard::to_extend(value, buf).map_err(|e| {
-        let detail = DETAIL.with(|d| d.borrow_mut().take());
-        match (e, detail) {
-            (postcard::Error::SerdeSerCustom, Some(detail)) => detail,
-            (e, _) => e.to_string(),
-        }
-    })
+    forget_detail();
+    postcard::to_extend(value, buf).map_err(describe_encode_error)
+}
+
+/// Describes a postcard encoding error, with the message of the custom error behind it if there
+/// was one (see [`custom_encode_error`]).
+#[cold]
+fn describe_encode_error(e: postcard::Error) -> String {
+    match (e, take_detail()) {
+        (postcard::Error::SerdeSerCustom, Some(detail)) => detail,
+        (e, _) => e.to_string(),
+    }
 }
 
 /// Decodes a `T` from the front of `bytes` (postcard), returning it and the bytes after it; an
 /// error says what went wrong, with the message of a custom error (see [`custom_error`]).
+#[inline(always)]
 pub(crate) fn take_decoded<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), String> {
-    DETAIL.with(|d| d.borrow_mut().take());
+    forget_detail();
     postcard::take_from_bytes::<T>(bytes).map_err(describe_decode_error)
 }
 
@@ -830,8 +857,9 @@ pub(crate) fn decoded<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 
 /// Describes a postcard decoding error, with the message of the custom error behind it if there
 /// was one (see [`custom_error`]).
+#[cold]
 fn describe_decode_error(e: postcard::Error) -> String {
-    let detail = DETAIL.with(|d| d.borrow_mut().take());
+    let detail = take_detail();
     match (e, detail) {
         (postcard::Error::SerdeDeCustom, Some(detail)) => detail,
         (e, _) => e.to_string(),

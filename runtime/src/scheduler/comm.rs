@@ -43,6 +43,7 @@ pub(crate) fn poll_network(shared: &Shared, table: &EntryTable, idle: bool) -> b
 /// that PE (the network PE, polling), which saves the mailbox's atomics on the latency path;
 /// else into its mailbox. Either way it is delivered after what arrived before it from the same
 /// process (one poller hands arrivals on in order).
+#[inline]
 fn post(
     shared: &Shared,
     dst: usize,

@@ -331,7 +331,7 @@ impl PeState {
 
     /// Where a point call to element `index` of `coll`, addressed to PE `addressed`, goes: the
     /// element's cached location, else the address.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn point_dest(&self, coll: CollectionId, index: &Index, addressed: usize) -> usize {
         self.cached_location(coll, index).unwrap_or(addressed)
     }
