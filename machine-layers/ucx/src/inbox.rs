@@ -17,6 +17,9 @@
 //!   when its header arrives and later messages wait behind it until its
 //!   data has landed.
 //! * A failure of a peer is reported once (a clean goodbye suppresses it).
+//! * A gap in a sender's sequence (a message that never arrived, though later ones did: a
+//!   forged or lost message; a rendezvous whose data is in flight is no gap) is reported as
+//!   malformed input once it has lasted [`GAP_LIMIT`], never waited on for ever.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -34,7 +37,13 @@ struct Source {
     departed: bool,
     /// The sender was reported lost.
     lost: bool,
+    /// Since when the sender's next message is missing while later ones wait.
+    gap_since: Option<std::time::Instant>,
 }
+
+/// How long a gap in a sender's sequence may last before it is reported (UCX delivers each
+/// endpoint's messages reliably; later ones overtake an earlier one by moments at most).
+pub(crate) const GAP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The mutable part of the inbox.
 #[derive(Debug, Default)]
@@ -61,6 +70,8 @@ pub(crate) struct InboxState {
     /// Per peer: its rendezvous data may be copied by this core (same host,
     /// CMA possible); set with the peers' addresses.
     pub(crate) copied_here: Vec<bool>,
+    /// Senders with a gap in their sequence (see `Source::gap_since`).
+    pub(crate) gaps: usize,
 }
 
 /// Rendezvous receives fetched at once. A sender streaming large messages
@@ -131,6 +142,7 @@ impl Inbox {
         }
         s.waiting.insert(seq, msg);
         Self::flush(&mut st.sources[src as usize], src, &mut st.ready);
+        Self::track_gap(&mut st.sources[src as usize], &mut st.gaps);
         seq
     }
 
@@ -149,6 +161,57 @@ impl Inbox {
             }
         }
         Self::flush(s, src, &mut st.ready);
+        Self::track_gap(s, &mut st.gaps);
+    }
+
+    /// Notes when a gap in `s`'s sequence opens or closes.
+    fn track_gap(s: &mut Source, gaps: &mut usize) {
+        let gap = s
+            .waiting
+            .first_key_value()
+            .is_some_and(|(&k, _)| k != s.next);
+        match (gap, s.gap_since.is_some()) {
+            (true, false) => {
+                s.gap_since = Some(std::time::Instant::now());
+                *gaps += 1;
+            }
+            (false, true) => {
+                s.gap_since = None;
+                *gaps -= 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Reports each sender whose sequence has had a gap for `limit` by `now` (once: the
+    /// messages held back for it are dropped).
+    pub(crate) fn check_gaps(&self, now: std::time::Instant, limit: std::time::Duration) {
+        let mut st = self.state.borrow_mut();
+        if st.gaps == 0 {
+            return;
+        }
+        let st = &mut *st;
+        for (p, s) in st.sources.iter_mut().enumerate() {
+            let Some(since) = s.gap_since else { continue };
+            if now.saturating_duration_since(since) < limit {
+                continue;
+            }
+            st.errors.push_back(TransportError::Malformed(format!(
+                "process {p}: message #{} never arrived, though {} later ones did (for {} s): \
+                 a lost or forged message",
+                s.next,
+                s.waiting.len(),
+                limit.as_secs()
+            )));
+            s.waiting.clear();
+            s.gap_since = None;
+            st.gaps -= 1;
+        }
+    }
+
+    /// Whether some sender's sequence has a gap (cheap: for the progress loop).
+    pub(crate) fn has_gaps(&self) -> bool {
+        self.state.borrow().gaps > 0
     }
 
     fn flush(s: &mut Source, src: ProcessId, ready: &mut Vec<(ProcessId, Message)>) {
@@ -308,6 +371,42 @@ mod tests {
         assert_eq!(i.arrive(0, u32::MAX, Some(m(1))), u64::from(u32::MAX));
         i.complete(0, 1 << 32, m(2));
         assert_eq!(ready_tags(&i), vec![(0, 1), (0, 2)]);
+    }
+
+    #[test]
+    fn a_gap_that_lasts_is_reported_and_a_rendezvous_in_flight_is_none() {
+        let i = Inbox::new(2, 1 << 20);
+        i.arrive(0, 0, None); // data in flight: no gap
+        i.arrive(0, 1, Some(m(1)));
+        assert!(!i.has_gaps());
+        i.arrive(1, 1, Some(m(11))); // #0 from process 1 missing
+        assert!(i.has_gaps());
+        let now = std::time::Instant::now();
+        i.check_gaps(now, GAP_LIMIT);
+        assert!(i.state.borrow().errors.is_empty(), "not yet");
+        i.check_gaps(
+            now + GAP_LIMIT + std::time::Duration::from_secs(1),
+            GAP_LIMIT,
+        );
+        let e = i.state.borrow_mut().errors.pop_front().unwrap().to_string();
+        assert!(
+            e.contains("process 1") && e.contains("#0 never arrived"),
+            "{e}"
+        );
+        assert!(!i.has_gaps());
+        // A gap that closes in time is no error (#2 is missing behind the rendezvous #0; it
+        // counts once #0 and #1 are out).
+        i.arrive(0, 3, Some(m(3)));
+        assert!(!i.has_gaps(), "held back by the rendezvous in flight");
+        i.complete(0, 0, m(0));
+        assert!(i.has_gaps());
+        i.arrive(0, 2, Some(m(2)));
+        assert!(!i.has_gaps());
+        assert_eq!(
+            ready_tags(&i),
+            vec![(0, 0), (0, 1), (0, 2), (0, 3)],
+            "in order once the gap closed"
+        );
     }
 
     #[test]

@@ -391,6 +391,10 @@ impl Worker {
         let started = self.start_waiting_rndv();
         // SAFETY: worker is live; callbacks only touch the inbox.
         let busy = unsafe { sys::ucp_worker_progress(self.worker) != 0 };
+        if self.inbox.has_gaps() {
+            self.inbox
+                .check_gaps(std::time::Instant::now(), crate::inbox::GAP_LIMIT);
+        }
         busy | started
     }
 
