@@ -249,8 +249,10 @@ pub(crate) struct Engine {
     rndv_in: HashMap<u64, InRndv>,
     /// Rendezvous messages whose reads have not started, oldest first.
     admit_queue: VecDeque<u64>,
-    /// Bytes of admitted rendezvous messages not yet completed.
-    reading: usize,
+    /// Bytes of admitted rendezvous messages not yet completed, per sender: the read window
+    /// applies to each sender apart, so a sender whose reads stall (its process busy in a long
+    /// entry method cannot serve them over a network) holds up only its own.
+    reading: Vec<usize>,
     order: Vec<VecDeque<Slot>>,
     /// Messages ready for the sink, in delivery order.
     pub(crate) ready: Vec<(ProcessId, Message)>,
@@ -307,7 +309,7 @@ impl Engine {
             next_in: 1,
             rndv_in: HashMap::new(),
             admit_queue: VecDeque::new(),
-            reading: 0,
+            reading: vec![0; n],
             order: (0..n).map(|_| VecDeque::new()).collect(),
             ready: Vec::new(),
             errors: VecDeque::new(),
@@ -1012,22 +1014,29 @@ impl Engine {
         self.fab.limits.max_msg_size.clamp(1, 1 << 30)
     }
 
-    /// Starts the reads of waiting rendezvous messages, in arrival order,
-    /// while the bytes being read stay within `read_window` (one message
-    /// is always admitted when none is being read).
+    /// Starts the reads of waiting rendezvous messages, each sender's in arrival order, while
+    /// the bytes being read from that sender stay within `read_window` (one message is always
+    /// admitted when none of the sender's is being read).
     fn admit(&mut self) {
         let chunk = self.read_chunk();
-        while let Some(&in_id) = self.admit_queue.front() {
+        let mut blocked: Vec<ProcessId> = Vec::new();
+        let mut at = 0;
+        while let Some(&in_id) = self.admit_queue.get(at) {
             let Some(inr) = self.rndv_in.get_mut(&in_id) else {
-                self.admit_queue.pop_front();
+                self.admit_queue.remove(at);
                 continue;
             };
-            let total = inr.total;
-            if self.reading > 0 && self.reading + total > self.sizes.read_window {
-                return;
+            let (total, from) = (inr.total, inr.src);
+            let reading = &mut self.reading[from as usize];
+            if blocked.contains(&from)
+                || (*reading > 0 && *reading + total > self.sizes.read_window)
+            {
+                blocked.push(from);
+                at += 1;
+                continue;
             }
-            self.admit_queue.pop_front();
-            self.reading += total;
+            self.admit_queue.remove(at);
+            *reading += total;
             inr.admitted = true;
             inr.take_buffer(&self.pool);
             let src = inr.src;
@@ -1078,7 +1087,8 @@ impl Engine {
             return;
         };
         if inr.admitted {
-            self.reading = self.reading.saturating_sub(inr.total);
+            let reading = &mut self.reading[src as usize];
+            *reading = reading.saturating_sub(inr.total);
         }
         self.admit();
         if inr.failed {

@@ -62,8 +62,10 @@ pub(crate) struct InboxState {
     /// (boxed: their address is handed to UCX).
     #[allow(clippy::vec_box)]
     pub(crate) spare: Vec<Box<crate::worker::SendOp>>,
-    /// Rendezvous receives whose data is being fetched.
-    pub(crate) rndv_active: usize,
+    /// Rendezvous receives whose data is being fetched, per sender: the fetch limit applies to
+    /// each sender apart, so a sender whose fetches stall (its process busy in a long entry
+    /// method cannot serve them over a network) holds up only its own.
+    pub(crate) rndv_active: Vec<usize>,
     /// Announced rendezvous messages waiting for a fetch slot, oldest first
     /// (see `PendingRndv::fetch_limit`); their UCX descriptors are held.
     pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
@@ -74,7 +76,7 @@ pub(crate) struct InboxState {
     pub(crate) gaps: usize,
 }
 
-/// Rendezvous receives fetched at once. A sender streaming large messages
+/// Rendezvous receives fetched at once from one sender. A sender streaming large messages
 /// announces them all at once; fetching every one concurrently spreads the
 /// copy over as many destination buffers (a working set far beyond the
 /// cache, fresh buffers page-faulted) and is ~5× slower than fetching them
@@ -110,6 +112,7 @@ impl Inbox {
             lender: std::sync::Arc::default(),
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
+                rndv_active: vec![0; size as usize],
                 ..InboxState::default()
             }),
         }

@@ -405,12 +405,20 @@ impl Worker {
         loop {
             let next = {
                 let mut st = self.inbox.state.borrow_mut();
-                match st.rndv_waiting.front() {
-                    Some(p) if st.rndv_active < p.fetch_limit(&st.copied_here) => {
-                        st.rndv_waiting.pop_front()
+                // The oldest announcement whose sender has a free slot (each sender's own in
+                // order).
+                let st = &mut *st;
+                let (active, copied) = (&st.rndv_active, &st.copied_here);
+                let mut blocked = Vec::new();
+                let found = st.rndv_waiting.iter().position(|p| {
+                    let free =
+                        !blocked.contains(&p.src) && active[p.src as usize] < p.fetch_limit(copied);
+                    if !free {
+                        blocked.push(p.src);
                     }
-                    _ => None,
-                }
+                    free
+                });
+                found.and_then(|i| st.rndv_waiting.remove(i))
             };
             let Some(pending) = next else { break };
             start_rndv(&self.inbox, pending);
@@ -1025,7 +1033,10 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
             len: length,
         };
         let mut st = inbox.state.borrow_mut();
-        if st.rndv_active < pending.fetch_limit(&st.copied_here) && st.rndv_waiting.is_empty() {
+        let src = pending.src as usize;
+        if st.rndv_active[src] < pending.fetch_limit(&st.copied_here)
+            && !st.rndv_waiting.iter().any(|p| p.src == pending.src)
+        {
             drop(st);
             start_rndv(inbox, pending);
             return sys::UCS_OK;
@@ -1169,7 +1180,7 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     // Counted before the call: with NO_IMM_CMPL the callback may still run before the call
     // returns (an operation that completes at once), and it undoes these.
     inbox.in_flight(1);
-    inbox.state.borrow_mut().rndv_active += 1;
+    inbox.state.borrow_mut().rndv_active[src as usize] += 1;
     // SAFETY: `desc` is a rendezvous descriptor UCX handed us and nobody
     // has used yet; the destination (capacity `len`) belongs to the
     // descriptor box, returned to us in the callback (NO_IMM_CMPL: the
@@ -1179,7 +1190,7 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         unsafe { sys::ucp_am_recv_data_nbx(inbox.worker.get(), desc, dst as *mut c_void, len, &p) };
     if sys::UCS_PTR_IS_ERR(req) {
         inbox.in_flight(-1);
-        inbox.state.borrow_mut().rndv_active -= 1;
+        inbox.state.borrow_mut().rndv_active[src as usize] -= 1;
         // SAFETY: UCX did not keep the descriptor box.
         let op = unsafe { Box::from_raw(raw) };
         inbox.error(TransportError::Io(std::io::Error::other(format!(
@@ -1249,7 +1260,7 @@ unsafe extern "C" fn rndv_done_cb(
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
     inbox.in_flight(-1);
-    inbox.state.borrow_mut().rndv_active -= 1;
+    inbox.state.borrow_mut().rndv_active[op.src as usize] -= 1;
     if status == sys::UCS_OK && length == op.len {
         let op = *op;
         let buf = op.buf.into_bytes_at(op.offset, length);
