@@ -69,6 +69,8 @@ pub(crate) struct InboxState {
     /// Announced rendezvous messages waiting for a fetch slot, oldest first
     /// (see `PendingRndv::fetch_limit`); their UCX descriptors are held.
     pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
+    /// How many of `rndv_waiting` each sender has (kept with it).
+    pub(crate) rndv_waiting_from: Vec<usize>,
     /// Per peer: its rendezvous data may be copied by this core (same host,
     /// CMA possible); set with the peers' addresses.
     pub(crate) copied_here: Vec<bool>,
@@ -113,6 +115,7 @@ impl Inbox {
             state: RefCell::new(InboxState {
                 sources: (0..size).map(|_| Source::default()).collect(),
                 rndv_active: vec![0; size as usize],
+                rndv_waiting_from: vec![0; size as usize],
                 ..InboxState::default()
             }),
         }

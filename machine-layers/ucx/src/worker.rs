@@ -406,19 +406,38 @@ impl Worker {
             let next = {
                 let mut st = self.inbox.state.borrow_mut();
                 // The oldest announcement whose sender has a free slot (each sender's own in
-                // order).
+                // order). This runs on every poll: the common cases (the oldest can start, or
+                // every waiting one is from the oldest's busy sender) allocate nothing.
                 let st = &mut *st;
                 let (active, copied) = (&st.rndv_active, &st.copied_here);
-                let mut blocked = Vec::new();
-                let found = st.rndv_waiting.iter().position(|p| {
-                    let free =
-                        !blocked.contains(&p.src) && active[p.src as usize] < p.fetch_limit(copied);
-                    if !free {
-                        blocked.push(p.src);
+                let free = |p: &PendingRndv| active[p.src as usize] < p.fetch_limit(copied);
+                let found = match st.rndv_waiting.front() {
+                    None => None,
+                    Some(p) if free(p) => Some(0),
+                    Some(front)
+                        if st.rndv_waiting_from[front.src as usize] == st.rndv_waiting.len() =>
+                    {
+                        None
                     }
-                    free
-                });
-                found.and_then(|i| st.rndv_waiting.remove(i))
+                    Some(front) => {
+                        let mut blocked = vec![front.src];
+                        st.rndv_waiting.iter().position(|p| {
+                            if blocked.contains(&p.src) {
+                                return false;
+                            }
+                            let startable = free(p);
+                            if !startable {
+                                blocked.push(p.src);
+                            }
+                            startable
+                        })
+                    }
+                };
+                let taken = found.and_then(|i| st.rndv_waiting.remove(i));
+                if let Some(p) = &taken {
+                    st.rndv_waiting_from[p.src as usize] -= 1;
+                }
+                taken
             };
             let Some(pending) = next else { break };
             start_rndv(&self.inbox, pending);
@@ -1035,7 +1054,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
         let mut st = inbox.state.borrow_mut();
         let src = pending.src as usize;
         if st.rndv_active[src] < pending.fetch_limit(&st.copied_here)
-            && !st.rndv_waiting.iter().any(|p| p.src == pending.src)
+            && st.rndv_waiting_from[src] == 0
         {
             drop(st);
             start_rndv(inbox, pending);
@@ -1043,6 +1062,7 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
         }
         // Keep the descriptor (UCS_INPROGRESS); fetched by `progress_once`
         // when a slot frees.
+        st.rndv_waiting_from[src] += 1;
         st.rndv_waiting.push_back(pending);
         return sys::UCS_INPROGRESS;
     }
