@@ -247,8 +247,10 @@ pub(crate) struct Engine {
     rndv_out: HashMap<u64, OutRndv>,
     next_in: u64,
     rndv_in: HashMap<u64, InRndv>,
-    /// Rendezvous messages whose reads have not started, oldest first.
-    admit_queue: VecDeque<u64>,
+    /// Rendezvous messages whose reads have not started, per sender, oldest first.
+    admit_queue: Vec<VecDeque<u64>>,
+    /// The senders with messages in `admit_queue`.
+    admit_sources: Vec<ProcessId>,
     /// Bytes of admitted rendezvous messages not yet completed, per sender: the read window
     /// applies to each sender apart, so a sender whose reads stall (its process busy in a long
     /// entry method cannot serve them over a network) holds up only its own.
@@ -308,7 +310,8 @@ impl Engine {
             rndv_out: HashMap::new(),
             next_in: 1,
             rndv_in: HashMap::new(),
-            admit_queue: VecDeque::new(),
+            admit_queue: (0..n).map(|_| VecDeque::new()).collect(),
+            admit_sources: Vec::new(),
             reading: vec![0; n],
             order: (0..n).map(|_| VecDeque::new()).collect(),
             ready: Vec::new(),
@@ -1004,7 +1007,11 @@ impl Engine {
             }
             self.read_done_final(in_id);
         } else {
-            self.admit_queue.push_back(in_id);
+            let queue = &mut self.admit_queue[src as usize];
+            if queue.is_empty() {
+                self.admit_sources.push(src);
+            }
+            queue.push_back(in_id);
             self.admit();
         }
     }
@@ -1019,50 +1026,52 @@ impl Engine {
     /// admitted when none of the sender's is being read).
     fn admit(&mut self) {
         let chunk = self.read_chunk();
-        let mut blocked: Vec<ProcessId> = Vec::new();
         let mut at = 0;
-        while let Some(&in_id) = self.admit_queue.get(at) {
-            let Some(inr) = self.rndv_in.get_mut(&in_id) else {
-                self.admit_queue.remove(at);
-                continue;
-            };
-            let (total, from) = (inr.total, inr.src);
-            let reading = &mut self.reading[from as usize];
-            if blocked.contains(&from)
-                || (*reading > 0 && *reading + total > self.sizes.read_window)
-            {
-                blocked.push(from);
-                at += 1;
-                continue;
-            }
-            self.admit_queue.remove(at);
-            *reading += total;
-            inr.admitted = true;
-            inr.take_buffer(&self.pool);
-            let src = inr.src;
-            let mut offset = 0usize;
-            for s in &inr.segs {
-                let len = s.len as usize;
-                if s.is_inline() {
-                    offset += len;
+        while let Some(&from) = self.admit_sources.get(at) {
+            while let Some(&in_id) = self.admit_queue[from as usize].front() {
+                let Some(inr) = self.rndv_in.get_mut(&in_id) else {
+                    self.admit_queue[from as usize].pop_front();
                     continue;
+                };
+                let total = inr.total;
+                let reading = &mut self.reading[from as usize];
+                if *reading > 0 && *reading + total > self.sizes.read_window {
+                    break;
                 }
-                let mut done = 0usize;
-                while done < len {
-                    let n = chunk.min(len - done);
-                    self.urgent.push_back((
-                        src,
-                        Out::Read {
-                            in_id,
-                            offset: offset + done,
-                            len: n,
-                            addr: s.addr + done as u64,
-                            key: s.key,
-                        },
-                    ));
-                    done += n;
+                self.admit_queue[from as usize].pop_front();
+                *reading += total;
+                inr.admitted = true;
+                inr.take_buffer(&self.pool);
+                let src = inr.src;
+                let mut offset = 0usize;
+                for s in &inr.segs {
+                    let len = s.len as usize;
+                    if s.is_inline() {
+                        offset += len;
+                        continue;
+                    }
+                    let mut done = 0usize;
+                    while done < len {
+                        let n = chunk.min(len - done);
+                        self.urgent.push_back((
+                            src,
+                            Out::Read {
+                                in_id,
+                                offset: offset + done,
+                                len: n,
+                                addr: s.addr + done as u64,
+                                key: s.key,
+                            },
+                        ));
+                        done += n;
+                    }
+                    offset += len;
                 }
-                offset += len;
+            }
+            if self.admit_queue[from as usize].is_empty() {
+                self.admit_sources.remove(at);
+            } else {
+                at += 1;
             }
         }
     }
