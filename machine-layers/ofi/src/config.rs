@@ -37,11 +37,13 @@ pub struct OfiConfig {
     /// buffers (recycled when the delivered message is dropped, so large
     /// messages do not pay page faults on fresh memory). Default 64 MiB.
     pub pool_bytes: usize,
-    /// Bytes of large (rendezvous) messages this process reads at once;
-    /// further ones wait in arrival order (one is always read, whatever its
-    /// size, so 0 reads one message at a time). Bounds the memory a burst
-    /// of large messages takes and keeps recycled buffers in use. `None`
-    /// (the default) chooses by provider:
+    /// Bytes of large (rendezvous) messages this process reads at once from
+    /// one sender; that sender's further ones wait in arrival order (one is
+    /// always read, whatever its size, so 0 reads one message at a time).
+    /// Per sender, so that a sender whose reads stall holds up only its own;
+    /// the memory a burst of large messages takes is bounded by this times
+    /// the number of senders, and recycled buffers stay in use. `None` (the
+    /// default) chooses by provider:
     /// * `shm`: one message at a time. Its reads are kernel copies (CMA)
     ///   on the receiving core, so concurrent reads only spread the copies
     ///   over more destination buffers, out of cache: a stream of 256 KiB
@@ -72,7 +74,7 @@ impl Default for OfiConfig {
 }
 
 /// [`OfiConfig::read_window`] for providers other than `shm`: 4 MiB, which
-/// bounds the receive buffers a burst of large messages holds (measured over
+/// bounds the receive buffers a burst of large messages from one sender holds (measured over
 /// `shm` before it read one message at a time: with 32 MiB, a burst of 4 MiB
 /// entry calls streamed at 3 GB/s, every read into a fresh, page-faulting
 /// buffer; with 4 MiB at 9 GB/s).

@@ -225,7 +225,7 @@ pub(crate) struct Sizes {
     pub(crate) liveness_interval: Duration,
     /// Idle capacity kept by the rendezvous buffer pool.
     pub(crate) pool_bytes: usize,
-    /// Bytes of rendezvous messages read at once.
+    /// Bytes of rendezvous messages read at once from one sender.
     pub(crate) read_window: usize,
 }
 
@@ -899,6 +899,11 @@ impl Engine {
         self.pending[p as usize].clear();
         self.urgent.retain(|(q, _)| *q != p);
         self.rndv_out.retain(|_, r| r.dst != p);
+        // Its messages waiting for a read slot will never be read (none of their reads is
+        // posted, so nothing of theirs is in the provider's hands).
+        self.admit_queue[p as usize].clear();
+        self.admit_sources.retain(|&s| s != p);
+        self.rndv_in.retain(|_, r| r.src != p || r.admitted);
         self.errors
             .push_back(TransportError::PeerLost { process: p, reason });
     }

@@ -19,7 +19,9 @@
 //! * A failure of a peer is reported once (a clean goodbye suppresses it).
 //! * A gap in a sender's sequence (a message that never arrived, though later ones did: a
 //!   forged or lost message; a rendezvous whose data is in flight is no gap) is reported as
-//!   malformed input once it has lasted [`GAP_LIMIT`], never waited on for ever.
+//!   malformed input once it has lasted [`GAP_LIMIT`] (checked while the layer is progressed),
+//!   not waited on for ever; the sender's later messages are dropped from then on. A sender
+//!   lost or gone is not checked.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -39,6 +41,8 @@ struct Source {
     lost: bool,
     /// Since when the sender's next message is missing while later ones wait.
     gap_since: Option<std::time::Instant>,
+    /// A gap was reported: the sender's stream is broken, its messages are dropped.
+    broken: bool,
 }
 
 /// How long a gap in a sender's sequence may last before it is reported (UCX delivers each
@@ -71,6 +75,8 @@ pub(crate) struct InboxState {
     pub(crate) rndv_waiting: VecDeque<crate::worker::PendingRndv>,
     /// How many of `rndv_waiting` each sender has (kept with it).
     pub(crate) rndv_waiting_from: Vec<usize>,
+    /// Scratch list of senders at their fetch limit, reused by each scan of `rndv_waiting`.
+    pub(crate) rndv_blocked: Vec<ProcessId>,
     /// Per peer: its rendezvous data may be copied by this core (same host,
     /// CMA possible); set with the peers' addresses.
     pub(crate) copied_here: Vec<bool>,
@@ -129,6 +135,9 @@ impl Inbox {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
         let s = &mut st.sources[src as usize];
+        if s.broken {
+            return s.next; // its stream broke (reported): nothing of it is delivered any more
+        }
         // Fewer than 2^31 messages are ever ahead of `next`: anything
         // "behind" it is a duplicate.
         let ahead = seq32.wrapping_sub(s.next as u32);
@@ -157,6 +166,9 @@ impl Inbox {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
         let s = &mut st.sources[src as usize];
+        if s.broken {
+            return;
+        }
         match s.waiting.get_mut(&seq) {
             Some(slot @ None) => *slot = Some(msg),
             _ => {
@@ -199,6 +211,11 @@ impl Inbox {
         let st = &mut *st;
         for (p, s) in st.sources.iter_mut().enumerate() {
             let Some(since) = s.gap_since else { continue };
+            if s.lost || s.departed {
+                s.gap_since = None;
+                st.gaps -= 1;
+                continue;
+            }
             if now.saturating_duration_since(since) < limit {
                 continue;
             }
@@ -210,6 +227,7 @@ impl Inbox {
                 limit.as_secs()
             )));
             s.waiting.clear();
+            s.broken = true;
             s.gap_since = None;
             st.gaps -= 1;
         }
@@ -400,6 +418,13 @@ mod tests {
             "{e}"
         );
         assert!(!i.has_gaps());
+        // Reported once: the broken sender's later messages are dropped, with no new gap and
+        // no second error.
+        i.arrive(1, 2, Some(m(12)));
+        i.arrive(1, 0, Some(m(10)));
+        assert!(!i.has_gaps());
+        assert!(i.state.borrow().errors.is_empty());
+        assert!(ready_tags(&i).iter().all(|&(s, _)| s == 0));
         // A gap that closes in time is no error (#2 is missing behind the rendezvous #0; it
         // counts once #0 and #1 are out).
         i.arrive(0, 3, Some(m(3)));

@@ -420,17 +420,30 @@ impl Worker {
                         None
                     }
                     Some(front) => {
-                        let mut blocked = vec![front.src];
-                        st.rndv_waiting.iter().position(|p| {
+                        // Several senders wait: the oldest announcement of one not at its
+                        // limit, skipping the rest of each blocked sender's (a reused list;
+                        // the scan ends once the blocked senders account for all that is left).
+                        let blocked = &mut st.rndv_blocked;
+                        blocked.clear();
+                        blocked.push(front.src);
+                        let mut unaccounted =
+                            st.rndv_waiting.len() - st.rndv_waiting_from[front.src as usize];
+                        let mut found = None;
+                        for (i, p) in st.rndv_waiting.iter().enumerate() {
+                            if unaccounted == 0 {
+                                break;
+                            }
                             if blocked.contains(&p.src) {
-                                return false;
+                                continue;
                             }
-                            let startable = free(p);
-                            if !startable {
-                                blocked.push(p.src);
+                            if free(p) {
+                                found = Some(i);
+                                break;
                             }
-                            startable
-                        })
+                            blocked.push(p.src);
+                            unaccounted -= st.rndv_waiting_from[p.src as usize];
+                        }
+                        found
                     }
                 };
                 let taken = found.and_then(|i| st.rndv_waiting.remove(i));
@@ -901,7 +914,11 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // Announced messages nobody will fetch: give their descriptors back.
-        let waiting = std::mem::take(&mut self.inbox.state.borrow_mut().rndv_waiting);
+        let waiting = {
+            let mut st = self.inbox.state.borrow_mut();
+            st.rndv_waiting_from.fill(0);
+            std::mem::take(&mut st.rndv_waiting)
+        };
         for pending in waiting {
             // SAFETY: a held, unused rendezvous descriptor of this worker.
             unsafe { sys::ucp_am_data_release(self.worker, pending.desc) };
@@ -1126,7 +1143,7 @@ pub(crate) struct PendingRndv {
 }
 
 impl PendingRndv {
-    /// How many rendezvous fetches may be active when this one starts;
+    /// How many rendezvous fetches from its sender may be active when this one starts;
     /// `copied_here[p]`: whether rendezvous data from process `p` may be
     /// copied by this core (a same-host peer, CMA among the transports).
     /// A split message's data from such a peer is one contiguous buffer,
