@@ -321,7 +321,9 @@ fn periodic_balancing_moves_load_without_at_sync() {
         .lb_period(std::time::Duration::from_millis(40));
     run_job_with(rt, |_| async {
         let a = Array::<Spinner, usize>::new(8, ());
-        a.spin(150);
+        // Up to 1.2 s of work on PE 0 (4 heavy elements × 300 rounds of 1 ms), ~30 balancing
+        // periods: enough for one to move a heavy element however busy the machine is.
+        a.spin(300);
         charmrs::wait_qd().await;
         let placed = Future::new();
         a.place(placed);
