@@ -484,21 +484,24 @@ impl<'de> Deserialize<'de> for Segment {
 }
 
 /// The most zero-copy segments one channel value sent to another process may carry (a message
-/// has at most 256, shared with the call's other arguments).
+/// has at most 256, shared with the call's arguments and the value's own bytes).
 pub(crate) const MAX_VALUE_SEGMENTS: usize = 254;
 
 impl Serialize for ChannelData {
+    /// (type tag, the encoded value, its buffers): the value's bytes travel like any buffer
+    /// (inline when small, as a segment of their own otherwise).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (tag, (bytes, segments)) = match &self.0 {
-            Repr::Value { value, ops } => (
-                (ops.tag)(),
-                (ops.encode)(&**value).map_err(crate::wire::custom_encode_error::<S::Error>)?,
-            ),
+        let (tag, bytes, segments) = match &self.0 {
+            Repr::Value { value, ops } => {
+                let (bytes, segments) =
+                    (ops.encode)(&**value).map_err(crate::wire::custom_encode_error::<S::Error>)?;
+                ((ops.tag)(), Bytes::from(bytes), segments)
+            }
             Repr::Encoded {
                 tag,
                 bytes,
                 segments,
-            } => (*tag, (bytes.to_vec(), segments.clone())),
+            } => (*tag, bytes.clone(), segments.clone()),
         };
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(crate::wire::custom_encode_error(format!(
@@ -507,13 +510,13 @@ impl Serialize for ChannelData {
             )));
         }
         let segments: Vec<Segment> = segments.into_iter().map(Segment).collect();
-        (tag, serde_bytes_ref(&bytes), segments).serialize(s)
+        (tag, Segment(bytes), segments).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for ChannelData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (tag, bytes, segments): (u64, ByteBuf, Vec<Segment>) = Deserialize::deserialize(d)?;
+        let (tag, bytes, segments): (u64, Segment, Vec<Segment>) = Deserialize::deserialize(d)?;
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(crate::wire::custom_error(
                 "a channel value with too many buffers".into(),
@@ -521,44 +524,9 @@ impl<'de> Deserialize<'de> for ChannelData {
         }
         Ok(ChannelData(Repr::Encoded {
             tag,
-            bytes: Bytes::from(bytes.0),
+            bytes: bytes.0,
             segments: segments.into_iter().map(|s| s.0).collect(),
         }))
-    }
-}
-
-/// Serializes a byte slice as serde bytes (one length and the bytes, not a sequence of numbers).
-fn serde_bytes_ref(bytes: &[u8]) -> BytesRef<'_> {
-    BytesRef(bytes)
-}
-
-struct BytesRef<'a>(&'a [u8]);
-
-impl Serialize for BytesRef<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
-/// Owned serde bytes.
-struct ByteBuf(Vec<u8>);
-
-impl<'de> Deserialize<'de> for ByteBuf {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = ByteBuf;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v))
-            }
-        }
-        d.deserialize_bytes(Visit)
     }
 }
 

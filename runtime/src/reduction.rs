@@ -752,9 +752,8 @@ impl PeState {
         to: usize,
         raws: Result<Vec<Raw>, String>,
     ) {
-        self.count_sent();
-        let sent = raws.and_then(|raws| {
-            let msg = crate::wire::raw_reduction_message(
+        let msg = raws.and_then(|raws| {
+            crate::wire::raw_reduction_message(
                 finish,
                 coll,
                 seq,
@@ -762,18 +761,31 @@ impl PeState {
                 self.pe as u32,
                 to as u32,
                 raws,
-            )?;
+            )
+        });
+        self.send_reduction_message(to, msg, || describe(coll, seq, &shape));
+    }
+
+    /// Sends a reduction message to PE `to` of another process (counted for quiescence); on
+    /// failure aborts the job naming `what` and returns `false`.
+    fn send_reduction_message(
+        &self,
+        to: usize,
+        msg: Result<charmrs_transport::Message, String>,
+        what: impl FnOnce() -> String,
+    ) -> bool {
+        self.count_sent();
+        let sent = msg.and_then(|msg| {
             self.shared
                 .layer
                 .send(self.shared.process_of(to), msg)
                 .map_err(|e| e.to_string())
         });
         if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: {}: sending to PE {to}: {e}",
-                describe(coll, seq, &shape)
-            ));
+            self.abort_job(format!("charmrs: {}: sending to PE {to}: {e}", what()));
+            return false;
         }
+        true
     }
 
     /// At the PE that encoded one of a reduction's partials: the root had nothing typed to decode
@@ -878,7 +890,6 @@ impl PeState {
             };
             return self.send(root, Envelope::new(0, body));
         }
-        self.count_sent();
         let table = self.shared.entries;
         let (me, to) = (self.pe as u32, root as u32);
         let message = match crate::wire::finished_message(table, coll, seq, call.as_deref(), me, to)
@@ -893,17 +904,9 @@ impl PeState {
             }
             Err(e) => Err(e),
         };
-        let sent = message.and_then(|msg| {
-            self.shared
-                .layer
-                .send(self.shared.process_of(root), msg)
-                .map_err(|e| e.to_string())
+        self.send_reduction_message(root, message, || {
+            format!("reporting reduction #{seq} over {coll:?} finished")
         });
-        if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: reduction #{seq} over {coll:?}: reporting to PE {root}: {e}"
-            ));
-        }
     }
 
     /// Sends an allreduce result finished away from the tree's root to the root (this PE need
@@ -1127,9 +1130,8 @@ impl PeState {
         to: usize,
         encoded: Result<Vec<u8>, String>,
     ) -> bool {
-        self.count_sent();
-        let sent = encoded.and_then(|bytes| {
-            let msg = crate::wire::allreduce_result_message(
+        let msg = encoded.and_then(|bytes| {
+            crate::wire::allreduce_result_message(
                 for_subscriber,
                 coll,
                 seq,
@@ -1137,22 +1139,9 @@ impl PeState {
                 self.pe as u32,
                 to as u32,
                 bytes,
-            )?;
-            self.shared
-                .layer
-                .send(self.shared.process_of(to), msg)
-                .map_err(|e| e.to_string())
+            )
         });
-        match sent {
-            Ok(()) => true,
-            Err(e) => {
-                self.abort_job(format!(
-                    "charmrs: {}: sending to PE {to}: {e}",
-                    describe(coll, seq, &shape)
-                ));
-                false
-            }
-        }
+        self.send_reduction_message(to, msg, || describe(coll, seq, &shape))
     }
 
     fn deliver_result(&self, coll: CollectionId, seq: u64, shape: Shape, part: Part) {

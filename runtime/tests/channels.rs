@@ -41,35 +41,10 @@ impl Cell {
         value
     }
 
-    /// Sends `count` numbered values to `to` on port `port`, moving to the next PE every
-    /// `move_every` values (0: never). Returns the PE it ends on.
+    /// Sends values `from..count`, numbered, to `to` on port `port`, moving to the next PE
+    /// every `move_every` values (0: never) and going on from the new PE in a new call.
     #[entry]
     async fn stream(
-        this: Coro<Self>,
-        to: ElementProxy<Sink>,
-        port: u32,
-        count: u64,
-        move_every: u64,
-    ) {
-        let out = this.channel_on_port(&to, port);
-        for k in 0..count {
-            out.send((port, k));
-            if move_every > 0 && k % move_every == move_every - 1 {
-                let next = (this.ctx().my_pe() + 1) % charmrs::num_pes();
-                this.with(|s, _| s.moves += 1);
-                this.ctx().migrate(next).unwrap();
-                // The move happens once this entry ends: go on in a new one.
-                this.ctx()
-                    .this_element()
-                    .stream_from(to, port, k + 1, count, move_every);
-                return;
-            }
-        }
-    }
-
-    /// Goes on with [`stream`](Cell::stream) from value `from` (after a move).
-    #[entry]
-    async fn stream_from(
         this: Coro<Self>,
         to: ElementProxy<Sink>,
         port: u32,
@@ -84,9 +59,10 @@ impl Cell {
                 let next = (this.ctx().my_pe() + 1) % charmrs::num_pes();
                 this.with(|s, _| s.moves += 1);
                 this.ctx().migrate(next).unwrap();
+                // The move happens once this entry ends: go on in a new one.
                 this.ctx()
                     .this_element()
-                    .stream_from(to, port, k + 1, count, move_every);
+                    .stream(to, port, k + 1, count, move_every);
                 return;
             }
         }
@@ -235,7 +211,7 @@ fn channels_keep_their_order_through_migrations_and_the_wire_format() {
             let count = 60;
             let drained = sink.ret().drain(cell, vec![0, 1, 2], count);
             for port in 0..3 {
-                cell.stream(*sink, port, count, 7);
+                cell.stream(*sink, port, 0, count, 7);
             }
             assert_eq!(drained.await, 3 * count);
             assert!(cell.ret().moves().await >= 3, "the sender moved");

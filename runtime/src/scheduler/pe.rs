@@ -822,30 +822,27 @@ impl PeState {
                 shape,
                 value,
                 kind,
-                for_subscriber: false,
-            } => self.reduce_down(coll, seq, shape, value, kind),
-            Control::ReduceDown {
-                coll,
-                seq,
-                shape,
-                value,
-                kind,
-                for_subscriber: true,
-            } => self.subscribed_result(coll, seq, shape, Ok((value, kind))),
+                for_subscriber,
+            } => {
+                if for_subscriber {
+                    self.subscribed_result(coll, seq, shape, Ok((value, kind)))
+                } else {
+                    self.reduce_down(coll, seq, shape, value, kind)
+                }
+            }
             Control::ReduceDownEncoded {
                 coll,
                 seq,
                 shape,
                 bytes,
-                for_subscriber: false,
-            } => self.reduce_down_encoded(coll, seq, shape, bytes),
-            Control::ReduceDownEncoded {
-                coll,
-                seq,
-                shape,
-                bytes,
-                for_subscriber: true,
-            } => self.subscribed_result(coll, seq, shape, Err(bytes)),
+                for_subscriber,
+            } => {
+                if for_subscriber {
+                    self.subscribed_result(coll, seq, shape, Err(bytes))
+                } else {
+                    self.reduce_down_encoded(coll, seq, shape, bytes)
+                }
+            }
             Control::AllreduceSubscribe { coll, seq, pe } => {
                 self.allreduce_subscribe(coll, seq, pe)
             }
