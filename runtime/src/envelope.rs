@@ -169,12 +169,15 @@ pub(crate) enum Control {
     /// An element moving in (its state and bookkeeping).
     Migrate(Box<crate::migration::Migrant>),
     /// Element `index` of `coll` lives on `pe` since its `epoch`-th migration: update the
-    /// location cache (or, at its home, the record of where it is).
+    /// location cache (or, at its home, the record of where it is). `inserted`: sent to the
+    /// home by the PE a sparse element was just inserted on (the home catches a second
+    /// insertion of one index, wherever the two happened).
     Located {
         coll: CollectionId,
         index: Index,
         pe: u32,
         epoch: u32,
+        inserted: bool,
     },
     /// Load balancing traffic.
     Balance(crate::balance::LbMsg),

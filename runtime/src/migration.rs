@@ -191,6 +191,7 @@ impl PeState {
                     index,
                     pe: self.pe as u32,
                     epoch,
+                    inserted: false,
                 },
             ),
         );
@@ -284,8 +285,40 @@ impl PeState {
         }
     }
 
-    /// A location record from the PE that holds (or last held) an element.
-    pub(crate) fn located(&self, coll: CollectionId, index: Index, pe: u32, epoch: u32) {
+    /// At the home of sparse element `index`: notes that it was inserted on `pe`, or names the
+    /// two PEs if it was inserted before (the announcements of the two insertions arrive here
+    /// in either order, and either may arrive after the element has migrated: each insertion
+    /// is announced exactly once, so a second announcement is a second element).
+    pub(crate) fn record_insertion(
+        &self,
+        coll: CollectionId,
+        index: Index,
+        pe: u32,
+    ) -> std::result::Result<(), String> {
+        let mut cols = self.collections.borrow_mut();
+        let c = cols
+            .get_mut(&coll)
+            .expect("the caller found the collection");
+        match c.inserted_on.insert(index, pe) {
+            None => Ok(()),
+            Some(first) => Err(format!(
+                "charmrs: element {index} of {} was inserted twice: on PE {first} and on PE {pe} \
+                 (seen at its home, PE {})",
+                c.chare, self.pe
+            )),
+        }
+    }
+
+    /// A location record from the PE that holds (or last held) an element; `inserted`: the
+    /// announcement of a sparse element's insertion on `pe`, sent to its home.
+    pub(crate) fn located(
+        &self,
+        coll: CollectionId,
+        index: Index,
+        pe: u32,
+        epoch: u32,
+        inserted: bool,
+    ) {
         if pe as usize >= self.num_pes() {
             return self.abort_job(format!(
                 "charmrs: PE {}: a location update puts element {index} of {coll:?} on unknown PE {pe}",
@@ -301,9 +334,15 @@ impl PeState {
                     index,
                     pe,
                     epoch,
+                    inserted,
                 },
             );
             return self.buffer_for(coll, env);
+        }
+        if inserted {
+            if let Err(e) = self.record_insertion(coll, index, pe) {
+                return self.abort_job(e);
+            }
         }
         if self.record_location(coll, index, pe, epoch) {
             self.release_lost(coll, index);
@@ -535,6 +574,7 @@ impl PeState {
                         index,
                         pe: self.pe as u32,
                         epoch: m.epoch,
+                        inserted: false,
                     },
                 ),
             );

@@ -302,6 +302,7 @@ enum MobilityWire {
         index: Index,
         pe: u32,
         epoch: u32,
+        inserted: bool,
     },
     Balance(crate::balance::LbMsg),
     Census {
@@ -328,6 +329,7 @@ enum MobilityWireRef<'a> {
         index: Index,
         pe: u32,
         epoch: u32,
+        inserted: bool,
     },
     Balance(&'a crate::balance::LbMsg),
     Census {
@@ -361,11 +363,13 @@ pub(crate) fn mobility_message(
             index,
             pe,
             epoch,
+            inserted,
         } => MobilityWireRef::Located {
             coll: *coll,
             index: *index,
             pe: *pe,
             epoch: *epoch,
+            inserted: *inserted,
         },
         Control::Balance(b) => MobilityWireRef::Balance(b),
         Control::Census { coll, reply } => MobilityWireRef::Census {
@@ -407,11 +411,13 @@ pub(crate) fn decode_mobility(msg: &Message) -> Result<Envelope, String> {
             index,
             pe,
             epoch,
+            inserted,
         } => Control::Located {
             coll,
             index,
             pe,
             epoch,
+            inserted,
         },
         MobilityWire::Balance(b) => Control::Balance(b),
         MobilityWire::Census { coll, reply } => Control::Census { coll, reply },

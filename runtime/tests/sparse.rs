@@ -199,6 +199,24 @@ fn insertion_errors_name_the_problem() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("was inserted twice"), "{e}");
+    // Inserted on PE 1, then on PE 2: neither is the home (PE 0) and neither knows of the
+    // other's element; the home catches the second announcement, in whichever order the two
+    // arrive.
+    let e = run_job(3, |_| async {
+        let sparse = Array::<Pinned, usize>::new_sparse(Some(&ALL_AT_ZERO));
+        sparse.insert(5, (), Some(1));
+        charmrs::wait_qd().await;
+        sparse.insert(5, (), Some(2));
+        charmrs::wait_qd().await;
+        charmrs::exit(0);
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("element (5,) of Pinned was inserted twice: on PE 1 and on PE 2")
+            && e.contains("its home, PE 0"),
+        "{e}"
+    );
 }
 
 /// A user-defined index type.

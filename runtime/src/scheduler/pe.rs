@@ -68,6 +68,9 @@ pub(crate) struct LocalCollection {
     /// the element's own departure, which is progress, and does not count as a hop (see
     /// `migration::MAX_HOPS`). Cleared when the element returns.
     pub(crate) departed: rustc_hash::FxHashSet<Index>,
+    /// Sparse arrays, at the home PE: the PE each element homed here was inserted on (a second
+    /// insertion of an index is caught here, wherever the two happened). Empty otherwise.
+    pub(crate) inserted_on: FxHashMap<Index, u32>,
 }
 
 /// What a PE needs to receive migrating elements of a collection.
@@ -788,7 +791,8 @@ impl PeState {
                 index,
                 pe,
                 epoch,
-            } => self.located(coll, index, pe, epoch),
+                inserted,
+            } => self.located(coll, index, pe, epoch, inserted),
             Control::Balance(msg) => self.balance_message(msg),
             Control::PoolSubmit(spec) => self.pool_submit(*spec),
             Control::Pool(msg) => self.pool_message(msg),
@@ -878,6 +882,7 @@ impl PeState {
             epochs: FxHashMap::default(),
             lost: FxHashMap::default(),
             departed: rustc_hash::FxHashSet::default(),
+            inserted_on: FxHashMap::default(),
         };
         let mut suspended = Vec::new();
         if let Shape::Array { map: Some(m), .. } = shape {
@@ -997,6 +1002,11 @@ impl PeState {
             Some(false) => {}
         }
         let home = shape.home_pe(&index, self.num_pes()) == self.pe;
+        if home {
+            if let Err(e) = self.record_insertion(coll, index, self.pe as u32) {
+                return self.abort_job(e);
+            }
+        }
         match self.construct_one(coll, index, shape, &*build) {
             None => {}
             Some(Built::Ready(element)) => {
@@ -1034,6 +1044,7 @@ impl PeState {
                         index,
                         pe: self.pe as u32,
                         epoch: 0,
+                        inserted: matches!(shape, Shape::Sparse { .. }),
                     },
                 ),
             );
