@@ -286,6 +286,68 @@ fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_pro
     }
 }
 
+/// `+trace` across processes: one timeline per process, each with its own PEs, and a summary
+/// per process that counts the messages it exchanged.
+#[test]
+fn a_trace_across_processes_writes_one_timeline_per_process() {
+    let dir = std::env::temp_dir().join(format!("charmrs-mp-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.json");
+    let (out, _) = run(
+        &[
+            "++quiet",
+            "+p4",
+            "++ppn",
+            "2",
+            env!("CARGO_BIN_EXE_array_hello"),
+            "+trace",
+            file.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(lines(&out).last().map(String::as_str), Some("All done"));
+    for (rank, pes) in [(0, ["PE 0", "PE 1"]), (1, ["PE 2", "PE 3"])] {
+        let path = dir.join(format!("t.{rank}.json"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let events = json["traceEvents"].as_array().unwrap();
+        let threads: Vec<_> = events
+            .iter()
+            .filter(|e| e["name"] == "thread_name")
+            .map(|e| e["args"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(threads, pes, "process {rank}");
+        let hellos = events
+            .iter()
+            .filter(|e| e["name"] == "Hello::say_hi" && e["pid"] == rank)
+            .count();
+        assert_eq!(hellos, 4, "process {rank}: one say_hi per element");
+        assert!(
+            stderr.contains(&format!("charmrs trace: process {rank} (PEs ")),
+            "{stderr}"
+        );
+    }
+    // Every message counted as sent by one process is counted as received by the other.
+    let counts: Vec<(u64, u64)> = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("network: "))
+        .map(|l| {
+            let n: Vec<u64> = l
+                .split(' ')
+                .filter_map(|w| w.trim_start_matches('(').parse().ok())
+                .collect();
+            (n[0], n[2])
+        })
+        .collect();
+    assert_eq!(counts.len(), 2, "{stderr}");
+    let sent: u64 = counts.iter().map(|c| c.0).sum();
+    let received: u64 = counts.iter().map(|c| c.1).sum();
+    assert!(sent > 0 && sent == received, "{counts:?}\n{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
     for args in [["+p4", "++ppn", "2"], ["+p3", "++ppn", "1"]] {

@@ -595,8 +595,41 @@ impl<C: Chare, E: Entry<C>> PendingWhen<C> for Buffered<C, E> {
 }
 
 /// Runs one call of `E` on `element`, sending its result to `sink`; a suspended entry becomes a
-/// task of this PE.
+/// task of this PE. With `+trace` the call is recorded (out of line: the untraced call is
+/// exactly what it would be without tracing).
+#[inline]
 fn call_entry<C: Chare, E: Entry<C>>(
+    pe: &PeState,
+    element: Rc<Element<C>>,
+    args: E::Args,
+    sink: Sink<E::Output>,
+    site: Site,
+) {
+    match &pe.tracer {
+        None => run_call::<C, E>(pe, element, args, sink, site),
+        Some(tracer) => traced_call::<C, E>(pe, tracer, element, args, sink, site),
+    }
+}
+
+/// [`call_entry`] with `+trace`.
+#[inline(never)]
+#[cold]
+fn traced_call<C: Chare, E: Entry<C>>(
+    pe: &PeState,
+    tracer: &crate::trace::Tracer,
+    element: Rc<Element<C>>,
+    args: E::Args,
+    sink: Sink<E::Output>,
+    site: Site,
+) {
+    let (start, index) = (tracer.now(), site.index);
+    run_call::<C, E>(pe, element, args, sink, site);
+    tracer.entry(E::NAME, index, start);
+}
+
+/// The body of [`call_entry`].
+#[inline(always)]
+fn run_call<C: Chare, E: Entry<C>>(
     pe: &PeState,
     element: Rc<Element<C>>,
     args: E::Args,
@@ -615,14 +648,17 @@ fn call_entry<C: Chare, E: Entry<C>>(
     }
     match called {
         Ok(Invoked::Done(v)) => sink.ok(pe, v),
-        Ok(Invoked::Suspended(fut)) => pe.spawn(Box::pin(async move {
-            let outcome = CatchPanic { inner: fut }.await;
-            crate::scheduler::with_pe("entry completion", |pe| match outcome {
-                Ok(v) => sink.ok(pe, v),
-                Err(payload) => sink.panicked(pe, &site, payload),
-            })
-            .expect("tasks run on their PE");
-        })),
+        Ok(Invoked::Suspended(fut)) => pe.spawn_labelled(
+            Box::pin(async move {
+                let outcome = CatchPanic { inner: fut }.await;
+                crate::scheduler::with_pe("entry completion", |pe| match outcome {
+                    Ok(v) => sink.ok(pe, v),
+                    Err(payload) => sink.panicked(pe, &site, payload),
+                })
+                .expect("tasks run on their PE");
+            }),
+            E::NAME,
+        ),
         Err(payload) => sink.panicked(pe, &site, payload),
     }
 }

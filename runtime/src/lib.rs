@@ -69,6 +69,7 @@ mod scheduler;
 mod section;
 mod sleep;
 mod sparse;
+mod trace;
 mod when;
 mod wire;
 

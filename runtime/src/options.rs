@@ -48,6 +48,11 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "+LBDump FILE",
         "write the load data of each balancing step to FILE.<step> (input for lbsim)",
     ),
+    (
+        "+trace FILE",
+        "write each PE's timeline to FILE (Chrome/Perfetto trace JSON; FILE with the rank before \
+         its extension per process) and print a time-per-entry summary",
+    ),
 ];
 
 /// Parsed runtime options.
@@ -73,6 +78,9 @@ pub struct Options {
     pub lb_dump: Option<String>,
     /// Balance every this many milliseconds as well (periodic mode).
     pub lb_period_ms: Option<u64>,
+    /// Write each PE's timeline to this Chrome/Perfetto trace file at the end of the job, and
+    /// print a summary (see [`Runtime::trace`](crate::Runtime::trace)).
+    pub trace: Option<String>,
 }
 
 impl Default for Options {
@@ -88,6 +96,7 @@ impl Default for Options {
             lb_debug: false,
             lb_dump: None,
             lb_period_ms: None,
+            trace: None,
         }
     }
 }
@@ -170,6 +179,7 @@ impl Options {
                     opts.machine = Some(name);
                 }
                 "+LBDump" => opts.lb_dump = Some(value_of("+LBDump")?),
+                "+trace" => opts.trace = Some(value_of("+trace")?),
                 "+LBPeriod" => {
                     let v = value_of("+LBPeriod")?;
                     let secs = v.parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());

@@ -776,6 +776,7 @@ impl PeState {
     ) -> bool {
         self.count_sent();
         let sent = msg.and_then(|msg| {
+            self.trace_sent(&msg);
             self.shared
                 .layer
                 .send(self.shared.process_of(to), msg)

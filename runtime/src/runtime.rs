@@ -94,6 +94,32 @@ impl Runtime {
         self
     }
 
+    /// Records every PE's timeline (entry methods, resumed suspended entries, idle periods) and
+    /// writes it at the end of the job to `path` as Chrome trace JSON, which
+    /// [Perfetto](https://ui.perfetto.dev) and `chrome://tracing` open; prints a summary to
+    /// standard error: each PE's time in entries, idle and other, each entry's calls and time,
+    /// and the messages and bytes that crossed the machine layer (`+trace FILE` on the command
+    /// line). A multi-process job writes one file per process, the rank before the extension
+    /// (`trace.json` → `trace.1.json`).
+    ///
+    /// ```
+    /// let dir = std::env::temp_dir().join(format!("charmrs-doc-trace-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let file = dir.join("trace.json");
+    /// charmrs::Runtime::new(2)
+    ///     .affinity(false)
+    ///     .trace(&file)
+    ///     .run(|_| async { charmrs::exit(0) })
+    ///     .unwrap();
+    /// let json = std::fs::read_to_string(&file).unwrap();
+    /// assert!(json.starts_with("{\"traceEvents\":["));
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn trace(mut self, path: impl AsRef<std::path::Path>) -> Runtime {
+        self.options.trace = Some(path.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
     /// Print every load-balancing step (`+LBDebug`).
     pub fn lb_debug(mut self, on: bool) -> Runtime {
         self.options.lb_debug = on;
@@ -144,6 +170,7 @@ impl Runtime {
             layer,
             table,
             crate::balance::BalanceConfig::from_options(&self.options)?,
+            self.options.trace.clone().map(crate::trace::TraceSink::new),
         ));
         let topology = Topology::detect();
         // Processes of one job on one host share its cores: this process's PEs take the cores
@@ -241,6 +268,9 @@ impl Runtime {
         // is then the layer's only poller.
         if joined && shared.layer.size() > 1 && matches!(outcome, Outcome::Exit(_)) {
             crate::scheduler::finish_job(&shared);
+        }
+        if let Some(trace) = &shared.trace {
+            trace.finish(shared.layer.rank(), shared.layer.size());
         }
         match outcome {
             Outcome::Exit(code) => Ok(code),

@@ -291,6 +291,15 @@ pub(crate) const KIND_END_ACK: u8 = 13;
 /// End-of-job handshake: "every process knows: you may leave".
 pub(crate) const KIND_END_GO: u8 = 14;
 
+/// Whether messages of `kind` start or end the job (hello, exit, abort, the end handshake)
+/// rather than carry the PEs' work.
+pub(crate) fn is_job_control(kind: u8) -> bool {
+    matches!(
+        kind,
+        KIND_EXIT | KIND_ABORT | KIND_HELLO | KIND_END_ACK | KIND_END_GO
+    )
+}
+
 /// The wire form of migration, location-update and load-balancing messages (decoding side; the
 /// encoding side is [`MobilityWireRef`], which has the same variants in the same order and so
 /// the same encoding, without copying a migrating element's state).

@@ -78,6 +78,7 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
         let mut h = *m.header();
         h.dst_pe = child * shared.local_pes() as u32;
         m.set_header(h);
+        let _ = super::pe::with_pe("tracing", |pe| pe.trace_sent(&m));
         if let Err(e) = shared.layer.send(child, m) {
             return abort(format!("forwarding a broadcast to process {child}: {e}"));
         }
@@ -121,6 +122,13 @@ fn decode_guarded(msg: Message, table: &EntryTable) -> Result<crate::envelope::E
 
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
     let header = *msg.header();
+    if shared.trace.is_some() && !wire::is_job_control(header.kind) {
+        let _ = super::pe::with_pe("tracing", |pe| {
+            if let Some(t) = &pe.tracer {
+                t.received(msg.total_len());
+            }
+        });
+    }
     let me = shared.layer.rank();
     let abort =
         |why: String| shared.finish(Outcome::Abort(format!("charmrs: process {me}: {why}")));

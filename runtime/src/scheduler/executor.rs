@@ -43,10 +43,14 @@ impl Wake for TaskWaker {
     }
 }
 
+/// A task's name in traces: the entry method it runs (`Chare::entry`), `main`, or what else.
+pub(crate) type TaskLabel = &'static str;
+
 struct Slot {
     generation: u32,
     task: Option<LocalTask>,
     waker: Option<Arc<TaskWaker>>,
+    label: TaskLabel,
 }
 
 /// The task slab of one PE.
@@ -58,7 +62,7 @@ pub(crate) struct Executor {
 
 impl Executor {
     /// Stores `task` and polls it once right away.
-    pub(crate) fn spawn(&self, shared: &Arc<Shared>, pe: usize, task: LocalTask) {
+    pub(crate) fn spawn(&self, shared: &Arc<Shared>, pe: usize, task: LocalTask, label: TaskLabel) {
         let slot = {
             let mut slots = self.slots.borrow_mut();
             let index = match self.free.borrow_mut().pop() {
@@ -68,12 +72,14 @@ impl Executor {
                         generation: 0,
                         task: None,
                         waker: None,
+                        label,
                     });
                     (slots.len() - 1) as u32
                 }
             };
             let s = &mut slots[index as usize];
             s.task = Some(task);
+            s.label = label;
             s.waker = Some(Arc::new(TaskWaker {
                 shared: shared.clone(),
                 pe,
@@ -86,18 +92,18 @@ impl Executor {
         self.resume(slot.0, slot.1);
     }
 
-    /// Polls task `slot` if it still is the task of `generation`.
-    pub(crate) fn resume(&self, slot: u32, generation: u32) {
+    /// Polls task `slot` if it still is the task of `generation`; returns its label if it did.
+    pub(crate) fn resume(&self, slot: u32, generation: u32) -> Option<TaskLabel> {
         let taken = {
             let mut slots = self.slots.borrow_mut();
             match slots.get_mut(slot as usize) {
-                Some(s) if s.generation == generation => s.task.take().zip(s.waker.clone()),
+                Some(s) if s.generation == generation => {
+                    s.task.take().zip(s.waker.clone()).map(|t| (t, s.label))
+                }
                 _ => None,
             }
         };
-        let Some((mut task, waker)) = taken else {
-            return;
-        };
+        let ((mut task, waker), label) = taken?;
         waker.queued.store(false, Ordering::Release);
         let std_waker = Waker::from(waker);
         let mut cx = Context::from_waker(&std_waker);
@@ -112,6 +118,7 @@ impl Executor {
         } else {
             s.task = Some(task);
         }
+        Some(label)
     }
 
     /// Drops every task (at shutdown).

@@ -177,6 +177,8 @@ pub(crate) struct PeState {
     pub(crate) unsealed: RefCell<FxHashMap<CollectionId, Vec<crate::sparse::Deferred>>>,
     /// Insertions into sparse arrays issued by this PE.
     pub(crate) inserts_issued: RefCell<FxHashMap<CollectionId, u64>>,
+    /// `+trace`: this PE's timeline and counts (`None`: tracing is off).
+    pub(crate) tracer: Option<Box<crate::trace::Tracer>>,
 }
 
 /// A sleeping task's wake-up time.
@@ -268,6 +270,7 @@ impl PeState {
         let measuring = shared.balance.measuring();
         // Calibrates the timestamp source (once per process) before the first timestamp.
         let secs_per_tick = crate::measure::init_clock();
+        let shared_trace = shared.trace.is_some();
         PeState {
             pe,
             shared,
@@ -300,6 +303,7 @@ impl PeState {
             home_counts: RefCell::default(),
             unsealed: RefCell::default(),
             inserts_issued: RefCell::default(),
+            tracer: shared_trace.then(|| Box::new(crate::trace::Tracer::new(pe, secs_per_tick))),
         }
     }
 
@@ -426,6 +430,7 @@ impl PeState {
     ) {
         let process = self.shared.process_of(dst);
         let sent = encoded.and_then(|msg| {
+            self.trace_sent(&msg);
             self.shared
                 .layer
                 .send(process, msg)
@@ -436,6 +441,19 @@ impl PeState {
                 "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
                 self.pe
             ));
+        }
+    }
+
+    /// `+trace`: counts `msg`, about to leave through the machine layer.
+    #[inline]
+    pub(crate) fn trace_sent(&self, msg: &charmrs_transport::Message) {
+        #[cold]
+        #[inline(never)]
+        fn count(t: &crate::trace::Tracer, msg: &charmrs_transport::Message) {
+            t.sent(msg.total_len());
+        }
+        if let Some(t) = &self.tracer {
+            count(t, msg);
         }
     }
 
@@ -485,6 +503,7 @@ impl PeState {
                     let mut h = *m.header();
                     h.dst_pe = child * self.shared.local_pes() as u32;
                     m.set_header(h);
+                    self.trace_sent(&m);
                     layer
                         .send(child, m)
                         .map_err(|e| format!("to process {child}: {e}"))?;
@@ -568,7 +587,12 @@ impl PeState {
 
     /// Stores a task on this PE's executor and polls it once.
     pub(crate) fn spawn(&self, task: LocalTask) {
-        self.executor.spawn(&self.shared, self.pe, task);
+        self.spawn_labelled(task, "runtime task");
+    }
+
+    /// [`spawn`](Self::spawn), naming the task by chare and entry in traces.
+    pub(crate) fn spawn_labelled(&self, task: LocalTask, label: super::executor::TaskLabel) {
+        self.executor.spawn(&self.shared, self.pe, task, label);
     }
 
     /// Sends `outcome` to future `id` of PE `owner`: directly if that is this PE, moved to another
@@ -755,10 +779,15 @@ impl PeState {
                 }
             }
             Body::Resume { slot, generation } => {
+                let start = self.tracer.as_ref().map(|t| t.now());
+                let mut label = None;
                 self.guarded(MAIN_SITE, || {
-                    self.executor.resume(slot, generation);
+                    label = self.executor.resume(slot, generation);
                     Ok(())
                 });
+                if let (Some(t), Some(start), Some(name)) = (&self.tracer, start, label) {
+                    t.resumed(name, start);
+                }
             }
             Body::Fulfil { id, outcome } => self.fulfil_local(id, outcome.map_err(|e| *e)),
             Body::Partial { id, outcome, count } => {
@@ -780,10 +809,14 @@ impl PeState {
             Control::Census { coll, reply } => self.census(coll, reply),
             Control::Seal { coll, counts } => self.seal(coll, counts),
             Control::Spawn(make) => {
+                let start = self.tracer.as_ref().map(|t| t.now());
                 self.guarded(MAIN_SITE, || {
-                    self.spawn(make());
+                    self.spawn_labelled(make(), MAIN_SITE.entry);
                     Ok(())
                 });
+                if let (Some(t), Some(start)) = (&self.tracer, start) {
+                    t.entry(MAIN_SITE.entry, MAIN_SITE.index, start);
+                }
             }
             Control::Migrate(m) => self.arrive(*m),
             Control::Located {
@@ -1331,6 +1364,9 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                     state.idle(next_timer);
                     just_polled = true;
                     let woke = crate::measure::ticks();
+                    if let Some(t) = &state.tracer {
+                        t.idle(since, woke);
+                    }
                     let idle = woke.saturating_sub(since) as f64 * state.secs_per_tick;
                     state.idle_secs.set(state.idle_secs.get() + idle);
                     if state.measuring {
@@ -1348,5 +1384,8 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         drop(pending);
         state.executor.clear();
     }));
+    if let (Some(sink), Some(t)) = (&shared.trace, &state.tracer) {
+        sink.hand_in(t.take(), state.started.elapsed().as_secs_f64());
+    }
     CURRENT.with(|c| c.set(std::ptr::null()));
 }

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) network_wakes: std::sync::OnceLock<bool>,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
+    /// `+trace`: where the PEs' trace records go when they stop (`None`: tracing is off).
+    pub(crate) trace: Option<crate::trace::TraceSink>,
     stop: AtomicBool,
     /// The end-of-job handshake (see `ending`).
     end: Mutex<super::ending::EndState>,
@@ -65,6 +67,7 @@ impl Shared {
         layer: Box<dyn MachineLayer>,
         entries: &'static EntryTable,
         balance: crate::balance::BalanceConfig,
+        trace: Option<crate::trace::TraceSink>,
     ) -> Shared {
         let nprocs = layer.size() as usize;
         let first_pe = layer.rank() as usize * local_pes;
@@ -80,6 +83,7 @@ impl Shared {
             network_pe: std::sync::OnceLock::new(),
             network_wakes: std::sync::OnceLock::new(),
             layer,
+            trace,
             stop: AtomicBool::new(false),
             end: Mutex::default(),
             outcome: Mutex::new(None),
