@@ -622,7 +622,7 @@ fn traced_call<C: Chare, E: Entry<C>>(
     sink: Sink<E::Output>,
     site: Site,
 ) {
-    let (start, index) = (tracer.now(), site.index);
+    let (start, index) = (tracer.begin(), site.index);
     run_call::<C, E>(pe, element, args, sink, site);
     tracer.entry(E::NAME, index, start);
 }

@@ -80,7 +80,7 @@ pub struct Options {
     pub lb_period_ms: Option<u64>,
     /// Write each PE's timeline to this Chrome/Perfetto trace file at the end of the job, and
     /// print a summary (see [`Runtime::trace`](crate::Runtime::trace)).
-    pub trace: Option<String>,
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -179,7 +179,7 @@ impl Options {
                     opts.machine = Some(name);
                 }
                 "+LBDump" => opts.lb_dump = Some(value_of("+LBDump")?),
-                "+trace" => opts.trace = Some(value_of("+trace")?),
+                "+trace" => opts.trace = Some(value_of("+trace")?.into()),
                 "+LBPeriod" => {
                     let v = value_of("+LBPeriod")?;
                     let secs = v.parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());

@@ -584,6 +584,7 @@ impl PeState {
             message: crate::panic::describe(payload),
         };
         if !task.is_async {
+            let traced = self.tracer.as_ref().map(|t| t.begin());
             let mut out = Vec::with_capacity(items.len());
             let mut result = Ok(());
             for item in items {
@@ -595,6 +596,9 @@ impl PeState {
                         break;
                     }
                 }
+            }
+            if let (Some(t), Some(began)) = (&self.tracer, traced) {
+                t.task(task.name, began);
             }
             let results = result.map(|()| out);
             let done = PoolMsg::Done {
@@ -612,37 +616,40 @@ impl PeState {
             Envelope::new(0, Control::Pool(PoolMsg::Free { job, pe: me })),
         );
         let failed_async = failed;
-        self.spawn(Box::pin(async move {
-            let mut out = Vec::with_capacity(items.len());
-            let mut result = Ok(());
-            for item in items {
-                let outcome = match catch_unwind(AssertUnwindSafe(|| (task.run)(item))) {
-                    Ok(TaskRun::Done(v)) => Ok(v),
-                    Ok(TaskRun::Suspended(fut)) => crate::envelope::catch_panic(fut).await,
-                    Err(p) => Err(p),
-                };
-                match outcome {
-                    Ok(v) => out.push(v),
-                    Err(p) => {
-                        result = Err(failed_async(p));
-                        break;
+        self.spawn_labelled(
+            Box::pin(async move {
+                let mut out = Vec::with_capacity(items.len());
+                let mut result = Ok(());
+                for item in items {
+                    let outcome = match catch_unwind(AssertUnwindSafe(|| (task.run)(item))) {
+                        Ok(TaskRun::Done(v)) => Ok(v),
+                        Ok(TaskRun::Suspended(fut)) => crate::envelope::catch_panic(fut).await,
+                        Err(p) => Err(p),
+                    };
+                    match outcome {
+                        Ok(v) => out.push(v),
+                        Err(p) => {
+                            result = Err(failed_async(p));
+                            break;
+                        }
                     }
                 }
-            }
-            let results = result.map(|()| out);
-            let done = PoolMsg::Done {
-                job,
-                start,
-                pe: me,
-                task,
-                results,
-                frees: false,
-            };
-            with_pe("pool", |pe| {
-                pe.send(0, Envelope::new(0, Control::Pool(done)))
-            })
-            .expect("tasks run on PEs");
-        }));
+                let results = result.map(|()| out);
+                let done = PoolMsg::Done {
+                    job,
+                    start,
+                    pe: me,
+                    task,
+                    results,
+                    frees: false,
+                };
+                with_pe("pool", |pe| {
+                    pe.send(0, Envelope::new(0, Control::Pool(done)))
+                })
+                .expect("tasks run on PEs");
+            }),
+            task.name,
+        );
     }
 }
 

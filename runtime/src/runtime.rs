@@ -116,7 +116,7 @@ impl Runtime {
     /// # std::fs::remove_dir_all(&dir).unwrap();
     /// ```
     pub fn trace(mut self, path: impl AsRef<std::path::Path>) -> Runtime {
-        self.options.trace = Some(path.as_ref().to_string_lossy().into_owned());
+        self.options.trace = Some(path.as_ref().to_path_buf());
         self
     }
 
@@ -163,6 +163,12 @@ impl Runtime {
         let table = EntryTable::get()?;
         let layer =
             crate::machine::select(self.options.local_only, self.options.machine.as_deref())?;
+        let first = layer.rank() as usize * pes;
+        let trace = self
+            .options
+            .trace
+            .clone()
+            .map(|path| crate::trace::TraceSink::new(path, first..first + pes));
         let shared = Arc::new(Shared::new(
             pes,
             self.options.idle_spin,
@@ -170,7 +176,7 @@ impl Runtime {
             layer,
             table,
             crate::balance::BalanceConfig::from_options(&self.options)?,
-            self.options.trace.clone().map(crate::trace::TraceSink::new),
+            trace,
         ));
         let topology = Topology::detect();
         // Processes of one job on one host share its cores: this process's PEs take the cores

@@ -15,10 +15,17 @@
 //!   test of an `Option`.
 //! * A PE keeps at most [`MAX_SPANS`] spans for the timeline; later spans still count in the
 //!   summary, and the file records how many were dropped.
+//! * Spans of one PE are disjoint or nested (a constructor that finishes delivers the calls
+//!   that waited for it from inside its own span); the summary charges each span its own time
+//!   only, without that of the spans inside it, so no time is counted twice.
 //! * Spans are timed with the measurement clock (`measure::ticks`) and written as microseconds
-//!   since the UNIX epoch, so the files of different processes share one time axis (as far as
-//!   their hosts' clocks agree). A multi-process job writes one file per process: `FILE` with the
-//!   process rank before its extension (`trace.json` → `trace.3.json`).
+//!   since the UNIX epoch — interpolated between a (ticks, UNIX time) pair taken when the PE
+//!   starts and one taken when it stops — so the files of different processes share one time
+//!   axis (as far as their hosts' clocks agree; a double resolves ~0.25 µs at today's epoch
+//!   times, durations are exact to the clock). A multi-process job writes one file per process:
+//!   `FILE` with the process rank before its extension (`trace.json` → `trace.3.json`).
+//! * A PE that does not stop in time at the end of the job (see `Runtime::run`'s grace period)
+//!   is missing from the file; the summary names it.
 
 use crate::index::Index;
 use crate::measure::ticks;
@@ -41,6 +48,8 @@ enum What {
     Entry { name: &'static str, index: Index },
     /// A suspended entry (or the entry point) running again after what it awaited arrived.
     Resume { name: &'static str },
+    /// A task of the pool (`#[charmrs::task]`), the items of one message.
+    Task { name: &'static str },
     /// Waiting for messages.
     Idle,
 }
@@ -78,16 +87,24 @@ pub(crate) struct Tracer {
     stats: RefCell<FxHashMap<&'static str, EntryStat>>,
     idle_ticks: Cell<u64>,
     net: Cell<NetCounts>,
-    /// A tick count and the UNIX time it stands for, in microseconds.
+    /// Time of the spans inside each open span (innermost last): subtracted from its own.
+    open: RefCell<Vec<u64>>,
+    /// Tick counts and the UNIX times they stand for, in microseconds: when the PE started, and
+    /// (once it stopped) when it stopped.
     anchor: (u64, f64),
+    end_anchor: Option<(u64, f64)>,
     secs_per_tick: f64,
+}
+
+fn unix_now_us() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 impl Tracer {
     pub(crate) fn new(pe: usize, secs_per_tick: f64) -> Tracer {
-        let unix_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        let unix_us = unix_now_us();
         Tracer {
             pe,
             spans: RefCell::new(Vec::with_capacity(4096)),
@@ -95,15 +112,36 @@ impl Tracer {
             stats: RefCell::new(FxHashMap::default()),
             idle_ticks: Cell::new(0),
             net: Cell::new(NetCounts::default()),
+            open: RefCell::new(Vec::new()),
             anchor: (ticks(), unix_us),
+            end_anchor: None,
             secs_per_tick,
         }
     }
 
-    /// A timestamp for [`entry`](Self::entry) and friends.
-    #[inline]
-    pub(crate) fn now(&self) -> u64 {
+    /// Opens a span: returns its start, to hand to [`entry`](Self::entry),
+    /// [`resumed`](Self::resumed) or [`task`](Self::task), which close it (spans close in the
+    /// reverse order they open).
+    pub(crate) fn begin(&self) -> u64 {
+        self.open.borrow_mut().push(0);
         ticks()
+    }
+
+    /// Closes the innermost open span without recording it (nothing ran in it).
+    pub(crate) fn abandon(&self) {
+        self.open.borrow_mut().pop();
+    }
+
+    /// Closes the innermost open span, begun at `start`: its own time (without the spans inside
+    /// it), which is also charged to the span around it as inner time.
+    fn close(&self, start: u64, end: u64) -> u64 {
+        let took = end.saturating_sub(start);
+        let mut open = self.open.borrow_mut();
+        let inner = open.pop().unwrap_or(0);
+        if let Some(outer) = open.last_mut() {
+            *outer += took;
+        }
+        took.saturating_sub(inner)
     }
 
     fn keep(&self, span: Span) {
@@ -127,10 +165,12 @@ impl Tracer {
         s.max_ticks = s.max_ticks.max(took);
     }
 
-    /// Entry method `name` (`Chare::entry`) of element `index` ran from `start` to now.
+    /// Entry method `name` (`Chare::entry`, or `Chare::new`) of element `index` ran from
+    /// `start` to now.
     pub(crate) fn entry(&self, name: &'static str, index: Index, start: u64) {
         let end = ticks();
-        self.count(name, end.saturating_sub(start), false);
+        let own = self.close(start, end);
+        self.count(name, own, false);
         self.keep(Span {
             what: What::Entry { name, index },
             start,
@@ -142,9 +182,22 @@ impl Tracer {
     /// now.
     pub(crate) fn resumed(&self, name: &'static str, start: u64) {
         let end = ticks();
-        self.count(name, end.saturating_sub(start), true);
+        let own = self.close(start, end);
+        self.count(name, own, true);
         self.keep(Span {
             what: What::Resume { name },
+            start,
+            end,
+        });
+    }
+
+    /// Pool task `name` ran from `start` to now (the items of one message).
+    pub(crate) fn task(&self, name: &'static str, start: u64) {
+        let end = ticks();
+        let own = self.close(start, end);
+        self.count(name, own, false);
+        self.keep(Span {
+            what: What::Task { name },
             start,
             end,
         });
@@ -187,15 +240,23 @@ impl Tracer {
             stats: RefCell::new(self.stats.take()),
             idle_ticks: Cell::new(self.idle_ticks.get()),
             net: Cell::new(self.net.get()),
+            open: RefCell::new(Vec::new()),
             anchor: self.anchor,
+            end_anchor: Some((ticks(), unix_now_us())),
             secs_per_tick: self.secs_per_tick,
         }
     }
 
-    /// Microseconds since the UNIX epoch at tick `t`.
+    /// Microseconds since the UNIX epoch at tick `t`: on the line through the two anchors (the
+    /// clock's rate as measured over the PE's whole run, not the 5 ms calibration), or at the
+    /// calibrated rate from the first.
     fn unix_us(&self, t: u64) -> f64 {
         let (t0, us0) = self.anchor;
-        us0 + (t as f64 - t0 as f64) * self.secs_per_tick * 1e6
+        let us_per_tick = match self.end_anchor {
+            Some((t1, us1)) if t1 > t0 + 1_000_000 && us1 > us0 => (us1 - us0) / (t1 - t0) as f64,
+            _ => self.secs_per_tick * 1e6,
+        };
+        us0 + (t as f64 - t0 as f64) * us_per_tick
     }
 
     fn micros(&self, ticks: u64) -> f64 {
@@ -206,13 +267,16 @@ impl Tracer {
 /// The records of this process's PEs, written when the job ends.
 pub(crate) struct TraceSink {
     path: PathBuf,
+    /// This process's PEs.
+    pes: std::ops::Range<usize>,
     records: Mutex<Vec<(Tracer, f64)>>,
 }
 
 impl TraceSink {
-    pub(crate) fn new(path: impl Into<PathBuf>) -> TraceSink {
+    pub(crate) fn new(path: PathBuf, pes: std::ops::Range<usize>) -> TraceSink {
         TraceSink {
-            path: path.into(),
+            path,
+            pes,
             records: Mutex::new(Vec::new()),
         }
     }
@@ -254,10 +318,18 @@ impl TraceSink {
         records.sort_by_key(|(t, _)| t.pe);
         let file = self.file_for(rank, size);
         let written = write_timeline(&file, rank, &records);
-        eprint!(
-            "{}",
-            summary(rank, size, &file, written.as_ref().err(), &records)
-        );
+        let missing: Vec<usize> = self
+            .pes
+            .clone()
+            .filter(|pe| !records.iter().any(|(t, _)| t.pe == *pe))
+            .collect();
+        let mut text = summary(rank, size, &file, written.as_ref().err(), &records);
+        if !missing.is_empty() {
+            text.push_str(&format!(
+                "  not traced: PE {missing:?} did not stop in time at the end of the job\n"
+            ));
+        }
+        eprint!("{text}");
     }
 }
 
@@ -283,6 +355,7 @@ fn write_timeline(file: &Path, rank: u32, records: &[(Tracer, f64)]) -> std::io:
             let (name, cat) = match span.what {
                 What::Entry { name, .. } => (name, "entry"),
                 What::Resume { name } => (name, "resume"),
+                What::Task { name } => (name, "task"),
                 What::Idle => ("idle", "idle"),
             };
             let _ = write!(
@@ -306,7 +379,7 @@ fn write_timeline(file: &Path, rank: u32, records: &[(Tracer, f64)]) -> std::io:
     }
     writeln!(
         out,
-        "\n],\"displayTimeUnit\":\"ns\",\"otherData\":{{\"dropped_spans\":\"{dropped}\"}}}}"
+        "\n],\"otherData\":{{\"dropped_spans\":\"{dropped}\"}}}}"
     )?;
     out.flush()
 }
@@ -437,10 +510,10 @@ mod tests {
 
     #[test]
     fn file_names_carry_the_rank_of_multi_process_jobs() {
-        let sink = TraceSink::new("/tmp/run/trace.json");
+        let sink = TraceSink::new("/tmp/run/trace.json".into(), 0..2);
         assert_eq!(sink.file_for(0, 1), PathBuf::from("/tmp/run/trace.json"));
         assert_eq!(sink.file_for(3, 4), PathBuf::from("/tmp/run/trace.3.json"));
-        let bare = TraceSink::new("out");
+        let bare = TraceSink::new("out".into(), 0..2);
         assert_eq!(bare.file_for(1, 2), PathBuf::from("out.1"));
     }
 
@@ -454,8 +527,10 @@ mod tests {
     fn the_summary_adds_up_entries_and_names_the_network_only_across_processes() {
         crate::measure::init_clock();
         let t = Tracer::new(4, 1e-6);
-        t.entry("Cell::step", Index::SCALAR, t.now().saturating_sub(3));
-        t.resumed("Cell::step", t.now().saturating_sub(5));
+        let start = t.begin();
+        t.entry("Cell::step", Index::SCALAR, start);
+        let start = t.begin();
+        t.resumed("Cell::step", start);
         t.idle(0, 10);
         t.sent(100);
         t.received(40);
@@ -474,6 +549,34 @@ mod tests {
             two.contains("network: 1 messages (100 bytes) sent, 1 messages (40 bytes) received"),
             "{two}"
         );
+    }
+
+    #[test]
+    fn a_span_inside_another_is_not_counted_twice() {
+        crate::measure::init_clock();
+        let t = Tracer::new(0, 1e-9);
+        let spin = || {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(2);
+            while std::time::Instant::now() < until {}
+        };
+        let outer = t.begin();
+        spin();
+        let inner = t.begin();
+        spin();
+        t.entry("Cell::step", Index::SCALAR, inner);
+        t.resumed("Cell::new", outer);
+        let spans = t.spans.borrow();
+        let (inner_span, outer_span) = (spans[0], spans[1]);
+        assert!(outer_span.start <= inner_span.start && inner_span.end <= outer_span.end);
+        let stats = t.stats.borrow();
+        let (own_inner, own_outer) = (stats["Cell::step"].ticks, stats["Cell::new"].ticks);
+        assert_eq!(own_inner, inner_span.end - inner_span.start);
+        assert_eq!(
+            own_outer + own_inner,
+            outer_span.end - outer_span.start,
+            "the outer span's own time excludes the inner one"
+        );
+        assert!(t.open.borrow().is_empty());
     }
 
     #[test]

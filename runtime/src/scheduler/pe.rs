@@ -779,14 +779,17 @@ impl PeState {
                 }
             }
             Body::Resume { slot, generation } => {
-                let start = self.tracer.as_ref().map(|t| t.now());
+                let start = self.tracer.as_ref().map(|t| t.begin());
                 let mut label = None;
                 self.guarded(MAIN_SITE, || {
                     label = self.executor.resume(slot, generation);
                     Ok(())
                 });
-                if let (Some(t), Some(start), Some(name)) = (&self.tracer, start, label) {
-                    t.resumed(name, start);
+                if let (Some(t), Some(start)) = (&self.tracer, start) {
+                    match label {
+                        Some(name) => t.resumed(name, start),
+                        None => t.abandon(),
+                    }
                 }
             }
             Body::Fulfil { id, outcome } => self.fulfil_local(id, outcome.map_err(|e| *e)),
@@ -809,7 +812,7 @@ impl PeState {
             Control::Census { coll, reply } => self.census(coll, reply),
             Control::Seal { coll, counts } => self.seal(coll, counts),
             Control::Spawn(make) => {
-                let start = self.tracer.as_ref().map(|t| t.now());
+                let start = self.tracer.as_ref().map(|t| t.begin());
                 self.guarded(MAIN_SITE, || {
                     self.spawn_labelled(make(), MAIN_SITE.entry);
                     Ok(())
@@ -935,7 +938,7 @@ impl PeState {
         }
         self.collections.borrow_mut().insert(coll, local);
         for (index, fut) in suspended {
-            self.finish_construction(coll, index, chare, fut);
+            self.finish_construction(coll, index, &*build, fut);
         }
         let waiting = self.pending.borrow_mut().remove(&coll);
         for env in waiting.into_iter().flatten() {
@@ -958,6 +961,7 @@ impl PeState {
             pe: self.pe,
         };
         let mut made = None;
+        let start = self.tracer.as_ref().map(|t| t.begin());
         self.guarded(
             Site {
                 chare: build.chare_name(),
@@ -969,7 +973,20 @@ impl PeState {
                 Ok(())
             },
         );
+        if let (Some(t), Some(start)) = (&self.tracer, start) {
+            t.entry(self.constructor_name(build), index, start);
+        }
         made
+    }
+
+    /// `Chare::new` of `build`, as the entry table names it (traces).
+    #[cold]
+    fn constructor_name(&self, build: &dyn Construction) -> &'static str {
+        let table = self.shared.entries;
+        table
+            .wire_id(build.ctor_id())
+            .and_then(|wire| table.by_wire_id(wire))
+            .map_or("new", |e| e.name)
     }
 
     /// Runs a suspended (`async fn new`) constructor as a task; installs the element when done.
@@ -977,23 +994,32 @@ impl PeState {
         &self,
         coll: CollectionId,
         index: Index,
-        chare: &'static str,
+        build: &dyn Construction,
         fut: std::pin::Pin<Box<dyn std::future::Future<Output = Rc<dyn ElementObj>>>>,
     ) {
-        self.spawn(Box::pin(async move {
-            let built = catch_panic(fut).await;
-            let _ = with_pe("constructor", |pe| match built {
-                Ok(element) => pe.constructed(coll, index, element),
-                Err(payload) => {
-                    let site = Site {
-                        chare,
-                        index,
-                        entry: "new",
-                    };
-                    pe.abort_job(site.panic_message(pe.pe, &crate::panic::describe(payload)))
-                }
-            });
-        }));
+        let chare = build.chare_name();
+        let label = if self.tracer.is_some() {
+            self.constructor_name(build)
+        } else {
+            "new"
+        };
+        self.spawn_labelled(
+            Box::pin(async move {
+                let built = catch_panic(fut).await;
+                let _ = with_pe("constructor", |pe| match built {
+                    Ok(element) => pe.constructed(coll, index, element),
+                    Err(payload) => {
+                        let site = Site {
+                            chare,
+                            index,
+                            entry: "new",
+                        };
+                        pe.abort_job(site.panic_message(pe.pe, &crate::panic::describe(payload)))
+                    }
+                });
+            }),
+            label,
+        );
     }
 
     /// Builds element `index` of sparse array `coll` on this PE (`Array::insert`).
@@ -1026,11 +1052,23 @@ impl PeState {
                 return self.buffer(coll, env);
             }
             Some(true) => {
-                return self.abort_job(format!(
-                    "charmrs: element {index} of {} was inserted twice (PE {})",
-                    build.chare_name(),
-                    self.pe
-                ))
+                // At the home, the first insertion's PE is known.
+                let first = self
+                    .collections
+                    .borrow()
+                    .get(&coll)
+                    .and_then(|c| c.inserted_on.get(&index).copied());
+                let (chare, me) = (build.chare_name(), self.pe);
+                return self.abort_job(match first {
+                    Some(first) => format!(
+                        "charmrs: element {index} of {chare} was inserted twice: on PE {first} \
+                         and on PE {me} (seen at its home, PE {me})"
+                    ),
+                    None => format!(
+                        "charmrs: element {index} of {chare} was inserted twice: PE {me} holds \
+                         or held it already"
+                    ),
+                });
             }
             Some(false) => {}
         }
@@ -1057,7 +1095,7 @@ impl PeState {
                     .expect("checked above")
                     .constructing
                     .insert(index, Vec::new());
-                self.finish_construction(coll, index, build.chare_name(), fut);
+                self.finish_construction(coll, index, &*build, fut);
             }
         }
     }
