@@ -37,8 +37,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Spans one PE keeps for the timeline (~48 MB at most); beyond, they are counted only.
+/// Spans one PE keeps for the timeline (64 bytes each: 64 MiB); beyond, they are counted only.
 pub(crate) const MAX_SPANS: usize = 1 << 20;
+
+/// Spans per chunk of a PE's record (4 MiB): a full chunk is followed by a new one, so a growing
+/// record is never copied (the recording PE would stall for the copy).
+const CHUNK: usize = 1 << 16;
 
 /// What a span of a PE's time was spent on.
 #[derive(Clone, Copy)]
@@ -82,7 +86,9 @@ struct NetCounts {
 /// One PE's trace record (see the module docs).
 pub(crate) struct Tracer {
     pe: usize,
-    spans: RefCell<Vec<Span>>,
+    /// In chunks of [`CHUNK`] spans, oldest first.
+    spans: RefCell<Vec<Vec<Span>>>,
+    kept: Cell<usize>,
     dropped: Cell<u64>,
     stats: RefCell<FxHashMap<&'static str, EntryStat>>,
     idle_ticks: Cell<u64>,
@@ -107,7 +113,8 @@ impl Tracer {
         let unix_us = unix_now_us();
         Tracer {
             pe,
-            spans: RefCell::new(Vec::with_capacity(4096)),
+            spans: RefCell::new(Vec::new()),
+            kept: Cell::new(0),
             dropped: Cell::new(0),
             stats: RefCell::new(FxHashMap::default()),
             idle_ticks: Cell::new(0),
@@ -145,9 +152,17 @@ impl Tracer {
     }
 
     fn keep(&self, span: Span) {
-        let mut spans = self.spans.borrow_mut();
-        if spans.len() < MAX_SPANS {
-            spans.push(span);
+        if self.kept.get() < MAX_SPANS {
+            let mut chunks = self.spans.borrow_mut();
+            match chunks.last_mut() {
+                Some(chunk) if chunk.len() < CHUNK => chunk.push(span),
+                _ => {
+                    let mut chunk = Vec::with_capacity(CHUNK);
+                    chunk.push(span);
+                    chunks.push(chunk);
+                }
+            }
+            self.kept.set(self.kept.get() + 1);
         } else {
             self.dropped.set(self.dropped.get() + 1);
         }
@@ -236,6 +251,7 @@ impl Tracer {
         Tracer {
             pe: self.pe,
             spans: RefCell::new(self.spans.take()),
+            kept: Cell::new(self.kept.get()),
             dropped: Cell::new(self.dropped.get()),
             stats: RefCell::new(self.stats.take()),
             idle_ticks: Cell::new(self.idle_ticks.get()),
@@ -350,7 +366,7 @@ fn write_timeline(file: &Path, rank: u32, records: &[(Tracer, f64)]) -> std::io:
             ",\n{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":{rank},\"tid\":{pe},\"args\":{{\"name\":\"PE {pe}\"}}}}",
             pe = t.pe
         )?;
-        for span in t.spans.borrow().iter() {
+        for span in t.spans.borrow().iter().flatten() {
             line.clear();
             let (name, cat) = match span.what {
                 What::Entry { name, .. } => (name, "entry"),
@@ -416,7 +432,7 @@ fn summary(
         (Some((a, _)), Some((b, _))) => format!("PEs {}-{}", a.pe, b.pe),
         _ => "no PEs".to_string(),
     };
-    let spans: usize = records.iter().map(|(t, _)| t.spans.borrow().len()).sum();
+    let spans: usize = records.iter().map(|(t, _)| t.kept.get()).sum();
     let dropped: u64 = records.iter().map(|(t, _)| t.dropped.get()).sum();
     match error {
         None => {
@@ -566,7 +582,7 @@ mod tests {
         t.entry("Cell::step", Index::SCALAR, inner);
         t.resumed("Cell::new", outer);
         let spans = t.spans.borrow();
-        let (inner_span, outer_span) = (spans[0], spans[1]);
+        let (inner_span, outer_span) = (spans[0][0], spans[0][1]);
         assert!(outer_span.start <= inner_span.start && inner_span.end <= outer_span.end);
         let stats = t.stats.borrow();
         let (own_inner, own_outer) = (stats["Cell::step"].ticks, stats["Cell::new"].ticks);
@@ -586,7 +602,9 @@ mod tests {
         for _ in 0..MAX_SPANS + 5 {
             t.idle(0, 1);
         }
-        assert_eq!(t.spans.borrow().len(), MAX_SPANS);
+        assert_eq!(t.kept.get(), MAX_SPANS);
+        assert_eq!(t.spans.borrow().len(), MAX_SPANS / CHUNK);
+        assert!(t.spans.borrow().iter().all(|c| c.len() == CHUNK));
         assert_eq!(t.dropped.get(), 5);
         assert_eq!(t.idle_ticks.get(), (MAX_SPANS + 5) as u64);
     }
