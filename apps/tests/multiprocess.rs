@@ -371,7 +371,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok allreduce outside the tree",
                 "ok reductions in order",
                 "ok channels",
-                "ok sections"
+                "ok sections",
+                "ok section multicast"
             ],
             "{args:?}"
         );

@@ -30,6 +30,11 @@
 //!   exchange a `u64` back and forth; `channel`: through a [`Channel`] in suspendable entries on
 //!   both sides (`send`, then `recv().await`); `entry_future`: the same exchange as the entry call
 //!   `element.ret().bounce(x).await` from a suspendable entry on PE 0. Time per round trip.
+//! - `section_call/{multicast,point_calls}/{P2,P4}`: a section of 256 of the 512 elements of an
+//!   array (every other one) is called, and each member reaches the section's barrier, which
+//!   main awaits. `multicast`: one call through the section (down its multicast tree: one
+//!   message per PE of the tree); `point_calls`: the same call sent by main to each member, one
+//!   message per member (how sections were called before the tree). Time per round.
 //!
 //! Each `iter_custom` call starts a fresh job and times only the steady-state loop (after a
 //! warm-up inside the job) with `Instant`; the result leaves the job through a `static`, because
@@ -521,6 +526,62 @@ fn when_delivery(c: &mut Criterion) {
     g.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. Calls through a section: the multicast tree against a point call per member.
+
+/// An array element that, called through a section, reaches the section's barrier.
+struct Member;
+
+#[chare]
+impl Member {
+    fn new() -> Self {
+        Member
+    }
+
+    #[entry]
+    fn hit(&mut self, ctx: &Ctx<Self>, section: Section<Member>, done: Future<()>) {
+        ctx.section(&section).barrier(done);
+    }
+}
+
+/// Benchmark group `section_call`.
+fn section_calls(c: &mut Criterion) {
+    let mut g = c.benchmark_group("section_call");
+    for pes in [2usize, 4] {
+        for (name, multicast) in [("multicast", true), ("point_calls", false)] {
+            g.bench_function(BenchmarkId::new(name, format!("P{pes}")), |b| {
+                b.iter_custom(|iters| {
+                    run_job(pes, move || async move {
+                        let cells = Array::<Member, usize>::new(512, ());
+                        let section = cells.section((0..512).step_by(2));
+                        let round = || {
+                            let done = Future::new();
+                            if multicast {
+                                section.hit(section.clone(), done);
+                            } else {
+                                for k in (0..512).step_by(2) {
+                                    cells.at(k).hit(section.clone(), done);
+                                }
+                            }
+                            done
+                        };
+                        for _ in 0..WARMUP_ROUNDS / 10 {
+                            round().await;
+                        }
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            round().await;
+                        }
+                        record(start.elapsed());
+                        charmrs::exit(0);
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Short runs: the reference machine is a 2-core shared VM.
 fn config() -> Criterion {
     Criterion::default()
@@ -536,6 +597,7 @@ fn benches() {
     broadcast_and_futures(&mut c);
     channels(&mut c);
     when_delivery(&mut c);
+    section_calls(&mut c);
 }
 
 criterion_main!(benches);

@@ -148,6 +148,13 @@ pub(crate) enum Control {
     QdProbe,
     /// One PE's message counters.
     QdCounts { sent: u64, processed: u64 },
+    /// A call through a section, travelling down its multicast tree (see `multicast`): the
+    /// first group is the receiving PE's members, the rest its subtree.
+    Multicast {
+        coll: CollectionId,
+        groups: Vec<crate::multicast::Group>,
+        call: Box<dyn Invocation>,
+    },
     /// Build one element of a sparse array here.
     Insert {
         coll: CollectionId,
@@ -260,6 +267,7 @@ impl Envelope {
             Body::Partial { .. } => "broadcast result",
             Body::Control(c) => match **c {
                 Control::Create { .. } => "creation",
+                Control::Multicast { .. } => "section call",
                 Control::Spawn(_) => "entry point",
                 Control::PoolSubmit(_) | Control::Pool(_) => "task pool",
                 Control::QdStart { .. }
@@ -286,7 +294,10 @@ impl Envelope {
     pub(crate) fn crosses_processes(&self) -> bool {
         match &self.body {
             Body::Point { .. } | Body::Broadcast { .. } => true,
-            Body::Control(c) => matches!(**c, Control::Create { .. } | Control::Insert { .. }),
+            Body::Control(c) => matches!(
+                **c,
+                Control::Create { .. } | Control::Insert { .. } | Control::Multicast { .. }
+            ),
             Body::Resume { .. } | Body::Fulfil { .. } | Body::Partial { .. } => false,
         }
     }

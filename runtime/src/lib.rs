@@ -56,6 +56,7 @@ mod local_branch;
 mod machine;
 mod measure;
 mod migration;
+mod multicast;
 mod options;
 mod panic;
 mod pod_vec;

@@ -4,7 +4,7 @@
 //! # What this module owns
 //!
 //! * [`Section`], the proxy to a subset: calls through it go to every member
-//!   ([`ProxyTarget`]); it is a value (serializable), so members can receive it and reduce over
+//!   ([`ProxyTarget`]), down a spanning tree over the members' PEs (the `multicast` module); it is a value (serializable), so members can receive it and reduce over
 //!   it with [`Ctx::section`].
 //! * [`SectionCtx`], an element's reduction operations over one of its sections.
 //!
@@ -28,6 +28,7 @@ use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
 use crate::collection::{CollectionId, Shape};
 use crate::ctx::Ctx;
+use crate::envelope::{Call, Reply};
 use crate::error::{Error, Result};
 use crate::future::Future;
 use crate::index::{ArrayIndex, Index};
@@ -225,7 +226,9 @@ impl<C: Chare> ProxyTarget<C> for Section<C> {
         )
     }
 
-    /// One call per member (the arguments cloned for all but the last).
+    /// A point call for a single member; else one multicast down a spanning tree over the PEs
+    /// of the members (see the `multicast` module): the caller sends at most a few messages
+    /// however many members there are, and every PE of the tree delivers to its own members.
     ///
     /// # Panics
     /// Outside a running PE, or for a section received from another job's layout (a member
@@ -233,18 +236,27 @@ impl<C: Chare> ProxyTarget<C> for Section<C> {
     fn send_entry<E: Entry<C>>(&self, args: E::Args) {
         let shape = self.parent.shape();
         let n = crate::num_pes();
-        let proxy = |index: &Index| {
+        for index in self.members.iter() {
             if let Err(e) = shape.check(index, n) {
                 panic!("a call to {self:?}: {e}");
             }
-            ElementProxy::<C>::from_parts(self.parent.id(), *index, shape.home_pe(index, n))
-                .with_priority(self.parent.priority())
-        };
-        let (last, rest) = self.members.split_last().expect("a section has members");
-        for index in rest {
-            proxy(index).send_entry::<E>(args.clone());
         }
-        proxy(last).send_entry::<E>(args);
+        if let [only] = &*self.members {
+            return ElementProxy::<C>::from_parts(self.parent.id(), *only, shape.home_pe(only, n))
+                .with_priority(self.parent.priority())
+                .send_entry::<E>(args);
+        }
+        let call = Call::<C, E>::boxed(args, Reply::None);
+        with_pe(E::NAME, |pe| {
+            pe.multicast(
+                self.parent.id(),
+                &self.members,
+                |i| shape.home_pe(i, n),
+                call,
+                self.parent.priority(),
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

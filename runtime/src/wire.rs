@@ -600,7 +600,7 @@ pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
 }
 
 /// Where a call goes, on the wire.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum WireDest {
     Point(Index),
     /// A point call already forwarded (chasing a migrated element): its route travels along, so
@@ -616,6 +616,9 @@ enum WireDest {
     Tree {
         root: u32,
     },
+    /// A section call travelling down its multicast tree (see `multicast`): the receiving PE's
+    /// members first, then its subtree.
+    Multicast(Vec<crate::multicast::Group>),
 }
 
 /// The metadata that precedes a call's arguments in segment 0 (layout in the module docs).
@@ -635,7 +638,7 @@ impl CallMeta {
         out.extend_from_slice(&self.entry.to_le_bytes());
         out.extend_from_slice(&self.coll.0.to_le_bytes());
         out.extend_from_slice(&self.priority.to_le_bytes());
-        match self.dest {
+        match &self.dest {
             WireDest::Point(index) => {
                 out.push(0);
                 index.write_le(out);
@@ -649,6 +652,17 @@ impl CallMeta {
             WireDest::Tree { root } => {
                 out.push(2);
                 out.extend_from_slice(&root.to_le_bytes());
+            }
+            WireDest::Multicast(groups) => {
+                out.push(4);
+                out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+                for g in groups {
+                    out.extend_from_slice(&g.pe.to_le_bytes());
+                    out.extend_from_slice(&(g.members.len() as u32).to_le_bytes());
+                    for index in &g.members {
+                        index.write_le(out);
+                    }
+                }
             }
         }
         match self.reply {
@@ -691,6 +705,32 @@ impl CallMeta {
                 let route = Route::from_raw(r.u32().ok_or_else(short)?)
                     .ok_or("a forwarded call without a valid route")?;
                 WireDest::Chased { index, route }
+            }
+            4 => {
+                // Counts are checked against the bytes left (a group takes 8 bytes or more, an
+                // index 1 or more) before anything is allocated for them.
+                let groups = r.u32().ok_or_else(short)? as usize;
+                if groups > r.0.len() / 8 {
+                    return Err(format!("a section call claiming {groups} groups"));
+                }
+                let mut out = Vec::with_capacity(groups);
+                for _ in 0..groups {
+                    let (pe, n) = match (r.u32(), r.u32()) {
+                        (Some(pe), Some(n)) => (pe, n as usize),
+                        _ => return Err(short()),
+                    };
+                    if n > r.0.len() {
+                        return Err(format!("a section call claiming {n} members on PE {pe}"));
+                    }
+                    let mut members = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let (index, rest) = Index::read_le(r.0)?;
+                        r.0 = rest;
+                        members.push(index);
+                    }
+                    out.push(crate::multicast::Group { pe, members });
+                }
+                WireDest::Multicast(out)
             }
             d => return Err(format!("unknown call destination kind {d}")),
         };
@@ -1083,6 +1123,16 @@ pub(crate) fn encode(
             encode_call(table, *coll, WireDest::Broadcast, &**call, env.priority)?,
         ),
         Body::Control(c) => match &**c {
+            Control::Multicast { coll, groups, call } => (
+                KIND_CALL,
+                encode_call(
+                    table,
+                    *coll,
+                    WireDest::Multicast(groups.clone()),
+                    &**call,
+                    env.priority,
+                )?,
+            ),
             Control::Create { coll, shape, build }
             | Control::Insert {
                 coll, shape, build, ..
@@ -1281,6 +1331,14 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
                     },
                     Route::UNSET,
                 ),
+                WireDest::Multicast(groups) => (
+                    Body::Control(Box::new(Control::Multicast {
+                        coll: meta.coll,
+                        groups,
+                        call,
+                    })),
+                    Route::UNSET,
+                ),
             };
             let mut env = Envelope::new(meta.priority, body);
             env.route = route;
@@ -1394,6 +1452,16 @@ mod tests {
                 index: Index::new(&[5]).unwrap(),
                 route: Route::new(123_456, 3),
             },
+            WireDest::Multicast(vec![
+                crate::multicast::Group {
+                    pe: 3,
+                    members: vec![Index::new(&[1, 2]).unwrap(), Index::SCALAR],
+                },
+                crate::multicast::Group {
+                    pe: 70_000,
+                    members: vec![Index::new(&[9]).unwrap()],
+                },
+            ]),
         ];
         let replies = [
             Reply::None,
@@ -1409,7 +1477,7 @@ mod tests {
                 let meta = CallMeta {
                     entry: 12,
                     coll: CollectionId(0xabc << 40 | 3),
-                    dest,
+                    dest: dest.clone(),
                     reply,
                     priority: -4,
                 };

@@ -63,11 +63,78 @@ impl Cell {
         self.calls
     }
 
+    /// Counts the call, then pokes every member of `section` (a multicast from this PE).
+    #[entry]
+    fn relay(&mut self, section: Section<Cell>) {
+        self.calls += 1;
+        section.poke(None);
+    }
+
+    /// Counts the call; moves to PE `to` if one is given.
+    #[entry]
+    fn poke(&mut self, ctx: &Ctx<Self>, to: Option<usize>) {
+        self.calls += 1;
+        if let Some(pe) = to {
+            ctx.migrate(pe).unwrap();
+        }
+    }
+
     /// Contributes over a section it may not be in.
     #[entry]
     fn stray(&mut self, ctx: &Ctx<Self>, section: Section<Cell>, sum: Future<u64>) {
         ctx.section(&section).contribute(1u64, Reducer::Sum, sum);
     }
+}
+
+/// A section of 150 of 200 elements on 4 PEs: each call through it reaches every member exactly
+/// once (down the multicast tree), also while members migrate — between calls, and during them
+/// (every call makes each member that gets it move on, so the callers' location caches are
+/// always behind and calls chase their members).
+#[test]
+fn a_large_section_reaches_every_member_once_while_members_migrate() {
+    run_job(4, |_| async {
+        let cells = Array::<Cell, usize>::new(200, ());
+        let member = |k: usize| k % 4 != 1;
+        let section = cells.section((0..200).filter(|&k| member(k)));
+        for round in 0..10usize {
+            for k in (0..200).step_by(7) {
+                cells.at(k).go_to((k + round) % 4);
+            }
+            let to = (round % 2 == 1).then_some(round % 4);
+            section.poke(to);
+        }
+        charmrs::wait_qd().await;
+        for k in 0..200usize {
+            let want = if member(k) { 10 } else { 0 };
+            assert_eq!(cells.at(k).ret().calls().await, want, "element {k}");
+        }
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// The same section called from inside an entry method on every PE at once: the trees of
+/// different callers overlap and each still delivers once per member.
+#[test]
+fn sections_called_from_every_pe_at_once_deliver_once_per_call() {
+    run_job(3, |_| async {
+        let cells = Array::<Cell, usize>::new(60, ());
+        let section = cells.section((0..60).step_by(2));
+        let callers = cells.section([0usize, 1, 2, 3, 4, 5]);
+        callers.relay(section.clone());
+        charmrs::wait_qd().await;
+        for k in 0..60usize {
+            // 6 relayed calls per member, plus the relay itself for callers 0, 2 and 4.
+            let want = match k {
+                _ if k % 2 == 1 => u32::from(k < 6),
+                _ if k < 6 => 7,
+                _ => 6,
+            };
+            assert_eq!(cells.at(k).ret().calls().await, want, "element {k}");
+        }
+        charmrs::exit(0);
+    })
+    .unwrap();
 }
 
 /// One section's round: multicast `step`, then its sum, gather and barrier.

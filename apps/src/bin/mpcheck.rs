@@ -638,6 +638,24 @@ async fn mobility() {
     let want: u64 = (0..WANDERERS as u64).step_by(3).sum();
     assert_eq!(sum.await, want);
     println!("ok sections");
+    // Calls through the section travel down its multicast tree, across processes; members
+    // that move meanwhile (`take` moves some) still get every call exactly once.
+    let report = || async {
+        let f = Future::new();
+        a.report(f);
+        f.await
+    };
+    let before = report().await;
+    for k in 0..40u64 {
+        thirds.take(1 << 40 | k);
+    }
+    charmrs::wait_qd().await;
+    let after = report().await;
+    for (i, (b, n)) in before.iter().zip(&after).enumerate() {
+        let want = if i % 3 == 0 { 40 } else { 0 };
+        assert_eq!(n.0 - b.0, want, "element {i}");
+    }
+    println!("ok section multicast");
     charmrs::exit(0);
 }
 

@@ -711,7 +711,7 @@ impl PeState {
         None
     }
 
-    fn deliver(&self, env: Envelope) {
+    pub(crate) fn deliver(&self, env: Envelope) {
         let priority = env.priority;
         let route = env.route;
         match env.body {
@@ -796,12 +796,15 @@ impl PeState {
             Body::Partial { id, outcome, count } => {
                 self.partial_local(id, outcome.map_err(|e| *e), count)
             }
-            Body::Control(c) => self.control(*c),
+            Body::Control(c) => self.control(*c, priority),
         }
     }
 
-    fn control(&self, c: Control) {
+    fn control(&self, c: Control, priority: i32) {
         match c {
+            Control::Multicast { coll, groups, call } => {
+                self.multicast_arrived(coll, groups, call, priority)
+            }
             Control::Create { coll, shape, build } => self.create(coll, shape, build),
             Control::Insert {
                 coll,
