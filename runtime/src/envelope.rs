@@ -148,10 +148,11 @@ pub(crate) enum Control {
     QdProbe,
     /// One PE's message counters.
     QdCounts { sent: u64, processed: u64 },
-    /// A call through a section, travelling down its multicast tree (see `multicast`): the
-    /// first group is the receiving PE's members, the rest its subtree.
+    /// A call through a section made on PE `origin`, travelling down its multicast tree (see
+    /// `multicast`): the first group is the receiving PE's members, the rest its subtree.
     Multicast {
         coll: CollectionId,
+        origin: u32,
         groups: Vec<crate::multicast::Group>,
         call: Box<dyn Invocation>,
     },

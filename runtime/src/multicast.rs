@@ -17,14 +17,19 @@
 //!   subtree, each PE appearing once, and every member appears in exactly one group: each member
 //!   gets the call exactly once.
 //! * A member delivered on a PE it has left (the caller's cache was stale, or it migrated while
-//!   the call travelled) is forwarded like any point call and still gets the call once.
+//!   the call travelled) is forwarded like any point call and still gets the call once; the
+//!   PE that finally delivers it corrects the *caller's* location cache (the deliveries carry
+//!   the caller as their route's origin), so the caller's next tree places it right.
+//! * A PE where the collection does not exist yet keeps one message (its own group) until it
+//!   does, not a call per member; every member is checked against the collection's shape
+//!   before any call is cloned for it.
 //! * Each tree message counts as one message for quiescence detection (sent by its parent,
 //!   processed by its PE); the deliveries it makes on its PE are not messages.
 //! * A multicast is not ordered with respect to point calls from the same caller to a member
 //!   (it may take a longer path), as in Charm++.
 
 use crate::collection::CollectionId;
-use crate::envelope::{Body, Control, Envelope, Invocation};
+use crate::envelope::{Body, Control, Envelope, Invocation, Route};
 use crate::index::Index;
 use crate::scheduler::PeState;
 
@@ -97,6 +102,7 @@ impl PeState {
         } else {
             None
         };
+        let origin = self.pe as u32;
         let mut call = Some(call);
         let mut parts = subtrees(groups);
         if let Some(own) = own {
@@ -111,7 +117,7 @@ impl PeState {
                     .expect("present until the last part")
                     .clone_box()
             };
-            self.send_multicast(coll, part, c, priority);
+            self.send_multicast(coll, origin, part, c, priority);
         }
     }
 
@@ -119,66 +125,100 @@ impl PeState {
     fn send_multicast(
         &self,
         coll: CollectionId,
+        origin: u32,
         part: Vec<Group>,
         call: Box<dyn Invocation>,
         priority: i32,
     ) {
         let to = part[0].pe as usize;
-        let env = Envelope::new(
-            priority,
-            Body::Control(Box::new(Control::Multicast {
-                coll,
-                groups: part,
-                call,
-            })),
-        );
-        self.send_direct(to, env);
+        self.send_direct(to, multicast_envelope(coll, origin, part, call, priority));
     }
 
     /// A multicast message arrived: forward the subtrees below this PE, then deliver the call
-    /// to the members here (each as a point call: one that left is forwarded).
+    /// to the members here (each as a point call from the caller: one that left is forwarded).
     pub(crate) fn multicast_arrived(
         &self,
         coll: CollectionId,
+        origin: u32,
         mut groups: Vec<Group>,
         call: Box<dyn Invocation>,
         priority: i32,
     ) {
         let n = self.num_pes();
-        if groups.first().is_none_or(|g| g.pe as usize != self.pe)
+        let malformed = |why: String| {
+            format!(
+                "charmrs: PE {}: a malformed section call for `{}` from PE {origin}: {why}",
+                self.pe,
+                call.entry_name(),
+            )
+        };
+        if origin as usize >= n
+            || groups.first().is_none_or(|g| g.pe as usize != self.pe)
             || groups
                 .iter()
                 .any(|g| g.pe as usize >= n || g.members.is_empty())
         {
-            return self.abort_job(format!(
-                "charmrs: PE {}: a malformed section call for `{}` (its groups name PEs {:?}; \
-                 the first must be this PE, all below {n}, none empty)",
-                self.pe,
-                call.entry_name(),
+            return self.abort_job(malformed(format!(
+                "its groups name PEs {:?} (the first must be this PE, all below {n}, none empty)",
                 groups.iter().map(|g| g.pe).collect::<Vec<_>>()
-            ));
+            )));
         }
         let below = groups.split_off(1);
-        let own = groups.pop().expect("checked: a first group").members;
         for part in subtrees(below) {
-            self.send_multicast(coll, part, call.clone_box(), priority);
+            self.send_multicast(coll, origin, part, call.clone_box(), priority);
         }
+        let shape = self.collections.borrow().get(&coll).map(|c| c.shape);
+        let Some(shape) = shape else {
+            // Not created here yet: the message waits, with this PE's members only.
+            let env = multicast_envelope(coll, origin, groups, call, priority);
+            return self.buffer_for(coll, env);
+        };
+        let own = groups.pop().expect("checked: a first group").members;
+        if let Some(Err(e)) = own.iter().map(|i| shape.check(i, n)).find(Result::is_err) {
+            return self.abort_job(malformed(e.to_string()));
+        }
+        let route = Route::new(origin as usize, 0);
         let (last, rest) = own.split_last().expect("checked: not empty");
         for index in rest {
-            self.deliver_point(coll, *index, call.clone_box(), priority);
+            if self.shared.stopping() {
+                return;
+            }
+            self.deliver_point(coll, *index, call.clone_box(), priority, route);
         }
-        self.deliver_point(coll, *last, call, priority);
+        self.deliver_point(coll, *last, call, priority, route);
     }
 
+    /// Delivers the call to member `index` here, as a point call from the multicast's caller.
     fn deliver_point(
         &self,
         coll: CollectionId,
         index: Index,
         call: Box<dyn Invocation>,
         priority: i32,
+        route: Route,
     ) {
-        self.deliver(Envelope::new(priority, Body::Point { coll, index, call }));
+        let mut env = Envelope::new(priority, Body::Point { coll, index, call });
+        env.route = route;
+        self.deliver(env);
     }
+}
+
+fn multicast_envelope(
+    coll: CollectionId,
+    origin: u32,
+    groups: Vec<Group>,
+    call: Box<dyn Invocation>,
+    priority: i32,
+) -> Envelope {
+    Envelope::new(
+        priority,
+        Body::Control(Box::new(Control::Multicast {
+            coll,
+            origin,
+            groups,
+            call,
+        })),
+    )
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! | 4 | entry's wire id |
 //! | 8 | collection id |
 //! | 4 | priority (signed) |
-//! | 1 + … | destination: 0 = element (then its [`Index`]: dimension byte + 4 per word), 1 = broadcast, 2 = tree broadcast (then the root process, 4), 3 = element, forwarded already (its [`Index`], then the route: hops in the top byte, origin PE below, 4) |
+//! | 1 + … | destination: 0 = element (then its [`Index`]: dimension byte + 4 per word), 1 = broadcast, 2 = tree broadcast (then the root process, 4), 3 = element, forwarded already (its [`Index`], then the route: hops in the top byte, origin PE below, 4), 4 = section multicast (the calling PE 4, the group count 4, then per group its PE 4, member count 4 and the members' [`Index`]es; reply must be none) |
 //! | 1 + … | reply: 0 = none, 1 = future (owner PE 4, id 8), 2 = gather (owner PE 4, id 8, values 1) |
 //!
 //! Decoding treats every byte as hostile: unknown entry ids, truncated or trailing bytes, bad
@@ -616,9 +616,12 @@ enum WireDest {
     Tree {
         root: u32,
     },
-    /// A section call travelling down its multicast tree (see `multicast`): the receiving PE's
-    /// members first, then its subtree.
-    Multicast(Vec<crate::multicast::Group>),
+    /// A section call travelling down its multicast tree (see `multicast`) from PE `origin`:
+    /// the receiving PE's members first, then its subtree.
+    Multicast {
+        origin: u32,
+        groups: Vec<crate::multicast::Group>,
+    },
 }
 
 /// The metadata that precedes a call's arguments in segment 0 (layout in the module docs).
@@ -653,8 +656,9 @@ impl CallMeta {
                 out.push(2);
                 out.extend_from_slice(&root.to_le_bytes());
             }
-            WireDest::Multicast(groups) => {
+            WireDest::Multicast { origin, groups } => {
                 out.push(4);
+                out.extend_from_slice(&origin.to_le_bytes());
                 out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
                 for g in groups {
                     out.extend_from_slice(&g.pe.to_le_bytes());
@@ -709,6 +713,7 @@ impl CallMeta {
             4 => {
                 // Counts are checked against the bytes left (a group takes 8 bytes or more, an
                 // index 1 or more) before anything is allocated for them.
+                let origin = r.u32().ok_or_else(short)?;
                 let groups = r.u32().ok_or_else(short)? as usize;
                 if groups > r.0.len() / 8 {
                     return Err(format!("a section call claiming {groups} groups"));
@@ -730,7 +735,10 @@ impl CallMeta {
                     }
                     out.push(crate::multicast::Group { pe, members });
                 }
-                WireDest::Multicast(out)
+                WireDest::Multicast {
+                    origin,
+                    groups: out,
+                }
             }
             d => return Err(format!("unknown call destination kind {d}")),
         };
@@ -1123,12 +1131,20 @@ pub(crate) fn encode(
             encode_call(table, *coll, WireDest::Broadcast, &**call, env.priority)?,
         ),
         Body::Control(c) => match &**c {
-            Control::Multicast { coll, groups, call } => (
+            Control::Multicast {
+                coll,
+                origin,
+                groups,
+                call,
+            } => (
                 KIND_CALL,
                 encode_call(
                     table,
                     *coll,
-                    WireDest::Multicast(groups.clone()),
+                    WireDest::Multicast {
+                        origin: *origin,
+                        groups: groups.clone(),
+                    },
                     &**call,
                     env.priority,
                 )?,
@@ -1331,14 +1347,25 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
                     },
                     Route::UNSET,
                 ),
-                WireDest::Multicast(groups) => (
-                    Body::Control(Box::new(Control::Multicast {
-                        coll: meta.coll,
-                        groups,
-                        call,
-                    })),
-                    Route::UNSET,
-                ),
+                WireDest::Multicast { origin, groups } => {
+                    // One reply per member would break a future's single value or a gather's
+                    // count: section calls carry none.
+                    if !matches!(meta.reply, Reply::None) {
+                        return Err(format!(
+                            "`{}`: a section call asking for a reply",
+                            info.name
+                        ));
+                    }
+                    (
+                        Body::Control(Box::new(Control::Multicast {
+                            coll: meta.coll,
+                            origin,
+                            groups,
+                            call,
+                        })),
+                        Route::UNSET,
+                    )
+                }
             };
             let mut env = Envelope::new(meta.priority, body);
             env.route = route;
@@ -1452,16 +1479,19 @@ mod tests {
                 index: Index::new(&[5]).unwrap(),
                 route: Route::new(123_456, 3),
             },
-            WireDest::Multicast(vec![
-                crate::multicast::Group {
-                    pe: 3,
-                    members: vec![Index::new(&[1, 2]).unwrap(), Index::SCALAR],
-                },
-                crate::multicast::Group {
-                    pe: 70_000,
-                    members: vec![Index::new(&[9]).unwrap()],
-                },
-            ]),
+            WireDest::Multicast {
+                origin: 12,
+                groups: vec![
+                    crate::multicast::Group {
+                        pe: 3,
+                        members: vec![Index::new(&[1, 2]).unwrap(), Index::SCALAR],
+                    },
+                    crate::multicast::Group {
+                        pe: 70_000,
+                        members: vec![Index::new(&[9]).unwrap()],
+                    },
+                ],
+            },
         ];
         let replies = [
             Reply::None,

@@ -802,9 +802,12 @@ impl PeState {
 
     fn control(&self, c: Control, priority: i32) {
         match c {
-            Control::Multicast { coll, groups, call } => {
-                self.multicast_arrived(coll, groups, call, priority)
-            }
+            Control::Multicast {
+                coll,
+                origin,
+                groups,
+                call,
+            } => self.multicast_arrived(coll, origin, groups, call, priority),
             Control::Create { coll, shape, build } => self.create(coll, shape, build),
             Control::Insert {
                 coll,
