@@ -53,6 +53,38 @@ impl Block {
         self.cur[i] = v;
     }
 
+    /// The sum of the interior values (a checksum of the field: two programs that run the same
+    /// iterations on the same grid agree on it, up to the order of the additions).
+    pub fn interior_sum(&self) -> f64 {
+        let n = self.n;
+        let mut sum = 0.0;
+        for z in 1..=n {
+            for y in 1..=n {
+                let row = self.at(1, y, z);
+                sum += self.cur[row..row + n].iter().sum::<f64>();
+            }
+        }
+        sum
+    }
+
+    /// The initial field of the block at block coordinates `pos` of the grid: a smooth function
+    /// of the global coordinates, different in every block (shared by `stencil3d` and its MPI
+    /// version, so their results can be compared).
+    pub fn initial(n: usize, pos: (usize, usize, usize)) -> Block {
+        let mut block = Block::new(n, 0.0);
+        for z in 0..n {
+            for y in 0..n {
+                for x in 0..n {
+                    let gx = (pos.0 * n + x) as f64;
+                    let gy = (pos.1 * n + y) as f64;
+                    let gz = (pos.2 * n + z) as f64;
+                    block.set(x, y, z, (gx * 0.01).sin() + (gy * 0.02).cos() + gz * 0.001);
+                }
+            }
+        }
+        block
+    }
+
     /// Walks the `n × n` cells of `face` at layer `layer` (0 = ghost, 1 = first interior).
     fn face_cells(&self, face: usize, layer: usize) -> impl Iterator<Item = usize> + '_ {
         let n = self.n;

@@ -14,8 +14,9 @@
 //! cargo run --release --bin stencil3d -- +p8 --imbalance +balancer GreedyRefine +LBDebug
 //! ```
 //!
-//! Prints the time per step every `--print-every` iterations, the measured max/avg load over the
-//! PEs at the end, and as its last line `Total time: <seconds> s`.
+//! Prints the time per step every `--print-every` iterations, the sum of the final field's values
+//! (`field checksum`, which `stencil3d-mpi` in `bench/stencil-mpi` prints too), the measured
+//! max/avg load over the PEs at the end, and as its last line `Total time: <seconds> s`.
 
 use charmrs::prelude::*;
 use charmrs::PodVec;
@@ -38,6 +39,8 @@ struct Config {
     reports: Vec<Future<()>>,
     /// Busy seconds per PE, summed over blocks.
     done: Future<Vec<f64>>,
+    /// The sum of the final field's values.
+    checksum: Future<f64>,
 }
 
 impl Config {
@@ -69,19 +72,7 @@ struct Chunk {
 impl Chunk {
     fn new(ctx: &Ctx<Self>, cfg: Config, dims: (usize, usize, usize)) -> Self {
         let pos: (usize, usize, usize) = ctx.index();
-        // A smooth initial field, different in every block.
-        let mut block = Block::new(cfg.edge, 0.0);
-        let n = cfg.edge;
-        for z in 0..n {
-            for y in 0..n {
-                for x in 0..n {
-                    let gx = (pos.0 * n + x) as f64;
-                    let gy = (pos.1 * n + y) as f64;
-                    let gz = (pos.2 * n + z) as f64;
-                    block.set(x, y, z, (gx * 0.01).sin() + (gy * 0.02).cos() + gz * 0.001);
-                }
-            }
-        }
+        let block = Block::initial(cfg.edge, pos);
         Chunk {
             cfg,
             pos,
@@ -171,6 +162,7 @@ impl Chunk {
             }
             if self.iter == self.cfg.iters {
                 ctx.contribute(self.busy_by_pe.clone(), Reducer::Sum, self.cfg.done);
+                ctx.contribute(self.block.interior_sum(), Reducer::Sum, self.cfg.checksum);
                 return;
             }
             if self.cfg.balances_after(self.iter) {
@@ -283,6 +275,7 @@ fn main() {
         let dims = (pes * split.0, split.1, split.2);
         let reports: Vec<Future<()>> = (0..iters / print_every).map(|_| Future::new()).collect();
         let done = Future::new();
+        let checksum = Future::new();
         let cfg = Config {
             edge,
             iters,
@@ -293,6 +286,7 @@ fn main() {
             split,
             reports: reports.clone(),
             done,
+            checksum,
         };
         println!(
             "stencil3d: {pes} PEs, {} x {} x {} blocks of {edge}^3 points ({per_pe} per PE), {iters} \
@@ -310,7 +304,7 @@ fn main() {
             r.await;
             let now = Instant::now();
             println!(
-                "iterations {:>4}..{:<4} {:8.3} ms/step",
+                "iterations {:>4}..{:<4} {:9.4} ms/step",
                 k as u64 * print_every + 1,
                 (k as u64 + 1) * print_every,
                 (now - last).as_secs_f64() * 1e3 / print_every as f64
@@ -319,6 +313,7 @@ fn main() {
         }
         let busy = done.await;
         let total = start.elapsed();
+        println!("field checksum: {:.12e}", checksum.await);
         let max = busy.iter().cloned().fold(0.0, f64::max);
         let avg = busy.iter().sum::<f64>() / busy.len() as f64;
         println!(
