@@ -286,6 +286,29 @@ fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_pro
     }
 }
 
+/// leanmd across processes (atoms and forces cross them every step; sections multicast to
+/// computes in other processes) ends where the serial reference does.
+#[test]
+fn leanmd_across_processes_matches_the_serial_reference() {
+    let got = lines_ok(&[
+        "++quiet",
+        "+p4",
+        "++ppn",
+        "2",
+        env!("CARGO_BIN_EXE_leanmd"),
+        "--steps",
+        "12",
+        "--migrate-every",
+        "3",
+        "--verify",
+    ]);
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("verified against the serial reference")),
+        "{got:?}"
+    );
+}
+
 /// `+trace` across processes: one timeline per process, each with its own PEs, and a summary
 /// per process that counts the messages it exchanged.
 #[test]

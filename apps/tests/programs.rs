@@ -173,6 +173,31 @@ fn every_program_survives_the_wire_format() {
     }
 }
 
+/// leanmd's atoms end where the serial all-pairs reference puts them, with atoms changing cells
+/// every 3 steps, on 1 and on 4 PEs.
+#[test]
+fn leanmd_matches_the_serial_reference() {
+    for p in ["+p1", "+p4"] {
+        let got = lines_ok(
+            env!("CARGO_BIN_EXE_leanmd"),
+            &[p, "--steps", "12", "--migrate-every", "3", "--verify"],
+        );
+        assert!(got[0].starts_with("leanmd:"), "{got:?}");
+        assert!(
+            got.iter()
+                .any(|l| l.starts_with("verified against the serial reference")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|l| l.ends_with("; 729 atoms")),
+            "no atom lost: {got:?}"
+        );
+    }
+    let out = run(env!("CARGO_BIN_EXE_leanmd"), &["+p2", "--cells", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cells must be at least 3"));
+}
+
 #[test]
 fn stencil3d_balances_and_reports_its_total_time() {
     for p in ["+p1", "+p4"] {
