@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Interaction cutoff.
 pub const CUTOFF: f64 = 2.5;
-/// Cell edge: the cutoff plus the drift margin.
-pub const CELL: f64 = 3.0;
+/// The smallest cell edge: the cutoff plus the drift margin.
+pub const MIN_CELL: f64 = 3.0;
 /// Time step.
 pub const DT: f64 = 0.001;
 
@@ -37,29 +37,32 @@ pub const OFFSETS: [[i64; 3]; 14] = [
     [1, 1, 1],
 ];
 
-/// The box: `dims` cells of edge [`CELL`] along each axis, periodic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The box: `dims` cells of edge `cell` along each axis, periodic.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Grid {
     /// Cells along x, y and z.
     pub dims: [usize; 3],
+    /// Cell edge ([`MIN_CELL`] or more: larger cells hold more atoms, for coarser chares).
+    pub cell: f64,
 }
 
 /// A cell's coordinates in the grid.
 pub type CellIndex = (usize, usize, usize);
 
 impl Grid {
-    /// A grid of `dims` cells.
+    /// A grid of `dims` cells of edge `cell`.
     ///
     /// # Panics
-    /// Fewer than 3 cells along an axis.
-    pub fn new(dims: [usize; 3]) -> Grid {
+    /// Fewer than 3 cells along an axis, or cells smaller than [`MIN_CELL`].
+    pub fn new(dims: [usize; 3], cell: f64) -> Grid {
         assert!(dims.iter().all(|&d| d >= 3), "at least 3 cells per axis");
-        Grid { dims }
+        assert!(cell >= MIN_CELL, "cells of edge {MIN_CELL} at least");
+        Grid { dims, cell }
     }
 
     /// Edge lengths of the box.
     pub fn lengths(&self) -> [f64; 3] {
-        self.dims.map(|d| d as f64 * CELL)
+        self.dims.map(|d| d as f64 * self.cell)
     }
 
     /// Number of cells.
@@ -78,7 +81,7 @@ impl Grid {
             let raw = c[axis] as i64 + offset[axis];
             let wrapped = raw.rem_euclid(d);
             out[axis] = wrapped as usize;
-            shift[axis] = (raw - wrapped) as f64 * CELL;
+            shift[axis] = (raw - wrapped) as f64 * self.cell;
         }
         ((out[0], out[1], out[2]), shift)
     }
@@ -90,7 +93,7 @@ impl Grid {
         let mut c = [0usize; 3];
         for axis in 0..3 {
             q[axis] = p[axis].rem_euclid(len[axis]);
-            c[axis] = ((q[axis] / CELL) as usize).min(self.dims[axis] - 1);
+            c[axis] = ((q[axis] / self.cell) as usize).min(self.dims[axis] - 1);
         }
         ((c[0], c[1], c[2]), q)
     }
@@ -187,8 +190,8 @@ pub fn initial_atoms(grid: &Grid, cell: CellIndex, per_edge: usize) -> Atoms {
     let mut atoms = Atoms::default();
     let linear = (cell.2 * grid.dims[1] + cell.1) * grid.dims[0] + cell.0;
     let per_cell = per_edge.pow(3) as u64;
-    let spacing = CELL / per_edge as f64;
-    let origin = [cell.0, cell.1, cell.2].map(|c| c as f64 * CELL);
+    let spacing = grid.cell / per_edge as f64;
+    let origin = [cell.0, cell.1, cell.2].map(|c| c as f64 * grid.cell);
     for k in 0..per_cell {
         let id = linear as u64 * per_cell + k;
         let lattice = [
@@ -353,7 +356,7 @@ mod tests {
 
     #[test]
     fn neighbours_wrap_with_the_shift_that_keeps_them_adjacent() {
-        let g = Grid::new([3, 4, 5]);
+        let g = Grid::new([3, 4, 5], MIN_CELL);
         assert_eq!(
             g.neighbour((0, 0, 0), [-1, 0, 0]),
             ((2, 0, 0), [-9.0, 0.0, 0.0])
@@ -364,6 +367,17 @@ mod tests {
         );
         assert_eq!(g.neighbour((1, 1, 1), [1, -1, 0]), ((2, 0, 1), [0.0; 3]));
         assert_eq!(g.locate([-0.5, 12.5, 3.0]).0, (2, 0, 1));
+    }
+
+    #[test]
+    fn the_deviation_sees_a_step_and_a_lost_atom() {
+        let g = Grid::new([3, 3, 3], MIN_CELL);
+        let (a, b) = (serial_reference(&g, 2, 0), serial_reference(&g, 2, 3));
+        assert_eq!(max_deviation(&g, &a, &a), Some(0.0));
+        assert!(max_deviation(&g, &a, &b).unwrap() > 1e-6);
+        let mut fewer = b.clone();
+        fewer.ids.pop();
+        assert_eq!(max_deviation(&g, &fewer, &b), None);
     }
 
     #[test]

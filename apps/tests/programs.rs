@@ -193,9 +193,20 @@ fn leanmd_matches_the_serial_reference() {
             "no atom lost: {got:?}"
         );
     }
-    let out = run(env!("CARGO_BIN_EXE_leanmd"), &["+p2", "--cells", "2"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--cells must be at least 3"));
+    for (args, says) in [
+        (["--cells", "2"], "--cells must be at least 3"),
+        (
+            ["--per-edge", "5"],
+            "--per-edge must be at most 3 for cells of edge 3",
+        ),
+    ] {
+        let out = run(env!("CARGO_BIN_EXE_leanmd"), &["+p2", args[0], args[1]]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}"
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,10 @@
 //! cargo run --release --bin leanmd -- +p2 --steps 10 --verify     # against the serial reference
 //! ```
 //!
+//! Cells have edge `3 × --cell-scale` (σ = 1, cutoff 2.5) and start with `--per-edge`³ atoms on
+//! a jittered lattice: scale 1 and 3 per edge (27 atoms a cell) is LeanMD's fine grain, scale 2
+//! and 6 per edge (216 atoms) coarser chares with 64× the work per compute.
+//!
 //! Prints the time per step, the energies at the end and, with `--verify`, the largest
 //! deviation of any atom from the serial all-pairs reference (the job fails above 1e-9).
 
@@ -18,7 +22,7 @@ use charmrs::prelude::*;
 use charmrs::PodVec;
 use charmrs_apps::leanmd::{
     initial_atoms, integrate, max_deviation, pair_forces, serial_reference, sorted_wrapped, Atoms,
-    CellIndex, Grid, OFFSETS,
+    CellIndex, Grid, MIN_CELL, OFFSETS,
 };
 use std::time::Instant;
 
@@ -29,6 +33,9 @@ type ComputeIndex = (usize, usize, usize, usize);
 const COMPUTES_PER_CELL: u32 = 27;
 /// Neighbours a cell hands atoms to (and hears from) at each re-assignment.
 const NEIGHBOURS: u32 = 26;
+
+/// Closest start of two atoms (the lattice spacing `cell edge / per_edge`), in σ.
+const MIN_SPACING: f64 = 1.0;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Config {
@@ -252,8 +259,8 @@ impl Compute {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: leanmd [+pN] [--cells N (3)] [--per-edge N (3)] [--steps N (100)] \
-         [--migrate-every N (10)] [--verify]"
+        "usage: leanmd [+pN] [--cells N (3)] [--cell-scale S (1)] [--per-edge N (3)] \
+         [--steps N (100)] [--migrate-every N (10)] [--verify]"
     );
     std::process::exit(2)
 }
@@ -261,6 +268,7 @@ fn usage() -> ! {
 fn main() {
     charmrs::start(|args| async move {
         let (mut cells_per_axis, mut per_edge, mut steps, mut migrate_every) = (3, 3, 100, 10);
+        let mut cell_scale = 1;
         let mut verify = false;
         let mut it = args.into_iter().skip(1);
         while let Some(a) = it.next() {
@@ -276,6 +284,7 @@ fn main() {
             match a.as_str() {
                 "--cells" => cells_per_axis = num("--cells") as usize,
                 "--per-edge" => per_edge = num("--per-edge") as usize,
+                "--cell-scale" => cell_scale = num("--cell-scale"),
                 "--steps" => steps = num("--steps"),
                 "--migrate-every" => migrate_every = num("--migrate-every"),
                 "--verify" => verify = true,
@@ -289,11 +298,20 @@ fn main() {
             eprintln!("leanmd: --cells must be at least 3 (a cell's 26 neighbours are distinct)");
             usage()
         }
-        let grid = Grid::new([cells_per_axis; 3]);
+        let cell = MIN_CELL * cell_scale as f64;
+        if cell / (per_edge as f64) < MIN_SPACING {
+            eprintln!(
+                "leanmd: --per-edge must be at most {} for cells of edge {cell}: atoms closer \
+                 than σ start with forces that blow them out of their cells",
+                (cell / MIN_SPACING) as usize
+            );
+            usage()
+        }
+        let grid = Grid::new([cells_per_axis; 3], cell);
         let atoms = grid.cells() * per_edge.pow(3);
         println!(
-            "leanmd: {} PEs, {n}^3 cells, {atoms} atoms, {} computes, {steps} steps, atoms \
-             re-assigned every {migrate_every}",
+            "leanmd: {} PEs, {n}^3 cells of edge {cell}, {atoms} atoms, {} computes, {steps} \
+             steps, atoms re-assigned every {migrate_every}",
             charmrs::num_pes(),
             grid.cells() * OFFSETS.len(),
             n = cells_per_axis,
