@@ -287,7 +287,8 @@ fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_pro
 }
 
 /// leanmd across processes (atoms and forces cross them every step; sections multicast to
-/// computes in other processes) ends where the serial reference does.
+/// computes in other processes; every chare moves every 5 ms, across processes too) ends where
+/// the serial reference does.
 #[test]
 fn leanmd_across_processes_matches_the_serial_reference() {
     let got = lines_ok(&[
@@ -301,6 +302,10 @@ fn leanmd_across_processes_matches_the_serial_reference() {
         "--migrate-every",
         "3",
         "--verify",
+        "+balancer",
+        "Rotate",
+        "+LBPeriod",
+        "0.005",
     ]);
     assert!(
         got.iter()

@@ -193,6 +193,28 @@ fn leanmd_matches_the_serial_reference() {
             "no atom lost: {got:?}"
         );
     }
+    // Every chare moving every 5 ms (the diagnostic Rotate strategy in periodic mode) while
+    // positions, forces and atoms are in flight: still every atom where the reference has it.
+    let got = lines_ok(
+        env!("CARGO_BIN_EXE_leanmd"),
+        &[
+            "+p3",
+            "--steps",
+            "30",
+            "--migrate-every",
+            "3",
+            "--verify",
+            "+balancer",
+            "Rotate",
+            "+LBPeriod",
+            "0.005",
+        ],
+    );
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("verified against the serial reference")),
+        "{got:?}"
+    );
     for (args, says) in [
         (["--cells", "2"], "--cells must be at least 3"),
         (

@@ -50,6 +50,7 @@ struct Config {
 }
 
 /// One cell of the box and its atoms.
+#[derive(Serialize, Deserialize)]
 struct Cell {
     cfg: Config,
     me: CellIndex,
@@ -67,7 +68,7 @@ struct Cell {
     neighbours: Vec<CellIndex>,
 }
 
-#[chare]
+#[chare(migratable)]
 impl Cell {
     fn new(ctx: &Ctx<Self>, cfg: Config) -> Self {
         let me: CellIndex = ctx.index();
@@ -192,6 +193,7 @@ impl Cell {
 }
 
 /// The forces between the atoms of cell `a` and those of its neighbour `b` (or within `a`).
+#[derive(Serialize, Deserialize)]
 struct Compute {
     a: CellIndex,
     b: CellIndex,
@@ -206,7 +208,7 @@ fn points(flat: &[f64]) -> Vec<[f64; 3]> {
     flat.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect()
 }
 
-#[chare]
+#[chare(migratable)]
 impl Compute {
     fn new(ctx: &Ctx<Self>, grid: Grid, cells: Array<Cell, CellIndex>) -> Self {
         let (x, y, z, k): ComputeIndex = ctx.index();
