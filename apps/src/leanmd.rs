@@ -185,8 +185,9 @@ fn unit(seed: u64) -> f64 {
 }
 
 /// The initial atoms of `cell`: `per_edge`³ atoms on a lattice inside it, each moved by a small
-/// deterministic jitter, with small deterministic velocities. Ids are unique over the grid.
-pub fn initial_atoms(grid: &Grid, cell: CellIndex, per_edge: usize) -> Atoms {
+/// deterministic jitter, with deterministic velocities of up to `speed` along each axis. Ids are
+/// unique over the grid.
+pub fn initial_atoms(grid: &Grid, cell: CellIndex, per_edge: usize, speed: f64) -> Atoms {
     let mut atoms = Atoms::default();
     let linear = (cell.2 * grid.dims[1] + cell.1) * grid.dims[0] + cell.0;
     let per_cell = per_edge.pow(3) as u64;
@@ -204,7 +205,7 @@ pub fn initial_atoms(grid: &Grid, cell: CellIndex, per_edge: usize) -> Atoms {
         for axis in 0..3 {
             let jitter = (unit(id * 6 + axis as u64) - 0.5) * 0.1 * spacing;
             pos[axis] = origin[axis] + (lattice[axis] as f64 + 0.5) * spacing + jitter;
-            vel[axis] = (unit(id * 6 + 3 + axis as u64) - 0.5) * 0.2;
+            vel[axis] = (unit(id * 6 + 3 + axis as u64) - 0.5) * 2.0 * speed;
         }
         atoms.push(id, pos, vel);
     }
@@ -277,12 +278,12 @@ pub fn integrate(atoms: &mut Atoms, forces: &[[f64; 3]]) {
 
 /// The serial reference: `steps` steps of every atom of the grid, all pairs by the minimum image
 /// convention. Returns the final atoms (positions wrapped into the box), sorted by id.
-pub fn serial_reference(grid: &Grid, per_edge: usize, steps: u64) -> Atoms {
+pub fn serial_reference(grid: &Grid, per_edge: usize, speed: f64, steps: u64) -> Atoms {
     let mut atoms = Atoms::default();
     for z in 0..grid.dims[2] {
         for y in 0..grid.dims[1] {
             for x in 0..grid.dims[0] {
-                atoms.extend(initial_atoms(grid, (x, y, z), per_edge));
+                atoms.extend(initial_atoms(grid, (x, y, z), per_edge, speed));
             }
         }
     }
@@ -307,6 +308,23 @@ pub fn serial_reference(grid: &Grid, per_edge: usize, steps: u64) -> Atoms {
         integrate(&mut atoms, &forces);
     }
     sorted_wrapped(grid, atoms)
+}
+
+/// The first atom of `cell` that is further out of the cell than the drift margin allows (half
+/// of `grid.cell - CUTOFF`: beyond it a pair within the cutoff could be two cells apart), with
+/// how far out it is.
+pub fn drifted(grid: &Grid, cell: CellIndex, atoms: &Atoms) -> Option<(u64, f64)> {
+    let allowed = (grid.cell - CUTOFF) / 2.0;
+    let lo = [cell.0, cell.1, cell.2].map(|c| c as f64 * grid.cell);
+    for (id, p) in atoms.ids.iter().zip(&atoms.pos) {
+        let out = (0..3)
+            .map(|a| (lo[a] - p[a]).max(p[a] - (lo[a] + grid.cell)).max(0.0))
+            .fold(0.0, f64::max);
+        if out > allowed {
+            return Some((*id, out));
+        }
+    }
+    None
 }
 
 /// `atoms` sorted by id, positions wrapped into the box.
@@ -372,12 +390,28 @@ mod tests {
     #[test]
     fn the_deviation_sees_a_step_and_a_lost_atom() {
         let g = Grid::new([3, 3, 3], MIN_CELL);
-        let (a, b) = (serial_reference(&g, 2, 0), serial_reference(&g, 2, 3));
+        let (a, b) = (
+            serial_reference(&g, 2, 0.1, 0),
+            serial_reference(&g, 2, 0.1, 3),
+        );
         assert_eq!(max_deviation(&g, &a, &a), Some(0.0));
         assert!(max_deviation(&g, &a, &b).unwrap() > 1e-6);
         let mut fewer = b.clone();
         fewer.ids.pop();
         assert_eq!(max_deviation(&g, &fewer, &b), None);
+    }
+
+    #[test]
+    fn an_atom_beyond_the_margin_is_found() {
+        let g = Grid::new([3, 3, 3], MIN_CELL);
+        let mut atoms = initial_atoms(&g, (1, 1, 1), 2, 0.1);
+        assert_eq!(drifted(&g, (1, 1, 1), &atoms), None);
+        atoms.pos[1][2] = 3.0 - 0.2;
+        assert_eq!(drifted(&g, (1, 1, 1), &atoms), None, "0.2 out: within 0.25");
+        atoms.pos[1][2] = 6.0 + 0.3;
+        let (id, out) = drifted(&g, (1, 1, 1), &atoms).unwrap();
+        assert_eq!(id, atoms.ids[1]);
+        assert!((out - 0.3).abs() < 1e-12);
     }
 
     #[test]

@@ -298,9 +298,11 @@ fn leanmd_across_processes_matches_the_serial_reference() {
         "2",
         env!("CARGO_BIN_EXE_leanmd"),
         "--steps",
-        "12",
+        "24",
         "--migrate-every",
         "3",
+        "--speed",
+        "300",
         "--verify",
         "+balancer",
         "Rotate",
@@ -311,6 +313,11 @@ fn leanmd_across_processes_matches_the_serial_reference() {
         got.iter()
             .any(|l| l.starts_with("verified against the serial reference")),
         "{got:?}"
+    );
+    let energy = got.iter().find(|l| l.starts_with("energy:")).unwrap();
+    assert!(
+        !energy.ends_with("729 atoms, 0 changed cells") && energy.contains("; 729 atoms, "),
+        "atoms changed cells across processes, none lost: {energy}"
     );
 }
 

@@ -173,48 +173,52 @@ fn every_program_survives_the_wire_format() {
     }
 }
 
-/// leanmd's atoms end where the serial all-pairs reference puts them, with atoms changing cells
-/// every 3 steps, on 1 and on 4 PEs.
-#[test]
-fn leanmd_matches_the_serial_reference() {
-    for p in ["+p1", "+p4"] {
-        let got = lines_ok(
-            env!("CARGO_BIN_EXE_leanmd"),
-            &[p, "--steps", "12", "--migrate-every", "3", "--verify"],
-        );
-        assert!(got[0].starts_with("leanmd:"), "{got:?}");
-        assert!(
-            got.iter()
-                .any(|l| l.starts_with("verified against the serial reference")),
-            "{got:?}"
-        );
-        assert!(
-            got.iter().any(|l| l.ends_with("; 729 atoms")),
-            "no atom lost: {got:?}"
-        );
-    }
-    // Every chare moving every 5 ms (the diagnostic Rotate strategy in periodic mode) while
-    // positions, forces and atoms are in flight: still every atom where the reference has it.
-    let got = lines_ok(
-        env!("CARGO_BIN_EXE_leanmd"),
-        &[
-            "+p3",
-            "--steps",
-            "30",
-            "--migrate-every",
-            "3",
-            "--verify",
-            "+balancer",
-            "Rotate",
-            "+LBPeriod",
-            "0.005",
-        ],
-    );
+/// What a `leanmd --verify` run printed: it matched the serial reference, kept `atoms` atoms,
+/// and atoms did change cells (so the hand-over between cells was exercised).
+fn assert_leanmd_verified(got: &[String], atoms: usize) {
+    assert!(got[0].starts_with("leanmd:"), "{got:?}");
     assert!(
         got.iter()
             .any(|l| l.starts_with("verified against the serial reference")),
         "{got:?}"
     );
+    let energy = got
+        .iter()
+        .find(|l| l.starts_with("energy:"))
+        .unwrap_or_else(|| panic!("{got:?}"));
+    let counts: Vec<&str> = energy.rsplit("; ").next().unwrap().split(' ').collect();
+    assert_eq!(
+        counts[0],
+        atoms.to_string(),
+        "no atom lost or doubled: {energy}"
+    );
+    let changed: u64 = counts[2].parse().unwrap();
+    assert!(changed > 0, "atoms changed cells: {energy}");
+}
+
+/// leanmd's atoms end where the serial all-pairs reference puts them, with atoms changing cells
+/// (a hot start) and handed over every 3 steps: on 1 PE with 4 cells a side, on 4 PEs with 3;
+/// then with every chare moving every 5 ms (the diagnostic Rotate strategy in periodic mode)
+/// while positions, forces and atoms are in flight.
+#[test]
+fn leanmd_matches_the_serial_reference() {
+    let hot = ["--migrate-every", "3", "--speed", "300", "--verify"];
+    for (p, cells, atoms) in [("+p1", "4", 1728), ("+p4", "3", 729)] {
+        let mut args = vec![p, "--cells", cells, "--steps", "24"];
+        args.extend(hot);
+        assert_leanmd_verified(&lines_ok(env!("CARGO_BIN_EXE_leanmd"), &args), atoms);
+    }
+    let mut args = vec![
+        "+p3",
+        "--steps",
+        "30",
+        "+balancer",
+        "Rotate",
+        "+LBPeriod",
+        "0.005",
+    ];
+    args.extend(hot);
+    assert_leanmd_verified(&lines_ok(env!("CARGO_BIN_EXE_leanmd"), &args), 729);
     for (args, says) in [
         (["--cells", "2"], "--cells must be at least 3"),
         (

@@ -37,10 +37,10 @@ mpi=(mpirun --allow-run-as-root -np 2 --bind-to core --mca btl_tcp_if_include lo
 
 perftest() { # size iterations -> prints the average one-way latency in µs
     local port=$((20000 + RANDOM % 20000))
-    ucx_perftest -t ucp_am_lat -s "$1" -n "$2" -p "$port" >/dev/null 2>&1 &
+    timeout 60 ucx_perftest -t ucp_am_lat -s "$1" -n "$2" -p "$port" >/dev/null 2>&1 &
     local server=$!
     sleep 0.3
-    ucx_perftest 127.0.0.1 -t ucp_am_lat -s "$1" -n "$2" -p "$port" 2>/dev/null |
+    timeout 60 ucx_perftest 127.0.0.1 -t ucp_am_lat -s "$1" -n "$2" -p "$port" 2>/dev/null |
         awk '/^Final:/ {print $4}'
     wait "$server" || true
 }

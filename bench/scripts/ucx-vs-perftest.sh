@@ -33,10 +33,10 @@ trap 'rm -rf "$out"' EXIT
 
 perftest() { # test size iterations -> prints "lat_avg_us bw_MBps(1e6)"
     local port=$((20000 + RANDOM % 20000))
-    ucx_perftest -t "$1" -s "$2" -n "$3" -p "$port" >/dev/null 2>&1 &
+    timeout 60 ucx_perftest -t "$1" -s "$2" -n "$3" -p "$port" >/dev/null 2>&1 &
     local server=$!
     sleep 0.3
-    ucx_perftest 127.0.0.1 -t "$1" -s "$2" -n "$3" -p "$port" 2>/dev/null |
+    timeout 60 ucx_perftest 127.0.0.1 -t "$1" -s "$2" -n "$3" -p "$port" 2>/dev/null |
         awk '/^Final:/ {printf "%s %.1f\n", $4, $7 * 1.048576}'
     wait "$server" || true
 }

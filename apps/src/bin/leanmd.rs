@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Cells have edge `3 × --cell-scale` (σ = 1, cutoff 2.5) and start with `--per-edge`³ atoms on
-//! a jittered lattice: scale 1 and 3 per edge (27 atoms a cell) is LeanMD's fine grain, scale 2
+//! a jittered lattice, moving at up to `--speed` tenths of σ per unit time along each axis (a
+//! hotter start makes atoms change cells sooner): scale 1 and 3 per edge (27 atoms a cell) is LeanMD's fine grain, scale 2
 //! and 6 per edge (216 atoms) coarser chares with 64× the work per compute.
 //!
 //! Prints the time per step, the energies at the end and, with `--verify`, the largest
@@ -21,8 +22,8 @@
 use charmrs::prelude::*;
 use charmrs::PodVec;
 use charmrs_apps::leanmd::{
-    initial_atoms, integrate, max_deviation, pair_forces, serial_reference, sorted_wrapped, Atoms,
-    CellIndex, Grid, MIN_CELL, OFFSETS,
+    drifted, initial_atoms, integrate, max_deviation, pair_forces, serial_reference,
+    sorted_wrapped, Atoms, CellIndex, Grid, MIN_CELL, OFFSETS,
 };
 use std::time::Instant;
 
@@ -41,9 +42,12 @@ const MIN_SPACING: f64 = 1.0;
 struct Config {
     grid: Grid,
     per_edge: usize,
+    /// Initial speed along each axis, at most.
+    speed: f64,
     steps: u64,
     migrate_every: u64,
-    /// Sum over the cells of (kinetic energy, potential energy, atoms) at the end.
+    /// Sum over the cells of (kinetic energy, potential energy, atoms, atoms handed to another
+    /// cell over the run) at the end.
     done: Future<Vec<f64>>,
     /// Every cell's atoms at the end (`--verify`).
     finals: Option<Future<Vec<Atoms>>>,
@@ -66,13 +70,15 @@ struct Cell {
     arrived: u32,
     computes: Option<Section<Compute>>,
     neighbours: Vec<CellIndex>,
+    /// Atoms this cell handed to a neighbour so far.
+    handed: u64,
 }
 
 #[chare(migratable)]
 impl Cell {
     fn new(ctx: &Ctx<Self>, cfg: Config) -> Self {
         let me: CellIndex = ctx.index();
-        let atoms = initial_atoms(&cfg.grid, me, cfg.per_edge);
+        let atoms = initial_atoms(&cfg.grid, me, cfg.per_edge, cfg.speed);
         let mut neighbours: Vec<CellIndex> = Vec::new();
         for o in OFFSETS.iter().skip(1) {
             neighbours.push(cfg.grid.neighbour(me, *o).0);
@@ -90,6 +96,7 @@ impl Cell {
             arrived: 0,
             computes: None,
             neighbours,
+            handed: 0,
         }
     }
 
@@ -138,13 +145,24 @@ impl Cell {
         if self.received < COMPUTES_PER_CELL {
             return;
         }
+        // The energies of the positions the forces were computed at.
+        let kinetic = self.atoms.kinetic();
         integrate(&mut self.atoms, &self.forces);
+        if let Some((id, out)) = drifted(&self.cfg.grid, self.me, &self.atoms) {
+            panic!(
+                "atom {id} is {out:.3} out of cell {:?} at step {}, beyond the drift margin: \
+                 lower --migrate-every or --speed",
+                self.me,
+                self.step + 1
+            );
+        }
         self.step += 1;
         if self.step == self.cfg.steps {
             let totals = vec![
-                self.atoms.kinetic(),
+                kinetic,
                 self.potential,
                 self.atoms.len() as f64,
+                self.handed as f64,
             ];
             ctx.contribute(totals, Reducer::Sum, self.cfg.done);
             if let Some(finals) = self.cfg.finals {
@@ -170,6 +188,7 @@ impl Cell {
                 );
             };
             out[k].push(id, pos, vel);
+            self.handed += 1;
         }
         self.migrating = true;
         self.arrived = 0;
@@ -262,7 +281,7 @@ impl Compute {
 fn usage() -> ! {
     eprintln!(
         "usage: leanmd [+pN] [--cells N (3)] [--cell-scale S (1)] [--per-edge N (3)] \
-         [--steps N (100)] [--migrate-every N (10)] [--verify]"
+         [--speed TENTHS (1)] [--steps N (100)] [--migrate-every N (10)] [--verify]"
     );
     std::process::exit(2)
 }
@@ -271,6 +290,7 @@ fn main() {
     charmrs::start(|args| async move {
         let (mut cells_per_axis, mut per_edge, mut steps, mut migrate_every) = (3, 3, 100, 10);
         let mut cell_scale = 1;
+        let mut speed = 0.1;
         let mut verify = false;
         let mut it = args.into_iter().skip(1);
         while let Some(a) = it.next() {
@@ -287,6 +307,7 @@ fn main() {
                 "--cells" => cells_per_axis = num("--cells") as usize,
                 "--per-edge" => per_edge = num("--per-edge") as usize,
                 "--cell-scale" => cell_scale = num("--cell-scale"),
+                "--speed" => speed = num("--speed") as f64 / 10.0,
                 "--steps" => steps = num("--steps"),
                 "--migrate-every" => migrate_every = num("--migrate-every"),
                 "--verify" => verify = true,
@@ -323,6 +344,7 @@ fn main() {
         let cfg = Config {
             grid,
             per_edge,
+            speed,
             steps,
             migrate_every,
             done,
@@ -340,11 +362,12 @@ fn main() {
         let took = start.elapsed().as_secs_f64();
         println!("{:.4} ms/step", took * 1e3 / steps as f64);
         println!(
-            "energy: kinetic {:.6}, potential {:.6}, total {:.6}; {} atoms",
+            "energy: kinetic {:.6}, potential {:.6}, total {:.6}; {} atoms, {} changed cells",
             totals[0],
             totals[1],
             totals[0] + totals[1],
-            totals[2]
+            totals[2],
+            totals[3]
         );
         if let Some(finals) = finals {
             let mut all = Atoms::default();
@@ -352,7 +375,7 @@ fn main() {
                 all.extend(a);
             }
             let ours = sorted_wrapped(&grid, all);
-            let reference = serial_reference(&grid, per_edge, steps);
+            let reference = serial_reference(&grid, per_edge, speed, steps);
             match max_deviation(&grid, &ours, &reference) {
                 Some(d) if d <= 1e-9 => {
                     println!("verified against the serial reference: max deviation {d:.3e}")
