@@ -583,6 +583,20 @@ impl PeState {
             entry: task.name.to_string(),
             message: crate::panic::describe(payload),
         };
+        // The chunk's report to the master; `frees`: this PE is free again with it.
+        let report = move |results, frees| {
+            Envelope::new(
+                0,
+                Control::Pool(PoolMsg::Done {
+                    job,
+                    start,
+                    pe: me,
+                    task,
+                    results,
+                    frees,
+                }),
+            )
+        };
         if !task.is_async {
             let traced = self.tracer.as_ref().map(|t| t.begin());
             let mut out = Vec::with_capacity(items.len());
@@ -600,16 +614,7 @@ impl PeState {
             if let (Some(t), Some(began)) = (&self.tracer, traced) {
                 t.task(task.name, began);
             }
-            let results = result.map(|()| out);
-            let done = PoolMsg::Done {
-                job,
-                start,
-                pe: me,
-                task,
-                results,
-                frees: true,
-            };
-            return self.send(0, Envelope::new(0, Control::Pool(done)));
+            return self.send(0, report(result.map(|()| out), true));
         }
         self.send(
             0,
@@ -634,19 +639,8 @@ impl PeState {
                         }
                     }
                 }
-                let results = result.map(|()| out);
-                let done = PoolMsg::Done {
-                    job,
-                    start,
-                    pe: me,
-                    task,
-                    results,
-                    frees: false,
-                };
-                with_pe("pool", |pe| {
-                    pe.send(0, Envelope::new(0, Control::Pool(done)))
-                })
-                .expect("tasks run on PEs");
+                let done = report(result.map(|()| out), false);
+                with_pe("pool", |pe| pe.send(0, done)).expect("tasks run on PEs");
             }),
             task.name,
         );

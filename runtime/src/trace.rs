@@ -180,42 +180,30 @@ impl Tracer {
         s.max_ticks = s.max_ticks.max(took);
     }
 
+    /// Closes the innermost open span, begun at `start`, as `what` run by `name`: counted as
+    /// a call or (`resumed`) a resumption, and kept for the timeline.
+    fn end_span(&self, what: What, name: &'static str, resumed: bool, start: u64) {
+        let end = ticks();
+        let own = self.close(start, end);
+        self.count(name, own, resumed);
+        self.keep(Span { what, start, end });
+    }
+
     /// Entry method `name` (`Chare::entry`, or `Chare::new`) of element `index` ran from
     /// `start` to now.
     pub(crate) fn entry(&self, name: &'static str, index: Index, start: u64) {
-        let end = ticks();
-        let own = self.close(start, end);
-        self.count(name, own, false);
-        self.keep(Span {
-            what: What::Entry { name, index },
-            start,
-            end,
-        });
+        self.end_span(What::Entry { name, index }, name, false, start);
     }
 
     /// Suspended task `name` (an entry method, or the entry point) ran again from `start` to
     /// now.
     pub(crate) fn resumed(&self, name: &'static str, start: u64) {
-        let end = ticks();
-        let own = self.close(start, end);
-        self.count(name, own, true);
-        self.keep(Span {
-            what: What::Resume { name },
-            start,
-            end,
-        });
+        self.end_span(What::Resume { name }, name, true, start);
     }
 
     /// Pool task `name` ran from `start` to now (the items of one message).
     pub(crate) fn task(&self, name: &'static str, start: u64) {
-        let end = ticks();
-        let own = self.close(start, end);
-        self.count(name, own, false);
-        self.keep(Span {
-            what: What::Task { name },
-            start,
-            end,
-        });
+        self.end_span(What::Task { name }, name, false, start);
     }
 
     /// The PE waited for messages from `start` to `end`.

@@ -601,7 +601,7 @@ pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
 
 /// Where a call goes, on the wire.
 #[derive(Debug, Clone, PartialEq)]
-enum WireDest {
+enum WireDest<'a> {
     Point(Index),
     /// A point call already forwarded (chasing a migrated element): its route travels along, so
     /// the PE that finally delivers it can correct the location cache of the PE that sent it
@@ -620,22 +620,23 @@ enum WireDest {
     /// the receiving PE's members first, then its subtree.
     Multicast {
         origin: u32,
-        groups: Vec<crate::multicast::Group>,
+        /// Borrowed from the message being encoded; owned once decoded.
+        groups: std::borrow::Cow<'a, [crate::multicast::Group]>,
     },
 }
 
 /// The metadata that precedes a call's arguments in segment 0 (layout in the module docs).
 #[derive(Debug)]
-struct CallMeta {
+struct CallMeta<'a> {
     /// Dense wire id of the entry (position in the sorted entry table).
     entry: u32,
     coll: CollectionId,
-    dest: WireDest,
+    dest: WireDest<'a>,
     reply: Reply,
     priority: i32,
 }
 
-impl CallMeta {
+impl CallMeta<'_> {
     /// Appends the wire form.
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.entry.to_le_bytes());
@@ -660,7 +661,7 @@ impl CallMeta {
                 out.push(4);
                 out.extend_from_slice(&origin.to_le_bytes());
                 out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
-                for g in groups {
+                for g in groups.iter() {
                     out.extend_from_slice(&g.pe.to_le_bytes());
                     out.extend_from_slice(&(g.members.len() as u32).to_le_bytes());
                     for index in &g.members {
@@ -686,7 +687,7 @@ impl CallMeta {
     }
 
     /// Reads the wire form at the start of `b`; returns it and the rest (the arguments).
-    fn read(b: &[u8]) -> Result<(CallMeta, &[u8]), String> {
+    fn read(b: &[u8]) -> Result<(CallMeta<'static>, &[u8]), String> {
         let mut r = Reader(b);
         let short = || format!("call metadata cut short ({} bytes)", b.len());
         let (entry, coll, priority) = match (r.u32(), r.u64(), r.u32()) {
@@ -737,7 +738,7 @@ impl CallMeta {
                 }
                 WireDest::Multicast {
                     origin,
-                    groups: out,
+                    groups: out.into(),
                 }
             }
             d => return Err(format!("unknown call destination kind {d}")),
@@ -850,9 +851,15 @@ thread_local! {
 /// postcard keeps only "Serde Deserialization Error" of a custom error.
 pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
     let error = E::custom(&message);
+    remember_detail(message);
+    error
+}
+
+/// Keeps `message` as this thread's custom error detail (see [`DETAIL`]).
+#[cold]
+fn remember_detail(message: String) {
     DETAIL.with(|d| *d.borrow_mut() = Some(message));
     DETAIL_SET.with(|set| set.set(true));
-    error
 }
 
 /// Forgets a custom error's message left from an earlier operation that succeeded anyway (one
@@ -876,8 +883,7 @@ fn take_detail() -> Option<String> {
 /// Serialization Error" of a custom error).
 pub(crate) fn custom_encode_error<E: serde::ser::Error>(message: String) -> E {
     let error = E::custom(&message);
-    DETAIL.with(|d| *d.borrow_mut() = Some(message));
-    DETAIL_SET.with(|set| set.set(true));
+    remember_detail(message);
     error
 }
 
@@ -1143,7 +1149,7 @@ pub(crate) fn encode(
                     *coll,
                     WireDest::Multicast {
                         origin: *origin,
-                        groups: groups.clone(),
+                        groups: groups.as_slice().into(),
                     },
                     &**call,
                     env.priority,
@@ -1216,7 +1222,7 @@ fn call_message(header: Header, seg0: Bytes, segs: Vec<Bytes>) -> Result<Message
 fn encode_call(
     table: &EntryTable,
     coll: CollectionId,
-    dest: WireDest,
+    dest: WireDest<'_>,
     call: &dyn Invocation,
     priority: i32,
 ) -> Result<(Bytes, Vec<Bytes>), String> {
@@ -1360,7 +1366,7 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
                         Body::Control(Box::new(Control::Multicast {
                             coll: meta.coll,
                             origin,
-                            groups,
+                            groups: groups.into_owned(),
                             call,
                         })),
                         Route::UNSET,
@@ -1490,7 +1496,8 @@ mod tests {
                         pe: 70_000,
                         members: vec![Index::new(&[9]).unwrap()],
                     },
-                ],
+                ]
+                .into(),
             },
         ];
         let replies = [
