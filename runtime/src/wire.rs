@@ -1210,6 +1210,42 @@ pub(crate) fn encode_point(
     call_message(header, seg0, segs)
 }
 
+/// A point call from `src_pe` to `dst_pe` (in another process), encoded and handed to `send`:
+/// as the message's header and its segments, segment 0 borrowed from this thread's encoding
+/// buffer (a call without out-of-band segments can then go to the machine layer without a buffer
+/// of its own, see `MachineLayer::send_copy`). Returns what `send` returned.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_point_with<R>(
+    table: &EntryTable,
+    coll: CollectionId,
+    index: Index,
+    call: &dyn Invocation,
+    priority: i32,
+    src_pe: usize,
+    dst_pe: usize,
+    send: impl FnOnce(Header, &[u8], Vec<Bytes>) -> R,
+) -> Result<R, String> {
+    let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
+    encode_call_with(
+        table,
+        coll,
+        WireDest::Point(index),
+        call,
+        priority,
+        |seg0, segs| send(header, seg0, segs),
+    )
+}
+
+/// A call message of `header`, segment 0 copied from `seg0` and the out-of-band segments
+/// `segs` after it.
+pub(crate) fn owned_call_message(
+    header: Header,
+    seg0: &[u8],
+    segs: Vec<Bytes>,
+) -> Result<Message, String> {
+    call_message(header, Bytes::copy_from_slice(seg0), segs)
+}
+
 /// A message of segment 0 followed by the out-of-band segments `segs`.
 fn call_message(header: Header, seg0: Bytes, segs: Vec<Bytes>) -> Result<Message, String> {
     let mut msg = Message::with_segment(header, seg0);
@@ -1226,6 +1262,24 @@ fn encode_call(
     call: &dyn Invocation,
     priority: i32,
 ) -> Result<(Bytes, Vec<Bytes>), String> {
+    // Encoded into this thread's scratch buffer, then copied once into a buffer of exactly
+    // the right size: a `Bytes` made from a `Vec` with spare capacity would allocate a second
+    // time for its shared header, and the copy of a small segment costs less than that.
+    encode_call_with(table, coll, dest, call, priority, |seg0, segs| {
+        (Bytes::copy_from_slice(seg0), segs)
+    })
+}
+
+/// Encodes a call's segment 0 into this thread's scratch buffer and hands it, with the call's
+/// out-of-band segments, to `then`; returns what `then` returned.
+fn encode_call_with<R>(
+    table: &EntryTable,
+    coll: CollectionId,
+    dest: WireDest<'_>,
+    call: &dyn Invocation,
+    priority: i32,
+    then: impl FnOnce(&[u8], Vec<Bytes>) -> R,
+) -> Result<R, String> {
     let entry = table
         .wire_id(call.entry_id())
         .ok_or_else(|| format!("entry `{}` not in the entry table", call.entry_name()))?;
@@ -1236,19 +1290,17 @@ fn encode_call(
         reply: call.reply(),
         priority,
     };
-    // Encoded into this thread's scratch buffer, then copied once into a buffer of exactly
-    // the right size: a `Bytes` made from a `Vec` with spare capacity would allocate a second
-    // time for its shared header, and the copy of a small segment costs less than that.
     ENCODE_SCRATCH.with(|scratch| {
+        // Taken, not borrowed: `then` may encode another call (it then gets a fresh buffer).
         let mut buf = scratch.take();
         buf.clear();
         meta.write(&mut buf);
         let (r, segs) = collecting(|| call.encode(&mut buf));
-        let seg0 = Bytes::copy_from_slice(&buf);
+        let out = r.map(|()| then(&buf, segs));
         if buf.capacity() <= ENCODE_SCRATCH_KEEP {
             scratch.set(buf);
         }
-        r.map(|()| (seg0, segs))
+        out
     })
 }
 
@@ -1278,9 +1330,15 @@ pub(crate) fn encode_tree_broadcast(
 /// a receiver learns that it must forward a message without decoding it first.
 const TREE_TAG: u64 = 1;
 
+/// Whether a message of `header` may be a call travelling down the tree of processes (see
+/// [`tree_root`], which decides).
+pub(crate) fn is_tree(header: &Header) -> bool {
+    header.kind == KIND_CALL && header.tag == TREE_TAG
+}
+
 /// The root of the process tree a call message travels down, if it is a tree broadcast.
 pub(crate) fn tree_root(msg: &Message) -> Option<u32> {
-    if msg.header().kind != KIND_CALL || msg.header().tag != TREE_TAG {
+    if !is_tree(msg.header()) {
         return None;
     }
     let seg0 = msg.segments().first()?;
@@ -1305,6 +1363,80 @@ pub(crate) fn tree_children(me: u32, root: u32, n: u32) -> impl Iterator<Item = 
         .map(move |c| (c + root) % n)
 }
 
+/// Decodes a call message (`KIND_CALL`) of `header` from its segment 0, `seg0`, and its
+/// out-of-band segments `segments` (for a small message lent by the machine layer, `seg0` is
+/// the layer's buffer: nothing of it is kept).
+///
+/// # Errors
+/// Anything malformed, described (the caller adds which peer sent it).
+pub(crate) fn decode_call_message(
+    header: Header,
+    seg0: &[u8],
+    segments: Vec<Bytes>,
+    table: &EntryTable,
+) -> Result<Envelope, String> {
+    let (meta, args) = CallMeta::read(seg0).map_err(|e| format!("call metadata: {e}"))?;
+    let info = table
+        .by_wire_id(meta.entry)
+        .ok_or_else(|| format!("unknown entry id {}", meta.entry))?;
+    let Decoder::Entry(decode_args) = info.decoder else {
+        return Err(format!(
+            "entry id {} names a constructor, not an entry method",
+            meta.entry
+        ));
+    };
+    let call = offering(segments, || decode_args(args, meta.reply))
+        .map_err(|e| format!("`{}`: {e}", info.name))?
+        .0;
+    let (body, route) = match meta.dest {
+        WireDest::Point(index) => (
+            Body::Point {
+                coll: meta.coll,
+                index,
+                call,
+            },
+            Route::new(header.src_pe as usize, 0),
+        ),
+        WireDest::Chased { index, route } => (
+            Body::Point {
+                coll: meta.coll,
+                index,
+                call,
+            },
+            route,
+        ),
+        WireDest::Broadcast | WireDest::Tree { .. } => (
+            Body::Broadcast {
+                coll: meta.coll,
+                call,
+            },
+            Route::UNSET,
+        ),
+        WireDest::Multicast { origin, groups } => {
+            // One reply per member would break a future's single value or a gather's
+            // count: section calls carry none.
+            if !matches!(meta.reply, Reply::None) {
+                return Err(format!(
+                    "`{}`: a section call asking for a reply",
+                    info.name
+                ));
+            }
+            (
+                Body::Control(Box::new(Control::Multicast {
+                    coll: meta.coll,
+                    origin,
+                    groups: groups.into_owned(),
+                    call,
+                })),
+                Route::UNSET,
+            )
+        }
+    };
+    let mut env = Envelope::new(meta.priority, body);
+    env.route = route;
+    Ok(env)
+}
+
 /// Decodes a message from another process into an envelope.
 ///
 /// # Errors
@@ -1315,68 +1447,7 @@ pub(crate) fn decode(msg: Message, table: &EntryTable) -> Result<Envelope, Strin
         return Err("a message without its metadata segment".into());
     };
     match header.kind {
-        KIND_CALL => {
-            let (meta, args) = CallMeta::read(&seg0).map_err(|e| format!("call metadata: {e}"))?;
-            let info = table
-                .by_wire_id(meta.entry)
-                .ok_or_else(|| format!("unknown entry id {}", meta.entry))?;
-            let Decoder::Entry(decode_args) = info.decoder else {
-                return Err(format!(
-                    "entry id {} names a constructor, not an entry method",
-                    meta.entry
-                ));
-            };
-            let call = offering(segments, || decode_args(args, meta.reply))
-                .map_err(|e| format!("`{}`: {e}", info.name))?
-                .0;
-            let (body, route) = match meta.dest {
-                WireDest::Point(index) => (
-                    Body::Point {
-                        coll: meta.coll,
-                        index,
-                        call,
-                    },
-                    Route::new(header.src_pe as usize, 0),
-                ),
-                WireDest::Chased { index, route } => (
-                    Body::Point {
-                        coll: meta.coll,
-                        index,
-                        call,
-                    },
-                    route,
-                ),
-                WireDest::Broadcast | WireDest::Tree { .. } => (
-                    Body::Broadcast {
-                        coll: meta.coll,
-                        call,
-                    },
-                    Route::UNSET,
-                ),
-                WireDest::Multicast { origin, groups } => {
-                    // One reply per member would break a future's single value or a gather's
-                    // count: section calls carry none.
-                    if !matches!(meta.reply, Reply::None) {
-                        return Err(format!(
-                            "`{}`: a section call asking for a reply",
-                            info.name
-                        ));
-                    }
-                    (
-                        Body::Control(Box::new(Control::Multicast {
-                            coll: meta.coll,
-                            origin,
-                            groups: groups.into_owned(),
-                            call,
-                        })),
-                        Route::UNSET,
-                    )
-                }
-            };
-            let mut env = Envelope::new(meta.priority, body);
-            env.route = route;
-            Ok(env)
-        }
+        KIND_CALL => decode_call_message(header, &seg0, segments, table),
         KIND_CREATE => {
             let (meta, args) = postcard::take_from_bytes::<CreateMeta>(&seg0)
                 .map_err(|e| format!("creation metadata: {e}"))?;

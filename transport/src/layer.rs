@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::arrival::Arrival;
 use crate::error::TransportError;
 use crate::memory::{MemRegion, RemoteKey};
-use crate::message::Message;
+use crate::message::{Header, Message};
 
 /// Rank of a process in the job, in `0..size`.
 pub type ProcessId = u32;
@@ -58,9 +59,41 @@ pub trait MachineLayer: Send + Sync {
     /// (back-pressure is the layer's business).
     fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError>;
 
+    /// Queues a message of one segment, `data`, for delivery to process `dst`, as
+    /// [`send`](MachineLayer::send) does with `Message::with_segment(header, data)` and in the same
+    /// order as `send`'s messages; the caller keeps its buffer. For small messages encoded into a
+    /// reused buffer: a layer that copies them into buffers of its own anyway overrides this, and
+    /// the runtime then allocates no segment per message. The default copies `data` into a new
+    /// segment and calls `send`.
+    fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
+        self.send(
+            dst,
+            Message::with_segment(header, Bytes::copy_from_slice(data)),
+        )
+    }
+
     /// Make progress; hand every message that arrived to `sink` (source
     /// process, message). Returns how many were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError>;
+
+    /// [`progress`](MachineLayer::progress) (`idle` false) or
+    /// [`progress_idle`](MachineLayer::progress_idle) (`idle` true), handing each message to
+    /// `sink` as an [`Arrival`]: a layer that copies small messages out of its own receive
+    /// buffers may lend them ([`Arrival::Borrowed`], valid during the sink call) instead of
+    /// allocating a segment for each. Same order and guarantees as `progress`. The default hands
+    /// every message over owned.
+    fn progress_arrivals(
+        &self,
+        idle: bool,
+        sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
+    ) -> Result<usize, TransportError> {
+        let mut owned = |src, msg| sink(src, Arrival::Owned(msg));
+        if idle {
+            self.progress_idle(&mut owned)
+        } else {
+            self.progress(&mut owned)
+        }
+    }
 
     /// Installs `hook`, called whenever something becomes available to
     /// [`progress`](MachineLayer::progress) (from whatever thread noticed it), so that a scheduler

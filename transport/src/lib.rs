@@ -8,7 +8,8 @@
 //! or more *PEs* (processing elements, one worker thread each). This crate
 //! deals only with processes:
 //!
-//! * A [`MachineLayer`] delivers [`Message`]s from one process to another,
+//! * A [`MachineLayer`] delivers [`Message`]s from one process to another
+//!   (small ones possibly lent as an [`Arrival`] instead of owned),
 //!   offers one-sided reads of registered memory ([`MachineLayer::register`],
 //!   [`MachineLayer::get`]), a barrier and job abort. Implementations live in
 //!   their own crates (`machine-layers/local`, future TCP/UCX/OFI layers).
@@ -36,6 +37,7 @@
 //! * `hwloc` (off by default): use the hwloc system library for
 //!   [`Topology::detect`] so physical cores are preferred over hyperthreads.
 
+pub mod arrival;
 pub mod bootstrap;
 pub mod error;
 pub mod huge;
@@ -47,6 +49,7 @@ pub mod pool;
 pub mod segments;
 pub mod topology;
 
+pub use arrival::Arrival;
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
 pub use error::TransportError;
 pub use huge::HugeRegion;

@@ -26,7 +26,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
-use charmrs_transport::{Message, ProcessId, TransportError};
+use charmrs_transport::{Header, Message, ProcessId, TransportError};
 
 /// Per-sender reordering state.
 #[derive(Debug, Default)]
@@ -49,12 +49,28 @@ struct Source {
 /// endpoint's messages reliably; later ones overtake an earlier one by moments at most).
 pub(crate) const GAP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A message ready for the sink.
+#[derive(Debug)]
+pub(crate) enum Ready {
+    /// Owned by the sink once handed over.
+    Message(Message),
+    /// A small message of one segment, whose bytes are `small[start..start + len]` of the
+    /// inbox state (or of the batch it was moved into): lent to the sink.
+    Small {
+        header: Header,
+        start: usize,
+        len: usize,
+    },
+}
+
 /// The mutable part of the inbox.
 #[derive(Debug, Default)]
 pub(crate) struct InboxState {
     sources: Vec<Source>,
     /// Messages ready for the sink, in delivery order.
-    pub(crate) ready: Vec<(ProcessId, Message)>,
+    pub(crate) ready: Vec<(ProcessId, Ready)>,
+    /// The bytes of the small messages in `ready` ([`Ready::Small`]), one after the other.
+    pub(crate) small: Vec<u8>,
     /// Failures to report from `progress`, oldest first.
     pub(crate) errors: VecDeque<TransportError>,
     /// Peers whose endpoint failed since the last `progress` (their
@@ -145,7 +161,7 @@ impl Inbox {
         if ahead == 0 && s.waiting.is_empty() {
             if let Some(m) = msg {
                 s.next += 1;
-                st.ready.push((src, m));
+                st.ready.push((src, Ready::Message(m)));
                 return seq;
             }
         }
@@ -159,6 +175,34 @@ impl Inbox {
         Self::flush(&mut st.sources[src as usize], src, &mut st.ready);
         Self::track_gap(&mut st.sources[src as usize], &mut st.gaps);
         seq
+    }
+
+    /// Small message `seq32` of one segment, `data`, from `src` arrived (UCX's buffer: valid
+    /// during the callback only). In sequence — the usual case — its bytes are appended to the
+    /// state's buffer of small messages, to be lent to the sink; otherwise it is held back, as
+    /// an owned message, like any other.
+    pub(crate) fn arrive_small(&self, src: ProcessId, seq32: u32, header: Header, data: &[u8]) {
+        {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let s = &mut st.sources[src as usize];
+            if !s.broken && seq32 == s.next as u32 && s.waiting.is_empty() {
+                s.next += 1;
+                let start = st.small.len();
+                st.small.extend_from_slice(data);
+                st.ready.push((
+                    src,
+                    Ready::Small {
+                        header,
+                        start,
+                        len: data.len(),
+                    },
+                ));
+                return;
+            }
+        }
+        let msg = Message::with_segment(header, bytes::Bytes::copy_from_slice(data));
+        self.arrive(src, seq32, Some(msg));
     }
 
     /// The data of rendezvous message `seq` from `src` landed.
@@ -238,13 +282,13 @@ impl Inbox {
         self.state.borrow().gaps > 0
     }
 
-    fn flush(s: &mut Source, src: ProcessId, ready: &mut Vec<(ProcessId, Message)>) {
+    fn flush(s: &mut Source, src: ProcessId, ready: &mut Vec<(ProcessId, Ready)>) {
         while let Some(entry) = s.waiting.first_entry() {
             if *entry.key() != s.next || entry.get().is_none() {
                 break;
             }
             if let Some(m) = entry.remove() {
-                ready.push((src, m));
+                ready.push((src, Ready::Message(m)));
             }
             s.next += 1;
         }
@@ -253,7 +297,10 @@ impl Inbox {
     /// A message that is not ordered with a sender's stream (a read
     /// completion) is ready.
     pub(crate) fn push_ready(&self, src: ProcessId, msg: Message) {
-        self.state.borrow_mut().ready.push((src, msg));
+        self.state
+            .borrow_mut()
+            .ready
+            .push((src, Ready::Message(msg)));
     }
 
     /// Drops every arrived message nobody will take any more (the worker is
@@ -261,7 +308,15 @@ impl Inbox {
     /// to be dropped by the caller once the borrow is released.
     pub(crate) fn discard_messages(&self) -> Vec<Message> {
         let mut st = self.state.borrow_mut();
-        let mut gone: Vec<Message> = st.ready.drain(..).map(|(_, m)| m).collect();
+        let mut gone: Vec<Message> = st
+            .ready
+            .drain(..)
+            .filter_map(|(_, r)| match r {
+                Ready::Message(m) => Some(m),
+                Ready::Small { .. } => None,
+            })
+            .collect();
+        st.small.clear();
         for s in &mut st.sources {
             gone.extend(std::mem::take(&mut s.waiting).into_values().flatten());
         }
@@ -340,8 +395,52 @@ mod tests {
             .borrow_mut()
             .ready
             .drain(..)
-            .map(|(s, m)| (s, m.header().tag))
+            .map(|(s, r)| match r {
+                Ready::Message(m) => (s, m.header().tag),
+                Ready::Small { header, .. } => (s, header.tag),
+            })
             .collect()
+    }
+
+    #[test]
+    fn small_messages_are_lent_in_order_and_held_back_behind_a_rendezvous() {
+        let i = Inbox::new(2, 1 << 20);
+        let h = |tag| Header::new(1, 0, 0, tag);
+        i.arrive_small(1, 0, h(0), b"zero");
+        i.arrive(1, 1, None); // a rendezvous whose data is in flight
+        i.arrive_small(1, 2, h(2), b"two"); // behind it: held back, owned
+        i.arrive_small(0, 0, h(100), b"other sender");
+        {
+            let st = i.state.borrow();
+            let lent: Vec<(u32, &[u8])> = st
+                .ready
+                .iter()
+                .map(|(src, r)| match r {
+                    Ready::Small { start, len, .. } => (*src, &st.small[*start..*start + *len]),
+                    Ready::Message(_) => panic!("an in-order small message was not lent"),
+                })
+                .collect();
+            assert_eq!(
+                lent,
+                vec![(1, &b"zero"[..]), (0, &b"other sender"[..])],
+                "in order, each sender's bytes where its entry says"
+            );
+        }
+        assert_eq!(ready_tags(&i), vec![(1, 0), (0, 100)]);
+        i.complete(1, 1, m(1));
+        let st = i.state.borrow();
+        let tags: Vec<(u64, Option<Vec<u8>>)> = st
+            .ready
+            .iter()
+            .map(|(_, r)| match r {
+                Ready::Message(m) => (m.header().tag, m.segments().first().map(|b| b.to_vec())),
+                Ready::Small { .. } => panic!("a held-back message is owned"),
+            })
+            .collect();
+        assert_eq!(tags, vec![(1, None), (2, Some(b"two".to_vec()))]);
+        drop(st);
+        i.arrive_small(1, 2, h(2), b"two"); // a duplicate
+        assert_eq!(i.state.borrow().errors.len(), 1);
     }
 
     #[test]

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use charmrs_transport::kv::KvBootstrap;
 use charmrs_transport::{
-    Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
+    Arrival, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey,
+    TransportError,
 };
 use crossbeam_queue::SegQueue;
 
+use crate::inbox::Ready;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
@@ -30,9 +32,25 @@ const IDLE_CLOCK_EVERY: u32 = 64;
 
 thread_local! {
     /// Per-thread scratch list of the messages one `progress` delivers.
-    static SCRATCH: std::cell::RefCell<Vec<(ProcessId, Message)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Batch> = const {
+        std::cell::RefCell::new(Batch {
+            ready: Vec::new(),
+            small: Vec::new(),
+        })
+    };
 }
+
+/// The messages one `progress` delivers, moved out of the inbox under the worker lock and
+/// handed to the sink after it is released.
+struct Batch {
+    ready: Vec<(ProcessId, Ready)>,
+    /// The bytes of the small messages in `ready` (see [`Ready::Small`]).
+    small: Vec<u8>,
+}
+
+/// Capacity of a batch's buffer of small messages beyond which it is given back after delivery
+/// (a burst of small messages does not keep its memory).
+const SMALL_KEEP: usize = 1 << 20;
 
 /// Clears a flag when dropped (also on unwinding out of the sink).
 struct ClearOnDrop<'a>(&'a AtomicBool);
@@ -574,6 +592,12 @@ impl Shared {
             Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
             Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
         };
+        self.record_failure(l, peer, res);
+    }
+
+    /// Hands the failure of an operation towards `peer`, if it failed, to the inbox (reported by
+    /// `progress`).
+    fn record_failure(&self, l: &mut Locked, peer: ProcessId, res: Result<(), TransportError>) {
         if let Err(e) = res {
             match e {
                 TransportError::PeerLost { process, reason } => {
@@ -616,7 +640,7 @@ impl Shared {
     fn progress_locked(
         &self,
         l: &mut Locked,
-        batch: &mut Vec<(ProcessId, Message)>,
+        batch: &mut Batch,
         call_hook: &mut bool,
     ) -> Option<TransportError> {
         if !self.queue.is_empty() {
@@ -637,10 +661,26 @@ impl Shared {
         let (mut error, failures) = {
             let mut st = l.worker.inbox.state.borrow_mut();
             // Usually the batch is empty: swap the vectors instead of moving each message.
-            if batch.is_empty() {
-                std::mem::swap(batch, &mut st.ready);
+            if batch.ready.is_empty() {
+                batch.small.clear();
+                std::mem::swap(&mut batch.ready, &mut st.ready);
+                std::mem::swap(&mut batch.small, &mut st.small);
             } else {
-                batch.append(&mut st.ready);
+                let base = batch.small.len();
+                batch.small.append(&mut st.small);
+                batch
+                    .ready
+                    .extend(st.ready.drain(..).map(|(src, r)| match r {
+                        Ready::Small { header, start, len } => (
+                            src,
+                            Ready::Small {
+                                header,
+                                start: base + start,
+                                len,
+                            },
+                        ),
+                        owned => (src, owned),
+                    }));
             }
             (st.errors.pop_front(), !st.failed_eps.is_empty())
         };
@@ -655,7 +695,7 @@ impl Shared {
         // Idle for arming = nothing for the caller (UCX may report internal
         // progress, e.g. an outstanding rendezvous, for a long time: if it
         // has events, arming says so and the hook brings the caller back).
-        let idle = batch.is_empty() && error.is_none() && self.loopback.is_empty();
+        let idle = batch.ready.is_empty() && error.is_none() && self.loopback.is_empty();
         let watcher = self.watcher.get();
         if let Some(w) = watcher {
             l.calls = l.calls.wrapping_add(1);
@@ -804,11 +844,54 @@ impl MachineLayer for UcxLayer {
         Ok(())
     }
 
+    /// Sends at once, copying `data` into a send descriptor's kept buffer (no allocation), when
+    /// the message is small ([`SEND_COPY_MAX`](crate::worker::SEND_COPY_MAX) bytes at most), the
+    /// worker free and nothing queued before it; otherwise as [`send`](Self::send).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
+        let s = &*self.shared;
+        if data.len() <= crate::worker::SEND_COPY_MAX && dst != s.rank {
+            self.check(dst)?;
+            self.lost_error(dst)?;
+            if let Some(mut l) = s.locked.try_lock() {
+                if s.queue.is_empty() {
+                    let res = l.worker.send_copy(dst, &header, data);
+                    s.record_failure(&mut l, dst, res);
+                    let pending = s.run_queue(&mut l);
+                    drop(l);
+                    if pending {
+                        s.poke();
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        // Looping back, large, or behind queued operations: a message the queue can own.
+        self.send(
+            dst,
+            Message::with_segment(header, Bytes::copy_from_slice(data)),
+        )
+    }
+
     /// Runs queued sends, progresses the worker, and hands every message
     /// that is ready (in per-sender order) to `sink`, with the worker
     /// unlocked. Reports each failure once, after the messages that arrived
     /// before it were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
+        self.progress_arrivals(false, &mut |src, a| sink(src, a.into_message()))
+    }
+
+    /// As [`progress`](Self::progress); small messages of one segment that UCX delivered
+    /// eagerly are lent ([`Arrival::Borrowed`], out of the batch's buffer of small messages),
+    /// the rest handed over owned. `idle` makes no difference.
+    fn progress_arrivals(
+        &self,
+        _idle: bool,
+        sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
+    ) -> Result<usize, TransportError> {
         let s = &*self.shared;
         if s.delivering.swap(true, Ordering::Acquire) {
             return Ok(0); // another thread (or the sink) is delivering
@@ -827,14 +910,24 @@ impl MachineLayer for UcxLayer {
             if !s.loopback.is_empty() {
                 for _ in 0..s.loopback.len() {
                     match s.loopback.pop() {
-                        Some(m) => batch.push((s.rank, m)),
+                        Some(m) => batch.ready.push((s.rank, Ready::Message(m))),
                         None => break,
                     }
                 }
             }
-            let n = batch.len();
-            for (src, m) in batch.drain(..) {
-                sink(src, m);
+            let Batch { ready, small } = &mut *batch;
+            let n = ready.len();
+            for (src, r) in ready.drain(..) {
+                match r {
+                    Ready::Message(m) => sink(src, Arrival::Owned(m)),
+                    Ready::Small { header, start, len } => {
+                        sink(src, Arrival::Borrowed(header, &small[start..start + len]))
+                    }
+                }
+            }
+            small.clear();
+            if small.capacity() > SMALL_KEEP {
+                *small = Vec::new();
             }
             match error {
                 Some(e) => Err(e),

@@ -113,6 +113,11 @@ impl std::fmt::Debug for SendOp {
 /// byte buffer).
 const GATHER_MAX: usize = 512;
 
+/// Largest message [`Worker::send_copy`] takes: well inside UCX's eager protocols on every
+/// transport, and small enough that the copy into the descriptor's kept buffer costs less than
+/// allocating and freeing a buffer of its own.
+pub(crate) const SEND_COPY_MAX: usize = 1024;
+
 /// Idle send descriptors kept for reuse, in each of the two lists (the
 /// worker's, and the completion callbacks' in the inbox): a burst of sends
 /// in flight reuses the descriptors of the burst before instead of
@@ -558,21 +563,8 @@ impl Worker {
     pub(crate) fn send(&mut self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
         let ep = self.ep(dst)?;
         self.talked[dst as usize] = true;
-        let seq = self.seq[dst as usize];
-        self.seq[dst as usize] += 1;
-        let mut op = self
-            .spare
-            .pop()
-            .or_else(|| self.take_completed_op())
-            .unwrap_or_else(|| {
-                Box::new(SendOp {
-                    header: Vec::with_capacity(wire::header_len(4)),
-                    iov: Vec::with_capacity(4),
-                    segments: charmrs_transport::Segments::new(),
-                    gathered: Vec::new(),
-                    inbox: &*self.inbox,
-                })
-            });
+        let seq = self.next_seq(dst);
+        let mut op = self.take_op();
         let (header, segments) = msg.into_parts();
         let mut total = 0usize;
         op.iov.clear();
@@ -620,11 +612,6 @@ impl Worker {
         }
         op.segments = segments;
         let mut param: sys::ucp_request_param_t = zeroed();
-        param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
-            | sys::UCP_OP_ATTR_FIELD_USER_DATA
-            | sys::UCP_OP_ATTR_FIELD_DATATYPE
-            | sys::UCP_OP_ATTR_FIELD_FLAGS;
-        param.cb.send = Some(send_done_cb);
         // One (non-empty) segment: a plain contiguous buffer, which lets UCX
         // use its short protocol; several: the iov table.
         param.datatype = sys::ucp_dt_make_contig(1);
@@ -647,6 +634,95 @@ impl Worker {
         if self.rndv_threshold.is_some_and(|t| total >= t) {
             param.flags |= sys::UCP_AM_SEND_FLAG_RNDV;
         }
+        self.launch(dst, ep, op, am_id, buffer, count, param, total)
+    }
+
+    /// Sends `data` to `dst` as a message of one segment with `header`, copied into a reused
+    /// buffer of the send descriptor: no allocation per message (the caller keeps `data`). For
+    /// small messages ([`SEND_COPY_MAX`] bytes at most), which UCX sends eagerly.
+    pub(crate) fn send_copy(
+        &mut self,
+        dst: ProcessId,
+        header: &Header,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        debug_assert!(data.len() <= SEND_COPY_MAX);
+        let ep = self.ep(dst)?;
+        self.talked[dst as usize] = true;
+        let seq = self.next_seq(dst);
+        let mut op = self.take_op();
+        let header = Header {
+            segment_count: 1,
+            ..*header
+        };
+        wire::encode(
+            &mut op.header,
+            self.rank,
+            seq as u32,
+            &header,
+            &[data.len()],
+        );
+        op.gathered.clear();
+        op.gathered.extend_from_slice(data);
+        let buffer = op.gathered.as_mut_ptr() as *mut c_void;
+        let mut param: sys::ucp_request_param_t = zeroed();
+        param.datatype = sys::ucp_dt_make_contig(1);
+        self.launch(
+            dst,
+            ep,
+            op,
+            wire::AM_DATA,
+            buffer,
+            data.len(),
+            param,
+            data.len(),
+        )
+    }
+
+    /// The next sequence number towards `dst` (given back by [`launch`](Self::launch) if the
+    /// message could not be sent).
+    fn next_seq(&mut self, dst: ProcessId) -> u64 {
+        let seq = self.seq[dst as usize];
+        self.seq[dst as usize] += 1;
+        seq
+    }
+
+    /// A send descriptor: a spare one, one a completion gave back, or a new one.
+    fn take_op(&mut self) -> Box<SendOp> {
+        self.spare
+            .pop()
+            .or_else(|| self.take_completed_op())
+            .unwrap_or_else(|| {
+                Box::new(SendOp {
+                    header: Vec::with_capacity(wire::header_len(4)),
+                    iov: Vec::with_capacity(4),
+                    segments: charmrs_transport::Segments::new(),
+                    gathered: Vec::new(),
+                    inbox: &*self.inbox,
+                })
+            })
+    }
+
+    /// Hands `op` (whose header, and whose buffers `buffer` points into, are filled in) to
+    /// `ucp_am_send_nbx`; `param` holds the datatype and flags, the rest is set here. The
+    /// descriptor comes back through the completion callback, or at once if UCX is done.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        dst: ProcessId,
+        ep: sys::ucp_ep_h,
+        op: Box<SendOp>,
+        am_id: u32,
+        buffer: *mut c_void,
+        count: usize,
+        mut param: sys::ucp_request_param_t,
+        total: usize,
+    ) -> Result<(), TransportError> {
+        param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+            | sys::UCP_OP_ATTR_FIELD_USER_DATA
+            | sys::UCP_OP_ATTR_FIELD_DATATYPE
+            | sys::UCP_OP_ATTR_FIELD_FLAGS;
+        param.cb.send = Some(send_done_cb);
         let raw = Box::into_raw(op);
         param.user_data = raw as *mut c_void;
         // SAFETY: `raw` owns the header, iov table, segments and gathered
@@ -1095,8 +1171,14 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     // buffer from EAGER_POOL_MIN bytes (fresh allocations of that size, freed in bursts, have
     // the allocator give their pages back and fault them in again: a stream of 4 KiB entry
     // calls ran 1.3× faster from the pool), else into an exact-size allocation.
-    let (data, status) = if attr & sys::UCP_AM_RECV_ATTR_FLAG_DATA as u64 != 0 && length >= LEND_MIN
-    {
+    let lendable = attr & sys::UCP_AM_RECV_ATTR_FLAG_DATA as u64 != 0 && length >= LEND_MIN;
+    if !SPLIT && !lendable && length < EAGER_POOL_MIN && d.header.segment_count == 1 {
+        // Small, one segment: copied into the inbox's buffer of small messages and lent to the
+        // sink from there (no allocation per message; see `Inbox::arrive_small`).
+        inbox.arrive_small(d.src, d.seq, d.header, bytes);
+        return sys::UCS_OK;
+    }
+    let (data, status) = if lendable {
         // SAFETY: UCX flagged the data as keepable, `length` bytes, and this handler returns
         // UCS_INPROGRESS for it.
         let lent = unsafe { inbox.lender.lend(data, length) };

@@ -15,18 +15,15 @@
 use super::shared::{Outcome, Shared};
 use crate::registry::EntryTable;
 use crate::wire;
-use charmrs_transport::{Message, ProcessId};
+use charmrs_transport::{Arrival, Message, ProcessId};
 
 /// Polls the machine layer once without blocking (from the network PE); returns whether anything
 /// arrived. `idle`: the PE has nothing else to do (the layer may look harder, see
 /// `MachineLayer::progress_idle`).
 pub(crate) fn poll_network(shared: &Shared, table: &EntryTable, idle: bool) -> bool {
-    let mut sink = |src, msg| on_message(shared, table, src, msg);
-    let result = if idle {
-        shared.layer.progress_idle(&mut sink)
-    } else {
-        shared.layer.progress(&mut sink)
-    };
+    let result = shared.layer.progress_arrivals(idle, &mut |src, arrival| {
+        on_arrival(shared, table, src, arrival)
+    });
     match result {
         Ok(n) => n > 0,
         Err(e) => {
@@ -112,23 +109,71 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
 /// aborts naming the sending process instead of losing this PE.
 fn decode_guarded(msg: Message, table: &EntryTable) -> Result<crate::envelope::Envelope, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wire::decode(msg, table)))
-        .unwrap_or_else(|payload| {
-            Err(format!(
-                "decoding its arguments panicked: {}",
-                crate::panic::describe(payload)
-            ))
-        })
+        .unwrap_or_else(|payload| Err(panicked_decoding(payload)))
+}
+
+/// An arrival from process `src`: a call lent by the layer (small, one segment) is decoded from
+/// the layer's buffer; anything else is handled as an owned message ([`on_message`]).
+fn on_arrival(shared: &Shared, table: &EntryTable, src: ProcessId, arrival: Arrival<'_>) {
+    let header = arrival.header();
+    if shared.trace.is_some() && !wire::is_job_control(header.kind) {
+        let _ = super::pe::with_pe("tracing", |pe| {
+            if let Some(t) = &pe.tracer {
+                t.received(arrival.total_len());
+            }
+        });
+    }
+    match arrival {
+        Arrival::Borrowed(header, seg0)
+            if header.kind == wire::KIND_CALL && !wire::is_tree(&header) =>
+        {
+            let dst = header.dst_pe as usize;
+            let Some(mailbox) = shared.mailbox(dst) else {
+                return not_here(shared, src, dst);
+            };
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wire::decode_call_message(header, seg0, Vec::new(), table)
+            }))
+            .unwrap_or_else(|payload| Err(panicked_decoding(payload)));
+            match decoded {
+                Ok(env) => post(shared, dst, mailbox, env),
+                Err(e) => malformed(shared, src, e),
+            }
+        }
+        other => on_message(shared, table, src, other.into_message()),
+    }
+}
+
+/// Ends the job: process `src` sent a message for PE `dst`, which is not in this process.
+#[cold]
+fn not_here(shared: &Shared, src: ProcessId, dst: usize) {
+    let me = shared.layer.rank();
+    shared.finish(Outcome::Abort(format!(
+        "charmrs: process {me}: process {src} sent a message for PE {dst}, which is not in this \
+         process"
+    )));
+}
+
+/// Ends the job: process `src` sent a message this process cannot decode (`why`).
+#[cold]
+fn malformed(shared: &Shared, src: ProcessId, why: String) {
+    let me = shared.layer.rank();
+    shared.finish(Outcome::Abort(format!(
+        "charmrs: process {me}: malformed message from process {src}: {why}"
+    )));
+}
+
+/// The decoding error for a panic inside a user's `Deserialize`.
+#[cold]
+fn panicked_decoding(payload: Box<dyn std::any::Any + Send>) -> String {
+    format!(
+        "decoding its arguments panicked: {}",
+        crate::panic::describe(payload)
+    )
 }
 
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {
     let header = *msg.header();
-    if shared.trace.is_some() && !wire::is_job_control(header.kind) {
-        let _ = super::pe::with_pe("tracing", |pe| {
-            if let Some(t) = &pe.tracer {
-                t.received(msg.total_len());
-            }
-        });
-    }
     let me = shared.layer.rank();
     let abort =
         |why: String| shared.finish(Outcome::Abort(format!("charmrs: process {me}: {why}")));

@@ -408,17 +408,39 @@ impl PeState {
     ) {
         self.sent.set(self.sent.get() + 1);
         let table = self.shared.entries;
-        let encoded = crate::wire::encode_point(
+        let process = self.shared.process_of(dst);
+        let layer = &self.shared.layer;
+        let sent = crate::wire::encode_point_with(
             table,
             coll,
             index,
             call,
             priority,
-            crate::envelope::Route::UNSET,
             self.pe,
             dst,
-        );
-        self.send_encoded(dst, encoded);
+            |header, seg0, segs| {
+                if segs.is_empty() {
+                    // One segment: the layer copies it from the encoding buffer.
+                    if let Some(t) = &self.tracer {
+                        t.sent(seg0.len());
+                    }
+                    layer
+                        .send_copy(process, header, seg0)
+                        .map_err(|e| e.to_string())
+                } else {
+                    let msg = crate::wire::owned_call_message(header, seg0, segs)?;
+                    self.trace_sent(&msg);
+                    layer.send(process, msg).map_err(|e| e.to_string())
+                }
+            },
+        )
+        .and_then(|sent| sent);
+        if let Err(e) = sent {
+            self.abort_job(format!(
+                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
+                self.pe
+            ));
+        }
     }
 
     /// Hands an encoded message for PE `dst` of another process to the machine layer; an
