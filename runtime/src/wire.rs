@@ -28,7 +28,7 @@ use bytes::Bytes;
 use charmrs_transport::{Header, Message};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// Message kind (in the transport header) of an entry call.
 pub(crate) const KIND_CALL: u8 = 1;
@@ -936,53 +936,65 @@ fn describe_decode_error(e: postcard::Error) -> String {
 }
 
 thread_local! {
-    /// Out-of-band segments collected while encoding, or offered while decoding.
-    static SEGMENTS: RefCell<Option<Vec<Bytes>>> = const { RefCell::new(None) };
+    /// The out-of-band segments of the message being encoded (collected) or decoded (offered)
+    /// on this thread: the vector of the innermost [`collecting`] or [`offering`] call running
+    /// here, or null outside any. Set and reset only by [`Installed`].
+    static SEGMENTS: Cell<*mut Vec<Bytes>> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Puts the thread's previous [`SEGMENTS`] back when dropped, so that a panic inside a user's
-/// `Serialize` or `Deserialize` (caught by the entry's `catch_unwind`; the PE goes on) does not
-/// leave this message's segments installed: later serializations on the thread would write
-/// their buffers out of band into a message that does not exist, and the segments (pool
-/// buffers, huge mappings, shared vectors) would stay referenced.
-struct Restore(Option<Option<Vec<Bytes>>>);
-
-impl Restore {
-    /// Installs `segs` as the thread's segments; the guard restores the previous ones.
-    fn install(segs: Vec<Bytes>) -> Restore {
-        Restore(Some(SEGMENTS.with(|s| s.borrow_mut().replace(segs))))
-    }
-
-    /// Restores the previous segments now; returns the installed ones.
-    fn finish(mut self) -> Option<Vec<Bytes>> {
-        let outer = self.0.take().expect("restored once");
-        SEGMENTS.with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
-    }
+/// Installs a vector as the thread's [`SEGMENTS`] for the guard's lifetime and puts the previous
+/// one back when dropped — also when a user's `Serialize` or `Deserialize` panics (caught by the
+/// entry's `catch_unwind`; the PE goes on): later serializations on the thread must not write
+/// their buffers into a message that does not exist any more, nor keep its segments referenced.
+struct Installed<'a> {
+    previous: *mut Vec<Bytes>,
+    /// The installed vector stays borrowed, and in place, while the guard lives.
+    _segs: std::marker::PhantomData<&'a mut Vec<Bytes>>,
 }
 
-impl Drop for Restore {
-    fn drop(&mut self) {
-        if let Some(outer) = self.0.take() {
-            // `try_with`: during thread teardown the thread-local may be gone already.
-            let _ = SEGMENTS.try_with(|s| *s.borrow_mut() = outer);
+impl<'a> Installed<'a> {
+    fn new(segs: &'a mut Vec<Bytes>) -> Installed<'a> {
+        let previous = SEGMENTS.with(|c| c.replace(segs));
+        Installed {
+            previous,
+            _segs: std::marker::PhantomData,
         }
     }
 }
 
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        // `try_with`: during thread teardown the thread-local may be gone already.
+        let _ = SEGMENTS.try_with(|c| c.set(self.previous));
+    }
+}
+
+/// Runs `f` with the thread's segment vector, if a [`collecting`] or [`offering`] call is running
+/// on this thread (`None` otherwise).
+fn with_segments<R>(f: impl FnOnce(Option<&mut Vec<Bytes>>) -> R) -> R {
+    let p = SEGMENTS.with(Cell::get);
+    // SAFETY: a non-null pointer was installed by an `Installed` guard of this thread that is
+    // still alive (it resets the pointer when dropped), from a `&mut Vec` that guard keeps
+    // borrowed: the vector is alive, in place, and nothing else uses it while `f` runs — its
+    // owner (`collecting`/`offering`) touches it only after the guard is gone, and nothing
+    // reached from `f` (pushing a segment, cloning one) calls back into serialization.
+    f(unsafe { p.as_mut() })
+}
+
 /// Runs `f` with an out-of-band segment collector; returns what `f` returned and the segments.
 pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Vec<Bytes>) {
-    let guard = Restore::install(Vec::new());
-    let r = f();
-    let segs = guard.finish().unwrap_or_default();
+    let mut segs = Vec::new();
+    let r = {
+        let _installed = Installed::new(&mut segs);
+        f()
+    };
     (r, segs)
 }
 
 /// Runs `f` with `segs` offered to [`PodVec`](crate::PodVec)/[`Buffer`] deserializers.
-pub(crate) fn offering<R>(segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
-    let guard = Restore::install(segs);
-    let r = f();
-    drop(guard.finish());
-    r
+pub(crate) fn offering<R>(mut segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
+    let _installed = Installed::new(&mut segs);
+    f()
 }
 
 /// How a zero-copy buffer is serialized: out of band when a message is being built, inline
@@ -1015,8 +1027,8 @@ pub(crate) fn serialize_segment_with<S: Serializer>(
     if bytes.len() <= INLINE_MAX {
         return SegmentRef::Inline(bytes).serialize(s);
     }
-    let idx = SEGMENTS.with(|c| {
-        c.borrow_mut().as_mut().map(|segs| {
+    let idx = with_segments(|segs| {
+        segs.map(|segs| {
             segs.push(make());
             (segs.len() - 1) as u32
         })
@@ -1047,9 +1059,8 @@ pub(crate) fn deserialize_received<'de, D: Deserializer<'de>>(
 ) -> Result<Received<'de>, D::Error> {
     match SegmentRef::deserialize(d)? {
         SegmentRef::Inline(b) => Ok(Received::Inline(b)),
-        SegmentRef::OutOfBand(i) => SEGMENTS.with(|c| {
-            let segs = c.borrow();
-            let segs = segs.as_ref().ok_or_else(|| {
+        SegmentRef::OutOfBand(i) => with_segments(|segs| {
+            let segs = segs.ok_or_else(|| {
                 custom_error::<D::Error>("out-of-band segment outside a message".into())
             })?;
             segs.get(i as usize)
