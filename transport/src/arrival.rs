@@ -2,11 +2,13 @@
 //!
 //! # What this module owns
 //!
-//! [`Arrival`]: an arrived message, either owned ([`Message`]) or — for a small message of one
-//! segment that a layer copied into a buffer of its own — borrowed from that buffer for the
-//! duration of one call of the sink ([`MachineLayer::progress_arrivals`]). A runtime that only
-//! decodes such a message never needs a buffer of its own for it: no allocation and no free per
-//! small message on the receiving side.
+//! * [`Arrival`]: an arrived message, either owned ([`Message`]) or — for a small message of one
+//!   segment that a layer copied into a buffer of its own — borrowed from that buffer for the
+//!   duration of one call of the sink ([`MachineLayer::progress_arrivals`]). A runtime that only
+//!   decodes such a message never needs a buffer of its own for it: no allocation and no free
+//!   per small message on the receiving side.
+//! * [`ArrivalBatch`]: the layers' list of arrived messages waiting for the sink, which keeps
+//!   the small ones' bytes in one reused buffer and lends them.
 //!
 //! # Invariants
 //!
@@ -18,6 +20,7 @@
 
 use bytes::Bytes;
 
+use crate::layer::ProcessId;
 use crate::message::{Header, Message};
 
 /// An arrived message, owned or borrowed from the layer (see the module docs).
@@ -58,9 +61,174 @@ impl Arrival<'_> {
     }
 }
 
+/// Arrived messages waiting for the sink, in delivery order: owned ones, and small ones of one
+/// segment whose bytes are copied into one buffer the batch keeps (no allocation per message
+/// once the buffer has grown), lent to the sink by [`deliver`](ArrivalBatch::deliver).
+#[derive(Debug, Default)]
+pub struct ArrivalBatch {
+    entries: Vec<(ProcessId, Entry)>,
+    /// The bytes of the `Entry::Small` entries, one after the other.
+    small: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Owned(Message),
+    /// `small[start..start + len]` of the batch.
+    Small {
+        header: Header,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Capacity of a batch's buffer of small messages beyond which [`ArrivalBatch::deliver`] gives it
+/// back (a burst of small messages does not keep its memory).
+const SMALL_KEEP: usize = 1 << 20;
+
+impl ArrivalBatch {
+    /// An empty batch (allocates nothing).
+    pub const fn new() -> ArrivalBatch {
+        ArrivalBatch {
+            entries: Vec::new(),
+            small: Vec::new(),
+        }
+    }
+
+    /// Appends a message from `src`, owned.
+    pub fn push(&mut self, src: ProcessId, msg: Message) {
+        self.entries.push((src, Entry::Owned(msg)));
+    }
+
+    /// Appends a message of one segment from `src`, copying `data` into the batch's buffer.
+    pub fn push_small(&mut self, src: ProcessId, header: Header, data: &[u8]) {
+        let start = self.small.len();
+        self.small.extend_from_slice(data);
+        let entry = Entry::Small {
+            header,
+            start,
+            len: data.len(),
+        };
+        self.entries.push((src, entry));
+    }
+
+    /// Number of messages in the batch.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the batch holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Moves every message of `other` behind this batch's, leaving `other` empty (cheap when
+    /// this batch is empty: the two swap their buffers).
+    pub fn append(&mut self, other: &mut ArrivalBatch) {
+        if self.entries.is_empty() {
+            self.small.clear();
+            std::mem::swap(self, other);
+            return;
+        }
+        let base = self.small.len();
+        self.small.append(&mut other.small);
+        self.entries
+            .extend(other.entries.drain(..).map(|(src, e)| match e {
+                Entry::Small { header, start, len } => (
+                    src,
+                    Entry::Small {
+                        header,
+                        start: base + start,
+                        len,
+                    },
+                ),
+                owned => (src, owned),
+            }));
+    }
+
+    /// Hands every message to `sink` in order (small ones lent, see [`Arrival::Borrowed`]),
+    /// leaving the batch empty; returns how many. If the sink panics, the messages not handed
+    /// over yet are dropped.
+    pub fn deliver(&mut self, sink: &mut dyn FnMut(ProcessId, Arrival<'_>)) -> usize {
+        let n = self.entries.len();
+        for (src, e) in self.entries.drain(..) {
+            match e {
+                Entry::Owned(m) => sink(src, Arrival::Owned(m)),
+                Entry::Small { header, start, len } => sink(
+                    src,
+                    Arrival::Borrowed(header, &self.small[start..start + len]),
+                ),
+            }
+        }
+        self.small.clear();
+        if self.small.capacity() > SMALL_KEEP {
+            self.small = Vec::new();
+        }
+        n
+    }
+
+    /// Empties the batch, returning its owned messages (the small ones are dropped with it):
+    /// for a layer that is going away.
+    pub fn discard(&mut self) -> Vec<Message> {
+        self.small.clear();
+        self.entries
+            .drain(..)
+            .filter_map(|(_, e)| match e {
+                Entry::Owned(m) => Some(m),
+                Entry::Small { .. } => None,
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn owned_all(batch: &mut ArrivalBatch) -> Vec<(ProcessId, Message, bool)> {
+        let mut got = Vec::new();
+        batch.deliver(&mut |src, a| {
+            let lent = matches!(a, Arrival::Borrowed(..));
+            got.push((src, a.into_message(), lent));
+        });
+        got
+    }
+
+    #[test]
+    fn a_batch_delivers_owned_and_lent_messages_in_order() {
+        let h = |tag| Header::new(1, 0, 0, tag);
+        let msg = |tag, data: &[u8]| Message::with_segment(h(tag), Bytes::copy_from_slice(data));
+        let mut a = ArrivalBatch::new();
+        a.push_small(1, h(0), b"zero");
+        a.push(2, msg(1, b"one"));
+        a.push_small(1, h(2), b"");
+        let mut b = ArrivalBatch::new();
+        b.push_small(3, h(3), b"three");
+        b.push(3, msg(4, b"four"));
+        a.append(&mut b);
+        assert!(b.is_empty());
+        assert_eq!(a.len(), 5);
+        let got = owned_all(&mut a);
+        assert!(a.is_empty());
+        let expected = vec![
+            (1, msg(0, b"zero"), true),
+            (2, msg(1, b"one"), false),
+            (1, msg(2, b""), true),
+            (3, msg(3, b"three"), true),
+            (3, msg(4, b"four"), false),
+        ];
+        assert_eq!(got, expected);
+        // Appending to an empty batch swaps; the buffers are reused.
+        let mut c = ArrivalBatch::new();
+        a.push_small(5, h(5), b"five");
+        c.append(&mut a);
+        assert_eq!(owned_all(&mut c), vec![(5, msg(5, b"five"), true)]);
+        // A layer going away keeps only what it owns.
+        c.push_small(6, h(6), b"six");
+        c.push(7, msg(7, b"seven"));
+        assert_eq!(c.discard(), vec![msg(7, b"seven")]);
+        assert!(c.is_empty());
+    }
 
     #[test]
     fn a_borrowed_arrival_is_the_same_message_once_owned() {

@@ -49,7 +49,7 @@ pub mod pool;
 pub mod segments;
 pub mod topology;
 
-pub use arrival::Arrival;
+pub use arrival::{Arrival, ArrivalBatch};
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};
 pub use error::TransportError;
 pub use huge::HugeRegion;
@@ -57,8 +57,9 @@ pub use kv::{KvBootstrap, KvEvent, KvServer};
 pub use layer::{MachineLayer, ProcessId, NAP_MAX, NAP_SPIN};
 pub use memory::{MemRegion, RemoteKey};
 pub use message::{
-    decode_frame, decode_frame_bytes, encode_frame_prefix, largest_segment_start, peek_frame_len,
-    peek_largest_segment_start, Header, Message, MAGIC, MAX_SEGMENTS, WIRE_VERSION,
+    decode_frame, decode_frame_bytes, encode_frame_prefix, largest_segment_start,
+    parse_single_segment_frame, peek_frame_len, peek_largest_segment_start, Header, Message, MAGIC,
+    MAX_SEGMENTS, WIRE_VERSION,
 };
 pub use pool::{PoolBuf, RecvPool};
 pub use segments::Segments;

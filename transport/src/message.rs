@@ -316,6 +316,47 @@ pub fn encode_frame_prefix(msg: &Message) -> Vec<u8> {
     out
 }
 
+/// The header of the frame at the start of `buf` and where its segment's bytes lie, if the frame
+/// has exactly one segment (`None` for any other count); nothing is allocated or copied. The
+/// frame may be followed by other bytes (its end is the range's end). Errors as
+/// [`decode_frame`]'s.
+pub fn parse_single_segment_frame(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Option<(Header, std::ops::Range<usize>)>, TransportError> {
+    let header = Header::from_bytes(buf)?;
+    if header.segment_count != 1 {
+        return Ok(None);
+    }
+    let prefix = prefix_len(1);
+    let max = max_len as u64;
+    let Some(table) = buf.get(Header::SIZE..prefix) else {
+        return Err(TransportError::Truncated {
+            needed: prefix,
+            got: buf.len(),
+        });
+    };
+    let mut raw = [0u8; LEN_SIZE];
+    raw.copy_from_slice(table);
+    let len = u64::from_le_bytes(raw);
+    let total = match (prefix as u64).checked_add(len) {
+        Some(t) if t <= max => t as usize,
+        _ => {
+            return Err(TransportError::TooLarge {
+                len: (prefix as u64).saturating_add(len),
+                max,
+            })
+        }
+    };
+    if buf.len() < total {
+        return Err(TransportError::Truncated {
+            needed: total,
+            got: buf.len(),
+        });
+    }
+    Ok(Some((header, prefix..total)))
+}
+
 /// Where the pieces of one frame lie in an input buffer.
 struct FrameLayout {
     header: Header,
@@ -664,6 +705,46 @@ mod tests {
                 other => panic!("cut {cut}: expected Truncated, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_single_segment_frame_is_parsed_in_place_like_decode_frame() {
+        let m = Message::with_segment(Header::new(3, 1, 2, 9), Bytes::from_static(b"payload"));
+        let mut buf = frame(&m);
+        buf.extend_from_slice(b"next frame");
+        let (h, range) = parse_single_segment_frame(&buf, 1 << 20).unwrap().unwrap();
+        let (decoded, used) = decode_frame(&buf, 1 << 20).unwrap();
+        assert_eq!(h, *decoded.header());
+        assert_eq!(&buf[range.clone()], &decoded.segments()[0][..]);
+        assert_eq!(range.end, used);
+        // Other segment counts are not its business.
+        assert_eq!(
+            parse_single_segment_frame(&frame(&sample()), 1 << 20).unwrap(),
+            None
+        );
+        let none = frame(&Message::new(Header::new(3, 1, 2, 9)));
+        assert_eq!(parse_single_segment_frame(&none, 1 << 20).unwrap(), None);
+        // Hostile input: every truncation, a limit, a length that would overflow.
+        let whole = frame(&m);
+        for cut in 0..whole.len() {
+            assert!(
+                matches!(
+                    parse_single_segment_frame(&whole[..cut], 1 << 20),
+                    Err(TransportError::Truncated { .. })
+                ),
+                "cut {cut}"
+            );
+        }
+        assert!(matches!(
+            parse_single_segment_frame(&whole, whole.len() - 1),
+            Err(TransportError::TooLarge { .. })
+        ));
+        let mut evil = whole.clone();
+        evil[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            parse_single_segment_frame(&evil, usize::MAX),
+            Err(TransportError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_ofi_sys as sys;
-use charmrs_transport::{Header, Message, ProcessId, TransportError};
+use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
 use crate::wire;
@@ -257,7 +257,7 @@ pub(crate) struct Engine {
     reading: Vec<usize>,
     order: Vec<VecDeque<Slot>>,
     /// Messages ready for the sink, in delivery order.
-    pub(crate) ready: Vec<(ProcessId, Message)>,
+    pub(crate) ready: ArrivalBatch,
     /// Errors to report from `progress`, oldest first.
     pub(crate) errors: VecDeque<TransportError>,
     /// Operations given to the provider and not completed yet (not
@@ -314,7 +314,7 @@ impl Engine {
             admit_sources: Vec::new(),
             reading: vec![0; n],
             order: (0..n).map(|_| VecDeque::new()).collect(),
-            ready: Vec::new(),
+            ready: ArrivalBatch::new(),
             errors: VecDeque::new(),
             inflight: 0,
             status,
@@ -385,7 +385,7 @@ impl Engine {
 
     /// A completed read of this process's own registration.
     pub(crate) fn deliver_now(&mut self, src: ProcessId, msg: Message) {
-        self.ready.push((src, msg));
+        self.ready.push(src, msg);
     }
 
     /// Hands as much queued work to the provider as it accepts.
@@ -678,6 +678,47 @@ impl Engine {
         }
     }
 
+    /// Sends a message of one segment (`header`, `data`) to `p` at once with `fi_inject`, from
+    /// the engine's reused packet buffer, when nothing is queued for `p` before it and the
+    /// packet fits the provider's inject size. Returns whether the message was taken care of:
+    /// sent, or dropped with a peer found unreachable (which is then reported like any failed
+    /// post); `false` — queued work for `p`, too large, or the provider busy — means the caller
+    /// must queue it.
+    pub(crate) fn inject_now(&mut self, p: ProcessId, header: &Header, data: &[u8]) -> bool {
+        let len = wire::single_segment_packet_len(data.len());
+        if len > self.fab.limits.inject_size
+            || len > self.sizes.packet_max
+            || !self.pending[p as usize].is_empty()
+            || self.urgent.iter().any(|(q, _)| *q == p)
+            || self.status[p as usize].load(Ordering::Relaxed) != ALIVE
+        {
+            return false;
+        }
+        wire::single_segment_packet(&mut self.scratch, self.rank, header, data);
+        let addr = self.addrs[p as usize];
+        // SAFETY: the endpoint is open; `scratch` holds `len` initialized bytes, which
+        // fi_inject copies before it returns.
+        let ret = unsafe {
+            sys::fi_inject(
+                self.fab.ep,
+                self.scratch.as_ptr().cast::<c_void>(),
+                self.scratch.len(),
+                addr,
+            )
+        };
+        if ret == 0 {
+            true
+        } else if ret == -(sys::FI_EAGAIN as isize) {
+            false
+        } else {
+            self.lose(
+                p,
+                format!("fi_inject to it failed: {} ({ret})", strerror(ret as i64)),
+            );
+            true
+        }
+    }
+
     /// Registers the segments of a large message for `p` to read and
     /// returns its descriptor.
     fn register_rndv(&mut self, p: ProcessId, msg: &Message) -> Result<Vec<u8>, String> {
@@ -785,7 +826,7 @@ impl Engine {
                 // successfully, so the provider wrote all of them.
                 unsafe { buf.set_len(len) };
                 match Message::with_segments(Header::new(kind, 0, 0, tag), vec![Bytes::from(buf)]) {
-                    Ok(m) => self.ready.push((src, m)),
+                    Ok(m) => self.ready.push(src, m),
                     Err(e) => self.errors.push_back(e),
                 }
             }
@@ -927,6 +968,14 @@ impl Engine {
         };
         match kind {
             wire::PKT_DATA => {
+                if self.order[src as usize].is_empty() {
+                    // In order, one segment (an entry call's arguments): its bytes are copied
+                    // into the batch of ready messages and lent to the sink from there.
+                    if let Some((header, data)) = wire::single_segment_data(buf).map_err(from)? {
+                        self.ready.push_small(src, header, &buf[data]);
+                        return Ok(());
+                    }
+                }
                 let b = Bytes::copy_from_slice(buf);
                 let msg = wire::decode_data(&b).map_err(from)?;
                 self.arrived(src, Slot::Ready(msg));
@@ -971,7 +1020,7 @@ impl Engine {
     fn arrived(&mut self, src: ProcessId, slot: Slot) {
         let q = &mut self.order[src as usize];
         match slot {
-            Slot::Ready(m) if q.is_empty() => self.ready.push((src, m)),
+            Slot::Ready(m) if q.is_empty() => self.ready.push(src, m),
             s => q.push_back(s),
         }
     }
@@ -1130,7 +1179,7 @@ impl Engine {
                 }
                 while matches!(q.front(), Some(Slot::Ready(_))) {
                     if let Some(Slot::Ready(m)) = q.pop_front() {
-                        self.ready.push((src, m));
+                        self.ready.push(src, m);
                     }
                 }
             }
@@ -1191,7 +1240,7 @@ impl Engine {
         loop {
             self.post_pending();
             self.poll_cq();
-            self.ready.clear();
+            self.ready.discard();
             self.errors.clear();
             let idle = self.queued == 0
                 && self.urgent.is_empty()

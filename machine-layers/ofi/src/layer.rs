@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use charmrs_transport::kv::KvBootstrap;
 use charmrs_transport::{
-    Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError,
-    NAP_MAX, NAP_SPIN,
+    Arrival, ArrivalBatch, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId,
+    RemoteKey, TransportError, NAP_MAX, NAP_SPIN,
 };
 use crossbeam_queue::SegQueue;
 
@@ -59,6 +59,13 @@ struct Inner {
     wait_fd: Option<c_int>,
     provider: String,
     cfg: OfiConfig,
+}
+
+thread_local! {
+    /// Per-thread batch of the messages one `progress` delivers (moved out of the engine under
+    /// its lock, handed to the sink after it is released).
+    static SCRATCH: std::cell::RefCell<ArrivalBatch> =
+        const { std::cell::RefCell::new(ArrivalBatch::new()) };
 }
 
 fn lock(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
@@ -513,35 +520,78 @@ impl MachineLayer for OfiLayer {
         Ok(())
     }
 
+    /// Sends at once with `fi_inject` from a reused buffer (no allocation) when the packet fits
+    /// the provider's inject size, no other thread holds the engine and nothing is queued before
+    /// it; otherwise as [`send`](Self::send).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
+        let inner = &self.inner;
+        if dst != inner.rank && inner.cmds.is_empty() {
+            self.check(dst)?;
+            if let Ok(mut eng) = inner.engine.try_lock() {
+                // Anything this thread sent before went through the queue of commands, now
+                // empty: it was absorbed into the engine, whose queue for `dst` is checked.
+                if inner.cmds.is_empty() && eng.inject_now(dst, &header, data) {
+                    return Ok(());
+                }
+            }
+        }
+        self.send(
+            dst,
+            Message::with_segment(header, Bytes::copy_from_slice(data)),
+        )
+    }
+
     /// Non-blocking: posts queued work, drains the completion queue and
     /// hands every message that became deliverable to `sink`, in
     /// per-source order, outside the engine lock. An error (lost peer,
     /// malformed packet) is returned after the messages were delivered;
     /// each is reported once.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
+        self.progress_arrivals(false, &mut |src, a| sink(src, a.into_message()))
+    }
+
+    /// As [`progress`](Self::progress); eager messages of one segment that arrived in order are
+    /// lent ([`Arrival::Borrowed`]) out of the batch they were copied into from the receive
+    /// buffer, the rest handed over owned. `idle` makes no difference.
+    fn progress_arrivals(
+        &self,
+        _idle: bool,
+        sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
+    ) -> Result<usize, TransportError> {
         let inner = &self.inner;
         if inner.armed.load(Ordering::Relaxed) {
             // Polling again: arrivals need not wake anybody.
             inner.armed.store(false, Ordering::Relaxed);
         }
-        let (ready, err) = {
-            let mut eng = lock(&inner.engine);
-            inner.absorb(&mut eng);
-            eng.post_pending();
-            if eng.poll_cq() > 0 {
+        // A thread's own batch, reused (a sink that progresses again gets a fresh one).
+        SCRATCH.with(|scratch| {
+            let mut own = scratch.try_borrow_mut();
+            let mut fresh = ArrivalBatch::new();
+            let batch = match own.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut fresh,
+            };
+            let err = {
+                let mut eng = lock(&inner.engine);
+                inner.absorb(&mut eng);
                 eng.post_pending();
+                if eng.poll_cq() > 0 {
+                    eng.post_pending();
+                }
+                eng.check_liveness();
+                batch.append(&mut eng.ready);
+                eng.errors.pop_front()
+            };
+            let n = batch.deliver(sink);
+            match err {
+                Some(e) => Err(e),
+                None => Ok(n),
             }
-            eng.check_liveness();
-            (std::mem::take(&mut eng.ready), eng.errors.pop_front())
-        };
-        let n = ready.len();
-        for (src, msg) in ready {
-            sink(src, msg);
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(n),
-        }
+        })
     }
 
     fn progress_wait(

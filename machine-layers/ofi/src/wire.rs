@@ -99,9 +99,46 @@ pub fn data_prefix(rank: ProcessId, msg: &Message) -> Vec<u8> {
     out
 }
 
+/// Writes into `out` (cleared first) the eager packet of a message of one segment, `data`, with
+/// `header`: the same bytes as [`data_prefix`] and the segment of
+/// `Message::with_segment(header, data)`, without building the message.
+pub fn single_segment_packet(out: &mut Vec<u8>, rank: ProcessId, header: &Header, data: &[u8]) {
+    let header = Header {
+        segment_count: 1,
+        ..*header
+    };
+    out.clear();
+    out.extend_from_slice(&preamble(PKT_DATA, rank));
+    out.extend_from_slice(&header.to_bytes());
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Length of the eager packet of a message of one segment of `len` bytes.
+pub fn single_segment_packet_len(len: usize) -> usize {
+    PREAMBLE + Header::SIZE + 8 + len
+}
+
 /// Length of the eager packet carrying `msg`.
 pub fn data_len(msg: &Message) -> usize {
     PREAMBLE + msg.frame_len()
+}
+
+/// The header of an eager packet (`buf` is the whole packet, in the receive buffer) and where
+/// its segment lies in `buf`, if it carries a message of exactly one segment (`None`
+/// otherwise: [`decode_data`] decodes it); nothing is copied.
+pub fn single_segment_data(
+    buf: &[u8],
+) -> Result<Option<(Header, std::ops::Range<usize>)>, TransportError> {
+    let frame = &buf[PREAMBLE.min(buf.len())..];
+    match charmrs_transport::parse_single_segment_frame(frame, frame.len())? {
+        Some((_, range)) if range.end != frame.len() => Err(TransportError::Malformed(format!(
+            "ofi eager packet has {} bytes after its frame",
+            frame.len() - range.end
+        ))),
+        Some((header, range)) => Ok(Some((header, PREAMBLE + range.start..PREAMBLE + range.end))),
+        None => Ok(None),
+    }
 }
 
 /// Decodes an eager packet (`buf` is the whole packet, copied out of the
@@ -291,6 +328,33 @@ mod tests {
         assert_eq!(pkt.len(), data_len(&m));
         assert_eq!(parse_preamble(&pkt).unwrap(), (PKT_DATA, 5));
         assert_eq!(decode_data(&Bytes::from(pkt)).unwrap(), m);
+    }
+
+    #[test]
+    fn a_single_segment_packet_is_an_eager_packet_read_in_place() {
+        let h = Header::new(3, 1, 2, 99);
+        let m = Message::with_segment(h, Bytes::from_static(b"args"));
+        let mut pkt = Vec::new();
+        single_segment_packet(&mut pkt, 5, &h, b"args");
+        let mut expected = data_prefix(5, &m);
+        expected.extend_from_slice(b"args");
+        assert_eq!(pkt, expected);
+        assert_eq!(pkt.len(), single_segment_packet_len(4));
+        let (header, range) = single_segment_data(&pkt).unwrap().unwrap();
+        assert_eq!(header, *m.header());
+        assert_eq!(&pkt[range], b"args");
+        // Several segments: decoded the general way; trailing bytes: refused.
+        let mut several = data_prefix(5, &sample());
+        for s in sample().segments() {
+            several.extend_from_slice(s);
+        }
+        assert_eq!(single_segment_data(&several).unwrap(), None);
+        pkt.push(0);
+        assert!(matches!(
+            single_segment_data(&pkt),
+            Err(TransportError::Malformed(_))
+        ));
+        assert!(single_segment_data(&pkt[..PREAMBLE + 10]).is_err());
     }
 
     #[test]

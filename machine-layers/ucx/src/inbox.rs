@@ -26,7 +26,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
-use charmrs_transport::{Header, Message, ProcessId, TransportError};
+use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 /// Per-sender reordering state.
 #[derive(Debug, Default)]
@@ -49,28 +49,12 @@ struct Source {
 /// endpoint's messages reliably; later ones overtake an earlier one by moments at most).
 pub(crate) const GAP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A message ready for the sink.
-#[derive(Debug)]
-pub(crate) enum Ready {
-    /// Owned by the sink once handed over.
-    Message(Message),
-    /// A small message of one segment, whose bytes are `small[start..start + len]` of the
-    /// inbox state (or of the batch it was moved into): lent to the sink.
-    Small {
-        header: Header,
-        start: usize,
-        len: usize,
-    },
-}
-
 /// The mutable part of the inbox.
 #[derive(Debug, Default)]
 pub(crate) struct InboxState {
     sources: Vec<Source>,
     /// Messages ready for the sink, in delivery order.
-    pub(crate) ready: Vec<(ProcessId, Ready)>,
-    /// The bytes of the small messages in `ready` ([`Ready::Small`]), one after the other.
-    pub(crate) small: Vec<u8>,
+    pub(crate) ready: ArrivalBatch,
     /// Failures to report from `progress`, oldest first.
     pub(crate) errors: VecDeque<TransportError>,
     /// Peers whose endpoint failed since the last `progress` (their
@@ -161,7 +145,7 @@ impl Inbox {
         if ahead == 0 && s.waiting.is_empty() {
             if let Some(m) = msg {
                 s.next += 1;
-                st.ready.push((src, Ready::Message(m)));
+                st.ready.push(src, m);
                 return seq;
             }
         }
@@ -188,16 +172,7 @@ impl Inbox {
             let s = &mut st.sources[src as usize];
             if !s.broken && seq32 == s.next as u32 && s.waiting.is_empty() {
                 s.next += 1;
-                let start = st.small.len();
-                st.small.extend_from_slice(data);
-                st.ready.push((
-                    src,
-                    Ready::Small {
-                        header,
-                        start,
-                        len: data.len(),
-                    },
-                ));
+                st.ready.push_small(src, header, data);
                 return;
             }
         }
@@ -282,13 +257,13 @@ impl Inbox {
         self.state.borrow().gaps > 0
     }
 
-    fn flush(s: &mut Source, src: ProcessId, ready: &mut Vec<(ProcessId, Ready)>) {
+    fn flush(s: &mut Source, src: ProcessId, ready: &mut ArrivalBatch) {
         while let Some(entry) = s.waiting.first_entry() {
             if *entry.key() != s.next || entry.get().is_none() {
                 break;
             }
             if let Some(m) = entry.remove() {
-                ready.push((src, Ready::Message(m)));
+                ready.push(src, m);
             }
             s.next += 1;
         }
@@ -297,10 +272,7 @@ impl Inbox {
     /// A message that is not ordered with a sender's stream (a read
     /// completion) is ready.
     pub(crate) fn push_ready(&self, src: ProcessId, msg: Message) {
-        self.state
-            .borrow_mut()
-            .ready
-            .push((src, Ready::Message(msg)));
+        self.state.borrow_mut().ready.push(src, msg);
     }
 
     /// Drops every arrived message nobody will take any more (the worker is
@@ -308,15 +280,7 @@ impl Inbox {
     /// to be dropped by the caller once the borrow is released.
     pub(crate) fn discard_messages(&self) -> Vec<Message> {
         let mut st = self.state.borrow_mut();
-        let mut gone: Vec<Message> = st
-            .ready
-            .drain(..)
-            .filter_map(|(_, r)| match r {
-                Ready::Message(m) => Some(m),
-                Ready::Small { .. } => None,
-            })
-            .collect();
-        st.small.clear();
+        let mut gone = st.ready.discard();
         for s in &mut st.sources {
             gone.extend(std::mem::take(&mut s.waiting).into_values().flatten());
         }
@@ -390,15 +354,22 @@ mod tests {
         Message::new(Header::new(1, 0, 0, tag))
     }
 
+    /// The ready messages (source, tag, whether lent, payload), taken out of the inbox.
+    fn take_ready(i: &Inbox) -> Vec<(u32, u64, bool, Vec<u8>)> {
+        let mut got = Vec::new();
+        i.state.borrow_mut().ready.deliver(&mut |src, a| {
+            let lent = matches!(a, charmrs_transport::Arrival::Borrowed(..));
+            let m = a.into_message();
+            let data = m.segments().first().map(|b| b.to_vec()).unwrap_or_default();
+            got.push((src, m.header().tag, lent, data));
+        });
+        got
+    }
+
     fn ready_tags(i: &Inbox) -> Vec<(u32, u64)> {
-        i.state
-            .borrow_mut()
-            .ready
-            .drain(..)
-            .map(|(s, r)| match r {
-                Ready::Message(m) => (s, m.header().tag),
-                Ready::Small { header, .. } => (s, header.tag),
-            })
+        take_ready(i)
+            .into_iter()
+            .map(|(s, t, _, _)| (s, t))
             .collect()
     }
 
@@ -410,35 +381,18 @@ mod tests {
         i.arrive(1, 1, None); // a rendezvous whose data is in flight
         i.arrive_small(1, 2, h(2), b"two"); // behind it: held back, owned
         i.arrive_small(0, 0, h(100), b"other sender");
-        {
-            let st = i.state.borrow();
-            let lent: Vec<(u32, &[u8])> = st
-                .ready
-                .iter()
-                .map(|(src, r)| match r {
-                    Ready::Small { start, len, .. } => (*src, &st.small[*start..*start + *len]),
-                    Ready::Message(_) => panic!("an in-order small message was not lent"),
-                })
-                .collect();
-            assert_eq!(
-                lent,
-                vec![(1, &b"zero"[..]), (0, &b"other sender"[..])],
-                "in order, each sender's bytes where its entry says"
-            );
-        }
-        assert_eq!(ready_tags(&i), vec![(1, 0), (0, 100)]);
+        assert_eq!(
+            take_ready(&i),
+            vec![
+                (1, 0, true, b"zero".to_vec()),
+                (0, 100, true, b"other sender".to_vec())
+            ]
+        );
         i.complete(1, 1, m(1));
-        let st = i.state.borrow();
-        let tags: Vec<(u64, Option<Vec<u8>>)> = st
-            .ready
-            .iter()
-            .map(|(_, r)| match r {
-                Ready::Message(m) => (m.header().tag, m.segments().first().map(|b| b.to_vec())),
-                Ready::Small { .. } => panic!("a held-back message is owned"),
-            })
-            .collect();
-        assert_eq!(tags, vec![(1, None), (2, Some(b"two".to_vec()))]);
-        drop(st);
+        assert_eq!(
+            take_ready(&i),
+            vec![(1, 1, false, vec![]), (1, 2, false, b"two".to_vec())]
+        );
         i.arrive_small(1, 2, h(2), b"two"); // a duplicate
         assert_eq!(i.state.borrow().errors.len(), 1);
     }

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use charmrs_transport::kv::KvBootstrap;
 use charmrs_transport::{
-    Arrival, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId, RemoteKey,
-    TransportError,
+    Arrival, ArrivalBatch, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId,
+    RemoteKey, TransportError,
 };
 use crossbeam_queue::SegQueue;
 
-use crate::inbox::Ready;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
@@ -31,26 +30,11 @@ const IDENTITY_KEY: &str = "ucx-identity";
 const IDLE_CLOCK_EVERY: u32 = 64;
 
 thread_local! {
-    /// Per-thread scratch list of the messages one `progress` delivers.
-    static SCRATCH: std::cell::RefCell<Batch> = const {
-        std::cell::RefCell::new(Batch {
-            ready: Vec::new(),
-            small: Vec::new(),
-        })
-    };
+    /// Per-thread scratch list of the messages one `progress` delivers (moved out of the inbox
+    /// under the worker lock, handed to the sink after it is released).
+    static SCRATCH: std::cell::RefCell<ArrivalBatch> =
+        const { std::cell::RefCell::new(ArrivalBatch::new()) };
 }
-
-/// The messages one `progress` delivers, moved out of the inbox under the worker lock and
-/// handed to the sink after it is released.
-struct Batch {
-    ready: Vec<(ProcessId, Ready)>,
-    /// The bytes of the small messages in `ready` (see [`Ready::Small`]).
-    small: Vec<u8>,
-}
-
-/// Capacity of a batch's buffer of small messages beyond which it is given back after delivery
-/// (a burst of small messages does not keep its memory).
-const SMALL_KEEP: usize = 1 << 20;
 
 /// Clears a flag when dropped (also on unwinding out of the sink).
 struct ClearOnDrop<'a>(&'a AtomicBool);
@@ -640,7 +624,7 @@ impl Shared {
     fn progress_locked(
         &self,
         l: &mut Locked,
-        batch: &mut Batch,
+        batch: &mut ArrivalBatch,
         call_hook: &mut bool,
     ) -> Option<TransportError> {
         if !self.queue.is_empty() {
@@ -660,28 +644,8 @@ impl Shared {
         };
         let (mut error, failures) = {
             let mut st = l.worker.inbox.state.borrow_mut();
-            // Usually the batch is empty: swap the vectors instead of moving each message.
-            if batch.ready.is_empty() {
-                batch.small.clear();
-                std::mem::swap(&mut batch.ready, &mut st.ready);
-                std::mem::swap(&mut batch.small, &mut st.small);
-            } else {
-                let base = batch.small.len();
-                batch.small.append(&mut st.small);
-                batch
-                    .ready
-                    .extend(st.ready.drain(..).map(|(src, r)| match r {
-                        Ready::Small { header, start, len } => (
-                            src,
-                            Ready::Small {
-                                header,
-                                start: base + start,
-                                len,
-                            },
-                        ),
-                        owned => (src, owned),
-                    }));
-            }
+            // Usually the batch is empty: the two swap their buffers.
+            batch.append(&mut st.ready);
             (st.errors.pop_front(), !st.failed_eps.is_empty())
         };
         if failures {
@@ -695,7 +659,7 @@ impl Shared {
         // Idle for arming = nothing for the caller (UCX may report internal
         // progress, e.g. an outstanding rendezvous, for a long time: if it
         // has events, arming says so and the hook brings the caller back).
-        let idle = batch.ready.is_empty() && error.is_none() && self.loopback.is_empty();
+        let idle = batch.is_empty() && error.is_none() && self.loopback.is_empty();
         let watcher = self.watcher.get();
         if let Some(w) = watcher {
             l.calls = l.calls.wrapping_add(1);
@@ -910,25 +874,12 @@ impl MachineLayer for UcxLayer {
             if !s.loopback.is_empty() {
                 for _ in 0..s.loopback.len() {
                     match s.loopback.pop() {
-                        Some(m) => batch.ready.push((s.rank, Ready::Message(m))),
+                        Some(m) => batch.push(s.rank, m),
                         None => break,
                     }
                 }
             }
-            let Batch { ready, small } = &mut *batch;
-            let n = ready.len();
-            for (src, r) in ready.drain(..) {
-                match r {
-                    Ready::Message(m) => sink(src, Arrival::Owned(m)),
-                    Ready::Small { header, start, len } => {
-                        sink(src, Arrival::Borrowed(header, &small[start..start + len]))
-                    }
-                }
-            }
-            small.clear();
-            if small.capacity() > SMALL_KEEP {
-                *small = Vec::new();
-            }
+            let n = batch.deliver(sink);
             match error {
                 Some(e) => Err(e),
                 None => Ok(n),
