@@ -809,8 +809,8 @@ impl MachineLayer for UcxLayer {
     }
 
     /// Sends at once, copying `data` into a send descriptor's kept buffer (no allocation), when
-    /// the message is small ([`SEND_COPY_MAX`](crate::worker::SEND_COPY_MAX) bytes at most), the
-    /// worker free and nothing queued before it; otherwise as [`send`](Self::send).
+    /// the message is small (1 KiB at most), the worker free and nothing queued before it;
+    /// otherwise as [`send`](Self::send).
     ///
     /// # Errors
     ///
