@@ -18,8 +18,6 @@
 //!
 //! [`MachineLayer::progress_arrivals`]: crate::MachineLayer::progress_arrivals
 
-use bytes::Bytes;
-
 use crate::layer::ProcessId;
 use crate::message::{Header, Message};
 
@@ -56,7 +54,7 @@ impl Arrival<'_> {
     pub fn into_message(self) -> Message {
         match self {
             Arrival::Owned(m) => m,
-            Arrival::Borrowed(h, data) => Message::with_segment(h, Bytes::copy_from_slice(data)),
+            Arrival::Borrowed(h, data) => Message::with_copied_segment(h, data),
         }
     }
 }
@@ -184,6 +182,7 @@ impl ArrivalBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn owned_all(batch: &mut ArrivalBatch) -> Vec<(ProcessId, Message, bool)> {
         let mut got = Vec::new();

@@ -66,10 +66,7 @@ pub trait MachineLayer: Send + Sync {
     /// the runtime then allocates no segment per message. The default copies `data` into a new
     /// segment and calls `send`.
     fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
-        self.send(
-            dst,
-            Message::with_segment(header, Bytes::copy_from_slice(data)),
-        )
+        self.send(dst, Message::with_copied_segment(header, data))
     }
 
     /// Make progress; hand every message that arrived to `sink` (source

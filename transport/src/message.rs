@@ -220,6 +220,11 @@ impl Message {
         }
     }
 
+    /// A message with `header` and one segment holding a copy of `data`.
+    pub fn with_copied_segment(header: Header, data: &[u8]) -> Message {
+        Message::with_segment(header, Bytes::copy_from_slice(data))
+    }
+
     /// Appends a segment without copying it.
     ///
     /// # Errors

@@ -656,8 +656,16 @@ impl Engine {
         for s in msg.segments() {
             self.scratch.extend_from_slice(s);
         }
-        // SAFETY: the endpoint is open; `scratch` holds `len` initialized
-        // bytes, which fi_inject copies before it returns.
+        // Busy: handed back, to be posted again later.
+        self.inject_scratch(addr)
+            .map(|sent| (!sent).then_some(Out::Msg(msg)))
+    }
+
+    /// `fi_inject`s the packet in `scratch` to `addr`: `Ok(true)` sent, `Ok(false)` the provider
+    /// is busy (`-FI_EAGAIN`), `Err` the peer cannot be reached.
+    fn inject_scratch(&mut self, addr: sys::fi_addr_t) -> Result<bool, String> {
+        // SAFETY: the endpoint is open; `scratch` holds `len` initialized bytes, which
+        // fi_inject copies before it returns.
         let ret = unsafe {
             sys::fi_inject(
                 self.fab.ep,
@@ -667,9 +675,9 @@ impl Engine {
             )
         };
         if ret == 0 {
-            Ok(None)
+            Ok(true)
         } else if ret == -(sys::FI_EAGAIN as isize) {
-            Ok(Some(Out::Msg(msg)))
+            Ok(false)
         } else {
             Err(format!(
                 "fi_inject to it failed: {} ({ret})",
@@ -696,26 +704,12 @@ impl Engine {
         }
         wire::single_segment_packet(&mut self.scratch, self.rank, header, data);
         let addr = self.addrs[p as usize];
-        // SAFETY: the endpoint is open; `scratch` holds `len` initialized bytes, which
-        // fi_inject copies before it returns.
-        let ret = unsafe {
-            sys::fi_inject(
-                self.fab.ep,
-                self.scratch.as_ptr().cast::<c_void>(),
-                self.scratch.len(),
-                addr,
-            )
-        };
-        if ret == 0 {
-            true
-        } else if ret == -(sys::FI_EAGAIN as isize) {
-            false
-        } else {
-            self.lose(
-                p,
-                format!("fi_inject to it failed: {} ({ret})", strerror(ret as i64)),
-            );
-            true
+        match self.inject_scratch(addr) {
+            Ok(sent) => sent,
+            Err(reason) => {
+                self.lose(p, reason);
+                true
+            }
         }
     }
 

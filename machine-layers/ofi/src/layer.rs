@@ -539,10 +539,7 @@ impl MachineLayer for OfiLayer {
                 }
             }
         }
-        self.send(
-            dst,
-            Message::with_segment(header, Bytes::copy_from_slice(data)),
-        )
+        self.send(dst, Message::with_copied_segment(header, data))
     }
 
     /// Non-blocking: posts queued work, drains the completion queue and

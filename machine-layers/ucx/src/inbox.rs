@@ -176,7 +176,7 @@ impl Inbox {
                 return;
             }
         }
-        let msg = Message::with_segment(header, bytes::Bytes::copy_from_slice(data));
+        let msg = Message::with_copied_segment(header, data);
         self.arrive(src, seq32, Some(msg));
     }
 

@@ -834,10 +834,7 @@ impl MachineLayer for UcxLayer {
             }
         }
         // Looping back, large, or behind queued operations: a message the queue can own.
-        self.send(
-            dst,
-            Message::with_segment(header, Bytes::copy_from_slice(data)),
-        )
+        self.send(dst, Message::with_copied_segment(header, data))
     }
 
     /// Runs queued sends, progresses the worker, and hands every message

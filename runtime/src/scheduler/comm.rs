@@ -7,6 +7,9 @@
 //! in the layer (Charm++'s SMP design) was used for such layers until it measured 4× slower for
 //! an 8 B entry call over `shm` than the napping PE (docs/performance.md, "Session 11").
 //!
+//! Small calls the layer lends (`Arrival::Borrowed`) are decoded straight from its buffer; any
+//! other arrival is handled as an owned message.
+//!
 //! Invariants: every arrived message is decoded as hostile input — an undecodable message, a
 //! message for a PE of another process, or a lost peer ends the job with an abort naming the
 //! process it came from, never a panic or a silent drop; an end-of-job message from a peer ends
@@ -100,7 +103,7 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
                     .push(crate::envelope::Envelope::new(priority, body));
             }
         }
-        Err(e) => abort(format!("malformed message from process {src}: {e}")),
+        Err(e) => malformed(shared, src, e),
     }
 }
 
@@ -184,21 +187,17 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
         wire::KIND_CALL | wire::KIND_CREATE => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
-                return abort(format!(
-                    "process {src} sent a message for PE {dst}, which is not in this process"
-                ));
+                return not_here(shared, src, dst);
             };
             match decode_guarded(msg, table) {
                 Ok(env) => post(shared, dst, mailbox, env),
-                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+                Err(e) => malformed(shared, src, e),
             }
         }
         wire::KIND_REDUCE_FINISHED => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
-                return abort(format!(
-                    "process {src} sent a message for PE {dst}, which is not in this process"
-                ));
+                return not_here(shared, src, dst);
             };
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 wire::decode_finished(&msg, table)
@@ -211,7 +210,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             });
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
-                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+                Err(e) => malformed(shared, src, e),
             }
         }
         wire::KIND_FULFIL
@@ -223,9 +222,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
         | wire::KIND_MOBILITY => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
-                return abort(format!(
-                    "process {src} sent a message for PE {dst}, which is not in this process"
-                ));
+                return not_here(shared, src, dst);
             };
             let decoded = match header.kind {
                 wire::KIND_FULFIL | wire::KIND_PARTIAL => wire::decode_value(&msg),
@@ -236,7 +233,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             };
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
-                Err(e) => abort(format!("malformed message from process {src}: {e}")),
+                Err(e) => malformed(shared, src, e),
             }
         }
         wire::KIND_EXIT => {
