@@ -123,6 +123,10 @@ impl ArrivalBatch {
     /// Moves every message of `other` behind this batch's, leaving `other` empty (cheap when
     /// this batch is empty: the two swap their buffers).
     pub fn append(&mut self, other: &mut ArrivalBatch) {
+        if other.entries.is_empty() {
+            // The usual case of an idle poll: nothing to move.
+            return;
+        }
         if self.entries.is_empty() {
             self.small.clear();
             std::mem::swap(self, other);
@@ -149,6 +153,9 @@ impl ArrivalBatch {
     /// over yet are dropped.
     pub fn deliver(&mut self, sink: &mut dyn FnMut(ProcessId, Arrival<'_>)) -> usize {
         let n = self.entries.len();
+        if n == 0 {
+            return 0;
+        }
         for (src, e) in self.entries.drain(..) {
             match e {
                 Entry::Owned(m) => sink(src, Arrival::Owned(m)),
