@@ -675,6 +675,48 @@ fn run_call<C: Chare, E: Entry<C>>(
     }
 }
 
+/// Runs a point call of `E` with `args` on `element` (which must be a `C`), its result going
+/// where `reply` says: what a boxed call's `invoke` does, for a call that was never boxed.
+pub(crate) fn invoke_point<C: Chare, E: Entry<C>>(
+    pe: &PeState,
+    element: &Rc<dyn ElementObj>,
+    args: E::Args,
+    reply: Reply,
+    site: Site,
+) {
+    let Some(el) = element_of::<C>(element) else {
+        return pe.abort_job(format!(
+            "charmrs: a message for `{}` reached element {} of a {}, not a {}",
+            E::NAME,
+            site.index,
+            site.chare,
+            C::NAME
+        ));
+    };
+    let sink = match reply {
+        Reply::None => Sink::Discard,
+        Reply::Future { pe, id } => Sink::Future { pe, id },
+        Reply::Gather {
+            pe: owner,
+            id,
+            values,
+        } => Sink::Partial {
+            // A broadcast forwarded to an element away from its home PE.
+            acc: Rc::new(PartialAcc {
+                count: PartialCount::Element,
+                remaining: Cell::new(1),
+                values: RefCell::default(),
+                error: RefCell::default(),
+                owner,
+                id,
+                keep_values: values,
+            }),
+            index: site.index,
+        },
+    };
+    run_entry::<C, E>(pe, el, args, sink, site);
+}
+
 fn element_of<C: Chare>(element: &Rc<dyn ElementObj>) -> Option<Rc<Element<C>>> {
     let any: Rc<dyn Any> = element.clone();
     any.downcast::<Element<C>>().ok()
@@ -686,37 +728,7 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
     }
 
     fn invoke(self: Box<Self>, pe: &PeState, element: &Rc<dyn ElementObj>, site: Site) {
-        let Some(el) = element_of::<C>(element) else {
-            return pe.abort_job(format!(
-                "charmrs: a message for `{}` reached element {} of a {}, not a {}",
-                E::NAME,
-                site.index,
-                site.chare,
-                C::NAME
-            ));
-        };
-        let sink = match self.reply.get() {
-            Reply::None => Sink::Discard,
-            Reply::Future { pe, id } => Sink::Future { pe, id },
-            Reply::Gather {
-                pe: owner,
-                id,
-                values,
-            } => Sink::Partial {
-                // A broadcast forwarded to an element away from its home PE.
-                acc: Rc::new(PartialAcc {
-                    count: PartialCount::Element,
-                    remaining: Cell::new(1),
-                    values: RefCell::default(),
-                    error: RefCell::default(),
-                    owner,
-                    id,
-                    keep_values: values,
-                }),
-                index: site.index,
-            },
-        };
-        run_entry::<C, E>(pe, el, self.args, sink, site);
+        invoke_point::<C, E>(pe, element, self.args, self.reply.get(), site);
     }
 
     fn invoke_all(

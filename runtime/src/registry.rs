@@ -6,9 +6,8 @@
 //! dense wire ids (the position in the sorted table). Invariant: ids in the table are unique; a
 //! collision is reported as an error at start-up, never resolved silently.
 
-use crate::envelope::Reply;
 use crate::error::{Error, Result};
-use crate::wire::{WireCall, WireConstruct};
+use crate::wire::{EntryCodec, WireConstruct};
 use std::sync::OnceLock;
 
 /// One registered entry method or constructor.
@@ -37,7 +36,7 @@ impl Eq for EntryInfo {}
 #[derive(Debug, Clone, Copy)]
 pub enum Decoder {
     /// An entry method's arguments.
-    Entry(fn(&[u8], Reply) -> Result<WireCall, String>),
+    Entry(EntryCodec),
     /// A constructor's arguments.
     Constructor(fn(&[u8]) -> Result<WireConstruct, String>),
 }

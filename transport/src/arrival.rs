@@ -26,8 +26,16 @@ use crate::message::{Header, Message};
 pub enum Arrival<'a> {
     /// A message the runtime now owns.
     Owned(Message),
-    /// A message of one segment (`data`), lent for the sink call only.
-    Borrowed(Header, &'a [u8]),
+    /// A message of one segment, lent for the sink call only.
+    Borrowed {
+        /// The message's header.
+        header: Header,
+        /// Its one segment, in the layer's buffer.
+        data: &'a [u8],
+        /// No other message follows in this delivery: the sink may act on this one at once
+        /// (run it, say) without holding back any message behind it.
+        last: bool,
+    },
 }
 
 impl Arrival<'_> {
@@ -35,9 +43,9 @@ impl Arrival<'_> {
     pub fn header(&self) -> Header {
         match self {
             Arrival::Owned(m) => *m.header(),
-            Arrival::Borrowed(h, _) => Header {
+            Arrival::Borrowed { header, .. } => Header {
                 segment_count: 1,
-                ..*h
+                ..*header
             },
         }
     }
@@ -46,7 +54,7 @@ impl Arrival<'_> {
     pub fn total_len(&self) -> usize {
         match self {
             Arrival::Owned(m) => m.total_len(),
-            Arrival::Borrowed(_, data) => data.len(),
+            Arrival::Borrowed { data, .. } => data.len(),
         }
     }
 
@@ -54,7 +62,7 @@ impl Arrival<'_> {
     pub fn into_message(self) -> Message {
         match self {
             Arrival::Owned(m) => m,
-            Arrival::Borrowed(h, data) => Message::with_copied_segment(h, data),
+            Arrival::Borrowed { header, data, .. } => Message::with_copied_segment(header, data),
         }
     }
 }
@@ -156,13 +164,14 @@ impl ArrivalBatch {
         if n == 0 {
             return 0;
         }
-        for (src, e) in self.entries.drain(..) {
+        for (k, (src, e)) in self.entries.drain(..).enumerate() {
             match e {
                 Entry::Owned(m) => sink(src, Arrival::Owned(m)),
-                Entry::Small { header, start, len } => sink(
-                    src,
-                    Arrival::Borrowed(header, &self.small[start..start + len]),
-                ),
+                Entry::Small { header, start, len } => {
+                    let data = &self.small[start..start + len];
+                    let last = k + 1 == n;
+                    sink(src, Arrival::Borrowed { header, data, last })
+                }
             }
         }
         self.small.clear();
@@ -191,10 +200,14 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn owned_all(batch: &mut ArrivalBatch) -> Vec<(ProcessId, Message, bool)> {
+    /// Every message delivered, owned, with whether it was lent and if so as the last one.
+    fn owned_all(batch: &mut ArrivalBatch) -> Vec<(ProcessId, Message, Option<bool>)> {
         let mut got = Vec::new();
         batch.deliver(&mut |src, a| {
-            let lent = matches!(a, Arrival::Borrowed(..));
+            let lent = match a {
+                Arrival::Borrowed { last, .. } => Some(last),
+                Arrival::Owned(_) => None,
+            };
             got.push((src, a.into_message(), lent));
         });
         got
@@ -217,18 +230,18 @@ mod tests {
         let got = owned_all(&mut a);
         assert!(a.is_empty());
         let expected = vec![
-            (1, msg(0, b"zero"), true),
-            (2, msg(1, b"one"), false),
-            (1, msg(2, b""), true),
-            (3, msg(3, b"three"), true),
-            (3, msg(4, b"four"), false),
+            (1, msg(0, b"zero"), Some(false)),
+            (2, msg(1, b"one"), None),
+            (1, msg(2, b""), Some(false)),
+            (3, msg(3, b"three"), Some(false)),
+            (3, msg(4, b"four"), None),
         ];
         assert_eq!(got, expected);
         // Appending to an empty batch swaps; the buffers are reused.
         let mut c = ArrivalBatch::new();
         a.push_small(5, h(5), b"five");
         c.append(&mut a);
-        assert_eq!(owned_all(&mut c), vec![(5, msg(5, b"five"), true)]);
+        assert_eq!(owned_all(&mut c), vec![(5, msg(5, b"five"), Some(true))]);
         // A layer going away keeps only what it owns.
         c.push_small(6, h(6), b"six");
         c.push(7, msg(7, b"seven"));
@@ -240,7 +253,11 @@ mod tests {
     fn a_borrowed_arrival_is_the_same_message_once_owned() {
         let h = Header::new(4, 1, 2, 99);
         let data = [1u8, 2, 3];
-        let borrowed = Arrival::Borrowed(h, &data);
+        let borrowed = Arrival::Borrowed {
+            header: h,
+            data: &data,
+            last: true,
+        };
         assert_eq!(borrowed.header().segment_count, 1);
         assert_eq!(borrowed.total_len(), 3);
         let owned = Message::with_segment(h, Bytes::copy_from_slice(&data));

@@ -358,7 +358,7 @@ mod tests {
     fn take_ready(i: &Inbox) -> Vec<(u32, u64, bool, Vec<u8>)> {
         let mut got = Vec::new();
         i.state.borrow_mut().ready.deliver(&mut |src, a| {
-            let lent = matches!(a, charmrs_transport::Arrival::Borrowed(..));
+            let lent = matches!(a, charmrs_transport::Arrival::Borrowed { .. });
             let m = a.into_message();
             let data = m.segments().first().map(|b| b.to_vec()).unwrap_or_default();
             got.push((src, m.header().tag, lent, data));

@@ -478,7 +478,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                     name: #entry_name,
                     path: concat!(module_path!(), "::", #entry_name),
                     decoder: ::charmrs::__private::Decoder::Entry(
-                        ::charmrs::__private::decode_call::<#ty, #marker>),
+                        ::charmrs::__private::EntryCodec::of::<#ty, #marker>()),
                     callback: ::core::option::Option::Some(
                         ::charmrs::__private::CallbackMaker::of::<#ty, #marker>()),
                 }
@@ -551,7 +551,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 name: concat!(#type_name, "::<channel>"),
                 path: concat!(module_path!(), "::", #type_name, "::<channel>"),
                 decoder: ::charmrs::__private::Decoder::Entry(
-                    ::charmrs::__private::decode_call::<#ty, ::charmrs::__private::ChannelDeliver>),
+                    ::charmrs::__private::EntryCodec::of::<#ty, ::charmrs::__private::ChannelDeliver>()),
                 callback: ::core::option::Option::None,
             }
         }

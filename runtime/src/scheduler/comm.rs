@@ -7,8 +7,10 @@
 //! in the layer (Charm++'s SMP design) was used for such layers until it measured 4× slower for
 //! an 8 B entry call over `shm` than the napping PE (docs/performance.md, "Session 11").
 //!
-//! Small calls the layer lends (`Arrival::Borrowed`) are decoded straight from its buffer; any
-//! other arrival is handled as an owned message.
+//! Small calls the layer lends (`Arrival::Borrowed`) are decoded straight from its buffer; the
+//! last of a poll, a plain point call for this PE to an element that is here while nothing waits
+//! in its queue, runs at once (`pe::run_lent_now`: no boxed call, no queue turn). Any other
+//! arrival is handled as an owned message.
 //!
 //! Invariants: every arrived message is decoded as hostile input — an undecodable message, a
 //! message for a PE of another process, or a lost peer ends the job with an abort naming the
@@ -112,7 +114,7 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
 /// aborts naming the sending process instead of losing this PE.
 fn decode_guarded(msg: Message, table: &EntryTable) -> Result<crate::envelope::Envelope, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wire::decode(msg, table)))
-        .unwrap_or_else(|payload| Err(panicked_decoding(payload)))
+        .unwrap_or_else(|payload| Err(wire::panicked_decoding(payload)))
 }
 
 /// An arrival from process `src`: a call lent by the layer (small, one segment) is decoded from
@@ -127,17 +129,28 @@ fn on_arrival(shared: &Shared, table: &EntryTable, src: ProcessId, arrival: Arri
         });
     }
     match arrival {
-        Arrival::Borrowed(header, seg0)
-            if header.kind == wire::KIND_CALL && !wire::is_tree(&header) =>
-        {
+        Arrival::Borrowed {
+            header,
+            data: seg0,
+            last,
+        } if header.kind == wire::KIND_CALL && !wire::is_tree(&header) => {
             let dst = header.dst_pe as usize;
             let Some(mailbox) = shared.mailbox(dst) else {
                 return not_here(shared, src, dst);
             };
+            // The last arrival of a poll may run at once: nothing behind it waits to be handed
+            // on (to this PE's queue, or to another PE of this process).
+            if last {
+                match super::pe::run_lent_now(shared, dst, seg0, table) {
+                    Some(Ok(())) => return,
+                    Some(Err(e)) => return malformed(shared, src, e),
+                    None => {}
+                }
+            }
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 wire::decode_call_message(header, seg0, Vec::new(), table)
             }))
-            .unwrap_or_else(|payload| Err(panicked_decoding(payload)));
+            .unwrap_or_else(|payload| Err(wire::panicked_decoding(payload)));
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => malformed(shared, src, e),
@@ -164,15 +177,6 @@ fn malformed(shared: &Shared, src: ProcessId, why: String) {
     shared.finish(Outcome::Abort(format!(
         "charmrs: process {me}: malformed message from process {src}: {why}"
     )));
-}
-
-/// The decoding error for a panic inside a user's `Deserialize`.
-#[cold]
-fn panicked_decoding(payload: Box<dyn std::any::Any + Send>) -> String {
-    format!(
-        "decoding its arguments panicked: {}",
-        crate::panic::describe(payload)
-    )
 }
 
 fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message) {

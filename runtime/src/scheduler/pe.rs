@@ -154,6 +154,11 @@ pub(crate) struct PeState {
     network_backlog: Cell<usize>,
     /// Since when this PE (a network PE whose layer cannot wake it) has napped without input.
     napping_since: Cell<Option<Instant>>,
+    /// The PE is in `idle` (polling or parked).
+    idling: Cell<bool>,
+    /// Set when a call the network lent ran inside `idle` (`run_lent`): when the idle period
+    /// ended (measurement clock).
+    idle_end: Cell<Option<u64>>,
     /// Last known PE and epoch of migrated elements whose home is another PE (forwarding
     /// pointers left by departures, and the location cache for sends).
     pub(crate) locations: RefCell<FxHashMap<(CollectionId, Index), (u32, u32)>>,
@@ -260,6 +265,29 @@ pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
     None
 }
 
+/// Runs a call the machine layer lent (`seg0`, a call for PE `dst`) at once, without boxing or
+/// queueing it, if the calling thread is PE `dst`, nothing waits in its local queue (so nothing
+/// that arrived before is overtaken), the job is not stopping, and the call is a plain point
+/// call to an element that is here and built. `None` when that does not apply (the caller queues
+/// the call as usual); `Some(Err)` if its arguments do not decode.
+pub(crate) fn run_lent_now(
+    shared: &Shared,
+    dst: usize,
+    seg0: &[u8],
+    table: &crate::registry::EntryTable,
+) -> Option<std::result::Result<(), String>> {
+    let p = CURRENT.with(Cell::get);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
+    let state = unsafe { &*p };
+    if state.pe != dst || !state.queue.borrow().is_empty() || shared.stopping() {
+        return None;
+    }
+    state.run_lent(seg0, table)
+}
+
 /// Whether the calling thread is a running PE.
 pub(crate) fn on_pe() -> bool {
     !CURRENT.with(Cell::get).is_null()
@@ -291,6 +319,8 @@ impl PeState {
             has_timers: Cell::new(false),
             network_backlog: Cell::new(0),
             napping_since: Cell::new(None),
+            idling: Cell::new(false),
+            idle_end: Cell::new(None),
             locations: RefCell::default(),
             migrations: RefCell::default(),
             lb: RefCell::default(),
@@ -731,6 +761,50 @@ impl PeState {
             t.waker.wake();
         }
         None
+    }
+
+    /// See [`run_lent_now`]: runs the call in `seg0` if it is a plain point call to an element
+    /// that is here and built, with a turn's bookkeeping around it (the message counted for
+    /// quiescence; `when` buffers, migrations and timers after). Inside `idle` the idle period
+    /// ends where the entry starts, and the entry is timed from there.
+    fn run_lent(
+        &self,
+        seg0: &[u8],
+        table: &crate::registry::EntryTable,
+    ) -> Option<std::result::Result<(), String>> {
+        let call = crate::wire::lent_point_call(seg0, table)?;
+        let (chare, element) = {
+            let cols = self.collections.borrow();
+            let c = cols.get(&call.coll)?;
+            (c.chare, c.find(&call.index)?)
+        };
+        let site = Site {
+            chare,
+            index: call.index,
+            entry: call.name,
+        };
+        let mut before = || {
+            if self.idling.get() && self.idle_end.get().is_none() {
+                let now = crate::measure::ticks();
+                self.idle_end.set(Some(now));
+                if self.measuring {
+                    self.mark.set(now);
+                }
+            }
+            self.processed.set(self.processed.get() + 1);
+        };
+        let ran = (call.codec.run_lent)(self, &element, call.args, call.reply, site, &mut before)
+            .map_err(|e| format!("`{}`: {e}", call.name));
+        if ran.is_ok() {
+            self.recheck_dirty();
+            if !self.migrations.borrow().is_empty() {
+                self.run_migrations();
+            }
+            if self.has_timers.get() {
+                self.fire_timers();
+            }
+        }
+        Some(ran)
     }
 
     pub(crate) fn deliver(&self, env: Envelope) {
@@ -1427,15 +1501,20 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                     // it: a third of `Instant::now`'s cost, and the read after waking is on the
                     // latency path of the message that woke this PE).
                     let since = crate::measure::ticks();
+                    state.idling.set(true);
                     state.idle(next_timer);
+                    state.idling.set(false);
                     just_polled = true;
-                    let woke = crate::measure::ticks();
+                    // A call run during the poll that ended the idle period (`run_lent`) ended
+                    // it where it started, and was timed from there.
+                    let ran = state.idle_end.take();
+                    let woke = ran.unwrap_or_else(crate::measure::ticks);
                     if let Some(t) = &state.tracer {
                         t.idle(since, woke);
                     }
                     let idle = woke.saturating_sub(since) as f64 * state.secs_per_tick;
                     state.idle_secs.set(state.idle_secs.get() + idle);
-                    if state.measuring {
+                    if state.measuring && ran.is_none() {
                         state.mark.set(woke);
                     }
                 }
