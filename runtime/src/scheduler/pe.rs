@@ -466,11 +466,17 @@ impl PeState {
         )
         .and_then(|sent| sent);
         if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
-                self.pe
-            ));
+            self.send_failed(dst, process, &e);
         }
+    }
+
+    /// Ends the job: a message for PE `dst` in process `process` could not be encoded or sent.
+    #[cold]
+    fn send_failed(&self, dst: usize, process: u32, why: &str) {
+        self.abort_job(format!(
+            "charmrs: PE {} could not send to PE {dst} in process {process}: {why}",
+            self.pe
+        ));
     }
 
     /// Hands an encoded message for PE `dst` of another process to the machine layer; an
@@ -489,10 +495,7 @@ impl PeState {
                 .map_err(|e| e.to_string())
         });
         if let Err(e) = sent {
-            self.abort_job(format!(
-                "charmrs: PE {} could not send to PE {dst} in process {process}: {e}",
-                self.pe
-            ));
+            self.send_failed(dst, process, &e);
         }
     }
 
