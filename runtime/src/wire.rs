@@ -1311,20 +1311,23 @@ pub(crate) fn encode_point(
     src_pe: usize,
     dst_pe: usize,
 ) -> Result<Message, String> {
-    let dest = if route.hops() > 0 {
-        WireDest::Chased { index, route }
-    } else {
-        WireDest::Point(index)
-    };
-    let (seg0, segs) = encode_call(table, coll, dest, call, priority)?;
-    let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
-    call_message(header, seg0, segs)
+    encode_point_with(
+        table,
+        coll,
+        index,
+        call,
+        priority,
+        route,
+        src_pe,
+        dst_pe,
+        owned_call_message,
+    )?
 }
 
-/// A point call from `src_pe` to `dst_pe` (in another process), encoded and handed to `send`:
-/// as the message's header and its segments, segment 0 borrowed from this thread's encoding
-/// buffer (a call without out-of-band segments can then go to the machine layer without a buffer
-/// of its own, see `MachineLayer::send_copy`). Returns what `send` returned.
+/// [`encode_point`], handing the call to `send` as the message's header and its segments,
+/// segment 0 borrowed from this thread's encoding buffer (a call without out-of-band segments
+/// can then go to the machine layer without a buffer of its own, see
+/// `MachineLayer::send_copy`). Returns what `send` returned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_point_with<R>(
     table: &EntryTable,
@@ -1332,19 +1335,20 @@ pub(crate) fn encode_point_with<R>(
     index: Index,
     call: &dyn Invocation,
     priority: i32,
+    route: Route,
     src_pe: usize,
     dst_pe: usize,
     send: impl FnOnce(Header, &[u8], Vec<Bytes>) -> R,
 ) -> Result<R, String> {
+    let dest = if route.hops() > 0 {
+        WireDest::Chased { index, route }
+    } else {
+        WireDest::Point(index)
+    };
     let header = Header::new(KIND_CALL, src_pe as u32, dst_pe as u32, 0);
-    encode_call_with(
-        table,
-        coll,
-        WireDest::Point(index),
-        call,
-        priority,
-        |seg0, segs| send(header, seg0, segs),
-    )
+    encode_call_with(table, coll, dest, call, priority, |seg0, segs| {
+        send(header, seg0, segs)
+    })
 }
 
 /// A call message of `header`, segment 0 copied from `seg0` and the out-of-band segments

@@ -446,6 +446,7 @@ impl PeState {
             index,
             call,
             priority,
+            crate::envelope::Route::UNSET,
             self.pe,
             dst,
             |header, seg0, segs| {
