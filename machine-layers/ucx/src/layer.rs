@@ -3,7 +3,7 @@
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::spin::SpinMutex;
+use crate::spin::{SpinGuard, SpinMutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -532,22 +532,14 @@ impl UcxLayer {
             } else {
                 s.queue.push(op);
             }
-            let pending = s.run_queue(&mut l);
-            drop(l);
-            if pending {
-                s.poke();
-            }
+            s.release(l);
             return;
         }
         s.queue.push(op);
         fence(Ordering::SeqCst);
         // The holder may have let go meanwhile: then run the queue here.
-        if let Some(mut l) = s.locked.try_lock() {
-            let pending = s.run_queue(&mut l);
-            drop(l);
-            if pending {
-                s.poke();
-            }
+        if let Some(l) = s.locked.try_lock() {
+            s.release(l);
         } else {
             // The holder is (or is about to be) the progressing thread, or a
             // sender that will not look at the queue again: make sure the
@@ -558,6 +550,17 @@ impl UcxLayer {
 }
 
 impl Shared {
+    /// Lets go of the worker after a send: runs what other threads queued meanwhile first, and
+    /// makes the progressing thread come back if UCX now holds operations only its progress
+    /// finishes.
+    fn release(&self, mut l: SpinGuard<'_, Locked>) {
+        let pending = self.run_queue(&mut l);
+        drop(l);
+        if pending {
+            self.poke();
+        }
+    }
+
     /// Runs every queued operation on the locked worker. Returns whether UCX
     /// now holds operations that need progress to finish.
     fn run_queue(&self, l: &mut Locked) -> bool {
@@ -824,11 +827,7 @@ impl MachineLayer for UcxLayer {
                 if s.queue.is_empty() {
                     let res = l.worker.send_copy(dst, &header, data);
                     s.record_failure(&mut l, dst, res);
-                    let pending = s.run_queue(&mut l);
-                    drop(l);
-                    if pending {
-                        s.poke();
-                    }
+                    s.release(l);
                     return Ok(());
                 }
             }
