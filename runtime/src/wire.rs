@@ -24,7 +24,7 @@ use crate::envelope::{
     Body, Call, Construct, Construction, Control, Envelope, Invocation, Reply, Route, Site,
 };
 use crate::index::Index;
-use crate::registry::{Decoder, EntryTable};
+use crate::registry::{Decoder, EntryInfo, EntryTable};
 use crate::scheduler::PeState;
 use bytes::Bytes;
 use charmrs_transport::{Header, Message};
@@ -869,12 +869,8 @@ pub(crate) struct LentCall<'a> {
 /// Reads `seg0` as a plain point call (not forwarded) of a known entry method; `None` for
 /// anything else, malformed input included (the general path then reports what is wrong).
 pub(crate) fn lent_point_call<'a>(seg0: &'a [u8], table: &EntryTable) -> Option<LentCall<'a>> {
-    let (meta, args) = CallMeta::read(seg0).ok()?;
+    let (meta, args, info, codec) = read_call(seg0, table).ok()?;
     let WireDest::Point(index) = meta.dest else {
-        return None;
-    };
-    let info = table.by_wire_id(meta.entry)?;
-    let Decoder::Entry(codec) = info.decoder else {
         return None;
     };
     Some(LentCall {
@@ -1478,6 +1474,25 @@ pub(crate) fn tree_children(me: u32, root: u32, n: u32) -> impl Iterator<Item = 
         .map(move |c| (c + root) % n)
 }
 
+/// A call message's metadata, its arguments (not decoded yet), and its entry method's record and
+/// codec, read from segment 0.
+fn read_call<'s, 't>(
+    seg0: &'s [u8],
+    table: &'t EntryTable,
+) -> Result<(CallMeta<'static>, &'s [u8], &'t EntryInfo, EntryCodec), String> {
+    let (meta, args) = CallMeta::read(seg0).map_err(|e| format!("call metadata: {e}"))?;
+    let info = table
+        .by_wire_id(meta.entry)
+        .ok_or_else(|| format!("unknown entry id {}", meta.entry))?;
+    let Decoder::Entry(codec) = info.decoder else {
+        return Err(format!(
+            "entry id {} names a constructor, not an entry method",
+            meta.entry
+        ));
+    };
+    Ok((meta, args, info, codec))
+}
+
 /// Decodes a call message (`KIND_CALL`) of `header` from its segment 0, `seg0`, and its
 /// out-of-band segments `segments` (for a small message lent by the machine layer, `seg0` is
 /// the layer's buffer: nothing of it is kept).
@@ -1490,16 +1505,7 @@ pub(crate) fn decode_call_message(
     segments: Vec<Bytes>,
     table: &EntryTable,
 ) -> Result<Envelope, String> {
-    let (meta, args) = CallMeta::read(seg0).map_err(|e| format!("call metadata: {e}"))?;
-    let info = table
-        .by_wire_id(meta.entry)
-        .ok_or_else(|| format!("unknown entry id {}", meta.entry))?;
-    let Decoder::Entry(codec) = info.decoder else {
-        return Err(format!(
-            "entry id {} names a constructor, not an entry method",
-            meta.entry
-        ));
-    };
+    let (meta, args, info, codec) = read_call(seg0, table)?;
     let call = offering(segments, || (codec.decode)(args, meta.reply))
         .map_err(|e| format!("`{}`: {e}", info.name))?
         .0;
