@@ -125,23 +125,23 @@ pub(crate) const SEND_COPY_MAX: usize = 1024;
 /// header, iov table and gathered copy: a few hundred bytes to ~1 KiB).
 const SPARE_SEND_OPS: usize = 1024;
 
-/// Messages of several segments from [`SPLIT_MIN`] to below [`SPLIT_MAX`]
-/// bytes travel split when their leading segments are small (see `wire`):
-/// the data part, the last segment alone, is then contiguous, and UCX's
-/// rendezvous reads it with one zero-copy get (CMA on shared memory),
-/// where an iov goes through its copying pipeline (sender and receiver
-/// each copy every byte through the shared-memory FIFO).
+/// Messages of several segments from [`SPLIT_MIN`] bytes on travel split
+/// when their leading segments are small (see `wire`): the data part, the
+/// last segment alone, is then contiguous, and UCX's rendezvous reads it
+/// with one zero-copy get (CMA on shared memory), where an iov goes through
+/// its copying pipeline (sender and receiver each copy every byte through
+/// the shared-memory FIFO).
 ///
 /// Measured on shared memory with a buffer at rest (`xproc`, 2 cores):
 /// split is faster from 16 KiB (one-way 64 KiB 10.6 → 7.3 µs, 256 KiB
-/// 28 → 14.5 µs; streams 64 KiB 8.9 → 13.3 GB/s, 256 KiB 9.6 → 18 GB/s) to
-/// 1 MiB; below 16 KiB it is 3–7 % slower (an extra allocation on
-/// receipt, for a message UCX sends eagerly anyway); from 2 MiB the
-/// pipeline, which copies on both cores at once, streams 20–25 % faster
-/// than one core's kernel copy.
+/// 28 → 14.5 µs; streams 64 KiB 8.9 → 13.3 GB/s, 256 KiB 9.6 → 18 GB/s);
+/// below 16 KiB it is 3–7 % slower (an extra allocation on receipt, for a
+/// message UCX sends eagerly anyway). There is no upper bound: from 2 MiB
+/// the pipeline was bimodal from one run to the next (2 MiB one-way ~200 or
+/// ~1 100 µs; streams 1.7–10 GB/s), the split path steady and faster (2 MiB
+/// streams 8.3–10.7 GB/s from `Vec`s, 15–24 GB/s from huge pages; 8
+/// interleaved rounds, docs/performance.md, session 19).
 const SPLIT_MIN: usize = 16 << 10;
-/// See [`SPLIT_MIN`].
-const SPLIT_MAX: usize = 3 << 19;
 
 /// A rendezvous receive in flight: the destination buffer and where its
 /// message goes.
@@ -593,7 +593,7 @@ impl Worker {
         // A large message whose segments but the last are small: those go in the header and the
         // data part is the last segment alone, contiguous (see `wire`'s split messages).
         let mut am_id = wire::AM_DATA;
-        if op.iov.len() >= 2 && (SPLIT_MIN..SPLIT_MAX).contains(&total) {
+        if op.iov.len() >= 2 && total >= SPLIT_MIN {
             let (last, leading) = lens.split_last().expect("two segments or more");
             let leading_len = total - last;
             if *last > 0
