@@ -29,7 +29,8 @@
 //! `echo_data`), `XPROC_HEAP_BUFFERS=1` (send `Vec`s, not huge pages), `XPROC_CONSUME=1` (the
 //! stream's receiver reads every buffer through, as an application would; a transport that
 //! leaves the data in the sender's cache then pays for it), `XPROC_PODVEC=1` (the stream sends a
-//! `PodVec<f64>` of the same byte size instead of a `Buffer`).
+//! `PodVec<f64>` of the same byte size instead of a `Buffer`), `XPROC_STREAM_MUL=n` (streams `n`
+//! times as long).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -82,6 +83,20 @@ fn own_buffer(own: &mut Buffer, size: usize, fill: u8) -> Buffer {
         };
     }
     own.clone()
+}
+
+/// `XPROC_STREAM_MUL=n`: each stream is `n` times as long (to check that a figure is a steady
+/// state, or for profiling the streaming path). Default 1.
+fn stream_scale() -> usize {
+    std::env::var("XPROC_STREAM_MUL")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+                .expect("XPROC_STREAM_MUL: a positive whole number")
+        })
+        .unwrap_or(1)
 }
 
 /// `XPROC_HEAP_BUFFERS=1`: the buffers sent are `Vec`s, not [`BufferMut`]s (huge pages).
@@ -465,7 +480,7 @@ async fn run() {
     let bw_only = std::env::var_os("XPROC_BW_ONLY").is_some();
     for size in sizes() {
         let iters = iterations(size);
-        let count = (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
+        let count = stream_scale() * (WINDOW * (iterations(size) as usize / 8).max(2)).max(WINDOW);
         let (mut lat_c, mut lat_r, mut bw_c, mut bw_r) = (vec![], vec![], vec![], vec![]);
         let mut lat_s = vec![];
         for _ in 0..repeats() {

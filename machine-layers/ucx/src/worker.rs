@@ -143,6 +143,16 @@ const SPARE_SEND_OPS: usize = 1024;
 /// interleaved rounds, docs/performance.md, session 19).
 const SPLIT_MIN: usize = 16 << 10;
 
+/// Sends UCX holds (not completed at once) beyond which every further such send also progresses
+/// the worker once. A burst of calls from one entry method (a stream) otherwise leaves all but
+/// the first few dozen in UCX's pending queue, each with its request and our descriptor, until
+/// the entry returns and the scheduler polls; progressing on the way lets UCX hand them to the
+/// transport as the receiver frees room, and reuses descriptors. Not waiting, so never a
+/// deadlock between two processes sending to each other. Measured (`xproc` stream, `shm`, 6
+/// interleaved pairs): 8 B 9 → 19 MB/s (message rate ×2), 4 KiB 4.9 → 5.6 GB/s; the latency path
+/// has nothing in flight and does not get here.
+const PROGRESS_ON_SEND_FROM: usize = 64;
+
 /// A rendezvous receive in flight: the destination buffer and where its
 /// message goes.
 struct RecvOp {
@@ -742,6 +752,14 @@ impl Worker {
         };
         if sys::UCS_PTR_IS_PTR(req) {
             self.inbox.in_flight(1);
+            if self.inbox.state.borrow().in_flight > PROGRESS_ON_SEND_FROM {
+                // A burst: let UCX move its queue now (see `PROGRESS_ON_SEND_FROM`). What this
+                // progress delivers waits in the inbox for the next `progress`; the layer's
+                // `release` then wakes the progressing thread, as UCX holds operations.
+                // SAFETY: worker is live and held by this thread (the layer's lock), not inside
+                // one of its callbacks; the callbacks only touch the inbox.
+                unsafe { sys::ucp_worker_progress(self.worker) };
+            }
             return Ok(());
         }
         // Completed (or failed) at once: UCX does not call the callback.
