@@ -140,7 +140,9 @@ const SPARE_SEND_OPS: usize = 1024;
 /// the pipeline was bimodal from one run to the next (2 MiB one-way ~200 or
 /// ~1 100 µs; streams 1.7–10 GB/s), the split path steady and faster (2 MiB
 /// streams 8.3–10.7 GB/s from `Vec`s, 15–24 GB/s from huge pages; 8
-/// interleaved rounds, docs/performance.md, session 19).
+/// interleaved rounds, docs/performance.md, session 19). The price: a
+/// ping-pong of 2–4 MiB buffers on 4 KiB pages is slower split (4 MiB
+/// one-way ~700 against ~430 µs), as the kernel copy pins every page.
 const SPLIT_MIN: usize = 16 << 10;
 
 /// Sends UCX holds (not completed at once) beyond which every further such send also progresses
