@@ -62,6 +62,8 @@ pub(crate) struct InboxState {
     pub(crate) failed_eps: Vec<ProcessId>,
     /// Send and read operations UCX still holds buffers of.
     pub(crate) in_flight: usize,
+    /// The sends among them (`Worker::launch`, `PROGRESS_ON_SEND_FROM`).
+    pub(crate) sends_in_flight: usize,
     /// Send descriptors given back by completion callbacks, for reuse
     /// (boxed: their address is handed to UCX).
     #[allow(clippy::vec_box)]
@@ -343,6 +345,19 @@ impl Inbox {
         let st = self.state.borrow();
         st.in_flight > 0 || !st.rndv_waiting.is_empty()
     }
+
+    /// Whether the progressing thread must come back rather than sleep: UCX holds operations
+    /// of ours ([`holds_operations`](Self::holds_operations)), or a progress made by a sending
+    /// thread (`Worker::launch`) left arrivals, failures or failed endpoints here, whose UCX
+    /// events it used up (so an armed worker may not signal them).
+    pub(crate) fn needs_poller(&self) -> bool {
+        let st = self.state.borrow();
+        st.in_flight > 0
+            || !st.rndv_waiting.is_empty()
+            || !st.ready.is_empty()
+            || !st.errors.is_empty()
+            || !st.failed_eps.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -395,6 +410,25 @@ mod tests {
         );
         i.arrive_small(1, 2, h(2), b"two"); // a duplicate
         assert_eq!(i.state.borrow().errors.len(), 1);
+    }
+
+    #[test]
+    fn the_poller_is_needed_while_anything_waits_for_it() {
+        let i = Inbox::new(2, 1 << 20);
+        assert!(!i.needs_poller());
+        // An arrival a sending thread's progress left behind.
+        i.arrive(1, 0, Some(m(0)));
+        assert!(i.needs_poller() && !i.holds_operations());
+        assert_eq!(ready_tags(&i), vec![(1, 0)]);
+        assert!(!i.needs_poller());
+        i.in_flight(1);
+        assert!(i.needs_poller() && i.holds_operations());
+        i.in_flight(-1);
+        i.error(TransportError::Malformed("test".into()));
+        assert!(i.needs_poller());
+        i.state.borrow_mut().errors.clear();
+        i.peer_failed(1, "gone".into());
+        assert!(i.needs_poller());
     }
 
     #[test]

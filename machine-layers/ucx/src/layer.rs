@@ -437,10 +437,11 @@ impl UcxLayer {
             // Arm, then sleep unless something slipped in.
             {
                 let mut l = self.shared.locked.lock();
-                if l.worker.inbox.holds_operations() {
+                if l.worker.inbox.needs_poller() {
                     // UCX holds operations of ours (a send into a full shared-memory FIFO, a
                     // rendezvous): only our own progress moves them, and arming does not watch
                     // them; sleeping could leave a message unsent while its receiver sleeps too.
+                    // Or a sending thread's progress left arrivals: deliver them first.
                     drop(l);
                     std::thread::yield_now();
                     continue;
@@ -552,7 +553,7 @@ impl UcxLayer {
 impl Shared {
     /// Lets go of the worker after a send: runs what other threads queued meanwhile first, and
     /// makes the progressing thread come back if UCX now holds operations only its progress
-    /// finishes.
+    /// finishes, or the send's own progress left it arrivals (`Inbox::needs_poller`).
     fn release(&self, mut l: SpinGuard<'_, Locked>) {
         let pending = self.run_queue(&mut l);
         drop(l);
@@ -561,15 +562,15 @@ impl Shared {
         }
     }
 
-    /// Runs every queued operation on the locked worker. Returns whether UCX
-    /// now holds operations that need progress to finish.
+    /// Runs every queued operation on the locked worker. Returns whether the
+    /// progressing thread must come back (`Inbox::needs_poller`).
     fn run_queue(&self, l: &mut Locked) -> bool {
         // `is_empty` first: popping an empty SegQueue costs a full fence.
         while !self.queue.is_empty() {
             let Some(op) = self.queue.pop() else { break };
             self.run_op(l, op);
         }
-        l.worker.inbox.holds_operations()
+        l.worker.inbox.needs_poller()
     }
 
     /// Runs one operation on the locked worker; failures go to the inbox
@@ -896,12 +897,13 @@ impl MachineLayer for UcxLayer {
         };
         let nothing_queued = || s.queue.is_empty() && s.loopback.is_empty();
         let mut l = s.locked.lock();
-        if l.worker.inbox.holds_operations() {
+        if l.worker.inbox.needs_poller() {
             // UCX still holds operations of ours (a send that did not go out
             // at once, e.g. into a full shared-memory FIFO; a rendezvous).
             // Only our own progress moves them, and arming does not watch
             // them: sleeping now could leave a message unsent while its
-            // receiver sleeps too. Keep polling.
+            // receiver sleeps too. Or a sending thread's progress left
+            // arrivals, whose events it used up. Keep polling.
             return false;
         }
         if w.state.armed.load(Ordering::SeqCst) {

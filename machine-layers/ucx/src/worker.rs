@@ -145,8 +145,8 @@ const SPARE_SEND_OPS: usize = 1024;
 /// one-way ~700 against ~430 µs), as the kernel copy pins every page.
 const SPLIT_MIN: usize = 16 << 10;
 
-/// Sends UCX holds (not completed at once) beyond which every further such send also progresses
-/// the worker once. A burst of calls from one entry method (a stream) otherwise leaves all but
+/// Sends UCX holds (not completed at once; rendezvous reads and gets not counted) beyond which
+/// every further such send also progresses the worker once. A burst of calls from one entry method (a stream) otherwise leaves all but
 /// the first few dozen in UCX's pending queue, each with its request and our descriptor, until
 /// the entry returns and the scheduler polls; progressing on the way lets UCX hand them to the
 /// transport as the receiver frees room, and reuses descriptors. Not waiting, so never a
@@ -754,10 +754,16 @@ impl Worker {
         };
         if sys::UCS_PTR_IS_PTR(req) {
             self.inbox.in_flight(1);
-            if self.inbox.state.borrow().in_flight > PROGRESS_ON_SEND_FROM {
+            let sends = {
+                let mut st = self.inbox.state.borrow_mut();
+                st.sends_in_flight += 1;
+                st.sends_in_flight
+            };
+            if sends > PROGRESS_ON_SEND_FROM {
                 // A burst: let UCX move its queue now (see `PROGRESS_ON_SEND_FROM`). What this
-                // progress delivers waits in the inbox for the next `progress`; the layer's
-                // `release` then wakes the progressing thread, as UCX holds operations.
+                // progress delivers waits in the inbox for the next `progress`: the layer's
+                // `release` wakes the progressing thread for it, and neither `before_park` nor
+                // `progress_wait` sleeps while it waits (`Inbox::needs_poller`).
                 // SAFETY: worker is live and held by this thread (the layer's lock), not inside
                 // one of its callbacks; the callbacks only touch the inbox.
                 unsafe { sys::ucp_worker_progress(self.worker) };
@@ -1379,6 +1385,7 @@ unsafe extern "C" fn send_done_cb(req: *mut c_void, status: sys::ucs_status_t, u
     inbox.in_flight(-1);
     {
         let mut st = inbox.state.borrow_mut();
+        st.sends_in_flight = st.sends_in_flight.saturating_sub(1);
         if st.spare.len() < SPARE_SEND_OPS {
             st.spare.push(op);
         }
