@@ -151,7 +151,7 @@ const SPLIT_MIN: usize = 16 << 10;
 /// the entry returns and the scheduler polls; progressing on the way lets UCX hand them to the
 /// transport as the receiver frees room, and reuses descriptors. Not waiting, so never a
 /// deadlock between two processes sending to each other. Measured (`xproc` stream, `shm`, 6
-/// interleaved pairs): 8 B 9 → 19 MB/s (message rate ×2), 4 KiB 4.9 → 5.6 GB/s; the latency path
+/// interleaved pairs): 8 B 9 → 18.5 MB/s (message rate ×2), 4 KiB 5.0 → 5.6 GB/s; the latency path
 /// has nothing in flight and does not get here.
 const PROGRESS_ON_SEND_FROM: usize = 64;
 
