@@ -146,13 +146,13 @@ const SPARE_SEND_OPS: usize = 1024;
 const SPLIT_MIN: usize = 16 << 10;
 
 /// Sends UCX holds (not completed at once; rendezvous reads and gets not counted) beyond which
-/// every further such send also progresses the worker once. A burst of calls from one entry method (a stream) otherwise leaves all but
-/// the first few dozen in UCX's pending queue, each with its request and our descriptor, until
-/// the entry returns and the scheduler polls; progressing on the way lets UCX hand them to the
-/// transport as the receiver frees room, and reuses descriptors. Not waiting, so never a
-/// deadlock between two processes sending to each other. Measured (`xproc` stream, `shm`, 6
-/// interleaved pairs): 8 B 9 → 18.5 MB/s (message rate ×2), 4 KiB 5.0 → 5.6 GB/s; the latency path
-/// has nothing in flight and does not get here.
+/// every further such send also progresses the worker once. A burst of calls from one entry
+/// method (a stream) otherwise leaves all but the first few dozen in UCX's pending queue, each
+/// with its request and our descriptor, until the entry returns and the scheduler polls;
+/// progressing on the way lets UCX hand them to the transport as the receiver frees room, and
+/// reuses descriptors. Not waiting, so never a deadlock between two processes sending to each
+/// other. Measured (`xproc` stream, `shm`, 6 interleaved pairs): 8 B 9 → 18.5 MB/s (message
+/// rate ×2), 4 KiB 5.0 → 5.6 GB/s; the latency path has nothing in flight and does not get here.
 const PROGRESS_ON_SEND_FROM: usize = 64;
 
 /// A rendezvous receive in flight: the destination buffer and where its
