@@ -58,8 +58,9 @@ pub use layer::{MachineLayer, ProcessId, NAP_MAX, NAP_SPIN};
 pub use memory::{MemRegion, RemoteKey};
 pub use message::{
     decode_frame, decode_frame_bytes, encode_frame_prefix, largest_segment_start,
-    parse_single_segment_frame, peek_frame_len, peek_largest_segment_start, Header, Message, MAGIC,
-    MAX_SEGMENTS, WIRE_VERSION,
+    parse_single_segment_frame, peek_frame_len, peek_largest_segment_start,
+    single_segment_frame_len, write_single_segment_frame, Header, Message, MAGIC, MAX_SEGMENTS,
+    WIRE_VERSION,
 };
 pub use pool::{PoolBuf, RecvPool};
 pub use segments::Segments;

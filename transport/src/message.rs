@@ -321,6 +321,24 @@ pub fn encode_frame_prefix(msg: &Message) -> Vec<u8> {
     out
 }
 
+/// Appends to `out` the frame of a message of one segment, `data`, with `header`: the bytes of
+/// [`encode_frame_prefix`] and the segment for `Message::with_segment(header, data)`, without
+/// building the message ([`single_segment_frame_len`] bytes).
+pub fn write_single_segment_frame(out: &mut Vec<u8>, header: &Header, data: &[u8]) {
+    let header = Header {
+        segment_count: 1,
+        ..*header
+    };
+    out.extend_from_slice(&header.to_bytes());
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Length of the frame of a message of one segment of `len` bytes.
+pub fn single_segment_frame_len(len: usize) -> usize {
+    prefix_len(1) + len
+}
+
 /// The header of the frame at the start of `buf` and where its segment's bytes lie, if the frame
 /// has exactly one segment (`None` for any other count); nothing is allocated or copied. The
 /// frame may be followed by other bytes (its end is the range's end). Errors as
@@ -333,33 +351,62 @@ pub fn parse_single_segment_frame(
     if header.segment_count != 1 {
         return Ok(None);
     }
-    let prefix = prefix_len(1);
+    let (prefix, consumed) = frame_extent(buf, &header, max_len)?;
+    Ok(Some((header, prefix..consumed)))
+}
+
+/// The prefix length and the total length of the frame of `header` at the start of `buf`, its
+/// length table checked (in `u64`, against overflow and `max_len`: the lengths come from the
+/// peer) and the whole frame present. Allocates nothing.
+fn frame_extent(
+    buf: &[u8],
+    header: &Header,
+    max_len: usize,
+) -> Result<(usize, usize), TransportError> {
     let max = max_len as u64;
+    let prefix = prefix_len(usize::from(header.segment_count));
+    if prefix as u64 > max {
+        return Err(TransportError::TooLarge {
+            len: prefix as u64,
+            max,
+        });
+    }
     let Some(table) = buf.get(Header::SIZE..prefix) else {
         return Err(TransportError::Truncated {
             needed: prefix,
             got: buf.len(),
         });
     };
-    let mut raw = [0u8; LEN_SIZE];
-    raw.copy_from_slice(table);
-    let len = u64::from_le_bytes(raw);
-    let total = match (prefix as u64).checked_add(len) {
-        Some(t) if t <= max => t as usize,
-        _ => {
-            return Err(TransportError::TooLarge {
-                len: (prefix as u64).saturating_add(len),
-                max,
-            })
-        }
-    };
-    if buf.len() < total {
+    let mut total = prefix as u64;
+    for len in segment_lens(table) {
+        total = match total.checked_add(len) {
+            Some(t) if t <= max => t,
+            _ => {
+                return Err(TransportError::TooLarge {
+                    len: total.saturating_add(len),
+                    max,
+                })
+            }
+        };
+    }
+    // `total <= max_len`, so it and every partial sum fit in usize.
+    let consumed = total as usize;
+    if buf.len() < consumed {
         return Err(TransportError::Truncated {
-            needed: total,
+            needed: consumed,
             got: buf.len(),
         });
     }
-    Ok(Some((header, prefix..total)))
+    Ok((prefix, consumed))
+}
+
+/// The segment lengths of a frame's length table.
+fn segment_lens(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    table.chunks_exact(LEN_SIZE).map(|chunk| {
+        let mut raw = [0u8; LEN_SIZE];
+        raw.copy_from_slice(chunk);
+        u64::from_le_bytes(raw)
+    })
 }
 
 /// Where the pieces of one frame lie in an input buffer.
@@ -373,52 +420,12 @@ struct FrameLayout {
 
 /// Parses one frame at the start of `buf` without copying anything.
 fn parse_frame(buf: &[u8], max_len: usize) -> Result<FrameLayout, TransportError> {
-    let max = max_len as u64;
     let header = Header::from_bytes(buf)?;
-    let count = usize::from(header.segment_count);
-    let prefix = prefix_len(count);
-    if prefix as u64 > max {
-        return Err(TransportError::TooLarge {
-            len: prefix as u64,
-            max,
-        });
-    }
-    let Some(table) = buf.get(Header::SIZE..prefix) else {
-        return Err(TransportError::Truncated {
-            needed: prefix,
-            got: buf.len(),
-        });
-    };
-    // Total in u64 with overflow checks: lengths come from the peer.
-    let mut total = prefix as u64;
-    let mut lens = Vec::with_capacity(count);
-    for chunk in table.chunks_exact(LEN_SIZE) {
-        let mut raw = [0u8; LEN_SIZE];
-        raw.copy_from_slice(chunk);
-        let len = u64::from_le_bytes(raw);
-        total = match total.checked_add(len) {
-            Some(t) if t <= max => t,
-            _ => {
-                return Err(TransportError::TooLarge {
-                    len: total.saturating_add(len),
-                    max,
-                })
-            }
-        };
-        lens.push(len);
-    }
-    // `total <= max_len`, so it and every partial sum fit in usize.
-    let consumed = total as usize;
-    if buf.len() < consumed {
-        return Err(TransportError::Truncated {
-            needed: consumed,
-            got: buf.len(),
-        });
-    }
+    let (prefix, consumed) = frame_extent(buf, &header, max_len)?;
     let mut start = prefix;
-    let segments = lens
-        .into_iter()
+    let segments = segment_lens(&buf[Header::SIZE..prefix])
         .map(|len| {
+            // Within `consumed` (checked by `frame_extent`): fits in usize.
             let end = start + len as usize;
             let range = (start, end);
             start = end;
@@ -444,7 +451,8 @@ fn parse_frame(buf: &[u8], max_len: usize) -> Result<FrameLayout, TransportError
 /// payload is incomplete. Once the whole prefix is present, `needed` is the
 /// exact frame length.
 pub fn peek_frame_len(buf: &[u8], max_len: usize) -> Result<usize, TransportError> {
-    parse_frame(buf, max_len).map(|layout| layout.consumed)
+    let header = Header::from_bytes(buf)?;
+    frame_extent(buf, &header, max_len).map(|(_, consumed)| consumed)
 }
 
 /// Where the largest segment of the frame at the start of `buf` begins, as
@@ -457,11 +465,7 @@ pub fn peek_largest_segment_start(buf: &[u8]) -> Option<usize> {
     let count = usize::from(header.segment_count);
     let prefix = prefix_len(count);
     let table = buf.get(Header::SIZE..prefix)?;
-    let lens = table.chunks_exact(LEN_SIZE).map(|chunk| {
-        let mut raw = [0u8; LEN_SIZE];
-        raw.copy_from_slice(chunk);
-        usize::try_from(u64::from_le_bytes(raw)).unwrap_or(usize::MAX)
-    });
+    let lens = segment_lens(table).map(|len| usize::try_from(len).unwrap_or(usize::MAX));
     (count > 0).then(|| prefix.saturating_add(largest_segment_start(lens)))
 }
 
@@ -715,6 +719,10 @@ mod tests {
     #[test]
     fn a_single_segment_frame_is_parsed_in_place_like_decode_frame() {
         let m = Message::with_segment(Header::new(3, 1, 2, 9), Bytes::from_static(b"payload"));
+        let mut written = Vec::new();
+        write_single_segment_frame(&mut written, &Header::new(3, 1, 2, 9), b"payload");
+        assert_eq!(written, frame(&m));
+        assert_eq!(written.len(), single_segment_frame_len(7));
         let mut buf = frame(&m);
         buf.extend_from_slice(b"next frame");
         let (h, range) = parse_single_segment_frame(&buf, 1 << 20).unwrap().unwrap();

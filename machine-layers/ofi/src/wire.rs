@@ -103,20 +103,14 @@ pub fn data_prefix(rank: ProcessId, msg: &Message) -> Vec<u8> {
 /// `header`: the same bytes as [`data_prefix`] and the segment of
 /// `Message::with_segment(header, data)`, without building the message.
 pub fn single_segment_packet(out: &mut Vec<u8>, rank: ProcessId, header: &Header, data: &[u8]) {
-    let header = Header {
-        segment_count: 1,
-        ..*header
-    };
     out.clear();
     out.extend_from_slice(&preamble(PKT_DATA, rank));
-    out.extend_from_slice(&header.to_bytes());
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(data);
+    charmrs_transport::write_single_segment_frame(out, header, data);
 }
 
 /// Length of the eager packet of a message of one segment of `len` bytes.
 pub fn single_segment_packet_len(len: usize) -> usize {
-    PREAMBLE + Header::SIZE + 8 + len
+    PREAMBLE + charmrs_transport::single_segment_frame_len(len)
 }
 
 /// Length of the eager packet carrying `msg`.
