@@ -800,15 +800,21 @@ impl PeState {
         let ran = (call.codec.run_lent)(self, &element, call.args, call.reply, site, &mut before)
             .map_err(|e| format!("`{}`: {e}", call.name));
         if ran.is_ok() {
-            self.recheck_dirty();
-            if !self.migrations.borrow().is_empty() {
-                self.run_migrations();
-            }
-            if self.has_timers.get() {
-                self.fire_timers();
-            }
+            self.end_turn();
         }
         Some(ran)
+    }
+
+    /// What follows every delivered message: `when` buffers whose element changed are looked at
+    /// again, requested migrations run, due timers fire.
+    fn end_turn(&self) {
+        self.recheck_dirty();
+        if !self.migrations.borrow().is_empty() {
+            self.run_migrations();
+        }
+        if self.has_timers.get() {
+            self.fire_timers();
+        }
     }
 
     pub(crate) fn deliver(&self, env: Envelope) {
@@ -1489,13 +1495,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
                     state.processed.set(state.processed.get() + 1);
                 }
                 state.deliver(env);
-                state.recheck_dirty();
-                if !state.migrations.borrow().is_empty() {
-                    state.run_migrations();
-                }
-                if state.has_timers.get() {
-                    state.fire_timers();
-                }
+                state.end_turn();
             }
             None => {
                 let next_timer = state.fire_timers();
