@@ -753,9 +753,9 @@ impl Worker {
             )
         };
         if sys::UCS_PTR_IS_PTR(req) {
-            self.inbox.in_flight(1);
             let sends = {
                 let mut st = self.inbox.state.borrow_mut();
+                st.in_flight += 1;
                 st.sends_in_flight += 1;
                 st.sends_in_flight
             };
@@ -1382,9 +1382,9 @@ unsafe extern "C" fn send_done_cb(req: *mut c_void, status: sys::ucs_status_t, u
         ))));
     }
     op.segments.clear();
-    inbox.in_flight(-1);
     {
         let mut st = inbox.state.borrow_mut();
+        st.in_flight = st.in_flight.saturating_sub(1);
         st.sends_in_flight = st.sends_in_flight.saturating_sub(1);
         if st.spare.len() < SPARE_SEND_OPS {
             st.spare.push(op);
