@@ -883,13 +883,16 @@ pub(crate) fn lent_point_call<'a>(seg0: &'a [u8], table: &EntryTable) -> Option<
     })
 }
 
-/// The decoding error for a panic inside a user's `Deserialize`.
-#[cold]
-pub(crate) fn panicked_decoding(payload: Box<dyn std::any::Any + Send>) -> String {
-    format!(
-        "decoding its arguments panicked: {}",
-        crate::panic::describe(payload)
-    )
+/// Runs a decoding, `decode`, with a panic inside it (a user's `Deserialize` of an argument
+/// type, run on the network PE outside any entry method) turned into a decoding error, so the
+/// job aborts naming the sending process instead of losing the PE.
+pub(crate) fn guarded<T>(decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|payload| {
+        Err(format!(
+            "decoding its arguments panicked: {}",
+            crate::panic::describe(payload)
+        ))
+    })
 }
 
 /// Decodes the arguments of entry `E` from `bytes` (a lent message's, read in place) and, if they
@@ -904,10 +907,7 @@ fn run_lent_call<C: Chare, E: Entry<C>>(
 ) -> Result<(), String> {
     // A lent message has no out-of-band segments: a reference to one is refused. A panic in a
     // user's `Deserialize` becomes a decoding error, as on the general path.
-    let args: E::Args = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        offering(Vec::new(), || decode_exact(bytes))
-    }))
-    .unwrap_or_else(|payload| Err(panicked_decoding(payload)))?;
+    let args: E::Args = guarded(|| offering(Vec::new(), || decode_exact(bytes)))?;
     before();
     let site = Site {
         entry: E::NAME,

@@ -109,12 +109,9 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
     }
 }
 
-/// [`wire::decode`], with a panic inside it (a user's `Deserialize` of an argument type, run
-/// here on the network PE outside any entry method) turned into a decoding error, so the job
-/// aborts naming the sending process instead of losing this PE.
+/// [`wire::decode`], a panic inside it made an error ([`wire::guarded`]).
 fn decode_guarded(msg: Message, table: &EntryTable) -> Result<crate::envelope::Envelope, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wire::decode(msg, table)))
-        .unwrap_or_else(|payload| Err(wire::panicked_decoding(payload)))
+    wire::guarded(|| wire::decode(msg, table))
 }
 
 /// An arrival from process `src`: a call lent by the layer (small, one segment) is decoded from
@@ -147,10 +144,8 @@ fn on_arrival(shared: &Shared, table: &EntryTable, src: ProcessId, arrival: Arri
                     None => {}
                 }
             }
-            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                wire::decode_call_message(header, seg0, Vec::new(), table)
-            }))
-            .unwrap_or_else(|payload| Err(wire::panicked_decoding(payload)));
+            let decoded =
+                wire::guarded(|| wire::decode_call_message(header, seg0, Vec::new(), table));
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => malformed(shared, src, e),
@@ -203,15 +198,7 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             let Some(mailbox) = shared.mailbox(dst) else {
                 return not_here(shared, src, dst);
             };
-            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                wire::decode_finished(&msg, table)
-            }))
-            .unwrap_or_else(|payload| {
-                Err(format!(
-                    "decoding its call's arguments panicked: {}",
-                    crate::panic::describe(payload)
-                ))
-            });
+            let decoded = wire::guarded(|| wire::decode_finished(&msg, table));
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => malformed(shared, src, e),
