@@ -1228,7 +1228,7 @@ pub(crate) fn encode(
     let (kind, (seg0, segs)) = match &env.body {
         Body::Point { coll, index, call } => {
             let (pe, dst) = (src_pe as usize, dst_pe as usize);
-            return encode_point(
+            return encode_point_with(
                 table,
                 *coll,
                 *index,
@@ -1237,7 +1237,8 @@ pub(crate) fn encode(
                 env.route,
                 pe,
                 dst,
-            );
+                owned_call_message,
+            )?;
         }
         Body::Broadcast { coll, call } => (
             KIND_CALL,
@@ -1294,36 +1295,12 @@ pub(crate) fn encode(
     call_message(Header::new(kind, src_pe, dst_pe, 0), seg0, segs)
 }
 
-/// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe`; `route`: how
-/// far it was forwarded already, and from where (unset or 0 hops for a fresh call).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_point(
-    table: &EntryTable,
-    coll: CollectionId,
-    index: Index,
-    call: &dyn Invocation,
-    priority: i32,
-    route: Route,
-    src_pe: usize,
-    dst_pe: usize,
-) -> Result<Message, String> {
-    encode_point_with(
-        table,
-        coll,
-        index,
-        call,
-        priority,
-        route,
-        src_pe,
-        dst_pe,
-        owned_call_message,
-    )?
-}
-
-/// [`encode_point`], handing the call to `send` as the message's header and its segments,
-/// segment 0 borrowed from this thread's encoding buffer (a call without out-of-band segments
-/// can then go to the machine layer without a buffer of its own, see
-/// `MachineLayer::send_copy`). Returns what `send` returned.
+/// Encodes a call of element `index` of `coll`, sent by PE `src_pe` to PE `dst_pe` (`route`: how
+/// far it was forwarded already, and from where; unset or 0 hops for a fresh call), and hands it
+/// to `send` as the message's header and its segments, segment 0 borrowed from this thread's
+/// encoding buffer (a call without out-of-band segments can then go to the machine layer without
+/// a buffer of its own, see `MachineLayer::send_copy`; [`owned_call_message`] makes a message
+/// of it). Returns what `send` returned.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_point_with<R>(
     table: &EntryTable,
