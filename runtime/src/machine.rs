@@ -77,8 +77,13 @@ fn wanted(machine: Option<&str>) -> Result<&'static str> {
     }
 }
 
-/// The machine layer of this process (`local_only`: ignore any launcher environment).
-pub(crate) fn select(local_only: bool, machine: Option<&str>) -> Result<Box<dyn MachineLayer>> {
+/// The machine layer of this process of `pes` PEs (`local_only`: ignore any launcher
+/// environment).
+pub(crate) fn select(
+    local_only: bool,
+    machine: Option<&str>,
+    pes: usize,
+) -> Result<Box<dyn MachineLayer>> {
     let name = wanted(machine)?;
     if local_only {
         return Ok(Box::new(LocalLayer::new()));
@@ -99,7 +104,7 @@ pub(crate) fn select(local_only: bool, machine: Option<&str>) -> Result<Box<dyn 
         "tcp" => TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
             .map(|l| Box::new(l) as Box<dyn MachineLayer>)
             .map_err(failed),
-        "ucx" => ucx(bootstrap).map_err(|e| match e {
+        "ucx" => ucx(bootstrap, ucx_workers(pes)?).map_err(|e| match e {
             Some(e) => failed(e),
             None => not_built("ucx"),
         }),
@@ -118,11 +123,28 @@ fn not_built(name: &str) -> Error {
     ))
 }
 
+/// UCX workers for a process of `pes` PEs: `CHARMRS_UCX_WORKERS=process` (one, polled by the
+/// first PE; the default) or `pe` (one per PE, each polled by its PE).
+fn ucx_workers(pes: usize) -> Result<usize> {
+    match std::env::var("CHARMRS_UCX_WORKERS").ok().as_deref() {
+        None | Some("" | "process") => Ok(1),
+        Some("pe") => Ok(pes),
+        Some(other) => Err(Error::Options(format!(
+            "CHARMRS_UCX_WORKERS: unknown value `{other}`; valid: process, pe"
+        ))),
+    }
+}
+
 #[cfg(feature = "ucx")]
 fn ucx(
     b: Arc<dyn Bootstrap>,
+    workers: usize,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
-    charmrs_ucx::UcxLayer::new(b)
+    let cfg = charmrs_ucx::UcxConfig {
+        workers,
+        ..charmrs_ucx::UcxConfig::default()
+    };
+    charmrs_ucx::UcxLayer::with_config(b, cfg)
         .map(|l| Box::new(l) as Box<dyn MachineLayer>)
         .map_err(Some)
 }
@@ -130,6 +152,7 @@ fn ucx(
 #[cfg(not(feature = "ucx"))]
 fn ucx(
     _b: Arc<dyn Bootstrap>,
+    _workers: usize,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
     Err(None)
 }

@@ -161,8 +161,11 @@ impl Runtime {
         let pes = self.pes();
         // Fails on an id collision, before any PE starts.
         let table = EntryTable::get()?;
-        let layer =
-            crate::machine::select(self.options.local_only, self.options.machine.as_deref())?;
+        let layer = crate::machine::select(
+            self.options.local_only,
+            self.options.machine.as_deref(),
+            pes,
+        )?;
         let first = layer.rank() as usize * pes;
         let trace = self
             .options
@@ -200,17 +203,23 @@ impl Runtime {
                 .layer
                 .barrier()
                 .map_err(|e| Error::Options(format!("start-up barrier: {e}")))?;
-            // The first PE polls the network, woken by the layer if it can (else it naps).
-            let weak = Arc::downgrade(&shared);
-            let hook = Box::new(move || {
-                if let Some(s) = weak.upgrade() {
-                    if let Some(m) = s.mailbox(s.first_pe) {
-                        m.wake();
+            // The first PE polls the network (or, with a lane per PE, every PE its own lane),
+            // woken by the layer if it can (else it naps).
+            let lanes = shared.layer.lanes().clamp(1, pes);
+            let mut wakes = true;
+            for lane in 0..lanes {
+                let weak = Arc::downgrade(&shared);
+                let hook = Box::new(move || {
+                    if let Some(s) = weak.upgrade() {
+                        if let Some(m) = s.mailbox(s.first_pe + lane) {
+                            m.wake();
+                        }
                     }
-                }
-            });
-            let _ = shared.network_wakes.set(shared.layer.set_wakeup(hook));
-            let _ = shared.network_pe.set(first_pe);
+                });
+                wakes &= shared.layer.set_lane_wakeup(lane, hook);
+            }
+            let _ = shared.network_wakes.set(wakes);
+            let _ = shared.network_pes.set(lanes);
         }
         // Whether idle PEs may poll without ever yielding: only if each has a core of its own.
         shared.own_cores.store(

@@ -101,6 +101,29 @@ pub trait MachineLayer: Send + Sync {
         false
     }
 
+    /// How many independent pollers ("lanes") this layer has in this process: 1 (the default),
+    /// polled by one thread for the whole process, or one per PE (UCX with per-PE workers), in
+    /// which case local PE `i` polls lane `i` and receives there what is sent to it. Fixed for
+    /// the layer's life.
+    fn lanes(&self) -> usize {
+        1
+    }
+
+    /// Binds the calling thread to lane `lane` (< [`lanes`](MachineLayer::lanes)): its
+    /// [`progress`](MachineLayer::progress) calls (and `progress_arrivals`, `progress_idle`,
+    /// `before_park`, `progress_wait`) poll that lane, and its sends leave from it. A thread
+    /// never bound uses lane 0. The default does nothing (one lane).
+    fn bind_lane(&self, lane: usize) {
+        let _ = lane;
+    }
+
+    /// [`set_wakeup`](MachineLayer::set_wakeup) for lane `lane`: `hook` is called when something
+    /// becomes available to that lane's poller. The default installs lane 0's through
+    /// `set_wakeup` and refuses any other.
+    fn set_lane_wakeup(&self, lane: usize, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        lane == 0 && self.set_wakeup(hook)
+    }
+
     /// [`progress`](MachineLayer::progress) for a caller that has nothing else to do (a PE
     /// spinning while idle): the layer may spend a system call per call looking for input that
     /// a plain `progress` (called between other work, where a system call per call would cost

@@ -30,7 +30,8 @@
 //! stream's receiver reads every buffer through, as an application would; a transport that
 //! leaves the data in the sender's cache then pays for it), `XPROC_PODVEC=1` (the stream sends a
 //! `PodVec<f64>` of the same byte size instead of a `Buffer`), `XPROC_STREAM_MUL=n` (streams `n`
-//! times as long).
+//! times as long), `XPROC_PING_PE=a`, `XPROC_PONG_PE=b` (the two sides' PEs; default the first
+//! and the last).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -42,6 +43,16 @@ use std::time::Instant;
 const SIZES: [usize; 7] = [8, 1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 const WINDOW: usize = 16;
 const REPEATS: usize = 5;
+
+/// A PE from the environment variable `var` (checked against the job's `pes`), else `default`.
+fn pe_from_env(var: &str, default: usize, pes: usize) -> usize {
+    let pe = std::env::var(var)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default);
+    assert!(pe < pes, "{var}={pe}: the job has {pes} PEs");
+    pe
+}
 
 /// Repetitions per size: [`REPEATS`], or `XPROC_REPEATS` (more for profiling).
 fn repeats() -> usize {
@@ -441,12 +452,15 @@ fn raw_stream(s: &mut TcpStream, size: usize, count: usize) -> f64 {
 
 async fn run() {
     let p = charmrs::num_pes();
-    let far = p - 1;
+    // `XPROC_PING_PE`, `XPROC_PONG_PE`: where the two sides run (with `++ppn 2`, PEs 0 and 2
+    // are the PEs that poll for their process when it has one UCX worker; 1 and 3 are not).
+    let near = pe_from_env("XPROC_PING_PE", 0, p);
+    let far = pe_from_env("XPROC_PONG_PE", p - 1, p);
     println!(
         "# charmrs cross-process harness: {p} PEs in {} processes; one-way = round trip / 2",
         charmrs::num_nodes()
     );
-    let ping = Single::<Ping>::new((), Some(0));
+    let ping = Single::<Ping>::new((), Some(near));
     let pong = Single::<Pong>::new((), Some(far));
     // Two bare baselines: blocking sockets (a sleeping reader is woken by the kernel), and
     // busy-polling non-blocking ones (like the PEs, which never sleep while spinning). The client

@@ -14,11 +14,13 @@ use charmrs_transport::{
 };
 use crossbeam_queue::SegQueue;
 
+use crate::context::Context;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
 
-/// Bootstrap key under which each process publishes its UCX worker address.
+/// Bootstrap key under which each process publishes the addresses of its UCX workers (a count,
+/// then each address after its length, all little-endian `u32`s).
 pub const ADDR_KEY: &str = "ucx-worker-address";
 
 /// Bootstrap key under which each process publishes where it runs (for the
@@ -30,6 +32,9 @@ const IDENTITY_KEY: &str = "ucx-identity";
 const IDLE_CLOCK_EVERY: u32 = 64;
 
 thread_local! {
+    /// The worker ("lane") of a per-PE layer this thread drives: set by
+    /// [`MachineLayer::bind_lane`]; threads never bound use lane 0.
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Per-thread scratch list of the messages one `progress` delivers (moved out of the inbox
     /// under the worker lock, handed to the sink after it is released).
     static SCRATCH: std::cell::RefCell<ArrivalBatch> =
@@ -97,6 +102,14 @@ pub struct UcxConfig {
     /// remote read asks for, is checked before any buffer is allocated for it): a larger one is
     /// a [`TransportError::TooLarge`] naming the peer. Default 1 GiB, as the other layers'.
     pub max_message: usize,
+    /// UCX workers in this process: 1 (default), shared by all its threads and polled by one,
+    /// or one per PE ([`MachineLayer::lanes`]): the `n` PEs of process `r` are PEs `r·n …
+    /// r·n+n-1` of the job, each PE's thread sends from its own worker
+    /// ([`MachineLayer::bind_lane`]) to the worker of the message's destination PE
+    /// ([`Header::dst_pe`]; a PE number outside that process goes to its first worker), and
+    /// polls its own. Every process of the job must have as many. Order is kept per pair of
+    /// workers, i.e. per pair of PEs, no longer per pair of processes.
+    pub workers: usize,
 }
 
 impl Default for UcxConfig {
@@ -111,6 +124,7 @@ impl Default for UcxConfig {
             linger: Duration::from_secs(1),
             pool_bytes: 64 << 20,
             max_message: 1 << 30,
+            workers: 1,
         }
     }
 }
@@ -147,19 +161,26 @@ struct MemHandle(charmrs_ucx_sys::ucp_mem_h);
 // SAFETY: a ucp_mem_h is an opaque handle, used only under the worker lock.
 unsafe impl Send for MemHandle {}
 
+/// One worker of the layer ("lane") with its queues and wake-up state. Its peers are the
+/// workers of the job, numbered `process · lanes + lane` ("worker ids"; with one worker per
+/// process, process ranks).
 struct Shared {
     /// First field: dropped (thread stopped) before the worker whose event
     /// fd it polls.
     watcher: OnceLock<Watcher>,
-    rank: ProcessId,
-    size: u32,
+    /// Workers per process.
+    lanes: u32,
+    /// This worker's id (`rank · lanes + lane`).
+    me: u32,
+    /// Workers in the job (`processes · lanes`).
+    ids: u32,
     cfg: UcxConfig,
     locked: SpinMutex<Locked>,
     /// Operations queued by threads that found the worker busy.
     queue: SegQueue<Op>,
     /// Messages to this process itself.
     loopback: SegQueue<Message>,
-    /// Peers reported lost (sends to them fail at once).
+    /// Peer workers reported lost (sends to them fail at once).
     lost: Vec<AtomicBool>,
     /// One thread delivers at a time (per-sender order).
     delivering: AtomicBool,
@@ -226,7 +247,10 @@ struct Shared {
 ///   `ucp_get_nbx` into a fresh buffer, which arrives through `progress`
 ///   as the completion message.
 pub struct UcxLayer {
-    shared: Arc<Shared>,
+    /// The workers; [`UcxConfig::workers`] of them, all on one context.
+    lanes: Box<[Arc<Shared>]>,
+    rank: ProcessId,
+    size: u32,
     bootstrap: Arc<dyn Bootstrap>,
 }
 
@@ -277,6 +301,14 @@ impl UcxLayer {
     ) -> Result<UcxLayer, TransportError> {
         let rank = bootstrap.rank();
         let size = bootstrap.size();
+        let lanes = cfg.workers.max(1);
+        let lanes32 = u32::try_from(lanes)
+            .ok()
+            .filter(|l| l.checked_mul(size).is_some())
+            .ok_or_else(|| {
+                TransportError::Bootstrap(format!("{lanes} UCX workers per process is too many"))
+            })?;
+        let ids = size * lanes32;
         let wcfg = WorkerConfig {
             rndv_threshold: cfg.rndv_threshold,
             wakeup: cfg.wakeup,
@@ -284,20 +316,38 @@ impl UcxLayer {
             pool_bytes: cfg.pool_bytes,
             max_message: cfg.max_message,
         };
-        let (mut worker, address) = Worker::new(rank, size, &wcfg)?;
+        let context = Arc::new(Context::new(rank, ids as usize, lanes, &wcfg)?);
+        let mut workers = Vec::with_capacity(lanes);
+        let mut own = Vec::with_capacity(lanes);
+        for lane in 0..lanes32 {
+            let (w, address) = Worker::new(context.clone(), rank * lanes32 + lane, ids, &wcfg)?;
+            workers.push(w);
+            own.push(address);
+        }
         let me = Identity::current();
-        bootstrap.put(ADDR_KEY, &address)?;
+        bootstrap.put(ADDR_KEY, &encode_addresses(&own))?;
         bootstrap.put(IDENTITY_KEY, &me.encode())?;
         bootstrap.fence()?;
-        let mut identities = Vec::with_capacity(size as usize);
-        let mut addresses = Vec::with_capacity(size as usize);
+        let mut identities = Vec::with_capacity(ids as usize);
+        let mut addresses = Vec::with_capacity(ids as usize);
         for r in 0..size {
-            let a = if r == rank {
-                address.clone()
+            let published = if r == rank {
+                own.clone()
             } else {
-                bootstrap.get(r, ADDR_KEY)?
+                decode_addresses(&bootstrap.get(r, ADDR_KEY)?).ok_or_else(|| {
+                    TransportError::Bootstrap(format!(
+                        "process {r} published a malformed list of UCX worker addresses"
+                    ))
+                })?
             };
-            identities.push(if r == rank {
+            if published.len() != lanes {
+                return Err(TransportError::Bootstrap(format!(
+                    "process {r} has {} UCX workers, process {rank} {lanes}: per-PE workers \
+                     need as many PEs in every process",
+                    published.len()
+                )));
+            }
+            let identity = if r == rank {
                 None
             } else {
                 bootstrap
@@ -305,49 +355,91 @@ impl UcxLayer {
                     .ok()
                     .and_then(|b| Identity::decode(&b))
                     .filter(|i| me.comparable(i))
-            });
-            if a.is_empty() {
-                return Err(TransportError::Bootstrap(format!(
-                    "process {r} published an empty UCX worker address"
-                )));
+            };
+            for a in published {
+                if a.is_empty() {
+                    return Err(TransportError::Bootstrap(format!(
+                        "process {r} published an empty UCX worker address"
+                    )));
+                }
+                addresses.push(a);
+                identities.push(identity.clone());
             }
-            addresses.push(a);
         }
-        let peer_mode = identities
+        let process_of = |id: usize| id as u32 / lanes32;
+        let peer_mode: Vec<bool> = identities
             .iter()
             .enumerate()
-            .map(|(r, id)| r as u32 != rank && (id.is_none() || cfg.same_host_error_handling))
+            .map(|(id, i)| process_of(id) != rank && (i.is_none() || cfg.same_host_error_handling))
             .collect();
-        let same_host: Vec<bool> = identities.iter().map(Option::is_some).collect();
-        worker.set_addresses(addresses, peer_mode, &same_host);
-        let efd = worker.efd();
-        let shared = Arc::new(Shared {
-            watcher: OnceLock::new(),
+        let same_host: Vec<bool> = identities
+            .iter()
+            .enumerate()
+            .map(|(id, i)| i.is_some() || process_of(id) == rank)
+            .collect();
+        let mut made = Vec::with_capacity(lanes);
+        for (lane, mut worker) in (0..lanes32).zip(workers) {
+            worker.set_addresses(addresses.clone(), peer_mode.clone(), &same_host);
+            let efd = worker.efd();
+            made.push(Arc::new(Shared {
+                watcher: OnceLock::new(),
+                lanes: lanes32,
+                me: rank * lanes32 + lane,
+                ids,
+                cfg: cfg.clone(),
+                locked: SpinMutex::new(Locked {
+                    worker,
+                    idle_since: None,
+                    idle_calls: 0,
+                    calls: 0,
+                    identities: identities.clone(),
+                    last_check: Instant::now(),
+                }),
+                queue: SegQueue::new(),
+                loopback: SegQueue::new(),
+                lost: (0..ids).map(|_| AtomicBool::new(false)).collect(),
+                delivering: AtomicBool::new(false),
+                sleeping: AtomicBool::new(false),
+                wake: EventFd::new()?,
+                efd,
+            }));
+        }
+        Ok(UcxLayer {
+            lanes: made.into_boxed_slice(),
             rank,
             size,
-            cfg,
-            locked: SpinMutex::new(Locked {
-                worker,
-                idle_since: None,
-                idle_calls: 0,
-                calls: 0,
-                identities,
-                last_check: Instant::now(),
-            }),
-            queue: SegQueue::new(),
-            loopback: SegQueue::new(),
-            lost: (0..size).map(|_| AtomicBool::new(false)).collect(),
-            delivering: AtomicBool::new(false),
-            sleeping: AtomicBool::new(false),
-            wake: EventFd::new()?,
-            efd,
-        });
-        Ok(UcxLayer { shared, bootstrap })
+            bootstrap,
+        })
     }
 
     /// The tunables in force.
     pub fn config(&self) -> &UcxConfig {
-        &self.shared.cfg
+        &self.lanes[0].cfg
+    }
+
+    /// The worker the calling thread drives ([`MachineLayer::bind_lane`]; lane 0 if none).
+    #[inline]
+    fn lane(&self) -> &Shared {
+        if self.lanes.len() == 1 {
+            &self.lanes[0]
+        } else {
+            &self.lanes[LANE.with(std::cell::Cell::get).min(self.lanes.len() - 1)]
+        }
+    }
+
+    /// The worker id of the worker of process `dst` that takes a message for PE `dst_pe`.
+    #[inline]
+    fn worker_for(&self, dst: ProcessId, dst_pe: u32) -> u32 {
+        let lanes = self.lanes.len() as u32;
+        if lanes == 1 {
+            return dst;
+        }
+        let first = dst * lanes;
+        first
+            + dst_pe
+                .checked_sub(first)
+                .filter(|l| *l < lanes)
+                .unwrap_or(0)
     }
 
     /// Installs `hook`, called from a watcher thread whenever the armed
@@ -367,15 +459,34 @@ impl UcxLayer {
         &self,
         hook: impl Fn() + Send + Sync + 'static,
     ) -> Result<(), TransportError> {
-        let Some(efd) = self.shared.efd else {
+        self.set_lane_wakeup(0, hook)
+    }
+
+    /// [`UcxLayer::set_wakeup`] for worker `lane` (see [`UcxConfig::workers`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`UcxLayer::set_wakeup`]; [`TransportError::Unsupported`] for a lane this layer does
+    /// not have.
+    pub fn set_lane_wakeup(
+        &self,
+        lane: usize,
+        hook: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), TransportError> {
+        let Some(shared) = self.lanes.get(lane) else {
+            return Err(TransportError::Unsupported(
+                "a wake-up hook for a worker it does not have",
+            ));
+        };
+        let Some(efd) = shared.efd else {
             return Err(TransportError::Unsupported(
                 "a wake-up hook without UCX wake-up support",
             ));
         };
-        if self.shared.watcher.get().is_some() {
+        if shared.watcher.get().is_some() {
             return Err(TransportError::Unsupported("a second wake-up hook"));
         }
-        let weak = Arc::downgrade(&self.shared);
+        let weak = Arc::downgrade(shared);
         let arm = Box::new(move || {
             let Some(s) = weak.upgrade() else {
                 return Armed::Busy;
@@ -395,8 +506,8 @@ impl UcxLayer {
                 Err(_) => Armed::Pending,
             }
         });
-        let w = Watcher::start(efd, Box::new(hook), arm, self.shared.rank)?;
-        self.shared
+        let w = Watcher::start(efd, Box::new(hook), arm, shared.me)?;
+        shared
             .watcher
             .set(w)
             .map_err(|_| TransportError::Unsupported("a second wake-up hook"))
@@ -415,9 +526,10 @@ impl UcxLayer {
         sink: &mut dyn FnMut(ProcessId, Message),
         timeout: Duration,
     ) -> Result<usize, TransportError> {
+        let shared = self.lane();
         let start = Instant::now();
         let deadline = start + timeout;
-        let spin_until = start + self.shared.cfg.wait_spin.min(timeout);
+        let spin_until = start + shared.cfg.wait_spin.min(timeout);
         let mut round = 0u32;
         loop {
             let n = self.progress(sink)?;
@@ -425,7 +537,7 @@ impl UcxLayer {
             if n > 0 || now >= deadline {
                 return Ok(n);
             }
-            if now < spin_until || self.shared.efd.is_none() {
+            if now < spin_until || shared.efd.is_none() {
                 round += 1;
                 if round < 16 {
                     std::hint::spin_loop();
@@ -436,7 +548,7 @@ impl UcxLayer {
             }
             // Arm, then sleep unless something slipped in.
             {
-                let mut l = self.shared.locked.lock();
+                let mut l = shared.locked.lock();
                 if l.worker.inbox.needs_poller() {
                     // UCX holds operations of ours (a send into a full shared-memory FIFO, a
                     // rendezvous): only our own progress moves them, and arming does not watch
@@ -449,18 +561,18 @@ impl UcxLayer {
                 if !l.worker.arm()? {
                     continue;
                 }
-                self.shared.sleeping.store(true, Ordering::SeqCst);
+                shared.sleeping.store(true, Ordering::SeqCst);
             }
             fence(Ordering::SeqCst);
-            if self.shared.queue.is_empty() && self.shared.loopback.is_empty() {
-                let efd = self.shared.efd.unwrap_or(-1);
+            if shared.queue.is_empty() && shared.loopback.is_empty() {
+                let efd = shared.efd.unwrap_or(-1);
                 wait_readable(
-                    [efd, self.shared.wake.fd()],
+                    [efd, shared.wake.fd()],
                     Some(deadline.saturating_duration_since(Instant::now())),
                 );
             }
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            self.shared.wake.clear();
+            shared.sleeping.store(false, Ordering::SeqCst);
+            shared.wake.clear();
         }
     }
 
@@ -473,16 +585,17 @@ impl UcxLayer {
     ///
     /// None today; reserved for failures of the worker.
     pub fn flush(&self, timeout: Duration) -> Result<bool, TransportError> {
-        let s = &*self.shared;
         let deadline = Instant::now() + timeout;
         loop {
-            {
+            let mut done = true;
+            for s in self.lanes.iter() {
                 let mut l = s.locked.lock();
                 s.run_queue(&mut l);
                 l.worker.progress_once();
-                if !l.worker.inbox.holds_operations() && s.queue.is_empty() {
-                    return Ok(true);
-                }
+                done &= !l.worker.inbox.holds_operations() && s.queue.is_empty();
+            }
+            if done {
+                return Ok(true);
             }
             if Instant::now() >= deadline {
                 return Ok(false);
@@ -494,24 +607,52 @@ impl UcxLayer {
     /// Number of UCX endpoints this process has open (they are created on
     /// the first operation towards a peer).
     pub fn open_endpoints(&self) -> usize {
-        self.shared.locked.lock().worker.open_endpoints()
+        self.lanes
+            .iter()
+            .map(|s| s.locked.lock().worker.open_endpoints())
+            .sum()
     }
 
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
-        if p < self.shared.size {
+        if p < self.size {
             Ok(())
         } else {
             Err(TransportError::UnknownProcess {
                 dst: p,
-                size: self.shared.size,
+                size: self.size,
             })
         }
     }
+}
 
-    fn lost_error(&self, p: ProcessId) -> Result<(), TransportError> {
-        if self.shared.lost[p as usize].load(Ordering::Acquire) {
+impl Shared {
+    /// The process of worker `id`.
+    #[inline]
+    fn process_of(&self, id: u32) -> ProcessId {
+        if self.lanes == 1 {
+            id
+        } else {
+            id / self.lanes
+        }
+    }
+
+    /// `e`, naming processes where the worker named worker ids.
+    fn for_caller(&self, e: TransportError) -> TransportError {
+        match e {
+            TransportError::PeerLost { process, reason } if self.lanes > 1 => {
+                TransportError::PeerLost {
+                    process: self.process_of(process),
+                    reason: format!("{reason} (UCX worker of PE {process})"),
+                }
+            }
+            e => e,
+        }
+    }
+
+    fn lost_error(&self, p: u32) -> Result<(), TransportError> {
+        if self.lost[p as usize].load(Ordering::Acquire) {
             Err(TransportError::PeerLost {
-                process: p,
+                process: self.process_of(p),
                 reason: "reported lost earlier".to_owned(),
             })
         } else {
@@ -524,7 +665,7 @@ impl UcxLayer {
     /// the start of every `progress`); wakes that thread if it sleeps or is
     /// parked.
     fn submit(&self, op: Op) {
-        let s = &*self.shared;
+        let s = self;
         if let Some(mut l) = s.locked.try_lock() {
             if s.queue.is_empty() {
                 // Nothing queued before it: send directly (per-pair order is
@@ -548,9 +689,7 @@ impl UcxLayer {
             s.poke();
         }
     }
-}
 
-impl Shared {
     /// Lets go of the worker after a send: runs what other threads queued meanwhile first, and
     /// makes the progressing thread come back if UCX now holds operations only its progress
     /// finishes, or the send's own progress left it arrivals (`Inbox::needs_poller`).
@@ -654,7 +793,7 @@ impl Shared {
         };
         if failures {
             l.worker.close_failed();
-            for p in 0..self.size {
+            for p in 0..self.ids {
                 if l.worker.is_lost(p) {
                     self.lost[p as usize].store(true, Ordering::Release);
                 }
@@ -744,7 +883,7 @@ impl Shared {
     /// is gone (see [`crate::liveness`]).
     fn check_peers(&self, l: &mut Locked) {
         l.last_check = Instant::now();
-        for p in 0..self.size {
+        for p in 0..self.ids {
             let Some(id) = &l.identities[p as usize] else {
                 continue;
             };
@@ -784,50 +923,46 @@ impl Shared {
 
 impl MachineLayer for UcxLayer {
     fn rank(&self) -> ProcessId {
-        self.shared.rank
+        self.rank
     }
 
     fn size(&self) -> u32 {
-        self.shared.size
+        self.size
     }
 
-    /// Never blocks: sends at once if the worker is free, else queues for
-    /// the thread holding it. A message to oneself loops back through
-    /// `progress`.
-    ///
-    /// # Errors
-    ///
-    /// [`TransportError::UnknownProcess`]; [`TransportError::PeerLost`] if
-    /// `dst` was reported lost (failures found while sending are reported
-    /// by `progress`).
+    fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    fn bind_lane(&self, lane: usize) {
+        LANE.with(|l| l.set(lane));
+    }
+
     fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
         self.check(dst)?;
-        if dst == self.shared.rank {
-            self.shared.loopback.push(msg);
-            self.shared.announce();
+        let to = self.worker_for(dst, msg.header().dst_pe);
+        if dst == self.rank {
+            let s = &self.lanes[(to - dst * self.lanes.len() as u32) as usize];
+            s.loopback.push(msg);
+            s.announce();
             return Ok(());
         }
-        self.lost_error(dst)?;
-        self.submit(Op::Send(dst, msg));
+        let s = self.lane();
+        s.lost_error(to)?;
+        s.submit(Op::Send(to, msg));
         Ok(())
     }
 
-    /// Sends at once, copying `data` into a send descriptor's kept buffer (no allocation), when
-    /// the message is small (1 KiB at most), the worker free and nothing queued before it;
-    /// otherwise as [`send`](Self::send).
-    ///
-    /// # Errors
-    ///
-    /// As [`send`](Self::send).
     fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
-        let s = &*self.shared;
-        if data.len() <= crate::worker::SEND_COPY_MAX && dst != s.rank {
+        if data.len() <= crate::worker::SEND_COPY_MAX && dst != self.rank {
             self.check(dst)?;
-            self.lost_error(dst)?;
+            let to = self.worker_for(dst, header.dst_pe);
+            let s = self.lane();
+            s.lost_error(to)?;
             if let Some(mut l) = s.locked.try_lock() {
                 if s.queue.is_empty() {
-                    let res = l.worker.send_copy(dst, &header, data);
-                    s.record_failure(&mut l, dst, res);
+                    let res = l.worker.send_copy(to, &header, data);
+                    s.record_failure(&mut l, to, res);
                     s.release(l);
                     return Ok(());
                 }
@@ -837,23 +972,16 @@ impl MachineLayer for UcxLayer {
         self.send(dst, Message::with_copied_segment(header, data))
     }
 
-    /// Runs queued sends, progresses the worker, and hands every message
-    /// that is ready (in per-sender order) to `sink`, with the worker
-    /// unlocked. Reports each failure once, after the messages that arrived
-    /// before it were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
         self.progress_arrivals(false, &mut |src, a| sink(src, a.into_message()))
     }
 
-    /// As [`progress`](Self::progress); small messages of one segment that UCX delivered
-    /// eagerly are lent ([`Arrival::Borrowed`], out of the batch's buffer of small messages),
-    /// the rest handed over owned. `idle` makes no difference.
     fn progress_arrivals(
         &self,
         _idle: bool,
         sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
     ) -> Result<usize, TransportError> {
-        let s = &*self.shared;
+        let s = self.lane();
         if s.delivering.swap(true, Ordering::Acquire) {
             return Ok(0); // another thread (or the sink) is delivering
         }
@@ -871,14 +999,19 @@ impl MachineLayer for UcxLayer {
             if !s.loopback.is_empty() {
                 for _ in 0..s.loopback.len() {
                     match s.loopback.pop() {
-                        Some(m) => batch.push(s.rank, m),
+                        Some(m) => batch.push(s.me, m),
                         None => break,
                     }
                 }
             }
-            let n = batch.deliver(sink);
+            let n = if s.lanes == 1 {
+                batch.deliver(sink)
+            } else {
+                let lanes = s.lanes;
+                batch.deliver(&mut |id, a| sink(id / lanes, a))
+            };
             match error {
-                Some(e) => Err(e),
+                Some(e) => Err(s.for_caller(e)),
                 None => Ok(n),
             }
         })
@@ -888,10 +1021,12 @@ impl MachineLayer for UcxLayer {
         UcxLayer::set_wakeup(self, hook).is_ok()
     }
 
-    /// Arms the worker now (`ucp_worker_arm`) for the wake-up hook, instead
-    /// of [`UcxConfig::arm_after`] into idleness.
+    fn set_lane_wakeup(&self, lane: usize, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        UcxLayer::set_lane_wakeup(self, lane, hook).is_ok()
+    }
+
     fn before_park(&self) -> bool {
-        let s = &*self.shared;
+        let s = self.lane();
         let Some(w) = s.watcher.get() else {
             return true;
         };
@@ -936,8 +1071,6 @@ impl MachineLayer for UcxLayer {
         UcxLayer::progress_wait(self, sink, timeout)
     }
 
-    /// Maps the buffer with `ucp_mem_map` (read access) and ships its packed
-    /// rkey in the key; unmapped when the region is dropped.
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
         if buf.is_empty() {
             let key = RemoteKey {
@@ -947,8 +1080,9 @@ impl MachineLayer for UcxLayer {
             };
             return Ok(MemRegion::new(buf, key));
         }
-        let (memh, packed) = self
-            .shared
+        // Mapped on the context, shared by all workers: through the calling thread's worker.
+        let shared = &self.lanes[LANE.with(std::cell::Cell::get).min(self.lanes.len() - 1)];
+        let (memh, packed) = shared
             .locked
             .lock()
             .worker
@@ -962,7 +1096,7 @@ impl MachineLayer for UcxLayer {
             len: buf.len() as u64,
             rkey,
         };
-        let shared = Arc::downgrade(&self.shared);
+        let shared = Arc::downgrade(shared);
         let memh = MemHandle(memh);
         Ok(MemRegion::with_release(buf, key, move || {
             let memh = memh;
@@ -972,13 +1106,6 @@ impl MachineLayer for UcxLayer {
         }))
     }
 
-    /// `ucp_get_nbx` through the key's rkey into a pooled buffer; the
-    /// completion message arrives through `progress`. A malformed key is
-    /// refused at once; a failed read arrives as an error from `progress`.
-    /// Keys are trusted within the job: UCX checks them against the
-    /// registration on RDMA transports, but its shared-memory path (CMA)
-    /// reads whatever the key's address and length say in the owner's
-    /// address space (same user, same job).
     fn get(
         &self,
         src: ProcessId,
@@ -987,11 +1114,12 @@ impl MachineLayer for UcxLayer {
         completion_tag: u64,
     ) -> Result<(), TransportError> {
         self.check(src)?;
+        let s = self.lane();
         let header = Header::new(completion_kind, 0, 0, completion_tag);
         if key.len == 0 {
             let msg = Message::with_segments(header, vec![Bytes::new()])?;
-            self.shared.loopback.push(msg);
-            self.shared.announce();
+            s.loopback.push(msg);
+            s.announce();
             return Ok(());
         }
         let r = &key.rkey;
@@ -1000,24 +1128,23 @@ impl MachineLayer for UcxLayer {
                 "remote key was not made by a ucx layer".to_owned(),
             ));
         }
-        self.lost_error(src)?;
-        self.submit(Op::Get {
-            src,
+        // The region is mapped on `src`'s context: any of its workers serves the read; the one
+        // of the same lane spreads the reads of a per-PE layer over them.
+        let from = src * s.lanes + (s.me % s.lanes);
+        s.lost_error(from)?;
+        s.submit(Op::Get {
+            src: from,
             key: key.clone(),
             header,
         });
         Ok(())
     }
 
-    /// Completes this process's outstanding sends first (UCX may need this
-    /// process's progress for them, e.g. to finish endpoint wire-up), then
-    /// the bootstrap's fence (all processes).
     fn barrier(&self) -> Result<(), TransportError> {
-        self.flush(self.shared.cfg.linger)?;
+        self.flush(self.config().linger)?;
         self.bootstrap.fence()
     }
 
-    /// Tells the launcher through the bootstrap, which brings the job down.
     fn abort(&self, reason: &str) {
         self.bootstrap.abort(reason);
     }
@@ -1045,8 +1172,9 @@ impl MachineLayer for UcxLayer {
 impl std::fmt::Debug for UcxLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UcxLayer")
-            .field("rank", &self.shared.rank)
-            .field("size", &self.shared.size)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("workers", &self.lanes.len())
             .finish_non_exhaustive()
     }
 }
@@ -1057,11 +1185,69 @@ impl Drop for UcxLayer {
     /// UCX to finish with every buffer, then closes the endpoints; the
     /// worker and context are destroyed when the last reference goes.
     fn drop(&mut self) {
-        let s = &*self.shared;
-        let mut l = s.locked.lock();
-        s.run_queue(&mut l);
-        l.worker.drain(s.cfg.linger);
-        l.worker.say_goodbye();
-        l.worker.close_all(s.cfg.linger);
+        for s in self.lanes.iter() {
+            let mut l = s.locked.lock();
+            s.run_queue(&mut l);
+            l.worker.drain(s.cfg.linger);
+            l.worker.say_goodbye();
+            l.worker.close_all(s.cfg.linger);
+        }
+    }
+}
+
+/// The bootstrap value of [`ADDR_KEY`]: the count, then each address after its length.
+fn encode_addresses(addresses: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(addresses.len() as u32).to_le_bytes());
+    for a in addresses {
+        out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        out.extend_from_slice(a);
+    }
+    out
+}
+
+/// The addresses in a bootstrap value of [`ADDR_KEY`]; `None` if it is malformed.
+fn decode_addresses(mut raw: &[u8]) -> Option<Vec<Vec<u8>>> {
+    fn next_u32(raw: &mut &[u8]) -> Option<usize> {
+        let (n, rest) = raw.split_first_chunk::<4>()?;
+        *raw = rest;
+        usize::try_from(u32::from_le_bytes(*n)).ok()
+    }
+    let count = next_u32(&mut raw)?;
+    if count > raw.len() / 4 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = next_u32(&mut raw)?;
+        if len > raw.len() {
+            return None;
+        }
+        let (a, rest) = raw.split_at(len);
+        out.push(a.to_vec());
+        raw = rest;
+    }
+    raw.is_empty().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{decode_addresses, encode_addresses};
+
+    #[test]
+    fn worker_address_lists_round_trip_and_malformed_ones_are_refused() {
+        let list = vec![vec![1u8, 2, 3], vec![], vec![9; 300]];
+        let raw = encode_addresses(&list);
+        assert_eq!(decode_addresses(&raw), Some(list));
+        assert_eq!(decode_addresses(&encode_addresses(&[])), Some(vec![]));
+        for cut in 0..raw.len() {
+            assert_eq!(decode_addresses(&raw[..cut]), None, "cut at {cut}");
+        }
+        let mut long = raw.clone();
+        long.push(0);
+        assert_eq!(decode_addresses(&long), None, "trailing bytes");
+        let mut huge = raw;
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_addresses(&huge), None, "a count beyond the bytes");
     }
 }

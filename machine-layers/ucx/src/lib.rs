@@ -85,6 +85,7 @@
 //! # Ok::<(), charmrs_transport::TransportError>(())
 //! ```
 
+mod context;
 mod held;
 mod inbox;
 mod layer;

@@ -1,10 +1,10 @@
-//! The UCX context and worker of a process, and every call made on them.
+//! A UCX worker, and every call made on it.
 //!
 //! # What this module owns
 //!
-//! [`Worker`]: the `ucp_context`, the one `ucp_worker` of the process, the
-//! lazily created endpoints, the active-message handlers and the
-//! completion callbacks of sends, rendezvous receives and remote reads.
+//! [`Worker`]: one `ucp_worker` (of the process, or of one PE) on the layer's shared
+//! [`Context`], its lazily created endpoints, the active-message handlers and the completion
+//! callbacks of sends, rendezvous receives and remote reads.
 //!
 //! # Invariants
 //!
@@ -24,15 +24,17 @@
 //!   [`TransportError::PeerLost`] and the endpoint is closed (forced) on
 //!   the next progress, outside the callback.
 
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::ptr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_transport::{Header, Message, ProcessId, TransportError};
 use charmrs_ucx_sys as sys;
 
+use crate::context::Context;
 use crate::inbox::Inbox;
 use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
@@ -44,7 +46,7 @@ use charmrs_transport::PoolBuf;
 /// # Safety
 ///
 /// Only for types whose all-zero bit pattern is a valid value.
-unsafe trait ZeroedParam: Sized {}
+pub(crate) unsafe trait ZeroedParam: Sized {}
 
 // SAFETY: each is a bindgen-generated C struct of integers, raw pointers and `Option`s of
 // function pointers (all valid as zero), or unions of such.
@@ -63,7 +65,7 @@ unsafe impl ZeroedParam for sys::ucp_ep_params_t {}
 unsafe impl ZeroedParam for sys::ucp_mem_map_params_t {}
 
 /// A zero-initialised UCX parameter struct.
-fn zeroed<T: ZeroedParam>() -> T {
+pub(crate) fn zeroed<T: ZeroedParam>() -> T {
     // SAFETY: `ZeroedParam` is only implemented for types valid as all zeros.
     unsafe { MaybeUninit::<T>::zeroed().assume_init() }
 }
@@ -194,7 +196,7 @@ pub(crate) struct WorkerConfig {
 /// The UCX context, worker and endpoints of the process; see the module
 /// docs.
 pub(crate) struct Worker {
-    context: sys::ucp_context_h,
+    context: Arc<Context>,
     worker: sys::ucp_worker_h,
     rank: ProcessId,
     addresses: Vec<Vec<u8>>,
@@ -230,74 +232,23 @@ pub(crate) struct Worker {
 unsafe impl Send for Worker {}
 
 impl Worker {
-    /// Creates the context and worker, with the active-message handlers
-    /// installed. Returns it and the worker's address (to publish).
+    /// Creates a worker on `context`, with the active-message handlers installed, for a job
+    /// of `size` workers in which it is number `rank` (processes, or with per-PE workers PEs:
+    /// see `layer`). Returns it and the worker's address (to publish).
     pub(crate) fn new(
+        context: Arc<Context>,
         rank: ProcessId,
         size: u32,
         cfg: &WorkerConfig,
     ) -> Result<(Worker, Vec<u8>), TransportError> {
-        let mut config: *mut sys::ucp_config_t = ptr::null_mut();
-        // SAFETY: null prefix and file mean "environment only"; `config` is
-        // a valid out-pointer.
-        let st = unsafe { sys::ucp_config_read(ptr::null(), ptr::null(), &mut config) };
-        check(st, "ucp_config_read")?;
-        // Defaults this layer needs, unless the user chose otherwise:
-        // shared-memory transports that accept endpoints with peer error
-        // handling, when same-host endpoints use it and shared memory may be
-        // among the transports (UCX warns about a setting no transport
-        // consumed).
-        let tls = std::env::var("UCX_TLS").unwrap_or_default();
-        let shm_possible = tls_may_use(&tls, &["shm", "sm", "mm"], &["posix", "sysv"]);
-        // Whether UCX may move a same-host rendezvous by CMA (a kernel copy on the receiving
-        // core; see `PendingRndv::fetch_limit`).
-        let cma_possible = tls_may_use(&tls, &["shm", "sm", "cma"], &[]);
-        let mut defaults = Vec::new();
-        if cfg.same_host_error_handling && shm_possible {
-            defaults.push(("MM_ERROR_HANDLING", "y".to_owned()));
-        }
-        defaults.retain(|(k, _)| std::env::var_os(format!("UCX_{k}")).is_none());
-        for (k, v) in defaults {
-            let (ck, cv) = (cstr(k)?, cstr(&v)?);
-            // SAFETY: `config` came from ucp_config_read; both strings are
-            // NUL-terminated and outlive the call.
-            let st = unsafe { sys::ucp_config_modify(config, ck.as_ptr(), cv.as_ptr()) };
-            if st != sys::UCS_OK {
-                eprintln!(
-                    "charmrs-ucx: rank {rank}: cannot set UCX_{k}={v}: {}",
-                    describe(st)
-                );
-            }
-        }
-        let name = cstr(&format!("charmrs-{rank}"))?;
-        let mut params: sys::ucp_params_t = zeroed();
-        params.field_mask = (sys::UCP_PARAM_FIELD_FEATURES
-            | sys::UCP_PARAM_FIELD_ESTIMATED_NUM_EPS
-            | sys::UCP_PARAM_FIELD_NAME) as u64;
-        params.features = (sys::UCP_FEATURE_AM | sys::UCP_FEATURE_RMA) as u64;
-        if cfg.wakeup {
-            params.features |= sys::UCP_FEATURE_WAKEUP as u64;
-        }
-        params.estimated_num_eps = size as usize;
-        params.name = name.as_ptr();
-        let mut context: sys::ucp_context_h = ptr::null_mut();
-        // SAFETY: params is initialised per its field mask; config is valid.
-        let st = unsafe { sys::ucp_init(&params, config, &mut context) };
-        // SAFETY: config came from ucp_config_read and is released once.
-        unsafe { sys::ucp_config_release(config) };
-        check(st, "ucp_init")?;
-
+        let cma_possible = context.cma_possible;
         let mut wparams: sys::ucp_worker_params_t = zeroed();
         wparams.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
         wparams.thread_mode = sys::UCS_THREAD_MODE_SERIALIZED;
         let mut worker: sys::ucp_worker_h = ptr::null_mut();
         // SAFETY: context is live; wparams initialised per its mask.
-        let st = unsafe { sys::ucp_worker_create(context, &wparams, &mut worker) };
-        if let Err(e) = check(st, "ucp_worker_create") {
-            // SAFETY: context is live and unused elsewhere.
-            unsafe { sys::ucp_cleanup(context) };
-            return Err(e);
-        }
+        let st = unsafe { sys::ucp_worker_create(context.handle, &wparams, &mut worker) };
+        check(st, "ucp_worker_create")?;
         let mut w = Worker {
             context,
             worker,
@@ -912,12 +863,12 @@ impl Worker {
         let mut memh: sys::ucp_mem_h = ptr::null_mut();
         // SAFETY: context is live; addr..addr+len is memory the caller keeps
         // alive while mapped.
-        let st = unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) };
+        let st = unsafe { sys::ucp_mem_map(self.context.handle, &p, &mut memh) };
         check(st, &format!("ucp_mem_map of {len} bytes"))?;
         let mut buf: *mut c_void = ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: memh was just mapped on this context.
-        let st = unsafe { sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size) };
+        let st = unsafe { sys::ucp_rkey_pack(self.context.handle, memh, &mut buf, &mut size) };
         if let Err(e) = check(st, "ucp_rkey_pack") {
             self.mem_unmap(memh);
             return Err(e);
@@ -933,7 +884,7 @@ impl Worker {
     /// Undoes a [`mem_map`](Worker::mem_map).
     pub(crate) fn mem_unmap(&mut self, memh: sys::ucp_mem_h) {
         // SAFETY: memh was mapped on this context and is unmapped once.
-        let st = unsafe { sys::ucp_mem_unmap(self.context, memh) };
+        let st = unsafe { sys::ucp_mem_unmap(self.context.handle, memh) };
         if st != sys::UCS_OK {
             eprintln!("charmrs-ucx: ucp_mem_unmap failed: {}", describe(st));
         }
@@ -1032,19 +983,17 @@ impl Drop for Worker {
             // Messages delivered in place are still viewed (the application kept them past the
             // layer): their bytes live in the worker's descriptors, so the worker and context
             // stay (the process's exit frees them). Nothing calls into it any more.
+            std::mem::forget(self.context.clone());
             return;
         }
         // No view is left, so none can be returned concurrently: every lent descriptor is
         // queued now.
         // SAFETY: this thread owns the worker (dropping it); the descriptors are its own.
         unsafe { self.inbox.lender.release_returned(self.worker) };
-        // SAFETY: the endpoints are closed and no lent descriptor is viewed; worker then
-        // context are destroyed once, in this order. The inbox (callback argument) is a field
-        // dropped after this body runs.
-        unsafe {
-            sys::ucp_worker_destroy(self.worker);
-            sys::ucp_cleanup(self.context);
-        }
+        // SAFETY: the endpoints are closed and no lent descriptor is viewed; the worker is
+        // destroyed once, before its `Arc` of the context (a field) is dropped. The inbox
+        // (callback argument) is a field dropped after this body runs.
+        unsafe { sys::ucp_worker_destroy(self.worker) };
     }
 }
 
@@ -1059,28 +1008,6 @@ pub(crate) const EAGER_POOL_MIN: usize = 4 << 10;
 /// descriptor from its pool and we release it later, which costs more than
 /// copying a few cache lines).
 const LEND_MIN: usize = 1 << 10;
-
-/// Whether a `UCX_TLS` value lets UCX use a kind of transport: `group`, the
-/// names that stand for the whole kind (an alias such as `shm`, or the kind
-/// itself), and `members`, names of single transports of it. An empty value
-/// means every transport; an exclusion list (`^…`) allows the kind unless it
-/// names the whole of it; an inclusion list allows it when it names `all`, the
-/// kind or one of its members.
-fn tls_may_use(tls: &str, group: &[&str], members: &[&str]) -> bool {
-    let names = |list: &str, wanted: &[&str]| {
-        list.split(',')
-            .any(|x| wanted.iter().any(|w| x.trim() == *w))
-    };
-    match tls.strip_prefix('^') {
-        _ if tls.is_empty() => true,
-        Some(excluded) => !names(excluded, group),
-        None => names(tls, &["all"]) || names(tls, group) || names(tls, members),
-    }
-}
-
-fn cstr(s: &str) -> Result<CString, TransportError> {
-    CString::new(s).map_err(|_| TransportError::Malformed(format!("{s:?} contains NUL")))
-}
 
 /// The message of `header.segment_count` segments of lengths `lens` from
 /// its received bytes (views, no copy): `data` holds every segment back to
@@ -1470,25 +1397,4 @@ unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: s
     // SAFETY: as above, for the inbox it points to.
     let inbox = unsafe { &*a.inbox };
     inbox.peer_failed(a.peer, describe(status));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tls_may_use;
-
-    #[test]
-    fn ucx_tls_values_allow_or_exclude_a_kind_of_transport() {
-        let cma = |tls| tls_may_use(tls, &["shm", "sm", "cma"], &[]);
-        let mm = |tls| tls_may_use(tls, &["shm", "sm", "mm"], &["posix", "sysv"]);
-        assert!(cma("") && mm(""), "unset: every transport");
-        assert!(cma("shm,self") && mm("shm,self"));
-        assert!(cma("all") && mm("all"));
-        assert!(cma("cma,tcp") && !mm("cma,tcp"));
-        assert!(!cma("tcp,self") && !mm("tcp, self"));
-        assert!(!cma("posix,self") && mm("posix,self"));
-        assert!(cma("^tcp") && mm("^tcp"));
-        assert!(!cma("^shm") && !mm("^shm"));
-        assert!(!cma("^cma") && mm("^cma"));
-        assert!(cma("^posix") && mm("^posix"), "sysv is left");
-    }
 }

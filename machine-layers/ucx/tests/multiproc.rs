@@ -138,6 +138,28 @@ fn ordered_exactly_once_mixed_sizes_from_several_threads_tcp() {
 }
 
 #[test]
+fn per_pe_workers_deliver_to_each_pe_in_order_shm() {
+    let env = [SHM, &[("CHARMRS_UCX_CHECK_WORKERS", "2")]].concat();
+    Job::start(2, &["lanes", "12"], &env).wait_all(120);
+}
+
+#[test]
+fn per_pe_workers_deliver_to_each_pe_in_order_tcp() {
+    let env = [TCP, &[("CHARMRS_UCX_CHECK_WORKERS", "3")]].concat();
+    Job::start(2, &["lanes", "6"], &env).wait_all(120);
+}
+
+#[test]
+fn per_pe_workers_need_as_many_in_every_process() {
+    let mut job = Job::start(2, &["mismatch"], SHM);
+    for r in 0..2 {
+        let line = job.expect_line(r, "OK mismatch", Duration::from_secs(60));
+        assert!(line.contains("UCX workers"), "{line}");
+    }
+    job.wait_all(60);
+}
+
+#[test]
 fn messages_kept_past_the_layer_stay_intact_shm() {
     Job::start(2, &["outlive"], SHM).wait_all(60);
 }

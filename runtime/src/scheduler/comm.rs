@@ -52,7 +52,7 @@ fn post(
     mailbox: &charmrs_local::Mailbox<crate::envelope::Envelope>,
     env: crate::envelope::Envelope,
 ) {
-    let env = if shared.network_pe.get() == Some(&dst) {
+    let env = if shared.polls_network(dst) {
         match super::pe::queue_if_current(dst, env) {
             Some(env) => env,
             None => return,

@@ -1291,8 +1291,10 @@ impl PeState {
     /// nap ends with a poll.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
-        let network =
-            (self.shared.network_pe.get() == Some(&self.pe)).then_some(self.shared.entries);
+        let network = self
+            .shared
+            .polls_network(self.pe)
+            .then_some(self.shared.entries);
         let start = Instant::now();
         let own_core = self.shared.own_cores.load(Ordering::Relaxed);
         // A network PE that the layer cannot wake polls longer after input, then only naps (see
@@ -1440,7 +1442,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
             state.spawn(crate::balance::periodic(period));
         }
     }
-    let network = (shared.network_pe.get() == Some(&pe)).then_some(shared.entries);
+    let network = shared.polls_network(pe).then_some(shared.entries);
+    if network.is_some() {
+        // Its sends leave from, and its polls look at, its own lane of the layer.
+        shared.layer.bind_lane(pe - shared.first_pe);
+    }
     // Set when `idle` just polled the network (and returned because something arrived): the
     // next turn runs it without polling again first.
     let mut just_polled = false;

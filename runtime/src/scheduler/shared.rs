@@ -43,10 +43,13 @@ pub(crate) struct Shared {
     pub(crate) entries: &'static EntryTable,
     /// Load-balancing settings (`+balancer`, `+LBDebug`, `+LBDump`).
     pub(crate) balance: crate::balance::BalanceConfig,
-    /// The PE that polls the machine layer (`None`: no network, a single-process job).
-    pub(crate) network_pe: std::sync::OnceLock<usize>,
-    /// Whether the machine layer wakes the parked network PE when something arrives (else that
-    /// PE only naps: see `PeState::idle`); set once, with `network_pe`, before the PEs start.
+    /// How many PEs of this process poll the machine layer, from `first_pe` on: 1 (the first PE
+    /// polls for the process), or every PE when the layer has a lane per PE
+    /// (`MachineLayer::lanes`: UCX with per-PE workers). Unset: no network, a single-process job.
+    pub(crate) network_pes: std::sync::OnceLock<usize>,
+    /// Whether the machine layer wakes a parked network PE when something arrives for it (else
+    /// network PEs only nap: see `PeState::idle`); set once, with `network_pes`, before the PEs
+    /// start.
     pub(crate) network_wakes: std::sync::OnceLock<bool>,
     /// The process-level transport (a single-process job uses the local layer).
     pub(crate) layer: Box<dyn MachineLayer>,
@@ -80,7 +83,7 @@ impl Shared {
             wire_check,
             entries,
             balance,
-            network_pe: std::sync::OnceLock::new(),
+            network_pes: std::sync::OnceLock::new(),
             network_wakes: std::sync::OnceLock::new(),
             layer,
             trace,
@@ -89,6 +92,14 @@ impl Shared {
             outcome: Mutex::new(None),
             outcome_set: Condvar::new(),
         }
+    }
+
+    /// Whether PE `pe` polls the machine layer (its lane: `pe - first_pe`).
+    #[inline]
+    pub(crate) fn polls_network(&self, pe: usize) -> bool {
+        self.network_pes
+            .get()
+            .is_some_and(|n| pe.wrapping_sub(self.first_pe) < *n)
     }
 
     /// The end-of-job handshake state.

@@ -16,6 +16,11 @@
 //! charmrs-ucx-check toolarge                       a message over max_message is refused,
 //!                                                  naming its sender (run with
 //!                                                  CHARMRS_UCX_CHECK_MAX_MESSAGE=1048576)
+//! charmrs-ucx-check lanes <per-thread>             per-PE workers (CHARMRS_UCX_CHECK_WORKERS=n):
+//!                                                  every PE to every PE, each message arrives
+//!                                                  at its PE's worker, in order per sender
+//! charmrs-ucx-check mismatch                       process r asks for r + 2 workers: the
+//!                                                  layer refuses to start, saying why
 //! ```
 //!
 //! `CHARMRS_UCX_CHECK_PEER_ERRORS=1` turns on UCX's peer error handling for
@@ -768,8 +773,123 @@ fn too_large(layer: &UcxLayer) {
     }
 }
 
+/// Per-PE workers: one thread per worker ("lane"), bound to it. Each sends `per_thread`
+/// messages of mixed sizes to every PE of the job (PE = process · lanes + lane, its own
+/// included) and receives on its own lane only: every message must arrive at the worker of its
+/// destination PE, in order per sending PE, exactly once and intact.
+fn lanes(layer: Arc<UcxLayer>, per_thread: u64) {
+    let me = layer.rank();
+    let lanes = layer.lanes() as u32;
+    if lanes < 2 {
+        fail(format!(
+            "rank {me}: lanes needs CHARMRS_UCX_CHECK_WORKERS >= 2"
+        ));
+    }
+    let pes = layer.size() * lanes;
+    let threads: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let layer = Arc::clone(&layer);
+            std::thread::spawn(move || {
+                layer.bind_lane(lane as usize);
+                let pe = me * lanes + lane;
+                for k in 0..per_thread {
+                    for d in 0..pes {
+                        let dst_pe = (pe + 1 + d) % pes;
+                        let dst = dst_pe / lanes;
+                        let segs: Vec<Bytes> = segment_lens(k)
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &l)| pattern(pe, k, j, l))
+                            .collect();
+                        let h = Header::new(KIND_DATA, pe, dst_pe, k);
+                        if segs.len() == 1 && k % 2 == 0 {
+                            if let Err(e) = layer.send_copy(dst, h, &segs[0]) {
+                                fail(format!("PE {pe}: send_copy to PE {dst_pe}: {e}"));
+                            }
+                        } else {
+                            let m = Message::with_segments(h, segs).expect("few segments");
+                            send(&layer, dst, m);
+                        }
+                    }
+                }
+                let mut next: HashMap<u32, u64> = HashMap::new();
+                let received = Cell::new(0u64);
+                let expected = per_thread * pes as u64;
+                progress_until(
+                    &layer,
+                    "messages on this PE's worker",
+                    120,
+                    |src, m| {
+                        let h = *m.header();
+                        if h.kind != KIND_DATA || h.dst_pe != pe || h.src_pe / lanes != src {
+                            fail(format!(
+                                "PE {pe}: unexpected header {h:?} from process {src}"
+                            ));
+                        }
+                        let e = next.entry(h.src_pe).or_insert(0);
+                        if h.tag != *e {
+                            fail(format!(
+                                "PE {pe}: from PE {}: got message {}, expected {} (order or \
+                                 duplicate)",
+                                h.src_pe, h.tag, *e
+                            ));
+                        }
+                        *e += 1;
+                        let lens = segment_lens(h.tag);
+                        let intact =
+                            m.segments().len() == lens.len()
+                                && m.segments().iter().zip(&lens).enumerate().all(
+                                    |(j, (seg, &l))| {
+                                        seg.len() == l
+                                            && (0..l).all(|i| seg[i] == byte(h.src_pe, h.tag, j, i))
+                                    },
+                                );
+                        if !intact {
+                            fail(format!(
+                                "PE {pe}: message {} from PE {} differs",
+                                h.tag, h.src_pe
+                            ));
+                        }
+                        received.set(received.get() + 1);
+                    },
+                    || received.get() == expected,
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        if t.join().is_err() {
+            fail(format!("rank {me}: a PE thread failed"));
+        }
+    }
+    if let Err(e) = layer.barrier() {
+        fail(format!("rank {me}: barrier: {e}"));
+    }
+    println!("OK lanes rank {me}: {lanes} workers");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mismatch") {
+        let rank: usize = std::env::var("CHARMRS_RANK")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| fail("CHARMRS_RANK unset".into()));
+        let cfg = UcxConfig {
+            workers: rank + 2,
+            ..UcxConfig::default()
+        };
+        match UcxLayer::from_env_with_config(cfg) {
+            Err(TransportError::Bootstrap(why)) if why.contains("UCX workers") => {
+                println!("OK mismatch rank {rank}: {why}");
+                return;
+            }
+            Err(e) => fail(format!("rank {rank}: expected a Bootstrap error, got {e}")),
+            Ok(_) => fail(format!(
+                "rank {rank}: a layer started with a worker count mismatch"
+            )),
+        }
+    }
     // CHARMRS_UCX_CHECK_PEER_ERRORS=1: UCX peer error handling on same-host
     // endpoints too (exercises UCX's own failure reporting).
     let defaults = UcxConfig::default();
@@ -779,6 +899,10 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(defaults.max_message),
+        workers: std::env::var("CHARMRS_UCX_CHECK_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.workers),
         ..defaults
     };
     let layer = match UcxLayer::from_env_with_config(cfg) {
@@ -796,6 +920,7 @@ fn main() {
         Some("park") => park(Arc::clone(&layer), num(2, 2000)),
         Some("outlive") => outlive(layer),
         Some("toolarge") => too_large(&layer),
+        Some("lanes") => lanes(Arc::clone(&layer), num(2, 12)),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }
