@@ -104,7 +104,11 @@ pub(crate) fn select(
         "tcp" => TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
             .map(|l| Box::new(l) as Box<dyn MachineLayer>)
             .map_err(failed),
-        "ucx" => ucx(bootstrap, ucx_workers(pes)?).map_err(|e| match e {
+        "ucx" => ucx(
+            bootstrap,
+            ucx_workers(std::env::var("CHARMRS_UCX_WORKERS").ok().as_deref(), pes)?,
+        )
+        .map_err(|e| match e {
             Some(e) => failed(e),
             None => not_built("ucx"),
         }),
@@ -123,12 +127,14 @@ fn not_built(name: &str) -> Error {
     ))
 }
 
-/// UCX workers for a process of `pes` PEs: `CHARMRS_UCX_WORKERS=process` (one, polled by the
-/// first PE; the default) or `pe` (one per PE, each polled by its PE).
-fn ucx_workers(pes: usize) -> Result<usize> {
-    match std::env::var("CHARMRS_UCX_WORKERS").ok().as_deref() {
-        None | Some("" | "process") => Ok(1),
-        Some("pe") => Ok(pes),
+/// UCX workers for a process of `pes` PEs from `CHARMRS_UCX_WORKERS` (`setting`): `pe` (one per PE, each polled
+/// by its PE; the default) or `process` (one, polled by the first PE, which hands arrivals on to
+/// the others). Per PE measured as fast for the polling PEs and far faster for the others
+/// (docs/performance.md, "Session 20").
+fn ucx_workers(setting: Option<&str>, pes: usize) -> Result<usize> {
+    match setting {
+        None | Some("" | "pe") => Ok(pes),
+        Some("process") => Ok(1),
         Some(other) => Err(Error::Options(format!(
             "CHARMRS_UCX_WORKERS: unknown value `{other}`; valid: process, pe"
         ))),
@@ -172,4 +178,22 @@ fn ofi(
     _b: Arc<dyn Bootstrap>,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
     Err(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ucx_workers;
+
+    #[test]
+    fn ucx_workers_are_per_pe_unless_asked_otherwise_and_bad_values_are_named() {
+        assert_eq!(ucx_workers(None, 4).unwrap(), 4);
+        assert_eq!(ucx_workers(Some(""), 3).unwrap(), 3);
+        assert_eq!(ucx_workers(Some("pe"), 2).unwrap(), 2);
+        assert_eq!(ucx_workers(Some("process"), 4).unwrap(), 1);
+        let e = ucx_workers(Some("node"), 4).unwrap_err().to_string();
+        assert!(
+            e.contains("CHARMRS_UCX_WORKERS") && e.contains("`node`"),
+            "{e}"
+        );
+    }
 }

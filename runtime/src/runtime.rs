@@ -196,6 +196,8 @@ impl Runtime {
                     .layer
                     .send(0, hello)
                     .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
+            } else {
+                check_hellos(&shared, table)?;
             }
             // Every process is up before any PE runs, so no process can finish the job (and
             // shut down) before another has even joined it.
@@ -392,6 +394,68 @@ pub fn abort(msg: &str) -> ! {
     let _ = std::io::stdout().flush();
     eprintln!("charmrs: abort: {msg}");
     std::process::exit(1)
+}
+
+/// How long process 0 waits for the other processes' hellos at start-up.
+const HELLO_WAIT: Duration = Duration::from_secs(60);
+
+/// Process 0, before the start-up barrier: reads every other process's hello (sent before that
+/// process entered the barrier, so nothing else can be in flight: no PE runs anywhere yet) and
+/// refuses the job, naming the process, if one runs a different program. Checked here rather
+/// than among the first messages: with a lane per PE (`MachineLayer::lanes`) a hello is not
+/// ordered before the calls that process's PEs send later.
+fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
+    let n = shared.layer.size() as usize;
+    let mut seen = vec![false; n];
+    seen[0] = true;
+    let mut problem: Option<String> = None;
+    let deadline = std::time::Instant::now() + HELLO_WAIT;
+    while problem.is_none() && seen.contains(&false) {
+        if std::time::Instant::now() >= deadline {
+            let missing: Vec<usize> = (0..n).filter(|&p| !seen[p]).collect();
+            problem = Some(format!(
+                "processes {missing:?} did not report to process 0 within {HELLO_WAIT:?}"
+            ));
+            break;
+        }
+        let polled = shared.layer.progress_wait(
+            &mut |src, msg| {
+                let h = *msg.header();
+                let why = if h.kind != crate::wire::KIND_HELLO {
+                    format!(
+                        "process {src} sent a message of kind {} before the job started",
+                        h.kind
+                    )
+                } else if h.tag != table.checksum() {
+                    format!(
+                        "process {src} runs a different program: its entry table checksum is \
+                         {:#x}, this process's is {:#x} (every process of a job must run the same \
+                         binary)",
+                        h.tag,
+                        table.checksum()
+                    )
+                } else {
+                    if let Some(s) = seen.get_mut(src as usize) {
+                        *s = true;
+                    }
+                    return;
+                };
+                problem.get_or_insert(why);
+            },
+            Duration::from_millis(10),
+        );
+        if let Err(e) = polled {
+            problem = Some(format!("waiting for the other processes to start: {e}"));
+        }
+    }
+    match problem {
+        None => Ok(()),
+        Some(why) => {
+            let why = format!("charmrs: process 0: {why}");
+            shared.layer.abort(&why);
+            Err(Error::Options(why))
+        }
+    }
 }
 
 /// This process's rank among the job's processes on this host, and their number: from the

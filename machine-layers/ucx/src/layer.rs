@@ -195,9 +195,13 @@ struct Shared {
 /// # Behaviour
 ///
 /// * **Set-up** ([`UcxLayer::new`]): one `ucp_context` (features AM, RMA
-///   and WAKEUP) and one worker per process; the worker's address is
-///   published under [`ADDR_KEY`] through the bootstrap, which is fenced,
-///   and every peer's address is read.
+///   and WAKEUP) and [`UcxConfig::workers`] workers (one per process, or one
+///   per PE); their addresses are published under [`ADDR_KEY`] through the
+///   bootstrap, which is fenced, and every peer's addresses are read.
+/// * **Workers per PE** ([`MachineLayer::lanes`]): a thread bound to a lane
+///   ([`MachineLayer::bind_lane`]) sends from that worker, to the worker of
+///   the destination PE, and its `progress` polls it; wake-up hooks are per
+///   lane ([`UcxLayer::set_lane_wakeup`]). Order holds per pair of workers.
 /// * **Endpoints** are created on the first send (or read) to a peer; with
 ///   UCX's peer error handling for peers on other hosts (and on this host
 ///   if [`UcxConfig::same_host_error_handling`]).

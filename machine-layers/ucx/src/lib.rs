@@ -5,15 +5,17 @@
 //!
 //! # Design
 //!
-//! * **One context, one worker per process**, created in
+//! * **One context; one worker per process, or one per PE**
+//!   ([`UcxConfig::workers`]), each created in
 //!   `UCS_THREAD_MODE_SERIALIZED` behind a spin lock (one compare-and-swap
-//!   and one plain store per `progress`; see `spin.rs`). The runtime progresses the
-//!   layer from one thread (its network PE); any
+//!   and one plain store per `progress`; see `spin.rs`). The runtime progresses
+//!   each worker from one thread (with one worker, its network PE; with one per
+//!   PE, each PE its own, bound with `MachineLayer::bind_lane`); any
 //!   thread may send: it sends directly when the worker is free, otherwise
 //!   the message goes on a lock-free queue that the progressing thread
 //!   empties at the start of each `progress` (and is woken for, if it
 //!   sleeps), so `send` never blocks on the progress loop.
-//! * **Addresses** are exchanged through the job's
+//! * **Addresses** (a list per process, one per worker) are exchanged through the job's
 //!   [`Bootstrap`](charmrs_transport::Bootstrap) (put, fence, get);
 //!   **endpoints** are created lazily, with peer failure detection.
 //! * **Eager messages** are one `ucp_am_send_nbx` each: a compact 28-byte
@@ -22,7 +24,7 @@
 //!   data part is the segments as an iov, except that a message of several
 //!   segments totalling at most 512 bytes is gathered into one buffer, which
 //!   lets UCX use its fastest ("short") shared-memory protocol, and that a
-//!   message of 16 KiB to 1.5 MiB whose segments but the last total at most
+//!   message of 16 KiB or more whose segments but the last total at most
 //!   1 KiB (an entry call's arguments before its buffer) travels *split*:
 //!   the small segments inside the AM header, the last one as the whole,
 //!   contiguous data part, which UCX's rendezvous reads with one zero-copy

@@ -1,7 +1,9 @@
 //! Network progress of a multi-process job: what arrives from other processes becomes envelopes
 //! in the destination PEs' mailboxes. The lowest PE of each process polls the machine layer
 //! between messages and while idle ([`poll_network`], reconverse style: no extra thread hop on
-//! the latency path), so messages from one process are handed on in the order they arrived.
+//! the latency path), so messages from one process are handed on in the order they arrived; a
+//! layer with a lane per PE (UCX's per-PE workers, `MachineLayer::lanes`) is polled by every PE,
+//! each its own lane, where the calls for it arrive in order per sending PE.
 //! When the layer can wake that PE it parks while idle; otherwise (libfabric's `shm`: nothing to
 //! wait on) it polls longer and then naps (see `PeState::idle`). A communication thread blocking
 //! in the layer (Charm++'s SMP design) was used for such layers until it measured 4× slower for
@@ -42,9 +44,9 @@ pub(crate) fn poll_network(shared: &Shared, table: &EntryTable, idle: bool) -> b
 }
 
 /// Queues `env`, arrived for PE `dst`: straight into the local queue when the calling thread is
-/// that PE (the network PE, polling), which saves the mailbox's atomics on the latency path;
-/// else into its mailbox. Either way it is delivered after what arrived before it from the same
-/// process (one poller hands arrivals on in order).
+/// that PE (a network PE, polling), which saves the mailbox's atomics on the latency path; else
+/// into its mailbox. Either way it is delivered after what arrived before it on the same lane
+/// (one poller per lane hands arrivals on in order).
 #[inline]
 fn post(
     shared: &Shared,
@@ -241,16 +243,8 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
                 text.unwrap_or_else(|| format!("charmrs: process {src} aborted")),
             ));
         }
-        wire::KIND_HELLO => {
-            if header.tag != table.checksum() {
-                abort(format!(
-                    "process {src} runs a different program: its entry table checksum is {:#x}, this \
-                     process's is {:#x} (every process of a job must run the same binary)",
-                    header.tag,
-                    table.checksum()
-                ));
-            }
-        }
+        // Read by process 0 before the job starts (`runtime::check_hellos`), never after.
+        wire::KIND_HELLO => abort(format!("process {src} said hello after the job started")),
         other => abort(format!(
             "process {src} sent a message of unknown kind {other}"
         )),

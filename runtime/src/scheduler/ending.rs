@@ -11,7 +11,8 @@
 //! Every wait is bounded ([`WAIT`]): a peer that is gone or silent only delays the exit.
 //!
 //! Invariant: this runs on the main thread after the PE threads left, so it is the layer's only
-//! poller; messages of these kinds that the network PE already read are recorded in [`EndState`].
+//! poller, of every lane ([`poll_every_lane`]: with a lane per PE, a PE's last sends wait in its
+//! lane); messages of these kinds that a network PE already read are recorded in [`EndState`].
 
 use super::shared::Shared;
 use crate::wire;
@@ -60,15 +61,27 @@ fn signal(shared: &Shared, kind: u8, to: ProcessId) {
         .send(to, Message::new(Header::new(kind, me, 0, 0)));
 }
 
+/// Polls every lane of the layer once, recording handshake messages; whether all polls went
+/// well (an error: a peer is gone, nothing more will come from it).
+fn poll_every_lane(shared: &Shared) -> bool {
+    let layer = &shared.layer;
+    let mut ok = true;
+    for lane in 0..layer.lanes() {
+        layer.bind_lane(lane);
+        ok &= layer
+            .progress(&mut |src, msg| record(shared, msg.header().kind, src))
+            .is_ok();
+    }
+    layer.bind_lane(0);
+    ok
+}
+
 /// Polls the layer (recording handshake messages) until `done` holds or [`WAIT`] passes.
 fn wait_until(shared: &Shared, done: impl Fn(&EndState) -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done(&shared.end_state()) && Instant::now() < deadline {
-        let polled = shared
-            .layer
-            .progress(&mut |src, msg| record(shared, msg.header().kind, src));
-        if polled.is_err() {
-            return; // a peer is gone: nothing more will come from it
+        if !poll_every_lane(shared) {
+            return;
         }
         std::thread::sleep(Duration::from_micros(50));
     }
@@ -109,10 +122,7 @@ pub(crate) fn finish_job(shared: &Shared) {
         if !waiting || Instant::now() >= deadline {
             return;
         }
-        let polled = shared
-            .layer
-            .progress(&mut |src, msg| record(shared, msg.header().kind, src));
-        if polled.is_err() {
+        if !poll_every_lane(shared) {
             return;
         }
         std::thread::sleep(Duration::from_micros(50));
