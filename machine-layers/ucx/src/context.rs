@@ -105,6 +105,17 @@ impl Context {
             cma_possible,
         })
     }
+
+    /// Whether workers driven by different threads may share this context: UCX must have been
+    /// built with multi-thread support (`--enable-mt`, as Debian's is) for `mt_workers_shared`
+    /// to take effect; the context then reports `UCS_THREAD_MODE_MULTI`.
+    pub(crate) fn shared_by_threads(&self) -> bool {
+        let mut attr: sys::ucp_context_attr_t = zeroed();
+        attr.field_mask = sys::UCP_ATTR_FIELD_THREAD_MODE as u64;
+        // SAFETY: the context is live; attr is a valid out-struct with its mask set.
+        let st = unsafe { sys::ucp_context_query(self.handle, &mut attr) };
+        st == sys::UCS_OK && attr.thread_mode == sys::UCS_THREAD_MODE_MULTI
+    }
 }
 
 impl Drop for Context {

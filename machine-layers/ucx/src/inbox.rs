@@ -98,6 +98,8 @@ pub(crate) const MAX_RNDV_ACTIVE: usize = 2;
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) size: u32,
+    /// Workers per process (`UcxConfig::workers`): how worker ids are named in errors.
+    pub(crate) lanes: u32,
     /// The largest message accepted from a peer (`UcxConfig::max_message`).
     pub(crate) max_message: usize,
     /// The worker the callbacks run on (they need it for
@@ -110,12 +112,31 @@ pub(crate) struct Inbox {
     pub(crate) state: RefCell<InboxState>,
 }
 
+/// A peer worker named for a user ([`Inbox::peer`]): `process 3`, or with a worker per PE
+/// `process 1 (PE 3)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerName {
+    id: ProcessId,
+    lanes: u32,
+}
+
+impl std::fmt::Display for PeerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lanes <= 1 {
+            write!(f, "process {}", self.id)
+        } else {
+            write!(f, "process {} (PE {})", self.id / self.lanes, self.id)
+        }
+    }
+}
+
 impl Inbox {
     /// The inbox of a job of `size` processes, whose receive pool keeps at
     /// most `pool_bytes` idle.
     pub(crate) fn new(size: u32, pool_bytes: usize) -> Inbox {
         Inbox {
             size,
+            lanes: 1,
             max_message: 1 << 30,
             worker: std::cell::Cell::new(std::ptr::null_mut()),
             pool: charmrs_transport::RecvPool::new(crate::worker::EAGER_POOL_MIN, pool_bytes),
@@ -126,6 +147,15 @@ impl Inbox {
                 rndv_waiting_from: vec![0; size as usize],
                 ..InboxState::default()
             }),
+        }
+    }
+
+    /// Worker `id` as a user knows it, for error messages: its process, and with a worker per
+    /// PE also its PE.
+    pub(crate) fn peer(&self, id: ProcessId) -> PeerName {
+        PeerName {
+            id,
+            lanes: self.lanes,
         }
     }
 
@@ -153,7 +183,8 @@ impl Inbox {
         }
         if ahead >= 1 << 31 || s.waiting.contains_key(&seq) {
             st.errors.push_back(TransportError::Malformed(format!(
-                "process {src} sent message number {seq32} twice"
+                "{} sent message number {seq32} twice",
+                self.peer(src)
             )));
             return seq;
         }
@@ -194,7 +225,8 @@ impl Inbox {
             Some(slot @ None) => *slot = Some(msg),
             _ => {
                 st.errors.push_back(TransportError::Malformed(format!(
-                    "data of message {seq} from process {src} arrived unannounced"
+                    "data of message {seq} from {} arrived unannounced",
+                    self.peer(src)
                 )));
                 return;
             }
@@ -230,6 +262,7 @@ impl Inbox {
             return;
         }
         let st = &mut *st;
+        let lanes = self.lanes;
         for (p, s) in st.sources.iter_mut().enumerate() {
             let Some(since) = s.gap_since else { continue };
             if s.lost || s.departed {
@@ -241,8 +274,12 @@ impl Inbox {
                 continue;
             }
             st.errors.push_back(TransportError::Malformed(format!(
-                "process {p}: message #{} never arrived, though {} later ones did (for {} s): \
+                "{}: message #{} never arrived, though {} later ones did (for {} s): \
                  a lost or forged message",
+                PeerName {
+                    id: p as ProcessId,
+                    lanes
+                },
                 s.next,
                 s.waiting.len(),
                 limit.as_secs()

@@ -33,7 +33,9 @@ const IDLE_CLOCK_EVERY: u32 = 64;
 
 thread_local! {
     /// The worker ("lane") of a per-PE layer this thread drives: set by
-    /// [`MachineLayer::bind_lane`]; threads never bound use lane 0.
+    /// [`MachineLayer::bind_lane`]; threads never bound use lane 0. One binding per thread,
+    /// whichever layer it was made through: a thread that uses two per-PE layers (tests) has
+    /// the same lane in both.
     static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Per-thread scratch list of the messages one `progress` delivers (moved out of the inbox
     /// under the worker lock, handed to the sink after it is released).
@@ -242,8 +244,8 @@ struct Shared {
 ///   the connection reset) or, on this host, whose process no longer
 ///   exists (checked every [`UcxConfig::liveness_interval`] among the
 ///   peers this process exchanged messages with) is reported once by
-///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
-///   with the same error. A peer that dropped its layer cleanly said
+///   `progress` as [`TransportError::PeerLost`]; later sends to it (from
+///   the worker that saw it) fail with the same error. A peer that dropped its layer cleanly said
 ///   goodbye first and is not reported.
 /// * **Remote reads**: [`register`](MachineLayer::register) maps the
 ///   buffer with `ucp_mem_map` and packs its rkey into the [`RemoteKey`];
@@ -319,8 +321,19 @@ impl UcxLayer {
             same_host_error_handling: cfg.same_host_error_handling,
             pool_bytes: cfg.pool_bytes,
             max_message: cfg.max_message,
+            lanes: lanes32,
         };
         let context = Arc::new(Context::new(rank, ids as usize, lanes, &wcfg)?);
+        if lanes > 1 && !context.shared_by_threads() {
+            // Checked before anything is published: every process of the job sees the same
+            // UCX build, so all of them fall back alike.
+            eprintln!(
+                "charmrs-ucx: process {rank}: this UCX was built without multi-thread support; \
+                 one worker per process instead of {lanes}"
+            );
+            drop(context);
+            return UcxLayer::with_config(bootstrap, UcxConfig { workers: 1, ..cfg });
+        }
         let mut workers = Vec::with_capacity(lanes);
         let mut own = Vec::with_capacity(lanes);
         for lane in 0..lanes32 {
@@ -734,12 +747,14 @@ impl Shared {
                 TransportError::PeerLost { process, reason } => {
                     l.worker.inbox.peer_failed(process, reason);
                 }
-                other => l
-                    .worker
-                    .inbox
-                    .error(TransportError::Io(std::io::Error::other(format!(
-                        "operation towards process {peer}: {other}"
-                    )))),
+                other => {
+                    let peer = l.worker.inbox.peer(peer);
+                    l.worker
+                        .inbox
+                        .error(TransportError::Io(std::io::Error::other(format!(
+                            "operation towards {peer}: {other}"
+                        ))))
+                }
             }
         }
     }
@@ -942,6 +957,15 @@ impl MachineLayer for UcxLayer {
         LANE.with(|l| l.set(lane));
     }
 
+    /// Never blocks: sends at once from the calling thread's worker if it is free, else queues
+    /// for the thread holding it, to the worker of `dst` that takes PE `msg.header().dst_pe`.
+    /// A message to oneself loops back through that worker's `progress`.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`]; [`TransportError::PeerLost`] if
+    /// `dst` was reported lost (failures found while sending are reported
+    /// by `progress`).
     fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
         self.check(dst)?;
         let to = self.worker_for(dst, msg.header().dst_pe);
@@ -957,6 +981,13 @@ impl MachineLayer for UcxLayer {
         Ok(())
     }
 
+    /// Sends at once, copying `data` into a send descriptor's kept buffer (no allocation), when
+    /// the message is small (1 KiB at most), the worker free and nothing queued before it;
+    /// otherwise as [`send`](Self::send).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
     fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
         if data.len() <= crate::worker::SEND_COPY_MAX && dst != self.rank {
             self.check(dst)?;
@@ -976,10 +1007,17 @@ impl MachineLayer for UcxLayer {
         self.send(dst, Message::with_copied_segment(header, data))
     }
 
+    /// Runs queued sends, progresses the calling thread's worker, and hands every message
+    /// that is ready (in per-sender order) to `sink`, with the worker
+    /// unlocked. Reports each failure once, after the messages that arrived
+    /// before it were delivered.
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
         self.progress_arrivals(false, &mut |src, a| sink(src, a.into_message()))
     }
 
+    /// As [`progress`](Self::progress); small messages of one segment that UCX delivered
+    /// eagerly are lent ([`Arrival::Borrowed`], out of the batch's buffer of small messages),
+    /// the rest handed over owned. `idle` makes no difference.
     fn progress_arrivals(
         &self,
         _idle: bool,
@@ -1029,6 +1067,8 @@ impl MachineLayer for UcxLayer {
         UcxLayer::set_lane_wakeup(self, lane, hook).is_ok()
     }
 
+    /// Arms the calling thread's worker now (`ucp_worker_arm`) for its wake-up hook, instead
+    /// of [`UcxConfig::arm_after`] into idleness.
     fn before_park(&self) -> bool {
         let s = self.lane();
         let Some(w) = s.watcher.get() else {
@@ -1075,6 +1115,8 @@ impl MachineLayer for UcxLayer {
         UcxLayer::progress_wait(self, sink, timeout)
     }
 
+    /// Maps the buffer with `ucp_mem_map` (read access) on the context, which every worker
+    /// shares, and ships its packed rkey in the key; unmapped when the region is dropped.
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
         if buf.is_empty() {
             let key = RemoteKey {
@@ -1110,6 +1152,13 @@ impl MachineLayer for UcxLayer {
         }))
     }
 
+    /// `ucp_get_nbx` through the key's rkey into a pooled buffer, from the worker of `src` in
+    /// the calling thread's lane (the region is mapped on `src`'s context, reachable through
+    /// all its workers); the completion message arrives through the calling thread's
+    /// `progress`. A malformed key is refused at once; a failed read arrives as an error from
+    /// `progress`. Keys are trusted within the job: UCX checks them against the registration
+    /// on RDMA transports, but its shared-memory path (CMA) reads whatever the key's address
+    /// and length say in the owner's address space (same user, same job).
     fn get(
         &self,
         src: ProcessId,
@@ -1144,15 +1193,47 @@ impl MachineLayer for UcxLayer {
         Ok(())
     }
 
+    /// Completes this process's outstanding sends first (UCX may need this process's progress
+    /// for them, e.g. to finish endpoint wire-up), then the bootstrap's fence (all processes),
+    /// on a helper thread while this one keeps every worker progressing (without delivering):
+    /// a peer's send that is still being wired up (a hello to process 0) may need this
+    /// process's replies before the peer can reach the fence.
     fn barrier(&self) -> Result<(), TransportError> {
         self.flush(self.config().linger)?;
-        self.bootstrap.fence()
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let fence = std::thread::Builder::new()
+                .name(format!("charmrs-ucx-fence-{}", self.rank))
+                .spawn_scoped(scope, || {
+                    let r = self.bootstrap.fence();
+                    done.store(true, Ordering::Release);
+                    r
+                })?;
+            while !done.load(Ordering::Acquire) {
+                for s in self.lanes.iter() {
+                    if let Some(mut l) = s.locked.try_lock() {
+                        s.run_queue(&mut l);
+                        l.worker.progress_once();
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            fence.join().unwrap_or_else(|_| {
+                Err(TransportError::Bootstrap(
+                    "the fence thread panicked".to_owned(),
+                ))
+            })
+        })
     }
 
+    /// Tells the launcher through the bootstrap, which brings the job down.
     fn abort(&self, reason: &str) {
         self.bootstrap.abort(reason);
     }
 
+    /// Peers exiting at the end of a job make UCX log connection and flush
+    /// errors (on stdout, mixed with the program's output): from here on only
+    /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.
     /// Peers exiting at the end of a job make UCX log connection and flush
     /// errors (on stdout, mixed with the program's output): from here on only
     /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.
@@ -1189,13 +1270,28 @@ impl Drop for UcxLayer {
     /// UCX to finish with every buffer, then closes the endpoints; the
     /// worker and context are destroyed when the last reference goes.
     fn drop(&mut self) {
-        for s in self.lanes.iter() {
+        let finish = |s: &Shared| {
             let mut l = s.locked.lock();
             s.run_queue(&mut l);
             l.worker.drain(s.cfg.linger);
             l.worker.say_goodbye();
             l.worker.close_all(s.cfg.linger);
+        };
+        if self.lanes.len() == 1 {
+            return finish(&self.lanes[0]);
         }
+        // Every worker at once (each waits up to `linger` for its peers, which need no
+        // progress of this process's other workers meanwhile).
+        std::thread::scope(|scope| {
+            for s in self.lanes.iter() {
+                let spawned = std::thread::Builder::new()
+                    .name("charmrs-ucx-close".to_owned())
+                    .spawn_scoped(scope, || finish(s));
+                if spawned.is_err() {
+                    finish(s);
+                }
+            }
+        });
     }
 }
 

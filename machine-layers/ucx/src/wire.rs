@@ -159,7 +159,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Decodes and validates the AM header `b` of a data message whose data
-/// part is `data_len` bytes, in a job of `size` processes.
+/// part is `data_len` bytes, in a job of `size` workers (ids: process ranks
+/// with one worker per process, PE numbers with one per PE).
 ///
 /// # Errors
 ///
@@ -196,7 +197,7 @@ fn decode_as(
     let src = u32_at(b, 0);
     if src >= size {
         return Err(TransportError::Malformed(format!(
-            "active message claims to come from process {src} of a job of {size}"
+            "active message claims to come from UCX worker {src} of a job of {size}"
         )));
     }
     let segment_count = u16::from_le_bytes([b[10], b[11]]);
@@ -209,13 +210,13 @@ fn decode_as(
     let n = usize::from(segment_count);
     if split && n == 0 {
         return Err(TransportError::Malformed(format!(
-            "split active message from process {src} without segments"
+            "split active message from UCX worker {src} without segments"
         )));
     }
     let table_end = header_len(n);
     if b.len() < table_end || (!split && b.len() != table_end) {
         return Err(TransportError::Malformed(format!(
-            "active message from process {src}: header of {} bytes for {n} segments (expected {})",
+            "active message from UCX worker {src}: header of {} bytes for {n} segments (expected {})",
             b.len(),
             header_len(n)
         )));
@@ -224,7 +225,7 @@ fn decode_as(
     for i in 0..n.saturating_sub(1) {
         used = used.checked_add(u64_at(b, FIXED + 8 * i)).ok_or_else(|| {
             TransportError::Malformed(format!(
-                "active message from process {src}: segment lengths overflow"
+                "active message from UCX worker {src}: segment lengths overflow"
             ))
         })?;
     }
@@ -235,7 +236,7 @@ fn decode_as(
         }
         (true, rest) => {
             return Err(TransportError::Malformed(format!(
-                "split active message from process {src}: alignment byte {:?} (expected below {SPLIT_ALIGN})",
+                "split active message from UCX worker {src}: alignment byte {:?} (expected below {SPLIT_ALIGN})",
                 rest.first()
             )))
         }
@@ -243,13 +244,13 @@ fn decode_as(
     if split {
         if used != leading.len() as u64 {
             return Err(TransportError::Malformed(format!(
-                "split active message from process {src}: leading segments of {used} bytes, {} bytes carried",
+                "split active message from UCX worker {src}: leading segments of {used} bytes, {} bytes carried",
                 leading.len()
             )));
         }
     } else if used > data_len as u64 || (n == 0 && data_len != 0) {
         return Err(TransportError::Malformed(format!(
-            "active message from process {src}: {n} segments of at least {used} bytes in {data_len} bytes of data"
+            "active message from UCX worker {src}: {n} segments of at least {used} bytes in {data_len} bytes of data"
         )));
     }
     let header = Header {

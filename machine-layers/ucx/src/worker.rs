@@ -56,6 +56,8 @@ unsafe impl ZeroedParam for sys::ucp_worker_params_t {}
 // SAFETY: as above.
 unsafe impl ZeroedParam for sys::ucp_worker_attr_t {}
 // SAFETY: as above.
+unsafe impl ZeroedParam for sys::ucp_context_attr_t {}
+// SAFETY: as above.
 unsafe impl ZeroedParam for sys::ucp_am_handler_param_t {}
 // SAFETY: as above.
 unsafe impl ZeroedParam for sys::ucp_request_param_t {}
@@ -191,6 +193,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) same_host_error_handling: bool,
     pub(crate) pool_bytes: usize,
     pub(crate) max_message: usize,
+    /// Workers per process (`UcxConfig::workers`), for naming peers in errors.
+    pub(crate) lanes: u32,
 }
 
 /// The UCX context, worker and endpoints of the process; see the module
@@ -265,6 +269,7 @@ impl Worker {
             efd: None,
             inbox: Box::new(Inbox {
                 max_message: cfg.max_message,
+                lanes: cfg.lanes,
                 ..Inbox::new(size, cfg.pool_bytes)
             }),
             cma_possible,
@@ -493,7 +498,7 @@ impl Worker {
             Ep::None => {}
         }
         let addr = self.addresses.get(p as usize).ok_or_else(|| {
-            TransportError::Bootstrap(format!("no UCX worker address for process {p}"))
+            TransportError::Bootstrap(format!("no UCX worker address for {}", self.inbox.peer(p)))
         })?;
         let mut params: sys::ucp_ep_params_t = zeroed();
         params.field_mask = (sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
@@ -740,7 +745,10 @@ impl Worker {
         } else {
             check(
                 st,
-                &format!("ucp_am_send_nbx to process {dst} ({total} bytes)"),
+                &format!(
+                    "ucp_am_send_nbx to {} ({total} bytes)",
+                    self.inbox.peer(dst)
+                ),
             )
         }
     }
@@ -915,7 +923,7 @@ impl Worker {
             unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) };
         check(
             st,
-            &format!("ucp_ep_rkey_unpack of a key from process {src}"),
+            &format!("ucp_ep_rkey_unpack of a key from {}", self.inbox.peer(src)),
         )?;
         let op = Box::new(GetOp {
             inbox: &*self.inbox,
@@ -957,7 +965,7 @@ impl Worker {
             let st = sys::UCS_PTR_STATUS(req);
             return check(
                 st,
-                &format!("ucp_get_nbx of {len} bytes from process {src}"),
+                &format!("ucp_get_nbx of {len} bytes from {}", self.inbox.peer(src)),
             );
         }
         Ok(())
@@ -1075,9 +1083,10 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     if length > inbox.max_message {
         // Refused before a buffer is allocated for it (the length is the sender's word).
         inbox.error(TransportError::Malformed(format!(
-            "process {} sent a message of {length} bytes, over the limit of {} \
+            "{} sent a message of {length} bytes, over the limit of {} \
              (UcxConfig::max_message)",
-            d.src, inbox.max_message
+            inbox.peer(d.src),
+            inbox.max_message
         )));
         return sys::UCS_OK;
     }
@@ -1266,8 +1275,8 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         // SAFETY: UCX did not keep the descriptor box.
         let op = unsafe { Box::from_raw(raw) };
         inbox.error(TransportError::Io(std::io::Error::other(format!(
-            "receiving {len} bytes from process {}: {}",
-            op.src,
+            "receiving {len} bytes from {}: {}",
+            inbox.peer(op.src),
             describe(sys::UCS_PTR_STATUS(req))
         ))));
     }
@@ -1348,9 +1357,9 @@ unsafe extern "C" fn rndv_done_cb(
         );
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
-            "receiving {} bytes from process {} failed ({length} arrived): {}",
+            "receiving {} bytes from {} failed ({length} arrived): {}",
             op.len,
-            op.src,
+            inbox.peer(op.src),
             describe(status)
         ))));
     }
@@ -1380,9 +1389,9 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
         inbox.peer_failed(op.src, format!("remote read failed: {}", describe(status)));
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
-            "remote read of {} bytes from process {} failed: {}",
+            "remote read of {} bytes from {} failed: {}",
             op.len,
-            op.src,
+            inbox.peer(op.src),
             describe(status)
         ))));
     }

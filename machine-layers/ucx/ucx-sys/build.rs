@@ -22,6 +22,7 @@ const FUNCTIONS: &[&str] = &[
     // context
     "ucp_init_version",
     "ucp_cleanup",
+    "ucp_context_query",
     "ucp_config_read",
     "ucp_config_release",
     "ucp_config_modify",
@@ -71,6 +72,8 @@ const TYPES: &[&str] = &[
     "ucp_feature",
     "ucp_worker_params_t",
     "ucp_worker_params_field",
+    "ucp_context_attr_t",
+    "ucp_context_attr_field",
     "ucp_worker_attr_t",
     "ucp_worker_attr_field",
     "ucp_ep_params_t",

@@ -3,7 +3,8 @@
 //! Each turn the loop takes one arrived message from the mailbox (through the local queue when that
 //! is not empty, so priorities order them), runs the most urgent message, and when there is
 //! nothing to do spins briefly and then parks on the mailbox (no CPU burnt while idle; a network
-//! PE whose layer cannot wake it naps instead). The network PE also polls the machine layer each
+//! PE whose layer cannot wake it naps instead). A network PE (the first PE of each process, or
+//! every PE when the layer has a lane per PE) also polls the machine layer each
 //! turn, unless network arrivals pile up in its queue (back-pressure). A chare's entries only
 //! ever run on the PE that holds it.
 //!
