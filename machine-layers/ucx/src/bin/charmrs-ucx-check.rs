@@ -854,6 +854,13 @@ fn lanes(layer: Arc<UcxLayer>, per_thread: u64) {
                     },
                     || received.get() == expected,
                 );
+                // This PE's own sends may still need its worker's progress (a message UCX
+                // pipelines through shared memory moves only while the sender progresses): its
+                // receiver would wait for ever on a thread that stopped polling. The runtime's
+                // PEs poll until the job ends; here, flush before leaving.
+                if !matches!(layer.flush(Duration::from_secs(60)), Ok(true)) {
+                    fail(format!("PE {pe}: its sends did not complete within 60 s"));
+                }
             })
         })
         .collect();
