@@ -153,7 +153,8 @@ pub(crate) struct PeState {
     /// Network arrivals put in this PE's local queue and not yet matched by a turn (see
     /// `run_pe`'s back-pressure; network PE only).
     network_backlog: Cell<usize>,
-    /// Since when this PE (a network PE whose layer cannot wake it) has napped without input.
+    /// Since when this PE (a network PE) has parked or napped without input: it then parks or
+    /// naps again at once, without first spinning.
     napping_since: Cell<Option<Instant>>,
     /// The PE is in `idle` (polling or parked).
     idling: Cell<bool>,
@@ -237,6 +238,13 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
 /// Longest sleep of a parked network PE between looks at the network (a safety net: the layer's
 /// wake-up hook normally ends the sleep at once).
 const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The same, once the PE has been parked [`NAP_LONG_AFTER`] without input. A look that finds
+/// nothing goes straight back to sleep, but each is a wake-up on a core that may be busy: with
+/// every PE polling a lane of its own (UCX, one worker per PE), the idle PEs' looks every 5 ms
+/// preempted the busy ones and made an 8 B ping-pong beside them bimodal (0.6 or 7–25 µs per
+/// run, 2 cores, docs/performance.md "Session 20").
+const NETWORK_PARK_LONG: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Backlog of network arrivals in its local queue from which the network PE skips polls of the
 /// network, at most this many turns in a row (see `run_pe`).
@@ -1287,9 +1295,11 @@ impl PeState {
     }
 
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`. A network
-    /// PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its last input, then
-    /// naps (at most [`NAP_MAX`], 1 ms once it napped [`NAP_LONG_AFTER`] without input); every
-    /// nap ends with a poll.
+    /// PE looks at the network after at most [`NETWORK_PARK_MAX`] parked ([`NETWORK_PARK_LONG`]
+    /// once parked [`NAP_LONG_AFTER`] without input), and parks again at once if it finds
+    /// nothing. A network PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its
+    /// last input, then naps (at most [`NAP_MAX`], [`NAP_LONG`] once it napped
+    /// [`NAP_LONG_AFTER`] without input); every nap ends with a poll.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
         let network = self
@@ -1327,11 +1337,11 @@ impl PeState {
                 self.napping_since.set(None);
                 return;
             }
-            let napping_since = self.napping_since.get().filter(|_| naps);
+            let napping_since = self.napping_since.get().filter(|_| network.is_some());
             let spin = match (naps, napping_since) {
-                (false, _) => self.shared.idle_spin,
+                (_, Some(_)) => Duration::ZERO,
+                (false, None) => self.shared.idle_spin,
                 (true, None) => self.shared.idle_spin.max(NAP_SPIN),
-                (true, Some(_)) => Duration::ZERO,
             };
             if now - start >= spin {
                 if network.is_some() && !self.shared.layer.before_park() {
@@ -1339,37 +1349,46 @@ impl PeState {
                     continue;
                 }
                 let mut timeout = next_timer.map(|t| t.saturating_duration_since(now));
+                // Never rely on the layer's wake-up alone: a lost one would otherwise hang the
+                // job (a parked network PE looks at the network every few ms).
+                let long = napping_since.is_some_and(|t| now - t >= NAP_LONG_AFTER);
+                let max = match (naps, long) {
+                    (false, false) => NETWORK_PARK_MAX,
+                    (false, true) => NETWORK_PARK_LONG,
+                    (true, false) => NAP_MAX,
+                    (true, true) => NAP_LONG,
+                };
                 if network.is_some() {
-                    // Never rely on the layer's wake-up alone: a lost one would otherwise hang
-                    // the job (a parked network PE looks at the network every few ms).
-                    let max = match napping_since {
-                        _ if !naps => NETWORK_PARK_MAX,
-                        Some(t) if now - t >= NAP_LONG_AFTER => NAP_LONG,
-                        _ => NAP_MAX,
-                    };
                     timeout = Some(timeout.map_or(max, |t| t.min(max)));
                 }
                 mailbox.park(timeout, || !self.shared.stopping());
-                if naps {
-                    // Input from another PE ends napping; the network is polled next.
-                    let idle_on =
+                if let Some(table) = network {
+                    // Input from another PE, or a timer due, ends the quiet period; the network
+                    // is polled next.
+                    let mut idle_on =
                         mailbox.is_empty() && next_timer.is_none_or(|t| Instant::now() < t);
+                    if !naps {
+                        // Quiet only if the park ran its course: the layer's wake-up (which
+                        // leaves the mailbox empty) means input, and the PE spins again first
+                        // next time.
+                        idle_on &= Instant::now() - now >= max;
+                    }
+                    // A park the layer's wake-up should have ended: look now (a napping PE
+                    // polls next anyway).
+                    if idle_on && !naps && crate::scheduler::poll_network(&self.shared, table, true)
+                    {
+                        idle_on = false;
+                        if std::env::var_os("CHARMRS_DEBUG_WAKE").is_some() {
+                            eprintln!(
+                                "charmrs: PE {}: network input found after a {max:?} park: the \
+                                 {} layer's wake-up came late or not at all",
+                                self.pe,
+                                self.shared.layer.name()
+                            );
+                        }
+                    }
                     self.napping_since
                         .set(idle_on.then(|| napping_since.unwrap_or(now)));
-                }
-                if let Some(table) = network.filter(|_| !naps) {
-                    if mailbox.is_empty()
-                        && Instant::now() - now >= NETWORK_PARK_MAX
-                        && crate::scheduler::poll_network(&self.shared, table, true)
-                        && std::env::var_os("CHARMRS_DEBUG_WAKE").is_some()
-                    {
-                        eprintln!(
-                            "charmrs: PE {}: network input found after a {NETWORK_PARK_MAX:?} park: \
-                             the {} layer's wake-up came late or not at all",
-                            self.pe,
-                            self.shared.layer.name()
-                        );
-                    }
                 }
                 return;
             }
@@ -1469,7 +1488,10 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
             } else if throttled {
                 skipped += 1;
             } else {
-                crate::scheduler::poll_network(&shared, table, false);
+                if crate::scheduler::poll_network(&shared, table, false) {
+                    // Input: the next idle period spins before it parks.
+                    state.napping_since.set(None);
+                }
                 skipped = 0;
             }
         }
