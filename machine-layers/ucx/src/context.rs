@@ -106,9 +106,10 @@ impl Context {
         })
     }
 
-    /// Whether workers driven by different threads may share this context: UCX must have been
-    /// built with multi-thread support (`--enable-mt`, as Debian's is) for `mt_workers_shared`
-    /// to take effect; the context then reports `UCS_THREAD_MODE_MULTI`.
+    /// Whether workers driven by different threads may share this context: created with
+    /// `mt_workers_shared`, it must report `UCS_THREAD_MODE_MULTI` (UCX 1.13, as Debian builds
+    /// it, does; a build or version without thread-safe contexts would not, and the layer then
+    /// keeps one worker).
     pub(crate) fn shared_by_threads(&self) -> bool {
         let mut attr: sys::ucp_context_attr_t = zeroed();
         attr.field_mask = sys::UCP_ATTR_FIELD_THREAD_MODE as u64;

@@ -610,6 +610,8 @@ impl UcxLayer {
                 s.run_queue(&mut l);
                 l.worker.progress_once();
                 done &= !l.worker.inbox.holds_operations() && s.queue.is_empty();
+                // Arrivals this progress took in wait for the worker's own poller: wake it.
+                s.release(l);
             }
             if done {
                 return Ok(true);
@@ -1200,20 +1202,17 @@ impl MachineLayer for UcxLayer {
     /// process's replies before the peer can reach the fence.
     fn barrier(&self) -> Result<(), TransportError> {
         self.flush(self.config().linger)?;
-        let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let fence = std::thread::Builder::new()
                 .name(format!("charmrs-ucx-fence-{}", self.rank))
-                .spawn_scoped(scope, || {
-                    let r = self.bootstrap.fence();
-                    done.store(true, Ordering::Release);
-                    r
-                })?;
-            while !done.load(Ordering::Acquire) {
+                .spawn_scoped(scope, || self.bootstrap.fence())?;
+            // Until the fence returns, or its thread panics.
+            while !fence.is_finished() {
                 for s in self.lanes.iter() {
                     if let Some(mut l) = s.locked.try_lock() {
                         s.run_queue(&mut l);
                         l.worker.progress_once();
+                        s.release(l);
                     }
                 }
                 std::thread::sleep(Duration::from_micros(100));
@@ -1231,9 +1230,6 @@ impl MachineLayer for UcxLayer {
         self.bootstrap.abort(reason);
     }
 
-    /// Peers exiting at the end of a job make UCX log connection and flush
-    /// errors (on stdout, mixed with the program's output): from here on only
-    /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.
     /// Peers exiting at the end of a job make UCX log connection and flush
     /// errors (on stdout, mixed with the program's output): from here on only
     /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.

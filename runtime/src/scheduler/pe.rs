@@ -236,15 +236,11 @@ pub(crate) fn with_pe<R>(what: &'static str, f: impl FnOnce(&PeState) -> R) -> R
 }
 
 /// Longest sleep of a parked network PE between looks at the network (a safety net: the layer's
-/// wake-up hook normally ends the sleep at once).
+/// wake-up hook normally ends the sleep at once). A look that finds nothing parks again at once:
+/// when it went through a whole idle spin first, the idle PEs' looks (with a UCX worker per PE,
+/// every idle PE looks) preempted the busy ones and made an 8 B ping-pong beside them bimodal
+/// (0.6 or 7–25 µs per run on 2 cores; docs/performance.md, "Session 20").
 const NETWORK_PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
-
-/// The same, once the PE has been parked [`NAP_LONG_AFTER`] without input. A look that finds
-/// nothing goes straight back to sleep, but each is a wake-up on a core that may be busy: with
-/// every PE polling a lane of its own (UCX, one worker per PE), the idle PEs' looks every 5 ms
-/// preempted the busy ones and made an 8 B ping-pong beside them bimodal (0.6 or 7–25 µs per
-/// run, 2 cores, docs/performance.md "Session 20").
-const NETWORK_PARK_LONG: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Backlog of network arrivals in its local queue from which the network PE skips polls of the
 /// network, at most this many turns in a row (see `run_pe`).
@@ -1295,9 +1291,8 @@ impl PeState {
     }
 
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`. A network
-    /// PE looks at the network after at most [`NETWORK_PARK_MAX`] parked ([`NETWORK_PARK_LONG`]
-    /// once parked [`NAP_LONG_AFTER`] without input), and parks again at once if it finds
-    /// nothing. A network PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its
+    /// PE looks at the network after at most [`NETWORK_PARK_MAX`] parked, and parks again at
+    /// once if it finds nothing. A network PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its
     /// last input, then naps (at most [`NAP_MAX`], [`NAP_LONG`] once it napped
     /// [`NAP_LONG_AFTER`] without input); every nap ends with a poll.
     fn idle(&self, next_timer: Option<Instant>) {
@@ -1351,12 +1346,10 @@ impl PeState {
                 let mut timeout = next_timer.map(|t| t.saturating_duration_since(now));
                 // Never rely on the layer's wake-up alone: a lost one would otherwise hang the
                 // job (a parked network PE looks at the network every few ms).
-                let long = napping_since.is_some_and(|t| now - t >= NAP_LONG_AFTER);
-                let max = match (naps, long) {
-                    (false, false) => NETWORK_PARK_MAX,
-                    (false, true) => NETWORK_PARK_LONG,
-                    (true, false) => NAP_MAX,
-                    (true, true) => NAP_LONG,
+                let max = match napping_since {
+                    _ if !naps => NETWORK_PARK_MAX,
+                    Some(t) if now - t >= NAP_LONG_AFTER => NAP_LONG,
+                    _ => NAP_MAX,
                 };
                 if network.is_some() {
                     timeout = Some(timeout.map_or(max, |t| t.min(max)));
