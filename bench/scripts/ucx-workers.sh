@@ -37,15 +37,13 @@ done
 
 echo "# UCX workers per process vs per PE, +p4 ++ppn 2, UCX_TLS=$UCX_TLS, $(nproc) cores, medians of $rounds interleaved rounds"
 printf '%9s | %-27s | %-27s\n' "" "PEs 0 <-> 2 (pollers)" "PEs 1 <-> 3 (not pollers)"
-printf '%9s | %13s %13s | %13s %13s\n' "size" "process µs" "pe µs" "process µs" "pe µs"
-for s in ${sizes//,/ }; do
-    printf '%9s | %13s %13s | %13s %13s\n' "$s" \
-        "$(median_of "$out/process-02" "$s" 2)" "$(median_of "$out/pe-02" "$s" 2)" \
-        "$(median_of "$out/process-13" "$s" 2)" "$(median_of "$out/pe-13" "$s" 2)"
-done
-printf '%9s | %13s %13s | %13s %13s\n' "size" "process MB/s" "pe MB/s" "process MB/s" "pe MB/s"
-for s in ${sizes//,/ }; do
-    printf '%9s | %13s %13s | %13s %13s\n' "$s" \
-        "$(median_of "$out/process-02" "$s" 3)" "$(median_of "$out/pe-02" "$s" 3)" \
-        "$(median_of "$out/process-13" "$s" 3)" "$(median_of "$out/pe-13" "$s" 3)"
-done
+table() { # unit column
+    printf '%9s | %13s %13s | %13s %13s\n' "size" "process $1" "pe $1" "process $1" "pe $1"
+    for s in ${sizes//,/ }; do
+        printf '%9s | %13s %13s | %13s %13s\n' "$s" \
+            "$(median_of "$out/process-02" "$s" "$2")" "$(median_of "$out/pe-02" "$s" "$2")" \
+            "$(median_of "$out/process-13" "$s" "$2")" "$(median_of "$out/pe-13" "$s" "$2")"
+    done
+}
+table µs 2
+table MB/s 3
