@@ -127,9 +127,9 @@ fn not_built(name: &str) -> Error {
     ))
 }
 
-/// UCX workers for a process of `pes` PEs from `CHARMRS_UCX_WORKERS` (`setting`): `pe` (one per PE, each polled
-/// by its PE; the default) or `process` (one, polled by the first PE, which hands arrivals on to
-/// the others). Per PE measured as fast for the polling PEs and far faster for the others
+/// UCX workers for a process of `pes` PEs from `CHARMRS_UCX_WORKERS` (`setting`): `pe` (one
+/// per PE, each polled by its PE; the default) or `process` (one, polled by the first PE, which
+/// hands arrivals on to the others). Per PE measured as fast for the polling PEs and far faster for the others
 /// (docs/performance.md, "Session 20").
 fn ucx_workers(setting: Option<&str>, pes: usize) -> Result<usize> {
     match setting {

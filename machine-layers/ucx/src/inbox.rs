@@ -125,8 +125,24 @@ impl std::fmt::Display for PeerName {
         if self.lanes <= 1 {
             write!(f, "process {}", self.id)
         } else {
-            write!(f, "process {} (PE {})", self.id / self.lanes, self.id)
+            write!(
+                f,
+                "process {} (PE {})",
+                process_of(self.id, self.lanes),
+                self.id
+            )
         }
+    }
+}
+
+/// The process of worker `id` in a job of `lanes` workers per process (worker ids are
+/// `process · lanes + lane`).
+#[inline]
+pub(crate) fn process_of(id: u32, lanes: u32) -> ProcessId {
+    if lanes <= 1 {
+        id
+    } else {
+        id / lanes
     }
 }
 

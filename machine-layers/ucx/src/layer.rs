@@ -15,6 +15,7 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::context::Context;
+use crate::inbox::process_of;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
@@ -383,16 +384,16 @@ impl UcxLayer {
                 identities.push(identity.clone());
             }
         }
-        let process_of = |id: usize| id as u32 / lanes32;
+        let ours = |id: usize| process_of(id as u32, lanes32) == rank;
         let peer_mode: Vec<bool> = identities
             .iter()
             .enumerate()
-            .map(|(id, i)| process_of(id) != rank && (i.is_none() || cfg.same_host_error_handling))
+            .map(|(id, i)| !ours(id) && (i.is_none() || cfg.same_host_error_handling))
             .collect();
         let same_host: Vec<bool> = identities
             .iter()
             .enumerate()
-            .map(|(id, i)| i.is_some() || process_of(id) == rank)
+            .map(|(id, i)| i.is_some() || ours(id))
             .collect();
         let mut made = Vec::with_capacity(lanes);
         for (lane, mut worker) in (0..lanes32).zip(workers) {
@@ -436,7 +437,7 @@ impl UcxLayer {
 
     /// The worker the calling thread drives ([`MachineLayer::bind_lane`]; lane 0 if none).
     #[inline]
-    fn lane(&self) -> &Shared {
+    fn lane(&self) -> &Arc<Shared> {
         if self.lanes.len() == 1 {
             &self.lanes[0]
         } else {
@@ -606,12 +607,7 @@ impl UcxLayer {
         loop {
             let mut done = true;
             for s in self.lanes.iter() {
-                let mut l = s.locked.lock();
-                s.run_queue(&mut l);
-                l.worker.progress_once();
-                done &= !l.worker.inbox.holds_operations() && s.queue.is_empty();
-                // Arrivals this progress took in wait for the worker's own poller: wake it.
-                s.release(l);
+                done &= s.progress_for_poller(s.locked.lock());
             }
             if done {
                 return Ok(true);
@@ -648,11 +644,18 @@ impl Shared {
     /// The process of worker `id`.
     #[inline]
     fn process_of(&self, id: u32) -> ProcessId {
-        if self.lanes == 1 {
-            id
-        } else {
-            id / self.lanes
-        }
+        process_of(id, self.lanes)
+    }
+
+    /// One round for a thread that is not this worker's poller (flush, barrier): runs the
+    /// queue, progresses once without delivering, and lets go, waking the poller for what it
+    /// took in. Returns whether nothing of ours is left in flight or queued.
+    fn progress_for_poller(&self, mut l: SpinGuard<'_, Locked>) -> bool {
+        self.run_queue(&mut l);
+        l.worker.progress_once();
+        let done = !l.worker.inbox.holds_operations() && self.queue.is_empty();
+        self.release(l);
+        done
     }
 
     /// `e`, naming processes where the worker named worker ids.
@@ -1051,8 +1054,7 @@ impl MachineLayer for UcxLayer {
             let n = if s.lanes == 1 {
                 batch.deliver(sink)
             } else {
-                let lanes = s.lanes;
-                batch.deliver(&mut |id, a| sink(id / lanes, a))
+                batch.deliver(&mut |id, a| sink(s.process_of(id), a))
             };
             match error {
                 Some(e) => Err(s.for_caller(e)),
@@ -1129,7 +1131,7 @@ impl MachineLayer for UcxLayer {
             return Ok(MemRegion::new(buf, key));
         }
         // Mapped on the context, shared by all workers: through the calling thread's worker.
-        let shared = &self.lanes[LANE.with(std::cell::Cell::get).min(self.lanes.len() - 1)];
+        let shared = self.lane();
         let (memh, packed) = shared
             .locked
             .lock()
@@ -1209,10 +1211,8 @@ impl MachineLayer for UcxLayer {
             // Until the fence returns, or its thread panics.
             while !fence.is_finished() {
                 for s in self.lanes.iter() {
-                    if let Some(mut l) = s.locked.try_lock() {
-                        s.run_queue(&mut l);
-                        l.worker.progress_once();
-                        s.release(l);
+                    if let Some(l) = s.locked.try_lock() {
+                        s.progress_for_poller(l);
                     }
                 }
                 std::thread::sleep(Duration::from_micros(100));

@@ -155,7 +155,7 @@ pub(crate) struct PeState {
     network_backlog: Cell<usize>,
     /// Since when this PE (a network PE) has parked or napped without input: it then parks or
     /// naps again at once, without first spinning.
-    napping_since: Cell<Option<Instant>>,
+    quiet_since: Cell<Option<Instant>>,
     /// The PE is in `idle` (polling or parked).
     idling: Cell<bool>,
     /// Set when a call the network lent ran inside `idle` (`run_lent`): when the idle period
@@ -323,7 +323,7 @@ impl PeState {
             timers: RefCell::default(),
             has_timers: Cell::new(false),
             network_backlog: Cell::new(0),
-            napping_since: Cell::new(None),
+            quiet_since: Cell::new(None),
             idling: Cell::new(false),
             idle_end: Cell::new(None),
             locations: RefCell::default(),
@@ -1292,9 +1292,9 @@ impl PeState {
 
     /// Parks until a message arrives or the job stops, after polling for `idle_spin`. A network
     /// PE looks at the network after at most [`NETWORK_PARK_MAX`] parked, and parks again at
-    /// once if it finds nothing. A network PE whose layer cannot wake it instead polls for [`NAP_SPIN`] after its
-    /// last input, then naps (at most [`NAP_MAX`], [`NAP_LONG`] once it napped
-    /// [`NAP_LONG_AFTER`] without input); every nap ends with a poll.
+    /// once if it finds nothing. A network PE whose layer cannot wake it instead polls for
+    /// [`NAP_SPIN`] after its last input, then naps (at most [`NAP_MAX`], [`NAP_LONG`] once it
+    /// napped [`NAP_LONG_AFTER`] without input); every nap ends with a poll.
     fn idle(&self, next_timer: Option<Instant>) {
         let mailbox = self.shared.mailbox(self.pe).expect("a PE's own mailbox");
         let network = self
@@ -1311,7 +1311,7 @@ impl PeState {
             if let Some(table) = network {
                 if crate::scheduler::poll_network(&self.shared, table, true) {
                     // Arrivals for this PE went to its local queue.
-                    self.napping_since.set(None);
+                    self.quiet_since.set(None);
                     return;
                 }
             }
@@ -1329,11 +1329,11 @@ impl PeState {
             }
             let now = Instant::now();
             if next_timer.is_some_and(|t| now >= t) {
-                self.napping_since.set(None);
+                self.quiet_since.set(None);
                 return;
             }
-            let napping_since = self.napping_since.get().filter(|_| network.is_some());
-            let spin = match (naps, napping_since) {
+            let quiet_since = self.quiet_since.get().filter(|_| network.is_some());
+            let spin = match (naps, quiet_since) {
                 (_, Some(_)) => Duration::ZERO,
                 (false, None) => self.shared.idle_spin,
                 (true, None) => self.shared.idle_spin.max(NAP_SPIN),
@@ -1346,7 +1346,7 @@ impl PeState {
                 let mut timeout = next_timer.map(|t| t.saturating_duration_since(now));
                 // Never rely on the layer's wake-up alone: a lost one would otherwise hang the
                 // job (a parked network PE looks at the network every few ms).
-                let max = match napping_since {
+                let max = match quiet_since {
                     _ if !naps => NETWORK_PARK_MAX,
                     Some(t) if now - t >= NAP_LONG_AFTER => NAP_LONG,
                     _ => NAP_MAX,
@@ -1380,8 +1380,8 @@ impl PeState {
                             );
                         }
                     }
-                    self.napping_since
-                        .set(idle_on.then(|| napping_since.unwrap_or(now)));
+                    self.quiet_since
+                        .set(idle_on.then(|| quiet_since.unwrap_or(now)));
                 }
                 return;
             }
@@ -1393,7 +1393,7 @@ impl PeState {
             }
         }
         // A message from another PE came in (or the job stops).
-        self.napping_since.set(None);
+        self.quiet_since.set(None);
     }
 }
 
@@ -1483,7 +1483,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
             } else {
                 if crate::scheduler::poll_network(&shared, table, false) {
                     // Input: the next idle period spins before it parks.
-                    state.napping_since.set(None);
+                    state.quiet_since.set(None);
                 }
                 skipped = 0;
             }

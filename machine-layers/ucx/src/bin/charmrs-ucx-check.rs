@@ -150,6 +150,54 @@ fn send(layer: &UcxLayer, p: ProcessId, m: Message) {
     }
 }
 
+/// Sends `order`'s and `lanes`' message `k` from sender `from` (its segments from `pattern`)
+/// to process `dst`: a one-segment one every other time through `send_copy` (copied from a
+/// borrowed buffer: small ones at once, into a send descriptor; others as a message), in order
+/// with the rest.
+fn send_numbered(layer: &UcxLayer, dst: ProcessId, h: Header, from: u32, k: u64) {
+    let segs: Vec<Bytes> = segment_lens(k)
+        .iter()
+        .enumerate()
+        .map(|(j, &l)| pattern(from, k, j, l))
+        .collect();
+    if segs.len() == 1 && k.is_multiple_of(2) {
+        if let Err(e) = layer.send_copy(dst, h, &segs[0]) {
+            fail(format!("{from}: send_copy to {dst}: {e}"));
+        }
+        return;
+    }
+    send(
+        layer,
+        dst,
+        Message::with_segments(h, segs).expect("few segments"),
+    );
+}
+
+/// Checks that `m` is message `k` of sender `from` as [`send_numbered`] made it; `who` names the
+/// receiver in the failure.
+fn verify_numbered(m: &Message, from: u32, k: u64, who: &str) {
+    let lens = segment_lens(k);
+    if m.segments().len() != lens.len() {
+        fail(format!(
+            "{who}: message {k} from {from}: {} segments",
+            m.segments().len()
+        ));
+    }
+    for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
+        if seg.len() != l {
+            fail(format!(
+                "{who}: message {k} from {from} seg {j}: {} bytes, expected {l}",
+                seg.len()
+            ));
+        }
+        if let Some(i) = (0..l).find(|&i| seg[i] != byte(from, k, j, i)) {
+            fail(format!(
+                "{who}: message {k} from {from} seg {j}: byte {i} differs"
+            ));
+        }
+    }
+}
+
 fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
     let me = layer.rank();
     let n = layer.size();
@@ -187,22 +235,8 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
                 for k in 0..per_thread {
                     for d in 0..n {
                         let dst = (me + 1 + d) % n;
-                        let segs: Vec<Bytes> = segment_lens(k)
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &l)| pattern(me, k, j, l))
-                            .collect();
                         let h = Header::new(KIND_DATA, me, dst, t << 32 | k);
-                        if segs.len() == 1 && k % 2 == 0 {
-                            // Copied from a borrowed buffer (small ones at once, into a send
-                            // descriptor; others as a message), in order with the rest.
-                            if let Err(e) = layer.send_copy(dst, h, &segs[0]) {
-                                fail(format!("rank {me}: send_copy to {dst}: {e}"));
-                            }
-                            continue;
-                        }
-                        let m = Message::with_segments(h, segs).expect("few segments");
-                        send(&layer, dst, m);
+                        send_numbered(&layer, dst, h, me, k);
                     }
                 }
             })
@@ -230,26 +264,7 @@ fn order(layer: Arc<UcxLayer>, per_thread: u64, threads: u64) {
             ));
         }
         *e += 1;
-        let lens = segment_lens(k);
-        if m.segments().len() != lens.len() {
-            fail(format!(
-                "rank {me}: message {k} from {src}: {} segments",
-                m.segments().len()
-            ));
-        }
-        for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
-            if seg.len() != l {
-                fail(format!(
-                    "rank {me}: message {k} from {src} seg {j}: {} bytes, expected {l}",
-                    seg.len()
-                ));
-            }
-            if let Some(i) = (0..l).find(|&i| seg[i] != byte(src, k, j, i)) {
-                fail(format!(
-                    "rank {me}: message {k} from {src} seg {j}: byte {i} differs"
-                ));
-            }
-        }
+        verify_numbered(&m, src, k, &format!("rank {me}"));
         received.set(received.get() + 1);
     };
     let t0 = Instant::now();
@@ -795,21 +810,8 @@ fn lanes(layer: Arc<UcxLayer>, per_thread: u64) {
                 for k in 0..per_thread {
                     for d in 0..pes {
                         let dst_pe = (pe + 1 + d) % pes;
-                        let dst = dst_pe / lanes;
-                        let segs: Vec<Bytes> = segment_lens(k)
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &l)| pattern(pe, k, j, l))
-                            .collect();
                         let h = Header::new(KIND_DATA, pe, dst_pe, k);
-                        if segs.len() == 1 && k % 2 == 0 {
-                            if let Err(e) = layer.send_copy(dst, h, &segs[0]) {
-                                fail(format!("PE {pe}: send_copy to PE {dst_pe}: {e}"));
-                            }
-                        } else {
-                            let m = Message::with_segments(h, segs).expect("few segments");
-                            send(&layer, dst, m);
-                        }
+                        send_numbered(&layer, dst_pe / lanes, h, pe, k);
                     }
                 }
                 let mut next: HashMap<u32, u64> = HashMap::new();
@@ -835,21 +837,7 @@ fn lanes(layer: Arc<UcxLayer>, per_thread: u64) {
                             ));
                         }
                         *e += 1;
-                        let lens = segment_lens(h.tag);
-                        let intact =
-                            m.segments().len() == lens.len()
-                                && m.segments().iter().zip(&lens).enumerate().all(
-                                    |(j, (seg, &l))| {
-                                        seg.len() == l
-                                            && (0..l).all(|i| seg[i] == byte(h.src_pe, h.tag, j, i))
-                                    },
-                                );
-                        if !intact {
-                            fail(format!(
-                                "PE {pe}: message {} from PE {} differs",
-                                h.tag, h.src_pe
-                            ));
-                        }
+                        verify_numbered(&m, h.src_pe, h.tag, &format!("PE {pe}"));
                         received.set(received.get() + 1);
                     },
                     || received.get() == expected,
