@@ -83,20 +83,33 @@ pub fn encode(out: &mut Vec<u8>, src: ProcessId, seq: u32, header: &Header, lens
     out.reserve(header_len(lens.len()));
     // The fixed part assembled in place, then appended at once.
     let mut fixed = [0u8; FIXED];
-    fixed[0..4].copy_from_slice(&src.to_le_bytes());
-    fixed[4..8].copy_from_slice(&seq.to_le_bytes());
-    fixed[8] = header.kind;
-    fixed[9] = header.flags;
-    fixed[10..12].copy_from_slice(&(lens.len() as u16).to_le_bytes());
-    fixed[12..16].copy_from_slice(&header.src_pe.to_le_bytes());
-    fixed[16..20].copy_from_slice(&header.dst_pe.to_le_bytes());
-    fixed[20..28].copy_from_slice(&header.tag.to_le_bytes());
+    encode_fixed(&mut fixed, src, seq, header, lens.len());
     out.extend_from_slice(&fixed);
     if let Some((_, init)) = lens.split_last() {
         for &l in init {
             out.extend_from_slice(&(l as u64).to_le_bytes());
         }
     }
+}
+
+/// Writes the fixed part of a data header (all of it for a message of one segment) into
+/// `fixed`: `segments` is the message's segment count.
+#[inline]
+pub fn encode_fixed(
+    fixed: &mut [u8; FIXED],
+    src: ProcessId,
+    seq: u32,
+    header: &Header,
+    segments: usize,
+) {
+    fixed[0..4].copy_from_slice(&src.to_le_bytes());
+    fixed[4..8].copy_from_slice(&seq.to_le_bytes());
+    fixed[8] = header.kind;
+    fixed[9] = header.flags;
+    fixed[10..12].copy_from_slice(&(segments as u16).to_le_bytes());
+    fixed[12..16].copy_from_slice(&header.src_pe.to_le_bytes());
+    fixed[16..20].copy_from_slice(&header.dst_pe.to_le_bytes());
+    fixed[20..28].copy_from_slice(&header.tag.to_le_bytes());
 }
 
 /// Bytes a split header adds to a data header besides the leading

@@ -618,18 +618,47 @@ impl Worker {
         let ep = self.ep(dst)?;
         self.talked[dst as usize] = true;
         let seq = self.next_seq(dst);
-        let mut op = self.take_op();
         let header = Header {
             segment_count: 1,
             ..*header
         };
-        wire::encode(
-            &mut op.header,
-            self.rank,
-            seq as u32,
-            &header,
-            &[data.len()],
-        );
+        let mut fixed = [0u8; wire::FIXED];
+        wire::encode_fixed(&mut fixed, self.rank, seq as u32, &header, 1);
+        // First the short protocol with the caller's bytes, if UCX can send them before
+        // returning: no descriptor, no copy, no completion to handle. When it cannot (the
+        // FIFO is full, UCX holds earlier sends on this endpoint, the message needs more than
+        // a short send), the descriptor path below sends the same bytes with the same
+        // sequence number, UCX keeping its per-endpoint order.
+        let mut param: sys::ucp_request_param_t = zeroed();
+        param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_DATATYPE
+            | sys::UCP_OP_ATTR_FIELD_FLAGS
+            | sys::UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
+        param.datatype = sys::ucp_dt_make_contig(1);
+        param.flags = 0;
+        // SAFETY: ep is open; the header and `data` are read before the call returns (forced
+        // immediate completion: a send UCX cannot finish at once is refused, not kept).
+        let req = unsafe {
+            sys::ucp_am_send_nbx(
+                ep,
+                wire::AM_DATA,
+                fixed.as_ptr() as *const c_void,
+                fixed.len(),
+                data.as_ptr() as *mut c_void,
+                data.len(),
+                &param,
+            )
+        };
+        if req.is_null() {
+            return Ok(());
+        }
+        if !(sys::UCS_PTR_IS_ERR(req) && sys::UCS_PTR_STATUS(req) == sys::UCS_ERR_NO_RESOURCE) {
+            // Not a request (forced immediate completion hands none out): a failure.
+            self.seq[dst as usize] -= 1;
+            return self.send_failed(dst, sys::UCS_PTR_STATUS(req), data.len());
+        }
+        let mut op = self.take_op();
+        op.header.clear();
+        op.header.extend_from_slice(&fixed);
         op.gathered.clear();
         op.gathered.extend_from_slice(data);
         let buffer = op.gathered.as_mut_ptr() as *mut c_void;
@@ -737,6 +766,16 @@ impl Worker {
         // Not sent: give the sequence number back, or the receiver would
         // wait for it forever.
         self.seq[dst as usize] -= 1;
+        self.send_failed(dst, st, total)
+    }
+
+    /// The error for a send of `total` bytes to `dst` that UCX refused with `st`.
+    fn send_failed(
+        &self,
+        dst: ProcessId,
+        st: sys::ucs_status_t,
+        total: usize,
+    ) -> Result<(), TransportError> {
         if is_peer_failure(st) {
             Err(TransportError::PeerLost {
                 process: dst,

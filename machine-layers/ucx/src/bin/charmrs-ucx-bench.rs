@@ -11,7 +11,9 @@
 //! measures `UcxLayer` ping-pong (one-way = round trip / 2, per-iteration
 //! median) and streaming bandwidth (windows of at most 64 messages and
 //! `--window-bytes`, default 8 MiB, one small ack per window) through
-//! `send`/`progress`; then `ucx_perftest` server and client on 127.0.0.1 for
+//! `send`/`progress`, and for sizes up to 4 KiB the ping-pong again through the path the
+//! runtime takes for small calls (`send_copy` from a borrowed slice, arrivals lent by
+//! `progress_arrivals`: the "lent" column); then `ucx_perftest` server and client on 127.0.0.1 for
 //! the same sizes. It prints the median over the repetitions. For sizes from
 //! 64 KiB it also measures the alternative large-message path: `register` on
 //! one side, `get` (`ucp_get_nbx` through the packed rkey) on the other,
@@ -97,6 +99,35 @@ fn recv_n(layer: &UcxLayer, n: usize) -> Option<(ProcessId, Message)> {
     last
 }
 
+/// Busy-polls `layer` through the runtime's path (`progress_arrivals`: small messages lent, not
+/// handed over owned) until one message arrived.
+fn recv_one_lent(layer: &UcxLayer) {
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut spins = 0u32;
+    while got == 0 {
+        match layer.progress_arrivals(false, &mut |_, a| {
+            std::hint::black_box(a.total_len());
+            got += 1;
+        }) {
+            Ok(_) => {}
+            Err(e) => die(format!("progress_arrivals: {e}")),
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(4096) && Instant::now() > deadline {
+            die("timed out waiting for a lent message".into());
+        }
+    }
+}
+
+/// Sends `payload` through the runtime's path for small calls (`send_copy`: copied by the layer
+/// from a borrowed slice, no segment allocated).
+fn send_lent(layer: &UcxLayer, dst: ProcessId, payload: &[u8], tag: u64) {
+    if let Err(e) = layer.send_copy(dst, Header::new(1, 0, 0, tag), payload) {
+        die(format!("send_copy: {e}"));
+    }
+}
+
 fn send(layer: &UcxLayer, dst: ProcessId, payload: &Bytes, tag: u64) {
     let header = Header::new(1, 0, 0, tag);
     let m = if payload.is_empty() {
@@ -167,6 +198,28 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
                 send(&layer, peer, &payload, i as u64);
             }
         }
+        // Latency again, through the runtime's small-message path (`send_copy` and lent
+        // arrivals), for the sizes the runtime sends that way.
+        let mut lent_rtts = Vec::new();
+        if size <= LENT_MAX {
+            layer
+                .barrier()
+                .unwrap_or_else(|e| die(format!("barrier: {e}")));
+            lent_rtts.reserve(iters);
+            for i in 0..warm + iters {
+                if me == 0 {
+                    let t = ticks();
+                    send_lent(&layer, peer, &payload, i as u64);
+                    recv_one_lent(&layer);
+                    if i >= warm {
+                        lent_rtts.push((ticks() - t) as f64 / tpu / 2.0);
+                    }
+                } else {
+                    recv_one_lent(&layer);
+                    send_lent(&layer, peer, &payload, i as u64);
+                }
+            }
+        }
         // Bandwidth: windows of messages, one ack each.
         let total = bw_msgs(size);
         // At most 64 messages and window_bytes() in flight per window.
@@ -206,7 +259,12 @@ fn worker(layer: Arc<UcxLayer>, sizes: &[usize]) {
             let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
             let med = median(&mut rtts);
             let mbs = (size * window * (rounds + 1)) as f64 / secs / (1 << 20) as f64;
-            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1} {get_mbs:.1}");
+            let lent = if lent_rtts.is_empty() {
+                f64::NAN
+            } else {
+                median(&mut lent_rtts)
+            };
+            println!("RESULT {size} {med:.3} {avg:.3} {mbs:.1} {get_mbs:.1} {lent:.3}");
         }
     }
     layer
@@ -273,9 +331,24 @@ fn get_bandwidth(layer: &UcxLayer, payload: &Bytes, window: usize, rounds: usize
     (payload.len() * window * rounds) as f64 / secs / (1 << 20) as f64
 }
 
-/// Runs the two-process job; returns (size, median one-way µs, avg µs,
-/// MB/s, get MB/s).
-fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64, f64)> {
+/// Largest size measured through the runtime's small-message path as well.
+const LENT_MAX: usize = 4096;
+
+/// One size's figures from the measuring job.
+struct LayerResult {
+    size: usize,
+    /// Median one-way µs through `send`/`progress`.
+    lat: f64,
+    /// Streaming MB/s.
+    bw: f64,
+    /// MB/s reading with `get` (NaN below 64 KiB).
+    get_bw: f64,
+    /// Median one-way µs through `send_copy`/`progress_arrivals` (NaN above [`LENT_MAX`]).
+    lent_lat: f64,
+}
+
+/// Runs the two-process job; returns each size's figures.
+fn run_layer(sizes: &[usize], tls: &str) -> Vec<LayerResult> {
     let secret = random_secret().unwrap_or_else(|e| die(format!("secret: {e}")));
     let (server, addr) = KvServer::start(2, secret).unwrap_or_else(|e| die(format!("kv: {e}")));
     // CHARMRS_UCX_BENCH_WORKER: a wrapper to start the measuring processes
@@ -315,9 +388,15 @@ fn run_layer(sizes: &[usize], tls: &str) -> Vec<(usize, f64, f64, f64, f64)> {
         }
         for line in String::from_utf8_lossy(&o.stdout).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() == 6 && f[0] == "RESULT" {
+            if f.len() == 7 && f[0] == "RESULT" {
                 let p = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
-                out.push((p(f[1]) as usize, p(f[2]), p(f[3]), p(f[4]), p(f[5])));
+                out.push(LayerResult {
+                    size: p(f[1]) as usize,
+                    lat: p(f[2]),
+                    bw: p(f[4]),
+                    get_bw: p(f[5]),
+                    lent_lat: p(f[6]),
+                });
             }
         }
     }
@@ -404,17 +483,18 @@ fn main() {
     }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "shm,self".to_owned());
     let n = sizes.len();
-    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); n];
+    let mut ours = vec![(Vec::new(), Vec::new(), Vec::new()); n];
+    let mut lent = vec![Vec::new(); n];
     let mut raw = vec![(Vec::new(), Vec::new()); n];
     let mut port = 13_000 + (std::process::id() % 2000) as u16;
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}: UcxLayer", rep + 1);
-        for (i, (size, med, avg, bw, get)) in run_layer(&sizes, &tls).into_iter().enumerate() {
-            if i < n && sizes[i] == size {
-                ours[i].0.push(med);
-                ours[i].1.push(avg);
-                ours[i].2.push(bw);
-                ours[i].3.push(get);
+        for (i, r) in run_layer(&sizes, &tls).into_iter().enumerate() {
+            if i < n && sizes[i] == r.size {
+                ours[i].0.push(r.lat);
+                ours[i].1.push(r.bw);
+                ours[i].2.push(r.get_bw);
+                lent[i].push(r.lent_lat);
             }
         }
         eprintln!("repetition {}/{reps}: ucx_perftest", rep + 1);
@@ -429,10 +509,12 @@ fn main() {
     }
     println!("UCX_TLS={tls}, {reps} repetitions interleaved, medians");
     println!(
-        "{:>9} | {:>12} {:>12} {:>6} | {:>11} {:>11} {:>6} | {:>11}",
+        "{:>9} | {:>12} {:>12} {:>6} | {:>11} {:>6} | {:>11} {:>11} {:>6} | {:>11}",
         "size",
         "layer lat µs",
         "am_lat µs",
+        "ratio",
+        "lent lat µs",
         "ratio",
         "layer MB/s",
         "am_bw MB/s",
@@ -443,12 +525,15 @@ fn main() {
         if ours[i].0.is_empty() {
             continue;
         }
-        let (l, b) = (median(&mut ours[i].0), median(&mut ours[i].2));
-        let g = median(&mut ours[i].3);
+        let (l, b) = (median(&mut ours[i].0), median(&mut ours[i].1));
+        let g = median(&mut ours[i].2);
         let (rl, rb) = (median(&mut raw[i].0), median(&mut raw[i].1));
+        let ll = median(&mut lent[i]);
         println!(
-            "{size:>9} | {l:>12.3} {rl:>12.3} {:>6.2} | {b:>11.1} {rb:>11.1} {:>6.2} | {g:>11.1}",
+            "{size:>9} | {l:>12.3} {rl:>12.3} {:>6.2} | {ll:>11.3} {:>6.2} | {b:>11.1} {rb:>11.1} \
+             {:>6.2} | {g:>11.1}",
             l / rl,
+            ll / rl,
             b / rb
         );
     }
