@@ -39,6 +39,8 @@ struct Wanderer {
     bumps: u32,
     moves: u32,
     resumed: u32,
+    /// Whether this element did the busy work of `work_then_sync` (it started on PE 0).
+    heavy: bool,
 }
 
 #[chare(migratable)]
@@ -51,6 +53,7 @@ impl Wanderer {
             bumps: 0,
             moves: 0,
             resumed: 0,
+            heavy: false,
         }
     }
 
@@ -111,7 +114,8 @@ impl Wanderer {
     /// Busy work proportional to where the element starts (heavy on PE 0), then AtSync.
     #[entry]
     fn work_then_sync(&mut self, ctx: &Ctx<Self>) {
-        if ctx.my_pe() == 0 {
+        self.heavy = ctx.my_pe() == 0;
+        if self.heavy {
             let until = std::time::Instant::now() + std::time::Duration::from_millis(3);
             while std::time::Instant::now() < until {
                 std::hint::spin_loop();
@@ -124,7 +128,7 @@ impl Wanderer {
     fn resume_from_sync(&mut self, ctx: &Ctx<Self>) {
         self.resumed += 1;
         ctx.contribute(
-            vec![(ctx.my_pe() == 0) as u32, 1u32],
+            vec![(self.heavy && ctx.my_pe() == 0) as u32, 1u32],
             Reducer::Sum,
             ctx.this_proxy().at(0usize).resumed_all_callback(),
         );
@@ -132,11 +136,13 @@ impl Wanderer {
 
     #[entry]
     fn resumed_all(&mut self, counts: Vec<u32>) {
-        // Four PEs, 16 elements: four started on PE 0 and all of them were heavy.
+        // Four PEs, 16 elements: the four that started on PE 0 were heavy; the others measure
+        // next to nothing, so the balancer may pile any number of them anywhere. What must
+        // change is where the load is: not all four heavy elements may stay on PE 0.
         assert_eq!(counts[1], 16, "every element resumed once");
         assert!(
             counts[0] < 4,
-            "the balancer moved load off PE 0: {counts:?}"
+            "the balancer moved load off PE 0 (heavy elements still there, elements): {counts:?}"
         );
         charmrs::exit(0);
     }
