@@ -138,10 +138,11 @@ impl Wanderer {
     fn resumed_all(&mut self, counts: Vec<u32>) {
         // Four PEs, 16 elements: the four that started on PE 0 were heavy; the others measure
         // next to nothing, so the balancer may pile any number of them anywhere. What must
-        // change is where the load is: not all four heavy elements may stay on PE 0.
+        // change is where the load is: Greedy gives each PE one heavy element; at most two may
+        // stay on PE 0 (its load at least halved), leaving room for noisy measurements.
         assert_eq!(counts[1], 16, "every element resumed once");
         assert!(
-            counts[0] < 4,
+            counts[0] <= 2,
             "the balancer moved load off PE 0 (heavy elements still there, elements): {counts:?}"
         );
         charmrs::exit(0);

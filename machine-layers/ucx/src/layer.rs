@@ -986,9 +986,9 @@ impl MachineLayer for UcxLayer {
         Ok(())
     }
 
-    /// Sends at once, copying `data` into a send descriptor's kept buffer (no allocation), when
-    /// the message is small (1 KiB at most), the worker free and nothing queued before it;
-    /// otherwise as [`send`](Self::send).
+    /// Sends at once, without an allocation (straight from `data` by UCX's short protocol, or
+    /// copied into a send descriptor's kept buffer), when the message is small (1 KiB at most),
+    /// the worker free and nothing queued before it; otherwise as [`send`](Self::send).
     ///
     /// # Errors
     ///

@@ -605,9 +605,13 @@ impl Worker {
         self.launch(dst, ep, op, am_id, buffer, count, param, total)
     }
 
-    /// Sends `data` to `dst` as a message of one segment with `header`, copied into a reused
-    /// buffer of the send descriptor: no allocation per message (the caller keeps `data`). For
-    /// small messages ([`SEND_COPY_MAX`] bytes at most), which UCX sends eagerly.
+    /// Sends `data` to `dst` as a message of one segment with `header`, without an allocation
+    /// per message (the caller keeps `data`). For small messages ([`SEND_COPY_MAX`] bytes at
+    /// most), which UCX sends eagerly: first offered to UCX's short protocol with immediate
+    /// completion forced (UCX reads the bytes before returning, or refuses); when refused, copied
+    /// into a reused buffer of a send descriptor and sent from there, with the same sequence
+    /// number. (UCX 1.13 sends a short message with both an AM header and data; a release that
+    /// refused that would cost one refused call per message, not a failure.)
     pub(crate) fn send_copy(
         &mut self,
         dst: ProcessId,
@@ -651,8 +655,14 @@ impl Worker {
         if req.is_null() {
             return Ok(());
         }
+        // Forced immediate completion never hands out a request (UCX would still own the message
+        // then, and its sequence number could not be given back).
+        debug_assert!(
+            !sys::UCS_PTR_IS_PTR(req),
+            "a request from a forced immediate send"
+        );
         if !(sys::UCS_PTR_IS_ERR(req) && sys::UCS_PTR_STATUS(req) == sys::UCS_ERR_NO_RESOURCE) {
-            // Not a request (forced immediate completion hands none out): a failure.
+            // A failure (not a lack of resources, which the descriptor path below waits out).
             self.seq[dst as usize] -= 1;
             return self.send_failed(dst, sys::UCS_PTR_STATUS(req), data.len());
         }
@@ -676,8 +686,9 @@ impl Worker {
         )
     }
 
-    /// The next sequence number towards `dst` (given back by [`launch`](Self::launch) if the
-    /// message could not be sent).
+    /// The next sequence number towards `dst` (given back by whoever fails to send the message:
+    /// [`launch`](Self::launch), or `send_copy` when UCX refuses its immediate send for another
+    /// reason than a lack of resources).
     fn next_seq(&mut self, dst: ProcessId) -> u64 {
         let seq = self.seq[dst as usize];
         self.seq[dst as usize] += 1;
