@@ -76,3 +76,38 @@ fn programs_run_under_mpirun() {
     assert_eq!(got.len(), 7);
     assert_eq!(got[6], "All done");
 }
+
+#[test]
+fn processes_with_different_pe_counts_are_refused_naming_both() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: mpirun is not installed (Debian: openmpi-bin)");
+        return;
+    }
+    // Two programs in one job (MPMD): process 0 with 2 PEs, process 1 with 1.
+    let bin = env!("CARGO_BIN_EXE_reduction");
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .args(["--mca", "oob_tcp_if_include", "lo"])
+        .args(["-n", "1", "-x", "CHARMRS_PES=2", bin, ":"])
+        .args(["-n", "1", "-x", "CHARMRS_PES=1", bin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("a job with different PE counts per process hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job ran: {err}");
+    assert!(
+        err.contains("process 1 runs 1 PEs, process 0 runs 2"),
+        "stderr: {err}"
+    );
+}

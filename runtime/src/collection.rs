@@ -67,9 +67,17 @@ pub enum Shape {
 pub const MAX_DENSE_ELEMENTS: u64 = 1 << 32;
 
 impl Shape {
-    /// Checks that a dense array's extents multiply to at most [`MAX_DENSE_ELEMENTS`].
+    /// Checks that a dense array's extents are coordinates (not a user key) that multiply to at
+    /// most [`MAX_DENSE_ELEMENTS`].
     pub fn check_size(&self) -> Result<(), String> {
         if let Shape::Array { dims, .. } = self {
+            if dims.is_key() {
+                return Err(
+                    "a dense array's extents must be coordinates, not a user key (types made \
+                     with index_key! index sparse arrays: Array::new_sparse)"
+                        .to_owned(),
+                );
+            }
             let volume = dims
                 .coords()
                 .iter()
@@ -262,6 +270,19 @@ mod tests {
             assert!(Index::new(dims).unwrap().volume() > MAX_DENSE_ELEMENTS);
         }
         assert!(Shape::Group.check_size().is_ok());
+    }
+
+    #[test]
+    fn a_user_key_is_refused_as_extents() {
+        // A key's words are not extents (a short key's multiply to nothing, a long one's to
+        // garbage), and walking a key as extents used to index past its words.
+        for key in [vec![1u8, 0, 0, 0, 1, 0, 0, 0], vec![7u8; 20]] {
+            let dims = Index::from_key(&key).expect("a key that fits");
+            let e = Shape::Array { dims, map: None }.check_size().unwrap_err();
+            assert!(e.contains("not a user key"), "{e}");
+            // Still no panic where a key is walked as extents anyway.
+            let _ = Index::from_linear(3, &dims);
+        }
     }
 
     #[test]

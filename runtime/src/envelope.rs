@@ -66,6 +66,7 @@ impl Route {
     pub(crate) const UNSET: Route = Route(u32::MAX);
 
     pub(crate) fn new(origin: usize, hops: u32) -> Route {
+        debug_assert!(origin < crate::MAX_PES, "PE {origin} beyond MAX_PES");
         Route(((hops.min(0xfe)) << 24) | (origin as u32 & 0x00ff_ffff))
     }
 

@@ -186,7 +186,8 @@ impl Index {
             dims: dims.dims,
             coords: [0; MAX_DIMS],
         };
-        for d in (0..dims.dims()).rev() {
+        // A key's words are not extents: it gets as many words as it has, never more.
+        for d in (0..dims.coords().len()).rev() {
             let extent = dims.coords[d].max(1) as u64;
             out.coords[d] = (pos % extent) as u32;
             pos /= extent;

@@ -93,7 +93,9 @@ pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
-pub use runtime::{abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime};
+pub use runtime::{
+    abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime, MAX_PES,
+};
 pub use section::{Section, SectionCtx};
 pub use sleep::{sleep, Sleep};
 pub use wire::Buffer;

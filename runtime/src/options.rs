@@ -119,6 +119,10 @@ fn parse_pes(text: &str, origin: &str) -> Result<usize> {
         Ok(0) => Err(bad(format!(
             "{origin}: the number of PEs must be at least 1"
         ))),
+        Ok(n) if n > crate::MAX_PES => Err(bad(format!(
+            "{origin}: {n} PEs is more than a job may have ({})",
+            crate::MAX_PES
+        ))),
         Ok(n) => Ok(n),
         Err(_) => Err(bad(format!("{origin}: `{text}` is not a number of PEs"))),
     }
@@ -237,6 +241,10 @@ mod tests {
             (&["app", "+pfoo"][..], "`foo` is not a number"),
             (&["app", "+bogus"][..], "unknown runtime option `+bogus`"),
             (&["app", "+p"][..], "+p needs a value"),
+            (
+                &["app", "+p16777217"][..],
+                "16777217 PEs is more than a job may have",
+            ),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

@@ -159,6 +159,12 @@ impl Runtime {
     {
         crate::panic::install_hook();
         let pes = self.pes();
+        if pes == 0 || pes > crate::MAX_PES {
+            return Err(Error::Options(format!(
+                "a process runs 1 to {} PEs, not {pes}",
+                crate::MAX_PES
+            )));
+        }
         // Fails on an id collision, before any PE starts.
         let table = EntryTable::get()?;
         let layer = crate::machine::select(
@@ -166,6 +172,14 @@ impl Runtime {
             self.options.machine.as_deref(),
             pes,
         )?;
+        let total = pes.saturating_mul(layer.size() as usize);
+        if total > crate::MAX_PES {
+            return Err(Error::Options(format!(
+                "{} processes of {pes} PEs make {total} PEs, more than a job may have ({})",
+                layer.size(),
+                crate::MAX_PES
+            )));
+        }
         let first = layer.rank() as usize * pes;
         let trace = self
             .options
@@ -399,6 +413,10 @@ pub fn abort(msg: &str) -> ! {
 /// How long process 0 waits for the other processes' hellos at start-up.
 const HELLO_WAIT: Duration = Duration::from_secs(60);
 
+/// The most PEs a job may have, over all its processes (2^24): a forwarded call carries the PE
+/// it came from in 24 bits. More (`+p`, `CHARMRS_PES`, `Runtime::new`) is refused at start-up.
+pub const MAX_PES: usize = 1 << 24;
+
 /// Process 0, before the start-up barrier: reads every other process's hello (sent before that
 /// process entered the barrier, so nothing else can be in flight: no PE runs anywhere yet) and
 /// refuses the job, naming the process, if one runs a different program. Checked here rather
@@ -433,6 +451,14 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
                          binary)",
                         h.tag,
                         table.checksum()
+                    )
+                } else if h.src_pe as usize != src as usize * shared.local_pes() {
+                    // Its first PE is its rank times its PE count.
+                    format!(
+                        "process {src} runs {} PEs, process 0 runs {}: every process of a job \
+                         needs the same number of PEs (+p, ++ppn, CHARMRS_PES)",
+                        h.src_pe as usize / (src as usize).max(1),
+                        shared.local_pes()
                     )
                 } else {
                     if let Some(s) = seen.get_mut(src as usize) {

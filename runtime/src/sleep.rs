@@ -22,10 +22,19 @@ use std::time::{Duration, Instant};
 /// }).unwrap();
 /// ```
 pub fn sleep(duration: Duration) -> Sleep {
+    let now = Instant::now();
     Sleep {
-        deadline: Instant::now() + duration,
+        // A duration past what the clock can represent (`Duration::MAX`: "for ever") sleeps
+        // about a century instead of overflowing.
+        deadline: now
+            .checked_add(duration)
+            .or_else(|| now.checked_add(FOR_EVER))
+            .unwrap_or(now),
     }
 }
+
+/// How long a sleep longer than the clock can represent lasts (about a century).
+const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Future returned by [`sleep`].
 #[must_use = "sleep does nothing unless awaited"]
@@ -44,5 +53,14 @@ impl Future for Sleep {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sleeping_for_ever_does_not_overflow_the_clock() {
+        let s = super::sleep(std::time::Duration::MAX);
+        assert!(s.deadline > std::time::Instant::now() + std::time::Duration::from_secs(3600));
     }
 }

@@ -367,15 +367,26 @@ impl Fabric {
         names: &[Vec<u8>],
     ) -> Result<Vec<sys::fi_addr_t>, TransportError> {
         let mut addrs = vec![sys::FI_ADDR_UNSPEC; names.len()];
+        // A peer's name comes from the bootstrap and the provider reads as many bytes as its
+        // address format says (a fixed size, or up to a NUL): each is copied, zero-padded to at
+        // least this process's own name's length (same provider) and 256 bytes, so that a short
+        // or garbled one cannot make it read past the buffer.
+        let floor = self.name()?.len().max(256);
         for (r, name) in names.iter().enumerate() {
-            // SAFETY: the AV is open; `name` is one provider address (as
-            // fi_getname produced it in process r) and `addrs[r]` receives
-            // its handle. One address per call, so names of different
-            // lengths are fine.
+            if name.is_empty() {
+                return Err(TransportError::Bootstrap(format!(
+                    "process {r} published an empty libfabric address"
+                )));
+            }
+            let mut padded = name.clone();
+            padded.resize(padded.len().max(floor), 0);
+            // SAFETY: the AV is open; `padded` is one provider address (as fi_getname
+            // produced it in process r), zero-padded as above, and `addrs[r]` receives its
+            // handle. One address per call, so names of different lengths are fine.
             let ret = unsafe {
                 sys::fi_av_insert(
                     self.av,
-                    name.as_ptr().cast::<c_void>(),
+                    padded.as_ptr().cast::<c_void>(),
                     1,
                     &mut addrs[r],
                     0,

@@ -261,6 +261,12 @@ pub fn decode_rndv(buf: &[u8], max_total: u64) -> Result<Rndv, TransportError> {
         };
         if seg.is_inline() {
             inline_len = inline_len.saturating_add(len);
+        } else if seg.addr.checked_add(len).is_none() {
+            return Err(TransportError::Malformed(format!(
+                "ofi rendezvous segment {i} at {:#x} of {len} bytes runs past the end of the \
+                 address space",
+                seg.addr
+            )));
         }
         segs.push(seg);
     }
@@ -402,6 +408,13 @@ mod tests {
             let pkt = encode_rndv(0, 1, &sample(), &[(INLINE_ADDR, 0), (0, 0), (2, 2)]);
             let _ = decode_rndv(&pkt[..cut.min(pkt.len())], u64::MAX);
         }
+        // A segment whose address plus length wraps around is refused, naming it.
+        let wraps = encode_rndv(0, 1, &sample(), &[(1, 1), (0, 0), (u64::MAX - 10, 2)]);
+        let err = decode_rndv(&wraps, u64::MAX).unwrap_err().to_string();
+        assert!(
+            err.contains("segment 2") && err.contains("address space"),
+            "{err}"
+        );
         // Claimed inline bytes beyond the limit are refused before they are copied.
         let mut big = encode_rndv(0, 1, &sample(), &[(INLINE_ADDR, 0), (0, 0), (2, 2)]);
         big.resize(big.len() + INLINE_MAX + 1, 0);

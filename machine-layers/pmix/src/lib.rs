@@ -603,10 +603,17 @@ impl Bootstrap for PmixBootstrap {
         check(rc, || "PMIx_Fence(all, PMIX_COLLECT_DATA)".to_owned())
     }
 
-    /// `PMIx_Abort(1, reason)` of the whole job: the launcher prints the
-    /// reason and kills every process (possibly this one, before it
-    /// returns).
+    /// Prints `reason` on this process's stderr, then `PMIx_Abort(1, reason)` of the whole job:
+    /// the launcher kills every process (possibly this one, before it returns). Printed here
+    /// because OpenMPI's `mpirun` (4.1) does not show the reason it is given, and the process
+    /// may be killed before the runtime's own report.
     fn abort(&self, reason: &str) {
+        {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{reason}");
+            let _ = err.flush();
+        }
         let msg = CString::new(reason.replace('\0', " ")).unwrap_or_default();
         // SAFETY: `msg` is a valid C string for the call; NULL procs with
         // count 0 asks to abort every process of this namespace.
