@@ -3,32 +3,26 @@
 
 #![cfg(feature = "pmix")]
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn mpirun(n: usize, bin: &str) -> Option<Vec<String>> {
+/// Runs `mpirun` (as root if need be, oversubscribed, loopback only) with `args`, killing it
+/// after 60 s; `None` (with a note) where `mpirun` is not installed.
+fn run_mpirun(args: &[&str]) -> Option<Output> {
     if Command::new("mpirun").arg("--version").output().is_err() {
         eprintln!("SKIPPED: mpirun is not installed (Debian: openmpi-bin)");
         return None;
     }
-    let tmp = std::env::temp_dir().join(format!("charmrs-mpirun-{}-{n}", std::process::id()));
+    // A temporary directory of its own per run (tests run concurrently, and each removes its).
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("charmrs-mpirun-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let mut child = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-n",
-            &n.to_string(),
-        ])
-        .args([
-            "--mca",
-            "btl_tcp_if_include",
-            "lo",
-            "--mca",
-            "oob_tcp_if_include",
-            "lo",
-        ])
-        .args(["-x", "CHARMRS_PES=2", bin])
+        .args(["--allow-run-as-root", "--oversubscribe"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .args(["--mca", "oob_tcp_if_include", "lo"])
+        .args(args)
         .env("TMPDIR", &tmp)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -38,12 +32,18 @@ fn mpirun(n: usize, bin: &str) -> Option<Vec<String>> {
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("mpirun -n {n} {bin} hung");
+            panic!("mpirun {args:?} hung");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
     let _ = std::fs::remove_dir_all(&tmp);
+    Some(out)
+}
+
+/// The lines `bin` prints as a job of `n` processes of 2 PEs under `mpirun`.
+fn mpirun(n: usize, bin: &str) -> Option<Vec<String>> {
+    let out = run_mpirun(&["-n", &n.to_string(), "-x", "CHARMRS_PES=2", bin])?;
     assert!(
         out.status.success(),
         "mpirun -n {n} {bin}: {}",
@@ -79,31 +79,23 @@ fn programs_run_under_mpirun() {
 
 #[test]
 fn processes_with_different_pe_counts_are_refused_naming_both() {
-    if Command::new("mpirun").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: mpirun is not installed (Debian: openmpi-bin)");
-        return;
-    }
     // Two programs in one job (MPMD): process 0 with 2 PEs, process 1 with 1.
     let bin = env!("CARGO_BIN_EXE_reduction");
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe"])
-        .args(["--mca", "btl_tcp_if_include", "lo"])
-        .args(["--mca", "oob_tcp_if_include", "lo"])
-        .args(["-n", "1", "-x", "CHARMRS_PES=2", bin, ":"])
-        .args(["-n", "1", "-x", "CHARMRS_PES=1", bin])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("a job with different PE counts per process hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let Some(out) = run_mpirun(&[
+        "-n",
+        "1",
+        "-x",
+        "CHARMRS_PES=2",
+        bin,
+        ":",
+        "-n",
+        "1",
+        "-x",
+        "CHARMRS_PES=1",
+        bin,
+    ]) else {
+        return;
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the job ran: {err}");
     assert!(

@@ -278,7 +278,6 @@ impl Inbox {
             return;
         }
         let st = &mut *st;
-        let lanes = self.lanes;
         for (p, s) in st.sources.iter_mut().enumerate() {
             let Some(since) = s.gap_since else { continue };
             if s.lost || s.departed {
@@ -292,10 +291,7 @@ impl Inbox {
             st.errors.push_back(TransportError::Malformed(format!(
                 "{}: message #{} never arrived, though {} later ones did (for {} s): \
                  a lost or forged message",
-                PeerName {
-                    id: p as ProcessId,
-                    lanes
-                },
+                self.peer(p as ProcessId),
                 s.next,
                 s.waiting.len(),
                 limit.as_secs()

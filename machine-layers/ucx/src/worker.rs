@@ -622,12 +622,9 @@ impl Worker {
         let ep = self.ep(dst)?;
         self.talked[dst as usize] = true;
         let seq = self.next_seq(dst);
-        let header = Header {
-            segment_count: 1,
-            ..*header
-        };
+        // One segment, whatever `header.segment_count` says.
         let mut fixed = [0u8; wire::FIXED];
-        wire::encode_fixed(&mut fixed, self.rank, seq as u32, &header, 1);
+        wire::encode_fixed(&mut fixed, self.rank, seq as u32, header, 1);
         // First the short protocol with the caller's bytes, if UCX can send them before
         // returning: no descriptor, no copy, no completion to handle. When it cannot (the
         // FIFO is full, UCX holds earlier sends on this endpoint, the message needs more than
