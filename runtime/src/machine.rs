@@ -104,15 +104,11 @@ pub(crate) fn select(
         "tcp" => TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
             .map(|l| Box::new(l) as Box<dyn MachineLayer>)
             .map_err(failed),
-        "ucx" => ucx(
-            bootstrap,
-            ucx_workers(std::env::var("CHARMRS_UCX_WORKERS").ok().as_deref(), pes)?,
-        )
-        .map_err(|e| match e {
+        "ucx" => ucx(bootstrap, lanes_from_env(UCX_LANES, pes)?).map_err(|e| match e {
             Some(e) => failed(e),
             None => not_built("ucx"),
         }),
-        _ => ofi(bootstrap).map_err(|e| match e {
+        _ => ofi(bootstrap, lanes_from_env(OFI_LANES, pes)?).map_err(|e| match e {
             Some(e) => failed(e),
             None => not_built("ofi"),
         }),
@@ -127,16 +123,27 @@ fn not_built(name: &str) -> Error {
     ))
 }
 
-/// UCX workers for a process of `pes` PEs from `CHARMRS_UCX_WORKERS` (`setting`): `pe` (one
-/// per PE, each polled by its PE; the default) or `process` (one, polled by the first PE, which
-/// hands arrivals on to the others). Per PE measured as fast for the polling PEs and far faster for the others
-/// (docs/performance.md, "Session 20").
-fn ucx_workers(setting: Option<&str>, pes: usize) -> Result<usize> {
+/// The variable that sets how many UCX workers a process has (see [`lanes`]).
+const UCX_LANES: &str = "CHARMRS_UCX_WORKERS";
+/// The variable that sets how many libfabric endpoints a process has (see [`lanes`]).
+const OFI_LANES: &str = "CHARMRS_OFI_ENDPOINTS";
+
+/// [`lanes`] from the environment variable `var`.
+fn lanes_from_env(var: &str, pes: usize) -> Result<usize> {
+    lanes(var, std::env::var(var).ok().as_deref(), pes)
+}
+
+/// The lanes (UCX workers, libfabric endpoints) of a process of `pes` PEs, from `setting` (the
+/// value of variable `var`): `pe` (one per PE, each polled by its PE; the default) or `process`
+/// (one, polled by the first PE, which hands arrivals on to the others). Per PE measured as
+/// fast for the polling PEs and far faster for the others (docs/performance.md, "Session 20"
+/// for UCX, "Session 22" for libfabric).
+fn lanes(var: &str, setting: Option<&str>, pes: usize) -> Result<usize> {
     match setting {
         None | Some("" | "pe") => Ok(pes),
         Some("process") => Ok(1),
         Some(other) => Err(Error::Options(format!(
-            "CHARMRS_UCX_WORKERS: unknown value `{other}`; valid: process, pe"
+            "{var}: unknown value `{other}`; valid: process, pe"
         ))),
     }
 }
@@ -166,8 +173,12 @@ fn ucx(
 #[cfg(feature = "ofi")]
 fn ofi(
     b: Arc<dyn Bootstrap>,
+    endpoints: usize,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
-    let cfg = charmrs_ofi::OfiConfig::from_env().map_err(Some)?;
+    let cfg = charmrs_ofi::OfiConfig {
+        endpoints,
+        ..charmrs_ofi::OfiConfig::from_env().map_err(Some)?
+    };
     charmrs_ofi::OfiLayer::new(b, cfg)
         .map(|l| Box::new(l) as Box<dyn MachineLayer>)
         .map_err(Some)
@@ -176,24 +187,24 @@ fn ofi(
 #[cfg(not(feature = "ofi"))]
 fn ofi(
     _b: Arc<dyn Bootstrap>,
+    _endpoints: usize,
 ) -> std::result::Result<Box<dyn MachineLayer>, Option<charmrs_transport::TransportError>> {
     Err(None)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ucx_workers;
+    use super::{lanes, OFI_LANES, UCX_LANES};
 
     #[test]
-    fn ucx_workers_are_per_pe_unless_asked_otherwise_and_bad_values_are_named() {
-        assert_eq!(ucx_workers(None, 4).unwrap(), 4);
-        assert_eq!(ucx_workers(Some(""), 3).unwrap(), 3);
-        assert_eq!(ucx_workers(Some("pe"), 2).unwrap(), 2);
-        assert_eq!(ucx_workers(Some("process"), 4).unwrap(), 1);
-        let e = ucx_workers(Some("node"), 4).unwrap_err().to_string();
-        assert!(
-            e.contains("CHARMRS_UCX_WORKERS") && e.contains("`node`"),
-            "{e}"
-        );
+    fn lanes_are_per_pe_unless_asked_otherwise_and_bad_values_are_named() {
+        for var in [UCX_LANES, OFI_LANES] {
+            assert_eq!(lanes(var, None, 4).unwrap(), 4);
+            assert_eq!(lanes(var, Some(""), 3).unwrap(), 3);
+            assert_eq!(lanes(var, Some("pe"), 2).unwrap(), 2);
+            assert_eq!(lanes(var, Some("process"), 4).unwrap(), 1);
+            let e = lanes(var, Some("node"), 4).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains("`node`"), "{e}");
+        }
     }
 }

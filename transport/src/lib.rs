@@ -26,6 +26,8 @@
 //! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
 //!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
 //!   with the environment-variable contract between them.
+//! * [`lanes`] names the endpoints of a layer with one endpoint per PE (a *lane*;
+//!   [`MachineLayer::lanes`]) and encodes the address lists their processes publish.
 //!
 //! Messages are a fixed [`Header`] plus zero-copy [`bytes::Bytes`]
 //! segments; stream transports frame them with [`encode_frame_prefix`] and
@@ -42,6 +44,7 @@ pub mod bootstrap;
 pub mod error;
 pub mod huge;
 pub mod kv;
+pub mod lanes;
 pub mod layer;
 pub mod memory;
 pub mod message;

@@ -55,6 +55,11 @@ pub struct OfiConfig {
     /// How often peers on this host are checked for having exited without
     /// shutting down (their lost-peer report). Default 100 ms.
     pub liveness_interval: Duration,
+    /// Endpoints of the process: 1, or one per PE (the runtime's default, see
+    /// [`MachineLayer::lanes`](charmrs_transport::MachineLayer::lanes)), each with its own
+    /// domain, completion queue and receive buffers (`recv_buffers` of `packet_max` bytes
+    /// each). Every process of a job must have the same number. Default 1.
+    pub endpoints: usize,
 }
 
 impl Default for OfiConfig {
@@ -69,6 +74,7 @@ impl Default for OfiConfig {
             liveness_interval: Duration::from_millis(100),
             pool_bytes: 64 << 20,
             read_window: None,
+            endpoints: 1,
         }
     }
 }

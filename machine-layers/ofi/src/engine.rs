@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_ofi_sys as sys;
+use charmrs_transport::lanes::{process_of, EndpointName};
 use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
@@ -208,7 +209,7 @@ pub(crate) struct Registered {
 
 /// Smallest receive-pool class (rendezvous messages are larger than a packet, 16 KiB by
 /// default).
-const RNDV_POOL_MIN: usize = 64 << 10;
+pub(crate) const RNDV_POOL_MIN: usize = 64 << 10;
 
 /// Sizes the engine works with.
 #[derive(Debug, Clone, Copy)]
@@ -223,8 +224,6 @@ pub(crate) struct Sizes {
     pub(crate) grace: Duration,
     /// How often local peers' liveness is checked.
     pub(crate) liveness_interval: Duration,
-    /// Idle capacity kept by the rendezvous buffer pool.
-    pub(crate) pool_bytes: usize,
     /// Bytes of rendezvous messages read at once from one sender.
     pub(crate) read_window: usize,
 }
@@ -232,8 +231,14 @@ pub(crate) struct Sizes {
 /// See the module docs.
 pub(crate) struct Engine {
     pub(crate) fab: ManuallyDrop<Fabric>,
-    rank: ProcessId,
+    /// This endpoint's id in the job (`process · lanes + lane`, see
+    /// [`charmrs_transport::lanes`]); peers are named by theirs.
+    me: u32,
+    /// Endpoints per process.
+    lanes: u32,
     addrs: Vec<sys::fi_addr_t>,
+    /// Per peer: something was sent to it or received from it. See [`Engine::watches`].
+    talked: Vec<bool>,
     sizes: Sizes,
     recv_bufs: Vec<Box<[u8]>>,
     recv_ops: Vec<*mut Op>,
@@ -284,20 +289,26 @@ pub(crate) struct Engine {
 unsafe impl Send for Engine {}
 
 impl Engine {
-    /// An engine over `fab`, whose address vector holds the peers at
-    /// `addrs` (index = rank); posts the receive pool.
+    /// The engine of endpoint `me` (of `lanes` per process) over `fab`, whose address vector
+    /// holds the peer endpoints at `addrs` (index = endpoint id); rendezvous messages are read
+    /// into buffers of `pool`. Posts the receive pool.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fab: Fabric,
-        rank: ProcessId,
+        me: u32,
+        lanes: u32,
         addrs: Vec<sys::fi_addr_t>,
         sizes: Sizes,
         status: Arc<Vec<AtomicU8>>,
         local_pids: Vec<Option<i32>>,
+        pool: Arc<RecvPool>,
     ) -> Result<Engine, TransportError> {
         let n = addrs.len();
         let mut e = Engine {
             fab: ManuallyDrop::new(fab),
-            rank,
+            me,
+            lanes,
+            talked: vec![false; n],
             addrs,
             sizes,
             recv_bufs: Vec::with_capacity(sizes.recv_buffers),
@@ -324,7 +335,7 @@ impl Engine {
             next_key: 1,
             regions: HashMap::new(),
             scratch: Vec::new(),
-            pool: RecvPool::new(RNDV_POOL_MIN, sizes.pool_bytes),
+            pool,
         };
         for i in 0..sizes.recv_buffers {
             e.recv_bufs
@@ -342,6 +353,25 @@ impl Engine {
             }
         }
         Ok(e)
+    }
+
+    /// Peer endpoint `id` as a user knows it, for errors: its process, and with an endpoint per
+    /// PE also its PE.
+    pub(crate) fn peer(&self, id: ProcessId) -> EndpointName {
+        EndpointName {
+            id,
+            lanes: self.lanes,
+        }
+    }
+
+    /// Whether this engine says goodbye to peer `p` at shutdown and checks it for having exited
+    /// without one: peers it talked with, and — for the first endpoint of a process — the first
+    /// endpoint of every process. So a process's exit is noticed by every endpoint that talked
+    /// with it and by the first endpoint of every process on its host, while a job with an
+    /// endpoint per PE does not send `lanes²` goodbyes per pair of processes.
+    fn watches(&self, p: usize) -> bool {
+        self.talked[p]
+            || (self.me.is_multiple_of(self.lanes) && (p as u32).is_multiple_of(self.lanes))
     }
 
     /// A fresh registration key (used when the provider does not choose).
@@ -376,11 +406,12 @@ impl Engine {
         }
         self.pending[dst as usize].push_back(out);
         self.queued += 1;
+        self.talked[dst as usize] = true;
     }
 
     /// A message sent to this very process: no network.
     pub(crate) fn loopback(&mut self, msg: Message) {
-        self.arrived(self.rank, Slot::Ready(msg));
+        self.arrived(self.me, Slot::Ready(msg));
     }
 
     /// A completed read of this process's own registration.
@@ -590,7 +621,7 @@ impl Engine {
         if wire::data_len(&msg) <= self.fab.limits.inject_size {
             return self.inject(addr, msg);
         }
-        let mut prefix = wire::data_prefix(self.rank, &msg);
+        let mut prefix = wire::data_prefix(self.me, &msg);
         let nonempty = msg.segments().iter().filter(|s| !s.is_empty()).count();
         let coalesce = 1 + nonempty > self.fab.limits.iov_limit;
         if coalesce {
@@ -650,7 +681,7 @@ impl Engine {
     fn inject(&mut self, addr: sys::fi_addr_t, msg: Message) -> Result<Option<Out>, String> {
         self.scratch.clear();
         self.scratch
-            .extend_from_slice(&wire::preamble(wire::PKT_DATA, self.rank));
+            .extend_from_slice(&wire::preamble(wire::PKT_DATA, self.me));
         self.scratch
             .extend_from_slice(&charmrs_transport::encode_frame_prefix(&msg));
         for s in msg.segments() {
@@ -702,7 +733,8 @@ impl Engine {
         {
             return false;
         }
-        wire::single_segment_packet(&mut self.scratch, self.rank, header, data);
+        wire::single_segment_packet(&mut self.scratch, self.me, header, data);
+        self.talked[p as usize] = true;
         let addr = self.addrs[p as usize];
         match self.inject_scratch(addr) {
             Ok(sent) => sent,
@@ -749,7 +781,7 @@ impl Engine {
                 _mrs: mrs,
             },
         );
-        Ok(wire::encode_rndv(self.rank, id, msg, &remote))
+        Ok(wire::encode_rndv(self.me, id, msg, &remote))
     }
 
     /// Reads and handles completions; returns how many were handled.
@@ -898,8 +930,9 @@ impl Engine {
             }
             OpKind::Get { src, buf, .. } if refused(err.err) => {
                 let what = format!(
-                    "remote read of {} bytes from process {src} was refused: {reason}",
-                    buf.capacity()
+                    "remote read of {} bytes from {} was refused: {reason}",
+                    buf.capacity(),
+                    self.peer(src)
                 );
                 if self.fab.limits.provider.split(';').any(|p| p == "tcp") {
                     // The tcp provider (1.17) closes the connection on an
@@ -949,14 +982,16 @@ impl Engine {
         let (kind, src) = wire::parse_preamble(buf)?;
         if src as usize >= self.addrs.len() {
             return Err(TransportError::Malformed(format!(
-                "ofi packet claims to come from process {src} of {}",
+                "ofi packet claims to come from endpoint {src} of {}",
                 self.addrs.len()
             )));
         }
+        self.talked[src as usize] = true;
         // The sender, named in every error about what it sent.
+        let sender = self.peer(src);
         let from = |e: TransportError| match e {
             TransportError::Malformed(m) => {
-                TransportError::Malformed(format!("from process {src}: {m}"))
+                TransportError::Malformed(format!("from {sender}: {m}"))
             }
             other => other,
         };
@@ -984,8 +1019,8 @@ impl Engine {
                 match self.rndv_out.get(&id) {
                     Some(out) if out.dst != src => {
                         return Err(TransportError::Malformed(format!(
-                            "process {src} acknowledged transfer {id}, which went to process {}",
-                            out.dst
+                            "{sender} acknowledged transfer {id}, which went to {}",
+                            self.peer(out.dst)
                         )));
                     }
                     _ => {
@@ -994,17 +1029,23 @@ impl Engine {
                 }
             }
             wire::PKT_BYE => {
-                let st = &self.status[src as usize];
-                if st.load(Ordering::Relaxed) == ALIVE {
-                    st.store(DEPARTED, Ordering::Release);
-                    self.reasons[src as usize] =
-                        Some("the process shut its ofi layer down".to_owned());
+                // Its process is going: every endpoint of it (one said goodbye to this one, the
+                // others to the endpoints they talked with).
+                let process = process_of(src, self.lanes);
+                let ids = process * self.lanes..(process + 1) * self.lanes;
+                for p in ids.clone() {
+                    let st = &self.status[p as usize];
+                    if st.load(Ordering::Relaxed) == ALIVE {
+                        st.store(DEPARTED, Ordering::Release);
+                        self.reasons[p as usize] =
+                            Some("the process shut its ofi layer down".to_owned());
+                    }
                 }
-                self.rndv_out.retain(|_, r| r.dst != src);
+                self.rndv_out.retain(|_, r| !ids.contains(&r.dst));
             }
             other => {
                 return Err(TransportError::Malformed(format!(
-                    "ofi packet of unknown type {other} from process {src}"
+                    "ofi packet of unknown type {other} from {sender}"
                 )))
             }
         }
@@ -1180,7 +1221,7 @@ impl Engine {
             Err(e) => self.errors.push_back(e),
         }
         self.urgent
-            .push_back((src, Out::Ctl(wire::encode_ack(self.rank, inr.remote_id))));
+            .push_back((src, Out::Ctl(wire::encode_ack(self.me, inr.remote_id))));
     }
 
     /// Checks, at most every `liveness_interval`, whether peers on this host
@@ -1191,13 +1232,26 @@ impl Engine {
             return;
         }
         self.last_liveness = now;
-        let dead: Vec<ProcessId> = (0..self.local_pids.len())
-            .filter(|&p| {
-                self.status[p].load(Ordering::Relaxed) == ALIVE
-                    && self.local_pids[p].is_some_and(process_gone)
-            })
-            .map(|p| p as ProcessId)
-            .collect();
+        // Peers it watches only; the endpoints of one process are neighbours, so each process is
+        // looked at once per check.
+        let mut last: Option<(i32, bool)> = None;
+        let mut dead = Vec::new();
+        for p in 0..self.local_pids.len() {
+            let Some(pid) = self.local_pids[p] else {
+                continue;
+            };
+            if !self.watches(p) || self.status[p].load(Ordering::Relaxed) != ALIVE {
+                continue;
+            }
+            let gone = match last {
+                Some((seen, gone)) if seen == pid => gone,
+                _ => process_gone(pid),
+            };
+            last = Some((pid, gone));
+            if gone {
+                dead.push(p as ProcessId);
+            }
+        }
         if dead.is_empty() {
             return;
         }
@@ -1218,16 +1272,16 @@ impl Engine {
         }
     }
 
-    /// Clean shutdown: says goodbye to every live peer and waits up to
+    /// Clean shutdown: says goodbye to every live peer it watches and waits up to
     /// `linger` for queued sends to complete and peers to finish reading
     /// this process's large messages.
     pub(crate) fn shutdown(&mut self, linger: Duration) {
         for p in 0..self.addrs.len() as ProcessId {
-            if p != self.rank && self.status[p as usize].load(Ordering::Relaxed) == ALIVE {
-                self.queue(
-                    p,
-                    Out::Ctl(wire::preamble(wire::PKT_BYE, self.rank).to_vec()),
-                );
+            if p != self.me
+                && self.watches(p as usize)
+                && self.status[p as usize].load(Ordering::Relaxed) == ALIVE
+            {
+                self.queue(p, Out::Ctl(wire::preamble(wire::PKT_BYE, self.me).to_vec()));
             }
         }
         let until = Instant::now() + linger;

@@ -8,40 +8,47 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_transport::kv::KvBootstrap;
+use charmrs_transport::lanes::{
+    decode_address_list, encode_address_list, endpoint_for, process_of,
+};
 use charmrs_transport::{
     Arrival, ArrivalBatch, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId,
-    RemoteKey, TransportError, NAP_MAX, NAP_SPIN,
+    RecvPool, RemoteKey, TransportError, NAP_MAX, NAP_SPIN,
 };
 use crossbeam_queue::SegQueue;
 
 use crate::config::{OfiConfig, ENV_PROVIDER};
-use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST};
+use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN};
 use crate::fabric::Fabric;
 use crate::wire;
 
-/// Bootstrap key of a process's endpoint address.
+/// Bootstrap key of a process's endpoint addresses (a list, one per endpoint, see
+/// [`charmrs_transport::lanes::encode_address_list`]).
 pub const ADDR_KEY: &str = "ofi-addr";
 /// Bootstrap key of a process's provider name (must match everywhere).
 pub const PROVIDER_KEY: &str = "ofi-provider";
 /// Bootstrap key of a process's host identity and pid (liveness checks).
 pub const HOST_KEY: &str = "ofi-host";
 
-/// What a thread asks the progressing thread to do.
+/// What a thread asks the thread progressing an endpoint to do. Peers are endpoint ids.
 enum Cmd {
-    Send(ProcessId, Message),
-    Get(ProcessId, Out),
+    Send(u32, Message),
+    Get(u32, Out),
     /// Deregister the region with this key (its `MemRegion` was dropped).
     Release(u64),
 }
 
-/// State shared by the layer, its regions' release actions and the
-/// wake-up watcher.
+/// One endpoint of the layer (a *lane*: one per PE, or one for the process) and what the
+/// threads using it share: its engine, the work queued for it, and its wake-up machinery.
 struct Inner {
-    rank: ProcessId,
-    size: u32,
+    /// This endpoint's id, `process · lanes + lane` ([`charmrs_transport::lanes`]).
+    me: u32,
+    /// Endpoints per process.
+    lanes: u32,
     engine: Mutex<Engine>,
     /// Work from threads that did not get the engine lock, in order.
     cmds: SegQueue<Cmd>,
+    /// Per peer endpoint, as this endpoint's engine knows it.
     status: Arc<Vec<AtomicU8>>,
     /// `eventfd` that wakes a thread sleeping in `progress_wait`.
     event_fd: c_int,
@@ -57,8 +64,6 @@ struct Inner {
     watcher_thread: OnceLock<std::thread::Thread>,
     closing: AtomicBool,
     wait_fd: Option<c_int>,
-    provider: String,
-    cfg: OfiConfig,
 }
 
 thread_local! {
@@ -66,6 +71,8 @@ thread_local! {
     /// its lock, handed to the sink after it is released).
     static SCRATCH: std::cell::RefCell<ArrivalBatch> =
         const { std::cell::RefCell::new(ArrivalBatch::new()) };
+    /// The lane the calling thread is bound to (`bind_lane`; 0 until bound).
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 fn lock(m: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
@@ -81,7 +88,7 @@ impl Inner {
         while !self.cmds.is_empty() {
             let Some(cmd) = self.cmds.pop() else { break };
             match cmd {
-                Cmd::Send(dst, msg) if dst == self.rank => eng.loopback(msg),
+                Cmd::Send(dst, msg) if dst == self.me => eng.loopback(msg),
                 Cmd::Send(dst, msg) => eng.queue(dst, Out::Msg(msg)),
                 Cmd::Get(src, out) => eng.queue(src, out),
                 Cmd::Release(key) => {
@@ -138,6 +145,98 @@ impl Inner {
             libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8);
         }
     }
+
+    /// `Err(PeerLost)` if peer endpoint `id` is known lost or gone, naming its process.
+    fn check(&self, id: u32) -> Result<(), TransportError> {
+        match self.status[id as usize].load(Ordering::Acquire) {
+            LOST | DEPARTED => {
+                let reason = lock(&self.engine).reasons[id as usize]
+                    .clone()
+                    .unwrap_or_else(|| "lost".to_owned());
+                Err(self.for_caller(TransportError::PeerLost {
+                    process: id,
+                    reason,
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `e`, naming processes where the engine named endpoints.
+    fn for_caller(&self, e: TransportError) -> TransportError {
+        match e {
+            TransportError::PeerLost { process, reason } if self.lanes > 1 => {
+                TransportError::PeerLost {
+                    process: process_of(process, self.lanes),
+                    reason: format!("{reason} (libfabric endpoint of PE {process})"),
+                }
+            }
+            e => e,
+        }
+    }
+
+    /// Posts queued work, drains the completion queue and hands every message that became
+    /// deliverable to `sink` (naming the sending process), outside the engine lock; then the
+    /// first error, if any.
+    fn progress_arrivals(
+        &self,
+        sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
+    ) -> Result<usize, TransportError> {
+        if self.armed.load(Ordering::Relaxed) {
+            // Polling again: arrivals need not wake anybody.
+            self.armed.store(false, Ordering::Relaxed);
+        }
+        // A thread's own batch, reused (a sink that progresses again gets a fresh one).
+        SCRATCH.with(|scratch| {
+            let mut own = scratch.try_borrow_mut();
+            let mut fresh = ArrivalBatch::new();
+            let batch = match own.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut fresh,
+            };
+            let err = {
+                let mut eng = lock(&self.engine);
+                self.absorb(&mut eng);
+                eng.post_pending();
+                if eng.poll_cq() > 0 {
+                    eng.post_pending();
+                }
+                eng.check_liveness();
+                batch.append(&mut eng.ready);
+                eng.errors.pop_front()
+            };
+            let n = if self.lanes == 1 {
+                batch.deliver(sink)
+            } else {
+                batch.deliver(&mut |id, a| sink(process_of(id, self.lanes), a))
+            };
+            match err {
+                Some(e) => Err(self.for_caller(e)),
+                None => Ok(n),
+            }
+        })
+    }
+
+    /// Posts queued work and completes operations without delivering anything (arrivals wait
+    /// for the next `progress`): for a thread that waits for something else meanwhile.
+    fn keep_going(&self) {
+        let mut eng = lock(&self.engine);
+        self.absorb(&mut eng);
+        eng.post_pending();
+        if eng.poll_cq() > 0 {
+            eng.post_pending();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: the eventfd was opened for this endpoint and is closed once, here, when no
+        // thread can use it any more (the layer and its watcher held the last references).
+        unsafe {
+            libc::close(self.event_fd);
+        }
+    }
 }
 
 /// Process-to-process transport over libfabric reliable datagram
@@ -146,11 +245,17 @@ impl Inner {
 ///
 /// # Behaviour
 ///
-/// * **Set-up** ([`OfiLayer::new`]): opens fabric, domain
-///   (`FI_THREAD_DOMAIN`), completion queue, address vector and endpoint,
-///   publishes the endpoint's name (and provider, host and pid) through
-///   the bootstrap, fences, and inserts every peer's name into the address
-///   vector.
+/// * **Set-up** ([`OfiLayer::new`]): opens, for each of its [`OfiConfig::endpoints`], a fabric,
+///   domain (`FI_THREAD_DOMAIN`), completion queue, address vector and endpoint; publishes the
+///   endpoints' names (and provider, host and pid) through the bootstrap, fences, and inserts
+///   every peer endpoint's name into each address vector.
+/// * **Endpoints per PE** ([`lanes`](MachineLayer::lanes)): with one endpoint per PE, each PE's
+///   thread binds to its own ([`bind_lane`](MachineLayer::bind_lane)), sends from it to the
+///   endpoint of the message's destination PE (`Header::dst_pe`), and polls it: no arrival is
+///   handed from one thread to another and no lock is shared between PEs. Each endpoint has its
+///   own domain, as a process per core would under MPI, so a registration belongs to the
+///   endpoint that made it and a [`RemoteKey`] names that endpoint. Peers are named by
+///   endpoint id (`process · endpoints + lane`); the sink and errors name processes.
 /// * **Sending** ([`send`](MachineLayer::send), any thread): the message
 ///   goes into a lock-free queue; if no other thread holds the engine lock,
 ///   the caller posts it at once, otherwise the thread that holds it (the
@@ -167,7 +272,7 @@ impl Inner {
 /// * **Waiting**: [`OfiLayer::progress_wait`] polls briefly, then sleeps
 ///   on the completion queue's wait object (`FI_WAIT_FD`) if the provider
 ///   has one, else naps in short slices. [`set_wakeup`](MachineLayer::set_wakeup)
-///   is supported with a wait object: a watcher thread, armed by
+///   is supported with a wait object: a watcher thread per endpoint, armed by
 ///   [`before_park`](MachineLayer::before_park), calls the hook.
 /// * **Failures**: a failed operation towards a peer (the provider's CQ
 ///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) or a
@@ -175,13 +280,19 @@ impl Inner {
 ///   (checked every [`OfiConfig::liveness_interval`]) is reported once by
 ///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
 ///   with the same error.
-/// * **Shutdown**: dropping the layer sends a goodbye to every peer (so
-///   they do not report it lost) and waits up to [`OfiConfig::linger`] for
-///   its last sends to complete.
+/// * **Shutdown**: dropping the layer sends a goodbye to the peers (every endpoint to those it
+///   talked with, the first endpoint also to every process's first, so they do not report it
+///   lost) and waits up to [`OfiConfig::linger`] for its last sends to complete.
 pub struct OfiLayer {
-    inner: Arc<Inner>,
+    rank: ProcessId,
+    size: u32,
+    /// One per endpoint, in lane order.
+    lanes: Vec<Arc<Inner>>,
     bootstrap: Arc<dyn Bootstrap>,
-    watcher: Mutex<Option<JoinHandle<()>>>,
+    /// Each endpoint's wake-up watcher thread, once started.
+    watchers: Vec<Mutex<Option<JoinHandle<()>>>>,
+    provider: String,
+    cfg: OfiConfig,
 }
 
 fn bootstrap_err(m: String) -> TransportError {
@@ -197,18 +308,22 @@ fn host_id() -> String {
         .unwrap_or_default()
 }
 
+/// Bytes of a [`RemoteKey`]'s `rkey` made by this layer: the registration's key, then the lane
+/// (endpoint) that registered it, both little-endian.
+const RKEY_LEN: usize = 12;
+
 impl OfiLayer {
     /// A layer over `bootstrap` with tunables `cfg`.
     ///
     /// Collective: every process of the job must call it, with the same
-    /// provider.
+    /// provider and number of endpoints.
     ///
     /// # Errors
     ///
     /// [`TransportError::Io`] naming the libfabric call and its error if
     /// the provider is missing or an object cannot be opened;
     /// [`TransportError::Bootstrap`] if the exchange fails, a peer uses
-    /// another provider, or `cfg` is unusable.
+    /// another provider or another number of endpoints, or `cfg` is unusable.
     pub fn new(bootstrap: Arc<dyn Bootstrap>, cfg: OfiConfig) -> Result<OfiLayer, TransportError> {
         if cfg.packet_max < wire::MAX_RNDV_LEN.max(8 << 10) || cfg.recv_buffers == 0 {
             return Err(bootstrap_err(format!(
@@ -220,29 +335,45 @@ impl OfiLayer {
         }
         let rank = bootstrap.rank();
         let size = bootstrap.size();
+        let lanes = u32::try_from(cfg.endpoints)
+            .ok()
+            .filter(|&l| l >= 1 && u64::from(l) * u64::from(size) <= u64::from(u32::MAX))
+            .ok_or_else(|| {
+                bootstrap_err(format!(
+                    "ofi config: {} endpoints per process (at least 1, and at most 2^32 in the \
+                     job of {size} processes)",
+                    cfg.endpoints
+                ))
+            })?;
+        let ids = size * lanes;
         let provider = cfg
             .provider
             .clone()
             .or_else(|| std::env::var(ENV_PROVIDER).ok())
             .or_else(|| std::env::var("FI_PROVIDER").ok())
             .filter(|p| !p.is_empty());
-        let mut fab = Fabric::open(provider.as_deref(), size as usize)?;
-        let name = fab.name()?;
-        let prov = fab.limits.provider.clone();
+        let mut fabs = Vec::with_capacity(lanes as usize);
+        let mut own = Vec::with_capacity(lanes as usize);
+        for _ in 0..lanes {
+            let fab = Fabric::open(provider.as_deref(), ids as usize)?;
+            own.push(fab.name()?);
+            fabs.push(fab);
+        }
+        let prov = fabs[0].limits.provider.clone();
         let host = host_id();
-        bootstrap.put(ADDR_KEY, &name)?;
+        bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;
         bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;
         bootstrap.put(
             HOST_KEY,
             format!("{host} {}", std::process::id()).as_bytes(),
         )?;
         bootstrap.fence()?;
-        let mut names = Vec::with_capacity(size as usize);
-        let mut local_pids = Vec::with_capacity(size as usize);
+        let mut names = Vec::with_capacity(ids as usize);
+        let mut local_pids = Vec::with_capacity(ids as usize);
         for r in 0..size {
             if r == rank {
-                names.push(name.clone());
-                local_pids.push(None);
+                names.extend(own.iter().cloned());
+                local_pids.extend((0..lanes).map(|_| None));
                 continue;
             }
             let their = bootstrap.get(r, PROVIDER_KEY)?;
@@ -253,25 +384,33 @@ impl OfiLayer {
                     String::from_utf8_lossy(&their)
                 )));
             }
-            names.push(bootstrap.get(r, ADDR_KEY)?);
+            let published = decode_address_list(&bootstrap.get(r, ADDR_KEY)?).ok_or_else(|| {
+                bootstrap_err(format!(
+                    "process {r} published a malformed list of libfabric endpoint addresses"
+                ))
+            })?;
+            if published.len() != lanes as usize {
+                return Err(bootstrap_err(format!(
+                    "process {r} has {} libfabric endpoints, process {rank} {lanes}: an \
+                     endpoint per PE needs as many PEs in every process",
+                    published.len()
+                )));
+            }
+            names.extend(published);
             let h = bootstrap.get(r, HOST_KEY)?;
             let h = String::from_utf8_lossy(&h);
-            local_pids.push(h.rsplit_once(' ').and_then(|(their_host, pid)| {
+            let pid = h.rsplit_once(' ').and_then(|(their_host, pid)| {
                 (their_host == host && !host.is_empty())
                     .then(|| pid.parse::<i32>().ok())
                     .flatten()
-            }));
+            });
+            local_pids.extend((0..lanes).map(|_| pid));
         }
-        let addrs = fab.insert_peers(&names)?;
-        let wait_fd = fab.wait_fd;
-        let status: Arc<Vec<AtomicU8>> =
-            Arc::new((0..size).map(|_| AtomicU8::new(ALIVE)).collect());
         let sizes = Sizes {
             packet_max: cfg.packet_max,
             recv_buffers: cfg.recv_buffers,
             max_message: cfg.max_message,
             grace: Duration::from_millis(20),
-            pool_bytes: cfg.pool_bytes,
             read_window: cfg.read_window.unwrap_or(if prov == "shm" {
                 0
             } else {
@@ -279,24 +418,33 @@ impl OfiLayer {
             }),
             liveness_interval: cfg.liveness_interval,
         };
-        let engine = Engine::new(fab, rank, addrs, sizes, Arc::clone(&status), local_pids)?;
-        // SAFETY: eventfd takes no pointers; the result is checked.
-        let event_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if event_fd < 0 {
-            return Err(TransportError::Io(std::io::Error::last_os_error()));
-        }
-        // Everyone's receive pool is posted before anyone sends.
-        if let Err(e) = bootstrap.fence() {
-            // SAFETY: the eventfd was just opened and is not shared yet.
-            unsafe {
-                libc::close(event_fd);
+        // One pool for the process: its idle capacity is the process's, whatever the lanes.
+        let pool = RecvPool::new(RNDV_POOL_MIN, cfg.pool_bytes);
+        let mut inners = Vec::with_capacity(lanes as usize);
+        for (lane, mut fab) in (0..lanes).zip(fabs) {
+            let addrs = fab.insert_peers(&names)?;
+            let wait_fd = fab.wait_fd;
+            let status: Arc<Vec<AtomicU8>> =
+                Arc::new((0..ids).map(|_| AtomicU8::new(ALIVE)).collect());
+            let me = rank * lanes + lane;
+            let engine = Engine::new(
+                fab,
+                me,
+                lanes,
+                addrs,
+                sizes,
+                Arc::clone(&status),
+                local_pids.clone(),
+                Arc::clone(&pool),
+            )?;
+            // SAFETY: eventfd takes no pointers; the result is checked.
+            let event_fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if event_fd < 0 {
+                return Err(TransportError::Io(std::io::Error::last_os_error()));
             }
-            return Err(e);
-        }
-        Ok(OfiLayer {
-            inner: Arc::new(Inner {
-                rank,
-                size,
+            inners.push(Arc::new(Inner {
+                me,
+                lanes,
                 engine: Mutex::new(engine),
                 cmds: SegQueue::new(),
                 status,
@@ -307,11 +455,18 @@ impl OfiLayer {
                 watcher_thread: OnceLock::new(),
                 closing: AtomicBool::new(false),
                 wait_fd,
-                provider: prov,
-                cfg,
-            }),
+            }));
+        }
+        // Everyone's receive pool is posted before anyone sends.
+        bootstrap.fence()?;
+        Ok(OfiLayer {
+            rank,
+            size,
+            watchers: (0..lanes).map(|_| Mutex::new(None)).collect(),
+            lanes: inners,
             bootstrap,
-            watcher: Mutex::new(None),
+            provider: prov,
+            cfg,
         })
     }
 
@@ -332,37 +487,43 @@ impl OfiLayer {
 
     /// The libfabric provider in use (e.g. `"shm"`, `"tcp;ofi_rxm"`).
     pub fn provider(&self) -> &str {
-        &self.inner.provider
+        &self.provider
     }
 
     /// The tunables in force.
     pub fn config(&self) -> &OfiConfig {
-        &self.inner.cfg
+        &self.cfg
     }
 
     /// Whether the provider gave the completion queue a file-descriptor
     /// wait object (then idle waits sleep in the kernel and
     /// [`set_wakeup`](MachineLayer::set_wakeup) is supported).
     pub fn has_wait_fd(&self) -> bool {
-        self.inner.wait_fd.is_some()
+        self.lanes[0].wait_fd.is_some()
+    }
+
+    /// The endpoint of the calling thread ([`bind_lane`](MachineLayer::bind_lane)).
+    fn lane(&self) -> &Arc<Inner> {
+        if self.lanes.len() == 1 {
+            &self.lanes[0]
+        } else {
+            &self.lanes[LANE.with(std::cell::Cell::get).min(self.lanes.len() - 1)]
+        }
+    }
+
+    /// The endpoint id of the endpoint of process `dst` that takes a message for PE `dst_pe`.
+    fn endpoint_for(&self, dst: ProcessId, dst_pe: u32) -> u32 {
+        endpoint_for(dst, dst_pe, self.lanes.len() as u32)
     }
 
     fn check(&self, p: ProcessId) -> Result<(), TransportError> {
-        if p >= self.inner.size {
+        if p >= self.size {
             return Err(TransportError::UnknownProcess {
                 dst: p,
-                size: self.inner.size,
+                size: self.size,
             });
         }
-        match self.inner.status[p as usize].load(Ordering::Acquire) {
-            LOST | DEPARTED => {
-                let reason = lock(&self.inner.engine).reasons[p as usize]
-                    .clone()
-                    .unwrap_or_else(|| "lost".to_owned());
-                Err(TransportError::PeerLost { process: p, reason })
-            }
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// Like [`progress`](MachineLayer::progress), but if nothing arrives
@@ -372,6 +533,7 @@ impl OfiLayer {
     /// [`OfiConfig::liveness_interval`] to check peers. A provider without
     /// such a descriptor (`shm`) cannot wake the caller: it polls for at
     /// least [`NAP_SPIN`], then sleeps in naps of at most [`NAP_MAX`].
+    /// Waits on the calling thread's endpoint.
     ///
     /// # Errors
     ///
@@ -381,11 +543,12 @@ impl OfiLayer {
         sink: &mut dyn FnMut(ProcessId, Message),
         timeout: Duration,
     ) -> Result<usize, TransportError> {
+        let s = self.lane();
         let start = Instant::now();
         let deadline = start + timeout;
-        let spin = match self.inner.wait_fd {
-            Some(_) => self.inner.cfg.wait_spin,
-            None => self.inner.cfg.wait_spin.max(NAP_SPIN),
+        let spin = match s.wait_fd {
+            Some(_) => self.cfg.wait_spin,
+            None => self.cfg.wait_spin.max(NAP_SPIN),
         };
         let spin_until = start + spin;
         let mut nap = Duration::from_micros(5);
@@ -402,21 +565,20 @@ impl OfiLayer {
                 std::thread::yield_now();
                 continue;
             }
-            let slice = (deadline - now).min(self.inner.cfg.liveness_interval);
-            match self.inner.wait_fd {
-                Some(fd) => self.sleep_on(fd, slice),
+            let slice = (deadline - now).min(self.cfg.liveness_interval);
+            match s.wait_fd {
+                Some(fd) => Self::sleep_on(s, fd, slice),
                 None => {
                     nap = (nap * 2).min(NAP_MAX).min(slice);
-                    self.sleep_on(-1, nap);
+                    Self::sleep_on(s, -1, nap);
                 }
             }
         }
     }
 
-    /// Sleeps up to `slice` until `fd` (if any) or the event fd is
+    /// Sleeps up to `slice` until `fd` (if any) or `inner`'s event fd is
     /// readable; does not sleep if the CQ has events or work is queued.
-    fn sleep_on(&self, fd: c_int, slice: Duration) {
-        let inner = &self.inner;
+    fn sleep_on(inner: &Inner, fd: c_int, slice: Duration) {
         if fd >= 0 {
             let eng = lock(&inner.engine);
             if !eng.quiet() || !eng.fab.trywait() {
@@ -454,7 +616,7 @@ impl OfiLayer {
         inner.drain_event_fd();
     }
 
-    /// The wake-up watcher: while the progressing thread is parked
+    /// The wake-up watcher of an endpoint: while its progressing thread is parked
     /// (armed by `before_park`), sleeps on the CQ's file descriptor and
     /// calls the hook when it becomes readable (or at once if completions
     /// or queued work wait), disarming; otherwise sleeps until armed.
@@ -491,15 +653,25 @@ impl OfiLayer {
 
 impl MachineLayer for OfiLayer {
     fn rank(&self) -> ProcessId {
-        self.inner.rank
+        self.rank
     }
 
     fn size(&self) -> u32 {
-        self.inner.size
+        self.size
+    }
+
+    fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    fn bind_lane(&self, lane: usize) {
+        LANE.with(|l| l.set(lane));
     }
 
     /// Queues the message and posts it at once if no other thread holds the
-    /// engine (see the type docs); never blocks.
+    /// calling thread's endpoint (see the type docs); never blocks. It goes to the endpoint of
+    /// `dst` that takes PE `msg.header().dst_pe`; a message to this process loops back through
+    /// that endpoint's `progress`.
     ///
     /// # Errors
     ///
@@ -509,32 +681,40 @@ impl MachineLayer for OfiLayer {
     fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
         self.check(dst)?;
         let len = msg.total_len() as u64;
-        if len > self.inner.cfg.max_message {
+        if len > self.cfg.max_message {
             return Err(TransportError::TooLarge {
                 len,
-                max: self.inner.cfg.max_message,
+                max: self.cfg.max_message,
             });
         }
-        let local = dst == self.inner.rank;
-        self.inner.submit(Cmd::Send(dst, msg), local);
+        let to = self.endpoint_for(dst, msg.header().dst_pe);
+        if dst == self.rank {
+            let lane = (to - dst * self.lanes.len() as u32) as usize;
+            self.lanes[lane].submit(Cmd::Send(to, msg), true);
+            return Ok(());
+        }
+        let s = self.lane();
+        s.check(to)?;
+        s.submit(Cmd::Send(to, msg), false);
         Ok(())
     }
 
     /// Sends at once with `fi_inject` from a reused buffer (no allocation) when the packet fits
-    /// the provider's inject size, no other thread holds the engine and nothing is queued before
-    /// it; otherwise as [`send`](Self::send).
+    /// the provider's inject size, no other thread holds the endpoint and nothing is queued
+    /// before it; otherwise as [`send`](Self::send).
     ///
     /// # Errors
     ///
     /// As [`send`](Self::send).
     fn send_copy(&self, dst: ProcessId, header: Header, data: &[u8]) -> Result<(), TransportError> {
-        let inner = &self.inner;
-        if dst != inner.rank && inner.cmds.is_empty() {
-            self.check(dst)?;
-            if let Ok(mut eng) = inner.engine.try_lock() {
+        let s = self.lane();
+        if dst != self.rank && dst < self.size && s.cmds.is_empty() {
+            let to = self.endpoint_for(dst, header.dst_pe);
+            s.check(to)?;
+            if let Ok(mut eng) = s.engine.try_lock() {
                 // Anything this thread sent before went through the queue of commands, now
-                // empty: it was absorbed into the engine, whose queue for `dst` is checked.
-                if inner.cmds.is_empty() && eng.inject_now(dst, &header, data) {
+                // empty: it was absorbed into the engine, whose queue for `to` is checked.
+                if s.cmds.is_empty() && eng.inject_now(to, &header, data) {
                     return Ok(());
                 }
             }
@@ -542,8 +722,8 @@ impl MachineLayer for OfiLayer {
         self.send(dst, Message::with_copied_segment(header, data))
     }
 
-    /// Non-blocking: posts queued work, drains the completion queue and
-    /// hands every message that became deliverable to `sink`, in
+    /// Non-blocking: posts queued work, drains the calling thread's endpoint's completion
+    /// queue and hands every message that became deliverable to `sink`, in
     /// per-source order, outside the engine lock. An error (lost peer,
     /// malformed packet) is returned after the messages were delivered;
     /// each is reported once.
@@ -559,36 +739,7 @@ impl MachineLayer for OfiLayer {
         _idle: bool,
         sink: &mut dyn FnMut(ProcessId, Arrival<'_>),
     ) -> Result<usize, TransportError> {
-        let inner = &self.inner;
-        if inner.armed.load(Ordering::Relaxed) {
-            // Polling again: arrivals need not wake anybody.
-            inner.armed.store(false, Ordering::Relaxed);
-        }
-        // A thread's own batch, reused (a sink that progresses again gets a fresh one).
-        SCRATCH.with(|scratch| {
-            let mut own = scratch.try_borrow_mut();
-            let mut fresh = ArrivalBatch::new();
-            let batch = match own.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => &mut fresh,
-            };
-            let err = {
-                let mut eng = lock(&inner.engine);
-                inner.absorb(&mut eng);
-                eng.post_pending();
-                if eng.poll_cq() > 0 {
-                    eng.post_pending();
-                }
-                eng.check_liveness();
-                batch.append(&mut eng.ready);
-                eng.errors.pop_front()
-            };
-            let n = batch.deliver(sink);
-            match err {
-                Some(e) => Err(e),
-                None => Ok(n),
-            }
-        })
+        self.lane().progress_arrivals(sink)
     }
 
     fn progress_wait(
@@ -599,27 +750,35 @@ impl MachineLayer for OfiLayer {
         OfiLayer::progress_wait(self, sink, timeout)
     }
 
+    /// [`set_lane_wakeup`](MachineLayer::set_lane_wakeup) of the first endpoint.
+    fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        self.set_lane_wakeup(0, hook)
+    }
+
     /// Supported when the provider's completion queue has a file-descriptor
     /// wait object: after [`before_park`](MachineLayer::before_park), a
-    /// watcher thread calls `hook` when completions arrive; `send` from
+    /// watcher thread calls `hook` when completions arrive at endpoint `lane`; `send` from
     /// another thread and sends to oneself call it too. Returns `false`
-    /// without a wait object, or if a hook is already set.
-    fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
-        let Some(fd) = self.inner.wait_fd else {
+    /// without a wait object, for an endpoint the layer does not have, or if the endpoint has
+    /// a hook already.
+    fn set_lane_wakeup(&self, lane: usize, hook: Box<dyn Fn() + Send + Sync>) -> bool {
+        let Some(s) = self.lanes.get(lane) else {
             return false;
         };
-        if self.inner.wakeup.set(hook).is_err() {
+        let Some(fd) = s.wait_fd else {
+            return false;
+        };
+        if s.wakeup.set(hook).is_err() {
             return false;
         }
-        let inner = Arc::clone(&self.inner);
+        let inner = Arc::clone(s);
         match std::thread::Builder::new()
-            .name(format!("charmrs-ofi-wake-{}", self.inner.rank))
+            .name(format!("charmrs-ofi-wake-{}", s.me))
             .spawn(move || OfiLayer::watch(&inner, fd))
         {
             Ok(h) => {
-                let _ = self.inner.watcher_thread.set(h.thread().clone());
-                *self
-                    .watcher
+                let _ = s.watcher_thread.set(h.thread().clone());
+                *self.watchers[lane]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h);
                 true
@@ -628,31 +787,32 @@ impl MachineLayer for OfiLayer {
         }
     }
 
-    /// Arms the watcher (see [`set_wakeup`](MachineLayer::set_wakeup)):
-    /// from now on an arrival calls the hook. Refuses (`false`: keep
-    /// polling) while work is queued or operations are in flight, which
-    /// only this process's progress moves on.
+    /// Arms the calling thread's endpoint's watcher (see
+    /// [`set_wakeup`](MachineLayer::set_wakeup)): from now on an arrival calls the hook.
+    /// Refuses (`false`: keep polling) while work is queued or operations are in flight, which
+    /// only this endpoint's progress moves on.
     fn before_park(&self) -> bool {
-        let inner = &self.inner;
-        let Some(watcher) = inner.watcher_thread.get() else {
+        let s = self.lane();
+        let Some(watcher) = s.watcher_thread.get() else {
             // No wake-up: the caller only naps, unless work waits for its progress.
-            return inner.cmds.is_empty() && lock(&inner.engine).quiet();
+            return s.cmds.is_empty() && lock(&s.engine).quiet();
         };
         // Completions waiting (say beyond one `progress` call's batch): poll them first.
-        if !inner.may_sleep(&lock(&inner.engine)) {
+        if !s.may_sleep(&lock(&s.engine)) {
             return false;
         }
-        inner.armed.store(true, Ordering::SeqCst);
+        s.armed.store(true, Ordering::SeqCst);
         watcher.unpark();
         true
     }
 
-    /// `fi_mr_reg` of the buffer for remote reads (`FI_REMOTE_READ`); the
-    /// key is the registration's address and key. Dropping the region
-    /// deregisters it (at the next `progress`, or at once if the engine is
+    /// `fi_mr_reg` of the buffer for remote reads (`FI_REMOTE_READ`) in the calling thread's
+    /// endpoint's domain; the key is the registration's address, key and endpoint. Dropping the
+    /// region deregisters it (at that endpoint's next `progress`, or at once if its engine is
     /// free); the buffer is kept alive until then.
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
-        let mut eng = lock(&self.inner.engine);
+        let s = self.lane();
+        let mut eng = lock(&s.engine);
         let wanted = eng.next_key();
         let (mr, key, addr) = if buf.is_empty() {
             (None, wanted, 0)
@@ -669,12 +829,16 @@ impl MachineLayer for OfiLayer {
             },
         );
         drop(eng);
+        let lane = s.me % s.lanes;
+        let mut rkey = Vec::with_capacity(RKEY_LEN);
+        rkey.extend_from_slice(&key.to_le_bytes());
+        rkey.extend_from_slice(&lane.to_le_bytes());
         let rk = RemoteKey {
             addr,
             len: buf.len() as u64,
-            rkey: key.to_le_bytes().to_vec(),
+            rkey,
         };
-        let weak = Arc::downgrade(&self.inner);
+        let weak = Arc::downgrade(s);
         Ok(MemRegion::with_release(buf, rk, move || {
             if let Some(inner) = weak.upgrade() {
                 inner.submit(Cmd::Release(key), false);
@@ -682,10 +846,10 @@ impl MachineLayer for OfiLayer {
         }))
     }
 
-    /// `fi_read` of the remote region into a fresh buffer; the completion
-    /// arrives through `progress`. A read the owner refuses (region
-    /// dropped, key of another job) comes out of `progress` as
-    /// [`TransportError::Malformed`] (`shm` 1.17 reports it without naming
+    /// `fi_read` of the remote region into a fresh buffer, from the calling thread's endpoint
+    /// to the endpoint that registered it; the completion arrives through the calling thread's
+    /// `progress`. A read the owner refuses (region dropped, key of another job) comes out of
+    /// `progress` as [`TransportError::Malformed`] (`shm` 1.17 reports it without naming
     /// the read: [`TransportError::Io`]); over `tcp;ofi_rxm`, whose `tcp`
     /// provider drops the connection over a refused read (losing messages
     /// silently), and after any other failure, `src` is lost. A
@@ -698,25 +862,34 @@ impl MachineLayer for OfiLayer {
         completion_tag: u64,
     ) -> Result<(), TransportError> {
         self.check(src)?;
-        if key.len > self.inner.cfg.max_message {
+        if key.len > self.cfg.max_message {
             return Err(TransportError::TooLarge {
                 len: key.len,
-                max: self.inner.cfg.max_message,
+                max: self.cfg.max_message,
             });
         }
-        let rkey: [u8; 8] = key.rkey.as_slice().try_into().map_err(|_| {
-            TransportError::Malformed("remote key was not made by an ofi layer".to_owned())
-        })?;
-        let rkey = u64::from_le_bytes(rkey);
+        let bad =
+            || TransportError::Malformed("remote key was not made by an ofi layer".to_owned());
+        let raw: &[u8; RKEY_LEN] = key.rkey.as_slice().try_into().map_err(|_| bad())?;
+        let (k, l) = raw.split_at(8);
+        let rkey = u64::from_le_bytes(k.try_into().map_err(|_| bad())?);
+        let lane = u32::from_le_bytes(l.try_into().map_err(|_| bad())?);
+        let lanes = self.lanes.len() as u32;
+        if lane >= lanes {
+            return Err(TransportError::Malformed(format!(
+                "remote key of endpoint {lane}, but processes have {lanes}"
+            )));
+        }
         let header = Header::new(completion_kind, 0, 0, completion_tag);
-        if src == self.inner.rank || key.len == 0 {
-            let mut eng = lock(&self.inner.engine);
+        let s = self.lane();
+        if src == self.rank || key.len == 0 {
             let bytes = if key.len == 0 {
                 Bytes::new()
             } else {
+                let eng = lock(&self.lanes[lane as usize].engine);
                 let reg = eng.regions.get(&rkey).ok_or_else(|| {
                     TransportError::Malformed(format!(
-                        "no live registration with key {rkey} in this process"
+                        "no live registration with key {rkey} on endpoint {lane} of this process"
                     ))
                 })?;
                 let base = eng.fab.remote_addr(reg.buf.as_ptr());
@@ -730,14 +903,15 @@ impl MachineLayer for OfiLayer {
                 }
                 reg.buf.slice(off as usize..end as usize)
             };
-            eng.deliver_now(src, Message::with_segment(header, bytes));
-            drop(eng);
-            self.inner.notify();
+            lock(&s.engine).deliver_now(s.me, Message::with_segment(header, bytes));
+            s.notify();
             return Ok(());
         }
-        self.inner.submit(
+        let from = src * lanes + lane;
+        s.check(from)?;
+        s.submit(
             Cmd::Get(
-                src,
+                from,
                 Out::Get {
                     addr: key.addr,
                     key: rkey,
@@ -752,7 +926,7 @@ impl MachineLayer for OfiLayer {
     }
 
     /// The bootstrap's fence (all processes). While it waits, the calling
-    /// thread keeps the provider progressing (posting queued sends, serving
+    /// thread keeps every endpoint's provider progressing (posting queued sends, serving
     /// peers' reads, completing operations) without delivering anything:
     /// with manual-progress providers such as `tcp;ofi_rxm`, a process
     /// blocked in a fence would otherwise stall the very messages its peers
@@ -762,7 +936,7 @@ impl MachineLayer for OfiLayer {
         let b = Arc::clone(&self.bootstrap);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
-            .name(format!("charmrs-ofi-fence-{}", self.inner.rank))
+            .name(format!("charmrs-ofi-fence-{}", self.rank))
             .spawn(move || {
                 let _ = tx.send(b.fence());
             })?;
@@ -770,11 +944,8 @@ impl MachineLayer for OfiLayer {
             match rx.recv_timeout(Duration::from_micros(200)) {
                 Ok(r) => return r,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let mut eng = lock(&self.inner.engine);
-                    self.inner.absorb(&mut eng);
-                    eng.post_pending();
-                    if eng.poll_cq() > 0 {
-                        eng.post_pending();
+                    for s in &self.lanes {
+                        s.keep_going();
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
@@ -800,41 +971,37 @@ impl MachineLayer for OfiLayer {
 impl std::fmt::Debug for OfiLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OfiLayer")
-            .field("rank", &self.inner.rank)
-            .field("size", &self.inner.size)
-            .field("provider", &self.inner.provider)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("provider", &self.provider)
+            .field("endpoints", &self.lanes.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for OfiLayer {
     fn drop(&mut self) {
-        self.inner.closing.store(true, Ordering::Release);
-        if let Some(t) = self.inner.watcher_thread.get() {
-            t.unpark();
-        }
-        if let Some(h) = self
-            .watcher
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            // The hook runs on the watcher thread and may drop the last reference to this
-            // layer: it must not join itself (it sees `closing` and ends on its own).
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
+        for (s, watcher) in self.lanes.iter().zip(&self.watchers) {
+            s.closing.store(true, Ordering::Release);
+            if let Some(t) = s.watcher_thread.get() {
+                t.unpark();
+            }
+            if let Some(h) = watcher
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
+                // The hook runs on the watcher thread and may drop the last reference to this
+                // layer: it must not join itself (it sees `closing` and ends on its own).
+                if h.thread().id() != std::thread::current().id() {
+                    let _ = h.join();
+                }
             }
         }
-        {
-            let mut eng = lock(&self.inner.engine);
-            self.inner.absorb(&mut eng);
-            eng.shutdown(self.inner.cfg.linger);
-        }
-        // SAFETY: the eventfd was opened in `new` and is closed once, here
-        // (the watcher, its only other user, has been joined, or is this very
-        // thread, which checks `closing` before it waits again).
-        unsafe {
-            libc::close(self.inner.event_fd);
+        for s in &self.lanes {
+            let mut eng = lock(&s.engine);
+            s.absorb(&mut eng);
+            eng.shutdown(self.cfg.linger);
         }
     }
 }

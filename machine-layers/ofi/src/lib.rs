@@ -26,12 +26,15 @@
 //! * Select it with [`OfiLayer::from_env`]`(`[`OfiConfig::from_env`]`()?)`:
 //!   `Ok(None)` outside `charmrun`. The provider comes from
 //!   `CHARMRS_OFI_PROVIDER` (else `FI_PROVIDER`, else the first suitable one).
+//! * [`OfiConfig::endpoints`]: one endpoint per process, or one per PE (a *lane* each, see
+//!   [`MachineLayer::lanes`](charmrs_transport::MachineLayer::lanes)): a thread bound to
+//!   its lane with `bind_lane` sends from that endpoint and polls it.
 //! * `send`, `register` and `get` may be called from any thread. `progress`
-//!   should be called by one thread (it serializes on the engine mutex
-//!   anyway), and *regularly*: with manual-progress providers
-//!   (`tcp;ofi_rxm`) peers' reads of this process's large messages are
-//!   served only while some thread is in `progress`, `progress_wait` or
-//!   `barrier` (which keeps the provider progressing while it waits).
+//!   should be called by one thread per endpoint (it serializes on the endpoint's engine
+//!   mutex anyway), and *regularly*: with manual-progress providers
+//!   (`tcp;ofi_rxm`) peers' reads of an endpoint's large messages are
+//!   served only while some thread is in its `progress`, `progress_wait` or in
+//!   `barrier` (which keeps every endpoint progressing while it waits).
 //! * [`set_wakeup`](charmrs_transport::MachineLayer::set_wakeup) succeeds
 //!   only when the provider gives the completion queue a file descriptor
 //!   (`tcp;ofi_rxm` does, `shm` does not), and calls the hook only after

@@ -199,3 +199,34 @@ fn killed_peer_is_reported_lost_within_five_seconds() {
         }
     }
 }
+
+#[test]
+fn an_endpoint_per_pe_delivers_to_each_pe_in_order_and_serves_its_regions() {
+    for (p, n, endpoints) in [("shm", 2, "3"), ("tcp;ofi_rxm", 2, "2")] {
+        let ended = job(p, n, &["lanes", "--endpoints", endpoints], 150);
+        assert_ok(p, "lanes", &ended);
+        eprintln!("{p}: {}", ended[0].out.trim());
+    }
+}
+
+#[test]
+fn an_endpoint_per_pe_needs_as_many_in_every_process() {
+    let ended = job("shm", 2, &["mismatch"], 60);
+    assert_ok("shm", "mismatch", &ended);
+    eprintln!("{}", ended[0].out.trim());
+}
+
+#[test]
+fn a_killed_peer_is_reported_lost_with_an_endpoint_per_pe() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["lost", "--endpoints", "2"], 30);
+        assert_eq!(ended[1].code, None, "{p}: rank 1 should die by signal");
+        let e = &ended[0];
+        assert!(
+            e.code == Some(0) && e.out.contains("OK lost"),
+            "{p}: rank 0 did not report the loss\n--- stdout\n{}--- stderr\n{}",
+            e.out,
+            e.err
+        );
+    }
+}

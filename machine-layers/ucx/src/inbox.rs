@@ -26,6 +26,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
+use charmrs_transport::lanes::EndpointName;
 use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 /// Per-sender reordering state.
@@ -112,40 +113,6 @@ pub(crate) struct Inbox {
     pub(crate) state: RefCell<InboxState>,
 }
 
-/// A peer worker named for a user ([`Inbox::peer`]): `process 3`, or with a worker per PE
-/// `process 1 (PE 3)`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerName {
-    id: ProcessId,
-    lanes: u32,
-}
-
-impl std::fmt::Display for PeerName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.lanes <= 1 {
-            write!(f, "process {}", self.id)
-        } else {
-            write!(
-                f,
-                "process {} (PE {})",
-                process_of(self.id, self.lanes),
-                self.id
-            )
-        }
-    }
-}
-
-/// The process of worker `id` in a job of `lanes` workers per process (worker ids are
-/// `process · lanes + lane`).
-#[inline]
-pub(crate) fn process_of(id: u32, lanes: u32) -> ProcessId {
-    if lanes <= 1 {
-        id
-    } else {
-        id / lanes
-    }
-}
-
 impl Inbox {
     /// The inbox of a job of `size` processes, whose receive pool keeps at
     /// most `pool_bytes` idle.
@@ -168,8 +135,8 @@ impl Inbox {
 
     /// Worker `id` as a user knows it, for error messages: its process, and with a worker per
     /// PE also its PE.
-    pub(crate) fn peer(&self, id: ProcessId) -> PeerName {
-        PeerName {
+    pub(crate) fn peer(&self, id: ProcessId) -> EndpointName {
+        EndpointName {
             id,
             lanes: self.lanes,
         }

@@ -15,10 +15,10 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::context::Context;
-use crate::inbox::process_of;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
+use charmrs_transport::lanes::process_of;
 
 /// Bootstrap key under which each process publishes the addresses of its UCX workers (a count,
 /// then each address after its length, all little-endian `u32`s).
@@ -343,7 +343,10 @@ impl UcxLayer {
             own.push(address);
         }
         let me = Identity::current();
-        bootstrap.put(ADDR_KEY, &encode_addresses(&own))?;
+        bootstrap.put(
+            ADDR_KEY,
+            &charmrs_transport::lanes::encode_address_list(&own),
+        )?;
         bootstrap.put(IDENTITY_KEY, &me.encode())?;
         bootstrap.fence()?;
         let mut identities = Vec::with_capacity(ids as usize);
@@ -352,11 +355,12 @@ impl UcxLayer {
             let published = if r == rank {
                 own.clone()
             } else {
-                decode_addresses(&bootstrap.get(r, ADDR_KEY)?).ok_or_else(|| {
-                    TransportError::Bootstrap(format!(
-                        "process {r} published a malformed list of UCX worker addresses"
-                    ))
-                })?
+                charmrs_transport::lanes::decode_address_list(&bootstrap.get(r, ADDR_KEY)?)
+                    .ok_or_else(|| {
+                        TransportError::Bootstrap(format!(
+                            "process {r} published a malformed list of UCX worker addresses"
+                        ))
+                    })?
             };
             if published.len() != lanes {
                 return Err(TransportError::Bootstrap(format!(
@@ -448,16 +452,7 @@ impl UcxLayer {
     /// The worker id of the worker of process `dst` that takes a message for PE `dst_pe`.
     #[inline]
     fn worker_for(&self, dst: ProcessId, dst_pe: u32) -> u32 {
-        let lanes = self.lanes.len() as u32;
-        if lanes == 1 {
-            return dst;
-        }
-        let first = dst * lanes;
-        first
-            + dst_pe
-                .checked_sub(first)
-                .filter(|l| *l < lanes)
-                .unwrap_or(0)
+        charmrs_transport::lanes::endpoint_for(dst, dst_pe, self.lanes.len() as u32)
     }
 
     /// Installs `hook`, called from a watcher thread whenever the armed
@@ -1288,62 +1283,5 @@ impl Drop for UcxLayer {
                 }
             }
         });
-    }
-}
-
-/// The bootstrap value of [`ADDR_KEY`]: the count, then each address after its length.
-fn encode_addresses(addresses: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(addresses.len() as u32).to_le_bytes());
-    for a in addresses {
-        out.extend_from_slice(&(a.len() as u32).to_le_bytes());
-        out.extend_from_slice(a);
-    }
-    out
-}
-
-/// The addresses in a bootstrap value of [`ADDR_KEY`]; `None` if it is malformed.
-fn decode_addresses(mut raw: &[u8]) -> Option<Vec<Vec<u8>>> {
-    fn next_u32(raw: &mut &[u8]) -> Option<usize> {
-        let (n, rest) = raw.split_first_chunk::<4>()?;
-        *raw = rest;
-        usize::try_from(u32::from_le_bytes(*n)).ok()
-    }
-    let count = next_u32(&mut raw)?;
-    if count > raw.len() / 4 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let len = next_u32(&mut raw)?;
-        if len > raw.len() {
-            return None;
-        }
-        let (a, rest) = raw.split_at(len);
-        out.push(a.to_vec());
-        raw = rest;
-    }
-    raw.is_empty().then_some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{decode_addresses, encode_addresses};
-
-    #[test]
-    fn worker_address_lists_round_trip_and_malformed_ones_are_refused() {
-        let list = vec![vec![1u8, 2, 3], vec![], vec![9; 300]];
-        let raw = encode_addresses(&list);
-        assert_eq!(decode_addresses(&raw), Some(list));
-        assert_eq!(decode_addresses(&encode_addresses(&[])), Some(vec![]));
-        for cut in 0..raw.len() {
-            assert_eq!(decode_addresses(&raw[..cut]), None, "cut at {cut}");
-        }
-        let mut long = raw.clone();
-        long.push(0);
-        assert_eq!(decode_addresses(&long), None, "trailing bytes");
-        let mut huge = raw;
-        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode_addresses(&huge), None, "a count beyond the bytes");
     }
 }

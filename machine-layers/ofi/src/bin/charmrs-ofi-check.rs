@@ -11,9 +11,13 @@
 //! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s; with
 //! `send`, rank 0 keeps sending to it meanwhile), `badkey` (a `get` through
 //! the key of a dropped region fails as `Malformed`, the owner stays
-//! reachable).
+//! reachable), `lanes` (with `--endpoints N`: a thread per endpoint, bound to it as a PE's
+//! is, sends messages of every size to every PE of the job and reads a region another PE
+//! registered; each PE checks that exactly its own messages reach its endpoint, in order and
+//! intact), `mismatch` (process `r` asks for `r + 1` endpoints: the start must fail, naming
+//! both counts).
 //!
-//! Options: `--recv-buffers N` (size of the receive pool, to force its
+//! Options: `--endpoints N` (endpoints per process), `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
 //! provider's completion errors can reveal a lost peer), `--stale-shm-name`
 //! (before starting, leave in `/dev/shm` what a killed process with this
@@ -614,6 +618,146 @@ fn badkey(job: &mut Job) {
     println!("OK badkey rank {me}");
 }
 
+/// Process `r` asks for `r + 1` endpoints: every process must fail to start, with an error
+/// that names the counts.
+fn mismatch(mut cfg: OfiConfig) {
+    let rank: u32 = std::env::var(charmrs_transport::kv::ENV_RANK)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .expect("a rank");
+    cfg.endpoints = rank as usize + 1;
+    match OfiLayer::from_env(cfg) {
+        Ok(_) => panic!("rank {rank}: a job with different endpoint counts started"),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("libfabric endpoints"), "rank {rank}: {text}");
+            println!("OK mismatch rank {rank}: {text}");
+        }
+    }
+}
+
+/// See the module docs. PE `p` is endpoint `p` (process `p / lanes`, lane `p % lanes`).
+fn lanes(layer: &Arc<OfiLayer>) {
+    const PER_PE: u32 = 6;
+    let me = layer.rank();
+    let lanes = layer.lanes() as u32;
+    assert!(lanes >= 2, "rank {me}: lanes needs --endpoints 2 or more");
+    let pes = layer.size() * lanes;
+    let threads: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let layer = Arc::clone(layer);
+            std::thread::spawn(move || {
+                layer.bind_lane(lane as usize);
+                let pe = me * lanes + lane;
+                // A region for the next PE to read, its key sent first.
+                let region_bytes = Bytes::from(fill(pe, 999, 0, 5000 + pe as usize));
+                let region = layer
+                    .register(region_bytes.clone())
+                    .unwrap_or_else(|e| fail("register", e));
+                let reader = (pe + 1) % pes;
+                let key = region.key();
+                let mut key_msg = Vec::new();
+                key_msg.extend_from_slice(&key.addr.to_le_bytes());
+                key_msg.extend_from_slice(&key.len.to_le_bytes());
+                key_msg.extend_from_slice(&key.rkey);
+                layer
+                    .send(
+                        reader / lanes,
+                        Message::with_segments(
+                            Header::new(K_KEY, pe, reader, 0),
+                            vec![Bytes::from(key_msg)],
+                        )
+                        .expect("message"),
+                    )
+                    .unwrap_or_else(|e| fail("send key", e));
+                for k in 0..PER_PE {
+                    for d in 0..pes {
+                        let dst_pe = (pe + 1 + d) % pes;
+                        let len = SIZES[((k + d) as usize) % SIZES.len()];
+                        let h = Header::new(K_DATA, pe, dst_pe, u64::from(k));
+                        let segs = segments(fill(pe, dst_pe, k, len), k);
+                        let m = Message::with_segments(h, segs).expect("message");
+                        layer
+                            .send(dst_pe / lanes, m)
+                            .unwrap_or_else(|e| fail("send", e));
+                    }
+                }
+                let mut next: HashMap<u32, u64> = HashMap::new();
+                let mut received = 0u32;
+                let mut read = false;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while received < PER_PE * pes || !read {
+                    assert!(
+                        Instant::now() < deadline,
+                        "PE {pe}: {received} of {} messages, region read: {read}",
+                        PER_PE * pes
+                    );
+                    let mut got = Vec::new();
+                    layer
+                        .progress(&mut |src, m| got.push((src, m)))
+                        .unwrap_or_else(|e| fail("progress", e));
+                    for (src, m) in got {
+                        let h = *m.header();
+                        match h.kind {
+                            K_DATA => {
+                                assert!(
+                                    h.dst_pe == pe && h.src_pe / lanes == src,
+                                    "PE {pe}: message {h:?} from process {src}"
+                                );
+                                let e = next.entry(h.src_pe).or_insert(0);
+                                assert_eq!(h.tag, *e, "PE {pe}: from PE {}: order", h.src_pe);
+                                *e += 1;
+                                let len = SIZES[((h.tag as u32 + (pe + pes - h.src_pe - 1) % pes)
+                                    as usize)
+                                    % SIZES.len()];
+                                let want = fill(h.src_pe, pe, h.tag as u32, len);
+                                let data: Vec<u8> =
+                                    m.segments().iter().flat_map(|s| s.to_vec()).collect();
+                                assert!(data == want, "PE {pe}: message {h:?} corrupted");
+                                received += 1;
+                            }
+                            K_KEY => {
+                                assert_eq!(h.dst_pe, pe, "PE {pe}: a key for PE {}", h.dst_pe);
+                                let b = m.segments()[0].clone();
+                                let key = RemoteKey {
+                                    addr: u64::from_le_bytes(b[..8].try_into().expect("8")),
+                                    len: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+                                    rkey: b[16..].to_vec(),
+                                };
+                                layer
+                                    .get(src, &key, K_GOT, u64::from(h.src_pe))
+                                    .unwrap_or_else(|e| fail("get", e));
+                            }
+                            K_GOT => {
+                                let owner = h.tag as u32;
+                                let want = fill(owner, 999, 0, 5000 + owner as usize);
+                                let data: Vec<u8> =
+                                    m.segments().iter().flat_map(|s| s.to_vec()).collect();
+                                assert!(data == want, "PE {pe}: region of PE {owner} corrupted");
+                                read = true;
+                            }
+                            k => panic!("PE {pe}: unexpected kind {k} from process {src}"),
+                        }
+                    }
+                }
+                // The region stays registered until every process is here (its reader may
+                // still be reading it).
+                (region, region_bytes)
+            })
+        })
+        .collect();
+    let regions: Vec<_> = threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap_or_else(|_| panic!("rank {me}: a PE thread failed"))
+        })
+        .collect();
+    layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    drop(regions);
+    println!("OK lanes rank {me}: {lanes} endpoints");
+}
+
 /// Writes `/dev/shm/<pid>:<uid>:0` — the name libfabric 1.17's `shm`
 /// provider gives this process's first endpoint — as a region it cannot
 /// reuse (zeros: not its version), like one left by a killed process whose
@@ -632,6 +776,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().position(|a| a == name);
     let mut cfg = OfiConfig::default();
+    if let Some(i) = flag("--endpoints") {
+        cfg.endpoints = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--endpoints N");
+    }
+    if scenario == "mismatch" {
+        return mismatch(cfg);
+    }
     if let Some(i) = flag("--recv-buffers") {
         cfg.recv_buffers = args
             .get(i + 1)
@@ -673,6 +826,7 @@ fn main() {
         "wakeup" => wakeup(&mut job),
         "lost" => lost(&mut job),
         "badkey" => badkey(&mut job),
+        "lanes" => lanes(&job.layer),
         other => panic!("unknown scenario {other:?}"),
     }
 }
