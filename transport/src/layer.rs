@@ -102,7 +102,8 @@ pub trait MachineLayer: Send + Sync {
     }
 
     /// How many independent pollers ("lanes") this layer has in this process: 1 (the default),
-    /// polled by one thread for the whole process, or one per PE (UCX with per-PE workers), in
+    /// polled by one thread for the whole process, or one per PE (UCX's per-PE workers,
+    /// libfabric's per-PE endpoints), in
     /// which case local PE `i` polls lane `i` and receives there what is sent to it. Fixed for
     /// the layer's life.
     fn lanes(&self) -> usize {

@@ -40,10 +40,10 @@ pub struct OfiConfig {
     /// Bytes of large (rendezvous) messages this process reads at once from
     /// one sender; that sender's further ones wait in arrival order (one is
     /// always read, whatever its size, so 0 reads one message at a time).
-    /// Per sender, so that a sender whose reads stall holds up only its own;
-    /// the memory a burst of large messages takes is bounded by this times
-    /// the number of senders, and recycled buffers stay in use. `None` (the
-    /// default) chooses by provider:
+    /// Per sending endpoint and per receiving endpoint, so that a sender whose reads stall holds
+    /// up only its own; the memory a burst of large messages takes is bounded by this times the
+    /// number of sending endpoints and this process's endpoints, and recycled buffers stay in
+    /// use. `None` (the default) chooses by provider:
     /// * `shm`: one message at a time. Its reads are kernel copies (CMA)
     ///   on the receiving core, so concurrent reads only spread the copies
     ///   over more destination buffers, out of cache: a stream of 256 KiB

@@ -1,5 +1,6 @@
-//! The protocol engine: everything that touches the libfabric objects,
-//! run under the layer's engine mutex (the domain is `FI_THREAD_DOMAIN`).
+//! The protocol engine of one endpoint: everything that touches its libfabric objects, run
+//! under that endpoint's engine mutex (its domain is `FI_THREAD_DOMAIN`). Peers are endpoint
+//! ids (`process · lanes + lane`, see [`charmrs_transport::lanes`]).
 //!
 //! # What this module owns
 //!
@@ -48,7 +49,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -239,6 +240,8 @@ pub(crate) struct Engine {
     addrs: Vec<sys::fi_addr_t>,
     /// Per peer: something was sent to it or received from it. See [`Engine::watches`].
     talked: Vec<bool>,
+    /// Per process, shared by the endpoints of this process: it said goodbye (to any of them).
+    departed: Arc<Vec<AtomicBool>>,
     sizes: Sizes,
     recv_bufs: Vec<Box<[u8]>>,
     recv_ops: Vec<*mut Op>,
@@ -290,8 +293,9 @@ unsafe impl Send for Engine {}
 
 impl Engine {
     /// The engine of endpoint `me` (of `lanes` per process) over `fab`, whose address vector
-    /// holds the peer endpoints at `addrs` (index = endpoint id); rendezvous messages are read
-    /// into buffers of `pool`. Posts the receive pool.
+    /// holds the peer endpoints at `addrs` (index = endpoint id); `departed` is shared by the
+    /// engines of this process (index = process); rendezvous messages are read into buffers of
+    /// `pool`. Posts the receive pool.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fab: Fabric,
@@ -300,6 +304,7 @@ impl Engine {
         addrs: Vec<sys::fi_addr_t>,
         sizes: Sizes,
         status: Arc<Vec<AtomicU8>>,
+        departed: Arc<Vec<AtomicBool>>,
         local_pids: Vec<Option<i32>>,
         pool: Arc<RecvPool>,
     ) -> Result<Engine, TransportError> {
@@ -309,6 +314,7 @@ impl Engine {
             me,
             lanes,
             talked: vec![false; n],
+            departed,
             addrs,
             sizes,
             recv_bufs: Vec::with_capacity(sizes.recv_buffers),
@@ -957,12 +963,20 @@ impl Engine {
 
     /// Marks peer `p` lost (once) with `reason`.
     pub(crate) fn lose(&mut self, p: ProcessId, reason: String) {
+        if self.mark_lost(p, &reason) {
+            self.errors
+                .push_back(TransportError::PeerLost { process: p, reason });
+        }
+    }
+
+    /// [`lose`](Self::lose) without the report; whether `p` was alive until now.
+    fn mark_lost(&mut self, p: ProcessId, reason: &str) -> bool {
         let st = &self.status[p as usize];
         if st.load(Ordering::Relaxed) != ALIVE {
-            return;
+            return false;
         }
         st.store(LOST, Ordering::Release);
-        self.reasons[p as usize] = Some(reason.clone());
+        self.reasons[p as usize] = Some(reason.to_owned());
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
         self.urgent.retain(|(q, _)| *q != p);
@@ -972,8 +986,33 @@ impl Engine {
         self.admit_queue[p as usize].clear();
         self.admit_sources.retain(|&s| s != p);
         self.rndv_in.retain(|_, r| r.src != p || r.admitted);
-        self.errors
-            .push_back(TransportError::PeerLost { process: p, reason });
+        true
+    }
+
+    /// Process `process` said goodbye (to this endpoint or, see `departed`, to another of this
+    /// process): every endpoint of it is gone, and what it had to read from here is dropped.
+    fn mark_departed(&mut self, process: ProcessId) {
+        self.departed[process as usize].store(true, Ordering::Release);
+        let ids = process * self.lanes..(process + 1) * self.lanes;
+        for p in ids.clone() {
+            let st = &self.status[p as usize];
+            if st.load(Ordering::Relaxed) == ALIVE {
+                st.store(DEPARTED, Ordering::Release);
+                self.reasons[p as usize] = Some("the process shut its ofi layer down".to_owned());
+            }
+        }
+        self.rndv_out.retain(|_, r| !ids.contains(&r.dst));
+    }
+
+    /// Applies the goodbyes other endpoints of this process received.
+    fn catch_up_departures(&mut self) {
+        for process in 0..self.departed.len() as ProcessId {
+            if self.departed[process as usize].load(Ordering::Acquire)
+                && self.status[(process * self.lanes) as usize].load(Ordering::Relaxed) == ALIVE
+            {
+                self.mark_departed(process);
+            }
+        }
     }
 
     /// Handles the packet in receive buffer `i` (`n` bytes).
@@ -1029,19 +1068,9 @@ impl Engine {
                 }
             }
             wire::PKT_BYE => {
-                // Its process is going: every endpoint of it (one said goodbye to this one, the
-                // others to the endpoints they talked with).
-                let process = process_of(src, self.lanes);
-                let ids = process * self.lanes..(process + 1) * self.lanes;
-                for p in ids.clone() {
-                    let st = &self.status[p as usize];
-                    if st.load(Ordering::Relaxed) == ALIVE {
-                        st.store(DEPARTED, Ordering::Release);
-                        self.reasons[p as usize] =
-                            Some("the process shut its ofi layer down".to_owned());
-                    }
-                }
-                self.rndv_out.retain(|_, r| !ids.contains(&r.dst));
+                // Its process is going: every endpoint of it, as every endpoint of this process
+                // will see (`catch_up_departures`).
+                self.mark_departed(process_of(src, self.lanes));
             }
             other => {
                 return Err(TransportError::Malformed(format!(
@@ -1232,6 +1261,7 @@ impl Engine {
             return;
         }
         self.last_liveness = now;
+        self.catch_up_departures();
         // Peers it watches only; the endpoints of one process are neighbours, so each process is
         // looked at once per check.
         let mut last: Option<(i32, bool)> = None;
@@ -1262,20 +1292,30 @@ impl Engine {
             self.poll_cq();
             std::thread::sleep(Duration::from_millis(1));
         }
+        self.catch_up_departures();
+        // Each process reported once (through the first of its endpoints found dead), every
+        // endpoint of it lost.
+        let mut reported = None;
         for p in dead {
-            if let Some(pid) = self.local_pids[p as usize] {
-                self.lose(
-                    p,
-                    format!("its process (pid {pid} on this host) exited without shutting down"),
-                );
+            let Some(pid) = self.local_pids[p as usize] else {
+                continue;
+            };
+            let reason =
+                format!("its process (pid {pid} on this host) exited without shutting down");
+            let process = process_of(p, self.lanes);
+            if reported == Some(process) {
+                self.mark_lost(p, &reason);
+            } else if self.status[p as usize].load(Ordering::Relaxed) == ALIVE {
+                self.lose(p, reason);
+                reported = Some(process);
             }
         }
     }
 
-    /// Clean shutdown: says goodbye to every live peer it watches and waits up to
-    /// `linger` for queued sends to complete and peers to finish reading
-    /// this process's large messages.
-    pub(crate) fn shutdown(&mut self, linger: Duration) {
+    /// Clean shutdown, first step: queues a goodbye to every live peer it watches. Then
+    /// [`linger_once`](Self::linger_once) until it returns `true` or the caller's patience ends.
+    pub(crate) fn say_goodbye(&mut self) {
+        self.catch_up_departures();
         for p in 0..self.addrs.len() as ProcessId {
             if p != self.me
                 && self.watches(p as usize)
@@ -1284,21 +1324,17 @@ impl Engine {
                 self.queue(p, Out::Ctl(wire::preamble(wire::PKT_BYE, self.me).to_vec()));
             }
         }
-        let until = Instant::now() + linger;
-        loop {
-            self.post_pending();
-            self.poll_cq();
-            self.ready.discard();
-            self.errors.clear();
-            let idle = self.queued == 0
-                && self.urgent.is_empty()
-                && self.inflight == 0
-                && self.rndv_out.is_empty();
-            if idle || Instant::now() >= until {
-                break;
-            }
-            std::thread::yield_now();
-        }
+    }
+
+    /// Clean shutdown, second step: moves queued sends on and serves peers' reads of this
+    /// endpoint's large messages, discarding arrivals; whether nothing is left to wait for.
+    pub(crate) fn linger_once(&mut self) -> bool {
+        self.post_pending();
+        self.poll_cq();
+        self.catch_up_departures();
+        self.ready.discard();
+        self.errors.clear();
+        self.queued == 0 && self.urgent.is_empty() && self.inflight == 0 && self.rndv_out.is_empty()
     }
 
     /// Whether nothing is queued, in flight or being read (for tests and

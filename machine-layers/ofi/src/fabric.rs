@@ -360,7 +360,7 @@ impl Fabric {
         }
     }
 
-    /// Inserts the peers' addresses (index = rank) and returns their
+    /// Inserts the peer endpoints' addresses (index = endpoint id) and returns their
     /// `fi_addr_t`s.
     pub(crate) fn insert_peers(
         &mut self,
@@ -375,7 +375,7 @@ impl Fabric {
         for (r, name) in names.iter().enumerate() {
             if name.is_empty() {
                 return Err(TransportError::Bootstrap(format!(
-                    "process {r} published an empty libfabric address"
+                    "endpoint {r} was published with an empty libfabric address"
                 )));
             }
             let mut padded = name.clone();
@@ -395,7 +395,7 @@ impl Fabric {
             };
             if ret != 1 {
                 return Err(ofi_error(
-                    &format!("fi_av_insert of process {r}'s address"),
+                    &format!("fi_av_insert of endpoint {r}'s address"),
                     i64::from(ret.min(-1)),
                 ));
             }

@@ -50,6 +50,8 @@ struct Inner {
     cmds: SegQueue<Cmd>,
     /// Per peer endpoint, as this endpoint's engine knows it.
     status: Arc<Vec<AtomicU8>>,
+    /// Per process, shared by the endpoints of this process: it said goodbye.
+    departed: Arc<Vec<AtomicBool>>,
     /// `eventfd` that wakes a thread sleeping in `progress_wait`.
     event_fd: c_int,
     /// Number of threads sleeping in `progress_wait`.
@@ -134,7 +136,7 @@ impl Inner {
     /// otherwise: nothing queued or in flight that only its progress moves, and `fi_trywait`
     /// succeeded (after which the descriptor signals every new completion).
     fn may_sleep(&self, eng: &Engine) -> bool {
-        self.cmds.is_empty() && eng.quiet() && eng.fab.trywait()
+        self.cmds.is_empty() && eng.quiet() && eng.ready.is_empty() && eng.fab.trywait()
     }
 
     fn drain_event_fd(&self) {
@@ -148,18 +150,20 @@ impl Inner {
 
     /// `Err(PeerLost)` if peer endpoint `id` is known lost or gone, naming its process.
     fn check(&self, id: u32) -> Result<(), TransportError> {
-        match self.status[id as usize].load(Ordering::Acquire) {
-            LOST | DEPARTED => {
-                let reason = lock(&self.engine).reasons[id as usize]
-                    .clone()
-                    .unwrap_or_else(|| "lost".to_owned());
-                Err(self.for_caller(TransportError::PeerLost {
-                    process: id,
-                    reason,
-                }))
+        let reason = match self.status[id as usize].load(Ordering::Acquire) {
+            LOST | DEPARTED => lock(&self.engine).reasons[id as usize]
+                .clone()
+                .unwrap_or_else(|| "lost".to_owned()),
+            // Its process said goodbye to another endpoint of this process.
+            _ if self.departed[process_of(id, self.lanes) as usize].load(Ordering::Acquire) => {
+                "the process shut its ofi layer down".to_owned()
             }
-            _ => Ok(()),
-        }
+            _ => return Ok(()),
+        };
+        Err(self.for_caller(TransportError::PeerLost {
+            process: id,
+            reason,
+        }))
     }
 
     /// `e`, naming processes where the engine named endpoints.
@@ -218,13 +222,20 @@ impl Inner {
     }
 
     /// Posts queued work and completes operations without delivering anything (arrivals wait
-    /// for the next `progress`): for a thread that waits for something else meanwhile.
+    /// for the next `progress`, whose thread is woken for them): for a thread that waits for
+    /// something else meanwhile.
     fn keep_going(&self) {
-        let mut eng = lock(&self.engine);
-        self.absorb(&mut eng);
-        eng.post_pending();
-        if eng.poll_cq() > 0 {
+        let arrived = {
+            let mut eng = lock(&self.engine);
+            self.absorb(&mut eng);
             eng.post_pending();
+            if eng.poll_cq() > 0 {
+                eng.post_pending();
+            }
+            !eng.ready.is_empty()
+        };
+        if arrived {
+            self.notify();
         }
     }
 }
@@ -277,7 +288,7 @@ impl Drop for Inner {
 /// * **Failures**: a failed operation towards a peer (the provider's CQ
 ///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) or a
 ///   peer process on this host that exited without shutting its layer down
-///   (checked every [`OfiConfig::liveness_interval`]) is reported once by
+///   (checked every [`OfiConfig::liveness_interval`]) is reported once by each endpoint's
 ///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
 ///   with the same error.
 /// * **Shutdown**: dropping the layer sends a goodbye to the peers (every endpoint to those it
@@ -420,9 +431,21 @@ impl OfiLayer {
         };
         // One pool for the process: its idle capacity is the process's, whatever the lanes.
         let pool = RecvPool::new(RNDV_POOL_MIN, cfg.pool_bytes);
+        let departed: Arc<Vec<AtomicBool>> =
+            Arc::new((0..size).map(|_| AtomicBool::new(false)).collect());
         let mut inners = Vec::with_capacity(lanes as usize);
         for (lane, mut fab) in (0..lanes).zip(fabs) {
-            let addrs = fab.insert_peers(&names)?;
+            let addrs = fab.insert_peers(&names).map_err(|e| match e {
+                // A provider may cap its address vectors (libfabric 1.17's `shm`: 256 peers)
+                // or run out of connections: every endpoint addresses every endpoint.
+                TransportError::Io(io) if lanes > 1 => {
+                    TransportError::Io(std::io::Error::other(format!(
+                        "{io}; with an endpoint per PE every endpoint addresses all {ids} of \
+                         the job: CHARMRS_OFI_ENDPOINTS=process gives each process one"
+                    )))
+                }
+                e => e,
+            })?;
             let wait_fd = fab.wait_fd;
             let status: Arc<Vec<AtomicU8>> =
                 Arc::new((0..ids).map(|_| AtomicU8::new(ALIVE)).collect());
@@ -434,6 +457,7 @@ impl OfiLayer {
                 addrs,
                 sizes,
                 Arc::clone(&status),
+                Arc::clone(&departed),
                 local_pids.clone(),
                 Arc::clone(&pool),
             )?;
@@ -448,6 +472,7 @@ impl OfiLayer {
                 engine: Mutex::new(engine),
                 cmds: SegQueue::new(),
                 status,
+                departed: Arc::clone(&departed),
                 event_fd,
                 sleeping: AtomicUsize::new(0),
                 wakeup: OnceLock::new(),
@@ -903,7 +928,9 @@ impl MachineLayer for OfiLayer {
                 }
                 reg.buf.slice(off as usize..end as usize)
             };
-            lock(&s.engine).deliver_now(s.me, Message::with_segment(header, bytes));
+            // From the endpoint that registered the region, as a read would be.
+            let from = src * lanes + lane;
+            lock(&s.engine).deliver_now(from, Message::with_segment(header, bytes));
             s.notify();
             return Ok(());
         }
@@ -981,11 +1008,13 @@ impl std::fmt::Debug for OfiLayer {
 
 impl Drop for OfiLayer {
     fn drop(&mut self) {
-        for (s, watcher) in self.lanes.iter().zip(&self.watchers) {
+        for s in &self.lanes {
             s.closing.store(true, Ordering::Release);
             if let Some(t) = s.watcher_thread.get() {
                 t.unpark();
             }
+        }
+        for watcher in &self.watchers {
             if let Some(h) = watcher
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -998,10 +1027,25 @@ impl Drop for OfiLayer {
                 }
             }
         }
+        // Every endpoint says goodbye, then all of them linger together (a peer's read of one
+        // endpoint's large message must not wait for another endpoint's linger to end).
         for s in &self.lanes {
             let mut eng = lock(&s.engine);
             s.absorb(&mut eng);
-            eng.shutdown(self.cfg.linger);
+            eng.say_goodbye();
+        }
+        let until = Instant::now() + self.cfg.linger;
+        let mut done = vec![false; self.lanes.len()];
+        loop {
+            for (s, done) in self.lanes.iter().zip(done.iter_mut()) {
+                if !*done {
+                    *done = lock(&s.engine).linger_once();
+                }
+            }
+            if done.iter().all(|d| *d) || Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
         }
     }
 }

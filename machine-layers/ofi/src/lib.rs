@@ -7,7 +7,8 @@
 //!
 //! # Guarantees
 //!
-//! * Per-pair send order, exactly-once delivery, while both processes live.
+//! * Per-pair send order (between two endpoints: with an endpoint per PE, from a PE's thread
+//!   to a destination PE), exactly-once delivery, while both processes live.
 //! * **Zero-copy large messages**: a message larger than a receive buffer
 //!   ([`OfiConfig::packet_max`]) is read by the receiver with `fi_read`
 //!   straight from the sender's registered segments into the buffer that

@@ -8,7 +8,8 @@
 //! | 0      | 1    | marker [`MARKER`]                       |
 //! | 1      | 1    | packet type (`PKT_*`)                   |
 //! | 2      | 2    | reserved, 0                             |
-//! | 4      | 4    | sender's process rank                   |
+//! | 4      | 4    | sender's endpoint id (its process rank  |
+//! |        |      | with one endpoint per process)          |
 //!
 //! Then, by type:
 //!
@@ -64,7 +65,7 @@ pub const INLINE_ADDR: u64 = u64::MAX;
 pub const MAX_RNDV_LEN: usize =
     PREAMBLE + 8 + Header::SIZE + MAX_SEGMENTS as usize * 24 + INLINE_MAX;
 
-/// The preamble of a packet of type `kind` from `rank`.
+/// The preamble of a packet of type `kind` from endpoint `rank`.
 pub fn preamble(kind: u8, rank: ProcessId) -> [u8; PREAMBLE] {
     let mut p = [0u8; PREAMBLE];
     p[0] = MARKER;

@@ -230,3 +230,11 @@ fn a_killed_peer_is_reported_lost_with_an_endpoint_per_pe() {
         );
     }
 }
+
+#[test]
+fn a_peer_leaving_cleanly_is_not_reported_lost_by_an_endpoint_it_never_talked_to() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["goodbye", "--endpoints", "2"], 60);
+        assert_ok(p, "goodbye", &ended);
+    }
+}

@@ -2,7 +2,8 @@
 //! in the destination PEs' mailboxes. The lowest PE of each process polls the machine layer
 //! between messages and while idle ([`poll_network`], reconverse style: no extra thread hop on
 //! the latency path), so messages from one process are handed on in the order they arrived; a
-//! layer with a lane per PE (UCX's per-PE workers, `MachineLayer::lanes`) is polled by every PE,
+//! layer with a lane per PE (UCX's per-PE workers, libfabric's per-PE endpoints,
+//! `MachineLayer::lanes`) is polled by every PE,
 //! each its own lane, where the calls for it arrive in order per sending PE.
 //! When the layer can wake that PE it parks while idle; otherwise (libfabric's `shm`: nothing to
 //! wait on) it polls longer and then naps (see `PeState::idle`). A communication thread blocking

@@ -45,7 +45,8 @@ pub(crate) struct Shared {
     pub(crate) balance: crate::balance::BalanceConfig,
     /// How many PEs of this process poll the machine layer, from `first_pe` on: 1 (the first PE
     /// polls for the process), or every PE when the layer has a lane per PE
-    /// (`MachineLayer::lanes`: UCX with per-PE workers). Unset: no network, a single-process job.
+    /// (`MachineLayer::lanes`: UCX's per-PE workers, libfabric's per-PE endpoints). Unset: no
+    /// network, a single-process job.
     pub(crate) network_pes: std::sync::OnceLock<usize>,
     /// Whether the machine layer wakes a parked network PE when something arrives for it (else
     /// network PEs only nap: see `PeState::idle`); set once, with `network_pes`, before the PEs

@@ -15,7 +15,10 @@
 //! is, sends messages of every size to every PE of the job and reads a region another PE
 //! registered; each PE checks that exactly its own messages reach its endpoint, in order and
 //! intact), `mismatch` (process `r` asks for `r + 1` endpoints: the start must fail, naming
-//! both counts).
+//! both counts), `goodbye` (with `--endpoints 2` or more: rank 0's second endpoint reads a
+//! region of rank 1's second endpoint, whose key came another way, so only the reader has
+//! talked with the owner; rank 1 then exits cleanly and rank 0, polling every endpoint, must
+//! not report it lost).
 //!
 //! Options: `--endpoints N` (endpoints per process), `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
@@ -643,9 +646,11 @@ fn lanes(layer: &Arc<OfiLayer>) {
     let lanes = layer.lanes() as u32;
     assert!(lanes >= 2, "rank {me}: lanes needs --endpoints 2 or more");
     let pes = layer.size() * lanes;
+    let finished = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let threads: Vec<_> = (0..lanes)
         .map(|lane| {
             let layer = Arc::clone(layer);
+            let finished = Arc::clone(&finished);
             std::thread::spawn(move || {
                 layer.bind_lane(lane as usize);
                 let pe = me * lanes + lane;
@@ -740,6 +745,21 @@ fn lanes(layer: &Arc<OfiLayer>) {
                         }
                     }
                 }
+                // Peers may still be reading this endpoint's large messages, which over
+                // `tcp;ofi_rxm` needs its progress: it keeps polling until every PE of this
+                // process is done (the barrier then covers the other processes).
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                while finished.load(std::sync::atomic::Ordering::SeqCst) < lanes {
+                    assert!(
+                        Instant::now() < deadline,
+                        "PE {pe}: the other PEs never finished"
+                    );
+                    layer
+                        .progress(&mut |src, m| {
+                            panic!("PE {pe}: unexpected {:?} from process {src}", m.header())
+                        })
+                        .unwrap_or_else(|e| fail("progress", e));
+                }
                 // The region stays registered until every process is here (its reader may
                 // still be reading it).
                 (region, region_bytes)
@@ -756,6 +776,80 @@ fn lanes(layer: &Arc<OfiLayer>) {
     layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     drop(regions);
     println!("OK lanes rank {me}: {lanes} endpoints");
+}
+
+/// See the module docs.
+fn goodbye(layer: &Arc<OfiLayer>) {
+    let me = layer.rank();
+    assert!(
+        layer.lanes() >= 2 && layer.size() == 2,
+        "goodbye needs 2 processes, 2+ endpoints"
+    );
+    let poll_all = |what: &str, until: &mut dyn FnMut(ProcessId, Message) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut done = false;
+        while !done {
+            assert!(Instant::now() < deadline, "rank {me}: timed out: {what}");
+            for lane in 0..layer.lanes() {
+                layer.bind_lane(lane);
+                layer
+                    .progress(&mut |src, m| done |= until(src, m))
+                    .unwrap_or_else(|e| fail(what, e));
+            }
+        }
+    };
+    if me == 1 {
+        // A region on the second endpoint; its key leaves from the first.
+        layer.bind_lane(1);
+        let region = layer
+            .register(Bytes::from(vec![7u8; 3000]))
+            .unwrap_or_else(|e| fail("register", e));
+        let key = region.key();
+        let mut raw = key.addr.to_le_bytes().to_vec();
+        raw.extend_from_slice(&key.len.to_le_bytes());
+        raw.extend_from_slice(&key.rkey);
+        layer.bind_lane(0);
+        let m = Message::with_segments(Header::new(K_KEY, 1, 0, 0), vec![Bytes::from(raw)]);
+        layer
+            .send(0, m.expect("message"))
+            .unwrap_or_else(|e| fail("send key", e));
+        layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+        drop(region);
+        println!("OK goodbye rank 1: leaving");
+        return;
+    }
+    let mut key = None;
+    poll_all("the key", &mut |_, m| {
+        let b = m.segments()[0].clone();
+        key = Some(RemoteKey {
+            addr: u64::from_le_bytes(b[..8].try_into().expect("8")),
+            len: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+            rkey: b[16..].to_vec(),
+        });
+        true
+    });
+    layer.bind_lane(1);
+    layer
+        .get(1, &key.expect("a key"), K_GOT, 0)
+        .unwrap_or_else(|e| fail("get", e));
+    poll_all("the read", &mut |_, m| {
+        assert_eq!(m.header().kind, K_GOT);
+        assert!(m.segments()[0].iter().all(|&b| b == 7));
+        true
+    });
+    layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    // Rank 1 leaves now; its goodbye reaches this process's first endpoint only.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        for lane in 0..layer.lanes() {
+            layer.bind_lane(lane);
+            layer
+                .progress(&mut |src, m| panic!("rank 0: unexpected {:?} from {src}", m.header()))
+                .unwrap_or_else(|e| fail("rank 0 after rank 1 left cleanly", e));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("OK goodbye rank 0: no loss reported");
 }
 
 /// Writes `/dev/shm/<pid>:<uid>:0` — the name libfabric 1.17's `shm`
@@ -827,6 +921,7 @@ fn main() {
         "lost" => lost(&mut job),
         "badkey" => badkey(&mut job),
         "lanes" => lanes(&job.layer),
+        "goodbye" => goodbye(&job.layer),
         other => panic!("unknown scenario {other:?}"),
     }
 }
