@@ -58,7 +58,9 @@ pub struct OfiConfig {
     /// Endpoints of the process: 1, or one per PE (the runtime's default, see
     /// [`MachineLayer::lanes`](charmrs_transport::MachineLayer::lanes)), each with its own
     /// domain, completion queue and receive buffers (`recv_buffers` of `packet_max` bytes
-    /// each). Every process of a job must have the same number. Default 1.
+    /// each). Every process of a job must have the same number. When they do not all open (the
+    /// provider refuses an address vector of every endpoint of the job: libfabric 1.17's `shm`
+    /// takes at most 256), the layer falls back to one, saying so on stderr. Default 1.
     pub endpoints: usize,
 }
 

@@ -363,13 +363,38 @@ impl OfiLayer {
             .or_else(|| std::env::var(ENV_PROVIDER).ok())
             .or_else(|| std::env::var("FI_PROVIDER").ok())
             .filter(|p| !p.is_empty());
-        let mut fabs = Vec::with_capacity(lanes as usize);
-        let mut own = Vec::with_capacity(lanes as usize);
-        for _ in 0..lanes {
-            let fab = Fabric::open(provider.as_deref(), ids as usize)?;
-            own.push(fab.name()?);
-            fabs.push(fab);
-        }
+        let open_all = || -> Result<(Vec<Fabric>, Vec<Vec<u8>>), TransportError> {
+            let mut fabs = Vec::with_capacity(lanes as usize);
+            let mut own = Vec::with_capacity(lanes as usize);
+            for _ in 0..lanes {
+                let fab = Fabric::open(provider.as_deref(), ids as usize)?;
+                own.push(fab.name()?);
+                fabs.push(fab);
+            }
+            Ok((fabs, own))
+        };
+        let (fabs, own) = match open_all() {
+            Ok(opened) => opened,
+            Err(e) if lanes > 1 => {
+                // The provider cannot give every PE an endpoint that addresses every endpoint of
+                // the job (libfabric 1.17's `shm` refuses address vectors of more than 256
+                // peers). Nothing was published yet: one endpoint per process instead, as every
+                // process of the job will find (a process that does not is named at the
+                // exchange below: its list of endpoints differs).
+                eprintln!(
+                    "charmrs-ofi: process {rank}: {lanes} endpoints ({ids} in the job) do not \
+                     open ({e}); one endpoint per process instead"
+                );
+                return OfiLayer::new(
+                    bootstrap,
+                    OfiConfig {
+                        endpoints: 1,
+                        ..cfg
+                    },
+                );
+            }
+            Err(e) => return Err(e),
+        };
         let prov = fabs[0].limits.provider.clone();
         let host = host_id();
         bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;

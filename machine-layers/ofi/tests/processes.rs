@@ -227,3 +227,18 @@ fn a_peer_leaving_cleanly_is_not_reported_lost_by_an_endpoint_it_never_talked_to
         assert_ok(p, "goodbye", &ended);
     }
 }
+
+#[test]
+fn more_endpoints_than_shm_can_address_fall_back_to_one_per_process() {
+    // libfabric 1.17's shm refuses address vectors of more than 256 peers: 2 × 130 endpoints
+    // do not open, so every process starts with one.
+    let ended = job("shm", 2, &["wakeup", "--endpoints", "130"], 60);
+    assert_ok("shm", "wakeup", &ended);
+    for e in &ended {
+        assert!(
+            e.err.contains("one endpoint per process instead"),
+            "{}",
+            e.err
+        );
+    }
+}
