@@ -130,11 +130,17 @@ impl ArrivalBatch {
 
     /// Moves every message of `other` behind this batch's, leaving `other` empty (cheap when
     /// this batch is empty: the two swap their buffers).
+    #[inline]
     pub fn append(&mut self, other: &mut ArrivalBatch) {
         if other.entries.is_empty() {
-            // The usual case of an idle poll: nothing to move.
+            // The usual case of an idle poll: nothing to move (checked inline, in the poll).
             return;
         }
+        self.append_some(other);
+    }
+
+    /// [`append`](Self::append) of a batch that holds something.
+    fn append_some(&mut self, other: &mut ArrivalBatch) {
         if self.entries.is_empty() {
             self.small.clear();
             std::mem::swap(self, other);
@@ -159,11 +165,18 @@ impl ArrivalBatch {
     /// Hands every message to `sink` in order (small ones lent, see [`Arrival::Borrowed`]),
     /// leaving the batch empty; returns how many. If the sink panics, the messages not handed
     /// over yet are dropped.
+    #[inline]
     pub fn deliver(&mut self, sink: &mut dyn FnMut(ProcessId, Arrival<'_>)) -> usize {
-        let n = self.entries.len();
-        if n == 0 {
+        if self.entries.is_empty() {
+            // An idle poll's (checked inline, in the poll).
             return 0;
         }
+        self.deliver_some(sink)
+    }
+
+    /// [`deliver`](Self::deliver) of a batch that holds something.
+    fn deliver_some(&mut self, sink: &mut dyn FnMut(ProcessId, Arrival<'_>)) -> usize {
+        let n = self.entries.len();
         for (k, (src, e)) in self.entries.drain(..).enumerate() {
             match e {
                 Entry::Owned(m) => sink(src, Arrival::Owned(m)),

@@ -427,6 +427,9 @@ impl Engine {
 
     /// Hands as much queued work to the provider as it accepts.
     pub(crate) fn post_pending(&mut self) {
+        if self.repost.is_empty() && self.urgent.is_empty() && self.queued == 0 {
+            return; // the usual case, on every poll
+        }
         for r in self.repost.split_off(0) {
             if self.post_recv(r) < 0 {
                 self.repost.push(r);
@@ -793,7 +796,10 @@ impl Engine {
     /// Reads and handles completions; returns how many were handled.
     pub(crate) fn poll_cq(&mut self) -> usize {
         const BATCH: usize = 32;
-        let mut entries = [sys::fi_cq_msg_entry::default(); BATCH];
+        // Not zeroed: the provider writes the entries it returns, and only those are read (a
+        // zeroed batch cost a 1 KiB memset on every poll, a tenth of an idle poll).
+        let mut entries =
+            [const { std::mem::MaybeUninit::<sys::fi_cq_msg_entry>::uninit() }; BATCH];
         let mut handled = 0;
         for _ in 0..64 {
             // SAFETY: the CQ is open and has FI_CQ_FORMAT_MSG; `entries`
@@ -802,8 +808,10 @@ impl Engine {
                 sys::fi_cq_read(self.fab.cq, entries.as_mut_ptr().cast::<c_void>(), BATCH)
             };
             if ret > 0 {
-                let n = ret as usize;
+                let n = (ret as usize).min(BATCH);
                 for e in &entries[..n] {
+                    // SAFETY: fi_cq_read wrote its first `ret` entries (at most BATCH).
+                    let e = unsafe { e.assume_init_ref() };
                     self.completed(e.op_context.cast::<Op>(), e.len);
                 }
                 handled += n;

@@ -193,10 +193,13 @@ impl Inner {
         // A thread's own batch, reused (a sink that progresses again gets a fresh one).
         SCRATCH.with(|scratch| {
             let mut own = scratch.try_borrow_mut();
-            let mut fresh = ArrivalBatch::new();
+            let mut fresh;
             let batch = match own.as_deref_mut() {
                 Ok(b) => b,
-                Err(_) => &mut fresh,
+                Err(_) => {
+                    fresh = ArrivalBatch::new();
+                    &mut fresh
+                }
             };
             let err = {
                 let mut eng = lock(&self.engine);
