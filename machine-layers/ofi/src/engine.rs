@@ -49,7 +49,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,8 +240,11 @@ pub(crate) struct Engine {
     addrs: Vec<sys::fi_addr_t>,
     /// Per peer: something was sent to it or received from it. See [`Engine::watches`].
     talked: Vec<bool>,
-    /// Per process, shared by the endpoints of this process: it said goodbye (to any of them).
-    departed: Arc<Vec<AtomicBool>>,
+    /// Per process, shared by the endpoints of this process: [`ALIVE`], [`DEPARTED`] (it said
+    /// goodbye to one of them) or [`LOST`] (the first endpoint found it gone, see
+    /// [`Engine::check_liveness`]). Each engine applies it to that process's endpoints
+    /// ([`Engine::catch_up`]).
+    processes: Arc<Vec<AtomicU8>>,
     sizes: Sizes,
     recv_bufs: Vec<Box<[u8]>>,
     recv_ops: Vec<*mut Op>,
@@ -293,7 +296,7 @@ unsafe impl Send for Engine {}
 
 impl Engine {
     /// The engine of endpoint `me` (of `lanes` per process) over `fab`, whose address vector
-    /// holds the peer endpoints at `addrs` (index = endpoint id); `departed` is shared by the
+    /// holds the peer endpoints at `addrs` (index = endpoint id); `processes` is shared by the
     /// engines of this process (index = process); rendezvous messages are read into buffers of
     /// `pool`. Posts the receive pool.
     #[allow(clippy::too_many_arguments)]
@@ -304,7 +307,7 @@ impl Engine {
         addrs: Vec<sys::fi_addr_t>,
         sizes: Sizes,
         status: Arc<Vec<AtomicU8>>,
-        departed: Arc<Vec<AtomicBool>>,
+        processes: Arc<Vec<AtomicU8>>,
         local_pids: Vec<Option<i32>>,
         pool: Arc<RecvPool>,
     ) -> Result<Engine, TransportError> {
@@ -314,7 +317,7 @@ impl Engine {
             me,
             lanes,
             talked: vec![false; n],
-            departed,
+            processes,
             addrs,
             sizes,
             recv_bufs: Vec::with_capacity(sizes.recv_buffers),
@@ -370,14 +373,19 @@ impl Engine {
         }
     }
 
-    /// Whether this engine says goodbye to peer `p` at shutdown and checks it for having exited
-    /// without one: peers it talked with, and — for the first endpoint of a process — the first
-    /// endpoint of every process. So a process's exit is noticed by every endpoint that talked
-    /// with it and by the first endpoint of every process on its host, while a job with an
-    /// endpoint per PE does not send `lanes²` goodbyes per pair of processes.
+    /// Whether this engine says goodbye to peer `p` at shutdown: peers it talked with, and —
+    /// for the first endpoint of a process — the first endpoint of every process. So every
+    /// process's first endpoint hears of every other's going (and, with the shared
+    /// `processes`, so do the endpoints of its process), while a job with an endpoint per PE
+    /// does not send `lanes²` goodbyes per pair of processes.
     fn watches(&self, p: usize) -> bool {
-        self.talked[p]
-            || (self.me.is_multiple_of(self.lanes) && (p as u32).is_multiple_of(self.lanes))
+        self.talked[p] || (self.first() && (p as u32).is_multiple_of(self.lanes))
+    }
+
+    /// Whether this is the first endpoint of its process (the one that checks whether the
+    /// processes on its host still run).
+    fn first(&self) -> bool {
+        self.me.is_multiple_of(self.lanes)
     }
 
     /// A fresh registration key (used when the provider does not choose).
@@ -977,14 +985,21 @@ impl Engine {
         }
     }
 
-    /// [`lose`](Self::lose) without the report; whether `p` was alive until now.
+    /// [`lose`](Self::lose) without the report; whether `p` was alive until now. What was
+    /// queued for it is dropped either way (a peer already gone whose post failed included).
     fn mark_lost(&mut self, p: ProcessId, reason: &str) -> bool {
         let st = &self.status[p as usize];
-        if st.load(Ordering::Relaxed) != ALIVE {
-            return false;
+        let alive = st.load(Ordering::Relaxed) == ALIVE;
+        if alive {
+            st.store(LOST, Ordering::Release);
+            self.reasons[p as usize] = Some(reason.to_owned());
         }
-        st.store(LOST, Ordering::Release);
-        self.reasons[p as usize] = Some(reason.to_owned());
+        self.drop_work(p);
+        alive
+    }
+
+    /// Drops the work queued for or from peer `p`, which will never take part in it.
+    fn drop_work(&mut self, p: ProcessId) {
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
         self.urgent.retain(|(q, _)| *q != p);
@@ -994,31 +1009,47 @@ impl Engine {
         self.admit_queue[p as usize].clear();
         self.admit_sources.retain(|&s| s != p);
         self.rndv_in.retain(|_, r| r.src != p || r.admitted);
-        true
     }
 
-    /// Process `process` said goodbye (to this endpoint or, see `departed`, to another of this
-    /// process): every endpoint of it is gone, and what it had to read from here is dropped.
-    fn mark_departed(&mut self, process: ProcessId) {
-        self.departed[process as usize].store(true, Ordering::Release);
-        let ids = process * self.lanes..(process + 1) * self.lanes;
-        for p in ids.clone() {
+    /// Process `process` is [`DEPARTED`] or [`LOST`] (`fate`; `why` says how): recorded for the
+    /// endpoints of this process (unless it was already), and applied to this engine's view of
+    /// every endpoint of it, whose work is dropped.
+    fn mark_process(&mut self, process: ProcessId, fate: u8, why: &str) {
+        let _ = self.processes[process as usize].compare_exchange(
+            ALIVE,
+            fate,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        for p in process * self.lanes..(process + 1) * self.lanes {
             let st = &self.status[p as usize];
             if st.load(Ordering::Relaxed) == ALIVE {
-                st.store(DEPARTED, Ordering::Release);
-                self.reasons[p as usize] = Some("the process shut its ofi layer down".to_owned());
+                st.store(fate, Ordering::Release);
+                self.reasons[p as usize] = Some(why.to_owned());
             }
+            self.drop_work(p);
         }
-        self.rndv_out.retain(|_, r| !ids.contains(&r.dst));
     }
 
-    /// Applies the goodbyes other endpoints of this process received.
-    fn catch_up_departures(&mut self) {
-        for process in 0..self.departed.len() as ProcessId {
-            if self.departed[process as usize].load(Ordering::Acquire)
-                && self.status[(process * self.lanes) as usize].load(Ordering::Relaxed) == ALIVE
+    /// Applies to this engine what another endpoint of this process learnt of a process's
+    /// going ([`Engine::processes`]).
+    fn catch_up(&mut self) {
+        for process in 0..self.processes.len() as ProcessId {
+            let fate = self.processes[process as usize].load(Ordering::Acquire);
+            if fate == ALIVE {
+                continue;
+            }
+            let ids = process * self.lanes..(process + 1) * self.lanes;
+            if ids
+                .clone()
+                .any(|p| self.status[p as usize].load(Ordering::Relaxed) == ALIVE)
             {
-                self.mark_departed(process);
+                let why = if fate == DEPARTED {
+                    "the process shut its ofi layer down"
+                } else {
+                    "its process exited without shutting down (found by another endpoint)"
+                };
+                self.mark_process(process, fate, why);
             }
         }
     }
@@ -1077,8 +1108,12 @@ impl Engine {
             }
             wire::PKT_BYE => {
                 // Its process is going: every endpoint of it, as every endpoint of this process
-                // will see (`catch_up_departures`).
-                self.mark_departed(process_of(src, self.lanes));
+                // will see (`catch_up`).
+                self.mark_process(
+                    process_of(src, self.lanes),
+                    DEPARTED,
+                    "the process shut its ofi layer down",
+                );
             }
             other => {
                 return Err(TransportError::Malformed(format!(
@@ -1261,35 +1296,32 @@ impl Engine {
             .push_back((src, Out::Ctl(wire::encode_ack(self.me, inr.remote_id))));
     }
 
-    /// Checks, at most every `liveness_interval`, whether peers on this host
-    /// are still running; one that exited without saying goodbye is lost.
+    /// At most every `liveness_interval`: applies what the other endpoints of this process
+    /// learnt ([`catch_up`](Self::catch_up)), and — the first endpoint of a process only —
+    /// checks whether the processes on this host still run. One that exited without saying
+    /// goodbye (which every process's first endpoint gets, see [`watches`](Self::watches)) is
+    /// lost: reported once, by that first endpoint, and every endpoint of this process stops
+    /// talking to it.
     pub(crate) fn check_liveness(&mut self) {
         let now = coarse_now();
         if now.saturating_sub(self.last_liveness) < self.sizes.liveness_interval {
             return;
         }
         self.last_liveness = now;
-        self.catch_up_departures();
-        // Peers it watches only; the endpoints of one process are neighbours, so each process is
-        // looked at once per check.
-        let mut last: Option<(i32, bool)> = None;
-        let mut dead = Vec::new();
-        for p in 0..self.local_pids.len() {
-            let Some(pid) = self.local_pids[p] else {
-                continue;
-            };
-            if !self.watches(p) || self.status[p].load(Ordering::Relaxed) != ALIVE {
-                continue;
-            }
-            let gone = match last {
-                Some((seen, gone)) if seen == pid => gone,
-                _ => process_gone(pid),
-            };
-            last = Some((pid, gone));
-            if gone {
-                dead.push(p as ProcessId);
-            }
+        self.catch_up();
+        if !self.first() {
+            return;
         }
+        let alive = |e: &Engine, process: u32| {
+            e.processes[process as usize].load(Ordering::Acquire) == ALIVE
+        };
+        let dead: Vec<(ProcessId, i32)> = (0..self.processes.len() as ProcessId)
+            .filter(|&process| alive(self, process))
+            .filter_map(|process| {
+                let pid = self.local_pids[(process * self.lanes) as usize]?;
+                process_gone(pid).then_some((process, pid))
+            })
+            .collect();
         if dead.is_empty() {
             return;
         }
@@ -1300,30 +1332,24 @@ impl Engine {
             self.poll_cq();
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.catch_up_departures();
-        // Each process reported once (through the first of its endpoints found dead), every
-        // endpoint of it lost.
-        let mut reported = None;
-        for p in dead {
-            let Some(pid) = self.local_pids[p as usize] else {
-                continue;
-            };
+        for (process, pid) in dead {
+            if !alive(self, process) {
+                continue; // it said goodbye meanwhile
+            }
             let reason =
                 format!("its process (pid {pid} on this host) exited without shutting down");
-            let process = process_of(p, self.lanes);
-            if reported == Some(process) {
-                self.mark_lost(p, &reason);
-            } else if self.status[p as usize].load(Ordering::Relaxed) == ALIVE {
-                self.lose(p, reason);
-                reported = Some(process);
-            }
+            self.mark_process(process, LOST, &reason);
+            self.errors.push_back(TransportError::PeerLost {
+                process: process * self.lanes,
+                reason,
+            });
         }
     }
 
     /// Clean shutdown, first step: queues a goodbye to every live peer it watches. Then
     /// [`linger_once`](Self::linger_once) until it returns `true` or the caller's patience ends.
     pub(crate) fn say_goodbye(&mut self) {
-        self.catch_up_departures();
+        self.catch_up();
         for p in 0..self.addrs.len() as ProcessId {
             if p != self.me
                 && self.watches(p as usize)
@@ -1339,7 +1365,7 @@ impl Engine {
     pub(crate) fn linger_once(&mut self) -> bool {
         self.post_pending();
         self.poll_cq();
-        self.catch_up_departures();
+        self.catch_up();
         self.ready.discard();
         self.errors.clear();
         self.queued == 0 && self.urgent.is_empty() && self.inflight == 0 && self.rndv_out.is_empty()

@@ -50,8 +50,9 @@ struct Inner {
     cmds: SegQueue<Cmd>,
     /// Per peer endpoint, as this endpoint's engine knows it.
     status: Arc<Vec<AtomicU8>>,
-    /// Per process, shared by the endpoints of this process: it said goodbye.
-    departed: Arc<Vec<AtomicBool>>,
+    /// Per process, shared by the endpoints of this process: `ALIVE`, `DEPARTED` or `LOST`
+    /// (see `Engine::processes`).
+    processes: Arc<Vec<AtomicU8>>,
     /// `eventfd` that wakes a thread sleeping in `progress_wait`.
     event_fd: c_int,
     /// Number of threads sleeping in `progress_wait`.
@@ -154,11 +155,14 @@ impl Inner {
             LOST | DEPARTED => lock(&self.engine).reasons[id as usize]
                 .clone()
                 .unwrap_or_else(|| "lost".to_owned()),
-            // Its process said goodbye to another endpoint of this process.
-            _ if self.departed[process_of(id, self.lanes) as usize].load(Ordering::Acquire) => {
-                "the process shut its ofi layer down".to_owned()
+            // Another endpoint of this process learnt of its process's going.
+            _ => {
+                match self.processes[process_of(id, self.lanes) as usize].load(Ordering::Acquire) {
+                    DEPARTED => "the process shut its ofi layer down".to_owned(),
+                    LOST => "its process exited without shutting down".to_owned(),
+                    _ => return Ok(()),
+                }
             }
-            _ => return Ok(()),
         };
         Err(self.for_caller(TransportError::PeerLost {
             process: id,
@@ -289,11 +293,11 @@ impl Drop for Inner {
 ///   is supported with a wait object: a watcher thread per endpoint, armed by
 ///   [`before_park`](MachineLayer::before_park), calls the hook.
 /// * **Failures**: a failed operation towards a peer (the provider's CQ
-///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) or a
-///   peer process on this host that exited without shutting its layer down
-///   (checked every [`OfiConfig::liveness_interval`]) is reported once by each endpoint's
-///   `progress` as [`TransportError::PeerLost`]; later sends to it fail
-///   with the same error.
+///   error, e.g. a refused or reset connection under `tcp;ofi_rxm`) is reported once by its
+///   endpoint's `progress`, a peer process on this host that exited without shutting its layer
+///   down (checked every [`OfiConfig::liveness_interval`]) once by the first endpoint's, as
+///   [`TransportError::PeerLost`]; later sends to it, from any endpoint, fail with the same
+///   error.
 /// * **Shutdown**: dropping the layer sends a goodbye to the peers (every endpoint to those it
 ///   talked with, the first endpoint also to every process's first, so they do not report it
 ///   lost) and waits up to [`OfiConfig::linger`] for its last sends to complete.
@@ -382,19 +386,20 @@ impl OfiLayer {
                 // The provider cannot give every PE an endpoint that addresses every endpoint of
                 // the job (libfabric 1.17's `shm` refuses address vectors of more than 256
                 // peers). Nothing was published yet: one endpoint per process instead, as every
-                // process of the job will find (a process that does not is named at the
-                // exchange below: its list of endpoints differs).
-                eprintln!(
-                    "charmrs-ofi: process {rank}: {lanes} endpoints ({ids} in the job) do not \
-                     open ({e}); one endpoint per process instead"
-                );
-                return OfiLayer::new(
+                // process of the job finds when the cause is such a limit (a process that does
+                // not is named at the exchange: its list of endpoints differs).
+                let layer = OfiLayer::new(
                     bootstrap,
                     OfiConfig {
                         endpoints: 1,
                         ..cfg
                     },
+                )?;
+                eprintln!(
+                    "charmrs-ofi: process {rank}: {lanes} endpoints ({ids} in the job) do not \
+                     open ({e}); one endpoint per process instead"
                 );
+                return Ok(layer);
             }
             Err(e) => return Err(e),
         };
@@ -431,7 +436,8 @@ impl OfiLayer {
             if published.len() != lanes as usize {
                 return Err(bootstrap_err(format!(
                     "process {r} has {} libfabric endpoints, process {rank} {lanes}: an \
-                     endpoint per PE needs as many PEs in every process",
+                     endpoint per PE needs as many PEs in every process (or a process fell back \
+                     to one endpoint: see its standard error)",
                     published.len()
                 )));
             }
@@ -459,8 +465,8 @@ impl OfiLayer {
         };
         // One pool for the process: its idle capacity is the process's, whatever the lanes.
         let pool = RecvPool::new(RNDV_POOL_MIN, cfg.pool_bytes);
-        let departed: Arc<Vec<AtomicBool>> =
-            Arc::new((0..size).map(|_| AtomicBool::new(false)).collect());
+        let processes: Arc<Vec<AtomicU8>> =
+            Arc::new((0..size).map(|_| AtomicU8::new(ALIVE)).collect());
         let mut inners = Vec::with_capacity(lanes as usize);
         for (lane, mut fab) in (0..lanes).zip(fabs) {
             let addrs = fab.insert_peers(&names).map_err(|e| match e {
@@ -485,7 +491,7 @@ impl OfiLayer {
                 addrs,
                 sizes,
                 Arc::clone(&status),
-                Arc::clone(&departed),
+                Arc::clone(&processes),
                 local_pids.clone(),
                 Arc::clone(&pool),
             )?;
@@ -500,7 +506,7 @@ impl OfiLayer {
                 engine: Mutex::new(engine),
                 cmds: SegQueue::new(),
                 status,
-                departed: Arc::clone(&departed),
+                processes: Arc::clone(&processes),
                 event_fd,
                 sleeping: AtomicUsize::new(0),
                 wakeup: OnceLock::new(),
@@ -632,9 +638,14 @@ impl OfiLayer {
     /// Sleeps up to `slice` until `fd` (if any) or `inner`'s event fd is
     /// readable; does not sleep if the CQ has events or work is queued.
     fn sleep_on(inner: &Inner, fd: c_int, slice: Duration) {
-        if fd >= 0 {
+        {
             let eng = lock(&inner.engine);
-            if !eng.quiet() || !eng.fab.trywait() {
+            let ready = if fd >= 0 {
+                inner.may_sleep(&eng)
+            } else {
+                eng.ready.is_empty()
+            };
+            if !ready {
                 return;
             }
         }
