@@ -70,6 +70,16 @@ pub(crate) const LOST: u8 = 1;
 /// The peer said goodbye.
 pub(crate) const DEPARTED: u8 = 2;
 
+/// Why a peer whose process is [`DEPARTED`] or [`LOST`] (as this process's endpoints share it,
+/// see `Engine::processes`) is refused.
+pub(crate) fn gone_reason(fate: u8) -> &'static str {
+    if fate == DEPARTED {
+        "the process shut its ofi layer down"
+    } else {
+        "its process exited without shutting down"
+    }
+}
+
 /// Work for the provider, queued per peer until it accepts it.
 pub(crate) enum Out {
     /// An application message (eager or rendezvous decided when posted).
@@ -276,7 +286,7 @@ pub(crate) struct Engine {
     inflight: usize,
     pub(crate) status: Arc<Vec<AtomicU8>>,
     pub(crate) reasons: Vec<Option<String>>,
-    /// Process ids of the peers on this host (liveness checks).
+    /// Per process: its pid if it runs on this host (liveness checks).
     local_pids: Vec<Option<i32>>,
     /// When peers were last checked ([`coarse_now`]).
     last_liveness: Duration,
@@ -297,8 +307,9 @@ unsafe impl Send for Engine {}
 impl Engine {
     /// The engine of endpoint `me` (of `lanes` per process) over `fab`, whose address vector
     /// holds the peer endpoints at `addrs` (index = endpoint id); `processes` is shared by the
-    /// engines of this process (index = process); rendezvous messages are read into buffers of
-    /// `pool`. Posts the receive pool.
+    /// engines of this process and `local_pids` gives the pids of the processes on this host
+    /// (both index = process); rendezvous messages are read into buffers of `pool`. Posts the
+    /// receive pool.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fab: Fabric,
@@ -1031,6 +1042,11 @@ impl Engine {
         }
     }
 
+    /// Whether no endpoint of this process has learnt of `process`'s going.
+    fn process_alive(&self, process: ProcessId) -> bool {
+        self.processes[process as usize].load(Ordering::Acquire) == ALIVE
+    }
+
     /// Applies to this engine what another endpoint of this process learnt of a process's
     /// going ([`Engine::processes`]).
     fn catch_up(&mut self) {
@@ -1044,12 +1060,7 @@ impl Engine {
                 .clone()
                 .any(|p| self.status[p as usize].load(Ordering::Relaxed) == ALIVE)
             {
-                let why = if fate == DEPARTED {
-                    "the process shut its ofi layer down"
-                } else {
-                    "its process exited without shutting down (found by another endpoint)"
-                };
-                self.mark_process(process, fate, why);
+                self.mark_process(process, fate, gone_reason(fate));
             }
         }
     }
@@ -1109,11 +1120,7 @@ impl Engine {
             wire::PKT_BYE => {
                 // Its process is going: every endpoint of it, as every endpoint of this process
                 // will see (`catch_up`).
-                self.mark_process(
-                    process_of(src, self.lanes),
-                    DEPARTED,
-                    "the process shut its ofi layer down",
-                );
+                self.mark_process(process_of(src, self.lanes), DEPARTED, gone_reason(DEPARTED));
             }
             other => {
                 return Err(TransportError::Malformed(format!(
@@ -1312,13 +1319,10 @@ impl Engine {
         if !self.first() {
             return;
         }
-        let alive = |e: &Engine, process: u32| {
-            e.processes[process as usize].load(Ordering::Acquire) == ALIVE
-        };
         let dead: Vec<(ProcessId, i32)> = (0..self.processes.len() as ProcessId)
-            .filter(|&process| alive(self, process))
+            .filter(|&process| self.process_alive(process))
             .filter_map(|process| {
-                let pid = self.local_pids[(process * self.lanes) as usize]?;
+                let pid = self.local_pids[process as usize]?;
                 process_gone(pid).then_some((process, pid))
             })
             .collect();
@@ -1333,7 +1337,7 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(1));
         }
         for (process, pid) in dead {
-            if !alive(self, process) {
+            if !self.process_alive(process) {
                 continue; // it said goodbye meanwhile
             }
             let reason =

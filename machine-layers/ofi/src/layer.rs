@@ -18,7 +18,9 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::config::{OfiConfig, ENV_PROVIDER};
-use crate::engine::{Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN};
+use crate::engine::{
+    gone_reason, Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN,
+};
 use crate::fabric::Fabric;
 use crate::wire;
 
@@ -155,12 +157,11 @@ impl Inner {
             LOST | DEPARTED => lock(&self.engine).reasons[id as usize]
                 .clone()
                 .unwrap_or_else(|| "lost".to_owned()),
-            // Another endpoint of this process learnt of its process's going.
+            // Another endpoint of this process may have learnt of its process's going.
             _ => {
                 match self.processes[process_of(id, self.lanes) as usize].load(Ordering::Acquire) {
-                    DEPARTED => "the process shut its ofi layer down".to_owned(),
-                    LOST => "its process exited without shutting down".to_owned(),
-                    _ => return Ok(()),
+                    ALIVE => return Ok(()),
+                    fate => gone_reason(fate).to_owned(),
                 }
             }
         };
@@ -180,6 +181,16 @@ impl Inner {
                 }
             }
             e => e,
+        }
+    }
+
+    /// Moves queued commands in, posts what waits, and drains the completion queue (posting
+    /// again what its completions made ready to go): the engine's part of every poll.
+    fn pump(&self, eng: &mut Engine) {
+        self.absorb(eng);
+        eng.post_pending();
+        if eng.poll_cq() > 0 {
+            eng.post_pending();
         }
     }
 
@@ -207,11 +218,7 @@ impl Inner {
             };
             let err = {
                 let mut eng = lock(&self.engine);
-                self.absorb(&mut eng);
-                eng.post_pending();
-                if eng.poll_cq() > 0 {
-                    eng.post_pending();
-                }
+                self.pump(&mut eng);
                 eng.check_liveness();
                 batch.append(&mut eng.ready);
                 eng.errors.pop_front()
@@ -234,11 +241,7 @@ impl Inner {
     fn keep_going(&self) {
         let arrived = {
             let mut eng = lock(&self.engine);
-            self.absorb(&mut eng);
-            eng.post_pending();
-            if eng.poll_cq() > 0 {
-                eng.post_pending();
-            }
+            self.pump(&mut eng);
             !eng.ready.is_empty()
         };
         if arrived {
@@ -413,11 +416,11 @@ impl OfiLayer {
         )?;
         bootstrap.fence()?;
         let mut names = Vec::with_capacity(ids as usize);
-        let mut local_pids = Vec::with_capacity(ids as usize);
+        let mut local_pids = Vec::with_capacity(size as usize);
         for r in 0..size {
             if r == rank {
                 names.extend(own.iter().cloned());
-                local_pids.extend((0..lanes).map(|_| None));
+                local_pids.push(None);
                 continue;
             }
             let their = bootstrap.get(r, PROVIDER_KEY)?;
@@ -449,7 +452,7 @@ impl OfiLayer {
                     .then(|| pid.parse::<i32>().ok())
                     .flatten()
             });
-            local_pids.extend((0..lanes).map(|_| pid));
+            local_pids.push(pid);
         }
         let sizes = Sizes {
             packet_max: cfg.packet_max,

@@ -18,7 +18,9 @@ use crate::context::Context;
 use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
-use charmrs_transport::lanes::process_of;
+use charmrs_transport::lanes::{
+    decode_address_list, encode_address_list, endpoint_for, process_of,
+};
 
 /// Bootstrap key under which each process publishes the addresses of its UCX workers (a count,
 /// then each address after its length, all little-endian `u32`s).
@@ -343,10 +345,7 @@ impl UcxLayer {
             own.push(address);
         }
         let me = Identity::current();
-        bootstrap.put(
-            ADDR_KEY,
-            &charmrs_transport::lanes::encode_address_list(&own),
-        )?;
+        bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;
         bootstrap.put(IDENTITY_KEY, &me.encode())?;
         bootstrap.fence()?;
         let mut identities = Vec::with_capacity(ids as usize);
@@ -355,12 +354,11 @@ impl UcxLayer {
             let published = if r == rank {
                 own.clone()
             } else {
-                charmrs_transport::lanes::decode_address_list(&bootstrap.get(r, ADDR_KEY)?)
-                    .ok_or_else(|| {
-                        TransportError::Bootstrap(format!(
-                            "process {r} published a malformed list of UCX worker addresses"
-                        ))
-                    })?
+                decode_address_list(&bootstrap.get(r, ADDR_KEY)?).ok_or_else(|| {
+                    TransportError::Bootstrap(format!(
+                        "process {r} published a malformed list of UCX worker addresses"
+                    ))
+                })?
             };
             if published.len() != lanes {
                 return Err(TransportError::Bootstrap(format!(
@@ -452,7 +450,7 @@ impl UcxLayer {
     /// The worker id of the worker of process `dst` that takes a message for PE `dst_pe`.
     #[inline]
     fn worker_for(&self, dst: ProcessId, dst_pe: u32) -> u32 {
-        charmrs_transport::lanes::endpoint_for(dst, dst_pe, self.lanes.len() as u32)
+        endpoint_for(dst, dst_pe, self.lanes.len() as u32)
     }
 
     /// Installs `hook`, called from a watcher thread whenever the armed
