@@ -280,13 +280,14 @@ fn check_job(n: u32) {
     }
 }
 
-/// `Bootstrap::abort` (`PMIx_Abort`) brings the whole job down promptly,
-/// the others being stuck in a fence.
+/// `Bootstrap::abort` and the exit that follows bring the whole job down
+/// promptly, the others being stuck in a fence.
 ///
-/// OpenMPI 4.1.4 with PMIx 4.2.2 (Debian 12) sometimes deadlocks in
-/// `PMIx_server_finalize` (or crashes) while tearing down an aborted job,
-/// after every process of the job is gone: so the test passes once all
-/// `pmix_check` processes have died, and then kills a lingering mpirun.
+/// Under `mpirun` the abort does not call `PMIx_Abort` (OpenMPI 4.1.4 with
+/// PMIx 4.2.2, Debian 12, sometimes deadlocks in `PMIx_server_finalize`, or
+/// crashes, while tearing down a job aborted that way); the test still
+/// passes once all `pmix_check` processes have died, and then kills a
+/// lingering mpirun, so that a teardown hang shows as a note, not a failure.
 #[test]
 fn mpirun_abort_stops_the_job() {
     if !have_mpirun("mpirun_abort_stops_the_job") {
@@ -319,13 +320,15 @@ fn mpirun_abort_stops_the_job() {
         );
     }
     assert!(!done.status.is_some_and(|s| s.success()), "{report}");
-    assert!(done.took < Duration::from_secs(40), "{report}");
+    assert!(done.took < Duration::from_secs(20), "{report}");
     assert!(
         !done.stderr.contains("despite the abort"),
-        "a fence returned after the abort\n{report}"
+        "a fence succeeded after the abort\n{report}"
     );
-    // OpenMPI 4.1's mpirun does not print PMIx_Abort's message, so it is
-    // not checked.
+    assert!(
+        done.stderr.contains("rank 2 aborts the job on purpose"),
+        "{report}"
+    );
     assert!(
         done.stdout.lines().all(|l| !l.starts_with("ok ")),
         "{report}"
