@@ -1,6 +1,8 @@
 //! Every program across processes (`charmrun +pN ++ppn M`, the TCP machine layer), and the
 //! faults: a panic in one process, a process killed mid-run.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,29 +25,13 @@ fn charmrun() -> PathBuf {
     path
 }
 
+/// Runs charmrun with `args`, failing the test (with its output) if it takes more than `limit`.
 fn run(args: &[&str], limit: Duration) -> (Output, Duration) {
-    let start = Instant::now();
-    let mut child = Command::new(charmrun())
-        .args(args)
-        .env_remove("CHARMRS_PES")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "charmrun {args:?} hung; its output so far:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let took = start.elapsed();
-    (child.wait_with_output().unwrap(), took)
+    let mut cmd = Command::new(charmrun());
+    cmd.args(args).env_remove("CHARMRS_PES");
+    let done = common::run(cmd, limit, |_| false);
+    let took = done.took;
+    (done.into_output(), took)
 }
 
 /// Runs charmrun with `args` (60 s limit), asserts a zero exit status, returns stdout's lines.

@@ -1,26 +1,15 @@
 //! The paper's programs behave as documented with 1, 2 and 4 (oversubscribed) PEs.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-/// Runs program `bin` with `args`, failing if it takes longer than 60 s.
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Runs program `bin` with `args`, failing (with its output) if it takes longer than 60 s.
 fn run(bin: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env_remove("CHARMRS_PES")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("{bin} {args:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.wait_with_output().unwrap()
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env_remove("CHARMRS_PES");
+    common::run(cmd, Duration::from_secs(60), |_| false).into_output()
 }
 
 fn lines_ok(bin: &str, args: &[&str]) -> Vec<String> {

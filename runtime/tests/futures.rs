@@ -152,12 +152,14 @@ fn explicit_futures_fulfilled_before_and_after_waiting() {
 fn wait_any_returns_the_first_ready() {
     run_job(2, |_| async {
         let w = Single::<Worker>::new((), Some(1));
-        let slow = w.ret().nap(200);
+        // The slow nap is long enough that no stall of a loaded host lets it finish first; the
+        // job ends without waiting for it.
+        let slow = w.ret().nap(5000);
         let fast = w.ret().nap(1);
         let futs = [slow, fast];
         assert_eq!(wait_any(&futs).await, 1);
-        assert!(fast.await < 200);
-        assert!(slow.await >= 200);
+        assert!(fast.await < 5000);
+        assert!(!slow.is_ready());
         charmrs::exit(0);
     })
     .unwrap();
@@ -182,17 +184,12 @@ fn a_condition_that_becomes_true_only_after_several_other_entries() {
 fn sleep_does_not_block_the_pe() {
     run_job(1, |_| async {
         let w = Single::<Worker>::new((), Some(0));
-        let t = Instant::now();
-        let nap = w.ret().nap(300);
+        let nap = w.ret().nap(5000);
         // While the nap sleeps, the same PE (the only one) serves other calls.
         for i in 0..100 {
             assert_eq!(w.ret().square(i).await, i * i);
         }
-        assert!(
-            t.elapsed() < Duration::from_millis(300),
-            "the PE was blocked"
-        );
-        assert!(nap.await >= 300);
+        assert!(!nap.is_ready(), "the calls waited for the nap");
         charmrs::exit(0);
     })
     .unwrap();

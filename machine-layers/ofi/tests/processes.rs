@@ -50,11 +50,17 @@ fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
         .map(|c| {
             let mut o = c.stdout.take().expect("stdout");
             let mut e = c.stderr.take().expect("stderr");
-            std::thread::spawn(move || {
-                let (mut so, mut se) = (String::new(), String::new());
-                let _ = o.read_to_string(&mut so);
+            // Each pipe on a thread of its own: one read to the end first would leave the
+            // other to fill up and block the process.
+            let err = std::thread::spawn(move || {
+                let mut se = String::new();
                 let _ = e.read_to_string(&mut se);
-                (so, se)
+                se
+            });
+            std::thread::spawn(move || {
+                let mut so = String::new();
+                let _ = o.read_to_string(&mut so);
+                (so, err.join().unwrap_or_default())
             })
         })
         .collect();

@@ -20,8 +20,9 @@ use charmrs_transport::{Header, Message, ProcessId};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// How long each phase waits for peers.
-const WAIT: Duration = Duration::from_secs(2);
+/// How long each phase waits for peers that are alive (a peer that is gone ends the wait at
+/// once): long enough for a starved process of an oversubscribed host to read its messages.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// What this process knows about the end of the job.
 #[derive(Default)]

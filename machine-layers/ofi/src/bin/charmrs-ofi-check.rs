@@ -413,8 +413,10 @@ fn wakeup(job: &mut Job) {
         let waited = t0.elapsed();
         let (s, m) = got.expect("a message woke us");
         assert_eq!((s, m.header().tag), (0, 4242));
+        // Rank 0 sends 300 ms after its barrier; the two barriers may end up to ~200 ms apart
+        // on a loaded host, so the bound only shows that this rank slept.
         assert!(
-            waited >= Duration::from_millis(250),
+            waited >= Duration::from_millis(100),
             "woke before the send: {waited:?}"
         );
         assert!(waited < Duration::from_secs(3), "woke late: {waited:?}");

@@ -430,7 +430,9 @@ fn wake(layer: &UcxLayer) {
                 got.len()
             ));
         }
-        if wall < delay / 2 || wall > Duration::from_secs(3) {
+        // The two processes leave the barrier at different times: the lower bound only shows
+        // that this one slept.
+        if wall < delay / 4 || wall > Duration::from_secs(3) {
             fail(format!(
                 "progress_wait returned after {wall:?} for a message sent after {delay:?}"
             ));
