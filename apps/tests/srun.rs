@@ -1,0 +1,78 @@
+//! The programs under Slurm's `srun --mpi=pmix` (PMIx bootstrap, the machine layer
+//! `CHARMRS_MACHINE` names, else the automatic choice). Built only with `--features pmix`; run
+//! where a Slurm cluster answers (`ci/local-slurm start DIR` makes a one-node one on this host
+//! and prints the `SLURM_CONF` to export), skipped with a note elsewhere.
+
+#![cfg(feature = "pmix")]
+
+mod common;
+
+use common::Finished;
+use std::process::Command;
+use std::time::Duration;
+
+/// Whether a Slurm controller answers; a note if not.
+fn have_slurm() -> bool {
+    let idle = Command::new("sinfo")
+        .args(["-h", "-o", "%t"])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+    if !idle {
+        eprintln!("SKIPPED: no Slurm cluster answers (ci/local-slurm start DIR makes one)");
+    }
+    idle
+}
+
+/// `srun --mpi=pmix -n n` of `bin args` with `pes` PEs per process; the test fails after 60 s.
+fn srun(n: usize, pes: usize, bin: &str, args: &[&str]) -> Finished {
+    let mut cmd = Command::new("srun");
+    cmd.args(["--mpi=pmix", "--overcommit", "--kill-on-bad-exit=1"])
+        .arg(format!("--ntasks={n}"))
+        .arg(format!("--export=ALL,CHARMRS_PES={pes}"))
+        .arg(bin)
+        .args(args);
+    common::run(cmd, Duration::from_secs(60), |_| false)
+}
+
+#[test]
+fn programs_run_under_srun() {
+    if !have_slurm() {
+        return;
+    }
+    let out = srun(2, 2, env!("CARGO_BIN_EXE_reduction"), &[]);
+    assert!(out.success(), "reduction: {}", out.stderr);
+    let sums: Vec<String> = (0..20).map(|x| (x * 100).to_string()).collect();
+    assert_eq!(
+        out.lines(),
+        vec![format!("Reduction result is [{}]", sums.join(", "))]
+    );
+    let out = srun(3, 2, env!("CARGO_BIN_EXE_group_hello"), &[]);
+    assert!(out.success(), "group_hello: {}", out.stderr);
+    let got = out.lines();
+    assert_eq!(got.len(), 7, "{got:?}");
+    assert_eq!(got[6], "All done");
+    let out = srun(2, 1, env!("CARGO_BIN_EXE_pmap"), &[]);
+    assert!(out.success(), "pmap: {}", out.stderr);
+    assert_eq!(
+        out.lines(),
+        vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]"]
+    );
+}
+
+#[test]
+fn a_panic_in_one_process_ends_the_srun_job_naming_it() {
+    if !have_slurm() {
+        return;
+    }
+    // The last PE (in process 1) panics: the job step ends, non-zero, naming chare, entry, PE.
+    let out = srun(2, 2, env!("CARGO_BIN_EXE_mpcheck"), &["panic"]);
+    assert!(!out.success(), "the job succeeded: {}", out.stderr);
+    for needle in ["Victim::fail", "PE 3", "injected failure"] {
+        assert!(
+            out.stderr.contains(needle),
+            "`{needle}` missing: {}",
+            out.stderr
+        );
+    }
+    assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+}
