@@ -41,11 +41,13 @@ fn run_mpirun(args: &[&str]) -> Option<Finished> {
         .collect();
     let (seen, gone_since) = (Cell::new(false), Cell::new(None::<Instant>));
     let done = common::run(cmd, Duration::from_secs(60), |pid| {
-        let running = common::descendants(pid)
-            .iter()
-            .any(|d| !d.exited && programs.contains(&d.name));
-        if running || !seen.get() {
-            seen.set(seen.get() || running);
+        let ours: Vec<_> = common::descendants(pid)
+            .into_iter()
+            .filter(|d| programs.contains(&d.name))
+            .collect();
+        // Seen once started (a zombie counts: a program may start and end between two looks).
+        seen.set(seen.get() || !ours.is_empty());
+        if ours.iter().any(|d| !d.exited) || !seen.get() {
             return false;
         }
         let since = gone_since.get().unwrap_or_else(Instant::now);

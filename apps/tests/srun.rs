@@ -26,11 +26,17 @@ fn have_slurm() -> bool {
 /// `srun --mpi=pmix -n n` of `bin args` with `pes` PEs per process; the test fails after 60 s.
 fn srun(n: usize, pes: usize, bin: &str, args: &[&str]) -> Finished {
     let mut cmd = Command::new("srun");
-    cmd.args(["--mpi=pmix", "--overcommit", "--kill-on-bad-exit=1"])
-        .arg(format!("--ntasks={n}"))
-        .arg(format!("--export=ALL,CHARMRS_PES={pes}"))
-        .arg(bin)
-        .args(args);
+    // --time: Slurm itself ends a step that hangs (killing srun would leave it running).
+    cmd.args([
+        "--mpi=pmix",
+        "--overcommit",
+        "--kill-on-bad-exit=1",
+        "--time=2",
+    ])
+    .arg(format!("--ntasks={n}"))
+    .arg(format!("--export=ALL,CHARMRS_PES={pes}"))
+    .arg(bin)
+    .args(args);
     common::run(cmd, Duration::from_secs(60), |_| false)
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses part of it
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,7 +48,9 @@ impl Finished {
 /// killed and [`Finished::status`] is `None` (for a launcher that lingers after its processes).
 pub(crate) fn run(mut cmd: Command, limit: Duration, stop: impl Fn(u32) -> bool) -> Finished {
     let started = Instant::now();
+    // A process group of its own: what the job leaves behind can be killed even once it exited.
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -61,11 +64,11 @@ pub(crate) fn run(mut cmd: Command, limit: Duration, stop: impl Fn(u32) -> bool)
             break Some(st);
         }
         if stop(pid) {
-            kill_tree(&mut child);
+            kill_tree(&mut child, false);
             break None;
         }
         if started.elapsed() > limit {
-            kill_tree(&mut child);
+            kill_tree(&mut child, false);
             panic!(
                 "{cmd:?} did not finish within {limit:?}; its output so far:\n--- stdout\n{}\n--- stderr\n{}",
                 joined(stdout),
@@ -76,7 +79,7 @@ pub(crate) fn run(mut cmd: Command, limit: Duration, stop: impl Fn(u32) -> bool)
     };
     let took = started.elapsed();
     // Processes that outlived the job (a launcher that died) must not hold the pipes open.
-    kill_tree(&mut child);
+    kill_tree(&mut child, true);
     Finished {
         status,
         stdout: joined(stdout),
@@ -97,16 +100,25 @@ fn joined(reader: JoinHandle<String>) -> String {
     reader.join().unwrap_or_default()
 }
 
-/// Kills `child` and every process below it (SIGKILL), and reaps `child`.
-fn kill_tree(child: &mut Child) {
-    let mut pids: Vec<String> = descendants(child.id())
-        .into_iter()
-        .map(|p| p.pid.to_string())
-        .collect();
-    pids.push(child.id().to_string());
+/// Kills (SIGKILL) `child` unless it was `reaped` already, every process below it, and its
+/// process group (which holds what it started, even orphaned ones, unless they left the group);
+/// reaps `child`.
+fn kill_tree(child: &mut Child, reaped: bool) {
+    // Once reaped, its pid names nobody (or somebody else): only the group is left to kill.
+    let mut targets: Vec<String> = Vec::new();
+    if !reaped {
+        targets.extend(
+            descendants(child.id())
+                .into_iter()
+                .map(|p| p.pid.to_string()),
+        );
+        targets.push(child.id().to_string());
+    }
+    targets.push(format!("-{}", child.id()));
     let _ = Command::new("kill")
         .arg("-KILL")
-        .args(&pids)
+        .arg("--")
+        .args(&targets)
         .stderr(Stdio::null())
         .status();
     let _ = child.wait();

@@ -462,16 +462,23 @@ async fn run() {
     );
     let ping = Single::<Ping>::new((), Some(near));
     let pong = Single::<Pong>::new((), Some(far));
+    // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
+    // e.g. bench/scripts/ucx-vs-perftest.sh, and between hosts: the bare sockets use loopback).
+    let bare = std::env::var_os("XPROC_NO_BARE").is_none();
     // Two bare baselines: blocking sockets (a sleeping reader is woken by the kernel), and
     // busy-polling non-blocking ones (like the PEs, which never sleep while spinning). The client
     // side runs on this PE's thread (pinned to this PE's core, like the charmrs side).
-    let port = pong.ret().listen(false).await;
-    let mut raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
-    raw.set_nodelay(true).expect("nodelay");
-    let port = pong.ret().listen(true).await;
-    let mut spin = TcpStream::connect(("127.0.0.1", port)).expect("connect to the spinning server");
-    spin.set_nodelay(true).expect("nodelay");
-    spin.set_nonblocking(true).expect("non-blocking");
+    let mut sockets = None;
+    if bare {
+        let port = pong.ret().listen(false).await;
+        let raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
+        raw.set_nodelay(true).expect("nodelay");
+        let port = pong.ret().listen(true).await;
+        let spin = TcpStream::connect(("127.0.0.1", port)).expect("connect to the spinning server");
+        spin.set_nodelay(true).expect("nodelay");
+        spin.set_nonblocking(true).expect("non-blocking");
+        sockets = Some((raw, spin));
+    }
     println!(
         "{:>9} {:>12} {:>12} {:>7} {:>12} {:>7} {:>13} {:>13} {:>7}",
         "size",
@@ -486,9 +493,6 @@ async fn run() {
     );
     // `XPROC_CHARMRS_ONLY=1`: only the charmrs ping-pong (for profiling its path).
     let charmrs_only = std::env::var_os("XPROC_CHARMRS_ONLY").is_some();
-    // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
-    // e.g. bench/scripts/ucx-vs-perftest.sh).
-    let bare = std::env::var_os("XPROC_NO_BARE").is_none();
     // `XPROC_BW_ONLY=1`: only the bandwidth repetitions, no reduction or broadcast rounds (for
     // profiling the streaming path).
     let bw_only = std::env::var_os("XPROC_BW_ONLY").is_some();
@@ -507,9 +511,9 @@ async fn run() {
             if charmrs_only {
                 continue;
             }
-            if bare {
-                lat_r.push(raw_pingpong(&mut raw, size, iters));
-                lat_s.push(raw_pingpong(&mut spin, size, iters));
+            if let Some((raw, spin)) = sockets.as_mut() {
+                lat_r.push(raw_pingpong(raw, size, iters));
+                lat_s.push(raw_pingpong(spin, size, iters));
             } else {
                 lat_r.push(f64::NAN);
                 lat_s.push(f64::NAN);
@@ -524,10 +528,9 @@ async fn run() {
             let f = Future::new();
             ping.stream(*pong, size, count, f);
             bw_c.push((size * count) as f64 / f.await / 1e6);
-            bw_r.push(if bare {
-                (size * count) as f64 / raw_stream(&mut raw, size, count) / 1e6
-            } else {
-                f64::NAN
+            bw_r.push(match sockets.as_mut() {
+                Some((raw, _)) => (size * count) as f64 / raw_stream(raw, size, count) / 1e6,
+                None => f64::NAN,
             });
         }
         if charmrs_only {

@@ -30,7 +30,9 @@
 //! `pmix_check abort` instead has the last rank abort the job through
 //! [`Bootstrap::abort`] (`PMIx_Abort`, or under OpenMPI's `mpirun` its
 //! non-zero exit) while the others wait in a fence: the launcher must stop
-//! them all.
+//! them all. `pmix_check abort-linger` has the aborting rank sleep 30 s
+//! after the call instead of exiting (under `srun`: `PMIx_Abort` alone must
+//! end the job).
 //! Outside a PMIx launcher it says so and exits 2.
 
 use std::collections::BTreeSet;
@@ -213,10 +215,16 @@ fn rank_to_all(layer: &TcpLayer) -> Result<(), String> {
 /// `pmix_check abort`: the last rank aborts the job through the
 /// bootstrap while the others wait in a fence; the launcher must stop
 /// them all.
-fn abort_mode(boot: &PmixBootstrap) -> ! {
+/// With `linger` the aborting rank then sleeps 30 s instead of exiting: only the launcher acting
+/// on `PMIx_Abort` can end the job quickly (not under OpenMPI's `mpirun`, where the abort is the
+/// exit).
+fn abort_mode(boot: &PmixBootstrap, linger: bool) -> ! {
     let me = boot.rank();
     if me + 1 == boot.size() {
         boot.abort(&format!("pmix_check: rank {me} aborts the job on purpose"));
+        if linger {
+            std::thread::sleep(Duration::from_secs(30));
+        }
         // As the runtime does: exit at once (under OpenMPI's mpirun that exit is what ends the
         // job; elsewhere PMIx_Abort may return before the launcher kills us).
         std::process::exit(5);
@@ -283,9 +291,12 @@ fn main() {
     ));
     match mode.as_str() {
         "" => {}
-        "abort" => abort_mode(&boot),
+        "abort" => abort_mode(&boot, false),
+        "abort-linger" => abort_mode(&boot, true),
         other => {
-            eprintln!("pmix_check: unknown mode {other:?} (none, `layer` or `abort`)");
+            eprintln!(
+                "pmix_check: unknown mode {other:?} (none, `layer`, `abort` or `abort-linger`)"
+            );
             std::process::exit(2);
         }
     }
