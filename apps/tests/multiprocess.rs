@@ -426,3 +426,43 @@ fn stencil3d_balances_across_processes() {
     );
     assert!(got.last().unwrap().starts_with("Total time: "), "{got:?}");
 }
+
+#[test]
+fn the_tcp_layer_listens_on_the_address_or_interface_it_is_given() {
+    let job = |var: &str, value: &str| {
+        let mut cmd = Command::new(charmrun());
+        cmd.args(["++quiet", "+p2", "++ppn", "1"])
+            .arg(env!("CARGO_BIN_EXE_reduction"))
+            .args(["+machine", "tcp"])
+            .env_remove("CHARMRS_PES")
+            .env(var, value);
+        common::run(cmd, Duration::from_secs(60), |_| false)
+    };
+    let sums: Vec<String> = (0..20).map(|x| (x * 100).to_string()).collect();
+    let want = vec![format!("Reduction result is [{}]", sums.join(", "))];
+    // 127.0.0.2 is loopback too (all of 127/8); `lo` is loopback's interface.
+    for (var, value) in [
+        ("CHARMRS_TCP_ADDR", "127.0.0.2"),
+        ("CHARMRS_TCP_IFACE", "lo"),
+    ] {
+        let done = job(var, value);
+        assert!(done.success(), "{var}={value}: {}", done.stderr);
+        assert_eq!(done.lines(), want, "{var}={value}");
+    }
+    // An address this host does not have (TEST-NET-1: the bind fails, nothing is sent), and
+    // an interface it does not have, are refused naming them.
+    let done = job("CHARMRS_TCP_ADDR", "192.0.2.1");
+    assert!(!done.success());
+    assert!(
+        done.stderr.contains("cannot listen on 192.0.2.1"),
+        "{}",
+        done.stderr
+    );
+    let done = job("CHARMRS_TCP_IFACE", "nosuchif0");
+    assert!(!done.success());
+    assert!(
+        done.stderr.contains("CHARMRS_TCP_IFACE=nosuchif0") && done.stderr.contains("lo"),
+        "{}",
+        done.stderr
+    );
+}

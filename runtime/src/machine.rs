@@ -24,10 +24,12 @@ pub(crate) const MACHINES: &[&str] = &["ucx", "ofi", "tcp", "local"];
 enum Launch {
     /// On its own.
     Alone,
-    /// As a process of a job: its bootstrap and the job's secret.
+    /// As a process of a job: its bootstrap, the job's secret, and whether every process of
+    /// the job runs on this host (as under charmrun).
     Job {
         bootstrap: Arc<dyn Bootstrap>,
         secret: JobSecret,
+        one_host: bool,
     },
 }
 
@@ -39,22 +41,45 @@ fn launch() -> Result<Launch> {
     if charmrs_pmix::launched_by_pmix() {
         if let Some(b) = charmrs_pmix::PmixBootstrap::from_env().map_err(|e| join(e, "PMIx"))? {
             let secret = b.job_secret().map_err(|e| join(e, "PMIx"))?;
+            let one_host = b.local_size() == Some(b.size());
             return Ok(Launch::Job {
                 bootstrap: Arc::new(b),
                 secret,
+                one_host,
             });
         }
     }
     match KvBootstrap::from_env().map_err(|e| join(e, "charmrun"))? {
         Some(b) => {
             let secret = *b.secret();
+            // charmrun starts every process on its own host.
             Ok(Launch::Job {
                 bootstrap: Arc::new(b),
                 secret,
+                one_host: true,
             })
         }
         None => Ok(Launch::Alone),
     }
+}
+
+/// The address the TCP layer listens on and publishes: `CHARMRS_TCP_ADDR`, else the interface
+/// `CHARMRS_TCP_IFACE` names, else loopback for a job on one host and this host's first network
+/// interface up (not loopback) for one that spans hosts.
+fn tcp_listen_address(one_host: bool) -> Result<std::net::IpAddr> {
+    use charmrs_tcp::interfaces::{host_interfaces, listen_address, ListenChoice};
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let choice = match (set("CHARMRS_TCP_ADDR"), set("CHARMRS_TCP_IFACE")) {
+        (Some(address), _) => ListenChoice::Address(address),
+        (None, Some(name)) => ListenChoice::Interface(name.trim().to_string()),
+        (None, None) => ListenChoice::Automatic { one_host },
+    };
+    let interfaces = match choice {
+        ListenChoice::Address(_) | ListenChoice::Automatic { one_host: true } => Vec::new(),
+        _ => host_interfaces().map_err(Error::Options)?,
+    };
+    listen_address(&choice, &interfaces)
+        .map_err(|e| Error::Options(format!("the tcp machine layer: {e}")))
 }
 
 /// The layer `+machine` (else `CHARMRS_MACHINE`) asks for, or the automatic choice.
@@ -88,7 +113,12 @@ pub(crate) fn select(
     if local_only {
         return Ok(Box::new(LocalLayer::new()));
     }
-    let Launch::Job { bootstrap, secret } = launch()? else {
+    let Launch::Job {
+        bootstrap,
+        secret,
+        one_host,
+    } = launch()?
+    else {
         return Ok(Box::new(LocalLayer::new()));
     };
     let failed = |e: charmrs_transport::TransportError| {
@@ -101,9 +131,15 @@ pub(crate) fn select(
             bootstrap.size()
         ))),
         "local" => Ok(Box::new(LocalLayer::new())),
-        "tcp" => TcpLayer::with_config(bootstrap, secret, TcpConfig::default())
-            .map(|l| Box::new(l) as Box<dyn MachineLayer>)
-            .map_err(failed),
+        "tcp" => {
+            let cfg = TcpConfig {
+                bind: tcp_listen_address(one_host)?,
+                ..TcpConfig::default()
+            };
+            TcpLayer::with_config(bootstrap, secret, cfg)
+                .map(|l| Box::new(l) as Box<dyn MachineLayer>)
+                .map_err(failed)
+        }
         "ucx" => ucx(bootstrap, lanes_from_env(UCX_LANES, pes)?).map_err(|e| match e {
             Some(e) => failed(e),
             None => not_built("ucx"),

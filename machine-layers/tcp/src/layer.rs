@@ -23,7 +23,9 @@ use crate::wire;
 pub struct TcpConfig {
     /// Address to listen on (port chosen by the OS) and to publish to the
     /// peers. Must be a concrete address, not `0.0.0.0`. Default:
-    /// `127.0.0.1` (loopback: single-host jobs only).
+    /// `127.0.0.1` (loopback: single-host jobs only); see
+    /// [`interfaces::listen_address`](crate::interfaces::listen_address) for
+    /// choosing one by interface name or for a job across hosts.
     pub bind: IpAddr,
     /// Largest frame (header, length table and payload) sent or accepted;
     /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
@@ -197,7 +199,8 @@ impl TcpLayer {
         }
         let rank = bootstrap.rank();
         let size = bootstrap.size();
-        let listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))?;
+        let listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))
+            .map_err(|e| bootstrap_err(format!("cannot listen on {}: {e}", cfg.bind)))?;
         let listen = listener.local_addr()?;
         bootstrap.put(wire::ADDR_KEY, listen.to_string().as_bytes())?;
         bootstrap.fence()?;

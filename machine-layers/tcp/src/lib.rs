@@ -51,6 +51,7 @@
 //! [`wire`] documents the protocol.
 
 mod conn;
+pub mod interfaces;
 mod layer;
 mod poll;
 mod recv;
