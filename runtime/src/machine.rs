@@ -67,18 +67,8 @@ fn launch() -> Result<Launch> {
 /// `CHARMRS_TCP_IFACE` names, else loopback for a job on one host and this host's first network
 /// interface up (not loopback) for one that spans hosts.
 fn tcp_listen_address(one_host: bool) -> Result<std::net::IpAddr> {
-    use charmrs_tcp::interfaces::{host_interfaces, listen_address, ListenChoice};
-    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let choice = match (set("CHARMRS_TCP_ADDR"), set("CHARMRS_TCP_IFACE")) {
-        (Some(address), _) => ListenChoice::Address(address),
-        (None, Some(name)) => ListenChoice::Interface(name.trim().to_string()),
-        (None, None) => ListenChoice::Automatic { one_host },
-    };
-    let interfaces = match choice {
-        ListenChoice::Address(_) | ListenChoice::Automatic { one_host: true } => Vec::new(),
-        _ => host_interfaces().map_err(Error::Options)?,
-    };
-    listen_address(&choice, &interfaces)
+    charmrs_tcp::interfaces::ListenChoice::from_env(one_host)
+        .resolve()
         .map_err(|e| Error::Options(format!("the tcp machine layer: {e}")))
 }
 

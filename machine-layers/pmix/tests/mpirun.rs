@@ -2,179 +2,18 @@
 //! loopback, 2 and 4 processes: PMIx bootstrap, job secret, TCP layer,
 //! rank-to-all exchange; the one-call `tcp_layer_from_env`; and a job
 //! aborted through `PMIx_Abort`. Every job
-//! runs under a watchdog: after [`WATCHDOG`] mpirun and every process it
+//! runs under a watchdog: after `common::WATCHDOG` mpirun and every process it
 //! started are killed and the test fails. The mpirun tests are skipped,
 //! with a note on stderr, when `mpirun` is not installed (Debian:
 //! `apt-get install openmpi-bin`).
 
-use std::collections::HashMap;
-use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+mod common;
+
+use common::{descendants, run};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHECK: &str = env!("CARGO_BIN_EXE_pmix_check");
-
-/// Longest a job may take.
-const WATCHDOG: Duration = Duration::from_secs(60);
-
-/// How a job ended.
-struct Done {
-    /// `None` if the job was stopped because `stop` held (see [`run`]).
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl Done {
-    fn report(&self) -> String {
-        format!(
-            "status {:?} after {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.status, self.took, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Reads `r` to the end on a thread; the text arrives on the channel.
-fn reader(mut r: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
-    });
-    rx
-}
-
-/// `(pid, parent pid, state, command name)` of every process, from
-/// `/proc/<pid>/stat`.
-fn processes() -> Vec<(u32, u32, char, String)> {
-    let mut v = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return v;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_owned();
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        v.push((pid, ppid, state, comm));
-    }
-    v
-}
-
-/// Every live (not zombie) descendant of `root`, with its command name.
-/// (mpirun puts the processes it starts in process groups of their own,
-/// so a group kill would miss them.)
-fn descendants(root: u32) -> Vec<(u32, String)> {
-    let procs = processes();
-    let mut children: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, p) in procs.iter().enumerate() {
-        children.entry(p.1).or_default().push(i);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        for &i in children.get(&p).map_or(&[][..], Vec::as_slice) {
-            let (pid, _, state, comm) = &procs[i];
-            stack.push(*pid);
-            if *state != 'Z' {
-                out.push((*pid, comm.clone()));
-            }
-        }
-    }
-    out
-}
-
-fn kill(sig: &str, pids: &[u32]) {
-    if pids.is_empty() {
-        return;
-    }
-    let _ = Command::new("kill")
-        .arg(sig)
-        .arg("--")
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Runs `cmd` until it exits, or until `stop(pid)` holds (then it and its
-/// descendants are killed and `status` is `None`), or until the watchdog
-/// fires: then SIGTERM to mpirun (which stops its job), 5 s later SIGKILL
-/// to it and every descendant, and the test fails.
-fn run(mut cmd: Command, stop: impl Fn(u32) -> bool) -> Done {
-    let started = Instant::now();
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("start the job");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
-    let pid = child.id();
-    let kill_tree = |sig: &str| {
-        let mut pids: Vec<u32> = descendants(pid).into_iter().map(|d| d.0).collect();
-        pids.push(pid);
-        kill(sig, &pids);
-    };
-    let mut watchdog = false;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for the job") {
-            break Some(st);
-        }
-        if stop(pid) {
-            kill_tree("-KILL");
-            let _ = child.wait();
-            break None;
-        }
-        if started.elapsed() > WATCHDOG {
-            watchdog = true;
-            kill("-TERM", &[pid]);
-            let grace = Instant::now();
-            while grace.elapsed() < Duration::from_secs(5)
-                && child.try_wait().ok().flatten().is_none()
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            kill_tree("-KILL");
-            break child.wait().ok();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Processes that outlived mpirun (it died abnormally) are killed too.
-    kill_tree("-KILL");
-    if let Some(tmp) = cmd
-        .get_envs()
-        .find(|(k, _)| *k == "TMPDIR")
-        .and_then(|(_, v)| v)
-    {
-        let _ = std::fs::remove_dir_all(tmp);
-    }
-    let collect =
-        |rx: Receiver<String>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
-    let done = Done {
-        status,
-        stdout: collect(out),
-        stderr: collect(err),
-        took: started.elapsed(),
-    };
-    assert!(
-        !watchdog,
-        "watchdog: the job took over {WATCHDOG:?} and was killed\n{}",
-        done.report()
-    );
-    done
-}
 
 /// True if `mpirun` can be started; otherwise prints why the test is
 /// skipped.

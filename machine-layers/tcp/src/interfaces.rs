@@ -99,6 +99,32 @@ pub enum ListenChoice {
     },
 }
 
+impl ListenChoice {
+    /// The choice the environment makes: `CHARMRS_TCP_ADDR`, else `CHARMRS_TCP_IFACE`, else
+    /// [`Automatic`](ListenChoice::Automatic) with `one_host`.
+    pub fn from_env(one_host: bool) -> ListenChoice {
+        let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        match (set("CHARMRS_TCP_ADDR"), set("CHARMRS_TCP_IFACE")) {
+            (Some(address), _) => ListenChoice::Address(address),
+            (None, Some(name)) => ListenChoice::Interface(name.trim().to_string()),
+            (None, None) => ListenChoice::Automatic { one_host },
+        }
+    }
+
+    /// [`listen_address`] on this host, reading its interfaces only if the choice needs them.
+    ///
+    /// # Errors
+    ///
+    /// As [`listen_address`] and [`host_interfaces`].
+    pub fn resolve(&self) -> Result<IpAddr, String> {
+        let interfaces = match self {
+            ListenChoice::Address(_) | ListenChoice::Automatic { one_host: true } => Vec::new(),
+            _ => host_interfaces()?,
+        };
+        listen_address(self, &interfaces)
+    }
+}
+
 /// The address to listen on and publish for `choice`, given this host's `interfaces` (see
 /// [`host_interfaces`]).
 ///
