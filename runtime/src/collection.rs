@@ -19,6 +19,15 @@ pub struct CollectionId(pub(crate) u64);
 const SECTION_BIT: u64 = 1 << 39;
 
 impl CollectionId {
+    /// The hidden group that does each PE's part of a checkpoint or restart
+    /// (`crate::checkpoint`): creator PE 0's last serial, which its counter never reaches.
+    pub(crate) const CHECKPOINTER: CollectionId = CollectionId(SECTION_BIT - 1);
+
+    /// The creating PE's serial number of this collection.
+    pub(crate) fn serial(self) -> u64 {
+        self.0 & (SECTION_BIT - 1)
+    }
+
     pub(crate) fn new(creator_pe: usize, serial: u64) -> CollectionId {
         CollectionId(((creator_pe as u64) << 40) | (serial & (SECTION_BIT - 1)))
     }

@@ -63,6 +63,10 @@ pub enum Error {
         /// The panic message (with its source location when known).
         message: String,
     },
+    /// A checkpoint could not be written or restored (`charmrs::checkpoint`,
+    /// `charmrs::restore`): the message names the file, element or chare at fault.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// A chare that cannot migrate was asked to.
     #[error("chare {chare} is not migratable: declare it with #[chare(migratable)] and derive Serialize and Deserialize")]
     NotMigratable {

@@ -39,12 +39,16 @@
 //! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
 //! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
 
+// `#[chare]` writes `::charmrs::…` paths; the runtime's own chare (the checkpoint group) uses them.
+extern crate self as charmrs;
+
 mod array_map;
 mod balance;
 mod buffer_mut;
 mod callback;
 mod channel;
 mod chare;
+mod checkpoint;
 mod collection;
 mod ctx;
 mod element;
@@ -80,6 +84,7 @@ pub use callback::{Callback, CallbackDest};
 pub use channel::{Channel, Recv};
 pub use chare::{Chare, Constructed, Entry, Invoked, Payload};
 pub use charmrs_macros::{chare, task};
+pub use checkpoint::{checkpoint, restore, Saved};
 pub use collection::{CollectionId, Shape, MAX_DENSE_ELEMENTS};
 pub use ctx::Ctx;
 pub use element::{Coro, WaitFor};

@@ -62,7 +62,8 @@ const DEPARTED_MAX: usize = 1 << 16;
 pub(crate) struct Migrant {
     pub(crate) coll: CollectionId,
     pub(crate) index: Index,
-    /// The element's migration count, this migration included.
+    /// The element's migration count, this migration included; 0 for an element read back
+    /// from a checkpoint (`crate::checkpoint`).
     pub(crate) epoch: u32,
     /// Number of the element's next reduction contribution.
     pub(crate) reductions: u64,
@@ -545,7 +546,14 @@ impl PeState {
             shape,
             pe: self.pe,
         };
-        let element = match (mobility.unpack)(&mut m, parts) {
+        // Epoch 0: read back from a checkpoint (a migration counts from 1), so the proxies in
+        // its state name homes under the PE count of the job that saved it.
+        let unpacked = if m.epoch == 0 {
+            crate::checkpoint::rehoming(|| (mobility.unpack)(&mut m, parts))
+        } else {
+            (mobility.unpack)(&mut m, parts)
+        };
+        let element = match unpacked {
             Ok(e) => e,
             Err(e) => {
                 return self.abort_job(format!(

@@ -46,7 +46,7 @@ fn or_panic<T>(r: Result<T>) -> T {
 }
 
 /// A proxy to one element of a collection (or to a single chare).
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 #[serde(bound = "")]
 pub struct ElementProxy<C> {
     coll: CollectionId,
@@ -55,6 +55,31 @@ pub struct ElementProxy<C> {
     priority: i32,
     #[serde(skip)]
     _chare: PhantomData<fn() -> C>,
+}
+
+/// [`ElementProxy`]'s fields as they travel.
+#[derive(Deserialize)]
+#[serde(rename = "ElementProxy")]
+struct ElementProxyFields {
+    coll: CollectionId,
+    index: Index,
+    pe: u32,
+    priority: i32,
+}
+
+impl<'de, C> Deserialize<'de> for ElementProxy<C> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let f = ElementProxyFields::deserialize(d)?;
+        // Read back from a checkpoint, the element's home is where the new job places it.
+        let pe = crate::checkpoint::rehomed(f.coll, &f.index).unwrap_or(f.pe);
+        Ok(ElementProxy {
+            coll: f.coll,
+            index: f.index,
+            pe,
+            priority: f.priority,
+            _chare: PhantomData,
+        })
+    }
 }
 
 impl<C> Clone for ElementProxy<C> {

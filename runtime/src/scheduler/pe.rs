@@ -45,6 +45,8 @@ use charmrs_transport::{NAP_MAX, NAP_SPIN};
 /// The elements of one collection that live on this PE.
 pub(crate) struct LocalCollection {
     pub(crate) chare: &'static str,
+    /// Entry-table id of the chare type's constructor (names the type in a checkpoint).
+    pub(crate) ctor: u64,
     pub(crate) shape: Shape,
     /// Whether the chare type can migrate, and how to rebuild a migrated element.
     pub(crate) mobility: Mobility,
@@ -82,6 +84,31 @@ pub(crate) struct Mobility {
 }
 
 impl LocalCollection {
+    /// An element of this PE whose `async fn new` has not finished, if any.
+    pub(crate) fn under_construction(&self) -> Option<Index> {
+        self.constructing.keys().next().copied()
+    }
+
+    /// A collection of `shape` with no element here yet, built by `build`'s chare type.
+    fn empty(shape: Shape, build: &dyn Construction) -> LocalCollection {
+        LocalCollection {
+            chare: build.chare_name(),
+            ctor: build.ctor_id(),
+            shape,
+            mobility: build.mobility(),
+            elements: Rc::default(),
+            position: FxHashMap::default(),
+            constructing: FxHashMap::default(),
+            waiting_broadcasts: Vec::new(),
+            away: FxHashMap::default(),
+            guests: 0,
+            epochs: FxHashMap::default(),
+            lost: FxHashMap::default(),
+            departed: rustc_hash::FxHashSet::default(),
+            inserted_on: FxHashMap::default(),
+        }
+    }
+
     pub(crate) fn find(&self, index: &Index) -> Option<Rc<dyn ElementObj>> {
         self.position
             .get(index)
@@ -137,6 +164,8 @@ pub(crate) struct PeState {
     /// Messages for collections whose creation has not arrived yet.
     pending: RefCell<FxHashMap<CollectionId, Vec<Envelope>>>,
     next_collection: Cell<u64>,
+    /// Whether this PE made the checkpoint group (`crate::checkpoint`; PE 0 only).
+    pub(crate) checkpointer_made: Cell<bool>,
     next_placement: Cell<usize>,
     executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
@@ -311,6 +340,7 @@ impl PeState {
             collections: RefCell::default(),
             pending: RefCell::default(),
             next_collection: Cell::new(0),
+            checkpointer_made: Cell::new(false),
             next_placement: Cell::new(pe),
             executor: Executor::default(),
             futures: RefCell::new(FutureTable::new(pe)),
@@ -1022,21 +1052,7 @@ impl PeState {
 
     fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
         let chare = build.chare_name();
-        let mut local = LocalCollection {
-            chare,
-            shape,
-            mobility: build.mobility(),
-            elements: Rc::default(),
-            position: FxHashMap::default(),
-            constructing: FxHashMap::default(),
-            waiting_broadcasts: Vec::new(),
-            away: FxHashMap::default(),
-            guests: 0,
-            epochs: FxHashMap::default(),
-            lost: FxHashMap::default(),
-            departed: rustc_hash::FxHashSet::default(),
-            inserted_on: FxHashMap::default(),
-        };
+        let mut local = LocalCollection::empty(shape, &*build);
         let mut suspended = Vec::new();
         if let Shape::Array { map: Some(m), .. } = shape {
             if let Err(e) = crate::array_map::check_all(m, &shape, self.num_pes()) {
@@ -1057,6 +1073,43 @@ impl PeState {
         for (index, fut) in suspended {
             self.finish_construction(coll, index, &*build, fut);
         }
+        self.release_pending(coll);
+    }
+
+    /// Registers collection `coll` here without building any element: a collection restored
+    /// from a checkpoint, whose elements arrive as migrants (`crate::checkpoint`). New
+    /// collection ids of this PE are made above `serial_floor` from now on, so none repeats a
+    /// restored one.
+    pub(crate) fn adopt(
+        &self,
+        coll: CollectionId,
+        shape: Shape,
+        build: &dyn Construction,
+        serial_floor: u64,
+    ) -> std::result::Result<(), String> {
+        if self.collections.borrow().contains_key(&coll) {
+            return Err(format!(
+                "PE {} already has a collection with the id of the restored {} {coll:?}",
+                self.pe,
+                build.chare_name()
+            ));
+        }
+        if let Shape::Array { map: Some(m), .. } = shape {
+            crate::array_map::check_all(m, &shape, self.num_pes())
+                .map_err(|e| format!("restoring a {} array: {e}", build.chare_name()))?;
+        }
+        self.collections
+            .borrow_mut()
+            .insert(coll, LocalCollection::empty(shape, build));
+        if self.next_collection.get() < serial_floor {
+            self.next_collection.set(serial_floor);
+        }
+        self.release_pending(coll);
+        Ok(())
+    }
+
+    /// Delivers what waited for collection `coll` to exist here.
+    fn release_pending(&self, coll: CollectionId) {
         let waiting = self.pending.borrow_mut().remove(&coll);
         for env in waiting.into_iter().flatten() {
             self.deliver(env);

@@ -1,0 +1,684 @@
+//! Checkpoint and restart: the job's arrays written to disk at a point the program chooses, and
+//! read back by a later job, which may have another number of PEs or processes (Charm++'s
+//! `CkStartCheckpoint` and `+restart`).
+//!
+//! # What this module owns
+//!
+//! * [`checkpoint`]: waits for quiescence, then every PE writes the elements it holds of every
+//!   dense array, sparse array and single chare to `DIR/pe-<n>.ckpt`; the calling PE writes
+//!   `DIR/checkpoint.meta` last (the collections, the program's own state, the PE count). A
+//!   checkpoint without its metadata file is not one: a job that dies while writing leaves no
+//!   checkpoint that [`restore`] would half-read.
+//! * [`restore`]: registers the saved collections on every PE under their saved ids (so proxies
+//!   saved inside elements or in the program's state stay valid), sends every element, read by
+//!   the PEs in parallel, to its home PE under the new PE count, waits until all are in place,
+//!   seals the sparse arrays, and hands the program's state back.
+//! * The hidden group that does each PE's part (`Checkpointer`, under a reserved collection id).
+//!
+//! # Invariants
+//!
+//! * A checkpoint is taken at quiescence, so no message is in flight and none is lost: an element
+//!   with a suspended entry method or `when` calls waiting at it, or a collection still being
+//!   built, makes [`checkpoint`] fail naming it, and nothing is written as the checkpoint.
+//! * Restored elements start a fresh history: migration count, reduction numbers, measured load
+//!   and channels start again from zero on every element together, which is consistent because
+//!   nothing was in flight when they were saved.
+//! * What is not saved: groups (one element per PE has no meaning under another PE count: the
+//!   program makes its groups again after a restart), sections (made again from the restored
+//!   arrays), futures, and the entry point's own local variables (pass them as the `state`).
+//! * Bad input is an error naming the file and what was wrong with it: a missing or truncated PE
+//!   file, metadata from another program (its entry table differs) or another format version, a
+//!   chare type this program does not have, a single chare placed on a PE the new job lacks.
+
+use crate::chare::Chare;
+use crate::collection::{CollectionId, Shape};
+use crate::envelope::{Construct, Construction, Control, Envelope, MIGRATION_ORDER};
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::migration::Migrant;
+use crate::proxy::Proxy;
+use crate::registry::{Decoder, EntryTable};
+use crate::scheduler::{with_pe, PeState};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// First bytes of every checkpoint file.
+const MAGIC: [u8; 8] = *b"charmrsK";
+/// Format of the files; a checkpoint of another version is refused, naming both.
+const VERSION: u32 = 1;
+/// The metadata file, written last.
+const META: &str = "checkpoint.meta";
+
+/// What [`checkpoint`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// Elements written, over all PEs.
+    pub elements: u64,
+    /// Collections (dense arrays, sparse arrays, single chares) they belong to.
+    pub collections: usize,
+    /// Bytes of element state written, over all PEs.
+    pub bytes: u64,
+    /// PEs of the job that wrote it (one file each).
+    pub pes: usize,
+}
+
+/// A collection as saved: enough to register it again and to rebuild its elements.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct SavedCollection {
+    coll: CollectionId,
+    shape: Shape,
+    /// Entry-table id of the chare type's constructor.
+    ctor: u64,
+    /// The chare type's name, for messages.
+    chare: String,
+}
+
+/// One element's state.
+#[derive(Serialize, Deserialize)]
+struct SavedElement {
+    coll: CollectionId,
+    index: Index,
+    state: Vec<u8>,
+}
+
+/// `pe-<n>.ckpt`: the elements PE `n` held.
+#[derive(Serialize, Deserialize)]
+struct PeFile {
+    magic: [u8; 8],
+    version: u32,
+    pe: u32,
+    elements: Vec<SavedElement>,
+}
+
+/// `checkpoint.meta`.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    magic: [u8; 8],
+    version: u32,
+    /// PEs of the job that wrote the checkpoint (the number of PE files).
+    pes: u32,
+    /// Checksum of the writing program's entry table.
+    table: u64,
+    elements: u64,
+    collections: Vec<SavedCollection>,
+    /// The program's own state (`checkpoint`'s `state`), postcard-encoded.
+    state: Vec<u8>,
+}
+
+/// One PE's report after writing its file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PeSaved {
+    elements: u64,
+    bytes: u64,
+    collections: Vec<SavedCollection>,
+}
+
+/// One PE's report after reading its files: elements sent on, and for each sparse array the
+/// elements sent to each home PE.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PeLoaded {
+    elements: u64,
+    sparse_homes: Vec<(CollectionId, Vec<u32>)>,
+}
+
+/// The hidden group whose elements do each PE's part of a checkpoint or a restart.
+pub(crate) struct Checkpointer;
+
+#[crate::chare]
+impl Checkpointer {
+    fn new() -> Self {
+        Checkpointer
+    }
+
+    /// Writes this PE's elements to `dir`.
+    #[entry]
+    fn save(&mut self, dir: String) -> std::result::Result<PeSaved, String> {
+        with_pe("checkpoint", |pe| pe.save_elements(Path::new(&dir))).map_err(|e| e.to_string())?
+    }
+
+    /// Registers the saved collections here, empty.
+    #[entry]
+    fn adopt(
+        &mut self,
+        collections: Vec<SavedCollection>,
+        serial_floor: u64,
+    ) -> std::result::Result<(), String> {
+        with_pe("restore", |pe| pe.adopt_saved(&collections, serial_floor))
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Reads this PE's share of the files of a `pes`-PE checkpoint in `dir`, sending every
+    /// element to its home.
+    #[entry]
+    fn load(
+        &mut self,
+        dir: String,
+        pes: u32,
+        collections: Vec<SavedCollection>,
+    ) -> std::result::Result<PeLoaded, String> {
+        with_pe("restore", |pe| {
+            pe.load_elements(Path::new(&dir), pes, &collections)
+        })
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Writes a checkpoint of the job to directory `dir` (made if missing), with the program's own
+/// `state` (what its entry point needs to go on: the step number, the proxies it holds).
+///
+/// Waits for quiescence first, so call it where the program waits for nothing but this (after a
+/// reduction that ends a step, say). Every dense array, sparse array and single chare is saved:
+/// their chare types must be `#[chare(migratable)]`. Groups and sections are not saved. A
+/// checkpoint already in `dir` is replaced; one from a job with more PEs leaves its extra PE
+/// files, which the new metadata does not list.
+///
+/// ```no_run
+/// # use charmrs::prelude::*;
+/// # #[derive(Clone, Serialize, Deserialize)] struct Cell { value: f64 }
+/// # #[chare(migratable)] impl Cell { fn new() -> Self { Cell { value: 0.0 } }
+/// #     #[entry] fn step(&mut self) { self.value += 1.0; } }
+/// #[derive(Serialize, Deserialize)]
+/// struct Progress { step: u32, cells: Array<Cell, usize> }
+///
+/// # fn main() { charmrs::start(|_args| async move {
+/// let (mut progress, first) = match charmrs::restore::<Progress>("ckpt").await.unwrap() {
+///     Some(p) => (p, false),                       // a restart: the cells are back
+///     None => (Progress { step: 0, cells: Array::new(64, ()) }, true),
+/// };
+/// while progress.step < 100 {
+///     progress.cells.step();
+///     charmrs::wait_qd().await;
+///     progress.step += 1;
+///     if progress.step % 10 == 0 {
+///         charmrs::checkpoint("ckpt", &progress).await.unwrap();
+///     }
+/// }
+/// # let _ = first;
+/// charmrs::exit(0);
+/// # }); }
+/// ```
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming what failed: not called on PE 0 (where the entry point runs), a
+/// chare type that is not migratable, a busy element (suspended entry method, waiting `when`
+/// calls, unfinished `async fn new`), a file that could not be written; [`Error::NotInRuntime`]
+/// outside a running PE.
+pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Result<Saved> {
+    let state = postcard::to_allocvec(state)
+        .map_err(|e| checkpoint_error(format!("serializing the program's state: {e}")))?;
+    let dir = prepare_dir(dir.as_ref())?;
+    let meta_path = dir.join(META);
+    match std::fs::remove_file(&meta_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("removing the previous", &meta_path, e)),
+    }
+    crate::wait_qd().await;
+    let group = checkpointer("charmrs::checkpoint")?;
+    let reports = group.gather().save(path_string(&dir)?).await;
+    let pes = reports.len();
+    let mut collections = BTreeMap::new();
+    let (mut elements, mut bytes) = (0, 0);
+    for report in reports {
+        let report = report.map_err(checkpoint_error)?;
+        elements += report.elements;
+        bytes += report.bytes;
+        for c in report.collections {
+            collections.insert(c.coll, c);
+        }
+    }
+    let meta = Meta {
+        magic: MAGIC,
+        version: VERSION,
+        pes: pes as u32,
+        table: EntryTable::get()?.checksum(),
+        elements,
+        collections: collections.into_values().collect(),
+        state,
+    };
+    let encoded = postcard::to_allocvec(&meta)
+        .map_err(|e| checkpoint_error(format!("encoding {}: {e}", meta_path.display())))?;
+    write_atomically(&meta_path, &encoded).map_err(checkpoint_error)?;
+    Ok(Saved {
+        elements,
+        collections: meta.collections.len(),
+        bytes,
+        pes,
+    })
+}
+
+/// Restores the checkpoint in directory `dir`, if there is one (`Ok(None)` if `dir` holds no
+/// checkpoint metadata), and returns the state the program gave [`checkpoint`].
+///
+/// Call it from the entry point before anything else touches the restored collections. The job
+/// may have another number of PEs or processes than the one that wrote the checkpoint: every
+/// element goes to its home under the new count (or where its array's map places it). Proxies
+/// inside the state and inside elements address the restored collections. Restored sparse arrays
+/// are sealed (`done_inserting` has been called). See [`checkpoint`] for an example.
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file and the fault: unreadable or truncated files, another
+/// format version, a checkpoint written by another program (its entry table differs), a single
+/// chare on a PE this job lacks, a state that does not decode as `S`; also if not called on PE 0.
+pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Option<S>> {
+    let dir = dir.as_ref();
+    let meta_path = dir.join(META);
+    let bytes = match std::fs::read(&meta_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("reading", &meta_path, e)),
+    };
+    let meta: Meta = decode_file(&meta_path, &bytes)?;
+    check_header(&meta_path, meta.magic, meta.version)?;
+    let table = EntryTable::get()?;
+    if meta.table != table.checksum() {
+        return Err(checkpoint_error(format!(
+            "{} was written by another program (its entry table differs from this one's): \
+             restart the program that wrote it",
+            meta_path.display()
+        )));
+    }
+    let num_pes = crate::num_pes();
+    for c in &meta.collections {
+        construction(table, c).map_err(checkpoint_error)?;
+        if let Shape::Single { pe } = c.shape {
+            if pe as usize >= num_pes {
+                return Err(checkpoint_error(format!(
+                    "the single chare {} of {} lived on PE {pe}, and this job has {num_pes} PEs",
+                    c.chare,
+                    meta_path.display()
+                )));
+            }
+        }
+    }
+    let floor = meta
+        .collections
+        .iter()
+        .map(|c| c.coll.serial() + 1)
+        .max()
+        .unwrap_or(0);
+    let group = checkpointer("charmrs::restore")?;
+    for done in group.gather().adopt(meta.collections.clone(), floor).await {
+        done.map_err(checkpoint_error)?;
+    }
+    let dir_string = path_string(dir)?;
+    let mut elements = 0;
+    let mut sparse: BTreeMap<CollectionId, Vec<u32>> = BTreeMap::new();
+    let loads = group
+        .gather()
+        .load(dir_string, meta.pes, meta.collections.clone());
+    for loaded in loads.await {
+        let loaded = loaded.map_err(checkpoint_error)?;
+        elements += loaded.elements;
+        for (coll, homes) in loaded.sparse_homes {
+            let total = sparse.entry(coll).or_insert_with(|| vec![0; num_pes]);
+            for (t, h) in total.iter_mut().zip(homes) {
+                *t += h;
+            }
+        }
+    }
+    if elements != meta.elements {
+        return Err(checkpoint_error(format!(
+            "the PE files of {} hold {elements} elements; its metadata says {}",
+            dir.display(),
+            meta.elements
+        )));
+    }
+    // Every element is on its way home; quiescence means every one has arrived.
+    crate::wait_qd().await;
+    for c in &meta.collections {
+        if let Shape::Sparse { .. } = c.shape {
+            let counts = sparse.remove(&c.coll).unwrap_or_else(|| vec![0; num_pes]);
+            with_pe("charmrs::restore", |pe| pe.broadcast_seal(c.coll, counts))?;
+        }
+    }
+    let state = rehoming(|| crate::wire::decoded(&meta.state)).map_err(|e| {
+        checkpoint_error(format!(
+            "the program's state in {} does not decode as {}: {e}",
+            meta_path.display(),
+            std::any::type_name::<S>()
+        ))
+    })?;
+    Ok(Some(state))
+}
+
+/// The group of [`Checkpointer`]s, made on first use under its reserved id (calls on PE 0 only,
+/// so it is made once).
+fn checkpointer(what: &'static str) -> Result<Proxy<Checkpointer>> {
+    with_pe(what, |pe| {
+        if pe.pe != 0 {
+            return Err(checkpoint_error(format!(
+                "`{what}` was called on PE {}: call it from the entry point (PE 0)",
+                pe.pe
+            )));
+        }
+        let coll = CollectionId::CHECKPOINTER;
+        if !pe.checkpointer_made.replace(true) {
+            for dst in 0..pe.num_pes() {
+                pe.send(
+                    dst,
+                    Envelope::new(
+                        0,
+                        Control::Create {
+                            coll,
+                            shape: Shape::Group,
+                            build: Construct::<Checkpointer>::boxed(()),
+                        },
+                    ),
+                );
+            }
+        }
+        Ok(Proxy::from_parts(coll, Shape::Group))
+    })?
+}
+
+/// How to build elements of saved collection `c` in this program: its constructor, as an
+/// empty sparse array's creation carries it (no arguments: restored elements are unpacked).
+fn construction(
+    table: &EntryTable,
+    c: &SavedCollection,
+) -> std::result::Result<Box<dyn Construction>, String> {
+    let unknown = || {
+        format!(
+            "this program has no chare type {} (constructor id {:#x})",
+            c.chare, c.ctor
+        )
+    };
+    let info = table
+        .wire_id(c.ctor)
+        .and_then(|w| table.by_wire_id(w))
+        .ok_or_else(unknown)?;
+    let Decoder::Constructor(decode) = info.decoder else {
+        return Err(unknown());
+    };
+    // postcard's encoding of `None`: no constructor arguments.
+    let build = decode(&[0]).map_err(|e| format!("{}: {e}", c.chare))?.0;
+    if !build.mobility().migratable {
+        return Err(format!(
+            "chare {} is not migratable in this program",
+            build.chare_name()
+        ));
+    }
+    Ok(build)
+}
+
+impl PeState {
+    /// [`Checkpointer::save`]: packs every element here of every saved kind of collection and
+    /// writes them to `dir/pe-<n>.ckpt`.
+    fn save_elements(&self, dir: &Path) -> std::result::Result<PeSaved, String> {
+        let mut collections = Vec::new();
+        let mut elements = Vec::new();
+        let mut bytes = 0u64;
+        {
+            let cols = self.collections.borrow();
+            let mut ids: Vec<CollectionId> = cols.keys().copied().collect();
+            ids.sort();
+            for coll in ids {
+                let c = &cols[&coll];
+                if coll.is_section() || matches!(c.shape, Shape::Group) {
+                    continue;
+                }
+                if !c.mobility.migratable {
+                    return Err(format!(
+                        "chare {} ({}) is not migratable, so it cannot be checkpointed: declare \
+                         it with #[chare(migratable)] and derive Serialize and Deserialize",
+                        c.chare,
+                        c.shape.describe()
+                    ));
+                }
+                if let Some(index) = c.under_construction() {
+                    return Err(format!(
+                        "element {index} of {} on PE {} is still being built (async fn new)",
+                        c.chare, self.pe
+                    ));
+                }
+                collections.push(SavedCollection {
+                    coll,
+                    shape: c.shape,
+                    ctor: c.ctor,
+                    chare: c.chare.to_owned(),
+                });
+                for (index, element) in c.elements.iter() {
+                    // The table holds one reference: more means a suspended entry method.
+                    if Rc::strong_count(element) > 1 || element.pinned() {
+                        return Err(format!(
+                            "element {index} of {} on PE {} is busy: an entry method of it is \
+                             suspended, or `when` calls wait at it; checkpoint where none is",
+                            c.chare, self.pe
+                        ));
+                    }
+                    let state = element
+                        .pack()
+                        .map_err(|e| format!("element {index} of {}: {e}", c.chare))?;
+                    bytes += state.len() as u64;
+                    elements.push(SavedElement {
+                        coll,
+                        index: *index,
+                        state,
+                    });
+                }
+            }
+        }
+        let count = elements.len() as u64;
+        let file = PeFile {
+            magic: MAGIC,
+            version: VERSION,
+            pe: self.pe as u32,
+            elements,
+        };
+        let path = pe_file(dir, self.pe);
+        let encoded = postcard::to_allocvec(&file)
+            .map_err(|e| format!("encoding {}: {e}", path.display()))?;
+        write_atomically(&path, &encoded)?;
+        Ok(PeSaved {
+            elements: count,
+            bytes,
+            collections,
+        })
+    }
+
+    /// [`Checkpointer::adopt`]: registers the saved collections here, with no elements (a
+    /// single chare only on its own PE).
+    fn adopt_saved(
+        &self,
+        collections: &[SavedCollection],
+        serial_floor: u64,
+    ) -> std::result::Result<(), String> {
+        let table = EntryTable::get().map_err(|e| e.to_string())?;
+        for c in collections {
+            if matches!(c.shape, Shape::Single { pe } if pe as usize != self.pe) {
+                continue;
+            }
+            let build = construction(table, c)?;
+            self.adopt(c.coll, c.shape, &*build, serial_floor)?;
+        }
+        Ok(())
+    }
+
+    /// [`Checkpointer::load`]: reads the files of old PEs `pe, pe + n, …` (`n` PEs now) and sends
+    /// each element to its home under the new PE count.
+    fn load_elements(
+        &self,
+        dir: &Path,
+        pes: u32,
+        collections: &[SavedCollection],
+    ) -> std::result::Result<PeLoaded, String> {
+        let n = self.num_pes();
+        let shapes: BTreeMap<CollectionId, Shape> =
+            collections.iter().map(|c| (c.coll, c.shape)).collect();
+        let mut sent = 0u64;
+        let mut sparse: BTreeMap<CollectionId, Vec<u32>> = BTreeMap::new();
+        for old in (self.pe..pes as usize).step_by(n) {
+            let path = pe_file(dir, old);
+            let bytes =
+                std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let file: PeFile = decode_file(&path, &bytes).map_err(|e| e.to_string())?;
+            check_header(&path, file.magic, file.version).map_err(|e| e.to_string())?;
+            if file.pe as usize != old {
+                return Err(format!(
+                    "{} holds the elements of PE {}, not of PE {old}",
+                    path.display(),
+                    file.pe
+                ));
+            }
+            for e in file.elements {
+                let shape = shapes.get(&e.coll).copied().ok_or_else(|| {
+                    format!(
+                        "{} holds element {} of {:?}, a collection the metadata does not list",
+                        path.display(),
+                        e.index,
+                        e.coll
+                    )
+                })?;
+                shape
+                    .check(&e.index, n)
+                    .map_err(|err| format!("{}: {err}", path.display()))?;
+                let home = shape.home_pe(&e.index, n);
+                if let Shape::Sparse { .. } = shape {
+                    sparse.entry(e.coll).or_insert_with(|| vec![0; n])[home] += 1;
+                }
+                let migrant = Migrant {
+                    coll: e.coll,
+                    index: e.index,
+                    epoch: 0,
+                    reductions: 0,
+                    load: 0.0,
+                    channels: Vec::new(),
+                    sections: Vec::new(),
+                    state: e.state,
+                    balance: None,
+                };
+                self.send(
+                    home,
+                    Envelope::new(MIGRATION_ORDER, Control::Migrate(Box::new(migrant))),
+                );
+                sent += 1;
+            }
+        }
+        Ok(PeLoaded {
+            elements: sent,
+            sparse_homes: sparse.into_iter().collect(),
+        })
+    }
+}
+
+fn pe_file(dir: &Path, pe: usize) -> PathBuf {
+    dir.join(format!("pe-{pe}.ckpt"))
+}
+
+/// Makes `dir` and returns it absolute: every process of the job (all started in one working
+/// directory, or on nodes sharing the file system) writes and reads under the same path.
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error("making the directory", dir, e))?;
+    dir.canonicalize()
+        .map_err(|e| io_error("resolving the directory", dir, e))
+}
+
+fn path_string(dir: &Path) -> Result<String> {
+    dir.to_str().map(str::to_owned).ok_or_else(|| {
+        checkpoint_error(format!(
+            "the directory {} is not valid UTF-8",
+            dir.display()
+        ))
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced, then renamed over it: a reader
+/// sees the old file or the whole new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
+    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+        return Err(checkpoint_error(format!(
+            "{} is not a charmrs checkpoint file",
+            path.display()
+        )));
+    }
+    crate::wire::decoded(bytes).map_err(|e| {
+        checkpoint_error(format!(
+            "{} is damaged or truncated ({} bytes): {e}",
+            path.display(),
+            bytes.len()
+        ))
+    })
+}
+
+fn check_header(path: &Path, magic: [u8; 8], version: u32) -> Result<()> {
+    if magic != MAGIC {
+        return Err(checkpoint_error(format!(
+            "{} is not a charmrs checkpoint file",
+            path.display()
+        )));
+    }
+    if version != VERSION {
+        return Err(checkpoint_error(format!(
+            "{} has format version {version}; this program reads version {VERSION}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn checkpoint_error(why: String) -> Error {
+    Error::Checkpoint(why)
+}
+
+fn io_error(doing: &str, path: &Path, e: std::io::Error) -> Error {
+    checkpoint_error(format!("{doing} {}: {e}", path.display()))
+}
+
+thread_local! {
+    /// Set while state read back from a checkpoint is decoded on this thread ([`rehoming`]).
+    static REHOMING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `decode` (of an element's or the program's state, read back from a checkpoint) so that
+/// every [`ElementProxy`](crate::ElementProxy) decoded in it addresses its element's home in
+/// this job ([`rehomed`]): the PE it remembers is the home under the old PE count.
+pub(crate) fn rehoming<R>(decode: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REHOMING.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REHOMING.with(|r| r.replace(true)));
+    decode()
+}
+
+/// Inside [`rehoming`]: the home PE in this job of element `index` of `coll`, if this PE knows
+/// the collection. `None` elsewhere (the proxy keeps its PE), at no cost but a flag's read.
+#[inline]
+pub(crate) fn rehomed(coll: CollectionId, index: &Index) -> Option<u32> {
+    if !REHOMING.with(Cell::get) {
+        return None;
+    }
+    with_pe("rehoming a proxy", |pe| {
+        let cols = pe.collections.try_borrow().ok()?;
+        let shape = cols.get(&coll)?.shape;
+        Some(shape.home_pe(index, pe.num_pes()) as u32)
+    })
+    .ok()
+    .flatten()
+}
+
+/// Keeps this module's registrations (the `Checkpointer` entries) in every binary that links
+/// the runtime: the entry table calls it, so the linker cannot leave this module out.
+#[inline(never)]
+pub(crate) fn linked() -> &'static str {
+    <Checkpointer as Chare>::NAME
+}

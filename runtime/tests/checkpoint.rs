@@ -1,0 +1,318 @@
+//! Checkpoint and restart (`charmrs::checkpoint`, `charmrs::restore`): a job stopped after a
+//! checkpoint and restarted on another number of PEs ends exactly as the job that never stopped;
+//! and the errors (no checkpoint, a chare that cannot be saved, damaged or missing files).
+
+mod common;
+
+use charmrs::prelude::*;
+use charmrs::Error;
+use common::run_job;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+const STEPS: u32 = 12;
+const STOP_AT: u32 = 5;
+
+/// SplitMix64 finalizer: deterministic mixing.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// An element of a 2-d array that keeps a proxy to its right neighbour in its state (set once,
+/// before the checkpoint) and exchanges with it every step.
+#[derive(Serialize, Deserialize)]
+struct Cell {
+    value: u64,
+    right: Option<ElementProxy<Cell>>,
+    /// What arrived from the left neighbour, by step parity (a neighbour's value of step `k`
+    /// may arrive before this element's own step `k` runs).
+    received: [u64; 2],
+}
+
+#[chare(migratable)]
+impl Cell {
+    fn new(seed: u64) -> Self {
+        Cell {
+            value: seed,
+            right: None,
+            received: [0; 2],
+        }
+    }
+
+    #[entry]
+    fn wire(&mut self, ctx: &Ctx<Self>, rows: usize, cols: usize) {
+        let (r, c): (usize, usize) = ctx.index();
+        let array = ctx.this_array::<(usize, usize)>();
+        self.right = Some(array.at((r, (c + 1) % cols)));
+        let _ = rows;
+    }
+
+    /// One step: mix the value with what arrived, pass it right, and contribute it.
+    #[entry]
+    fn step(&mut self, ctx: &Ctx<Self>, k: u32, done: Future<u64>) {
+        let (r, c): (usize, usize) = ctx.index();
+        let previous = (k as usize + 1) % 2;
+        let received = std::mem::take(&mut self.received[previous]);
+        self.value = mix(self.value ^ received ^ ((r * 100 + c) as u64) ^ u64::from(k));
+        self.right.expect("wired").take(k, self.value);
+        ctx.contribute(self.value % 1_000_003, Reducer::Sum, done);
+    }
+
+    #[entry]
+    fn take(&mut self, k: u32, v: u64) {
+        self.received[k as usize % 2] ^= v;
+    }
+}
+
+/// An element of a sparse array: counts its steps.
+#[derive(Serialize, Deserialize)]
+struct Tag {
+    count: u64,
+}
+
+#[chare(migratable)]
+impl Tag {
+    fn new(start: u64) -> Self {
+        Tag { count: start }
+    }
+
+    #[entry]
+    fn tick(&mut self, ctx: &Ctx<Self>, k: u32, done: Future<u64>) {
+        let key: usize = ctx.index();
+        self.count = self.count * 3 + key as u64 + u64::from(k);
+        ctx.contribute(self.count % 65_521, Reducer::Sum, done);
+    }
+}
+
+/// A single chare that totals what it is told.
+#[derive(Serialize, Deserialize)]
+struct Tally {
+    total: u64,
+}
+
+#[chare(migratable)]
+impl Tally {
+    fn new() -> Self {
+        Tally { total: 0 }
+    }
+
+    #[entry]
+    fn add(&mut self, x: u64) -> u64 {
+        self.total = mix(self.total ^ x);
+        self.total
+    }
+}
+
+/// What the entry point carries over a restart.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    step: u32,
+    cells: Array<Cell, (usize, usize)>,
+    tags: Array<Tag, usize>,
+    tally: Single<Tally>,
+    trace: Vec<u64>,
+}
+
+const ROWS: usize = 5;
+const COLS: usize = 7;
+const TAGS: [usize; 6] = [3, 17, 40, 41, 99, 1000];
+
+/// Runs the steps from `progress.step` up to `until`, checkpointing into `dir` after step
+/// `checkpoint_at`; returns the trace of per-step results.
+async fn run_steps(
+    mut progress: Progress,
+    until: u32,
+    checkpoint_at: Option<(u32, PathBuf)>,
+) -> Vec<u64> {
+    while progress.step < until {
+        let k = progress.step;
+        let cells = Future::<u64>::new();
+        progress.cells.step(k, cells);
+        let tags = Future::<u64>::new();
+        progress.tags.tick(k, tags);
+        let (a, b) = (cells.await, tags.await);
+        let t = progress.tally.ret().add(a ^ (b << 20)).await;
+        progress.trace.push(t);
+        progress.step += 1;
+        // The neighbours' messages of this step must be in before the next one (and before a
+        // checkpoint, which waits for quiescence itself).
+        charmrs::wait_qd().await;
+        if let Some((at, dir)) = &checkpoint_at {
+            if progress.step == *at {
+                let saved = charmrs::checkpoint(dir, &progress)
+                    .await
+                    .expect("checkpoint");
+                assert_eq!(saved.elements, (ROWS * COLS + TAGS.len() + 1) as u64);
+                assert_eq!(saved.collections, 3);
+                assert_eq!(saved.pes, charmrs::num_pes());
+                return progress.trace;
+            }
+        }
+    }
+    progress.trace
+}
+
+/// A new job's collections, built and wired.
+async fn fresh() -> Progress {
+    let cells = Array::<Cell, (usize, usize)>::new((ROWS, COLS), (7,));
+    cells.wire(ROWS, COLS);
+    let tags = Array::<Tag, usize>::new_sparse(None);
+    for (i, &key) in TAGS.iter().enumerate() {
+        tags.insert(key, (i as u64,), Some(i % charmrs::num_pes()));
+    }
+    tags.done_inserting().await;
+    let tally = Single::<Tally>::new((), Some(1.min(charmrs::num_pes() - 1)));
+    charmrs::wait_qd().await;
+    Progress {
+        step: 0,
+        cells,
+        tags,
+        tally,
+        trace: Vec::new(),
+    }
+}
+
+/// Runs a job of `pes` PEs whose entry point returns a value through the channel.
+fn job<T: Send + 'static, Fut: std::future::Future<Output = T> + 'static>(
+    pes: usize,
+    main: impl FnOnce() -> Fut + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    let code = run_job(pes, move |_| async move {
+        let _ = tx.send(main().await);
+        charmrs::exit(0);
+    })
+    .expect("the job runs");
+    assert_eq!(code, 0);
+    rx.try_recv().expect("the entry point finished")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("charmrs-ckpt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn a_job_restarted_from_a_checkpoint_on_other_pe_counts_ends_as_the_uninterrupted_one() {
+    let whole = job(3, || async { run_steps(fresh().await, STEPS, None).await });
+    assert_eq!(whole.len(), STEPS as usize);
+
+    let dir = scratch("restart");
+    let d = dir.clone();
+    let first = job(3, move || async move {
+        assert!(charmrs::restore::<Progress>(&d).await.unwrap().is_none());
+        run_steps(fresh().await, STEPS, Some((STOP_AT, d))).await
+    });
+    assert_eq!(first[..], whole[..STOP_AT as usize]);
+    assert!(dir.join("checkpoint.meta").exists());
+
+    for pes in [2, 4] {
+        let d = dir.clone();
+        let trace = job(pes, move || async move {
+            let progress = charmrs::restore::<Progress>(&d)
+                .await
+                .expect("restore")
+                .expect("a checkpoint");
+            assert_eq!(progress.step, STOP_AT);
+            // New collections made after a restart get ids of their own.
+            let extra = Array::<Tag, usize>::new(4, (5,));
+            let f = Future::<u64>::new();
+            extra.tick(0, f);
+            let extra_sum = f.await;
+            assert_eq!(extra_sum, (0..4u64).map(|i| 15 + i).sum::<u64>());
+            run_steps(progress, STEPS, None).await
+        });
+        assert_eq!(trace, whole, "restarted on {pes} PEs");
+    }
+    // The single chare lived on PE 1: a one-PE job cannot hold it where its proxies look.
+    let text = restore_error(&dir, 1);
+    assert!(
+        text.contains("Tally") && text.contains("PE 1") && text.contains("1 PEs"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A chare type that cannot move cannot be saved.
+struct Fixed;
+
+#[chare]
+impl Fixed {
+    fn new() -> Self {
+        Fixed
+    }
+}
+
+#[test]
+fn a_checkpoint_names_a_chare_that_cannot_be_saved() {
+    let dir = scratch("fixed");
+    let d = dir.clone();
+    let err = job(2, move || async move {
+        let _fixed = Array::<Fixed, usize>::new(4, ());
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &0u32).await.unwrap_err()
+    });
+    let text = err.to_string();
+    assert!(matches!(err, Error::Checkpoint(_)), "{text}");
+    assert!(
+        text.contains("Fixed") && text.contains("not migratable"),
+        "{text}"
+    );
+    assert!(!dir.join("checkpoint.meta").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn save_small(dir: &Path) {
+    let d = dir.to_path_buf();
+    job(2, move || async move {
+        let progress = fresh().await;
+        charmrs::checkpoint(&d, &progress)
+            .await
+            .expect("checkpoint");
+    });
+}
+
+fn restore_error(dir: &Path, pes: usize) -> String {
+    let d = dir.to_path_buf();
+    job(pes, move || async move {
+        match charmrs::restore::<Progress>(&d).await {
+            Ok(_) => panic!("restored a damaged checkpoint"),
+            Err(e) => e.to_string(),
+        }
+    })
+}
+
+#[test]
+fn damaged_or_missing_checkpoint_files_are_named() {
+    let dir = scratch("damaged");
+    save_small(&dir);
+
+    // A PE file gone.
+    let pe1 = dir.join("pe-1.ckpt");
+    let kept = std::fs::read(&pe1).unwrap();
+    std::fs::remove_file(&pe1).unwrap();
+    let text = restore_error(&dir, 2);
+    assert!(text.contains("pe-1.ckpt"), "{text}");
+
+    // A PE file cut short.
+    std::fs::write(&pe1, &kept[..kept.len() / 2]).unwrap();
+    let text = restore_error(&dir, 3);
+    assert!(
+        text.contains("pe-1.ckpt") && text.contains("truncated"),
+        "{text}"
+    );
+
+    // Metadata that is not a checkpoint's.
+    std::fs::write(&pe1, &kept).unwrap();
+    std::fs::write(dir.join("checkpoint.meta"), b"hello").unwrap();
+    let text = restore_error(&dir, 2);
+    assert!(
+        text.contains("checkpoint.meta") && text.contains("not a charmrs checkpoint"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
