@@ -415,7 +415,9 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
     let dir = std::env::temp_dir().join(format!("charmrs-heat-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let dir_arg = dir.to_str().unwrap();
-    let common = ["--blocks", "3", "--edge", "8", "--steps", "40", "--every", "10"];
+    let common = [
+        "--blocks", "3", "--edge", "8", "--steps", "40", "--every", "10",
+    ];
     let job = |layout: &[&str], extra: &[&str]| {
         let mut all = vec!["++quiet"];
         all.extend(layout);
@@ -428,24 +430,36 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
     let whole = heat_figures(&whole);
     assert_eq!(whole.len(), 5, "{whole:?}");
 
-    let first = job(&["+p4", "++ppn", "2"], &["--checkpoint", dir_arg, "--stop-after", "20"]);
+    let first = job(
+        &["+p4", "++ppn", "2"],
+        &["--checkpoint", dir_arg, "--stop-after", "20"],
+    );
     assert!(
-        first.iter().any(|l| l == "heat2d: stopping after step 20 (as if out of time)"),
+        first
+            .iter()
+            .any(|l| l == "heat2d: stopping after step 20 (as if out of time)"),
         "{first:?}"
     );
     assert_eq!(heat_figures(&first), whole[..2]);
 
     // Three processes of one PE, then one process of two PEs: each goes on from the last
     // checkpoint (the first restart writes its own at steps 30 and 40).
-    let second = job(&["+p3", "++ppn", "1"], &["--restart", dir_arg, "--stop-after", "30"]);
+    let second = job(
+        &["+p3", "++ppn", "1"],
+        &["--restart", dir_arg, "--stop-after", "30"],
+    );
     assert!(
-        second.iter().any(|l| l.starts_with("heat2d: restarted from") && l.contains("at step 20")),
+        second
+            .iter()
+            .any(|l| l.starts_with("heat2d: restarted from") && l.contains("at step 20")),
         "{second:?}"
     );
     assert_eq!(heat_figures(&second), whole[2..3]);
     let third = job(&["+p2", "++ppn", "2"], &["--restart", dir_arg]);
     assert!(
-        third.iter().any(|l| l.contains("at step 30 (written by a job of 3 PEs)")),
+        third
+            .iter()
+            .any(|l| l.contains("at step 30 (written by a job of 3 PEs)")),
         "{third:?}"
     );
     assert_eq!(heat_figures(&third), whole[3..]);

@@ -316,3 +316,58 @@ fn damaged_or_missing_checkpoint_files_are_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An element that can be left suspended in an entry method.
+#[derive(Serialize, Deserialize)]
+struct Sleeper {
+    alarm: bool,
+    woken: bool,
+}
+
+#[chare(migratable)]
+impl Sleeper {
+    fn new() -> Self {
+        Sleeper {
+            alarm: false,
+            woken: false,
+        }
+    }
+
+    /// Suspends until [`ring`](Sleeper::ring) is called.
+    #[entry]
+    async fn doze(this: Coro<Self>) {
+        this.wait(|s| s.alarm).await;
+        this.with(|s, _| s.woken = true);
+    }
+
+    #[entry]
+    fn ring(&mut self) {
+        self.alarm = true;
+    }
+}
+
+#[test]
+fn a_checkpoint_names_an_element_suspended_in_an_entry_method() {
+    let dir = scratch("busy");
+    let d = dir.clone();
+    let text = job(3, move || async move {
+        let sleepers = Array::<Sleeper, usize>::new(3, ());
+        sleepers.at(2).doze();
+        charmrs::wait_qd().await;
+        let err = charmrs::checkpoint(&d, &0u32)
+            .await
+            .unwrap_err()
+            .to_string();
+        // Once woken, it can be saved.
+        sleepers.at(2).ring();
+        charmrs::wait_qd().await;
+        let saved = charmrs::checkpoint(&d, &0u32).await.expect("checkpoint");
+        assert_eq!(saved.elements, 3);
+        err
+    });
+    assert!(
+        text.contains("element (2,) of Sleeper on PE 2") && text.contains("suspended"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

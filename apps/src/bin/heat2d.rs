@@ -276,7 +276,10 @@ fn main() {
                 }
             }
             if stop_after == Some(run.step) {
-                println!("heat2d: stopping after step {} (as if out of time)", run.step);
+                println!(
+                    "heat2d: stopping after step {} (as if out of time)",
+                    run.step
+                );
                 charmrs::exit(0);
                 return;
             }
