@@ -83,6 +83,7 @@ pub(crate) struct SavedCollection {
 struct SavedElement {
     coll: CollectionId,
     index: Index,
+    #[serde(with = "crate::wire::byte_vec")]
     state: Vec<u8>,
 }
 
@@ -472,7 +473,9 @@ impl PeState {
             elements,
         };
         let path = pe_file(dir, self.pe);
-        let encoded = postcard::to_allocvec(&file)
+        // Sized once: the states plus a few bytes of framing each.
+        let room = bytes as usize + 64 * file.elements.len() + 64;
+        let encoded = postcard::to_extend(&file, Vec::with_capacity(room))
             .map_err(|e| format!("encoding {}: {e}", path.display()))?;
         write_atomically(&path, &encoded)?;
         Ok(PeSaved {

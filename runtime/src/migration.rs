@@ -74,6 +74,7 @@ pub(crate) struct Migrant {
     /// Number of the element's next contribution to each of its sections.
     pub(crate) sections: Vec<(CollectionId, u64)>,
     /// The chare's state, from [`Chare::pack`].
+    #[serde(with = "crate::wire::byte_vec")]
     pub(crate) state: Vec<u8>,
     /// If a load-balancing step ordered the move: (root PE, step), told on arrival.
     pub(crate) balance: Option<(u32, u64)>,

@@ -215,10 +215,11 @@ fn main() {
                 Ok(Some(run)) => {
                     println!(
                         "heat2d: restarted from {} at step {} (written by a job of {} PEs), now \
-                         {pes} PEs",
+                         {pes} PEs, in {:.1} ms",
                         dir.display(),
                         run.step,
-                        run.pes
+                        run.pes,
+                        start.elapsed().as_secs_f64() * 1e3
                     );
                     run
                 }
