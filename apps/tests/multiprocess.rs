@@ -430,10 +430,12 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
     let whole = heat_figures(&whole);
     assert_eq!(whole.len(), 5, "{whole:?}");
 
-    let first = job(
-        &["+p4", "++ppn", "2"],
-        &["--checkpoint", dir_arg, "--stop-after", "20"],
-    );
+    // Periodic balancing with `Rotate` moves every block every 2 ms: the checkpoints must hold it
+    // off, or a block could be saved twice or not at all.
+    let moving = ["+balancer", "Rotate", "+LBPeriod", "0.002"];
+    let mut first_args = vec!["--checkpoint", dir_arg, "--stop-after", "20"];
+    first_args.extend(moving);
+    let first = job(&["+p4", "++ppn", "2"], &first_args);
     assert!(
         first
             .iter()
@@ -444,10 +446,9 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
 
     // Three processes of one PE, then one process of two PEs: each goes on from the last
     // checkpoint (the first restart writes its own at steps 30 and 40).
-    let second = job(
-        &["+p3", "++ppn", "1"],
-        &["--restart", dir_arg, "--stop-after", "30"],
-    );
+    let mut second_args = vec!["--restart", dir_arg, "--stop-after", "30"];
+    second_args.extend(moving);
+    let second = job(&["+p3", "++ppn", "1"], &second_args);
     assert!(
         second
             .iter()

@@ -224,9 +224,19 @@ pub(crate) struct PeLb {
     collecting: Option<Vec<LbMsg>>,
     /// Background seconds already reported (periodic mode reports the increase).
     reported_background: f64,
+    /// At PE 0: periodic steps are held (a checkpoint or restore is under way).
+    held: bool,
 }
 
 impl PeState {
+    /// Holds (or lets go) the periodic balancing steps this PE (PE 0) starts; returns whether a
+    /// step started before is still collecting loads.
+    pub(crate) fn hold_periodic_balancing(&self, hold: bool) -> bool {
+        let mut lb = self.lb.borrow_mut();
+        lb.held = hold;
+        lb.collecting.is_some()
+    }
+
     /// At the root of an `at_sync` reduction: balance, order the migrations, resume when done.
     pub(crate) fn start_balancing(&self, coll: CollectionId, data: Box<dyn Any + Send>) {
         let Ok(data) = data.downcast::<AtSyncData>() else {
@@ -406,6 +416,9 @@ impl PeState {
     pub(crate) fn collect_loads(&self) {
         if self.lb.borrow().collecting.is_some() {
             return; // the previous step is still being collected
+        }
+        if self.lb.borrow().held {
+            return; // a checkpoint is being taken or restored: no element may move
         }
         self.lb.borrow_mut().collecting = Some(Vec::new());
         for dst in 0..self.num_pes() {

@@ -117,6 +117,9 @@ pub(crate) struct PeSaved {
     elements: u64,
     bytes: u64,
     collections: Vec<SavedCollection>,
+    /// Per collection: elements saved here, and elements whose home is here (if known: an
+    /// unsealed sparse array's is not). Over all PEs the two sums must agree.
+    tallies: Vec<(CollectionId, u64, Option<u64>)>,
 }
 
 /// One PE's report after reading its files: elements sent on, and for each sparse array the
@@ -219,18 +222,36 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error("removing the previous", &meta_path, e)),
     }
-    crate::wait_qd().await;
     let group = checkpointer("charmrs::checkpoint")?;
+    let _held = hold_balancing().await?;
+    crate::wait_qd().await;
     let reports = group.gather().save(path_string(&dir)?).await;
     let pes = reports.len();
     let mut collections = BTreeMap::new();
     let (mut elements, mut bytes) = (0, 0);
+    let mut tallies: BTreeMap<CollectionId, (u64, Option<u64>)> = BTreeMap::new();
     for report in reports {
         let report = report.map_err(checkpoint_error)?;
         elements += report.elements;
         bytes += report.bytes;
         for c in report.collections {
             collections.insert(c.coll, c);
+        }
+        for (coll, saved, homed) in report.tallies {
+            let t = tallies.entry(coll).or_insert((0, Some(0)));
+            t.0 += saved;
+            t.1 = t.1.zip(homed).map(|(a, b)| a + b);
+        }
+    }
+    // Every element saved exactly once: a shortfall or a surplus would be a lost or doubled
+    // element after the restart.
+    for (coll, (saved, homed)) in tallies {
+        if let Some(homed) = homed.filter(|&h| h != saved) {
+            let chare = collections.get(&coll).map_or("?", |c| c.chare.as_str());
+            return Err(checkpoint_error(format!(
+                "{saved} elements of {chare} {coll:?} were saved, and it has {homed}: elements \
+                 moved while the PEs saved them; nothing was written as a checkpoint"
+            )));
         }
     }
     let meta = Meta {
@@ -304,6 +325,7 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         .max()
         .unwrap_or(0);
     let group = checkpointer("charmrs::restore")?;
+    let _held = hold_balancing().await?;
     for done in group.gather().adopt(meta.collections.clone(), floor).await {
         done.map_err(checkpoint_error)?;
     }
@@ -346,6 +368,27 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         ))
     })?;
     Ok(Some(state))
+}
+
+/// Periodic load balancing held while it lives (see [`hold_balancing`]).
+struct BalancingHeld;
+
+impl Drop for BalancingHeld {
+    fn drop(&mut self) {
+        let _ = with_pe("charmrs::checkpoint", |pe| {
+            pe.hold_periodic_balancing(false)
+        });
+    }
+}
+
+/// Holds periodic load balancing (`+LBPeriod`, started by PE 0 on a timer, whose load reports
+/// quiescence does not count) and waits until a step started before has ordered its
+/// migrations, which quiescence then covers: no element moves while PEs save or restore.
+async fn hold_balancing() -> Result<BalancingHeld> {
+    while with_pe("charmrs::checkpoint", |pe| pe.hold_periodic_balancing(true))? {
+        crate::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    Ok(BalancingHeld)
 }
 
 /// The group of [`Checkpointer`]s, made on first use under its reserved id (calls on PE 0 only,
@@ -414,6 +457,7 @@ impl PeState {
     fn save_elements(&self, dir: &Path) -> std::result::Result<PeSaved, String> {
         let mut collections = Vec::new();
         let mut elements = Vec::new();
+        let mut tallies = Vec::new();
         let mut bytes = 0u64;
         {
             let cols = self.collections.borrow();
@@ -444,6 +488,8 @@ impl PeState {
                     ctor: c.ctor,
                     chare: c.chare.to_owned(),
                 });
+                let homed = self.homes_here(coll, &c.shape).map(|n| n as u64);
+                tallies.push((coll, c.elements.len() as u64, homed));
                 for (index, element) in c.elements.iter() {
                     // The table holds one reference: more means a suspended entry method.
                     if Rc::strong_count(element) > 1 || element.pinned() {
@@ -482,6 +528,7 @@ impl PeState {
             elements: count,
             bytes,
             collections,
+            tallies,
         })
     }
 
