@@ -324,6 +324,13 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         .map(|c| c.coll.serial() + 1)
         .max()
         .unwrap_or(0);
+    if with_pe("charmrs::restore", |pe| pe.collections_made())? > 0 {
+        // A collection made before would hold one of the ids the restored ones take back.
+        return Err(checkpoint_error(format!(
+            "restore {} before making any collection: the entry point made one already",
+            dir.display()
+        )));
+    }
     let group = checkpointer("charmrs::restore")?;
     let _held = hold_balancing().await?;
     for done in group.gather().adopt(meta.collections.clone(), floor).await {

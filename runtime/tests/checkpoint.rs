@@ -306,6 +306,17 @@ fn damaged_or_missing_checkpoint_files_are_named() {
         "{text}"
     );
 
+    // A collection made before the restore would take an id back.
+    let d = dir.clone();
+    let text = job(2, move || async move {
+        let _early = Array::<Tag, usize>::new(2, (0,));
+        match charmrs::restore::<Progress>(&d).await {
+            Ok(_) => panic!("restored over a collection made before"),
+            Err(e) => e.to_string(),
+        }
+    });
+    assert!(text.contains("before making any collection"), "{text}");
+
     // Metadata that is not a checkpoint's.
     std::fs::write(&pe1, &kept).unwrap();
     std::fs::write(dir.join("checkpoint.meta"), b"hello").unwrap();

@@ -629,6 +629,11 @@ impl PeState {
         );
     }
 
+    /// How many collection ids this PE has made.
+    pub(crate) fn collections_made(&self) -> u64 {
+        self.next_collection.get()
+    }
+
     /// A fresh job-wide collection id.
     pub(crate) fn new_collection_id(&self) -> CollectionId {
         let serial = self.next_collection.get();
