@@ -124,8 +124,21 @@ impl<'de, A: 'static> serde::Deserialize<'de> for Callback<A> {
                 std::any::type_name::<A>()
             )));
         }
+        let mut dest = wire.dest;
+        if let CallbackDest::Point {
+            coll,
+            ref index,
+            ref mut pe,
+            ..
+        } = dest
+        {
+            // Read back from a checkpoint: the element's home in this job.
+            if let Some(home) = crate::checkpoint::rehomed(coll, index) {
+                *pe = home;
+            }
+        }
         Ok(Callback {
-            dest: wire.dest,
+            dest,
             make: maker.make,
             entry: info.name,
             id: wire.entry,

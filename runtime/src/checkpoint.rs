@@ -5,10 +5,11 @@
 //! # What this module owns
 //!
 //! * [`checkpoint`]: waits for quiescence, then every PE writes the elements it holds of every
-//!   dense array, sparse array and single chare to `DIR/pe-<n>.ckpt`; the calling PE writes
-//!   `DIR/checkpoint.meta` last (the collections, the program's own state, the PE count). A
-//!   checkpoint without its metadata file is not one: a job that dies while writing leaves no
-//!   checkpoint that [`restore`] would half-read.
+//!   dense array, sparse array and single chare to `DIR/pe-<n>-<generation>.ckpt` (a random
+//!   number per checkpoint); the calling PE writes `DIR/checkpoint.meta` last (the generation,
+//!   the collections, the program's own state, the PE count), replacing the previous one in one
+//!   rename, and only then removes the previous checkpoint's PE files. A job that dies while
+//!   writing, or a checkpoint that fails, leaves the previous checkpoint whole.
 //! * [`restore`]: registers the saved collections on every PE under their saved ids (so proxies
 //!   saved inside elements or in the program's state stay valid), sends every element, read by
 //!   the PEs in parallel, to its home PE under the new PE count, waits until all are in place,
@@ -17,9 +18,13 @@
 //!
 //! # Invariants
 //!
-//! * A checkpoint is taken at quiescence, so no message is in flight and none is lost: an element
-//!   with a suspended entry method or `when` calls waiting at it, or a collection still being
-//!   built, makes [`checkpoint`] fail naming it, and nothing is written as the checkpoint.
+//! * A checkpoint is taken at quiescence, with periodic load balancing held, so no message is in
+//!   flight and no element moves: an element with a suspended entry method or `when` calls
+//!   waiting at it, or a collection still being built, makes [`checkpoint`] fail naming it; so
+//!   does a count of saved elements that differs from the collection's (unsealed sparse arrays,
+//!   whose count is not known, excepted). The previous checkpoint then stands.
+//! * After a restore, collection ids below the saving job's last are the restored ones only: a
+//!   message for another (a group or section of the old job) aborts naming it, never waits.
 //! * Restored elements start a fresh history: migration count, reduction numbers, measured load
 //!   and channels start again from zero on every element together, which is consistent because
 //!   nothing was in flight when they were saved.
@@ -87,11 +92,13 @@ struct SavedElement {
     state: Vec<u8>,
 }
 
-/// `pe-<n>.ckpt`: the elements PE `n` held.
+/// `pe-<n>-<generation>.ckpt`: the elements PE `n` held.
 #[derive(Serialize, Deserialize)]
 struct PeFile {
     magic: [u8; 8],
     version: u32,
+    /// The checkpoint it belongs to (a random number, also in the metadata).
+    generation: u64,
     pe: u32,
     elements: Vec<SavedElement>,
 }
@@ -101,8 +108,13 @@ struct PeFile {
 struct Meta {
     magic: [u8; 8],
     version: u32,
+    /// The checkpoint's random number: its PE files carry it in their names and contents.
+    generation: u64,
     /// PEs of the job that wrote the checkpoint (the number of PE files).
     pes: u32,
+    /// Every collection id of the job that wrote it (restored or not: groups, sections) has a
+    /// serial below this.
+    serial_floor: u64,
     /// Checksum of the writing program's entry table.
     table: u64,
     elements: u64,
@@ -120,6 +132,8 @@ pub(crate) struct PeSaved {
     /// Per collection: elements saved here, and elements whose home is here (if known: an
     /// unsealed sparse array's is not). Over all PEs the two sums must agree.
     tallies: Vec<(CollectionId, u64, Option<u64>)>,
+    /// Collection ids this PE has made.
+    made: u64,
 }
 
 /// One PE's report after reading its files: elements sent on, and for each sparse array the
@@ -139,10 +153,13 @@ impl Checkpointer {
         Checkpointer
     }
 
-    /// Writes this PE's elements to `dir`.
+    /// Writes this PE's elements to `dir`, as part of checkpoint `generation`.
     #[entry]
-    fn save(&mut self, dir: String) -> std::result::Result<PeSaved, String> {
-        with_pe("checkpoint", |pe| pe.save_elements(Path::new(&dir))).map_err(|e| e.to_string())?
+    fn save(&mut self, dir: String, generation: u64) -> std::result::Result<PeSaved, String> {
+        with_pe("checkpoint", |pe| {
+            pe.save_elements(Path::new(&dir), generation)
+        })
+        .map_err(|e| e.to_string())?
     }
 
     /// Registers the saved collections here, empty.
@@ -156,17 +173,18 @@ impl Checkpointer {
             .map_err(|e| e.to_string())?
     }
 
-    /// Reads this PE's share of the files of a `pes`-PE checkpoint in `dir`, sending every
-    /// element to its home.
+    /// Reads this PE's share of the files of `pes`-PE checkpoint `generation` in `dir`, sending
+    /// every element to its home.
     #[entry]
     fn load(
         &mut self,
         dir: String,
         pes: u32,
+        generation: u64,
         collections: Vec<SavedCollection>,
     ) -> std::result::Result<PeLoaded, String> {
         with_pe("restore", |pe| {
-            pe.load_elements(Path::new(&dir), pes, &collections)
+            pe.load_elements(Path::new(&dir), pes, generation, &collections)
         })
         .map_err(|e| e.to_string())?
     }
@@ -178,8 +196,8 @@ impl Checkpointer {
 /// Waits for quiescence first, so call it where the program waits for nothing but this (after a
 /// reduction that ends a step, say). Every dense array, sparse array and single chare is saved:
 /// their chare types must be `#[chare(migratable)]`. Groups and sections are not saved. A
-/// checkpoint already in `dir` is replaced; one from a job with more PEs leaves its extra PE
-/// files, which the new metadata does not list.
+/// checkpoint already in `dir` is replaced once the new one is complete; if this one fails, the
+/// previous one stands.
 ///
 /// ```no_run
 /// # use charmrs::prelude::*;
@@ -217,21 +235,25 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
         .map_err(|e| checkpoint_error(format!("serializing the program's state: {e}")))?;
     let dir = prepare_dir(dir.as_ref())?;
     let meta_path = dir.join(META);
-    match std::fs::remove_file(&meta_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error("removing the previous", &meta_path, e)),
-    }
     let group = checkpointer("charmrs::checkpoint")?;
     let _held = hold_balancing().await?;
     crate::wait_qd().await;
-    let reports = group.gather().save(path_string(&dir)?).await;
+    let generation = new_generation();
+    let reports = group.gather().save(path_string(&dir)?, generation).await;
     let pes = reports.len();
+    // Until the metadata names this generation, the previous checkpoint in `dir` stands; a
+    // failure removes what this one wrote.
+    let failed = |e: Error| {
+        remove_generations(&dir, |g| g == generation);
+        e
+    };
     let mut collections = BTreeMap::new();
     let (mut elements, mut bytes) = (0, 0);
     let mut tallies: BTreeMap<CollectionId, (u64, Option<u64>)> = BTreeMap::new();
+    let mut serial_floor = 0;
     for report in reports {
-        let report = report.map_err(checkpoint_error)?;
+        let report = report.map_err(|e| failed(checkpoint_error(e)))?;
+        serial_floor = serial_floor.max(report.made);
         elements += report.elements;
         bytes += report.bytes;
         for c in report.collections {
@@ -248,24 +270,33 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
     for (coll, (saved, homed)) in tallies {
         if let Some(homed) = homed.filter(|&h| h != saved) {
             let chare = collections.get(&coll).map_or("?", |c| c.chare.as_str());
-            return Err(checkpoint_error(format!(
+            return Err(failed(checkpoint_error(format!(
                 "{saved} elements of {chare} {coll:?} were saved, and it has {homed}: elements \
                  moved while the PEs saved them; nothing was written as a checkpoint"
-            )));
+            ))));
         }
     }
     let meta = Meta {
         magic: MAGIC,
         version: VERSION,
+        generation,
         pes: pes as u32,
+        serial_floor,
         table: EntryTable::get()?.checksum(),
         elements,
         collections: collections.into_values().collect(),
         state,
     };
-    let encoded = postcard::to_allocvec(&meta)
-        .map_err(|e| checkpoint_error(format!("encoding {}: {e}", meta_path.display())))?;
-    write_atomically(&meta_path, &encoded).map_err(checkpoint_error)?;
+    let encoded = postcard::to_allocvec(&meta).map_err(|e| {
+        failed(checkpoint_error(format!(
+            "encoding {}: {e}",
+            meta_path.display()
+        )))
+    })?;
+    write_atomically(&meta_path, &encoded).map_err(|e| failed(checkpoint_error(e)))?;
+    // The new checkpoint stands: the files of earlier ones go.
+    remove_generations(&dir, |g| g != generation);
+    sync_dir(&dir);
     Ok(Saved {
         elements,
         collections: meta.collections.len(),
@@ -297,6 +328,9 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
     };
     let meta: Meta = decode_file(&meta_path, &bytes)?;
     check_header(&meta_path, meta.magic, meta.version)?;
+    let dir = &dir
+        .canonicalize()
+        .map_err(|e| io_error("resolving the directory", dir, e))?;
     let table = EntryTable::get()?;
     if meta.table != table.checksum() {
         return Err(checkpoint_error(format!(
@@ -307,6 +341,9 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
     }
     let num_pes = crate::num_pes();
     for c in &meta.collections {
+        c.shape
+            .check_size()
+            .map_err(|e| checkpoint_error(format!("{}: {} {e}", meta_path.display(), c.chare)))?;
         construction(table, c).map_err(checkpoint_error)?;
         if let Shape::Single { pe } = c.shape {
             if pe as usize >= num_pes {
@@ -322,8 +359,7 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         .collections
         .iter()
         .map(|c| c.coll.serial() + 1)
-        .max()
-        .unwrap_or(0);
+        .fold(meta.serial_floor, u64::max);
     if with_pe("charmrs::restore", |pe| pe.collections_made())? > 0 {
         // A collection made before would hold one of the ids the restored ones take back.
         return Err(checkpoint_error(format!(
@@ -339,9 +375,12 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
     let dir_string = path_string(dir)?;
     let mut elements = 0;
     let mut sparse: BTreeMap<CollectionId, Vec<u32>> = BTreeMap::new();
-    let loads = group
-        .gather()
-        .load(dir_string, meta.pes, meta.collections.clone());
+    let loads = group.gather().load(
+        dir_string,
+        meta.pes,
+        meta.generation,
+        meta.collections.clone(),
+    );
     for loaded in loads.await {
         let loaded = loaded.map_err(checkpoint_error)?;
         elements += loaded.elements;
@@ -461,7 +500,7 @@ fn construction(
 impl PeState {
     /// [`Checkpointer::save`]: packs every element here of every saved kind of collection and
     /// writes them to `dir/pe-<n>.ckpt`.
-    fn save_elements(&self, dir: &Path) -> std::result::Result<PeSaved, String> {
+    fn save_elements(&self, dir: &Path, generation: u64) -> std::result::Result<PeSaved, String> {
         let mut collections = Vec::new();
         let mut elements = Vec::new();
         let mut tallies = Vec::new();
@@ -522,10 +561,11 @@ impl PeState {
         let file = PeFile {
             magic: MAGIC,
             version: VERSION,
+            generation,
             pe: self.pe as u32,
             elements,
         };
-        let path = pe_file(dir, self.pe);
+        let path = pe_file(dir, self.pe, generation);
         // Sized once: the states plus a few bytes of framing each.
         let room = bytes as usize + 64 * file.elements.len() + 64;
         let encoded = postcard::to_extend(&file, Vec::with_capacity(room))
@@ -536,6 +576,7 @@ impl PeState {
             bytes,
             collections,
             tallies,
+            made: self.collections_made(),
         })
     }
 
@@ -547,12 +588,13 @@ impl PeState {
         serial_floor: u64,
     ) -> std::result::Result<(), String> {
         let table = EntryTable::get().map_err(|e| e.to_string())?;
+        self.prepare_restore(serial_floor, collections.iter().map(|c| c.coll).collect());
         for c in collections {
             if matches!(c.shape, Shape::Single { pe } if pe as usize != self.pe) {
                 continue;
             }
             let build = construction(table, c)?;
-            self.adopt(c.coll, c.shape, &*build, serial_floor)?;
+            self.adopt(c.coll, c.shape, &*build)?;
         }
         Ok(())
     }
@@ -563,6 +605,7 @@ impl PeState {
         &self,
         dir: &Path,
         pes: u32,
+        generation: u64,
         collections: &[SavedCollection],
     ) -> std::result::Result<PeLoaded, String> {
         let n = self.num_pes();
@@ -571,11 +614,18 @@ impl PeState {
         let mut sent = 0u64;
         let mut sparse: BTreeMap<CollectionId, Vec<u32>> = BTreeMap::new();
         for old in (self.pe..pes as usize).step_by(n) {
-            let path = pe_file(dir, old);
+            let path = pe_file(dir, old, generation);
             let bytes =
                 std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
             let file: PeFile = decode_file(&path, &bytes).map_err(|e| e.to_string())?;
             check_header(&path, file.magic, file.version).map_err(|e| e.to_string())?;
+            if file.generation != generation {
+                return Err(format!(
+                    "{} belongs to another checkpoint than {}'s",
+                    path.display(),
+                    META
+                ));
+            }
             if file.pe as usize != old {
                 return Err(format!(
                     "{} holds the elements of PE {}, not of PE {old}",
@@ -624,8 +674,46 @@ impl PeState {
     }
 }
 
-fn pe_file(dir: &Path, pe: usize) -> PathBuf {
-    dir.join(format!("pe-{pe}.ckpt"))
+fn pe_file(dir: &Path, pe: usize, generation: u64) -> PathBuf {
+    dir.join(format!("pe-{pe}-{generation:016x}.ckpt"))
+}
+
+/// A fresh checkpoint's number: the clock's nanoseconds and the process id, mixed.
+fn new_generation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Removes the PE files in `dir` of the checkpoints whose number `which` picks (best effort: a
+/// file left behind is never read, the metadata names the files it needs).
+fn remove_generations(dir: &Path, which: impl Fn(u64) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let generation = name
+            .strip_prefix("pe-")
+            .and_then(|rest| rest.strip_suffix(".ckpt"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(_, g)| u64::from_str_radix(g, 16).ok());
+        if generation.is_some_and(&which) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Syncs `dir` itself, so the renames into it survive a crash of the host (best effort).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// Makes `dir` and returns it absolute: every process of the job (all started in one working
@@ -717,11 +805,17 @@ pub(crate) fn rehoming<R>(decode: impl FnOnce() -> R) -> R {
     decode()
 }
 
+/// Whether state read back from a checkpoint is being decoded on this thread ([`rehoming`]).
+#[inline]
+pub(crate) fn is_rehoming() -> bool {
+    REHOMING.with(Cell::get)
+}
+
 /// Inside [`rehoming`]: the home PE in this job of element `index` of `coll`, if this PE knows
 /// the collection. `None` elsewhere (the proxy keeps its PE), at no cost but a flag's read.
 #[inline]
 pub(crate) fn rehomed(coll: CollectionId, index: &Index) -> Option<u32> {
-    if !REHOMING.with(Cell::get) {
+    if !is_rehoming() {
         return None;
     }
     with_pe("rehoming a proxy", |pe| {

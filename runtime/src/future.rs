@@ -86,7 +86,7 @@ pub(crate) type Resolution = Result<Box<dyn Any + Send>, Error>;
 /// }).unwrap();
 /// assert_eq!(code, 0);
 /// ```
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 #[serde(bound = "")]
 #[must_use = "a future does nothing unless fulfilled and awaited"]
 pub struct Future<T> {
@@ -94,6 +94,33 @@ pub struct Future<T> {
     id: u64,
     #[serde(skip)]
     _value: PhantomData<fn() -> T>,
+}
+
+/// [`Future`]'s fields as they travel.
+#[derive(Deserialize)]
+#[serde(rename = "Future")]
+struct FutureFields {
+    pe: u32,
+    id: u64,
+}
+
+impl<'de, T> Deserialize<'de> for Future<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = FutureFields::deserialize(d)?;
+        if crate::checkpoint::is_rehoming() {
+            // Its id names a wait of the job that saved it; here it could name a new one.
+            return Err(crate::wire::custom_error(
+                "a Future read back from a checkpoint: futures belong to the job that made \
+                 them (keep none in a chare's state or the program's state across a checkpoint)"
+                    .to_owned(),
+            ));
+        }
+        Ok(Future {
+            pe: f.pe,
+            id: f.id,
+            _value: PhantomData,
+        })
+    }
 }
 
 impl<T> Clone for Future<T> {

@@ -554,16 +554,41 @@ impl PeState {
         } else {
             (mobility.unpack)(&mut m, parts)
         };
+        let restored = if m.epoch == 0 {
+            " (restored from a checkpoint)"
+        } else {
+            ""
+        };
         let element = match unpacked {
             Ok(e) => e,
             Err(e) => {
                 return self.abort_job(format!(
-                    "charmrs: element {index} of {chare} arriving on PE {}: {e}",
+                    "charmrs: element {index} of {chare} arriving on PE {}{restored}: {e}",
                     self.pe
                 ))
             }
         };
         let home_pe = shape.home_pe(&index, self.num_pes());
+        if m.epoch == 0 {
+            let twice = self
+                .collections
+                .borrow()
+                .get(&coll)
+                .is_some_and(|c| c.find(&index).is_some());
+            if twice {
+                return self.abort_job(format!(
+                    "charmrs: element {index} of {chare} restored twice on PE {}: the \
+                     checkpoint's files hold it twice",
+                    self.pe
+                ));
+            }
+            if matches!(shape, Shape::Sparse { .. }) && home_pe == self.pe {
+                // Its home catches a later second insertion of the index, as after an insert.
+                if let Err(e) = self.record_insertion(coll, index, self.pe as u32) {
+                    return self.abort_job(e);
+                }
+            }
+        }
         {
             let mut cols = self.collections.borrow_mut();
             let c = cols.get_mut(&coll).expect("looked up above");

@@ -276,6 +276,22 @@ fn save_small(dir: &Path) {
     });
 }
 
+/// The PE file of `pe` of the checkpoint in `dir` (named with the checkpoint's number).
+fn pe_file(dir: &Path, pe: usize) -> PathBuf {
+    let prefix = format!("pe-{pe}-");
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with(&prefix) && name.ends_with(".ckpt")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one file of PE {pe}: {found:?}");
+    found[0].clone()
+}
+
 fn restore_error(dir: &Path, pes: usize) -> String {
     let d = dir.to_path_buf();
     job(pes, move || async move {
@@ -292,17 +308,17 @@ fn damaged_or_missing_checkpoint_files_are_named() {
     save_small(&dir);
 
     // A PE file gone.
-    let pe1 = dir.join("pe-1.ckpt");
+    let pe1 = pe_file(&dir, 1);
     let kept = std::fs::read(&pe1).unwrap();
     std::fs::remove_file(&pe1).unwrap();
     let text = restore_error(&dir, 2);
-    assert!(text.contains("pe-1.ckpt"), "{text}");
+    assert!(text.contains(pe1.to_str().unwrap()), "{text}");
 
     // A PE file cut short.
     std::fs::write(&pe1, &kept[..kept.len() / 2]).unwrap();
     let text = restore_error(&dir, 3);
     assert!(
-        text.contains("pe-1.ckpt") && text.contains("truncated"),
+        text.contains(pe1.to_str().unwrap()) && text.contains("truncated"),
         "{text}"
     );
 
@@ -363,21 +379,81 @@ fn a_checkpoint_names_an_element_suspended_in_an_entry_method() {
     let d = dir.clone();
     let text = job(3, move || async move {
         let sleepers = Array::<Sleeper, usize>::new(3, ());
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &1u32).await.expect("checkpoint");
         sleepers.at(2).doze();
         charmrs::wait_qd().await;
-        let err = charmrs::checkpoint(&d, &0u32)
+        charmrs::checkpoint(&d, &2u32)
             .await
             .unwrap_err()
-            .to_string();
-        // Once woken, it can be saved.
-        sleepers.at(2).ring();
-        charmrs::wait_qd().await;
-        let saved = charmrs::checkpoint(&d, &0u32).await.expect("checkpoint");
-        assert_eq!(saved.elements, 3);
-        err
+            .to_string()
     });
     assert!(
         text.contains("element (2,) of Sleeper on PE 2") && text.contains("suspended"),
+        "{text}"
+    );
+    // The failed checkpoint left the first one whole.
+    let d = dir.clone();
+    let state = job(2, move || async move {
+        charmrs::restore::<u32>(&d)
+            .await
+            .expect("restore")
+            .expect("a checkpoint")
+    });
+    assert_eq!(state, 1);
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1 + 3,
+        "the metadata and the first checkpoint's three PE files"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A group, not saved by a checkpoint.
+struct Helper;
+
+#[chare]
+impl Helper {
+    fn new() -> Self {
+        Helper
+    }
+
+    #[entry]
+    fn poke(&mut self) {}
+}
+
+#[derive(Serialize, Deserialize)]
+struct WithGroup {
+    helpers: Group<Helper>,
+    tally: Single<Tally>,
+}
+
+#[test]
+fn a_call_to_a_group_of_the_job_before_the_restart_aborts_naming_it() {
+    let dir = scratch("group");
+    let d = dir.clone();
+    job(2, move || async move {
+        let state = WithGroup {
+            helpers: Group::<Helper>::new(()),
+            tally: Single::<Tally>::new((), Some(0)),
+        };
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &state).await.expect("checkpoint");
+    });
+    let d = dir.clone();
+    let result = run_job(2, move |_| async move {
+        let state = charmrs::restore::<WithGroup>(&d).await.unwrap().unwrap();
+        // A collection made after the restart does not take the old group's id.
+        let fresh = Group::<Helper>::new(());
+        fresh.poke();
+        charmrs::wait_qd().await;
+        state.helpers.poke();
+        charmrs::wait_qd().await;
+        charmrs::exit(0);
+    });
+    let text = format!("{result:?}");
+    assert!(
+        text.contains("before the restart") && text.contains("a group or a section"),
         "{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);

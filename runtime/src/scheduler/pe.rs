@@ -166,6 +166,10 @@ pub(crate) struct PeState {
     next_collection: Cell<u64>,
     /// Whether this PE made the checkpoint group (`crate::checkpoint`; PE 0 only).
     pub(crate) checkpointer_made: Cell<bool>,
+    /// After a restore (`crate::checkpoint`): every collection id of the job before the restart
+    /// has a serial below this, and the restored ones are listed; a message for any other such
+    /// id is for a group or section that was not restored, and will never find it.
+    restored: RefCell<(u64, Vec<CollectionId>)>,
     next_placement: Cell<usize>,
     executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
@@ -341,6 +345,7 @@ impl PeState {
             pending: RefCell::default(),
             next_collection: Cell::new(0),
             checkpointer_made: Cell::new(false),
+            restored: RefCell::new((0, Vec::new())),
             next_placement: Cell::new(pe),
             executor: Executor::default(),
             futures: RefCell::new(FutureTable::new(pe)),
@@ -1042,6 +1047,18 @@ impl PeState {
     }
 
     fn buffer(&self, coll: CollectionId, env: Envelope) {
+        let stale = {
+            let restored = self.restored.borrow();
+            coll.serial() < restored.0 && !restored.1.contains(&coll)
+        };
+        if stale {
+            return self.abort_job(format!(
+                "charmrs: PE {}: a message for {coll:?}, a collection of the job before the \
+                 restart that the checkpoint does not hold (a group or a section: make those \
+                 again after charmrs::restore, and do not use proxies to the old ones)",
+                self.pe
+            ));
+        }
         self.pending.borrow_mut().entry(coll).or_default().push(env);
     }
 
@@ -1057,6 +1074,14 @@ impl PeState {
 
     fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
         let chare = build.chare_name();
+        if self.collections.borrow().contains_key(&coll) {
+            // Ids are unique by construction; a restore that missed one would land here.
+            return self.abort_job(format!(
+                "charmrs: PE {}: a second collection with id {coll:?} (a {chare} {})",
+                self.pe,
+                shape.describe()
+            ));
+        }
         let mut local = LocalCollection::empty(shape, &*build);
         let mut suspended = Vec::new();
         if let Shape::Array { map: Some(m), .. } = shape {
@@ -1081,16 +1106,23 @@ impl PeState {
         self.release_pending(coll);
     }
 
+    /// Before collections are restored (`crate::checkpoint`): every collection id of the job
+    /// that wrote the checkpoint has a serial below `serial_floor`, and `restored` are the ones
+    /// coming back. New ids of this PE are made from the floor up, so none repeats an old one.
+    pub(crate) fn prepare_restore(&self, serial_floor: u64, restored: Vec<CollectionId>) {
+        if self.next_collection.get() < serial_floor {
+            self.next_collection.set(serial_floor);
+        }
+        *self.restored.borrow_mut() = (serial_floor, restored);
+    }
+
     /// Registers collection `coll` here without building any element: a collection restored
-    /// from a checkpoint, whose elements arrive as migrants (`crate::checkpoint`). New
-    /// collection ids of this PE are made above `serial_floor` from now on, so none repeats a
-    /// restored one.
+    /// from a checkpoint, whose elements arrive as migrants (`crate::checkpoint`).
     pub(crate) fn adopt(
         &self,
         coll: CollectionId,
         shape: Shape,
         build: &dyn Construction,
-        serial_floor: u64,
     ) -> std::result::Result<(), String> {
         if self.collections.borrow().contains_key(&coll) {
             return Err(format!(
@@ -1106,9 +1138,6 @@ impl PeState {
         self.collections
             .borrow_mut()
             .insert(coll, LocalCollection::empty(shape, build));
-        if self.next_collection.get() < serial_floor {
-            self.next_collection.set(serial_floor);
-        }
         self.release_pending(coll);
         Ok(())
     }
