@@ -806,18 +806,25 @@ pub(crate) fn rehoming<R>(decode: impl FnOnce() -> R) -> R {
 }
 
 /// Whether state read back from a checkpoint is being decoded on this thread ([`rehoming`]).
-#[inline]
+#[inline(always)]
 pub(crate) fn is_rehoming() -> bool {
     REHOMING.with(Cell::get)
 }
 
 /// Inside [`rehoming`]: the home PE in this job of element `index` of `coll`, if this PE knows
 /// the collection. `None` elsewhere (the proxy keeps its PE), at no cost but a flag's read.
-#[inline]
+#[inline(always)]
 pub(crate) fn rehomed(coll: CollectionId, index: &Index) -> Option<u32> {
     if !is_rehoming() {
         return None;
     }
+    home_now(coll, index)
+}
+
+/// [`rehomed`]'s lookup, out of the way of every other decode.
+#[cold]
+#[inline(never)]
+fn home_now(coll: CollectionId, index: &Index) -> Option<u32> {
     with_pe("rehoming a proxy", |pe| {
         let cols = pe.collections.try_borrow().ok()?;
         let shape = cols.get(&coll)?.shape;
