@@ -28,9 +28,10 @@
 //! * Restored elements start a fresh history: migration count, reduction numbers, measured load
 //!   and channels start again from zero on every element together, which is consistent because
 //!   nothing was in flight when they were saved.
-//! * What is not saved: groups (one element per PE has no meaning under another PE count: the
-//!   program makes its groups again after a restart), sections (made again from the restored
-//!   arrays), futures, and the entry point's own local variables (pass them as the `state`).
+//! * Groups of a `#[chare(migratable)]` type are saved, and come back only to a job of as many
+//!   PEs (one element per PE has no faithful meaning under another count); other groups are not
+//!   saved, and neither are sections (made again from the restored arrays), futures, and the
+//!   entry point's own local variables (pass them as the `state`).
 //! * Bad input is an error naming the file and what was wrong with it: a missing or truncated PE
 //!   file, metadata from another program (its entry table differs) or another format version, a
 //!   chare type this program does not have, a single chare placed on a PE the new job lacks.
@@ -182,9 +183,10 @@ impl Checkpointer {
         pes: u32,
         generation: u64,
         collections: Vec<SavedCollection>,
+        dropped: Vec<CollectionId>,
     ) -> std::result::Result<PeLoaded, String> {
         with_pe("restore", |pe| {
-            pe.load_elements(Path::new(&dir), pes, generation, &collections)
+            pe.load_elements(Path::new(&dir), pes, generation, &collections, &dropped)
         })
         .map_err(|e| e.to_string())?
     }
@@ -195,7 +197,8 @@ impl Checkpointer {
 ///
 /// Waits for quiescence first, so call it where the program waits for nothing but this (after a
 /// reduction that ends a step, say). Every dense array, sparse array and single chare is saved:
-/// their chare types must be `#[chare(migratable)]`. Groups and sections are not saved. A
+/// their chare types must be `#[chare(migratable)]`. Groups are saved if their type is
+/// migratable (they come back to a job of as many PEs only); sections are not saved. A
 /// checkpoint already in `dir` is replaced once the new one is complete; if this one fails, the
 /// previous one stands.
 ///
@@ -340,7 +343,13 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         )));
     }
     let num_pes = crate::num_pes();
-    for c in &meta.collections {
+    // A group's elements are per PE: they come back only to a job of as many PEs.
+    let (collections, dropped): (Vec<SavedCollection>, Vec<SavedCollection>) = meta
+        .collections
+        .iter()
+        .cloned()
+        .partition(|c| !matches!(c.shape, Shape::Group) || meta.pes as usize == num_pes);
+    for c in &collections {
         c.shape
             .check_size()
             .map_err(|e| checkpoint_error(format!("{}: {} {e}", meta_path.display(), c.chare)))?;
@@ -369,7 +378,7 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
     }
     let group = checkpointer("charmrs::restore")?;
     let _held = hold_balancing().await?;
-    for done in group.gather().adopt(meta.collections.clone(), floor).await {
+    for done in group.gather().adopt(collections.clone(), floor).await {
         done.map_err(checkpoint_error)?;
     }
     let dir_string = path_string(dir)?;
@@ -379,7 +388,8 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         dir_string,
         meta.pes,
         meta.generation,
-        meta.collections.clone(),
+        collections.clone(),
+        dropped.iter().map(|c| c.coll).collect(),
     );
     for loaded in loads.await {
         let loaded = loaded.map_err(checkpoint_error)?;
@@ -400,7 +410,7 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
     }
     // Every element is on its way home; quiescence means every one has arrived.
     crate::wait_qd().await;
-    for c in &meta.collections {
+    for c in &collections {
         if let Shape::Sparse { .. } = c.shape {
             let counts = sparse.remove(&c.coll).unwrap_or_else(|| vec![0; num_pes]);
             with_pe("charmrs::restore", |pe| pe.broadcast_seal(c.coll, counts))?;
@@ -511,7 +521,11 @@ impl PeState {
             ids.sort();
             for coll in ids {
                 let c = &cols[&coll];
-                if coll.is_section() || matches!(c.shape, Shape::Group) {
+                if coll.is_section() || coll == CollectionId::CHECKPOINTER {
+                    continue;
+                }
+                if matches!(c.shape, Shape::Group) && !c.mobility.migratable {
+                    // A group of a type that cannot be serialized: the program makes it again.
                     continue;
                 }
                 if !c.mobility.migratable {
@@ -607,6 +621,7 @@ impl PeState {
         pes: u32,
         generation: u64,
         collections: &[SavedCollection],
+        dropped: &[CollectionId],
     ) -> std::result::Result<PeLoaded, String> {
         let n = self.num_pes();
         let shapes: BTreeMap<CollectionId, Shape> =
@@ -634,6 +649,11 @@ impl PeState {
                 ));
             }
             for e in file.elements {
+                if dropped.contains(&e.coll) {
+                    // A group saved by a job of another PE count: read, not restored.
+                    sent += 1;
+                    continue;
+                }
                 let shape = shapes.get(&e.coll).copied().ok_or_else(|| {
                     format!(
                         "{} holds element {} of {:?}, a collection the metadata does not list",

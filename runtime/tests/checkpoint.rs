@@ -422,39 +422,78 @@ impl Helper {
     fn poke(&mut self) {}
 }
 
+/// A group whose elements are saved, and restored to a job of as many PEs.
 #[derive(Serialize, Deserialize)]
-struct WithGroup {
+struct Counter {
+    value: u64,
+}
+
+#[chare(migratable)]
+impl Counter {
+    fn new() -> Self {
+        Counter { value: 0 }
+    }
+
+    #[entry]
+    fn set(&mut self, ctx: &Ctx<Self>) {
+        self.value = ctx.my_pe() as u64 * 10 + 1;
+    }
+
+    #[entry]
+    fn value(&mut self) -> u64 {
+        self.value
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WithGroups {
     helpers: Group<Helper>,
-    tally: Single<Tally>,
+    counters: Group<Counter>,
 }
 
 #[test]
-fn a_call_to_a_group_of_the_job_before_the_restart_aborts_naming_it() {
+fn groups_come_back_to_as_many_pes_and_a_call_to_any_other_aborts_naming_it() {
     let dir = scratch("group");
     let d = dir.clone();
     job(2, move || async move {
-        let state = WithGroup {
+        let state = WithGroups {
             helpers: Group::<Helper>::new(()),
-            tally: Single::<Tally>::new((), Some(0)),
+            counters: Group::<Counter>::new(()),
         };
+        state.counters.set();
         charmrs::wait_qd().await;
         charmrs::checkpoint(&d, &state).await.expect("checkpoint");
     });
+
+    // As many PEs: the migratable group is back; the other one is not.
+    let (tx, rx) = mpsc::channel();
     let d = dir.clone();
     let result = run_job(2, move |_| async move {
-        let state = charmrs::restore::<WithGroup>(&d).await.unwrap().unwrap();
-        // A collection made after the restart does not take the old group's id.
+        let state = charmrs::restore::<WithGroups>(&d).await.unwrap().unwrap();
+        // A collection made after the restart does not take an old group's id.
         let fresh = Group::<Helper>::new(());
         fresh.poke();
+        let _ = tx.send(state.counters.gather().value().await);
         charmrs::wait_qd().await;
         state.helpers.poke();
         charmrs::wait_qd().await;
         charmrs::exit(0);
     });
+    assert_eq!(rx.try_recv().expect("the counters' values"), [1, 11]);
     let text = format!("{result:?}");
     assert!(
         text.contains("before the restart") && text.contains("a group or a section"),
         "{text}"
     );
+
+    // Another PE count: no group comes back.
+    let d = dir.clone();
+    let result = run_job(3, move |_| async move {
+        let state = charmrs::restore::<WithGroups>(&d).await.unwrap().unwrap();
+        let _ = state.counters.gather().value().await;
+        charmrs::exit(0);
+    });
+    let text = format!("{result:?}");
+    assert!(text.contains("before the restart"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
