@@ -273,3 +273,40 @@ fn stencil3d_balances_and_reports_its_total_time() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks-per-pe must be 1, 2, 4 or 8"));
 }
+
+/// heat2d prints the same residuals and checksum on any PE count, and after a checkpoint and a
+/// restart on another PE count, with every message through the wire format.
+#[test]
+fn heat2d_prints_the_same_figures_on_any_pe_count_and_after_a_restart() {
+    let heat = env!("CARGO_BIN_EXE_heat2d");
+    let dir = std::env::temp_dir().join(format!("charmrs-heat-programs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_str().unwrap();
+    let figures = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--blocks", "3", "--edge", "6", "--steps", "30", "--every", "10",
+        ];
+        args.extend(extra);
+        lines_ok(heat, &args)
+            .into_iter()
+            .filter(|l| l.starts_with("step ") || l.starts_with("field checksum"))
+            .collect()
+    };
+    let reference = figures(&["+p1"]);
+    assert_eq!(reference.len(), 4, "{reference:?}");
+    for p in ["+p2", "+p4"] {
+        assert_eq!(figures(&[p]), reference, "{p}");
+    }
+    let first = figures(&[
+        "+p4",
+        "+wirecheck",
+        "--checkpoint",
+        dir_arg,
+        "--stop-after",
+        "10",
+    ]);
+    assert_eq!(first, reference[..1]);
+    let rest = figures(&["+p2", "+wirecheck", "--restart", dir_arg]);
+    assert_eq!(rest, reference[1..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
