@@ -24,7 +24,8 @@
 //!   does a count of saved elements that differs from the collection's (unsealed sparse arrays,
 //!   whose count is not known, excepted). The previous checkpoint then stands.
 //! * After a restore, collection ids below the saving job's last are the restored ones only: a
-//!   message for another (a group or section of the old job) aborts naming it, never waits.
+//!   message for another (a group of the old job) aborts naming it, never waits; a section or a
+//!   future in restored state fails the restore.
 //! * Restored elements start a fresh history: migration count, reduction numbers, measured load
 //!   and channels start again from zero on every element together, which is consistent because
 //!   nothing was in flight when they were saved.
@@ -285,7 +286,7 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
         generation,
         pes: pes as u32,
         serial_floor,
-        table: EntryTable::get()?.checksum(),
+        table: EntryTable::get().map_err(failed)?.checksum(),
         elements,
         collections: collections.into_values().collect(),
         state,
@@ -296,6 +297,8 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
             meta_path.display()
         )))
     })?;
+    // The PE files' renames reach the disk before the metadata that names them.
+    sync_dir(&dir);
     write_atomically(&meta_path, &encoded).map_err(|e| failed(checkpoint_error(e)))?;
     // The new checkpoint stands: the files of earlier ones go.
     remove_generations(&dir, |g| g != generation);
@@ -509,7 +512,7 @@ fn construction(
 
 impl PeState {
     /// [`Checkpointer::save`]: packs every element here of every saved kind of collection and
-    /// writes them to `dir/pe-<n>.ckpt`.
+    /// writes them to `dir/pe-<n>-<generation>.ckpt`.
     fn save_elements(&self, dir: &Path, generation: u64) -> std::result::Result<PeSaved, String> {
         let mut collections = Vec::new();
         let mut elements = Vec::new();
@@ -709,8 +712,9 @@ fn new_generation() -> u64 {
     x ^ (x >> 31)
 }
 
-/// Removes the PE files in `dir` of the checkpoints whose number `which` picks (best effort: a
-/// file left behind is never read, the metadata names the files it needs).
+/// Removes the PE files in `dir` (and temporary files left by a writer that died) of the
+/// checkpoints whose number `which` picks (best effort: a file left behind is never read, the
+/// metadata names the files it needs).
 fn remove_generations(dir: &Path, which: impl Fn(u64) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -720,7 +724,10 @@ fn remove_generations(dir: &Path, which: impl Fn(u64) -> bool) {
         let Some(name) = name.to_str() else { continue };
         let generation = name
             .strip_prefix("pe-")
-            .and_then(|rest| rest.strip_suffix(".ckpt"))
+            .and_then(|rest| {
+                rest.strip_suffix(".ckpt")
+                    .or_else(|| rest.strip_suffix(".tmp"))
+            })
             .and_then(|rest| rest.split_once('-'))
             .and_then(|(_, g)| u64::from_str_radix(g, 16).ok());
         if generation.is_some_and(&which) {
@@ -763,7 +770,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::result::Result<(), String
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|e| format!("writing {}: {e}", path.display()))
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {e}", path.display())
+    })
 }
 
 fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {

@@ -270,6 +270,15 @@ impl<C> Serialize for Section<C> {
 impl<'de, C: Chare> Deserialize<'de> for Section<C> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let (id, parent, members) = <(CollectionId, Proxy<C>, Vec<Index>)>::deserialize(d)?;
+        if crate::checkpoint::is_rehoming() {
+            // Sections are not saved: this one's bookkeeping is gone with the job that made it.
+            return Err(crate::wire::custom_error(format!(
+                "a section of {:?} read back from a checkpoint: sections are not saved; make it \
+                 again after charmrs::restore (keep none in a chare's state or the program's \
+                 state across a checkpoint)",
+                parent.id()
+            )));
+        }
         let sorted = members.windows(2).all(|w| w[0] < w[1]);
         if !id.is_section() || members.is_empty() || !sorted {
             return Err(crate::wire::custom_error(format!(

@@ -497,3 +497,32 @@ fn groups_come_back_to_as_many_pes_and_a_call_to_any_other_aborts_naming_it() {
     assert!(text.contains("before the restart"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[derive(Serialize, Deserialize)]
+struct WithSection {
+    cells: Array<Tag, usize>,
+    some: charmrs::Section<Tag>,
+}
+
+#[test]
+fn a_section_in_saved_state_fails_the_restore_naming_it() {
+    let dir = scratch("section");
+    let d = dir.clone();
+    job(2, move || async move {
+        let cells = Array::<Tag, usize>::new(4, (0,));
+        let some = cells.section([1usize, 3]);
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &WithSection { cells, some })
+            .await
+            .expect("checkpoint");
+    });
+    let d = dir.clone();
+    let text = job(3, move || async move {
+        match charmrs::restore::<WithSection>(&d).await {
+            Ok(_) => panic!("restored a section"),
+            Err(e) => e.to_string(),
+        }
+    });
+    assert!(text.contains("sections are not saved"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
