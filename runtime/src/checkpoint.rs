@@ -299,7 +299,8 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
     })?;
     // The PE files' renames reach the disk before the metadata that names them.
     sync_dir(&dir);
-    write_atomically(&meta_path, &encoded).map_err(|e| failed(checkpoint_error(e)))?;
+    write_atomically(&meta_path, |f| f.write_all(&encoded))
+        .map_err(|e| failed(checkpoint_error(e)))?;
     // The new checkpoint stands: the files of earlier ones go.
     remove_generations(&dir, |g| g != generation);
     sync_dir(&dir);
@@ -583,11 +584,12 @@ impl PeState {
             elements,
         };
         let path = pe_file(dir, self.pe, generation);
-        // Sized once: the states plus a few bytes of framing each.
-        let room = bytes as usize + 64 * file.elements.len() + 64;
-        let encoded = postcard::to_extend(&file, Vec::with_capacity(room))
-            .map_err(|e| format!("encoding {}: {e}", path.display()))?;
-        write_atomically(&path, &encoded)?;
+        // Encoded straight into the file: each state is one write of its bytes.
+        write_atomically(&path, |f| {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+            postcard::to_io(&file, &mut out).map_err(std::io::Error::other)?;
+            out.flush()
+        })?;
         Ok(PeSaved {
             elements: count,
             bytes,
@@ -760,13 +762,16 @@ fn path_string(dir: &Path) -> Result<String> {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file, synced, then renamed over it: a reader
+/// Writes `path` with `write` through a temporary file, synced, then renamed over it: a reader
 /// sees the old file or the whole new one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::result::Result<(), String> {
     let tmp = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        write(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
