@@ -400,15 +400,6 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
     }
 }
 
-/// heat2d's lines that do not depend on the PE count or on timing: residuals and checksum.
-fn heat_figures(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter(|l| l.starts_with("step ") || l.starts_with("field checksum"))
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrupted_one() {
     let heat = env!("CARGO_BIN_EXE_heat2d");
@@ -427,7 +418,7 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
         lines_ok(&all)
     };
     let whole = job(&["+p4", "++ppn", "2"], &[]);
-    let whole = heat_figures(&whole);
+    let whole = common::heat_figures(whole);
     assert_eq!(whole.len(), 5, "{whole:?}");
 
     // Periodic balancing with `Rotate` moves every block every 2 ms: the checkpoints must hold it
@@ -442,7 +433,7 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
             .any(|l| l == "heat2d: stopping after step 20 (as if out of time)"),
         "{first:?}"
     );
-    assert_eq!(heat_figures(&first), whole[..2]);
+    assert_eq!(common::heat_figures(first.clone()), whole[..2]);
 
     // Three processes of one PE, then one process of two PEs: each goes on from the last
     // checkpoint (the first restart writes its own at steps 30 and 40).
@@ -455,7 +446,7 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
             .any(|l| l.starts_with("heat2d: restarted from") && l.contains("at step 20")),
         "{second:?}"
     );
-    assert_eq!(heat_figures(&second), whole[2..3]);
+    assert_eq!(common::heat_figures(second.clone()), whole[2..3]);
     let third = job(&["+p2", "++ppn", "2"], &["--restart", dir_arg]);
     assert!(
         third
@@ -463,7 +454,7 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
             .any(|l| l.contains("at step 30 (written by a job of 3 PEs)")),
         "{third:?}"
     );
-    assert_eq!(heat_figures(&third), whole[3..]);
+    assert_eq!(common::heat_figures(third.clone()), whole[3..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -287,10 +287,7 @@ fn heat2d_prints_the_same_figures_on_any_pe_count_and_after_a_restart() {
             "--blocks", "3", "--edge", "6", "--steps", "30", "--every", "10",
         ];
         args.extend(extra);
-        lines_ok(heat, &args)
-            .into_iter()
-            .filter(|l| l.starts_with("step ") || l.starts_with("field checksum"))
-            .collect()
+        common::heat_figures(lines_ok(heat, &args))
     };
     let reference = figures(&["+p1"]);
     assert_eq!(reference.len(), 4, "{reference:?}");

@@ -97,6 +97,8 @@ struct SavedElement {
 /// `pe-<n>-<generation>.ckpt`: the elements PE `n` held.
 #[derive(Serialize, Deserialize)]
 struct PeFile {
+    /// `magic` and `version` come first in every checkpoint file: `decode_file` reads them
+    /// before the rest.
     magic: [u8; 8],
     version: u32,
     /// The checkpoint it belongs to (a random number, also in the metadata).
@@ -108,6 +110,7 @@ struct PeFile {
 /// `checkpoint.meta`.
 #[derive(Serialize, Deserialize)]
 struct Meta {
+    /// First, as in [`PeFile`].
     magic: [u8; 8],
     version: u32,
     /// The checkpoint's random number: its PE files carry it in their names and contents.
@@ -128,14 +131,21 @@ struct Meta {
 /// One PE's report after writing its file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct PeSaved {
-    elements: u64,
     bytes: u64,
-    collections: Vec<SavedCollection>,
-    /// Per collection: elements saved here, and elements whose home is here (if known: an
-    /// unsealed sparse array's is not). Over all PEs the two sums must agree.
-    tallies: Vec<(CollectionId, u64, Option<u64>)>,
+    collections: Vec<PeCollection>,
     /// Collection ids this PE has made.
     made: u64,
+}
+
+/// One saved collection as one PE saw it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PeCollection {
+    saved: SavedCollection,
+    /// Elements saved here.
+    elements: u64,
+    /// Elements whose home is here, if known (an unsealed sparse array's is not). Over all PEs
+    /// the two sums must agree.
+    homed: Option<u64>,
 }
 
 /// One PE's report after reading its files: elements sent on, and for each sparse array the
@@ -258,15 +268,13 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
     for report in reports {
         let report = report.map_err(|e| failed(checkpoint_error(e)))?;
         serial_floor = serial_floor.max(report.made);
-        elements += report.elements;
         bytes += report.bytes;
         for c in report.collections {
-            collections.insert(c.coll, c);
-        }
-        for (coll, saved, homed) in report.tallies {
-            let t = tallies.entry(coll).or_insert((0, Some(0)));
-            t.0 += saved;
-            t.1 = t.1.zip(homed).map(|(a, b)| a + b);
+            elements += c.elements;
+            let t = tallies.entry(c.saved.coll).or_insert((0, Some(0)));
+            t.0 += c.elements;
+            t.1 = t.1.zip(c.homed).map(|(a, b)| a + b);
+            collections.insert(c.saved.coll, c.saved);
         }
     }
     // Every element saved exactly once: a shortfall or a surplus would be a lost or doubled
@@ -334,7 +342,6 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
         Err(e) => return Err(io_error("reading", &meta_path, e)),
     };
     let meta: Meta = decode_file(&meta_path, &bytes)?;
-    check_header(&meta_path, meta.magic, meta.version)?;
     let dir = &dir
         .canonicalize()
         .map_err(|e| io_error("resolving the directory", dir, e))?;
@@ -368,11 +375,8 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
             }
         }
     }
-    let floor = meta
-        .collections
-        .iter()
-        .map(|c| c.coll.serial() + 1)
-        .fold(meta.serial_floor, u64::max);
+    // Every PE's counter, saved or not, is below it: so is every saved collection's serial.
+    let floor = meta.serial_floor;
     if with_pe("charmrs::restore", |pe| pe.collections_made())? > 0 {
         // A collection made before would hold one of the ids the restored ones take back.
         return Err(checkpoint_error(format!(
@@ -517,7 +521,6 @@ impl PeState {
     fn save_elements(&self, dir: &Path, generation: u64) -> std::result::Result<PeSaved, String> {
         let mut collections = Vec::new();
         let mut elements = Vec::new();
-        let mut tallies = Vec::new();
         let mut bytes = 0u64;
         {
             let cols = self.collections.borrow();
@@ -546,14 +549,16 @@ impl PeState {
                         c.chare, self.pe
                     ));
                 }
-                collections.push(SavedCollection {
-                    coll,
-                    shape: c.shape,
-                    ctor: c.ctor,
-                    chare: c.chare.to_owned(),
+                collections.push(PeCollection {
+                    saved: SavedCollection {
+                        coll,
+                        shape: c.shape,
+                        ctor: c.ctor,
+                        chare: c.chare.to_owned(),
+                    },
+                    elements: c.elements.len() as u64,
+                    homed: self.homes_here(coll, &c.shape).map(|n| n as u64),
                 });
-                let homed = self.homes_here(coll, &c.shape).map(|n| n as u64);
-                tallies.push((coll, c.elements.len() as u64, homed));
                 for (index, element) in c.elements.iter() {
                     // The table holds one reference: more means a suspended entry method.
                     if Rc::strong_count(element) > 1 || element.pinned() {
@@ -575,7 +580,6 @@ impl PeState {
                 }
             }
         }
-        let count = elements.len() as u64;
         let file = PeFile {
             magic: MAGIC,
             version: VERSION,
@@ -591,10 +595,8 @@ impl PeState {
             out.flush()
         })?;
         Ok(PeSaved {
-            elements: count,
             bytes,
             collections,
-            tallies,
             made: self.collections_made(),
         })
     }
@@ -638,7 +640,6 @@ impl PeState {
             let bytes =
                 std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
             let file: PeFile = decode_file(&path, &bytes).map_err(|e| e.to_string())?;
-            check_header(&path, file.magic, file.version).map_err(|e| e.to_string())?;
             if file.generation != generation {
                 return Err(format!(
                     "{} belongs to another checkpoint than {}'s",
@@ -781,12 +782,24 @@ fn write_atomically(
     })
 }
 
+/// Decodes checkpoint file `path` (`bytes`), after checking the magic and format version that
+/// begin every one, so that a file of another version is named as such, not as damaged.
 fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
-    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
-        return Err(checkpoint_error(format!(
-            "{} is not a charmrs checkpoint file",
-            path.display()
-        )));
+    match postcard::take_from_bytes::<([u8; 8], u32)>(bytes) {
+        Ok(((magic, version), _)) if magic == MAGIC => {
+            if version != VERSION {
+                return Err(checkpoint_error(format!(
+                    "{} has format version {version}; this program reads version {VERSION}",
+                    path.display()
+                )));
+            }
+        }
+        _ => {
+            return Err(checkpoint_error(format!(
+                "{} is not a charmrs checkpoint file",
+                path.display()
+            )))
+        }
     }
     crate::wire::decoded(bytes).map_err(|e| {
         checkpoint_error(format!(
@@ -795,22 +808,6 @@ fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
             bytes.len()
         ))
     })
-}
-
-fn check_header(path: &Path, magic: [u8; 8], version: u32) -> Result<()> {
-    if magic != MAGIC {
-        return Err(checkpoint_error(format!(
-            "{} is not a charmrs checkpoint file",
-            path.display()
-        )));
-    }
-    if version != VERSION {
-        return Err(checkpoint_error(format!(
-            "{} has format version {version}; this program reads version {VERSION}",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 fn checkpoint_error(why: String) -> Error {

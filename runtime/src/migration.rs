@@ -549,44 +549,44 @@ impl PeState {
         };
         // Epoch 0: read back from a checkpoint (a migration counts from 1), so the proxies in
         // its state name homes under the PE count of the job that saved it.
-        let unpacked = if m.epoch == 0 {
-            crate::checkpoint::rehoming(|| (mobility.unpack)(&mut m, parts))
-        } else {
-            (mobility.unpack)(&mut m, parts)
-        };
-        let restored = if m.epoch == 0 {
+        let restored = m.epoch == 0;
+        let origin = if restored {
             " (restored from a checkpoint)"
         } else {
             ""
+        };
+        let present = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .is_some_and(|c| c.find(&index).is_some());
+        if present {
+            // Exactly once: an element never arrives where it already is.
+            return self.abort_job(format!(
+                "charmrs: element {index} of {chare} arrived on PE {}{origin}, which holds it \
+                 already",
+                self.pe
+            ));
+        }
+        let unpacked = if restored {
+            crate::checkpoint::rehoming(|| (mobility.unpack)(&mut m, parts))
+        } else {
+            (mobility.unpack)(&mut m, parts)
         };
         let element = match unpacked {
             Ok(e) => e,
             Err(e) => {
                 return self.abort_job(format!(
-                    "charmrs: element {index} of {chare} arriving on PE {}{restored}: {e}",
+                    "charmrs: element {index} of {chare} arriving on PE {}{origin}: {e}",
                     self.pe
                 ))
             }
         };
         let home_pe = shape.home_pe(&index, self.num_pes());
-        if m.epoch == 0 {
-            let twice = self
-                .collections
-                .borrow()
-                .get(&coll)
-                .is_some_and(|c| c.find(&index).is_some());
-            if twice {
-                return self.abort_job(format!(
-                    "charmrs: element {index} of {chare} restored twice on PE {}: the \
-                     checkpoint's files hold it twice",
-                    self.pe
-                ));
-            }
-            if matches!(shape, Shape::Sparse { .. }) && home_pe == self.pe {
-                // Its home catches a later second insertion of the index, as after an insert.
-                if let Err(e) = self.record_insertion(coll, index, self.pe as u32) {
-                    return self.abort_job(e);
-                }
+        if restored && matches!(shape, Shape::Sparse { .. }) && home_pe == self.pe {
+            // Its home catches a later second insertion of the index, as after an insert.
+            if let Err(e) = self.record_insertion(coll, index, self.pe as u32) {
+                return self.abort_job(e);
             }
         }
         {

@@ -348,28 +348,18 @@ fn damaged_or_missing_checkpoint_files_are_named() {
 #[derive(Serialize, Deserialize)]
 struct Sleeper {
     alarm: bool,
-    woken: bool,
 }
 
 #[chare(migratable)]
 impl Sleeper {
     fn new() -> Self {
-        Sleeper {
-            alarm: false,
-            woken: false,
-        }
+        Sleeper { alarm: false }
     }
 
-    /// Suspends until [`ring`](Sleeper::ring) is called.
+    /// Suspends until `alarm` is set, which nothing here does.
     #[entry]
     async fn doze(this: Coro<Self>) {
         this.wait(|s| s.alarm).await;
-        this.with(|s, _| s.woken = true);
-    }
-
-    #[entry]
-    fn ring(&mut self) {
-        self.alarm = true;
     }
 }
 

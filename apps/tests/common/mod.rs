@@ -169,3 +169,11 @@ pub(crate) fn descendants(root: u32) -> Vec<Descendant> {
     }
     found
 }
+
+/// heat2d's lines that depend neither on the PE count nor on timing: residuals and checksum.
+pub(crate) fn heat_figures(lines: impl IntoIterator<Item = String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter(|l| l.starts_with("step ") || l.starts_with("field checksum"))
+        .collect()
+}

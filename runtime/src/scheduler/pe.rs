@@ -1072,23 +1072,36 @@ impl PeState {
         self.send_direct(self.pe, env);
     }
 
-    fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
+    /// An empty collection `coll` for this PE, after the checks every new one passes: its id
+    /// is not taken here, and a mapped array's map places every element on a PE that exists.
+    fn new_local(
+        &self,
+        coll: CollectionId,
+        shape: Shape,
+        build: &dyn Construction,
+    ) -> std::result::Result<LocalCollection, String> {
         let chare = build.chare_name();
         if self.collections.borrow().contains_key(&coll) {
             // Ids are unique by construction; a restore that missed one would land here.
-            return self.abort_job(format!(
-                "charmrs: PE {}: a second collection with id {coll:?} (a {chare} {})",
+            return Err(format!(
+                "PE {}: a second collection with id {coll:?} (a {chare} {})",
                 self.pe,
                 shape.describe()
             ));
         }
-        let mut local = LocalCollection::empty(shape, &*build);
-        let mut suspended = Vec::new();
         if let Shape::Array { map: Some(m), .. } = shape {
-            if let Err(e) = crate::array_map::check_all(m, &shape, self.num_pes()) {
-                return self.abort_job(format!("charmrs: creating a {chare} array: {e}"));
-            }
+            crate::array_map::check_all(m, &shape, self.num_pes())
+                .map_err(|e| format!("creating a {chare} array: {e}"))?;
         }
+        Ok(LocalCollection::empty(shape, build))
+    }
+
+    fn create(&self, coll: CollectionId, shape: Shape, build: Box<dyn Construction>) {
+        let mut local = match self.new_local(coll, shape, &*build) {
+            Ok(local) => local,
+            Err(e) => return self.abort_job(format!("charmrs: {e}")),
+        };
+        let mut suspended = Vec::new();
         for index in shape.local_elements(self.pe, self.num_pes()) {
             match self.construct_one(coll, index, shape, &*build) {
                 None => return, // the constructor panicked: the job is aborting
@@ -1124,20 +1137,8 @@ impl PeState {
         shape: Shape,
         build: &dyn Construction,
     ) -> std::result::Result<(), String> {
-        if self.collections.borrow().contains_key(&coll) {
-            return Err(format!(
-                "PE {} already has a collection with the id of the restored {} {coll:?}",
-                self.pe,
-                build.chare_name()
-            ));
-        }
-        if let Shape::Array { map: Some(m), .. } = shape {
-            crate::array_map::check_all(m, &shape, self.num_pes())
-                .map_err(|e| format!("restoring a {} array: {e}", build.chare_name()))?;
-        }
-        self.collections
-            .borrow_mut()
-            .insert(coll, LocalCollection::empty(shape, build));
+        let local = self.new_local(coll, shape, build)?;
+        self.collections.borrow_mut().insert(coll, local);
         self.release_pending(coll);
         Ok(())
     }
