@@ -647,11 +647,16 @@ impl PeState {
     }
 }
 
+/// Encoded values, each one byte string on the wire.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ByteStrings(#[serde(with = "crate::wire::byte_vecs")] Vec<Vec<u8>>);
+
 /// The pool's messages between processes.
 #[derive(serde::Serialize, serde::Deserialize)]
 enum PoolWire {
     Submit {
         task: String,
+        #[serde(with = "crate::wire::byte_vecs")]
         items: Vec<Vec<u8>>,
         chunk: u64,
         max_pes: Option<u64>,
@@ -662,6 +667,7 @@ enum PoolWire {
         job: u64,
         start: u64,
         task: String,
+        #[serde(with = "crate::wire::byte_vecs")]
         items: Vec<Vec<u8>>,
     },
     Done {
@@ -669,7 +675,7 @@ enum PoolWire {
         start: u64,
         pe: u64,
         task: String,
-        results: Result<Vec<Vec<u8>>, (u64, String, String)>,
+        results: Result<ByteStrings, (u64, String, String)>,
         frees: bool,
     },
     Free {
@@ -725,7 +731,7 @@ pub(crate) fn pool_wire(control: &crate::envelope::Control) -> Option<Result<Vec
             frees,
         }) => {
             let results = match results {
-                Ok(values) => encode_all(task.encode_result, values).map(Ok),
+                Ok(values) => encode_all(task.encode_result, values).map(|v| Ok(ByteStrings(v))),
                 Err(Error::Remote { pe, entry, message }) => {
                     Ok(Err((*pe as u64, entry.clone(), message.clone())))
                 }
@@ -818,7 +824,7 @@ pub(crate) fn decode_pool_wire(bytes: &[u8]) -> Result<crate::envelope::Control,
             pe: pe as usize,
             task: task_named(&task)?,
             results: match results {
-                Ok(values) => Ok(values
+                Ok(ByteStrings(values)) => Ok(values
                     .into_iter()
                     .map(|v| Box::new(WireValue(v.into())) as AnyBox)
                     .collect()),

@@ -501,7 +501,7 @@ pub(crate) fn decode_qd(msg: &Message) -> Result<Envelope, String> {
 /// A future's value as it travels: the encoded value, or the error that replaces it.
 #[derive(Serialize, Deserialize)]
 enum WireOutcome {
-    Value(Vec<u8>),
+    Value(#[serde(with = "byte_vec")] Vec<u8>),
     Remote {
         pe: u64,
         entry: String,
@@ -1098,8 +1098,14 @@ pub(crate) fn offering<R>(mut segs: Vec<Bytes>, f: impl FnOnce() -> R) -> R {
 #[derive(Serialize, Deserialize)]
 enum SegmentRef<'a> {
     OutOfBand(u32),
+    /// Written as one byte string (serde writes a `&[u8]` as a sequence, a call per byte; the
+    /// encoding is the same).
     #[serde(borrow)]
-    Inline(&'a [u8]),
+    Inline(#[serde(serialize_with = "inline_bytes")] &'a [u8]),
+}
+
+fn inline_bytes<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(bytes)
 }
 
 /// Byte buffers up to this size travel inside the serialized arguments rather than as segments of
@@ -1643,6 +1649,54 @@ pub(crate) mod byte_vec {
     }
 }
 
+/// `#[serde(with = "byte_vecs")]` for a `Vec<Vec<u8>>`: each inner vector as one byte string,
+/// as [`byte_vec`] does for one.
+pub(crate) mod byte_vecs {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::{SerializeSeq, Serializer};
+
+    #[derive(serde::Deserialize)]
+    struct One(#[serde(with = "super::byte_vec")] Vec<u8>);
+
+    struct Ref<'a>(&'a [u8]);
+
+    impl serde::Serialize for Ref<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(all: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(all.len()))?;
+        for v in all {
+            seq.serialize_element(&Ref(v))?;
+        }
+        seq.end()
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        d.deserialize_seq(All)
+    }
+
+    struct All;
+
+    impl<'de> Visitor<'de> for All {
+        type Value = Vec<Vec<u8>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a sequence of byte strings")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Vec<u8>>, A::Error> {
+            let mut all = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(One(v)) = seq.next_element()? {
+                all.push(v);
+            }
+            Ok(all)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1659,6 +1713,30 @@ mod tests {
             let plain = postcard::to_allocvec(&Plain(data.clone())).unwrap();
             assert_eq!(fast, plain, "{len} bytes");
             assert_eq!(postcard::from_bytes::<Fast>(&plain).unwrap().0, data);
+        }
+    }
+
+    #[test]
+    fn byte_vecs_and_inline_segments_are_written_as_serde_writes_vecs_of_bytes() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Fast(#[serde(with = "byte_vecs")] Vec<Vec<u8>>);
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain(Vec<Vec<u8>>);
+        let all: Vec<Vec<u8>> = [0usize, 1, 128, 300]
+            .iter()
+            .map(|&len| (0..len).map(|i| (i * 5 % 253) as u8).collect())
+            .collect();
+        let fast = postcard::to_allocvec(&Fast(all.clone())).unwrap();
+        assert_eq!(fast, postcard::to_allocvec(&Plain(all.clone())).unwrap());
+        assert_eq!(postcard::from_bytes::<Fast>(&fast).unwrap().0, all);
+        for bytes in &all {
+            let inline = postcard::to_allocvec(&SegmentRef::Inline(bytes)).unwrap();
+            let plain = postcard::to_allocvec(&(1u8, bytes.clone())).unwrap();
+            assert_eq!(inline, plain, "{} bytes", bytes.len());
+            match postcard::from_bytes::<SegmentRef>(&inline).unwrap() {
+                SegmentRef::Inline(b) => assert_eq!(b, &bytes[..]),
+                SegmentRef::OutOfBand(_) => panic!("read back as out of band"),
+            }
         }
     }
     use crate::PodVec;
