@@ -393,7 +393,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok reductions in order",
                 "ok channels",
                 "ok sections",
-                "ok section multicast"
+                "ok section multicast",
+                "ok reductions of 600 elements away from home"
             ],
             "{args:?}"
         );

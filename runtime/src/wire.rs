@@ -62,6 +62,9 @@ struct ReductionMeta {
     /// Up: the PE that encoded each value (segments 1..), and whether this is a request to
     /// finish the reduction (see [`crate::reduction::Raw`]). Down: empty.
     origins: Vec<u32>,
+    /// Up, when the partials outnumber a message's segments: the length of each, all of them
+    /// in segment 1 one after another (empty: one segment per partial).
+    packed: Vec<u64>,
     finish: bool,
     /// Down: a subscriber's copy of an allreduce result (see
     /// [`Control::AllreduceSubscribe`](crate::envelope::Control::AllreduceSubscribe)).
@@ -69,7 +72,9 @@ struct ReductionMeta {
 }
 
 /// Encoded partials of a reduction for PE `dst` of another process: segment 0 names the
-/// reduction and the partials' origins, segments 1.. are the partials.
+/// reduction and the partials' origins, segments 1.. are the partials (without copies); when
+/// there are more partials than a message has segments (elements contributing away from their
+/// home PEs each send one), they are copied one after another into segment 1.
 pub(crate) fn raw_reduction_message(
     finish: bool,
     coll: CollectionId,
@@ -80,20 +85,72 @@ pub(crate) fn raw_reduction_message(
     raws: Vec<crate::reduction::Raw>,
 ) -> Result<Message, String> {
     let mut m = Message::new(Header::new(KIND_REDUCE_UP, src_pe, dst_pe, seq));
+    let pack = raws.len() >= usize::from(charmrs_transport::MAX_SEGMENTS);
     let meta = ReductionMeta {
         coll,
         shape,
         origins: raws.iter().map(|r| r.origin).collect(),
+        packed: if pack {
+            raws.iter().map(|r| r.bytes.len() as u64).collect()
+        } else {
+            Vec::new()
+        },
         finish,
         for_subscriber: false,
     };
     let meta = postcard::to_stdvec(&meta).map_err(|e| e.to_string())?;
     m.push_segment(Bytes::from(meta))
         .map_err(|e| e.to_string())?;
-    for r in raws {
-        m.push_segment(r.bytes).map_err(|e| e.to_string())?;
+    if pack {
+        let mut all = Vec::with_capacity(raws.iter().map(|r| r.bytes.len()).sum());
+        for r in &raws {
+            all.extend_from_slice(&r.bytes);
+        }
+        m.push_segment(Bytes::from(all))
+            .map_err(|e| e.to_string())?;
+    } else {
+        for r in raws {
+            m.push_segment(r.bytes).map_err(|e| e.to_string())?;
+        }
     }
     Ok(m)
+}
+
+/// The partials of a reduction message: one per segment, or cut out of the one packed segment
+/// by their `lengths`.
+fn unpack_partials(values: &[Bytes], lengths: &[u64]) -> Result<Vec<Bytes>, String> {
+    if lengths.is_empty() {
+        return Ok(values.to_vec());
+    }
+    let [all] = values else {
+        return Err(format!(
+            "packed reduction partials in {} segments instead of 1",
+            values.len()
+        ));
+    };
+    let mut parts = Vec::with_capacity(lengths.len());
+    let mut at = 0usize;
+    for &len in lengths {
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(len))
+            .filter(|&end| end <= all.len())
+            .ok_or_else(|| {
+                format!(
+                    "packed reduction partials longer than their {}-byte segment",
+                    all.len()
+                )
+            })?;
+        parts.push(all.slice(at..end));
+        at = end;
+    }
+    if at != all.len() {
+        return Err(format!(
+            "{} unexpected trailing byte(s) after packed reduction partials",
+            all.len() - at
+        ));
+    }
+    Ok(parts)
 }
 
 /// An encoded allreduce result (`for_subscriber`: a subscriber's copy) for PE `dst` of another
@@ -112,6 +169,7 @@ pub(crate) fn allreduce_result_message(
         coll,
         shape,
         origins: Vec::new(),
+        packed: Vec::new(),
         finish: false,
         for_subscriber,
     })
@@ -135,6 +193,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
         .map_err(|e| format!("reduction metadata: {e}"))?;
     let (coll, seq, shape) = (meta.coll, header.tag, meta.shape);
     if header.kind == KIND_REDUCE_UP {
+        let values = unpack_partials(values, &meta.packed)?;
         if values.is_empty() || values.len() != meta.origins.len() {
             return Err(format!(
                 "a reduction partial with {} values and {} origins",
@@ -146,10 +205,7 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
             .origins
             .iter()
             .zip(values)
-            .map(|(&origin, bytes)| crate::reduction::Raw {
-                origin,
-                bytes: bytes.clone(),
-            })
+            .map(|(&origin, bytes)| crate::reduction::Raw { origin, bytes })
             .collect();
         let control =
             crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws, header.src_pe);
@@ -1737,6 +1793,44 @@ mod tests {
                 SegmentRef::Inline(b) => assert_eq!(b, &bytes[..]),
                 SegmentRef::OutOfBand(_) => panic!("read back as out of band"),
             }
+        }
+    }
+    #[test]
+    fn packed_reduction_partials_are_cut_by_their_lengths_and_bad_lengths_are_named() {
+        let all = [Bytes::from_static(b"abcdef")];
+        let parts = unpack_partials(&all, &[2, 0, 4]).unwrap();
+        assert_eq!(parts, [&b"ab"[..], b"", b"cdef"]);
+        let e = unpack_partials(&all, &[2, 5]).unwrap_err();
+        assert!(e.contains("longer than their 6-byte segment"), "{e}");
+        let e = unpack_partials(&all, &[2, 1]).unwrap_err();
+        assert!(e.contains("3 unexpected trailing byte"), "{e}");
+        let e = unpack_partials(&[all[0].clone(), all[0].clone()], &[6]).unwrap_err();
+        assert!(e.contains("in 2 segments instead of 1"), "{e}");
+        assert!(unpack_partials(&all, &[u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn a_reduction_message_with_more_partials_than_segments_packs_them() {
+        let raws: Vec<crate::reduction::Raw> = (0..600u32)
+            .map(|i| crate::reduction::Raw {
+                origin: i % 7,
+                bytes: Bytes::from(i.to_le_bytes().to_vec()),
+            })
+            .collect();
+        let m = raw_reduction_message(true, CollectionId::new(0, 1), 3, Shape::Group, 0, 1, raws)
+            .unwrap();
+        assert_eq!(m.segments().len(), 2);
+        let env = decode_reduction(&m).unwrap();
+        let crate::envelope::Body::Control(control) = env.body else {
+            panic!("not a control message");
+        };
+        let Control::ReduceFinish { raws, .. } = *control else {
+            panic!("not a finishing request");
+        };
+        assert_eq!(raws.len(), 600);
+        for (i, r) in raws.iter().enumerate() {
+            assert_eq!(r.origin, i as u32 % 7);
+            assert_eq!(&r.bytes[..], &(i as u32).to_le_bytes());
         }
     }
     use crate::PodVec;

@@ -656,6 +656,17 @@ async fn mobility() {
         assert_eq!(n.0 - b.0, want, "element {i}");
     }
     println!("ok section multicast");
+    // More elements away from their homes than a message has segments (256): every element of
+    // this array lives on the last PE, so the processes home to the others forward one encoded
+    // contribution per element up the tree.
+    const CROWD: usize = 600;
+    let crowd = Array::<Wanderer, usize>::new(CROWD, ());
+    crowd.go_to(p - 1);
+    charmrs::wait_qd().await;
+    let counts = Future::new();
+    crowd.count_everyone(counts);
+    assert_eq!(counts.await, vec![CROWD as u64; CROWD]);
+    println!("ok reductions of {CROWD} elements away from home");
     charmrs::exit(0);
 }
 
