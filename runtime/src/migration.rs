@@ -297,10 +297,18 @@ impl PeState {
         index: Index,
         pe: u32,
     ) -> std::result::Result<(), String> {
+        let sealed = self.home_counts.borrow().contains_key(&coll);
         let mut cols = self.collections.borrow_mut();
         let c = cols
             .get_mut(&coll)
             .expect("the caller found the collection");
+        if sealed {
+            return Err(format!(
+                "charmrs: element {index} of {} was inserted on PE {pe} after done_inserting \
+                 sealed the array (seen at its home, PE {})",
+                c.chare, self.pe
+            ));
+        }
         match c.inserted_on.insert(index, pe) {
             None => Ok(()),
             Some(first) => Err(format!(

@@ -128,6 +128,26 @@ impl PeState {
                 self.num_pes()
             ));
         }
+        // An insertion issued after the census counted its PE, whose home learnt of it before
+        // this seal: the sealed count would leave its contributions out (or complete a reduction
+        // twice).
+        let known = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .filter(|c| matches!(c.shape, crate::collection::Shape::Sparse { .. }))
+            .map(|c| (c.inserted_on.len(), c.chare));
+        if let Some((known, chare)) = known {
+            let counted = counts[self.pe] as usize;
+            if known > counted {
+                return self.abort_job(format!(
+                    "charmrs: sparse array of {chare} {coll:?}: PE {} is home to {known} \
+                     inserted elements but done_inserting counted {counted}: an element was \
+                     inserted after done_inserting was called",
+                    self.pe
+                ));
+            }
+        }
         self.home_counts.borrow_mut().insert(coll, counts.into());
         let waiting = self.unsealed.borrow_mut().remove(&coll);
         for d in waiting.into_iter().flatten() {

@@ -381,3 +381,63 @@ fn allreduce_reaches_a_contributor_that_has_not_seen_the_seal() {
     })
     .unwrap();
 }
+
+/// Keeps its PE busy, and inserts into a sparse array when asked.
+struct LateInserter;
+
+#[chare]
+impl LateInserter {
+    fn new() -> Self {
+        LateInserter
+    }
+
+    #[entry]
+    fn busy(&mut self) {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(50) {}
+    }
+
+    #[entry]
+    fn insert_one(&mut self, array: Array<Pinned, usize>, key: usize) {
+        array.insert(key, (), None);
+    }
+}
+
+/// An insertion that PE 1 issues after it answered `done_inserting`'s census but before the
+/// seal reaches it is a program error that the array's counts cannot absorb (its home would
+/// hold one element more than the sealed count): the job aborts naming it, whether the home
+/// learns of the element before its seal (home PE 1) or after it (home PE 0).
+#[test]
+fn an_insertion_racing_done_inserting_aborts_the_job() {
+    for late_home in [0usize, 1] {
+        let e = run_job(2, move |_| async move {
+            let array = Array::<Pinned, usize>::new_sparse(None);
+            let helpers = Group::<LateInserter>::new(());
+            let home = |k: usize| array.at(k).pe();
+            let first = (0..100).find(|&k| home(k) == 0).unwrap();
+            let late = (0..100)
+                .find(|&k| k != first && home(k) == late_home)
+                .unwrap();
+            array.insert(first, (), None);
+            charmrs::wait_qd().await;
+            helpers.at(1).busy();
+            let mut sealed = std::pin::pin!(array.done_inserting());
+            // Polled once: the census goes out, reaching PE 1 behind `busy`.
+            let ready = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(sealed.as_mut(), cx).is_ready())
+            })
+            .await;
+            assert!(!ready, "the census needs PE 1's answer");
+            helpers.at(1).insert_one(array.clone(), late); // behind the census at PE 1
+            sealed.await;
+            charmrs::wait_qd().await;
+            charmrs::exit(0);
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("after done_inserting") && e.contains("Pinned"),
+            "home {late_home}: {e}"
+        );
+    }
+}
