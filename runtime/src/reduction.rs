@@ -370,6 +370,8 @@ pub(crate) enum TargetSpec {
 pub(crate) struct Kind {
     type_id: TypeId,
     type_name: &'static str,
+    /// Which reduction this is: every contribution to one reduction must name the same.
+    operation: Operation,
     op: Reducer,
     combine: CombineFn,
     finish: fn(Box<dyn Any + Send>) -> Box<dyn Any + Send>,
@@ -383,11 +385,32 @@ pub(crate) struct Kind {
     decode_result: DecodeFn,
 }
 
+/// The operation of a reduction, as contributions name it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Operation {
+    Builtin(Reducer),
+    Custom(&'static str),
+    AtSync,
+    Gather,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operation::Builtin(op) => write!(f, "Reducer::{op:?}"),
+            Operation::Custom(name) => write!(f, "the custom reducer {name}"),
+            Operation::AtSync => f.write_str("at_sync"),
+            Operation::Gather => f.write_str("a gather"),
+        }
+    }
+}
+
 impl Kind {
     pub(crate) fn builtin<T: Reduce>(op: Reducer) -> Kind {
         Kind {
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
+            operation: Operation::Builtin(op),
             op,
             combine: combine_builtin::<T>,
             finish: identity,
@@ -403,6 +426,7 @@ impl Kind {
         Kind {
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
+            operation: Operation::Custom(r.name),
             op: Reducer::Sum,
             combine: r.combine,
             finish: identity,
@@ -418,6 +442,7 @@ impl Kind {
         Kind {
             type_id: TypeId::of::<crate::balance::AtSyncData>(),
             type_name: "at_sync",
+            operation: Operation::AtSync,
             op: Reducer::Sum,
             combine: crate::balance::combine,
             finish: identity,
@@ -433,6 +458,7 @@ impl Kind {
         Kind {
             type_id: TypeId::of::<Vec<(Index, T)>>(),
             type_name: std::any::type_name::<T>(),
+            operation: Operation::Gather,
             op: Reducer::Sum,
             combine: combine_gather::<T>,
             finish: finish_gather::<T>,
@@ -1368,6 +1394,10 @@ fn merge(p: &mut Pending, part: Part) -> Result<(), String> {
         Some(acc) if acc.kind.type_id != part.kind.type_id => Err(format!(
             "a contribution of type {} does not match the earlier {}",
             part.kind.type_name, acc.kind.type_name
+        )),
+        Some(acc) if acc.kind.operation != part.kind.operation => Err(format!(
+            "a contribution with {} does not match the earlier one with {}",
+            part.kind.operation, acc.kind.operation
         )),
         Some(acc) => (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op),
     }

@@ -131,6 +131,16 @@ impl Elem {
     }
 
     #[entry]
+    fn wrong_reducer(&mut self, ctx: &Ctx<Self>, f: Future<i32>) {
+        let op = if ctx.raw_index().get(0) == 1 {
+            Reducer::Max
+        } else {
+            Reducer::Sum
+        };
+        ctx.contribute(1i32, op, f);
+    }
+
+    #[entry]
     fn wrong_length(&mut self, ctx: &Ctx<Self>, f: Future<Vec<i32>>) {
         let n = 3 + usize::from(ctx.raw_index().get(0) == 1);
         ctx.contribute(vec![1i32; n], Reducer::Sum, f);
@@ -273,7 +283,7 @@ fn aborted(r: charmrs::Result<i32>) -> String {
 }
 
 #[test]
-fn a_contribution_of_the_wrong_type_or_length_names_the_reduction() {
+fn a_contribution_of_the_wrong_type_reducer_or_length_names_the_reduction() {
     let msg = aborted(run_job(2, |_| async {
         let a = Array::<Elem, usize>::new(4, ());
         a.wrong_type(Future::new());
@@ -281,6 +291,18 @@ fn a_contribution_of_the_wrong_type_or_length_names_the_reduction() {
     }));
     assert!(msg.contains("reduction #0 over 1-d array"), "{msg}");
     assert!(msg.contains("f64") && msg.contains("i32"), "{msg}");
+    // Elements 0 and 1 share PE 0: element 1's `Max` meets element 0's `Sum` there.
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Elem, usize>::new(4, ());
+        a.wrong_reducer(Future::new());
+        charmrs::sleep(std::time::Duration::from_secs(30)).await;
+    }));
+    assert!(
+        msg.contains("reduction #0")
+            && msg.contains("Reducer::Max")
+            && msg.contains("Reducer::Sum"),
+        "{msg}"
+    );
     let msg = aborted(run_job(2, |_| async {
         let a = Array::<Elem, usize>::new(4, ());
         a.wrong_length(Future::new());
