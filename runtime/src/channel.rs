@@ -277,24 +277,50 @@ impl ChannelEnd {
     }
 }
 
+/// Channel ends, one per (remote element, port) that was sent to or received from, in a fixed
+/// order.
+fn channel_ends(
+    sent: impl IntoIterator<Item = ((Endpoint, u32), u64)>,
+    received: impl IntoIterator<Item = ((Endpoint, u32), u64, Vec<(u64, ChannelData)>)>,
+) -> Vec<ChannelEnd> {
+    let mut all: BTreeMap<(Endpoint, u32), ChannelEnd> = BTreeMap::new();
+    for ((remote, port), next) in sent {
+        all.entry((remote, port))
+            .or_insert_with(|| ChannelEnd::empty(remote, port))
+            .next_send = next;
+    }
+    for ((remote, port), next, arrived) in received {
+        let end = all
+            .entry((remote, port))
+            .or_insert_with(|| ChannelEnd::empty(remote, port));
+        end.next_receive = next;
+        end.arrived = arrived;
+    }
+    all.into_values().collect()
+}
+
 impl ChannelTable {
     /// The element is migrating: hands over its channel state (the table is unusable after).
     pub(crate) fn leave(&mut self) -> Vec<ChannelEnd> {
         self.left = true;
-        let mut all: BTreeMap<(Endpoint, u32), ChannelEnd> = BTreeMap::new();
-        for ((remote, port), next) in std::mem::take(&mut self.sent) {
-            all.entry((remote, port))
-                .or_insert_with(|| ChannelEnd::empty(remote, port))
-                .next_send = next;
-        }
-        for ((remote, port), inbound) in std::mem::take(&mut self.received) {
-            let end = all
-                .entry((remote, port))
-                .or_insert_with(|| ChannelEnd::empty(remote, port));
-            end.next_receive = inbound.next;
-            end.arrived = inbound.arrived.into_iter().collect();
-        }
-        all.into_values().collect()
+        let received = std::mem::take(&mut self.received)
+            .into_iter()
+            .map(|(key, inbound)| (key, inbound.next, inbound.arrived.into_iter().collect()));
+        channel_ends(std::mem::take(&mut self.sent), received)
+    }
+
+    /// The state [`leave`](Self::leave) would hand over, copied, the table still in use (for a
+    /// checkpoint: values that arrived and were not received yet are part of the element).
+    pub(crate) fn snapshot(&self) -> Vec<ChannelEnd> {
+        let received = self.received.iter().map(|(&key, inbound)| {
+            let arrived = inbound
+                .arrived
+                .iter()
+                .map(|(&seq, data)| (seq, data.clone()))
+                .collect();
+            (key, inbound.next, arrived)
+        });
+        channel_ends(self.sent.clone(), received)
     }
 
     /// The table of an element that migrated in.

@@ -26,9 +26,11 @@
 //! * After a restore, collection ids below the saving job's last are the restored ones only: a
 //!   message for another (a group of the old job) aborts naming it, never waits; a section or a
 //!   future in restored state fails the restore.
-//! * Restored elements start a fresh history: migration count, reduction numbers, measured load
-//!   and channels start again from zero on every element together, which is consistent because
-//!   nothing was in flight when they were saved.
+//! * Restored elements start a fresh history: migration count, reduction numbers and measured
+//!   load start again from zero on every element together, which is consistent because nothing
+//!   was in flight when they were saved. Channels keep theirs: their sequence numbers and the
+//!   values that arrived and were not received yet are saved with the element (quiescence means
+//!   nothing in flight, not nothing buffered).
 //! * Groups of a `#[chare(migratable)]` type are saved, and come back only to a job of as many
 //!   PEs (one element per PE has no faithful meaning under another count); other groups are not
 //!   saved, and neither are sections (made again from the restored arrays), futures, and the
@@ -57,7 +59,7 @@ use std::rc::Rc;
 /// First bytes of every checkpoint file.
 const MAGIC: [u8; 8] = *b"charmrsK";
 /// Format of the files; a checkpoint of another version is refused, naming both.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// The metadata file, written last.
 const META: &str = "checkpoint.meta";
 
@@ -92,6 +94,8 @@ struct SavedElement {
     index: Index,
     #[serde(with = "crate::wire::byte_vec")]
     state: Vec<u8>,
+    /// Its channels: sequence numbers, and values that arrived and were not received yet.
+    channels: Vec<crate::channel::ChannelEnd>,
 }
 
 /// `pe-<n>-<generation>.ckpt`: the elements PE `n` held.
@@ -571,11 +575,15 @@ impl PeState {
                     let state = element
                         .pack()
                         .map_err(|e| format!("element {index} of {}: {e}", c.chare))?;
+                    let mut channels = element.channel_snapshot();
+                    crate::channel::encode_values(&mut channels)
+                        .map_err(|e| format!("element {index} of {}: {e}", c.chare))?;
                     bytes += state.len() as u64;
                     elements.push(SavedElement {
                         coll,
                         index: *index,
                         state,
+                        channels,
                     });
                 }
             }
@@ -681,7 +689,7 @@ impl PeState {
                     epoch: 0,
                     reductions: 0,
                     load: 0.0,
-                    channels: Vec::new(),
+                    channels: e.channels,
                     sections: Vec::new(),
                     state: e.state,
                     balance: None,

@@ -41,6 +41,8 @@ pub(crate) trait ElementObj: Any {
     fn pinned(&self) -> bool;
     /// Hands over its channels' state, for a migration (its channels here are unusable after).
     fn leave_channels(&self) -> Vec<crate::channel::ChannelEnd>;
+    /// A copy of its channels' state, the channels still in use (for a checkpoint).
+    fn channel_snapshot(&self) -> Vec<crate::channel::ChannelEnd>;
     /// Its next contribution number for each of its sections, for a migration.
     fn section_counts(&self) -> Vec<(crate::CollectionId, u64)>;
     /// The chare's state, serialized for a migration.
@@ -122,6 +124,12 @@ impl<C: Chare> ElementObj for Element<C> {
         self.channels
             .get()
             .map(|table| table.borrow_mut().leave())
+            .unwrap_or_default()
+    }
+    fn channel_snapshot(&self) -> Vec<crate::channel::ChannelEnd> {
+        self.channels
+            .get()
+            .map(|table| table.borrow().snapshot())
             .unwrap_or_default()
     }
     fn section_counts(&self) -> Vec<(crate::CollectionId, u64)> {
