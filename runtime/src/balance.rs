@@ -114,11 +114,18 @@ pub(crate) fn at_sync_part(coll: CollectionId, mut record: LbRecord, resume: Tar
     let _ = with_pe("at_sync", |pe| {
         let cols = pe.collections.borrow();
         if let Some(element) = cols.get(&coll).and_then(|c| c.find(&record.index)) {
-            // The running entry (which called `at_sync`) counts up to now; the rest of it counts
-            // towards the next step, when its end adds its whole duration.
-            let so_far = pe.since_mark();
+            // The running entry (which called `at_sync`, maybe in a later poll of a suspended
+            // one) counts up to now; the clock is marked here, so the rest of it counts towards
+            // the next step.
+            let so_far = if pe.measuring {
+                let took = pe.clock_mark();
+                pe.entry_secs.set(pe.entry_secs.get() + took);
+                took
+            } else {
+                0.0
+            };
             record.load = element.load() + so_far;
-            element.set_load(-so_far);
+            element.set_load(0.0);
         }
     });
     Part {

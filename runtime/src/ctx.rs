@@ -243,6 +243,11 @@ impl<C: Chare> Ctx<C> {
     /// no migration), migrates elements, and then reaches `resume` — typically a broadcast
     /// callback to a `resume_from_sync` entry, or a future. Collective, like a reduction: every
     /// element calls it, in the same order as its other contributions.
+    ///
+    /// An element with a suspended entry method (an `async` entry that calls `at_sync` and then
+    /// awaits its resumption, for one) counts in the strategy's picture but stays where it is:
+    /// a coroutine cannot move. To let the strategy move elements, call `at_sync` from a plain
+    /// entry method, or at the end of an async one.
     pub fn at_sync(&self, resume: impl Into<Target<()>>) {
         let element = crate::balance::LbRecord {
             index: self.parts.index,

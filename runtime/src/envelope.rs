@@ -661,17 +661,28 @@ fn run_call<C: Chare, E: Entry<C>>(
     }
     match called {
         Ok(Invoked::Done(v)) => sink.ok(pe, v),
-        Ok(Invoked::Suspended(fut)) => pe.spawn_labelled(
-            Box::pin(async move {
-                let outcome = CatchPanic { inner: fut }.await;
-                crate::scheduler::with_pe("entry completion", |pe| match outcome {
-                    Ok(v) => sink.ok(pe, v),
-                    Err(payload) => sink.panicked(pe, &site, payload),
-                })
-                .expect("tasks run on their PE");
-            }),
-            E::NAME,
-        ),
+        Ok(Invoked::Suspended(fut)) => {
+            // Its later polls are charged to the element as its first was.
+            let charged = pe.measuring.then(|| {
+                let element: Rc<dyn crate::element::ElementObj> = coro.element().clone();
+                Rc::downgrade(&element)
+            });
+            pe.spawn_labelled(
+                Box::pin(async move {
+                    let outcome = Charged {
+                        inner: CatchPanic { inner: fut },
+                        element: charged,
+                    }
+                    .await;
+                    crate::scheduler::with_pe("entry completion", |pe| match outcome {
+                        Ok(v) => sink.ok(pe, v),
+                        Err(payload) => sink.panicked(pe, &site, payload),
+                    })
+                    .expect("tasks run on their PE");
+                }),
+                E::NAME,
+            )
+        }
         Err(payload) => sink.panicked(pe, &site, payload),
     }
 }
@@ -807,6 +818,31 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
         *out = crate::wire::encode_onto(&self.args, buf)
             .map_err(|e| format!("encoding `{}`: {e}", E::NAME))?;
         Ok(())
+    }
+}
+
+/// Polls a suspended entry method's task, charging each poll's time to its element (measured
+/// for load balancing): the clock is read after every poll, as after an entry's first one.
+struct Charged<F> {
+    inner: F,
+    /// `None` when nothing is measured.
+    element: Option<std::rc::Weak<dyn crate::element::ElementObj>>,
+}
+
+impl<F: Future + Unpin> Future for Charged<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let polled = Pin::new(&mut self.inner).poll(cx);
+        if let Some(element) = &self.element {
+            let _ = crate::scheduler::with_pe("load measurement", |pe| {
+                let took = pe.clock_mark();
+                if let Some(element) = element.upgrade() {
+                    element.set_load(element.load() + took);
+                }
+                pe.entry_secs.set(pe.entry_secs.get() + took);
+            });
+        }
+        polled
     }
 }
 

@@ -102,11 +102,6 @@ impl crate::scheduler::PeState {
         took as f64 * self.secs_per_tick
     }
 
-    /// Seconds since the last mark, without moving it.
-    pub(crate) fn since_mark(&self) -> f64 {
-        ticks().saturating_sub(self.mark.get()) as f64 * self.secs_per_tick
-    }
-
     pub(crate) fn times(&self) -> PeTimes {
         let wall = self.started.elapsed().as_secs_f64();
         let entry = self.entry_secs.get();

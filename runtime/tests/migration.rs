@@ -488,3 +488,63 @@ fn allreduce_reaches_a_contributor_on_a_pe_outside_the_reduction_tree() {
     })
     .unwrap();
 }
+
+fn spin(d: std::time::Duration) {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// Calls `at_sync` from an async entry method, after an `.await` (charm4py's AtSync in a
+/// coroutine loop).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Looper {
+    resumed: u32,
+}
+
+#[chare(migratable)]
+impl Looper {
+    fn new() -> Self {
+        Looper { resumed: 0 }
+    }
+
+    #[entry]
+    async fn run(this: Coro<Self>, iters: u32, done: Future<f64>) {
+        for i in 0..iters {
+            charmrs::sleep(std::time::Duration::from_millis(1)).await;
+            this.with(|_, ctx| {
+                spin(std::time::Duration::from_millis(if i == 0 {
+                    30
+                } else {
+                    1
+                }));
+                ctx.at_sync(ctx.this_proxy().resume_from_sync_callback());
+            });
+            this.wait(move |s| s.resumed > i).await;
+        }
+        this.with(|_, ctx| ctx.contribute(charmrs::pe_times().entry, Reducer::Max, done));
+    }
+
+    #[entry]
+    fn resume_from_sync(&mut self) {
+        self.resumed += 1;
+    }
+}
+
+/// The time of a suspended entry's later polls is charged to its element, and `at_sync` called
+/// in one of them reports what ran so far: before, the step after it saw a negative load and
+/// aborted the job ("bad measurements").
+#[test]
+fn at_sync_from_an_async_entry_after_an_await_measures_its_time() {
+    let rt = Runtime::new(2).affinity(false).balancer("Greedy");
+    let r = run_job_with(rt, |_| async {
+        let done = Future::new();
+        Array::<Looper, usize>::new(4, ()).run(4, done);
+        // Two elements per PE, each spinning 30 + 3 ms in later polls of its entry.
+        let entry = done.await;
+        assert!(entry >= 0.06, "entry seconds on the busiest PE: {entry}");
+        charmrs::exit(0);
+    });
+    assert_eq!(r.expect("the job runs"), 0);
+}
