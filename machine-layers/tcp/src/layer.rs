@@ -30,13 +30,15 @@ pub struct TcpConfig {
     /// Largest frame (header, length table and payload) sent or accepted;
     /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
     pub max_frame: usize,
-    /// Bound on the bytes of messages read ahead from the sockets (by the
-    /// layer's watcher thread, or by a `send` waiting for room) and not yet
-    /// handed out by `progress`. Past it nothing more is read: TCP's window
+    /// Bound on the bytes of messages the layer's watcher thread reads
+    /// ahead from the sockets while nobody polls, not yet handed out by
+    /// `progress`. Past it the watcher reads nothing more: TCP's window
     /// closes and the sender's `send` blocks until this process calls
-    /// `progress` again (end-to-end back-pressure, bounded memory on both
-    /// sides). A single message larger than the bound is still read when
-    /// the queue is under it. Default 256 MiB.
+    /// `progress` again (end-to-end back-pressure). A single message larger
+    /// than the bound is still read when the queue is under it. A `send`
+    /// waiting for room reads all its input whatever the bound (two
+    /// processes sending each other more than it at once would otherwise
+    /// both wait forever). Default 256 MiB.
     pub recv_queue_bytes: usize,
     /// How long connecting to a peer may take before it is declared lost.
     /// Default 5 s.

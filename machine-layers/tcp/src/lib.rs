@@ -17,10 +17,10 @@
 //!   segment with vectored writes; a received frame is one buffer whose
 //!   segments are views of it.
 //! * **Bounded memory**: no user-space send queue (a send waits while the
-//!   socket is full, reading its own input meanwhile so that two processes
-//!   sending to each other cannot deadlock) and a bounded read-ahead queue
-//!   ([`TcpConfig::recv_queue_bytes`]); past it, TCP pushes back on the
-//!   senders.
+//!   socket is full, reading all its own input meanwhile so that two
+//!   processes sending to each other cannot deadlock) and a bounded
+//!   read-ahead queue for the watcher ([`TcpConfig::recv_queue_bytes`]);
+//!   past it, TCP pushes back on the senders.
 //! * **Input is read by whoever gets there first**: `progress` reads the
 //!   non-blocking sockets on the calling thread when input arrived; the
 //!   layer's watcher thread wakes a parked poller (see

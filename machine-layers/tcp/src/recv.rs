@@ -56,11 +56,11 @@
 //!   arrival order, each packet handed out once.
 //! * Bounded memory, back-pressure by TCP: a poll reads at most
 //!   [`POLL_BUDGET`] bytes and hands every message read to its sink; input
-//!   is read into `parked` only by [`relieve`] (the watcher, or a send
-//!   waiting for room in a full socket, so that two processes sending to
-//!   each other cannot both block forever), and only while `parked` is
-//!   under `cfg.recv_queue_bytes`. Past that, input stays in the kernel,
-//!   TCP's window closes and the sender's `send` waits.
+//!   is read into `parked` only by [`relieve`]: by the watcher only while
+//!   `parked` is under `cfg.recv_queue_bytes` (past that, input stays in
+//!   the kernel, TCP's window closes and the sender's `send` waits), by a
+//!   send waiting for room in a full socket whatever `parked` holds (so that
+//!   two processes sending to each other cannot both block forever).
 //! * No input is left unread without a reader being told: a read stops
 //!   only at "would block", after a short read (anything arriving later
 //!   raises a new edge, so `arrived`), or at the budget (which sets
@@ -348,7 +348,7 @@ fn watch(shared: &Arc<Shared>) {
                 if polls == polls_seen {
                     // Nobody polled for a whole period (relieve wakes the
                     // poller if it parked anything).
-                    relieve(shared);
+                    relieve(shared, true);
                     busy_check = BUSY_CHECK;
                 } else if reads != reads_seen {
                     // The poller reads the sockets itself: look less often.
@@ -523,13 +523,14 @@ fn event_bytes(ev: &Event) -> usize {
     }
 }
 
-/// Called by a send that found its socket full: reads what the incoming
-/// connections have into the parked queue (up to `cfg.recv_queue_bytes`
-/// parked), so two processes sending to each other at once cannot both
-/// block forever with full socket buffers. Returns whether it read
-/// anything; `None` if it could not read (another thread is reading, or
-/// the parked queue is full).
-pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
+/// Reads what the incoming connections have into the parked queue: for the
+/// watcher (`bounded`), up to `cfg.recv_queue_bytes` parked; for a send that
+/// found its socket full, all of it, so two processes sending to each other
+/// at once cannot both block forever with full socket buffers (with a
+/// bound, both would wait once both queues were full). Returns whether it
+/// read anything; `None` if it could not read (another thread is reading,
+/// or, `bounded`, the parked queue is full).
+pub(crate) fn relieve(shared: &Arc<Shared>, bounded: bool) -> Option<bool> {
     let r = &shared.recv;
     let (read, any) = {
         let mut st = try_state(r)?;
@@ -538,7 +539,11 @@ pub(crate) fn relieve(shared: &Arc<Shared>) -> Option<bool> {
             r.has_new.store(false, Ordering::SeqCst);
             st.conns.append(&mut lock(&r.adopt));
         }
-        let room = shared.cfg.recv_queue_bytes.saturating_sub(st.parked_bytes);
+        let room = if bounded {
+            shared.cfg.recv_queue_bytes.saturating_sub(st.parked_bytes)
+        } else {
+            usize::MAX
+        };
         if room == 0 {
             return None;
         }

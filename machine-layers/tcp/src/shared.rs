@@ -147,15 +147,15 @@ pub(crate) fn write_all_vectored(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match crate::recv::relieve(shared) {
+                match crate::recv::relieve(shared, false) {
                     // Could read: also wake when more input comes.
                     Some(_) => crate::poll::wait_writable(
                         s.as_fd(),
                         Some(shared.recv.data.as_fd()),
                         Duration::from_millis(10),
                     )?,
-                    // Another thread reads, or the parked queue is full:
-                    // wait for room, looking again every millisecond.
+                    // Another thread reads: wait for room, looking again
+                    // every millisecond.
                     None => crate::poll::wait_writable(s.as_fd(), None, Duration::from_millis(1))?,
                 }
                 continue;

@@ -602,8 +602,22 @@ fn a_parked_poller_is_woken_by_network_input() {
 
 #[test]
 fn two_processes_sending_to_each_other_at_once_do_not_deadlock() {
+    two_processes_send_to_each_other(TcpConfig::default());
+}
+
+/// As above, each side sending far more than its read-ahead bound: a send waiting for room
+/// reads past the bound (with the bound, both sides waited forever once both queues were full).
+#[test]
+fn two_processes_sending_each_other_more_than_the_read_ahead_bound_do_not_deadlock() {
+    two_processes_send_to_each_other(TcpConfig {
+        recv_queue_bytes: 1 << 20,
+        ..TcpConfig::default()
+    });
+}
+
+fn two_processes_send_to_each_other(cfg: TcpConfig) {
     watchdog(60, || {
-        let (_srv, _s, l) = job(2, TcpConfig::default());
+        let (_srv, _s, l) = job(2, cfg);
         // Far more than the socket buffers hold, both ways, before either
         // side polls: each send must read its own input while it waits.
         let count = 48usize;
