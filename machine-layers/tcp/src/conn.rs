@@ -143,7 +143,8 @@ fn accept_handshake(
             &shared.secret,
         ))?;
         stream.set_read_timeout(None)?;
-        stream.set_nodelay(true)
+        stream.set_nodelay(true)?;
+        crate::poll::keep_alive(&stream)
     };
     if let Err(e) = answer() {
         lock(&shared.peers[rank as usize].incoming).take();

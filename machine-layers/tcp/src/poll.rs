@@ -298,3 +298,94 @@ mod tests {
         assert!(ready.is_empty());
     }
 }
+
+/// Seconds a connection stays idle before the kernel probes its peer ([`keep_alive`]).
+pub(crate) const KEEPALIVE_IDLE_SECS: libc::c_int = 2;
+/// Seconds between two unanswered probes.
+pub(crate) const KEEPALIVE_INTERVAL_SECS: libc::c_int = 1;
+/// Unanswered probes after which the connection fails (`ETIMEDOUT`).
+pub(crate) const KEEPALIVE_PROBES: libc::c_int = 3;
+
+/// Makes the kernel probe the peer of an idle connection and fail the
+/// connection when the peer's host stops answering (a crash, a power loss,
+/// a cut network: no FIN or RST ever comes), ~5 s after the last traffic,
+/// so the layer reports the peer lost instead of waiting for it forever.
+/// A peer process that is merely busy is answered for by its kernel.
+pub(crate) fn keep_alive(s: &impl AsFd) -> io::Result<()> {
+    let fd = s.as_fd().as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: `fd` is an open socket borrowed for the call; the option
+        // value is a live c_int whose size is passed with it.
+        check(unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(|_| ())
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS)?;
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        KEEPALIVE_INTERVAL_SECS,
+    )?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+}
+
+/// Reads a socket option of type `c_int` (for tests).
+#[cfg(test)]
+pub(crate) fn socket_option(
+    s: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the socket is borrowed for the call; `value` and `len` are live
+    // and `len` holds the size of `value`.
+    check(unsafe {
+        libc::getsockopt(
+            s.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod keep_alive_tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_sets_the_probe_timers_on_both_ends() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (inc, _) = listener.accept().unwrap();
+        for s in [&out, &inc] {
+            keep_alive(s).unwrap();
+            assert_eq!(
+                socket_option(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap(),
+                1
+            );
+            let idle = socket_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE).unwrap();
+            let interval = socket_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL).unwrap();
+            let probes = socket_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT).unwrap();
+            assert_eq!(
+                (idle, interval, probes),
+                (
+                    KEEPALIVE_IDLE_SECS,
+                    KEEPALIVE_INTERVAL_SECS,
+                    KEEPALIVE_PROBES
+                )
+            );
+        }
+    }
+}

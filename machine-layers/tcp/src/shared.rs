@@ -359,6 +359,7 @@ impl Shared {
         let mut s = TcpStream::connect_timeout(&addr, self.cfg.connect_timeout)
             .map_err(|e| fail("connect", &e))?;
         s.set_nodelay(true).map_err(|e| fail("nodelay", &e))?;
+        crate::poll::keep_alive(&s).map_err(|e| fail("keepalive", &e))?;
         s.write_all(&wire::encode_hello(
             HELLO_MAGIC,
             self.rank,
