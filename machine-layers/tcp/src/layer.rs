@@ -591,16 +591,24 @@ impl MachineLayer for TcpLayer {
     /// waiting for a busy connection), tells the launcher through the
     /// bootstrap, and returns; the caller then exits.
     fn abort(&self, reason: &str) {
-        let Ok(msg) = Message::with_segments(
+        if let Ok(msg) = Message::with_segments(
             Header::default(),
             vec![Bytes::copy_from_slice(reason.as_bytes())],
-        ) else {
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for p in 0..self.shared.size {
-            if p != self.shared.rank && Instant::now() < deadline {
-                let _ = self.shared.send_packet(p, wire::PKT_ABORT, &msg, false);
+        ) {
+            // On a thread of its own, waited for at most 2 s: a write to a peer whose socket is
+            // full (a silent or stuck peer) must not keep the launcher from hearing of the abort.
+            let shared = Arc::clone(&self.shared);
+            let (done, finished) = std::sync::mpsc::channel();
+            let notice = std::thread::Builder::new()
+                .name("charmrs-tcp-abort".into())
+                .spawn(move || {
+                    for p in (0..shared.size).filter(|&p| p != shared.rank) {
+                        let _ = shared.send_packet(p, wire::PKT_ABORT, &msg, false);
+                    }
+                    let _ = done.send(());
+                });
+            if notice.is_ok() {
+                let _ = finished.recv_timeout(Duration::from_secs(2));
             }
         }
         self.bootstrap.abort(reason);

@@ -11,7 +11,7 @@ use crate::registry::EntryTable;
 use charmrs_local::Mailbox;
 use charmrs_transport::MachineLayer;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// How a job ended.
@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     /// start.
     pub(crate) network_wakes: std::sync::OnceLock<bool>,
     /// The process-level transport (a single-process job uses the local layer).
-    pub(crate) layer: Box<dyn MachineLayer>,
+    pub(crate) layer: Arc<dyn MachineLayer>,
     /// `+trace`: where the PEs' trace records go when they stop (`None`: tracing is off).
     pub(crate) trace: Option<crate::trace::TraceSink>,
     stop: AtomicBool,
@@ -86,7 +86,7 @@ impl Shared {
             balance,
             network_pes: std::sync::OnceLock::new(),
             network_wakes: std::sync::OnceLock::new(),
-            layer,
+            layer: Arc::from(layer),
             trace,
             stop: AtomicBool::new(false),
             end: Mutex::default(),
@@ -148,11 +148,23 @@ impl Shared {
             if tell_peers {
                 self.end_state().initiated = true;
                 let me = self.layer.rank();
-                for p in (0..self.layer.size()).filter(|&p| p != me) {
-                    // Best effort: a peer that is gone cannot be told.
-                    let _ = self
-                        .layer
-                        .send(p, crate::wire::end_message(&outcome, self.first_pe as u32));
+                let layer = Arc::clone(&self.layer);
+                let ends: Vec<_> = (0..self.layer.size())
+                    .filter(|&p| p != me)
+                    .map(|p| (p, crate::wire::end_message(&outcome, self.first_pe as u32)))
+                    .collect();
+                let tell = move || {
+                    for (p, msg) in ends {
+                        // Best effort: a peer that is gone cannot be told.
+                        let _ = layer.send(p, msg);
+                    }
+                };
+                if matches!(outcome, Outcome::Abort(_)) {
+                    // A send may wait for room a stuck peer never makes: the launcher, told by
+                    // `abort` below, must hear of the abort whatever the peers do.
+                    within(ABORT_NOTICE, tell);
+                } else {
+                    tell();
                 }
             }
             if let Outcome::Abort(msg) = &outcome {
@@ -180,5 +192,23 @@ impl Shared {
                 .wait(slot)
                 .unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+/// How long an aborting process waits for its abort notices to leave before it tells the
+/// launcher.
+const ABORT_NOTICE: Duration = Duration::from_secs(2);
+
+/// Runs `f` on a thread of its own and waits for it at most `limit` (it may go on after).
+fn within(limit: Duration, f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let started = std::thread::Builder::new()
+        .name("charmrs-abort-notice".into())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+    if started.is_ok() {
+        let _ = finished.recv_timeout(limit);
     }
 }
