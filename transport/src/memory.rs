@@ -16,8 +16,13 @@
 //!   (typically the peer sends an acknowledgement message).
 //! * Dropping the region runs the layer's release action (deregistration)
 //!   exactly once. A `get` racing with the drop may fail with a
-//!   [`TransportError`](crate::TransportError) but never reads freed memory:
-//!   the region holds a reference to its [`Bytes`], which are immutable.
+//!   [`TransportError`](crate::TransportError); on RDMA transports it never
+//!   reads freed memory (the region holds a reference to its [`Bytes`],
+//!   which are immutable, and the NIC checks the deregistered key). A
+//!   shared-memory path that copies with the kernel (UCX's CMA) reads
+//!   whatever the key's address names in the owner's process, so the
+//!   runtime's rule above (keep the region until every `get` completed) is
+//!   what keeps such a read valid.
 //! * A key is only meaningful to the layer (and job) that produced it.
 
 use std::fmt;

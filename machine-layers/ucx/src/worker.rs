@@ -963,11 +963,18 @@ impl Worker {
             });
         }
         let ep = self.ep(src)?;
+        // `ucp_ep_rkey_unpack` takes no length: it walks the key's own layout (a map of memory
+        // domains, then a length byte and that many bytes per domain), so a damaged key would
+        // make it read past our buffer. Zero padding past the end bounds what it can read:
+        // zero bytes end the walk (an empty map, empty domain keys).
+        let mut padded = Vec::with_capacity(packed.len() + RKEY_READ_MAX);
+        padded.extend_from_slice(packed);
+        padded.resize(packed.len() + RKEY_READ_MAX, 0);
         let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
-        // SAFETY: ep is open; `packed` was length-checked by the caller and
-        // is only read.
+        // SAFETY: ep is open; `padded` is only read, and is followed by RKEY_READ_MAX zero bytes,
+        // more than the most a packed key's layout can make UCX read past its start.
         let st =
-            unsafe { sys::ucp_ep_rkey_unpack(ep, packed.as_ptr() as *const c_void, &mut rkey) };
+            unsafe { sys::ucp_ep_rkey_unpack(ep, padded.as_ptr() as *const c_void, &mut rkey) };
         check(
             st,
             &format!("ucp_ep_rkey_unpack of a key from {}", self.inbox.peer(src)),
@@ -1454,3 +1461,8 @@ unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: s
     let inbox = unsafe { &*a.inbox };
     inbox.peer_failed(a.peer, describe(status));
 }
+
+/// The most bytes `ucp_ep_rkey_unpack` can read of a packed key: its memory-domain map and
+/// memory type, then for each of at most 64 domains a length byte, up to 255 bytes of key and
+/// its device information; 32 KiB bounds all of it.
+const RKEY_READ_MAX: usize = 32 << 10;
