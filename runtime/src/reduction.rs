@@ -613,6 +613,10 @@ pub(crate) struct ReductionTable {
     /// For each: the kind, the target, and (an `at_sync`) where to resume, which does not travel
     /// with the encoded records.
     foreign: FxHashMap<(CollectionId, u64), (Kind, TargetSpec, Option<TargetSpec>)>,
+    /// The latest reduction of each collection in `foreign`.
+    foreign_latest: FxHashMap<CollectionId, u64>,
+    /// Size of `foreign` at which it is next pruned (twice what a pruning left: amortised).
+    foreign_prune_at: usize,
     /// At the root of a collection's tree: the next reduction whose result may leave.
     next_at_root: FxHashMap<CollectionId, u64>,
     /// At the root: results ready to leave, held until every earlier one has left.
@@ -640,9 +644,15 @@ impl ReductionTable {
         resume: Option<TargetSpec>,
     ) {
         self.foreign.insert((coll, seq), (kind, target, resume));
-        if self.foreign.len() > 2 * FOREIGN_WINDOW as usize {
+        let latest = self.foreign_latest.entry(coll).or_insert(seq);
+        *latest = (*latest).max(seq);
+        if self.foreign.len() > self.foreign_prune_at.max(2 * FOREIGN_WINDOW as usize) {
+            // Every collection's entries older than its window go (not only this one's, which
+            // left other collections' entries to be scanned on every insertion).
+            let latest = &self.foreign_latest;
             self.foreign
-                .retain(|&(c, s), _| c != coll || s + FOREIGN_WINDOW >= seq);
+                .retain(|(c, s), _| s + FOREIGN_WINDOW >= latest.get(c).copied().unwrap_or(0));
+            self.foreign_prune_at = 2 * self.foreign.len();
         }
     }
 }
