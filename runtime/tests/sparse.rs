@@ -428,7 +428,7 @@ fn an_insertion_racing_done_inserting_aborts_the_job() {
             })
             .await;
             assert!(!ready, "the census needs PE 1's answer");
-            helpers.at(1).insert_one(array.clone(), late); // behind the census at PE 1
+            helpers.at(1).insert_one(array, late); // behind the census at PE 1
             sealed.await;
             charmrs::wait_qd().await;
             charmrs::exit(0);
