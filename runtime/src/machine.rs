@@ -37,8 +37,12 @@ fn launch() -> Result<Launch> {
     let join = |e: charmrs_transport::TransportError, how: &str| {
         Error::Options(format!("cannot join the job started by {how}: {e}"))
     };
+    // A process charmrun started is charmrun's, whatever PMIx variables an outer launcher left
+    // (charmrun removes them; this also covers a charmrun that did not).
     #[cfg(feature = "pmix")]
-    if charmrs_pmix::launched_by_pmix() {
+    if charmrs_pmix::launched_by_pmix()
+        && std::env::var_os(charmrs_transport::kv::ENV_KV_ADDR).is_none()
+    {
         if let Some(b) = charmrs_pmix::PmixBootstrap::from_env().map_err(|e| join(e, "PMIx"))? {
             let secret = b.job_secret().map_err(|e| join(e, "PMIx"))?;
             let one_host = b.local_size() == Some(b.size());

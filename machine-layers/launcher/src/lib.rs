@@ -17,6 +17,15 @@
 //! * `++quiet`: no informational messages from charmrun (errors are still
 //!   printed).
 //! * `++help`: usage.
+//! * `--`: what follows is the program's, unchanged (the `--` too, so its
+//!   runtime stops reading options there). Before `--`, `+p` and `++`
+//!   options are charmrun's wherever they are (Charm++'s
+//!   `charmrun ./app +p4`); each may be given once.
+//!
+//! Each process gets `CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE` (its place
+//! on this host) and none of an outer launcher's PMIx, OpenMPI or Slurm
+//! placement variables: charmrun inside an `srun` or `mpirun` job runs its
+//! own job.
 //!
 //! Charmrun options may also follow the program (Charm++ style:
 //! `charmrun ./app +p4`); they are removed from its arguments. Every other
@@ -46,6 +55,15 @@
 //! * If charmrun itself dies, processes using
 //!   [`KvBootstrap::from_env`](charmrs_transport::KvBootstrap::from_env)
 //!   notice the closed connection and exit.
+
+/// Writes a line to stderr, ignoring a failure (`eprintln!` panics when stderr is a broken pipe,
+/// as after `charmrun … 2>&1 | head`: the launcher must still end its job and report its status).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -150,6 +168,20 @@ where
             }
             continue;
         };
+        if s == "--" {
+            // Everything after `--` is the program's (and `--` with it: the program's runtime
+            // stops reading its options there too).
+            if program.is_none() {
+                program = it.next();
+                if program.is_none() {
+                    return Err(format!("no program after --\n{}", usage()));
+                }
+            } else {
+                rest.push(arg);
+            }
+            rest.extend(it.by_ref());
+            break;
+        }
         if let Some(opt) = s.strip_prefix("++") {
             let (name, inline) = match opt.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),
@@ -161,7 +193,10 @@ where
                         Some(v) => Some(v),
                         None => it.next().map(|v| v.to_string_lossy().into_owned()),
                     };
-                    ppn = Some(parse_count("++ppn", v.as_deref())?);
+                    let n = parse_count("++ppn", v.as_deref())?;
+                    if let Some(first) = ppn.replace(n) {
+                        return Err(format!("++ppn given twice ({first} and {n})"));
+                    }
                 }
                 "quiet" if inline.is_none() => quiet = true,
                 "help" if inline.is_none() => return Ok(Invocation::Help),
@@ -180,7 +215,10 @@ where
             } else {
                 Some(n.to_owned())
             };
-            pes = Some(parse_count("+p", v.as_deref())?);
+            let n = parse_count("+p", v.as_deref())?;
+            if let Some(first) = pes.replace(n) {
+                return Err(format!("+p given twice (+p{first} and +p{n})"));
+            }
         } else if program.is_none() {
             if matches!(s, "-h" | "--help") {
                 return Ok(Invocation::Help);
@@ -211,6 +249,16 @@ where
         program,
         args: rest,
     }))
+}
+
+/// Whether `name` is a variable another launcher sets for its processes, which charmrun's must
+/// not inherit: PMIx's (a process would join the outer job), and the host placement of
+/// OpenMPI and Slurm (every process would pin its PEs to the same cores).
+fn is_outer_launcher_var(name: &str) -> bool {
+    name.starts_with("PMIX_")
+        || name.starts_with("PMI_")
+        || name.starts_with("OMPI_COMM_WORLD_")
+        || matches!(name, "SLURM_LOCALID" | "SLURM_NTASKS_PER_NODE")
 }
 
 /// How a process ended, for messages.
@@ -258,21 +306,21 @@ pub fn run(opts: &Options) -> i32 {
     let secret = match random_secret() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("charmrun: cannot make the job secret: {e}");
+            note!("charmrun: cannot make the job secret: {e}");
             return 1;
         }
     };
     let (server, addr) = match KvServer::start(nprocs, secret) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("charmrun: cannot start the key-value server: {e}");
+            note!("charmrun: cannot start the key-value server: {e}");
             return 1;
         }
     };
     let hex = secret_to_hex(&secret);
     let prog = opts.program.to_string_lossy();
     if !opts.quiet {
-        eprintln!(
+        note!(
             "charmrun: {} PEs in {nprocs} process{} of {} PE{}: {prog}",
             opts.pes,
             if nprocs == 1 { "" } else { "es" },
@@ -283,7 +331,17 @@ pub fn run(opts: &Options) -> i32 {
     let mut procs: Vec<Proc> = Vec::with_capacity(nprocs as usize);
     for rank in 0..nprocs {
         let mut cmd = Command::new(&opts.program);
+        // Variables of an outer launcher (charmrun run inside an `srun` or `mpirun` job, or
+        // a shell of one) would make a process join that job (PMIx) or take its placement on
+        // the host: this job's processes are charmrun's, all on this host.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(is_outer_launcher_var) {
+                cmd.env_remove(name);
+            }
+        }
         cmd.args(&opts.args)
+            .env("CHARMRS_LOCAL_RANK", rank.to_string())
+            .env("CHARMRS_LOCAL_SIZE", nprocs.to_string())
             .env(ENV_RANK, rank.to_string())
             .env(ENV_NPROCS, nprocs.to_string())
             .env(ENV_KV_ADDR, addr.to_string())
@@ -303,7 +361,7 @@ pub fn run(opts: &Options) -> i32 {
                 child: Some(child),
             }),
             Err(e) => {
-                eprintln!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
+                note!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
                 kill_all(&mut procs);
                 reap_all(&mut procs);
                 return EXIT_SPAWN;
@@ -338,7 +396,7 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
     let begin_teardown = |why: String, kill_at: &mut Option<Instant>, others: usize| {
-        eprintln!(
+        note!(
             "charmrun: {why}; stopping the other {others} process{}",
             if others == 1 { "" } else { "es" }
         );
@@ -396,7 +454,7 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
                     .map(|p| format!("rank {} (pid {})", p.rank, p.pid))
                     .collect();
                 if !opts.quiet && !left.is_empty() {
-                    eprintln!("charmrun: killing {}", left.join(", "));
+                    note!("charmrun: killing {}", left.join(", "));
                 }
                 kill_all(procs);
             }
@@ -436,7 +494,7 @@ where
         }
         Ok(Invocation::Run(opts)) => run(&opts),
         Err(msg) => {
-            eprintln!("charmrun: {msg}");
+            note!("charmrun: {msg}");
             EXIT_USAGE
         }
     }
@@ -493,7 +551,25 @@ mod tests {
     }
 
     #[test]
+    fn everything_after_a_double_dash_is_the_programs() {
+        let o = run_opts(&["+p2", "./app", "a", "--", "+p8", "++ppn", "1", "b"]);
+        assert_eq!((o.pes, o.ppn), (2, 2));
+        let want: Vec<OsString> = ["a", "--", "+p8", "++ppn", "1", "b"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(o.args, want);
+        let o = run_opts(&["+p2", "--", "./app", "++verbose"]);
+        assert_eq!(o.program, "./app");
+        assert_eq!(o.args, vec![OsString::from("++verbose")]);
+    }
+
+    #[test]
     fn usage_errors() {
+        let err = |args: &[&str]| parse_args(args.iter().copied()).unwrap_err();
+        assert!(err(&["+p4", "./app", "+p2"]).contains("+p given twice (+p4 and +p2)"));
+        assert!(err(&["++ppn", "2", "+p4", "./app", "++ppn=1"]).contains("++ppn given twice"));
+        assert!(err(&["+p4", "--"]).contains("no program after --"));
         let err = |args: &[&str]| parse_args(args.iter().copied()).unwrap_err();
         let e = err(&["++nodelist", "f", "./app"]);
         assert!(

@@ -305,6 +305,45 @@ fn environment_contract_and_argument_passthrough() {
     assert_ne!(s(&d), s(&d2));
 }
 
+/// charmrun inside another launcher's job (`srun -n1 charmrun …`, a shell of an `srun` or
+/// `mpirun` allocation): its processes must not inherit that launcher's PMIx variables (they
+/// would join the outer job, each a job of its own) nor its host placement (every process would
+/// pin its PEs to the same cores); charmrun gives its own.
+#[test]
+fn an_outer_launchers_variables_do_not_reach_the_processes() {
+    let script = "echo \"R=$CHARMRS_RANK L=$CHARMRS_LOCAL_RANK/$CHARMRS_LOCAL_SIZE \
+                  P=${PMIX_RANK:-none}${PMIX_NAMESPACE:-none}${PMIX_SERVER_URI41:-none} \
+                  S=${SLURM_LOCALID:-none}${SLURM_NTASKS_PER_NODE:-none} \
+                  O=${OMPI_COMM_WORLD_LOCAL_RANK:-none} J=${SLURM_JOB_ID:-none}\"";
+    let d = Live::start_cmd(
+        "env",
+        &[
+            "PMIX_RANK=0",
+            "PMIX_NAMESPACE=outer",
+            "PMIX_SERVER_URI41=x",
+            "SLURM_LOCALID=0",
+            "SLURM_NTASKS_PER_NODE=1",
+            "OMPI_COMM_WORLD_LOCAL_RANK=0",
+            "SLURM_JOB_ID=77",
+            CHARMRUN,
+            "++quiet",
+            "+p2",
+            "++ppn",
+            "1",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .finish();
+    assert_eq!(d.status, 0, "{}", d.err());
+    let out = d.out();
+    for r in 0..2 {
+        let want = format!("R={r} L={r}/2 P=nonenonenone S=nonenone O=none J=77");
+        assert!(out.lines().any(|l| l == want), "{want:?} in:\n{out}");
+    }
+}
+
 // --------------------------------------------------------- messaging
 
 #[test]
