@@ -505,7 +505,7 @@ fn construction(
         .wire_id(c.ctor)
         .and_then(|w| table.by_wire_id(w))
         .ok_or_else(unknown)?;
-    let Decoder::Constructor(decode) = info.decoder else {
+    let Decoder::Constructor(crate::wire::ConstructorCodec { decode, .. }) = info.decoder else {
         return Err(unknown());
     };
     // postcard's encoding of `None`: no constructor arguments.

@@ -7,7 +7,7 @@
 //! collision is reported as an error at start-up, never resolved silently.
 
 use crate::error::{Error, Result};
-use crate::wire::{EntryCodec, WireConstruct};
+use crate::wire::{ConstructorCodec, EntryCodec};
 use std::sync::OnceLock;
 
 /// One registered entry method or constructor.
@@ -38,7 +38,17 @@ pub enum Decoder {
     /// An entry method's arguments.
     Entry(EntryCodec),
     /// A constructor's arguments.
-    Constructor(fn(&[u8]) -> Result<WireConstruct, String>),
+    Constructor(ConstructorCodec),
+}
+
+impl Decoder {
+    /// The argument (and result) types of the entry, as the compiler names them.
+    fn signature(&self) -> &'static str {
+        match self {
+            Decoder::Entry(codec) => (codec.signature)(),
+            Decoder::Constructor(codec) => (codec.signature)(),
+        }
+    }
 }
 
 inventory::collect!(EntryInfo);
@@ -80,11 +90,16 @@ impl EntryTable {
                 w[0].path, w[1].path, w[0].id
             )));
         }
-        let mut checksum = entry_id("charmrs-entry-table");
+        // The runtime's version and every entry's path and argument types: processes of one job
+        // must agree on all of them (a stale binary whose entries take other types, or another
+        // charmrs, would decode each other's messages as garbage).
+        let mut checksum = entry_id(concat!("charmrs-entry-table ", env!("CARGO_PKG_VERSION")));
         for e in &entries {
-            checksum = (checksum ^ e.id)
-                .wrapping_mul(0x0000_0100_0000_01b3)
-                .rotate_left(17);
+            for part in [e.id, entry_id(e.decoder.signature())] {
+                checksum = (checksum ^ part)
+                    .wrapping_mul(0x0000_0100_0000_01b3)
+                    .rotate_left(17);
+            }
         }
         Ok(EntryTable { entries, checksum })
     }
@@ -133,7 +148,7 @@ impl EntryTable {
 mod tests {
     use super::*;
 
-    fn no_decode(_: &[u8]) -> std::result::Result<WireConstruct, String> {
+    fn no_decode(_: &[u8]) -> std::result::Result<crate::wire::WireConstruct, String> {
         Err("test entry".into())
     }
 
@@ -142,7 +157,10 @@ mod tests {
             id: entry_id(path),
             name: path,
             path,
-            decoder: Decoder::Constructor(no_decode),
+            decoder: Decoder::Constructor(ConstructorCodec {
+                decode: no_decode,
+                signature: || "test",
+            }),
             callback: None,
         }
     }
@@ -158,6 +176,14 @@ mod tests {
         }
         let c = EntryTable::build([info("a::X::f"), info("a::X::g")]).unwrap();
         assert_ne!(a.checksum(), c.checksum());
+        // The same paths taking other argument types: another program.
+        let mut retyped = info("a::X::g");
+        retyped.decoder = Decoder::Constructor(ConstructorCodec {
+            decode: no_decode,
+            signature: || "(i32,)",
+        });
+        let d = EntryTable::build([info("a::X::f"), retyped, info("b::Y::h")]).unwrap();
+        assert_ne!(a.checksum(), d.checksum());
     }
 
     #[test]

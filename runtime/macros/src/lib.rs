@@ -540,7 +540,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 name: #ctor_name,
                 path: concat!(module_path!(), "::", #ctor_name),
                 decoder: ::charmrs::__private::Decoder::Constructor(
-                    ::charmrs::__private::decode_construct::<#ty>),
+                    ::charmrs::__private::ConstructorCodec::of::<#ty>()),
                 callback: ::core::option::Option::None,
             }
         }
