@@ -24,7 +24,7 @@ pub(crate) struct Element<C> {
     waiters: RefCell<Vec<Waker>>,
     pub(crate) whens: RefCell<WhenBuffer<C>>,
     /// Queued on the PE's list of elements whose `when` buffer needs a re-check.
-    dirty: Cell<bool>,
+    pub(crate) dirty: Cell<bool>,
     /// Seconds spent in this element's entry methods since the last load-balancing step.
     load: Cell<f64>,
     /// The element's channel ends (shared with the [`Channel`](crate::Channel)s made from it).
@@ -100,6 +100,17 @@ pub(crate) fn state_changed<C: Chare>(element: &Rc<Element<C>>) {
         let el: Rc<dyn ElementObj> = element.clone();
         // `with` only runs on PEs, so there always is one.
         let _ = with_pe("when re-check", |pe| pe.mark_dirty(el));
+    }
+}
+
+/// Runs [`state_changed`] when dropped: after a borrow of the chare made after it ends, whether
+/// the code that held the borrow returned or panicked (a panicking entry may have changed the
+/// state before it panicked, and `when` calls or `wait`ing coroutines may now be ready).
+pub(crate) struct ChangedOnExit<'a, C: Chare>(pub(crate) &'a Rc<Element<C>>);
+
+impl<C: Chare> Drop for ChangedOnExit<'_, C> {
+    fn drop(&mut self) {
+        state_changed(self.0);
     }
 }
 
@@ -207,18 +218,15 @@ impl<C: Chare> Coro<C> {
     /// # Panics
     /// If the chare is already borrowed (a `with` nested inside another `with` of the same element).
     pub fn with<R>(&self, f: impl FnOnce(&mut C, &Ctx<C>) -> R) -> R {
-        let result = {
-            let mut chare = self.element.chare.try_borrow_mut().unwrap_or_else(|_| {
-                panic!(
-                    "Coro::with: element {} of {} is already borrowed (nested `with`)",
-                    self.element.ctx.raw_index(),
-                    C::NAME
-                )
-            });
-            f(&mut chare, &self.element.ctx)
-        };
-        state_changed(&self.element);
-        result
+        let _changed = ChangedOnExit(&self.element);
+        let mut chare = self.element.chare.try_borrow_mut().unwrap_or_else(|_| {
+            panic!(
+                "Coro::with: element {} of {} is already borrowed (nested `with`)",
+                self.element.ctx.raw_index(),
+                C::NAME
+            )
+        });
+        f(&mut chare, &self.element.ctx)
     }
 
     /// The element's context (index, proxies, PE).

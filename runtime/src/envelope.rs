@@ -562,6 +562,12 @@ fn run_entry<C: Chare, E: Entry<C>>(
     sink: Sink<E::Output>,
     site: Site,
 ) {
+    // Buffered calls that an earlier message of this turn made eligible go first: they arrived
+    // before this one (several messages reach an element in one turn when they waited for it
+    // to be built or for its collection to exist here).
+    if element.dirty.get() {
+        element.clone().recheck_whens(pe);
+    }
     if E::CONDITIONAL {
         match catch_unwind(AssertUnwindSafe(|| {
             E::ready(&element.chare.borrow(), &args)
@@ -574,6 +580,7 @@ fn run_entry<C: Chare, E: Entry<C>>(
                     sink,
                     site,
                     key,
+                    failed: std::cell::Cell::new(None),
                 });
                 element.whens.borrow_mut().push::<E>(key, call);
                 return;
@@ -590,6 +597,9 @@ struct Buffered<C: Chare, E: Entry<C>> {
     sink: Sink<E::Output>,
     site: Site,
     key: Option<u64>,
+    /// A panic of its condition, on a re-check: the call is then taken as ready and fails like
+    /// an entry that panicked, naming its entry (the caller's future gets the error).
+    failed: std::cell::Cell<Option<Box<dyn Any + Send>>>,
 }
 
 impl<C: Chare, E: Entry<C>> PendingWhen<C> for Buffered<C, E> {
@@ -600,10 +610,19 @@ impl<C: Chare, E: Entry<C>> PendingWhen<C> for Buffered<C, E> {
         self.key
     }
     fn ready(&self, chare: &C) -> bool {
-        E::ready(chare, &self.args)
+        match catch_unwind(AssertUnwindSafe(|| E::ready(chare, &self.args))) {
+            Ok(ready) => ready,
+            Err(payload) => {
+                self.failed.set(Some(payload));
+                true
+            }
+        }
     }
     fn run(self: Box<Self>, pe: &PeState, element: Rc<Element<C>>) {
-        call_entry::<C, E>(pe, element, self.args, self.sink, self.site);
+        match self.failed.into_inner() {
+            None => call_entry::<C, E>(pe, element, self.args, self.sink, self.site),
+            Some(payload) => self.sink.panicked(pe, &self.site, payload),
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 
 use crate::chare::Chare;
 use crate::ctx::Ctx;
-use crate::element::{state_changed, Element};
+use crate::element::{ChangedOnExit, Element};
 use crate::proxy::{ElementProxy, Group};
 use crate::scheduler::with_pe;
 use std::any::Any;
@@ -64,19 +64,16 @@ impl<C: Chare> ElementProxy<C> {
             any.downcast::<Element<C>>().ok()
         })
         .unwrap_or_else(|e| panic!("{e}"))?;
-        let result = {
-            let mut chare = element.chare.try_borrow_mut().unwrap_or_else(|_| {
-                panic!(
-                    "with_local: element {} of {} is borrowed already (called from one of its \
-                     own entry methods?)",
-                    self.index(),
-                    C::NAME
-                )
-            });
-            f(&mut chare, &element.ctx)
-        };
-        state_changed(&element);
-        Some(result)
+        let _changed = ChangedOnExit(&element);
+        let mut chare = element.chare.try_borrow_mut().unwrap_or_else(|_| {
+            panic!(
+                "with_local: element {} of {} is borrowed already (called from one of its \
+                 own entry methods?)",
+                self.index(),
+                C::NAME
+            )
+        });
+        Some(f(&mut chare, &element.ctx))
     }
 }
 

@@ -135,3 +135,118 @@ fn ten_thousand_reversed_messages_are_matched_by_lookup() {
     })
     .unwrap();
 }
+
+/// A chare whose constructor may take a while (its first messages then wait for it together).
+struct Phased {
+    phase: u32,
+    log: Vec<String>,
+    v: Vec<u32>,
+}
+
+#[chare]
+impl Phased {
+    async fn new(_ctx: Ctx<Self>, nap_ms: u64) -> Self {
+        if nap_ms > 0 {
+            charmrs::sleep(std::time::Duration::from_millis(nap_ms)).await;
+        }
+        Phased {
+            phase: 0,
+            log: Vec::new(),
+            v: vec![0],
+        }
+    }
+
+    #[entry]
+    fn set_phase(&mut self, p: u32) {
+        self.phase = p;
+    }
+
+    #[entry(when = "self.phase >= p")]
+    fn work(&mut self, p: u32, tag: String) {
+        let _ = p;
+        self.log.push(tag);
+    }
+
+    #[entry]
+    fn log(&mut self) -> Vec<String> {
+        self.log.clone()
+    }
+
+    #[entry]
+    fn bump_then_panic(&mut self) {
+        self.phase += 1;
+        panic!("after the bump");
+    }
+
+    #[entry(when = "self.v[i] > 0")]
+    fn pick(&mut self, i: usize) -> u32 {
+        self.v[i]
+    }
+
+    #[entry]
+    fn clear(&mut self) {
+        self.v.clear();
+    }
+}
+
+/// `work(a)` waits; `set_phase` makes it eligible; `work(b)` and `log` come after it. However
+/// the messages reach the element (one by one, or together after a slow constructor), `a` runs
+/// before `b`, and both before `log`.
+#[test]
+fn a_call_made_eligible_runs_before_later_messages_delivered_in_the_same_turn() {
+    for nap_ms in [0u64, 50] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        run_job(2, move |_| async move {
+            let s = Single::<Phased>::new((nap_ms,), Some(1));
+            s.work(1, "a".into());
+            s.set_phase(1);
+            s.work(1, "b".into());
+            tx.send(s.ret().log().await).unwrap();
+            charmrs::exit(0);
+        })
+        .unwrap();
+        assert_eq!(
+            rx.recv().unwrap(),
+            ["a", "b"],
+            "constructor napping {nap_ms} ms"
+        );
+    }
+}
+
+/// An entry that changes the state and then panics (its caller gets the error, the job goes on)
+/// still releases the calls its change made eligible.
+#[test]
+fn a_panicking_entrys_state_change_releases_waiting_calls() {
+    run_job(2, |_| async {
+        let s = Single::<Phased>::new((0,), Some(1));
+        let waiting = s.ret().work(1, "w".into());
+        let e = s.ret().bump_then_panic().result().await;
+        assert!(e.is_err(), "{e:?}");
+        waiting.await;
+        assert_eq!(s.ret().log().await, ["w"]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// A `when` condition that panics on a re-check fails its own call, as one that panics on
+/// arrival does: the caller's future gets the error naming the entry, and the job goes on.
+#[test]
+fn a_condition_panicking_on_a_recheck_fails_its_call_naming_the_entry() {
+    run_job(2, |_| async {
+        let s = Single::<Phased>::new((0,), Some(1));
+        let at_arrival = s.ret().pick(5).result().await;
+        let text = format!("{:?}", at_arrival.unwrap_err());
+        assert!(text.contains("pick"), "{text}");
+        let later = s.ret().pick(0);
+        s.clear(); // the re-check after it indexes an empty vector
+        let text = format!("{:?}", later.result().await.unwrap_err());
+        assert!(
+            text.contains("pick") && text.contains("index out of bounds"),
+            "{text}"
+        );
+        assert_eq!(s.ret().log().await, Vec::<String>::new());
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
