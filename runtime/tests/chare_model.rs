@@ -346,3 +346,51 @@ fn runtime_info_inside_a_job() {
     .unwrap();
     assert_eq!(code, 42);
 }
+
+/// Arguments named like the names the generated code uses for itself.
+struct Namesake {
+    seen: Vec<u64>,
+}
+
+#[chare]
+impl Namesake {
+    fn new(init: u64, ctx: u64, args: u64) -> Self {
+        Namesake {
+            seen: vec![init, ctx, args],
+        }
+    }
+
+    #[entry]
+    fn plain(&mut self, chare: u64, this: u64, ctx: u64, args: u64) {
+        self.seen.extend([chare, this, ctx, args]);
+    }
+
+    #[entry]
+    fn with_ctx(&mut self, ctx: &Ctx<Self>, chare: u64) -> (usize, u64) {
+        (ctx.my_pe(), chare)
+    }
+
+    #[entry]
+    async fn suspending(this: Coro<Self>, chare: u64, ctx: u64) -> Vec<u64> {
+        charmrs::sleep(std::time::Duration::from_millis(1)).await;
+        this.with(|s, _| {
+            s.seen.extend([chare, ctx]);
+            s.seen.clone()
+        })
+    }
+}
+
+#[test]
+fn arguments_may_be_named_like_the_generated_codes_own_names() {
+    run_job(2, |_| async {
+        let n = Single::<Namesake>::new((1, 2, 3), Some(1));
+        n.plain(4, 5, 6, 7);
+        assert_eq!(n.ret().with_ctx(8).await, (1, 8));
+        assert_eq!(
+            n.ret().suspending(9, 10).await,
+            [1, 2, 3, 4, 5, 6, 7, 9, 10]
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

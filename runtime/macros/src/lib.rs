@@ -360,10 +360,16 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
     };
     let ctor_names = &ctor.names;
     let ctor_types = &ctor.types;
-    let ctor_ctx = if ctor.has_ctx { quote!(ctx,) } else { quote!() };
+    // The generated code's own names are `__charmrs_*`: a user's argument may be called `ctx`,
+    // `this`, `chare` or `init`.
+    let ctor_ctx = if ctor.has_ctx {
+        quote!(__charmrs_ctx,)
+    } else {
+        quote!()
+    };
     let construct_body = if ctor_is_async {
         let ctx_arg = if ctor.has_ctx {
-            quote!(::std::clone::Clone::clone(ctx),)
+            quote!(::std::clone::Clone::clone(__charmrs_ctx),)
         } else {
             quote!()
         };
@@ -372,9 +378,9 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
         quote!(::charmrs::Constructed::Ready(<#ty>::new(#ctor_ctx #(#ctor_names),*)))
     };
     let ctor_ctx_param = if ctor.has_ctx {
-        quote!(ctx)
+        quote!(__charmrs_ctx)
     } else {
-        quote!(_ctx)
+        quote!(_)
     };
     let ctor_name = format!("{type_name}::new");
 
@@ -400,14 +406,18 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
         );
         let body = if *is_async {
             quote! {
-                ::charmrs::Invoked::Suspended(::std::boxed::Box::pin(<#ty>::#method(this.clone(), #(#names),*)))
+                ::charmrs::Invoked::Suspended(::std::boxed::Box::pin(<#ty>::#method(__charmrs_this.clone(), #(#names),*)))
             }
         } else {
-            let ctx_arg = if sig.has_ctx { quote!(ctx,) } else { quote!() };
+            let ctx_arg = if sig.has_ctx {
+                quote!(__charmrs_ctx,)
+            } else {
+                quote!()
+            };
             quote! {
-                ::charmrs::Invoked::Done(this.with(|chare, ctx| {
-                    let _ = ctx;
-                    chare.#method(#ctx_arg #(#names),*)
+                ::charmrs::Invoked::Done(__charmrs_this.with(|__charmrs_chare, __charmrs_ctx| {
+                    let _ = __charmrs_ctx;
+                    __charmrs_chare.#method(#ctx_arg #(#names),*)
                 }))
             }
         };
@@ -465,8 +475,8 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 const ID: u64 = ::charmrs::__private::entry_id(
                     concat!(module_path!(), "::", #entry_name));
                 #[inline]
-                fn call(this: &::charmrs::Coro<#ty>, args: Self::Args) -> ::charmrs::Invoked<#output> {
-                    let (#(#names,)*) = args;
+                fn call(__charmrs_this: &::charmrs::Coro<#ty>, __charmrs_args: Self::Args) -> ::charmrs::Invoked<#output> {
+                    let (#(#names,)*) = __charmrs_args;
                     #body
                 }
                 #when_items
@@ -527,8 +537,8 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
             const CTOR_ID: u64 = ::charmrs::__private::entry_id(concat!(module_path!(), "::", #ctor_name));
             const CHANNEL_ID: u64 = ::charmrs::__private::entry_id(
                 concat!(module_path!(), "::", #type_name, "::<channel>"));
-            fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, init: Self::Init) -> ::charmrs::Constructed<Self> {
-                let (#(#ctor_names,)*) = init;
+            fn construct(#ctor_ctx_param: &::charmrs::Ctx<Self>, __charmrs_init: Self::Init) -> ::charmrs::Constructed<Self> {
+                let (#(#ctor_names,)*) = __charmrs_init;
                 #construct_body
             }
             #migration
