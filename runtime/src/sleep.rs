@@ -30,6 +30,7 @@ pub fn sleep(duration: Duration) -> Sleep {
             .checked_add(duration)
             .or_else(|| now.checked_add(FOR_EVER))
             .unwrap_or(now),
+        registered: None,
     }
 }
 
@@ -40,24 +41,77 @@ const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 #[must_use = "sleep does nothing unless awaited"]
 pub struct Sleep {
     deadline: Instant,
+    /// The waker of the timer this sleep put in the PE's heap, if any: polled again by the same
+    /// task (woken by something else meanwhile), it adds no second timer.
+    registered: Option<std::task::Waker>,
 }
 
 impl Future for Sleep {
     type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.deadline {
             return Poll::Ready(());
         }
-        with_pe("sleep", |pe| {
-            pe.add_timer(self.deadline, cx.waker().clone())
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let waker = cx.waker().clone();
+        let deadline = self.deadline;
+        with_pe("sleep", |pe| pe.add_timer(deadline, waker.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.registered = Some(waker);
         Poll::Pending
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Polls a sleep `left` more times, waking itself after each (as a `select` over it and a
+    /// busy channel would).
+    struct Repoll {
+        sleep: super::Sleep,
+        left: u32,
+    }
+
+    impl Future for Repoll {
+        type Output = usize;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+            let _ = Pin::new(&mut self.sleep).poll(cx);
+            if self.left == 0 {
+                let timers = crate::scheduler::with_pe("test", |pe| pe.pending_timers()).unwrap();
+                return Poll::Ready(timers);
+            }
+            self.left -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_sleep_polled_again_by_its_task_adds_no_second_timer() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        crate::Runtime::new(1)
+            .run(move |_| async move {
+                let timers = Repoll {
+                    sleep: super::sleep(std::time::Duration::from_secs(60)),
+                    left: 100,
+                }
+                .await;
+                tx.send(timers).unwrap();
+                crate::exit(0);
+            })
+            .unwrap();
+        assert_eq!(rx.recv().unwrap(), 1);
+    }
+
     #[test]
     fn sleeping_for_ever_does_not_overflow_the_clock() {
         let s = super::sleep(std::time::Duration::MAX);

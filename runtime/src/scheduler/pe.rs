@@ -789,6 +789,12 @@ impl PeState {
     }
 
     /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
+    /// Timers in the heap (for tests).
+    #[cfg(test)]
+    pub(crate) fn pending_timers(&self) -> usize {
+        self.timers.borrow().len()
+    }
+
     pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) {
         self.timers.borrow_mut().push(Timer { deadline, waker });
         self.has_timers.set(true);
