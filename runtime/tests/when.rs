@@ -250,3 +250,40 @@ fn a_condition_panicking_on_a_recheck_fails_its_call_naming_the_entry() {
     })
     .unwrap();
 }
+
+/// An equality condition on a type without `Hash`, in parentheses: tested message by message.
+struct Level {
+    level: f64,
+    seen: Vec<f64>,
+}
+
+#[chare]
+impl Level {
+    fn new() -> Self {
+        Level {
+            level: 0.0,
+            seen: Vec::new(),
+        }
+    }
+
+    #[entry(when = "(self.level == level)")]
+    fn at(&mut self, level: f64) -> Vec<f64> {
+        self.seen.push(level);
+        self.level += 0.5;
+        self.seen.clone()
+    }
+}
+
+#[test]
+fn a_parenthesized_equality_on_floats_is_tested_message_by_message() {
+    run_job(1, |_| async {
+        let l = Single::<Level>::new((), None);
+        let late = l.ret().at(1.0);
+        let early = l.ret().at(0.5);
+        l.at(0.0);
+        assert_eq!(early.await, [0.0, 0.5]);
+        assert_eq!(late.await, [0.0, 0.5, 1.0]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
