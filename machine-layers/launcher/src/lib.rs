@@ -395,6 +395,10 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
     let mut aborted_by: Option<u32> = None;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
+    // Which ranks joined the job (claimed their rank at the key-value server), and the processes
+    // that ended with status 0.
+    let mut joined = vec![false; procs.len()];
+    let mut ended_ok: Vec<(u32, u32)> = Vec::new();
     let begin_teardown = |why: String, kill_at: &mut Option<Instant>, others: usize| {
         note!(
             "charmrun: {why}; stopping the other {others} process{}",
@@ -414,6 +418,9 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
                 Ok(Some(st)) => {
                     procs[i].child = None;
                     let code = code_of(st);
+                    if code == 0 {
+                        ended_ok.push((rank, pid));
+                    }
                     if aborted_by == Some(rank) && code != 0 {
                         // The aborting process's own status stands for the job.
                         status = Some(code);
@@ -459,22 +466,50 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
                 kill_all(procs);
             }
         }
-        match server.next_event(POLL) {
-            Some(KvEvent::Abort { rank, reason }) if status.is_none() => {
+        let mut wait = POLL;
+        while let Some(event) = server.next_event(wait) {
+            // Every event already queued, before the exits are judged below.
+            wait = Duration::ZERO;
+            match event {
+                KvEvent::Joined { rank } => {
+                    if let Some(j) = joined.get_mut(rank as usize) {
+                        *j = true;
+                    }
+                }
+                KvEvent::Abort { rank, reason } if status.is_none() => {
+                    status = Some(1);
+                    aborted_by = Some(rank);
+                    let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
+                    let others = procs
+                        .iter()
+                        .filter(|p| p.child.is_some() && p.rank != rank)
+                        .count();
+                    begin_teardown(
+                        format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
+                        &mut kill_at,
+                        others,
+                    );
+                }
+                _ => {}
+            }
+        }
+        // A process that ended successfully without ever joining, in a job whose other
+        // processes join: they would wait for it at start-up for ever. (A job of plain
+        // programs, none of which joins, is left alone.) A process joins before it can end,
+        // and its join is queued before it is answered, so the drain above has seen it.
+        if status.is_none() && joined.contains(&true) {
+            if let Some(&(rank, pid)) = ended_ok.iter().find(|&&(rank, _)| !joined[rank as usize]) {
                 status = Some(1);
-                aborted_by = Some(rank);
-                let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
-                let others = procs
-                    .iter()
-                    .filter(|p| p.child.is_some() && p.rank != rank)
-                    .count();
+                let others = procs.iter().filter(|p| p.child.is_some()).count();
                 begin_teardown(
-                    format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
+                    format!(
+                        "process rank {rank} (pid {pid}) exited with status 0 without joining \
+                         the job (the others would wait for it for ever)"
+                    ),
                     &mut kill_at,
                     others,
                 );
             }
-            _ => {}
         }
     }
     status.unwrap_or(0)

@@ -430,6 +430,25 @@ fn plain_processes_are_killed_too() {
 }
 
 #[test]
+fn a_process_ending_well_without_joining_ends_the_job_instead_of_a_hang() {
+    // Rank 1 is not a charmrs program and exits at once; rank 0 joins and waits for it.
+    let script = format!("if [ \"$CHARMRS_RANK\" = 1 ]; then exit 0; fi; exec {CHECK} pingpong 10");
+    let t = Instant::now();
+    let d = run(&["+p2", "++ppn", "1", "sh", "-c", &script]);
+    assert_ne!(d.status, 0, "{}", d.err());
+    assert!(
+        d.err().contains("rank 1") && d.err().contains("without joining"),
+        "{}",
+        d.err()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn a_killed_process_is_reported_lost_by_the_survivors_within_5s() {
     let mut live = Live::start(&["+p3", "++ppn", "1", CHECK, "peerlost", "1"]);
     let (_, _, victim) = live.wait_line(|l| l.1 == Stream::Out && l.2.starts_with("VICTIM"));

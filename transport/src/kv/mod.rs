@@ -283,8 +283,51 @@ mod server_tests {
             assert!(err.contains("process 1 left"), "{err}");
             assert!(took < Duration::from_secs(5));
             assert_eq!(
-                server.next_event(Duration::from_secs(5)),
+                next_but_joins(&server),
                 Some(KvEvent::Disconnected { rank: 1 })
+            );
+        });
+    }
+
+    /// The server's next event that is not a process joining.
+    fn next_but_joins(server: &KvServer) -> Option<KvEvent> {
+        loop {
+            match server.next_event(Duration::from_secs(5)) {
+                Some(KvEvent::Joined { .. }) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    #[test]
+    fn a_trickling_first_request_is_dropped_at_its_deadline() {
+        watchdog(30, || {
+            let secret = random_secret().unwrap();
+            let (_server, addr) = KvServer::start(1, secret).unwrap();
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(900)))
+                .unwrap();
+            let t = Instant::now();
+            // A 100-byte request announced, then a byte a second: each read alone would be in
+            // time; the request as a whole is not.
+            s.write_all(&[100, 0, 0, 0]).unwrap();
+            let dropped_after = loop {
+                let mut buf = [0u8; 1];
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) => break t.elapsed(),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+                assert!(t.elapsed() < Duration::from_secs(12), "still connected");
+                if s.write_all(&[7]).is_err() {
+                    break t.elapsed();
+                }
+            };
+            assert!(
+                dropped_after >= Duration::from_secs(4) && dropped_after < Duration::from_secs(9),
+                "{dropped_after:?}"
             );
         });
     }
@@ -303,7 +346,7 @@ mod server_tests {
             std::thread::sleep(Duration::from_millis(50));
             b0.abort("PE 3 panicked");
             assert_eq!(
-                server.next_event(Duration::from_secs(5)),
+                next_but_joins(&server),
                 Some(KvEvent::Abort {
                     rank: 0,
                     reason: "PE 3 panicked".into()

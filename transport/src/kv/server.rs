@@ -14,8 +14,9 @@ use super::JobSecret;
 use crate::error::TransportError;
 use crate::layer::ProcessId;
 
-/// How long an unauthenticated connection may take to send its first
-/// request.
+/// How long an unauthenticated connection may take to send its whole first
+/// request (one deadline, not one per read: a client trickling a byte at a
+/// time cannot hold its slot longer).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unauthenticated connections served at once; further ones wait in the
 /// listen backlog.
@@ -34,6 +35,12 @@ pub enum KvEvent {
         rank: ProcessId,
         /// Its reason.
         reason: String,
+    },
+    /// A process authenticated and claimed its rank (sent before it is
+    /// answered, so before anything it does after joining).
+    Joined {
+        /// The process that joined.
+        rank: ProcessId,
     },
     /// The connection of an authenticated process closed (it exited, or
     /// dropped its bootstrap).
@@ -205,8 +212,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             .peer_addr()
             .map_or_else(|_| "<unknown>".to_owned(), |a| a.to_string());
         // At the cap, wait rather than refuse: all processes of a big job
-        // connect at once. Unauthenticated connections time out after
-        // `HELLO_TIMEOUT`, so a slot always frees up.
+        // connect at once. An unauthenticated connection is dropped
+        // `HELLO_TIMEOUT` after it was accepted, so a slot always frees up.
         while shared.pending.load(Ordering::SeqCst) >= MAX_PENDING {
             if shared.shutdown.load(Ordering::SeqCst) {
                 return;
@@ -286,10 +293,11 @@ fn serve(shared: &Shared, mut stream: TcpStream, peer: &str) {
 /// Authenticates the first request, which must claim a rank. `Err(None)`:
 /// closed silently before sending anything.
 fn hello(shared: &Shared, stream: &mut TcpStream) -> Result<ProcessId, Option<String>> {
-    stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
-        .map_err(|e| Some(e.to_string()))?;
-    let body = match proto::read_body(stream, proto::MAX_REQUEST) {
+    let mut until_deadline = Deadline {
+        stream: &mut *stream,
+        at: std::time::Instant::now() + HELLO_TIMEOUT,
+    };
+    let body = match proto::read_body(&mut until_deadline, proto::MAX_REQUEST) {
         Ok(Some(b)) => b,
         Ok(None) => return Err(None),
         Err(e) => return Err(Some(format!("bad first request: {e}"))),
@@ -335,6 +343,7 @@ fn hello(shared: &Shared, stream: &mut TcpStream) -> Result<ProcessId, Option<St
                 .set_read_timeout(None)
                 .map_err(|e| Some(e.to_string()))?;
             let _ = stream.set_nodelay(true);
+            let _ = shared.events.send(KvEvent::Joined { rank });
             proto::write_response(stream, Status::Ok, b"").map_err(|e| Some(e.to_string()))?;
             Ok(rank)
         }
@@ -431,5 +440,25 @@ fn fence(shared: &Shared) -> Result<(), String> {
         if shared.shutdown.load(Ordering::SeqCst) {
             return Err("the key-value server is shutting down".to_owned());
         }
+    }
+}
+
+/// Reads from `stream` until `at`: each read waits at most what is left.
+struct Deadline<'a> {
+    stream: &'a mut TcpStream,
+    at: std::time::Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .at
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "first request too slow")
+            })?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
     }
 }
