@@ -534,6 +534,16 @@ impl<T: Payload> Sink<T> {
         }
     }
 
+    /// [`ok`](Self::ok), where user code may run (the result's `Drop` for no one, its
+    /// `Serialize` for a caller in another process): a panic there aborts the job naming the
+    /// entry, as a panic in the entry would, instead of unwinding through the PE's loop.
+    #[inline(always)]
+    fn deliver(self, pe: &PeState, value: T, site: &Site) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.ok(pe, value))) {
+            result_panicked(pe, site, payload);
+        }
+    }
+
     fn panicked(self, pe: &PeState, site: &Site, payload: Box<dyn Any + Send>) {
         if payload.is::<AbortUnwind>() {
             return; // `abort` was called: the job is ending already.
@@ -552,6 +562,20 @@ impl<T: Payload> Sink<T> {
             Sink::Partial { acc, index } => acc.add(pe, index, Err(remote())),
         }
     }
+}
+
+/// Ends the job: handing an entry's result on panicked (see [`Sink::deliver`]).
+#[cold]
+#[inline(never)]
+fn result_panicked(pe: &PeState, site: &Site, payload: Box<dyn Any + Send>) {
+    if payload.is::<AbortUnwind>() {
+        return;
+    }
+    let what = crate::panic::describe(payload);
+    pe.abort_job(site.panic_message(
+        pe.pe,
+        &format!("{what} (handing on its result: the result's Drop or Serialize)"),
+    ));
 }
 
 /// Runs one call of `E` on `element` — or buffers it there if its `when` condition does not hold.
@@ -679,7 +703,7 @@ fn run_call<C: Chare, E: Entry<C>>(
         pe.entry_secs.set(pe.entry_secs.get() + took);
     }
     match called {
-        Ok(Invoked::Done(v)) => sink.ok(pe, v),
+        Ok(Invoked::Done(v)) => sink.deliver(pe, v, &site),
         Ok(Invoked::Suspended(fut)) => {
             // Its later polls are charged to the element as its first was.
             let charged = pe.measuring.then(|| {
@@ -694,7 +718,7 @@ fn run_call<C: Chare, E: Entry<C>>(
                     }
                     .await;
                     crate::scheduler::with_pe("entry completion", |pe| match outcome {
-                        Ok(v) => sink.ok(pe, v),
+                        Ok(v) => sink.deliver(pe, v, &site),
                         Err(payload) => sink.panicked(pe, &site, payload),
                     })
                     .expect("tasks run on their PE");

@@ -167,3 +167,57 @@ fn runtime_calls_outside_a_pe_are_named_errors() {
     );
     assert!(!charmrs::in_runtime());
 }
+
+/// A value whose `Drop` panics.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Bomb;
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        panic!("the bomb went off when dropped");
+    }
+}
+
+struct BombMaker;
+
+#[chare]
+impl BombMaker {
+    fn new() -> Self {
+        BombMaker
+    }
+
+    #[entry]
+    fn make(&mut self) -> Bomb {
+        Bomb
+    }
+
+    #[entry]
+    async fn make_later(_this: Coro<Self>) -> Bomb {
+        charmrs::sleep(std::time::Duration::from_millis(1)).await;
+        Bomb
+    }
+}
+
+/// A result nobody asked for is dropped; a panic in its `Drop` aborts the job naming the entry
+/// and the PE, as a panic in the entry would, for a plain and a suspended entry alike.
+#[test]
+fn a_panic_dropping_an_entrys_result_names_the_entry() {
+    for suspended in [false, true] {
+        let msg = aborted(run_job(2, move |_| async move {
+            let m = Single::<BombMaker>::new((), Some(1));
+            if suspended {
+                m.make_later();
+            } else {
+                m.make();
+            }
+            charmrs::sleep(std::time::Duration::from_secs(30)).await;
+        }));
+        let entry = if suspended { "make_later" } else { "make" };
+        assert!(
+            msg.contains(&format!("BombMaker::{entry}"))
+                && msg.contains("PE 1")
+                && msg.contains("the bomb went off"),
+            "{msg}"
+        );
+    }
+}
