@@ -429,7 +429,9 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 DerefArgs(names).visit_expr_mut(&mut rewritten);
                 when_helpers.push(quote! {
                     #[doc(hidden)]
-                    #[allow(unused_variables, clippy::all)]
+                    // `unused_parens`: a condition in parentheses is how a user asks for a
+                    // test per message instead of the equality index.
+                    #[allow(unused_variables, unused_parens, clippy::all)]
                     fn #check(&self, args: &(#(#types,)*)) -> bool {
                         let (#(#names,)*) = args;
                         #rewritten
