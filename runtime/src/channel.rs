@@ -259,6 +259,7 @@ pub(crate) fn encode_values(ends: &mut [ChannelEnd]) -> Result<(), String> {
                 tag: (ops.tag)(),
                 bytes: bytes.into(),
                 segments,
+                restored: false,
             };
         }
     }
@@ -389,6 +390,9 @@ enum Repr {
         tag: u64,
         bytes: Bytes,
         segments: Vec<Bytes>,
+        /// Read back from a checkpoint: decoded as restored state is (proxies re-homed for
+        /// this job, a future refused; see `checkpoint::rehoming`).
+        restored: bool,
     },
 }
 
@@ -452,6 +456,13 @@ impl ChannelData {
         })
     }
 
+    /// Marks an encoded value read back from a checkpoint (see `Repr::Encoded::restored`).
+    pub(crate) fn mark_restored(&mut self) {
+        if let Repr::Encoded { restored, .. } = &mut self.0 {
+            *restored = true;
+        }
+    }
+
     /// The value as a `T`, or why not.
     pub(crate) fn into_value<T: Payload>(self) -> Result<T, String> {
         match self.0 {
@@ -467,9 +478,20 @@ impl ChannelData {
                 std::any::type_name::<T>()
             )),
             Repr::Encoded {
-                bytes, segments, ..
-            } => crate::wire::offering(segments, || crate::wire::decoded::<T>(&bytes))
-                .map_err(|e| format!("decoding it as a {}: {e}", std::any::type_name::<T>())),
+                bytes,
+                segments,
+                restored,
+                ..
+            } => {
+                let decode =
+                    || crate::wire::offering(segments, || crate::wire::decoded::<T>(&bytes));
+                if restored {
+                    crate::checkpoint::rehoming(decode)
+                } else {
+                    decode()
+                }
+            }
+            .map_err(|e| format!("decoding it as a {}: {e}", std::any::type_name::<T>())),
         }
     }
 }
@@ -485,10 +507,12 @@ impl Clone for ChannelData {
                 tag,
                 bytes,
                 segments,
+                restored,
             } => Repr::Encoded {
                 tag: *tag,
                 bytes: bytes.clone(),
                 segments: segments.clone(),
+                restored: *restored,
             },
         })
     }
@@ -514,20 +538,22 @@ impl<'de> Deserialize<'de> for Segment {
 pub(crate) const MAX_VALUE_SEGMENTS: usize = 254;
 
 impl Serialize for ChannelData {
-    /// (type tag, the encoded value, its buffers): the value's bytes travel like any buffer
-    /// (inline when small, as a segment of their own otherwise).
+    /// (type tag, the encoded value, its buffers, whether it was read back from a checkpoint):
+    /// the value's bytes travel like any buffer (inline when small, as a segment of their own
+    /// otherwise).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (tag, bytes, segments) = match &self.0 {
+        let (tag, bytes, segments, restored) = match &self.0 {
             Repr::Value { value, ops } => {
                 let (bytes, segments) =
                     (ops.encode)(&**value).map_err(crate::wire::custom_encode_error::<S::Error>)?;
-                ((ops.tag)(), Bytes::from(bytes), segments)
+                ((ops.tag)(), Bytes::from(bytes), segments, false)
             }
             Repr::Encoded {
                 tag,
                 bytes,
                 segments,
-            } => (*tag, bytes.clone(), segments.clone()),
+                restored,
+            } => (*tag, bytes.clone(), segments.clone(), *restored),
         };
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(crate::wire::custom_encode_error(format!(
@@ -536,13 +562,14 @@ impl Serialize for ChannelData {
             )));
         }
         let segments: Vec<Segment> = segments.into_iter().map(Segment).collect();
-        (tag, Segment(bytes), segments).serialize(s)
+        (tag, Segment(bytes), segments, restored).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for ChannelData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (tag, bytes, segments): (u64, Segment, Vec<Segment>) = Deserialize::deserialize(d)?;
+        let (tag, bytes, segments, restored): (u64, Segment, Vec<Segment>, bool) =
+            Deserialize::deserialize(d)?;
         if segments.len() > MAX_VALUE_SEGMENTS {
             return Err(crate::wire::custom_error(
                 "a channel value with too many buffers".into(),
@@ -552,6 +579,7 @@ impl<'de> Deserialize<'de> for ChannelData {
             tag,
             bytes: bytes.0,
             segments: segments.into_iter().map(|s| s.0).collect(),
+            restored,
         }))
     }
 }

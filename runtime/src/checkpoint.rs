@@ -313,7 +313,10 @@ pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Resul
     sync_dir(&dir);
     write_atomically(&meta_path, |f| f.write_all(&encoded))
         .map_err(|e| failed(checkpoint_error(e)))?;
-    // The new checkpoint stands: the files of earlier ones go.
+    // The metadata's rename reaches the disk before the files of earlier checkpoints go (a file
+    // system need not keep the order of the two: a crash between them could otherwise leave the
+    // old metadata naming deleted files).
+    sync_dir(&dir);
     remove_generations(&dir, |g| g != generation);
     sync_dir(&dir);
     Ok(Saved {
@@ -683,13 +686,20 @@ impl PeState {
                 if let Shape::Sparse { .. } = shape {
                     sparse.entry(e.coll).or_insert_with(|| vec![0; n])[home] += 1;
                 }
+                // Its unreceived channel values are decoded, when received, as restored state.
+                let mut channels = e.channels;
+                for end in &mut channels {
+                    for (_, data) in &mut end.arrived {
+                        data.mark_restored();
+                    }
+                }
                 let migrant = Migrant {
                     coll: e.coll,
                     index: e.index,
                     epoch: 0,
                     reductions: 0,
                     load: 0.0,
-                    channels: e.channels,
+                    channels,
                     sections: Vec::new(),
                     state: e.state,
                     balance: None,

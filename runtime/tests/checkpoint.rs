@@ -537,6 +537,25 @@ impl Piper {
     }
 
     #[entry]
+    async fn send_proxy(this: Coro<Self>, to: usize, which: usize) {
+        let out = this.channel(&this.ctx().this_proxy().at(to));
+        out.send(this.ctx().this_proxy().at(which));
+    }
+
+    /// Receives a proxy from `from` and asks the element it names for its PE.
+    #[entry]
+    async fn call_received(this: Coro<Self>, from: usize) -> usize {
+        let input = this.channel(&this.ctx().this_proxy().at(from));
+        let proxy = input.recv::<ElementProxy<Piper>>().await;
+        proxy.ret().pe().await
+    }
+
+    #[entry]
+    fn pe(&mut self, ctx: &Ctx<Self>) -> usize {
+        ctx.my_pe()
+    }
+
+    #[entry]
     async fn receive(this: Coro<Self>, from: usize, count: usize) -> Vec<u64> {
         let input = this.channel(&this.ctx().this_proxy().at(from));
         let mut got = Vec::new();
@@ -579,5 +598,29 @@ fn channel_values_not_received_yet_survive_a_restart() {
     assert_eq!(first, [10, 11, 12]);
     assert_eq!(second, [13, 14]);
     assert_eq!(back, [7]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy inside a channel value saved unreceived is re-homed when received after a restart
+/// on fewer PEs (it named PE 3 of 4; the new job has 2).
+#[test]
+fn a_proxy_in_a_saved_channel_value_is_rehomed_for_the_new_job() {
+    let dir = scratch("channel-proxy");
+    let d = dir.clone();
+    job(4, move || async move {
+        let pipes = Array::<Piper, usize>::new(4, ());
+        pipes.at(2usize).send_proxy(0, 3);
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &pipes).await.expect("checkpoint");
+    });
+    let d = dir.clone();
+    let pe = job(2, move || async move {
+        let pipes = charmrs::restore::<Array<Piper, usize>>(&d)
+            .await
+            .expect("restore")
+            .expect("a checkpoint");
+        pipes.at(0usize).ret().call_received(2).await
+    });
+    assert_eq!(pe, 1, "element 3 of 4 lives on PE 1 of 2");
     let _ = std::fs::remove_dir_all(&dir);
 }
