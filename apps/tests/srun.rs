@@ -25,12 +25,22 @@ fn have_slurm() -> bool {
 
 /// `srun --mpi=pmix -n n` of `bin args` with `pes` PEs per process; the test fails after 60 s.
 fn srun(n: usize, pes: usize, bin: &str, args: &[&str]) -> Finished {
+    srun_with(true, n, pes, bin, args)
+}
+
+/// [`srun`]; `kill_on_bad_exit`: Slurm ends the step when a task exits non-zero (else only
+/// `PMIx_Abort` does).
+fn srun_with(kill_on_bad_exit: bool, n: usize, pes: usize, bin: &str, args: &[&str]) -> Finished {
     let mut cmd = Command::new("srun");
     // --time: Slurm itself ends a step that hangs (killing srun would leave it running).
     cmd.args([
         "--mpi=pmix",
         "--overcommit",
-        "--kill-on-bad-exit=1",
+        if kill_on_bad_exit {
+            "--kill-on-bad-exit=1"
+        } else {
+            "--kill-on-bad-exit=0"
+        },
         "--time=2",
     ])
     .arg(format!("--ntasks={n}"))
@@ -81,4 +91,26 @@ fn a_panic_in_one_process_ends_the_srun_job_naming_it() {
         );
     }
     assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+}
+
+#[test]
+fn a_process_whose_machine_layer_cannot_start_ends_the_srun_job() {
+    if !have_slurm() {
+        return;
+    }
+    // Task 1 cannot start its TCP layer; task 0 would wait for it in a fence. Slurm does not
+    // end the step for a failed task here: only the PMIx_Abort the failing process sends does.
+    let script = format!(
+        "if [ \"$SLURM_PROCID\" = 1 ]; then export CHARMRS_TCP_IFACE=nope0; fi; \
+         exec {} +machine tcp",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let out = srun_with(false, 2, 1, "sh", &["-c", &script]);
+    assert!(!out.success(), "the job succeeded: {}", out.stderr);
+    assert!(
+        out.stderr.contains("CHARMRS_TCP_IFACE=nope0"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.took < Duration::from_secs(30), "took {:?}", out.took);
 }

@@ -115,6 +115,24 @@ pub(crate) fn select(
     else {
         return Ok(Box::new(LocalLayer::new()));
     };
+    // A layer that cannot start tells the launcher before this process exits: the other
+    // processes may be waiting for it in a fence (under `srun` nothing else would end the job).
+    let launcher = Arc::clone(&bootstrap);
+    let started = start_layer(name, bootstrap, secret, one_host, pes);
+    if let Err(e) = &started {
+        launcher.abort(&format!("charmrs: process {}: {e}", launcher.rank()));
+    }
+    started
+}
+
+/// Starts machine layer `name` on `bootstrap`.
+fn start_layer(
+    name: &str,
+    bootstrap: Arc<dyn Bootstrap>,
+    secret: JobSecret,
+    one_host: bool,
+    pes: usize,
+) -> Result<Box<dyn MachineLayer>> {
     let failed = |e: charmrs_transport::TransportError| {
         Error::Options(format!("the {name} machine layer cannot start: {e}"))
     };

@@ -209,7 +209,7 @@ impl Runtime {
                 shared
                     .layer
                     .send(0, hello)
-                    .map_err(|e| Error::Options(format!("cannot reach process 0: {e}")))?;
+                    .map_err(|e| start_failed(&shared, format!("cannot reach process 0: {e}")))?;
             } else {
                 check_hellos(&shared, table)?;
             }
@@ -218,7 +218,7 @@ impl Runtime {
             shared
                 .layer
                 .barrier()
-                .map_err(|e| Error::Options(format!("start-up barrier: {e}")))?;
+                .map_err(|e| start_failed(&shared, format!("start-up barrier: {e}")))?;
             // The first PE polls the network (or, with a lane per PE, every PE its own lane),
             // woken by the layer if it can (else it naps).
             let lanes = shared.layer.lanes().clamp(1, pes);
@@ -422,6 +422,14 @@ pub const MAX_PES: usize = 1 << 24;
 /// refuses the job, naming the process, if one runs a different program. Checked here rather
 /// than among the first messages: with a lane per PE (`MachineLayer::lanes`) a hello is not
 /// ordered before the calls that process's PEs send later.
+/// A start-up step failed (`why`): the launcher is told (the other processes may wait for this
+/// one in a fence), and the error returned.
+fn start_failed(shared: &Shared, why: String) -> Error {
+    let me = shared.layer.rank();
+    shared.layer.abort(&format!("charmrs: process {me}: {why}"));
+    Error::Options(why)
+}
+
 fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
     let n = shared.layer.size() as usize;
     let mut seen = vec![false; n];
