@@ -46,6 +46,7 @@ pub mod huge;
 pub mod kv;
 pub mod lanes;
 pub mod layer;
+pub mod liveness;
 pub mod memory;
 pub mod message;
 pub mod pool;

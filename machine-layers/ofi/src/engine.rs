@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use charmrs_ofi_sys as sys;
 use charmrs_transport::lanes::{process_of, EndpointName};
+use charmrs_transport::liveness::Identity;
 use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
@@ -287,7 +288,7 @@ pub(crate) struct Engine {
     pub(crate) status: Arc<Vec<AtomicU8>>,
     pub(crate) reasons: Vec<Option<String>>,
     /// Per process: its pid if it runs on this host (liveness checks).
-    local_pids: Vec<Option<i32>>,
+    local_peers: Vec<Option<Identity>>,
     /// When peers were last checked ([`coarse_now`]).
     last_liveness: Duration,
     next_key: u64,
@@ -307,9 +308,9 @@ unsafe impl Send for Engine {}
 impl Engine {
     /// The engine of endpoint `me` (of `lanes` per process) over `fab`, whose address vector
     /// holds the peer endpoints at `addrs` (index = endpoint id); `processes` is shared by the
-    /// engines of this process and `local_pids` gives the pids of the processes on this host
-    /// (both index = process); rendezvous messages are read into buffers of `pool`. Posts the
-    /// receive pool.
+    /// engines of this process, and `local_peers` identifies the processes whose liveness it
+    /// can check (same host and PID namespace; both index = process); rendezvous messages are
+    /// read into buffers of `pool`. Posts the receive pool.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fab: Fabric,
@@ -319,7 +320,7 @@ impl Engine {
         sizes: Sizes,
         status: Arc<Vec<AtomicU8>>,
         processes: Arc<Vec<AtomicU8>>,
-        local_pids: Vec<Option<i32>>,
+        local_peers: Vec<Option<Identity>>,
         pool: Arc<RecvPool>,
     ) -> Result<Engine, TransportError> {
         let n = addrs.len();
@@ -350,7 +351,7 @@ impl Engine {
             inflight: 0,
             status,
             reasons: vec![None; n],
-            local_pids,
+            local_peers,
             last_liveness: coarse_now(),
             next_key: 1,
             regions: HashMap::new(),
@@ -1322,8 +1323,8 @@ impl Engine {
         let dead: Vec<(ProcessId, i32)> = (0..self.processes.len() as ProcessId)
             .filter(|&process| self.process_alive(process))
             .filter_map(|process| {
-                let pid = self.local_pids[process as usize]?;
-                process_gone(pid).then_some((process, pid))
+                let peer = self.local_peers[process as usize].as_ref()?;
+                (!peer.alive()).then_some((process, peer.pid()))
             })
             .collect();
         if dead.is_empty() {
@@ -1397,22 +1398,6 @@ fn refused(err: i32) -> bool {
         sys::FI_EKEYREJECTED,
     ]
     .contains(&err.saturating_abs())
-}
-
-/// Whether the process `pid` of this host has exited (gone or zombie).
-fn process_gone(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state == 'Z' || state == 'X'),
-        Err(_) => r == -1,
-    }
 }
 
 impl Drop for Engine {

@@ -11,6 +11,7 @@ use charmrs_transport::kv::KvBootstrap;
 use charmrs_transport::lanes::{
     decode_address_list, encode_address_list, endpoint_for, process_of,
 };
+use charmrs_transport::liveness::Identity;
 use charmrs_transport::{
     Arrival, ArrivalBatch, Bootstrap, Header, MachineLayer, MemRegion, Message, ProcessId,
     RecvPool, RemoteKey, TransportError, NAP_MAX, NAP_SPIN,
@@ -320,15 +321,6 @@ fn bootstrap_err(m: String) -> TransportError {
     TransportError::Bootstrap(m)
 }
 
-/// This host's identity for the liveness check: the kernel boot id (falls
-/// back to the host name).
-fn host_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// Bytes of a [`RemoteKey`]'s `rkey` made by this layer: the registration's key, then the lane
 /// (endpoint) that registered it, both little-endian.
 const RKEY_LEN: usize = 12;
@@ -407,20 +399,17 @@ impl OfiLayer {
             Err(e) => return Err(e),
         };
         let prov = fabs[0].limits.provider.clone();
-        let host = host_id();
+        let me = Identity::current();
         bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;
         bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;
-        bootstrap.put(
-            HOST_KEY,
-            format!("{host} {}", std::process::id()).as_bytes(),
-        )?;
+        bootstrap.put(HOST_KEY, &me.encode())?;
         bootstrap.fence()?;
         let mut names = Vec::with_capacity(ids as usize);
-        let mut local_pids = Vec::with_capacity(size as usize);
+        let mut local_peers = Vec::with_capacity(size as usize);
         for r in 0..size {
             if r == rank {
                 names.extend(own.iter().cloned());
-                local_pids.push(None);
+                local_peers.push(None);
                 continue;
             }
             let their = bootstrap.get(r, PROVIDER_KEY)?;
@@ -445,14 +434,10 @@ impl OfiLayer {
                 )));
             }
             names.extend(published);
-            let h = bootstrap.get(r, HOST_KEY)?;
-            let h = String::from_utf8_lossy(&h);
-            let pid = h.rsplit_once(' ').and_then(|(their_host, pid)| {
-                (their_host == host && !host.is_empty())
-                    .then(|| pid.parse::<i32>().ok())
-                    .flatten()
-            });
-            local_pids.push(pid);
+            // Checked for liveness only if its PID means the same here: same kernel boot and
+            // PID namespace (containers on one host share the boot id).
+            let theirs = Identity::decode(&bootstrap.get(r, HOST_KEY)?);
+            local_peers.push(theirs.filter(|them| me.comparable(them)));
         }
         let sizes = Sizes {
             packet_max: cfg.packet_max,
@@ -495,7 +480,7 @@ impl OfiLayer {
                 sizes,
                 Arc::clone(&status),
                 Arc::clone(&processes),
-                local_pids.clone(),
+                local_peers.clone(),
                 Arc::clone(&pool),
             )?;
             // SAFETY: eventfd takes no pointers; the result is checked.

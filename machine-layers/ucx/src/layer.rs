@@ -15,12 +15,12 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::context::Context;
-use crate::liveness::Identity;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
 use charmrs_transport::lanes::{
     decode_address_list, encode_address_list, endpoint_for, process_of,
 };
+use charmrs_transport::liveness::Identity;
 
 /// Bootstrap key under which each process publishes the addresses of its UCX workers (a count,
 /// then each address after its length, all little-endian `u32`s).

@@ -91,7 +91,6 @@ mod context;
 mod held;
 mod inbox;
 mod layer;
-mod liveness;
 mod spin;
 mod status;
 mod wake;

@@ -6,11 +6,13 @@
 //! (published through the bootstrap), and [`Identity::alive`], the check
 //! of a peer's `/proc` entry.
 //!
-//! UCX's shared-memory transports notice a dead peer only through its
-//! keep-alive, which does not fire reliably for them (UCX 1.13); TCP and
-//! RDMA transports see the broken connection themselves. The layer
-//! therefore also checks, at most once per keep-alive interval, that the
-//! peers on its host that it exchanged messages with still exist.
+//! Shared-memory transports notice a dead peer late or never (UCX 1.13's
+//! keep-alive does not fire reliably for them; libfabric's `shm` has no
+//! connection to break), so the UCX and libfabric layers also check, now and
+//! then, that the peers on their host still exist. A PID alone names a
+//! process only within its PID namespace, and a reused PID names another:
+//! containers on one host share the kernel's boot id, so the identity also
+//! carries the PID namespace and the process's start time.
 //!
 //! # Invariants
 //!
@@ -20,9 +22,17 @@
 //! * "Dead" means: no `/proc/<pid>` entry, a zombie, or a different start
 //!   time (the PID was reused).
 
-/// Where a process runs; see the module docs.
+/// Where a process runs: its host (kernel boot and PID namespace), PID and
+/// start time; see the module docs.
+///
+/// ```
+/// use charmrs_transport::liveness::Identity;
+/// let me = Identity::current();
+/// assert!(me.comparable(&me) && me.alive());
+/// assert_eq!(Identity::decode(&me.encode()), Some(me));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Identity {
+pub struct Identity {
     /// Kernel boot id and PID-namespace inode: equal means PIDs compare.
     host: String,
     pid: i32,
@@ -44,7 +54,7 @@ fn stat(pid: i32) -> Option<(char, u64)> {
 
 impl Identity {
     /// This process's identity.
-    pub(crate) fn current() -> Identity {
+    pub fn current() -> Identity {
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         let ns = std::fs::read_link("/proc/self/ns/pid")
             .map(|p| p.display().to_string())
@@ -59,12 +69,12 @@ impl Identity {
     }
 
     /// Serialized for the bootstrap.
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         format!("{} {} {}", self.pid, self.start, self.host).into_bytes()
     }
 
     /// Parses [`encode`](Identity::encode)'s output; `None` if malformed.
-    pub(crate) fn decode(b: &[u8]) -> Option<Identity> {
+    pub fn decode(b: &[u8]) -> Option<Identity> {
         let s = std::str::from_utf8(b).ok()?;
         let mut it = s.splitn(3, ' ');
         let pid = it.next()?.parse().ok()?;
@@ -74,17 +84,17 @@ impl Identity {
     }
 
     /// Whether `other`'s liveness can be checked from this process.
-    pub(crate) fn comparable(&self, other: &Identity) -> bool {
+    pub fn comparable(&self, other: &Identity) -> bool {
         !self.host.starts_with('|') && self.host == other.host && other.pid > 0
     }
 
     /// The process id.
-    pub(crate) fn pid(&self) -> i32 {
+    pub fn pid(&self) -> i32 {
         self.pid
     }
 
     /// Whether the process still exists (see the module docs).
-    pub(crate) fn alive(&self) -> bool {
+    pub fn alive(&self) -> bool {
         match stat(self.pid) {
             Some((state, start)) => !matches!(state, 'Z' | 'X' | 'x') && start == self.start,
             None => false,
