@@ -614,6 +614,7 @@ impl PeState {
             if let (Some(t), Some(began)) = (&self.tracer, traced) {
                 t.task(task.name, began);
             }
+            self.unmeasured_work_done();
             return self.send(0, report(result.map(|()| out), true));
         }
         self.send(

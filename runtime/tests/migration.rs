@@ -548,3 +548,39 @@ fn at_sync_from_an_async_entry_after_an_await_measures_its_time() {
     });
     assert_eq!(r.expect("the job runs"), 0);
 }
+
+/// Reports the PE's entry-method seconds.
+struct Probe;
+
+#[chare]
+impl Probe {
+    fn new() -> Self {
+        Probe
+    }
+
+    #[entry]
+    fn noop(&mut self) {}
+
+    #[entry]
+    fn entry_secs(&mut self) -> f64 {
+        charmrs::pe_times().entry
+    }
+}
+
+/// Work outside entry methods (here the entry point's own, between two awaits) counts as the
+/// PE's background, not towards the next element to run: before, the balancer saw a "heavy"
+/// element and moved it.
+#[test]
+fn work_outside_entry_methods_is_not_charged_to_the_next_element() {
+    let rt = Runtime::new(1).affinity(false).balancer("Greedy");
+    let r = run_job_with(rt, |_| async {
+        let probe = Single::<Probe>::new((), Some(0));
+        probe.ret().noop().await;
+        spin(std::time::Duration::from_millis(100));
+        probe.ret().noop().await;
+        let entry = probe.ret().entry_secs().await;
+        assert!(entry < 0.05, "entry seconds: {entry}");
+        charmrs::exit(0);
+    });
+    assert_eq!(r.expect("the job runs"), 0);
+}

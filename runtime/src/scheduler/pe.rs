@@ -942,6 +942,8 @@ impl PeState {
                     label = self.executor.resume(slot, generation);
                     Ok(())
                 });
+                // An element's suspended entry charged its poll to the element itself.
+                self.unmeasured_work_done();
                 if let (Some(t), Some(start)) = (&self.tracer, start) {
                     match label {
                         Some(name) => t.resumed(name, start),
@@ -1187,7 +1189,18 @@ impl PeState {
         if let (Some(t), Some(start)) = (&self.tracer, start) {
             t.entry(self.constructor_name(build), index, start);
         }
+        self.unmeasured_work_done();
         made
+    }
+
+    /// Work that is no element's entry method just ran (a constructor, a pool task, the entry
+    /// point or another runtime task resumed): with load balancing on, the clock is marked so
+    /// that its time counts as the PE's background, not towards the next element to run.
+    #[inline]
+    pub(crate) fn unmeasured_work_done(&self) {
+        if self.measuring {
+            self.clock_mark();
+        }
     }
 
     /// `Chare::new` of `build`, as the entry table names it (traces).
