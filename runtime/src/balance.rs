@@ -441,17 +441,22 @@ impl PeState {
         }
     }
 
-    /// This PE's loads since its last report (which restart from zero).
+    /// This PE's loads since its last report (which restart from zero): one object per element
+    /// a step may move; the elements that cannot move (groups, single chares, arrays of a
+    /// non-migratable type) count in the PE's background, as the time outside entry methods
+    /// does, so the strategy sees all the PE's load.
     fn load_report(&self) -> LbMsg {
         let mut objects = Vec::new();
+        let mut fixed = 0.0;
         for (coll, c) in self.collections.borrow().iter() {
-            if !c.mobility.migratable
-                || !matches!(c.shape, Shape::Array { .. } | Shape::Sparse { .. })
-            {
-                continue;
-            }
+            let movable = c.mobility.migratable
+                && matches!(c.shape, Shape::Array { .. } | Shape::Sparse { .. });
             for (index, element) in c.elements.iter() {
-                objects.push((*coll, *index, element.load()));
+                if movable {
+                    objects.push((*coll, *index, element.load()));
+                } else {
+                    fixed += element.load();
+                }
                 element.set_load(0.0);
             }
         }
@@ -465,7 +470,7 @@ impl PeState {
         LbMsg::Report {
             pe: self.pe as u32,
             objects,
-            background: since.max(0.0),
+            background: since.max(0.0) + fixed,
         }
     }
 

@@ -584,3 +584,67 @@ fn work_outside_entry_methods_is_not_charged_to_the_next_element() {
     });
     assert_eq!(r.expect("the job runs"), 0);
 }
+
+/// A group whose element on PE 0 is busy: load that cannot move.
+struct Burner;
+
+#[chare]
+impl Burner {
+    fn new() -> Self {
+        Burner
+    }
+
+    #[entry]
+    fn burn(&mut self, ctx: &Ctx<Self>, rounds: u32) {
+        if ctx.my_pe() == 0 {
+            spin(std::time::Duration::from_micros(1500));
+            if rounds > 0 {
+                ctx.this_element().burn(rounds - 1);
+            }
+        }
+    }
+}
+
+/// Movable, with next to no load of its own.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Light;
+
+#[chare(migratable)]
+impl Light {
+    fn new() -> Self {
+        Light
+    }
+
+    #[entry]
+    fn pe(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
+        ctx.gather(ctx.my_pe(), to);
+    }
+}
+
+/// Periodic balancing counts the load of what cannot move (a busy group element on PE 0) in
+/// its PE's load: the movable elements leave PE 0. Before, that load was in no report, the PEs
+/// looked even, and PE 0 stayed the busiest.
+#[test]
+fn periodic_balancing_counts_the_load_that_cannot_move() {
+    let rt = Runtime::new(2)
+        .affinity(false)
+        .balancer("Greedy")
+        .lb_period(std::time::Duration::from_millis(40));
+    run_job_with(rt, |_| async {
+        let fixed = Group::<Burner>::new(());
+        let a = Array::<Light, usize>::new(8, ());
+        // PE 0 busy for ~0.6 s; looked at after several 40 ms periods, while it still is.
+        fixed.burn(400);
+        charmrs::sleep(std::time::Duration::from_millis(250)).await;
+        let where_now = Future::new();
+        a.pe(where_now);
+        let placed = where_now.await;
+        let on_1 = placed.iter().filter(|&&pe| pe == 1).count();
+        assert!(
+            on_1 >= 7,
+            "the movable elements left the busy PE 0: {placed:?}"
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
