@@ -564,7 +564,9 @@ impl<T: Payload> Sink<T> {
     }
 }
 
-/// Ends the job: handing an entry's result on panicked (see [`Sink::deliver`]).
+/// Ends the job: user code the runtime runs for an entry outside it panicked — handing its
+/// result on (the result's `Drop` or `Serialize`, see [`Sink::deliver`]) or copying a
+/// broadcast's arguments for it (their `Clone`).
 #[cold]
 #[inline(never)]
 fn result_panicked(pe: &PeState, site: &Site, payload: Box<dyn Any + Send>) {
@@ -574,7 +576,9 @@ fn result_panicked(pe: &PeState, site: &Site, payload: Box<dyn Any + Send>) {
     let what = crate::panic::describe(payload);
     pe.abort_job(site.panic_message(
         pe.pe,
-        &format!("{what} (handing on its result: the result's Drop or Serialize)"),
+        &format!(
+            "{what} (around the call: its arguments' Clone, or its result's Drop or Serialize)"
+        ),
     ));
 }
 
@@ -598,7 +602,11 @@ fn run_entry<C: Chare, E: Entry<C>>(
         })) {
             Ok(true) => {}
             Ok(false) => {
-                let key = E::arg_key(&args);
+                // The key hashes an argument with the user's `Hash`: a panic there fails the call.
+                let key = match catch_unwind(AssertUnwindSafe(|| E::arg_key(&args))) {
+                    Ok(key) => key,
+                    Err(payload) => return sink.panicked(pe, &site, payload),
+                };
                 let call = Box::new(Buffered::<C, E> {
                     args,
                     sink,
@@ -832,9 +840,12 @@ impl<C: Chare, E: Entry<C>, R: ReplySlot> Invocation for Call<C, E, R> {
             let a = if k + 1 == elements.len() {
                 args.take().expect("moved once, for the last element")
             } else {
-                args.as_ref()
-                    .expect("present until the last element")
-                    .clone()
+                // The arguments' `Clone` is user code: a panic in it is the entry's failure.
+                let source = args.as_ref().expect("present until the last element");
+                match catch_unwind(AssertUnwindSafe(|| source.clone())) {
+                    Ok(a) => a,
+                    Err(payload) => return result_panicked(pe, &site, payload),
+                }
             };
             let sink = match &acc {
                 Some(acc) => Sink::Partial {

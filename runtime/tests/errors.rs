@@ -221,3 +221,65 @@ fn a_panic_dropping_an_entrys_result_names_the_entry() {
         );
     }
 }
+
+/// An argument whose `Clone` and `Hash` panic.
+#[derive(PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Touchy(u32);
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        panic!("Touchy refuses to be cloned")
+    }
+}
+
+impl std::hash::Hash for Touchy {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {
+        panic!("Touchy refuses to be hashed")
+    }
+}
+
+struct Receiver {
+    want: Touchy,
+}
+
+#[chare]
+impl Receiver {
+    fn new() -> Self {
+        Receiver { want: Touchy(1) }
+    }
+
+    #[entry]
+    fn take(&mut self, _t: Touchy) {}
+
+    #[entry(when = "self.want == t")]
+    fn wait_for(&mut self, t: Touchy) {
+        let _ = t;
+    }
+}
+
+/// User code the runtime runs around a call, outside the entry itself: a broadcast's argument
+/// `Clone` (one copy per element on a PE) aborts the job naming the entry; the `Hash` of a
+/// `when` argument fails the call, whose caller gets the error.
+#[test]
+fn a_panic_cloning_or_hashing_arguments_names_the_entry() {
+    let msg = aborted(run_job(1, |_| async {
+        let a = Array::<Receiver, usize>::new(3, ());
+        a.take(Touchy(0));
+        charmrs::sleep(std::time::Duration::from_secs(30)).await;
+    }));
+    assert!(
+        msg.contains("Receiver::take") && msg.contains("refuses to be cloned"),
+        "{msg}"
+    );
+    run_job(1, |_| async {
+        let r = Single::<Receiver>::new((), None);
+        let e = r.ret().wait_for(Touchy(2)).result().await.unwrap_err();
+        let text = format!("{e:?}");
+        assert!(
+            text.contains("wait_for") && text.contains("refuses to be hashed"),
+            "{text}"
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
