@@ -460,11 +460,16 @@ impl PeState {
         let outcome = match job.error {
             Some(e) => Err(e),
             None => {
-                let results = job
-                    .results
-                    .into_iter()
-                    .map(|r| r.expect("every result arrived"))
-                    .collect();
+                // Every chunk reported; a worker in another process that reported fewer results
+                // than its chunk had items (a damaged or hostile message) leaves a hole.
+                let results: Option<Vec<_>> = job.results.into_iter().collect();
+                let Some(results) = results else {
+                    return self.abort_job(format!(
+                        "charmrs: a `{}` job on the task pool: a worker reported fewer results \
+                         than its chunk had items",
+                        job.task.name
+                    ));
+                };
                 match (job.finish)(job.task, results) {
                     Ok(v) => Ok(v),
                     Err(e) => {
