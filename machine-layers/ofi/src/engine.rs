@@ -488,7 +488,8 @@ impl Engine {
     }
 
     /// Posts one item; `Ok(Some(item))` if the provider is busy
-    /// (`-FI_EAGAIN`), `Err(reason)` if the peer cannot be reached.
+    /// (`-FI_EAGAIN`) or registrations must be freed first, `Err(reason)` if
+    /// the peer cannot be reached (a local failure is queued in `errors`).
     fn post(&mut self, p: ProcessId, out: Out) -> Result<Option<Out>, String> {
         let addr = self.addrs[p as usize];
         match out {
@@ -496,7 +497,21 @@ impl Engine {
                 if wire::data_len(&msg) <= self.sizes.packet_max {
                     self.post_eager(p, addr, msg)
                 } else {
-                    let desc = self.register_rndv(p, &msg)?;
+                    let desc = match self.register_rndv(p, &msg) {
+                        Ok(desc) => desc,
+                        // A failed registration is this process's limit (locked memory, the
+                        // provider's count of registrations), not the peer's fault: wait while
+                        // earlier large messages hold registrations their readers will free;
+                        // else end the job with what failed.
+                        Err(_) if !self.rndv_out.is_empty() => return Ok(Some(Out::Msg(msg))),
+                        Err(why) => {
+                            self.errors
+                                .push_back(TransportError::Io(std::io::Error::other(format!(
+                                    "a message to process {p}: {why}"
+                                ))));
+                            return Ok(None);
+                        }
+                    };
                     self.post(p, Out::Ctl(desc))
                 }
             }
