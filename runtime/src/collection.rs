@@ -150,6 +150,16 @@ impl Shape {
         }
     }
 
+    /// [`check`](Self::check), and that a user map places `index` on one of `num_pes` PEs (a
+    /// map's out-of-range answer would be taken as PE 0, where such an element can never be).
+    pub(crate) fn check_placed(&self, index: &Index, num_pes: usize) -> Result<()> {
+        self.check(index, num_pes)?;
+        if let Shape::Array { map: Some(m), .. } | Shape::Sparse { map: Some(m), .. } = self {
+            m.check(index, num_pes)?;
+        }
+        Ok(())
+    }
+
     /// Home PE of a (valid) element.
     pub fn home_pe(&self, index: &Index, num_pes: usize) -> usize {
         match self {

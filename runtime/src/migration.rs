@@ -549,6 +549,13 @@ impl PeState {
                 ),
             );
         };
+        // Only a message from another process can carry an index the collection cannot have.
+        if let Err(e) = shape.check(&index, self.num_pes()) {
+            return self.abort_job(format!(
+                "charmrs: PE {}: an element of {chare} arrived with a bad index: {e}",
+                self.pe
+            ));
+        }
         let parts = CtxParts {
             coll,
             index,

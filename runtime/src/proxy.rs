@@ -289,7 +289,7 @@ impl<C: Chare> Proxy<C> {
     pub fn try_at(&self, index: impl ArrayIndex) -> Result<ElementProxy<C>> {
         let index = index.to_index()?;
         with_pe("Proxy::at", |pe| {
-            self.shape.check(&index, pe.num_pes())?;
+            self.shape.check_placed(&index, pe.num_pes())?;
             let home = self.shape.home_pe(&index, pe.num_pes());
             Ok(ElementProxy::from_parts(self.coll, index, home).with_priority(self.priority))
         })?
@@ -639,7 +639,7 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
     /// element on a PE that does not exist, an insertion after
     /// [`done_inserting`](Self::done_inserting), or outside a running PE.
     pub fn try_insert(&self, index: I, init: C::Init, on_pe: Option<usize>) -> Result<()> {
-        let Shape::Sparse { map, .. } = self.proxy.shape else {
+        let Shape::Sparse { .. } = self.proxy.shape else {
             return Err(Error::Options(format!(
                 "insert: a {} is dense; only sparse arrays (Array::new_sparse) take insertions",
                 self.proxy.shape.describe()
@@ -648,10 +648,7 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
         let index = index.to_index()?;
         with_pe("Array::insert", |pe| {
             let n = pe.num_pes();
-            self.proxy.shape.check(&index, n)?;
-            if let Some(m) = map {
-                m.check(&index, n)?;
-            }
+            self.proxy.shape.check_placed(&index, n)?;
             let target = match on_pe {
                 Some(p) => {
                     pe.check_pe(p)?;

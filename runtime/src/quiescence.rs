@@ -102,9 +102,24 @@ impl PeState {
             }
             Control::QdCounts { sent, processed } => {
                 let mut qd = self.qd.borrow_mut();
+                if !qd.in_wave {
+                    return; // no wave asked for it (a stray or hostile message)
+                }
+                let sums = qd
+                    .sums
+                    .0
+                    .checked_add(sent)
+                    .zip(qd.sums.1.checked_add(processed));
+                let Some((sent, processed)) = sums else {
+                    drop(qd);
+                    return self.abort_job(
+                        "charmrs: quiescence detection: message counts beyond 2^64 (a damaged \
+                         message from another process)"
+                            .into(),
+                    );
+                };
                 qd.replies += 1;
-                qd.sums.0 += sent;
-                qd.sums.1 += processed;
+                qd.sums = (sent, processed);
                 if qd.replies < self.num_pes() {
                     return;
                 }

@@ -26,7 +26,7 @@
 
 use crate::callback::CallbackDest;
 use crate::chare::{Chare, Entry, Payload};
-use crate::collection::{CollectionId, Shape};
+use crate::collection::CollectionId;
 use crate::ctx::Ctx;
 use crate::envelope::{Call, Reply};
 use crate::error::{Error, Result};
@@ -121,12 +121,7 @@ impl<C: Chare> Proxy<C> {
             let n = pe.num_pes();
             let mut counts = vec![0u32; n];
             for index in &members {
-                shape.check(index, n)?;
-                if let Shape::Array { map: Some(m), .. } | Shape::Sparse { map: Some(m), .. } =
-                    shape
-                {
-                    m.check(index, n)?;
-                }
+                shape.check_placed(index, n)?;
                 counts[shape.home_pe(index, n)] += 1;
             }
             let id = pe.new_collection_id().as_section();

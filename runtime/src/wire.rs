@@ -1572,6 +1572,13 @@ pub(crate) fn decode_call_message(
     segments: Vec<Bytes>,
     table: &EntryTable,
 ) -> Result<Envelope, String> {
+    if header.src_pe as usize >= crate::MAX_PES {
+        return Err(format!(
+            "a call from PE {}, beyond the largest job ({} PEs)",
+            header.src_pe,
+            crate::MAX_PES
+        ));
+    }
     let (meta, args, info, codec) = read_call(seg0, table)?;
     let call = offering(segments, || (codec.decode)(args, meta.reply))
         .map_err(|e| format!("`{}`: {e}", info.name))?
@@ -1827,6 +1834,17 @@ mod tests {
             }
         }
     }
+    #[test]
+    fn a_call_from_a_pe_beyond_any_job_is_refused() {
+        let mut m = Message::new(Header::new(KIND_CALL, crate::MAX_PES as u32, 0, 0));
+        m.push_segment(Bytes::from_static(&[0u8; 32])).unwrap();
+        let table = EntryTable::get().unwrap();
+        let Err(e) = decode(m, table) else {
+            panic!("a call from PE {} was decoded", crate::MAX_PES);
+        };
+        assert!(e.contains("beyond the largest job"), "{e}");
+    }
+
     #[test]
     fn packed_reduction_partials_are_cut_by_their_lengths_and_bad_lengths_are_named() {
         let all = [Bytes::from_static(b"abcdef")];

@@ -441,3 +441,16 @@ fn an_insertion_racing_done_inserting_aborts_the_job() {
         );
     }
 }
+
+/// A proxy to an element the array's map places on a PE the job does not have is an error
+/// naming the map (it used to be sent to PE 0, where it waited for ever).
+#[test]
+fn a_proxy_the_map_places_out_of_range_is_an_error() {
+    run_job(3, |_| async {
+        let sparse = Array::<Pinned, usize>::new_sparse(Some(&TOO_FAR));
+        let e = sparse.try_at(4usize).unwrap_err().to_string();
+        assert!(e.contains("TOO_FAR") && e.contains("PE 7"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -218,13 +218,14 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             let Some(mailbox) = shared.mailbox(dst) else {
                 return not_here(shared, src, dst);
             };
-            let decoded = match header.kind {
+            // Guarded: a pool message's task arguments decode with the user's `Deserialize`.
+            let decoded = wire::guarded(|| match header.kind {
                 wire::KIND_FULFIL | wire::KIND_PARTIAL => wire::decode_value(&msg),
                 wire::KIND_QD => wire::decode_qd(&msg),
                 wire::KIND_POOL => wire::decode_pool(&msg),
                 wire::KIND_MOBILITY => wire::decode_mobility(&msg),
                 _ => wire::decode_reduction(&msg),
-            };
+            });
             match decoded {
                 Ok(env) => post(shared, dst, mailbox, env),
                 Err(e) => malformed(shared, src, e),

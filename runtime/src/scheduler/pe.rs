@@ -1254,6 +1254,27 @@ impl PeState {
         index: Index,
         build: Box<dyn Construction>,
     ) {
+        // Only a message from another process can ask for an insertion the collection cannot
+        // take: into a dense array, under another shape, or at an index it cannot have.
+        let fits = self.collections.borrow().get(&coll).map(|c| {
+            if !matches!(c.shape, Shape::Sparse { .. }) || c.shape != shape {
+                Err(format!(
+                    "{} is not a sparse array of that shape",
+                    c.shape.describe()
+                ))
+            } else {
+                c.shape
+                    .check(&index, self.num_pes())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        if let Some(Err(e)) = fits {
+            let chare = build.chare_name();
+            return self.abort_job(format!(
+                "charmrs: PE {}: an insertion of element {index} of {chare}: {e}",
+                self.pe
+            ));
+        }
         let state = self.collections.borrow().get(&coll).map(|c| {
             // Here, being built here, or known to live elsewhere (away from this home, or
             // gone from this PE): an insert of it again is a second element of one index.
