@@ -715,8 +715,8 @@ fn run_call<C: Chare, E: Entry<C>>(
         Ok(Invoked::Suspended(fut)) => {
             // Its later polls are charged to the element as its first was.
             let charged = pe.measuring.then(|| {
-                let element: Rc<dyn crate::element::ElementObj> = coro.element().clone();
-                Rc::downgrade(&element)
+                let element = Rc::downgrade(coro.element());
+                element as std::rc::Weak<dyn crate::element::ElementObj>
             });
             pe.spawn_labelled(
                 Box::pin(async move {

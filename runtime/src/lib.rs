@@ -128,8 +128,7 @@ pub mod __private {
     pub use crate::registry::{entry_id, Decoder, EntryInfo};
     pub use crate::when::hash_key;
     pub use crate::wire::{
-        decode_call, decode_construct, decode_untrusted_frame, ConstructorCodec, EntryCodec,
-        WireCall, WireConstruct,
+        decode_call, decode_untrusted_frame, ConstructorCodec, EntryCodec, WireCall, WireConstruct,
     };
     pub use inventory;
 }

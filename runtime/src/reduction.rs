@@ -372,7 +372,6 @@ pub(crate) struct Kind {
     type_name: &'static str,
     /// Which reduction this is: every contribution to one reduction must name the same.
     operation: Operation,
-    op: Reducer,
     combine: CombineFn,
     finish: fn(Box<dyn Any + Send>) -> Box<dyn Any + Send>,
     clone: fn(&(dyn Any + Send)) -> Box<dyn Any + Send>,
@@ -406,12 +405,19 @@ impl std::fmt::Display for Operation {
 }
 
 impl Kind {
+    /// The built-in operation the combining step applies (other kinds ignore it).
+    fn op(&self) -> Reducer {
+        match self.operation {
+            Operation::Builtin(op) => op,
+            _ => Reducer::Sum,
+        }
+    }
+
     pub(crate) fn builtin<T: Reduce>(op: Reducer) -> Kind {
         Kind {
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
             operation: Operation::Builtin(op),
-            op,
             combine: combine_builtin::<T>,
             finish: identity,
             clone: clone_any::<T>,
@@ -427,7 +433,6 @@ impl Kind {
             type_id: TypeId::of::<T>(),
             type_name: std::any::type_name::<T>(),
             operation: Operation::Custom(r.name),
-            op: Reducer::Sum,
             combine: r.combine,
             finish: identity,
             clone: clone_any::<T>,
@@ -443,7 +448,6 @@ impl Kind {
             type_id: TypeId::of::<crate::balance::AtSyncData>(),
             type_name: "at_sync",
             operation: Operation::AtSync,
-            op: Reducer::Sum,
             combine: crate::balance::combine,
             finish: identity,
             clone: crate::balance::clone,
@@ -459,7 +463,6 @@ impl Kind {
             type_id: TypeId::of::<Vec<(Index, T)>>(),
             type_name: std::any::type_name::<T>(),
             operation: Operation::Gather,
-            op: Reducer::Sum,
             combine: combine_gather::<T>,
             finish: finish_gather::<T>,
             clone: clone_any::<Vec<T>>,
@@ -858,7 +861,7 @@ impl PeState {
             match data.as_mut() {
                 None => data = Some(value),
                 Some(acc) => {
-                    if let Err(e) = (kind.combine)(acc, value, kind.op) {
+                    if let Err(e) = (kind.combine)(acc, value, kind.op()) {
                         return self
                             .abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)));
                     }
@@ -1409,7 +1412,7 @@ fn merge(p: &mut Pending, part: Part) -> Result<(), String> {
             "a contribution with {} does not match the earlier one with {}",
             part.kind.operation, acc.kind.operation
         )),
-        Some(acc) => (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op),
+        Some(acc) => (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op()),
     }
 }
 
@@ -1421,7 +1424,7 @@ fn decode_raw(p: &mut Pending) -> Result<(), String> {
     for raw in p.raw.drain(..) {
         let value = (acc.kind.decode_part)(&raw.bytes)
             .map_err(|e| format!("a partial from PE {}: {e}", raw.origin))?;
-        (acc.kind.combine)(&mut acc.data, value, acc.kind.op)?;
+        (acc.kind.combine)(&mut acc.data, value, acc.kind.op())?;
     }
     Ok(())
 }

@@ -1002,8 +1002,7 @@ fn run_lent_call<C: Chare, E: Entry<C>>(
 }
 
 /// Decodes the constructor arguments of `C`.
-#[doc(hidden)]
-pub fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String> {
+pub(crate) fn decode_construct<C: Chare>(bytes: &[u8]) -> Result<WireConstruct, String> {
     let init: Option<C::Init> = decode_exact(bytes)?;
     Ok(WireConstruct(Construct::<C>::from_wire(init)))
 }

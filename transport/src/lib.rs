@@ -41,6 +41,7 @@
 
 pub mod arrival;
 pub mod bootstrap;
+pub mod bounded;
 pub mod error;
 pub mod huge;
 pub mod kv;

@@ -598,18 +598,15 @@ impl MachineLayer for TcpLayer {
             // On a thread of its own, waited for at most 2 s: a write to a peer whose socket is
             // full (a silent or stuck peer) must not keep the launcher from hearing of the abort.
             let shared = Arc::clone(&self.shared);
-            let (done, finished) = std::sync::mpsc::channel();
-            let notice = std::thread::Builder::new()
-                .name("charmrs-tcp-abort".into())
-                .spawn(move || {
+            charmrs_transport::bounded::run_at_most(
+                Duration::from_secs(2),
+                "charmrs-tcp-abort",
+                move || {
                     for p in (0..shared.size).filter(|&p| p != shared.rank) {
                         let _ = shared.send_packet(p, wire::PKT_ABORT, &msg, false);
                     }
-                    let _ = done.send(());
-                });
-            if notice.is_ok() {
-                let _ = finished.recv_timeout(Duration::from_secs(2));
-            }
+                },
+            );
         }
         self.bootstrap.abort(reason);
     }

@@ -1,5 +1,7 @@
-//! Thin safe wrappers over Linux `epoll` and `eventfd`, the readiness
-//! primitives of the receive side ([`crate::recv`]).
+//! Thin safe wrappers over the Linux socket calls the layer needs beyond
+//! `std`: `epoll` and `eventfd`, the readiness primitives of the receive
+//! side ([`crate::recv`]), non-blocking vectored sends, and the keepalive
+//! options that find a silent peer ([`keep_alive`]).
 //!
 //! # Invariants
 //!

@@ -788,13 +788,13 @@ impl PeState {
         self.send_encoded(owner, msg);
     }
 
-    /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
     /// Timers in the heap (for tests).
     #[cfg(test)]
     pub(crate) fn pending_timers(&self) -> usize {
         self.timers.borrow().len()
     }
 
+    /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
     pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) {
         self.timers.borrow_mut().push(Timer { deadline, waker });
         self.has_timers.set(true);

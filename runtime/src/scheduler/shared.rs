@@ -162,7 +162,11 @@ impl Shared {
                 if matches!(outcome, Outcome::Abort(_)) {
                     // A send may wait for room a stuck peer never makes: the launcher, told by
                     // `abort` below, must hear of the abort whatever the peers do.
-                    within(ABORT_NOTICE, tell);
+                    charmrs_transport::bounded::run_at_most(
+                        ABORT_NOTICE,
+                        "charmrs-abort-notice",
+                        tell,
+                    );
                 } else {
                     tell();
                 }
@@ -198,17 +202,3 @@ impl Shared {
 /// How long an aborting process waits for its abort notices to leave before it tells the
 /// launcher.
 const ABORT_NOTICE: Duration = Duration::from_secs(2);
-
-/// Runs `f` on a thread of its own and waits for it at most `limit` (it may go on after).
-fn within(limit: Duration, f: impl FnOnce() + Send + 'static) {
-    let (done, finished) = std::sync::mpsc::channel();
-    let started = std::thread::Builder::new()
-        .name("charmrs-abort-notice".into())
-        .spawn(move || {
-            f();
-            let _ = done.send(());
-        });
-    if started.is_ok() {
-        let _ = finished.recv_timeout(limit);
-    }
-}
