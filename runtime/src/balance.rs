@@ -11,8 +11,12 @@
 //!
 //! Every element calls `at_sync`; that is a reduction (counted at home PEs like every reduction,
 //! so it is exact even while elements move) whose value is one [`LbRecord`] per element: its
-//! measured entry-method time since the last step and the PE it is on. At the root the strategy
-//! turns the records into migrations; each source PE gets its list ([`LbMsg::Moves`]) and migrates
+//! measured entry-method time since the last step and the PE it is on. The root then asks every
+//! PE how long it was busy (not idle) since its last report for the collection
+//! ([`LbMsg::Busy`]); a PE's busy time minus its elements' loads in the records is its
+//! *background*: the scheduler, runtime traffic, and every other collection's work on it (a busy
+//! group element, say), which the strategy must see even though it cannot move it. With every
+//! answer in, the strategy turns the records into migrations; each source PE gets its list ([`LbMsg::Moves`]) and migrates
 //! the elements (a busy element moves when it is free); every arrival reports
 //! [`LbMsg::Arrived`] to the root, and when all have arrived the root reaches the `resume`
 //! target. Loads are reset when recorded, so each step sees the time since the previous one.
@@ -214,6 +218,31 @@ pub(crate) enum LbMsg {
     },
     /// Destination PE → root: one element of the step arrived (or needed no move).
     Arrived { coll: CollectionId, step: u64 },
+    /// Root of an AtSync step → every PE: report how long you were busy since your last report
+    /// for `coll` (or since `coll` was created here).
+    Busy {
+        root: u32,
+        coll: CollectionId,
+        step: u64,
+    },
+    /// A PE's answer to [`LbMsg::Busy`]: seconds not idle (entries, the scheduler, runtime
+    /// traffic) in that window.
+    BusyReport {
+        pe: u32,
+        coll: CollectionId,
+        step: u64,
+        busy: f64,
+    },
+}
+
+/// An AtSync step at its root, its elements' loads combined, waiting for every PE's busy time
+/// (which gives the PEs' background: what the step's elements do not account for).
+struct Gathering {
+    records: Vec<LbRecord>,
+    resume: TargetSpec,
+    /// Per PE, its busy seconds once reported.
+    busy: Vec<Option<f64>>,
+    missing: usize,
 }
 
 /// A step waiting at its root for the migrations it ordered.
@@ -233,6 +262,11 @@ pub(crate) struct PeLb {
     reported_background: f64,
     /// At PE 0: periodic steps are held (a checkpoint or restore is under way).
     held: bool,
+    /// At the root of AtSync steps: the steps waiting for the PEs' busy times.
+    gathering: FxHashMap<(CollectionId, u64), Gathering>,
+    /// Per collection balanced by AtSync: this PE's busy seconds (`wall - idle`) when its
+    /// current window began (the collection's creation here, or the last report for it).
+    window_start: FxHashMap<CollectionId, f64>,
 }
 
 impl PeState {
@@ -244,7 +278,9 @@ impl PeState {
         lb.collecting.is_some()
     }
 
-    /// At the root of an `at_sync` reduction: balance, order the migrations, resume when done.
+    /// At the root of an `at_sync` reduction: asks every PE for its busy time since its last
+    /// report (answers: [`busy_reported`](Self::busy_reported)), then balances, orders the
+    /// migrations and resumes when they are done. Without a strategy or a dump it resumes at once.
     pub(crate) fn start_balancing(&self, coll: CollectionId, data: Box<dyn Any + Send>) {
         let Ok(data) = data.downcast::<AtSyncData>() else {
             return self.abort_job("charmrs: at_sync: a reduction of another type".into());
@@ -260,14 +296,115 @@ impl PeState {
             ));
         };
         records.sort_by_key(|r| r.index);
+        let config = &self.shared.balance;
+        if config.strategy.is_none() && config.dump.is_none() {
+            // Only measuring: nothing to decide, nothing to write.
+            return self.reach(resume, Box::new(()), crate::future::encode_value::<()>);
+        }
         let step = {
             let mut lb = self.lb.borrow_mut();
             lb.next_step += 1;
-            lb.next_step
+            let step = lb.next_step;
+            lb.gathering.insert(
+                (coll, step),
+                Gathering {
+                    records,
+                    resume,
+                    busy: vec![None; self.num_pes()],
+                    missing: self.num_pes(),
+                },
+            );
+            step
         };
+        for dst in 0..self.num_pes() {
+            self.send(
+                dst,
+                crate::envelope::Envelope::new(
+                    0,
+                    crate::envelope::Control::Balance(LbMsg::Busy {
+                        root: self.pe as u32,
+                        coll,
+                        step,
+                    }),
+                ),
+            );
+        }
+    }
+
+    /// Starts this PE's window for the AtSync steps of collection `coll` (created or adopted
+    /// here): its first report covers the time from now.
+    pub(crate) fn start_balancing_window(&self, coll: CollectionId) {
+        if self.measuring {
+            let busy = self.busy_secs();
+            self.lb.borrow_mut().window_start.insert(coll, busy);
+        }
+    }
+
+    /// Seconds this PE was not idle since it started.
+    fn busy_secs(&self) -> f64 {
+        let t = self.times();
+        (t.wall - t.idle).max(0.0)
+    }
+
+    /// At the root of AtSync step `step` of `coll`: PE `pe` was busy `busy` seconds in its
+    /// window; balances once every PE answered. Answers may come from other processes: checked
+    /// as hostile input.
+    fn busy_reported(&self, pe: u32, coll: CollectionId, step: u64, busy: f64) {
+        let complete = {
+            let mut lb = self.lb.borrow_mut();
+            let Some(g) = lb.gathering.get_mut(&(coll, step)) else {
+                drop(lb);
+                return self.abort_job(format!(
+                    "charmrs: PE {}: a busy time from PE {pe} for unknown balancing step {step} \
+                     of {coll:?}",
+                    self.pe
+                ));
+            };
+            let slot = match g.busy.get_mut(pe as usize) {
+                Some(slot @ None) if busy.is_finite() && busy >= 0.0 => slot,
+                _ => {
+                    drop(lb);
+                    return self.abort_job(format!(
+                        "charmrs: balancing step {step} of {coll:?}: a bad busy time {busy} from \
+                         PE {pe} (unknown PE, negative, or reported twice; the job has {} PEs)",
+                        self.num_pes()
+                    ));
+                }
+            };
+            *slot = Some(busy);
+            g.missing -= 1;
+            if g.missing == 0 {
+                lb.gathering.remove(&(coll, step))
+            } else {
+                None
+            }
+        };
+        if let Some(g) = complete {
+            self.balance_step(coll, step, g);
+        }
+    }
+
+    /// Balances AtSync step `step` of `coll` with every PE's busy time in: a PE's background is
+    /// its busy time minus its loads in the step's records (at least zero).
+    fn balance_step(&self, coll: CollectionId, step: u64, gathered: Gathering) {
+        let Gathering {
+            records,
+            resume,
+            busy,
+            ..
+        } = gathered;
         let config = &self.shared.balance;
+        let mut background: Vec<f64> = busy.iter().map(|b| b.unwrap_or(0.0)).collect();
+        for r in &records {
+            if let Some(b) = background.get_mut(r.pe as usize) {
+                *b -= r.load;
+            }
+        }
         let stats = LbStats {
-            pes: (0..self.num_pes()).map(|_| PeStats::new(0.0)).collect(),
+            pes: background
+                .into_iter()
+                .map(|b| PeStats::new(b.max(0.0)))
+                .collect(),
             objects: records
                 .iter()
                 .enumerate()
@@ -391,6 +528,29 @@ impl PeState {
                 );
             }
             report @ LbMsg::Report { .. } => self.periodic_report(report),
+            LbMsg::Busy { root, coll, step } => {
+                let now = self.busy_secs();
+                let since = {
+                    let mut lb = self.lb.borrow_mut();
+                    now - lb.window_start.insert(coll, now).unwrap_or(0.0)
+                };
+                let report = LbMsg::BusyReport {
+                    pe: self.pe as u32,
+                    coll,
+                    step,
+                    busy: since.max(0.0),
+                };
+                self.send(
+                    root as usize,
+                    crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(report)),
+                );
+            }
+            LbMsg::BusyReport {
+                pe,
+                coll,
+                step,
+                busy,
+            } => self.busy_reported(pe, coll, step, busy),
             LbMsg::Arrived { coll, step } => {
                 let done = {
                     let mut lb = self.lb.borrow_mut();

@@ -648,3 +648,53 @@ fn periodic_balancing_counts_the_load_that_cannot_move() {
     })
     .unwrap();
 }
+
+/// Movable, with a small even load of its own, balanced by `at_sync`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LightSyncing;
+
+#[chare(migratable)]
+impl LightSyncing {
+    fn new() -> Self {
+        LightSyncing
+    }
+
+    #[entry]
+    fn sync(&mut self, ctx: &Ctx<Self>, resume: Future<()>) {
+        spin(std::time::Duration::from_millis(2));
+        ctx.at_sync(resume);
+    }
+
+    #[entry]
+    fn pe(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
+        ctx.gather(ctx.my_pe(), to);
+    }
+}
+
+/// An AtSync step counts each PE's load outside the syncing collection (a busy group element
+/// on PE 0) as that PE's background: the movable elements leave PE 0. Before, the step saw
+/// only the collection's own even loads and every PE's background as zero, and kept 4 per PE.
+#[test]
+fn at_sync_balancing_counts_the_load_outside_the_collection() {
+    let rt = Runtime::new(2).affinity(false).balancer("Greedy");
+    run_job_with(rt, |_| async {
+        let fixed = Group::<Burner>::new(());
+        let a = Array::<LightSyncing, usize>::new(8, ());
+        // PE 0 busy for ~0.6 s; the step is taken while it still is.
+        fixed.burn(400);
+        charmrs::sleep(std::time::Duration::from_millis(250)).await;
+        let resumed = Future::new();
+        a.sync(resumed);
+        resumed.await;
+        let where_now = Future::new();
+        a.pe(where_now);
+        let placed = where_now.await;
+        let on_1 = placed.iter().filter(|&&pe| pe == 1).count();
+        assert!(
+            on_1 >= 7,
+            "the movable elements left the busy PE 0: {placed:?}"
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

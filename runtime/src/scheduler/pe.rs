@@ -1121,6 +1121,7 @@ impl PeState {
             }
         }
         self.collections.borrow_mut().insert(coll, local);
+        self.start_balancing_window(coll);
         for (index, fut) in suspended {
             self.finish_construction(coll, index, &*build, fut);
         }
@@ -1147,6 +1148,7 @@ impl PeState {
     ) -> std::result::Result<(), String> {
         let local = self.new_local(coll, shape, build)?;
         self.collections.borrow_mut().insert(coll, local);
+        self.start_balancing_window(coll);
         self.release_pending(coll);
         Ok(())
     }
