@@ -394,7 +394,8 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok channels",
                 "ok sections",
                 "ok section multicast",
-                "ok reductions of 600 elements away from home"
+                "ok reductions of 600 elements away from home",
+                "ok a move asked for inside a lent call"
             ],
             "{args:?}"
         );

@@ -401,6 +401,32 @@ impl Tally {
     }
 }
 
+/// A migratable element that moves when asked and says where it arrived.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Hopper {
+    arrived: Option<Future<usize>>,
+}
+
+#[chare(migratable)]
+impl Hopper {
+    fn new() -> Self {
+        Hopper { arrived: None }
+    }
+
+    fn migrated(&mut self, ctx: &Ctx<Self>) {
+        if let Some(told) = self.arrived.take() {
+            told.send(ctx.my_pe());
+        }
+    }
+
+    /// Moves to PE `pe` once this call returns, then sends its new PE to `arrived`.
+    #[entry]
+    fn hop(&mut self, ctx: &Ctx<Self>, pe: usize, arrived: Future<usize>) {
+        self.arrived = Some(arrived);
+        ctx.migrate(pe).unwrap();
+    }
+}
+
 /// A migratable element that counts what it receives and moves now and then.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Wanderer {
@@ -667,6 +693,17 @@ async fn mobility() {
     crowd.count_everyone(counts);
     assert_eq!(counts.await, vec![CROWD as u64; CROWD]);
     println!("ok reductions of {CROWD} elements away from home");
+    // A move asked for inside a small call that the element's PE ran straight from the machine
+    // layer's receive buffer (UCX and libfabric lend such calls), with nothing else coming: it
+    // runs when that call returns. Before, the PE still held the element there, took it for
+    // busy, and the move waited for a next message that never came.
+    let hoppers = Array::<Hopper, usize>::new(p, ());
+    for i in 1..p {
+        let arrived = Future::new();
+        hoppers.at(i).hop(0, arrived);
+        assert_eq!(arrived.await, 0, "element {i} moved to PE 0");
+    }
+    println!("ok a move asked for inside a lent call");
     charmrs::exit(0);
 }
 

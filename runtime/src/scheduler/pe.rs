@@ -850,6 +850,9 @@ impl PeState {
         };
         let ran = (call.codec.run_lent)(self, &element, call.args, call.reply, site, &mut before)
             .map_err(|e| format!("`{}`: {e}", call.name));
+        // Before the turn's end: a migration the call asked for runs there, and counts the
+        // element's references to see whether anything still uses it.
+        drop(element);
         if ran.is_ok() {
             self.end_turn();
         }
