@@ -15,6 +15,9 @@
 //! * A borrowed arrival has exactly one segment, its header's `segment_count` is 1, and its bytes
 //!   are valid only during the sink call that received it.
 //! * [`Arrival::into_message`] yields the same message either way (copying a borrowed one).
+//! * A batch left empty by a delivery (or by an append into another) keeps at most
+//!   `SMALL_KEEP` bytes of small-message buffer and `ENTRIES_KEEP` entries of capacity: a
+//!   burst does not hold its memory for ever.
 //!
 //! [`MachineLayer::progress_arrivals`]: crate::MachineLayer::progress_arrivals
 
@@ -91,6 +94,9 @@ enum Entry {
 /// Capacity of a batch's buffer of small messages beyond which [`ArrivalBatch::deliver`] gives it
 /// back (a burst of small messages does not keep its memory).
 const SMALL_KEEP: usize = 1 << 20;
+/// Capacity, in messages, of a batch's list beyond which an emptied batch gives it back down
+/// to this many (about a megabyte: a burst of many small messages does not keep its list).
+const ENTRIES_KEEP: usize = 16 << 10;
 
 impl ArrivalBatch {
     /// An empty batch (allocates nothing).
@@ -160,6 +166,19 @@ impl ArrivalBatch {
                 ),
                 owned => (src, owned),
             }));
+        other.release_excess_capacity();
+    }
+
+    /// Gives back the capacity of an emptied batch beyond `SMALL_KEEP` bytes and
+    /// `ENTRIES_KEEP` entries.
+    fn release_excess_capacity(&mut self) {
+        debug_assert!(self.entries.is_empty() && self.small.is_empty());
+        if self.small.capacity() > SMALL_KEEP {
+            self.small = Vec::new();
+        }
+        if self.entries.capacity() > ENTRIES_KEEP {
+            self.entries.shrink_to(ENTRIES_KEEP);
+        }
     }
 
     /// Hands every message to `sink` in order (small ones lent, see [`Arrival::Borrowed`]),
@@ -188,9 +207,7 @@ impl ArrivalBatch {
             }
         }
         self.small.clear();
-        if self.small.capacity() > SMALL_KEEP {
-            self.small = Vec::new();
-        }
+        self.release_excess_capacity();
         n
     }
 
@@ -260,6 +277,41 @@ mod tests {
         c.push(7, msg(7, b"seven"));
         assert_eq!(c.discard(), vec![msg(7, b"seven")]);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_small_messages_does_not_keep_its_memory() {
+        const BURST: usize = 100_000;
+        let h = Header::new(1, 0, 0, 0);
+        let mut batch = ArrivalBatch::new();
+        for _ in 0..BURST {
+            batch.push_small(0, h, b"0123456789abcdefghijklmnopqrstuvwxyz");
+        }
+        assert!(batch.entries.capacity() >= BURST && batch.small.capacity() > SMALL_KEEP);
+        assert_eq!(batch.deliver(&mut |_, _| {}), BURST);
+        assert!(
+            batch.entries.capacity() <= ENTRIES_KEEP,
+            "{} entries kept",
+            batch.entries.capacity()
+        );
+        assert!(batch.small.capacity() <= SMALL_KEEP);
+        // A batch emptied by appending it to a non-empty one gives its burst back too.
+        let mut layer_side = ArrivalBatch::new();
+        for _ in 0..BURST {
+            layer_side.push_small(0, h, b"0123456789abcdefghijklmnopqrstuvwxyz");
+        }
+        batch.push_small(0, h, b"first");
+        batch.append(&mut layer_side);
+        assert_eq!(batch.len(), BURST + 1);
+        assert!(layer_side.entries.capacity() <= ENTRIES_KEEP);
+        assert!(layer_side.small.capacity() <= SMALL_KEEP);
+        // Below the limits the buffers are kept for the next burst.
+        batch.deliver(&mut |_, _| {});
+        for _ in 0..100 {
+            batch.push_small(0, h, b"x");
+        }
+        batch.deliver(&mut |_, _| {});
+        assert!(batch.entries.capacity() >= 100 && batch.small.capacity() >= 100);
     }
 
     #[test]

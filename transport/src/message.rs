@@ -118,37 +118,24 @@ impl Header {
     ///
     /// # Errors
     ///
-    /// * [`TransportError::Truncated`] if `buf` is shorter than
-    ///   [`Header::SIZE`];
     /// * [`TransportError::Malformed`] on bad magic, unknown version or
-    ///   non-zero reserved bytes;
+    ///   non-zero reserved bytes, as soon as the bytes present show it
+    ///   (a short `buf` that already cannot be a header is malformed, not
+    ///   truncated);
+    /// * [`TransportError::Truncated`] if `buf` is shorter than
+    ///   [`Header::SIZE`] and the bytes present could still start a
+    ///   valid header;
     /// * [`TransportError::TooLarge`] if `segment_count` exceeds
     ///   [`MAX_SEGMENTS`].
     pub fn from_bytes(buf: &[u8]) -> Result<Header, TransportError> {
+        let present = &buf[..buf.len().min(Header::SIZE)];
+        check_fixed_header_bytes(present)?;
         let Some(b) = buf.get(..Header::SIZE) else {
             return Err(TransportError::Truncated {
                 needed: Header::SIZE,
                 got: buf.len(),
             });
         };
-        if b[0..4] != MAGIC {
-            return Err(TransportError::Malformed(format!(
-                "bad magic {:02x?}, expected {:02x?}",
-                &b[0..4],
-                MAGIC
-            )));
-        }
-        if b[4] != WIRE_VERSION {
-            return Err(TransportError::Malformed(format!(
-                "unsupported wire version {}, expected {}",
-                b[4], WIRE_VERSION
-            )));
-        }
-        if b[7] != 0 || b[26..32].iter().any(|&x| x != 0) {
-            return Err(TransportError::Malformed(
-                "non-zero reserved header bytes".to_owned(),
-            ));
-        }
         let segment_count = u16::from_le_bytes([b[24], b[25]]);
         if segment_count > MAX_SEGMENTS {
             return Err(TransportError::TooLarge {
@@ -165,6 +152,35 @@ impl Header {
             tag: u64::from_le_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]),
         })
     }
+}
+
+/// Checks the header bytes whose value is fixed (magic, version, reserved) among `present`, the
+/// first at most [`Header::SIZE`] bytes of a header: those not present yet are not judged. In
+/// the order a whole header is checked, so a prefix and the whole header fail alike.
+fn check_fixed_header_bytes(present: &[u8]) -> Result<(), TransportError> {
+    let magic = &present[..present.len().min(MAGIC.len())];
+    if magic != &MAGIC[..magic.len()] {
+        return Err(TransportError::Malformed(format!(
+            "bad magic {magic:02x?}, expected {MAGIC:02x?}"
+        )));
+    }
+    if let Some(&version) = present.get(4) {
+        if version != WIRE_VERSION {
+            return Err(TransportError::Malformed(format!(
+                "unsupported wire version {version}, expected {WIRE_VERSION}"
+            )));
+        }
+    }
+    let mut reserved = present
+        .get(7)
+        .into_iter()
+        .chain(present.get(26..).unwrap_or(&[]));
+    if reserved.any(|&x| x != 0) {
+        return Err(TransportError::Malformed(
+            "non-zero reserved header bytes".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// A header plus zero or more zero-copy payload segments.
@@ -607,6 +623,64 @@ mod tests {
             Header::from_bytes(&bad),
             Err(TransportError::TooLarge { len: 257, max: 256 })
         ));
+    }
+
+    /// A short input that already cannot be a header is malformed at once (a stream layer
+    /// would otherwise wait for more of it); a short input that can still be one is truncated.
+    #[test]
+    fn a_short_header_is_malformed_as_soon_as_its_bytes_show_it() {
+        let valid = frame(&sample());
+        let corruptions: [(usize, u8); 5] =
+            [(0, b'X'), (3, b'X'), (4, WIRE_VERSION + 1), (7, 1), (26, 1)];
+        for (at, byte) in corruptions {
+            let mut bad = valid.clone();
+            bad[at] = byte;
+            for cut in 1..=Header::SIZE - 1 {
+                let got = Header::from_bytes(&bad[..cut]);
+                if cut > at {
+                    assert!(
+                        matches!(got, Err(TransportError::Malformed(_))),
+                        "byte {at} bad, cut {cut}: {got:?}"
+                    );
+                    assert!(
+                        matches!(
+                            decode_frame(&bad[..cut], 1 << 20),
+                            Err(TransportError::Malformed(_))
+                        ),
+                        "byte {at} bad, cut {cut}: decode_frame"
+                    );
+                    assert!(matches!(
+                        peek_frame_len(&bad[..cut], 1 << 20),
+                        Err(TransportError::Malformed(_))
+                    ));
+                } else {
+                    assert!(
+                        matches!(got, Err(TransportError::Truncated { needed: 32, got }) if got == cut),
+                        "byte {at} bad but not present, cut {cut}: {got:?}"
+                    );
+                }
+            }
+        }
+        // Noise that is not a frame, at every length under a header.
+        let noise: Vec<u8> = (0..Header::SIZE as u8)
+            .map(|i| i.wrapping_mul(37) ^ 0xA5)
+            .collect();
+        for cut in 1..Header::SIZE {
+            assert!(
+                matches!(
+                    Header::from_bytes(&noise[..cut]),
+                    Err(TransportError::Malformed(_))
+                ),
+                "noise cut {cut}"
+            );
+        }
+        // Valid prefixes are still truncated (and the empty input).
+        for cut in 0..Header::SIZE {
+            assert!(matches!(
+                Header::from_bytes(&valid[..cut]),
+                Err(TransportError::Truncated { needed: 32, got }) if got == cut
+            ));
+        }
     }
 
     #[test]

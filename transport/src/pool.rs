@@ -74,14 +74,13 @@ fn class_len(pow: usize) -> usize {
 /// drop(message); // the buffer goes back to the pool
 /// assert!(pool.idle_bytes() >= 100_000);
 /// ```
-#[derive(Debug)]
 pub struct RecvPool {
     min_class: usize,
     max_idle: usize,
     idle: Mutex<Idle>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Idle {
     /// `classes[i]`: idle buffers of the class of power `min_class << i`.
     classes: Vec<Vec<Vec<u8>>>,
@@ -91,7 +90,6 @@ struct Idle {
 /// A buffer lent by a [`RecvPool`]: fill it, then turn it into the
 /// message's [`Bytes`] with [`into_bytes`](PoolBuf::into_bytes). Dropped
 /// unused, it goes back to the pool.
-#[derive(Debug)]
 pub struct PoolBuf {
     buf: Vec<u8>,
     /// The pool and class it returns to (none for a plain allocation).
@@ -252,6 +250,44 @@ impl PoolBuf {
     }
 }
 
+// The Debug impls show sizes and counts only: a pool keeps up to its budget of idle bytes (and
+// a buffer holds a message), which a derived impl would print byte by byte.
+
+impl std::fmt::Debug for RecvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("RecvPool");
+        d.field("min_class", &self.min_class)
+            .field("max_idle", &self.max_idle);
+        // `try_lock`: formatting must not wait for (or deadlock with) a thread giving a buffer
+        // back.
+        match self.idle.try_lock() {
+            Ok(idle) => d.field("idle", &*idle),
+            Err(std::sync::TryLockError::Poisoned(p)) => d.field("idle", &*p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => d.field("idle", &"<locked>"),
+        };
+        d.finish()
+    }
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_class: Vec<usize> = self.classes.iter().map(Vec::len).collect();
+        f.debug_struct("Idle")
+            .field("bytes", &self.bytes)
+            .field("buffers_per_class", &per_class)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PoolBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuf")
+            .field("len", &self.buf.len())
+            .field("class", &self.home.as_ref().map(|(_, class)| *class))
+            .finish()
+    }
+}
+
 impl AsRef<[u8]> for PoolBuf {
     fn as_ref(&self) -> &[u8] {
         &self.buf
@@ -398,6 +434,26 @@ mod tests {
         let bufs: Vec<_> = (0..5).map(|_| pool.take(1)).collect();
         drop(bufs);
         assert_eq!(pool.idle_bytes(), 8192, "its own class fills the budget");
+    }
+
+    #[test]
+    fn debug_output_shows_sizes_not_bytes() {
+        let pool = RecvPool::new(4096, 64 << 20);
+        let mut buf = pool.take(5000);
+        buf.as_mut_slice().fill(0xAB);
+        let shown = format!("{buf:?}");
+        assert_eq!(shown, "PoolBuf { len: 8192, class: Some(1) }");
+        drop(buf);
+        let shown = format!("{pool:?}");
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.contains("bytes: 8192"), "{shown}");
+        assert!(shown.contains("buffers_per_class: [0, 1]"), "{shown}");
+        let held = pool.idle.lock().unwrap();
+        assert!(
+            format!("{pool:?}").contains("<locked>"),
+            "never waits for the lock"
+        );
+        drop(held);
     }
 
     #[test]

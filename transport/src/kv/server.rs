@@ -1,8 +1,19 @@
 //! [`KvServer`]: the launcher's key-value rendezvous (see the module docs of
 //! [`crate::kv`] for the contract).
+//!
+//! # Invariants
+//!
+//! * Once a connection has claimed a rank, every way its thread ends goes
+//!   through [`depart`]: the rank is recorded as having left (pending and
+//!   future fences fail instead of waiting for it) and
+//!   [`KvEvent::Disconnected`] follows the [`KvEvent::Joined`] sent at the
+//!   claim.
+//! * `shutdown` is set, and checked before registering a connection, under
+//!   the `conns` lock: a connection accepted while the server is dropped is
+//!   either closed by the drop or never served.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -83,6 +94,65 @@ struct State {
     fence_arrived: u32,
 }
 
+impl Shared {
+    fn new(nprocs: u32, secret: JobSecret, events: mpsc::Sender<KvEvent>) -> Shared {
+        Shared {
+            nprocs,
+            secret,
+            state: Mutex::new(State {
+                store: HashMap::new(),
+                store_bytes: 0,
+                claimed: vec![false; nprocs as usize],
+                left: None,
+                fence_generation: 0,
+                fence_arrived: 0,
+            }),
+            fence_done: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            events,
+            conns: Mutex::new(HashMap::new()),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Keeps a clone of the accepted `stream` under `id` so that shutdown can
+    /// close it. `false` (the connection must not be served) if the server is
+    /// shutting down or the clone fails: the connection could then outlive
+    /// the server.
+    fn register(&self, id: u64, stream: &TcpStream) -> bool {
+        let mut conns = lock(&self.conns);
+        // Checked under the lock that `close_all` sets it under: either this
+        // insert comes first and `close_all` closes the connection, or it
+        // sees the flag.
+        if self.shutdown.load(Ordering::SeqCst) {
+            return false;
+        }
+        match stream.try_clone() {
+            Ok(c) => {
+                conns.insert(id, c);
+                true
+            }
+            Err(e) => {
+                eprintln!("charmrs-kv: cannot keep a handle on a connection: {e}");
+                false
+            }
+        }
+    }
+
+    /// Starts the shutdown: sets the flag and closes every registered
+    /// connection (their threads then see their reads fail and depart).
+    fn close_all(&self) {
+        {
+            let mut conns = lock(&self.conns);
+            self.shutdown.store(true, Ordering::SeqCst);
+            for (_, c) in conns.drain() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
+        self.fence_done.notify_all();
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind the locks; a panicking holder cannot leave it
     // inconsistent in a way that matters more than the panic itself.
@@ -122,23 +192,7 @@ impl KvServer {
         let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            nprocs,
-            secret,
-            state: Mutex::new(State {
-                store: HashMap::new(),
-                store_bytes: 0,
-                claimed: vec![false; nprocs as usize],
-                left: None,
-                fence_generation: 0,
-                fence_arrived: 0,
-            }),
-            fence_done: Condvar::new(),
-            shutdown: AtomicBool::new(false),
-            events: tx,
-            conns: Mutex::new(HashMap::new()),
-            pending: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new(nprocs, secret, tx));
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("charmrs-kv-accept".to_owned())
@@ -181,11 +235,7 @@ impl std::fmt::Debug for KvServer {
 
 impl Drop for KvServer {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::SeqCst);
-        self.shared.fence_done.notify_all();
-        for (_, c) in lock(&self.shared.conns).drain() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
+        self.shared.close_all();
         // Wake the blocking accept so the thread sees the flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
@@ -220,12 +270,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        shared.pending.fetch_add(1, Ordering::SeqCst);
         next_id += 1;
         let id = next_id;
-        if let Ok(c) = stream.try_clone() {
-            lock(&shared.conns).insert(id, c);
+        if !shared.register(id, &stream) {
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
         }
+        shared.pending.fetch_add(1, Ordering::SeqCst);
         let s = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
             .name(format!("charmrs-kv-conn-{id}"))
@@ -241,47 +292,94 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     }
 }
 
+/// What the server needs of a connection: the accepted [`TcpStream`], or a
+/// test double.
+trait Conn: Read + Write {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_nodelay(&self, on: bool) -> io::Result<()>;
+}
+
+impl Conn for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+
+    fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        TcpStream::set_nodelay(self, on)
+    }
+}
+
 /// Serves one connection until it closes.
-fn serve(shared: &Shared, mut stream: TcpStream, peer: &str) {
-    let refuse = |why: &str| eprintln!("charmrs-kv: refused connection from {peer}: {why}");
-    let rank = match hello(shared, &mut stream) {
+fn serve(shared: &Shared, mut stream: impl Conn, peer: &str) {
+    let claimed = claim(shared, &mut stream);
+    shared.pending.fetch_sub(1, Ordering::SeqCst);
+    let rank = match claimed {
         Ok(rank) => rank,
         Err(why) => {
-            shared.pending.fetch_sub(1, Ordering::SeqCst);
             if let Some(why) = why {
-                refuse(&why);
+                eprintln!("charmrs-kv: refused connection from {peer}: {why}");
             }
             return;
         }
     };
-    shared.pending.fetch_sub(1, Ordering::SeqCst);
+    // The rank is claimed: whatever happens now, the connection ends in
+    // `depart`, or other ranks' fences would wait for this one for ever.
+    match welcome(&mut stream) {
+        Ok(()) => serve_requests(shared, rank, &mut stream, peer),
+        Err(e) => {
+            if !shared.shutdown.load(Ordering::SeqCst) {
+                eprintln!(
+                    "charmrs-kv: dropping process {rank} ({peer}): cannot answer its hello: {e}"
+                );
+            }
+        }
+    }
+    depart(shared, rank);
+}
+
+/// Answers the hello of a connection that claimed its rank, leaving the
+/// hello's deadline behind.
+fn welcome(stream: &mut impl Conn) -> io::Result<()> {
+    stream.set_read_timeout(None)?;
+    let _ = stream.set_nodelay(true);
+    proto::write_response(stream, Status::Ok, b"")
+}
+
+/// Serves the requests of process `rank` until its connection closes or
+/// misbehaves.
+fn serve_requests(shared: &Shared, rank: ProcessId, stream: &mut impl Conn, peer: &str) {
     loop {
-        let body = match proto::read_body(&mut stream, proto::MAX_REQUEST) {
+        let body = match proto::read_body(stream, proto::MAX_REQUEST) {
             Ok(Some(b)) => b,
-            Ok(None) => break,
+            Ok(None) => return,
             Err(e) => {
                 if !shared.shutdown.load(Ordering::SeqCst) {
                     eprintln!("charmrs-kv: dropping process {rank} ({peer}): {e}");
                 }
-                break;
+                return;
             }
         };
         let req = match proto::decode_request(&body, &shared.secret) {
             Ok(r) => r,
             Err(Reject::BadSecret) => {
                 eprintln!("charmrs-kv: dropping process {rank} ({peer}): wrong job secret");
-                break;
+                return;
             }
             Err(Reject::Malformed(m)) => {
                 eprintln!("charmrs-kv: dropping process {rank} ({peer}): malformed request: {m}");
-                break;
+                return;
             }
         };
         let (status, payload) = handle(shared, rank, &req);
-        if proto::write_response(&mut stream, status, &payload).is_err() {
-            break;
+        if proto::write_response(stream, status, &payload).is_err() {
+            return;
         }
     }
+}
+
+/// Process `rank` left the job (its connection ended, for whatever reason):
+/// no fence can complete any more, and the launcher hears of it.
+fn depart(shared: &Shared, rank: ProcessId) {
     {
         let mut st = lock(&shared.state);
         st.left.get_or_insert(rank);
@@ -290,9 +388,10 @@ fn serve(shared: &Shared, mut stream: TcpStream, peer: &str) {
     let _ = shared.events.send(KvEvent::Disconnected { rank });
 }
 
-/// Authenticates the first request, which must claim a rank. `Err(None)`:
-/// closed silently before sending anything.
-fn hello(shared: &Shared, stream: &mut TcpStream) -> Result<ProcessId, Option<String>> {
+/// Authenticates the first request, which must claim a rank, and claims it
+/// (announcing [`KvEvent::Joined`]); the caller answers it. `Err(None)`:
+/// closed silently before sending anything, or a one-shot abort notice.
+fn claim(shared: &Shared, stream: &mut impl Conn) -> Result<ProcessId, Option<String>> {
     let mut until_deadline = Deadline {
         stream: &mut *stream,
         at: std::time::Instant::now() + HELLO_TIMEOUT,
@@ -323,7 +422,7 @@ fn hello(shared: &Shared, stream: &mut TcpStream) -> Result<ProcessId, Option<St
     if req.op != Op::Hello {
         return Err(Some("first request is not a hello".to_owned()));
     }
-    let claim = {
+    let claimed = {
         let mut st = lock(&shared.state);
         match st.claimed.get_mut(req.rank as usize) {
             None => Err(format!(
@@ -337,14 +436,9 @@ fn hello(shared: &Shared, stream: &mut TcpStream) -> Result<ProcessId, Option<St
             }
         }
     };
-    match claim {
+    match claimed {
         Ok(rank) => {
-            stream
-                .set_read_timeout(None)
-                .map_err(|e| Some(e.to_string()))?;
-            let _ = stream.set_nodelay(true);
             let _ = shared.events.send(KvEvent::Joined { rank });
-            proto::write_response(stream, Status::Ok, b"").map_err(|e| Some(e.to_string()))?;
             Ok(rank)
         }
         Err(why) => {
@@ -444,12 +538,12 @@ fn fence(shared: &Shared) -> Result<(), String> {
 }
 
 /// Reads from `stream` until `at`: each read waits at most what is left.
-struct Deadline<'a> {
-    stream: &'a mut TcpStream,
+struct Deadline<'a, C> {
+    stream: &'a mut C,
     at: std::time::Instant,
 }
 
-impl std::io::Read for Deadline<'_> {
+impl<C: Conn> std::io::Read for Deadline<'_, C> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self
             .at
@@ -460,5 +554,123 @@ impl std::io::Read for Deadline<'_> {
             })?;
         self.stream.set_read_timeout(Some(left))?;
         self.stream.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The server's logic without sockets: a connection double that fails
+    //! where a real one can.
+
+    use super::*;
+    use std::io::Cursor;
+
+    const SECRET: JobSecret = [3u8; crate::kv::SECRET_LEN];
+
+    /// Where a [`FailingConn`] fails.
+    #[derive(Clone, Copy, Debug)]
+    enum FailAt {
+        /// Clearing the hello's read timeout.
+        ClearTimeout,
+        /// Writing the hello's answer.
+        Answer,
+    }
+
+    /// A connection whose input is `input` and which fails at `fail_at`.
+    struct FailingConn {
+        input: Cursor<Vec<u8>>,
+        fail_at: FailAt,
+    }
+
+    impl Read for FailingConn {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for FailingConn {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.fail_at {
+                FailAt::Answer => Err(io::ErrorKind::BrokenPipe.into()),
+                FailAt::ClearTimeout => Ok(buf.len()),
+            }
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Conn for FailingConn {
+        fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+            match (self.fail_at, timeout) {
+                (FailAt::ClearTimeout, None) => Err(io::ErrorKind::Other.into()),
+                _ => Ok(()),
+            }
+        }
+
+        fn set_nodelay(&self, _on: bool) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A rank whose hello cannot be answered after it was claimed has left
+    /// the job: another rank's fence fails at once instead of waiting for it
+    /// for ever, and the launcher hears of the departure.
+    #[test]
+    fn a_rank_failing_after_its_claim_departs() {
+        for fail_at in [FailAt::ClearTimeout, FailAt::Answer] {
+            let (tx, events) = mpsc::channel();
+            let shared = Shared::new(2, SECRET, tx);
+            shared.pending.store(1, Ordering::SeqCst); // as `accept_loop` counts it
+            let hello = proto::encode_request(Op::Hello, &SECRET, 0, "", b"").unwrap();
+            let conn = FailingConn {
+                input: Cursor::new(hello),
+                fail_at,
+            };
+            serve(&shared, conn, "test peer");
+            {
+                let st = lock(&shared.state);
+                assert!(st.claimed[0], "{fail_at:?}: the rank was claimed");
+                assert_eq!(st.left, Some(0), "{fail_at:?}: the rank departed");
+            }
+            assert_eq!(shared.pending.load(Ordering::SeqCst), 0, "{fail_at:?}");
+            let seen: Vec<KvEvent> = events.try_iter().collect();
+            assert_eq!(
+                seen,
+                [
+                    KvEvent::Joined { rank: 0 },
+                    KvEvent::Disconnected { rank: 0 }
+                ],
+                "{fail_at:?}"
+            );
+            // (Checked after `left`, so that without the departure this fails
+            // rather than waits.)
+            let err = fence(&shared).unwrap_err();
+            assert!(err.contains("process 0 left"), "{fail_at:?}: {err}");
+        }
+    }
+
+    /// A connection accepted once the shutdown began is not registered (the
+    /// shutdown could not close it) and so not served.
+    #[test]
+    fn no_connection_is_registered_once_the_shutdown_began() {
+        let (tx, _events) = mpsc::channel();
+        let shared = Shared::new(1, SECRET, tx);
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client_a = TcpStream::connect(addr).unwrap();
+        let (a, _) = listener.accept().unwrap();
+        let _client_b = TcpStream::connect(addr).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        assert!(shared.register(1, &a));
+        shared.close_all();
+        assert!(shared.shutdown.load(Ordering::SeqCst));
+        assert!(lock(&shared.conns).is_empty(), "the shutdown closed a");
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        assert!(matches!((&a).read(&mut buf), Ok(0)), "a is closed");
+        assert!(!shared.register(2, &b));
+        assert!(lock(&shared.conns).is_empty());
     }
 }
