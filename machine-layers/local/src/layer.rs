@@ -2,6 +2,9 @@
 //!
 //! Invariants: `rank() == 0`, `size() == 1`; a send to process 0 loops back and is delivered by the
 //! next `progress`; a send to any other process is an `UnknownProcess` error, never a silent drop.
+//! A `progress` call delivers at most the messages queued when it began (a sink that sends on
+//! every message, or senders on other threads, cannot keep it from returning): what arrives
+//! meanwhile waits for the next call.
 
 use bytes::Bytes;
 use charmrs_transport::{MachineLayer, MemRegion, Message, ProcessId, RemoteKey, TransportError};
@@ -44,12 +47,19 @@ impl MachineLayer for LocalLayer {
     }
 
     fn progress(&self, sink: &mut dyn FnMut(ProcessId, Message)) -> Result<usize, TransportError> {
-        let mut n = 0;
-        while let Some(m) = self.loopback.pop() {
+        // The snapshot bounds the call: messages pushed after it (by the sink, or by other
+        // threads) wait for the next call. A pop that finds nothing (another thread polling at
+        // the same time took the rest) ends it early.
+        let queued_at_entry = self.loopback.len();
+        let mut delivered = 0;
+        while delivered < queued_at_entry {
+            let Some(m) = self.loopback.pop() else {
+                break;
+            };
             sink(0, m);
-            n += 1;
+            delivered += 1;
         }
-        Ok(n)
+        Ok(delivered)
     }
 
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
@@ -89,6 +99,10 @@ impl MachineLayer for LocalLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use charmrs_transport::Header;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
 
     #[test]
     fn loopback_and_unknown_process() {
@@ -104,5 +118,96 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, 1);
+    }
+
+    /// A sink that sends a message for every one it gets cannot keep `progress` from returning:
+    /// each call delivers the one message queued when it began, and leaves the re-sent one for
+    /// the next call.
+    #[test]
+    fn progress_delivers_only_what_was_queued_when_it_began() {
+        const RESENDS: usize = 1000;
+        let l = LocalLayer::new();
+        l.send(0, Message::new(Header::new(1, 0, 0, 0))).unwrap();
+        let mut resent = 0;
+        for call in 0..10 {
+            let n = l
+                .progress(&mut |_, m| {
+                    // Bounded so that, were the bound missing, the test fails instead of hanging.
+                    if resent < RESENDS {
+                        resent += 1;
+                        l.send(0, m).unwrap();
+                    }
+                })
+                .unwrap();
+            assert_eq!(n, 1, "call {call}");
+            assert_eq!(
+                l.loopback.len(),
+                1,
+                "call {call}: the re-sent message waits"
+            );
+        }
+    }
+
+    /// Several threads send while one thread polls: every message is delivered exactly once, and
+    /// each sender's in its order.
+    #[test]
+    fn concurrent_senders_and_one_poller_deliver_every_message_once() {
+        const SENDERS: u32 = 4;
+        const PER_SENDER: u64 = 20_000;
+        let layer = Arc::new(LocalLayer::new());
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|s| {
+                let layer = Arc::clone(&layer);
+                std::thread::spawn(move || {
+                    for i in 0..PER_SENDER {
+                        layer
+                            .send(0, Message::new(Header::new(1, s, 0, i)))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let (done_tx, done_rx) = mpsc::channel();
+        let poller = {
+            let layer = Arc::clone(&layer);
+            std::thread::spawn(move || {
+                let mut next = vec![0u64; SENDERS as usize];
+                let mut total = 0u64;
+                while total < u64::from(SENDERS) * PER_SENDER {
+                    let n = layer
+                        .progress(&mut |src, m| {
+                            assert_eq!(src, 0);
+                            let h = m.header();
+                            let sender = h.src_pe as usize;
+                            assert_eq!(
+                                h.tag, next[sender],
+                                "sender {sender}: lost, repeated or reordered"
+                            );
+                            next[sender] += 1;
+                        })
+                        .unwrap();
+                    total += n as u64;
+                    if n == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                let _ = done_tx.send(next);
+            })
+        };
+        let next = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the poller panicked (see its message) or missed messages for 60 s");
+        assert!(next.iter().all(|&n| n == PER_SENDER), "{next:?}");
+        for s in senders {
+            s.join().unwrap();
+        }
+        poller.join().unwrap();
+        // Nothing more arrives: every message was delivered once.
+        assert_eq!(
+            layer
+                .progress(&mut |_, _| panic!("a message delivered twice"))
+                .unwrap(),
+            0
+        );
     }
 }

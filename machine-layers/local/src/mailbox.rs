@@ -159,7 +159,17 @@ impl<T> Mailbox<T> {
     /// Returns immediately if the queue is not empty. Spurious returns are possible; callers loop.
     /// `keep_sleeping` is re-checked after the handshake so that other wake-up reasons (an exit
     /// flag, say) set before a `wake` are not missed.
+    ///
+    /// Only the bound owner ([`bind_owner`](Self::bind_owner)) may park: a push wakes that
+    /// thread, so any other would sleep through it (checked in debug builds).
     pub fn park(&self, timeout: Option<Duration>, keep_sleeping: impl Fn() -> bool) {
+        debug_assert!(
+            self.owner
+                .get()
+                .is_some_and(|owner| owner.id() == sync::current().id()),
+            "Mailbox::park called from a thread that is not the mailbox's bound owner \
+             (call bind_owner first, from the thread that consumes)"
+        );
         self.sleeping.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if self.queue.is_empty() && keep_sleeping() {
@@ -249,6 +259,27 @@ mod tests {
         }
         consumer.join().unwrap();
         assert!(start.elapsed() < Duration::from_secs(60));
+    }
+
+    /// A thread other than the bound owner parking would sleep through pushes: debug builds
+    /// refuse it.
+    #[cfg(debug_assertions)]
+    #[test]
+    fn only_the_bound_owner_may_park() {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        let m = Arc::new(Mailbox::<u8>::new());
+        let park_here =
+            || catch_unwind(AssertUnwindSafe(|| m.park(Some(Duration::ZERO), || false)));
+        assert!(park_here().is_err(), "a mailbox with no owner");
+        let owner = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                assert!(m.bind_owner());
+                m.park(Some(Duration::ZERO), || false);
+            })
+        };
+        owner.join().expect("the bound owner parks");
+        assert!(park_here().is_err(), "a thread that is not the owner");
     }
 
     #[test]
