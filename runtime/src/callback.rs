@@ -73,7 +73,39 @@ impl CallbackMaker {
 
 /// An entry method of a given element or collection, callable later with arguments `A` (a tuple).
 ///
-/// Serializable: pass it to another element, in any process, as an entry argument.
+/// Serializable: pass it to another element, in any process, as an entry argument. Made by the
+/// `<entry>_callback()` method `#[chare]` adds to proxies; a `Callback<(T,)>` (and a
+/// `Callback<()>` for `()`) is a reduction target.
+///
+/// ```
+/// use charmrs::prelude::*;
+///
+/// struct Worker;
+///
+/// #[chare]
+/// impl Worker {
+///     fn new() -> Self { Worker }
+///
+///     #[entry]
+///     fn work(&mut self, ctx: &Ctx<Self>, report: Callback<(u64,)>) {
+///         ctx.contribute(1u64, Reducer::Sum, report);    // a callback as reduction target
+///     }
+///
+///     #[entry]
+///     fn report(&mut self, total: u64) {
+///         assert_eq!(total, 4);
+///         charmrs::exit(0);
+///     }
+/// }
+///
+/// fn main() {
+///     charmrs::Runtime::new(2).run(|_| async {
+///         let workers = Array::<Worker, usize>::new(4, ());
+///         let report = workers.at(0).report_callback(); // entry `report` of element 0
+///         workers.work(report);                         // passed like any argument
+///     }).unwrap();
+/// }
+/// ```
 pub struct Callback<A> {
     pub(crate) dest: CallbackDest,
     pub(crate) make: MakeCall,

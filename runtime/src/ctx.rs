@@ -244,6 +244,33 @@ impl<C: Chare> Ctx<C> {
     /// callback to a `resume_from_sync` entry, or a future. Collective, like a reduction: every
     /// element calls it, in the same order as its other contributions.
     ///
+    /// ```
+    /// use charmrs::prelude::*;
+    ///
+    /// struct Block;
+    ///
+    /// #[chare]
+    /// impl Block {
+    ///     fn new() -> Self { Block }
+    ///
+    ///     #[entry]
+    ///     fn step(&mut self, ctx: &Ctx<Self>, balanced: Future<()>) {
+    ///         // … the step's work, timed for the strategy …
+    ///         ctx.at_sync(balanced);  // usually `ctx.this_proxy().resume_from_sync_callback()`
+    ///     }
+    /// }
+    ///
+    /// fn main() {
+    ///     charmrs::Runtime::new(2).balancer("GreedyRefine").run(|_| async {
+    ///         let blocks = Array::<Block, usize>::new(8, ());
+    ///         let balanced = Future::new();
+    ///         blocks.step(balanced);
+    ///         balanced.await;         // every element called at_sync, the strategy ran
+    ///         charmrs::exit(0);
+    ///     }).unwrap();
+    /// }
+    /// ```
+    ///
     /// An element with a suspended entry method (an `async` entry that calls `at_sync` and then
     /// awaits its resumption, for one) counts in the strategy's picture but stays where it is:
     /// a coroutine cannot move. To let the strategy move elements, call `at_sync` from a plain
@@ -263,6 +290,33 @@ impl<C: Chare> Ctx<C> {
     /// Contributes `data` to the collection's next reduction with `reducer`; the result goes to
     /// `target` (a [`Future`] or an entry callback such as `proxy.at(0).done_callback()`).
     /// Every element of the collection must contribute, in the same order of reductions.
+    ///
+    /// ```
+    /// use charmrs::prelude::*;
+    ///
+    /// struct Worker;
+    ///
+    /// #[chare]
+    /// impl Worker {
+    ///     fn new() -> Self { Worker }
+    ///
+    ///     #[entry]
+    ///     fn work(&mut self, ctx: &Ctx<Self>, total: Future<u64>) {
+    ///         let me: usize = ctx.index();
+    ///         ctx.contribute(me as u64, Reducer::Sum, total);
+    ///     }
+    /// }
+    ///
+    /// fn main() {
+    ///     charmrs::Runtime::new(2).run(|_| async {
+    ///         let workers = Array::<Worker, usize>::new(4, ());
+    ///         let total = Future::new();
+    ///         workers.work(total);                 // a broadcast
+    ///         assert_eq!(total.await, 0 + 1 + 2 + 3);
+    ///         charmrs::exit(0);
+    ///     }).unwrap();
+    /// }
+    /// ```
     ///
     /// # Panics
     /// If `reducer` does not apply to `T` (e.g. a bitwise reducer on floats).
@@ -291,7 +345,36 @@ impl<C: Chare> Ctx<C> {
         );
     }
 
-    /// Contributes `data` to a gather: the target receives every element's value, ordered by index.
+    /// Contributes `data` to a gather: the target receives every element's value, ordered by index
+    /// (charm4py's `Reducer.gather`).
+    ///
+    /// ```
+    /// use charmrs::prelude::*;
+    ///
+    /// struct Worker;
+    ///
+    /// #[chare]
+    /// impl Worker {
+    ///     fn new() -> Self { Worker }
+    ///
+    ///     #[entry]
+    ///     fn work(&mut self, ctx: &Ctx<Self>, all: Future<Vec<String>>) {
+    ///         ctx.gather(format!("element {} on PE {}", ctx.index::<usize>(), ctx.my_pe()), all);
+    ///     }
+    /// }
+    ///
+    /// fn main() {
+    ///     charmrs::Runtime::new(2).run(|_| async {
+    ///         let workers = Array::<Worker, usize>::new(3, ());
+    ///         let all = Future::new();
+    ///         workers.work(all);
+    ///         let all = all.await;
+    ///         assert_eq!(all.len(), 3);
+    ///         assert!(all[2].starts_with("element 2 "));
+    ///         charmrs::exit(0);
+    ///     }).unwrap();
+    /// }
+    /// ```
     pub fn gather<T: Payload>(&self, data: T, target: impl Into<Target<Vec<T>>>) {
         let target: Target<Vec<T>> = target.into();
         let part = Part::new(
@@ -312,6 +395,35 @@ impl<C: Chare> Ctx<C> {
 
     /// Contributes to a reduction whose result every contributor receives: returns this element's
     /// future of it (await it in a suspendable entry).
+    ///
+    /// ```
+    /// use charmrs::prelude::*;
+    ///
+    /// struct Worker;
+    ///
+    /// #[chare]
+    /// impl Worker {
+    ///     fn new() -> Self { Worker }
+    ///
+    ///     #[entry]
+    ///     async fn run(this: Coro<Self>, done: Future<()>) {
+    ///         let me: usize = this.ctx().index();
+    ///         let largest = this.ctx().allreduce(me, Reducer::Max).await;
+    ///         assert_eq!(largest, 3);              // every element gets the result
+    ///         this.ctx().barrier(done);
+    ///     }
+    /// }
+    ///
+    /// fn main() {
+    ///     charmrs::Runtime::new(2).run(|_| async {
+    ///         let workers = Array::<Worker, usize>::new(4, ());
+    ///         let done = Future::new();
+    ///         workers.run(done);
+    ///         done.await;
+    ///         charmrs::exit(0);
+    ///     }).unwrap();
+    /// }
+    /// ```
     pub fn allreduce<T: Reduce>(&self, data: T, reducer: Reducer) -> Future<T> {
         assert!(
             T::supports(reducer),

@@ -33,6 +33,88 @@
 //! }
 //! ```
 //!
+//! `#[chare]` also generates a trait `HelloProxy` whose methods (`say_hi`, `say_hi_callback`)
+//! every proxy to `Hello` has; like any trait, it must be in scope where they are called (it is in
+//! the module of the `#[chare]` block; elsewhere, `use path::to::HelloProxy;`).
+//!
+//! # The forms of a chare
+//!
+//! Besides `fn new` and `#[entry] fn m(&mut self, …)`, a `#[chare]` block may have: a suspendable
+//! constructor `async fn new(ctx: Ctx<Self>, …)` (calls wait until it returns); `&self` entries;
+//! entries that return a value (read with `ret()` / `gather()`); `#[entry(when = "…")]`
+//! conditions; suspendable entries `async fn m(this: Coro<Self>, …)`; and, in a
+//! `#[chare(migratable)]` block (state `Serialize + Deserialize`), a `fn migrated` hook. Each
+//! entry `m` also gets `m_callback()` on proxies: the entry as a [`Callback`] value.
+//!
+//! ```
+//! use charmrs::prelude::*;
+//!
+//! #[derive(Serialize, Deserialize)]       // a migratable chare's state travels serialized
+//! struct Cell { iter: u32, sum: u64 }
+//!
+//! #[chare(migratable)]
+//! impl Cell {
+//!     // Suspendable constructor: the context by value; calls wait until it returns.
+//!     async fn new(ctx: Ctx<Self>, start: u64) -> Self {
+//!         charmrs::sleep(std::time::Duration::from_millis(1)).await;
+//!         Cell { iter: 0, sum: start + ctx.index::<usize>() as u64 }
+//!     }
+//!
+//!     // Runs on the new PE after a move, before any call is delivered there.
+//!     fn migrated(&mut self, ctx: &Ctx<Self>) {
+//!         let me = ctx.index::<usize>() as u64;
+//!         assert_eq!(self.sum, 10 + me + self.iter as u64); // the state came along
+//!     }
+//!
+//!     #[entry]
+//!     fn hop(&mut self, ctx: &Ctx<Self>) {
+//!         ctx.migrate((ctx.my_pe() + 1) % ctx.num_pes()).unwrap(); // once this entry returns
+//!     }
+//!
+//!     // Delivered only once the condition holds: in iteration order, however they arrive.
+//!     #[entry(when = "self.iter == iter")]
+//!     fn step(&mut self, iter: u32, x: u64) {
+//!         self.sum += x;
+//!         self.iter += 1;
+//!     }
+//!
+//!     // `&self`, and a value for a caller that asks for it.
+//!     #[entry]
+//!     fn sum(&self) -> u64 {
+//!         self.sum
+//!     }
+//!
+//!     // Suspendable: the element's other entries run while it waits.
+//!     #[entry]
+//!     async fn finish(this: Coro<Self>, steps: u32, report: Callback<(u64,)>) {
+//!         this.wait(|s| s.iter == steps).await;
+//!         let sum = this.with(|s, _ctx| s.sum);
+//!         this.ctx().contribute(sum, Reducer::Sum, report);
+//!     }
+//!
+//!     #[entry]
+//!     fn report(&mut self, total: u64) {
+//!         assert_eq!(total, 4 * 13 + (1 + 2 + 3));
+//!         charmrs::exit(0);
+//!     }
+//! }
+//!
+//! fn main() {
+//!     charmrs::Runtime::new(2).run(|_| async {
+//!         let cells = Array::<Cell, usize>::new(4, (10,));
+//!         cells.hop();                                     // a broadcast: every element moves
+//!         for iter in [2, 1, 0] {
+//!             cells.step(iter, 1);                         // `when` delivers 0, 1, 2
+//!         }
+//!         let one: u64 = cells.at(1).ret().sum().await;    // one element's return value
+//!         assert!(one >= 11);
+//!         let all: Vec<u64> = cells.gather().sum().await;  // every element's, by index
+//!         assert_eq!(all.len(), 4);
+//!         cells.finish(3, cells.at(0).report_callback());  // entry `report` of element 0
+//!     }).unwrap();
+//! }
+//! ```
+//!
 //! Coming from charm4py: `Chare(C, onPE=p)` is [`Single::new`], `Group(C)` is [`Group::new`],
 //! `Array(C, dims)` is [`Array::new`], `proxy[i]` is `proxy.at(i)`, `self.thisIndex` is
 //! [`Ctx::index`], `self.thisProxy` is [`Ctx::this_proxy`], `charm.myPe()` is [`my_pe`],

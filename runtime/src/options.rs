@@ -1,9 +1,11 @@
 //! Command-line and environment options of the runtime (Charm++ conventions: `+pN`, …).
 //!
-//! The runtime takes its own `+`/`++` options out of the argument list and hands the rest to the
+//! The runtime takes its own `+` options out of the argument list and hands the rest to the
 //! program (argument 0, the program name, stays first). A literal `--` ends option parsing: what
-//! follows goes to the program untouched. Invariant: any `+` option not in [`OPTIONS`] is an error
-//! that lists the valid ones — never silently passed on or ignored.
+//! follows goes to the program untouched. Invariant: any argument starting with `+` that is not an
+//! option of [`OPTIONS`] is an error that lists the valid ones — never silently passed on or
+//! ignored. That includes every `++` argument: the runtime has no `++` option (`++ppn` is
+//! charmrun's, which takes it out of the arguments before starting the program).
 
 use crate::error::{Error, Result};
 use std::time::Duration;

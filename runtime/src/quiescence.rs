@@ -65,6 +65,40 @@ pub fn start_qd(target: impl Into<Target<()>>) {
 }
 
 /// Suspends until the job is quiescent (see [`start_qd`]).
+///
+/// ```
+/// use charmrs::prelude::*;
+///
+/// struct Ring { calls: u32 }
+///
+/// #[chare]
+/// impl Ring {
+///     fn new() -> Self { Ring { calls: 0 } }
+///
+///     #[entry]
+///     fn pass(&mut self, ctx: &Ctx<Self>, left: u32) {
+///         self.calls += 1;
+///         if left > 0 {
+///             let next = (ctx.index::<usize>() + 1) % 4;
+///             ctx.this_proxy().at(next).pass(left - 1);
+///         }
+///     }
+///
+///     #[entry]
+///     fn calls(&self) -> u32 { self.calls }
+/// }
+///
+/// fn main() {
+///     charmrs::Runtime::new(2).run(|_| async {
+///         let ring = Array::<Ring, usize>::new(4, ());
+///         ring.at(0).pass(99);                 // 100 calls, each sent by the one before
+///         charmrs::wait_qd().await;            // all of them have run
+///         let calls: Vec<u32> = ring.gather().calls().await;
+///         assert_eq!(calls, vec![25; 4]);
+///         charmrs::exit(0);
+///     }).unwrap();
+/// }
+/// ```
 pub async fn wait_qd() {
     let done = Future::<()>::new();
     start_qd(done);

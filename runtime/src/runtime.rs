@@ -390,6 +390,15 @@ pub fn in_runtime() -> bool {
 /// Ends the job on every PE with status `code` once the calling entry returns; no further
 /// messages are delivered.
 ///
+/// [`start`] exits the process with `code`; [`Runtime::run`] returns it:
+///
+/// ```
+/// let code = charmrs::Runtime::new(2).run(|_| async {
+///     charmrs::exit(3);
+/// }).unwrap();
+/// assert_eq!(code, 3);
+/// ```
+///
 /// # Panics
 /// Outside a running PE.
 pub fn exit(code: i32) {

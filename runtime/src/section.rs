@@ -44,7 +44,7 @@ use std::sync::Arc;
 /// Made with [`Proxy::section`] (any collection: the members' indices) or
 /// [`Array::section`](crate::Array::section) / [`Group::section`](crate::Group::section).
 ///
-/// ```no_run
+/// ```
 /// use charmrs::prelude::*;
 ///
 /// struct Cell;
@@ -61,14 +61,14 @@ use std::sync::Arc;
 /// }
 ///
 /// fn main() {
-///     charmrs::start(|_| async {
+///     charmrs::Runtime::new(2).run(|_| async {
 ///         let cells = Array::<Cell, usize>::new(10, ());
 ///         let evens = cells.section((0..10).step_by(2));
 ///         let done = Future::new();
 ///         evens.step(evens.clone(), done);      // a call to the 5 members only
 ///         assert_eq!(done.await, 20.0);         // 0 + 2 + 4 + 6 + 8
 ///         charmrs::exit(0);
-///     })
+///     }).unwrap();
 /// }
 /// ```
 pub struct Section<C> {

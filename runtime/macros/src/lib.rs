@@ -4,6 +4,11 @@
 //! block's `new`), one `charmrs::Entry` marker per `#[entry]` method (with a compile-time id
 //! registered in the entry table), and a `<Type>Proxy` trait that gives every proxy of the type
 //! (element, group, array, single chare) one method per entry. No interface file, no translator.
+//! [`task`] registers a function the task pool can run on any PE.
+//!
+//! These macros are used through the `charmrs` crate (`use charmrs::prelude::*;` brings
+//! `chare`; `task` is `charmrs::task`), whose crate documentation has runnable examples of every
+//! form described here.
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -20,9 +25,81 @@ use syn::{
 ///
 /// The block must have `fn new([ctx: &Ctx<Self>,] args…) -> Self` (the constructor) and marks
 /// entry methods with `#[entry]`: `fn name(&mut self, [ctx: &Ctx<Self>,] args…)`. Argument types
-/// must be `charmrs::Payload` (`Clone + Send + Serialize + DeserializeOwned + 'static`).
-/// Generated: `impl Chare for Type`, an `Entry` marker per entry, and a trait `TypeProxy` with one
-/// method per entry, implemented for every proxy to `Type` (calling it on a collection broadcasts).
+/// must be `charmrs::Payload` (`Clone + Send + Serialize + DeserializeOwned + 'static`) and are
+/// taken by value. Other methods of the block stay ordinary methods.
+///
+/// # Forms
+///
+/// * `#[chare]` or `#[chare(migratable)]` on the block. A migratable chare's elements can move
+///   between PEs (`ctx.migrate(pe)`, load balancing) and be checkpointed: the type must derive
+///   `Serialize` and `Deserialize` (its state travels serialized). Only such a block may have a
+///   hook `fn migrated(&mut self, ctx: &Ctx<Self>)` (no `#[entry]`), which runs on the new PE
+///   after a move or a restore, before any message is delivered there.
+/// * Constructor: `fn new([ctx: &Ctx<Self>,] args…) -> Self`, or suspendable:
+///   `async fn new([ctx: Ctx<Self>,] args…) -> Self` (the context by value); calls for the
+///   element wait until it is built. Arguments are passed at creation as a tuple:
+///   `Array::<Type, usize>::new(n, (a, b))`, `()` for none.
+/// * Entry receivers: `&mut self` or `&self`, optionally followed by `ctx: &Ctx<Self>`.
+/// * Suspendable entry: `#[entry] async fn name(this: Coro<Self>, args…)`; it reaches its state
+///   with `this.with(|state, ctx| …)` and its context with `this.ctx()`, and may await
+///   (`this.wait(|state| cond).await`, futures, `charmrs::sleep`) while the element's other
+///   entries run.
+/// * Conditional delivery: `#[entry(when = "self.iter == iter")]`, any boolean expression over
+///   `self` and the arguments; the message waits at the element until it holds. The exact form
+///   `self.field == arg` (either order) is looked up by hash (both sides of one `Hash` type);
+///   parenthesise it to have it tested message by message.
+/// * Return values: `fn name(&self, …) -> R` (`R: Payload`). A plain call discards the value;
+///   `proxy.at(i).ret().name(…)` returns a `Future<R>`, and on a collection `proxy.ret().name(…)`
+///   a `Future<()>` of completion and `proxy.gather().name(…)` a `Future<Vec<R>>` by index.
+///
+/// # Generated
+///
+/// `impl Chare for Type`, an `Entry` marker per entry, and a trait `TypeProxy` with, for each
+/// entry `name`, a method `name(args…)` (calling it on a collection broadcasts) and a method
+/// `name_callback()` giving the entry as a `charmrs::Callback` (a reduction target, or a value
+/// passed to other chares). The trait is implemented for every proxy to `Type`, and its methods
+/// resolve only where it is in scope: in the module of the block, or after
+/// `use path::to::TypeProxy;` elsewhere.
+///
+/// The macros crate cannot run the runtime, so this example is not compiled here; the crate
+/// documentation of `charmrs` has a runnable one.
+///
+/// ```ignore
+/// use charmrs::prelude::*;
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Cell { iter: u32, sum: f64 }
+///
+/// #[chare(migratable)]
+/// impl Cell {
+///     async fn new(ctx: Ctx<Self>, start: f64) -> Self {    // suspendable constructor
+///         Cell { iter: 0, sum: start + ctx.index::<usize>() as f64 }
+///     }
+///
+///     fn migrated(&mut self, ctx: &Ctx<Self>) {}            // after a move, on the new PE
+///
+///     #[entry(when = "self.iter == iter")]                    // delivered in iteration order
+///     fn step(&mut self, iter: u32, x: f64) { self.sum += x; self.iter += 1; }
+///
+///     #[entry]
+///     fn sum(&self) -> f64 { self.sum }                       // `cells.at(0).ret().sum().await`
+///
+///     #[entry]
+///     async fn finish(this: Coro<Self>, steps: u32, done: Callback<(f64,)>) {
+///         this.wait(|s| s.iter == steps).await;               // other entries run meanwhile
+///         let sum = this.with(|s, _ctx| s.sum);
+///         this.ctx().contribute(sum, Reducer::Sum, done);
+///     }
+///
+///     #[entry]
+///     fn total(&mut self, total: f64) { println!("{total}"); }
+/// }
+///
+/// // In an async context on a PE:
+/// let cells = Array::<Cell, usize>::new(4, (1.0,));
+/// cells.finish(1, cells.at(0).total_callback());              // `<entry>_callback()`
+/// cells.step(0, 2.0);                                         // broadcast
+/// ```
 #[proc_macro_attribute]
 pub fn chare(attr: TokenStream, item: TokenStream) -> TokenStream {
     let migratable = match attr.to_string().trim() {
@@ -585,7 +662,21 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
 /// Registers a function of one argument as a task the pool can run on any PE
 /// (`charmrs::pool().map(f, items)`, `.task(f, arg)`, `.spawn(f, arg)`). The function may be
 /// `async` (then its tasks may await nested tasks). Argument and result must be
-/// `charmrs::Payload`.
+/// `charmrs::Payload`; several arguments go as one tuple.
+///
+/// Pass the function to the pool by its name (`pool().map(square, items)`): the pool finds the
+/// registration from the function's own type, so a closure or a function pointer (`square as
+/// fn(u64) -> u64`) is refused at run time with a message saying so. Not generic.
+///
+/// ```ignore
+/// #[charmrs::task]
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// // In an async context on a PE:
+/// let squares = charmrs::pool().map(square, vec![1, 2, 3]).await;   // vec![1, 4, 9]
+/// ```
+///
+/// (`charmrs::Pool` has this example runnable.)
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
