@@ -119,15 +119,13 @@ impl<R: Chare> Channel<R> {
     /// # Panics
     /// Outside a running PE.
     pub fn send<T: Payload>(&self, value: T) {
+        let key = (self.remote_id, self.port);
         let seq = {
-            let mut table = self.table.borrow_mut();
+            let table = self.table.borrow();
             if table.left {
                 panic!("{}: used after its element migrated", self.describe());
             }
-            let next = table.sent.entry((self.remote_id, self.port)).or_insert(0);
-            let seq = *next;
-            *next += 1;
-            seq
+            table.sent.get(&key).copied().unwrap_or(0)
         };
         let message = ChannelMessage {
             from: self.me,
@@ -136,6 +134,9 @@ impl<R: Chare> Channel<R> {
             data: ChannelData::new(value),
         };
         ProxyTarget::<R>::send_entry::<ChannelDeliver>(&self.remote, (message,));
+        // The number is used once the value is sent: a panic in its `Serialize` (sending to
+        // another process) leaves no gap the receiver would wait on for ever.
+        *self.table.borrow_mut().sent.entry(key).or_insert(0) += 1;
     }
 
     /// The next value the remote end sent on this channel (charm4py's `ch.recv()`). Await it in

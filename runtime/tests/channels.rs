@@ -151,6 +151,22 @@ impl Sink {
     async fn wrong_type(this: Coro<Self>, from: ElementProxy<Sender>) -> u64 {
         this.channel(&from).recv::<u64>().await
     }
+
+    #[entry]
+    async fn fuse(this: Coro<Self>, from: ElementProxy<Sender>) -> bool {
+        this.channel(&from).recv::<Fuse>().await.0
+    }
+}
+
+/// A value whose encoding panics when it is `Fuse(true)`.
+#[derive(Clone, serde::Deserialize)]
+struct Fuse(bool);
+
+impl serde::Serialize for Fuse {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        assert!(!self.0, "a lit fuse cannot be encoded");
+        s.serialize_bool(self.0)
+    }
 }
 
 /// Sends to a sink.
@@ -177,6 +193,30 @@ impl Sender {
     async fn small_number(this: Coro<Self>, to: ElementProxy<Sink>) {
         this.channel(&to).send(5u32);
     }
+
+    #[entry]
+    async fn fuse(this: Coro<Self>, to: ElementProxy<Sink>, lit: bool) {
+        this.channel(&to).send(Fuse(lit));
+    }
+}
+
+/// A send whose value's encoding panics (to another process) fails its entry without using up
+/// a sequence number: the next value on the channel is received. Before, the receiver waited
+/// for the number of the value never sent, for ever.
+#[test]
+fn a_channel_send_whose_encoding_panics_leaves_no_gap() {
+    let rt = charmrs::Runtime::new(2).affinity(false).wire_check(true);
+    run_job_with(rt, |_| async {
+        let sink = Single::<Sink>::new((), Some(1));
+        let sender = Single::<Sender>::new((), Some(0));
+        let got = sink.ret().fuse(*sender);
+        let failed = sender.ret().fuse(*sink, true).result().await;
+        assert!(failed.is_err(), "the send of a lit fuse fails");
+        sender.fuse(*sink, false);
+        assert!(!got.await, "the unlit fuse arrives");
+        charmrs::exit(0);
+    })
+    .unwrap();
 }
 
 #[test]

@@ -71,3 +71,46 @@ fn calls_creations_results_and_zero_copy_buffers_survive_the_wire() {
     })
     .unwrap();
 }
+
+/// A user type whose encoding panics.
+#[derive(Clone, serde::Deserialize)]
+struct Unsendable;
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("Unsendable cannot be encoded")
+    }
+}
+
+struct Relay;
+
+#[chare]
+impl Relay {
+    fn new() -> Self {
+        Relay
+    }
+
+    #[entry]
+    fn relay(&mut self, peer: ElementProxy<Relay>) {
+        peer.take(Unsendable);
+    }
+
+    #[entry]
+    fn take(&mut self, _value: Unsendable) {}
+}
+
+/// A send whose argument panics while being encoded (as for another process) fails its entry
+/// and sends nothing, and counts nothing: quiescence is still detected. Before, the message
+/// was counted as sent first, stayed "in flight" for ever, and `wait_qd` hung.
+#[test]
+fn a_send_whose_encoding_panics_leaves_no_message_in_flight() {
+    run_job_with(checked(2), |_| async {
+        let a = Array::<Relay, usize>::new(2, ());
+        let failed = a.at(0).ret().relay(a.at(1)).result().await;
+        let text = format!("{:?}", failed.expect_err("the relay fails"));
+        assert!(text.contains("Unsendable cannot be encoded"), "{text}");
+        charmrs::wait_qd().await;
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -432,9 +432,11 @@ impl PeState {
     /// Posts `env` to PE `dst` as addressed (no location-cache lookup).
     #[inline]
     pub(crate) fn send_direct(&self, dst: usize, env: Envelope) {
-        if env.counted() {
-            self.sent.set(self.sent.get() + 1);
-        }
+        // Counted once handed over: encoding for another process runs the arguments' (user)
+        // `Serialize`, and a panic there sends nothing. Counting first would leave a message
+        // in flight for ever, and quiescence undetectable. (Probes are answered between turns,
+        // so counting after the hand-over is never seen early.)
+        let counted = env.counted();
         if dst == self.pe {
             self.queue.borrow_mut().push(env);
         } else if let Some(mailbox) = self.shared.mailbox(dst) {
@@ -445,6 +447,9 @@ impl PeState {
             }
         } else {
             self.send_remote(dst, env);
+        }
+        if counted {
+            self.sent.set(self.sent.get() + 1);
         }
     }
 
@@ -476,7 +481,6 @@ impl PeState {
         call: &dyn Invocation,
         priority: i32,
     ) {
-        self.sent.set(self.sent.get() + 1);
         let table = self.shared.entries;
         let process = self.shared.process_of(dst);
         let layer = &self.shared.layer;
@@ -506,6 +510,8 @@ impl PeState {
             },
         )
         .and_then(|sent| sent);
+        // Counted once encoded (see `send_direct`).
+        self.sent.set(self.sent.get() + 1);
         if let Err(e) = sent {
             self.send_failed(dst, process, &e);
         }
@@ -775,11 +781,12 @@ impl PeState {
         outcome: Resolution,
         encode: EncodeFn,
     ) {
-        self.count_sent();
         let encoded = match outcome {
             Ok(v) => encode(&*v).map(Ok),
             Err(e) => Ok(Err(e)),
         };
+        // Counted once encoded (see `send_direct`).
+        self.count_sent();
         let msg = encoded
             .and_then(|value| {
                 crate::wire::value_message(partial, id, self.pe as u32, owner as u32, value)
