@@ -279,11 +279,40 @@ impl PeState {
                 self.send_direct(to, env);
             }
             _ => {
-                // At the home, location unknown: the element is being inserted or is on its way.
+                // At the home, location unknown: the element is being inserted or is on its way
+                // — unless the array is sealed and the element was never inserted.
+                let sealed = self.home_counts.borrow().contains_key(&coll);
                 let mut cols = self.collections.borrow_mut();
                 let c = cols.get_mut(&coll).expect("looked up above");
+                if sealed && home == self.pe && c.never_inserted(&index) {
+                    drop(cols);
+                    return self
+                        .abort_job(never_inserted_error(entry, index, chare, coll, self.pe));
+                }
                 c.lost.entry(index).or_default().push(env);
             }
+        }
+    }
+
+    /// At `done_inserting`'s seal of sparse array `coll`: a call waiting here for an element
+    /// that was never inserted ends the job (it would wait for ever).
+    pub(crate) fn check_never_inserted(&self, coll: CollectionId) {
+        let found = {
+            let cols = self.collections.borrow();
+            let Some(c) = cols.get(&coll) else { return };
+            c.lost
+                .iter()
+                .filter(|(index, _)| c.never_inserted(index))
+                .find_map(|(index, waiting)| {
+                    let entry = match waiting.first().map(|env| &env.body) {
+                        Some(Body::Point { call, .. }) => call.entry_name(),
+                        _ => "?",
+                    };
+                    Some((*index, entry, c.chare))
+                })
+        };
+        if let Some((index, entry, chare)) = found {
+            self.abort_job(never_inserted_error(entry, index, chare, coll, self.pe));
         }
     }
 
@@ -633,4 +662,19 @@ impl PeState {
         }
         self.release_lost(coll, index);
     }
+}
+
+/// The abort of a call to sparse element `index`, which was never inserted.
+fn never_inserted_error(
+    entry: &str,
+    index: Index,
+    chare: &str,
+    coll: CollectionId,
+    pe: usize,
+) -> String {
+    format!(
+        "charmrs: a message for entry `{entry}` names element {index} of sparse array of \
+         {chare} {coll:?}, which was never inserted (done_inserting sealed the array; seen at \
+         its home, PE {pe})"
+    )
 }

@@ -149,6 +149,7 @@ impl PeState {
             }
         }
         self.home_counts.borrow_mut().insert(coll, counts.into());
+        self.check_never_inserted(coll);
         let waiting = self.unsealed.borrow_mut().remove(&coll);
         for d in waiting.into_iter().flatten() {
             self.reduce(coll, d.seq, d.shape, d.incoming);

@@ -454,3 +454,29 @@ fn a_proxy_the_map_places_out_of_range_is_an_error() {
     })
     .unwrap();
 }
+
+/// A call to an index that was never inserted ends the job naming it, whether it reaches the
+/// index's home after `done_inserting` sealed the array or waits there from before the seal.
+/// Before, it waited at the home for ever (and quiescence was still detected).
+#[test]
+fn a_call_to_an_index_never_inserted_aborts_once_the_array_is_sealed() {
+    for before_the_seal in [false, true] {
+        let e = run_job(3, move |_| async move {
+            let s = Array::<Leaf, usize>::new_sparse(None);
+            for k in 0..4usize {
+                s.insert(k, (k as u32,), None);
+            }
+            if before_the_seal {
+                s.at(99usize).ping();
+            }
+            s.done_inserting().await;
+            s.at(99usize).ret().ping().await;
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("never inserted") && e.contains("99") && e.contains("ping"),
+            "{e}"
+        );
+    }
+}

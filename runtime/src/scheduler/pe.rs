@@ -146,6 +146,16 @@ impl LocalCollection {
             + self.away.len()
     }
 
+    /// At the home of `index`, in a sparse array sealed by `done_inserting` (every element
+    /// inserted then is known to its home: here, being built here, or away): whether `index`
+    /// was never inserted, so a call for it has no element to wait for.
+    pub(crate) fn never_inserted(&self, index: &Index) -> bool {
+        matches!(self.shape, Shape::Sparse { .. })
+            && !self.position.contains_key(index)
+            && !self.constructing.contains_key(index)
+            && !self.away.contains_key(index)
+    }
+
     /// Whether every resident is at home and none is away (broadcasts take the fast path).
     pub(crate) fn settled(&self) -> bool {
         self.guests == 0 && self.away.is_empty()
