@@ -129,3 +129,28 @@ fn migrating_from_inside_a_suspendable_constructor_is_an_error() {
     })
     .unwrap();
 }
+
+// Every element's home is PE 1.
+charmrs::array_map!(HOME_ON_1 = |_index, _pes| 1);
+
+/// An element inserted away from its home, whose `async fn new` waits for something sent only
+/// after `done_inserting`, is counted by the census while it is built: `done_inserting`
+/// completes, and calls sent through the home wait for the constructor. Before, the home heard
+/// of the element only once it was built, and `done_inserting` waited for ever.
+#[test]
+fn done_inserting_counts_an_element_still_being_built_away_from_home() {
+    run_job(2, |_| async {
+        let base = Future::<u32>::new();
+        let a = Array::<Slow, usize>::new_sparse(Some(&HOME_ON_1));
+        a.insert(0, (base, false), Some(0));
+        a.done_inserting().await;
+        a.at(0).push("after".into());
+        base.send(41);
+        assert_eq!(
+            a.at(0).ret().log().await,
+            vec!["built 0 from 41".to_string(), "after".to_string()]
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -1362,6 +1362,10 @@ impl PeState {
                     .expect("checked above")
                     .constructing
                     .insert(index, Vec::new());
+                let home = shape.home_pe(&index, self.num_pes());
+                if home != self.pe {
+                    self.announce_to_home(coll, index, shape, home);
+                }
                 self.finish_construction(coll, index, &*build, fut);
             }
         }
@@ -1373,20 +1377,28 @@ impl PeState {
         if home == self.pe {
             self.release_lost(coll, index);
         } else {
-            self.send(
-                home,
-                Envelope::new(
-                    0,
-                    Control::Located {
-                        coll,
-                        index,
-                        pe: self.pe as u32,
-                        epoch: 0,
-                        inserted: matches!(shape, Shape::Sparse { .. }),
-                    },
-                ),
-            );
+            self.announce_to_home(coll, index, shape, home);
         }
+    }
+
+    /// Tells PE `home` that new element `index` lives here (for a sparse array: that it was
+    /// inserted here). Sent when the element's construction starts, suspendable or not: the
+    /// home then forwards its calls here (where they wait for an `async fn new` to finish), and
+    /// `done_inserting`'s census counts it even while it is being built.
+    fn announce_to_home(&self, coll: CollectionId, index: Index, shape: Shape, home: usize) {
+        self.send(
+            home,
+            Envelope::new(
+                0,
+                Control::Located {
+                    coll,
+                    index,
+                    pe: self.pe as u32,
+                    epoch: 0,
+                    inserted: matches!(shape, Shape::Sparse { .. }),
+                },
+            ),
+        );
     }
 
     pub(crate) fn under_construction(&self, coll: CollectionId, index: Index) -> bool {
@@ -1420,7 +1432,10 @@ impl PeState {
             };
             (points, broadcasts, c.shape)
         };
-        self.element_placed(coll, index, shape);
+        // Away from its home, the home heard of it when its construction started.
+        if shape.home_pe(&index, self.num_pes()) == self.pe {
+            self.release_lost(coll, index);
+        }
         for env in points.into_iter().chain(broadcasts) {
             self.deliver(env);
         }
