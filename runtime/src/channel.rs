@@ -303,11 +303,18 @@ fn channel_ends(
 
 impl ChannelTable {
     /// The element is migrating: hands over its channel state (the table is unusable after).
+    /// A receive still waiting here (its task let go of the element, which could then move)
+    /// is woken, to fail naming the channel instead of waiting for ever.
     pub(crate) fn leave(&mut self) -> Vec<ChannelEnd> {
         self.left = true;
         let received = std::mem::take(&mut self.received)
             .into_iter()
-            .map(|(key, inbound)| (key, inbound.next, inbound.arrived.into_iter().collect()));
+            .map(|(key, inbound)| {
+                // Waking only queues the task: it runs after the move, and sees `left`.
+                inbound.waiters.into_iter().for_each(Waker::wake);
+                (key, inbound.next, inbound.arrived.into_iter().collect())
+            })
+            .collect::<Vec<_>>();
         channel_ends(std::mem::take(&mut self.sent), received)
     }
 

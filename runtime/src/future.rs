@@ -261,7 +261,8 @@ impl<T: Payload> std::future::IntoFuture for Future<T> {
 /// (charm4py's `charm.iwait`, one step at a time). Awaiting that future then returns at once.
 ///
 /// # Panics
-/// If `futures` is empty, or a future belongs to another PE.
+/// If `futures` is empty, a future belongs to another PE, or one was awaited already (its
+/// value is gone: it would never be ready again).
 pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
     assert!(!futures.is_empty(), "wait_any: no futures to wait for");
     std::future::poll_fn(|cx| {
@@ -275,6 +276,10 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
                 if table.is_ready(f.id) {
                     return Poll::Ready(i);
                 }
+                assert!(
+                    table.is_known(f.id),
+                    "wait_any: {f:?} was already consumed (a future is awaited once)"
+                );
             }
             for f in futures {
                 table.register(f.id, cx.waker());
@@ -454,6 +459,11 @@ impl FutureTable {
 
     pub(crate) fn is_ready(&self, id: u64) -> bool {
         matches!(self.slots.get(&id), Some(SlotState::Ready(_)))
+    }
+
+    /// Whether future `id` was made here and not consumed yet.
+    pub(crate) fn is_known(&self, id: u64) -> bool {
+        self.slots.contains_key(&id)
     }
 
     pub(crate) fn register(&mut self, id: u64, waker: &Waker) {

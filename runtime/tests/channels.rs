@@ -22,6 +22,14 @@ impl Cell {
 
     /// Passes a counter around the ring of `n` elements `rounds` times; element 0 returns the
     /// final count, the others the last value they saw.
+    /// Receives from `from` after letting go of the element (which may then move).
+    #[entry]
+    async fn recv_after_letting_go(this: Coro<Self>, from: ElementProxy<Cell>) -> u64 {
+        let ch = this.channel(&from);
+        drop(this);
+        ch.recv::<u64>().await
+    }
+
     #[entry]
     async fn ring(this: Coro<Self>, n: usize, rounds: u64) -> u64 {
         let me: usize = this.ctx().index();
@@ -315,6 +323,25 @@ fn unreceived_values_travel_with_a_migrating_receiver() {
         })
         .unwrap();
     }
+}
+
+/// A receive waiting while its element migrates (its task let go of the element) fails naming
+/// the channel; before, it was never woken and waited for ever.
+#[test]
+fn a_receive_waiting_while_its_element_migrates_fails_naming_the_channel() {
+    let e = run_job(2, |_| async {
+        let cells = Array::<Cell, usize>::new(2, ());
+        let got = cells
+            .at(1usize)
+            .ret()
+            .recv_after_letting_go(cells.at(0usize));
+        charmrs::wait_qd().await;
+        cells.at(1usize).go_to(0);
+        got.await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("used after its element migrated"), "{e}");
 }
 
 /// A `u32` received as a `u64` decodes without error byte-wise; the type tag still catches it.

@@ -165,6 +165,21 @@ fn wait_any_returns_the_first_ready() {
     .unwrap();
 }
 
+/// `wait_any` over a future already awaited (charm4py's `iwait` loop without removing what it
+/// consumed) fails naming the future; before, it waited for ever.
+#[test]
+fn wait_any_over_a_consumed_future_fails_naming_it() {
+    let e = run_job(1, |_| async {
+        let f = Future::<u32>::new();
+        f.send(1);
+        assert_eq!(f.await, 1);
+        wait_any(&[f]).await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already consumed"), "{e}");
+}
+
 #[test]
 fn a_condition_that_becomes_true_only_after_several_other_entries() {
     run_job(2, |_| async {
