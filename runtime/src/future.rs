@@ -424,9 +424,10 @@ impl FutureTable {
             PartialCount::Element => g.extras -= 1,
         }
         match part {
-            Ok(p) => {
-                (g.merge)(p).map_err(|e| format!("a broadcast result for future #{id}: {e}"))?
-            }
+            // Merging may decode a partial from another process: the user's `Deserialize`,
+            // which may panic; the job then aborts naming the future.
+            Ok(p) => crate::wire::guarded(|| (g.merge)(p))
+                .map_err(|e| format!("a broadcast result for future #{id}: {e}"))?,
             Err(e) => {
                 g.error.get_or_insert(e);
             }
