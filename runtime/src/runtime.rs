@@ -343,7 +343,17 @@ where
         }
     };
     let _ = std::io::stdout().flush();
-    std::process::exit(code)
+    std::process::exit(process_status(code))
+}
+
+/// The process exit status for job status `code`: the operating system keeps only its low 8
+/// bits, so a non-zero code whose low byte is 0 (`exit(256)`) becomes 1 rather than success.
+fn process_status(code: i32) -> i32 {
+    if code != 0 && code & 0xff == 0 {
+        1
+    } else {
+        code
+    }
 }
 
 fn in_pe<R>(what: &'static str, f: impl FnOnce(&crate::scheduler::PeState) -> R) -> R {
@@ -390,7 +400,8 @@ pub fn in_runtime() -> bool {
 /// Ends the job on every PE with status `code` once the calling entry returns; no further
 /// messages are delivered.
 ///
-/// [`start`] exits the process with `code`; [`Runtime::run`] returns it:
+/// [`start`] exits the process with `code` (the operating system keeps its low 8 bits, so a
+/// non-zero code whose low byte is 0, such as 256, exits with 1); [`Runtime::run`] returns it:
 ///
 /// ```
 /// let code = charmrs::Runtime::new(2).run(|_| async {
@@ -524,5 +535,20 @@ fn host_placement(rank: u32, size: u32) -> (usize, usize) {
     match (local_rank, local_size) {
         (Some(r), Some(n)) if r < n => (r, n),
         _ => (rank as usize, size.max(1) as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_status;
+
+    #[test]
+    fn a_failing_code_never_exits_as_success() {
+        assert_eq!(process_status(0), 0);
+        assert_eq!(process_status(3), 3);
+        assert_eq!(process_status(255), 255);
+        assert_eq!(process_status(256), 1);
+        assert_eq!(process_status(512), 1);
+        assert_eq!(process_status(-1), -1);
     }
 }

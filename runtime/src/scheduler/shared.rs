@@ -143,6 +143,14 @@ impl Shared {
 
     fn end(&self, outcome: Outcome, tell_peers: bool) {
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(Outcome::Exit(code)), Outcome::Abort(msg), true) =
+            (&*slot, &outcome, tell_peers)
+        {
+            // A failure in this process after `exit` (an entry still running on another PE, or
+            // the rest of the entry that called `exit`, panicked): the job's status stays the
+            // one `exit` chose, but the failure is not silent.
+            eprintln!("charmrs: after exit({code}): {msg}");
+        }
         if slot.is_none() {
             self.layer.stopping();
             if tell_peers {
