@@ -186,7 +186,7 @@ impl Shape {
     }
 
     /// The elements whose home is `pe`, in row-major order.
-    pub fn local_elements(&self, pe: usize, num_pes: usize) -> Vec<Index> {
+    pub(crate) fn local_elements(&self, pe: usize, num_pes: usize) -> Vec<Index> {
         match self {
             Shape::Single { pe: home } => {
                 if *home as usize == pe {
@@ -210,8 +210,9 @@ impl Shape {
 }
 
 impl Shape {
-    /// How many elements have their home on `pe`.
-    pub fn local_count(&self, pe: usize, num_pes: usize) -> usize {
+    /// How many elements have their home on `pe` (for shapes not counted per PE: see
+    /// [`counted_by_pe`](Self::counted_by_pe)).
+    pub(crate) fn local_count(&self, pe: usize, num_pes: usize) -> usize {
         match self {
             Shape::Single { pe: home } => usize::from(*home as usize == pe),
             Shape::Group => 1,
@@ -238,7 +239,7 @@ impl Shape {
 
     /// The PEs that hold at least one element, in increasing order (the members of the
     /// collection's reduction tree).
-    pub fn member_pes(&self, num_pes: usize) -> Vec<usize> {
+    pub(crate) fn member_pes(&self, num_pes: usize) -> Vec<usize> {
         (0..num_pes)
             .filter(|&p| self.local_count(p, num_pes) > 0)
             .collect()
