@@ -303,13 +303,14 @@ impl PeState {
             c.lost
                 .iter()
                 .filter(|(index, _)| c.never_inserted(index))
-                .find_map(|(index, waiting)| {
+                .map(|(index, waiting)| {
                     let entry = match waiting.first().map(|env| &env.body) {
                         Some(Body::Point { call, .. }) => call.entry_name(),
                         _ => "?",
                     };
-                    Some((*index, entry, c.chare))
+                    (*index, entry, c.chare)
                 })
+                .next()
         };
         if let Some((index, entry, chare)) = found {
             self.abort_job(never_inserted_error(entry, index, chare, coll, self.pe));
