@@ -154,6 +154,15 @@ impl PeState {
         for d in waiting.into_iter().flatten() {
             self.reduce(coll, d.seq, d.shape, d.incoming);
         }
+        let broadcasts = self
+            .collections
+            .borrow_mut()
+            .get_mut(&coll)
+            .map(|c| std::mem::take(&mut c.unsealed_broadcasts))
+            .unwrap_or_default();
+        for env in broadcasts {
+            self.deliver(env);
+        }
     }
 
     /// Seals `coll` here at once (so the caller of `done_inserting` sees it sealed) and sends the

@@ -480,3 +480,28 @@ fn a_call_to_an_index_never_inserted_aborts_once_the_array_is_sealed() {
         );
     }
 }
+
+// Every element's home is PE 0.
+charmrs::array_map!(HOME_ON_0 = |_index, _pes| 0);
+
+/// A broadcast to a sparse array before `done_inserting` waits for it, like a reduction, and
+/// then reaches every element once, wherever it was inserted. Before, an element inserted away
+/// from its home whose home had not heard of it yet missed the broadcast.
+#[test]
+fn a_broadcast_before_done_inserting_reaches_every_element_once() {
+    run_job(3, |_| async {
+        let s = Array::<Leaf, usize>::new_sparse(Some(&HOME_ON_0));
+        s.insert(5, (0,), Some(1));
+        s.insert(6, (0,), Some(2));
+        s.insert(7, (0,), None);
+        let pinged = s.ret().ping();
+        s.done_inserting().await;
+        pinged.await;
+        let got = Future::new();
+        s.report(got);
+        let pings: Vec<u32> = got.await.iter().map(|r| r.4).collect();
+        assert_eq!(pings, vec![1, 1, 1]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

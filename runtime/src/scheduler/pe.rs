@@ -59,6 +59,10 @@ pub(crate) struct LocalCollection {
     constructing: FxHashMap<Index, Vec<Envelope>>,
     /// Broadcasts that wait until no local element is under construction.
     waiting_broadcasts: Vec<Envelope>,
+    /// A sparse array's broadcasts that wait for `done_inserting`'s seal here, in arrival order:
+    /// before it, an element inserted away from its home may be known neither to its home nor
+    /// as a home resident where it lives, and would miss the broadcast.
+    pub(crate) unsealed_broadcasts: Vec<Envelope>,
     /// Elements whose home is this PE but which live elsewhere: last known PE and epoch.
     pub(crate) away: FxHashMap<Index, (u32, u32)>,
     /// Residents whose home is another PE.
@@ -100,6 +104,7 @@ impl LocalCollection {
             position: FxHashMap::default(),
             constructing: FxHashMap::default(),
             waiting_broadcasts: Vec::new(),
+            unsealed_broadcasts: Vec::new(),
             away: FxHashMap::default(),
             guests: 0,
             epochs: FxHashMap::default(),
@@ -942,6 +947,14 @@ impl PeState {
                         coll,
                         Envelope::new(priority, Body::Broadcast { coll, call }),
                     ),
+                    Some(_) if self.sparse_unsealed(coll) => {
+                        let env = Envelope::new(priority, Body::Broadcast { coll, call });
+                        let mut cols = self.collections.borrow_mut();
+                        cols.get_mut(&coll)
+                            .expect("looked up above")
+                            .unsealed_broadcasts
+                            .push(env);
+                    }
                     Some(_) if self.any_under_construction(coll) => {
                         // Delivered once every local element is built, so each gets it once.
                         let env = Envelope::new(priority, Body::Broadcast { coll, call });
@@ -1406,6 +1419,15 @@ impl PeState {
             .borrow()
             .get(&coll)
             .is_some_and(|c| c.constructing.contains_key(&index))
+    }
+
+    /// Whether `coll` is a sparse array that `done_inserting` has not sealed here yet.
+    fn sparse_unsealed(&self, coll: CollectionId) -> bool {
+        self.collections
+            .borrow()
+            .get(&coll)
+            .is_some_and(|c| matches!(c.shape, Shape::Sparse { .. }))
+            && !self.home_counts.borrow().contains_key(&coll)
     }
 
     fn any_under_construction(&self, coll: CollectionId) -> bool {
