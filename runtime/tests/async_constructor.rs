@@ -154,3 +154,23 @@ fn done_inserting_counts_an_element_still_being_built_away_from_home() {
     })
     .unwrap();
 }
+
+/// Calls sent before an element's insertion (waiting at its home) run before calls sent after
+/// it (waiting for its `async fn new`), in the order sent. Before, the later ones ran first.
+#[test]
+fn calls_from_before_an_insertion_run_first_once_the_element_is_built() {
+    run_job(2, |_| async {
+        let base = Future::<u32>::new();
+        let a = Array::<Slow, usize>::new_sparse(Some(&HOME_ON_1));
+        a.at(1).push("m1".into());
+        a.insert(1, (base, false), None);
+        a.at(1).push("m2".into());
+        a.done_inserting().await;
+        assert_eq!(
+            a.at(1).ret().log().await,
+            vec!["built 1 from 0".to_string(), "m1".into(), "m2".into()]
+        );
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -1439,7 +1439,7 @@ impl PeState {
 
     /// A suspendable constructor finished: install the element, then deliver what waited for it.
     fn constructed(&self, coll: CollectionId, index: Index, element: Rc<dyn ElementObj>) {
-        let (points, broadcasts, shape) = {
+        let (waited_at_home, points, broadcasts) = {
             let mut cols = self.collections.borrow_mut();
             let c = cols
                 .get_mut(&coll)
@@ -1447,18 +1447,22 @@ impl PeState {
             let points = c.constructing.remove(&index).unwrap_or_default();
             let home = c.shape.home_pe(&index, self.num_pes()) == self.pe;
             c.insert(index, element, home);
+            // At its home, calls that came before the insertion waited in `lost`: they run
+            // first. (Away from its home, the home heard of it when its construction started,
+            // and forwarded its calls here, into `points`.)
+            let waited_at_home = if home {
+                c.lost.remove(&index).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             let broadcasts = if c.constructing.is_empty() {
                 std::mem::take(&mut c.waiting_broadcasts)
             } else {
                 Vec::new()
             };
-            (points, broadcasts, c.shape)
+            (waited_at_home, points, broadcasts)
         };
-        // Away from its home, the home heard of it when its construction started.
-        if shape.home_pe(&index, self.num_pes()) == self.pe {
-            self.release_lost(coll, index);
-        }
-        for env in points.into_iter().chain(broadcasts) {
+        for env in waited_at_home.into_iter().chain(points).chain(broadcasts) {
             self.deliver(env);
         }
     }
