@@ -1,8 +1,9 @@
 //! The PE-local executor: futures that run on one PE (the program's entry point now, suspendable
 //! entry methods later) and are resumed by messages.
 //!
-//! A task's waker does not poll anything itself: it posts a `Resume` envelope to the owning PE's
-//! mailbox, so a task only ever runs on its PE's thread, between other messages. Invariants: a
+//! A task's waker does not poll anything itself: it posts a `Resume` envelope to the owning PE
+//! (its local queue when woken on that PE's thread, else its mailbox), so a task only ever runs
+//! on its PE's thread, between other messages. Invariants: a
 //! slot's `generation` changes when its task ends, so a stale waker's `Resume` is ignored; at most
 //! one `Resume` per task is in flight (`queued` flag); the slab is never borrowed across a poll, so
 //! a task may spawn tasks.
@@ -35,10 +36,13 @@ impl Wake for TaskWaker {
                     generation: self.generation,
                 },
             );
-            self.shared
-                .mailbox(self.pe)
-                .expect("tasks run on PEs of this process")
-                .push(env);
+            // Woken on its own PE's thread: into the local queue, behind what arrived before.
+            if let Some(env) = super::pe::queue_resume_if_current(self.pe, env) {
+                self.shared
+                    .mailbox(self.pe)
+                    .expect("tasks run on PEs of this process")
+                    .push(env);
+            }
         }
     }
 }

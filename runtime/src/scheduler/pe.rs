@@ -318,6 +318,30 @@ pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
     None
 }
 
+/// Queues a task's resumption in the local queue of PE `pe` if the calling thread is that PE
+/// (and the queue is not in use); else gives it back for the mailbox. A network PE queues what
+/// it polls there, quiescence probes included: a resumption queued in the mailbox could be
+/// overtaken by a probe that arrived after it, which would then see a runnable task's PE as
+/// quiet.
+pub(crate) fn queue_resume_if_current(pe: usize, env: Envelope) -> Option<Envelope> {
+    let p = CURRENT.with(Cell::get);
+    if p.is_null() {
+        return Some(env);
+    }
+    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
+    let state = unsafe { &*p };
+    if state.pe != pe {
+        return Some(env);
+    }
+    match state.queue.try_borrow_mut() {
+        Ok(mut queue) => {
+            queue.push(env);
+            None
+        }
+        Err(_) => Some(env),
+    }
+}
+
 /// Runs a call the machine layer lent (`seg0`, a call for PE `dst`) at once, without boxing or
 /// queueing it, if the calling thread is PE `dst`, nothing waits in its local queue (so nothing
 /// that arrived before is overtaken), the job is not stopping, and the call is a plain point
