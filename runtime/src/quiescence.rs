@@ -170,7 +170,7 @@ impl PeState {
                     qd.previous = Some(sums);
                     drop(qd);
                     let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
-                    self.add_timer(Instant::now() + WAVE_GAP, waker);
+                    let _ = self.add_timer(Instant::now() + WAVE_GAP, waker);
                 }
             }
             Control::QdDone { token } => {

@@ -1,9 +1,9 @@
 //! [`sleep`]: suspend a suspendable context for a while without blocking its PE.
 //!
-//! The deadline goes into the PE's timer heap; the dispatch loop wakes due timers between messages
+//! The deadline goes into the PE's timers (taken out again if the sleep is dropped first); the dispatch loop wakes due timers between messages
 //! and, when idle, parks no longer than the next deadline.
 
-use crate::scheduler::with_pe;
+use crate::scheduler::{with_pe, TimerKey};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -41,9 +41,19 @@ const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 #[must_use = "sleep does nothing unless awaited"]
 pub struct Sleep {
     deadline: Instant,
-    /// The waker of the timer this sleep put in the PE's heap, if any: polled again by the same
-    /// task (woken by something else meanwhile), it adds no second timer.
-    registered: Option<std::task::Waker>,
+    /// The timer this sleep put in its PE's timers, if any, with the waker it wakes: polled
+    /// again by the same task (woken by something else meanwhile), it adds no second timer;
+    /// dropped before its deadline (the losing side of a `select`), it takes its timer out.
+    registered: Option<(std::task::Waker, TimerKey)>,
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some((_, key)) = self.registered.take() {
+            // Outside a running PE (the job ended) there is nothing left to cancel.
+            let _ = with_pe("sleep", |pe| pe.cancel_timer(key));
+        }
+    }
 }
 
 impl Future for Sleep {
@@ -55,15 +65,21 @@ impl Future for Sleep {
         if self
             .registered
             .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
+            .is_some_and(|(w, _)| w.will_wake(cx.waker()))
         {
             return Poll::Pending;
         }
         let waker = cx.waker().clone();
         let deadline = self.deadline;
-        with_pe("sleep", |pe| pe.add_timer(deadline, waker.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        self.registered = Some(waker);
+        let replaced = self.registered.take().map(|(_, key)| key);
+        let key = with_pe("sleep", |pe| {
+            if let Some(old) = replaced {
+                pe.cancel_timer(old);
+            }
+            pe.add_timer(deadline, waker.clone())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.registered = Some((waker, key));
         Poll::Pending
     }
 }
@@ -110,6 +126,38 @@ mod tests {
             })
             .unwrap();
         assert_eq!(rx.recv().unwrap(), 1);
+    }
+
+    /// Polls a sleep once, then drops it (the losing side of a `select`).
+    struct PollOnce(Option<super::Sleep>);
+
+    impl Future for PollOnce {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if let Some(sleep) = self.0.as_mut() {
+                let _ = Pin::new(sleep).poll(cx);
+            }
+            self.0 = None;
+            Poll::Ready(())
+        }
+    }
+
+    /// A sleep dropped before its deadline takes its timer out: a loop selecting over a long
+    /// sleep and something else does not pile up timers (each held its task's waker).
+    #[test]
+    fn a_dropped_sleep_leaves_no_timer_behind() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        crate::Runtime::new(1)
+            .run(move |_| async move {
+                for _ in 0..100 {
+                    PollOnce(Some(super::sleep(std::time::Duration::MAX))).await;
+                }
+                let timers = crate::scheduler::with_pe("test", |pe| pe.pending_timers()).unwrap();
+                tx.send(timers).unwrap();
+                crate::exit(0);
+            })
+            .unwrap();
+        assert_eq!(rx.recv().unwrap(), 0);
     }
 
     #[test]

@@ -10,5 +10,5 @@ mod shared;
 
 pub(crate) use comm::poll_network;
 pub(crate) use ending::finish_job;
-pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState};
+pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState, TimerKey};
 pub(crate) use shared::{Outcome, Shared};

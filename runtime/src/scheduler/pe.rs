@@ -32,7 +32,6 @@ use crate::quiescence::QdState;
 use crate::reduction::ReductionTable;
 use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
-use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -196,7 +195,9 @@ pub(crate) struct PeState {
     processed: Cell<u64>,
     /// Elements whose `when` buffers need a re-check after the current message.
     dirty: RefCell<Vec<Rc<dyn ElementObj>>>,
-    timers: RefCell<BinaryHeap<Timer>>,
+    /// Timers in deadline order, each with the waker it wakes.
+    timers: RefCell<std::collections::BTreeMap<TimerKey, Waker>>,
+    next_timer: Cell<u64>,
     has_timers: Cell<bool>,
     /// Network arrivals put in this PE's local queue and not yet matched by a turn (see
     /// `run_pe`'s back-pressure; network PE only).
@@ -236,29 +237,9 @@ pub(crate) struct PeState {
     pub(crate) tracer: Option<Box<crate::trace::Tracer>>,
 }
 
-/// A sleeping task's wake-up time.
-struct Timer {
-    deadline: Instant,
-    waker: Waker,
-}
-
-impl PartialEq for Timer {
-    fn eq(&self, other: &Self) -> bool {
-        self.deadline == other.deadline
-    }
-}
-impl Eq for Timer {}
-impl PartialOrd for Timer {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Timer {
-    // Earliest deadline on top of the max-heap.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.deadline.cmp(&self.deadline)
-    }
-}
+/// A timer of a PE: its wake-up time and a number unique on the PE (so that equal deadlines
+/// coexist); given back by [`PeState::add_timer`] to cancel it.
+pub(crate) type TimerKey = (Instant, u64);
 
 const MAIN_SITE: Site = Site {
     chare: "entry point",
@@ -395,6 +376,7 @@ impl PeState {
             processed: Cell::new(0),
             dirty: RefCell::default(),
             timers: RefCell::default(),
+            next_timer: Cell::new(0),
             has_timers: Cell::new(false),
             network_backlog: Cell::new(0),
             quiet_since: Cell::new(None),
@@ -840,10 +822,18 @@ impl PeState {
         self.timers.borrow().len()
     }
 
-    /// Wakes `waker` at `deadline` (for [`crate::sleep`]).
-    pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) {
-        self.timers.borrow_mut().push(Timer { deadline, waker });
+    /// Wakes `waker` at `deadline` (for [`crate::sleep`]); the key cancels it.
+    pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) -> TimerKey {
+        let key = (deadline, self.next_timer.get());
+        self.next_timer.set(key.1 + 1);
+        self.timers.borrow_mut().insert(key, waker);
         self.has_timers.set(true);
+        key
+    }
+
+    /// Forgets a timer that has not fired (a [`crate::sleep`] dropped before its deadline).
+    pub(crate) fn cancel_timer(&self, key: TimerKey) {
+        self.timers.borrow_mut().remove(&key);
     }
 
     /// Wakes every timer that is due; returns the next deadline, if any.
@@ -854,12 +844,11 @@ impl PeState {
             return None;
         }
         let now = Instant::now();
-        while let Some(t) = timers.peek() {
-            if t.deadline > now {
-                return Some(t.deadline);
+        while let Some(due) = timers.first_entry() {
+            if due.key().0 > now {
+                return Some(due.key().0);
             }
-            let t = timers.pop().expect("peeked");
-            t.waker.wake();
+            due.remove().wake();
         }
         None
     }
