@@ -5,7 +5,9 @@
 //! every PE for its two counters and sums them. The job is quiescent when, in two consecutive waves,
 //! the sums are equal (nothing in flight) and unchanged (nothing happened in between) — the
 //! four-counter method. Then every requester is told, and reaches its own target (targets stay
-//! on the PE that registered them, so they never need to travel). Invariant: a wave is in
+//! on the PE that registered them, so they never need to travel). A request that arrives while a
+//! wave is being collected is answered only by a later pair of waves: the wave under way may
+//! have counted the requester's PE before the sends it made just before asking. Invariant: a wave is in
 //! progress exactly while requests are waiting; waves are spaced by [`WAVE_GAP`] so a busy job is
 //! not flooded with probes.
 
@@ -27,9 +29,15 @@ pub(crate) struct QdState {
     /// On every PE: this PE's own targets, by token.
     targets: FxHashMap<u64, TargetSpec>,
     next_token: u64,
-    /// On PE 0: who asked (PE, token).
+    /// On PE 0: who asked (PE, token) before the wave being collected began.
     waiting: Vec<(u32, u64)>,
+    /// On PE 0: who asked while a wave was being collected. That wave may have counted the
+    /// requester's PE before the requester's last sends; only a wave begun after the request can
+    /// conclude for it, so these join `waiting` when the next wave begins.
+    late: Vec<(u32, u64)>,
     in_wave: bool,
+    /// On PE 0: probes of a wave are out and not all answered.
+    collecting: bool,
     replies: usize,
     sums: (u64, u64),
     previous: Option<(u64, u64)>,
@@ -122,7 +130,11 @@ impl PeState {
         match msg {
             Control::QdStart { from, token } => {
                 let mut qd = self.qd.borrow_mut();
-                qd.waiting.push((from, token));
+                if qd.collecting {
+                    qd.late.push((from, token));
+                } else {
+                    qd.waiting.push((from, token));
+                }
                 if !qd.in_wave {
                     qd.in_wave = true;
                     drop(qd);
@@ -157,11 +169,18 @@ impl PeState {
                 if qd.replies < self.num_pes() {
                     return;
                 }
+                qd.collecting = false;
                 let sums = qd.sums;
                 if sums.0 == sums.1 && qd.previous == Some(sums) {
-                    qd.in_wave = false;
-                    qd.previous = None;
                     let waiting = std::mem::take(&mut qd.waiting);
+                    if qd.late.is_empty() {
+                        qd.in_wave = false;
+                        qd.previous = None;
+                    } else {
+                        // This wave is the first of the two the late requests need.
+                        let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
+                        let _ = self.add_timer(Instant::now() + WAVE_GAP, waker);
+                    }
                     drop(qd);
                     for (from, token) in waiting {
                         self.send(from as usize, Envelope::new(0, Control::QdDone { token }));
@@ -192,6 +211,9 @@ impl PeState {
             let mut qd = self.qd.borrow_mut();
             qd.replies = 0;
             qd.sums = (0, 0);
+            qd.collecting = true;
+            let late = std::mem::take(&mut qd.late);
+            qd.waiting.extend(late);
         }
         for dst in 0..self.num_pes() {
             self.send(dst, Envelope::new(0, Control::QdProbe));
