@@ -16,7 +16,12 @@
 //!   sequence number exactly once: a rendezvous message reserves its place
 //!   when its header arrives and later messages wait behind it until its
 //!   data has landed.
-//! * A failure of a peer is reported once (a clean goodbye suppresses it).
+//! * A failure of a peer is reported once (a clean goodbye suppresses it, unless a message of
+//!   the peer's is lost with it: announced, its data not fetched).
+//! * Operations towards a peer whose endpoint failed are not waited for
+//!   ([`Inbox::holds_operations`], [`Inbox::needs_poller`]): UCX may never complete them (an
+//!   endpoint without peer error handling to a dead process), and the layer must not poll,
+//!   flush or linger for them. They stay counted per peer until UCX gives their buffers back.
 //! * A gap in a sender's sequence (a message that never arrived, though later ones did: a
 //!   forged or lost message; a rendezvous whose data is in flight is no gap) is reported as
 //!   malformed input once it has lasted [`GAP_LIMIT`] (checked while the layer is progressed),
@@ -40,6 +45,12 @@ struct Source {
     departed: bool,
     /// The sender was reported lost.
     lost: bool,
+    /// Its endpoint failed: operations towards it are not waited for (see the module docs).
+    abandoned: bool,
+    /// Operations towards it UCX holds buffers of (sends, rendezvous receives, reads).
+    ops: usize,
+    /// The sends among them.
+    sends: usize,
     /// Since when the sender's next message is missing while later ones wait.
     gap_since: Option<std::time::Instant>,
     /// A gap was reported: the sender's stream is broken, its messages are dropped.
@@ -61,7 +72,8 @@ pub(crate) struct InboxState {
     /// Peers whose endpoint failed since the last `progress` (their
     /// endpoints must be closed outside the callback).
     pub(crate) failed_eps: Vec<ProcessId>,
-    /// Send and read operations UCX still holds buffers of.
+    /// Operations UCX still holds buffers of (sends, rendezvous receives, reads) towards peers
+    /// whose endpoint did not fail: the ones waited for.
     pub(crate) in_flight: usize,
     /// The sends among them (`Worker::launch`, `PROGRESS_ON_SEND_FROM`).
     pub(crate) sends_in_flight: usize,
@@ -85,6 +97,67 @@ pub(crate) struct InboxState {
     pub(crate) copied_here: Vec<bool>,
     /// Senders with a gap in their sequence (see `Source::gap_since`).
     pub(crate) gaps: usize,
+}
+
+/// What an operation UCX holds buffers of is, for the counts of [`InboxState::op_started`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    /// A send (`ucp_am_send_nbx`).
+    Send,
+    /// A rendezvous receive or a remote read.
+    Fetch,
+}
+
+impl InboxState {
+    /// UCX took an operation of `kind` towards `peer`.
+    pub(crate) fn op_started(&mut self, peer: ProcessId, kind: OpKind) {
+        let s = &mut self.sources[peer as usize];
+        s.ops += 1;
+        let send = kind == OpKind::Send;
+        s.sends += usize::from(send);
+        if !s.abandoned {
+            self.in_flight += 1;
+            self.sends_in_flight += usize::from(send);
+        }
+    }
+
+    /// UCX gave back an operation of `kind` towards `peer` (or never took it).
+    pub(crate) fn op_ended(&mut self, peer: ProcessId, kind: OpKind) {
+        let s = &mut self.sources[peer as usize];
+        s.ops = s.ops.saturating_sub(1);
+        let send = kind == OpKind::Send;
+        if send {
+            s.sends = s.sends.saturating_sub(1);
+        }
+        if !s.abandoned {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if send {
+                self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Operations UCX holds buffers of, waited for or not.
+    pub(crate) fn ops_held(&self) -> usize {
+        self.sources.iter().map(|s| s.ops).sum()
+    }
+
+    /// Operations UCX holds buffers of towards `peer`.
+    pub(crate) fn ops_towards(&self, peer: ProcessId) -> usize {
+        self.sources[peer as usize].ops
+    }
+
+    /// `peer`'s endpoint failed: its operations are no longer waited for. Whether this is new.
+    fn abandon(&mut self, peer: ProcessId) -> bool {
+        let s = &mut self.sources[peer as usize];
+        if s.abandoned {
+            return false;
+        }
+        s.abandoned = true;
+        self.in_flight = self.in_flight.saturating_sub(s.ops);
+        self.sends_in_flight = self.sends_in_flight.saturating_sub(s.sends);
+        true
+    }
 }
 
 /// Rendezvous receives fetched at once from one sender. A sender streaming large messages
@@ -322,18 +395,49 @@ impl Inbox {
         self.state.borrow().sources[p as usize].departed
     }
 
-    /// The endpoint to `p` failed with `reason`: report [`TransportError::PeerLost`] once,
+    /// The endpoint to `p` failed with `reason`: its endpoint is to be closed and its
+    /// operations are no longer waited for; [`TransportError::PeerLost`] is reported once,
     /// unless `p` said goodbye.
     pub(crate) fn peer_failed(&self, p: ProcessId, reason: String) {
+        self.fail_peer(p, reason, false);
+    }
+
+    /// As [`peer_failed`](Self::peer_failed), for a failure that loses a message of `p`'s (its
+    /// data announced, not fetched; a read's): reported even if `p` said goodbye, as it left
+    /// before that message was delivered (once per peer all the same). (`peer_failed` too
+    /// reports a peer that said goodbye while messages of its are announced, not fetched.)
+    pub(crate) fn message_lost(&self, p: ProcessId, reason: String) {
+        self.fail_peer(p, reason, true);
+    }
+
+    fn fail_peer(&self, p: ProcessId, reason: String, message_lost: bool) {
         let mut st = self.state.borrow_mut();
-        st.failed_eps.push(p);
+        if st.abandon(p) {
+            st.failed_eps.push(p);
+        }
         let s = &mut st.sources[p as usize];
-        if s.departed || s.lost {
+        // Messages whose place in the order is reserved, their data not fetched: lost with the
+        // endpoint (without peer error handling UCX may never complete their fetch at all).
+        let reserved = s.waiting.values().filter(|m| m.is_none()).count();
+        if s.lost || (s.departed && !message_lost && reserved == 0) {
             return;
         }
         s.lost = true;
+        let reason = if s.departed {
+            format!(
+                "{reason}, after it said goodbye with a message to this process not delivered \
+                 ({reserved} announced, their data not fetched)"
+            )
+        } else {
+            reason
+        };
         st.errors
             .push_back(TransportError::PeerLost { process: p, reason });
+    }
+
+    /// Whether `p`'s endpoint failed (its operations are not waited for).
+    pub(crate) fn abandoned(&self, p: ProcessId) -> bool {
+        self.state.borrow().sources[p as usize].abandoned
     }
 
     /// Whether a message from `p` arrived.
@@ -348,15 +452,19 @@ impl Inbox {
         self.state.borrow().sources[p as usize].lost
     }
 
-    /// Adjusts the count of operations UCX holds buffers of.
-    pub(crate) fn in_flight(&self, delta: isize) {
-        let mut st = self.state.borrow_mut();
-        st.in_flight = st.in_flight.saturating_add_signed(delta);
+    /// UCX took an operation of `kind` towards `peer`.
+    pub(crate) fn op_started(&self, peer: ProcessId, kind: OpKind) {
+        self.state.borrow_mut().op_started(peer, kind);
     }
 
-    /// Whether UCX holds operations of ours (sends or reads not completed),
-    /// or announced messages wait for a fetch slot (the next `progress`
-    /// starts them).
+    /// UCX gave back an operation of `kind` towards `peer` (or never took it).
+    pub(crate) fn op_ended(&self, peer: ProcessId, kind: OpKind) {
+        self.state.borrow_mut().op_ended(peer, kind);
+    }
+
+    /// Whether UCX holds operations of ours (sends or reads not completed) towards peers
+    /// whose endpoint did not fail, or announced messages wait for a fetch slot (the next
+    /// `progress` starts them).
     pub(crate) fn holds_operations(&self) -> bool {
         let st = self.state.borrow();
         st.in_flight > 0 || !st.rndv_waiting.is_empty()
@@ -437,9 +545,9 @@ mod tests {
         assert!(i.needs_poller() && !i.holds_operations());
         assert_eq!(ready_tags(&i), vec![(1, 0)]);
         assert!(!i.needs_poller());
-        i.in_flight(1);
+        i.op_started(1, OpKind::Send);
         assert!(i.needs_poller() && i.holds_operations());
-        i.in_flight(-1);
+        i.op_ended(1, OpKind::Send);
         i.error(TransportError::Malformed("test".into()));
         assert!(i.needs_poller());
         i.state.borrow_mut().errors.clear();
@@ -552,8 +660,67 @@ mod tests {
         i.peer_failed(2, "z".into());
         let st = i.state.borrow();
         assert_eq!(st.errors.len(), 1);
-        assert_eq!(st.failed_eps, vec![1, 1, 2]);
+        assert_eq!(st.failed_eps, vec![1, 2], "each endpoint closed once");
         drop(st);
         assert!(i.lost(1) && !i.lost(2) && i.departed(2));
+    }
+
+    #[test]
+    fn a_message_lost_with_a_peer_is_reported_though_it_said_goodbye() {
+        let i = Inbox::new(4, 1 << 20);
+        // 1 said goodbye with a rendezvous announced, its data not fetched: its loss loses the
+        // message, and is reported.
+        i.arrive(1, 0, None);
+        i.depart(1);
+        i.peer_failed(1, "gone".into());
+        // 2 said goodbye, then a fetch from it failed (or a read did): reported.
+        i.depart(2);
+        i.message_lost(2, "receiving failed".into());
+        i.message_lost(2, "again".into());
+        // 3 said goodbye with nothing pending: not reported.
+        i.depart(3);
+        i.peer_failed(3, "gone".into());
+        let st = i.state.borrow();
+        let lost: Vec<String> = st.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(lost.len(), 2, "{lost:?}");
+        assert!(
+            lost[0].contains("process 1") && lost[0].contains("said goodbye"),
+            "{lost:?}"
+        );
+        assert!(lost[1].contains("process 2"), "{lost:?}");
+        assert_eq!(st.failed_eps, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn operations_towards_a_failed_peer_are_not_waited_for() {
+        let i = Inbox::new(3, 1 << 20);
+        i.op_started(1, OpKind::Send);
+        i.op_started(1, OpKind::Fetch);
+        i.op_started(2, OpKind::Send);
+        assert_eq!(i.state.borrow().sends_in_flight, 2);
+        i.peer_failed(1, "dead".into());
+        i.state.borrow_mut().errors.clear();
+        i.state.borrow_mut().failed_eps.clear();
+        {
+            let st = i.state.borrow();
+            assert_eq!((st.in_flight, st.sends_in_flight), (1, 1), "2's send only");
+            assert_eq!(
+                (st.ops_towards(1), st.ops_held()),
+                (2, 3),
+                "still held by UCX"
+            );
+        }
+        assert!(i.holds_operations() && i.needs_poller());
+        i.op_ended(2, OpKind::Send);
+        assert!(!i.holds_operations() && !i.needs_poller());
+        // A later operation towards the failed peer, and the completions of its operations (if
+        // UCX ever gives them back), leave the counts of the others alone.
+        i.op_started(1, OpKind::Send);
+        assert!(!i.holds_operations());
+        for kind in [OpKind::Send, OpKind::Fetch, OpKind::Send, OpKind::Send] {
+            i.op_ended(1, kind);
+        }
+        let st = i.state.borrow();
+        assert_eq!((st.in_flight, st.sends_in_flight, st.ops_held()), (0, 0, 0));
     }
 }

@@ -30,9 +30,9 @@ pub const ADDR_KEY: &str = "ucx-worker-address";
 /// same-host liveness check).
 const IDENTITY_KEY: &str = "ucx-identity";
 
-/// Idle `progress` calls between two readings of the clock (for the
-/// liveness check and arming).
-const IDLE_CLOCK_EVERY: u32 = 64;
+/// `progress` calls between two readings of the clock for the liveness check, and idle ones
+/// between two for arming (reading it costs as much as an idle progress).
+const CLOCK_EVERY: u32 = 64;
 
 thread_local! {
     /// The worker ("lane") of a per-PE layer this thread drives: set by
@@ -152,6 +152,8 @@ struct Locked {
     idle_since: Option<Instant>,
     /// Consecutive idle `progress` calls.
     idle_calls: u32,
+    /// `progress` calls since the clock was last read for the liveness check.
+    unchecked_calls: u32,
     /// `progress` calls (published to the watcher).
     calls: u64,
     /// Same-host peers whose process can be checked (index = rank).
@@ -193,6 +195,9 @@ struct Shared {
     sleeping: AtomicBool,
     wake: EventFd,
     efd: Option<i32>,
+    /// The largest AM header the worker's UCX carries (0 when unknown): bounds a message's
+    /// segment count (see `worker::layout`).
+    max_am_header: usize,
 }
 
 /// Process-to-process transport over UCX's ucp API.
@@ -401,6 +406,7 @@ impl UcxLayer {
         for (lane, mut worker) in (0..lanes32).zip(workers) {
             worker.set_addresses(addresses.clone(), peer_mode.clone(), &same_host);
             let efd = worker.efd();
+            let max_am_header = worker.max_am_header();
             made.push(Arc::new(Shared {
                 watcher: OnceLock::new(),
                 lanes: lanes32,
@@ -411,6 +417,7 @@ impl UcxLayer {
                     worker,
                     idle_since: None,
                     idle_calls: 0,
+                    unchecked_calls: 0,
                     calls: 0,
                     identities: identities.clone(),
                     last_check: Instant::now(),
@@ -422,6 +429,7 @@ impl UcxLayer {
                 sleeping: AtomicBool::new(false),
                 wake: EventFd::new()?,
                 efd,
+                max_am_header,
             }));
         }
         Ok(UcxLayer {
@@ -790,7 +798,7 @@ impl Shared {
         if !self.queue.is_empty() {
             self.run_queue(l);
         }
-        let busy = {
+        {
             let mut rounds = 0;
             let mut busy = l.worker.progress_once();
             // Deliver as soon as something is ready (latency); otherwise
@@ -800,8 +808,17 @@ impl Shared {
                 busy = l.worker.progress_once();
                 rounds += 1;
             }
-            busy
-        };
+        }
+        // The liveness check, every `liveness_interval` whether or not anything arrives: a
+        // stream from one peer must not hide another's death. Before the failures are
+        // collected, so that a peer found dead is closed and reported by this call.
+        l.unchecked_calls += 1;
+        if l.unchecked_calls >= CLOCK_EVERY {
+            l.unchecked_calls = 0;
+            if l.last_check.elapsed() >= self.cfg.liveness_interval {
+                self.check_peers(l);
+            }
+        }
         let (mut error, failures) = {
             let mut st = l.worker.inbox.state.borrow_mut();
             // Usually the batch is empty: the two swap their buffers.
@@ -830,18 +847,15 @@ impl Shared {
             l.idle_since = None;
             return error;
         }
-        // Idle. The clock is read only every IDLE_CLOCK_EVERY calls (reading
+        // Idle. The clock is read only every CLOCK_EVERY calls (reading
         // it costs as much as an idle progress, and every cycle of the idle
         // loop is latency added to the next arrival): arming here is a
         // fallback for pollers that park without `before_park`.
         l.idle_calls = l.idle_calls.wrapping_add(1);
-        if !l.idle_calls.is_multiple_of(IDLE_CLOCK_EVERY) {
+        if !l.idle_calls.is_multiple_of(CLOCK_EVERY) {
             return error;
         }
         let now = Instant::now();
-        if !busy && now - l.last_check >= self.cfg.liveness_interval {
-            self.check_peers(l);
-        }
         // Not while UCX holds operations of ours (a stream of sends, a
         // rendezvous being fetched): only our own progress completes them,
         // so the caller must keep polling (`before_park` refuses to park),
@@ -963,7 +977,11 @@ impl MachineLayer for UcxLayer {
     ///
     /// [`TransportError::UnknownProcess`]; [`TransportError::PeerLost`] if
     /// `dst` was reported lost (failures found while sending are reported
-    /// by `progress`).
+    /// by `progress`); [`TransportError::TooLarge`] (the length of the UCX active-message
+    /// header the message needs, the most UCX carries) for a message of more segments than
+    /// that header can list: 8 bytes a segment, against UCX's smallest transport segment
+    /// (8 KiB by default, enough for [`MAX_SEGMENTS`](charmrs_transport::MAX_SEGMENTS); smaller
+    /// with small `UCX_*_SEG_SIZE` settings or small-MTU networks).
     fn send(&self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
         self.check(dst)?;
         let to = self.worker_for(dst, msg.header().dst_pe);
@@ -975,6 +993,7 @@ impl MachineLayer for UcxLayer {
         }
         let s = self.lane();
         s.lost_error(to)?;
+        crate::worker::check_header(msg.segments().len(), s.max_am_header)?;
         s.submit(Op::Send(to, msg));
         Ok(())
     }

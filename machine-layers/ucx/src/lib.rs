@@ -67,8 +67,11 @@
 //!   (UCX 1.13 cannot use its zero-copy shared-memory transport, CMA, on
 //!   such endpoints: large messages would go through bounce buffers at a
 //!   fraction of the bandwidth); instead the layer checks those peers'
-//!   `/proc` entries every [`UcxConfig::liveness_interval`]. Either way a
-//!   dead peer becomes one `PeerLost`.
+//!   `/proc` entries every [`UcxConfig::liveness_interval`] (busy or idle).
+//!   Either way a dead peer becomes one `PeerLost`, and operations towards
+//!   it are no longer waited for (flush, parking, the linger of a drop). A
+//!   peer that said goodbye is not reported, unless a message of its is lost
+//!   with it (announced, its data never fetched).
 //! * **Remote reads**: `register` = `ucp_mem_map` + packed rkey;
 //!   `get` = `ucp_get_nbx`.
 //!

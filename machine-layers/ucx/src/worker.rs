@@ -17,12 +17,20 @@
 //!   ([`SendOp`]: header, iov table and the message's `Bytes`) and receive
 //!   buffers are heap objects whose ownership passes to UCX (as the
 //!   request's user data) and comes back in the completion callback. If
-//!   UCX never completes one (worker destroyed first), it is leaked, never
-//!   freed under UCX's feet.
+//!   UCX never completes one, it is leaked, never freed under UCX's feet: a
+//!   worker that still has such operations when dropped (towards a dead peer
+//!   without peer error handling) is not destroyed but left to the process's
+//!   exit, with its inbox.
 //! * An endpoint is created on the first operation towards a peer, with
-//!   `UCP_ERR_HANDLING_MODE_PEER`; its failure becomes one
-//!   [`TransportError::PeerLost`] and the endpoint is closed (forced) on
-//!   the next progress, outside the callback.
+//!   `UCP_ERR_HANDLING_MODE_PEER` unless the peer is on this host (see
+//!   `UcxConfig::same_host_error_handling`); its failure (or the peer's death,
+//!   found by the layer's liveness check) becomes one
+//!   [`TransportError::PeerLost`] and the endpoint is closed on the next
+//!   progress, outside the callback: forced with peer error handling (its
+//!   operations complete, cancelled), else flushed (UCX refuses to force
+//!   it). Its operations are no longer waited for from then on (see `inbox`).
+//! * A message's AM header, which lists its segment lengths, never exceeds
+//!   the worker's `max_am_header` (such a message is refused, see [`layout`]).
 
 use std::ffi::c_void;
 use std::mem::MaybeUninit;
@@ -35,7 +43,7 @@ use charmrs_transport::{Header, Message, ProcessId, TransportError};
 use charmrs_ucx_sys as sys;
 
 use crate::context::Context;
-use crate::inbox::Inbox;
+use crate::inbox::{Inbox, OpKind};
 use crate::status::{check, describe, is_peer_failure};
 use crate::wire;
 use charmrs_transport::PoolBuf;
@@ -99,6 +107,8 @@ pub(crate) struct SendOp {
     /// [`GATHER_MAX`]).
     gathered: Vec<u8>,
     inbox: *const Inbox,
+    /// The destination (set by `launch`).
+    dst: ProcessId,
 }
 
 impl std::fmt::Debug for SendOp {
@@ -148,6 +158,64 @@ const SPARE_SEND_OPS: usize = 1024;
 /// ping-pong of 2–4 MiB buffers on 4 KiB pages is slower split (4 MiB
 /// one-way ~700 against ~430 µs), as the kernel copy pins every page.
 const SPLIT_MIN: usize = 16 << 10;
+
+/// How a data message travels (see `wire`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Its segment lengths in the AM header, its segments as the data part ([`wire::AM_DATA`]).
+    Plain,
+    /// Its segments but the last inside the AM header too, the last one alone as the data part
+    /// ([`wire::AM_DATA_SPLIT`]).
+    Split,
+}
+
+/// How a message whose segments have lengths `lens` travels, given the largest AM header UCX
+/// carries (`max_am_header`; 0 when unknown: no split messages, and plain ones unchecked).
+/// Split from [`SPLIT_MIN`] bytes when it has two non-empty segments or more, the last one not
+/// empty, the others small ([`wire::SPLIT_LEADING_MAX`]) and its header within the limit; else
+/// plain.
+///
+/// # Errors
+///
+/// [`TransportError::TooLarge`] (the header's length, the limit) when even the plain header,
+/// which grows with the segment count, exceeds the limit: UCX would end the process
+/// (`ucs_fatal`, "RTS is too big", for a rendezvous) or overrun a fragment. The worker's
+/// limit is that of its transports' smallest segment (8 KiB by default, enough for any segment
+/// count; smaller `UCX_*_SEG_SIZE` settings or small-MTU networks lower it).
+fn layout(lens: &[usize], max_am_header: usize) -> Result<Layout, TransportError> {
+    let header = wire::header_len(lens.len());
+    if let Some((&last, leading)) = lens.split_last() {
+        let leading_len: usize = leading.iter().sum();
+        let total = leading_len.saturating_add(last);
+        if total >= SPLIT_MIN
+            && last > 0
+            && leading.iter().any(|&l| l > 0)
+            && leading_len <= wire::SPLIT_LEADING_MAX
+            && header + wire::SPLIT_EXTRA + leading_len <= max_am_header
+        {
+            return Ok(Layout::Split);
+        }
+    }
+    check_header(lens.len(), max_am_header)?;
+    Ok(Layout::Plain)
+}
+
+/// Whether the plain AM header of a message of `segments` segments fits in `max_am_header`
+/// bytes (0: unknown, not checked); see [`layout`].
+///
+/// # Errors
+///
+/// [`TransportError::TooLarge`] (the header's length, the limit) when it does not.
+pub(crate) fn check_header(segments: usize, max_am_header: usize) -> Result<(), TransportError> {
+    let header = wire::header_len(segments);
+    if max_am_header != 0 && header > max_am_header {
+        return Err(TransportError::TooLarge {
+            len: header as u64,
+            max: max_am_header as u64,
+        });
+    }
+    Ok(())
+}
 
 /// Sends UCX holds (not completed at once; rendezvous reads and gets not counted) beyond which
 /// every further such send also progresses the worker once. A burst of calls from one entry
@@ -346,6 +414,11 @@ impl Worker {
             .collect();
     }
 
+    /// The largest AM header UCX carries on this worker (0 when unknown).
+    pub(crate) fn max_am_header(&self) -> usize {
+        self.max_am_header
+    }
+
     /// The worker's event file descriptor, when created with wake-up
     /// support.
     pub(crate) fn efd(&self) -> Option<i32> {
@@ -445,25 +518,77 @@ impl Worker {
     }
 
     /// Closes the endpoints whose peers failed (reported by the error
-    /// callback since the last call).
+    /// callback, the liveness check or a failed operation since the last call), after giving
+    /// back the descriptors of their announced messages not fetched yet (reported lost).
+    ///
+    /// An endpoint with peer error handling is closed forced: UCX completes its operations at
+    /// once, cancelled. Without it, UCX refuses a forced close (`UCS_ERR_INVALID_PARAM`: the
+    /// endpoint would stay open) and the close flushes instead; an operation towards a dead
+    /// peer may then never complete, which is why the inbox no longer waits for a failed peer's
+    /// operations.
     pub(crate) fn close_failed(&mut self) {
         let failed = std::mem::take(&mut self.inbox.state.borrow_mut().failed_eps);
         for p in failed {
+            self.release_waiting_from(p);
             if let Ep::Open(ep) = self.eps[p as usize] {
                 self.eps[p as usize] = Ep::Failed;
+                let flags = close_flags(self.peer_mode(p));
                 let mut param: sys::ucp_request_param_t = zeroed();
                 param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
-                param.flags = sys::UCP_EP_CLOSE_FLAG_FORCE;
-                // SAFETY: ep is open; a returned request is freed at once
-                // (UCX releases it when it completes).
-                unsafe {
-                    let req = sys::ucp_ep_close_nbx(ep, &param);
-                    if sys::UCS_PTR_IS_PTR(req) {
-                        sys::ucp_request_free(req);
-                    }
+                param.flags = flags;
+                // SAFETY: ep is open and not used after this (its state is Failed now).
+                let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
+                if sys::UCS_PTR_IS_PTR(req) {
+                    // SAFETY: a request of this worker, freed once (UCX releases it when it
+                    // completes).
+                    unsafe { sys::ucp_request_free(req) };
+                } else if sys::UCS_PTR_IS_ERR(req) && !is_peer_failure(sys::UCS_PTR_STATUS(req)) {
+                    // A peer failure is the endpoint's known state (UCX closed it at once). Any
+                    // other refusal is a bug of ours, or a UCX that does not close it.
+                    self.inbox
+                        .error(TransportError::Io(std::io::Error::other(format!(
+                            "closing the UCX endpoint to {} (lost) failed: {}",
+                            self.inbox.peer(p),
+                            describe(sys::UCS_PTR_STATUS(req))
+                        ))));
                 }
             }
         }
+    }
+
+    /// Gives back the held descriptors of `p`'s announced messages waiting for a fetch slot
+    /// (`p`'s endpoint failed: their data cannot be fetched), reporting them lost.
+    fn release_waiting_from(&mut self, p: ProcessId) {
+        let dropped = {
+            let mut st = self.inbox.state.borrow_mut();
+            if st.rndv_waiting_from[p as usize] == 0 {
+                return;
+            }
+            st.rndv_waiting_from[p as usize] = 0;
+            let (gone, kept): (std::collections::VecDeque<_>, _) =
+                std::mem::take(&mut st.rndv_waiting)
+                    .into_iter()
+                    .partition(|w| w.src == p);
+            st.rndv_waiting = kept;
+            gone
+        };
+        for w in dropped {
+            // SAFETY: a held rendezvous descriptor of this worker whose fetch never started;
+            // its endpoint is not closed yet (the caller closes it after this).
+            unsafe { sys::ucp_am_data_release(self.worker, w.desc) };
+            self.inbox.message_lost(
+                p,
+                format!(
+                    "message #{} ({} bytes) was announced, its data not fetched",
+                    w.seq, w.len
+                ),
+            );
+        }
+    }
+
+    /// Whether the endpoint to `p` uses (or will use) `UCP_ERR_HANDLING_MODE_PEER`.
+    fn peer_mode(&self, p: ProcessId) -> bool {
+        self.peer_mode.get(p as usize).copied().unwrap_or(true)
     }
 
     /// Number of open endpoints.
@@ -505,7 +630,7 @@ impl Worker {
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
         params.address = addr.as_ptr() as *const sys::ucp_address_t;
-        params.err_mode = if self.peer_mode.get(p as usize).copied().unwrap_or(true) {
+        params.err_mode = if self.peer_mode(p) {
             sys::UCP_ERR_HANDLING_MODE_PEER
         } else {
             sys::UCP_ERR_HANDLING_MODE_NONE
@@ -528,14 +653,14 @@ impl Worker {
 
     /// Sends `msg` to `dst` as one active message: header plus segment
     /// lengths in the AM header, the segments as an iov (no copy).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::TooLarge`] (header length, limit) for a message whose AM header would
+    /// exceed the largest UCX carries (see [`layout`]); as [`ep`](Self::ep); a send UCX refuses
+    /// at once.
     pub(crate) fn send(&mut self, dst: ProcessId, msg: Message) -> Result<(), TransportError> {
-        let ep = self.ep(dst)?;
-        self.talked[dst as usize] = true;
-        let seq = self.next_seq(dst);
-        let mut op = self.take_op();
         let (header, segments) = msg.into_parts();
-        let mut total = 0usize;
-        op.iov.clear();
         let mut lens = [0usize; 8];
         let lens_vec;
         let lens: &[usize] = if segments.len() <= lens.len() {
@@ -547,6 +672,13 @@ impl Worker {
             lens_vec = segments.iter().map(Bytes::len).collect::<Vec<_>>();
             &lens_vec
         };
+        let layout = layout(lens, self.max_am_header)?;
+        let ep = self.ep(dst)?;
+        self.talked[dst as usize] = true;
+        let seq = self.next_seq(dst);
+        let mut op = self.take_op();
+        let mut total = 0usize;
+        op.iov.clear();
         // The low 32 bits travel (see `wire`).
         wire::encode(&mut op.header, self.rank, seq as u32, &header, lens);
         for s in &segments {
@@ -561,22 +693,16 @@ impl Worker {
         // A large message whose segments but the last are small: those go in the header and the
         // data part is the last segment alone, contiguous (see `wire`'s split messages).
         let mut am_id = wire::AM_DATA;
-        if op.iov.len() >= 2 && total >= SPLIT_MIN {
-            let (last, leading) = lens.split_last().expect("two segments or more");
-            let leading_len = total - last;
-            if *last > 0
-                && leading_len <= wire::SPLIT_LEADING_MAX
-                && op.header.len() + wire::SPLIT_EXTRA + leading_len <= self.max_am_header
-            {
-                let data = segments[segments.len() - 1].as_ptr();
-                wire::push_split(&mut op.header, data as usize, &segments[..leading.len()]);
-                op.iov.clear();
-                op.iov.push(sys::ucp_dt_iov_t {
-                    buffer: data as *mut c_void,
-                    length: *last,
-                });
-                am_id = wire::AM_DATA_SPLIT;
-            }
+        if layout == Layout::Split {
+            let (last, leading) = segments.split_last().expect("two segments or more");
+            let data = last.as_ptr();
+            wire::push_split(&mut op.header, data as usize, leading);
+            op.iov.clear();
+            op.iov.push(sys::ucp_dt_iov_t {
+                buffer: data as *mut c_void,
+                length: last.len(),
+            });
+            am_id = wire::AM_DATA_SPLIT;
         }
         op.segments = segments;
         let mut param: sys::ucp_request_param_t = zeroed();
@@ -704,6 +830,7 @@ impl Worker {
                     segments: charmrs_transport::Segments::new(),
                     gathered: Vec::new(),
                     inbox: &*self.inbox,
+                    dst: 0,
                 })
             })
     }
@@ -716,13 +843,14 @@ impl Worker {
         &mut self,
         dst: ProcessId,
         ep: sys::ucp_ep_h,
-        op: Box<SendOp>,
+        mut op: Box<SendOp>,
         am_id: u32,
         buffer: *mut c_void,
         count: usize,
         mut param: sys::ucp_request_param_t,
         total: usize,
     ) -> Result<(), TransportError> {
+        op.dst = dst;
         param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
             | sys::UCP_OP_ATTR_FIELD_USER_DATA
             | sys::UCP_OP_ATTR_FIELD_DATATYPE
@@ -748,8 +876,7 @@ impl Worker {
         if sys::UCS_PTR_IS_PTR(req) {
             let sends = {
                 let mut st = self.inbox.state.borrow_mut();
-                st.in_flight += 1;
-                st.sends_in_flight += 1;
+                st.op_started(dst, OpKind::Send);
                 st.sends_in_flight
             };
             if sends > PROGRESS_ON_SEND_FROM {
@@ -879,16 +1006,27 @@ impl Worker {
         }
     }
 
-    /// Closes every open endpoint, flushing it first (up to `timeout`).
+    /// Closes every open endpoint, flushing it first (up to `timeout`). One with peer error
+    /// handling towards which UCX still holds operations of ours (the caller waited for them
+    /// already: a receiver that did not fetch its data) is closed forced instead, which hands
+    /// them back cancelled: UCX 1.13 cannot destroy the worker while such an endpoint has
+    /// requests (a fatal assertion), and a flushing close would wait for them in vain.
     pub(crate) fn close_all(&mut self, timeout: Duration) {
         let mut reqs = Vec::new();
-        for e in &mut self.eps {
-            if let Ep::Open(ep) = *e {
-                *e = Ep::None;
+        for p in 0..self.eps.len() as ProcessId {
+            if let Ep::Open(ep) = self.eps[p as usize] {
+                self.eps[p as usize] = Ep::None;
+                let held = self.inbox.state.borrow().ops_towards(p) > 0;
                 let mut param: sys::ucp_request_param_t = zeroed();
                 param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
-                param.flags = 0; // flush mode
-                                 // SAFETY: ep is open and not used after this.
+                param.flags = if held {
+                    close_flags(self.peer_mode(p))
+                } else {
+                    0
+                };
+                // SAFETY: ep is open and not used after this. A forced close completes the
+                // endpoint's requests before it returns: their callbacks borrow the inbox, which
+                // nothing here holds.
                 let req = unsafe { sys::ucp_ep_close_nbx(ep, &param) };
                 if sys::UCS_PTR_IS_PTR(req) {
                     reqs.push(req);
@@ -995,7 +1133,7 @@ impl Worker {
         param.cb.send = Some(get_done_cb);
         param.user_data = raw as *mut c_void;
         // Counted before the call: the callback may run before it returns, and undoes this.
-        self.inbox.in_flight(1);
+        self.inbox.op_started(src, OpKind::Fetch);
         // SAFETY: the destination buffer (capacity len) is owned by the
         // descriptor, which UCX gives back in the callback (NO_IMM_CMPL: the
         // callback runs exactly once unless the call fails outright, possibly
@@ -1011,7 +1149,7 @@ impl Worker {
             )
         };
         if sys::UCS_PTR_IS_ERR(req) {
-            self.inbox.in_flight(-1);
+            self.inbox.op_ended(src, OpKind::Fetch);
             // SAFETY: UCX did not keep the descriptor.
             let op = unsafe { Box::from_raw(raw) };
             // SAFETY: rkey was unpacked above and is destroyed once.
@@ -1041,11 +1179,21 @@ impl Drop for Worker {
         self.close_all(Duration::from_millis(500));
         // Arrived messages never handed on hold lent descriptors too: they go first.
         drop(self.inbox.discard_messages());
-        if self.inbox.lender.out() > 0 {
+        if self.inbox.lender.out() > 0 || self.inbox.state.borrow().ops_held() > 0 {
             // Messages delivered in place are still viewed (the application kept them past the
-            // layer): their bytes live in the worker's descriptors, so the worker and context
-            // stay (the process's exit frees them). Nothing calls into it any more.
+            // layer): their bytes live in the worker's descriptors. Or UCX still holds
+            // operations of ours, towards a peer whose endpoint could not be closed forced (no
+            // peer error handling: a dead same-host peer's): UCX 1.13 would not complete them
+            // when the worker is destroyed (their buffers are ours, their requests its own).
+            // Either way the worker, its context and what UCX points to (the inbox, the
+            // endpoints' error arguments) stay, for the process's exit to free. Nothing calls
+            // into the worker any more.
             std::mem::forget(self.context.clone());
+            std::mem::forget(std::mem::replace(
+                &mut self.inbox,
+                Box::new(Inbox::new(0, 0)),
+            ));
+            std::mem::forget(std::mem::take(&mut self.err_args));
             return;
         }
         // No view is left, so none can be returned concurrently: every lent descriptor is
@@ -1150,6 +1298,18 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
     // SAFETY: param is valid for the duration of the callback.
     let attr = unsafe { (*param).recv_attr };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 && length > 0 {
+        if inbox.abandoned(d.src) {
+            // Its endpoint failed (closed, or about to be): the data cannot be fetched. UCX
+            // gives the descriptor back itself (UCS_OK without a receive started).
+            inbox.message_lost(
+                d.src,
+                format!(
+                    "a message of {length} bytes was announced after its endpoint failed, \
+                     its data not fetched"
+                ),
+            );
+            return sys::UCS_OK;
+        }
         let pending = PendingRndv {
             desc: data,
             src: d.src,
@@ -1267,6 +1427,22 @@ impl PendingRndv {
 /// Starts fetching a rendezvous message's data into a pooled buffer
 /// (inside progress, with the worker lock held).
 fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
+    if inbox.abandoned(pending.src) {
+        // Taken from the waiting list after its sender's endpoint failed, before `close_failed`
+        // released it (never from a handler: that one refuses such announcements).
+        // SAFETY: a held, unused rendezvous descriptor of this worker (outside its callbacks);
+        // the sender's endpoint is closed only after `close_failed` emptied the list of its
+        // announcements.
+        unsafe { sys::ucp_am_data_release(inbox.worker.get(), pending.desc) };
+        inbox.message_lost(
+            pending.src,
+            format!(
+                "message #{} ({} bytes) was announced, its data not fetched",
+                pending.seq, pending.len
+            ),
+        );
+        return;
+    }
     let PendingRndv {
         desc,
         src,
@@ -1314,8 +1490,11 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     p.user_data = raw as *mut c_void;
     // Counted before the call: with NO_IMM_CMPL the callback may still run before the call
     // returns (an operation that completes at once), and it undoes these.
-    inbox.in_flight(1);
-    inbox.state.borrow_mut().rndv_active[src as usize] += 1;
+    {
+        let mut st = inbox.state.borrow_mut();
+        st.op_started(src, OpKind::Fetch);
+        st.rndv_active[src as usize] += 1;
+    }
     // SAFETY: `desc` is a rendezvous descriptor UCX handed us and nobody
     // has used yet; the destination (capacity `len`) belongs to the
     // descriptor box, returned to us in the callback (NO_IMM_CMPL: the
@@ -1324,8 +1503,11 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
     let req =
         unsafe { sys::ucp_am_recv_data_nbx(inbox.worker.get(), desc, dst as *mut c_void, len, &p) };
     if sys::UCS_PTR_IS_ERR(req) {
-        inbox.in_flight(-1);
-        inbox.state.borrow_mut().rndv_active[src as usize] -= 1;
+        {
+            let mut st = inbox.state.borrow_mut();
+            st.op_ended(src, OpKind::Fetch);
+            st.rndv_active[src as usize] -= 1;
+        }
         // SAFETY: UCX did not keep the descriptor box.
         let op = unsafe { Box::from_raw(raw) };
         inbox.error(TransportError::Io(std::io::Error::other(format!(
@@ -1374,8 +1556,7 @@ unsafe extern "C" fn send_done_cb(req: *mut c_void, status: sys::ucs_status_t, u
     op.segments.clear();
     {
         let mut st = inbox.state.borrow_mut();
-        st.in_flight = st.in_flight.saturating_sub(1);
-        st.sends_in_flight = st.sends_in_flight.saturating_sub(1);
+        st.op_ended(op.dst, OpKind::Send);
         if st.spare.len() < SPARE_SEND_OPS {
             st.spare.push(op);
         }
@@ -1395,8 +1576,11 @@ unsafe extern "C" fn rndv_done_cb(
     let op = unsafe { Box::from_raw(user as *mut RecvOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
-    inbox.in_flight(-1);
-    inbox.state.borrow_mut().rndv_active[op.src as usize] -= 1;
+    {
+        let mut st = inbox.state.borrow_mut();
+        st.op_ended(op.src, OpKind::Fetch);
+        st.rndv_active[op.src as usize] -= 1;
+    }
     if status == sys::UCS_OK && length == op.len {
         let op = *op;
         let buf = op.buf.into_bytes_at(op.offset, length);
@@ -1405,9 +1589,16 @@ unsafe extern "C" fn rndv_done_cb(
             Err(e) => inbox.error(e),
         }
     } else if is_peer_failure(status) {
-        inbox.peer_failed(
+        // The message's place in its sender's order was reserved: it is lost with the peer, which
+        // is reported even if the peer said goodbye (it left before the message was delivered).
+        inbox.message_lost(
             op.src,
-            format!("rendezvous receive failed: {}", describe(status)),
+            format!(
+                "receiving message #{} ({} bytes) failed: {}",
+                op.seq,
+                op.len,
+                describe(status)
+            ),
         );
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
@@ -1427,7 +1618,7 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
     let op = unsafe { Box::from_raw(user as *mut GetOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
-    inbox.in_flight(-1);
+    inbox.op_ended(op.src, OpKind::Fetch);
     // SAFETY: the rkey was unpacked for this read and is destroyed once.
     unsafe { sys::ucp_rkey_destroy(op.rkey) };
     if status == sys::UCS_OK {
@@ -1440,7 +1631,15 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
         } = *op;
         inbox.push_ready(src, Message::with_segment(header, buf.into_bytes(len)));
     } else if is_peer_failure(status) {
-        inbox.peer_failed(op.src, format!("remote read failed: {}", describe(status)));
+        // The read's completion message will never come: reported even after a goodbye.
+        inbox.message_lost(
+            op.src,
+            format!(
+                "remote read of {} bytes failed: {}",
+                op.len,
+                describe(status)
+            ),
+        );
     } else {
         inbox.error(TransportError::Io(std::io::Error::other(format!(
             "remote read of {} bytes from {} failed: {}",
@@ -1451,6 +1650,17 @@ unsafe extern "C" fn get_done_cb(req: *mut c_void, status: sys::ucs_status_t, us
     }
     // SAFETY: req is the completed request.
     unsafe { sys::ucp_request_free(req) };
+}
+
+/// How to close an endpoint: forced (`UCP_EP_CLOSE_FLAG_FORCE`: UCX completes its operations at
+/// once, cancelled, without the peer) only when it uses peer error handling, which UCX requires
+/// for that (it refuses a forced close otherwise); else flushed (0).
+fn close_flags(peer_mode: bool) -> u32 {
+    if peer_mode {
+        sys::UCP_EP_CLOSE_FLAG_FORCE
+    } else {
+        0
+    }
 }
 
 /// Error callback of an endpoint (`UCP_ERR_HANDLING_MODE_PEER`).
@@ -1466,3 +1676,56 @@ unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: s
 /// memory type, then for each of at most 64 domains a length byte, up to 255 bytes of key and
 /// its device information; 32 KiB bounds all of it.
 const RKEY_READ_MAX: usize = 32 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_travels_split_plain_or_not_at_all_by_its_header_length() {
+        let max = 8101; // UCX 1.13's limit over shared memory or TCP with default segment sizes
+        assert_eq!(layout(&[64 << 10], max).unwrap(), Layout::Plain);
+        assert_eq!(layout(&[], max).unwrap(), Layout::Plain);
+        // Small leading segments before a large last one: split.
+        assert_eq!(layout(&[100, 0, 7, 1 << 20], max).unwrap(), Layout::Split);
+        // Not when small, the last is empty, no leading segment has bytes, the leading ones are
+        // large, or the header with the leading bytes would not fit.
+        assert_eq!(layout(&[100, 1000], max).unwrap(), Layout::Plain);
+        assert_eq!(layout(&[1 << 20, 0], max).unwrap(), Layout::Plain);
+        assert_eq!(layout(&[0, 1 << 20], max).unwrap(), Layout::Plain);
+        assert_eq!(layout(&[5000, 1 << 20], max).unwrap(), Layout::Plain);
+        assert_eq!(layout(&[1000, 1 << 20], 1000).unwrap(), Layout::Plain);
+        // Unknown limit (0): never split, never refused.
+        assert_eq!(layout(&[100, 1 << 20], 0).unwrap(), Layout::Plain);
+        let many = vec![1usize; usize::from(charmrs_transport::MAX_SEGMENTS)];
+        assert_eq!(layout(&many, 0).unwrap(), Layout::Plain);
+        // The most segments a message may have fit the default limit...
+        assert_eq!(layout(&many, max).unwrap(), Layout::Plain);
+        // ...not one of 1 KiB segments (UCX_MM_SEG_SIZE=1024 UCX_SELF_SEG_SIZE=1024: 933 bytes):
+        // refused, small and large messages alike, where UCX would end the process.
+        let header = wire::header_len(many.len());
+        assert!(header > 933);
+        for lens in [
+            many.clone(),
+            [many.clone(), vec![1 << 20]].concat()[1..].to_vec(),
+        ] {
+            match layout(&lens, 933) {
+                Err(TransportError::TooLarge { len, max: 933 }) => assert_eq!(len, header as u64),
+                other => panic!("{other:?}"),
+            }
+        }
+        // As many segments as fit: plain.
+        let fit = (933 - wire::FIXED) / 8 + 1;
+        assert_eq!(layout(&vec![1; fit], 933).unwrap(), Layout::Plain);
+        assert!(layout(&vec![1; fit + 1], 933).is_err());
+        assert!(check_header(fit, 933).is_ok() && check_header(fit + 1, 933).is_err());
+    }
+
+    #[test]
+    fn only_an_endpoint_with_peer_error_handling_is_closed_forced() {
+        // UCX refuses a forced close without peer error handling (UCS_ERR_INVALID_PARAM), which
+        // left the endpoint of a dead same-host peer open and its operations pending for ever.
+        assert_eq!(close_flags(true), sys::UCP_EP_CLOSE_FLAG_FORCE);
+        assert_eq!(close_flags(false), 0);
+    }
+}

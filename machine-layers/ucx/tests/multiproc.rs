@@ -244,3 +244,95 @@ fn a_message_over_max_message_is_refused_naming_its_sender_shm() {
 fn a_parked_network_thread_is_woken_for_every_message_tcp() {
     Job::start(2, &["park", "1000"], TCP).wait_all(120);
 }
+
+/// Rank 0 is killed with a 4 MiB rendezvous from rank 1 announced to it and never fetched:
+/// once rank 1 reports the loss, nothing waits for that send any more (flush, parking, drop).
+fn lost_receiver_of_a_send(env: &[(&str, &str)]) {
+    let mut job = Job::start(2, &["lostsend"], env);
+    job.expect_line(0, "READY", Duration::from_secs(30));
+    job.expect_line(1, "SENT", Duration::from_secs(30));
+    job.children[0].kill().unwrap();
+    job.expect_line(1, "LOST 0", Duration::from_secs(10));
+    job.expect_line(1, "OK lostsend", Duration::from_secs(10));
+    job.children.remove(0).wait().unwrap();
+    job.wait_all(10);
+}
+
+#[test]
+fn a_send_to_a_killed_peer_is_not_waited_for_once_it_is_lost_shm() {
+    lost_receiver_of_a_send(SHM);
+}
+
+#[test]
+fn a_send_to_a_killed_peer_is_not_waited_for_once_it_is_lost_tcp() {
+    lost_receiver_of_a_send(TCP);
+}
+
+#[test]
+fn a_send_to_a_killed_peer_is_not_waited_for_once_it_is_lost_peer_errors_shm() {
+    lost_receiver_of_a_send(SHM_PEER);
+}
+
+/// Rank 1 is killed while rank 2 streams to rank 0 without pause: rank 0 notices within 3 s
+/// (the liveness check runs on a busy worker too).
+#[test]
+fn a_killed_peer_is_reported_lost_while_another_streams_shm() {
+    let mut job = Job::start(3, &["lostbusy"], SHM);
+    job.expect_line(0, "STREAMING", Duration::from_secs(30));
+    let killed = Instant::now();
+    job.children[1].kill().unwrap();
+    let line = job.expect_line(0, "LOST 1", Duration::from_secs(3));
+    eprintln!(
+        "rank 0 reported the loss {:?} after the kill: {line}",
+        killed.elapsed()
+    );
+    job.expect_line(0, "OK lostbusy", Duration::from_secs(5));
+}
+
+/// Rank 1 sends `messages` of 4 MiB that rank 0 does not fetch before rank 1 drops its layer
+/// (saying goodbye after a short linger) and exits: rank 0 reports the loss of the messages.
+/// (With one, rank 0 sees the goodbye before the failure: the case a goodbye hid.)
+fn messages_lost_after_goodbye(env: &[(&str, &str)], messages: &str) {
+    let env = [env, &[("CHARMRS_UCX_CHECK_LINGER_MS", "100")]].concat();
+    let mut job = Job::start(2, &["byelost", messages], &env);
+    job.expect_line(1, "GONE", Duration::from_secs(30));
+    let line = job.expect_line(0, "ERROR", Duration::from_secs(15));
+    assert!(line.contains("lost contact with process 1"), "{line}");
+    job.wait_all(20);
+}
+
+#[test]
+fn a_message_not_fetched_before_its_sender_said_goodbye_is_reported_tcp_peer_errors() {
+    messages_lost_after_goodbye(TCP_PEER, "1");
+}
+
+#[test]
+fn messages_waiting_for_a_fetch_when_their_sender_left_are_reported_tcp_peer_errors() {
+    messages_lost_after_goodbye(TCP_PEER, "4");
+}
+
+#[test]
+fn a_message_not_fetched_before_its_sender_said_goodbye_is_reported_shm() {
+    messages_lost_after_goodbye(SHM, "1");
+}
+
+#[test]
+fn a_message_not_fetched_before_its_sender_said_goodbye_is_reported_tcp() {
+    messages_lost_after_goodbye(TCP, "1");
+}
+
+/// Transport segments of 1 KiB leave UCX room for an AM header of ~900 bytes: a message of more
+/// segments than its header can list is refused as too large (UCX ended the process: "RTS is too
+/// big"), and the messages around it arrive.
+#[test]
+fn a_message_of_more_segments_than_the_am_header_carries_is_refused_shm() {
+    let env = [
+        SHM,
+        &[("UCX_MM_SEG_SIZE", "1024"), ("UCX_SELF_SEG_SIZE", "1024")],
+    ]
+    .concat();
+    let mut job = Job::start(2, &["manysegs"], &env);
+    let line = job.expect_line(0, "REFUSED", Duration::from_secs(30));
+    assert!(line.contains("256 segments"), "{line}");
+    job.wait_all(60);
+}

@@ -19,6 +19,16 @@
 //! charmrs-ucx-check lanes <per-thread>             per-PE workers (CHARMRS_UCX_CHECK_WORKERS=n):
 //!                                                  every PE to every PE, each message arrives
 //!                                                  at its PE's worker, in order per sender
+//! charmrs-ucx-check lostsend                       a send to a peer killed before it fetched the
+//!                                                  data is waited for no more once the peer is lost
+//! charmrs-ucx-check lostbusy                       rank 0 notices rank 1's death while rank 2
+//!                                                  streams to it without pause
+//! charmrs-ucx-check byelost <messages>             a message whose sender said goodbye before its
+//!                                                  data was fetched is reported lost
+//!                                                  (CHARMRS_UCX_CHECK_LINGER_MS: the sender's linger)
+//! charmrs-ucx-check manysegs                       a message whose AM header exceeds what UCX
+//!                                                  carries is refused, the others arrive (run with
+//!                                                  UCX_MM_SEG_SIZE=1024 UCX_SELF_SEG_SIZE=1024)
 //! charmrs-ucx-check mismatch                       process r asks for r + 2 workers: the
 //!                                                  layer refuses to start, saying why
 //! ```
@@ -546,6 +556,356 @@ fn lost(layer: &UcxLayer) {
     }
 }
 
+/// Every process sends a hello to every other (tag: its pid) and waits for theirs; then the
+/// processes fence. Returns the peers' pids (index = rank; 0 for this process).
+fn hello_all(layer: &UcxLayer) -> Vec<u32> {
+    let peers: Vec<ProcessId> = (0..layer.size()).filter(|&p| p != layer.rank()).collect();
+    hello(layer, &peers)
+}
+
+/// [`hello_all`] with `peers` only (which must say hello back).
+fn hello(layer: &UcxLayer, peers: &[ProcessId]) -> Vec<u32> {
+    let me = layer.rank();
+    let n = layer.size();
+    for &p in peers {
+        let h = Header::new(KIND_DATA, me, p, u64::from(std::process::id()));
+        send(layer, p, Message::new(h));
+    }
+    let pids = RefCell::new(vec![0u32; n as usize]);
+    let heard = Cell::new(0usize);
+    progress_until(
+        layer,
+        "the peers' hellos",
+        30,
+        |src, m| {
+            pids.borrow_mut()[src as usize] = m.header().tag as u32;
+            heard.set(heard.get() + 1);
+        },
+        || heard.get() == peers.len(),
+    );
+    if let Err(e) = layer.barrier() {
+        fail(format!("rank {me}: barrier: {e}"));
+    }
+    pids.into_inner()
+}
+
+/// Waits (without progressing) to be killed.
+fn wait_to_be_killed() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `lostsend`: rank 1 sends a 4 MiB message (a rendezvous) to rank 0, which never fetches it and
+/// is killed by the test once rank 1 printed `SENT`. Rank 1 reports rank 0 lost, and from then on
+/// waits for nothing of rank 0's: within 2 s `flush` completes and `before_park` lets the thread
+/// park, and dropping the layer does not wait out its linger (1 s).
+fn lost_send(layer: Arc<UcxLayer>) {
+    let me = layer.rank();
+    if let Err(e) = layer.set_wakeup(|| {}) {
+        fail(format!("rank {me}: set_wakeup: {e}"));
+    }
+    hello_all(&layer);
+    println!("READY");
+    if me == 0 {
+        wait_to_be_killed();
+    }
+    let big = Bytes::from(vec![7u8; 4 << 20]);
+    send(
+        &layer,
+        0,
+        Message::with_segment(Header::new(KIND_DATA, 1, 0, 1), big),
+    );
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        if let Err(e) = layer.progress(&mut |_, _| {}) {
+            fail(format!("rank 1: progress before the kill: {e}"));
+        }
+    }
+    if layer.flush(Duration::from_millis(10)).unwrap_or(true) {
+        fail("rank 1: the 4 MiB send completed without its receiver's fetch".into());
+    }
+    println!("SENT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match layer.progress(&mut |_, _| {}) {
+            Err(TransportError::PeerLost { process: 0, reason }) => {
+                println!("LOST 0: {reason}");
+                break;
+            }
+            Err(e) => fail(format!("rank 1: unexpected error {e}")),
+            Ok(_) if Instant::now() > deadline => fail("rank 1: rank 0's loss not reported".into()),
+            Ok(_) => {}
+        }
+    }
+    let t = Instant::now();
+    match layer.flush(Duration::from_secs(2)) {
+        Ok(true) => {}
+        Ok(false) => fail("rank 1: flush still waits for the lost peer after 2 s".into()),
+        Err(e) => fail(format!("rank 1: flush: {e}")),
+    }
+    let flushed = t.elapsed();
+    let t = Instant::now();
+    loop {
+        if let Err(e) = layer.progress(&mut |_, _| {}) {
+            fail(format!("rank 1: progress after the loss: {e}"));
+        }
+        if layer.before_park() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            fail("rank 1: before_park still refuses to park after 2 s".into());
+        }
+    }
+    let parked = t.elapsed();
+    let Ok(layer) = Arc::try_unwrap(layer) else {
+        fail("rank 1: the layer is shared".into())
+    };
+    let t = Instant::now();
+    drop(layer);
+    let dropped = t.elapsed();
+    if dropped > Duration::from_millis(900) {
+        fail(format!(
+            "rank 1: dropping the layer took {dropped:?} (waited for the lost peer)"
+        ));
+    }
+    println!("OK lostsend: flush {flushed:?}, before_park {parked:?}, drop {dropped:?}");
+}
+
+/// `lostbusy`: rank 2 streams small messages to rank 0 without pause while rank 1, which rank 0
+/// exchanged hellos with, is killed by the test once rank 0 printed `STREAMING`: rank 0 reports
+/// rank 1 lost (the test bounds how fast) though it is never idle. (Rank 2 never exchanges
+/// messages with rank 1, so it does not watch it: it keeps streaming.)
+fn lost_busy(layer: &UcxLayer) {
+    let me = layer.rank();
+    if me == 0 {
+        hello(layer, &[1, 2]);
+    } else {
+        hello(layer, &[0]);
+    }
+    println!("READY");
+    match me {
+        1 => wait_to_be_killed(),
+        2 => {
+            // At most WINDOW messages not acknowledged; rank 0 acknowledges every ACK_EVERY.
+            const WINDOW: u64 = 4096;
+            let acked = Cell::new(0u64);
+            let mut sent = 0u64;
+            loop {
+                while sent < acked.get() + WINDOW {
+                    if let Err(e) =
+                        layer.send_copy(0, Header::new(KIND_DATA, 2, 0, sent), b"8 bytes!")
+                    {
+                        fail(format!("rank 2: send: {e}"));
+                    }
+                    sent += 1;
+                }
+                if let Err(e) = layer.progress(&mut |_, m| {
+                    acked.set(acked.get().max(m.header().tag));
+                }) {
+                    fail(format!("rank 2: progress: {e}"));
+                }
+            }
+        }
+        _ => {}
+    }
+    const ACK_EVERY: u64 = 256;
+    let received = Cell::new(0u64);
+    let mut on = |src: ProcessId, _m: Message| {
+        if src == 2 {
+            // Slower than rank 2 sends (the shared-memory FIFO stays full): every `progress`
+            // delivers something, and the worker never looks idle.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(200) {
+                std::hint::spin_loop();
+            }
+            received.set(received.get() + 1);
+            if received.get().is_multiple_of(ACK_EVERY) {
+                send(
+                    layer,
+                    2,
+                    Message::new(Header::new(KIND_GOT, 0, 2, received.get())),
+                );
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streaming = false;
+    let mut since = 0;
+    loop {
+        match layer.progress(&mut on) {
+            Err(TransportError::PeerLost { process: 1, reason }) => {
+                println!(
+                    "LOST 1: {reason} ({} messages from rank 2 meanwhile)",
+                    received.get() - since
+                );
+                break;
+            }
+            Err(e) => fail(format!("rank 0: unexpected error {e}")),
+            Ok(_) if Instant::now() > deadline => fail("rank 0: rank 1's loss not reported".into()),
+            Ok(_) => {}
+        }
+        if !streaming && received.get() >= 1_000 {
+            streaming = true;
+            since = received.get();
+            println!("STREAMING");
+        }
+    }
+    println!("OK lostbusy");
+}
+
+/// `byelost <messages>`: rank 1 sends 4 MiB messages (rendezvous) to rank 0, which does not
+/// progress,
+/// and drops its layer (it waits CHARMRS_UCX_CHECK_LINGER_MS for the fetch, says goodbye) and
+/// exits. Rank 0 then progresses: the data cannot be fetched any more, and the lost messages are
+/// reported though their sender said goodbye.
+fn bye_lost(layer: Arc<UcxLayer>, messages: u64) {
+    let me = layer.rank();
+    let pids = hello_all(&layer);
+    println!("READY");
+    if me == 1 {
+        // More than two: some wait for a fetch slot when rank 1 is lost.
+        let big = Bytes::from(vec![7u8; 4 << 20]);
+        for k in 1..=messages {
+            send(
+                &layer,
+                0,
+                Message::with_segment(Header::new(KIND_DATA, 1, 0, k), big.clone()),
+            );
+        }
+        let Ok(layer) = Arc::try_unwrap(layer) else {
+            fail("rank 1: the layer is shared".into())
+        };
+        drop(layer);
+        println!("GONE");
+        std::process::exit(0);
+    }
+    // Until rank 1's process is gone (or a zombie).
+    let gone = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X', 'x'])),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gone(pids[1]) {
+        if Instant::now() > deadline {
+            fail("rank 0: rank 1 did not exit".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match layer.progress(&mut |src, m| {
+            fail(format!(
+                "rank 0: a message from rank {src} arrived: {:?} ({} bytes)",
+                m.header(),
+                m.segments().iter().map(Bytes::len).sum::<usize>()
+            ))
+        }) {
+            Err(e) => {
+                println!("ERROR {e}");
+                break;
+            }
+            Ok(_) if Instant::now() > deadline => {
+                fail("rank 0: the lost 4 MiB messages were not reported".into())
+            }
+            Ok(_) => {}
+        }
+    }
+    println!("OK byelost");
+}
+
+/// `manysegs` (run with 1 KiB transport segments: `UCX_MM_SEG_SIZE=1024 UCX_SELF_SEG_SIZE=1024`,
+/// which leave UCX room for an AM header of about 900 bytes): rank 0 sends rank 1 a message,
+/// then two of the most segments a message may have (small, and around a large one: their AM
+/// headers, 8 bytes a segment, exceed the limit) which `send` refuses as too large, then another
+/// message; rank 1 receives the first and the last, in order, intact.
+fn many_segments(layer: &UcxLayer) {
+    let me = layer.rank();
+    hello_all(layer);
+    let n = usize::from(charmrs_transport::MAX_SEGMENTS);
+    if me == 0 {
+        send(
+            layer,
+            1,
+            Message::with_segment(Header::new(KIND_DATA, 0, 1, 0), pattern(0, 0, 0, 70_000)),
+        );
+        for (tag, large) in [(1, 0), (2, 300_000)] {
+            let segs = (0..n)
+                .map(|j| pattern(0, tag, j, if j == n - 1 { large } else { j % 7 }))
+                .collect();
+            let m = Message::with_segments(Header::new(KIND_DATA, 0, 1, tag), segs)
+                .expect("MAX_SEGMENTS segments");
+            match layer.send(1, m) {
+                Err(TransportError::TooLarge { len, max }) if len > max && max > 0 => {
+                    println!("REFUSED {n} segments: header of {len} bytes over {max}");
+                }
+                other => fail(format!(
+                    "rank 0: a message of {n} segments: expected TooLarge, got {other:?}"
+                )),
+            }
+        }
+        let segs = (0..8).map(|j| pattern(0, 3, j, 1000 * j)).collect();
+        send(
+            layer,
+            1,
+            Message::with_segments(Header::new(KIND_DATA, 0, 1, 3), segs).expect("8 segments"),
+        );
+        finish(layer, vec![false; 2], &mut |s, m| {
+            fail(format!(
+                "rank 0: unexpected message {:?} from {s}",
+                m.header()
+            ))
+        });
+    } else {
+        let got = RefCell::new(Vec::new());
+        let early_done = Cell::new(false);
+        progress_until(
+            layer,
+            "rank 0's messages",
+            30,
+            |_, m| {
+                if m.header().kind == KIND_DONE {
+                    early_done.set(true);
+                } else {
+                    got.borrow_mut().push(m);
+                }
+            },
+            || early_done.get(),
+        );
+        let got = got.into_inner();
+        let tags: Vec<u64> = got.iter().map(|m| m.header().tag).collect();
+        if tags != [0, 3] {
+            fail(format!(
+                "rank 1: messages {tags:?} arrived, expected [0, 3]"
+            ));
+        }
+        let expect = [vec![70_000], (0..8).map(|j| 1000 * j).collect()];
+        for (m, lens) in got.iter().zip(expect) {
+            let k = m.header().tag;
+            for (j, (seg, &l)) in m.segments().iter().zip(&lens).enumerate() {
+                if seg[..] != pattern(0, k, j, l)[..] {
+                    fail(format!("rank 1: message {k} segment {j} differs"));
+                }
+            }
+            if m.segments().len() != lens.len() {
+                fail(format!(
+                    "rank 1: message {k}: {} segments",
+                    m.segments().len()
+                ));
+            }
+        }
+        finish(layer, vec![true; 2], &mut |s, m| {
+            fail(format!(
+                "rank 1: unexpected message {:?} from {s}",
+                m.header()
+            ))
+        });
+    }
+    println!("OK manysegs rank {me}");
+}
+
 /// A parking spot with a wake-up token, like a runtime mailbox.
 #[derive(Default)]
 struct Spot {
@@ -896,6 +1256,10 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(defaults.max_message),
+        linger: std::env::var("CHARMRS_UCX_CHECK_LINGER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(defaults.linger, Duration::from_millis),
         workers: std::env::var("CHARMRS_UCX_CHECK_WORKERS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -918,6 +1282,10 @@ fn main() {
         Some("outlive") => outlive(layer),
         Some("toolarge") => too_large(&layer),
         Some("lanes") => lanes(Arc::clone(&layer), num(2, 12)),
+        Some("lostsend") => lost_send(layer),
+        Some("lostbusy") => lost_busy(&layer),
+        Some("byelost") => bye_lost(layer, num(2, 1)),
+        Some("manysegs") => many_segments(&layer),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
 }
