@@ -53,6 +53,12 @@ impl Victim {
         }
     }
 
+    /// Ends the job (called on every PE at once: every process ends it together).
+    #[entry]
+    fn exit_now(&mut self) {
+        charmrs::exit(0);
+    }
+
     /// Never returns (but lets its PE run other messages).
     #[entry]
     async fn hang(_this: Coro<Self>) {
@@ -731,6 +737,7 @@ fn main() {
                 group.at(charmrs::num_pes() - 1).take_fragile(Fragile);
             }
             Some("mobility") => mobility().await,
+            Some("exit-everywhere") => Group::<Victim>::new(()).exit_now(),
             Some("idle") => {
                 let last = charmrs::num_pes() - 1;
                 let group = Group::<Victim>::new(());

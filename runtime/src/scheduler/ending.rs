@@ -77,10 +77,35 @@ fn poll_every_lane(shared: &Shared) -> bool {
     ok
 }
 
-/// Polls the layer (recording handshake messages) until `done` holds or [`WAIT`] passes.
-fn wait_until(shared: &Shared, done: impl Fn(&EndState) -> bool) {
+/// Acknowledges the end-of-job messages recorded since the last call (`acked`: the sources
+/// already acknowledged).
+fn acknowledge_new(shared: &Shared, acked: &mut BTreeSet<ProcessId>) {
+    let new: Vec<ProcessId> = shared
+        .end_state()
+        .sources
+        .difference(acked)
+        .copied()
+        .collect();
+    for src in new {
+        signal(shared, wire::KIND_END_ACK, src);
+        acked.insert(src);
+    }
+}
+
+/// Polls the layer (recording handshake messages, acknowledging every end-of-job message as it
+/// arrives) until `done` holds or [`WAIT`] passes. Acknowledging while waiting matters when two
+/// processes end the job at once: each waits for the other's acknowledgement.
+fn wait_until(
+    shared: &Shared,
+    acked: &mut BTreeSet<ProcessId>,
+    done: impl Fn(&EndState) -> bool,
+) {
     let deadline = Instant::now() + WAIT;
-    while !done(&shared.end_state()) && Instant::now() < deadline {
+    loop {
+        acknowledge_new(shared, acked);
+        if done(&shared.end_state()) || Instant::now() >= deadline {
+            return;
+        }
         if !poll_every_lane(shared) {
             return;
         }
@@ -92,40 +117,15 @@ fn wait_until(shared: &Shared, done: impl Fn(&EndState) -> bool) {
 pub(crate) fn finish_job(shared: &Shared) {
     let (me, n) = (shared.layer.rank(), shared.layer.size());
     let peers: Vec<ProcessId> = (0..n).filter(|&p| p != me).collect();
-    let (initiated, sources) = {
-        let end = shared.end_state();
-        (end.initiated, end.sources.clone())
-    };
-    for &src in &sources {
-        signal(shared, wire::KIND_END_ACK, src);
-    }
+    let initiated = shared.end_state().initiated;
+    let mut acked = BTreeSet::new();
     if initiated {
-        wait_until(shared, |e| peers.iter().all(|p| e.acks.contains(p)));
+        wait_until(shared, &mut acked, |e| peers.iter().all(|p| e.acks.contains(p)));
         for &p in &peers {
             signal(shared, wire::KIND_END_GO, p);
         }
     }
-    // Peers whose end-of-job arrives while waiting are acknowledged too.
-    let deadline = Instant::now() + WAIT;
-    let mut acked = sources;
-    loop {
-        let (waiting, new): (bool, Vec<ProcessId>) = {
-            let end = shared.end_state();
-            (
-                !end.sources.iter().all(|s| end.released_by.contains(s)),
-                end.sources.difference(&acked).copied().collect(),
-            )
-        };
-        for src in new {
-            signal(shared, wire::KIND_END_ACK, src);
-            acked.insert(src);
-        }
-        if !waiting || Instant::now() >= deadline {
-            return;
-        }
-        if !poll_every_lane(shared) {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
+    wait_until(shared, &mut acked, |e| {
+        e.sources.iter().all(|s| e.released_by.contains(s))
+    });
 }
