@@ -332,6 +332,70 @@ fn integer_priorities_order_delivery() {
     assert_eq!(*PRIO.lock().unwrap(), vec![-100, -7, -7, 0, 0, 3, 5, 9]);
 }
 
+static CROSS_PRIO: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static SENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// On PE 0: blocks its PE until `Sender` on PE 1 sent everything, then records delivery order.
+struct Receiver;
+
+#[chare]
+impl Receiver {
+    fn new() -> Self {
+        Receiver
+    }
+
+    #[entry]
+    fn block(&mut self) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !SENT.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < until
+        {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[entry]
+    fn record(&mut self, p: i32) {
+        CROSS_PRIO.lock().unwrap().push(p);
+    }
+
+    #[entry]
+    fn finish(&mut self) {
+        charmrs::exit(0);
+    }
+}
+
+struct PrioSender;
+
+#[chare]
+impl PrioSender {
+    fn new() -> Self {
+        PrioSender
+    }
+
+    #[entry]
+    fn send_all(&mut self, to: ElementProxy<Receiver>) {
+        for p in [5, 0, -7, 3, -100] {
+            to.with_priority(p).record(p);
+        }
+        to.with_priority(1000).finish();
+        SENT.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Priorities order messages from another PE too (waiting in the PE's mailbox while it was
+/// busy). Before, a PE took one mailbox arrival per turn and ran it: arrival order.
+#[test]
+fn priorities_order_messages_from_another_pe() {
+    run_job(2, |_| async {
+        let receiver = Single::<Receiver>::new((), Some(0));
+        let sender = Single::<PrioSender>::new((), Some(1));
+        receiver.block();
+        sender.send_all(*receiver);
+    })
+    .unwrap();
+    assert_eq!(*CROSS_PRIO.lock().unwrap(), vec![-100, -7, 0, 3, 5]);
+}
+
 #[test]
 fn runtime_info_inside_a_job() {
     let code = run_job(3, |args| async move {

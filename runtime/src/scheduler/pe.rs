@@ -279,6 +279,10 @@ const NETWORK_BACKLOG: usize = 16;
 /// [`NAP_LONG`] at a time instead of [`NAP_MAX`] (local messages still wake it at once).
 const NAP_LONG_AFTER: Duration = Duration::from_millis(100);
 
+/// Most envelopes a turn moves from the mailbox into the local queue (where priorities order
+/// them).
+const MAILBOX_BATCH: usize = 64;
+
 /// Nap of a network PE that its layer cannot wake, long without input.
 const NAP_LONG: Duration = Duration::from_millis(1);
 
@@ -1693,9 +1697,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
             }
         }
         just_polled = false;
-        // One arrival per turn, alternating with the local queue: neither starves the other and
-        // a backlog in the mailbox does not pile up in the local queue. (`is_empty` first: popping
-        // an empty `SegQueue` costs a full fence.)
+        // Arrivals join the local queue, so the most urgent message runs first: one per turn
+        // when it is alone (the common case, run at once), else up to MAILBOX_BATCH, so that
+        // priorities order what other PEs sent too, while a backlog in the mailbox piles up in
+        // the local queue by at most a batch a turn and neither starves the other. (`is_empty`
+        // first: popping an empty `SegQueue` costs a full fence.)
         let arrived = if mailbox.is_empty() {
             None
         } else {
@@ -1704,9 +1710,17 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         let next = {
             let mut queue = state.queue.borrow_mut();
             match arrived {
-                Some(env) if queue.is_empty() => Some(env),
+                Some(env) if queue.is_empty() && env.priority == 0 && mailbox.is_empty() => {
+                    Some(env)
+                }
                 Some(env) => {
                     queue.push(env);
+                    for _ in 1..MAILBOX_BATCH {
+                        match (!mailbox.is_empty()).then(|| mailbox.pop()).flatten() {
+                            Some(more) => queue.push(more),
+                            None => break,
+                        }
+                    }
                     queue.pop()
                 }
                 None => queue.pop(),
