@@ -102,10 +102,11 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
                     coll,
                     call: call.clone_box(),
                 };
-                shared
-                    .mailbox(pe)
-                    .expect("a local PE")
-                    .push(crate::envelope::Envelope::new(priority, body));
+                // Through `post`, as every arrival: the polling PE's part goes behind what
+                // arrived before it on its lane, not into the mailbox where later point calls
+                // (queued locally) would overtake it.
+                let mailbox = shared.mailbox(pe).expect("a local PE");
+                post(shared, pe, mailbox, crate::envelope::Envelope::new(priority, body));
             }
         }
         Err(e) => malformed(shared, src, e),

@@ -921,10 +921,11 @@ impl PeState {
                     .get(&coll)
                     .map(|c| (c.chare, c.find(&index)));
                 match found {
-                    None => self.buffer(
-                        coll,
-                        Envelope::new(priority, Body::Point { coll, index, call }),
-                    ),
+                    None => {
+                        let mut env = Envelope::new(priority, Body::Point { coll, index, call });
+                        env.route = route;
+                        self.buffer(coll, env);
+                    }
                     Some((chare, Some(element))) => {
                         if route.hops() > 0 {
                             self.correct_origin(coll, index, route.origin());
@@ -938,7 +939,8 @@ impl PeState {
                     }
                     Some((_, None)) if self.under_construction(coll, index) => {
                         // Its `async fn new` is still running: the message waits for it.
-                        let env = Envelope::new(priority, Body::Point { coll, index, call });
+                        let mut env = Envelope::new(priority, Body::Point { coll, index, call });
+                        env.route = route;
                         let mut cols = self.collections.borrow_mut();
                         let c = cols.get_mut(&coll).expect("looked up above");
                         c.constructing
