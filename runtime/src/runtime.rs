@@ -288,17 +288,36 @@ impl Runtime {
         }
         drop(done_tx);
         let outcome = shared.wait_outcome();
+        // A multi-process job that ended well needs its PEs gone for the end-of-job handshake:
+        // an entry still running elsewhere in this process (it ends before the PE stops) gets
+        // as long as the handshake's own waits.
+        let handshake = shared.layer.size() > 1 && matches!(outcome, Outcome::Exit(_));
+        let grace = if handshake {
+            self.join_grace.max(crate::scheduler::ENDING_WAIT)
+        } else {
+            self.join_grace
+        };
         // Nothing is ever sent on `done`: every PE thread drops its sender when it leaves, so the
         // receive returns `Disconnected` once all have left, or times out after the grace period.
         let joined = !matches!(
-            done_rx.recv_timeout(self.join_grace),
+            done_rx.recv_timeout(grace),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout)
         );
         // Every process must know the job ended before any leaves (else a departure looks like a
         // crash to a process that has not read the end yet). Only with the PEs gone: this thread
         // is then the layer's only poller.
-        if joined && shared.layer.size() > 1 && matches!(outcome, Outcome::Exit(_)) {
-            crate::scheduler::finish_job(&shared);
+        if handshake {
+            if joined {
+                crate::scheduler::finish_job(&shared);
+            } else {
+                eprintln!(
+                    "charmrs: process {}: an entry method still runs {} s after the job's exit; \
+                     leaving without the end-of-job handshake (another process may report this \
+                     one as lost)",
+                    shared.layer.rank(),
+                    grace.as_secs()
+                );
+            }
         }
         if let Some(trace) = &shared.trace {
             trace.finish(shared.layer.rank(), shared.layer.size());

@@ -53,6 +53,15 @@ impl Victim {
         }
     }
 
+    /// Keeps its PE busy for `ms` milliseconds.
+    #[entry]
+    fn busy(&mut self, ms: u64) {
+        let until = std::time::Instant::now() + Duration::from_millis(ms);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+
     /// Ends the job (called on every PE at once: every process ends it together).
     #[entry]
     fn exit_now(&mut self) {
@@ -738,6 +747,14 @@ fn main() {
             }
             Some("mobility") => mobility().await,
             Some("exit-everywhere") => Group::<Victim>::new(()).exit_now(),
+            Some("exit-while-busy") => {
+                // The job ends while the last PE is still in a 3 s entry method.
+                let group = Group::<Victim>::new(());
+                group.at(charmrs::num_pes() - 1).busy(3000);
+                charmrs::sleep(Duration::from_millis(200)).await;
+                println!("exiting");
+                charmrs::exit(0);
+            }
             Some("idle") => {
                 let last = charmrs::num_pes() - 1;
                 let group = Group::<Victim>::new(());

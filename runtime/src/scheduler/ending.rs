@@ -24,6 +24,10 @@ use std::time::{Duration, Instant};
 /// once): long enough for a starved process of an oversubscribed host to read its messages.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// How long a process waits for its PE threads (an entry method still running) before the
+/// handshake: as long as each of the handshake's phases.
+pub(crate) const ENDING_WAIT: Duration = WAIT;
+
 /// What this process knows about the end of the job.
 #[derive(Default)]
 pub(crate) struct EndState {

@@ -9,6 +9,6 @@ mod queue;
 mod shared;
 
 pub(crate) use comm::poll_network;
-pub(crate) use ending::finish_job;
+pub(crate) use ending::{finish_job, ENDING_WAIT};
 pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState, TimerKey};
 pub(crate) use shared::{Outcome, Shared};
