@@ -106,10 +106,16 @@ impl PeState {
             .get(&coll)
             .copied()
             .unwrap_or(0);
+        // A sparse array's elements homed here are the insertions announced here: an element
+        // that moved on before its home heard of its insertion may already be located here
+        // (a location notice overtook the insertion's, across processes), and counting it then
+        // would seal the array before the insertion's notice, which would then abort the job.
         let homed = {
             let cols = self.collections.borrow();
-            cols.get(&coll)
-                .map_or(0, |c| c.homed_count(self.pe, self.num_pes()))
+            cols.get(&coll).map_or(0, |c| match c.shape {
+                Shape::Sparse { .. } => c.inserted_on.len(),
+                _ => c.homed_count(self.pe, self.num_pes()),
+            })
         };
         self.fulfil(
             reply.0 as usize,
