@@ -5,7 +5,7 @@
 //! # What this module owns
 //!
 //! * [`checkpoint`]: waits for quiescence, then every PE writes the elements it holds of every
-//!   dense array, sparse array and single chare to `DIR/pe-<n>-<generation>.ckpt` (a random
+//!   dense array, sparse array, single chare and group of a migratable type to `DIR/pe-<n>-<generation>.ckpt` (a random
 //!   number per checkpoint); the calling PE writes `DIR/checkpoint.meta` last (the generation,
 //!   the collections, the program's own state, the PE count), replacing the previous one in one
 //!   rename, and only then removes the previous checkpoint's PE files. A job that dies while
@@ -68,7 +68,8 @@ const META: &str = "checkpoint.meta";
 pub struct Saved {
     /// Elements written, over all PEs.
     pub elements: u64,
-    /// Collections (dense arrays, sparse arrays, single chares) they belong to.
+    /// Collections (dense arrays, sparse arrays, single chares, groups of migratable types)
+    /// they belong to.
     pub collections: usize,
     /// Bytes of element state written, over all PEs.
     pub bytes: u64,

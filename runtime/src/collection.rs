@@ -45,7 +45,12 @@ impl CollectionId {
 }
 
 /// What kind of collection, with what it needs for placement.
+///
+/// Decoding a shape checks it ([`Shape::check_size`], and a sparse array's dimension count):
+/// shapes arrive from other processes inside proxies, callbacks and sections, and an impossible
+/// one would make index arithmetic overflow.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(try_from = "ShapeWire", into = "ShapeWire")]
 pub enum Shape {
     /// A single chare living on `pe`.
     Single {
@@ -69,6 +74,49 @@ pub enum Shape {
         /// The user placement ([`crate::ArrayMap`]), if any.
         map: Option<MapId>,
     },
+}
+
+/// [`Shape`]'s wire form: the same variants (so the same bytes); decoding one into a `Shape`
+/// checks it.
+#[derive(Serialize, Deserialize)]
+enum ShapeWire {
+    Single { pe: u32 },
+    Group,
+    Array { dims: Index, map: Option<MapId> },
+    Sparse { dims: u8, map: Option<MapId> },
+}
+
+impl TryFrom<ShapeWire> for Shape {
+    type Error = String;
+    fn try_from(wire: ShapeWire) -> std::result::Result<Shape, String> {
+        let shape = match wire {
+            ShapeWire::Single { pe } => Shape::Single { pe },
+            ShapeWire::Group => Shape::Group,
+            ShapeWire::Array { dims, map } => Shape::Array { dims, map },
+            ShapeWire::Sparse { dims, map } => {
+                if usize::from(dims) > crate::index::KEY_DIMS {
+                    return Err(format!(
+                        "a sparse array of {dims} dimensions (at most {})",
+                        crate::index::KEY_DIMS
+                    ));
+                }
+                Shape::Sparse { dims, map }
+            }
+        };
+        shape.check_size()?;
+        Ok(shape)
+    }
+}
+
+impl From<Shape> for ShapeWire {
+    fn from(shape: Shape) -> ShapeWire {
+        match shape {
+            Shape::Single { pe } => ShapeWire::Single { pe },
+            Shape::Group => ShapeWire::Group,
+            Shape::Array { dims, map } => ShapeWire::Array { dims, map },
+            Shape::Sparse { dims, map } => ShapeWire::Sparse { dims, map },
+        }
+    }
 }
 
 /// The most elements a dense array may have (2^32): placement and reduction counts walk a dense
@@ -270,6 +318,38 @@ fn block_range(pe: usize, total: u64, num_pes: usize) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
+
+    /// A shape from another process is checked when decoded: impossible extents (whose volume
+    /// overflows index arithmetic) or dimension counts are refused; good shapes round-trip.
+    #[test]
+    fn decoding_a_shape_checks_it() {
+        let good = [
+            Shape::Single { pe: 3 },
+            Shape::Group,
+            Shape::Array {
+                dims: Index::new(&[4, 5, 6]).unwrap(),
+                map: None,
+            },
+            Shape::Sparse { dims: 2, map: None },
+        ];
+        for shape in good {
+            let bytes = postcard::to_stdvec(&shape).unwrap();
+            assert_eq!(postcard::from_bytes::<Shape>(&bytes).unwrap(), shape);
+        }
+        let huge = Shape::Array {
+            dims: Index::new(&[u32::MAX as usize; 6]).unwrap(),
+            map: None,
+        };
+        let bytes = postcard::to_stdvec(&huge).unwrap();
+        assert!(postcard::from_bytes::<Shape>(&bytes).is_err());
+        let bytes = postcard::to_stdvec(&Shape::Sparse {
+            dims: 40,
+            map: None,
+        })
+        .unwrap();
+        assert!(postcard::from_bytes::<Shape>(&bytes).is_err());
+    }
+
     use super::*;
 
     #[test]
