@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// The `charmrun` launcher next to this package's binaries (built on demand).
@@ -152,60 +153,60 @@ fn an_argument_that_panics_when_decoded_aborts_the_job_naming_the_sender() {
     );
 }
 
+/// The pid of the job's process of rank `rank`: a child of the launcher `launcher` whose
+/// environment says so.
+fn rank_pid(launcher: u32, rank: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
+    let want = format!("CHARMRS_RANK={rank}");
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|pid: &u32| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            env.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
+        })
+}
+
 #[test]
 fn a_killed_process_brings_the_job_down_within_5_seconds() {
-    let mut launcher = Command::new(charmrun())
-        .args([
-            "++quiet",
-            "+p4",
-            "++ppn",
-            "2",
-            env!("CARGO_BIN_EXE_mpcheck"),
-            "hang",
-        ])
-        .env_remove("CHARMRS_PES")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the job runs, then kill process 1 (a child of charmrun).
-    let mut victim = None;
-    let start = Instant::now();
-    while victim.is_none() && start.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(100));
-        let children = std::fs::read_to_string(format!(
-            "/proc/{}/task/{}/children",
-            launcher.id(),
-            launcher.id()
-        ))
-        .unwrap_or_default();
-        let pids: Vec<u32> = children
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        for pid in pids {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            if env.split(|&b| b == 0).any(|kv| kv == b"CHARMRS_RANK=1") {
-                victim = Some(pid);
-            }
+    let mut cmd = Command::new(charmrun());
+    cmd.args([
+        "++quiet",
+        "+p4",
+        "++ppn",
+        "2",
+        env!("CARGO_BIN_EXE_mpcheck"),
+        "hang",
+    ])
+    .env_remove("CHARMRS_PES");
+    // Once the job runs (process 1 seen for 300 ms), kill process 1 (a child of charmrun) and
+    // go on until the job ends. common::run kills the whole job if it outlives its limit, or if
+    // the test fails while it runs.
+    let seen: Cell<Option<(u32, Instant)>> = Cell::new(None);
+    let killed: Cell<Option<(u32, Instant)>> = Cell::new(None);
+    let done = common::run(cmd, Duration::from_secs(30), |launcher| {
+        if killed.get().is_some() {
+            return false;
         }
-    }
-    let victim = victim.expect("process 1 of the job did not start");
-    std::thread::sleep(Duration::from_millis(300));
-    let killed_at = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    while launcher.try_wait().unwrap().is_none() {
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(15),
-            "the job outlived a killed process"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let took = killed_at.elapsed();
+        match seen.get() {
+            None => seen.set(rank_pid(launcher, 1).map(|pid| (pid, Instant::now()))),
+            Some((pid, at)) if at.elapsed() >= Duration::from_millis(300) => {
+                common::signal(pid as i32, libc::SIGKILL);
+                killed.set(Some((pid, Instant::now())));
+            }
+            Some(_) => {}
+        }
+        false
+    });
+    let took_from = Instant::now();
+    let (victim, killed_at) = killed.get().unwrap_or_else(|| {
+        panic!(
+            "the job ended before process 1 was killed: {:?}\n{}",
+            done.status, done.stderr
+        )
+    });
+    let took = took_from.duration_since(killed_at);
     // Over libfabric's shm provider the killed process could not unlink its
     // region (`/dev/shm/<pid>:<uid>:<n>`): remove it for it.
     if let Ok(dir) = std::fs::read_dir("/dev/shm") {
@@ -216,11 +217,28 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
             }
         }
     }
-    let out = launcher.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let stderr = &done.stderr;
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
-    assert!(stderr.contains("1"), "names the lost process: {stderr}");
+    // Charmrun names the first failure it sees: process 1's death, or process 0 aborting the job
+    // because it lost contact with process 1 (when that reaches charmrun first).
+    let first = stderr
+        .lines()
+        .find(|l| l.starts_with("charmrun: process rank "))
+        .unwrap_or_else(|| panic!("charmrun named no failed process: {stderr}"));
+    let code = done.status.and_then(|s| s.code());
+    if first.starts_with(&format!(
+        "charmrun: process rank 1 (pid {victim}) was killed by signal 9 (SIGKILL); "
+    )) {
+        assert_eq!(code, Some(128 + 9), "{stderr}");
+    } else {
+        assert!(
+            first.starts_with("charmrun: process rank 0 (pid ")
+                && first.contains(") aborted the job: ")
+                && first.contains("lost contact with process 1: "),
+            "names the lost process: {stderr}"
+        );
+        assert!(code.is_some_and(|c| c != 0), "{:?}: {stderr}", done.status);
+    }
 }
 
 #[test]
@@ -460,31 +478,45 @@ fn a_job_restarted_from_its_checkpoint_on_other_processes_ends_as_the_uninterrup
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// stencil3d with blocks moving between processes computes the field it computes in one
+/// process without load balancing: the same `field checksum` line, to the last digit.
 #[test]
 fn stencil3d_balances_across_processes() {
-    let got = lines_ok(&[
-        "++quiet",
-        "+p4",
-        "++ppn",
-        "2",
-        env!("CARGO_BIN_EXE_stencil3d"),
-        "--imbalance",
-        "--iters",
-        "12",
-        "--edge",
-        "6",
-        "--lb-period",
-        "5",
-        "+balancer",
-        "GreedyRefine",
-        "+LBDebug",
-    ]);
+    let stencil = env!("CARGO_BIN_EXE_stencil3d");
+    let size = ["--iters", "12", "--edge", "6"];
+    // 4 × 2 × 2 blocks (PEs × blocks per PE along x): 2 PEs of 8 blocks in one process, no
+    // balancing.
+    let mut args = vec!["++quiet", "+p2", stencil, "--blocks-per-pe", "8"];
+    args.extend(["--lb-warmup", "0", "--lb-period", "0"]);
+    args.extend(size);
+    let reference = lines_ok(&args);
+    let want = common::field_checksum(&reference);
+
+    let mut args = vec!["++quiet", "+p4", "++ppn", "2", stencil, "--imbalance"];
+    args.extend(size);
+    args.extend(["--lb-period", "5", "+balancer", "GreedyRefine", "+LBDebug"]);
+    let got = lines_ok(&args);
     assert_eq!(
         got.iter().filter(|l| l.starts_with("[LB] step")).count(),
         3,
         "{got:?}"
     );
+    assert_eq!(common::field_checksum(&got), want, "GreedyRefine: {got:?}");
     assert!(got.last().unwrap().starts_with("Total time: "), "{got:?}");
+
+    // Four processes, every block moving to the next PE (another process) after iterations 2, 3,
+    // 6 and 9.
+    let mut args = vec!["++quiet", "+p4", "++ppn", "1", stencil];
+    args.extend(size);
+    args.extend(["--lb-period", "3", "+balancer", "Rotate", "+LBDebug"]);
+    let got = lines_ok(&args);
+    let moves: Vec<&String> = got.iter().filter(|l| l.starts_with("[LB] step")).collect();
+    assert_eq!(moves.len(), 4, "{got:?}");
+    assert!(
+        moves.iter().all(|l| l.contains(" 16 migrations")),
+        "{moves:?}"
+    );
+    assert_eq!(common::field_checksum(&got), want, "Rotate: {got:?}");
 }
 
 #[test]

@@ -29,12 +29,66 @@ fn lines_ok(bin: &str, args: &[&str]) -> Vec<String> {
 
 const PES: [usize; 3] = [1, 2, 4];
 
+/// What each program prints on `p` PEs (with its default arguments).
+fn hello_lines() -> Vec<String> {
+    vec!["Hello".into()]
+}
+
+fn group_hello_lines(p: usize) -> Vec<String> {
+    (0..p)
+        .map(|i| format!("Hi[{}] from element {i}", 17 + i))
+        .chain(["All done".into()])
+        .collect()
+}
+
+/// Block placement of row-major position `pos` among `total` elements on `p` PEs.
+fn home(pos: usize, total: usize, p: usize) -> usize {
+    pos * p / total
+}
+
+fn array_hello_lines(p: usize) -> Vec<String> {
+    (0..8)
+        .map(|pos| {
+            let (i, j, k) = (pos / 4, (pos / 2) % 2, pos % 2);
+            format!(
+                "Hi[{}] from element ({i}, {j}, {k}) on PE {}",
+                17 + pos,
+                home(pos, 8, p)
+            )
+        })
+        .chain(["All done".into()])
+        .collect()
+}
+
+fn reduction_lines() -> Vec<String> {
+    let want: Vec<String> = (0..20).map(|x| (x * 100).to_string()).collect();
+    vec![format!("Reduction result is [{}]", want.join(", "))]
+}
+
+fn futures_lines() -> Vec<String> {
+    [
+        "Reduction result is 4950",
+        "Value of future 1 is 1",
+        "Value of future 2 is 2",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn wait_loop_lines() -> Vec<String> {
+    vec!["Done after 10 iterations".into()]
+}
+
+fn pmap_lines() -> Vec<String> {
+    vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]".into()]
+}
+
 #[test]
 fn hello_says_hello() {
     for p in PES {
         assert_eq!(
             lines_ok(env!("CARGO_BIN_EXE_hello"), &[&format!("+p{p}")]),
-            vec!["Hello"]
+            hello_lines()
         );
     }
 }
@@ -43,34 +97,15 @@ fn hello_says_hello() {
 fn group_hello_rings_the_group() {
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_group_hello"), &[&format!("+p{p}")]);
-        let mut want: Vec<String> = (0..p)
-            .map(|i| format!("Hi[{}] from element {i}", 17 + i))
-            .collect();
-        want.push("All done".into());
-        assert_eq!(got, want);
+        assert_eq!(got, group_hello_lines(p));
     }
-}
-
-/// Block placement of row-major position `pos` among `total` elements on `p` PEs.
-fn home(pos: usize, total: usize, p: usize) -> usize {
-    pos * p / total
 }
 
 #[test]
 fn array_hello_rings_the_array_in_row_major_order() {
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_array_hello"), &[&format!("+p{p}")]);
-        let mut want = Vec::new();
-        for pos in 0..8 {
-            let (i, j, k) = (pos / 4, (pos / 2) % 2, pos % 2);
-            want.push(format!(
-                "Hi[{}] from element ({i}, {j}, {k}) on PE {}",
-                17 + pos,
-                home(pos, 8, p)
-            ));
-        }
-        want.push("All done".into());
-        assert_eq!(got, want, "+p{p}");
+        assert_eq!(got, array_hello_lines(p), "+p{p}");
     }
     let got = lines_ok(env!("CARGO_BIN_EXE_array_hello"), &["+p4", "3", "5"]);
     assert_eq!(got.len(), 16);
@@ -94,13 +129,9 @@ fn bad_arguments_are_named() {
 
 #[test]
 fn reduction_prints_the_sum() {
-    let want: Vec<String> = (0..20).map(|x| (x * 100).to_string()).collect();
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_reduction"), &[&format!("+p{p}")]);
-        assert_eq!(
-            got,
-            vec![format!("Reduction result is [{}]", want.join(", "))]
-        );
+        assert_eq!(got, reduction_lines());
     }
 }
 
@@ -108,14 +139,7 @@ fn reduction_prints_the_sum() {
 fn futures_prints_reduction_and_both_futures() {
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_futures"), &[&format!("+p{p}")]);
-        assert_eq!(
-            got,
-            vec![
-                "Reduction result is 4950",
-                "Value of future 1 is 1",
-                "Value of future 2 is 2"
-            ]
-        );
+        assert_eq!(got, futures_lines());
     }
 }
 
@@ -123,42 +147,37 @@ fn futures_prints_reduction_and_both_futures() {
 fn wait_loop_finishes_once() {
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_wait_loop"), &[&format!("+p{p}")]);
-        assert_eq!(got, vec!["Done after 10 iterations"]);
+        assert_eq!(got, wait_loop_lines());
     }
     let got = lines_ok(env!("CARGO_BIN_EXE_wait_loop"), &["+p3", "50"]);
-    assert_eq!(got, vec!["Done after 10 iterations"]);
+    assert_eq!(got, wait_loop_lines());
 }
 
 #[test]
 fn pmap_runs_two_jobs() {
     for p in PES {
         let got = lines_ok(env!("CARGO_BIN_EXE_pmap"), &[&format!("+p{p}")]);
-        assert_eq!(
-            got,
-            vec!["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]"]
-        );
+        assert_eq!(got, pmap_lines());
     }
 }
 
-/// Every program also runs with `+wirecheck`: all messages between PEs are encoded in the
-/// inter-process wire format and decoded again.
+/// Every program also runs with `+wirecheck` (all messages between PEs are encoded in the
+/// inter-process wire format and decoded again), printing exactly what it prints without.
 #[test]
 fn every_program_survives_the_wire_format() {
-    let cases: [(&str, &str); 7] = [
-        (env!("CARGO_BIN_EXE_hello"), "Hello"),
-        (env!("CARGO_BIN_EXE_group_hello"), "All done"),
-        (env!("CARGO_BIN_EXE_array_hello"), "All done"),
-        (
-            env!("CARGO_BIN_EXE_reduction"),
-            "Reduction result is [0, 100,",
-        ),
-        (env!("CARGO_BIN_EXE_futures"), "Value of future 2 is 2"),
-        (env!("CARGO_BIN_EXE_wait_loop"), "Done after 10 iterations"),
-        (env!("CARGO_BIN_EXE_pmap"), "Final results are"),
+    let p = 3;
+    let cases: [(&str, Vec<String>); 7] = [
+        (env!("CARGO_BIN_EXE_hello"), hello_lines()),
+        (env!("CARGO_BIN_EXE_group_hello"), group_hello_lines(p)),
+        (env!("CARGO_BIN_EXE_array_hello"), array_hello_lines(p)),
+        (env!("CARGO_BIN_EXE_reduction"), reduction_lines()),
+        (env!("CARGO_BIN_EXE_futures"), futures_lines()),
+        (env!("CARGO_BIN_EXE_wait_loop"), wait_loop_lines()),
+        (env!("CARGO_BIN_EXE_pmap"), pmap_lines()),
     ];
-    for (bin, needle) in cases {
-        let out = lines_ok(bin, &["+p3", "+wirecheck"]).join("\n");
-        assert!(out.contains(needle), "{bin}: {out}");
+    for (bin, want) in cases {
+        let got = lines_ok(bin, &[&format!("+p{p}"), "+wirecheck"]);
+        assert_eq!(got, want, "{bin}");
     }
 }
 
@@ -224,27 +243,39 @@ fn leanmd_matches_the_serial_reference() {
     }
 }
 
+/// The field stencil3d computes with load balancing (blocks moving between PEs between
+/// iterations) is the one it computes on the same grid without (on as many PEs, or fewer): the
+/// same `field checksum` line, to the last digit (the blocks' sums are added in index order).
 #[test]
 fn stencil3d_balances_and_reports_its_total_time() {
-    for p in ["+p1", "+p4"] {
-        let got = lines_ok(
-            env!("CARGO_BIN_EXE_stencil3d"),
-            &[
-                p,
-                "--imbalance",
-                "--iters",
-                "12",
-                "--edge",
-                "6",
-                "--lb-period",
-                "5",
-                "--print-every",
-                "4",
-                "+balancer",
-                "GreedyRefine",
-                "+LBDebug",
-            ],
-        );
+    let stencil = env!("CARGO_BIN_EXE_stencil3d");
+    let size = ["--iters", "12", "--edge", "6"];
+    // The grid has PEs × blocks per PE along x: 1 × 2 × 2 blocks on 1 PE with 4 blocks per PE
+    // (the default), 4 × 2 × 2 on 4 PEs with 4 or on 2 PEs with 8. No balancing here.
+    let reference = |p: &str, per_pe: &str| -> String {
+        let mut args = vec![p, "--blocks-per-pe", per_pe, "--lb-warmup", "0"];
+        args.extend(["--lb-period", "0"]);
+        args.extend(size);
+        common::field_checksum(&lines_ok(stencil, &args)).to_string()
+    };
+    let want = [
+        ("+p1", reference("+p1", "4")),
+        ("+p4", reference("+p2", "8")),
+    ];
+    for (p, want) in &want {
+        let mut args = vec![*p, "--imbalance"];
+        args.extend(size);
+        args.extend([
+            "--lb-period",
+            "5",
+            "--print-every",
+            "4",
+            "+balancer",
+            "GreedyRefine",
+            "+LBDebug",
+        ]);
+        let got = lines_ok(stencil, &args);
+        assert_eq!(common::field_checksum(&got), want.as_str(), "{p}: {got:?}");
         assert!(got[0].starts_with("stencil3d:"), "{got:?}");
         let steps = got.iter().filter(|l| l.starts_with("[LB] step")).count();
         assert_eq!(steps, 3, "after iterations 2, 5 and 10: {got:?}");
@@ -266,6 +297,22 @@ fn stencil3d_balances_and_reports_its_total_time() {
             .unwrap_or_else(|| panic!("last line: {last}"));
         assert!(secs > 0.0);
     }
+    // Every block moves to the next PE after iterations 2, 3, 6 and 9.
+    let mut args = vec!["+p4"];
+    args.extend(size);
+    args.extend(["--lb-period", "3", "+balancer", "Rotate", "+LBDebug"]);
+    let got = lines_ok(stencil, &args);
+    let moves: Vec<&String> = got.iter().filter(|l| l.starts_with("[LB] step")).collect();
+    assert_eq!(moves.len(), 4, "{got:?}");
+    assert!(
+        moves.iter().all(|l| l.contains(" 16 migrations")),
+        "{moves:?}"
+    );
+    assert_eq!(
+        common::field_checksum(&got),
+        want[1].1.as_str(),
+        "Rotate: {got:?}"
+    );
     let out = run(
         env!("CARGO_BIN_EXE_stencil3d"),
         &["+p2", "--blocks-per-pe", "3"],
@@ -306,4 +353,34 @@ fn heat2d_prints_the_same_figures_on_any_pe_count_and_after_a_restart() {
     let rest = figures(&["+p2", "+wirecheck", "--restart", dir_arg]);
     assert_eq!(rest, reference[1..]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// heat2d's plate cut into 3 × 3 blocks relaxes as the plate in one block: the same residuals
+/// (the largest change, exact whatever the cut) and the same checksum up to the order of its
+/// additions (one per block, then the blocks').
+#[test]
+fn heat2d_computes_the_same_plate_in_one_block_and_in_nine() {
+    let heat = env!("CARGO_BIN_EXE_heat2d");
+    let steps = ["--steps", "30", "--every", "10"];
+    let figures = |p: &str, blocks: &str, edge: &str| -> (Vec<String>, f64) {
+        let mut args = vec![p, "--blocks", blocks, "--edge", edge];
+        args.extend(steps);
+        let got = common::heat_figures(lines_ok(heat, &args));
+        let (checksum, residuals) = got
+            .split_last()
+            .unwrap_or_else(|| panic!("{p}: no figures"));
+        let value = checksum
+            .strip_prefix("field checksum: ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{p} --blocks {blocks}: {got:?}"));
+        (residuals.to_vec(), value)
+    };
+    let (one_residuals, one) = figures("+p1", "1", "18");
+    assert_eq!(one_residuals.len(), 3, "{one_residuals:?}");
+    let (nine_residuals, nine) = figures("+p3", "3", "6");
+    assert_eq!(nine_residuals, one_residuals);
+    assert!(
+        one > 0.0 && ((nine - one) / one).abs() <= 1e-12,
+        "checksums {one:e} (1 block) and {nine:e} (9 blocks)"
+    );
 }

@@ -49,26 +49,29 @@ impl Finished {
 pub(crate) fn run(mut cmd: Command, limit: Duration, stop: impl Fn(u32) -> bool) -> Finished {
     let started = Instant::now();
     // A process group of its own: what the job leaves behind can be killed even once it exited.
-    let mut child = cmd
+    let child = cmd
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
-    let pid = child.id();
+    // From here on a panic (in `stop`, or the time limit's) kills the job on its way out.
+    let mut job = Job::new(child);
+    let stdout = drain(job.child.stdout.take().expect("stdout"));
+    let stderr = drain(job.child.stderr.take().expect("stderr"));
+    let pid = job.child.id();
     let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for the job") {
+        if let Some(st) = job.child.try_wait().expect("wait for the job") {
+            job.reaped = true;
             break Some(st);
         }
         if stop(pid) {
-            kill_tree(&mut child, false);
+            job.kill();
             break None;
         }
         if started.elapsed() > limit {
-            kill_tree(&mut child, false);
+            job.kill();
             panic!(
                 "{cmd:?} did not finish within {limit:?}; its output so far:\n--- stdout\n{}\n--- stderr\n{}",
                 joined(stdout),
@@ -79,7 +82,7 @@ pub(crate) fn run(mut cmd: Command, limit: Duration, stop: impl Fn(u32) -> bool)
     };
     let took = started.elapsed();
     // Processes that outlived the job (a launcher that died) must not hold the pipes open.
-    kill_tree(&mut child, true);
+    job.kill();
     Finished {
         status,
         stdout: joined(stdout),
@@ -100,28 +103,60 @@ fn joined(reader: JoinHandle<String>) -> String {
     reader.join().unwrap_or_default()
 }
 
-/// Kills (SIGKILL) `child` unless it was `reaped` already, every process below it, and its
-/// process group (which holds what it started, even orphaned ones, unless they left the group);
-/// reaps `child`.
-fn kill_tree(child: &mut Child, reaped: bool) {
-    // Once reaped, its pid names nobody (or somebody else): only the group is left to kill.
-    let mut targets: Vec<String> = Vec::new();
-    if !reaped {
-        targets.extend(
-            descendants(child.id())
-                .into_iter()
-                .map(|p| p.pid.to_string()),
-        );
-        targets.push(child.id().to_string());
+/// A job's process (the leader of its own process group) that is killed, with everything it
+/// started, when it is dropped: a test that panics while the job runs leaves nothing behind.
+pub(crate) struct Job {
+    pub(crate) child: Child,
+    /// `child` was waited for: its pid may name somebody else now.
+    reaped: bool,
+    /// [`Job::kill`] ran: nothing is left to kill when dropped.
+    killed: bool,
+}
+
+impl Job {
+    /// Takes charge of `child`, which must have been started with `process_group(0)`.
+    pub(crate) fn new(child: Child) -> Job {
+        Job {
+            child,
+            reaped: false,
+            killed: false,
+        }
     }
-    targets.push(format!("-{}", child.id()));
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .arg("--")
-        .args(&targets)
-        .stderr(Stdio::null())
-        .status();
-    let _ = child.wait();
+
+    /// Kills (SIGKILL) the job's process unless it was reaped already, every process below it,
+    /// and its process group (which holds what it started, even orphaned ones, unless they left
+    /// the group); reaps the job's process.
+    pub(crate) fn kill(&mut self) {
+        let leader = self.child.id();
+        if !self.reaped {
+            // Once reaped, its pid names nobody (or somebody else): only the group is left.
+            for d in descendants(leader) {
+                signal(d.pid as i32, libc::SIGKILL);
+            }
+            signal(leader as i32, libc::SIGKILL);
+        }
+        signal(-(leader as i32), libc::SIGKILL);
+        // The leader got SIGKILL (or was reaped): this returns.
+        let _ = self.child.wait();
+        self.reaped = true;
+        self.killed = true;
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if !self.killed {
+            self.kill();
+        }
+    }
+}
+
+/// Sends `sig` to `pid` (a process group if negative); one already gone is no error.
+pub(crate) fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid, sig);
+    }
 }
 
 /// A process below a job (from `/proc`).
@@ -176,4 +211,12 @@ pub(crate) fn heat_figures(lines: impl IntoIterator<Item = String>) -> Vec<Strin
         .into_iter()
         .filter(|l| l.starts_with("step ") || l.starts_with("field checksum"))
         .collect()
+}
+
+/// stencil3d's `field checksum: …` line (the test fails without one).
+pub(crate) fn field_checksum(lines: &[String]) -> &str {
+    lines
+        .iter()
+        .find(|l| l.starts_with("field checksum: "))
+        .unwrap_or_else(|| panic!("no field checksum in {lines:?}"))
 }

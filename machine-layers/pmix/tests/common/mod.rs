@@ -92,16 +92,14 @@ pub(crate) fn descendants(root: u32) -> Vec<(u32, String)> {
     out
 }
 
-fn kill(sig: &str, pids: &[u32]) {
-    if pids.is_empty() {
-        return;
+/// Sends `sig` to each of `pids`; one already gone is no error.
+fn kill(sig: libc::c_int, pids: &[u32]) {
+    for &pid in pids {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
     }
-    let _ = Command::new("kill")
-        .arg(sig)
-        .arg("--")
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// Runs `cmd` until it exits, or until `stop(pid)` holds (then it and its
@@ -117,7 +115,7 @@ pub(crate) fn run(mut cmd: Command, stop: impl Fn(u32) -> bool) -> Done {
     let out = reader(child.stdout.take().expect("stdout"));
     let err = reader(child.stderr.take().expect("stderr"));
     let pid = child.id();
-    let kill_tree = |sig: &str| {
+    let kill_tree = |sig: libc::c_int| {
         let mut pids: Vec<u32> = descendants(pid).into_iter().map(|d| d.0).collect();
         pids.push(pid);
         kill(sig, &pids);
@@ -128,26 +126,26 @@ pub(crate) fn run(mut cmd: Command, stop: impl Fn(u32) -> bool) -> Done {
             break Some(st);
         }
         if stop(pid) {
-            kill_tree("-KILL");
+            kill_tree(libc::SIGKILL);
             let _ = child.wait();
             break None;
         }
         if started.elapsed() > WATCHDOG {
             watchdog = true;
-            kill("-TERM", &[pid]);
+            kill(libc::SIGTERM, &[pid]);
             let grace = Instant::now();
             while grace.elapsed() < Duration::from_secs(5)
                 && child.try_wait().ok().flatten().is_none()
             {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            kill_tree("-KILL");
+            kill_tree(libc::SIGKILL);
             break child.wait().ok();
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     // Processes that outlived mpirun (it died abnormally) are killed too.
-    kill_tree("-KILL");
+    kill_tree(libc::SIGKILL);
     if let Some(tmp) = cmd
         .get_envs()
         .find(|(k, _)| *k == "TMPDIR")
