@@ -106,7 +106,12 @@ fn on_tree_broadcast(shared: &Shared, table: &EntryTable, src: ProcessId, msg: M
                 // arrived before it on its lane, not into the mailbox where later point calls
                 // (queued locally) would overtake it.
                 let mailbox = shared.mailbox(pe).expect("a local PE");
-                post(shared, pe, mailbox, crate::envelope::Envelope::new(priority, body));
+                post(
+                    shared,
+                    pe,
+                    mailbox,
+                    crate::envelope::Envelope::new(priority, body),
+                );
             }
         }
         Err(e) => malformed(shared, src, e),

@@ -99,11 +99,7 @@ fn acknowledge_new(shared: &Shared, acked: &mut BTreeSet<ProcessId>) {
 /// Polls the layer (recording handshake messages, acknowledging every end-of-job message as it
 /// arrives) until `done` holds or [`WAIT`] passes. Acknowledging while waiting matters when two
 /// processes end the job at once: each waits for the other's acknowledgement.
-fn wait_until(
-    shared: &Shared,
-    acked: &mut BTreeSet<ProcessId>,
-    done: impl Fn(&EndState) -> bool,
-) {
+fn wait_until(shared: &Shared, acked: &mut BTreeSet<ProcessId>, done: impl Fn(&EndState) -> bool) {
     let deadline = Instant::now() + WAIT;
     loop {
         acknowledge_new(shared, acked);
@@ -124,7 +120,9 @@ pub(crate) fn finish_job(shared: &Shared) {
     let initiated = shared.end_state().initiated;
     let mut acked = BTreeSet::new();
     if initiated {
-        wait_until(shared, &mut acked, |e| peers.iter().all(|p| e.acks.contains(p)));
+        wait_until(shared, &mut acked, |e| {
+            peers.iter().all(|p| e.acks.contains(p))
+        });
         for &p in &peers {
             signal(shared, wire::KIND_END_GO, p);
         }
