@@ -286,21 +286,29 @@ const MAILBOX_BATCH: usize = 64;
 /// Nap of a network PE that its layer cannot wake, long without input.
 const NAP_LONG: Duration = Duration::from_millis(1);
 
+/// Runs `f` on the state of PE `pe` if the calling thread runs that PE; else `None`.
+fn on_current<R>(pe: usize, f: impl FnOnce(&PeState) -> R) -> Option<R> {
+    let p = CURRENT.with(Cell::get);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`, and
+    // the reference does not outlive this call.
+    let state = unsafe { &*p };
+    (state.pe == pe).then(|| f(state))
+}
+
 /// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
 /// back.
 pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
-    let p = CURRENT.with(Cell::get);
-    if p.is_null() {
-        return Some(env);
-    }
-    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
-    let state = unsafe { &*p };
-    if state.pe != dst {
-        return Some(env);
-    }
-    state.queue.borrow_mut().push(env);
-    state.network_backlog.set(state.network_backlog.get() + 1);
-    None
+    let mut env = Some(env);
+    on_current(dst, |state| {
+        if let Some(env) = env.take() {
+            state.queue.borrow_mut().push(env);
+            state.network_backlog.set(state.network_backlog.get() + 1);
+        }
+    });
+    env
 }
 
 /// Queues a task's resumption in the local queue of PE `pe` if the calling thread is that PE
@@ -309,22 +317,16 @@ pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
 /// overtaken by a probe that arrived after it, which would then see a runnable task's PE as
 /// quiet.
 pub(crate) fn queue_resume_if_current(pe: usize, env: Envelope) -> Option<Envelope> {
-    let p = CURRENT.with(Cell::get);
-    if p.is_null() {
-        return Some(env);
-    }
-    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
-    let state = unsafe { &*p };
-    if state.pe != pe {
-        return Some(env);
-    }
-    match state.queue.try_borrow_mut() {
-        Ok(mut queue) => {
-            queue.push(env);
-            None
+    let mut env = Some(env);
+    on_current(pe, |state| {
+        // The queue in use (a wake-up from inside it): the mailbox takes the resumption.
+        if let Ok(mut queue) = state.queue.try_borrow_mut() {
+            if let Some(resume) = env.take() {
+                queue.push(resume);
+            }
         }
-        Err(_) => Some(env),
-    }
+    });
+    env
 }
 
 /// Runs a call the machine layer lent (`seg0`, a call for PE `dst`) at once, without boxing or
@@ -338,16 +340,13 @@ pub(crate) fn run_lent_now(
     seg0: &[u8],
     table: &crate::registry::EntryTable,
 ) -> Option<std::result::Result<(), String>> {
-    let p = CURRENT.with(Cell::get);
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: as in `with_pe`: a non-null `CURRENT` points to this thread's live `PeState`.
-    let state = unsafe { &*p };
-    if state.pe != dst || !state.queue.borrow().is_empty() || shared.stopping() {
-        return None;
-    }
-    state.run_lent(seg0, table)
+    on_current(dst, |state| {
+        if !state.queue.borrow().is_empty() || shared.stopping() {
+            return None;
+        }
+        state.run_lent(seg0, table)
+    })
+    .flatten()
 }
 
 /// Whether the calling thread is a running PE.
