@@ -36,6 +36,12 @@
 //!   saying goodbye, makes the peer lost:
 //!   reported once as [`TransportError::PeerLost`], its queue dropped, and
 //!   later sends to it refused.
+//! * Goodbyes: at shutdown an endpoint says goodbye (BYE) to a peer only once nothing is queued
+//!   for it and it read every large message this endpoint sent it (or the linger ran out), so
+//!   the goodbye is the last thing the peer gets from it. A peer that said goodbye is
+//!   [`DEPARTED`]: what this endpoint would still send it is dropped and later sends are
+//!   refused, but what it sent this endpoint is still read and delivered in order (another
+//!   endpoint of its process may say goodbye before this one's peer is done).
 //!
 //! # Invariants
 //!
@@ -251,6 +257,8 @@ pub(crate) struct Engine {
     addrs: Vec<sys::fi_addr_t>,
     /// Per peer: something was sent to it or received from it. See [`Engine::watches`].
     talked: Vec<bool>,
+    /// Peers owed a goodbye at shutdown, not sent yet ([`Engine::send_goodbyes`]).
+    owed_goodbyes: Vec<ProcessId>,
     /// Per process, shared by the endpoints of this process: [`ALIVE`], [`DEPARTED`] (it said
     /// goodbye to one of them) or [`LOST`] (the first endpoint found it gone, see
     /// [`Engine::check_liveness`]). Each engine applies it to that process's endpoints
@@ -329,6 +337,7 @@ impl Engine {
             me,
             lanes,
             talked: vec![false; n],
+            owed_goodbyes: Vec::new(),
             processes,
             addrs,
             sizes,
@@ -425,9 +434,12 @@ impl Engine {
         }
     }
 
-    /// Queues `out` for peer `dst`.
+    /// Queues `out` for peer `dst`; dropped if `dst` is lost or said goodbye (the layer refuses
+    /// sends to such a peer: this is a command that raced with the news, which the provider
+    /// might never take — over `shm`, a departed peer's full queue answers `-FI_EAGAIN` for
+    /// ever).
     pub(crate) fn queue(&mut self, dst: ProcessId, out: Out) {
-        if self.status[dst as usize].load(Ordering::Relaxed) == LOST {
+        if self.status[dst as usize].load(Ordering::Relaxed) != ALIVE {
             return;
         }
         self.pending[dst as usize].push_back(out);
@@ -1021,26 +1033,35 @@ impl Engine {
             st.store(LOST, Ordering::Release);
             self.reasons[p as usize] = Some(reason.to_owned());
         }
-        self.drop_work(p);
+        self.drop_work(p, true);
         alive
     }
 
-    /// Drops the work queued for or from peer `p`, which will never take part in it.
-    fn drop_work(&mut self, p: ProcessId) {
+    /// Drops the work queued for peer `p`, which will never take part in it: what this endpoint
+    /// was to send it and its large messages waiting for it to read them. With `inbound` (the
+    /// peer cannot be reached, as opposed to having said goodbye, after which what it sent is
+    /// still read and delivered) also what it sent this endpoint that is not complete yet.
+    fn drop_work(&mut self, p: ProcessId, inbound: bool) {
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
-        self.urgent.retain(|(q, _)| *q != p);
         self.rndv_out.retain(|_, r| r.dst != p);
+        if !inbound {
+            return;
+        }
+        self.urgent.retain(|(q, _)| *q != p);
         // Its messages waiting for a read slot will never be read (none of their reads is
-        // posted, so nothing of theirs is in the provider's hands).
+        // posted, so nothing of theirs is in the provider's hands), nor will those held back
+        // behind them be delivered.
         self.admit_queue[p as usize].clear();
         self.admit_sources.retain(|&s| s != p);
         self.rndv_in.retain(|_, r| r.src != p || r.admitted);
+        self.order[p as usize].clear();
     }
 
     /// Process `process` is [`DEPARTED`] or [`LOST`] (`fate`; `why` says how): recorded for the
     /// endpoints of this process (unless it was already), and applied to this engine's view of
-    /// every endpoint of it, whose work is dropped.
+    /// every endpoint of it, whose work is dropped (only what would go to it if it departed:
+    /// see [`drop_work`](Self::drop_work)).
     fn mark_process(&mut self, process: ProcessId, fate: u8, why: &str) {
         let _ = self.processes[process as usize].compare_exchange(
             ALIVE,
@@ -1054,7 +1075,7 @@ impl Engine {
                 st.store(fate, Ordering::Release);
                 self.reasons[p as usize] = Some(why.to_owned());
             }
-            self.drop_work(p);
+            self.drop_work(p, fate == LOST);
         }
     }
 
@@ -1315,8 +1336,12 @@ impl Engine {
             }
             Err(e) => self.errors.push_back(e),
         }
-        self.urgent
-            .push_back((src, Out::Ctl(wire::encode_ack(self.me, inr.remote_id))));
+        // Also to a peer that said goodbye: another endpoint of its process may have said it
+        // first, while its endpoint that sent this message waits for the ACK.
+        if self.status[src as usize].load(Ordering::Relaxed) != LOST {
+            self.urgent
+                .push_back((src, Out::Ctl(wire::encode_ack(self.me, inr.remote_id))));
+        }
     }
 
     /// At most every `liveness_interval`: applies what the other endpoints of this process
@@ -1366,29 +1391,77 @@ impl Engine {
         }
     }
 
-    /// Clean shutdown, first step: queues a goodbye to every live peer it watches. Then
-    /// [`linger_once`](Self::linger_once) until it returns `true` or the caller's patience ends.
+    /// Clean shutdown, first step: every live peer it watches is owed a goodbye, sent by
+    /// [`linger_once`](Self::linger_once) when the peer has all this endpoint sent it. Then
+    /// `linger_once` until it returns `true` or the caller's patience ends, and then
+    /// [`goodbye_anyway`](Self::goodbye_anyway).
     pub(crate) fn say_goodbye(&mut self) {
         self.catch_up();
-        for p in 0..self.addrs.len() as ProcessId {
-            if p != self.me
-                && self.watches(p as usize)
-                && self.status[p as usize].load(Ordering::Relaxed) == ALIVE
-            {
-                self.queue(p, Out::Ctl(wire::preamble(wire::PKT_BYE, self.me).to_vec()));
-            }
-        }
+        self.owed_goodbyes = (0..self.addrs.len() as ProcessId)
+            .filter(|&p| {
+                p != self.me
+                    && self.watches(p as usize)
+                    && self.status[p as usize].load(Ordering::Relaxed) == ALIVE
+            })
+            .collect();
+        self.send_goodbyes(false);
     }
 
-    /// Clean shutdown, second step: moves queued sends on and serves peers' reads of this
-    /// endpoint's large messages, discarding arrivals; whether nothing is left to wait for.
+    /// Clean shutdown, second step: moves queued sends on, serves peers' reads of this
+    /// endpoint's large messages and says goodbye to the peers done with them, discarding
+    /// arrivals; whether nothing is left to wait for.
     pub(crate) fn linger_once(&mut self) -> bool {
         self.post_pending();
         self.poll_cq();
         self.catch_up();
+        self.send_goodbyes(false);
+        self.post_pending();
         self.ready.discard();
         self.errors.clear();
-        self.queued == 0 && self.urgent.is_empty() && self.inflight == 0 && self.rndv_out.is_empty()
+        self.owed_goodbyes.is_empty()
+            && self.queued == 0
+            && self.urgent.is_empty()
+            && self.inflight == 0
+            && self.rndv_out.is_empty()
+    }
+
+    /// Clean shutdown, when the caller's patience ended: queues the goodbyes still owed, to
+    /// peers that did not read this endpoint's large messages too (so they do not take this
+    /// process's exit for a crash). Then [`linger_once`](Self::linger_once) a little more,
+    /// until [`all_posted`](Self::all_posted).
+    pub(crate) fn goodbye_anyway(&mut self) {
+        self.send_goodbyes(true);
+    }
+
+    /// Whether the provider took everything queued.
+    pub(crate) fn all_posted(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// Queues the goodbyes owed to peers that wait for nothing more from this endpoint: nothing
+    /// is queued for them, and they read (acknowledged) every large message it sent them, so
+    /// the goodbye is the last thing they get from it — a peer drops what is still to come from
+    /// an endpoint of a process that said goodbye. With `force`, to every peer owed one. A
+    /// peer that went meanwhile is owed nothing.
+    fn send_goodbyes(&mut self, force: bool) {
+        if self.owed_goodbyes.is_empty() {
+            return;
+        }
+        let unread: std::collections::HashSet<ProcessId> =
+            self.rndv_out.values().map(|r| r.dst).collect();
+        for p in std::mem::take(&mut self.owed_goodbyes) {
+            if self.status[p as usize].load(Ordering::Relaxed) != ALIVE {
+                continue;
+            }
+            let waits = !self.pending[p as usize].is_empty()
+                || unread.contains(&p)
+                || self.urgent.iter().any(|(q, _)| *q == p);
+            if waits && !force {
+                self.owed_goodbyes.push(p);
+            } else {
+                self.queue(p, Out::Ctl(wire::preamble(wire::PKT_BYE, self.me).to_vec()));
+            }
+        }
     }
 
     /// Whether nothing is queued, in flight or being read (for tests and

@@ -304,7 +304,10 @@ impl Drop for Inner {
 ///   error.
 /// * **Shutdown**: dropping the layer sends a goodbye to the peers (every endpoint to those it
 ///   talked with, the first endpoint also to every process's first, so they do not report it
-///   lost) and waits up to [`OfiConfig::linger`] for its last sends to complete.
+///   lost) and waits up to [`OfiConfig::linger`] for its last sends to complete and peers to
+///   read its large messages. A peer's goodbye goes once it read them all (or the linger ran
+///   out), so it is the last thing the peer gets; a process that got a goodbye still reads and
+///   delivers, in order, everything the leaving process sent before it.
 pub struct OfiLayer {
     rank: ProcessId,
     size: u32,
@@ -320,6 +323,10 @@ pub struct OfiLayer {
 fn bootstrap_err(m: String) -> TransportError {
     TransportError::Bootstrap(m)
 }
+
+/// How long dropping the layer, once its linger ran out, tries to hand the provider the
+/// goodbyes that were waiting for peers to read its large messages.
+const GOODBYE_GRACE: Duration = Duration::from_millis(100);
 
 /// Bytes of a [`RemoteKey`]'s `rkey` made by this layer: the registration's key, then the lane
 /// (endpoint) that registered it, both little-endian.
@@ -1069,7 +1076,29 @@ impl Drop for OfiLayer {
                     *done = lock(&s.engine).linger_once();
                 }
             }
-            if done.iter().all(|d| *d) || Instant::now() >= until {
+            if done.iter().all(|d| *d) {
+                return;
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        // The linger ran out (a peer did not read every large message, or the provider did not
+        // take everything): the peers still owed a goodbye get it all the same (so they do not
+        // report this process lost), given a moment to leave.
+        for s in &self.lanes {
+            lock(&s.engine).goodbye_anyway();
+        }
+        let until = Instant::now() + GOODBYE_GRACE;
+        loop {
+            let mut posted = true;
+            for s in &self.lanes {
+                let mut eng = lock(&s.engine);
+                eng.linger_once();
+                posted &= eng.all_posted();
+            }
+            if posted || Instant::now() >= until {
                 break;
             }
             std::thread::yield_now();

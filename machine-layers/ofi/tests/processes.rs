@@ -248,3 +248,23 @@ fn more_endpoints_than_shm_can_address_fall_back_to_one_per_process() {
         );
     }
 }
+
+#[test]
+fn large_messages_sent_just_before_a_goodbye_arrive_in_order() {
+    // Every case runs; the failures are reported together.
+    let mut failed = Vec::new();
+    for p in PROVIDERS {
+        for variant in [&["bye"][..], &["bye", "--endpoints", "2"][..]] {
+            let ended = job(p, 2, variant, 30);
+            match std::panic::catch_unwind(|| assert_ok(p, "bye", &ended)) {
+                Ok(()) => eprintln!(
+                    "{p} {variant:?}: {} / {}",
+                    ended[0].out.trim(),
+                    ended[1].out.trim()
+                ),
+                Err(_) => failed.push(format!("{p} {variant:?}")),
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}

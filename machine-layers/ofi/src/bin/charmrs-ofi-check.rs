@@ -18,7 +18,12 @@
 //! both counts), `goodbye` (with `--endpoints 2` or more: rank 0's second endpoint reads a
 //! region of rank 1's second endpoint, whose key came another way, so only the reader has
 //! talked with the owner; rank 1 then exits cleanly and rank 0, polling every endpoint, must
-//! not report it lost).
+//! not report it lost), `bye` (rank 1 sends rank 0 two 1 MiB messages and an 8-byte one and
+//! drops its layer at once: rank 0 must get all three, in order, within 10 s, and rank 1's drop
+//! must end well within its 5 s linger; messages are read one at a time. With `--endpoints 2`
+//! they go from rank 1's second endpoint to rank 0's second, to which rank 1's first endpoint
+//! sent a small message before: its goodbye, which nothing holds back, comes right after
+//! them; rank 0 does not poll while they come).
 //!
 //! Options: `--endpoints N` (endpoints per process), `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
@@ -854,6 +859,129 @@ fn goodbye(layer: &Arc<OfiLayer>) {
     println!("OK goodbye rank 0: no loss reported");
 }
 
+/// See the module docs.
+fn bye(layer: OfiLayer) {
+    let me = layer.rank();
+    let lane = layer.lanes() - 1;
+    let lens = [1usize << 20, 1 << 20, 8];
+    // First a message to rank 0's last endpoint from each of rank 1's endpoints that take part,
+    // then a barrier: the pairs are connected before the part that counts. The one from the
+    // first endpoint makes it talk to rank 0's last, so its goodbye goes there too, at once (it
+    // has nothing else for it).
+    let warmups = if lane > 0 { 2 } else { 1 };
+    if me == 1 {
+        for from in [0, lane].into_iter().take(warmups) {
+            layer.bind_lane(from);
+            let h = Header::new(K_DATA, 2, lane as u32, 100);
+            layer
+                .send(0, Message::new(h))
+                .unwrap_or_else(|e| fail("send", e));
+        }
+        layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+        layer.bind_lane(lane);
+        for (tag, &len) in lens.iter().enumerate() {
+            let h = Header::new(K_DATA, 1, lane as u32, tag as u64);
+            let data = Bytes::from(fill(1, 0, tag as u32, len));
+            let m = Message::with_segments(h, vec![data]).expect("message");
+            layer.send(0, m).unwrap_or_else(|e| fail("send", e));
+        }
+        let linger = layer.config().linger;
+        let t0 = Instant::now();
+        drop(layer);
+        let took = t0.elapsed();
+        assert!(
+            took < linger / 2,
+            "rank 1: dropping the layer took {took:?} of its {linger:?} linger: rank 0 did not \
+             read its large messages"
+        );
+        println!("OK bye rank 1: dropped in {took:?}");
+        return;
+    }
+    if me != 0 {
+        return;
+    }
+    layer.bind_lane(lane);
+    let mut warm = 0;
+    let t0 = Instant::now();
+    while warm < warmups {
+        assert!(t0.elapsed() < Duration::from_secs(10), "rank 0: no warm-up");
+        layer
+            .progress_wait(
+                &mut |s, m| {
+                    assert_eq!((s, m.header().tag), (1, 100), "rank 0: warm-up");
+                    warm += 1;
+                },
+                Duration::from_millis(5),
+            )
+            .unwrap_or_else(|e| fail("progress", e));
+    }
+    layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    // Everything rank 1 sends before it waits for its reads is there when polled: its goodbye
+    // (from its first endpoint with two; before the fix, from every endpoint) after the
+    // descriptors of its large messages.
+    std::thread::sleep(Duration::from_millis(300));
+    // Every endpoint is polled, as a job's PEs do (over `tcp;ofi_rxm` a connection to an endpoint
+    // is accepted only while it progresses): the messages come to the last one.
+    let poll_all = |got: &mut Vec<Message>| {
+        for l in 0..=lane {
+            layer.bind_lane(l);
+            layer
+                .progress(&mut |s, m| {
+                    assert_eq!(
+                        (s, l),
+                        (1, lane),
+                        "rank 0: a message from {s} on endpoint {l}"
+                    );
+                    got.push(m);
+                })
+                .unwrap_or_else(|e| fail("progress", e));
+        }
+    };
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < lens.len() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "rank 0: {} of 3 messages from rank 1 within 10 s (tags {:?})",
+            got.len(),
+            got.iter()
+                .map(|m: &Message| m.header().tag)
+                .collect::<Vec<_>>()
+        );
+        poll_all(&mut got);
+    }
+    let took = t0.elapsed();
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(
+            m.header().tag,
+            i as u64,
+            "rank 0: order of rank 1's messages"
+        );
+        let data: Vec<u8> = m.segments().iter().flat_map(|s| s.to_vec()).collect();
+        assert!(
+            data == fill(1, 0, i as u32, lens[i]),
+            "rank 0: message {i} corrupted"
+        );
+    }
+    // Until rank 1 is known gone (its goodbye came), as a job's processes stay until the end.
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "rank 0: no goodbye from rank 1"
+        );
+        poll_all(&mut got);
+        assert_eq!(got.len(), lens.len(), "rank 0: more messages than sent");
+        layer.bind_lane(0);
+        let probe = Message::new(Header::new(K_DATA, 0, lane as u32 + 1, 99));
+        match layer.send(1, probe) {
+            Ok(()) => std::thread::sleep(Duration::from_millis(1)),
+            Err(TransportError::PeerLost { process: 1, .. }) => break,
+            Err(e) => fail("probe send", e),
+        }
+    }
+    println!("OK bye rank 0: 3 messages in order after {took:?}");
+}
+
 /// Writes `/dev/shm/<pid>:<uid>:0` — the name libfabric 1.17's `shm`
 /// provider gives this process's first endpoint — as a region it cannot
 /// reuse (zeros: not its version), like one left by a killed process whose
@@ -891,6 +1019,10 @@ fn main() {
         // Only the provider's own error reports can reveal a lost peer.
         cfg.liveness_interval = Duration::from_secs(3600);
     }
+    if scenario == "bye" {
+        cfg.linger = Duration::from_secs(5);
+        cfg.read_window = Some(0);
+    }
     if flag("--stale-shm-name").is_some() {
         plant_stale_shm_region();
     }
@@ -910,6 +1042,9 @@ fn main() {
         layer.has_wait_fd()
     );
     assert_eq!(layer.name(), "ofi");
+    if scenario == "bye" {
+        return bye(layer);
+    }
     let mut job = Job {
         layer: Arc::new(layer),
         me,
