@@ -271,7 +271,8 @@ pub(crate) struct Engine {
     repost: Vec<usize>,
     pending: Vec<VecDeque<Out>>,
     queued: usize,
-    /// Reads and ACKs, posted before the peer queues.
+    /// Reads and ACKs, posted before the peer queues, each peer's in order (a peer whose
+    /// item the provider cannot take yet holds up only its own: [`post_per_peer`]).
     urgent: VecDeque<(ProcessId, Out)>,
     next_out: u64,
     rndv_out: HashMap<u64, OutRndv>,
@@ -467,14 +468,14 @@ impl Engine {
                 self.repost.push(r);
             }
         }
-        while let Some((p, out)) = self.urgent.pop_front() {
-            match self.post(p, out) {
-                Ok(None) => {}
-                Ok(Some(back)) => {
-                    self.urgent.push_front((p, back));
-                    break;
-                }
-                Err(e) => self.lose(p, e),
+        if !self.urgent.is_empty() {
+            let mut urgent = std::mem::take(&mut self.urgent);
+            let failed = post_per_peer(&mut urgent, |p, out| self.post(p, out));
+            // (Nothing is queued there while posting; kept behind what was there, if it were.)
+            urgent.append(&mut self.urgent);
+            self.urgent = urgent;
+            for (p, reason) in failed {
+                self.lose(p, reason);
             }
         }
         if self.queued == 0 {
@@ -1471,6 +1472,40 @@ impl Engine {
     }
 }
 
+/// Posts the items of `queue`, oldest first, with `post` (`Ok(None)` posted, `Ok(Some(item))` the
+/// provider cannot take it yet, `Err(reason)` the peer cannot be reached), each peer's in their
+/// order: a peer whose item was handed back keeps it, and every later item of its, in the queue
+/// in the same order, while the other peers' items go on (a busy peer must not hold up the
+/// reads and ACKs of the others, as it holds up only its own sends). A peer whose post failed
+/// has its later items dropped; returns those peers, each with why.
+fn post_per_peer<T>(
+    queue: &mut VecDeque<(ProcessId, T)>,
+    mut post: impl FnMut(ProcessId, T) -> Result<Option<T>, String>,
+) -> Vec<(ProcessId, String)> {
+    let mut kept = VecDeque::new();
+    let mut busy: Vec<ProcessId> = Vec::new();
+    let mut failed: Vec<(ProcessId, String)> = Vec::new();
+    while let Some((p, item)) = queue.pop_front() {
+        if busy.contains(&p) {
+            kept.push_back((p, item));
+            continue;
+        }
+        if failed.iter().any(|(q, _)| *q == p) {
+            continue;
+        }
+        match post(p, item) {
+            Ok(None) => {}
+            Ok(Some(back)) => {
+                busy.push(p);
+                kept.push_back((p, back));
+            }
+            Err(reason) => failed.push((p, reason)),
+        }
+    }
+    *queue = kept;
+    failed
+}
+
 /// Whether a failed operation's error number means the target refused the
 /// access (bad key, range or permission) rather than being unreachable.
 /// `FI_ECANCELED` is how `tcp;ofi_rxm` 1.17 reports an unknown key
@@ -1531,4 +1566,90 @@ fn coarse_now() -> Duration {
         ts.tv_sec.max(0) as u64,
         ts.tv_nsec.clamp(0, 999_999_999) as u32,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Posts `queue` (items named by number) once, with the peers in `busy` handing back
+    /// everything and those in `broken` failing; returns what was posted, in order, what is
+    /// left, and the failed peers.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        queue: &[(ProcessId, u32)],
+        busy: &[ProcessId],
+        broken: &[ProcessId],
+    ) -> (Vec<u32>, Vec<(ProcessId, u32)>, Vec<ProcessId>) {
+        let mut q: VecDeque<_> = queue.iter().copied().collect();
+        let mut posted = Vec::new();
+        let failed = post_per_peer(&mut q, |p, item| {
+            if busy.contains(&p) {
+                Ok(Some(item))
+            } else if broken.contains(&p) {
+                Err(format!("peer {p} is gone"))
+            } else {
+                posted.push(item);
+                Ok(None)
+            }
+        });
+        (
+            posted,
+            q.into_iter().collect(),
+            failed.into_iter().map(|(p, _)| p).collect(),
+        )
+    }
+
+    #[test]
+    fn a_busy_peer_holds_up_only_its_own_reads_and_acks() {
+        // Peer 1 (first in the queue) is busy: 2's and 3's items still go, in order.
+        let queue = [(1, 10), (1, 11), (2, 20), (3, 30), (1, 12), (2, 21)];
+        let (posted, left, failed) = run(&queue, &[1], &[]);
+        assert_eq!(posted, [20, 30, 21]);
+        assert_eq!(
+            left,
+            [(1, 10), (1, 11), (1, 12)],
+            "peer 1's items, in order"
+        );
+        assert!(failed.is_empty());
+        // Nobody busy: everything goes, in order.
+        let (posted, left, _) = run(&queue, &[], &[]);
+        assert_eq!(posted, [10, 11, 20, 30, 12, 21]);
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn a_peer_taking_items_again_gets_them_in_order() {
+        // Peer 1 hands back its second item only: the rest of its items stay behind it.
+        let mut q: VecDeque<(ProcessId, u32)> = [(1, 10), (2, 20), (1, 11), (1, 12), (2, 21)]
+            .into_iter()
+            .collect();
+        let mut posted = Vec::new();
+        let mut refused_once = false;
+        post_per_peer(&mut q, |p, item| {
+            if item == 11 && !refused_once {
+                refused_once = true;
+                return Ok(Some(item));
+            }
+            posted.push((p, item));
+            Ok(None)
+        });
+        assert_eq!(posted, [(1, 10), (2, 20), (2, 21)]);
+        assert_eq!(q.iter().copied().collect::<Vec<_>>(), [(1, 11), (1, 12)]);
+        post_per_peer(&mut q, |p, item| {
+            posted.push((p, item));
+            Ok(None)
+        });
+        assert_eq!(posted[3..], [(1, 11), (1, 12)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_failed_peer_loses_its_items_and_is_reported_once() {
+        let queue = [(1, 10), (2, 20), (1, 11), (3, 30)];
+        let (posted, left, failed) = run(&queue, &[3], &[1]);
+        assert_eq!(posted, [20]);
+        assert_eq!(left, [(3, 30)]);
+        assert_eq!(failed, [1]);
+    }
 }
