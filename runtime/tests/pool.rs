@@ -155,3 +155,34 @@ fn a_task_declared_inside_a_function_body() {
     })
     .unwrap();
 }
+
+/// Maps with a task function `twin` of its own.
+fn map_twin_plus_one(items: Vec<u32>) -> charmrs::Future<Vec<u32>> {
+    #[charmrs::task]
+    fn twin(x: u32) -> u32 {
+        x + 1
+    }
+    pool().map_async(twin, items, MapOptions::default())
+}
+
+/// Maps with another task function `twin` of the same module.
+fn map_twin_plus_hundred(items: Vec<u32>) -> charmrs::Future<Vec<u32>> {
+    #[charmrs::task]
+    fn twin(x: u32) -> u32 {
+        x + 100
+    }
+    pool().map_async(twin, items, MapOptions::default())
+}
+
+/// Two task functions of one name in one module (declared in different functions) are two
+/// tasks: each map runs its own. Before, both registered as `pool::twin` and one of them ran
+/// the other's body.
+#[test]
+fn task_functions_of_one_name_in_different_functions_are_told_apart() {
+    run_job(2, |_| async {
+        assert_eq!(map_twin_plus_one(vec![1, 2]).await, vec![2, 3]);
+        assert_eq!(map_twin_plus_hundred(vec![1, 2]).await, vec![101, 102]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -739,11 +739,13 @@ fn expand_task(f: &syn::ItemFn) -> syn::Result<TokenStream2> {
                     .expect("the pool passes the argument type the function was registered with");
                 #run
             }
+            fn type_name() -> &'static str {
+                ::std::any::type_name_of_val(&#name)
+            }
             ::charmrs::__private::inventory::submit! {
                 ::charmrs::__private::TaskInfo {
                     name: concat!(module_path!(), "::", stringify!(#name)),
-                    module: module_path!(),
-                    function: stringify!(#name),
+                    type_name: type_name,
                     run,
                     is_async: #is_async,
                     encode_arg: ::charmrs::__private::encode_value::<#arg_ty>,
