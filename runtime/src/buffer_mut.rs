@@ -135,8 +135,13 @@ impl BufferMut {
                 region.as_mut_slice().fill(0);
                 return BufferMut(Storage::Huge(region));
             }
+            // A new mapping, not `for_overwrite`: that looks for an idle one again, and one
+            // given back meanwhile by another thread holds an earlier buffer's bytes.
+            if let Ok(region) = HugeRegion::zeroed(len) {
+                return BufferMut(Storage::Huge(region));
+            }
         }
-        BufferMut::for_overwrite(len)
+        BufferMut(Storage::Heap(vec![0; len]))
     }
 
     /// `len` bytes that the caller will overwrite: like [`zeroed`](BufferMut::zeroed), but an
@@ -253,6 +258,37 @@ mod tests {
             assert_eq!(frozen.0.as_ptr(), at, "no copy");
             assert!(frozen.0.iter().enumerate().all(|(i, &b)| b == i as u8));
         }
+    }
+
+    /// `zeroed` never hands out an idle mapping unzeroed, even when another thread gives one
+    /// back between its lookup and its fallback (it used to fall back to `for_overwrite`, which
+    /// looked again and returned that mapping as it was).
+    #[test]
+    fn zeroed_buffers_are_zero_while_another_thread_recycles_mappings() {
+        let _cache = cache_to_myself();
+        // A size no other test uses (the cache is per process).
+        let len = (3 << 20) + 12_345;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recycler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut dirty = BufferMut::for_overwrite(len);
+                    dirty.fill(0xab);
+                    drop(dirty.freeze());
+                }
+            })
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while std::time::Instant::now() < until {
+            let clean = BufferMut::zeroed(len);
+            assert!(
+                clean.iter().all(|&b| b == 0),
+                "a zeroed buffer held old bytes"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        recycler.join().expect("the recycling thread");
     }
 
     #[test]
