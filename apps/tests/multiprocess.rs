@@ -612,3 +612,25 @@ fn a_job_ended_while_an_entry_runs_elsewhere_ends_well() {
         "the busy entry ran to its end: {took:?}"
     );
 }
+
+/// A `+p` given to the program that differs from charmrun's `++ppn` is refused by every process
+/// (before, the job silently ran another number of PEs than charmrun announced).
+#[test]
+fn a_pe_count_given_to_the_program_must_match_charmrun() {
+    let args = [
+        "++quiet",
+        "+p4",
+        "++ppn",
+        "2",
+        "--",
+        env!("CARGO_BIN_EXE_hello"),
+        "+p3",
+    ];
+    let (out, _) = run(&args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("give the PE counts to charmrun only"),
+        "{stderr}"
+    );
+}

@@ -127,6 +127,39 @@ fn bad_arguments_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown runtime option `+q`"));
 }
 
+/// A process started as one of several by a launcher charmrs cannot join (OpenMPI's `mpirun`
+/// with a build without PMIx) refuses to run, naming what it saw; before, every process ran as a
+/// job of its own (each one PE 0), printing everything once per process.
+#[test]
+fn a_process_of_a_launch_it_cannot_join_refuses_to_run() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hello"));
+    cmd.env_remove("CHARMRS_PES")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("OMPI_COMM_WORLD_RANK", "1");
+    let out = common::run(cmd, Duration::from_secs(60), |_| false).into_output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("OMPI_COMM_WORLD_SIZE=2"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// An argument that is not UTF-8 is a usage error (status 2) naming it, not a panic.
+#[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hello"));
+    cmd.env_remove("CHARMRS_PES")
+        .arg(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    let out = common::run(cmd, Duration::from_secs(60), |_| false).into_output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+}
+
 #[test]
 fn reduction_prints_the_sum() {
     for p in PES {

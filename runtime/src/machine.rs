@@ -33,7 +33,7 @@ enum Launch {
     },
 }
 
-fn launch() -> Result<Launch> {
+fn launch(pes: usize) -> Result<Launch> {
     let join = |e: charmrs_transport::TransportError, how: &str| {
         Error::Options(format!("cannot join the job started by {how}: {e}"))
     };
@@ -55,6 +55,15 @@ fn launch() -> Result<Launch> {
     }
     match KvBootstrap::from_env().map_err(|e| join(e, "charmrun"))? {
         Some(b) => {
+            // charmrun told every process its PE count; a `+p` given to the program (after
+            // `--`, say) that differs would make a job of another size than announced.
+            if let Some(ppn) = b.ppn().filter(|&ppn| ppn as usize != pes) {
+                return Err(Error::Options(format!(
+                    "charmrun started this job with {ppn} PEs per process (++ppn), but this \
+                     process was asked for {pes} (+p or CHARMRS_PES given to the program): give \
+                     the PE counts to charmrun only"
+                )));
+            }
             let secret = *b.secret();
             // charmrun starts every process on its own host.
             Ok(Launch::Job {
@@ -63,8 +72,43 @@ fn launch() -> Result<Launch> {
                 one_host: true,
             })
         }
-        None => Ok(Launch::Alone),
+        None => match foreign_launch() {
+            Some(hint) => Err(Error::Options(format!(
+                "this process is one of several started by another launcher ({hint}), but \
+                 charmrs cannot join them: {}",
+                if cfg!(feature = "pmix") {
+                    "launch with PMIx (`srun --mpi=pmix`, OpenMPI's `mpirun`), or with charmrun"
+                } else {
+                    "build with the `pmix` feature and launch with PMIx (`srun --mpi=pmix`, \
+                     OpenMPI's `mpirun`), or start the job with charmrun"
+                }
+            ))),
+            None => Ok(Launch::Alone),
+        },
     }
+}
+
+/// Signs that a launcher other than charmrun started this process as one of several, without a
+/// bootstrap this build can use (each process would otherwise run as a job of its own, every
+/// one of them PE 0): the variable that says so.
+fn foreign_launch() -> Option<String> {
+    let more_than_one = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&n| n > 1)
+            .map(|n| format!("{var}={n}"))
+    };
+    more_than_one("OMPI_COMM_WORLD_SIZE")
+        .or_else(|| more_than_one("PMI_SIZE"))
+        .or_else(|| more_than_one("PMIX_SIZE"))
+        .or_else(|| {
+            // A PMIx launch this build cannot use (with the feature, `launched_by_pmix` took it).
+            (!cfg!(feature = "pmix"))
+                .then(|| std::env::var("PMIX_RANK").ok())
+                .flatten()
+                .map(|rank| format!("PMIX_RANK={rank}"))
+        })
 }
 
 /// The address the TCP layer listens on and publishes: `CHARMRS_TCP_ADDR`, else the interface
@@ -111,7 +155,7 @@ pub(crate) fn select(
         bootstrap,
         secret,
         one_host,
-    } = launch()?
+    } = launch(pes)?
     else {
         return Ok(Box::new(LocalLayer::new()));
     };

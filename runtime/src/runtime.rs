@@ -344,7 +344,15 @@ where
     F: FnOnce(Vec<String>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    let runtime = match Runtime::from_args(std::env::args()) {
+    // `std::env::args` would panic on an argument that is not UTF-8 (charmrun passes them on).
+    let args: std::result::Result<Vec<String>, _> = std::env::args_os()
+        .map(std::ffi::OsString::into_string)
+        .collect();
+    let args = args.unwrap_or_else(|bad| {
+        eprintln!("charmrs: an argument is not valid UTF-8: {bad:?}");
+        std::process::exit(2);
+    });
+    let runtime = match Runtime::from_args(args) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("charmrs: {e}");
