@@ -1599,13 +1599,23 @@ pub(crate) fn decode_call_message(
             },
             route,
         ),
-        WireDest::Broadcast | WireDest::Tree { .. } => (
-            Body::Broadcast {
-                coll: meta.coll,
-                call,
-            },
-            Route::UNSET,
-        ),
+        WireDest::Broadcast | WireDest::Tree { .. } => {
+            // A broadcast's results are gathered (or not asked for): a single future's reply
+            // would be dropped, and its owner wait for ever.
+            if matches!(meta.reply, Reply::Future { .. }) {
+                return Err(format!(
+                    "`{}`: a broadcast asking for a single future's reply",
+                    info.name
+                ));
+            }
+            (
+                Body::Broadcast {
+                    coll: meta.coll,
+                    call,
+                },
+                Route::UNSET,
+            )
+        }
         WireDest::Multicast { origin, groups } => {
             // One reply per member would break a future's single value or a gather's
             // count: section calls carry none.
