@@ -83,6 +83,21 @@ impl EntryTable {
     fn build(items: impl IntoIterator<Item = EntryInfo>) -> Result<EntryTable> {
         let mut entries: Vec<EntryInfo> = items.into_iter().collect();
         entries.sort_by(|a, b| a.id.cmp(&b.id).then(a.path.cmp(b.path)));
+        // The same registration seen twice is one entry; two chares of one name in one module
+        // (declared in different functions) have one path, and would decode each other's calls.
+        if let Some(w) = entries.windows(2).find(|w| {
+            w[0].id == w[1].id
+                && w[0].path == w[1].path
+                && w[0].decoder.signature() != w[1].decoder.signature()
+        }) {
+            return Err(Error::EntryTable(format!(
+                "`{}` is registered by two chares of one name in one module (declared in \
+                 different functions?): `{}` and `{}`; rename one of them",
+                w[0].path,
+                w[0].decoder.signature(),
+                w[1].decoder.signature()
+            )));
+        }
         entries.dedup_by(|a, b| a.id == b.id && a.path == b.path);
         if let Some(w) = entries.windows(2).find(|w| w[0].id == w[1].id) {
             return Err(Error::EntryTable(format!(
@@ -184,6 +199,23 @@ mod tests {
         });
         let d = EntryTable::build([info("a::X::f"), retyped, info("b::Y::h")]).unwrap();
         assert_ne!(a.checksum(), d.checksum());
+    }
+
+    /// Two chares of one name in one module (declared in different functions) register one
+    /// path with different types: an error naming both, not one entry silently kept.
+    #[test]
+    fn two_chares_of_one_path_are_an_error() {
+        let mut other = info("a::X::f");
+        other.decoder = Decoder::Constructor(ConstructorCodec {
+            decode: no_decode,
+            signature: || "(a::g::X, ())",
+        });
+        let e = EntryTable::build([info("a::X::f"), other]).unwrap_err();
+        assert!(e.to_string().contains("two chares of one name"), "{e}");
+        assert!(e.to_string().contains("a::g::X"), "{e}");
+        // The same registration twice is one entry.
+        let once = EntryTable::build([info("a::X::f"), info("a::X::f")]).unwrap();
+        assert_eq!(once.entries().len(), 1);
     }
 
     #[test]

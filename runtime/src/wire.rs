@@ -888,8 +888,10 @@ pub fn decode_call<C: Chare, E: Entry<C>>(bytes: &[u8], reply: Reply) -> Result<
 pub struct EntryCodec {
     pub(crate) decode: fn(&[u8], Reply) -> Result<WireCall, String>,
     pub(crate) run_lent: RunLent,
-    /// The entry's argument and result types, as the compiler names them (part of the entry
-    /// table's checksum: builds whose entries take other types are different programs).
+    /// The chare type and the entry's argument and result types, as the compiler names them
+    /// (full paths, enclosing functions included): part of the entry table's checksum (builds
+    /// whose entries take other types are different programs), and what tells apart two chares
+    /// of one name in one module.
     pub(crate) signature: fn() -> &'static str,
 }
 
@@ -904,7 +906,7 @@ impl EntryCodec {
         EntryCodec {
             decode: decode_call::<C, E>,
             run_lent: run_lent_call::<C, E>,
-            signature: std::any::type_name::<(E::Args, E::Output)>,
+            signature: std::any::type_name::<(C, E::Args, E::Output)>,
         }
     }
 }
@@ -913,7 +915,8 @@ impl EntryCodec {
 #[derive(Clone, Copy)]
 pub struct ConstructorCodec {
     pub(crate) decode: fn(&[u8]) -> Result<WireConstruct, String>,
-    /// The constructor's argument type, as the compiler names it (see [`EntryCodec`]).
+    /// The chare type and the constructor's argument type, as the compiler names them (see
+    /// [`EntryCodec`]).
     pub(crate) signature: fn() -> &'static str,
 }
 
@@ -922,7 +925,7 @@ impl ConstructorCodec {
     pub const fn of<C: Chare>() -> ConstructorCodec {
         ConstructorCodec {
             decode: decode_construct::<C>,
-            signature: std::any::type_name::<C::Init>,
+            signature: std::any::type_name::<(C, C::Init)>,
         }
     }
 }
