@@ -170,6 +170,34 @@ fn greedy_refine_keeps_a_balanced_placement() {
     );
 }
 
+/// Objects of no measured load (elements that ran nothing in the period) do not all end up on
+/// one PE: Greedy used to put every one on the least loaded PE, whose load they never raise.
+#[test]
+fn greedy_does_not_pile_unloaded_objects_on_one_pe() {
+    let stats = LbStats {
+        pes: vec![PeStats::new(0.0); 4],
+        objects: (0..8)
+            .map(|i| ObjStats::new(i, i as usize / 2, 0.0))
+            .collect(),
+    };
+    let after = check(&stats, &GreedyLb, &GreedyLb.balance(&stats));
+    let mut per_pe = [0; 4];
+    for o in &after.objects {
+        per_pe[o.pe] += 1;
+    }
+    assert_eq!(per_pe, [2; 4], "{:?}", after.objects);
+    // Off an unavailable PE, they are spread too.
+    let mut evacuate = stats.clone();
+    evacuate.pes[0].available = false;
+    evacuate.objects = (0..9).map(|i| ObjStats::new(i, 0, 0.0)).collect();
+    let after = check(&evacuate, &GreedyLb, &GreedyLb.balance(&evacuate));
+    let mut per_pe = [0; 4];
+    for o in &after.objects {
+        per_pe[o.pe] += 1;
+    }
+    assert_eq!(per_pe, [0, 3, 3, 3], "{:?}", after.objects);
+}
+
 #[test]
 fn refine_moves_fewer_objects_than_greedy_and_reaches_its_tolerance() {
     for dist in [

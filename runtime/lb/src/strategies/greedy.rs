@@ -65,10 +65,25 @@ impl Strategy for GreedyRefineLb {
 
 /// Greedy placement of `objs` (sorted by decreasing load) onto PEs with fixed loads `base`
 /// (non-empty). Returns the PE of each object and the resulting max load.
+///
+/// An object of no measured load changes no PE's load wherever it goes, so the least loaded PE
+/// would take every one of them (the heap's top does not move): it stays where it is, and one
+/// that must leave its PE goes to the next PE in turn.
 pub(crate) fn greedy(base: &[f64], objs: &[TaskObj]) -> (Vec<u32>, f64) {
     let mut heap = IndexedMinHeap::new(base.to_vec(), 0..base.len());
     let mut placed = Vec::with_capacity(objs.len());
+    let mut next_for_unloaded = 0;
     for o in objs {
+        if o.load == 0.0 {
+            let p = if o.cur != NOWHERE {
+                o.cur
+            } else {
+                next_for_unloaded = (next_for_unloaded + 1) % base.len();
+                next_for_unloaded as u32
+            };
+            placed.push(p);
+            continue;
+        }
         let p = heap.top().expect("at least one PE");
         heap.set(p, heap.key(p) + o.load);
         placed.push(p as u32);
