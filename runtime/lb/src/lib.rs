@@ -146,7 +146,7 @@ impl LbStats {
     }
 
     /// Checks what strategies rely on: every object is on an existing PE, loads are finite and
-    /// non-negative, and object ids are unique. Strategies may panic on stats that fail this.
+    /// non-negative and so is their sum, and object ids are unique. Strategies may panic on stats that fail this.
     pub fn validate(&self) -> Result<(), String> {
         for (i, pe) in self.pes.iter().enumerate() {
             if !(pe.background_load.is_finite() && pe.background_load >= 0.0) {
@@ -178,6 +178,13 @@ impl LbStats {
                     o.id
                 ));
             }
+        }
+        // Finite loads whose sum is not (1e308 twice) would make every average and comparison
+        // of the strategies NaN.
+        let total = self.pes.iter().map(|p| p.background_load).sum::<f64>()
+            + self.objects.iter().map(|o| o.load).sum::<f64>();
+        if !total.is_finite() {
+            return Err(format!("the loads add up to {total}, not a finite number"));
         }
         Ok(())
     }

@@ -484,4 +484,10 @@ fn summary_and_apply() {
     assert_eq!((s.max, s.avg), (3.0, 2.0));
     stats.objects.push(ObjStats::new(10, 1, 1.0));
     assert!(stats.validate().unwrap_err().contains("appears twice"));
+    // Finite loads whose sum is not.
+    let huge = LbStats {
+        pes: vec![PeStats::new(0.0); 2],
+        objects: vec![ObjStats::new(0, 0, 1e308), ObjStats::new(1, 1, 1e308)],
+    };
+    assert!(huge.validate().unwrap_err().contains("not a finite number"));
 }
