@@ -5,7 +5,8 @@
 //! Task functions are ordinary functions of one argument marked `#[charmrs::task]`, which
 //! registers them by qualified name so that a PE (later: a process) can run them from a message.
 //! PE 0 hosts the master: it keeps the jobs, hands chunks to free PEs (oldest job first, each job
-//! limited to its PE cap) and collects the results in input order. A PE running a chunk of a
+//! limited to its PE cap; PE 0 itself last, as a chunk there delays the master's work) and
+//! collects the results in input order. A PE running a chunk of a
 //! synchronous task is busy until the chunk returns; a chunk of an `async` task frees its PE as
 //! soon as it is started (its tasks may wait for nested tasks, which then need free PEs).
 //! Invariants: each item runs exactly once; a job's future is fulfilled exactly once, with all
@@ -412,9 +413,18 @@ impl PeState {
                     if job.pes_in_use >= job.max_pes || job.chunks.is_empty() {
                         continue;
                     }
-                    let Some(pe) = st.free.pop_first() else {
+                    // PE 0 (the master) last: a synchronous chunk there holds up every other
+                    // PE's next chunk until it returns.
+                    let Some(pe) = st
+                        .free
+                        .iter()
+                        .find(|&&pe| pe != 0)
+                        .copied()
+                        .or_else(|| st.free.first().copied())
+                    else {
                         break 'outer;
                     };
+                    st.free.remove(&pe);
                     let (start, items) = job.chunks.pop_front().expect("checked non-empty");
                     job.pes_in_use += 1;
                     job.outstanding += 1;

@@ -186,3 +186,20 @@ fn task_functions_of_one_name_in_different_functions_are_told_apart() {
     })
     .unwrap();
 }
+
+/// The master's PE (0) takes a chunk only when no other PE is free: a synchronous chunk there
+/// delays every other PE's next one.
+#[test]
+fn the_masters_pe_works_last() {
+    run_job(4, |_| async {
+        let opts = MapOptions {
+            chunk: 1,
+            max_pes: None,
+        };
+        let mut pes = pool().map_async(which_pe, vec![0, 1, 2], opts).await;
+        pes.sort_unstable();
+        assert_eq!(pes, vec![1, 2, 3]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
