@@ -25,6 +25,7 @@ const FUNCTIONS: &[&str] = &[
     "PMIx_Put",
     "PMIx_Commit",
     "PMIx_Fence",
+    "PMIx_Fence_nb",
     "PMIx_Get",
     "PMIx_Error_string",
     "PMIx_Get_version",
@@ -48,6 +49,7 @@ const TYPES: &[&str] = &[
     "pmix_info_directives_t",
     "pmix_key_t",
     "pmix_nspace_t",
+    "pmix_op_cbfunc_t",
 ];
 
 /// Constants (`#define`s): status codes, data types, scopes, limits, ranks
@@ -58,6 +60,7 @@ const VARS: &[&str] = &[
     "PMIX_ERR_TIMEOUT",
     "PMIX_ERR_UNREACH",
     "PMIX_ERR_INIT",
+    "PMIX_OPERATION_SUCCEEDED",
     "PMIX_BOOL",
     "PMIX_INT",
     "PMIX_UINT16",
@@ -103,7 +106,12 @@ impl bindgen::callbacks::ParseCallbacks for TypedConstants {
         use bindgen::callbacks::IntKind;
         Some(match name {
             // pmix_status_t
-            _ if name == "PMIX_SUCCESS" || name.starts_with("PMIX_ERR_") => IntKind::Int,
+            _ if name == "PMIX_SUCCESS"
+                || name == "PMIX_OPERATION_SUCCEEDED"
+                || name.starts_with("PMIX_ERR_") =>
+            {
+                IntKind::Int
+            }
             // pmix_data_type_t
             "PMIX_BOOL" | "PMIX_INT" | "PMIX_UINT16" | "PMIX_UINT32" | "PMIX_BYTE_OBJECT"
             | "PMIX_PROC_RANK" => IntKind::U16,

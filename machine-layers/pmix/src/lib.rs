@@ -58,6 +58,13 @@
 //!   launcher to fetch it from the peer and waiting until the peer puts
 //!   it. `PMIX_TIMEOUT` ([`PmixBootstrap::get_timeout`]) backs this up for
 //!   servers that ignore the flag.
+//! * A [`Bootstrap::fence`] never waits for ever: it asks the PMIx server
+//!   for a `PMIX_TIMEOUT` of [`PmixBootstrap::fence_timeout`] (default
+//!   [`DEFAULT_FENCE_TIMEOUT`], set by [`ENV_FENCE_TIMEOUT`]), and gives
+//!   up on its own [`FENCE_CLIENT_GRACE`] later should the server ignore
+//!   it. A process that dies before its fence (under `srun
+//!   --kill-on-bad-exit=0` nothing else ends the step) costs the others
+//!   that long, not the job's time limit.
 //! * Every error names the PMIx call, its arguments and the PMIx status
 //!   (name and number), e.g. `bootstrap failed: PMIx_Get(rank 1,
 //!   "charmrs.addr") failed: NOT-FOUND (-46)`.
@@ -69,8 +76,9 @@
 //! may be called from any thread, concurrently.
 
 use std::ffi::{CStr, CString};
-use std::os::raw::{c_char, c_int};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use charmrs_pmix_sys as sys;
@@ -86,6 +94,25 @@ pub const SECRET_KEY: &str = "job-secret";
 
 /// Default of [`PmixBootstrap::get_timeout`].
 pub const DEFAULT_GET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of [`PmixBootstrap::fence_timeout`]: two minutes. A fence waits
+/// for every process of the job; at start-up they reach it within seconds
+/// of each other, so this leaves room for slow starts on a loaded cluster
+/// while a process that died before its fence costs the others two minutes
+/// rather than the job's time limit.
+pub const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Environment variable setting [`PmixBootstrap::fence_timeout`]: a
+/// positive whole number of seconds (e.g. `CHARMRS_PMIX_FENCE_TIMEOUT=600`
+/// for a job whose processes start far apart). Unset or empty:
+/// [`DEFAULT_FENCE_TIMEOUT`].
+pub const ENV_FENCE_TIMEOUT: &str = "CHARMRS_PMIX_FENCE_TIMEOUT";
+
+/// How much longer than [`PmixBootstrap::fence_timeout`] a fence waits for
+/// the PMIx server's answer before failing on its own (for servers that
+/// ignore `PMIX_TIMEOUT`; the server's own timeout, reported by it, comes
+/// first).
+pub const FENCE_CLIENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Environment variables whose presence shows that a PMIx server launched
 /// this process. Variables whose name *starts* with `PMIX_SERVER_URI`
@@ -144,6 +171,29 @@ pub fn library_version() -> String {
 
 fn err(m: String) -> TransportError {
     TransportError::Bootstrap(m)
+}
+
+/// `timeout` as PMIx's `PMIX_TIMEOUT` wants it: whole seconds, rounded up,
+/// at least 1.
+fn pmix_seconds(timeout: Duration) -> c_int {
+    let secs = timeout
+        .as_secs()
+        .saturating_add(u64::from(timeout.subsec_nanos() > 0));
+    c_int::try_from(secs.max(1)).unwrap_or(c_int::MAX)
+}
+
+/// The fence timeout [`ENV_FENCE_TIMEOUT`] asks for (`value`: its value,
+/// `None` if unset).
+fn fence_timeout_from(value: Option<&str>) -> Result<Duration, TransportError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(DEFAULT_FENCE_TIMEOUT),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Duration::from_secs(u64::from(n))),
+            _ => Err(err(format!(
+                "{ENV_FENCE_TIMEOUT}={v:?} is not a positive whole number of seconds"
+            ))),
+        },
+    }
 }
 
 /// `Ok(())` for `PMIX_SUCCESS`, otherwise an error naming `call`.
@@ -273,9 +323,12 @@ pub fn tcp_layer_from_env(cfg: TcpConfig) -> Result<Option<TcpLayer>, TransportE
 ///   `PMIx_Commit`. **get**: `PMIx_Get` from the given rank, with
 ///   `PMIX_IMMEDIATE` (no waiting for a value that is not there) and a
 ///   `PMIX_TIMEOUT` of [`get_timeout`](PmixBootstrap::get_timeout).
-///   **fence**: `PMIx_Fence` over the whole job with
+///   **fence**: `PMIx_Fence_nb` over the whole job with
 ///   `PMIX_COLLECT_DATA`, so every value put before it is readable after
-///   it. **abort**: `PMIx_Abort` of the whole job.
+///   it, and a `PMIX_TIMEOUT` of
+///   [`fence_timeout`](PmixBootstrap::fence_timeout); waited for at most
+///   [`FENCE_CLIENT_GRACE`] longer. **abort**: `PMIx_Abort` of the whole
+///   job.
 /// * **Job secret** ([`job_secret`](PmixBootstrap::job_secret)): drawn by
 ///   rank 0 and shared through PMIx.
 /// * `PMIx_Finalize` when dropped.
@@ -288,6 +341,9 @@ pub struct PmixBootstrap {
     local_size: Option<u32>,
     ppn: Option<u32>,
     get_timeout: Duration,
+    fence_timeout: Duration,
+    /// Fences this process has entered (to name one in an error).
+    fences: AtomicU64,
     secret: Mutex<Option<JobSecret>>,
     /// Started by OpenMPI's `mpirun`, which ends the whole job when a process exits with a
     /// non-zero status: [`Bootstrap::abort`] then leaves that to the caller's exit instead of
@@ -306,11 +362,14 @@ impl PmixBootstrap {
     ///
     /// [`TransportError::Bootstrap`] naming the PMIx call and its status if
     /// `PMIx_Init` fails (e.g. the server is gone) or the job size cannot
-    /// be read; also if [`ENV_PES`] is set but is not a positive integer.
+    /// be read; also if [`ENV_PES`] is set but is not a positive integer,
+    /// or [`ENV_FENCE_TIMEOUT`] is set but is not a positive number of
+    /// seconds.
     pub fn from_env() -> Result<Option<PmixBootstrap>, TransportError> {
         if !launched_by_pmix() {
             return Ok(None);
         }
+        let fence_timeout = fence_timeout_from(std::env::var(ENV_FENCE_TIMEOUT).ok().as_deref())?;
         let ppn = match std::env::var(ENV_PES) {
             Err(_) => None,
             Ok(v) => match v.trim().parse::<u32>() {
@@ -318,10 +377,10 @@ impl PmixBootstrap {
                 _ => return Err(err(format!("{ENV_PES}={v:?} is not a positive integer"))),
             },
         };
-        PmixBootstrap::init(ppn).map(Some)
+        PmixBootstrap::init(ppn, fence_timeout).map(Some)
     }
 
-    fn init(ppn: Option<u32>) -> Result<PmixBootstrap, TransportError> {
+    fn init(ppn: Option<u32>, fence_timeout: Duration) -> Result<PmixBootstrap, TransportError> {
         let mut me = sys::pmix_proc_t::default();
         // SAFETY: `me` is a valid, writable pmix_proc_t that PMIx fills in;
         // no info array is passed (NULL, 0), which the API allows.
@@ -343,6 +402,8 @@ impl PmixBootstrap {
             local_size: None,
             ppn,
             get_timeout: DEFAULT_GET_TIMEOUT,
+            fence_timeout,
+            fences: AtomicU64::new(0),
             secret: Mutex::new(None),
             launcher_kills_on_failure: started_by_openmpi(),
         };
@@ -481,6 +542,21 @@ impl PmixBootstrap {
         self.get_timeout = timeout;
     }
 
+    /// The longest a [`Bootstrap::fence`] waits for the other processes:
+    /// the `PMIX_TIMEOUT` it gives the PMIx server (which then fails the
+    /// fence with `PMIX_ERR_TIMEOUT`); should the server not answer, the
+    /// fence fails on its own [`FENCE_CLIENT_GRACE`] later. From
+    /// [`ENV_FENCE_TIMEOUT`], else [`DEFAULT_FENCE_TIMEOUT`].
+    pub fn fence_timeout(&self) -> Duration {
+        self.fence_timeout
+    }
+
+    /// Sets [`fence_timeout`](PmixBootstrap::fence_timeout) (given to PMIx
+    /// rounded up to whole seconds, at least 1).
+    pub fn set_fence_timeout(&mut self, timeout: Duration) {
+        self.fence_timeout = timeout;
+    }
+
     /// The job secret authenticating machine-layer connections (pass it to
     /// [`TcpLayer::with_config`]).
     ///
@@ -587,8 +663,7 @@ impl Bootstrap for PmixBootstrap {
             nspace: self.me.nspace,
             rank,
         };
-        let secs = self.get_timeout.as_secs() + u64::from(self.get_timeout.subsec_nanos() > 0);
-        let secs = c_int::try_from(secs.max(1)).unwrap_or(c_int::MAX);
+        let secs = pmix_seconds(self.get_timeout);
         let opts = [
             info(sys::PMIX_IMMEDIATE, InfoValue::Bool(true)),
             info(sys::PMIX_TIMEOUT, InfoValue::Int(secs)),
@@ -603,15 +678,54 @@ impl Bootstrap for PmixBootstrap {
         })
     }
 
-    /// `PMIx_Fence` over every process of the job with
-    /// `PMIX_COLLECT_DATA`.
+    /// `PMIx_Fence_nb` over every process of the job with
+    /// `PMIX_COLLECT_DATA` and a `PMIX_TIMEOUT` of
+    /// [`PmixBootstrap::fence_timeout`], then a wait for its callback of at
+    /// most [`FENCE_CLIENT_GRACE`] longer than that. A fence that times out
+    /// (a process did not reach it: it may have died) fails with an error
+    /// naming the fence and the timeout.
     fn fence(&self) -> Result<(), TransportError> {
-        let opts = [info(sys::PMIX_COLLECT_DATA, InfoValue::Bool(true))];
+        let number = self.fences.fetch_add(1, Ordering::Relaxed) + 1;
+        let secs = pmix_seconds(self.fence_timeout);
+        let call = FenceCall::new([
+            info(sys::PMIX_COLLECT_DATA, InfoValue::Bool(true)),
+            info(sys::PMIX_TIMEOUT, InfoValue::Int(secs)),
+        ]);
+        let what = FenceName {
+            rank: self.rank,
+            number,
+            secs,
+        };
+        // The callback's reference, taken back by `fence_done`.
+        let cbdata = Arc::into_raw(Arc::clone(&call)).cast_mut().cast::<c_void>();
         // SAFETY: NULL procs with count 0 means "all processes of my
-        // namespace" (the documented default); `opts` holds one
-        // initialised entry owning no heap memory.
-        let rc = unsafe { sys::PMIx_Fence(std::ptr::null(), 0, opts.as_ptr(), opts.len()) };
-        check(rc, || "PMIx_Fence(all, PMIX_COLLECT_DATA)".to_owned())
+        // namespace" (the documented default); `call.info` holds two
+        // initialised entries owning no heap memory, kept alive (in `call`)
+        // until the callback has run, as PMIx may read them until then;
+        // `fence_done` matches `pmix_op_cbfunc_t` and `cbdata` is what it
+        // expects (see there).
+        let rc = unsafe {
+            sys::PMIx_Fence_nb(
+                std::ptr::null(),
+                0,
+                call.info.0.as_ptr(),
+                call.info.0.len(),
+                Some(fence_done),
+                cbdata,
+            )
+        };
+        if rc != sys::PMIX_SUCCESS {
+            // PMIx calls back only when it accepted the request.
+            // SAFETY: `cbdata` came from `Arc::into_raw` above and, the
+            // callback never running, is reclaimed exactly once, here.
+            drop(unsafe { Arc::from_raw(cbdata.cast::<FenceCall>().cast_const()) });
+            if rc == sys::PMIX_OPERATION_SUCCEEDED {
+                return Ok(());
+            }
+            return check(rc, || what.to_string());
+        }
+        let limit = self.fence_timeout.saturating_add(FENCE_CLIENT_GRACE);
+        fence_outcome(call.wait(limit), &what, limit)
     }
 
     /// Prints `reason` on this process's stderr, then `PMIx_Abort(1, reason)` of the whole job:
@@ -648,6 +762,116 @@ impl Bootstrap for PmixBootstrap {
     }
 }
 
+/// What a fence error calls the fence: this process's how-manieth, and its
+/// timeout.
+struct FenceName {
+    rank: ProcessId,
+    number: u64,
+    secs: c_int,
+}
+
+impl std::fmt::Display for FenceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PMIx_Fence (fence {} of rank {}, all ranks, PMIX_COLLECT_DATA, PMIX_TIMEOUT {} s)",
+            self.number, self.rank, self.secs
+        )
+    }
+}
+
+/// The result of a fence whose callback brought `status` (`None`: none
+/// came within `waited`).
+fn fence_outcome(
+    status: Option<c_int>,
+    what: &FenceName,
+    waited: Duration,
+) -> Result<(), TransportError> {
+    let hint = format!(
+        "a process of the job did not reach the fence (it may have died before it); \
+         {ENV_FENCE_TIMEOUT} sets the timeout in seconds"
+    );
+    match status {
+        Some(sys::PMIX_SUCCESS) => Ok(()),
+        Some(sys::PMIX_ERR_TIMEOUT) => Err(err(format!(
+            "{what} timed out after {} s: {hint}: {}",
+            what.secs,
+            status_string(sys::PMIX_ERR_TIMEOUT)
+        ))),
+        Some(st) => check(st, || what.to_string()),
+        None => Err(err(format!(
+            "{what} timed out: the PMIx server did not answer within {} s (the fence \
+             timeout and {} s more): {hint}",
+            waited.as_secs(),
+            FENCE_CLIENT_GRACE.as_secs()
+        ))),
+    }
+}
+
+/// The info array of a non-blocking fence.
+struct FenceInfo([sys::pmix_info_t; 2]);
+
+// SAFETY: the entries hold a bool and an int (no pointers: `info` builds
+// them), are never written after construction, and are only read (by PMIx)
+// while the owning `FenceCall` lives; sharing or moving them between
+// threads is harmless.
+unsafe impl Send for FenceInfo {}
+// SAFETY: as for `Send`: immutable plain data.
+unsafe impl Sync for FenceInfo {}
+
+/// What a non-blocking fence shares with its completion callback
+/// ([`fence_done`], on PMIx's progress thread): its info array, which must
+/// outlive the request, and the status the callback brings.
+struct FenceCall {
+    info: FenceInfo,
+    status: Mutex<Option<c_int>>,
+    done: Condvar,
+}
+
+impl FenceCall {
+    fn new(info: [sys::pmix_info_t; 2]) -> Arc<FenceCall> {
+        Arc::new(FenceCall {
+            info: FenceInfo(info),
+            status: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+
+    /// Records the fence's status and wakes the waiter.
+    fn finish(&self, status: c_int) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+        self.done.notify_all();
+    }
+
+    /// The fence's status, once the callback brought it; `None` if it did
+    /// not within `limit`.
+    fn wait(&self, limit: Duration) -> Option<c_int> {
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let (status, _) = self
+            .done
+            .wait_timeout_while(status, limit, |s| s.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        *status
+    }
+}
+
+/// Completion callback of `PMIx_Fence_nb` (`pmix_op_cbfunc_t`): records the
+/// status and drops the reference the request held. A fence given up on
+/// (its waiter gone) keeps its [`FenceCall`] alive until this runs, if
+/// ever.
+///
+/// # Safety
+///
+/// `cbdata` must be a pointer from `Arc::<FenceCall>::into_raw` whose
+/// reference is handed over to this call (PMIx calls it once per accepted
+/// request).
+unsafe extern "C" fn fence_done(status: c_int, cbdata: *mut c_void) {
+    // SAFETY: per this function's contract, `cbdata` is an `Arc<FenceCall>`
+    // reference given to this call alone; it is taken back exactly once.
+    let call = unsafe { Arc::from_raw(cbdata.cast::<FenceCall>().cast_const()) };
+    call.finish(status);
+}
+
 impl Drop for PmixBootstrap {
     fn drop(&mut self) {
         // SAFETY: paired with the successful PMIx_Init of `init`; NULL
@@ -673,6 +897,8 @@ impl std::fmt::Debug for PmixBootstrap {
             .field("local_rank", &self.local_rank)
             .field("local_size", &self.local_size)
             .field("ppn", &self.ppn)
+            .field("get_timeout", &self.get_timeout)
+            .field("fence_timeout", &self.fence_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -723,6 +949,106 @@ mod tests {
         let nf = status_string(sys::PMIX_ERR_NOT_FOUND);
         assert_eq!(nf, "NOT-FOUND (-46)");
         assert!(!library_version().is_empty());
+    }
+
+    #[test]
+    fn fence_timeout_comes_from_the_environment_variable() {
+        assert_eq!(fence_timeout_from(None).unwrap(), DEFAULT_FENCE_TIMEOUT);
+        assert_eq!(
+            fence_timeout_from(Some(" ")).unwrap(),
+            DEFAULT_FENCE_TIMEOUT
+        );
+        assert_eq!(
+            fence_timeout_from(Some("7")).unwrap(),
+            Duration::from_secs(7)
+        );
+        for bad in ["0", "-3", "1.5", "2m", "x"] {
+            let e = fence_timeout_from(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(ENV_FENCE_TIMEOUT) && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn timeouts_go_to_pmix_in_whole_seconds_rounded_up() {
+        assert_eq!(pmix_seconds(Duration::ZERO), 1);
+        assert_eq!(pmix_seconds(Duration::from_millis(1200)), 2);
+        assert_eq!(pmix_seconds(DEFAULT_FENCE_TIMEOUT), 120);
+        assert_eq!(pmix_seconds(Duration::MAX), c_int::MAX);
+    }
+
+    fn fence_info(secs: c_int) -> [sys::pmix_info_t; 2] {
+        [
+            info(sys::PMIX_COLLECT_DATA, InfoValue::Bool(true)),
+            info(sys::PMIX_TIMEOUT, InfoValue::Int(secs)),
+        ]
+    }
+
+    /// The callback PMIx calls from its own thread brings the status to the
+    /// waiter and gives back the reference it was handed.
+    #[test]
+    fn a_fence_callback_wakes_its_waiter_and_releases_its_reference() {
+        let call = FenceCall::new(fence_info(3));
+        let cbdata = Arc::into_raw(Arc::clone(&call)) as usize;
+        let pmix = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: `cbdata` is an `Arc::into_raw` reference handed to this
+            // one call, as PMIx would.
+            unsafe { fence_done(sys::PMIX_ERR_TIMEOUT, cbdata as *mut c_void) };
+        });
+        assert_eq!(
+            call.wait(Duration::from_secs(10)),
+            Some(sys::PMIX_ERR_TIMEOUT)
+        );
+        pmix.join().unwrap();
+        assert_eq!(Arc::strong_count(&call), 1);
+    }
+
+    /// Without a callback the wait ends at its limit: a server that ignores
+    /// `PMIX_TIMEOUT` cannot hold a fence for ever.
+    #[test]
+    fn a_fence_without_an_answer_gives_up_at_its_limit() {
+        let call = FenceCall::new(fence_info(1));
+        let t = std::time::Instant::now();
+        assert_eq!(call.wait(Duration::from_millis(200)), None);
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+
+    #[test]
+    fn fence_errors_name_the_fence_and_its_timeout() {
+        let what = FenceName {
+            rank: 1,
+            number: 2,
+            secs: 3,
+        };
+        let waited = Duration::from_secs(3) + FENCE_CLIENT_GRACE;
+        assert!(fence_outcome(Some(sys::PMIX_SUCCESS), &what, waited).is_ok());
+        let name = "PMIx_Fence (fence 2 of rank 1, all ranks, PMIX_COLLECT_DATA, PMIX_TIMEOUT 3 s)";
+        // The server's timeout.
+        let e = fence_outcome(Some(sys::PMIX_ERR_TIMEOUT), &what, waited)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{name} timed out after 3 s")), "{e}");
+        assert!(e.contains(ENV_FENCE_TIMEOUT) && e.contains("(-24)"), "{e}");
+        // Ours, when the server does not answer.
+        let e = fence_outcome(None, &what, waited).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{name} timed out")) && e.contains("did not answer within 8 s"),
+            "{e}"
+        );
+        assert!(e.contains(ENV_FENCE_TIMEOUT), "{e}");
+        // Any other failure, with its status.
+        let e = fence_outcome(Some(sys::PMIX_ERR_UNREACH), &what, waited)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{name} failed: ")), "{e}");
+        assert!(e.contains(&format!("({})", sys::PMIX_ERR_UNREACH)), "{e}");
     }
 
     #[test]

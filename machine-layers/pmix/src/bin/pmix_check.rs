@@ -33,6 +33,10 @@
 //! them all. `pmix_check abort-linger` has the aborting rank sleep 30 s
 //! after the call instead of exiting (under `srun`: `PMIx_Abort` alone must
 //! end the job).
+//! `pmix_check fence-abort` enters a fence; if it fails (a process of the
+//! job died before it, and the fence timed out), it aborts the job through
+//! [`Bootstrap::abort`], as the runtime does when its start-up fails, and
+//! sleeps 30 s: only the launcher acting on the abort ends the job quickly.
 //! Outside a PMIx launcher it says so and exits 2.
 
 use std::collections::BTreeSet;
@@ -237,6 +241,27 @@ fn abort_mode(boot: &PmixBootstrap, linger: bool) -> ! {
     std::process::exit(6);
 }
 
+/// `pmix_check fence-abort`: a fence; if it fails, [`Bootstrap::abort`]
+/// and 30 s of sleep (the launcher must end the job).
+fn fence_abort_mode(boot: &PmixBootstrap) -> ! {
+    let me = boot.rank();
+    let t = Instant::now();
+    if let Err(e) = boot.fence() {
+        eprintln!(
+            "pmix_check: rank {me}: the fence failed after {:.1} s: {e}",
+            t.elapsed().as_secs_f64()
+        );
+        boot.abort(&format!(
+            "pmix_check: rank {me} aborts after its fence failed"
+        ));
+        eprintln!("pmix_check: rank {me}: the abort returned");
+        std::thread::sleep(Duration::from_secs(30));
+        std::process::exit(7);
+    }
+    out(&format!("ok fence rank {me}"));
+    std::process::exit(0);
+}
+
 /// `pmix_check layer`: the one-call set-up
 /// ([`charmrs_pmix::tcp_layer_from_env`]), then rank-to-all.
 fn layer_mode() -> ! {
@@ -293,9 +318,11 @@ fn main() {
         "" => {}
         "abort" => abort_mode(&boot, false),
         "abort-linger" => abort_mode(&boot, true),
+        "fence-abort" => fence_abort_mode(&boot),
         other => {
             eprintln!(
-                "pmix_check: unknown mode {other:?} (none, `layer`, `abort` or `abort-linger`)"
+                "pmix_check: unknown mode {other:?} (none, `layer`, `abort`, `abort-linger` or \
+                 `fence-abort`)"
             );
             std::process::exit(2);
         }
