@@ -48,7 +48,8 @@
 //! * Otherwise the status of the first failure: a process exiting with a
 //!   non-zero code `c` gives `c`; one killed by signal `s` gives `128 + s`;
 //!   a process that calls `abort` through its bootstrap gives its own exit
-//!   code (1 if it exits with 0). Charmrun prints the lost process (rank,
+//!   code (1 if it exits with 0, or if it is still running when charmrun
+//!   kills the survivors). Charmrun prints the lost process (rank,
 //!   pid, status) on stderr, gives the others [`KILL_GRACE`] to notice and
 //!   exit, then kills the rest (SIGKILL): all are gone well within 5 s.
 //! * 2 for a usage error, 127 if a process cannot be started.
@@ -297,6 +298,8 @@ struct Proc {
     rank: u32,
     pid: u32,
     child: Option<Child>,
+    /// Charmrun killed it (SIGKILL, [`kill_all`]) while it ran.
+    killed: bool,
 }
 
 /// Runs a job: starts the processes, serves the bootstrap, supervises, and
@@ -359,6 +362,7 @@ pub fn run(opts: &Options) -> i32 {
                 rank,
                 pid: child.id(),
                 child: Some(child),
+                killed: false,
             }),
             Err(e) => {
                 note!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
@@ -375,6 +379,7 @@ pub fn run(opts: &Options) -> i32 {
 fn kill_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
         if let Some(c) = p.child.as_mut() {
+            p.killed = true;
             let _ = c.kill();
         }
     }
@@ -389,22 +394,95 @@ fn reap_all(procs: &mut [Proc]) {
     }
 }
 
+/// What the supervision of a job knows so far.
+#[derive(Default)]
+struct Supervision {
+    /// The job's status, once something failed.
+    status: Option<i32>,
+    /// The process whose abort decided the status.
+    aborted_by: Option<u32>,
+    /// When the survivors of a failure get killed.
+    kill_at: Option<Instant>,
+    /// The survivors were killed.
+    killed: bool,
+    /// Which ranks joined the job (claimed their rank at the key-value server).
+    joined: Vec<bool>,
+    /// The processes that ended with status 0.
+    ended_ok: Vec<(u32, u32)>,
+}
+
+impl Supervision {
+    /// Reports a failure (`why`) and gives the `others` still running [`KILL_GRACE`].
+    fn begin_teardown(&mut self, why: String, others: usize) {
+        if others == 0 {
+            note!("charmrun: {why}");
+        } else {
+            note!(
+                "charmrun: {why}; stopping the other {others} process{}",
+                if others == 1 { "" } else { "es" }
+            );
+        }
+        self.kill_at = Some(Instant::now() + KILL_GRACE);
+    }
+
+    /// Process `procs[i]` ended with `st`.
+    fn ended(&mut self, procs: &mut [Proc], i: usize, st: ExitStatus) {
+        let (rank, pid) = (procs[i].rank, procs[i].pid);
+        let killed_by_charmrun = procs[i].killed && st.signal() == Some(SIGKILL);
+        procs[i].child = None;
+        let code = code_of(st);
+        if code == 0 {
+            self.ended_ok.push((rank, pid));
+        }
+        if self.aborted_by == Some(rank) && code != 0 && !killed_by_charmrun {
+            // The aborting process's own status stands for the job (not the SIGKILL of
+            // charmrun's teardown, should it linger after its abort).
+            self.status = Some(code);
+        }
+        if code != 0 && self.status.is_none() && !self.killed {
+            self.status = Some(code);
+            let others = procs.iter().filter(|p| p.child.is_some()).count();
+            self.begin_teardown(
+                format!("process rank {rank} (pid {pid}) {}", describe(st)),
+                others,
+            );
+        }
+    }
+
+    /// An event of the key-value server.
+    fn event(&mut self, procs: &[Proc], event: KvEvent) {
+        match event {
+            KvEvent::Joined { rank } => {
+                if let Some(j) = self.joined.get_mut(rank as usize) {
+                    *j = true;
+                }
+            }
+            KvEvent::Abort { rank, reason } if self.status.is_none() => {
+                self.status = Some(1);
+                self.aborted_by = Some(rank);
+                let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
+                let others = procs
+                    .iter()
+                    .filter(|p| p.child.is_some() && p.rank != rank)
+                    .count();
+                self.begin_teardown(
+                    format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
+                    others,
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The signal `Child::kill` sends.
+const SIGKILL: i32 = 9;
+
 /// The supervision loop; returns the job status.
 fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
-    let mut status: Option<i32> = None;
-    let mut aborted_by: Option<u32> = None;
-    let mut kill_at: Option<Instant> = None;
-    let mut killed = false;
-    // Which ranks joined the job (claimed their rank at the key-value server), and the processes
-    // that ended with status 0.
-    let mut joined = vec![false; procs.len()];
-    let mut ended_ok: Vec<(u32, u32)> = Vec::new();
-    let begin_teardown = |why: String, kill_at: &mut Option<Instant>, others: usize| {
-        note!(
-            "charmrun: {why}; stopping the other {others} process{}",
-            if others == 1 { "" } else { "es" }
-        );
-        *kill_at = Some(Instant::now() + KILL_GRACE);
+    let mut s = Supervision {
+        joined: vec![false; procs.len()],
+        ..Supervision::default()
     };
     loop {
         let mut running = 0;
@@ -415,34 +493,14 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
             let (rank, pid) = (procs[i].rank, procs[i].pid);
             match child.try_wait() {
                 Ok(None) => running += 1,
-                Ok(Some(st)) => {
-                    procs[i].child = None;
-                    let code = code_of(st);
-                    if code == 0 {
-                        ended_ok.push((rank, pid));
-                    }
-                    if aborted_by == Some(rank) && code != 0 {
-                        // The aborting process's own status stands for the job.
-                        status = Some(code);
-                    }
-                    if code != 0 && status.is_none() && !killed {
-                        status = Some(code);
-                        let others = procs.iter().filter(|p| p.child.is_some()).count();
-                        begin_teardown(
-                            format!("process rank {rank} (pid {pid}) {}", describe(st)),
-                            &mut kill_at,
-                            others,
-                        );
-                    }
-                }
+                Ok(Some(st)) => s.ended(procs, i, st),
                 Err(e) => {
                     procs[i].child = None;
-                    if status.is_none() {
-                        status = Some(1);
+                    if s.status.is_none() {
+                        s.status = Some(1);
                         let others = procs.iter().filter(|p| p.child.is_some()).count();
-                        begin_teardown(
+                        s.begin_teardown(
                             format!("lost track of process rank {rank} (pid {pid}): {e}"),
-                            &mut kill_at,
                             others,
                         );
                     }
@@ -450,11 +508,16 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
             }
         }
         if running == 0 {
+            // Events queued before the last exits were seen: an abort acknowledged to a process
+            // that then exited with 0 (an abort is queued before it is acknowledged).
+            while let Some(event) = server.try_event() {
+                s.event(procs, event);
+            }
             break;
         }
-        if let Some(t) = kill_at {
-            if Instant::now() >= t && !killed {
-                killed = true;
+        if let Some(t) = s.kill_at {
+            if Instant::now() >= t && !s.killed {
+                s.killed = true;
                 let left: Vec<String> = procs
                     .iter()
                     .filter(|p| p.child.is_some())
@@ -470,49 +533,31 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
         while let Some(event) = server.next_event(wait) {
             // Every event already queued, before the exits are judged below.
             wait = Duration::ZERO;
-            match event {
-                KvEvent::Joined { rank } => {
-                    if let Some(j) = joined.get_mut(rank as usize) {
-                        *j = true;
-                    }
-                }
-                KvEvent::Abort { rank, reason } if status.is_none() => {
-                    status = Some(1);
-                    aborted_by = Some(rank);
-                    let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
-                    let others = procs
-                        .iter()
-                        .filter(|p| p.child.is_some() && p.rank != rank)
-                        .count();
-                    begin_teardown(
-                        format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
-                        &mut kill_at,
-                        others,
-                    );
-                }
-                _ => {}
-            }
+            s.event(procs, event);
         }
         // A process that ended successfully without ever joining, in a job whose other
         // processes join: they would wait for it at start-up for ever. (A job of plain
         // programs, none of which joins, is left alone.) A process joins before it can end,
         // and its join is queued before it is answered, so the drain above has seen it.
-        if status.is_none() && joined.contains(&true) {
-            if let Some(&(rank, pid)) = ended_ok.iter().find(|&&(rank, _)| !joined[rank as usize]) {
-                status = Some(1);
+        if s.status.is_none() && s.joined.contains(&true) {
+            if let Some(&(rank, pid)) = s
+                .ended_ok
+                .iter()
+                .find(|&&(rank, _)| !s.joined[rank as usize])
+            {
+                s.status = Some(1);
                 let others = procs.iter().filter(|p| p.child.is_some()).count();
-                begin_teardown(
+                s.begin_teardown(
                     format!(
                         "process rank {rank} (pid {pid}) exited with status 0 without joining \
                          the job (the others would wait for it for ever)"
                     ),
-                    &mut kill_at,
                     others,
                 );
             }
         }
     }
-    status.unwrap_or(0)
+    s.status.unwrap_or(0)
 }
 
 /// Entry point of the `charmrun` binary: parses `args` (without `argv[0]`),
@@ -619,5 +664,53 @@ mod tests {
         assert!(err(&["+p2"]).contains("no program"));
         assert!(err(&["-x", "./app"]).contains("before the program"));
         assert_eq!(parse_args(["++help"]).unwrap(), Invocation::Help);
+    }
+
+    /// A key-value server for a job of one process, whose rank 0 (this test) has joined and
+    /// aborted: the abort is acknowledged, so its event is queued.
+    fn server_with_an_abort() -> (KvServer, charmrs_transport::KvBootstrap) {
+        use charmrs_transport::{Bootstrap, KvBootstrap};
+        let secret = random_secret().unwrap();
+        let (server, addr) = KvServer::start(1, secret).unwrap();
+        let boot = KvBootstrap::connect(addr, 0, 1, secret).unwrap();
+        boot.abort("test abort");
+        (server, boot)
+    }
+
+    fn supervised(server: &KvServer, child: Child) -> i32 {
+        let opts = run_opts(&["++quiet", "unused"]);
+        let mut procs = vec![Proc {
+            rank: 0,
+            pid: child.id(),
+            child: Some(child),
+            killed: false,
+        }];
+        supervise(&opts, server, &mut procs)
+    }
+
+    /// The last process aborts and exits with 0 before charmrun looks at the server's events:
+    /// the abort still makes the job fail.
+    #[test]
+    fn an_abort_queued_before_the_last_exit_fails_the_job() {
+        let (server, _boot) = server_with_an_abort();
+        let mut child = Command::new("true").spawn().unwrap();
+        // Ended (with 0) before supervision starts; `try_wait` reports it at once.
+        assert!(child.wait().unwrap().success());
+        assert_eq!(supervised(&server, child), 1);
+    }
+
+    /// An aborting process that does not exit is killed after the grace; the job's status is
+    /// the abort's (1), not that SIGKILL's (137).
+    #[test]
+    fn killing_a_lingering_aborter_does_not_make_the_status() {
+        let (server, _boot) = server_with_an_abort();
+        let child = Command::new("sleep").arg("60").spawn().unwrap();
+        let t = Instant::now();
+        assert_eq!(supervised(&server, child), 1);
+        assert!(
+            t.elapsed() < KILL_GRACE + Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -497,6 +497,26 @@ fn abort_reaches_peers_and_launcher() {
 }
 
 #[test]
+fn an_aborting_process_that_lingers_is_killed_and_the_status_is_the_aborts() {
+    // Rank 2 aborts and sleeps: charmrun's SIGKILL after the grace ends it, and must not make
+    // the job's status 128 + 9.
+    let t = Instant::now();
+    let d = run(&["+p3", "++ppn", "1", CHECK, "abort-linger", "2"]);
+    assert_eq!(d.status, 1, "{}", d.err());
+    assert!(
+        d.err().contains("rank 2") && d.err().contains("aborted the job: check abort from rank 2"),
+        "{}",
+        d.err()
+    );
+    assert!(d.err().contains("charmrun: killing "), "{}", d.err());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn the_processes_do_not_outlive_a_killed_charmrun() {
     let mut live = Live::start(&["+p2", "++ppn", "1", CHECK, "exit", "99", "0"]);
     let mut pids = Vec::new();

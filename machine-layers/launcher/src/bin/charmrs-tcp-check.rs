@@ -21,6 +21,8 @@
 //! * `garbage` — rank 1 connects to rank 0 with a valid handshake and
 //!   sends garbage; rank 0 must report it and keep working.
 //! * `abort RANK` — RANK aborts the job through the layer and exits 5.
+//! * `abort-linger RANK` — RANK aborts the job through the layer and then
+//!   sleeps (charmrun must kill it).
 //!
 //! Success lines start with `OK`; any failure exits non-zero with a message.
 
@@ -421,11 +423,14 @@ fn garbage(job: &Job) -> Res<()> {
     Ok(())
 }
 
-fn abort(job: &Job, who: u32) -> Res<()> {
+fn abort(job: &Job, who: u32, linger: bool) -> Res<()> {
     warm_up(job)?;
     let me = job.rank();
     if me == who {
         job.layer.abort(&format!("check abort from rank {me}"));
+        if linger {
+            std::thread::sleep(Duration::from_secs(60));
+        }
         std::process::exit(5);
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -498,7 +503,8 @@ fn main() {
         "peerlost" => peerlost(&job, num(&args, 1, "victim rank") as u32),
         "badsecret" => badsecret(&job),
         "garbage" => garbage(&job),
-        "abort" => abort(&job, num(&args, 1, "rank") as u32),
+        "abort" => abort(&job, num(&args, 1, "rank") as u32, false),
+        "abort-linger" => abort(&job, num(&args, 1, "rank") as u32, true),
         other => Err(format!("unknown mode {other:?}")),
     };
     if let Err(e) = res {
