@@ -14,8 +14,11 @@
 //!   thread of every core, and so on; PE `i` goes on `cores()[i]`.
 //!   Without hwloc the order is whatever the OS affinity mask lists
 //!   (ascending ids), with no knowledge of hyperthreads.
-//! * Only cores in the process's affinity mask are listed when the
-//!   detection source knows the mask (hwloc, `core_affinity`).
+//! * Only cores in the calling thread's affinity mask (its CPU binding:
+//!   `taskset`, `srun --cpu-bind`, `mpirun --bind-to`) are listed when the
+//!   mask can be read. hwloc on its own lists every processing unit the
+//!   cgroup allows; its list is filtered by the binding, keeping hwloc's
+//!   order.
 //!
 //! # Detection sources, in order
 //!
@@ -93,10 +96,12 @@ impl Topology {
 }
 
 /// Lists processing units with hwloc: the first PU of each physical core,
-/// then the second of each, and so on. `None` if hwloc is unusable.
+/// then the second of each, and so on; only those in the calling thread's
+/// CPU binding. `None` if hwloc is unusable or lists none of the bound
+/// PUs.
 #[cfg(feature = "hwloc")]
 fn detect_hwloc() -> Option<Vec<CoreId>> {
-    use hwloc2::{ObjectType, TopologyObject};
+    use hwloc2::{CpuBindFlags, ObjectType, TopologyObject};
     use std::collections::HashMap;
 
     fn core_of(pu: &TopologyObject) -> Option<u32> {
@@ -111,7 +116,26 @@ fn detect_hwloc() -> Option<Vec<CoreId>> {
     }
 
     let topo = hwloc2::Topology::new()?;
-    let pus = topo.objects_with_type(&ObjectType::PU).ok()?;
+    // The thread's binding (hwloc's view of sched_getaffinity), else the OS
+    // mask as core_affinity reads it; neither readable: no filter. (The
+    // bitmap is asked about each PU rather than listed: hwloc bitmaps may
+    // be infinite.)
+    let binding = topo.get_cpubind(CpuBindFlags::CPUBIND_THREAD);
+    let mask: Option<HashSet<usize>> = match binding {
+        Some(_) => None,
+        None => core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect()),
+    };
+    let bound = |os_index: u32| match (&binding, &mask) {
+        (Some(set), _) => set.is_set(os_index),
+        (None, Some(ids)) => ids.contains(&(os_index as usize)),
+        (None, None) => true,
+    };
+    let pus: Vec<&TopologyObject> = topo
+        .objects_with_type(&ObjectType::PU)
+        .ok()?
+        .into_iter()
+        .filter(|pu| bound(pu.os_index()))
+        .collect();
     // (hardware-thread rank within its core, PU logical order, OS index)
     let mut ranked = Vec::with_capacity(pus.len());
     let mut per_core: HashMap<u32, usize> = HashMap::new();
@@ -164,5 +188,30 @@ mod tests {
             .unwrap();
         assert!(ok, "could not pin to {core:?}");
         assert!(!t.pin_current_thread(CoreId(usize::MAX)));
+    }
+
+    /// A thread bound to one core sees only that core (with hwloc too, which
+    /// on its own lists every core the cgroup allows).
+    #[test]
+    fn detect_lists_only_the_cores_of_the_threads_binding() {
+        let allowed = Topology::detect();
+        if allowed.num_cores() < 2 {
+            eprintln!("note: one usable core: the binding cannot narrow the list");
+        }
+        let first = *allowed.cores().iter().min().expect("a core");
+        // A scratch thread, so no other test's thread is bound (its binding
+        // ends with it).
+        let seen = std::thread::spawn(move || {
+            assert!(
+                core_affinity::set_for_current(core_affinity::CoreId { id: first.0 }),
+                "cannot bind to {first:?}"
+            );
+            Topology::detect()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen.cores(), &[first]);
+        // This thread's binding is unchanged.
+        assert_eq!(Topology::detect(), allowed);
     }
 }
