@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use charmrs_transport::TransportError;
 
+use crate::wire;
+
 /// Environment variable naming the libfabric provider (then `FI_PROVIDER`).
 pub const ENV_PROVIDER: &str = "CHARMRS_OFI_PROVIDER";
 
@@ -18,8 +20,13 @@ pub struct OfiConfig {
     pub provider: Option<String>,
     /// Size of one pre-posted receive buffer, hence of the largest eager
     /// packet (preamble, header, segment lengths and payload); larger
-    /// messages use the rendezvous (`fi_read`) path. At least 8 KiB.
-    /// Default 16 KiB.
+    /// messages use the rendezvous (`fi_read`) path. At least
+    /// [`PACKET_MAX_MIN`], at most [`PACKET_MAX_LIMIT`], and over `ofi_rxm` (`tcp;ofi_rxm`) at
+    /// most its eager limit, `FI_OFI_RXM_BUFFER_SIZE` (16 KiB unless set): per-pair order rests
+    /// on the provider completing eager packets in the order they were sent, which `ofi_rxm`
+    /// does not do for larger ones (it sends them by its own segmentation or rendezvous: a
+    /// flood of 64 B messages with one of 16 337 B every thousand, eager in a packet of
+    /// 16 385 B, had the next 64 B one delivered before it). Default 16 KiB.
     pub packet_max: usize,
     /// Number of pre-posted receive buffers. Default 128.
     pub recv_buffers: usize,
@@ -90,6 +97,75 @@ pub const DEFAULT_READ_WINDOW: usize = 4 << 20;
 
 /// Environment variable overriding [`OfiConfig::packet_max`] (bytes).
 pub const ENV_PACKET_MAX: &str = "CHARMRS_OFI_PACKET_MAX";
+
+/// Smallest [`OfiConfig::packet_max`]: a rendezvous descriptor of the most segments must fit.
+pub const PACKET_MAX_MIN: usize = if wire::MAX_RNDV_LEN > 8 << 10 {
+    wire::MAX_RNDV_LEN
+} else {
+    8 << 10
+};
+
+/// Largest [`OfiConfig::packet_max`] with any provider: 64 KiB of payload and its packet's
+/// header. Larger messages go by the layer's rendezvous, which keeps them in order whatever the
+/// provider does; `shm` kept eager packets of up to 100 kB in order, but an eager packet only
+/// stays in order as long as the provider completes it as one message (see
+/// [`OfiConfig::packet_max`] for `ofi_rxm`, whose limit is lower).
+pub const PACKET_MAX_LIMIT: usize = 65 << 10;
+
+/// The variable that sets `ofi_rxm`'s eager limit (its buffer size).
+const ENV_RXM_BUFFER_SIZE: &str = "FI_OFI_RXM_BUFFER_SIZE";
+
+/// `ofi_rxm`'s eager limit when [`ENV_RXM_BUFFER_SIZE`] is not set (libfabric 1.17).
+const RXM_BUFFER_SIZE: usize = 16 << 10;
+
+/// Why `packet_max` (set through `what`) is unusable with any provider: outside
+/// [`PACKET_MAX_MIN`]..=[`PACKET_MAX_LIMIT`].
+fn packet_max_error(what: &str, packet_max: usize) -> Option<String> {
+    if packet_max < PACKET_MAX_MIN {
+        Some(format!(
+            "{what} {packet_max} is below {PACKET_MAX_MIN}, the size of the largest rendezvous \
+             descriptor"
+        ))
+    } else if packet_max > PACKET_MAX_LIMIT {
+        Some(format!(
+            "{what} {packet_max} is above {PACKET_MAX_LIMIT}: eager packets that large may \
+             complete out of order, which breaks per-pair message order (larger messages go by \
+             the rendezvous anyway)"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why `packet_max` is unusable with libfabric provider `provider` (e.g. `"tcp;ofi_rxm"`), if
+/// it is: besides the bounds of [`packet_max_error`], over `ofi_rxm` it must not exceed the
+/// eager limit, which `env` (the environment) may set. Names [`ENV_PACKET_MAX`] and the
+/// provider's variable.
+pub(crate) fn check_packet_max(
+    packet_max: usize,
+    provider: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    let what = format!("packet_max ({ENV_PACKET_MAX})");
+    if let Some(why) = packet_max_error(&what, packet_max) {
+        return Err(why);
+    }
+    if provider.split(';').any(|p| p == "ofi_rxm") {
+        let set = env(ENV_RXM_BUFFER_SIZE).and_then(|v| v.trim().parse::<usize>().ok());
+        let limit = set.unwrap_or(RXM_BUFFER_SIZE);
+        if packet_max > limit {
+            return Err(format!(
+                "{what} {packet_max} is above the eager limit of libfabric's ofi_rxm provider \
+                 ({provider}): {limit} bytes ({ENV_RXM_BUFFER_SIZE}{}). ofi_rxm sends larger \
+                 packets by segmentation or its own rendezvous and may complete them after \
+                 later small ones, which breaks per-pair message order: lower {ENV_PACKET_MAX} \
+                 (larger messages go by the layer's rendezvous) or raise {ENV_RXM_BUFFER_SIZE}",
+                if set.is_some() { "" } else { " unset" }
+            ));
+        }
+    }
+    Ok(())
+}
 /// Environment variable overriding [`OfiConfig::recv_buffers`].
 pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
 /// Environment variable overriding [`OfiConfig::pool_bytes`] (bytes; 0
@@ -104,18 +180,27 @@ impl OfiConfig {
     /// # Errors
     ///
     /// [`TransportError::Bootstrap`] naming the variable if one is set but
-    /// not a number.
+    /// not a number, or [`ENV_PACKET_MAX`] outside
+    /// [`PACKET_MAX_MIN`]..=[`PACKET_MAX_LIMIT`].
     pub fn from_env() -> Result<OfiConfig, TransportError> {
+        OfiConfig::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with the variables `env` gives.
+    fn from_lookup(env: impl Fn(&str) -> Option<String>) -> Result<OfiConfig, TransportError> {
         let mut cfg = OfiConfig::default();
         let num = |name: &str| -> Result<Option<usize>, TransportError> {
-            match std::env::var(name) {
-                Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            match env(name) {
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
                     TransportError::Bootstrap(format!("{name}={v:?} is not a number"))
                 }),
-                Err(_) => Ok(None),
+                None => Ok(None),
             }
         };
         if let Some(v) = num(ENV_PACKET_MAX)? {
+            if let Some(why) = packet_max_error(ENV_PACKET_MAX, v) {
+                return Err(TransportError::Bootstrap(why));
+            }
             cfg.packet_max = v;
         }
         if let Some(v) = num(ENV_RECV_BUFFERS)? {
@@ -125,5 +210,73 @@ impl OfiConfig {
             cfg.pool_bytes = v;
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn a_packet_max_beyond_what_keeps_order_is_refused_naming_the_variable() {
+        let err = OfiConfig::from_lookup(with(&[(ENV_PACKET_MAX, "262144")]))
+            .expect_err("a 256 KiB packet_max");
+        let text = err.to_string();
+        assert!(
+            text.contains("CHARMRS_OFI_PACKET_MAX")
+                && text.contains("262144")
+                && text.contains("out of order"),
+            "{text}"
+        );
+        let err = OfiConfig::from_lookup(with(&[(ENV_PACKET_MAX, "4096")]))
+            .expect_err("a 4 KiB packet_max");
+        assert!(
+            err.to_string().contains("CHARMRS_OFI_PACKET_MAX 4096"),
+            "{err}"
+        );
+        // The bounds themselves, the default, and the value docs/performance.md tried.
+        for ok in [PACKET_MAX_MIN, 16384, 65600, PACKET_MAX_LIMIT] {
+            let cfg = OfiConfig::from_lookup(with(&[(ENV_PACKET_MAX, &ok.to_string())]))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(cfg.packet_max, ok);
+        }
+        assert_eq!(
+            OfiConfig::from_lookup(with(&[]))
+                .expect("defaults")
+                .packet_max,
+            OfiConfig::default().packet_max
+        );
+    }
+
+    #[test]
+    fn over_ofi_rxm_packet_max_is_at_most_its_eager_limit() {
+        let none = with(&[]);
+        let default = OfiConfig::default().packet_max;
+        assert_eq!(check_packet_max(default, "tcp;ofi_rxm", &none), Ok(()));
+        let err = check_packet_max(16385, "tcp;ofi_rxm", &none).expect_err("16385 over rxm");
+        assert!(
+            err.contains("CHARMRS_OFI_PACKET_MAX")
+                && err.contains("FI_OFI_RXM_BUFFER_SIZE unset")
+                && err.contains("16384"),
+            "{err}"
+        );
+        // A larger rxm buffer raises the limit (tested: 30 kB eager messages in order with
+        // FI_OFI_RXM_BUFFER_SIZE=32768), a smaller one lowers it.
+        let big = with(&[("FI_OFI_RXM_BUFFER_SIZE", "32768")]);
+        assert_eq!(check_packet_max(32768, "tcp;ofi_rxm", &big), Ok(()));
+        let small = with(&[("FI_OFI_RXM_BUFFER_SIZE", "8192")]);
+        assert!(check_packet_max(default, "verbs;ofi_rxm", &small).is_err());
+        // Other providers: the general bounds only.
+        assert_eq!(check_packet_max(PACKET_MAX_LIMIT, "shm", &none), Ok(()));
+        assert!(check_packet_max(PACKET_MAX_LIMIT + 1, "shm", &none).is_err());
+        assert!(check_packet_max(PACKET_MAX_MIN - 1, "shm", &none).is_err());
     }
 }

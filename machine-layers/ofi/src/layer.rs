@@ -18,12 +18,11 @@ use charmrs_transport::{
 };
 use crossbeam_queue::SegQueue;
 
-use crate::config::{OfiConfig, ENV_PROVIDER};
+use crate::config::{check_packet_max, OfiConfig, ENV_PROVIDER};
 use crate::engine::{
     gone_reason, Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN,
 };
 use crate::fabric::Fabric;
-use crate::wire;
 
 /// Bootstrap key of a process's endpoint addresses (a list, one per endpoint, see
 /// [`charmrs_transport::lanes::encode_address_list`]).
@@ -345,14 +344,14 @@ impl OfiLayer {
     /// [`TransportError::Bootstrap`] if the exchange fails, a peer uses
     /// another provider or another number of endpoints, or `cfg` is unusable.
     pub fn new(bootstrap: Arc<dyn Bootstrap>, cfg: OfiConfig) -> Result<OfiLayer, TransportError> {
-        if cfg.packet_max < wire::MAX_RNDV_LEN.max(8 << 10) || cfg.recv_buffers == 0 {
-            return Err(bootstrap_err(format!(
-                "ofi config: packet_max {} must be at least {} and recv_buffers {} at least 1",
-                cfg.packet_max,
-                wire::MAX_RNDV_LEN.max(8 << 10),
-                cfg.recv_buffers
-            )));
+        if cfg.recv_buffers == 0 {
+            return Err(bootstrap_err(
+                "ofi config: recv_buffers must be at least 1".to_owned(),
+            ));
         }
+        // The provider's own limit is checked once it is known (below).
+        check_packet_max(cfg.packet_max, "", |_| None)
+            .map_err(|why| bootstrap_err(format!("ofi config: {why}")))?;
         let rank = bootstrap.rank();
         let size = bootstrap.size();
         let lanes = u32::try_from(cfg.endpoints)
@@ -406,6 +405,9 @@ impl OfiLayer {
             Err(e) => return Err(e),
         };
         let prov = fabs[0].limits.provider.clone();
+        // Before anything is published: every process of the job finds the same.
+        check_packet_max(cfg.packet_max, &prov, |name| std::env::var(name).ok())
+            .map_err(|why| bootstrap_err(format!("ofi config: {why}")))?;
         let me = Identity::current();
         bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;
         bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;

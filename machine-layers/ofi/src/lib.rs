@@ -72,5 +72,6 @@ pub mod wire;
 
 pub use config::{
     OfiConfig, DEFAULT_READ_WINDOW, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
+    PACKET_MAX_LIMIT, PACKET_MAX_MIN,
 };
 pub use layer::{OfiLayer, ADDR_KEY, HOST_KEY, PROVIDER_KEY};

@@ -268,3 +268,13 @@ fn large_messages_sent_just_before_a_goodbye_arrive_in_order() {
     }
     assert!(failed.is_empty(), "failed: {failed:?}");
 }
+
+#[test]
+fn a_packet_max_above_the_eager_limit_of_ofi_rxm_is_refused_at_the_start() {
+    // Over tcp;ofi_rxm a 20 000-byte eager packet can complete after later small ones.
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["packetmax", "--packet-max", "20000"], 60);
+        assert_ok(p, "packetmax", &ended);
+        eprintln!("{p}: {}", ended[0].out.trim());
+    }
+}

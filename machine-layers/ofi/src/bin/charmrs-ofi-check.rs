@@ -23,9 +23,11 @@
 //! must end well within its 5 s linger; messages are read one at a time. With `--endpoints 2`
 //! they go from rank 1's second endpoint to rank 0's second, to which rank 1's first endpoint
 //! sent a small message before: its goodbye, which nothing holds back, comes right after
-//! them; rank 0 does not poll while they come).
+//! them; rank 0 does not poll while they come), `packetmax` (with `--packet-max N` above
+//! 16 KiB: over `ofi_rxm` the start must fail, naming `CHARMRS_OFI_PACKET_MAX` and rxm's
+//! eager limit; over other providers it must succeed).
 //!
-//! Options: `--endpoints N` (endpoints per process), `--recv-buffers N` (size of the receive pool, to force its
+//! Options: `--endpoints N` (endpoints per process), `--packet-max N`, `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
 //! provider's completion errors can reveal a lost peer), `--stale-shm-name`
 //! (before starting, leave in `/dev/shm` what a killed process with this
@@ -646,6 +648,34 @@ fn mismatch(mut cfg: OfiConfig) {
     }
 }
 
+/// See the module docs.
+fn packetmax(cfg: OfiConfig) {
+    let rank: u32 = std::env::var(charmrs_transport::kv::ENV_RANK)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .expect("a rank");
+    let rxm = std::env::var("CHARMRS_OFI_PROVIDER").is_ok_and(|p| p.contains("ofi_rxm"));
+    let packet_max = cfg.packet_max;
+    match OfiLayer::from_env(cfg) {
+        Ok(Some(layer)) if !rxm => println!(
+            "OK packetmax rank {rank}: {} started with packet_max {packet_max}",
+            layer.provider()
+        ),
+        Ok(_) => panic!("rank {rank}: started with packet_max {packet_max} (rxm: {rxm})"),
+        Err(e) if rxm => {
+            let text = e.to_string();
+            assert!(
+                text.contains("CHARMRS_OFI_PACKET_MAX")
+                    && text.contains("FI_OFI_RXM_BUFFER_SIZE")
+                    && text.contains(&packet_max.to_string()),
+                "rank {rank}: {text}"
+            );
+            println!("OK packetmax rank {rank}: {text}");
+        }
+        Err(e) => fail(&format!("rank {rank}: start"), e),
+    }
+}
+
 /// See the module docs. PE `p` is endpoint `p` (process `p / lanes`, lane `p % lanes`).
 fn lanes(layer: &Arc<OfiLayer>) {
     const PER_PE: u32 = 6;
@@ -1008,6 +1038,15 @@ fn main() {
     }
     if scenario == "mismatch" {
         return mismatch(cfg);
+    }
+    if let Some(i) = flag("--packet-max") {
+        cfg.packet_max = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--packet-max N");
+    }
+    if scenario == "packetmax" {
+        return packetmax(cfg);
     }
     if let Some(i) = flag("--recv-buffers") {
         cfg.recv_buffers = args
