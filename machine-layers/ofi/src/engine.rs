@@ -35,7 +35,9 @@
 //!   operation towards a peer, or a local peer process that died without
 //!   saying goodbye, makes the peer lost:
 //!   reported once as [`TransportError::PeerLost`], its queue dropped, and
-//!   later sends to it refused.
+//!   later sends to it refused. A post the provider refuses for an argument or resource error
+//!   of this process is this process's failure ([`TransportError::Io`] naming the call): the
+//!   operation is dropped, the peer stays.
 //! * Goodbyes: at shutdown an endpoint says goodbye (BYE) to a peer only once nothing is queued
 //!   for it and it read every large message this endpoint sent it (or the linger ran out), so
 //!   the goodbye is the last thing the peer gets from it. A peer that said goodbye is
@@ -471,7 +473,8 @@ impl Engine {
         if !self.urgent.is_empty() {
             let mut urgent = std::mem::take(&mut self.urgent);
             let failed = post_per_peer(&mut urgent, |p, out| self.post(p, out));
-            // (Nothing is queued there while posting; kept behind what was there, if it were.)
+            // What was queued meanwhile (a read that failed here lets the next message's reads
+            // in) goes behind what was there.
             urgent.append(&mut self.urgent);
             self.urgent = urgent;
             for (p, reason) in failed {
@@ -548,7 +551,7 @@ impl Engine {
                         op.cast::<c_void>(),
                     )
                 };
-                self.posted(ret, op, |kind| match kind {
+                self.posted(ret, op, ("fi_send", p), |kind| match kind {
                     OpKind::Ctl { buf, .. } => Out::Ctl(buf),
                     _ => unreachable!(),
                 })
@@ -590,7 +593,7 @@ impl Engine {
                         op.cast::<c_void>(),
                     )
                 };
-                self.posted(ret, op, |_| Out::Read {
+                self.posted(ret, op, ("fi_read", p), |_| Out::Read {
                     in_id,
                     offset,
                     len,
@@ -632,7 +635,7 @@ impl Engine {
                         op.cast::<c_void>(),
                     )
                 };
-                self.posted(ret, op, |_| Out::Get {
+                self.posted(ret, op, ("fi_read", p), |_| Out::Get {
                     addr: raddr,
                     key,
                     len,
@@ -643,13 +646,15 @@ impl Engine {
         }
     }
 
-    /// Outcome of posting `op`: counted in flight on success; reclaimed
-    /// and turned back into work with `back` on `-FI_EAGAIN`; an error
-    /// text otherwise.
+    /// Outcome of posting `op` to `p` with libfabric call `what`: counted in flight on success;
+    /// reclaimed and turned back into work with `back` on `-FI_EAGAIN`; an error text if the
+    /// peer cannot be reached; dropped with an error of this process in `errors` (a read's
+    /// message marked failed) on an argument or resource error ([`post_failure`]).
     fn posted(
         &mut self,
         ret: isize,
         op: *mut Op,
+        (what, p): (&str, ProcessId),
         back: impl FnOnce(OpKind) -> Out,
     ) -> Result<Option<Out>, String> {
         if ret == 0 {
@@ -660,12 +665,17 @@ impl Engine {
         // reference to the context: reclaim it (once).
         let op = unsafe { Box::from_raw(op) };
         if ret == -(sys::FI_EAGAIN as isize) {
-            Ok(Some(back(op.kind)))
-        } else {
-            Err(format!(
-                "posting to it failed: {} ({ret})",
-                strerror(ret as i64)
-            ))
+            return Ok(Some(back(op.kind)));
+        }
+        match post_failure(what, self.peer(p), ret) {
+            PostFailure::Peer(reason) => Err(reason),
+            PostFailure::Local(e) => {
+                if let OpKind::Read { in_id, .. } = op.kind {
+                    self.read_done(in_id, true);
+                }
+                self.errors.push_back(e);
+                Ok(None)
+            }
         }
     }
 
@@ -676,7 +686,7 @@ impl Engine {
         msg: Message,
     ) -> Result<Option<Out>, String> {
         if wire::data_len(&msg) <= self.fab.limits.inject_size {
-            return self.inject(addr, msg);
+            return self.inject(p, addr, msg);
         }
         let mut prefix = wire::data_prefix(self.me, &msg);
         let nonempty = msg.segments().iter().filter(|s| !s.is_empty()).count();
@@ -726,7 +736,7 @@ impl Engine {
             };
             sys::fi_sendmsg(self.fab.ep, &fmsg, 0)
         };
-        self.posted(ret, op, |kind| match kind {
+        self.posted(ret, op, ("fi_sendmsg", p), |kind| match kind {
             OpKind::Send { msg, .. } => Out::Msg(msg),
             _ => unreachable!(),
         })
@@ -735,7 +745,12 @@ impl Engine {
     /// Sends a small message with `fi_inject`: the packet is assembled in
     /// a reused buffer, which the provider copies before returning, so no
     /// context is kept and no completion is generated.
-    fn inject(&mut self, addr: sys::fi_addr_t, msg: Message) -> Result<Option<Out>, String> {
+    fn inject(
+        &mut self,
+        p: ProcessId,
+        addr: sys::fi_addr_t,
+        msg: Message,
+    ) -> Result<Option<Out>, String> {
         self.scratch.clear();
         self.scratch
             .extend_from_slice(&wire::preamble(wire::PKT_DATA, self.me));
@@ -745,13 +760,14 @@ impl Engine {
             self.scratch.extend_from_slice(s);
         }
         // Busy: handed back, to be posted again later.
-        self.inject_scratch(addr)
+        self.inject_scratch(p, addr)
             .map(|sent| (!sent).then_some(Out::Msg(msg)))
     }
 
-    /// `fi_inject`s the packet in `scratch` to `addr`: `Ok(true)` sent, `Ok(false)` the provider
-    /// is busy (`-FI_EAGAIN`), `Err` the peer cannot be reached.
-    fn inject_scratch(&mut self, addr: sys::fi_addr_t) -> Result<bool, String> {
+    /// `fi_inject`s the packet in `scratch` to `p` at `addr`: `Ok(true)` sent (or dropped with an
+    /// error of this process in `errors`, see [`post_failure`]), `Ok(false)` the provider is busy
+    /// (`-FI_EAGAIN`), `Err` the peer cannot be reached.
+    fn inject_scratch(&mut self, p: ProcessId, addr: sys::fi_addr_t) -> Result<bool, String> {
         // SAFETY: the endpoint is open; `scratch` holds `len` initialized bytes, which
         // fi_inject copies before it returns.
         let ret = unsafe {
@@ -767,10 +783,13 @@ impl Engine {
         } else if ret == -(sys::FI_EAGAIN as isize) {
             Ok(false)
         } else {
-            Err(format!(
-                "fi_inject to it failed: {} ({ret})",
-                strerror(ret as i64)
-            ))
+            match post_failure("fi_inject", self.peer(p), ret) {
+                PostFailure::Peer(reason) => Err(reason),
+                PostFailure::Local(e) => {
+                    self.errors.push_back(e);
+                    Ok(true)
+                }
+            }
         }
     }
 
@@ -793,7 +812,7 @@ impl Engine {
         wire::single_segment_packet(&mut self.scratch, self.me, header, data);
         self.talked[p as usize] = true;
         let addr = self.addrs[p as usize];
-        match self.inject_scratch(addr) {
+        match self.inject_scratch(p, addr) {
             Ok(sent) => sent,
             Err(reason) => {
                 self.lose(p, reason);
@@ -1506,6 +1525,47 @@ fn post_per_peer<T>(
     failed
 }
 
+/// What a failed post means.
+#[derive(Debug)]
+enum PostFailure {
+    /// The peer cannot be reached (why).
+    Peer(String),
+    /// This process's own failure, to report as it is; the peer is not lost.
+    Local(TransportError),
+}
+
+/// What libfabric call `what` towards `peer` failing with `ret` (negative, not `-FI_EAGAIN`)
+/// means: an argument or resource error of this process (invalid argument, no memory, message
+/// too large for the provider, unsupported, bad flags or descriptor, bad address, no space) is
+/// this process's failure, reported as [`TransportError::Io`] naming the call, and the peer is
+/// not lost; anything else (a refused, reset or closed connection, an unreachable or vanished
+/// peer, and numbers not listed) means the peer cannot be reached.
+fn post_failure(what: &str, peer: EndpointName, ret: isize) -> PostFailure {
+    let local = [
+        sys::FI_EINVAL,
+        sys::FI_ENOMEM,
+        sys::FI_EMSGSIZE,
+        sys::FI_ENOSYS,
+        sys::FI_EOPNOTSUPP,
+        sys::FI_EBADF,
+        sys::FI_EBADFLAGS as i32,
+        sys::FI_ETOOSMALL as i32,
+        sys::FI_EFAULT,
+        sys::FI_ENOSPC,
+    ];
+    let text = strerror(ret as i64);
+    if local.contains(&i32::try_from(ret.unsigned_abs()).unwrap_or(i32::MAX)) {
+        PostFailure::Local(TransportError::Io(std::io::Error::other(format!(
+            "libfabric {what} towards {peer} failed in this process: {text} ({ret}); what it \
+             carried was dropped"
+        ))))
+    } else {
+        PostFailure::Peer(format!(
+            "libfabric {what} towards it failed: {text} ({ret})"
+        ))
+    }
+}
+
 /// Whether a failed operation's error number means the target refused the
 /// access (bad key, range or permission) rather than being unreachable.
 /// `FI_ECANCELED` is how `tcp;ofi_rxm` 1.17 reports an unknown key
@@ -1642,6 +1702,34 @@ mod tests {
         });
         assert_eq!(posted[3..], [(1, 11), (1, 12)]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_post_failing_on_a_local_error_is_not_a_lost_peer() {
+        let peer = EndpointName { id: 3, lanes: 1 };
+        for code in [sys::FI_EINVAL, sys::FI_ENOMEM, sys::FI_EMSGSIZE] {
+            match post_failure("fi_sendmsg", peer, -(code as isize)) {
+                PostFailure::Local(TransportError::Io(e)) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("fi_sendmsg") && text.contains("process 3"),
+                        "{text}"
+                    );
+                }
+                other => panic!("error {code}: {other:?}"),
+            }
+        }
+        for code in [
+            sys::FI_ECONNREFUSED,
+            sys::FI_ECONNRESET,
+            sys::FI_ENOTCONN,
+            sys::FI_EIO,
+        ] {
+            match post_failure("fi_read", peer, -(code as isize)) {
+                PostFailure::Peer(reason) => assert!(reason.contains("fi_read"), "{reason}"),
+                other => panic!("error {code}: {other:?}"),
+            }
+        }
     }
 
     #[test]
