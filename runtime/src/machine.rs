@@ -44,7 +44,16 @@ fn launch(pes: usize) -> Result<Launch> {
         && std::env::var_os(charmrs_transport::kv::ENV_KV_ADDR).is_none()
     {
         if let Some(b) = charmrs_pmix::PmixBootstrap::from_env().map_err(|e| join(e, "PMIx"))? {
-            let secret = b.job_secret().map_err(|e| join(e, "PMIx"))?;
+            // A failed fence (a process that died before it, or timed out) ends the job step
+            // through PMIx: the other processes may still be waiting in it.
+            let secret = b.job_secret().map_err(|e| {
+                let e = join(e, "PMIx");
+                charmrs_transport::Bootstrap::abort(
+                    &b,
+                    &format!("charmrs: process {}: {e}", b.rank()),
+                );
+                e
+            })?;
             let one_host = b.local_size() == Some(b.size());
             return Ok(Launch::Job {
                 bootstrap: Arc::new(b),
