@@ -170,8 +170,9 @@ fn greedy_refine_keeps_a_balanced_placement() {
     );
 }
 
-/// Objects of no measured load (elements that ran nothing in the period) do not all end up on
-/// one PE: Greedy used to put every one on the least loaded PE, whose load they never raise.
+/// Objects of no measured load (elements that ran nothing in the period) go to the least loaded
+/// PEs without all ending up on one: Greedy used to put every one on the heap's top, whose load
+/// they never raise.
 #[test]
 fn greedy_does_not_pile_unloaded_objects_on_one_pe() {
     let stats = LbStats {
@@ -196,6 +197,15 @@ fn greedy_does_not_pile_unloaded_objects_on_one_pe() {
         per_pe[o.pe] += 1;
     }
     assert_eq!(per_pe, [0, 3, 3, 3], "{:?}", after.objects);
+    // Off a busy PE (background load), to the least loaded ones.
+    let mut busy = stats.clone();
+    busy.pes[0].background_load = 1.0;
+    let after = check(&busy, &GreedyLb, &GreedyLb.balance(&busy));
+    let mut per_pe = [0; 4];
+    for o in &after.objects {
+        per_pe[o.pe] += 1;
+    }
+    assert_eq!(per_pe, [0, 3, 3, 2], "{:?}", after.objects);
 }
 
 #[test]

@@ -66,27 +66,35 @@ impl Strategy for GreedyRefineLb {
 /// Greedy placement of `objs` (sorted by decreasing load) onto PEs with fixed loads `base`
 /// (non-empty). Returns the PE of each object and the resulting max load.
 ///
-/// An object of no measured load changes no PE's load wherever it goes, so the least loaded PE
-/// would take every one of them (the heap's top does not move): it stays where it is, and one
-/// that must leave its PE goes to the next PE in turn.
+/// An object of no measured load goes, like any other, to a least loaded PE; but
+/// it changes no PE's load, so the heap's top would take every one of them. Among the PEs of
+/// least load it stays where it is if its PE is one of them, else the others take turns.
 pub(crate) fn greedy(base: &[f64], objs: &[TaskObj]) -> (Vec<u32>, f64) {
     let mut heap = IndexedMinHeap::new(base.to_vec(), 0..base.len());
     let mut placed = Vec::with_capacity(objs.len());
-    let mut next_for_unloaded = 0;
+    // The PEs of least load for the unloaded objects (recomputed after a loaded one), and
+    // whose turn is next.
+    let mut least: Option<(Vec<usize>, usize)> = None;
     for o in objs {
         if o.load == 0.0 {
-            let p = if o.cur != NOWHERE {
-                o.cur
+            let (pes, turn) = least.get_or_insert_with(|| {
+                let min = heap.key(heap.top().expect("at least one PE"));
+                ((0..base.len()).filter(|&p| heap.key(p) == min).collect(), 0)
+            });
+            let stays = o.cur != NOWHERE && pes.binary_search(&(o.cur as usize)).is_ok();
+            let p = if stays {
+                o.cur as usize
             } else {
-                next_for_unloaded = (next_for_unloaded + 1) % base.len();
-                next_for_unloaded as u32
+                *turn += 1;
+                pes[(*turn - 1) % pes.len()]
             };
-            placed.push(p);
+            placed.push(p as u32);
             continue;
         }
         let p = heap.top().expect("at least one PE");
         heap.set(p, heap.key(p) + o.load);
         placed.push(p as u32);
+        least = None;
     }
     let max = heap.into_keys().into_iter().fold(0.0, f64::max);
     (placed, max)
