@@ -295,6 +295,10 @@ pub(crate) struct Worker {
     pub(crate) inbox: Box<Inbox>,
     /// Whether `UCX_TLS` lets UCX use CMA (see `PendingRndv::fetch_limit`).
     cma_possible: bool,
+    /// An endpoint's close did not complete in time (its peer left mid-handshake, say): UCX
+    /// 1.13 then aborts the process in `ucp_worker_destroy` (an assertion on the endpoint's
+    /// pending wire-up messages), so the worker is left for the process's exit instead.
+    unclosed: bool,
 }
 
 // SAFETY: the raw UCX handles and the pointers into `inbox` are only used
@@ -328,6 +332,7 @@ impl Worker {
             addresses: Vec::new(),
             eps: vec![Ep::None; size as usize],
             err_args: Vec::new(),
+            unclosed: false,
             seq: vec![0; size as usize],
             talked: vec![false; size as usize],
             spare: Vec::new(),
@@ -978,10 +983,10 @@ impl Worker {
     }
 
     /// Progresses until `req` (a value returned by a `_nbx` call) completes
-    /// or `timeout` passes, then frees it.
-    fn wait_request(&mut self, req: sys::ucs_status_ptr_t, timeout: Duration) {
+    /// or `timeout` passes, then frees it; whether it completed in time.
+    fn wait_request(&mut self, req: sys::ucs_status_ptr_t, timeout: Duration) -> bool {
         if !sys::UCS_PTR_IS_PTR(req) {
-            return;
+            return true;
         }
         let deadline = Instant::now() + timeout;
         // SAFETY: req is a live request of this worker until freed below.
@@ -991,10 +996,12 @@ impl Worker {
             {
                 sys::ucp_worker_progress(self.worker);
             }
-            if sys::ucp_request_check_status(req) == sys::UCS_INPROGRESS {
+            let completed = sys::ucp_request_check_status(req) != sys::UCS_INPROGRESS;
+            if !completed {
                 sys::ucp_request_cancel(self.worker, req);
             }
             sys::ucp_request_free(req);
+            completed
         }
     }
 
@@ -1035,7 +1042,9 @@ impl Worker {
         }
         let deadline = Instant::now() + timeout;
         for req in reqs {
-            self.wait_request(req, deadline.saturating_duration_since(Instant::now()));
+            if !self.wait_request(req, deadline.saturating_duration_since(Instant::now())) {
+                self.unclosed = true;
+            }
         }
     }
 
@@ -1179,14 +1188,16 @@ impl Drop for Worker {
         self.close_all(Duration::from_millis(500));
         // Arrived messages never handed on hold lent descriptors too: they go first.
         drop(self.inbox.discard_messages());
-        if self.inbox.lender.out() > 0 || self.inbox.state.borrow().ops_held() > 0 {
+        if self.inbox.lender.out() > 0 || self.inbox.state.borrow().ops_held() > 0 || self.unclosed
+        {
             // Messages delivered in place are still viewed (the application kept them past the
             // layer): their bytes live in the worker's descriptors. Or UCX still holds
             // operations of ours, towards a peer whose endpoint could not be closed forced (no
             // peer error handling: a dead same-host peer's): UCX 1.13 would not complete them
             // when the worker is destroyed (their buffers are ours, their requests its own).
-            // Either way the worker, its context and what UCX points to (the inbox, the
-            // endpoints' error arguments) stay, for the process's exit to free. Nothing calls
+            // Or an endpoint's close did not complete (see `unclosed`). Either way the worker,
+            // its context and what UCX points to (the inbox, the endpoints' error arguments)
+            // stay, for the process's exit to free. Nothing calls
             // into the worker any more.
             std::mem::forget(self.context.clone());
             std::mem::forget(std::mem::replace(
@@ -1200,12 +1211,31 @@ impl Drop for Worker {
         // queued now.
         // SAFETY: this thread owns the worker (dropping it); the descriptors are its own.
         unsafe { self.inbox.lender.release_returned(self.worker) };
+        // Endpoints UCX made for peers that connected to this worker may still hold wire-up
+        // messages (a peer that left while its connection was being set up: over TCP the
+        // reconnection fails at once on this host). UCX 1.13 aborts the process if
+        // `ucp_worker_destroy` finds one pending, so the worker is progressed until it has
+        // been quiet for a while (at most `SETTLE_MAX`).
+        let deadline = Instant::now() + SETTLE_MAX;
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline && quiet_since.elapsed() < SETTLE_QUIET {
+            // SAFETY: this thread owns the worker; its callbacks' state (the inbox) is live.
+            if unsafe { sys::ucp_worker_progress(self.worker) } != 0 {
+                quiet_since = Instant::now();
+            }
+        }
         // SAFETY: the endpoints are closed and no lent descriptor is viewed; the worker is
         // destroyed once, before its `Arc` of the context (a field) is dropped. The inbox
         // (callback argument) is a field dropped after this body runs.
         unsafe { sys::ucp_worker_destroy(self.worker) };
     }
 }
+
+/// How long a worker being destroyed must have had nothing to progress (see `Worker::drop`).
+const SETTLE_QUIET: Duration = Duration::from_millis(5);
+
+/// The longest a worker being destroyed is progressed first.
+const SETTLE_MAX: Duration = Duration::from_millis(100);
 
 /// Eager messages from this size are received into pooled buffers.
 pub(crate) const EAGER_POOL_MIN: usize = 4 << 10;
