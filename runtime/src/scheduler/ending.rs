@@ -41,15 +41,25 @@ pub(crate) struct EndState {
     pub(crate) released_by: BTreeSet<ProcessId>,
 }
 
+/// An acknowledgement's tag when its sender ended the job too.
+const ACK_FROM_INITIATOR: u64 = 1;
+
 /// Records an end-of-job handshake message from `src` (wherever it was read).
-pub(crate) fn record(shared: &Shared, kind: u8, src: ProcessId) {
+pub(crate) fn record(shared: &Shared, header: &Header, src: ProcessId) {
     let mut end = shared.end_state();
-    match kind {
+    match header.kind {
         wire::KIND_EXIT => {
             end.sources.insert(src);
         }
         wire::KIND_END_ACK => {
             end.acks.insert(src);
+            // The acknowledgement of a process that ended the job too may overtake its own
+            // end-of-job message (they leave on different lanes): it counts as that message,
+            // else this process could leave before it, unacknowledged, and the other wait for
+            // the acknowledgement until its bound.
+            if header.tag == ACK_FROM_INITIATOR {
+                end.sources.insert(src);
+            }
         }
         wire::KIND_END_GO => {
             end.released_by.insert(src);
@@ -60,10 +70,15 @@ pub(crate) fn record(shared: &Shared, kind: u8, src: ProcessId) {
 
 fn signal(shared: &Shared, kind: u8, to: ProcessId) {
     let me = shared.first_pe as u32;
+    let tag = if kind == wire::KIND_END_ACK && shared.end_state().initiated {
+        ACK_FROM_INITIATOR
+    } else {
+        0
+    };
     // Best effort: a peer that is gone is not waited for.
     let _ = shared
         .layer
-        .send(to, Message::new(Header::new(kind, me, 0, 0)));
+        .send(to, Message::new(Header::new(kind, me, 0, tag)));
 }
 
 /// Polls every lane of the layer once, recording handshake messages; whether all polls went
@@ -74,7 +89,7 @@ fn poll_every_lane(shared: &Shared) -> bool {
     for lane in 0..layer.lanes() {
         layer.bind_lane(lane);
         ok &= layer
-            .progress(&mut |src, msg| record(shared, msg.header().kind, src))
+            .progress(&mut |src, msg| record(shared, msg.header(), src))
             .is_ok();
     }
     layer.bind_lane(0);
