@@ -316,18 +316,25 @@ impl PeState {
             );
             step
         };
+        self.send_lb_to_every_pe(LbMsg::Busy {
+            root: self.pe as u32,
+            coll,
+            step,
+        });
+    }
+
+    /// Sends load-balancing message `msg` to PE `dst`.
+    fn send_lb(&self, dst: usize, msg: LbMsg) {
+        self.send(
+            dst,
+            crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(msg)),
+        );
+    }
+
+    /// Sends load-balancing message `msg` to every PE (this one included).
+    fn send_lb_to_every_pe(&self, msg: LbMsg) {
         for dst in 0..self.num_pes() {
-            self.send(
-                dst,
-                crate::envelope::Envelope::new(
-                    0,
-                    crate::envelope::Control::Balance(LbMsg::Busy {
-                        root: self.pe as u32,
-                        coll,
-                        step,
-                    }),
-                ),
-            );
+            self.send_lb(dst, msg.clone());
         }
     }
 
@@ -493,10 +500,7 @@ impl PeState {
                 root: self.pe as u32,
                 moves,
             };
-            self.send(
-                source,
-                crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(msg)),
-            );
+            self.send_lb(source, msg);
         }
     }
 
@@ -522,10 +526,7 @@ impl PeState {
             }
             LbMsg::Collect { root } => {
                 let report = self.load_report();
-                self.send(
-                    root as usize,
-                    crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(report)),
-                );
+                self.send_lb(root as usize, report);
             }
             report @ LbMsg::Report { .. } => self.periodic_report(report),
             LbMsg::Busy { root, coll, step } => {
@@ -540,10 +541,7 @@ impl PeState {
                     step,
                     busy: since.max(0.0),
                 };
-                self.send(
-                    root as usize,
-                    crate::envelope::Envelope::new(0, crate::envelope::Control::Balance(report)),
-                );
+                self.send_lb(root as usize, report);
             }
             LbMsg::BusyReport {
                 pe,
@@ -588,17 +586,9 @@ impl PeState {
             return; // a checkpoint is being taken or restored: no element may move
         }
         self.lb.borrow_mut().collecting = Some(Vec::new());
-        for dst in 0..self.num_pes() {
-            self.send(
-                dst,
-                crate::envelope::Envelope::new(
-                    0,
-                    crate::envelope::Control::Balance(LbMsg::Collect {
-                        root: self.pe as u32,
-                    }),
-                ),
-            );
-        }
+        self.send_lb_to_every_pe(LbMsg::Collect {
+            root: self.pe as u32,
+        });
     }
 
     /// This PE's loads since its last report (which restart from zero): one object per element
@@ -709,12 +699,6 @@ impl PeState {
 
     /// Tells the root of step `step` that one of its migrations is done.
     pub(crate) fn balance_arrived(&self, root: usize, coll: CollectionId, step: u64) {
-        self.send(
-            root,
-            crate::envelope::Envelope::new(
-                0,
-                crate::envelope::Control::Balance(LbMsg::Arrived { coll, step }),
-            ),
-        );
+        self.send_lb(root, LbMsg::Arrived { coll, step });
     }
 }

@@ -313,8 +313,7 @@ impl ChannelTable {
                 // Waking only queues the task: it runs after the move, and sees `left`.
                 inbound.waiters.into_iter().for_each(Waker::wake);
                 (key, inbound.next, inbound.arrived.into_iter().collect())
-            })
-            .collect::<Vec<_>>();
+            });
         channel_ends(std::mem::take(&mut self.sent), received)
     }
 

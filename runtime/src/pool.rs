@@ -415,13 +415,7 @@ impl PeState {
                     }
                     // PE 0 (the master) last: a synchronous chunk there holds up every other
                     // PE's next chunk until it returns.
-                    let Some(pe) = st
-                        .free
-                        .iter()
-                        .find(|&&pe| pe != 0)
-                        .copied()
-                        .or_else(|| st.free.first().copied())
-                    else {
+                    let Some(&pe) = st.free.range(1..).next().or(st.free.first()) else {
                         break 'outer;
                     };
                     st.free.remove(&pe);

@@ -36,8 +36,7 @@ pub(crate) struct QdState {
     /// conclude for it, so these join `waiting` when the next wave begins.
     late: Vec<(u32, u64)>,
     in_wave: bool,
-    /// On PE 0: probes of a wave are out and not all answered.
-    collecting: bool,
+    /// Replies to the current wave's probes (all of them between two waves).
     replies: usize,
     sums: (u64, u64),
     previous: Option<(u64, u64)>,
@@ -130,7 +129,9 @@ impl PeState {
         match msg {
             Control::QdStart { from, token } => {
                 let mut qd = self.qd.borrow_mut();
-                if qd.collecting {
+                // A wave's probes are out and not all answered.
+                let collecting = qd.in_wave && qd.replies < self.num_pes();
+                if collecting {
                     qd.late.push((from, token));
                 } else {
                     qd.waiting.push((from, token));
@@ -169,7 +170,6 @@ impl PeState {
                 if qd.replies < self.num_pes() {
                     return;
                 }
-                qd.collecting = false;
                 let sums = qd.sums;
                 if sums.0 == sums.1 && qd.previous == Some(sums) {
                     let waiting = std::mem::take(&mut qd.waiting);
@@ -178,8 +178,7 @@ impl PeState {
                         qd.previous = None;
                     } else {
                         // This wave is the first of the two the late requests need.
-                        let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
-                        let _ = self.add_timer(Instant::now() + WAVE_GAP, waker);
+                        self.next_wave_later();
                     }
                     drop(qd);
                     for (from, token) in waiting {
@@ -188,8 +187,7 @@ impl PeState {
                 } else {
                     qd.previous = Some(sums);
                     drop(qd);
-                    let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
-                    let _ = self.add_timer(Instant::now() + WAVE_GAP, waker);
+                    self.next_wave_later();
                 }
             }
             Control::QdDone { token } => {
@@ -206,12 +204,17 @@ impl PeState {
         }
     }
 
+    /// Starts the next wave after [`WAVE_GAP`].
+    fn next_wave_later(&self) {
+        let waker = Waker::from(Arc::new(NextWave(self.shared.clone())));
+        let _ = self.add_timer(Instant::now() + WAVE_GAP, waker);
+    }
+
     fn qd_wave(&self) {
         {
             let mut qd = self.qd.borrow_mut();
             qd.replies = 0;
             qd.sums = (0, 0);
-            qd.collecting = true;
             let late = std::mem::take(&mut qd.late);
             qd.waiting.extend(late);
         }

@@ -6,8 +6,8 @@
 //!   runtime cannot count from the shape alone (mapped dense arrays: computed once; sparse
 //!   arrays: established by `done_inserting`) — reductions need it to know what to wait for.
 //! * The `done_inserting` census: the requesting PE asks every PE how many insertions it issued
-//!   and how many elements have their home there (built, being built, or known to live
-//!   elsewhere); when the two sums agree every insertion is in place and its home knows it, and
+//!   and how many insertions of elements homed there were announced to it; when the two sums
+//!   agree every insertion is in place and its home knows it, and
 //!   the per-PE counts are sealed on every PE. Otherwise it asks again a little later.
 //!
 //! Invariants: a reduction over a sparse array that reaches a PE before the seal waits there
@@ -106,17 +106,16 @@ impl PeState {
             .get(&coll)
             .copied()
             .unwrap_or(0);
-        // A sparse array's elements homed here are the insertions announced here: an element
-        // that moved on before its home heard of its insertion may already be located here
-        // (a location notice overtook the insertion's, across processes), and counting it then
-        // would seal the array before the insertion's notice, which would then abort the job.
-        let homed = {
-            let cols = self.collections.borrow();
-            cols.get(&coll).map_or(0, |c| match c.shape {
-                Shape::Sparse { .. } => c.inserted_on.len(),
-                _ => c.homed_count(self.pe, self.num_pes()),
-            })
-        };
+        // The elements homed here are the insertions announced here (each is announced to its
+        // home once, when its construction starts). Not the elements known to be here or away:
+        // an element that moved on before its home heard of its insertion may be located here
+        // already (a location notice overtook the insertion's, across processes), and counting
+        // it would seal the array before the insertion's notice, which would then abort the job.
+        let homed = self
+            .collections
+            .borrow()
+            .get(&coll)
+            .map_or(0, |c| c.inserted_on.len());
         self.fulfil(
             reply.0 as usize,
             reply.1,

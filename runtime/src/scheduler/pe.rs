@@ -141,15 +141,6 @@ impl LocalCollection {
         Some(element)
     }
 
-    /// Elements whose home is `pe`: residents at home, elements being built, and those known to
-    /// live elsewhere.
-    pub(crate) fn homed_count(&self, pe: usize, num_pes: usize) -> usize {
-        let at_home = |i: &Index| self.shape.home_pe(i, num_pes) == pe;
-        self.elements.iter().filter(|(i, _)| at_home(i)).count()
-            + self.constructing.keys().filter(|i| at_home(i)).count()
-            + self.away.len()
-    }
-
     /// At the home of `index`, in a sparse array sealed by `done_inserting` (every element
     /// inserted then is known to its home: here, being built here, or away): whether `index`
     /// was never inserted, so a call for it has no element to wait for.
@@ -955,35 +946,38 @@ impl PeState {
                 }
             }
             Body::Broadcast { coll, call } => {
-                let found = self
-                    .collections
-                    .borrow()
-                    .get(&coll)
-                    .map(|c| (c.chare, c.settled().then(|| c.elements.clone())));
+                // One look at the collection: whether the broadcast must wait here (a sparse
+                // array before its seal: an element inserted away from its home may be known
+                // nowhere yet; an element still being built: each must get it once), else
+                // whom it reaches.
+                let found = self.collections.borrow().get(&coll).map(|c| {
+                    let unsealed = matches!(c.shape, Shape::Sparse { .. })
+                        && !self.home_counts.borrow().contains_key(&coll);
+                    let waits = unsealed || !c.constructing.is_empty();
+                    let settled = (!waits && c.settled()).then(|| c.elements.clone());
+                    (c.chare, waits.then_some(unsealed), settled)
+                });
                 match found {
                     None => self.buffer(
                         coll,
                         Envelope::new(priority, Body::Broadcast { coll, call }),
                     ),
-                    Some(_) if self.sparse_unsealed(coll) => {
+                    Some((_, Some(unsealed), _)) => {
                         let env = Envelope::new(priority, Body::Broadcast { coll, call });
                         let mut cols = self.collections.borrow_mut();
-                        cols.get_mut(&coll)
-                            .expect("looked up above")
-                            .unsealed_broadcasts
-                            .push(env);
+                        let c = cols.get_mut(&coll).expect("looked up above");
+                        if unsealed {
+                            c.unsealed_broadcasts.push(env);
+                        } else {
+                            c.waiting_broadcasts.push(env);
+                        }
                     }
-                    Some(_) if self.any_under_construction(coll) => {
-                        // Delivered once every local element is built, so each gets it once.
-                        let env = Envelope::new(priority, Body::Broadcast { coll, call });
-                        let mut cols = self.collections.borrow_mut();
-                        cols.get_mut(&coll)
-                            .expect("looked up above")
-                            .waiting_broadcasts
-                            .push(env);
+                    Some((chare, None, None)) => {
+                        self.broadcast_unsettled(coll, chare, priority, call)
                     }
-                    Some((chare, None)) => self.broadcast_unsettled(coll, chare, priority, call),
-                    Some((chare, Some(elements))) => call.invoke_all(self, &elements, chare, 0),
+                    Some((chare, None, Some(elements))) => {
+                        call.invoke_all(self, &elements, chare, 0)
+                    }
                 }
             }
             Body::Resume { slot, generation } => {
@@ -1437,22 +1431,6 @@ impl PeState {
             .borrow()
             .get(&coll)
             .is_some_and(|c| c.constructing.contains_key(&index))
-    }
-
-    /// Whether `coll` is a sparse array that `done_inserting` has not sealed here yet.
-    fn sparse_unsealed(&self, coll: CollectionId) -> bool {
-        self.collections
-            .borrow()
-            .get(&coll)
-            .is_some_and(|c| matches!(c.shape, Shape::Sparse { .. }))
-            && !self.home_counts.borrow().contains_key(&coll)
-    }
-
-    fn any_under_construction(&self, coll: CollectionId) -> bool {
-        self.collections
-            .borrow()
-            .get(&coll)
-            .is_some_and(|c| !c.constructing.is_empty())
     }
 
     /// A suspendable constructor finished: install the element, then deliver what waited for it.
