@@ -55,7 +55,11 @@ pub(crate) fn check(what: &str, ret: c_int) -> Result<(), TransportError> {
 }
 
 /// Attempts after the first at enabling an endpoint whose name was taken.
-const ENABLE_RETRIES: usize = 2;
+/// Each refused attempt removes one stale name of this process id and the
+/// next endpoint gets the next name, so a dead process with this id leaves
+/// at most one refusal per endpoint it had (one per PE with endpoints per
+/// PE): the bound only has to exceed any process's endpoint count.
+const ENABLE_RETRIES: usize = 4096;
 
 /// What the chosen provider supports, read off its `fi_info`.
 #[derive(Debug, Clone)]
@@ -286,9 +290,12 @@ impl Fabric {
         }
         // libfabric 1.17's shm provider names its region after the process id
         // and refuses (`EBUSY`) a region left behind by a dead process that had
-        // the same id — it then removes that file, so a second attempt works.
-        // Such leftovers come from processes killed before closing their
-        // endpoint; pid reuse makes them collide sooner or later.
+        // the same id — it then removes that file, and the next endpoint gets
+        // the next name (`<pid>:<uid>:<n>`, n counting endpoints), which may
+        // be stale too: a killed process leaves one name per endpoint. Such
+        // leftovers come from processes killed before closing their
+        // endpoints; pid reuse makes them collide sooner or later (3 stale
+        // names stopped a start in CI when this retried twice).
         for attempt in 0..=ENABLE_RETRIES {
             if self.open_endpoint()? {
                 return Ok(());

@@ -29,10 +29,10 @@
 //!
 //! Options: `--endpoints N` (endpoints per process), `--packet-max N`, `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion), `--no-liveness` (no local process checks: only the
-//! provider's completion errors can reveal a lost peer), `--stale-shm-name`
-//! (before starting, leave in `/dev/shm` what a killed process with this
-//! process's id would have left there under libfabric 1.17's `shm` naming:
-//! the start must get past it).
+//! provider's completion errors can reveal a lost peer), `--stale-shm-names N`
+//! (before starting, leave in `/dev/shm` what a killed process of `N`
+//! endpoints with this process's id would have left there under libfabric
+//! 1.17's `shm` naming: the start must get past it).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -1012,15 +1012,17 @@ fn bye(layer: OfiLayer) {
     println!("OK bye rank 0: 3 messages in order after {took:?}");
 }
 
-/// Writes `/dev/shm/<pid>:<uid>:0` — the name libfabric 1.17's `shm`
-/// provider gives this process's first endpoint — as a region it cannot
-/// reuse (zeros: not its version), like one left by a killed process whose
-/// id this one got again.
-fn plant_stale_shm_region() {
+/// Writes `/dev/shm/<pid>:<uid>:<i>` for `i` in `0..count` — the names
+/// libfabric 1.17's `shm` provider gives this process's first endpoints —
+/// as regions it cannot reuse (zeros: not its version), like those left by
+/// a killed process with `count` endpoints whose id this one got again.
+fn plant_stale_shm_regions(count: usize) {
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
-    let path = format!("/dev/shm/{}:{uid}:0", std::process::id());
-    std::fs::write(&path, vec![0u8; 64 << 10]).expect("write the stale region");
+    for i in 0..count {
+        let path = format!("/dev/shm/{}:{uid}:{i}", std::process::id());
+        std::fs::write(&path, vec![0u8; 64 << 10]).expect("write the stale region");
+    }
 }
 
 fn main() {
@@ -1062,8 +1064,12 @@ fn main() {
         cfg.linger = Duration::from_secs(5);
         cfg.read_window = Some(0);
     }
-    if flag("--stale-shm-name").is_some() {
-        plant_stale_shm_region();
+    if let Some(i) = flag("--stale-shm-names") {
+        plant_stale_shm_regions(
+            args.get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .expect("--stale-shm-names N"),
+        );
     }
     let layer = match OfiLayer::from_env(cfg) {
         Ok(Some(l)) => l,
