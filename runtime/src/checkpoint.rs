@@ -20,7 +20,8 @@
 //!
 //! * A checkpoint is taken at quiescence, with periodic load balancing held, so no message is in
 //!   flight and no element moves: an element with a suspended entry method or `when` calls
-//!   waiting at it, or a collection still being built, makes [`checkpoint`] fail naming it; so
+//!   waiting at it, a collection still being built, or a call, broadcast or reduction waiting
+//!   for a sparse array's insertion or `done_inserting`, makes [`checkpoint`] fail naming it; so
 //!   does a count of saved elements that differs from the collection's (unsealed sparse arrays,
 //!   whose count is not known, excepted). The previous checkpoint then stands.
 //! * After a restore, collection ids below the saving job's last are the restored ones only: a
@@ -247,7 +248,8 @@ impl Checkpointer {
 /// # Errors
 /// [`Error::Checkpoint`] naming what failed: not called on PE 0 (where the entry point runs), a
 /// chare type that is not migratable, a busy element (suspended entry method, waiting `when`
-/// calls, unfinished `async fn new`), a file that could not be written; [`Error::NotInRuntime`]
+/// calls, unfinished `async fn new`), a call, broadcast or reduction waiting for a sparse
+/// array's insertion or `done_inserting`, a file that could not be written; [`Error::NotInRuntime`]
 /// outside a running PE.
 pub async fn checkpoint<S: Serialize>(dir: impl AsRef<Path>, state: &S) -> Result<Saved> {
     let state = postcard::to_allocvec(state)
@@ -555,6 +557,12 @@ impl PeState {
                     return Err(format!(
                         "element {index} of {} on PE {} is still being built (async fn new)",
                         c.chare, self.pe
+                    ));
+                }
+                if let Some(what) = self.waiting_for_insertions(coll, c) {
+                    return Err(format!(
+                        "{what}: a checkpoint does not save it; checkpoint where nothing waits \
+                         (after the insertion, or after done_inserting)"
                     ));
                 }
                 collections.push(PeCollection {

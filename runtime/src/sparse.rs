@@ -12,11 +12,14 @@
 //!
 //! Invariants: a reduction over a sparse array that reaches a PE before the seal waits there
 //! (never completes early or with a wrong count); an insertion issued by a PE that has seen the
-//! seal is an error naming the array.
+//! seal is an error naming the array. What waits here for an insertion or for the seal is named
+//! by [`PeState::waiting_for_insertions`] (a checkpoint, which does not save it, refuses to run
+//! while anything does).
 
 use crate::collection::{CollectionId, Shape};
-use crate::envelope::{Control, Envelope};
+use crate::envelope::{Body, Control, Envelope};
 use crate::reduction::Incoming;
+use crate::scheduler::LocalCollection;
 use crate::scheduler::PeState;
 use std::rc::Rc;
 
@@ -168,6 +171,45 @@ impl PeState {
         for env in broadcasts {
             self.deliver(env);
         }
+    }
+
+    /// What of sparse array `coll` (`c` here) waits on this PE for an insertion or for
+    /// `done_inserting`'s seal, described for an error: a call at the home of an element not
+    /// inserted yet, a broadcast, or reduction traffic. `None` if nothing does.
+    pub(crate) fn waiting_for_insertions(
+        &self,
+        coll: CollectionId,
+        c: &LocalCollection,
+    ) -> Option<String> {
+        if let Some((index, waiting)) = c.lost.iter().find(|(_, w)| !w.is_empty()) {
+            let entry = match waiting.first().map(|env| &env.body) {
+                Some(Body::Point { call, .. }) => call.entry_name(),
+                _ => "?",
+            };
+            return Some(format!(
+                "a call to {entry} of element {index} waits on PE {}, its home, for the \
+                 element's insertion",
+                self.pe
+            ));
+        }
+        if !c.unsealed_broadcasts.is_empty() {
+            return Some(format!(
+                "a broadcast to sparse array {} waits on PE {} for done_inserting",
+                c.chare, self.pe
+            ));
+        }
+        if self
+            .unsealed
+            .borrow()
+            .get(&coll)
+            .is_some_and(|w| !w.is_empty())
+        {
+            return Some(format!(
+                "a reduction over sparse array {} waits on PE {} for done_inserting",
+                c.chare, self.pe
+            ));
+        }
+        None
     }
 
     /// Seals `coll` here at once (so the caller of `done_inserting` sees it sealed) and sends the

@@ -624,3 +624,76 @@ fn a_proxy_in_a_saved_channel_value_is_rehomed_for_the_new_job() {
     assert_eq!(pe, 1, "element 3 of 4 lives on PE 1 of 2");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An element of a sparse array that counts its calls.
+#[derive(Serialize, Deserialize)]
+struct Mark {
+    hits: u32,
+}
+
+#[chare(migratable)]
+impl Mark {
+    fn new() -> Self {
+        Mark { hits: 0 }
+    }
+
+    #[entry]
+    fn poke(&mut self) {
+        self.hits += 1;
+    }
+
+    #[entry]
+    fn hits(&mut self) -> u32 {
+        self.hits
+    }
+}
+
+#[test]
+fn a_checkpoint_names_what_waits_for_a_sparse_arrays_insertions() {
+    // A call to an element not inserted yet, and a broadcast before done_inserting, wait on
+    // their PEs; a checkpoint would not save them (the restarted job would never run them), so
+    // it refuses, naming them, until nothing waits.
+    let dir = scratch("unsealed");
+    let d = dir.clone();
+    let (call, broadcast, hits) = job(3, move || async move {
+        let marks = Array::<Mark, usize>::new_sparse(None);
+        marks.insert(1, (), Some(1));
+        marks.at(5).poke();
+        charmrs::wait_qd().await;
+        let call = charmrs::checkpoint(&d, &0u32)
+            .await
+            .unwrap_err()
+            .to_string();
+        marks.insert(5, (), Some(2));
+        marks.poke();
+        charmrs::wait_qd().await;
+        let broadcast = charmrs::checkpoint(&d, &0u32)
+            .await
+            .unwrap_err()
+            .to_string();
+        marks.done_inserting().await;
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &0u32).await.expect("nothing waits");
+        let hits = (
+            marks.at(1).ret().hits().await,
+            marks.at(5).ret().hits().await,
+        );
+        (call, broadcast, hits)
+    });
+    assert!(
+        call.contains("a call to Mark::poke of element (5,) waits on PE")
+            && call.contains("insertion"),
+        "{call}"
+    );
+    assert!(
+        broadcast.contains("a broadcast to sparse array Mark waits on PE")
+            && broadcast.contains("done_inserting"),
+        "{broadcast}"
+    );
+    assert_eq!(
+        hits,
+        (1, 2),
+        "the waiting call and the broadcast ran once each"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

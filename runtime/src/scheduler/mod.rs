@@ -10,5 +10,7 @@ mod shared;
 
 pub(crate) use comm::poll_network;
 pub(crate) use ending::{finish_job, ENDING_WAIT};
-pub(crate) use pe::{on_pe, run_pe, with_pe, AbortUnwind, Mobility, PeState, TimerKey};
+pub(crate) use pe::{
+    on_pe, run_pe, with_pe, AbortUnwind, LocalCollection, Mobility, PeState, TimerKey,
+};
 pub(crate) use shared::{Outcome, Shared};
