@@ -190,9 +190,6 @@ pub(crate) struct PeState {
     timers: RefCell<std::collections::BTreeMap<TimerKey, Waker>>,
     next_timer: Cell<u64>,
     has_timers: Cell<bool>,
-    /// Network arrivals put in this PE's local queue and not yet matched by a turn (see
-    /// `run_pe`'s back-pressure; network PE only).
-    network_backlog: Cell<usize>,
     /// Since when this PE (a network PE) has parked or napped without input: it then parks or
     /// naps again at once, without first spinning.
     quiet_since: Cell<Option<Instant>>,
@@ -295,8 +292,7 @@ pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
     let mut env = Some(env);
     on_current(dst, |state| {
         if let Some(env) = env.take() {
-            state.queue.borrow_mut().push(env);
-            state.network_backlog.set(state.network_backlog.get() + 1);
+            state.queue.borrow_mut().push_network(env);
         }
     });
     env
@@ -372,7 +368,6 @@ impl PeState {
             timers: RefCell::default(),
             next_timer: Cell::new(0),
             has_timers: Cell::new(false),
-            network_backlog: Cell::new(0),
             quiet_since: Cell::new(None),
             idling: Cell::new(false),
             idle_end: Cell::new(None),
@@ -1655,14 +1650,14 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
     while !shared.stopping() {
         if let Some(table) = network {
             // Back-pressure: while NETWORK_BACKLOG network arrivals or more wait in the local
-            // queue (counted: arrivals in, one out per turn), the network is polled only after
-            // NETWORK_BACKLOG turns without. A poll may deliver several messages and a turn runs
+            // queue (counted exactly: in when queued, out when run), the network is polled only
+            // after NETWORK_BACKLOG turns without. A poll may deliver several messages and a turn runs
             // one, so a fast sender could otherwise have this PE take in messages (and receive
             // buffers) faster than it runs them: a burst of 1 MiB messages over libfabric held
             // 70 receive buffers of 2 MiB, most of them freshly page-faulted. A backlog of local
             // work does not hold the network back.
-            let throttled =
-                state.network_backlog.get() >= NETWORK_BACKLOG && skipped < NETWORK_BACKLOG;
+            let throttled = state.queue.borrow().network_waiting() >= NETWORK_BACKLOG
+                && skipped < NETWORK_BACKLOG;
             if just_polled {
                 // `idle` just polled and found something: run it first.
             } else if throttled {
@@ -1707,9 +1702,6 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         };
         match next {
             Some(env) => {
-                state
-                    .network_backlog
-                    .set(state.network_backlog.get().saturating_sub(1));
                 if env.counted() {
                     state.processed.set(state.processed.get() + 1);
                 }
