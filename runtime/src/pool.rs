@@ -8,7 +8,9 @@
 //! limited to its PE cap; PE 0 itself last, as a chunk there delays the master's work) and
 //! collects the results in input order. A PE running a chunk of a
 //! synchronous task is busy until the chunk returns; a chunk of an `async` task frees its PE as
-//! soon as it is started (its tasks may wait for nested tasks, which then need free PEs).
+//! soon as it is started (its tasks may wait for nested tasks, which then need free PEs). A job's
+//! PE cap (`max_pes`) bounds its chunks in flight, async ones until they finish, so at most that
+//! many of its tasks run (or wait) at once.
 //! Invariants: each item runs exactly once; a job's future is fulfilled exactly once, with all
 //! results in input order or with the first task's error (a panicking task fails its job).
 
@@ -317,10 +319,9 @@ struct Job {
     task: &'static TaskInfo,
     chunks: VecDeque<(usize, Vec<AnyBox>)>,
     results: Vec<Option<AnyBox>>,
-    /// Chunks handed out whose results have not come back.
+    /// Chunks handed out whose results have not come back: each is running on a PE (an async
+    /// chunk frees its PE for other work while it waits, but still counts against the cap).
     outstanding: usize,
-    /// PEs busy with this job's synchronous chunks, or still starting its async ones.
-    pes_in_use: usize,
     max_pes: usize,
     reply: Option<(u32, u64)>,
     finish: FinishFn,
@@ -386,7 +387,6 @@ impl PeState {
                 chunks,
                 results: (0..n).map(|_| None).collect(),
                 outstanding: 0,
-                pes_in_use: 0,
                 max_pes: spec.options.max_pes.unwrap_or(usize::MAX),
                 reply: spec.reply,
                 finish: spec.finish,
@@ -410,7 +410,7 @@ impl PeState {
             'outer: loop {
                 let mut progressed = false;
                 for (&id, job) in st.jobs.iter_mut() {
-                    if job.pes_in_use >= job.max_pes || job.chunks.is_empty() {
+                    if job.outstanding >= job.max_pes || job.chunks.is_empty() {
                         continue;
                     }
                     // PE 0 (the master) last: a synchronous chunk there holds up every other
@@ -420,7 +420,6 @@ impl PeState {
                     };
                     st.free.remove(&pe);
                     let (start, items) = job.chunks.pop_front().expect("checked non-empty");
-                    job.pes_in_use += 1;
                     job.outstanding += 1;
                     runs.push((
                         pe,
@@ -492,19 +491,14 @@ impl PeState {
                 items,
                 task,
             } => self.pool_run(job, start, items, task),
-            PoolMsg::Free { job, pe } => {
+            PoolMsg::Free { pe, .. } => {
                 if pe >= self.shared.num_pes {
                     return self.abort_job(format!(
                         "charmrs: a task-pool message frees unknown PE {pe} (the job has {} PEs)",
                         self.shared.num_pes
                     ));
                 }
-                let mut st = self.pool.borrow_mut();
-                st.free.insert(pe);
-                if let Some(j) = st.jobs.get_mut(&job) {
-                    j.pes_in_use = j.pes_in_use.saturating_sub(1);
-                }
-                drop(st);
+                self.pool.borrow_mut().free.insert(pe);
                 self.pool_schedule();
             }
             PoolMsg::Done {
@@ -548,9 +542,6 @@ impl PeState {
                         return self.abort_job(bad("more results than chunks handed out".into()));
                     };
                     j.outstanding = left;
-                    if frees {
-                        j.pes_in_use = j.pes_in_use.saturating_sub(1);
-                    }
                     match results {
                         Ok(values) => {
                             for (k, v) in values.into_iter().enumerate() {
@@ -576,10 +567,11 @@ impl PeState {
     /// Worker: runs a chunk and reports to the master.
     fn pool_run(&self, job: u64, start: usize, items: Vec<AnyBox>, task: &'static TaskInfo) {
         let me = self.pe;
-        let failed = move |payload: AnyBox| Error::Remote {
+        // Names the item (its place in the job's input) whose task panicked.
+        let failed = move |item: usize, payload: AnyBox| Error::Remote {
             pe: me,
             entry: task.name.to_string(),
-            message: crate::panic::describe(payload),
+            message: format!("item {item}: {}", crate::panic::describe(payload)),
         };
         // The chunk's report to the master; `frees`: this PE is free again with it.
         let report = move |results, frees| {
@@ -599,12 +591,12 @@ impl PeState {
             let traced = self.tracer.as_ref().map(|t| t.begin());
             let mut out = Vec::with_capacity(items.len());
             let mut result = Ok(());
-            for item in items {
+            for (k, item) in items.into_iter().enumerate() {
                 match catch_unwind(AssertUnwindSafe(|| (task.run)(item))) {
                     Ok(TaskRun::Done(v)) => out.push(v),
                     Ok(TaskRun::Suspended(_)) => unreachable!("a sync task does not suspend"),
                     Err(p) => {
-                        result = Err(failed(p));
+                        result = Err(failed(start + k, p));
                         break;
                     }
                 }
@@ -624,7 +616,7 @@ impl PeState {
             Box::pin(async move {
                 let mut out = Vec::with_capacity(items.len());
                 let mut result = Ok(());
-                for item in items {
+                for (k, item) in items.into_iter().enumerate() {
                     let outcome = match catch_unwind(AssertUnwindSafe(|| (task.run)(item))) {
                         Ok(TaskRun::Done(v)) => Ok(v),
                         Ok(TaskRun::Suspended(fut)) => crate::envelope::catch_panic(fut).await,
@@ -633,7 +625,7 @@ impl PeState {
                     match outcome {
                         Ok(v) => out.push(v),
                         Err(p) => {
-                            result = Err(failed_async(p));
+                            result = Err(failed_async(start + k, p));
                             break;
                         }
                     }

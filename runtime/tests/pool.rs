@@ -89,13 +89,14 @@ fn the_pe_cap_limits_a_job() {
 fn a_panicking_task_fails_its_job_only() {
     run_job(3, |_| async {
         let e = pool()
-            .map_async(fragile, (0..20).collect(), MapOptions::default())
+            .map_async(fragile, (0..20).rev().collect(), MapOptions::default())
             .result()
             .await;
         match e {
             Err(Error::Remote { entry, message, .. }) => {
                 assert!(entry.ends_with("::fragile"), "{entry}");
-                assert!(message.contains("task 7 breaks"), "{message}");
+                // 7 is the 13th item: the error names its place in the input.
+                assert!(message.contains("item 12: task 7 breaks"), "{message}");
             }
             other => panic!("expected the task's error, got {other:?}"),
         }
@@ -199,6 +200,36 @@ fn the_masters_pe_works_last() {
         let mut pes = pool().map_async(which_pe, vec![0, 1, 2], opts).await;
         pes.sort_unstable();
         assert_eq!(pes, vec![1, 2, 3]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+static RUNNING: AtomicU64 = AtomicU64::new(0);
+static MOST_RUNNING: AtomicU64 = AtomicU64::new(0);
+
+/// An async task that waits a little while it runs, noting how many run at once.
+#[charmrs::task]
+async fn slow(x: u64) -> u64 {
+    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+    MOST_RUNNING.fetch_max(now, Ordering::SeqCst);
+    charmrs::sleep(std::time::Duration::from_millis(5)).await;
+    RUNNING.fetch_sub(1, Ordering::SeqCst);
+    x * 2
+}
+
+#[test]
+fn an_async_job_keeps_to_its_pe_cap() {
+    // An async chunk frees its PE while it waits, but the job's cap still bounds how many of
+    // its tasks run at once (before: every PE took one).
+    run_job(4, |_| async {
+        let opts = MapOptions {
+            chunk: 1,
+            max_pes: Some(2),
+        };
+        let out = pool().map_async(slow, (0..12).collect(), opts).await;
+        assert_eq!(out, (0..12).map(|x| x * 2).collect::<Vec<_>>());
+        assert_eq!(MOST_RUNNING.load(Ordering::SeqCst), 2);
         charmrs::exit(0);
     })
     .unwrap();
