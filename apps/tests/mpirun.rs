@@ -92,6 +92,29 @@ fn programs_run_under_mpirun() {
 }
 
 #[test]
+fn processes_sharing_a_host_split_its_cores_when_not_told_how_many_pes() {
+    // No +p, no CHARMRS_PES, no binding: each of the host's processes takes its share of the
+    // cores it sees (before, every process ran a PE per core: n times too many).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for n in [2usize, 3] {
+        let Some(out) = run_mpirun(&[
+            "-n",
+            &n.to_string(),
+            "--bind-to",
+            "none",
+            env!("CARGO_BIN_EXE_group_hello"),
+        ]) else {
+            return;
+        };
+        assert!(out.success(), "mpirun -n {n}: {}", out.stderr);
+        let lines = out.lines();
+        let pes = n * (cores / n).max(1);
+        assert_eq!(lines.len(), pes + 1, "{pes} PEs expected: {lines:?}");
+        assert_eq!(lines[pes], "All done");
+    }
+}
+
+#[test]
 fn processes_with_different_pe_counts_are_refused_naming_both() {
     // Two programs in one job (MPMD): process 0 with 2 PEs, process 1 with 1. Three jobs:
     // OpenMPI 4.1's `mpirun` hung or crashed in about one in four of these while charmrs called

@@ -140,11 +140,21 @@ impl Runtime {
         self
     }
 
-    /// Number of PEs this job will run.
+    /// Number of PEs this process will run: as set (`+p`, `CHARMRS_PES`, [`Runtime::new`]),
+    /// else its share of the host's cores — every core its binding lists if a launcher bound it
+    /// to a slice of the host (`srun --cpu-bind`, `mpirun --bind-to`), else those cores divided
+    /// among the job's processes on the host (`OMPI_COMM_WORLD_LOCAL_SIZE`,
+    /// `SLURM_TASKS_PER_NODE`, ...), at least one.
     pub fn pes(&self) -> usize {
-        self.options
-            .pes
-            .unwrap_or_else(|| Topology::detect().num_cores().max(1))
+        self.options.pes.unwrap_or_else(|| {
+            let topology = Topology::detect();
+            let host_procs = host_env().map_or(1, |(_, n)| n);
+            default_pes(
+                topology.num_cores(),
+                topology.bound_by_launcher(),
+                host_procs,
+            )
+        })
     }
 
     /// Runs the job: `main(args)` runs as a task on PE 0; returns the code passed to [`exit`].
@@ -200,7 +210,14 @@ impl Runtime {
         // after those of the processes before it on the host, and pinning happens only if every
         // PE of the host gets a core of its own.
         let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
-        let pin = self.options.affinity && topology.pes_fit(pes * host_procs);
+        let place = placement(
+            &topology,
+            topology.bound_by_launcher(),
+            host_rank,
+            host_procs,
+            pes,
+        );
+        let pin = self.options.affinity && place.own_cores;
         let first_pe = shared.first_pe;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         if shared.layer.size() > 1 {
@@ -238,10 +255,9 @@ impl Runtime {
             let _ = shared.network_pes.set(lanes);
         }
         // Whether idle PEs may poll without ever yielding: only if each has a core of its own.
-        shared.own_cores.store(
-            topology.pes_fit(pes * host_procs),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        shared
+            .own_cores
+            .store(place.own_cores, std::sync::atomic::Ordering::Relaxed);
         let args = self.args;
         let mut first = Some(Envelope::new(
             0,
@@ -251,7 +267,7 @@ impl Runtime {
             let pe = first_pe + local;
             let shared = shared.clone();
             let core = if pin {
-                topology.core_for_pe(host_rank * pes + local)
+                topology.core_for_pe(place.first_core + local)
             } else {
                 None
             };
@@ -540,10 +556,17 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
 }
 
 /// This process's rank among the job's processes on this host, and their number: from the
-/// launcher's environment (`CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE`, OpenMPI's
-/// `OMPI_COMM_WORLD_LOCAL_*`, Slurm's `SLURM_LOCALID`/`SLURM_NTASKS_PER_NODE`), else — as with
-/// `charmrun`, which starts every process on this host — the job rank and size.
+/// launcher's environment ([`host_env`]), else — as with `charmrun`, which starts every process
+/// on this host — the job rank and size.
 fn host_placement(rank: u32, size: u32) -> (usize, usize) {
+    host_env().unwrap_or((rank as usize, size.max(1) as usize))
+}
+
+/// This process's rank among the job's processes on this host, and their number, as the
+/// launcher says: `CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE` (charmrun), OpenMPI's
+/// `OMPI_COMM_WORLD_LOCAL_*`, Slurm's `SLURM_LOCALID` with `SLURM_NTASKS_PER_NODE` or this
+/// node's entry (`SLURM_NODEID`) of `SLURM_TASKS_PER_NODE`. `None` if none says.
+fn host_env() -> Option<(usize, usize)> {
     let var = |names: &[&str]| {
         names
             .iter()
@@ -558,16 +581,122 @@ fn host_placement(rank: u32, size: u32) -> (usize, usize) {
         "CHARMRS_LOCAL_SIZE",
         "OMPI_COMM_WORLD_LOCAL_SIZE",
         "SLURM_NTASKS_PER_NODE",
-    ]);
+    ])
+    .or_else(|| {
+        let node = var(&["SLURM_NODEID"])?;
+        slurm_tasks_on_node(&std::env::var("SLURM_TASKS_PER_NODE").ok()?, node)
+    });
     match (local_rank, local_size) {
-        (Some(r), Some(n)) if r < n => (r, n),
-        _ => (rank as usize, size.max(1) as usize),
+        (Some(r), Some(n)) if r < n => Some((r, n)),
+        _ => None,
+    }
+}
+
+/// The task count of node `node` in Slurm's `SLURM_TASKS_PER_NODE` (`2(x3),1`: 2 tasks on each
+/// of the first three nodes, then 1); `None` if malformed or too short.
+fn slurm_tasks_on_node(spec: &str, node: usize) -> Option<usize> {
+    let mut first = 0usize;
+    for part in spec.split(',') {
+        let (count, repeat) = match part.split_once("(x") {
+            Some((count, rest)) => (count, rest.strip_suffix(')')?.parse::<usize>().ok()?),
+            None => (part, 1),
+        };
+        let count = count.trim().parse::<usize>().ok()?;
+        first = first.checked_add(repeat)?;
+        if node < first {
+            return Some(count);
+        }
+    }
+    None
+}
+
+/// The PEs of a process that was not told how many to run: every core of its binding if a
+/// launcher bound it to a slice of the host, else its share of the cores it sees with the
+/// host's other processes of the job (at least one).
+fn default_pes(cores: usize, bound: bool, host_procs: usize) -> usize {
+    if bound {
+        cores.max(1)
+    } else {
+        (cores / host_procs.max(1)).max(1)
+    }
+}
+
+/// Where a process's PEs go among the cores of its [`Topology`].
+#[derive(Debug, PartialEq, Eq)]
+struct Placement {
+    /// The topology position of its first PE's core.
+    first_core: usize,
+    /// Whether every PE of the host gets a core of its own (then PEs are pinned, and idle ones
+    /// may poll without yielding).
+    own_cores: bool,
+}
+
+/// A process bound to a slice of the host fills its own cores from the first; processes sharing
+/// the host's cores take them in host-rank order, `pes` each.
+fn placement(
+    topology: &Topology,
+    bound: bool,
+    host_rank: usize,
+    host_procs: usize,
+    pes: usize,
+) -> Placement {
+    if bound {
+        Placement {
+            first_core: 0,
+            own_cores: topology.pes_fit(pes),
+        }
+    } else {
+        Placement {
+            first_core: host_rank * pes,
+            own_cores: topology.pes_fit(pes * host_procs),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::process_status;
+    use super::{default_pes, placement, process_status, slurm_tasks_on_node, Placement};
+    use charmrs_transport::{CoreId, Topology};
+
+    #[test]
+    fn processes_sharing_a_host_split_its_cores_and_bound_ones_fill_their_slice() {
+        // 8 cores seen, 4 processes on the host: 2 PEs each, the third process from core 4.
+        let eight = Topology::from_cores((0..8).map(CoreId).collect());
+        assert_eq!(default_pes(8, false, 4), 2);
+        assert_eq!(
+            placement(&eight, false, 2, 4, 2),
+            Placement {
+                first_core: 4,
+                own_cores: true
+            }
+        );
+        // More processes than cores: one PE each, not pinned.
+        assert_eq!(default_pes(2, false, 3), 1);
+        assert!(!placement(&eight, false, 0, 9, 1).own_cores);
+        // Bound to a slice of 2 cores (the host has more): both PEs, from the slice's first.
+        let slice = Topology::from_cores(vec![CoreId(6), CoreId(7)]);
+        assert_eq!(default_pes(2, true, 4), 2);
+        assert_eq!(
+            placement(&slice, true, 3, 4, 2),
+            Placement {
+                first_core: 0,
+                own_cores: true
+            }
+        );
+        assert!(!placement(&slice, true, 3, 4, 3).own_cores);
+        // Alone on the host: every core.
+        assert_eq!(default_pes(8, false, 1), 8);
+    }
+
+    #[test]
+    fn slurm_task_counts_per_node_are_read() {
+        assert_eq!(slurm_tasks_on_node("4", 0), Some(4));
+        assert_eq!(slurm_tasks_on_node("2(x3),1", 0), Some(2));
+        assert_eq!(slurm_tasks_on_node("2(x3),1", 2), Some(2));
+        assert_eq!(slurm_tasks_on_node("2(x3),1", 3), Some(1));
+        assert_eq!(slurm_tasks_on_node("2(x3),1", 4), None);
+        assert_eq!(slurm_tasks_on_node("2(x,1", 0), None);
+    }
 
     #[test]
     fn a_failing_code_never_exits_as_success() {

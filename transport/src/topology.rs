@@ -4,6 +4,9 @@
 //!
 //! * [`CoreId`]: an OS processor number (the id `sched_setaffinity` takes).
 //! * [`Topology`]: the ordered list of usable cores and thread pinning.
+//! * [`Topology::bound_by_launcher`]: whether this process's binding is narrower than what its
+//!   cgroup allows (a launcher such as `srun --cpu-bind` or `mpirun --bind-to` gave it a slice
+//!   of the host), which decides how processes sharing a host split its cores.
 //!
 //! # Invariants
 //!
@@ -87,12 +90,70 @@ impl Topology {
         self.cores.get(pe).copied()
     }
 
+    /// Whether this topology (the calling thread's binding) lists fewer cores
+    /// than the process's cgroup allows — its cpuset's effective CPUs, or the
+    /// online CPUs where no cpuset is readable: a launcher bound the process
+    /// to its own slice of the host, which its PEs may then fill. `false`
+    /// when the binding is all the cgroup allows (several processes of a job
+    /// on such a host share those cores) or the allowance cannot be read.
+    pub fn bound_by_launcher(&self) -> bool {
+        allowed_cpu_count().is_some_and(|allowed| self.cores.len() < allowed)
+    }
+
     /// Pins the calling thread to `core`. Returns `false` if `core` is not in
     /// this topology or the OS refused.
     pub fn pin_current_thread(&self, core: CoreId) -> bool {
         self.cores.contains(&core)
             && core_affinity::set_for_current(core_affinity::CoreId { id: core.0 })
     }
+}
+
+/// How many CPUs this process's cgroup lets it use: the effective CPUs of
+/// its cpuset (cgroup v2 `cpuset.cpus.effective`, v1
+/// `cpuset.effective_cpus`), else the online CPUs; `None` if none of these
+/// can be read.
+fn allowed_cpu_count() -> Option<usize> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut files = Vec::new();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if id == "0" && controllers.is_empty() {
+            files.push(format!("/sys/fs/cgroup/{path}/cpuset.cpus.effective"));
+        } else if controllers.split(',').any(|c| c == "cpuset") {
+            files.push(format!(
+                "/sys/fs/cgroup/cpuset/{path}/cpuset.effective_cpus"
+            ));
+        }
+    }
+    files.push("/sys/devices/system/cpu/online".to_owned());
+    files
+        .iter()
+        .find_map(|f| count_cpu_list(std::fs::read_to_string(f).ok()?.trim()))
+}
+
+/// The number of CPUs in a kernel CPU list (`0-3,8,10-11`); `None` if it is
+/// empty or malformed.
+fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0usize;
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (
+                lo.trim().parse::<usize>().ok()?,
+                hi.trim().parse::<usize>().ok()?,
+            ),
+            None => {
+                let one = part.trim().parse::<usize>().ok()?;
+                (one, one)
+            }
+        };
+        n += hi.checked_sub(lo)? + 1;
+    }
+    (n > 0).then_some(n)
 }
 
 /// Lists processing units with hwloc: the first PU of each physical core,
@@ -168,6 +229,37 @@ mod tests {
         assert!(!t.pes_fit(t.num_cores() + 1));
         let unique: HashSet<_> = t.cores().iter().collect();
         assert_eq!(unique.len(), t.num_cores());
+    }
+
+    #[test]
+    fn cpu_lists_are_counted_and_bad_ones_refused() {
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(count_cpu_list("5"), Some(1));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("a-b"), None);
+    }
+
+    #[test]
+    fn a_thread_bound_to_one_of_several_cores_is_bound_by_launcher() {
+        let allowed = Topology::detect();
+        let whole = allowed_cpu_count().expect("the online CPUs are readable");
+        assert_eq!(allowed.bound_by_launcher(), allowed.num_cores() < whole);
+        if allowed.num_cores() < 2 {
+            eprintln!("note: one usable core: no narrower binding to try");
+            return;
+        }
+        let first = allowed.cores()[0];
+        let bound = std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                id: first.0
+            }));
+            Topology::detect().bound_by_launcher()
+        })
+        .join()
+        .unwrap();
+        assert!(bound);
     }
 
     #[test]
