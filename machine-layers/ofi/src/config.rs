@@ -28,7 +28,15 @@ pub struct OfiConfig {
     /// flood of 64 B messages with one of 16 337 B every thousand, eager in a packet of
     /// 16 385 B, had the next 64 B one delivered before it). Default 16 KiB.
     pub packet_max: usize,
-    /// Number of pre-posted receive buffers. Default 128.
+    /// Number of pre-posted receive buffers, per endpoint ([`ENV_RECV_BUFFERS`]). At least 1,
+    /// and at most the depth of the provider's receive queue (its `fi_info` `rx_attr.size`:
+    /// 1024 for libfabric 1.17's `shm`, 2048 for `tcp;ofi_rxm`), which is all the endpoint
+    /// can have posted: [`OfiLayer::new`](crate::OfiLayer::new) refuses a larger value with an
+    /// error naming [`ENV_RECV_BUFFERS`], the value and the provider's limit (and the
+    /// provider's variable that raises it, e.g. `FI_SHM_RX_SIZE` or `FI_OFI_RXM_RX_SIZE`),
+    /// before any process of the job published anything — rather than running with fewer
+    /// buffers than asked for. Only the default is lowered to the limit silently, for a
+    /// provider whose queue is shallower. Default [`DEFAULT_RECV_BUFFERS`] (128).
     pub recv_buffers: usize,
     /// Largest message (and `get`) accepted from a peer. Default 1 GiB.
     pub max_message: u64,
@@ -69,6 +77,29 @@ pub struct OfiConfig {
     /// provider refuses an address vector of every endpoint of the job: libfabric 1.17's `shm`
     /// takes at most 256), the layer falls back to one, saying so on stderr. Default 1.
     pub endpoints: usize,
+    /// Large (rendezvous) messages an endpoint may have registered (`fi_mr_reg`) for one peer
+    /// endpoint and not yet seen acknowledged by it ([`ENV_RNDV_PER_PEER`]). A sender
+    /// registers a large message's segments when it hands the message's descriptor to the
+    /// provider and deregisters them when the reader's acknowledgement arrives; a peer that is
+    /// slow to read (or stalled) would otherwise make it register, and pin, everything sent to
+    /// it. At the bound (or at [`rndv_bytes_per_peer`](Self::rndv_bytes_per_peer)), further
+    /// large messages to that peer wait, unregistered, in its send queue, and so does
+    /// everything sent to it after them (small messages too: per-pair order holds), until
+    /// acknowledgements free registrations; the waiting never fails or drops anything, and
+    /// `send` still never blocks. A peer lost or gone meanwhile is reported as usual and what
+    /// waited for it is dropped. Per pair of endpoints (per destination process with one
+    /// endpoint per process, per pair of PEs with one per PE), so the registrations of a
+    /// process are bounded by this times its endpoints times the job's endpoints it sends large
+    /// messages to. At least 1. When a dropped layer's [`linger`](Self::linger) runs out the
+    /// bound is lifted, so that what waits still goes before the goodbye. Default
+    /// [`DEFAULT_RNDV_PER_PEER`] (64).
+    pub rndv_per_peer: usize,
+    /// Bytes of the large messages an endpoint may have registered for one peer endpoint and
+    /// not yet seen acknowledged ([`ENV_RNDV_BYTES_PER_PEER`]; see
+    /// [`rndv_per_peer`](Self::rndv_per_peer), whichever is reached first applies). One message
+    /// always goes when none to that peer is outstanding, whatever its size, so 0 sends one at
+    /// a time. Default [`DEFAULT_RNDV_BYTES_PER_PEER`] (16 MiB).
+    pub rndv_bytes_per_peer: usize,
 }
 
 impl Default for OfiConfig {
@@ -76,7 +107,7 @@ impl Default for OfiConfig {
         OfiConfig {
             provider: None,
             packet_max: 16 << 10,
-            recv_buffers: 128,
+            recv_buffers: DEFAULT_RECV_BUFFERS,
             max_message: 1 << 30,
             linger: Duration::from_secs(1),
             wait_spin: Duration::from_micros(50),
@@ -84,9 +115,28 @@ impl Default for OfiConfig {
             pool_bytes: 64 << 20,
             read_window: None,
             endpoints: 1,
+            rndv_per_peer: DEFAULT_RNDV_PER_PEER,
+            rndv_bytes_per_peer: DEFAULT_RNDV_BYTES_PER_PEER,
         }
     }
 }
+
+/// Default [`OfiConfig::recv_buffers`]: 128 buffers (of 16 KiB by default, 2 MiB per
+/// endpoint).
+pub const DEFAULT_RECV_BUFFERS: usize = 128;
+
+/// Default [`OfiConfig::rndv_per_peer`]: 64 large messages per pair of endpoints. With
+/// [`DEFAULT_RNDV_BYTES_PER_PEER`] it is the 64 × 256 KiB of the entry-call streams measured in
+/// docs/performance.md, and leaves a receiver that reads one message at a time (`shm`) or
+/// [`DEFAULT_READ_WINDOW`] at once (others) many descriptors ahead of its reads, so the bound
+/// only bites when a peer falls behind; it keeps a process's registrations to tens of
+/// thousands in a job of a thousand endpoints.
+pub const DEFAULT_RNDV_PER_PEER: usize = 64;
+
+/// Default [`OfiConfig::rndv_bytes_per_peer`]: 16 MiB per pair of endpoints, four times
+/// [`DEFAULT_READ_WINDOW`], so the receiver's read window stays full while the sender waits
+/// for acknowledgements, and pinned memory towards a stalled peer stays bounded.
+pub const DEFAULT_RNDV_BYTES_PER_PEER: usize = 16 << 20;
 
 /// [`OfiConfig::read_window`] for providers other than `shm`: 4 MiB, which
 /// bounds the receive buffers a burst of large messages from one sender holds (measured over
@@ -166,22 +216,62 @@ pub(crate) fn check_packet_max(
     }
     Ok(())
 }
-/// Environment variable overriding [`OfiConfig::recv_buffers`].
+/// Environment variable overriding [`OfiConfig::recv_buffers`] (at most the provider's
+/// receive queue depth, checked when the layer starts).
 pub const ENV_RECV_BUFFERS: &str = "CHARMRS_OFI_RECV_BUFFERS";
+/// Environment variable overriding [`OfiConfig::rndv_per_peer`] (at least 1).
+pub const ENV_RNDV_PER_PEER: &str = "CHARMRS_OFI_RNDV_PER_PEER";
+/// Environment variable overriding [`OfiConfig::rndv_bytes_per_peer`] (bytes).
+pub const ENV_RNDV_BYTES_PER_PEER: &str = "CHARMRS_OFI_RNDV_BYTES_PER_PEER";
+
+/// Why `recv_buffers` receive buffers cannot be posted by provider `provider`, whose receive
+/// queue holds `rx_size` (0: the provider did not say, nothing to check); else the number to
+/// post: `recv_buffers`, or — for [`DEFAULT_RECV_BUFFERS`], which nobody asked for — the
+/// provider's limit if lower. The error names [`ENV_RECV_BUFFERS`], the value, the limit and the
+/// variable that sets the limit of the provider whose endpoint takes the receives (the last of
+/// a layered name: `ofi_rxm` in `tcp;ofi_rxm`).
+pub(crate) fn check_recv_buffers(
+    recv_buffers: usize,
+    rx_size: usize,
+    provider: &str,
+) -> Result<usize, String> {
+    if recv_buffers == 0 {
+        return Err(format!(
+            "recv_buffers ({ENV_RECV_BUFFERS}) 0: at least one receive buffer is needed"
+        ));
+    }
+    if rx_size == 0 || recv_buffers <= rx_size {
+        return Ok(recv_buffers);
+    }
+    if recv_buffers == DEFAULT_RECV_BUFFERS {
+        return Ok(rx_size);
+    }
+    let top = provider.rsplit(';').next().unwrap_or(provider);
+    let var = format!("FI_{}_RX_SIZE", top.to_ascii_uppercase());
+    Err(format!(
+        "recv_buffers ({ENV_RECV_BUFFERS}) {recv_buffers} is above the receive queue depth of \
+         libfabric provider {provider}: {rx_size} (its rx_attr.size), the most receive buffers \
+         an endpoint can have posted. Set {ENV_RECV_BUFFERS} to at most {rx_size}, or raise the \
+         provider's queue ({var}, where the provider has it: `fi_info -e` lists its variables)"
+    ))
+}
+
 /// Environment variable overriding [`OfiConfig::pool_bytes`] (bytes; 0
 /// disables the recycling of rendezvous buffers).
 pub const ENV_POOL_BYTES: &str = "CHARMRS_OFI_POOL_BYTES";
 
 impl OfiConfig {
-    /// The defaults, with [`ENV_PACKET_MAX`], [`ENV_RECV_BUFFERS`] and
-    /// [`ENV_POOL_BYTES`] applied when set (the provider comes from the environment anyway,
-    /// see [`OfiConfig::provider`]).
+    /// The defaults, with [`ENV_PACKET_MAX`], [`ENV_RECV_BUFFERS`], [`ENV_POOL_BYTES`],
+    /// [`ENV_RNDV_PER_PEER`] and [`ENV_RNDV_BYTES_PER_PEER`] applied when set (the provider
+    /// comes from the environment anyway, see [`OfiConfig::provider`]).
     ///
     /// # Errors
     ///
     /// [`TransportError::Bootstrap`] naming the variable if one is set but
-    /// not a number, or [`ENV_PACKET_MAX`] outside
-    /// [`PACKET_MAX_MIN`]..=[`PACKET_MAX_LIMIT`].
+    /// not a number, [`ENV_PACKET_MAX`] outside
+    /// [`PACKET_MAX_MIN`]..=[`PACKET_MAX_LIMIT`], or [`ENV_RECV_BUFFERS`] or
+    /// [`ENV_RNDV_PER_PEER`] 0. ([`ENV_RECV_BUFFERS`] above what the provider can post is
+    /// refused by [`OfiLayer::new`](crate::OfiLayer::new), which knows the provider.)
     pub fn from_env() -> Result<OfiConfig, TransportError> {
         OfiConfig::from_lookup(|name| std::env::var(name).ok())
     }
@@ -204,10 +294,27 @@ impl OfiConfig {
             cfg.packet_max = v;
         }
         if let Some(v) = num(ENV_RECV_BUFFERS)? {
+            if v == 0 {
+                return Err(TransportError::Bootstrap(format!(
+                    "{ENV_RECV_BUFFERS}=0: at least one receive buffer is needed"
+                )));
+            }
             cfg.recv_buffers = v;
         }
         if let Some(v) = num(ENV_POOL_BYTES)? {
             cfg.pool_bytes = v;
+        }
+        if let Some(v) = num(ENV_RNDV_PER_PEER)? {
+            if v == 0 {
+                return Err(TransportError::Bootstrap(format!(
+                    "{ENV_RNDV_PER_PEER}=0: at least one large message per peer must be \
+                     allowed (larger values wait less for acknowledgements)"
+                )));
+            }
+            cfg.rndv_per_peer = v;
+        }
+        if let Some(v) = num(ENV_RNDV_BYTES_PER_PEER)? {
+            cfg.rndv_bytes_per_peer = v;
         }
         Ok(cfg)
     }
@@ -254,6 +361,61 @@ mod tests {
                 .packet_max,
             OfiConfig::default().packet_max
         );
+    }
+
+    #[test]
+    fn the_rendezvous_bound_comes_from_the_environment() {
+        let cfg = OfiConfig::from_lookup(with(&[])).expect("defaults");
+        assert_eq!(
+            (cfg.rndv_per_peer, cfg.rndv_bytes_per_peer),
+            (DEFAULT_RNDV_PER_PEER, DEFAULT_RNDV_BYTES_PER_PEER)
+        );
+        let cfg = OfiConfig::from_lookup(with(&[
+            (ENV_RNDV_PER_PEER, "3"),
+            (ENV_RNDV_BYTES_PER_PEER, " 0 "),
+        ]))
+        .expect("a bound of 3 messages, one at a time by bytes");
+        assert_eq!((cfg.rndv_per_peer, cfg.rndv_bytes_per_peer), (3, 0));
+        let err = OfiConfig::from_lookup(with(&[(ENV_RNDV_PER_PEER, "0")])).expect_err("0");
+        assert!(
+            err.to_string().contains("CHARMRS_OFI_RNDV_PER_PEER=0"),
+            "{err}"
+        );
+        let err = OfiConfig::from_lookup(with(&[(ENV_RNDV_BYTES_PER_PEER, "16M")]))
+            .expect_err("not a number");
+        assert!(
+            err.to_string()
+                .contains("CHARMRS_OFI_RNDV_BYTES_PER_PEER=\"16M\" is not a number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn recv_buffers_are_at_most_what_the_provider_can_post() {
+        let err = OfiConfig::from_lookup(with(&[(ENV_RECV_BUFFERS, "0")])).expect_err("0");
+        assert!(
+            err.to_string().contains("CHARMRS_OFI_RECV_BUFFERS=0"),
+            "{err}"
+        );
+        assert_eq!(check_recv_buffers(1024, 1024, "shm"), Ok(1024));
+        assert_eq!(check_recv_buffers(7, 0, "x"), Ok(7), "no limit known");
+        let err = check_recv_buffers(1025, 1024, "shm").expect_err("1025 over shm");
+        assert!(
+            err.contains("CHARMRS_OFI_RECV_BUFFERS) 1025 ")
+                && err.contains("at most 1024")
+                && err.contains("FI_SHM_RX_SIZE"),
+            "{err}"
+        );
+        // The provider whose endpoint takes the receives is the last of a layered name.
+        let err = check_recv_buffers(4096, 2048, "tcp;ofi_rxm").expect_err("over rxm");
+        assert!(
+            err.contains("FI_OFI_RXM_RX_SIZE") && err.contains("2048"),
+            "{err}"
+        );
+        // Only the default, which nobody asked for, is lowered to a shallower queue.
+        assert_eq!(check_recv_buffers(DEFAULT_RECV_BUFFERS, 64, "x"), Ok(64));
+        assert!(check_recv_buffers(DEFAULT_RECV_BUFFERS + 1, 64, "x").is_err());
+        assert!(check_recv_buffers(0, 64, "x").is_err());
     }
 
     #[test]

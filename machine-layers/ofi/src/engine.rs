@@ -26,6 +26,18 @@
 //!   copies; the buffer comes from a [`RecvPool`]), then
 //!   sends an ACK, on which the sender drops registrations
 //!   and segments.
+//! * The rendezvous bound: per peer, the messages in `rndv_out` (registered, not acknowledged)
+//!   are counted with their bytes ([`RndvCount`]). A large message at the head of a peer's
+//!   queue that would exceed [`Sizes::rndv_per_peer`] or [`Sizes::rndv_bytes_per_peer`] (one
+//!   always goes when none is outstanding) is handed back unregistered and the queue is *held*:
+//!   skipped by `post_pending`, and not counted against `quiet` (only an ACK, a completion that
+//!   wakes a sleeping thread, moves it), until an ACK from that peer frees a registration. The
+//!   queue is FIFO, so what was sent to the peer after the held message (eager ones too, and
+//!   `send_copy`'s injections, which go only when the queue is empty) stays behind it. Reads
+//!   and ACKs (`urgent`) are never held, so two processes sending each other large messages
+//!   cannot wait for each other. A lost or departed peer's held queue is dropped with the rest
+//!   of its work; at shutdown, once the linger ran out, the bound is lifted
+//!   (`goodbye_anyway`).
 //! * Per-source delivery order: a rendezvous message holds back later
 //!   messages from its source until its reads complete.
 //! * Failure bookkeeping: a `get` the target refused (unknown key, range,
@@ -151,6 +163,8 @@ enum OpKind {
 /// A registered large message waiting for the receiver's ACK.
 struct OutRndv {
     dst: ProcessId,
+    /// The message's bytes, counted in its peer's [`RndvCount`].
+    bytes: usize,
     /// Declared before the segments, so closed before they are freed (fields drop in order): a
     /// registration must not outlive its memory (`fabric::Mr`).
     _mrs: Vec<Mr>,
@@ -227,6 +241,22 @@ pub(crate) struct Registered {
     pub(crate) buf: Bytes,
 }
 
+/// The large messages an endpoint has registered for one peer and not seen acknowledged yet
+/// (`Engine::rndv_out`), bounded by [`Sizes::rndv_per_peer`] and [`Sizes::rndv_bytes_per_peer`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RndvCount {
+    /// Messages outstanding.
+    pub(crate) messages: usize,
+    /// Their bytes.
+    pub(crate) bytes: usize,
+    /// The most messages outstanding at once, since the start.
+    pub(crate) peak_messages: usize,
+    /// The most bytes outstanding at once, since the start.
+    pub(crate) peak_bytes: usize,
+    /// Items queued for the peer, not handed to the provider yet.
+    pub(crate) queued: usize,
+}
+
 /// Smallest receive-pool class (rendezvous messages are larger than a packet, 16 KiB by
 /// default).
 pub(crate) const RNDV_POOL_MIN: usize = 64 << 10;
@@ -246,6 +276,10 @@ pub(crate) struct Sizes {
     pub(crate) liveness_interval: Duration,
     /// Bytes of rendezvous messages read at once from one sender.
     pub(crate) read_window: usize,
+    /// Large messages registered for one peer and not acknowledged yet, at most.
+    pub(crate) rndv_per_peer: usize,
+    /// Their bytes, at most (one message always goes).
+    pub(crate) rndv_bytes_per_peer: usize,
 }
 
 /// See the module docs.
@@ -278,6 +312,15 @@ pub(crate) struct Engine {
     urgent: VecDeque<(ProcessId, Out)>,
     next_out: u64,
     rndv_out: HashMap<u64, OutRndv>,
+    /// Per peer: its entries in `rndv_out` (their number and bytes, kept with the map).
+    rndv_count: Vec<RndvCount>,
+    /// Per peer: its send queue waits for an acknowledgement to free a registration (the
+    /// large message at its head would exceed the bound): not posted again until one comes.
+    held: Vec<bool>,
+    /// The peers whose `held` is set.
+    held_peers: Vec<ProcessId>,
+    /// The rendezvous bound no longer applies (the linger of a dropped layer ran out).
+    unbounded: bool,
     next_in: u64,
     rndv_in: HashMap<u64, InRndv>,
     /// Rendezvous messages whose reads have not started, per sender, oldest first.
@@ -352,6 +395,10 @@ impl Engine {
             urgent: VecDeque::new(),
             next_out: 1,
             rndv_out: HashMap::new(),
+            rndv_count: vec![RndvCount::default(); n],
+            held: vec![false; n],
+            held_peers: Vec::new(),
+            unbounded: false,
             next_in: 1,
             rndv_in: HashMap::new(),
             admit_queue: (0..n).map(|_| VecDeque::new()).collect(),
@@ -465,6 +512,9 @@ impl Engine {
         if self.repost.is_empty() && self.urgent.is_empty() && self.queued == 0 {
             return; // the usual case, on every poll
         }
+        if self.repost.is_empty() && self.urgent.is_empty() && self.queued == self.held_queued() {
+            return; // only queues that wait for acknowledgements
+        }
         for r in self.repost.split_off(0) {
             if self.post_recv(r) < 0 {
                 self.repost.push(r);
@@ -481,10 +531,13 @@ impl Engine {
                 self.lose(p, reason);
             }
         }
-        if self.queued == 0 {
+        if self.queued == self.held_queued() {
             return;
         }
         for p in 0..self.pending.len() {
+            if self.held[p] {
+                continue;
+            }
             while let Some(out) = self.pending[p].pop_front() {
                 self.queued -= 1;
                 match self.post(p as ProcessId, out) {
@@ -513,6 +566,12 @@ impl Engine {
                 if wire::data_len(&msg) <= self.sizes.packet_max {
                     self.post_eager(p, addr, msg)
                 } else {
+                    if !self.rndv_fits(p, msg.total_len()) {
+                        // Waits, with everything queued for `p` behind it, for `p`'s
+                        // acknowledgements to free registrations (`rndv_acked`).
+                        self.hold(p);
+                        return Ok(Some(Out::Msg(msg)));
+                    }
                     let desc = match self.register_rndv(p, &msg) {
                         Ok(desc) => desc,
                         // A failed registration is this process's limit (locked memory, the
@@ -849,15 +908,81 @@ impl Engine {
             remote.push((self.fab.remote_addr(s.as_ptr()), mr.key));
             mrs.push(mr);
         }
+        let bytes = msg.total_len();
         self.rndv_out.insert(
             id,
             OutRndv {
                 dst: p,
+                bytes,
                 _segs: msg.segments().to_vec(),
                 _mrs: mrs,
             },
         );
+        let c = &mut self.rndv_count[p as usize];
+        c.messages += 1;
+        c.bytes += bytes;
+        c.peak_messages = c.peak_messages.max(c.messages);
+        c.peak_bytes = c.peak_bytes.max(c.bytes);
         Ok(wire::encode_rndv(self.me, id, msg, &remote))
+    }
+
+    /// Ends rendezvous `id` (acknowledged by its reader): its registrations are closed and its
+    /// segments released, and its peer's queue, if it waited for that, is posted again.
+    fn rndv_acked(&mut self, id: u64) {
+        let Some(out) = self.rndv_out.remove(&id) else {
+            return;
+        };
+        let p = out.dst as usize;
+        let c = &mut self.rndv_count[p];
+        c.messages -= 1;
+        c.bytes -= out.bytes;
+        self.unhold(out.dst);
+    }
+
+    /// Whether a large message of `bytes` bytes to `p` may be registered now: the bound
+    /// ([`Sizes::rndv_per_peer`], [`Sizes::rndv_bytes_per_peer`]) leaves room for it, or
+    /// nothing to `p` is outstanding (one always goes, whatever its size), or the bound was
+    /// lifted.
+    fn rndv_fits(&self, p: ProcessId, bytes: usize) -> bool {
+        let c = &self.rndv_count[p as usize];
+        c.messages == 0
+            || self.unbounded
+            || (c.messages < self.sizes.rndv_per_peer
+                && c.bytes.saturating_add(bytes) <= self.sizes.rndv_bytes_per_peer)
+    }
+
+    /// `p`'s queue waits for an acknowledgement ([`Engine::held`]).
+    fn hold(&mut self, p: ProcessId) {
+        if !self.held[p as usize] {
+            self.held[p as usize] = true;
+            self.held_peers.push(p);
+        }
+    }
+
+    /// `p`'s queue is posted again.
+    fn unhold(&mut self, p: ProcessId) {
+        if self.held[p as usize] {
+            self.held[p as usize] = false;
+            self.held_peers.retain(|&q| q != p);
+        }
+    }
+
+    /// Items queued for peers whose queue waits for an acknowledgement: `post_pending` has
+    /// nothing to do for them, and the progressing thread may sleep until one arrives.
+    fn held_queued(&self) -> usize {
+        self.held_peers
+            .iter()
+            .map(|&p| self.pending[p as usize].len())
+            .sum()
+    }
+
+    /// The rendezvous registrations for peer `p` and what is queued for it (see
+    /// [`RndvCount`]).
+    pub(crate) fn rndv_usage(&self, p: ProcessId) -> RndvCount {
+        RndvCount {
+            queued: self.pending[p as usize].len(),
+            ..self.rndv_count[p as usize]
+        }
     }
 
     /// Reads and handles completions; returns how many were handled.
@@ -1065,6 +1190,9 @@ impl Engine {
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
         self.rndv_out.retain(|_, r| r.dst != p);
+        let c = &mut self.rndv_count[p as usize];
+        (c.messages, c.bytes) = (0, 0);
+        self.unhold(p);
         if !inbound {
             return;
         }
@@ -1169,9 +1297,7 @@ impl Engine {
                             self.peer(out.dst)
                         )));
                     }
-                    _ => {
-                        self.rndv_out.remove(&id);
-                    }
+                    _ => self.rndv_acked(id),
                 }
             }
             wire::PKT_BYE => {
@@ -1450,6 +1576,12 @@ impl Engine {
     /// process's exit for a crash). Then [`linger_once`](Self::linger_once) a little more,
     /// until [`all_posted`](Self::all_posted).
     pub(crate) fn goodbye_anyway(&mut self) {
+        // The peers did not read in time: what waits for the rendezvous bound goes now (as it
+        // went before there was a bound), so the goodbyes behind it leave too.
+        self.unbounded = true;
+        for p in std::mem::take(&mut self.held_peers) {
+            self.held[p as usize] = false;
+        }
         self.send_goodbyes(true);
     }
 
@@ -1484,10 +1616,11 @@ impl Engine {
         }
     }
 
-    /// Whether nothing is queued, in flight or being read (for tests and
-    /// the wait logic).
+    /// Whether nothing is queued that this endpoint's progress could post now (for the wait
+    /// logic): work queued for a peer whose queue waits for an acknowledgement (the rendezvous
+    /// bound) does not count, since only a completion, which wakes a sleeping thread, moves it.
     pub(crate) fn quiet(&self) -> bool {
-        self.queued == 0 && self.urgent.is_empty() && self.repost.is_empty()
+        self.urgent.is_empty() && self.repost.is_empty() && self.queued == self.held_queued()
     }
 }
 

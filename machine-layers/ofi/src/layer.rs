@@ -18,7 +18,7 @@ use charmrs_transport::{
 };
 use crossbeam_queue::SegQueue;
 
-use crate::config::{check_packet_max, OfiConfig, ENV_PROVIDER};
+use crate::config::{check_packet_max, check_recv_buffers, OfiConfig, ENV_PROVIDER};
 use crate::engine::{
     gone_reason, Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN,
 };
@@ -284,7 +284,10 @@ impl Drop for Inner {
 ///   the header and the `Bytes` segments, no copy); larger ones by
 ///   rendezvous (the receiver `fi_read`s the registered segments straight
 ///   into the buffer that becomes the message: no copy at all). `send`
-///   never blocks: what the provider cannot take yet stays queued.
+///   never blocks: what the provider cannot take yet stays queued, and so do large messages
+///   to a peer that has [`OfiConfig::rndv_per_peer`] (or [`OfiConfig::rndv_bytes_per_peer`])
+///   registered and not acknowledged, with what was sent to it after them, until its
+///   acknowledgements free registrations ([`OfiLayer::rendezvous_usage`]).
 /// * **Receiving**: only in [`progress`](MachineLayer::progress), which
 ///   drains the completion queue, re-posts receive buffers, drives
 ///   rendezvous reads and hands arrived messages to the sink in per-source
@@ -319,6 +322,27 @@ pub struct OfiLayer {
     cfg: OfiConfig,
 }
 
+/// What [`OfiLayer::rendezvous_usage`] reports about the large messages to one process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RndvUsage {
+    /// Large messages registered and not acknowledged yet (their descriptors went; the reader
+    /// has not finished reading them).
+    pub messages: usize,
+    /// Their bytes.
+    pub bytes: usize,
+    /// Items queued for the process and not handed to the provider yet: large messages waiting
+    /// for registrations to be freed ([`OfiConfig::rndv_per_peer`]), what was sent after them,
+    /// and what the provider could not take yet.
+    pub queued: usize,
+    /// The most large messages outstanding at once between one endpoint of this process and
+    /// one of `dst` since the layer started: at most [`OfiConfig::rndv_per_peer`].
+    pub peak_messages: usize,
+    /// The most bytes outstanding at once between one endpoint of this process and one of
+    /// `dst` since the layer started: at most [`OfiConfig::rndv_bytes_per_peer`], or one
+    /// message's if larger.
+    pub peak_bytes: usize,
+}
+
 fn bootstrap_err(m: String) -> TransportError {
     TransportError::Bootstrap(m)
 }
@@ -343,10 +367,16 @@ impl OfiLayer {
     /// the provider is missing or an object cannot be opened;
     /// [`TransportError::Bootstrap`] if the exchange fails, a peer uses
     /// another provider or another number of endpoints, or `cfg` is unusable.
-    pub fn new(bootstrap: Arc<dyn Bootstrap>, cfg: OfiConfig) -> Result<OfiLayer, TransportError> {
-        if cfg.recv_buffers == 0 {
+    pub fn new(
+        bootstrap: Arc<dyn Bootstrap>,
+        mut cfg: OfiConfig,
+    ) -> Result<OfiLayer, TransportError> {
+        // The provider's limit is checked once it is known (below).
+        check_recv_buffers(cfg.recv_buffers, 0, "")
+            .map_err(|why| bootstrap_err(format!("ofi config: {why}")))?;
+        if cfg.rndv_per_peer == 0 {
             return Err(bootstrap_err(
-                "ofi config: recv_buffers must be at least 1".to_owned(),
+                "ofi config: rndv_per_peer must be at least 1".to_owned(),
             ));
         }
         // The provider's own limit is checked once it is known (below).
@@ -408,6 +438,9 @@ impl OfiLayer {
         // Before anything is published: every process of the job finds the same.
         check_packet_max(cfg.packet_max, &prov, |name| std::env::var(name).ok())
             .map_err(|why| bootstrap_err(format!("ofi config: {why}")))?;
+        // Every endpoint has the same provider, hence the same receive queue depth.
+        cfg.recv_buffers = check_recv_buffers(cfg.recv_buffers, fabs[0].limits.rx_size, &prov)
+            .map_err(|why| bootstrap_err(format!("ofi config: {why}")))?;
         let me = Identity::current();
         bootstrap.put(ADDR_KEY, &encode_address_list(&own))?;
         bootstrap.put(PROVIDER_KEY, prov.as_bytes())?;
@@ -459,6 +492,8 @@ impl OfiLayer {
                 crate::config::DEFAULT_READ_WINDOW
             }),
             liveness_interval: cfg.liveness_interval,
+            rndv_per_peer: cfg.rndv_per_peer,
+            rndv_bytes_per_peer: cfg.rndv_bytes_per_peer,
         };
         // One pool for the process: its idle capacity is the process's, whatever the lanes.
         let pool = RecvPool::new(RNDV_POOL_MIN, cfg.pool_bytes);
@@ -546,9 +581,36 @@ impl OfiLayer {
         &self.provider
     }
 
-    /// The tunables in force.
+    /// The tunables in force ([`OfiConfig::recv_buffers`] as lowered to the provider's limit,
+    /// if it was the default and above it).
     pub fn config(&self) -> &OfiConfig {
         &self.cfg
+    }
+
+    /// The large (rendezvous) messages this process has registered for process `dst` and not
+    /// seen acknowledged yet, and what waits to be sent to it (see
+    /// [`OfiConfig::rndv_per_peer`]): summed over the pairs of endpoints between the two
+    /// processes, except the peaks, the highest of any one pair (the bound is per pair).
+    /// For tests and diagnostics; it takes every endpoint's engine lock in turn. A process
+    /// out of range, or this one, has none.
+    pub fn rendezvous_usage(&self, dst: ProcessId) -> RndvUsage {
+        let mut u = RndvUsage::default();
+        if dst >= self.size || dst == self.rank {
+            return u;
+        }
+        let lanes = self.lanes.len() as u32;
+        for s in &self.lanes {
+            let eng = lock(&s.engine);
+            for p in dst * lanes..(dst + 1) * lanes {
+                let c = eng.rndv_usage(p);
+                u.messages += c.messages;
+                u.bytes += c.bytes;
+                u.queued += c.queued;
+                u.peak_messages = u.peak_messages.max(c.peak_messages);
+                u.peak_bytes = u.peak_bytes.max(c.peak_bytes);
+            }
+        }
+        u
     }
 
     /// Whether the provider gave the completion queue a file-descriptor

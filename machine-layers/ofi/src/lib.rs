@@ -17,7 +17,20 @@
 //!   buffer.
 //! * **Bounded receive resources**: a fixed pool of pre-posted receive
 //!   buffers, re-posted as soon as a packet is decoded; a flood waits in
-//!   the provider (back-pressure), it never fails.
+//!   the provider (back-pressure), it never fails. The pool
+//!   ([`OfiConfig::recv_buffers`], `CHARMRS_OFI_RECV_BUFFERS`) must fit the provider's receive
+//!   queue (its `rx_attr.size`: 1024 for `shm`, 2048 for `tcp;ofi_rxm` in libfabric 1.17): a
+//!   larger value stops the start with an error naming the variable, the value, the limit and
+//!   the provider's variable that raises it (`FI_SHM_RX_SIZE`, `FI_OFI_RXM_RX_SIZE`).
+//! * **Bounded registrations**: the large messages an endpoint has registered for one peer
+//!   endpoint and not seen acknowledged are at most [`OfiConfig::rndv_per_peer`] (64,
+//!   `CHARMRS_OFI_RNDV_PER_PEER`) and, beyond one message, [`OfiConfig::rndv_bytes_per_peer`]
+//!   (16 MiB, `CHARMRS_OFI_RNDV_BYTES_PER_PEER`). Further large messages to a peer that reads
+//!   slowly (or not at all) wait in its send queue, unregistered, with everything sent to it
+//!   after them (so per-pair order holds), and go as its acknowledgements free registrations:
+//!   `send` still never blocks, nothing fails or is dropped for it, and a peer lost meanwhile is
+//!   reported as usual, what waited for it released. [`OfiLayer::rendezvous_usage`] shows
+//!   the registrations and the queue towards a process.
 //! * **Failure detection**: a peer that cannot be reached, or that exited
 //!   on this host without shutting down, is reported as
 //!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost).
@@ -71,7 +84,8 @@ mod layer;
 pub mod wire;
 
 pub use config::{
-    OfiConfig, DEFAULT_READ_WINDOW, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
-    PACKET_MAX_LIMIT, PACKET_MAX_MIN,
+    OfiConfig, DEFAULT_READ_WINDOW, DEFAULT_RECV_BUFFERS, DEFAULT_RNDV_BYTES_PER_PEER,
+    DEFAULT_RNDV_PER_PEER, ENV_PACKET_MAX, ENV_POOL_BYTES, ENV_PROVIDER, ENV_RECV_BUFFERS,
+    ENV_RNDV_BYTES_PER_PEER, ENV_RNDV_PER_PEER, PACKET_MAX_LIMIT, PACKET_MAX_MIN,
 };
-pub use layer::{OfiLayer, ADDR_KEY, HOST_KEY, PROVIDER_KEY};
+pub use layer::{OfiLayer, RndvUsage, ADDR_KEY, HOST_KEY, PROVIDER_KEY};

@@ -24,6 +24,11 @@ struct Ended {
 /// Runs `n` processes of `charmrs-ofi-check args...` with `provider`;
 /// fails if they do not all end within `secs`.
 fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
+    job_env(provider, n, args, &[], secs)
+}
+
+/// [`job`] with the variables `env` set in every process.
+fn job_env(provider: &str, n: u32, args: &[&str], env: &[(&str, &str)], secs: u64) -> Vec<Ended> {
     let secret = random_secret().expect("secret");
     let (server, addr) = KvServer::start(n, secret).expect("kv server");
     let mut children: Vec<Child> = (0..n)
@@ -38,6 +43,7 @@ fn job(provider: &str, n: u32, args: &[&str], secs: u64) -> Vec<Ended> {
                 .env_remove("FI_PROVIDER")
                 .env("FI_TCP_IFACE", "lo")
                 .env("FI_SOCKETS_IFACE", "lo")
+                .envs(env.iter().copied())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -258,7 +264,13 @@ fn large_messages_sent_just_before_a_goodbye_arrive_in_order() {
     // Every case runs; the failures are reported together.
     let mut failed = Vec::new();
     for p in PROVIDERS {
-        for variant in [&["bye"][..], &["bye", "--endpoints", "2"][..]] {
+        // With a bound of one large message at a time, the second waits for the first's
+        // acknowledgement while the layer is being dropped.
+        for variant in [
+            &["bye"][..],
+            &["bye", "--endpoints", "2"][..],
+            &["bye", "--rndv-per-peer", "1"][..],
+        ] {
             let ended = job(p, 2, variant, 30);
             match std::panic::catch_unwind(|| assert_ok(p, "bye", &ended)) {
                 Ok(()) => eprintln!(
@@ -280,5 +292,68 @@ fn a_packet_max_above_the_eager_limit_of_ofi_rxm_is_refused_at_the_start() {
         let ended = job(p, 2, &["packetmax", "--packet-max", "20000"], 60);
         assert_ok(p, "packetmax", &ended);
         eprintln!("{p}: {}", ended[0].out.trim());
+    }
+}
+
+#[test]
+fn large_messages_to_a_peer_that_does_not_read_wait_for_the_registration_bound_in_order() {
+    // Rank 1 does not progress for a second while rank 0 sends it 40 large messages (20 kB to
+    // 1.5 MB, one larger than the byte bound) and 20 small ones between them: at most 4, and
+    // at most 900 000 bytes when more than one, are registered at once; everything arrives
+    // once, in order. Before the bound, all 40 were registered at once.
+    for p in PROVIDERS {
+        let args = [
+            "rndvbound",
+            "--rndv-per-peer",
+            "4",
+            "--rndv-bytes-per-peer",
+            "900000",
+        ];
+        let ended = job(p, 2, &args, 60);
+        assert_ok(p, "rndvbound", &ended);
+        eprintln!("{p}: {}", ended[0].out.trim());
+    }
+}
+
+#[test]
+fn a_peer_lost_while_large_messages_wait_for_the_bound_is_reported_and_they_are_released() {
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["lost", "rndv", "--rndv-per-peer", "2"], 30);
+        assert_eq!(ended[1].code, None, "{p}: rank 1 should die by signal");
+        let e = &ended[0];
+        assert!(
+            e.code == Some(0) && e.out.contains("OK lost"),
+            "{p}: rank 0 did not report the loss\n--- stdout\n{}--- stderr\n{}",
+            e.out,
+            e.err
+        );
+        eprintln!("{p}: {}", e.out.trim());
+    }
+}
+
+#[test]
+fn recv_buffers_beyond_the_providers_receive_queue_are_refused_at_the_start() {
+    // libfabric 1.17: shm posts at most 1024 receives per endpoint (FI_SHM_RX_SIZE),
+    // tcp;ofi_rxm 2048 (FI_OFI_RXM_RX_SIZE). Before the check the start failed in fi_recv with
+    // "Cannot allocate memory", naming neither the variable nor the limit.
+    for p in PROVIDERS {
+        let ended = job_env(
+            p,
+            2,
+            &["recvbuffers", "refuse"],
+            &[("CHARMRS_OFI_RECV_BUFFERS", "100000")],
+            60,
+        );
+        assert_ok(p, "recvbuffers", &ended);
+        eprintln!("{p}: {}", ended[0].out.trim());
+    }
+    // Raising the provider's queue raises the limit.
+    for (p, var, depth, asked) in [
+        ("shm", "FI_SHM_RX_SIZE", "2048", "2000"),
+        ("tcp;ofi_rxm", "FI_OFI_RXM_RX_SIZE", "4096", "3000"),
+    ] {
+        let env = [(var, depth), ("CHARMRS_OFI_RECV_BUFFERS", asked)];
+        let ended = job_env(p, 2, &["recvbuffers", "start"], &env, 60);
+        assert_ok(p, "recvbuffers", &ended);
     }
 }

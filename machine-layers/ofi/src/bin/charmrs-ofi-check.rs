@@ -9,7 +9,14 @@
 //! `flood` (a receiver that does not progress for a while), `wakeup`
 //! (the wake-up hook or `progress_wait` wakes on an arrival), `lost`
 //! (rank 1 kills itself; rank 0 must see `PeerLost` within 5 s; with
-//! `send`, rank 0 keeps sending to it meanwhile), `badkey` (a `get` through
+//! `send`, rank 0 keeps sending to it meanwhile; with `rndv`, rank 0 first sends it 20 large
+//! messages, most of which wait for the rendezvous bound, and must find them all released once
+//! the loss is reported), `rndvbound` (rank 0 sends rank 1 large messages of 20 kB to 1.5 MB,
+//! some of several segments, and every third a 64-byte eager one, while rank 1 does not
+//! progress for a second: the large messages registered for rank 1 and not acknowledged must
+//! never exceed `--rndv-per-peer` nor, when more than one, `--rndv-bytes-per-peer`, must have
+//! held some back, and must all be released at the end; rank 1 gets every message once, in
+//! order, intact), `badkey` (a `get` through
 //! the key of a dropped region fails as `Malformed`, the owner stays
 //! reachable), `lanes` (with `--endpoints N`: a thread per endpoint, bound to it as a PE's
 //! is, sends messages of every size to every PE of the job and reads a region another PE
@@ -25,10 +32,15 @@
 //! sent a small message before: its goodbye, which nothing holds back, comes right after
 //! them; rank 0 does not poll while they come), `packetmax` (with `--packet-max N` above
 //! 16 KiB: over `ofi_rxm` the start must fail, naming `CHARMRS_OFI_PACKET_MAX` and rxm's
-//! eager limit; over other providers it must succeed).
+//! eager limit; over other providers it must succeed), `recvbuffers` (the configuration from
+//! the environment: with `refuse`, a `CHARMRS_OFI_RECV_BUFFERS` the provider cannot post must
+//! stop the start with an error naming the variable, its value, the limit and the provider's
+//! variable for it; with `start`, the layer must start with it).
 //!
 //! Options: `--endpoints N` (endpoints per process), `--packet-max N`, `--recv-buffers N` (size of the receive pool, to force its
-//! exhaustion), `--no-liveness` (no local process checks: only the
+//! exhaustion, or beyond the provider's receive queue: `OfiLayer::new` must refuse it naming
+//! `CHARMRS_OFI_RECV_BUFFERS`; scenario `recvbuffers` checks that), `--rndv-per-peer N` and
+//! `--rndv-bytes-per-peer N` (the rendezvous bound), `--no-liveness` (no local process checks: only the
 //! provider's completion errors can reveal a lost peer), `--stale-shm-names N`
 //! (before starting, leave in `/dev/shm` what a killed process of `N`
 //! endpoints with this process's id would have left there under libfabric
@@ -377,6 +389,136 @@ fn flood(job: &mut Job) {
     println!("OK flood rank {me}");
 }
 
+/// Sizes of the `rndvbound` scenario's large messages, in turn: runs of small ones that the
+/// message bound (4 in the test) stops, and large ones that the byte bound (900 000) stops,
+/// one larger than it.
+const BOUND_SIZES: &[usize] = &[
+    20_000, 30_000, 100_000, 40_000, 20_000, 300_000, 700_000, 1_500_000, 50_000, 60_000,
+];
+
+/// Length of message `i` of the `rndvbound` scenario: every third is 64 B (eager), the others
+/// take [`BOUND_SIZES`] in turn.
+fn bound_len(i: u32) -> usize {
+    if i % 3 == 2 {
+        64
+    } else {
+        BOUND_SIZES[(i as usize / 3 * 2 + i as usize % 3) % BOUND_SIZES.len()]
+    }
+}
+
+/// See the module docs.
+fn rndvbound(job: &mut Job) {
+    const COUNT: u32 = 60;
+    let me = job.me;
+    let cfg = job.layer.config().clone();
+    let (bound, bytes_bound) = (cfg.rndv_per_peer, cfg.rndv_bytes_per_peer);
+    // First a message each way, so the pair is connected (`shm` and `ofi_rxm` need the peer's
+    // progress for that) and descriptors go out while rank 1 does not progress.
+    let peer = 1 - me;
+    job.layer
+        .send(peer, Message::new(Header::new(K_GOT, me, peer, 0)))
+        .unwrap_or_else(|e| fail("send", e));
+    let warm = Cell::new(false);
+    job.pump(
+        30,
+        "the warm-up message",
+        &mut |_, _, m| warm.set(m.header().kind == K_GOT),
+        &mut |_| warm.get(),
+    );
+    job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    if me == 0 {
+        let largest = (0..COUNT).map(bound_len).max().unwrap_or(0);
+        for i in 0..COUNT {
+            let len = bound_len(i);
+            let h = Header::new(K_DATA, 0, 1, u64::from(i));
+            let data = fill(0, 5, i, len);
+            if len == 64 && i % 2 == 0 {
+                job.layer
+                    .send_copy(1, h, &data)
+                    .unwrap_or_else(|e| fail("send_copy", e));
+                continue;
+            }
+            let m = Message::with_segments(h, segments(data, i)).expect("message");
+            job.layer.send(1, m).unwrap_or_else(|e| fail("send", e));
+        }
+        // Rank 1 does not read for a second: the bound holds the rest back, in order.
+        let most_queued = Cell::new(0usize);
+        let check = |j: &Job| {
+            let u = j.layer.rendezvous_usage(1);
+            assert!(
+                u.messages <= bound && (u.messages <= 1 || u.bytes <= bytes_bound),
+                "rank 0: {u:?} registered for rank 1, beyond the bound of {bound} messages and \
+                 {bytes_bound} bytes"
+            );
+            most_queued.set(most_queued.get().max(u.queued));
+            u
+        };
+        let t0 = Instant::now();
+        let mut u = check(job);
+        println!("rank 0: right after sending: {u:?}");
+        while t0.elapsed() < Duration::from_millis(500) {
+            job.layer
+                .progress_wait(
+                    &mut |s, m| panic!("rank 0: unexpected {:?} from {s}", m.header()),
+                    Duration::from_millis(10),
+                )
+                .unwrap_or_else(|e| fail("progress", e));
+            u = check(job);
+        }
+        println!("rank 0: while rank 1 does not read: {u:?}");
+        // Every registration is freed once rank 1 read everything.
+        job.pump(
+            60,
+            "rank 1 to read everything",
+            &mut |_, s, m| panic!("rank 0: unexpected {:?} from {s}", m.header()),
+            &mut |j| {
+                let u = check(j);
+                u.messages == 0 && u.queued == 0
+            },
+        );
+        let u = job.layer.rendezvous_usage(1);
+        assert!(
+            u.peak_messages <= bound && u.peak_bytes <= bytes_bound.max(largest),
+            "rank 0: peak {u:?} beyond the bound of {bound} messages and {bytes_bound} bytes"
+        );
+        assert!(
+            most_queued.get() > 0 && u.peak_messages == bound,
+            "rank 0: the bound never held anything back ({u:?}, most queued {})",
+            most_queued.get()
+        );
+        println!(
+            "rank 0: {COUNT} messages sent, at most {} registered at once ({} bytes), at most \
+             {} waiting",
+            u.peak_messages,
+            u.peak_bytes,
+            most_queued.get()
+        );
+    }
+    if me == 1 {
+        std::thread::sleep(Duration::from_millis(1000));
+        let next = Cell::new(0u32);
+        job.pump(
+            60,
+            "the messages",
+            &mut |_, src, m| {
+                assert_eq!(src, 0);
+                let i = next.get();
+                assert_eq!(m.header().tag, u64::from(i), "rank 1: order");
+                let data: Vec<u8> = m.segments().iter().flat_map(|s| s.to_vec()).collect();
+                assert!(
+                    data == fill(0, 5, i, bound_len(i)),
+                    "rank 1: message {i} corrupted"
+                );
+                next.set(i + 1);
+            },
+            &mut |_| next.get() == COUNT,
+        );
+        println!("rank 1: all {COUNT} messages once, in order");
+    }
+    job.finish();
+    println!("OK rndvbound rank {me}");
+}
+
 fn wakeup(job: &mut Job) {
     let me = job.me;
     if me == 1 {
@@ -441,6 +583,22 @@ fn wakeup(job: &mut Job) {
 
 fn lost(job: &mut Job) {
     let me = job.me;
+    let rndv = std::env::args().any(|a| a == "rndv");
+    if rndv {
+        // A message each way first, so the pair is connected and rank 0's descriptors reach
+        // rank 1 while it does not progress.
+        let peer = 1 - me;
+        job.layer
+            .send(peer, Message::new(Header::new(K_GOT, me, peer, 0)))
+            .unwrap_or_else(|e| fail("send", e));
+        let warm = Cell::new(false);
+        job.pump(
+            30,
+            "the warm-up message",
+            &mut |_, _, m| warm.set(m.header().kind == K_GOT),
+            &mut |_| warm.get(),
+        );
+    }
     job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     if me == 1 {
         std::thread::sleep(Duration::from_millis(200));
@@ -454,6 +612,29 @@ fn lost(job: &mut Job) {
         return;
     }
     let send_too = std::env::args().any(|a| a == "send");
+    if rndv {
+        // Large messages that rank 1 will never read: the bound holds most of them back.
+        let bound = job.layer.config().rndv_per_peer;
+        for i in 0..20u64 {
+            let data = Bytes::from(vec![7u8; 200_000]);
+            let m = Message::with_segments(Header::new(K_DATA, 0, 1, i), vec![data]).unwrap();
+            job.layer.send(1, m).unwrap_or_else(|e| fail("send", e));
+        }
+        let t0 = Instant::now();
+        while job.layer.rendezvous_usage(1).messages < bound
+            && t0.elapsed() < Duration::from_millis(100)
+        {
+            job.layer
+                .progress(&mut |_, _| {})
+                .unwrap_or_else(|e| fail("progress", e));
+        }
+        let u = job.layer.rendezvous_usage(1);
+        assert!(
+            u.messages == bound && u.queued == 20 - bound,
+            "rank 0: {u:?} for rank 1 (bound {bound})"
+        );
+        println!("rank 0: {u:?} for rank 1 before it dies");
+    }
     let t0 = Instant::now();
     let mut i = 0u64;
     loop {
@@ -501,6 +682,12 @@ fn lost(job: &mut Job) {
         job.layer.send(1, Message::new(Header::default())),
         Err(TransportError::PeerLost { process: 1, .. })
     ));
+    // What waited for the lost peer was released, registrations included.
+    let u = job.layer.rendezvous_usage(1);
+    assert!(
+        u.messages == 0 && u.bytes == 0 && u.queued == 0,
+        "rank 0: {u:?} left for lost rank 1"
+    );
     println!("OK lost rank 0 after {elapsed:?}");
 }
 
@@ -673,6 +860,64 @@ fn packetmax(cfg: OfiConfig) {
             println!("OK packetmax rank {rank}: {text}");
         }
         Err(e) => fail(&format!("rank {rank}: start"), e),
+    }
+}
+
+/// See the module docs: the layer's start with [`OfiConfig::from_env`], so with
+/// `CHARMRS_OFI_RECV_BUFFERS` as the test set it. With `refuse`, the start must fail naming the
+/// variable, its value, the provider's limit and the provider's variable that raises it; with
+/// `start`, it must succeed with that many buffers, and a message goes each way.
+fn recvbuffers(expect_refusal: bool) {
+    let rank: u32 = std::env::var(charmrs_transport::kv::ENV_RANK)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .expect("a rank");
+    let cfg = OfiConfig::from_env().unwrap_or_else(|e| fail("OfiConfig::from_env", e));
+    let asked = cfg.recv_buffers;
+    let rxm = std::env::var("CHARMRS_OFI_PROVIDER").is_ok_and(|p| p.contains("ofi_rxm"));
+    match OfiLayer::from_env(cfg) {
+        Err(e) if expect_refusal => {
+            let text = e.to_string();
+            let var = if rxm {
+                "FI_OFI_RXM_RX_SIZE"
+            } else {
+                "FI_SHM_RX_SIZE"
+            };
+            assert!(
+                text.contains(&format!("CHARMRS_OFI_RECV_BUFFERS) {asked} "))
+                    && text.contains("at most ")
+                    && text.contains(var),
+                "rank {rank}: {text}"
+            );
+            println!("OK recvbuffers rank {rank}: {text}");
+        }
+        Ok(Some(layer)) if !expect_refusal => {
+            assert_eq!(layer.config().recv_buffers, asked);
+            let peer = (rank + 1) % layer.size();
+            let mut job = Job {
+                layer: Arc::new(layer),
+                me: rank,
+                n: 2,
+                done_from: vec![false; 2],
+            };
+            job.layer
+                .send(peer, Message::new(Header::new(K_DATA, rank, peer, 7)))
+                .unwrap_or_else(|e| fail("send", e));
+            let got = Cell::new(false);
+            job.pump(
+                30,
+                "the message",
+                &mut |_, _, m| got.set(m.header().tag == 7),
+                &mut |_| got.get(),
+            );
+            job.finish();
+            println!("OK recvbuffers rank {rank}: started with {asked} receive buffers");
+        }
+        Ok(_) => panic!("rank {rank}: started with {asked} receive buffers"),
+        Err(e) => fail(
+            &format!("rank {rank}: start with {asked} receive buffers"),
+            e,
+        ),
     }
 }
 
@@ -1050,11 +1295,26 @@ fn main() {
     if scenario == "packetmax" {
         return packetmax(cfg);
     }
+    if scenario == "recvbuffers" {
+        return recvbuffers(flag("refuse").is_some());
+    }
     if let Some(i) = flag("--recv-buffers") {
         cfg.recv_buffers = args
             .get(i + 1)
             .and_then(|v| v.parse().ok())
             .expect("--recv-buffers N");
+    }
+    if let Some(i) = flag("--rndv-per-peer") {
+        cfg.rndv_per_peer = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--rndv-per-peer N");
+    }
+    if let Some(i) = flag("--rndv-bytes-per-peer") {
+        cfg.rndv_bytes_per_peer = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--rndv-bytes-per-peer N");
     }
     if flag("--no-liveness").is_some() {
         // Only the provider's own error reports can reveal a lost peer.
@@ -1099,6 +1359,7 @@ fn main() {
     match scenario.as_str() {
         "mixed" => mixed(&mut job),
         "flood" => flood(&mut job),
+        "rndvbound" => rndvbound(&mut job),
         "wakeup" => wakeup(&mut job),
         "lost" => lost(&mut job),
         "badkey" => badkey(&mut job),
