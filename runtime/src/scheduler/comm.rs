@@ -238,10 +238,10 @@ fn on_message(shared: &Shared, table: &EntryTable, src: ProcessId, msg: Message)
             }
         }
         wire::KIND_EXIT => {
-            super::ending::record(shared, &header, src);
+            super::ending::record(shared, &msg, src);
             shared.finish_from_peer(Outcome::Exit(header.tag as u32 as i32))
         }
-        wire::KIND_END_ACK | wire::KIND_END_GO => super::ending::record(shared, &header, src),
+        wire::KIND_END_ACK | wire::KIND_END_GO => super::ending::record(shared, &msg, src),
         wire::KIND_ABORT => {
             let text = msg
                 .segments()

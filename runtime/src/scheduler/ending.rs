@@ -10,12 +10,20 @@
 //! (`KIND_END_GO`); a process leaves once released by every process whose end-of-job it received.
 //! Every wait is bounded ([`WAIT`]): a peer that is gone or silent only delays the exit.
 //!
+//! When several processes end the job at once, a process may be released by the ones it heard
+//! from before another's end-of-job message reaches it (that message left on another lane, whose
+//! connection was still being made): it would leave unaware, and that other process wait for its
+//! acknowledgement until the bound. So a release names every process its sender knows ended the
+//! job — which is all of them, as each acknowledged it first, saying whether it ended the job
+//! too — and its receiver treats each as if its end-of-job message had arrived.
+//!
 //! Invariant: this runs on the main thread after the PE threads left, so it is the layer's only
 //! poller, of every lane ([`poll_every_lane`]: with a lane per PE, a PE's last sends wait in its
 //! lane); messages of these kinds that a network PE already read are recorded in [`EndState`].
 
 use super::shared::Shared;
 use crate::wire;
+use bytes::Bytes;
 use charmrs_transport::{Header, Message, ProcessId};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -45,7 +53,8 @@ pub(crate) struct EndState {
 const ACK_FROM_INITIATOR: u64 = 1;
 
 /// Records an end-of-job handshake message from `src` (wherever it was read).
-pub(crate) fn record(shared: &Shared, header: &Header, src: ProcessId) {
+pub(crate) fn record(shared: &Shared, msg: &Message, src: ProcessId) {
+    let header = msg.header();
     let mut end = shared.end_state();
     match header.kind {
         wire::KIND_EXIT => {
@@ -63,6 +72,16 @@ pub(crate) fn record(shared: &Shared, header: &Header, src: ProcessId) {
         }
         wire::KIND_END_GO => {
             end.released_by.insert(src);
+            // The processes the releaser knows ended the job (see the module docs). Ids that
+            // name no other process of the job are ignored: the job is over either way.
+            let (me, n) = (shared.layer.rank(), shared.layer.size());
+            let named = msg.segments().first().map_or(&[][..], |s| &s[..]);
+            for id in named.chunks_exact(4) {
+                let p = ProcessId::from_le_bytes(id.try_into().expect("4 bytes"));
+                if p < n && p != me {
+                    end.sources.insert(p);
+                }
+            }
         }
         _ => {}
     }
@@ -70,15 +89,33 @@ pub(crate) fn record(shared: &Shared, header: &Header, src: ProcessId) {
 
 fn signal(shared: &Shared, kind: u8, to: ProcessId) {
     let me = shared.first_pe as u32;
-    let tag = if kind == wire::KIND_END_ACK && shared.end_state().initiated {
-        ACK_FROM_INITIATOR
-    } else {
-        0
+    let (tag, enders) = {
+        let end = shared.end_state();
+        let tag = if kind == wire::KIND_END_ACK && end.initiated {
+            ACK_FROM_INITIATOR
+        } else {
+            0
+        };
+        // A release names the processes that ended the job (this one among them).
+        let enders: Vec<u8> = (kind == wire::KIND_END_GO)
+            .then(|| {
+                end.sources
+                    .iter()
+                    .copied()
+                    .chain(end.initiated.then(|| shared.layer.rank()))
+                    .flat_map(ProcessId::to_le_bytes)
+                    .collect()
+            })
+            .unwrap_or_default();
+        (tag, enders)
     };
+    let mut msg = Message::new(Header::new(kind, me, 0, tag));
+    if !enders.is_empty() && msg.push_segment(Bytes::from(enders)).is_err() {
+        // More ids than a segment holds: released all the same, knowing less.
+        msg = Message::new(Header::new(kind, me, 0, tag));
+    }
     // Best effort: a peer that is gone is not waited for.
-    let _ = shared
-        .layer
-        .send(to, Message::new(Header::new(kind, me, 0, tag)));
+    let _ = shared.layer.send(to, msg);
 }
 
 /// Polls every lane of the layer once, recording handshake messages; whether all polls went
@@ -89,7 +126,7 @@ fn poll_every_lane(shared: &Shared) -> bool {
     for lane in 0..layer.lanes() {
         layer.bind_lane(lane);
         ok &= layer
-            .progress(&mut |src, msg| record(shared, msg.header(), src))
+            .progress(&mut |src, msg| record(shared, &msg, src))
             .is_ok();
     }
     layer.bind_lane(0);
