@@ -97,16 +97,16 @@ fn signal(shared: &Shared, kind: u8, to: ProcessId) {
             0
         };
         // A release names the processes that ended the job (this one among them).
-        let enders: Vec<u8> = (kind == wire::KIND_END_GO)
-            .then(|| {
-                end.sources
-                    .iter()
-                    .copied()
-                    .chain(end.initiated.then(|| shared.layer.rank()))
-                    .flat_map(ProcessId::to_le_bytes)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let enders: Vec<u8> = if kind == wire::KIND_END_GO {
+            end.sources
+                .iter()
+                .copied()
+                .chain(end.initiated.then(|| shared.layer.rank()))
+                .flat_map(ProcessId::to_le_bytes)
+                .collect()
+        } else {
+            Vec::new()
+        };
         (tag, enders)
     };
     let mut msg = Message::new(Header::new(kind, me, 0, tag));
