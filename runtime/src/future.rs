@@ -31,10 +31,19 @@ pub fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, String>
     match v.downcast_ref::<T>() {
         Some(t) => postcard::to_stdvec(t).map_err(|e| e.to_string()),
         // A value that arrived from another process and is passed on unchanged.
-        None => v
-            .downcast_ref::<WireValue>()
-            .map(|w| w.0.to_vec())
-            .ok_or_else(|| format!("a value that is not a {}", std::any::type_name::<T>())),
+        None => match v.downcast_ref::<WireValue>() {
+            Some(w) if w.segments.is_empty() => Ok(w.bytes.to_vec()),
+            // Its encoding refers to segments by number: decoded and encoded again, so that it
+            // refers to those of the message it goes out with.
+            Some(w) => {
+                let t: T = w.decode()?;
+                postcard::to_stdvec(&t).map_err(|e| e.to_string())
+            }
+            None => Err(format!(
+                "a value that is not a {}",
+                std::any::type_name::<T>()
+            )),
+        },
     }
 }
 
@@ -48,16 +57,36 @@ pub fn decode_any<T: Payload>(bytes: &[u8]) -> Result<Box<dyn Any + Send>, Strin
 }
 
 /// A value that arrived from another process, still encoded: the awaiting side knows its type.
-pub(crate) struct WireValue(pub(crate) bytes::Bytes);
+pub(crate) struct WireValue {
+    /// The encoding.
+    pub(crate) bytes: bytes::Bytes,
+    /// The out-of-band segments it refers to (large [`PodVec`](crate::PodVec)s and
+    /// [`Buffer`](crate::Buffer)s, read in place where they landed).
+    pub(crate) segments: Vec<bytes::Bytes>,
+}
+
+impl WireValue {
+    /// A value whose encoding holds all of it.
+    pub(crate) fn inline(bytes: bytes::Bytes) -> WireValue {
+        WireValue {
+            bytes,
+            segments: Vec::new(),
+        }
+    }
+
+    /// Decodes it as a `T`.
+    fn decode<T: Payload>(&self) -> Result<T, String> {
+        crate::wire::offering(self.segments.clone(), || crate::wire::decoded(&self.bytes))
+            .map_err(|e| format!("a value from another process: {e}"))
+    }
+}
 
 /// Turns a delivered value back into a `T`, decoding it if it came from another process.
 pub(crate) fn take_value<T: Payload>(v: Box<dyn Any + Send>) -> Result<T, String> {
     match v.downcast::<T>() {
         Ok(t) => Ok(*t),
         Err(v) => match v.downcast::<WireValue>() {
-            Ok(w) => {
-                crate::wire::decoded(&w.0).map_err(|e| format!("a value from another process: {e}"))
-            }
+            Ok(w) => w.decode(),
             Err(_) => Err(format!(
                 "a value of another type than {}",
                 std::any::type_name::<T>()

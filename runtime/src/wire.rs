@@ -557,7 +557,12 @@ pub(crate) fn decode_qd(msg: &Message) -> Result<Envelope, String> {
 /// A future's value as it travels: the encoded value, or the error that replaces it.
 #[derive(Serialize, Deserialize)]
 enum WireOutcome {
-    Value(#[serde(with = "byte_vec")] Vec<u8>),
+    /// The encoded value follows as a segment of its own (after a partial's count), then the
+    /// `segments` out-of-band segments of its [`PodVec`](crate::PodVec)s and [`Buffer`]s: none
+    /// of their bytes is copied into the message.
+    Value {
+        segments: u32,
+    },
     Remote {
         pe: u64,
         entry: String,
@@ -566,13 +571,14 @@ enum WireOutcome {
     Failed(String),
 }
 
-/// The message carrying a future's value (or error) to PE `dst`.
+/// The message carrying a future's value (or error) to PE `dst`: the value is its encoding and
+/// the out-of-band segments that encoding refers to (see [`collecting`]).
 pub(crate) fn value_message(
     partial: Option<crate::future::PartialCount>,
     id: u64,
     src_pe: u32,
     dst_pe: u32,
-    value: Result<Vec<u8>, crate::error::Error>,
+    value: Result<(Vec<u8>, Vec<Bytes>), crate::error::Error>,
 ) -> Result<Message, String> {
     let kind = if partial.is_some() {
         KIND_PARTIAL
@@ -580,24 +586,41 @@ pub(crate) fn value_message(
         KIND_FULFIL
     };
     use crate::error::Error;
-    let outcome = match value {
-        Ok(bytes) => WireOutcome::Value(bytes),
-        Err(Error::Remote { pe, entry, message }) => WireOutcome::Remote {
-            pe: pe as u64,
-            entry,
-            message,
-        },
-        Err(other) => WireOutcome::Failed(other.to_string()),
+    let (outcome, value) = match value {
+        Ok((bytes, segments)) => {
+            let n = u32::try_from(segments.len()).map_err(|_| "too many segments")?;
+            (WireOutcome::Value { segments: n }, Some((bytes, segments)))
+        }
+        Err(Error::Remote { pe, entry, message }) => (
+            WireOutcome::Remote {
+                pe: pe as u64,
+                entry,
+                message,
+            },
+            None,
+        ),
+        Err(other) => (WireOutcome::Failed(other.to_string()), None),
     };
     let mut m = Message::new(Header::new(kind, src_pe, dst_pe, id));
-    let seg = postcard::to_stdvec(&outcome).map_err(|e| e.to_string())?;
-    m.push_segment(Bytes::from(seg))
-        .map_err(|e| e.to_string())?;
+    let mut push = |seg: Bytes| m.push_segment(seg).map_err(|e| e.to_string());
+    push(
+        postcard::to_stdvec(&outcome)
+            .map_err(|e| e.to_string())?
+            .into(),
+    )?;
     if let Some(count) = partial {
         // A partial says how it counts towards its gather, in a second segment.
-        let seg = postcard::to_stdvec(&count).map_err(|e| e.to_string())?;
-        m.push_segment(Bytes::from(seg))
-            .map_err(|e| e.to_string())?;
+        push(
+            postcard::to_stdvec(&count)
+                .map_err(|e| e.to_string())?
+                .into(),
+        )?;
+    }
+    if let Some((bytes, segments)) = value {
+        push(bytes.into())?;
+        for seg in segments {
+            push(seg)?;
+        }
     }
     Ok(m)
 }
@@ -607,15 +630,28 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
     use crate::error::Error;
     use crate::future::WireValue;
     let header = msg.header();
-    let seg = msg
-        .segments()
-        .first()
-        .ok_or("a future's value without its segment")?;
+    let segs = msg.segments();
+    let seg = segs.first().ok_or("a future's value without its segment")?;
     let outcome: WireOutcome = decode_exact(seg).map_err(|e| format!("a future's value: {e}"))?;
+    // The outcome, and a partial's count, come first.
+    let fixed: usize = if header.kind == KIND_FULFIL { 1 } else { 2 };
+    let expected = match outcome {
+        WireOutcome::Value { segments } => (fixed + 1).checked_add(segments as usize),
+        _ => Some(fixed),
+    };
+    if expected != Some(segs.len()) {
+        return Err(format!(
+            "a future's value ({}) in {} segments, not {}",
+            if fixed == 1 { "whole" } else { "partial" },
+            segs.len(),
+            expected.map_or_else(|| "a countable number".to_owned(), |n| n.to_string())
+        ));
+    }
     let outcome = match outcome {
-        WireOutcome::Value(bytes) => {
-            Ok(Box::new(WireValue(Bytes::from(bytes))) as Box<dyn std::any::Any + Send>)
-        }
+        WireOutcome::Value { .. } => Ok(Box::new(WireValue {
+            bytes: segs[fixed].clone(),
+            segments: segs[fixed + 1..].to_vec(),
+        }) as Box<dyn std::any::Any + Send>),
         WireOutcome::Remote { pe, entry, message } => Err(Error::Remote {
             pe: pe as usize,
             entry,
@@ -626,15 +662,9 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
     let id = header.tag;
     let outcome = outcome.map_err(Box::new);
     let body = if header.kind == KIND_FULFIL {
-        if msg.segments().len() != 1 {
-            return Err("a future's value with extra segments".into());
-        }
         Body::Fulfil { id, outcome }
     } else {
-        let [_, count] = msg.segments() else {
-            return Err("a broadcast's partial result without its count".into());
-        };
-        let count = decode_exact(count).map_err(|e| format!("a partial result's count: {e}"))?;
+        let count = decode_exact(&segs[1]).map_err(|e| format!("a partial result's count: {e}"))?;
         Body::Partial { id, outcome, count }
     };
     Ok(Envelope::new(0, body))
@@ -1913,7 +1943,7 @@ mod tests {
     fn partial_results_carry_how_they_count() {
         use crate::future::PartialCount;
         for count in [PartialCount::Pe { extras: 3 }, PartialCount::Element] {
-            let m = value_message(Some(count), 9, 1, 2, Ok(vec![1, 2, 3])).unwrap();
+            let m = value_message(Some(count), 9, 1, 2, Ok((vec![1, 2, 3], Vec::new()))).unwrap();
             assert_eq!(m.header().kind, KIND_PARTIAL);
             let env = decode_value(&m).unwrap();
             assert!(
@@ -1922,13 +1952,20 @@ mod tests {
             );
         }
         // A partial without its count, or a value with one, is malformed.
-        let value = value_message(None, 9, 1, 2, Ok(vec![1])).unwrap();
+        let value = value_message(None, 9, 1, 2, Ok((vec![1], Vec::new()))).unwrap();
         let mut partial = value.clone();
         let mut h = *partial.header();
         h.kind = KIND_PARTIAL;
         partial.set_header(h);
         assert!(decode_value(&partial).is_err());
-        let mut fulfil = value_message(Some(PartialCount::Element), 9, 1, 2, Ok(vec![1])).unwrap();
+        let mut fulfil = value_message(
+            Some(PartialCount::Element),
+            9,
+            1,
+            2,
+            Ok((vec![1], Vec::new())),
+        )
+        .unwrap();
         let mut h = *fulfil.header();
         h.kind = KIND_FULFIL;
         fulfil.set_header(h);

@@ -177,6 +177,25 @@ impl Victim {
         }
         data.len()
     }
+
+    /// Test vector `seed` of `len` numbers, as a reply (a future's value).
+    #[entry]
+    fn give_floats(&mut self, seed: u64, len: usize) -> PodVec<f64> {
+        PodVec::from((0..len).map(|i| float_pattern(seed, i)).collect::<Vec<_>>())
+    }
+}
+
+/// Checks that `v` is [`float_pattern`]`(seed, …)` of `len` numbers, read in place from the
+/// received message if `in_place`.
+fn check_floats(v: &PodVec<f64>, seed: u64, len: usize, in_place: bool, what: &str) {
+    assert_eq!(v.len(), len, "{what}: length");
+    assert!(
+        !in_place || v.is_received_in_place(),
+        "{what}: {len} numbers were copied on receipt"
+    );
+    if let Some(i) = (0..len).find(|&i| v[i] != float_pattern(seed, i)) {
+        panic!("{what}: differs at element {i}");
+    }
 }
 
 /// Element `i` of test vector `seed`.
@@ -245,6 +264,33 @@ async fn large_buffers(group: &Group<Victim>) {
     }
     for (len, reply) in replies {
         assert_eq!(reply.await, len);
+    }
+    // The same vectors the other way, as futures' values: large ones from another process are
+    // read in place too (their bytes are segments of the reply, not copied into it).
+    let mut replies = Vec::new();
+    for pe in 0..charmrs::num_pes() {
+        let remote = pe / per_process != charmrs::my_node();
+        for len in [20, 8_193, (1 << 17) + 3, (3 << 17) + 1] {
+            let seed = (pe * 1000 + len) as u64;
+            let reply = group.at(pe).ret().give_floats(seed, len);
+            replies.push((pe, seed, len, remote && len >= 1 << 17, reply));
+        }
+    }
+    for (pe, seed, len, in_place, reply) in replies {
+        check_floats(
+            &reply.await,
+            seed,
+            len,
+            in_place,
+            &format!("reply from PE {pe}"),
+        );
+    }
+    // And gathered from every PE (a partial result per PE of another process).
+    let len = (1 << 17) + 3;
+    let gathered = group.gather().give_floats(7, len).await;
+    assert_eq!(gathered.len(), charmrs::num_pes());
+    for (pe, v) in gathered.iter().enumerate() {
+        check_floats(v, 7, len, false, &format!("gathered from PE {pe}"));
     }
 }
 

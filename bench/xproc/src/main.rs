@@ -13,7 +13,10 @@
 //! - bandwidth: a window of 16 messages of each size streamed to the other process, then one
 //!   acknowledgement, for charmrs and for the bare socket;
 //! - a reduction (empty, to a callback, back to back) and a broadcast with completion, over the
-//!   PEs of all processes.
+//!   PEs of all processes;
+//! - with `XPROC_REPLY=1`, instead of all the above: the round trip of a call whose reply (a
+//!   future's value) is a `PodVec<f64>` of each size, kept by the answering side (a clone shares
+//!   it), awaited by the main task.
 //!
 //! Figures are medians of several repetitions (per size: all latency repetitions, then all
 //! bandwidth ones); the machine is a shared VM, so compare columns of the same run, not runs.
@@ -31,7 +34,7 @@
 //! leaves the data in the sender's cache then pays for it), `XPROC_PODVEC=1` (the stream sends a
 //! `PodVec<f64>` of the same byte size instead of a `Buffer`), `XPROC_STREAM_MUL=n` (streams `n`
 //! times as long), `XPROC_PING_PE=a`, `XPROC_PONG_PE=b` (the two sides' PEs; default the first
-//! and the last).
+//! and the last), `XPROC_REPLY=1` (replies only, see above).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -124,6 +127,8 @@ struct Pong {
     /// The buffer it answers with (see [`echo_data`]).
     own: Buffer,
     echo_data: bool,
+    /// What [`give`](Pong::give) answers with.
+    reply: PodVec<f64>,
 }
 
 #[chare]
@@ -134,6 +139,7 @@ impl Pong {
             consume: std::env::var_os("XPROC_CONSUME").is_some(),
             own: Buffer(Bytes::new()),
             echo_data: echo_data(),
+            reply: PodVec::from(Vec::new()),
         }
     }
 
@@ -175,6 +181,16 @@ impl Pong {
         if self.streamed.is_multiple_of(window) {
             back.acked();
         }
+    }
+
+    /// A vector of `size` bytes of numbers, as the reply (`XPROC_REPLY=1`): the same one each
+    /// time (a clone shares it), like a buffer at rest.
+    #[entry]
+    fn give(&mut self, size: usize) -> PodVec<f64> {
+        if self.reply.len() * 8 != size {
+            self.reply = PodVec::from(vec![0.5f64; size / 8]);
+        }
+        self.reply.clone()
     }
 
     /// Starts a bare TCP echo server on loopback in a thread of this process; returns its port.
@@ -462,6 +478,9 @@ async fn run() {
     );
     let ping = Single::<Ping>::new((), Some(near));
     let pong = Single::<Pong>::new((), Some(far));
+    if std::env::var_os("XPROC_REPLY").is_some() {
+        return replies(pong).await;
+    }
     // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
     // e.g. bench/scripts/ucx-vs-perftest.sh, and between hosts: the bare sockets use loopback).
     let bare = std::env::var_os("XPROC_NO_BARE").is_none();
@@ -581,6 +600,31 @@ async fn run() {
         "# broadcast with completion (ret), {p} PEs: {:.2} µs per round",
         median(bcast) * 1e6
     );
+    charmrs::exit(0);
+}
+
+/// `XPROC_REPLY=1`: round trips of a call answered with a vector of each size (8-byte sizes and
+/// up), from the main task on PE 0 to `pong`.
+async fn replies(pong: Single<Pong>) {
+    println!("{:>9} {:>15} {:>10}", "size", "reply trip µs", "MB/s");
+    for size in sizes().into_iter().filter(|&s| s >= 8) {
+        let iters = iterations(size);
+        let mut trips = vec![];
+        for _ in 0..repeats() {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let v = pong.ret().give(size).await;
+                std::hint::black_box(v.len());
+            }
+            trips.push(t.elapsed().as_secs_f64() / f64::from(iters));
+        }
+        let trip = median(trips);
+        println!(
+            "{size:>9} {:>15.2} {:>10.0}",
+            trip * 1e6,
+            size as f64 / trip / 1e6
+        );
+    }
     charmrs::exit(0);
 }
 

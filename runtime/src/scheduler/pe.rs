@@ -791,8 +791,12 @@ impl PeState {
         outcome: Resolution,
         encode: EncodeFn,
     ) {
+        // Large `PodVec`s and `Buffer`s in the value go out as segments of their own (no copy).
         let encoded = match outcome {
-            Ok(v) => encode(&*v).map(Ok),
+            Ok(v) => match crate::wire::collecting(|| encode(&*v)) {
+                (Ok(bytes), segments) => Ok(Ok((bytes, segments))),
+                (Err(e), _) => Err(e),
+            },
             Err(e) => Ok(Err(e)),
         };
         // Counted once encoded (see `send_direct`).
