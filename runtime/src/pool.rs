@@ -187,12 +187,14 @@ fn encoded_all(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> 
     for r in &results {
         out.extend((task.encode_result)(&**r)?);
     }
-    Ok(Box::new(WireValue(out.into())))
+    Ok(Box::new(WireValue::inline(out.into())))
 }
 
 fn encoded_one(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> {
     let r = results.first().ok_or("a single task without its result")?;
-    Ok(Box::new(WireValue((task.encode_result)(&**r)?.into())))
+    Ok(Box::new(WireValue::inline(
+        (task.encode_result)(&**r)?.into(),
+    )))
 }
 
 impl Pool {
@@ -335,7 +337,17 @@ pub(crate) struct PoolState {
     started: bool,
     free: BTreeSet<usize>,
     jobs: BTreeMap<u64, Job>,
+    /// The jobs that can take a PE now ([`Job::can_take_a_pe`]): the only ones scheduling
+    /// looks at.
+    ready: BTreeSet<u64>,
     next_job: u64,
+}
+
+impl Job {
+    /// Whether the job has chunks to hand out and room under its PE cap.
+    fn can_take_a_pe(&self) -> bool {
+        !self.chunks.is_empty() && self.outstanding < self.max_pes
+    }
 }
 
 /// Messages of the pool.
@@ -380,20 +392,21 @@ impl PeState {
         }
         let id = st.next_job;
         st.next_job += 1;
-        st.jobs.insert(
-            id,
-            Job {
-                task: spec.task,
-                chunks,
-                results: (0..n).map(|_| None).collect(),
-                outstanding: 0,
-                max_pes: spec.options.max_pes.unwrap_or(usize::MAX),
-                reply: spec.reply,
-                finish: spec.finish,
-                encode: spec.encode,
-                error: None,
-            },
-        );
+        let job = Job {
+            task: spec.task,
+            chunks,
+            results: (0..n).map(|_| None).collect(),
+            outstanding: 0,
+            max_pes: spec.options.max_pes.unwrap_or(usize::MAX),
+            reply: spec.reply,
+            finish: spec.finish,
+            encode: spec.encode,
+            error: None,
+        };
+        if job.can_take_a_pe() {
+            st.ready.insert(id);
+        }
+        st.jobs.insert(id, job);
         drop(st);
         if n == 0 {
             self.pool_finish(id);
@@ -401,40 +414,43 @@ impl PeState {
         self.pool_schedule();
     }
 
-    /// Master: hands chunks to free PEs, oldest job first, within each job's PE cap.
+    /// Master: hands chunks to free PEs, within each job's PE cap, in passes over the jobs that
+    /// can take one (oldest first, one chunk each per pass). Costs a few map operations per chunk
+    /// handed out, however many jobs are alive (nested tasks make thousands).
     fn pool_schedule(&self) {
         let mut runs = Vec::new();
         {
             let mut guard = self.pool.borrow_mut();
             let st = &mut *guard;
-            'outer: loop {
-                let mut progressed = false;
-                for (&id, job) in st.jobs.iter_mut() {
-                    if job.outstanding >= job.max_pes || job.chunks.is_empty() {
-                        continue;
-                    }
-                    // PE 0 (the master) last: a synchronous chunk there holds up every other
-                    // PE's next chunk until it returns.
-                    let Some(&pe) = st.free.range(1..).next().or(st.free.first()) else {
-                        break 'outer;
-                    };
-                    st.free.remove(&pe);
-                    let (start, items) = job.chunks.pop_front().expect("checked non-empty");
-                    job.outstanding += 1;
-                    runs.push((
-                        pe,
-                        PoolMsg::Run {
-                            job: id,
-                            start,
-                            items,
-                            task: job.task,
-                        },
-                    ));
-                    progressed = true;
-                }
-                if !progressed {
+            // The next job of this pass: the first ready one from here (a pass ends when none
+            // is left, and the next starts again from the oldest).
+            let mut from = 0u64;
+            while !st.free.is_empty() {
+                let Some(&id) = st.ready.range(from..).next().or(st.ready.first()) else {
                     break;
+                };
+                from = id + 1;
+                // PE 0 (the master) last: a synchronous chunk there holds up every other PE's
+                // next chunk until it returns.
+                let Some(&pe) = st.free.range(1..).next().or(st.free.first()) else {
+                    break;
+                };
+                st.free.remove(&pe);
+                let job = st.jobs.get_mut(&id).expect("a ready job is alive");
+                let (start, items) = job.chunks.pop_front().expect("a ready job has chunks");
+                job.outstanding += 1;
+                if !job.can_take_a_pe() {
+                    st.ready.remove(&id);
                 }
+                runs.push((
+                    pe,
+                    PoolMsg::Run {
+                        job: id,
+                        start,
+                        items,
+                        task: job.task,
+                    },
+                ));
             }
         }
         for (pe, run) in runs {
@@ -443,12 +459,11 @@ impl PeState {
     }
 
     fn pool_finish(&self, id: u64) {
-        let job = self
-            .pool
-            .borrow_mut()
-            .jobs
-            .remove(&id)
-            .expect("finishing a known job");
+        let job = {
+            let mut st = self.pool.borrow_mut();
+            st.ready.remove(&id);
+            st.jobs.remove(&id).expect("finishing a known job")
+        };
         let outcome = match job.error {
             Some(e) => Err(e),
             None => {
@@ -554,7 +569,13 @@ impl PeState {
                             j.chunks.clear();
                         }
                     }
-                    j.outstanding == 0 && j.chunks.is_empty()
+                    let finished = j.outstanding == 0 && j.chunks.is_empty();
+                    if j.can_take_a_pe() {
+                        st.ready.insert(job);
+                    } else {
+                        st.ready.remove(&job);
+                    }
+                    finished
                 };
                 if finished {
                     self.pool_finish(job);
@@ -817,7 +838,7 @@ pub(crate) fn decode_pool_wire(bytes: &[u8]) -> Result<crate::envelope::Control,
             results: match results {
                 Ok(ByteStrings(values)) => Ok(values
                     .into_iter()
-                    .map(|v| Box::new(WireValue(v.into())) as AnyBox)
+                    .map(|v| Box::new(WireValue::inline(v.into())) as AnyBox)
                     .collect()),
                 Err((pe, entry, message)) => Err(Error::Remote {
                     pe: pe as usize,
