@@ -190,6 +190,15 @@ fn encoded_all(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> 
     Ok(Box::new(WireValue::inline(out.into())))
 }
 
+/// The [`EncodeFn`] of a job submitted from another process: its value is already encoded
+/// ([`encoded_one`], [`encoded_all`]), whole.
+fn encoded_as_is(v: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
+    match v.downcast_ref::<WireValue>() {
+        Some(w) if w.segments.is_empty() => Ok(w.bytes.to_vec()),
+        _ => Err("a pool result for another process that is not encoded whole".into()),
+    }
+}
+
 fn encoded_one(task: &TaskInfo, results: Vec<AnyBox>) -> Result<AnyBox, String> {
     let r = results.first().ok_or("a single task without its result")?;
     Ok(Box::new(WireValue::inline(
@@ -794,9 +803,9 @@ pub(crate) fn decode_pool_wire(bytes: &[u8]) -> Result<crate::envelope::Control,
                 max_pes: max_pes.map(|p| (p as usize).max(1)),
             };
             let (finish, encode): (FinishFn, EncodeFn) = if single {
-                (encoded_one, encode_value::<()>)
+                (encoded_one, encoded_as_is)
             } else {
-                (encoded_all, encode_value::<()>)
+                (encoded_all, encoded_as_is)
             };
             let items = decode_items(task, items)?;
             Control::PoolSubmit(Box::new(JobSpec {

@@ -557,6 +557,9 @@ pub(crate) fn decode_qd(msg: &Message) -> Result<Envelope, String> {
 /// A future's value as it travels: the encoded value, or the error that replaces it.
 #[derive(Serialize, Deserialize)]
 enum WireOutcome {
+    /// A value without out-of-band segments, encoded here: the message stays one segment (two
+    /// for a partial), which the layers' small-message paths take.
+    Inline(#[serde(with = "byte_vec")] Vec<u8>),
     /// The encoded value follows as a segment of its own (after a partial's count), then the
     /// `segments` out-of-band segments of its [`PodVec`](crate::PodVec)s and [`Buffer`]s: none
     /// of their bytes is copied into the message.
@@ -587,6 +590,7 @@ pub(crate) fn value_message(
     };
     use crate::error::Error;
     let (outcome, value) = match value {
+        Ok((bytes, segments)) if segments.is_empty() => (WireOutcome::Inline(bytes), None),
         Ok((bytes, segments)) => {
             let n = u32::try_from(segments.len()).map_err(|_| "too many segments")?;
             (WireOutcome::Value { segments: n }, Some((bytes, segments)))
@@ -648,6 +652,9 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
         ));
     }
     let outcome = match outcome {
+        WireOutcome::Inline(bytes) => {
+            Ok(Box::new(WireValue::inline(Bytes::from(bytes))) as Box<dyn std::any::Any + Send>)
+        }
         WireOutcome::Value { .. } => Ok(Box::new(WireValue {
             bytes: segs[fixed].clone(),
             segments: segs[fixed + 1..].to_vec(),

@@ -178,10 +178,24 @@ impl Victim {
         data.len()
     }
 
-    /// Test vector `seed` of `len` numbers, as a reply (a future's value).
+    /// Test vector `seed + this PE` of `len` numbers, as a reply (a future's value).
     #[entry]
-    fn give_floats(&mut self, seed: u64, len: usize) -> PodVec<f64> {
+    fn give_floats(&mut self, ctx: &Ctx<Self>, seed: u64, len: usize) -> PodVec<f64> {
+        let seed = seed + ctx.my_pe() as u64;
         PodVec::from((0..len).map(|i| float_pattern(seed, i)).collect::<Vec<_>>())
+    }
+
+    /// Test vectors `seed + k` (`k < count`) of `len` numbers each, in one reply.
+    #[entry]
+    fn give_many(&mut self, seed: u64, count: usize, len: usize) -> Vec<PodVec<f64>> {
+        let one = |k: u64| {
+            PodVec::from(
+                (0..len)
+                    .map(|i| float_pattern(seed + k, i))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        (0..count as u64).map(one).collect()
     }
 }
 
@@ -273,7 +287,7 @@ async fn large_buffers(group: &Group<Victim>) {
         for len in [20, 8_193, (1 << 17) + 3, (3 << 17) + 1] {
             let seed = (pe * 1000 + len) as u64;
             let reply = group.at(pe).ret().give_floats(seed, len);
-            replies.push((pe, seed, len, remote && len >= 1 << 17, reply));
+            replies.push((pe, seed + pe as u64, len, remote && len >= 1 << 17, reply));
         }
     }
     for (pe, seed, len, in_place, reply) in replies {
@@ -285,12 +299,22 @@ async fn large_buffers(group: &Group<Victim>) {
             &format!("reply from PE {pe}"),
         );
     }
-    // And gathered from every PE (a partial result per PE of another process).
+    // Gathered from every PE (a partial result per PE of another process), each PE's its own.
     let len = (1 << 17) + 3;
     let gathered = group.gather().give_floats(7, len).await;
     assert_eq!(gathered.len(), charmrs::num_pes());
     for (pe, v) in gathered.iter().enumerate() {
-        check_floats(v, 7, len, false, &format!("gathered from PE {pe}"));
+        let remote = pe / per_process != charmrs::my_node();
+        let what = format!("gathered from PE {pe}");
+        check_floats(v, 7 + pe as u64, len, remote, &what);
+    }
+    // More large vectors in one value than a message has segments: still delivered (encoded
+    // whole).
+    let last = charmrs::num_pes() - 1;
+    let many = group.at(last).ret().give_many(11, 300, 64).await;
+    assert_eq!(many.len(), 300);
+    for (k, v) in many.iter().enumerate() {
+        check_floats(v, 11 + k as u64, 64, false, &format!("vector {k} of 300"));
     }
 }
 

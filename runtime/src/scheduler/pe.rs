@@ -286,6 +286,11 @@ fn on_current<R>(pe: usize, f: impl FnOnce(&PeState) -> R) -> Option<R> {
     (state.pe == pe).then(|| f(state))
 }
 
+/// Most out-of-band segments a future's value takes into its message: a message holds
+/// [`MAX_SEGMENTS`](charmrs_transport::MAX_SEGMENTS), of which the outcome, a partial's count
+/// and the encoded value take three.
+const VALUE_SEGMENTS_MAX: usize = charmrs_transport::MAX_SEGMENTS as usize - 3;
+
 /// Queues `env` in the local queue of PE `dst` if the calling thread is that PE; else gives it
 /// back.
 pub(crate) fn queue_if_current(dst: usize, env: Envelope) -> Option<Envelope> {
@@ -791,10 +796,14 @@ impl PeState {
         outcome: Resolution,
         encode: EncodeFn,
     ) {
-        // Large `PodVec`s and `Buffer`s in the value go out as segments of their own (no copy).
+        // Large `PodVec`s and `Buffer`s in the value go out as segments of their own (no copy),
+        // unless there are more than a message holds: then the value is encoded whole.
         let encoded = match outcome {
             Ok(v) => match crate::wire::collecting(|| encode(&*v)) {
-                (Ok(bytes), segments) => Ok(Ok((bytes, segments))),
+                (Ok(bytes), segments) if segments.len() <= VALUE_SEGMENTS_MAX => {
+                    Ok(Ok((bytes, segments)))
+                }
+                (Ok(_), _) => encode(&*v).map(|bytes| Ok((bytes, Vec::new()))),
                 (Err(e), _) => Err(e),
             },
             Err(e) => Ok(Err(e)),
@@ -1655,11 +1664,11 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         if let Some(table) = network {
             // Back-pressure: while NETWORK_BACKLOG network arrivals or more wait in the local
             // queue (counted exactly: in when queued, out when run), the network is polled only
-            // after NETWORK_BACKLOG turns without. A poll may deliver several messages and a turn runs
-            // one, so a fast sender could otherwise have this PE take in messages (and receive
-            // buffers) faster than it runs them: a burst of 1 MiB messages over libfabric held
-            // 70 receive buffers of 2 MiB, most of them freshly page-faulted. A backlog of local
-            // work does not hold the network back.
+            // after NETWORK_BACKLOG turns without. A poll may deliver several messages and a
+            // turn runs one, so a fast sender could otherwise have this PE take in messages (and
+            // receive buffers) faster than it runs them: a burst of 1 MiB messages over libfabric
+            // held 70 receive buffers of 2 MiB, most of them freshly page-faulted. A backlog of
+            // local work does not hold the network back.
             let throttled = state.queue.borrow().network_waiting() >= NETWORK_BACKLOG
                 && skipped < NETWORK_BACKLOG;
             if just_polled {
