@@ -95,7 +95,21 @@ fn programs_run_under_mpirun() {
 fn processes_sharing_a_host_split_its_cores_when_not_told_how_many_pes() {
     // No +p, no CHARMRS_PES, no binding: each of the host's processes takes its share of the
     // cores it sees (before, every process ran a PE per core: n times too many).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The cores this process may run on, as the runtime counts them (its affinity mask).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let cores: usize = list
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((lo, hi)) => hi.parse::<usize>().unwrap() - lo.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
     for n in [2usize, 3] {
         let Some(out) = run_mpirun(&[
             "-n",
@@ -111,6 +125,20 @@ fn processes_sharing_a_host_split_its_cores_when_not_told_how_many_pes() {
         let pes = n * (cores / n).max(1);
         assert_eq!(lines.len(), pes + 1, "{pes} PEs expected: {lines:?}");
         assert_eq!(lines[pes], "All done");
+    }
+    // Bound to a core each by mpirun: a slice of its own, filled (one PE each here).
+    if cores >= 2 {
+        let Some(out) = run_mpirun(&[
+            "-n",
+            "2",
+            "--bind-to",
+            "core",
+            env!("CARGO_BIN_EXE_group_hello"),
+        ]) else {
+            return;
+        };
+        assert!(out.success(), "mpirun --bind-to core: {}", out.stderr);
+        assert_eq!(out.lines().len(), 2 + 1, "{:?}", out.lines());
     }
 }
 

@@ -417,3 +417,36 @@ fn heat2d_computes_the_same_plate_in_one_block_and_in_nine() {
         "checksums {one:e} (1 block) and {nine:e} (9 blocks)"
     );
 }
+
+/// A program run directly in a Slurm batch script (one process) sees the job's
+/// `SLURM_TASKS_PER_NODE` and `SLURM_LOCALID=0`: it is still alone on the host and runs a PE per
+/// core. Only `srun`'s step variables say that processes share the host.
+#[test]
+fn a_program_run_in_a_batch_script_is_alone_on_its_host() {
+    let cores_of = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_group_hello"));
+        cmd.env_remove("CHARMRS_PES")
+            .env_remove("SLURM_STEP_TASKS_PER_NODE")
+            .envs(extra.iter().copied());
+        let out = common::run(cmd, Duration::from_secs(60), |_| false).into_output();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8(out.stdout).unwrap().lines().count() - 1
+    };
+    let alone = cores_of(&[]);
+    let batch = [
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_NODEID", "0"),
+        ("SLURM_TASKS_PER_NODE", "16"),
+        ("SLURM_NTASKS_PER_NODE", "16"),
+    ];
+    assert_eq!(cores_of(&batch), alone, "a batch script's variables");
+    if alone >= 2 {
+        // A task of an `srun` step of 2 tasks on this node: half the cores each.
+        let step = [
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NODEID", "0"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2"),
+        ];
+        assert_eq!(cores_of(&step), alone / 2, "an srun step's variables");
+    }
+}

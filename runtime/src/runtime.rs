@@ -142,16 +142,16 @@ impl Runtime {
 
     /// Number of PEs this process will run: as set (`+p`, `CHARMRS_PES`, [`Runtime::new`]),
     /// else its share of the host's cores — every core its binding lists if a launcher bound it
-    /// to a slice of the host (`srun --cpu-bind`, `mpirun --bind-to`), else those cores divided
-    /// among the job's processes on the host (`OMPI_COMM_WORLD_LOCAL_SIZE`,
-    /// `SLURM_TASKS_PER_NODE`, ...), at least one.
+    /// to a slice of the host of its own (`srun --cpu-bind=cores`, `mpirun --bind-to core`; see
+    /// [`Topology::has_own_slice`]), else the cores it sees divided among the job's processes on
+    /// the host (`OMPI_COMM_WORLD_LOCAL_SIZE`, `SLURM_STEP_TASKS_PER_NODE`, ...), at least one.
     pub fn pes(&self) -> usize {
         self.options.pes.unwrap_or_else(|| {
             let topology = Topology::detect();
             let host_procs = host_env().map_or(1, |(_, n)| n);
             default_pes(
                 topology.num_cores(),
-                topology.bound_by_launcher(),
+                topology.has_own_slice(host_procs),
                 host_procs,
             )
         })
@@ -212,7 +212,7 @@ impl Runtime {
         let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
         let place = placement(
             &topology,
-            topology.bound_by_launcher(),
+            topology.has_own_slice(host_procs),
             host_rank,
             host_procs,
             pes,
@@ -559,13 +559,20 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
 /// launcher's environment ([`host_env`]), else — as with `charmrun`, which starts every process
 /// on this host — the job rank and size.
 fn host_placement(rank: u32, size: u32) -> (usize, usize) {
-    host_env().unwrap_or((rank as usize, size.max(1) as usize))
+    let size = size.max(1) as usize;
+    match host_env() {
+        // No more processes on the host than in the job.
+        Some((r, n)) if r < n.min(size) => (r, n.min(size)),
+        _ => (rank as usize, size),
+    }
 }
 
 /// This process's rank among the job's processes on this host, and their number, as the
 /// launcher says: `CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE` (charmrun), OpenMPI's
-/// `OMPI_COMM_WORLD_LOCAL_*`, Slurm's `SLURM_LOCALID` with `SLURM_NTASKS_PER_NODE` or this
-/// node's entry (`SLURM_NODEID`) of `SLURM_TASKS_PER_NODE`. `None` if none says.
+/// `OMPI_COMM_WORLD_LOCAL_*`, Slurm's `SLURM_LOCALID` with this node's entry (`SLURM_NODEID`)
+/// of `SLURM_STEP_TASKS_PER_NODE` — the step's, set by `srun` only: a program run directly in a
+/// batch script sees the job's `SLURM_TASKS_PER_NODE` and `SLURM_LOCALID=0` but is one process.
+/// `None` if none says.
 fn host_env() -> Option<(usize, usize)> {
     let var = |names: &[&str]| {
         names
@@ -577,14 +584,9 @@ fn host_env() -> Option<(usize, usize)> {
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "SLURM_LOCALID",
     ]);
-    let local_size = var(&[
-        "CHARMRS_LOCAL_SIZE",
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "SLURM_NTASKS_PER_NODE",
-    ])
-    .or_else(|| {
+    let local_size = var(&["CHARMRS_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"]).or_else(|| {
         let node = var(&["SLURM_NODEID"])?;
-        slurm_tasks_on_node(&std::env::var("SLURM_TASKS_PER_NODE").ok()?, node)
+        slurm_tasks_on_node(&std::env::var("SLURM_STEP_TASKS_PER_NODE").ok()?, node)
     });
     match (local_rank, local_size) {
         (Some(r), Some(n)) if r < n => Some((r, n)),
@@ -592,7 +594,7 @@ fn host_env() -> Option<(usize, usize)> {
     }
 }
 
-/// The task count of node `node` in Slurm's `SLURM_TASKS_PER_NODE` (`2(x3),1`: 2 tasks on each
+/// The task count of node `node` in Slurm's `SLURM_STEP_TASKS_PER_NODE` (`2(x3),1`: 2 tasks on each
 /// of the first three nodes, then 1); `None` if malformed or too short.
 fn slurm_tasks_on_node(spec: &str, node: usize) -> Option<usize> {
     let mut first = 0usize;
@@ -611,10 +613,10 @@ fn slurm_tasks_on_node(spec: &str, node: usize) -> Option<usize> {
 }
 
 /// The PEs of a process that was not told how many to run: every core of its binding if a
-/// launcher bound it to a slice of the host, else its share of the cores it sees with the
-/// host's other processes of the job (at least one).
-fn default_pes(cores: usize, bound: bool, host_procs: usize) -> usize {
-    if bound {
+/// launcher bound it to a slice of the host of its own, else its share of the cores it sees with
+/// the host's other processes of the job (at least one).
+fn default_pes(cores: usize, own_slice: bool, host_procs: usize) -> usize {
+    if own_slice {
         cores.max(1)
     } else {
         (cores / host_procs.max(1)).max(1)
@@ -631,16 +633,17 @@ struct Placement {
     own_cores: bool,
 }
 
-/// A process bound to a slice of the host fills its own cores from the first; processes sharing
-/// the host's cores take them in host-rank order, `pes` each.
+/// A process bound to a slice of the host of its own fills it from its first core; processes
+/// sharing the cores they see (all of the host's, or a socket's) take them in host-rank order,
+/// `pes` each.
 fn placement(
     topology: &Topology,
-    bound: bool,
+    own_slice: bool,
     host_rank: usize,
     host_procs: usize,
     pes: usize,
 ) -> Placement {
-    if bound {
+    if own_slice {
         Placement {
             first_core: 0,
             own_cores: topology.pes_fit(pes),

@@ -4,9 +4,9 @@
 //!
 //! * [`CoreId`]: an OS processor number (the id `sched_setaffinity` takes).
 //! * [`Topology`]: the ordered list of usable cores and thread pinning.
-//! * [`Topology::bound_by_launcher`]: whether this process's binding is narrower than what its
-//!   cgroup allows (a launcher such as `srun --cpu-bind` or `mpirun --bind-to` gave it a slice
-//!   of the host), which decides how processes sharing a host split its cores.
+//! * [`Topology::has_own_slice`]: whether a launcher bound this process to a slice of the host
+//!   of its own (`srun --cpu-bind=cores`, `mpirun --bind-to core`), which decides how the
+//!   processes of a job sharing a host split its cores.
 //!
 //! # Invariants
 //!
@@ -90,14 +90,19 @@ impl Topology {
         self.cores.get(pe).copied()
     }
 
-    /// Whether this topology (the calling thread's binding) lists fewer cores
-    /// than the process's cgroup allows — its cpuset's effective CPUs, or the
-    /// online CPUs where no cpuset is readable: a launcher bound the process
-    /// to its own slice of the host, which its PEs may then fill. `false`
-    /// when the binding is all the cgroup allows (several processes of a job
-    /// on such a host share those cores) or the allowance cannot be read.
-    pub fn bound_by_launcher(&self) -> bool {
-        allowed_cpu_count().is_some_and(|allowed| self.cores.len() < allowed)
+    /// Whether this topology (the calling thread's binding) is a slice of the
+    /// host of this process's own, among `host_procs` processes of its job on
+    /// the host: narrower than what its launcher could give it — the parent
+    /// process's binding, else its cgroup's CPUs (cpuset), else the online
+    /// CPUs — and small enough that every process of the host can have one
+    /// as large. `false` for a binding inherited unchanged (`taskset` around
+    /// `charmrun`, a container's cpuset), one that several processes must
+    /// share (OpenMPI's binding to a socket), or when nothing can be read.
+    pub fn has_own_slice(&self, host_procs: usize) -> bool {
+        launcher_cpus().is_some_and(|allowed| {
+            self.cores.len() < allowed
+                && self.cores.len().saturating_mul(host_procs.max(1)) <= allowed
+        })
     }
 
     /// Pins the calling thread to `core`. Returns `false` if `core` is not in
@@ -108,13 +113,26 @@ impl Topology {
     }
 }
 
-/// How many CPUs this process's cgroup lets it use: the effective CPUs of
-/// its cpuset (cgroup v2 `cpuset.cpus.effective`, v1
-/// `cpuset.effective_cpus`), else the online CPUs; `None` if none of these
-/// can be read.
-fn allowed_cpu_count() -> Option<usize> {
+/// How many CPUs this process's launcher could have given it: its parent
+/// process's binding (`Cpus_allowed_list`), else the effective CPUs of its
+/// cpuset (cgroup v2 `cpuset.cpus.effective`, v1 `cpuset.effective_cpus`,
+/// under its cgroup's path or, inside a container, at the root), else the
+/// online CPUs; `None` if a cpuset exists but cannot be read, or nothing can.
+fn launcher_cpus() -> Option<usize> {
+    let parent = std::os::unix::process::parent_id();
+    if parent > 1 {
+        let status = std::fs::read_to_string(format!("/proc/{parent}/status")).ok();
+        let listed = status.as_deref().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(|list| count_cpu_list(list.trim()))
+        });
+        if listed.is_some() {
+            return listed;
+        }
+    }
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mut files = Vec::new();
+    let mut cpusets = Vec::new();
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -123,17 +141,27 @@ fn allowed_cpu_count() -> Option<usize> {
         };
         let path = path.trim_start_matches('/');
         if id == "0" && controllers.is_empty() {
-            files.push(format!("/sys/fs/cgroup/{path}/cpuset.cpus.effective"));
+            cpusets.push(format!("/sys/fs/cgroup/{path}/cpuset.cpus.effective"));
+            cpusets.push("/sys/fs/cgroup/cpuset.cpus.effective".to_owned());
         } else if controllers.split(',').any(|c| c == "cpuset") {
-            files.push(format!(
+            cpusets.push(format!(
                 "/sys/fs/cgroup/cpuset/{path}/cpuset.effective_cpus"
             ));
+            cpusets.push("/sys/fs/cgroup/cpuset/cpuset.effective_cpus".to_owned());
         }
     }
-    files.push("/sys/devices/system/cpu/online".to_owned());
-    files
-        .iter()
-        .find_map(|f| count_cpu_list(std::fs::read_to_string(f).ok()?.trim()))
+    let read = |f: &str| count_cpu_list(std::fs::read_to_string(f).ok()?.trim());
+    // A cgroup v1 hierarchy without the cpuset controller names none: then the online CPUs.
+    let v1_cpuset = cgroups.lines().any(|l| {
+        l.split(':')
+            .nth(1)
+            .is_some_and(|c| c.split(',').any(|c| c == "cpuset"))
+    });
+    match cpusets.iter().find_map(|f| read(f)) {
+        Some(n) => Some(n),
+        None if v1_cpuset => None,
+        None => read("/sys/devices/system/cpu/online"),
+    }
 }
 
 /// The number of CPUs in a kernel CPU list (`0-3,8,10-11`); `None` if it is
@@ -242,24 +270,33 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_bound_to_one_of_several_cores_is_bound_by_launcher() {
+    fn a_thread_bound_to_one_of_several_cores_has_a_slice_of_its_own() {
         let allowed = Topology::detect();
-        let whole = allowed_cpu_count().expect("the online CPUs are readable");
-        assert_eq!(allowed.bound_by_launcher(), allowed.num_cores() < whole);
         if allowed.num_cores() < 2 {
             eprintln!("note: one usable core: no narrower binding to try");
             return;
         }
+        let whole = launcher_cpus().expect("the parent's binding is readable");
+        assert!(whole >= allowed.num_cores());
         let first = allowed.cores()[0];
-        let bound = std::thread::spawn(move || {
+        let (own, shared_by_too_many) = std::thread::spawn(move || {
             assert!(core_affinity::set_for_current(core_affinity::CoreId {
                 id: first.0
             }));
-            Topology::detect().bound_by_launcher()
+            let t = Topology::detect();
+            (t.has_own_slice(1), t.has_own_slice(whole + 1))
         })
         .join()
         .unwrap();
-        assert!(bound);
+        assert!(own, "one core of {whole}: a slice of its own");
+        assert!(
+            !shared_by_too_many,
+            "more processes than cores: not a slice each"
+        );
+        // This thread's binding is what the parent (the test runner) has: inherited.
+        if allowed.num_cores() == whole {
+            assert!(!allowed.has_own_slice(1));
+        }
     }
 
     #[test]
