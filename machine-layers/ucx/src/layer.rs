@@ -620,6 +620,33 @@ impl UcxLayer {
         }
     }
 
+    /// What the calling thread's lane holds that can keep
+    /// [`before_park`](MachineLayer::before_park) from letting it park: UCX
+    /// operations of ours in flight, announced messages waiting for a fetch,
+    /// arrivals, errors and failed endpoints not handled yet, and whether the
+    /// worker is armed. For diagnostics (the check binary prints it when a
+    /// thread does not park in time).
+    #[doc(hidden)]
+    pub fn park_blockers(&self) -> String {
+        let s = self.lane();
+        let l = s.locked.lock();
+        let st = l.worker.inbox.state.borrow();
+        format!(
+            "in flight {} (sends {}), fetches waiting {}, arrivals ready {}, errors {}, \
+             failed endpoints {}, queued sends {}, armed {}",
+            st.in_flight,
+            st.sends_in_flight,
+            st.rndv_waiting.len(),
+            !st.ready.is_empty(),
+            st.errors.len(),
+            st.failed_eps.len(),
+            !(s.queue.is_empty() && s.loopback.is_empty()),
+            s.watcher
+                .get()
+                .is_some_and(|w| w.state.armed.load(Ordering::SeqCst)),
+        )
+    }
+
     /// Number of UCX endpoints this process has open (they are created on
     /// the first operation towards a peer).
     pub fn open_endpoints(&self) -> usize {

@@ -598,8 +598,9 @@ fn wait_to_be_killed() -> ! {
 
 /// `lostsend`: rank 1 sends a 4 MiB message (a rendezvous) to rank 0, which never fetches it and
 /// is killed by the test once rank 1 printed `SENT`. Rank 1 reports rank 0 lost, and from then on
-/// waits for nothing of rank 0's: within 2 s `flush` completes and `before_park` lets the thread
-/// park, and dropping the layer does not wait out its linger (1 s).
+/// waits for nothing of rank 0's: within 2 s `flush` completes, within 5 s `before_park` lets the
+/// thread park (in milliseconds when the host is not loaded), and dropping the layer does not
+/// wait out its linger (1 s).
 fn lost_send(layer: Arc<UcxLayer>) {
     let me = layer.rank();
     if let Err(e) = layer.set_wakeup(|| {}) {
@@ -653,8 +654,13 @@ fn lost_send(layer: Arc<UcxLayer>) {
         if layer.before_park() {
             break;
         }
-        if t.elapsed() > Duration::from_secs(2) {
-            fail("rank 1: before_park still refuses to park after 2 s".into());
+        // (2 s here refused once in a loaded CI run, never in 40 runs under load on the same
+        // kind of host: the bound is 5 s, and a refusal says what held the thread.)
+        if t.elapsed() > Duration::from_secs(5) {
+            fail(format!(
+                "rank 1: before_park still refuses to park after 5 s ({})",
+                layer.park_blockers()
+            ));
         }
     }
     let parked = t.elapsed();
