@@ -21,6 +21,13 @@ fn run_mpirun(args: &[&str]) -> Option<Finished> {
         eprintln!("SKIPPED: mpirun is not installed (Debian: openmpi-bin)");
         return None;
     }
+    // One `mpirun` at a time: with several at once on this 2-core host, OpenMPI 4.1 once
+    // reported a process of one of them as "exiting improperly" with PID 0 (never started),
+    // the program having printed nothing.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // A temporary directory of its own per run (tests run concurrently, and each removes its).
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
