@@ -36,7 +36,11 @@ pub fn encode_value<T: Payload>(v: &(dyn Any + Send)) -> Result<Vec<u8>, String>
             // Its encoding refers to segments by number: decoded and encoded again, so that it
             // refers to those of the message it goes out with.
             Some(w) => {
-                let t: T = w.decode()?;
+                let t: T = WireValue {
+                    bytes: w.bytes.clone(),
+                    segments: w.segments.clone(),
+                }
+                .into_value()?;
                 postcard::to_stdvec(&t).map_err(|e| e.to_string())
             }
             None => Err(format!(
@@ -74,9 +78,9 @@ impl WireValue {
         }
     }
 
-    /// Decodes it as a `T`.
-    fn decode<T: Payload>(&self) -> Result<T, String> {
-        crate::wire::offering(self.segments.clone(), || crate::wire::decoded(&self.bytes))
+    /// Decodes it as a `T` (its segments offered to the decoder, then dropped with it).
+    fn into_value<T: Payload>(self) -> Result<T, String> {
+        crate::wire::offering(self.segments, || crate::wire::decoded(&self.bytes))
             .map_err(|e| format!("a value from another process: {e}"))
     }
 }
@@ -86,7 +90,7 @@ pub(crate) fn take_value<T: Payload>(v: Box<dyn Any + Send>) -> Result<T, String
     match v.downcast::<T>() {
         Ok(t) => Ok(*t),
         Err(v) => match v.downcast::<WireValue>() {
-            Ok(w) => w.decode(),
+            Ok(w) => w.into_value(),
             Err(_) => Err(format!(
                 "a value of another type than {}",
                 std::any::type_name::<T>()

@@ -133,6 +133,8 @@ fn launcher_cpus() -> Option<usize> {
     }
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mut cpusets = Vec::new();
+    // A cgroup v1 hierarchy with the cpuset controller (without one: the online CPUs).
+    let mut v1_cpuset = false;
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -144,6 +146,7 @@ fn launcher_cpus() -> Option<usize> {
             cpusets.push(format!("/sys/fs/cgroup/{path}/cpuset.cpus.effective"));
             cpusets.push("/sys/fs/cgroup/cpuset.cpus.effective".to_owned());
         } else if controllers.split(',').any(|c| c == "cpuset") {
+            v1_cpuset = true;
             cpusets.push(format!(
                 "/sys/fs/cgroup/cpuset/{path}/cpuset.effective_cpus"
             ));
@@ -151,12 +154,6 @@ fn launcher_cpus() -> Option<usize> {
         }
     }
     let read = |f: &str| count_cpu_list(std::fs::read_to_string(f).ok()?.trim());
-    // A cgroup v1 hierarchy without the cpuset controller names none: then the online CPUs.
-    let v1_cpuset = cgroups.lines().any(|l| {
-        l.split(':')
-            .nth(1)
-            .is_some_and(|c| c.split(',').any(|c| c == "cpuset"))
-    });
     match cpusets.iter().find_map(|f| read(f)) {
         Some(n) => Some(n),
         None if v1_cpuset => None,

@@ -155,6 +155,23 @@ impl Job {
         }
     }
 
+    /// Of a job of two: a message each way, so the pair is connected (`shm` and `ofi_rxm` need
+    /// the peer's progress for that) and later descriptors reach the peer while it does not
+    /// progress.
+    fn warm_up(&mut self) {
+        let (me, peer) = (self.me, 1 - self.me);
+        self.layer
+            .send(peer, Message::new(Header::new(K_GOT, me, peer, 0)))
+            .unwrap_or_else(|e| fail("send", e));
+        let warm = Cell::new(false);
+        self.pump(
+            30,
+            "the warm-up message",
+            &mut |_, _, m| warm.set(m.header().kind == K_GOT),
+            &mut |_| warm.get(),
+        );
+    }
+
     /// Tells everyone this process received all it expects, and keeps
     /// progressing (serving their reads) until everyone said so.
     fn finish(&mut self) {
@@ -412,19 +429,7 @@ fn rndvbound(job: &mut Job) {
     let me = job.me;
     let cfg = job.layer.config().clone();
     let (bound, bytes_bound) = (cfg.rndv_per_peer, cfg.rndv_bytes_per_peer);
-    // First a message each way, so the pair is connected (`shm` and `ofi_rxm` need the peer's
-    // progress for that) and descriptors go out while rank 1 does not progress.
-    let peer = 1 - me;
-    job.layer
-        .send(peer, Message::new(Header::new(K_GOT, me, peer, 0)))
-        .unwrap_or_else(|e| fail("send", e));
-    let warm = Cell::new(false);
-    job.pump(
-        30,
-        "the warm-up message",
-        &mut |_, _, m| warm.set(m.header().kind == K_GOT),
-        &mut |_| warm.get(),
-    );
+    job.warm_up();
     job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     if me == 0 {
         let largest = (0..COUNT).map(bound_len).max().unwrap_or(0);
@@ -585,19 +590,7 @@ fn lost(job: &mut Job) {
     let me = job.me;
     let rndv = std::env::args().any(|a| a == "rndv");
     if rndv {
-        // A message each way first, so the pair is connected and rank 0's descriptors reach
-        // rank 1 while it does not progress.
-        let peer = 1 - me;
-        job.layer
-            .send(peer, Message::new(Header::new(K_GOT, me, peer, 0)))
-            .unwrap_or_else(|e| fail("send", e));
-        let warm = Cell::new(false);
-        job.pump(
-            30,
-            "the warm-up message",
-            &mut |_, _, m| warm.set(m.header().kind == K_GOT),
-            &mut |_| warm.get(),
-        );
+        job.warm_up();
     }
     job.layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     if me == 1 {
