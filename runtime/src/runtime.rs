@@ -35,6 +35,9 @@ pub struct Runtime {
     args: Vec<String>,
     /// How long `run` waits for PE threads to finish after the job ended.
     join_grace: Duration,
+    /// The process exits as soon as `run` returns (`start`): the layer may leave its library's
+    /// handles to the exit (see `MachineLayer::exit_follows`).
+    exit_follows: bool,
 }
 
 impl Runtime {
@@ -50,6 +53,7 @@ impl Runtime {
             options,
             args: vec!["charmrs".into()],
             join_grace: Duration::from_secs(10),
+            exit_follows: false,
         }
     }
 
@@ -64,6 +68,7 @@ impl Runtime {
             options,
             args,
             join_grace: Duration::from_secs(10),
+            exit_follows: false,
         })
     }
 
@@ -338,6 +343,9 @@ impl Runtime {
         if let Some(trace) = &shared.trace {
             trace.finish(shared.layer.rank(), shared.layer.size());
         }
+        if self.exit_follows {
+            shared.layer.exit_follows();
+        }
         match outcome {
             Outcome::Exit(code) => Ok(code),
             Outcome::Abort(msg) => Err(Error::Aborted(msg)),
@@ -377,6 +385,7 @@ where
     };
     let mut runtime = runtime;
     runtime.join_grace = Duration::from_secs(1);
+    runtime.exit_follows = true;
     let code = match runtime.run(main) {
         Ok(code) => code,
         Err(e) => {

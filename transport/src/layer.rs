@@ -193,6 +193,12 @@ pub trait MachineLayer: Send + Sync {
     /// may quieten its library's error reporting. The default does nothing.
     fn stopping(&self) {}
 
+    /// The process exits as soon as the layer is dropped (the runtime's `start` does so after
+    /// the end-of-job handshake). Dropping must still finish every send, but a layer may leave
+    /// its library's handles for the operating system to free instead of destroying them,
+    /// where destroying them can fail or wait. The default does nothing.
+    fn exit_follows(&self) {}
+
     /// Short name for diagnostics ("local", "tcp", "ucx", "ofi").
     fn name(&self) -> &'static str;
 }

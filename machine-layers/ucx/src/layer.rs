@@ -266,6 +266,8 @@ pub struct UcxLayer {
     rank: ProcessId,
     size: u32,
     bootstrap: Arc<dyn Bootstrap>,
+    /// Set by [`MachineLayer::exit_follows`]: the workers are left for the process's exit.
+    exit_follows: AtomicBool,
 }
 
 impl UcxLayer {
@@ -437,6 +439,7 @@ impl UcxLayer {
             rank,
             size,
             bootstrap,
+            exit_follows: AtomicBool::new(false),
         })
     }
 
@@ -1284,6 +1287,12 @@ impl MachineLayer for UcxLayer {
         };
     }
 
+    /// The workers and the context are not destroyed: the process's exit frees them (see
+    /// `Worker::drop`).
+    fn exit_follows(&self) {
+        self.exit_follows.store(true, Ordering::Relaxed);
+    }
+
     fn name(&self) -> &'static str {
         "ucx"
     }
@@ -1311,6 +1320,9 @@ impl Drop for UcxLayer {
             l.worker.drain(s.cfg.linger);
             l.worker.say_goodbye();
             l.worker.close_all(s.cfg.linger);
+            if self.exit_follows.load(Ordering::Relaxed) {
+                l.worker.leave_to_process_exit();
+            }
         };
         if self.lanes.len() == 1 {
             return finish(&self.lanes[0]);

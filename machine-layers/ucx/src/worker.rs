@@ -299,6 +299,8 @@ pub(crate) struct Worker {
     /// 1.13 then aborts the process in `ucp_worker_destroy` (an assertion on the endpoint's
     /// pending wire-up messages), so the worker is left for the process's exit instead.
     unclosed: bool,
+    /// The process exits right after this worker is dropped (see `leave_to_process_exit`).
+    exit_follows: bool,
 }
 
 // SAFETY: the raw UCX handles and the pointers into `inbox` are only used
@@ -308,6 +310,13 @@ pub(crate) struct Worker {
 unsafe impl Send for Worker {}
 
 impl Worker {
+    /// The process exits right after this worker is dropped: the drop still closes the
+    /// endpoints (after the layer finished its sends) but leaves the worker and context for
+    /// the exit to free instead of destroying them.
+    pub(crate) fn leave_to_process_exit(&mut self) {
+        self.exit_follows = true;
+    }
+
     /// Creates a worker on `context`, with the active-message handlers installed, for a job
     /// of `size` workers in which it is number `rank` (processes, or with per-PE workers PEs:
     /// see `layer`). Returns it and the worker's address (to publish).
@@ -333,6 +342,7 @@ impl Worker {
             eps: vec![Ep::None; size as usize],
             err_args: Vec::new(),
             unclosed: false,
+            exit_follows: false,
             seq: vec![0; size as usize],
             talked: vec![false; size as usize],
             spare: Vec::new(),
@@ -1188,14 +1198,20 @@ impl Drop for Worker {
         self.close_all(Duration::from_millis(500));
         // Arrived messages never handed on hold lent descriptors too: they go first.
         drop(self.inbox.discard_messages());
-        if self.inbox.lender.out() > 0 || self.inbox.state.borrow().ops_held() > 0 || self.unclosed
+        if self.inbox.lender.out() > 0
+            || self.inbox.state.borrow().ops_held() > 0
+            || self.unclosed
+            || self.exit_follows
         {
             // Messages delivered in place are still viewed (the application kept them past the
             // layer): their bytes live in the worker's descriptors. Or UCX still holds
             // operations of ours, towards a peer whose endpoint could not be closed forced (no
             // peer error handling: a dead same-host peer's): UCX 1.13 would not complete them
             // when the worker is destroyed (their buffers are ours, their requests its own).
-            // Or an endpoint's close did not complete (see `unclosed`). Either way the worker,
+            // Or an endpoint's close did not complete (see `unclosed`). Or the process exits
+            // next (`exit_follows`): UCX 1.13 can still abort in `ucp_worker_destroy` on a
+            // wire-up message left pending towards a peer that already left (seen once over
+            // TCP after the settling below), and the exit frees everything anyway. Either way the worker,
             // its context and what UCX points to (the inbox, the endpoints' error arguments)
             // stay, for the process's exit to free. Nothing calls
             // into the worker any more.
