@@ -161,6 +161,57 @@ impl<T: Reduce> Reduce for Vec<T> {
     }
 }
 
+/// Element-wise, like `Vec<T>`: the partial is changed in place (copied once first only if its
+/// elements are received bytes read in place, or shared with a clone or a message being sent), so a
+/// large vector contributed by every element of a PE is combined without a vector per step. Over
+/// the network a `PodVec` partial travels as one byte string (one copy each way) where a `Vec` is
+/// encoded element by element.
+///
+/// ```
+/// use charmrs::prelude::*;
+/// use charmrs::PodVec;
+///
+/// struct Part;
+///
+/// #[chare]
+/// impl Part {
+///     fn new() -> Self { Part }
+///
+///     #[entry]
+///     fn add(&mut self, ctx: &Ctx<Self>, done: Future<PodVec<f64>>) {
+///         let me: usize = ctx.index();
+///         let mine: PodVec<f64> = (0..4).map(|i| (me * i) as f64).collect();
+///         ctx.contribute(mine, Reducer::Sum, done);
+///     }
+/// }
+///
+/// charmrs::Runtime::new(2).run(|_| async {
+///     let parts = Array::<Part, usize>::new(3, ());
+///     let done = Future::new();
+///     parts.add(done);
+///     assert_eq!(done.await.as_slice(), &[0.0, 3.0, 6.0, 9.0]);
+///     charmrs::exit(0);
+/// }).unwrap();
+/// ```
+impl<T: crate::Pod + Reduce> Reduce for crate::PodVec<T> {
+    fn supports(op: Reducer) -> bool {
+        T::supports(op)
+    }
+    fn reduce(&mut self, o: Self, op: Reducer) -> Result<(), String> {
+        if self.len() != o.len() {
+            return Err(format!(
+                "vector lengths differ ({} and {})",
+                self.len(),
+                o.len()
+            ));
+        }
+        for (a, b) in self.as_mut_vec().iter_mut().zip(o.as_slice()) {
+            a.reduce(*b, op)?;
+        }
+        Ok(())
+    }
+}
+
 fn unsupported<T>(op: Reducer) -> String {
     format!(
         "reducer {op:?} does not apply to {}",

@@ -62,6 +62,13 @@ impl Victim {
         }
     }
 
+    /// Says it started (to `started`), then keeps its PE busy for `ms` milliseconds.
+    #[entry]
+    fn busy_announced(&mut self, ms: u64, started: Future<()>) {
+        started.send(());
+        self.busy(ms);
+    }
+
     /// Ends the job (called on every PE at once: every process ends it together).
     #[entry]
     fn exit_now(&mut self) {
@@ -104,6 +111,24 @@ impl Victim {
     #[entry]
     fn sum_to(&mut self, ctx: &Ctx<Self>, done: Future<Vec<f64>>) {
         ctx.contribute(vec![ctx.my_pe() as f64, 1.0], Reducer::Sum, done);
+    }
+
+    /// A large vector summed over every PE with `PodVec`'s built-in reduction (one byte string a
+    /// partial between processes): each PE checks the allreduced result; also a sum to `done`.
+    #[entry]
+    async fn podvec_sums(this: Coro<Self>, len: usize, done: Future<PodVec<u64>>) -> bool {
+        let (me, p) = (this.ctx().my_pe(), this.ctx().num_pes());
+        let mine: PodVec<f64> = (0..len).map(|i| (i * (me + 1)) as f64).collect();
+        let total = this.ctx().allreduce(mine, Reducer::Sum).await;
+        let weight = p * (p + 1) / 2;
+        let right = total.len() == len
+            && total
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i * weight) as f64);
+        let ids: PodVec<u64> = (0..len as u64).map(|i| i ^ me as u64).collect();
+        this.ctx().contribute(ids, Reducer::BitXor, done);
+        right
     }
 
     /// Steps that must arrive in order.
@@ -339,6 +364,20 @@ async fn features() {
     group.sum_to(sum);
     let s = sum.await;
     assert_eq!(s, vec![(p * (p - 1) / 2) as f64, p as f64]);
+    // 64 Ki elements: 512 KiB partials, above every layer's eager limit.
+    let len = 1 << 16;
+    let xored = Future::new();
+    let rights = group.gather().podvec_sums(len, xored).await;
+    assert!(
+        rights.iter().all(|r| *r),
+        "PodVec allreduce wrong on some PE: {rights:?}"
+    );
+    let pes_xor = (0..p as u64).fold(0, |a, b| a ^ b);
+    let expected_xor = (0..len as u64).map(|i| if p % 2 == 0 { pes_xor } else { i ^ pes_xor });
+    assert!(
+        xored.await.iter().copied().eq(expected_xor),
+        "PodVec xor wrong"
+    );
     println!("ok reduction");
     let totals = group.gather().allreduce_rounds(20).await;
     assert!(totals.iter().all(|&t| t == 20 * p as u64));
@@ -820,8 +859,14 @@ fn main() {
             Some("exit-while-busy") => {
                 // The job ends while the last PE is still in a 3 s entry method.
                 let group = Group::<Victim>::new(());
-                group.at(charmrs::num_pes() - 1).busy(3000);
-                charmrs::sleep(Duration::from_millis(200)).await;
+                let last = group.at(charmrs::num_pes() - 1);
+                // A round trip first connects the two PEs both ways (UCX and libfabric make
+                // connections on first use: a slow one could let the end of the job overtake
+                // the call, which would then never run); then the entry says it started.
+                last.ret().where_am_i().await;
+                let started = Future::new();
+                last.busy_announced(3000, started);
+                started.await;
                 println!("exiting");
                 charmrs::exit(0);
             }

@@ -34,11 +34,14 @@
 //! leaves the data in the sender's cache then pays for it), `XPROC_PODVEC=1` (the stream sends a
 //! `PodVec<f64>` of the same byte size instead of a `Buffer`), `XPROC_STREAM_MUL=n` (streams `n`
 //! times as long), `XPROC_PING_PE=a`, `XPROC_PONG_PE=b` (the two sides' PEs; default the first
-//! and the last), `XPROC_REPLY=1` (replies only, see above).
+//! and the last), `XPROC_REPLY=1` (replies only, see above), `XPROC_SUMS=1` (instead of all the
+//! above: a sum of a vector of each size over every PE, to a future on PE 0, contributed as a
+//! `Vec<f64>` and as a `PodVec<f64>`, interleaved, each member keeping its vector: the time per
+//! reduction).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
-use charmrs::{Buffer, BufferMut, PodVec};
+use charmrs::{Buffer, BufferMut, PodVec, Reducer};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
@@ -481,6 +484,9 @@ async fn run() {
     if std::env::var_os("XPROC_REPLY").is_some() {
         return replies(pong).await;
     }
+    if std::env::var_os("XPROC_SUMS").is_some() {
+        return sums().await;
+    }
     // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
     // e.g. bench/scripts/ucx-vs-perftest.sh, and between hosts: the bare sockets use loopback).
     let bare = std::env::var_os("XPROC_NO_BARE").is_none();
@@ -600,6 +606,85 @@ async fn run() {
         "# broadcast with completion (ret), {p} PEs: {:.2} µs per round",
         median(bcast) * 1e6
     );
+    charmrs::exit(0);
+}
+
+/// A group member that contributes a vector of numbers kept across reductions (`XPROC_SUMS=1`).
+struct Summand {
+    as_vec: Vec<f64>,
+    as_podvec: PodVec<f64>,
+}
+
+#[chare]
+impl Summand {
+    fn new() -> Self {
+        Summand {
+            as_vec: Vec::new(),
+            as_podvec: PodVec::from(Vec::new()),
+        }
+    }
+
+    /// Contributes `len` numbers as a `Vec` (a clone: the member keeps its own, as it would an
+    /// application's state).
+    #[entry]
+    fn sum_vec(&mut self, ctx: &Ctx<Self>, len: usize, done: Future<Vec<f64>>) {
+        if self.as_vec.len() != len {
+            self.as_vec = vec![1.0; len];
+        }
+        ctx.contribute(self.as_vec.clone(), Reducer::Sum, done);
+    }
+
+    /// The same as a `PodVec` (a clone shares the elements; the reduction copies them once it
+    /// changes them).
+    #[entry]
+    fn sum_podvec(&mut self, ctx: &Ctx<Self>, len: usize, done: Future<PodVec<f64>>) {
+        if self.as_podvec.len() != len {
+            self.as_podvec = PodVec::from(vec![1.0; len]);
+        }
+        ctx.contribute(self.as_podvec.clone(), Reducer::Sum, done);
+    }
+}
+
+/// `XPROC_SUMS=1`: the time of one sum of a vector of each size over every PE, as a `Vec<f64>`
+/// and as a `PodVec<f64>`, repetitions interleaved; each result is checked.
+async fn sums() {
+    let p = charmrs::num_pes() as f64;
+    let members = Group::<Summand>::new(());
+    println!(
+        "{:>9} {:>12} {:>15}",
+        "size", "Vec<f64> µs", "PodVec<f64> µs"
+    );
+    for size in sizes().into_iter().filter(|&s| s >= 8) {
+        let len = size / 8;
+        let iters = iterations(size).min(500);
+        let (mut vec_times, mut podvec_times) = (vec![], vec![]);
+        for _ in 0..repeats() {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let done = Future::new();
+                members.sum_vec(len, done);
+                let total = done.await;
+                assert!(total.len() == len && total[len - 1] == p, "wrong Vec sum");
+            }
+            vec_times.push(t.elapsed().as_secs_f64() / f64::from(iters));
+            let t = Instant::now();
+            for _ in 0..iters {
+                let done = Future::new();
+                members.sum_podvec(len, done);
+                let total = done.await;
+                assert!(
+                    total.len() == len && total[len - 1] == p,
+                    "wrong PodVec sum"
+                );
+            }
+            podvec_times.push(t.elapsed().as_secs_f64() / f64::from(iters));
+        }
+        println!(
+            "{size:>9} {:>12.2} {:>15.2}",
+            median(vec_times) * 1e6,
+            median(podvec_times) * 1e6
+        );
+    }
     charmrs::exit(0);
 }
 
