@@ -373,7 +373,13 @@ async fn features() {
         "PodVec allreduce wrong on some PE: {rights:?}"
     );
     let pes_xor = (0..p as u64).fold(0, |a, b| a ^ b);
-    let expected_xor = (0..len as u64).map(|i| if p % 2 == 0 { pes_xor } else { i ^ pes_xor });
+    let expected_xor = (0..len as u64).map(|i| {
+        if p.is_multiple_of(2) {
+            pes_xor
+        } else {
+            i ^ pes_xor
+        }
+    });
     assert!(
         xored.await.iter().copied().eq(expected_xor),
         "PodVec xor wrong"
