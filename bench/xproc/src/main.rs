@@ -646,8 +646,11 @@ impl Summand {
 }
 
 /// `XPROC_SUMS=1`: the time of one sum of a vector of each size over every PE, as a `Vec<f64>`
-/// and as a `PodVec<f64>`, repetitions interleaved; each result is checked.
+/// and as a `PodVec<f64>`, repetitions interleaved; each result is checked. (`XPROC_SUMS=vec` or
+/// `podvec` times only that one, for profiling.)
 async fn sums() {
+    // `XPROC_SUMS=vec` or `podvec`: that one only (for profiling).
+    let which = std::env::var("XPROC_SUMS").unwrap_or_default();
     let p = charmrs::num_pes() as f64;
     let members = Group::<Summand>::new(());
     println!(
@@ -660,7 +663,7 @@ async fn sums() {
         let (mut vec_times, mut podvec_times) = (vec![], vec![]);
         for _ in 0..repeats() {
             let t = Instant::now();
-            for _ in 0..iters {
+            for _ in 0..iters * u32::from(which != "podvec") {
                 let done = Future::new();
                 members.sum_vec(len, done);
                 let total = done.await;
@@ -668,7 +671,7 @@ async fn sums() {
             }
             vec_times.push(t.elapsed().as_secs_f64() / f64::from(iters));
             let t = Instant::now();
-            for _ in 0..iters {
+            for _ in 0..iters * u32::from(which != "vec") {
                 let done = Future::new();
                 members.sum_podvec(len, done);
                 let total = done.await;
