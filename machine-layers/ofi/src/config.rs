@@ -41,7 +41,12 @@ pub struct OfiConfig {
     /// Largest message (and `get`) accepted from a peer. Default 1 GiB.
     pub max_message: u64,
     /// How long dropping the layer waits for its last sends to complete and
-    /// peers to finish reading its large messages. Default 1 s.
+    /// peers to finish reading its large messages. What it then gives up on — messages still
+    /// queued, not completed by the provider, or large ones a peer never read, and those a peer
+    /// that left or was lost during the shutdown never took — is named in one line on stderr
+    /// (`charmrs-ofi: process R: N messages (B bytes) sent before the layer was dropped are not
+    /// known delivered: ...`, with the peer processes and why); nothing is printed when every
+    /// message went. Default 1 s.
     pub linger: Duration,
     /// How long [`OfiLayer::progress_wait`](crate::OfiLayer::progress_wait) keeps polling before it sleeps
     /// on the completion queue's file descriptor; without one (`shm`) it

@@ -56,6 +56,11 @@
 //!   [`DEPARTED`]: what this endpoint would still send it is dropped and later sends are
 //!   refused, but what it sent this endpoint is still read and delivered in order (another
 //!   endpoint of its process may say goodbye before this one's peer is done).
+//! * The shutdown's report: what an endpoint accepted for sending and does not know delivered
+//!   at the end — queued messages, large ones not acknowledged (`rndv_count`), eager sends the
+//!   provider did not complete (`eager_inflight`, counted when posted with a context), and
+//!   what was dropped for a peer that left or was lost (`dropped`, counted where it is dropped)
+//!   — per peer and why ([`Engine::undelivered`]), for the layer's one line on stderr.
 //!
 //! # Invariants
 //!
@@ -80,6 +85,7 @@ use charmrs_transport::liveness::Identity;
 use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
+use crate::undelivered::{Tally, Undelivered, Why};
 use crate::wire;
 use charmrs_transport::pool::COPY_ALIGN;
 use charmrs_transport::{PoolBuf, RecvPool};
@@ -339,6 +345,16 @@ pub(crate) struct Engine {
     /// Operations given to the provider and not completed yet (not
     /// counting receives).
     inflight: usize,
+    /// Per peer: the eager messages among them (`fi_sendmsg` with a context; injected ones
+    /// complete at once), for the shutdown's report ([`Engine::undelivered`]).
+    eager_inflight: Vec<Tally>,
+    /// Per peer: application messages dropped unsent or unread — the peer was lost or said
+    /// goodbye first, or their send failed with it — for the shutdown's report. Only counted
+    /// where they are dropped, never on the send path.
+    dropped: Vec<Tally>,
+    /// Set when the shutdown begins ([`Engine::say_goodbye`]): per peer, whether its loss was
+    /// reported to the runtime before (the shutdown's report only mentions those).
+    reported_lost: Option<Vec<bool>>,
     pub(crate) status: Arc<Vec<AtomicU8>>,
     pub(crate) reasons: Vec<Option<String>>,
     /// Per process: its pid if it runs on this host (liveness checks).
@@ -408,6 +424,9 @@ impl Engine {
             ready: ArrivalBatch::new(),
             errors: VecDeque::new(),
             inflight: 0,
+            eager_inflight: vec![Tally::default(); n],
+            dropped: vec![Tally::default(); n],
+            reported_lost: None,
             status,
             reasons: vec![None; n],
             local_peers,
@@ -490,6 +509,9 @@ impl Engine {
     /// ever).
     pub(crate) fn queue(&mut self, dst: ProcessId, out: Out) {
         if self.status[dst as usize].load(Ordering::Relaxed) != ALIVE {
+            if let Out::Msg(msg) = &out {
+                self.dropped[dst as usize].add(msg.total_len());
+            }
             return;
         }
         self.pending[dst as usize].push_back(out);
@@ -727,7 +749,12 @@ impl Engine {
             return Ok(Some(back(op.kind)));
         }
         match post_failure(what, self.peer(p), ret) {
-            PostFailure::Peer(reason) => Err(reason),
+            PostFailure::Peer(reason) => {
+                if let OpKind::Send { msg, .. } = &op.kind {
+                    self.dropped[p as usize].add(msg.total_len());
+                }
+                Err(reason)
+            }
             PostFailure::Local(e) => {
                 if let OpKind::Read { in_id, .. } = op.kind {
                     self.read_done(in_id, true);
@@ -768,6 +795,7 @@ impl Engine {
                 });
             }
         }
+        let bytes = msg.total_len();
         let op = Box::into_raw(Box::new(Op {
             ctx: sys::fi_context2::default(),
             kind: OpKind::Send {
@@ -795,6 +823,9 @@ impl Engine {
             };
             sys::fi_sendmsg(self.fab.ep, &fmsg, 0)
         };
+        if ret == 0 {
+            self.eager_inflight[p as usize].add(bytes);
+        }
         self.posted(ret, op, ("fi_sendmsg", p), |kind| match kind {
             OpKind::Send { msg, .. } => Out::Msg(msg),
             _ => unreachable!(),
@@ -818,9 +849,14 @@ impl Engine {
         for s in msg.segments() {
             self.scratch.extend_from_slice(s);
         }
-        // Busy: handed back, to be posted again later.
-        self.inject_scratch(p, addr)
-            .map(|sent| (!sent).then_some(Out::Msg(msg)))
+        match self.inject_scratch(p, addr) {
+            // Busy: handed back, to be posted again later.
+            Ok(sent) => Ok((!sent).then_some(Out::Msg(msg))),
+            Err(reason) => {
+                self.dropped[p as usize].add(msg.total_len());
+                Err(reason)
+            }
+        }
     }
 
     /// `fi_inject`s the packet in `scratch` to `p` at `addr`: `Ok(true)` sent (or dropped with an
@@ -874,6 +910,7 @@ impl Engine {
         match self.inject_scratch(p, addr) {
             Ok(sent) => sent,
             Err(reason) => {
+                self.dropped[p as usize].add(data.len());
                 self.lose(p, reason);
                 true
             }
@@ -1045,7 +1082,8 @@ impl Engine {
         // and its completion is reported once: reclaim it.
         let op = unsafe { Box::from_raw(op) };
         match op.kind {
-            OpKind::Recv(_) | OpKind::Send { .. } | OpKind::Ctl { .. } => {}
+            OpKind::Send { dst, msg, .. } => self.eager_inflight[dst as usize].sub(msg.total_len()),
+            OpKind::Recv(_) | OpKind::Ctl { .. } => {}
             OpKind::Read { in_id, .. } => self.read_done(in_id, false),
             OpKind::Get {
                 src,
@@ -1129,7 +1167,13 @@ impl Engine {
         let op = unsafe { Box::from_raw(op) };
         let peer = match op.kind {
             OpKind::Recv(_) => return,
-            OpKind::Send { dst, .. } | OpKind::Ctl { dst, .. } => dst,
+            OpKind::Send { dst, msg, .. } => {
+                let bytes = msg.total_len();
+                self.eager_inflight[dst as usize].sub(bytes);
+                self.dropped[dst as usize].add(bytes);
+                dst
+            }
+            OpKind::Ctl { dst, .. } => dst,
             OpKind::Read { src, in_id } => {
                 self.read_done(in_id, true);
                 src
@@ -1187,6 +1231,17 @@ impl Engine {
     /// peer cannot be reached, as opposed to having said goodbye, after which what it sent is
     /// still read and delivered) also what it sent this endpoint that is not complete yet.
     fn drop_work(&mut self, p: ProcessId, inbound: bool) {
+        // Counted for the shutdown's report: its queued messages and its large ones not
+        // acknowledged (one whose descriptor waits in the queue is among those).
+        let dropped = &mut self.dropped[p as usize];
+        for out in &self.pending[p as usize] {
+            if let Out::Msg(msg) = out {
+                dropped.add(msg.total_len());
+            }
+        }
+        let c = &self.rndv_count[p as usize];
+        dropped.messages += c.messages;
+        dropped.bytes += c.bytes;
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
         self.rndv_out.retain(|_, r| r.dst != p);
@@ -1541,8 +1596,22 @@ impl Engine {
     /// [`linger_once`](Self::linger_once) when the peer has all this endpoint sent it. Then
     /// `linger_once` until it returns `true` or the caller's patience ends, and then
     /// [`goodbye_anyway`](Self::goodbye_anyway).
-    pub(crate) fn say_goodbye(&mut self) {
+    ///
+    /// `unreported[q]`: process `q`'s loss, if it is lost, was never returned to the runtime
+    /// (a `PeerLost` naming it still waits in some endpoint's errors): what this endpoint gave
+    /// up on towards it is not reported as known ([`Engine::undelivered`]).
+    pub(crate) fn say_goodbye(&mut self, unreported: &[bool]) {
         self.catch_up();
+        let reported = (0..self.addrs.len())
+            .map(|p| {
+                self.status[p].load(Ordering::Relaxed) == LOST
+                    && !unreported
+                        .get(process_of(p as ProcessId, self.lanes) as usize)
+                        .copied()
+                        .unwrap_or(false)
+            })
+            .collect();
+        self.reported_lost = Some(reported);
         self.owed_goodbyes = (0..self.addrs.len() as ProcessId)
             .filter(|&p| {
                 p != self.me
@@ -1588,6 +1657,60 @@ impl Engine {
     /// Whether the provider took everything queued.
     pub(crate) fn all_posted(&self) -> bool {
         self.queued == 0
+    }
+
+    /// The processes whose loss waits in this endpoint's errors, not returned to the runtime
+    /// yet (marked in `unreported`, indexed by process).
+    pub(crate) fn unreported_losses(&self, unreported: &mut [bool]) {
+        for e in &self.errors {
+            if let TransportError::PeerLost { process, .. } = e {
+                if let Some(u) = unreported.get_mut(process_of(*process, self.lanes) as usize) {
+                    *u = true;
+                }
+            }
+        }
+    }
+
+    /// At the end of the shutdown: adds to `into` the application messages this endpoint
+    /// accepted for sending and does not know delivered, per peer process and why — still
+    /// queued, large ones not acknowledged by their reader, eager ones the provider did not
+    /// complete, and those dropped because the peer left or was lost. Nothing when everything
+    /// went.
+    pub(crate) fn undelivered(&self, into: &mut Undelivered) {
+        for p in 0..self.addrs.len() {
+            let mut tally = self.dropped[p];
+            for out in &self.pending[p] {
+                if let Out::Msg(msg) = out {
+                    tally.add(msg.total_len());
+                }
+            }
+            let c = &self.rndv_count[p];
+            tally.messages += c.messages + self.eager_inflight[p].messages;
+            tally.bytes += c.bytes + self.eager_inflight[p].bytes;
+            if tally.messages == 0 {
+                continue;
+            }
+            let process = process_of(p as ProcessId, self.lanes);
+            let why = match self.status[p].load(Ordering::Relaxed) {
+                DEPARTED => Why::Left,
+                LOST if self.reported_lost.as_ref().is_some_and(|r| r[p]) => Why::Reported,
+                LOST => Why::Lost(
+                    self.reasons[p]
+                        .clone()
+                        .unwrap_or_else(|| gone_reason(LOST).to_owned()),
+                ),
+                // Alive as far as this endpoint knows; a process on this host may have died
+                // meanwhile (nothing checks while the layer lingers).
+                _ => match &self.local_peers[process as usize] {
+                    Some(peer) if !peer.alive() => Why::Lost(format!(
+                        "its process (pid {} on this host) exited without shutting down",
+                        peer.pid()
+                    )),
+                    _ => Why::Linger,
+                },
+            };
+            into.add(process, why, tally);
+        }
     }
 
     /// Queues the goodbyes owed to peers that wait for nothing more from this endpoint: nothing

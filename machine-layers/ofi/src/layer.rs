@@ -23,6 +23,7 @@ use crate::engine::{
     gone_reason, Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN,
 };
 use crate::fabric::Fabric;
+use crate::undelivered::Undelivered;
 
 /// Bootstrap key of a process's endpoint addresses (a list, one per endpoint, see
 /// [`charmrs_transport::lanes::encode_address_list`]).
@@ -309,7 +310,11 @@ impl Drop for Inner {
 ///   lost) and waits up to [`OfiConfig::linger`] for its last sends to complete and peers to
 ///   read its large messages. A peer's goodbye goes once it read them all (or the linger ran
 ///   out), so it is the last thing the peer gets; a process that got a goodbye still reads and
-///   delivers, in order, everything the leaving process sent before it.
+///   delivers, in order, everything the leaving process sent before it. The messages it
+///   accepted for sending and does not know delivered at the end (the linger ran out; or the
+///   peer left or was lost first, unless that loss was reported to the runtime already) are
+///   named in one line on stderr: this process's rank, how many and their bytes, to which
+///   processes (the first 8) and why. None when everything went.
 pub struct OfiLayer {
     rank: ProcessId,
     size: u32,
@@ -1125,13 +1130,58 @@ impl Drop for OfiLayer {
                 }
             }
         }
+        // Losses still waiting in some endpoint's errors were never returned to the runtime:
+        // what is given up on towards those processes is reported as lost during the shutdown.
+        let mut unreported = vec![false; self.size as usize];
+        for s in &self.lanes {
+            let mut eng = lock(&s.engine);
+            s.absorb(&mut eng);
+            eng.unreported_losses(&mut unreported);
+        }
         // Every endpoint says goodbye, then all of them linger together (a peer's read of one
         // endpoint's large message must not wait for another endpoint's linger to end).
         for s in &self.lanes {
             let mut eng = lock(&s.engine);
             s.absorb(&mut eng);
-            eng.say_goodbye();
+            eng.say_goodbye(&unreported);
         }
+        if !self.linger() {
+            // The linger ran out (a peer did not read every large message, or the provider did
+            // not take everything): the peers still owed a goodbye get it all the same (so they
+            // do not report this process lost), given a moment to leave.
+            for s in &self.lanes {
+                lock(&s.engine).goodbye_anyway();
+            }
+            let until = Instant::now() + GOODBYE_GRACE;
+            loop {
+                let mut posted = true;
+                for s in &self.lanes {
+                    let mut eng = lock(&s.engine);
+                    eng.linger_once();
+                    posted &= eng.all_posted();
+                }
+                if posted || Instant::now() >= until {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        // What it accepted for sending and gives up on (the linger ran out, or the peer left or
+        // was lost first) is never silent: one line on stderr, none when everything went.
+        let mut undelivered = Undelivered::default();
+        for s in &self.lanes {
+            lock(&s.engine).undelivered(&mut undelivered);
+        }
+        if let Some(line) = undelivered.line("charmrs-ofi", self.rank, self.cfg.linger) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl OfiLayer {
+    /// The shutdown's linger: every endpoint moves its last sends on and serves its peers'
+    /// reads, up to [`OfiConfig::linger`]; whether all of them finished.
+    fn linger(&self) -> bool {
         let until = Instant::now() + self.cfg.linger;
         let mut done = vec![false; self.lanes.len()];
         loop {
@@ -1141,29 +1191,10 @@ impl Drop for OfiLayer {
                 }
             }
             if done.iter().all(|d| *d) {
-                return;
+                return true;
             }
             if Instant::now() >= until {
-                break;
-            }
-            std::thread::yield_now();
-        }
-        // The linger ran out (a peer did not read every large message, or the provider did not
-        // take everything): the peers still owed a goodbye get it all the same (so they do not
-        // report this process lost), given a moment to leave.
-        for s in &self.lanes {
-            lock(&s.engine).goodbye_anyway();
-        }
-        let until = Instant::now() + GOODBYE_GRACE;
-        loop {
-            let mut posted = true;
-            for s in &self.lanes {
-                let mut eng = lock(&s.engine);
-                eng.linger_once();
-                posted &= eng.all_posted();
-            }
-            if posted || Instant::now() >= until {
-                break;
+                return false;
             }
             std::thread::yield_now();
         }

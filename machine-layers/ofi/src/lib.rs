@@ -57,7 +57,9 @@
 //!   [`OfiLayer::progress_wait`], which naps in slices of at most 100 µs.
 //! * Drop the layer before the process exits: dropping it says goodbye to
 //!   the peers; a process that exits with its layer alive is reported lost
-//!   by the peers on its host.
+//!   by the peers on its host. A drop that gives up on messages it accepted for sending (its
+//!   [`OfiConfig::linger`] ran out, or a peer left or was lost first) says so in one line on
+//!   stderr, naming them; a loss is never silent.
 //!
 //! # Use
 //!
@@ -81,6 +83,7 @@ mod config;
 mod engine;
 mod fabric;
 mod layer;
+mod undelivered;
 pub mod wire;
 
 pub use config::{

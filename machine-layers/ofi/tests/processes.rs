@@ -133,7 +133,24 @@ fn remove_shm_leftovers(pid: u32) {
     }
 }
 
+/// What the line of a dropped layer that gave up on messages it had accepted says.
+const GAVE_UP: &str = "sent before the layer was dropped";
+
+/// Every process ended well and printed `OK scenario`, and none gave up on a message at its
+/// shutdown.
 fn assert_ok(provider: &str, scenario: &str, ended: &[Ended]) {
+    assert_ended_ok(provider, scenario, ended);
+    for (r, e) in ended.iter().enumerate() {
+        assert!(
+            !e.err.contains(GAVE_UP),
+            "{provider} {scenario}: rank {r} gave up on messages at its shutdown\n--- stderr\n{}",
+            e.err
+        );
+    }
+}
+
+/// Every process ended well and printed `OK scenario`.
+fn assert_ended_ok(provider: &str, scenario: &str, ended: &[Ended]) {
     for (r, e) in ended.iter().enumerate() {
         assert!(
             e.code == Some(0) && e.out.contains(&format!("OK {scenario}")),
@@ -213,6 +230,13 @@ fn killed_peer_is_reported_lost_within_five_seconds() {
                 e.code == Some(0) && e.out.contains("OK lost"),
                 "{p} {variant:?}: rank 0 did not report the loss\n--- stdout\n{}--- stderr\n{}",
                 e.out,
+                e.err
+            );
+            // What its layer dropped for rank 1 went with rank 1's loss, reported already: its
+            // shutdown does not report it again.
+            assert!(
+                !e.err.contains(GAVE_UP),
+                "{p} {variant:?}: rank 0 reported messages to the lost rank 1 again\n{}",
                 e.err
             );
             eprintln!("{p} {variant:?}: {}", e.out.trim());
@@ -327,7 +351,89 @@ fn a_peer_lost_while_large_messages_wait_for_the_bound_is_reported_and_they_are_
             e.out,
             e.err
         );
+        // The 20 large messages went with rank 1's loss, reported already.
+        assert!(
+            !e.err.contains(GAVE_UP),
+            "{p}: rank 0 reported messages to the lost rank 1 again\n{}",
+            e.err
+        );
         eprintln!("{p}: {}", e.out.trim());
+    }
+}
+
+#[test]
+fn large_messages_a_live_peer_never_read_are_reported_when_the_linger_runs_out() {
+    // Rank 1 sends rank 0 three 1 MiB messages that rank 0 never reads (it does not call into
+    // its layer until rank 1 is gone) and drops its layer with a linger of 200 ms. Before, the
+    // messages were given up on without a word.
+    let want = "charmrs-ofi: process 1: 3 messages (3145728 bytes) sent before the layer was \
+                dropped are not known delivered: process 0 (3 messages, 3145728 bytes) did not \
+                take them before the linger of 200 ms ran out";
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["lingerlost"], 60);
+        assert_ended_ok(p, "lingerlost", &ended);
+        let lines: Vec<&str> = ended[1]
+            .err
+            .lines()
+            .filter(|l| l.contains(GAVE_UP))
+            .collect();
+        assert_eq!(lines, [want], "{p}: rank 1's stderr:\n{}", ended[1].err);
+        assert!(
+            !ended[0].err.contains(GAVE_UP),
+            "{p}: rank 0 had nothing to give up on\n{}",
+            ended[0].err
+        );
+        eprintln!("{p}: {}", ended[1].out.trim());
+    }
+}
+
+#[test]
+fn large_messages_to_a_peer_that_died_unnoticed_are_reported_as_lost_with_it() {
+    // As above, but rank 0 is dead (SIGKILL) before rank 1 sends: nothing told the runtime, so
+    // rank 1's drop names rank 0 as lost during the shutdown, with why.
+    for p in PROVIDERS {
+        let ended = job(p, 2, &["lingerlost", "killed"], 60);
+        assert_eq!(ended[0].code, None, "{p}: rank 0 should die by signal");
+        let e = &ended[1];
+        assert!(
+            e.code == Some(0) && e.out.contains("OK lingerlost"),
+            "{p}: rank 1 failed (status {:?})\n--- stdout\n{}--- stderr\n{}",
+            e.code,
+            e.out,
+            e.err
+        );
+        // The sends it accepted (all three, unless the provider found rank 0 dead by itself
+        // meanwhile and the layer refused the rest).
+        let accepted: usize = e
+            .out
+            .split("OK lingerlost rank 1: ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{p}: rank 1 did not say what it sent: {}", e.out));
+        let count = match accepted {
+            1 => "1 message".to_owned(),
+            n => format!("{n} messages"),
+        };
+        let bytes = accepted << 20;
+        let (head, peer) = (
+            format!(
+                "charmrs-ofi: process 1: {count} ({bytes} bytes) sent before the layer was \
+                 dropped {} not known delivered: ",
+                if accepted == 1 { "is" } else { "are" }
+            ),
+            format!("process 0 ({count}, {bytes} bytes; "),
+        );
+        let lines: Vec<&str> = e.err.lines().filter(|l| l.contains(GAVE_UP)).collect();
+        assert!(
+            accepted > 0
+                && lines.len() == 1
+                && lines[0].starts_with(&format!("{head}{peer}"))
+                && lines[0].ends_with(") was lost during the shutdown"),
+            "{p}: rank 1's stderr:\n{}",
+            e.err
+        );
+        eprintln!("{p}: {}", lines[0]);
     }
 }
 

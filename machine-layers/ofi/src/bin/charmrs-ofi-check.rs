@@ -35,7 +35,13 @@
 //! eager limit; over other providers it must succeed), `recvbuffers` (the configuration from
 //! the environment: with `refuse`, a `CHARMRS_OFI_RECV_BUFFERS` the provider cannot post must
 //! stop the start with an error naming the variable, its value, the limit and the provider's
-//! variable for it; with `start`, the layer must start with it).
+//! variable for it; with `start`, the layer must start with it), `lingerlost` (rank 1 sends
+//! rank 0 three 1 MiB messages that rank 0 never reads — it does not call into its layer again
+//! until rank 1's process is gone — and drops its layer with a linger of 200 ms: the drop gives
+//! up on them and must say so on stderr, naming its rank, the three messages and their bytes,
+//! rank 0 and the linger; the test checks the line; with `killed`, rank 0 kills itself after
+//! the exchange and rank 1 sends once it is gone — the sends it accepted, which it prints: its
+//! line says rank 0 was lost during the shutdown).
 //!
 //! Options: `--endpoints N` (endpoints per process), `--packet-max N`, `--recv-buffers N` (size of the receive pool, to force its
 //! exhaustion, or beyond the provider's receive queue: `OfiLayer::new` must refuse it naming
@@ -1250,6 +1256,102 @@ fn bye(layer: OfiLayer) {
     println!("OK bye rank 0: 3 messages in order after {took:?}");
 }
 
+/// Whether the process `pid` is gone (or a zombie: its parent, the test, reaps it soon).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X', 'x'])),
+    }
+}
+
+/// `lingerlost` (see the module docs): large messages a live peer never reads, given up on when
+/// the sender's linger runs out.
+fn linger_lost(layer: OfiLayer) {
+    let me = layer.rank();
+    let peer = 1 - me;
+    // A message each way (the pair is connected before the part that counts), carrying the
+    // sender's pid.
+    let hello = Header::new(K_GOT, me, peer, u64::from(std::process::id()));
+    layer
+        .send(peer, Message::new(hello))
+        .unwrap_or_else(|e| fail("send", e));
+    let mut peer_pid = None;
+    let t0 = Instant::now();
+    while peer_pid.is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "rank {me}: no hello from rank {peer}"
+        );
+        layer
+            .progress_wait(
+                &mut |s, m| {
+                    assert_eq!((s, m.header().kind), (peer, K_GOT), "rank {me}: hello");
+                    peer_pid = Some(m.header().tag as u32);
+                },
+                Duration::from_millis(5),
+            )
+            .unwrap_or_else(|e| fail("progress", e));
+    }
+    layer.barrier().unwrap_or_else(|e| fail("barrier", e));
+    let killed = std::env::args().any(|a| a == "killed");
+    if me == 0 && killed {
+        // SAFETY: signalling our own process; never returns.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        unreachable!("SIGKILL");
+    }
+    if me == 1 {
+        if killed {
+            let pid = peer_pid.expect("rank 0's pid");
+            let t0 = Instant::now();
+            while !gone(pid) {
+                assert!(t0.elapsed() < Duration::from_secs(30), "rank 0 did not die");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            // Rank 0 may still be in the barrier, whose fence keeps its endpoints progressing
+            // (it would read the messages): they go once it is out.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut accepted = 0;
+        for tag in 0..3u32 {
+            let data = Bytes::from(fill(1, 0, tag, 1 << 20));
+            let m = Message::with_segments(Header::new(K_DATA, 1, 0, u64::from(tag)), vec![data])
+                .expect("message");
+            match layer.send(0, m) {
+                Ok(()) => accepted += 1,
+                // A dead rank 0 found by an earlier send's post (a provider that noticed the
+                // broken connection by itself): refused, which the caller is told.
+                Err(TransportError::PeerLost { process: 0, .. }) if killed => break,
+                Err(e) => fail("send", e),
+            }
+        }
+        let linger = layer.config().linger;
+        let t0 = Instant::now();
+        drop(layer);
+        println!(
+            "OK lingerlost rank 1: {accepted} accepted, dropped in {:?} (linger {linger:?})",
+            t0.elapsed()
+        );
+        return;
+    }
+    // Rank 0 does not touch its layer until rank 1 is gone.
+    let pid = peer_pid.expect("rank 1's pid");
+    let t0 = Instant::now();
+    while !gone(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "rank 0: rank 1 (pid {pid}) did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(layer);
+    println!("OK lingerlost rank 0");
+}
+
 /// Writes `/dev/shm/<pid>:<uid>:<i>` for `i` in `0..count` — the names
 /// libfabric 1.17's `shm` provider gives this process's first endpoints —
 /// as regions it cannot reuse (zeros: not its version), like those left by
@@ -1317,6 +1419,9 @@ fn main() {
         cfg.linger = Duration::from_secs(5);
         cfg.read_window = Some(0);
     }
+    if scenario == "lingerlost" {
+        cfg.linger = Duration::from_millis(200);
+    }
     if let Some(i) = flag("--stale-shm-names") {
         plant_stale_shm_regions(
             args.get(i + 1)
@@ -1342,6 +1447,9 @@ fn main() {
     assert_eq!(layer.name(), "ofi");
     if scenario == "bye" {
         return bye(layer);
+    }
+    if scenario == "lingerlost" {
+        return linger_lost(layer);
     }
     let mut job = Job {
         layer: Arc::new(layer),
