@@ -51,6 +51,11 @@ struct Source {
     ops: usize,
     /// The sends among them.
     sends: usize,
+    /// Sends towards it that failed, and those of them that no error returned by `progress`
+    /// tells of (see [`InboxState::send_failed`]): counted on the failure path only, for the
+    /// shutdown's report.
+    sends_failed: usize,
+    sends_failed_untold: usize,
     /// Since when the sender's next message is missing while later ones wait.
     gap_since: Option<std::time::Instant>,
     /// A gap was reported: the sender's stream is broken, its messages are dropped.
@@ -97,6 +102,19 @@ pub(crate) struct InboxState {
     pub(crate) copied_here: Vec<bool>,
     /// Senders with a gap in their sequence (see `Source::gap_since`).
     pub(crate) gaps: usize,
+    /// The layer is being dropped: `progress` returns no error any more.
+    pub(crate) closing: bool,
+}
+
+/// Sends towards a peer ([`InboxState::sends_towards`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SendCounts {
+    /// UCX holds them (not completed).
+    pub(crate) held: usize,
+    /// They failed (refused, or given back failed or cancelled).
+    pub(crate) failed: usize,
+    /// Those of the failed that no error returned by `progress` tells of.
+    pub(crate) failed_untold: usize,
 }
 
 /// What an operation UCX holds buffers of is, for the counts of [`InboxState::op_started`].
@@ -135,6 +153,42 @@ impl InboxState {
                 self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
             }
         }
+    }
+
+    /// A send towards `peer` failed (UCX refused it or gave it back failed or cancelled; with
+    /// `peer_failure`, for the peer's failure or a cancellation). Counted for the shutdown's
+    /// report, and as *untold* when no error returned by `progress` tells of it: during the
+    /// shutdown (`closing`), or, before, when its peer had said goodbye and was not reported
+    /// lost (a peer failure is then not reported). Otherwise the failure of the send itself, or
+    /// the peer's loss, is reported (if `progress` is called again: see `Worker::undelivered`).
+    pub(crate) fn send_failed(&mut self, peer: ProcessId, peer_failure: bool) {
+        let s = &mut self.sources[peer as usize];
+        s.sends_failed += 1;
+        if self.closing || (peer_failure && s.departed && !s.lost) {
+            s.sends_failed_untold += 1;
+        }
+    }
+
+    /// Sends towards `peer`: those UCX holds (not completed), those that failed, and those of
+    /// them that failed untold (see [`send_failed`](Self::send_failed)).
+    pub(crate) fn sends_towards(&self, peer: ProcessId) -> SendCounts {
+        let s = &self.sources[peer as usize];
+        SendCounts {
+            held: s.sends,
+            failed: s.sends_failed,
+            failed_untold: s.sends_failed_untold,
+        }
+    }
+
+    /// Why `peer` was lost, if its loss waits among the failures to report (`progress` did not
+    /// return it yet).
+    pub(crate) fn unreported_loss(&self, peer: ProcessId) -> Option<&str> {
+        self.errors.iter().find_map(|e| match e {
+            TransportError::PeerLost { process, reason } if *process == peer => {
+                Some(reason.as_str())
+            }
+            _ => None,
+        })
     }
 
     /// Operations UCX holds buffers of, waited for or not.

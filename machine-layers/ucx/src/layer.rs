@@ -15,6 +15,7 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::context::Context;
+use crate::undelivered::Undelivered;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
 use charmrs_transport::lanes::{
@@ -95,8 +96,13 @@ pub struct UcxConfig {
     /// [`UcxLayer::progress_wait`] and for [`UcxLayer::set_wakeup`]; without
     /// it they poll). Default true.
     pub wakeup: bool,
-    /// How long dropping the layer waits for its last sends to complete.
-    /// Default 1 s.
+    /// How long dropping the layer waits for its last sends to complete. The sends UCX has not
+    /// completed then (eager ones, or large ones whose data the receiver never fetched) are given
+    /// up on and named in one line on stderr (`charmrs-ucx: process R: N messages sent before
+    /// the layer was dropped are not known delivered: ...`, with the peer processes and why: the
+    /// linger ran out, the peer left or was lost during the shutdown); nothing is printed when
+    /// every send completed, or when the only ones given up on went to peers whose loss was
+    /// reported already. Default 1 s.
     pub linger: Duration,
     /// Bytes of idle receive buffers the layer keeps for reuse (see
     /// [`RecvPool`](charmrs_transport::RecvPool)): rendezvous messages, and
@@ -768,17 +774,34 @@ impl Shared {
     /// Runs one operation on the locked worker; failures go to the inbox
     /// (reported by `progress`).
     fn run_op(&self, l: &mut Locked, op: Op) {
-        let (peer, res) = match op {
-            Op::Send(dst, msg) => (dst, l.worker.send(dst, msg)),
-            Op::Get { src, key, header } => (src, self.run_get(&mut l.worker, src, &key, header)),
+        let (peer, res, send) = match op {
+            Op::Send(dst, msg) => (dst, l.worker.send(dst, msg), true),
+            Op::Get { src, key, header } => {
+                (src, self.run_get(&mut l.worker, src, &key, header), false)
+            }
         };
-        self.record_failure(l, peer, res);
+        self.record_failure(l, peer, res, send);
     }
 
     /// Hands the failure of an operation towards `peer`, if it failed, to the inbox (reported by
-    /// `progress`).
-    fn record_failure(&self, l: &mut Locked, peer: ProcessId, res: Result<(), TransportError>) {
+    /// `progress`); a failed `send` is also counted for the shutdown's report (when no error will
+    /// tell of it: `InboxState::send_failed`).
+    fn record_failure(
+        &self,
+        l: &mut Locked,
+        peer: ProcessId,
+        res: Result<(), TransportError>,
+        send: bool,
+    ) {
         if let Err(e) = res {
+            if send {
+                let peer_failure = matches!(e, TransportError::PeerLost { .. });
+                l.worker
+                    .inbox
+                    .state
+                    .borrow_mut()
+                    .send_failed(peer, peer_failure);
+            }
             match e {
                 TransportError::PeerLost { process, reason } => {
                     l.worker.inbox.peer_failed(process, reason);
@@ -1044,7 +1067,7 @@ impl MachineLayer for UcxLayer {
             if let Some(mut l) = s.locked.try_lock() {
                 if s.queue.is_empty() {
                     let res = l.worker.send_copy(to, &header, data);
-                    s.record_failure(&mut l, to, res);
+                    s.record_failure(&mut l, to, res, true);
                     s.release(l);
                     return Ok(());
                 }
@@ -1312,32 +1335,52 @@ impl Drop for UcxLayer {
     /// Finishes queued sends, says goodbye to the peers it talked to (so
     /// they do not report it lost), waits up to [`UcxConfig::linger`] for
     /// UCX to finish with every buffer, then closes the endpoints; the
-    /// worker and context are destroyed when the last reference goes.
+    /// worker and context are destroyed when the last reference goes. The sends UCX did not
+    /// complete by then (still held, or cancelled by a forced close) are given up on: one line
+    /// on stderr names them (see `undelivered`), none when every send completed.
     fn drop(&mut self) {
         let finish = |s: &Shared| {
             let mut l = s.locked.lock();
+            let mark = l.worker.shutdown_mark();
             s.run_queue(&mut l);
             l.worker.drain(s.cfg.linger);
             l.worker.say_goodbye();
             l.worker.close_all(s.cfg.linger);
+            let mut undelivered = Undelivered::default();
+            l.worker.undelivered(&mark, &l.identities, &mut undelivered);
             if self.exit_follows.load(Ordering::Relaxed) {
                 l.worker.leave_to_process_exit();
             }
+            undelivered
         };
+        let mut undelivered = Undelivered::default();
         if self.lanes.len() == 1 {
-            return finish(&self.lanes[0]);
-        }
-        // Every worker at once (each waits up to `linger` for its peers, which need no
-        // progress of this process's other workers meanwhile).
-        std::thread::scope(|scope| {
-            for s in self.lanes.iter() {
-                let spawned = std::thread::Builder::new()
-                    .name("charmrs-ucx-close".to_owned())
-                    .spawn_scoped(scope, || finish(s));
-                if spawned.is_err() {
-                    finish(s);
+            undelivered = finish(&self.lanes[0]);
+        } else {
+            // Every worker at once (each waits up to `linger` for its peers, which need no
+            // progress of this process's other workers meanwhile).
+            std::thread::scope(|scope| {
+                let mut running = Vec::with_capacity(self.lanes.len());
+                for s in self.lanes.iter() {
+                    let spawned = std::thread::Builder::new()
+                        .name("charmrs-ucx-close".to_owned())
+                        .spawn_scoped(scope, || finish(s));
+                    match spawned {
+                        Ok(handle) => running.push(handle),
+                        Err(_) => undelivered.merge(finish(s)),
+                    }
                 }
-            }
-        });
+                for handle in running {
+                    let u = handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    undelivered.merge(u);
+                }
+            });
+        }
+        let linger = self.lanes[0].cfg.linger;
+        if let Some(line) = undelivered.line("charmrs-ucx", self.rank, linger) {
+            eprintln!("{line}");
+        }
     }
 }

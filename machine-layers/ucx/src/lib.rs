@@ -72,6 +72,11 @@
 //!   it are no longer waited for (flush, parking, the linger of a drop). A
 //!   peer that said goodbye is not reported, unless a message of its is lost
 //!   with it (announced, its data never fetched).
+//! * **Shutdown**: dropping the layer finishes queued sends, waits up to
+//!   [`UcxConfig::linger`] for UCX to complete them, says goodbye and closes the endpoints.
+//!   The sends it then gives up on (not completed: still held, or cancelled by a forced close)
+//!   are named in one line on stderr — rank, count, peer processes, why — unless they all went
+//!   to peers whose loss was reported already; a loss is never silent.
 //! * **Remote reads**: `register` = `ucp_mem_map` + packed rkey;
 //!   `get` = `ucp_get_nbx`.
 //!
@@ -96,6 +101,7 @@ mod inbox;
 mod layer;
 mod spin;
 mod status;
+mod undelivered;
 mod wake;
 pub mod wire;
 mod worker;

@@ -45,7 +45,9 @@ use charmrs_ucx_sys as sys;
 use crate::context::Context;
 use crate::inbox::{Inbox, OpKind};
 use crate::status::{check, describe, is_peer_failure};
+use crate::undelivered::{Undelivered, Why};
 use crate::wire;
+use charmrs_transport::lanes::process_of;
 use charmrs_transport::PoolBuf;
 
 /// UCX's C parameter structs: plain integers, pointers and optional function pointers, valid
@@ -1015,6 +1017,62 @@ impl Worker {
         }
     }
 
+    /// The shutdown starts (no error reaches the runtime from now on: failed sends are counted
+    /// as untold, see `InboxState::send_failed`); returns, for
+    /// [`undelivered`](Self::undelivered), per peer, whether its loss was reported to the
+    /// runtime (returned by `progress`).
+    pub(crate) fn shutdown_mark(&self) -> ShutdownMark {
+        self.inbox.state.borrow_mut().closing = true;
+        let st = self.inbox.state.borrow();
+        let reported = (0..self.eps.len() as ProcessId)
+            // (`lost` borrows the state again, shared.)
+            .map(|p| self.inbox.lost(p) && st.unreported_loss(p).is_none())
+            .collect();
+        ShutdownMark { reported }
+    }
+
+    /// At the end of the shutdown (the endpoints closed): adds to `into` the sends towards each
+    /// peer process that UCX did not complete — still held, or failed (refused, given back
+    /// failed or cancelled) — and why: the peer's loss was reported before the shutdown (`mark`;
+    /// every failed send counts, gone with it), it was lost during the shutdown or its loss never
+    /// reached the runtime (every failed send counts: no error did; the same if its process on
+    /// this host is gone: `identities`, by worker id), it said goodbye, or else the linger ran
+    /// out (for these two, the failed sends no error told of). Nothing when every send
+    /// completed.
+    pub(crate) fn undelivered(
+        &self,
+        mark: &ShutdownMark,
+        identities: &[Option<charmrs_transport::liveness::Identity>],
+        into: &mut Undelivered,
+    ) {
+        let st = self.inbox.state.borrow();
+        for p in 0..self.eps.len() as ProcessId {
+            let n = st.sends_towards(p);
+            if n.held + n.failed == 0 {
+                continue;
+            }
+            let (why, failed) = if mark.reported[p as usize] {
+                (Why::Reported, n.failed)
+            } else if self.inbox.lost(p) {
+                let why = st.unreported_loss(p).unwrap_or("its UCX endpoint failed");
+                (Why::Lost(why.to_owned()), n.failed)
+            } else if self.inbox.departed(p) {
+                (Why::Left, n.failed_untold)
+            } else if matches!(self.eps[p as usize], Ep::Failed) {
+                (Why::Lost("its UCX endpoint failed".to_owned()), n.failed)
+            } else {
+                match identities.get(p as usize) {
+                    Some(Some(id)) if !id.alive() => (
+                        Why::Lost(format!("its process (pid {}) no longer exists", id.pid())),
+                        n.failed,
+                    ),
+                    _ => (Why::Linger, n.failed_untold),
+                }
+            };
+            into.add(process_of(p, self.inbox.lanes), why, n.held + failed);
+        }
+    }
+
     /// Progresses until no operation holds buffers or `timeout` passes.
     pub(crate) fn drain(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -1181,6 +1239,12 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Where a worker's shutdown starts from (see [`Worker::shutdown_mark`]).
+pub(crate) struct ShutdownMark {
+    /// Per peer: its loss was reported to the runtime before the shutdown.
+    reported: Vec<bool>,
 }
 
 impl Drop for Worker {
@@ -1603,6 +1667,9 @@ unsafe extern "C" fn send_done_cb(req: *mut c_void, status: sys::ucs_status_t, u
     {
         let mut st = inbox.state.borrow_mut();
         st.op_ended(op.dst, OpKind::Send);
+        if status != sys::UCS_OK {
+            st.send_failed(op.dst, is_peer_failure(status));
+        }
         if st.spare.len() < SPARE_SEND_OPS {
             st.spare.push(op);
         }

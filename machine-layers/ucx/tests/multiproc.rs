@@ -7,7 +7,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use charmrs_transport::kv::{
@@ -31,12 +32,19 @@ const SHM_PEER: &[(&str, &str)] = &[
     ("CHARMRS_UCX_CHECK_PEER_ERRORS", "1"),
 ];
 
+/// What the line of a dropped layer that gave up on sends it had accepted says.
+const GAVE_UP: &str = "sent before the layer was dropped";
+
 struct Job {
     _server: KvServer,
     children: Vec<Child>,
     lines: mpsc::Receiver<(usize, String)>,
     /// Lines received but not yet matched.
     seen: Vec<(usize, String)>,
+    /// Every process's stderr, by rank, line by line (also copied to the test's stderr).
+    stderr: Arc<Mutex<Vec<Vec<String>>>>,
+    /// The threads reading the processes' stdout and stderr (they end with the processes).
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Job {
@@ -44,6 +52,8 @@ impl Job {
         let secret = random_secret().unwrap();
         let (server, addr) = KvServer::start(n, secret).unwrap();
         let (tx, lines) = mpsc::channel();
+        let stderr = Arc::new(Mutex::new(vec![Vec::new(); n as usize]));
+        let mut readers = Vec::new();
         let children = (0..n)
             .map(|r| {
                 let mut c = Command::new(CHECK);
@@ -53,19 +63,28 @@ impl Job {
                     .env(ENV_KV_ADDR, addr.to_string())
                     .env(ENV_JOB_SECRET, secret_to_hex(&secret))
                     .env("UCX_WARN_UNUSED_ENV_VARS", "n")
-                    .stdout(Stdio::piped());
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
                 for (k, v) in env {
                     c.env(k, v);
                 }
                 let mut child = c.spawn().unwrap();
                 let out = child.stdout.take().unwrap();
                 let tx = tx.clone();
-                std::thread::spawn(move || {
+                readers.push(std::thread::spawn(move || {
                     for line in BufReader::new(out).lines().map_while(Result::ok) {
                         eprintln!("[rank {r}] {line}");
                         let _ = tx.send((r as usize, line));
                     }
-                });
+                }));
+                let err = child.stderr.take().unwrap();
+                let lines = Arc::clone(&stderr);
+                readers.push(std::thread::spawn(move || {
+                    for line in BufReader::new(err).lines().map_while(Result::ok) {
+                        eprintln!("[rank {r} stderr] {line}");
+                        lines.lock().unwrap()[r as usize].push(line);
+                    }
+                }));
                 child
             })
             .collect();
@@ -74,6 +93,8 @@ impl Job {
             children,
             lines,
             seen: Vec::new(),
+            stderr,
+            readers,
         }
     }
 
@@ -97,8 +118,30 @@ impl Job {
         }
     }
 
+    /// Waits for every process to exit successfully within `secs`; none may have given up on
+    /// sends at its layer's shutdown (the normal case: everything delivered).
+    fn wait_all(self, secs: u64) {
+        for (r, lines) in self.wait_all_stderr(secs).iter().enumerate() {
+            assert!(
+                !lines.iter().any(|l| l.contains(GAVE_UP)),
+                "rank {r} gave up on sends at its shutdown: {lines:#?}"
+            );
+        }
+    }
+
+    /// [`wait_all`](Self::wait_all), returning every process's stderr lines (by rank)
+    /// unchecked.
+    fn wait_all_stderr(mut self, secs: u64) -> Vec<Vec<String>> {
+        self.wait_exits(secs);
+        // The processes ended: so do the readers of their output, once they read it all.
+        for reader in std::mem::take(&mut self.readers) {
+            let _ = reader.join();
+        }
+        std::mem::take(&mut *self.stderr.lock().unwrap())
+    }
+
     /// Waits for every process to exit successfully within `secs`.
-    fn wait_all(mut self, secs: u64) {
+    fn wait_exits(&mut self, secs: u64) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let mut done = vec![false; self.children.len()];
         while done.iter().any(|d| !d) {
@@ -291,14 +334,27 @@ fn a_killed_peer_is_reported_lost_while_another_streams_shm() {
 
 /// Rank 1 sends `messages` of 4 MiB that rank 0 does not fetch before rank 1 drops its layer
 /// (saying goodbye after a short linger) and exits: rank 0 reports the loss of the messages.
-/// (With one, rank 0 sees the goodbye before the failure: the case a goodbye hid.)
+/// (With one, rank 0 sees the goodbye before the failure: the case a goodbye hid.) Rank 1's
+/// drop gives up on the sends and says so, in one line on stderr, whatever its workers.
 fn messages_lost_after_goodbye(env: &[(&str, &str)], messages: &str) {
     let env = [env, &[("CHARMRS_UCX_CHECK_LINGER_MS", "100")]].concat();
     let mut job = Job::start(2, &["byelost", messages], &env);
     job.expect_line(1, "GONE", Duration::from_secs(30));
     let line = job.expect_line(0, "ERROR", Duration::from_secs(15));
     assert!(line.contains("lost contact with process 1"), "{line}");
-    job.wait_all(20);
+    let stderr = job.wait_all_stderr(20);
+    let (count, verb) = match messages {
+        "1" => ("1 message".to_owned(), "is"),
+        n => (format!("{n} messages"), "are"),
+    };
+    let want = format!(
+        "charmrs-ucx: process 1: {count} sent before the layer was dropped {verb} not known \
+         delivered: process 0 ({count}) did not take them before the linger of 100 ms ran out"
+    );
+    let gave_up =
+        |r: usize| -> Vec<&String> { stderr[r].iter().filter(|l| l.contains(GAVE_UP)).collect() };
+    assert_eq!(gave_up(1), [&want], "rank 1's stderr: {:#?}", stderr[1]);
+    assert!(gave_up(0).is_empty(), "rank 0's stderr: {:#?}", stderr[0]);
 }
 
 #[test]
@@ -319,6 +375,56 @@ fn a_message_not_fetched_before_its_sender_said_goodbye_is_reported_shm() {
 #[test]
 fn a_message_not_fetched_before_its_sender_said_goodbye_is_reported_tcp() {
     messages_lost_after_goodbye(TCP, "1");
+}
+
+#[test]
+fn sends_a_live_peer_never_fetched_are_reported_when_the_linger_runs_out_shm() {
+    messages_lost_after_goodbye(SHM, "3");
+}
+
+#[test]
+fn sends_a_live_peer_never_fetched_are_reported_when_the_linger_runs_out_tcp() {
+    messages_lost_after_goodbye(TCP, "3");
+}
+
+/// With a worker per PE, rank 1 sends from both of its workers: each gives up on its own sends,
+/// and the drop prints one line for all of them.
+#[test]
+fn sends_given_up_on_by_several_workers_are_reported_in_one_line_shm() {
+    let env = [SHM, &[("CHARMRS_UCX_CHECK_WORKERS", "2")]].concat();
+    messages_lost_after_goodbye(&env, "4");
+}
+
+/// Rank 0 dies (SIGKILL) before rank 1 sends it 3 messages of 4 MiB, without progressing, and
+/// drops its layer: nothing told rank 1's runtime of the loss, so its drop names rank 0 as lost
+/// during the shutdown, with why.
+fn sends_to_a_peer_that_died_unnoticed(env: &[(&str, &str)]) {
+    let env = [env, &[("CHARMRS_UCX_CHECK_LINGER_MS", "100")]].concat();
+    let mut job = Job::start(2, &["byelost", "3", "killed"], &env);
+    job.expect_line(1, "GONE", Duration::from_secs(30));
+    job.children.remove(0).wait().unwrap();
+    let stderr = job.wait_all_stderr(20);
+    let lines: Vec<&String> = stderr[1].iter().filter(|l| l.contains(GAVE_UP)).collect();
+    assert!(
+        lines.len() == 1
+            && lines[0].starts_with(
+                "charmrs-ucx: process 1: 3 messages sent before the layer was dropped are not \
+                 known delivered: process 0 (3 messages; "
+            )
+            && lines[0].ends_with(") was lost during the shutdown"),
+        "rank 1's stderr: {:#?}",
+        stderr[1]
+    );
+}
+
+#[test]
+fn sends_to_a_peer_that_died_unnoticed_are_reported_as_lost_with_it_shm() {
+    sends_to_a_peer_that_died_unnoticed(SHM);
+}
+
+#[test]
+fn sends_to_a_peer_that_died_unnoticed_are_reported_as_lost_with_it_tcp() {
+    sends_to_a_peer_that_died_unnoticed(TCP);
 }
 
 /// Transport segments of 1 KiB leave UCX room for an AM header of ~900 bytes: a message of more

@@ -23,9 +23,11 @@
 //!                                                  data is waited for no more once the peer is lost
 //! charmrs-ucx-check lostbusy                       rank 0 notices rank 1's death while rank 2
 //!                                                  streams to it without pause
-//! charmrs-ucx-check byelost <messages>             a message whose sender said goodbye before its
-//!                                                  data was fetched is reported lost
-//!                                                  (CHARMRS_UCX_CHECK_LINGER_MS: the sender's linger)
+//! charmrs-ucx-check byelost <messages> [killed]    a message whose sender said goodbye before its
+//!                                                  data was fetched is reported lost, and the
+//!                                                  sender's drop says it gave up on the sends
+//!                                                  (CHARMRS_UCX_CHECK_LINGER_MS: the sender's linger;
+//!                                                  `killed`: the receiver dies first, unnoticed)
 //! charmrs-ucx-check manysegs                       a message whose AM header exceeds what UCX
 //!                                                  carries is refused, the others arrive (run with
 //!                                                  UCX_MM_SEG_SIZE=1024 UCX_SELF_SEG_SIZE=1024)
@@ -760,19 +762,43 @@ fn lost_busy(layer: &UcxLayer) {
     println!("OK lostbusy");
 }
 
-/// `byelost <messages>`: rank 1 sends 4 MiB messages (rendezvous) to rank 0, which does not
-/// progress,
-/// and drops its layer (it waits CHARMRS_UCX_CHECK_LINGER_MS for the fetch, says goodbye) and
-/// exits. Rank 0 then progresses: the data cannot be fetched any more, and the lost messages are
-/// reported though their sender said goodbye.
-fn bye_lost(layer: Arc<UcxLayer>, messages: u64) {
+/// `byelost <messages>`: rank 1 sends 4 MiB messages (rendezvous; with a worker per PE, from
+/// each worker in turn) to rank 0, which does not progress, and drops its layer (it waits
+/// CHARMRS_UCX_CHECK_LINGER_MS for the fetch, gives up on the sends, saying so on stderr, and
+/// says goodbye) and exits. Rank 0 then progresses: the data cannot be fetched any more, and the
+/// lost messages are reported though their sender said goodbye. With `killed`, rank 0 kills
+/// itself instead (SIGKILL) and rank 1 sends once it is gone, without progressing (nothing
+/// tells it of the loss before its drop, whose line names rank 0 as lost during the shutdown).
+fn bye_lost(layer: Arc<UcxLayer>, messages: u64, killed: bool) {
     let me = layer.rank();
     let pids = hello_all(&layer);
     println!("READY");
+    if me == 0 && killed {
+        // SAFETY: signalling our own process; never returns.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        unreachable!("SIGKILL");
+    }
     if me == 1 {
-        // More than two: some wait for a fetch slot when rank 1 is lost.
+        if killed {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !gone(pids[0]) {
+                if Instant::now() > deadline {
+                    fail("rank 1: rank 0 did not die".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            // Rank 0 may still be in the barrier, whose fence progresses its worker (it would
+            // fetch the messages): they go once it is out.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // More than two: some wait for a fetch slot when rank 1 is lost. With a worker per PE,
+        // from each in turn.
         let big = Bytes::from(vec![7u8; 4 << 20]);
         for k in 1..=messages {
+            layer.bind_lane(k as usize % layer.lanes());
             send(
                 &layer,
                 0,
@@ -787,12 +813,6 @@ fn bye_lost(layer: Arc<UcxLayer>, messages: u64) {
         std::process::exit(0);
     }
     // Until rank 1's process is gone (or a zombie).
-    let gone = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X', 'x'])),
-    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !gone(pids[1]) {
         if Instant::now() > deadline {
@@ -820,6 +840,16 @@ fn bye_lost(layer: Arc<UcxLayer>, messages: u64) {
         }
     }
     println!("OK byelost");
+}
+
+/// Whether the process `pid` is gone (or a zombie: its parent, the test, reaps it soon).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X', 'x'])),
+    }
 }
 
 /// `manysegs` (run with 1 KiB transport segments: `UCX_MM_SEG_SIZE=1024 UCX_SELF_SEG_SIZE=1024`,
@@ -1290,7 +1320,7 @@ fn main() {
         Some("lanes") => lanes(Arc::clone(&layer), num(2, 12)),
         Some("lostsend") => lost_send(layer),
         Some("lostbusy") => lost_busy(&layer),
-        Some("byelost") => bye_lost(layer, num(2, 1)),
+        Some("byelost") => bye_lost(layer, num(2, 1), args.get(3).is_some_and(|a| a == "killed")),
         Some("manysegs") => many_segments(&layer),
         other => fail(format!("unknown mode {other:?}; see the source")),
     }
