@@ -173,6 +173,8 @@ impl Runtime {
         Fut: Future<Output = ()> + 'static,
     {
         crate::panic::install_hook();
+        // Large messages' buffers are reused, not handed back to the kernel after each one.
+        charmrs_transport::allocator::keep_freed_message_memory();
         let pes = self.pes();
         if pes == 0 || pes > crate::MAX_PES {
             return Err(Error::Options(format!(

@@ -22,7 +22,9 @@
 //! * [`Topology`] tells the runtime which cores its PEs may be pinned to.
 //! * [`pool`] lends machine layers reusable receive buffers for large
 //!   messages ([`RecvPool`]); [`huge`] maps the huge-page memory that large
-//!   buffers are best sent from and received into ([`HugeRegion`]).
+//!   buffers are best sent from and received into ([`HugeRegion`]);
+//!   [`allocator`] keeps freed message-sized heap memory in the process for
+//!   reuse (one glibc setting made when a job starts).
 //! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
 //!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
 //!   with the environment-variable contract between them.
@@ -39,6 +41,7 @@
 //! * `hwloc` (off by default): use the hwloc system library for
 //!   [`Topology::detect`] so physical cores are preferred over hyperthreads.
 
+pub mod allocator;
 pub mod arrival;
 pub mod bootstrap;
 pub mod bounded;
