@@ -201,6 +201,15 @@ impl<T: Pod> PodVec<T> {
     pub fn is_received_in_place(&self) -> bool {
         matches!(self.0, Repr::Wire(_))
     }
+
+    /// Whether writing through this `PodVec` would copy its elements first (they are received
+    /// bytes, or shared with a clone or a message being sent).
+    pub(crate) fn writing_copies(&self) -> bool {
+        match &self.0 {
+            Repr::Vec(v) => Arc::strong_count(v) > 1 || Arc::weak_count(v) > 0,
+            Repr::Wire(_) => true,
+        }
+    }
 }
 
 /// The elements of castable-type bytes, copied into a vector (one `memcpy`).

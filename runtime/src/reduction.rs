@@ -197,13 +197,18 @@ impl<T: crate::Pod + Reduce> Reduce for crate::PodVec<T> {
     fn supports(op: Reducer) -> bool {
         T::supports(op)
     }
-    fn reduce(&mut self, o: Self, op: Reducer) -> Result<(), String> {
+    fn reduce(&mut self, mut o: Self, op: Reducer) -> Result<(), String> {
         if self.len() != o.len() {
             return Err(format!(
                 "vector lengths differ ({} and {})",
                 self.len(),
                 o.len()
             ));
+        }
+        // Every built-in reducer is commutative: combine into whichever of the two can be
+        // written without a copy (the partial is often an element's kept vector, shared).
+        if self.writing_copies() && !o.writing_copies() {
+            std::mem::swap(self, &mut o);
         }
         for (a, b) in self.as_mut_vec().iter_mut().zip(o.as_slice()) {
             a.reduce(*b, op)?;
@@ -1518,5 +1523,39 @@ mod tree_tests {
             let edges: usize = places.iter().map(|(_, p)| p.children.len()).sum();
             assert_eq!(edges, members.len() - 1, "a tree");
         }
+    }
+}
+
+#[cfg(test)]
+mod podvec_tests {
+    use super::*;
+    use crate::PodVec;
+
+    /// A kept (shared) vector is never written: the sum goes into the other operand when that
+    /// one can be written in place, else into a copy.
+    #[test]
+    fn a_shared_operand_is_left_as_it_was() {
+        let kept = PodVec::from(vec![1.0f64, 2.0, 3.0]);
+        let mut acc = kept.clone();
+        acc.reduce(PodVec::from(vec![10.0, 20.0, 30.0]), Reducer::Sum)
+            .unwrap();
+        assert_eq!(acc.as_slice(), &[11.0, 22.0, 33.0]);
+        assert_eq!(kept.as_slice(), &[1.0, 2.0, 3.0]);
+        let other = kept.clone();
+        acc.reduce(other, Reducer::Max).unwrap();
+        assert_eq!(acc.as_slice(), &[11.0, 22.0, 33.0]);
+        let mut both_shared = kept.clone();
+        both_shared.reduce(kept.clone(), Reducer::Product).unwrap();
+        assert_eq!(both_shared.as_slice(), &[1.0, 4.0, 9.0]);
+        assert_eq!(kept.as_slice(), &[1.0, 2.0, 3.0]);
+        let e = acc
+            .reduce(PodVec::from(vec![1.0]), Reducer::Sum)
+            .unwrap_err();
+        assert!(e.contains("lengths differ (3 and 1)"), "{e}");
+        let mut bits = PodVec::from(vec![0b1100u32]);
+        bits.reduce(PodVec::from(vec![0b1010u32]), Reducer::BitXor)
+            .unwrap();
+        assert_eq!(bits.as_slice(), &[0b0110]);
+        assert!(!<PodVec<f64> as Reduce>::supports(Reducer::BitOr));
     }
 }
