@@ -73,9 +73,7 @@ const GLIBC_TUNING: [&str; 5] = [
 pub fn keep_freed_message_memory() -> AllocatorPolicy {
     static DONE: OnceLock<AllocatorPolicy> = OnceLock::new();
     *DONE.get_or_init(|| {
-        let user_tuned = GLIBC_TUNING
-            .iter()
-            .any(|v| std::env::var_os(v).is_some())
+        let user_tuned = GLIBC_TUNING.iter().any(|v| std::env::var_os(v).is_some())
             || std::env::var_os("CHARMRS_MALLOC_TUNING").is_some_and(|v| v == "0");
         if user_tuned {
             AllocatorPolicy::LeftToUser
