@@ -305,6 +305,10 @@ impl Runtime {
                             crate::panic::describe(payload)
                         )));
                     }
+                    // This thread's hold on the runtime (and so on the layer) goes before the
+                    // word that it left: the main thread may then be the one to drop the layer
+                    // (and exit the process, see `exit_follows`) as soon as every PE left.
+                    drop(watch);
                     drop(done);
                 })
                 .map_err(|e| Error::Options(format!("cannot start the thread of PE {pe}: {e}")))?;

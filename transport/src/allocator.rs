@@ -21,9 +21,13 @@
 //!
 //! # Invariants
 //!
-//! * Applied at most once per process, before any PE starts, and never when the user set any
-//!   of glibc's own `MALLOC_*_` tuning variables or `CHARMRS_MALLOC_TUNING=0`: the user's
-//!   choice wins.
+//! * Applied at most once per process, before any PE starts, and never when the user set
+//!   glibc's own variables for these thresholds (`MALLOC_TRIM_THRESHOLD_`,
+//!   `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, `MALLOC_MMAP_MAX_`, a `glibc.malloc.` setting
+//!   in `GLIBC_TUNABLES`) or `CHARMRS_MALLOC_TUNING=0`: the user's choice wins.
+//! * It governs glibc's allocator only: a program with another `#[global_allocator]`
+//!   (jemalloc, mimalloc) keeps that allocator's own policy (the setting is then made and
+//!   unused).
 //! * Only glibc on Linux; elsewhere nothing is done.
 //! * The cost is memory the process keeps: up to [`TRIM_THRESHOLD`] bytes of free heap per
 //!   arena (glibc keeps a few arenas per core) instead of returning it at once.
@@ -31,32 +35,43 @@
 use std::sync::OnceLock;
 
 /// Allocations from this size are `mmap`ped (and unmapped when freed), as before; smaller ones
-/// come from the arenas. The largest value glibc accepts for an arena that is not the main one
-/// (half its 64 MiB heap size).
-pub const MMAP_THRESHOLD: usize = 32 << 20;
+/// come from the arenas. The largest value glibc accepts (half the heap size of an arena that is
+/// not the main one): 32 MiB on 64-bit targets, 16 MiB on 32-bit ones.
+pub const MMAP_THRESHOLD: usize = (4 << 20) * std::mem::size_of::<usize>();
 
-/// Free space at the top of an arena up to this size is kept for reuse.
-pub const TRIM_THRESHOLD: usize = 64 << 20;
+/// Free space at the top of an arena up to this size is kept for reuse (twice
+/// [`MMAP_THRESHOLD`], the ratio glibc itself uses when it raises the two).
+pub const TRIM_THRESHOLD: usize = 2 * MMAP_THRESHOLD;
 
 /// What [`keep_freed_message_memory`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllocatorPolicy {
     /// The thresholds were set to [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`].
     Applied,
-    /// The user tuned glibc (a `MALLOC_*_` variable) or set `CHARMRS_MALLOC_TUNING=0`.
+    /// The user tuned glibc's thresholds (see [`keep_freed_message_memory`]) or set
+    /// `CHARMRS_MALLOC_TUNING=0`.
     LeftToUser,
     /// Not glibc on Linux, or glibc refused a setting.
     Unavailable,
 }
 
-/// glibc's own tuning variables: any of them set means the user chose the allocator's policy.
-const GLIBC_TUNING: [&str; 5] = [
+/// glibc's variables for what this module sets, or that change how freed memory is returned:
+/// any of them set means the user chose the allocator's policy.
+const GLIBC_TUNING: [&str; 4] = [
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
-    "GLIBC_TUNABLES",
 ];
+
+/// Whether the user chose the allocator's policy: one of [`GLIBC_TUNING`], a `glibc.malloc.`
+/// setting in `GLIBC_TUNABLES` (others, such as `glibc.pthread.rseq`, do not count), or
+/// `CHARMRS_MALLOC_TUNING=0`.
+fn user_tuned() -> bool {
+    GLIBC_TUNING.iter().any(|v| std::env::var_os(v).is_some())
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."))
+        || std::env::var_os("CHARMRS_MALLOC_TUNING").is_some_and(|v| v == "0")
+}
 
 /// Keeps freed message-sized memory in the process for reuse (see the module docs); the
 /// first call decides, later calls return the same answer.
@@ -66,16 +81,14 @@ const GLIBC_TUNING: [&str; 5] = [
 ///
 /// let policy = keep_freed_message_memory();
 /// assert_eq!(policy, keep_freed_message_memory()); // decided once
-/// if cfg!(all(target_os = "linux", target_env = "gnu")) && std::env::var_os("GLIBC_TUNABLES").is_none() {
+/// if cfg!(all(target_os = "linux", target_env = "gnu")) {
 ///     assert_ne!(policy, AllocatorPolicy::Unavailable);
 /// }
 /// ```
 pub fn keep_freed_message_memory() -> AllocatorPolicy {
     static DONE: OnceLock<AllocatorPolicy> = OnceLock::new();
     *DONE.get_or_init(|| {
-        let user_tuned = GLIBC_TUNING.iter().any(|v| std::env::var_os(v).is_some())
-            || std::env::var_os("CHARMRS_MALLOC_TUNING").is_some_and(|v| v == "0");
-        if user_tuned {
+        if user_tuned() {
             AllocatorPolicy::LeftToUser
         } else {
             apply()

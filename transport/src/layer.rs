@@ -190,7 +190,9 @@ pub trait MachineLayer: Send + Sync {
 
     /// The job is ending: from now on peers may go away at any moment, and
     /// failures to reach them are expected (the runtime ignores them). A layer
-    /// may quieten its library's error reporting. The default does nothing.
+    /// may quieten its library's error reporting, and need not report messages
+    /// it gives up on when dropped (what `exit` leaves in flight is discarded,
+    /// as in Charm++; an abort is its own report). The default does nothing.
     fn stopping(&self) {}
 
     /// The process exits as soon as the layer is dropped (the runtime's `start` does so after

@@ -1676,7 +1676,10 @@ impl Engine {
     /// queued, large ones not acknowledged by their reader, eager ones the provider did not
     /// complete, and those dropped because the peer left or was lost. Nothing when everything
     /// went.
-    pub(crate) fn undelivered(&self, into: &mut Undelivered) {
+    pub(crate) fn undelivered(&mut self, into: &mut Undelivered) {
+        // What another endpoint of this process learnt of a peer's fate (its goodbye, its loss)
+        // first, so that a peer that left is not named lost.
+        self.catch_up();
         for p in 0..self.addrs.len() {
             let mut tally = self.dropped[p];
             for out in &self.pending[p] {

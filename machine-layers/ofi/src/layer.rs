@@ -325,6 +325,10 @@ pub struct OfiLayer {
     watchers: Vec<Mutex<Option<JoinHandle<()>>>>,
     provider: String,
     cfg: OfiConfig,
+    /// Set by [`MachineLayer::stopping`]: the runtime ended or aborted the job, so messages
+    /// given up on at the drop are expected (what `exit` leaves in flight is discarded, as in
+    /// Charm++; an abort is its own report) and not reported.
+    job_ending: AtomicBool,
 }
 
 /// What [`OfiLayer::rendezvous_usage`] reports about the large messages to one process.
@@ -563,6 +567,7 @@ impl OfiLayer {
             bootstrap,
             provider: prov,
             cfg,
+            job_ending: AtomicBool::new(false),
         })
     }
 
@@ -1093,6 +1098,12 @@ impl MachineLayer for OfiLayer {
         self.bootstrap.abort(reason);
     }
 
+    /// Messages given up on when the layer is dropped are not reported from here on (see
+    /// `job_ending`).
+    fn stopping(&self) {
+        self.job_ending.store(true, Ordering::Relaxed);
+    }
+
     fn name(&self) -> &'static str {
         "ofi"
     }
@@ -1171,6 +1182,9 @@ impl Drop for OfiLayer {
         let mut undelivered = Undelivered::default();
         for s in &self.lanes {
             lock(&s.engine).undelivered(&mut undelivered);
+        }
+        if self.job_ending.load(Ordering::Relaxed) {
+            return;
         }
         if let Some(line) = undelivered.line("charmrs-ofi", self.rank, self.cfg.linger) {
             eprintln!("{line}");

@@ -274,6 +274,10 @@ pub struct UcxLayer {
     bootstrap: Arc<dyn Bootstrap>,
     /// Set by [`MachineLayer::exit_follows`]: the workers are left for the process's exit.
     exit_follows: AtomicBool,
+    /// Set by [`MachineLayer::stopping`]: the runtime ended or aborted the job, so sends given up
+    /// on at the drop are expected (what `exit` leaves in flight is discarded, as in Charm++;
+    /// an abort is its own report) and not reported.
+    job_ending: AtomicBool,
 }
 
 impl UcxLayer {
@@ -446,6 +450,7 @@ impl UcxLayer {
             size,
             bootstrap,
             exit_follows: AtomicBool::new(false),
+            job_ending: AtomicBool::new(false),
         })
     }
 
@@ -1297,8 +1302,11 @@ impl MachineLayer for UcxLayer {
 
     /// Peers exiting at the end of a job make UCX log connection and flush
     /// errors (on stdout, mixed with the program's output): from here on only
-    /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`.
+    /// fatal messages are logged, unless the user chose `UCX_LOG_LEVEL`. Sends
+    /// given up on when the layer is dropped are not reported either (see
+    /// `job_ending`).
     fn stopping(&self) {
+        self.job_ending.store(true, Ordering::Relaxed);
         if std::env::var_os("UCX_LOG_LEVEL").is_some() {
             return;
         }
@@ -1337,7 +1345,8 @@ impl Drop for UcxLayer {
     /// UCX to finish with every buffer, then closes the endpoints; the
     /// worker and context are destroyed when the last reference goes. The sends UCX did not
     /// complete by then (still held, or cancelled by a forced close) are given up on: one line
-    /// on stderr names them (see `undelivered`), none when every send completed.
+    /// on stderr names them (see `undelivered`), none when every send completed or the runtime
+    /// said the job is ending ([`MachineLayer::stopping`]).
     fn drop(&mut self) {
         let finish = |s: &Shared| {
             let mut l = s.locked.lock();
@@ -1379,6 +1388,9 @@ impl Drop for UcxLayer {
             });
         }
         let linger = self.lanes[0].cfg.linger;
+        if self.job_ending.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(line) = undelivered.line("charmrs-ucx", self.rank, linger) {
             eprintln!("{line}");
         }

@@ -1296,6 +1296,14 @@ fn linger_lost(layer: OfiLayer) {
     }
     layer.barrier().unwrap_or_else(|e| fail("barrier", e));
     let killed = std::env::args().any(|a| a == "killed");
+    // The file by which rank 0 says it left the barrier, whose fence progressed its endpoints
+    // (no layer traffic: any progress there could read rank 1's messages).
+    let out_of_barrier =
+        |pid: u32| std::env::temp_dir().join(format!("charmrs-ofi-check-{pid}.out"));
+    if me == 0 && !killed {
+        std::fs::write(out_of_barrier(std::process::id()), b"")
+            .unwrap_or_else(|e| panic!("rank 0: cannot say it left the barrier: {e}"));
+    }
     if me == 0 && killed {
         // SAFETY: signalling our own process; never returns.
         unsafe {
@@ -1313,8 +1321,17 @@ fn linger_lost(layer: OfiLayer) {
             }
         } else {
             // Rank 0 may still be in the barrier, whose fence keeps its endpoints progressing
-            // (it would read the messages): they go once it is out.
-            std::thread::sleep(Duration::from_millis(200));
+            // (it would read the messages): they go once it says it is out.
+            let flag = out_of_barrier(peer_pid.expect("rank 0's pid"));
+            let t0 = Instant::now();
+            while !flag.exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "rank 0 stayed in the barrier"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = std::fs::remove_file(&flag);
         }
         let mut accepted = 0;
         for tag in 0..3u32 {

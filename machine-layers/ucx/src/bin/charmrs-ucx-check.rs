@@ -769,10 +769,42 @@ fn lost_busy(layer: &UcxLayer) {
 /// lost messages are reported though their sender said goodbye. With `killed`, rank 0 kills
 /// itself instead (SIGKILL) and rank 1 sends once it is gone, without progressing (nothing
 /// tells it of the loss before its drop, whose line names rank 0 as lost during the shutdown).
+/// The file by which the process `pid` says it left the barrier (see `bye_lost`).
+fn out_of_barrier_flag(pid: u32) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("charmrs-ucx-check-{pid}.out-of-barrier"))
+}
+
+/// Says this process left the barrier (see [`out_of_barrier_flag`]).
+fn say_out_of_barrier() {
+    let flag = out_of_barrier_flag(std::process::id());
+    if let Err(e) = std::fs::write(&flag, b"") {
+        fail(format!("cannot write {}: {e}", flag.display()));
+    }
+}
+
+/// Waits (at most 30 s) until the process `pid` said it left the barrier.
+fn wait_out_of_barrier(pid: u32) {
+    let flag = out_of_barrier_flag(pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !flag.exists() {
+        if Instant::now() > deadline {
+            fail(format!("process {pid} did not leave the barrier in 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = std::fs::remove_file(&flag);
+}
+
 fn bye_lost(layer: Arc<UcxLayer>, messages: u64, killed: bool) {
     let me = layer.rank();
     let pids = hello_all(&layer);
     println!("READY");
+    if me == 0 && !killed {
+        // Out of the barrier, whose fence progressed this worker: from here on it fetches
+        // nothing. Rank 1 sends its messages once it sees this (no layer traffic: any progress
+        // here could fetch them).
+        say_out_of_barrier();
+    }
     if me == 0 && killed {
         // SAFETY: signalling our own process; never returns.
         unsafe {
@@ -791,8 +823,8 @@ fn bye_lost(layer: Arc<UcxLayer>, messages: u64, killed: bool) {
             }
         } else {
             // Rank 0 may still be in the barrier, whose fence progresses its worker (it would
-            // fetch the messages): they go once it is out.
-            std::thread::sleep(Duration::from_millis(200));
+            // fetch the messages): they go once it says it is out.
+            wait_out_of_barrier(pids[0]);
         }
         // More than two: some wait for a fetch slot when rank 1 is lost. With a worker per PE,
         // from each in turn.
