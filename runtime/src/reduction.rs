@@ -71,6 +71,38 @@ pub trait Reduce: Payload {
     /// # Errors
     /// An unsupported operation, or vectors of different lengths.
     fn reduce(&mut self, other: Self, op: Reducer) -> Result<(), String>;
+
+    /// Combines `other`'s values into `acc`'s, pairwise, as far as the shorter goes (the vector
+    /// reducers check the lengths first). The default calls [`reduce`](Reduce::reduce) per
+    /// pair; the numbers choose the operation once, so the loop over a vector's
+    /// elements is a plain one the compiler vectorises.
+    ///
+    /// # Errors
+    /// As [`reduce`](Reduce::reduce).
+    fn reduce_all<I: IntoIterator<Item = Self>>(
+        acc: &mut [Self],
+        other: I,
+        op: Reducer,
+    ) -> Result<(), String> {
+        for (a, b) in acc.iter_mut().zip(other) {
+            a.reduce(b, op)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`Reduce::reduce_all`] for a type whose operations are the closures given per reducer
+/// (`None`: the reducer does not apply).
+macro_rules! reduce_all_with {
+    ($t:ty, $acc:ident, $other:ident, $op:ident, { $($r:ident => $f:expr),* $(,)? }) => {{
+        let pairs = $acc.iter_mut().zip($other);
+        match $op {
+            $(Reducer::$r => pairs.for_each(|(a, b)| *a = $f(*a, b)),)*
+            #[allow(unreachable_patterns)]
+            other => return Err(unsupported::<$t>(other)),
+        }
+        Ok(())
+    }};
 }
 
 macro_rules! reduce_int {
@@ -92,6 +124,21 @@ macro_rules! reduce_int {
                 };
                 Ok(())
             }
+            fn reduce_all<I: IntoIterator<Item = Self>>(
+                acc: &mut [Self],
+                other: I,
+                op: Reducer,
+            ) -> Result<(), String> {
+                reduce_all_with!($t, acc, other, op, {
+                    Sum => |a: $t, b: $t| a.wrapping_add(b),
+                    Product => |a: $t, b: $t| a.wrapping_mul(b),
+                    Max => |a: $t, b: $t| a.max(b),
+                    Min => |a: $t, b: $t| a.min(b),
+                    BitAnd => |a: $t, b: $t| a & b,
+                    BitOr => |a: $t, b: $t| a | b,
+                    BitXor => |a: $t, b: $t| a ^ b,
+                })
+            }
         }
     )*};
 }
@@ -112,6 +159,18 @@ macro_rules! reduce_float {
                     other => return Err(unsupported::<Self>(other)),
                 };
                 Ok(())
+            }
+            fn reduce_all<I: IntoIterator<Item = Self>>(
+                acc: &mut [Self],
+                other: I,
+                op: Reducer,
+            ) -> Result<(), String> {
+                reduce_all_with!($t, acc, other, op, {
+                    Sum => |a: $t, b: $t| a + b,
+                    Product => |a: $t, b: $t| a * b,
+                    Max => |a: $t, b: $t| a.max(b),
+                    Min => |a: $t, b: $t| a.min(b),
+                })
             }
         }
     )*};
@@ -154,10 +213,7 @@ impl<T: Reduce> Reduce for Vec<T> {
                 o.len()
             ));
         }
-        for (a, b) in self.iter_mut().zip(o) {
-            a.reduce(b, op)?;
-        }
-        Ok(())
+        T::reduce_all(self, o, op)
     }
 }
 
@@ -210,10 +266,7 @@ impl<T: crate::Pod + Reduce> Reduce for crate::PodVec<T> {
         if self.writing_copies() && !o.writing_copies() {
             std::mem::swap(self, &mut o);
         }
-        for (a, b) in self.as_mut_vec().iter_mut().zip(o.as_slice()) {
-            a.reduce(*b, op)?;
-        }
-        Ok(())
+        T::reduce_all(self.as_mut_vec(), o.as_slice().iter().copied(), op)
     }
 }
 
@@ -1557,5 +1610,46 @@ mod podvec_tests {
             .unwrap();
         assert_eq!(bits.as_slice(), &[0b0110]);
         assert!(!<PodVec<f64> as Reduce>::supports(Reducer::BitOr));
+    }
+
+    /// Every reducer over vectors of numbers matches the same reducer element by element, and
+    /// one that does not apply is named.
+    #[test]
+    fn vector_reducers_match_the_scalar_ones() {
+        let a: Vec<i32> = vec![3, -7, 12, 0, i32::MAX];
+        let b: Vec<i32> = vec![5, 2, -12, 9, 1];
+        for op in [
+            Reducer::Sum,
+            Reducer::Product,
+            Reducer::Max,
+            Reducer::Min,
+            Reducer::BitAnd,
+            Reducer::BitOr,
+            Reducer::BitXor,
+        ] {
+            let mut v = a.clone();
+            v.reduce(b.clone(), op).unwrap();
+            let mut p = PodVec::from(a.clone());
+            p.reduce(PodVec::from(b.clone()), op).unwrap();
+            let want: Vec<i32> = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| {
+                    let mut x = x;
+                    x.reduce(y, op).unwrap();
+                    x
+                })
+                .collect();
+            assert_eq!((&v, p.as_slice()), (&want, &want[..]), "{op:?}");
+        }
+        let mut f = vec![1.5f64, f64::NAN, -0.5];
+        f.reduce(vec![2.0, 1.0, -3.0], Reducer::Min).unwrap();
+        assert_eq!(f, vec![1.5, 1.0, -3.0]);
+        let e = f.reduce(vec![0.0; 3], Reducer::BitOr).unwrap_err();
+        assert!(e.contains("BitOr") && e.contains("f64"), "{e}");
+        let e = PodVec::from(vec![1u8])
+            .reduce(PodVec::from(vec![1u8]), Reducer::LogicalAnd)
+            .unwrap_err();
+        assert!(e.contains("LogicalAnd") && e.contains("u8"), "{e}");
     }
 }
