@@ -2,8 +2,9 @@
 //! delivered when its shutdown ends, per peer process and why, and the one line it prints on
 //! stderr about them (see `OfiLayer`'s drop). Counted at drop time from the engines' own
 //! structures (queues, registrations waiting for their reader's acknowledgement, eager sends
-//! the provider holds, and what was dropped for a peer that left or was lost); nothing is
-//! counted on the send path.
+//! the provider holds, and what was dropped for a peer that left or was lost). The send path
+//! adds only a plain per-peer count of eager sends the provider has not completed (no atomic).
+//! Nothing is printed once the runtime said the job is ending (`MachineLayer::stopping`).
 
 use std::time::Duration;
 

@@ -4,7 +4,8 @@
 //! forced close — per peer process and why, and the one line it prints on stderr about them
 //! (see `UcxLayer`'s drop). Counted at drop time from the counts the inbox keeps anyway (sends
 //! UCX holds per peer; failed sends, on the failure path only): their bytes are not known
-//! without counting on the send path, and are not given.
+//! without counting on the send path, and are not given. Nothing is printed once the runtime
+//! said the job is ending (`MachineLayer::stopping`).
 
 use std::time::Duration;
 
