@@ -25,6 +25,8 @@
 //!   buffers are best sent from and received into ([`HugeRegion`]);
 //!   [`allocator`] keeps freed message-sized heap memory in the process for
 //!   reuse (one glibc setting made when a job starts).
+//! * [`undelivered`] words the one line a dropped layer prints about messages
+//!   it gave up on.
 //! * [`kv`] is the launcher bootstrap: the key-value server `charmrun` runs
 //!   ([`KvServer`]) and the [`Bootstrap`] its processes use ([`KvBootstrap`]),
 //!   with the environment-variable contract between them.
@@ -56,6 +58,7 @@ pub mod message;
 pub mod pool;
 pub mod segments;
 pub mod topology;
+pub mod undelivered;
 
 pub use arrival::{Arrival, ArrivalBatch};
 pub use bootstrap::{Bootstrap, SingleProcessBootstrap};

@@ -85,9 +85,9 @@ use charmrs_transport::liveness::Identity;
 use charmrs_transport::{ArrivalBatch, Header, Message, ProcessId, TransportError};
 
 use crate::fabric::{ofi_error, strerror, Fabric, Mr};
-use crate::undelivered::{Tally, Undelivered, Why};
 use crate::wire;
 use charmrs_transport::pool::COPY_ALIGN;
+use charmrs_transport::undelivered::{Tally, Undelivered, Why};
 use charmrs_transport::{PoolBuf, RecvPool};
 
 /// Peer status values shared with the layer's lock-free `send` check.

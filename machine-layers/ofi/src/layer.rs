@@ -23,7 +23,7 @@ use crate::engine::{
     gone_reason, Engine, Out, Registered, Sizes, ALIVE, DEPARTED, LOST, RNDV_POOL_MIN,
 };
 use crate::fabric::Fabric;
-use crate::undelivered::Undelivered;
+use charmrs_transport::undelivered::Undelivered;
 
 /// Bootstrap key of a process's endpoint addresses (a list, one per endpoint, see
 /// [`charmrs_transport::lanes::encode_address_list`]).

@@ -83,7 +83,6 @@ mod config;
 mod engine;
 mod fabric;
 mod layer;
-mod undelivered;
 pub mod wire;
 
 pub use config::{

@@ -15,13 +15,13 @@ use charmrs_transport::{
 use crossbeam_queue::SegQueue;
 
 use crate::context::Context;
-use crate::undelivered::Undelivered;
 use crate::wake::{wait_readable, Armed, EventFd, Watcher};
 use crate::worker::{Worker, WorkerConfig};
 use charmrs_transport::lanes::{
     decode_address_list, encode_address_list, endpoint_for, process_of,
 };
 use charmrs_transport::liveness::Identity;
+use charmrs_transport::undelivered::Undelivered;
 
 /// Bootstrap key under which each process publishes the addresses of its UCX workers (a count,
 /// then each address after its length, all little-endian `u32`s).
@@ -1345,8 +1345,8 @@ impl Drop for UcxLayer {
     /// UCX to finish with every buffer, then closes the endpoints; the
     /// worker and context are destroyed when the last reference goes. The sends UCX did not
     /// complete by then (still held, or cancelled by a forced close) are given up on: one line
-    /// on stderr names them (see `undelivered`), none when every send completed or the runtime
-    /// said the job is ending ([`MachineLayer::stopping`]).
+    /// on stderr names them (see `charmrs_transport::undelivered`), none when every send
+    /// completed or the runtime said the job is ending ([`MachineLayer::stopping`]).
     fn drop(&mut self) {
         let finish = |s: &Shared| {
             let mut l = s.locked.lock();
@@ -1355,14 +1355,14 @@ impl Drop for UcxLayer {
             l.worker.drain(s.cfg.linger);
             l.worker.say_goodbye();
             l.worker.close_all(s.cfg.linger);
-            let mut undelivered = Undelivered::default();
+            let mut undelivered = Undelivered::messages_only();
             l.worker.undelivered(&mark, &l.identities, &mut undelivered);
             if self.exit_follows.load(Ordering::Relaxed) {
                 l.worker.leave_to_process_exit();
             }
             undelivered
         };
-        let mut undelivered = Undelivered::default();
+        let mut undelivered = Undelivered::messages_only();
         if self.lanes.len() == 1 {
             undelivered = finish(&self.lanes[0]);
         } else {

@@ -101,7 +101,6 @@ mod inbox;
 mod layer;
 mod spin;
 mod status;
-mod undelivered;
 mod wake;
 pub mod wire;
 mod worker;

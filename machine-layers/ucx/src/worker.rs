@@ -45,9 +45,9 @@ use charmrs_ucx_sys as sys;
 use crate::context::Context;
 use crate::inbox::{Inbox, OpKind};
 use crate::status::{check, describe, is_peer_failure};
-use crate::undelivered::{Undelivered, Why};
 use crate::wire;
 use charmrs_transport::lanes::process_of;
+use charmrs_transport::undelivered::{Tally, Undelivered, Why};
 use charmrs_transport::PoolBuf;
 
 /// UCX's C parameter structs: plain integers, pointers and optional function pointers, valid
@@ -1069,7 +1069,11 @@ impl Worker {
                     _ => (Why::Linger, n.failed_untold),
                 }
             };
-            into.add(process_of(p, self.inbox.lanes), why, n.held + failed);
+            into.add(
+                process_of(p, self.inbox.lanes),
+                why,
+                Tally::messages(n.held + failed),
+            );
         }
     }
 

@@ -1,21 +1,33 @@
-//! What a dropped layer gave up on: the messages it had accepted for sending that are not known
-//! delivered when its shutdown ends, per peer process and why, and the one line it prints on
-//! stderr about them (see `OfiLayer`'s drop). Counted at drop time from the engines' own
-//! structures (queues, registrations waiting for their reader's acknowledgement, eager sends
-//! the provider holds, and what was dropped for a peer that left or was lost). The send path
-//! adds only a plain per-peer count of eager sends the provider has not completed (no atomic).
-//! Nothing is printed once the runtime said the job is ending (`MachineLayer::stopping`).
+//! What a machine layer gave up on when it was dropped: the messages it had accepted for sending
+//! that are not known delivered when its shutdown ends, per peer process and why, and the one
+//! line it prints on stderr about them.
+//!
+//! # What this module owns
+//!
+//! [`Undelivered`] (the tally, filled by a layer's drop from its own structures) and the line's
+//! wording, shared by the UCX and libfabric layers so that both report alike. A layer that
+//! knows the bytes of what it gave up on counts them ([`Tally`]); one that does not uses
+//! [`Undelivered::messages_only`], and the line then gives messages only.
+//!
+//! # Invariants
+//!
+//! * Entries are merged per process and kind of reason (a `Lost` keeps its first reason).
+//! * No line when nothing was given up on, or only towards peers whose loss the runtime was
+//!   told of already ([`Why::Reported`]: mentioned at the end of a line printed anyway).
+//! * A layer prints nothing once the runtime said the job is ending
+//!   ([`MachineLayer::stopping`](crate::MachineLayer::stopping)): what `exit` leaves in flight
+//!   is discarded by design.
 
 use std::time::Duration;
 
-use charmrs_transport::ProcessId;
+use crate::ProcessId;
 
 /// Processes named in one group of the line; the rest are summed up.
 const NAMED: usize = 8;
 
 /// Why messages to a peer process were given up on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Why {
+pub enum Why {
     /// The peer is alive as far as this process knows, and did not take them before the linger
     /// ran out.
     Linger,
@@ -27,7 +39,7 @@ pub(crate) enum Why {
     /// The peer was lost and its loss reported ([`TransportError::PeerLost`]) before the
     /// shutdown: the runtime knows already.
     ///
-    /// [`TransportError::PeerLost`]: charmrs_transport::TransportError::PeerLost
+    /// [`TransportError::PeerLost`]: crate::TransportError::PeerLost
     Reported,
 }
 
@@ -40,20 +52,28 @@ impl Why {
 
 /// A number of messages and their bytes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Tally {
-    pub(crate) messages: usize,
-    pub(crate) bytes: usize,
+pub struct Tally {
+    /// Messages.
+    pub messages: usize,
+    /// Their bytes (0 for a layer that does not count them: see
+    /// [`Undelivered::messages_only`]).
+    pub bytes: usize,
 }
 
 impl Tally {
+    /// `messages` messages of bytes not counted.
+    pub fn messages(messages: usize) -> Tally {
+        Tally { messages, bytes: 0 }
+    }
+
     /// One message of `bytes` bytes more.
-    pub(crate) fn add(&mut self, bytes: usize) {
+    pub fn add(&mut self, bytes: usize) {
         self.messages += 1;
         self.bytes += bytes;
     }
 
     /// One message of `bytes` bytes less.
-    pub(crate) fn sub(&mut self, bytes: usize) {
+    pub fn sub(&mut self, bytes: usize) {
         self.messages = self.messages.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(bytes);
     }
@@ -69,14 +89,33 @@ impl Tally {
 }
 
 /// What a dropped layer gave up on, per peer process and why.
+/// What a dropped layer gave up on, per peer process and why.
 #[derive(Debug, Default)]
-pub(crate) struct Undelivered {
+pub struct Undelivered {
     entries: Vec<(ProcessId, Why, Tally)>,
+    /// The layer counts messages, not their bytes: the line gives no bytes.
+    messages_only: bool,
 }
 
 impl Undelivered {
+    /// For a layer that counts messages but not their bytes ([`Tally::messages`]); the default
+    /// counts both.
+    pub fn messages_only() -> Undelivered {
+        Undelivered {
+            entries: Vec::new(),
+            messages_only: true,
+        }
+    }
+
+    /// Adds what `other` gave up on (another endpoint's or worker's).
+    pub fn merge(&mut self, other: Undelivered) {
+        for (p, why, t) in other.entries {
+            self.add(p, why, t);
+        }
+    }
+
     /// `tally` messages to `process`, given up on for `why` (nothing if the tally is empty).
-    pub(crate) fn add(&mut self, process: ProcessId, why: Why, tally: Tally) {
+    pub fn add(&mut self, process: ProcessId, why: Why, tally: Tally) {
         if tally.is_empty() {
             return;
         }
@@ -100,7 +139,7 @@ impl Undelivered {
     /// not known delivered: process 0 (3 messages, 3145728 bytes) did not take them before the
     /// linger of 200 ms ran out
     /// ```
-    pub(crate) fn line(&self, layer: &str, rank: ProcessId, linger: Duration) -> Option<String> {
+    pub fn line(&self, layer: &str, rank: ProcessId, linger: Duration) -> Option<String> {
         let mut total = Tally::default();
         let mut groups = Vec::new();
         for kind in [Why::Linger, Why::Left, Why::Lost(String::new())] {
@@ -116,7 +155,7 @@ impl Undelivered {
             for (_, _, t) in &group {
                 total.merge(*t);
             }
-            let who = listing(&group, true);
+            let who = listing(&group, true, self.messages_only);
             groups.push(match kind {
                 Why::Linger => format!(
                     "{who} did not take them before the linger of {} ms ran out",
@@ -135,7 +174,7 @@ impl Undelivered {
         let mut line = format!(
             "{layer}: process {rank}: {} sent before the layer was dropped {} not known \
              delivered: {}",
-            count(total),
+            count(total, self.messages_only),
             if total.messages == 1 { "is" } else { "are" },
             groups.join("; ")
         );
@@ -152,28 +191,44 @@ impl Undelivered {
             }
             line.push_str(&format!(
                 "; besides, {} to {} reported lost already",
-                count(sum),
-                listing(&reported, false)
+                count(sum, self.messages_only),
+                listing(&reported, false, self.messages_only)
             ));
         }
         Some(line)
     }
 }
 
-/// "3 messages (3145728 bytes)".
-fn count(t: Tally) -> String {
-    format!(
-        "{} message{} ({} byte{})",
-        t.messages,
-        if t.messages == 1 { "" } else { "s" },
-        t.bytes,
-        if t.bytes == 1 { "" } else { "s" }
-    )
+/// "3 messages", then (unless `messages_only`) the bytes: "3 messages (3145728 bytes)".
+fn count(t: Tally, messages_only: bool) -> String {
+    if messages_only {
+        messages(t)
+    } else {
+        format!("{} ({})", messages(t), bytes(t))
+    }
+}
+
+/// "3 messages".
+fn messages(t: Tally) -> String {
+    format!("{} message{}", t.messages, plural(t.messages))
+}
+
+/// "3145728 bytes".
+fn bytes(t: Tally) -> String {
+    format!("{} byte{}", t.bytes, plural(t.bytes))
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// "process 0 (3 messages, 3145728 bytes), process 2 (...)": the first [`NAMED`] processes
 /// (with what was given up on towards each when `detail`), then "and N more processes (...)".
-fn listing(group: &[&(ProcessId, Why, Tally)], detail: bool) -> String {
+fn listing(group: &[&(ProcessId, Why, Tally)], detail: bool, messages_only: bool) -> String {
     let mut parts: Vec<String> = group
         .iter()
         .take(NAMED)
@@ -185,13 +240,11 @@ fn listing(group: &[&(ProcessId, Why, Tally)], detail: bool) -> String {
                 Why::Lost(r) if !r.is_empty() => format!("; {r}"),
                 _ => String::new(),
             };
-            format!(
-                "process {p} ({} message{}, {} byte{}{reason})",
-                t.messages,
-                if t.messages == 1 { "" } else { "s" },
-                t.bytes,
-                if t.bytes == 1 { "" } else { "s" }
-            )
+            if messages_only {
+                format!("process {p} ({}{reason})", messages(*t))
+            } else {
+                format!("process {p} ({}, {}{reason})", messages(*t), bytes(*t))
+            }
         })
         .collect();
     if group.len() > NAMED {
@@ -203,14 +256,14 @@ fn listing(group: &[&(ProcessId, Why, Tally)], detail: bool) -> String {
             "and {} more process{} ({})",
             group.len() - NAMED,
             if group.len() - NAMED == 1 { "" } else { "es" },
-            count(rest)
+            count(rest, messages_only)
         ));
     }
     parts.join(", ")
 }
 
 #[cfg(test)]
-mod tests {
+mod with_bytes {
     use super::*;
 
     fn t(messages: usize, bytes: usize) -> Tally {
@@ -277,6 +330,74 @@ mod tests {
             ),
             "{line}"
         );
+        assert!(!line.contains("process 8 "), "{line}");
+    }
+}
+
+#[cfg(test)]
+mod messages_only {
+    use super::*;
+
+    const LINGER: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn nothing_given_up_on_prints_nothing() {
+        let mut u = Undelivered::messages_only();
+        assert_eq!(u.line("charmrs-ucx", 1, LINGER), None);
+        u.add(0, Why::Linger, Tally::messages(0));
+        assert_eq!(u.line("charmrs-ucx", 1, LINGER), None, "no message");
+        // Towards a peer the runtime was told is lost: no line of its own.
+        u.add(2, Why::Reported, Tally::messages(4));
+        assert_eq!(u.line("charmrs-ucx", 1, LINGER), None);
+    }
+
+    #[test]
+    fn the_line_names_the_rank_counts_peers_and_why() {
+        let mut u = Undelivered::messages_only();
+        u.add(0, Why::Linger, Tally::messages(1));
+        assert_eq!(
+            u.line("charmrs-ucx", 1, LINGER).unwrap(),
+            "charmrs-ucx: process 1: 1 message sent before the layer was dropped is not known \
+             delivered: process 0 (1 message) did not take them before the linger of 200 ms \
+             ran out"
+        );
+        // Another worker's.
+        let mut other = Undelivered::messages_only();
+        other.add(0, Why::Linger, Tally::messages(2));
+        other.add(3, Why::Left, Tally::messages(1));
+        other.add(
+            2,
+            Why::Lost("its process (pid 7) no longer exists".into()),
+            Tally::messages(1),
+        );
+        other.add(5, Why::Reported, Tally::messages(2));
+        u.merge(other);
+        u.add(2, Why::Lost("another reason".into()), Tally::messages(1));
+        assert_eq!(
+            u.line("charmrs-ucx", 1, LINGER).unwrap(),
+            "charmrs-ucx: process 1: 6 messages sent before the layer was dropped are not known \
+             delivered: process 0 (3 messages) did not take them before the linger of 200 ms \
+             ran out; process 3 (1 message) left (said goodbye) before taking them; process 2 \
+             (2 messages; its process (pid 7) no longer exists) was lost during the shutdown; \
+             besides, 2 messages to process 5 reported lost already"
+        );
+    }
+
+    #[test]
+    fn a_long_list_of_peers_is_cut_after_eight() {
+        let mut u = Undelivered::messages_only();
+        for p in (0..10).rev() {
+            u.add(p, Why::Left, Tally::messages(p as usize + 1));
+        }
+        let line = u.line("charmrs-ucx", 20, LINGER).unwrap();
+        assert!(
+            line.ends_with(
+                "process 7 (8 messages), and 2 more processes (19 messages) left (said \
+                 goodbye) before taking them"
+            ),
+            "{line}"
+        );
+        assert!(line.contains(": 55 messages sent before"), "{line}");
         assert!(!line.contains("process 8 "), "{line}");
     }
 }
