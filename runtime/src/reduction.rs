@@ -91,91 +91,54 @@ pub trait Reduce: Payload {
     }
 }
 
-/// [`Reduce::reduce_all`] for a type whose operations are the closures given per reducer
-/// (`None`: the reducer does not apply).
-macro_rules! reduce_all_with {
-    ($t:ty, $acc:ident, $other:ident, $op:ident, { $($r:ident => $f:expr),* $(,)? }) => {{
-        let pairs = $acc.iter_mut().zip($other);
-        match $op {
-            $(Reducer::$r => pairs.for_each(|(a, b)| *a = $f(*a, b)),)*
-            #[allow(unreachable_patterns)]
-            other => return Err(unsupported::<$t>(other)),
-        }
-        Ok(())
-    }};
+/// Implements [`Reduce`] for each number type listed, from one table of its reducers (the
+/// reducers a type `supports` are the table's): `reduce_all` picks the operation once for a
+/// whole vector, and `reduce` is `reduce_all` on one value.
+macro_rules! reduce_numbers {
+    ([$($t:ty),*], $table:tt) => {$( reduce_number!($t, $table); )*};
 }
 
-macro_rules! reduce_int {
-    ($($t:ty),*) => {$(
+macro_rules! reduce_number {
+    ($t:ty, { $($r:ident => $f:expr),* $(,)? }) => {
         impl Reduce for $t {
             fn supports(op: Reducer) -> bool {
-                !matches!(op, Reducer::LogicalAnd | Reducer::LogicalOr | Reducer::LogicalXor)
+                matches!(op, $(Reducer::$r)|*)
             }
             fn reduce(&mut self, o: Self, op: Reducer) -> Result<(), String> {
-                *self = match op {
-                    Reducer::Sum => self.wrapping_add(o),
-                    Reducer::Product => self.wrapping_mul(o),
-                    Reducer::Max => (*self).max(o),
-                    Reducer::Min => (*self).min(o),
-                    Reducer::BitAnd => *self & o,
-                    Reducer::BitOr => *self | o,
-                    Reducer::BitXor => *self ^ o,
-                    other => return Err(unsupported::<Self>(other)),
-                };
-                Ok(())
+                Self::reduce_all(std::slice::from_mut(self), [o], op)
             }
             fn reduce_all<I: IntoIterator<Item = Self>>(
                 acc: &mut [Self],
                 other: I,
                 op: Reducer,
             ) -> Result<(), String> {
-                reduce_all_with!($t, acc, other, op, {
-                    Sum => |a: $t, b: $t| a.wrapping_add(b),
-                    Product => |a: $t, b: $t| a.wrapping_mul(b),
-                    Max => |a: $t, b: $t| a.max(b),
-                    Min => |a: $t, b: $t| a.min(b),
-                    BitAnd => |a: $t, b: $t| a & b,
-                    BitOr => |a: $t, b: $t| a | b,
-                    BitXor => |a: $t, b: $t| a ^ b,
-                })
-            }
-        }
-    )*};
-}
-reduce_int!(i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize);
-
-macro_rules! reduce_float {
-    ($($t:ty),*) => {$(
-        impl Reduce for $t {
-            fn supports(op: Reducer) -> bool {
-                matches!(op, Reducer::Sum | Reducer::Product | Reducer::Max | Reducer::Min)
-            }
-            fn reduce(&mut self, o: Self, op: Reducer) -> Result<(), String> {
-                *self = match op {
-                    Reducer::Sum => *self + o,
-                    Reducer::Product => *self * o,
-                    Reducer::Max => self.max(o),
-                    Reducer::Min => self.min(o),
+                let pairs = acc.iter_mut().zip(other);
+                match op {
+                    $(Reducer::$r => pairs.for_each(|(a, b)| *a = ($f)(*a, b)),)*
                     other => return Err(unsupported::<Self>(other)),
-                };
+                }
                 Ok(())
             }
-            fn reduce_all<I: IntoIterator<Item = Self>>(
-                acc: &mut [Self],
-                other: I,
-                op: Reducer,
-            ) -> Result<(), String> {
-                reduce_all_with!($t, acc, other, op, {
-                    Sum => |a: $t, b: $t| a + b,
-                    Product => |a: $t, b: $t| a * b,
-                    Max => |a: $t, b: $t| a.max(b),
-                    Min => |a: $t, b: $t| a.min(b),
-                })
-            }
         }
-    )*};
+    };
 }
-reduce_float!(f32, f64);
+
+reduce_numbers!([i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize], {
+    Sum => |a: Self, b| a.wrapping_add(b),
+    Product => |a: Self, b| a.wrapping_mul(b),
+    Max => |a: Self, b| a.max(b),
+    Min => |a: Self, b| a.min(b),
+    BitAnd => |a: Self, b| a & b,
+    BitOr => |a: Self, b| a | b,
+    BitXor => |a: Self, b| a ^ b,
+});
+
+reduce_numbers!([f32, f64], {
+    Sum => |a: Self, b| a + b,
+    Product => |a: Self, b| a * b,
+    Max => |a: Self, b: Self| a.max(b),
+    Min => |a: Self, b: Self| a.min(b),
+});
 
 impl Reduce for bool {
     fn supports(op: Reducer) -> bool {
