@@ -78,7 +78,8 @@ impl Tally {
         self.bytes = self.bytes.saturating_sub(bytes);
     }
 
-    fn merge(&mut self, other: Tally) {
+    /// Adds `other`'s messages and bytes.
+    pub fn merge(&mut self, other: Tally) {
         self.messages += other.messages;
         self.bytes += other.bytes;
     }

@@ -1226,22 +1226,31 @@ impl Engine {
         alive
     }
 
+    /// What this endpoint still owes peer `p`: its queued messages and its large ones not
+    /// acknowledged by their reader (one whose descriptor waits in the queue is among those).
+    fn owed(&self, p: usize) -> Tally {
+        let mut owed = Tally::default();
+        for out in &self.pending[p] {
+            if let Out::Msg(msg) = out {
+                owed.add(msg.total_len());
+            }
+        }
+        let c = &self.rndv_count[p];
+        owed.merge(Tally {
+            messages: c.messages,
+            bytes: c.bytes,
+        });
+        owed
+    }
+
     /// Drops the work queued for peer `p`, which will never take part in it: what this endpoint
     /// was to send it and its large messages waiting for it to read them. With `inbound` (the
     /// peer cannot be reached, as opposed to having said goodbye, after which what it sent is
     /// still read and delivered) also what it sent this endpoint that is not complete yet.
     fn drop_work(&mut self, p: ProcessId, inbound: bool) {
-        // Counted for the shutdown's report: its queued messages and its large ones not
-        // acknowledged (one whose descriptor waits in the queue is among those).
-        let dropped = &mut self.dropped[p as usize];
-        for out in &self.pending[p as usize] {
-            if let Out::Msg(msg) = out {
-                dropped.add(msg.total_len());
-            }
-        }
-        let c = &self.rndv_count[p as usize];
-        dropped.messages += c.messages;
-        dropped.bytes += c.bytes;
+        // Counted for the shutdown's report.
+        let owed = self.owed(p as usize);
+        self.dropped[p as usize].merge(owed);
         self.queued -= self.pending[p as usize].len();
         self.pending[p as usize].clear();
         self.rndv_out.retain(|_, r| r.dst != p);
@@ -1682,14 +1691,8 @@ impl Engine {
         self.catch_up();
         for p in 0..self.addrs.len() {
             let mut tally = self.dropped[p];
-            for out in &self.pending[p] {
-                if let Out::Msg(msg) = out {
-                    tally.add(msg.total_len());
-                }
-            }
-            let c = &self.rndv_count[p];
-            tally.messages += c.messages + self.eager_inflight[p].messages;
-            tally.bytes += c.bytes + self.eager_inflight[p].bytes;
+            tally.merge(self.owed(p));
+            tally.merge(self.eager_inflight[p]);
             if tally.messages == 0 {
                 continue;
             }

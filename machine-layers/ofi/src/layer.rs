@@ -1178,13 +1178,14 @@ impl Drop for OfiLayer {
             }
         }
         // What it accepted for sending and gives up on (the linger ran out, or the peer left or
-        // was lost first) is never silent: one line on stderr, none when everything went.
+        // was lost first) is never silent: one line on stderr, none when everything went, or
+        // when the runtime ended the job (see `job_ending`).
+        if self.job_ending.load(Ordering::Relaxed) {
+            return;
+        }
         let mut undelivered = Undelivered::default();
         for s in &self.lanes {
             lock(&s.engine).undelivered(&mut undelivered);
-        }
-        if self.job_ending.load(Ordering::Relaxed) {
-            return;
         }
         if let Some(line) = undelivered.line("charmrs-ofi", self.rank, self.cfg.linger) {
             eprintln!("{line}");

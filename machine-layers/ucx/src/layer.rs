@@ -1356,7 +1356,9 @@ impl Drop for UcxLayer {
             l.worker.say_goodbye();
             l.worker.close_all(s.cfg.linger);
             let mut undelivered = Undelivered::messages_only();
-            l.worker.undelivered(&mark, &l.identities, &mut undelivered);
+            if !self.job_ending.load(Ordering::Relaxed) {
+                l.worker.undelivered(&mark, &l.identities, &mut undelivered);
+            }
             if self.exit_follows.load(Ordering::Relaxed) {
                 l.worker.leave_to_process_exit();
             }
@@ -1388,9 +1390,6 @@ impl Drop for UcxLayer {
             });
         }
         let linger = self.lanes[0].cfg.linger;
-        if self.job_ending.load(Ordering::Relaxed) {
-            return;
-        }
         if let Some(line) = undelivered.line("charmrs-ucx", self.rank, linger) {
             eprintln!("{line}");
         }

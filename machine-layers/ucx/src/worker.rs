@@ -1279,10 +1279,10 @@ impl Drop for Worker {
             // Or an endpoint's close did not complete (see `unclosed`). Or the process exits
             // next (`exit_follows`): UCX 1.13 can still abort in `ucp_worker_destroy` on a
             // wire-up message left pending towards a peer that already left (seen once over
-            // TCP after the settling below), and the exit frees everything anyway. Either way the worker,
-            // its context and what UCX points to (the inbox, the endpoints' error arguments)
-            // stay, for the process's exit to free. Nothing calls
-            // into the worker any more.
+            // TCP after the settling below), and the exit frees everything anyway. Either way
+            // the worker, its context and what UCX points to (the inbox, the endpoints' error
+            // arguments) stay, for the process's exit to free. Nothing calls into the worker
+            // any more.
             std::mem::forget(self.context.clone());
             std::mem::forget(std::mem::replace(
                 &mut self.inbox,
