@@ -278,6 +278,7 @@ fn an_idle_job_across_processes_uses_almost_no_cpu() {
 fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_processes() {
     let want = [
         "ok reduction",
+        "ok multi-value future",
         "ok allreduce",
         "ok when",
         "ok quiescence",

@@ -7,7 +7,11 @@
 //! fulfilled at most once (a second fulfilment aborts the job naming the future); a slot is removed
 //! when its value is taken by an `.await`, so a future is consumed once. Results of broadcasts
 //! (`ret`/`gather` on a collection) arrive as one partial per PE, merged in a gather slot, ordered
-//! by element index, and then fulfil the future.
+//! by element index, and then fulfil the future. A multi-value future ([`MultiFuture`]) is a slot
+//! with a collector: it turns ready once its announced number of values has arrived, in arrival
+//! order; a value beyond that number aborts the job naming the future.
+//!
+//! [`MultiFuture`]: crate::MultiFuture
 
 use crate::chare::Payload;
 use crate::error::{Error, Result};
@@ -251,7 +255,14 @@ impl<T: Payload> std::future::Future for FutureResult<T> {
                     f.pe, pe.pe
                 );
             }
-            pe.futures.borrow_mut().poll_take(f.id, cx.waker())
+            let mut table = pe.futures.borrow_mut();
+            if let Some(n) = table.collects(f.id) {
+                panic!(
+                    "{f:?} is the sending side of a multi-value future of {n} value(s): await \
+                     the MultiFuture it came from"
+                );
+            }
+            table.poll_take(f.id, cx.waker())
         })
         .unwrap_or_else(|e| panic!("{e}"));
         match polled {
@@ -364,6 +375,22 @@ struct Gather {
     error: Option<Error>,
 }
 
+/// The values of a multi-value future ([`MultiFuture`](crate::MultiFuture)) as they arrive.
+struct Collector {
+    /// How many values make it ready.
+    expected: usize,
+    /// Values (and errors) arrived so far.
+    arrived: usize,
+    /// The values, in arrival order (each possibly still encoded).
+    values: Vec<Box<dyn Any + Send>>,
+    /// The first error that replaced a value.
+    error: Option<Error>,
+}
+
+/// What a ready multi-value future holds: its values in arrival order, each possibly still
+/// encoded (the awaiting side knows their type).
+pub(crate) type CollectedValues = Vec<Box<dyn Any + Send>>;
+
 /// The futures owned by one PE.
 #[derive(Default)]
 pub(crate) struct FutureTable {
@@ -371,6 +398,9 @@ pub(crate) struct FutureTable {
     me: u32,
     slots: FxHashMap<u64, SlotState>,
     gathers: FxHashMap<u64, Gather>,
+    /// Multi-value futures, from creation until their value is taken (kept after they turn
+    /// ready, to name an excess value as such).
+    collectors: FxHashMap<u64, Collector>,
 }
 
 impl FutureTable {
@@ -385,6 +415,31 @@ impl FutureTable {
         self.next += 1;
         self.slots.insert(self.next, SlotState::Empty(Vec::new()));
         (self.me, self.next)
+    }
+
+    /// A multi-value future: ready once `expected` values have arrived (at once if none is
+    /// expected), its value a [`CollectedValues`].
+    pub(crate) fn create_multi(&mut self, expected: usize) -> (u32, u64) {
+        let id = self.create();
+        self.collectors.insert(
+            id.1,
+            Collector {
+                expected,
+                arrived: 0,
+                values: Vec::with_capacity(expected.min(1 << 16)),
+                error: None,
+            },
+        );
+        if expected == 0 {
+            let empty: CollectedValues = Vec::new();
+            self.set_ready(id.1, Ok(Box::new(empty)));
+        }
+        id
+    }
+
+    /// How many values future `id` collects, if it is a multi-value future not consumed yet.
+    pub(crate) fn collects(&self, id: u64) -> Option<usize> {
+        self.collectors.get(&id).map(|c| c.expected)
     }
 
     /// A future that completes when `expected` partials of a broadcast result have arrived; with
@@ -468,8 +523,33 @@ impl FutureTable {
         Ok(self.partial_done(id))
     }
 
-    /// Stores the value of future `id` and wakes its awaiters.
+    /// Stores the value of future `id` and wakes its awaiters; for a multi-value future, adds
+    /// one value, and stores them all once the last has arrived.
     pub(crate) fn fulfil(&mut self, id: u64, outcome: Resolution) -> Result<(), String> {
+        if let Some(c) = self.collectors.get_mut(&id) {
+            if c.arrived == c.expected {
+                return Err(format!(
+                    "future #{id} of PE {} takes {} value(s) and received more",
+                    self.me, c.expected
+                ));
+            }
+            c.arrived += 1;
+            match outcome {
+                Ok(v) => c.values.push(v),
+                Err(e) => {
+                    c.error.get_or_insert(e);
+                }
+            }
+            if c.arrived < c.expected {
+                return Ok(());
+            }
+            let all = match c.error.take() {
+                Some(e) => Err(e),
+                None => Ok(Box::new(std::mem::take(&mut c.values)) as Box<dyn Any + Send>),
+            };
+            self.set_ready(id, all);
+            return Ok(());
+        }
         match self.slots.get_mut(&id) {
             Some(slot @ SlotState::Empty(_)) => {
                 let SlotState::Empty(wakers) = std::mem::replace(slot, SlotState::Ready(outcome))
@@ -488,6 +568,15 @@ impl FutureTable {
                 self.me
             )),
             None => Err(format!("future #{id} of PE {} does not exist", self.me)),
+        }
+    }
+
+    /// Makes slot `id`, known to be empty, ready with `outcome`, and wakes its awaiters.
+    fn set_ready(&mut self, id: u64, outcome: Resolution) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            if let SlotState::Empty(wakers) = std::mem::replace(slot, SlotState::Ready(outcome)) {
+                wakers.into_iter().for_each(Waker::wake);
+            }
         }
     }
 
@@ -512,7 +601,10 @@ impl FutureTable {
     pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker) -> Poll<Resolution> {
         match self.slots.get_mut(&id) {
             Some(SlotState::Ready(_)) => match self.slots.remove(&id) {
-                Some(SlotState::Ready(v)) => Poll::Ready(v),
+                Some(SlotState::Ready(v)) => {
+                    self.collectors.remove(&id);
+                    Poll::Ready(v)
+                }
                 _ => unreachable!(),
             },
             Some(SlotState::Empty(_)) => {

@@ -142,6 +142,7 @@ mod local_branch;
 mod machine;
 mod measure;
 mod migration;
+mod multi_future;
 mod multicast;
 mod options;
 mod panic;
@@ -174,6 +175,7 @@ pub use error::{Error, Result};
 pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
 pub use index::{ArrayIndex, Index, KEY_DIMS, MAX_DIMS, MAX_KEY_BYTES};
 pub use measure::{pe_times, PeTimes};
+pub use multi_future::{MultiFuture, MultiFutureResult, MultiFutureValues};
 pub use options::{Options, OPTIONS};
 pub use pod_vec::{Pod, PodVec, IN_PLACE_MIN};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
@@ -191,7 +193,8 @@ pub use wire::Buffer;
 pub mod prelude {
     pub use crate::{
         chare, reducer, wait_all, wait_any, Array, ArrayIndex, Callback, Channel, Chare, Coro, Ctx,
-        ElementProxy, Future, Group, Index, Proxy, ProxyTarget, Reducer, Section, Single,
+        ElementProxy, Future, Group, Index, MultiFuture, Proxy, ProxyTarget, Reducer, Section,
+        Single,
     };
     pub use serde::{Deserialize, Serialize};
 }

@@ -70,6 +70,12 @@ impl Worker {
         t.elapsed().as_millis() as u64
     }
 
+    /// Sends its PE and index to `to` (one value of a multi-value future, or a plain one).
+    #[entry]
+    fn report(&mut self, ctx: &Ctx<Self>, to: Future<(usize, usize)>) {
+        to.send((ctx.my_pe(), ctx.index::<usize>()));
+    }
+
     #[entry]
     fn ping(&mut self) -> String {
         "pong".into()
@@ -225,4 +231,75 @@ fn a_second_fulfilment_is_a_clear_error() {
         Err(Error::Aborted(msg)) => assert!(msg.contains("fulfilled twice"), "{msg}"),
         other => panic!("expected an abort, got {other:?}"),
     }
+}
+
+/// charm4py's `Future(num_vals=n)`: every element of an array spread over the PEs sends one value
+/// to the same future; awaiting it yields all of them (arrival order), and only once all came.
+#[test]
+fn a_multi_value_future_collects_one_value_from_each_sender() {
+    run_job(4, |_| async {
+        let workers = Array::<Worker, usize>::new(16, ());
+        let all = MultiFuture::<(usize, usize)>::new(16);
+        assert!(!all.is_ready());
+        workers.report(all.sender());
+        let mut got = all.await;
+        got.sort_by_key(|&(_, i)| i);
+        let indices: Vec<usize> = got.iter().map(|&(_, i)| i).collect();
+        assert_eq!(indices, (0..16).collect::<Vec<_>>());
+        let pes: std::collections::BTreeSet<usize> = got.iter().map(|&(pe, _)| pe).collect();
+        assert_eq!(pes.len(), 4, "the senders were on every PE: {got:?}");
+
+        // Not ready until the last value: 3 of 4 sent, then the fourth.
+        let some = MultiFuture::<(usize, usize)>::new(4);
+        for i in 0..3 {
+            workers.at(i).report(some.sender());
+        }
+        workers.at(3).ret().ping().await; // after the three (FIFO per pair of PEs)...
+        for i in 0..3 {
+            workers.at(i).ret().ping().await;
+        }
+        assert!(!some.is_ready(), "ready with 3 of 4 values");
+        some.send((99, 99)); // a local value counts as one
+        assert_eq!(some.await.len(), 4);
+
+        // No senders: ready at once, empty.
+        let none = MultiFuture::<u8>::new(0);
+        assert!(none.is_ready());
+        assert!(none.await.is_empty());
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// One value more than announced aborts the job naming the future and the count.
+#[test]
+fn a_value_beyond_a_multi_value_futures_count_is_a_clear_error() {
+    let _g = DOUBLE.lock().unwrap();
+    let r = run_job(2, |_| async {
+        let w = Array::<Worker, usize>::new(2, ());
+        let f = MultiFuture::<(usize, usize)>::new(2);
+        for _ in 0..3 {
+            w.at(1).report(f.sender());
+        }
+        charmrs::sleep(Duration::from_secs(30)).await;
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            assert!(msg.contains("takes 2 value(s) and received more"), "{msg}")
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+/// Awaiting the sending side of a multi-value future, instead of the future, says so.
+#[test]
+fn awaiting_the_sending_side_of_a_multi_value_future_names_it() {
+    let e = run_job(1, |_| async {
+        let f = MultiFuture::<u32>::new(1);
+        f.send(1);
+        f.sender().await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("await the MultiFuture"), "{e}");
 }

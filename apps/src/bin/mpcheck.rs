@@ -1,8 +1,8 @@
 //! Checks used by the multi-process tests (not one of the paper's programs). Modes:
 //! - `panic`: an entry method panics on the last PE (the job must abort, naming it);
 //! - `hang`: every PE stays busy forever (a test kills one process and watches the rest);
-//! - `features`: exercises results, gathers, reductions, allreduce, `when`, quiescence detection,
-//!   nested pool tasks and large buffers (heap and huge-page ones, sliced at odd offsets) across
+//! - `features`: exercises results, gathers, reductions, a multi-value future, allreduce, `when`,
+//!   quiescence detection, nested pool tasks and large buffers (heap and huge-page ones, sliced at odd offsets) across
 //!   processes, printing one `ok …` line per feature;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
 //!   array with a map inserted from every PE, an AtSync step that moves every element to the
@@ -129,6 +129,14 @@ impl Victim {
         let ids: PodVec<u64> = (0..len as u64).map(|i| i ^ me as u64).collect();
         this.ctx().contribute(ids, Reducer::BitXor, done);
         right
+    }
+
+    /// One value of a multi-value future: this PE, and a vector above every layer's eager limit
+    /// (256 KiB) that travels as a segment of its own.
+    #[entry]
+    fn send_place(&mut self, ctx: &Ctx<Self>, to: Future<(usize, PodVec<f64>)>) {
+        let me = ctx.my_pe();
+        to.send((me, (0..1 << 15).map(|i| (i + me) as f64).collect()));
     }
 
     /// Steps that must arrive in order.
@@ -385,6 +393,22 @@ async fn features() {
         "PodVec xor wrong"
     );
     println!("ok reduction");
+    // charm4py's Future(num_vals=n): one value from every PE, most from other processes.
+    let places = MultiFuture::<(usize, PodVec<f64>)>::new(p);
+    group.send_place(places.sender());
+    let mut places = places.await;
+    places.sort_by_key(|(pe, _)| *pe);
+    assert!(
+        places.iter().enumerate().all(|(i, (pe, v))| *pe == i
+            && v.len() == 1 << 15
+            && v.iter().enumerate().all(|(j, &x)| x == (j + i) as f64)),
+        "multi-value future: wrong values from {:?}",
+        places
+            .iter()
+            .map(|(pe, v)| (*pe, v.len()))
+            .collect::<Vec<_>>()
+    );
+    println!("ok multi-value future");
     let totals = group.gather().allreduce_rounds(20).await;
     assert!(totals.iter().all(|&t| t == 20 * p as u64));
     println!("ok allreduce");
