@@ -279,6 +279,7 @@ fn results_reductions_when_quiescence_the_pool_and_large_buffers_work_across_pro
     let want = [
         "ok reduction",
         "ok multi-value future",
+        "ok readonly",
         "ok allreduce",
         "ok when",
         "ok quiescence",

@@ -475,23 +475,9 @@ fn checkpointer(what: &'static str) -> Result<Proxy<Checkpointer>> {
                 pe.pe
             )));
         }
-        let coll = CollectionId::CHECKPOINTER;
-        if !pe.checkpointer_made.replace(true) {
-            for dst in 0..pe.num_pes() {
-                pe.send(
-                    dst,
-                    Envelope::new(
-                        0,
-                        Control::Create {
-                            coll,
-                            shape: Shape::Group,
-                            build: Construct::<Checkpointer>::boxed(()),
-                        },
-                    ),
-                );
-            }
-        }
-        Ok(Proxy::from_parts(coll, Shape::Group))
+        Ok(pe.hidden_group(CollectionId::CHECKPOINTER, || {
+            Construct::<Checkpointer>::boxed(())
+        }))
     })?
 }
 

@@ -22,6 +22,9 @@ impl CollectionId {
     /// The hidden group that does each PE's part of a checkpoint or restart
     /// (`crate::checkpoint`): creator PE 0's last serial, which its counter never reaches.
     pub(crate) const CHECKPOINTER: CollectionId = CollectionId(SECTION_BIT - 1);
+    /// The hidden group that installs readonlies' values (`crate::readonly`): creator PE 0's
+    /// second-to-last serial, which its counter never reaches either.
+    pub(crate) const READONLY_STORE: CollectionId = CollectionId(SECTION_BIT - 2);
 
     /// The creating PE's serial number of this collection.
     pub(crate) fn serial(self) -> u64 {

@@ -150,6 +150,7 @@ mod pod_vec;
 mod pool;
 mod proxy;
 mod quiescence;
+mod readonly;
 mod reduction;
 pub mod registry;
 mod runtime;
@@ -181,6 +182,7 @@ pub use pod_vec::{Pod, PodVec, IN_PLACE_MIN};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
 pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Single};
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
+pub use readonly::Readonly;
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
 pub use runtime::{
     abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime, MAX_PES,
@@ -209,6 +211,7 @@ pub mod __private {
     pub use crate::envelope::Reply;
     pub use crate::future::{decode_any, encode_value};
     pub use crate::pool::{TaskInfo, TaskRun};
+    pub use crate::readonly::{ReadonlyInfo, ReadonlyStore};
     pub use crate::reduction::combine_custom;
     pub use crate::registry::{entry_id, Decoder, EntryInfo};
     pub use crate::when::hash_key;

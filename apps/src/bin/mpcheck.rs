@@ -1,9 +1,10 @@
 //! Checks used by the multi-process tests (not one of the paper's programs). Modes:
 //! - `panic`: an entry method panics on the last PE (the job must abort, naming it);
 //! - `hang`: every PE stays busy forever (a test kills one process and watches the rest);
-//! - `features`: exercises results, gathers, reductions, a multi-value future, allreduce, `when`,
-//!   quiescence detection, nested pool tasks and large buffers (heap and huge-page ones, sliced at odd offsets) across
-//!   processes, printing one `ok …` line per feature;
+//! - `features`: exercises results, gathers, reductions, a multi-value future, a readonly,
+//!   allreduce, `when`, quiescence detection, nested pool tasks and large buffers (heap and
+//!   huge-page ones, sliced at odd offsets) across processes, printing one `ok …` line per
+//!   feature;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
 //!   array with a map inserted from every PE, an AtSync step that moves every element to the
 //!   next PE, and broadcast results from elements away from home — all across processes;
@@ -137,6 +138,12 @@ impl Victim {
     fn send_place(&mut self, ctx: &Ctx<Self>, to: Future<(usize, PodVec<f64>)>) {
         let me = ctx.my_pe();
         to.send((me, (0..1 << 15).map(|i| (i + me) as f64).collect()));
+    }
+
+    /// The readonly [`TAG`] as this PE's process has it.
+    #[entry]
+    fn read_tag(&mut self) -> (u64, String) {
+        TAG.get().clone()
     }
 
     /// Steps that must arrive in order.
@@ -361,6 +368,11 @@ async fn fib(n: u64) -> u64 {
     a.await + b.await
 }
 
+charmrs::readonly! {
+    /// Set by `features`' entry point, read by every PE.
+    static TAG: (u64, String);
+}
+
 async fn features() {
     let p = charmrs::num_pes();
     let group = Group::<Victim>::new(());
@@ -409,6 +421,14 @@ async fn features() {
             .collect::<Vec<_>>()
     );
     println!("ok multi-value future");
+    TAG.set((7 * p as u64, "set on PE 0".to_owned())).await;
+    let tags = group.gather().read_tag().await;
+    assert!(
+        tags.iter()
+            .all(|t| *t == (7 * p as u64, "set on PE 0".to_owned())),
+        "readonly: {tags:?}"
+    );
+    println!("ok readonly");
     let totals = group.gather().allreduce_rounds(20).await;
     assert!(totals.iter().all(|&t| t == 20 * p as u64));
     println!("ok allreduce");

@@ -169,8 +169,8 @@ pub(crate) struct PeState {
     /// Messages for collections whose creation has not arrived yet.
     pending: RefCell<FxHashMap<CollectionId, Vec<Envelope>>>,
     next_collection: Cell<u64>,
-    /// Whether this PE made the checkpoint group (`crate::checkpoint`; PE 0 only).
-    pub(crate) checkpointer_made: Cell<bool>,
+    /// The runtime's hidden groups this PE made (`hidden_group`; PE 0 only).
+    hidden_made: RefCell<Vec<CollectionId>>,
     /// After a restore (`crate::checkpoint`): every collection id of the job before the restart
     /// has a serial below this, and the restored ones are listed; a message for any other such
     /// id is for a group or section that was not restored, and will never find it.
@@ -359,7 +359,7 @@ impl PeState {
             collections: RefCell::default(),
             pending: RefCell::default(),
             next_collection: Cell::new(0),
-            checkpointer_made: Cell::new(false),
+            hidden_made: RefCell::default(),
             restored: RefCell::new((0, Vec::new())),
             next_placement: Cell::new(pe),
             executor: Executor::default(),
@@ -748,6 +748,34 @@ impl PeState {
         } else {
             self.send_value(partial, owner, id, outcome, encode);
         }
+    }
+
+    /// A proxy to the runtime's hidden group of `C` under reserved id `coll` (the checkpoint's
+    /// and the readonlies' helpers), made on every PE on first use. PE 0 only, so it is made
+    /// once: its creation reaches each PE before any call PE 0 sends it after.
+    pub(crate) fn hidden_group<C: crate::chare::Chare>(
+        &self,
+        coll: CollectionId,
+        build: impl Fn() -> Box<dyn crate::envelope::Construction>,
+    ) -> crate::proxy::Proxy<C> {
+        debug_assert_eq!(self.pe, 0, "hidden groups are made by PE 0");
+        if !self.hidden_made.borrow().contains(&coll) {
+            self.hidden_made.borrow_mut().push(coll);
+            for dst in 0..self.num_pes() {
+                self.send(
+                    dst,
+                    Envelope::new(
+                        0,
+                        Control::Create {
+                            coll,
+                            shape: Shape::Group,
+                            build: build(),
+                        },
+                    ),
+                );
+            }
+        }
+        crate::proxy::Proxy::from_parts(coll, Shape::Group)
     }
 
     /// Stores the value of this PE's future `id`.
