@@ -137,6 +137,7 @@ mod element;
 mod envelope;
 mod error;
 mod future;
+mod group_on_pes;
 mod index;
 mod local_branch;
 mod machine;

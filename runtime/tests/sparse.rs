@@ -505,3 +505,66 @@ fn a_broadcast_before_done_inserting_reaches_every_element_once() {
     })
     .unwrap();
 }
+
+/// A member of a group on some PEs.
+struct Member;
+
+#[chare]
+impl Member {
+    fn new() -> Self {
+        Member
+    }
+
+    /// (its index, its PE).
+    #[entry]
+    fn place(&mut self, ctx: &Ctx<Self>) -> (usize, usize) {
+        (ctx.index::<usize>(), ctx.my_pe())
+    }
+
+    /// Sums the members' PEs into `to`.
+    #[entry]
+    fn sum_pes(&mut self, ctx: &Ctx<Self>, to: Future<u64>) {
+        ctx.contribute(ctx.my_pe() as u64, Reducer::Sum, to);
+    }
+}
+
+/// charm4py's `Group(C, onPEs=pes)`: one element on each listed PE, indexed by it; broadcasts,
+/// point calls and reductions see exactly those.
+#[test]
+fn a_group_on_some_pes_has_one_element_on_each_listed_pe() {
+    run_job(5, |_| async {
+        let members = Array::<Member, usize>::on_pes(&[4, 0, 2], ()).await;
+        assert_eq!(
+            members.gather().place().await,
+            [(0, 0), (2, 2), (4, 4)],
+            "one element per listed PE, indexed by it"
+        );
+        assert_eq!(members.at(2).ret().place().await, (2, 2));
+        let sum = Future::new();
+        members.sum_pes(sum);
+        assert_eq!(sum.await, 6, "a reduction counts the listed PEs only");
+        // No PEs: an empty group, whose reductions complete with nothing.
+        let none = Array::<Member, usize>::on_pes(&[], ()).await;
+        assert!(none.gather().place().await.is_empty());
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_group_on_an_unknown_or_repeated_pe_is_an_error_naming_it() {
+    run_job(3, |_| async {
+        let e = Array::<Member, usize>::try_on_pes(&[1, 3], ())
+            .await
+            .err()
+            .expect("PE 3 of 3");
+        assert!(e.to_string().contains("unknown PE 3"), "{e}");
+        let e = Array::<Member, usize>::try_on_pes(&[1, 2, 1], ())
+            .await
+            .err()
+            .expect("PE 1 twice");
+        assert!(e.to_string().contains("PE 1 is listed twice"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
