@@ -26,6 +26,12 @@
 //!   matched later, by hash lookup). Every entry advances `iter`; after the 64th message of a
 //!   batch the sink asks the source for the next batch. `same_pe`: source and sink on one PE
 //!   (`Runtime::new(1)`); `cross_pe`: source on PE 0, sink on PE 1. Time per message.
+//! - `collect_values/{multi_future,futures_wait_all,gather}/P4x16`: main collects one `u64` from
+//!   each of the 64 elements of an array on 4 PEs. `multi_future`: a broadcast carries a
+//!   `MultiFuture`'s sending side, each element sends its value to it (one message per element to
+//!   main's PE); `futures_wait_all`: 64 point calls each carry a future of their own, awaited with
+//!   `wait_all`; `gather`: the broadcast's results gathered by PE (`array.gather().value()`: one
+//!   message per PE). Time per round.
 //! - `channel_round_trip/{channel,entry_future}/pe0_to_pe1`: two group elements on PEs 0 and 1
 //!   exchange a `u64` back and forth; `channel`: through a [`Channel`] in suspendable entries on
 //!   both sides (`send`, then `recv().await`); `entry_future`: the same exchange as the entry call
@@ -326,6 +332,81 @@ fn broadcast_and_futures(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2a. Collecting one value from every element: a multi-value future, futures, a gather.
+
+/// An array element that hands out its index.
+struct Giver;
+
+#[chare]
+impl Giver {
+    fn new() -> Self {
+        Giver
+    }
+
+    /// Sends its index to `to` (one value of a multi-value future, or a future of its own).
+    #[entry]
+    fn send_to(&mut self, ctx: &Ctx<Self>, to: Future<u64>) {
+        to.send(ctx.index::<usize>() as u64);
+    }
+
+    /// Its index, as the call's result.
+    #[entry]
+    fn value(&mut self, ctx: &Ctx<Self>) -> u64 {
+        ctx.index::<usize>() as u64
+    }
+}
+
+/// Elements of `collect_values`.
+const GIVERS: usize = 64;
+
+/// One round of `collect_values` by `how`; checks the sum of the values.
+async fn collect_round(givers: Array<Giver, usize>, how: &str) {
+    let values: Vec<u64> = match how {
+        "multi_future" => {
+            let all = MultiFuture::<u64>::new(GIVERS);
+            givers.send_to(all.sender());
+            all.await
+        }
+        "futures_wait_all" => {
+            let futures: Vec<Future<u64>> = (0..GIVERS)
+                .map(|i| {
+                    let f = Future::new();
+                    givers.at(i).send_to(f);
+                    f
+                })
+                .collect();
+            wait_all(futures).await
+        }
+        _ => givers.gather().value().await,
+    };
+    assert_eq!(values.iter().sum::<u64>(), (GIVERS * (GIVERS - 1) / 2) as u64);
+}
+
+/// Benchmark group `collect_values`.
+fn collect_values(c: &mut Criterion) {
+    let mut g = c.benchmark_group("collect_values");
+    for how in ["multi_future", "futures_wait_all", "gather"] {
+        g.bench_function(BenchmarkId::new(how, "P4x16"), |b| {
+            b.iter_custom(|iters| {
+                run_job(4, move || async move {
+                    let givers = Array::<Giver, usize>::new(GIVERS, ());
+                    for _ in 0..WARMUP_ROUNDS {
+                        collect_round(givers, how).await;
+                    }
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        collect_round(givers, how).await;
+                    }
+                    record(start.elapsed());
+                    charmrs::exit(0);
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2b. Channels against entry calls with a future.
 
 /// A group element that exchanges values with another, by channel or by entry call.
@@ -595,6 +676,7 @@ fn benches() {
     let mut c = config().configure_from_args();
     reduction(&mut c);
     broadcast_and_futures(&mut c);
+    collect_values(&mut c);
     channels(&mut c);
     when_delivery(&mut c);
     section_calls(&mut c);
