@@ -379,7 +379,10 @@ async fn collect_round(givers: Array<Giver, usize>, how: &str) {
         }
         _ => givers.gather().value().await,
     };
-    assert_eq!(values.iter().sum::<u64>(), (GIVERS * (GIVERS - 1) / 2) as u64);
+    assert_eq!(
+        values.iter().sum::<u64>(),
+        (GIVERS * (GIVERS - 1) / 2) as u64
+    );
 }
 
 /// Benchmark group `collect_values`.

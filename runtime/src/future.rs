@@ -255,14 +255,9 @@ impl<T: Payload> std::future::Future for FutureResult<T> {
                     f.pe, pe.pe
                 );
             }
-            let mut table = pe.futures.borrow_mut();
-            if let Some(n) = table.collects(f.id) {
-                panic!(
-                    "{f:?} is the sending side of a multi-value future of {n} value(s): await \
-                     the MultiFuture it came from"
-                );
-            }
-            table.poll_take(f.id, cx.waker())
+            pe.futures
+                .borrow_mut()
+                .poll_take(f.id, cx.waker(), Expect::One)
         })
         .unwrap_or_else(|e| panic!("{e}"));
         match polled {
@@ -347,6 +342,20 @@ pub async fn wait_all<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) 
 enum SlotState {
     Empty(Vec<Waker>),
     Ready(Resolution),
+    /// A multi-value future ([`MultiFuture`](crate::MultiFuture)) still collecting.
+    Collecting(Vec<Waker>, Collector),
+    /// A multi-value future with all its values ([`CollectedValues`]), of which it takes this
+    /// many (kept to name an excess value as such until the values are taken).
+    Collected(Resolution, usize),
+}
+
+/// Which kind of future an await expects of a slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// One value ([`Future`]).
+    One,
+    /// Collected values ([`MultiFuture`](crate::MultiFuture)).
+    Collected,
 }
 
 /// Adds one PE's partial (possibly still encoded) to a gather.
@@ -398,9 +407,6 @@ pub(crate) struct FutureTable {
     me: u32,
     slots: FxHashMap<u64, SlotState>,
     gathers: FxHashMap<u64, Gather>,
-    /// Multi-value futures, from creation until their value is taken (kept after they turn
-    /// ready, to name an excess value as such).
-    collectors: FxHashMap<u64, Collector>,
 }
 
 impl FutureTable {
@@ -420,26 +426,23 @@ impl FutureTable {
     /// A multi-value future: ready once `expected` values have arrived (at once if none is
     /// expected), its value a [`CollectedValues`].
     pub(crate) fn create_multi(&mut self, expected: usize) -> (u32, u64) {
-        let id = self.create();
-        self.collectors.insert(
-            id.1,
-            Collector {
-                expected,
-                arrived: 0,
-                values: Vec::with_capacity(expected.min(1 << 16)),
-                error: None,
-            },
-        );
-        if expected == 0 {
+        self.next += 1;
+        let slot = if expected == 0 {
             let empty: CollectedValues = Vec::new();
-            self.set_ready(id.1, Ok(Box::new(empty)));
-        }
-        id
-    }
-
-    /// How many values future `id` collects, if it is a multi-value future not consumed yet.
-    pub(crate) fn collects(&self, id: u64) -> Option<usize> {
-        self.collectors.get(&id).map(|c| c.expected)
+            SlotState::Collected(Ok(Box::new(empty)), 0)
+        } else {
+            SlotState::Collecting(
+                Vec::new(),
+                Collector {
+                    expected,
+                    arrived: 0,
+                    values: Vec::with_capacity(expected.min(1 << 16)),
+                    error: None,
+                },
+            )
+        };
+        self.slots.insert(self.next, slot);
+        (self.me, self.next)
     }
 
     /// A future that completes when `expected` partials of a broadcast result have arrived; with
@@ -526,32 +529,16 @@ impl FutureTable {
     /// Stores the value of future `id` and wakes its awaiters; for a multi-value future, adds
     /// one value, and stores them all once the last has arrived.
     pub(crate) fn fulfil(&mut self, id: u64, outcome: Resolution) -> Result<(), String> {
-        if let Some(c) = self.collectors.get_mut(&id) {
-            if c.arrived == c.expected {
-                return Err(format!(
-                    "future #{id} of PE {} takes {} value(s) and received more",
-                    self.me, c.expected
-                ));
-            }
-            c.arrived += 1;
-            match outcome {
-                Ok(v) => c.values.push(v),
-                Err(e) => {
-                    c.error.get_or_insert(e);
-                }
-            }
-            if c.arrived < c.expected {
-                return Ok(());
-            }
-            let all = match c.error.take() {
-                Some(e) => Err(e),
-                None => Ok(Box::new(std::mem::take(&mut c.values)) as Box<dyn Any + Send>),
-            };
-            self.set_ready(id, all);
-            return Ok(());
-        }
-        match self.slots.get_mut(&id) {
-            Some(slot @ SlotState::Empty(_)) => {
+        let me = self.me;
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return Err(if id <= self.next {
+                format!("future #{id} of PE {me} was fulfilled again after its value was consumed")
+            } else {
+                format!("future #{id} of PE {me} does not exist")
+            });
+        };
+        match slot {
+            SlotState::Empty(_) => {
                 let SlotState::Empty(wakers) = std::mem::replace(slot, SlotState::Ready(outcome))
                 else {
                     unreachable!()
@@ -559,29 +546,42 @@ impl FutureTable {
                 wakers.into_iter().for_each(Waker::wake);
                 Ok(())
             }
-            Some(SlotState::Ready(_)) => Err(format!(
-                "future #{id} of PE {} was fulfilled twice",
-                self.me
-            )),
-            None if id <= self.next => Err(format!(
-                "future #{id} of PE {} was fulfilled again after its value was consumed",
-                self.me
-            )),
-            None => Err(format!("future #{id} of PE {} does not exist", self.me)),
-        }
-    }
-
-    /// Makes slot `id`, known to be empty, ready with `outcome`, and wakes its awaiters.
-    fn set_ready(&mut self, id: u64, outcome: Resolution) {
-        if let Some(slot) = self.slots.get_mut(&id) {
-            if let SlotState::Empty(wakers) = std::mem::replace(slot, SlotState::Ready(outcome)) {
+            SlotState::Collecting(_, c) => {
+                c.arrived += 1;
+                match outcome {
+                    Ok(v) => c.values.push(v),
+                    Err(e) => {
+                        c.error.get_or_insert(e);
+                    }
+                }
+                if c.arrived < c.expected {
+                    return Ok(());
+                }
+                let all = match c.error.take() {
+                    Some(e) => Err(e),
+                    None => Ok(Box::new(std::mem::take(&mut c.values)) as Box<dyn Any + Send>),
+                };
+                let expected = c.expected;
+                let SlotState::Collecting(wakers, _) =
+                    std::mem::replace(slot, SlotState::Collected(all, expected))
+                else {
+                    unreachable!()
+                };
                 wakers.into_iter().for_each(Waker::wake);
+                Ok(())
             }
+            SlotState::Ready(_) => Err(format!("future #{id} of PE {me} was fulfilled twice")),
+            SlotState::Collected(_, n) => Err(format!(
+                "future #{id} of PE {me} takes {n} value(s) and received more"
+            )),
         }
     }
 
     pub(crate) fn is_ready(&self, id: u64) -> bool {
-        matches!(self.slots.get(&id), Some(SlotState::Ready(_)))
+        matches!(
+            self.slots.get(&id),
+            Some(SlotState::Ready(_) | SlotState::Collected(..))
+        )
     }
 
     /// Whether future `id` was made here and not consumed yet.
@@ -590,7 +590,9 @@ impl FutureTable {
     }
 
     pub(crate) fn register(&mut self, id: u64, waker: &Waker) {
-        if let Some(SlotState::Empty(wakers)) = self.slots.get_mut(&id) {
+        if let Some(SlotState::Empty(wakers) | SlotState::Collecting(wakers, _)) =
+            self.slots.get_mut(&id)
+        {
             if !wakers.iter().any(|w| w.will_wake(waker)) {
                 wakers.push(waker.clone());
             }
@@ -598,23 +600,38 @@ impl FutureTable {
     }
 
     /// Takes the value if ready (removing the slot), else registers `waker`.
-    pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker) -> Poll<Resolution> {
-        match self.slots.get_mut(&id) {
-            Some(SlotState::Ready(_)) => match self.slots.remove(&id) {
-                Some(SlotState::Ready(v)) => {
-                    self.collectors.remove(&id);
-                    Poll::Ready(v)
-                }
-                _ => unreachable!(),
-            },
-            Some(SlotState::Empty(_)) => {
-                self.register(id, waker);
-                Poll::Pending
+    ///
+    /// # Panics
+    /// If the value was taken already, or the slot is of another kind than `expect` (the
+    /// sending side of a multi-value future awaited as a future, or the reverse).
+    pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker, expect: Expect) -> Poll<Resolution> {
+        let me = self.me;
+        let kind = match self.slots.get(&id) {
+            None => {
+                panic!("future #{id} of PE {me} was already consumed (a future is awaited once)")
             }
-            None => panic!(
-                "future #{id} of PE {} was already consumed (a future is awaited once)",
-                self.me
-            ),
+            Some(SlotState::Empty(_) | SlotState::Ready(_)) => Expect::One,
+            Some(SlotState::Collecting(..) | SlotState::Collected(..)) => Expect::Collected,
+        };
+        if kind != expect {
+            match kind {
+                Expect::Collected => panic!(
+                    "future #{id} of PE {me} is the sending side of a multi-value future: await \
+                     the MultiFuture it came from"
+                ),
+                Expect::One => panic!(
+                    "future #{id} of PE {me} is a single-value future, not a multi-value one"
+                ),
+            }
+        }
+        if self.is_ready(id) {
+            match self.slots.remove(&id) {
+                Some(SlotState::Ready(v) | SlotState::Collected(v, _)) => Poll::Ready(v),
+                _ => unreachable!(),
+            }
+        } else {
+            self.register(id, waker);
+            Poll::Pending
         }
     }
 }

@@ -2,13 +2,15 @@
 //! `p` lives on PE `p`, placed there by a built-in [`ArrayMap`](crate::ArrayMap), so its home is
 //! its PE and a call to it takes no forwarding hop.
 //!
-//! Invariants: the PEs are checked (each exists, none twice) before anything is sent; the array
+//! Invariants: the PEs are checked (at least one, each exists, none twice) before anything is
+//! sent; the array
 //! is sealed (`done_inserting`) before [`Array::on_pes`] returns, so a broadcast reaches every
 //! member and a reduction over it completes with exactly one contribution per listed PE.
 
 use crate::chare::Chare;
 use crate::error::{Error, Result};
 use crate::proxy::Array;
+use crate::scheduler::with_pe;
 
 crate::array_map!(pub(crate) ELEMENT_P_ON_PE_P = |index, pes| index.get(0) % pes.max(1));
 
@@ -57,17 +59,24 @@ where
     /// Like [`on_pes`](Self::on_pes), reporting errors instead of panicking.
     ///
     /// # Errors
-    /// A PE that does not exist or is listed twice (nothing is created then), or outside a
-    /// running PE.
+    /// No PEs, a PE that does not exist or is listed twice (nothing is created then), or
+    /// outside a running PE.
     pub async fn try_on_pes(pes: &[usize], init: C::Init) -> Result<Self> {
-        let num_pes = crate::num_pes();
+        let num_pes = with_pe("Array::on_pes", |pe| pe.num_pes())?;
+        if pes.is_empty() {
+            return Err(Error::Options(
+                "Array::on_pes: no PEs given (a group needs at least one element)".to_owned(),
+            ));
+        }
         let mut seen = vec![false; num_pes];
         for &p in pes {
             if p >= num_pes {
                 return Err(Error::PeOutOfRange { pe: p, num_pes });
             }
             if std::mem::replace(&mut seen[p], true) {
-                return Err(Error::Options(format!("PE {p} is listed twice")));
+                return Err(Error::Options(format!(
+                    "Array::on_pes: PE {p} is listed twice"
+                )));
             }
         }
         let group = Self::new_sparse_dims(1, Some(&ELEMENT_P_ON_PE_P))?;

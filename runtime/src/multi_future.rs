@@ -10,7 +10,7 @@
 
 use crate::chare::Payload;
 use crate::error::Result;
-use crate::future::{take_value, CollectedValues, Future};
+use crate::future::{take_value, CollectedValues, Expect, Future};
 use crate::scheduler::with_pe;
 use serde::{Deserialize, Serialize};
 use std::pin::Pin;
@@ -137,7 +137,9 @@ impl<T: Payload> std::future::Future for MultiFutureResult<T> {
                     pe.pe
                 );
             }
-            pe.futures.borrow_mut().poll_take(id, cx.waker())
+            pe.futures
+                .borrow_mut()
+                .poll_take(id, cx.waker(), Expect::Collected)
         })
         .unwrap_or_else(|e| panic!("{e}"));
         match polled {

@@ -10,12 +10,14 @@
 //! collections may need), whose elements decode it into their process's copy; it returns once
 //! every PE has done so.
 //!
-//! Invariants: each `set` is a generation (numbered from 1, one more than the setter's current
-//! one); a process's current value only moves to a later generation, so the first of its PEs to
-//! receive a value installs it and the others find it there; a replaced value is leaked, never
-//! freed, because [`get`](Readonly::get) hands out `&'static` references; `get` before any value
-//! reached the calling process panics naming the readonly and saying where to set it, never
-//! returns a default.
+//! Invariants: each `set` is a generation of its job (numbered from 1, one more than the job's
+//! current one); a process's current value only moves to a later generation of the same job, or
+//! to a value of another job (a later `Runtime::run` in the same process), so the first of its
+//! PEs to receive a value installs it and the others find it there; a PE reads only a value of
+//! its own job, so a value never leaks from one job into the next; a replaced value is leaked,
+//! never freed, because [`get`](Readonly::get) hands out `&'static` references; `get` before a
+//! value of its job reached the calling process panics naming the readonly and saying where to
+//! set it, never returns a default or another job's value.
 
 use crate::chare;
 use crate::chare::Payload;
@@ -72,13 +74,20 @@ pub struct Readonly<T> {
     _shares: PhantomData<T>,
 }
 
-/// A value of a readonly and the number of the `set` that made it (1 for the first).
+/// A value of a readonly, the job of this process that set or received it, and the number of
+/// that job's `set` that made it (1 for the first).
 struct Generation<T> {
+    job: u64,
     number: u64,
     value: T,
 }
 
-impl<T> Readonly<T> {
+/// The job of the calling PE (`None` on a thread that is not a PE).
+fn current_job() -> Option<u64> {
+    with_pe("Readonly", |pe| pe.shared.job).ok()
+}
+
+impl<T: 'static> Readonly<T> {
     /// An unset readonly named `path` (used by [`readonly!`](crate::readonly!)).
     #[doc(hidden)]
     pub const fn new(path: &'static str) -> Readonly<T> {
@@ -102,23 +111,27 @@ impl<T> Readonly<T> {
     /// The value.
     ///
     /// # Panics
-    /// If it has not been set, or its value has not reached this process yet: set it before
-    /// anything that reads it is sent (`NAME.set(v).await` in the entry point).
+    /// If it has not been set in this job, or its value has not reached this process yet: set
+    /// it before anything that reads it is sent (`NAME.set(v).await` in the entry point).
     pub fn get(&self) -> &'static T {
-        match self.current() {
-            Some(g) => &g.value,
-            None => panic!(
-                "readonly `{}` was read before it was set in this process: set it with \
-                 `{}.set(value).await` before sending anything that reads it",
+        self.try_get().unwrap_or_else(|| {
+            panic!(
+                "readonly `{}` was read before it was set in this job and process: set it with \
+                 `{}.set(value).await` in the entry point before sending anything that reads it",
                 self.path,
                 self.path.rsplit("::").next().unwrap_or(self.path)
-            ),
-        }
+            )
+        })
     }
 
-    /// The value, if one has reached this process.
+    /// The value, if one of this job has reached this process. On a thread that is not a PE
+    /// (say, one an entry method started), the value last set in this process, of any job.
     pub fn try_get(&self) -> Option<&'static T> {
-        self.current().map(|g| &g.value)
+        let g = self.current()?;
+        match current_job() {
+            Some(job) if job != g.job => None,
+            _ => Some(&g.value),
+        }
     }
 
     /// Its path, `module::NAME`.
@@ -126,14 +139,15 @@ impl<T> Readonly<T> {
         self.path
     }
 
-    /// Makes `value` of generation `number` current unless a value of that or a later
-    /// generation is; returns whether it did.
-    fn install(&self, number: u64, value: T) -> bool {
-        let fresh = Box::into_raw(Box::new(Generation { number, value }));
+    /// Makes `value`, generation `number` of job `job`, current unless a value of that job and
+    /// that or a later generation is; returns whether it did. A value of another job is
+    /// replaced: jobs of one process run one after another, each setting its readonlies anew.
+    fn install(&self, job: u64, number: u64, value: T) -> bool {
+        let fresh = Box::into_raw(Box::new(Generation { job, number, value }));
         let mut seen = self.current.load(Ordering::Acquire);
         loop {
             // SAFETY: as in `current`: null or a leaked, initialised generation.
-            if unsafe { seen.as_ref() }.is_some_and(|g| g.number >= number) {
+            if unsafe { seen.as_ref() }.is_some_and(|g| g.job == job && g.number >= number) {
                 // SAFETY: `fresh` came from `Box::into_raw` above and was never published.
                 drop(unsafe { Box::from_raw(fresh) });
                 return false;
@@ -167,20 +181,33 @@ impl<T: Payload + Sync> Readonly<T> {
         let encoded = postcard::to_stdvec(&value).unwrap_or_else(|e| {
             panic!("readonly `{}`: its value cannot be encoded: {e}", self.path)
         });
-        let stores = with_pe("Readonly::set", |pe| {
+        let (job, stores) = with_pe("Readonly::set", |pe| {
             if pe.pe != 0 {
                 panic!(
                     "readonly `{}` was set on PE {}: set readonlies from the entry point (PE 0)",
                     self.path, pe.pe
                 );
             }
-            pe.hidden_group::<ReadonlyStore>(CollectionId::READONLY_STORE, || {
+            let stores = pe.hidden_group::<ReadonlyStore>(CollectionId::READONLY_STORE, || {
                 Construct::<ReadonlyStore>::boxed(())
-            })
+            });
+            (pe.shared.job, stores)
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        let number = self.current().map_or(0, |g| g.number) + 1;
-        self.install(number, value);
+        let number = self
+            .current()
+            .filter(|g| g.job == job)
+            .map_or(0, |g| g.number)
+            + 1;
+        // Nothing else installs a generation of this job on PE 0's process between the two
+        // lines above and this one (no await between them; other PEs only install what PE 0
+        // sent), so this installs.
+        let installed = self.install(job, number, value);
+        assert!(
+            installed,
+            "readonly `{}`: generation {number} lost",
+            self.path
+        );
         stores
             .ret()
             .store(entry_id(self.path), number, Buffer::from(encoded))
@@ -192,11 +219,15 @@ impl<T: Payload + Sync> Readonly<T> {
     /// registers).
     #[doc(hidden)]
     pub fn store_encoded(&self, number: u64, bytes: &[u8]) -> Result<(), String> {
-        if self.current().is_some_and(|g| g.number >= number) {
+        let job = current_job().ok_or("a readonly's value arrived outside a PE")?;
+        if self
+            .current()
+            .is_some_and(|g| g.job == job && g.number >= number)
+        {
             return Ok(());
         }
         let value: T = crate::wire::decoded(bytes)?;
-        self.install(number, value);
+        self.install(job, number, value);
         Ok(())
     }
 }

@@ -196,6 +196,11 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+charmrs::readonly! {
+    /// The PE count of a restarted job, set before its restore.
+    static RESTARTED_ON: usize;
+}
+
 #[test]
 fn a_job_restarted_from_a_checkpoint_on_other_pe_counts_ends_as_the_uninterrupted_one() {
     let whole = job(3, || async { run_steps(fresh().await, STEPS, None).await });
@@ -213,6 +218,8 @@ fn a_job_restarted_from_a_checkpoint_on_other_pe_counts_ends_as_the_uninterrupte
     for pes in [2, 4] {
         let d = dir.clone();
         let trace = job(pes, move || async move {
+            // A readonly set before the restore takes no collection id a restored one needs.
+            RESTARTED_ON.set(pes).await;
             let progress = charmrs::restore::<Progress>(&d)
                 .await
                 .expect("restore")
@@ -224,6 +231,7 @@ fn a_job_restarted_from_a_checkpoint_on_other_pe_counts_ends_as_the_uninterrupte
             extra.tick(0, f);
             let extra_sum = f.await;
             assert_eq!(extra_sum, (0..4u64).map(|i| 15 + i).sum::<u64>());
+            assert_eq!(*RESTARTED_ON.get(), pes);
             run_steps(progress, STEPS, None).await
         });
         assert_eq!(trace, whole, "restarted on {pes} PEs");

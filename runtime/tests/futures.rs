@@ -303,3 +303,25 @@ fn awaiting_the_sending_side_of_a_multi_value_future_names_it() {
     .to_string();
     assert!(e.contains("await the MultiFuture"), "{e}");
 }
+
+/// A value sent to a multi-value future after its values were taken is a clear error too.
+#[test]
+fn a_value_after_a_multi_value_future_was_awaited_is_a_clear_error() {
+    let _g = DOUBLE.lock().unwrap();
+    let r = run_job(1, |_| async {
+        let f = MultiFuture::<u32>::new(1);
+        f.send(1);
+        assert_eq!(f.await, [1]);
+        f.send(2);
+        charmrs::sleep(Duration::from_secs(30)).await;
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            assert!(
+                msg.contains("fulfilled again after its value was consumed"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}

@@ -15,6 +15,8 @@ charmrs::readonly! {
     static NEVER: u8;
     /// Set from the wrong PE.
     static MISPLACED: u8;
+    /// Set by one job, read by the next.
+    static PER_JOB: u32;
 }
 
 /// Reads the readonlies on its PE.
@@ -40,6 +42,11 @@ impl Reader {
     #[entry]
     fn never(&mut self) -> u8 {
         *NEVER.get()
+    }
+
+    #[entry]
+    fn per_job(&mut self) -> u32 {
+        *PER_JOB.get()
     }
 
     #[entry]
@@ -100,4 +107,34 @@ fn a_readonly_set_on_another_pe_than_0_is_an_error_naming_it() {
             && e.contains("from the entry point (PE 0)"),
         "{e}"
     );
+}
+
+/// A readonly's value belongs to the job that set it: the next job in the same process does not
+/// see it (reading it there is the usual error), and sets its own.
+#[test]
+fn a_readonly_set_by_one_job_is_not_seen_by_the_next_in_the_same_process() {
+    run_job(2, |_| async {
+        PER_JOB.set(5).await;
+        let readers = Group::<Reader>::new(());
+        assert_eq!(readers.gather().per_job().await, vec![5, 5]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+    let e = run_job(2, |_| async {
+        let reader = Single::<Reader>::new((), Some(1));
+        reader.ret().per_job().await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`readonly::PER_JOB` was read before it was set in this job"),
+        "{e}"
+    );
+    run_job(2, |_| async {
+        PER_JOB.set(6).await;
+        let readers = Group::<Reader>::new(());
+        assert_eq!(readers.gather().per_job().await, vec![6, 6]);
+        charmrs::exit(0);
+    })
+    .unwrap();
 }

@@ -543,17 +543,25 @@ fn a_group_on_some_pes_has_one_element_on_each_listed_pe() {
         let sum = Future::new();
         members.sum_pes(sum);
         assert_eq!(sum.await, 6, "a reduction counts the listed PEs only");
-        // No PEs: an empty group, whose reductions complete with nothing.
-        let none = Array::<Member, usize>::on_pes(&[], ()).await;
-        assert!(none.gather().place().await.is_empty());
         charmrs::exit(0);
     })
     .unwrap();
 }
 
 #[test]
-fn a_group_on_an_unknown_or_repeated_pe_is_an_error_naming_it() {
+fn a_group_on_no_pe_or_an_unknown_or_repeated_pe_is_an_error_naming_it() {
+    let outside = poll_once(Array::<Member, usize>::try_on_pes(&[0], ()));
+    assert!(outside
+        .err()
+        .expect("outside a PE")
+        .to_string()
+        .contains("outside a running PE"));
     run_job(3, |_| async {
+        let e = Array::<Member, usize>::try_on_pes(&[], ())
+            .await
+            .err()
+            .expect("no PEs");
+        assert!(e.to_string().contains("no PEs given"), "{e}");
         let e = Array::<Member, usize>::try_on_pes(&[1, 3], ())
             .await
             .err()
@@ -563,8 +571,22 @@ fn a_group_on_an_unknown_or_repeated_pe_is_an_error_naming_it() {
             .await
             .err()
             .expect("PE 1 twice");
-        assert!(e.to_string().contains("PE 1 is listed twice"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("Array::on_pes: PE 1 is listed twice"),
+            "{e}"
+        );
         charmrs::exit(0);
     })
     .unwrap();
+}
+
+/// Polls `f` once on this (non-PE) thread: enough for a future that fails before it awaits.
+fn poll_once<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::noop();
+    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the future did not finish at once"),
+    }
 }

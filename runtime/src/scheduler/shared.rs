@@ -57,6 +57,10 @@ pub(crate) struct Shared {
     /// `+trace`: where the PEs' trace records go when they stop (`None`: tracing is off).
     pub(crate) trace: Option<crate::trace::TraceSink>,
     stop: AtomicBool,
+    /// This job's number among the jobs this process has run (`Runtime::run` may be called more
+    /// than once, even at once from several threads): what tells one job's process-wide state
+    /// from another's (`crate::readonly`).
+    pub(crate) job: u64,
     /// The end-of-job handshake (see `ending`).
     end: Mutex<super::ending::EndState>,
     outcome: Mutex<Option<Outcome>>,
@@ -89,6 +93,10 @@ impl Shared {
             layer: Arc::from(layer),
             trace,
             stop: AtomicBool::new(false),
+            job: {
+                static JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                JOBS.fetch_add(1, Ordering::Relaxed) + 1
+            },
             end: Mutex::default(),
             outcome: Mutex::new(None),
             outcome_set: Condvar::new(),
