@@ -340,6 +340,11 @@ impl Site {
     pub(crate) fn panic_message(&self, pe: usize, what: &str) -> String {
         if self.chare == "entry point" {
             format!("charmrs: job aborted: panic in the entry point on PE {pe}: {what}")
+        } else if self.chare == crate::scheduler::TASK_SITE {
+            format!(
+                "charmrs: job aborted: panic in {} on PE {pe}: {what}",
+                self.entry
+            )
         } else {
             format!(
                 "charmrs: job aborted: panic in entry method `{}` of chare {} index {} on PE {pe}: {what}",

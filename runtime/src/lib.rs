@@ -189,7 +189,7 @@ pub use runtime::{
     abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime, MAX_PES,
 };
 pub use section::{Section, SectionCtx};
-pub use sleep::{sleep, Sleep};
+pub use sleep::{schedule_after, sleep, Sleep};
 pub use wire::Buffer;
 
 /// The names most programs need: `use charmrs::prelude::*;`.

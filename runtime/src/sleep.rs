@@ -1,4 +1,5 @@
-//! [`sleep`]: suspend a suspendable context for a while without blocking its PE.
+//! [`sleep`]: suspend a suspendable context for a while without blocking its PE;
+//! [`schedule_after`]: run a closure on this PE once a delay has passed.
 //!
 //! The deadline goes into the PE's timers (taken out again if the sleep is dropped first); the dispatch loop wakes due timers between messages
 //! and, when idle, parks no longer than the next deadline.
@@ -32,6 +33,41 @@ pub fn sleep(duration: Duration) -> Sleep {
             .unwrap_or(now),
         registered: None,
     }
+}
+
+/// Runs `f` on the calling PE once `delay` has passed, between its messages (charm4py's
+/// `charm.scheduleCallableAfter(f, secs)`): it is called no earlier than that, later if the
+/// PE is busy. Use it from a plain (non-`async`) entry method to act later without blocking the
+/// PE: `f` may send messages, fulfil futures, call [`exit`](crate::exit). It is called outside
+/// any element: reach one through a proxy. A pending `f` does not hold off quiescence
+/// detection, and does not run if the job ends first. A panic in `f` aborts the job, naming
+/// it.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// let code = charmrs::Runtime::new(2).run(|_| async {
+///     let done = charmrs::Future::<u64>::new();
+///     let start = Instant::now();
+///     charmrs::schedule_after(Duration::from_millis(20), move || {
+///         done.send(start.elapsed().as_millis() as u64)
+///     });
+///     assert!(done.await >= 20);
+///     charmrs::exit(0);
+/// }).unwrap();
+/// assert_eq!(code, 0);
+/// ```
+///
+/// # Panics
+/// Outside a running PE.
+pub fn schedule_after(delay: Duration, f: impl FnOnce() + 'static) {
+    let task: crate::envelope::LocalTask = Box::pin(async move {
+        sleep(delay).await;
+        f();
+    });
+    with_pe("charmrs::schedule_after", |pe| {
+        pe.spawn_labelled(task, "a closure scheduled with charmrs::schedule_after")
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// How long a sleep longer than the clock can represent lasts (about a century).

@@ -76,6 +76,15 @@ impl Worker {
         to.send((ctx.my_pe(), ctx.index::<usize>()));
     }
 
+    /// Schedules a report of its PE to `to` after `ms` (from a plain entry method).
+    #[entry]
+    fn report_later(&mut self, ctx: &Ctx<Self>, ms: u64, to: Future<(usize, u64)>) {
+        let (pe, start) = (ctx.my_pe(), Instant::now());
+        charmrs::schedule_after(Duration::from_millis(ms), move || {
+            to.send((pe, start.elapsed().as_millis() as u64));
+        });
+    }
+
     #[entry]
     fn ping(&mut self) -> String {
         "pong".into()
@@ -324,4 +333,35 @@ fn a_value_after_a_multi_value_future_was_awaited_is_a_clear_error() {
         }
         other => panic!("expected an abort, got {other:?}"),
     }
+}
+
+/// charm4py's `scheduleCallableAfter`: a closure scheduled from an entry method runs on that PE
+/// after its delay, the PE serving other calls meanwhile; a panic in it aborts naming it.
+#[test]
+fn a_scheduled_closure_runs_after_its_delay_without_blocking_the_pe() {
+    run_job(2, |_| async {
+        let w = Single::<Worker>::new((), Some(1));
+        let (late, early) = (Future::new(), Future::new());
+        w.report_later(60, late);
+        w.report_later(10, early);
+        assert_eq!(w.ret().square(7).await, 49, "the PE serves calls meanwhile");
+        let (pe, waited) = early.await;
+        assert_eq!(pe, 1);
+        assert!(waited >= 10, "ran after {waited} ms");
+        assert!(!late.is_ready(), "the later one ran first");
+        assert!(late.await.1 >= 60);
+        charmrs::exit(0);
+    })
+    .unwrap();
+
+    let e = run_job(1, |_| async {
+        charmrs::schedule_after(Duration::from_millis(1), || panic!("scheduled boom"));
+        charmrs::sleep(Duration::from_secs(30)).await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("scheduled boom") && e.contains("charmrs::schedule_after"),
+        "{e}"
+    );
 }

@@ -96,6 +96,15 @@ impl Executor {
         self.resume(slot.0, slot.1);
     }
 
+    /// The label of task `slot` if it still is the task of `generation`.
+    pub(crate) fn label(&self, slot: u32, generation: u32) -> Option<TaskLabel> {
+        self.slots
+            .borrow()
+            .get(slot as usize)
+            .filter(|s| s.generation == generation && s.task.is_some())
+            .map(|s| s.label)
+    }
+
     /// Polls task `slot` if it still is the task of `generation`; returns its label if it did.
     pub(crate) fn resume(&self, slot: u32, generation: u32) -> Option<TaskLabel> {
         let taken = {

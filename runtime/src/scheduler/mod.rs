@@ -11,6 +11,6 @@ mod shared;
 pub(crate) use comm::poll_network;
 pub(crate) use ending::{finish_job, ENDING_WAIT};
 pub(crate) use pe::{
-    on_pe, run_pe, with_pe, AbortUnwind, LocalCollection, Mobility, PeState, TimerKey,
+    on_pe, run_pe, with_pe, AbortUnwind, LocalCollection, Mobility, PeState, TimerKey, TASK_SITE,
 };
 pub(crate) use shared::{Outcome, Shared};

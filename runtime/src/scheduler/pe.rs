@@ -229,6 +229,10 @@ pub(crate) struct PeState {
 /// coexist); given back by [`PeState::add_timer`] to cancel it.
 pub(crate) type TimerKey = (Instant, u64);
 
+/// The `chare` of the [`Site`] of a PE task other than the entry point (its `entry` is the
+/// task's label).
+pub(crate) const TASK_SITE: &str = "task";
+
 const MAIN_SITE: Site = Site {
     chare: "entry point",
     index: Index::SCALAR,
@@ -1019,7 +1023,16 @@ impl PeState {
             Body::Resume { slot, generation } => {
                 let start = self.tracer.as_ref().map(|t| t.begin());
                 let mut label = None;
-                self.guarded(MAIN_SITE, || {
+                // A panic is named after the task: the entry point, or what else it runs.
+                let site = match self.executor.label(slot, generation) {
+                    Some(task) if task != MAIN_SITE.entry => Site {
+                        chare: TASK_SITE,
+                        index: Index::SCALAR,
+                        entry: task,
+                    },
+                    _ => MAIN_SITE,
+                };
+                self.guarded(site, || {
                     label = self.executor.resume(slot, generation);
                     Ok(())
                 });
