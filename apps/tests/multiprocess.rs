@@ -644,3 +644,54 @@ fn a_pe_count_given_to_the_program_must_match_charmrun() {
         "{stderr}"
     );
 }
+
+/// Hosts (charm4py's `myHost`, `numHosts`, `getHostPes`, `getPeHost`): every process of a
+/// charmrun job is on this machine, one host; with `CHARMRS_HOSTNAME` set per process by a
+/// wrapper script, the same machine looks like several, numbered by their first process, with
+/// PEs listed in order however the processes interleave.
+#[test]
+fn hosts_are_numbered_by_first_process_and_list_their_pes() {
+    let mpcheck = env!("CARGO_BIN_EXE_mpcheck");
+    let got = lines_ok(&["++quiet", "+p4", "++ppn", "2", mpcheck, "hosts"]);
+    assert_eq!(got, ["hosts 1", "host 0: [0, 1, 2, 3]", "ok hosts"]);
+
+    let dir = std::env::temp_dir().join(format!("charmrs-hosts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, [&str; 2], Vec<&str>); 2] = [
+        (
+            "$((CHARMRS_RANK / 2))",
+            ["+p6", "1"],
+            vec![
+                "hosts 3",
+                "host 0: [0, 1]",
+                "host 1: [2, 3]",
+                "host 2: [4, 5]",
+                "ok hosts",
+            ],
+        ),
+        (
+            "$((1 - CHARMRS_RANK % 2))",
+            ["+p6", "2"],
+            vec![
+                "hosts 2",
+                "host 0: [0, 1, 4, 5]",
+                "host 1: [2, 3]",
+                "ok hosts",
+            ],
+        ),
+    ];
+    for (i, (host, [p, ppn], want)) in cases.into_iter().enumerate() {
+        let wrapper = dir.join(format!("as-hosts-{i}.sh"));
+        std::fs::write(
+            &wrapper,
+            format!("#!/bin/sh\nCHARMRS_HOSTNAME=h{host} exec {mpcheck} \"$@\"\n"),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&wrapper).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&wrapper, perms).unwrap();
+        let w = wrapper.to_str().unwrap();
+        assert_eq!(lines_ok(&["++quiet", p, "++ppn", ppn, w, "hosts"]), want);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -155,10 +155,16 @@ pub(crate) fn select(
     local_only: bool,
     machine: Option<&str>,
     pes: usize,
-) -> Result<Box<dyn MachineLayer>> {
+) -> Result<(Box<dyn MachineLayer>, Vec<u32>)> {
     let name = wanted(machine)?;
+    let alone = || {
+        Ok((
+            Box::new(LocalLayer::new()) as Box<dyn MachineLayer>,
+            vec![0],
+        ))
+    };
     if local_only {
-        return Ok(Box::new(LocalLayer::new()));
+        return alone();
     }
     let Launch::Job {
         bootstrap,
@@ -166,12 +172,14 @@ pub(crate) fn select(
         one_host,
     } = launch(pes)?
     else {
-        return Ok(Box::new(LocalLayer::new()));
+        return alone();
     };
     // A layer that cannot start tells the launcher before this process exits: the other
     // processes may be waiting for it in a fence (under `srun` nothing else would end the job).
     let launcher = Arc::clone(&bootstrap);
-    let started = start_layer(name, bootstrap, secret, one_host, pes);
+    let started = crate::hosts::exchange(&*bootstrap).and_then(|hosts| {
+        start_layer(name, bootstrap, secret, one_host, pes).map(|layer| (layer, hosts))
+    });
     if let Err(e) = &started {
         launcher.abort(&format!("charmrs: process {}: {e}", launcher.rank()));
     }

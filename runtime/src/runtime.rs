@@ -184,7 +184,7 @@ impl Runtime {
         }
         // Fails on an id collision, before any PE starts.
         let table = EntryTable::get()?;
-        let layer = crate::machine::select(
+        let (layer, hosts) = crate::machine::select(
             self.options.local_only,
             self.options.machine.as_deref(),
             pes,
@@ -211,6 +211,7 @@ impl Runtime {
             table,
             crate::balance::BalanceConfig::from_options(&self.options)?,
             trace,
+            hosts,
         ));
         let topology = Topology::detect();
         // Processes of one job on one host share its cores: this process's PEs take the cores

@@ -5,6 +5,8 @@
 //!   allreduce, `when`, quiescence detection, nested pool tasks and large buffers (heap and
 //!   huge-page ones, sliced at odd offsets) across processes, printing one `ok …` line per
 //!   feature;
+//! - `hosts`: prints the job's hosts and their PEs (`host 0: [0, 1]`), checked against what
+//!   every PE says of itself;
 //! - `mobility` (run with `+balancer Rotate`): random migrations under heavy messaging, a sparse
 //!   array with a map inserted from every PE, an AtSync step that moves every element to the
 //!   next PE, and broadcast results from elements away from home — all across processes;
@@ -138,6 +140,13 @@ impl Victim {
     fn send_place(&mut self, ctx: &Ctx<Self>, to: Future<(usize, PodVec<f64>)>) {
         let me = ctx.my_pe();
         to.send((me, (0..1 << 15).map(|i| (i + me) as f64).collect()));
+    }
+
+    /// This PE, its host as it sees it, and its host and host rank as `pe_host` says.
+    #[entry]
+    fn my_host(&mut self, ctx: &Ctx<Self>) -> (usize, usize, (usize, usize)) {
+        let me = ctx.my_pe();
+        (me, charmrs::my_host(), charmrs::pe_host(me).expect("a PE"))
     }
 
     /// The readonly [`TAG`] as this PE's process has it.
@@ -366,6 +375,25 @@ async fn fib(n: u64) -> u64 {
     }
     let (a, b) = (pool().task(fib, n - 1), pool().task(fib, n - 2));
     a.await + b.await
+}
+
+/// Prints the job's hosts and their PEs, after checking that every PE agrees on its own.
+async fn hosts() {
+    let n = charmrs::num_hosts();
+    println!("hosts {n}");
+    for h in 0..n {
+        println!("host {h}: {:?}", charmrs::host_pes(h).expect("a host"));
+    }
+    for (pe, seen, (host, rank)) in Group::<Victim>::new(()).gather().my_host().await {
+        assert_eq!(
+            seen, host,
+            "PE {pe} sees itself on host {seen}, pe_host says {host}"
+        );
+        assert_eq!(charmrs::host_pes(host).expect("a host")[rank], pe);
+    }
+    assert!(charmrs::host_pes(n).is_err());
+    println!("ok hosts");
+    charmrs::exit(0);
 }
 
 charmrs::readonly! {
@@ -900,6 +928,7 @@ fn main() {
                 Group::<Victim>::new(()).hang();
             }
             Some("features") => features().await,
+            Some("hosts") => hosts().await,
             Some("baddecode") => {
                 let group = Group::<Victim>::new(());
                 group.at(charmrs::num_pes() - 1).take_fragile(Fragile);
@@ -927,7 +956,7 @@ fn main() {
                 println!("idle cpu {ticks} ticks");
                 charmrs::exit(0);
             }
-            _ => charmrs::abort("usage: mpcheck panic|hang|features|mobility|idle|baddecode"),
+            _ => charmrs::abort("usage: mpcheck panic|hang|features|hosts|mobility|idle|baddecode"),
         }
     })
 }

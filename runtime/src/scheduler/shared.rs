@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// than once, even at once from several threads): what tells one job's process-wide state
     /// from another's (`crate::readonly`).
     pub(crate) job: u64,
+    /// The host of each process of the job (`crate::hosts`).
+    pub(crate) hosts: Vec<u32>,
     /// The end-of-job handshake (see `ending`).
     end: Mutex<super::ending::EndState>,
     outcome: Mutex<Option<Outcome>>,
@@ -76,6 +78,7 @@ impl Shared {
         entries: &'static EntryTable,
         balance: crate::balance::BalanceConfig,
         trace: Option<crate::trace::TraceSink>,
+        hosts: Vec<u32>,
     ) -> Shared {
         let nprocs = layer.size() as usize;
         let first_pe = layer.rank() as usize * local_pes;
@@ -97,6 +100,7 @@ impl Shared {
                 static JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 JOBS.fetch_add(1, Ordering::Relaxed) + 1
             },
+            hosts,
             end: Mutex::default(),
             outcome: Mutex::new(None),
             outcome_set: Condvar::new(),
