@@ -17,6 +17,13 @@ use charmrs_transport::kv::JobSecret;
 use charmrs_transport::{Bootstrap, KvBootstrap, MachineLayer};
 use std::sync::Arc;
 
+/// What [`select`] gives the runtime: the process's machine layer, and the host of every
+/// process of the job (`crate::hosts`).
+pub(crate) struct Machine {
+    pub(crate) layer: Box<dyn MachineLayer>,
+    pub(crate) hosts: Vec<u32>,
+}
+
 /// The layers `+machine` can name.
 pub(crate) const MACHINES: &[&str] = &["ucx", "ofi", "tcp", "local"];
 
@@ -151,17 +158,13 @@ fn wanted(machine: Option<&str>) -> Result<&'static str> {
 
 /// The machine layer of this process of `pes` PEs (`local_only`: ignore any launcher
 /// environment).
-pub(crate) fn select(
-    local_only: bool,
-    machine: Option<&str>,
-    pes: usize,
-) -> Result<(Box<dyn MachineLayer>, Vec<u32>)> {
+pub(crate) fn select(local_only: bool, machine: Option<&str>, pes: usize) -> Result<Machine> {
     let name = wanted(machine)?;
     let alone = || {
-        Ok((
-            Box::new(LocalLayer::new()) as Box<dyn MachineLayer>,
-            vec![0],
-        ))
+        Ok(Machine {
+            layer: Box::new(LocalLayer::new()),
+            hosts: vec![0],
+        })
     };
     if local_only {
         return alone();
@@ -178,7 +181,7 @@ pub(crate) fn select(
     // processes may be waiting for it in a fence (under `srun` nothing else would end the job).
     let launcher = Arc::clone(&bootstrap);
     let started = crate::hosts::exchange(&*bootstrap).and_then(|hosts| {
-        start_layer(name, bootstrap, secret, one_host, pes).map(|layer| (layer, hosts))
+        start_layer(name, bootstrap, secret, one_host, pes).map(|layer| Machine { layer, hosts })
     });
     if let Err(e) = &started {
         launcher.abort(&format!("charmrs: process {}: {e}", launcher.rank()));

@@ -184,20 +184,20 @@ impl Runtime {
         }
         // Fails on an id collision, before any PE starts.
         let table = EntryTable::get()?;
-        let (layer, hosts) = crate::machine::select(
+        let machine = crate::machine::select(
             self.options.local_only,
             self.options.machine.as_deref(),
             pes,
         )?;
-        let total = pes.saturating_mul(layer.size() as usize);
+        let total = pes.saturating_mul(machine.layer.size() as usize);
         if total > crate::MAX_PES {
             return Err(Error::Options(format!(
                 "{} processes of {pes} PEs make {total} PEs, more than a job may have ({})",
-                layer.size(),
+                machine.layer.size(),
                 crate::MAX_PES
             )));
         }
-        let first = layer.rank() as usize * pes;
+        let first = machine.layer.rank() as usize * pes;
         let trace = self
             .options
             .trace
@@ -207,11 +207,10 @@ impl Runtime {
             pes,
             self.options.idle_spin,
             self.options.wire_check,
-            layer,
+            machine,
             table,
             crate::balance::BalanceConfig::from_options(&self.options)?,
             trace,
-            hosts,
         ));
         let topology = Topology::detect();
         // Processes of one job on one host share its cores: this process's PEs take the cores

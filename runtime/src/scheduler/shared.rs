@@ -74,12 +74,12 @@ impl Shared {
         local_pes: usize,
         idle_spin: Duration,
         wire_check: bool,
-        layer: Box<dyn MachineLayer>,
+        machine: crate::machine::Machine,
         entries: &'static EntryTable,
         balance: crate::balance::BalanceConfig,
         trace: Option<crate::trace::TraceSink>,
-        hosts: Vec<u32>,
     ) -> Shared {
+        let crate::machine::Machine { layer, hosts } = machine;
         let nprocs = layer.size() as usize;
         let first_pe = layer.rank() as usize * local_pes;
         Shared {
