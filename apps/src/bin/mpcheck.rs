@@ -449,13 +449,16 @@ async fn features() {
             .collect::<Vec<_>>()
     );
     println!("ok multi-value future");
-    TAG.set((7 * p as u64, "set on PE 0".to_owned())).await;
-    let tags = group.gather().read_tag().await;
-    assert!(
-        tags.iter()
-            .all(|t| *t == (7 * p as u64, "set on PE 0".to_owned())),
-        "readonly: {tags:?}"
-    );
+    // Set twice: the second value replaces the first in every process.
+    for round in 1..=2u64 {
+        let want = (7 * p as u64 + round, format!("set on PE 0, round {round}"));
+        TAG.set(want.clone()).await;
+        let tags = group.gather().read_tag().await;
+        assert!(
+            tags.iter().all(|t| *t == want),
+            "readonly round {round}: {tags:?}"
+        );
+    }
     println!("ok readonly");
     let totals = group.gather().allreduce_rounds(20).await;
     assert!(totals.iter().all(|&t| t == 20 * p as u64));
