@@ -74,6 +74,19 @@ pub struct Readonly<T> {
     _shares: PhantomData<T>,
 }
 
+impl<T: 'static> std::fmt::Debug for Readonly<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.current() {
+            Some(g) => write!(
+                f,
+                "Readonly({}, set: job {} generation {})",
+                self.path, g.job, g.number
+            ),
+            None => write!(f, "Readonly({}, not set)", self.path),
+        }
+    }
+}
+
 /// A value of a readonly, the job of this process that set or received it, and the number of
 /// that job's `set` that made it (1 for the first).
 struct Generation<T> {
