@@ -238,6 +238,31 @@ impl<T: Payload> Default for Future<T> {
     }
 }
 
+/// Polls slot `(owner, id)` for an await of `future` (named in panics) expecting `expect`: takes
+/// its value if ready, else registers the waker.
+///
+/// # Panics
+/// Outside a running PE, on another PE than the owner, or as
+/// [`FutureTable::poll_take`].
+pub(crate) fn poll_owned(
+    future: &dyn std::fmt::Debug,
+    (owner, id): (u32, u64),
+    cx: &Context<'_>,
+    expect: Expect,
+) -> Poll<Resolution> {
+    with_pe("Future.await", |pe| {
+        if pe.pe != owner as usize {
+            panic!(
+                "{future:?} can only be awaited on PE {owner}, the PE that created it (awaited on \
+                 PE {})",
+                pe.pe
+            );
+        }
+        pe.futures.borrow_mut().poll_take(id, cx.waker(), expect)
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Awaiting a [`Future`] through [`Future::result`].
 #[must_use = "futures do nothing unless awaited"]
 pub struct FutureResult<T> {
@@ -248,19 +273,7 @@ impl<T: Payload> std::future::Future for FutureResult<T> {
     type Output = Result<T>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let f = self.future;
-        let polled = with_pe("Future.await", |pe| {
-            if pe.pe != f.pe as usize {
-                panic!(
-                    "{f:?} can only be awaited on PE {}, the PE that created it (awaited on PE {})",
-                    f.pe, pe.pe
-                );
-            }
-            pe.futures
-                .borrow_mut()
-                .poll_take(f.id, cx.waker(), Expect::One)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        match polled {
+        match poll_owned(&f, f.parts(), cx, Expect::One) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(v)) => Poll::Ready(Ok(
@@ -606,12 +619,14 @@ impl FutureTable {
     /// sending side of a multi-value future awaited as a future, or the reverse).
     pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker, expect: Expect) -> Poll<Resolution> {
         let me = self.me;
-        let kind = match self.slots.get(&id) {
+        let (kind, ready) = match self.slots.get(&id) {
             None => {
                 panic!("future #{id} of PE {me} was already consumed (a future is awaited once)")
             }
-            Some(SlotState::Empty(_) | SlotState::Ready(_)) => Expect::One,
-            Some(SlotState::Collecting(..) | SlotState::Collected(..)) => Expect::Collected,
+            Some(SlotState::Empty(_)) => (Expect::One, false),
+            Some(SlotState::Ready(_)) => (Expect::One, true),
+            Some(SlotState::Collecting(..)) => (Expect::Collected, false),
+            Some(SlotState::Collected(..)) => (Expect::Collected, true),
         };
         if kind != expect {
             match kind {
@@ -624,7 +639,7 @@ impl FutureTable {
                 ),
             }
         }
-        if self.is_ready(id) {
+        if ready {
             match self.slots.remove(&id) {
                 Some(SlotState::Ready(v) | SlotState::Collected(v, _)) => Poll::Ready(v),
                 _ => unreachable!(),

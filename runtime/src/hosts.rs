@@ -68,8 +68,10 @@ fn table<R>(what: &'static str, f: impl FnOnce(&[u32], usize) -> R) -> R {
 /// # Panics
 /// Outside a running PE.
 pub fn my_host() -> usize {
-    let node = crate::my_node();
-    table("charmrs::my_host", |hosts, _| hosts[node] as usize)
+    with_pe("charmrs::my_host", |pe| {
+        pe.shared.hosts[pe.shared.layer.rank() as usize] as usize
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// How many hosts the job runs on (charm4py's `charm.numHosts()`).
@@ -77,9 +79,12 @@ pub fn my_host() -> usize {
 /// # Panics
 /// Outside a running PE.
 pub fn num_hosts() -> usize {
-    table("charmrs::num_hosts", |hosts, _| {
-        hosts.iter().max().map_or(1, |&h| h as usize + 1)
-    })
+    table("charmrs::num_hosts", |hosts, _| count(hosts))
+}
+
+/// How many hosts a host table names (numbered densely from 0).
+fn count(hosts: &[u32]) -> usize {
+    hosts.iter().max().map_or(1, |&h| h as usize + 1)
 }
 
 /// The PEs on `host`, in order (charm4py's `charm.getHostPes(host)`; its first is
@@ -110,7 +115,7 @@ pub fn host_pes(host: usize) -> Result<Vec<usize>> {
             .flat_map(|(p, _)| p * per_process..(p + 1) * per_process)
             .collect();
         if pes.is_empty() {
-            let n = hosts.iter().max().map_or(1, |&h| h as usize + 1);
+            let n = count(hosts);
             return Err(Error::Options(format!(
                 "unknown host {host}: this job runs on {n} host(s) (0..={})",
                 n - 1

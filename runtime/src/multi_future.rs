@@ -10,7 +10,7 @@
 
 use crate::chare::Payload;
 use crate::error::Result;
-use crate::future::{take_value, CollectedValues, Expect, Future};
+use crate::future::{poll_owned, take_value, CollectedValues, Expect, Future};
 use crate::scheduler::with_pe;
 use serde::{Deserialize, Serialize};
 use std::pin::Pin;
@@ -128,21 +128,7 @@ impl<T: Payload> std::future::Future for MultiFutureResult<T> {
     type Output = Result<Vec<T>>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<T>>> {
         let f = self.future;
-        let (owner, id) = f.sender.parts();
-        let polled = with_pe("MultiFuture.await", |pe| {
-            if pe.pe != owner as usize {
-                panic!(
-                    "{f:?} can only be awaited on PE {owner}, the PE that created it (awaited on \
-                     PE {})",
-                    pe.pe
-                );
-            }
-            pe.futures
-                .borrow_mut()
-                .poll_take(id, cx.waker(), Expect::Collected)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        match polled {
+        match poll_owned(&f, f.sender.parts(), cx, Expect::Collected) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(all)) => {

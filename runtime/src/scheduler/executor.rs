@@ -96,12 +96,13 @@ impl Executor {
         self.resume(slot.0, slot.1);
     }
 
-    /// The label of task `slot` if it still is the task of `generation`.
+    /// The label of task `slot` if it still is the task of `generation` (also while, or after,
+    /// a poll of it panicked: its slot keeps the label).
     pub(crate) fn label(&self, slot: u32, generation: u32) -> Option<TaskLabel> {
         self.slots
             .borrow()
             .get(slot as usize)
-            .filter(|s| s.generation == generation && s.task.is_some())
+            .filter(|s| s.generation == generation)
             .map(|s| s.label)
     }
 

@@ -1023,19 +1023,22 @@ impl PeState {
             Body::Resume { slot, generation } => {
                 let start = self.tracer.as_ref().map(|t| t.begin());
                 let mut label = None;
-                // A panic is named after the task: the entry point, or what else it runs.
-                let site = match self.executor.label(slot, generation) {
-                    Some(task) if task != MAIN_SITE.entry => Site {
-                        chare: TASK_SITE,
-                        index: Index::SCALAR,
-                        entry: task,
+                // A panic is named after the task (looked up only then): the entry point, or
+                // what else it runs.
+                self.guarded_at(
+                    || match self.executor.label(slot, generation) {
+                        Some(task) if task != MAIN_SITE.entry => Site {
+                            chare: TASK_SITE,
+                            index: Index::SCALAR,
+                            entry: task,
+                        },
+                        _ => MAIN_SITE,
                     },
-                    _ => MAIN_SITE,
-                };
-                self.guarded(site, || {
-                    label = self.executor.resume(slot, generation);
-                    Ok(())
-                });
+                    || {
+                        label = self.executor.resume(slot, generation);
+                        Ok(())
+                    },
+                );
                 // An element's suspended entry charged its poll to the element itself.
                 self.unmeasured_work_done();
                 if let (Some(t), Some(start)) = (&self.tracer, start) {
@@ -1514,14 +1517,26 @@ impl PeState {
 
     /// Runs user code; a panic or a delivery error aborts the job naming chare, index, entry, PE.
     fn guarded(&self, site: Site, f: impl FnOnce() -> std::result::Result<(), String>) {
+        self.guarded_at(|| site, f);
+    }
+
+    /// [`guarded`](Self::guarded), with the site worked out only if `f` fails.
+    fn guarded_at(
+        &self,
+        site: impl FnOnce() -> Site,
+        f: impl FnOnce() -> std::result::Result<(), String>,
+    ) {
         let msg = match catch_unwind(AssertUnwindSafe(f)) {
             Ok(Ok(())) => return,
-            Ok(Err(problem)) => format!(
-                "charmrs: {problem} (chare {}, index {}, PE {})",
-                site.chare, site.index, self.pe
-            ),
+            Ok(Err(problem)) => {
+                let site = site();
+                format!(
+                    "charmrs: {problem} (chare {}, index {}, PE {})",
+                    site.chare, site.index, self.pe
+                )
+            }
             Err(payload) if payload.is::<AbortUnwind>() => return,
-            Err(payload) => site.panic_message(self.pe, &crate::panic::describe(payload)),
+            Err(payload) => site().panic_message(self.pe, &crate::panic::describe(payload)),
         };
         self.abort_job(msg);
     }
