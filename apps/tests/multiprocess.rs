@@ -188,9 +188,16 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
         "hang",
     ])
     .env_remove("CHARMRS_PES");
-    // Once the job runs (process 1 seen for 300 ms), kill process 1 (a child of charmrun) and
-    // go on until the job ends. common::run kills the whole job if it outlives its limit, or if
-    // the test fails while it runs.
+    // Every PE's `hang` entry marks it runs in `running`: the job is then past its start-up
+    // (a kill during the start-up fence is another path, reported by the bootstrap).
+    let running = std::env::temp_dir().join(format!("charmrs-killed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&running);
+    std::fs::create_dir_all(&running).unwrap();
+    cmd.env("MPCHECK_RUNNING_DIR", &running);
+    let all_running = || (0..4).all(|pe| running.join(format!("pe{pe}")).exists());
+    // Once the job runs (every PE marked, then 300 ms), kill process 1 (a child of charmrun)
+    // and go on until the job ends. common::run kills the whole job if it outlives its limit,
+    // or if the test fails while it runs.
     let seen: Cell<Option<(u32, Instant)>> = Cell::new(None);
     let killed: Cell<Option<(u32, Instant)>> = Cell::new(None);
     let done = common::run(cmd, Duration::from_secs(30), |launcher| {
@@ -198,7 +205,10 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
             return false;
         }
         match seen.get() {
-            None => seen.set(rank_pid(launcher, 1).map(|pid| (pid, Instant::now()))),
+            None if all_running() => {
+                seen.set(rank_pid(launcher, 1).map(|pid| (pid, Instant::now())))
+            }
+            None => {}
             Some((pid, at)) if at.elapsed() >= Duration::from_millis(300) => {
                 common::signal(pid as i32, libc::SIGKILL);
                 killed.set(Some((pid, Instant::now())));
@@ -225,6 +235,7 @@ fn a_killed_process_brings_the_job_down_within_5_seconds() {
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&running);
     let stderr = &done.stderr;
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
     // Charmrun names the first failure it sees: process 1's death, or process 0 aborting the job

@@ -78,9 +78,16 @@ impl Victim {
         charmrs::exit(0);
     }
 
-    /// Never returns (but lets its PE run other messages).
+    /// Never returns (but lets its PE run other messages). With `MPCHECK_RUNNING_DIR` set, it
+    /// first creates `pe<n>` there, so a test can tell the job is past its start-up.
     #[entry]
     async fn hang(_this: Coro<Self>) {
+        if let Some(dir) = std::env::var_os("MPCHECK_RUNNING_DIR") {
+            let marker = std::path::Path::new(&dir).join(format!("pe{}", charmrs::my_pe()));
+            if let Err(e) = std::fs::write(&marker, b"") {
+                panic!("cannot create {}: {e}", marker.display());
+            }
+        }
         loop {
             charmrs::sleep(Duration::from_millis(50)).await;
         }
