@@ -433,6 +433,7 @@ fn migration_sparse_arrays_and_load_balancing_work_across_processes() {
                 "ok channels",
                 "ok sections",
                 "ok section multicast",
+                "ok combined section",
                 "ok reductions of 600 elements away from home",
                 "ok a move asked for inside a lent call"
             ],

@@ -1,6 +1,7 @@
 //! Sections (charm4py's section proxies): calls reach the members only; reductions, gathers,
 //! barriers and allreduces over a section count its members only, overlapping sections keep
-//! separate reduction numbers, members may migrate between reductions, and misuse is an error
+//! separate reduction numbers, members may migrate between reductions, sections of several
+//! collections (`Section::combine`) call and reduce over all of them, and misuse is an error
 //! naming the problem.
 
 mod common;
@@ -153,7 +154,9 @@ fn calls_and_reductions_over_overlapping_sections_count_their_members_only() {
             let cells = Array::<Cell, usize>::new(12, ());
             let evens = cells.section((0..12).step_by(2));
             let threes = cells.section((0..12).step_by(3));
-            assert_eq!(evens.members().len(), 6);
+            assert_eq!(evens.len(), 6);
+            assert!(evens.contains(cells.id(), &Index::new(&[4]).unwrap()));
+            assert!(!evens.contains(cells.id(), &Index::new(&[5]).unwrap()));
             for _ in 0..3 {
                 // The two sections' rounds interleave; elements 0 and 6 are in both.
                 let (e, t) = futures_both(round(&evens), round(&threes)).await;
@@ -225,8 +228,8 @@ fn members_keep_their_section_reductions_through_migrations() {
 /// Every member of `section` runs `count` (`rounds` allreduces); their answers by index.
 async fn odds_gather(cells: &Array<Cell, usize>, section: &Section<Cell>, rounds: u32) -> Vec<u64> {
     let mut out = Vec::new();
-    let pending: Vec<_> = section
-        .members()
+    let (_, members) = section.parts().next().expect("one part");
+    let pending: Vec<_> = members
         .iter()
         .map(|i| cells.at(i.get(0)).ret().count(section.clone(), rounds))
         .collect();
@@ -288,4 +291,114 @@ fn a_member_away_from_the_sections_pes_takes_part() {
         charmrs::exit(0);
     })
     .unwrap();
+}
+
+/// `Section::combine` (charm4py's `charm.combine`): a section over two arrays and a group of one
+/// chare type, with overlapping inputs. Each member gets each call once; its sum, gather (by
+/// collection, then index), barrier and allreduces count every member once, also while members
+/// migrate; the sections it was made of keep their own reductions.
+#[test]
+fn a_combined_section_calls_and_reduces_over_all_its_collections() {
+    run_job(4, |_| async {
+        let a = Array::<Cell, usize>::new(10, ());
+        let b = Array::<Cell, usize>::new(7, ());
+        let g = Group::<Cell>::new(());
+        let a_low = a.section([0usize, 1, 2, 3]);
+        let a_odd = a.section((1..10).step_by(2));
+        let b_some = b.section([2usize, 6]);
+        let g_two = g.section([1, 3]);
+        let all = Section::combine([a_low.clone(), b_some.clone(), a_odd.clone(), g_two]);
+        // a: {0, 1, 2, 3, 5, 7, 9}; b: {2, 6}; g: {1, 3}.
+        assert_eq!(all.len(), 11);
+        let ids: Vec<_> = all.parts().map(|(c, _)| c.id()).collect();
+        assert_eq!(ids, [a.id(), b.id(), g.id()]);
+        assert!(all.contains(b.id(), &Index::new(&[6]).unwrap()));
+        assert!(!all.contains(b.id(), &Index::new(&[1]).unwrap()));
+        let sum_a = 1 + 2 + 3 + 5 + 7 + 9;
+        let want_gather = vec![0, 1, 2, 3, 5, 7, 9, 2, 6, 1, 3];
+        for _ in 0..2 {
+            assert_eq!(
+                round(&all).await,
+                (sum_a + 2 + 6 + 1 + 3, want_gather.clone())
+            );
+        }
+        // Members move between rounds; the combined section and one it was made of interleave.
+        for k in [1usize, 5, 9] {
+            a.at(k).go_to((k + 1) % 4);
+        }
+        b.at(6usize).go_to(0);
+        charmrs::wait_qd().await;
+        let (both, low) = futures_both(round(&all), round(&a_low)).await;
+        assert_eq!(both, (sum_a + 12, want_gather));
+        assert_eq!(low, (6, vec![0, 1, 2, 3]));
+        // An allreduce over the combined section, from every member.
+        let answers: Vec<_> = [(&a, 9usize), (&b, 2), (&a, 0)]
+            .into_iter()
+            .map(|(arr, k)| arr.at(k).ret().count(all.clone(), 3))
+            .chain(
+                [
+                    a.at(1usize),
+                    a.at(2usize),
+                    a.at(3usize),
+                    a.at(5usize),
+                    a.at(7usize),
+                ]
+                .map(|e| e.ret().count(all.clone(), 3)),
+            )
+            .chain([b.at(6usize).ret().count(all.clone(), 3)])
+            .chain([
+                g.at(1).ret().count(all.clone(), 3),
+                g.at(3).ret().count(all.clone(), 3),
+            ])
+            .collect();
+        for f in answers {
+            assert_eq!(f.await, 11);
+        }
+        // Calls: 3 rounds of `step` for every member, 1 more for a's low members.
+        let calls_a: Vec<u32> = a.gather().calls().await;
+        assert_eq!(calls_a, [4, 4, 4, 4, 0, 3, 0, 3, 0, 3]);
+        let calls_b: Vec<u32> = b.gather().calls().await;
+        assert_eq!(calls_b, [0, 0, 3, 0, 0, 0, 3]);
+        let calls_g: Vec<u32> = g.gather().calls().await;
+        assert_eq!(calls_g, [0, 3, 0, 3]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
+/// A combined section passed in a call (serialized) still reaches, and reduces over, every
+/// collection; combining nothing is an error naming it; an element of another collection is not
+/// a member.
+#[test]
+fn a_combined_section_travels_and_misuse_is_named() {
+    run_job(3, |_| async {
+        let a = Array::<Cell, usize>::new(6, ());
+        let b = Array::<Cell, usize>::new(6, ());
+        let all = Section::combine([a.section([4usize]), b.section([0usize, 5])]);
+        // A single element relays a call to the combined section (it travels in the call).
+        a.section([0usize]).relay(all.clone());
+        charmrs::wait_qd().await;
+        let calls_a: Vec<u32> = a.gather().calls().await;
+        assert_eq!(calls_a, [1, 0, 0, 0, 1, 0]);
+        let calls_b: Vec<u32> = b.gather().calls().await;
+        assert_eq!(calls_b, [1, 0, 0, 0, 0, 1]);
+        let e = Section::<Cell>::try_combine([]).unwrap_err().to_string();
+        assert!(e.contains("no section to combine"), "{e}");
+        charmrs::exit(0);
+    })
+    .unwrap();
+    let e = run_job(2, |_| async {
+        let a = Array::<Cell, usize>::new(4, ());
+        let b = Array::<Cell, usize>::new(4, ());
+        let all = Section::combine([a.section([0usize, 1]), b.section([3usize])]);
+        let sum = Future::new();
+        b.at(1usize).stray(all, sum);
+        sum.await;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("not a member of Section") && e.contains("3 members"),
+        "{e}"
+    );
 }

@@ -894,6 +894,14 @@ async fn mobility() {
         assert_eq!(n.0 - b.0, want, "element {i}");
     }
     println!("ok section multicast");
+    // A section over two arrays (`Section::combine`), passed in the call across processes: one
+    // multicast tree per array, one reduction over the members of both.
+    let few = Array::<Wanderer, usize>::new(5, ());
+    let both = Section::combine([thirds.clone(), few.section([1usize, 4])]);
+    let sum = Future::new();
+    both.sum_section(both.clone(), 3, sum);
+    assert_eq!(sum.await, want + 1 + 4);
+    println!("ok combined section");
     // More elements away from their homes than a message has segments (256): every element of
     // this array lives on the last PE, so the processes home to the others forward one encoded
     // contribution per element up the tree.
