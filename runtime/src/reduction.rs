@@ -746,8 +746,14 @@ impl ReductionTable {
     }
 }
 
+/// A reduction, for error messages. A section's is named as a section: its contributions come
+/// with their own collection's shape, which differs between a combined section's collections.
 fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
-    format!("reduction #{seq} over {} {coll:?}", shape.describe())
+    if coll.is_section() {
+        format!("reduction #{seq} over section {coll:?}")
+    } else {
+        format!("reduction #{seq} over {} {coll:?}", shape.describe())
+    }
 }
 
 /// Where one more contribution to a reduction comes from.

@@ -45,11 +45,12 @@ use crate::scheduler::with_pe;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::sync::Arc;
 
-/// A subset of the elements of a collection: calls through it reach every member, and members
-/// reduce over it with [`Ctx::section`].
+/// A subset of the elements of a collection, or of several collections of one chare type: calls
+/// through it reach every member, and members reduce over it with [`Ctx::section`].
 ///
 /// Made with [`Proxy::section`] (any collection: the members' indices) or
-/// [`Array::section`](crate::Array::section) / [`Group::section`](crate::Group::section).
+/// [`Array::section`](crate::Array::section) / [`Group::section`](crate::Group::section), and
+/// over several collections with [`Section::combine`].
 ///
 /// ```
 /// use charmrs::prelude::*;
@@ -86,7 +87,7 @@ pub struct Section<C> {
 /// One collection of a section and its members there (sorted, distinct, at least one).
 struct Members<C> {
     collection: Proxy<C>,
-    indices: Box<[Index]>,
+    indices: Arc<[Index]>,
 }
 
 impl<C> Clone for Section<C> {
@@ -144,6 +145,9 @@ impl<C: Chare> Section<C> {
     /// (with [`Ctx::section`]) count every member once.
     ///
     /// It is a section of its own: the sections it was made of keep their reductions apart.
+    /// Calls to each collection carry the priority of the first of `sections` in that collection
+    /// (see [`with_priority`](Self::with_priority)); call `with_priority` on the result for one
+    /// priority throughout.
     ///
     /// ```
     /// use charmrs::prelude::*;
@@ -318,7 +322,8 @@ impl<C: Chare> Section<C> {
         None
     }
 
-    /// The same section, with calls through it carrying `priority` (lower runs first).
+    /// The same section, with calls through it carrying `priority` (lower runs first), to every
+    /// collection of it.
     pub fn with_priority(self, priority: i32) -> Self {
         let parts = self
             .parts
