@@ -33,6 +33,10 @@ struct Counts {
     reductions: Cell<u64>,
     /// To each of its sections' reductions.
     sections: RefCell<FxHashMap<CollectionId, u64>>,
+    /// Set when the element migrates away: the numbers went with it, so a copy of its `Ctx`
+    /// kept here (in a timer's closure, say) must not number a contribution any more — it
+    /// would reuse a number the element will use where it is now.
+    left: Cell<bool>,
 }
 
 /// A copy names the same element (an `async fn new` receives one by value); they share the
@@ -64,6 +68,7 @@ impl<C: Chare> Ctx<C> {
             counts: Rc::new(Counts {
                 reductions: Cell::new(reductions),
                 sections: RefCell::new(sections.iter().copied().collect()),
+                left: Cell::new(false),
             }),
             _chare: PhantomData,
         }
@@ -74,25 +79,39 @@ impl<C: Chare> Ctx<C> {
         self.parts.shape
     }
 
-    pub(crate) fn reduction_count(&self) -> u64 {
-        self.counts.reductions.get()
-    }
-
-    /// The element's next contribution number for each of its sections, for a migration.
-    pub(crate) fn section_counts(&self) -> Vec<(CollectionId, u64)> {
-        let mut counts: Vec<_> = self
+    /// For a migration: the element's next contribution numbers (to its collection, and to each
+    /// of its sections), which travel with it; the copies of this `Ctx` left here can no longer
+    /// contribute.
+    pub(crate) fn leave(&self) -> (u64, Vec<(CollectionId, u64)>) {
+        self.counts.left.set(true);
+        let mut sections: Vec<_> = self
             .counts
             .sections
             .borrow()
             .iter()
             .map(|(&c, &n)| (c, n))
             .collect();
-        counts.sort_unstable();
-        counts
+        sections.sort_unstable();
+        (self.counts.reductions.get(), sections)
+    }
+
+    /// Panics if the element has migrated away from this `Ctx` (see [`Counts::left`]).
+    fn check_here(&self, what: &str) {
+        if self.counts.left.get() {
+            panic!(
+                "{what}: element {} of {} {:?} migrated away from PE {}; a copy of its Ctx kept \
+                 there cannot contribute for it (contribute from the element's entry methods)",
+                self.parts.index,
+                C::NAME,
+                self.parts.coll,
+                self.parts.pe
+            );
+        }
     }
 
     /// The number of this element's next contribution to section `section`.
     pub(crate) fn peek_section_seq(&self, section: CollectionId) -> u64 {
+        self.check_here("allreduce");
         self.counts
             .sections
             .borrow()
@@ -103,6 +122,7 @@ impl<C: Chare> Ctx<C> {
 
     /// Takes the number of this element's next contribution to section `section`.
     pub(crate) fn next_section_seq(&self, section: CollectionId) -> u64 {
+        self.check_here("contribute");
         let mut sections = self.counts.sections.borrow_mut();
         let next = sections.entry(section).or_insert(0);
         let seq = *next;
@@ -180,6 +200,7 @@ impl<C: Chare> Ctx<C> {
     }
 
     fn contribute_part(&self, what: &'static str, part: Part) {
+        self.check_here(what);
         let seq = self.counts.reductions.get();
         self.counts.reductions.set(seq + 1);
         with_pe(what, |pe| {
@@ -430,6 +451,7 @@ impl<C: Chare> Ctx<C> {
             "allreduce: reducer {reducer:?} does not apply to {}",
             std::any::type_name::<T>()
         );
+        self.check_here("allreduce");
         let seq = self.counts.reductions.get();
         let fut = Future::<T>::new();
         let kind = Kind::builtin::<T>(reducer);

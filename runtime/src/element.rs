@@ -43,12 +43,11 @@ pub(crate) trait ElementObj: Any {
     fn leave_channels(&self) -> Vec<crate::channel::ChannelEnd>;
     /// A copy of its channels' state, the channels still in use (for a checkpoint).
     fn channel_snapshot(&self) -> Vec<crate::channel::ChannelEnd>;
-    /// Its next contribution number for each of its sections, for a migration.
-    fn section_counts(&self) -> Vec<(crate::CollectionId, u64)>;
+    /// Its next contribution numbers (to its collection's reductions, to each of its
+    /// sections'), for a migration: copies of its `Ctx` left behind can no longer contribute.
+    fn leave_counts(&self) -> (u64, Vec<(crate::CollectionId, u64)>);
     /// The chare's state, serialized for a migration.
     fn pack(&self) -> Result<Vec<u8>, String>;
-    /// Number of the element's next reduction contribution.
-    fn reduction_count(&self) -> u64;
     /// Seconds of entry-method time measured since the last reset.
     fn load(&self) -> f64;
     /// Sets the measured load (reset after a balancing step; carried by a migration).
@@ -143,8 +142,8 @@ impl<C: Chare> ElementObj for Element<C> {
             .map(|table| table.borrow().snapshot())
             .unwrap_or_default()
     }
-    fn section_counts(&self) -> Vec<(crate::CollectionId, u64)> {
-        self.ctx.section_counts()
+    fn leave_counts(&self) -> (u64, Vec<(crate::CollectionId, u64)>) {
+        self.ctx.leave()
     }
     fn pack(&self) -> Result<Vec<u8>, String> {
         let chare = self
@@ -161,9 +160,6 @@ impl<C: Chare> ElementObj for Element<C> {
                 ))
             },
         )
-    }
-    fn reduction_count(&self) -> u64 {
-        self.ctx.reduction_count()
     }
     fn load(&self) -> f64 {
         self.load.get()

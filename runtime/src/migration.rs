@@ -525,14 +525,15 @@ impl PeState {
                 return None;
             }
         }
+        let (reductions, sections) = element.leave_counts();
         let migrant = Migrant {
             coll: r.coll,
             index: r.index,
             epoch: epoch + 1,
-            reductions: element.reduction_count(),
+            reductions,
             load: element.load(),
             channels,
-            sections: element.section_counts(),
+            sections,
             state,
             balance: r.balance,
         };

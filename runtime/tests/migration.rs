@@ -698,3 +698,50 @@ fn at_sync_balancing_counts_the_load_outside_the_collection() {
     })
     .unwrap();
 }
+
+/// Keeps a copy of its `Ctx` in a timer, then moves away.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Leaver;
+
+#[chare(migratable)]
+impl Leaver {
+    fn new() -> Self {
+        Leaver
+    }
+
+    /// Contributes later through a copy of its `Ctx`, and moves to PE 1 now.
+    #[entry]
+    fn arm(&mut self, ctx: &Ctx<Self>, sum: Future<u64>) {
+        let later = ctx.clone();
+        charmrs::schedule_after(std::time::Duration::from_millis(20), move || {
+            later.contribute(1u64, Reducer::Sum, sum);
+        });
+        ctx.migrate(1).unwrap();
+    }
+}
+
+/// A copy of an element's `Ctx` kept on the PE it left cannot contribute for it: the element's
+/// reduction numbers went with it, and the copy would reuse one (two contributions of the
+/// element in one reduction, none of another element). The job aborts naming the element.
+#[test]
+fn a_ctx_copy_left_behind_by_a_migration_cannot_contribute() {
+    let r = run_job(2, |_| async {
+        let a = Array::<Leaver, usize>::new(2, ());
+        let sum = Future::<u64>::new();
+        a.at(0usize).arm(sum);
+        sum.await;
+        charmrs::exit(0);
+    });
+    match r {
+        Err(Error::Aborted(msg)) => {
+            for needle in [
+                "element (0,) of Leaver",
+                "migrated away from PE 0",
+                "cannot contribute",
+            ] {
+                assert!(msg.contains(needle), "`{needle}` missing: {msg}");
+            }
+        }
+        other => panic!("the job must abort: {other:?}"),
+    }
+}
