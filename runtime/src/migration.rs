@@ -53,10 +53,6 @@ type Residents = Vec<(Index, Rc<dyn ElementObj>)>;
 /// element that moves on every message makes one such hop per move, however many it takes.
 const MAX_HOPS: u32 = 64;
 
-/// Most elements a PE remembers as having left it, per collection (see
-/// `LocalCollection::departed`); beyond, it forgets them all and starts again.
-const DEPARTED_MAX: usize = 1 << 16;
-
 /// An element on its way to another PE.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Migrant {
@@ -542,11 +538,10 @@ impl PeState {
             let c = cols.get_mut(&r.coll).expect("found above");
             c.remove(&r.index, home);
             c.epochs.remove(&r.index);
-            // Only the hop count's loop check reads it, so forgetting is safe: bounded, lest a
-            // long run of balancing steps fill it with every element that ever passed by.
-            if c.departed.len() >= DEPARTED_MAX {
-                c.departed.clear();
-            }
+            // Not bounded: forgetting an element here would make calls that follow its
+            // departure count as hops, and a long chain of such PEs abort a healthy job. It
+            // grows no faster than the location record every departure leaves (`away` at the
+            // home, `locations` elsewhere), one entry per element that left and never came back.
             c.departed.insert(r.index);
         }
         drop(element);
