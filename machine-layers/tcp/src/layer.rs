@@ -339,7 +339,8 @@ impl TcpLayer {
     /// Like [`progress`](MachineLayer::progress), but if nothing is there
     /// polls for up to [`TcpConfig::wait_spin`], then sleeps in `epoll`
     /// until input or an event arrives or `timeout` passes (then returns
-    /// `Ok(0)`). For a dedicated communication thread or an idle PE.
+    /// `Ok(0)`; a timeout too long for the clock, such as `Duration::MAX`,
+    /// never passes). For a dedicated communication thread or an idle PE.
     ///
     /// # Errors
     ///
@@ -350,7 +351,9 @@ impl TcpLayer {
         timeout: Duration,
     ) -> Result<usize, TransportError> {
         let start = Instant::now();
-        let deadline = start + timeout;
+        // `None`: no deadline (a timeout past what the clock can represent,
+        // such as `Duration::MAX`, waits for ever).
+        let deadline = start.checked_add(timeout);
         let n = self.progress_with(sink, true)?;
         if n > 0 {
             return Ok(n);
@@ -374,16 +377,19 @@ impl TcpLayer {
         let recv = &self.shared.recv;
         let mut ready = Vec::new();
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(0);
-            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Ok(0),
+                },
+                None => None,
+            };
             recv.waiting.fetch_add(1, Ordering::SeqCst);
             // Pairs with the fence in `Shared::ring`: an event queued from
             // now on rings the doorbell, one queued before is seen here.
             std::sync::atomic::fence(Ordering::SeqCst);
             let slept = if self.rx.is_empty() {
-                recv.data.wait(&mut ready, Some(deadline - now))
+                recv.data.wait(&mut ready, left)
             } else {
                 Ok(())
             };

@@ -679,3 +679,30 @@ fn messages_sent_before_a_peer_dies_are_handed_out_before_its_loss() {
         );
     });
 }
+
+#[test]
+fn progress_wait_without_a_deadline() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(2, TcpConfig::default());
+        let mut got = Vec::new();
+        l[0].send(0, msg(1, &[])).unwrap();
+        let n = l[0]
+            .progress_wait(&mut |_, m| got.push(m.header().tag), Duration::MAX)
+            .unwrap();
+        assert_eq!((n, &got[..]), (1, &[1][..]));
+        // Nothing there yet: sleeps until something comes.
+        let sender = {
+            let l1 = Arc::clone(&l[1]);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                l1.send(0, msg(2, &[])).unwrap();
+            })
+        };
+        while got.len() < 2 {
+            l[0].progress_wait(&mut |_, m| got.push(m.header().tag), Duration::MAX)
+                .unwrap();
+        }
+        assert_eq!(got, [1, 2]);
+        sender.join().unwrap();
+    });
+}
