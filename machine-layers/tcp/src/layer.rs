@@ -385,10 +385,12 @@ impl TcpLayer {
                 None => None,
             };
             recv.waiting.fetch_add(1, Ordering::SeqCst);
-            // Pairs with the fence in `Shared::ring`: an event queued from
+            // Pairs with the fence in `Shared::ring`: an event queued (or
+            // input parked by a reader, whose sockets then look empty) from
             // now on rings the doorbell, one queued before is seen here.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let slept = if self.rx.is_empty() {
+            let idle = self.rx.is_empty() && !crate::recv::input_waiting(recv);
+            let slept = if idle {
                 recv.data.wait(&mut ready, left)
             } else {
                 Ok(())
@@ -396,6 +398,11 @@ impl TcpLayer {
             recv.waiting.fetch_sub(1, Ordering::SeqCst);
             recv.bell.drain();
             slept?;
+            if !idle {
+                // Something waits, but the last poll could not take it
+                // (another thread held the connections): let it finish.
+                std::thread::yield_now();
+            }
             let n = self.progress_with(sink, true)?;
             if n > 0 {
                 return Ok(n);

@@ -196,7 +196,9 @@ pub(crate) struct Receiver {
     stop: EventFd,
     /// Threads sleeping in `data` (see `Shared::push`).
     pub(crate) waiting: AtomicUsize,
-    /// Set by the watcher on input, cleared by the poll that acts on it.
+    /// Set by the watcher on input (also by a read stopped by its budget, by
+    /// [`relieve`] when it parked something, and by [`adopt`]); cleared by
+    /// every poll that reads the sockets, forced or not, before it reads.
     arrived: AtomicBool,
     /// The watcher runs (it tells polls when input came).
     watching: AtomicBool,
@@ -310,9 +312,18 @@ pub(crate) fn before_park(shared: &Shared) -> bool {
     if !r.armed.swap(true, Ordering::SeqCst) {
         r.arm_bell.ring();
     }
-    !(r.arrived.load(Ordering::SeqCst)
+    !input_waiting(r)
+}
+
+/// Whether the receive side knows of input a poll would hand out or should
+/// read: parked messages, a new connection, or an arrival not yet read.
+/// Each is set before the setter rings (`Shared::ring`), so a sleeper that
+/// checks this after announcing itself (`waiting`, then a fence) either
+/// sees it or is woken by the doorbell.
+pub(crate) fn input_waiting(r: &Receiver) -> bool {
+    r.arrived.load(Ordering::SeqCst)
         || r.has_parked.load(Ordering::SeqCst)
-        || r.has_new.load(Ordering::SeqCst))
+        || r.has_new.load(Ordering::SeqCst)
 }
 
 /// The watcher. *Disarmed* (while the poller polls) it sleeps in `standby`
@@ -468,6 +479,12 @@ pub(crate) fn poll(
             st.conns.append(&mut lock(&r.adopt));
         }
         if st.conns.is_empty() && st.parked.is_empty() {
+            // Nothing to read: an arrival flagged for a connection that has
+            // ended since must not keep `before_park` and `progress_wait`
+            // from sleeping.
+            if r.arrived.load(Ordering::Acquire) {
+                r.arrived.store(false, Ordering::SeqCst);
+            }
             return Some(Ok(0));
         }
         if !force && st.parked.is_empty() && r.watching.load(Ordering::Relaxed) {
@@ -483,6 +500,14 @@ pub(crate) fn poll(
             r.reads.load(Ordering::Relaxed).wrapping_add(1),
             Ordering::Relaxed,
         );
+        // This read takes whatever `arrived` announced (a forced read did not
+        // clear it, and `before_park` then refused to park for ever while
+        // the poller only idle-polled). Cleared before reading: input that
+        // comes after the clear raises a new edge (the watcher sets the flag
+        // again if armed), input before it is read now.
+        if r.arrived.load(Ordering::Acquire) {
+            r.arrived.store(false, Ordering::SeqCst);
+        }
         // Parked events were read first: they go first.
         let mut batch = std::mem::take(&mut st.parked);
         st.parked_bytes = 0;

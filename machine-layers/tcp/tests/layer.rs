@@ -706,3 +706,33 @@ fn progress_wait_without_a_deadline() {
         sender.join().unwrap();
     });
 }
+
+/// An idle poll (a forced read) that takes the input also takes its arrival flag: the poller
+/// may park afterwards (the flag stayed set, and `before_park` refused for ever while the
+/// poller only idle-polled).
+#[test]
+fn a_poller_may_park_after_idle_polls_took_the_input() {
+    watchdog(30, || {
+        let (_srv, _s, l) = job(2, TcpConfig::default());
+        l[0].set_wakeup(|| {}).unwrap();
+        l[1].send(0, msg(9, &[b"x"])).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.is_empty() {
+            assert!(Instant::now() < deadline, "nothing arrived");
+            l[0].progress_idle(&mut |_, m| got.push(m.header().tag))
+                .unwrap();
+        }
+        assert_eq!(got, [9]);
+        let parks = (0..100)
+            .find(|_| {
+                l[0].before_park() || {
+                    l[0].progress_idle(&mut |_, m| panic!("unexpected {m:?}"))
+                        .unwrap();
+                    false
+                }
+            })
+            .is_some();
+        assert!(parks, "before_park refused 100 times with nothing waiting");
+    });
+}
