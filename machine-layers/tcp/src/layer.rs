@@ -28,7 +28,9 @@ pub struct TcpConfig {
     /// choosing one by interface name or for a job across hosts.
     pub bind: IpAddr,
     /// Largest frame (header, length table and payload) sent or accepted;
-    /// a peer announcing a larger one is treated as hostile. Default 1 GiB.
+    /// a peer announcing a larger one is treated as hostile. A remote read
+    /// whose answer would be larger is refused (see
+    /// [`get`](MachineLayer::get)). Default 1 GiB.
     pub max_frame: usize,
     /// Bound on the bytes of messages the layer's watcher thread reads
     /// ahead from the sockets while nobody polls, not yet handed out by
@@ -131,7 +133,9 @@ pub struct TcpStats {
 ///   sends a request over the connection to the owner, whose layer reads
 ///   it (watcher or poller) and answers from a background thread (no
 ///   involvement of its scheduler); the bytes arrive through `progress` as
-///   the completion message the trait describes.
+///   the completion message the trait describes. A read whose answer would
+///   exceed [`TcpConfig::max_frame`] is refused, by `get` itself or by the
+///   owner (a failed read), never sent.
 /// * **Shutdown**: dropping the layer says goodbye to every peer (so they
 ///   do not report it lost), waits up to [`TcpConfig::linger`] for them to
 ///   close, and stops all its threads.
@@ -562,7 +566,16 @@ impl MachineLayer for TcpLayer {
     /// A real remote read: a request to `src`, answered by `src`'s layer
     /// from its registration table. The completion arrives through
     /// `progress`; a refused read (unknown or deregistered region, key of
-    /// another job) arrives as [`TransportError::Malformed`].
+    /// another job, an answer over `src`'s [`TcpConfig::max_frame`]) arrives
+    /// as [`TransportError::Malformed`].
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::UnknownProcess`]; [`TransportError::TooLarge`] if
+    /// the answer (`key.len` bytes and a frame prefix) would exceed
+    /// [`TcpConfig::max_frame`]; [`TransportError::Malformed`] for a key not
+    /// made by a TCP layer (or, `src` being this process, one it does not
+    /// hold); [`TransportError::PeerLost`] as for `send`.
     fn get(
         &self,
         src: ProcessId,
@@ -575,6 +588,16 @@ impl MachineLayer for TcpLayer {
             TransportError::Malformed("remote key was not made by a tcp layer".to_owned())
         })?;
         let nonce = u64::from_le_bytes(nonce);
+        // The answer is one frame of one segment: refused here if no peer
+        // would accept it (it used to be sent, and the requester dropped the
+        // connection as malformed).
+        let frame = key
+            .len
+            .saturating_add(charmrs_transport::single_segment_frame_len(0) as u64);
+        let max = self.shared.cfg.max_frame as u64;
+        if frame > max {
+            return Err(TransportError::TooLarge { len: frame, max });
+        }
         let header = Header::new(completion_kind, 0, 0, completion_tag);
         if src == self.shared.rank {
             let bytes = self

@@ -448,10 +448,23 @@ impl Shared {
         Ok(buf.slice(..len as usize))
     }
 
-    /// Answers one remote read on our stream to the requester.
+    /// Answers one remote read on our stream to the requester: the bytes,
+    /// or why not (a refusal, never a frame over `cfg.max_frame`, which the
+    /// requester would take for a malformed one and drop the connection).
     fn serve_get(self: &Arc<Self>, job: GetJob) {
         let header = Header::new(job.kind, 0, 0, job.tag);
-        let (ty, seg) = match self.region(job.region, job.len, job.nonce) {
+        let answer = self.region(job.region, job.len, job.nonce).and_then(|bytes| {
+            let frame = charmrs_transport::single_segment_frame_len(bytes.len());
+            if frame > self.cfg.max_frame {
+                return Err(format!(
+                    "region exceeds the frame limit: a read of {} bytes makes a frame of {frame} bytes, over the limit of {}",
+                    bytes.len(),
+                    self.cfg.max_frame
+                ));
+            }
+            Ok(bytes)
+        });
+        let (ty, seg) = match answer {
             Ok(bytes) => (PKT_GET_RESP, bytes),
             Err(why) => (PKT_GET_ERR, Bytes::from(why.into_bytes())),
         };

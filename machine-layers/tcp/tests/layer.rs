@@ -13,7 +13,8 @@ use charmrs_tcp::wire::{self, ACK_MAGIC, HELLO_LEN, HELLO_MAGIC};
 use charmrs_tcp::{TcpConfig, TcpLayer};
 use charmrs_transport::kv::{random_secret, JobSecret, KvBootstrap, KvServer};
 use charmrs_transport::{
-    encode_frame_prefix, Bootstrap, Header, MachineLayer, Message, ProcessId, TransportError,
+    encode_frame_prefix, single_segment_frame_len, Bootstrap, Header, MachineLayer, Message,
+    ProcessId, TransportError,
 };
 
 /// Runs `f` on a thread; fails if it takes longer than `secs`.
@@ -734,5 +735,57 @@ fn a_poller_may_park_after_idle_polls_took_the_input() {
             })
             .is_some();
         assert!(parks, "before_park refused 100 times with nothing waiting");
+    });
+}
+
+#[test]
+fn a_remote_read_larger_than_the_frame_limit_is_refused_and_the_connections_survive() {
+    watchdog(30, || {
+        let cfg = TcpConfig {
+            max_frame: 64 << 10,
+            ..TcpConfig::default()
+        };
+        let (_srv, secret, l) = job(3, cfg);
+        let big = l[1].register(Bytes::from(vec![9u8; 100_000])).unwrap();
+        let small = l[1].register(Bytes::from_static(b"fits")).unwrap();
+        // The requester refuses locally, naming the sizes.
+        let frame = single_segment_frame_len(100_000) as u64;
+        match l[0].get(1, big.key(), 5, 6) {
+            Err(TransportError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (frame, 64 << 10))
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        l[0].get(1, small.key(), 5, 7).unwrap();
+        let got = collect(&l[0], 1, 10);
+        assert_eq!(
+            (got[0].1.header().tag, &got[0].1.segments()[0][..]),
+            (7, &b"fits"[..])
+        );
+        // A requester that does not check (an impostor of process 2 speaking the wire
+        // protocol) is answered with a refusal, not with a frame over the limit: process 2
+        // hears of a failed read and its connection from process 1 stays up.
+        let mut s = impostor(&l[1], 2, &secret);
+        let mut req = Vec::new();
+        req.extend_from_slice(&big.key().addr.to_le_bytes());
+        req.extend_from_slice(&big.key().len.to_le_bytes());
+        req.extend_from_slice(&big.key().rkey);
+        let m = msg(8, &[&req]);
+        let mut bytes = vec![wire::PKT_GET_REQ];
+        bytes.extend_from_slice(&encode_frame_prefix(&m));
+        bytes.extend_from_slice(&req);
+        s.write_all(&bytes).unwrap();
+        match next_error(&l[2], 10) {
+            TransportError::Malformed(m) => {
+                assert!(m.contains("process 1") && m.contains("frame limit"), "{m}")
+            }
+            other => panic!("expected a failed read, got {other:?}"),
+        }
+        l[1].send(2, msg(9, &[b"still here"])).unwrap();
+        let got = collect(&l[2], 1, 10);
+        assert_eq!((got[0].0, got[0].1.header().tag), (1, 9));
+        assert_eq!(l[2].stats().frames_rejected, 0);
+        assert_eq!(l[1].progress(&mut |_, _| {}).unwrap(), 0);
+        drop(s);
     });
 }
