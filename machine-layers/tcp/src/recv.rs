@@ -61,6 +61,10 @@
 //!   the kernel, TCP's window closes and the sender's `send` waits), by a
 //!   send waiting for room in a full socket whatever `parked` holds (so that
 //!   two processes sending to each other cannot both block forever).
+//! * Fair: the connections share a read's budget in turn, each read
+//!   starting at the next one, so a connection that always has input (a
+//!   peer streaming large messages) cannot take every read's whole budget
+//!   and leave another connection's messages unread.
 //! * No input is left unread without a reader being told: a read stops
 //!   only at "would block", after a short read (anything arriving later
 //!   raises a new edge, so `arrived`), or at the budget (which sets
@@ -168,6 +172,9 @@ struct RecvState {
     ready: Vec<u64>,
     /// Calls of [`poll`] (wrapping), for [`SAFETY_EVERY`].
     calls: u32,
+    /// Reads of the connections (wrapping): where the next one starts
+    /// ([`read_all`]).
+    turn: usize,
 }
 
 /// The receive side's shared part (lives in [`Shared`]).
@@ -237,6 +244,7 @@ impl Receiver {
                 scratch: vec![0u8; CHUNK],
                 ready: Vec::new(),
                 calls: 0,
+                turn: 0,
             }),
             watcher: Mutex::new(None),
         };
@@ -606,7 +614,9 @@ pub(crate) fn relieve(shared: &Arc<Shared>, bounded: bool) -> Option<bool> {
 
 /// Reads the readable connections (all of them when there are at most
 /// [`DIRECT_MAX`]), at most `budget` bytes, handing complete messages to
-/// `out`; closes and reports connections that ended. Returns whether any
+/// `out`; closes and reports connections that ended. Each call starts at
+/// the next connection (or readable one) in turn: one that always has input
+/// spends the whole budget only on the reads it starts. Returns whether any
 /// byte was read or any connection ended.
 fn read_all(
     shared: &Arc<Shared>,
@@ -617,9 +627,13 @@ fn read_all(
     let r = &shared.recv;
     let mut left = budget.max(1);
     let mut ended: Vec<(usize, End)> = Vec::new();
+    let turn = st.turn;
+    st.turn = st.turn.wrapping_add(1);
     if st.conns.len() <= DIRECT_MAX {
-        for (i, c) in st.conns.iter_mut().enumerate() {
-            if let Err(end) = c.pump(shared, &mut st.scratch, &mut left, out) {
+        let n = st.conns.len();
+        for k in 0..n {
+            let i = (turn % n + k) % n;
+            if let Err(end) = st.conns[i].pump(shared, &mut st.scratch, &mut left, out) {
                 ended.push((i, end));
             }
         }
@@ -627,8 +641,9 @@ fn read_all(
         if let Err(e) = r.data.wait(&mut st.ready, Some(Duration::ZERO)) {
             eprintln!("charmrs-tcp[rank {}]: epoll_wait: {e}", shared.rank);
         }
-        for k in 0..st.ready.len() {
-            let token = st.ready[k];
+        let n = st.ready.len();
+        for k in 0..n {
+            let token = st.ready[(turn % n + k) % n];
             let Some(i) = st.conns.iter().position(|c| c.id == token) else {
                 continue; // the doorbell, or a connection not adopted yet
             };

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -787,5 +787,74 @@ fn a_remote_read_larger_than_the_frame_limit_is_refused_and_the_connections_surv
         assert_eq!(l[2].stats().frames_rejected, 0);
         assert_eq!(l[1].progress(&mut |_, _| {}).unwrap(), 0);
         drop(s);
+    });
+}
+
+/// One peer streaming large messages does not starve another: a small message from a second
+/// peer is handed out while the first keeps streaming, within a few of the stream's messages.
+/// (The first connection in the list used to take the whole read budget of every poll, so the
+/// small message waited until the stream paused.)
+#[test]
+fn a_streaming_peer_does_not_starve_another() {
+    watchdog(120, || {
+        // No read-ahead by the watcher: only the poller reads, poll by poll.
+        let cfg = TcpConfig {
+            recv_queue_bytes: 0,
+            ..TcpConfig::default()
+        };
+        let (_srv, _s, l) = job(3, cfg);
+        // Process 0's connection first in process 2's list, then process 1's.
+        l[0].send(2, msg(0, &[])).unwrap();
+        assert_eq!(collect(&l[2], 1, 10)[0].0, 0);
+        l[1].send(2, msg(0, &[])).unwrap();
+        assert_eq!(collect(&l[2], 1, 10)[0].0, 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let streamer = {
+            let (l0, stop, sent) = (Arc::clone(&l[0]), Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let payload = Bytes::from(vec![1u8; 1 << 20]);
+                while !stop.load(Ordering::SeqCst) {
+                    let m = Message::with_segment(Header::new(1, 0, 0, 1), payload.clone());
+                    l0.send(2, m).unwrap();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // A consumer slower than the stream (so that process 0's socket stays full).
+        let (mut from0, mut small) = (0usize, false);
+        let take = |from0: &mut usize, small: &mut bool| {
+            let mut sink = |src: ProcessId, m: Message| {
+                if src == 1 {
+                    assert_eq!(m.header().tag, 1);
+                    *small = true;
+                } else {
+                    *from0 += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            l[2].progress_wait(&mut sink, Duration::from_millis(100))
+                .unwrap();
+        };
+        while from0 < 16 {
+            take(&mut from0, &mut small);
+        }
+        l[1].send(2, msg(1, &[b"small"])).unwrap();
+        let before = from0;
+        while !small {
+            assert!(
+                from0 - before <= 16,
+                "the small message waited behind {} messages of the stream",
+                from0 - before
+            );
+            take(&mut from0, &mut small);
+        }
+        stop.store(true, Ordering::SeqCst);
+        // Every message of the stream arrives.
+        while !streamer.is_finished() || from0 < sent.load(Ordering::SeqCst) {
+            take(&mut from0, &mut small);
+        }
+        streamer.join().unwrap();
+        assert_eq!(from0, sent.load(Ordering::SeqCst));
     });
 }
