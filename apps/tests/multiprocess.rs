@@ -707,3 +707,39 @@ fn hosts_are_numbered_by_first_process_and_list_their_pes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An unknown machine layer is refused naming it and where it came from: the flag, or the
+/// environment variable when no flag was given.
+#[test]
+fn an_unknown_machine_layer_is_named_with_where_it_came_from() {
+    let job = |flag: Option<&str>, env: Option<&str>| {
+        let mut cmd = Command::new(charmrun());
+        cmd.args(["++quiet", "+p2", "++ppn", "1"])
+            .arg(env!("CARGO_BIN_EXE_hello"))
+            .env_remove("CHARMRS_PES")
+            .env_remove("CHARMRS_MACHINE");
+        if let Some(name) = flag {
+            cmd.args(["+machine", name]);
+        }
+        if let Some(name) = env {
+            cmd.env("CHARMRS_MACHINE", name);
+        }
+        common::run(cmd, Duration::from_secs(60), |_| false)
+    };
+    let done = job(Some("bogus"), Some("tcp"));
+    assert!(!done.success(), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("+machine: unknown machine layer `bogus`; valid: "),
+        "{}",
+        done.stderr
+    );
+    let done = job(None, Some("warp"));
+    assert!(!done.success(), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("CHARMRS_MACHINE=warp: unknown machine layer `warp`; valid: "),
+        "{}",
+        done.stderr
+    );
+}

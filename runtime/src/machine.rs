@@ -139,14 +139,21 @@ fn tcp_listen_address(one_host: bool) -> Result<std::net::IpAddr> {
 /// The layer `+machine` (else `CHARMRS_MACHINE`) asks for, or the automatic choice.
 fn wanted(machine: Option<&str>) -> Result<&'static str> {
     let env = std::env::var("CHARMRS_MACHINE").ok();
-    match machine.or(env.as_deref().filter(|s| !s.is_empty())) {
+    let env = env.as_deref().filter(|s| !s.is_empty());
+    match machine.or(env) {
         Some(name) => MACHINES
             .iter()
             .copied()
             .find(|m| *m == name)
             .ok_or_else(|| {
+                // Name where the value came from: the flag wins over the environment.
+                let source = if machine.is_some() {
+                    "+machine".to_string()
+                } else {
+                    format!("CHARMRS_MACHINE={name}")
+                };
                 Error::Options(format!(
-                    "+machine: unknown machine layer `{name}`; valid: {}",
+                    "{source}: unknown machine layer `{name}`; valid: {}",
                     MACHINES.join(", ")
                 ))
             }),
