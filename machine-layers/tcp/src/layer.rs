@@ -48,7 +48,10 @@ pub struct TcpConfig {
     /// How long a handshake may take (either side). Default 5 s.
     pub handshake_timeout: Duration,
     /// How long dropping the layer waits for peers to acknowledge its
-    /// goodbye (so its last messages are not cut off). Default 1 s.
+    /// goodbye (so its last messages are not cut off). Writing the goodbyes
+    /// waits at most as long again for room in a full socket (a peer that
+    /// reads nothing); that peer then sees the connection close without
+    /// goodbye. Default 1 s.
     pub linger: Duration,
     /// How long [`TcpLayer::progress_wait`] polls the sockets (spinning,
     /// then yielding the CPU) before it sleeps in `epoll`. Polling saves the
@@ -137,7 +140,8 @@ pub struct TcpStats {
 ///   exceed [`TcpConfig::max_frame`] is refused, by `get` itself or by the
 ///   owner (a failed read), never sent.
 /// * **Shutdown**: dropping the layer says goodbye to every peer (so they
-///   do not report it lost), waits up to [`TcpConfig::linger`] for them to
+///   do not report it lost; without blocking on a peer that reads nothing,
+///   see [`TcpConfig::linger`]), waits up to [`TcpConfig::linger`] for them to
 ///   close, and stops all its threads.
 pub struct TcpLayer {
     shared: Arc<Shared>,

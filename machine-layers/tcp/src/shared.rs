@@ -211,6 +211,29 @@ pub(crate) fn write_packet(
     write_all_vectored(shared, s, &bufs)
 }
 
+/// Writes the one-byte goodbye `byte` to `s` without blocking in the write
+/// (the `out` streams are blocking sockets): waits for room until
+/// `deadline` if the socket is full, then gives up. Returns whether the
+/// byte was written.
+pub(crate) fn say_goodbye(s: &TcpStream, byte: u8, deadline: std::time::Instant) -> bool {
+    let buf = [byte];
+    loop {
+        match crate::poll::send_nowait(s.as_fd(), &[IoSlice::new(&buf)]) {
+            Ok(n) => return n == 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = std::time::Instant::now();
+                if now >= deadline
+                    || crate::poll::wait_writable(s.as_fd(), None, deadline - now).is_err()
+                {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
 impl Shared {
     /// Calls the wake-up hook, if any.
     pub(crate) fn wake(&self) {
@@ -481,6 +504,10 @@ impl Shared {
         if self.closing.swap(true, Ordering::SeqCst) {
             return;
         }
+        // A goodbye waits for room in a full socket (a peer that reads
+        // nothing) until this deadline, shared by all of them, and is then
+        // given up: that peer sees the connection close without goodbye.
+        let bye_deadline = std::time::Instant::now() + self.cfg.linger;
         for peer in &self.peers {
             // A send in progress holds the stream briefly: wait for it (bounded, since a send
             // blocked by back-pressure may hold it for good) rather than skip the goodbye, which
@@ -495,14 +522,14 @@ impl Shared {
                     Err(_) => break None,
                 }
             };
-            if let Some(mut out) = out {
-                if let Some(s) = out.as_mut() {
-                    let _ = s.write_all(&[wire::PKT_BYE]);
+            if let Some(out) = out {
+                if let Some(s) = out.as_ref() {
+                    say_goodbye(s, wire::PKT_BYE, bye_deadline);
                     let _ = s.shutdown(Shutdown::Write);
                 }
             }
             if let Some((_, s)) = lock(&peer.incoming).as_ref() {
-                let _ = (&*s).write_all(&[wire::BYE_BYTE]);
+                say_goodbye(s, wire::BYE_BYTE, bye_deadline);
             }
         }
         // Linger: wait for the peers to close our streams, reading (and
@@ -535,5 +562,56 @@ impl Shared {
         lock(&self.responder).take();
         // Wake the blocking accept so its thread sees `closing`.
         let _ = TcpStream::connect_timeout(&self.listen, Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    /// A goodbye to a peer that reads nothing, on a blocking socket whose
+    /// buffers are full, is given up at its deadline (a blocking write of it
+    /// hung the layer's drop for ever).
+    #[test]
+    fn a_goodbye_to_a_full_socket_gives_up_at_its_deadline() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let out = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (_silent, _) = listener.accept().unwrap();
+            // Fill both sides' buffers until even one byte finds no room. (The
+            // kernel may free a little room later, by compacting the unread
+            // input: then the goodbye is written, and the test fills again.)
+            let chunk = vec![0u8; 64 << 10];
+            loop {
+                while crate::poll::send_nowait(out.as_fd(), &[IoSlice::new(&chunk)]).is_ok() {}
+                std::thread::sleep(Duration::from_millis(20));
+                while crate::poll::send_nowait(out.as_fd(), &[IoSlice::new(&[1])]).is_ok() {}
+                let t = Instant::now();
+                if !say_goodbye(&out, wire::PKT_BYE, t + Duration::from_millis(50)) {
+                    let _ = tx.send(t.elapsed());
+                    return;
+                }
+            }
+        });
+        let took = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the goodbye blocked (watchdog)");
+        assert!(
+            took >= Duration::from_millis(50),
+            "gave up before its deadline"
+        );
+
+        // With room, it is written.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        assert!(say_goodbye(&out, wire::PKT_BYE, Instant::now()));
+        let mut b = [0u8; 1];
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(b, [wire::PKT_BYE]);
     }
 }
