@@ -157,10 +157,10 @@ fn accept_handshake(
     Ok((rank, id))
 }
 
-/// Watches our stream to `dst`: the peer writes nothing on it but a
-/// goodbye byte, so end-of-stream or an error means the peer died (or
-/// departed, after the goodbye).
-pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, mut s: TcpStream) {
+/// Watches our stream to `dst` (connection `id`): the peer writes nothing
+/// on it but a goodbye byte, so end-of-stream or an error means the peer
+/// died (or departed, after the goodbye).
+pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: TcpStream) {
     let addr = shared.peers[dst as usize].addr;
     let mut buf = [0u8; 16];
     let mut bye = false;
@@ -178,7 +178,15 @@ pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, mut s: TcpStream) 
     } else if !shared.closing.load(Ordering::SeqCst) {
         shared.lose(dst, format!("connection to process {dst} ({addr}): {why}"));
     }
-    if let Some(c) = lock(&shared.peers[dst as usize].out_ctl).take() {
+    // Shut down this connection only: never one made since.
+    let mine = {
+        let mut ctl = lock(&shared.peers[dst as usize].out_ctl);
+        match &*ctl {
+            Some((cid, _)) if *cid == id => ctl.take(),
+            _ => None,
+        }
+    };
+    if let Some((_, c)) = mine {
         let _ = c.shutdown(std::net::Shutdown::Both);
     }
 }

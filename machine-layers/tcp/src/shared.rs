@@ -7,6 +7,9 @@
 //! * `peers[p].out` holds the only data stream to `p`; it is written under
 //!   its mutex only, whole packets at a time, so packets never interleave
 //!   and per-pair order is the order of `send` calls.
+//! * A failure to connect or write marks the peer lost while its `out` is
+//!   still held (the report is queued after), so no other sender finds the
+//!   stream gone and the peer not yet lost, and connects again.
 //! * A peer's `lost` reason is set at most once and never cleared: every
 //!   later send to it fails with that reason. A `PeerLost` event is queued
 //!   for it at most once (`reported`), and never for a peer that said
@@ -57,8 +60,9 @@ pub(crate) struct Peer {
     /// Our data stream to the peer, made on first use.
     pub(crate) out: Mutex<Option<TcpStream>>,
     /// A clone of `out`'s socket, to shut it down without taking `out`
-    /// (which a blocked writer may hold).
-    pub(crate) out_ctl: Mutex<Option<TcpStream>>,
+    /// (which a blocked writer may hold), with the id of that connection
+    /// (its watcher shuts down only its own).
+    pub(crate) out_ctl: Mutex<Option<(u64, TcpStream)>>,
     /// Why the peer is unusable, once it is.
     pub(crate) lost: Mutex<Option<String>>,
     /// A `PeerLost` event was queued.
@@ -115,6 +119,8 @@ pub(crate) struct Shared {
     /// see the peer close, up to `cfg.linger`).
     pub(crate) watchers: Mutex<usize>,
     pub(crate) watchers_cv: Condvar,
+    /// Ids of connections: incoming ones (also their epoll tokens) and
+    /// outgoing ones (`Peer::out_ctl`).
     pub(crate) next_conn: AtomicU64,
     pub(crate) pending: AtomicUsize,
     pub(crate) counters: Counters,
@@ -279,7 +285,12 @@ impl Shared {
     /// Marks `p` lost (first reason wins) and reports it once through
     /// `progress`, unless it departed cleanly or we are shutting down.
     pub(crate) fn lose(&self, p: ProcessId, reason: String) {
-        if let Some(ev) = self.lose_report(p, reason) {
+        self.report_loss(self.lose_report(p, reason));
+    }
+
+    /// Queues a loss report made by [`Shared::lose_report`], if one is due.
+    fn report_loss(&self, report: Option<Event>) {
+        if let Some(ev) = report {
             self.push(ev);
         }
     }
@@ -342,8 +353,12 @@ impl Shared {
             match self.connect(dst) {
                 Ok(s) => *out = Some(s),
                 Err(why) => {
+                    // Marked lost before the stream is released: another
+                    // sender must not find it free, the peer not yet lost,
+                    // and connect again. Reported once it is released.
+                    let report = self.lose_report(dst, why);
                     drop(out);
-                    self.lose(dst, why);
+                    self.report_loss(report);
                     return Err(lost(self.lost_reason(dst).unwrap_or_default()));
                 }
             }
@@ -360,13 +375,17 @@ impl Shared {
                 Ok(true)
             }
             Err(e) => {
-                let _ = stream.shutdown(Shutdown::Both);
-                *out = None;
-                drop(out);
-                self.lose(
+                // Marked lost before the stream is closed and released (as
+                // above; and so this reason, not the one the watcher finds
+                // once the stream is shut, is the one reported).
+                let report = self.lose_report(
                     dst,
                     format!("write to process {dst} ({}) failed: {e}", peer.addr),
                 );
+                let _ = stream.shutdown(Shutdown::Both);
+                *out = None;
+                drop(out);
+                self.report_loss(report);
                 Err(lost(self.lost_reason(dst).unwrap_or_default()))
             }
         }
@@ -405,13 +424,14 @@ impl Shared {
         }
         s.set_read_timeout(None).map_err(|e| fail("timeout", &e))?;
         let watch = s.try_clone().map_err(|e| fail("clone", &e))?;
-        *lock(&self.peers[dst as usize].out_ctl) = s.try_clone().ok();
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.peers[dst as usize].out_ctl) = s.try_clone().ok().map(|c| (id, c));
         *lock(&self.watchers) += 1;
         let shared = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name(format!("charmrs-tcp-watch-{dst}"))
             .spawn(move || {
-                crate::conn::watch_outgoing(&shared, dst, watch);
+                crate::conn::watch_outgoing(&shared, dst, id, watch);
                 *lock(&shared.watchers) -= 1;
                 shared.watchers_cv.notify_all();
             });
@@ -551,7 +571,7 @@ impl Shared {
             }
         }
         for peer in &self.peers {
-            if let Some(s) = lock(&peer.out_ctl).take() {
+            if let Some((_, s)) = lock(&peer.out_ctl).take() {
                 let _ = s.shutdown(Shutdown::Both);
             }
             if let Some((_, s)) = lock(&peer.incoming).take() {
