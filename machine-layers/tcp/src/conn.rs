@@ -90,11 +90,8 @@ fn serve_incoming(shared: &Shared, mut stream: TcpStream, addr: SocketAddr) {
         }
     };
     if let Err(why) = crate::recv::adopt(shared, p, conn_id, addr, stream) {
-        {
-            let mut slot = lock(&shared.peers[p as usize].incoming);
-            if matches!(&*slot, Some((id, _)) if *id == conn_id) {
-                *slot = None;
-            }
+        if let Some(ev) = shared.end_incoming(p, conn_id) {
+            shared.push(ev);
         }
         refuse(shared, addr, &why);
     }
@@ -130,10 +127,10 @@ fn accept_handshake(
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     {
         let mut slot = lock(&shared.peers[rank as usize].incoming);
-        if slot.is_some() {
+        if slot.conn.is_some() {
             return Err(format!("process {rank} is already connected"));
         }
-        *slot = Some((id, stream.try_clone().map_err(|e| e.to_string())?));
+        slot.conn = Some((id, stream.try_clone().map_err(|e| e.to_string())?));
     }
     let mut answer = || -> io::Result<()> {
         stream.write_all(&wire::encode_hello(
@@ -147,7 +144,9 @@ fn accept_handshake(
         crate::poll::keep_alive(&stream)
     };
     if let Err(e) = answer() {
-        lock(&shared.peers[rank as usize].incoming).take();
+        if let Some(ev) = shared.end_incoming(rank, id) {
+            shared.push(ev);
+        }
         return Err(format!("answering the handshake: {e}"));
     }
     shared

@@ -129,8 +129,12 @@ pub struct TcpStats {
 ///   or cannot be reached is reported once by `progress` as
 ///   [`TransportError::PeerLost`] (on loopback within milliseconds of the
 ///   process's death) and every later send to it fails with the same
-///   error. A malformed frame drops that connection and is reported as
-///   [`TransportError::Malformed`] naming the peer.
+///   error. The report comes after every message the peer sent before: a
+///   loss found on the stream to the peer waits until the peer's stream to
+///   this process is read to its end (this layer closes its side of that
+///   stream for writing, so a peer still alive sees this process lost too,
+///   stops sending and closes it). A malformed frame drops that connection
+///   and is reported as [`TransportError::Malformed`] naming the peer.
 /// * **Remote reads**: [`register`](MachineLayer::register) keeps the
 ///   buffer in a table served by this process; [`get`](MachineLayer::get)
 ///   sends a request over the connection to the owner, whose layer reads
@@ -237,7 +241,7 @@ impl TcpLayer {
                 lost: Mutex::new(None),
                 reported: AtomicBool::new(false),
                 departed: AtomicBool::new(false),
-                incoming: Mutex::new(None),
+                incoming: Mutex::new(crate::shared::Incoming::default()),
             });
         }
         let nonce = random_secret()
@@ -428,8 +432,11 @@ impl TcpLayer {
         // Errors found on a connection (malformed frame, closed without
         // goodbye) come in line with its messages, from the receive side.
         // Queued events (messages to oneself, a loss seen on our outgoing
-        // stream) come after a poll that could look at the sockets, so a
-        // peer's last messages are handed out before its loss.
+        // stream of a peer that has no incoming connection open) come after
+        // a poll that could look at the sockets. (A loss seen on our
+        // outgoing stream while the peer's incoming connection is open is
+        // not queued: it waits for that connection's end and comes in line,
+        // see `Shared::report_loss`.)
         let pending = !self.rx.is_empty();
         let polled = crate::recv::poll(&self.shared, sink, force || pending).transpose()?;
         let mut n = polled.unwrap_or(0);

@@ -28,12 +28,13 @@
 //!   taken, so a busy or descheduled process does not hold its senders up.
 //! * **Failure detection**: a peer that dies is reported by `progress` as
 //!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost)
-//!   (on loopback, within milliseconds); a peer that shuts its layer down
-//!   cleanly is not. A peer whose host goes silent (crash, power loss, cut
-//!   network: no FIN or RST) is found by TCP keepalive probes on every
-//!   connection, ~5 s after its last traffic on an idle connection; a send
-//!   with unacknowledged data to it waits for the kernel's retransmission
-//!   limit (`net.ipv4.tcp_retries2`) instead.
+//!   (on loopback, within milliseconds), after every message it sent
+//!   before dying; a peer that shuts its layer down cleanly is not. A peer
+//!   whose host goes silent (crash, power loss, cut network: no FIN or
+//!   RST) is found by TCP keepalive probes on every connection, ~5 s after
+//!   its last traffic on an idle connection; a send with unacknowledged
+//!   data to it waits for the kernel's retransmission limit
+//!   (`net.ipv4.tcp_retries2`) instead.
 //! * **Loopback by default**: it listens on `127.0.0.1` unless
 //!   [`TcpConfig::bind`] says otherwise.
 //!

@@ -54,6 +54,9 @@
 //!   skips the sockets rather than block); `parked` is handed out before
 //!   anything read later. So per-connection, and thus per-pair, order is
 //!   arrival order, each packet handed out once.
+//! * A connection's end is reported in line after its last messages, and
+//!   so is a loss of its peer found elsewhere while it was open (held in
+//!   `Peer::incoming` until the end, see `Shared::report_loss`).
 //! * Bounded memory, back-pressure by TCP: a poll reads at most
 //!   [`POLL_BUDGET`] bytes and hands every message read to its sink; input
 //!   is read into `parked` only by [`relieve`]: by the watcher only while
@@ -435,22 +438,22 @@ pub(crate) fn close_all(shared: &Shared) {
     let mut st = lock(&r.state);
     let pending = std::mem::take(&mut *lock(&r.adopt));
     for c in st.conns.drain(..).chain(pending) {
-        forget(shared, &c);
+        // Shutting down: no report is due.
+        let _ = forget(shared, &c);
     }
 }
 
-/// Deregisters and closes `c`, freeing its peer's incoming slot.
-fn forget(shared: &Shared, c: &Conn) {
+/// Deregisters and closes `c`, freeing its peer's incoming slot; returns
+/// the loss report that waited for the connection's end, if one is due
+/// (see `Shared::end_incoming`), for the caller to put in line.
+#[must_use]
+fn forget(shared: &Shared, c: &Conn) -> Option<Event> {
     let r = &shared.recv;
     let _ = r.data.delete(c.stream.as_fd());
     let _ = r.watch.delete(c.stream.as_fd());
-    {
-        let mut slot = lock(&shared.peers[c.peer as usize].incoming);
-        if matches!(&*slot, Some((id, _)) if *id == c.id) {
-            *slot = None;
-        }
-    }
+    let held = shared.end_incoming(c.peer, c.id);
     let _ = c.stream.shutdown(Shutdown::Both);
+    held
 }
 
 /// Takes the connection state if no other thread holds it.
@@ -670,7 +673,11 @@ fn read_all(
                 out(ev);
             }
         }
-        forget(shared, &c);
+        // A loss of the peer found on our stream to it waited for this end:
+        // it comes after everything read from the connection.
+        if let Some(ev) = forget(shared, &c) {
+            out(ev);
+        }
     }
     any
 }

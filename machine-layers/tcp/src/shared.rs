@@ -11,9 +11,12 @@
 //!   still held (the report is queued after), so no other sender finds the
 //!   stream gone and the peer not yet lost, and connects again.
 //! * A peer's `lost` reason is set at most once and never cleared: every
-//!   later send to it fails with that reason. A `PeerLost` event is queued
+//!   later send to it fails with that reason. A `PeerLost` event is made
 //!   for it at most once (`reported`), and never for a peer that said
-//!   goodbye (`departed`) or while this layer shuts down (`closing`).
+//!   goodbye (`departed`) or while this layer shuts down (`closing`). It
+//!   comes after the peer's last messages: in line with its incoming
+//!   connection's input when found there, else queued, but only once that
+//!   connection (if one is open) has ended (`Incoming::held_loss`).
 //! * The event queue (`tx`) carries only what does not come off a socket
 //!   in order: messages to oneself, local remote-read completions, and
 //!   errors to report. Socket input is read and handed out by
@@ -65,12 +68,24 @@ pub(crate) struct Peer {
     pub(crate) out_ctl: Mutex<Option<(u64, TcpStream)>>,
     /// Why the peer is unusable, once it is.
     pub(crate) lost: Mutex<Option<String>>,
-    /// A `PeerLost` event was queued.
+    /// A `PeerLost` event was made (queued, held, or put in line).
     pub(crate) reported: AtomicBool,
     /// The peer shut its layer down cleanly.
     pub(crate) departed: AtomicBool,
-    /// The live incoming connection from the peer: `(id, socket clone)`.
-    pub(crate) incoming: Mutex<Option<(u64, TcpStream)>>,
+    /// The live incoming connection from the peer, and a loss report
+    /// waiting for its end.
+    pub(crate) incoming: Mutex<Incoming>,
+}
+
+/// A peer's incoming connection (see [`Peer::incoming`]).
+#[derive(Default)]
+pub(crate) struct Incoming {
+    /// The live connection: `(id, socket clone)`.
+    pub(crate) conn: Option<(u64, TcpStream)>,
+    /// The peer's loss, found elsewhere (on our stream to it) while this
+    /// connection was open: reported when the connection ends, after
+    /// everything read from it ([`Shared::end_incoming`]).
+    pub(crate) held_loss: Option<Event>,
 }
 
 /// A remote read to serve (see `wire::PKT_GET_REQ`).
@@ -283,16 +298,53 @@ impl Shared {
     }
 
     /// Marks `p` lost (first reason wins) and reports it once through
-    /// `progress`, unless it departed cleanly or we are shutting down.
+    /// `progress`, unless it departed cleanly or we are shutting down:
+    /// behind `p`'s last messages (see [`Shared::report_loss`]).
     pub(crate) fn lose(&self, p: ProcessId, reason: String) {
-        self.report_loss(self.lose_report(p, reason));
+        self.report_loss(p, self.lose_report(p, reason));
     }
 
-    /// Queues a loss report made by [`Shared::lose_report`], if one is due.
-    fn report_loss(&self, report: Option<Event>) {
-        if let Some(ev) = report {
-            self.push(ev);
+    /// Queues a loss report of `p` made by [`Shared::lose_report`], if one
+    /// is due. While `p`'s incoming connection is open the report waits
+    /// for its end instead (the receive side then hands it out in line,
+    /// after everything read from it: a peer found dead on our stream to it
+    /// may still have megabytes of its last messages in the other one), and
+    /// our side of that connection is shut for writing, so that a peer
+    /// still alive finds its stream to us closed, stops sending and closes
+    /// it, which ends the wait.
+    fn report_loss(&self, p: ProcessId, report: Option<Event>) {
+        let Some(ev) = report else {
+            return;
+        };
+        {
+            let mut inc = lock(&self.peers[p as usize].incoming);
+            if let Some((_, s)) = &inc.conn {
+                let _ = s.shutdown(Shutdown::Write);
+                inc.held_loss = Some(ev);
+                return;
+            }
         }
+        self.push(ev);
+    }
+
+    /// Frees `p`'s incoming slot if it still holds connection `id`, which
+    /// ended (or never got going); returns the loss report held for that
+    /// end, if one is still due (not if `p` departed cleanly since, nor
+    /// while this layer shuts down). The caller puts it in line after the
+    /// connection's last messages (or queues it).
+    pub(crate) fn end_incoming(&self, p: ProcessId, id: u64) -> Option<Event> {
+        let peer = &self.peers[p as usize];
+        let held = {
+            let mut inc = lock(&peer.incoming);
+            if !matches!(&inc.conn, Some((cid, _)) if *cid == id) {
+                return None;
+            }
+            inc.conn = None;
+            inc.held_loss.take()
+        };
+        held.filter(|_| {
+            !self.closing.load(Ordering::SeqCst) && !peer.departed.load(Ordering::SeqCst)
+        })
     }
 
     /// Marks `p` lost like [`Shared::lose`], but returns the report (if one
@@ -358,7 +410,7 @@ impl Shared {
                     // and connect again. Reported once it is released.
                     let report = self.lose_report(dst, why);
                     drop(out);
-                    self.report_loss(report);
+                    self.report_loss(dst, report);
                     return Err(lost(self.lost_reason(dst).unwrap_or_default()));
                 }
             }
@@ -385,7 +437,7 @@ impl Shared {
                 let _ = stream.shutdown(Shutdown::Both);
                 *out = None;
                 drop(out);
-                self.report_loss(report);
+                self.report_loss(dst, report);
                 Err(lost(self.lost_reason(dst).unwrap_or_default()))
             }
         }
@@ -548,7 +600,7 @@ impl Shared {
                     let _ = s.shutdown(Shutdown::Write);
                 }
             }
-            if let Some((_, s)) = lock(&peer.incoming).as_ref() {
+            if let Some((_, s)) = lock(&peer.incoming).conn.as_ref() {
                 say_goodbye(s, wire::BYE_BYTE, bye_deadline);
             }
         }
@@ -574,7 +626,7 @@ impl Shared {
             if let Some((_, s)) = lock(&peer.out_ctl).take() {
                 let _ = s.shutdown(Shutdown::Both);
             }
-            if let Some((_, s)) = lock(&peer.incoming).take() {
+            if let Some((_, s)) = lock(&peer.incoming).conn.take() {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }

@@ -3,7 +3,7 @@
 //! charmrun, live in the launcher crate). Every test runs under a watchdog.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -856,5 +856,134 @@ fn a_streaming_peer_does_not_starve_another() {
         }
         streamer.join().unwrap();
         assert_eq!(from0, sent.load(Ordering::SeqCst));
+    });
+}
+
+/// A job of two: process 0 a real layer with `cfg`, process 1 played by the test, which
+/// publishes a listener of its own. Returns the KV server, the secret, layer 0, and the
+/// accepted end of layer 0's stream to process 1 (after the handshake and one message).
+fn with_played_process_1(cfg: TcpConfig) -> (KvServer, JobSecret, TcpLayer, TcpStream) {
+    let secret = random_secret().unwrap();
+    let (server, kv) = KvServer::start(2, secret).unwrap();
+    let layer0 = std::thread::spawn(move || {
+        let b = Arc::new(KvBootstrap::connect(kv, 0, 2, secret).unwrap());
+        TcpLayer::with_config(b, secret, cfg).unwrap()
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b1 = KvBootstrap::connect(kv, 1, 2, secret).unwrap();
+    b1.put(
+        wire::ADDR_KEY,
+        listener.local_addr().unwrap().to_string().as_bytes(),
+    )
+    .unwrap();
+    b1.fence().unwrap();
+    let l0 = layer0.join().unwrap();
+    let acceptor = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; HELLO_LEN];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&wire::encode_hello(ACK_MAGIC, 1, 2, &secret))
+            .unwrap();
+        s
+    });
+    l0.send(1, msg(100, &[])).unwrap();
+    let from0 = acceptor.join().unwrap();
+    (server, secret, l0, from0)
+}
+
+/// Closes `from0` (layer 0's stream to process 1) and waits until layer 0 knows: its sends
+/// to process 1 fail.
+fn break_stream_to_1(l0: &TcpLayer, from0: TcpStream) {
+    drop(from0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while l0.send(1, msg(101, &[])).is_ok() {
+        assert!(Instant::now() < deadline, "the loss was never noticed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Progress until an error; returns the tags handed out before it, and the error.
+fn tags_until_error(layer: &TcpLayer, secs: u64) -> (Vec<u64>, TransportError) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut got = Vec::new();
+    loop {
+        if let Err(e) = layer.progress_wait(
+            &mut |_, m| got.push(m.header().tag),
+            Duration::from_millis(100),
+        ) {
+            return (got, e);
+        }
+        assert!(Instant::now() < deadline, "no error reported; got {got:?}");
+    }
+}
+
+/// Writes message `tag` with `payload` as process 1 would.
+fn write_msg(s: &mut TcpStream, tag: u64, payload: &[u8]) {
+    let m = msg(tag, &[payload]);
+    s.write_all(&[wire::PKT_DATA]).unwrap();
+    s.write_all(&encode_frame_prefix(&m)).unwrap();
+    s.write_all(payload).unwrap();
+}
+
+/// A peer found dead on the outgoing stream while megabytes of its messages still wait in the
+/// incoming one: every message comes before the loss (the loss used to be handed out after
+/// one poll's worth, 2 MiB, ahead of the rest).
+#[test]
+fn a_dying_peer_s_last_megabytes_are_handed_out_before_its_loss() {
+    watchdog(60, || {
+        // No read-ahead: input stays in layer 0's sockets until it polls.
+        let (_srv, secret, l0, from0) = with_played_process_1(TcpConfig {
+            recv_queue_bytes: 0,
+            ..TcpConfig::default()
+        });
+        // "Process 1" sends four 1 MiB messages and dies...
+        let mut to0 = impostor(&l0, 1, &secret);
+        let writer = std::thread::spawn(move || {
+            let payload = vec![3u8; 1 << 20];
+            for tag in 0..4u64 {
+                write_msg(&mut to0, tag, &payload);
+            }
+        });
+        // ... and process 0 knows (its stream to 1 broke) before it read most of them.
+        break_stream_to_1(&l0, from0);
+        let (got, err) = tags_until_error(&l0, 30);
+        assert_eq!(got, [0, 1, 2, 3], "every message before the loss ({err})");
+        assert!(
+            matches!(err, TransportError::PeerLost { process: 1, .. }),
+            "{err:?}"
+        );
+        writer.join().unwrap();
+    });
+}
+
+/// A peer lost on the stream to it whose own stream stays open (a live process): the layer
+/// closes its side of that stream for writing, so the peer sees this process lost too; once
+/// the peer closes its stream, its messages and then its loss are handed out.
+#[test]
+fn a_peer_lost_while_its_stream_is_open_is_told_and_reported_after_its_messages() {
+    watchdog(60, || {
+        let (_srv, secret, l0, from0) = with_played_process_1(TcpConfig::default());
+        let mut to0 = impostor(&l0, 1, &secret);
+        write_msg(&mut to0, 0, b"before");
+        break_stream_to_1(&l0, from0);
+        // "Process 1" is told: its stream to process 0 is closed from 0's side (a layer's
+        // watcher reads this end-of-stream as process 0's loss).
+        to0.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!(to0.read(&mut buf), Ok(0)),
+            "process 1's stream was not closed by process 0"
+        );
+        // It may still finish what it was sending, then closes its stream.
+        write_msg(&mut to0, 1, b"after");
+        drop(to0);
+        let (got, err) = tags_until_error(&l0, 10);
+        assert_eq!(got, [0, 1], "every message before the loss ({err})");
+        assert!(
+            matches!(err, TransportError::PeerLost { process: 1, .. }),
+            "{err:?}"
+        );
+        // Reported once.
+        assert_eq!(l0.progress(&mut |_, _| {}).unwrap(), 0);
     });
 }
