@@ -686,6 +686,9 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
             self.proxy.shape.describe()
         );
         let coll = self.proxy.coll;
+        // Broadcasts and reductions that reach a PE before the seal wait there, already counted
+        // as processed: quiescence must not be reported before the seal releases them.
+        let _hold = crate::quiescence::QdHold::new("done_inserting");
         loop {
             let replies: Vec<Future<(u64, u64)>> =
                 (0..crate::num_pes()).map(|_| Future::new()).collect();

@@ -112,6 +112,41 @@ pub async fn wait_qd() {
     done.await
 }
 
+/// Work in progress that quiescence must wait for although no message of it is in flight: a
+/// task on this PE that will release messages already counted as processed (a sparse array's
+/// `done_inserting`, whose census can take rounds with timer pauses between them, while
+/// broadcasts and reductions wait for its seal). It counts as one message sent while it lives
+/// and processed when dropped.
+pub(crate) struct QdHold {
+    pe: usize,
+}
+
+impl QdHold {
+    /// Holds quiescence off on the calling PE.
+    ///
+    /// # Panics
+    /// Outside a running PE.
+    pub(crate) fn new(what: &'static str) -> QdHold {
+        let pe = with_pe(what, |pe| {
+            pe.count_sent();
+            pe.pe
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        QdHold { pe }
+    }
+}
+
+impl Drop for QdHold {
+    fn drop(&mut self) {
+        // On the PE that made it (a task stays on its PE); nothing to do once the PE is gone
+        // (the job is ending).
+        let _ = with_pe("QdHold", |pe| {
+            debug_assert_eq!(pe.pe, self.pe, "a QdHold dropped on another PE");
+            pe.count_processed();
+        });
+    }
+}
+
 /// Posts a `QdWave` to PE 0 when a wave's pause is over.
 struct NextWave(Arc<crate::scheduler::Shared>);
 

@@ -1,4 +1,5 @@
-//! Quiescence detection fires only once every message of a irregular cascade has been processed.
+//! Quiescence detection fires only once every message of an irregular cascade has been processed,
+//! and not while a sparse array's broadcast waits for `done_inserting`'s seal.
 
 mod common;
 
@@ -67,4 +68,68 @@ fn quiescence_after_an_irregular_cascade() {
     })
     .unwrap();
     assert_eq!(code, 3);
+}
+
+static HELLOS: AtomicU64 = AtomicU64::new(0);
+static HELLOS_AT_QUIESCENCE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// An element of a sparse array that counts the broadcasts it gets.
+struct Inserted;
+
+#[chare]
+impl Inserted {
+    fn new() -> Self {
+        Inserted
+    }
+
+    #[entry]
+    fn hello(&mut self) {
+        HELLOS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Records how many broadcasts had run when quiescence was reported.
+struct Witness;
+
+#[chare]
+impl Witness {
+    fn new() -> Self {
+        Witness
+    }
+
+    #[entry]
+    fn quiet(&mut self) {
+        HELLOS_AT_QUIESCENCE.store(HELLOS.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// A broadcast to a sparse array waits for the seal on every PE, counted as processed there;
+/// `done_inserting` may take several census rounds (elements inserted away from their home are
+/// reported to it late), with timer pauses between them. Quiescence asked for meanwhile comes
+/// only after the seal released the broadcast and every element ran it.
+#[test]
+fn quiescence_waits_for_a_sparse_arrays_seal() {
+    for round in 0..3 {
+        HELLOS.store(0, Ordering::SeqCst);
+        HELLOS_AT_QUIESCENCE.store(u64::MAX, Ordering::SeqCst);
+        run_job(2, |_| async {
+            let witness = Single::<Witness>::new((), Some(0));
+            let array = Array::<Inserted, usize>::new_sparse(None);
+            for i in 0..8usize {
+                array.insert(i, (), Some(1)); // away from home for the even ones
+            }
+            array.hello();
+            charmrs::start_qd(witness.quiet_callback());
+            array.done_inserting().await;
+            charmrs::wait_qd().await;
+            charmrs::exit(0);
+        })
+        .unwrap();
+        assert_eq!(HELLOS.load(Ordering::SeqCst), 8, "round {round}");
+        assert_eq!(
+            HELLOS_AT_QUIESCENCE.load(Ordering::SeqCst),
+            8,
+            "round {round}: quiescence reported before the sealed broadcast ran"
+        );
+    }
 }

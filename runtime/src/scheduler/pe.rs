@@ -818,6 +818,12 @@ impl PeState {
         self.sent.set(self.sent.get() + 1);
     }
 
+    /// Counts an application message processed outside the queue's path (quiescence detection:
+    /// the end of a [`QdHold`](crate::quiescence::QdHold)).
+    pub(crate) fn count_processed(&self) {
+        self.processed.set(self.processed.get() + 1);
+    }
+
     /// Encodes a future's value (or error) for PE `owner` of another process and sends it.
     #[cold]
     fn send_value(
