@@ -161,6 +161,17 @@ fn an_argument_that_panics_when_decoded_aborts_the_job_naming_the_sender() {
     );
 }
 
+/// Contributions to one reduction naming different targets meet across processes (one partial
+/// arrives encoded, with its target's digest): the job aborts naming the mismatch, instead of
+/// the second target waiting for ever.
+#[test]
+fn contributions_naming_different_targets_across_processes_abort_the_job() {
+    assert_mpcheck_aborts(
+        "badtarget",
+        &["reduction #0 over group", "must name the same target"],
+    );
+}
+
 /// The pid of the job's process of rank `rank`: a child of the launcher `launcher` whose
 /// environment says so.
 fn rank_pid(launcher: u32, rank: u32) -> Option<u32> {

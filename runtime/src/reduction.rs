@@ -437,6 +437,36 @@ pub(crate) enum TargetSpec {
     Balance,
 }
 
+impl TargetSpec {
+    /// Tells targets apart: every contribution to one reduction must name the same target
+    /// (checked where contributions meet, encoded ones from other processes included). An
+    /// entry callback is told apart by its destination (the entry is not compared).
+    pub(crate) fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        match self {
+            TargetSpec::Future { pe, id } => (0u8, pe, id).hash(&mut h),
+            TargetSpec::Entry { dest, .. } => match dest {
+                CallbackDest::Point { coll, index, .. } => (1u8, coll, index).hash(&mut h),
+                CallbackDest::Broadcast { coll, .. } => (2u8, coll).hash(&mut h),
+            },
+            TargetSpec::Everyone => 3u8.hash(&mut h),
+            TargetSpec::Balance => 4u8.hash(&mut h),
+        }
+        h.finish()
+    }
+
+    /// The target, for an error message.
+    fn describe(&self) -> String {
+        match self {
+            TargetSpec::Future { pe, id } => format!("future {id} of PE {pe}"),
+            TargetSpec::Entry { dest, .. } => format!("a callback to {dest:?}"),
+            TargetSpec::Everyone => "every contributor (an allreduce)".to_string(),
+            TargetSpec::Balance => "a load-balancing step (at_sync)".to_string(),
+        }
+    }
+}
+
 /// How to combine and finish the values of one reduction.
 #[derive(Clone, Copy)]
 pub(crate) struct Kind {
@@ -637,6 +667,8 @@ struct Pending {
 pub(crate) struct Raw {
     pub(crate) origin: u32,
     pub(crate) bytes: bytes::Bytes,
+    /// The [`TargetSpec::digest`] of the contributions it combines.
+    pub(crate) target: u64,
 }
 
 /// The runtime message carrying encoded partials to a PE: up the tree (`finish == false`), or
@@ -842,6 +874,7 @@ impl PeState {
     /// Sends `part` encoded to PE `to` of another process, remembering how to finish the
     /// reduction in case nobody there can decode it.
     fn send_up_encoded(&self, coll: CollectionId, seq: u64, shape: Shape, to: usize, part: Part) {
+        let target = part.target.digest();
         self.reductions.borrow_mut().remember_foreign(
             coll,
             seq,
@@ -853,6 +886,7 @@ impl PeState {
             vec![Raw {
                 origin: self.pe as u32,
                 bytes: bytes.into(),
+                target,
             }]
         });
         self.send_raws_remote(false, coll, seq, shape, to, raws);
@@ -925,7 +959,17 @@ impl PeState {
             ));
         };
         let mut data: Option<Box<dyn Any + Send>> = None;
+        let digest = target.digest();
         for raw in raws {
+            if raw.target != digest {
+                return self.abort_job(format!(
+                    "charmrs: {}: a partial from PE {} names another target than {}: every \
+                     contribution to one reduction must name the same target",
+                    describe(coll, seq, &shape),
+                    raw.origin,
+                    target.describe()
+                ));
+            }
             let value = match (kind.decode_part)(&raw.bytes) {
                 Ok(v) => v,
                 Err(e) => {
@@ -1490,6 +1534,12 @@ fn merge(p: &mut Pending, part: Part) -> Result<(), String> {
             "a contribution with {} does not match the earlier one with {}",
             part.kind.operation, acc.kind.operation
         )),
+        Some(acc) if acc.target.digest() != part.target.digest() => Err(format!(
+            "a contribution for {} does not match the earlier one for {}: every contribution \
+             to one reduction must name the same target",
+            part.target.describe(),
+            acc.target.describe()
+        )),
         Some(acc) => (acc.kind.combine)(&mut acc.data, part.data, acc.kind.op()),
     }
 }
@@ -1499,7 +1549,16 @@ fn decode_raw(p: &mut Pending) -> Result<(), String> {
     let Some(acc) = p.part.as_mut() else {
         return Ok(());
     };
+    let target = acc.target.digest();
     for raw in p.raw.drain(..) {
+        if raw.target != target {
+            return Err(format!(
+                "a partial from PE {} names another target than {}: every contribution to one \
+                 reduction must name the same target",
+                raw.origin,
+                acc.target.describe()
+            ));
+        }
         let value = (acc.kind.decode_part)(&raw.bytes)
             .map_err(|e| format!("a partial from PE {}: {e}", raw.origin))?;
         (acc.kind.combine)(&mut acc.data, value, acc.kind.op())?;

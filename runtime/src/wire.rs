@@ -62,6 +62,8 @@ struct ReductionMeta {
     /// Up: the PE that encoded each value (segments 1..), and whether this is a request to
     /// finish the reduction (see [`crate::reduction::Raw`]). Down: empty.
     origins: Vec<u32>,
+    /// Up: the target digest of each value (see [`crate::reduction::Raw::target`]). Down: empty.
+    targets: Vec<u64>,
     /// Up, when the partials outnumber a message's segments: the length of each, all of them
     /// in segment 1 one after another (empty: one segment per partial).
     packed: Vec<u64>,
@@ -90,6 +92,7 @@ pub(crate) fn raw_reduction_message(
         coll,
         shape,
         origins: raws.iter().map(|r| r.origin).collect(),
+        targets: raws.iter().map(|r| r.target).collect(),
         packed: if pack {
             raws.iter().map(|r| r.bytes.len() as u64).collect()
         } else {
@@ -169,6 +172,7 @@ pub(crate) fn allreduce_result_message(
         coll,
         shape,
         origins: Vec::new(),
+        targets: Vec::new(),
         packed: Vec::new(),
         finish: false,
         for_subscriber,
@@ -194,18 +198,27 @@ pub(crate) fn decode_reduction(msg: &Message) -> Result<Envelope, String> {
     let (coll, seq, shape) = (meta.coll, header.tag, meta.shape);
     if header.kind == KIND_REDUCE_UP {
         let values = unpack_partials(values, &meta.packed)?;
-        if values.is_empty() || values.len() != meta.origins.len() {
+        if values.is_empty()
+            || values.len() != meta.origins.len()
+            || values.len() != meta.targets.len()
+        {
             return Err(format!(
-                "a reduction partial with {} values and {} origins",
+                "a reduction partial with {} values, {} origins and {} targets",
                 values.len(),
-                meta.origins.len()
+                meta.origins.len(),
+                meta.targets.len()
             ));
         }
         let raws: Vec<crate::reduction::Raw> = meta
             .origins
             .iter()
+            .zip(&meta.targets)
             .zip(values)
-            .map(|(&origin, bytes)| crate::reduction::Raw { origin, bytes })
+            .map(|((&origin, &target), bytes)| crate::reduction::Raw {
+                origin,
+                bytes,
+                target,
+            })
             .collect();
         let control =
             crate::reduction::encoded_partials(meta.finish, coll, seq, shape, raws, header.src_pe);
@@ -1914,6 +1927,7 @@ mod tests {
             .map(|i| crate::reduction::Raw {
                 origin: i % 7,
                 bytes: Bytes::from(i.to_le_bytes().to_vec()),
+                target: u64::from(i),
             })
             .collect();
         let m = raw_reduction_message(true, CollectionId::new(0, 1), 3, Shape::Group, 0, 1, raws)
@@ -2345,6 +2359,7 @@ mod tests {
                 .map(|i| crate::reduction::Raw {
                     origin: i % 5,
                     bytes: Bytes::from(vec![i as u8; (i % 9) as usize]),
+                    target: 7,
                 })
                 .collect()
         };

@@ -140,6 +140,27 @@ impl Elem {
         ctx.contribute(1i32, op, f);
     }
 
+    /// Element `odd_one` contributes to its own future; the others to `f`.
+    #[entry]
+    fn wrong_target(&mut self, ctx: &Ctx<Self>, f: Future<i32>, odd_one: usize) {
+        let target = if ctx.raw_index().get(0) == odd_one {
+            Future::new()
+        } else {
+            f
+        };
+        ctx.contribute(1i32, Reducer::Sum, target);
+    }
+
+    /// Element 0 allreduces; the others contribute to `f`.
+    #[entry]
+    async fn allreduce_or_not(this: Coro<Self>, f: Future<i32>) {
+        if this.ctx().raw_index().get(0) == 0 {
+            this.ctx().allreduce(1i32, Reducer::Sum).await;
+        } else {
+            this.ctx().contribute(1i32, Reducer::Sum, f);
+        }
+    }
+
     #[entry]
     fn wrong_length(&mut self, ctx: &Ctx<Self>, f: Future<Vec<i32>>) {
         let n = 3 + usize::from(ctx.raw_index().get(0) == 1);
@@ -310,6 +331,37 @@ fn a_contribution_of_the_wrong_type_reducer_or_length_names_the_reduction() {
     }));
     assert!(
         msg.contains("reduction #0") && msg.contains("vector lengths differ"),
+        "{msg}"
+    );
+}
+
+/// Contributions to one reduction that name different targets abort the job naming both where
+/// they meet (here in one process; `mpcheck badtarget` in the multi-process suite has them meet
+/// encoded, from another process). Before, the first target got the result and the others
+/// waited for ever.
+#[test]
+fn contributions_naming_different_targets_abort_naming_both() {
+    // Element 1 (PE 0, with element 0) names its own future.
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Elem, usize>::new(4, ());
+        let f = Future::new();
+        a.wrong_target(f, 1);
+        f.await;
+    }));
+    assert!(msg.contains("reduction #0 over 1-d array"), "{msg}");
+    assert!(
+        msg.contains("must name the same target") && msg.contains("future"),
+        "{msg}"
+    );
+    // An allreduce meets a contribution to a future.
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Elem, usize>::new(4, ());
+        let f = Future::new();
+        a.allreduce_or_not(f);
+        f.await;
+    }));
+    assert!(
+        msg.contains("must name the same target") && msg.contains("every contributor"),
         "{msg}"
     );
 }

@@ -14,7 +14,10 @@
 //!   job has nothing to do for 600 ms (the last PE awaits a timer);
 //! - `baddecode`: sends the last PE an argument whose `Deserialize` panics (it runs on the
 //!   receiving process's network PE, outside any entry method: the job must abort, naming the
-//!   sending process, not hang).
+//!   sending process, not hang);
+//! - `badtarget`: the PEs of the first process contribute to one future, those of the others
+//!   to another, in one reduction: the job must abort naming both targets, not hang (the
+//!   partials meet encoded, from another process).
 
 use charmrs::prelude::*;
 use charmrs::{pool, Buffer, BufferMut, PodVec, Reducer};
@@ -46,6 +49,18 @@ struct Victim {
 impl Victim {
     fn new() -> Self {
         Victim { iter: 0, hops: 0 }
+    }
+
+    /// Contributes 1 for `first` on the first half of the PEs, for `second` on the others (a
+    /// misuse: see `badtarget`).
+    #[entry]
+    fn split_targets(&mut self, ctx: &Ctx<Self>, first: Future<u64>, second: Future<u64>) {
+        let target = if ctx.my_pe() < ctx.num_pes() / 2 {
+            first
+        } else {
+            second
+        };
+        ctx.contribute(1u64, Reducer::Sum, target);
     }
 
     /// Panics on the last PE.
@@ -947,6 +962,11 @@ fn main() {
             }
             Some("features") => features().await,
             Some("hosts") => hosts().await,
+            Some("badtarget") => {
+                let (first, second) = (Future::<u64>::new(), Future::<u64>::new());
+                Group::<Victim>::new(()).split_targets(first, second);
+                first.await;
+            }
             Some("baddecode") => {
                 let group = Group::<Victim>::new(());
                 group.at(charmrs::num_pes() - 1).take_fragile(Fragile);
