@@ -11,9 +11,10 @@
 //! charmrun [+pN | +p N] [++ppn N] [++quiet] [++help] PROGRAM [ARGS…]
 //! ```
 //!
-//! * `+pN` / `+p N`: total PEs of the job (default 1).
+//! * `+pN` / `+p N`: total PEs of the job (default 1, at most [`MAX_PES`]).
 //! * `++ppn N` (or `++ppn=N`): PEs per process; `N` must divide the PE
-//!   count. Default: all PEs in one process.
+//!   count, and the job may have at most [`MAX_PROCS`] processes. Default:
+//!   all PEs in one process.
 //! * `++quiet`: no informational messages from charmrun (errors are still
 //!   printed).
 //! * `++help`: usage.
@@ -89,6 +90,16 @@ pub const EXIT_USAGE: i32 = 2;
 /// Exit status when a process cannot be started.
 pub const EXIT_SPAWN: i32 = 127;
 
+/// The largest `+p` charmrun accepts: the most PEs a charmrs job may have, 2^24 (the runtime's
+/// `charmrs::MAX_PES` in `runtime/src/runtime.rs`: a forwarded call carries its PE in 24 bits).
+/// The same number, not the constant itself: the launcher does not depend on the runtime.
+pub const MAX_PES: u32 = 1 << 24;
+
+/// The most processes charmrun starts for one job (`+p` / `++ppn`), all on this host: far more
+/// than a host runs usefully, and a bound on what charmrun allocates for them before the first
+/// one starts.
+pub const MAX_PROCS: u32 = 1 << 16;
+
 /// The `++` options charmrun knows, for error messages and `++help`.
 pub const VALID_OPTIONS: &str = "+pN | +p N, ++ppn N, ++quiet, ++help";
 
@@ -148,8 +159,9 @@ fn parse_count(what: &str, s: Option<&str>) -> Result<u32, String> {
 /// # Errors
 ///
 /// A message for the user (exit with [`EXIT_USAGE`]): unknown `++` option
-/// (listing the valid ones), bad counts, `ppn` not dividing the PE count,
-/// missing program.
+/// (listing the valid ones), bad counts, `+p` above [`MAX_PES`], `ppn` not
+/// dividing the PE count, more than [`MAX_PROCS`] processes, missing
+/// program.
 pub fn parse_args<I>(args: I) -> Result<Invocation, String>
 where
     I: IntoIterator,
@@ -237,10 +249,22 @@ where
     }
     let program = program.ok_or_else(|| format!("no program given\n{}", usage()))?;
     let pes = pes.unwrap_or(1);
+    if pes > MAX_PES {
+        return Err(format!(
+            "+p{pes} is more PEs than a charmrs job may have ({MAX_PES})"
+        ));
+    }
     let ppn = ppn.unwrap_or(pes);
     if !pes.is_multiple_of(ppn) {
         return Err(format!(
             "++ppn {ppn} does not divide +p{pes}: the job needs a whole number of processes"
+        ));
+    }
+    if pes / ppn > MAX_PROCS {
+        return Err(format!(
+            "+p{pes} ++ppn {ppn} makes {} processes; charmrun starts at most {MAX_PROCS} \
+             (give more PEs per process with ++ppn)",
+            pes / ppn
         ));
     }
     Ok(Invocation::Run(Options {
@@ -664,6 +688,28 @@ mod tests {
         assert!(err(&["+p2"]).contains("no program"));
         assert!(err(&["-x", "./app"]).contains("before the program"));
         assert_eq!(parse_args(["++help"]).unwrap(), Invocation::Help);
+    }
+
+    /// `+p` above the runtime's limit, or more processes than charmrun starts, are usage errors
+    /// (not an allocation failure of charmrun's process table).
+    #[test]
+    fn pe_and_process_counts_are_bounded() {
+        let err = |args: &[&str]| parse_args(args.iter().copied()).unwrap_err();
+        let e = err(&["+p4294967295", "++ppn", "1", "/nonexistent"]);
+        assert!(e.contains("+p4294967295") && e.contains("16777216"), "{e}");
+        let e = err(&["+p16777217", "./app"]);
+        assert!(e.contains("more PEs than a charmrs job may have"), "{e}");
+        // At the PE limit, in one process: fine.
+        assert_eq!(run_opts(&["+p16777216", "./app"]).nprocs(), 1);
+        let e = err(&["+p65537", "++ppn", "1", "./app"]);
+        assert!(
+            e.contains("65537 processes") && e.contains("at most 65536") && e.contains("++ppn"),
+            "{e}"
+        );
+        assert_eq!(
+            run_opts(&["+p16777216", "++ppn", "256", "./app"]).nprocs(),
+            MAX_PROCS
+        );
     }
 
     /// A key-value server for a job of one process, whose rank 0 (this test) has joined and

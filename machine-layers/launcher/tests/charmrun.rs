@@ -231,6 +231,21 @@ fn ppn_must_divide_the_pe_count_and_a_program_is_required() {
     assert!(d.out().contains("usage: charmrun"));
 }
 
+/// A huge `+p` is a usage error naming the limit, not an allocation failure of charmrun.
+#[test]
+fn pe_and_process_counts_beyond_the_limits_are_usage_errors() {
+    let d = run(&["+p4294967295", "++ppn", "1", "/nonexistent"]);
+    assert_eq!(d.status, 2, "{}", d.err());
+    assert!(
+        d.err().contains("+p4294967295") && d.err().contains("16777216"),
+        "{}",
+        d.err()
+    );
+    let d = run(&["+p100000", "++ppn", "1", "/nonexistent"]);
+    assert_eq!(d.status, 2, "{}", d.err());
+    assert!(d.err().contains("100000 processes"), "{}", d.err());
+}
+
 #[test]
 fn a_program_that_cannot_start_is_reported() {
     let d = run(&["+p2", "++ppn", "1", "/nonexistent/charmrs-program"]);
