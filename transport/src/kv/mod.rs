@@ -36,7 +36,9 @@
 //!   fence fails with [`TransportError::Bootstrap`] naming that rank (no
 //!   hang).
 //! * All lengths are bounded (key 1 KiB, value 1 MiB, store 64 MiB) and
-//!   checked before allocation.
+//!   checked before allocation. The store's bound counts 64 bytes per
+//!   entry besides its key and value, so many tiny entries cannot take more
+//!   memory than a few large ones.
 
 mod client;
 mod proto;

@@ -32,8 +32,13 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unauthenticated connections served at once; further ones wait in the
 /// listen backlog.
 const MAX_PENDING: usize = 64;
-/// Total bytes of keys and values the store holds.
+/// Total bytes the store holds: its keys and values, plus [`ENTRY_OVERHEAD`] per entry.
 const MAX_STORE: usize = 64 << 20;
+/// What an entry costs the store besides its key and value bytes, charged against
+/// [`MAX_STORE`]: the map's slot (rank, `String` and `Vec` headers), the key's and value's own
+/// allocations and the hash table's spare room take about this much. Without it a flood of
+/// empty values under tiny keys would fit millions of entries (gigabytes) in the 64 MiB.
+const ENTRY_OVERHEAD: usize = 64;
 
 /// Something the launcher must know about, reported by
 /// [`KvServer::next_event`].
@@ -463,12 +468,17 @@ fn handle(shared: &Shared, rank: ProcessId, req: &proto::Request<'_>) -> (Status
             }
             let mut st = lock(&shared.state);
             let key = (rank, req.key.to_owned());
-            let old = st.store.get(&key).map_or(0, |v| v.len() + req.key.len());
-            let new_total = st.store_bytes - old + req.key.len() + req.value.len();
+            let cost = |value_len: usize| ENTRY_OVERHEAD + req.key.len() + value_len;
+            let old = st.store.get(&key).map_or(0, |v| cost(v.len()));
+            let new_total = st.store_bytes - old + cost(req.value.len());
             if new_total > MAX_STORE {
                 return err(format!(
-                    "key-value store full ({MAX_STORE} bytes): cannot add {} bytes",
-                    req.value.len()
+                    "key-value store full: process {rank} cannot store key {:?} ({} bytes of \
+                     value); the store holds at most {MAX_STORE} bytes, counting {ENTRY_OVERHEAD} \
+                     per entry besides its key and value, and {} are in use",
+                    req.key,
+                    req.value.len(),
+                    st.store_bytes
                 ));
             }
             st.store_bytes = new_total;
@@ -649,6 +659,59 @@ mod tests {
             let err = fence(&shared).unwrap_err();
             assert!(err.contains("process 0 left"), "{fail_at:?}: {err}");
         }
+    }
+
+    /// Empty values under tiny keys are charged [`ENTRY_OVERHEAD`] each: the store refuses
+    /// them once that reaches [`MAX_STORE`], long before their real cost could (without the
+    /// overhead, ~16 million of them fitted, gigabytes of map entries); replacing an entry
+    /// frees its old charge.
+    #[test]
+    fn many_empty_values_fill_the_store_at_their_per_entry_cost() {
+        let (tx, _events) = mpsc::channel();
+        let shared = Shared::new(2, SECRET, tx);
+        let put = |rank: ProcessId, key: &str, value: &[u8]| {
+            let req = proto::Request {
+                op: Op::Put,
+                rank,
+                key,
+                value,
+            };
+            handle(&shared, rank, &req)
+        };
+        let mut stored = 0usize;
+        let refusal = loop {
+            let key = format!("{stored:x}");
+            match put(1, &key, b"") {
+                (Status::Ok, _) => stored += 1,
+                (_, why) => break String::from_utf8(why).unwrap(),
+            }
+            assert!(stored <= MAX_STORE / ENTRY_OVERHEAD, "no refusal yet");
+        };
+        // Keys of 1 to 5 hex digits: each entry costs 65 to 69 bytes.
+        assert!(
+            stored > MAX_STORE / (ENTRY_OVERHEAD + 5) && stored <= MAX_STORE / (ENTRY_OVERHEAD + 1),
+            "{stored} entries stored"
+        );
+        assert!(
+            refusal.contains("key-value store full")
+                && refusal.contains("process 1")
+                && refusal.contains(&format!("{MAX_STORE} bytes"))
+                && refusal.contains(&format!("{ENTRY_OVERHEAD} per entry")),
+            "{refusal}"
+        );
+        {
+            let st = lock(&shared.state);
+            assert_eq!(st.store.len(), stored);
+            assert!(st.store_bytes <= MAX_STORE);
+        }
+        // Replacing an entry by one of the same size still fits; a larger one does not once
+        // the store is full; other ranks' puts are refused too.
+        assert_eq!(put(1, "0", b"").0, Status::Ok);
+        let free = MAX_STORE - lock(&shared.state).store_bytes;
+        assert_eq!(put(1, "0", &vec![0; free + 1]).0, Status::Error);
+        assert_eq!(put(1, "0", &vec![0; free]).0, Status::Ok);
+        assert_eq!(put(0, "x", b"").0, Status::Error);
+        assert_eq!(lock(&shared.state).store_bytes, MAX_STORE);
     }
 
     /// A connection accepted once the shutdown began is not registered (the
