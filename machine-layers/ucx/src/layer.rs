@@ -42,9 +42,12 @@ thread_local! {
     /// the same lane in both.
     static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Per-thread scratch list of the messages one `progress` delivers (moved out of the inbox
-    /// under the worker lock, handed to the sink after it is released).
-    static SCRATCH: std::cell::RefCell<ArrivalBatch> =
-        const { std::cell::RefCell::new(ArrivalBatch::new()) };
+    /// under the worker lock, handed to the sink after it is released), kept for its capacity.
+    /// Taken out for the delivery and put back after it, so that nothing of it is borrowed while
+    /// the sink runs: a sink may progress another layer, or another lane, on this thread (which
+    /// then finds the slot empty and uses a batch of its own).
+    static SCRATCH: std::cell::Cell<ArrivalBatch> =
+        const { std::cell::Cell::new(ArrivalBatch::new()) };
 }
 
 /// Clears a flag when dropped (also on unwinding out of the sink).
@@ -1103,34 +1106,36 @@ impl MachineLayer for UcxLayer {
             return Ok(0); // another thread (or the sink) is delivering
         }
         let _delivering = ClearOnDrop(&s.delivering);
-        SCRATCH.with(|scratch| {
-            let mut batch = scratch.borrow_mut();
-            let mut call_hook = false;
-            let error = {
-                let mut l = s.locked.lock();
-                s.progress_locked(&mut l, &mut batch, &mut call_hook)
-            };
-            if call_hook {
-                s.call_hook();
-            }
-            if !s.loopback.is_empty() {
-                for _ in 0..s.loopback.len() {
-                    match s.loopback.pop() {
-                        Some(m) => batch.push(s.me, m),
-                        None => break,
-                    }
+        // Out of the thread's slot (see `SCRATCH`): the sink may progress another layer here.
+        let mut batch = SCRATCH.with(std::cell::Cell::take);
+        let mut call_hook = false;
+        let error = {
+            let mut l = s.locked.lock();
+            s.progress_locked(&mut l, &mut batch, &mut call_hook)
+        };
+        if call_hook {
+            s.call_hook();
+        }
+        if !s.loopback.is_empty() {
+            for _ in 0..s.loopback.len() {
+                match s.loopback.pop() {
+                    Some(m) => batch.push(s.me, m),
+                    None => break,
                 }
             }
-            let n = if s.lanes == 1 {
-                batch.deliver(sink)
-            } else {
-                batch.deliver(&mut |id, a| sink(s.process_of(id), a))
-            };
-            match error {
-                Some(e) => Err(s.for_caller(e)),
-                None => Ok(n),
-            }
-        })
+        }
+        let n = if s.lanes == 1 {
+            batch.deliver(sink)
+        } else {
+            batch.deliver(&mut |id, a| sink(s.process_of(id), a))
+        };
+        // Emptied by the delivery: back into the slot with its capacity (a nested progress's
+        // batch, put there meanwhile, is dropped).
+        SCRATCH.with(|scratch| scratch.set(batch));
+        match error {
+            Some(e) => Err(s.for_caller(e)),
+            None => Ok(n),
+        }
     }
 
     fn set_wakeup(&self, hook: Box<dyn Fn() + Send + Sync>) -> bool {
@@ -1393,5 +1398,57 @@ impl Drop for UcxLayer {
         if let Some(line) = undelivered.line("charmrs-ucx", self.rank, linger) {
             eprintln!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use charmrs_transport::SingleProcessBootstrap;
+
+    /// A layer of a one-process job (messages to itself loop back through `progress`).
+    fn single() -> UcxLayer {
+        UcxLayer::new(Arc::new(SingleProcessBootstrap::new())).expect("a one-process UCX layer")
+    }
+
+    fn tags(kind: u8, tags: std::ops::Range<u64>) -> Vec<(ProcessId, u8, u64)> {
+        tags.map(|t| (0, kind, t)).collect()
+    }
+
+    /// Every layer and lane of a thread shares its scratch batch: a sink that progressed
+    /// another layer panicked ("already borrowed"), losing the rest of the outer batch.
+    #[test]
+    fn a_sink_may_progress_another_layer_on_the_same_thread() {
+        let (a, b) = (single(), single());
+        for k in 0..3 {
+            a.send(0, Message::new(Header::new(1, 0, 0, k))).unwrap();
+            b.send(0, Message::new(Header::new(2, 0, 0, 10 + k)))
+                .unwrap();
+        }
+        // A small message with bytes too (lent from B's batch while A's is being delivered).
+        b.send_copy(0, Header::new(2, 0, 0, 13), b"lent").unwrap();
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let mut inner = 0;
+        let n = a
+            .progress(&mut |src, m| {
+                got_a.push((src, m.header().kind, m.header().tag));
+                inner += b
+                    .progress(&mut |src, m| got_b.push((src, m.header().kind, m.header().tag)))
+                    .unwrap();
+            })
+            .unwrap();
+        assert_eq!((n, inner), (3, 4));
+        assert_eq!(got_a, tags(1, 0..3));
+        assert_eq!(got_b, tags(2, 10..14));
+        // Both keep working afterwards, each with its own messages.
+        a.send(0, Message::new(Header::new(1, 0, 0, 3))).unwrap();
+        b.send(0, Message::new(Header::new(2, 0, 0, 14))).unwrap();
+        let mut later = Vec::new();
+        for layer in [&a, &b] {
+            layer
+                .progress(&mut |src, m| later.push((src, m.header().kind, m.header().tag)))
+                .unwrap();
+        }
+        assert_eq!(later, [(0, 1, 3), (0, 2, 14)]);
     }
 }
