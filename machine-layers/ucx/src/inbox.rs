@@ -272,13 +272,15 @@ impl Inbox {
     /// Message `seq32` (the low 32 bits of its sequence number) from `src`
     /// arrived: complete (`Some`) or with its data still in flight (`None`,
     /// to be [`complete`](Inbox::complete)d with the full sequence number
-    /// returned here).
-    pub(crate) fn arrive(&self, src: ProcessId, seq32: u32, msg: Option<Message>) -> u64 {
+    /// returned here). Returns `None` when the message is not taken: a duplicate (reported),
+    /// or its sender's stream broke (reported before); its data, if in flight, must then not
+    /// be fetched (it would fill the place of the message it duplicates).
+    pub(crate) fn arrive(&self, src: ProcessId, seq32: u32, msg: Option<Message>) -> Option<u64> {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
         let s = &mut st.sources[src as usize];
         if s.broken {
-            return s.next; // its stream broke (reported): nothing of it is delivered any more
+            return None; // its stream broke (reported): nothing of it is delivered any more
         }
         // Fewer than 2^31 messages are ever ahead of `next`: anything
         // "behind" it is a duplicate.
@@ -288,7 +290,7 @@ impl Inbox {
             if let Some(m) = msg {
                 s.next += 1;
                 st.ready.push(src, m);
-                return seq;
+                return Some(seq);
             }
         }
         if ahead >= 1 << 31 || s.waiting.contains_key(&seq) {
@@ -296,12 +298,12 @@ impl Inbox {
                 "{} sent message number {seq32} twice",
                 self.peer(src)
             )));
-            return seq;
+            return None;
         }
         s.waiting.insert(seq, msg);
         Self::flush(&mut st.sources[src as usize], src, &mut st.ready);
         Self::track_gap(&mut st.sources[src as usize], &mut st.gaps);
-        seq
+        Some(seq)
     }
 
     /// Small message `seq32` of one segment, `data`, from `src` arrived (UCX's buffer: valid
@@ -653,11 +655,29 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_announcement_is_refused_and_the_original_keeps_its_place() {
+        let i = Inbox::new(2, 1 << 20);
+        assert_eq!(i.arrive(1, 0, None), Some(0));
+        assert_eq!(i.arrive(1, 0, None), None, "a duplicate of one in flight");
+        assert_eq!(i.arrive(1, 1, Some(m(1))), Some(1));
+        assert_eq!(i.arrive(1, 1, None), None, "a duplicate of one held back");
+        i.complete(1, 0, m(0));
+        assert_eq!(i.arrive(1, 0, None), None, "a duplicate of one delivered");
+        assert_eq!(ready_tags(&i), vec![(1, 0), (1, 1)]);
+        let st = i.state.borrow();
+        assert_eq!(st.errors.len(), 3, "{:?}", st.errors);
+        assert!(st
+            .errors
+            .iter()
+            .all(|e| e.to_string().contains("process 1 sent message number")));
+    }
+
+    #[test]
     fn sequence_numbers_wrap_at_32_bits() {
         let i = Inbox::new(1, 1 << 20);
         i.state.borrow_mut().sources[0].next = u64::from(u32::MAX);
-        assert_eq!(i.arrive(0, 0, None), 1 << 32, "after the wrap");
-        assert_eq!(i.arrive(0, u32::MAX, Some(m(1))), u64::from(u32::MAX));
+        assert_eq!(i.arrive(0, 0, None), Some(1 << 32), "after the wrap");
+        assert_eq!(i.arrive(0, u32::MAX, Some(m(1))), Some(u64::from(u32::MAX)));
         i.complete(0, 1 << 32, m(2));
         assert_eq!(ready_tags(&i), vec![(0, 1), (0, 2)]);
     }

@@ -1424,10 +1424,16 @@ unsafe extern "C" fn am_data_cb<const SPLIT: bool>(
             );
             return sys::UCS_OK;
         }
+        let Some(seq) = inbox.arrive(d.src, d.seq, None) else {
+            // A duplicate (reported), or its sender's stream broke: not fetched (its data
+            // would fill the place of the message it duplicates). UCX gives the descriptor
+            // back itself (UCS_OK without a receive started).
+            return sys::UCS_OK;
+        };
         let pending = PendingRndv {
             desc: data,
             src: d.src,
-            seq: inbox.arrive(d.src, d.seq, None),
+            seq,
             header: d.header,
             lens: d.lens().collect(),
             leading,
@@ -1836,6 +1842,59 @@ mod tests {
         assert_eq!(layout(&vec![1; fit], 933).unwrap(), Layout::Plain);
         assert!(layout(&vec![1; fit + 1], 933).is_err());
         assert!(check_header(fit, 933).is_ok() && check_header(fit + 1, 933).is_err());
+    }
+
+    /// A rendezvous announcement that duplicates one whose data is in flight was fetched all the
+    /// same, and its data could fill the original's place.
+    #[test]
+    fn a_duplicate_rendezvous_announcement_is_not_fetched() {
+        let inbox = Inbox::new(2, 1 << 20);
+        let len = 1 << 20;
+        assert_eq!(inbox.arrive(1, 0, None), Some(0), "the original, in flight");
+        // Process 1's fetch slots are taken: an announcement that were to be fetched would be
+        // kept (UCS_INPROGRESS) and queued for a slot.
+        inbox.state.borrow_mut().rndv_active[1] = crate::inbox::MAX_RNDV_ACTIVE;
+        let header = Header {
+            segment_count: 1,
+            ..Header::new(1, 0, 0, 7)
+        };
+        let mut am_header = Vec::new();
+        wire::encode(&mut am_header, 1, 0, &header, &[len]);
+        let param = sys::ucp_am_recv_param_t {
+            recv_attr: u64::from(sys::UCP_AM_RECV_ATTR_FLAG_RNDV),
+            reply_ep: ptr::null_mut(),
+        };
+        // SAFETY: what UCX passes a handler: the handler's argument (a live inbox), a header of
+        // `am_header.len()` readable bytes, a rendezvous data descriptor (only ever held, never
+        // read: null is never dereferenced) and a valid parameter struct.
+        let status = unsafe {
+            am_data_cb::<false>(
+                &inbox as *const Inbox as *mut c_void,
+                am_header.as_ptr().cast(),
+                am_header.len(),
+                ptr::null_mut(),
+                len,
+                &param,
+            )
+        };
+        assert_eq!(
+            status,
+            sys::UCS_OK,
+            "given back to UCX, not kept for a fetch"
+        );
+        {
+            let st = inbox.state.borrow();
+            assert!(st.rndv_waiting.is_empty() && st.rndv_waiting_from[1] == 0);
+            let errors: Vec<String> = st.errors.iter().map(ToString::to_string).collect();
+            assert!(
+                errors.len() == 1 && errors[0].contains("process 1 sent message number 0 twice"),
+                "{errors:?}"
+            );
+        }
+        // The original's data fills its place, once.
+        inbox.complete(1, 0, Message::new(header));
+        let st = inbox.state.borrow();
+        assert_eq!((st.ready.len(), st.errors.len()), (1, 1));
     }
 
     #[test]
