@@ -53,7 +53,16 @@
 //!   kills the survivors). Charmrun prints the lost process (rank,
 //!   pid, status) on stderr, gives the others [`KILL_GRACE`] to notice and
 //!   exit, then kills the rest (SIGKILL): all are gone well within 5 s.
-//! * 2 for a usage error, 127 if a process cannot be started.
+//! * A process that hangs before the job's start-up fence (never starts its
+//!   bootstrap, or joins and never reaches the fence) does not stall the
+//!   others for ever: the key-value server fails the fence
+//!   [`DEFAULT_FENCE_TIMEOUT`](charmrs_transport::kv::DEFAULT_FENCE_TIMEOUT)
+//!   (2 minutes) after the first process reached it, or after
+//!   `CHARMRS_KV_FENCE_TIMEOUT` seconds if that is set. Charmrun then prints
+//!   the missing ranks (rank, pid, whether each joined the job) and stops the
+//!   job as after a failure; its status is 1.
+//! * 2 for a usage error (including a `CHARMRS_KV_FENCE_TIMEOUT` that is not
+//!   a positive whole number), 127 if a process cannot be started.
 //! * If charmrun itself dies, processes using
 //!   [`KvBootstrap::from_env`](charmrs_transport::KvBootstrap::from_env)
 //!   notice the closed connection and exit.
@@ -73,10 +82,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use charmrs_transport::kv::{
-    random_secret, secret_to_hex, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_PES, ENV_PPN,
-    ENV_RANK, ENV_TOTAL_PES,
+    fence_timeout_from_env, random_secret, secret_to_hex, ENV_JOB_SECRET, ENV_KV_ADDR,
+    ENV_KV_FENCE_TIMEOUT, ENV_NPROCS, ENV_PES, ENV_PPN, ENV_RANK, ENV_TOTAL_PES,
 };
-use charmrs_transport::{KvEvent, KvServer};
+use charmrs_transport::{KvEvent, KvServer, TransportError};
 
 /// How long the surviving processes get to exit on their own after a
 /// failure before charmrun kills them.
@@ -330,6 +339,17 @@ struct Proc {
 /// returns the job's exit status (see the crate docs).
 pub fn run(opts: &Options) -> i32 {
     let nprocs = opts.nprocs();
+    let fence_timeout = match fence_timeout_from_env() {
+        Ok(t) => t,
+        Err(e) => {
+            let why = match e {
+                TransportError::Bootstrap(m) => m,
+                other => other.to_string(),
+            };
+            note!("charmrun: {why}");
+            return EXIT_USAGE;
+        }
+    };
     let secret = match random_secret() {
         Ok(s) => s,
         Err(e) => {
@@ -344,6 +364,7 @@ pub fn run(opts: &Options) -> i32 {
             return 1;
         }
     };
+    server.set_fence_timeout(fence_timeout);
     let hex = secret_to_hex(&secret);
     let prog = opts.program.to_string_lossy();
     if !opts.quiet {
@@ -438,12 +459,22 @@ struct Supervision {
 impl Supervision {
     /// Reports a failure (`why`) and gives the `others` still running [`KILL_GRACE`].
     fn begin_teardown(&mut self, why: String, others: usize) {
-        if others == 0 {
+        self.teardown(why, others, "other ");
+    }
+
+    /// Reports a failure (`why`) that is no one process's and gives the `running` processes
+    /// [`KILL_GRACE`].
+    fn begin_teardown_all(&mut self, why: String, running: usize) {
+        self.teardown(why, running, "");
+    }
+
+    fn teardown(&mut self, why: String, n: usize, other: &str) {
+        if n == 0 {
             note!("charmrun: {why}");
         } else {
             note!(
-                "charmrun: {why}; stopping the other {others} process{}",
-                if others == 1 { "" } else { "es" }
+                "charmrun: {why}; stopping the {other}{n} process{}",
+                if n == 1 { "" } else { "es" }
             );
         }
         self.kill_at = Some(Instant::now() + KILL_GRACE);
@@ -494,8 +525,44 @@ impl Supervision {
                     others,
                 );
             }
+            KvEvent::FenceTimedOut { missing, after } if self.status.is_none() => {
+                self.status = Some(1);
+                let running = procs.iter().filter(|p| p.child.is_some()).count();
+                let why = format!(
+                    "the processes did not all reach a bootstrap fence within {after:?} \
+                     ({ENV_KV_FENCE_TIMEOUT} sets it, in seconds): {}",
+                    self.describe_missing(procs, &missing)
+                );
+                self.begin_teardown_all(why, running);
+            }
             _ => {}
         }
+    }
+
+    /// The ranks missing at a fence, with their pids and whether each joined the job; at most
+    /// 16 named.
+    fn describe_missing(&self, procs: &[Proc], missing: &[u32]) -> String {
+        const NAMED: usize = 16;
+        let mut parts: Vec<String> = missing
+            .iter()
+            .take(NAMED)
+            .map(|&rank| {
+                let pid = procs
+                    .iter()
+                    .find(|p| p.rank == rank)
+                    .map_or_else(|| "?".to_owned(), |p| p.pid.to_string());
+                let what = if self.joined.get(rank as usize).copied().unwrap_or(false) {
+                    "joined the job but did not reach the fence"
+                } else {
+                    "never joined the job"
+                };
+                format!("rank {rank} (pid {pid}) {what}")
+            })
+            .collect();
+        if missing.len() > NAMED {
+            parts.push(format!("and {} more", missing.len() - NAMED));
+        }
+        parts.join(", ")
     }
 }
 
@@ -509,6 +576,11 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
         ..Supervision::default()
     };
     loop {
+        // Events already queued first: the server sends a fence's timeout before the processes
+        // waiting in it hear of it, so it is judged before their exits are.
+        while let Some(event) = server.try_event() {
+            s.event(procs, event);
+        }
         let mut running = 0;
         for i in 0..procs.len() {
             let Some(child) = procs[i].child.as_mut() else {

@@ -463,6 +463,105 @@ fn a_process_ending_well_without_joining_ends_the_job_instead_of_a_hang() {
     );
 }
 
+/// A rank that hangs before it even starts its bootstrap (here a wrapper that sleeps instead of
+/// starting the program) ends the job at the fence timeout, with a message naming it.
+#[test]
+fn a_rank_that_never_joins_ends_the_job_at_the_fence_timeout() {
+    let script =
+        format!("if [ \"$CHARMRS_RANK\" = 1 ]; then exec sleep 300; fi; exec {CHECK} pingpong 10");
+    let t = Instant::now();
+    let d = Live::start_cmd(
+        "env",
+        &[
+            "CHARMRS_KV_FENCE_TIMEOUT=2",
+            CHARMRUN,
+            "+p3",
+            "++ppn",
+            "1",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .finish();
+    let took = t.elapsed();
+    assert_eq!(d.status, 1, "{}", d.err());
+    let err = d.err();
+    assert!(
+        err.contains("did not all reach a bootstrap fence within 2s")
+            && err.contains("CHARMRS_KV_FENCE_TIMEOUT")
+            && err.contains("rank 1 (pid ")
+            && err.contains("never joined the job")
+            && !err.contains("rank 0 (pid")
+            && !err.contains("rank 2 (pid"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "took {took:?}"
+    );
+}
+
+/// A rank that joins the job and then hangs before the start-up fence: the same, and the
+/// message says it joined.
+#[test]
+fn a_rank_that_joins_but_never_reaches_the_fence_ends_the_job() {
+    let t = Instant::now();
+    let mut live = Live::start_cmd(
+        "env",
+        &[
+            "CHARMRS_KV_FENCE_TIMEOUT=2",
+            CHARMRUN,
+            "+p3",
+            "++ppn",
+            "1",
+            CHECK,
+            "stall",
+            "2",
+        ],
+    );
+    let (_, _, stalled) = live.wait_line(|l| l.1 == Stream::Out && l.2.starts_with("STALLING"));
+    let pid = field(&stalled, "pid").to_owned();
+    let d = live.finish();
+    let took = t.elapsed();
+    assert_eq!(d.status, 1, "{}", d.err());
+    let err = d.err();
+    assert!(
+        err.contains(&format!(
+            "rank 2 (pid {pid}) joined the job but did not reach the fence"
+        )) && err.contains("within 2s"),
+        "{err}"
+    );
+    // The waiting ranks say why they failed; the stalled one was killed.
+    assert!(err.contains("fence timed out after 2s"), "{err}");
+    assert!(
+        err.contains(&format!("killing rank 2 (pid {pid})")),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_bad_fence_timeout_is_a_usage_error_naming_the_variable() {
+    let d = Live::start_cmd(
+        "env",
+        &["CHARMRS_KV_FENCE_TIMEOUT=soon", CHARMRUN, CHECK, "env"],
+    )
+    .finish();
+    assert_eq!(d.status, 2, "{}", d.err());
+    assert!(
+        d.err().contains(
+            "CHARMRS_KV_FENCE_TIMEOUT=\"soon\" is not a positive whole number of seconds"
+        ),
+        "{}",
+        d.err()
+    );
+    assert!(d.out().is_empty(), "no process started: {}", d.out());
+}
+
 #[test]
 fn a_killed_process_is_reported_lost_by_the_survivors_within_5s() {
     let mut live = Live::start(&["+p3", "++ppn", "1", CHECK, "peerlost", "1"]);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::proto::{self, Op, Status};
 use super::{
-    parse_secret_hex, JobSecret, ENV_JOB_SECRET, ENV_KV_ADDR, ENV_NPROCS, ENV_PPN, ENV_RANK,
-    ENV_TOTAL_PES,
+    fence_timeout_from_env, parse_secret_hex, JobSecret, DEFAULT_FENCE_TIMEOUT, ENV_JOB_SECRET,
+    ENV_KV_ADDR, ENV_NPROCS, ENV_PPN, ENV_RANK, ENV_TOTAL_PES, FENCE_CLIENT_GRACE,
 };
 use crate::bootstrap::Bootstrap;
 use crate::error::TransportError;
@@ -35,6 +35,13 @@ type Response = Result<(Status, Vec<u8>), String>;
 /// bootstrap is alive (charmrun died or was killed), the process prints a
 /// message on stderr and exits with status 1, so no orphan outlives its
 /// job. [`KvBootstrap::connect`] does not do that.
+///
+/// Every request waits for its answer at most
+/// [`fence_timeout`](KvBootstrap::fence_timeout) plus
+/// [`FENCE_CLIENT_GRACE`](super::FENCE_CLIENT_GRACE) (the server fails a
+/// fence at its own timeout first); after a request ran out of time the
+/// connection is out of step with the server, and every later request fails
+/// at once.
 pub struct KvBootstrap {
     rank: ProcessId,
     size: u32,
@@ -42,6 +49,7 @@ pub struct KvBootstrap {
     total_pes: Option<u32>,
     secret: JobSecret,
     addr: SocketAddr,
+    fence_timeout: Duration,
     conn: Mutex<Conn>,
     closing: Arc<AtomicBool>,
 }
@@ -49,6 +57,8 @@ pub struct KvBootstrap {
 struct Conn {
     stream: TcpStream,
     responses: mpsc::Receiver<Response>,
+    /// Why the connection can serve no more requests (an answer never came in time).
+    broken: Option<String>,
 }
 
 fn bootstrap_err(m: impl Into<String>) -> TransportError {
@@ -80,7 +90,8 @@ fn env_opt_u32(name: &str) -> Result<Option<u32>, TransportError> {
 impl KvBootstrap {
     /// The bootstrap of a process started by `charmrun`, configured from
     /// [`ENV_RANK`], [`ENV_NPROCS`], [`ENV_KV_ADDR`], [`ENV_JOB_SECRET`]
-    /// (and, if present, [`ENV_PPN`] and [`ENV_TOTAL_PES`]). `Ok(None)` when
+    /// (and, if present, [`ENV_PPN`], [`ENV_TOTAL_PES`] and
+    /// [`ENV_KV_FENCE_TIMEOUT`](super::ENV_KV_FENCE_TIMEOUT)). `Ok(None)` when
     /// [`ENV_KV_ADDR`] is unset: the process was not started by charmrun.
     ///
     /// The returned bootstrap is the process's lifeline (see the type docs).
@@ -105,6 +116,7 @@ impl KvBootstrap {
             .and_then(|s| parse_secret_hex(s.trim()))?;
         let ppn = env_opt_u32(ENV_PPN)?;
         let total_pes = env_opt_u32(ENV_TOTAL_PES)?;
+        let fence_timeout = fence_timeout_from_env()?;
         let sock = addr
             .to_socket_addrs()
             .map_err(|e| bootstrap_err(format!("{ENV_KV_ADDR}={addr:?}: {e}")))?
@@ -113,11 +125,13 @@ impl KvBootstrap {
         let mut b = KvBootstrap::open(sock, rank, size, secret, true)?;
         b.ppn = ppn;
         b.total_pes = total_pes;
+        b.fence_timeout = fence_timeout;
         Ok(Some(b))
     }
 
     /// Connects to the server at `addr` as process `rank` of `size`,
-    /// authenticated by `secret`. Not a lifeline (see the type docs).
+    /// authenticated by `secret`. Not a lifeline (see the type docs); its
+    /// fence timeout is [`DEFAULT_FENCE_TIMEOUT`].
     ///
     /// # Errors
     ///
@@ -198,9 +212,11 @@ impl KvBootstrap {
             total_pes: None,
             secret,
             addr,
+            fence_timeout: DEFAULT_FENCE_TIMEOUT,
             conn: Mutex::new(Conn {
                 stream,
                 responses: rx,
+                broken: None,
             }),
             closing,
         })
@@ -227,6 +243,20 @@ impl KvBootstrap {
         self.addr
     }
 
+    /// The fence timeout this process assumes the server uses:
+    /// [`ENV_KV_FENCE_TIMEOUT`](super::ENV_KV_FENCE_TIMEOUT) for
+    /// [`KvBootstrap::from_env`], else [`DEFAULT_FENCE_TIMEOUT`]. A request
+    /// waits for its answer at most this plus
+    /// [`FENCE_CLIENT_GRACE`](super::FENCE_CLIENT_GRACE).
+    pub fn fence_timeout(&self) -> Duration {
+        self.fence_timeout
+    }
+
+    /// Sets [`KvBootstrap::fence_timeout`].
+    pub fn set_fence_timeout(&mut self, timeout: Duration) {
+        self.fence_timeout = timeout;
+    }
+
     /// Sends one request and waits for its response.
     fn request(
         &self,
@@ -241,13 +271,23 @@ impl KvBootstrap {
         let lost = |why: String| {
             bootstrap_err(format!("lost the key-value server at {}: {why}", self.addr))
         };
+        if let Some(why) = &conn.broken {
+            return Err(lost(why.clone()));
+        }
         conn.stream
             .write_all(&wire)
             .map_err(|e| lost(e.to_string()))?;
-        match conn.responses.recv() {
+        let limit = self.fence_timeout.saturating_add(FENCE_CLIENT_GRACE);
+        match conn.responses.recv_timeout(limit) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(why)) => Err(lost(why)),
-            Err(_) => Err(lost("connection closed".to_owned())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(lost("connection closed".to_owned())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // A late answer would be taken for the next request's: no more requests.
+                let why = format!("no answer to a {op:?} request within {limit:?}");
+                conn.broken = Some(why.clone());
+                Err(lost(why))
+            }
         }
     }
 }

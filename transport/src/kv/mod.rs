@@ -24,6 +24,9 @@
 //! | [`ENV_PES`]          | PEs of this process (= `CHARMRS_PPN`), for the runtime     |
 //! | [`ENV_TOTAL_PES`]    | PEs of the whole job (`+p`), for the runtime               |
 //!
+//! [`ENV_KV_FENCE_TIMEOUT`], when the user sets it, reaches the processes
+//! with the rest of charmrun's environment.
+//!
 //! # Invariants
 //!
 //! * Every request carries the job secret; the server drops (and logs, with
@@ -35,6 +38,14 @@
 //!   rank's connection closes before it arrives, every pending and future
 //!   fence fails with [`TransportError::Bootstrap`] naming that rank (no
 //!   hang).
+//! * A fence is bounded: if not every rank arrived within the server's fence
+//!   timeout ([`DEFAULT_FENCE_TIMEOUT`], or [`ENV_KV_FENCE_TIMEOUT`] seconds
+//!   through charmrun) of the first arrival, it fails for the ranks waiting
+//!   in it, and every later fence fails too, with a message naming the
+//!   ranks that never arrived (and whether each joined the job at all); the
+//!   launcher hears of it ([`KvEvent::FenceTimedOut`]). A client waits for
+//!   any answer at most its own fence timeout plus [`FENCE_CLIENT_GRACE`],
+//!   so a server that stopped answering cannot hang it either.
 //! * All lengths are bounded (key 1 KiB, value 1 MiB, store 64 MiB) and
 //!   checked before allocation. The store's bound counts 64 bytes per
 //!   entry besides its key and value, so many tiny entries cannot take more
@@ -48,6 +59,7 @@ pub use client::KvBootstrap;
 pub use server::{KvEvent, KvServer};
 
 use std::io::Read;
+use std::time::Duration;
 
 use crate::error::TransportError;
 
@@ -66,6 +78,51 @@ pub const ENV_PPN: &str = "CHARMRS_PPN";
 pub const ENV_PES: &str = "CHARMRS_PES";
 /// Environment variable: PEs of the whole job (`+p`).
 pub const ENV_TOTAL_PES: &str = "CHARMRS_TOTAL_PES";
+
+/// Environment variable: how long a fence may wait for every process, in
+/// seconds (a positive whole number, e.g. `CHARMRS_KV_FENCE_TIMEOUT=600` for
+/// a job whose processes start far apart). Read by charmrun for its server
+/// and by [`KvBootstrap::from_env`] for the client's own bound. Unset or
+/// empty: [`DEFAULT_FENCE_TIMEOUT`].
+pub const ENV_KV_FENCE_TIMEOUT: &str = "CHARMRS_KV_FENCE_TIMEOUT";
+
+/// Default fence timeout: two minutes, as for PMIx fences. At start-up the
+/// processes reach the fence within seconds of each other; this leaves room
+/// for slow starts on a loaded host while a process that hangs before its
+/// fence costs the others two minutes rather than the job for ever.
+pub const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How much longer than its fence timeout a [`KvBootstrap`] waits for an
+/// answer before failing on its own (the server's timeout, which names the
+/// missing ranks, comes first).
+pub const FENCE_CLIENT_GRACE: Duration = Duration::from_secs(5);
+
+/// The fence timeout [`ENV_KV_FENCE_TIMEOUT`] asks for: its value in
+/// seconds, [`DEFAULT_FENCE_TIMEOUT`] if it is unset or empty.
+///
+/// # Errors
+///
+/// [`TransportError::Bootstrap`] naming the variable if its value is not a
+/// positive whole number of seconds.
+pub fn fence_timeout_from_env() -> Result<Duration, TransportError> {
+    fence_timeout_from(std::env::var_os(ENV_KV_FENCE_TIMEOUT).as_deref())
+}
+
+fn fence_timeout_from(value: Option<&std::ffi::OsStr>) -> Result<Duration, TransportError> {
+    let Some(value) = value else {
+        return Ok(DEFAULT_FENCE_TIMEOUT);
+    };
+    let v = value.to_string_lossy();
+    match v.trim() {
+        "" => Ok(DEFAULT_FENCE_TIMEOUT),
+        t => match t.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Duration::from_secs(u64::from(n))),
+            _ => Err(TransportError::Bootstrap(format!(
+                "{ENV_KV_FENCE_TIMEOUT}={v:?} is not a positive whole number of seconds"
+            ))),
+        },
+    }
+}
 
 /// Length of a job secret in bytes.
 pub const SECRET_LEN: usize = 32;
@@ -154,6 +211,23 @@ mod tests {
         let err = parse_secret_hex(&bad).unwrap_err().to_string();
         assert!(!err.contains(&hex[..62]), "error must not echo the secret");
         assert_ne!(random_secret().unwrap(), s);
+    }
+
+    #[test]
+    fn fence_timeout_comes_from_its_variable() {
+        use std::ffi::OsStr;
+        let t = |v: &str| fence_timeout_from(Some(OsStr::new(v)));
+        assert_eq!(fence_timeout_from(None).unwrap(), DEFAULT_FENCE_TIMEOUT);
+        assert_eq!(t(" ").unwrap(), DEFAULT_FENCE_TIMEOUT);
+        assert_eq!(t("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(t(" 600\n").unwrap(), Duration::from_secs(600));
+        for bad in ["0", "-1", "1.5", "2m", "99999999999"] {
+            let e = t(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(ENV_KV_FENCE_TIMEOUT) && e.contains(bad) && e.contains("positive"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -288,6 +362,101 @@ mod server_tests {
                 next_but_joins(&server),
                 Some(KvEvent::Disconnected { rank: 1 })
             );
+        });
+    }
+
+    /// A fence that not every rank reaches fails at the server's fence timeout for the ranks
+    /// waiting in it, naming the missing ranks and whether each joined; the launcher hears of
+    /// it first; a late arrival fails at once.
+    #[test]
+    fn a_fence_times_out_naming_the_ranks_that_never_arrived() {
+        watchdog(20, || {
+            let secret = random_secret().unwrap();
+            let (server, addr) = KvServer::start(4, secret).unwrap();
+            assert_eq!(server.fence_timeout(), DEFAULT_FENCE_TIMEOUT);
+            let timeout = Duration::from_secs(1);
+            server.set_fence_timeout(timeout);
+            let b2 = KvBootstrap::connect(addr, 2, 4, secret).unwrap(); // never fences
+            let fencers: Vec<_> = (0..2u32)
+                .map(|r| {
+                    std::thread::spawn(move || {
+                        let b = KvBootstrap::connect(addr, r, 4, secret).unwrap();
+                        let t = Instant::now();
+                        let res = b.fence();
+                        (res, t.elapsed(), b)
+                    })
+                })
+                .collect();
+            // Rank 3 never connects.
+            let mut kept = Vec::new();
+            for f in fencers {
+                let (res, took, b) = f.join().unwrap();
+                let err = res.unwrap_err().to_string();
+                assert!(
+                    err.contains("fence timed out after 1s")
+                        && err.contains("rank 2 (joined the job but did not reach the fence)")
+                        && err.contains("rank 3 (never joined the job)")
+                        && !err.contains("rank 0")
+                        && !err.contains("rank 1"),
+                    "{err}"
+                );
+                assert!(
+                    took >= timeout - Duration::from_millis(50) && took < Duration::from_secs(4),
+                    "{took:?}"
+                );
+                kept.push(b);
+            }
+            assert_eq!(
+                next_but_joins(&server),
+                Some(KvEvent::FenceTimedOut {
+                    missing: vec![2, 3],
+                    after: timeout
+                })
+            );
+            let t = Instant::now();
+            let err = b2.fence().unwrap_err().to_string();
+            assert!(err.contains("rank 3 (never joined the job)"), "{err}");
+            assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+            drop((kept, b2, server));
+        });
+    }
+
+    /// A server that takes a request and never answers (stopped, or a bug) fails the request
+    /// at the client's fence timeout plus its grace, and the connection serves no more.
+    #[test]
+    fn a_request_never_answered_fails_at_the_clients_bound() {
+        watchdog(30, || {
+            let secret = random_secret().unwrap();
+            let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let silent = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let hello = proto::read_body(&mut s, proto::MAX_REQUEST).unwrap();
+                assert!(hello.is_some());
+                proto::write_response(&mut s, proto::Status::Ok, b"").unwrap();
+                // Takes the fence, answers nothing, keeps the connection open until the client
+                // closes it.
+                let mut sink = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+            });
+            let mut b = KvBootstrap::connect(addr, 0, 1, secret).unwrap();
+            assert_eq!(b.fence_timeout(), DEFAULT_FENCE_TIMEOUT);
+            b.set_fence_timeout(Duration::from_millis(500));
+            let t = Instant::now();
+            let err = b.fence().unwrap_err().to_string();
+            let took = t.elapsed();
+            let bound = Duration::from_millis(500) + FENCE_CLIENT_GRACE;
+            assert!(
+                took >= bound - Duration::from_millis(50) && took < bound + Duration::from_secs(3),
+                "{took:?}"
+            );
+            assert!(err.contains("no answer to a Fence request"), "{err}");
+            let t = Instant::now();
+            let err = b.put("k", b"v").unwrap_err().to_string();
+            assert!(err.contains("no answer to a Fence request"), "{err}");
+            assert!(t.elapsed() < Duration::from_secs(1));
+            drop(b);
+            silent.join().unwrap();
         });
     }
 

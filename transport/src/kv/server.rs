@@ -11,6 +11,11 @@
 //! * `shutdown` is set, and checked before registering a connection, under
 //!   the `conns` lock: a connection accepted while the server is dropped is
 //!   either closed by the drop or never served.
+//! * A fence generation starts at its first arrival; once the fence timeout
+//!   has passed since then with ranks missing, the first waiter to notice
+//!   records the failure (`fence_failed`, naming the missing ranks), sends
+//!   [`KvEvent::FenceTimedOut`] before any waiter answers, and wakes the
+//!   others: every waiting and every later fence fails with that message.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -18,10 +23,10 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::{self, Op, Reject, Status};
-use super::JobSecret;
+use super::{JobSecret, DEFAULT_FENCE_TIMEOUT};
 use crate::error::TransportError;
 use crate::layer::ProcessId;
 
@@ -64,6 +69,15 @@ pub enum KvEvent {
         /// The process whose connection closed.
         rank: ProcessId,
     },
+    /// A fence waited [`KvServer::fence_timeout`] after its first arrival
+    /// without every process arriving: it failed, and so will every later
+    /// one (sent before any waiting process hears of it).
+    FenceTimedOut {
+        /// The processes that had not arrived, in rank order.
+        missing: Vec<ProcessId>,
+        /// The fence timeout that passed.
+        after: Duration,
+    },
 }
 
 /// The launcher's key-value server: a TCP listener serving
@@ -97,6 +111,14 @@ struct State {
     left: Option<ProcessId>,
     fence_generation: u64,
     fence_arrived: u32,
+    /// Which ranks arrived at the current fence generation.
+    fence_arrivals: Vec<bool>,
+    /// When the first rank arrived at the current generation.
+    fence_started: Option<Instant>,
+    /// How long a fence waits for every rank after its first arrival.
+    fence_timeout: Duration,
+    /// Why fences fail since one timed out: no fence can complete after that.
+    fence_failed: Option<String>,
 }
 
 impl Shared {
@@ -111,6 +133,10 @@ impl Shared {
                 left: None,
                 fence_generation: 0,
                 fence_arrived: 0,
+                fence_arrivals: vec![false; nprocs as usize],
+                fence_started: None,
+                fence_timeout: DEFAULT_FENCE_TIMEOUT,
+                fence_failed: None,
             }),
             fence_done: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -216,6 +242,20 @@ impl KvServer {
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How long a fence waits for every process after the first one arrived
+    /// (default [`DEFAULT_FENCE_TIMEOUT`]).
+    pub fn fence_timeout(&self) -> Duration {
+        lock(&self.shared.state).fence_timeout
+    }
+
+    /// Sets [`KvServer::fence_timeout`] (charmrun: from
+    /// [`ENV_KV_FENCE_TIMEOUT`](super::ENV_KV_FENCE_TIMEOUT)). A fence that
+    /// began already keeps its start but uses the new timeout.
+    pub fn set_fence_timeout(&self, timeout: Duration) {
+        lock(&self.shared.state).fence_timeout = timeout;
+        self.shared.fence_done.notify_all();
     }
 
     /// Waits up to `timeout` for the next event; `None` if none came.
@@ -498,7 +538,7 @@ fn handle(shared: &Shared, rank: ProcessId, req: &proto::Request<'_>) -> (Status
                 None => (Status::NotFound, Vec::new()),
             }
         }
-        Op::Fence => match fence(shared) {
+        Op::Fence => match fence(shared, rank) {
             Ok(()) => (Status::Ok, Vec::new()),
             Err(m) => err(m),
         },
@@ -511,26 +551,36 @@ fn handle(shared: &Shared, rank: ProcessId, req: &proto::Request<'_>) -> (Status
 }
 
 /// Blocks until every rank arrived at the current fence generation, or
-/// fails once a rank left the job.
-fn fence(shared: &Shared) -> Result<(), String> {
+/// fails once a rank left the job or the fence timed out.
+fn fence(shared: &Shared, rank: ProcessId) -> Result<(), String> {
     let mut st = lock(&shared.state);
     if let Some(r) = st.left {
         return Err(format!(
             "process {r} left the job; the fence cannot complete"
         ));
     }
+    if let Some(why) = &st.fence_failed {
+        return Err(why.clone());
+    }
     let generation = st.fence_generation;
+    let started = *st.fence_started.get_or_insert_with(Instant::now);
+    if let Some(arrived) = st.fence_arrivals.get_mut(rank as usize) {
+        *arrived = true;
+    }
     st.fence_arrived += 1;
     if st.fence_arrived == shared.nprocs {
         st.fence_arrived = 0;
+        st.fence_arrivals.fill(false);
+        st.fence_started = None;
         st.fence_generation += 1;
         shared.fence_done.notify_all();
         return Ok(());
     }
     loop {
+        let left = (started + st.fence_timeout).saturating_duration_since(Instant::now());
         st = shared
             .fence_done
-            .wait_timeout(st, Duration::from_millis(200))
+            .wait_timeout(st, left.min(Duration::from_millis(200)))
             .unwrap_or_else(PoisonError::into_inner)
             .0;
         if st.fence_generation != generation {
@@ -541,10 +591,53 @@ fn fence(shared: &Shared) -> Result<(), String> {
                 "process {r} left the job; the fence cannot complete"
             ));
         }
+        if let Some(why) = &st.fence_failed {
+            return Err(why.clone());
+        }
         if shared.shutdown.load(Ordering::SeqCst) {
             return Err("the key-value server is shutting down".to_owned());
         }
+        if started.elapsed() >= st.fence_timeout {
+            let missing: Vec<ProcessId> = (0..shared.nprocs)
+                .filter(|&r| !st.fence_arrivals[r as usize])
+                .collect();
+            let why = format!(
+                "the fence timed out after {:?} waiting for {}",
+                st.fence_timeout,
+                describe_missing(&st.claimed, &missing)
+            );
+            st.fence_failed = Some(why.clone());
+            // Before any waiter answers: the launcher hears of the timeout before the
+            // processes it fails can exit.
+            let _ = shared.events.send(KvEvent::FenceTimedOut {
+                missing,
+                after: st.fence_timeout,
+            });
+            shared.fence_done.notify_all();
+            return Err(why);
+        }
     }
+}
+
+/// The ranks that did not arrive at a fence, for its timeout's message: whether each joined the
+/// job at all (`claimed`). At most 16 are named.
+fn describe_missing(claimed: &[bool], missing: &[ProcessId]) -> String {
+    const NAMED: usize = 16;
+    let mut parts: Vec<String> = missing
+        .iter()
+        .take(NAMED)
+        .map(|&r| {
+            if claimed.get(r as usize).copied().unwrap_or(false) {
+                format!("rank {r} (joined the job but did not reach the fence)")
+            } else {
+                format!("rank {r} (never joined the job)")
+            }
+        })
+        .collect();
+    if missing.len() > NAMED {
+        parts.push(format!("{} more ranks", missing.len() - NAMED));
+    }
+    parts.join(", ")
 }
 
 /// Reads from `stream` until `at`: each read waits at most what is left.
@@ -656,7 +749,7 @@ mod tests {
             );
             // (Checked after `left`, so that without the departure this fails
             // rather than waits.)
-            let err = fence(&shared).unwrap_err();
+            let err = fence(&shared, 1).unwrap_err();
             assert!(err.contains("process 0 left"), "{fail_at:?}: {err}");
         }
     }

@@ -23,6 +23,9 @@
 //! * `abort RANK` — RANK aborts the job through the layer and exits 5.
 //! * `abort-linger RANK` — RANK aborts the job through the layer and then
 //!   sleeps (charmrun must kill it).
+//! * `stall RANK` — RANK joins the job (claims its rank at charmrun's
+//!   key-value server), prints its pid and sleeps without reaching the
+//!   start-up fence; the others wait in that fence (it must time out).
 //!
 //! Success lines start with `OK`; any failure exits non-zero with a message.
 
@@ -482,6 +485,23 @@ fn main() {
         ));
         return;
     }
+    if mode == "stall" {
+        let who = num(&args, 1, "rank");
+        let me = std::env::var("CHARMRS_RANK")
+            .ok()
+            .and_then(|r| r.parse().ok());
+        if me == Some(who) {
+            let _boot = match KvBootstrap::from_env() {
+                Ok(Some(b)) => b,
+                Ok(None) => fail("not started by charmrun (CHARMRS_KV_ADDR unset)".into()),
+                Err(e) => fail(format!("bootstrap: {e}")),
+            };
+            out(format!("STALLING rank {who} pid {}", std::process::id()));
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
     let job = setup();
     let res = match mode {
         "pingpong" => pingpong(&job, num(&args, 1, "iteration count")),
@@ -505,6 +525,7 @@ fn main() {
         "garbage" => garbage(&job),
         "abort" => abort(&job, num(&args, 1, "rank") as u32, false),
         "abort-linger" => abort(&job, num(&args, 1, "rank") as u32, true),
+        "stall" => Err("the start-up fence completed without the stalled rank".into()),
         other => Err(format!("unknown mode {other:?}")),
     };
     if let Err(e) = res {
