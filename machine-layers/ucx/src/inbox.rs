@@ -27,6 +27,12 @@
 //!   malformed input once it has lasted [`GAP_LIMIT`] (checked while the layer is progressed),
 //!   not waited on for ever; the sender's later messages are dropped from then on. A sender
 //!   lost or gone is not checked.
+//! * Likewise a rendezvous message whose data cannot be received (its fetch failed, not for the
+//!   sender's loss: UCX refused it, completed it short or failed it; or its segments did not
+//!   fit the data) is reported once, naming the sender and the message
+//!   ([`Inbox::fetch_failed`]), and the sender's stream is broken: the messages held back behind
+//!   it and all its later ones are dropped (its place would otherwise stall the stream for
+//!   ever, unreported).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -399,6 +405,58 @@ impl Inbox {
         }
     }
 
+    /// The data of rendezvous message `seq` (`len` bytes) from `src`, whose place in the order
+    /// is reserved, will never land: its fetch failed, `why` (not for `src`'s loss: that is
+    /// [`message_lost`](Self::message_lost)). Nothing of `src`'s after it can be delivered in
+    /// order, so its stream is broken, as for a gap that lasts ([`check_gaps`](Self::check_gaps)):
+    /// the messages held back (and the places reserved) are dropped, so are all its later
+    /// ones, and one error says so, naming the sender and the message: malformed input if
+    /// `malformed`, else an I/O error. Nothing if its stream broke already (reported).
+    pub(crate) fn fetch_failed(
+        &self,
+        src: ProcessId,
+        seq: u64,
+        len: usize,
+        why: &str,
+        malformed: bool,
+    ) {
+        let dropped = {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let s = &mut st.sources[src as usize];
+            if s.broken {
+                return;
+            }
+            s.broken = true;
+            if s.gap_since.take().is_some() {
+                st.gaps -= 1;
+            }
+            // Dropped below, once the borrow is released (lent descriptors go back to the
+            // lender, pooled buffers to the pool).
+            let dropped = std::mem::take(&mut s.waiting);
+            let others = dropped.keys().filter(|&&k| k != seq).count();
+            let text = format!(
+                "{}: message #{seq} ({len} bytes) could not be received: {why}; its stream is \
+                 broken: {others} other messages of its not delivered yet and all its later \
+                 ones are dropped",
+                self.peer(src)
+            );
+            st.errors.push_back(if malformed {
+                TransportError::Malformed(text)
+            } else {
+                TransportError::Io(std::io::Error::other(text))
+            });
+            dropped
+        };
+        drop(dropped);
+    }
+
+    /// Whether `src`'s stream broke (a gap that lasted, or a fetch that failed: reported; its
+    /// messages are dropped).
+    pub(crate) fn broken(&self, src: ProcessId) -> bool {
+        self.state.borrow().sources[src as usize].broken
+    }
+
     /// Whether some sender's sequence has a gap (cheap: for the progress loop).
     pub(crate) fn has_gaps(&self) -> bool {
         self.state.borrow().gaps > 0
@@ -652,6 +710,47 @@ mod tests {
         i.arrive(0, 1, Some(m(1)));
         i.complete(0, 9, m(9));
         assert_eq!(i.state.borrow().errors.len(), 2);
+    }
+
+    /// A failed fetch left its reserved place empty for ever: the sender's later messages
+    /// waited behind it, unreported (the place was no gap).
+    #[test]
+    fn a_failed_fetch_breaks_its_senders_stream_reported_once() {
+        let i = Inbox::new(2, 1 << 20);
+        i.arrive(1, 0, Some(m(0)));
+        i.arrive(1, 1, None); // its fetch fails
+        i.arrive(1, 2, None); // in flight behind it
+        i.arrive(1, 3, Some(m(3)));
+        i.arrive(1, 5, Some(m(5))); // #4 missing: a gap
+        i.arrive(0, 0, None);
+        assert_eq!(ready_tags(&i), vec![(1, 0)]);
+        assert!(!i.has_gaps(), "behind the places reserved");
+        i.fetch_failed(1, 1, 4096, "the test says so", false);
+        let e = i.state.borrow_mut().errors.pop_front().unwrap();
+        assert!(matches!(e, TransportError::Io(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.contains(
+                "process 1: message #1 (4096 bytes) could not be received: the test says so; its \
+                 stream is broken: 3 other messages of its not delivered yet and all its later \
+                 ones are dropped"
+            ),
+            "{e}"
+        );
+        assert!(i.broken(1) && !i.has_gaps());
+        // The fetch in flight completes: dropped. Later messages and announcements are refused,
+        // a second failure is not reported again.
+        i.complete(1, 2, m(2));
+        assert_eq!(i.arrive(1, 4, Some(m(4))), None);
+        assert_eq!(i.arrive(1, 6, None), None);
+        i.fetch_failed(1, 2, 1, "again", true);
+        assert!(i.state.borrow().errors.is_empty());
+        assert!(ready_tags(&i).is_empty());
+        // The other sender's stream goes on.
+        i.complete(0, 0, m(100));
+        i.arrive(0, 1, Some(m(101)));
+        assert_eq!(ready_tags(&i), vec![(0, 100), (0, 101)]);
+        assert!(!i.broken(0));
     }
 
     #[test]

@@ -1563,6 +1563,14 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         );
         return;
     }
+    if inbox.broken(pending.src) {
+        // Queued for a fetch slot before its sender's stream broke (reported): nothing of the
+        // sender's is delivered any more, its data is not fetched.
+        // SAFETY: a held, unused rendezvous descriptor of this worker, from the waiting list
+        // (never from a handler: its `arrive` refuses a broken sender's announcements).
+        unsafe { sys::ucp_am_data_release(inbox.worker.get(), pending.desc) };
+        return;
+    }
     let PendingRndv {
         desc,
         src,
@@ -1629,12 +1637,22 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
             st.rndv_active[src as usize] -= 1;
         }
         // SAFETY: UCX did not keep the descriptor box.
-        let op = unsafe { Box::from_raw(raw) };
-        inbox.error(TransportError::Io(std::io::Error::other(format!(
-            "receiving {len} bytes from {}: {}",
-            inbox.peer(op.src),
-            describe(sys::UCS_PTR_STATUS(req))
-        ))));
+        drop(unsafe { Box::from_raw(raw) });
+        let status = sys::UCS_PTR_STATUS(req);
+        if is_peer_failure(status) {
+            // Lost with the peer (reported even if it said goodbye), as in `rndv_done`.
+            inbox.message_lost(
+                src,
+                format!(
+                    "receiving message #{seq} ({len} bytes) failed: {}",
+                    describe(status)
+                ),
+            );
+        } else {
+            // Its reserved place would stall the sender's stream for ever.
+            let why = format!("ucp_am_recv_data_nbx failed: {}", describe(status));
+            inbox.fetch_failed(src, seq, len, &why, false);
+        }
     }
 }
 
@@ -1699,40 +1717,49 @@ unsafe extern "C" fn rndv_done_cb(
     let op = unsafe { Box::from_raw(user as *mut RecvOp) };
     // SAFETY: the inbox outlives the worker's requests.
     let inbox = unsafe { &*op.inbox };
+    rndv_done(inbox, *op, status, length);
+    // SAFETY: req is the completed request.
+    unsafe { sys::ucp_request_free(req) };
+}
+
+/// What [`rndv_done_cb`] does with a rendezvous receive UCX completed with `status`, `length`
+/// bytes received: the message takes its reserved place in its sender's order, or is lost with
+/// its sender, or (any other failure) breaks its sender's stream, reported.
+fn rndv_done(inbox: &Inbox, op: RecvOp, status: sys::ucs_status_t, length: usize) {
+    let (src, seq, len) = (op.src, op.seq, op.len);
     {
         let mut st = inbox.state.borrow_mut();
-        st.op_ended(op.src, OpKind::Fetch);
-        st.rndv_active[op.src as usize] -= 1;
+        st.op_ended(src, OpKind::Fetch);
+        st.rndv_active[src as usize] -= 1;
     }
-    if status == sys::UCS_OK && length == op.len {
-        let op = *op;
+    if status == sys::UCS_OK && length == len {
         let buf = op.buf.into_bytes_at(op.offset, length);
         match assemble(op.leading, buf, op.header, op.lens) {
-            Ok(m) => inbox.complete(op.src, op.seq, m),
-            Err(e) => inbox.error(e),
+            Ok(m) => inbox.complete(src, seq, m),
+            Err(e) => {
+                let why = format!("its segments do not make a message: {e}");
+                inbox.fetch_failed(src, seq, len, &why, true);
+            }
         }
     } else if is_peer_failure(status) {
         // The message's place in its sender's order was reserved: it is lost with the peer, which
         // is reported even if the peer said goodbye (it left before the message was delivered).
         inbox.message_lost(
-            op.src,
+            src,
             format!(
-                "receiving message #{} ({} bytes) failed: {}",
-                op.seq,
-                op.len,
+                "receiving message #{seq} ({len} bytes) failed: {}",
                 describe(status)
             ),
         );
     } else {
-        inbox.error(TransportError::Io(std::io::Error::other(format!(
-            "receiving {} bytes from {} failed ({length} arrived): {}",
-            op.len,
-            inbox.peer(op.src),
-            describe(status)
-        ))));
+        // Its reserved place would stall the sender's stream for ever.
+        let why = if status == sys::UCS_OK {
+            format!("UCX completed its receive with {length} bytes")
+        } else {
+            format!("{} ({length} bytes arrived)", describe(status))
+        };
+        inbox.fetch_failed(src, seq, len, &why, false);
     }
-    // SAFETY: req is the completed request.
-    unsafe { sys::ucp_request_free(req) };
 }
 
 /// Completion of a remote read.
@@ -1895,6 +1922,85 @@ mod tests {
         inbox.complete(1, 0, Message::new(header));
         let st = inbox.state.borrow();
         assert_eq!((st.ready.len(), st.errors.len()), (1, 1));
+    }
+
+    /// A rendezvous receive of `len` bytes from `src`, its fetch started (counted as
+    /// `start_rndv` does), the message of one segment (or of `segments`).
+    fn fetching(inbox: &Inbox, src: ProcessId, seq: u64, len: usize, segments: u16) -> RecvOp {
+        {
+            let mut st = inbox.state.borrow_mut();
+            st.op_started(src, OpKind::Fetch);
+            st.rndv_active[src as usize] += 1;
+        }
+        let mut lens = vec![0; usize::from(segments) - 1];
+        lens.push(len);
+        RecvOp {
+            inbox,
+            src,
+            seq,
+            header: Header {
+                segment_count: segments,
+                ..Header::new(1, 0, 0, seq)
+            },
+            lens,
+            leading: None,
+            len,
+            buf: inbox.pool.take(len),
+            offset: 0,
+        }
+    }
+
+    /// A rendezvous receive that failed (not for its sender's loss) or came back short left its
+    /// reserved place empty: the sender's later messages waited for ever, unreported.
+    #[test]
+    fn a_failed_rendezvous_receive_breaks_its_senders_stream() {
+        let inbox = Inbox::new(4, 1 << 20);
+        let len = 64 << 10;
+        for src in 1..4 {
+            assert_eq!(inbox.arrive(src, 0, None), Some(0));
+            inbox.arrive(src, 1, Some(Message::new(Header::new(1, 0, 0, 1))));
+        }
+        // Process 1's comes back short, process 2's fails, process 3's data does not make a
+        // message (more segments than a message may have: `wire` refuses such a header, the
+        // completion checks all the same).
+        rndv_done(&inbox, fetching(&inbox, 1, 0, len, 1), sys::UCS_OK, len - 1);
+        rndv_done(
+            &inbox,
+            fetching(&inbox, 2, 0, len, 1),
+            sys::UCS_ERR_NO_MEMORY,
+            0,
+        );
+        let too_many = charmrs_transport::MAX_SEGMENTS + 1;
+        rndv_done(
+            &inbox,
+            fetching(&inbox, 3, 0, len, too_many),
+            sys::UCS_OK,
+            len,
+        );
+        let st = inbox.state.borrow();
+        assert!(st.ready.is_empty(), "nothing delivered out of order");
+        assert_eq!((st.in_flight, st.rndv_active.iter().sum::<usize>()), (0, 0));
+        let errors: Vec<String> = st.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for (src, e) in (1..4).zip(&errors) {
+            assert!(
+                e.contains(&format!(
+                    "process {src}: message #0 ({len} bytes) could not be received: "
+                )) && e.contains("1 other messages of its not delivered yet and all its later"),
+                "{e}"
+            );
+        }
+        assert!(errors[0].contains("with 65535 bytes"), "{errors:?}");
+        assert!(errors[1].contains("(0 bytes arrived)"), "{errors:?}");
+        assert!(errors[2].contains("do not make a message"), "{errors:?}");
+        assert!(matches!(st.errors[2], TransportError::Malformed(_)));
+        drop(st);
+        assert!((1..4).all(|src| inbox.broken(src)));
+        // A message of the first fetch that does complete takes its place.
+        assert_eq!(inbox.arrive(0, 0, None), Some(0));
+        rndv_done(&inbox, fetching(&inbox, 0, 0, len, 1), sys::UCS_OK, len);
+        let st = inbox.state.borrow();
+        assert_eq!((st.ready.len(), st.errors.len()), (1, 3));
     }
 
     #[test]
