@@ -182,7 +182,14 @@ impl<T> Mailbox<T> {
     }
 
     /// Unparks the owner unconditionally (used for exit and other out-of-band signals).
+    ///
+    /// Callers set their signal (an exit flag, say) before calling it. The fence pairs with
+    /// the one in [`park`](Self::park): either this call sees the owner bound (and unparks it),
+    /// or the owner, binding and parking after it, sees the signal in `keep_sleeping`. Without
+    /// it the signal's store and the owner's load could both read old values (store buffering)
+    /// and an owner bound just after the signal would park for ever.
     pub fn wake(&self) {
+        fence(Ordering::SeqCst);
         if let Some(t) = self.owner.get() {
             t.unpark();
         }
@@ -374,7 +381,9 @@ mod loom_model {
     }
 
     /// `wake` (the runtime's exit signal, after setting its stop flag) ends a park even with
-    /// the queue empty. As in the runtime, the owner is bound before anyone wakes it.
+    /// the queue empty. The owner is bound before the wake here: `owner` is a std `OnceLock`,
+    /// which loom does not track, so a bind racing the wake is not modelled (the fence at the
+    /// start of `wake` covers that case; see its docs).
     #[test]
     fn loom_model_wake_ends_a_park() {
         use loom::sync::atomic::{AtomicBool, Ordering};
