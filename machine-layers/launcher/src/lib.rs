@@ -43,6 +43,16 @@
 //! processes may interleave in any order); rank 0 inherits standard input,
 //! the others read from `/dev/null`.
 //!
+//! Each process leads a process group of its own, so that charmrun's
+//! signals reach whatever it starts (the program of a wrapper script, say).
+//! The exception is rank 0 when charmrun's standard input is a terminal of
+//! which charmrun is in the foreground: rank 0 then stays in charmrun's
+//! group, so it can read the terminal and gets its ^C directly. (A terminal
+//! set to `stty tostop` stops the other ranks when they write to it.) On
+//! Linux each process is also killed by the kernel if charmrun dies
+//! (`PR_SET_PDEATHSIG`), a backstop for programs without the bootstrap's
+//! lifeline.
+//!
 //! # Job status and failures
 //!
 //! * 0 when every process exits with 0.
@@ -52,7 +62,15 @@
 //!   code (1 if it exits with 0, or if it is still running when charmrun
 //!   kills the survivors). Charmrun prints the lost process (rank,
 //!   pid, status) on stderr, gives the others [`KILL_GRACE`] to notice and
-//!   exit, then kills the rest (SIGKILL): all are gone well within 5 s.
+//!   exit, then kills the rest with their process groups (SIGKILL): all are
+//!   gone well within 5 s. Once all have ended, what is left in their
+//!   process groups is killed too (a successful job's is left alone).
+//! * SIGINT, SIGTERM or SIGHUP sent to charmrun (unless it was started with
+//!   that signal ignored, as by `nohup`): charmrun prints the signal, passes
+//!   it to every process's group, gives them [`KILL_GRACE`], kills what is
+//!   left (SIGKILL) and exits with `128 + signal` (unless a process had
+//!   failed first: its status stands). A second such signal kills them at
+//!   once.
 //! * A process that hangs before the job's start-up fence (never starts its
 //!   bootstrap, or joins and never reaches the fence) does not stall the
 //!   others for ever: the key-value server fails the fence
@@ -77,8 +95,9 @@ macro_rules! note {
 }
 
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use charmrs_transport::kv::{
@@ -304,17 +323,22 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn signal_name(s: i32) -> &'static str {
-    match s {
-        1 => " (SIGHUP)",
-        2 => " (SIGINT)",
-        6 => " (SIGABRT)",
-        9 => " (SIGKILL)",
-        11 => " (SIGSEGV)",
-        13 => " (SIGPIPE)",
-        15 => " (SIGTERM)",
-        _ => "",
-    }
+/// ` (SIGTERM)` for 15 and so on, empty for a signal without a name here.
+fn signal_name(s: i32) -> String {
+    signal_label(s).map_or_else(String::new, |n| format!(" ({n})"))
+}
+
+fn signal_label(s: i32) -> Option<&'static str> {
+    Some(match s {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return None,
+    })
 }
 
 /// The job status a process's end stands for (0: success).
@@ -326,19 +350,178 @@ fn code_of(status: ExitStatus) -> i32 {
     }
 }
 
+/// The signals charmrun passes on to its processes before it stops the job.
+const FORWARDED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// The last of [`FORWARDED`] charmrun received.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// How many of [`FORWARDED`] charmrun received since its handlers were installed.
+static SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+/// The handler of [`FORWARDED`]: records the signal for the supervision loop (atomic stores
+/// only, which are async-signal-safe).
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Charmrun's handlers of [`FORWARDED`] while a job runs; the previous dispositions come back
+/// when dropped.
+struct SignalHandlers {
+    previous: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl SignalHandlers {
+    /// Installs [`on_signal`] for each of [`FORWARDED`] that is not ignored: a signal ignored
+    /// by whoever started charmrun (`nohup`, a background job of a non-interactive shell) stays
+    /// ignored, and the processes inherit that as before.
+    fn install() -> SignalHandlers {
+        SIGNALS.store(0, Ordering::SeqCst);
+        let mut previous = Vec::new();
+        for sig in FORWARDED {
+            // SAFETY: `sigaction` is plain data, for which all-zero bytes are a valid value.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new action only reads the current one into `old`, a valid,
+            // writable `sigaction`.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0
+                || old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
+            // SAFETY: as above, all-zero is a valid `sigaction`.
+            let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+            new.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            // SA_RESTART: the key-value server's threads and charmrun's own calls resume
+            // rather than fail with EINTR.
+            new.sa_flags = libc::SA_RESTART;
+            // SAFETY: `new.sa_mask` is a valid `sigset_t` to initialise; `new` is a complete
+            // action whose handler only does atomic stores (async-signal-safe) and lives for
+            // the whole program; `old` is valid and writable.
+            let installed = unsafe {
+                libc::sigemptyset(&mut new.sa_mask);
+                libc::sigaction(sig, &new, &mut old) == 0
+            };
+            if installed {
+                previous.push((sig, old));
+            }
+        }
+        SignalHandlers { previous }
+    }
+}
+
+impl Drop for SignalHandlers {
+    fn drop(&mut self) {
+        for (sig, old) in &self.previous {
+            // SAFETY: `old` is the action `sigaction` returned for `sig`, reinstalled as it
+            // was; a null pointer asks for no copy of the current one.
+            unsafe {
+                libc::sigaction(*sig, old, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// Whether charmrun's standard input is a terminal of which charmrun is in the foreground:
+/// rank 0, which reads it, then stays in charmrun's process group, where it may (a process of
+/// a background group reading its terminal is stopped) and where the terminal's ^C reaches it
+/// as before.
+fn in_foreground_of_stdin_terminal() -> bool {
+    // SAFETY: `isatty`, `tcgetpgrp` and `getpgrp` take and return plain integers.
+    unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
 /// One started process.
 struct Proc {
     rank: u32,
     pid: u32,
-    child: Option<Child>,
+    child: Child,
+    /// It leads a process group of its own, which charmrun signals as a whole (so its children,
+    /// e.g. of a wrapper script, get the signal too).
+    own_group: bool,
+    /// Its end was seen. It stays unreaped (a zombie) until the job ends: its pid, and so the
+    /// id of its process group, cannot be taken by another process while charmrun may still
+    /// signal that group.
+    ended: bool,
     /// Charmrun killed it (SIGKILL, [`kill_all`]) while it ran.
     killed: bool,
 }
 
+impl Proc {
+    fn running(&self) -> bool {
+        !self.ended
+    }
+
+    /// Sends `sig` to its process group if it has its own (even after it ended: what it left
+    /// in the group), else to it while it runs.
+    fn signal(&self, sig: libc::c_int) {
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return;
+        };
+        let target = if self.own_group {
+            -pid
+        } else if self.running() {
+            pid
+        } else {
+            return;
+        };
+        // SAFETY: kill(2) takes plain integers. The target is the pid of a child not yet
+        // reaped, or the process group it leads: neither id can belong to another process.
+        unsafe {
+            libc::kill(target, sig);
+        }
+    }
+
+    /// Its exit status if it ended, without reaping it (see [`Proc::ended`]).
+    fn peek_exit(&self) -> std::io::Result<Option<ExitStatus>> {
+        let pid = libc::id_t::from(self.pid);
+        loop {
+            // SAFETY: `siginfo_t` is plain data, for which all-zero bytes are a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a valid, writable `siginfo_t`; with WNOWAIT the child is left
+            // waitable (its `Child::wait` reaps it later).
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: `waitid` filled `info` for a child event (SIGCHLD layout), or left it
+            // zeroed (si_pid 0) if the child has not ended.
+            let (who, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if who == 0 {
+                return Ok(None);
+            }
+            // Back to the wait status `ExitStatus` holds.
+            let raw = match info.si_code {
+                libc::CLD_EXITED => (status & 0xff) << 8,
+                libc::CLD_KILLED => status & 0x7f,
+                libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+                _ => return Ok(None),
+            };
+            return Ok(Some(ExitStatus::from_raw(raw)));
+        }
+    }
+}
+
 /// Runs a job: starts the processes, serves the bootstrap, supervises, and
 /// returns the job's exit status (see the crate docs).
+///
+/// While it runs, SIGINT, SIGTERM and SIGHUP (those not ignored) are caught
+/// by handlers of its own, process-wide; the previous dispositions come back
+/// when it returns.
 pub fn run(opts: &Options) -> i32 {
     let nprocs = opts.nprocs();
+    // Before the first process starts, so that none can be left behind by a signal.
+    let _handlers = SignalHandlers::install();
     let fence_timeout = match fence_timeout_from_env() {
         Ok(t) => t,
         Err(e) => {
@@ -377,8 +560,14 @@ pub fn run(opts: &Options) -> i32 {
         );
     }
     let mut procs: Vec<Proc> = Vec::with_capacity(nprocs as usize);
+    let rank0_in_our_group = in_foreground_of_stdin_terminal();
     for rank in 0..nprocs {
         let mut cmd = Command::new(&opts.program);
+        let own_group = rank != 0 || !rank0_in_our_group;
+        if own_group {
+            cmd.process_group(0);
+        }
+        backstop_parent_death(&mut cmd);
         // Variables of an outer launcher (charmrun run inside an `srun` or `mpirun` job, or
         // a shell of one) would make a process join that job (PMIx) or take its placement on
         // the host: this job's processes are charmrun's, all on this host.
@@ -406,36 +595,76 @@ pub fn run(opts: &Options) -> i32 {
             Ok(child) => procs.push(Proc {
                 rank,
                 pid: child.id(),
-                child: Some(child),
+                child,
+                own_group,
+                ended: false,
                 killed: false,
             }),
             Err(e) => {
                 note!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
                 kill_all(&mut procs);
-                reap_all(&mut procs);
+                reap_all(&mut procs, true);
                 return EXIT_SPAWN;
             }
         }
     }
-    supervise(opts, &server, &mut procs)
+    let status = supervise(opts, &server, &mut procs);
+    reap_all(&mut procs, status != 0);
+    status
 }
 
-/// Kills every process still running (SIGKILL).
-fn kill_all(procs: &mut [Proc]) {
-    for p in procs.iter_mut() {
-        if let Some(c) = p.child.as_mut() {
-            p.killed = true;
-            let _ = c.kill();
+/// Makes the kernel kill the process started by `cmd` (SIGKILL) if charmrun dies, even by
+/// SIGKILL: a backstop for programs without the bootstrap's lifeline. (It fires when the thread
+/// that started the process ends; charmrun starts them all on its main thread, which ends
+/// last.)
+fn backstop_parent_death(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `getpid` takes nothing and cannot fail.
+        let charmrun = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it makes two system calls (`prctl`, `getppid`),
+        // allocates nothing and touches no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Variadic: every argument as the `unsigned long` the kernel reads.
+                let zero: libc::c_ulong = 0;
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    zero,
+                    zero,
+                    zero,
+                );
+                if libc::getppid() != charmrun {
+                    // Charmrun died before the death signal was armed.
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
         }
     }
 }
 
-/// Waits for every process (after `kill_all`).
-fn reap_all(procs: &mut [Proc]) {
+/// Kills every process still running, with its process group (SIGKILL).
+fn kill_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
-        if let Some(mut c) = p.child.take() {
-            let _ = c.wait();
+        if p.running() {
+            p.killed = true;
+            p.signal(libc::SIGKILL);
         }
+    }
+}
+
+/// Waits for every process, after killing what is left in the process groups of a `failed`
+/// job (children a wrapper script left behind; a successful job's are left alone).
+fn reap_all(procs: &mut [Proc], failed: bool) {
+    for p in procs.iter_mut() {
+        if failed && p.own_group {
+            p.signal(libc::SIGKILL);
+        }
+        let _ = p.child.wait();
+        p.ended = true;
     }
 }
 
@@ -454,6 +683,10 @@ struct Supervision {
     joined: Vec<bool>,
     /// The processes that ended with status 0.
     ended_ok: Vec<(u32, u32)>,
+    /// The signal (one of [`FORWARDED`]) that stops the job.
+    signal: Option<i32>,
+    /// How many of [`SIGNALS`] were handled.
+    signals_seen: u32,
 }
 
 impl Supervision {
@@ -483,8 +716,8 @@ impl Supervision {
     /// Process `procs[i]` ended with `st`.
     fn ended(&mut self, procs: &mut [Proc], i: usize, st: ExitStatus) {
         let (rank, pid) = (procs[i].rank, procs[i].pid);
-        let killed_by_charmrun = procs[i].killed && st.signal() == Some(SIGKILL);
-        procs[i].child = None;
+        let killed_by_charmrun = procs[i].killed && st.signal() == Some(libc::SIGKILL);
+        procs[i].ended = true;
         let code = code_of(st);
         if code == 0 {
             self.ended_ok.push((rank, pid));
@@ -496,7 +729,7 @@ impl Supervision {
         }
         if code != 0 && self.status.is_none() && !self.killed {
             self.status = Some(code);
-            let others = procs.iter().filter(|p| p.child.is_some()).count();
+            let others = procs.iter().filter(|p| p.running()).count();
             self.begin_teardown(
                 format!("process rank {rank} (pid {pid}) {}", describe(st)),
                 others,
@@ -518,7 +751,7 @@ impl Supervision {
                 let pid = procs.iter().find(|p| p.rank == rank).map_or(0, |p| p.pid);
                 let others = procs
                     .iter()
-                    .filter(|p| p.child.is_some() && p.rank != rank)
+                    .filter(|p| p.running() && p.rank != rank)
                     .count();
                 self.begin_teardown(
                     format!("process rank {rank} (pid {pid}) aborted the job: {reason}"),
@@ -527,7 +760,7 @@ impl Supervision {
             }
             KvEvent::FenceTimedOut { missing, after } if self.status.is_none() => {
                 self.status = Some(1);
-                let running = procs.iter().filter(|p| p.child.is_some()).count();
+                let running = procs.iter().filter(|p| p.running()).count();
                 let why = format!(
                     "the processes did not all reach a bootstrap fence within {after:?} \
                      ({ENV_KV_FENCE_TIMEOUT} sets it, in seconds): {}",
@@ -564,10 +797,36 @@ impl Supervision {
         }
         parts.join(", ")
     }
-}
 
-/// The signal `Child::kill` sends.
-const SIGKILL: i32 = 9;
+    /// Charmrun received signal `sig` (one of [`FORWARDED`]): the first passes it on to every
+    /// process (with its process group) and gives them [`KILL_GRACE`]; another kills them at
+    /// once.
+    fn signalled(&mut self, procs: &[Proc], sig: i32) {
+        let name = signal_label(sig).map_or_else(|| format!("signal {sig}"), str::to_owned);
+        if self.signal.is_some() {
+            if !self.killed {
+                note!("charmrun: {name} again: killing the processes now");
+                self.kill_at = Some(Instant::now());
+            }
+            return;
+        }
+        self.signal = Some(sig);
+        // The first failure's status stands, as always; otherwise a shell's for a signal.
+        self.status.get_or_insert(128 + sig);
+        // Printed under ++quiet too, as every reason the job ends early.
+        let running = procs.iter().filter(|p| p.running()).count();
+        note!(
+            "charmrun: received {name}; passing it to the {running} running process{} and \
+             stopping the job",
+            if running == 1 { "" } else { "es" }
+        );
+        for p in procs {
+            p.signal(sig);
+        }
+        let deadline = Instant::now() + KILL_GRACE;
+        self.kill_at = Some(self.kill_at.map_or(deadline, |t| t.min(deadline)));
+    }
+}
 
 /// The supervision loop; returns the job status.
 fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
@@ -581,20 +840,25 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
         while let Some(event) = server.try_event() {
             s.event(procs, event);
         }
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals != s.signals_seen {
+            s.signals_seen = signals;
+            s.signalled(procs, SIGNAL.load(Ordering::SeqCst));
+        }
         let mut running = 0;
         for i in 0..procs.len() {
-            let Some(child) = procs[i].child.as_mut() else {
+            if !procs[i].running() {
                 continue;
-            };
+            }
             let (rank, pid) = (procs[i].rank, procs[i].pid);
-            match child.try_wait() {
+            match procs[i].peek_exit() {
                 Ok(None) => running += 1,
                 Ok(Some(st)) => s.ended(procs, i, st),
                 Err(e) => {
-                    procs[i].child = None;
+                    procs[i].ended = true;
                     if s.status.is_none() {
                         s.status = Some(1);
-                        let others = procs.iter().filter(|p| p.child.is_some()).count();
+                        let others = procs.iter().filter(|p| p.running()).count();
                         s.begin_teardown(
                             format!("lost track of process rank {rank} (pid {pid}): {e}"),
                             others,
@@ -616,7 +880,7 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
                 s.killed = true;
                 let left: Vec<String> = procs
                     .iter()
-                    .filter(|p| p.child.is_some())
+                    .filter(|p| p.running())
                     .map(|p| format!("rank {} (pid {})", p.rank, p.pid))
                     .collect();
                 if !opts.quiet && !left.is_empty() {
@@ -642,7 +906,7 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
                 .find(|&&(rank, _)| !s.joined[rank as usize])
             {
                 s.status = Some(1);
-                let others = procs.iter().filter(|p| p.child.is_some()).count();
+                let others = procs.iter().filter(|p| p.running()).count();
                 s.begin_teardown(
                     format!(
                         "process rank {rank} (pid {pid}) exited with status 0 without joining \
@@ -795,15 +1059,25 @@ mod tests {
         (server, boot)
     }
 
-    fn supervised(server: &KvServer, child: Child) -> i32 {
-        let opts = run_opts(&["++quiet", "unused"]);
-        let mut procs = vec![Proc {
+    /// `child` as charmrun's rank 0, in the test's own process group: signalled alone, never
+    /// as a group.
+    fn proc_of(child: Child) -> Proc {
+        Proc {
             rank: 0,
             pid: child.id(),
-            child: Some(child),
+            child,
+            own_group: false,
+            ended: false,
             killed: false,
-        }];
-        supervise(&opts, server, &mut procs)
+        }
+    }
+
+    fn supervised(server: &KvServer, proc: Proc) -> i32 {
+        let opts = run_opts(&["++quiet", "unused"]);
+        let mut procs = vec![proc];
+        let status = supervise(&opts, server, &mut procs);
+        reap_all(&mut procs, status != 0);
+        status
     }
 
     /// The last process aborts and exits with 0 before charmrun looks at the server's events:
@@ -811,10 +1085,50 @@ mod tests {
     #[test]
     fn an_abort_queued_before_the_last_exit_fails_the_job() {
         let (server, _boot) = server_with_an_abort();
-        let mut child = Command::new("true").spawn().unwrap();
-        // Ended (with 0) before supervision starts; `try_wait` reports it at once.
-        assert!(child.wait().unwrap().success());
-        assert_eq!(supervised(&server, child), 1);
+        let proc = proc_of(Command::new("true").spawn().unwrap());
+        // Ended (with 0), unreaped, before supervision starts: its first look sees the end.
+        let t = Instant::now();
+        loop {
+            match proc.peek_exit().unwrap() {
+                Some(st) => break assert!(st.success(), "{st}"),
+                None => assert!(t.elapsed() < Duration::from_secs(10), "`true` never ended"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(supervised(&server, proc), 1);
+    }
+
+    /// An exit seen without reaping gives the status `Child::wait` gives: exit codes, and
+    /// signals with and without a core dump.
+    #[test]
+    fn peek_exit_reads_exit_codes_and_signals_without_reaping() {
+        for (script, code) in [
+            ("exit 0", 0),
+            ("exit 3", 3),
+            ("exit 255", 255),
+            ("kill -TERM $$", 128 + 15),
+            ("kill -KILL $$", 128 + 9),
+            ("ulimit -c 0; kill -SEGV $$", 128 + 11),
+        ] {
+            let proc = proc_of(Command::new("sh").args(["-c", script]).spawn().unwrap());
+            let t = Instant::now();
+            let seen = loop {
+                if let Some(st) = proc.peek_exit().unwrap() {
+                    break st;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{script}: never ended"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            // Still there to reap, with the same status.
+            assert_eq!(proc.peek_exit().unwrap(), Some(seen), "{script}");
+            let mut child = proc.child;
+            let reaped = child.wait().unwrap();
+            assert_eq!(seen, reaped, "{script}");
+            assert_eq!(code_of(seen), code, "{script}");
+        }
     }
 
     /// An aborting process that does not exit is killed after the grace; the job's status is
@@ -822,9 +1136,9 @@ mod tests {
     #[test]
     fn killing_a_lingering_aborter_does_not_make_the_status() {
         let (server, _boot) = server_with_an_abort();
-        let child = Command::new("sleep").arg("60").spawn().unwrap();
+        let proc = proc_of(Command::new("sleep").arg("60").spawn().unwrap());
         let t = Instant::now();
-        assert_eq!(supervised(&server, child), 1);
+        assert_eq!(supervised(&server, proc), 1);
         assert!(
             t.elapsed() < KILL_GRACE + Duration::from_secs(5),
             "{:?}",

@@ -1,7 +1,8 @@
 //! The real `charmrun` binary starting real processes of
 //! `charmrs-tcp-check` (and of `sh`), which talk over the TCP layer on
 //! loopback. Every job runs under a watchdog: a hang kills charmrun (its
-//! processes follow through their lifeline) and fails the test.
+//! processes follow through their lifeline, or the parent-death signal) and
+//! fails the test.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
@@ -655,6 +656,131 @@ fn the_processes_do_not_outlive_a_killed_charmrun() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ----------------------------------------------------------- signals
+
+/// Sends `sig` to charmrun alone (not to its processes).
+fn signal_charmrun(live: &Live, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(live.child.id()).expect("pid");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// Waits for `n` distinct stdout lines `PID <who> <pid>`; returns the pids.
+fn wait_pids(live: &mut Live, n: usize) -> Vec<u32> {
+    let mut seen: Vec<Line> = Vec::new();
+    while seen.len() < n {
+        let l = live.wait_line(|l| {
+            l.1 == Stream::Out && l.2.starts_with("PID ") && !seen.iter().any(|s| s.2 == l.2)
+        });
+        seen.push(l);
+    }
+    seen.iter()
+        .map(|l| l.2.rsplit(' ').next().unwrap().parse().expect("pid"))
+        .collect()
+}
+
+/// Asserts that every one of `pids` is gone within `limit`.
+fn assert_all_gone(pids: &[u32], limit: Duration) {
+    let t = Instant::now();
+    while pids.iter().any(|&p| pid_alive(p)) {
+        let alive: Vec<u32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+        assert!(
+            t.elapsed() < limit,
+            "still alive after {limit:?}: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to charmrun alone: a plain program, wrapper scripts that do not exec and the programs
+/// they run (charmrun's grandchildren) all go within a few seconds, and charmrun's status is
+/// 128 + 15.
+#[test]
+fn sigterm_to_charmrun_stops_every_process_and_what_they_started() {
+    let script = "if [ \"$CHARMRS_RANK\" = 0 ]; then echo \"PID 0 $$\"; exec sleep 300; fi; \
+                  echo \"PID $CHARMRS_RANK $$\"; \
+                  sh -c 'echo \"PID g$CHARMRS_RANK $$\"; exec sleep 300'; echo after";
+    let mut live = Live::start(&["+p3", "++ppn", "1", "sh", "-c", script]);
+    let pids = wait_pids(&mut live, 5);
+    let t = Instant::now();
+    signal_charmrun(&live, libc::SIGTERM);
+    // Ends only once nobody holds its output: the grandchildren too.
+    let d = live.finish();
+    assert_eq!(d.status, 128 + 15, "{}", d.err());
+    assert!(
+        d.err()
+            .contains("received SIGTERM; passing it to the 3 running processes"),
+        "{}",
+        d.err()
+    );
+    assert!(!d.out().contains("after"), "a wrapper outlived its program");
+    assert_all_gone(&pids, Duration::from_secs(1));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+/// SIGINT and SIGHUP stop the job too; processes that ignore the signal are killed after the
+/// grace; the status is 128 + the signal.
+#[test]
+fn sigint_and_sighup_stop_the_job_even_if_the_processes_ignore_them() {
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let script = "trap '' INT HUP; echo \"PID $CHARMRS_RANK $$\"; exec sleep 300";
+        let mut live = Live::start(&["+p2", "++ppn", "1", "sh", "-c", script]);
+        let pids = wait_pids(&mut live, 2);
+        let t = Instant::now();
+        signal_charmrun(&live, sig);
+        let d = live.finish();
+        let took = t.elapsed();
+        assert_eq!(d.status, 128 + sig, "{name}: {}", d.err());
+        assert!(
+            d.err().contains(&format!("received {name}")) && d.err().contains("killing rank"),
+            "{name}: {}",
+            d.err()
+        );
+        assert_all_gone(&pids, Duration::from_secs(1));
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+            "{name}: took {took:?}"
+        );
+    }
+}
+
+/// A second signal does not wait for the grace: the processes are killed at once.
+#[test]
+fn a_second_signal_kills_at_once() {
+    let script = "trap '' TERM; echo \"PID $CHARMRS_RANK $$\"; exec sleep 300";
+    let mut live = Live::start(&["+p2", "++ppn", "1", "sh", "-c", script]);
+    let pids = wait_pids(&mut live, 2);
+    signal_charmrun(&live, libc::SIGTERM);
+    live.wait_line(|l| l.1 == Stream::Err && l.2.contains("received SIGTERM"));
+    let t = Instant::now();
+    signal_charmrun(&live, libc::SIGTERM);
+    let d = live.finish();
+    assert_eq!(d.status, 128 + 15, "{}", d.err());
+    assert!(d.err().contains("SIGTERM again"), "{}", d.err());
+    assert_all_gone(&pids, Duration::from_secs(1));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+/// Programs without the bootstrap's lifeline do not outlive a charmrun killed by SIGKILL
+/// either (the kernel kills them: parent-death signal).
+#[test]
+fn plain_processes_do_not_outlive_a_killed_charmrun() {
+    let script = "echo \"PID $CHARMRS_RANK $$\"; exec sleep 300";
+    let mut live = Live::start(&["+p2", "++ppn", "1", "sh", "-c", script]);
+    let pids = wait_pids(&mut live, 2);
+    live.child.kill().unwrap();
+    assert_all_gone(&pids, Duration::from_secs(5));
 }
 
 // ---------------------------------------------------------- security
