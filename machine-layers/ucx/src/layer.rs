@@ -194,8 +194,9 @@ struct Shared {
     locked: SpinMutex<Locked>,
     /// Operations queued by threads that found the worker busy.
     queue: SegQueue<Op>,
-    /// Messages to this process itself.
-    loopback: SegQueue<Message>,
+    /// Messages that arrive without UCX, with the worker id they come from: messages to this
+    /// process itself, and the completions of reads of nothing (a key of length 0).
+    loopback: SegQueue<(u32, Message)>,
     /// Peer workers reported lost (sends to them fail at once).
     lost: Vec<AtomicBool>,
     /// One thread delivers at a time (per-sender order).
@@ -1048,7 +1049,7 @@ impl MachineLayer for UcxLayer {
         let to = self.worker_for(dst, msg.header().dst_pe);
         if dst == self.rank {
             let s = &self.lanes[(to - dst * self.lanes.len() as u32) as usize];
-            s.loopback.push(msg);
+            s.loopback.push((s.me, msg));
             s.announce();
             return Ok(());
         }
@@ -1119,7 +1120,7 @@ impl MachineLayer for UcxLayer {
         if !s.loopback.is_empty() {
             for _ in 0..s.loopback.len() {
                 match s.loopback.pop() {
-                    Some(m) => batch.push(s.me, m),
+                    Some((from, m)) => batch.push(from, m),
                     None => break,
                 }
             }
@@ -1234,7 +1235,8 @@ impl MachineLayer for UcxLayer {
     /// `ucp_get_nbx` through the key's rkey into a pooled buffer, from the worker of `src` in
     /// the calling thread's lane (the region is mapped on `src`'s context, reachable through
     /// all its workers); the completion message arrives through the calling thread's
-    /// `progress`. A malformed key is refused at once; a failed read arrives as an error from
+    /// `progress`, as a message from `src` (at once, without UCX, for a key of length 0, which
+    /// reads nothing). A malformed key is refused at once; a failed read arrives as an error from
     /// `progress`. Keys are trusted within the job: UCX checks them against the registration
     /// on RDMA transports, but its shared-memory path (CMA) reads whatever the key's address
     /// and length say in the owner's address space (same user, same job).
@@ -1248,9 +1250,13 @@ impl MachineLayer for UcxLayer {
         self.check(src)?;
         let s = self.lane();
         let header = Header::new(completion_kind, 0, 0, completion_tag);
+        // The region is mapped on `src`'s context: any of its workers serves the read; the one
+        // of the same lane spreads the reads of a per-PE layer over them.
+        let from = src * s.lanes + (s.me % s.lanes);
         if key.len == 0 {
-            let msg = Message::with_segments(header, vec![Bytes::new()])?;
-            s.loopback.push(msg);
+            // Nothing to read: the completion comes at once, from `src` as a read's would.
+            s.loopback
+                .push((from, Message::with_segment(header, Bytes::new())));
             s.announce();
             return Ok(());
         }
@@ -1260,9 +1266,6 @@ impl MachineLayer for UcxLayer {
                 "remote key was not made by a ucx layer".to_owned(),
             ));
         }
-        // The region is mapped on `src`'s context: any of its workers serves the read; the one
-        // of the same lane spreads the reads of a per-PE layer over them.
-        let from = src * s.lanes + (s.me % s.lanes);
         s.lost_error(from)?;
         s.submit(Op::Get {
             src: from,

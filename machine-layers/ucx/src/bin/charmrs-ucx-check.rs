@@ -6,7 +6,9 @@
 //!
 //! ```text
 //! charmrs-ucx-check order <per-thread> <threads>   all-to-all, mixed sizes 8 B..4 MiB
-//! charmrs-ucx-check rma                            register + get between all pairs
+//! charmrs-ucx-check rma                            register + get between all pairs (also of
+//!                                                  an empty region: its completion comes from
+//!                                                  the region's owner)
 //! charmrs-ucx-check wake                           progress_wait and set_wakeup wake-ups
 //! charmrs-ucx-check lost                           rank 0 reports rank 1 lost once it dies
 //! charmrs-ucx-check park <rounds>                  the runtime's parking network PE
@@ -56,6 +58,9 @@ const KIND_DONE: u8 = 2;
 const KIND_KEY: u8 = 3;
 const KIND_GOT: u8 = 4;
 const KIND_READ: u8 = 5;
+/// The key of an empty region (`rma`), and the completion of its read.
+const KIND_EMPTY_KEY: u8 = 6;
+const KIND_EMPTY_READ: u8 = 7;
 
 /// Segment sizes cycled through by `order`.
 const SIZES: [usize; 8] = [8, 64, 1000, 8192, 70_000, 1 << 20, 8, 4 << 20];
@@ -343,14 +348,21 @@ fn rma(layer: &UcxLayer) {
         Ok(r) => r,
         Err(e) => fail(format!("rank {me}: register: {e}")),
     };
+    // An empty region too: reading it reads nothing, and its completion comes from its owner
+    // all the same (it came from the reader).
+    let empty = match layer.register(Bytes::new()) {
+        Ok(r) => r,
+        Err(e) => fail(format!("rank {me}: register of nothing: {e}")),
+    };
     for p in 0..n {
-        let m = Message::with_segments(
-            Header::new(KIND_KEY, 0, 0, 0),
-            vec![encode_key(region.key())],
-        )
-        .expect("one segment");
-        send(layer, p, m);
+        for (kind, region) in [(KIND_KEY, &region), (KIND_EMPTY_KEY, &empty)] {
+            let m =
+                Message::with_segments(Header::new(kind, 0, 0, 0), vec![encode_key(region.key())])
+                    .expect("one segment");
+            send(layer, p, m);
+        }
     }
+    let read_empty = RefCell::new(vec![false; n as usize]);
     let read = RefCell::new(vec![false; n as usize]);
     let acked = RefCell::new(vec![false; n as usize]);
     let mut early_done = vec![false; n as usize];
@@ -370,24 +382,55 @@ fn rma(layer: &UcxLayer) {
             read.borrow_mut()[from as usize] = true;
             send(layer, from, Message::new(Header::new(KIND_GOT, 0, 0, 0)));
         }
+        KIND_EMPTY_KEY => {
+            let key = decode_key(&m.segments()[0]);
+            if key.len != 0 {
+                fail(format!(
+                    "rank {me}: the key of {src}'s empty region has a length"
+                ));
+            }
+            if let Err(e) = layer.get(src, &key, KIND_EMPTY_READ, u64::from(src)) {
+                fail(format!("rank {me}: get of nothing from {src}: {e}"));
+            }
+        }
+        KIND_EMPTY_READ => {
+            let from = m.header().tag as u32;
+            if src != from {
+                fail(format!(
+                    "rank {me}: the read of nothing from rank {from} completed as from rank {src}"
+                ));
+            }
+            if m.segments().len() != 1 || !m.segments()[0].is_empty() {
+                fail(format!(
+                    "rank {me}: the read of nothing from rank {from} read something"
+                ));
+            }
+            if std::mem::replace(&mut read_empty.borrow_mut()[from as usize], true) {
+                fail(format!(
+                    "rank {me}: the read of nothing from rank {from} completed twice"
+                ));
+            }
+        }
         KIND_GOT => acked.borrow_mut()[src as usize] = true,
         KIND_DONE => early_done[src as usize] = true,
         k => fail(format!("rank {me}: unexpected kind {k}")),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(read.borrow().iter().all(|&r| r) && acked.borrow().iter().all(|&a| a)) {
+    let all = |v: &RefCell<Vec<bool>>| v.borrow().iter().all(|&x| x);
+    while !(all(&read) && all(&acked) && all(&read_empty)) {
         if Instant::now() > deadline {
             fail(format!(
-                "rank {me}: reads {:?}, acks {:?}",
+                "rank {me}: reads {:?}, acks {:?}, reads of nothing {:?}",
                 read.borrow(),
-                acked.borrow()
+                acked.borrow(),
+                read_empty.borrow()
             ));
         }
         if let Err(e) = layer.progress_wait(&mut on, Duration::from_millis(50)) {
             fail(format!("rank {me}: progress: {e}"));
         }
     }
-    drop(region);
+    drop((region, empty));
     finish(layer, early_done, &mut |_, _| {});
     println!("OK rma rank {me}");
 }
