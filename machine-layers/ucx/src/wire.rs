@@ -177,8 +177,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 ///
 /// # Errors
 ///
-/// [`TransportError::Malformed`] or [`TransportError::TooLarge`] for
-/// anything inconsistent.
+/// [`TransportError::Malformed`] for anything inconsistent, naming the
+/// claimed sender (once its rank is known to be in range) and the field.
 pub fn decode(b: &[u8], data_len: usize, size: u32) -> Result<Decoded<'_>, TransportError> {
     decode_as(b, data_len, size, false)
 }
@@ -215,10 +215,10 @@ fn decode_as(
     }
     let segment_count = u16::from_le_bytes([b[10], b[11]]);
     if segment_count > MAX_SEGMENTS {
-        return Err(TransportError::TooLarge {
-            len: u64::from(segment_count),
-            max: u64::from(MAX_SEGMENTS),
-        });
+        return Err(TransportError::Malformed(format!(
+            "active message from UCX worker {src}: segment count {segment_count}, over the \
+             limit of {MAX_SEGMENTS}"
+        )));
     }
     let n = usize::from(segment_count);
     if split && n == 0 {
@@ -331,7 +331,17 @@ mod tests {
         assert!(decode(&b[..10], 35, 4).is_err(), "truncated");
         let mut bad = b.clone();
         bad[10..12].copy_from_slice(&(MAX_SEGMENTS + 1).to_le_bytes());
-        assert!(decode(&bad, 35, 4).is_err(), "too many segments");
+        match decode(&bad, 35, 4) {
+            Err(TransportError::Malformed(e)) => assert_eq!(
+                e,
+                format!(
+                    "active message from UCX worker 3: segment count {}, over the limit of \
+                     {MAX_SEGMENTS}",
+                    MAX_SEGMENTS + 1
+                )
+            ),
+            other => panic!("too many segments: {other:?}"),
+        }
         let mut huge = Vec::new();
         encode(&mut huge, 0, 0, &header(3), &[usize::MAX, 2, 0]);
         assert!(decode(&huge, 1, 4).is_err(), "overflow");

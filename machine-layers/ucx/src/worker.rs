@@ -1667,14 +1667,33 @@ unsafe extern "C" fn am_bye_cb(
 ) -> sys::ucs_status_t {
     // SAFETY: arg is the worker's boxed inbox.
     let inbox = unsafe { &*(arg as *const Inbox) };
-    if header_length == 4 {
-        // SAFETY: UCX passes 4 readable bytes.
+    // The header is the sender's rank (worker id), 4 bytes (see `wire`).
+    let claimed = (header_length >= 4).then(|| {
+        // SAFETY: UCX passes `header_length` (at least 4) readable bytes.
         let b = unsafe { std::slice::from_raw_parts(header as *const u8, 4) };
-        let src = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        if src < inbox.size {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    });
+    let malformed = match claimed {
+        Some(src) if src >= inbox.size => format!(
+            "a goodbye claims to come from UCX worker {src} (its sender field) of a job of {}",
+            inbox.size
+        ),
+        Some(src) if header_length != 4 => format!(
+            "a goodbye from {} has a header of {header_length} bytes (expected 4: its sender \
+             field)",
+            inbox.peer(src)
+        ),
+        Some(src) => {
             inbox.depart(src);
+            return sys::UCS_OK;
         }
-    }
+        None => format!(
+            "a goodbye with a header of {header_length} bytes, too short for its sender field \
+             (4 bytes)"
+        ),
+    };
+    // Not taken as a goodbye: the loss of its sender, if any, is still reported.
+    inbox.error(TransportError::Malformed(malformed));
     sys::UCS_OK
 }
 
@@ -2001,6 +2020,58 @@ mod tests {
         rndv_done(&inbox, fetching(&inbox, 0, 0, len, 1), sys::UCS_OK, len);
         let st = inbox.state.borrow();
         assert_eq!((st.ready.len(), st.errors.len()), (1, 3));
+    }
+
+    /// A malformed goodbye was dropped without a word.
+    #[test]
+    fn a_malformed_goodbye_is_reported_naming_its_claimed_sender() {
+        let inbox = Inbox::new(3, 1 << 20);
+        let bye = |header: &[u8]| {
+            // SAFETY: what UCX passes a handler: its argument (a live inbox), a header of
+            // `header.len()` readable bytes, no data; the parameters are not read.
+            let status = unsafe {
+                am_bye_cb(
+                    &inbox as *const Inbox as *mut c_void,
+                    header.as_ptr().cast(),
+                    header.len(),
+                    ptr::null_mut(),
+                    0,
+                    ptr::null(),
+                )
+            };
+            assert_eq!(status, sys::UCS_OK);
+            let e = inbox.state.borrow_mut().errors.pop_front();
+            e.map(|e| {
+                assert!(matches!(e, TransportError::Malformed(_)), "{e:?}");
+                e.to_string()
+            })
+        };
+        assert_eq!(bye(&2u32.to_le_bytes()), None);
+        assert!(inbox.departed(2));
+        let e = bye(&7u32.to_le_bytes()).unwrap();
+        assert!(
+            e.contains(
+                "a goodbye claims to come from UCX worker 7 (its sender field) of a job of 3"
+            ),
+            "{e}"
+        );
+        let e = bye(&[1, 0, 0, 0, 0]).unwrap();
+        assert!(
+            e.contains(
+                "a goodbye from process 1 has a header of 5 bytes (expected 4: its sender field)"
+            ),
+            "{e}"
+        );
+        let e = bye(&[1, 0]).unwrap();
+        assert!(
+            e.contains("a goodbye with a header of 2 bytes, too short for its sender field"),
+            "{e}"
+        );
+        assert!(
+            !inbox.departed(0) && !inbox.departed(1),
+            "not taken as goodbyes"
+        );
+        assert!(inbox.state.borrow().errors.is_empty(), "one error each");
     }
 
     #[test]
