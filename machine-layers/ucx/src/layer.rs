@@ -524,24 +524,9 @@ impl UcxLayer {
             return Err(TransportError::Unsupported("a second wake-up hook"));
         }
         let weak = Arc::downgrade(shared);
-        let arm = Box::new(move || {
-            let Some(s) = weak.upgrade() else {
-                return Armed::Busy;
-            };
-            let Some(mut l) = s.locked.try_lock() else {
-                return Armed::Busy;
-            };
-            let armed = s.arm_for_hook(&mut l);
-            drop(l);
-            match armed {
-                Ok((armed, call)) => {
-                    if call {
-                        s.call_hook();
-                    }
-                    armed
-                }
-                Err(_) => Armed::Pending,
-            }
+        let arm = Box::new(move || match weak.upgrade() {
+            Some(s) => s.arm_for_watcher(),
+            None => Armed::Busy,
         });
         let w = Watcher::start(efd, Box::new(hook), arm, shared.me)?;
         shared
@@ -963,6 +948,34 @@ impl Shared {
         } else {
             Ok((Armed::Pending, true))
         }
+    }
+
+    /// The watcher's fallback arming, for a progressing thread that stopped calling `progress`
+    /// without arming (see `wake`): arms the worker for the hook, unless the thread must come
+    /// back rather than sleep ([`Inbox::needs_poller`](crate::inbox::Inbox::needs_poller): UCX
+    /// holds operations of ours, which only its progress moves, or arrivals or failures wait
+    /// for it, whose events are used up), as every other arming path checks first. Then, as
+    /// when events are pending or the arming fails (reported by the next `progress`),
+    /// [`Armed::Pending`]: the watcher calls the hook. [`Armed::Busy`] if the worker is taken.
+    fn arm_for_watcher(&self) -> Armed {
+        let Some(mut l) = self.locked.try_lock() else {
+            return Armed::Busy;
+        };
+        if l.worker.inbox.needs_poller() {
+            return Armed::Pending;
+        }
+        let armed = match self.arm_for_hook(&mut l) {
+            Ok(armed) => armed,
+            Err(e) => {
+                l.worker.inbox.error(e);
+                (Armed::Pending, false)
+            }
+        };
+        drop(l);
+        if armed.1 {
+            self.call_hook();
+        }
+        armed.0
     }
 
     /// Calls the wake-up hook, if one is installed (never with the worker held).
@@ -1453,5 +1466,41 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(later, [(0, 1, 3), (0, 2, 14)]);
+    }
+
+    /// The watcher's fallback arming armed the worker (and reported it armed, so the hook was
+    /// not called) while the progressing thread had something waiting for it.
+    #[test]
+    fn the_watcher_does_not_arm_while_the_poller_is_needed() {
+        let layer = single();
+        let s = &layer.lanes[0];
+        // Something for the poller: a failure to report (or arrivals, or operations UCX holds).
+        s.locked
+            .lock()
+            .worker
+            .inbox
+            .error(TransportError::Malformed("for the test".into()));
+        layer.set_wakeup(|| {}).unwrap();
+        let watcher = s.watcher.get().unwrap();
+        // Until it is not busy (the watcher thread may be arming at the same time), within 10 s.
+        let arm = || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match s.arm_for_watcher() {
+                    Armed::Busy if Instant::now() < deadline => std::thread::yield_now(),
+                    Armed::Busy => panic!("the worker stayed busy for 10 s"),
+                    armed => return armed,
+                }
+            }
+        };
+        assert!(matches!(arm(), Armed::Pending), "the hook is to be called");
+        assert!(!watcher.state.armed.load(Ordering::SeqCst), "not armed");
+        // Once the poller took it, the watcher arms.
+        match layer.progress(&mut |_, m| panic!("unexpected {:?}", m.header())) {
+            Err(TransportError::Malformed(e)) => assert_eq!(e, "for the test"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(arm(), Armed::Yes));
+        assert!(watcher.state.armed.load(Ordering::SeqCst));
     }
 }

@@ -61,7 +61,9 @@
 //!   [`UcxConfig::arm_after`] without arrivals, and if the progressing
 //!   thread stops calling `progress` without having armed, the watcher arms
 //!   it within 1–64 ms (it checks every millisecond at first, less often
-//!   while the thread keeps progressing).
+//!   while the thread keeps progressing), or calls the hook instead when
+//!   the thread must come back (UCX holds operations of ours, arrivals or
+//!   failures wait for it).
 //! * **Lost peers**: endpoints to other hosts use UCX's peer error
 //!   handling. Endpoints to processes on the same host do not by default
 //!   (UCX 1.13 cannot use its zero-copy shared-memory transport, CMA, on

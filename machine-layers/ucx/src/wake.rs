@@ -20,7 +20,9 @@
 //!   arming (it parked sooner than the layer's `arm_after`), the watcher
 //!   notices that the call counter stands still and arms the worker itself
 //!   through [`WatchState::arm`] (which takes the worker lock), or calls
-//!   the hook at once if events are already pending. It looks every
+//!   the hook at once if events are already pending or the thread must come
+//!   back rather than sleep (operations only its progress moves, arrivals or
+//!   failures waiting for it: the layer's `Inbox::needs_poller`). It looks every
 //!   [`FALLBACK`] at first and backs off to [`FALLBACK_MAX`] while the
 //!   counter keeps moving (each look is a wake-up of this thread, and on a
 //!   core busy with a PE a preemption of it). A wake-up is thus never lost,
