@@ -707,19 +707,40 @@ impl OfiLayer {
     /// Sleeps up to `slice` until `fd` (if any) or `inner`'s event fd is
     /// readable; does not sleep if the CQ has events or work is queued.
     fn sleep_on(inner: &Inner, fd: c_int, slice: Duration) {
-        {
-            let eng = lock(&inner.engine);
-            let ready = if fd >= 0 {
-                inner.may_sleep(&eng)
-            } else {
-                eng.ready.is_empty()
-            };
-            if !ready {
-                return;
-            }
+        if Self::prepare_sleep(inner, fd) {
+            Self::sleep_prepared(inner, fd, slice);
         }
+    }
+
+    /// Whether the caller may sleep on `fd` (if any) and `inner`'s event fd: nothing is
+    /// queued, nothing arrived and (with `fd`) the completion queue is quiet. If so the caller
+    /// is counted in `sleeping` and must call [`sleep_prepared`](Self::sleep_prepared).
+    ///
+    /// It is counted *before* the check, under the engine lock: a thread that queues work or
+    /// changes the engine (posts what then waits, delivers to itself) after the check finds it
+    /// sleeping and writes the event fd (`notify`). Counted after the check (and the lock), a
+    /// thread could do all that in between, see nobody sleeping, and the caller would sleep on
+    /// that work for up to its slice.
+    fn prepare_sleep(inner: &Inner, fd: c_int) -> bool {
+        let eng = lock(&inner.engine);
         inner.sleeping.fetch_add(1, Ordering::SeqCst);
+        // Pairs with `notify`'s fence: either it sees this thread counted, or this thread sees
+        // the command it queued before.
         std::sync::atomic::fence(Ordering::SeqCst);
+        let may = if fd >= 0 {
+            inner.may_sleep(&eng)
+        } else {
+            inner.cmds.is_empty() && eng.ready.is_empty()
+        };
+        if !may {
+            inner.sleeping.fetch_sub(1, Ordering::SeqCst);
+        }
+        may
+    }
+
+    /// The sleep of a caller [`prepare_sleep`](Self::prepare_sleep) counted: up to `slice`,
+    /// until `fd` (if any) or the event fd is readable.
+    fn sleep_prepared(inner: &Inner, fd: c_int, slice: Duration) {
         if inner.cmds.is_empty() {
             let mut fds = [
                 libc::pollfd {
@@ -923,12 +944,15 @@ impl MachineLayer for OfiLayer {
     /// Arms the calling thread's endpoint's watcher (see
     /// [`set_wakeup`](MachineLayer::set_wakeup)): from now on an arrival calls the hook.
     /// Refuses (`false`: keep polling) while work is queued or operations are in flight, which
-    /// only this endpoint's progress moves on.
+    /// only this endpoint's progress moves on, or while messages wait for the next `progress`
+    /// to deliver them.
     fn before_park(&self) -> bool {
         let s = self.lane();
         let Some(watcher) = s.watcher_thread.get() else {
-            // No wake-up: the caller only naps, unless work waits for its progress.
-            return s.cmds.is_empty() && lock(&s.engine).quiet();
+            // No wake-up: the caller only naps, unless work waits for its progress or messages
+            // wait for its sink (taken in by a `barrier`, or sent to this process).
+            let eng = lock(&s.engine);
+            return s.cmds.is_empty() && eng.quiet() && eng.ready.is_empty();
         };
         // Completions waiting (say beyond one `progress` call's batch): poll them first.
         if !s.may_sleep(&lock(&s.engine)) {
@@ -1213,5 +1237,98 @@ impl OfiLayer {
             }
             std::thread::yield_now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::per_provider;
+    use charmrs_transport::SingleProcessBootstrap;
+
+    /// A layer of a one-process job over `provider` (run by `per_provider`: loopback only).
+    fn one_process_layer(provider: &str) -> OfiLayer {
+        let cfg = OfiConfig {
+            provider: Some(provider.to_owned()),
+            recv_buffers: 8,
+            ..OfiConfig::default()
+        };
+        OfiLayer::new(Arc::new(SingleProcessBootstrap::new()), cfg).expect("one-process layer")
+    }
+
+    /// The tags of what one `progress` delivers.
+    fn delivered(layer: &OfiLayer) -> Vec<u64> {
+        let mut tags = Vec::new();
+        layer
+            .progress(&mut |_, m| tags.push(m.header().tag))
+            .expect("progress");
+        tags
+    }
+
+    #[test]
+    fn a_message_taken_in_between_the_sleep_check_and_the_sleep_wakes_the_sleeper() {
+        per_provider(
+            "layer::tests::a_message_taken_in_between_the_sleep_check_and_the_sleep_wakes_the_sleeper",
+            wakes_the_sleeper,
+        );
+    }
+
+    fn wakes_the_sleeper(provider: &str) {
+        let layer = one_process_layer(provider);
+        let s = &layer.lanes[0];
+        // The completion queue's descriptor, if the provider has one (`tcp;ofi_rxm`).
+        let fd = s.wait_fd.unwrap_or(-1);
+        // Nothing waits: the caller may sleep (and counts as sleeping from the check on).
+        assert!(OfiLayer::prepare_sleep(s, fd));
+        // Another thread's send to this process lands in the engine (it got the lock) before
+        // the caller sleeps: it must find the caller counted and wake it.
+        layer
+            .send(0, Message::new(Header::new(1, 0, 0, 7)))
+            .expect("send");
+        let t0 = Instant::now();
+        OfiLayer::sleep_prepared(s, fd, Duration::from_secs(30));
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "slept {:?} on a message that had arrived",
+            t0.elapsed()
+        );
+        assert_eq!(s.sleeping.load(Ordering::SeqCst), 0);
+        assert_eq!(delivered(&layer), [7]);
+        // A check that finds work does not count the caller.
+        layer
+            .send(0, Message::new(Header::new(1, 0, 0, 8)))
+            .expect("send");
+        assert!(!OfiLayer::prepare_sleep(s, fd));
+        assert_eq!(s.sleeping.load(Ordering::SeqCst), 0);
+        assert_eq!(delivered(&layer), [8]);
+    }
+
+    #[test]
+    fn before_park_refuses_while_messages_wait_for_the_sink() {
+        per_provider(
+            "layer::tests::before_park_refuses_while_messages_wait_for_the_sink",
+            |provider| {
+                let layer = one_process_layer(provider);
+                refuses_to_park(&layer);
+                // With a wake-up hook (a watcher thread: `tcp;ofi_rxm` only) as well.
+                if layer.set_wakeup(Box::new(|| {})) {
+                    refuses_to_park(&layer);
+                }
+            },
+        );
+    }
+
+    fn refuses_to_park(layer: &OfiLayer) {
+        assert!(layer.before_park(), "nothing waits");
+        // Sent to this process: taken into the engine at once, delivered by the next progress.
+        layer
+            .send(0, Message::new(Header::new(1, 0, 0, 9)))
+            .expect("send");
+        assert!(
+            !layer.before_park(),
+            "a message waits for the sink: the caller must not park"
+        );
+        assert_eq!(delivered(layer), [9]);
+        assert!(layer.before_park());
     }
 }

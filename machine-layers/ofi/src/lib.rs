@@ -83,6 +83,8 @@ mod config;
 mod engine;
 mod fabric;
 mod layer;
+#[cfg(test)]
+mod test_support;
 pub mod wire;
 
 pub use config::{
