@@ -33,7 +33,10 @@
 //!   the registrations and the queue towards a process.
 //! * **Failure detection**: a peer that cannot be reached, or that exited
 //!   on this host without shutting down, is reported as
-//!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost).
+//!   [`TransportError::PeerLost`](charmrs_transport::TransportError::PeerLost); so is a peer
+//!   with which a large message's transfer failed (its read, descriptor or acknowledgement),
+//!   even for a reason of this process, since per-pair order cannot be kept past it. Nothing a
+//!   lost peer sent is delivered after the report, so no gap goes unnoticed.
 //!
 //! # Using it from a runtime
 //!
