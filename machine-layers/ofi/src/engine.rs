@@ -10,7 +10,10 @@
 //!   the buffer is re-posted at once, so the pool never drains while the
 //!   progress thread runs; a flood beyond it waits in the provider (its
 //!   unexpected-message queue, then back-pressure: `-FI_EAGAIN` at the
-//!   sender), never fails.
+//!   sender), never fails. A buffer the provider does not take back is retried while it
+//!   answers `-FI_EAGAIN`; any other failure is reported ([`TransportError::Io`] naming
+//!   `fi_recv`) and the buffer left out. So is an error entry of the completion queue that
+//!   `fi_cq_readerr` cannot read (naming it and what it returned).
 //! * Per-peer send queues of work not yet accepted by the provider
 //!   (`-FI_EAGAIN`), posted in FIFO order, so per-pair order holds.
 //! * Small packets (up to the provider's `inject_size`) go with
@@ -524,6 +527,24 @@ impl Engine {
         }
     }
 
+    /// Posts receive buffer `i` again after its completion (or failure). One the provider cannot
+    /// take yet (`-FI_EAGAIN`) is retried by `post_pending`; any other failure is reported
+    /// ([`repost_failure`]).
+    fn repost_recv(&mut self, i: usize) {
+        let ret = self.post_recv(i);
+        if ret < 0 {
+            self.recv_not_reposted(i, ret);
+        }
+    }
+
+    #[cold]
+    fn recv_not_reposted(&mut self, i: usize, ret: isize) {
+        match repost_failure(i, ret) {
+            None => self.repost.push(i),
+            Some(e) => self.errors.push_back(e),
+        }
+    }
+
     /// Queues `out` for peer `dst`; dropped if `dst` is lost or said goodbye (the layer refuses
     /// sends to such a peer: this is a command that raced with the news, which the provider
     /// might never take — over `shm`, a departed peer's full queue answers `-FI_EAGAIN` for
@@ -559,9 +580,7 @@ impl Engine {
             return; // only queues that wait for acknowledgements
         }
         for r in self.repost.split_off(0) {
-            if self.post_recv(r) < 0 {
-                self.repost.push(r);
-            }
+            self.repost_recv(r);
         }
         if !self.urgent.is_empty() {
             let mut urgent = std::mem::take(&mut self.urgent);
@@ -1119,7 +1138,9 @@ impl Engine {
             } else if ret == -(sys::FI_EAGAIN as isize) {
                 break;
             } else if ret == -(sys::FI_EAVAIL as isize) {
-                self.read_error();
+                if !self.read_error() {
+                    break;
+                }
                 handled += 1;
             } else {
                 self.errors.push_back(ofi_error("fi_cq_read", ret as i64));
@@ -1141,9 +1162,7 @@ impl Engine {
             if let Err(e) = self.packet(i, n) {
                 self.errors.push_back(e);
             }
-            if self.post_recv(i) < 0 {
-                self.repost.push(i);
-            }
+            self.repost_recv(i);
             return;
         }
         self.inflight = self.inflight.saturating_sub(1);
@@ -1172,14 +1191,30 @@ impl Engine {
         }
     }
 
-    fn read_error(&mut self) {
+    /// Reads and handles the error entry `fi_cq_read` announced (`-FI_EAVAIL`); whether it
+    /// could be read. One that cannot is reported as [`TransportError::Io`] naming
+    /// `fi_cq_readerr` and what it returned (the caller stops draining the queue: the same
+    /// announcement would come again at once).
+    fn read_error(&mut self) -> bool {
         let mut err = sys::fi_cq_err_entry::default();
         // SAFETY: the CQ is open and reported an error entry; `err` is a
         // valid fi_cq_err_entry with err_data_size 0 (provider owns it).
         let ret = unsafe { sys::fi_cq_readerr(self.fab.cq, &mut err, 0) };
         if ret < 1 {
-            return;
+            self.errors
+                .push_back(TransportError::Io(std::io::Error::other(format!(
+                "libfabric fi_cq_readerr returned {ret} ({}) after fi_cq_read announced an error \
+                 entry (-FI_EAVAIL): the failed operation cannot be known",
+                strerror(ret as i64)
+            ))));
+            return false;
         }
+        self.error_entry(&err);
+        true
+    }
+
+    /// Handles the completion queue's error entry `err`.
+    fn error_entry(&mut self, err: &sys::fi_cq_err_entry) {
         let mut text = [0 as std::ffi::c_char; 256];
         // SAFETY: fi_cq_strerror writes at most `len` bytes into `text` and
         // returns a NUL-terminated string (ours or a static one).
@@ -1225,9 +1260,7 @@ impl Engine {
                 self.errors.push_back(TransportError::Malformed(format!(
                     "a receive failed: {reason}"
                 )));
-                if self.post_recv(i) < 0 {
-                    self.repost.push(i);
-                }
+                self.repost_recv(i);
             }
             return;
         }
@@ -1942,6 +1975,20 @@ fn post_failure(what: &str, peer: EndpointName, ret: isize) -> PostFailure {
     }
 }
 
+/// What `fi_recv` failing with `ret` when receive buffer `i` was posted again means: `None` the
+/// provider cannot take it yet (`-FI_EAGAIN`), to try again; any other error is reported as
+/// [`TransportError::Io`] naming `fi_recv`, and the buffer is left out of the pool (retried, it
+/// failed again at every poll and nobody heard of it).
+fn repost_failure(i: usize, ret: isize) -> Option<TransportError> {
+    (ret != -(sys::FI_EAGAIN as isize)).then(|| {
+        TransportError::Io(std::io::Error::other(format!(
+            "libfabric fi_recv (posting receive buffer {i} again) failed: {} ({ret}); the \
+             endpoint receives with one buffer fewer",
+            strerror(ret as i64)
+        )))
+    })
+}
+
 /// Why a peer is lost whose large-message transfer with this endpoint failed to post (`what`:
 /// the call and what it carried, `failure` as [`post_failure`] classed error `ret`). The pair's
 /// order cannot be kept past that message, even when the failure was this process's own, so
@@ -2394,6 +2441,45 @@ mod tests {
         });
         assert_eq!(posted[3..], [(1, 11), (1, 12)]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_receive_buffer_is_posted_again_only_while_the_provider_is_busy() {
+        assert!(repost_failure(3, -(sys::FI_EAGAIN as isize)).is_none());
+        for code in [sys::FI_EINVAL, sys::FI_ENOMEM, sys::FI_EIO] {
+            match repost_failure(3, -(code as isize)) {
+                Some(TransportError::Io(e)) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("fi_recv")
+                            && text.contains("buffer 3")
+                            && text.contains(&format!("({})", -(code as isize))),
+                        "{text}"
+                    );
+                }
+                other => panic!("error {code}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_entry_that_cannot_be_read_is_reported() {
+        per_provider(
+            "engine::tests::an_error_entry_that_cannot_be_read_is_reported",
+            |provider| {
+                let [mut e, _] = pair(provider);
+                // No error entry waits: fi_cq_readerr fails (-FI_EAGAIN), as a provider whose
+                // announced entry cannot be read would, every time.
+                assert!(!e.read_error());
+                let errors = take_errors(&mut e);
+                assert!(
+                    errors.len() == 1
+                        && errors[0].contains("fi_cq_readerr returned -")
+                        && errors[0].contains("-FI_EAVAIL"),
+                    "{errors:?}"
+                );
+            },
+        );
     }
 
     #[test]
