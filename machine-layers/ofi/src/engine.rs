@@ -28,7 +28,10 @@
 //!   allocated buffer whose slices become the message's segments (zero
 //!   copies; the buffer comes from a [`RecvPool`]), then
 //!   sends an ACK, on which the sender drops registrations
-//!   and segments.
+//!   and segments. An ACK from another peer than the transfer's destination, for a transfer
+//!   never issued, or (from a live peer) for one no longer outstanding is
+//!   [`TransportError::Malformed`] naming its sender; a late one from a peer that left or was
+//!   lost (its transfers were dropped with it) is ignored.
 //! * The rendezvous bound: per peer, the messages in `rndv_out` (registered, not acknowledged)
 //!   are counted with their bytes ([`RndvCount`]). A large message at the head of a peer's
 //!   queue that would exceed [`Sizes::rndv_per_peer`] or [`Sizes::rndv_bytes_per_peer`] (one
@@ -1497,15 +1500,33 @@ impl Engine {
             }
             wire::PKT_ACK => {
                 let id = wire::decode_ack(buf).map_err(from)?;
-                // Only the destination of a transfer may end it.
                 match self.rndv_out.get(&id) {
+                    // Only the destination of a transfer may end it.
                     Some(out) if out.dst != src => {
                         return Err(TransportError::Malformed(format!(
                             "{sender} acknowledged transfer {id}, which went to {}",
                             self.peer(out.dst)
                         )));
                     }
-                    _ => self.rndv_acked(id),
+                    Some(_) => self.rndv_acked(id),
+                    None if id == 0 || id >= self.next_out => {
+                        return Err(TransportError::Malformed(format!(
+                            "{sender} acknowledged transfer {id}, which this endpoint never \
+                             issued (it issued {} so far)",
+                            self.next_out - 1
+                        )));
+                    }
+                    // Issued and ended. A transfer ends by its ACK or when its destination
+                    // leaves or is lost (`drop_work`, after its status changed): a late ACK
+                    // from a peer that went is ignored, one from a live peer is a second ACK
+                    // (or one for another peer's transfer).
+                    None if self.status[src as usize].load(Ordering::Relaxed) == ALIVE => {
+                        return Err(TransportError::Malformed(format!(
+                            "{sender} acknowledged transfer {id}, which is not outstanding (it \
+                             was acknowledged before, or went to another peer)"
+                        )));
+                    }
+                    None => {}
                 }
             }
             wire::PKT_BYE => {
@@ -2441,6 +2462,55 @@ mod tests {
         });
         assert_eq!(posted[3..], [(1, 11), (1, 12)]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn an_ack_for_a_transfer_never_issued_or_not_outstanding_is_malformed() {
+        per_provider(
+            "engine::tests::an_ack_for_a_transfer_never_issued_or_not_outstanding_is_malformed",
+            |provider| {
+                let mut engines = pair(provider);
+                // A real transfer first (transfer 1, acknowledged by endpoint 1).
+                engines[0].queue(1, msg(1, 100 << 10, 1));
+                pump_until(
+                    &mut engines,
+                    "the large message read and acknowledged",
+                    |e| !e[1].ready.is_empty() && e[0].rndv_out.is_empty() && e[0].queued == 0,
+                );
+                assert_eq!(take_ready(&mut engines[1]), [1]);
+                let acks = |engines: &mut [Engine; 2], ids: &[u64], errors: usize| {
+                    for &id in ids {
+                        engines[1].queue(0, Out::Ctl(wire::encode_ack(1, id)));
+                    }
+                    pump_until(engines, "the ACKs handled", |e| {
+                        e[0].errors.len() >= errors && e[1].queued == 0
+                    });
+                    for _ in 0..100 {
+                        for e in engines.iter_mut() {
+                            pump(e);
+                        }
+                    }
+                    take_errors(&mut engines[0])
+                };
+                let errors = acks(&mut engines, &[0, 2, 99, 1], 4);
+                let want = [
+                    "transfer 0, which this endpoint never issued (it issued 1 so far)",
+                    "transfer 2, which this endpoint never issued",
+                    "transfer 99, which this endpoint never issued",
+                    "transfer 1, which is not outstanding",
+                ];
+                assert_eq!(errors.len(), want.len(), "{errors:?}");
+                for (e, w) in errors.iter().zip(want) {
+                    assert!(
+                        e.starts_with("malformed input: process 1 acknowledged ") && e.contains(w),
+                        "{e}"
+                    );
+                }
+                // A late ACK from a peer that said goodbye is ignored.
+                engines[0].mark_process(1, DEPARTED, gone_reason(DEPARTED));
+                assert_eq!(acks(&mut engines, &[1], 0), Vec::<String>::new());
+            },
+        );
     }
 
     #[test]
