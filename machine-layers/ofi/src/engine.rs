@@ -261,8 +261,8 @@ enum Slot {
 /// A registration made through `MachineLayer::register`, kept until its
 /// region is dropped.
 pub(crate) struct Registered {
-    /// Closed when the entry is removed (`None` for an empty buffer).
-    pub(crate) _mr: Option<Mr>,
+    /// Closed when the entry is removed. (An empty buffer is not registered, nor kept here.)
+    pub(crate) _mr: Mr,
     pub(crate) buf: Bytes,
 }
 
@@ -381,7 +381,8 @@ pub(crate) struct Engine {
     /// When peers were last checked ([`coarse_now`]).
     last_liveness: Duration,
     next_key: u64,
-    /// Registrations of `MachineLayer::register`, by key.
+    /// Registrations of `MachineLayer::register`, by their key (the provider's, or the one
+    /// asked for, which [`next_key`](Self::next_key) gave; only non-empty buffers).
     pub(crate) regions: HashMap<u64, Registered>,
     /// Reused buffer for injected packets.
     scratch: Vec<u8>,
@@ -510,6 +511,13 @@ impl Engine {
         let k = self.next_key;
         self.next_key += 1;
         k
+    }
+
+    /// Unit tests only: the next [`next_key`](Self::next_key) is `key` (as a provider choosing its
+    /// keys could hand out a number the counter gave already).
+    #[cfg(test)]
+    pub(crate) fn rewind_keys(&mut self, key: u64) {
+        self.next_key = key;
     }
 
     fn post_recv(&mut self, i: usize) -> isize {

@@ -966,18 +966,33 @@ impl MachineLayer for OfiLayer {
     /// `fi_mr_reg` of the buffer for remote reads (`FI_REMOTE_READ`) in the calling thread's
     /// endpoint's domain; the key is the registration's address, key and endpoint. Dropping the
     /// region deregisters it (at that endpoint's next `progress`, or at once if its engine is
-    /// free); the buffer is kept alive until then.
+    /// free); the buffer is kept alive until then. An empty buffer is not registered, nor kept:
+    /// a `get` of it reads nothing, from its key alone.
     fn register(&self, buf: Bytes) -> Result<MemRegion, TransportError> {
         let s = self.lane();
+        let lane = s.me % s.lanes;
+        let remote_key = |key: u64, addr: u64| {
+            let mut rkey = Vec::with_capacity(RKEY_LEN);
+            rkey.extend_from_slice(&key.to_le_bytes());
+            rkey.extend_from_slice(&lane.to_le_bytes());
+            RemoteKey {
+                addr,
+                len: buf.len() as u64,
+                rkey,
+            }
+        };
+        if buf.is_empty() {
+            // Kept out of `regions`, whose keys are the provider's: one chosen here could be a
+            // key the provider gives a registration (with `FI_MR_PROV_KEY` it picks them), and
+            // the empty region's release would then deregister that one.
+            let rk = remote_key(0, 0);
+            return Ok(MemRegion::new(buf, rk));
+        }
         let mut eng = lock(&s.engine);
         let wanted = eng.next_key();
-        let (mr, key, addr) = if buf.is_empty() {
-            (None, wanted, 0)
-        } else {
-            let mr = eng.fab.register(buf.as_ptr(), buf.len(), wanted)?;
-            let key = mr.key;
-            (Some(mr), key, eng.fab.remote_addr(buf.as_ptr()))
-        };
+        let mr = eng.fab.register(buf.as_ptr(), buf.len(), wanted)?;
+        let key = mr.key;
+        let addr = eng.fab.remote_addr(buf.as_ptr());
         eng.regions.insert(
             key,
             Registered {
@@ -986,15 +1001,7 @@ impl MachineLayer for OfiLayer {
             },
         );
         drop(eng);
-        let lane = s.me % s.lanes;
-        let mut rkey = Vec::with_capacity(RKEY_LEN);
-        rkey.extend_from_slice(&key.to_le_bytes());
-        rkey.extend_from_slice(&lane.to_le_bytes());
-        let rk = RemoteKey {
-            addr,
-            len: buf.len() as u64,
-            rkey,
-        };
+        let rk = remote_key(key, addr);
         let weak = Arc::downgrade(s);
         Ok(MemRegion::with_release(buf, rk, move || {
             if let Some(inner) = weak.upgrade() {
@@ -1301,6 +1308,56 @@ mod tests {
         assert!(!OfiLayer::prepare_sleep(s, fd));
         assert_eq!(s.sleeping.load(Ordering::SeqCst), 0);
         assert_eq!(delivered(&layer), [8]);
+    }
+
+    #[test]
+    fn dropping_an_empty_region_leaves_the_other_registrations_alone() {
+        per_provider(
+            "layer::tests::dropping_an_empty_region_leaves_the_other_registrations_alone",
+            |provider| {
+                let layer = one_process_layer(provider);
+                let engine = &layer.lanes[0].engine;
+                let next = lock(engine).next_key();
+                lock(engine).rewind_keys(next);
+                let empty = layer.register(Bytes::new()).expect("register nothing");
+                // A provider that picks its keys (`FI_MR_PROV_KEY`) may give a registration the
+                // number the engine's counter gave the empty region before: here the first one
+                // asks for it (libfabric 1.17's shm and tcp honour the key asked for).
+                lock(engine).rewind_keys(next);
+                let regions: Vec<MemRegion> = (0..4u8)
+                    .map(|i| layer.register(Bytes::from(vec![i; 64])).expect("register"))
+                    .collect();
+                assert_eq!(
+                    lock(engine).regions.len(),
+                    4,
+                    "only the non-empty ones are kept"
+                );
+                drop(empty);
+                for (i, r) in regions.iter().enumerate() {
+                    layer
+                        .get(0, r.key(), 2, i as u64)
+                        .unwrap_or_else(|e| panic!("get of region {i}: {e}"));
+                }
+                let mut got = Vec::new();
+                layer
+                    .progress(&mut |_, m| {
+                        let bytes: Vec<u8> = m.segments().iter().flat_map(|s| s.to_vec()).collect();
+                        got.push((m.header().tag, bytes));
+                    })
+                    .expect("progress");
+                let want: Vec<(u64, Vec<u8>)> =
+                    (0..4u8).map(|i| (u64::from(i), vec![i; 64])).collect();
+                assert_eq!(got, want);
+                // An empty region reads as nothing, from its key alone.
+                let empty = layer.register(Bytes::new()).expect("register nothing");
+                layer.get(0, empty.key(), 2, 9).expect("get of nothing");
+                let mut got = Vec::new();
+                layer
+                    .progress(&mut |_, m| got.push((m.header().tag, m.total_len())))
+                    .expect("progress");
+                assert_eq!(got, [(9, 0)]);
+            },
+        );
     }
 
     #[test]
