@@ -59,6 +59,22 @@ pub struct TcpConfig {
     /// latency); sleeping uses no CPU. `Duration::ZERO` sleeps at once.
     /// Default 50 µs.
     pub wait_spin: Duration,
+    /// How long a peer's loss found on this process's stream *to* it (a
+    /// keepalive timeout, a failed send or connect, the stream closed) may
+    /// wait for the end of the peer's stream *to this process*, so that the
+    /// peer's last messages are handed out before the loss (see
+    /// [`TcpLayer`]'s *Failures*). A peer that died has its stream ended by
+    /// its kernel (at once on loopback), which ends the wait; a live one is
+    /// told and closes it. A peer that does neither (its host went silent,
+    /// or the process is stopped) is given this long: once its stream has
+    /// been silent (nothing arrived, nothing unread, no end) for
+    /// `loss_wait` since the loss was found (and since its last input), the
+    /// layer reports the loss anyway and cuts that stream (shut down both
+    /// ways and closed: nothing arriving on it later is read). A stream whose
+    /// end has arrived is read to it however long that takes. A duration
+    /// too long for the clock (`Duration::MAX`) waits for the end for ever.
+    /// Default 5 s, the time keepalive takes to find a silent host.
+    pub loss_wait: Duration,
 }
 
 impl Default for TcpConfig {
@@ -71,6 +87,7 @@ impl Default for TcpConfig {
             handshake_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(1),
             wait_spin: Duration::from_micros(50),
+            loss_wait: crate::poll::KEEPALIVE_DETECTION,
         }
     }
 }
@@ -133,8 +150,13 @@ pub struct TcpStats {
 ///   loss found on the stream to the peer waits until the peer's stream to
 ///   this process is read to its end (this layer closes its side of that
 ///   stream for writing, so a peer still alive sees this process lost too,
-///   stops sending and closes it). A malformed frame drops that connection
-///   and is reported as [`TransportError::Malformed`] naming the peer.
+///   stops sending and closes it). That wait is bounded: a stream that
+///   stays open but silent (its host went silent, or the process is
+///   stopped) for [`TcpConfig::loss_wait`] (5 s by default) is cut (shut
+///   down both ways, nothing read from it afterwards) and the loss reported
+///   then, after what was read from it. A malformed frame drops that
+///   connection and is reported as [`TransportError::Malformed`] naming the
+///   peer.
 /// * **Remote reads**: [`register`](MachineLayer::register) keeps the
 ///   buffer in a table served by this process; [`get`](MachineLayer::get)
 ///   sends a request over the connection to the owner, whose layer reads
@@ -277,6 +299,7 @@ impl TcpLayer {
             next_conn: AtomicU64::new(crate::recv::FIRST_CONN_ID),
             pending: AtomicUsize::new(0),
             counters: Counters::default(),
+            held_losses: AtomicUsize::new(0),
         });
         crate::recv::start_watcher(&shared)?;
         let s = Arc::clone(&shared);

@@ -32,9 +32,14 @@
 //!   before dying; a peer that shuts its layer down cleanly is not. A peer
 //!   whose host goes silent (crash, power loss, cut network: no FIN or
 //!   RST) is found by TCP keepalive probes on every connection, ~5 s after
-//!   its last traffic on an idle connection; a send with unacknowledged
-//!   data to it waits for the kernel's retransmission limit
-//!   (`net.ipv4.tcp_retries2`) instead.
+//!   its last traffic on an idle connection, and reported at most
+//!   [`TcpConfig::loss_wait`] (5 s by default) later: a loss found on the
+//!   stream to a peer waits for the end of the peer's stream to this
+//!   process (its last messages first), but a stream that stays open and
+//!   silent that long is cut and the loss reported without its end (so
+//!   ~10 s in all). A send with unacknowledged data to a silent host waits
+//!   for the kernel's retransmission limit (`net.ipv4.tcp_retries2`)
+//!   instead.
 //! * **Loopback by default**: it listens on `127.0.0.1` unless
 //!   [`TcpConfig::bind`] says otherwise.
 //!

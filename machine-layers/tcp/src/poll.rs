@@ -285,6 +285,38 @@ mod tests {
     }
 
     #[test]
+    fn input_state_tells_quiet_unread_and_ended_apart() {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(input_state(rx.as_fd()), InputState::Quiet);
+        tx.write_all(b"xy").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while input_state(rx.as_fd()) != InputState::Unread {
+            assert!(std::time::Instant::now() < deadline, "input never seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut b = [0u8; 2];
+        rx.read_exact(&mut b).unwrap();
+        assert_eq!(input_state(rx.as_fd()), InputState::Quiet);
+        // Our own side shut for writing is not the peer's end.
+        rx.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(input_state(rx.as_fd()), InputState::Quiet);
+        // The peer's end, even behind unread input, is.
+        tx.write_all(b"z").unwrap();
+        tx.shutdown(std::net::Shutdown::Write).unwrap();
+        while input_state(rx.as_fd()) != InputState::Ended {
+            assert!(std::time::Instant::now() < deadline, "end never seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut rest = Vec::new();
+        rx.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"z");
+    }
+
+    #[test]
     fn doorbell_rings_and_drains() {
         let (ep, bell) = (Epoll::new().unwrap(), EventFd::new().unwrap());
         ep.add(bell.as_fd(), 1, Trigger::Level).unwrap();
@@ -307,12 +339,28 @@ pub(crate) const KEEPALIVE_IDLE_SECS: libc::c_int = 2;
 pub(crate) const KEEPALIVE_INTERVAL_SECS: libc::c_int = 1;
 /// Unanswered probes after which the connection fails (`ETIMEDOUT`).
 pub(crate) const KEEPALIVE_PROBES: libc::c_int = 3;
+/// How long after its last traffic an idle connection to a silent host
+/// fails ([`keep_alive`]): 5 s. Also the default of
+/// [`TcpConfig::loss_wait`](crate::TcpConfig::loss_wait).
+pub(crate) const KEEPALIVE_DETECTION: Duration =
+    Duration::from_secs((KEEPALIVE_IDLE_SECS + KEEPALIVE_INTERVAL_SECS * KEEPALIVE_PROBES) as u64);
 
 /// Makes the kernel probe the peer of an idle connection and fail the
 /// connection when the peer's host stops answering (a crash, a power loss,
-/// a cut network: no FIN or RST ever comes), ~5 s after the last traffic,
-/// so the layer reports the peer lost instead of waiting for it forever.
-/// A peer process that is merely busy is answered for by its kernel.
+/// a cut network: no FIN or RST ever comes), ~5 s after the last traffic
+/// ([`KEEPALIVE_DETECTION`]), so the layer reports the peer lost instead of
+/// waiting for it forever. A peer process that is merely busy is answered
+/// for by its kernel.
+///
+/// Linux sends no keepalive probe while the connection has unacknowledged
+/// data (or FIN): such a connection fails only at the retransmission limit
+/// (`net.ipv4.tcp_retries2`, ~15 minutes). `TCP_USER_TIMEOUT` would bound
+/// that, but it is deliberately not set: Linux also applies it to
+/// zero-window probing, so it would kill the connection to a live peer that
+/// merely does not read for that long (a busy process, back-pressure).
+/// The layer bounds the one wait of its own that this affects (a held loss
+/// report, see `Shared::report_loss`) with
+/// [`TcpConfig::loss_wait`](crate::TcpConfig::loss_wait) instead.
 pub(crate) fn keep_alive(s: &impl AsFd) -> io::Result<()> {
     let fd = s.as_fd().as_raw_fd();
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
@@ -337,6 +385,45 @@ pub(crate) fn keep_alive(s: &impl AsFd) -> io::Result<()> {
         KEEPALIVE_INTERVAL_SECS,
     )?;
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+}
+
+/// What a connected socket's receive side holds right now ([`input_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InputState {
+    /// Nothing to read, and the peer has not closed its side.
+    Quiet,
+    /// Unread input (and no end yet).
+    Unread,
+    /// The peer's end of stream (FIN), a reset or an error has arrived:
+    /// reading reaches the stream's end (after any input before it).
+    Ended,
+}
+
+/// Looks, without blocking or reading, whether `fd` (a connected stream
+/// socket) has input waiting or its peer's end has arrived. An error of
+/// the look itself counts as `Ended` (reading will find out).
+pub(crate) fn input_state(fd: BorrowedFd<'_>) -> InputState {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one writable pollfd that outlives the call; the
+        // descriptor is open (borrowed); timeout 0 does not block.
+        match check(unsafe { libc::poll(&mut pfd, 1, 0) }) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return InputState::Ended,
+        }
+    }
+    if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        InputState::Ended
+    } else if pfd.revents & libc::POLLIN != 0 {
+        InputState::Unread
+    } else {
+        InputState::Quiet
+    }
 }
 
 /// Reads a socket option of type `c_int` (for tests).

@@ -56,7 +56,15 @@
 //!   arrival order, each packet handed out once.
 //! * A connection's end is reported in line after its last messages, and
 //!   so is a loss of its peer found elsewhere while it was open (held in
-//!   `Peer::incoming` until the end, see `Shared::report_loss`).
+//!   `Peer::incoming` until the end, see `Shared::report_loss`). The hold
+//!   is bounded: once such a connection has been silent (nothing read,
+//!   nothing unread, its end not arrived) for `cfg.loss_wait`, since the
+//!   loss was found and since its last input, a read cuts it ([`cut_silent`]:
+//!   deregistered and shut down both ways, its partial input dropped) and
+//!   hands the report out in its place, so nothing read from it comes
+//!   after the loss. The watcher has a poll look when a cut comes due
+//!   (`Shared::cut_due`). A connection whose end has arrived is read to
+//!   it instead, however long that takes.
 //! * Bounded memory, back-pressure by TCP: a poll reads at most
 //!   [`POLL_BUDGET`] bytes and hands every message read to its sink; input
 //!   is read into `parked` only by [`relieve`]: by the watcher only while
@@ -86,7 +94,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use charmrs_transport::pool::COPY_ALIGN;
@@ -95,7 +103,7 @@ use charmrs_transport::{
     TransportError,
 };
 
-use crate::poll::{Epoll, EventFd, Trigger};
+use crate::poll::{Epoll, EventFd, InputState, Trigger};
 use crate::shared::{lock, Event, GetJob, Shared};
 use crate::wire;
 
@@ -162,6 +170,10 @@ pub(crate) struct Conn {
     /// The previous large packet's storage, released just before the next
     /// large frame's buffer is allocated (see `pump`).
     last_large: Option<Bytes>,
+    /// When input was last read from it, as far as a read that looked for
+    /// held losses (`Shared::held_losses`) saw; else its adoption (see
+    /// [`cut_silent`]).
+    last_input: Instant,
 }
 
 /// Connection state, owned by whichever thread polls.
@@ -291,6 +303,7 @@ pub(crate) fn adopt(
         acc: BytesMut::with_capacity(CHUNK),
         big: None,
         last_large: None,
+        last_input: Instant::now(),
     });
     r.has_new.store(true, Ordering::SeqCst);
     r.arrived.store(true, Ordering::SeqCst);
@@ -356,6 +369,14 @@ fn watch(shared: &Arc<Shared>) {
     let mut reads_seen = r.reads.load(Ordering::Relaxed);
     let mut busy_check = BUSY_CHECK;
     loop {
+        if shared.cut_due() {
+            // A held loss may be handed out now, by cutting its silent
+            // connection (`cut_silent`), which only a read does: have one.
+            // (Until it is handed out, or its connection's end has arrived,
+            // this asks again every turn.)
+            r.arrived.store(true, Ordering::SeqCst);
+            shared.ring();
+        }
         if !r.armed.load(Ordering::SeqCst) {
             if let Err(e) = r.standby.wait(&mut ready, Some(busy_check)) {
                 return watcher_failed(shared, &e);
@@ -632,11 +653,24 @@ fn read_all(
     let mut ended: Vec<(usize, End)> = Vec::new();
     let turn = st.turn;
     st.turn = st.turn.wrapping_add(1);
+    // While a loss is held for a connection's end, note when each connection
+    // last had input (for `cut_silent`); otherwise this costs one load.
+    let now = (shared.held_losses.load(Ordering::Acquire) > 0).then(Instant::now);
+    let mut pump = |c: &mut Conn, scratch: &mut [u8], left: &mut usize| {
+        let before = *left;
+        let res = c.pump(shared, scratch, left, out);
+        if let Some(now) = now {
+            if *left < before {
+                c.last_input = now;
+            }
+        }
+        res
+    };
     if st.conns.len() <= DIRECT_MAX {
         let n = st.conns.len();
         for k in 0..n {
             let i = (turn % n + k) % n;
-            if let Err(end) = st.conns[i].pump(shared, &mut st.scratch, &mut left, out) {
+            if let Err(end) = pump(&mut st.conns[i], &mut st.scratch, &mut left) {
                 ended.push((i, end));
             }
         }
@@ -650,12 +684,12 @@ fn read_all(
             let Some(i) = st.conns.iter().position(|c| c.id == token) else {
                 continue; // the doorbell, or a connection not adopted yet
             };
-            if let Err(end) = st.conns[i].pump(shared, &mut st.scratch, &mut left, out) {
+            if let Err(end) = pump(&mut st.conns[i], &mut st.scratch, &mut left) {
                 ended.push((i, end));
             }
         }
     }
-    let any = left < budget.max(1) || !ended.is_empty();
+    let mut any = left < budget.max(1) || !ended.is_empty();
     if left == 0 {
         // Stopped by the budget: input may be left in a socket, and no new
         // arrival may come to say so (the sender may be waiting for room).
@@ -679,7 +713,54 @@ fn read_all(
             out(ev);
         }
     }
+    if let Some(now) = now {
+        any |= cut_silent(shared, st, now, out);
+    }
     any
+}
+
+/// Cuts every connection whose peer's loss is held for its end (see
+/// `Shared::report_loss`) and that has stayed silent past the hold's bound:
+/// `cfg.loss_wait` since the loss was found and since its last input,
+/// nothing unread and its end not arrived (a silent host, which never
+/// acknowledges our FIN, or a stopped process). Each is deregistered and
+/// shut down both ways at this point of its input (a partial packet is
+/// dropped, and nothing arriving later is read), and its held report goes
+/// to `out`, after everything read from it. A connection whose end has
+/// arrived is left to be read to it (the hold then waits for that end);
+/// one with unread input is looked at again by a later read. Returns
+/// whether it cut any.
+fn cut_silent(
+    shared: &Shared,
+    st: &mut RecvState,
+    now: Instant,
+    out: &mut dyn FnMut(Event),
+) -> bool {
+    let wait = shared.cfg.loss_wait;
+    let mut cut = false;
+    // From the end, so `swap_remove` moves only connections already seen.
+    for i in (0..st.conns.len()).rev() {
+        let c = &st.conns[i];
+        let Some(at) = shared.cut_at(c.peer, c.id) else {
+            continue;
+        };
+        let heard = c.last_input.checked_add(wait);
+        if now < at || heard.is_some_and(|t| now < t) {
+            continue;
+        }
+        match crate::poll::input_state(c.stream.as_fd()) {
+            InputState::Ended => shared.await_end(c.peer, c.id),
+            InputState::Unread => {}
+            InputState::Quiet => {
+                let c = st.conns.swap_remove(i);
+                if let Some(ev) = forget(shared, &c) {
+                    out(ev);
+                }
+                cut = true;
+            }
+        }
+    }
+    cut
 }
 
 /// What to report about how an incoming connection ended (in line, after

@@ -16,7 +16,14 @@
 //!   goodbye (`departed`) or while this layer shuts down (`closing`). It
 //!   comes after the peer's last messages: in line with its incoming
 //!   connection's input when found there, else queued, but only once that
-//!   connection (if one is open) has ended (`Incoming::held_loss`).
+//!   connection (if one is open) has ended (`Incoming::held_loss`). That
+//!   wait is bounded: a held loss whose connection stays open and silent
+//!   for `cfg.loss_wait` is handed out by the receive side, which cuts the
+//!   connection at that point of its input (`Incoming::cut_at`), so a host
+//!   that went silent is reported within `cfg.loss_wait` of the loss being
+//!   found, not at the kernel's retransmission limit. `held_losses` counts
+//!   the held reports (so the receive side and the watcher look for due
+//!   cuts only while there are any).
 //! * The event queue (`tx`) carries only what does not come off a socket
 //!   in order: messages to oneself, local remote-read completions, and
 //!   errors to report. Socket input is read and handed out by
@@ -31,7 +38,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use charmrs_transport::kv::{ct_eq, JobSecret};
@@ -86,6 +93,11 @@ pub(crate) struct Incoming {
     /// connection was open: reported when the connection ends, after
     /// everything read from it ([`Shared::end_incoming`]).
     pub(crate) held_loss: Option<Event>,
+    /// With `held_loss`: from when the receive side may cut the connection
+    /// (if it has been silent for `cfg.loss_wait`) and hand the report out
+    /// without waiting for the end any longer; `None` once the end is known
+    /// to have arrived (then the connection is read to it).
+    pub(crate) cut_at: Option<Instant>,
 }
 
 /// A remote read to serve (see `wire::PKT_GET_REQ`).
@@ -139,6 +151,8 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     pub(crate) pending: AtomicUsize,
     pub(crate) counters: Counters,
+    /// Loss reports held in `Peer::incoming` (see `Incoming::cut_at`).
+    pub(crate) held_losses: AtomicUsize,
 }
 
 /// Largest number of buffers handed to one vectored write.
@@ -312,6 +326,14 @@ impl Shared {
     /// our side of that connection is shut for writing, so that a peer
     /// still alive finds its stream to us closed, stops sending and closes
     /// it, which ends the wait.
+    ///
+    /// A peer that does neither (its host went silent: our FIN is never
+    /// acknowledged, and Linux sends no keepalive probe behind it, so the
+    /// connection would end only at the retransmission limit, ~15 minutes;
+    /// or the process is stopped) must not hold the report that long: past
+    /// `cut_at` (`cfg.loss_wait` from now) the receive side cuts the
+    /// connection once it has been silent that long and hands the report
+    /// out (`recv::read_all`).
     fn report_loss(&self, p: ProcessId, report: Option<Event>) {
         let Some(ev) = report else {
             return;
@@ -320,11 +342,48 @@ impl Shared {
             let mut inc = lock(&self.peers[p as usize].incoming);
             if let Some((_, s)) = &inc.conn {
                 let _ = s.shutdown(Shutdown::Write);
-                inc.held_loss = Some(ev);
+                if inc.held_loss.replace(ev).is_none() {
+                    self.held_losses.fetch_add(1, Ordering::SeqCst);
+                }
+                // (A `loss_wait` too long for the clock waits for the end.)
+                inc.cut_at = Instant::now().checked_add(self.cfg.loss_wait);
                 return;
             }
         }
         self.push(ev);
+    }
+
+    /// When the loss held for `p`'s incoming connection `id` may be handed
+    /// out without waiting for the connection's end (see
+    /// [`Shared::report_loss`]); `None` if none is held for it, or its end
+    /// is known to have arrived.
+    pub(crate) fn cut_at(&self, p: ProcessId, id: u64) -> Option<Instant> {
+        let inc = lock(&self.peers[p as usize].incoming);
+        match &inc.conn {
+            Some((cid, _)) if *cid == id && inc.held_loss.is_some() => inc.cut_at,
+            _ => None,
+        }
+    }
+
+    /// The end of `p`'s incoming connection `id` has arrived: the loss held
+    /// for it waits for that end (it is read to it) rather than cut it.
+    pub(crate) fn await_end(&self, p: ProcessId, id: u64) {
+        let mut inc = lock(&self.peers[p as usize].incoming);
+        if matches!(&inc.conn, Some((cid, _)) if *cid == id) {
+            inc.cut_at = None;
+        }
+    }
+
+    /// Whether a held loss may be handed out by a cut now (for the watcher,
+    /// which then has a poll look; cheap while none is held).
+    pub(crate) fn cut_due(&self) -> bool {
+        if self.held_losses.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        self.peers
+            .iter()
+            .any(|peer| matches!(lock(&peer.incoming).cut_at, Some(t) if now >= t))
     }
 
     /// Frees `p`'s incoming slot if it still holds connection `id`, which
@@ -340,7 +399,12 @@ impl Shared {
                 return None;
             }
             inc.conn = None;
-            inc.held_loss.take()
+            inc.cut_at = None;
+            let held = inc.held_loss.take();
+            if held.is_some() {
+                self.held_losses.fetch_sub(1, Ordering::SeqCst);
+            }
+            held
         };
         held.filter(|_| {
             !self.closing.load(Ordering::SeqCst) && !peer.departed.load(Ordering::SeqCst)

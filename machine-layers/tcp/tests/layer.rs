@@ -987,3 +987,95 @@ fn a_peer_lost_while_its_stream_is_open_is_told_and_reported_after_its_messages(
         assert_eq!(l0.progress(&mut |_, _| {}).unwrap(), 0);
     });
 }
+
+/// A peer lost on the stream to it whose own stream stays open but silent (a stopped process:
+/// its kernel acknowledges, the process neither sends nor closes; or a host gone silent, which
+/// never acknowledges this process's FIN, so keepalive stops probing and the stream would end
+/// only at the retransmission limit, ~15 minutes) is reported after `loss_wait` anyway: the
+/// stream is cut after what was read from it, and nothing the peer sends later is handed out.
+/// (The report waited for that stream's end: for ever here.)
+#[test]
+fn a_lost_peer_whose_stream_stays_open_and_silent_is_reported_after_loss_wait() {
+    watchdog(60, || {
+        let (_srv, secret, l0, from0) = with_played_process_1(TcpConfig {
+            loss_wait: Duration::from_secs(1),
+            ..TcpConfig::default()
+        });
+        let mut to0 = impostor(&l0, 1, &secret);
+        write_msg(&mut to0, 0, b"before");
+        break_stream_to_1(&l0, from0);
+        // "Process 1" is stopped from here on. Generous bound: loss_wait is 1 s.
+        let (got, err) = tags_until_error(&l0, 20);
+        assert_eq!(got, [0], "the messages before the loss ({err})");
+        assert!(
+            matches!(err, TransportError::PeerLost { process: 1, .. }),
+            "{err:?}"
+        );
+        // Its stream was cut both ways: once it runs again, what it sends is refused (reset)...
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut tag = 1;
+        loop {
+            let m = msg(tag, &[b"after"]);
+            let mut packet = vec![wire::PKT_DATA];
+            packet.extend_from_slice(&encode_frame_prefix(&m));
+            packet.extend_from_slice(b"after");
+            if to0.write_all(&packet).is_err() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "process 1's stream was not cut");
+            tag += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // ... and never handed out; the loss was reported once.
+        let mut late = Vec::new();
+        for _ in 0..5 {
+            let n = l0
+                .progress_wait(
+                    &mut |_, m| late.push(m.header().tag),
+                    Duration::from_millis(20),
+                )
+                .unwrap();
+            assert_eq!(n, late.len());
+        }
+        assert!(late.is_empty(), "handed out after the loss: {late:?}");
+    });
+}
+
+/// A held loss past `loss_wait` whose peer's stream has not ended only because this process
+/// has not read it yet (a dead peer's last megabytes, behind a process that did not poll) is
+/// not cut while that stream still moves: every message comes before the loss.
+#[test]
+fn a_held_loss_past_loss_wait_still_waits_for_a_stream_being_read() {
+    watchdog(60, || {
+        // No read-ahead: input stays in layer 0's sockets until it polls.
+        let (_srv, secret, l0, from0) = with_played_process_1(TcpConfig {
+            recv_queue_bytes: 0,
+            loss_wait: Duration::from_millis(200),
+            ..TcpConfig::default()
+        });
+        // "Process 1" sends sixteen 1 MiB messages and dies (its stream ends after them): more
+        // than the socket buffers hold (~4 MiB here), so its end is not there yet when process
+        // 0 starts reading, but the stream moves while it reads.
+        let mut to0 = impostor(&l0, 1, &secret);
+        let writer = std::thread::spawn(move || {
+            let payload = vec![3u8; 1 << 20];
+            for tag in 0..16u64 {
+                write_msg(&mut to0, tag, &payload);
+            }
+        });
+        break_stream_to_1(&l0, from0);
+        // Process 0 is busy well past loss_wait before it polls.
+        std::thread::sleep(Duration::from_secs(1));
+        let (got, err) = tags_until_error(&l0, 30);
+        assert_eq!(
+            got,
+            (0..16).collect::<Vec<u64>>(),
+            "every message before the loss ({err})"
+        );
+        assert!(
+            matches!(err, TransportError::PeerLost { process: 1, .. }),
+            "{err:?}"
+        );
+        writer.join().unwrap();
+    });
+}
