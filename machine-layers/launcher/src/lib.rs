@@ -47,11 +47,45 @@
 //! signals reach whatever it starts (the program of a wrapper script, say).
 //! The exception is rank 0 when charmrun's standard input is a terminal of
 //! which charmrun is in the foreground: rank 0 then stays in charmrun's
-//! group, so it can read the terminal and gets its ^C directly. (A terminal
-//! set to `stty tostop` stops the other ranks when they write to it.) On
-//! Linux each process is also killed by the kernel if charmrun dies
-//! (`PR_SET_PDEATHSIG`), a backstop for programs without the bootstrap's
-//! lifeline.
+//! group, so it can read the terminal and gets its ^C, ^\ and ^Z directly.
+//! (A terminal set to `stty tostop` stops the other ranks when they write to
+//! it.)
+//!
+//! # Signals
+//!
+//! "A rank's group" below is the process group the rank leads: the rank and
+//! whatever it started that stayed in that group (a wrapper script's
+//! program, its background jobs).
+//!
+//! * SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to charmrun (by `kill`, a
+//!   batch system, `timeout`, or the terminal's ^C and ^\): passed to every
+//!   rank's group, and the job ends (see "Job status and failures").
+//! * SIGTSTP (^Z, `kill -TSTP`): passed to every rank's group; then charmrun
+//!   stops itself. SIGCONT (`fg`, `bg`, `kill -CONT`) sent to charmrun is
+//!   passed on likewise. (The group of a rank that has ended is orphaned, and
+//!   the kernel discards SIGTSTP there: what such a rank left running goes
+//!   on. Time runs on while stopped: a job stopped before its start-up fence
+//!   may time out there when resumed.)
+//! * Rank 0 in charmrun's group (the terminal case above) gets each of these
+//!   by its pid only: what it started gets only what is sent to charmrun's
+//!   whole group (the terminal's ^C, ^\, ^Z; `fg`), and not charmrun's
+//!   SIGKILL at the end of the grace.
+//! * A signal charmrun was started with ignored (as by `nohup`) stays
+//!   ignored, and is not passed on.
+//! * SIGKILL of charmrun, which it cannot catch: the kernel kills every rank
+//!   (`PR_SET_PDEATHSIG`, Linux), and charmrun's watch process
+//!   (`charmrun-watch`, a child of charmrun in a process group of its own)
+//!   sees charmrun gone and kills every rank's group except rank 0's in the
+//!   terminal case: there, what rank 0 started survives.
+//! * SIGKILL of charmrun's whole process group (as a test harness or a batch
+//!   system may do): the same, and whatever is in that group dies with it
+//!   (in the terminal case rank 0 and what it started).
+//! * Out of reach of all of these: a process that left its rank's group
+//!   (`setsid`, a daemon, a job of a shell with job control), and, after a
+//!   SIGKILL of charmrun, what the ranks started if the watch process was
+//!   killed too. So a wrapper script should `exec` the program
+//!   (`exec ./app "$@"`): the rank is then the program itself, which
+//!   everything above reaches.
 //!
 //! # Job status and failures
 //!
@@ -65,12 +99,12 @@
 //!   exit, then kills the rest with their process groups (SIGKILL): all are
 //!   gone well within 5 s. Once all have ended, what is left in their
 //!   process groups is killed too (a successful job's is left alone).
-//! * SIGINT, SIGTERM or SIGHUP sent to charmrun (unless it was started with
-//!   that signal ignored, as by `nohup`): charmrun prints the signal, passes
-//!   it to every process's group, gives them [`KILL_GRACE`], kills what is
-//!   left (SIGKILL) and exits with `128 + signal` (unless a process had
-//!   failed first: its status stands). A second such signal kills them at
-//!   once.
+//! * SIGINT, SIGTERM, SIGHUP or SIGQUIT sent to charmrun (unless it was
+//!   started with that signal ignored, as by `nohup`): charmrun prints the
+//!   signal, passes it on (see "Signals"), gives the processes [`KILL_GRACE`],
+//!   kills what is left (SIGKILL, with the groups) and exits with
+//!   `128 + signal` (unless a process had failed first: its status stands).
+//!   A second such signal kills them at once.
 //! * A process that hangs before the job's start-up fence (never starts its
 //!   bootstrap, or joins and never reaches the fence) does not stall the
 //!   others for ever: the key-value server fails the fence
@@ -83,7 +117,8 @@
 //!   a positive whole number), 127 if a process cannot be started.
 //! * If charmrun itself dies, processes using
 //!   [`KvBootstrap::from_env`](charmrs_transport::KvBootstrap::from_env)
-//!   notice the closed connection and exit.
+//!   notice the closed connection and exit; the others are killed (see
+//!   "Signals", SIGKILL).
 
 /// Writes a line to stderr, ignoring a failure (`eprintln!` panics when stderr is a broken pipe,
 /// as after `charmrun … 2>&1 | head`: the launcher must still end its job and report its status).
@@ -97,7 +132,7 @@ macro_rules! note {
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use charmrs_transport::kv::{
@@ -332,6 +367,7 @@ fn signal_label(s: i32) -> Option<&'static str> {
     Some(match s {
         1 => "SIGHUP",
         2 => "SIGINT",
+        3 => "SIGQUIT",
         6 => "SIGABRT",
         9 => "SIGKILL",
         11 => "SIGSEGV",
@@ -351,12 +387,19 @@ fn code_of(status: ExitStatus) -> i32 {
 }
 
 /// The signals charmrun passes on to its processes before it stops the job.
-const FORWARDED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 /// The last of [`FORWARDED`] charmrun received.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// How many of [`FORWARDED`] charmrun received since its handlers were installed.
 static SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+/// How many SIGTSTP and SIGCONT charmrun received since its handlers were installed.
+static JOB_CONTROL: AtomicU32 = AtomicU32::new(0);
+/// Whether the last of them was SIGTSTP (the job is to stop) rather than SIGCONT.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Whether charmrun catches SIGTSTP (it was not ignored when its handlers were installed).
+static CATCHES_TSTP: AtomicBool = AtomicBool::new(false);
 
 /// The handler of [`FORWARDED`]: records the signal for the supervision loop (atomic stores
 /// only, which are async-signal-safe).
@@ -365,48 +408,192 @@ extern "C" fn on_signal(sig: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
-/// Charmrun's handlers of [`FORWARDED`] while a job runs; the previous dispositions come back
-/// when dropped.
+/// The handler of SIGTSTP and SIGCONT: records which came last for the supervision loop
+/// (atomic stores only, which are async-signal-safe). Each blocks the other while it runs, and
+/// charmrun's other threads block both ([`with_handled_signals_blocked`]), so the flag and the
+/// count change in the order the signals came.
+extern "C" fn on_job_control(sig: libc::c_int) {
+    STOP_REQUESTED.store(sig == libc::SIGTSTP, Ordering::SeqCst);
+    JOB_CONTROL.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Installs `handler` for `sig` unless `sig` is ignored (as whoever started charmrun left it);
+/// returns the previous action, to be restored, if it installed it. `blocked` are blocked while
+/// the handler runs.
+fn install_handler(
+    sig: libc::c_int,
+    handler: extern "C" fn(libc::c_int),
+    blocked: &[libc::c_int],
+) -> Option<libc::sigaction> {
+    // SAFETY: `sigaction` is plain data, for which all-zero bytes are a valid value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `old`, a valid, writable
+    // `sigaction`.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0
+        || old.sa_sigaction == libc::SIG_IGN
+    {
+        return None;
+    }
+    // SAFETY: as above, all-zero is a valid `sigaction`.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = handler as libc::sighandler_t;
+    // SA_RESTART: charmrun's own calls (and those of any thread that does not block the
+    // signal) resume rather than fail with EINTR.
+    new.sa_flags = libc::SA_RESTART;
+    // SAFETY: `new.sa_mask` is a valid `sigset_t` to initialise and fill with valid signal
+    // numbers; `new` is a complete action whose handler (one of `on_signal` and
+    // `on_job_control`) only does atomic operations (async-signal-safe) and lives for the whole
+    // program; `old` is valid and writable.
+    let installed = unsafe {
+        libc::sigemptyset(&mut new.sa_mask);
+        for &b in blocked {
+            libc::sigaddset(&mut new.sa_mask, b);
+        }
+        libc::sigaction(sig, &new, &mut old) == 0
+    };
+    installed.then_some(old)
+}
+
+/// Runs `f` with [`FORWARDED`], SIGTSTP and SIGCONT blocked on this thread, so that the threads
+/// it starts block them (a thread starts with the mask of the one that started it), and only
+/// charmrun's main thread runs its handlers. (A blocked SIGCONT still continues the process;
+/// a signal that comes meanwhile waits until the mask is restored.)
+fn with_handled_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: `sigset_t` is plain data, for which all-zero bytes are a valid value.
+    let (mut set, mut old): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: `set` and `old` are valid, writable signal sets, `set` filled with valid signal
+    // numbers; `pthread_sigmask` changes this thread's mask only.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED.into_iter().chain([libc::SIGTSTP, libc::SIGCONT]) {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) == 0
+    };
+    let result = f();
+    if blocked {
+        // SAFETY: `old` is the mask `pthread_sigmask` returned, set back as it was.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
+    }
+    result
+}
+
+/// Sets the action of `sig` to `action` (`SIG_DFL` or `SIG_IGN`).
+fn set_disposition(sig: libc::c_int, action: libc::sighandler_t) {
+    // SAFETY: all-zero is a valid `sigaction`; `act` is then complete (a default or ignore
+    // action with an empty mask); a null pointer asks for no copy of the old action.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = action;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(sig, &act, std::ptr::null_mut());
+    }
+}
+
+/// Charmrun's handlers of [`FORWARDED`], SIGTSTP and SIGCONT while a job runs; the previous
+/// dispositions come back when dropped.
 struct SignalHandlers {
     previous: Vec<(libc::c_int, libc::sigaction)>,
 }
 
 impl SignalHandlers {
-    /// Installs [`on_signal`] for each of [`FORWARDED`] that is not ignored: a signal ignored
-    /// by whoever started charmrun (`nohup`, a background job of a non-interactive shell) stays
-    /// ignored, and the processes inherit that as before.
+    /// Installs [`on_signal`] for each of [`FORWARDED`] and [`on_job_control`] for SIGTSTP and
+    /// SIGCONT, those that are not ignored: a signal ignored by whoever started charmrun
+    /// (`nohup`, a background job of a non-interactive shell) stays ignored, and the processes
+    /// inherit that as before.
     fn install() -> SignalHandlers {
         SIGNALS.store(0, Ordering::SeqCst);
+        JOB_CONTROL.store(0, Ordering::SeqCst);
+        STOP_REQUESTED.store(false, Ordering::SeqCst);
         let mut previous = Vec::new();
         for sig in FORWARDED {
-            // SAFETY: `sigaction` is plain data, for which all-zero bytes are a valid value.
-            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-            // SAFETY: a null new action only reads the current one into `old`, a valid,
-            // writable `sigaction`.
-            if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0
-                || old.sa_sigaction == libc::SIG_IGN
-            {
-                continue;
-            }
-            // SAFETY: as above, all-zero is a valid `sigaction`.
-            let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
-            new.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            // SA_RESTART: the key-value server's threads and charmrun's own calls resume
-            // rather than fail with EINTR.
-            new.sa_flags = libc::SA_RESTART;
-            // SAFETY: `new.sa_mask` is a valid `sigset_t` to initialise; `new` is a complete
-            // action whose handler only does atomic stores (async-signal-safe) and lives for
-            // the whole program; `old` is valid and writable.
-            let installed = unsafe {
-                libc::sigemptyset(&mut new.sa_mask);
-                libc::sigaction(sig, &new, &mut old) == 0
-            };
-            if installed {
+            if let Some(old) = install_handler(sig, on_signal, &[]) {
                 previous.push((sig, old));
             }
         }
+        let mut catches_tstp = false;
+        for sig in [libc::SIGTSTP, libc::SIGCONT] {
+            if let Some(old) = install_handler(sig, on_job_control, &[libc::SIGTSTP, libc::SIGCONT])
+            {
+                catches_tstp |= sig == libc::SIGTSTP;
+                previous.push((sig, old));
+            }
+        }
+        CATCHES_TSTP.store(catches_tstp, Ordering::SeqCst);
         SignalHandlers { previous }
     }
+}
+
+/// Stops charmrun itself, as SIGTSTP would have without its handler, and returns once it
+/// is continued; `seen` is the [`JOB_CONTROL`] count the stop was decided on. The kernel
+/// discards a SIGTSTP in an orphaned process group (of which no shell would continue a job):
+/// unless charmrun's group is surely not orphaned, charmrun stops with SIGSTOP, which always
+/// stops (its processes were stopped already, and whoever sent the SIGTSTP expects charmrun
+/// stopped too; a shell then says "Stopped (signal)" or the like rather than "Stopped").
+fn stop_self(seen: u32) {
+    if !CATCHES_TSTP.load(Ordering::SeqCst) {
+        return;
+    }
+    let sig = if group_surely_not_orphaned() {
+        libc::SIGTSTP
+    } else {
+        libc::SIGSTOP
+    };
+    set_disposition(libc::SIGTSTP, libc::SIG_DFL);
+    // A SIGCONT (or another SIGTSTP) that came since the decision: the supervision loop
+    // handles it; stopping now could wait for a SIGCONT already gone.
+    if JOB_CONTROL.load(Ordering::SeqCst) == seen {
+        // SAFETY: `raise` takes a plain signal number; SIGTSTP now has its default action
+        // (stop), and SIGSTOP cannot be caught: no handler of ours runs for either.
+        unsafe {
+            libc::raise(sig);
+        }
+    }
+    // Back to charmrun's handler (it was installed: [`CATCHES_TSTP`]).
+    let _ = install_handler(
+        libc::SIGTSTP,
+        on_job_control,
+        &[libc::SIGTSTP, libc::SIGCONT],
+    );
+}
+
+/// Whether charmrun's process group is surely not orphaned: charmrun, or an ancestor of it in
+/// its group, has its parent in another group of the same session (as a shell's job). `false`
+/// when that cannot be found (another member of the group might still keep it from being
+/// orphaned).
+fn group_surely_not_orphaned() -> bool {
+    // SAFETY: these take and return plain integers.
+    let (pgrp, sid, mut ppid) = unsafe { (libc::getpgrp(), libc::getsid(0), libc::getppid()) };
+    for _ in 0..64 {
+        if ppid <= 0 {
+            return false;
+        }
+        // SAFETY: these take and return plain integers.
+        let (ppgrp, psid) = unsafe { (libc::getpgid(ppid), libc::getsid(ppid)) };
+        if ppgrp < 0 || psid < 0 {
+            return false;
+        }
+        if ppgrp != pgrp {
+            return psid == sid;
+        }
+        // The parent is in charmrun's group too: its own parent decides.
+        ppid = match parent_of(ppid) {
+            Some(p) => p,
+            None => return false,
+        };
+    }
+    false
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; the name may hold spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Drop for SignalHandlers {
@@ -515,9 +702,11 @@ impl Proc {
 /// Runs a job: starts the processes, serves the bootstrap, supervises, and
 /// returns the job's exit status (see the crate docs).
 ///
-/// While it runs, SIGINT, SIGTERM and SIGHUP (those not ignored) are caught
-/// by handlers of its own, process-wide; the previous dispositions come back
-/// when it returns.
+/// While it runs, SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP and SIGCONT
+/// (those not ignored) are caught by handlers of its own, process-wide; the
+/// previous dispositions come back when it returns. It also forks a watch
+/// process (see the crate docs, "Signals"), which it ends and reaps before
+/// it returns.
 pub fn run(opts: &Options) -> i32 {
     let nprocs = opts.nprocs();
     // Before the first process starts, so that none can be left behind by a signal.
@@ -540,7 +729,12 @@ pub fn run(opts: &Options) -> i32 {
             return 1;
         }
     };
-    let (server, addr) = match KvServer::start(nprocs, secret) {
+    // Kills the ranks' process groups if charmrun dies. Forked before any thread of charmrun's
+    // own starts (the key-value server's), so from charmrun alone, with no socket of the job.
+    let watcher = Watcher::start(nprocs as usize);
+    // The server's threads (and those they start) block the signals charmrun handles: its
+    // handlers run on this thread, one at a time.
+    let (server, addr) = match with_handled_signals_blocked(|| KvServer::start(nprocs, secret)) {
         Ok(x) => x,
         Err(e) => {
             note!("charmrun: cannot start the key-value server: {e}");
@@ -592,23 +786,38 @@ pub fn run(opts: &Options) -> i32 {
                 Stdio::null()
             });
         match cmd.spawn() {
-            Ok(child) => procs.push(Proc {
-                rank,
-                pid: child.id(),
-                child,
-                own_group,
-                ended: false,
-                killed: false,
-            }),
+            Ok(child) => {
+                if own_group {
+                    if let Some(w) = &watcher {
+                        w.watch(child.id());
+                    }
+                }
+                procs.push(Proc {
+                    rank,
+                    pid: child.id(),
+                    child,
+                    own_group,
+                    ended: false,
+                    killed: false,
+                });
+            }
             Err(e) => {
                 note!("charmrun: cannot start {prog:?} (rank {rank}): {e}");
                 kill_all(&mut procs);
+                // Before the processes are reaped: their group ids stay theirs while it may
+                // kill them.
+                if let Some(w) = watcher {
+                    w.disarm();
+                }
                 reap_all(&mut procs, true);
                 return EXIT_SPAWN;
             }
         }
     }
     let status = supervise(opts, &server, &mut procs);
+    if let Some(w) = watcher {
+        w.disarm();
+    }
     reap_all(&mut procs, status != 0);
     status
 }
@@ -642,6 +851,277 @@ fn backstop_parent_death(cmd: &mut Command) {
                 }
                 Ok(())
             });
+        }
+    }
+}
+
+/// Charmrun's watch process: a child of charmrun in a process group of its own, which kills the
+/// process group of every rank charmrun tells it of (SIGKILL) as soon as charmrun is gone,
+/// however it ended (SIGKILL included, of charmrun alone or of its whole process group, which
+/// the watch process is not in). The parent-death signal reaches only charmrun's children,
+/// not what they started, and is not inherited by their children.
+///
+/// Charmrun sends each rank's pid over a connected pair of Unix sockets, of which it holds the
+/// only copy of one end; the watch process reads the other. When charmrun ends, however it
+/// ends, the kernel closes its end, and the watch process reads the end of the stream and
+/// kills. A job that ends under charmrun's supervision [`disarm`](Watcher::disarm)s it first:
+/// charmrun then ends the processes itself, and leaves a successful job's leftovers alone.
+struct Watcher {
+    /// The watch process's pid.
+    pid: libc::pid_t,
+    /// Charmrun's end of the socket pair; `None` once disarmed.
+    write: Option<std::os::fd::OwnedFd>,
+}
+
+/// The name the watch process shows (`ps -o comm`), 15 bytes at most.
+#[cfg(target_os = "linux")]
+const WATCHER_NAME: &[u8] = b"charmrun-watch\0";
+
+impl Watcher {
+    /// Starts the watch process for at most `capacity` ranks; `None` (after a message) if it
+    /// cannot be started: the job runs without it.
+    fn start(capacity: usize) -> Option<Watcher> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid, writable array of two descriptors. SOCK_CLOEXEC: the
+        // processes charmrun starts do not keep its end open (it is closed when they exec).
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            note!(
+                "charmrun: cannot start its watch process (socketpair: {}); continuing \
+                 without it",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        // SAFETY: `socketpair` returned two new descriptors, owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Where the watch process keeps the pids, allocated here: it may not allocate.
+        let mut pids: Vec<libc::pid_t> = vec![0; capacity];
+        // The descriptors it closes when `close_range` is missing (Linux before 5.9).
+        // SAFETY: `sysconf` takes and returns plain integers.
+        let open_max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
+        let open_max = libc::c_int::try_from(open_max.clamp(1024, 1 << 20)).unwrap_or(1 << 20);
+        let read_fd = std::os::fd::AsRawFd::as_raw_fd(&read);
+        let pids_ptr = pids.as_mut_ptr();
+        // SAFETY: `fork` takes nothing; what the child may do is below.
+        match unsafe { libc::fork() } {
+            -1 => {
+                note!(
+                    "charmrun: cannot start its watch process (fork: {}); continuing without it",
+                    std::io::Error::last_os_error()
+                );
+                None
+            }
+            // SAFETY: this is the child of the fork. Charmrun may have had other threads (the
+            // key-value server's, or the caller's): `watch_process` makes only async-signal-safe calls,
+            // allocates nothing and never returns (`_exit`), so no lock another thread held and
+            // no destructor is touched. `pids_ptr` points to the child's own copy of `pids`, of
+            // `capacity` elements (the parent's was alive at the fork).
+            0 => unsafe { watch_process(read_fd, pids_ptr, capacity, open_max) },
+            pid => {
+                // Also here, as shells do: in its own group before any rank starts, whichever of
+                // the two calls comes first (an error: it is in it already, or dead).
+                // SAFETY: `setpgid` takes plain integers; `pid` is our unreaped child.
+                unsafe {
+                    libc::setpgid(pid, pid);
+                }
+                drop(read);
+                drop(pids);
+                Some(Watcher {
+                    pid,
+                    write: Some(write),
+                })
+            }
+        }
+    }
+
+    /// Tells the watch process of the rank of pid `pid`, which leads its own process group.
+    fn watch(&self, pid: u32) {
+        let Some(write) = &self.write else { return };
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return;
+        };
+        let bytes = pid.to_ne_bytes();
+        loop {
+            // SAFETY: `bytes` is valid for its length; the socket is open (owned by self). A
+            // blocking stream socket sends four bytes whole; MSG_NOSIGNAL: a watch process
+            // gone is an error (EPIPE), not a SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(write),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Anything else: sent, or the watch process is gone and there is nothing to do.
+            return;
+        }
+    }
+
+    /// Ends the watch process without it killing anything (charmrun ends the job itself).
+    fn disarm(mut self) {
+        // SAFETY: kill(2) takes plain integers; `self.pid` is our child, not yet reaped, so
+        // the id is still its own.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        self.reap();
+        self.write = None;
+    }
+
+    /// Waits for the watch process to end, and reaps it.
+    fn reap(&self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: `status` is valid and writable; `self.pid` is our child.
+            let rc = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if rc == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+            {
+                continue;
+            }
+            return;
+        }
+    }
+}
+
+impl Drop for Watcher {
+    /// Not disarmed (a return before the supervision or a panic): closing charmrun's end makes
+    /// the watch process kill the process groups it was told of (none before the first rank
+    /// started), then it is reaped.
+    fn drop(&mut self) {
+        if self.write.take().is_some() {
+            self.reap();
+        }
+    }
+}
+
+/// The watch process (see [`Watcher`]), in the child of a `fork` of charmrun, which may have
+/// had other threads: only async-signal-safe calls, no allocation, no return. `read_fd` is its
+/// end of the socket pair (every other descriptor, charmrun's end included, is closed here);
+/// `pids` has room for `capacity` pids; `open_max` bounds the descriptors to close without
+/// `close_range`.
+///
+/// # Safety
+///
+/// Only in the child of a `fork`, with `pids` valid for writes of `capacity` elements.
+unsafe fn watch_process(
+    read_fd: libc::c_int,
+    pids: *mut libc::pid_t,
+    capacity: usize,
+    open_max: libc::c_int,
+) -> ! {
+    // SAFETY: the caller guarantees the child of a fork and `pids`. Every call below is
+    // async-signal-safe (setpgid, close, the close_range and prctl system calls, `signal`,
+    // read, kill, _exit; errno is a thread-local read) and nothing allocates or takes a lock.
+    // `read` writes within `pids` (at byte `filled` < `room`, at most `room - filled` bytes) or
+    // within `scratch`; the pids read back are whole ones written there.
+    unsafe {
+        // Out of charmrun's process group: a SIGKILL of that group does not reach it.
+        libc::setpgid(0, 0);
+        // Charmrun's signals of the job, the terminal's and a hang-up do not end it: only
+        // charmrun's end (or SIGKILL) does.
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGPIPE,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+        ] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        // Nothing of charmrun's stays open here: not its standard output and error (whoever
+        // reads them would wait for this process), not the key-value server's sockets (a
+        // connection closed by charmrun would stay open), not charmrun's end of the pair.
+        close_all_but(read_fd, open_max);
+        #[cfg(target_os = "linux")]
+        {
+            let zero: libc::c_ulong = 0;
+            libc::prctl(
+                libc::PR_SET_NAME,
+                WATCHER_NAME.as_ptr() as libc::c_ulong,
+                zero,
+                zero,
+                zero,
+            );
+        }
+        let size = std::mem::size_of::<libc::pid_t>();
+        let room = capacity * size;
+        let buf = pids.cast::<u8>();
+        let mut filled = 0usize;
+        let mut scratch = [0u8; 64];
+        loop {
+            let (at, len) = if filled < room {
+                (buf.add(filled), room - filled)
+            } else {
+                // More than it has room for (charmrun writes one pid per rank): dropped.
+                (scratch.as_mut_ptr(), scratch.len())
+            };
+            let n = libc::read(read_fd, at.cast(), len);
+            if n > 0 {
+                if filled < room {
+                    filled += n as usize;
+                }
+                continue;
+            }
+            // (Reading errno allocates nothing.)
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // The end of the stream: charmrun is gone (or an error: it cannot watch any more).
+            break;
+        }
+        for i in 0..filled / size {
+            let pid = *pids.add(i);
+            if pid > 0 {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
+/// Closes every descriptor but `keep` (see [`watch_process`]: async-signal-safe calls only).
+///
+/// # Safety
+///
+/// Only where no other code uses descriptors (the child of a `fork`).
+unsafe fn close_all_but(keep: libc::c_int, open_max: libc::c_int) {
+    // SAFETY: the caller guarantees nobody else uses the descriptors; `close_range` and `close`
+    // take plain integers.
+    unsafe {
+        #[cfg(target_os = "linux")]
+        {
+            let keep = libc::c_ulong::try_from(keep).unwrap_or(0);
+            let all = libc::c_ulong::from(u32::MAX);
+            let zero: libc::c_ulong = 0;
+            let below =
+                keep == 0 || libc::syscall(libc::SYS_close_range, zero, keep - 1, zero) == 0;
+            if below && libc::syscall(libc::SYS_close_range, keep + 1, all, zero) == 0 {
+                return;
+            }
+        }
+        for fd in 0..open_max {
+            if fd != keep {
+                libc::close(fd);
+            }
         }
     }
 }
@@ -687,6 +1167,10 @@ struct Supervision {
     signal: Option<i32>,
     /// How many of [`SIGNALS`] were handled.
     signals_seen: u32,
+    /// The [`JOB_CONTROL`] count handled.
+    job_control_seen: u32,
+    /// SIGTSTP stopped the job and no SIGCONT has resumed it yet.
+    stopped: bool,
 }
 
 impl Supervision {
@@ -828,6 +1312,39 @@ impl Supervision {
     }
 }
 
+impl Supervision {
+    /// Charmrun received SIGTSTP (the terminal's ^Z, or `kill -TSTP`), the last job-control
+    /// signal of count `seen`: it passes it on to every process as the other signals, then stops
+    /// itself until a SIGCONT.
+    fn stop(&mut self, opts: &Options, procs: &[Proc], seen: u32) {
+        if !opts.quiet {
+            let running = procs.iter().filter(|p| p.running()).count();
+            note!(
+                "charmrun: received SIGTSTP; stopping the {running} running process{} and \
+                 charmrun",
+                if running == 1 { "" } else { "es" }
+            );
+        }
+        for p in procs {
+            p.signal(libc::SIGTSTP);
+        }
+        self.stopped = true;
+        stop_self(seen);
+    }
+
+    /// Charmrun received SIGCONT (`fg`, `bg`, `kill -CONT`), the last job-control signal: it
+    /// passes it on to every process (harmless to one not stopped).
+    fn resume(&mut self, opts: &Options, procs: &[Proc]) {
+        if self.stopped && !opts.quiet {
+            note!("charmrun: received SIGCONT; resuming the processes");
+        }
+        self.stopped = false;
+        for p in procs {
+            p.signal(libc::SIGCONT);
+        }
+    }
+}
+
 /// The supervision loop; returns the job status.
 fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
     let mut s = Supervision {
@@ -844,6 +1361,15 @@ fn supervise(opts: &Options, server: &KvServer, procs: &mut [Proc]) -> i32 {
         if signals != s.signals_seen {
             s.signals_seen = signals;
             s.signalled(procs, SIGNAL.load(Ordering::SeqCst));
+        }
+        let job_control = JOB_CONTROL.load(Ordering::SeqCst);
+        if job_control != s.job_control_seen {
+            s.job_control_seen = job_control;
+            if STOP_REQUESTED.load(Ordering::SeqCst) {
+                s.stop(opts, procs, job_control);
+            } else {
+                s.resume(opts, procs);
+            }
         }
         let mut running = 0;
         for i in 0..procs.len() {

@@ -24,6 +24,18 @@ enum Stream {
 
 type Line = (Instant, Stream, String);
 
+/// Where charmrun is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// In the test's process group.
+    Inherited,
+    /// Leading a process group of its own, in the test's session (as a shell's job).
+    OwnGroup,
+    /// Leading a session of its own: its process group is orphaned (its parent, the test, is
+    /// in another session).
+    OwnSession,
+}
+
 /// A running charmrun whose output is read line by line, timestamped.
 struct Live {
     child: Child,
@@ -69,7 +81,37 @@ impl Live {
     }
 
     fn start_cmd(prog: &str, args: &[&str]) -> Live {
-        let mut child = Command::new(prog)
+        Live::start_with(prog, args, Placement::Inherited)
+    }
+
+    /// Charmrun leading a process group of its own (as a shell's job), which a test may signal
+    /// as a whole without signalling itself.
+    fn start_in_own_group(args: &[&str]) -> Live {
+        Live::start_with(CHARMRUN, args, Placement::OwnGroup)
+    }
+
+    fn start_with(prog: &str, args: &[&str], placement: Placement) -> Live {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(prog);
+        match placement {
+            Placement::Inherited => {}
+            Placement::OwnGroup => {
+                cmd.process_group(0);
+            }
+            Placement::OwnSession => {
+                // SAFETY: the closure runs in the child between fork and exec and makes one
+                // async-signal-safe system call (`setsid`).
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::setsid() == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -193,6 +235,12 @@ fn pid_alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| rest.starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// The state letter of `/proc/<pid>/stat` ('T': stopped), `None` if it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -725,12 +773,16 @@ fn sigterm_to_charmrun_stops_every_process_and_what_they_started() {
     );
 }
 
-/// SIGINT and SIGHUP stop the job too; processes that ignore the signal are killed after the
-/// grace; the status is 128 + the signal.
+/// SIGINT, SIGHUP and SIGQUIT stop the job too; processes that ignore the signal are killed
+/// after the grace; the status is 128 + the signal.
 #[test]
-fn sigint_and_sighup_stop_the_job_even_if_the_processes_ignore_them() {
-    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
-        let script = "trap '' INT HUP; echo \"PID $CHARMRS_RANK $$\"; exec sleep 300";
+fn sigint_sighup_and_sigquit_stop_the_job_even_if_the_processes_ignore_them() {
+    for (sig, name) in [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGQUIT, "SIGQUIT"),
+    ] {
+        let script = "trap '' INT HUP QUIT; echo \"PID $CHARMRS_RANK $$\"; exec sleep 300";
         let mut live = Live::start(&["+p2", "++ppn", "1", "sh", "-c", script]);
         let pids = wait_pids(&mut live, 2);
         let t = Instant::now();
@@ -770,6 +822,133 @@ fn a_second_signal_kills_at_once() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+/// SIGTSTP to charmrun alone (as the terminal's ^Z, which reaches only the foreground process
+/// group) stops every process and what it started, and charmrun itself; SIGCONT to charmrun
+/// alone (as `fg`) resumes them all, and the job then ends normally. Also when charmrun's process
+/// group is orphaned, where the kernel would discard a SIGTSTP to charmrun.
+#[test]
+fn sigtstp_stops_every_process_and_sigcont_resumes_them() {
+    const TICKS: usize = 25;
+    // A wrapper that does not exec: its child ticks every 0.1 s.
+    let script = format!(
+        "echo \"PID $CHARMRS_RANK $$\"; \
+         sh -c 'echo \"PID g$CHARMRS_RANK $$\"; i=0; \
+                while [ $i -lt {TICKS} ]; do echo \"TICK $CHARMRS_RANK $i\"; i=$((i+1)); \
+                sleep 0.1; done'; \
+         echo \"DONE $CHARMRS_RANK\""
+    );
+    // A shell's job; then in an orphaned process group, where the kernel discards SIGTSTP:
+    // charmrun stops with SIGSTOP instead.
+    for (placement, stop) in [
+        (Placement::OwnGroup, libc::SIGTSTP),
+        (Placement::OwnSession, libc::SIGSTOP),
+    ] {
+        let mut live = Live::start_with(
+            CHARMRUN,
+            &["+p3", "++ppn", "1", "sh", "-c", &script],
+            placement,
+        );
+        let mut pids = wait_pids(&mut live, 6);
+        live.wait_line(|l| l.1 == Stream::Out && l.2.starts_with("TICK "));
+        pids.push(live.child.id());
+        signal_charmrun(&live, libc::SIGTSTP);
+        let t = Instant::now();
+        let stopped = |pids: &[u32]| pids.iter().all(|&p| proc_state(p) == Some('T'));
+        while !stopped(&pids) {
+            let states: Vec<_> = pids.iter().map(|&p| (p, proc_state(p))).collect();
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "not all stopped: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Charmrun stopped by SIGTSTP in a shell's job (a shell says "Stopped"), by SIGSTOP in
+        // an orphaned group.
+        // SAFETY: `siginfo_t` is plain data, for which all-zero bytes are a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is valid and writable; WNOWAIT leaves the stop to be reported again and
+        // charmrun, our child, unreaped.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                live.child.id(),
+                &mut info,
+                libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
+        // SAFETY: `waitid` filled `info` with a child event (SIGCHLD layout), or left it zeroed.
+        let (code, status) = (info.si_code, unsafe { info.si_status() });
+        assert_eq!(
+            (code, status),
+            (libc::CLD_STOPPED, stop),
+            "charmrun's stop ({placement:?})"
+        );
+        // Stopped, they stay so: no tick while charmrun and the processes are stopped (lines
+        // written before the stop are read first).
+        let ticks = |live: &mut Live| {
+            while let Ok(l) = live.rx.try_recv() {
+                live.lines.push(l);
+            }
+            live.lines
+                .iter()
+                .filter(|l| l.2.starts_with("TICK "))
+                .count()
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let before = ticks(&mut live);
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(ticks(&mut live), before, "ticks while stopped");
+        assert!(stopped(&pids), "resumed without SIGCONT");
+        signal_charmrun(&live, libc::SIGCONT);
+        let t = Instant::now();
+        while pids.iter().any(|&p| proc_state(p) == Some('T')) {
+            let states: Vec<_> = pids.iter().map(|&p| (p, proc_state(p))).collect();
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "not all resumed: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let d = live.finish();
+        assert_eq!(d.status, 0, "{}", d.err());
+        assert_eq!(d.count("TICK "), 3 * TICKS, "{}", d.out());
+        assert_eq!(d.count("DONE "), 3, "{}", d.out());
+        assert!(
+            d.err()
+                .contains("received SIGTSTP; stopping the 3 running processes")
+                && d.err().contains("received SIGCONT; resuming"),
+            "{}",
+            d.err()
+        );
+    }
+}
+
+/// What ranks start outside an `exec` (a wrapper's background job, its child) does not outlive
+/// a SIGKILL of charmrun, alone or with its whole process group (as a test harness or a batch
+/// system may do): the parent-death signal reaches only the ranks, but charmrun's watch process
+/// kills their process groups.
+#[test]
+fn what_the_processes_started_does_not_outlive_a_sigkill_of_charmrun_or_its_group() {
+    for whole_group in [false, true] {
+        let script = "sleep 300 & echo \"PID b$CHARMRS_RANK $!\"; \
+                      sh -c 'echo \"PID g$CHARMRS_RANK $$\"; exec sleep 300' & \
+                      echo \"PID $CHARMRS_RANK $$\"; wait";
+        let mut live = Live::start_in_own_group(&["+p2", "++ppn", "1", "sh", "-c", script]);
+        let pids = wait_pids(&mut live, 6);
+        let charmrun = libc::pid_t::try_from(live.child.id()).expect("pid");
+        let target = if whole_group { -charmrun } else { charmrun };
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the target is
+        // our unreaped child, or the process group it leads (not ours).
+        let rc = unsafe { libc::kill(target, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill {target}: {}", std::io::Error::last_os_error());
+        assert_all_gone(&pids, Duration::from_secs(5));
+        // Nothing holds charmrun's output any more: the watch process neither.
+        let d = live.finish();
+        assert_eq!(d.status, 128 + 9, "whole group {whole_group}: {}", d.err());
+    }
 }
 
 /// Programs without the bootstrap's lifeline do not outlive a charmrun killed by SIGKILL
