@@ -300,6 +300,7 @@ impl TcpLayer {
             pending: AtomicUsize::new(0),
             counters: Counters::default(),
             held_losses: AtomicUsize::new(0),
+            next_cut: crate::shared::NextCut::new(),
         });
         crate::recv::start_watcher(&shared)?;
         let s = Arc::clone(&shared);

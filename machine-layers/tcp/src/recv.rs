@@ -62,9 +62,11 @@
 //!   loss was found and since its last input, a read cuts it ([`cut_silent`]:
 //!   deregistered and shut down both ways, its partial input dropped) and
 //!   hands the report out in its place, so nothing read from it comes
-//!   after the loss. The watcher has a poll look when a cut comes due
-//!   (`Shared::cut_due`). A connection whose end has arrived is read to
-//!   it instead, however long that takes.
+//!   after the loss. The watcher has a read look when a cut comes due
+//!   (`Shared::cut_due`, from the cut times the last such read left in
+//!   `Shared::next_cut`: input on the held connection moves the next one
+//!   later instead of asking for a read every turn). A connection whose end
+//!   has arrived is read to it instead, however long that takes.
 //! * Bounded memory, back-pressure by TCP: a poll reads at most
 //!   [`POLL_BUDGET`] bytes and hands every message read to its sink; input
 //!   is read into `parked` only by [`relieve`]: by the watcher only while
@@ -104,7 +106,7 @@ use charmrs_transport::{
 };
 
 use crate::poll::{Epoll, EventFd, InputState, Trigger};
-use crate::shared::{lock, Event, GetJob, Shared};
+use crate::shared::{cut_time, lock, Event, GetJob, Shared};
 use crate::wire;
 
 /// Size of a connection's read buffer, and the threshold above which a
@@ -372,8 +374,8 @@ fn watch(shared: &Arc<Shared>) {
         if shared.cut_due() {
             // A held loss may be handed out now, by cutting its silent
             // connection (`cut_silent`), which only a read does: have one.
-            // (Until it is handed out, or its connection's end has arrived,
-            // this asks again every turn.)
+            // (That read says when the next cut may come due; until one
+            // reads, this asks again every turn.)
             r.arrived.store(true, Ordering::SeqCst);
             shared.ring();
         }
@@ -728,8 +730,10 @@ fn read_all(
 /// dropped, and nothing arriving later is read), and its held report goes
 /// to `out`, after everything read from it. A connection whose end has
 /// arrived is left to be read to it (the hold then waits for that end);
-/// one with unread input is looked at again by a later read. Returns
-/// whether it cut any.
+/// one with unread input is looked at again by a later read. Then tells
+/// the watcher when the next cut may come due (`Shared::next_cut`: the
+/// earliest cut time of the connections left, already past for one with
+/// unread input). Returns whether it cut any.
 fn cut_silent(
     shared: &Shared,
     st: &mut RecvState,
@@ -737,20 +741,25 @@ fn cut_silent(
     out: &mut dyn FnMut(Event),
 ) -> bool {
     let wait = shared.cfg.loss_wait;
+    // Before any `cut_at` is read: a hold made while this looks is not lost.
+    let snapshot = shared.next_cut.snapshot();
+    let mut next: Option<Instant> = None;
     let mut cut = false;
     // From the end, so `swap_remove` moves only connections already seen.
     for i in (0..st.conns.len()).rev() {
         let c = &st.conns[i];
-        let Some(at) = shared.cut_at(c.peer, c.id) else {
+        let Some(due) = cut_time(shared.cut_at(c.peer, c.id), c.last_input, wait) else {
             continue;
         };
-        let heard = c.last_input.checked_add(wait);
-        if now < at || heard.is_some_and(|t| now < t) {
+        if now < due {
+            next = Some(next.map_or(due, |t| t.min(due)));
             continue;
         }
         match crate::poll::input_state(c.stream.as_fd()) {
             InputState::Ended => shared.await_end(c.peer, c.id),
-            InputState::Unread => {}
+            // Due still: the next read (which the watcher asks for) takes
+            // that input, or finds the connection quiet.
+            InputState::Unread => next = Some(next.map_or(due, |t| t.min(due))),
             InputState::Quiet => {
                 let c = st.conns.swap_remove(i);
                 if let Some(ev) = forget(shared, &c) {
@@ -760,6 +769,9 @@ fn cut_silent(
             }
         }
     }
+    // (A hold on a connection not adopted yet is not seen here; its
+    // adoption has the next read, which sees it.)
+    shared.next_cut.set(snapshot, next);
     cut
 }
 

@@ -23,7 +23,12 @@
 //!   that went silent is reported within `cfg.loss_wait` of the loss being
 //!   found, not at the kernel's retransmission limit. `held_losses` counts
 //!   the held reports (so the receive side and the watcher look for due
-//!   cuts only while there are any).
+//!   cuts only while there are any), and `next_cut` says when the earliest
+//!   cut may come due: never later than any held loss's real cut time
+//!   ([`cut_time`]), so the watcher, which has a read look once it has
+//!   passed, misses none; set exactly by every read that looks for cuts,
+//!   it is earlier only until the next such read (after a new hold, or one
+//!   that ended meanwhile).
 //! * The event queue (`tx`) carries only what does not come off a socket
 //!   in order: messages to oneself, local remote-read completions, and
 //!   errors to report. Socket input is read and handed out by
@@ -153,6 +158,87 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Loss reports held in `Peer::incoming` (see `Incoming::cut_at`).
     pub(crate) held_losses: AtomicUsize,
+    /// When the earliest of those may be handed out by a cut (see
+    /// [`Shared::cut_due`]).
+    pub(crate) next_cut: NextCut,
+}
+
+/// When a held loss's silent connection may be cut: `loss_wait` after the
+/// loss was found (`cut_at`, `None` once the connection's end is known to
+/// have arrived) and after its last input; `None` for never (no cut is
+/// planned, or a `loss_wait` too long for the clock).
+pub(crate) fn cut_time(
+    cut_at: Option<Instant>,
+    last_input: Instant,
+    loss_wait: Duration,
+) -> Option<Instant> {
+    Some(cut_at?.max(last_input.checked_add(loss_wait)?))
+}
+
+/// The earliest time a held loss may be handed out by a cut, readable
+/// without a lock (for the watcher, which looks every turn). A lower bound:
+/// a new hold lowers it to its `cut_at` ([`NextCut::lower`]); each read
+/// that looks for due cuts sets it to the exact earliest [`cut_time`] of
+/// its connections ([`NextCut::set`]), which only input moves later. So
+/// the watcher has a read look once when a cut may be due, and again only
+/// when one is due indeed (or a connection with a held loss still waits to
+/// be read), not on every turn while a held connection has input.
+pub(crate) struct NextCut {
+    /// What the nanosecond counts are counted from.
+    epoch: Instant,
+    /// Nanoseconds from `epoch`; `u64::MAX` for never.
+    at: AtomicU64,
+    /// Bumped by every [`NextCut::lower`], so that a [`NextCut::set`]
+    /// computed without seeing that hold does not undo it.
+    lowered: AtomicU64,
+}
+
+impl NextCut {
+    pub(crate) fn new() -> NextCut {
+        NextCut {
+            epoch: Instant::now(),
+            at: AtomicU64::new(u64::MAX),
+            lowered: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        let n = t.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(n).map_or(u64::MAX - 1, |n| n.min(u64::MAX - 1))
+    }
+
+    /// A loss is held from now on, its cut planned for `t` (called after
+    /// `Incoming::cut_at` is set).
+    pub(crate) fn lower(&self, t: Instant) {
+        self.lowered.fetch_add(1, Ordering::SeqCst);
+        self.at.fetch_min(self.nanos(t), Ordering::SeqCst);
+    }
+
+    /// Taken before a read reads the held losses' `cut_at`s, for
+    /// [`NextCut::set`].
+    pub(crate) fn snapshot(&self) -> u64 {
+        self.lowered.load(Ordering::SeqCst)
+    }
+
+    /// The earliest cut time of the held losses, as a read computed it
+    /// (`None`: none planned) after taking `snapshot`. A hold made meanwhile
+    /// that it may have missed makes it "due now" instead (one read more,
+    /// which computes it again).
+    pub(crate) fn set(&self, snapshot: u64, earliest: Option<Instant>) {
+        self.at.store(
+            earliest.map_or(u64::MAX, |t| self.nanos(t)),
+            Ordering::SeqCst,
+        );
+        if self.lowered.load(Ordering::SeqCst) != snapshot {
+            self.at.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a cut may be due at `now`.
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        let at = self.at.load(Ordering::SeqCst);
+        at != u64::MAX && self.nanos(now) >= at
+    }
 }
 
 /// Largest number of buffers handed to one vectored write.
@@ -347,6 +433,9 @@ impl Shared {
                 }
                 // (A `loss_wait` too long for the clock waits for the end.)
                 inc.cut_at = Instant::now().checked_add(self.cfg.loss_wait);
+                if let Some(t) = inc.cut_at {
+                    self.next_cut.lower(t);
+                }
                 return;
             }
         }
@@ -375,15 +464,11 @@ impl Shared {
     }
 
     /// Whether a held loss may be handed out by a cut now (for the watcher,
-    /// which then has a poll look; cheap while none is held).
+    /// which then has a read look): its [`cut_time`], past `loss_wait`
+    /// since the loss was found and since its connection's last input, has
+    /// come (see [`NextCut`]). Two atomic loads, no lock.
     pub(crate) fn cut_due(&self) -> bool {
-        if self.held_losses.load(Ordering::SeqCst) == 0 {
-            return false;
-        }
-        let now = Instant::now();
-        self.peers
-            .iter()
-            .any(|peer| matches!(lock(&peer.incoming).cut_at, Some(t) if now >= t))
+        self.held_losses.load(Ordering::SeqCst) > 0 && self.next_cut.due(Instant::now())
     }
 
     /// Frees `p`'s incoming slot if it still holds connection `id`, which
@@ -749,5 +834,71 @@ mod tests {
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         peer.read_exact(&mut b).unwrap();
         assert_eq!(b, [wire::PKT_BYE]);
+    }
+
+    /// A held loss's connection may be cut `loss_wait` after the loss was
+    /// found and after its last input, whichever is later; never without a
+    /// planned cut or with a `loss_wait` too long for the clock.
+    #[test]
+    fn a_cut_comes_loss_wait_after_the_loss_and_after_the_last_input() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(5);
+        let cut_at = t0 + wait;
+        // Silent since before the loss: the loss's bound.
+        assert_eq!(cut_time(Some(cut_at), t0, wait), Some(cut_at));
+        assert_eq!(
+            cut_time(
+                Some(cut_at),
+                t0.checked_sub(Duration::from_secs(60)).unwrap_or(t0),
+                wait
+            ),
+            Some(cut_at)
+        );
+        // Input after the loss moves it: silent for `loss_wait` since then.
+        let heard = t0 + Duration::from_secs(3);
+        assert_eq!(cut_time(Some(cut_at), heard, wait), Some(heard + wait));
+        // No cut planned (its end has arrived), or never.
+        assert_eq!(cut_time(None, heard, wait), None);
+        assert_eq!(cut_time(Some(cut_at), heard, Duration::MAX), None);
+    }
+
+    /// The watcher's "earliest cut" follows the holds and the reads: a new
+    /// hold lowers it, a read sets it to what it found (later, after input
+    /// on the held connection: no read look is asked for until then), and a
+    /// hold a read may have missed makes it due at once.
+    #[test]
+    fn the_earliest_cut_is_never_later_than_a_held_loss_s() {
+        let n = NextCut::new();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        assert!(!n.due(t0 + 1000 * s), "nothing held");
+
+        n.lower(t0 + 5 * s);
+        assert!(!n.due(t0 + 4 * s));
+        assert!(n.due(t0 + 5 * s));
+        // A later hold does not move it later.
+        n.lower(t0 + 7 * s);
+        assert!(n.due(t0 + 5 * s));
+
+        // A read found the held connection heard from at t0 + 3 s.
+        let snap = n.snapshot();
+        n.set(snap, cut_time(Some(t0 + 5 * s), t0 + 3 * s, 5 * s));
+        assert!(!n.due(t0 + 7 * s), "input after the loss moves the cut");
+        assert!(n.due(t0 + 8 * s));
+
+        // Nothing left to cut (handed out, or its end arrived).
+        n.set(n.snapshot(), None);
+        assert!(!n.due(t0 + 1000 * s));
+
+        // A hold made while a read looked (it may not have seen it): due at
+        // once, for one read more.
+        let snap = n.snapshot();
+        n.lower(t0 + 20 * s);
+        n.set(snap, Some(t0 + 30 * s));
+        assert!(n.due(t0));
+        // The next read sees it.
+        n.set(n.snapshot(), Some(t0 + 20 * s));
+        assert!(!n.due(t0 + 19 * s));
+        assert!(n.due(t0 + 20 * s));
     }
 }
