@@ -62,7 +62,9 @@
 //!   rank's group, and the job ends (see "Job status and failures").
 //! * SIGTSTP (^Z, `kill -TSTP`): passed to every rank's group; then charmrun
 //!   stops itself. SIGCONT (`fg`, `bg`, `kill -CONT`) sent to charmrun is
-//!   passed on likewise. (The group of a rank that has ended is orphaned, and
+//!   passed on likewise; one that comes just as charmrun stops itself may be
+//!   overtaken by that stop, and the job then stays stopped until the next
+//!   SIGCONT. (The group of a rank that has ended is orphaned, and
 //!   the kernel discards SIGTSTP there: what such a rank left running goes
 //!   on. Time runs on while stopped: a job stopped before its start-up fence
 //!   may time out there when resumed.)
@@ -71,7 +73,8 @@
 //!   whole group (the terminal's ^C, ^\, ^Z; `fg`), and not charmrun's
 //!   SIGKILL at the end of the grace.
 //! * A signal charmrun was started with ignored (as by `nohup`) stays
-//!   ignored, and is not passed on.
+//!   ignored, and is not passed on; but with SIGCONT ignored, charmrun still
+//!   resumes the processes it stopped on SIGTSTP once it is continued itself.
 //! * SIGKILL of charmrun, which it cannot catch: the kernel kills every rank
 //!   (`PR_SET_PDEATHSIG`, Linux), and charmrun's watch process
 //!   (`charmrun-watch`, a child of charmrun in a process group of its own)
@@ -417,6 +420,9 @@ extern "C" fn on_job_control(sig: libc::c_int) {
     JOB_CONTROL.fetch_add(1, Ordering::SeqCst);
 }
 
+/// What [`on_job_control`] blocks while it runs.
+const JOB_CONTROL_BLOCKED: &[libc::c_int] = &[libc::SIGTSTP, libc::SIGCONT];
+
 /// Installs `handler` for `sig` unless `sig` is ignored (as whoever started charmrun left it);
 /// returns the previous action, to be restored, if it installed it. `blocked` are blocked while
 /// the handler runs.
@@ -434,8 +440,19 @@ fn install_handler(
     {
         return None;
     }
-    // SAFETY: as above, all-zero is a valid `sigaction`.
-    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    set_handler(sig, handler, blocked)
+}
+
+/// Sets the action of `sig` to `handler`, whatever it was; returns the previous action, or
+/// `None` if it could not. `blocked` are blocked while the handler runs.
+fn set_handler(
+    sig: libc::c_int,
+    handler: extern "C" fn(libc::c_int),
+    blocked: &[libc::c_int],
+) -> Option<libc::sigaction> {
+    // SAFETY: `sigaction` is plain data, for which all-zero bytes are a valid value.
+    let (mut new, mut old): (libc::sigaction, libc::sigaction) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     new.sa_sigaction = handler as libc::sighandler_t;
     // SA_RESTART: charmrun's own calls (and those of any thread that does not block the
     // signal) resume rather than fail with EINTR.
@@ -516,8 +533,7 @@ impl SignalHandlers {
         }
         let mut catches_tstp = false;
         for sig in [libc::SIGTSTP, libc::SIGCONT] {
-            if let Some(old) = install_handler(sig, on_job_control, &[libc::SIGTSTP, libc::SIGCONT])
-            {
+            if let Some(old) = install_handler(sig, on_job_control, JOB_CONTROL_BLOCKED) {
                 catches_tstp |= sig == libc::SIGTSTP;
                 previous.push((sig, old));
             }
@@ -527,37 +543,108 @@ impl SignalHandlers {
     }
 }
 
-/// Stops charmrun itself, as SIGTSTP would have without its handler, and returns once it
-/// is continued; `seen` is the [`JOB_CONTROL`] count the stop was decided on. The kernel
-/// discards a SIGTSTP in an orphaned process group (of which no shell would continue a job):
-/// unless charmrun's group is surely not orphaned, charmrun stops with SIGSTOP, which always
-/// stops (its processes were stopped already, and whoever sent the SIGTSTP expects charmrun
-/// stopped too; a shell then says "Stopped (signal)" or the like rather than "Stopped").
-fn stop_self(seen: u32) {
-    if !CATCHES_TSTP.load(Ordering::SeqCst) {
-        return;
+/// Blocks SIGTSTP on this thread only; returns the mask it had, for [`set_mask`].
+fn block_tstp() -> libc::sigset_t {
+    // SAFETY: all-zero is a valid `sigset_t`; `set` is then initialised and given a valid
+    // signal number, `old` is valid and writable; `pthread_sigmask` changes this thread's mask
+    // only.
+    unsafe {
+        let (mut set, mut old): (libc::sigset_t, libc::sigset_t) =
+            (std::mem::zeroed(), std::mem::zeroed());
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTSTP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
     }
-    let sig = if group_surely_not_orphaned() {
-        libc::SIGTSTP
-    } else {
-        libc::SIGSTOP
-    };
+}
+
+/// Sets this thread's signal mask back to `old`, from [`block_tstp`].
+fn set_mask(old: &libc::sigset_t) {
+    // SAFETY: `old` is a mask `pthread_sigmask` returned; a null pointer asks for no copy.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
+    }
+}
+
+/// Sends `sig` to this thread.
+fn raise(sig: libc::c_int) {
+    // SAFETY: `raise` takes a plain signal number; each caller has seen to what it does (no
+    // handler of ours runs for it).
+    unsafe {
+        libc::raise(sig);
+    }
+}
+
+/// Stops charmrun itself, as SIGTSTP would have without its handler, unless a SIGCONT came
+/// since the stop was decided (`seen` is the [`JOB_CONTROL`] count it was decided on); returns
+/// whether it went on to stop (also when a SIGCONT then discarded the pending SIGTSTP), and then
+/// returns once charmrun is continued. The kernel discards a
+/// SIGTSTP in an orphaned process group (of which no shell would continue a job): unless
+/// charmrun's group is surely not orphaned, charmrun stops with SIGSTOP, which always stops (its
+/// processes were stopped already, and whoever sent the SIGTSTP expects charmrun stopped too; a
+/// shell then says "Stopped (signal)" or the like rather than "Stopped").
+///
+/// Runs on charmrun's main thread, the only one that takes SIGTSTP and SIGCONT
+/// ([`with_handled_signals_blocked`]). With SIGTSTP, the stop signal is sent while SIGTSTP is
+/// blocked on this thread (it stays pending until unblocked), and the count is checked after;
+/// SIGSTOP cannot be blocked, and the count is checked just before. Then:
+///
+/// * A SIGCONT counted by its handler before the check cancels the stop. One sent after the
+///   stop signal resumes charmrun (with SIGTSTP still pending, the kernel discards it), and is
+///   counted if caught. Either way, the supervision loop then passes the continue on.
+/// * SIGTSTP has its default action only while it is blocked (one that comes then merges into
+///   this stop), and from when charmrun is continued until its handler is back: one that comes
+///   then stops charmrun at once, uncounted; the whole job stays stopped then (charmrun has not
+///   passed the continue on yet), and the next SIGCONT resumes it.
+/// * Not guaranteed: a SIGCONT sent just before the stop signal but not counted before the
+///   check (its handler had not run, or, with SIGSTOP, ran after the check) is overtaken by the
+///   stop: the kernel discards a pending SIGCONT when a stop signal is sent. Charmrun then stops
+///   all the same, and the job stays stopped until the next SIGCONT, which resumes it all. And
+///   a SIGCONT that cancels the stop after the SIGTSTP was sent cancels with it another SIGTSTP
+///   that merged into it.
+///
+/// Once charmrun is continued, the supervision loop compares [`JOB_CONTROL`] with `seen` again
+/// and handles the latest state: after exactly the one SIGCONT that continued charmrun it is
+/// `seen + 1` with [`STOP_REQUESTED`] clear, and the loop passes it on; after more signals it
+/// passes on a continue, or stops the job again (maybe redundantly); [`Supervision::stop`]
+/// resumes the job on a continue that no handler counted.
+fn stop_self(seen: u32) -> bool {
+    if !CATCHES_TSTP.load(Ordering::SeqCst) {
+        return false;
+    }
+    if !group_surely_not_orphaned() {
+        // SIGSTOP can be neither blocked nor caught: the count can only be checked before.
+        if JOB_CONTROL.load(Ordering::SeqCst) != seen {
+            return false;
+        }
+        raise(libc::SIGSTOP);
+        return true;
+    }
+    let mask = block_tstp();
     set_disposition(libc::SIGTSTP, libc::SIG_DFL);
-    // A SIGCONT (or another SIGTSTP) that came since the decision: the supervision loop
-    // handles it; stopping now could wait for a SIGCONT already gone.
-    if JOB_CONTROL.load(Ordering::SeqCst) == seen {
-        // SAFETY: `raise` takes a plain signal number; SIGTSTP now has its default action
-        // (stop), and SIGSTOP cannot be caught: no handler of ours runs for either.
-        unsafe {
-            libc::raise(sig);
+    let mut stop = JOB_CONTROL.load(Ordering::SeqCst) == seen;
+    if stop {
+        // Pending until unblocked below: SIGTSTP is blocked, and now has its default action.
+        raise(libc::SIGTSTP);
+        if JOB_CONTROL.load(Ordering::SeqCst) != seen {
+            // A SIGCONT was handled since the check: setting SIGTSTP ignored discards the
+            // pending one, if the SIGCONT came too early for the kernel to have done so.
+            set_disposition(libc::SIGTSTP, libc::SIG_IGN);
+            stop = false;
         }
     }
-    // Back to charmrun's handler (it was installed: [`CATCHES_TSTP`]).
-    let _ = install_handler(
-        libc::SIGTSTP,
-        on_job_control,
-        &[libc::SIGTSTP, libc::SIGCONT],
-    );
+    if stop {
+        // The pending SIGTSTP stops charmrun here; the SIGCONT that continues it runs its
+        // handler before this returns.
+        set_mask(&mask);
+    }
+    // Back to charmrun's handler (it was installed: [`CATCHES_TSTP`]); if the stop was cancelled,
+    // before SIGTSTP is unblocked, so that one that came meanwhile is handled and counted.
+    let _ = set_handler(libc::SIGTSTP, on_job_control, JOB_CONTROL_BLOCKED);
+    if !stop {
+        set_mask(&mask);
+    }
+    stop
 }
 
 /// Whether charmrun's process group is surely not orphaned: charmrun, or an ancestor of it in
@@ -1315,7 +1402,8 @@ impl Supervision {
 impl Supervision {
     /// Charmrun received SIGTSTP (the terminal's ^Z, or `kill -TSTP`), the last job-control
     /// signal of count `seen`: it passes it on to every process as the other signals, then stops
-    /// itself until a SIGCONT.
+    /// itself until a SIGCONT (see [`stop_self`]). The supervision loop then handles the latest
+    /// state, as `seen` is its [`JOB_CONTROL`] count handled.
     fn stop(&mut self, opts: &Options, procs: &[Proc], seen: u32) {
         if !opts.quiet {
             let running = procs.iter().filter(|p| p.running()).count();
@@ -1329,7 +1417,14 @@ impl Supervision {
             p.signal(libc::SIGTSTP);
         }
         self.stopped = true;
-        stop_self(seen);
+        // Continued: after exactly the one SIGCONT that continued charmrun, the count is
+        // `seen + 1` with the stop flag clear, and the loop passes that on; after more signals,
+        // the loop handles the last of them. Still `seen`: no handler counted the continue
+        // (SIGCONT was ignored when charmrun started), which the loop would not see; the
+        // processes, stopped by charmrun, are resumed with it all the same.
+        if stop_self(seen) && JOB_CONTROL.load(Ordering::SeqCst) == seen {
+            self.resume(opts, procs);
+        }
     }
 
     /// Charmrun received SIGCONT (`fg`, `bg`, `kill -CONT`), the last job-control signal: it

@@ -34,6 +34,8 @@ enum Placement {
     /// Leading a session of its own: its process group is orphaned (its parent, the test, is
     /// in another session).
     OwnSession,
+    /// As `OwnGroup`, started with SIGCONT ignored.
+    OwnGroupContIgnored,
 }
 
 /// A running charmrun whose output is read line by line, timestamped.
@@ -104,6 +106,19 @@ impl Live {
                 unsafe {
                     cmd.pre_exec(|| {
                         if libc::setsid() == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            Placement::OwnGroupContIgnored => {
+                cmd.process_group(0);
+                // SAFETY: the closure runs in the child between fork and exec and makes one
+                // async-signal-safe call (`signal`, to ignore SIGCONT).
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::signal(libc::SIGCONT, libc::SIG_IGN) == libc::SIG_ERR {
                             return Err(std::io::Error::last_os_error());
                         }
                         Ok(())
@@ -827,7 +842,8 @@ fn a_second_signal_kills_at_once() {
 /// SIGTSTP to charmrun alone (as the terminal's ^Z, which reaches only the foreground process
 /// group) stops every process and what it started, and charmrun itself; SIGCONT to charmrun
 /// alone (as `fg`) resumes them all, and the job then ends normally. Also when charmrun's process
-/// group is orphaned, where the kernel would discard a SIGTSTP to charmrun.
+/// group is orphaned, where the kernel would discard a SIGTSTP to charmrun, and when charmrun was
+/// started with SIGCONT ignored (no handler of its counts the continue).
 #[test]
 fn sigtstp_stops_every_process_and_sigcont_resumes_them() {
     const TICKS: usize = 25;
@@ -840,10 +856,11 @@ fn sigtstp_stops_every_process_and_sigcont_resumes_them() {
          echo \"DONE $CHARMRS_RANK\""
     );
     // A shell's job; then in an orphaned process group, where the kernel discards SIGTSTP:
-    // charmrun stops with SIGSTOP instead.
+    // charmrun stops with SIGSTOP instead; then a shell's job started with SIGCONT ignored.
     for (placement, stop) in [
         (Placement::OwnGroup, libc::SIGTSTP),
         (Placement::OwnSession, libc::SIGSTOP),
+        (Placement::OwnGroupContIgnored, libc::SIGTSTP),
     ] {
         let mut live = Live::start_with(
             CHARMRUN,
@@ -855,7 +872,12 @@ fn sigtstp_stops_every_process_and_sigcont_resumes_them() {
         pids.push(live.child.id());
         signal_charmrun(&live, libc::SIGTSTP);
         let t = Instant::now();
-        let stopped = |pids: &[u32]| pids.iter().all(|&p| proc_state(p) == Some('T'));
+        // A shell that was starting a command with vfork (as dash does) waits uninterruptibly
+        // ('D') for its child, stopped before its exec, until that child is continued.
+        let stopped = |pids: &[u32]| {
+            pids.iter()
+                .all(|&p| matches!(proc_state(p), Some('T' | 'D')))
+        };
         while !stopped(&pids) {
             let states: Vec<_> = pids.iter().map(|&p| (p, proc_state(p))).collect();
             assert!(
@@ -866,21 +888,31 @@ fn sigtstp_stops_every_process_and_sigcont_resumes_them() {
         }
         // Charmrun stopped by SIGTSTP in a shell's job (a shell says "Stopped"), by SIGSTOP in
         // an orphaned group.
-        // SAFETY: `siginfo_t` is plain data, for which all-zero bytes are a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is valid and writable; WNOWAIT leaves the stop to be reported again and
-        // charmrun, our child, unreaped.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                live.child.id(),
-                &mut info,
-                libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT,
-            )
+        // Reported once each of charmrun's threads has stopped, maybe some time after its main
+        // thread shows stopped.
+        let t = Instant::now();
+        let (code, status) = loop {
+            // SAFETY: `siginfo_t` is plain data, for which all-zero bytes are a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is valid and writable; WNOWAIT leaves the stop to be reported again
+            // and charmrun, our child, unreaped.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    live.child.id(),
+                    &mut info,
+                    libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
+            // SAFETY: `waitid` filled `info` with a child event (SIGCHLD layout), or left it
+            // zeroed.
+            let (code, status) = (info.si_code, unsafe { info.si_status() });
+            if code != 0 || t.elapsed() > Duration::from_secs(5) {
+                break (code, status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         };
-        assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
-        // SAFETY: `waitid` filled `info` with a child event (SIGCHLD layout), or left it zeroed.
-        let (code, status) = (info.si_code, unsafe { info.si_status() });
         assert_eq!(
             (code, status),
             (libc::CLD_STOPPED, stop),
