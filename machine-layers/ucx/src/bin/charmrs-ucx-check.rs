@@ -691,6 +691,8 @@ fn lost_send(layer: Arc<UcxLayer>) {
         Err(e) => fail(format!("rank 1: flush: {e}")),
     }
     let flushed = t.elapsed();
+    // Each stage says it is done (a test that times out then shows where rank 1 stopped).
+    println!("FLUSHED in {flushed:?}");
     let t = Instant::now();
     loop {
         if let Err(e) = layer.progress(&mut |_, _| {}) {
@@ -709,6 +711,7 @@ fn lost_send(layer: Arc<UcxLayer>) {
         }
     }
     let parked = t.elapsed();
+    println!("PARKABLE in {parked:?}");
     let Ok(layer) = Arc::try_unwrap(layer) else {
         fail("rank 1: the layer is shared".into())
     };
