@@ -406,12 +406,14 @@ impl<C: Chare> ProxyTarget<C> for Section<C> {
 /// where it arrives.
 impl<C> Serialize for Section<C> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let parts: Vec<(&Proxy<C>, &[Index])> = self
-            .parts
-            .iter()
-            .map(|p| (&p.collection, &*p.indices))
-            .collect();
-        (self.id, parts).serialize(s)
+        (self.id, &*self.parts).serialize(s)
+    }
+}
+
+/// A part travels as (collection proxy, members): what `Section`'s `Deserialize` reads.
+impl<C> Serialize for Members<C> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        (&self.collection, &*self.indices).serialize(s)
     }
 }
 

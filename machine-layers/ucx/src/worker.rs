@@ -1641,19 +1641,25 @@ fn start_rndv(inbox: &Inbox, pending: PendingRndv) {
         let status = sys::UCS_PTR_STATUS(req);
         if is_peer_failure(status) {
             // Lost with the peer (reported even if it said goodbye), as in `rndv_done`.
-            inbox.message_lost(
-                src,
-                format!(
-                    "receiving message #{seq} ({len} bytes) failed: {}",
-                    describe(status)
-                ),
-            );
+            lost_with_peer(inbox, src, seq, len, status);
         } else {
             // Its reserved place would stall the sender's stream for ever.
             let why = format!("ucp_am_recv_data_nbx failed: {}", describe(status));
             inbox.fetch_failed(src, seq, len, &why, false);
         }
     }
+}
+
+/// Reports message `seq` (`len` bytes) of `src`, whose receive failed with the peer's failure
+/// `status`, lost with its sender.
+fn lost_with_peer(inbox: &Inbox, src: ProcessId, seq: u64, len: usize, status: sys::ucs_status_t) {
+    inbox.message_lost(
+        src,
+        format!(
+            "receiving message #{seq} ({len} bytes) failed: {}",
+            describe(status)
+        ),
+    );
 }
 
 /// Active-message handler of goodbyes.
@@ -1763,13 +1769,7 @@ fn rndv_done(inbox: &Inbox, op: RecvOp, status: sys::ucs_status_t, length: usize
     } else if is_peer_failure(status) {
         // The message's place in its sender's order was reserved: it is lost with the peer, which
         // is reported even if the peer said goodbye (it left before the message was delivered).
-        inbox.message_lost(
-            src,
-            format!(
-                "receiving message #{seq} ({len} bytes) failed: {}",
-                describe(status)
-            ),
-        );
+        lost_with_peer(inbox, src, seq, len, status);
     } else {
         // Its reserved place would stall the sender's stream for ever.
         let why = if status == sys::UCS_OK {
