@@ -557,6 +557,7 @@ impl<T: Payload> Sink<T> {
         let remote = || Error::Remote {
             pe: pe.pe,
             entry: site.entry.to_string(),
+            index: Some(site.index),
             message: what.clone(),
         };
         match self {

@@ -54,12 +54,15 @@ pub enum Error {
     #[error("entry table: {0}")]
     EntryTable(String),
     /// A remote entry method failed (panicked) while computing a result someone asked for.
-    #[error("entry method `{entry}` failed on PE {pe}: {message}")]
+    #[error("entry method `{entry}` failed {}on PE {pe}: {message}", at_index(.index))]
     Remote {
         /// The PE it ran on.
         pe: usize,
         /// `Type::method`.
         entry: String,
+        /// The index of the element whose entry failed (`None` for a task of the pool, which
+        /// names its item in `message`).
+        index: Option<crate::index::Index>,
         /// The panic message (with its source location when known).
         message: String,
     },
@@ -76,6 +79,11 @@ pub enum Error {
     /// The job was aborted; the message says by whom and why.
     #[error("{0}")]
     Aborted(String),
+}
+
+/// `at index (2, 1) ` for [`Error::Remote`]'s message, or nothing.
+fn at_index(index: &Option<crate::index::Index>) -> String {
+    index.map_or_else(String::new, |i| format!("at index {i} "))
 }
 
 /// Result type of fallible charmrs calls.

@@ -601,6 +601,7 @@ impl PeState {
         let failed = move |item: usize, payload: AnyBox| Error::Remote {
             pe: me,
             entry: task.name.to_string(),
+            index: None,
             message: format!("item {item}: {}", crate::panic::describe(payload)),
         };
         // The chunk's report to the master; `frees`: this PE is free again with it.
@@ -753,9 +754,9 @@ pub(crate) fn pool_wire(control: &crate::envelope::Control) -> Option<Result<Vec
         }) => {
             let results = match results {
                 Ok(values) => encode_all(task.encode_result, values).map(|v| Ok(ByteStrings(v))),
-                Err(Error::Remote { pe, entry, message }) => {
-                    Ok(Err((*pe as u64, entry.clone(), message.clone())))
-                }
+                Err(Error::Remote {
+                    pe, entry, message, ..
+                }) => Ok(Err((*pe as u64, entry.clone(), message.clone()))),
                 Err(other) => Ok(Err((*pe as u64, task.name.to_string(), other.to_string()))),
             };
             results.map(|results| PoolWire::Done {
@@ -852,6 +853,7 @@ pub(crate) fn decode_pool_wire(bytes: &[u8]) -> Result<crate::envelope::Control,
                 Err((pe, entry, message)) => Err(Error::Remote {
                     pe: pe as usize,
                     entry,
+                    index: None,
                     message,
                 }),
             },

@@ -582,6 +582,7 @@ enum WireOutcome {
     Remote {
         pe: u64,
         entry: String,
+        index: Option<Index>,
         message: String,
     },
     Failed(String),
@@ -608,10 +609,16 @@ pub(crate) fn value_message(
             let n = u32::try_from(segments.len()).map_err(|_| "too many segments")?;
             (WireOutcome::Value { segments: n }, Some((bytes, segments)))
         }
-        Err(Error::Remote { pe, entry, message }) => (
+        Err(Error::Remote {
+            pe,
+            entry,
+            index,
+            message,
+        }) => (
             WireOutcome::Remote {
                 pe: pe as u64,
                 entry,
+                index,
                 message,
             },
             None,
@@ -672,9 +679,15 @@ pub(crate) fn decode_value(msg: &Message) -> Result<Envelope, String> {
             bytes: segs[fixed].clone(),
             segments: segs[fixed + 1..].to_vec(),
         }) as Box<dyn std::any::Any + Send>),
-        WireOutcome::Remote { pe, entry, message } => Err(Error::Remote {
+        WireOutcome::Remote {
+            pe,
+            entry,
+            index,
+            message,
+        } => Err(Error::Remote {
             pe: pe as usize,
             entry,
+            index,
             message,
         }),
         WireOutcome::Failed(text) => Err(Error::Aborted(text)),

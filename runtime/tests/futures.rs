@@ -121,9 +121,15 @@ fn a_panicking_remote_entry_reaches_its_future() {
         let workers = Array::<Worker, usize>::new(8, ());
         let e = workers.at(6).ret().fail_on(6).result().await.unwrap_err();
         match &e {
-            Error::Remote { pe, entry, message } => {
+            Error::Remote {
+                pe,
+                entry,
+                index,
+                message,
+            } => {
                 assert_eq!(*pe, 3);
                 assert_eq!(entry, "Worker::fail_on");
+                assert_eq!(index.map(|i| i.to_string()), Some("(6,)".to_owned()));
                 assert!(message.contains("element 6 refuses"), "{message}");
             }
             other => panic!("expected a remote error, got {other:?}"),
@@ -131,6 +137,12 @@ fn a_panicking_remote_entry_reaches_its_future() {
         // On a broadcast, one failing element fails the gathered result…
         let e = workers.gather().fail_on(2).result().await.unwrap_err();
         assert!(e.to_string().contains("element 2 refuses"), "{e}");
+        // The error names the failed element, whatever its panic says.
+        assert!(
+            e.to_string()
+                .contains("`Worker::fail_on` failed at index (2,) on PE 1"),
+            "{e}"
+        );
         // …and the job is still alive.
         assert_eq!(workers.gather().fail_on(99).await, vec![1; 8]);
         charmrs::exit(0);
