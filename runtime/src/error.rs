@@ -33,6 +33,17 @@ pub enum Error {
         /// What kind of collection it is ("3-d array", "group", ...).
         collection: String,
     },
+    /// An element index with a coordinate that no collection can have (coordinates are
+    /// below 2^32, as extents are).
+    #[error(
+        "index coordinate {coordinate} is out of range: no collection has an extent above {max}"
+    )]
+    CoordinateTooLarge {
+        /// The coordinate that was given.
+        coordinate: usize,
+        /// The largest extent of any collection.
+        max: usize,
+    },
     /// An array dimension that charmrs cannot represent.
     #[error("array dimension {extent} is too large (the maximum extent is {max})")]
     DimensionTooLarge {

@@ -287,7 +287,14 @@ impl<C: Chare> Proxy<C> {
     /// # Errors
     /// An index of the wrong dimension or out of range, or a PE that does not exist (groups).
     pub fn try_at(&self, index: impl ArrayIndex) -> Result<ElementProxy<C>> {
-        let index = index.to_index()?;
+        // `to_index` checks coordinates as it checks extents; here they are an element's.
+        let index = index.to_index().map_err(|e| match e {
+            Error::DimensionTooLarge { extent, max } => Error::CoordinateTooLarge {
+                coordinate: extent,
+                max,
+            },
+            other => other,
+        })?;
         with_pe("Proxy::at", |pe| {
             self.shape.check_placed(&index, pe.num_pes())?;
             let home = self.shape.home_pe(&index, pe.num_pes());
@@ -460,6 +467,11 @@ impl<C: Chare> Group<C> {
     /// # Errors
     /// `pe` ≥ number of PEs.
     pub fn try_at(&self, pe: usize) -> Result<ElementProxy<C>> {
+        if u32::try_from(pe).is_err() {
+            // Beyond what an index holds: no job has that PE.
+            let num_pes = with_pe("Group::at", |p| p.num_pes())?;
+            return Err(Error::PeOutOfRange { pe, num_pes });
+        }
         self.0.try_at(pe)
     }
 

@@ -119,6 +119,15 @@ fn bad_pe_and_bad_index_are_errors_naming_the_range() {
         let g = Group::<Faulty>::new((false,));
         let e = g.try_at(5).unwrap_err();
         assert!(e.to_string().contains("unknown PE 5"), "{e}");
+        // A PE beyond what an index can hold is still an unknown PE, not a "dimension".
+        let e = g.try_at(1 << 40).unwrap_err();
+        assert_eq!(
+            e,
+            Error::PeOutOfRange {
+                pe: 1 << 40,
+                num_pes: 3
+            }
+        );
         let a = Array::<Faulty, usize>::new(4, (false,));
         let e = a.try_at(4).unwrap_err();
         assert_eq!(
@@ -129,6 +138,12 @@ fn bad_pe_and_bad_index_are_errors_naming_the_range() {
             .try_at((1usize, 1usize).to_index().map(|_| 9).unwrap())
             .unwrap_err();
         assert!(e.to_string().contains("(9,)"), "{e}");
+        let e = a.try_at(1 << 33).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("index coordinate 8589934592 is out of range"),
+            "{e}"
+        );
         let e = a.try_at_dims_mismatch();
         assert!(e.contains("2 dimension(s) but the 1-d array"), "{e}");
         charmrs::exit(0);
