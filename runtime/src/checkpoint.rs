@@ -674,12 +674,16 @@ impl PeState {
                         e.coll
                     )
                 })?;
+                // Placed as well as in range: a map may not place it under this PE count.
                 shape
-                    .check(&e.index, n)
+                    .check_placed(&e.index, n)
                     .map_err(|err| format!("{}: {err}", path.display()))?;
                 let home = shape.home_pe(&e.index, n);
                 if let Shape::Sparse { .. } = shape {
                     sparse.entry(e.coll).or_insert_with(|| vec![0; n])[home] += 1;
+                    // Counted as an insertion issued here (its home records it on arrival), so
+                    // that a later `done_inserting`'s census balances.
+                    *self.inserts_issued.borrow_mut().entry(e.coll).or_default() += 1;
                 }
                 // Its unreceived channel values are decoded, when received, as restored state.
                 let mut channels = e.channels;

@@ -698,6 +698,13 @@ impl<C: Chare, I: ArrayIndex> Array<C, I> {
             self.proxy.shape.describe()
         );
         let coll = self.proxy.coll;
+        // Sealed already (here: a seal is final, later insertions are refused), by an earlier
+        // `done_inserting` or by `charmrs::restore`.
+        if or_panic(with_pe("done_inserting", |pe| {
+            pe.home_counts.borrow().contains_key(&coll)
+        })) {
+            return;
+        }
         // Broadcasts and reductions that reach a PE before the seal wait there, already counted
         // as processed: quiescence must not be reported before the seal releases them.
         let _hold = crate::quiescence::QdHold::new("done_inserting");

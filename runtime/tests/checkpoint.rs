@@ -555,11 +555,11 @@ impl Piper {
     async fn call_received(this: Coro<Self>, from: usize) -> usize {
         let input = this.channel(&this.ctx().this_proxy().at(from));
         let proxy = input.recv::<ElementProxy<Piper>>().await;
-        proxy.ret().pe().await
+        proxy.ret().my_pe().await
     }
 
     #[entry]
-    fn pe(&mut self, ctx: &Ctx<Self>) -> usize {
+    fn my_pe(&mut self, ctx: &Ctx<Self>) -> usize {
         ctx.my_pe()
     }
 
@@ -703,5 +703,47 @@ fn a_checkpoint_names_what_waits_for_a_sparse_arrays_insertions() {
         (1, 2),
         "the waiting call and the broadcast ran once each"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a job saving a sparse array carries over the restart.
+#[derive(Serialize, Deserialize)]
+struct Tags {
+    tags: Array<Tag, usize>,
+}
+
+#[test]
+fn done_inserting_after_a_restore_returns_and_a_second_one_is_harmless() {
+    let dir = scratch("sparse-seal");
+    let d = dir.clone();
+    // Saved before `done_inserting`: the restore seals it; the program then seals it as it
+    // would in a fresh job.
+    job(3, move || async move {
+        let tags = Array::<Tag, usize>::new_sparse(None);
+        for i in [3usize, 17, 40, 41, 99] {
+            tags.insert(i, (i as u64,), None);
+        }
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &Tags { tags })
+            .await
+            .expect("checkpoint");
+    });
+    let d = dir.clone();
+    let sum = job(2, move || async move {
+        let s = charmrs::restore::<Tags>(&d)
+            .await
+            .expect("restore")
+            .expect("a checkpoint");
+        s.tags.done_inserting().await;
+        s.tags.done_inserting().await;
+        let done = Future::<u64>::new();
+        s.tags.tick(1, done);
+        done.await
+    });
+    let expected: u64 = [3u64, 17, 40, 41, 99]
+        .iter()
+        .map(|&i| (i * 3 + i + 1) % 65_521)
+        .sum();
+    assert_eq!(sum, expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
