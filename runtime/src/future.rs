@@ -11,6 +11,11 @@
 //! with a collector: it turns ready once its announced number of values has arrived, in arrival
 //! order; a value beyond that number aborts the job naming the future.
 //!
+//! Limits: a future never awaited keeps its slot (and its value, once fulfilled) for the job's
+//! life; a pending slot keeps the waker of every task that waited on it through [`wait_any`]
+//! until it is fulfilled (removing a waker when `wait_any` returns through another future could
+//! lose the wake-up of the same task awaiting this future elsewhere, e.g. in a `join`).
+//!
 //! [`MultiFuture`]: crate::MultiFuture
 
 use crate::chare::Payload;
