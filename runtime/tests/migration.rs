@@ -616,7 +616,7 @@ impl Light {
     }
 
     #[entry]
-    fn pe(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
+    fn gather_pes(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
         ctx.gather(ctx.my_pe(), to);
     }
 }
@@ -637,7 +637,7 @@ fn periodic_balancing_counts_the_load_that_cannot_move() {
         fixed.burn(400);
         charmrs::sleep(std::time::Duration::from_millis(250)).await;
         let where_now = Future::new();
-        a.pe(where_now);
+        a.gather_pes(where_now);
         let placed = where_now.await;
         let on_1 = placed.iter().filter(|&&pe| pe == 1).count();
         assert!(
@@ -666,7 +666,7 @@ impl LightSyncing {
     }
 
     #[entry]
-    fn pe(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
+    fn gather_pes(&mut self, ctx: &Ctx<Self>, to: Future<Vec<usize>>) {
         ctx.gather(ctx.my_pe(), to);
     }
 }
@@ -687,7 +687,7 @@ fn at_sync_balancing_counts_the_load_outside_the_collection() {
         a.sync(resumed);
         resumed.await;
         let where_now = Future::new();
-        a.pe(where_now);
+        a.gather_pes(where_now);
         let placed = where_now.await;
         let on_1 = placed.iter().filter(|&&pe| pe == 1).count();
         assert!(

@@ -267,7 +267,7 @@ impl Level {
     }
 
     #[entry(when = "(self.level == level)")]
-    fn at(&mut self, level: f64) -> Vec<f64> {
+    fn at_level(&mut self, level: f64) -> Vec<f64> {
         self.seen.push(level);
         self.level += 0.5;
         self.seen.clone()
@@ -278,9 +278,9 @@ impl Level {
 fn a_parenthesized_equality_on_floats_is_tested_message_by_message() {
     run_job(1, |_| async {
         let l = Single::<Level>::new((), None);
-        let late = l.ret().at(1.0);
-        let early = l.ret().at(0.5);
-        l.at(0.0);
+        let late = l.ret().at_level(1.0);
+        let early = l.ret().at_level(0.5);
+        l.at_level(0.0);
         assert_eq!(early.await, [0.0, 0.5]);
         assert_eq!(late.await, [0.0, 0.5, 1.0]);
         charmrs::exit(0);

@@ -12,7 +12,7 @@
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::visit_mut::VisitMut;
@@ -61,8 +61,78 @@ use syn::{
 /// resolve only where it is in scope: in the module of the block, or after
 /// `use path::to::TypeProxy;` elsewhere.
 ///
-/// The macros crate cannot run the runtime, so this example is not compiled here; the crate
-/// documentation of `charmrs` has a runnable one.
+/// # Refused entry names
+///
+/// An entry may not be named like an inherent method of a proxy type (`index`, `pe`, `ret`,
+/// `at`, `try_at`, `shape`, `id`, `gather`, `dims`, `insert`, `section`, `with_priority`, `len`,
+/// …; the full list is `PROXY_METHODS` in this crate's source): the proxy's own method would win
+/// over the generated trait's and the call would send nothing. Nor may an entry be named
+/// `<other entry>_callback`, a generated name. Both are compile errors at the entry's name:
+///
+/// ```compile_fail
+/// use charmrs::prelude::*;
+///
+/// struct Cell;
+///
+/// #[chare]
+/// impl Cell {
+///     fn new() -> Self { Cell }
+///
+///     #[entry]
+///     fn index(&mut self) {}   // error: entry `index` would be hidden by `ElementProxy::index`
+/// }
+/// # fn main() {}
+/// ```
+///
+/// ```compile_fail
+/// use charmrs::prelude::*;
+///
+/// struct Cell;
+///
+/// #[chare]
+/// impl Cell {
+///     fn new() -> Self { Cell }
+///
+///     #[entry]
+///     fn done(&mut self) {}
+///
+///     #[entry]
+///     fn done_callback(&mut self) {}   // error: the name of the callback of `done`
+/// }
+/// # fn main() {}
+/// ```
+///
+/// The same block with other names compiles:
+///
+/// ```
+/// use charmrs::prelude::*;
+///
+/// struct Cell;
+///
+/// #[chare]
+/// impl Cell {
+///     fn new() -> Self { Cell }
+///
+///     #[entry]
+///     fn my_index(&mut self) {}
+///
+///     #[entry]
+///     fn done(&mut self) {}
+///
+///     #[entry]
+///     fn finished(&mut self) {}
+/// }
+/// # fn main() {}
+/// ```
+///
+/// `Self` may appear in argument and return types (`n: ElementProxy<Self>`, `-> Vec<Self>`), and
+/// an entry under `#[cfg(...)]` (or `#[cfg_attr(p, cfg(...))]`) has all its generated items under
+/// the same condition.
+///
+/// # Example
+///
+/// The example below is not compiled here (it needs a running job); the crate documentation of
+/// `charmrs` has a runnable one.
 ///
 /// ```ignore
 /// use charmrs::prelude::*;
@@ -148,8 +218,162 @@ struct EntrySig {
     sig: Signature,
     output: TokenStream2,
     docs: Vec<syn::Attribute>,
+    /// The method's `#[cfg]` conditions (its `#[cfg_attr(p, cfg(q))]` as `#[cfg(any(not(p), q))]`),
+    /// put on every item generated for the entry.
+    cfgs: Vec<TokenStream2>,
     is_async: bool,
-    when: Option<Expr>,
+    /// The condition and the span of its string literal.
+    when: Option<(Expr, Span)>,
+}
+
+/// The inherent methods (with a `self` receiver) of the types the generated `<Type>Proxy` trait
+/// is implemented for (every `charmrs::ProxyTarget`: `ElementProxy`, `Proxy`, `Group`, `Array`,
+/// `Single`, `Section`, `Ret<…>`, `Gather<…>`), as (type, method). Method-call resolution
+/// prefers an inherent method to a trait method, so an entry with one of these names would never
+/// be sent from that proxy type (`array.at(0).index()` returns the element's `Index`), and
+/// `#[chare]` refuses the name instead.
+///
+/// Where it comes from: the `pub fn`s taking `self` in the inherent `impl` blocks of those types
+/// in runtime/src/proxy.rs, runtime/src/section.rs and runtime/src/local_branch.rs
+/// (`Single`, `Ret` and `Gather` have none; associated functions without `self`, such as
+/// `Array::new`, cannot hide a method call). Methods private to the runtime do not hide (rustc
+/// skips an inaccessible inherent method), and a trait method of the same name (`Clone::clone`,
+/// `ProxyTarget::send_entry`) makes a call ambiguous, an error, rather than silently hidden.
+/// runtime/tests/macro_names.rs compares this list with those sources: a method added to a
+/// proxy type there fails that test until it is listed here.
+const PROXY_METHODS: &[(&str, &str)] = &[
+    // runtime/src/proxy.rs
+    ("ElementProxy", "index"),
+    ("ElementProxy", "pe"),
+    ("ElementProxy", "with_priority"),
+    ("ElementProxy", "ret"),
+    ("Proxy", "shape"),
+    ("Proxy", "id"),
+    ("Proxy", "with_priority"),
+    ("Proxy", "try_at"),
+    ("Proxy", "at"),
+    ("Proxy", "ret"),
+    ("Proxy", "gather"),
+    ("Group", "try_at"),
+    ("Group", "at"),
+    ("Array", "dims"),
+    ("Array", "insert"),
+    ("Array", "try_insert"),
+    ("Array", "done_inserting"),
+    ("Array", "try_at"),
+    ("Array", "at"),
+    // runtime/src/section.rs
+    ("Proxy", "try_section"),
+    ("Proxy", "section"),
+    ("Array", "section"),
+    ("Group", "section"),
+    ("Section", "parts"),
+    ("Section", "len"),
+    ("Section", "is_empty"),
+    ("Section", "contains"),
+    ("Section", "with_priority"),
+    // runtime/src/local_branch.rs
+    ("ElementProxy", "with_local"),
+    ("Group", "with_local"),
+];
+
+/// Expands to [`PROXY_METHODS`] as a `&[(&str, &str)]` of (type, method): the list of entry
+/// names `#[chare]` refuses, for the runtime's test that checks it against the proxy types.
+#[doc(hidden)]
+#[proc_macro]
+pub fn __proxy_method_names(input: TokenStream) -> TokenStream {
+    if !input.is_empty() {
+        return syn::Error::new(Span::call_site(), "takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let pairs = PROXY_METHODS.iter().map(|(ty, m)| quote!((#ty, #m)));
+    quote!(&[#(#pairs),*] as &[(&str, &str)]).into()
+}
+
+/// Refuses an entry name that an inherent proxy method would hide (see [`PROXY_METHODS`]).
+fn check_entry_name(method: &Ident) -> syn::Result<()> {
+    let name = method.to_string();
+    let hiders: Vec<String> = PROXY_METHODS
+        .iter()
+        .filter(|(_, m)| *m == name)
+        .map(|(ty, m)| format!("`{ty}::{m}`"))
+        .collect();
+    if hiders.is_empty() {
+        return Ok(());
+    }
+    let (what, list) = if hiders.len() == 1 {
+        ("method", hiders[0].clone())
+    } else {
+        ("methods", hiders.join(", "))
+    };
+    Err(syn::Error::new(
+        method.span(),
+        format!(
+            "entry `{name}` would be hidden by the proxy {what} {list} (an inherent method wins \
+             over the generated trait's, so the call would send nothing); rename the entry"
+        ),
+    ))
+}
+
+/// The `#[cfg]` conditions of a method, as `#[cfg(...)]` attributes to put on generated items.
+/// `#[cfg_attr(p, cfg(q))]` becomes `#[cfg(any(not(p), q))]`; the other attributes a `cfg_attr`
+/// may add (`inline`, lints, docs) belong to the method alone and are not copied.
+fn cfg_attrs(attrs: &[syn::Attribute]) -> syn::Result<Vec<TokenStream2>> {
+    let mut out = Vec::new();
+    for a in attrs {
+        if a.path().is_ident("cfg") {
+            out.push(quote!(#a));
+        } else if a.path().is_ident("cfg_attr") {
+            let list = a.meta.require_list()?;
+            cfg_attr_conditions(quote!(all()), list, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Adds the conditions of `cfg_attr(p, attrs…)` (itself applying when `outer` holds).
+fn cfg_attr_conditions(
+    outer: TokenStream2,
+    list: &syn::MetaList,
+    out: &mut Vec<TokenStream2>,
+) -> syn::Result<()> {
+    let metas = list.parse_args_with(Punctuated::<syn::Meta, Token![,]>::parse_terminated)?;
+    let mut metas = metas.into_iter();
+    let Some(pred) = metas.next() else {
+        return Err(syn::Error::new(list.span(), "`cfg_attr` needs a predicate"));
+    };
+    let when = quote!(all(#outer, #pred));
+    for m in metas {
+        if m.path().is_ident("cfg") {
+            let inner = &m.require_list()?.tokens;
+            out.push(quote!(#[cfg(any(not(#when), all(#inner)))]));
+        } else if m.path().is_ident("cfg_attr") {
+            cfg_attr_conditions(when.clone(), m.require_list()?, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites `Self` in a type (or a path in it: `Self::N`, `Vec<Self>`) to the chare's type: the
+/// argument and return types of an entry are copied into items where `Self` is something else
+/// (an entry marker, a proxy type).
+struct ReplaceSelf<'a>(&'a syn::Path);
+
+impl VisitMut for ReplaceSelf<'_> {
+    fn visit_path_mut(&mut self, path: &mut syn::Path) {
+        if path.leading_colon.is_none()
+            && path
+                .segments
+                .first()
+                .is_some_and(|s| s.ident == "Self" && s.arguments.is_none())
+        {
+            let mut new = self.0.clone();
+            new.segments.extend(path.segments.iter().skip(1).cloned());
+            *path = new;
+        }
+        syn::visit_mut::visit_path_mut(self, path);
+    }
 }
 
 fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signature> {
@@ -183,8 +407,9 @@ fn parse_args<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Signat
     Ok(sig)
 }
 
-/// Removes `#[entry]` / `#[entry(when = "...")]`; returns whether it was there and the condition.
-fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<(bool, Option<Expr>)> {
+/// Removes `#[entry]` / `#[entry(when = "...")]`; returns whether it was there and the condition
+/// (with the span of its string).
+fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<(bool, Option<(Expr, Span)>)> {
     let Some(pos) = f.attrs.iter().position(|a| a.path().is_ident("entry")) else {
         return Ok((false, None));
     };
@@ -217,7 +442,7 @@ fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<(bool, Option<Expr>)> {
                 format!("`when` condition is not an expression: {e}"),
             )
         })?;
-        when = Some(expr);
+        when = Some((expr, text.span()));
     }
     Ok((true, when))
 }
@@ -300,6 +525,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
         .expect("a path has a segment")
         .ident
         .clone();
+    let self_path = tp.path.clone();
     let type_name = type_ident.to_string();
     let proxy_trait = format_ident!("{}Proxy", type_ident);
 
@@ -346,8 +572,13 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 }
                 _ => parse_args(f.sig.inputs.iter())?,
             };
+            let mut sig = sig;
+            for t in &mut sig.types {
+                ReplaceSelf(&self_path).visit_type_mut(t);
+            }
             ctor = Some((sig, is_async));
         } else if is_entry {
+            check_entry_name(&f.sig.ident)?;
             if !f.sig.generics.params.is_empty() {
                 return Err(syn::Error::new(
                     f.sig.generics.span(),
@@ -386,9 +617,17 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 }
                 parse_args(f.sig.inputs.iter().skip(1))?
             };
+            let mut args = args;
+            for t in &mut args.types {
+                ReplaceSelf(&self_path).visit_type_mut(t);
+            }
             let output = match &f.sig.output {
                 ReturnType::Default => quote!(()),
-                ReturnType::Type(_, t) => quote!(#t),
+                ReturnType::Type(_, t) => {
+                    let mut t = (**t).clone();
+                    ReplaceSelf(&self_path).visit_type_mut(&mut t);
+                    quote!(#t)
+                }
             };
             entries.push(EntrySig {
                 method: f.sig.ident.clone(),
@@ -400,6 +639,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                     .filter(|a| a.path().is_ident("doc"))
                     .cloned()
                     .collect(),
+                cfgs: cfg_attrs(&f.attrs)?,
                 is_async,
                 when,
             });
@@ -411,6 +651,21 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
             format!("a #[chare] impl needs a constructor `fn new([ctx: &Ctx<Self>,] args...) -> {type_name}`"),
         ));
     };
+    // `<entry>_callback` is generated for every entry: no entry may be named so.
+    for e in &entries {
+        let name = e.method.to_string();
+        if let Some(base) = name.strip_suffix("_callback") {
+            if entries.iter().any(|o| o.method == base) {
+                return Err(syn::Error::new(
+                    e.method.span(),
+                    format!(
+                        "entry `{name}` has the name of the method `{name}` generated for entry \
+                         `{base}` (its callback); rename one of the two entries"
+                    ),
+                ));
+            }
+        }
+    }
 
     let migration = if migratable {
         let hook = if has_migrated_hook {
@@ -470,6 +725,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
         sig,
         output,
         docs,
+        cfgs,
         is_async,
         when,
     } in &entries
@@ -500,11 +756,12 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
         };
         let when_items = match when {
             None => quote!(),
-            Some(cond) => {
+            Some((cond, cond_span)) => {
                 let check = format_ident!("__charmrs_when_{}", method);
                 let mut rewritten = cond.clone();
                 DerefArgs(names).visit_expr_mut(&mut rewritten);
                 when_helpers.push(quote! {
+                    #(#cfgs)*
                     #[doc(hidden)]
                     // `unused_parens`: a condition in parentheses is how a user asks for a
                     // test per message instead of the equality index.
@@ -516,16 +773,25 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 });
                 let keyed = equality_key(cond, names).map(|(field, k)| {
                     let state = format_ident!("__charmrs_when_key_{}", method);
-                    let k = syn::Index::from(k);
+                    let k = syn::Index {
+                        index: k as u32,
+                        span: *cond_span,
+                    };
+                    // Spanned on the condition: a key type that is not `Hash` is reported there.
+                    let state_hash =
+                        quote_spanned!(*cond_span=> ::charmrs::__private::hash_key(&#field));
+                    let arg_hash =
+                        quote_spanned!(*cond_span=> ::charmrs::__private::hash_key(&args.#k));
                     when_helpers.push(quote! {
+                        #(#cfgs)*
                         #[doc(hidden)]
                         fn #state(&self) -> u64 {
-                            ::charmrs::__private::hash_key(&#field)
+                            #state_hash
                         }
                     });
                     quote! {
                         fn arg_key(args: &Self::Args) -> ::std::option::Option<u64> {
-                            ::std::option::Option::Some(::charmrs::__private::hash_key(&args.#k))
+                            ::std::option::Option::Some(#arg_hash)
                         }
                         fn state_key(chare: &#ty) -> u64 {
                             chare.#state()
@@ -541,12 +807,28 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 }
             }
         };
+        // One check per argument, spanned on its type: a type that is not `Payload` is reported
+        // there (as well as where the generated code uses it).
+        let payload_checks = types.iter().map(|t| {
+            let check = quote_spanned!(t.span()=> __charmrs_payload::<#t>);
+            quote! {
+                #(#cfgs)*
+                const _: () = {
+                    fn __charmrs_payload<T: ::charmrs::Payload>() {}
+                    let _ = #check;
+                };
+            }
+        });
         markers.push(quote! {
+            #(#payload_checks)*
+
+            #(#cfgs)*
             #[doc = concat!("Marker of entry method `", #entry_name, "` (generated by #[chare]).")]
             #[doc(hidden)]
             #[allow(non_camel_case_types, unreachable_pub)]
             pub struct #marker;
 
+            #(#cfgs)*
             impl ::charmrs::Entry<#ty> for #marker {
                 type Args = (#(#types,)*);
                 type Output = #output;
@@ -561,6 +843,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                 #when_items
             }
 
+            #(#cfgs)*
             ::charmrs::__private::inventory::submit! {
                 ::charmrs::__private::EntryInfo {
                     id: <#marker as ::charmrs::Entry<#ty>>::ID,
@@ -574,6 +857,7 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
             }
         });
         trait_methods.push(quote! {
+            #(#cfgs)*
             #[doc = #doc]
             #(#docs)*
             fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output>;
@@ -583,16 +867,19 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
             "Entry method `{entry_name}` of this proxy's element(s) as a callback (for example a reduction target)."
         );
         trait_methods.push(quote! {
+            #(#cfgs)*
             #[doc = #callback_doc]
             fn #callback(&self) -> ::charmrs::Callback<(#(#types,)*)>;
         });
         impl_methods.push(quote! {
+            #(#cfgs)*
             #[inline]
             fn #callback(&self) -> ::charmrs::Callback<(#(#types,)*)> {
                 ::charmrs::Callback::new::<#ty, #marker>(::charmrs::ProxyTarget::<#ty>::callback_dest(self))
             }
         });
         impl_methods.push(quote! {
+            #(#cfgs)*
             #[inline]
             fn #method(&self, #(#names: #types),*) -> <Self as ::charmrs::ProxyTarget<#ty>>::Reply<#output> {
                 ::charmrs::ProxyTarget::<#ty>::send_entry::<#marker>(self, (#(#names,)*))
