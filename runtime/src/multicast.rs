@@ -26,7 +26,8 @@
 //! * Each tree message counts as one message for quiescence detection (sent by its parent,
 //!   processed by its PE); the deliveries it makes on its PE are not messages.
 //! * A multicast is not ordered with respect to point calls from the same caller to a member
-//!   (it may take a longer path), as in Charm++.
+//!   (it may take a longer path), as in Charm++; nor, for a member that migrates, with respect
+//!   to the caller's other multicasts (a call chasing the member may overtake an earlier one).
 
 use crate::collection::CollectionId;
 use crate::envelope::{Body, Control, Envelope, Invocation, Route};

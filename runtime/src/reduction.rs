@@ -780,6 +780,17 @@ impl ReductionTable {
 
 /// A reduction, for error messages. A section's is named as a section: its contributions come
 /// with their own collection's shape, which differs between a combined section's collections.
+/// Runs user code of a reduction (a reducer, a result's or partial's `Deserialize`) outside the
+/// guard of an entry method: a panic in it becomes an error saying what was being done.
+fn user_code<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(format!(
+            "{what} panicked: {}",
+            crate::panic::describe(payload)
+        ))
+    })
+}
+
 fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
     if coll.is_section() {
         format!("reduction #{seq} over section {coll:?}")
@@ -958,38 +969,35 @@ impl PeState {
                 self.pe
             ));
         };
-        let mut data: Option<Box<dyn Any + Send>> = None;
         let digest = target.digest();
-        for raw in raws {
-            if raw.target != digest {
-                return self.abort_job(format!(
-                    "charmrs: {}: a partial from PE {} names another target than {}: every \
-                     contribution to one reduction must name the same target",
-                    describe(coll, seq, &shape),
-                    raw.origin,
-                    target.describe()
-                ));
-            }
-            let value = match (kind.decode_part)(&raw.bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    return self.abort_job(format!(
-                        "charmrs: {}: a partial from PE {}: {e}",
-                        describe(coll, seq, &shape),
-                        raw.origin
-                    ))
+        // The partials' `Deserialize` and the reducer are user code: a panic in them ends the
+        // job naming the reduction, as it does where typed contributions are combined.
+        let combined = user_code("combining the partials", || {
+            let mut data: Option<Box<dyn Any + Send>> = None;
+            for raw in raws {
+                if raw.target != digest {
+                    return Err(format!(
+                        "a partial from PE {} names another target than {}: every \
+                         contribution to one reduction must name the same target",
+                        raw.origin,
+                        target.describe()
+                    ));
                 }
-            };
-            match data.as_mut() {
-                None => data = Some(value),
-                Some(acc) => {
-                    if let Err(e) = (kind.combine)(acc, value, kind.op()) {
-                        return self
-                            .abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)));
-                    }
+                let value = (kind.decode_part)(&raw.bytes)
+                    .map_err(|e| format!("a partial from PE {}: {e}", raw.origin))?;
+                match data.as_mut() {
+                    None => data = Some(value),
+                    Some(acc) => (kind.combine)(acc, value, kind.op())?,
                 }
             }
-        }
+            Ok(data)
+        });
+        let data = match combined {
+            Ok(data) => data,
+            Err(e) => {
+                return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)))
+            }
+        };
         let Some(mut data) = data else {
             return self.abort_job(format!(
                 "charmrs: {}: PE {} was asked to finish it without any partial",
@@ -1352,7 +1360,8 @@ impl PeState {
             // pass the result on as it came.
             return self.pass_down_encoded(coll, seq, shape, bytes);
         };
-        let decoded = (kind.decode_result)(&bytes).map(|v| (v, kind));
+        let decoded =
+            user_code("decoding the result", || (kind.decode_result)(&bytes)).map(|v| (v, kind));
         match decoded {
             Ok((value, kind)) => self.reduce_down(coll, seq, shape, value, kind),
             Err(e) => self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape))),
@@ -1493,7 +1502,7 @@ impl PeState {
         }
         let (value, kind) = match value {
             Ok(typed) => typed,
-            Err(bytes) => match (kind.decode_result)(&bytes) {
+            Err(bytes) => match user_code("decoding the result", || (kind.decode_result)(&bytes)) {
                 Ok(value) => (value, kind),
                 Err(e) => {
                     return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)))
@@ -1679,5 +1688,31 @@ mod podvec_tests {
             .reduce(PodVec::from(vec![1u8]), Reducer::LogicalAnd)
             .unwrap_err();
         assert!(e.contains("LogicalAnd") && e.contains("u8"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod user_code_tests {
+    use super::user_code;
+
+    /// A reducer or `Deserialize` that panics outside an entry method becomes an error naming
+    /// what was being done and the panic's message; errors and values pass through.
+    #[test]
+    fn a_panic_in_user_code_becomes_an_error_naming_it() {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let e = user_code::<u32>("combining the partials", || panic!("the reducer exploded"));
+        std::panic::set_hook(hook);
+        let e = e.unwrap_err();
+        assert!(
+            e.starts_with("combining the partials panicked: ")
+                && e.contains("the reducer exploded"),
+            "{e}"
+        );
+        assert_eq!(user_code("x", || Ok(7)), Ok(7));
+        assert_eq!(
+            user_code::<u32>("x", || Err("bad".into())),
+            Err("bad".into())
+        );
     }
 }
