@@ -36,6 +36,15 @@ pub(crate) fn enter_pe() {
     IN_PE.with(|f| f.set(true));
 }
 
+/// Runs `f` (which may panic and catch it: a destructor run after a panic) keeping the location
+/// recorded for the panic already being handled.
+pub(crate) fn keeping_location<R>(f: impl FnOnce() -> R) -> R {
+    let kept = LAST_LOCATION.with(|l| l.borrow_mut().take());
+    let r = f();
+    LAST_LOCATION.with(|l| *l.borrow_mut() = kept);
+    r
+}
+
 /// The panic's message and, when known, its source location.
 pub(crate) fn describe(payload: Box<dyn std::any::Any + Send>) -> String {
     let msg = if let Some(s) = payload.downcast_ref::<&str>() {

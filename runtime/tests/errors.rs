@@ -298,3 +298,55 @@ fn a_panic_cloning_or_hashing_arguments_names_the_entry() {
     })
     .unwrap();
 }
+
+/// A chare whose state panics when dropped (a user's `Drop` with an `assert!` or an `unwrap`
+/// that fails at the end of the job), several of them on each PE.
+struct Holder {
+    _bomb: Bomb,
+}
+
+#[chare]
+impl Holder {
+    fn new() -> Self {
+        Holder { _bomb: Bomb }
+    }
+
+    #[entry]
+    fn ping(&mut self) -> u32 {
+        1
+    }
+
+    #[entry]
+    fn fail(&mut self, ctx: &Ctx<Self>) {
+        if ctx.index::<usize>() == 3 {
+            panic!("deliberate failure");
+        }
+    }
+}
+
+/// Chares are dropped one at a time at the end of the job: a second panicking `Drop` is not a
+/// panic while unwinding (which would abort the process with none of the job's messages out).
+#[test]
+fn chares_whose_drop_panics_do_not_abort_the_process_at_the_end() {
+    // After `exit(0)`: the status stays (the failure is printed).
+    let code = run_job(2, |_| async {
+        let a = Array::<Holder, usize>::new(8, ());
+        for i in 0..8usize {
+            assert_eq!(a.at(i).ret().ping().await, 1);
+        }
+        charmrs::exit(0);
+    })
+    .expect("the job ends with its exit status");
+    assert_eq!(code, 0);
+    // After an entry's panic: that panic is the job's message, naming the element.
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Holder, usize>::new(8, ());
+        for i in 0..8usize {
+            assert_eq!(a.at(i).ret().ping().await, 1);
+        }
+        a.fail();
+    }));
+    for needle in ["Holder::fail", "(3,)", "deliberate failure"] {
+        assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+    }
+}

@@ -11,6 +11,7 @@
 use super::shared::Shared;
 use crate::envelope::{Body, Envelope, LocalTask};
 use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Wake, Waker};
@@ -121,7 +122,17 @@ impl Executor {
         waker.queued.store(false, Ordering::Release);
         let std_waker = Waker::from(waker);
         let mut cx = Context::from_waker(&std_waker);
-        let done = task.as_mut().poll(&mut cx).is_ready();
+        let done = match catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx))) {
+            Ok(poll) => poll.is_ready(),
+            Err(payload) => {
+                // Dropped before the unwind goes on (a panic in its destructor while unwinding
+                // would abort the process); the poll's panic is the one reported.
+                crate::panic::keeping_location(|| {
+                    let _ = catch_unwind(AssertUnwindSafe(|| drop(task)));
+                });
+                std::panic::resume_unwind(payload)
+            }
+        };
         let mut slots = self.slots.borrow_mut();
         let s = &mut slots[slot as usize];
         if done {
@@ -135,9 +146,14 @@ impl Executor {
         Some(label)
     }
 
-    /// Drops every task (at shutdown).
-    pub(crate) fn clear(&self) {
-        let tasks: Vec<_> = self.slots.borrow_mut().drain(..).collect();
-        drop(tasks);
+    /// Drops every task (at shutdown), one at a time through `drop_one` (given the task's
+    /// label and the drop to run), which may guard it against a panicking destructor.
+    pub(crate) fn clear_each(&self, mut drop_one: impl FnMut(TaskLabel, &mut dyn FnMut())) {
+        let slots: Vec<_> = self.slots.borrow_mut().drain(..).collect();
+        for slot in slots {
+            let label = slot.label;
+            let mut slot = Some(slot);
+            drop_one(label, &mut || drop(slot.take()));
+        }
     }
 }

@@ -1675,21 +1675,71 @@ impl Drop for TeardownOnPanic<'_> {
         if !std::thread::panicking() {
             return;
         }
-        let state = self.0;
-        let _ = catch_unwind(AssertUnwindSafe(|| {
-            let collections = state
-                .collections
-                .try_borrow_mut()
-                .map(|mut c| std::mem::take(&mut *c));
-            let pending = state
-                .pending
-                .try_borrow_mut()
-                .map(|mut p| std::mem::take(&mut *p));
-            drop(collections);
-            drop(pending);
-            state.executor.clear();
-        }));
+        teardown(self.0);
     }
+}
+
+/// Drops the PE's chares, the messages waiting here and its tasks (at the end of the job, while
+/// `CURRENT` is still valid: their destructors may call the runtime), each on its own under
+/// `catch_unwind`. A `Drop` that panics is reported naming the element (through
+/// [`Shared::finish`]: after `exit` it is printed and the status stays, otherwise it is the
+/// job's abort) and the rest are still dropped — dropping them all in one go would turn a second
+/// panicking `Drop` into a panic during unwinding, which aborts the process before the job's
+/// message is out.
+fn teardown(state: &PeState) {
+    let pe = state.pe;
+    let report = |what: String, payload: Box<dyn std::any::Any + Send>| {
+        let why = crate::panic::describe(payload);
+        state.shared.finish(Outcome::Abort(format!(
+            "charmrs: job aborted: dropping {what} on PE {pe} at the end of the job panicked: {why}"
+        )));
+    };
+    let guarded = |what: &dyn Fn() -> String, drop_it: &mut dyn FnMut()| {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(drop_it)) {
+            report(what(), payload);
+        }
+    };
+    let collections = state
+        .collections
+        .try_borrow_mut()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default();
+    for (_, mut collection) in collections {
+        let chare = collection.chare;
+        let elements = std::mem::take(&mut collection.elements);
+        match Rc::try_unwrap(elements) {
+            Ok(elements) => {
+                for (index, element) in elements {
+                    let mut element = Some(element);
+                    guarded(&|| format!("element {index} of chare {chare}"), &mut || {
+                        drop(element.take())
+                    });
+                }
+            }
+            // Shared with a broadcast still queued: dropped with it.
+            Err(shared) => drop(shared),
+        }
+        let mut rest = Some(collection);
+        guarded(&|| format!("what waited for chare {chare}"), &mut || {
+            drop(rest.take())
+        });
+    }
+    let pending = state
+        .pending
+        .try_borrow_mut()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    for (_, envelopes) in pending {
+        for envelope in envelopes {
+            let mut envelope = Some(envelope);
+            guarded(&|| "a call waiting on this PE".to_owned(), &mut || {
+                drop(envelope.take())
+            });
+        }
+    }
+    state.executor.clear_each(|label, drop_task| {
+        guarded(&|| format!("a suspended task ({label})"), drop_task)
+    });
 }
 
 pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
@@ -1812,13 +1862,7 @@ pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
         }
     }
     // Tear down while `CURRENT` is still valid: destructors of chares and tasks may call the runtime.
-    let collections = std::mem::take(&mut *state.collections.borrow_mut());
-    let pending = std::mem::take(&mut *state.pending.borrow_mut());
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        drop(collections);
-        drop(pending);
-        state.executor.clear();
-    }));
+    teardown(&state);
     if let (Some(sink), Some(t)) = (&shared.trace, &state.tracer) {
         sink.hand_in(t.take(), state.started.elapsed().as_secs_f64());
     }
