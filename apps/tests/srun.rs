@@ -50,6 +50,34 @@ fn srun_with(kill_on_bad_exit: bool, n: usize, pes: usize, bin: &str, args: &[&s
     common::run(cmd, Duration::from_secs(60), |_| false)
 }
 
+/// Under `srun --mpi=none` (no PMI at all: Slurm's default `MpiDefault`) each task would run
+/// the whole job as PE 0 of a job of its own; it refuses instead, naming the step's task count
+/// and how to launch.
+#[test]
+fn tasks_of_an_srun_without_pmix_refuse_to_run() {
+    if !have_slurm() {
+        return;
+    }
+    let mut cmd = Command::new("srun");
+    cmd.args([
+        "--mpi=none",
+        "--overcommit",
+        "--kill-on-bad-exit=0",
+        "--time=2",
+        "--ntasks=2",
+        "--export=ALL,CHARMRS_PES=1",
+        env!("CARGO_BIN_EXE_hello"),
+    ]);
+    let out = common::run(cmd, Duration::from_secs(60), |_| false);
+    assert!(!out.success(), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "a task ran the job: {}", out.stdout);
+    assert!(
+        out.stderr.contains("SLURM_STEP_NUM_TASKS=2") && out.stderr.contains("srun --mpi=pmix"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn programs_run_under_srun() {
     if !have_slurm() {

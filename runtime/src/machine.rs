@@ -118,6 +118,9 @@ fn foreign_launch() -> Option<String> {
     more_than_one("OMPI_COMM_WORLD_SIZE")
         .or_else(|| more_than_one("PMI_SIZE"))
         .or_else(|| more_than_one("PMIX_SIZE"))
+        // A task of an `srun` step of several tasks with no PMI at all (`--mpi=none`, Slurm's
+        // default `MpiDefault`): srun sets it for a step's tasks, a batch script has none.
+        .or_else(|| more_than_one("SLURM_STEP_NUM_TASKS"))
         .or_else(|| {
             // A PMIx launch this build cannot use (with the feature, `launched_by_pmix` took it).
             (!cfg!(feature = "pmix"))

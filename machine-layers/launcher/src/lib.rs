@@ -343,13 +343,17 @@ where
 }
 
 /// Whether `name` is a variable another launcher sets for its processes, which charmrun's must
-/// not inherit: PMIx's (a process would join the outer job), and the host placement of
-/// OpenMPI and Slurm (every process would pin its PEs to the same cores).
+/// not inherit: PMIx's (a process would join the outer job), the host placement of OpenMPI and
+/// Slurm (every process would pin its PEs to the same cores), and the task count of an `srun`
+/// step (a process would take itself for one of its tasks and refuse to run).
 fn is_outer_launcher_var(name: &str) -> bool {
     name.starts_with("PMIX_")
         || name.starts_with("PMI_")
         || name.starts_with("OMPI_COMM_WORLD_")
-        || matches!(name, "SLURM_LOCALID" | "SLURM_NTASKS_PER_NODE")
+        || matches!(
+            name,
+            "SLURM_LOCALID" | "SLURM_NTASKS_PER_NODE" | "SLURM_STEP_NUM_TASKS" | "SLURM_PROCID"
+        )
 }
 
 /// How a process ended, for messages.
