@@ -116,6 +116,19 @@ fn bad(msg: String) -> Error {
     Error::Options(format!("{msg}\n{}", usage()))
 }
 
+/// Records a `+p` value; a second one that differs is an error (which one was meant?).
+fn set_pes(pes: &mut Option<usize>, n: usize) -> Result<()> {
+    match *pes {
+        Some(before) if before != n => Err(bad(format!(
+            "+p given twice, as {before} and as {n}: give it once"
+        ))),
+        _ => {
+            *pes = Some(n);
+            Ok(())
+        }
+    }
+}
+
 fn parse_pes(text: &str, origin: &str) -> Result<usize> {
     match text.parse::<usize>() {
         Ok(0) => Err(bad(format!(
@@ -164,7 +177,7 @@ impl Options {
                     .ok_or_else(|| bad(format!("{name} needs a value")))
             };
             match arg.as_str() {
-                "+p" => opts.pes = Some(parse_pes(&value_of("+p")?, "+p")?),
+                "+p" => set_pes(&mut opts.pes, parse_pes(&value_of("+p")?, "+p")?)?,
                 "+noaffinity" => opts.affinity = false,
                 "+wirecheck" => opts.wire_check = true,
                 "+balancer" => {
@@ -204,7 +217,7 @@ impl Options {
                     opts.idle_spin = Duration::from_micros(us);
                 }
                 a if a.starts_with("+p") && a[2..].chars().all(|c| c.is_ascii_digit()) => {
-                    opts.pes = Some(parse_pes(&a[2..], a)?)
+                    set_pes(&mut opts.pes, parse_pes(&a[2..], a)?)?
                 }
                 a if a.starts_with("+p") => {
                     return Err(bad(format!("{a}: `{}` is not a number of PEs", &a[2..])));
@@ -243,6 +256,10 @@ mod tests {
             (&["app", "+pfoo"][..], "`foo` is not a number"),
             (&["app", "+bogus"][..], "unknown runtime option `+bogus`"),
             (&["app", "+p"][..], "+p needs a value"),
+            (
+                &["app", "+p3", "+p", "5"][..],
+                "+p given twice, as 3 and as 5: give it once",
+            ),
             (
                 &["app", "+p16777217"][..],
                 "16777217 PEs is more than a job may have",
