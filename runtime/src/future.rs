@@ -12,9 +12,9 @@
 //! order; a value beyond that number aborts the job naming the future.
 //!
 //! Limits: a future never awaited keeps its slot (and its value, once fulfilled) for the job's
-//! life; a pending slot keeps the waker of every task that waited on it through [`wait_any`]
-//! until it is fulfilled (removing a waker when `wait_any` returns through another future could
-//! lose the wake-up of the same task awaiting this future elsewhere, e.g. in a `join`).
+//! life. A pending slot keeps the wakers of the tasks waiting on it; those of tasks that ended
+//! (a [`wait_any`] that returned through another future) are dropped as the list grows, never
+//! one of a live task (which may still await this future elsewhere, e.g. in a `join`).
 //!
 //! [`MultiFuture`]: crate::MultiFuture
 
@@ -263,7 +263,13 @@ pub(crate) fn poll_owned(
                 pe.pe
             );
         }
-        pe.futures.borrow_mut().poll_take(id, cx.waker(), expect)
+        let is_live = |task| pe.executor.is_live(task);
+        let waiter = (
+            cx.waker(),
+            pe.executor.current(),
+            &is_live as &dyn Fn(TaskId) -> bool,
+        );
+        pe.futures.borrow_mut().poll_take(id, waiter, expect)
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -338,8 +344,10 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
                     "wait_any: {f:?} was already consumed (a future is awaited once)"
                 );
             }
+            let is_live = |task| pe.executor.is_live(task);
+            let task = pe.executor.current();
             for f in futures {
-                table.register(f.id, cx.waker());
+                table.register(f.id, cx.waker(), task, &is_live);
             }
             Poll::Pending
         })
@@ -357,11 +365,48 @@ pub async fn wait_all<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) 
     out
 }
 
+/// The tasks waiting for a pending slot: each waker once, with the task it wakes when it was
+/// registered from one of the PE's tasks. Wakers of tasks that have ended (a `wait_any` that
+/// returned through another future) are dropped when the list has doubled since it was last
+/// pruned, so a long-lived future that many short tasks wait on keeps only the live ones.
+#[derive(Default)]
+struct Waiters {
+    wakers: Vec<(Waker, Option<TaskId>)>,
+    prune_at: usize,
+}
+
+/// A task of the PE's executor: its slot and generation.
+pub(crate) type TaskId = (u32, u32);
+
+impl Waiters {
+    /// Adds `waker` (of `task`) unless it is there already; `is_live` says whether a task still
+    /// runs.
+    fn add(&mut self, waker: &Waker, task: Option<TaskId>, is_live: &dyn Fn(TaskId) -> bool) {
+        if self.wakers.iter().any(|(w, _)| w.will_wake(waker)) {
+            return;
+        }
+        if self.wakers.len() >= self.prune_at.max(8) {
+            self.wakers.retain(|(_, t)| t.is_none_or(is_live));
+            self.prune_at = 2 * self.wakers.len();
+        }
+        self.wakers.push((waker.clone(), task));
+    }
+
+    fn wake_all(self) {
+        self.wakers.into_iter().for_each(|(w, _)| w.wake());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.wakers.len()
+    }
+}
+
 enum SlotState {
-    Empty(Vec<Waker>),
+    Empty(Waiters),
     Ready(Resolution),
     /// A multi-value future ([`MultiFuture`](crate::MultiFuture)) still collecting.
-    Collecting(Vec<Waker>, Collector),
+    Collecting(Waiters, Collector),
     /// A multi-value future with all its values ([`CollectedValues`]), of which it takes this
     /// many (kept to name an excess value as such until the values are taken).
     Collected(Resolution, usize),
@@ -437,7 +482,8 @@ impl FutureTable {
 
     pub(crate) fn create(&mut self) -> (u32, u64) {
         self.next += 1;
-        self.slots.insert(self.next, SlotState::Empty(Vec::new()));
+        self.slots
+            .insert(self.next, SlotState::Empty(Waiters::default()));
         (self.me, self.next)
     }
 
@@ -450,7 +496,7 @@ impl FutureTable {
             SlotState::Collected(Ok(Box::new(empty)), 0)
         } else {
             SlotState::Collecting(
-                Vec::new(),
+                Waiters::default(),
                 Collector {
                     expected,
                     arrived: 0,
@@ -561,7 +607,7 @@ impl FutureTable {
                 else {
                     unreachable!()
                 };
-                wakers.into_iter().for_each(Waker::wake);
+                wakers.wake_all();
                 Ok(())
             }
             SlotState::Collecting(_, c) => {
@@ -585,7 +631,7 @@ impl FutureTable {
                 else {
                     unreachable!()
                 };
-                wakers.into_iter().for_each(Waker::wake);
+                wakers.wake_all();
                 Ok(())
             }
             SlotState::Ready(_) => Err(format!("future #{id} of PE {me} was fulfilled twice")),
@@ -607,22 +653,34 @@ impl FutureTable {
         self.slots.contains_key(&id)
     }
 
-    pub(crate) fn register(&mut self, id: u64, waker: &Waker) {
+    /// Registers `waker` (of the executor's task `task`, when polled from one) to be woken when
+    /// future `id` is ready; `is_live` says whether a task still runs.
+    pub(crate) fn register(
+        &mut self,
+        id: u64,
+        waker: &Waker,
+        task: Option<TaskId>,
+        is_live: &dyn Fn(TaskId) -> bool,
+    ) {
         if let Some(SlotState::Empty(wakers) | SlotState::Collecting(wakers, _)) =
             self.slots.get_mut(&id)
         {
-            if !wakers.iter().any(|w| w.will_wake(waker)) {
-                wakers.push(waker.clone());
-            }
+            wakers.add(waker, task, is_live);
         }
     }
 
-    /// Takes the value if ready (removing the slot), else registers `waker`.
+    /// Takes the value if ready (removing the slot), else registers `waker` (as
+    /// [`register`](Self::register)).
     ///
     /// # Panics
     /// If the value was taken already, or the slot is of another kind than `expect` (the
     /// sending side of a multi-value future awaited as a future, or the reverse).
-    pub(crate) fn poll_take(&mut self, id: u64, waker: &Waker, expect: Expect) -> Poll<Resolution> {
+    pub(crate) fn poll_take(
+        &mut self,
+        id: u64,
+        (waker, task, is_live): (&Waker, Option<TaskId>, &dyn Fn(TaskId) -> bool),
+        expect: Expect,
+    ) -> Poll<Resolution> {
         let me = self.me;
         let (kind, ready) = match self.slots.get(&id) {
             None => {
@@ -650,8 +708,52 @@ impl FutureTable {
                 _ => unreachable!(),
             }
         } else {
-            self.register(id, waker);
+            self.register(id, waker, task, is_live);
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod waiters_tests {
+    use super::{TaskId, Waiters};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A slot that a stream of short tasks waits on keeps the wakers of the live ones only, and
+    /// wakes every live one once when it is fulfilled.
+    #[test]
+    fn wakers_of_ended_tasks_are_dropped_and_live_ones_kept() {
+        let mut waiters = Waiters::default();
+        let counters: Vec<Arc<Count>> = (0..1000)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
+        // Task k (slot k, generation 0) is live while it is one of the last 5 registered, or
+        // one of the 3 long-lived ones (0, 1, 2); one waker registered outside any task.
+        let outside = Arc::new(Count(AtomicUsize::new(0)));
+        waiters.add(&Waker::from(outside.clone()), None, &|_| false);
+        for (k, c) in counters.iter().enumerate() {
+            let is_live = |(slot, _): TaskId| slot < 3 || slot as usize + 5 > k;
+            let waker = Waker::from(c.clone());
+            waiters.add(&waker, Some((k as u32, 0)), &is_live);
+            waiters.add(&waker, Some((k as u32, 0)), &is_live); // once only
+            assert!(waiters.len() <= 64, "{} wakers after {k}", waiters.len());
+        }
+        waiters.wake_all();
+        assert_eq!(outside.0.load(Ordering::Relaxed), 1);
+        for k in [0, 1, 2, 995, 996, 997, 998, 999] {
+            assert_eq!(counters[k].0.load(Ordering::Relaxed), 1, "task {k}");
+        }
+        let woken: usize = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+        assert!(woken < 64, "{woken} ended tasks woken");
     }
 }

@@ -10,7 +10,7 @@
 
 use super::shared::Shared;
 use crate::envelope::{Body, Envelope, LocalTask};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,6 +63,8 @@ struct Slot {
 pub(crate) struct Executor {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
+    /// The task being polled (slot, generation), if any.
+    current: Cell<Option<(u32, u32)>>,
 }
 
 impl Executor {
@@ -107,6 +109,16 @@ impl Executor {
             .map(|s| s.label)
     }
 
+    /// The task being polled, if any (its slot and generation).
+    pub(crate) fn current(&self) -> Option<(u32, u32)> {
+        self.current.get()
+    }
+
+    /// Whether `task` (slot, generation) has not ended.
+    pub(crate) fn is_live(&self, (slot, generation): (u32, u32)) -> bool {
+        self.label(slot, generation).is_some()
+    }
+
     /// Polls task `slot` if it still is the task of `generation`; returns its label if it did.
     pub(crate) fn resume(&self, slot: u32, generation: u32) -> Option<TaskLabel> {
         let taken = {
@@ -122,7 +134,10 @@ impl Executor {
         waker.queued.store(false, Ordering::Release);
         let std_waker = Waker::from(waker);
         let mut cx = Context::from_waker(&std_waker);
-        let done = match catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx))) {
+        let outer = self.current.replace(Some((slot, generation)));
+        let polled = catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        self.current.set(outer);
+        let done = match polled {
             Ok(poll) => poll.is_ready(),
             Err(payload) => {
                 // Dropped before the unwind goes on (a panic in its destructor while unwinding

@@ -176,7 +176,7 @@ pub(crate) struct PeState {
     /// id is for a group or section that was not restored, and will never find it.
     restored: RefCell<(u64, Vec<CollectionId>)>,
     next_placement: Cell<usize>,
-    executor: Executor,
+    pub(crate) executor: Executor,
     pub(crate) futures: RefCell<FutureTable>,
     pub(crate) reductions: RefCell<ReductionTable>,
     pub(crate) qd: RefCell<QdState>,
