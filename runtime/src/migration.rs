@@ -484,6 +484,16 @@ impl PeState {
             }
             return None;
         }
+        // Location records are ordered by migration count: one that wrapped would be taken for
+        // an old one, and forwarding would follow stale records.
+        let Some(next_epoch) = epoch.checked_add(1) else {
+            self.abort_job(format!(
+                "charmrs: element {} of {chare} has migrated {epoch} times, the most one element \
+                 may",
+                r.index
+            ));
+            return None;
+        };
         // The table holds one reference; `element` another. More means a suspended entry (or
         // a pending `when` re-check) still uses it.
         if Rc::strong_count(&element) > 2 || element.pinned() {
@@ -525,7 +535,7 @@ impl PeState {
         let migrant = Migrant {
             coll: r.coll,
             index: r.index,
-            epoch: epoch + 1,
+            epoch: next_epoch,
             reductions,
             load: element.load(),
             channels,
@@ -545,7 +555,7 @@ impl PeState {
             c.departed.insert(r.index);
         }
         drop(element);
-        self.record_location(r.coll, r.index, r.to as u32, epoch + 1);
+        self.record_location(r.coll, r.index, r.to as u32, next_epoch);
         self.send_direct(
             r.to,
             Envelope::new(
