@@ -127,6 +127,97 @@ fn bad_arguments_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown runtime option `+q`"));
 }
 
+/// Runs `bin` with `args`, expecting a usage error (status 2) whose message contains `says`.
+fn assert_usage_error(bin: &str, args: &[&str], says: &str) {
+    let out = run(bin, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {stderr}");
+    assert!(stderr.contains(says), "{bin} {args:?}: {stderr}");
+    assert!(stderr.contains("usage: "), "{bin} {args:?}: {stderr}");
+}
+
+/// The programs that take no arguments refuse one (they used to ignore it and exit 0), as
+/// `wait_loop` refuses a second; runtime options are the runtime's and still accepted.
+#[test]
+fn programs_refuse_arguments_they_do_not_take() {
+    for bin in [
+        env!("CARGO_BIN_EXE_hello"),
+        env!("CARGO_BIN_EXE_group_hello"),
+        env!("CARGO_BIN_EXE_reduction"),
+        env!("CARGO_BIN_EXE_futures"),
+        env!("CARGO_BIN_EXE_pmap"),
+    ] {
+        assert_usage_error(
+            bin,
+            &["+p2", "--bogus", "+wirecheck"],
+            "unexpected argument `--bogus`",
+        );
+    }
+    let wait_loop = env!("CARGO_BIN_EXE_wait_loop");
+    assert_usage_error(wait_loop, &["+p2", "5", "6"], "unexpected argument `6`");
+    assert_usage_error(wait_loop, &["+p2", "2"], "`2` is not a number of elements");
+}
+
+/// A size of 0 is refused naming its argument (it used to become 1 silently), and so is a size
+/// whose product wraps around or is past what fits in memory (it used to panic with `capacity
+/// overflow`, or print a wrapped atom count and hang allocating).
+#[test]
+fn sizes_that_are_zero_or_too_large_are_usage_errors() {
+    let stencil = env!("CARGO_BIN_EXE_stencil3d");
+    assert_usage_error(
+        stencil,
+        &["+p1", "--iters", "0"],
+        "--iters must be at least 1",
+    );
+    assert_usage_error(
+        stencil,
+        &["+p1", "--edge", "0"],
+        "--edge must be at least 1",
+    );
+    assert_usage_error(
+        stencil,
+        &["+p1", "--edge", "100000000"],
+        "--edge 100000000 is too large",
+    );
+    assert_usage_error(stencil, &["+p1", "--edge", "2000"], "at most 2^34");
+    let heat = env!("CARGO_BIN_EXE_heat2d");
+    assert_usage_error(
+        heat,
+        &["+p1", "--blocks", "0"],
+        "--blocks must be at least 1",
+    );
+    assert_usage_error(heat, &["+p1", "--edge", "0"], "--edge must be at least 1");
+    assert_usage_error(
+        heat,
+        &["+p1", "--blocks", "100000", "--edge", "100000"],
+        "at most 2^34",
+    );
+    let leanmd = env!("CARGO_BIN_EXE_leanmd");
+    assert_usage_error(
+        leanmd,
+        &["+p1", "--cell-scale", "1000000", "--per-edge", "1000000"],
+        "--per-edge 1000000 make too many atoms",
+    );
+    assert_usage_error(
+        leanmd,
+        &["+p1", "--cells", "5000000"],
+        "--cells 5000000 and --per-edge 3 make too many atoms",
+    );
+    assert_usage_error(
+        leanmd,
+        &["+p1", "--speed", "-1"],
+        "tenths of σ per unit time",
+    );
+    // Speeds in tenths of σ may be decimals, or 0 (atoms at rest).
+    for speed in ["0.5", "0"] {
+        let got = lines_ok(
+            leanmd,
+            &["+p2", "--steps", "4", "--speed", speed, "--verify"],
+        );
+        assert_leanmd_verified_atoms(&got, 729);
+    }
+}
+
 /// A process started as one of several by a launcher charmrs cannot join (OpenMPI's `mpirun`
 /// with a build without PMIx) refuses to run, naming what it saw; before, every process ran as a
 /// job of its own (each one PE 0), printing everything once per process.
@@ -212,6 +303,20 @@ fn every_program_survives_the_wire_format() {
         let got = lines_ok(bin, &[&format!("+p{p}"), "+wirecheck"]);
         assert_eq!(got, want, "{bin}");
     }
+}
+
+/// What a `leanmd --verify` run printed: it matched the serial reference and kept `atoms` atoms.
+fn assert_leanmd_verified_atoms(got: &[String], atoms: usize) {
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("verified against the serial reference")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("energy:") && l.contains(&format!("; {atoms} atoms, "))),
+        "{got:?}"
+    );
 }
 
 /// What a `leanmd --verify` run printed: it matched the serial reference, kept `atoms` atoms,
@@ -354,6 +459,35 @@ fn stencil3d_balances_and_reports_its_total_time() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks-per-pe must be 1, 2, 4 or 8"));
 }
 
+/// stencil3d computes the grid, not its cut into blocks: 2 × 2 × 2 blocks of 6^3 points and one
+/// block of 12^3 (on 1 PE), or 4 × 2 × 2 blocks of 6^3 and 2 × 1 × 1 of 12^3 (on 2 PEs), print
+/// the same `field checksum` line. Every point is relaxed by the same arithmetic whatever block
+/// holds it; the sums of the blocks could differ in their last bits, but they are a fixed
+/// computation, and at this size they agree to the digits printed.
+#[test]
+fn stencil3d_computes_the_same_field_whatever_the_blocks() {
+    let stencil = env!("CARGO_BIN_EXE_stencil3d");
+    let checksum = |p: &str, per_pe: &str, edge: &str| -> String {
+        let args = [
+            p,
+            "--blocks-per-pe",
+            per_pe,
+            "--edge",
+            edge,
+            "--iters",
+            "20",
+        ];
+        let got = lines_ok(stencil, &args);
+        assert!(got[0].starts_with("stencil3d:"), "{args:?}: {got:?}");
+        common::field_checksum(&got).to_string()
+    };
+    for p in ["+p1", "+p2"] {
+        let small = checksum(p, "8", "6");
+        let large = checksum(p, "1", "12");
+        assert_eq!(small, large, "{p}: 8 blocks of 6^3 a PE against 1 of 12^3");
+    }
+}
+
 /// heat2d prints the same residuals and checksum on any PE count, and after a checkpoint and a
 /// restart on another PE count, with every message through the wire format.
 #[test]
@@ -385,6 +519,94 @@ fn heat2d_prints_the_same_figures_on_any_pe_count_and_after_a_restart() {
     assert_eq!(first, reference[..1]);
     let rest = figures(&["+p2", "+wirecheck", "--restart", dir_arg]);
     assert_eq!(rest, reference[1..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A heat2d restart goes on to the `--steps` of the run that wrote the checkpoint (it used to fall
+/// back to the default 200 and print the checkpoint's step-240 checksum as the result of a
+/// 300-step run): stopped after step 240, stopped again after 250 (warned that no checkpoint
+/// would be written, so the next restart starts at 240 again), then restarted with no other
+/// argument, it ends with the figures of an uninterrupted 300-step run. A restart refuses another
+/// plate, and `--stop-after` needs somewhere to checkpoint.
+#[test]
+fn heat2d_restarts_with_the_steps_of_the_run_it_continues() {
+    let heat = env!("CARGO_BIN_EXE_heat2d");
+    let dir = std::env::temp_dir().join(format!("charmrs-heat-steps-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_str().unwrap();
+    let plate = ["+p2", "--blocks", "3", "--edge", "6"];
+    let whole = common::heat_figures(lines_ok(heat, &[&plate[..], &["--steps", "300"]].concat()));
+    // A residual line every 20 steps (the default), then the checksum.
+    assert_eq!(whole.len(), 16, "{whole:?}");
+
+    let first = lines_ok(
+        heat,
+        &[
+            &plate[..],
+            &[
+                "--steps",
+                "300",
+                "--checkpoint",
+                dir_arg,
+                "--stop-after",
+                "240",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        first
+            .iter()
+            .any(|l| l == "heat2d: stopping after step 240 (as if out of time)"),
+        "{first:?}"
+    );
+    assert_eq!(common::heat_figures(first), whole[..12]);
+
+    let out = run(heat, &["+p1", "--restart", dir_arg, "--stop-after", "250"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: --stop-after 250 comes before the next checkpoint"),
+        "{stderr}"
+    );
+
+    for (args, says) in [
+        (
+            vec!["+p1", "--restart", dir_arg, "--blocks", "4"],
+            "--blocks 4 differs from the checkpoint's 3",
+        ),
+        (
+            vec!["+p1", "--restart", dir_arg, "--edge", "8"],
+            "--edge 8 differs from the checkpoint's 6",
+        ),
+        (
+            vec!["+p1", "--restart", dir_arg, "--steps", "100"],
+            "--steps 100 is before the checkpoint's step 240",
+        ),
+        (
+            vec!["+p1", "--steps", "300", "--stop-after", "240"],
+            "--stop-after needs --checkpoint DIR",
+        ),
+    ] {
+        assert_usage_error(heat, &args, says);
+    }
+
+    let rest = lines_ok(heat, &["+p4", "--restart", dir_arg]);
+    assert!(
+        rest.iter().any(|l| l.starts_with("heat2d: restarted from")
+            && l.contains("at step 240 (written by a job of 2 PEs)")),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.ends_with("steps 241..300")),
+        "{rest:?}"
+    );
+    assert_eq!(common::heat_figures(rest), whole[12..]);
+    // That restart wrote its own checkpoints, the last at step 300: restarted from it (the same
+    // plate given again is no change, and is accepted) there is nothing left but the checksum.
+    let again = lines_ok(heat, &[&plate[..], &["--restart", dir_arg]].concat());
+    assert!(again.iter().any(|l| l.contains("at step 300")), "{again:?}");
+    assert_eq!(common::heat_figures(again), whole[15..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -31,7 +31,8 @@ impl Worker {
 }
 
 fn main() {
-    charmrs::start(|_args| async move {
+    charmrs::start(|args| async move {
+        charmrs_apps::cli::no_arguments("futures", &args);
         let workers = Array::<Worker, usize>::new(100, ());
         let result = Future::<u64>::new();
         workers.do_work(result);

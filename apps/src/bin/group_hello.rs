@@ -30,7 +30,8 @@ impl Hello {
 }
 
 fn main() {
-    charmrs::start(|_args| async move {
+    charmrs::start(|args| async move {
+        charmrs_apps::cli::no_arguments("group_hello", &args);
         let group = Group::<Hello>::new(());
         group.at(0).say_hi(17);
     })

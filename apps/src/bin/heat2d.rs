@@ -6,19 +6,23 @@
 //! steps: each step every block sends its edges to its neighbours, relaxes once they have
 //! arrived, and contributes its largest change; the entry point waits for that residual. With
 //! `--checkpoint DIR` it writes a checkpoint every `--every` steps (`charmrs::checkpoint`); with
-//! `--stop-after N` the job ends after step `N` as if its time were up; `--restart DIR` goes on
-//! from the checkpoint in `DIR` (`charmrs::restore`), under any PE count. Every figure it prints
-//! is independent of the PE count, so a restarted job prints what an uninterrupted one does.
+//! `--stop-after N` the job ends after step `N` as if its time were up (it needs a checkpoint
+//! directory, and warns when steps after the last checkpoint will be lost); `--restart DIR` goes
+//! on from the checkpoint in `DIR` (`charmrs::restore`), under any PE count, to the `--steps`
+//! and with the `--every` of the run that wrote it unless given again (`--blocks` and `--edge`
+//! are the checkpoint's: others are refused). Every figure it prints is independent of the PE
+//! count, so a restarted job prints what an uninterrupted one does.
 //!
 //! ```text
 //! cargo run --release -p charmrs-apps --bin heat2d -- +p4 --steps 300 --checkpoint /tmp/heat --stop-after 120
-//! cargo run --release -p charmrs-apps --bin heat2d -- +p2 --steps 300 --restart /tmp/heat
+//! cargo run --release -p charmrs-apps --bin heat2d -- +p2 --restart /tmp/heat
 //! ```
 //!
 //! Prints the residual every `--every` steps, a line per checkpoint written, the sum of the final
 //! field (`field checksum`) and, last, `Total time: <seconds> s`.
 
 use charmrs::prelude::*;
+use charmrs_apps::cli::{product, too_large, MAX_POINTS};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -39,7 +43,9 @@ struct Plate {
     edge: usize,
     /// Temperatures, row-major, `(edge + 2)²` with the frame.
     t: Vec<f64>,
-    /// The relaxed field being built (same layout).
+    /// Scratch for the relaxed field being built (same layout): not part of the state (a
+    /// checkpoint or a migration does not carry it), rebuilt on the first step after either.
+    #[serde(skip)]
     next: Vec<f64>,
     /// The neighbour on each side, if any (proxies kept in the state: a restart re-homes them).
     neighbours: [Option<ElementProxy<Plate>>; 4],
@@ -72,7 +78,7 @@ impl Plate {
         }
         Plate {
             edge,
-            next: t.clone(),
+            next: Vec::new(),
             t,
             neighbours,
             ghosts: Default::default(),
@@ -139,6 +145,9 @@ impl Plate {
                 self.t[at] = v;
             }
         }
+        if self.next.len() != self.t.len() {
+            self.next = self.t.clone();
+        }
         let mut change = 0.0f64;
         for i in 1..=e {
             for j in 1..=e {
@@ -156,11 +165,16 @@ impl Plate {
     }
 }
 
-/// What the entry point carries over a restart.
+/// What the entry point carries over a restart: the state of the run and its parameters (a
+/// restart goes on to the same `steps`, unless told otherwise).
 #[derive(Serialize, Deserialize)]
 struct Run {
     /// Steps done.
     step: u32,
+    /// Steps the run is to do in all.
+    steps: u32,
+    /// Steps between residual lines (and checkpoints).
+    every: u32,
     plates: Array<Plate, (usize, usize)>,
     blocks: usize,
     edge: usize,
@@ -168,17 +182,18 @@ struct Run {
     pes: usize,
 }
 
+const USAGE: &str = "heat2d [+pN] [--blocks N (4)] [--edge N (32)] [--steps N (200)] \
+                     [--every N (20)] [--checkpoint DIR] [--stop-after N] [--restart DIR] \
+                     (a restart keeps the checkpoint's --blocks, --edge, --steps and --every \
+                     unless --steps or --every is given)";
+
 fn usage() -> ! {
-    eprintln!(
-        "usage: heat2d [+pN] [--blocks N (4)] [--edge N (32)] [--steps N (200)] [--every N (20)] \
-         [--checkpoint DIR] [--stop-after N] [--restart DIR]"
-    );
-    std::process::exit(2)
+    charmrs_apps::cli::usage_exit(USAGE)
 }
 
 fn main() {
     charmrs::start(|args| async move {
-        let (mut blocks, mut edge, mut steps, mut every) = (4usize, 32usize, 200u32, 20u32);
+        let (mut blocks, mut edge, mut steps, mut every) = (None, None, None, None);
         let (mut checkpoint, mut restart, mut stop_after) = (None, None, None::<u32>);
         let mut it = args.into_iter().skip(1);
         while let Some(a) = it.next() {
@@ -194,18 +209,44 @@ fn main() {
                     usage()
                 })
             };
+            let positive = |name: &str, v: u32| -> u32 {
+                if v == 0 {
+                    eprintln!("heat2d: {name} must be at least 1");
+                    usage()
+                }
+                v
+            };
             match a.as_str() {
-                "--blocks" => blocks = num("--blocks").max(1) as usize,
-                "--edge" => edge = num("--edge").max(1) as usize,
-                "--steps" => steps = num("--steps"),
-                "--every" => every = num("--every").max(1),
-                "--stop-after" => stop_after = Some(num("--stop-after")),
+                "--blocks" => blocks = Some(positive("--blocks", num("--blocks")) as usize),
+                "--edge" => edge = Some(positive("--edge", num("--edge")) as usize),
+                "--steps" => steps = Some(num("--steps")),
+                "--every" => every = Some(positive("--every", num("--every"))),
+                "--stop-after" => stop_after = Some(positive("--stop-after", num("--stop-after"))),
                 "--checkpoint" => checkpoint = Some(PathBuf::from(value("--checkpoint"))),
                 "--restart" => restart = Some(PathBuf::from(value("--restart"))),
                 other => {
                     eprintln!("heat2d: unknown argument `{other}`");
                     usage()
                 }
+            }
+        }
+        if stop_after.is_some() && checkpoint.is_none() && restart.is_none() {
+            eprintln!(
+                "heat2d: --stop-after needs --checkpoint DIR (or --restart DIR): without a \
+                 checkpoint the steps done would be lost"
+            );
+            usage()
+        }
+        if restart.is_none() {
+            let (b, e) = (blocks.unwrap_or(4) as u64, edge.unwrap_or(32) as u64);
+            let processes = charmrs::num_nodes();
+            if too_large(product(&[b, b, e, e]), MAX_POINTS, processes) {
+                eprintln!(
+                    "heat2d: --blocks {b} and --edge {e} make {b}^2 blocks of {e}^2 points: at \
+                     most 2^34 ({MAX_POINTS}, 128 GiB per copy of the field) per process \
+                     ({processes} here) are allowed"
+                );
+                usage()
             }
         }
         let pes = charmrs::num_pes();
@@ -234,28 +275,90 @@ fn main() {
                     return;
                 }
             },
-            None => Run {
-                step: 0,
-                plates: Array::new((blocks, blocks), (blocks, edge)),
-                blocks,
-                edge,
-                pes,
-            },
+            None => {
+                let (blocks, edge) = (blocks.unwrap_or(4), edge.unwrap_or(32));
+                Run {
+                    step: 0,
+                    steps: 200,
+                    every: 20,
+                    plates: Array::new((blocks, blocks), (blocks, edge)),
+                    blocks,
+                    edge,
+                    pes,
+                }
+            }
         };
+        // What the command line says against what the checkpoint holds (a fresh run holds the
+        // defaults): the plate cannot change over a restart, the steps can. The job is running
+        // (and on a restart holds the restored blocks) so it ends by `charmrs::exit`.
+        let refused = |what: String| {
+            eprintln!("heat2d: {what}");
+            eprintln!("usage: {USAGE}");
+            charmrs::exit(2);
+        };
+        for (name, given, saved) in [("--blocks", blocks, run.blocks), ("--edge", edge, run.edge)] {
+            if let Some(given) = given.filter(|g| *g != saved) {
+                return refused(format!(
+                    "{name} {given} differs from the checkpoint's {saved}: a restart goes on \
+                     with the plate it saved (leave {name} out)"
+                ));
+            }
+        }
+        if let Some(steps) = steps {
+            if steps < run.step {
+                return refused(format!(
+                    "--steps {steps} is before the checkpoint's step {}",
+                    run.step
+                ));
+            }
+            run.steps = steps;
+        }
+        if let Some(every) = every {
+            run.every = every;
+        }
+        if let Some(stop) = stop_after {
+            if stop <= run.step {
+                return refused(format!(
+                    "--stop-after {stop} is not after the checkpoint's step {}",
+                    run.step
+                ));
+            }
+            if stop < run.steps && stop % run.every != 0 {
+                let last = stop - stop % run.every;
+                if last > run.step {
+                    eprintln!(
+                        "heat2d: warning: --stop-after {stop} is not a multiple of --every {}: \
+                         the last checkpoint will be of step {last}, steps {}..{stop} will be \
+                         lost",
+                        run.every,
+                        last + 1
+                    );
+                } else {
+                    eprintln!(
+                        "heat2d: warning: --stop-after {stop} comes before the next checkpoint \
+                         (every {} steps): no checkpoint will be written, steps {}..{stop} will \
+                         be lost",
+                        run.every,
+                        run.step + 1
+                    );
+                }
+            }
+        }
         // A restart writes its checkpoints where it read one, unless told otherwise.
         let checkpoint = checkpoint.or(restart);
         println!(
-            "heat2d: {pes} PEs, {b} x {b} blocks of {e}^2 points, steps {}..{steps}",
+            "heat2d: {pes} PEs, {b} x {b} blocks of {e}^2 points, steps {}..{}",
             run.step + 1,
+            run.steps,
             b = run.blocks,
             e = run.edge
         );
-        while run.step < steps {
+        while run.step < run.steps {
             let residual = Future::new();
             run.plates.step(run.step, residual);
             let r = residual.await;
             run.step += 1;
-            if run.step % every == 0 {
+            if run.step % run.every == 0 {
                 println!("step {:>5}: residual {r:.9e}", run.step);
                 if let Some(dir) = &checkpoint {
                     let began = Instant::now();

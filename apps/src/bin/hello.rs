@@ -22,7 +22,8 @@ impl MyChare {
 }
 
 fn main() {
-    charmrs::start(|_args| async move {
+    charmrs::start(|args| async move {
+        charmrs_apps::cli::no_arguments("hello", &args);
         let proxy = Single::<MyChare>::new((), None);
         proxy.say_hi("Hello".to_string());
     })

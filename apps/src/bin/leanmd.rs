@@ -13,7 +13,7 @@
 //!
 //! Cells have edge `3 × --cell-scale` (σ = 1, cutoff 2.5) and start with `--per-edge`³ atoms on
 //! a jittered lattice, moving at up to `--speed` tenths of σ per unit time along each axis (a
-//! hotter start makes atoms change cells sooner): scale 1 and 3 per edge (27 atoms a cell) is LeanMD's fine grain, scale 2
+//! decimal, 0 for atoms at rest; a hotter start makes atoms change cells sooner): scale 1 and 3 per edge (27 atoms a cell) is LeanMD's fine grain, scale 2
 //! and 6 per edge (216 atoms) coarser chares with 64× the work per compute.
 //!
 //! Prints the time per step, the energies at the end and, with `--verify`, the largest
@@ -21,6 +21,7 @@
 
 use charmrs::prelude::*;
 use charmrs::PodVec;
+use charmrs_apps::cli::{product, too_large, MAX_ATOMS};
 use charmrs_apps::leanmd::{
     drifted, initial_atoms, integrate, max_deviation, pair_forces, serial_reference,
     sorted_wrapped, Atoms, CellIndex, Grid, MIN_CELL, OFFSETS,
@@ -279,11 +280,10 @@ impl Compute {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: leanmd [+pN] [--cells N (3)] [--cell-scale S (1)] [--per-edge N (3)] \
-         [--speed TENTHS (1)] [--steps N (100)] [--migrate-every N (10)] [--verify]"
-    );
-    std::process::exit(2)
+    charmrs_apps::cli::usage_exit(
+        "leanmd [+pN] [--cells N (3)] [--cell-scale S (1)] [--per-edge N (3)] \
+         [--speed TENTHS_OF_SIGMA (1)] [--steps N (100)] [--migrate-every N (10)] [--verify]",
+    )
 }
 
 fn main() {
@@ -307,7 +307,20 @@ fn main() {
                 "--cells" => cells_per_axis = num("--cells") as usize,
                 "--per-edge" => per_edge = num("--per-edge") as usize,
                 "--cell-scale" => cell_scale = num("--cell-scale"),
-                "--speed" => speed = num("--speed") as f64 / 10.0,
+                "--speed" => {
+                    let v = it.next();
+                    speed = match v.as_deref().map(str::parse::<f64>) {
+                        Some(Ok(tenths)) if tenths.is_finite() && tenths >= 0.0 => tenths / 10.0,
+                        _ => {
+                            eprintln!(
+                                "leanmd: --speed needs a speed in tenths of σ per unit time, a \
+                                 number >= 0 such as 1, 0.5 or 0{}",
+                                v.map(|v| format!(" (not `{v}`)")).unwrap_or_default()
+                            );
+                            usage()
+                        }
+                    }
+                }
                 "--steps" => steps = num("--steps"),
                 "--migrate-every" => migrate_every = num("--migrate-every"),
                 "--verify" => verify = true,
@@ -327,6 +340,20 @@ fn main() {
                 "leanmd: --per-edge must be at most {} for cells of edge {cell}: atoms closer \
                  than σ start with forces that blow them out of their cells",
                 (cell / MIN_SPACING) as usize
+            );
+            usage()
+        }
+        // Bounded before anything is allocated (the product could wrap around).
+        let (cells_u, per_edge_u) = (cells_per_axis as u64, per_edge as u64);
+        let total = product(&[
+            cells_u, cells_u, cells_u, per_edge_u, per_edge_u, per_edge_u,
+        ]);
+        let processes = charmrs::num_nodes();
+        if too_large(total, MAX_ATOMS, processes) {
+            eprintln!(
+                "leanmd: --cells {cells_per_axis} and --per-edge {per_edge} make too many atoms: \
+                 {cells_per_axis}^3 cells of {per_edge}^3 atoms, at most 2^30 ({MAX_ATOMS}, \
+                 about 100 bytes each) per process ({processes} here) are allowed"
             );
             usage()
         }

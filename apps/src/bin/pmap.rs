@@ -13,7 +13,8 @@ fn f(x: u64) -> u64 {
 }
 
 fn main() {
-    charmrs::start(|_args| async move {
+    charmrs::start(|args| async move {
+        charmrs_apps::cli::no_arguments("pmap", &args);
         let options = MapOptions {
             chunk: 2,
             max_pes: Some(2),

@@ -35,7 +35,8 @@ impl Worker {
 }
 
 fn main() {
-    charmrs::start(|_args| async move {
+    charmrs::start(|args| async move {
+        charmrs_apps::cli::no_arguments("reduction", &args);
         let array = Array::<Worker, usize>::new(100, ());
         array.work();
     })

@@ -22,6 +22,7 @@
 
 use charmrs::prelude::*;
 use charmrs::PodVec;
+use charmrs_apps::cli::{product, too_large, MAX_POINTS};
 use charmrs_apps::stencil::{load_factor, thread_cpu_seconds, Block, FACES};
 use std::time::Instant;
 
@@ -222,17 +223,16 @@ impl Probe {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: stencil3d [+pN] [+balancer NAME] [+LBDebug] [--imbalance] [--iters N (100)] \
+    charmrs_apps::cli::usage_exit(
+        "stencil3d [+pN] [+balancer NAME] [+LBDebug] [--imbalance] [--iters N (100)] \
          [--edge N (32)] [--blocks-per-pe 1|2|4|8 (4)] [--lb-warmup N (2)] [--lb-period N (30)] \
-         [--print-every N (10)]"
-    );
-    std::process::exit(2)
+         [--print-every N (10)]",
+    )
 }
 
 fn main() {
     charmrs::start(|args| async move {
-        let mut edge = 32usize;
+        let mut edge = 32u64;
         let mut iters = 100u64;
         let mut imbalance = false;
         let mut per_pe = 4usize;
@@ -250,14 +250,21 @@ fn main() {
                     }
                 }
             };
+            let positive = |name: &str, v: u64| -> u64 {
+                if v == 0 {
+                    eprintln!("stencil3d: {name} must be at least 1");
+                    usage()
+                }
+                v
+            };
             match a.as_str() {
                 "--imbalance" => imbalance = true,
-                "--iters" => iters = num("--iters").max(1),
-                "--edge" => edge = num("--edge").max(1) as usize,
+                "--iters" => iters = positive("--iters", num("--iters")),
+                "--edge" => edge = positive("--edge", num("--edge")),
                 "--blocks-per-pe" => per_pe = num("--blocks-per-pe") as usize,
                 "--lb-warmup" => lb_warmup = num("--lb-warmup"),
                 "--lb-period" => lb_period = num("--lb-period"),
-                "--print-every" => print_every = num("--print-every").max(1),
+                "--print-every" => print_every = positive("--print-every", num("--print-every")),
                 other => {
                     eprintln!("stencil3d: unknown argument `{other}`");
                     usage()
@@ -275,6 +282,18 @@ fn main() {
             }
         };
         let pes = charmrs::num_pes();
+        // Bounded before anything is allocated: (edge + 2)^3 values a block, twice.
+        let points = product(&[pes as u64, per_pe as u64, edge, edge, edge]);
+        let processes = charmrs::num_nodes();
+        if too_large(points, MAX_POINTS, processes) {
+            eprintln!(
+                "stencil3d: --edge {edge} is too large for {pes} PEs of {per_pe} blocks: \
+                 {pes} × {per_pe} × {edge}^3 grid points, at most 2^34 ({MAX_POINTS}, 128 GiB \
+                 per copy of the field) per process ({processes} here) are allowed"
+            );
+            usage()
+        }
+        let edge = edge as usize;
         let dims = (pes * split.0, split.1, split.2);
         let reports: Vec<Future<()>> = (0..iters / print_every).map(|_| Future::new()).collect();
         let done = Future::new();

@@ -56,12 +56,25 @@ impl Cell {
     }
 }
 
+fn usage() -> ! {
+    charmrs_apps::cli::usage_exit("wait_loop [+pN] [ELEMENTS (16, at least 3)]")
+}
+
 fn main() {
     charmrs::start(|args| async move {
-        let n = match args.get(1).map(|a| a.parse::<usize>()) {
-            None => 16,
-            Some(Ok(n)) if n >= 3 => n,
-            Some(_) => charmrs::abort("wait_loop: the number of elements must be an integer >= 3"),
+        let n = match args.get(1..).unwrap_or_default() {
+            [] => 16,
+            [n] => match n.parse::<usize>() {
+                Ok(n) if n >= 3 => n,
+                _ => {
+                    eprintln!("wait_loop: `{n}` is not a number of elements (an integer >= 3)");
+                    usage()
+                }
+            },
+            [_, extra, ..] => {
+                eprintln!("wait_loop: unexpected argument `{extra}` (it takes one: the number of elements)");
+                usage()
+            }
         };
         let ring = Array::<Cell, usize>::new(n, ());
         let done = Future::new();
