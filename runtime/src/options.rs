@@ -158,6 +158,8 @@ impl Options {
         if let Some(v) = env_pes {
             opts.pes = Some(parse_pes(v.trim(), "CHARMRS_PES")?);
         }
+        // `+p` overrides `CHARMRS_PES`; only two `+p`s that differ are an error.
+        let mut flag_pes = None;
         let mut rest = Vec::new();
         let mut args = args.into_iter();
         if let Some(program) = args.next() {
@@ -177,7 +179,7 @@ impl Options {
                     .ok_or_else(|| bad(format!("{name} needs a value")))
             };
             match arg.as_str() {
-                "+p" => set_pes(&mut opts.pes, parse_pes(&value_of("+p")?, "+p")?)?,
+                "+p" => set_pes(&mut flag_pes, parse_pes(&value_of("+p")?, "+p")?)?,
                 "+noaffinity" => opts.affinity = false,
                 "+wirecheck" => opts.wire_check = true,
                 "+balancer" => {
@@ -217,13 +219,16 @@ impl Options {
                     opts.idle_spin = Duration::from_micros(us);
                 }
                 a if a.starts_with("+p") && a[2..].chars().all(|c| c.is_ascii_digit()) => {
-                    set_pes(&mut opts.pes, parse_pes(&a[2..], a)?)?
+                    set_pes(&mut flag_pes, parse_pes(&a[2..], a)?)?
                 }
                 a if a.starts_with("+p") => {
                     return Err(bad(format!("{a}: `{}` is not a number of PEs", &a[2..])));
                 }
                 a => return Err(bad(format!("unknown runtime option `{a}`"))),
             }
+        }
+        if flag_pes.is_some() {
+            opts.pes = flag_pes;
         }
         Ok((opts, rest))
     }
@@ -271,5 +276,9 @@ mod tests {
         }
         let e = Options::parse(["app".to_string()], Some("zero".into())).unwrap_err();
         assert!(e.to_string().contains("CHARMRS_PES"), "{e}");
+        // `+p` overrides `CHARMRS_PES` (no "given twice"), and the same `+p` twice is fine.
+        let args = ["app", "+p3", "+p", "3"].map(String::from);
+        let (o, _) = Options::parse(args, Some("2".into())).unwrap();
+        assert_eq!(o.pes, Some(3));
     }
 }
