@@ -643,8 +643,15 @@ impl PeState {
             Envelope::new(0, Control::Pool(PoolMsg::Free { job, pe: me })),
         );
         let failed_async = failed;
+        // Quiescence waits for the chunk: its `Done` is sure to come, but no message of it is in
+        // flight while a task sleeps or waits.
+        let hold = crate::quiescence::QdHold::new("pool");
+        // The first run of the chunk's task is traced as a task of its own (its resumptions are
+        // traced as such).
+        let traced = self.tracer.as_ref().map(|t| t.begin());
         self.spawn_labelled(
             Box::pin(async move {
+                let _hold = hold;
                 let mut out = Vec::with_capacity(items.len());
                 let mut result = Ok(());
                 for (k, item) in items.into_iter().enumerate() {
@@ -666,6 +673,9 @@ impl PeState {
             }),
             task.name,
         );
+        if let (Some(t), Some(began)) = (&self.tracer, traced) {
+            t.task(task.name, began);
+        }
     }
 }
 
@@ -763,7 +773,9 @@ pub(crate) fn pool_wire(control: &crate::envelope::Control) -> Option<Result<Vec
                 job: *job,
                 start: *start as u64,
                 pe: *pe as u64,
-                task: task.name.to_string(),
+                // As `Submit` and `Run` name it: the full path, which tells apart task functions
+                // of one name declared in different functions (`name` does not).
+                task: (task.type_name)().to_string(),
                 results,
                 frees: *frees,
             })

@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Suspends the calling coroutine (entry point or `async` entry method) for `duration`; the PE
-/// runs other messages meanwhile.
+/// runs other messages meanwhile. A sleeping entry method does not hold off quiescence (as in
+/// Charm++, only messages count): quiescence may be reported while it sleeps. A task of the pool
+/// does hold it off until its chunk's result is sent.
 ///
 /// ```
 /// use std::time::{Duration, Instant};

@@ -234,3 +234,35 @@ fn an_async_job_keeps_to_its_pe_cap() {
     })
     .unwrap();
 }
+
+static SLEPT: AtomicU64 = AtomicU64::new(0);
+
+/// Sleeps, then counts itself: no message of it is in flight while it sleeps.
+#[charmrs::task]
+async fn sleeper(ms: u64) -> u64 {
+    charmrs::sleep(std::time::Duration::from_millis(ms)).await;
+    SLEPT.fetch_add(1, Ordering::SeqCst);
+    ms
+}
+
+/// Quiescence waits for a pool job's suspended tasks: their results are sure to come although
+/// nothing is in flight while they sleep.
+#[test]
+fn quiescence_waits_for_suspended_pool_tasks() {
+    run_job(3, |_| async {
+        let opts = MapOptions {
+            chunk: 1,
+            max_pes: None,
+        };
+        let job = pool().map_async(sleeper, vec![150, 200, 100], opts);
+        charmrs::wait_qd().await;
+        assert_eq!(
+            SLEPT.load(Ordering::SeqCst),
+            3,
+            "quiescence before the tasks ended"
+        );
+        assert_eq!(job.await, vec![150, 200, 100]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}

@@ -389,6 +389,21 @@ async fn large_buffers(group: &Group<Victim>) {
     }
 }
 
+/// `x + 1` for `x` in `0..3 * pes`, one item a chunk, so that chunks run on every PE.
+async fn plus_one_everywhere(pes: usize) -> Vec<u64> {
+    #[charmrs::task]
+    fn plus_one(x: u64) -> u64 {
+        x + 1
+    }
+    let opts = charmrs::MapOptions {
+        chunk: 1,
+        max_pes: None,
+    };
+    pool()
+        .map_async(plus_one, (0..3 * pes as u64).collect(), opts)
+        .await
+}
+
 /// Parallel Fibonacci with nested tasks.
 #[charmrs::task]
 async fn fib(n: u64) -> u64 {
@@ -499,6 +514,12 @@ async fn features() {
     assert_eq!(hops, 41 * p as u64);
     println!("ok quiescence");
     assert_eq!(pool().task(fib, 12).await, 144);
+    // A task function declared inside a function (its registration is told apart from others
+    // of its name by its full path, which every message of the job names it by).
+    assert_eq!(
+        plus_one_everywhere(p).await,
+        (1..=p as u64 * 3).collect::<Vec<_>>()
+    );
     println!("ok pool");
     large_buffers(&group).await;
     println!("ok large buffers");
