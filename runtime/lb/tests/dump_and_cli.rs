@@ -168,6 +168,25 @@ fn lbsim_reports_bad_input_clearly() {
     assert!(!ok);
     assert!(err.contains("cannot be used with --load"), "{err}");
 
+    for (args, needle) in [
+        (
+            &["--background", "nan"][..],
+            "--background must be a load of at least 0, not NaN",
+        ),
+        (
+            &["--background", "-1"][..],
+            "--background must be a load of at least 0",
+        ),
+        (
+            &["--non-migratable", "2"][..],
+            "--non-migratable is a fraction between 0 and 1",
+        ),
+        (&["--objects", "0"][..], "--objects must be at least 1"),
+    ] {
+        let (ok, _, err) = lbsim(args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
+
     let (ok, out, _) = lbsim(&["--help"]);
     assert!(ok && out.contains("--strategy"), "{out}");
 }

@@ -112,6 +112,21 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
     if !o.objects_set {
         o.synth.objects = 16 * o.synth.pes;
     }
+    if !(o.synth.background.is_finite() && o.synth.background >= 0.0) {
+        return Err(format!(
+            "--background must be a load of at least 0, not {}",
+            o.synth.background
+        ));
+    }
+    if !(0.0..=1.0).contains(&o.synth.non_migratable) {
+        return Err(format!(
+            "--non-migratable is a fraction between 0 and 1, not {}",
+            o.synth.non_migratable
+        ));
+    }
+    if o.synth.objects == 0 {
+        return Err("--objects must be at least 1".into());
+    }
     if o.stencil_run.is_some() {
         if o.load.is_some() {
             return Err("--stencil-run generates its data; it cannot be used with --load".into());
