@@ -4,6 +4,8 @@
 #
 #   bench/scripts/stencil3d-lb.sh [PAIRS (5)] [extra stencil3d arguments…]
 #
+# The runs have 8 PEs (+p8): an extra +p with another count is refused ("+p given twice").
+#
 # Prints every run's total time, then the medians and the speedup (median ratio of the pairs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -3,7 +3,11 @@
 use crate::index::Index;
 
 /// An error reported by charmrs. The message always names what was wrong and what would be valid.
+///
+/// Non-exhaustive: later versions may add variants, and fields to `Remote`; match with a `_`
+/// arm and `..`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A PE number that does not exist in this job.
     #[error("unknown PE {pe}: this job has {num_pes} PEs (valid PEs are 0..={max})", max = num_pes.saturating_sub(1))]
@@ -66,6 +70,7 @@ pub enum Error {
     EntryTable(String),
     /// A remote entry method failed (panicked) while computing a result someone asked for.
     #[error("entry method `{entry}` failed {}on PE {pe}: {message}", at_index(.index))]
+    #[non_exhaustive]
     Remote {
         /// The PE it ran on.
         pe: usize,

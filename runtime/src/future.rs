@@ -382,7 +382,12 @@ impl Waiters {
     /// Adds `waker` (of `task`) unless it is there already; `is_live` says whether a task still
     /// runs.
     fn add(&mut self, waker: &Waker, task: Option<TaskId>, is_live: &dyn Fn(TaskId) -> bool) {
-        if self.wakers.iter().any(|(w, _)| w.will_wake(waker)) {
+        if let Some((_, known)) = self.wakers.iter_mut().find(|(w, _)| w.will_wake(waker)) {
+            if *known != task {
+                // One waker polled from two tasks (a shared combinator's): it serves whichever
+                // still runs, so it is never pruned.
+                *known = None;
+            }
             return;
         }
         if self.wakers.len() >= self.prune_at.max(8) {
@@ -748,7 +753,23 @@ mod waiters_tests {
             waiters.add(&waker, Some((k as u32, 0)), &is_live); // once only
             assert!(waiters.len() <= 64, "{} wakers after {k}", waiters.len());
         }
+        // One waker registered first from a task that ends, then from one that stays: kept.
+        let shared = Arc::new(Count(AtomicUsize::new(0)));
+        let shared_waker = Waker::from(shared.clone());
+        waiters.add(&shared_waker, Some((5000, 0)), &|_| true);
+        waiters.add(&shared_waker, Some((5001, 0)), &|_| true);
+        // More ended tasks after it, so that the list is pruned again.
+        let still_live = |(slot, _): TaskId| slot < 3 || (995..1000).contains(&slot);
+        for k in 0..100 {
+            let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+            waiters.add(&waker, Some((10_000 + k, 0)), &still_live);
+        }
         waiters.wake_all();
+        assert_eq!(
+            shared.0.load(Ordering::Relaxed),
+            1,
+            "a live task's waker was dropped"
+        );
         assert_eq!(outside.0.load(Ordering::Relaxed), 1);
         for k in [0, 1, 2, 995, 996, 997, 998, 999] {
             assert_eq!(counters[k].0.load(Ordering::Relaxed), 1, "task {k}");

@@ -554,7 +554,20 @@ impl PeState {
             // home, `locations` elsewhere), one entry per element that left and never came back.
             c.departed.insert(r.index);
         }
-        drop(element);
+        // The copy left here goes (its state travels packed): a panic in its `Drop` ends the job
+        // naming it, not as a failure outside any entry method.
+        let dropped = crate::panic::keeping_location(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(element)))
+                .map_err(crate::panic::describe)
+        });
+        if let Err(why) = dropped {
+            self.abort_job(format!(
+                "charmrs: job aborted: dropping element {} of {chare} on PE {} after it \
+                 migrated to PE {} panicked: {why}",
+                r.index, self.pe, r.to
+            ));
+            return None;
+        }
         self.record_location(r.coll, r.index, r.to as u32, next_epoch);
         self.send_direct(
             r.to,

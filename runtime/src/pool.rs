@@ -126,6 +126,11 @@ impl Default for MapOptions {
 
 /// The job's task pool. Get it with [`pool()`].
 ///
+/// Quiescence waits for the pool: a chunk of `async` tasks holds it off until its results are
+/// sent, even while its tasks sleep or wait on futures. So a pool task must not itself await
+/// [`wait_qd`](crate::wait_qd) (or a future only quiescence fulfils): it would wait for its
+/// own end.
+///
 /// ```
 /// #[charmrs::task]
 /// fn square(x: u64) -> u64 {

@@ -778,8 +778,6 @@ impl ReductionTable {
     }
 }
 
-/// A reduction, for error messages. A section's is named as a section: its contributions come
-/// with their own collection's shape, which differs between a combined section's collections.
 /// Runs user code of a reduction (a reducer, a result's or partial's `Deserialize`) outside the
 /// guard of an entry method: a panic in it becomes an error saying what was being done.
 fn user_code<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
@@ -791,6 +789,8 @@ fn user_code<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, 
     })
 }
 
+/// A reduction, for error messages. A section's is named as a section: its contributions come
+/// with their own collection's shape, which differs between a combined section's collections.
 fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
     if coll.is_section() {
         format!("reduction #{seq} over section {coll:?}")

@@ -350,3 +350,45 @@ fn chares_whose_drop_panics_do_not_abort_the_process_at_the_end() {
         assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
     }
 }
+
+/// A migratable chare whose `Drop` panics.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Mover {
+    armed: bool,
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        if self.armed {
+            panic!("the mover refuses to be dropped");
+        }
+    }
+}
+
+#[chare(migratable)]
+impl Mover {
+    fn new() -> Self {
+        Mover { armed: true }
+    }
+
+    #[entry]
+    fn go(&mut self, ctx: &Ctx<Self>) {
+        ctx.migrate(1).unwrap();
+    }
+}
+
+/// The copy a migration leaves behind is dropped: a panic in its `Drop` aborts the job naming
+/// the element and both PEs, not as a failure outside any entry method.
+#[test]
+fn a_panicking_drop_of_a_migrated_elements_old_copy_is_named() {
+    let msg = aborted(run_job(2, |_| async {
+        let a = Array::<Mover, usize>::new(1, ());
+        a.at(0).go();
+        charmrs::sleep(std::time::Duration::from_secs(30)).await;
+    }));
+    assert!(
+        msg.contains("dropping element (0,) of Mover on PE 0 after it migrated to PE 1 panicked")
+            && msg.contains("the mover refuses to be dropped"),
+        "{msg}"
+    );
+}

@@ -126,6 +126,7 @@ fn a_panicking_remote_entry_reaches_its_future() {
                 entry,
                 index,
                 message,
+                ..
             } => {
                 assert_eq!(*pe, 3);
                 assert_eq!(entry, "Worker::fail_on");

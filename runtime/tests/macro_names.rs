@@ -125,6 +125,55 @@ fn entries_with_self_in_their_types_and_cfg_entries_are_called() {
     .unwrap();
 }
 
+/// A chare made by a `macro_rules!` that passes on its `when` condition: the string carries the
+/// macro's hygiene, under which `self` and the entry's arguments would not be found.
+macro_rules! sequencer {
+    ($name:ident, $condition:literal) => {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct $name {
+            next: u64,
+            seen: Vec<u64>,
+        }
+
+        #[chare]
+        impl $name {
+            fn new() -> Self {
+                $name {
+                    next: 0,
+                    seen: Vec::new(),
+                }
+            }
+
+            #[entry(when = $condition)]
+            fn step(&mut self, k: u64) {
+                self.seen.push(k);
+                self.next = k + 1;
+            }
+
+            #[entry]
+            fn seen(&mut self) -> Vec<u64> {
+                self.seen.clone()
+            }
+        }
+    };
+}
+
+sequencer!(Sequencer, "self.next == k");
+
+#[test]
+fn a_when_condition_passed_through_a_macro_rules_resolves_at_the_chare() {
+    run_job(2, |_| async {
+        let s = Single::<Sequencer>::new((), Some(1));
+        for k in (0..6).rev() {
+            s.step(k);
+        }
+        charmrs::wait_qd().await;
+        assert_eq!(s.ret().seen().await, vec![0, 1, 2, 3, 4, 5]);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
 /// The types the generated proxy traits are implemented for, and the files with their inherent
 /// methods.
 const PROXY_TYPES: &[&str] = &[

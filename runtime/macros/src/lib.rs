@@ -436,15 +436,40 @@ fn take_entry_attr(f: &mut ImplItemFn) -> syn::Result<(bool, Option<(Expr, Span)
                 "`when` takes a string: when = \"self.x == x\"",
             ));
         };
-        let expr: Expr = text.parse().map_err(|e| {
-            syn::Error::new(
-                text.span(),
-                format!("`when` condition is not an expression: {e}"),
-            )
-        })?;
-        when = Some((expr, text.span()));
+        // The condition's tokens are located at the string (errors point there) but resolve as
+        // at the call site, as the method they go into: a string a `macro_rules!` passed on
+        // carries that macro's hygiene, under which `self` and the arguments are not in scope.
+        let span = text.span().resolved_at(Span::call_site());
+        let expr: Expr = text
+            .parse::<TokenStream2>()
+            .and_then(|tokens| syn::parse2(respan(tokens, span)))
+            .map_err(|e| {
+                syn::Error::new(
+                    text.span(),
+                    format!("`when` condition is not an expression: {e}"),
+                )
+            })?;
+        when = Some((expr, span));
     }
     Ok((true, when))
+}
+
+/// `tokens` with every token (and group) given `span`.
+fn respan(tokens: TokenStream2, span: Span) -> TokenStream2 {
+    tokens
+        .into_iter()
+        .map(|tree| match tree {
+            proc_macro2::TokenTree::Group(g) => {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                proc_macro2::TokenTree::Group(group)
+            }
+            mut other => {
+                other.set_span(span);
+                other
+            }
+        })
+        .collect()
 }
 
 /// Rewrites uses of argument `names` in a `when` condition to `(*name)`: the condition sees the
@@ -777,7 +802,8 @@ fn expand(block: &mut ItemImpl, migratable: bool) -> syn::Result<TokenStream2> {
                         index: k as u32,
                         span: *cond_span,
                     };
-                    // Spanned on the condition: a key type that is not `Hash` is reported there.
+                    // Spanned on the condition (located there, resolved at the call site, so
+                    // `args` is the parameter): a key type that is not `Hash` is reported there.
                     let state_hash =
                         quote_spanned!(*cond_span=> ::charmrs::__private::hash_key(&#field));
                     let arg_hash =

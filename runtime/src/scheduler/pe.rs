@@ -1681,23 +1681,34 @@ impl Drop for TeardownOnPanic<'_> {
 
 /// Drops the PE's chares, the messages waiting here and its tasks (at the end of the job, while
 /// `CURRENT` is still valid: their destructors may call the runtime), each on its own under
-/// `catch_unwind`. A `Drop` that panics is reported naming the element (through
-/// [`Shared::finish`]: after `exit` it is printed and the status stays, otherwise it is the
-/// job's abort) and the rest are still dropped — dropping them all in one go would turn a second
-/// panicking `Drop` into a panic during unwinding, which aborts the process before the job's
-/// message is out.
+/// `catch_unwind`, and the rest are still dropped after one panics — dropping them all in one go
+/// would turn a second panicking `Drop` into a panic during unwinding, which aborts the process
+/// before the job's message is out. A `Drop` that panics at the end of the job is reported
+/// naming the element (through [`Shared::finish`]: after `exit` it is printed and the status
+/// stays, otherwise it is the job's abort). While the PE's thread unwinds from a failure of its
+/// own (`TeardownOnPanic`), it is only printed: that failure stays the job's message, with its
+/// location.
 fn teardown(state: &PeState) {
     let pe = state.pe;
+    let unwinding = std::thread::panicking();
     let report = |what: String, payload: Box<dyn std::any::Any + Send>| {
         let why = crate::panic::describe(payload);
-        state.shared.finish(Outcome::Abort(format!(
-            "charmrs: job aborted: dropping {what} on PE {pe} at the end of the job panicked: {why}"
-        )));
+        if unwinding {
+            eprintln!("charmrs: PE {pe}: also, dropping {what} panicked: {why}");
+        } else {
+            state.shared.finish(Outcome::Abort(format!(
+                "charmrs: job aborted: dropping {what} on PE {pe} at the end of the job \
+                 panicked: {why}"
+            )));
+        }
     };
     let guarded = |what: &dyn Fn() -> String, drop_it: &mut dyn FnMut()| {
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(drop_it)) {
-            report(what(), payload);
-        }
+        crate::panic::keeping_location(|| {
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(&mut *drop_it)) {
+                // Reporting must not unwind either (a failing `eprintln!`, the layer's abort).
+                let _ = catch_unwind(AssertUnwindSafe(|| report(what(), payload)));
+            }
+        })
     };
     let collections = state
         .collections
