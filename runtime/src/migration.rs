@@ -556,11 +556,7 @@ impl PeState {
         }
         // The copy left here goes (its state travels packed): a panic in its `Drop` ends the job
         // naming it, not as a failure outside any entry method.
-        let dropped = crate::panic::keeping_location(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(element)))
-                .map_err(crate::panic::describe)
-        });
-        if let Err(why) = dropped {
+        if let Err(why) = crate::panic::drop_caught(element) {
             self.abort_job(format!(
                 "charmrs: job aborted: dropping element {} of {chare} on PE {} after it \
                  migrated to PE {} panicked: {why}",

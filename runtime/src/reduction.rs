@@ -778,17 +778,6 @@ impl ReductionTable {
     }
 }
 
-/// Runs user code of a reduction (a reducer, a result's or partial's `Deserialize`) outside the
-/// guard of an entry method: a panic in it becomes an error saying what was being done.
-fn user_code<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        Err(format!(
-            "{what} panicked: {}",
-            crate::panic::describe(payload)
-        ))
-    })
-}
-
 /// A reduction, for error messages. A section's is named as a section: its contributions come
 /// with their own collection's shape, which differs between a combined section's collections.
 fn describe(coll: CollectionId, seq: u64, shape: &Shape) -> String {
@@ -972,7 +961,7 @@ impl PeState {
         let digest = target.digest();
         // The partials' `Deserialize` and the reducer are user code: a panic in them ends the
         // job naming the reduction, as it does where typed contributions are combined.
-        let combined = user_code("combining the partials", || {
+        let combined = crate::panic::catching("combining the partials", || {
             let mut data: Option<Box<dyn Any + Send>> = None;
             for raw in raws {
                 if raw.target != digest {
@@ -1135,7 +1124,7 @@ impl PeState {
             p.got += 1;
             // A user's reducer, or `Deserialize` of a partial, that panics must end the job with
             // a message (not unwind through this table and leave the reduction hanging).
-            let merged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let merged = crate::panic::catching("combining a contribution", || {
                 match incoming {
                     Incoming::Typed(part) => merge(p, part),
                     Incoming::Encoded(raws) => {
@@ -1144,12 +1133,6 @@ impl PeState {
                     }
                 }
                 .and_then(|()| decode_raw(p))
-            }))
-            .unwrap_or_else(|payload| {
-                Err(format!(
-                    "combining a contribution panicked: {}",
-                    crate::panic::describe(payload)
-                ))
             });
             if let Err(e) = merged {
                 drop(table);
@@ -1361,7 +1344,8 @@ impl PeState {
             return self.pass_down_encoded(coll, seq, shape, bytes);
         };
         let decoded =
-            user_code("decoding the result", || (kind.decode_result)(&bytes)).map(|v| (v, kind));
+            crate::panic::catching("decoding the result", || (kind.decode_result)(&bytes))
+                .map(|v| (v, kind));
         match decoded {
             Ok((value, kind)) => self.reduce_down(coll, seq, shape, value, kind),
             Err(e) => self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape))),
@@ -1502,12 +1486,16 @@ impl PeState {
         }
         let (value, kind) = match value {
             Ok(typed) => typed,
-            Err(bytes) => match user_code("decoding the result", || (kind.decode_result)(&bytes)) {
-                Ok(value) => (value, kind),
-                Err(e) => {
-                    return self.abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)))
+            Err(bytes) => {
+                match crate::panic::catching("decoding the result", || (kind.decode_result)(&bytes))
+                {
+                    Ok(value) => (value, kind),
+                    Err(e) => {
+                        return self
+                            .abort_job(format!("charmrs: {}: {e}", describe(coll, seq, &shape)))
+                    }
                 }
-            },
+            }
         };
         self.fulfil_allreduce_futures(futures, &*value, kind);
     }
@@ -1688,31 +1676,5 @@ mod podvec_tests {
             .reduce(PodVec::from(vec![1u8]), Reducer::LogicalAnd)
             .unwrap_err();
         assert!(e.contains("LogicalAnd") && e.contains("u8"), "{e}");
-    }
-}
-
-#[cfg(test)]
-mod user_code_tests {
-    use super::user_code;
-
-    /// A reducer or `Deserialize` that panics outside an entry method becomes an error naming
-    /// what was being done and the panic's message; errors and values pass through.
-    #[test]
-    fn a_panic_in_user_code_becomes_an_error_naming_it() {
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let e = user_code::<u32>("combining the partials", || panic!("the reducer exploded"));
-        std::panic::set_hook(hook);
-        let e = e.unwrap_err();
-        assert!(
-            e.starts_with("combining the partials panicked: ")
-                && e.contains("the reducer exploded"),
-            "{e}"
-        );
-        assert_eq!(user_code("x", || Ok(7)), Ok(7));
-        assert_eq!(
-            user_code::<u32>("x", || Err("bad".into())),
-            Err("bad".into())
-        );
     }
 }

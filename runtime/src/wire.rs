@@ -1037,12 +1037,7 @@ pub(crate) fn lent_point_call<'a>(seg0: &'a [u8], table: &EntryTable) -> Option<
 /// type, run on the network PE outside any entry method) turned into a decoding error, so the
 /// job aborts naming the sending process instead of losing the PE.
 pub(crate) fn guarded<T>(decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|payload| {
-        Err(format!(
-            "decoding its arguments panicked: {}",
-            crate::panic::describe(payload)
-        ))
-    })
+    crate::panic::catching("decoding its arguments", decode)
 }
 
 /// Decodes the arguments of entry `E` from `bytes` (a lent message's, read in place) and, if they

@@ -142,9 +142,7 @@ impl Executor {
             Err(payload) => {
                 // Dropped before the unwind goes on (a panic in its destructor while unwinding
                 // would abort the process); the poll's panic is the one reported.
-                crate::panic::keeping_location(|| {
-                    let _ = catch_unwind(AssertUnwindSafe(|| drop(task)));
-                });
+                let _ = crate::panic::drop_caught(task);
                 std::panic::resume_unwind(payload)
             }
         };
@@ -161,14 +159,16 @@ impl Executor {
         Some(label)
     }
 
-    /// Drops every task (at shutdown), one at a time through `drop_one` (given the task's
-    /// label and the drop to run), which may guard it against a panicking destructor.
-    pub(crate) fn clear_each(&self, mut drop_one: impl FnMut(TaskLabel, &mut dyn FnMut())) {
+    /// Drops every task (at shutdown), one at a time, each under `catch_unwind`: a task whose
+    /// destructor panics is reported to `on_panic` with its label and the panic, and the others
+    /// are still dropped.
+    pub(crate) fn clear_each(&self, mut on_panic: impl FnMut(TaskLabel, String)) {
         let slots: Vec<_> = self.slots.borrow_mut().drain(..).collect();
         for slot in slots {
             let label = slot.label;
-            let mut slot = Some(slot);
-            drop_one(label, &mut || drop(slot.take()));
+            if let Err(why) = crate::panic::drop_caught(slot) {
+                on_panic(label, why);
+            }
         }
     }
 }

@@ -1691,24 +1691,19 @@ impl Drop for TeardownOnPanic<'_> {
 fn teardown(state: &PeState) {
     let pe = state.pe;
     let unwinding = std::thread::panicking();
-    let report = |what: String, payload: Box<dyn std::any::Any + Send>| {
-        let why = crate::panic::describe(payload);
-        if unwinding {
-            eprintln!("charmrs: PE {pe}: also, dropping {what} panicked: {why}");
-        } else {
-            state.shared.finish(Outcome::Abort(format!(
-                "charmrs: job aborted: dropping {what} on PE {pe} at the end of the job \
-                 panicked: {why}"
-            )));
-        }
-    };
-    let guarded = |what: &dyn Fn() -> String, drop_it: &mut dyn FnMut()| {
-        crate::panic::keeping_location(|| {
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(&mut *drop_it)) {
-                // Reporting must not unwind either (a failing `eprintln!`, the layer's abort).
-                let _ = catch_unwind(AssertUnwindSafe(|| report(what(), payload)));
+    // A `Drop` that panicked (`why`), dropping `what`. Reporting must not unwind either (a
+    // failing `eprintln!`, the layer's abort).
+    let report = |what: String, why: String| {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            if unwinding {
+                eprintln!("charmrs: PE {pe}: also, dropping {what} panicked: {why}");
+            } else {
+                state.shared.finish(Outcome::Abort(format!(
+                    "charmrs: job aborted: dropping {what} on PE {pe} at the end of the job \
+                     panicked: {why}"
+                )));
             }
-        })
+        }));
     };
     let collections = state
         .collections
@@ -1721,19 +1716,17 @@ fn teardown(state: &PeState) {
         match Rc::try_unwrap(elements) {
             Ok(elements) => {
                 for (index, element) in elements {
-                    let mut element = Some(element);
-                    guarded(&|| format!("element {index} of chare {chare}"), &mut || {
-                        drop(element.take())
-                    });
+                    if let Err(why) = crate::panic::drop_caught(element) {
+                        report(format!("element {index} of chare {chare}"), why);
+                    }
                 }
             }
             // Shared with a broadcast still queued: dropped with it.
             Err(shared) => drop(shared),
         }
-        let mut rest = Some(collection);
-        guarded(&|| format!("what waited for chare {chare}"), &mut || {
-            drop(rest.take())
-        });
+        if let Err(why) = crate::panic::drop_caught(collection) {
+            report(format!("what waited for chare {chare}"), why);
+        }
     }
     let pending = state
         .pending
@@ -1742,15 +1735,14 @@ fn teardown(state: &PeState) {
         .unwrap_or_default();
     for (_, envelopes) in pending {
         for envelope in envelopes {
-            let mut envelope = Some(envelope);
-            guarded(&|| "a call waiting on this PE".to_owned(), &mut || {
-                drop(envelope.take())
-            });
+            if let Err(why) = crate::panic::drop_caught(envelope) {
+                report("a call waiting on this PE".to_owned(), why);
+            }
         }
     }
-    state.executor.clear_each(|label, drop_task| {
-        guarded(&|| format!("a suspended task ({label})"), drop_task)
-    });
+    state
+        .executor
+        .clear_each(|label, why| report(format!("a suspended task ({label})"), why));
 }
 
 pub(crate) fn run_pe(shared: Arc<Shared>, pe: usize, first: Option<Envelope>) {
