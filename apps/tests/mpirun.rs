@@ -6,9 +6,8 @@
 mod common;
 
 use common::Finished;
-use std::cell::Cell;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `mpirun` (as root if need be, oversubscribed, loopback only) with `args`: the test fails
 /// if it takes more than 60 s. `None` (with a note) where `mpirun` is not installed.
@@ -39,28 +38,16 @@ fn run_mpirun(args: &[&str]) -> Option<Finished> {
         .args(["--mca", "oob_tcp_if_include", "lo"])
         .args(args)
         .env("TMPDIR", &tmp);
-    // The programs' names as the kernel keeps them (15 characters).
-    let programs: Vec<String> = args
+    let programs: Vec<&str> = args
         .iter()
+        .copied()
         .filter(|a| a.starts_with('/'))
-        .filter_map(|a| std::path::Path::new(a).file_name()?.to_str())
-        .map(|n| n.chars().take(15).collect())
         .collect();
-    let (seen, gone_since) = (Cell::new(false), Cell::new(None::<Instant>));
-    let done = common::run(cmd, Duration::from_secs(60), |pid| {
-        let ours: Vec<_> = common::descendants(pid)
-            .into_iter()
-            .filter(|d| programs.contains(&d.name))
-            .collect();
-        // Seen once started (a zombie counts: a program may start and end between two looks).
-        seen.set(seen.get() || !ours.is_empty());
-        if ours.iter().any(|d| !d.exited) || !seen.get() {
-            return false;
-        }
-        let since = gone_since.get().unwrap_or_else(Instant::now);
-        gone_since.set(Some(since));
-        since.elapsed() > Duration::from_secs(5)
-    });
+    let done = common::run(
+        cmd,
+        Duration::from_secs(60),
+        common::launcher_lingers(&programs),
+    );
     if done.status.is_none() {
         eprintln!(
             "note: mpirun {args:?} had not exited 5 s after its processes ended (a known \

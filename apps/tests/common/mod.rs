@@ -205,6 +205,34 @@ pub(crate) fn descendants(root: u32) -> Vec<Descendant> {
     found
 }
 
+/// A `stop` check for [`run`] for a launcher that may hang after its programs ended (OpenMPI
+/// 4.1.4's `mpirun` may, while tearing down a job that failed, its children left as zombies):
+/// true once none of the job's `programs` (paths; compared by the name the kernel keeps, 15
+/// characters) has run for 5 s after one was seen. The job then counts as failed
+/// ([`Finished::status`] `None`).
+pub(crate) fn launcher_lingers(programs: &[&str]) -> impl Fn(u32) -> bool {
+    let names: Vec<String> = programs
+        .iter()
+        .filter_map(|a| std::path::Path::new(a).file_name()?.to_str())
+        .map(|n| n.chars().take(15).collect())
+        .collect();
+    let (seen, gone_since) = (std::cell::Cell::new(false), std::cell::Cell::new(None));
+    move |pid| {
+        let ours: Vec<_> = descendants(pid)
+            .into_iter()
+            .filter(|d| names.contains(&d.name))
+            .collect();
+        // Seen once started (a zombie counts: a program may start and end between two looks).
+        seen.set(seen.get() || !ours.is_empty());
+        if ours.iter().any(|d| !d.exited) || !seen.get() {
+            return false;
+        }
+        let since: Instant = gone_since.get().unwrap_or_else(Instant::now);
+        gone_since.set(Some(since));
+        since.elapsed() > Duration::from_secs(5)
+    }
+}
+
 /// heat2d's lines that depend neither on the PE count nor on timing: residuals and checksum.
 pub(crate) fn heat_figures(lines: impl IntoIterator<Item = String>) -> Vec<String> {
     lines
