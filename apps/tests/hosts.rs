@@ -1,12 +1,15 @@
-//! Jobs that span hosts: OpenMPI's `mpirun` starts 2 processes of 2 PEs on each of two emulated
-//! hosts (`ci/netns-hosts`: a network namespace each, with its own address, host name and PID
-//! namespace), so the machine layers carry the job over a real Ethernet interface between
-//! different addresses, the TCP layer chooses that interface by itself, and nothing that compares
-//! host names or PIDs may treat the two hosts as one.
+//! Jobs that span hosts: 2 processes of 2 PEs on each of two emulated hosts (`ci/netns-hosts`:
+//! a network namespace each, with its own address, host name and PID namespace), started by
+//! OpenMPI's `mpirun` and by Slurm's `srun --mpi=pmix` (a two-node cluster on those hosts,
+//! `ci/netns-slurm`). The machine layers then carry the job over a real Ethernet interface
+//! between different addresses, the TCP layer chooses that interface by itself, the PMIx keys
+//! travel between the hosts' launch daemons, and nothing that compares host names or PIDs may
+//! treat the two hosts as one.
 //!
 //! Runs only where `CHARMRS_NETNS_HOSTS` names the `ci/netns-hosts` script whose hosts `node0`
-//! and `node1` are up (`ci/test` does this when it can create network namespaces); otherwise
-//! each test prints `SKIPPED` and passes. Built only with `--features pmix,ucx,ofi`.
+//! and `node1` are up, with `srun` where `CHARMRS_NETNS_SLURM` names the cluster's
+//! `slurm.conf` (`ci/test` does both when it can create network namespaces); otherwise each test
+//! prints `SKIPPED` and passes. Built only with `--features pmix,ucx,ofi`.
 
 #![cfg(all(feature = "pmix", feature = "ucx", feature = "ofi"))]
 
@@ -26,18 +29,45 @@ const LAYERS: [(&str, &[&str]); 3] = [
     ("ofi", &["FI_PROVIDER=tcp;ofi_rxm", "FI_TCP_IFACE=eth0"]),
 ];
 
-/// The `ci/netns-hosts` script, if the emulated hosts are up; else `None` (with a note).
-fn hosts_script() -> Option<String> {
-    match std::env::var("CHARMRS_NETNS_HOSTS") {
-        Ok(script) if !script.is_empty() => Some(script),
-        _ => {
-            eprintln!(
-                "SKIPPED: CHARMRS_NETNS_HOSTS is not set (run `ci/netns-hosts start` as root and \
-                 set it to that script's path)"
-            );
-            None
-        }
+/// How a job is started on the emulated hosts.
+#[derive(Clone, Debug)]
+enum Launcher {
+    /// OpenMPI's `mpirun` on node0, starting node1's processes through `ci/netns-hosts-rsh`.
+    Mpirun { hosts_script: String },
+    /// Slurm's `srun --mpi=pmix -N2` on node0, in the cluster of `ci/netns-slurm` whose
+    /// configuration this is.
+    Srun {
+        hosts_script: String,
+        slurm_conf: String,
+    },
+}
+
+/// The launchers the emulated hosts offer: `mpirun` where `CHARMRS_NETNS_HOSTS` names the
+/// `ci/netns-hosts` script (hosts up), and `srun` too where `CHARMRS_NETNS_SLURM` names the
+/// `slurm.conf` of `ci/netns-slurm`. `None` (with a note) without hosts.
+fn launchers() -> Option<Vec<Launcher>> {
+    let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let Some(hosts_script) = set("CHARMRS_NETNS_HOSTS") else {
+        eprintln!(
+            "SKIPPED: CHARMRS_NETNS_HOSTS is not set (run `ci/netns-hosts start` as root and set \
+             it to that script's path)"
+        );
+        return None;
+    };
+    let mut all = vec![Launcher::Mpirun {
+        hosts_script: hosts_script.clone(),
+    }];
+    match set("CHARMRS_NETNS_SLURM") {
+        Some(slurm_conf) => all.push(Launcher::Srun {
+            hosts_script,
+            slurm_conf,
+        }),
+        None => eprintln!(
+            "note: CHARMRS_NETNS_SLURM is not set: jobs under mpirun only (ci/netns-slurm start \
+             DIR makes a two-node Slurm cluster on the hosts)"
+        ),
     }
+    Some(all)
 }
 
 /// Quotes `word` for the shell line the hosts' `rsh` runs.
@@ -45,61 +75,93 @@ fn quoted(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
+/// Every launcher with every layer.
+fn every_setting(
+    launchers: &[Launcher],
+) -> Vec<(Launcher, (&'static str, &'static [&'static str]))> {
+    launchers
+        .iter()
+        .flat_map(|l| LAYERS.iter().map(move |layer| (l.clone(), *layer)))
+        .collect()
+}
+
 /// Runs `args` (a program and its arguments) as 4 processes of 2 PEs, 2 on each emulated host,
-/// over `layer` with `env` (`VAR=value` words) set in every process. Fails the test if it takes
-/// more than 120 s; returns what the job printed.
-fn across_hosts(script: &str, layer: &str, env: &[&str], args: &[&str]) -> common::Finished {
+/// started by `launcher` over `layer` with `env` (`VAR=value` words) set in every process. Fails
+/// the test if it takes more than 120 s; returns what the job printed.
+fn across_hosts(launcher: &Launcher, layer: &str, env: &[&str], args: &[&str]) -> common::Finished {
     // One job at a time: the tests share the two hosts, and this 2-core machine.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let agent = format!("{script}-rsh");
-    let mut line = vec![
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--host",
-        "node0:2,node1:2",
-        "-np",
-        "4",
-        "--mca",
-        "plm_rsh_agent",
-        &agent,
-        // OpenMPI's own traffic between the hosts, over their Ethernet (not loopback).
-        "--mca",
-        "oob_tcp_if_include",
-        "eth0",
-        "--mca",
-        "btl_tcp_if_include",
-        "eth0",
-        "-x",
-        "CHARMRS_PES=2",
-        "-x",
-        "CHARMRS_MACHINE",
-    ];
     let machine = format!("CHARMRS_MACHINE={layer}");
-    let mut exported = vec![machine.as_str()];
-    exported.extend(env);
-    for var in &env
+    // Set for the launcher on node0, which passes them on: `env VAR=value … LAUNCHER …`.
+    let mut line: Vec<String> = ["env", &machine, "CHARMRS_PES=2"]
         .iter()
-        .map(|e| e.split('=').next().unwrap())
-        .collect::<Vec<_>>()
-    {
-        line.extend(["-x", var]);
-    }
-    line.extend(args);
-    // Set for mpirun on node0 (which passes them on with -x): `env VAR=value … mpirun …`.
-    let command: Vec<String> = ["env"]
-        .iter()
-        .chain(&exported)
-        .chain(&line)
-        .map(|w| quoted(w))
+        .chain(env)
+        .map(|w| w.to_string())
         .collect();
+    let script = match launcher {
+        Launcher::Mpirun { hosts_script } => {
+            line.extend(
+                [
+                    "mpirun",
+                    "--allow-run-as-root",
+                    "--oversubscribe",
+                    "--host",
+                    "node0:2,node1:2",
+                    "-np",
+                    "4",
+                    "--mca",
+                    "plm_rsh_agent",
+                    &format!("{hosts_script}-rsh"),
+                    // OpenMPI's own traffic between the hosts, over their Ethernet.
+                    "--mca",
+                    "oob_tcp_if_include",
+                    "eth0",
+                    "--mca",
+                    "btl_tcp_if_include",
+                    "eth0",
+                    "-x",
+                    "CHARMRS_PES",
+                    "-x",
+                    "CHARMRS_MACHINE",
+                ]
+                .map(String::from),
+            );
+            for var in env {
+                line.extend(["-x".into(), var.split('=').next().unwrap().to_string()]);
+            }
+            hosts_script
+        }
+        Launcher::Srun {
+            hosts_script,
+            slurm_conf,
+        } => {
+            line.extend(
+                [
+                    &format!("SLURM_CONF={slurm_conf}"),
+                    "srun",
+                    "--mpi=pmix",
+                    "--nodes=2",
+                    "--ntasks=4",
+                    "--ntasks-per-node=2",
+                    "--overcommit",
+                    "--kill-on-bad-exit=1",
+                    // Slurm itself ends a step that hangs.
+                    "--time=2",
+                ]
+                .map(String::from),
+            );
+            hosts_script
+        }
+    };
+    line.extend(args.iter().map(|a| a.to_string()));
+    let command: Vec<String> = line.iter().map(|w| quoted(w)).collect();
     let mut cmd = Command::new(script);
     cmd.args(["rsh", "node0", &command.join(" ")]);
     // Nothing from the test's own environment that pins a layer or OpenMPI to loopback (ci/test
-    // sets such variables for the single-host tests) or picks a layer.
+    // sets such variables for the single-host tests), picks a layer or names a cluster.
     for (var, _) in std::env::vars() {
         if ["UCX_", "FI_", "OMPI_MCA_", "CHARMRS_", "PMIX_", "SLURM_"]
             .iter()
@@ -121,11 +183,16 @@ fn across_hosts(script: &str, layer: &str, env: &[&str], args: &[&str]) -> commo
 }
 
 /// `across_hosts`, asserting success; the lines printed.
-fn lines_across_hosts(script: &str, layer: &str, env: &[&str], args: &[&str]) -> Vec<String> {
-    let out = across_hosts(script, layer, env, args);
+fn lines_across_hosts(
+    launcher: &Launcher,
+    layer: &str,
+    env: &[&str],
+    args: &[&str],
+) -> Vec<String> {
+    let out = across_hosts(launcher, layer, env, args);
     assert!(
         out.success(),
-        "{args:?} over {layer} across two hosts failed ({:?}):\n--- stdout\n{}\n--- stderr\n{}",
+        "{args:?} over {layer} across two hosts under {launcher:?} failed ({:?}):\n--- stdout\n{}\n--- stderr\n{}",
         out.status,
         out.stdout,
         out.stderr
@@ -135,11 +202,11 @@ fn lines_across_hosts(script: &str, layer: &str, env: &[&str], args: &[&str]) ->
 
 #[test]
 fn the_hosts_are_told_apart_and_list_their_pes() {
-    let Some(script) = hosts_script() else { return };
-    for (layer, env) in LAYERS {
+    let Some(launchers) = launchers() else { return };
+    for (launcher, (layer, env)) in every_setting(&launchers) {
         assert_eq!(
             lines_across_hosts(
-                &script,
+                &launcher,
                 layer,
                 env,
                 &[env!("CARGO_BIN_EXE_mpcheck"), "hosts"]
@@ -150,40 +217,41 @@ fn the_hosts_are_told_apart_and_list_their_pes() {
                 "host 1: [4, 5, 6, 7]",
                 "ok hosts"
             ],
-            "over {layer}"
+            "over {layer} under {launcher:?}"
         );
     }
 }
 
 #[test]
 fn every_program_prints_its_lines_across_hosts() {
-    let Some(script) = hosts_script() else { return };
+    let Some(launchers) = launchers() else { return };
     let group_hello: Vec<String> = (0..8)
         .map(|i| format!("Hi[{}] from element {i}", 17 + i))
         .collect();
-    for (layer, env) in LAYERS {
-        let got = lines_across_hosts(&script, layer, env, &[env!("CARGO_BIN_EXE_hello")]);
-        assert_eq!(got, ["Hello"], "hello over {layer}");
-        // mpirun forwards each process's output through a pipe of its own: lines of different
+    for (launcher, (layer, env)) in every_setting(&launchers) {
+        let got = lines_across_hosts(&launcher, layer, env, &[env!("CARGO_BIN_EXE_hello")]);
+        assert_eq!(got, ["Hello"], "hello over {layer} under {launcher:?}");
+        // The launchers forward each process's output through a pipe of its own: lines of different
         // processes may come in any order, so compare them as sets.
-        let mut got = lines_across_hosts(&script, layer, env, &[env!("CARGO_BIN_EXE_group_hello")]);
+        let mut got =
+            lines_across_hosts(&launcher, layer, env, &[env!("CARGO_BIN_EXE_group_hello")]);
         got.sort();
         let mut want = group_hello.clone();
         want.push("All done".into());
         want.sort();
-        assert_eq!(got, want, "group_hello over {layer}");
-        let got = lines_across_hosts(&script, layer, env, &[env!("CARGO_BIN_EXE_pmap")]);
+        assert_eq!(got, want, "group_hello over {layer} under {launcher:?}");
+        let got = lines_across_hosts(&launcher, layer, env, &[env!("CARGO_BIN_EXE_pmap")]);
         assert_eq!(
             got,
             ["Final results are [1, 4, 9, 16, 25] [1, 9, 25, 49, 81]"],
-            "pmap over {layer}"
+            "pmap over {layer} under {launcher:?}"
         );
     }
 }
 
 #[test]
 fn the_runtime_features_work_across_hosts() {
-    let Some(script) = hosts_script() else { return };
+    let Some(launchers) = launchers() else { return };
     let want = [
         "ok reduction",
         "ok multi-value future",
@@ -194,24 +262,27 @@ fn the_runtime_features_work_across_hosts() {
         "ok pool",
         "ok large buffers",
     ];
-    for (layer, env) in LAYERS {
+    for (launcher, (layer, env)) in every_setting(&launchers) {
         let got = lines_across_hosts(
-            &script,
+            &launcher,
             layer,
             env,
             &[env!("CARGO_BIN_EXE_mpcheck"), "features"],
         );
-        assert!(got[0].starts_with("ok placement"), "over {layer}: {got:?}");
-        assert_eq!(&got[1..], &want, "over {layer}");
+        assert!(
+            got[0].starts_with("ok placement"),
+            "over {layer} under {launcher:?}: {got:?}"
+        );
+        assert_eq!(&got[1..], &want, "over {layer} under {launcher:?}");
     }
 }
 
 #[test]
 fn migration_and_load_balancing_work_across_hosts() {
-    let Some(script) = hosts_script() else { return };
-    for (layer, env) in LAYERS {
+    let Some(launchers) = launchers() else { return };
+    for (launcher, (layer, env)) in every_setting(&launchers) {
         let got = lines_across_hosts(
-            &script,
+            &launcher,
             layer,
             env,
             &[
@@ -221,10 +292,10 @@ fn migration_and_load_balancing_work_across_hosts() {
                 "Rotate",
             ],
         );
-        assert_eq!(got.len(), 14, "over {layer}: {got:?}");
+        assert_eq!(got.len(), 14, "over {layer} under {launcher:?}: {got:?}");
         assert!(
             got.iter().all(|l| l.starts_with("ok ")),
-            "over {layer}: {got:?}"
+            "over {layer} under {launcher:?}: {got:?}"
         );
     }
 }
@@ -234,7 +305,7 @@ fn migration_and_load_balancing_work_across_hosts() {
 /// reference does.
 #[test]
 fn the_mini_apps_across_hosts_compute_what_one_process_does() {
-    let Some(script) = hosts_script() else { return };
+    let Some(launchers) = launchers() else { return };
     let stencil = [
         env!("CARGO_BIN_EXE_stencil3d"),
         "--edge",
@@ -266,44 +337,54 @@ fn the_mini_apps_across_hosts_compute_what_one_process_does() {
         "+LBPeriod",
         "0.005",
     ];
-    for (layer, env) in LAYERS {
-        let got = lines_across_hosts(&script, layer, env, &stencil);
-        assert_eq!(common::field_checksum(&got), want, "stencil3d over {layer}");
-        let got = lines_across_hosts(&script, layer, env, &leanmd);
+    for (launcher, (layer, env)) in every_setting(&launchers) {
+        let got = lines_across_hosts(&launcher, layer, env, &stencil);
+        assert_eq!(
+            common::field_checksum(&got),
+            want,
+            "stencil3d over {layer} under {launcher:?}"
+        );
+        let got = lines_across_hosts(&launcher, layer, env, &leanmd);
         assert!(
             got.iter()
                 .any(|l| l.starts_with("verified against the serial reference")),
-            "leanmd over {layer}: {got:?}"
+            "leanmd over {layer} under {launcher:?}: {got:?}"
         );
     }
 }
 
-/// A panic in an entry method on one host ends the job on both, every process naming the entry,
-/// the element and the PE, within 15 s (over TCP between the hosts: no shared-memory shortcut
-/// carries the abort).
+/// A panic in an entry method on one host ends the job on both, naming the entry, the element
+/// and the PE, within 15 s. Under `mpirun` every process says it (the abort notice crosses to
+/// the other host over the machine layer); under `srun` the panicking process's `PMIx_Abort`
+/// has Slurm end the step, so the others may be killed before they print.
 #[test]
 fn a_panic_on_one_host_aborts_the_job_on_both_naming_it() {
-    let Some(script) = hosts_script() else { return };
-    for (layer, env) in LAYERS {
+    let Some(launchers) = launchers() else { return };
+    for (launcher, (layer, env)) in every_setting(&launchers) {
         let out = across_hosts(
-            &script,
+            &launcher,
             layer,
             env,
             &[env!("CARGO_BIN_EXE_mpcheck"), "panic"],
         );
-        assert!(!out.success(), "over {layer}: {}", out.stderr);
+        assert!(
+            !out.success(),
+            "over {layer} under {launcher:?}: {}",
+            out.stderr
+        );
         let told = "panic in entry method `Victim::fail` of chare Victim index (7,) on PE 7: \
                     injected failure";
-        // PE 7 is on node1; the processes of node0 say it too.
+        // PE 7 is on node1; under mpirun the processes of node0 say it too.
         let telling = out.stderr.lines().filter(|l| l.contains(told)).count();
+        let everyone = matches!(launcher, Launcher::Mpirun { .. });
         assert!(
-            telling >= 4,
-            "over {layer}, {telling} lines: {}",
+            telling >= if everyone { 4 } else { 1 },
+            "over {layer} under {launcher:?}, {telling} lines: {}",
             out.stderr
         );
         assert!(
             out.took < Duration::from_secs(15),
-            "over {layer}: took {:?}",
+            "over {layer} under {launcher:?}: took {:?}",
             out.took
         );
     }
