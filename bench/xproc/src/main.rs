@@ -37,7 +37,9 @@
 //! and the last), `XPROC_REPLY=1` (replies only, see above), `XPROC_SUMS=1` (instead of all the
 //! above: a sum of a vector of each size over every PE, to a future on PE 0, contributed as a
 //! `Vec<f64>` and as a `PodVec<f64>`, interleaved, each member keeping its vector: the time per
-//! reduction; `XPROC_SUMS=vec` or `podvec` times that one only).
+//! reduction; `XPROC_SUMS=vec` or `podvec` times that one only), `XPROC_BARE_PEER=addr` (the
+//! pong side's host address, when the sides are on different hosts: the bare sockets then go
+//! between the hosts too; default loopback).
 
 use bytes::Bytes;
 use charmrs::prelude::*;
@@ -114,6 +116,13 @@ fn stream_scale() -> usize {
                 .expect("XPROC_STREAM_MUL: a positive whole number")
         })
         .unwrap_or(1)
+}
+
+/// The address at which the bare-socket side reaches the pong side's echo servers:
+/// `XPROC_BARE_PEER` (the pong process's host, when the two sides are on different hosts; the
+/// servers then listen on every address), else loopback.
+fn bare_peer_address() -> String {
+    std::env::var("XPROC_BARE_PEER").unwrap_or_else(|_| "127.0.0.1".into())
 }
 
 /// `XPROC_HEAP_BUFFERS=1`: the buffers sent are `Vec`s, not [`BufferMut`]s (huge pages).
@@ -200,7 +209,12 @@ impl Pong {
     /// With `spin` its socket is non-blocking and it busy-polls (as the PEs do), else it blocks.
     #[entry]
     fn listen(&mut self, spin: bool) -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let listener = TcpListener::bind(if bare_peer_address() == "127.0.0.1" {
+            "127.0.0.1:0"
+        } else {
+            "0.0.0.0:0"
+        })
+        .expect("bind the bare echo server");
         let port = listener.local_addr().expect("bound").port();
         std::thread::spawn(move || {
             unpin_current_thread();
@@ -496,10 +510,12 @@ async fn run() {
     let mut sockets = None;
     if bare {
         let port = pong.ret().listen(false).await;
-        let raw = TcpStream::connect(("127.0.0.1", port)).expect("connect to the bare echo server");
+        let raw = TcpStream::connect((bare_peer_address(), port))
+            .expect("connect to the bare echo server");
         raw.set_nodelay(true).expect("nodelay");
         let port = pong.ret().listen(true).await;
-        let spin = TcpStream::connect(("127.0.0.1", port)).expect("connect to the spinning server");
+        let spin = TcpStream::connect((bare_peer_address(), port))
+            .expect("connect to the spinning server");
         spin.set_nodelay(true).expect("nodelay");
         spin.set_nonblocking(true).expect("non-blocking");
         sockets = Some((raw, spin));
