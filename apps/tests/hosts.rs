@@ -45,7 +45,14 @@ enum Launcher {
 /// The launchers the emulated hosts offer: `mpirun` where `CHARMRS_NETNS_HOSTS` names the
 /// `ci/netns-hosts` script (hosts up), and `srun` too where `CHARMRS_NETNS_SLURM` names the
 /// `slurm.conf` of `ci/netns-slurm`. `None` (with a note) without hosts.
-fn launchers() -> Option<Vec<Launcher>> {
+///
+/// Each test holds the returned guard for its whole run: one test at a time, since the tests
+/// share the two hosts (one cuts a host's link) and this 2-core machine.
+fn launchers() -> Option<(std::sync::MutexGuard<'static, ()>, Vec<Launcher>)> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
     let Some(hosts_script) = set("CHARMRS_NETNS_HOSTS") else {
         eprintln!(
@@ -67,7 +74,7 @@ fn launchers() -> Option<Vec<Launcher>> {
              DIR makes a two-node Slurm cluster on the hosts)"
         ),
     }
-    Some(all)
+    Some((turn, all))
 }
 
 /// Quotes `word` for the shell line the hosts' `rsh` runs.
@@ -112,11 +119,6 @@ fn across_hosts_until(
     args: &[&str],
     stop: impl Fn(u32) -> bool,
 ) -> common::Finished {
-    // One job at a time: the tests share the two hosts, and this 2-core machine.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let machine = format!("CHARMRS_MACHINE={layer}");
     // Set for the launcher on node0, which passes them on: `env VAR=value … LAUNCHER …`.
     let mut line: Vec<String> = ["env", &machine, "CHARMRS_PES=2"]
@@ -185,10 +187,11 @@ fn across_hosts_until(
     cmd.args(["rsh", "node0", &command.join(" ")]);
     // Nothing from the test's own environment that pins a layer or OpenMPI to loopback (ci/test
     // sets such variables for the single-host tests), picks a layer or names a cluster.
-    for (var, _) in std::env::vars() {
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
         if ["UCX_", "FI_", "OMPI_MCA_", "CHARMRS_", "PMIX_", "SLURM_"]
             .iter()
-            .any(|p| var.starts_with(p))
+            .any(|p| name.starts_with(p))
         {
             cmd.env_remove(&var);
         }
@@ -216,7 +219,9 @@ fn lines_across_hosts(
 
 #[test]
 fn the_hosts_are_told_apart_and_list_their_pes() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     for (launcher, (layer, env)) in every_setting(&launchers) {
         assert_eq!(
             lines_across_hosts(
@@ -238,7 +243,9 @@ fn the_hosts_are_told_apart_and_list_their_pes() {
 
 #[test]
 fn every_program_prints_its_lines_across_hosts() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     let group_hello: Vec<String> = (0..8)
         .map(|i| format!("Hi[{}] from element {i}", 17 + i))
         .collect();
@@ -265,7 +272,9 @@ fn every_program_prints_its_lines_across_hosts() {
 
 #[test]
 fn the_runtime_features_work_across_hosts() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     let want = [
         "ok reduction",
         "ok multi-value future",
@@ -293,7 +302,9 @@ fn the_runtime_features_work_across_hosts() {
 
 #[test]
 fn migration_and_load_balancing_work_across_hosts() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     for (launcher, (layer, env)) in every_setting(&launchers) {
         let got = lines_across_hosts(
             &launcher,
@@ -319,7 +330,9 @@ fn migration_and_load_balancing_work_across_hosts() {
 /// reference does.
 #[test]
 fn the_mini_apps_across_hosts_compute_what_one_process_does() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     let stencil = [
         env!("CARGO_BIN_EXE_stencil3d"),
         "--edge",
@@ -373,7 +386,9 @@ fn the_mini_apps_across_hosts_compute_what_one_process_does() {
 /// has Slurm end the step, so the others may be killed before they print.
 #[test]
 fn a_panic_on_one_host_aborts_the_job_on_both_naming_it() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     for (launcher, (layer, env)) in every_setting(&launchers) {
         let out = across_hosts(
             &launcher,
@@ -445,7 +460,9 @@ fn processes_in(netns: &str, names: &[&str]) -> Vec<i32> {
 /// detection (Slurm's `SlurmdTimeout`) then ends the job.
 #[test]
 fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
-    let Some(launchers) = launchers() else { return };
+    let Some((_turn, launchers)) = launchers() else {
+        return;
+    };
     let mpirun = &launchers[0];
     let Launcher::Mpirun { hosts_script } = mpirun else {
         unreachable!("mpirun comes first")

@@ -13,7 +13,7 @@
 #      an entry call carrying a `Buffer` (ping-pong / 2);
 #   2. `ucx_perftest -t ucp_am_lat` (UCX_TLS=tcp,self on eth0) and `fi_pingpong` (`tcp;ofi_rxm`
 #      on eth0), server on node1, client on node0.
-# It prints the median of each over the repetitions. (OpenMPI is not compared: between these
+# It prints the median of each over the repetitions ("nan" where a tool printed no figure). (OpenMPI is not compared: between these
 # namespaces its TCP transport fails to connect and its UCX one hangs.)
 # Needs libucx-dev, ucx-utils, libfabric-dev, libfabric-bin, openmpi-bin and iproute2 (ci/test
 # installs them).
@@ -27,12 +27,13 @@ for tool in ucx_perftest fi_pingpong mpirun; do
 done
 cargo build --release -q -p charmrs-xproc-bench --features pmix,ucx,ofi
 started=false
-if ! ip netns list | grep -q '^charmrs-node1'; then
-    ci/netns-hosts start 2 >/dev/null
-    started=true
-fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"; if $started; then ci/netns-hosts stop; fi' EXIT
+namespaces=$'\n'$(ip netns list | awk '{print $1}')$'\n'
+if [[ $namespaces != *$'\n'charmrs-node1$'\n'* ]]; then
+    started=true
+    ci/netns-hosts start 2 >/dev/null
+fi
 # Nothing inherited pins a tool to loopback or picks a layer.
 unset UCX_NET_DEVICES UCX_TLS FI_TCP_IFACE FI_PROVIDER OMPI_MCA_btl_tcp_if_include \
     OMPI_MCA_oob_tcp_if_include CHARMRS_MACHINE CHARMRS_PES
@@ -59,7 +60,7 @@ perftest() { # size -> the average one-way latency in µs
     local server=$!
     sleep 0.5
     on node0 "$ucx timeout 120 ucx_perftest 10.231.0.2 -t ucp_am_lat -s $1 -n 10000 -p $port" \
-        2>/dev/null | awk '/^Final:/ {print $4}'
+        2>/dev/null | awk '/^Final:/ {v = $4} END {print (v == "" ? "nan" : v)}' || echo nan
     wait "$server" || true
 }
 
@@ -70,7 +71,7 @@ pingpong() { # size -> the one-way latency in µs
     local server=$!
     sleep 0.5
     on node0 "$fi timeout 120 fi_pingpong -e rdm -I $iters -S $1 -P $port 10.231.0.2" \
-        2>/dev/null | awk 'END {print $7}'
+        2>/dev/null | awk 'END {print ($7 ~ /^[0-9.]+$/ ? $7 : "nan")}' || echo nan
     wait "$server" || true
 }
 
