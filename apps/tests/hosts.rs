@@ -275,16 +275,6 @@ fn the_runtime_features_work_across_hosts() {
     let Some((_turn, launchers)) = launchers() else {
         return;
     };
-    let want = [
-        "ok reduction",
-        "ok multi-value future",
-        "ok readonly",
-        "ok allreduce",
-        "ok when",
-        "ok quiescence",
-        "ok pool",
-        "ok large buffers",
-    ];
     for (launcher, (layer, env)) in every_setting(&launchers) {
         let got = lines_across_hosts(
             &launcher,
@@ -296,7 +286,11 @@ fn the_runtime_features_work_across_hosts() {
             got[0].starts_with("ok placement"),
             "over {layer} under {launcher:?}: {got:?}"
         );
-        assert_eq!(&got[1..], &want, "over {layer} under {launcher:?}");
+        assert_eq!(
+            &got[1..],
+            &common::MPCHECK_FEATURES,
+            "over {layer} under {launcher:?}"
+        );
     }
 }
 
@@ -321,6 +315,11 @@ fn migration_and_load_balancing_work_across_hosts() {
         assert!(
             got.iter().all(|l| l.starts_with("ok ")),
             "over {layer} under {launcher:?}: {got:?}"
+        );
+        assert_eq!(
+            got,
+            common::MPCHECK_MOBILITY,
+            "over {layer} under {launcher:?}"
         );
     }
 }
@@ -469,64 +468,62 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
     };
     let (node0, node1) = (host_netns(mpirun, "node0"), host_netns(mpirun, "node1"));
     let (layer, within) = ("tcp", Duration::from_secs(20));
-    {
-        // Every PE's `hang` entry marks it runs (a file per PE; the hosts share the file system).
-        let running = std::env::temp_dir().join(format!("charmrs-silent-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&running);
-        std::fs::create_dir_all(&running).unwrap();
-        let marker = format!("MPCHECK_RUNNING_DIR={}", running.display());
-        let env = [marker.as_str()];
-        // Whatever happens (the test may fail while the link is cut), node1 is mended and what
-        // the cut left on it (the job's processes, mpirun's daemon) goes.
-        struct Mend<'a>(&'a str, &'a str);
-        impl Drop for Mend<'_> {
-            fn drop(&mut self) {
-                let _ = Command::new(self.0).args(["mend", "node1"]).status();
-                for pid in processes_in(self.1, &["mpcheck", "orted"]) {
-                    common::signal(pid, libc::SIGKILL);
-                }
+    // Every PE's `hang` entry marks it runs (a file per PE; the hosts share the file system).
+    let running = std::env::temp_dir().join(format!("charmrs-silent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&running);
+    std::fs::create_dir_all(&running).unwrap();
+    let marker = format!("MPCHECK_RUNNING_DIR={}", running.display());
+    let env = [marker.as_str()];
+    // Whatever happens (the test may fail while the link is cut), node1 is mended and what
+    // the cut left on it (the job's processes, mpirun's daemon) goes.
+    struct Mend<'a>(&'a str, &'a str);
+    impl Drop for Mend<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0).args(["mend", "node1"]).status();
+            for pid in processes_in(self.1, &["mpcheck", "orted"]) {
+                common::signal(pid, libc::SIGKILL);
             }
         }
-        let mend = Mend(hosts_script, &node1);
-        let cut_at: std::cell::Cell<Option<std::time::Instant>> = std::cell::Cell::new(None);
-        let job_started = |_: u32| {
-            match cut_at.get() {
-                None if std::fs::read_dir(&running).map_or(0, |d| d.count()) == 8 => {
-                    std::thread::sleep(Duration::from_millis(300));
-                    let cut = Command::new(hosts_script)
-                        .args(["cut", "node1"])
-                        .status()
-                        .expect("ci/netns-hosts cut");
-                    assert!(cut.success());
-                    cut_at.set(Some(std::time::Instant::now()));
-                    false
-                }
-                None => false,
-                // Ended once node0's processes have (the launcher may wait for node1's).
-                Some(_) => processes_in(&node0, &["mpcheck"]).is_empty(),
-            }
-        };
-        let out = across_hosts_until(
-            mpirun,
-            layer,
-            &env,
-            &[env!("CARGO_BIN_EXE_mpcheck"), "hang"],
-            job_started,
-        );
-        let took = cut_at.get().map(|at| at.elapsed());
-        drop(mend);
-        let _ = std::fs::remove_dir_all(&running);
-        let took = took.unwrap_or_else(|| panic!("the job never ran everywhere: {}", out.stderr));
-        assert!(
-            took < within,
-            "over {layer}: node0's processes ended {took:?} after the cut: {}",
-            out.stderr
-        );
-        assert!(
-            out.stderr.contains("lost contact with process 2")
-                || out.stderr.contains("lost contact with process 3"),
-            "over {layer}: the lost processes (node1's) are not named: {}",
-            out.stderr
-        );
     }
+    let mend = Mend(hosts_script, &node1);
+    let cut_at: std::cell::Cell<Option<std::time::Instant>> = std::cell::Cell::new(None);
+    let job_started = |_: u32| {
+        match cut_at.get() {
+            None if std::fs::read_dir(&running).map_or(0, |d| d.count()) == 8 => {
+                std::thread::sleep(Duration::from_millis(300));
+                let cut = Command::new(hosts_script)
+                    .args(["cut", "node1"])
+                    .status()
+                    .expect("ci/netns-hosts cut");
+                assert!(cut.success());
+                cut_at.set(Some(std::time::Instant::now()));
+                false
+            }
+            None => false,
+            // Ended once node0's processes have (the launcher may wait for node1's).
+            Some(_) => processes_in(&node0, &["mpcheck"]).is_empty(),
+        }
+    };
+    let out = across_hosts_until(
+        mpirun,
+        layer,
+        &env,
+        &[env!("CARGO_BIN_EXE_mpcheck"), "hang"],
+        job_started,
+    );
+    let took = cut_at.get().map(|at| at.elapsed());
+    drop(mend);
+    let _ = std::fs::remove_dir_all(&running);
+    let took = took.unwrap_or_else(|| panic!("the job never ran everywhere: {}", out.stderr));
+    assert!(
+        took < within,
+        "over {layer}: node0's processes ended {took:?} after the cut: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("lost contact with process 2")
+            || out.stderr.contains("lost contact with process 3"),
+        "over {layer}: the lost processes (node1's) are not named: {}",
+        out.stderr
+    );
 }

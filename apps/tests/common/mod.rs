@@ -233,6 +233,36 @@ pub(crate) fn launcher_lingers(programs: &[&str]) -> impl Fn(u32) -> bool {
     }
 }
 
+/// What `mpcheck features` prints after its first line (`ok placement …`).
+pub(crate) const MPCHECK_FEATURES: [&str; 8] = [
+    "ok reduction",
+    "ok multi-value future",
+    "ok readonly",
+    "ok allreduce",
+    "ok when",
+    "ok quiescence",
+    "ok pool",
+    "ok large buffers",
+];
+
+/// What `mpcheck mobility` prints.
+pub(crate) const MPCHECK_MOBILITY: [&str; 14] = [
+    "ok migration",
+    "ok sparse",
+    "ok load balancing",
+    "ok results from away",
+    "ok allreduce from elsewhere",
+    "ok load balancing from elsewhere",
+    "ok allreduce outside the tree",
+    "ok reductions in order",
+    "ok channels",
+    "ok sections",
+    "ok section multicast",
+    "ok combined section",
+    "ok reductions of 600 elements away from home",
+    "ok a move asked for inside a lent call",
+];
+
 /// heat2d's lines that depend neither on the PE count nor on timing: residuals and checksum.
 pub(crate) fn heat_figures(lines: impl IntoIterator<Item = String>) -> Vec<String> {
     lines
