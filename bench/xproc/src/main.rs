@@ -141,6 +141,8 @@ struct Pong {
     echo_data: bool,
     /// What [`give`](Pong::give) answers with.
     reply: PodVec<f64>,
+    /// Whom [`word`](Pong::word) answers (set by [`first_word`](Pong::first_word)).
+    word_peer: Option<ElementProxy<Ping>>,
 }
 
 #[chare]
@@ -152,7 +154,22 @@ impl Pong {
             own: Buffer(Bytes::new()),
             echo_data: echo_data(),
             reply: PodVec::from(Vec::new()),
+            word_peer: None,
         }
+    }
+
+    /// The first call of a word ping-pong: keeps `back` for [`word`](Pong::word), then answers.
+    #[entry]
+    fn first_word(&mut self, w: u64, back: ElementProxy<Ping>) {
+        self.word_peer = Some(back);
+        back.word_back(w + 1);
+    }
+
+    /// Answers a word (one `u64` argument: 8 bytes of arguments, no buffer, no proxy) with the
+    /// next one.
+    #[entry]
+    fn word(&mut self, w: u64) {
+        self.word_peer.expect("first_word came first").word_back(w + 1);
     }
 
     /// Answers with a buffer of the same size: its own, or the one received.
@@ -279,6 +296,15 @@ struct Ping {
     echo_data: bool,
 }
 
+/// `XPROC_WORD=1`: the ping-pong of an entry call whose only argument is a `u64` — 8 bytes of
+/// arguments, as `ucp_am_lat -s 8` sends 8 bytes — each side's peer known in advance (kept from
+/// the first call), interleaved with the 8 B `Buffer` ping-pong of the main table, which also
+/// sends the peer's proxy in every call and allocates the received buffer.
+/// `XPROC_WORD=only`: the one-word ping-pong alone (for profiling its path).
+fn word_mode() -> bool {
+    std::env::var_os("XPROC_WORD").is_some_and(|v| v == "1" || v == "only")
+}
+
 #[chare]
 impl Ping {
     fn new() -> Self {
@@ -290,6 +316,29 @@ impl Ping {
             acks: 0,
             own: Buffer(Bytes::new()),
             echo_data: echo_data(),
+        }
+    }
+
+    /// `iters` round trips of a one-word call ([`Pong::word`]); the future gets seconds per
+    /// one-way trip.
+    #[entry]
+    fn words(&mut self, ctx: &Ctx<Self>, pong: ElementProxy<Pong>, iters: u32, done: Future<f64>) {
+        self.left = iters;
+        self.pong = Some(pong);
+        self.done = Some(done);
+        self.start = Some(Instant::now());
+        pong.first_word(0, ctx.this_element());
+    }
+
+    #[entry]
+    fn word_back(&mut self, w: u64) {
+        self.left -= 1;
+        if self.left == 0 {
+            let secs = self.start.take().expect("started").elapsed().as_secs_f64();
+            assert_eq!(w % 2, 1, "a word answered with the next one");
+            self.done.take().expect("a future").send(secs);
+        } else {
+            self.pong.expect("a peer").word(w + 1);
         }
     }
 
@@ -501,6 +550,9 @@ async fn run() {
     if std::env::var_os("XPROC_SUMS").is_some() {
         return sums().await;
     }
+    if word_mode() {
+        return words(ping, pong).await;
+    }
     // `XPROC_NO_BARE=1`: no bare-socket columns (when comparing with another transport's tools,
     // e.g. bench/scripts/ucx-vs-perftest.sh, and between hosts: the bare sockets use loopback).
     let bare = std::env::var_os("XPROC_NO_BARE").is_none();
@@ -621,6 +673,31 @@ async fn run() {
     println!(
         "# broadcast with completion (ret), {p} PEs: {:.2} µs per round",
         median(bcast) * 1e6
+    );
+    charmrs::exit(0);
+}
+
+/// `XPROC_WORD=1`: one-way latency of the one-word call and of the 8 B `Buffer` call, interleaved
+/// repetitions, medians; prints `word <µs> buffer8 <µs>`.
+async fn words(ping: Single<Ping>, pong: Single<Pong>) {
+    let iters = iterations(8);
+    let (mut word, mut buffer) = (vec![], vec![]);
+    for _ in 0..repeats() {
+        let f = Future::new();
+        ping.words(*pong, iters, f);
+        word.push(f.await / iters as f64 / 2.0);
+        if std::env::var_os("XPROC_WORD").is_some_and(|v| v == "only") {
+            buffer.push(f64::NAN);
+            continue;
+        }
+        let f = Future::new();
+        ping.pingpong(*pong, 8, iters, f);
+        buffer.push(f.await / iters as f64 / 2.0);
+    }
+    println!(
+        "word {:.3} buffer8 {:.3}",
+        median(word) * 1e6,
+        median(buffer) * 1e6
     );
     charmrs::exit(0);
 }
