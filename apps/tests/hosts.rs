@@ -451,14 +451,30 @@ fn processes_in(netns: &str, names: &[&str]) -> Vec<i32> {
 /// within ~5 s, by the layer's keepalive probes. Under `mpirun` (whose own connection to the
 /// silent host is lost too, so it is not waited for: the test ends once node0's processes have).
 ///
-/// Not asserted, and said in the user guide: a connection with data in flight at the cut is
-/// given up by the kernel only at its retransmission limit (~15 min; keepalive probes wait for
-/// an idle connection); UCX over TCP finds the silent host in ~20 s when its keepalive probes
-/// come first and not before that limit when its own keepalive message is in flight; libfabric's
-/// `tcp` provider has no keepalive at all. On a cluster, the batch system's node-failure
-/// detection (Slurm's `SlurmdTimeout`) then ends the job.
+/// Not asserted, and said in the user guide: UCX over TCP finds the silent host in ~20 s when its
+/// keepalive probes come first and not before the kernel's retransmission limit (~15 min) when
+/// its own keepalive message is in flight; libfabric's `tcp` provider has no keepalive at all.
+/// On a cluster, the batch system's node-failure detection (Slurm's `SlurmdTimeout`) then ends
+/// the job.
 #[test]
 fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
+    host_falls_silent("hang", Duration::from_secs(20));
+}
+
+/// As above, with data in flight to the silent host at the cut: node0's PEs stream buffers to
+/// node1's, faster than the bridge carries them. Keepalive probes only idle connections (the
+/// kernel alone would give these up at its retransmission limit, ~15 minutes); the TCP layer's
+/// watchers find that node1's kernel acknowledges nothing more (`TcpConfig::ack_timeout`, 10 s),
+/// and the loss is reported `loss_wait` (5 s) later.
+#[test]
+fn a_host_that_falls_silent_with_data_in_flight_ends_the_job_on_the_other_naming_it() {
+    host_falls_silent("flood", Duration::from_secs(30));
+}
+
+/// Runs `mpcheck MODE` over TCP under `mpirun` on the two hosts, cuts node1's link once every PE
+/// runs, and checks that node0's processes end within `within` of the cut, naming a process of
+/// node1.
+fn host_falls_silent(mode: &str, within: Duration) {
     let Some((_turn, launchers)) = launchers() else {
         return;
     };
@@ -467,8 +483,9 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
         unreachable!("mpirun comes first")
     };
     let (node0, node1) = (host_netns(mpirun, "node0"), host_netns(mpirun, "node1"));
-    let (layer, within) = ("tcp", Duration::from_secs(20));
-    // Every PE's `hang` entry marks it runs (a file per PE; the hosts share the file system).
+    let layer = "tcp";
+    // Every PE's `hang` or `flood` entry marks it runs (a file per PE; the hosts share the file
+    // system).
     let running = std::env::temp_dir().join(format!("charmrs-silent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&running);
     std::fs::create_dir_all(&running).unwrap();
@@ -508,7 +525,7 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
         mpirun,
         layer,
         &env,
-        &[env!("CARGO_BIN_EXE_mpcheck"), "hang"],
+        &[env!("CARGO_BIN_EXE_mpcheck"), mode],
         job_started,
     );
     let took = cut_at.get().map(|at| at.elapsed());
@@ -517,13 +534,14 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
     let took = took.unwrap_or_else(|| panic!("the job never ran everywhere: {}", out.stderr));
     assert!(
         took < within,
-        "over {layer}: node0's processes ended {took:?} after the cut: {}",
+        "`mpcheck {mode}` over {layer}: node0's processes ended {took:?} after the cut: {}",
         out.stderr
     );
     assert!(
         out.stderr.contains("lost contact with process 2")
             || out.stderr.contains("lost contact with process 3"),
-        "over {layer}: the lost processes (node1's) are not named: {}",
+        "`mpcheck {mode}` over {layer}: the lost processes (node1's) are not named: {}",
         out.stderr
     );
+    eprintln!("`mpcheck {mode}`: node0's processes ended {took:?} after the cut");
 }

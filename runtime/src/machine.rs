@@ -218,9 +218,15 @@ fn start_layer(
         ))),
         "local" => Ok(Box::new(LocalLayer::new())),
         "tcp" => {
+            let defaults = TcpConfig::default();
             let cfg = TcpConfig {
                 bind: tcp_listen_address(one_host)?,
-                ..TcpConfig::default()
+                ack_timeout: ack_timeout(
+                    TCP_ACK_TIMEOUT,
+                    std::env::var(TCP_ACK_TIMEOUT).ok().as_deref(),
+                    defaults.ack_timeout,
+                )?,
+                ..defaults
             };
             TcpLayer::with_config(bootstrap, secret, cfg)
                 .map(|l| Box::new(l) as Box<dyn MachineLayer>)
@@ -251,6 +257,33 @@ const UCX_LANES: &str = "CHARMRS_UCX_WORKERS";
 const OFI_LANES: &str = "CHARMRS_OFI_ENDPOINTS";
 
 /// [`lanes`] from the environment variable `var`.
+/// Seconds the TCP layer lets data in flight to a peer go unacknowledged by the peer's host before
+/// it declares the peer lost (`TcpConfig::ack_timeout`).
+const TCP_ACK_TIMEOUT: &str = "CHARMRS_TCP_ACK_TIMEOUT";
+
+/// The TCP layer's `ack_timeout` from `setting` (the value of variable `var`: seconds, a
+/// positive number, or `never`), else `default`.
+fn ack_timeout(
+    var: &str,
+    setting: Option<&str>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration> {
+    match setting.map(str::trim) {
+        None | Some("") => Ok(default),
+        Some("never") => Ok(std::time::Duration::MAX),
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| {
+                Error::Options(format!(
+                    "{var}={text}: expected seconds (a positive number) or `never`"
+                ))
+            }),
+    }
+}
+
 fn lanes_from_env(var: &str, pes: usize) -> Result<usize> {
     lanes(var, std::env::var(var).ok().as_deref(), pes)
 }
@@ -316,7 +349,23 @@ fn ofi(
 
 #[cfg(test)]
 mod tests {
-    use super::{lanes, OFI_LANES, UCX_LANES};
+    use super::{ack_timeout, lanes, OFI_LANES, TCP_ACK_TIMEOUT, UCX_LANES};
+    use std::time::Duration;
+
+    #[test]
+    fn the_tcp_ack_timeout_is_seconds_or_never_and_bad_values_are_named() {
+        let default = Duration::from_secs(10);
+        let at = |s| ack_timeout(TCP_ACK_TIMEOUT, s, default);
+        assert_eq!(at(None).unwrap(), default);
+        assert_eq!(at(Some(" ")).unwrap(), default);
+        assert_eq!(at(Some("30")).unwrap(), Duration::from_secs(30));
+        assert_eq!(at(Some("2.5")).unwrap(), Duration::from_millis(2500));
+        assert_eq!(at(Some("never")).unwrap(), Duration::MAX);
+        for bad in ["0", "-1", "soon", "inf", "NaN", "1e30"] {
+            let e = at(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("{TCP_ACK_TIMEOUT}={bad}")), "{e}");
+        }
+    }
 
     #[test]
     fn lanes_are_per_pe_unless_asked_otherwise_and_bad_values_are_named() {

@@ -108,6 +108,38 @@ impl Victim {
         }
     }
 
+    /// The PEs of the first half of the job send 256 KiB buffers to their mirror in the second
+    /// half ([`absorb`](Victim::absorb)), for ever, faster than any network carries them: data
+    /// to the second half is always in flight. Each PE first marks it runs, as
+    /// [`hang`](Victim::hang) does.
+    #[entry]
+    async fn flood(this: Coro<Self>) {
+        let (me, half) = (charmrs::my_pe(), charmrs::num_pes() / 2);
+        if let Some(dir) = std::env::var_os("MPCHECK_RUNNING_DIR") {
+            let marker = std::path::Path::new(&dir).join(format!("pe{me}"));
+            if let Err(e) = std::fs::write(&marker, b"") {
+                panic!("cannot create {}: {e}", marker.display());
+            }
+        }
+        if me >= half {
+            return;
+        }
+        let mirror = this.ctx().this_proxy().at(me + half);
+        let buffer = Buffer::from(vec![me as u8; 256 << 10]);
+        loop {
+            for _ in 0..16 {
+                mirror.absorb(buffer.clone());
+            }
+            charmrs::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Takes a buffer of [`flood`](Victim::flood).
+    #[entry]
+    fn absorb(&mut self, data: Buffer) {
+        self.hops += data.0.len() as u64;
+    }
+
     /// CPU time (clock ticks) this process uses while this PE awaits a timer for `ms`.
     #[entry]
     async fn idle_cpu(_this: Coro<Self>, ms: u64) -> u64 {
@@ -980,6 +1012,10 @@ fn main() {
             Some("hang") => {
                 println!("hanging on {} PEs", charmrs::num_pes());
                 Group::<Victim>::new(()).hang();
+            }
+            Some("flood") => {
+                println!("flooding on {} PEs", charmrs::num_pes());
+                Group::<Victim>::new(()).flood();
             }
             Some("features") => features().await,
             Some("hosts") => hosts().await,

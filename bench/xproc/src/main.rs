@@ -169,7 +169,9 @@ impl Pong {
     /// next one.
     #[entry]
     fn word(&mut self, w: u64) {
-        self.word_peer.expect("first_word came first").word_back(w + 1);
+        self.word_peer
+            .expect("first_word came first")
+            .word_back(w + 1);
     }
 
     /// Answers with a buffer of the same size: its own, or the one received.

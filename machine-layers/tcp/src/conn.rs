@@ -1,6 +1,7 @@
 //! Background threads of a layer: the accept loop (one short-lived thread
 //! per incoming connection runs its handshake, then hands the socket to the
-//! receive side, [`crate::recv`]) and one watcher per outgoing connection.
+//! receive side, [`crate::recv`]) and one watcher per outgoing connection, which finds the
+//! peer's death (the stream's end, an error, or its host's silence: [`crate::acks`]).
 //!
 //! # Invariants
 //!
@@ -14,12 +15,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use charmrs_transport::kv::ct_eq;
 use charmrs_transport::ProcessId;
 
+use crate::acks::AckState;
 use crate::shared::{lock, Shared};
 use crate::wire::{self, ACK_MAGIC, HELLO_LEN, HELLO_MAGIC};
 
@@ -156,11 +160,23 @@ fn accept_handshake(
     Ok((rank, id))
 }
 
+/// How often the watcher of an outgoing stream asks the kernel whether the peer's host still
+/// acknowledges what was sent (at most; a shorter `TcpConfig::ack_timeout` is looked at four
+/// times within it).
+const ACK_LOOK_EVERY: Duration = Duration::from_secs(1);
+
 /// Watches our stream to `dst` (connection `id`): the peer writes nothing
 /// on it but a goodbye byte, so end-of-stream or an error means the peer
-/// died (or departed, after the goodbye).
+/// died (or departed, after the goodbye). Between reads it looks whether data in flight to
+/// the peer has gone unacknowledged by its host for `cfg.ack_timeout` (see `acks`), and
+/// declares the peer lost if so.
 pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: TcpStream) {
     let addr = shared.peers[dst as usize].addr;
+    let limit = shared.cfg.ack_timeout;
+    let look_every = ACK_LOOK_EVERY.min(limit / 4).max(Duration::from_millis(10));
+    // The timeout only bounds this thread's reads: the peer writes nothing else on the stream,
+    // and every write to it waits without a read (`poll::send_nowait`, `wait_writable`).
+    let looking = limit != Duration::MAX && s.set_read_timeout(Some(look_every)).is_ok();
     let mut buf = [0u8; 16];
     let mut bye = false;
     let why = loop {
@@ -169,6 +185,20 @@ pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: Tc
             Ok(n) if buf[..n].iter().all(|&b| b == wire::BYE_BYTE) => bye = true,
             Ok(_) => break "unexpected bytes from the peer".to_owned(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if looking
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                let silent = AckState::of(s.as_fd())
+                    .ok()
+                    .and_then(|state| state.silent_host(limit));
+                if let Some(why) = silent {
+                    break why;
+                }
+            }
             Err(e) => break e.to_string(),
         }
     };

@@ -75,6 +75,16 @@ pub struct TcpConfig {
     /// too long for the clock (`Duration::MAX`) waits for the end for ever.
     /// Default 5 s, the time keepalive takes to find a silent host.
     pub loss_wait: Duration,
+    /// How long data this process sent a peer may wait unacknowledged by the peer's host
+    /// before the peer is declared lost: how a host that fell silent is found while data to it
+    /// is in flight (keepalive probes only idle connections, and the kernel gives such a
+    /// connection up only at its retransmission limit, ~15 minutes). Only the host's silence
+    /// counts: a live peer that reads nothing keeps its receive window closed and its kernel
+    /// answers the probes of it, however long that lasts (two probes in a row unanswered are a
+    /// silent host, found up to two probe intervals late: the kernel's probes of a window kept
+    /// closed for minutes back off to two minutes apart). Looked at every second (or every
+    /// quarter of this, if shorter). `Duration::MAX` never declares it. Default 10 s.
+    pub ack_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -88,6 +98,7 @@ impl Default for TcpConfig {
             linger: Duration::from_secs(1),
             wait_spin: Duration::from_micros(50),
             loss_wait: crate::poll::KEEPALIVE_DETECTION,
+            ack_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -37,9 +37,13 @@
 //!   stream to a peer waits for the end of the peer's stream to this
 //!   process (its last messages first), but a stream that stays open and
 //!   silent that long is cut and the loss reported without its end (so
-//!   ~10 s in all). A send with unacknowledged data to a silent host waits
-//!   for the kernel's retransmission limit (`net.ipv4.tcp_retries2`)
-//!   instead.
+//!   ~10 s in all). A connection with data in flight, which keepalive does
+//!   not probe (the kernel alone would give it up only at its retransmission
+//!   limit, `net.ipv4.tcp_retries2`, ~15 minutes), is watched instead: once
+//!   the peer's host has acknowledged nothing for [`TcpConfig::ack_timeout`]
+//!   (10 s by default), the peer is lost. A peer that merely reads nothing is
+//!   never taken for a silent host (its kernel answers the probes of its
+//!   closed window).
 //! * **Loopback by default**: it listens on `127.0.0.1` unless
 //!   [`TcpConfig::bind`] says otherwise.
 //!
@@ -60,6 +64,7 @@
 //!
 //! [`wire`] documents the protocol.
 
+mod acks;
 mod conn;
 pub mod interfaces;
 mod layer;

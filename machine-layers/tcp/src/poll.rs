@@ -358,9 +358,11 @@ pub(crate) const KEEPALIVE_DETECTION: Duration =
 /// that, but it is deliberately not set: Linux also applies it to
 /// zero-window probing, so it would kill the connection to a live peer that
 /// merely does not read for that long (a busy process, back-pressure).
-/// The layer bounds the one wait of its own that this affects (a held loss
-/// report, see `Shared::report_loss`) with
-/// [`TcpConfig::loss_wait`](crate::TcpConfig::loss_wait) instead.
+/// The watcher of each outgoing connection bounds it instead, from what the
+/// kernel says of the connection's acknowledgements (see `crate::acks`), and
+/// the layer bounds the one wait of its own that a silent host affects (a
+/// held loss report, see `Shared::report_loss`) with
+/// [`TcpConfig::loss_wait`](crate::TcpConfig::loss_wait).
 pub(crate) fn keep_alive(s: &impl AsFd) -> io::Result<()> {
     let fd = s.as_fd().as_raw_fd();
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {

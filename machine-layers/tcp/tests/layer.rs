@@ -419,6 +419,53 @@ fn a_slow_receiver_pushes_back_on_the_sender() {
     });
 }
 
+/// A receiver that reads nothing for several times `ack_timeout` (its window closed, the sender
+/// held back) is alive: its host answers the sender's window probes, so the sender's watcher
+/// does not take it for a silent host; everything arrives once it reads, and no loss is
+/// reported on either side.
+#[test]
+fn a_receiver_that_reads_nothing_for_longer_than_the_ack_timeout_is_not_lost() {
+    watchdog(60, || {
+        let cfg = TcpConfig {
+            recv_queue_bytes: 1 << 20,
+            ack_timeout: Duration::from_millis(400),
+            ..TcpConfig::default()
+        };
+        let (_srv, _s, l) = job(2, cfg);
+        let total = 64usize; // × 1 MiB, far more than the read-ahead bound and socket buffers
+        let sender = {
+            let l0 = Arc::clone(&l[0]);
+            std::thread::spawn(move || {
+                let payload = Bytes::from(vec![3u8; 1 << 20]);
+                for i in 0..total {
+                    let m = Message::with_segments(
+                        Header::new(1, 0, 0, i as u64),
+                        vec![payload.clone()],
+                    )
+                    .unwrap();
+                    l0.send(1, m).unwrap();
+                }
+            })
+        };
+        // Ten times the limit without a single `progress` on the receiving side.
+        std::thread::sleep(Duration::from_secs(4));
+        let got = collect(&l[1], total, 40);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, (_, m))| m.header().tag == i as u64));
+        sender.join().unwrap();
+        for layer in &l {
+            layer
+                .progress_wait(
+                    &mut |_, _| panic!("nothing more was sent"),
+                    Duration::from_millis(600),
+                )
+                .unwrap();
+        }
+    });
+}
+
 #[test]
 fn self_send_wakeup_and_timeouts() {
     watchdog(30, || {
