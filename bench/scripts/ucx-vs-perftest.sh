@@ -8,13 +8,15 @@
 #      bare-socket columns): one-way
 #      latency of an entry call carrying a `Buffer` (ping-pong / 2) and the bandwidth of a stream
 #      of such calls (windows of 16, one acknowledgement per window);
-#   2. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
-#      same sizes.
+#   2. the ping-pong of the smallest entry call, one `u64` argument (`XPROC_WORD=1`: 8 bytes of
+#      arguments, the peer known in advance), beside the 8 B `Buffer` call of step 1;
 #   3. the same stream again with huge-page buffers on both sides: `xproc` sending `BufferMut`s,
 #      `ucp_am_bw` with UCX_ALLOC_PRIO=thp,mmap,heap (4 KiB pages again if the kernel has no
 #      transparent huge pages; its default allocator puts its buffers in SysV shared
 #      memory, 4 KiB pages; `xproc` otherwise sends `Vec`s, XPROC_HEAP_BUFFERS=1). CMA pins the
-#      sender's pages one by one, so the page size moves both programs' 64 KiB – 4 MiB streams.
+#      sender's pages one by one, so the page size moves both programs' 64 KiB – 4 MiB streams;
+#   4. `ucx_perftest -t ucp_am_lat` and `-t ucp_am_bw` (server and client on 127.0.0.1) for the
+#      same sizes (`ucp_am_bw` also with huge pages, as in step 3).
 # It prints the median of each column over the repetitions. Latencies are averages over the
 # iterations on both sides (`xproc` times the whole ping-pong; `ucx_perftest`'s "average" column,
 # not its "typical" one, which is a median and leaves out the tail). Bandwidth is in MB/s of 10^6 bytes
@@ -45,6 +47,8 @@ for rep in $(seq 1 "$reps"); do
     echo "repetition $rep/$reps" >&2
     XPROC_HEAP_BUFFERS=1 XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 \
         ++ppn 1 target/release/xproc +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $2, $7}' >>"$out/charmrs"
+    XPROC_WORD=1 target/release/charmrun ++quiet +p2 ++ppn 1 target/release/xproc +machine ucx |
+        awk '$1 == "word" {print 8, $2}' >>"$out/charmrs-word"
     XPROC_BW_ONLY=1 XPROC_NO_BARE=1 XPROC_SIZES=$sizes target/release/charmrun ++quiet +p2 ++ppn 1 \
         target/release/xproc +machine ucx | awk 'NR > 2 && $1 ~ /^[0-9]+$/ {print $1, $7}' >>"$out/charmrs-huge"
     for size in ${sizes//,/ }; do
@@ -71,3 +75,9 @@ for size in ${sizes//,/ }; do
         printf "%9d %11.3f %14.3f %6.2f %13.0f %15.0f %6.2f %13.0f %15.0f %6.2f\n",
             s, cl, pl, cl / pl, cb, pb, cb / pb, ch, ph, ch / ph }'
 done
+if [[ ",$sizes," == *",8,"* ]]; then
+    cw=$(median_of "$out/charmrs-word" 8 2)
+    pl=$(median_of "$out/perftest" 8 2)
+    awk -v cw="$cw" -v pl="$pl" 'BEGIN {
+        printf "# one-word entry call (a u64 argument, XPROC_WORD=1): %.3f µs one-way, %.2f× ucp_am_lat at 8 B\n", cw, cw / pl }'
+fi
