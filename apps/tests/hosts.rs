@@ -464,8 +464,9 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
 /// As above, with data in flight to the silent host at the cut: node0's PEs stream buffers to
 /// node1's, faster than the bridge carries them. Keepalive probes only idle connections (the
 /// kernel alone would give these up at its retransmission limit, ~15 minutes); the TCP layer's
-/// watchers find that node1's kernel acknowledges nothing more (`TcpConfig::ack_timeout`, 10 s),
-/// and the loss is reported `loss_wait` (5 s) later.
+/// watchers find that node1's kernel acknowledges nothing more (`TcpConfig::ack_timeout`, 10 s,
+/// found by two looks a second apart), which fails the sends waiting for room towards it and
+/// ends the job (measured: ~12 s after the cut).
 #[test]
 fn a_host_that_falls_silent_with_data_in_flight_ends_the_job_on_the_other_naming_it() {
     host_falls_silent("flood", Duration::from_secs(30));

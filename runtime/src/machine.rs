@@ -256,13 +256,15 @@ const UCX_LANES: &str = "CHARMRS_UCX_WORKERS";
 /// The variable that sets how many libfabric endpoints a process has (see [`lanes`]).
 const OFI_LANES: &str = "CHARMRS_OFI_ENDPOINTS";
 
-/// [`lanes`] from the environment variable `var`.
 /// Seconds the TCP layer lets data in flight to a peer go unacknowledged by the peer's host before
 /// it declares the peer lost (`TcpConfig::ack_timeout`).
 const TCP_ACK_TIMEOUT: &str = "CHARMRS_TCP_ACK_TIMEOUT";
 
-/// The TCP layer's `ack_timeout` from `setting` (the value of variable `var`: seconds, a
-/// positive number, or `never`), else `default`.
+/// The shortest `CHARMRS_TCP_ACK_TIMEOUT`, in seconds (the layer's own minimum).
+const TCP_ACK_TIMEOUT_MIN: f64 = 2.0;
+
+/// The TCP layer's `ack_timeout` from `setting` (the value of variable `var`: seconds, at least
+/// [`TCP_ACK_TIMEOUT_MIN`], or `never`), else `default`.
 fn ack_timeout(
     var: &str,
     setting: Option<&str>,
@@ -274,16 +276,17 @@ fn ack_timeout(
         Some(text) => text
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s > 0.0)
+            .filter(|s| s.is_finite() && *s >= TCP_ACK_TIMEOUT_MIN)
             .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
             .ok_or_else(|| {
                 Error::Options(format!(
-                    "{var}={text}: expected seconds (a positive number) or `never`"
+                    "{var}={text}: expected seconds (at least {TCP_ACK_TIMEOUT_MIN}) or `never`"
                 ))
             }),
     }
 }
 
+/// [`lanes`] from the environment variable `var`.
 fn lanes_from_env(var: &str, pes: usize) -> Result<usize> {
     lanes(var, std::env::var(var).ok().as_deref(), pes)
 }
@@ -361,7 +364,7 @@ mod tests {
         assert_eq!(at(Some("30")).unwrap(), Duration::from_secs(30));
         assert_eq!(at(Some("2.5")).unwrap(), Duration::from_millis(2500));
         assert_eq!(at(Some("never")).unwrap(), Duration::MAX);
-        for bad in ["0", "-1", "soon", "inf", "NaN", "1e30"] {
+        for bad in ["0", "-1", "1.5", "1e-12", "soon", "inf", "NaN", "1e30"] {
             let e = at(Some(bad)).unwrap_err().to_string();
             assert!(e.contains(&format!("{TCP_ACK_TIMEOUT}={bad}")), "{e}");
         }

@@ -23,18 +23,30 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-/// Unanswered probes of a closed receive window after which the peer's host counts as silent
-/// (a probe answered resets the kernel's count; one lost probe on a sound network is rare, two
-/// in a row are a host that is gone).
-const SILENT_WINDOW_PROBES: u8 = 2;
+/// Probes of a closed receive window sent since the peer's host last answered anything, from
+/// which it counts as silent: the kernel counts a probe when it sends it, so this is two
+/// unanswered and one perhaps in flight (and as many as keepalive, the kernel's other probing,
+/// allows an idle connection: `poll::KEEPALIVE_PROBES`).
+const SILENT_WINDOW_PROBES: u8 = 3;
+
+/// How long data sent after the peer's host last answered must have gone unanswered before it
+/// counts: far above a round trip and a delayed acknowledgement on any network a job runs on,
+/// so that a transmission just made (a retransmission that probes a closed window, the first
+/// write after an idle spell) is never read as silence.
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// The shortest acknowledgement limit the rule takes ([`AckState::silent_host`]; a shorter one is
+/// raised to it): twice [`ANSWER_GRACE`].
+pub(crate) const MIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the kernel reports of a connection's outgoing data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AckState {
     /// Bytes written and not yet acknowledged by the peer's host, sent or not (`TIOCOUTQ`).
     pub(crate) outstanding: usize,
-    /// Segments sent and not yet acknowledged (`tcpi_unacked`): none while the peer's window is
-    /// closed (nothing may be sent then but probes).
+    /// Segments sent and not yet acknowledged (`tcpi_unacked`): usually none while the peer's
+    /// window is closed (nothing may be sent then but probes), but segments sent before it
+    /// closed stay counted, and the kernel retransmits them as its probes.
     pub(crate) unacked: u32,
     /// Probes the peer's host has not answered since it last answered anything
     /// (`tcpi_probes`): window probes while its window is closed (keepalive probes, the
@@ -42,6 +54,8 @@ pub(crate) struct AckState {
     pub(crate) unanswered_probes: u8,
     /// Time since the peer's host last acknowledged anything (`tcpi_last_ack_recv`).
     pub(crate) since_ack: Duration,
+    /// Time since data was last transmitted, a retransmission included (`tcpi_last_data_sent`).
+    pub(crate) since_data: Duration,
 }
 
 impl AckState {
@@ -75,17 +89,26 @@ impl AckState {
             unacked: info.tcpi_unacked,
             unanswered_probes: info.tcpi_probes,
             since_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
+            since_data: Duration::from_millis(u64::from(info.tcpi_last_data_sent)),
         })
     }
 
-    /// Why the peer's host counts as silent, if it does: data sent to it has waited `limit` or
-    /// longer without the host acknowledging anything, or it left [`SILENT_WINDOW_PROBES`]
-    /// probes of its closed window unanswered in a row. `None` with nothing outstanding.
+    /// Why the peer's host counts as silent, if it does. Either it has acknowledged nothing for
+    /// `limit` (at least [`MIN_ACK_TIMEOUT`]) with segments outstanding, and data was sent to it
+    /// after its last acknowledgement, [`ANSWER_GRACE`] or more ago, that it has not answered (a
+    /// live host answers every transmission within a round trip, the retransmissions that probe
+    /// a closed window included; the kernel's retransmissions of unanswered data back off, so
+    /// with no transmission since its last answer the host may simply not have been asked).
+    /// Or it left the probes of its closed window unanswered ([`SILENT_WINDOW_PROBES`]). `None`
+    /// with nothing outstanding.
     pub(crate) fn silent_host(&self, limit: Duration) -> Option<String> {
         if self.outstanding == 0 {
             return None;
         }
-        if self.unacked > 0 && self.since_ack >= limit {
+        let asked_and_unanswered =
+            self.since_data < self.since_ack && self.since_data >= ANSWER_GRACE;
+        if self.unacked > 0 && self.since_ack >= limit.max(MIN_ACK_TIMEOUT) && asked_and_unanswered
+        {
             return Some(format!(
                 "its host acknowledged nothing for {:.1} s with {} bytes outstanding (down, or \
                  cut off from this host)",
@@ -97,7 +120,8 @@ impl AckState {
             return Some(format!(
                 "its host answered none of the last {} probes of its closed receive window, \
                  with {} bytes outstanding (down, or cut off from this host)",
-                self.unanswered_probes, self.outstanding
+                self.unanswered_probes - 1,
+                self.outstanding
             ));
         }
         None
@@ -111,12 +135,14 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
 
+    /// A state with data last sent 3 s ago.
     fn state(outstanding: usize, unacked: u32, probes: u8, since_ack_ms: u64) -> AckState {
         AckState {
             outstanding,
             unacked,
             unanswered_probes: probes,
             since_ack: Duration::from_millis(since_ack_ms),
+            since_data: Duration::from_secs(3),
         }
     }
 
@@ -136,9 +162,34 @@ mod tests {
         // is reset), so however long since the last answer, it is alive.
         assert_eq!(state(4 << 20, 0, 0, 110_000).silent_host(limit), None);
         assert_eq!(state(4 << 20, 0, 1, 110_000).silent_host(limit), None);
-        // Two probes in a row unanswered.
-        let why = state(4 << 20, 0, 2, 3_000).silent_host(limit).unwrap();
+        // Two probes in a row unanswered (and a third sent).
+        assert_eq!(state(4 << 20, 0, 2, 3_000).silent_host(limit), None);
+        let why = state(4 << 20, 0, 3, 3_000).silent_host(limit).unwrap();
         assert!(why.contains("none of the last 2 probes"), "{why}");
+        // Segments outstanding behind a closed window, retransmitted as probes two minutes apart
+        // and answered: the last transmission came before the last answer.
+        let answered = AckState {
+            since_data: Duration::from_secs(61),
+            ..state(4 << 20, 3, 0, 60_000)
+        };
+        assert_eq!(answered.silent_host(limit), None);
+        // The same with a transmission just made after a long silence (its answer on the way),
+        // or half a second ago: not yet unanswered.
+        for sent_ms in [0, 500] {
+            let asked = AckState {
+                since_data: Duration::from_millis(sent_ms),
+                ..state(4 << 20, 3, 0, 60_000)
+            };
+            assert_eq!(asked.silent_host(limit), None);
+        }
+        // A limit under the minimum is raised to it.
+        assert_eq!(
+            state(1 << 20, 40, 0, 1_900).silent_host(Duration::from_millis(100)),
+            None
+        );
+        assert!(state(1 << 20, 40, 0, 4_000)
+            .silent_host(Duration::from_millis(100))
+            .is_some());
     }
 
     /// A live peer that reads nothing, its window closed for longer than the limit, is not a
@@ -151,23 +202,32 @@ mod tests {
         let (mut reader, _) = listener.accept().unwrap();
         out.set_nonblocking(true).unwrap();
         let chunk = vec![7u8; 64 << 10];
-        let limit = Duration::from_millis(1500);
+        let limit = MIN_ACK_TIMEOUT;
         let start = std::time::Instant::now();
         let mut written = 0usize;
-        let mut seen_closed = false;
-        while start.elapsed() < Duration::from_secs(4) {
+        let (mut full, mut longest_silence) = (false, Duration::ZERO);
+        // The kernel's probes of the closed window back off (0.2 s, 0.4 s, … apart): within 7 s
+        // two of them are more than the limit apart.
+        while start.elapsed() < Duration::from_secs(7) {
             match out.write(&chunk) {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    full = true;
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(e) => panic!("write: {e}"),
             }
             let s = AckState::of(out.as_fd()).unwrap();
-            seen_closed |= s.outstanding > 0 && s.unacked == 0;
+            if s.outstanding > 0 {
+                longest_silence = longest_silence.max(s.since_ack);
+            }
             assert_eq!(s.silent_host(limit), None, "{s:?}");
         }
-        assert!(seen_closed, "the reader's window never closed");
+        assert!(full, "the socket never filled");
+        assert!(
+            longest_silence >= limit,
+            "the reader's host was never silent as long as the limit ({longest_silence:?})"
+        );
         // Everything written arrives once the reader reads.
         out.set_nonblocking(false).unwrap();
         drop(out);

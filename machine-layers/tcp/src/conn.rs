@@ -161,24 +161,25 @@ fn accept_handshake(
 }
 
 /// How often the watcher of an outgoing stream asks the kernel whether the peer's host still
-/// acknowledges what was sent (at most; a shorter `TcpConfig::ack_timeout` is looked at four
-/// times within it).
+/// acknowledges what was sent. A host is declared silent only when two looks in a row find it so
+/// ([`AckState::silent_host`]), so that no one reading taken at an unlucky moment decides.
 const ACK_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches our stream to `dst` (connection `id`): the peer writes nothing
 /// on it but a goodbye byte, so end-of-stream or an error means the peer
-/// died (or departed, after the goodbye). Between reads it looks whether data in flight to
+/// died (or departed, after the goodbye). Every second it also looks whether data in flight to
 /// the peer has gone unacknowledged by its host for `cfg.ack_timeout` (see `acks`), and
-/// declares the peer lost if so.
+/// declares the peer lost if two looks in a row find so.
 pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: TcpStream) {
     let addr = shared.peers[dst as usize].addr;
     let limit = shared.cfg.ack_timeout;
-    let look_every = ACK_LOOK_EVERY.min(limit / 4).max(Duration::from_millis(10));
     // The timeout only bounds this thread's reads: the peer writes nothing else on the stream,
     // and every write to it waits without a read (`poll::send_nowait`, `wait_writable`).
-    let looking = limit != Duration::MAX && s.set_read_timeout(Some(look_every)).is_ok();
+    let looking = limit != Duration::MAX && s.set_read_timeout(Some(ACK_LOOK_EVERY)).is_ok();
     let mut buf = [0u8; 16];
     let mut bye = false;
+    // The previous look found the host silent.
+    let mut silent_before = false;
     let why = loop {
         match s.read(&mut buf) {
             Ok(0) => break "connection closed by the peer".to_owned(),
@@ -195,8 +196,9 @@ pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: Tc
                 let silent = AckState::of(s.as_fd())
                     .ok()
                     .and_then(|state| state.silent_host(limit));
-                if let Some(why) = silent {
-                    break why;
+                match silent {
+                    Some(why) if silent_before => break why,
+                    silent => silent_before = silent.is_some(),
                 }
             }
             Err(e) => break e.to_string(),

@@ -82,8 +82,12 @@ pub struct TcpConfig {
     /// counts: a live peer that reads nothing keeps its receive window closed and its kernel
     /// answers the probes of it, however long that lasts (two probes in a row unanswered are a
     /// silent host, found up to two probe intervals late: the kernel's probes of a window kept
-    /// closed for minutes back off to two minutes apart). Looked at every second (or every
-    /// quarter of this, if shorter). `Duration::MAX` never declares it. Default 10 s.
+    /// closed for minutes back off to two minutes apart). Looked at every second, and declared
+    /// when two looks in a row find it; at least 2 s (a shorter limit is taken as 2 s).
+    /// `Duration::MAX` never declares it. Default 10 s.
+    ///
+    /// The price: a network outage of more than this, with data in flight, ends the job, where
+    /// the kernel alone would have retransmitted for up to ~15 minutes and gone on.
     pub ack_timeout: Duration,
 }
 

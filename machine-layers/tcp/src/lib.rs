@@ -41,9 +41,10 @@
 //!   not probe (the kernel alone would give it up only at its retransmission
 //!   limit, `net.ipv4.tcp_retries2`, ~15 minutes), is watched instead: once
 //!   the peer's host has acknowledged nothing for [`TcpConfig::ack_timeout`]
-//!   (10 s by default), the peer is lost. A peer that merely reads nothing is
-//!   never taken for a silent host (its kernel answers the probes of its
-//!   closed window).
+//!   (10 s by default) or, its receive window closed, left two probes of it
+//!   unanswered, the peer is lost, and sends waiting for room towards it
+//!   fail. A peer that merely reads nothing is never taken for a silent host
+//!   (its kernel answers the probes of its closed window).
 //! * **Loopback by default**: it listens on `127.0.0.1` unless
 //!   [`TcpConfig::bind`] says otherwise.
 //!

@@ -498,7 +498,10 @@ impl Shared {
 
     /// Marks `p` lost like [`Shared::lose`], but returns the report (if one
     /// is due) instead of queueing it, for the receive side to put in line
-    /// behind the messages read before the loss.
+    /// behind the messages read before the loss. The first time, our stream
+    /// to `p` is shut down too: a send to `p` waiting for room in it (its host
+    /// silent, nothing drains it) fails now, whichever connection the loss
+    /// was found on, not when the kernel gives that stream up.
     pub(crate) fn lose_report(&self, p: ProcessId, reason: String) -> Option<Event> {
         let peer = &self.peers[p as usize];
         let reason = {
@@ -508,8 +511,13 @@ impl Shared {
         if self.closing.load(Ordering::SeqCst) || peer.departed.load(Ordering::SeqCst) {
             return None;
         }
-        (!peer.reported.swap(true, Ordering::SeqCst))
-            .then_some(Event::Err(TransportError::PeerLost { process: p, reason }))
+        if peer.reported.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        if let Some((_, out)) = lock(&peer.out_ctl).as_ref() {
+            let _ = out.shutdown(Shutdown::Both);
+        }
+        Some(Event::Err(TransportError::PeerLost { process: p, reason }))
     }
 
     /// Records that `p` shut its layer down cleanly: later sends to it fail,

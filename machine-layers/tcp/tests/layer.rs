@@ -428,7 +428,8 @@ fn a_receiver_that_reads_nothing_for_longer_than_the_ack_timeout_is_not_lost() {
     watchdog(60, || {
         let cfg = TcpConfig {
             recv_queue_bytes: 1 << 20,
-            ack_timeout: Duration::from_millis(400),
+            // The shortest the layer takes.
+            ack_timeout: Duration::from_secs(2),
             ..TcpConfig::default()
         };
         let (_srv, _s, l) = job(2, cfg);
@@ -447,8 +448,8 @@ fn a_receiver_that_reads_nothing_for_longer_than_the_ack_timeout_is_not_lost() {
                 }
             })
         };
-        // Ten times the limit without a single `progress` on the receiving side.
-        std::thread::sleep(Duration::from_secs(4));
+        // Three times the limit without a single `progress` on the receiving side.
+        std::thread::sleep(Duration::from_secs(6));
         let got = collect(&l[1], total, 40);
         assert!(got
             .iter()
