@@ -466,7 +466,8 @@ fn a_host_that_falls_silent_ends_the_job_on_the_other_naming_it() {
 /// comes (the kernel gives such a connection up only at its retransmission limit, ~15 minutes).
 /// Process 0 finds the silence on its idle connection from node1 by keepalive, as above, and
 /// the loss shuts its streams to the lost processes, which fails those sends at once: the job
-/// ends ~6 s after the cut (it hung until this test's 120 s limit before). A process with no
+/// ends ~6 s after the cut (with neither this nor the acknowledgement watch below, it hung until
+/// this test's 120 s limit). A process with no
 /// connection from the silent host finds it by the acknowledgements of its own data
 /// (`TcpConfig::ack_timeout`), tested in the TCP layer's own `tests/hosts.rs`.
 #[test]

@@ -260,11 +260,8 @@ const OFI_LANES: &str = "CHARMRS_OFI_ENDPOINTS";
 /// it declares the peer lost (`TcpConfig::ack_timeout`).
 const TCP_ACK_TIMEOUT: &str = "CHARMRS_TCP_ACK_TIMEOUT";
 
-/// The shortest `CHARMRS_TCP_ACK_TIMEOUT`, in seconds (the layer's own minimum).
-const TCP_ACK_TIMEOUT_MIN: f64 = 2.0;
-
 /// The TCP layer's `ack_timeout` from `setting` (the value of variable `var`: seconds, at least
-/// [`TCP_ACK_TIMEOUT_MIN`], or `never`), else `default`.
+/// the layer's minimum, `charmrs_tcp::MIN_ACK_TIMEOUT`, or `never`), else `default`.
 fn ack_timeout(
     var: &str,
     setting: Option<&str>,
@@ -276,11 +273,12 @@ fn ack_timeout(
         Some(text) => text
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s >= TCP_ACK_TIMEOUT_MIN)
+            .filter(|s| s.is_finite() && *s >= charmrs_tcp::MIN_ACK_TIMEOUT.as_secs_f64())
             .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
             .ok_or_else(|| {
                 Error::Options(format!(
-                    "{var}={text}: expected seconds (at least {TCP_ACK_TIMEOUT_MIN}) or `never`"
+                    "{var}={text}: expected seconds (at least {}) or `never`",
+                    charmrs_tcp::MIN_ACK_TIMEOUT.as_secs_f64()
                 ))
             }),
     }

@@ -5,7 +5,9 @@
 //! # What this module owns
 //!
 //! [`AckState`], what the kernel reports of one connection's outgoing data (`TCP_INFO` and
-//! `TIOCOUTQ`), and the rule that reads a silent host from it ([`AckState::silent_host`]).
+//! `TIOCOUTQ`), the rule that reads a silent host from one such state
+//! ([`AckState::silent_host`]), and [`SilenceWatch`], which takes successive states of one
+//! connection and decides: one look, or one lost packet, never does.
 //!
 //! # Invariants
 //!
@@ -21,7 +23,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Probes of a closed receive window sent since the peer's host last answered anything, from
 /// which it counts as silent: the kernel counts a probe when it sends it, so this is two
@@ -35,9 +37,38 @@ const SILENT_WINDOW_PROBES: u8 = 3;
 /// write after an idle spell) is never read as silence.
 pub(crate) const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
-/// The shortest acknowledgement limit the rule takes ([`AckState::silent_host`]; a shorter one is
-/// raised to it): twice [`ANSWER_GRACE`].
-pub(crate) const MIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest acknowledgement limit the rule takes ([`TcpConfig::ack_timeout`]: a shorter one
+/// is raised to it): twice [`ANSWER_GRACE`].
+///
+/// [`TcpConfig::ack_timeout`]: crate::TcpConfig::ack_timeout
+pub const MIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Two readings of one transmission's time, at two looks, differ by at most this (the kernel
+/// keeps it in jiffies; the looks' own clock reads add their jitter).
+const SAME_TRANSMISSION: Duration = Duration::from_millis(50);
+
+/// What one state says of the peer's host ([`AckState::silent_host`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reading {
+    /// Nothing says it is silent: nothing outstanding, or it answered recently, or after the
+    /// last transmission.
+    Answering,
+    /// Silent for the limit, but the last transmission is under [`ANSWER_GRACE`] old: its answer
+    /// may be on the way.
+    Asked,
+    /// Silent.
+    Silent(Silence),
+}
+
+/// Why a host counts as silent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Silence {
+    /// Why, for the loss report.
+    pub(crate) why: String,
+    /// Found by the data rule: how long ago the unanswered transmission was made. `None` for the
+    /// window probes.
+    pub(crate) unanswered_sent: Option<Duration>,
+}
 
 /// What the kernel reports of a connection's outgoing data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +79,10 @@ pub(crate) struct AckState {
     /// window is closed (nothing may be sent then but probes), but segments sent before it
     /// closed stay counted, and the kernel retransmits them as its probes.
     pub(crate) unacked: u32,
-    /// Probes the peer's host has not answered since it last answered anything
-    /// (`tcpi_probes`): window probes while its window is closed (keepalive probes, the
-    /// kernel's other kind, are sent only with nothing outstanding).
+    /// Probes sent since the peer's host last answered anything (`tcpi_probes`; the kernel
+    /// counts a probe when it sends it, so the last may still be on its way): window probes
+    /// while its window is closed (keepalive probes, the kernel's other kind, are sent only with
+    /// nothing outstanding).
     pub(crate) unanswered_probes: u8,
     /// Time since the peer's host last acknowledged anything (`tcpi_last_ack_recv`).
     pub(crate) since_ack: Duration,
@@ -100,29 +132,88 @@ impl AckState {
     /// a closed window included; the kernel's retransmissions of unanswered data back off, so
     /// with no transmission since its last answer the host may simply not have been asked).
     /// Or it left the probes of its closed window unanswered ([`SILENT_WINDOW_PROBES`]). `None`
-    /// with nothing outstanding.
-    pub(crate) fn silent_host(&self, limit: Duration) -> Option<String> {
+    /// with nothing outstanding. One state decides nothing: see [`SilenceWatch`].
+    pub(crate) fn silent_host(&self, limit: Duration) -> Reading {
         if self.outstanding == 0 {
-            return None;
+            return Reading::Answering;
         }
-        let asked_and_unanswered =
-            self.since_data < self.since_ack && self.since_data >= ANSWER_GRACE;
-        if self.unacked > 0 && self.since_ack >= limit.max(MIN_ACK_TIMEOUT) && asked_and_unanswered
+        if self.unacked > 0
+            && self.since_ack >= limit.max(MIN_ACK_TIMEOUT)
+            && self.since_data < self.since_ack
         {
-            return Some(format!(
-                "its host acknowledged nothing for {:.1} s with {} bytes outstanding (down, or \
-                 cut off from this host)",
-                self.since_ack.as_secs_f64(),
-                self.outstanding
-            ));
+            if self.since_data < ANSWER_GRACE {
+                return Reading::Asked;
+            }
+            return Reading::Silent(Silence {
+                why: format!(
+                    "its host acknowledged nothing for {:.1} s with {} bytes outstanding (down, \
+                     or cut off from this host)",
+                    self.since_ack.as_secs_f64(),
+                    self.outstanding
+                ),
+                unanswered_sent: Some(self.since_data),
+            });
         }
         if self.unanswered_probes >= SILENT_WINDOW_PROBES {
-            return Some(format!(
-                "its host answered none of the last {} probes of its closed receive window, \
-                 with {} bytes outstanding (down, or cut off from this host)",
-                self.unanswered_probes - 1,
-                self.outstanding
-            ));
+            return Reading::Silent(Silence {
+                why: format!(
+                    "its host answered none of the last {} probes of its closed receive window, \
+                     with {} bytes outstanding (down, or cut off from this host)",
+                    self.unanswered_probes - 1,
+                    self.outstanding
+                ),
+                unanswered_sent: None,
+            });
+        }
+        Reading::Answering
+    }
+}
+
+/// Decides, from successive states of one connection (looks a second or so apart), whether its
+/// peer's host is silent: when [`AckState::silent_host`] finds it so at two looks in a row, and,
+/// by the data rule, about two distinct transmissions (the first one unanswered, then a later
+/// one too: a live host that misses one retransmission answers the next, which the kernel makes
+/// anyway). A look that finds a transmission too fresh to judge ([`Reading::Asked`]) changes
+/// nothing; any other look that does not find the host silent starts over.
+#[derive(Debug)]
+pub(crate) struct SilenceWatch {
+    limit: Duration,
+    /// What the previous look found: nothing, the window probes' silence (`Some(None)`), or the
+    /// data rule's, with the instant of the first transmission found unanswered.
+    previous: Option<Option<Instant>>,
+}
+
+impl SilenceWatch {
+    /// A watch with acknowledgement limit `limit` (`TcpConfig::ack_timeout`).
+    pub(crate) fn new(limit: Duration) -> SilenceWatch {
+        SilenceWatch {
+            limit,
+            previous: None,
+        }
+    }
+
+    /// Takes the state read at `now`; says why the host is silent once it is decided.
+    pub(crate) fn look(&mut self, state: &AckState, now: Instant) -> Option<String> {
+        let silence = match state.silent_host(self.limit) {
+            Reading::Silent(silence) => silence,
+            Reading::Asked => return None,
+            Reading::Answering => {
+                self.previous = None;
+                return None;
+            }
+        };
+        // When the unanswered transmission was made (a reading too old for the clock counts as
+        // no transmission).
+        let sent = silence.unanswered_sent.map(|ago| now.checked_sub(ago));
+        match (self.previous, sent) {
+            (Some(None), None) => return Some(silence.why),
+            (Some(Some(first)), Some(Some(sent))) if sent > first + SAME_TRANSMISSION => {
+                return Some(silence.why)
+            }
+            // The same transmission, still unanswered: wait for the next.
+            (Some(Some(_)), Some(Some(_))) => {}
+            (_, None) => self.previous = Some(None),
+            (_, Some(sent)) => self.previous = sent.map(Some),
         }
         None
     }
@@ -134,6 +225,14 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
+
+    /// Why `s` reads as silent under `limit`, if it does.
+    fn silent(s: &AckState, limit: Duration) -> Option<String> {
+        match s.silent_host(limit) {
+            Reading::Silent(silence) => Some(silence.why),
+            _ => None,
+        }
+    }
 
     /// A state with data last sent 3 s ago.
     fn state(outstanding: usize, unacked: u32, probes: u8, since_ack_ms: u64) -> AckState {
@@ -150,21 +249,21 @@ mod tests {
     fn only_a_host_that_stops_acknowledging_outstanding_data_is_silent() {
         let limit = Duration::from_secs(10);
         // Idle (keepalive's), however long since the last acknowledgement.
-        assert_eq!(state(0, 0, 0, 600_000).silent_host(limit), None);
-        assert_eq!(state(0, 0, 3, 600_000).silent_host(limit), None);
+        assert_eq!(silent(&state(0, 0, 0, 600_000), limit), None);
+        assert_eq!(silent(&state(0, 0, 3, 600_000), limit), None);
         // Data in flight, acknowledged recently.
-        assert_eq!(state(1 << 20, 40, 0, 9_999).silent_host(limit), None);
+        assert_eq!(silent(&state(1 << 20, 40, 0, 9_999), limit), None);
         // Data in flight, nothing acknowledged for the limit: the host is gone.
-        let why = state(1 << 20, 40, 0, 10_000).silent_host(limit).unwrap();
+        let why = silent(&state(1 << 20, 40, 0, 10_000), limit).unwrap();
         assert!(why.contains("acknowledged nothing for 10.0 s"), "{why}");
         assert!(why.contains("1048576 bytes outstanding"), "{why}");
         // A window kept closed by a peer that reads nothing: its probes are answered (the count
         // is reset), so however long since the last answer, it is alive.
-        assert_eq!(state(4 << 20, 0, 0, 110_000).silent_host(limit), None);
-        assert_eq!(state(4 << 20, 0, 1, 110_000).silent_host(limit), None);
+        assert_eq!(silent(&state(4 << 20, 0, 0, 110_000), limit), None);
+        assert_eq!(silent(&state(4 << 20, 0, 1, 110_000), limit), None);
         // Two probes in a row unanswered (and a third sent).
-        assert_eq!(state(4 << 20, 0, 2, 3_000).silent_host(limit), None);
-        let why = state(4 << 20, 0, 3, 3_000).silent_host(limit).unwrap();
+        assert_eq!(silent(&state(4 << 20, 0, 2, 3_000), limit), None);
+        let why = silent(&state(4 << 20, 0, 3, 3_000), limit).unwrap();
         assert!(why.contains("none of the last 2 probes"), "{why}");
         // Segments outstanding behind a closed window, retransmitted as probes two minutes apart
         // and answered: the last transmission came before the last answer.
@@ -172,7 +271,7 @@ mod tests {
             since_data: Duration::from_secs(61),
             ..state(4 << 20, 3, 0, 60_000)
         };
-        assert_eq!(answered.silent_host(limit), None);
+        assert_eq!(silent(&answered, limit), None);
         // The same with a transmission just made after a long silence (its answer on the way),
         // or half a second ago: not yet unanswered.
         for sent_ms in [0, 500] {
@@ -180,16 +279,55 @@ mod tests {
                 since_data: Duration::from_millis(sent_ms),
                 ..state(4 << 20, 3, 0, 60_000)
             };
-            assert_eq!(asked.silent_host(limit), None);
+            assert_eq!(asked.silent_host(limit), Reading::Asked);
         }
         // A limit under the minimum is raised to it.
         assert_eq!(
-            state(1 << 20, 40, 0, 1_900).silent_host(Duration::from_millis(100)),
+            silent(&state(1 << 20, 40, 0, 1_900), Duration::from_millis(100)),
             None
         );
-        assert!(state(1 << 20, 40, 0, 4_000)
-            .silent_host(Duration::from_millis(100))
-            .is_some());
+        assert!(silent(&state(1 << 20, 40, 0, 4_000), Duration::from_millis(100)).is_some());
+    }
+
+    #[test]
+    fn the_watch_decides_on_two_looks_and_two_unanswered_transmissions() {
+        let limit = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(100 + s);
+        // Data outstanding, nothing acknowledged for `ack` s, the last transmission `data` s ago.
+        let data = |ack: u64, data: u64| AckState {
+            since_data: Duration::from_secs(data),
+            ..state(1 << 20, 40, 0, ack * 1000)
+        };
+        // A cut link: retransmissions at 12 s and 18 s after the last answer, never answered.
+        let mut w = SilenceWatch::new(limit);
+        assert_eq!(w.look(&data(13, 1), at(13)), None); // first unanswered transmission
+        assert_eq!(w.look(&data(14, 2), at(14)), None); // the same one, still unanswered
+        assert_eq!(w.look(&data(18, 0), at(18)), None); // a new one, just made
+        let why = w
+            .look(&data(19, 1), at(19))
+            .expect("two transmissions unanswered");
+        assert!(why.contains("acknowledged nothing for 19.0 s"), "{why}");
+        // A live host behind a closed window that missed one retransmission: the next is
+        // answered (the answer comes after it: `since_ack` < `since_data`), which starts over.
+        let mut w = SilenceWatch::new(limit);
+        assert_eq!(w.look(&data(40, 2), at(40)), None);
+        let answered = AckState {
+            since_data: Duration::from_millis(1500),
+            ..state(1 << 20, 40, 0, 1400)
+        };
+        assert_eq!(w.look(&answered, at(41)), None);
+        assert_eq!(w.look(&data(11, 3), at(51)), None);
+        // Window probes unanswered: two looks in a row.
+        let mut w = SilenceWatch::new(limit);
+        let probes = state(4 << 20, 0, 3, 5_000);
+        assert_eq!(w.look(&probes, at(5)), None);
+        assert!(w.look(&probes, at(6)).is_some());
+        // ... and not when a look in between found nothing.
+        let mut w = SilenceWatch::new(limit);
+        assert_eq!(w.look(&probes, at(5)), None);
+        assert_eq!(w.look(&state(4 << 20, 0, 0, 100), at(6)), None);
+        assert_eq!(w.look(&probes, at(7)), None);
     }
 
     /// A live peer that reads nothing, its window closed for longer than the limit, is not a
@@ -221,7 +359,7 @@ mod tests {
             if s.outstanding > 0 {
                 longest_silence = longest_silence.max(s.since_ack);
             }
-            assert_eq!(s.silent_host(limit), None, "{s:?}");
+            assert_eq!(silent(&s, limit), None, "{s:?}");
         }
         assert!(full, "the socket never filled");
         assert!(

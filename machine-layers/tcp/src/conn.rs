@@ -18,12 +18,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use charmrs_transport::kv::ct_eq;
 use charmrs_transport::ProcessId;
 
-use crate::acks::AckState;
+use crate::acks::{AckState, SilenceWatch};
 use crate::shared::{lock, Shared};
 use crate::wire::{self, ACK_MAGIC, HELLO_LEN, HELLO_MAGIC};
 
@@ -161,15 +161,14 @@ fn accept_handshake(
 }
 
 /// How often the watcher of an outgoing stream asks the kernel whether the peer's host still
-/// acknowledges what was sent. A host is declared silent only when two looks in a row find it so
-/// ([`AckState::silent_host`]), so that no one reading taken at an unlucky moment decides.
+/// acknowledges what was sent (see [`SilenceWatch`]: successive looks decide, never one).
 const ACK_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches our stream to `dst` (connection `id`): the peer writes nothing
 /// on it but a goodbye byte, so end-of-stream or an error means the peer
 /// died (or departed, after the goodbye). Every second it also looks whether data in flight to
-/// the peer has gone unacknowledged by its host for `cfg.ack_timeout` (see `acks`), and
-/// declares the peer lost if two looks in a row find so.
+/// the peer has gone unacknowledged by its host for `cfg.ack_timeout`, and declares the peer
+/// lost once its [`SilenceWatch`] decides so.
 pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: TcpStream) {
     let addr = shared.peers[dst as usize].addr;
     let limit = shared.cfg.ack_timeout;
@@ -178,8 +177,7 @@ pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: Tc
     let looking = limit != Duration::MAX && s.set_read_timeout(Some(ACK_LOOK_EVERY)).is_ok();
     let mut buf = [0u8; 16];
     let mut bye = false;
-    // The previous look found the host silent.
-    let mut silent_before = false;
+    let mut silence = SilenceWatch::new(limit);
     let why = loop {
         match s.read(&mut buf) {
             Ok(0) => break "connection closed by the peer".to_owned(),
@@ -195,10 +193,9 @@ pub(crate) fn watch_outgoing(shared: &Shared, dst: ProcessId, id: u64, mut s: Tc
             {
                 let silent = AckState::of(s.as_fd())
                     .ok()
-                    .and_then(|state| state.silent_host(limit));
-                match silent {
-                    Some(why) if silent_before => break why,
-                    silent => silent_before = silent.is_some(),
+                    .and_then(|state| silence.look(&state, Instant::now()));
+                if let Some(why) = silent {
+                    break why;
                 }
             }
             Err(e) => break e.to_string(),

@@ -80,10 +80,13 @@ pub struct TcpConfig {
     /// is in flight (keepalive probes only idle connections, and the kernel gives such a
     /// connection up only at its retransmission limit, ~15 minutes). Only the host's silence
     /// counts: a live peer that reads nothing keeps its receive window closed and its kernel
-    /// answers the probes of it, however long that lasts (two probes in a row unanswered are a
-    /// silent host, found up to two probe intervals late: the kernel's probes of a window kept
-    /// closed for minutes back off to two minutes apart). Looked at every second, and declared
-    /// when two looks in a row find it; at least 2 s (a shorter limit is taken as 2 s).
+    /// answers the probes of it, however long that lasts (three probes sent and two of them
+    /// unanswered are a silent host, found up to three probe intervals late: the kernel's probes
+    /// of a window kept closed for minutes back off to two minutes apart). Looked at every
+    /// second; declared once two transmissions made after the host's last answer have gone
+    /// unanswered for a second each, so about this limit and one retransmission interval after
+    /// the host fell silent. At least 2 s (a shorter limit is taken as 2 s:
+    /// [`MIN_ACK_TIMEOUT`](crate::MIN_ACK_TIMEOUT)).
     /// `Duration::MAX` never declares it. Default 10 s.
     ///
     /// The price: a network outage of more than this, with data in flight, ends the job, where

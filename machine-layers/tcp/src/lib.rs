@@ -74,4 +74,5 @@ mod recv;
 mod shared;
 pub mod wire;
 
+pub use acks::MIN_ACK_TIMEOUT;
 pub use layer::{TcpConfig, TcpLayer, TcpStats};

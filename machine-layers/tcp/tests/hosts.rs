@@ -2,7 +2,8 @@
 //! falls silent (its link cut: no FIN, no RST, no acknowledgement ever again).
 //!
 //! The hosts are network namespaces made by `ci/netns-hosts start` (root); the tests run when
-//! `CHARMRS_NETNS_HOSTS` names that script, and are skipped with a note otherwise. Each "process"
+//! `CHARMRS_NETNS_HOSTS` names that script, and are skipped with a note otherwise (set without
+//! the hosts up, they fail naming the missing namespace). Each "process"
 //! is a thread entered into a host's namespace (`setns` moves the calling thread only, and the
 //! threads it starts, the layer's own, inherit it). Every test runs under a watchdog.
 
@@ -16,14 +17,19 @@ use charmrs_tcp::{TcpConfig, TcpLayer};
 use charmrs_transport::kv::{random_secret, KvBootstrap, KvServer};
 use charmrs_transport::{Header, MachineLayer, Message, TransportError};
 
-/// Runs `f` on a thread; fails if it takes longer than `secs`.
+/// Runs `f` on a thread; fails if it takes longer than `secs` (or panics).
 fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .expect("test timed out (watchdog)")
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test timed out (watchdog)"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the test's thread panicked (above)")
+        }
+    }
 }
 
 /// The hosts script, if the emulated hosts are up.
@@ -67,8 +73,8 @@ fn hosts(script: &str, verb: &str, host: &str) {
 /// nothing back (so process 0 has no connection from it, whose keepalive probes would find the
 /// silence; only the acknowledgements of its own data can). node1's link is cut while data is
 /// in flight: process 0's sends, then its `progress`, report process 1 lost, naming its
-/// silence, within the acknowledgement limit and a few seconds (the kernel alone would go on
-/// retransmitting for ~15 minutes).
+/// silence, within the acknowledgement limit and a retransmission interval or two (the kernel
+/// alone would go on retransmitting for ~15 minutes).
 #[test]
 fn a_host_that_falls_silent_with_data_in_flight_is_reported_lost() {
     let Some(script) = hosts_script() else {
@@ -145,8 +151,9 @@ fn a_host_that_falls_silent_with_data_in_flight_is_reported_lost() {
             panic!("not a lost peer: {failure}");
         };
         assert_eq!(*process, 1, "{failure}");
+        // By the data rule, or by the window probes' if node1's window happened to be closed.
         assert!(
-            reason.contains("its host acknowledged nothing"),
+            reason.contains("(down, or cut off from this host)"),
             "the loss does not name the host's silence: {failure}"
         );
         // `progress` reports it too.
@@ -169,7 +176,7 @@ fn a_host_that_falls_silent_with_data_in_flight_is_reported_lost() {
     });
     eprintln!("sends to the silent host failed {took:?} after the cut (limit {limit:?})");
     assert!(
-        took < limit + Duration::from_secs(8),
+        took < limit + Duration::from_secs(10),
         "found {took:?} after the cut, limit {limit:?}"
     );
 }
