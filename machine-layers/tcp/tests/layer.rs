@@ -375,6 +375,25 @@ fn remote_get_reads_registered_bytes() {
     });
 }
 
+/// Sends `total` messages of 1 MiB (tags 0, 1, …) from `layer` to process 1 on a thread of its
+/// own, counting each in `sent` once `send` returned.
+fn send_mebibytes(
+    layer: &Arc<TcpLayer>,
+    total: usize,
+    sent: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    let layer = Arc::clone(layer);
+    std::thread::spawn(move || {
+        let payload = Bytes::from(vec![7u8; 1 << 20]);
+        for i in 0..total {
+            let m = Message::with_segments(Header::new(1, 0, 0, i as u64), vec![payload.clone()])
+                .unwrap();
+            layer.send(1, m).unwrap();
+            sent.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+}
+
 #[test]
 fn a_slow_receiver_pushes_back_on_the_sender() {
     watchdog(60, || {
@@ -385,21 +404,7 @@ fn a_slow_receiver_pushes_back_on_the_sender() {
         let (_srv, _s, l) = job(2, cfg);
         let total = 256usize; // × 1 MiB = 256 MiB offered
         let sent = Arc::new(AtomicUsize::new(0));
-        let sender = {
-            let (l0, sent) = (Arc::clone(&l[0]), Arc::clone(&sent));
-            std::thread::spawn(move || {
-                let payload = Bytes::from(vec![7u8; 1 << 20]);
-                for i in 0..total {
-                    let m = Message::with_segments(
-                        Header::new(1, 0, 0, i as u64),
-                        vec![payload.clone()],
-                    )
-                    .unwrap();
-                    l0.send(1, m).unwrap();
-                    sent.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        };
+        let sender = send_mebibytes(&l[0], total, Arc::clone(&sent));
         std::thread::sleep(Duration::from_millis(700));
         let stalled_at = sent.load(Ordering::SeqCst);
         // Bounded: the receiver's queue (1 MiB) plus socket buffers, far
@@ -434,20 +439,7 @@ fn a_receiver_that_reads_nothing_for_longer_than_the_ack_timeout_is_not_lost() {
         };
         let (_srv, _s, l) = job(2, cfg);
         let total = 64usize; // × 1 MiB, far more than the read-ahead bound and socket buffers
-        let sender = {
-            let l0 = Arc::clone(&l[0]);
-            std::thread::spawn(move || {
-                let payload = Bytes::from(vec![3u8; 1 << 20]);
-                for i in 0..total {
-                    let m = Message::with_segments(
-                        Header::new(1, 0, 0, i as u64),
-                        vec![payload.clone()],
-                    )
-                    .unwrap();
-                    l0.send(1, m).unwrap();
-                }
-            })
-        };
+        let sender = send_mebibytes(&l[0], total, Arc::default());
         // Three times the limit without a single `progress` on the receiving side.
         std::thread::sleep(Duration::from_secs(6));
         let got = collect(&l[1], total, 40);
