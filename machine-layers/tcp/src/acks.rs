@@ -37,8 +37,8 @@ const SILENT_WINDOW_PROBES: u8 = 3;
 /// write after an idle spell) is never read as silence.
 pub(crate) const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
-/// The shortest acknowledgement limit the rule takes ([`TcpConfig::ack_timeout`]: a shorter one
-/// is raised to it): twice [`ANSWER_GRACE`].
+/// The shortest acknowledgement limit the layer takes ([`TcpConfig::ack_timeout`]: a shorter one
+/// is raised to it): twice the second for which a transmission must have gone unanswered.
 ///
 /// [`TcpConfig::ack_timeout`]: crate::TcpConfig::ack_timeout
 pub const MIN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
