@@ -160,10 +160,12 @@ fn mpirun_abort_stops_the_job() {
     }
     assert!(!done.status.is_some_and(|s| s.success()), "{report}");
     assert!(done.took < Duration::from_secs(20), "{report}");
-    assert!(
-        !done.stderr.contains("despite the abort"),
-        "a fence succeeded after the abort\n{report}"
-    );
+    // Not asserted here (it is under srun, where the abort is `PMIx_Abort`): that the others'
+    // fence fails. Under mpirun the abort is the aborting rank's exit, and OpenPMIx may complete
+    // a fence without a member whose exit it saw before the others entered it (seen once in a
+    // clean-clone CI run, stop 33: ranks 0 and 1 got Ok and exited with status 6, and mpirun
+    // ended the job with a non-zero status all the same). What charmrs relies on is asserted:
+    // the job ends, promptly and failed, naming the aborting rank.
     assert!(
         done.stderr.contains("rank 2 aborts the job on purpose"),
         "{report}"
