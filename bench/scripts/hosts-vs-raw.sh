@@ -54,25 +54,29 @@ xproc() { # layer VAR=value…
         $PWD/target/release/xproc +machine $layer +noaffinity"
 }
 
-perftest() { # size -> the average one-way latency in µs
-    local port=$((20000 + RANDOM % 20000)) ucx="UCX_TLS=tcp,self UCX_NET_DEVICES=eth0"
-    on node1 "$ucx timeout 120 ucx_perftest -t ucp_am_lat -s $1 -n 10000 -p $port" >/dev/null 2>&1 &
+# A raw tool's server on node1 (command line $1), its client on node0 (command line $2, whose
+# output the awk program $3 turns into the figure); "nan" if the client fails.
+server_client() {
+    on node1 "$1" >/dev/null 2>&1 &
     local server=$!
     sleep 0.5
-    on node0 "$ucx timeout 120 ucx_perftest 10.231.0.2 -t ucp_am_lat -s $1 -n 10000 -p $port" \
-        2>/dev/null | awk '/^Final:/ {v = $4} END {print (v == "" ? "nan" : v)}' || echo nan
+    on node0 "$2" 2>/dev/null | awk "$3" || echo nan
     wait "$server" || true
+}
+
+perftest() { # size -> the average one-way latency in µs
+    local port=$((20000 + RANDOM % 20000)) ucx="UCX_TLS=tcp,self UCX_NET_DEVICES=eth0"
+    local test="timeout 120 ucx_perftest -t ucp_am_lat -s $1 -n 10000 -p $port"
+    server_client "$ucx $test" "$ucx ${test/ucx_perftest/ucx_perftest 10.231.0.2}" \
+        '/^Final:/ {v = $4} END {print (v == "" ? "nan" : v)}'
 }
 
 pingpong() { # size -> the one-way latency in µs
     local port=$((20000 + RANDOM % 20000)) iters fi="FI_PROVIDER='tcp;ofi_rxm' FI_TCP_IFACE=eth0"
     iters=$(($1 <= 65536 ? 10000 : 1000))
-    on node1 "$fi timeout 120 fi_pingpong -e rdm -I $iters -S $1 -B $port" >/dev/null 2>&1 &
-    local server=$!
-    sleep 0.5
-    on node0 "$fi timeout 120 fi_pingpong -e rdm -I $iters -S $1 -P $port 10.231.0.2" \
-        2>/dev/null | awk 'END {print ($7 ~ /^[0-9.]+$/ ? $7 : "nan")}' || echo nan
-    wait "$server" || true
+    local test="timeout 120 fi_pingpong -e rdm -I $iters -S $1"
+    server_client "$fi $test -B $port" "$fi $test -P $port 10.231.0.2" \
+        'END {print ($7 ~ /^[0-9.]+$/ ? $7 : "nan")}'
 }
 
 for rep in $(seq 1 "$reps"); do

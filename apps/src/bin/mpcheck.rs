@@ -97,12 +97,7 @@ impl Victim {
     /// first creates `pe<n>` there, so a test can tell the job is past its start-up.
     #[entry]
     async fn hang(_this: Coro<Self>) {
-        if let Some(dir) = std::env::var_os("MPCHECK_RUNNING_DIR") {
-            let marker = std::path::Path::new(&dir).join(format!("pe{}", charmrs::my_pe()));
-            if let Err(e) = std::fs::write(&marker, b"") {
-                panic!("cannot create {}: {e}", marker.display());
-            }
-        }
+        mark_running();
         loop {
             charmrs::sleep(Duration::from_millis(50)).await;
         }
@@ -115,12 +110,7 @@ impl Victim {
     #[entry]
     async fn flood(this: Coro<Self>) {
         let (me, half) = (charmrs::my_pe(), charmrs::num_pes() / 2);
-        if let Some(dir) = std::env::var_os("MPCHECK_RUNNING_DIR") {
-            let marker = std::path::Path::new(&dir).join(format!("pe{me}"));
-            if let Err(e) = std::fs::write(&marker, b"") {
-                panic!("cannot create {}: {e}", marker.display());
-            }
-        }
+        mark_running();
         if me >= half {
             return;
         }
@@ -993,6 +983,17 @@ async fn mobility() {
     }
     println!("ok a move asked for inside a lent call");
     charmrs::exit(0);
+}
+
+/// With `MPCHECK_RUNNING_DIR` set, creates `pe<n>` there for the calling PE, so a test can tell
+/// the job is past its start-up ([`Victim::hang`], [`Victim::flood`]).
+fn mark_running() {
+    if let Some(dir) = std::env::var_os("MPCHECK_RUNNING_DIR") {
+        let marker = std::path::Path::new(&dir).join(format!("pe{}", charmrs::my_pe()));
+        if let Err(e) = std::fs::write(&marker, b"") {
+            panic!("cannot create {}: {e}", marker.display());
+        }
+    }
 }
 
 /// User + system CPU time of this process, in clock ticks (`/proc/self/stat`).

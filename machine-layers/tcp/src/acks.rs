@@ -25,6 +25,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+use crate::poll::check;
+
 /// Probes of a closed receive window sent since the peer's host last answered anything, from
 /// which it counts as silent: the kernel counts a probe when it sends it, so this is two
 /// unanswered and one perhaps in flight (and as many as keepalive, the kernel's other probing,
@@ -99,7 +101,7 @@ impl AckState {
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
         // SAFETY: `fd` is an open socket borrowed for the call; `info` is writable for `len`
         // bytes, and the kernel writes at most `len` (and says how many in `len`).
-        let got = unsafe {
+        check(unsafe {
             libc::getsockopt(
                 fd,
                 libc::IPPROTO_TCP,
@@ -107,15 +109,10 @@ impl AckState {
                 (&mut info as *mut libc::tcp_info).cast(),
                 &mut len,
             )
-        };
-        if got != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        })?;
         let mut outstanding: libc::c_int = 0;
         // SAFETY: as above; TIOCOUTQ writes one c_int into the live `outstanding`.
-        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outstanding) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        check(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outstanding) })?;
         Ok(AckState {
             outstanding: usize::try_from(outstanding).unwrap_or(0),
             unacked: info.tcpi_unacked,

@@ -33,7 +33,7 @@ pub(crate) struct Epoll {
 }
 
 /// Converts a `-1` return into the thread's `errno`.
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
