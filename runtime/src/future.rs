@@ -356,6 +356,68 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
     .await
 }
 
+/// The values of `futures` in the order they arrive, each with its position in `futures`
+/// (charm4py's `for f in charm.iwait(futures)`): [`Iwait::next`] waits for the next one.
+///
+/// ```
+/// use charmrs::Future;
+///
+/// charmrs::Runtime::new(1).run(|_| async {
+///     let futures: Vec<Future<u32>> = (0..3).map(|_| Future::new()).collect();
+///     futures[2].send(20);
+///     futures[0].send(0);
+///     let mut arrivals = charmrs::iwait(futures.clone());
+///     let (first, v) = arrivals.next().await.unwrap();  // one of the two sent
+///     assert_eq!(v, first as u32 * 10);
+///     futures[1].send(10);
+///     let mut rest = vec![arrivals.next().await.unwrap(), arrivals.next().await.unwrap()];
+///     rest.sort();
+///     assert!(rest.contains(&(1, 10)) && arrivals.next().await.is_none());
+///     charmrs::exit(0);
+/// }).unwrap();
+/// ```
+///
+/// # Panics
+/// As [`wait_any`]: a future of another PE, or one awaited already.
+pub fn iwait<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) -> Iwait<T> {
+    Iwait {
+        pending: futures.into_iter().enumerate().collect(),
+    }
+}
+
+/// The futures [`iwait`] still waits for.
+pub struct Iwait<T: Payload> {
+    /// Each future not yet yielded, with its position in the caller's list.
+    pending: Vec<(usize, Future<T>)>,
+}
+
+impl<T: Payload> std::fmt::Debug for Iwait<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iwait")
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl<T: Payload> Iwait<T> {
+    /// Waits for the next future to be ready and returns its position and value; `None` once
+    /// every value was returned.
+    pub async fn next(&mut self) -> Option<(usize, T)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let futures: Vec<Future<T>> = self.pending.iter().map(|(_, f)| f.clone()).collect();
+        let ready = wait_any(&futures).await;
+        let (position, future) = self.pending.swap_remove(ready);
+        Some((position, future.await))
+    }
+
+    /// How many values [`next`](Self::next) has still to return.
+    pub fn remaining(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 /// Waits for every future and returns their values in order (charm4py's `charm.wait`).
 pub async fn wait_all<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) -> Vec<T> {
     let mut out = Vec::new();

@@ -146,6 +146,7 @@ mod measure;
 mod migration;
 mod multi_future;
 mod multicast;
+mod nodes;
 mod options;
 mod panic;
 mod pod_vec;
@@ -175,11 +176,12 @@ pub use collection::{CollectionId, Shape, MAX_DENSE_ELEMENTS};
 pub use ctx::Ctx;
 pub use element::{Coro, WaitFor};
 pub use error::{Error, Result};
-pub use future::{wait_all, wait_any, Future, FutureResult, FutureValue};
+pub use future::{iwait, wait_all, wait_any, Future, FutureResult, FutureValue, Iwait};
 pub use hosts::{host_pes, my_host, num_hosts, pe_host};
 pub use index::{ArrayIndex, Index, KEY_DIMS, MAX_DIMS, MAX_KEY_BYTES};
 pub use measure::{pe_times, PeTimes};
 pub use multi_future::{MultiFuture, MultiFutureResult, MultiFutureValues};
+pub use nodes::{my_node, my_rank, node_pes, num_nodes, pe_node};
 pub use options::{Options, OPTIONS};
 pub use pod_vec::{Pod, PodVec, IN_PLACE_MIN};
 pub use pool::{pool, AsyncTask, MapOptions, Pool, SyncTask, TaskFn};
@@ -187,9 +189,7 @@ pub use proxy::{Array, ElementProxy, Gather, Group, Proxy, ProxyTarget, Ret, Sin
 pub use quiescence::{start_qd, wait_qd, WAVE_GAP};
 pub use readonly::Readonly;
 pub use reduction::{CustomReducer, Reduce, Reducer, Target, BRANCHING};
-pub use runtime::{
-    abort, exit, in_runtime, my_node, my_pe, num_nodes, num_pes, start, Runtime, MAX_PES,
-};
+pub use runtime::{abort, exit, in_runtime, my_pe, num_pes, start, Runtime, MAX_PES};
 pub use section::{Section, SectionCtx};
 pub use sleep::{schedule_after, sleep, Sleep};
 pub use wire::Buffer;

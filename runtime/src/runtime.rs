@@ -434,22 +434,6 @@ pub fn num_pes() -> usize {
     in_pe("num_pes", |pe| pe.num_pes())
 }
 
-/// The process (Charm++ "node") the caller runs in.
-///
-/// # Panics
-/// Outside a running PE.
-pub fn my_node() -> usize {
-    in_pe("my_node", |pe| pe.shared.layer.rank() as usize)
-}
-
-/// Number of processes in the job.
-///
-/// # Panics
-/// Outside a running PE.
-pub fn num_nodes() -> usize {
-    in_pe("num_nodes", |pe| pe.shared.layer.size() as usize)
-}
-
 /// Whether the calling thread is a running PE (so runtime calls are allowed).
 pub fn in_runtime() -> bool {
     on_pe()

@@ -193,6 +193,27 @@ fn wait_any_returns_the_first_ready() {
     .unwrap();
 }
 
+/// `iwait` yields values as they arrive, whatever the order of the list: naps of 600, 0 and
+/// 300 ms on another PE come back as positions 1, 2, 0.
+#[test]
+fn iwait_yields_values_in_the_order_they_arrive() {
+    run_job(2, |_| async {
+        let w = Single::<Worker>::new((), Some(1));
+        let naps = [600, 0, 300].map(|ms| w.ret().nap(ms));
+        let mut arrivals = charmrs::iwait(naps);
+        assert_eq!(arrivals.remaining(), 3);
+        let mut order = Vec::new();
+        while let Some((position, slept)) = arrivals.next().await {
+            assert!(slept >= [600, 0, 300][position], "{position}: {slept} ms");
+            order.push(position);
+        }
+        assert_eq!(order, [1, 2, 0]);
+        assert_eq!(arrivals.remaining(), 0);
+        charmrs::exit(0);
+    })
+    .unwrap();
+}
+
 /// `wait_any` over a future already awaited (charm4py's `iwait` loop without removing what it
 /// consumed) fails naming the future; before, it waited for ever.
 #[test]

@@ -140,8 +140,8 @@ impl Victim {
 
     /// Where this element lives.
     #[entry]
-    fn where_am_i(&mut self, ctx: &Ctx<Self>) -> (usize, usize) {
-        (ctx.my_pe(), charmrs::my_node())
+    fn where_am_i(&mut self, ctx: &Ctx<Self>) -> (usize, usize, usize) {
+        (ctx.my_pe(), charmrs::my_node(), charmrs::my_rank())
     }
 
     /// Several allreduces in a row.
@@ -465,7 +465,12 @@ async fn features() {
     let group = Group::<Victim>::new(());
     let places = group.gather().where_am_i().await;
     assert_eq!(places.len(), p);
-    assert!(places.iter().enumerate().all(|(i, (pe, _))| *pe == i));
+    assert!(places.iter().enumerate().all(|(i, (pe, _, _))| *pe == i));
+    // Every PE's node and rank, as it sees them, are what `pe_node` and `node_pes` say here.
+    for &(pe, node, rank) in &places {
+        assert_eq!(charmrs::pe_node(pe).expect("a PE"), (node, rank), "PE {pe}");
+        assert_eq!(charmrs::node_pes(node).expect("a node").nth(rank), Some(pe));
+    }
     println!("ok placement over {} processes", charmrs::num_nodes());
     let sum = Future::new();
     group.sum_to(sum);
