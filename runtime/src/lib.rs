@@ -118,8 +118,11 @@
 //! Coming from charm4py: `Chare(C, onPE=p)` is [`Single::new`], `Group(C)` is [`Group::new`],
 //! `Array(C, dims)` is [`Array::new`], `proxy[i]` is `proxy.at(i)`, `self.thisIndex` is
 //! [`Ctx::index`], `self.thisProxy` is [`Ctx::this_proxy`], `charm.myPe()` is [`my_pe`],
-//! `charm.exit()` is [`exit`]. Arguments are moved to the receiver when it is in the same process
-//! (charm4py's "give up ownership" rule, enforced by the compiler) and serialized otherwise.
+//! `charm.exit()` is [`exit`], `charm.iwait` is [`iwait`], `charm.pool` is [`pool`],
+//! `charm.waitQD()` is [`wait_qd`]. Arguments are moved to the receiver when it is in the same
+//! process (charm4py's "give up ownership" rule, enforced by the compiler) and serialized
+//! otherwise. The user guide (`docs/user-guide.md` in the repository, "Coming from charm4py") maps
+//! every charm4py concept, and says which have no counterpart.
 
 // `#[chare]` writes `::charmrs::…` paths; the runtime's own chare (the checkpoint group) uses them.
 extern crate self as charmrs;
