@@ -480,7 +480,7 @@ impl<C: Chare> Group<C> {
     /// # Panics
     /// If `pe` does not exist; the message names it and the valid range.
     pub fn at(&self, pe: usize) -> ElementProxy<C> {
-        self.0.at(pe)
+        or_panic(self.try_at(pe))
     }
 }
 

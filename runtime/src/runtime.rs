@@ -153,7 +153,8 @@ impl Runtime {
     pub fn pes(&self) -> usize {
         self.options.pes.unwrap_or_else(|| {
             let topology = Topology::detect();
-            let host_procs = host_env().map_or(1, |(_, n)| n);
+            // A malformed setting is `run`'s error; here it counts as none.
+            let host_procs = host_env().ok().flatten().map_or(1, |(_, n)| n);
             default_pes(
                 topology.num_cores(),
                 topology.has_own_slice(host_procs),
@@ -203,6 +204,16 @@ impl Runtime {
             .trace
             .clone()
             .map(|path| crate::trace::TraceSink::new(path, first..first + pes));
+        // Files written at the end of the job, or at each balancing step (by process 0): a path
+        // that cannot be written is refused now, not found out after the run.
+        if let Some(t) = &trace {
+            let file = t.file_for(machine.layer.rank(), machine.layer.size());
+            check_writable(&file, "+trace")?;
+        }
+        if let (Some(prefix), 0) = (&self.options.lb_dump, machine.layer.rank()) {
+            let probe = format!("{prefix}.probe-{}", std::process::id());
+            check_writable(std::path::Path::new(&probe), "+LBDump")?;
+        }
         let shared = Arc::new(Shared::new(
             pes,
             self.options.idle_spin,
@@ -216,7 +227,7 @@ impl Runtime {
         // Processes of one job on one host share its cores: this process's PEs take the cores
         // after those of the processes before it on the host, and pinning happens only if every
         // PE of the host gets a core of its own.
-        let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size());
+        let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size())?;
         let place = placement(
             &topology,
             topology.has_own_slice(host_procs),
@@ -554,16 +565,45 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
     }
 }
 
+/// Checks that `file` can be written (creating its directory's entry if needed, and removing
+/// it again if it did not exist), for option `option`.
+///
+/// # Errors
+/// The file cannot be opened for writing: the message names the option, the file and why.
+fn check_writable(file: &std::path::Path, option: &str) -> Result<()> {
+    let existed = file.exists();
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(file);
+    match opened {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(file);
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::Options(format!(
+            "{option} {}: cannot write there: {e}",
+            file.display()
+        ))),
+    }
+}
+
 /// This process's rank among the job's processes on this host, and their number: from the
 /// launcher's environment ([`host_env`]), else — as with `charmrun`, which starts every process
 /// on this host — the job rank and size.
-fn host_placement(rank: u32, size: u32) -> (usize, usize) {
+///
+/// # Errors
+/// A malformed launcher setting ([`host_env`]).
+fn host_placement(rank: u32, size: u32) -> Result<(usize, usize)> {
     let size = size.max(1) as usize;
-    match host_env() {
+    Ok(match host_env()? {
         // No more processes on the host than in the job.
         Some((r, n)) if r < n.min(size) => (r, n.min(size)),
         _ => (rank as usize, size),
-    }
+    })
 }
 
 /// This process's rank among the job's processes on this host, and their number, as the
@@ -572,24 +612,50 @@ fn host_placement(rank: u32, size: u32) -> (usize, usize) {
 /// of `SLURM_STEP_TASKS_PER_NODE` — the step's, set by `srun` only: a program run directly in a
 /// batch script sees the job's `SLURM_TASKS_PER_NODE` and `SLURM_LOCALID=0` but is one process.
 /// `None` if none says.
-fn host_env() -> Option<(usize, usize)> {
-    let var = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok()?.trim().parse::<usize>().ok())
+///
+/// # Errors
+/// A variable that is set but not a number, or a rank not below the size: a hand-set or
+/// mistyped placement would otherwise pin PEs to another process's cores without a word.
+fn host_env() -> Result<Option<(usize, usize)>> {
+    host_env_from(|name| std::env::var(name).ok())
+}
+
+/// [`host_env`] with the environment read through `get`.
+fn host_env_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
+    // The first of `names` that is set, with its name; an error if it is not a number.
+    let var = |names: &[&'static str]| -> Result<Option<(&'static str, usize)>> {
+        let Some((name, text)) = names.iter().find_map(|&n| Some((n, get(n)?))) else {
+            return Ok(None);
+        };
+        match text.trim().parse::<usize>() {
+            Ok(v) => Ok(Some((name, v))),
+            Err(_) => Err(Error::Options(format!(
+                "{name}={text}: expected a number (this process's place among the job's \
+                 processes on its host)"
+            ))),
+        }
     };
     let local_rank = var(&[
         "CHARMRS_LOCAL_RANK",
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "SLURM_LOCALID",
-    ]);
-    let local_size = var(&["CHARMRS_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"]).or_else(|| {
-        let node = var(&["SLURM_NODEID"])?;
-        slurm_tasks_on_node(&std::env::var("SLURM_STEP_TASKS_PER_NODE").ok()?, node)
-    });
+    ])?;
+    let local_size = match var(&["CHARMRS_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"])? {
+        Some(size) => Some(size),
+        None => match (var(&["SLURM_NODEID"])?, get("SLURM_STEP_TASKS_PER_NODE")) {
+            (Some((_, node)), Some(spec)) => {
+                slurm_tasks_on_node(&spec, node).map(|n| ("SLURM_STEP_TASKS_PER_NODE", n))
+            }
+            _ => None,
+        },
+    };
     match (local_rank, local_size) {
-        (Some(r), Some(n)) if r < n => Some((r, n)),
-        _ => None,
+        (Some((_, r)), Some((_, n))) if r < n => Ok(Some((r, n))),
+        (Some((rank_var, r)), Some((size_var, n))) => Err(Error::Options(format!(
+            "{rank_var}={r} is not below {size_var}={n}: a process's rank on its host must be \
+             below the number of the job's processes there"
+        ))),
+        _ => Ok(None),
     }
 }
 
@@ -657,7 +723,9 @@ fn placement(
 
 #[cfg(test)]
 mod tests {
-    use super::{default_pes, placement, process_status, slurm_tasks_on_node, Placement};
+    use super::{
+        default_pes, host_env_from, placement, process_status, slurm_tasks_on_node, Placement,
+    };
     use charmrs_transport::{CoreId, Topology};
 
     #[test]
@@ -694,6 +762,52 @@ mod tests {
     fn slurm_task_counts_per_node_are_read() {
         assert_eq!(slurm_tasks_on_node("4", 0), Some(4));
         assert_eq!(slurm_tasks_on_node("2(x3),1", 0), Some(2));
+        // Through the environment.
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(host_env_from(env(&[])).unwrap(), None);
+        assert_eq!(
+            host_env_from(env(&[
+                ("CHARMRS_LOCAL_RANK", "1"),
+                ("CHARMRS_LOCAL_SIZE", "2")
+            ]))
+            .unwrap(),
+            Some((1, 2))
+        );
+        assert_eq!(
+            host_env_from(env(&[
+                ("SLURM_LOCALID", "2"),
+                ("SLURM_NODEID", "1"),
+                ("SLURM_STEP_TASKS_PER_NODE", "1,3")
+            ]))
+            .unwrap(),
+            Some((2, 3))
+        );
+        let e = host_env_from(env(&[
+            ("CHARMRS_LOCAL_RANK", "one"),
+            ("CHARMRS_LOCAL_SIZE", "2"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("CHARMRS_LOCAL_RANK=one: expected a number"),
+            "{e}"
+        );
+        let e = host_env_from(env(&[
+            ("CHARMRS_LOCAL_RANK", "2"),
+            ("CHARMRS_LOCAL_SIZE", "2"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("CHARMRS_LOCAL_RANK=2 is not below CHARMRS_LOCAL_SIZE=2"),
+            "{e}"
+        );
         assert_eq!(slurm_tasks_on_node("2(x3),1", 2), Some(2));
         assert_eq!(slurm_tasks_on_node("2(x3),1", 3), Some(1));
         assert_eq!(slurm_tasks_on_node("2(x3),1", 4), None);

@@ -151,6 +151,19 @@ fn bad_pe_and_bad_index_are_errors_naming_the_range() {
     .unwrap();
 }
 
+/// `Group::at` with a PE beyond what an index holds panics naming the PE, as `try_at` reports
+/// it (it used to name an index coordinate).
+#[test]
+fn group_at_a_huge_pe_names_the_pe() {
+    let msg = aborted(run_job(2, |_| async {
+        Group::<Faulty>::new((false,)).at(1 << 40).give_up();
+    }));
+    assert!(
+        msg.contains("unknown PE 1099511627776") && msg.contains("0..=1"),
+        "{msg}"
+    );
+}
+
 /// Helper: reach a 1-d array through its untyped proxy with a 2-d index.
 trait DimsMismatch {
     fn try_at_dims_mismatch(&self) -> String;

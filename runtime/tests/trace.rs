@@ -120,11 +120,37 @@ fn the_timeline_holds_every_entry_resumption_and_idle_period() {
     assert_eq!(json["otherData"]["dropped_spans"], "0");
 }
 
+/// A trace file that cannot be written is refused before the job starts, naming it (it used to
+/// be found out only after the whole run); `+LBDump` likewise.
 #[test]
-fn an_unwritable_trace_file_does_not_change_the_outcome() {
+fn an_unwritable_trace_or_dump_file_is_refused_at_start() {
     let rt = charmrs::Runtime::new(1)
         .affinity(false)
         .trace("/nonexistent-dir-for-charmrs/trace.json");
-    let code = run_job_with(rt, |_| async { charmrs::exit(3) }).unwrap();
-    assert_eq!(code, 3);
+    let e = run_job_with(rt, |_| async { panic!("the job must not start") })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("+trace /nonexistent-dir-for-charmrs/trace.json: cannot write there"),
+        "{e}"
+    );
+    let args = ["+p1", "+LBDump", "/nonexistent-dir-for-charmrs/lb"].map(String::from);
+    let rt = charmrs::Runtime::from_args(args).unwrap().affinity(false);
+    let e = run_job_with(rt, |_| async { panic!("the job must not start") })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("+LBDump /nonexistent-dir-for-charmrs/lb.probe-"),
+        "{e}"
+    );
+    // A writable place: the job runs, and the check leaves nothing behind.
+    let dir = std::env::temp_dir().join(format!("charmrs-trace-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("lb").to_string_lossy().into_owned();
+    let rt = charmrs::Runtime::from_args(["+p1".into(), "+LBDump".into(), prefix])
+        .unwrap()
+        .affinity(false);
+    assert_eq!(run_job_with(rt, |_| async { charmrs::exit(3) }).unwrap(), 3);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
