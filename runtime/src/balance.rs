@@ -513,6 +513,16 @@ impl PeState {
                 root,
                 moves,
             } => {
+                let n = self.num_pes();
+                if let Some((index, to)) = moves.iter().find(|(_, to)| *to as usize >= n) {
+                    // Checked before any element leaves: one would be taken off this PE and
+                    // then fail to go anywhere.
+                    return self.abort_job(format!(
+                        "charmrs: PE {}: malformed load-balancing order from PE {root}: move \
+                         element {index} of {coll:?} to PE {to}, and this job has {n} PEs",
+                        self.pe
+                    ));
+                }
                 for (index, to) in moves {
                     self.request_migration(Request {
                         coll,
@@ -523,6 +533,14 @@ impl PeState {
                     });
                 }
                 self.run_migrations();
+            }
+            LbMsg::Collect { root } if root as usize >= self.num_pes() => {
+                self.abort_job(format!(
+                    "charmrs: PE {}: malformed load-balancing message: a load report asked \
+                     for by PE {root}, and this job has {} PEs",
+                    self.pe,
+                    self.num_pes()
+                ));
             }
             LbMsg::Collect { root } => {
                 let report = self.load_report();

@@ -818,7 +818,9 @@ fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
             )))
         }
     }
-    crate::wire::decoded(bytes).map_err(|e| {
+    // Under `rehoming`: PE numbers in the file are the old job's, which `restore` checks
+    // itself (a single chare on a PE this job lacks is refused naming it).
+    rehoming(|| crate::wire::decoded(bytes)).map_err(|e| {
         checkpoint_error(format!(
             "{} is damaged or truncated ({} bytes): {e}",
             path.display(),

@@ -92,8 +92,18 @@ enum ShapeWire {
 impl TryFrom<ShapeWire> for Shape {
     type Error = String;
     fn try_from(wire: ShapeWire) -> std::result::Result<Shape, String> {
+        Shape::checked(wire).map_err(crate::wire::remembered)
+    }
+}
+
+impl Shape {
+    /// [`Shape::try_from`]'s checks.
+    fn checked(wire: ShapeWire) -> std::result::Result<Shape, String> {
         let shape = match wire {
-            ShapeWire::Single { pe } => Shape::Single { pe },
+            ShapeWire::Single { pe } => {
+                known_pe(pe, || "a single chare".into())?;
+                Shape::Single { pe }
+            }
             ShapeWire::Group => Shape::Group,
             ShapeWire::Array { dims, map } => Shape::Array { dims, map },
             ShapeWire::Sparse { dims, map } => {
@@ -108,6 +118,25 @@ impl TryFrom<ShapeWire> for Shape {
         };
         shape.check_size()?;
         Ok(shape)
+    }
+}
+
+/// Checks a PE number decoded from a message (`what` names what it belongs to) against the
+/// decoding PE's job. Off a PE (nothing to check against) it passes, and so it does while a
+/// checkpoint is read back ([`rehoming`](crate::checkpoint::rehoming)): its PE numbers are the
+/// old job's, and `restore` checks what it keeps of them.
+///
+/// # Errors
+/// A PE the job does not have, named with the job's PE count.
+pub(crate) fn known_pe(pe: u32, what: impl FnOnce() -> String) -> std::result::Result<(), String> {
+    if crate::checkpoint::is_rehoming() {
+        return Ok(());
+    }
+    match crate::scheduler::with_pe("decoding a PE number", |p| p.num_pes()) {
+        Ok(n) if pe as usize >= n => {
+            Err(format!("{} on PE {pe}, and this job has {n} PEs", what()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -321,6 +350,54 @@ fn block_range(pe: usize, total: u64, num_pes: usize) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
+
+    /// A PE number from another process is checked against the job when decoded: a single
+    /// chare's shape, an element proxy's home; the error names it and the job's PE count.
+    #[test]
+    fn decoded_pe_numbers_are_checked_against_the_job() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        crate::Runtime::new(2)
+            .affinity(false)
+            .run(move |_| async move {
+                let single = postcard::to_stdvec(&Shape::Single { pe: 7 }).unwrap();
+                let fine = postcard::to_stdvec(&Shape::Single { pe: 1 }).unwrap();
+                let proxy = |pe: u32| {
+                    let p =
+                        crate::proxy::ElementProxy::<crate::checkpoint::Checkpointer>::from_parts(
+                            CollectionId::new(0, 5),
+                            Index::new(&[3]).unwrap(),
+                            pe as usize,
+                        );
+                    postcard::to_stdvec(&p).unwrap()
+                };
+                let results = [
+                    crate::wire::decoded::<Shape>(&single).err(),
+                    crate::wire::decoded::<Shape>(&fine).err(),
+                    crate::wire::decoded::<
+                        crate::proxy::ElementProxy<crate::checkpoint::Checkpointer>,
+                    >(&proxy(9))
+                    .err(),
+                    crate::wire::decoded::<
+                        crate::proxy::ElementProxy<crate::checkpoint::Checkpointer>,
+                    >(&proxy(1))
+                    .err(),
+                ];
+                tx.send(results).unwrap();
+                crate::exit(0);
+            })
+            .unwrap();
+        let [single, fine, proxy, fine_proxy] = rx.recv().unwrap();
+        assert_eq!(
+            single.as_deref(),
+            Some("a single chare on PE 7, and this job has 2 PEs")
+        );
+        assert_eq!(fine, None);
+        assert_eq!(
+            proxy.as_deref(),
+            Some("a proxy to element (3,) on PE 9, and this job has 2 PEs")
+        );
+        assert_eq!(fine_proxy, None);
+    }
 
     /// A shape from another process is checked when decoded: impossible extents (whose volume
     /// overflows index arithmetic) or dimension counts are refused; good shapes round-trip.

@@ -72,6 +72,8 @@ impl<'de, C> Deserialize<'de> for ElementProxy<C> {
         let f = ElementProxyFields::deserialize(d)?;
         // Read back from a checkpoint, the element's home is where the new job places it.
         let pe = crate::checkpoint::rehomed(f.coll, &f.index).unwrap_or(f.pe);
+        crate::collection::known_pe(pe, || format!("a proxy to element {}", f.index))
+            .map_err(crate::wire::custom_error)?;
         Ok(ElementProxy {
             coll: f.coll,
             index: f.index,

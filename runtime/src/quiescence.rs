@@ -162,6 +162,15 @@ impl PeState {
     /// Handles the quiescence-detection control messages.
     pub(crate) fn quiescence(&self, msg: Control) {
         match msg {
+            Control::QdStart { from, .. } if self.pe != 0 || from as usize >= self.num_pes() => {
+                // Waves run from PE 0 only, and their result goes back to `from`.
+                self.abort_job(format!(
+                    "charmrs: quiescence detection: PE {} got a request from PE {from} meant for \
+                     PE 0 of a job of {} PEs (a damaged message from another process)",
+                    self.pe,
+                    self.num_pes()
+                ));
+            }
             Control::QdStart { from, token } => {
                 let mut qd = self.qd.borrow_mut();
                 // A wave's probes are out and not all answered.
@@ -184,8 +193,13 @@ impl PeState {
             }
             Control::QdCounts { sent, processed } => {
                 let mut qd = self.qd.borrow_mut();
-                if !qd.in_wave {
-                    return; // no wave asked for it (a stray or hostile message)
+                if !qd.in_wave || self.pe != 0 {
+                    drop(qd);
+                    return self.abort_job(format!(
+                        "charmrs: quiescence detection: PE {} got message counts no wave asked \
+                         for (a damaged message from another process)",
+                        self.pe
+                    ));
                 }
                 let sums = qd
                     .sums

@@ -1095,6 +1095,13 @@ pub(crate) fn custom_error<E: serde::de::Error>(message: String) -> E {
     error
 }
 
+/// `message`, kept as this thread's custom error detail as [`custom_error`] keeps it: for a
+/// conversion whose error serde turns into a custom error itself (`#[serde(try_from)]`).
+pub(crate) fn remembered(message: String) -> String {
+    remember_detail(message.clone());
+    message
+}
+
 /// Keeps `message` as this thread's custom error detail (see [`DETAIL`]).
 #[cold]
 fn remember_detail(message: String) {

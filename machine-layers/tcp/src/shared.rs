@@ -671,8 +671,11 @@ impl Shared {
                         shared.serve_get(job);
                     }
                 });
-            if spawned.is_err() {
-                return;
+            if let Err(e) = spawned {
+                // Answered here instead, with the reason: the requester must not wait for ever.
+                drop(slot);
+                let why = format!("the responder thread could not start: {e}");
+                return self.answer_get(&job, Err(why));
             }
             *slot = Some(tx);
         }
@@ -704,7 +707,6 @@ impl Shared {
     /// or why not (a refusal, never a frame over `cfg.max_frame`, which the
     /// requester would take for a malformed one and drop the connection).
     fn serve_get(self: &Arc<Self>, job: GetJob) {
-        let header = Header::new(job.kind, 0, 0, job.tag);
         let answer = self.region(job.region, job.len, job.nonce).and_then(|bytes| {
             let frame = charmrs_transport::single_segment_frame_len(bytes.len());
             if frame > self.cfg.max_frame {
@@ -716,11 +718,16 @@ impl Shared {
             }
             Ok(bytes)
         });
+        self.answer_get(&job, answer);
+    }
+
+    /// Sends the requester of `job` the bytes it asked for, or why it cannot have them.
+    fn answer_get(self: &Arc<Self>, job: &GetJob, answer: Result<Bytes, String>) {
         let (ty, seg) = match answer {
             Ok(bytes) => (PKT_GET_RESP, bytes),
             Err(why) => (PKT_GET_ERR, Bytes::from(why.into_bytes())),
         };
-        let msg = Message::with_segment(header, seg);
+        let msg = Message::with_segment(Header::new(job.kind, 0, 0, job.tag), seg);
         // Failures mark the requester lost, which `progress` reports.
         let _ = self.send_packet(job.from, ty, &msg, true);
     }
