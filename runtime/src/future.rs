@@ -406,7 +406,7 @@ impl<T: Payload> Iwait<T> {
         if self.pending.is_empty() {
             return None;
         }
-        let futures: Vec<Future<T>> = self.pending.iter().map(|(_, f)| f.clone()).collect();
+        let futures: Vec<Future<T>> = self.pending.iter().map(|(_, f)| *f).collect();
         let ready = wait_any(&futures).await;
         let (position, future) = self.pending.swap_remove(ready);
         Some((position, future.await))
