@@ -235,6 +235,31 @@ pub(crate) enum LbMsg {
     },
 }
 
+/// The first PE number in `msg` that a job of `num_pes` PEs does not have, described.
+fn unknown_pe_in(msg: &LbMsg, num_pes: usize) -> Option<String> {
+    let bad = |pe: u32| pe as usize >= num_pes;
+    match msg {
+        LbMsg::Moves {
+            coll, root, moves, ..
+        } => {
+            if bad(*root) {
+                return Some(format!("an order from PE {root}"));
+            }
+            let (index, to) = moves.iter().find(|(_, to)| bad(*to))?;
+            Some(format!(
+                "an order to move element {index} of {coll:?} to PE {to}"
+            ))
+        }
+        LbMsg::Collect { root } | LbMsg::Busy { root, .. } if bad(*root) => {
+            Some(format!("a report asked for by PE {root}"))
+        }
+        LbMsg::Report { pe, .. } | LbMsg::BusyReport { pe, .. } if bad(*pe) => {
+            Some(format!("a report from PE {pe}"))
+        }
+        _ => None,
+    }
+}
+
 /// An AtSync step at its root, its elements' loads combined, waiting for every PE's busy time
 /// (which gives the PEs' background: what the step's elements do not account for).
 struct Gathering {
@@ -506,6 +531,16 @@ impl PeState {
 
     /// Handles load-balancing traffic.
     pub(crate) fn balance_message(&self, msg: LbMsg) {
+        // Checked before anything happens: an element would leave this PE for nowhere, or a
+        // reply go to a PE that does not exist.
+        if let Some(why) = unknown_pe_in(&msg, self.num_pes()) {
+            return self.abort_job(format!(
+                "charmrs: PE {}: malformed load-balancing message: {why}, and this job has {} \
+                 PEs",
+                self.pe,
+                self.num_pes()
+            ));
+        }
         match msg {
             LbMsg::Moves {
                 coll,
@@ -513,16 +548,6 @@ impl PeState {
                 root,
                 moves,
             } => {
-                let n = self.num_pes();
-                if let Some((index, to)) = moves.iter().find(|(_, to)| *to as usize >= n) {
-                    // Checked before any element leaves: one would be taken off this PE and
-                    // then fail to go anywhere.
-                    return self.abort_job(format!(
-                        "charmrs: PE {}: malformed load-balancing order from PE {root}: move \
-                         element {index} of {coll:?} to PE {to}, and this job has {n} PEs",
-                        self.pe
-                    ));
-                }
                 for (index, to) in moves {
                     self.request_migration(Request {
                         coll,
@@ -533,14 +558,6 @@ impl PeState {
                     });
                 }
                 self.run_migrations();
-            }
-            LbMsg::Collect { root } if root as usize >= self.num_pes() => {
-                self.abort_job(format!(
-                    "charmrs: PE {}: malformed load-balancing message: a load report asked \
-                     for by PE {root}, and this job has {} PEs",
-                    self.pe,
-                    self.num_pes()
-                ));
             }
             LbMsg::Collect { root } => {
                 let report = self.load_report();
@@ -718,5 +735,53 @@ impl PeState {
     /// Tells the root of step `step` that one of its migrations is done.
     pub(crate) fn balance_arrived(&self, root: usize, coll: CollectionId, step: u64) {
         self.send_lb(root, LbMsg::Arrived { coll, step });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{unknown_pe_in, LbMsg};
+    use crate::collection::CollectionId;
+    use crate::index::Index;
+
+    /// Every PE number of a load-balancing message is checked against the job's PE count.
+    #[test]
+    fn pe_numbers_of_load_balancing_messages_are_checked() {
+        let coll = CollectionId::new(0, 1);
+        let moves = |root, to| LbMsg::Moves {
+            coll,
+            step: Some(1),
+            root,
+            moves: vec![
+                (Index::new(&[3]).unwrap(), 1),
+                (Index::new(&[4]).unwrap(), to),
+            ],
+        };
+        assert_eq!(unknown_pe_in(&moves(0, 3), 4), None);
+        assert_eq!(
+            unknown_pe_in(&moves(0, 4), 4).as_deref(),
+            Some("an order to move element (4,) of CollectionId(1) to PE 4")
+        );
+        assert_eq!(
+            unknown_pe_in(&moves(9, 1), 4).as_deref(),
+            Some("an order from PE 9")
+        );
+        let busy = LbMsg::Busy {
+            root: 4,
+            coll,
+            step: 1,
+        };
+        assert!(unknown_pe_in(&busy, 4).is_some());
+        assert!(unknown_pe_in(&LbMsg::Collect { root: 3 }, 4).is_none());
+        let report = LbMsg::BusyReport {
+            pe: 7,
+            coll,
+            step: 1,
+            busy: 0.5,
+        };
+        assert_eq!(
+            unknown_pe_in(&report, 4).as_deref(),
+            Some("a report from PE 7")
+        );
     }
 }

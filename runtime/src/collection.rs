@@ -101,7 +101,11 @@ impl Shape {
     fn checked(wire: ShapeWire) -> std::result::Result<Shape, String> {
         let shape = match wire {
             ShapeWire::Single { pe } => {
-                known_pe(pe, || "a single chare".into())?;
+                // Read back from a checkpoint, the PE is the old job's: `restore` refuses a
+                // single chare on a PE this job lacks, naming the chare.
+                if !crate::checkpoint::is_rehoming() {
+                    known_pe(pe, || "a single chare".into())?;
+                }
                 Shape::Single { pe }
             }
             ShapeWire::Group => Shape::Group,
@@ -121,23 +125,25 @@ impl Shape {
     }
 }
 
-/// Checks a PE number decoded from a message (`what` names what it belongs to) against the
-/// decoding PE's job. Off a PE (nothing to check against) it passes, and so it does while a
-/// checkpoint is read back ([`rehoming`](crate::checkpoint::rehoming)): its PE numbers are the
-/// old job's, and `restore` checks what it keeps of them.
+/// Checks a PE number decoded from a message or a checkpoint (`what` names what it belongs
+/// to) against the decoding PE's job. Off a PE (nothing to check against) it passes.
 ///
 /// # Errors
 /// A PE the job does not have, named with the job's PE count.
 pub(crate) fn known_pe(pe: u32, what: impl FnOnce() -> String) -> std::result::Result<(), String> {
-    if crate::checkpoint::is_rehoming() {
-        return Ok(());
-    }
     match crate::scheduler::with_pe("decoding a PE number", |p| p.num_pes()) {
         Ok(n) if pe as usize >= n => {
             Err(format!("{} on PE {pe}, and this job has {n} PEs", what()))
         }
         _ => Ok(()),
     }
+}
+
+/// `pe` if the calling PE's job has it, else one it has (`pe` modulo the PE count); `pe` off a
+/// PE.
+pub(crate) fn within_job(pe: u32) -> u32 {
+    crate::scheduler::with_pe("decoding a PE number", |p| p.num_pes())
+        .map_or(pe, |n| (pe as usize % n.max(1)) as u32)
 }
 
 impl From<Shape> for ShapeWire {

@@ -356,8 +356,9 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
     .await
 }
 
-/// The values of `futures` in the order they arrive, each with its position in `futures`
-/// (charm4py's `for f in charm.iwait(futures)`): [`Iwait::next`] waits for the next one.
+/// The values of `futures` as they become ready, each with its position in `futures`
+/// (charm4py's `for f in charm.iwait(futures)`): [`Iwait::next`] waits for the next one. Of
+/// several ready at once, any may come first.
 ///
 /// ```
 /// use charmrs::Future;
@@ -378,7 +379,9 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
 /// ```
 ///
 /// # Panics
-/// As [`wait_any`]: a future of another PE, or one awaited already.
+/// As [`wait_any`]: a future of another PE, or one awaited already; and in [`Iwait::next`], as
+/// awaiting a future does, when a value is a remote failure (the entry that was to compute it
+/// panicked).
 pub fn iwait<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) -> Iwait<T> {
     Iwait {
         pending: futures.into_iter().enumerate().collect(),

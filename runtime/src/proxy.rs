@@ -70,10 +70,20 @@ struct ElementProxyFields {
 impl<'de, C> Deserialize<'de> for ElementProxy<C> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let f = ElementProxyFields::deserialize(d)?;
-        // Read back from a checkpoint, the element's home is where the new job places it.
-        let pe = crate::checkpoint::rehomed(f.coll, &f.index).unwrap_or(f.pe);
-        crate::collection::known_pe(pe, || format!("a proxy to element {}", f.index))
-            .map_err(crate::wire::custom_error)?;
+        // Read back from a checkpoint, the element's home is where the new job places it; a
+        // proxy to a collection the restart did not bring back (a group saved by a job of
+        // another PE count) keeps its old PE if this job has it.
+        let pe = match crate::checkpoint::rehomed(f.coll, &f.index) {
+            Some(pe) => pe,
+            // Any PE of this job will do: a call through it aborts there, naming the collection
+            // as one made before the restart.
+            None if crate::checkpoint::is_rehoming() => crate::collection::within_job(f.pe),
+            None => {
+                crate::collection::known_pe(f.pe, || format!("a proxy to element {}", f.index))
+                    .map_err(crate::wire::custom_error)?;
+                f.pe
+            }
+        };
         Ok(ElementProxy {
             coll: f.coll,
             index: f.index,

@@ -205,14 +205,26 @@ impl Runtime {
             .clone()
             .map(|path| crate::trace::TraceSink::new(path, first..first + pes));
         // Files written at the end of the job, or at each balancing step (by process 0): a path
-        // that cannot be written is refused now, not found out after the run.
-        if let Some(t) = &trace {
-            let file = t.file_for(machine.layer.rank(), machine.layer.size());
-            check_writable(&file, "+trace")?;
-        }
-        if let (Some(prefix), 0) = (&self.options.lb_dump, machine.layer.rank()) {
-            let probe = format!("{prefix}.probe-{}", std::process::id());
-            check_writable(std::path::Path::new(&probe), "+LBDump")?;
+        // that cannot be written is refused now, not found out after the run. It may fail in
+        // one process only (a directory one host lacks): the launcher is told, since the
+        // others would wait for this one.
+        let writable = trace
+            .as_ref()
+            .map_or(Ok(()), |t| {
+                let file = t.file_for(machine.layer.rank(), machine.layer.size());
+                check_writable(&file, "+trace")
+            })
+            .and_then(|()| match (&self.options.lb_dump, machine.layer.rank()) {
+                (Some(prefix), 0) => {
+                    let probe = format!("{prefix}.probe-{}", std::process::id());
+                    check_writable(std::path::Path::new(&probe), "+LBDump")
+                }
+                _ => Ok(()),
+            });
+        if let Err(e) = writable {
+            let me = machine.layer.rank();
+            machine.layer.abort(&format!("charmrs: process {me}: {e}"));
+            return Err(e);
         }
         let shared = Arc::new(Shared::new(
             pes,
@@ -227,7 +239,8 @@ impl Runtime {
         // Processes of one job on one host share its cores: this process's PEs take the cores
         // after those of the processes before it on the host, and pinning happens only if every
         // PE of the host gets a core of its own.
-        let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size())?;
+        let (host_rank, host_procs) = host_placement(shared.layer.rank(), shared.layer.size())
+            .map_err(|e| start_failed(&shared, e.to_string()))?;
         let place = placement(
             &topology,
             topology.has_own_slice(host_procs),
@@ -571,23 +584,35 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
 /// # Errors
 /// The file cannot be opened for writing: the message names the option, the file and why.
 fn check_writable(file: &std::path::Path, option: &str) -> Result<()> {
-    let existed = file.exists();
-    let opened = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(file);
-    match opened {
-        Ok(_) => {
-            if !existed {
-                let _ = std::fs::remove_file(file);
-            }
-            Ok(())
-        }
-        Err(e) => Err(Error::Options(format!(
+    let refused = |e: std::io::Error| {
+        Error::Options(format!(
             "{option} {}: cannot write there: {e}",
             file.display()
-        ))),
+        ))
+    };
+    // Created here, so removed again: nobody else can have written it meanwhile.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(file);
+            return Ok(());
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(refused(e)),
+        Err(_) => {}
+    }
+    // There already: a regular file must open for writing (left as it is); anything else (a
+    // FIFO, whose opening would wait for a reader) is taken as the user's choice.
+    match std::fs::metadata(file) {
+        Ok(m) if m.is_dir() => Err(refused(std::io::Error::other("it is a directory"))),
+        Ok(m) if m.is_file() => std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .map(drop)
+            .map_err(refused),
+        _ => Ok(()),
     }
 }
 
@@ -614,26 +639,35 @@ fn host_placement(rank: u32, size: u32) -> Result<(usize, usize)> {
 /// `None` if none says.
 ///
 /// # Errors
-/// A variable that is set but not a number, or a rank not below the size: a hand-set or
-/// mistyped placement would otherwise pin PEs to another process's cores without a word.
+/// `CHARMRS_LOCAL_RANK`/`CHARMRS_LOCAL_SIZE` set but not a number, or a rank not below the
+/// size: a hand-set or mistyped placement would otherwise pin PEs to another process's cores
+/// without a word. A launcher's own variables that say something odd are passed over.
 fn host_env() -> Result<Option<(usize, usize)>> {
     host_env_from(|name| std::env::var(name).ok())
 }
 
 /// [`host_env`] with the environment read through `get`.
 fn host_env_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
-    // The first of `names` that is set, with its name; an error if it is not a number.
+    // The first of `names` that is set (and not empty), with its name. Ours (`CHARMRS_*`,
+    // which a user may set by hand) must be a number; a launcher's that is not is passed over,
+    // as before (the job rank and size stand in).
     let var = |names: &[&'static str]| -> Result<Option<(&'static str, usize)>> {
-        let Some((name, text)) = names.iter().find_map(|&n| Some((n, get(n)?))) else {
-            return Ok(None);
-        };
-        match text.trim().parse::<usize>() {
-            Ok(v) => Ok(Some((name, v))),
-            Err(_) => Err(Error::Options(format!(
-                "{name}={text}: expected a number (this process's place among the job's \
-                 processes on its host)"
-            ))),
+        for &name in names {
+            let Some(text) = get(name).filter(|t| !t.trim().is_empty()) else {
+                continue;
+            };
+            match text.trim().parse::<usize>() {
+                Ok(v) => return Ok(Some((name, v))),
+                Err(_) if name.starts_with("CHARMRS_") => {
+                    return Err(Error::Options(format!(
+                        "{name}={text}: expected a number (this process's place among the \
+                         job's processes on its host)"
+                    )))
+                }
+                Err(_) => {}
+            }
         }
+        Ok(None)
     };
     let local_rank = var(&[
         "CHARMRS_LOCAL_RANK",
@@ -651,10 +685,14 @@ fn host_env_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, 
     };
     match (local_rank, local_size) {
         (Some((_, r)), Some((_, n))) if r < n => Ok(Some((r, n))),
-        (Some((rank_var, r)), Some((size_var, n))) => Err(Error::Options(format!(
-            "{rank_var}={r} is not below {size_var}={n}: a process's rank on its host must be \
+        (Some((rank_var, r)), Some((size_var, n)))
+            if rank_var.starts_with("CHARMRS_") || size_var.starts_with("CHARMRS_") =>
+        {
+            Err(Error::Options(format!(
+                "{rank_var}={r} is not below {size_var}={n}: a process's rank on its host must be \
              below the number of the job's processes there"
-        ))),
+            )))
+        }
         _ => Ok(None),
     }
 }
@@ -807,6 +845,32 @@ mod tests {
         assert!(
             e.starts_with("CHARMRS_LOCAL_RANK=2 is not below CHARMRS_LOCAL_SIZE=2"),
             "{e}"
+        );
+        // Empty is unset; a launcher's odd values fall back to the job rank and size.
+        assert_eq!(
+            host_env_from(env(&[
+                ("CHARMRS_LOCAL_RANK", ""),
+                ("CHARMRS_LOCAL_SIZE", " ")
+            ]))
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            host_env_from(env(&[
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "x"),
+                ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+            ]))
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            host_env_from(env(&[
+                ("SLURM_LOCALID", "3"),
+                ("SLURM_NODEID", "0"),
+                ("SLURM_STEP_TASKS_PER_NODE", "2")
+            ]))
+            .unwrap(),
+            None
         );
         assert_eq!(slurm_tasks_on_node("2(x3),1", 2), Some(2));
         assert_eq!(slurm_tasks_on_node("2(x3),1", 3), Some(1));

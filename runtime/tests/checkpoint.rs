@@ -496,6 +496,34 @@ fn groups_come_back_to_as_many_pes_and_a_call_to_any_other_aborts_naming_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A proxy to a group's element on a PE the restarted job lacks (saved by 3 PEs, restored on 1)
+/// is restored, and a call through it aborts naming the group as made before the restart (not
+/// a send to a PE that does not exist).
+#[test]
+fn a_proxy_to_a_group_element_beyond_the_restarted_job_names_the_group() {
+    let dir = scratch("group-element");
+    let d = dir.clone();
+    job(3, move || async move {
+        let counters = Group::<Counter>::new(());
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &counters.at(2))
+            .await
+            .expect("checkpoint");
+    });
+    let d = dir.clone();
+    let result = run_job(1, move |_| async move {
+        let last = charmrs::restore::<ElementProxy<Counter>>(&d)
+            .await
+            .expect("restored")
+            .expect("a checkpoint");
+        let _ = last.ret().value().await;
+        charmrs::exit(0);
+    });
+    let text = format!("{result:?}");
+    assert!(text.contains("before the restart"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[derive(Serialize, Deserialize)]
 struct WithSection {
     cells: Array<Tag, usize>,

@@ -62,6 +62,12 @@ impl Worker {
         f2.send(format!("two from PE {}", ctx.my_pe()));
     }
 
+    /// Fulfils `f` with `v`.
+    #[entry]
+    fn fulfil(&mut self, f: Future<u32>, v: u32) {
+        f.send(v);
+    }
+
     /// Sleeps without blocking the PE, then answers.
     #[entry]
     async fn nap(_this: Coro<Self>, ms: u64) -> u64 {
@@ -193,22 +199,25 @@ fn wait_any_returns_the_first_ready() {
     .unwrap();
 }
 
-/// `iwait` yields values as they arrive, whatever the order of the list: naps of 600, 0 and
-/// 300 ms on another PE come back as positions 1, 2, 0.
+/// `iwait` yields each value once it is there, whatever the order of the list, and waits while
+/// none is: futures fulfilled by another PE one at a time, in the order 1, 2, 0, each only after
+/// the previous one came back.
 #[test]
-fn iwait_yields_values_in_the_order_they_arrive() {
+fn iwait_yields_values_as_they_are_fulfilled() {
     run_job(2, |_| async {
         let w = Single::<Worker>::new((), Some(1));
-        let naps = [600, 0, 300].map(|ms| w.ret().nap(ms));
-        let mut arrivals = charmrs::iwait(naps);
+        let futures: Vec<Future<u32>> = (0..3).map(|_| Future::new()).collect();
+        let mut arrivals = charmrs::iwait(futures.clone());
         assert_eq!(arrivals.remaining(), 3);
-        let mut order = Vec::new();
-        while let Some((position, slept)) = arrivals.next().await {
-            assert!(slept >= [600, 0, 300][position], "{position}: {slept} ms");
-            order.push(position);
+        for position in [1, 2, 0] {
+            w.fulfil(futures[position], position as u32 * 10);
+            assert_eq!(
+                arrivals.next().await,
+                Some((position, position as u32 * 10))
+            );
         }
-        assert_eq!(order, [1, 2, 0]);
         assert_eq!(arrivals.remaining(), 0);
+        assert_eq!(arrivals.next().await, None);
         charmrs::exit(0);
     })
     .unwrap();

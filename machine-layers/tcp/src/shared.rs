@@ -675,7 +675,7 @@ impl Shared {
                 // Answered here instead, with the reason: the requester must not wait for ever.
                 drop(slot);
                 let why = format!("the responder thread could not start: {e}");
-                return self.answer_get(&job, Err(why));
+                return self.answer_get(&job, Err(why), false);
             }
             *slot = Some(tx);
         }
@@ -718,18 +718,25 @@ impl Shared {
             }
             Ok(bytes)
         });
-        self.answer_get(&job, answer);
+        self.answer_get(&job, answer, true);
     }
 
     /// Sends the requester of `job` the bytes it asked for, or why it cannot have them.
-    fn answer_get(self: &Arc<Self>, job: &GetJob, answer: Result<Bytes, String>) {
+    /// `wait`: whether to wait for the outgoing stream (the responder thread does); a reader
+    /// thread, which must not block on writes, gives up if it is busy and marks the requester
+    /// lost, so it learns of the failure either way.
+    fn answer_get(self: &Arc<Self>, job: &GetJob, answer: Result<Bytes, String>, wait: bool) {
         let (ty, seg) = match answer {
             Ok(bytes) => (PKT_GET_RESP, bytes),
             Err(why) => (PKT_GET_ERR, Bytes::from(why.into_bytes())),
         };
         let msg = Message::with_segment(Header::new(job.kind, 0, 0, job.tag), seg);
         // Failures mark the requester lost, which `progress` reports.
-        let _ = self.send_packet(job.from, ty, &msg, true);
+        if let Ok(false) = self.send_packet(job.from, ty, &msg, wait) {
+            let why = "a remote read could not be answered (no responder thread, and the \
+                       stream to the requester was busy)";
+            self.lose(job.from, why.to_owned());
+        }
     }
 
     /// Stops everything: says goodbye to every connected peer, waits up to
