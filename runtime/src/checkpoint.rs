@@ -13,7 +13,8 @@
 //! * [`restore`]: registers the saved collections on every PE under their saved ids (so proxies
 //!   saved inside elements or in the program's state stay valid), sends every element, read by
 //!   the PEs in parallel, to its home PE under the new PE count, waits until all are in place,
-//!   seals the sparse arrays, and hands the program's state back.
+//!   seals the sparse arrays, lets out the broadcasts held meanwhile, and hands the program's
+//!   state back.
 //! * The hidden group that does each PE's part (`Checkpointer`, under a reserved collection id).
 //!
 //! # Invariants
@@ -24,6 +25,9 @@
 //!   for a sparse array's insertion or `done_inserting`, makes [`checkpoint`] fail naming it; so
 //!   does a count of saved elements that differs from the collection's (unsealed sparse arrays,
 //!   whose count is not known, excepted). The previous checkpoint then stands.
+//! * While a restore brings a collection back, its broadcasts wait on every PE (the PE's
+//!   `restoring` flag on it) until every element is in place: one made from a `migrated` hook
+//!   then reaches every element once, not only those that had arrived.
 //! * After a restore, collection ids below the saving job's last are the restored ones only: a
 //!   message for another (a group of the old job) aborts naming it, never waits; a section or a
 //!   future in restored state fails the restore.
@@ -206,6 +210,13 @@ impl Checkpointer {
             pe.load_elements(Path::new(&dir), pes, generation, &collections, &dropped)
         })
         .map_err(|e| e.to_string())?
+    }
+
+    /// Lets the broadcasts to the restored collections `colls` that waited on this PE go out:
+    /// `restore` has every element in place.
+    #[entry]
+    fn settle(&mut self, colls: Vec<CollectionId>) {
+        let _ = with_pe("restore", |pe| pe.restored(&colls));
     }
 }
 
@@ -426,7 +437,9 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
             meta.elements
         )));
     }
-    // Every element is on its way home; quiescence means every one has arrived.
+    // Every element is on its way home; quiescence means every one has arrived. Broadcasts
+    // made meanwhile (from a `migrated` hook) waited on each PE; they go out now, and reach
+    // every element.
     crate::wait_qd().await;
     for c in &collections {
         if let Shape::Sparse { .. } = c.shape {
@@ -434,6 +447,8 @@ pub async fn restore<S: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<Optio
             with_pe("charmrs::restore", |pe| pe.broadcast_seal(c.coll, counts))?;
         }
     }
+    let colls: Vec<CollectionId> = collections.iter().map(|c| c.coll).collect();
+    group.gather().settle(colls).await;
     let state = rehoming(|| crate::wire::decoded(&meta.state)).map_err(|e| {
         checkpoint_error(format!(
             "the program's state in {} does not decode as {}: {e}",
@@ -622,8 +637,31 @@ impl PeState {
             }
             let build = construction(table, c)?;
             self.adopt(c.coll, c.shape, &*build)?;
+            if let Some(adopted) = self.collections.borrow_mut().get_mut(&c.coll) {
+                adopted.restoring = true;
+            }
         }
         Ok(())
+    }
+
+    /// [`Checkpointer::settle`]: every element of `colls` is in place; their broadcasts that
+    /// waited here meanwhile go out.
+    pub(crate) fn restored(&self, colls: &[CollectionId]) {
+        for coll in colls {
+            let held = self
+                .collections
+                .borrow_mut()
+                .get_mut(coll)
+                .map(|c| {
+                    c.restoring = false;
+                    std::mem::take(&mut c.unsealed_broadcasts)
+                })
+                .unwrap_or_default();
+            // A sparse array not sealed yet keeps them (again) until its seal.
+            for env in held {
+                self.deliver(env);
+            }
+        }
     }
 
     /// [`Checkpointer::load`]: reads the files of old PEs `pe, pe + n, …` (`n` PEs now) and sends

@@ -775,3 +775,61 @@ fn done_inserting_after_a_restore_returns_and_a_second_one_is_harmless() {
     assert_eq!(sum, expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An element that, when element 0 is restored, broadcasts `mark` to its whole array from its
+/// `migrated` hook, and counts the marks it got.
+#[derive(Serialize, Deserialize)]
+struct Marked {
+    marks: u32,
+}
+
+#[chare(migratable)]
+impl Marked {
+    fn new() -> Self {
+        Marked { marks: 0 }
+    }
+
+    fn migrated(&mut self, ctx: &Ctx<Self>) {
+        if ctx.index::<usize>() == 0 {
+            ctx.this_array::<usize>().mark();
+        }
+    }
+
+    #[entry]
+    fn mark(&mut self) {
+        self.marks += 1;
+    }
+
+    #[entry]
+    fn marks(&mut self) -> u32 {
+        self.marks
+    }
+}
+
+/// A broadcast made while `restore` runs (from a `migrated` hook, while other elements are
+/// still on their way home) reaches every element exactly once: it waits on each PE until
+/// `restore` has them all in place. Before, the elements not arrived yet missed it.
+#[test]
+fn a_broadcast_from_a_migrated_hook_during_restore_reaches_every_element_once() {
+    const ELEMENTS: usize = 96;
+    let dir = scratch("hook-broadcast");
+    let d = dir.clone();
+    job(4, move || async move {
+        let marked = Array::<Marked, usize>::new(ELEMENTS, ());
+        charmrs::wait_qd().await;
+        charmrs::checkpoint(&d, &marked).await.expect("checkpoint");
+    });
+    for pes in [3, 4] {
+        let d = dir.clone();
+        let marks = job(pes, move || async move {
+            let marked = charmrs::restore::<Array<Marked, usize>>(&d)
+                .await
+                .expect("restored")
+                .expect("a checkpoint");
+            charmrs::wait_qd().await;
+            marked.gather().marks().await
+        });
+        assert_eq!(marks, vec![1; ELEMENTS], "restored on {pes} PEs");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -60,8 +60,13 @@ pub(crate) struct LocalCollection {
     waiting_broadcasts: Vec<Envelope>,
     /// A sparse array's broadcasts that wait for `done_inserting`'s seal here, in arrival order:
     /// before it, an element inserted away from its home may be known neither to its home nor
-    /// as a home resident where it lives, and would miss the broadcast.
+    /// as a home resident where it lives, and would miss the broadcast. Also any restored
+    /// collection's while `restoring`.
     pub(crate) unsealed_broadcasts: Vec<Envelope>,
+    /// A collection brought back by `restore` whose elements may still be on their way home:
+    /// its broadcasts wait (in `unsealed_broadcasts`) until `restore` has them all in place
+    /// ([`PeState::restored`]).
+    pub(crate) restoring: bool,
     /// Elements whose home is this PE but which live elsewhere: last known PE and epoch.
     pub(crate) away: FxHashMap<Index, (u32, u32)>,
     /// Residents whose home is another PE.
@@ -104,6 +109,7 @@ impl LocalCollection {
             constructing: FxHashMap::default(),
             waiting_broadcasts: Vec::new(),
             unsealed_broadcasts: Vec::new(),
+            restoring: false,
             away: FxHashMap::default(),
             guests: 0,
             epochs: FxHashMap::default(),
@@ -997,8 +1003,9 @@ impl PeState {
                 // nowhere yet; an element still being built: each must get it once), else
                 // whom it reaches.
                 let found = self.collections.borrow().get(&coll).map(|c| {
-                    let unsealed = matches!(c.shape, Shape::Sparse { .. })
-                        && !self.home_counts.borrow().contains_key(&coll);
+                    let unsealed = (matches!(c.shape, Shape::Sparse { .. })
+                        && !self.home_counts.borrow().contains_key(&coll))
+                        || c.restoring;
                     let waits = unsealed || !c.constructing.is_empty();
                     let settled = (!waits && c.settled()).then(|| c.elements.clone());
                     (c.chare, waits.then_some(unsealed), settled)
