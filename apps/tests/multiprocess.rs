@@ -148,6 +148,52 @@ fn assert_mpcheck_aborts(mode: &str, needles: &[&str]) {
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
+/// A process running another build of the program (same entry table, another build id: here a
+/// copy of `hello` with one byte of its build id changed, run by rank 1 only) is refused at
+/// start, naming it, before any entry runs.
+#[test]
+fn a_process_of_another_build_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("charmrs-build-id-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = env!("CARGO_BIN_EXE_hello");
+    let mut bytes = std::fs::read(original).unwrap();
+    // The note: name size 4, descriptor size 20, type 3 (NT_GNU_BUILD_ID), "GNU\0", the id.
+    let note: [u8; 16] = [4, 0, 0, 0, 20, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0];
+    let at = bytes
+        .windows(16)
+        .position(|w| w == note)
+        .expect("hello has a GNU build id note");
+    bytes[at + 16] ^= 0xff;
+    let other = dir.join("hello-other-build");
+    std::fs::write(&other, &bytes).unwrap();
+    let script = dir.join("rank1-other.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$CHARMRS_RANK\" = 1 ]; then exec {} \"$@\"; else exec {original} \"$@\"; fi\n",
+            other.display()
+        ),
+    )
+    .unwrap();
+    for file in [&other, &script] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let script = script.to_string_lossy().into_owned();
+    let (out, _) = run(
+        &["++quiet", "+p2", "++ppn", "1", &script],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("process 1 runs another build of this program"),
+        "{stderr}"
+    );
+    assert!(lines(&out).is_empty(), "an entry ran: {:?}", lines(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_panic_in_one_process_aborts_the_job_naming_it() {
     assert_mpcheck_aborts("panic", &["Victim::fail", "PE 3", "injected failure"]);

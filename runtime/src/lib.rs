@@ -130,6 +130,7 @@ extern crate self as charmrs;
 mod array_map;
 mod balance;
 mod buffer_mut;
+mod build_id;
 mod callback;
 mod channel;
 mod chare;

@@ -516,6 +516,17 @@ fn start_failed(shared: &Shared, why: String) -> Error {
     Error::Options(why)
 }
 
+/// The build id in `hello`, in hex, if it is not this process's (both having one).
+fn other_build(hello: &charmrs_transport::Message) -> Option<String> {
+    let ours = crate::build_id::build_id()?;
+    let theirs = hello.segments().first().filter(|id| !id.is_empty())?;
+    (theirs.as_ref() != ours).then(|| hex(theirs))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
     let n = shared.layer.size() as usize;
     let mut seen = vec![false; n];
@@ -545,6 +556,13 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
                          binary)",
                         h.tag,
                         table.checksum()
+                    )
+                } else if let Some(theirs) = other_build(&msg) {
+                    format!(
+                        "process {src} runs another build of this program (build id {theirs}, \
+                         this process's {}): every process of a job must run the same binary \
+                         (was it rebuilt while the job started?)",
+                        hex(crate::build_id::build_id().unwrap_or_default())
                     )
                 } else if h.src_pe as usize != src as usize * shared.local_pes() {
                     // Its first PE is its rank times its PE count.

@@ -716,9 +716,14 @@ pub(crate) fn end_message(outcome: &crate::scheduler::Outcome, src_pe: u32) -> M
     }
 }
 
-/// The start-up message carrying this binary's entry-table checksum.
+/// The start-up message carrying this binary's entry-table checksum (in the tag) and, as its
+/// segment, its build id (empty if it has none).
 pub(crate) fn hello_message(checksum: u64, src_pe: u32) -> Message {
-    Message::new(Header::new(KIND_HELLO, src_pe, 0, checksum))
+    let id = crate::build_id::build_id().unwrap_or_default();
+    Message::with_segment(
+        Header::new(KIND_HELLO, src_pe, 0, checksum),
+        bytes::Bytes::from_static(id),
+    )
 }
 
 /// Where a call goes, on the wire.
