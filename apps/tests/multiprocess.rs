@@ -190,7 +190,12 @@ fn a_process_of_another_build_is_refused_at_start() {
         stderr.contains("process 1 runs another build of this program"),
         "{stderr}"
     );
-    assert!(lines(&out).is_empty(), "an entry ran: {:?}", lines(&out));
+    // (A machine layer may log to standard output as the job is torn down: UCX does.)
+    let printed = lines(&out);
+    assert!(
+        !printed.iter().any(|l| l.contains("Hello")),
+        "an entry ran: {printed:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
