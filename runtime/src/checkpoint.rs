@@ -910,6 +910,19 @@ pub(crate) fn rehomed(coll: CollectionId, index: &Index) -> Option<u32> {
     home_now(coll, index)
 }
 
+/// Inside [`rehoming`]: where an element proxy saved with home `saved` points in this job: its
+/// element's home if this PE knows the collection; else (a collection the restart did not bring
+/// back: a group saved by a job of another PE count) `saved` if this job has that PE, or one it
+/// has, where a call through it aborts naming the collection as one made before the restart.
+#[cold]
+#[inline(never)]
+pub(crate) fn rehomed_proxy(coll: CollectionId, index: &Index, saved: u32) -> u32 {
+    home_now(coll, index).unwrap_or_else(|| {
+        with_pe("rehoming a proxy", |pe| pe.num_pes())
+            .map_or(saved, |n| (saved as usize % n.max(1)) as u32)
+    })
+}
+
 /// [`rehomed`]'s lookup, out of the way of every other decode.
 #[cold]
 #[inline(never)]

@@ -139,13 +139,6 @@ pub(crate) fn known_pe(pe: u32, what: impl FnOnce() -> String) -> std::result::R
     }
 }
 
-/// `pe` if the calling PE's job has it, else one it has (`pe` modulo the PE count); `pe` off a
-/// PE.
-pub(crate) fn within_job(pe: u32) -> u32 {
-    crate::scheduler::with_pe("decoding a PE number", |p| p.num_pes())
-        .map_or(pe, |n| (pe as usize % n.max(1)) as u32)
-}
-
 impl From<Shape> for ShapeWire {
     fn from(shape: Shape) -> ShapeWire {
         match shape {

@@ -383,21 +383,26 @@ pub async fn wait_any<T: Payload>(futures: &[Future<T>]) -> usize {
 /// awaiting a future does, when a value is a remote failure (the entry that was to compute it
 /// panicked).
 pub fn iwait<T: Payload>(futures: impl IntoIterator<Item = Future<T>>) -> Iwait<T> {
+    let futures: Vec<Future<T>> = futures.into_iter().collect();
     Iwait {
-        pending: futures.into_iter().enumerate().collect(),
+        positions: (0..futures.len()).collect(),
+        futures,
     }
 }
 
 /// The futures [`iwait`] still waits for.
 pub struct Iwait<T: Payload> {
-    /// Each future not yet yielded, with its position in the caller's list.
-    pending: Vec<(usize, Future<T>)>,
+    /// The futures not yet yielded ([`wait_any`] takes them as they are)…
+    futures: Vec<Future<T>>,
+    /// …and, alike, each one's position in the caller's list.
+    positions: Vec<usize>,
 }
 
 impl<T: Payload> std::fmt::Debug for Iwait<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Iwait")
-            .field("pending", &self.pending)
+            .field("futures", &self.futures)
+            .field("positions", &self.positions)
             .finish()
     }
 }
@@ -406,18 +411,18 @@ impl<T: Payload> Iwait<T> {
     /// Waits for the next future to be ready and returns its position and value; `None` once
     /// every value was returned.
     pub async fn next(&mut self) -> Option<(usize, T)> {
-        if self.pending.is_empty() {
+        if self.futures.is_empty() {
             return None;
         }
-        let futures: Vec<Future<T>> = self.pending.iter().map(|(_, f)| *f).collect();
-        let ready = wait_any(&futures).await;
-        let (position, future) = self.pending.swap_remove(ready);
+        let ready = wait_any(&self.futures).await;
+        let future = self.futures.swap_remove(ready);
+        let position = self.positions.swap_remove(ready);
         Some((position, future.await))
     }
 
     /// How many values [`next`](Self::next) has still to return.
     pub fn remaining(&self) -> usize {
-        self.pending.len()
+        self.futures.len()
     }
 }
 

@@ -9,15 +9,14 @@
 //! routes messages by the same rule (`Shared::process_of`).
 
 use crate::error::{Error, Result};
-use crate::scheduler::with_pe;
+use crate::runtime::in_pe;
 use std::ops::Range;
 
 /// Number of nodes and PEs per node of the calling PE's job.
 fn layout<R>(what: &'static str, f: impl FnOnce(usize, usize) -> R) -> R {
-    with_pe(what, |pe| {
+    in_pe(what, |pe| {
         f(pe.shared.layer.size() as usize, pe.shared.local_pes())
     })
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The node (process) the caller runs in (Charm++'s `CkMyNode`).
@@ -25,8 +24,7 @@ fn layout<R>(what: &'static str, f: impl FnOnce(usize, usize) -> R) -> R {
 /// # Panics
 /// Outside a running PE.
 pub fn my_node() -> usize {
-    with_pe("charmrs::my_node", |pe| pe.shared.layer.rank() as usize)
-        .unwrap_or_else(|e| panic!("{e}"))
+    in_pe("charmrs::my_node", |pe| pe.shared.layer.rank() as usize)
 }
 
 /// Number of nodes (processes) in the job (Charm++'s `CkNumNodes`).
@@ -43,7 +41,7 @@ pub fn num_nodes() -> usize {
 /// # Panics
 /// Outside a running PE.
 pub fn my_rank() -> usize {
-    with_pe("charmrs::my_rank", |pe| pe.pe - pe.shared.first_pe).unwrap_or_else(|e| panic!("{e}"))
+    in_pe("charmrs::my_rank", |pe| pe.pe - pe.shared.first_pe)
 }
 
 /// The PEs of node `node`, consecutive (Charm++'s `CkNodeFirst(node)` is its `start`,

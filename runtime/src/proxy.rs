@@ -73,16 +73,12 @@ impl<'de, C> Deserialize<'de> for ElementProxy<C> {
         // Read back from a checkpoint, the element's home is where the new job places it; a
         // proxy to a collection the restart did not bring back (a group saved by a job of
         // another PE count) keeps its old PE if this job has it.
-        let pe = match crate::checkpoint::rehomed(f.coll, &f.index) {
-            Some(pe) => pe,
-            // Any PE of this job will do: a call through it aborts there, naming the collection
-            // as one made before the restart.
-            None if crate::checkpoint::is_rehoming() => crate::collection::within_job(f.pe),
-            None => {
-                crate::collection::known_pe(f.pe, || format!("a proxy to element {}", f.index))
-                    .map_err(crate::wire::custom_error)?;
-                f.pe
-            }
+        let pe = if crate::checkpoint::is_rehoming() {
+            crate::checkpoint::rehomed_proxy(f.coll, &f.index, f.pe)
+        } else {
+            crate::collection::known_pe(f.pe, || format!("a proxy to element {}", f.index))
+                .map_err(crate::wire::custom_error)?;
+            f.pe
         };
         Ok(ElementProxy {
             coll: f.coll,

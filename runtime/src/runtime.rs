@@ -208,22 +208,11 @@ impl Runtime {
         // that cannot be written is refused now, not found out after the run. It may fail in
         // one process only (a directory one host lacks): the launcher is told, since the
         // others would wait for this one.
-        let writable = trace
-            .as_ref()
-            .map_or(Ok(()), |t| {
-                let file = t.file_for(machine.layer.rank(), machine.layer.size());
-                check_writable(&file, "+trace")
-            })
-            .and_then(|()| match (&self.options.lb_dump, machine.layer.rank()) {
-                (Some(prefix), 0) => {
-                    let probe = format!("{prefix}.probe-{}", std::process::id());
-                    check_writable(std::path::Path::new(&probe), "+LBDump")
-                }
-                _ => Ok(()),
-            });
-        if let Err(e) = writable {
-            let me = machine.layer.rank();
-            machine.layer.abort(&format!("charmrs: process {me}: {e}"));
+        let (rank, size) = (machine.layer.rank(), machine.layer.size());
+        if let Err(e) = self.check_output_files(trace.as_ref(), rank, size) {
+            machine
+                .layer
+                .abort(&format!("charmrs: process {rank}: {e}"));
             return Err(e);
         }
         let shared = Arc::new(Shared::new(
@@ -438,7 +427,8 @@ fn process_status(code: i32) -> i32 {
     }
 }
 
-fn in_pe<R>(what: &'static str, f: impl FnOnce(&crate::scheduler::PeState) -> R) -> R {
+/// `f` on the calling PE's state; panics (naming `what`) outside a running PE.
+pub(crate) fn in_pe<R>(what: &'static str, f: impl FnOnce(&crate::scheduler::PeState) -> R) -> R {
     with_pe(what, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -593,6 +583,26 @@ fn check_hellos(shared: &Shared, table: &EntryTable) -> Result<()> {
             shared.layer.abort(&why);
             Err(Error::Options(why))
         }
+    }
+}
+
+impl Runtime {
+    /// Checks the files process `rank` of `size` will write: its `+trace` file, and (process 0)
+    /// the `+LBDump` files' place.
+    fn check_output_files(
+        &self,
+        trace: Option<&crate::trace::TraceSink>,
+        rank: u32,
+        size: u32,
+    ) -> Result<()> {
+        if let Some(t) = trace {
+            check_writable(&t.file_for(rank, size), "+trace")?;
+        }
+        if let (Some(prefix), 0) = (&self.options.lb_dump, rank) {
+            let probe = format!("{prefix}.probe-{}", std::process::id());
+            check_writable(std::path::Path::new(&probe), "+LBDump")?;
+        }
+        Ok(())
     }
 }
 
